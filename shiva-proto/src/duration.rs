@@ -1,0 +1,18 @@
+//! Serde helpers: durations as humantime strings (`"10s"`, `"1m 30s"`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serializer};
+
+/// Serialises a duration as a humantime string.
+pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&humantime::format_duration(*duration).to_string())
+}
+
+/// Parses a humantime string; negative or malformed durations are refused with the input quoted.
+pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(text.trim()).map_err(|err| {
+        serde::de::Error::custom(format!("'{text}' is not a duration like \"10s\" or \"1m 30s\": {err}"))
+    })
+}

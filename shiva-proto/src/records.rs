@@ -1,0 +1,431 @@
+//! Records on the bus: a versioned JSON envelope around one typed body.
+//!
+//! ```json
+//! {"v":1,"kind":"heartbeat","sender":"node-a","incarnation":"…","sent_at_ms":1764000000000,"body":{…}}
+//! ```
+//!
+//! `kind` selects the body type. Readers skip (and log) records whose envelope is malformed, whose
+//! version is newer than theirs, whose kind they do not know, or that exceed [`MAX_RECORD_BYTES`].
+//! Bodies are read leniently: unknown fields are ignored.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::ids::{NodeId, TaskId};
+use crate::spec::TaskSpec;
+
+/// The envelope version this build writes and the newest it reads.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Records larger than this are refused by readers (and never written).
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+
+/// One record: who sent it, when, and what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// The sender's id: a node id, or `ctl:<user>` for the CLI.
+    pub sender: String,
+    /// The sending node's incarnation (a uuid drawn at start-up); absent for the CLI.
+    pub incarnation: Option<Uuid>,
+    /// Sender's wall clock at send time, for display only (liveness never compares clocks).
+    pub sent_at_ms: u64,
+    /// The typed body.
+    pub body: Body,
+}
+
+/// Every record body, tagged by `kind` on the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// `commands`, `task/<id>`: a task definition; its offset is its revision.
+    Task(TaskSpec),
+    /// `commands`, `desired/<id>`.
+    Desired(Desired),
+    /// `control`, `node/<id>`.
+    Heartbeat(Heartbeat),
+    /// `control`, `leave/<id>/<incarnation>`.
+    Leave(Leave),
+    /// `assignments`, `claim/<epoch>/<node>/<claim-id>`.
+    Claim(Claim),
+    /// `assignments`, `resign/<epoch>`.
+    Resign(Resign),
+    /// `assignments`, `members`: the leader's view of live nodes.
+    Members(Members),
+    /// `assignments`, `task/<id>`.
+    Assignment(Assignment),
+    /// `status`, `task/<id>`.
+    Status(TaskStatus),
+}
+
+impl Body {
+    /// The wire `kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Task(_) => "task",
+            Body::Desired(_) => "desired",
+            Body::Heartbeat(_) => "heartbeat",
+            Body::Leave(_) => "leave",
+            Body::Claim(_) => "claim",
+            Body::Resign(_) => "resign",
+            Body::Members(_) => "members",
+            Body::Assignment(_) => "assignment",
+            Body::Status(_) => "status",
+        }
+    }
+}
+
+/// Desired state of a task, set by the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DesiredState {
+    /// Run it (the default for a submitted task).
+    Running,
+    /// Stop it everywhere, keep the definition.
+    Stopped,
+}
+
+impl DesiredState {
+    /// The name shown by the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredState::Running => "running",
+            DesiredState::Stopped => "stopped",
+        }
+    }
+}
+
+/// `desired/<id>` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    /// The task.
+    pub task: TaskId,
+    /// What the operator wants.
+    pub state: DesiredState,
+}
+
+/// Host resources reported in heartbeats (sysinfo), for display and future placement.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Logical CPUs.
+    #[serde(default)]
+    pub cpus: u32,
+    /// Total memory in bytes.
+    #[serde(default)]
+    pub memory_total_bytes: u64,
+    /// Available memory in bytes.
+    #[serde(default)]
+    pub memory_available_bytes: u64,
+    /// One-minute load average.
+    #[serde(default)]
+    pub load1: f64,
+}
+
+/// A run a node holds, as listed in its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// The task.
+    pub task: TaskId,
+    /// The assignment generation the run belongs to.
+    pub generation: u64,
+    /// The child's pid while it runs.
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+/// `node/<id>` body. The node id and incarnation are the envelope's sender and incarnation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Highest protocol version the node speaks.
+    pub protocol: u16,
+    /// Increments with every heartbeat of this incarnation.
+    pub seq: u64,
+    /// The node's host name (also one of its tags for placement).
+    pub hostname: String,
+    /// Tags given to the node.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Whether the node may become leader.
+    pub leader_capable: bool,
+    /// Whether the node runs tasks.
+    pub runner: bool,
+    /// The node's heartbeat interval in milliseconds.
+    pub interval_ms: u64,
+    /// Resources, for display.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Runs the node holds.
+    #[serde(default)]
+    pub runs: Vec<RunSummary>,
+}
+
+/// `leave/<id>/<incarnation>` body: the node stopped gracefully; its tasks may move at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leave {
+    /// Why (e.g. "shutdown").
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `claim/<epoch>/<node>/<claim-id>` body: the sender asks to lead `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The epoch claimed: always the newest seen plus one.
+    pub epoch: u64,
+}
+
+/// `resign/<epoch>` body: the epoch's leader gives up leadership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resign {
+    /// The epoch resigned.
+    pub epoch: u64,
+}
+
+/// One node in the leader's `members` view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The node id.
+    pub id: NodeId,
+    /// Its live incarnation.
+    pub incarnation: Uuid,
+    /// Its host name.
+    pub hostname: String,
+    /// Its tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Whether it runs tasks.
+    pub runner: bool,
+    /// Whether it may lead.
+    pub leader_capable: bool,
+}
+
+/// `members` body: the live nodes as the leader of `epoch` sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Members {
+    /// The leader's epoch.
+    pub epoch: u64,
+    /// Live nodes, sorted by id.
+    pub nodes: Vec<Member>,
+}
+
+/// Where a task stands, as decided by the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Placement {
+    /// Run on `node`.
+    Assigned {
+        /// The runner.
+        node: NodeId,
+    },
+    /// Nobody can run it now.
+    Pending {
+        /// Why, for `shiva-ctl status`.
+        reason: String,
+    },
+    /// Desired stopped: nobody runs it.
+    Stopped,
+}
+
+/// `assignments` `task/<id>` body: a leader write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The writing leader's epoch.
+    pub epoch: u64,
+    /// The task.
+    pub task: TaskId,
+    /// Increments whenever the placement or the spec changes.
+    pub generation: u64,
+    /// Offset of the spec record this assignment runs.
+    pub spec_revision: i64,
+    /// The decision.
+    #[serde(flatten)]
+    pub placement: Placement,
+    /// The spec to run (so a runner needs nothing else).
+    pub spec: TaskSpec,
+}
+
+/// What a runner reports about its run of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Being started.
+    Starting,
+    /// The child runs.
+    Running,
+    /// The child exited; waiting before the next start.
+    Backoff,
+    /// Being stopped.
+    Stopping,
+    /// Stopped on request.
+    Stopped,
+    /// Could not be started (e.g. command not found); retried with back-off.
+    Failed,
+}
+
+impl RunState {
+    /// The name shown by the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Starting => "starting",
+            RunState::Running => "running",
+            RunState::Backoff => "backoff",
+            RunState::Stopping => "stopping",
+            RunState::Stopped => "stopped",
+            RunState::Failed => "failed",
+        }
+    }
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Exit code, when it exited.
+    #[serde(default)]
+    pub code: Option<i32>,
+    /// Signal number, when killed by a signal.
+    #[serde(default)]
+    pub signal: Option<i32>,
+}
+
+/// `status` `task/<id>` body, written by the runner (the envelope's sender).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    /// The task.
+    pub task: TaskId,
+    /// The assignment generation this run belongs to.
+    pub generation: u64,
+    /// Run state.
+    pub state: RunState,
+    /// The current run's id (a fresh uuid per start).
+    #[serde(default)]
+    pub run_id: Option<Uuid>,
+    /// The child's pid while it runs.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Start attempt within this generation (1 for the first start).
+    #[serde(default)]
+    pub attempt: u32,
+    /// Restarts so far within this generation.
+    #[serde(default)]
+    pub restarts: u32,
+    /// How the previous child ended.
+    #[serde(default)]
+    pub last_exit: Option<ExitInfo>,
+    /// Human-readable detail (e.g. a spawn error).
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// Why a record was skipped.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Larger than [`MAX_RECORD_BYTES`].
+    #[error("record of {0} bytes exceeds the {MAX_RECORD_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// Not a JSON envelope.
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+    /// A newer protocol version.
+    #[error("unsupported envelope version {found} (this build reads up to {PROTOCOL_VERSION})")]
+    UnsupportedVersion {
+        /// Version found.
+        found: u16,
+    },
+    /// A kind this build does not know.
+    #[error("unknown record kind '{0}'")]
+    UnknownKind(String),
+    /// The body does not match its kind.
+    #[error("malformed {kind} body: {message}")]
+    Body {
+        /// The kind.
+        kind: String,
+        /// Why.
+        message: String,
+    },
+}
+
+#[derive(Serialize)]
+struct WireOut<'a, B: Serialize> {
+    v: u16,
+    kind: &'a str,
+    sender: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    incarnation: Option<Uuid>,
+    sent_at_ms: u64,
+    body: &'a B,
+}
+
+#[derive(Deserialize)]
+struct WireIn {
+    v: u16,
+    kind: String,
+    sender: String,
+    #[serde(default)]
+    incarnation: Option<Uuid>,
+    #[serde(default)]
+    sent_at_ms: u64,
+    body: serde_json::Value,
+}
+
+impl Envelope {
+    /// Encodes the envelope as JSON bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        fn out<B: Serialize>(env: &Envelope, body: &B) -> Vec<u8> {
+            let wire = WireOut {
+                v: PROTOCOL_VERSION,
+                kind: env.body.kind(),
+                sender: &env.sender,
+                incarnation: env.incarnation,
+                sent_at_ms: env.sent_at_ms,
+                body,
+            };
+            serde_json::to_vec(&wire).expect("records always serialise")
+        }
+        match &self.body {
+            Body::Task(body) => out(self, body),
+            Body::Desired(body) => out(self, body),
+            Body::Heartbeat(body) => out(self, body),
+            Body::Leave(body) => out(self, body),
+            Body::Claim(body) => out(self, body),
+            Body::Resign(body) => out(self, body),
+            Body::Members(body) => out(self, body),
+            Body::Assignment(body) => out(self, body),
+            Body::Status(body) => out(self, body),
+        }
+    }
+
+    /// Decodes a record value, refusing oversized, malformed, newer or unknown records.
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+        if bytes.len() > MAX_RECORD_BYTES {
+            return Err(DecodeError::TooLarge(bytes.len()));
+        }
+        let wire: WireIn =
+            serde_json::from_slice(bytes).map_err(|err| DecodeError::Malformed(err.to_string()))?;
+        if wire.v == 0 || wire.v > PROTOCOL_VERSION {
+            return Err(DecodeError::UnsupportedVersion { found: wire.v });
+        }
+        fn body<T: for<'de> Deserialize<'de>>(
+            kind: &str,
+            value: serde_json::Value,
+        ) -> Result<T, DecodeError> {
+            serde_json::from_value(value)
+                .map_err(|err| DecodeError::Body { kind: kind.to_owned(), message: err.to_string() })
+        }
+        let kind = wire.kind.as_str();
+        let decoded = match kind {
+            "task" => Body::Task(body(kind, wire.body)?),
+            "desired" => Body::Desired(body(kind, wire.body)?),
+            "heartbeat" => Body::Heartbeat(body(kind, wire.body)?),
+            "leave" => Body::Leave(body(kind, wire.body)?),
+            "claim" => Body::Claim(body(kind, wire.body)?),
+            "resign" => Body::Resign(body(kind, wire.body)?),
+            "members" => Body::Members(body(kind, wire.body)?),
+            "assignment" => Body::Assignment(body(kind, wire.body)?),
+            "status" => Body::Status(body(kind, wire.body)?),
+            _ => return Err(DecodeError::UnknownKind(wire.kind)),
+        };
+        Ok(Envelope {
+            sender: wire.sender,
+            incarnation: wire.incarnation,
+            sent_at_ms: wire.sent_at_ms,
+            body: decoded,
+        })
+    }
+}

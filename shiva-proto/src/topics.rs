@@ -1,0 +1,148 @@
+//! Topic names and record keys.
+//!
+//! | topic | keys |
+//! |---|---|
+//! | `shiva.<cluster>.commands` | `task/<id>`, `desired/<id>` |
+//! | `shiva.<cluster>.control` | `node/<id>`, `leave/<id>/<incarnation>` |
+//! | `shiva.<cluster>.assignments` | `claim/<epoch>/<node>/<claim-id>`, `resign/<epoch>`, `members`, `task/<id>` |
+//! | `shiva.<cluster>.status` | `task/<id>` |
+
+use std::fmt;
+
+use uuid::Uuid;
+
+use crate::ids::{NodeId, TaskId};
+
+/// The control topics, in the order a reader replays them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TopicKind {
+    /// Operator commands: specs and desired states.
+    Commands,
+    /// Heartbeats and departures.
+    Control,
+    /// Claims and leader writes.
+    Assignments,
+    /// Run states reported by runners.
+    Status,
+}
+
+impl TopicKind {
+    /// Every control topic.
+    pub const ALL: [TopicKind; 4] =
+        [TopicKind::Commands, TopicKind::Control, TopicKind::Assignments, TopicKind::Status];
+
+    /// The suffix after `shiva.<cluster>.`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            TopicKind::Commands => "commands",
+            TopicKind::Control => "control",
+            TopicKind::Assignments => "assignments",
+            TopicKind::Status => "status",
+        }
+    }
+}
+
+impl fmt::Display for TopicKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.suffix())
+    }
+}
+
+/// Why a cluster name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cluster name '{0}' is invalid: use 1 to 100 letters, digits, '_' or '-'")]
+pub struct ClusterNameError(pub String);
+
+/// A cluster's topic names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    cluster: String,
+}
+
+impl Topics {
+    /// Topic names for `cluster` (letters, digits, `_`, `-`).
+    pub fn new(cluster: &str) -> Result<Self, ClusterNameError> {
+        let ok = !cluster.is_empty()
+            && cluster.len() <= 100
+            && cluster.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(ClusterNameError(cluster.to_owned()));
+        }
+        Ok(Topics { cluster: cluster.to_owned() })
+    }
+
+    /// The cluster name.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// `shiva.<cluster>.<suffix>`.
+    pub fn name(&self, kind: TopicKind) -> String {
+        format!("shiva.{}.{}", self.cluster, kind.suffix())
+    }
+
+    /// Which control topic `name` is, if any.
+    pub fn kind_of(&self, name: &str) -> Option<TopicKind> {
+        TopicKind::ALL.into_iter().find(|kind| self.name(*kind) == name)
+    }
+}
+
+/// Record keys.
+pub mod key {
+    use super::*;
+
+    /// `task/<id>` (commands: spec; assignments: assignment; status: run state).
+    pub fn task(id: &TaskId) -> String {
+        format!("task/{id}")
+    }
+    /// `desired/<id>`.
+    pub fn desired(id: &TaskId) -> String {
+        format!("desired/{id}")
+    }
+    /// `node/<id>`.
+    pub fn node(id: &NodeId) -> String {
+        format!("node/{id}")
+    }
+    /// `leave/<id>/<incarnation>`.
+    pub fn leave(id: &NodeId, incarnation: Uuid) -> String {
+        format!("leave/{id}/{incarnation}")
+    }
+    /// `claim/<epoch>/<node>/<claim-id>`: unique per attempt, never sent twice.
+    pub fn claim(epoch: u64, node: &NodeId, claim_id: Uuid) -> String {
+        format!("claim/{epoch}/{node}/{claim_id}")
+    }
+    /// `resign/<epoch>`.
+    pub fn resign(epoch: u64) -> String {
+        format!("resign/{epoch}")
+    }
+    /// `members`.
+    pub const MEMBERS: &str = "members";
+
+    /// The task id in a `task/<id>` or `desired/<id>` key.
+    pub fn task_of<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
+        key.strip_prefix(prefix)?.strip_prefix('/')
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let topics = Topics::new("prod").unwrap();
+        assert_eq!(topics.name(TopicKind::Commands), "shiva.prod.commands");
+        assert_eq!(topics.kind_of("shiva.prod.status"), Some(TopicKind::Status));
+        assert_eq!(topics.kind_of("shiva.other.status"), None);
+        assert!(Topics::new("a.b").is_err());
+        assert!(Topics::new("").is_err());
+    }
+
+    #[test]
+    fn keys() {
+        let task = TaskId::new("a/b").unwrap();
+        assert_eq!(key::task(&task), "task/a/b");
+        assert_eq!(key::task_of("task/a/b", "task"), Some("a/b"));
+        assert_eq!(key::task_of("desired/a", "task"), None);
+    }
+}

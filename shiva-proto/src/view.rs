@@ -1,0 +1,317 @@
+//! The log view: folds the four control topics, record by record in log order, into the cluster
+//! state that nodes and the CLI both read. Pure: no I/O, no clock.
+//!
+//! Rules (see `docs/protocol.md`):
+//! * a record whose key, kind and sender disagree is skipped;
+//! * claims: the first claim for `newest + 1` wins that epoch; a claim for any other epoch loses
+//!   (older) or is refused (a jump);
+//! * leader writes (`members`, assignments) are accepted only from the winner (node and
+//!   incarnation) of the newest epoch, and not after it resigned;
+//! * everything else is last-write-wins per key, so a compacted log replays to the same state
+//!   as long as the last record of each leader key is an accepted one (the leader rewrites a key
+//!   whenever something else lands on it after its own write).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use uuid::Uuid;
+
+use crate::ids::{NodeId, TaskId};
+use crate::records::{Assignment, Body, DesiredState, Envelope, Heartbeat, Members, Placement, TaskStatus};
+use crate::spec::TaskSpec;
+use crate::topics::{TopicKind, key};
+
+/// The node that won an epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Winner {
+    /// Its id.
+    pub node: NodeId,
+    /// Its incarnation when it claimed.
+    pub incarnation: Uuid,
+    /// Offset of the winning claim.
+    pub offset: i64,
+}
+
+/// Epochs and their winners, in log order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Epochs {
+    /// The newest epoch claimed (0: none yet).
+    pub newest: u64,
+    /// Winner of each epoch.
+    pub winners: BTreeMap<u64, Winner>,
+    /// Epochs whose leader resigned.
+    pub resigned: BTreeSet<u64>,
+    /// Epochs whose winner made at least one accepted leader write.
+    pub active: BTreeSet<u64>,
+}
+
+impl Epochs {
+    /// The newest epoch's winner, unless it resigned.
+    pub fn leader(&self) -> Option<(u64, &Winner)> {
+        let winner = self.winners.get(&self.newest)?;
+        (!self.resigned.contains(&self.newest)).then_some((self.newest, winner))
+    }
+
+    /// Whether a leader write of `epoch` from `sender`/`incarnation` is accepted now.
+    pub fn accepts(&self, epoch: u64, sender: &str, incarnation: Option<Uuid>) -> Result<(), String> {
+        if epoch < self.newest {
+            return Err(format!("epoch {epoch} is older than the newest epoch {}", self.newest));
+        }
+        if epoch > self.newest {
+            return Err(format!("epoch {epoch} was never claimed (newest is {})", self.newest));
+        }
+        let Some(winner) = self.winners.get(&epoch) else {
+            return Err(format!("epoch {epoch} has no winner"));
+        };
+        if winner.node.as_str() != sender || Some(winner.incarnation) != incarnation {
+            return Err(format!("{sender} did not win epoch {epoch} ({} did)", winner.node));
+        }
+        if self.resigned.contains(&epoch) {
+            return Err(format!("the leader of epoch {epoch} resigned"));
+        }
+        Ok(())
+    }
+}
+
+/// A task definition and its revision (the offset of its record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecEntry {
+    /// The spec.
+    pub spec: TaskSpec,
+    /// Offset of the `task/<id>` record in `commands`.
+    pub revision: i64,
+}
+
+/// A node's newest heartbeat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeartbeatEntry {
+    /// Its incarnation.
+    pub incarnation: Uuid,
+    /// Offset in `control`.
+    pub offset: i64,
+    /// Sender's clock at send time (display only).
+    pub sent_at_ms: u64,
+    /// The heartbeat.
+    pub heartbeat: Heartbeat,
+}
+
+/// An accepted assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssignmentEntry {
+    /// The assignment.
+    pub assignment: Assignment,
+    /// Offset in `assignments`.
+    pub offset: i64,
+}
+
+/// A runner's newest status for a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusEntry {
+    /// The runner.
+    pub node: NodeId,
+    /// Its incarnation.
+    pub incarnation: Uuid,
+    /// Offset in `status`.
+    pub offset: i64,
+    /// The status.
+    pub status: TaskStatus,
+}
+
+/// What applying one record did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted (the record's kind, or "tombstone").
+    Applied(&'static str),
+    /// Not accepted, with the reason (logged by callers).
+    Skipped(String),
+}
+
+/// The cluster state folded from the control topics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogView {
+    /// Task definitions.
+    pub specs: BTreeMap<TaskId, SpecEntry>,
+    /// Desired states (absent: running).
+    pub desired: BTreeMap<TaskId, DesiredState>,
+    /// Newest heartbeat per node.
+    pub heartbeats: BTreeMap<NodeId, HeartbeatEntry>,
+    /// Incarnations that announced their departure.
+    pub left: BTreeSet<(NodeId, Uuid)>,
+    /// Claims and winners.
+    pub epochs: Epochs,
+    /// The newest accepted `members` record.
+    pub members: Option<Members>,
+    /// Accepted assignments.
+    pub assignments: BTreeMap<TaskId, AssignmentEntry>,
+    /// Newest status per task.
+    pub statuses: BTreeMap<TaskId, StatusEntry>,
+    /// Offset of the newest record (of any sender) per key of `assignments` and `status`,
+    /// so a writer can tell that something landed after its own write.
+    pub last_offsets: BTreeMap<(TopicKind, String), i64>,
+    /// Offset of the next record to read, per topic.
+    pub positions: BTreeMap<TopicKind, i64>,
+}
+
+impl LogView {
+    /// Desired state of a task (running unless stopped).
+    pub fn desired_state(&self, task: &TaskId) -> DesiredState {
+        self.desired.get(task).copied().unwrap_or(DesiredState::Running)
+    }
+
+    /// The current leader: the newest epoch's winner, unless it resigned.
+    pub fn leader(&self) -> Option<(u64, &Winner)> {
+        self.epochs.leader()
+    }
+
+    /// The node a task is assigned to, if any.
+    pub fn assigned_node(&self, task: &TaskId) -> Option<&NodeId> {
+        match &self.assignments.get(task)?.assignment.placement {
+            Placement::Assigned { node } => Some(node),
+            _ => None,
+        }
+    }
+
+    /// The status of a task that belongs to its current assignment.
+    pub fn current_status(&self, task: &TaskId) -> Option<&StatusEntry> {
+        let assignment = &self.assignments.get(task)?.assignment;
+        let status = self.statuses.get(task)?;
+        (status.status.generation == assignment.generation).then_some(status)
+    }
+
+    /// Folds one record in. `value: None` is a tombstone.
+    pub fn apply(
+        &mut self,
+        topic: TopicKind,
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Outcome {
+        let position = self.positions.entry(topic).or_insert(0);
+        *position = (*position).max(offset + 1);
+        let Some(key) = key.and_then(|key| std::str::from_utf8(key).ok()) else {
+            return Outcome::Skipped("record without a UTF-8 key".into());
+        };
+        if matches!(topic, TopicKind::Assignments | TopicKind::Status) {
+            self.last_offsets.insert((topic, key.to_owned()), offset);
+        }
+        let Some(value) = value else {
+            return self.tombstone(topic, key);
+        };
+        let envelope = match Envelope::decode(value) {
+            Ok(envelope) => envelope,
+            Err(err) => return Outcome::Skipped(err.to_string()),
+        };
+        let kind = envelope.body.kind();
+        match self.apply_envelope(topic, offset, key, envelope) {
+            Ok(()) => Outcome::Applied(kind),
+            Err(reason) => Outcome::Skipped(format!("{kind} record '{key}': {reason}")),
+        }
+    }
+
+    fn tombstone(&mut self, topic: TopicKind, key: &str) -> Outcome {
+        let task = key::task_of(key, "task").and_then(|id| TaskId::new(id).ok());
+        let desired = key::task_of(key, "desired").and_then(|id| TaskId::new(id).ok());
+        match (topic, task, desired) {
+            (TopicKind::Commands, Some(task), _) => {
+                self.specs.remove(&task);
+            }
+            (TopicKind::Commands, None, Some(task)) => {
+                self.desired.remove(&task);
+            }
+            (TopicKind::Assignments, Some(task), _) => {
+                self.assignments.remove(&task);
+            }
+            (TopicKind::Status, Some(task), _) => {
+                self.statuses.remove(&task);
+            }
+            _ => return Outcome::Skipped(format!("tombstone for '{key}' on {topic} ignored")),
+        }
+        Outcome::Applied("tombstone")
+    }
+
+    fn apply_envelope(
+        &mut self,
+        topic: TopicKind,
+        offset: i64,
+        key: &str,
+        env: Envelope,
+    ) -> Result<(), String> {
+        let node_sender = || NodeId::new(env.sender.clone()).ok().zip(env.incarnation);
+        match (topic, env.body) {
+            (TopicKind::Commands, Body::Task(spec)) => {
+                expect_key(key, &key::task(&spec.id))?;
+                spec.validate().map_err(|err| err.to_string())?;
+                self.specs.insert(spec.id.clone(), SpecEntry { spec, revision: offset });
+            }
+            (TopicKind::Commands, Body::Desired(desired)) => {
+                expect_key(key, &key::desired(&desired.task))?;
+                self.desired.insert(desired.task, desired.state);
+            }
+            (TopicKind::Control, Body::Heartbeat(heartbeat)) => {
+                let (node, incarnation) = node_sender().ok_or("sender is not a node with an incarnation")?;
+                expect_key(key, &key::node(&node))?;
+                let entry = HeartbeatEntry { incarnation, offset, sent_at_ms: env.sent_at_ms, heartbeat };
+                self.heartbeats.insert(node, entry);
+            }
+            (TopicKind::Control, Body::Leave(_)) => {
+                let (node, incarnation) = node_sender().ok_or("sender is not a node with an incarnation")?;
+                expect_key(key, &key::leave(&node, incarnation))?;
+                self.left.insert((node, incarnation));
+            }
+            (TopicKind::Assignments, Body::Claim(claim)) => {
+                let (node, incarnation) = node_sender().ok_or("sender is not a node with an incarnation")?;
+                let prefix = format!("claim/{}/{}/", claim.epoch, node);
+                if !key.starts_with(&prefix) {
+                    return Err(format!("key does not match '{prefix}<claim-id>'"));
+                }
+                if claim.epoch <= self.epochs.newest {
+                    return Err(format!("lost: epoch {} is already taken", claim.epoch));
+                }
+                if claim.epoch != self.epochs.newest + 1 {
+                    return Err(format!(
+                        "epoch {} jumps past the newest epoch {}",
+                        claim.epoch, self.epochs.newest
+                    ));
+                }
+                self.epochs.newest = claim.epoch;
+                self.epochs.winners.insert(claim.epoch, Winner { node, incarnation, offset });
+            }
+            (TopicKind::Assignments, Body::Resign(resign)) => {
+                expect_key(key, &key::resign(resign.epoch))?;
+                self.epochs.accepts(resign.epoch, &env.sender, env.incarnation)?;
+                self.epochs.resigned.insert(resign.epoch);
+            }
+            (TopicKind::Assignments, Body::Members(members)) => {
+                expect_key(key, key::MEMBERS)?;
+                self.epochs.accepts(members.epoch, &env.sender, env.incarnation)?;
+                self.epochs.active.insert(members.epoch);
+                self.members = Some(members);
+            }
+            (TopicKind::Assignments, Body::Assignment(assignment)) => {
+                expect_key(key, &key::task(&assignment.task))?;
+                self.epochs.accepts(assignment.epoch, &env.sender, env.incarnation)?;
+                if assignment.spec.id != assignment.task {
+                    return Err("its spec is for another task".into());
+                }
+                self.epochs.active.insert(assignment.epoch);
+                let task = assignment.task.clone();
+                self.assignments.insert(task, AssignmentEntry { assignment, offset });
+            }
+            (TopicKind::Status, Body::Status(status)) => {
+                let (node, incarnation) = node_sender().ok_or("sender is not a node with an incarnation")?;
+                expect_key(key, &key::task(&status.task))?;
+                let task = status.task.clone();
+                self.statuses.insert(task, StatusEntry { node, incarnation, offset, status });
+            }
+            (topic, body) => return Err(format!("a {} record does not belong on {topic}", body.kind())),
+        }
+        Ok(())
+    }
+}
+
+fn expect_key(found: &str, expected: &str) -> Result<(), String> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(format!("key does not match its body (expected '{expected}')"))
+    }
+}
