@@ -1,1 +1,161 @@
+//! The Kafka boundary of Shiva: the only crate that talks to librdkafka.
+//!
+//! * [`BusConfig`]: the `--bus kafka://…`, `--cluster` and `-X key=value` settings;
+//! * [`Reader`]: a thread that reads the control topics from the beginning and forwards every
+//!   record, in log order per topic, plus "synced" markers after a read-to-end;
+//! * [`Publisher`]: an idempotent producer (`acks=all`, bounded delivery timeout) that reports
+//!   each record's offset and replaces itself after a fatal error;
+//! * [`admin`]: creating and checking the topics.
+//!
+//! Both `shiva-node` and `shiva-ctl` use it, so that the client settings and the read-to-end
+//! logic exist once.
 
+pub mod admin;
+mod publisher;
+mod reader;
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use shiva_proto::Topics;
+
+pub use publisher::Publisher;
+pub use reader::{Reader, ReaderEvent, Record};
+
+/// Errors at the bus boundary. `shiva-ctl` maps them to exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// A malformed `--bus`, `--cluster` or `-X`.
+    #[error("{0}")]
+    Invalid(String),
+    /// The broker did not answer.
+    #[error("cannot reach the bus at {brokers}: {message}")]
+    Unreachable {
+        /// Bootstrap servers.
+        brokers: String,
+        /// librdkafka's reason.
+        message: String,
+    },
+    /// The cluster's topics do not exist.
+    #[error(
+        "cluster '{cluster}' does not exist on this bus: topic(s) {} missing (a shiva-node creates them on its first start)",
+        missing.join(", ")
+    )]
+    TopicsMissing {
+        /// The cluster name.
+        cluster: String,
+        /// The missing topics.
+        missing: Vec<String>,
+    },
+    /// A topic exists with settings Shiva cannot work with.
+    #[error("topic {topic} is unusable: {reason}")]
+    WrongTopic {
+        /// The topic.
+        topic: String,
+        /// Why.
+        reason: String,
+    },
+    /// Any other Kafka failure.
+    #[error("kafka: {0}")]
+    Kafka(String),
+}
+
+/// Where the bus is and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    /// `host:port[,host:port]`.
+    pub brokers: String,
+    /// The cluster's topic names.
+    pub topics: Topics,
+    /// `-X key=value` settings, applied last (they win).
+    pub overrides: Vec<(String, String)>,
+    /// `fetch.wait.max.ms` of readers: how long the broker may hold a fetch when there is no
+    /// new record. Short waits deliver commands in milliseconds at the cost of more idle fetches.
+    pub fetch_wait: Duration,
+    /// Producer `delivery.timeout.ms`: a record not acknowledged within it is reported failed.
+    pub delivery_timeout: Duration,
+}
+
+impl BusConfig {
+    /// Builds a config from the CLI's `--bus`, `--cluster` and `-X` values.
+    pub fn new(bus_url: &str, cluster: &str, overrides: &[String]) -> Result<BusConfig, BusError> {
+        let brokers = parse_bus_url(bus_url)?;
+        let topics = Topics::new(cluster).map_err(|err| BusError::Invalid(format!("--cluster: {err}")))?;
+        let overrides = overrides.iter().map(|text| parse_override(text)).collect::<Result<_, _>>()?;
+        Ok(BusConfig {
+            brokers,
+            topics,
+            overrides,
+            fetch_wait: Duration::from_millis(10),
+            delivery_timeout: Duration::from_secs(5),
+        })
+    }
+
+    /// Base librdkafka settings for any client of this bus.
+    pub(crate) fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("client.id", "shiva")
+            // Reconnect quickly after a broker restart; the control plane depends on it.
+            .set("reconnect.backoff.ms", "50")
+            .set("reconnect.backoff.max.ms", "1000")
+            .set("socket.keepalive.enable", "true")
+            .set("log_level", "4");
+        for (key, value) in &self.overrides {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+/// Parses `kafka://HOST:PORT[,HOST:PORT]` into librdkafka's `bootstrap.servers`.
+pub fn parse_bus_url(url: &str) -> Result<String, BusError> {
+    let invalid = |why: &str| BusError::Invalid(format!("--bus '{url}': {why}; expected kafka://HOST:PORT[,HOST:PORT]"));
+    let rest = url.strip_prefix("kafka://").ok_or_else(|| invalid("the scheme must be kafka://"))?;
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() {
+        return Err(invalid("no broker given"));
+    }
+    for server in rest.split(',') {
+        let (host, port) = server.rsplit_once(':').ok_or_else(|| invalid(&format!("'{server}' has no port")))?;
+        if host.is_empty() || host.contains(['/', ' ', '@']) {
+            return Err(invalid(&format!("'{server}' has an invalid host")));
+        }
+        match port.parse::<u16>() {
+            Ok(port) if port > 0 => {}
+            _ => return Err(invalid(&format!("'{port}' is not a port number"))),
+        }
+    }
+    Ok(rest.to_owned())
+}
+
+/// Parses one `-X key=value`.
+pub fn parse_override(text: &str) -> Result<(String, String), BusError> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.to_owned())),
+        _ => Err(BusError::Invalid(format!("-X '{text}': expected key=value (a librdkafka setting)"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_urls() {
+        assert_eq!(parse_bus_url("kafka://127.0.0.1:9092").unwrap(), "127.0.0.1:9092");
+        assert_eq!(parse_bus_url("kafka://a:1,b:2/").unwrap(), "a:1,b:2");
+        for bad in ["127.0.0.1:9092", "kafka://", "kafka://host", "kafka://h:0", "kafka://h:x", "http://h:1"] {
+            assert!(parse_bus_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn overrides() {
+        assert_eq!(parse_override("security.protocol=SSL").unwrap(), ("security.protocol".into(), "SSL".into()));
+        assert_eq!(parse_override("sasl.password=a=b").unwrap().1, "a=b");
+        assert!(parse_override("nokey").is_err());
+        assert!(parse_override("=x").is_err());
+    }
+}

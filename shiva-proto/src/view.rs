@@ -147,6 +147,9 @@ pub struct LogView {
     /// Offset of the newest record (of any sender) per key of `assignments` and `status`,
     /// so a writer can tell that something landed after its own write.
     pub last_offsets: BTreeMap<(TopicKind, String), i64>,
+    /// Offset of the newest accepted record (tombstones included) per key of `assignments`
+    /// and `status`.
+    pub accepted_offsets: BTreeMap<(TopicKind, String), i64>,
     /// Offset of the next record to read, per topic.
     pub positions: BTreeMap<TopicKind, i64>,
 }
@@ -177,6 +180,13 @@ impl LogView {
         (status.status.generation == assignment.generation).then_some(status)
     }
 
+    /// Whether the newest record on `key` is an accepted one (nothing stale or forged landed
+    /// after it), so a compacted log replays to the same value.
+    pub fn is_settled(&self, topic: TopicKind, key: &str) -> bool {
+        let key = (topic, key.to_owned());
+        self.last_offsets.get(&key) == self.accepted_offsets.get(&key)
+    }
+
     /// Folds one record in. `value: None` is a tombstone.
     pub fn apply(
         &mut self,
@@ -193,18 +203,23 @@ impl LogView {
         if matches!(topic, TopicKind::Assignments | TopicKind::Status) {
             self.last_offsets.insert((topic, key.to_owned()), offset);
         }
-        let Some(value) = value else {
-            return self.tombstone(topic, key);
+        let outcome = match value {
+            None => self.tombstone(topic, key),
+            Some(value) => match Envelope::decode(value) {
+                Err(err) => Outcome::Skipped(format!("record '{key}': {err}")),
+                Ok(envelope) => {
+                    let kind = envelope.body.kind();
+                    match self.apply_envelope(topic, offset, key, envelope) {
+                        Ok(()) => Outcome::Applied(kind),
+                        Err(reason) => Outcome::Skipped(format!("{kind} record '{key}': {reason}")),
+                    }
+                }
+            },
         };
-        let envelope = match Envelope::decode(value) {
-            Ok(envelope) => envelope,
-            Err(err) => return Outcome::Skipped(err.to_string()),
-        };
-        let kind = envelope.body.kind();
-        match self.apply_envelope(topic, offset, key, envelope) {
-            Ok(()) => Outcome::Applied(kind),
-            Err(reason) => Outcome::Skipped(format!("{kind} record '{key}': {reason}")),
+        if matches!(outcome, Outcome::Applied(_)) && matches!(topic, TopicKind::Assignments | TopicKind::Status) {
+            self.accepted_offsets.insert((topic, key.to_owned()), offset);
         }
+        outcome
     }
 
     fn tombstone(&mut self, topic: TopicKind, key: &str) -> Outcome {

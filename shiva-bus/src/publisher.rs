@@ -1,0 +1,78 @@
+//! Writing records: an idempotent producer with a bounded delivery timeout.
+
+use std::sync::RwLock;
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use shiva_proto::TopicKind;
+use tracing::warn;
+
+use crate::{BusConfig, BusError};
+
+/// An idempotent producer (`acks=all`) that reports each record's offset. After a fatal error
+/// (the idempotent producer's sequence state broke, e.g. across a broker restart) it replaces
+/// its client, so a node never ends up with a dead producer.
+pub struct Publisher {
+    config: BusConfig,
+    name: &'static str,
+    producer: RwLock<FutureProducer>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").field("name", &self.name).finish()
+    }
+}
+
+impl Publisher {
+    /// Creates a producer named `name` (for logs).
+    pub fn new(config: &BusConfig, name: &'static str) -> Result<Publisher, BusError> {
+        let producer = create(config)?;
+        Ok(Publisher { config: config.clone(), name, producer: RwLock::new(producer) })
+    }
+
+    /// Writes `value` (or a tombstone) under `key`; returns the record's offset.
+    pub async fn send(&self, topic: TopicKind, key: &str, value: Option<&[u8]>) -> Result<i64, BusError> {
+        let producer = self.producer.read().expect("producer lock").clone();
+        let name = self.config.topics.name(topic);
+        let mut record = FutureRecord::<str, [u8]>::to(&name).key(key).partition(0);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        match producer.send(record, Duration::from_millis(100)).await {
+            Ok(delivery) => Ok(delivery.offset),
+            Err((err, _message)) => {
+                if let Some((code, reason)) = producer.client().fatal_error() {
+                    warn!(producer = self.name, ?code, %reason, "producer hit a fatal error, replacing it");
+                    if let Ok(fresh) = create(&self.config) {
+                        *self.producer.write().expect("producer lock") = fresh;
+                    }
+                }
+                Err(BusError::Kafka(format!("failed to write '{key}' to {name}: {err}")))
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for queued records to be delivered.
+    pub fn flush(&self, timeout: Duration) {
+        let producer = self.producer.read().expect("producer lock").clone();
+        let _ = producer.flush(timeout);
+    }
+}
+
+fn create(config: &BusConfig) -> Result<FutureProducer, BusError> {
+    let delivery_ms = config.delivery_timeout.as_millis().max(1000);
+    let mut client = config.client_config();
+    client
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // Control records are few and latency matters: send at once.
+        .set("linger.ms", "0")
+        .set("delivery.timeout.ms", delivery_ms.to_string())
+        .set("request.timeout.ms", delivery_ms.min(5000).to_string())
+        .set("message.max.bytes", "2000000");
+    for (key, value) in &config.overrides {
+        client.set(key, value);
+    }
+    client.create().map_err(|err| BusError::Kafka(format!("failed to create a producer: {err}")))
+}

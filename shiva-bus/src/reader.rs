@@ -1,0 +1,196 @@
+//! Reading the control topics: one consumer, assigned (not subscribed: no group, no rebalance)
+//! to partition 0 of each topic from the beginning, polled by a dedicated thread.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use shiva_proto::TopicKind;
+use tokio::sync::mpsc;
+
+use crate::{BusConfig, BusError};
+
+/// One record as read.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Which control topic.
+    pub topic: TopicKind,
+    /// Its offset.
+    pub offset: i64,
+    /// Its key.
+    pub key: Option<Vec<u8>>,
+    /// Its value; `None` is a tombstone.
+    pub value: Option<Vec<u8>>,
+    /// CreateTime in milliseconds, when set.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// What the reader thread reports, in order.
+#[derive(Debug)]
+pub enum ReaderEvent {
+    /// A record.
+    Record(Record),
+    /// Every record up to the topics' ends as of the matching [`Reader::sync`] call has been
+    /// sent before this event.
+    Synced(u64),
+    /// The read-to-end could not learn the topics' ends.
+    SyncFailed(u64, String),
+    /// A client error (broker down, …); the reader keeps going.
+    Error(String),
+}
+
+enum Request {
+    Sync(u64),
+}
+
+/// Handle to the reader thread; dropping it stops the thread.
+#[derive(Debug)]
+pub struct Reader {
+    requests: std_mpsc::Sender<Request>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reader {
+    /// Starts reading `topics` from their beginning; events go to `events`.
+    pub fn spawn(
+        config: &BusConfig,
+        topics: &[TopicKind],
+        events: mpsc::Sender<ReaderEvent>,
+    ) -> Result<Reader, BusError> {
+        let mut client = config.client_config();
+        client
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", config.fetch_wait.as_millis().max(1).to_string())
+            .set("fetch.error.backoff.ms", "50")
+            .set("group.id", "shiva-reader-unused");
+        for (key, value) in &config.overrides {
+            client.set(key, value);
+        }
+        let consumer: BaseConsumer =
+            client.create().map_err(|err| BusError::Kafka(format!("failed to create a consumer: {err}")))?;
+        let mut assignment = TopicPartitionList::new();
+        let mut names = BTreeMap::new();
+        for kind in topics {
+            let name = config.topics.name(*kind);
+            assignment
+                .add_partition_offset(&name, 0, Offset::Beginning)
+                .map_err(|err| BusError::Kafka(err.to_string()))?;
+            names.insert(name, *kind);
+        }
+        consumer.assign(&assignment).map_err(|err| BusError::Kafka(format!("failed to assign partitions: {err}")))?;
+        let (requests, requests_rx) = std_mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("shiva-reader".into())
+            .spawn(move || poll_loop(consumer, names, requests_rx, events, thread_stop))
+            .map_err(|err| BusError::Kafka(format!("failed to start the reader thread: {err}")))?;
+        Ok(Reader { requests, stop, thread: Some(thread) })
+    }
+
+    /// Asks for a read-to-end: [`ReaderEvent::Synced`]`(token)` follows every record up to the
+    /// topics' current ends.
+    pub fn sync(&self, token: u64) {
+        let _ = self.requests.send(Request::Sync(token));
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn poll_loop(
+    consumer: BaseConsumer,
+    names: BTreeMap<String, TopicKind>,
+    requests: std_mpsc::Receiver<Request>,
+    events: mpsc::Sender<ReaderEvent>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut positions: BTreeMap<TopicKind, i64> = names.values().map(|kind| (*kind, 0)).collect();
+    let mut pending: Vec<(u64, BTreeMap<TopicKind, i64>)> = Vec::new();
+    let send = |event| events.blocking_send(event).is_ok();
+    while !stop.load(Ordering::Relaxed) {
+        while let Ok(Request::Sync(token)) = requests.try_recv() {
+            let mut targets = BTreeMap::new();
+            let mut failure = None;
+            for (name, kind) in &names {
+                match consumer.fetch_watermarks(name, 0, WATERMARK_TIMEOUT) {
+                    Ok((_low, high)) => {
+                        targets.insert(*kind, high);
+                    }
+                    Err(err) => failure = Some(format!("cannot read the end of {name}: {err}")),
+                }
+            }
+            match failure {
+                Some(message) => {
+                    if !send(ReaderEvent::SyncFailed(token, message)) {
+                        return;
+                    }
+                }
+                None => pending.push((token, targets)),
+            }
+        }
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(message)) => {
+                let Some(kind) = names.get(message.topic()).copied() else { continue };
+                positions.insert(kind, message.offset() + 1);
+                let record = Record {
+                    topic: kind,
+                    offset: message.offset(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    value: message.payload().map(<[u8]>::to_vec),
+                    timestamp_ms: message.timestamp().to_millis(),
+                };
+                if !send(ReaderEvent::Record(record)) {
+                    return;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                // Positions past compacted-away tails come from the consumer itself.
+                if let Ok(list) = consumer.position() {
+                    for element in list.elements() {
+                        if let (Some(kind), Offset::Offset(next)) = (names.get(element.topic()), element.offset()) {
+                            let position = positions.entry(*kind).or_insert(0);
+                            *position = (*position).max(next);
+                        }
+                    }
+                }
+            }
+            Some(Err(err)) => {
+                if !send(ReaderEvent::Error(err.to_string())) {
+                    return;
+                }
+            }
+            None => {}
+        }
+        let mut index = 0;
+        while index < pending.len() {
+            let reached = pending[index].1.iter().all(|(kind, end)| positions.get(kind).copied().unwrap_or(0) >= *end);
+            if reached {
+                let (token, _) = pending.swap_remove(index);
+                if !send(ReaderEvent::Synced(token)) {
+                    return;
+                }
+            } else {
+                index += 1;
+            }
+        }
+    }
+}

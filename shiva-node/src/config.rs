@@ -1,0 +1,191 @@
+//! Node flags (with `SHIVA_*` environment equivalents) and their validation.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use shiva_bus::BusConfig;
+use shiva_proto::NodeId;
+use uuid::Uuid;
+
+/// Runs a Shiva node: heartbeats, elects a leader, places and supervises tasks.
+#[derive(Debug, Parser)]
+#[command(name = "shiva-node", version, about)]
+pub struct NodeArgs {
+    /// The bus: kafka://HOST:PORT[,HOST:PORT].
+    #[arg(long, env = "SHIVA_BUS", default_value = "kafka://127.0.0.1:9092")]
+    pub bus: String,
+    /// Cluster name; topics are shiva.<cluster>.*.
+    #[arg(long, env = "SHIVA_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// This node's id (default: the host name).
+    #[arg(long, env = "SHIVA_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Tags this node carries, comma separated (its host name is always one).
+    #[arg(long, env = "SHIVA_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
+    /// Workspace directory: task working directories and output files.
+    #[arg(long, env = "SHIVA_WORKSPACE")]
+    pub workspace: Option<PathBuf>,
+    /// Never become leader.
+    #[arg(long, env = "SHIVA_NO_LEADER")]
+    pub no_leader: bool,
+    /// Never run tasks.
+    #[arg(long, env = "SHIVA_NO_RUNNER")]
+    pub no_runner: bool,
+    /// librdkafka setting (TLS, SASL…), repeatable: -X security.protocol=SSL.
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    pub kafka: Vec<String>,
+    /// How often the node heartbeats.
+    #[arg(long, env = "SHIVA_HEARTBEAT_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// A leader silent this long (in this node's own heartbeats) is replaced.
+    #[arg(long, env = "SHIVA_LEADER_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub leader_timeout: Duration,
+    /// A node silent this long (in the leader's own heartbeats) is gone; its tasks move.
+    #[arg(long, env = "SHIVA_NODE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub node_timeout: Duration,
+    /// How long the broker may hold a fetch with no new record (latency vs idle load).
+    #[arg(long, env = "SHIVA_FETCH_WAIT", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub fetch_wait: Duration,
+}
+
+/// Validated node configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The bus.
+    pub bus: BusConfig,
+    /// This node.
+    pub node_id: NodeId,
+    /// Drawn at start: tells this run of the node from earlier ones.
+    pub incarnation: Uuid,
+    /// The host name (a tag).
+    pub hostname: String,
+    /// Tags given with `--tags`.
+    pub tags: Vec<String>,
+    /// Workspace directory.
+    pub workspace: PathBuf,
+    /// May lead.
+    pub leader_capable: bool,
+    /// Runs tasks.
+    pub runner: bool,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// Leader silence threshold.
+    pub leader_timeout: Duration,
+    /// Node silence threshold.
+    pub node_timeout: Duration,
+    /// `PATH` given to tasks that set none.
+    pub task_path: String,
+}
+
+impl NodeConfig {
+    /// Validates flags. Every error names its flag.
+    pub fn from_args(args: NodeArgs) -> anyhow::Result<NodeConfig> {
+        let mut bus = BusConfig::new(&args.bus, &args.cluster, &args.kafka)?;
+        bus.fetch_wait = args.fetch_wait;
+        let hostname = nix::unistd::gethostname()
+            .context("failed to read the host name")?
+            .to_string_lossy()
+            .into_owned();
+        let node_id = match args.node_id {
+            Some(id) => NodeId::new(id).context("--node-id")?,
+            None => NodeId::new(hostname.clone())
+                .with_context(|| format!("the host name '{hostname}' is not a valid node id: pass --node-id"))?,
+        };
+        for tag in &args.tags {
+            if tag.is_empty() || tag.contains(char::is_whitespace) {
+                bail!("--tags: '{tag}' is not a tag (non-empty, no spaces)");
+            }
+        }
+        if args.heartbeat_interval < Duration::from_millis(10) {
+            bail!("--heartbeat-interval must be at least 10ms");
+        }
+        if args.leader_timeout < args.heartbeat_interval * 3 {
+            bail!("--leader-timeout must be at least 3 heartbeat intervals");
+        }
+        if args.node_timeout < args.leader_timeout {
+            bail!("--node-timeout must not be shorter than --leader-timeout");
+        }
+        if args.fetch_wait > Duration::from_secs(1) {
+            bail!("--fetch-wait must be at most 1s");
+        }
+        bus.delivery_timeout = args.leader_timeout.max(Duration::from_secs(2));
+        let workspace = match args.workspace {
+            Some(dir) => dir,
+            None => default_workspace(&args.cluster, &node_id),
+        };
+        Ok(NodeConfig {
+            bus,
+            node_id,
+            incarnation: Uuid::new_v4(),
+            hostname,
+            tags: args.tags,
+            workspace,
+            leader_capable: !args.no_leader,
+            runner: !args.no_runner,
+            heartbeat_interval: args.heartbeat_interval,
+            leader_timeout: args.leader_timeout,
+            node_timeout: args.node_timeout,
+            task_path: std::env::var("PATH")
+                .unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()),
+        })
+    }
+
+    /// Own heartbeats that must land after a leader's last one before it counts as gone.
+    pub fn leader_beats(&self) -> u64 {
+        beats(self.leader_timeout, self.heartbeat_interval)
+    }
+
+    /// Own heartbeats that must land after a node's last one before it counts as gone.
+    pub fn node_beats(&self) -> u64 {
+        beats(self.node_timeout, self.heartbeat_interval)
+    }
+}
+
+fn beats(timeout: Duration, interval: Duration) -> u64 {
+    timeout.as_nanos().div_ceil(interval.as_nanos()).max(1) as u64
+}
+
+fn default_workspace(cluster: &str, node: &NodeId) -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"));
+    base.join("shiva").join(cluster).join(node.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<NodeConfig> {
+        NodeConfig::from_args(NodeArgs::try_parse_from(std::iter::once("shiva-node").chain(args.iter().copied()))?)
+    }
+
+    #[test]
+    fn defaults_are_consistent() {
+        let config = parse(&["--node-id", "a"]).unwrap();
+        assert_eq!(config.leader_beats(), 5);
+        assert_eq!(config.node_beats(), 15);
+        assert!(config.leader_capable && config.runner);
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let err = |args: &[&str]| format!("{:#}", parse(args).unwrap_err());
+        assert!(err(&["--node-id", "a/b"]).contains("--node-id"));
+        assert!(err(&["--node-id", "a", "--leader-timeout", "100ms"]).contains("--leader-timeout"));
+        assert!(err(&["--node-id", "a", "--node-timeout", "500ms"]).contains("--node-timeout"));
+        assert!(err(&["--node-id", "a", "--bus", "localhost:9092"]).contains("--bus"));
+        assert!(err(&["--node-id", "a", "--cluster", "a.b"]).contains("--cluster"));
+        assert!(err(&["--node-id", "a", "-X", "oops"]).contains("-X"));
+    }
+
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        NodeArgs::command().debug_assert();
+    }
+}

@@ -1,0 +1,176 @@
+//! Leader election, pure: decides from the log view and membership whether this node leads,
+//! follows, or claims the next epoch. The log decides the outcome (first claim per epoch wins,
+//! see `shiva_proto::view`); this module only decides when to ask.
+
+use std::collections::BTreeMap;
+
+use shiva_proto::view::Winner;
+use shiva_proto::{LogView, NodeId};
+use uuid::Uuid;
+
+use crate::membership::Membership;
+
+/// What this node should do about leadership now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// This node won the newest epoch.
+    Leader(u64),
+    /// Someone else leads, or this node may not claim now.
+    Follower,
+    /// The leader is gone: append a claim for this epoch.
+    Claim(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClaimState {
+    InFlight,
+    Failed,
+}
+
+/// Election bookkeeping of one node.
+#[derive(Debug, Clone)]
+pub struct Election {
+    me: NodeId,
+    incarnation: Uuid,
+    leader_capable: bool,
+    /// Own-heartbeat count when each epoch's winning claim was read.
+    won_at: BTreeMap<u64, u64>,
+    my_claim: Option<(u64, ClaimState)>,
+}
+
+impl Election {
+    /// Election state of `me`.
+    pub fn new(me: NodeId, incarnation: Uuid, leader_capable: bool) -> Self {
+        Election { me, incarnation, leader_capable, won_at: BTreeMap::new(), my_claim: None }
+    }
+
+    /// Notes that the winning claim of `epoch` was read at `own_beats`.
+    pub fn on_winner(&mut self, epoch: u64, own_beats: u64) {
+        self.won_at.entry(epoch).or_insert(own_beats);
+    }
+
+    /// Notes that a claim for `epoch` was sent.
+    pub fn claim_sent(&mut self, epoch: u64) {
+        self.my_claim = Some((epoch, ClaimState::InFlight));
+    }
+
+    /// Notes that the claim for `epoch` failed to be delivered; after the log is read to its
+    /// end without it, a new claim (with a new key) may be sent.
+    pub fn claim_failed(&mut self, epoch: u64) {
+        if self.my_claim == Some((epoch, ClaimState::InFlight)) {
+            self.my_claim = Some((epoch, ClaimState::Failed));
+        }
+    }
+
+    /// Decides. `healthy`: this node reads its own heartbeats back.
+    pub fn decide(&self, view: &LogView, membership: &Membership, healthy: bool, leader_beats: u64) -> Verdict {
+        if let Some((epoch, winner)) = view.leader() {
+            if winner.node == self.me && winner.incarnation == self.incarnation {
+                return Verdict::Leader(epoch);
+            }
+            if self.leader_alive(view, membership, epoch, winner, leader_beats) {
+                return Verdict::Follower;
+            }
+        }
+        if !self.leader_capable || !healthy {
+            return Verdict::Follower;
+        }
+        let next = view.epochs.newest + 1;
+        match self.my_claim {
+            Some((epoch, ClaimState::InFlight)) if epoch == next => Verdict::Follower,
+            _ => Verdict::Claim(next),
+        }
+    }
+
+    fn leader_alive(&self, view: &LogView, membership: &Membership, epoch: u64, winner: &Winner, beats: u64) -> bool {
+        if view.left.contains(&(winner.node.clone(), winner.incarnation)) {
+            return false;
+        }
+        let since_win = membership.own_beats() - self.won_at.get(&epoch).copied().unwrap_or(0);
+        // A winner that never makes a leader write within the timeout counts as gone.
+        if !view.epochs.active.contains(&epoch) && since_win >= beats {
+            return false;
+        }
+        match membership.peer(&winner.node) {
+            Some(peer) if peer.incarnation == winner.incarnation => {
+                membership.is_alive(&winner.node, Some(winner.incarnation), beats)
+            }
+            // The node restarted since it claimed: that incarnation is gone.
+            Some(_) => false,
+            // Never heard of it (a claim from a non-node): give it the timeout, no more.
+            None => since_win < beats,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shiva_proto::records::{Body, Claim, Envelope, Heartbeat};
+    use shiva_proto::topics::key;
+    use shiva_proto::{TopicKind, view::Outcome};
+
+    fn hb() -> Heartbeat {
+        Heartbeat {
+            protocol: 1,
+            seq: 0,
+            hostname: "h".into(),
+            tags: vec![],
+            leader_capable: true,
+            runner: true,
+            interval_ms: 100,
+            resources: Default::default(),
+            runs: vec![],
+        }
+    }
+
+    fn claim(view: &mut LogView, offset: i64, node: &NodeId, inc: Uuid, epoch: u64) -> Outcome {
+        let env =
+            Envelope { sender: node.to_string(), incarnation: Some(inc), sent_at_ms: 0, body: Body::Claim(Claim { epoch }) };
+        let key = key::claim(epoch, node, Uuid::new_v4());
+        view.apply(TopicKind::Assignments, offset, Some(key.as_bytes()), Some(&env.encode()))
+    }
+
+    #[test]
+    fn claims_when_leader_silent_and_leads_when_won() {
+        let (a, b) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+        let (inc_a, inc_b) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut view = LogView::default();
+        let mut membership = Membership::new(a.clone(), inc_a);
+        let mut election = Election::new(a.clone(), inc_a, true);
+        assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Claim(1));
+        assert_eq!(election.decide(&view, &membership, false, 3), Verdict::Follower, "unhealthy nodes never claim");
+
+        membership.on_heartbeat(&b, inc_b, &hb());
+        assert!(matches!(claim(&mut view, 0, &b, inc_b, 1), Outcome::Applied(_)));
+        election.on_winner(1, membership.own_beats());
+        view.epochs.active.insert(1);
+        assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Follower);
+        for _ in 0..3 {
+            membership.on_heartbeat(&a, inc_a, &hb());
+        }
+        assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Claim(2));
+        election.claim_sent(2);
+        assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Follower, "no second claim in flight");
+        assert!(matches!(claim(&mut view, 1, &a, inc_a, 2), Outcome::Applied(_)));
+        assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Leader(2));
+    }
+
+    #[test]
+    fn a_claim_from_a_non_node_expires() {
+        let a = NodeId::new("a").unwrap();
+        let inc_a = Uuid::new_v4();
+        let mut view = LogView::default();
+        let mut membership = Membership::new(a.clone(), inc_a);
+        let mut election = Election::new(a.clone(), inc_a, true);
+        let ghost = NodeId::new("ghost").unwrap();
+        assert!(matches!(claim(&mut view, 0, &ghost, Uuid::new_v4(), 1), Outcome::Applied(_)));
+        election.on_winner(1, 0);
+        assert_eq!(election.decide(&view, &membership, true, 2), Verdict::Follower);
+        membership.on_heartbeat(&a, inc_a, &hb());
+        membership.on_heartbeat(&a, inc_a, &hb());
+        assert_eq!(election.decide(&view, &membership, true, 2), Verdict::Claim(2));
+        // A claim that jumps epochs is refused by the view.
+        assert!(matches!(claim(&mut view, 1, &ghost, Uuid::new_v4(), 1_000_000), Outcome::Skipped(_)));
+    }
+}

@@ -1,0 +1,106 @@
+//! The leader's reconciliation, pure: from the log view and the live members, the records the
+//! leader of `epoch` must write to `assignments` so that they say what it decided.
+//!
+//! A key is (re)written when its decision changed (new generation), when its accepted record
+//! is from an older epoch (a new leader restamps everything it inherits), or when any other
+//! record landed on it after the accepted one (a stale or forged write): compaction keeps the
+//! last record of a key, so the last record must always be the leader's.
+
+use std::collections::BTreeSet;
+
+use shiva_proto::records::{Assignment, Body, DesiredState, Member, Members, Placement};
+use shiva_proto::topics::key;
+use shiva_proto::{LogView, TaskId, TopicKind};
+
+use crate::placement::{Candidate, Demand, plan};
+
+/// A record the leader must write on `assignments` (`None`: tombstone).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    /// Its key.
+    pub key: String,
+    /// Its body.
+    pub body: Option<Body>,
+}
+
+/// Computes the leader's writes. `busy(key)` tells keys with a write still in flight, which
+/// are left alone until it is read back.
+pub fn reconcile(view: &LogView, live: &[Member], epoch: u64, busy: &dyn Fn(&str) -> bool) -> Vec<Write> {
+    let mut writes = Vec::new();
+    let members = Members { epoch, nodes: live.to_vec() };
+    let members_current = view.members.as_ref() == Some(&members)
+        && view.is_settled(TopicKind::Assignments, key::MEMBERS);
+    if !members_current && !busy(key::MEMBERS) {
+        writes.push(Write { key: key::MEMBERS.to_owned(), body: Some(Body::Members(members)) });
+    }
+
+    let candidates: Vec<Candidate> = live
+        .iter()
+        .filter(|member| member.runner)
+        .map(|member| Candidate {
+            id: member.id.clone(),
+            tags: member.tags.iter().cloned().chain([member.hostname.clone()]).collect(),
+        })
+        .collect();
+    let demands: Vec<Demand> = view
+        .specs
+        .iter()
+        .filter(|(task, _)| view.desired_state(task) == DesiredState::Running)
+        .map(|(task, entry)| Demand {
+            task: task.clone(),
+            tags: entry.spec.tags.clone(),
+            current: view.assigned_node(task).cloned(),
+        })
+        .collect();
+    let mut placements = plan(&candidates, &demands);
+
+    let tasks: BTreeSet<&TaskId> = view.specs.keys().chain(view.assignments.keys()).collect();
+    for task in tasks {
+        let record_key = key::task(task);
+        if busy(&record_key) {
+            continue;
+        }
+        let current = view.assignments.get(task);
+        let Some(spec) = view.specs.get(task) else {
+            if current.is_some() {
+                writes.push(Write { key: record_key, body: None });
+            }
+            continue;
+        };
+        let placement = match placements.remove(task) {
+            Some(Ok(node)) => Placement::Assigned { node },
+            Some(Err(reason)) => Placement::Pending { reason },
+            None => Placement::Stopped,
+        };
+        let unchanged = current.is_some_and(|current| {
+            current.assignment.placement == placement && current.assignment.spec_revision == spec.revision
+        });
+        let generation = match current {
+            Some(current) if unchanged => {
+                let settled = view.is_settled(TopicKind::Assignments, &record_key);
+                if current.assignment.epoch == epoch && settled {
+                    continue;
+                }
+                current.assignment.generation
+            }
+            _ => {
+                let assigned = current.map_or(0, |current| current.assignment.generation);
+                let reported = view.statuses.get(task).map_or(0, |status| status.status.generation);
+                assigned.max(reported) + 1
+            }
+        };
+        let assignment = Assignment {
+            epoch,
+            task: task.clone(),
+            generation,
+            spec_revision: spec.revision,
+            placement,
+            spec: spec.spec.clone(),
+        };
+        writes.push(Write { key: record_key, body: Some(Body::Assignment(assignment)) });
+    }
+    writes
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,13 @@
+//! The Shiva node daemon.
+//!
+//! # Layout
+//! * [`config`]: flags and their validation;
+//! * pure decisions: [`membership`] (liveness in log time), [`election`], [`placement`],
+//!   [`leader`] (reconciliation);
+//! * I/O: [`supervisor`] (child processes), [`node`] (the driver: reads the bus, feeds the
+//!   decisions, writes their records).
+pub mod config;
+pub mod election;
+pub mod leader;
+pub mod membership;
+pub mod placement;

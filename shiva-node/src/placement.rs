@@ -1,0 +1,192 @@
+//! Placement, pure: which live runner runs each task.
+//!
+//! Rules:
+//! * a node is eligible for a task when it is a live runner carrying every tag of the task
+//!   (its host name counts as a tag);
+//! * a task already on an eligible node stays there (nodes joining never move work);
+//! * every other task goes, in task-id order, to the eligible node with the fewest tasks, ties
+//!   broken by node id;
+//! * a task with no eligible node is pending, with the reason.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use shiva_proto::{NodeId, TaskId};
+
+/// A live runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its id.
+    pub id: NodeId,
+    /// Its tags, host name included.
+    pub tags: BTreeSet<String>,
+}
+
+/// A task to place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Demand {
+    /// The task.
+    pub task: TaskId,
+    /// Tags it needs.
+    pub tags: Vec<String>,
+    /// Where it runs now, if anywhere.
+    pub current: Option<NodeId>,
+}
+
+/// Places every task: `Ok(node)` or `Err(reason)`.
+pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<NodeId, String>> {
+    let eligible = |node: &Candidate, task: &Demand| task.tags.iter().all(|tag| node.tags.contains(tag));
+    let mut load: BTreeMap<&NodeId, usize> = nodes.iter().map(|node| (&node.id, 0)).collect();
+    let mut placed = BTreeMap::new();
+    let mut to_place = Vec::new();
+    for task in tasks {
+        let keep = task
+            .current
+            .as_ref()
+            .and_then(|current| nodes.iter().find(|node| node.id == *current))
+            .filter(|node| eligible(node, task));
+        match keep {
+            Some(node) => {
+                *load.get_mut(&node.id).expect("every candidate has a load") += 1;
+                placed.insert(task.task.clone(), Ok(node.id.clone()));
+            }
+            None => to_place.push(task),
+        }
+    }
+    to_place.sort_by(|a, b| a.task.cmp(&b.task));
+    for task in to_place {
+        let best = nodes
+            .iter()
+            .filter(|node| eligible(node, task))
+            .min_by(|a, b| load[&a.id].cmp(&load[&b.id]).then_with(|| a.id.cmp(&b.id)));
+        let decision = match best {
+            Some(node) => {
+                *load.get_mut(&node.id).expect("every candidate has a load") += 1;
+                Ok(node.id.clone())
+            }
+            None if nodes.is_empty() => Err("no live runner node".to_owned()),
+            None => Err(format!("no live runner node carries the tags [{}]", task.tags.join(", "))),
+        };
+        placed.insert(task.task.clone(), decision);
+    }
+    placed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TAGS: [&str; 3] = ["gpu", "ssd", "eu"];
+
+    fn nodes_strategy() -> impl Strategy<Value = Vec<Candidate>> {
+        prop::collection::btree_map(0u8..8, prop::collection::btree_set(prop::sample::select(&TAGS[..]), 0..3), 0..6)
+            .prop_map(|nodes| {
+                nodes
+                    .into_iter()
+                    .map(|(id, tags)| Candidate {
+                        id: NodeId::new(format!("n{id}")).unwrap(),
+                        tags: tags.into_iter().map(str::to_owned).collect(),
+                    })
+                    .collect()
+            })
+    }
+
+    fn tasks_strategy() -> impl Strategy<Value = Vec<Demand>> {
+        prop::collection::btree_map(
+            0u16..40,
+            (prop::collection::vec(prop::sample::select(&TAGS[..]), 0..2), prop::option::of(0u8..8)),
+            0..30,
+        )
+        .prop_map(|tasks| {
+            tasks
+                .into_iter()
+                .map(|(id, (tags, current))| Demand {
+                    task: TaskId::new(format!("t{id}")).unwrap(),
+                    tags: tags.into_iter().map(str::to_owned).collect(),
+                    current: current.map(|n| NodeId::new(format!("n{n}")).unwrap()),
+                })
+                .collect()
+        })
+    }
+
+    fn with_result(tasks: &[Demand], result: &BTreeMap<TaskId, Result<NodeId, String>>) -> Vec<Demand> {
+        tasks
+            .iter()
+            .map(|task| Demand { current: result[&task.task].clone().ok(), ..task.clone() })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn every_placement_is_eligible(nodes in nodes_strategy(), tasks in tasks_strategy()) {
+            let result = plan(&nodes, &tasks);
+            prop_assert_eq!(result.len(), tasks.len());
+            for task in &tasks {
+                let any_eligible = nodes.iter().any(|n| task.tags.iter().all(|t| n.tags.contains(t)));
+                match &result[&task.task] {
+                    Ok(node) => {
+                        let node = nodes.iter().find(|n| n.id == *node).unwrap();
+                        prop_assert!(task.tags.iter().all(|t| node.tags.contains(t)));
+                    }
+                    Err(_) => prop_assert!(!any_eligible),
+                }
+            }
+        }
+
+        #[test]
+        fn plan_is_stable(nodes in nodes_strategy(), tasks in tasks_strategy()) {
+            let once = plan(&nodes, &tasks);
+            let twice = plan(&nodes, &with_result(&tasks, &once));
+            prop_assert_eq!(once, twice);
+        }
+
+        #[test]
+        fn running_tasks_do_not_move_when_a_node_joins(nodes in nodes_strategy(), tasks in tasks_strategy()) {
+            let once = plan(&nodes, &tasks);
+            let mut more = nodes.clone();
+            more.push(Candidate { id: NodeId::new("joiner").unwrap(), tags: TAGS.iter().map(|t| t.to_string()).collect() });
+            let after = plan(&more, &with_result(&tasks, &once));
+            for (task, decision) in &once {
+                if let Ok(node) = decision {
+                    prop_assert_eq!(after[task].as_ref().ok(), Some(node));
+                }
+            }
+        }
+
+        #[test]
+        fn fresh_untagged_work_spreads_within_one(node_count in 1usize..7, task_count in 0usize..40) {
+            let nodes: Vec<Candidate> = (0..node_count)
+                .map(|i| Candidate { id: NodeId::new(format!("n{i}")).unwrap(), tags: BTreeSet::new() })
+                .collect();
+            let tasks: Vec<Demand> = (0..task_count)
+                .map(|i| Demand { task: TaskId::new(format!("t{i}")).unwrap(), tags: vec![], current: None })
+                .collect();
+            let result = plan(&nodes, &tasks);
+            let mut load: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (n.id.clone(), 0)).collect();
+            for node in result.values() {
+                *load.get_mut(node.as_ref().unwrap()).unwrap() += 1;
+            }
+            let (min, max) = (load.values().min().unwrap(), load.values().max().unwrap());
+            prop_assert!(max - min <= 1, "load {:?}", load);
+        }
+    }
+
+    #[test]
+    fn tasks_of_a_gone_node_move_and_ties_go_by_id() {
+        let node = |id: &str, tags: &[&str]| Candidate {
+            id: NodeId::new(id).unwrap(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        };
+        let task = |id: &str, tags: &[&str], current: Option<&str>| Demand {
+            task: TaskId::new(id).unwrap(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            current: current.map(|c| NodeId::new(c).unwrap()),
+        };
+        let nodes = [node("b", &[]), node("a", &["gpu"])];
+        let result = plan(&nodes, &[task("x", &[], Some("gone")), task("y", &["gpu"], None), task("z", &["tpu"], None)]);
+        assert_eq!(result[&TaskId::new("x").unwrap()], Ok(NodeId::new("a").unwrap()));
+        assert_eq!(result[&TaskId::new("y").unwrap()], Ok(NodeId::new("a").unwrap()));
+        assert!(result[&TaskId::new("z").unwrap()].as_ref().unwrap_err().contains("[tpu]"));
+        assert_eq!(plan(&[], &[task("x", &[], None)])[&TaskId::new("x").unwrap()], Err("no live runner node".into()));
+    }
+}
