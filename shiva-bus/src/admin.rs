@@ -20,7 +20,10 @@ pub const PRODUCTION_REPLICATION: usize = 3;
 pub const PRODUCTION_MIN_INSYNC: u32 = 2;
 
 fn admin_client(config: &BusConfig) -> Result<AdminClient<DefaultClientContext>, BusError> {
-    config.client_config().create().map_err(|err| BusError::Kafka(format!("failed to create an admin client: {err}")))
+    config
+        .client_config()
+        .create()
+        .map_err(|err| BusError::Kafka(format!("failed to create an admin client: {err}")))
 }
 
 /// Creates whatever control topic is missing (1 partition, compacted), then checks them all.
@@ -40,7 +43,9 @@ pub async fn ensure_topics(config: &BusConfig, timeout: Duration) -> Result<Vec<
         match result {
             Ok(name) => tracing::info!(topic = %name, "created control topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => return Err(BusError::Kafka(format!("failed to create topic {name}: {code}"))),
+            Err((name, code)) => {
+                return Err(BusError::Kafka(format!("failed to create topic {name}: {code}")));
+            }
         }
     }
     check_topics_with(&admin, config, timeout).await
@@ -81,12 +86,15 @@ async fn check_topics_with(
         return Err(BusError::TopicsMissing { cluster: config.topics.cluster().to_owned(), missing });
     }
     let names: Vec<String> = TopicKind::ALL.iter().map(|kind| config.topics.name(*kind)).collect();
-    let specifiers: Vec<ResourceSpecifier<'_>> = names.iter().map(|name| ResourceSpecifier::Topic(name)).collect();
+    let specifiers: Vec<ResourceSpecifier<'_>> =
+        names.iter().map(|name| ResourceSpecifier::Topic(name)).collect();
     let options = AdminOptions::new().request_timeout(Some(timeout));
-    let results = admin.describe_configs(&specifiers, &options).await.map_err(|err| unreachable(config, err))?;
+    let results =
+        admin.describe_configs(&specifiers, &options).await.map_err(|err| unreachable(config, err))?;
     for (name, result) in names.iter().zip(results) {
-        let resource =
-            result.map_err(|code| BusError::Kafka(format!("failed to describe the configuration of {name}: {code}")))?;
+        let resource = result.map_err(|code| {
+            BusError::Kafka(format!("failed to describe the configuration of {name}: {code}"))
+        })?;
         let value = |key: &str| resource.get(key).and_then(|entry| entry.value.clone());
         // Kafka's default policy is `delete`; a broker that omits unset values means the default.
         let policy = value("cleanup.policy").unwrap_or_else(|| "delete".to_owned());
@@ -104,7 +112,8 @@ async fn check_topics_with(
             )),
         }
         if value("unclean.leader.election.enable").as_deref() == Some("true") {
-            warnings.push(format!("topic {name} allows unclean leader election, which can lose control records"));
+            warnings
+                .push(format!("topic {name} allows unclean leader election, which can lose control records"));
         }
     }
     Ok(warnings)

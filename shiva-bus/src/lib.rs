@@ -111,14 +111,17 @@ impl BusConfig {
 
 /// Parses `kafka://HOST:PORT[,HOST:PORT]` into librdkafka's `bootstrap.servers`.
 pub fn parse_bus_url(url: &str) -> Result<String, BusError> {
-    let invalid = |why: &str| BusError::Invalid(format!("--bus '{url}': {why}; expected kafka://HOST:PORT[,HOST:PORT]"));
+    let invalid = |why: &str| {
+        BusError::Invalid(format!("--bus '{url}': {why}; expected kafka://HOST:PORT[,HOST:PORT]"))
+    };
     let rest = url.strip_prefix("kafka://").ok_or_else(|| invalid("the scheme must be kafka://"))?;
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() {
         return Err(invalid("no broker given"));
     }
     for server in rest.split(',') {
-        let (host, port) = server.rsplit_once(':').ok_or_else(|| invalid(&format!("'{server}' has no port")))?;
+        let (host, port) =
+            server.rsplit_once(':').ok_or_else(|| invalid(&format!("'{server}' has no port")))?;
         if host.is_empty() || host.contains(['/', ' ', '@']) {
             return Err(invalid(&format!("'{server}' has an invalid host")));
         }
@@ -146,14 +149,18 @@ mod tests {
     fn bus_urls() {
         assert_eq!(parse_bus_url("kafka://127.0.0.1:9092").unwrap(), "127.0.0.1:9092");
         assert_eq!(parse_bus_url("kafka://a:1,b:2/").unwrap(), "a:1,b:2");
-        for bad in ["127.0.0.1:9092", "kafka://", "kafka://host", "kafka://h:0", "kafka://h:x", "http://h:1"] {
+        for bad in ["127.0.0.1:9092", "kafka://", "kafka://host", "kafka://h:0", "kafka://h:x", "http://h:1"]
+        {
             assert!(parse_bus_url(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn overrides() {
-        assert_eq!(parse_override("security.protocol=SSL").unwrap(), ("security.protocol".into(), "SSL".into()));
+        assert_eq!(
+            parse_override("security.protocol=SSL").unwrap(),
+            ("security.protocol".into(), "SSL".into())
+        );
         assert_eq!(parse_override("sasl.password=a=b").unwrap().1, "a=b");
         assert!(parse_override("nokey").is_err());
         assert!(parse_override("=x").is_err());

@@ -1,6 +1,6 @@
 //! Writing records: an idempotent producer with a bounded delivery timeout.
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -26,29 +26,57 @@ impl std::fmt::Debug for Publisher {
 
 impl Publisher {
     /// Creates a producer named `name` (for logs).
-    pub fn new(config: &BusConfig, name: &'static str) -> Result<Publisher, BusError> {
+    pub fn new(config: &BusConfig, name: &'static str) -> Result<Arc<Publisher>, BusError> {
         let producer = create(config)?;
-        Ok(Publisher { config: config.clone(), name, producer: RwLock::new(producer) })
+        Ok(Arc::new(Publisher { config: config.clone(), name, producer: RwLock::new(producer) }))
     }
 
     /// Writes `value` (or a tombstone) under `key`; returns the record's offset.
-    pub async fn send(&self, topic: TopicKind, key: &str, value: Option<&[u8]>) -> Result<i64, BusError> {
+    pub async fn send(
+        self: &Arc<Self>,
+        topic: TopicKind,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<i64, BusError> {
+        self.enqueue(topic, key, value).await
+    }
+
+    /// Queues the record now (records queued in call order are written in that order) and
+    /// returns a future resolving to its offset once the broker acknowledged it.
+    pub fn enqueue(
+        self: &Arc<Self>,
+        topic: TopicKind,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> impl Future<Output = Result<i64, BusError>> + Send + 'static {
         let producer = self.producer.read().expect("producer lock").clone();
         let name = self.config.topics.name(topic);
         let mut record = FutureRecord::<str, [u8]>::to(&name).key(key).partition(0);
         if let Some(value) = value {
             record = record.payload(value);
         }
-        match producer.send(record, Duration::from_millis(100)).await {
-            Ok(delivery) => Ok(delivery.offset),
-            Err((err, _message)) => {
-                if let Some((code, reason)) = producer.client().fatal_error() {
-                    warn!(producer = self.name, ?code, %reason, "producer hit a fatal error, replacing it");
-                    if let Ok(fresh) = create(&self.config) {
-                        *self.producer.write().expect("producer lock") = fresh;
-                    }
-                }
-                Err(BusError::Kafka(format!("failed to write '{key}' to {name}: {err}")))
+        let queued = producer.send_result(record).map_err(|(err, _)| err);
+        let this = self.clone();
+        let key = key.to_owned();
+        async move {
+            let outcome = match queued {
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(delivery)) => return Ok(delivery.offset),
+                    Ok(Err((err, _))) => err.to_string(),
+                    Err(_) => "the producer was dropped".to_owned(),
+                },
+                Err(err) => err.to_string(),
+            };
+            this.replace_if_fatal(&producer);
+            Err(BusError::Kafka(format!("failed to write '{key}' to {name}: {outcome}")))
+        }
+    }
+
+    fn replace_if_fatal(&self, producer: &FutureProducer) {
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            warn!(producer = self.name, ?code, %reason, "producer hit a fatal error, replacing it");
+            if let Ok(fresh) = create(&self.config) {
+                *self.producer.write().expect("producer lock") = fresh;
             }
         }
     }

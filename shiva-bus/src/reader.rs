@@ -87,7 +87,9 @@ impl Reader {
                 .map_err(|err| BusError::Kafka(err.to_string()))?;
             names.insert(name, *kind);
         }
-        consumer.assign(&assignment).map_err(|err| BusError::Kafka(format!("failed to assign partitions: {err}")))?;
+        consumer
+            .assign(&assignment)
+            .map_err(|err| BusError::Kafka(format!("failed to assign partitions: {err}")))?;
         let (requests, requests_rx) = std_mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
@@ -166,7 +168,9 @@ fn poll_loop(
                 // Positions past compacted-away tails come from the consumer itself.
                 if let Ok(list) = consumer.position() {
                     for element in list.elements() {
-                        if let (Some(kind), Offset::Offset(next)) = (names.get(element.topic()), element.offset()) {
+                        if let (Some(kind), Offset::Offset(next)) =
+                            (names.get(element.topic()), element.offset())
+                        {
                             let position = positions.entry(*kind).or_insert(0);
                             *position = (*position).max(next);
                         }
@@ -182,7 +186,8 @@ fn poll_loop(
         }
         let mut index = 0;
         while index < pending.len() {
-            let reached = pending[index].1.iter().all(|(kind, end)| positions.get(kind).copied().unwrap_or(0) >= *end);
+            let reached =
+                pending[index].1.iter().all(|(kind, end)| positions.get(kind).copied().unwrap_or(0) >= *end);
             if reached {
                 let (token, _) = pending.swap_remove(index);
                 if !send(ReaderEvent::Synced(token)) {

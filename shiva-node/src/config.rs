@@ -91,8 +91,9 @@ impl NodeConfig {
             .into_owned();
         let node_id = match args.node_id {
             Some(id) => NodeId::new(id).context("--node-id")?,
-            None => NodeId::new(hostname.clone())
-                .with_context(|| format!("the host name '{hostname}' is not a valid node id: pass --node-id"))?,
+            None => NodeId::new(hostname.clone()).with_context(|| {
+                format!("the host name '{hostname}' is not a valid node id: pass --node-id")
+            })?,
         };
         for tag in &args.tags {
             if tag.is_empty() || tag.contains(char::is_whitespace) {
@@ -128,8 +129,9 @@ impl NodeConfig {
             heartbeat_interval: args.heartbeat_interval,
             leader_timeout: args.leader_timeout,
             node_timeout: args.node_timeout,
-            task_path: std::env::var("PATH")
-                .unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()),
+            task_path: std::env::var("PATH").unwrap_or_else(|_| {
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()
+            }),
         })
     }
 
@@ -161,7 +163,9 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> anyhow::Result<NodeConfig> {
-        NodeConfig::from_args(NodeArgs::try_parse_from(std::iter::once("shiva-node").chain(args.iter().copied()))?)
+        NodeConfig::from_args(NodeArgs::try_parse_from(
+            std::iter::once("shiva-node").chain(args.iter().copied()),
+        )?)
     }
 
     #[test]

@@ -63,7 +63,13 @@ impl Election {
     }
 
     /// Decides. `healthy`: this node reads its own heartbeats back.
-    pub fn decide(&self, view: &LogView, membership: &Membership, healthy: bool, leader_beats: u64) -> Verdict {
+    pub fn decide(
+        &self,
+        view: &LogView,
+        membership: &Membership,
+        healthy: bool,
+        leader_beats: u64,
+    ) -> Verdict {
         if let Some((epoch, winner)) = view.leader() {
             if winner.node == self.me && winner.incarnation == self.incarnation {
                 return Verdict::Leader(epoch);
@@ -82,7 +88,14 @@ impl Election {
         }
     }
 
-    fn leader_alive(&self, view: &LogView, membership: &Membership, epoch: u64, winner: &Winner, beats: u64) -> bool {
+    fn leader_alive(
+        &self,
+        view: &LogView,
+        membership: &Membership,
+        epoch: u64,
+        winner: &Winner,
+        beats: u64,
+    ) -> bool {
         if view.left.contains(&(winner.node.clone(), winner.incarnation)) {
             return false;
         }
@@ -125,8 +138,12 @@ mod tests {
     }
 
     fn claim(view: &mut LogView, offset: i64, node: &NodeId, inc: Uuid, epoch: u64) -> Outcome {
-        let env =
-            Envelope { sender: node.to_string(), incarnation: Some(inc), sent_at_ms: 0, body: Body::Claim(Claim { epoch }) };
+        let env = Envelope {
+            sender: node.to_string(),
+            incarnation: Some(inc),
+            sent_at_ms: 0,
+            body: Body::Claim(Claim { epoch }),
+        };
         let key = key::claim(epoch, node, Uuid::new_v4());
         view.apply(TopicKind::Assignments, offset, Some(key.as_bytes()), Some(&env.encode()))
     }
@@ -139,7 +156,11 @@ mod tests {
         let mut membership = Membership::new(a.clone(), inc_a);
         let mut election = Election::new(a.clone(), inc_a, true);
         assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Claim(1));
-        assert_eq!(election.decide(&view, &membership, false, 3), Verdict::Follower, "unhealthy nodes never claim");
+        assert_eq!(
+            election.decide(&view, &membership, false, 3),
+            Verdict::Follower,
+            "unhealthy nodes never claim"
+        );
 
         membership.on_heartbeat(&b, inc_b, &hb());
         assert!(matches!(claim(&mut view, 0, &b, inc_b, 1), Outcome::Applied(_)));
@@ -151,7 +172,11 @@ mod tests {
         }
         assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Claim(2));
         election.claim_sent(2);
-        assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Follower, "no second claim in flight");
+        assert_eq!(
+            election.decide(&view, &membership, true, 3),
+            Verdict::Follower,
+            "no second claim in flight"
+        );
         assert!(matches!(claim(&mut view, 1, &a, inc_a, 2), Outcome::Applied(_)));
         assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Leader(2));
     }

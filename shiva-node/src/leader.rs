@@ -28,8 +28,8 @@ pub struct Write {
 pub fn reconcile(view: &LogView, live: &[Member], epoch: u64, busy: &dyn Fn(&str) -> bool) -> Vec<Write> {
     let mut writes = Vec::new();
     let members = Members { epoch, nodes: live.to_vec() };
-    let members_current = view.members.as_ref() == Some(&members)
-        && view.is_settled(TopicKind::Assignments, key::MEMBERS);
+    let members_current =
+        view.members.as_ref() == Some(&members) && view.is_settled(TopicKind::Assignments, key::MEMBERS);
     if !members_current && !busy(key::MEMBERS) {
         writes.push(Write { key: key::MEMBERS.to_owned(), body: Some(Body::Members(members)) });
     }

@@ -10,4 +10,9 @@ pub mod config;
 pub mod election;
 pub mod leader;
 pub mod membership;
+pub mod node;
 pub mod placement;
+pub mod supervisor;
+
+pub use config::{NodeArgs, NodeConfig};
+pub use node::run;

@@ -1,1 +1,52 @@
-fn main() {}
+//! `shiva-node`: parses flags, sets up logging and signals, runs the node.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use shiva_node::{NodeArgs, NodeConfig};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let args = NodeArgs::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHIVA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let config = match NodeConfig::from_args(args) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("shiva-node: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("shiva-node: failed to start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    runtime.spawn(watch_signals(shutdown.clone()));
+    match runtime.block_on(shiva_node::run(config, shutdown)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "node stopped");
+            eprintln!("shiva-node: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// First SIGTERM or SIGINT: orderly shutdown. Second: exit at once (children die with the node).
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("signal received; shutting down (send it again to exit at once)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    std::process::exit(130);
+}

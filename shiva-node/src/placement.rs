@@ -79,16 +79,20 @@ mod tests {
     const TAGS: [&str; 3] = ["gpu", "ssd", "eu"];
 
     fn nodes_strategy() -> impl Strategy<Value = Vec<Candidate>> {
-        prop::collection::btree_map(0u8..8, prop::collection::btree_set(prop::sample::select(&TAGS[..]), 0..3), 0..6)
-            .prop_map(|nodes| {
-                nodes
-                    .into_iter()
-                    .map(|(id, tags)| Candidate {
-                        id: NodeId::new(format!("n{id}")).unwrap(),
-                        tags: tags.into_iter().map(str::to_owned).collect(),
-                    })
-                    .collect()
-            })
+        prop::collection::btree_map(
+            0u8..8,
+            prop::collection::btree_set(prop::sample::select(&TAGS[..]), 0..3),
+            0..6,
+        )
+        .prop_map(|nodes| {
+            nodes
+                .into_iter()
+                .map(|(id, tags)| Candidate {
+                    id: NodeId::new(format!("n{id}")).unwrap(),
+                    tags: tags.into_iter().map(str::to_owned).collect(),
+                })
+                .collect()
+        })
     }
 
     fn tasks_strategy() -> impl Strategy<Value = Vec<Demand>> {
@@ -110,10 +114,7 @@ mod tests {
     }
 
     fn with_result(tasks: &[Demand], result: &BTreeMap<TaskId, Result<NodeId, String>>) -> Vec<Demand> {
-        tasks
-            .iter()
-            .map(|task| Demand { current: result[&task.task].clone().ok(), ..task.clone() })
-            .collect()
+        tasks.iter().map(|task| Demand { current: result[&task.task].clone().ok(), ..task.clone() }).collect()
     }
 
     proptest! {
@@ -183,10 +184,16 @@ mod tests {
             current: current.map(|c| NodeId::new(c).unwrap()),
         };
         let nodes = [node("b", &[]), node("a", &["gpu"])];
-        let result = plan(&nodes, &[task("x", &[], Some("gone")), task("y", &["gpu"], None), task("z", &["tpu"], None)]);
+        let result = plan(
+            &nodes,
+            &[task("x", &[], Some("gone")), task("y", &["gpu"], None), task("z", &["tpu"], None)],
+        );
         assert_eq!(result[&TaskId::new("x").unwrap()], Ok(NodeId::new("a").unwrap()));
         assert_eq!(result[&TaskId::new("y").unwrap()], Ok(NodeId::new("a").unwrap()));
         assert!(result[&TaskId::new("z").unwrap()].as_ref().unwrap_err().contains("[tpu]"));
-        assert_eq!(plan(&[], &[task("x", &[], None)])[&TaskId::new("x").unwrap()], Err("no live runner node".into()));
+        assert_eq!(
+            plan(&[], &[task("x", &[], None)])[&TaskId::new("x").unwrap()],
+            Err("no live runner node".into())
+        );
     }
 }

@@ -216,7 +216,9 @@ impl LogView {
                 }
             },
         };
-        if matches!(outcome, Outcome::Applied(_)) && matches!(topic, TopicKind::Assignments | TopicKind::Status) {
+        if matches!(outcome, Outcome::Applied(_))
+            && matches!(topic, TopicKind::Assignments | TopicKind::Status)
+        {
             self.accepted_offsets.insert((topic, key.to_owned()), offset);
         }
         outcome

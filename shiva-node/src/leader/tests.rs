@@ -83,7 +83,8 @@ impl Sim {
 
     fn leader_index(&self) -> Option<(u64, usize)> {
         let (epoch, winner) = self.view.leader()?;
-        let index = self.nodes.iter().position(|(id, inc)| *id == winner.node && *inc == winner.incarnation)?;
+        let index =
+            self.nodes.iter().position(|(id, inc)| *id == winner.node && *inc == winner.incarnation)?;
         Some((epoch, index))
     }
 
@@ -113,12 +114,20 @@ impl Sim {
         match op {
             Op::Submit(t) => {
                 let spec = TaskSpec::new(Self::task(*t), "sleep", vec!["1".into()]);
-                let value = Envelope { sender: "ctl".into(), incarnation: None, sent_at_ms: 0, body: Body::Task(spec) };
+                let value = Envelope {
+                    sender: "ctl".into(),
+                    incarnation: None,
+                    sent_at_ms: 0,
+                    body: Body::Task(spec),
+                };
                 self.append(TopicKind::Commands, key::task(&Self::task(*t)), Some(value.encode()));
             }
             Op::Delete(t) => self.append(TopicKind::Commands, key::task(&Self::task(*t)), None),
             Op::Stop(t) => {
-                let body = Body::Desired(shiva_proto::records::Desired { task: Self::task(*t), state: DesiredState::Stopped });
+                let body = Body::Desired(shiva_proto::records::Desired {
+                    task: Self::task(*t),
+                    state: DesiredState::Stopped,
+                });
                 let value = Envelope { sender: "ctl".into(), incarnation: None, sent_at_ms: 0, body };
                 self.append(TopicKind::Commands, key::desired(&Self::task(*t)), Some(value.encode()));
             }
@@ -148,13 +157,24 @@ impl Sim {
                 let value = self.env(node, Body::Assignment(assignment));
                 self.append(TopicKind::Assignments, key::task(&Self::task(*t)), Some(value));
             }
-            Op::Junk(t) => self.append(TopicKind::Assignments, key::task(&Self::task(*t)), Some(b"\x00junk".to_vec())),
+            Op::Junk(t) => {
+                self.append(TopicKind::Assignments, key::task(&Self::task(*t)), Some(b"\x00junk".to_vec()))
+            }
             Op::Tombstone(t) => self.append(TopicKind::Assignments, key::task(&Self::task(*t)), None),
             Op::Forged => {
                 let ghost = NodeId::new("ghost").unwrap();
                 let body = Body::Claim(Claim { epoch: 1 << 40 });
-                let value = Envelope { sender: "ghost".into(), incarnation: Some(Uuid::new_v4()), sent_at_ms: 0, body };
-                self.append(TopicKind::Assignments, key::claim(1 << 40, &ghost, Uuid::new_v4()), Some(value.encode()));
+                let value = Envelope {
+                    sender: "ghost".into(),
+                    incarnation: Some(Uuid::new_v4()),
+                    sent_at_ms: 0,
+                    body,
+                };
+                self.append(
+                    TopicKind::Assignments,
+                    key::claim(1 << 40, &ghost, Uuid::new_v4()),
+                    Some(value.encode()),
+                );
             }
             Op::Duplicate(index) => {
                 if !self.log.is_empty() {
@@ -173,7 +193,11 @@ impl Sim {
         for (topic, offset, key, _) in &self.log {
             last.insert((*topic, key.clone()), *offset);
         }
-        self.log.iter().filter(|(topic, offset, key, _)| last[&(*topic, key.clone())] == *offset).cloned().collect()
+        self.log
+            .iter()
+            .filter(|(topic, offset, key, _)| last[&(*topic, key.clone())] == *offset)
+            .cloned()
+            .collect()
     }
 }
 

@@ -1,0 +1,355 @@
+//! The driver: folds bus records into the view and membership, runs the pure decisions after
+//! every batch of events, and writes what they decide. All state lives in [`Node`], owned by
+//! one task, so no lock is needed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shiva_bus::{Publisher, Reader, ReaderEvent, Record};
+use shiva_proto::records::{Body, Claim, Envelope, Placement, RunState, RunSummary, TaskStatus};
+use shiva_proto::topics::key;
+use shiva_proto::view::Outcome;
+use shiva_proto::{LogView, TaskId, TopicKind};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+use super::heartbeat::{Gate, GateDecision, Identity, ResourceProbe, build};
+use crate::config::NodeConfig;
+use crate::election::{Election, Verdict};
+use crate::leader::reconcile;
+use crate::membership::Membership;
+use crate::supervisor::{Supervisor, Wanted};
+
+/// Why a record was written, so its delivery result can be acted on.
+#[derive(Debug, Clone)]
+pub(crate) enum Purpose {
+    Heartbeat(u64),
+    Claim(u64),
+    Leader,
+    Status(TaskId),
+}
+
+/// The outcome of one write.
+#[derive(Debug)]
+pub(crate) struct WriteResult {
+    topic: TopicKind,
+    key: String,
+    purpose: Purpose,
+    result: Result<i64, String>,
+}
+
+pub(crate) struct Node {
+    pub(crate) config: NodeConfig,
+    pub(crate) identity: Identity,
+    pub(crate) view: LogView,
+    pub(crate) membership: Membership,
+    pub(crate) election: Election,
+    pub(crate) supervisor: Option<Supervisor>,
+    pub(crate) reader: Reader,
+    pub(crate) writes: Arc<Publisher>,
+    pub(crate) heartbeats: Arc<Publisher>,
+    pub(crate) results: mpsc::UnboundedSender<WriteResult>,
+    pub(crate) gate: Gate,
+    pub(crate) resources: ResourceProbe,
+    /// Writes not yet acknowledged, per key.
+    pub(crate) unacked: BTreeMap<(TopicKind, String), u32>,
+    /// Acknowledged offsets not yet read back, per key.
+    pub(crate) unread: BTreeMap<(TopicKind, String), i64>,
+    pub(crate) leading: Option<u64>,
+    pub(crate) leader_sync: Option<(u64, u64)>,
+    pub(crate) claim_check: Option<(u64, u64)>,
+    pub(crate) next_token: u64,
+    pub(crate) own_status: BTreeMap<TaskId, TaskStatus>,
+    pub(crate) own_status_offsets: BTreeMap<TaskId, i64>,
+    /// Initial read done and node id checked: heartbeats, claims and runs may start.
+    pub(crate) ready: bool,
+    /// The initial read is done and this node's id is being checked.
+    pub(crate) probing: bool,
+    /// Another incarnation heartbeating with this node's id, seen after the initial read.
+    pub(crate) impostor: Option<Uuid>,
+    pub(crate) last_reader_error: Option<(String, Instant)>,
+}
+
+impl Node {
+    pub(crate) fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    fn envelope(&self, body: Body) -> Vec<u8> {
+        Envelope {
+            sender: self.config.node_id.to_string(),
+            incarnation: Some(self.config.incarnation),
+            sent_at_ms: now_ms(),
+            body,
+        }
+        .encode()
+    }
+
+    /// Queues a write (in call order) and reports its outcome on the results channel.
+    pub(crate) fn send(&mut self, topic: TopicKind, key: String, body: Option<Body>, purpose: Purpose) {
+        let value = body.map(|body| self.envelope(body));
+        let publisher =
+            if matches!(purpose, Purpose::Heartbeat(_)) { &self.heartbeats } else { &self.writes };
+        let delivery = publisher.enqueue(topic, &key, value.as_deref());
+        *self.unacked.entry((topic, key.clone())).or_default() += 1;
+        let results = self.results.clone();
+        tokio::spawn(async move {
+            let result = delivery.await.map_err(|err| err.to_string());
+            let _ = results.send(WriteResult { topic, key, purpose, result });
+        });
+    }
+
+    fn busy(&self, topic: TopicKind, key: &str) -> bool {
+        let entry = (topic, key.to_owned());
+        self.unacked.contains_key(&entry) || self.unread.contains_key(&entry)
+    }
+
+    /// Handles a reader event; returns the token of a completed read-to-end.
+    pub(crate) fn on_reader_event(&mut self, event: ReaderEvent) -> Option<u64> {
+        match event {
+            ReaderEvent::Record(record) => self.on_record(record),
+            ReaderEvent::Synced(token) => {
+                if let Some((epoch, _)) = self.leader_sync.filter(|(_, t)| *t == token) {
+                    info!(epoch, "read the log to its end; leading");
+                    self.leading = Some(epoch);
+                    self.leader_sync = None;
+                }
+                if let Some((epoch, _)) = self.claim_check.filter(|(_, t)| *t == token) {
+                    self.election.claim_failed(epoch);
+                    self.claim_check = None;
+                }
+                return Some(token);
+            }
+            ReaderEvent::SyncFailed(token, message) => {
+                warn!(token, %message, "failed to read the log to its end");
+                if self.leader_sync.is_some_and(|(_, t)| t == token) {
+                    self.leader_sync = None;
+                }
+                if let Some((epoch, _)) = self.claim_check.filter(|(_, t)| *t == token) {
+                    let retry = self.token();
+                    self.claim_check = Some((epoch, retry));
+                    self.reader.sync(retry);
+                }
+            }
+            ReaderEvent::Error(message) => {
+                let repeat = self
+                    .last_reader_error
+                    .as_ref()
+                    .is_some_and(|(last, at)| *last == message && at.elapsed() < Duration::from_secs(10));
+                if !repeat {
+                    warn!(%message, bus = %self.config.bus.brokers, "bus client error");
+                    self.last_reader_error = Some((message, Instant::now()));
+                }
+            }
+        }
+        None
+    }
+
+    fn on_record(&mut self, record: Record) {
+        let Record { topic, offset, key, value, .. } = record;
+        let outcome = self.view.apply(topic, offset, key.as_deref(), value.as_deref());
+        let key = key.map(|key| String::from_utf8_lossy(&key).into_owned()).unwrap_or_default();
+        if self.unread.get(&(topic, key.clone())).is_some_and(|sent| *sent <= offset) {
+            self.unread.remove(&(topic, key.clone()));
+        }
+        match outcome {
+            Outcome::Skipped(reason) if reason.contains(": lost: ") => {
+                debug!(%topic, offset, %reason, "claim lost")
+            }
+            Outcome::Skipped(reason) => warn!(%topic, offset, %reason, "skipped record"),
+            Outcome::Applied(_) => match topic {
+                TopicKind::Control => self.on_control(&key, offset),
+                TopicKind::Assignments if key.starts_with("claim/") => {
+                    let newest = self.view.epochs.newest;
+                    if self.view.epochs.winners.get(&newest).is_some_and(|winner| winner.offset == offset) {
+                        let winner = &self.view.epochs.winners[&newest];
+                        info!(epoch = newest, leader = %winner.node, "new epoch");
+                        self.election.on_winner(newest, self.membership.own_beats());
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+
+    fn on_control(&mut self, key: &str, offset: i64) {
+        if let Some(node) = key.strip_prefix("node/") {
+            let Some((id, entry)) = self.view.heartbeats.iter().find(|(id, _)| id.as_str() == node) else {
+                return;
+            };
+            if entry.offset != offset {
+                return;
+            }
+            if self.membership.on_heartbeat(id, entry.incarnation, &entry.heartbeat) {
+                self.gate.read_back(entry.heartbeat.seq);
+            } else if *id == self.config.node_id && (self.ready || self.probing) {
+                self.impostor = Some(entry.incarnation);
+                error!(node = %id, incarnation = %entry.incarnation, "another live node heartbeats with this node's id");
+            }
+        } else if key.starts_with("leave/") {
+            let left: Vec<_> = self.view.left.iter().cloned().collect();
+            for (node, incarnation) in left {
+                self.membership.on_leave(&node, incarnation);
+            }
+        }
+    }
+
+    pub(crate) fn on_write_result(&mut self, result: WriteResult) {
+        let WriteResult { topic, key, purpose, result } = result;
+        let entry = (topic, key.clone());
+        if let Some(count) = self.unacked.get_mut(&entry) {
+            *count -= 1;
+            if *count == 0 {
+                self.unacked.remove(&entry);
+            }
+        }
+        match (result, purpose) {
+            (Ok(offset), purpose) => {
+                if self.view.positions.get(&topic).copied().unwrap_or(0) <= offset {
+                    self.unread.insert(entry, offset);
+                }
+                if let Purpose::Status(task) = purpose {
+                    let known = self.own_status_offsets.entry(task).or_insert(offset);
+                    *known = (*known).max(offset);
+                }
+            }
+            (Err(message), Purpose::Heartbeat(seq)) => {
+                warn!(seq, %message, "heartbeat not delivered");
+                self.gate.failed(seq);
+            }
+            (Err(message), Purpose::Claim(epoch)) => {
+                warn!(epoch, %message, "claim not delivered; reading the log to learn the outcome");
+                let token = self.token();
+                self.claim_check = Some((epoch, token));
+                self.reader.sync(token);
+            }
+            (Err(message), _) => warn!(%key, %message, "write failed; will retry"),
+        }
+    }
+
+    pub(crate) fn on_status(&mut self, status: TaskStatus) {
+        let task = status.task.clone();
+        let deleted = status.state == RunState::Stopped && !self.view.specs.contains_key(&task);
+        let body = (!deleted).then(|| Body::Status(status.clone()));
+        self.own_status.insert(task.clone(), status);
+        self.send(TopicKind::Status, key::task(&task), body, Purpose::Status(task));
+    }
+
+    pub(crate) fn heartbeat(&mut self) {
+        let seq = match self.gate.next(Instant::now(), self.config.leader_timeout) {
+            GateDecision::Send(seq) => seq,
+            GateDecision::Pause => {
+                warn!("cannot read this node's own heartbeats back; heartbeats paused until it can");
+                return;
+            }
+            GateDecision::Paused => return,
+        };
+        let runs = self
+            .own_status
+            .values()
+            .filter(|status| {
+                status.pid.is_some() && self.supervisor.as_ref().is_some_and(|s| s.holds(&status.task))
+            })
+            .map(|status| RunSummary {
+                task: status.task.clone(),
+                generation: status.generation,
+                pid: status.pid,
+            })
+            .collect();
+        let heartbeat = build(&self.identity, seq, self.resources.resources(), runs);
+        let key = key::node(&self.config.node_id);
+        self.send(TopicKind::Control, key, Some(Body::Heartbeat(heartbeat)), Purpose::Heartbeat(seq));
+    }
+
+    fn step_down(&mut self, reason: &str) {
+        if let Some(epoch) = self.leading.take() {
+            warn!(epoch, reason, "stepped down");
+        }
+        self.leader_sync = None;
+    }
+
+    /// Runs the decisions on the current state.
+    pub(crate) fn step(&mut self) {
+        if !self.ready {
+            return;
+        }
+        let healthy = self.gate.is_open() && self.membership.own_beats() > 0;
+        match self.election.decide(&self.view, &self.membership, healthy, self.config.leader_beats()) {
+            Verdict::Leader(epoch) => {
+                if self.leading != Some(epoch) && self.leader_sync.is_none_or(|(e, _)| e != epoch) {
+                    let token = self.token();
+                    self.reader.sync(token);
+                    self.leader_sync = Some((epoch, token));
+                    info!(epoch, "won the election; reading the log to its end before acting");
+                }
+            }
+            Verdict::Follower => self.step_down("another node leads"),
+            Verdict::Claim(epoch) => {
+                self.step_down("the leader is gone");
+                if self.claim_check.is_none() {
+                    info!(epoch, "no live leader; claiming the next epoch");
+                    self.election.claim_sent(epoch);
+                    let key = key::claim(epoch, &self.config.node_id, Uuid::new_v4());
+                    self.send(
+                        TopicKind::Assignments,
+                        key,
+                        Some(Body::Claim(Claim { epoch })),
+                        Purpose::Claim(epoch),
+                    );
+                }
+            }
+        }
+        if let Some(epoch) = self.leading {
+            let live = self.membership.live_members(self.config.node_beats());
+            let writes = reconcile(&self.view, &live, epoch, &|key| self.busy(TopicKind::Assignments, key));
+            for write in writes {
+                self.send(TopicKind::Assignments, write.key, write.body, Purpose::Leader);
+            }
+        }
+        self.step_runner();
+    }
+
+    fn step_runner(&mut self) {
+        let Some(supervisor) = self.supervisor.as_mut() else { return };
+        let me = &self.config.node_id;
+        let wanted: BTreeMap<TaskId, Wanted> = self
+            .view
+            .assignments
+            .iter()
+            .filter(|(_, entry)| matches!(&entry.assignment.placement, Placement::Assigned { node } if node == me))
+            .map(|(task, entry)| {
+                let assignment = &entry.assignment;
+                let wanted = Wanted {
+                    generation: assignment.generation,
+                    spec_revision: assignment.spec_revision,
+                    spec: assignment.spec.clone(),
+                };
+                (task.clone(), wanted)
+            })
+            .collect();
+        supervisor.reconcile(&wanted);
+        // A status that landed after this node's own (an old runner's last words) would
+        // survive compaction: write the current one again.
+        let active: Vec<TaskId> = supervisor.active().cloned().collect();
+        let stale: Vec<TaskStatus> = active
+            .iter()
+            .filter_map(|task| {
+                let status = self.own_status.get(task)?;
+                let last = self.view.last_offsets.get(&(TopicKind::Status, key::task(task)))?;
+                let mine = self.own_status_offsets.get(task)?;
+                (last > mine && !self.busy(TopicKind::Status, &key::task(task))).then(|| status.clone())
+            })
+            .collect();
+        for status in stale {
+            debug!(task = %status.task, "rewriting status overwritten by another writer");
+            self.on_status(status);
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

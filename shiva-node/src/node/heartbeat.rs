@@ -1,0 +1,151 @@
+//! Heartbeat bookkeeping: what goes into a heartbeat, and the read-back gate (a node that
+//! cannot read its own heartbeats back stops sending them until it can).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use shiva_proto::PROTOCOL_VERSION;
+use shiva_proto::records::{Heartbeat, Resources, RunSummary};
+use sysinfo::System;
+
+/// Heartbeats sent and not yet read back.
+#[derive(Debug, Default)]
+pub struct Gate {
+    seq: u64,
+    outstanding: VecDeque<(u64, Instant)>,
+    paused: bool,
+}
+
+/// What the gate says about the next heartbeat.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GateDecision {
+    /// Send heartbeat number `seq`.
+    Send(u64),
+    /// Just paused: the oldest unread heartbeat is older than the limit.
+    Pause,
+    /// Still paused.
+    Paused,
+}
+
+impl Gate {
+    /// Decides about the next heartbeat; `limit` is how long a heartbeat may stay unread.
+    pub fn next(&mut self, now: Instant, limit: Duration) -> GateDecision {
+        if self.outstanding.front().is_some_and(|(_, sent)| now.duration_since(*sent) > limit) {
+            return if std::mem::replace(&mut self.paused, true) {
+                GateDecision::Paused
+            } else {
+                GateDecision::Pause
+            };
+        }
+        self.paused = false;
+        self.seq += 1;
+        self.outstanding.push_back((self.seq, now));
+        GateDecision::Send(self.seq)
+    }
+
+    /// Own heartbeat `seq` was read back.
+    pub fn read_back(&mut self, seq: u64) {
+        while self.outstanding.front().is_some_and(|(sent, _)| *sent <= seq) {
+            self.outstanding.pop_front();
+        }
+    }
+
+    /// Heartbeat `seq` was not delivered: it will never be read back.
+    pub fn failed(&mut self, seq: u64) {
+        self.outstanding.retain(|(sent, _)| *sent != seq);
+    }
+
+    /// Whether heartbeats flow: not paused.
+    pub fn is_open(&self) -> bool {
+        !self.paused
+    }
+}
+
+/// Host resources, refreshed at most every few seconds.
+pub struct ResourceProbe {
+    system: System,
+    last: Option<(Instant, Resources)>,
+}
+
+impl ResourceProbe {
+    /// A probe.
+    pub fn new() -> Self {
+        ResourceProbe { system: System::new(), last: None }
+    }
+
+    /// Current resources (cached for 5 s: heartbeats are frequent, /proc reads are not free).
+    pub fn resources(&mut self) -> Resources {
+        if let Some((at, resources)) = &self.last
+            && at.elapsed() < Duration::from_secs(5)
+        {
+            return resources.clone();
+        }
+        self.system.refresh_memory();
+        let resources = Resources {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            memory_total_bytes: self.system.total_memory(),
+            memory_available_bytes: self.system.available_memory(),
+            load1: System::load_average().one,
+        };
+        self.last = Some((Instant::now(), resources.clone()));
+        resources
+    }
+}
+
+/// Fields of a heartbeat that do not change between beats.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Host name.
+    pub hostname: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// May lead.
+    pub leader_capable: bool,
+    /// Runs tasks.
+    pub runner: bool,
+    /// Heartbeat interval.
+    pub interval: Duration,
+}
+
+/// Builds heartbeat `seq`.
+pub fn build(identity: &Identity, seq: u64, resources: Resources, runs: Vec<RunSummary>) -> Heartbeat {
+    Heartbeat {
+        protocol: PROTOCOL_VERSION,
+        seq,
+        hostname: identity.hostname.clone(),
+        tags: identity.tags.clone(),
+        leader_capable: identity.leader_capable,
+        runner: identity.runner,
+        interval_ms: identity.interval.as_millis() as u64,
+        resources,
+        runs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_pauses_until_read_back() {
+        let mut gate = Gate::default();
+        let start = Instant::now();
+        let limit = Duration::from_secs(1);
+        assert_eq!(gate.next(start, limit), GateDecision::Send(1));
+        assert_eq!(gate.next(start + Duration::from_millis(500), limit), GateDecision::Send(2));
+        assert_eq!(gate.next(start + Duration::from_millis(1500), limit), GateDecision::Pause);
+        assert_eq!(gate.next(start + Duration::from_millis(1700), limit), GateDecision::Paused);
+        assert!(!gate.is_open());
+        gate.read_back(1);
+        assert_eq!(
+            gate.next(start + Duration::from_millis(1800), limit),
+            GateDecision::Paused,
+            "2 is still unread"
+        );
+        gate.read_back(2);
+        assert_eq!(gate.next(start + Duration::from_millis(1800), limit), GateDecision::Send(3));
+        assert!(gate.is_open());
+        gate.failed(3);
+        assert_eq!(gate.next(start + Duration::from_secs(60), limit), GateDecision::Send(4));
+    }
+}

@@ -1,0 +1,268 @@
+//! The node's life: create and check the topics, read the log, make sure no live node uses
+//! this id, then heartbeat, elect, lead, run tasks; on shutdown resign, stop tasks, leave.
+
+mod driver;
+mod heartbeat;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use shiva_bus::{BusError, Publisher, Reader, ReaderEvent, admin};
+use shiva_proto::records::{Body, Leave, Resign, TaskStatus};
+use shiva_proto::topics::key;
+use shiva_proto::{LogView, TopicKind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::NodeConfig;
+use crate::election::Election;
+use crate::membership::Membership;
+use crate::supervisor::Supervisor;
+use crate::supervisor::job::{Backoff, JobContext};
+use crate::supervisor::spawn::Spawner;
+use driver::Node;
+use heartbeat::{Gate, Identity, ResourceProbe};
+
+/// Runs the node until `shutdown` is cancelled (then leaves the cluster in order) or a fatal
+/// error occurs.
+pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    info!(
+        node = %config.node_id,
+        incarnation = %config.incarnation,
+        cluster = config.bus.topics.cluster(),
+        bus = %config.bus.brokers,
+        leader_capable = config.leader_capable,
+        runner = config.runner,
+        "starting"
+    );
+    std::fs::create_dir_all(&config.workspace)
+        .with_context(|| format!("failed to create the workspace {}", config.workspace.display()))?;
+    if !ensure_topics(&config, &shutdown).await? {
+        return Ok(());
+    }
+    let (events_tx, mut events) = mpsc::channel(8192);
+    let reader = Reader::spawn(&config.bus, &TopicKind::ALL, events_tx)?;
+    let (results, mut results_rx) = mpsc::unbounded_channel();
+    let (reports, mut reports_rx) = mpsc::unbounded_channel::<TaskStatus>();
+    let supervisor = if config.runner {
+        let spawner = Spawner::start().context("failed to start the spawner thread")?;
+        Some(Supervisor::new(JobContext {
+            node_id: config.node_id.to_string(),
+            workspace: config.workspace.clone(),
+            task_path: config.task_path.clone(),
+            spawner,
+            reports,
+            backoff: Backoff::default(),
+        }))
+    } else {
+        None
+    };
+    let identity = Identity {
+        hostname: config.hostname.clone(),
+        tags: config.tags.clone(),
+        leader_capable: config.leader_capable,
+        runner: config.runner,
+        interval: config.heartbeat_interval,
+    };
+    let mut node = Node {
+        identity,
+        view: LogView::default(),
+        membership: Membership::new(config.node_id.clone(), config.incarnation),
+        election: Election::new(config.node_id.clone(), config.incarnation, config.leader_capable),
+        supervisor,
+        reader,
+        writes: Publisher::new(&config.bus, "writes")?,
+        heartbeats: Publisher::new(&config.bus, "heartbeats")?,
+        results,
+        gate: Gate::default(),
+        resources: ResourceProbe::new(),
+        unacked: BTreeMap::new(),
+        unread: BTreeMap::new(),
+        leading: None,
+        leader_sync: None,
+        claim_check: None,
+        next_token: 0,
+        own_status: BTreeMap::new(),
+        own_status_offsets: BTreeMap::new(),
+        ready: false,
+        probing: false,
+        impostor: None,
+        last_reader_error: None,
+        config,
+    };
+
+    if !read_to_end(&mut node, &mut events, &shutdown).await? {
+        return Ok(());
+    }
+    info!(
+        tasks = node.view.specs.len(),
+        nodes = node.view.heartbeats.len(),
+        epoch = node.view.epochs.newest,
+        "read the log to its end"
+    );
+    if !check_node_id(&mut node, &mut events, &shutdown).await? {
+        return Ok(());
+    }
+    node.ready = true;
+
+    let mut ticker = tokio::time::interval(node.config.heartbeat_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = events.recv() => {
+                let Some(event) = event else { bail!("the bus reader stopped") };
+                node.on_reader_event(event);
+                while let Ok(event) = events.try_recv() {
+                    node.on_reader_event(event);
+                }
+            }
+            Some(result) = results_rx.recv() => node.on_write_result(result),
+            Some(status) = reports_rx.recv() => node.on_status(status),
+            _ = ticker.tick() => node.heartbeat(),
+        }
+        node.step();
+    }
+    leave(&mut node, &mut reports_rx).await;
+    Ok(())
+}
+
+/// Creates or checks the topics, retrying while the bus is unreachable. False: shut down.
+async fn ensure_topics(config: &NodeConfig, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+    loop {
+        match admin::ensure_topics(&config.bus, Duration::from_secs(5)).await {
+            Ok(warnings) => {
+                for warning in warnings {
+                    warn!(%warning, "control topic below production durability");
+                }
+                return Ok(true);
+            }
+            Err(err @ BusError::Unreachable { .. }) => {
+                error!(error = %err, "bus unreachable; retrying in 2s");
+            }
+            Err(err) => return Err(err).context("the control topics cannot be used"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Reads every topic to its current end. False: shut down.
+async fn read_to_end(
+    node: &mut Node,
+    events: &mut mpsc::Receiver<ReaderEvent>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let mut token = node.token();
+    node.reader.sync(token);
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            event = events.recv() => event.context("the bus reader stopped")?,
+        };
+        match event {
+            ReaderEvent::SyncFailed(failed, message) if failed == token => {
+                error!(%message, "cannot read the log to its end; retrying in 1s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                token = node.token();
+                node.reader.sync(token);
+            }
+            event => {
+                if node.on_reader_event(event) == Some(token) {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+}
+
+/// Refuses to start when another live incarnation heartbeats with this node's id: waits three
+/// of its heartbeat intervals for a new heartbeat from it. False: shut down.
+async fn check_node_id(
+    node: &mut Node,
+    events: &mut mpsc::Receiver<ReaderEvent>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    node.probing = true;
+    let me = node.config.node_id.clone();
+    let Some(previous) = node.view.heartbeats.get(&me).cloned() else { return Ok(true) };
+    if previous.incarnation == node.config.incarnation
+        || node.view.left.contains(&(me.clone(), previous.incarnation))
+    {
+        return Ok(true);
+    }
+    let window = Duration::from_millis(previous.heartbeat.interval_ms.saturating_mul(3))
+        .clamp(Duration::from_millis(300), Duration::from_secs(10))
+        + node.config.bus.fetch_wait * 2;
+    info!(previous = %previous.incarnation, ?window, "an earlier incarnation of this node id exists; checking it is gone");
+    let deadline = tokio::time::sleep(window);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = &mut deadline => return Ok(true),
+            event = events.recv() => {
+                node.on_reader_event(event.context("the bus reader stopped")?);
+                if let Some(incarnation) = node.impostor {
+                    bail!(
+                        "node id '{me}' is already used by a live node (incarnation {incarnation}); \
+                         refusing to start: give this node another --node-id or stop the other one"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Graceful departure: resign leadership, stop the tasks, announce the departure.
+async fn leave(node: &mut Node, reports: &mut mpsc::UnboundedReceiver<TaskStatus>) {
+    info!("shutting down: resigning, stopping tasks, leaving");
+    let timeout = Duration::from_secs(3);
+    let envelope = |node: &Node, body: Body| {
+        shiva_proto::Envelope {
+            sender: node.config.node_id.to_string(),
+            incarnation: Some(node.config.incarnation),
+            sent_at_ms: driver::now_ms(),
+            body,
+        }
+        .encode()
+    };
+    if let Some(epoch) = node.leading.take() {
+        let value = envelope(node, Body::Resign(Resign { epoch }));
+        match tokio::time::timeout(
+            timeout,
+            node.writes.send(TopicKind::Assignments, &key::resign(epoch), Some(&value)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => info!(epoch, "resigned leadership"),
+            _ => warn!(epoch, "could not write the resignation; the others will notice the departure"),
+        }
+    }
+    if let Some(mut supervisor) = node.supervisor.take() {
+        let stop = supervisor.stop_all();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                Some(status) = reports.recv() => node.on_status(status),
+            }
+        }
+        while let Ok(status) = reports.try_recv() {
+            node.on_status(status);
+        }
+    }
+    let value = envelope(node, Body::Leave(Leave { reason: "shutdown".into() }));
+    let leave_key = key::leave(&node.config.node_id, node.config.incarnation);
+    match tokio::time::timeout(timeout, node.writes.send(TopicKind::Control, &leave_key, Some(&value))).await
+    {
+        Ok(Ok(_)) => info!("left the cluster"),
+        _ => warn!("could not announce the departure; the others will time this node out"),
+    }
+    let writes = node.writes.clone();
+    tokio::task::spawn_blocking(move || writes.flush(Duration::from_secs(2))).await.ok();
+}

@@ -1,0 +1,246 @@
+//! One job: a tokio task that keeps one task's child running, restarts it with exponential
+//! back-off when it exits, and stops its whole process group on request.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use shiva_proto::records::{ExitInfo, RunState, TaskStatus};
+use shiva_proto::{TaskId, TaskSpec};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::spawn::{SpawnRequest, Spawner};
+
+/// Restart back-off: first delay, growth factor, cap, and the run time after which the delay
+/// resets.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// First delay.
+    pub initial: Duration,
+    /// Cap.
+    pub max: Duration,
+    /// A run this long resets the delay.
+    pub stable_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+            stable_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What every job shares.
+#[derive(Debug)]
+pub struct JobContext {
+    /// This node's id (`SHIVA_NODE_ID`).
+    pub node_id: String,
+    /// Workspace root.
+    pub workspace: std::path::PathBuf,
+    /// `PATH` for tasks that set none.
+    pub task_path: String,
+    /// The spawner thread.
+    pub spawner: Spawner,
+    /// Where status reports go.
+    pub reports: mpsc::UnboundedSender<TaskStatus>,
+    /// Restart back-off.
+    pub backoff: Backoff,
+}
+
+/// Requests to a running job.
+#[derive(Debug)]
+pub enum JobControl {
+    /// Stop the child (SIGTERM to its group, SIGKILL after `stop_grace`) and end the job.
+    Stop,
+    /// The assignment's generation changed without changing the spec.
+    Generation(u64),
+}
+
+struct Run {
+    task: TaskId,
+    generation: u64,
+    run_id: Option<Uuid>,
+    pid: Option<u32>,
+    attempt: u32,
+    restarts: u32,
+    last_exit: Option<ExitInfo>,
+}
+
+impl Run {
+    fn report(&self, context: &JobContext, state: RunState, message: Option<String>) {
+        let _ = context.reports.send(TaskStatus {
+            task: self.task.clone(),
+            generation: self.generation,
+            state,
+            run_id: self.run_id,
+            pid: self.pid,
+            attempt: self.attempt,
+            restarts: self.restarts,
+            last_exit: self.last_exit,
+            message,
+        });
+    }
+}
+
+/// Starts a job for `spec` at `generation`.
+pub fn start(
+    context: Arc<JobContext>,
+    spec: TaskSpec,
+    generation: u64,
+) -> (mpsc::UnboundedSender<JobControl>, JoinHandle<()>) {
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let handle = tokio::spawn(run(context, spec, generation, control_rx));
+    (control_tx, handle)
+}
+
+fn exit_info(status: &ExitStatus) -> ExitInfo {
+    ExitInfo { code: status.code(), signal: status.signal() }
+}
+
+fn request(context: &JobContext, spec: &TaskSpec, run: &Run) -> SpawnRequest {
+    let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    if !spec.env.contains_key("PATH") {
+        env.push(("PATH".into(), context.task_path.clone()));
+    }
+    env.push(("SHIVA_TASK_ID".into(), spec.id.to_string()));
+    env.push(("SHIVA_RUN_ID".into(), run.run_id.map(|id| id.to_string()).unwrap_or_default()));
+    env.push(("SHIVA_NODE_ID".into(), context.node_id.clone()));
+    env.push(("SHIVA_ATTEMPT".into(), run.attempt.to_string()));
+    let cwd = match &spec.workdir {
+        Some(dir) => dir.into(),
+        None => context.workspace.join("tasks").join(spec.id.as_str()),
+    };
+    let output =
+        context.workspace.join("output").join(format!("{}.log", spec.id.as_str().replace('/', "%2F")));
+    SpawnRequest { program: spec.command.clone(), args: spec.args.clone(), env, cwd, output }
+}
+
+async fn run(
+    context: Arc<JobContext>,
+    spec: TaskSpec,
+    generation: u64,
+    mut control: mpsc::UnboundedReceiver<JobControl>,
+) {
+    let mut run = Run {
+        task: spec.id.clone(),
+        generation,
+        run_id: None,
+        pid: None,
+        attempt: 0,
+        restarts: 0,
+        last_exit: None,
+    };
+    let mut delay = context.backoff.initial;
+    loop {
+        run.attempt += 1;
+        run.run_id = Some(Uuid::new_v4());
+        run.report(&context, RunState::Starting, None);
+        let child = match context.spawner.spawn(request(&context, &spec, &run)).await {
+            Ok(child) => child,
+            Err(err) => {
+                let message = format!("failed to start '{}': {err}", spec.command);
+                warn!(task = %spec.id, error = %err, "task failed to start");
+                run.report(&context, RunState::Failed, Some(message.clone()));
+                if wait_or_stop(&mut control, &mut run, delay).await {
+                    run.report(&context, RunState::Stopped, Some(message));
+                    return;
+                }
+                run.restarts += 1;
+                delay = (delay * 2).min(context.backoff.max);
+                continue;
+            }
+        };
+        let pid = child.id();
+        let started = Instant::now();
+        run.pid = Some(pid);
+        info!(task = %spec.id, pid, attempt = run.attempt, generation = run.generation, "task started");
+        run.report(&context, RunState::Running, None);
+        let mut child = child;
+        let mut exit = tokio::task::spawn_blocking(move || child.wait());
+        let status = loop {
+            tokio::select! {
+                status = &mut exit => break status,
+                message = control.recv() => match message {
+                    Some(JobControl::Generation(generation)) => {
+                        run.generation = generation;
+                        run.report(&context, RunState::Running, None);
+                    }
+                    Some(JobControl::Stop) | None => {
+                        run.report(&context, RunState::Stopping, None);
+                        let status = stop_group(pid, spec.stop_grace, &mut exit).await;
+                        run.last_exit = status.as_ref().map(exit_info);
+                        run.pid = None;
+                        info!(task = %spec.id, pid, exit = ?run.last_exit, "task stopped");
+                        run.report(&context, RunState::Stopped, None);
+                        return;
+                    }
+                },
+            }
+        };
+        // The group leader exited: whatever it left in its group goes too, or a restart would
+        // run beside its own leftovers.
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        run.last_exit = status.ok().and_then(|status| status.ok()).as_ref().map(exit_info);
+        run.pid = None;
+        if started.elapsed() >= context.backoff.stable_after {
+            delay = context.backoff.initial;
+        }
+        info!(task = %spec.id, pid, exit = ?run.last_exit, retry_in = ?delay, "task exited, restarting after back-off");
+        run.report(&context, RunState::Backoff, None);
+        if wait_or_stop(&mut control, &mut run, delay).await {
+            run.report(&context, RunState::Stopped, None);
+            return;
+        }
+        run.restarts += 1;
+        delay = (delay * 2).min(context.backoff.max);
+    }
+}
+
+/// Sleeps `delay` unless a stop arrives first (true).
+async fn wait_or_stop(
+    control: &mut mpsc::UnboundedReceiver<JobControl>,
+    run: &mut Run,
+    delay: Duration,
+) -> bool {
+    let deadline = tokio::time::sleep(delay);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return false,
+            message = control.recv() => match message {
+                Some(JobControl::Generation(generation)) => run.generation = generation,
+                Some(JobControl::Stop) | None => return true,
+            },
+        }
+    }
+}
+
+/// SIGTERM to the group, SIGKILL after `grace`, then SIGKILL again for stragglers.
+async fn stop_group(
+    pid: u32,
+    grace: Duration,
+    exit: &mut JoinHandle<std::io::Result<ExitStatus>>,
+) -> Option<ExitStatus> {
+    let group = Pid::from_raw(pid as i32);
+    let _ = killpg(group, Signal::SIGTERM);
+    let status = match tokio::time::timeout(grace, &mut *exit).await {
+        Ok(status) => status,
+        Err(_) => {
+            warn!(pid, ?grace, "task ignored SIGTERM, sending SIGKILL");
+            let _ = killpg(group, Signal::SIGKILL);
+            exit.await
+        }
+    };
+    let _ = killpg(group, Signal::SIGKILL);
+    status.ok().and_then(|status| status.ok())
+}

@@ -1,0 +1,107 @@
+//! Supervision: one job per assigned task (see [`job`]), children forked by one long-lived
+//! thread (see [`spawn`]). [`Supervisor::reconcile`] turns the set of wanted runs into starts
+//! and stops; a task is never started while its previous job is still stopping.
+
+pub mod job;
+pub mod spawn;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use shiva_proto::{TaskId, TaskSpec};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use job::{JobContext, JobControl};
+
+/// A run this node should hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    /// Assignment generation.
+    pub generation: u64,
+    /// Spec revision: a new revision restarts the child.
+    pub spec_revision: i64,
+    /// The spec.
+    pub spec: TaskSpec,
+}
+
+struct Job {
+    generation: u64,
+    spec_revision: i64,
+    control: mpsc::UnboundedSender<JobControl>,
+    handle: JoinHandle<()>,
+}
+
+/// The node's jobs.
+pub struct Supervisor {
+    context: Arc<JobContext>,
+    jobs: BTreeMap<TaskId, Job>,
+    stopping: BTreeMap<TaskId, JoinHandle<()>>,
+}
+
+impl Supervisor {
+    /// A supervisor with no jobs.
+    pub fn new(context: JobContext) -> Self {
+        Supervisor { context: Arc::new(context), jobs: BTreeMap::new(), stopping: BTreeMap::new() }
+    }
+
+    /// Tasks with a job (running, backing off or starting).
+    pub fn active(&self) -> impl Iterator<Item = &TaskId> {
+        self.jobs.keys()
+    }
+
+    /// Whether `task` has a job or one still stopping.
+    pub fn holds(&self, task: &TaskId) -> bool {
+        self.jobs.contains_key(task) || self.stopping.contains_key(task)
+    }
+
+    /// Starts, stops and updates jobs so that exactly `wanted` run.
+    pub fn reconcile(&mut self, wanted: &BTreeMap<TaskId, Wanted>) {
+        self.stopping.retain(|_, handle| !handle.is_finished());
+        let obsolete: Vec<TaskId> = self
+            .jobs
+            .iter()
+            .filter(|(task, job)| {
+                wanted.get(*task).is_none_or(|want| want.spec_revision != job.spec_revision)
+            })
+            .map(|(task, _)| task.clone())
+            .collect();
+        for task in obsolete {
+            let job = self.jobs.remove(&task).expect("listed above");
+            info!(%task, "stopping task");
+            let _ = job.control.send(JobControl::Stop);
+            self.stopping.insert(task, job.handle);
+        }
+        for (task, want) in wanted {
+            match self.jobs.get_mut(task) {
+                Some(job) => {
+                    if job.generation != want.generation {
+                        job.generation = want.generation;
+                        let _ = job.control.send(JobControl::Generation(want.generation));
+                    }
+                }
+                None if self.stopping.contains_key(task) => {}
+                None => {
+                    let (control, handle) =
+                        job::start(self.context.clone(), want.spec.clone(), want.generation);
+                    let job = Job {
+                        generation: want.generation,
+                        spec_revision: want.spec_revision,
+                        control,
+                        handle,
+                    };
+                    self.jobs.insert(task.clone(), job);
+                }
+            }
+        }
+    }
+
+    /// Stops every job and waits for all of them.
+    pub async fn stop_all(&mut self) {
+        self.reconcile(&BTreeMap::new());
+        for (_, handle) in std::mem::take(&mut self.stopping) {
+            let _ = handle.await;
+        }
+    }
+}
