@@ -8,21 +8,20 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 use shiva_proto::TopicKind;
 
-use crate::{BusConfig, BusError};
+use crate::{BusConfig, BusError, Context};
 
 /// Production durability settings the check compares against.
 pub const PRODUCTION_REPLICATION: usize = 3;
 /// Production `min.insync.replicas`.
 pub const PRODUCTION_MIN_INSYNC: u32 = 2;
 
-fn admin_client(config: &BusConfig) -> Result<AdminClient<DefaultClientContext>, BusError> {
+fn admin_client(config: &BusConfig) -> Result<AdminClient<Context>, BusError> {
     config
         .client_config()
-        .create()
+        .create_with_context(Context)
         .map_err(|err| BusError::Kafka(format!("failed to create an admin client: {err}")))
 }
 
@@ -58,7 +57,7 @@ pub async fn check_topics(config: &BusConfig, timeout: Duration) -> Result<Vec<S
 }
 
 async fn check_topics_with(
-    admin: &AdminClient<DefaultClientContext>,
+    admin: &AdminClient<Context>,
     config: &BusConfig,
     timeout: Duration,
 ) -> Result<Vec<String>, BusError> {
@@ -121,7 +120,7 @@ async fn check_topics_with(
 
 /// Partition and replica counts of `topic` (`None`: missing); with no topic, only reachability.
 async fn metadata(
-    admin: &AdminClient<DefaultClientContext>,
+    admin: &AdminClient<Context>,
     config: &BusConfig,
     topic: Option<&str>,
     timeout: Duration,

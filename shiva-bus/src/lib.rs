@@ -11,6 +11,7 @@
 //! logic exist once.
 
 pub mod admin;
+mod context;
 mod publisher;
 mod reader;
 
@@ -19,6 +20,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use shiva_proto::Topics;
 
+pub use context::Context;
 pub use publisher::Publisher;
 pub use reader::{Reader, ReaderEvent, Record};
 

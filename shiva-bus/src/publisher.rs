@@ -7,7 +7,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use shiva_proto::TopicKind;
 use tracing::warn;
 
-use crate::{BusConfig, BusError};
+use crate::{BusConfig, BusError, Context};
 
 /// An idempotent producer (`acks=all`) that reports each record's offset. After a fatal error
 /// (the idempotent producer's sequence state broke, e.g. across a broker restart) it replaces
@@ -15,7 +15,7 @@ use crate::{BusConfig, BusError};
 pub struct Publisher {
     config: BusConfig,
     name: &'static str,
-    producer: RwLock<FutureProducer>,
+    producer: RwLock<FutureProducer<Context>>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -72,7 +72,7 @@ impl Publisher {
         }
     }
 
-    fn replace_if_fatal(&self, producer: &FutureProducer) {
+    fn replace_if_fatal(&self, producer: &FutureProducer<Context>) {
         if let Some((code, reason)) = producer.client().fatal_error() {
             warn!(producer = self.name, ?code, %reason, "producer hit a fatal error, replacing it");
             if let Ok(fresh) = create(&self.config) {
@@ -88,7 +88,7 @@ impl Publisher {
     }
 }
 
-fn create(config: &BusConfig) -> Result<FutureProducer, BusError> {
+fn create(config: &BusConfig) -> Result<FutureProducer<Context>, BusError> {
     let delivery_ms = config.delivery_timeout.as_millis().max(1000);
     let mut client = config.client_config();
     client
@@ -102,5 +102,7 @@ fn create(config: &BusConfig) -> Result<FutureProducer, BusError> {
     for (key, value) in &config.overrides {
         client.set(key, value);
     }
-    client.create().map_err(|err| BusError::Kafka(format!("failed to create a producer: {err}")))
+    client
+        .create_with_context(Context)
+        .map_err(|err| BusError::Kafka(format!("failed to create a producer: {err}")))
 }

@@ -14,7 +14,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use shiva_proto::TopicKind;
 use tokio::sync::mpsc;
 
-use crate::{BusConfig, BusError};
+use crate::{BusConfig, BusError, Context};
 
 /// One record as read.
 #[derive(Debug, Clone)]
@@ -76,8 +76,9 @@ impl Reader {
         for (key, value) in &config.overrides {
             client.set(key, value);
         }
-        let consumer: BaseConsumer =
-            client.create().map_err(|err| BusError::Kafka(format!("failed to create a consumer: {err}")))?;
+        let consumer: BaseConsumer<Context> = client
+            .create_with_context(Context)
+            .map_err(|err| BusError::Kafka(format!("failed to create a consumer: {err}")))?;
         let mut assignment = TopicPartitionList::new();
         let mut names = BTreeMap::new();
         for kind in topics {
@@ -119,7 +120,7 @@ impl Drop for Reader {
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn poll_loop(
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<Context>,
     names: BTreeMap<String, TopicKind>,
     requests: std_mpsc::Receiver<Request>,
     events: mpsc::Sender<ReaderEvent>,

@@ -27,6 +27,15 @@ enum ClaimState {
     Failed,
 }
 
+/// Silence thresholds, in this node's own heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beats {
+    /// Without a heartbeat from the leader.
+    pub leader: u64,
+    /// Without a first leader write from a new epoch's winner.
+    pub first_write: u64,
+}
+
 /// Election bookkeeping of one node.
 #[derive(Debug, Clone)]
 pub struct Election {
@@ -62,19 +71,16 @@ impl Election {
         }
     }
 
-    /// Decides. `healthy`: this node reads its own heartbeats back.
-    pub fn decide(
-        &self,
-        view: &LogView,
-        membership: &Membership,
-        healthy: bool,
-        leader_beats: u64,
-    ) -> Verdict {
+    /// Decides. `healthy`: this node reads its own heartbeats back. A leader is gone after
+    /// `beats.leader` own heartbeats without one of its own, or `beats.first_write` without a
+    /// first leader write (claims and heartbeats are on different topics whose read lags
+    /// differ, so this one needs the longer threshold).
+    pub fn decide(&self, view: &LogView, membership: &Membership, healthy: bool, beats: Beats) -> Verdict {
         if let Some((epoch, winner)) = view.leader() {
             if winner.node == self.me && winner.incarnation == self.incarnation {
                 return Verdict::Leader(epoch);
             }
-            if self.leader_alive(view, membership, epoch, winner, leader_beats) {
+            if self.leader_alive(view, membership, epoch, winner, beats) {
                 return Verdict::Follower;
             }
         }
@@ -94,16 +100,17 @@ impl Election {
         membership: &Membership,
         epoch: u64,
         winner: &Winner,
-        beats: u64,
+        beats: Beats,
     ) -> bool {
         if view.left.contains(&(winner.node.clone(), winner.incarnation)) {
             return false;
         }
         let since_win = membership.own_beats() - self.won_at.get(&epoch).copied().unwrap_or(0);
         // A winner that never makes a leader write within the timeout counts as gone.
-        if !view.epochs.active.contains(&epoch) && since_win >= beats {
+        if !view.epochs.active.contains(&epoch) && since_win >= beats.first_write {
             return false;
         }
+        let beats = beats.leader;
         match membership.peer(&winner.node) {
             Some(peer) if peer.incarnation == winner.incarnation => {
                 membership.is_alive(&winner.node, Some(winner.incarnation), beats)
@@ -122,6 +129,9 @@ mod tests {
     use shiva_proto::records::{Body, Claim, Envelope, Heartbeat};
     use shiva_proto::topics::key;
     use shiva_proto::{TopicKind, view::Outcome};
+
+    const B3: Beats = Beats { leader: 3, first_write: 3 };
+    const B2: Beats = Beats { leader: 2, first_write: 2 };
 
     fn hb() -> Heartbeat {
         Heartbeat {
@@ -155,9 +165,9 @@ mod tests {
         let mut view = LogView::default();
         let mut membership = Membership::new(a.clone(), inc_a);
         let mut election = Election::new(a.clone(), inc_a, true);
-        assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Claim(1));
+        assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Claim(1));
         assert_eq!(
-            election.decide(&view, &membership, false, 3),
+            election.decide(&view, &membership, false, B3),
             Verdict::Follower,
             "unhealthy nodes never claim"
         );
@@ -166,19 +176,19 @@ mod tests {
         assert!(matches!(claim(&mut view, 0, &b, inc_b, 1), Outcome::Applied(_)));
         election.on_winner(1, membership.own_beats());
         view.epochs.active.insert(1);
-        assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Follower);
+        assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Follower);
         for _ in 0..3 {
             membership.on_heartbeat(&a, inc_a, &hb());
         }
-        assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Claim(2));
+        assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Claim(2));
         election.claim_sent(2);
         assert_eq!(
-            election.decide(&view, &membership, true, 3),
+            election.decide(&view, &membership, true, B3),
             Verdict::Follower,
             "no second claim in flight"
         );
         assert!(matches!(claim(&mut view, 1, &a, inc_a, 2), Outcome::Applied(_)));
-        assert_eq!(election.decide(&view, &membership, true, 3), Verdict::Leader(2));
+        assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Leader(2));
     }
 
     #[test]
@@ -191,10 +201,10 @@ mod tests {
         let ghost = NodeId::new("ghost").unwrap();
         assert!(matches!(claim(&mut view, 0, &ghost, Uuid::new_v4(), 1), Outcome::Applied(_)));
         election.on_winner(1, 0);
-        assert_eq!(election.decide(&view, &membership, true, 2), Verdict::Follower);
+        assert_eq!(election.decide(&view, &membership, true, B2), Verdict::Follower);
         membership.on_heartbeat(&a, inc_a, &hb());
         membership.on_heartbeat(&a, inc_a, &hb());
-        assert_eq!(election.decide(&view, &membership, true, 2), Verdict::Claim(2));
+        assert_eq!(election.decide(&view, &membership, true, B2), Verdict::Claim(2));
         // A claim that jumps epochs is refused by the view.
         assert!(matches!(claim(&mut view, 1, &ghost, Uuid::new_v4(), 1_000_000), Outcome::Skipped(_)));
     }

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::heartbeat::{Gate, GateDecision, Identity, ResourceProbe, build};
 use crate::config::NodeConfig;
-use crate::election::{Election, Verdict};
+use crate::election::{Beats, Election, Verdict};
 use crate::leader::reconcile;
 use crate::membership::Membership;
 use crate::supervisor::{Supervisor, Wanted};
@@ -277,7 +277,8 @@ impl Node {
             return;
         }
         let healthy = self.gate.is_open() && self.membership.own_beats() > 0;
-        match self.election.decide(&self.view, &self.membership, healthy, self.config.leader_beats()) {
+        let beats = Beats { leader: self.config.leader_beats(), first_write: self.config.node_beats() };
+        match self.election.decide(&self.view, &self.membership, healthy, beats) {
             Verdict::Leader(epoch) => {
                 if self.leading != Some(epoch) && self.leader_sync.is_none_or(|(e, _)| e != epoch) {
                     let token = self.token();

@@ -1,0 +1,126 @@
+//! Command-line definition.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit codes, shown in `--help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  ok
+  1  the operation failed (e.g. no such task)
+  2  invalid input or usage
+  3  cluster unreachable, or its topics do not exist yet";
+
+/// Drives a Shiva cluster through its Kafka bus.
+#[derive(Debug, Parser)]
+#[command(name = "shiva-ctl", version, about, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// The bus: kafka://HOST:PORT[,HOST:PORT].
+    #[arg(long, global = true, env = "SHIVA_BUS", default_value = "kafka://127.0.0.1:9092")]
+    pub bus: String,
+    /// Cluster name.
+    #[arg(long, global = true, env = "SHIVA_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// librdkafka setting (TLS, SASL…), repeatable.
+    #[arg(short = 'X', global = true, value_name = "KEY=VALUE")]
+    pub kafka: Vec<String>,
+    /// How long to wait for the bus.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Define a task (from a JSON spec file, or from flags and a command line) and start it.
+    Submit(SubmitArgs),
+    /// List tasks.
+    List(JsonArg),
+    /// Show one task.
+    Status {
+        /// Task id.
+        id: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// List nodes, as the leader sees them.
+    Nodes(JsonArg),
+    /// Stop a task everywhere, keeping its definition.
+    Kill {
+        /// Task id.
+        id: String,
+    },
+    /// Start a stopped task again.
+    Start {
+        /// Task id.
+        id: String,
+    },
+    /// Stop a task and delete its definition.
+    Delete {
+        /// Task id.
+        id: String,
+    },
+}
+
+/// `--json`.
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `submit` arguments.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// JSON task spec (see docs/protocol.md); `-` reads stdin.
+    #[arg(conflicts_with_all = ["id", "tags", "env", "stop_grace", "workdir", "command"])]
+    pub file: Option<PathBuf>,
+    /// Task id (1 to 4 segments separated by '/').
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Tags a node must carry, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub tags: Vec<String>,
+    /// Environment variable, repeatable: --env K=V.
+    #[arg(long, value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Time between SIGTERM and SIGKILL when stopping (e.g. 10s).
+    #[arg(long)]
+    pub stop_grace: Option<String>,
+    /// Working directory (absolute).
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// Command and arguments, after `--`.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_submit_forms() {
+        let cli =
+            Cli::try_parse_from(["shiva-ctl", "submit", "--id", "a/b", "--tags", "x,y", "--", "sleep", "10"])
+                .unwrap();
+        let Command::Submit(args) = cli.command else { panic!() };
+        assert_eq!(args.id.as_deref(), Some("a/b"));
+        assert_eq!(args.tags, ["x", "y"]);
+        assert_eq!(args.command, ["sleep", "10"]);
+        let cli = Cli::try_parse_from(["shiva-ctl", "--cluster", "c", "submit", "spec.json"]).unwrap();
+        assert_eq!(cli.cluster, "c");
+        assert!(Cli::try_parse_from(["shiva-ctl", "submit", "spec.json", "--id", "x"]).is_err());
+    }
+}

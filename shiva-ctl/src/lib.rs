@@ -1,0 +1,282 @@
+//! `shiva-ctl`: reads and writes the cluster's bus directly.
+//!
+//! # Layout
+//! * [`cli`]: flags and subcommands;
+//! * [`show`]: task and node rows derived from the log view;
+//! * this module: the commands and the error → exit code mapping.
+
+pub mod cli;
+pub mod show;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::time::Duration;
+
+use anyhow::Context;
+use shiva_bus::{BusConfig, BusError, Publisher, Reader, ReaderEvent, admin};
+use shiva_proto::records::{Body, Desired, DesiredState};
+use shiva_proto::spec::DEFAULT_STOP_GRACE;
+use shiva_proto::topics::key;
+use shiva_proto::{Envelope, LogView, TaskId, TaskSpec, TopicKind};
+use tokio::sync::mpsc;
+
+use cli::{Cli, Command, SubmitArgs};
+use show::{exit_text, node_rows, task_row};
+
+/// A failure, with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// Exit 1.
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+    /// Exit 2.
+    #[error("{0}")]
+    Invalid(String),
+    /// Exit 3.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+impl CtlError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Failed(_) => 1,
+            CtlError::Invalid(_) => 2,
+            CtlError::Unreachable(_) => 3,
+        }
+    }
+}
+
+impl From<BusError> for CtlError {
+    fn from(err: BusError) -> Self {
+        match err {
+            BusError::Invalid(message) => CtlError::Invalid(message),
+            err @ (BusError::Unreachable { .. } | BusError::TopicsMissing { .. }) => {
+                CtlError::Unreachable(err.to_string())
+            }
+            err => CtlError::Failed(err.into()),
+        }
+    }
+}
+
+impl From<anyhow::Error> for CtlError {
+    fn from(err: anyhow::Error) -> Self {
+        CtlError::Failed(err)
+    }
+}
+
+fn invalid(err: impl std::fmt::Display) -> CtlError {
+    CtlError::Invalid(err.to_string())
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> Result<(), CtlError> {
+    let config = BusConfig::new(&cli.bus, &cli.cluster, &cli.kafka)?;
+    let timeout = cli.timeout;
+    match cli.command {
+        Command::Submit(args) => {
+            let spec = spec_from(args)?;
+            let view = snapshot(&config, timeout).await?;
+            let revision = write_spec(&config, &spec).await?;
+            let verb = if view.specs.contains_key(&spec.id) { "updated" } else { "submitted" };
+            println!("{verb} {} (revision {revision})", spec.id);
+        }
+        Command::List(json) => {
+            let view = snapshot(&config, timeout).await?;
+            let rows: Vec<_> = view.specs.keys().filter_map(|task| task_row(&view, task)).collect();
+            if json.json {
+                print_json(&rows);
+            } else {
+                println!(
+                    "{:<32} {:<8} {:<8} {:<10} {:<16} {:>8}  REASON",
+                    "ID", "KIND", "DESIRED", "STATE", "NODE", "PID"
+                );
+                for row in rows {
+                    println!(
+                        "{:<32} {:<8} {:<8} {:<10} {:<16} {:>8}  {}",
+                        row.id.as_str(),
+                        row.kind,
+                        row.desired,
+                        row.state,
+                        row.node.as_ref().map_or("-", |n| n.as_str()),
+                        row.pid.map_or("-".into(), |p| p.to_string()),
+                        row.reason.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Command::Status { id, json } => {
+            let task = TaskId::new(id).map_err(invalid)?;
+            let view = snapshot(&config, timeout).await?;
+            let row = task_row(&view, &task).ok_or_else(|| no_such_task(&task))?;
+            let spec = &view.specs[&task].spec;
+            if json.json {
+                let mut value = serde_json::to_value(&row).expect("rows serialise");
+                value["spec"] = serde_json::to_value(spec).expect("specs serialise");
+                print_json(&value);
+            } else {
+                println!("id:          {}", row.id);
+                println!("kind:        {}", row.kind);
+                println!("command:     {} {}", spec.command, spec.args.join(" "));
+                println!(
+                    "tags:        {}",
+                    if spec.tags.is_empty() { "-".into() } else { spec.tags.join(",") }
+                );
+                println!("desired:     {}", row.desired);
+                println!("state:       {}", row.state);
+                println!("node:        {}", row.node.as_ref().map_or("-", |n| n.as_str()));
+                println!("pid:         {}", row.pid.map_or("-".into(), |p| p.to_string()));
+                println!("generation:  {}", row.generation.map_or("-".into(), |g| g.to_string()));
+                println!("restarts:    {}", row.restarts.map_or("-".into(), |r| r.to_string()));
+                println!("last exit:   {}", exit_text(row.last_exit));
+                if let Some(reason) = &row.reason {
+                    println!("reason:      {reason}");
+                }
+            }
+        }
+        Command::Nodes(json) => {
+            let view = snapshot(&config, timeout).await?;
+            let rows = node_rows(&view);
+            if json.json {
+                print_json(&rows);
+            } else {
+                println!("{:<24} {:<6} {:<7} {:>5}  TAGS", "ID", "ALIVE", "LEADER", "TASKS");
+                for row in rows {
+                    let leader = if row.leader { "*" } else { "" };
+                    println!(
+                        "{:<24} {:<6} {:<7} {:>5}  {}",
+                        row.id.as_str(),
+                        row.alive,
+                        leader,
+                        row.tasks,
+                        row.tags.join(",")
+                    );
+                }
+            }
+        }
+        Command::Kill { id } => set_desired(&config, timeout, &id, DesiredState::Stopped).await?,
+        Command::Start { id } => set_desired(&config, timeout, &id, DesiredState::Running).await?,
+        Command::Delete { id } => {
+            let task = TaskId::new(id).map_err(invalid)?;
+            let view = snapshot(&config, timeout).await?;
+            if !view.specs.contains_key(&task) {
+                return Err(no_such_task(&task));
+            }
+            let publisher = Publisher::new(&config, "ctl")?;
+            publisher.send(TopicKind::Commands, &key::task(&task), None).await?;
+            publisher.send(TopicKind::Commands, &key::desired(&task), None).await?;
+            println!("deleted {task}");
+        }
+    }
+    Ok(())
+}
+
+fn no_such_task(task: &TaskId) -> CtlError {
+    CtlError::Failed(anyhow::anyhow!("no task '{task}' in this cluster"))
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(value).expect("output serialises"));
+}
+
+fn envelope(body: Body) -> Vec<u8> {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let sent_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Envelope { sender: format!("ctl:{user}"), incarnation: None, sent_at_ms, body }.encode()
+}
+
+/// Builds the spec from a file or from flags, strictly validated.
+fn spec_from(args: SubmitArgs) -> Result<TaskSpec, CtlError> {
+    if let Some(path) = args.file {
+        let text = if path.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|err| invalid(format!("failed to read stdin: {err}")))?;
+            text
+        } else {
+            std::fs::read_to_string(&path)
+                .map_err(|err| invalid(format!("failed to read {}: {err}", path.display())))?
+        };
+        return TaskSpec::from_user_json(&text).map_err(|err| invalid(format!("{}: {err}", path.display())));
+    }
+    let id = args.id.ok_or_else(|| invalid("submit needs a spec FILE, or --id ID -- CMD [ARGS…]"))?;
+    let id = TaskId::new(id).map_err(|err| invalid(format!("--id: {err}")))?;
+    let mut command = args.command.into_iter();
+    let program = command.next().ok_or_else(|| invalid("submit --id needs a command after `--`"))?;
+    let mut spec = TaskSpec::new(id, program, command.collect());
+    spec.tags = args.tags;
+    spec.workdir = args.workdir;
+    let mut env = BTreeMap::new();
+    for pair in args.env {
+        let (name, value) =
+            pair.split_once('=').ok_or_else(|| invalid(format!("--env '{pair}': expected K=V")))?;
+        env.insert(name.to_owned(), value.to_owned());
+    }
+    spec.env = env;
+    spec.stop_grace = match args.stop_grace {
+        Some(text) => humantime::parse_duration(&text)
+            .map_err(|err| invalid(format!("--stop-grace '{text}': {err} (expected e.g. 10s)")))?,
+        None => DEFAULT_STOP_GRACE,
+    };
+    spec.validate().map_err(invalid)?;
+    Ok(spec)
+}
+
+async fn write_spec(config: &BusConfig, spec: &TaskSpec) -> Result<i64, CtlError> {
+    let publisher = Publisher::new(config, "ctl")?;
+    let revision = publisher
+        .send(TopicKind::Commands, &key::task(&spec.id), Some(&envelope(Body::Task(spec.clone()))))
+        .await?;
+    let desired = Body::Desired(Desired { task: spec.id.clone(), state: DesiredState::Running });
+    publisher.send(TopicKind::Commands, &key::desired(&spec.id), Some(&envelope(desired))).await?;
+    Ok(revision)
+}
+
+async fn set_desired(
+    config: &BusConfig,
+    timeout: Duration,
+    id: &str,
+    state: DesiredState,
+) -> Result<(), CtlError> {
+    let task = TaskId::new(id).map_err(invalid)?;
+    let view = snapshot(config, timeout).await?;
+    if !view.specs.contains_key(&task) {
+        return Err(no_such_task(&task));
+    }
+    let publisher = Publisher::new(config, "ctl")?;
+    let body = Body::Desired(Desired { task: task.clone(), state });
+    publisher.send(TopicKind::Commands, &key::desired(&task), Some(&envelope(body))).await?;
+    println!("{task}: desired {}", state.as_str());
+    Ok(())
+}
+
+/// Reads every control topic to its end into a view.
+pub async fn snapshot(config: &BusConfig, timeout: Duration) -> Result<LogView, CtlError> {
+    admin::check_topics(config, timeout).await?;
+    let (events_tx, mut events) = mpsc::channel(8192);
+    let reader = Reader::spawn(config, &TopicKind::ALL, events_tx)?;
+    reader.sync(1);
+    let mut view = LogView::default();
+    let read = async {
+        while let Some(event) = events.recv().await {
+            match event {
+                ReaderEvent::Record(record) => {
+                    view.apply(record.topic, record.offset, record.key.as_deref(), record.value.as_deref());
+                }
+                ReaderEvent::Synced(_) => return Ok(()),
+                ReaderEvent::SyncFailed(_, message) => return Err(CtlError::Unreachable(message)),
+                ReaderEvent::Error(_) => {}
+            }
+        }
+        Err(CtlError::Failed(anyhow::anyhow!("the bus reader stopped")))
+    };
+    tokio::time::timeout(timeout * 3, read)
+        .await
+        .context("timed out reading the cluster state")
+        .map_err(|err| CtlError::Unreachable(format!("{err:#}")))??;
+    Ok(view)
+}

@@ -1,0 +1,140 @@
+//! What the CLI shows: task and node rows derived from the log view.
+
+use serde::Serialize;
+use shiva_proto::records::{ExitInfo, Placement, RunState};
+use shiva_proto::{LogView, NodeId, TaskId};
+
+/// One task as `list` and `status` show it.
+#[derive(Debug, Serialize)]
+pub struct TaskRow {
+    /// Task id.
+    pub id: TaskId,
+    /// `service`.
+    pub kind: &'static str,
+    /// `running` or `stopped`.
+    pub desired: &'static str,
+    /// `unassigned`, `pending`, `assigned`, `starting`, `running`, `backoff`, `failed`,
+    /// `stopping` or `stopped`.
+    pub state: &'static str,
+    /// Runner node.
+    pub node: Option<NodeId>,
+    /// Child pid while running.
+    pub pid: Option<u32>,
+    /// Assignment generation.
+    pub generation: Option<u64>,
+    /// Start attempts within the generation.
+    pub attempt: Option<u32>,
+    /// Restarts within the generation.
+    pub restarts: Option<u32>,
+    /// How the previous child ended.
+    pub last_exit: Option<ExitInfo>,
+    /// Why it is pending, or a runner's message.
+    pub reason: Option<String>,
+}
+
+/// Derives a task's row.
+pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
+    let spec = view.specs.get(task)?;
+    let assignment = view.assignments.get(task).map(|entry| &entry.assignment);
+    let status = view.current_status(task).map(|entry| &entry.status);
+    let mut row = TaskRow {
+        id: task.clone(),
+        kind: spec.spec.kind().as_str(),
+        desired: view.desired_state(task).as_str(),
+        state: "unassigned",
+        node: None,
+        pid: None,
+        generation: assignment.map(|a| a.generation),
+        attempt: status.map(|s| s.attempt),
+        restarts: status.map(|s| s.restarts),
+        last_exit: status.and_then(|s| s.last_exit),
+        reason: status.and_then(|s| s.message.clone()),
+    };
+    match assignment.map(|a| &a.placement) {
+        None => row.reason = Some("not placed yet (is a leader running?)".into()),
+        Some(Placement::Pending { reason }) => {
+            row.state = "pending";
+            row.reason = Some(reason.clone());
+        }
+        Some(Placement::Stopped) => {
+            let previous = view.statuses.get(task);
+            let still_running = previous.is_some_and(|entry| {
+                !matches!(entry.status.state, RunState::Stopped) && view.heartbeats.contains_key(&entry.node)
+            });
+            row.state = if still_running { "stopping" } else { "stopped" };
+            row.node = previous.filter(|_| still_running).map(|entry| entry.node.clone());
+        }
+        Some(Placement::Assigned { node }) => {
+            row.node = Some(node.clone());
+            let from_runner = view.current_status(task).filter(|entry| entry.node == *node);
+            row.state = from_runner.map_or("assigned", |entry| entry.status.state.as_str());
+            row.pid = from_runner
+                .filter(|entry| entry.status.state == RunState::Running)
+                .and_then(|entry| entry.status.pid);
+        }
+    }
+    Some(row)
+}
+
+/// One node as `nodes` shows it.
+#[derive(Debug, Serialize)]
+pub struct NodeRow {
+    /// Node id.
+    pub id: NodeId,
+    /// Tags given with `--tags`.
+    pub tags: Vec<String>,
+    /// Host name.
+    pub hostname: String,
+    /// In the leader's `members` view.
+    pub alive: bool,
+    /// Leads the current epoch.
+    pub leader: bool,
+    /// Tasks assigned to it.
+    pub tasks: usize,
+    /// Runs tasks.
+    pub runner: bool,
+    /// May lead.
+    pub leader_capable: bool,
+    /// Its newest incarnation.
+    pub incarnation: String,
+    /// Sender clock of its newest heartbeat (milliseconds since the epoch).
+    pub last_heartbeat_ms: u64,
+}
+
+/// Every node that ever heartbeated, sorted by id.
+pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
+    view.heartbeats
+        .iter()
+        .map(|(id, entry)| {
+            let alive = view.members.as_ref().is_some_and(|members| {
+                members.nodes.iter().any(|member| member.id == *id && member.incarnation == entry.incarnation)
+            }) && !view.left.contains(&(id.clone(), entry.incarnation));
+            let leader = alive
+                && view
+                    .leader()
+                    .is_some_and(|(_, winner)| winner.node == *id && winner.incarnation == entry.incarnation);
+            let tasks = view.assignments.keys().filter(|task| view.assigned_node(task) == Some(id)).count();
+            NodeRow {
+                id: id.clone(),
+                tags: entry.heartbeat.tags.clone(),
+                hostname: entry.heartbeat.hostname.clone(),
+                alive,
+                leader,
+                tasks,
+                runner: entry.heartbeat.runner,
+                leader_capable: entry.heartbeat.leader_capable,
+                incarnation: entry.incarnation.to_string(),
+                last_heartbeat_ms: entry.sent_at_ms,
+            }
+        })
+        .collect()
+}
+
+/// `exit 3`, `signal 9`.
+pub fn exit_text(exit: Option<ExitInfo>) -> String {
+    match exit {
+        Some(ExitInfo { code: Some(code), .. }) => format!("exit {code}"),
+        Some(ExitInfo { signal: Some(signal), .. }) => format!("signal {signal}"),
+        _ => "-".into(),
+    }
+}
