@@ -1,7 +1,7 @@
 //! Writing records: an idempotent producer with a bounded delivery timeout.
 
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use shiva_proto::TopicKind;
@@ -9,13 +9,14 @@ use tracing::warn;
 
 use crate::{BusConfig, BusError, Context};
 
-/// An idempotent producer (`acks=all`) that reports each record's offset. After a fatal error
-/// (the idempotent producer's sequence state broke, e.g. across a broker restart) it replaces
-/// its client, so a node never ends up with a dead producer.
+/// An idempotent producer (`acks=all`) that reports each record's offset. After a failed
+/// delivery it replaces its client (see [`Publisher::replace_after_failure`]), so a node never
+/// ends up with a dead producer, nor kills the test broker.
 pub struct Publisher {
     config: BusConfig,
     name: &'static str,
     producer: RwLock<FutureProducer<Context>>,
+    replaced_at: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -28,7 +29,12 @@ impl Publisher {
     /// Creates a producer named `name` (for logs).
     pub fn new(config: &BusConfig, name: &'static str) -> Result<Arc<Publisher>, BusError> {
         let producer = create(config)?;
-        Ok(Arc::new(Publisher { config: config.clone(), name, producer: RwLock::new(producer) }))
+        Ok(Arc::new(Publisher {
+            config: config.clone(),
+            name,
+            producer: RwLock::new(producer),
+            replaced_at: Mutex::new(None),
+        }))
     }
 
     /// Writes `value` (or a tombstone) under `key`; returns the record's offset.
@@ -67,17 +73,34 @@ impl Publisher {
                 },
                 Err(err) => err.to_string(),
             };
-            this.replace_if_fatal(&producer);
+            this.replace_after_failure(&producer);
             Err(BusError::Kafka(format!("failed to write '{key}' to {name}: {outcome}")))
         }
     }
 
-    fn replace_if_fatal(&self, producer: &FutureProducer<Context>) {
-        if let Some((code, reason)) = producer.client().fatal_error() {
-            warn!(producer = self.name, ?code, %reason, "producer hit a fatal error, replacing it");
-            if let Ok(fresh) = create(&self.config) {
-                *self.producer.write().expect("producer lock") = fresh;
+    /// Replaces the client after a failed delivery. librdkafka would otherwise keep its
+    /// producer id and bump the producer epoch (KIP-360) to resynchronise sequences, which
+    /// tansu 0.6.0 does not implement (its InitProducerId handles only fresh producers, and a
+    /// produce under an unknown epoch panics its storage task, leaving the broker unusable).
+    /// A fresh producer id is always safe for Shiva: no record relies on cross-record
+    /// producer state. Replacements are at most one per second.
+    fn replace_after_failure(&self, failed: &FutureProducer<Context>) {
+        let mut current = self.producer.write().expect("producer lock");
+        let same_client = std::ptr::eq(current.client().native_ptr(), failed.client().native_ptr());
+        let mut last = self.replaced_at.lock().expect("replace lock");
+        if !same_client || last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        if let Some((code, reason)) = failed.client().fatal_error() {
+            warn!(producer = self.name, ?code, %reason, "producer hit a fatal error");
+        }
+        match create(&self.config) {
+            Ok(fresh) => {
+                warn!(producer = self.name, "replacing the producer after a failed delivery");
+                *current = fresh;
+                *last = Some(Instant::now());
             }
+            Err(err) => warn!(producer = self.name, error = %err, "failed to replace the producer"),
         }
     }
 

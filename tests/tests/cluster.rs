@@ -1,0 +1,349 @@
+//! The core cluster, end to end: real broker, real node processes, real kills.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use shiva_e2e::{Broker, Ctl, Node, cluster, pid_alive, task_processes, wait_until};
+
+const SETTLE: Duration = Duration::from_secs(20);
+
+struct Cluster {
+    broker: Broker,
+    name: String,
+    ctl: Ctl,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// `count` nodes n1..nN; `tags[i]` are extra flags of node i+1.
+    fn start(label: &str, count: usize, extra: &[&[&str]]) -> Cluster {
+        let broker = Broker::start();
+        let name = cluster(label);
+        let ctl = Ctl::new(&broker, &name);
+        let nodes = (1..=count)
+            .map(|i| Node::start(&broker, &name, &format!("n{i}"), extra.get(i - 1).copied().unwrap_or(&[])))
+            .collect();
+        let cluster = Cluster { broker, name, ctl, nodes };
+        cluster.wait_nodes(count);
+        cluster
+    }
+
+    fn node(&mut self, id: &str) -> &mut Node {
+        self.nodes.iter_mut().find(|node| node.id == id).expect("known node")
+    }
+
+    /// Waits until `count` nodes are alive with exactly one leader; returns the leader.
+    fn wait_nodes(&self, count: usize) -> String {
+        let mut leader = String::new();
+        wait_until(SETTLE, &format!("{count} nodes alive with one leader"), || {
+            let Some(nodes) = self.ctl.try_json(&["nodes"]) else { return false };
+            let rows = nodes.as_array().unwrap();
+            let alive = rows.iter().filter(|n| n["alive"] == true).count();
+            let leaders: Vec<&Value> = rows.iter().filter(|n| n["leader"] == true).collect();
+            if alive == count && leaders.len() == 1 {
+                leader = leaders[0]["id"].as_str().unwrap().to_owned();
+                true
+            } else {
+                false
+            }
+        });
+        leader
+    }
+
+    fn submit(&self, id: &str, tags: &[&str]) {
+        let mut args = vec!["submit", "--id", id, "--env"];
+        let marker = format!("E2E={}", self.name);
+        args.push(&marker);
+        let tags = tags.join(",");
+        if !tags.is_empty() {
+            args.extend(["--tags", &tags]);
+        }
+        args.extend(["--stop-grace", "2s", "--", "sleep", "1000"]);
+        self.ctl.ok(&args);
+    }
+
+    /// Waits until every task in `tasks` is `running` per `list` and has exactly one live
+    /// process, on the node `list` names; returns task → node.
+    fn wait_running_once(&self, tasks: &[String]) -> BTreeMap<String, String> {
+        let mut placement = BTreeMap::new();
+        wait_until(SETTLE, &format!("{tasks:?} each running exactly once"), || {
+            let rows = self.ctl.tasks();
+            placement.clear();
+            tasks.iter().all(|task| {
+                let Some(row) = rows.get(task) else { return false };
+                let node = row["node"].as_str().unwrap_or("").to_owned();
+                let processes = task_processes(&self.name, task);
+                let once = row["state"] == "running" && processes.len() == 1 && processes[0].1 == node;
+                if once {
+                    assert_eq!(row["pid"].as_i64(), Some(processes[0].0 as i64), "list shows the live pid");
+                }
+                placement.insert(task.clone(), node);
+                once
+            })
+        });
+        placement
+    }
+
+    fn assert_never_twice(&self, tasks: &[String], for_how_long: Duration) {
+        let deadline = Instant::now() + for_how_long;
+        while Instant::now() < deadline {
+            for task in tasks {
+                let processes = task_processes(&self.name, task);
+                assert!(processes.len() <= 1, "{task} runs {} times: {processes:?}", processes.len());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn names(prefix: &str, count: usize) -> Vec<String> {
+    (1..=count).map(|i| format!("{prefix}{i}")).collect()
+}
+
+fn per_node(placement: &BTreeMap<String, String>) -> BTreeMap<String, usize> {
+    let mut load = BTreeMap::new();
+    for node in placement.values() {
+        *load.entry(node.clone()).or_default() += 1;
+    }
+    load
+}
+
+#[test]
+fn three_nodes_elect_one_leader_spread_tasks_and_honour_tags() {
+    let cluster = Cluster::start("spread", 3, &[&[], &[], &["--tags", "gpu"]]);
+    let tasks = names("app/t", 9);
+    for task in &tasks {
+        cluster.submit(task, &[]);
+    }
+    let placement = cluster.wait_running_once(&tasks);
+    let load = per_node(&placement);
+    assert_eq!(
+        load.values().copied().collect::<Vec<_>>(),
+        [3, 3, 3],
+        "9 untagged tasks spread 3/3/3: {load:?}"
+    );
+
+    cluster.submit("ml/train", &["gpu"]);
+    let placement = cluster.wait_running_once(&["ml/train".to_owned()]);
+    assert_eq!(placement["ml/train"], "n3", "a gpu task lands only on the gpu node");
+    let nodes = cluster.ctl.json(&["nodes"]);
+    let n3 = nodes.as_array().unwrap().iter().find(|n| n["id"] == "n3").unwrap();
+    assert_eq!(n3["tags"], serde_json::json!(["gpu"]));
+    assert_eq!(n3["tasks"], 4);
+    cluster.assert_never_twice(&tasks, Duration::from_secs(1));
+}
+
+#[test]
+fn killing_the_leader_moves_its_tasks_to_the_survivors_exactly_once() {
+    let mut cluster = Cluster::start("failover", 3, &[]);
+    let leader = cluster.wait_nodes(3);
+    let tasks = names("svc/t", 6);
+    for task in &tasks {
+        cluster.submit(task, &[]);
+    }
+    let placement = cluster.wait_running_once(&tasks);
+    let orphans: Vec<i32> = placement
+        .iter()
+        .filter(|(_, node)| **node == leader)
+        .map(|(task, _)| task_processes(&cluster.name, task)[0].0)
+        .collect();
+    assert!(!orphans.is_empty());
+
+    cluster.node(&leader).kill9();
+    wait_until(SETTLE, "a new leader", || {
+        let Some(nodes) = cluster.ctl.try_json(&["nodes"]) else { return false };
+        nodes.as_array().unwrap().iter().any(|n| n["leader"] == true && n["id"] != leader.as_str())
+    });
+    let placement = cluster.wait_running_once(&tasks);
+    assert!(placement.values().all(|node| *node != leader), "nothing runs on the dead node: {placement:?}");
+    for pid in orphans {
+        assert!(!pid_alive(pid), "process {pid} of the dead node still runs");
+    }
+    cluster.assert_never_twice(&tasks, Duration::from_secs(1));
+}
+
+#[test]
+fn kill_stops_the_process_group_within_a_second_and_start_brings_it_back() {
+    let cluster = Cluster::start("kill", 2, &[]);
+    let task = "web/api".to_owned();
+    cluster.submit(&task, &[]);
+    cluster.wait_running_once(std::slice::from_ref(&task));
+    let pid = task_processes(&cluster.name, &task)[0].0;
+
+    let started = Instant::now();
+    cluster.ctl.ok(&["kill", &task]);
+    wait_until(Duration::from_secs(5), "the process is gone", || {
+        task_processes(&cluster.name, &task).is_empty()
+    });
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "kill took {took:?}");
+    assert!(!pid_alive(pid));
+    wait_until(SETTLE, "list shows stopped", || {
+        let rows = cluster.ctl.tasks();
+        rows.get(&task).is_some_and(|row| row["state"] == "stopped" && row["desired"] == "stopped")
+    });
+
+    cluster.ctl.ok(&["start", &task]);
+    cluster.wait_running_once(std::slice::from_ref(&task));
+    let status = cluster.ctl.json(&["status", &task]);
+    assert_eq!(status["desired"], "running");
+    assert_eq!(status["spec"]["command"], "sleep");
+
+    cluster.ctl.ok(&["delete", &task]);
+    wait_until(SETTLE, "a deleted task stops", || task_processes(&cluster.name, &task).is_empty());
+    assert!(cluster.ctl.tasks().is_empty());
+    assert_eq!(cluster.ctl.run(&["status", &task]).status.code(), Some(1));
+}
+
+#[test]
+fn restarting_every_node_restores_assignments_also_after_compaction() {
+    let mut cluster = Cluster::start("restart", 3, &[]);
+    let tasks = names("batch/t", 6);
+    for task in &tasks {
+        cluster.submit(task, &[]);
+    }
+    cluster.wait_running_once(&tasks);
+
+    // Crash every node, let the broker compact (1 s maintenance), restart them all.
+    for node in &mut cluster.nodes {
+        node.kill9();
+    }
+    wait_until(Duration::from_secs(5), "tasks die with their nodes", || {
+        tasks.iter().all(|task| task_processes(&cluster.name, task).is_empty())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let (records, end) =
+        shiva_e2e_reader::count(&cluster.broker, &cluster.name, shiva_proto::TopicKind::Control);
+    assert!(records < end, "the control log was compacted ({records} records up to offset {end})");
+    for node in &mut cluster.nodes {
+        node.restart();
+    }
+    cluster.wait_nodes(3);
+    cluster.wait_running_once(&tasks);
+    cluster.assert_never_twice(&tasks, Duration::from_secs(1));
+
+    // Graceful restart of every node, one after the other.
+    for index in 0..cluster.nodes.len() {
+        let status = cluster.nodes[index].terminate();
+        assert!(status.success(), "graceful stop exits 0: {status:?}");
+        cluster.nodes[index].restart();
+    }
+    cluster.wait_nodes(3);
+    let placement = cluster.wait_running_once(&tasks);
+    assert_eq!(placement.len(), 6, "nothing lost");
+    cluster.assert_never_twice(&tasks, Duration::from_secs(1));
+}
+
+#[test]
+fn a_paused_leader_steps_down_and_its_late_writes_change_nothing() {
+    let mut cluster = Cluster::start("stale", 3, &[]);
+    let leader = cluster.wait_nodes(3);
+    let tasks = names("etl/t", 6);
+    for task in &tasks {
+        cluster.submit(task, &[]);
+    }
+    cluster.wait_running_once(&tasks);
+
+    cluster.node(&leader).signal(Signal::SIGSTOP);
+    let mut new_leader = String::new();
+    wait_until(SETTLE, "a new leader while the old one is frozen", || {
+        let Some(nodes) = cluster.ctl.try_json(&["nodes"]) else { return false };
+        match nodes.as_array().unwrap().iter().find(|n| n["leader"] == true) {
+            Some(n) if n["id"] != leader.as_str() => {
+                new_leader = n["id"].as_str().unwrap().to_owned();
+                true
+            }
+            _ => false,
+        }
+    });
+    wait_until(SETTLE, "the frozen node's tasks are reassigned", || {
+        let rows = cluster.ctl.tasks();
+        tasks.iter().all(|task| {
+            rows.get(task).is_some_and(|row| row["node"] != leader.as_str() && row["state"] == "running")
+        })
+    });
+    let before: BTreeMap<String, (Value, Value)> = cluster
+        .ctl
+        .tasks()
+        .into_iter()
+        .map(|(id, row)| (id, (row["node"].clone(), row["generation"].clone())))
+        .collect();
+
+    cluster.node(&leader).signal(Signal::SIGCONT);
+    cluster.wait_nodes(3);
+    let placement = cluster.wait_running_once(&tasks);
+    cluster.assert_never_twice(&tasks, Duration::from_secs(2));
+    let after: BTreeMap<String, (Value, Value)> = cluster
+        .ctl
+        .tasks()
+        .into_iter()
+        .map(|(id, row)| (id, (row["node"].clone(), row["generation"].clone())))
+        .collect();
+    assert_eq!(before, after, "the old leader's late writes changed no assignment");
+    assert!(placement.values().all(|node| *node != leader));
+    let nodes = cluster.ctl.json(&["nodes"]);
+    let current = nodes.as_array().unwrap().iter().find(|n| n["leader"] == true).unwrap();
+    assert_eq!(current["id"], new_leader.as_str(), "the resumed node does not take leadership back");
+}
+
+#[test]
+fn the_cluster_recovers_by_itself_after_the_broker_is_killed_and_restarted() {
+    let cluster = Cluster::start("broker", 3, &[]);
+    let tasks = names("db/t", 3);
+    for task in &tasks {
+        cluster.submit(task, &[]);
+    }
+    cluster.wait_running_once(&tasks);
+    cluster.broker.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.broker.restart();
+    cluster.wait_nodes(3);
+    cluster.submit("db/after", &[]);
+    let mut all = tasks.clone();
+    all.push("db/after".into());
+    cluster.wait_running_once(&all);
+    cluster.assert_never_twice(&all, Duration::from_secs(1));
+}
+
+#[test]
+fn a_second_node_with_a_live_nodes_id_refuses_to_start() {
+    let cluster = Cluster::start("dupid", 1, &[]);
+    let mut impostor = Node::start(&cluster.broker, &cluster.name, "n1", &[]);
+    let status = impostor.wait_exit(Duration::from_secs(15));
+    assert!(!status.success());
+    assert!(impostor.log_text().contains("already used by a live node"), "{}", impostor.log_text());
+    assert_eq!(cluster.wait_nodes(1), "n1");
+}
+
+/// Reading a topic from outside the nodes, to prove the broker really compacted it.
+mod shiva_e2e_reader {
+    use super::*;
+    use shiva_bus::{BusConfig, Reader, ReaderEvent};
+    use shiva_proto::TopicKind;
+
+    /// Records present in `topic` and the offset one past the last.
+    pub fn count(broker: &Broker, cluster: &str, topic: TopicKind) -> (i64, i64) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let config = BusConfig::new(&broker.url(), cluster, &[]).unwrap();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+            let reader = Reader::spawn(&config, &[topic], tx).unwrap();
+            reader.sync(1);
+            let (mut records, mut end) = (0, 0);
+            while let Some(event) = rx.recv().await {
+                match event {
+                    ReaderEvent::Record(record) => {
+                        records += 1;
+                        end = end.max(record.offset + 1);
+                    }
+                    ReaderEvent::Synced(_) => break,
+                    ReaderEvent::SyncFailed(_, message) => panic!("{message}"),
+                    ReaderEvent::Error(_) => {}
+                }
+            }
+            (records, end)
+        })
+    }
+}
