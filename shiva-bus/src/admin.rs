@@ -50,10 +50,30 @@ pub async fn ensure_topics(config: &BusConfig, timeout: Duration) -> Result<Vec<
     check_topics_with(&admin, config, timeout).await
 }
 
-/// Checks that the cluster's topics exist and are usable (for clients that never create them).
-pub async fn check_topics(config: &BusConfig, timeout: Duration) -> Result<Vec<String>, BusError> {
+/// Checks, with one metadata request, that the cluster's topics exist with one partition
+/// each (for clients that never create them; the node makes the full check).
+pub async fn require_topics(config: &BusConfig, timeout: Duration) -> Result<(), BusError> {
     let admin = admin_client(config)?;
-    check_topics_with(&admin, config, timeout).await
+    let metadata = tokio::task::block_in_place(|| admin.inner().fetch_metadata(None, timeout))
+        .map_err(|err| unreachable(config, err))?;
+    let mut missing = Vec::new();
+    for kind in TopicKind::ALL {
+        let name = config.topics.name(kind);
+        match metadata.topics().iter().find(|topic| topic.name() == name) {
+            Some(topic) if topic.error().is_none() && topic.partitions().len() == 1 => {}
+            Some(topic) if topic.error().is_none() && !topic.partitions().is_empty() => {
+                let reason =
+                    format!("it has {} partitions; control topics need exactly 1", topic.partitions().len());
+                return Err(BusError::WrongTopic { topic: name, reason });
+            }
+            _ => missing.push(name),
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(BusError::TopicsMissing { cluster: config.topics.cluster().to_owned(), missing })
+    }
 }
 
 async fn check_topics_with(

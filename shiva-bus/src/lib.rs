@@ -76,6 +76,8 @@ pub struct BusConfig {
     pub fetch_wait: Duration,
     /// Producer `delivery.timeout.ms`: a record not acknowledged within it is reported failed.
     pub delivery_timeout: Duration,
+    /// Whether producers are idempotent (always, but for the CLI's one-off writes).
+    pub idempotent: bool,
 }
 
 impl BusConfig {
@@ -90,6 +92,7 @@ impl BusConfig {
             overrides,
             fetch_wait: Duration::from_millis(10),
             delivery_timeout: Duration::from_secs(5),
+            idempotent: true,
         })
     }
 

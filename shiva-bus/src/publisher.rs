@@ -28,6 +28,23 @@ impl std::fmt::Debug for Publisher {
 impl Publisher {
     /// Creates a producer named `name` (for logs).
     pub fn new(config: &BusConfig, name: &'static str) -> Result<Arc<Publisher>, BusError> {
+        Self::with_idempotence(config, name, true)
+    }
+
+    /// A producer for one-off writes (the CLI): `acks=all` without idempotence, which saves
+    /// the producer-id round trip; a single record has no sequence to protect.
+    pub fn one_off(config: &BusConfig, name: &'static str) -> Result<Arc<Publisher>, BusError> {
+        Self::with_idempotence(config, name, false)
+    }
+
+    fn with_idempotence(
+        config: &BusConfig,
+        name: &'static str,
+        idempotent: bool,
+    ) -> Result<Arc<Publisher>, BusError> {
+        let mut config = config.clone();
+        config.idempotent = idempotent;
+        let config = &config;
         let producer = create(config)?;
         Ok(Arc::new(Publisher {
             config: config.clone(),
@@ -115,7 +132,7 @@ fn create(config: &BusConfig) -> Result<FutureProducer<Context>, BusError> {
     let delivery_ms = config.delivery_timeout.as_millis().max(1000);
     let mut client = config.client_config();
     client
-        .set("enable.idempotence", "true")
+        .set("enable.idempotence", config.idempotent.to_string())
         .set("acks", "all")
         // Control records are few and latency matters: send at once.
         .set("linger.ms", "0")

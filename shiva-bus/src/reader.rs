@@ -84,7 +84,7 @@ impl Reader {
         for kind in topics {
             let name = config.topics.name(*kind);
             assignment
-                .add_partition_offset(&name, 0, Offset::Beginning)
+                .add_partition_offset(&name, 0, Offset::Offset(0))
                 .map_err(|err| BusError::Kafka(err.to_string()))?;
             names.insert(name, *kind);
         }
@@ -131,6 +131,7 @@ fn poll_loop(
     let send = |event| events.blocking_send(event).is_ok();
     while !stop.load(Ordering::Relaxed) {
         while let Ok(Request::Sync(token)) = requests.try_recv() {
+            let started = std::time::Instant::now();
             let mut targets = BTreeMap::new();
             let mut failure = None;
             for (name, kind) in &names {
@@ -147,7 +148,10 @@ fn poll_loop(
                         return;
                     }
                 }
-                None => pending.push((token, targets)),
+                None => {
+                    tracing::debug!(token, elapsed = ?started.elapsed(), ?targets, "topic ends read");
+                    pending.push((token, targets));
+                }
             }
         }
         match consumer.poll(Duration::from_millis(50)) {

@@ -77,13 +77,13 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match cli.command {
         Command::Submit(args) => {
             let spec = spec_from(args)?;
-            let view = snapshot(&config, timeout).await?;
+            let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
             let revision = write_spec(&config, &spec).await?;
             let verb = if view.specs.contains_key(&spec.id) { "updated" } else { "submitted" };
             println!("{verb} {} (revision {revision})", spec.id);
         }
         Command::List(json) => {
-            let view = snapshot(&config, timeout).await?;
+            let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
             let rows: Vec<_> = view.specs.keys().filter_map(|task| task_row(&view, task)).collect();
             if json.json {
                 print_json(&rows);
@@ -108,7 +108,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         }
         Command::Status { id, json } => {
             let task = TaskId::new(id).map_err(invalid)?;
-            let view = snapshot(&config, timeout).await?;
+            let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
             let row = task_row(&view, &task).ok_or_else(|| no_such_task(&task))?;
             let spec = &view.specs[&task].spec;
             if json.json {
@@ -136,7 +136,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Command::Nodes(json) => {
-            let view = snapshot(&config, timeout).await?;
+            let view = snapshot(&config, timeout, &TopicKind::ALL).await?;
             let rows = node_rows(&view);
             if json.json {
                 print_json(&rows);
@@ -159,11 +159,11 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Start { id } => set_desired(&config, timeout, &id, DesiredState::Running).await?,
         Command::Delete { id } => {
             let task = TaskId::new(id).map_err(invalid)?;
-            let view = snapshot(&config, timeout).await?;
+            let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
             if !view.specs.contains_key(&task) {
                 return Err(no_such_task(&task));
             }
-            let publisher = Publisher::new(&config, "ctl")?;
+            let publisher = Publisher::one_off(&config, "ctl")?;
             publisher.send(TopicKind::Commands, &key::task(&task), None).await?;
             publisher.send(TopicKind::Commands, &key::desired(&task), None).await?;
             println!("deleted {task}");
@@ -227,7 +227,7 @@ fn spec_from(args: SubmitArgs) -> Result<TaskSpec, CtlError> {
 }
 
 async fn write_spec(config: &BusConfig, spec: &TaskSpec) -> Result<i64, CtlError> {
-    let publisher = Publisher::new(config, "ctl")?;
+    let publisher = Publisher::one_off(config, "ctl")?;
     let revision = publisher
         .send(TopicKind::Commands, &key::task(&spec.id), Some(&envelope(Body::Task(spec.clone()))))
         .await?;
@@ -243,22 +243,32 @@ async fn set_desired(
     state: DesiredState,
 ) -> Result<(), CtlError> {
     let task = TaskId::new(id).map_err(invalid)?;
-    let view = snapshot(config, timeout).await?;
+    let view = snapshot(config, timeout, &TASK_TOPICS).await?;
     if !view.specs.contains_key(&task) {
         return Err(no_such_task(&task));
     }
-    let publisher = Publisher::new(config, "ctl")?;
+    let publisher = Publisher::one_off(config, "ctl")?;
     let body = Body::Desired(Desired { task: task.clone(), state });
     publisher.send(TopicKind::Commands, &key::desired(&task), Some(&envelope(body))).await?;
     println!("{task}: desired {}", state.as_str());
     Ok(())
 }
 
-/// Reads every control topic to its end into a view.
-pub async fn snapshot(config: &BusConfig, timeout: Duration) -> Result<LogView, CtlError> {
-    admin::check_topics(config, timeout).await?;
+/// Topics that task commands read: the heartbeats on `control` are only needed by `nodes`
+/// (and on a broker that compacts rarely they are most of the log).
+const TASK_TOPICS: [TopicKind; 3] = [TopicKind::Commands, TopicKind::Assignments, TopicKind::Status];
+
+/// Reads `topics` to their end into a view.
+pub async fn snapshot(
+    config: &BusConfig,
+    timeout: Duration,
+    topics: &[TopicKind],
+) -> Result<LogView, CtlError> {
+    let started = std::time::Instant::now();
+    admin::require_topics(config, timeout).await?;
+    tracing::debug!(elapsed = ?started.elapsed(), "topics checked");
     let (events_tx, mut events) = mpsc::channel(8192);
-    let reader = Reader::spawn(config, &TopicKind::ALL, events_tx)?;
+    let reader = Reader::spawn(config, topics, events_tx)?;
     reader.sync(1);
     let mut view = LogView::default();
     let read = async {
@@ -267,7 +277,10 @@ pub async fn snapshot(config: &BusConfig, timeout: Duration) -> Result<LogView, 
                 ReaderEvent::Record(record) => {
                     view.apply(record.topic, record.offset, record.key.as_deref(), record.value.as_deref());
                 }
-                ReaderEvent::Synced(_) => return Ok(()),
+                ReaderEvent::Synced(_) => {
+                    tracing::debug!(elapsed = ?started.elapsed(), "log read to its end");
+                    return Ok(());
+                }
                 ReaderEvent::SyncFailed(_, message) => return Err(CtlError::Unreachable(message)),
                 ReaderEvent::Error(_) => {}
             }

@@ -58,9 +58,8 @@ pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
         }
         Some(Placement::Stopped) => {
             let previous = view.statuses.get(task);
-            let still_running = previous.is_some_and(|entry| {
-                !matches!(entry.status.state, RunState::Stopped) && view.heartbeats.contains_key(&entry.node)
-            });
+            let still_running =
+                previous.is_some_and(|entry| !matches!(entry.status.state, RunState::Stopped));
             row.state = if still_running { "stopping" } else { "stopped" };
             row.node = previous.filter(|_| still_running).map(|entry| entry.node.clone());
         }
