@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use std::collections::BTreeMap;
+
 use serde_json::Value;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -342,4 +344,102 @@ pub fn pid_alive(pid: i32) -> bool {
 /// A unique cluster name for a test.
 pub fn cluster(label: &str) -> String {
     format!("{label}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+}
+
+/// How long a cluster gets to settle after a change.
+pub const SETTLE: Duration = Duration::from_secs(20);
+
+/// A broker, a cluster name, its nodes and a ctl.
+pub struct Cluster {
+    /// The broker.
+    pub broker: Broker,
+    /// Cluster name (also the `E2E` marker of its tasks).
+    pub name: String,
+    /// A ctl for it.
+    pub ctl: Ctl,
+    /// Its nodes.
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// `count` nodes n1..nN; `tags[i]` are extra flags of node i+1.
+    pub fn start(label: &str, count: usize, extra: &[&[&str]]) -> Cluster {
+        let broker = Broker::start();
+        let name = cluster(label);
+        let ctl = Ctl::new(&broker, &name);
+        let nodes = (1..=count)
+            .map(|i| Node::start(&broker, &name, &format!("n{i}"), extra.get(i - 1).copied().unwrap_or(&[])))
+            .collect();
+        let cluster = Cluster { broker, name, ctl, nodes };
+        cluster.wait_nodes(count);
+        cluster
+    }
+
+    pub fn node(&mut self, id: &str) -> &mut Node {
+        self.nodes.iter_mut().find(|node| node.id == id).expect("known node")
+    }
+
+    /// Waits until `count` nodes are alive with exactly one leader; returns the leader.
+    pub fn wait_nodes(&self, count: usize) -> String {
+        let mut leader = String::new();
+        wait_until(SETTLE, &format!("{count} nodes alive with one leader"), || {
+            let Some(nodes) = self.ctl.try_json(&["nodes"]) else { return false };
+            let rows = nodes.as_array().unwrap();
+            let alive = rows.iter().filter(|n| n["alive"] == true).count();
+            let leaders: Vec<&Value> = rows.iter().filter(|n| n["leader"] == true).collect();
+            if alive == count && leaders.len() == 1 {
+                leader = leaders[0]["id"].as_str().unwrap().to_owned();
+                true
+            } else {
+                false
+            }
+        });
+        leader
+    }
+
+    pub fn submit(&self, id: &str, tags: &[&str]) {
+        let mut args = vec!["submit", "--id", id, "--env"];
+        let marker = format!("E2E={}", self.name);
+        args.push(&marker);
+        let tags = tags.join(",");
+        if !tags.is_empty() {
+            args.extend(["--tags", &tags]);
+        }
+        args.extend(["--stop-grace", "2s", "--", "sleep", "1000"]);
+        self.ctl.ok(&args);
+    }
+
+    /// Waits until every task in `tasks` is `running` per `list` and has exactly one live
+    /// process, on the node `list` names; returns task → node.
+    pub fn wait_running_once(&self, tasks: &[String]) -> BTreeMap<String, String> {
+        let mut placement = BTreeMap::new();
+        wait_until(SETTLE, &format!("{tasks:?} each running exactly once"), || {
+            let rows = self.ctl.tasks();
+            placement.clear();
+            tasks.iter().all(|task| {
+                let Some(row) = rows.get(task) else { return false };
+                let node = row["node"].as_str().unwrap_or("").to_owned();
+                let processes = task_processes(&self.name, task);
+                // Running exactly once, where `list` says, with the pid `list` shows.
+                let once = row["state"] == "running"
+                    && processes.len() == 1
+                    && processes[0].1 == node
+                    && row["pid"].as_i64() == Some(processes[0].0 as i64);
+                placement.insert(task.clone(), node);
+                once
+            })
+        });
+        placement
+    }
+
+    pub fn assert_never_twice(&self, tasks: &[String], for_how_long: Duration) {
+        let deadline = Instant::now() + for_how_long;
+        while Instant::now() < deadline {
+            for task in tasks {
+                let processes = task_processes(&self.name, task);
+                assert!(processes.len() <= 1, "{task} runs {} times: {processes:?}", processes.len());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

@@ -31,7 +31,7 @@ pub async fn ensure_topics(config: &BusConfig, timeout: Duration) -> Result<Vec<
     let admin = admin_client(config)?;
     let names: Vec<String> = TopicKind::ALL.iter().map(|kind| config.topics.name(*kind)).collect();
     // Fail fast, with a clear message, when the broker does not answer at all.
-    metadata(&admin, config, None, timeout).await?;
+    metadata(&admin, config, None, timeout.min(Duration::from_secs(2))).await?;
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| NewTopic::new(name, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact"))

@@ -90,7 +90,7 @@ pub struct SubmitArgs {
     #[arg(long, value_name = "K=V")]
     pub env: Vec<String>,
     /// Time between SIGTERM and SIGKILL when stopping (e.g. 10s).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub stop_grace: Option<String>,
     /// Working directory (absolute).
     #[arg(long)]

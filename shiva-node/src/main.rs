@@ -1,5 +1,6 @@
 //! `shiva-node`: parses flags, sets up logging and signals, runs the node.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -10,7 +11,11 @@ fn main() -> ExitCode {
     let args = NodeArgs::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHIVA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
     let config = match NodeConfig::from_args(args) {
         Ok(config) => config,
         Err(err) => {

@@ -62,8 +62,15 @@ impl Epochs {
         let Some(winner) = self.winners.get(&epoch) else {
             return Err(format!("epoch {epoch} has no winner"));
         };
-        if winner.node.as_str() != sender || Some(winner.incarnation) != incarnation {
+        if winner.node.as_str() != sender {
             return Err(format!("{sender} did not win epoch {epoch} ({} did)", winner.node));
+        }
+        if Some(winner.incarnation) != incarnation {
+            return Err(format!(
+                "{sender} won epoch {epoch} in incarnation {}, not {}",
+                winner.incarnation,
+                incarnation.map_or("(none)".to_owned(), |inc| inc.to_string())
+            ));
         }
         if self.resigned.contains(&epoch) {
             return Err(format!("the leader of epoch {epoch} resigned"));

@@ -1,0 +1,171 @@
+//! Bad input on every surface: forged and malformed records on the bus (written with an
+//! independent client), invalid specs and flags, an unreachable bus, a missing cluster.
+
+use std::process::Command;
+use std::time::Duration;
+
+use shiva_e2e::{
+    Broker, Cluster, Ctl, Node, SETTLE, bin, free_port, repo, scratch, task_processes, wait_until,
+};
+
+/// The Python interpreter with confluent-kafka (scripts/test provides one).
+fn python() -> String {
+    let python = std::env::var("SHIVA_E2E_PYTHON").unwrap_or_else(|_| "python3".into());
+    let check = Command::new(&python).args(["-c", "import confluent_kafka"]).output().expect("run python");
+    assert!(
+        check.status.success(),
+        "{python} cannot import confluent_kafka (scripts/test installs it): {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    python
+}
+
+#[test]
+fn forged_malformed_and_oversized_records_are_skipped_and_never_make_a_non_node_leader() {
+    let python = python();
+    let cluster = Cluster::start("forge", 3, &[]);
+    let tasks: Vec<String> = (1..=3).map(|i| format!("e2e/t{i}")).collect();
+    for task in &tasks {
+        cluster.submit(task, &[]);
+    }
+    let before = cluster.wait_running_once(&tasks);
+    let leader = cluster.wait_nodes(3);
+    let nodes = cluster.ctl.json(&["nodes"]);
+    assert!(nodes.as_array().unwrap().iter().any(|n| n["id"] == leader.as_str()));
+
+    // The next epoch is one past the newest claim: read it from a node's log.
+    let next_epoch = cluster
+        .nodes
+        .iter()
+        .flat_map(|node| {
+            let log = node.log_text();
+            log.lines()
+                .filter(|line| line.contains("new epoch"))
+                .filter_map(|line| {
+                    line.split(" epoch=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let output = Command::new(&python)
+        .arg(repo().join("tests/forge.py"))
+        .args([
+            &format!("127.0.0.1:{}", cluster.broker.port),
+            &cluster.name,
+            "n1",
+            &next_epoch.to_string(),
+            &tasks[0],
+        ])
+        .output()
+        .expect("run forge.py");
+    assert!(output.status.success(), "forge.py failed: {}", String::from_utf8_lossy(&output.stderr));
+
+    assert!(next_epoch >= 2, "the newest epoch was read from the logs");
+    // The ghost wins the next epoch by being first; with no heartbeat and no leader write it
+    // counts as gone within the node timeout and a real node claims the one after.
+    wait_until(SETTLE, "a real node leads an epoch after the ghost's", || {
+        cluster.nodes.iter().any(|node| {
+            node.log_text().lines().any(|line| {
+                line.contains("new epoch")
+                    && !line.contains("leader=ghost")
+                    && line
+                        .split(" epoch=")
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+                        > Some(next_epoch)
+            })
+        })
+    });
+    let leader_after = cluster.wait_nodes(3);
+    assert!(["n1", "n2", "n3"].contains(&leader_after.as_str()), "leader is {leader_after}");
+    let after = cluster.wait_running_once(&tasks);
+    assert_eq!(before, after, "forged records moved no task");
+    let nodes = cluster.ctl.json(&["nodes"]);
+    assert!(nodes.as_array().unwrap().iter().all(|n| n["id"] != "ghost" || n["leader"] == false));
+    for node in &cluster.nodes {
+        let log = node.log_text();
+        assert!(log.contains("skipped record"), "node {} logged no skipped record", node.id);
+        assert!(!log.contains("panicked"), "node {} panicked:\n{log}", node.id);
+    }
+    let list = cluster.ctl.tasks();
+    assert!(
+        !list.contains_key("junk") && !list.contains_key("big"),
+        "malformed specs are not tasks: {list:?}"
+    );
+}
+
+#[test]
+fn invalid_specs_and_flags_exit_2_naming_the_field() {
+    let broker = Broker::start();
+    let ctl = Ctl::new(&broker, "nocluster");
+    let dir = scratch("specs");
+    let cases = [
+        (r#"{"id":"a","command":"x","colour":"red"}"#, "colour"),
+        (r#"{"id":"a/../b","command":"x"}"#, "id"),
+        (r#"{"id":"a","command":"x","stop_grace":"-5s"}"#, "stop_grace"),
+        (r#"{"id":"a","command":""}"#, "command"),
+        (r#"{"id":"a","command":"x","env":{"SHIVA_TASK_ID":"1"}}"#, "env.SHIVA_TASK_ID"),
+        ("not json", "expected"),
+    ];
+    for (index, (spec, field)) in cases.iter().enumerate() {
+        let path = dir.join(format!("spec{index}.json"));
+        std::fs::write(&path, spec).unwrap();
+        let output = ctl.run(&["submit", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{spec}: {stderr}");
+        assert!(stderr.contains(field), "{spec}: message should name '{field}': {stderr}");
+    }
+    let flag_cases: [(&[&str], &str); 5] = [
+        (&["submit", "--id", "a", "--stop-grace", "-5s", "--", "x"], "--stop-grace"),
+        (&["submit", "--id", "a b", "--", "x"], "--id"),
+        (&["submit", "--id", "a"], "command"),
+        (&["submit", "--id", "a", "--env", "NOEQUALS", "--", "x"], "--env"),
+        (&["status", "a/b/c/d/e"], "segments"),
+    ];
+    for (args, needle) in flag_cases {
+        let output = ctl.run(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: message should name '{needle}': {stderr}");
+    }
+    assert_eq!(ctl.run(&["frobnicate"]).status.code(), Some(2), "usage errors exit 2");
+}
+
+#[test]
+fn an_unreachable_bus_or_missing_cluster_exits_3_and_a_node_keeps_retrying() {
+    let port = free_port();
+    let output = Command::new(bin("shiva-ctl"))
+        .args(["--bus", &format!("kafka://127.0.0.1:{port}"), "--timeout", "2s", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach the bus"));
+
+    let broker = Broker::start();
+    let output = Ctl::new(&broker, "never-started").run(&["list"]);
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("does not exist") && stderr.contains("shiva-node creates them"), "{stderr}");
+
+    let cluster = Cluster::start("unknown", 1, &[]);
+    assert_eq!(cluster.ctl.run(&["kill", "no/such"]).status.code(), Some(1), "a missing task fails with 1");
+
+    let silent = Broker { dir: scratch("nobroker"), port: free_port() };
+    let mut node = Node::start(&silent, "lonely", "n1", &[]);
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(node.is_running(), "a node without a broker keeps retrying");
+    let log = node.log_text();
+    assert!(log.contains("bus unreachable") && log.contains("retrying"), "{log}");
+    // When the broker appears, the node joins by itself.
+    silent.restart();
+    let ctl = Ctl::new(&silent, "lonely");
+    wait_until(SETTLE, "the node joins once the broker is up", || {
+        ctl.try_json(&["nodes"])
+            .is_some_and(|nodes| nodes.as_array().is_some_and(|n| n.len() == 1 && n[0]["alive"] == true))
+    });
+    cluster.submit("x", &[]);
+    assert_eq!(cluster.wait_running_once(&["x".to_owned()]).len(), 1);
+    assert!(task_processes(&cluster.name, "x").len() == 1);
+}
