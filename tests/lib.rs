@@ -318,7 +318,7 @@ pub fn task_processes(marker: &str, task: &str) -> Vec<(i32, String)> {
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
         let vars: Vec<String> =
             environ.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
-        if !vars.iter().any(|v| *v == needle) || !vars.iter().any(|v| *v == marker) {
+        if !vars.contains(&needle) || !vars.contains(&marker) {
             continue;
         }
         let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();

@@ -182,12 +182,8 @@ fn poll_loop(
                     }
                 }
             }
-            Some(Err(err)) => {
-                if !send(ReaderEvent::Error(err.to_string())) {
-                    return;
-                }
-            }
-            None => {}
+            Some(Err(err)) if !send(ReaderEvent::Error(err.to_string())) => return,
+            Some(Err(_)) | None => {}
         }
         let mut index = 0;
         while index < pending.len() {
