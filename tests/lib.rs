@@ -55,12 +55,19 @@ pub struct Broker {
     pub dir: PathBuf,
     /// Port.
     pub port: u16,
+    /// Compaction interval.
+    pub interval: String,
 }
 
 impl Broker {
     /// Starts a broker (compaction every second, so tests see a really compacted log).
     pub fn start() -> Broker {
-        let broker = Broker { dir: scratch("broker"), port: free_port() };
+        Broker::start_with_interval("1s")
+    }
+
+    /// Starts a broker compacting every `interval`.
+    pub fn start_with_interval(interval: &str) -> Broker {
+        let broker = Broker { dir: scratch("broker"), port: free_port(), interval: interval.to_owned() };
         broker.launch();
         broker
     }
@@ -69,7 +76,7 @@ impl Broker {
         let output = Command::new(repo().join("scripts/broker"))
             .args(["start", "--dir"])
             .arg(&self.dir)
-            .args(["--port", &self.port.to_string(), "--maintenance-interval", "1s"])
+            .args(["--port", &self.port.to_string(), "--maintenance-interval", &self.interval])
             .output()
             .expect("run scripts/broker");
         assert!(
@@ -121,6 +128,13 @@ pub struct Node {
 impl Node {
     /// Starts a node with test timings (heartbeat 100ms, leader 600ms, node 1.5s).
     pub fn start(broker: &Broker, cluster: &str, id: &str, extra: &[&str]) -> Node {
+        let timings =
+            ["--heartbeat-interval", "100ms", "--leader-timeout", "600ms", "--node-timeout", "1500ms"];
+        Node::launch(broker, cluster, id, &[&timings[..], extra].concat())
+    }
+
+    /// Starts a node with the default timings and `extra` flags.
+    pub fn launch(broker: &Broker, cluster: &str, id: &str, extra: &[&str]) -> Node {
         let workspace = scratch(&format!("ws-{id}"));
         let mut args: Vec<String> = vec![
             "--bus".into(),
@@ -131,12 +145,6 @@ impl Node {
             id.into(),
             "--workspace".into(),
             workspace.display().to_string(),
-            "--heartbeat-interval".into(),
-            "100ms".into(),
-            "--leader-timeout".into(),
-            "600ms".into(),
-            "--node-timeout".into(),
-            "1500ms".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = workspace.join("node.log");

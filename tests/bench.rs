@@ -1,0 +1,283 @@
+//! `bench`: measures the core cluster's figures with real processes on the real broker, with
+//! the node's default settings, and prints a Markdown report for `docs/benchmarks.md`.
+//!
+//! ```sh
+//! cargo build --release --workspace && target/release/bench [--quick]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use shiva_bus::{BusConfig, Publisher, Reader, ReaderEvent, admin};
+use shiva_e2e::{Broker, Ctl, Node, cluster, scratch, wait_until};
+use shiva_proto::records::{Body, Desired, DesiredState};
+use shiva_proto::topics::key;
+use shiva_proto::{Envelope, LogView, TaskId, TaskSpec, TopicKind};
+use tokio::sync::mpsc;
+
+fn now_ns() -> i128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128
+}
+
+fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[index]
+}
+
+fn summary(samples: &mut [f64]) -> String {
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (n={})",
+        percentile(samples, 0.5),
+        percentile(samples, 0.99),
+        percentile(samples, 1.0),
+        samples.len()
+    )
+}
+
+fn envelope(body: Body) -> Vec<u8> {
+    Envelope { sender: "ctl:bench".into(), incarnation: None, sent_at_ms: 0, body }.encode()
+}
+
+/// Broker produce → consume round trip through Shiva's own client settings.
+async fn round_trip(broker: &Broker, samples: usize) -> Vec<f64> {
+    let config = BusConfig::new(&broker.url(), &cluster("rt"), &[]).unwrap();
+    admin::ensure_topics(&config, Duration::from_secs(5)).await.unwrap();
+    let publisher = Publisher::new(&config, "bench").unwrap();
+    let (tx, mut rx) = mpsc::channel(1024);
+    let reader = Reader::spawn(&config, &[TopicKind::Status], tx).unwrap();
+    reader.sync(0);
+    while !matches!(rx.recv().await, Some(ReaderEvent::Synced(0))) {}
+    let mut out = Vec::new();
+    for i in 0..samples {
+        let key = format!("rt/{i}");
+        let started = Instant::now();
+        publisher.send(TopicKind::Status, &key, Some(b"x")).await.unwrap();
+        loop {
+            if let Some(ReaderEvent::Record(record)) = rx.recv().await
+                && record.key.as_deref() == Some(key.as_bytes())
+            {
+                break;
+            }
+        }
+        out.push(started.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    out
+}
+
+/// A task that appends its start instant (ns since the epoch) to `file`, then sleeps.
+fn stamping_spec(id: &str, file: &Path) -> TaskSpec {
+    let script = format!("date +%s%N >> {}; exec sleep 100000", file.display());
+    let mut spec = TaskSpec::new(TaskId::new(id).unwrap(), "sh", vec!["-c".into(), script]);
+    spec.stop_grace = Duration::from_secs(1);
+    spec
+}
+
+async fn submit(publisher: &std::sync::Arc<Publisher>, spec: &TaskSpec) {
+    publisher
+        .send(TopicKind::Commands, &key::task(&spec.id), Some(&envelope(Body::Task(spec.clone()))))
+        .await
+        .unwrap();
+    let desired = Body::Desired(Desired { task: spec.id.clone(), state: DesiredState::Running });
+    publisher.send(TopicKind::Commands, &key::desired(&spec.id), Some(&envelope(desired))).await.unwrap();
+}
+
+fn starts(file: &Path) -> Vec<i128> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.trim().parse().ok())
+        .collect()
+}
+
+/// Submit (spec record written) → child started.
+async fn submit_to_start(broker: &Broker, cluster: &str, dir: &Path, samples: usize) -> Vec<f64> {
+    let config = BusConfig::new(&broker.url(), cluster, &[]).unwrap();
+    let publisher = Publisher::one_off(&config, "bench").unwrap();
+    let mut out = Vec::new();
+    for i in 0..samples {
+        let file = dir.join(format!("s{i}"));
+        let spec = stamping_spec(&format!("bench/s{i}"), &file);
+        let sent = now_ns();
+        submit(&publisher, &spec).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let started = loop {
+            if let Some(start) = starts(&file).first() {
+                break *start;
+            }
+            assert!(Instant::now() < deadline, "task {i} did not start");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        out.push((started - sent) as f64 / 1e6);
+    }
+    out
+}
+
+fn leader(ctl: &Ctl) -> Option<String> {
+    let nodes = ctl.try_json(&["nodes"])?;
+    nodes.as_array()?.iter().find(|n| n["leader"] == true).map(|n| n["id"].as_str().unwrap().to_owned())
+}
+
+/// kill -9 of the leader → first accepted write of the next epoch's winner.
+async fn failover(broker: &Broker, cluster: &str, nodes: &mut [Node], ctl: &Ctl) -> f64 {
+    let config = BusConfig::new(&broker.url(), cluster, &[]).unwrap();
+    let (tx, mut rx) = mpsc::channel(8192);
+    let reader = Reader::spawn(&config, &[TopicKind::Assignments], tx).unwrap();
+    reader.sync(0);
+    let mut view = LogView::default();
+    loop {
+        match rx.recv().await.unwrap() {
+            ReaderEvent::Record(r) => {
+                view.apply(r.topic, r.offset, r.key.as_deref(), r.value.as_deref());
+            }
+            ReaderEvent::Synced(0) => break,
+            _ => {}
+        }
+    }
+    let old_epoch = view.epochs.newest;
+    let old_leader = leader(ctl).expect("a leader");
+    let node = nodes.iter_mut().find(|n| n.id == old_leader).unwrap();
+    let killed = Instant::now();
+    node.kill9();
+    loop {
+        if let Some(ReaderEvent::Record(r)) = rx.recv().await {
+            view.apply(r.topic, r.offset, r.key.as_deref(), r.value.as_deref());
+            if view.epochs.active.iter().any(|epoch| *epoch > old_epoch) {
+                break;
+            }
+        }
+    }
+    let took = killed.elapsed().as_secs_f64() * 1000.0;
+    node.restart();
+    took
+}
+
+/// kill -9 of a runner (not the leader) → every task it held started elsewhere.
+fn node_death(nodes: &mut [Node], ctl: &Ctl, files: &[(String, PathBuf)]) -> f64 {
+    let leader = leader(ctl).expect("a leader");
+    let rows = ctl.tasks();
+    let holds = |id: &str| {
+        files.iter().filter(|(task, _)| rows.get(task).is_some_and(|row| row["node"] == id)).count()
+    };
+    let victim =
+        nodes.iter().map(|n| n.id.clone()).filter(|id| *id != leader).max_by_key(|id| holds(id)).unwrap();
+    let held: Vec<&PathBuf> = files
+        .iter()
+        .filter(|(task, _)| rows.get(task).is_some_and(|row| row["node"] == victim.as_str()))
+        .map(|(_, file)| file)
+        .collect();
+    assert!(!held.is_empty(), "{victim} holds no task");
+    let node = nodes.iter_mut().find(|n| n.id == victim).unwrap();
+    let killed = now_ns();
+    node.kill9();
+    let mut latest = 0;
+    wait_until(Duration::from_secs(30), "the dead node's tasks restart elsewhere", || {
+        held.iter().all(|file| {
+            let after: Vec<i128> = starts(file).into_iter().filter(|start| *start > killed).collect();
+            if let Some(first) = after.first() {
+                latest = latest.max(*first);
+            }
+            !after.is_empty()
+        })
+    });
+    node.restart();
+    (latest - killed) as f64 / 1e6
+}
+
+/// RSS (kB) and CPU (% of one core) of `pid` over `window`.
+fn idle_usage(pid: i32, window: Duration) -> (u64, f64) {
+    let ticks = |pid: i32| -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split_whitespace().collect();
+        fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap_or(100) as f64;
+    let before = ticks(pid);
+    std::thread::sleep(window);
+    let cpu = (ticks(pid) - before) / hz / window.as_secs_f64() * 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0);
+    (rss, cpu)
+}
+
+fn main() {
+    let quick = std::env::args().any(|arg| arg == "--quick");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let broker = Broker::start_with_interval("10s");
+    let mut report = Vec::new();
+
+    let mut rtt = runtime.block_on(round_trip(&broker, if quick { 50 } else { 200 }));
+    report
+        .push(format!("| broker produce → consume round trip (fetch wait 10 ms) | {} |", summary(&mut rtt)));
+
+    for (label, extra) in
+        [("default --fetch-wait 10ms", vec![]), ("--fetch-wait 100ms", vec!["--fetch-wait", "100ms"])]
+    {
+        let name = cluster("idle");
+        let nodes: Vec<Node> =
+            (1..=3).map(|i| Node::launch(&broker, &name, &format!("i{i}"), &extra)).collect();
+        let ctl = Ctl::new(&broker, &name);
+        wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
+        std::thread::sleep(Duration::from_secs(3));
+        let window = Duration::from_secs(if quick { 10 } else { 30 });
+        let usage: Vec<(u64, f64)> =
+            nodes.iter().map(|node| (node.pid(), window)).map(|(pid, w)| idle_usage(pid, w)).collect();
+        let rss = usage.iter().map(|(rss, _)| *rss).max().unwrap();
+        let cpu = usage.iter().map(|(_, cpu)| *cpu).fold(0.0, f64::max);
+        report.push(format!(
+            "| idle node, 3-node cluster, {label} | RSS {:.1} MB, CPU {cpu:.2} % of a core (worst node) |",
+            rss as f64 / 1024.0
+        ));
+    }
+
+    let name = cluster("bench");
+    let mut nodes: Vec<Node> = (1..=3).map(|i| Node::launch(&broker, &name, &format!("n{i}"), &[])).collect();
+    let ctl = Ctl::new(&broker, &name);
+    wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
+    let dir = scratch("bench");
+    let mut latency = runtime.block_on(submit_to_start(&broker, &name, &dir, if quick { 20 } else { 100 }));
+    report.push(format!("| submit (spec record written) → child started | {} |", summary(&mut latency)));
+
+    let rounds = if quick { 2 } else { 5 };
+    let mut failovers = Vec::new();
+    for _ in 0..rounds {
+        wait_until(Duration::from_secs(30), "3 nodes and a leader", || {
+            leader(&ctl).is_some()
+                && ctl
+                    .try_json(&["nodes"])
+                    .is_some_and(|n| n.as_array().unwrap().iter().filter(|n| n["alive"] == true).count() == 3)
+        });
+        failovers.push(runtime.block_on(failover(&broker, &name, &mut nodes, &ctl)));
+    }
+    report.push(format!(
+        "| leader failover: kill -9 leader → new leader's first write | {} |",
+        summary(&mut failovers)
+    ));
+
+    let files: Vec<(String, PathBuf)> = (0..6)
+        .map(|i| (format!("bench/s{i}"), dir.join(format!("s{i}"))))
+        .take(if quick { 3 } else { 6 })
+        .collect();
+    let mut deaths = Vec::new();
+    for _ in 0..rounds {
+        wait_until(Duration::from_secs(30), "3 nodes, a leader, tasks running", || {
+            let rows = ctl.tasks();
+            leader(&ctl).is_some() && rows.values().all(|row| row["state"] == "running")
+        });
+        deaths.push(node_death(&mut nodes, &ctl, &files));
+    }
+    report.push(format!(
+        "| node death (kill -9) → all its tasks started elsewhere | {} |",
+        summary(&mut deaths)
+    ));
+
+    println!("| measure | result |\n|---|---|");
+    for line in report {
+        println!("{line}");
+    }
+}
