@@ -2,7 +2,7 @@
 //! the node's default settings, and prints a Markdown report for `docs/benchmarks.md`.
 //!
 //! ```sh
-//! cargo build --release --workspace && target/release/bench [--quick]
+//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 10ms]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -49,7 +49,8 @@ async fn round_trip(broker: &Broker, samples: usize) -> Vec<f64> {
     reader.sync(0);
     while !matches!(rx.recv().await, Some(ReaderEvent::Synced(0))) {}
     let mut out = Vec::new();
-    for i in 0..samples {
+    // The first sends include the producer's set-up: warm up, then measure.
+    for i in 0..samples + 5 {
         let key = format!("rt/{i}");
         let started = Instant::now();
         publisher.send(TopicKind::Status, &key, Some(b"x")).await.unwrap();
@@ -60,7 +61,9 @@ async fn round_trip(broker: &Broker, samples: usize) -> Vec<f64> {
                 break;
             }
         }
-        out.push(started.elapsed().as_secs_f64() * 1000.0);
+        if i >= 5 {
+            out.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     out
@@ -185,28 +188,31 @@ fn node_death(nodes: &mut [Node], ctl: &Ctl, files: &[(String, PathBuf)]) -> f64
     (latest - killed) as f64 / 1e6
 }
 
-/// RSS (kB) and CPU (% of one core) of `pid` over `window`.
-fn idle_usage(pid: i32, window: Duration) -> (u64, f64) {
-    let ticks = |pid: i32| -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split_whitespace().collect();
-        fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()
-    };
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap_or(100) as f64;
-    let before = ticks(pid);
-    std::thread::sleep(window);
-    let cpu = (ticks(pid) - before) / hz / window.as_secs_f64() * 100.0;
+/// CPU time (ns) of every thread of `pid`.
+fn cpu_ns(pid: i32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Resident set size of `pid` in kB.
+fn rss_kb(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss = status
+    status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0);
-    (rss, cpu)
+        .unwrap_or(0)
 }
 
 fn main() {
-    let quick = std::env::args().any(|arg| arg == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|arg| arg == "--quick");
+    let fetch_wait = args.iter().position(|arg| arg == "--fetch-wait").map_or("10ms".to_owned(), |i| args[i + 1].clone());
+    let node_args = ["--fetch-wait", fetch_wait.as_str()];
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let broker = Broker::start_with_interval("10s");
     let mut report = Vec::new();
@@ -215,33 +221,37 @@ fn main() {
     report
         .push(format!("| broker produce → consume round trip (fetch wait 10 ms) | {} |", summary(&mut rtt)));
 
-    for (label, extra) in
-        [("default --fetch-wait 10ms", vec![]), ("--fetch-wait 100ms", vec!["--fetch-wait", "100ms"])]
-    {
+    for fetch in ["10ms", "20ms", "100ms"] {
         let name = cluster("idle");
-        let nodes: Vec<Node> =
-            (1..=3).map(|i| Node::launch(&broker, &name, &format!("i{i}"), &extra)).collect();
+        let extra = ["--fetch-wait", fetch];
+        let nodes: Vec<Node> = (1..=3).map(|i| Node::launch(&broker, &name, &format!("i{i}"), &extra)).collect();
         let ctl = Ctl::new(&broker, &name);
         wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
         std::thread::sleep(Duration::from_secs(3));
         let window = Duration::from_secs(if quick { 10 } else { 30 });
-        let usage: Vec<(u64, f64)> =
-            nodes.iter().map(|node| (node.pid(), window)).map(|(pid, w)| idle_usage(pid, w)).collect();
-        let rss = usage.iter().map(|(rss, _)| *rss).max().unwrap();
-        let cpu = usage.iter().map(|(_, cpu)| *cpu).fold(0.0, f64::max);
+        let before: Vec<u64> = nodes.iter().map(|node| cpu_ns(node.pid())).collect();
+        std::thread::sleep(window);
+        let cpu = nodes
+            .iter()
+            .zip(before)
+            .map(|(node, before)| (cpu_ns(node.pid()) - before) as f64 / window.as_nanos() as f64 * 100.0)
+            .fold(0.0, f64::max);
+        let rss = nodes.iter().map(|node| rss_kb(node.pid())).max().unwrap();
+        let label = if fetch == "10ms" { "--fetch-wait 10ms (default)".to_owned() } else { format!("--fetch-wait {fetch}") };
         report.push(format!(
-            "| idle node, 3-node cluster, {label} | RSS {:.1} MB, CPU {cpu:.2} % of a core (worst node) |",
-            rss as f64 / 1024.0
+            "| idle node in a 3-node cluster, {label} | RSS {:.1} MB, CPU {cpu:.2} % of a core (worst of 3 nodes, {}s) |",
+            rss as f64 / 1024.0,
+            window.as_secs()
         ));
     }
 
     let name = cluster("bench");
-    let mut nodes: Vec<Node> = (1..=3).map(|i| Node::launch(&broker, &name, &format!("n{i}"), &[])).collect();
+    let mut nodes: Vec<Node> = (1..=3).map(|i| Node::launch(&broker, &name, &format!("n{i}"), &node_args)).collect();
     let ctl = Ctl::new(&broker, &name);
     wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
     let dir = scratch("bench");
     let mut latency = runtime.block_on(submit_to_start(&broker, &name, &dir, if quick { 20 } else { 100 }));
-    report.push(format!("| submit (spec record written) → child started | {} |", summary(&mut latency)));
+    report.push(format!("| submit (spec record written) → child started, --fetch-wait {fetch_wait} | {} |", summary(&mut latency)));
 
     let rounds = if quick { 2 } else { 5 };
     let mut failovers = Vec::new();

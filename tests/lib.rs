@@ -25,7 +25,11 @@ pub fn repo() -> PathBuf {
 /// Where cargo put the binaries of this build.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    // Tests run from target/<profile>/deps, the bench from target/<profile>.
+    let mut dir = exe.parent().expect("target/<profile>");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -438,6 +442,17 @@ impl Cluster {
             })
         });
         placement
+    }
+
+    /// Submits `count` untagged tasks `<prefix>1…` and waits until each runs exactly once;
+    /// returns their ids and placement.
+    pub fn run_tasks(&self, prefix: &str, count: usize) -> (Vec<String>, BTreeMap<String, String>) {
+        let tasks: Vec<String> = (1..=count).map(|i| format!("{prefix}{i}")).collect();
+        for task in &tasks {
+            self.submit(task, &[]);
+        }
+        let placement = self.wait_running_once(&tasks);
+        (tasks, placement)
     }
 
     pub fn assert_never_twice(&self, tasks: &[String], for_how_long: Duration) {

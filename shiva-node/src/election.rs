@@ -134,17 +134,7 @@ mod tests {
     const B2: Beats = Beats { leader: 2, first_write: 2 };
 
     fn hb() -> Heartbeat {
-        Heartbeat {
-            protocol: 1,
-            seq: 0,
-            hostname: "h".into(),
-            tags: vec![],
-            leader_capable: true,
-            runner: true,
-            interval_ms: 100,
-            resources: Default::default(),
-            runs: vec![],
-        }
+        crate::membership::test_heartbeat()
     }
 
     fn claim(view: &mut LogView, offset: i64, node: &NodeId, inc: Uuid, epoch: u64) -> Outcome {

@@ -100,22 +100,28 @@ impl Membership {
     }
 }
 
+/// A heartbeat for unit tests.
+#[cfg(test)]
+pub(crate) fn test_heartbeat() -> Heartbeat {
+    Heartbeat {
+        protocol: 1,
+        seq: 0,
+        hostname: "h".into(),
+        tags: vec![],
+        leader_capable: true,
+        runner: true,
+        interval_ms: 100,
+        resources: Default::default(),
+        runs: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn hb() -> Heartbeat {
-        Heartbeat {
-            protocol: 1,
-            seq: 0,
-            hostname: "h".into(),
-            tags: vec![],
-            leader_capable: true,
-            runner: true,
-            interval_ms: 100,
-            resources: Default::default(),
-            runs: vec![],
-        }
+        test_heartbeat()
     }
 
     #[test]

@@ -24,11 +24,7 @@ fn python() -> String {
 fn forged_malformed_and_oversized_records_are_skipped_and_never_make_a_non_node_leader() {
     let python = python();
     let cluster = Cluster::start("forge", 3, &[]);
-    let tasks: Vec<String> = (1..=3).map(|i| format!("e2e/t{i}")).collect();
-    for task in &tasks {
-        cluster.submit(task, &[]);
-    }
-    let before = cluster.wait_running_once(&tasks);
+    let (tasks, before) = cluster.run_tasks("e2e/t", 3);
     let leader = cluster.wait_nodes(3);
     let nodes = cluster.ctl.json(&["nodes"]);
     assert!(nodes.as_array().unwrap().iter().any(|n| n["id"] == leader.as_str()));

@@ -7,10 +7,6 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use shiva_e2e::{Broker, Cluster, Node, SETTLE, pid_alive, task_processes, wait_until};
 
-fn names(prefix: &str, count: usize) -> Vec<String> {
-    (1..=count).map(|i| format!("{prefix}{i}")).collect()
-}
-
 fn per_node(placement: &BTreeMap<String, String>) -> BTreeMap<String, usize> {
     let mut load = BTreeMap::new();
     for node in placement.values() {
@@ -22,11 +18,7 @@ fn per_node(placement: &BTreeMap<String, String>) -> BTreeMap<String, usize> {
 #[test]
 fn three_nodes_elect_one_leader_spread_tasks_and_honour_tags() {
     let cluster = Cluster::start("spread", 3, &[&[], &[], &["--tags", "gpu"]]);
-    let tasks = names("app/t", 9);
-    for task in &tasks {
-        cluster.submit(task, &[]);
-    }
-    let placement = cluster.wait_running_once(&tasks);
+    let (tasks, placement) = cluster.run_tasks("app/t", 9);
     let load = per_node(&placement);
     assert_eq!(
         load.values().copied().collect::<Vec<_>>(),
@@ -48,11 +40,7 @@ fn three_nodes_elect_one_leader_spread_tasks_and_honour_tags() {
 fn killing_the_leader_moves_its_tasks_to_the_survivors_exactly_once() {
     let mut cluster = Cluster::start("failover", 3, &[]);
     let leader = cluster.wait_nodes(3);
-    let tasks = names("svc/t", 6);
-    for task in &tasks {
-        cluster.submit(task, &[]);
-    }
-    let placement = cluster.wait_running_once(&tasks);
+    let (tasks, placement) = cluster.run_tasks("svc/t", 6);
     let orphans: Vec<i32> = placement
         .iter()
         .filter(|(_, node)| **node == leader)
@@ -109,11 +97,7 @@ fn kill_stops_the_process_group_within_a_second_and_start_brings_it_back() {
 #[test]
 fn restarting_every_node_restores_assignments_also_after_compaction() {
     let mut cluster = Cluster::start("restart", 3, &[]);
-    let tasks = names("batch/t", 6);
-    for task in &tasks {
-        cluster.submit(task, &[]);
-    }
-    cluster.wait_running_once(&tasks);
+    let (tasks, _) = cluster.run_tasks("batch/t", 6);
 
     // Crash every node, let the broker compact (1 s maintenance), restart them all.
     for node in &mut cluster.nodes {
@@ -133,11 +117,18 @@ fn restarting_every_node_restores_assignments_also_after_compaction() {
     cluster.wait_running_once(&tasks);
     cluster.assert_never_twice(&tasks, Duration::from_secs(1));
 
-    // Graceful restart of every node, one after the other.
+    // Graceful restart of every node, one after the other. A node that leaves says so, so
+    // its tasks move at once, well before the 1.5 s node timeout would move them.
     for index in 0..cluster.nodes.len() {
         let status = cluster.nodes[index].terminate();
+        let stopped = Instant::now();
         assert!(status.success(), "graceful stop exits 0: {status:?}");
+        let placement = cluster.wait_running_once(&tasks);
+        let took = stopped.elapsed();
+        assert!(placement.values().all(|node| *node != cluster.nodes[index].id));
+        assert!(took < Duration::from_millis(1500), "tasks of a departed node moved after {took:?}");
         cluster.nodes[index].restart();
+        cluster.wait_nodes(3);
     }
     cluster.wait_nodes(3);
     let placement = cluster.wait_running_once(&tasks);
@@ -149,11 +140,7 @@ fn restarting_every_node_restores_assignments_also_after_compaction() {
 fn a_paused_leader_steps_down_and_its_late_writes_change_nothing() {
     let mut cluster = Cluster::start("stale", 3, &[]);
     let leader = cluster.wait_nodes(3);
-    let tasks = names("etl/t", 6);
-    for task in &tasks {
-        cluster.submit(task, &[]);
-    }
-    cluster.wait_running_once(&tasks);
+    let (tasks, _) = cluster.run_tasks("etl/t", 6);
 
     cluster.node(&leader).signal(Signal::SIGSTOP);
     let mut new_leader = String::new();
@@ -200,11 +187,7 @@ fn a_paused_leader_steps_down_and_its_late_writes_change_nothing() {
 #[test]
 fn the_cluster_recovers_by_itself_after_the_broker_is_killed_and_restarted() {
     let cluster = Cluster::start("broker", 3, &[]);
-    let tasks = names("db/t", 3);
-    for task in &tasks {
-        cluster.submit(task, &[]);
-    }
-    cluster.wait_running_once(&tasks);
+    let (tasks, _) = cluster.run_tasks("db/t", 3);
     cluster.broker.kill9();
     std::thread::sleep(Duration::from_secs(2));
     cluster.broker.restart();

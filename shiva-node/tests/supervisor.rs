@@ -1,0 +1,166 @@
+//! The supervisor with real processes: environment, working directory, restarts with back-off,
+//! stopping a whole process group, SIGKILL after the grace period.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use shiva_node::supervisor::job::{Backoff, JobContext};
+use shiva_node::supervisor::spawn::Spawner;
+use shiva_node::supervisor::{Supervisor, Wanted};
+use shiva_proto::records::{RunState, TaskStatus};
+use shiva_proto::{TaskId, TaskSpec};
+use tokio::sync::mpsc;
+
+fn workspace(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("shiva-supervisor-{}-{label}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn supervisor(dir: &Path) -> (Supervisor, mpsc::UnboundedReceiver<TaskStatus>) {
+    let (reports, reports_rx) = mpsc::unbounded_channel();
+    let context = JobContext {
+        node_id: "n1".into(),
+        workspace: dir.to_path_buf(),
+        task_path: "/usr/local/bin:/usr/bin:/bin".into(),
+        spawner: Spawner::start().unwrap(),
+        reports,
+        backoff: Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(400),
+            stable_after: Duration::from_secs(10),
+        },
+    };
+    (Supervisor::new(context), reports_rx)
+}
+
+fn spec(id: &str, script: &str) -> TaskSpec {
+    let mut spec = TaskSpec::new(TaskId::new(id).unwrap(), "sh", vec!["-c".into(), script.into()]);
+    spec.env.insert("GREETING".into(), "hello".into());
+    spec
+}
+
+fn wanted(spec: &TaskSpec) -> BTreeMap<TaskId, Wanted> {
+    BTreeMap::from([(spec.id.clone(), Wanted { generation: 1, spec_revision: 7, spec: spec.clone() })])
+}
+
+async fn next_state(reports: &mut mpsc::UnboundedReceiver<TaskStatus>, state: RunState) -> TaskStatus {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let status = reports.recv().await.expect("reports open");
+            if status.state == state {
+                return status;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {state:?} report"))
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+async fn wait_for_file(path: &Path) -> String {
+    for _ in 0..200 {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && text.ends_with('\n')
+        {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{} never appeared", path.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_with_a_clean_environment_in_its_working_directory() {
+    let dir = workspace("env");
+    let (mut supervisor, mut reports) = supervisor(&dir);
+    let out = dir.join("env.txt");
+    let task = spec("t/env", &format!("env | sort > {}; pwd >> {}; exec sleep 100", out.display(), out.display()));
+    supervisor.reconcile(&wanted(&task));
+    let running = next_state(&mut reports, RunState::Running).await;
+    assert_eq!(running.attempt, 1);
+    let text = wait_for_file(&out).await;
+    let vars: Vec<&str> = text.lines().filter(|l| l.contains('=')).collect();
+    let names: Vec<&str> = vars.iter().map(|l| l.split('=').next().unwrap()).collect();
+    for expected in ["GREETING", "PATH", "SHIVA_ATTEMPT", "SHIVA_NODE_ID", "SHIVA_RUN_ID", "SHIVA_TASK_ID"] {
+        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+    }
+    assert!(vars.contains(&"SHIVA_TASK_ID=t/env") && vars.contains(&"SHIVA_ATTEMPT=1") && vars.contains(&"SHIVA_NODE_ID=n1"));
+    assert!(!names.contains(&"HOME") && !names.contains(&"CARGO"), "the node's environment leaks: {names:?}");
+    assert!(text.lines().any(|l| l == dir.join("tasks/t/env").display().to_string()), "{text}");
+    supervisor.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_kills_the_whole_group_and_sigkills_after_the_grace() {
+    let dir = workspace("stop");
+    let (mut supervisor, mut reports) = supervisor(&dir);
+    let pids = dir.join("pids");
+    // Ignores SIGTERM, and leaves a grandchild that also ignores it.
+    let script = format!("trap '' TERM; sh -c 'trap \"\" TERM; echo $$ >> {p}; exec sleep 100' & echo $$ >> {p}; wait", p = pids.display());
+    let mut task = spec("t/stubborn", &script);
+    task.stop_grace = Duration::from_millis(700);
+    supervisor.reconcile(&wanted(&task));
+    next_state(&mut reports, RunState::Running).await;
+    let text = loop {
+        let text = std::fs::read_to_string(&pids).unwrap_or_default();
+        if text.lines().count() == 2 {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let pids: Vec<i32> = text.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert!(pids.iter().all(|pid| alive(*pid)));
+    let started = Instant::now();
+    supervisor.reconcile(&BTreeMap::new());
+    let stopped = next_state(&mut reports, RunState::Stopped).await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(650), "SIGKILL came before the grace: {took:?}");
+    assert!(took < Duration::from_secs(3), "stop took {took:?}");
+    assert_eq!(stopped.last_exit.and_then(|e| e.signal), Some(9));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} of the group survived");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_task_restarts_with_growing_delays() {
+    let dir = workspace("crash");
+    let (mut supervisor, mut reports) = supervisor(&dir);
+    let task = spec("t/crash", "exit 3");
+    supervisor.reconcile(&wanted(&task));
+    let mut starts = Vec::new();
+    while starts.len() < 4 {
+        let status = next_state(&mut reports, RunState::Running).await;
+        starts.push((Instant::now(), status.attempt));
+        if starts.len() > 1 {
+            let backoff = next_state(&mut reports, RunState::Backoff).await;
+            assert_eq!(backoff.last_exit.and_then(|e| e.code), Some(3));
+        }
+    }
+    let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    assert_eq!(starts.iter().map(|s| s.1).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert!(gaps[0] >= Duration::from_millis(90) && gaps[1] >= Duration::from_millis(190), "{gaps:?}");
+    assert!(gaps[2] >= Duration::from_millis(390), "delays double up to the cap: {gaps:?}");
+    supervisor.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_command_is_reported_failed_with_a_message() {
+    let dir = workspace("missing");
+    let (mut supervisor, mut reports) = supervisor(&dir);
+    let task = TaskSpec::new(TaskId::new("t/missing").unwrap(), "/no/such/program", vec![]);
+    supervisor.reconcile(&wanted(&task));
+    let failed = next_state(&mut reports, RunState::Failed).await;
+    assert!(failed.message.unwrap().contains("/no/such/program"));
+    supervisor.stop_all().await;
+}
