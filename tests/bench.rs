@@ -211,7 +211,8 @@ fn rss_kb(pid: i32) -> u64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|arg| arg == "--quick");
-    let fetch_wait = args.iter().position(|arg| arg == "--fetch-wait").map_or("10ms".to_owned(), |i| args[i + 1].clone());
+    let fetch_wait =
+        args.iter().position(|arg| arg == "--fetch-wait").map_or("10ms".to_owned(), |i| args[i + 1].clone());
     let node_args = ["--fetch-wait", fetch_wait.as_str()];
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let broker = Broker::start_with_interval("10s");
@@ -224,7 +225,8 @@ fn main() {
     for fetch in ["10ms", "20ms", "100ms"] {
         let name = cluster("idle");
         let extra = ["--fetch-wait", fetch];
-        let nodes: Vec<Node> = (1..=3).map(|i| Node::launch(&broker, &name, &format!("i{i}"), &extra)).collect();
+        let nodes: Vec<Node> =
+            (1..=3).map(|i| Node::launch(&broker, &name, &format!("i{i}"), &extra)).collect();
         let ctl = Ctl::new(&broker, &name);
         wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
         std::thread::sleep(Duration::from_secs(3));
@@ -237,7 +239,11 @@ fn main() {
             .map(|(node, before)| (cpu_ns(node.pid()) - before) as f64 / window.as_nanos() as f64 * 100.0)
             .fold(0.0, f64::max);
         let rss = nodes.iter().map(|node| rss_kb(node.pid())).max().unwrap();
-        let label = if fetch == "10ms" { "--fetch-wait 10ms (default)".to_owned() } else { format!("--fetch-wait {fetch}") };
+        let label = if fetch == "10ms" {
+            "--fetch-wait 10ms (default)".to_owned()
+        } else {
+            format!("--fetch-wait {fetch}")
+        };
         report.push(format!(
             "| idle node in a 3-node cluster, {label} | RSS {:.1} MB, CPU {cpu:.2} % of a core (worst of 3 nodes, {}s) |",
             rss as f64 / 1024.0,
@@ -246,12 +252,16 @@ fn main() {
     }
 
     let name = cluster("bench");
-    let mut nodes: Vec<Node> = (1..=3).map(|i| Node::launch(&broker, &name, &format!("n{i}"), &node_args)).collect();
+    let mut nodes: Vec<Node> =
+        (1..=3).map(|i| Node::launch(&broker, &name, &format!("n{i}"), &node_args)).collect();
     let ctl = Ctl::new(&broker, &name);
     wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
     let dir = scratch("bench");
     let mut latency = runtime.block_on(submit_to_start(&broker, &name, &dir, if quick { 20 } else { 100 }));
-    report.push(format!("| submit (spec record written) → child started, --fetch-wait {fetch_wait} | {} |", summary(&mut latency)));
+    report.push(format!(
+        "| submit (spec record written) → child started, --fetch-wait {fetch_wait} | {} |",
+        summary(&mut latency)
+    ));
 
     let rounds = if quick { 2 } else { 5 };
     let mut failovers = Vec::new();

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
+use rdkafka::Message;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
-use rdkafka::Message;
 use shiva_proto::TopicKind;
 use tokio::sync::oneshot;
 use tracing::warn;
@@ -87,7 +87,11 @@ impl Publisher {
         Self::with_idempotence(config, name, false)
     }
 
-    fn with_idempotence(config: &BusConfig, name: &'static str, idempotent: bool) -> Result<Arc<Publisher>, BusError> {
+    fn with_idempotence(
+        config: &BusConfig,
+        name: &'static str,
+        idempotent: bool,
+    ) -> Result<Arc<Publisher>, BusError> {
         let mut config = config.clone();
         config.idempotent = idempotent;
         let client = create(&config, name)?;
@@ -95,7 +99,12 @@ impl Publisher {
     }
 
     /// Writes `value` (or a tombstone) under `key`; returns the record's offset.
-    pub async fn send(self: &Arc<Self>, topic: TopicKind, key: &str, value: Option<&[u8]>) -> Result<i64, BusError> {
+    pub async fn send(
+        self: &Arc<Self>,
+        topic: TopicKind,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<i64, BusError> {
         self.enqueue(topic, key, value).await
     }
 
@@ -110,7 +119,8 @@ impl Publisher {
         let client = self.client.read().expect("producer lock").clone();
         let name = self.config.topics.name(topic);
         let (reply, answer) = oneshot::channel();
-        let mut record = BaseRecord::<str, [u8], _>::with_opaque_to(&name, Box::new(reply)).key(key).partition(0);
+        let mut record =
+            BaseRecord::<str, [u8], _>::with_opaque_to(&name, Box::new(reply)).key(key).partition(0);
         if let Some(value) = value {
             record = record.payload(value);
         }

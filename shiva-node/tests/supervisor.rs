@@ -83,7 +83,8 @@ async fn runs_with_a_clean_environment_in_its_working_directory() {
     let dir = workspace("env");
     let (mut supervisor, mut reports) = supervisor(&dir);
     let out = dir.join("env.txt");
-    let task = spec("t/env", &format!("env | sort > {}; pwd >> {}; exec sleep 100", out.display(), out.display()));
+    let task =
+        spec("t/env", &format!("env | sort > {}; pwd >> {}; exec sleep 100", out.display(), out.display()));
     supervisor.reconcile(&wanted(&task));
     let running = next_state(&mut reports, RunState::Running).await;
     assert_eq!(running.attempt, 1);
@@ -93,7 +94,11 @@ async fn runs_with_a_clean_environment_in_its_working_directory() {
     for expected in ["GREETING", "PATH", "SHIVA_ATTEMPT", "SHIVA_NODE_ID", "SHIVA_RUN_ID", "SHIVA_TASK_ID"] {
         assert!(names.contains(&expected), "{expected} missing from {names:?}");
     }
-    assert!(vars.contains(&"SHIVA_TASK_ID=t/env") && vars.contains(&"SHIVA_ATTEMPT=1") && vars.contains(&"SHIVA_NODE_ID=n1"));
+    assert!(
+        vars.contains(&"SHIVA_TASK_ID=t/env")
+            && vars.contains(&"SHIVA_ATTEMPT=1")
+            && vars.contains(&"SHIVA_NODE_ID=n1")
+    );
     assert!(!names.contains(&"HOME") && !names.contains(&"CARGO"), "the node's environment leaks: {names:?}");
     assert!(text.lines().any(|l| l == dir.join("tasks/t/env").display().to_string()), "{text}");
     supervisor.stop_all().await;
@@ -105,7 +110,10 @@ async fn stop_kills_the_whole_group_and_sigkills_after_the_grace() {
     let (mut supervisor, mut reports) = supervisor(&dir);
     let pids = dir.join("pids");
     // Ignores SIGTERM, and leaves a grandchild that also ignores it.
-    let script = format!("trap '' TERM; sh -c 'trap \"\" TERM; echo $$ >> {p}; exec sleep 100' & echo $$ >> {p}; wait", p = pids.display());
+    let script = format!(
+        "trap '' TERM; sh -c 'trap \"\" TERM; echo $$ >> {p}; exec sleep 100' & echo $$ >> {p}; wait",
+        p = pids.display()
+    );
     let mut task = spec("t/stubborn", &script);
     task.stop_grace = Duration::from_millis(700);
     supervisor.reconcile(&wanted(&task));
