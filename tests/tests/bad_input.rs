@@ -165,3 +165,29 @@ fn an_unreachable_bus_or_missing_cluster_exits_3_and_a_node_keeps_retrying() {
     assert_eq!(cluster.wait_running_once(&["x".to_owned()]).len(), 1);
     assert!(task_processes(&cluster.name, "x").len() == 1);
 }
+
+#[test]
+fn a_node_refuses_topics_with_several_partitions_or_without_compaction() {
+    let python = python();
+    let broker = Broker::start();
+    let create = |cluster: &str, partitions: u32, policy: &str| {
+        let script = format!(
+            "from confluent_kafka.admin import AdminClient, NewTopic\n\
+             admin = AdminClient({{'bootstrap.servers': '127.0.0.1:{port}'}})\n\
+             topics = [NewTopic(f'shiva.{cluster}.{{s}}', num_partitions={partitions}, replication_factor=1, config={{'cleanup.policy': '{policy}'}}) for s in ('commands', 'control', 'assignments', 'status')]\n\
+             for future in admin.create_topics(topics).values(): future.result()\n",
+            port = broker.port
+        );
+        let output = Command::new(&python).args(["-c", &script]).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    };
+    create("wide", 3, "compact");
+    create("deleting", 1, "delete");
+    for (cluster, needle) in [("wide", "3 partitions"), ("deleting", "cleanup.policy is 'delete'")] {
+        let mut node = Node::start(&broker, cluster, "n1", &[]);
+        let status = node.wait_exit(Duration::from_secs(20));
+        assert!(!status.success());
+        let log = node.log_text();
+        assert!(log.contains(needle), "{cluster}: the node should say '{needle}':\n{log}");
+    }
+}
