@@ -33,6 +33,26 @@ fn three_nodes_elect_one_leader_spread_tasks_and_honour_tags() {
     let n3 = nodes.as_array().unwrap().iter().find(|n| n["id"] == "n3").unwrap();
     assert_eq!(n3["tags"], serde_json::json!(["gpu"]));
     assert_eq!(n3["tasks"], 4);
+
+    // A task nobody can run stays pending, and `status` says why (submitted from a spec file).
+    let spec = shiva_e2e::scratch("spec").join("tpu.json");
+    std::fs::write(
+        &spec,
+        r#"{"id":"ml/tpu","command":"sleep","args":["1000"],"tags":["tpu"],"stop_grace":"1s"}"#,
+    )
+    .unwrap();
+    cluster.ctl.ok(&["submit", spec.to_str().unwrap()]);
+    wait_until(SETTLE, "the tpu task is pending", || {
+        cluster.ctl.tasks().get("ml/tpu").is_some_and(|row| row["state"] == "pending")
+    });
+    let status = cluster.ctl.json(&["status", "ml/tpu"]);
+    assert!(status["reason"].as_str().unwrap().contains("[tpu]"), "{status}");
+    assert_eq!(status["node"], serde_json::Value::Null);
+    let human = cluster.ctl.ok(&["status", "ml/tpu"]);
+    assert!(
+        human.contains("pending") && human.contains("no live runner node carries the tags [tpu]"),
+        "{human}"
+    );
     cluster.assert_never_twice(&tasks, Duration::from_secs(1));
 }
 

@@ -78,7 +78,7 @@ impl Node {
         self.next_token
     }
 
-    fn envelope(&self, body: Body) -> Vec<u8> {
+    pub(crate) fn envelope(&self, body: Body) -> Vec<u8> {
         Envelope {
             sender: self.config.node_id.to_string(),
             incarnation: Some(self.config.incarnation),

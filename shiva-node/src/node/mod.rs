@@ -222,17 +222,8 @@ async fn check_node_id(
 async fn leave(node: &mut Node, reports: &mut mpsc::UnboundedReceiver<TaskStatus>) {
     info!("shutting down: resigning, stopping tasks, leaving");
     let timeout = Duration::from_secs(3);
-    let envelope = |node: &Node, body: Body| {
-        shiva_proto::Envelope {
-            sender: node.config.node_id.to_string(),
-            incarnation: Some(node.config.incarnation),
-            sent_at_ms: driver::now_ms(),
-            body,
-        }
-        .encode()
-    };
     if let Some(epoch) = node.leading.take() {
-        let value = envelope(node, Body::Resign(Resign { epoch }));
+        let value = node.envelope(Body::Resign(Resign { epoch }));
         match tokio::time::timeout(
             timeout,
             node.writes.send(TopicKind::Assignments, &key::resign(epoch), Some(&value)),
@@ -256,7 +247,7 @@ async fn leave(node: &mut Node, reports: &mut mpsc::UnboundedReceiver<TaskStatus
             node.on_status(status);
         }
     }
-    let value = envelope(node, Body::Leave(Leave { reason: "shutdown".into() }));
+    let value = node.envelope(Body::Leave(Leave { reason: "shutdown".into() }));
     let leave_key = key::leave(&node.config.node_id, node.config.incarnation);
     match tokio::time::timeout(timeout, node.writes.send(TopicKind::Control, &leave_key, Some(&value))).await
     {
