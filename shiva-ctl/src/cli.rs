@@ -78,7 +78,7 @@ pub struct JsonArg {
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
     /// JSON task spec (see docs/protocol.md); `-` reads stdin.
-    #[arg(conflicts_with_all = ["id", "tags", "env", "stop_grace", "workdir", "command"])]
+    #[arg(conflicts_with_all = ["id", "tags", "env", "stop_grace", "workdir", "command", "schedule", "once"])]
     pub file: Option<PathBuf>,
     /// Task id (1 to 4 segments separated by '/').
     #[arg(long)]
@@ -95,6 +95,22 @@ pub struct SubmitArgs {
     /// Working directory (absolute).
     #[arg(long)]
     pub workdir: Option<String>,
+    /// Cron expression (5 fields, 6 with seconds, Quartz, or @hourly…), repeatable: the task
+    /// becomes periodic.
+    #[arg(long)]
+    pub schedule: Vec<String>,
+    /// IANA time zone of the schedule (default UTC).
+    #[arg(long, requires = "schedule")]
+    pub timezone: Option<String>,
+    /// Missed slots: none, latest or all.
+    #[arg(long, requires = "schedule")]
+    pub catch_up: Option<String>,
+    /// A run due while the previous one runs: allow, forbid, replace or queue.
+    #[arg(long, requires = "schedule")]
+    pub overlap: Option<String>,
+    /// Run to completion once, retried per policy.
+    #[arg(long, conflicts_with = "schedule")]
+    pub once: bool,
     /// Command and arguments, after `--`.
     #[arg(last = true)]
     pub command: Vec<String>,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use shiva_bus::{BusConfig, BusError, Publisher, Reader, ReaderEvent, admin};
 use shiva_proto::records::{Body, Desired, DesiredState};
-use shiva_proto::spec::DEFAULT_STOP_GRACE;
+use shiva_proto::spec::{DEFAULT_STOP_GRACE, TaskKind};
 use shiva_proto::topics::key;
 use shiva_proto::{Envelope, LogView, TaskId, TaskSpec, TopicKind};
 use tokio::sync::mpsc;
@@ -77,6 +77,14 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match cli.command {
         Command::Submit(args) => {
             let spec = spec_from(args)?;
+            if spec.kind() != TaskKind::Service {
+                return Err(CtlError::Failed(anyhow::anyhow!(
+                    "{} is a valid {} task, but this version of Shiva does not schedule {} tasks yet: nothing was submitted",
+                    spec.id,
+                    spec.kind().as_str(),
+                    spec.kind().as_str()
+                )));
+            }
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
             let revision = write_spec(&config, &spec).await?;
             let verb = if view.specs.contains_key(&spec.id) { "updated" } else { "submitted" };
@@ -222,8 +230,23 @@ fn spec_from(args: SubmitArgs) -> Result<TaskSpec, CtlError> {
             .map_err(|err| invalid(format!("--stop-grace '{text}': {err} (expected e.g. 10s)")))?,
         None => DEFAULT_STOP_GRACE,
     };
+    spec.schedule = args.schedule;
+    spec.timezone = args.timezone;
+    spec.once = args.once;
+    if let Some(text) = args.catch_up {
+        spec.catch_up = choice(&text, "--catch-up", "none, latest or all")?;
+    }
+    if let Some(text) = args.overlap {
+        spec.overlap = choice(&text, "--overlap", "allow, forbid, replace or queue")?;
+    }
     spec.validate().map_err(invalid)?;
     Ok(spec)
+}
+
+/// Parses a snake_case policy name with the spec's own serde names.
+fn choice<T: serde::de::DeserializeOwned>(text: &str, flag: &str, expected: &str) -> Result<T, CtlError> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|_| invalid(format!("{flag} '{text}': expected {expected}")))
 }
 
 async fn write_spec(config: &BusConfig, spec: &TaskSpec) -> Result<i64, CtlError> {

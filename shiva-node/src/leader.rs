@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 
 use shiva_proto::records::{Assignment, Body, DesiredState, Member, Members, Placement};
+use shiva_proto::spec::TaskKind;
 use shiva_proto::topics::key;
 use shiva_proto::{LogView, TaskId, TopicKind};
 
@@ -45,7 +46,9 @@ pub fn reconcile(view: &LogView, live: &[Member], epoch: u64, busy: &dyn Fn(&str
     let demands: Vec<Demand> = view
         .specs
         .iter()
-        .filter(|(task, _)| view.desired_state(task) == DesiredState::Running)
+        .filter(|(task, entry)| {
+            view.desired_state(task) == DesiredState::Running && entry.spec.kind() == TaskKind::Service
+        })
         .map(|(task, entry)| Demand {
             task: task.clone(),
             tags: entry.spec.tags.clone(),
@@ -70,7 +73,14 @@ pub fn reconcile(view: &LogView, live: &[Member], epoch: u64, busy: &dyn Fn(&str
         let placement = match placements.remove(task) {
             Some(Ok(node)) => Placement::Assigned { node },
             Some(Err(reason)) => Placement::Pending { reason },
-            None => Placement::Stopped,
+            None if view.desired_state(task) == DesiredState::Stopped => Placement::Stopped,
+            // Never run a periodic or one-shot task as a service.
+            None => Placement::Pending {
+                reason: format!(
+                    "{} tasks are not scheduled by this version of the leader",
+                    spec.spec.kind().as_str()
+                ),
+            },
         };
         let unchanged = current.is_some_and(|current| {
             current.assignment.placement == placement && current.assignment.spec_revision == spec.revision

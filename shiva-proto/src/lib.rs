@@ -14,6 +14,7 @@
 pub mod duration;
 pub mod ids;
 pub mod records;
+pub mod schedule;
 pub mod spec;
 pub mod topics;
 pub mod view;

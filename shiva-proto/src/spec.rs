@@ -48,10 +48,164 @@ pub struct TaskSpec {
     /// Time between SIGTERM and SIGKILL.
     #[serde(default = "default_stop_grace", with = "crate::duration")]
     pub stop_grace: Duration,
+    /// Cron expressions; a task with any is periodic.
+    #[serde(default, deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<String>,
+    /// IANA time zone of the schedule (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// What to do when a run is due while the previous one still runs.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub overlap: Overlap,
+    /// What to do with slots missed while no leader was alive.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub catch_up: CatchUp,
+    /// Missed slots older than this are never caught up.
+    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    pub starting_deadline: Option<Duration>,
+    /// At most this many missed slots are caught up (the newest ones).
+    #[serde(default = "default_max_catch_up", skip_serializing_if = "is_default_max_catch_up")]
+    pub max_catch_up: u32,
+    /// Each run of this task starts this much after its slot at most (a fixed, per-task offset).
+    #[serde(default, with = "crate::duration", skip_serializing_if = "Duration::is_zero")]
+    pub jitter: Duration,
+    /// A run still going after this long is stopped and marked `timed_out`.
+    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    pub max_runtime: Option<Duration>,
+    /// Run to completion once (a one-shot), instead of keeping it running.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub once: bool,
+    /// One-shots: attempts before the run is `failed`.
+    #[serde(default = "default_max_attempts", skip_serializing_if = "is_default_max_attempts")]
+    pub max_attempts: u32,
+    /// One-shots: delay between attempts.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub backoff: RetryBackoff,
+    /// Exit codes that mean "do not retry".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permanent_exit_codes: Vec<i32>,
+    /// One-shots this one waits for (each must have succeeded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<TaskId>,
 }
 
 fn default_stop_grace() -> Duration {
     DEFAULT_STOP_GRACE
+}
+
+fn default_max_catch_up() -> u32 {
+    DEFAULT_MAX_CATCH_UP
+}
+
+fn is_default_max_catch_up(value: &u32) -> bool {
+    *value == DEFAULT_MAX_CATCH_UP
+}
+
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+
+fn is_default_max_attempts(value: &u32) -> bool {
+    *value == DEFAULT_MAX_ATTEMPTS
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+/// Default cap on caught-up slots.
+pub const DEFAULT_MAX_CATCH_UP: u32 = 10;
+/// Default attempts of a one-shot.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// Accepts `"expr"` or `["expr", …]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
+}
+
+/// Overlap policy, for scheduled and manual runs alike.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlap {
+    /// Start the new run beside the old one.
+    Allow,
+    /// Skip the new run.
+    #[default]
+    Forbid,
+    /// Stop the old run, then start the new one.
+    Replace,
+    /// Start the new run when the old one ends; at most one waits.
+    Queue,
+}
+
+/// Catch-up policy for slots missed while no leader was alive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CatchUp {
+    /// Skip missed slots.
+    #[default]
+    None,
+    /// Run the newest missed slot only.
+    Latest,
+    /// Run every missed slot (within `starting_deadline`, at most `max_catch_up`).
+    All,
+}
+
+/// Exponential back-off between attempts of a one-shot.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBackoff {
+    /// First delay.
+    #[serde(default = "default_initial", with = "crate::duration")]
+    pub initial: Duration,
+    /// Cap.
+    #[serde(default = "default_max_delay", with = "crate::duration")]
+    pub max: Duration,
+    /// Growth factor, at least 1.
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+}
+
+impl Eq for RetryBackoff {}
+
+fn default_initial() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_max_delay() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_multiplier() -> f64 {
+    2.0
+}
+
+impl Default for RetryBackoff {
+    fn default() -> Self {
+        RetryBackoff {
+            initial: default_initial(),
+            max: default_max_delay(),
+            multiplier: default_multiplier(),
+        }
+    }
+}
+
+impl RetryBackoff {
+    /// Delay before attempt `next` (2 for the first retry).
+    pub fn delay_before(&self, next: u32) -> Duration {
+        let exponent = next.saturating_sub(2).min(64) as i32;
+        let delay = self.initial.as_secs_f64() * self.multiplier.powi(exponent);
+        Duration::from_secs_f64(delay.min(self.max.as_secs_f64()))
+    }
 }
 
 /// The kind of a task, derived from its spec.
@@ -60,6 +214,10 @@ fn default_stop_grace() -> Duration {
 pub enum TaskKind {
     /// Kept running, restarted, moved when its node dies.
     Service,
+    /// One run per schedule slot, cluster-wide.
+    Periodic,
+    /// Runs to completion once, retried per its policy.
+    Once,
 }
 
 impl TaskKind {
@@ -67,6 +225,8 @@ impl TaskKind {
     pub fn as_str(self) -> &'static str {
         match self {
             TaskKind::Service => "service",
+            TaskKind::Periodic => "periodic",
+            TaskKind::Once => "once",
         }
     }
 }
@@ -93,12 +253,31 @@ impl TaskSpec {
             tags: Vec::new(),
             workdir: None,
             stop_grace: DEFAULT_STOP_GRACE,
+            schedule: Vec::new(),
+            timezone: None,
+            overlap: Overlap::default(),
+            catch_up: CatchUp::default(),
+            starting_deadline: None,
+            max_catch_up: DEFAULT_MAX_CATCH_UP,
+            jitter: Duration::ZERO,
+            max_runtime: None,
+            once: false,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            backoff: RetryBackoff::default(),
+            permanent_exit_codes: Vec::new(),
+            after: Vec::new(),
         }
     }
 
     /// The task's kind.
     pub fn kind(&self) -> TaskKind {
-        TaskKind::Service
+        if !self.schedule.is_empty() {
+            TaskKind::Periodic
+        } else if self.once {
+            TaskKind::Once
+        } else {
+            TaskKind::Service
+        }
     }
 
     /// Parses user input strictly: unknown fields are refused, errors name the field.
@@ -179,6 +358,72 @@ impl TaskSpec {
                 format!("{} is longer than the maximum of 1h", humantime::format_duration(self.stop_grace)),
             ));
         }
+        self.validate_runs()
+    }
+
+    /// Rules of the periodic and one-shot fields.
+    fn validate_runs(&self) -> Result<(), SpecError> {
+        let periodic = !self.schedule.is_empty();
+        crate::schedule::Schedule::from_spec(self)?;
+        if periodic && self.once {
+            return Err(SpecError::field(
+                "once",
+                "a task is either scheduled (schedule) or run once (once), not both",
+            ));
+        }
+        let scheduled_only: [(&str, bool); 6] = [
+            ("timezone", self.timezone.is_some()),
+            ("catch_up", self.catch_up != CatchUp::default()),
+            ("starting_deadline", self.starting_deadline.is_some()),
+            ("max_catch_up", self.max_catch_up != DEFAULT_MAX_CATCH_UP),
+            ("jitter", !self.jitter.is_zero()),
+            ("overlap", self.overlap != Overlap::default()),
+        ];
+        if let Some((field, _)) = scheduled_only.iter().find(|(_, set)| *set && !periodic) {
+            return Err(SpecError::field(field, "only applies to scheduled tasks (set schedule)"));
+        }
+        let run_only: [(&str, bool); 2] = [
+            ("max_runtime", self.max_runtime.is_some()),
+            ("permanent_exit_codes", !self.permanent_exit_codes.is_empty()),
+        ];
+        if let Some((field, _)) = run_only.iter().find(|(_, set)| *set && !periodic && !self.once) {
+            return Err(SpecError::field(field, "only applies to scheduled or once tasks"));
+        }
+        let once_only: [(&str, bool); 3] = [
+            ("max_attempts", self.max_attempts != DEFAULT_MAX_ATTEMPTS),
+            ("backoff", self.backoff != RetryBackoff::default()),
+            ("after", !self.after.is_empty()),
+        ];
+        if let Some((field, _)) = once_only.iter().find(|(_, set)| *set && !self.once) {
+            return Err(SpecError::field(field, "only applies to once tasks (set once: true)"));
+        }
+        if self.max_catch_up == 0 {
+            return Err(SpecError::field(
+                "max_catch_up",
+                "must be at least 1 (use catch_up: none to skip missed slots)",
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err(SpecError::field("max_attempts", "must be at least 1"));
+        }
+        if !self.backoff.multiplier.is_finite() || self.backoff.multiplier < 1.0 {
+            return Err(SpecError::field("backoff.multiplier", "must be a number of at least 1"));
+        }
+        if self.backoff.initial > self.backoff.max {
+            return Err(SpecError::field("backoff.initial", "must not exceed backoff.max"));
+        }
+        if self.max_runtime.is_some_and(|max| max.is_zero()) {
+            return Err(SpecError::field("max_runtime", "must be longer than 0s"));
+        }
+        if let Some(code) = self.permanent_exit_codes.iter().find(|code| !(1..=255).contains(*code)) {
+            return Err(SpecError::field(
+                "permanent_exit_codes",
+                format!("{code} is not an exit code from 1 to 255"),
+            ));
+        }
+        if self.after.contains(&self.id) {
+            return Err(SpecError::field("after", format!("'{}' cannot wait for itself", self.id)));
+        }
         Ok(())
     }
 }
@@ -212,6 +457,63 @@ mod tests {
         assert!(err(r#"{"id":"a","command":"x","args":[1]}"#).contains("'args[0]'"));
         assert!(err(r#"{"command":"x"}"#).contains("missing field `id`"));
         assert!(err(r#"{"id":"a","command":"x"} junk"#).contains("trailing"));
+    }
+
+    #[test]
+    fn periodic_and_once_fields() {
+        let periodic = TaskSpec::from_user_json(
+            r#"{"id":"p","command":"x","schedule":"*/5 * * * *","timezone":"Europe/Paris","catch_up":"all",
+                "starting_deadline":"10m","max_catch_up":20,"jitter":"3s","overlap":"queue","max_runtime":"1m"}"#,
+        )
+        .unwrap();
+        assert_eq!(periodic.kind(), TaskKind::Periodic);
+        assert_eq!(periodic.schedule, ["*/5 * * * *"]);
+        assert_eq!(periodic.catch_up, CatchUp::All);
+        let once = TaskSpec::from_user_json(
+            r#"{"id":"o","command":"x","once":true,"max_attempts":5,"backoff":{"initial":"2s","multiplier":3},
+                "permanent_exit_codes":[64,78],"after":["a/b"]}"#,
+        )
+        .unwrap();
+        assert_eq!(once.kind(), TaskKind::Once);
+        assert_eq!(once.backoff.delay_before(2), Duration::from_secs(2));
+        assert_eq!(once.backoff.delay_before(3), Duration::from_secs(6));
+        assert_eq!(once.backoff.delay_before(10), Duration::from_secs(60), "capped at backoff.max");
+        let round_trip: TaskSpec = serde_json::from_str(&serde_json::to_string(&once).unwrap()).unwrap();
+        assert_eq!(round_trip, once);
+    }
+
+    #[test]
+    fn periodic_and_once_errors_name_the_field() {
+        assert!(err(r#"{"id":"a","command":"x","schedule":"* * * * * * * *"}"#).contains("'schedule[0]'"));
+        assert!(err(r#"{"id":"a","command":"x","schedule":["@hourly","nope"]}"#).contains("'schedule[1]'"));
+        assert!(
+            err(r#"{"id":"a","command":"x","schedule":"@hourly","timezone":"Nowhere/City"}"#)
+                .contains("'timezone'")
+        );
+        assert!(err(r#"{"id":"a","command":"x","schedule":"@hourly","jitter":"-1s"}"#).contains("'jitter'"));
+        assert!(
+            err(r#"{"id":"a","command":"x","schedule":"@hourly","catch_up":"some"}"#).contains("'catch_up'")
+        );
+        assert!(err(r#"{"id":"a","command":"x","schedule":"@hourly","once":true}"#).contains("'once'"));
+        assert!(
+            err(r#"{"id":"a","command":"x","catch_up":"all"}"#)
+                .contains("'catch_up': only applies to scheduled")
+        );
+        assert!(err(r#"{"id":"a","command":"x","after":["b"]}"#).contains("'after': only applies to once"));
+        assert!(
+            err(r#"{"id":"a","command":"x","once":true,"after":["a"]}"#).contains("cannot wait for itself")
+        );
+        assert!(err(r#"{"id":"a","command":"x","once":true,"max_attempts":0}"#).contains("'max_attempts'"));
+        assert!(
+            err(r#"{"id":"a","command":"x","once":true,"backoff":{"multiplier":0.5}}"#)
+                .contains("'backoff.multiplier'")
+        );
+        assert!(err(r#"{"id":"a","command":"x","once":true,"backoff":{"speed":1}}"#).contains("backoff"));
+        assert!(
+            err(r#"{"id":"a","command":"x","once":true,"permanent_exit_codes":[0]}"#)
+                .contains("'permanent_exit_codes'")
+        );
+        assert!(err(r#"{"id":"a","command":"x","once":true,"max_runtime":"0s"}"#).contains("'max_runtime'"));
     }
 
     #[test]

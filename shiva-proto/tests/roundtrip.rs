@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use shiva_proto::records::*;
+use shiva_proto::spec::{CatchUp, Overlap};
 use shiva_proto::{Envelope, NodeId, TaskId, TaskSpec};
 use uuid::Uuid;
 
@@ -39,14 +40,40 @@ fn spec() -> impl Strategy<Value = TaskSpec> {
         prop::option::of("/[a-z]{1,8}"),
         0u64..3_600_000,
     )
-        .prop_map(|(id, command, args, env, tags, workdir, grace_ms)| TaskSpec {
-            id,
-            command,
-            args,
-            env: env.into_iter().collect::<BTreeMap<_, _>>(),
-            tags,
-            workdir,
-            stop_grace: Duration::from_millis(grace_ms),
+        .prop_map(|(id, command, args, env, tags, workdir, grace_ms)| {
+            let mut spec = TaskSpec::new(id, command, args);
+            spec.env = env.into_iter().collect::<BTreeMap<_, _>>();
+            spec.tags = tags;
+            spec.workdir = workdir;
+            spec.stop_grace = Duration::from_millis(grace_ms);
+            spec
+        })
+        .prop_flat_map(|spec| {
+            (Just(spec), 0u8..3, any::<u32>(), 1u32..10, prop::collection::vec(1i32..256, 0..3))
+        })
+        .prop_map(|(mut spec, kind, seed, count, codes)| {
+            match kind {
+                1 => {
+                    spec.schedule = vec!["*/5 * * * *".into(), "0 0 12 ? * MON-FRI".into()];
+                    spec.timezone = Some("Europe/Paris".into());
+                    spec.catch_up = [CatchUp::None, CatchUp::Latest, CatchUp::All][seed as usize % 3];
+                    spec.overlap = [Overlap::Allow, Overlap::Forbid, Overlap::Replace, Overlap::Queue]
+                        [seed as usize % 4];
+                    spec.max_catch_up = count;
+                    spec.jitter = Duration::from_millis(u64::from(seed % 5000));
+                    spec.starting_deadline = Some(Duration::from_secs(u64::from(count) * 60));
+                    spec.max_runtime = Some(Duration::from_secs(u64::from(count)));
+                }
+                2 => {
+                    spec.once = true;
+                    spec.max_attempts = count;
+                    spec.backoff.multiplier = 1.0 + f64::from(seed % 4);
+                    spec.permanent_exit_codes = codes;
+                    spec.after = vec![TaskId::new(format!("dep{seed}")).unwrap()];
+                }
+                _ => {}
+            }
+            spec
         })
 }
 

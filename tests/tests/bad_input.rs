@@ -113,7 +113,11 @@ fn invalid_specs_and_flags_exit_2_naming_the_field() {
         assert_eq!(output.status.code(), Some(2), "{spec}: {stderr}");
         assert!(stderr.contains(field), "{spec}: message should name '{field}': {stderr}");
     }
-    let flag_cases: [(&[&str], &str); 5] = [
+    let flag_cases: [(&[&str], &str); 9] = [
+        (&["submit", "--id", "a", "--schedule", "61 * * * *", "--", "x"], "schedule[0]"),
+        (&["submit", "--id", "a", "--schedule", "@hourly", "--timezone", "Mars/Base", "--", "x"], "timezone"),
+        (&["submit", "--id", "a", "--schedule", "@hourly", "--catch-up", "most", "--", "x"], "--catch-up"),
+        (&["submit", "--id", "a", "--schedule", "@hourly", "--overlap", "maybe", "--", "x"], "--overlap"),
         (&["submit", "--id", "a", "--stop-grace", "-5s", "--", "x"], "--stop-grace"),
         (&["submit", "--id", "a b", "--", "x"], "--id"),
         (&["submit", "--id", "a"], "command"),
@@ -127,6 +131,16 @@ fn invalid_specs_and_flags_exit_2_naming_the_field() {
         assert!(stderr.contains(needle), "{args:?}: message should name '{needle}': {stderr}");
     }
     assert_eq!(ctl.run(&["frobnicate"]).status.code(), Some(2), "usage errors exit 2");
+    // Valid periodic and one-shot specs are refused honestly until this version schedules them.
+    for args in [
+        &["submit", "--id", "p", "--schedule", "* * * * * *", "--", "x"][..],
+        &["submit", "--id", "o", "--once", "--", "x"],
+    ] {
+        let output = ctl.run(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("does not schedule") && stderr.contains("nothing was submitted"), "{stderr}");
+    }
 }
 
 #[test]

@@ -241,6 +241,31 @@ proptest! {
 }
 
 #[test]
+fn periodic_and_once_tasks_are_never_placed_as_services() {
+    let mut sim = Sim::new();
+    for (t, periodic) in [(1u8, true), (2, false)] {
+        let mut spec = TaskSpec::new(Sim::task(t), "sleep", vec!["1".into()]);
+        if periodic {
+            spec.schedule = vec!["* * * * *".into()];
+        } else {
+            spec.once = true;
+        }
+        let value =
+            Envelope { sender: "ctl".into(), incarnation: None, sent_at_ms: 0, body: Body::Task(spec) };
+        sim.append(TopicKind::Commands, key::task(&Sim::task(t)), Some(value.encode()));
+    }
+    sim.run(&Op::Claim(0));
+    sim.lead(0b111);
+    for t in [1, 2] {
+        let placement = &sim.view.assignments[&Sim::task(t)].assignment.placement;
+        assert!(
+            matches!(placement, Placement::Pending { reason } if reason.contains("not scheduled")),
+            "{placement:?}"
+        );
+    }
+}
+
+#[test]
 fn a_stale_write_after_the_leaders_is_rewritten() {
     let mut sim = Sim::new();
     sim.run(&Op::Submit(1));

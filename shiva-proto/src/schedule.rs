@@ -1,0 +1,167 @@
+//! Cron schedules of periodic tasks. Slots are UTC instants.
+//!
+//! Expressions have 5 fields (`m h dom mon dow`), 6 (seconds first), or 7 (Quartz style, with a
+//! year); `?` is accepted for day-of-month and day-of-week, and the macros `@yearly`,
+//! `@monthly`, `@weekly`, `@daily`, `@hourly`. A task may carry several; its slots are their
+//! union. Daylight saving (in the task's `timezone`, default UTC), as implemented by croner:
+//! a slot of a fixed-hour expression that falls in a skipped hour runs once, at the transition;
+//! in a repeated hour it runs once, at the first occurrence; sub-hourly expressions (wildcard or
+//! stepped hours) follow UTC instants, so they run through the repeated hour twice and skip the
+//! missing one.
+
+use chrono::{DateTime, Offset, TimeDelta, TimeZone, Utc};
+use chrono_tz::Tz;
+use croner::{Cron, Direction};
+
+use crate::spec::{SpecError, TaskSpec};
+
+/// How far from a UTC-offset change the careful walk is used.
+const TRANSITION_WINDOW: TimeDelta = TimeDelta::hours(3);
+
+/// A task's parsed schedule.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    crons: Vec<Cron>,
+    timezone: Tz,
+}
+
+impl Schedule {
+    /// Parses a spec's `schedule` and `timezone`; `None` for a task without schedule. Errors name
+    /// the field (`schedule[1]`, `timezone`).
+    pub fn from_spec(spec: &TaskSpec) -> Result<Option<Schedule>, SpecError> {
+        let timezone = match &spec.timezone {
+            None => Tz::UTC,
+            Some(name) => name.parse::<Tz>().map_err(|_| {
+                SpecError(format!("field 'timezone': '{name}' is not an IANA time zone (e.g. Europe/Paris)"))
+            })?,
+        };
+        if spec.schedule.is_empty() {
+            return Ok(None);
+        }
+        let crons = spec
+            .schedule
+            .iter()
+            .enumerate()
+            .map(|(index, expression)| {
+                let fields = expression.split_whitespace().count();
+                let macro_form = expression.trim_start().starts_with('@');
+                if !macro_form && !(5..=7).contains(&fields) {
+                    return Err(SpecError(format!(
+                        "field 'schedule[{index}]': '{expression}' has {fields} fields; cron takes 5, 6 (seconds first) or 7 (with a year)"
+                    )));
+                }
+                expression
+                    .parse::<Cron>()
+                    .map_err(|err| SpecError(format!("field 'schedule[{index}]': '{expression}' is not a cron expression: {err}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(Schedule { crons, timezone }))
+    }
+
+    /// The first slot strictly after `after`.
+    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.crons.iter().filter_map(|cron| self.next_of(cron, after)).min()
+    }
+
+    /// Whether the zone's UTC offset changes within [at - 3h, at + 3h].
+    fn near_transition(&self, at: DateTime<Utc>) -> bool {
+        let offset = |at: DateTime<Utc>| self.timezone.offset_from_utc_datetime(&at.naive_utc()).fix();
+        offset(at - TRANSITION_WINDOW) != offset(at + TRANSITION_WINDOW)
+    }
+
+    /// Every slot from `at - 3h` to `at + 3h`, walked with croner's iterator, which alone yields
+    /// the second occurrence of a repeated hour (a search that starts inside it skips it), and
+    /// yields the two occurrences out of UTC order.
+    fn walk_around(&self, cron: &Cron, at: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+        let start = (at - TRANSITION_WINDOW).with_timezone(&self.timezone);
+        let end = at + TRANSITION_WINDOW;
+        cron.iter_from(start, Direction::Forward)
+            .map(|slot| slot.with_timezone(&Utc))
+            .take_while(|slot| *slot <= end + TimeDelta::hours(1))
+            .filter(|slot| *slot <= end)
+            .collect()
+    }
+
+    fn next_of(&self, cron: &Cron, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if self.near_transition(after) {
+            let found = self.walk_around(cron, after).into_iter().filter(|slot| *slot > after).min();
+            if found.is_some() {
+                return found;
+            }
+            return self.next_of(cron, after + TRANSITION_WINDOW);
+        }
+        let local = after.with_timezone(&self.timezone);
+        let slot = cron.find_next_occurrence(&local, false).ok()?.with_timezone(&Utc);
+        if self.near_transition(slot) {
+            // Landed next to a transition from far away: settle it the same way as above.
+            return self.walk_around(cron, slot).into_iter().filter(|found| *found > after).min();
+        }
+        (slot > after).then_some(slot)
+    }
+
+    /// The last slot before `before` (or at it, when `inclusive`).
+    fn previous_of(&self, cron: &Cron, before: DateTime<Utc>, inclusive: bool) -> Option<DateTime<Utc>> {
+        let counts = |slot: &DateTime<Utc>| if inclusive { *slot <= before } else { *slot < before };
+        if self.near_transition(before) {
+            let found = self.walk_around(cron, before).into_iter().filter(counts).max();
+            if found.is_some() {
+                return found;
+            }
+            return self.previous_of(cron, before - TRANSITION_WINDOW, true);
+        }
+        let local = before.with_timezone(&self.timezone);
+        let slot = cron.find_previous_occurrence(&local, inclusive).ok()?.with_timezone(&Utc);
+        if self.near_transition(slot) {
+            // A backward search resolves a skipped hour to just before the gap, a forward one to
+            // the transition: settle it with the forward walk, so both directions agree.
+            let found = self.walk_around(cron, slot).into_iter().filter(counts).max();
+            return found.or_else(|| self.previous_of(cron, slot - TRANSITION_WINDOW, true));
+        }
+        counts(&slot).then_some(slot)
+    }
+
+    /// Slots in `(after, until]`, ascending, at most `limit` (the earliest ones).
+    pub fn slots(&self, after: DateTime<Utc>, until: DateTime<Utc>, limit: usize) -> Vec<DateTime<Utc>> {
+        let mut slots = Vec::new();
+        let mut cursor = after;
+        while slots.len() < limit {
+            match self.next_after(cursor) {
+                Some(slot) if slot <= until => {
+                    slots.push(slot);
+                    cursor = slot;
+                }
+                _ => break,
+            }
+        }
+        slots
+    }
+
+    /// Slots in `(after, until]`, ascending, at most `limit` (the latest ones), by walking back
+    /// from `until`: catching up after a long outage does not enumerate every missed slot.
+    pub fn latest_slots(
+        &self,
+        after: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Vec<DateTime<Utc>> {
+        let mut slots = Vec::new();
+        let mut cursor = until;
+        while slots.len() < limit {
+            let inclusive = slots.is_empty();
+            let previous =
+                self.crons.iter().filter_map(|cron| self.previous_of(cron, cursor, inclusive)).max();
+            match previous {
+                Some(slot) if slot > after => {
+                    slots.push(slot);
+                    cursor = slot;
+                }
+                _ => break,
+            }
+        }
+        slots.reverse();
+        slots
+    }
+}
+
+#[cfg(test)]
+mod tests;
