@@ -37,7 +37,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Define a task (from a JSON spec file, or from flags and a command line) and start it.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// List tasks.
     List(JsonArg),
     /// Show one task.

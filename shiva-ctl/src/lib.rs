@@ -197,7 +197,7 @@ fn envelope(body: Body) -> Vec<u8> {
 }
 
 /// Builds the spec from a file or from flags, strictly validated.
-fn spec_from(args: SubmitArgs) -> Result<TaskSpec, CtlError> {
+fn spec_from(args: Box<SubmitArgs>) -> Result<TaskSpec, CtlError> {
     if let Some(path) = args.file {
         let text = if path.as_os_str() == "-" {
             let mut text = String::new();
