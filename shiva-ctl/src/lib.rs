@@ -77,6 +77,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match cli.command {
         Command::Submit(args) => {
             let spec = spec_from(args)?;
+            if !spec.after.is_empty() {
+                check_after(&spec, &snapshot(&config, timeout, &TASK_TOPICS).await?)?;
+            }
             if spec.kind() != TaskKind::Service {
                 return Err(CtlError::Failed(anyhow::anyhow!(
                     "{} is a valid {} task, but this version of Shiva does not schedule {} tasks yet: nothing was submitted",
@@ -241,6 +244,23 @@ fn spec_from(args: Box<SubmitArgs>) -> Result<TaskSpec, CtlError> {
     }
     spec.validate().map_err(invalid)?;
     Ok(spec)
+}
+
+/// Refuses a one-shot whose `after` list would close a cycle with the cluster's tasks.
+fn check_after(spec: &TaskSpec, view: &LogView) -> Result<(), CtlError> {
+    let mut edges: BTreeMap<TaskId, Vec<TaskId>> =
+        view.specs.iter().map(|(id, entry)| (id.clone(), entry.spec.after.clone())).collect();
+    edges.insert(spec.id.clone(), spec.after.clone());
+    match shiva_proto::dag::find_cycle(&edges) {
+        Some(cycle) if cycle.contains(&spec.id) => {
+            let path: Vec<&str> = cycle.iter().map(TaskId::as_str).collect();
+            Err(invalid(format!(
+                "invalid task spec: field 'after': it would form a cycle {}",
+                path.join(" → ")
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Parses a snake_case policy name with the spec's own serde names.

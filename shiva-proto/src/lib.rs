@@ -11,6 +11,7 @@
 //! Every record on the wire is documented with an example in `docs/protocol.md`.
 #![deny(missing_docs)]
 
+pub mod dag;
 pub mod duration;
 pub mod ids;
 pub mod records;

@@ -15,6 +15,11 @@ use croner::{Cron, Direction};
 
 use crate::spec::{SpecError, TaskSpec};
 
+/// `at` without its fraction of a second.
+fn whole_second(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(at.timestamp(), 0).unwrap_or(at)
+}
+
 /// How far from a UTC-offset change the careful walk is used.
 const TRANSITION_WINDOW: TimeDelta = TimeDelta::hours(3);
 
@@ -83,6 +88,8 @@ impl Schedule {
     }
 
     fn next_of(&self, cron: &Cron, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        // Slots are whole seconds; croner keeps the start's fraction, so start from one.
+        let after = whole_second(after);
         if self.near_transition(after) {
             let found = self.walk_around(cron, after).into_iter().filter(|slot| *slot > after).min();
             if found.is_some() {
@@ -101,6 +108,9 @@ impl Schedule {
 
     /// The last slot before `before` (or at it, when `inclusive`).
     fn previous_of(&self, cron: &Cron, before: DateTime<Utc>, inclusive: bool) -> Option<DateTime<Utc>> {
+        // Slots are whole seconds: before a fractional instant means at or before its second.
+        let (before, inclusive) =
+            if before == whole_second(before) { (before, inclusive) } else { (whole_second(before), true) };
         let counts = |slot: &DateTime<Utc>| if inclusive { *slot <= before } else { *slot < before };
         if self.near_transition(before) {
             let found = self.walk_around(cron, before).into_iter().filter(counts).max();

@@ -1,0 +1,182 @@
+//! Firing decisions for periodic and one-shot tasks, pure: which slots to launch (with catch-up
+//! after an outage), a run's deterministic id and jitter, what to do when a run is due while
+//! another runs, and what follows a one-shot's end. Time is passed in: tests use a fake clock.
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use shiva_proto::TaskId;
+use shiva_proto::records::ExitInfo;
+use shiva_proto::schedule::Schedule;
+use shiva_proto::spec::{CatchUp, Overlap, TaskSpec};
+use uuid::Uuid;
+
+/// Namespace of run ids (uuid v5 of `task|slot|attempt`).
+const RUN_NAMESPACE: Uuid = Uuid::from_u128(0x5b1f_4a2e_8c3d_4e6f_9a7b_1c2d_3e4f_5a6b);
+
+/// Regular slots one plan takes at most (a schedule every second with a long look-ahead).
+const MAX_SLOTS_PER_PLAN: usize = 1000;
+
+/// Skipped slots counted at most, beyond the caught-up ones.
+const MAX_COUNTED_SKIPS: usize = 1000;
+
+/// Which slots of a periodic task to launch now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotPlan {
+    /// Slots to write launch intents for, ascending: caught-up ones first, then the regular
+    /// ones due within the look-ahead.
+    pub launch: Vec<DateTime<Utc>>,
+    /// Missed slots not launched (by policy, deadline or cap), counted up to 1000.
+    pub skipped: usize,
+    /// Every slot up to here is decided (launched or skipped): the new `sched/` position.
+    pub decided_through: DateTime<Utc>,
+}
+
+/// Timing of the firing loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Intents are written this long before their slot, so the runner can start on time.
+    pub lookahead: Duration,
+    /// A slot less late than this is launched as usual, not treated as missed.
+    pub tolerance: Duration,
+}
+
+fn delta(duration: Duration) -> TimeDelta {
+    TimeDelta::from_std(duration).unwrap_or(TimeDelta::MAX)
+}
+
+/// Plans the slots after `decided_through` (the newest slot already decided) as of `now`.
+pub fn plan_slots(
+    schedule: &Schedule,
+    spec: &TaskSpec,
+    decided_through: DateTime<Utc>,
+    now: DateTime<Utc>,
+    timing: Timing,
+) -> SlotPlan {
+    let missed_until = now - delta(timing.tolerance);
+    let mut launch = Vec::new();
+    let mut skipped = 0;
+    if decided_through < missed_until {
+        let cap = spec.max_catch_up as usize;
+        let oldest_allowed = spec.starting_deadline.map(|deadline| now - delta(deadline));
+        let window_start = oldest_allowed.map_or(decided_through, |oldest| oldest.max(decided_through));
+        let wanted = match spec.catch_up {
+            CatchUp::None => 0,
+            CatchUp::Latest => 1,
+            CatchUp::All => cap,
+        };
+        let caught =
+            if wanted == 0 { Vec::new() } else { schedule.latest_slots(window_start, missed_until, wanted) };
+        // Count what is dropped (up to a bound: a long outage of a per-second schedule).
+        let missed =
+            schedule.latest_slots(decided_through, missed_until, caught.len() + MAX_COUNTED_SKIPS).len();
+        skipped = missed - caught.len();
+        launch.extend(caught);
+    }
+    let regular_from = decided_through.max(missed_until);
+    let horizon = now + delta(timing.lookahead);
+    let regular = schedule.slots(regular_from, horizon, MAX_SLOTS_PER_PLAN);
+    // Everything up to the horizon is decided, unless the window held more slots than a plan
+    // takes (then up to the last one taken).
+    let through = match regular.last() {
+        Some(last) if regular.len() == MAX_SLOTS_PER_PLAN => *last,
+        _ => horizon,
+    };
+    launch.extend(regular);
+    SlotPlan { launch, skipped, decided_through: through.max(decided_through) }
+}
+
+/// The run id of `task`'s `slot` (or manual request instant) and `attempt`: the same on every
+/// leader, so a slot re-planned after a failover maps to the same run.
+pub fn run_id(task: &TaskId, slot: DateTime<Utc>, attempt: u32) -> Uuid {
+    let name = format!("{task}|{}|{attempt}", slot.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    Uuid::new_v5(&RUN_NAMESPACE, name.as_bytes())
+}
+
+/// The task's fixed launch delay within `[0, jitter)`, derived from its id.
+pub fn jitter_offset(task: &TaskId, jitter: Duration) -> Duration {
+    let millis = jitter.as_millis() as u64;
+    if millis == 0 {
+        return Duration::ZERO;
+    }
+    let hash = Uuid::new_v5(&RUN_NAMESPACE, task.as_str().as_bytes()).as_u64_pair().0;
+    Duration::from_millis(hash % millis)
+}
+
+/// What to do with a run that is due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OverlapAction {
+    /// Launch it.
+    Launch,
+    /// Drop it: the previous run still runs.
+    Skip,
+    /// Stop these runs, then launch it.
+    Replace(Vec<Uuid>),
+    /// Launch it when the previous run ends.
+    Queue,
+}
+
+/// Applies the overlap policy: `running` are the task's runs in flight, `queued` whether a
+/// run already waits.
+pub fn on_due(policy: Overlap, running: &[Uuid], queued: bool) -> OverlapAction {
+    if running.is_empty() {
+        return OverlapAction::Launch;
+    }
+    match policy {
+        Overlap::Allow => OverlapAction::Launch,
+        Overlap::Forbid => OverlapAction::Skip,
+        Overlap::Replace => OverlapAction::Replace(running.to_vec()),
+        Overlap::Queue if queued => OverlapAction::Skip,
+        Overlap::Queue => OverlapAction::Queue,
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The child exited or was killed by a signal.
+    Exited(ExitInfo),
+    /// Stopped for exceeding `max_runtime`.
+    TimedOut,
+    /// Its node died; nobody knows how it ended.
+    Lost,
+}
+
+/// What follows the end of a one-shot's attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnceNext {
+    /// Done: exit code 0.
+    Succeeded,
+    /// Done, unsuccessfully, with the reason.
+    Failed(String),
+    /// Start `attempt` after `delay` (at once, on another node, after a lost run).
+    Retry {
+        /// The next attempt's number.
+        attempt: u32,
+        /// Wait before it.
+        delay: Duration,
+    },
+}
+
+/// Decides what follows attempt `attempt` of a one-shot that ended with `end`.
+pub fn once_next(spec: &TaskSpec, attempt: u32, end: RunEnd) -> OnceNext {
+    let what = match end {
+        RunEnd::Exited(ExitInfo { code: Some(0), .. }) => return OnceNext::Succeeded,
+        RunEnd::Exited(ExitInfo { code: Some(code), .. }) if spec.permanent_exit_codes.contains(&code) => {
+            return OnceNext::Failed(format!("exit code {code} is permanent: not retried"));
+        }
+        RunEnd::Exited(ExitInfo { code: Some(code), .. }) => format!("exit code {code}"),
+        RunEnd::Exited(ExitInfo { signal: Some(signal), .. }) => format!("killed by signal {signal}"),
+        RunEnd::Exited(_) => "ended".to_owned(),
+        RunEnd::TimedOut => "timed out".to_owned(),
+        RunEnd::Lost => "lost with its node".to_owned(),
+    };
+    if attempt >= spec.max_attempts {
+        return OnceNext::Failed(format!("{what} on attempt {attempt} of {}", spec.max_attempts));
+    }
+    let delay = if end == RunEnd::Lost { Duration::ZERO } else { spec.backoff.delay_before(attempt + 1) };
+    OnceNext::Retry { attempt: attempt + 1, delay }
+}
+
+#[cfg(test)]
+mod tests;
