@@ -20,7 +20,7 @@ pub const PRODUCTION_MIN_INSYNC: u32 = 2;
 
 fn admin_client(config: &BusConfig) -> Result<AdminClient<Context>, BusError> {
     config
-        .client_config()
+        .client_config(&[])
         .create_with_context(Context)
         .map_err(|err| BusError::Kafka(format!("failed to create an admin client: {err}")))
 }

@@ -96,8 +96,9 @@ impl BusConfig {
         })
     }
 
-    /// Base librdkafka settings for any client of this bus.
-    pub(crate) fn client_config(&self) -> ClientConfig {
+    /// librdkafka settings for a client of this bus: the base ones, then the client's own
+    /// `settings`, then the `-X` overrides, which always win.
+    pub(crate) fn client_config(&self, settings: &[(&str, String)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
@@ -107,6 +108,9 @@ impl BusConfig {
             .set("reconnect.backoff.max.ms", "1000")
             .set("socket.keepalive.enable", "true")
             .set("log_level", "4");
+        for (key, value) in settings {
+            config.set(*key, value);
+        }
         for (key, value) in &self.overrides {
             config.set(key, value);
         }
@@ -158,6 +162,15 @@ mod tests {
         {
             assert!(parse_bus_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn overrides_win_over_a_clients_own_settings() {
+        let config = BusConfig::new("kafka://h:1", "c", &["acks=1".into()]).unwrap();
+        let client = config.client_config(&[("acks", "all".into()), ("linger.ms", "0".into())]);
+        assert_eq!(client.get("acks"), Some("1"));
+        assert_eq!(client.get("linger.ms"), Some("0"));
+        assert_eq!(client.get("bootstrap.servers"), Some("h:1"));
     }
 
     #[test]

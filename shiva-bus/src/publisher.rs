@@ -173,18 +173,15 @@ impl Publisher {
 
 fn create(config: &BusConfig, name: &'static str) -> Result<Arc<Client>, BusError> {
     let delivery_ms = config.delivery_timeout.as_millis().max(1000);
-    let mut client = config.client_config();
-    client
-        .set("enable.idempotence", config.idempotent.to_string())
-        .set("acks", "all")
+    let client = config.client_config(&[
+        ("enable.idempotence", config.idempotent.to_string()),
+        ("acks", "all".into()),
         // Control records are few and latency matters: send at once.
-        .set("linger.ms", "0")
-        .set("delivery.timeout.ms", delivery_ms.to_string())
-        .set("request.timeout.ms", delivery_ms.min(5000).to_string())
-        .set("message.max.bytes", "2000000");
-    for (key, value) in &config.overrides {
-        client.set(key, value);
-    }
+        ("linger.ms", "0".into()),
+        ("delivery.timeout.ms", delivery_ms.to_string()),
+        ("request.timeout.ms", delivery_ms.min(5000).to_string()),
+        ("message.max.bytes", "2000000".into()),
+    ]);
     let producer: Arc<BaseProducer<Delivery>> = Arc::new(
         client
             .create_with_context(Delivery)

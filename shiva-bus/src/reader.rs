@@ -64,18 +64,15 @@ impl Reader {
         topics: &[TopicKind],
         events: mpsc::Sender<ReaderEvent>,
     ) -> Result<Reader, BusError> {
-        let mut client = config.client_config();
-        client
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", config.fetch_wait.as_millis().max(1).to_string())
-            .set("fetch.error.backoff.ms", "50")
-            .set("group.id", "shiva-reader-unused");
-        for (key, value) in &config.overrides {
-            client.set(key, value);
-        }
+        let client = config.client_config(&[
+            ("enable.auto.commit", "false".into()),
+            ("enable.auto.offset.store", "false".into()),
+            ("enable.partition.eof", "true".into()),
+            ("auto.offset.reset", "earliest".into()),
+            ("fetch.wait.max.ms", config.fetch_wait.as_millis().max(1).to_string()),
+            ("fetch.error.backoff.ms", "50".into()),
+            ("group.id", "shiva-reader-unused".into()),
+        ]);
         let consumer: BaseConsumer<Context> = client
             .create_with_context(Context)
             .map_err(|err| BusError::Kafka(format!("failed to create a consumer: {err}")))?;
