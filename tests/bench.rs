@@ -10,9 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shiva_bus::{BusConfig, Publisher, Reader, ReaderEvent, admin};
 use shiva_e2e::{Broker, Ctl, Node, cluster, scratch, wait_until};
-use shiva_proto::records::{Body, Desired, DesiredState};
-use shiva_proto::topics::key;
-use shiva_proto::{Envelope, LogView, TaskId, TaskSpec, TopicKind};
+use shiva_proto::{LogView, TaskId, TaskSpec, TopicKind};
 use tokio::sync::mpsc;
 
 fn now_ns() -> i128 {
@@ -33,10 +31,6 @@ fn summary(samples: &mut [f64]) -> String {
         percentile(samples, 1.0),
         samples.len()
     )
-}
-
-fn envelope(body: Body) -> Vec<u8> {
-    Envelope { sender: "ctl:bench".into(), incarnation: None, sent_at_ms: 0, body }.encode()
 }
 
 /// Broker produce → consume round trip through Shiva's own client settings.
@@ -77,15 +71,6 @@ fn stamping_spec(id: &str, file: &Path) -> TaskSpec {
     spec
 }
 
-async fn submit(publisher: &std::sync::Arc<Publisher>, spec: &TaskSpec) {
-    publisher
-        .send(TopicKind::Commands, &key::task(&spec.id), Some(&envelope(Body::Task(spec.clone()))))
-        .await
-        .unwrap();
-    let desired = Body::Desired(Desired { task: spec.id.clone(), state: DesiredState::Running });
-    publisher.send(TopicKind::Commands, &key::desired(&spec.id), Some(&envelope(desired))).await.unwrap();
-}
-
 fn starts(file: &Path) -> Vec<i128> {
     std::fs::read_to_string(file)
         .unwrap_or_default()
@@ -103,7 +88,7 @@ async fn submit_to_start(broker: &Broker, cluster: &str, dir: &Path, samples: us
         let file = dir.join(format!("s{i}"));
         let spec = stamping_spec(&format!("bench/s{i}"), &file);
         let sent = now_ns();
-        submit(&publisher, &spec).await;
+        shiva_ctl::write_spec(&publisher, &spec).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         let started = loop {
             if let Some(start) = starts(&file).first() {

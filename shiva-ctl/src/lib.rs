@@ -10,6 +10,7 @@ pub mod show;
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -89,7 +90,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 )));
             }
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
-            let revision = write_spec(&config, &spec).await?;
+            let revision = write_spec(&Publisher::one_off(&config, "ctl")?, &spec).await?;
             let verb = if view.specs.contains_key(&spec.id) { "updated" } else { "submitted" };
             println!("{verb} {} (revision {revision})", spec.id);
         }
@@ -193,10 +194,7 @@ fn print_json(value: &impl serde::Serialize) {
 
 fn envelope(body: Body) -> Vec<u8> {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let sent_at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    Envelope { sender: format!("ctl:{user}"), incarnation: None, sent_at_ms, body }.encode()
+    Envelope::now(format!("ctl:{user}"), None, body).encode()
 }
 
 /// Builds the spec from a file or from flags, strictly validated.
@@ -269,8 +267,8 @@ fn choice<T: serde::de::DeserializeOwned>(text: &str, flag: &str, expected: &str
         .map_err(|_| invalid(format!("{flag} '{text}': expected {expected}")))
 }
 
-async fn write_spec(config: &BusConfig, spec: &TaskSpec) -> Result<i64, CtlError> {
-    let publisher = Publisher::one_off(config, "ctl")?;
+/// Writes what `submit` writes: the spec, then desired `running`. Returns the spec's revision.
+pub async fn write_spec(publisher: &Arc<Publisher>, spec: &TaskSpec) -> Result<i64, CtlError> {
     let revision = publisher
         .send(TopicKind::Commands, &key::task(&spec.id), Some(&envelope(Body::Task(spec.clone()))))
         .await?;

@@ -365,6 +365,14 @@ struct WireIn {
 }
 
 impl Envelope {
+    /// An envelope from `sender`, stamped with its wall clock now.
+    pub fn now(sender: impl Into<String>, incarnation: Option<Uuid>, body: Body) -> Envelope {
+        let sent_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        Envelope { sender: sender.into(), incarnation, sent_at_ms, body }
+    }
+
     /// Encodes the envelope as JSON bytes.
     pub fn encode(&self) -> Vec<u8> {
         fn out<B: Serialize>(env: &Envelope, body: &B) -> Vec<u8> {

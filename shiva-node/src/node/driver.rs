@@ -79,13 +79,7 @@ impl Node {
     }
 
     pub(crate) fn envelope(&self, body: Body) -> Vec<u8> {
-        Envelope {
-            sender: self.config.node_id.to_string(),
-            incarnation: Some(self.config.incarnation),
-            sent_at_ms: now_ms(),
-            body,
-        }
-        .encode()
+        Envelope::now(self.config.node_id.to_string(), Some(self.config.incarnation), body).encode()
     }
 
     /// Queues a write (in call order) and reports its outcome on the results channel.
@@ -349,8 +343,4 @@ impl Node {
             self.on_status(status);
         }
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
