@@ -2,7 +2,7 @@
 //! the node's default settings, and prints a Markdown report for `docs/benchmarks.md`.
 //!
 //! ```sh
-//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 10ms]
+//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -34,8 +34,9 @@ fn summary(samples: &mut [f64]) -> String {
 }
 
 /// Broker produce → consume round trip through Shiva's own client settings.
-async fn round_trip(broker: &Broker, samples: usize) -> Vec<f64> {
-    let config = BusConfig::new(&broker.url(), &cluster("rt"), &[]).unwrap();
+async fn round_trip(broker: &Broker, samples: usize, fetch_wait: Duration) -> Vec<f64> {
+    let mut config = BusConfig::new(&broker.url(), &cluster("rt"), &[]).unwrap();
+    config.fetch_wait = fetch_wait;
     admin::ensure_topics(&config, Duration::from_secs(5)).await.unwrap();
     let publisher = Publisher::new(&config, "bench").unwrap();
     let (tx, mut rx) = mpsc::channel(1024);
@@ -197,17 +198,22 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|arg| arg == "--quick");
     let fetch_wait =
-        args.iter().position(|arg| arg == "--fetch-wait").map_or("10ms".to_owned(), |i| args[i + 1].clone());
+        args.iter().position(|arg| arg == "--fetch-wait").map_or("12ms".to_owned(), |i| args[i + 1].clone());
     let node_args = ["--fetch-wait", fetch_wait.as_str()];
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let broker = Broker::start_with_interval("10s");
     let mut report = Vec::new();
 
-    let mut rtt = runtime.block_on(round_trip(&broker, if quick { 50 } else { 200 }));
-    report
-        .push(format!("| broker produce → consume round trip (fetch wait 10 ms) | {} |", summary(&mut rtt)));
+    for wait in [10, 12, 20] {
+        let samples = if quick { 50 } else { 200 };
+        let mut rtt = runtime.block_on(round_trip(&broker, samples, Duration::from_millis(wait)));
+        report.push(format!(
+            "| broker produce → consume round trip (fetch wait {wait} ms) | {} |",
+            summary(&mut rtt)
+        ));
+    }
 
-    for fetch in ["10ms", "20ms", "100ms"] {
+    for fetch in ["12ms", "10ms", "20ms", "100ms"] {
         let name = cluster("idle");
         let extra = ["--fetch-wait", fetch];
         let nodes: Vec<Node> =
@@ -224,8 +230,8 @@ fn main() {
             .map(|(node, before)| (cpu_ns(node.pid()) - before) as f64 / window.as_nanos() as f64 * 100.0)
             .fold(0.0, f64::max);
         let rss = nodes.iter().map(|node| rss_kb(node.pid())).max().unwrap();
-        let label = if fetch == "10ms" {
-            "--fetch-wait 10ms (default)".to_owned()
+        let label = if fetch == "12ms" {
+            "--fetch-wait 12ms (default)".to_owned()
         } else {
             format!("--fetch-wait {fetch}")
         };

@@ -90,7 +90,7 @@ impl BusConfig {
             brokers,
             topics,
             overrides,
-            fetch_wait: Duration::from_millis(10),
+            fetch_wait: Duration::from_millis(12),
             delivery_timeout: Duration::from_secs(5),
             idempotent: true,
         })

@@ -47,7 +47,7 @@ pub struct NodeArgs {
     #[arg(long, env = "SHIVA_NODE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub node_timeout: Duration,
     /// How long the broker may hold a fetch with no new record (latency vs idle load).
-    #[arg(long, env = "SHIVA_FETCH_WAIT", default_value = "10ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SHIVA_FETCH_WAIT", default_value = "12ms", value_parser = humantime::parse_duration)]
     pub fetch_wait: Duration,
 }
 
