@@ -64,6 +64,31 @@ pub enum Command {
         /// Task id.
         id: String,
     },
+    /// Run a periodic task now (a run of its own, under the task's overlap policy).
+    Run {
+        /// Task id.
+        id: String,
+    },
+    /// Launch no new runs of a periodic or one-shot task; a current run continues.
+    Suspend {
+        /// Task id.
+        id: String,
+    },
+    /// Launch runs of a suspended task again (slots missed meanwhile are not caught up).
+    Resume {
+        /// Task id.
+        id: String,
+    },
+    /// Show the runs of a periodic or one-shot task, newest first.
+    History {
+        /// Task id.
+        id: String,
+        /// At most this many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        json: JsonArg,
+    },
 }
 
 /// `--json`.

@@ -3,9 +3,11 @@
 //! # Layout
 //! * [`cli`]: flags and subcommands;
 //! * [`show`]: task and node rows derived from the log view;
+//! * [`history`]: run history rows and the run-related commands;
 //! * this module: the commands and the error → exit code mapping.
 
 pub mod cli;
+pub mod history;
 pub mod show;
 
 use std::collections::BTreeMap;
@@ -16,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use shiva_bus::{BusConfig, BusError, Publisher, Reader, ReaderEvent, admin};
 use shiva_proto::records::{Body, Desired, DesiredState};
-use shiva_proto::spec::{DEFAULT_STOP_GRACE, TaskKind};
+use shiva_proto::spec::DEFAULT_STOP_GRACE;
 use shiva_proto::topics::key;
 use shiva_proto::{Envelope, LogView, TaskId, TaskSpec, TopicKind};
 use tokio::sync::mpsc;
@@ -67,7 +69,7 @@ impl From<anyhow::Error> for CtlError {
     }
 }
 
-fn invalid(err: impl std::fmt::Display) -> CtlError {
+pub(crate) fn invalid(err: impl std::fmt::Display) -> CtlError {
     CtlError::Invalid(err.to_string())
 }
 
@@ -80,14 +82,6 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             let spec = spec_from(args)?;
             if !spec.after.is_empty() {
                 check_after(&spec, &snapshot(&config, timeout, &TASK_TOPICS).await?)?;
-            }
-            if spec.kind() != TaskKind::Service {
-                return Err(CtlError::Failed(anyhow::anyhow!(
-                    "{} is a valid {} task, but this version of Shiva does not schedule {} tasks yet: nothing was submitted",
-                    spec.id,
-                    spec.kind().as_str(),
-                    spec.kind().as_str()
-                )));
             }
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
             let revision = write_spec(&Publisher::one_off(&config, "ctl")?, &spec).await?;
@@ -167,6 +161,12 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 }
             }
         }
+        Command::Run { id } => history::run_now(&config, timeout, &id).await?,
+        Command::Suspend { id } => history::suspend(&config, timeout, &id, DesiredState::Suspended).await?,
+        Command::Resume { id } => history::suspend(&config, timeout, &id, DesiredState::Running).await?,
+        Command::History { id, limit, json } => {
+            history::history(&config, timeout, &id, limit, json.json).await?
+        }
         Command::Kill { id } => set_desired(&config, timeout, &id, DesiredState::Stopped).await?,
         Command::Start { id } => set_desired(&config, timeout, &id, DesiredState::Running).await?,
         Command::Delete { id } => {
@@ -184,15 +184,15 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     Ok(())
 }
 
-fn no_such_task(task: &TaskId) -> CtlError {
+pub(crate) fn no_such_task(task: &TaskId) -> CtlError {
     CtlError::Failed(anyhow::anyhow!("no task '{task}' in this cluster"))
 }
 
-fn print_json(value: &impl serde::Serialize) {
+pub(crate) fn print_json(value: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(value).expect("output serialises"));
 }
 
-fn envelope(body: Body) -> Vec<u8> {
+pub(crate) fn envelope(body: Body) -> Vec<u8> {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     Envelope::now(format!("ctl:{user}"), None, body).encode()
 }
@@ -277,7 +277,7 @@ pub async fn write_spec(publisher: &Arc<Publisher>, spec: &TaskSpec) -> Result<i
     Ok(revision)
 }
 
-async fn set_desired(
+pub(crate) async fn set_desired(
     config: &BusConfig,
     timeout: Duration,
     id: &str,
@@ -297,7 +297,8 @@ async fn set_desired(
 
 /// Topics that task commands read: the heartbeats on `control` are only needed by `nodes`
 /// (and on a broker that compacts rarely they are most of the log).
-const TASK_TOPICS: [TopicKind; 3] = [TopicKind::Commands, TopicKind::Assignments, TopicKind::Status];
+pub(crate) const TASK_TOPICS: [TopicKind; 3] =
+    [TopicKind::Commands, TopicKind::Assignments, TopicKind::Status];
 
 /// Reads `topics` to their end into a view.
 pub async fn snapshot(

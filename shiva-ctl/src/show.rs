@@ -1,7 +1,8 @@
 //! What the CLI shows: task and node rows derived from the log view.
 
 use serde::Serialize;
-use shiva_proto::records::{ExitInfo, Placement, RunState};
+use shiva_proto::records::{DesiredState, ExitInfo, Placement, RunState};
+use shiva_proto::spec::TaskKind;
 use shiva_proto::{LogView, NodeId, TaskId};
 
 /// One task as `list` and `status` show it.
@@ -13,8 +14,9 @@ pub struct TaskRow {
     pub kind: &'static str,
     /// `running` or `stopped`.
     pub desired: &'static str,
-    /// `unassigned`, `pending`, `assigned`, `starting`, `running`, `backoff`, `failed`,
-    /// `stopping` or `stopped`.
+    /// Services: `unassigned`, `pending`, `assigned`, `starting`, `running`, `backoff`,
+    /// `failed`, `stopping` or `stopped`. Periodic: `scheduled`, `suspended` or the current
+    /// run's state. One-shot: `waiting`, the current run's state, `succeeded` or `failed`.
     pub state: &'static str,
     /// Runner node.
     pub node: Option<NodeId>,
@@ -63,6 +65,7 @@ pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
             row.state = if still_running { "stopping" } else { "stopped" };
             row.node = previous.filter(|_| still_running).map(|entry| entry.node.clone());
         }
+        Some(Placement::Scheduled) => scheduled_state(view, task, &mut row),
         Some(Placement::Assigned { node }) => {
             row.node = Some(node.clone());
             let from_runner = view.current_status(task).filter(|entry| entry.node == *node);
@@ -73,6 +76,36 @@ pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
         }
     }
     Some(row)
+}
+
+/// The state of a periodic or one-shot task: its current run's, else its own.
+fn scheduled_state(view: &LogView, task: &TaskId, row: &mut TaskRow) {
+    let current = view.runs.get(task).into_iter().flat_map(|runs| runs.values()).find(|entry| {
+        !entry.is_final() && entry.intent.as_ref().is_some_and(|(intent, _)| intent.node.is_some())
+    });
+    let sched = view.scheds.get(task).map(|entry| &entry.sched);
+    if let Some(entry) = current {
+        let (intent, _) = entry.intent.as_ref().expect("filtered above");
+        row.state = entry.phase().as_str();
+        row.node = intent.node.clone();
+        row.attempt = Some(intent.attempt);
+        row.pid = entry.report.as_ref().and_then(|report| report.report.pid);
+    } else if let Some(outcome) = sched.and_then(|sched| sched.outcome.as_ref()) {
+        row.state = outcome.state.as_str();
+        row.reason = outcome.reason.clone();
+        row.attempt = sched.map(|sched| sched.attempt);
+    } else if view.desired_state(task) == DesiredState::Suspended {
+        row.state = "suspended";
+    } else if view.specs.get(task).is_some_and(|spec| spec.spec.kind() == TaskKind::Once) {
+        row.state = "waiting";
+        let after = &view.specs[task].spec.after;
+        if !after.is_empty() {
+            let names: Vec<&str> = after.iter().map(TaskId::as_str).collect();
+            row.reason = Some(format!("runs after {}", names.join(", ")));
+        }
+    } else {
+        row.state = "scheduled";
+    }
 }
 
 /// One node as `nodes` shows it.

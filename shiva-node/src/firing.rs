@@ -1,5 +1,5 @@
 //! Firing decisions for periodic and one-shot tasks, pure: which slots to launch (with catch-up
-//! after an outage), a run's deterministic id and jitter, what to do when a run is due while
+//! after an outage), a task's jitter, what to do when a run is due while
 //! another runs, and what follows a one-shot's end. Time is passed in: tests use a fake clock.
 
 use std::time::Duration;
@@ -10,9 +10,6 @@ use shiva_proto::records::ExitInfo;
 use shiva_proto::schedule::Schedule;
 use shiva_proto::spec::{CatchUp, Overlap, TaskSpec};
 use uuid::Uuid;
-
-/// Namespace of run ids (uuid v5 of `task|slot|attempt`).
-const RUN_NAMESPACE: Uuid = Uuid::from_u128(0x5b1f_4a2e_8c3d_4e6f_9a7b_1c2d_3e4f_5a6b);
 
 /// Regular slots one plan takes at most (a schedule every second with a long look-ahead).
 const MAX_SLOTS_PER_PLAN: usize = 1000;
@@ -86,21 +83,9 @@ pub fn plan_slots(
     SlotPlan { launch, skipped, decided_through: through.max(decided_through) }
 }
 
-/// The run id of `task`'s `slot` (or manual request instant) and `attempt`: the same on every
-/// leader, so a slot re-planned after a failover maps to the same run.
-pub fn run_id(task: &TaskId, slot: DateTime<Utc>, attempt: u32) -> Uuid {
-    let name = format!("{task}|{}|{attempt}", slot.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
-    Uuid::new_v5(&RUN_NAMESPACE, name.as_bytes())
-}
-
 /// The task's fixed launch delay within `[0, jitter)`, derived from its id.
 pub fn jitter_offset(task: &TaskId, jitter: Duration) -> Duration {
-    let millis = jitter.as_millis() as u64;
-    if millis == 0 {
-        return Duration::ZERO;
-    }
-    let hash = Uuid::new_v5(&RUN_NAMESPACE, task.as_str().as_bytes()).as_u64_pair().0;
-    Duration::from_millis(hash % millis)
+    Duration::from_millis(shiva_proto::runs::jitter_ms(task, jitter.as_millis() as u64))
 }
 
 /// What to do with a run that is due.

@@ -15,13 +15,22 @@ use shiva_proto::{LogView, TaskId, TopicKind};
 
 use crate::placement::{Candidate, Demand, plan};
 
-/// A record the leader must write on `assignments` (`None`: tombstone).
+/// A record the leader must write (`None`: tombstone).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Write {
+    /// Its topic: `assignments`, but for tombstones of trimmed history and handled requests.
+    pub topic: TopicKind,
     /// Its key.
     pub key: String,
     /// Its body.
     pub body: Option<Body>,
+}
+
+impl Write {
+    /// A write on `assignments`.
+    pub fn assignments(key: String, body: Option<Body>) -> Write {
+        Write { topic: TopicKind::Assignments, key, body }
+    }
 }
 
 /// Computes the leader's writes. `busy(key)` tells keys with a write still in flight, which
@@ -32,7 +41,7 @@ pub fn reconcile(view: &LogView, live: &[Member], epoch: u64, busy: &dyn Fn(&str
     let members_current =
         view.members.as_ref() == Some(&members) && view.is_settled(TopicKind::Assignments, key::MEMBERS);
     if !members_current && !busy(key::MEMBERS) {
-        writes.push(Write { key: key::MEMBERS.to_owned(), body: Some(Body::Members(members)) });
+        writes.push(Write::assignments(key::MEMBERS.to_owned(), Some(Body::Members(members))));
     }
 
     let candidates: Vec<Candidate> = live
@@ -66,7 +75,7 @@ pub fn reconcile(view: &LogView, live: &[Member], epoch: u64, busy: &dyn Fn(&str
         let current = view.assignments.get(task);
         let Some(spec) = view.specs.get(task) else {
             if current.is_some() {
-                writes.push(Write { key: record_key, body: None });
+                writes.push(Write::assignments(record_key, None));
             }
             continue;
         };
@@ -74,13 +83,13 @@ pub fn reconcile(view: &LogView, live: &[Member], epoch: u64, busy: &dyn Fn(&str
             Some(Ok(node)) => Placement::Assigned { node },
             Some(Err(reason)) => Placement::Pending { reason },
             None if view.desired_state(task) == DesiredState::Stopped => Placement::Stopped,
-            // Never run a periodic or one-shot task as a service.
-            None => Placement::Pending {
-                reason: format!(
-                    "{} tasks are not scheduled by this version of the leader",
-                    spec.spec.kind().as_str()
-                ),
-            },
+            // Periodic and one-shot tasks: the scheduler launches each run.
+            None => {
+                match candidates.iter().any(|node| spec.spec.tags.iter().all(|tag| node.tags.contains(tag))) {
+                    true => Placement::Scheduled,
+                    false => Placement::Pending { reason: no_runner(&spec.spec.tags) },
+                }
+            }
         };
         let unchanged = current.is_some_and(|current| {
             current.assignment.placement == placement && current.assignment.spec_revision == spec.revision
@@ -107,9 +116,17 @@ pub fn reconcile(view: &LogView, live: &[Member], epoch: u64, busy: &dyn Fn(&str
             placement,
             spec: spec.spec.clone(),
         };
-        writes.push(Write { key: record_key, body: Some(Body::Assignment(assignment)) });
+        writes.push(Write::assignments(record_key, Some(Body::Assignment(assignment))));
     }
     writes
+}
+
+fn no_runner(tags: &[String]) -> String {
+    if tags.is_empty() {
+        "no live runner node".to_owned()
+    } else {
+        format!("no live runner node has all of the tags {}", tags.join(", "))
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ pub mod leader;
 pub mod membership;
 pub mod node;
 pub mod placement;
+pub mod runner;
+pub mod scheduler;
 pub mod supervisor;
 
 pub use config::{NodeArgs, NodeConfig};

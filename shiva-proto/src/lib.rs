@@ -4,6 +4,7 @@
 //! * [`ids`]: validated task and node ids;
 //! * [`spec`]: the task spec operators submit (strict parsing of user input);
 //! * [`records`]: the versioned JSON envelope and every record body;
+//! * [`runs`]: records of periodic and one-shot runs, and run ids;
 //! * [`topics`]: topic names and record keys;
 //! * [`view`]: the pure fold of the control topics into cluster state, with the election's
 //!   acceptance rules, so that every reader (node or CLI) sees the same state.
@@ -15,6 +16,7 @@ pub mod dag;
 pub mod duration;
 pub mod ids;
 pub mod records;
+pub mod runs;
 pub mod schedule;
 pub mod spec;
 pub mod topics;

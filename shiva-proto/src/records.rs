@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::ids::{NodeId, TaskId};
+use crate::runs::{RunIntent, RunReport, RunRequest, Sched};
 use crate::spec::TaskSpec;
 
 /// The envelope version this build writes and the newest it reads.
@@ -53,6 +54,14 @@ pub enum Body {
     Assignment(Assignment),
     /// `status`, `task/<id>`.
     Status(TaskStatus),
+    /// `commands`, `request/<task>/<request-id>`: run now.
+    RunRequest(RunRequest),
+    /// `assignments`, `sched/<task>`: a periodic or one-shot task's firing position.
+    Sched(Sched),
+    /// `assignments`, `run/<task>/<run-id>`: a launch intent.
+    RunIntent(RunIntent),
+    /// `status`, `run/<task>/<run-id>`: a run's record.
+    RunReport(RunReport),
 }
 
 impl Body {
@@ -68,6 +77,10 @@ impl Body {
             Body::Members(_) => "members",
             Body::Assignment(_) => "assignment",
             Body::Status(_) => "status",
+            Body::RunRequest(_) => "run_request",
+            Body::Sched(_) => "sched",
+            Body::RunIntent(_) => "run_intent",
+            Body::RunReport(_) => "run_report",
         }
     }
 }
@@ -80,6 +93,8 @@ pub enum DesiredState {
     Running,
     /// Stop it everywhere, keep the definition.
     Stopped,
+    /// Periodic tasks: launch no new runs; a current run continues.
+    Suspended,
 }
 
 impl DesiredState {
@@ -88,6 +103,7 @@ impl DesiredState {
         match self {
             DesiredState::Running => "running",
             DesiredState::Stopped => "stopped",
+            DesiredState::Suspended => "suspended",
         }
     }
 }
@@ -221,6 +237,8 @@ pub enum Placement {
     },
     /// Desired stopped: nobody runs it.
     Stopped,
+    /// A periodic or one-shot task: the leader launches each run (see `run/` records).
+    Scheduled,
 }
 
 /// `assignments` `task/<id>` body: a leader write.
@@ -396,6 +414,10 @@ impl Envelope {
             Body::Members(body) => out(self, body),
             Body::Assignment(body) => out(self, body),
             Body::Status(body) => out(self, body),
+            Body::RunRequest(body) => out(self, body),
+            Body::Sched(body) => out(self, body),
+            Body::RunIntent(body) => out(self, body),
+            Body::RunReport(body) => out(self, body),
         }
     }
 
@@ -427,6 +449,10 @@ impl Envelope {
             "members" => Body::Members(body(kind, wire.body)?),
             "assignment" => Body::Assignment(body(kind, wire.body)?),
             "status" => Body::Status(body(kind, wire.body)?),
+            "run_request" => Body::RunRequest(body(kind, wire.body)?),
+            "sched" => Body::Sched(body(kind, wire.body)?),
+            "run_intent" => Body::RunIntent(body(kind, wire.body)?),
+            "run_report" => Body::RunReport(body(kind, wire.body)?),
             _ => return Err(DecodeError::UnknownKind(wire.kind)),
         };
         Ok(Envelope {

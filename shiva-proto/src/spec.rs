@@ -147,6 +147,18 @@ pub enum Overlap {
     Queue,
 }
 
+impl Overlap {
+    /// The name in specs and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overlap::Allow => "allow",
+            Overlap::Forbid => "forbid",
+            Overlap::Replace => "replace",
+            Overlap::Queue => "queue",
+        }
+    }
+}
+
 /// Catch-up policy for slots missed while no leader was alive.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -2,10 +2,10 @@
 //!
 //! | topic | keys |
 //! |---|---|
-//! | `shiva.<cluster>.commands` | `task/<id>`, `desired/<id>` |
+//! | `shiva.<cluster>.commands` | `task/<id>`, `desired/<id>`, `request/<id>/<request-id>` |
 //! | `shiva.<cluster>.control` | `node/<id>`, `leave/<id>/<incarnation>` |
-//! | `shiva.<cluster>.assignments` | `claim/<epoch>/<node>/<claim-id>`, `resign/<epoch>`, `members`, `task/<id>` |
-//! | `shiva.<cluster>.status` | `task/<id>` |
+//! | `shiva.<cluster>.assignments` | `claim/<epoch>/<node>/<claim-id>`, `resign/<epoch>`, `members`, `task/<id>`, `sched/<id>`, `run/<id>/<run-id>` |
+//! | `shiva.<cluster>.status` | `task/<id>`, `run/<id>/<run-id>` |
 
 use std::fmt;
 
@@ -117,6 +117,25 @@ pub mod key {
     }
     /// `members`.
     pub const MEMBERS: &str = "members";
+    /// `request/<id>/<request-id>`.
+    pub fn request(id: &TaskId, request: Uuid) -> String {
+        format!("request/{id}/{request}")
+    }
+    /// `sched/<id>`.
+    pub fn sched(id: &TaskId) -> String {
+        format!("sched/{id}")
+    }
+    /// `run/<id>/<run-id>`.
+    pub fn run(id: &TaskId, run: Uuid) -> String {
+        format!("run/{id}/{run}")
+    }
+
+    /// The task id and uuid in a `<prefix>/<id>/<uuid>` key.
+    pub fn task_and_uuid(key: &str, prefix: &str) -> Option<(TaskId, Uuid)> {
+        let rest = key.strip_prefix(prefix)?.strip_prefix('/')?;
+        let (task, uuid) = rest.rsplit_once('/')?;
+        Some((TaskId::new(task).ok()?, uuid.parse().ok()?))
+    }
 
     /// The task id in a `task/<id>` or `desired/<id>` key.
     pub fn task_of<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
@@ -144,5 +163,9 @@ mod tests {
         assert_eq!(key::task(&task), "task/a/b");
         assert_eq!(key::task_of("task/a/b", "task"), Some("a/b"));
         assert_eq!(key::task_of("desired/a", "task"), None);
+        let run = Uuid::from_u128(7);
+        assert_eq!(key::task_and_uuid(&key::run(&task, run), "run"), Some((task.clone(), run)));
+        assert_eq!(key::task_and_uuid(&key::request(&task, run), "request"), Some((task, run)));
+        assert_eq!(key::task_and_uuid("run/a/not-a-uuid", "run"), None);
     }
 }

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use crate::ids::{NodeId, TaskId};
 use crate::records::{Assignment, Body, DesiredState, Envelope, Heartbeat, Members, Placement, TaskStatus};
+use crate::runs::{RunIntent, RunPhase, RunReport, Sched};
 use crate::spec::TaskSpec;
 use crate::topics::{TopicKind, key};
 
@@ -86,6 +87,9 @@ pub struct SpecEntry {
     pub spec: TaskSpec,
     /// Offset of the `task/<id>` record in `commands`.
     pub revision: i64,
+    /// The submitter's clock when it sent the spec (ms; 0 when unknown): a periodic task's
+    /// slots count from there.
+    pub submitted_ms: i64,
 }
 
 /// A node's newest heartbeat.
@@ -123,6 +127,57 @@ pub struct StatusEntry {
     pub status: TaskStatus,
 }
 
+/// An accepted `sched/<task>` record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedEntry {
+    /// The record.
+    pub sched: Sched,
+    /// Offset in `assignments`.
+    pub offset: i64,
+}
+
+/// A runner's record of one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportEntry {
+    /// The runner.
+    pub node: NodeId,
+    /// Its incarnation.
+    pub incarnation: Uuid,
+    /// Offset in `status`.
+    pub offset: i64,
+    /// The record.
+    pub report: RunReport,
+}
+
+/// What the log holds about one run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunEntry {
+    /// The leader's intent and its offset.
+    pub intent: Option<(RunIntent, i64)>,
+    /// The runner's record.
+    pub report: Option<ReportEntry>,
+}
+
+impl RunEntry {
+    /// The run's state: the runner's final word, else the leader's verdict, else the runner's
+    /// progress, else scheduled.
+    pub fn phase(&self) -> RunPhase {
+        let reported = self.report.as_ref().map(|entry| entry.report.state);
+        let verdict = self.intent.as_ref().and_then(|(intent, _)| intent.verdict);
+        match (reported, verdict) {
+            (Some(state), _) if state.is_final() => state,
+            (_, Some(verdict)) => verdict,
+            (Some(state), None) => state,
+            (None, None) => RunPhase::Scheduled,
+        }
+    }
+
+    /// Whether the run is over.
+    pub fn is_final(&self) -> bool {
+        self.phase().is_final()
+    }
+}
+
 /// What applying one record did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -151,6 +206,12 @@ pub struct LogView {
     pub assignments: BTreeMap<TaskId, AssignmentEntry>,
     /// Newest status per task.
     pub statuses: BTreeMap<TaskId, StatusEntry>,
+    /// Firing positions of periodic and one-shot tasks.
+    pub scheds: BTreeMap<TaskId, SchedEntry>,
+    /// Runs of periodic and one-shot tasks, per task and run id.
+    pub runs: BTreeMap<TaskId, BTreeMap<Uuid, RunEntry>>,
+    /// Pending `run` requests per task: request id → offset.
+    pub requests: BTreeMap<TaskId, BTreeMap<Uuid, i64>>,
     /// Offset of the newest record (of any sender) per key of `assignments` and `status`,
     /// so a writer can tell that something landed after its own write.
     pub last_offsets: BTreeMap<(TopicKind, String), i64>,
@@ -234,6 +295,37 @@ impl LogView {
     fn tombstone(&mut self, topic: TopicKind, key: &str) -> Outcome {
         let task = key::task_of(key, "task").and_then(|id| TaskId::new(id).ok());
         let desired = key::task_of(key, "desired").and_then(|id| TaskId::new(id).ok());
+        let sched = key::task_of(key, "sched").and_then(|id| TaskId::new(id).ok());
+        if let Some((task, run)) = key::task_and_uuid(key, "run") {
+            let Some(runs) = self.runs.get_mut(&task) else { return Outcome::Applied("tombstone") };
+            if let Some(entry) = runs.get_mut(&run) {
+                match topic {
+                    TopicKind::Assignments => entry.intent = None,
+                    TopicKind::Status => entry.report = None,
+                    _ => return Outcome::Skipped(format!("tombstone for '{key}' on {topic} ignored")),
+                }
+                if entry.intent.is_none() && entry.report.is_none() {
+                    runs.remove(&run);
+                }
+            }
+            if runs.is_empty() {
+                self.runs.remove(&task);
+            }
+            return Outcome::Applied("tombstone");
+        }
+        if let (TopicKind::Commands, Some((task, request))) = (topic, key::task_and_uuid(key, "request")) {
+            if let Some(requests) = self.requests.get_mut(&task) {
+                requests.remove(&request);
+                if requests.is_empty() {
+                    self.requests.remove(&task);
+                }
+            }
+            return Outcome::Applied("tombstone");
+        }
+        if let (TopicKind::Assignments, Some(task)) = (topic, sched) {
+            self.scheds.remove(&task);
+            return Outcome::Applied("tombstone");
+        }
         match (topic, task, desired) {
             (TopicKind::Commands, Some(task), _) => {
                 self.specs.remove(&task);
@@ -264,7 +356,8 @@ impl LogView {
             (TopicKind::Commands, Body::Task(spec)) => {
                 expect_key(key, &key::task(&spec.id))?;
                 spec.validate().map_err(|err| err.to_string())?;
-                self.specs.insert(spec.id.clone(), SpecEntry { spec, revision: offset });
+                let submitted_ms = env.sent_at_ms as i64;
+                self.specs.insert(spec.id.clone(), SpecEntry { spec, revision: offset, submitted_ms });
             }
             (TopicKind::Commands, Body::Desired(desired)) => {
                 expect_key(key, &key::desired(&desired.task))?;
@@ -325,6 +418,34 @@ impl LogView {
                 expect_key(key, &key::task(&status.task))?;
                 let task = status.task.clone();
                 self.statuses.insert(task, StatusEntry { node, incarnation, offset, status });
+            }
+            (TopicKind::Commands, Body::RunRequest(request)) => {
+                expect_key(key, &key::request(&request.task, request.request))?;
+                self.requests.entry(request.task).or_default().insert(request.request, offset);
+            }
+            (TopicKind::Assignments, Body::Sched(sched)) => {
+                expect_key(key, &key::sched(&sched.task))?;
+                self.epochs.accepts(sched.epoch, &env.sender, env.incarnation)?;
+                self.epochs.active.insert(sched.epoch);
+                self.scheds.insert(sched.task.clone(), SchedEntry { sched, offset });
+            }
+            (TopicKind::Assignments, Body::RunIntent(intent)) => {
+                expect_key(key, &key::run(&intent.task, intent.run_id))?;
+                self.epochs.accepts(intent.epoch, &env.sender, env.incarnation)?;
+                if intent.spec.id != intent.task {
+                    return Err("its spec is for another task".into());
+                }
+                self.epochs.active.insert(intent.epoch);
+                let entry =
+                    self.runs.entry(intent.task.clone()).or_default().entry(intent.run_id).or_default();
+                entry.intent = Some((intent, offset));
+            }
+            (TopicKind::Status, Body::RunReport(report)) => {
+                let (node, incarnation) = node_sender().ok_or("sender is not a node with an incarnation")?;
+                expect_key(key, &key::run(&report.task, report.run_id))?;
+                let entry =
+                    self.runs.entry(report.task.clone()).or_default().entry(report.run_id).or_default();
+                entry.report = Some(ReportEntry { node, incarnation, offset, report });
             }
             (topic, body) => return Err(format!("a {} record does not belong on {topic}", body.kind())),
         }

@@ -2,6 +2,11 @@ use chrono::TimeZone;
 use proptest::prelude::*;
 
 use super::*;
+use shiva_proto::runs::{Trigger, run_id};
+
+fn slot(at: DateTime<Utc>) -> Trigger {
+    Trigger::Slot { slot_ms: at.timestamp_millis() }
+}
 
 fn at(h: u32, m: u32, s: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 1, h, m, s).unwrap()
@@ -135,10 +140,13 @@ proptest! {
 #[test]
 fn run_ids_are_deterministic_per_task_slot_and_attempt() {
     let task = TaskId::new("a/b").unwrap();
-    assert_eq!(run_id(&task, at(1, 0, 0), 1), run_id(&task, at(1, 0, 0), 1));
-    assert_ne!(run_id(&task, at(1, 0, 0), 1), run_id(&task, at(1, 0, 0), 2));
-    assert_ne!(run_id(&task, at(1, 0, 0), 1), run_id(&task, at(1, 0, 1), 1));
-    assert_ne!(run_id(&task, at(1, 0, 0), 1), run_id(&TaskId::new("a/c").unwrap(), at(1, 0, 0), 1));
+    assert_eq!(run_id(&task, slot(at(1, 0, 0)), 1), run_id(&task, slot(at(1, 0, 0)), 1));
+    assert_ne!(run_id(&task, slot(at(1, 0, 0)), 1), run_id(&task, slot(at(1, 0, 0)), 2));
+    assert_ne!(run_id(&task, slot(at(1, 0, 0)), 1), run_id(&task, slot(at(1, 0, 1)), 1));
+    assert_ne!(
+        run_id(&task, slot(at(1, 0, 0)), 1),
+        run_id(&TaskId::new("a/c").unwrap(), slot(at(1, 0, 0)), 1)
+    );
     assert_eq!(jitter_offset(&task, Duration::ZERO), Duration::ZERO);
 }
 

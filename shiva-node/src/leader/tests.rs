@@ -241,7 +241,7 @@ proptest! {
 }
 
 #[test]
-fn periodic_and_once_tasks_are_never_placed_as_services() {
+fn periodic_and_once_tasks_are_scheduled_not_placed_as_services() {
     let mut sim = Sim::new();
     for (t, periodic) in [(1u8, true), (2, false)] {
         let mut spec = TaskSpec::new(Sim::task(t), "sleep", vec!["1".into()]);
@@ -258,11 +258,16 @@ fn periodic_and_once_tasks_are_never_placed_as_services() {
     sim.lead(0b111);
     for t in [1, 2] {
         let placement = &sim.view.assignments[&Sim::task(t)].assignment.placement;
-        assert!(
-            matches!(placement, Placement::Pending { reason } if reason.contains("not scheduled")),
-            "{placement:?}"
-        );
+        assert_eq!(placement, &Placement::Scheduled, "the scheduler launches their runs");
     }
+    let mut tagged = TaskSpec::new(Sim::task(3), "true", vec![]);
+    tagged.once = true;
+    tagged.tags = vec!["gpu".into()];
+    let value = Envelope { sender: "ctl".into(), incarnation: None, sent_at_ms: 0, body: Body::Task(tagged) };
+    sim.append(TopicKind::Commands, key::task(&Sim::task(3)), Some(value.encode()));
+    sim.lead(0b111);
+    let placement = &sim.view.assignments[&Sim::task(3)].assignment.placement;
+    assert!(matches!(placement, Placement::Pending { reason } if reason.contains("gpu")), "{placement:?}");
 }
 
 #[test]

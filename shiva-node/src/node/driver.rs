@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use shiva_bus::{Publisher, Reader, ReaderEvent, Record};
 use shiva_proto::records::{Body, Claim, Envelope, Placement, RunState, RunSummary, TaskStatus};
+use shiva_proto::runs::RunReport;
 use shiva_proto::topics::key;
 use shiva_proto::view::Outcome;
 use shiva_proto::{LogView, TaskId, TopicKind};
@@ -18,8 +19,10 @@ use uuid::Uuid;
 use super::heartbeat::{Gate, GateDecision, Identity, ResourceProbe, build};
 use crate::config::NodeConfig;
 use crate::election::{Beats, Election, Verdict};
+use crate::firing::Timing;
 use crate::leader::reconcile;
 use crate::membership::Membership;
+use crate::scheduler;
 use crate::supervisor::{Supervisor, Wanted};
 
 /// Why a record was written, so its delivery result can be acted on.
@@ -29,6 +32,10 @@ pub(crate) enum Purpose {
     Claim(u64),
     Leader,
     Status(TaskId),
+    /// A run's start record, written before it is confirmed and launched.
+    RunStart(Uuid),
+    /// A run's record (written again if its delivery fails).
+    RunReport(Box<RunReport>),
 }
 
 /// The outcome of one write.
@@ -70,7 +77,18 @@ pub(crate) struct Node {
     /// Another incarnation heartbeating with this node's id, seen after the initial read.
     pub(crate) impostor: Option<Uuid>,
     pub(crate) last_reader_error: Option<(String, Instant)>,
+    /// Runs of periodic and one-shot tasks this node holds.
+    pub(crate) held: BTreeMap<Uuid, super::runs::Held>,
+    /// Where launched runs report.
+    pub(crate) run_reports: mpsc::UnboundedSender<RunReport>,
+    /// When the next start record is due.
+    pub(crate) run_wake: Option<Duration>,
 }
+
+/// The scheduler's timing: intents are written a second ahead of their slot; a slot more than
+/// 2 s late counts as missed (its catch-up policy applies).
+pub(crate) const TIMING: Timing =
+    Timing { lookahead: Duration::from_secs(1), tolerance: Duration::from_secs(2) };
 
 impl Node {
     pub(crate) fn token(&mut self) -> u64 {
@@ -115,6 +133,7 @@ impl Node {
                     self.election.claim_failed(epoch);
                     self.claim_check = None;
                 }
+                self.on_runs_synced(token);
                 return Some(token);
             }
             ReaderEvent::SyncFailed(token, message) => {
@@ -208,11 +227,23 @@ impl Node {
                 if let Purpose::Status(task) = purpose {
                     let known = self.own_status_offsets.entry(task).or_insert(offset);
                     *known = (*known).max(offset);
+                } else if let Purpose::RunStart(run) = purpose {
+                    self.on_start_written(run, true);
                 }
             }
             (Err(message), Purpose::Heartbeat(seq)) => {
                 warn!(seq, %message, "heartbeat not delivered");
                 self.gate.failed(seq);
+            }
+            (Err(message), Purpose::RunStart(run)) => {
+                warn!(%run, %message, "start record not written; writing it again");
+                self.on_start_written(run, false);
+            }
+            (Err(message), Purpose::RunReport(report)) => {
+                warn!(run = %report.run_id, %message, "run record not written; writing it again");
+                let key = key::run(&report.task, report.run_id);
+                let body = Some(Body::RunReport((*report).clone()));
+                self.send(TopicKind::Status, key, body, Purpose::RunReport(report));
             }
             (Err(message), Purpose::Claim(epoch)) => {
                 warn!(epoch, %message, "claim not delivered; reading the log to learn the outcome");
@@ -299,12 +330,23 @@ impl Node {
         }
         if let Some(epoch) = self.leading {
             let live = self.membership.live_members(self.config.node_beats());
-            let writes = reconcile(&self.view, &live, epoch, &|key| self.busy(TopicKind::Assignments, key));
+            let mut writes =
+                reconcile(&self.view, &live, epoch, &|key| self.busy(TopicKind::Assignments, key));
+            let context = scheduler::Context {
+                view: &self.view,
+                live: &live,
+                epoch,
+                now: chrono::Utc::now(),
+                timing: TIMING,
+                busy: &|topic, key| self.busy(topic, key),
+            };
+            writes.extend(scheduler::plan(&context));
             for write in writes {
-                self.send(TopicKind::Assignments, write.key, write.body, Purpose::Leader);
+                self.send(write.topic, write.key, write.body, Purpose::Leader);
             }
         }
         self.step_runner();
+        self.run_wake = self.step_runs();
     }
 
     fn step_runner(&mut self) {

@@ -3,6 +3,7 @@
 
 mod driver;
 mod heartbeat;
+mod runs;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use shiva_bus::{BusError, Publisher, Reader, ReaderEvent, admin};
 use shiva_proto::records::{Body, Leave, Resign, TaskStatus};
+use shiva_proto::runs::RunReport;
 use shiva_proto::topics::key;
 use shiva_proto::{LogView, TopicKind};
 use tokio::sync::mpsc;
@@ -46,6 +48,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     let reader = Reader::spawn(&config.bus, &TopicKind::ALL, events_tx)?;
     let (results, mut results_rx) = mpsc::unbounded_channel();
     let (reports, mut reports_rx) = mpsc::unbounded_channel::<TaskStatus>();
+    let (run_reports, mut run_reports_rx) = mpsc::unbounded_channel::<RunReport>();
     let supervisor = if config.runner {
         let spawner = Spawner::start().context("failed to start the spawner thread")?;
         Some(Supervisor::new(JobContext {
@@ -90,6 +93,9 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         probing: false,
         impostor: None,
         last_reader_error: None,
+        held: BTreeMap::new(),
+        run_reports,
+        run_wake: None,
         config,
     };
 
@@ -121,11 +127,13 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             }
             Some(result) = results_rx.recv() => node.on_write_result(result),
             Some(status) = reports_rx.recv() => node.on_status(status),
+            Some(report) = run_reports_rx.recv() => node.on_run_report(report),
             _ = ticker.tick() => node.heartbeat(),
+            _ = tokio::time::sleep(node.run_wake.unwrap_or(Duration::from_secs(3600))) => {}
         }
         node.step();
     }
-    leave(&mut node, &mut reports_rx).await;
+    leave(&mut node, &mut reports_rx, &mut run_reports_rx).await;
     Ok(())
 }
 
@@ -219,7 +227,11 @@ async fn check_node_id(
 }
 
 /// Graceful departure: resign leadership, stop the tasks, announce the departure.
-async fn leave(node: &mut Node, reports: &mut mpsc::UnboundedReceiver<TaskStatus>) {
+async fn leave(
+    node: &mut Node,
+    reports: &mut mpsc::UnboundedReceiver<TaskStatus>,
+    run_reports: &mut mpsc::UnboundedReceiver<RunReport>,
+) {
     info!("shutting down: resigning, stopping tasks, leaving");
     let timeout = Duration::from_secs(3);
     if let Some(epoch) = node.leading.take() {
@@ -232,6 +244,13 @@ async fn leave(node: &mut Node, reports: &mut mpsc::UnboundedReceiver<TaskStatus
         {
             Ok(Ok(_)) => info!(epoch, "resigned leadership"),
             _ => warn!(epoch, "could not write the resignation; the others will notice the departure"),
+        }
+    }
+    node.stop_runs();
+    while node.launched_runs() > 0 {
+        match tokio::time::timeout(Duration::from_secs(60), run_reports.recv()).await {
+            Ok(Some(report)) => node.on_run_report(report),
+            _ => break,
         }
     }
     if let Some(mut supervisor) = node.supervisor.take() {

@@ -103,19 +103,28 @@ pub fn start(
     (control_tx, handle)
 }
 
-fn exit_info(status: &ExitStatus) -> ExitInfo {
+pub(crate) fn exit_info(status: &ExitStatus) -> ExitInfo {
     ExitInfo { code: status.code(), signal: status.signal() }
 }
 
-fn request(context: &JobContext, spec: &TaskSpec, run: &Run) -> SpawnRequest {
+/// What to spawn for a run of `spec`: its command in a clean environment with the `SHIVA_*`
+/// variables (and `extra` ones), in its working directory, output appended to the task's log.
+pub(crate) fn request(
+    context: &JobContext,
+    spec: &TaskSpec,
+    run_id: Option<Uuid>,
+    attempt: u32,
+    extra: &[(&str, String)],
+) -> SpawnRequest {
     let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     if !spec.env.contains_key("PATH") {
         env.push(("PATH".into(), context.task_path.clone()));
     }
     env.push(("SHIVA_TASK_ID".into(), spec.id.to_string()));
-    env.push(("SHIVA_RUN_ID".into(), run.run_id.map(|id| id.to_string()).unwrap_or_default()));
+    env.push(("SHIVA_RUN_ID".into(), run_id.map(|id| id.to_string()).unwrap_or_default()));
     env.push(("SHIVA_NODE_ID".into(), context.node_id.clone()));
-    env.push(("SHIVA_ATTEMPT".into(), run.attempt.to_string()));
+    env.push(("SHIVA_ATTEMPT".into(), attempt.to_string()));
+    env.extend(extra.iter().map(|(key, value)| ((*key).to_owned(), value.clone())));
     let cwd = match &spec.workdir {
         Some(dir) => dir.into(),
         None => context.workspace.join("tasks").join(spec.id.as_str()),
@@ -145,7 +154,8 @@ async fn run(
         run.attempt += 1;
         run.run_id = Some(Uuid::new_v4());
         run.report(&context, RunState::Starting, None);
-        let child = match context.spawner.spawn(request(&context, &spec, &run)).await {
+        let child = match context.spawner.spawn(request(&context, &spec, run.run_id, run.attempt, &[])).await
+        {
             Ok(child) => child,
             Err(err) => {
                 let message = format!("failed to start '{}': {err}", spec.command);
@@ -226,7 +236,7 @@ async fn wait_or_stop(
 }
 
 /// SIGTERM to the group, SIGKILL after `grace`, then SIGKILL again for stragglers.
-async fn stop_group(
+pub(crate) async fn stop_group(
     pid: u32,
     grace: Duration,
     exit: &mut JoinHandle<std::io::Result<ExitStatus>>,

@@ -3,6 +3,7 @@
 //! and stops; a task is never started while its previous job is still stopping.
 
 pub mod job;
+pub mod oneshot;
 pub mod spawn;
 
 use std::collections::BTreeMap;
@@ -44,6 +45,11 @@ impl Supervisor {
     /// A supervisor with no jobs.
     pub fn new(context: JobContext) -> Self {
         Supervisor { context: Arc::new(context), jobs: BTreeMap::new(), stopping: BTreeMap::new() }
+    }
+
+    /// What every job shares (runs of periodic and one-shot tasks use it too).
+    pub fn context(&self) -> Arc<JobContext> {
+        self.context.clone()
     }
 
     /// Tasks with a job (running, backing off or starting).

@@ -1,0 +1,227 @@
+//! The runner's side of periodic and one-shot runs: for each launch intent naming this node,
+//! write the start record ahead of the instant, read the log to its end to confirm the intent
+//! is still current, then launch at the instant (see `supervisor::oneshot`).
+//!
+//! The start record comes before the launch, so a run whose node dies can be judged: with a
+//! start record it may have run (`lost`), without one it never did (`missed`, launched again
+//! when its policy wants).
+
+use std::time::Duration;
+
+use shiva_proto::runs::{RunIntent, RunPhase, RunReport};
+use shiva_proto::topics::key;
+use shiva_proto::{TaskId, TopicKind};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::driver::{Node, Purpose};
+use crate::runner::{Confirm, confirm};
+use crate::supervisor::oneshot::{self, RunControl, now_ms};
+
+/// How long before its instant a run's start record is written and confirmed.
+pub(crate) const START_LEAD: Duration = Duration::from_millis(150);
+
+/// A run this node holds.
+pub(crate) struct Held {
+    task: TaskId,
+    phase: Phase,
+}
+
+enum Phase {
+    /// Start record written, not acknowledged yet.
+    Writing,
+    /// Start record acknowledged; a read-to-end is wanted.
+    Acked,
+    /// Waiting for read-to-end `token`.
+    Confirming(u64),
+    /// Launched (or waiting for its instant).
+    Launched { control: mpsc::UnboundedSender<RunControl>, stop_sent: bool },
+    /// Over, as far as this node is concerned.
+    Done,
+}
+
+impl Node {
+    /// Writes a run record; a start record's acknowledgement moves its run on.
+    fn write_run_report(&mut self, report: RunReport) {
+        let key = key::run(&report.task, report.run_id);
+        let purpose = if report.state == RunPhase::Starting {
+            Purpose::RunStart(report.run_id)
+        } else {
+            Purpose::RunReport(Box::new(report.clone()))
+        };
+        self.send(TopicKind::Status, key, Some(shiva_proto::Body::RunReport(report)), purpose);
+    }
+
+    /// Reports from running runs.
+    pub(crate) fn on_run_report(&mut self, report: RunReport) {
+        if report.state.is_final()
+            && let Some(held) = self.held.get_mut(&report.run_id)
+        {
+            held.phase = Phase::Done;
+        }
+        self.write_run_report(report);
+    }
+
+    /// The start record of `run` was written (or not).
+    pub(crate) fn on_start_written(&mut self, run: Uuid, ok: bool) {
+        if let Some(held) = self.held.get_mut(&run)
+            && matches!(held.phase, Phase::Writing)
+        {
+            if ok {
+                held.phase = Phase::Acked;
+            } else {
+                // Written again at the next step: the same record twice is harmless.
+                self.held.remove(&run);
+            }
+        }
+    }
+
+    /// A read-to-end completed: launch the runs it confirms.
+    pub(crate) fn on_runs_synced(&mut self, token: u64) {
+        let waiting: Vec<Uuid> = self
+            .held
+            .iter()
+            .filter(|(_, held)| matches!(held.phase, Phase::Confirming(t) if t == token))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            let task = self.held[&id].task.clone();
+            let entry = self.view.runs.get(&task).and_then(|runs| runs.get(&id));
+            match confirm(entry, &self.config.node_id, self.config.incarnation) {
+                Confirm::Launch(intent) => self.launch(*intent),
+                Confirm::Cancel(reason) => {
+                    info!(%task, run = %id, %reason, "run not launched");
+                    if let Some(intent) =
+                        entry.and_then(|entry| entry.intent.as_ref()).map(|(i, _)| i.clone())
+                    {
+                        let report = oneshot::report(&intent, RunPhase::Stopped, Some(reason));
+                        self.write_run_report(report);
+                    }
+                    self.held.insert(id, Held { task, phase: Phase::Done });
+                }
+            }
+        }
+    }
+
+    fn launch(&mut self, intent: RunIntent) {
+        let Some(supervisor) = self.supervisor.as_ref() else { return };
+        let (control, _handle) =
+            oneshot::start(supervisor.context(), intent.clone(), self.run_reports.clone());
+        debug!(task = %intent.task, run = %intent.run_id, "run confirmed");
+        self.held.insert(
+            intent.run_id,
+            Held { task: intent.task, phase: Phase::Launched { control, stop_sent: false } },
+        );
+    }
+
+    /// Walks the intents naming this node; returns how long until the next start record is due.
+    pub(crate) fn step_runs(&mut self) -> Option<Duration> {
+        self.supervisor.as_ref()?;
+        let me = self.config.node_id.clone();
+        let now = now_ms();
+        let lead = START_LEAD.as_millis() as i64;
+        let mut next: Option<i64> = None;
+        let mut start = Vec::new();
+        let mut lost = Vec::new();
+        let mut cancel = Vec::new();
+        for (id, entry) in self.view.runs.values().flat_map(|runs| runs.iter()) {
+            let Some((intent, _)) = entry.intent.as_ref() else { continue };
+            if intent.node.as_ref() != Some(&me) {
+                continue;
+            }
+            if let Some(held) = self.held.get_mut(id) {
+                if let Phase::Launched { control, stop_sent } = &mut held.phase
+                    && !*stop_sent
+                    && let Some(reason) =
+                        intent.stop.clone().or_else(|| intent.verdict.map(|v| v.as_str().to_owned()))
+                {
+                    let _ = control.send(RunControl::Stop(reason));
+                    *stop_sent = true;
+                }
+                continue;
+            }
+            if entry.is_final() {
+                continue;
+            }
+            if entry.report.is_some() {
+                // Started by an earlier incarnation of this node, whose children died with it.
+                lost.push(intent.clone());
+            } else if let Some(reason) = &intent.stop {
+                cancel.push((intent.clone(), reason.clone()));
+            } else if now >= intent.launch_at_ms - lead {
+                start.push(intent.clone());
+            } else {
+                next =
+                    Some(next.map_or(intent.launch_at_ms - lead, |n: i64| n.min(intent.launch_at_ms - lead)));
+            }
+        }
+        for intent in lost {
+            warn!(task = %intent.task, run = %intent.run_id, "run was started by an earlier incarnation of this node: lost");
+            let message = "the node restarted during the run".to_owned();
+            let report = oneshot::report(&intent, RunPhase::Lost, Some(message));
+            self.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Done });
+            self.write_run_report(report);
+        }
+        for (intent, reason) in cancel {
+            let report = oneshot::report(
+                &intent,
+                RunPhase::Stopped,
+                Some(format!("stopped before it started: {reason}")),
+            );
+            self.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Done });
+            self.write_run_report(report);
+        }
+        for intent in start {
+            let report = oneshot::report(&intent, RunPhase::Starting, None);
+            self.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Writing });
+            self.write_run_report(report);
+        }
+        if self.held.values().any(|held| matches!(held.phase, Phase::Acked)) {
+            let token = self.token();
+            self.reader.sync(token);
+            for held in self.held.values_mut() {
+                if matches!(held.phase, Phase::Acked) {
+                    held.phase = Phase::Confirming(token);
+                }
+            }
+        }
+        // Forget runs the log no longer holds (trimmed history).
+        let view = &self.view;
+        self.held.retain(|id, held| {
+            !matches!(held.phase, Phase::Done)
+                || view.runs.get(&held.task).is_some_and(|runs| runs.contains_key(id))
+        });
+        next.map(|at| Duration::from_millis((at - now_ms()).max(0) as u64))
+    }
+
+    /// Graceful shutdown: stop launched runs, cancel the ones not launched yet.
+    pub(crate) fn stop_runs(&mut self) -> usize {
+        let mut waiting = 0;
+        let mut cancel = Vec::new();
+        for (id, held) in &mut self.held {
+            match &mut held.phase {
+                Phase::Launched { control, .. } => {
+                    let _ = control.send(RunControl::Stop("the node is shutting down".into()));
+                    waiting += 1;
+                }
+                Phase::Writing | Phase::Acked | Phase::Confirming(_) => cancel.push((*id, held.task.clone())),
+                Phase::Done => {}
+            }
+        }
+        for (id, task) in cancel {
+            let entry = self.view.runs.get(&task).and_then(|runs| runs.get(&id));
+            if let Some((intent, _)) = entry.and_then(|entry| entry.intent.clone()) {
+                let message = "stopped before it started: the node is shutting down".to_owned();
+                self.write_run_report(oneshot::report(&intent, RunPhase::Stopped, Some(message)));
+            }
+            self.held.insert(id, Held { task, phase: Phase::Done });
+        }
+        waiting
+    }
+
+    /// Runs still launched (not reported over).
+    pub(crate) fn launched_runs(&self) -> usize {
+        self.held.values().filter(|held| matches!(held.phase, Phase::Launched { .. })).count()
+    }
+}

@@ -1,0 +1,622 @@
+//! The leader's scheduling of periodic and one-shot runs, pure: from the log view, the live
+//! members and the time, the records to write (launch intents, `sched/` positions, stop
+//! requests, verdicts on runs whose node is gone, history trimming).
+//!
+//! Invariants (see `docs/architecture.md`, "Periodic and one-shot runs"):
+//! * a run id is derived from task, trigger and attempt, and an intent is written only when
+//!   no record of that run exists: no slot and attempt is launched twice, whichever leader
+//!   plans it;
+//! * `sched/<task>` is written after the task's intents (same topic, same producer), and a
+//!   task is not planned again until its `sched/` write is read back;
+//! * a run whose node is gone gets a verdict: `lost` when its runner wrote a start record
+//!   (it may have run), `missed` when not (it never ran, so it may be launched again).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use shiva_proto::records::{Body, DesiredState, ExitInfo, Member, Placement};
+use shiva_proto::runs::{Due, Outcome, RunIntent, RunPhase, Sched, Trigger, jitter_ms, run_id};
+use shiva_proto::schedule::Schedule;
+use shiva_proto::spec::{CatchUp, Overlap, TaskKind};
+use shiva_proto::topics::key;
+use shiva_proto::view::{RunEntry, SpecEntry};
+use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
+use uuid::Uuid;
+
+use crate::firing::{OnceNext, OverlapAction, RunEnd, Timing, on_due, once_next, plan_slots};
+use crate::leader::Write;
+
+/// Finished runs kept per task; older ones are tombstoned.
+pub const HISTORY: usize = 100;
+
+/// A run starting this much after its slot is late (backlog).
+const LATE_MS: i64 = 500;
+
+/// What the scheduler needs besides the view.
+pub struct Context<'a> {
+    /// The log view.
+    pub view: &'a LogView,
+    /// Live members (runners and others).
+    pub live: &'a [Member],
+    /// The leader's epoch.
+    pub epoch: u64,
+    /// The leader's clock.
+    pub now: DateTime<Utc>,
+    /// Look-ahead and tolerance.
+    pub timing: Timing,
+    /// Keys with a write in flight: left alone until read back.
+    pub busy: &'a dyn Fn(TopicKind, &str) -> bool,
+}
+
+/// Computes the scheduler's writes.
+pub fn plan(ctx: &Context<'_>) -> Vec<Write> {
+    let view = ctx.view;
+    let mut load = Load::new(ctx);
+    let mut writes = Vec::new();
+    let tasks: BTreeSet<&TaskId> = view
+        .specs
+        .iter()
+        .filter(|(_, entry)| entry.spec.kind() != TaskKind::Service)
+        .map(|(task, _)| task)
+        .chain(view.scheds.keys())
+        .chain(view.runs.keys())
+        .chain(view.requests.keys())
+        .collect();
+    for task in tasks {
+        if (ctx.busy)(TopicKind::Assignments, &key::sched(task)) {
+            continue;
+        }
+        TaskPlan::new(ctx, task, &mut load, &mut writes).run();
+    }
+    writes
+}
+
+/// Runs (and services) per runner, to spread new runs.
+struct Load {
+    runners: Vec<(NodeId, BTreeSet<String>)>,
+    counts: BTreeMap<NodeId, usize>,
+}
+
+impl Load {
+    fn new(ctx: &Context<'_>) -> Load {
+        let runners: Vec<(NodeId, BTreeSet<String>)> = ctx
+            .live
+            .iter()
+            .filter(|member| member.runner)
+            .map(|member| {
+                let tags = member.tags.iter().cloned().chain([member.hostname.clone()]).collect();
+                (member.id.clone(), tags)
+            })
+            .collect();
+        let mut counts: BTreeMap<NodeId, usize> = runners.iter().map(|(id, _)| (id.clone(), 0)).collect();
+        let services = ctx.view.assignments.values().filter_map(|entry| match &entry.assignment.placement {
+            Placement::Assigned { node } => Some(node),
+            _ => None,
+        });
+        let runs = ctx.view.runs.values().flat_map(|runs| runs.values()).filter_map(|entry| {
+            let (intent, _) = entry.intent.as_ref()?;
+            (!entry.is_final()).then_some(intent.node.as_ref()?)
+        });
+        for node in services.chain(runs) {
+            if let Some(count) = counts.get_mut(node) {
+                *count += 1;
+            }
+        }
+        Load { runners, counts }
+    }
+
+    fn is_live(&self, node: &NodeId) -> bool {
+        self.counts.contains_key(node)
+    }
+
+    /// The eligible runner with the fewest runs (ties by id), counted as one more.
+    fn pick(&mut self, tags: &[String]) -> Option<NodeId> {
+        let node = self
+            .runners
+            .iter()
+            .filter(|(_, have)| tags.iter().all(|tag| have.contains(tag)))
+            .min_by_key(|(id, _)| (self.counts.get(id).copied().unwrap_or(0), id.clone()))
+            .map(|(id, _)| id.clone())?;
+        *self.counts.entry(node.clone()).or_default() += 1;
+        Some(node)
+    }
+}
+
+/// The runs of one task, with this step's changes applied on top of the view.
+struct TaskPlan<'a, 'c> {
+    ctx: &'c Context<'a>,
+    task: &'a TaskId,
+    spec: Option<&'a SpecEntry>,
+    runs: BTreeMap<Uuid, RunEntry>,
+    load: &'c mut Load,
+    writes: &'c mut Vec<Write>,
+}
+
+fn ms(at: DateTime<Utc>) -> i64 {
+    at.timestamp_millis()
+}
+
+fn at(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+impl<'a, 'c> TaskPlan<'a, 'c> {
+    fn new(ctx: &'c Context<'a>, task: &'a TaskId, load: &'c mut Load, writes: &'c mut Vec<Write>) -> Self {
+        let spec = ctx.view.specs.get(task).filter(|entry| entry.spec.kind() != TaskKind::Service);
+        let runs = ctx.view.runs.get(task).cloned().unwrap_or_default();
+        TaskPlan { ctx, task, spec, runs, load, writes }
+    }
+
+    fn busy(&self, topic: TopicKind, key: &str) -> bool {
+        (self.ctx.busy)(topic, key)
+    }
+
+    fn run(mut self) {
+        self.judge_runs_of_gone_nodes();
+        self.restamp_unsettled();
+        let Some(spec) = self.spec else {
+            self.forget();
+            return;
+        };
+        let desired = self.ctx.view.desired_state(self.task);
+        if desired == DesiredState::Stopped {
+            self.stop_all("the task was killed");
+        }
+        if spec.spec.kind() == TaskKind::Once {
+            self.stop_where(
+                |intent| intent.trigger != Trigger::Once { revision: spec.revision },
+                "superseded",
+            );
+        }
+        self.trim_history();
+        match spec.spec.kind() {
+            TaskKind::Periodic => self.periodic(spec, desired),
+            TaskKind::Once => self.once(spec, desired),
+            TaskKind::Service => {}
+        }
+    }
+
+    fn write_intent(&mut self, intent: RunIntent) {
+        let key = key::run(self.task, intent.run_id);
+        let entry = self.runs.entry(intent.run_id).or_default();
+        let offset = entry.intent.as_ref().map_or(-1, |(_, offset)| *offset);
+        entry.intent = Some((intent.clone(), offset));
+        self.writes.push(Write::assignments(key, Some(Body::RunIntent(intent))));
+    }
+
+    /// Runs not over, with an intent naming a node.
+    fn in_flight(&self) -> Vec<Uuid> {
+        self.runs
+            .iter()
+            .filter(|(_, entry)| {
+                !entry.is_final() && entry.intent.as_ref().is_some_and(|(intent, _)| intent.node.is_some())
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn judge_runs_of_gone_nodes(&mut self) {
+        let gone: Vec<(RunIntent, bool)> = self
+            .runs
+            .values()
+            .filter(|entry| !entry.is_final())
+            .filter_map(|entry| {
+                let (intent, _) = entry.intent.as_ref()?;
+                let node = intent.node.as_ref()?;
+                (!self.load.is_live(node)).then(|| (intent.clone(), entry.report.is_some()))
+            })
+            .collect();
+        for (mut intent, started) in gone {
+            if self.busy(TopicKind::Assignments, &key::run(self.task, intent.run_id)) {
+                continue;
+            }
+            let node = intent.node.clone().map(|node| node.to_string()).unwrap_or_default();
+            let (verdict, note) = if started {
+                (RunPhase::Lost, format!("node {node} is gone; the run may have started"))
+            } else {
+                (RunPhase::Missed, format!("node {node} is gone; the run never started"))
+            };
+            intent.epoch = self.ctx.epoch;
+            intent.verdict = Some(verdict);
+            intent.note = Some(note);
+            self.write_intent(intent);
+        }
+    }
+
+    /// A run intent on which something else landed after the leader's write is written again,
+    /// so compaction keeps the leader's.
+    fn restamp_unsettled(&mut self) {
+        let view = self.ctx.view;
+        let unsettled: Vec<RunIntent> = self
+            .runs
+            .values()
+            .filter_map(|entry| entry.intent.as_ref())
+            .filter(|(intent, offset)| {
+                let key = key::run(self.task, intent.run_id);
+                *offset >= 0
+                    && !view.is_settled(TopicKind::Assignments, &key)
+                    && !self.busy(TopicKind::Assignments, &key)
+            })
+            .map(|(intent, _)| RunIntent { epoch: self.ctx.epoch, ..intent.clone() })
+            .collect();
+        for intent in unsettled {
+            self.write_intent(intent);
+        }
+    }
+
+    fn stop_where(&mut self, pick: impl Fn(&RunIntent) -> bool, reason: &str) {
+        let targets: Vec<RunIntent> = self
+            .in_flight()
+            .into_iter()
+            .filter_map(|id| self.runs[&id].intent.as_ref().map(|(intent, _)| intent.clone()))
+            .filter(|intent| intent.stop.is_none() && pick(intent))
+            .filter(|intent| !self.busy(TopicKind::Assignments, &key::run(self.task, intent.run_id)))
+            .collect();
+        for mut intent in targets {
+            intent.epoch = self.ctx.epoch;
+            intent.stop = Some(reason.to_owned());
+            self.write_intent(intent);
+        }
+    }
+
+    fn stop_all(&mut self, reason: &str) {
+        self.stop_where(|_| true, reason);
+    }
+
+    /// Finished runs beyond [`HISTORY`] (or all of them, once the task is deleted) are
+    /// tombstoned on both topics.
+    fn trim_history(&mut self) {
+        let keep = if self.spec.is_some() { HISTORY } else { 0 };
+        let mut finished: Vec<(i64, Uuid)> = self
+            .runs
+            .iter()
+            .filter(|(_, entry)| entry.is_final())
+            .map(|(id, entry)| {
+                let offset = entry.intent.as_ref().map_or(i64::MAX, |(_, offset)| *offset);
+                (offset, *id)
+            })
+            .collect();
+        if finished.len() <= keep {
+            return;
+        }
+        finished.sort();
+        let excess = finished.len() - keep;
+        for (_, id) in finished.into_iter().take(excess) {
+            let key = key::run(self.task, id);
+            let entry = &self.runs[&id];
+            if entry.intent.as_ref().is_some_and(|(_, offset)| *offset >= 0)
+                && !self.busy(TopicKind::Assignments, &key)
+            {
+                self.writes.push(Write::assignments(key.clone(), None));
+            }
+            if entry.report.is_some() && !self.busy(TopicKind::Status, &key) {
+                self.writes.push(Write { topic: TopicKind::Status, key, body: None });
+            }
+        }
+    }
+
+    /// The task was deleted: stop its runs, then forget its history, position and requests.
+    fn forget(&mut self) {
+        self.stop_all("the task was deleted");
+        self.trim_history();
+        if !self.in_flight().is_empty() {
+            return;
+        }
+        let sched = key::sched(self.task);
+        if self.ctx.view.scheds.contains_key(self.task) {
+            self.writes.push(Write::assignments(sched, None));
+        }
+        for request in self.ctx.view.requests.get(self.task).into_iter().flat_map(|r| r.keys()) {
+            let key = key::request(self.task, *request);
+            if !self.busy(TopicKind::Commands, &key) {
+                self.writes.push(Write { topic: TopicKind::Commands, key, body: None });
+            }
+        }
+    }
+
+    fn new_intent(&self, spec: &SpecEntry, due: Due, node: Option<NodeId>, launch_at: i64) -> RunIntent {
+        RunIntent {
+            epoch: self.ctx.epoch,
+            task: self.task.clone(),
+            run_id: run_id(self.task, due.trigger, due.attempt),
+            attempt: due.attempt,
+            trigger: due.trigger,
+            node,
+            launch_at_ms: launch_at,
+            spec_revision: spec.revision,
+            spec: spec.spec.clone(),
+            stop: None,
+            verdict: None,
+            note: None,
+        }
+    }
+
+    fn exists(&self, due: Due) -> bool {
+        let id = run_id(self.task, due.trigger, due.attempt);
+        self.runs.contains_key(&id) || self.busy(TopicKind::Assignments, &key::run(self.task, id))
+    }
+
+    /// Launches `due` on an eligible node. False: no eligible runner.
+    fn launch(&mut self, spec: &SpecEntry, due: Due, launch_at: i64) -> bool {
+        let Some(node) = self.load.pick(&spec.spec.tags) else { return false };
+        let intent = self.new_intent(spec, due, Some(node), launch_at);
+        self.write_intent(intent);
+        true
+    }
+
+    /// Applies the overlap policy to a due run. Returns whether it was launched.
+    fn on_due(&mut self, spec: &SpecEntry, sched: &mut Sched, due: Due, launch_at: i64) -> bool {
+        let in_flight = self.in_flight();
+        match on_due(spec.spec.overlap, &in_flight, sched.queued.is_some()) {
+            OverlapAction::Launch => self.launch(spec, due, launch_at),
+            OverlapAction::Skip => {
+                let mut intent = self.new_intent(spec, due, None, launch_at);
+                intent.verdict = Some(RunPhase::Skipped);
+                intent.note = Some(format!(
+                    "a previous run was still running (overlap: {})",
+                    spec.spec.overlap.as_str()
+                ));
+                self.write_intent(intent);
+                sched.skipped += 1;
+                false
+            }
+            OverlapAction::Replace(_) => {
+                self.stop_all("replaced by a newer run (overlap: replace)");
+                sched.queued = Some(due);
+                false
+            }
+            OverlapAction::Queue => {
+                sched.queued = Some(due);
+                false
+            }
+        }
+    }
+
+    fn write_sched(&mut self, sched: Sched, before: Option<&Sched>) {
+        let key = key::sched(self.task);
+        let settled = self.ctx.view.is_settled(TopicKind::Assignments, &key);
+        if before == Some(&sched) && settled {
+            return;
+        }
+        let sched = Sched { epoch: self.ctx.epoch, ..sched };
+        self.writes.push(Write::assignments(key, Some(Body::Sched(sched))));
+    }
+
+    fn periodic(&mut self, spec: &'a SpecEntry, desired: DesiredState) {
+        let Ok(Some(schedule)) = Schedule::from_spec(&spec.spec) else { return };
+        let now = self.ctx.now;
+        let before = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched);
+        let mut sched = before.cloned().unwrap_or_else(|| Sched {
+            epoch: self.ctx.epoch,
+            task: self.task.clone(),
+            spec_revision: spec.revision,
+            // Slots count from the submission (missed ones follow the catch-up policy).
+            decided_through_ms: Some(if spec.submitted_ms > 0 {
+                spec.submitted_ms.min(ms(now))
+            } else {
+                ms(now)
+            }),
+            skipped: 0,
+            queued: None,
+            suspended_at_ms: None,
+            attempt: 0,
+            next_at_ms: None,
+            outcome: None,
+        });
+        sched.spec_revision = spec.revision;
+        if desired != DesiredState::Running {
+            // Suspended or killed: nothing new, and slots meanwhile are not caught up later.
+            if sched.suspended_at_ms.is_none() {
+                sched.suspended_at_ms = Some(ms(now));
+                sched.queued = None;
+            }
+            self.write_sched(sched, before);
+            return;
+        }
+        let decided = sched.decided_through_ms.map_or(now, at);
+        if sched.suspended_at_ms.take().is_some() {
+            sched.decided_through_ms = Some(ms(decided.max(now)));
+        }
+        self.relaunch_missed(spec, &mut sched);
+        if let Some(due) = sched.queued
+            && self.in_flight().is_empty()
+            && self.launch(spec, due, ms(now))
+        {
+            sched.queued = None;
+        }
+        self.requests(spec, &mut sched);
+        self.slots(spec, &schedule, &mut sched);
+        self.write_sched(sched, before);
+    }
+
+    /// A periodic run that never started (its node died first) runs again as the next
+    /// attempt of its slot, when the catch-up policy wants missed slots.
+    fn relaunch_missed(&mut self, spec: &SpecEntry, sched: &mut Sched) {
+        if spec.spec.catch_up == CatchUp::None {
+            return;
+        }
+        let deadline = spec.spec.starting_deadline.map(|deadline| self.ctx.now - delta(deadline));
+        let missed: Vec<Due> = self
+            .runs
+            .values()
+            .filter(|entry| entry.phase() == RunPhase::Missed)
+            .filter_map(|entry| entry.intent.as_ref().map(|(intent, _)| intent))
+            .filter(|intent| match intent.trigger {
+                Trigger::Slot { slot_ms } => deadline.is_none_or(|oldest| at(slot_ms) >= oldest),
+                Trigger::Request { .. } => true,
+                Trigger::Once { .. } => false,
+            })
+            .map(|intent| Due { trigger: intent.trigger, attempt: intent.attempt + 1 })
+            .collect();
+        for due in missed {
+            if !self.exists(due) {
+                self.on_due(spec, sched, due, ms(self.ctx.now));
+            }
+        }
+    }
+
+    fn requests(&mut self, spec: &SpecEntry, sched: &mut Sched) {
+        let requests: Vec<Uuid> =
+            self.ctx.view.requests.get(self.task).map(|r| r.keys().copied().collect()).unwrap_or_default();
+        for request in requests {
+            let due = Due { trigger: Trigger::Request { request }, attempt: 1 };
+            let key = key::request(self.task, request);
+            if self.exists(due) || sched.queued == Some(due) {
+                // Decided: the request record is no longer needed.
+                if !self.busy(TopicKind::Commands, &key) {
+                    self.writes.push(Write { topic: TopicKind::Commands, key, body: None });
+                }
+                continue;
+            }
+            self.on_due(spec, sched, due, ms(self.ctx.now));
+        }
+    }
+
+    fn slots(&mut self, spec: &SpecEntry, schedule: &Schedule, sched: &mut Sched) {
+        let now = self.ctx.now;
+        let jitter = jitter_ms(self.task, spec.spec.jitter.as_millis() as u64) as i64;
+        let in_flight = self.in_flight();
+        let busy = !in_flight.is_empty() || sched.queued.is_some();
+        let serial = spec.spec.overlap != Overlap::Allow;
+        // A run launched (or started) well after its instant is backlog: a catch-up, a slot
+        // decided late, a runner that came back. With a serial policy the slots after it wait
+        // until it ends, and then run one at a time.
+        let backlog = in_flight.iter().any(|id| {
+            let entry = &self.runs[id];
+            let started = entry.report.as_ref().and_then(|report| report.report.started_ms);
+            entry.intent.as_ref().is_some_and(|(intent, _)| {
+                intent.trigger.slot_ms().is_some_and(|slot| {
+                    let late = started.unwrap_or(ms(now)).max(intent.launch_at_ms) - (slot + jitter);
+                    late > LATE_MS
+                })
+            })
+        });
+        if busy && serial && backlog {
+            return;
+        }
+        // While a run is in flight, a slot is decided at its instant, not ahead of it.
+        let timing = if busy && serial {
+            Timing { lookahead: Duration::ZERO, ..self.ctx.timing }
+        } else {
+            self.ctx.timing
+        };
+        let decided = sched.decided_through_ms.map_or(now, at);
+        let plan = plan_slots(schedule, &spec.spec, decided, now, timing);
+        let missed_until = now - delta(self.ctx.timing.tolerance);
+        if busy && serial && plan.launch.first().is_some_and(|slot| *slot < missed_until) {
+            // Missed slots to catch up: one at a time, after the current run.
+            return;
+        }
+        let eligible =
+            self.load.runners.iter().any(|(_, tags)| spec.spec.tags.iter().all(|tag| tags.contains(tag)));
+        if !eligible {
+            // Nobody can run it: the slots stay undecided and follow the catch-up policy.
+            return;
+        }
+        let mut through = plan.decided_through;
+        for slot in plan.launch {
+            let due = Due { trigger: Trigger::Slot { slot_ms: ms(slot) }, attempt: 1 };
+            if self.exists(due) {
+                continue;
+            }
+            let launch_at = (ms(slot) + jitter).max(ms(now));
+            // With a serial policy one slot is decided per run: the next one when this run
+            // ends, or at its own instant (and then by the policy).
+            if self.on_due(spec, sched, due, launch_at) && serial {
+                through = slot;
+                break;
+            }
+        }
+        sched.skipped += plan.skipped as u64;
+        sched.decided_through_ms = Some(ms(through.max(decided)));
+    }
+
+    fn once(&mut self, spec: &'a SpecEntry, desired: DesiredState) {
+        let now = self.ctx.now;
+        let before = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched);
+        let fresh = Sched {
+            epoch: self.ctx.epoch,
+            task: self.task.clone(),
+            spec_revision: spec.revision,
+            decided_through_ms: None,
+            skipped: 0,
+            queued: None,
+            suspended_at_ms: None,
+            attempt: 0,
+            next_at_ms: Some(ms(now)),
+            outcome: None,
+        };
+        let mut sched = match before {
+            Some(sched) if sched.spec_revision == spec.revision => sched.clone(),
+            _ => fresh,
+        };
+        if sched.outcome.is_none() && desired == DesiredState::Running {
+            self.once_step(spec, &mut sched);
+        }
+        self.write_sched(sched, before);
+    }
+
+    fn once_step(&mut self, spec: &SpecEntry, sched: &mut Sched) {
+        let now = self.ctx.now;
+        let trigger = Trigger::Once { revision: spec.revision };
+        let Some(next_at) = sched.next_at_ms else {
+            let current = run_id(self.task, trigger, sched.attempt);
+            let Some(entry) = self.runs.get(&current) else {
+                sched.next_at_ms = Some(ms(now));
+                return;
+            };
+            if !entry.is_final() {
+                return;
+            }
+            let report = entry.report.as_ref().map(|entry| &entry.report);
+            let end = match entry.phase() {
+                RunPhase::TimedOut => RunEnd::TimedOut,
+                RunPhase::Lost | RunPhase::Missed | RunPhase::Stopped | RunPhase::Skipped => RunEnd::Lost,
+                _ => RunEnd::Exited(
+                    report.and_then(|report| report.exit).unwrap_or(ExitInfo { code: None, signal: None }),
+                ),
+            };
+            let ended = report.and_then(|report| report.ended_ms).unwrap_or(ms(now));
+            match once_next(&spec.spec, sched.attempt, end) {
+                OnceNext::Succeeded => {
+                    sched.outcome = Some(Outcome { state: RunPhase::Succeeded, reason: None })
+                }
+                OnceNext::Failed(reason) => {
+                    sched.outcome = Some(Outcome { state: RunPhase::Failed, reason: Some(reason) })
+                }
+                OnceNext::Retry { delay, .. } => {
+                    sched.next_at_ms = Some(ended + delay.as_millis() as i64);
+                }
+            }
+            return;
+        };
+        if ms(now) < next_at {
+            return;
+        }
+        for dependency in &spec.spec.after {
+            let outcome = self.ctx.view.scheds.get(dependency).and_then(|entry| entry.sched.outcome.as_ref());
+            match outcome.map(|outcome| outcome.state) {
+                Some(RunPhase::Succeeded) => {}
+                Some(_) => {
+                    let reason = format!("dependency {dependency} failed");
+                    sched.outcome = Some(Outcome { state: RunPhase::Failed, reason: Some(reason) });
+                    return;
+                }
+                None => return,
+            }
+        }
+        let due = Due { trigger, attempt: sched.attempt + 1 };
+        if self.exists(due) || self.launch(spec, due, ms(now)) {
+            sched.attempt = due.attempt;
+            sched.next_at_ms = None;
+        }
+    }
+}
+
+fn delta(duration: Duration) -> TimeDelta {
+    TimeDelta::from_std(duration).unwrap_or(TimeDelta::MAX)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,131 @@
+//! One run of a periodic or one-shot task: wait for its instant, start the child, report, stop
+//! it on request or when it exceeds `max_runtime`. Never restarted: what follows a run's end
+//! is the leader's decision.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use shiva_proto::records::ExitInfo;
+use shiva_proto::runs::{RunIntent, RunPhase, RunReport};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::job::{JobContext, exit_info, request, stop_group};
+
+/// Requests to a run.
+#[derive(Debug)]
+pub enum RunControl {
+    /// Stop it (or do not start it), with the reason.
+    Stop(String),
+}
+
+/// Wall clock in ms since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis() as i64)
+}
+
+/// Starts the run of `intent`; reports go to `reports`.
+pub fn start(
+    context: Arc<JobContext>,
+    intent: RunIntent,
+    reports: mpsc::UnboundedSender<RunReport>,
+) -> (mpsc::UnboundedSender<RunControl>, JoinHandle<()>) {
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let handle = tokio::spawn(execute(context, intent, control_rx, reports));
+    (control_tx, handle)
+}
+
+/// A report of `intent`'s run in `state`.
+pub fn report(intent: &RunIntent, state: RunPhase, message: Option<String>) -> RunReport {
+    RunReport {
+        task: intent.task.clone(),
+        run_id: intent.run_id,
+        attempt: intent.attempt,
+        trigger: intent.trigger,
+        state,
+        pid: None,
+        started_ms: None,
+        ended_ms: state.is_final().then(now_ms),
+        exit: None,
+        message,
+    }
+}
+
+async fn execute(
+    context: Arc<JobContext>,
+    intent: RunIntent,
+    mut control: mpsc::UnboundedReceiver<RunControl>,
+    reports: mpsc::UnboundedSender<RunReport>,
+) {
+    let send = |report: RunReport| {
+        let _ = reports.send(report);
+    };
+    let wait = Duration::from_millis((intent.launch_at_ms - now_ms()).max(0) as u64);
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        Some(RunControl::Stop(reason)) = control.recv() => {
+            send(report(&intent, RunPhase::Stopped, Some(format!("stopped before it started: {reason}"))));
+            return;
+        }
+    }
+    let spec = &intent.spec;
+    let slot = intent.trigger.slot_ms().and_then(chrono::DateTime::from_timestamp_millis);
+    let extra: Vec<(&str, String)> = slot
+        .map(|slot| ("SHIVA_SLOT", slot.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
+        .into_iter()
+        .collect();
+    let spawn = request(&context, spec, Some(intent.run_id), intent.attempt, &extra);
+    let child = match context.spawner.spawn(spawn).await {
+        Ok(child) => child,
+        Err(err) => {
+            warn!(task = %spec.id, run = %intent.run_id, error = %err, "run failed to start");
+            let message = format!("failed to start '{}': {err}", spec.command);
+            send(report(&intent, RunPhase::Failed, Some(message)));
+            return;
+        }
+    };
+    let pid = child.id();
+    let started_ms = now_ms();
+    info!(task = %spec.id, run = %intent.run_id, attempt = intent.attempt, pid, late_ms = started_ms - intent.launch_at_ms, "run started");
+    let running = RunReport {
+        pid: Some(pid),
+        started_ms: Some(started_ms),
+        ended_ms: None,
+        ..report(&intent, RunPhase::Running, None)
+    };
+    send(running.clone());
+    let mut child = child;
+    let mut exit = tokio::task::spawn_blocking(move || child.wait());
+    let limit = spec.max_runtime.unwrap_or(Duration::from_secs(100 * 365 * 24 * 3600));
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    let (state, exit, message) = tokio::select! {
+        status = &mut exit => {
+            // Whatever the run left in its group goes with it.
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let exit = status.ok().and_then(|status| status.ok()).as_ref().map(exit_info);
+            let state = if exit.is_some_and(|exit| exit.code == Some(0)) { RunPhase::Succeeded } else { RunPhase::Failed };
+            (state, exit, None)
+        }
+        _ = &mut deadline => {
+            warn!(task = %spec.id, run = %intent.run_id, ?limit, "run exceeded max_runtime; stopping it");
+            let exit = stop_group(pid, spec.stop_grace, &mut exit).await.as_ref().map(exit_info);
+            (RunPhase::TimedOut, exit, Some(format!("exceeded max_runtime {}", humantime::format_duration(limit))))
+        }
+        Some(RunControl::Stop(reason)) = control.recv() => {
+            let exit = stop_group(pid, spec.stop_grace, &mut exit).await.as_ref().map(exit_info);
+            (RunPhase::Stopped, exit, Some(reason))
+        }
+    };
+    info!(task = %spec.id, run = %intent.run_id, state = state.as_str(), ?exit, "run ended");
+    send(RunReport {
+        state,
+        ended_ms: Some(now_ms()),
+        exit: exit.or(Some(ExitInfo { code: None, signal: None })),
+        message,
+        ..running
+    });
+}

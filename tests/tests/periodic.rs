@@ -1,0 +1,186 @@
+//! Periodic and one-shot tasks end to end: real nodes, a real broker, real kills.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use shiva_e2e::{Cluster, SETTLE, scratch, wait_until};
+
+/// Sleeps until the middle of a wall-clock second: kills then never land between a run's start
+/// record and its launch (a run caught there is `lost`, by design, and would be a gap).
+fn half_second() {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_millis();
+    std::thread::sleep(Duration::from_millis(((1500 - ms) % 1000) as u64));
+}
+
+fn slots(file: &std::path::Path) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for line in std::fs::read_to_string(file).unwrap_or_default().lines() {
+        if let Some(slot) = line.split_whitespace().nth(1) {
+            *counts.entry(slot.to_owned()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn every_second_task_runs_each_slot_exactly_once_across_kills_and_a_full_stop() {
+    let mut cluster = Cluster::start("cron", 3, &[]);
+    let dir = scratch("cron");
+    let all = dir.join("all");
+    let none = dir.join("none");
+    for (id, file, catch_up) in [("cron/all", &all, "all"), ("cron/none", &none, "none")] {
+        let script = format!("echo $SHIVA_RUN_ID $SHIVA_SLOT $SHIVA_ATTEMPT $E2E >> {}", file.display());
+        cluster.ctl.ok(&[
+            "submit",
+            "--id",
+            id,
+            "--schedule",
+            "* * * * * *",
+            "--catch-up",
+            catch_up,
+            "--env",
+            &format!("E2E={}", cluster.name),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]);
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    for _ in 0..3 {
+        let leader = cluster.wait_nodes(3);
+        half_second();
+        cluster.node(&leader).kill9();
+        std::thread::sleep(Duration::from_secs(4));
+        cluster.node(&leader).restart();
+        std::thread::sleep(Duration::from_secs(4));
+    }
+    cluster.wait_nodes(3);
+    half_second();
+    for node in &mut cluster.nodes {
+        node.terminate();
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    for node in &mut cluster.nodes {
+        node.restart();
+    }
+    cluster.wait_nodes(3);
+    std::thread::sleep(Duration::from_secs(12));
+
+    let counts = slots(&all);
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "catch_up all: slots run twice: {twice:?}");
+    let instants: Vec<i64> =
+        counts.keys().map(|slot| chrono::DateTime::parse_from_rfc3339(slot).unwrap().timestamp()).collect();
+    let (first, last) = (instants[0], *instants.last().unwrap());
+    let missing: Vec<i64> = (first..last - 2).filter(|s| !instants.contains(s)).collect();
+    assert!(missing.is_empty(), "catch_up all: slots never run: {missing:?} of {first}..{last}");
+    assert!(last - first >= 45, "the window covers the whole test: {}", last - first);
+    let none_twice: Vec<_> = slots(&none).into_iter().filter(|(_, n)| *n > 1).collect();
+    assert!(none_twice.is_empty(), "catch_up none: slots run twice: {none_twice:?}");
+
+    let history = cluster.ctl.json(&["history", "cron/all", "--json", "--limit", "5"]);
+    let rows = history.as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    assert!(rows.iter().all(|row| row["slot"].is_string() && row["run_id"].is_string()), "{rows:?}");
+}
+
+#[test]
+fn a_one_shot_whose_node_is_killed_mid_run_is_retried_elsewhere_as_attempt_2() {
+    let mut cluster = Cluster::start("once", 3, &[]);
+    let file = scratch("once").join("attempts");
+    let script = format!(
+        "echo $SHIVA_ATTEMPT $SHIVA_NODE_ID >> {}; [ $SHIVA_ATTEMPT -ge 2 ] || exec sleep 60",
+        file.display()
+    );
+    cluster.ctl.ok(&[
+        "submit",
+        "--id",
+        "job/once",
+        "--once",
+        "--env",
+        &format!("E2E={}", cluster.name),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let mut first_node = String::new();
+    wait_until(SETTLE, "attempt 1 running", || {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        first_node = text.lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("").to_owned();
+        !first_node.is_empty()
+    });
+    cluster.node(&first_node).kill9();
+    wait_until(SETTLE, "the one-shot succeeded", || {
+        cluster.ctl.try_json(&["status", "job/once", "--json"]).is_some_and(|s| s["state"] == "succeeded")
+    });
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let second: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(second[0], "2", "attempt 2: {text}");
+    assert_ne!(second[1], first_node, "on another node: {text}");
+    let history = cluster.ctl.json(&["history", "job/once", "--json"]);
+    let states: Vec<&str> =
+        history.as_array().unwrap().iter().map(|r| r["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["succeeded", "lost"], "{history}");
+}
+
+#[test]
+fn forbid_never_runs_two_at_once_and_replace_stops_the_old_run_first() {
+    let cluster = Cluster::start("overlap", 2, &[]);
+    let dir = scratch("overlap");
+    for policy in ["forbid", "replace"] {
+        let file = dir.join(policy);
+        // Each run lasts 2.5 s on a 1 s period; it logs its start and its end (or its stop).
+        let script = format!(
+            "trap 'echo end $(date +%s%N) >> {f}; exit 0' TERM; echo start $(date +%s%N) >> {f}; sleep 2.5 & wait; echo end $(date +%s%N) >> {f}",
+            f = file.display()
+        );
+        cluster.ctl.ok(&[
+            "submit",
+            "--id",
+            &format!("ov/{policy}"),
+            "--schedule",
+            "* * * * * *",
+            "--overlap",
+            policy,
+            "--env",
+            &format!("E2E={}", cluster.name),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]);
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    let manual = cluster.ctl.run(&["run", "ov/forbid"]);
+    assert!(manual.status.success(), "{manual:?}");
+    std::thread::sleep(Duration::from_secs(4));
+    for policy in ["forbid", "replace"] {
+        cluster.ctl.ok(&["kill", &format!("ov/{policy}")]);
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    for policy in ["forbid", "replace"] {
+        let text = std::fs::read_to_string(dir.join(policy)).unwrap_or_default();
+        let mut running = 0i32;
+        let mut starts = 0;
+        for line in text.lines() {
+            if line.starts_with("start") {
+                running += 1;
+                starts += 1;
+            } else {
+                running -= 1;
+            }
+            assert!(running <= 1, "{policy}: two runs at once:\n{text}");
+        }
+        assert!(starts >= 3, "{policy}: runs happened:\n{text}");
+    }
+    let history = cluster.ctl.json(&["history", "ov/forbid", "--json", "--limit", "100"]);
+    let skipped = history.as_array().unwrap().iter().filter(|r| r["state"] == "skipped").count();
+    assert!(skipped > 0, "forbid skips slots due during a run: {history}");
+    let history = cluster.ctl.json(&["history", "ov/replace", "--json", "--limit", "100"]);
+    let stopped = history.as_array().unwrap().iter().filter(|r| r["state"] == "stopped").count();
+    assert!(stopped > 0, "replace stops the old run: {history}");
+}
