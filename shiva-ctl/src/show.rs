@@ -80,9 +80,12 @@ pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
 
 /// The state of a periodic or one-shot task: its current run's, else its own.
 fn scheduled_state(view: &LogView, task: &TaskId, row: &mut TaskRow) {
-    let current = view.runs.get(task).into_iter().flat_map(|runs| runs.values()).find(|entry| {
-        !entry.is_final() && entry.intent.as_ref().is_some_and(|(intent, _)| intent.node.is_some())
-    });
+    let current = view
+        .runs
+        .get(task)
+        .into_iter()
+        .flat_map(|runs| runs.values())
+        .find(|entry| entry.in_flight_on().is_some());
     let sched = view.scheds.get(task).map(|entry| &entry.sched);
     if let Some(entry) = current {
         let (intent, _) = entry.intent.as_ref().expect("filtered above");

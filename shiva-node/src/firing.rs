@@ -1,11 +1,10 @@
 //! Firing decisions for periodic and one-shot tasks, pure: which slots to launch (with catch-up
-//! after an outage), a task's jitter, what to do when a run is due while
+//! after an outage), what to do when a run is due while
 //! another runs, and what follows a one-shot's end. Time is passed in: tests use a fake clock.
 
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use shiva_proto::TaskId;
 use shiva_proto::records::ExitInfo;
 use shiva_proto::schedule::Schedule;
 use shiva_proto::spec::{CatchUp, Overlap, TaskSpec};
@@ -38,7 +37,8 @@ pub struct Timing {
     pub tolerance: Duration,
 }
 
-fn delta(duration: Duration) -> TimeDelta {
+/// A std duration as a chrono one (saturating).
+pub(crate) fn delta(duration: Duration) -> TimeDelta {
     TimeDelta::from_std(duration).unwrap_or(TimeDelta::MAX)
 }
 
@@ -81,11 +81,6 @@ pub fn plan_slots(
     };
     launch.extend(regular);
     SlotPlan { launch, skipped, decided_through: through.max(decided_through) }
-}
-
-/// The task's fixed launch delay within `[0, jitter)`, derived from its id.
-pub fn jitter_offset(task: &TaskId, jitter: Duration) -> Duration {
-    Duration::from_millis(shiva_proto::runs::jitter_ms(task, jitter.as_millis() as u64))
 }
 
 /// What to do with a run that is due.

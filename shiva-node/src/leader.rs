@@ -44,14 +44,7 @@ pub fn reconcile(view: &LogView, live: &[Member], epoch: u64, busy: &dyn Fn(&str
         writes.push(Write::assignments(key::MEMBERS.to_owned(), Some(Body::Members(members))));
     }
 
-    let candidates: Vec<Candidate> = live
-        .iter()
-        .filter(|member| member.runner)
-        .map(|member| Candidate {
-            id: member.id.clone(),
-            tags: member.tags.iter().cloned().chain([member.hostname.clone()]).collect(),
-        })
-        .collect();
+    let candidates = Candidate::runners(live);
     let demands: Vec<Demand> = view
         .specs
         .iter()
@@ -84,12 +77,10 @@ pub fn reconcile(view: &LogView, live: &[Member], epoch: u64, busy: &dyn Fn(&str
             Some(Err(reason)) => Placement::Pending { reason },
             None if view.desired_state(task) == DesiredState::Stopped => Placement::Stopped,
             // Periodic and one-shot tasks: the scheduler launches each run.
-            None => {
-                match candidates.iter().any(|node| spec.spec.tags.iter().all(|tag| node.tags.contains(tag))) {
-                    true => Placement::Scheduled,
-                    false => Placement::Pending { reason: no_runner(&spec.spec.tags) },
-                }
-            }
+            None => match candidates.iter().any(|node| node.can_run(&spec.spec.tags)) {
+                true => Placement::Scheduled,
+                false => Placement::Pending { reason: no_runner(&spec.spec.tags) },
+            },
         };
         let unchanged = current.is_some_and(|current| {
             current.assignment.placement == placement && current.assignment.spec_revision == spec.revision

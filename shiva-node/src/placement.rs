@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use shiva_proto::records::Member;
 use shiva_proto::{NodeId, TaskId};
 
 /// A live runner.
@@ -19,6 +20,24 @@ pub struct Candidate {
     pub id: NodeId,
     /// Its tags, host name included.
     pub tags: BTreeSet<String>,
+}
+
+impl Candidate {
+    /// The runners among `live` members.
+    pub fn runners(live: &[Member]) -> Vec<Candidate> {
+        live.iter()
+            .filter(|member| member.runner)
+            .map(|member| Candidate {
+                id: member.id.clone(),
+                tags: member.tags.iter().cloned().chain([member.hostname.clone()]).collect(),
+            })
+            .collect()
+    }
+
+    /// Whether it carries every one of `tags`.
+    pub fn can_run(&self, tags: &[String]) -> bool {
+        tags.iter().all(|tag| self.tags.contains(tag))
+    }
 }
 
 /// A task to place.
@@ -34,7 +53,7 @@ pub struct Demand {
 
 /// Places every task: `Ok(node)` or `Err(reason)`.
 pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<NodeId, String>> {
-    let eligible = |node: &Candidate, task: &Demand| task.tags.iter().all(|tag| node.tags.contains(tag));
+    let eligible = |node: &Candidate, task: &Demand| node.can_run(&task.tags);
     let mut load: BTreeMap<&NodeId, usize> = nodes.iter().map(|node| (&node.id, 0)).collect();
     let mut placed = BTreeMap::new();
     let mut to_place = Vec::new();

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use shiva_proto::records::{Body, DesiredState, ExitInfo, Member, Placement};
 use shiva_proto::runs::{Due, Outcome, RunIntent, RunPhase, Sched, Trigger, jitter_ms, run_id};
 use shiva_proto::schedule::Schedule;
@@ -24,8 +24,9 @@ use shiva_proto::view::{RunEntry, SpecEntry};
 use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 use uuid::Uuid;
 
-use crate::firing::{OnceNext, OverlapAction, RunEnd, Timing, on_due, once_next, plan_slots};
+use crate::firing::{OnceNext, OverlapAction, RunEnd, Timing, delta, on_due, once_next, plan_slots};
 use crate::leader::Write;
+use crate::placement::Candidate;
 
 /// Finished runs kept per task; older ones are tombstoned.
 pub const HISTORY: usize = 100;
@@ -74,30 +75,19 @@ pub fn plan(ctx: &Context<'_>) -> Vec<Write> {
 
 /// Runs (and services) per runner, to spread new runs.
 struct Load {
-    runners: Vec<(NodeId, BTreeSet<String>)>,
+    runners: Vec<Candidate>,
     counts: BTreeMap<NodeId, usize>,
 }
 
 impl Load {
     fn new(ctx: &Context<'_>) -> Load {
-        let runners: Vec<(NodeId, BTreeSet<String>)> = ctx
-            .live
-            .iter()
-            .filter(|member| member.runner)
-            .map(|member| {
-                let tags = member.tags.iter().cloned().chain([member.hostname.clone()]).collect();
-                (member.id.clone(), tags)
-            })
-            .collect();
-        let mut counts: BTreeMap<NodeId, usize> = runners.iter().map(|(id, _)| (id.clone(), 0)).collect();
+        let runners = Candidate::runners(ctx.live);
+        let mut counts: BTreeMap<NodeId, usize> = runners.iter().map(|node| (node.id.clone(), 0)).collect();
         let services = ctx.view.assignments.values().filter_map(|entry| match &entry.assignment.placement {
             Placement::Assigned { node } => Some(node),
             _ => None,
         });
-        let runs = ctx.view.runs.values().flat_map(|runs| runs.values()).filter_map(|entry| {
-            let (intent, _) = entry.intent.as_ref()?;
-            (!entry.is_final()).then_some(intent.node.as_ref()?)
-        });
+        let runs = ctx.view.runs.values().flat_map(|runs| runs.values()).filter_map(RunEntry::in_flight_on);
         for node in services.chain(runs) {
             if let Some(count) = counts.get_mut(node) {
                 *count += 1;
@@ -110,14 +100,19 @@ impl Load {
         self.counts.contains_key(node)
     }
 
+    /// Whether a live runner carries all of `tags`.
+    fn any_can_run(&self, tags: &[String]) -> bool {
+        self.runners.iter().any(|node| node.can_run(tags))
+    }
+
     /// The eligible runner with the fewest runs (ties by id), counted as one more.
     fn pick(&mut self, tags: &[String]) -> Option<NodeId> {
         let node = self
             .runners
             .iter()
-            .filter(|(_, have)| tags.iter().all(|tag| have.contains(tag)))
-            .min_by_key(|(id, _)| (self.counts.get(id).copied().unwrap_or(0), id.clone()))
-            .map(|(id, _)| id.clone())?;
+            .filter(|node| node.can_run(tags))
+            .min_by_key(|node| (self.counts.get(&node.id).copied().unwrap_or(0), node.id.clone()))
+            .map(|node| node.id.clone())?;
         *self.counts.entry(node.clone()).or_default() += 1;
         Some(node)
     }
@@ -187,13 +182,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
 
     /// Runs not over, with an intent naming a node.
     fn in_flight(&self) -> Vec<Uuid> {
-        self.runs
-            .iter()
-            .filter(|(_, entry)| {
-                !entry.is_final() && entry.intent.as_ref().is_some_and(|(intent, _)| intent.node.is_some())
-            })
-            .map(|(id, _)| *id)
-            .collect()
+        self.runs.iter().filter(|(_, entry)| entry.in_flight_on().is_some()).map(|(id, _)| *id).collect()
     }
 
     fn judge_runs_of_gone_nodes(&mut self) {
@@ -508,9 +497,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             // Missed slots to catch up: one at a time, after the current run.
             return;
         }
-        let eligible =
-            self.load.runners.iter().any(|(_, tags)| spec.spec.tags.iter().all(|tag| tags.contains(tag)));
-        if !eligible {
+        if !self.load.any_can_run(&spec.spec.tags) {
             // Nobody can run it: the slots stay undecided and follow the catch-up policy.
             return;
         }
@@ -612,10 +599,6 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             sched.next_at_ms = None;
         }
     }
-}
-
-fn delta(duration: Duration) -> TimeDelta {
-    TimeDelta::from_std(duration).unwrap_or(TimeDelta::MAX)
 }
 
 #[cfg(test)]

@@ -176,6 +176,12 @@ impl RunEntry {
     pub fn is_final(&self) -> bool {
         self.phase().is_final()
     }
+
+    /// The node of a run not over whose intent names one (launched or about to be).
+    pub fn in_flight_on(&self) -> Option<&NodeId> {
+        let (intent, _) = self.intent.as_ref()?;
+        intent.node.as_ref().filter(|_| !self.is_final())
+    }
 }
 
 /// What applying one record did.

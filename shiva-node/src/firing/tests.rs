@@ -2,7 +2,8 @@ use chrono::TimeZone;
 use proptest::prelude::*;
 
 use super::*;
-use shiva_proto::runs::{Trigger, run_id};
+use shiva_proto::TaskId;
+use shiva_proto::runs::{Trigger, jitter_ms, run_id};
 
 fn slot(at: DateTime<Utc>) -> Trigger {
     Trigger::Slot { slot_ms: at.timestamp_millis() }
@@ -128,12 +129,11 @@ proptest! {
     }
 
     #[test]
-    fn jitter_is_within_bounds_and_stable(id in "[a-z]{1,8}(/[a-z]{1,8}){0,3}", jitter_ms in 1u64..100_000) {
+    fn jitter_is_within_bounds_and_stable(id in "[a-z]{1,8}(/[a-z]{1,8}){0,3}", jitter in 1u64..100_000) {
         let task = TaskId::new(id).unwrap();
-        let jitter = Duration::from_millis(jitter_ms);
-        let offset = jitter_offset(&task, jitter);
+        let offset = jitter_ms(&task, jitter);
         prop_assert!(offset < jitter);
-        prop_assert_eq!(offset, jitter_offset(&task, jitter));
+        prop_assert_eq!(offset, jitter_ms(&task, jitter));
     }
 }
 
@@ -147,7 +147,7 @@ fn run_ids_are_deterministic_per_task_slot_and_attempt() {
         run_id(&task, slot(at(1, 0, 0)), 1),
         run_id(&TaskId::new("a/c").unwrap(), slot(at(1, 0, 0)), 1)
     );
-    assert_eq!(jitter_offset(&task, Duration::ZERO), Duration::ZERO);
+    assert_eq!(jitter_ms(&task, 0), 0);
 }
 
 #[test]
