@@ -13,7 +13,7 @@ use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 use uuid::Uuid;
 
 use crate::show::exit_text;
-use crate::{CtlError, TASK_TOPICS, envelope, invalid, no_such_task, print_json, set_desired, snapshot};
+use crate::{CtlError, TASK_TOPICS, envelope, invalid, no_such_task, print_json, snapshot, write_desired};
 
 /// One run as `history` shows it.
 #[derive(Debug, Serialize)]
@@ -134,7 +134,7 @@ pub async fn suspend(
     let view = snapshot(config, timeout, &TASK_TOPICS).await?;
     let verb = if state == DesiredState::Suspended { "suspend" } else { "resume" };
     scheduled_task(&view, &task, verb)?;
-    set_desired(config, timeout, id, state).await
+    write_desired(config, &view, &task, state).await
 }
 
 /// `history ID`.

@@ -277,7 +277,7 @@ pub async fn write_spec(publisher: &Arc<Publisher>, spec: &TaskSpec) -> Result<i
     Ok(revision)
 }
 
-pub(crate) async fn set_desired(
+async fn set_desired(
     config: &BusConfig,
     timeout: Duration,
     id: &str,
@@ -285,12 +285,22 @@ pub(crate) async fn set_desired(
 ) -> Result<(), CtlError> {
     let task = TaskId::new(id).map_err(invalid)?;
     let view = snapshot(config, timeout, &TASK_TOPICS).await?;
-    if !view.specs.contains_key(&task) {
-        return Err(no_such_task(&task));
+    write_desired(config, &view, &task, state).await
+}
+
+/// Writes `task`'s desired state, after checking in `view` that the task exists.
+pub(crate) async fn write_desired(
+    config: &BusConfig,
+    view: &LogView,
+    task: &TaskId,
+    state: DesiredState,
+) -> Result<(), CtlError> {
+    if !view.specs.contains_key(task) {
+        return Err(no_such_task(task));
     }
     let publisher = Publisher::one_off(config, "ctl")?;
     let body = Body::Desired(Desired { task: task.clone(), state });
-    publisher.send(TopicKind::Commands, &key::desired(&task), Some(&envelope(body))).await?;
+    publisher.send(TopicKind::Commands, &key::desired(task), Some(&envelope(body))).await?;
     println!("{task}: desired {}", state.as_str());
     Ok(())
 }

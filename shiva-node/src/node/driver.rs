@@ -241,9 +241,7 @@ impl Node {
             }
             (Err(message), Purpose::RunReport(report)) => {
                 warn!(run = %report.run_id, %message, "run record not written; writing it again");
-                let key = key::run(&report.task, report.run_id);
-                let body = Some(Body::RunReport((*report).clone()));
-                self.send(TopicKind::Status, key, body, Purpose::RunReport(report));
+                self.write_run_report(*report);
             }
             (Err(message), Purpose::Claim(epoch)) => {
                 warn!(epoch, %message, "claim not delivered; reading the log to learn the outcome");

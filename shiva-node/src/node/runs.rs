@@ -43,7 +43,7 @@ enum Phase {
 
 impl Node {
     /// Writes a run record; a start record's acknowledgement moves its run on.
-    fn write_run_report(&mut self, report: RunReport) {
+    pub(crate) fn write_run_report(&mut self, report: RunReport) {
         let key = key::run(&report.task, report.run_id);
         let purpose = if report.state == RunPhase::Starting {
             Purpose::RunStart(report.run_id)
@@ -51,6 +51,12 @@ impl Node {
             Purpose::RunReport(Box::new(report.clone()))
         };
         self.send(TopicKind::Status, key, Some(shiva_proto::Body::RunReport(report)), purpose);
+    }
+
+    /// Ends a run this node will not launch (or whose launch an earlier incarnation lost).
+    fn finish_unlaunched(&mut self, intent: &RunIntent, state: RunPhase, message: String) {
+        self.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Done });
+        self.write_run_report(oneshot::report(intent, state, Some(message)));
     }
 
     /// Reports from running runs.
@@ -92,13 +98,12 @@ impl Node {
                 Confirm::Launch(intent) => self.launch(*intent),
                 Confirm::Cancel(reason) => {
                     info!(%task, run = %id, %reason, "run not launched");
-                    if let Some(intent) =
-                        entry.and_then(|entry| entry.intent.as_ref()).map(|(i, _)| i.clone())
-                    {
-                        let report = oneshot::report(&intent, RunPhase::Stopped, Some(reason));
-                        self.write_run_report(report);
+                    match entry.and_then(|entry| entry.intent.clone()) {
+                        Some((intent, _)) => self.finish_unlaunched(&intent, RunPhase::Stopped, reason),
+                        None => {
+                            self.held.insert(id, Held { task, phase: Phase::Done });
+                        }
                     }
-                    self.held.insert(id, Held { task, phase: Phase::Done });
                 }
             }
         }
@@ -123,8 +128,7 @@ impl Node {
         let lead = START_LEAD.as_millis() as i64;
         let mut next: Option<i64> = None;
         let mut start = Vec::new();
-        let mut lost = Vec::new();
-        let mut cancel = Vec::new();
+        let mut finish = Vec::new();
         for (id, entry) in self.view.runs.values().flat_map(|runs| runs.iter()) {
             let Some((intent, _)) = entry.intent.as_ref() else { continue };
             if intent.node.as_ref() != Some(&me) {
@@ -144,33 +148,23 @@ impl Node {
             if entry.is_final() {
                 continue;
             }
+            let start_at = intent.launch_at_ms - lead;
             if entry.report.is_some() {
                 // Started by an earlier incarnation of this node, whose children died with it.
-                lost.push(intent.clone());
+                warn!(task = %intent.task, run = %id, "run was started by an earlier incarnation of this node: lost");
+                let message = "the node restarted during the run".to_owned();
+                finish.push((intent.clone(), RunPhase::Lost, message));
             } else if let Some(reason) = &intent.stop {
-                cancel.push((intent.clone(), reason.clone()));
-            } else if now >= intent.launch_at_ms - lead {
+                let message = format!("stopped before it started: {reason}");
+                finish.push((intent.clone(), RunPhase::Stopped, message));
+            } else if now >= start_at {
                 start.push(intent.clone());
             } else {
-                next =
-                    Some(next.map_or(intent.launch_at_ms - lead, |n: i64| n.min(intent.launch_at_ms - lead)));
+                next = Some(next.map_or(start_at, |n: i64| n.min(start_at)));
             }
         }
-        for intent in lost {
-            warn!(task = %intent.task, run = %intent.run_id, "run was started by an earlier incarnation of this node: lost");
-            let message = "the node restarted during the run".to_owned();
-            let report = oneshot::report(&intent, RunPhase::Lost, Some(message));
-            self.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Done });
-            self.write_run_report(report);
-        }
-        for (intent, reason) in cancel {
-            let report = oneshot::report(
-                &intent,
-                RunPhase::Stopped,
-                Some(format!("stopped before it started: {reason}")),
-            );
-            self.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Done });
-            self.write_run_report(report);
+        for (intent, state, message) in finish {
+            self.finish_unlaunched(&intent, state, message);
         }
         for intent in start {
             let report = oneshot::report(&intent, RunPhase::Starting, None);
@@ -196,14 +190,12 @@ impl Node {
     }
 
     /// Graceful shutdown: stop launched runs, cancel the ones not launched yet.
-    pub(crate) fn stop_runs(&mut self) -> usize {
-        let mut waiting = 0;
+    pub(crate) fn stop_runs(&mut self) {
         let mut cancel = Vec::new();
         for (id, held) in &mut self.held {
             match &mut held.phase {
                 Phase::Launched { control, .. } => {
                     let _ = control.send(RunControl::Stop("the node is shutting down".into()));
-                    waiting += 1;
                 }
                 Phase::Writing | Phase::Acked | Phase::Confirming(_) => cancel.push((*id, held.task.clone())),
                 Phase::Done => {}
@@ -211,13 +203,16 @@ impl Node {
         }
         for (id, task) in cancel {
             let entry = self.view.runs.get(&task).and_then(|runs| runs.get(&id));
-            if let Some((intent, _)) = entry.and_then(|entry| entry.intent.clone()) {
-                let message = "stopped before it started: the node is shutting down".to_owned();
-                self.write_run_report(oneshot::report(&intent, RunPhase::Stopped, Some(message)));
+            match entry.and_then(|entry| entry.intent.clone()) {
+                Some((intent, _)) => {
+                    let message = "stopped before it started: the node is shutting down".to_owned();
+                    self.finish_unlaunched(&intent, RunPhase::Stopped, message);
+                }
+                None => {
+                    self.held.insert(id, Held { task, phase: Phase::Done });
+                }
             }
-            self.held.insert(id, Held { task, phase: Phase::Done });
         }
-        waiting
     }
 
     /// Runs still launched (not reported over).
