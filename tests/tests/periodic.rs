@@ -79,7 +79,7 @@ fn every_second_task_runs_each_slot_exactly_once_across_kills_and_a_full_stop() 
     let none_twice: Vec<_> = slots(&none).into_iter().filter(|(_, n)| *n > 1).collect();
     assert!(none_twice.is_empty(), "catch_up none: slots run twice: {none_twice:?}");
 
-    let history = cluster.ctl.json(&["history", "cron/all", "--json", "--limit", "5"]);
+    let history = cluster.ctl.json(&["history", "cron/all", "--limit", "5"]);
     let rows = history.as_array().unwrap();
     assert_eq!(rows.len(), 5);
     assert!(rows.iter().all(|row| row["slot"].is_string() && row["run_id"].is_string()), "{rows:?}");
@@ -113,7 +113,7 @@ fn a_one_shot_whose_node_is_killed_mid_run_is_retried_elsewhere_as_attempt_2() {
     });
     cluster.node(&first_node).kill9();
     wait_until(SETTLE, "the one-shot succeeded", || {
-        cluster.ctl.try_json(&["status", "job/once", "--json"]).is_some_and(|s| s["state"] == "succeeded")
+        cluster.ctl.try_json(&["status", "job/once"]).is_some_and(|s| s["state"] == "succeeded")
     });
     let text = std::fs::read_to_string(&file).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -121,7 +121,7 @@ fn a_one_shot_whose_node_is_killed_mid_run_is_retried_elsewhere_as_attempt_2() {
     let second: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(second[0], "2", "attempt 2: {text}");
     assert_ne!(second[1], first_node, "on another node: {text}");
-    let history = cluster.ctl.json(&["history", "job/once", "--json"]);
+    let history = cluster.ctl.json(&["history", "job/once"]);
     let states: Vec<&str> =
         history.as_array().unwrap().iter().map(|r| r["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["succeeded", "lost"], "{history}");
@@ -177,10 +177,10 @@ fn forbid_never_runs_two_at_once_and_replace_stops_the_old_run_first() {
         }
         assert!(starts >= 3, "{policy}: runs happened:\n{text}");
     }
-    let history = cluster.ctl.json(&["history", "ov/forbid", "--json", "--limit", "100"]);
+    let history = cluster.ctl.json(&["history", "ov/forbid", "--limit", "100"]);
     let skipped = history.as_array().unwrap().iter().filter(|r| r["state"] == "skipped").count();
     assert!(skipped > 0, "forbid skips slots due during a run: {history}");
-    let history = cluster.ctl.json(&["history", "ov/replace", "--json", "--limit", "100"]);
+    let history = cluster.ctl.json(&["history", "ov/replace", "--limit", "100"]);
     let stopped = history.as_array().unwrap().iter().filter(|r| r["state"] == "stopped").count();
     assert!(stopped > 0, "replace stops the old run: {history}");
 }
