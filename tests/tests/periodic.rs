@@ -28,23 +28,21 @@ fn every_second_task_runs_each_slot_exactly_once_across_kills_and_a_full_stop() 
     let dir = scratch("cron");
     let all = dir.join("all");
     let none = dir.join("none");
+    // max_catch_up above the 10 s outage (the default cap, 10, would drop its oldest slots).
     for (id, file, catch_up) in [("cron/all", &all, "all"), ("cron/none", &none, "none")] {
         let script = format!("echo $SHIVA_RUN_ID $SHIVA_SLOT $SHIVA_ATTEMPT $E2E >> {}", file.display());
-        cluster.ctl.ok(&[
-            "submit",
-            "--id",
-            id,
-            "--schedule",
-            "* * * * * *",
-            "--catch-up",
-            catch_up,
-            "--env",
-            &format!("E2E={}", cluster.name),
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ]);
+        let spec = serde_json::json!({
+            "id": id,
+            "command": "sh",
+            "args": ["-c", script],
+            "env": {"E2E": cluster.name},
+            "schedule": "* * * * * *",
+            "catch_up": catch_up,
+            "max_catch_up": 100,
+        });
+        let path = dir.join(format!("{}.json", id.replace('/', "-")));
+        std::fs::write(&path, spec.to_string()).unwrap();
+        cluster.ctl.ok(&["submit", path.to_str().unwrap()]);
     }
     std::thread::sleep(Duration::from_secs(5));
     for _ in 0..3 {
@@ -74,6 +72,9 @@ fn every_second_task_runs_each_slot_exactly_once_across_kills_and_a_full_stop() 
         counts.keys().map(|slot| chrono::DateTime::parse_from_rfc3339(slot).unwrap().timestamp()).collect();
     let (first, last) = (instants[0], *instants.last().unwrap());
     let missing: Vec<i64> = (first..last - 2).filter(|s| !instants.contains(s)).collect();
+    if !missing.is_empty() {
+        eprintln!("{}", cluster.ctl.ok(&["history", "cron/all", "--limit", "100"]));
+    }
     assert!(missing.is_empty(), "catch_up all: slots never run: {missing:?} of {first}..{last}");
     assert!(last - first >= 45, "the window covers the whole test: {}", last - first);
     let none_twice: Vec<_> = slots(&none).into_iter().filter(|(_, n)| *n > 1).collect();
