@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use shiva_proto::records::*;
+use shiva_proto::runs::{Due, RunIntent, RunPhase, RunReport, RunRequest, Sched, Trigger};
 use shiva_proto::{Envelope, NodeId, TaskId, TaskSpec};
 use uuid::Uuid;
 
@@ -40,6 +41,15 @@ fn app_spec(full: bool) -> TaskSpec {
     }
     spec
 }
+
+fn report_spec() -> TaskSpec {
+    let mut spec = TaskSpec::new(task("jobs/report"), "/usr/bin/report", vec![]);
+    spec.schedule = vec!["* * * * * *".into()];
+    spec
+}
+
+const RUN: &str = "9f60d567-229a-5679-bed5-309a5105eb52";
+const SLOT: Trigger = Trigger::Slot { slot_ms: 1795315714000 };
 
 fn expected() -> Vec<(&'static str, Envelope)> {
     let mut train = TaskSpec::new(task("ml/train"), "train", vec![]);
@@ -164,6 +174,80 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                     attempt: 2,
                     restarts: 1,
                     last_exit: Some(ExitInfo { code: Some(1), signal: None }),
+                    message: None,
+                }),
+            ),
+        ),
+        (
+            "run-request",
+            from(
+                "ctl:ops",
+                None,
+                1795315713500,
+                Body::RunRequest(RunRequest {
+                    task: task("jobs/report"),
+                    request: "0b6f3c1e-1111-4222-8333-444455556666".parse().unwrap(),
+                }),
+            ),
+        ),
+        (
+            "sched",
+            from(
+                "n2",
+                Some(N2),
+                1795315713700,
+                Body::Sched(Sched {
+                    epoch: 4,
+                    task: task("jobs/report"),
+                    spec_revision: 120,
+                    decided_through_ms: Some(1795315714000),
+                    skipped: 3,
+                    queued: Some(Due { trigger: Trigger::Slot { slot_ms: 1795315713000 }, attempt: 1 }),
+                    suspended_at_ms: None,
+                    attempt: 0,
+                    next_at_ms: None,
+                    outcome: None,
+                }),
+            ),
+        ),
+        (
+            "run-intent",
+            from(
+                "n2",
+                Some(N2),
+                1795315713000,
+                Body::RunIntent(RunIntent {
+                    epoch: 4,
+                    task: task("jobs/report"),
+                    run_id: RUN.parse().unwrap(),
+                    attempt: 1,
+                    trigger: SLOT,
+                    node: Some(node("n1")),
+                    launch_at_ms: 1795315714000,
+                    spec_revision: 120,
+                    spec: report_spec(),
+                    stop: None,
+                    verdict: None,
+                    note: None,
+                }),
+            ),
+        ),
+        (
+            "run-report",
+            from(
+                "n1",
+                Some(N1),
+                1795315714095,
+                Body::RunReport(RunReport {
+                    task: task("jobs/report"),
+                    run_id: RUN.parse().unwrap(),
+                    attempt: 1,
+                    trigger: SLOT,
+                    state: RunPhase::Succeeded,
+                    pid: Some(20611),
+                    started_ms: Some(1795315714003),
+                    ended_ms: Some(1795315714090),
+                    exit: Some(ExitInfo { code: Some(0), signal: None }),
                     message: None,
                 }),
             ),
