@@ -419,8 +419,9 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         self.write_sched(sched, before);
     }
 
-    /// A periodic run that never started (its node died first) runs again as the next
-    /// attempt of its slot, when the catch-up policy wants missed slots.
+    /// A periodic run that never started (its node died or shut down first, and nobody asked
+    /// to stop it) runs again as the next attempt of its slot, when the catch-up policy wants
+    /// missed slots.
     fn relaunch_missed(&mut self, spec: &SpecEntry, sched: &mut Sched) {
         if spec.spec.catch_up == CatchUp::None {
             return;
@@ -429,7 +430,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let missed: Vec<Due> = self
             .runs
             .values()
-            .filter(|entry| entry.phase() == RunPhase::Missed)
+            .filter(|entry| never_ran(entry))
             .filter_map(|entry| entry.intent.as_ref().map(|(intent, _)| intent))
             .filter(|intent| match intent.trigger {
                 Trigger::Slot { slot_ms } => deadline.is_none_or(|oldest| at(slot_ms) >= oldest),
@@ -598,6 +599,20 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             sched.attempt = due.attempt;
             sched.next_at_ms = None;
         }
+    }
+}
+
+/// Whether a run certainly never ran, and not because the leader stopped it: `missed` (its node
+/// was gone before the start record), or `stopped` by its runner before starting (the node was
+/// shutting down, or found the leader's `missed` verdict when confirming).
+fn never_ran(entry: &RunEntry) -> bool {
+    let stop_requested = entry.intent.as_ref().is_some_and(|(intent, _)| intent.stop.is_some());
+    match entry.phase() {
+        RunPhase::Missed => true,
+        RunPhase::Stopped => {
+            !stop_requested && entry.report.as_ref().is_some_and(|report| report.report.started_ms.is_none())
+        }
+        _ => false,
     }
 }
 

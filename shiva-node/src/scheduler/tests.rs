@@ -188,6 +188,35 @@ impl Sim {
         self.live.remove(&node);
     }
 
+    /// A graceful stop: the node cancels the runs it has not started, then leaves.
+    fn shut_down(&mut self, node: usize) {
+        let pending: Vec<RunIntent> = self
+            .view
+            .runs
+            .values()
+            .flat_map(|runs| runs.values())
+            .filter(|entry| entry.report.is_none() && !entry.is_final())
+            .filter_map(|entry| entry.intent.clone().map(|(intent, _)| intent))
+            .filter(|intent| intent.node.as_ref() == Some(&self.nodes[node].0))
+            .collect();
+        for intent in pending {
+            let report = RunReport {
+                task: intent.task.clone(),
+                run_id: intent.run_id,
+                attempt: intent.attempt,
+                trigger: intent.trigger,
+                state: RunPhase::Stopped,
+                pid: None,
+                started_ms: None,
+                ended_ms: Some(self.now),
+                exit: None,
+                message: Some("stopped before it started: the node is shutting down".into()),
+            };
+            self.report(node, report);
+        }
+        self.kill(node);
+    }
+
     fn revive(&mut self, node: usize) {
         self.live.insert(node);
     }
@@ -312,6 +341,42 @@ fn a_run_whose_node_died_before_starting_runs_again_as_attempt_2() {
     let retry = run_id(&task, next.trigger, 2);
     assert_eq!(sim.view.runs[&task][&retry].phase(), RunPhase::Succeeded);
     assert_eq!(sim.slot_launches()[&next.trigger.slot_ms().unwrap()], 1);
+}
+
+#[test]
+fn a_run_cancelled_by_its_node_shutting_down_runs_again_and_a_killed_one_does_not() {
+    let mut sim = Sim::new();
+    let task = TaskId::new("cron/tick").unwrap();
+    sim.submit(every_second(CatchUp::All));
+    sim.advance(600);
+    let next = sim.view.runs[&task].values().find(|e| !e.is_final()).unwrap().intent.clone().unwrap().0;
+    let node = sim.nodes.iter().position(|(id, _)| Some(id) == next.node.as_ref()).unwrap();
+    sim.shut_down(node);
+    if node == 0 {
+        sim.elect(1);
+    }
+    sim.advance(3_000);
+    assert_eq!(sim.view.runs[&task][&next.run_id].phase(), RunPhase::Stopped);
+    assert_eq!(sim.view.runs[&task][&run_id(&task, next.trigger, 2)].phase(), RunPhase::Succeeded);
+
+    // A run the leader asked to stop (kill) is not run again.
+    let mut sim = Sim::new();
+    sim.run_ms = 5_000;
+    sim.submit(every_second(CatchUp::All));
+    sim.advance(1_500);
+    sim.desire(&task, DesiredState::Stopped);
+    sim.advance(500);
+    sim.desire(&task, DesiredState::Running);
+    sim.advance(3_000);
+    let counts = sim.slot_launches();
+    assert!(counts.values().all(|count| *count == 1), "{counts:?}");
+    let stopped: Vec<&RunEntry> =
+        sim.view.runs[&task].values().filter(|e| e.phase() == RunPhase::Stopped).collect();
+    assert!(!stopped.is_empty());
+    for entry in stopped {
+        let (intent, _) = entry.intent.as_ref().unwrap();
+        assert!(!sim.view.runs[&task].contains_key(&run_id(&task, intent.trigger, intent.attempt + 1)));
+    }
 }
 
 #[test]
@@ -459,7 +524,7 @@ proptest! {
     /// once under `forbid`; the compacted log replays to the live state.
     #[test]
     fn exactly_once_under_random_failures(
-        events in proptest::collection::vec((0u8..6, 1u8..40), 1..12),
+        events in proptest::collection::vec((0u8..7, 1u8..40), 1..12),
         forbid in any::<bool>(),
     ) {
         let mut sim = Sim::new();
@@ -470,6 +535,7 @@ proptest! {
         for (what, ticks) in events {
             match what {
                 0 => { let next = (sim.leader.unwrap() + 1) % 3; sim.revive(next); sim.elect(next); }
+                5 => { let n = usize::from(ticks) % 3; sim.shut_down(n); }
                 1 => { let leader = sim.leader.unwrap(); sim.kill(leader); }
                 2 => sim.live = (0..3).collect(),
                 3 => { let n = usize::from(ticks) % 3; sim.kill(n); }
