@@ -407,7 +407,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         if sched.suspended_at_ms.take().is_some() {
             sched.decided_through_ms = Some(ms(decided.max(now)));
         }
-        self.relaunch_missed(spec, &mut sched);
+        self.relaunch_missed(spec);
         if let Some(due) = sched.queued
             && self.in_flight().is_empty()
             && self.launch(spec, due, ms(now))
@@ -422,7 +422,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     /// A periodic run that never started (its node died or shut down first, and nobody asked
     /// to stop it) runs again as the next attempt of its slot, when the catch-up policy wants
     /// missed slots.
-    fn relaunch_missed(&mut self, spec: &SpecEntry, sched: &mut Sched) {
+    fn relaunch_missed(&mut self, spec: &SpecEntry) {
         if spec.spec.catch_up == CatchUp::None {
             return;
         }
@@ -439,10 +439,17 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             })
             .map(|intent| Due { trigger: intent.trigger, attempt: intent.attempt + 1 })
             .collect();
+        let serial = spec.spec.overlap != Overlap::Allow;
         for due in missed {
-            if !self.exists(due) {
-                self.on_due(spec, sched, due, ms(self.ctx.now));
+            if self.exists(due) {
+                continue;
             }
+            // Like missed slots caught up: with a serial policy, one at a time, after the
+            // current run (the overlap policy would drop it, and it must run once).
+            if serial && !self.in_flight().is_empty() {
+                return;
+            }
+            self.launch(spec, due, ms(self.ctx.now));
         }
     }
 

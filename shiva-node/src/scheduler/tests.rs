@@ -567,3 +567,33 @@ proptest! {
         prop_assert_eq!(&replayed.runs, &sim.view.runs);
     }
 }
+
+#[test]
+fn a_slot_whose_relaunch_was_cancelled_too_waits_for_the_current_run_instead_of_being_skipped() {
+    let mut sim = Sim::new();
+    let task = TaskId::new("cron/tick").unwrap();
+    sim.elect(1);
+    sim.submit(every_second(CatchUp::All));
+    sim.advance(600);
+    let first = sim.view.runs[&task].values().find(|e| !e.is_final()).unwrap().intent.clone().unwrap().0;
+    let a = sim.nodes.iter().position(|(id, _)| Some(id) == first.node.as_ref()).unwrap();
+    sim.kill(a);
+    // The leader judges it missed and relaunches it as attempt 2; that runner shuts down
+    // before starting it, while the next slot's intent is already in flight.
+    let second = run_id(&task, first.trigger, 2);
+    while !sim.view.runs[&task].contains_key(&second) {
+        sim.lead();
+        sim.now += TICK;
+    }
+    let (intent, _) = sim.view.runs[&task][&second].intent.clone().unwrap();
+    let b = sim.nodes.iter().position(|(id, _)| Some(id) == intent.node.as_ref()).unwrap();
+    sim.shut_down(b);
+    if !sim.live.contains(&sim.leader.unwrap()) {
+        let next = (0..3).find(|n| sim.live.contains(n)).unwrap();
+        sim.elect(next);
+    }
+    sim.advance(6_000);
+    let slot = first.trigger.slot_ms().unwrap();
+    assert_eq!(sim.slot_launches().get(&slot), Some(&1), "the slot runs once, as attempt 3");
+    assert!(sim.max_concurrent <= 1);
+}
