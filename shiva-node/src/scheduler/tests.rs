@@ -569,7 +569,7 @@ proptest! {
 }
 
 #[test]
-fn a_slot_whose_relaunch_was_cancelled_too_waits_for_the_current_run_instead_of_being_skipped() {
+fn a_slot_whose_relaunch_was_cancelled_too_runs_once_as_attempt_3() {
     let mut sim = Sim::new();
     let task = TaskId::new("cron/tick").unwrap();
     sim.elect(1);
