@@ -2,7 +2,7 @@
 //! the node's default settings, and prints a Markdown report for `docs/benchmarks.md`.
 //!
 //! ```sh
-//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms]
+//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--only cron,resume]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -83,7 +83,7 @@ fn starts(file: &Path) -> Vec<i128> {
 /// Submit (spec record written) → child started.
 async fn submit_to_start(broker: &Broker, cluster: &str, dir: &Path, samples: usize) -> Vec<f64> {
     let config = BusConfig::new(&broker.url(), cluster, &[]).unwrap();
-    let publisher = Publisher::one_off(&config, "bench").unwrap();
+    let publisher = Publisher::new(&config, "bench").unwrap();
     let mut out = Vec::new();
     for i in 0..samples {
         let file = dir.join(format!("s{i}"));
@@ -174,6 +174,53 @@ fn node_death(nodes: &mut [Node], ctl: &Ctl, files: &[(String, PathBuf)]) -> f64
     (latest - killed) as f64 / 1e6
 }
 
+/// Launch lateness: `count` tasks firing every second for `window`; each run stamps the instant
+/// its command started (bash's `EPOCHREALTIME`, no fork) next to its `SHIVA_SLOT`. Returns the
+/// lateness of every run whose slot lies in the window, and the slots that never ran.
+async fn cron_lateness(
+    broker: &Broker,
+    cluster: &str,
+    dir: &Path,
+    count: usize,
+    window: Duration,
+) -> (Vec<f64>, usize) {
+    let config = BusConfig::new(&broker.url(), cluster, &[]).unwrap();
+    let publisher = Publisher::new(&config, "bench").unwrap();
+    let file = dir.join("cron");
+    for i in 0..count {
+        let script = format!("echo $EPOCHREALTIME $SHIVA_SLOT >> {}", file.display());
+        let spec: TaskSpec = serde_json::from_value(serde_json::json!({
+            "id": format!("cron/t{i:03}"),
+            "command": "bash",
+            "args": ["-c", script],
+            "schedule": "* * * * * *",
+            "catch_up": "none",
+        }))
+        .unwrap();
+        shiva_ctl::write_spec(&publisher, &spec).await.unwrap();
+    }
+    // Let every task fire a few times before measuring.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let from = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64 + 1;
+    let to = from + window.as_secs() as i64;
+    tokio::time::sleep(window + Duration::from_secs(3)).await;
+    let mut lateness = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for line in std::fs::read_to_string(&file).unwrap().lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(started), Some(slot)) = (fields.next(), fields.next()) else { continue };
+        let started: f64 = started.parse().unwrap();
+        let slot = chrono::DateTime::parse_from_rfc3339(slot).unwrap();
+        if (from..to).contains(&slot.timestamp()) {
+            let slot_s = slot.timestamp() as f64 + slot.timestamp_subsec_nanos() as f64 / 1e9;
+            lateness.push((started - slot_s) * 1000.0);
+            seen.insert(line.to_owned());
+        }
+    }
+    let expected = count * window.as_secs() as usize;
+    (lateness, expected.saturating_sub(seen.len()))
+}
+
 /// CPU time (ns) of every thread of `pid`.
 fn cpu_ns(pid: i32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -204,7 +251,10 @@ fn main() {
     let broker = Broker::start_with_interval("10s");
     let mut report = Vec::new();
 
-    for wait in [10, 12, 20] {
+    // `--only a,b` runs some sections: rtt, idle, cron, resume, cluster.
+    let only = args.iter().position(|arg| arg == "--only").map(|i| args[i + 1].clone());
+    let wants = |section: &str| only.as_ref().is_none_or(|list| list.split(',').any(|s| s == section));
+    for wait in [10, 12, 20].into_iter().filter(|_| wants("rtt")) {
         let samples = if quick { 50 } else { 200 };
         let mut rtt = runtime.block_on(round_trip(&broker, samples, Duration::from_millis(wait)));
         report.push(format!(
@@ -213,7 +263,7 @@ fn main() {
         ));
     }
 
-    for fetch in ["12ms", "10ms", "20ms", "100ms"] {
+    for fetch in ["12ms", "10ms", "20ms", "100ms"].into_iter().filter(|_| wants("idle")) {
         let name = cluster("idle");
         let extra = ["--fetch-wait", fetch];
         let nodes: Vec<Node> =
@@ -242,6 +292,43 @@ fn main() {
         ));
     }
 
+    if wants("cron") {
+        let name = cluster("cron");
+        let nodes: Vec<Node> =
+            (1..=3).map(|i| Node::launch(&broker, &name, &format!("c{i}"), &node_args)).collect();
+        let ctl = Ctl::new(&broker, &name);
+        wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
+        let window = Duration::from_secs(if quick { 20 } else { 60 });
+        let (mut late, missing) =
+            runtime.block_on(cron_lateness(&broker, &name, &scratch("cron"), 100, window));
+        report.push(format!(
+            "| cron launch lateness (slot → command started), 100 tasks every second, {}s | {}, {missing} slots never ran |",
+            window.as_secs(),
+            summary(&mut late)
+        ));
+        drop(nodes);
+    }
+
+    if wants("cluster") {
+        cluster_figures(&runtime, &broker, &mut report, quick, &node_args, &fetch_wait);
+    }
+
+    println!("| measure | result |\n|---|---|");
+    for line in report {
+        println!("{line}");
+    }
+}
+
+/// Submit → start, failover and node death on one 3-node cluster.
+fn cluster_figures(
+    runtime: &tokio::runtime::Runtime,
+    broker: &Broker,
+    report: &mut Vec<String>,
+    quick: bool,
+    node_args: &[&str],
+    fetch_wait: &str,
+) {
+    let broker = broker;
     let name = cluster("bench");
     let mut nodes: Vec<Node> =
         (1..=3).map(|i| Node::launch(&broker, &name, &format!("n{i}"), &node_args)).collect();
@@ -286,9 +373,4 @@ fn main() {
         "| node death (kill -9) → all its tasks started elsewhere | {} |",
         summary(&mut deaths)
     ));
-
-    println!("| measure | result |\n|---|---|");
-    for line in report {
-        println!("{line}");
-    }
 }

@@ -3,8 +3,8 @@
 //! * [`BusConfig`]: the `--bus kafka://…`, `--cluster` and `-X key=value` settings;
 //! * [`Reader`]: a thread that reads the control topics from the beginning and forwards every
 //!   record, in log order per topic, plus "synced" markers after a read-to-end;
-//! * [`Publisher`]: an idempotent producer (`acks=all`, bounded delivery timeout) that reports
-//!   each record's offset and replaces itself after a fatal error;
+//! * [`Publisher`]: an ordered producer (`acks=all`, one request in flight, bounded delivery
+//!   timeout) that reports each record's offset and replaces itself after a fatal error;
 //! * [`admin`]: creating and checking the topics.
 //!
 //! Both `shiva-node` and `shiva-ctl` use it, so that the client settings and the read-to-end
@@ -76,8 +76,6 @@ pub struct BusConfig {
     pub fetch_wait: Duration,
     /// Producer `delivery.timeout.ms`: a record not acknowledged within it is reported failed.
     pub delivery_timeout: Duration,
-    /// Whether producers are idempotent (always, but for the CLI's one-off writes).
-    pub idempotent: bool,
 }
 
 impl BusConfig {
@@ -92,7 +90,6 @@ impl BusConfig {
             overrides,
             fetch_wait: Duration::from_millis(12),
             delivery_timeout: Duration::from_secs(5),
-            idempotent: true,
         })
     }
 

@@ -116,6 +116,40 @@ impl Drop for Reader {
 
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The current end (next offset) of every topic read, in one ListOffsets request.
+fn topic_ends(
+    consumer: &BaseConsumer<Context>,
+    names: &BTreeMap<String, TopicKind>,
+) -> Result<BTreeMap<TopicKind, i64>, String> {
+    let mut query = TopicPartitionList::new();
+    for name in names.keys() {
+        // `End` is timestamp -1: the latest offset.
+        query
+            .add_partition_offset(name, 0, Offset::End)
+            .map_err(|err| format!("cannot ask for the end of {name}: {err}"))?;
+    }
+    let ends = consumer
+        .offsets_for_times(query, WATERMARK_TIMEOUT)
+        .map_err(|err| format!("cannot read the ends of the topics: {err}"))?;
+    let mut targets = BTreeMap::new();
+    for element in ends.elements() {
+        let name = element.topic();
+        if let Some(err) = element.error().err() {
+            return Err(format!("cannot read the end of {name}: {err}"));
+        }
+        match (names.get(name), element.offset()) {
+            (Some(kind), Offset::Offset(end)) => {
+                targets.insert(*kind, end);
+            }
+            (_, offset) => return Err(format!("cannot read the end of {name}: got {offset:?}")),
+        }
+    }
+    if targets.len() != names.len() {
+        return Err(format!("asked for the ends of {} topics, got {}", names.len(), targets.len()));
+    }
+    Ok(targets)
+}
+
 fn poll_loop(
     consumer: BaseConsumer<Context>,
     names: BTreeMap<String, TopicKind>,
@@ -127,27 +161,27 @@ fn poll_loop(
     let mut pending: Vec<(u64, BTreeMap<TopicKind, i64>)> = Vec::new();
     let send = |event| events.blocking_send(event).is_ok();
     while !stop.load(Ordering::Relaxed) {
-        while let Ok(Request::Sync(token)) = requests.try_recv() {
+        // Every read-to-end asked since the last turn shares one end query: one ListOffsets
+        // request for all topics (per-topic watermark queries cost two requests each, and
+        // the reader consumes nothing while it waits for them).
+        let tokens: Vec<u64> = std::iter::from_fn(|| match requests.try_recv() {
+            Ok(Request::Sync(token)) => Some(token),
+            Err(_) => None,
+        })
+        .collect();
+        if !tokens.is_empty() {
             let started = std::time::Instant::now();
-            let mut targets = BTreeMap::new();
-            let mut failure = None;
-            for (name, kind) in &names {
-                match consumer.fetch_watermarks(name, 0, WATERMARK_TIMEOUT) {
-                    Ok((_low, high)) => {
-                        targets.insert(*kind, high);
-                    }
-                    Err(err) => failure = Some(format!("cannot read the end of {name}: {err}")),
+            match topic_ends(&consumer, &names) {
+                Ok(targets) => {
+                    tracing::debug!(?tokens, elapsed = ?started.elapsed(), ?targets, "topic ends read");
+                    pending.extend(tokens.into_iter().map(|token| (token, targets.clone())));
                 }
-            }
-            match failure {
-                Some(message) => {
-                    if !send(ReaderEvent::SyncFailed(token, message)) {
-                        return;
+                Err(message) => {
+                    for token in tokens {
+                        if !send(ReaderEvent::SyncFailed(token, message.clone())) {
+                            return;
+                        }
                     }
-                }
-                None => {
-                    tracing::debug!(token, elapsed = ?started.elapsed(), ?targets, "topic ends read");
-                    pending.push((token, targets));
                 }
             }
         }

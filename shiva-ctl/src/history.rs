@@ -117,7 +117,7 @@ pub async fn run_now(config: &BusConfig, timeout: Duration, id: &str) -> Result<
     }
     let request = Uuid::new_v4();
     let body = Body::RunRequest(RunRequest { task: task.clone(), request });
-    let publisher = Publisher::one_off(config, "ctl")?;
+    let publisher = Publisher::new(config, "ctl")?;
     publisher.send(TopicKind::Commands, &key::request(&task, request), Some(&envelope(body))).await?;
     println!("{task}: run requested (request {request}); see `shiva-ctl history {task}`");
     Ok(())

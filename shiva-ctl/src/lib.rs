@@ -84,7 +84,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 check_after(&spec, &snapshot(&config, timeout, &TASK_TOPICS).await?)?;
             }
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
-            let revision = write_spec(&Publisher::one_off(&config, "ctl")?, &spec).await?;
+            let revision = write_spec(&Publisher::new(&config, "ctl")?, &spec).await?;
             let verb = if view.specs.contains_key(&spec.id) { "updated" } else { "submitted" };
             println!("{verb} {} (revision {revision})", spec.id);
         }
@@ -175,7 +175,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             if !view.specs.contains_key(&task) {
                 return Err(no_such_task(&task));
             }
-            let publisher = Publisher::one_off(&config, "ctl")?;
+            let publisher = Publisher::new(&config, "ctl")?;
             publisher.send(TopicKind::Commands, &key::task(&task), None).await?;
             publisher.send(TopicKind::Commands, &key::desired(&task), None).await?;
             println!("deleted {task}");
@@ -298,7 +298,7 @@ pub(crate) async fn write_desired(
     if !view.specs.contains_key(task) {
         return Err(no_such_task(task));
     }
-    let publisher = Publisher::one_off(config, "ctl")?;
+    let publisher = Publisher::new(config, "ctl")?;
     let body = Body::Desired(Desired { task: task.clone(), state });
     publisher.send(TopicKind::Commands, &key::desired(task), Some(&envelope(body))).await?;
     println!("{task}: desired {}", state.as_str());

@@ -53,7 +53,8 @@ pub fn plan_slots(
     let missed_until = now - delta(timing.tolerance);
     let mut launch = Vec::new();
     let mut skipped = 0;
-    if decided_through < missed_until {
+    let newest_missed = schedule.latest_slots(decided_through, missed_until, 1).pop();
+    if newest_missed.is_some() {
         let cap = spec.max_catch_up as usize;
         let oldest_allowed = spec.starting_deadline.map(|deadline| now - delta(deadline));
         let window_start = oldest_allowed.map_or(decided_through, |oldest| oldest.max(decided_through));
@@ -73,12 +74,10 @@ pub fn plan_slots(
     let regular_from = decided_through.max(missed_until);
     let horizon = now + delta(timing.lookahead);
     let regular = schedule.slots(regular_from, horizon, MAX_SLOTS_PER_PLAN);
-    // Everything up to the horizon is decided, unless the window held more slots than a plan
-    // takes (then up to the last one taken).
-    let through = match regular.last() {
-        Some(last) if regular.len() == MAX_SLOTS_PER_PLAN => *last,
-        _ => horizon,
-    };
+    // Decided through the newest slot seen, missed or planned: no slot lies between it and the
+    // horizon. Not through the horizon itself, which would change the task's `sched/` record
+    // at every step and make the leader write it again and again between two slots.
+    let through = regular.last().copied().or(newest_missed).unwrap_or(decided_through);
     launch.extend(regular);
     SlotPlan { launch, skipped, decided_through: through.max(decided_through) }
 }

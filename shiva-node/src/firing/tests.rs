@@ -48,6 +48,31 @@ fn regular_slots_are_planned_ahead_once() {
 }
 
 #[test]
+fn decided_through_moves_only_with_slots() {
+    // The leader writes `sched/` when it changes: between two slots it must not.
+    let (schedule, spec) = periodic("0 * * * * *", |_| {});
+    let first = plan_slots(&schedule, &spec, at(0, 0, 0), at(0, 0, 10), TIMING);
+    assert!(first.launch.is_empty());
+    assert_eq!(first.decided_through, at(0, 0, 0));
+    let later = plan_slots(&schedule, &spec, first.decided_through, at(0, 0, 40), TIMING);
+    assert_eq!(later.decided_through, at(0, 0, 0));
+    let due = plan_slots(
+        &schedule,
+        &spec,
+        later.decided_through,
+        at(0, 0, 59) + TimeDelta::milliseconds(600),
+        TIMING,
+    );
+    assert_eq!((due.launch.as_slice(), due.decided_through), ([at(0, 1, 0)].as_slice(), at(0, 1, 0)));
+    // A missed slot is counted once, not at every step after it.
+    let (schedule, spec) = periodic("0 * * * * *", |_| {});
+    let missed = plan_slots(&schedule, &spec, at(0, 0, 0), at(0, 1, 30), TIMING);
+    assert_eq!((missed.skipped, missed.decided_through), (1, at(0, 1, 0)));
+    let next = plan_slots(&schedule, &spec, missed.decided_through, at(0, 1, 31), TIMING);
+    assert_eq!((next.skipped, next.decided_through), (0, at(0, 1, 0)));
+}
+
+#[test]
 fn catch_up_none_skips_missed_slots() {
     let (schedule, spec) = periodic("*/10 * * * * *", |_| {});
     let plan = plan_slots(&schedule, &spec, at(0, 0, 0), at(0, 1, 0) + TimeDelta::milliseconds(9700), TIMING);

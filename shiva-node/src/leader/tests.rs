@@ -29,9 +29,9 @@ enum Op {
     Tombstone(u8),
     /// A claim for a huge epoch from a non-node.
     Forged,
-    /// A copy of an earlier record lands again (claims excepted: their keys are unique per
-    /// attempt and the producer is idempotent; a forged copy of a claim is a known limit,
-    /// see docs/protocol.md).
+    /// A copy of an earlier record lands again, as a producer retry may write it (claims
+    /// excepted: a retried claim lands only after its original, when its epoch is taken and
+    /// it loses; a forged copy of a claim is a known limit, see docs/protocol.md).
     Duplicate(u16),
 }
 

@@ -83,6 +83,8 @@ pub(crate) struct Node {
     pub(crate) run_reports: mpsc::UnboundedSender<RunReport>,
     /// When the next start record is due.
     pub(crate) run_wake: Option<Duration>,
+    /// The leader's parsed schedules.
+    pub(crate) schedules: scheduler::Schedules,
 }
 
 /// The scheduler's timing: intents are written a second ahead of their slot; a slot more than
@@ -337,8 +339,10 @@ impl Node {
                 now: chrono::Utc::now(),
                 timing: TIMING,
                 busy: &|topic, key| self.busy(topic, key),
+                schedules: &self.schedules,
             };
             writes.extend(scheduler::plan(&context));
+            self.schedules.retain(&self.view);
             for write in writes {
                 self.send(write.topic, write.key, write.body, Purpose::Leader);
             }

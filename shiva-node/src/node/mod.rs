@@ -96,6 +96,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         held: BTreeMap::new(),
         run_reports,
         run_wake: None,
+        schedules: crate::scheduler::Schedules::default(),
         config,
     };
 
@@ -121,15 +122,26 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             event = events.recv() => {
                 let Some(event) = event else { bail!("the bus reader stopped") };
                 node.on_reader_event(event);
-                while let Ok(event) = events.try_recv() {
-                    node.on_reader_event(event);
-                }
             }
             Some(result) = results_rx.recv() => node.on_write_result(result),
             Some(status) = reports_rx.recv() => node.on_status(status),
             Some(report) = run_reports_rx.recv() => node.on_run_report(report),
             _ = ticker.tick() => node.heartbeat(),
             _ = tokio::time::sleep(node.run_wake.unwrap_or(Duration::from_secs(3600))) => {}
+        }
+        // Take in everything already waiting, then decide once: a step walks every task.
+        loop {
+            if let Ok(event) = events.try_recv() {
+                node.on_reader_event(event);
+            } else if let Ok(result) = results_rx.try_recv() {
+                node.on_write_result(result);
+            } else if let Ok(status) = reports_rx.try_recv() {
+                node.on_status(status);
+            } else if let Ok(report) = run_reports_rx.try_recv() {
+                node.on_run_report(report);
+            } else {
+                break;
+            }
         }
         node.step();
     }

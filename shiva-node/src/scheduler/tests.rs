@@ -28,6 +28,8 @@ struct Sim {
     exit_code: i32,
     /// Runs launched: (task, trigger, attempt, node).
     launches: Vec<(TaskId, Trigger, u32, usize)>,
+    /// The leader's schedule cache (kept across leaders: it only memoizes parsing).
+    schedules: Schedules,
     /// Most runs of one task running at once.
     max_concurrent: usize,
 }
@@ -51,6 +53,7 @@ impl Sim {
             exit_code: 0,
             launches: Vec::new(),
             max_concurrent: 0,
+            schedules: Schedules::default(),
         };
         sim.elect(0);
         sim
@@ -114,6 +117,7 @@ impl Sim {
             now: at(self.now),
             timing: TIMING,
             busy: &|_, _| false,
+            schedules: &self.schedules,
         };
         for write in plan(&context) {
             let value = write.body.map(|body| self.env(leader, body));
