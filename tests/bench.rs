@@ -176,19 +176,20 @@ fn node_death(nodes: &mut [Node], ctl: &Ctl, files: &[(String, PathBuf)]) -> f64
 
 /// Launch lateness: `count` tasks firing every second for `window`; each run stamps the instant
 /// its command started (bash's `EPOCHREALTIME`, no fork) next to its `SHIVA_SLOT`. Returns the
-/// lateness of every run whose slot lies in the window, and the slots that never ran.
+/// lateness of every run whose slot lies in the window, the slots that never ran and those
+/// that ran twice.
 async fn cron_lateness(
     broker: &Broker,
     cluster: &str,
     dir: &Path,
     count: usize,
     window: Duration,
-) -> (Vec<f64>, usize) {
+) -> (Vec<f64>, usize, usize) {
     let config = BusConfig::new(&broker.url(), cluster, &[]).unwrap();
     let publisher = Publisher::new(&config, "bench").unwrap();
     let file = dir.join("cron");
     for i in 0..count {
-        let script = format!("echo $EPOCHREALTIME $SHIVA_SLOT >> {}", file.display());
+        let script = format!("echo $EPOCHREALTIME $SHIVA_SLOT $SHIVA_TASK_ID >> {}", file.display());
         let spec: TaskSpec = serde_json::from_value(serde_json::json!({
             "id": format!("cron/t{i:03}"),
             "command": "bash",
@@ -206,19 +207,184 @@ async fn cron_lateness(
     tokio::time::sleep(window + Duration::from_secs(3)).await;
     let mut lateness = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
+    let mut twice = 0;
     for line in std::fs::read_to_string(&file).unwrap().lines() {
         let mut fields = line.split_whitespace();
-        let (Some(started), Some(slot)) = (fields.next(), fields.next()) else { continue };
+        let (Some(started), Some(slot), Some(task)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
         let started: f64 = started.parse().unwrap();
         let slot = chrono::DateTime::parse_from_rfc3339(slot).unwrap();
         if (from..to).contains(&slot.timestamp()) {
             let slot_s = slot.timestamp() as f64 + slot.timestamp_subsec_nanos() as f64 / 1e9;
             lateness.push((started - slot_s) * 1000.0);
-            seen.insert(line.to_owned());
+            if !seen.insert((slot.timestamp(), task.to_owned())) {
+                twice += 1;
+            }
         }
     }
     let expected = count * window.as_secs() as usize;
-    (lateness, expected.saturating_sub(seen.len()))
+    (lateness, expected - seen.len(), twice)
+}
+
+/// Writes, as an earlier leader (epoch 1, which left no heartbeat) and its runner would have,
+/// `tasks` periodic tasks that fire once a year, each with `runs` finished runs (a launch
+/// intent on `assignments`, a final run record on `status`) and its `sched/` record, then a
+/// probe task firing every second. Returns how many records were written.
+async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize) -> usize {
+    use shiva_proto::records::{Body, Claim, Desired, DesiredState, Envelope, ExitInfo};
+    use shiva_proto::runs::{RunIntent, RunPhase, RunReport, Sched, Trigger, run_id};
+    use shiva_proto::topics::key;
+    use shiva_proto::NodeId;
+    use uuid::Uuid;
+
+    let bulk = ["linger.ms=50".to_owned(), "batch.num.messages=10000".to_owned(), "batch.size=4000000".to_owned()];
+    let config = BusConfig::new(&broker.url(), cluster, &bulk).unwrap();
+    admin::ensure_topics(&config, Duration::from_secs(5)).await.unwrap();
+    let publisher = Publisher::new(&config, "forge").unwrap();
+    let (leader, runner) = (NodeId::new("forged-leader").unwrap(), NodeId::new("forged-runner").unwrap());
+    let (leader_inc, runner_inc) = (Uuid::new_v4(), Uuid::new_v4());
+    let as_leader = |body| Envelope::now(leader.to_string(), Some(leader_inc), body).encode();
+    let as_runner = |body| Envelope::now(runner.to_string(), Some(runner_inc), body).encode();
+    let claim = as_leader(Body::Claim(Claim { epoch: 1 }));
+    publisher.send(TopicKind::Assignments, &key::claim(1, &leader, Uuid::new_v4()), Some(&claim)).await.unwrap();
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    let mut written = 1;
+    let mut pending = Vec::new();
+    for t in 0..tasks {
+        let spec: TaskSpec = serde_json::from_value(serde_json::json!({
+            "id": format!("hist/t{t:05}"),
+            "command": "true",
+            "schedule": "0 0 1 1 *",
+        }))
+        .unwrap();
+        let task_key = key::task(&spec.id);
+        let revision = publisher
+            .send(TopicKind::Commands, &task_key, Some(&as_leader(Body::Task(spec.clone()))))
+            .await
+            .unwrap();
+        let desired = Body::Desired(Desired { task: spec.id.clone(), state: DesiredState::Running });
+        pending.push(publisher.enqueue(TopicKind::Commands, &key::desired(&spec.id), Some(&as_leader(desired))));
+        for r in 0..runs {
+            let slot_ms = now_ms - ((runs - r) as i64) * 365 * 86_400_000;
+            let trigger = Trigger::Slot { slot_ms };
+            let run = run_id(&spec.id, trigger, 1);
+            let intent = RunIntent {
+                epoch: 1,
+                task: spec.id.clone(),
+                run_id: run,
+                attempt: 1,
+                trigger,
+                node: Some(runner.clone()),
+                launch_at_ms: slot_ms,
+                spec_revision: revision,
+                spec: spec.clone(),
+                stop: None,
+                verdict: None,
+                note: None,
+            };
+            let report = RunReport {
+                task: spec.id.clone(),
+                run_id: run,
+                attempt: 1,
+                trigger,
+                state: RunPhase::Succeeded,
+                pid: Some(1000 + r as u32),
+                started_ms: Some(slot_ms + 3),
+                ended_ms: Some(slot_ms + 50),
+                exit: Some(ExitInfo { code: Some(0), signal: None }),
+                message: None,
+            };
+            let run_key = key::run(&spec.id, run);
+            pending.push(publisher.enqueue(
+                TopicKind::Assignments,
+                &run_key,
+                Some(&as_leader(Body::RunIntent(intent))),
+            ));
+            pending.push(publisher.enqueue(TopicKind::Status, &run_key, Some(&as_runner(Body::RunReport(report)))));
+        }
+        let sched = Sched {
+            epoch: 1,
+            task: spec.id.clone(),
+            spec_revision: revision,
+            decided_through_ms: Some(now_ms),
+            skipped: 0,
+            queued: None,
+            suspended_at_ms: None,
+            attempt: 0,
+            next_at_ms: None,
+            outcome: None,
+        };
+        pending.push(publisher.enqueue(TopicKind::Assignments, &key::sched(&spec.id), Some(&as_leader(Body::Sched(sched)))));
+        written += 3 + 2 * runs;
+        if pending.len() > 50_000 {
+            for delivery in pending.drain(..) {
+                delivery.await.unwrap();
+            }
+        }
+    }
+    for delivery in pending {
+        delivery.await.unwrap();
+    }
+    let probe: TaskSpec = serde_json::from_value(serde_json::json!({
+        "id": "bench/probe",
+        "command": "true",
+        "schedule": "* * * * * *",
+        "overlap": "allow",
+        "catch_up": "none",
+    }))
+    .unwrap();
+    shiva_ctl::write_spec(&publisher, &probe).await.unwrap();
+    written + 2
+}
+
+/// A node started on a forged history (`tasks` × `runs` finished runs): how long from its
+/// start to its winning claim, and from that claim to its first launch intent (the probe's).
+async fn resume(broker: &Broker, tasks: usize, runs: usize) -> (usize, f64, f64, f64, u64) {
+    let name = cluster("resume");
+    let forging = Instant::now();
+    let written = forge_history(broker, &name, tasks, runs).await;
+    let forge_s = forging.elapsed().as_secs_f64();
+    let config = BusConfig::new(&broker.url(), &name, &[]).unwrap();
+    let (tx, mut rx) = mpsc::channel(1 << 16);
+    let reader = Reader::spawn(&config, &[TopicKind::Assignments], tx).unwrap();
+    reader.sync(0);
+    let mut view = LogView::default();
+    loop {
+        match rx.recv().await.unwrap() {
+            ReaderEvent::Record(r) => {
+                view.apply(r.topic, r.offset, r.key.as_deref(), r.value.as_deref());
+            }
+            ReaderEvent::Synced(0) => break,
+            _ => {}
+        }
+    }
+    drop(view);
+    let started = now_ns();
+    let node = Node::launch(broker, &name, "r1", &[]);
+    let (mut claim_ms, mut intent_ms) = (None, None);
+    let mut rss = 0;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while intent_ms.is_none() {
+        assert!(Instant::now() < deadline, "no launch intent from the resumed leader within 15 min");
+        let Ok(Some(ReaderEvent::Record(r))) = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await
+        else {
+            rss = rss.max(rss_kb(node.pid()));
+            continue;
+        };
+        let key = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
+        if key.starts_with("claim/2/") && claim_ms.is_none() {
+            claim_ms = Some(r.timestamp_ms.unwrap());
+        }
+        if key.starts_with("run/bench/probe/") {
+            intent_ms = Some(r.timestamp_ms.unwrap());
+        }
+    }
+    rss = rss.max(rss_kb(node.pid()));
+    let (claim_ms, intent_ms) = (claim_ms.expect("epoch 2 claimed"), intent_ms.unwrap());
+    let to_claim = claim_ms as f64 - started as f64 / 1e6;
+    drop(node);
+    (written, forge_s, to_claim, (intent_ms - claim_ms) as f64, rss)
 }
 
 /// CPU time (ns) of every thread of `pid`.
@@ -292,21 +458,34 @@ fn main() {
         ));
     }
 
-    if wants("cron") {
+    // Launch lateness at growing load: each count on a fresh 3-node cluster.
+    for count in [10, 25, 50, 100].into_iter().filter(|_| wants("cron")) {
         let name = cluster("cron");
         let nodes: Vec<Node> =
             (1..=3).map(|i| Node::launch(&broker, &name, &format!("c{i}"), &node_args)).collect();
         let ctl = Ctl::new(&broker, &name);
         wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
         let window = Duration::from_secs(if quick { 20 } else { 60 });
-        let (mut late, missing) =
-            runtime.block_on(cron_lateness(&broker, &name, &scratch("cron"), 100, window));
+        let (mut late, missing, twice) =
+            runtime.block_on(cron_lateness(&broker, &name, &scratch("cron"), count, window));
         report.push(format!(
-            "| cron launch lateness (slot → command started), 100 tasks every second, {}s | {}, {missing} slots never ran |",
+            "| cron launch lateness (slot → command started), {count} tasks every second, {}s | {}; {missing} slots skipped, {twice} run twice |",
             window.as_secs(),
             summary(&mut late)
         ));
         drop(nodes);
+    }
+
+    if wants("resume") {
+        let (tasks, runs) = if quick { (1_000, 100) } else { (10_000, 100) };
+        let (written, forge_s, to_claim, to_intent, rss) = runtime.block_on(resume(&broker, tasks, runs));
+        report.push(format!(
+            "| new leader resuming on a log of {} launch intents ({tasks} tasks × {runs} finished runs; {written} records, written in {forge_s:.0}s) | start → winning claim {:.1} s (reads the whole log); claim → first launch intent {:.0} ms; RSS {:.0} MB |",
+            tasks * runs,
+            to_claim / 1000.0,
+            to_intent,
+            rss as f64 / 1024.0
+        ));
     }
 
     if wants("cluster") {
@@ -328,14 +507,13 @@ fn cluster_figures(
     node_args: &[&str],
     fetch_wait: &str,
 ) {
-    let broker = broker;
     let name = cluster("bench");
     let mut nodes: Vec<Node> =
-        (1..=3).map(|i| Node::launch(&broker, &name, &format!("n{i}"), &node_args)).collect();
-    let ctl = Ctl::new(&broker, &name);
+        (1..=3).map(|i| Node::launch(broker, &name, &format!("n{i}"), node_args)).collect();
+    let ctl = Ctl::new(broker, &name);
     wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
     let dir = scratch("bench");
-    let mut latency = runtime.block_on(submit_to_start(&broker, &name, &dir, if quick { 20 } else { 100 }));
+    let mut latency = runtime.block_on(submit_to_start(broker, &name, &dir, if quick { 20 } else { 100 }));
     report.push(format!(
         "| submit (spec record written) → child started, --fetch-wait {fetch_wait} | {} |",
         summary(&mut latency)
@@ -350,7 +528,7 @@ fn cluster_figures(
                     .try_json(&["nodes"])
                     .is_some_and(|n| n.as_array().unwrap().iter().filter(|n| n["alive"] == true).count() == 3)
         });
-        failovers.push(runtime.block_on(failover(&broker, &name, &mut nodes, &ctl)));
+        failovers.push(runtime.block_on(failover(broker, &name, &mut nodes, &ctl)));
     }
     report.push(format!(
         "| leader failover: kill -9 leader → new leader's first write | {} |",
