@@ -232,13 +232,14 @@ async fn cron_lateness(
 /// intent on `assignments`, a final run record on `status`) and its `sched/` record, then a
 /// probe task firing every second. Returns how many records were written.
 async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize) -> usize {
+    use shiva_proto::NodeId;
     use shiva_proto::records::{Body, Claim, Desired, DesiredState, Envelope, ExitInfo};
     use shiva_proto::runs::{RunIntent, RunPhase, RunReport, Sched, Trigger, run_id};
     use shiva_proto::topics::key;
-    use shiva_proto::NodeId;
     use uuid::Uuid;
 
-    let bulk = ["linger.ms=50".to_owned(), "batch.num.messages=10000".to_owned(), "batch.size=4000000".to_owned()];
+    let bulk =
+        ["linger.ms=50".to_owned(), "batch.num.messages=10000".to_owned(), "batch.size=4000000".to_owned()];
     let config = BusConfig::new(&broker.url(), cluster, &bulk).unwrap();
     admin::ensure_topics(&config, Duration::from_secs(5)).await.unwrap();
     let publisher = Publisher::new(&config, "forge").unwrap();
@@ -247,7 +248,10 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
     let as_leader = |body| Envelope::now(leader.to_string(), Some(leader_inc), body).encode();
     let as_runner = |body| Envelope::now(runner.to_string(), Some(runner_inc), body).encode();
     let claim = as_leader(Body::Claim(Claim { epoch: 1 }));
-    publisher.send(TopicKind::Assignments, &key::claim(1, &leader, Uuid::new_v4()), Some(&claim)).await.unwrap();
+    publisher
+        .send(TopicKind::Assignments, &key::claim(1, &leader, Uuid::new_v4()), Some(&claim))
+        .await
+        .unwrap();
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
     let mut written = 1;
     let mut pending = Vec::new();
@@ -264,7 +268,12 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
             .await
             .unwrap();
         let desired = Body::Desired(Desired { task: spec.id.clone(), state: DesiredState::Running });
-        pending.push(publisher.enqueue(TopicKind::Commands, &key::desired(&spec.id), Some(&as_leader(desired))));
+        pending.push(publisher.enqueue(
+            TopicKind::Commands,
+            &key::desired(&spec.id),
+            Some(&as_leader(desired)),
+        ));
+        let shared = std::sync::Arc::new(spec.clone());
         for r in 0..runs {
             let slot_ms = now_ms - ((runs - r) as i64) * 365 * 86_400_000;
             let trigger = Trigger::Slot { slot_ms };
@@ -278,7 +287,7 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
                 node: Some(runner.clone()),
                 launch_at_ms: slot_ms,
                 spec_revision: revision,
-                spec: spec.clone(),
+                spec: shared.clone(),
                 stop: None,
                 verdict: None,
                 note: None,
@@ -301,7 +310,11 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
                 &run_key,
                 Some(&as_leader(Body::RunIntent(intent))),
             ));
-            pending.push(publisher.enqueue(TopicKind::Status, &run_key, Some(&as_runner(Body::RunReport(report)))));
+            pending.push(publisher.enqueue(
+                TopicKind::Status,
+                &run_key,
+                Some(&as_runner(Body::RunReport(report))),
+            ));
         }
         let sched = Sched {
             epoch: 1,
@@ -315,7 +328,11 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
             next_at_ms: None,
             outcome: None,
         };
-        pending.push(publisher.enqueue(TopicKind::Assignments, &key::sched(&spec.id), Some(&as_leader(Body::Sched(sched)))));
+        pending.push(publisher.enqueue(
+            TopicKind::Assignments,
+            &key::sched(&spec.id),
+            Some(&as_leader(Body::Sched(sched))),
+        ));
         written += 3 + 2 * runs;
         if pending.len() > 50_000 {
             for delivery in pending.drain(..) {

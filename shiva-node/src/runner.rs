@@ -63,7 +63,7 @@ mod tests {
             node: node.map(|node| NodeId::new(node).unwrap()),
             launch_at_ms: 1000,
             spec_revision: 0,
-            spec: TaskSpec::new(task.clone(), "true", vec![]),
+            spec: std::sync::Arc::new(TaskSpec::new(task.clone(), "true", vec![])),
             stop: None,
             verdict: None,
             note: None,

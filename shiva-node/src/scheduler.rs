@@ -346,7 +346,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             node,
             launch_at_ms: launch_at,
             spec_revision: spec.revision,
-            spec: spec.spec.clone(),
+            spec: std::sync::Arc::new(spec.spec.clone()),
             stop: None,
             verdict: None,
             note: None,

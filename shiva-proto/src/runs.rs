@@ -177,8 +177,8 @@ pub struct RunIntent {
     pub launch_at_ms: i64,
     /// Offset of the spec record it runs.
     pub spec_revision: i64,
-    /// The spec to run.
-    pub spec: TaskSpec,
+    /// The spec to run (shared: the view keeps one copy per task for all its runs).
+    pub spec: std::sync::Arc<TaskSpec>,
     /// The leader asks the runner to stop it (or not to start it), with the reason.
     #[serde(default)]
     pub stop: Option<String>,

@@ -226,6 +226,19 @@ pub struct LogView {
     pub accepted_offsets: BTreeMap<(TopicKind, String), i64>,
     /// Offset of the next record to read, per topic.
     pub positions: BTreeMap<TopicKind, i64>,
+    /// The spec of each task's newest intent: the intents of a revision share one copy.
+    intent_specs: Interned,
+}
+
+/// Specs shared by launch intents. Memory only: never part of the view's value (a replay may
+/// share differently), so it always compares equal.
+#[derive(Debug, Clone, Default)]
+struct Interned(BTreeMap<TaskId, std::sync::Arc<TaskSpec>>);
+
+impl PartialEq for Interned {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl LogView {
@@ -316,6 +329,7 @@ impl LogView {
             }
             if runs.is_empty() {
                 self.runs.remove(&task);
+                self.intent_specs.0.remove(&task);
             }
             return Outcome::Applied("tombstone");
         }
@@ -435,11 +449,17 @@ impl LogView {
                 self.epochs.active.insert(sched.epoch);
                 self.scheds.insert(sched.task.clone(), SchedEntry { sched, offset });
             }
-            (TopicKind::Assignments, Body::RunIntent(intent)) => {
+            (TopicKind::Assignments, Body::RunIntent(mut intent)) => {
                 expect_key(key, &key::run(&intent.task, intent.run_id))?;
                 self.epochs.accepts(intent.epoch, &env.sender, env.incarnation)?;
                 if intent.spec.id != intent.task {
                     return Err("its spec is for another task".into());
+                }
+                match self.intent_specs.0.get(&intent.task) {
+                    Some(shared) if *shared == intent.spec => intent.spec = shared.clone(),
+                    _ => {
+                        self.intent_specs.0.insert(intent.task.clone(), intent.spec.clone());
+                    }
                 }
                 self.epochs.active.insert(intent.epoch);
                 let entry =

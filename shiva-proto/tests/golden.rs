@@ -225,7 +225,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                     node: Some(node("n1")),
                     launch_at_ms: 1795315714000,
                     spec_revision: 120,
-                    spec: report_spec(),
+                    spec: std::sync::Arc::new(report_spec()),
                     stop: None,
                     verdict: None,
                     note: None,
