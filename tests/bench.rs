@@ -108,11 +108,10 @@ fn leader(ctl: &Ctl) -> Option<String> {
     nodes.as_array()?.iter().find(|n| n["leader"] == true).map(|n| n["id"].as_str().unwrap().to_owned())
 }
 
-/// kill -9 of the leader → first accepted write of the next epoch's winner.
-async fn failover(broker: &Broker, cluster: &str, nodes: &mut [Node], ctl: &Ctl) -> f64 {
-    let config = BusConfig::new(&broker.url(), cluster, &[]).unwrap();
-    let (tx, mut rx) = mpsc::channel(8192);
-    let reader = Reader::spawn(&config, &[TopicKind::Assignments], tx).unwrap();
+/// A reader of `assignments`, positioned at its end, and the view of what it read.
+async fn read_assignments(config: &BusConfig) -> (Reader, mpsc::Receiver<ReaderEvent>, LogView) {
+    let (tx, mut rx) = mpsc::channel(1 << 16);
+    let reader = Reader::spawn(config, &[TopicKind::Assignments], tx).unwrap();
     reader.sync(0);
     let mut view = LogView::default();
     loop {
@@ -124,6 +123,13 @@ async fn failover(broker: &Broker, cluster: &str, nodes: &mut [Node], ctl: &Ctl)
             _ => {}
         }
     }
+    (reader, rx, view)
+}
+
+/// kill -9 of the leader → first accepted write of the next epoch's winner.
+async fn failover(broker: &Broker, cluster: &str, nodes: &mut [Node], ctl: &Ctl) -> f64 {
+    let config = BusConfig::new(&broker.url(), cluster, &[]).unwrap();
+    let (_reader, mut rx, mut view) = read_assignments(&config).await;
     let old_epoch = view.epochs.newest;
     let old_leader = leader(ctl).expect("a leader");
     let node = nodes.iter_mut().find(|n| n.id == old_leader).unwrap();
@@ -363,19 +369,7 @@ async fn resume(broker: &Broker, tasks: usize, runs: usize) -> (usize, f64, f64,
     let written = forge_history(broker, &name, tasks, runs).await;
     let forge_s = forging.elapsed().as_secs_f64();
     let config = BusConfig::new(&broker.url(), &name, &[]).unwrap();
-    let (tx, mut rx) = mpsc::channel(1 << 16);
-    let reader = Reader::spawn(&config, &[TopicKind::Assignments], tx).unwrap();
-    reader.sync(0);
-    let mut view = LogView::default();
-    loop {
-        match rx.recv().await.unwrap() {
-            ReaderEvent::Record(r) => {
-                view.apply(r.topic, r.offset, r.key.as_deref(), r.value.as_deref());
-            }
-            ReaderEvent::Synced(0) => break,
-            _ => {}
-        }
-    }
+    let (_reader, mut rx, view) = read_assignments(&config).await;
     drop(view);
     let started = now_ns();
     let node = Node::launch(broker, &name, "r1", &[]);
