@@ -83,6 +83,8 @@ pub(crate) struct Node {
     pub(crate) run_reports: mpsc::UnboundedSender<RunReport>,
     /// When the next start record is due.
     pub(crate) run_wake: Option<Duration>,
+    /// How long recent runs took from start record to confirmation (ms), newest last.
+    pub(crate) confirm_ms: std::collections::VecDeque<u64>,
     /// The leader's parsed schedules.
     pub(crate) schedules: scheduler::Schedules,
 }

@@ -96,6 +96,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         held: BTreeMap::new(),
         run_reports,
         run_wake: None,
+        confirm_ms: std::collections::VecDeque::new(),
         schedules: crate::scheduler::Schedules::default(),
         config,
     };

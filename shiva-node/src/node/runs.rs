@@ -6,7 +6,8 @@
 //! start record it may have run (`lost`), without one it never did (`missed`, launched again
 //! when its policy wants).
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use shiva_proto::runs::{RunIntent, RunPhase, RunReport};
 use shiva_proto::topics::key;
@@ -19,13 +20,28 @@ use super::driver::{Node, Purpose};
 use crate::runner::{Confirm, confirm};
 use crate::supervisor::oneshot::{self, RunControl, now_ms};
 
-/// How long before its instant a run's start record is written and confirmed.
+/// How long before its instant a run's start record is written and confirmed, at least.
 pub(crate) const START_LEAD: Duration = Duration::from_millis(150);
+/// At most (intents arrive about a second ahead).
+pub(crate) const MAX_START_LEAD: Duration = Duration::from_millis(800);
+/// How many recent confirmations the lead follows.
+pub(crate) const RECENT_CONFIRMS: usize = 32;
+
+/// The lead for the next start records: twice the slowest of the recent confirmations (write,
+/// then read to the end), within bounds. A loaded broker makes confirmations slow; starting
+/// earlier keeps launches on time, at the price of a longer window in which a node's death
+/// leaves a run `lost` rather than `missed`.
+pub(crate) fn start_lead(recent_ms: &VecDeque<u64>) -> Duration {
+    let slowest = recent_ms.iter().copied().max().unwrap_or(0);
+    Duration::from_millis(slowest * 2).clamp(START_LEAD, MAX_START_LEAD)
+}
 
 /// A run this node holds.
 pub(crate) struct Held {
     task: TaskId,
     phase: Phase,
+    /// When its start record was queued.
+    since: Instant,
 }
 
 enum Phase {
@@ -55,7 +71,10 @@ impl Node {
 
     /// Ends a run this node will not launch (or whose launch an earlier incarnation lost).
     fn finish_unlaunched(&mut self, intent: &RunIntent, state: RunPhase, message: String) {
-        self.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Done });
+        self.held.insert(
+            intent.run_id,
+            Held { task: intent.task.clone(), phase: Phase::Done, since: Instant::now() },
+        );
         self.write_run_report(oneshot::report(intent, state, Some(message)));
     }
 
@@ -95,13 +114,20 @@ impl Node {
             let task = self.held[&id].task.clone();
             let entry = self.view.runs.get(&task).and_then(|runs| runs.get(&id));
             match confirm(entry, &self.config.node_id, self.config.incarnation) {
-                Confirm::Launch(intent) => self.launch(*intent),
+                Confirm::Launch(intent) => {
+                    let took = self.held[&id].since.elapsed().as_millis() as u64;
+                    if self.confirm_ms.len() == RECENT_CONFIRMS {
+                        self.confirm_ms.pop_front();
+                    }
+                    self.confirm_ms.push_back(took);
+                    self.launch(*intent)
+                }
                 Confirm::Cancel(reason) => {
                     info!(%task, run = %id, %reason, "run not launched");
                     match entry.and_then(|entry| entry.intent.clone()) {
                         Some((intent, _)) => self.finish_unlaunched(&intent, RunPhase::Stopped, reason),
                         None => {
-                            self.held.insert(id, Held { task, phase: Phase::Done });
+                            self.held.insert(id, Held { task, phase: Phase::Done, since: Instant::now() });
                         }
                     }
                 }
@@ -114,9 +140,10 @@ impl Node {
         let (control, _handle) =
             oneshot::start(supervisor.context(), intent.clone(), self.run_reports.clone());
         debug!(task = %intent.task, run = %intent.run_id, "run confirmed");
+        let since = self.held.get(&intent.run_id).map_or_else(Instant::now, |held| held.since);
         self.held.insert(
             intent.run_id,
-            Held { task: intent.task, phase: Phase::Launched { control, stop_sent: false } },
+            Held { task: intent.task, phase: Phase::Launched { control, stop_sent: false }, since },
         );
     }
 
@@ -125,7 +152,7 @@ impl Node {
         self.supervisor.as_ref()?;
         let me = self.config.node_id.clone();
         let now = now_ms();
-        let lead = START_LEAD.as_millis() as i64;
+        let lead = start_lead(&self.confirm_ms).as_millis() as i64;
         let mut next: Option<i64> = None;
         let mut start = Vec::new();
         let mut finish = Vec::new();
@@ -168,7 +195,8 @@ impl Node {
         }
         for intent in start {
             let report = oneshot::report(&intent, RunPhase::Starting, None);
-            self.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Writing });
+            let held = Held { task: intent.task.clone(), phase: Phase::Writing, since: Instant::now() };
+            self.held.insert(intent.run_id, held);
             self.write_run_report(report);
         }
         if self.held.values().any(|held| matches!(held.phase, Phase::Acked)) {
@@ -209,7 +237,7 @@ impl Node {
                     self.finish_unlaunched(&intent, RunPhase::Stopped, message);
                 }
                 None => {
-                    self.held.insert(id, Held { task, phase: Phase::Done });
+                    self.held.insert(id, Held { task, phase: Phase::Done, since: Instant::now() });
                 }
             }
         }
@@ -218,5 +246,19 @@ impl Node {
     /// Runs still launched (not reported over).
     pub(crate) fn launched_runs(&self) -> usize {
         self.held.values().filter(|held| matches!(held.phase, Phase::Launched { .. })).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_lead_follows_slow_confirmations_within_bounds() {
+        let lead = |recent: &[u64]| start_lead(&recent.iter().copied().collect());
+        assert_eq!(lead(&[]), START_LEAD);
+        assert_eq!(lead(&[10, 40, 20]), START_LEAD, "fast confirmations keep the minimum");
+        assert_eq!(lead(&[10, 200, 20]), Duration::from_millis(400));
+        assert_eq!(lead(&[3000]), MAX_START_LEAD);
     }
 }
