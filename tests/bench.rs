@@ -260,25 +260,34 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
         .unwrap();
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
     let mut written = 1;
+    // Every spec first, all in flight at once (their offsets are the revisions runs name).
+    let specs: Vec<TaskSpec> = (0..tasks)
+        .map(|t| {
+            serde_json::from_value(serde_json::json!({
+                "id": format!("hist/t{t:05}"),
+                "command": "true",
+                "schedule": "0 0 1 1 *",
+            }))
+            .unwrap()
+        })
+        .collect();
+    let mut revisions = Vec::new();
     let mut pending = Vec::new();
-    for t in 0..tasks {
-        let spec: TaskSpec = serde_json::from_value(serde_json::json!({
-            "id": format!("hist/t{t:05}"),
-            "command": "true",
-            "schedule": "0 0 1 1 *",
-        }))
-        .unwrap();
-        let task_key = key::task(&spec.id);
-        let revision = publisher
-            .send(TopicKind::Commands, &task_key, Some(&as_leader(Body::Task(spec.clone()))))
-            .await
-            .unwrap();
+    for spec in &specs {
+        let task = Body::Task(spec.clone());
+        revisions.push(publisher.enqueue(TopicKind::Commands, &key::task(&spec.id), Some(&as_leader(task))));
         let desired = Body::Desired(Desired { task: spec.id.clone(), state: DesiredState::Running });
         pending.push(publisher.enqueue(
             TopicKind::Commands,
             &key::desired(&spec.id),
             Some(&as_leader(desired)),
         ));
+    }
+    let mut revised = Vec::new();
+    for (spec, revision) in specs.into_iter().zip(revisions) {
+        revised.push((spec, revision.await.unwrap()));
+    }
+    for (spec, revision) in revised {
         let shared = std::sync::Arc::new(spec.clone());
         for r in 0..runs {
             let slot_ms = now_ms - ((runs - r) as i64) * 365 * 86_400_000;
