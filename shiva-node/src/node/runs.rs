@@ -40,17 +40,17 @@ pub(crate) fn start_lead(recent_ms: &VecDeque<u64>) -> Duration {
 pub(crate) struct Held {
     task: TaskId,
     phase: Phase,
-    /// When its start record was queued.
-    since: Instant,
 }
 
+/// The confirming phases carry when the start record was queued: the start lead follows how
+/// long confirmations take.
 enum Phase {
     /// Start record written, not acknowledged yet.
-    Writing,
+    Writing(Instant),
     /// Start record acknowledged; a read-to-end is wanted.
-    Acked,
+    Acked(Instant),
     /// Waiting for read-to-end `token`.
-    Confirming(u64),
+    Confirming { token: u64, since: Instant },
     /// Launched (or waiting for its instant).
     Launched { control: mpsc::UnboundedSender<RunControl>, stop_sent: bool },
     /// Over, as far as this node is concerned.
@@ -71,10 +71,7 @@ impl Node {
 
     /// Ends a run this node will not launch (or whose launch an earlier incarnation lost).
     fn finish_unlaunched(&mut self, intent: &RunIntent, state: RunPhase, message: String) {
-        self.held.insert(
-            intent.run_id,
-            Held { task: intent.task.clone(), phase: Phase::Done, since: Instant::now() },
-        );
+        self.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Done });
         self.write_run_report(oneshot::report(intent, state, Some(message)));
     }
 
@@ -91,10 +88,10 @@ impl Node {
     /// The start record of `run` was written (or not).
     pub(crate) fn on_start_written(&mut self, run: Uuid, ok: bool) {
         if let Some(held) = self.held.get_mut(&run)
-            && matches!(held.phase, Phase::Writing)
+            && let Phase::Writing(since) = held.phase
         {
             if ok {
-                held.phase = Phase::Acked;
+                held.phase = Phase::Acked(since);
             } else {
                 // Written again at the next step: the same record twice is harmless.
                 self.held.remove(&run);
@@ -104,18 +101,20 @@ impl Node {
 
     /// A read-to-end completed: launch the runs it confirms.
     pub(crate) fn on_runs_synced(&mut self, token: u64) {
-        let waiting: Vec<Uuid> = self
+        let waiting: Vec<(Uuid, Instant)> = self
             .held
             .iter()
-            .filter(|(_, held)| matches!(held.phase, Phase::Confirming(t) if t == token))
-            .map(|(id, _)| *id)
+            .filter_map(|(id, held)| match held.phase {
+                Phase::Confirming { token: t, since } if t == token => Some((*id, since)),
+                _ => None,
+            })
             .collect();
-        for id in waiting {
+        for (id, since) in waiting {
             let task = self.held[&id].task.clone();
             let entry = self.view.runs.get(&task).and_then(|runs| runs.get(&id));
             match confirm(entry, &self.config.node_id, self.config.incarnation) {
                 Confirm::Launch(intent) => {
-                    let took = self.held[&id].since.elapsed().as_millis() as u64;
+                    let took = since.elapsed().as_millis() as u64;
                     if self.confirm_ms.len() == RECENT_CONFIRMS {
                         self.confirm_ms.pop_front();
                     }
@@ -127,7 +126,7 @@ impl Node {
                     match entry.and_then(|entry| entry.intent.clone()) {
                         Some((intent, _)) => self.finish_unlaunched(&intent, RunPhase::Stopped, reason),
                         None => {
-                            self.held.insert(id, Held { task, phase: Phase::Done, since: Instant::now() });
+                            self.held.insert(id, Held { task, phase: Phase::Done });
                         }
                     }
                 }
@@ -140,10 +139,9 @@ impl Node {
         let (control, _handle) =
             oneshot::start(supervisor.context(), intent.clone(), self.run_reports.clone());
         debug!(task = %intent.task, run = %intent.run_id, "run confirmed");
-        let since = self.held.get(&intent.run_id).map_or_else(Instant::now, |held| held.since);
         self.held.insert(
             intent.run_id,
-            Held { task: intent.task, phase: Phase::Launched { control, stop_sent: false }, since },
+            Held { task: intent.task, phase: Phase::Launched { control, stop_sent: false } },
         );
     }
 
@@ -195,16 +193,16 @@ impl Node {
         }
         for intent in start {
             let report = oneshot::report(&intent, RunPhase::Starting, None);
-            let held = Held { task: intent.task.clone(), phase: Phase::Writing, since: Instant::now() };
+            let held = Held { task: intent.task.clone(), phase: Phase::Writing(Instant::now()) };
             self.held.insert(intent.run_id, held);
             self.write_run_report(report);
         }
-        if self.held.values().any(|held| matches!(held.phase, Phase::Acked)) {
+        if self.held.values().any(|held| matches!(held.phase, Phase::Acked(_))) {
             let token = self.token();
             self.reader.sync(token);
             for held in self.held.values_mut() {
-                if matches!(held.phase, Phase::Acked) {
-                    held.phase = Phase::Confirming(token);
+                if let Phase::Acked(since) = held.phase {
+                    held.phase = Phase::Confirming { token, since };
                 }
             }
         }
@@ -225,7 +223,9 @@ impl Node {
                 Phase::Launched { control, .. } => {
                     let _ = control.send(RunControl::Stop("the node is shutting down".into()));
                 }
-                Phase::Writing | Phase::Acked | Phase::Confirming(_) => cancel.push((*id, held.task.clone())),
+                Phase::Writing(_) | Phase::Acked(_) | Phase::Confirming { .. } => {
+                    cancel.push((*id, held.task.clone()))
+                }
                 Phase::Done => {}
             }
         }
@@ -237,7 +237,7 @@ impl Node {
                     self.finish_unlaunched(&intent, RunPhase::Stopped, message);
                 }
                 None => {
-                    self.held.insert(id, Held { task, phase: Phase::Done, since: Instant::now() });
+                    self.held.insert(id, Held { task, phase: Phase::Done });
                 }
             }
         }
