@@ -2,7 +2,7 @@
 //! the node's default settings, and prints a Markdown report for `docs/benchmarks.md`.
 //!
 //! ```sh
-//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--only cron,resume]
+//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--only floor,cron,resume]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -233,6 +233,50 @@ async fn cron_lateness(
     (lateness, expected - seen.len(), twice)
 }
 
+/// The floor under launch lateness on this machine, without Shiva or a broker: three threads
+/// (like three nodes) each start their share of `count` children at the same instant every
+/// second, running the command `cron_lateness` gives its tasks. Returns each child's lateness.
+fn spawn_floor(dir: &Path, count: usize, window: Duration) -> Vec<f64> {
+    let file = dir.join("floor");
+    let first = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 1;
+    let threads: Vec<_> = (0..3)
+        .map(|k| {
+            let file = file.clone();
+            let share = count / 3 + usize::from(k < count % 3);
+            std::thread::spawn(move || {
+                let mut children = Vec::new();
+                for slot in first..first + window.as_secs() {
+                    let at = UNIX_EPOCH + Duration::from_secs(slot);
+                    if let Ok(wait) = at.duration_since(SystemTime::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    for _ in 0..share {
+                        let script = format!("echo $EPOCHREALTIME {slot} >> {}", file.display());
+                        children
+                            .push(std::process::Command::new("bash").args(["-c", &script]).spawn().unwrap());
+                    }
+                }
+                for mut child in children {
+                    child.wait().unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lateness: Vec<f64> = text
+        .lines()
+        .filter_map(|line| {
+            let (started, slot) = line.split_once(' ')?;
+            Some((started.parse::<f64>().ok()? - slot.parse::<f64>().ok()?) * 1000.0)
+        })
+        .collect();
+    assert_eq!(lateness.len(), count * window.as_secs() as usize, "every child stamped once");
+    lateness
+}
+
 /// Writes, as an earlier leader (epoch 1, which left no heartbeat) and its runner would have,
 /// `tasks` periodic tasks that fire once a year, each with `runs` finished runs (a launch
 /// intent on `assignments`, a final run record on `status`) and its `sched/` record, then a
@@ -437,7 +481,7 @@ fn main() {
     let broker = Broker::start_with_interval("10s");
     let mut report = Vec::new();
 
-    // `--only a,b` runs some sections: rtt, idle, cron, resume, cluster.
+    // `--only a,b` runs some sections: rtt, idle, floor, cron, resume, cluster.
     let only = args.iter().position(|arg| arg == "--only").map(|i| args[i + 1].clone());
     let wants = |section: &str| only.as_ref().is_none_or(|list| list.split(',').any(|s| s == section));
     for wait in [10, 12, 20].into_iter().filter(|_| wants("rtt")) {
@@ -475,6 +519,17 @@ fn main() {
             "| idle node in a 3-node cluster, {label} | RSS {:.1} MB, CPU {cpu:.2} % of a core (worst of 3 nodes, {}s) |",
             rss as f64 / 1024.0,
             window.as_secs()
+        ));
+    }
+
+    // What launching costs here at best: the same commands, same loads, no Shiva, no broker.
+    for count in [10, 25, 50, 100].into_iter().filter(|_| wants("floor")) {
+        let window = Duration::from_secs(if quick { 10 } else { 30 });
+        let mut late = spawn_floor(&scratch("floor"), count, window);
+        report.push(format!(
+            "| launch floor without Shiva or broker ({count} children at the same instant every second, from 3 threads), {}s | {} |",
+            window.as_secs(),
+            summary(&mut late)
         ));
     }
 
