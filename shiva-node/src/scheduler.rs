@@ -27,6 +27,7 @@ use uuid::Uuid;
 use crate::firing::{OnceNext, OverlapAction, RunEnd, Timing, delta, on_due, once_next, plan_slots};
 use crate::leader::Write;
 use crate::placement::Candidate;
+use overlay::Runs;
 
 /// Finished runs kept per task; older ones are tombstoned.
 pub const HISTORY: usize = 100;
@@ -119,7 +120,8 @@ impl Load {
             Placement::Assigned { node } => Some(node),
             _ => None,
         });
-        let runs = ctx.view.runs.values().flat_map(|runs| runs.values()).filter_map(RunEntry::in_flight_on);
+        let view = ctx.view;
+        let runs = view.open_runs.iter().filter_map(|(task, id)| view.run(task, id)?.in_flight_on());
         for node in services.chain(runs) {
             if let Some(count) = counts.get_mut(node) {
                 *count += 1;
@@ -155,7 +157,7 @@ struct TaskPlan<'a, 'c> {
     ctx: &'c Context<'a>,
     task: &'a TaskId,
     spec: Option<&'a SpecEntry>,
-    runs: BTreeMap<Uuid, RunEntry>,
+    runs: Runs<'a>,
     load: &'c mut Load,
     writes: &'c mut Vec<Write>,
 }
@@ -171,7 +173,7 @@ fn at(ms: i64) -> DateTime<Utc> {
 impl<'a, 'c> TaskPlan<'a, 'c> {
     fn new(ctx: &'c Context<'a>, task: &'a TaskId, load: &'c mut Load, writes: &'c mut Vec<Write>) -> Self {
         let spec = ctx.view.specs.get(task).filter(|entry| entry.spec.kind() != TaskKind::Service);
-        let runs = ctx.view.runs.get(task).cloned().unwrap_or_default();
+        let runs = Runs::new(ctx.view.runs.get(task));
         TaskPlan { ctx, task, spec, runs, load, writes }
     }
 
@@ -206,7 +208,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
 
     fn write_intent(&mut self, intent: RunIntent) {
         let key = key::run(self.task, intent.run_id);
-        let entry = self.runs.entry(intent.run_id).or_default();
+        let entry = self.runs.entry(intent.run_id);
         let offset = entry.intent.as_ref().map_or(-1, |(_, offset)| *offset);
         entry.intent = Some((intent.clone(), offset));
         self.writes.push(Write::assignments(key, Some(Body::RunIntent(intent))));
@@ -248,17 +250,15 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     /// A run intent on which something else landed after the leader's write is written again,
     /// so compaction keeps the leader's.
     fn restamp_unsettled(&mut self) {
-        let view = self.ctx.view;
+        let prefix = key::runs_of(self.task);
         let unsettled: Vec<RunIntent> = self
-            .runs
-            .values()
-            .filter_map(|entry| entry.intent.as_ref())
-            .filter(|(intent, offset)| {
-                let key = key::run(self.task, intent.run_id);
-                *offset >= 0
-                    && !view.is_settled(TopicKind::Assignments, &key)
-                    && !self.busy(TopicKind::Assignments, &key)
-            })
+            .ctx
+            .view
+            .unsettled(TopicKind::Assignments, &prefix)
+            .filter(|key| !self.busy(TopicKind::Assignments, key))
+            .filter_map(|key| key::task_and_uuid(key, "run").filter(|(task, _)| task == self.task))
+            .filter_map(|(_, id)| self.runs.get(&id)?.intent.as_ref())
+            .filter(|(_, offset)| *offset >= 0)
             .map(|(intent, _)| RunIntent { epoch: self.ctx.epoch, ..intent.clone() })
             .collect();
         for intent in unsettled {
@@ -289,6 +289,9 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     /// tombstoned on both topics.
     fn trim_history(&mut self) {
         let keep = if self.spec.is_some() { HISTORY } else { 0 };
+        if self.runs.values().filter(|entry| entry.is_final()).count() <= keep {
+            return;
+        }
         let mut finished: Vec<(i64, Uuid)> = self
             .runs
             .iter()
@@ -655,5 +658,6 @@ fn never_ran(entry: &RunEntry) -> bool {
     }
 }
 
+mod overlay;
 #[cfg(test)]
 mod tests;

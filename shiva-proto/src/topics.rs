@@ -127,7 +127,12 @@ pub mod key {
     }
     /// `run/<id>/<run-id>`.
     pub fn run(id: &TaskId, run: Uuid) -> String {
-        format!("run/{id}/{run}")
+        format!("{}{run}", runs_of(id))
+    }
+
+    /// `run/<id>/`: the start of every run key of a task (a longer task id may share it).
+    pub fn runs_of(id: &TaskId) -> String {
+        format!("run/{id}/")
     }
 
     /// The task id and uuid in a `<prefix>/<id>/<uuid>` key.

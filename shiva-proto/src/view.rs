@@ -226,6 +226,12 @@ pub struct LogView {
     pub accepted_offsets: BTreeMap<(TopicKind, String), i64>,
     /// Offset of the next record to read, per topic.
     pub positions: BTreeMap<TopicKind, i64>,
+    /// Keys of `assignments` and `status` whose newest record is not an accepted one: what
+    /// [`LogView::is_settled`] denies, kept so writers need not scan every key.
+    unsettled: BTreeSet<(TopicKind, String)>,
+    /// Runs not over (see [`RunEntry::is_final`]), so runners and the leader need not scan the
+    /// retained history.
+    pub open_runs: BTreeSet<(TaskId, Uuid)>,
     /// The spec of each task's newest intent: the intents of a revision share one copy.
     intent_specs: Interned,
 }
@@ -274,6 +280,19 @@ impl LogView {
         self.last_offsets.get(&key) == self.accepted_offsets.get(&key)
     }
 
+    /// Unsettled keys of `topic` that start with `prefix`.
+    pub fn unsettled<'v>(&'v self, topic: TopicKind, prefix: &'v str) -> impl Iterator<Item = &'v str> + 'v {
+        self.unsettled
+            .range((topic, prefix.to_owned())..)
+            .take_while(move |(t, key)| *t == topic && key.starts_with(prefix))
+            .map(|(_, key)| key.as_str())
+    }
+
+    /// The run entry of `task` and `run`.
+    pub fn run(&self, task: &TaskId, run: &Uuid) -> Option<&RunEntry> {
+        self.runs.get(task)?.get(run)
+    }
+
     /// Folds one record in. `value: None` is a tombstone.
     pub fn apply(
         &mut self,
@@ -303,12 +322,41 @@ impl LogView {
                 }
             },
         };
-        if matches!(outcome, Outcome::Applied(_))
-            && matches!(topic, TopicKind::Assignments | TopicKind::Status)
-        {
-            self.accepted_offsets.insert((topic, key.to_owned()), offset);
+        if matches!(topic, TopicKind::Assignments | TopicKind::Status) {
+            if matches!(outcome, Outcome::Applied(_)) {
+                self.accepted_offsets.insert((topic, key.to_owned()), offset);
+            }
+            self.note_settlement(topic, key, value.is_none());
         }
         outcome
+    }
+
+    /// Keeps `unsettled` in step with the offsets of `key`. A key whose accepted tombstone is
+    /// its newest record is forgotten: the log no longer holds it (after compaction) and it is
+    /// settled either way, so history trimmed away costs no memory.
+    fn note_settlement(&mut self, topic: TopicKind, key: &str, tombstone: bool) {
+        let id = (topic, key.to_owned());
+        let last = self.last_offsets.get(&id);
+        if last == self.accepted_offsets.get(&id) {
+            if tombstone {
+                self.last_offsets.remove(&id);
+                self.accepted_offsets.remove(&id);
+            }
+            self.unsettled.remove(&id);
+        } else {
+            self.unsettled.insert(id);
+        }
+    }
+
+    /// Keeps `open_runs` in step with one run's entry.
+    fn note_run(&mut self, task: &TaskId, run: Uuid) {
+        let open = self.run(task, &run).is_some_and(|entry| !entry.is_final());
+        let id = (task.clone(), run);
+        if open {
+            self.open_runs.insert(id);
+        } else {
+            self.open_runs.remove(&id);
+        }
     }
 
     fn tombstone(&mut self, topic: TopicKind, key: &str) -> Outcome {
@@ -331,6 +379,7 @@ impl LogView {
                 self.runs.remove(&task);
                 self.intent_specs.0.remove(&task);
             }
+            self.note_run(&task, run);
             return Outcome::Applied("tombstone");
         }
         if let (TopicKind::Commands, Some((task, request))) = (topic, key::task_and_uuid(key, "request")) {
@@ -462,16 +511,18 @@ impl LogView {
                     }
                 }
                 self.epochs.active.insert(intent.epoch);
-                let entry =
-                    self.runs.entry(intent.task.clone()).or_default().entry(intent.run_id).or_default();
-                entry.intent = Some((intent, offset));
+                let (task, run) = (intent.task.clone(), intent.run_id);
+                self.runs.entry(task.clone()).or_default().entry(run).or_default().intent =
+                    Some((intent, offset));
+                self.note_run(&task, run);
             }
             (TopicKind::Status, Body::RunReport(report)) => {
                 let (node, incarnation) = node_sender().ok_or("sender is not a node with an incarnation")?;
                 expect_key(key, &key::run(&report.task, report.run_id))?;
-                let entry =
-                    self.runs.entry(report.task.clone()).or_default().entry(report.run_id).or_default();
-                entry.report = Some(ReportEntry { node, incarnation, offset, report });
+                let (task, run) = (report.task.clone(), report.run_id);
+                let entry = ReportEntry { node, incarnation, offset, report };
+                self.runs.entry(task.clone()).or_default().entry(run).or_default().report = Some(entry);
+                self.note_run(&task, run);
             }
             (topic, body) => return Err(format!("a {} record does not belong on {topic}", body.kind())),
         }

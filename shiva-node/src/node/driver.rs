@@ -85,6 +85,8 @@ pub(crate) struct Node {
     pub(crate) run_wake: Option<Duration>,
     /// How long recent runs took from start record to confirmation (ms), newest last.
     pub(crate) confirm_ms: std::collections::VecDeque<u64>,
+    /// When held runs the log no longer holds were last forgotten.
+    pub(crate) held_pruned: Instant,
     /// The leader's parsed schedules.
     pub(crate) schedules: scheduler::Schedules,
 }

@@ -97,6 +97,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         run_reports,
         run_wake: None,
         confirm_ms: std::collections::VecDeque::new(),
+        held_pruned: std::time::Instant::now(),
         schedules: crate::scheduler::Schedules::default(),
         config,
     };

@@ -24,6 +24,8 @@ use crate::supervisor::oneshot::{self, RunControl, now_ms};
 pub(crate) const START_LEAD: Duration = Duration::from_millis(150);
 /// At most (intents arrive about a second ahead).
 pub(crate) const MAX_START_LEAD: Duration = Duration::from_millis(800);
+/// How often held runs that the log no longer holds are forgotten.
+const HELD_PRUNE_EVERY: Duration = Duration::from_secs(5);
 /// How many recent confirmations the lead follows.
 pub(crate) const RECENT_CONFIRMS: usize = 32;
 
@@ -154,7 +156,17 @@ impl Node {
         let mut next: Option<i64> = None;
         let mut start = Vec::new();
         let mut finish = Vec::new();
-        for (id, entry) in self.view.runs.values().flat_map(|runs| runs.iter()) {
+        // The runs not over, and the launched ones (whose leader may have given up on them).
+        let launched = self.held.iter().filter(|(_, held)| matches!(held.phase, Phase::Launched { .. }));
+        let mut candidates: Vec<(&TaskId, &Uuid)> =
+            self.view.open_runs.iter().map(|(task, id)| (task, id)).collect();
+        candidates.extend(launched.map(|(id, held)| (&held.task, id)));
+        candidates.sort_unstable();
+        candidates.dedup();
+        let candidates: Vec<(TaskId, Uuid)> =
+            candidates.into_iter().map(|(task, id)| (task.clone(), *id)).collect();
+        for (task, id) in &candidates {
+            let Some(entry) = self.view.run(task, id) else { continue };
             let Some((intent, _)) = entry.intent.as_ref() else { continue };
             if intent.node.as_ref() != Some(&me) {
                 continue;
@@ -206,12 +218,13 @@ impl Node {
                 }
             }
         }
-        // Forget runs the log no longer holds (trimmed history).
-        let view = &self.view;
-        self.held.retain(|id, held| {
-            !matches!(held.phase, Phase::Done)
-                || view.runs.get(&held.task).is_some_and(|runs| runs.contains_key(id))
-        });
+        // Forget runs the log no longer holds (trimmed history), now and then: memory only.
+        if self.held_pruned.elapsed() >= HELD_PRUNE_EVERY {
+            self.held_pruned = Instant::now();
+            let view = &self.view;
+            self.held
+                .retain(|id, held| !matches!(held.phase, Phase::Done) || view.run(&held.task, id).is_some());
+        }
         next.map(|at| Duration::from_millis((at - now_ms()).max(0) as u64))
     }
 

@@ -569,6 +569,19 @@ proptest! {
         let replayed = sim.compacted();
         prop_assert_eq!(&replayed.scheds, &sim.view.scheds);
         prop_assert_eq!(&replayed.runs, &sim.view.runs);
+        // The view's indexes agree with what they index, live and replayed.
+        for view in [&sim.view, &replayed] {
+            let open: BTreeSet<(TaskId, Uuid)> = view.runs.iter()
+                .flat_map(|(task, runs)| runs.iter().map(move |(id, entry)| (task, id, entry)))
+                .filter(|(_, _, entry)| !entry.is_final())
+                .map(|(task, id, _)| (task.clone(), *id))
+                .collect();
+            prop_assert_eq!(&view.open_runs, &open);
+            let unsettled: BTreeSet<&str> = view.unsettled(TopicKind::Assignments, "").collect();
+            for (topic, key) in view.last_offsets.keys().filter(|(topic, _)| *topic == TopicKind::Assignments) {
+                prop_assert_eq!(unsettled.contains(key.as_str()), !view.is_settled(*topic, key), "key {}", key);
+            }
+        }
     }
 }
 
