@@ -15,7 +15,9 @@ pub mod node;
 pub mod placement;
 pub mod runner;
 pub mod scheduler;
+pub mod shim;
 pub mod supervisor;
+pub mod tree;
 
 pub use config::{NodeArgs, NodeConfig};
 pub use node::run;

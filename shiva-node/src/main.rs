@@ -8,6 +8,11 @@ use shiva_node::{NodeArgs, NodeConfig};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    // Shim mode: one process per run (see `shiva_node::shim`).
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.len() == 3 && argv[1] == shiva_node::shim::SHIM_ARG {
+        return ExitCode::from(shiva_node::shim::main(&argv[2]));
+    }
     let args = NodeArgs::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHIVA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use shiva_node::supervisor::job::{Backoff, JobContext};
-use shiva_node::supervisor::spawn::Spawner;
+use shiva_node::supervisor::shim::ShimLauncher;
 use shiva_node::supervisor::{Supervisor, Wanted};
+use shiva_node::tree::Isolation;
 use shiva_proto::records::{RunState, TaskStatus};
 use shiva_proto::{TaskId, TaskSpec};
 use tokio::sync::mpsc;
@@ -25,7 +26,13 @@ fn supervisor(dir: &Path) -> (Supervisor, mpsc::UnboundedReceiver<TaskStatus>) {
         node_id: "n1".into(),
         workspace: dir.to_path_buf(),
         task_path: "/usr/local/bin:/usr/bin:/bin".into(),
-        spawner: Spawner::start().unwrap(),
+        shims: ShimLauncher {
+            exe: PathBuf::from(env!("CARGO_BIN_EXE_shiva-node")),
+            isolation: Isolation::ProcessGroup,
+            lease: Duration::from_secs(3),
+            healthy: tokio::sync::watch::channel(true).1,
+            records: dir.join("shims"),
+        },
         reports,
         backoff: Backoff {
             initial: Duration::from_millis(100),

@@ -85,6 +85,9 @@ pub(crate) struct Node {
     pub(crate) run_wake: Option<Duration>,
     /// How long recent runs took from start record to confirmation (ms), newest last.
     pub(crate) confirm_ms: std::collections::VecDeque<u64>,
+    /// Whether the node reads its own heartbeats back: the run shims' leases are renewed only
+    /// while it does.
+    pub(crate) healthy: tokio::sync::watch::Sender<bool>,
     /// When held runs the log no longer holds were last forgotten.
     pub(crate) held_pruned: Instant,
     /// The leader's parsed schedules.
@@ -302,10 +305,12 @@ impl Node {
 
     /// Runs the decisions on the current state.
     pub(crate) fn step(&mut self) {
+        let open = self.gate.is_open();
+        self.healthy.send_if_modified(|healthy| std::mem::replace(healthy, open) != open);
         if !self.ready {
             return;
         }
-        let healthy = self.gate.is_open() && self.membership.own_beats() > 0;
+        let healthy = open && self.membership.own_beats() > 0;
         let beats = Beats { leader: self.config.leader_beats(), first_write: self.config.node_beats() };
         match self.election.decide(&self.view, &self.membership, healthy, beats) {
             Verdict::Leader(epoch) => {

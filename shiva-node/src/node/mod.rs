@@ -23,7 +23,8 @@ use crate::election::Election;
 use crate::membership::Membership;
 use crate::supervisor::Supervisor;
 use crate::supervisor::job::{Backoff, JobContext};
-use crate::supervisor::spawn::Spawner;
+use crate::supervisor::shim::ShimLauncher;
+use crate::tree::Isolation;
 use driver::Node;
 use heartbeat::{Gate, Identity, ResourceProbe};
 
@@ -49,13 +50,28 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     let (results, mut results_rx) = mpsc::unbounded_channel();
     let (reports, mut reports_rx) = mpsc::unbounded_channel::<TaskStatus>();
     let (run_reports, mut run_reports_rx) = mpsc::unbounded_channel::<RunReport>();
+    let (healthy, healthy_rx) = tokio::sync::watch::channel(true);
     let supervisor = if config.runner {
-        let spawner = Spawner::start().context("failed to start the spawner thread")?;
+        // Orphans of a run whose shim died come to the node, which kills them.
+        nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER failed")?;
+        let isolation = Isolation::detect(config.node_id.as_str());
+        info!(isolation = %isolation.describe(), "runs are isolated by");
+        let shims = ShimLauncher {
+            exe: std::env::current_exe().context("cannot find the node's own executable for the run shim")?,
+            isolation,
+            lease: config.node_timeout,
+            healthy: healthy_rx,
+            records: config.workspace.join("shims"),
+        };
+        let left = tokio::task::block_in_place(|| shims.stop_leftovers());
+        if left > 0 {
+            warn!(runs = left, "stopped runs left by an earlier incarnation of this node");
+        }
         Some(Supervisor::new(JobContext {
             node_id: config.node_id.to_string(),
             workspace: config.workspace.clone(),
             task_path: config.task_path.clone(),
-            spawner,
+            shims,
             reports,
             backoff: Backoff::default(),
         }))
@@ -97,6 +113,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         run_reports,
         run_wake: None,
         confirm_ms: std::collections::VecDeque::new(),
+        healthy,
         held_pruned: std::time::Instant::now(),
         schedules: crate::scheduler::Schedules::default(),
         config,

@@ -1,13 +1,9 @@
 //! One job: a tokio task that keeps one task's child running, restarts it with exponential
 //! back-off when it exits, and stops its whole process group on request.
 
-use std::os::unix::process::ExitStatusExt;
-use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use shiva_proto::records::{ExitInfo, RunState, TaskStatus};
 use shiva_proto::{TaskId, TaskSpec};
 use tokio::sync::mpsc;
@@ -16,7 +12,8 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use super::spawn::{SpawnRequest, Spawner};
+use super::shim::{RunHandle, ShimLauncher};
+use super::spawn::SpawnRequest;
 
 /// Restart back-off: first delay, growth factor, cap, and the run time after which the delay
 /// resets.
@@ -49,8 +46,8 @@ pub struct JobContext {
     pub workspace: std::path::PathBuf,
     /// `PATH` for tasks that set none.
     pub task_path: String,
-    /// The spawner thread.
-    pub spawner: Spawner,
+    /// Starts the run shims.
+    pub shims: ShimLauncher,
     /// Where status reports go.
     pub reports: mpsc::UnboundedSender<TaskStatus>,
     /// Restart back-off.
@@ -103,10 +100,6 @@ pub fn start(
     (control_tx, handle)
 }
 
-pub(crate) fn exit_info(status: &ExitStatus) -> ExitInfo {
-    ExitInfo { code: status.code(), signal: status.signal() }
-}
-
 /// What to spawn for a run of `spec`: its command in a clean environment with the `SHIVA_*`
 /// variables (and `extra` ones), in its working directory, output appended to the task's log.
 pub(crate) fn request(
@@ -154,9 +147,10 @@ async fn run(
         run.attempt += 1;
         run.run_id = Some(Uuid::new_v4());
         run.report(&context, RunState::Starting, None);
-        let child = match context.spawner.spawn(request(&context, &spec, run.run_id, run.attempt, &[])).await
-        {
-            Ok(child) => child,
+        let spawn = request(&context, &spec, run.run_id, run.attempt, &[]);
+        let name = run.run_id.map(|id| id.to_string()).unwrap_or_default();
+        let mut handle = match context.shims.launch(spawn, spec.stop_grace, &name).await {
+            Ok(handle) => handle,
             Err(err) => {
                 let message = format!("failed to start '{}': {err}", spec.command);
                 warn!(task = %spec.id, error = %err, "task failed to start");
@@ -170,16 +164,14 @@ async fn run(
                 continue;
             }
         };
-        let pid = child.id();
+        let pid = handle.pid;
         let started = Instant::now();
         run.pid = Some(pid);
         info!(task = %spec.id, pid, attempt = run.attempt, generation = run.generation, "task started");
         run.report(&context, RunState::Running, None);
-        let mut child = child;
-        let mut exit = tokio::task::spawn_blocking(move || child.wait());
-        let status = loop {
+        let ended = loop {
             tokio::select! {
-                status = &mut exit => break status,
+                ended = handle.wait() => break ended,
                 message = control.recv() => match message {
                     Some(JobControl::Generation(generation)) => {
                         run.generation = generation;
@@ -187,8 +179,7 @@ async fn run(
                     }
                     Some(JobControl::Stop) | None => {
                         run.report(&context, RunState::Stopping, None);
-                        let status = stop_group(pid, spec.stop_grace, &mut exit).await;
-                        run.last_exit = status.as_ref().map(exit_info);
+                        run.last_exit = stop_run(&mut handle, "the task is stopping").await;
                         run.pid = None;
                         info!(task = %spec.id, pid, exit = ?run.last_exit, "task stopped");
                         run.report(&context, RunState::Stopped, None);
@@ -197,10 +188,8 @@ async fn run(
                 },
             }
         };
-        // The group leader exited: whatever it left in its group goes too, or a restart would
-        // run beside its own leftovers.
-        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        run.last_exit = status.ok().and_then(|status| status.ok()).as_ref().map(exit_info);
+        // The shim has killed whatever the task left, so a restart never runs beside it.
+        run.last_exit = ended.exit;
         run.pid = None;
         if started.elapsed() >= context.backoff.stable_after {
             delay = context.backoff.initial;
@@ -235,22 +224,8 @@ async fn wait_or_stop(
     }
 }
 
-/// SIGTERM to the group, SIGKILL after `grace`, then SIGKILL again for stragglers.
-pub(crate) async fn stop_group(
-    pid: u32,
-    grace: Duration,
-    exit: &mut JoinHandle<std::io::Result<ExitStatus>>,
-) -> Option<ExitStatus> {
-    let group = Pid::from_raw(pid as i32);
-    let _ = killpg(group, Signal::SIGTERM);
-    let status = match tokio::time::timeout(grace, &mut *exit).await {
-        Ok(status) => status,
-        Err(_) => {
-            warn!(pid, ?grace, "task ignored SIGTERM, sending SIGKILL");
-            let _ = killpg(group, Signal::SIGKILL);
-            exit.await
-        }
-    };
-    let _ = killpg(group, Signal::SIGKILL);
-    status.ok().and_then(|status| status.ok())
+/// Stops a run through its shim (SIGTERM to the tree, SIGKILL after the grace); its exit.
+pub(crate) async fn stop_run(handle: &mut RunHandle, reason: &str) -> Option<ExitInfo> {
+    handle.stop(reason);
+    handle.wait().await.exit
 }

@@ -4,6 +4,7 @@
 
 pub mod job;
 pub mod oneshot;
+pub mod shim;
 pub mod spawn;
 
 use std::collections::BTreeMap;

@@ -5,15 +5,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use shiva_proto::records::ExitInfo;
 use shiva_proto::runs::{RunIntent, RunPhase, RunReport};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::job::{JobContext, exit_info, request, stop_group};
+use super::job::{JobContext, request, stop_run};
 
 /// Requests to a run.
 #[derive(Debug)]
@@ -78,8 +76,8 @@ async fn execute(
         .into_iter()
         .collect();
     let spawn = request(&context, spec, Some(intent.run_id), intent.attempt, &extra);
-    let child = match context.spawner.spawn(spawn).await {
-        Ok(child) => child,
+    let mut handle = match context.shims.launch(spawn, spec.stop_grace, &intent.run_id.to_string()).await {
+        Ok(handle) => handle,
         Err(err) => {
             warn!(task = %spec.id, run = %intent.run_id, error = %err, "run failed to start");
             let message = format!("failed to start '{}': {err}", spec.command);
@@ -87,7 +85,7 @@ async fn execute(
             return;
         }
     };
-    let pid = child.id();
+    let pid = handle.pid;
     let started_ms = now_ms();
     info!(task = %spec.id, run = %intent.run_id, attempt = intent.attempt, pid, late_ms = started_ms - intent.launch_at_ms, "run started");
     let running = RunReport {
@@ -97,26 +95,23 @@ async fn execute(
         ..report(&intent, RunPhase::Running, None)
     };
     send(running.clone());
-    let mut child = child;
-    let mut exit = tokio::task::spawn_blocking(move || child.wait());
     let limit = spec.max_runtime.unwrap_or(Duration::from_secs(100 * 365 * 24 * 3600));
     let deadline = tokio::time::sleep(limit);
     tokio::pin!(deadline);
     let (state, exit, message) = tokio::select! {
-        status = &mut exit => {
-            // Whatever the run left in its group goes with it.
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            let exit = status.ok().and_then(|status| status.ok()).as_ref().map(exit_info);
+        ended = handle.wait() => {
+            // The shim has killed whatever the run left.
+            let exit = ended.exit;
             let state = if exit.is_some_and(|exit| exit.code == Some(0)) { RunPhase::Succeeded } else { RunPhase::Failed };
             (state, exit, None)
         }
         _ = &mut deadline => {
             warn!(task = %spec.id, run = %intent.run_id, ?limit, "run exceeded max_runtime; stopping it");
-            let exit = stop_group(pid, spec.stop_grace, &mut exit).await.as_ref().map(exit_info);
+            let exit = stop_run(&mut handle, "exceeded max_runtime").await;
             (RunPhase::TimedOut, exit, Some(format!("exceeded max_runtime {}", humantime::format_duration(limit))))
         }
         Some(RunControl::Stop(reason)) = control.recv() => {
-            let exit = stop_group(pid, spec.stop_grace, &mut exit).await.as_ref().map(exit_info);
+            let exit = stop_run(&mut handle, &reason).await;
             (RunPhase::Stopped, exit, Some(reason))
         }
     };

@@ -1,0 +1,258 @@
+//! The run shim: `shiva-node __shim '<json>'`, one process per run, started by the node.
+//!
+//! It becomes a subreaper (`PR_SET_CHILD_SUBREAPER`), so no descendant of the task escapes it,
+//! not even one that calls `setsid`; starts the task in its own process group (and in the run's
+//! cgroup when the node has one), with stdout and stderr on the shim's stderr (the run's log);
+//! and holds the node's lease: the node writes `renew <ms>` lines on the shim's stdin. When the
+//! lease runs out (timed with `CLOCK_BOOTTIME`, which keeps counting through suspend), when the
+//! node closes the pipe (it died) or when it writes `stop`, the shim stops the whole tree: SIGTERM,
+//! SIGKILL after the grace. When the task itself exits, whatever it left goes too.
+//!
+//! Events go to the node as JSON lines on stdout (see [`ShimEvent`]).
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::time::{ClockId, clock_gettime};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::tree;
+
+/// The argument that selects shim mode.
+pub const SHIM_ARG: &str = "__shim";
+
+/// What the node asks the shim to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShimConfig {
+    /// Program.
+    pub program: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// The complete environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// Time between SIGTERM and SIGKILL.
+    pub grace_ms: u64,
+    /// The lease granted at start; renewed by `renew <ms>` lines.
+    pub lease_ms: u64,
+    /// The run's cgroup directory, created by the shim.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// What the shim tells the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ShimEvent {
+    /// The task runs as `pid` (also its process group).
+    Started {
+        /// Task pid.
+        pid: u32,
+    },
+    /// The task could not start.
+    Failed {
+        /// Why.
+        error: String,
+    },
+    /// The task is over and nothing of it remains.
+    Exited {
+        /// Exit code.
+        code: Option<i32>,
+        /// Killing signal.
+        signal: Option<i32>,
+        /// Why the shim stopped it, if it did.
+        stopped: Option<String>,
+    },
+}
+
+fn emit(event: &ShimEvent) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, event);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+fn boottime_ms() -> i64 {
+    clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(0, |t| t.tv_sec() * 1000 + t.tv_nsec() / 1_000_000)
+}
+
+/// Runs the shim; returns its exit code.
+pub fn main(config: &str) -> u8 {
+    let config: ShimConfig = match serde_json::from_str(config) {
+        Ok(config) => config,
+        Err(err) => {
+            emit(&ShimEvent::Failed { error: format!("bad shim configuration: {err}") });
+            return 2;
+        }
+    };
+    if let Err(err) = nix::sys::prctl::set_child_subreaper(true) {
+        emit(&ShimEvent::Failed { error: format!("PR_SET_CHILD_SUBREAPER failed: {err}") });
+        return 1;
+    }
+    let home = config.cgroup.as_ref().and_then(|cgroup| enter_cgroup(cgroup));
+    let child = spawn(&config);
+    if let (Some(home), Some(_)) = (&home, &config.cgroup) {
+        // Back out: the task (forked meanwhile) stays in the run's cgroup, the shim does not.
+        let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
+    }
+    let pid = match child {
+        Ok(pid) => pid,
+        Err(err) => {
+            emit(&ShimEvent::Failed { error: format!("failed to start '{}': {err}", config.program) });
+            if let Some(cgroup) = &config.cgroup {
+                tree::clear_cgroup(cgroup);
+            }
+            return 0;
+        }
+    };
+    emit(&ShimEvent::Started { pid });
+    let (status, stopped) = supervise(&config, pid);
+    // The task is over: nothing it started may outlive it.
+    kill_rest(&config, pid);
+    let (code, signal) = match status {
+        Some(WaitStatus::Exited(_, code)) => (Some(code), None),
+        Some(WaitStatus::Signaled(_, signal, _)) => (None, Some(signal as i32)),
+        _ => (None, None),
+    };
+    emit(&ShimEvent::Exited { code, signal, stopped });
+    0
+}
+
+/// Moves the shim into `cgroup` (created); returns the cgroup it came from.
+fn enter_cgroup(cgroup: &std::path::Path) -> Option<PathBuf> {
+    let home = cgroup.parent()?.to_path_buf();
+    std::fs::create_dir_all(cgroup).ok()?;
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).ok()?;
+    Some(home)
+}
+
+fn spawn(config: &ShimConfig) -> std::io::Result<u32> {
+    std::fs::create_dir_all(&config.cwd)?;
+    let stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
+    let stdout = stderr.try_clone()?;
+    let child = Command::new(&config.program)
+        .args(&config.args)
+        .env_clear()
+        .envs(config.env.iter().map(|(key, value)| (key, value)))
+        .current_dir(&config.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
+        .process_group(0)
+        .spawn()?;
+    let pid = child.id();
+    // Reaped below with waitpid, like every other descendant.
+    std::mem::forget(child);
+    Ok(pid)
+}
+
+/// Waits for the task, keeping the lease and obeying the node. Returns the task's status and,
+/// if the shim stopped it, why.
+fn supervise(config: &ShimConfig, pid: u32) -> (Option<WaitStatus>, Option<String>) {
+    let mut deadline = boottime_ms() + config.lease_ms as i64;
+    let stdin = std::io::stdin();
+    let mut input = Vec::new();
+    let mut node_gone = false;
+    loop {
+        if let Some(status) = reap(pid) {
+            return (Some(status), None);
+        }
+        let now = boottime_ms();
+        if now >= deadline {
+            return stop(config, pid, "the node's lease ran out");
+        }
+        let wait = (deadline - now).clamp(1, 100) as u16;
+        if node_gone {
+            return stop(config, pid, "the node is gone");
+        }
+        let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::from(wait)).unwrap_or(0) == 0 {
+            continue;
+        }
+        let mut buf = [0u8; 512];
+        match stdin.lock().read(&mut buf) {
+            Ok(0) | Err(_) => node_gone = true,
+            Ok(n) => input.extend_from_slice(&buf[..n]),
+        }
+        while let Some(end) = input.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = input.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next().and_then(|ms| ms.parse::<i64>().ok())) {
+                (Some("renew"), Some(ms)) => deadline = boottime_ms() + ms,
+                (Some("stop"), _) => {
+                    let reason = line.trim().strip_prefix("stop").unwrap_or("").trim();
+                    let reason = if reason.is_empty() { "stopped by the node" } else { reason };
+                    return stop(config, pid, reason);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Reaps every exited descendant (the shim adopts orphans); returns the task's status once it
+/// has exited.
+fn reap(task: u32) -> Option<WaitStatus> {
+    let mut found = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return found,
+            Ok(status) => {
+                if status.pid() == Some(Pid::from_raw(task as i32)) {
+                    found = Some(status);
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM to the tree, SIGKILL after the grace.
+fn stop(config: &ShimConfig, pid: u32, reason: &str) -> (Option<WaitStatus>, Option<String>) {
+    let me = std::process::id();
+    tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), Signal::SIGTERM);
+    let until = boottime_ms() + config.grace_ms as i64;
+    let mut status = None;
+    while boottime_ms() < until {
+        if let Some(found) = reap(pid) {
+            status = Some(found);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if status.is_none() {
+        tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), Signal::SIGKILL);
+        for _ in 0..500 {
+            if let Some(found) = reap(pid) {
+                status = Some(found);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    (status, Some(reason.to_owned()))
+}
+
+/// Kills and reaps whatever remains of the tree.
+fn kill_rest(config: &ShimConfig, pid: u32) {
+    let me = std::process::id();
+    for _ in 0..200 {
+        let left = tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), Signal::SIGKILL);
+        reap(pid);
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if let Some(cgroup) = &config.cgroup {
+        tree::clear_cgroup(cgroup);
+    }
+}

@@ -1,0 +1,271 @@
+//! The node's side of the run shim (see [`crate::shim`]): starting a shim per run, renewing its
+//! lease while the node is healthy, asking it to stop, learning how the run ended, cleaning up
+//! after a shim that died, and stopping what a previous incarnation left.
+//!
+//! Each live shim has a record in `<workspace>/shims/<shim-pid>.json` with the start times of the
+//! shim and its task, so leftovers are found after a restart and a reused pid is never killed.
+
+use std::collections::BTreeSet;
+use std::fs::OpenOptions;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use shiva_proto::records::ExitInfo;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use super::spawn::SpawnRequest;
+use crate::shim::{SHIM_ARG, ShimConfig, ShimEvent};
+use crate::tree::{self, Isolation};
+
+/// Starts shims; shared by every run of the node.
+#[derive(Debug)]
+pub struct ShimLauncher {
+    /// The node binary (run as `<exe> __shim <json>`).
+    pub exe: PathBuf,
+    /// How runs are kept together.
+    pub isolation: Isolation,
+    /// The lease each renewal grants.
+    pub lease: Duration,
+    /// Whether the node is healthy (reads its own heartbeats back): renewals stop when not.
+    pub healthy: watch::Receiver<bool>,
+    /// Where shim records live.
+    pub records: PathBuf,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunExit {
+    /// Exit code or signal (`None` when unknown: the shim died).
+    pub exit: Option<ExitInfo>,
+    /// Why the shim stopped it, if it did.
+    pub stopped: Option<String>,
+}
+
+/// A run held by a shim.
+#[derive(Debug)]
+pub struct RunHandle {
+    /// The task's pid (and process group).
+    pub pid: u32,
+    control: mpsc::UnboundedSender<String>,
+    exit: oneshot::Receiver<RunExit>,
+    ended: Option<RunExit>,
+}
+
+impl RunHandle {
+    /// Asks the shim to stop the run (SIGTERM to the tree, SIGKILL after the grace).
+    pub fn stop(&self, reason: &str) {
+        let _ = self.control.send(reason.replace('\n', " "));
+    }
+
+    /// Waits for the end of the run. Cancel-safe: a dropped wait loses nothing.
+    pub async fn wait(&mut self) -> RunExit {
+        if self.ended.is_none() {
+            let lost = RunExit { exit: None, stopped: Some("the shim vanished".into()) };
+            self.ended = Some((&mut self.exit).await.unwrap_or(lost));
+        }
+        self.ended.clone().expect("set above")
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    shim: u32,
+    shim_start: u64,
+    task: u32,
+    task_start: Option<u64>,
+    cgroup: Option<PathBuf>,
+}
+
+impl ShimLauncher {
+    /// Starts `request` under a new shim. `run` names the run's cgroup.
+    pub async fn launch(&self, request: SpawnRequest, grace: Duration, run: &str) -> io::Result<RunHandle> {
+        if let Some(parent) = request.output.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::create_dir_all(&self.records)?;
+        let output = OpenOptions::new().create(true).append(true).open(&request.output)?;
+        let cgroup = self.isolation.run_cgroup(run);
+        let config = ShimConfig {
+            program: request.program,
+            args: request.args,
+            env: request.env,
+            cwd: request.cwd,
+            grace_ms: grace.as_millis() as u64,
+            lease_ms: self.lease.as_millis() as u64,
+            cgroup: cgroup.clone(),
+        };
+        let json = serde_json::to_string(&config).map_err(io::Error::other)?;
+        let mut child = tokio::process::Command::new(&self.exe)
+            .arg(SHIM_ARG)
+            .arg(json)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(output)
+            .spawn()?;
+        let shim = child.id().unwrap_or(0);
+        let shim_start = tree::start_time(shim).unwrap_or(0);
+        // Recorded at once, so a cleanup meanwhile counts this shim as live.
+        let record_path = self.records.join(format!("{shim}.json"));
+        let record = Record { shim, shim_start, task: 0, task_start: None, cgroup };
+        std::fs::write(&record_path, serde_json::to_vec(&record).map_err(io::Error::other)?)?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let pid = match read_event(&mut lines).await {
+            Some(ShimEvent::Started { pid }) => pid,
+            Some(ShimEvent::Failed { error }) => {
+                let _ = child.wait().await;
+                let _ = std::fs::remove_file(&record_path);
+                return Err(io::Error::other(error));
+            }
+            other => {
+                let _ = child.kill().await;
+                kill_record(&record);
+                let _ = std::fs::remove_file(&record_path);
+                return Err(io::Error::other(format!("the run shim did not start the task ({other:?})")));
+            }
+        };
+        let record = Record { task: pid, task_start: tree::start_time(pid), ..record };
+        std::fs::write(&record_path, serde_json::to_vec(&record).map_err(io::Error::other)?)?;
+        let (control, mut control_rx) = mpsc::unbounded_channel::<String>();
+        let (exit_tx, exit) = oneshot::channel();
+        let mut healthy = self.healthy.clone();
+        let lease_ms = self.lease.as_millis() as u64;
+        tokio::spawn(async move {
+            let mut renew = tokio::time::interval(Duration::from_millis((lease_ms / 4).max(10)));
+            let mut stopping = false;
+            let ended = loop {
+                tokio::select! {
+                    _ = renew.tick() => {
+                        if *healthy.borrow_and_update() && !stopping {
+                            let _ = stdin.write_all(format!("renew {lease_ms}\n").as_bytes()).await;
+                        }
+                    }
+                    reason = control_rx.recv(), if !stopping => {
+                        if let Some(reason) = reason {
+                            stopping = true;
+                            let _ = stdin.write_all(format!("stop {reason}\n").as_bytes()).await;
+                        }
+                    }
+                    event = read_event(&mut lines) => match event {
+                        Some(ShimEvent::Exited { code, signal, stopped }) => {
+                            break RunExit { exit: Some(ExitInfo { code, signal }), stopped };
+                        }
+                        Some(_) => {}
+                        None => {
+                            warn!(shim, task = pid, "run shim died; killing what is left of its run");
+                            clean_after(&record);
+                            break RunExit { exit: None, stopped: Some("the run shim died".into()) };
+                        }
+                    },
+                }
+            };
+            let _ = child.wait().await;
+            let _ = std::fs::remove_file(&record_path);
+            let _ = exit_tx.send(ended);
+        });
+        Ok(RunHandle { pid, control, exit, ended: None })
+    }
+
+    /// Stops what an earlier incarnation of this node left: every recorded shim still alive
+    /// (same pid and start time) with its task tree and cgroup. Returns how many runs it stopped.
+    pub fn stop_leftovers(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.records) else { return 0 };
+        let mut stopped = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let record: Option<Record> =
+                std::fs::read(&path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            if let Some(record) = record {
+                let shim_alive = tree::start_time(record.shim) == Some(record.shim_start);
+                let task_alive =
+                    record.task_start.is_some() && tree::start_time(record.task) == record.task_start;
+                if shim_alive || task_alive || record.cgroup.as_deref().is_some_and(has_procs) {
+                    info!(
+                        shim = record.shim,
+                        task = record.task,
+                        "stopping a run left by an earlier incarnation"
+                    );
+                    kill_record(&record);
+                    stopped += 1;
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        stopped
+    }
+}
+
+fn has_procs(cgroup: &Path) -> bool {
+    !tree::cgroup_procs(cgroup).is_empty()
+}
+
+/// SIGKILL to a recorded run: the shim's tree (if the shim is the recorded one), the task's
+/// tree and group (if the task is the recorded one), its cgroup.
+fn kill_record(record: &Record) {
+    if tree::start_time(record.shim) == Some(record.shim_start) {
+        tree::signal_tree(record.shim, None, None, Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(record.shim as i32), Signal::SIGKILL);
+    }
+    if record.task_start.is_some() && tree::start_time(record.task) == record.task_start {
+        tree::signal_tree(record.task, Some(record.task), None, Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(record.task as i32), Signal::SIGKILL);
+    }
+    if let Some(cgroup) = &record.cgroup {
+        tree::clear_cgroup(cgroup);
+    }
+}
+
+/// After a shim died: its task and whatever the task started are orphans. The task comes to
+/// the node (a subreaper) as a child that is not a shim: kill the task's group and cgroup, then
+/// every such child with its descendants. A task of a live shim is the shim's child, never the
+/// node's, so it is never mistaken for one.
+fn clean_after(record: &Record) {
+    kill_record(record);
+    for _ in 0..3 {
+        let strays = orphans();
+        for pid in &strays {
+            tree::signal_tree(*pid, None, None, Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+        for pid in &strays {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+        if strays.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Children of this process that are not run shims.
+fn orphans() -> BTreeSet<u32> {
+    let me = std::process::id();
+    tree::children(me)
+        .into_iter()
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.split(|b| *b == 0).nth(1) != Some(SHIM_ARG.as_bytes())
+        })
+        .collect()
+}
+
+async fn read_event(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) -> Option<ShimEvent> {
+    loop {
+        let line = lines.next_line().await.ok()??;
+        if let Ok(event) = serde_json::from_str(&line) {
+            return Some(event);
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Process trees and cgroups: finding every descendant of a process, killing a tree, telling a
+//! live process from one whose pid was reused, and the cgroup a run may be put in.
+//!
+//! Used by the run shim (see [`crate::shim`]) and by the node when it cleans up after a shim
+//! that died or a previous incarnation's leftovers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The kernel's start time of `pid` (clock ticks since boot), `None` when it does not exist.
+/// A pid with the same start time is the same process: pids are reused, start times are not.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // Field 22 (starttime) is the 20th after the name.
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Parent of every process now alive.
+fn parents() -> BTreeMap<u32, u32> {
+    let mut parents = BTreeMap::new();
+    let Ok(entries) = fs::read_dir("/proc") else { return parents };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some(close) = stat.rfind(')') else { continue };
+        let ppid = stat[close + 2..].split(' ').nth(1).and_then(|ppid| ppid.parse().ok());
+        if let Some(ppid) = ppid {
+            parents.insert(pid, ppid);
+        }
+    }
+    parents
+}
+
+/// The children of `parent`.
+pub fn children(parent: u32) -> BTreeSet<u32> {
+    parents().into_iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| pid).collect()
+}
+
+/// Every descendant of `root` (not `root` itself).
+pub fn descendants(root: u32) -> BTreeSet<u32> {
+    let parents = parents();
+    let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for (pid, ppid) in &parents {
+        children.entry(*ppid).or_default().push(*pid);
+    }
+    let mut found = BTreeSet::new();
+    let mut todo = vec![root];
+    while let Some(pid) = todo.pop() {
+        for child in children.get(&pid).into_iter().flatten() {
+            if found.insert(*child) {
+                todo.push(*child);
+            }
+        }
+    }
+    found
+}
+
+/// Sends `signal` to every descendant of `root`, to the process group `group` and to every
+/// process of `cgroup`. Returns how many processes were signalled by pid.
+pub fn signal_tree(root: u32, group: Option<u32>, cgroup: Option<&Path>, signal: Signal) -> usize {
+    if let Some(group) = group {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(group as i32), signal);
+    }
+    let mut pids = descendants(root);
+    if let Some(cgroup) = cgroup {
+        pids.extend(cgroup_procs(cgroup));
+    }
+    pids.remove(&std::process::id());
+    for pid in &pids {
+        let _ = kill(Pid::from_raw(*pid as i32), signal);
+    }
+    pids.len()
+}
+
+/// The processes in a cgroup (v1 or v2).
+pub fn cgroup_procs(cgroup: &Path) -> Vec<u32> {
+    fs::read_to_string(cgroup.join("cgroup.procs"))
+        .map(|text| text.lines().filter_map(|line| line.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// How runs are kept together on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Isolation {
+    /// A cgroup v2 directory per run under this one.
+    CgroupV2(PathBuf),
+    /// A cgroup v1 directory per run (in the `pids` hierarchy) under this one.
+    CgroupV1(PathBuf),
+    /// Only a process group per run, and the shim as subreaper.
+    ProcessGroup,
+}
+
+impl Isolation {
+    /// What this machine offers to `node`: a writable cgroup v2 hierarchy, else a v1 `pids` (or
+    /// `freezer`) hierarchy, else process groups. Creates the node's cgroup directory.
+    pub fn detect(node: &str) -> Isolation {
+        let name = format!("shiva-{node}");
+        let v2 = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .into_iter()
+            .map(Path::new)
+            .find(|root| root.join("cgroup.procs").exists() && root.join("cgroup.subtree_control").exists());
+        if let Some(root) = v2 {
+            let dir = root.join(&name);
+            if fs::create_dir_all(&dir).is_ok() && dir.join("cgroup.procs").exists() {
+                return Isolation::CgroupV2(dir);
+            }
+        }
+        for controller in ["pids", "freezer"] {
+            let root = Path::new("/sys/fs/cgroup").join(controller);
+            if root.join("cgroup.procs").exists() {
+                let dir = root.join(&name);
+                if fs::create_dir_all(&dir).is_ok() && dir.join("cgroup.procs").exists() {
+                    return Isolation::CgroupV1(dir);
+                }
+            }
+        }
+        Isolation::ProcessGroup
+    }
+
+    /// For logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Isolation::CgroupV2(dir) => format!("cgroup v2 ({})", dir.display()),
+            Isolation::CgroupV1(dir) => format!("cgroup v1 ({})", dir.display()),
+            Isolation::ProcessGroup => "process group + subreaper (no writable cgroup)".to_owned(),
+        }
+    }
+
+    /// The cgroup directory of one run, if cgroups are used.
+    pub fn run_cgroup(&self, run: &str) -> Option<PathBuf> {
+        match self {
+            Isolation::CgroupV2(dir) | Isolation::CgroupV1(dir) => Some(dir.join(run)),
+            Isolation::ProcessGroup => None,
+        }
+    }
+}
+
+/// Kills everything in a run's cgroup and removes it (a cgroup can only be removed empty).
+pub fn clear_cgroup(cgroup: &Path) {
+    if !cgroup.exists() {
+        return;
+    }
+    for _ in 0..50 {
+        // cgroup v2 kills the whole cgroup at once where the kernel has cgroup.kill.
+        let _ = fs::write(cgroup.join("cgroup.kill"), "1");
+        let procs = cgroup_procs(cgroup);
+        if procs.is_empty() {
+            break;
+        }
+        for pid in procs {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = fs::remove_dir(cgroup);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_tells_processes_apart() {
+        let me = std::process::id();
+        let first = start_time(me).expect("own start time");
+        assert_eq!(start_time(me), Some(first));
+        assert_eq!(start_time(u32::MAX), None);
+    }
+
+    #[test]
+    fn descendants_include_grandchildren() {
+        let mut child =
+            std::process::Command::new("sh").args(["-c", "sleep 5 & sleep 0.5; kill $!"]).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let found = descendants(std::process::id());
+        assert!(found.contains(&child.id()));
+        assert!(found.len() >= 2, "the grandchild is found too: {found:?}");
+        child.wait().unwrap();
+    }
+}

@@ -1,0 +1,167 @@
+//! The run shim with real processes: a task that daemonizes with `setsid` is stopped with its
+//! tree; a shim whose lease is not renewed stops its task; a shim killed with SIGKILL leaves
+//! nothing behind (the node, a subreaper, kills the orphans); leftovers of an earlier node are
+//! found by their records and stopped.
+//!
+//! One test at a time in this process: cleaning up after a dead shim kills every descendant of
+//! the process that no live shim accounts for.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use shiva_node::supervisor::shim::ShimLauncher;
+use shiva_node::supervisor::spawn::SpawnRequest;
+use shiva_node::tree::Isolation;
+use tokio::sync::watch;
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn workspace(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("shiva-shim-{}-{label}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn launcher(dir: &Path, lease: Duration, healthy: watch::Receiver<bool>) -> ShimLauncher {
+    ShimLauncher {
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_shiva-node")),
+        isolation: Isolation::ProcessGroup,
+        lease,
+        healthy,
+        records: records(dir),
+    }
+}
+
+/// Like a node's, one records directory for every run of this process: cleaning up after a
+/// dead shim spares the shims recorded there.
+fn records(dir: &Path) -> PathBuf {
+    dir.parent().unwrap().join(format!("shiva-shim-{}-records", std::process::id()))
+}
+
+/// A task that starts a `setsid` daemon and a grandchild, writing their pids to `pids`.
+fn escaping_task(dir: &Path) -> SpawnRequest {
+    let pids = dir.join("pids");
+    let script = format!(
+        "setsid sh -c 'echo $$ >> {p}; exec sleep 100' & sh -c 'echo $$ >> {p}; exec sleep 100' & echo $$ >> {p}; wait",
+        p = pids.display()
+    );
+    SpawnRequest {
+        program: "sh".into(),
+        args: vec!["-c".into(), script],
+        env: vec![("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into())],
+        cwd: dir.join("cwd"),
+        output: dir.join("out.log"),
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+async fn three_pids(dir: &Path) -> Vec<i32> {
+    for _ in 0..250 {
+        let text = std::fs::read_to_string(dir.join("pids")).unwrap_or_default();
+        if text.lines().count() == 3 {
+            let pids: Vec<i32> = text.lines().map(|l| l.trim().parse().unwrap()).collect();
+            assert!(pids.iter().all(|pid| alive(*pid)), "all started");
+            return pids;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the task did not start its processes");
+}
+
+async fn all_gone(pids: &[i32]) {
+    for _ in 0..100 {
+        if pids.iter().all(|pid| !alive(*pid)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left: Vec<_> = pids.iter().filter(|pid| alive(**pid)).collect();
+    panic!("processes of the run survived: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_takes_a_setsid_daemon_with_it() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = workspace("stop");
+    let (_healthy, healthy_rx) = watch::channel(true);
+    let shims = launcher(&dir, Duration::from_secs(3), healthy_rx);
+    let mut run = shims.launch(escaping_task(&dir), Duration::from_millis(500), "r1").await.unwrap();
+    let pids = three_pids(&dir).await;
+    run.stop("test");
+    let ended = run.wait().await;
+    assert_eq!(ended.stopped.as_deref(), Some("test"));
+    all_gone(&pids).await;
+    assert_eq!(std::fs::read_dir(records(&dir)).unwrap().count(), 0, "record removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_not_renewed_stops_the_run() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = workspace("lease");
+    let (healthy, healthy_rx) = watch::channel(true);
+    let shims = launcher(&dir, Duration::from_millis(600), healthy_rx);
+    let mut run = shims.launch(escaping_task(&dir), Duration::from_millis(200), "r2").await.unwrap();
+    let pids = three_pids(&dir).await;
+    // Renewed while healthy: still running well past one lease.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(pids.iter().all(|pid| alive(*pid)), "renewals keep the run");
+    healthy.send_replace(false);
+    let ended = tokio::time::timeout(Duration::from_secs(5), run.wait()).await.expect("stopped by the shim");
+    assert_eq!(ended.stopped.as_deref(), Some("the node's lease ran out"));
+    all_gone(&pids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_shim_leaves_nothing_behind() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let dir = workspace("kill9");
+    let (_healthy, healthy_rx) = watch::channel(true);
+    let shims = launcher(&dir, Duration::from_secs(3), healthy_rx);
+    let mut run = shims.launch(escaping_task(&dir), Duration::from_millis(500), "r3").await.unwrap();
+    let pids = three_pids(&dir).await;
+    let shim: i32 = std::fs::read_dir(records(&dir))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), run.wait()).await.expect("the node notices");
+    assert_eq!(ended.exit, None);
+    all_gone(&pids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftovers_of_an_earlier_node_are_stopped_by_their_records() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = workspace("leftovers");
+    let (_healthy, healthy_rx) = watch::channel(true);
+    let shims = launcher(&dir, Duration::from_secs(30), healthy_rx);
+    let run = shims.launch(escaping_task(&dir), Duration::from_millis(500), "r4").await.unwrap();
+    let pids = three_pids(&dir).await;
+    // The "earlier node" forgets its run without stopping it; a record whose pid is reused by
+    // another process (a different start time) must not be killed.
+    std::mem::forget(run);
+    // This very process plays the bystander: killed by mistake, the test fails loudly.
+    let me = std::process::id();
+    let forged =
+        serde_json::json!({"shim": me, "shim_start": 1, "task": me, "task_start": 1, "cgroup": null});
+    std::fs::write(records(&dir).join(format!("{me}.json")), forged.to_string()).unwrap();
+    let next = launcher(&dir, Duration::from_secs(30), watch::channel(true).1);
+    assert_eq!(next.stop_leftovers(), 1, "the live run is stopped, the forged record only removed");
+    all_gone(&pids).await;
+}
