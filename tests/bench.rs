@@ -375,18 +375,7 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
                 Some(&as_runner(Body::RunReport(report))),
             ));
         }
-        let sched = Sched {
-            epoch: 1,
-            task: spec.id.clone(),
-            spec_revision: revision,
-            decided_through_ms: Some(now_ms),
-            skipped: 0,
-            queued: None,
-            suspended_at_ms: None,
-            attempt: 0,
-            next_at_ms: None,
-            outcome: None,
-        };
+        let sched = Sched { decided_through_ms: Some(now_ms), ..Sched::fresh(1, spec.id.clone(), revision) };
         pending.push(publisher.enqueue(
             TopicKind::Assignments,
             &key::sched(&spec.id),

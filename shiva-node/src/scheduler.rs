@@ -289,9 +289,6 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     /// tombstoned on both topics.
     fn trim_history(&mut self) {
         let keep = if self.spec.is_some() { HISTORY } else { 0 };
-        if self.runs.values().filter(|entry| entry.is_final()).count() <= keep {
-            return;
-        }
         let mut finished: Vec<(i64, Uuid)> = self
             .runs
             .iter()
@@ -412,21 +409,13 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let now = self.ctx.now;
         let before = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched);
         let mut sched = before.cloned().unwrap_or_else(|| Sched {
-            epoch: self.ctx.epoch,
-            task: self.task.clone(),
-            spec_revision: spec.revision,
             // Slots count from the submission (missed ones follow the catch-up policy).
             decided_through_ms: Some(if spec.submitted_ms > 0 {
                 spec.submitted_ms.min(ms(now))
             } else {
                 ms(now)
             }),
-            skipped: 0,
-            queued: None,
-            suspended_at_ms: None,
-            attempt: 0,
-            next_at_ms: None,
-            outcome: None,
+            ..Sched::fresh(self.ctx.epoch, self.task.clone(), spec.revision)
         });
         sched.spec_revision = spec.revision;
         if desired != DesiredState::Running {
@@ -566,16 +555,8 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let now = self.ctx.now;
         let before = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched);
         let fresh = Sched {
-            epoch: self.ctx.epoch,
-            task: self.task.clone(),
-            spec_revision: spec.revision,
-            decided_through_ms: None,
-            skipped: 0,
-            queued: None,
-            suspended_at_ms: None,
-            attempt: 0,
             next_at_ms: Some(ms(now)),
-            outcome: None,
+            ..Sched::fresh(self.ctx.epoch, self.task.clone(), spec.revision)
         };
         let mut sched = match before {
             Some(sched) if sched.spec_revision == spec.revision => sched.clone(),

@@ -24,6 +24,7 @@ use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+use crate::supervisor::spawn::SpawnRequest;
 use crate::tree;
 
 /// The argument that selects shim mode.
@@ -32,14 +33,8 @@ pub const SHIM_ARG: &str = "__shim";
 /// What the node asks the shim to run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShimConfig {
-    /// Program.
-    pub program: String,
-    /// Arguments.
-    pub args: Vec<String>,
-    /// The complete environment.
-    pub env: Vec<(String, String)>,
-    /// Working directory.
-    pub cwd: PathBuf,
+    /// The task (its output file is already the shim's stderr).
+    pub run: SpawnRequest,
     /// Time between SIGTERM and SIGKILL.
     pub grace_ms: u64,
     /// The lease granted at start; renewed by `renew <ms>` lines.
@@ -106,7 +101,7 @@ pub fn main(config: &str) -> u8 {
     let pid = match child {
         Ok(pid) => pid,
         Err(err) => {
-            emit(&ShimEvent::Failed { error: format!("failed to start '{}': {err}", config.program) });
+            emit(&ShimEvent::Failed { error: format!("failed to start '{}': {err}", config.run.program) });
             if let Some(cgroup) = &config.cgroup {
                 tree::clear_cgroup(cgroup);
             }
@@ -135,14 +130,15 @@ fn enter_cgroup(cgroup: &std::path::Path) -> Option<PathBuf> {
 }
 
 fn spawn(config: &ShimConfig) -> std::io::Result<u32> {
-    std::fs::create_dir_all(&config.cwd)?;
+    let run = &config.run;
+    std::fs::create_dir_all(&run.cwd)?;
     let stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
     let stdout = stderr.try_clone()?;
-    let child = Command::new(&config.program)
-        .args(&config.args)
+    let child = Command::new(&run.program)
+        .args(&run.args)
         .env_clear()
-        .envs(config.env.iter().map(|(key, value)| (key, value)))
-        .current_dir(&config.cwd)
+        .envs(run.env.iter().map(|(key, value)| (key, value)))
+        .current_dir(&run.cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr))
@@ -219,26 +215,25 @@ fn reap(task: u32) -> Option<WaitStatus> {
 fn stop(config: &ShimConfig, pid: u32, reason: &str) -> (Option<WaitStatus>, Option<String>) {
     let me = std::process::id();
     tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), Signal::SIGTERM);
-    let until = boottime_ms() + config.grace_ms as i64;
-    let mut status = None;
-    while boottime_ms() < until {
-        if let Some(found) = reap(pid) {
-            status = Some(found);
-            break;
+    let mut status = reap_until(pid, boottime_ms() + config.grace_ms as i64);
+    if status.is_none() {
+        tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), Signal::SIGKILL);
+        status = reap_until(pid, boottime_ms() + 5_000);
+    }
+    (status, Some(reason.to_owned()))
+}
+
+/// Reaps until the task has exited (its status) or `deadline` (boot-time ms) passes.
+fn reap_until(pid: u32, deadline: i64) -> Option<WaitStatus> {
+    loop {
+        if let Some(status) = reap(pid) {
+            return Some(status);
+        }
+        if boottime_ms() >= deadline {
+            return None;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    if status.is_none() {
-        tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), Signal::SIGKILL);
-        for _ in 0..500 {
-            if let Some(found) = reap(pid) {
-                status = Some(found);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    (status, Some(reason.to_owned()))
 }
 
 /// Kills and reaps whatever remains of the tree.

@@ -14,29 +14,27 @@ use nix::unistd::Pid;
 /// The kernel's start time of `pid` (clock ticks since boot), `None` when it does not exist.
 /// A pid with the same start time is the same process: pids are reused, start times are not.
 pub fn start_time(pid: u32) -> Option<u64> {
+    // Field 22 (starttime).
+    stat_field(pid, 22)
+}
+
+/// Field `number` (from 1, as in proc(5)) of `/proc/<pid>/stat`, numeric fields only.
+fn stat_field(pid: u32, number: usize) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.
+    // The command name (field 2) may hold spaces and parentheses: field 3 follows the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
-    // Field 22 (starttime) is the 20th after the name.
-    rest.split(' ').nth(19)?.parse().ok()
+    rest.split(' ').nth(number.checked_sub(3)?)?.parse().ok()
 }
 
 /// Parent of every process now alive.
 fn parents() -> BTreeMap<u32, u32> {
-    let mut parents = BTreeMap::new();
-    let Ok(entries) = fs::read_dir("/proc") else { return parents };
-    for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some(close) = stat.rfind(')') else { continue };
-        let ppid = stat[close + 2..].split(' ').nth(1).and_then(|ppid| ppid.parse().ok());
-        if let Some(ppid) = ppid {
-            parents.insert(pid, ppid);
-        }
-    }
-    parents
+    let Ok(entries) = fs::read_dir("/proc") else { return BTreeMap::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        // Field 4 (ppid).
+        .filter_map(|pid| Some((pid, u32::try_from(stat_field(pid, 4)?).ok()?)))
+        .collect()
 }
 
 /// The children of `parent`.

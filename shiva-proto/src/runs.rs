@@ -156,6 +156,24 @@ pub struct Sched {
     pub outcome: Option<Outcome>,
 }
 
+impl Sched {
+    /// A task's position before anything was decided.
+    pub fn fresh(epoch: u64, task: TaskId, spec_revision: i64) -> Sched {
+        Sched {
+            epoch,
+            task,
+            spec_revision,
+            decided_through_ms: None,
+            skipped: 0,
+            queued: None,
+            suspended_at_ms: None,
+            attempt: 0,
+            next_at_ms: None,
+            outcome: None,
+        }
+    }
+}
+
 /// `assignments` `run/<task>/<run-id>` body: a leader write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunIntent {

@@ -6,7 +6,7 @@
 //! start record it may have run (`lost`), without one it never did (`missed`, launched again
 //! when its policy wants).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use shiva_proto::runs::{RunIntent, RunPhase, RunReport};
@@ -113,7 +113,7 @@ impl Node {
             .collect();
         for (id, since) in waiting {
             let task = self.held[&id].task.clone();
-            let entry = self.view.runs.get(&task).and_then(|runs| runs.get(&id));
+            let entry = self.view.run(&task, &id);
             match confirm(entry, &self.config.node_id, self.config.incarnation) {
                 Confirm::Launch(intent) => {
                     let took = since.elapsed().as_millis() as u64;
@@ -158,13 +158,9 @@ impl Node {
         let mut finish = Vec::new();
         // The runs not over, and the launched ones (whose leader may have given up on them).
         let launched = self.held.iter().filter(|(_, held)| matches!(held.phase, Phase::Launched { .. }));
-        let mut candidates: Vec<(&TaskId, &Uuid)> =
-            self.view.open_runs.iter().map(|(task, id)| (task, id)).collect();
-        candidates.extend(launched.map(|(id, held)| (&held.task, id)));
-        candidates.sort_unstable();
-        candidates.dedup();
-        let candidates: Vec<(TaskId, Uuid)> =
-            candidates.into_iter().map(|(task, id)| (task.clone(), *id)).collect();
+        let candidates: BTreeSet<(TaskId, Uuid)> = (self.view.open_runs.iter().cloned())
+            .chain(launched.map(|(id, held)| (held.task.clone(), *id)))
+            .collect();
         for (task, id) in &candidates {
             let Some(entry) = self.view.run(task, id) else { continue };
             let Some((intent, _)) = entry.intent.as_ref() else { continue };
@@ -243,7 +239,7 @@ impl Node {
             }
         }
         for (id, task) in cancel {
-            let entry = self.view.runs.get(&task).and_then(|runs| runs.get(&id));
+            let entry = self.view.run(&task, &id);
             match entry.and_then(|entry| entry.intent.clone()) {
                 Some((intent, _)) => {
                     let message = "stopped before it started: the node is shutting down".to_owned();

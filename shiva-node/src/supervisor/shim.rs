@@ -92,10 +92,7 @@ impl ShimLauncher {
         let output = OpenOptions::new().create(true).append(true).open(&request.output)?;
         let cgroup = self.isolation.run_cgroup(run);
         let config = ShimConfig {
-            program: request.program,
-            args: request.args,
-            env: request.env,
-            cwd: request.cwd,
+            run: request,
             grace_ms: grace.as_millis() as u64,
             lease_ms: self.lease.as_millis() as u64,
             cgroup: cgroup.clone(),
@@ -139,6 +136,9 @@ impl ShimLauncher {
         let lease_ms = self.lease.as_millis() as u64;
         tokio::spawn(async move {
             let mut renew = tokio::time::interval(Duration::from_millis((lease_ms / 4).max(10)));
+            // Listening for a stop until one came or the handle is gone (a closed channel
+            // would answer at once, forever).
+            let mut listening = true;
             let mut stopping = false;
             let ended = loop {
                 tokio::select! {
@@ -147,7 +147,8 @@ impl ShimLauncher {
                             let _ = stdin.write_all(format!("renew {lease_ms}\n").as_bytes()).await;
                         }
                     }
-                    reason = control_rx.recv(), if !stopping => {
+                    reason = control_rx.recv(), if listening => {
+                        listening = false;
                         if let Some(reason) = reason {
                             stopping = true;
                             let _ = stdin.write_all(format!("stop {reason}\n").as_bytes()).await;

@@ -3,8 +3,10 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 /// What to start.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpawnRequest {
     /// Program.
     pub program: String,
@@ -14,6 +16,6 @@ pub struct SpawnRequest {
     pub env: Vec<(String, String)>,
     /// Working directory.
     pub cwd: PathBuf,
-    /// File receiving stdout and stderr (appended).
+    /// File receiving stdout and stderr (appended; the node opens it as the shim's stderr).
     pub output: PathBuf,
 }
