@@ -46,6 +46,10 @@ pub struct NodeArgs {
     /// A node silent this long (in the leader's own heartbeats) is gone; its tasks move.
     #[arg(long, env = "SHIVA_NODE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub node_timeout: Duration,
+    /// A node that has not read back one of its own heartbeats sent within this long is cut off:
+    /// it stops its exclusive tasks (on_disconnect: stop) until it reads itself again.
+    #[arg(long, env = "SHIVA_FENCE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub fence_timeout: Duration,
     /// How long the broker may hold a fetch with no new record (latency vs idle load).
     #[arg(long, env = "SHIVA_FETCH_WAIT", default_value = "12ms", value_parser = humantime::parse_duration)]
     pub fetch_wait: Duration,
@@ -76,6 +80,8 @@ pub struct NodeConfig {
     pub leader_timeout: Duration,
     /// Node silence threshold.
     pub node_timeout: Duration,
+    /// Lease length: past it, exclusive runs stop.
+    pub fence_timeout: Duration,
     /// `PATH` given to tasks that set none.
     pub task_path: String,
 }
@@ -109,6 +115,12 @@ impl NodeConfig {
         if args.node_timeout < args.leader_timeout {
             bail!("--node-timeout must not be shorter than --leader-timeout");
         }
+        if args.fence_timeout < args.heartbeat_interval * 3 {
+            bail!("--fence-timeout must be at least 3 heartbeat intervals");
+        }
+        if args.fence_timeout > Duration::from_secs(3600) {
+            bail!("--fence-timeout must be at most 1h");
+        }
         if args.fetch_wait > Duration::from_secs(1) {
             bail!("--fetch-wait must be at most 1s");
         }
@@ -129,6 +141,7 @@ impl NodeConfig {
             heartbeat_interval: args.heartbeat_interval,
             leader_timeout: args.leader_timeout,
             node_timeout: args.node_timeout,
+            fence_timeout: args.fence_timeout,
             task_path: std::env::var("PATH").unwrap_or_else(|_| {
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()
             }),
@@ -182,6 +195,7 @@ mod tests {
         assert!(err(&["--node-id", "a/b"]).contains("--node-id"));
         assert!(err(&["--node-id", "a", "--leader-timeout", "100ms"]).contains("--leader-timeout"));
         assert!(err(&["--node-id", "a", "--node-timeout", "500ms"]).contains("--node-timeout"));
+        assert!(err(&["--node-id", "a", "--fence-timeout", "100ms"]).contains("--fence-timeout"));
         assert!(err(&["--node-id", "a", "--bus", "localhost:9092"]).contains("--bus"));
         assert!(err(&["--node-id", "a", "--cluster", "a.b"]).contains("--cluster"));
         assert!(err(&["--node-id", "a", "-X", "oops"]).contains("-X"));

@@ -9,9 +9,9 @@
 use std::collections::BTreeSet;
 
 use shiva_proto::records::{Assignment, Body, DesiredState, Member, Members, Placement};
-use shiva_proto::spec::TaskKind;
+use shiva_proto::spec::{OnDisconnect, TaskKind};
 use shiva_proto::topics::key;
-use shiva_proto::{LogView, TaskId, TopicKind};
+use shiva_proto::{LogView, NodeId, TaskId, TaskSpec, TopicKind};
 
 use crate::placement::{Candidate, Demand, plan};
 
@@ -34,8 +34,16 @@ impl Write {
 }
 
 /// Computes the leader's writes. `busy(key)` tells keys with a write still in flight, which
-/// are left alone until it is read back.
-pub fn reconcile(view: &LogView, live: &[Member], epoch: u64, busy: &dyn Fn(&str) -> bool) -> Vec<Write> {
+/// are left alone until it is read back. `may_still_run(node, spec)` tells whether a node that
+/// is not live may still run an exclusive task (it has not fenced itself yet): such a task stays
+/// where it is until that has passed.
+pub fn reconcile(
+    view: &LogView,
+    live: &[Member],
+    epoch: u64,
+    busy: &dyn Fn(&str) -> bool,
+    may_still_run: &dyn Fn(&NodeId, &TaskSpec) -> bool,
+) -> Vec<Write> {
     let mut writes = Vec::new();
     let members = Members { epoch, nodes: live.to_vec() };
     let members_current =
@@ -51,10 +59,14 @@ pub fn reconcile(view: &LogView, live: &[Member], epoch: u64, busy: &dyn Fn(&str
         .filter(|(task, entry)| {
             view.desired_state(task) == DesiredState::Running && entry.spec.kind() == TaskKind::Service
         })
-        .map(|(task, entry)| Demand {
-            task: task.clone(),
-            tags: entry.spec.tags.clone(),
-            current: view.assigned_node(task).cloned(),
+        .map(|(task, entry)| {
+            let current = view.assigned_node(task).cloned();
+            let hold = current.as_ref().is_some_and(|node| {
+                entry.spec.on_disconnect == OnDisconnect::Stop
+                    && !live.iter().any(|member| member.id == *node)
+                    && may_still_run(node, &entry.spec)
+            });
+            Demand { task: task.clone(), tags: entry.spec.tags.clone(), current, hold }
         })
         .collect();
     let mut placements = plan(&candidates, &demands);

@@ -3,6 +3,7 @@
 //! write or read its own heartbeats stops counting, so it never judges others gone.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use shiva_proto::NodeId;
 use shiva_proto::records::{Heartbeat, Member};
@@ -77,6 +78,31 @@ impl Membership {
         self.own_beats - peer.seen_at < beats
     }
 
+    /// Whether `node` may still hold an exclusive run with `grace` to stop it: it did not
+    /// leave, and fewer own heartbeats than its fence timeout plus `grace` plus `margin` (and one
+    /// more: a beat sent just before the node's last one may land after it) have landed since its
+    /// newest heartbeat. The node's lease ran from a send instant no later than that heartbeat's
+    /// landing, so past that count it has stopped the run (its shim kills it at the latest).
+    /// `interval` is this node's heartbeat interval; `default_fence` stands in for a heartbeat
+    /// without a fence timeout.
+    pub fn may_still_run(
+        &self,
+        node: &NodeId,
+        grace: Duration,
+        margin: Duration,
+        interval: Duration,
+        default_fence: Duration,
+    ) -> bool {
+        let Some(peer) = self.peers.get(node) else { return false };
+        if self.left.contains(&(node.clone(), peer.incarnation)) {
+            return false;
+        }
+        let fence = peer.heartbeat.fence_timeout_ms.map_or(default_fence, Duration::from_millis);
+        let wait = fence + grace + margin;
+        let beats = wait.as_nanos().div_ceil(interval.as_nanos().max(1)) as u64 + 1;
+        self.own_beats - peer.seen_at < beats
+    }
+
     /// Live nodes (this one included once its heartbeat was read back), sorted by id.
     pub fn live_members(&self, beats: u64) -> Vec<Member> {
         self.peers
@@ -111,6 +137,7 @@ pub(crate) fn test_heartbeat() -> Heartbeat {
         leader_capable: true,
         runner: true,
         interval_ms: 100,
+        fence_timeout_ms: Some(300),
         resources: Default::default(),
         runs: vec![],
     }
@@ -146,5 +173,35 @@ mod tests {
         membership.on_leave(&other, inc_b);
         assert!(!membership.is_alive(&other, None, 3));
         assert_eq!(membership.live_members(3).len(), 1);
+    }
+
+    #[test]
+    fn an_exclusive_run_moves_only_after_fence_grace_and_margin() {
+        let me = NodeId::new("a").unwrap();
+        let other = NodeId::new("b").unwrap();
+        let (inc_a, inc_b) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut membership = Membership::new(me.clone(), inc_a);
+        membership.on_heartbeat(&other, inc_b, &hb());
+        let ms = Duration::from_millis;
+        let still = |m: &Membership| m.may_still_run(&other, ms(500), ms(200), ms(100), ms(5000));
+        // fence 300 + grace 500 + margin 200 = 10 beats of 100 ms, plus one.
+        for _ in 0..10 {
+            membership.on_heartbeat(&me, inc_a, &hb());
+            assert!(still(&membership));
+        }
+        membership.on_heartbeat(&me, inc_a, &hb());
+        assert!(!still(&membership));
+        // Without a fence timeout in its heartbeat, the default (5 s) applies.
+        let mut old = hb();
+        old.fence_timeout_ms = None;
+        membership.on_heartbeat(&other, inc_b, &old);
+        for _ in 0..20 {
+            membership.on_heartbeat(&me, inc_a, &hb());
+        }
+        assert!(still(&membership));
+        // A node that left stopped its runs itself.
+        membership.on_leave(&other, inc_b);
+        assert!(!still(&membership));
+        assert!(!membership.may_still_run(&NodeId::new("c").unwrap(), ms(1), ms(1), ms(100), ms(1)));
     }
 }

@@ -6,6 +6,7 @@
 //! * a task already on an eligible node stays there (nodes joining never move work);
 //! * every other task goes, in task-id order, to the eligible node with the fewest tasks, ties
 //!   broken by node id;
+//! * a task held on a node that is gone but may still run it (not yet fenced) stays there;
 //! * a task with no eligible node is pending, with the reason.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,6 +50,9 @@ pub struct Demand {
     pub tags: Vec<String>,
     /// Where it runs now, if anywhere.
     pub current: Option<NodeId>,
+    /// Keep it on `current` even though that node is not live: it may still run it (it has not
+    /// fenced itself yet), and an exclusive task never runs twice.
+    pub hold: bool,
 }
 
 /// Places every task: `Ok(node)` or `Err(reason)`.
@@ -58,6 +62,10 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
     let mut placed = BTreeMap::new();
     let mut to_place = Vec::new();
     for task in tasks {
+        if let (true, Some(current)) = (task.hold, &task.current) {
+            placed.insert(task.task.clone(), Ok(current.clone()));
+            continue;
+        }
         let keep = task
             .current
             .as_ref()
@@ -127,6 +135,7 @@ mod tests {
                     task: TaskId::new(format!("t{id}")).unwrap(),
                     tags: tags.into_iter().map(str::to_owned).collect(),
                     current: current.map(|n| NodeId::new(format!("n{n}")).unwrap()),
+                    hold: false,
                 })
                 .collect()
         })
@@ -179,7 +188,12 @@ mod tests {
                 .map(|i| Candidate { id: NodeId::new(format!("n{i}")).unwrap(), tags: BTreeSet::new() })
                 .collect();
             let tasks: Vec<Demand> = (0..task_count)
-                .map(|i| Demand { task: TaskId::new(format!("t{i}")).unwrap(), tags: vec![], current: None })
+                .map(|i| Demand {
+                    task: TaskId::new(format!("t{i}")).unwrap(),
+                    tags: vec![],
+                    current: None,
+                    hold: false,
+                })
                 .collect();
             let result = plan(&nodes, &tasks);
             let mut load: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (n.id.clone(), 0)).collect();
@@ -201,6 +215,7 @@ mod tests {
             task: TaskId::new(id).unwrap(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
             current: current.map(|c| NodeId::new(c).unwrap()),
+            hold: false,
         };
         let nodes = [node("b", &[]), node("a", &["gpu"])];
         let result = plan(
@@ -214,5 +229,7 @@ mod tests {
             plan(&[], &[task("x", &[], None)])[&TaskId::new("x").unwrap()],
             Err("no live runner node".into())
         );
+        let held = Demand { hold: true, ..task("x", &[], Some("gone")) };
+        assert_eq!(plan(&nodes, &[held])[&TaskId::new("x").unwrap()], Ok(NodeId::new("gone").unwrap()));
     }
 }

@@ -18,10 +18,10 @@ use chrono::{DateTime, Utc};
 use shiva_proto::records::{Body, DesiredState, ExitInfo, Member, Placement};
 use shiva_proto::runs::{Due, Outcome, RunIntent, RunPhase, Sched, Trigger, jitter_ms, run_id};
 use shiva_proto::schedule::Schedule;
-use shiva_proto::spec::{CatchUp, Overlap, TaskKind};
+use shiva_proto::spec::{CatchUp, OnDisconnect, Overlap, TaskKind};
 use shiva_proto::topics::key;
 use shiva_proto::view::{RunEntry, SpecEntry};
-use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
+use shiva_proto::{LogView, NodeId, TaskId, TaskSpec, TopicKind};
 use uuid::Uuid;
 
 use crate::firing::{OnceNext, OverlapAction, RunEnd, Timing, delta, on_due, once_next, plan_slots};
@@ -51,6 +51,9 @@ pub struct Context<'a> {
     pub busy: &'a dyn Fn(TopicKind, &str) -> bool,
     /// Parsed schedules, kept between plans.
     pub schedules: &'a Schedules,
+    /// Whether a node that is not live may still run an exclusive run of a task (it has not
+    /// fenced itself yet): its runs are judged only once that has passed.
+    pub may_still_run: &'a dyn Fn(&NodeId, &TaskSpec) -> bool,
 }
 
 /// Parsed schedules by task and spec revision: parsing cron expressions at every plan cost
@@ -220,6 +223,16 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     }
 
     fn judge_runs_of_gone_nodes(&mut self) {
+        let spec = self.spec.map(|entry| &entry.spec);
+        let exclusive = spec.is_none_or(|spec| spec.on_disconnect == OnDisconnect::Stop);
+        let fallback;
+        let spec = match spec {
+            Some(spec) => spec,
+            None => {
+                fallback = TaskSpec::new(self.task.clone(), "-", Vec::new());
+                &fallback
+            }
+        };
         let gone: Vec<(RunIntent, bool)> = self
             .runs
             .values()
@@ -227,7 +240,8 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             .filter_map(|entry| {
                 let (intent, _) = entry.intent.as_ref()?;
                 let node = intent.node.as_ref()?;
-                (!self.load.is_live(node)).then(|| (intent.clone(), entry.report.is_some()))
+                let gone = !self.load.is_live(node) && !(exclusive && (self.ctx.may_still_run)(node, spec));
+                gone.then(|| (intent.clone(), entry.report.is_some()))
             })
             .collect();
         for (mut intent, started) in gone {

@@ -5,8 +5,9 @@
 //! cgroup when the node has one), with stdout and stderr on the shim's stderr (the run's log);
 //! and holds the node's lease: the node writes `renew <ms>` lines on the shim's stdin. When the
 //! lease runs out (timed with `CLOCK_BOOTTIME`, which keeps counting through suspend), when the
-//! node closes the pipe (it died) or when it writes `stop`, the shim stops the whole tree: SIGTERM,
-//! SIGKILL after the grace. When the task itself exits, whatever it left goes too.
+//! node closes the pipe (it died) or when it writes `stop`, the shim stops the whole tree: the
+//! task's stop signal (SIGTERM by default), SIGKILL after the grace. A run without a lease
+//! (`on_disconnect: keep`) ignores renewals and stops only on `stop` or a closed pipe. When the task itself exits, whatever it left goes too.
 //!
 //! Events go to the node as JSON lines on stdout (see [`ShimEvent`]).
 
@@ -35,10 +36,13 @@ pub const SHIM_ARG: &str = "__shim";
 pub struct ShimConfig {
     /// The task (its output file is already the shim's stderr).
     pub run: SpawnRequest,
-    /// Time between SIGTERM and SIGKILL.
+    /// Time between the stop signal and SIGKILL.
     pub grace_ms: u64,
-    /// The lease granted at start; renewed by `renew <ms>` lines.
-    pub lease_ms: u64,
+    /// The signal that asks the task to stop.
+    pub stop_signal: i32,
+    /// The lease granted at start, renewed by `renew <ms>` lines; `None`: no lease (the run
+    /// stops only when asked or when the node is gone).
+    pub lease_ms: Option<u64>,
     /// The run's cgroup directory, created by the shim.
     pub cgroup: Option<PathBuf>,
 }
@@ -153,7 +157,7 @@ fn spawn(config: &ShimConfig) -> std::io::Result<u32> {
 /// Waits for the task, keeping the lease and obeying the node. Returns the task's status and,
 /// if the shim stopped it, why.
 fn supervise(config: &ShimConfig, pid: u32) -> (Option<WaitStatus>, Option<String>) {
-    let mut deadline = boottime_ms() + config.lease_ms as i64;
+    let mut deadline = config.lease_ms.map_or(i64::MAX, |lease| boottime_ms() + lease as i64);
     let stdin = std::io::stdin();
     let mut input = Vec::new();
     let mut node_gone = false;
@@ -183,7 +187,7 @@ fn supervise(config: &ShimConfig, pid: u32) -> (Option<WaitStatus>, Option<Strin
             let line = String::from_utf8_lossy(&line);
             let mut words = line.split_whitespace();
             match (words.next(), words.next().and_then(|ms| ms.parse::<i64>().ok())) {
-                (Some("renew"), Some(ms)) => deadline = boottime_ms() + ms,
+                (Some("renew"), Some(ms)) if config.lease_ms.is_some() => deadline = boottime_ms() + ms,
                 (Some("stop"), _) => {
                     let reason = line.trim().strip_prefix("stop").unwrap_or("").trim();
                     let reason = if reason.is_empty() { "stopped by the node" } else { reason };
@@ -211,10 +215,11 @@ fn reap(task: u32) -> Option<WaitStatus> {
     }
 }
 
-/// SIGTERM to the tree, SIGKILL after the grace.
+/// The stop signal to the tree, SIGKILL after the grace.
 fn stop(config: &ShimConfig, pid: u32, reason: &str) -> (Option<WaitStatus>, Option<String>) {
     let me = std::process::id();
-    tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), Signal::SIGTERM);
+    let signal = Signal::try_from(config.stop_signal).unwrap_or(Signal::SIGTERM);
+    tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), signal);
     let mut status = reap_until(pid, boottime_ms() + config.grace_ms as i64);
     if status.is_none() {
         tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), Signal::SIGKILL);

@@ -7,9 +7,11 @@
 //! the process that no live shim accounts for.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use shiva_node::supervisor::shim::ShimLauncher;
+use shiva_node::supervisor::shim::{LaunchOptions, ShimLauncher};
 use shiva_node::supervisor::spawn::SpawnRequest;
 use shiva_node::tree::Isolation;
 use tokio::sync::watch;
@@ -23,13 +25,39 @@ fn workspace(label: &str) -> PathBuf {
     dir
 }
 
-fn launcher(dir: &Path, lease: Duration, healthy: watch::Receiver<bool>) -> ShimLauncher {
+fn launcher(dir: &Path, fence_timeout: Duration, lease: watch::Receiver<Option<Instant>>) -> ShimLauncher {
     ShimLauncher {
         exe: PathBuf::from(env!("CARGO_BIN_EXE_shiva-node")),
         isolation: Isolation::ProcessGroup,
+        fence_timeout,
         lease,
-        healthy,
         records: records(dir),
+    }
+}
+
+/// A node's lease of `fence` that keeps being renewed (as heartbeats are read back) until the
+/// returned flag is cleared.
+fn renewed_lease(fence: Duration) -> (watch::Receiver<Option<Instant>>, Arc<AtomicBool>) {
+    let (tx, rx) = watch::channel(Some(Instant::now() + fence));
+    let healthy = Arc::new(AtomicBool::new(true));
+    let flag = healthy.clone();
+    tokio::spawn(async move {
+        while flag.load(Ordering::SeqCst) {
+            tx.send_replace(Some(Instant::now() + fence));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Dropping the sender keeps the last deadline, which then passes.
+        std::mem::forget(tx);
+    });
+    (rx, healthy)
+}
+
+fn options(run: &str, grace_ms: u64) -> LaunchOptions {
+    LaunchOptions {
+        run: run.into(),
+        grace: Duration::from_millis(grace_ms),
+        stop_signal: 15,
+        exclusive: true,
     }
 }
 
@@ -90,9 +118,9 @@ async fn all_gone(pids: &[i32]) {
 async fn stop_takes_a_setsid_daemon_with_it() {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = workspace("stop");
-    let (_healthy, healthy_rx) = watch::channel(true);
-    let shims = launcher(&dir, Duration::from_secs(3), healthy_rx);
-    let mut run = shims.launch(escaping_task(&dir), Duration::from_millis(500), "r1").await.unwrap();
+    let (lease, _healthy) = renewed_lease(Duration::from_secs(3));
+    let shims = launcher(&dir, Duration::from_secs(3), lease);
+    let mut run = shims.launch(escaping_task(&dir), &options("r1", 500)).await.unwrap();
     let pids = three_pids(&dir).await;
     run.stop("test");
     let ended = run.wait().await;
@@ -105,14 +133,14 @@ async fn stop_takes_a_setsid_daemon_with_it() {
 async fn a_lease_not_renewed_stops_the_run() {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = workspace("lease");
-    let (healthy, healthy_rx) = watch::channel(true);
-    let shims = launcher(&dir, Duration::from_millis(600), healthy_rx);
-    let mut run = shims.launch(escaping_task(&dir), Duration::from_millis(200), "r2").await.unwrap();
+    let (lease, healthy) = renewed_lease(Duration::from_millis(600));
+    let shims = launcher(&dir, Duration::from_millis(600), lease);
+    let mut run = shims.launch(escaping_task(&dir), &options("r2", 200)).await.unwrap();
     let pids = three_pids(&dir).await;
     // Renewed while healthy: still running well past one lease.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(pids.iter().all(|pid| alive(*pid)), "renewals keep the run");
-    healthy.send_replace(false);
+    healthy.store(false, Ordering::SeqCst);
     let ended = tokio::time::timeout(Duration::from_secs(5), run.wait()).await.expect("stopped by the shim");
     assert_eq!(ended.stopped.as_deref(), Some("the node's lease ran out"));
     all_gone(&pids).await;
@@ -123,9 +151,9 @@ async fn a_killed_shim_leaves_nothing_behind() {
     let _one = ONE_AT_A_TIME.lock().await;
     nix::sys::prctl::set_child_subreaper(true).unwrap();
     let dir = workspace("kill9");
-    let (_healthy, healthy_rx) = watch::channel(true);
-    let shims = launcher(&dir, Duration::from_secs(3), healthy_rx);
-    let mut run = shims.launch(escaping_task(&dir), Duration::from_millis(500), "r3").await.unwrap();
+    let (lease, _healthy) = renewed_lease(Duration::from_secs(3));
+    let shims = launcher(&dir, Duration::from_secs(3), lease);
+    let mut run = shims.launch(escaping_task(&dir), &options("r3", 500)).await.unwrap();
     let pids = three_pids(&dir).await;
     let shim: i32 = std::fs::read_dir(records(&dir))
         .unwrap()
@@ -149,9 +177,9 @@ async fn a_killed_shim_leaves_nothing_behind() {
 async fn leftovers_of_an_earlier_node_are_stopped_by_their_records() {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = workspace("leftovers");
-    let (_healthy, healthy_rx) = watch::channel(true);
-    let shims = launcher(&dir, Duration::from_secs(30), healthy_rx);
-    let run = shims.launch(escaping_task(&dir), Duration::from_millis(500), "r4").await.unwrap();
+    let (lease, _healthy) = renewed_lease(Duration::from_secs(30));
+    let shims = launcher(&dir, Duration::from_secs(30), lease);
+    let run = shims.launch(escaping_task(&dir), &options("r4", 500)).await.unwrap();
     let pids = three_pids(&dir).await;
     // The "earlier node" forgets its run without stopping it; a record whose pid is reused by
     // another process (a different start time) must not be killed.
@@ -161,7 +189,53 @@ async fn leftovers_of_an_earlier_node_are_stopped_by_their_records() {
     let forged =
         serde_json::json!({"shim": me, "shim_start": 1, "task": me, "task_start": 1, "cgroup": null});
     std::fs::write(records(&dir).join(format!("{me}.json")), forged.to_string()).unwrap();
-    let next = launcher(&dir, Duration::from_secs(30), watch::channel(true).1);
+    let next = launcher(&dir, Duration::from_secs(30), watch::channel(None).1);
     assert_eq!(next.stop_leftovers(), 1, "the live run is stopped, the forged record only removed");
     all_gone(&pids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_run_outlives_the_lease_and_a_fenced_node_starts_no_exclusive_run() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = workspace("keep");
+    let (lease, healthy) = renewed_lease(Duration::from_millis(400));
+    let shims = launcher(&dir, Duration::from_millis(400), lease);
+    let keep = LaunchOptions { exclusive: false, ..options("r5", 200) };
+    let mut run = shims.launch(escaping_task(&dir), &keep).await.unwrap();
+    let pids = three_pids(&dir).await;
+    healthy.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(pids.iter().all(|pid| alive(*pid)), "a keep run rides out the lost lease");
+    let refused = shims.launch(escaping_task(&dir), &options("r6", 200)).await.unwrap_err();
+    assert!(refused.to_string().contains("fenced"), "{refused}");
+    run.stop("test");
+    run.wait().await;
+    all_gone(&pids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_signal_is_the_tasks() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = workspace("signal");
+    let (lease, _healthy) = renewed_lease(Duration::from_secs(3));
+    let shims = launcher(&dir, Duration::from_secs(3), lease);
+    let marker = dir.join("got");
+    let script = format!(
+        "trap 'echo INT > {m}; exit 0' INT; trap '' TERM; echo up > {m}; while :; do sleep 0.05; done",
+        m = marker.display()
+    );
+    let task = SpawnRequest { args: vec!["-c".into(), script], ..escaping_task(&dir) };
+    let mut run = shims.launch(task, &LaunchOptions { stop_signal: 2, ..options("r7", 3000) }).await.unwrap();
+    for _ in 0..100 {
+        if std::fs::read_to_string(&marker).is_ok_and(|text| text.starts_with("up")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let asked = Instant::now();
+    run.stop("test");
+    let ended = run.wait().await;
+    assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), "INT");
+    assert_eq!(ended.exit.and_then(|exit| exit.code), Some(0), "it stopped on SIGINT, not SIGKILL");
+    assert!(asked.elapsed() < Duration::from_secs(2), "well before the grace ran out");
 }

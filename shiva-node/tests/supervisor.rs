@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use shiva_node::supervisor::job::{Backoff, JobContext};
+use shiva_node::supervisor::job::JobContext;
 use shiva_node::supervisor::shim::ShimLauncher;
 use shiva_node::supervisor::{Supervisor, Wanted};
 use shiva_node::tree::Isolation;
@@ -29,16 +29,12 @@ fn supervisor(dir: &Path) -> (Supervisor, mpsc::UnboundedReceiver<TaskStatus>) {
         shims: ShimLauncher {
             exe: PathBuf::from(env!("CARGO_BIN_EXE_shiva-node")),
             isolation: Isolation::ProcessGroup,
-            lease: Duration::from_secs(3),
-            healthy: tokio::sync::watch::channel(true).1,
+            fence_timeout: Duration::from_secs(3),
+            // A lease that lasts the whole test.
+            lease: tokio::sync::watch::channel(Some(std::time::Instant::now() + Duration::from_secs(3600))).1,
             records: dir.join("shims"),
         },
         reports,
-        backoff: Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_millis(400),
-            stable_after: Duration::from_secs(10),
-        },
     };
     (Supervisor::new(context), reports_rx)
 }
@@ -46,6 +42,8 @@ fn supervisor(dir: &Path) -> (Supervisor, mpsc::UnboundedReceiver<TaskStatus>) {
 fn spec(id: &str, script: &str) -> TaskSpec {
     let mut spec = TaskSpec::new(TaskId::new(id).unwrap(), "sh", vec!["-c".into(), script.into()]);
     spec.env.insert("GREETING".into(), "hello".into());
+    spec.backoff.initial = Duration::from_millis(100);
+    spec.backoff.max = Duration::from_millis(400);
     spec
 }
 
@@ -164,18 +162,42 @@ async fn a_crashing_task_restarts_with_growing_delays() {
     }
     let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1].0 - w[0].0).collect();
     assert_eq!(starts.iter().map(|s| s.1).collect::<Vec<_>>(), [1, 2, 3, 4]);
-    assert!(gaps[0] >= Duration::from_millis(90) && gaps[1] >= Duration::from_millis(190), "{gaps:?}");
-    assert!(gaps[2] >= Duration::from_millis(390), "delays double up to the cap: {gaps:?}");
+    // Delays double (±10 % jitter).
+    assert!(gaps[0] >= Duration::from_millis(90) && gaps[1] >= Duration::from_millis(180), "{gaps:?}");
+    assert!(gaps[2] >= Duration::from_millis(360), "delays double up to the cap: {gaps:?}");
     supervisor.stop_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_command_is_reported_failed_with_a_message() {
+async fn too_many_restarts_fail_the_task_and_a_permanent_exit_code_fails_it_at_once() {
+    let dir = workspace("giveup");
+    let (mut first, mut reports) = supervisor(&dir);
+    let mut task = spec("t/giveup", "exit 3");
+    task.max_restarts = 2;
+    first.reconcile(&wanted(&task));
+    let failed = next_state(&mut reports, RunState::Failed).await;
+    assert_eq!(failed.restarts, 2, "{failed:?}");
+    assert!(!failed.permanent);
+    assert!(failed.message.as_deref().unwrap().contains("restarted 2 times within 2m"), "{failed:?}");
+    first.stop_all().await;
+
+    let (mut second, mut reports) = supervisor(&dir);
+    let mut task = spec("t/permanent", "exit 78");
+    task.permanent_exit_codes = vec![78];
+    second.reconcile(&wanted(&task));
+    let failed = next_state(&mut reports, RunState::Failed).await;
+    assert_eq!((failed.restarts, failed.permanent), (0, true), "{failed:?}");
+    assert_eq!(failed.last_exit.and_then(|e| e.code), Some(78));
+    second.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_command_is_reported_with_a_message_and_retried() {
     let dir = workspace("missing");
     let (mut supervisor, mut reports) = supervisor(&dir);
     let task = TaskSpec::new(TaskId::new("t/missing").unwrap(), "/no/such/program", vec![]);
     supervisor.reconcile(&wanted(&task));
-    let failed = next_state(&mut reports, RunState::Failed).await;
+    let failed = next_state(&mut reports, RunState::Backoff).await;
     assert!(failed.message.unwrap().contains("/no/such/program"));
     supervisor.stop_all().await;
 }

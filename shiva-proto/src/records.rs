@@ -164,6 +164,10 @@ pub struct Heartbeat {
     pub runner: bool,
     /// The node's heartbeat interval in milliseconds.
     pub interval_ms: u64,
+    /// How long after the send instant of its newest heartbeat it has read back the node stops
+    /// its exclusive runs (absent from older nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_timeout_ms: Option<u64>,
     /// Resources, for display.
     #[serde(default)]
     pub resources: Resources,
@@ -273,7 +277,8 @@ pub enum RunState {
     Stopping,
     /// Stopped on request.
     Stopped,
-    /// Could not be started (e.g. command not found); retried with back-off.
+    /// Failed on this node for good: restarted too often within the restart window (the
+    /// leader moves the task) or ended with a permanent exit code (it stays failed).
     Failed,
 }
 
@@ -329,6 +334,10 @@ pub struct TaskStatus {
     /// Human-readable detail (e.g. a spawn error).
     #[serde(default)]
     pub message: Option<String>,
+    /// With `failed`: the failure is permanent (a permanent exit code), so the task is not
+    /// moved to another node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub permanent: bool,
 }
 
 /// Why a record was skipped.

@@ -8,7 +8,13 @@
 //! | `env` | object string → string | `{}` | environment; the child gets only this plus `PATH` and the `SHIVA_*` run variables |
 //! | `tags` | array of strings | `[]` | a node must carry every one (its host name counts as a tag) |
 //! | `workdir` | absolute path | `<workspace>/tasks/<id>` | working directory, created when missing |
-//! | `stop_grace` | duration (humantime) | `"10s"` | time between SIGTERM and SIGKILL when stopping |
+//! | `stop_grace` | duration (humantime) | `"10s"` | time between `stop_signal` and SIGKILL when stopping |
+//! | `backoff` | `{initial, max, multiplier}` | `1s`, `1m`, `2` | delay between restarts (services, with ±10 % jitter) or attempts (once) |
+//! | `permanent_exit_codes` | array of 1–255 | `[]` | exit codes that end the task `failed` at once: no restart, no retry |
+//!
+//! The periodic and one-shot fields are documented in [`crate::schedule`] and the README; the
+//! supervision fields (stop signal, fencing, restart policy, user, limits, files) in
+//! `spec/supervision.rs`.
 //!
 //! User input is parsed strictly ([`TaskSpec::from_user_json`]): unknown fields are refused and
 //! every error names the field. Records read from the bus are parsed leniently (newer fields are
@@ -20,6 +26,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::TaskId;
+
+mod supervision;
+
+pub use supervision::{Cores, MAX_FILES_BYTES, OnDisconnect, RLIMITS, parse_bytes, signal_number};
 
 /// Longest accepted `stop_grace`.
 pub const MAX_STOP_GRACE: Duration = Duration::from_secs(3600);
@@ -87,6 +97,47 @@ pub struct TaskSpec {
     /// One-shots this one waits for (each must have succeeded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<TaskId>,
+    /// Signal that asks a run to stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    /// What a run does when its node is cut off from the bus.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_disconnect: OnDisconnect,
+    /// Services: restarts within `restart_window` before the task fails on its node.
+    #[serde(
+        default = "supervision::default_max_restarts",
+        skip_serializing_if = "supervision::is_default_max_restarts"
+    )]
+    pub max_restarts: u32,
+    /// Services: the window `max_restarts` counts in.
+    #[serde(
+        default = "supervision::default_restart_window",
+        with = "crate::duration",
+        skip_serializing_if = "supervision::is_default_restart_window"
+    )]
+    pub restart_window: Duration,
+    /// Services: a run this long resets the restart delay.
+    #[serde(
+        default = "supervision::default_stable_after",
+        with = "crate::duration",
+        skip_serializing_if = "supervision::is_default_stable_after"
+    )]
+    pub stable_after: Duration,
+    /// Run as this user (name or uid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Resource limits by name (`nofile`, `core`…).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rlimits: BTreeMap<String, u64>,
+    /// Memory limit (`512MiB`), through cgroups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<String>,
+    /// CPU limit in cores, through cgroups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max: Option<Cores>,
+    /// Files written into the working directory before each start (relative path → text).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
 }
 
 fn default_stop_grace() -> Duration {
@@ -278,6 +329,16 @@ impl TaskSpec {
             backoff: RetryBackoff::default(),
             permanent_exit_codes: Vec::new(),
             after: Vec::new(),
+            stop_signal: None,
+            on_disconnect: OnDisconnect::default(),
+            max_restarts: supervision::DEFAULT_MAX_RESTARTS,
+            restart_window: supervision::DEFAULT_RESTART_WINDOW,
+            stable_after: supervision::DEFAULT_STABLE_AFTER,
+            user: None,
+            rlimits: BTreeMap::new(),
+            memory_max: None,
+            cpu_max: None,
+            files: BTreeMap::new(),
         }
     }
 
@@ -370,7 +431,8 @@ impl TaskSpec {
                 format!("{} is longer than the maximum of 1h", humantime::format_duration(self.stop_grace)),
             ));
         }
-        self.validate_runs()
+        self.validate_runs()?;
+        self.validate_supervision()
     }
 
     /// Rules of the periodic and one-shot fields.
@@ -394,18 +456,17 @@ impl TaskSpec {
         if let Some((field, _)) = scheduled_only.iter().find(|(_, set)| *set && !periodic) {
             return Err(SpecError::field(field, "only applies to scheduled tasks (set schedule)"));
         }
-        let run_only: [(&str, bool); 2] = [
-            ("max_runtime", self.max_runtime.is_some()),
-            ("permanent_exit_codes", !self.permanent_exit_codes.is_empty()),
-        ];
-        if let Some((field, _)) = run_only.iter().find(|(_, set)| *set && !periodic && !self.once) {
-            return Err(SpecError::field(field, "only applies to scheduled or once tasks"));
+        if self.max_runtime.is_some() && !periodic && !self.once {
+            return Err(SpecError::field("max_runtime", "only applies to scheduled or once tasks"));
         }
-        let once_only: [(&str, bool); 3] = [
-            ("max_attempts", self.max_attempts != DEFAULT_MAX_ATTEMPTS),
-            ("backoff", self.backoff != RetryBackoff::default()),
-            ("after", !self.after.is_empty()),
-        ];
+        if periodic && self.backoff != RetryBackoff::default() {
+            return Err(SpecError::field(
+                "backoff",
+                "does not apply to scheduled tasks (each slot runs once)",
+            ));
+        }
+        let once_only: [(&str, bool); 2] =
+            [("max_attempts", self.max_attempts != DEFAULT_MAX_ATTEMPTS), ("after", !self.after.is_empty())];
         if let Some((field, _)) = once_only.iter().find(|(_, set)| *set && !self.once) {
             return Err(SpecError::field(field, "only applies to once tasks (set once: true)"));
         }
@@ -441,96 +502,4 @@ impl TaskSpec {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn err(text: &str) -> String {
-        TaskSpec::from_user_json(text).unwrap_err().to_string()
-    }
-
-    #[test]
-    fn defaults_apply() {
-        let spec = TaskSpec::from_user_json(r#"{"id":"a/b","command":"sleep","args":["10"]}"#).unwrap();
-        assert_eq!(spec.stop_grace, DEFAULT_STOP_GRACE);
-        assert!(spec.tags.is_empty() && spec.env.is_empty() && spec.workdir.is_none());
-        assert_eq!(spec.kind(), TaskKind::Service);
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        assert!(err(r#"{"id":"a","command":"x","colour":1}"#).contains("'colour': unknown field"));
-        assert!(err(r#"{"id":"a/../b","command":"x"}"#).contains("'id'"));
-        assert!(err(r#"{"id":"a","command":""}"#).contains("'command'"));
-        assert!(err(r#"{"id":"a","command":"x","stop_grace":"-5s"}"#).contains("'stop_grace'"));
-        assert!(err(r#"{"id":"a","command":"x","stop_grace":"2h"}"#).contains("'stop_grace'"));
-        assert!(err(r#"{"id":"a","command":"x","tags":["a b"]}"#).contains("'tags[0]'"));
-        assert!(err(r#"{"id":"a","command":"x","env":{"A=B":"1"}}"#).contains("'env.A=B'"));
-        assert!(err(r#"{"id":"a","command":"x","workdir":"rel"}"#).contains("'workdir'"));
-        assert!(err(r#"{"id":"a","command":"x","args":[1]}"#).contains("'args[0]'"));
-        assert!(err(r#"{"command":"x"}"#).contains("missing field `id`"));
-        assert!(err(r#"{"id":"a","command":"x"} junk"#).contains("trailing"));
-    }
-
-    #[test]
-    fn periodic_and_once_fields() {
-        let periodic = TaskSpec::from_user_json(
-            r#"{"id":"p","command":"x","schedule":"*/5 * * * *","timezone":"Europe/Paris","catch_up":"all",
-                "starting_deadline":"10m","max_catch_up":20,"jitter":"3s","overlap":"queue","max_runtime":"1m"}"#,
-        )
-        .unwrap();
-        assert_eq!(periodic.kind(), TaskKind::Periodic);
-        assert_eq!(periodic.schedule, ["*/5 * * * *"]);
-        assert_eq!(periodic.catch_up, CatchUp::All);
-        let once = TaskSpec::from_user_json(
-            r#"{"id":"o","command":"x","once":true,"max_attempts":5,"backoff":{"initial":"2s","multiplier":3},
-                "permanent_exit_codes":[64,78],"after":["a/b"]}"#,
-        )
-        .unwrap();
-        assert_eq!(once.kind(), TaskKind::Once);
-        assert_eq!(once.backoff.delay_before(2), Duration::from_secs(2));
-        assert_eq!(once.backoff.delay_before(3), Duration::from_secs(6));
-        assert_eq!(once.backoff.delay_before(10), Duration::from_secs(60), "capped at backoff.max");
-        let round_trip: TaskSpec = serde_json::from_str(&serde_json::to_string(&once).unwrap()).unwrap();
-        assert_eq!(round_trip, once);
-    }
-
-    #[test]
-    fn periodic_and_once_errors_name_the_field() {
-        assert!(err(r#"{"id":"a","command":"x","schedule":"* * * * * * * *"}"#).contains("'schedule[0]'"));
-        assert!(err(r#"{"id":"a","command":"x","schedule":["@hourly","nope"]}"#).contains("'schedule[1]'"));
-        assert!(
-            err(r#"{"id":"a","command":"x","schedule":"@hourly","timezone":"Nowhere/City"}"#)
-                .contains("'timezone'")
-        );
-        assert!(err(r#"{"id":"a","command":"x","schedule":"@hourly","jitter":"-1s"}"#).contains("'jitter'"));
-        assert!(
-            err(r#"{"id":"a","command":"x","schedule":"@hourly","catch_up":"some"}"#).contains("'catch_up'")
-        );
-        assert!(err(r#"{"id":"a","command":"x","schedule":"@hourly","once":true}"#).contains("'once'"));
-        assert!(
-            err(r#"{"id":"a","command":"x","catch_up":"all"}"#)
-                .contains("'catch_up': only applies to scheduled")
-        );
-        assert!(err(r#"{"id":"a","command":"x","after":["b"]}"#).contains("'after': only applies to once"));
-        assert!(
-            err(r#"{"id":"a","command":"x","once":true,"after":["a"]}"#).contains("cannot wait for itself")
-        );
-        assert!(err(r#"{"id":"a","command":"x","once":true,"max_attempts":0}"#).contains("'max_attempts'"));
-        assert!(
-            err(r#"{"id":"a","command":"x","once":true,"backoff":{"multiplier":0.5}}"#)
-                .contains("'backoff.multiplier'")
-        );
-        assert!(err(r#"{"id":"a","command":"x","once":true,"backoff":{"speed":1}}"#).contains("backoff"));
-        assert!(
-            err(r#"{"id":"a","command":"x","once":true,"permanent_exit_codes":[0]}"#)
-                .contains("'permanent_exit_codes'")
-        );
-        assert!(err(r#"{"id":"a","command":"x","once":true,"max_runtime":"0s"}"#).contains("'max_runtime'"));
-    }
-
-    #[test]
-    fn wire_reading_is_lenient() {
-        let spec: TaskSpec = serde_json::from_str(r#"{"id":"a","command":"x","future":true}"#).unwrap();
-        assert_eq!(spec.command, "x");
-    }
-}
+mod tests;

@@ -79,6 +79,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                     leader_capable: true,
                     runner: true,
                     interval_ms: 200,
+                    fence_timeout_ms: Some(3000),
                     resources: Resources {
                         cpus: 2,
                         memory_total_bytes: 25_000_000_000,

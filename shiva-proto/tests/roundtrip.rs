@@ -135,6 +135,7 @@ fn body() -> impl Strategy<Value = Body> {
                         leader_capable,
                         runner,
                         interval_ms,
+                        fence_timeout_ms: Some(interval_ms.saturating_mul(15)),
                         resources: Resources {
                             cpus,
                             memory_total_bytes: 1 << 34,

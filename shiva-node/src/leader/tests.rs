@@ -19,7 +19,8 @@ enum Op {
     Stop(u8),
     /// Node `n` claims the next epoch.
     Claim(u8),
-    /// The current leader reconciles with live nodes given by the mask.
+    /// The current leader reconciles with live nodes given by the mask's bits 0–2; of the other
+    /// nodes, bits 3–5 tell which may still run their exclusive tasks (not fenced yet).
     Lead(u8),
     /// An old winner writes an assignment for a task at its (stale) epoch.
     Stale(u8, u8),
@@ -57,12 +58,20 @@ struct Sim {
     offsets: BTreeMap<TopicKind, i64>,
     view: LogView,
     nodes: Vec<(NodeId, Uuid)>,
+    /// Exclusive tasks moved away from a node that may still run them.
+    doubled: Vec<String>,
 }
 
 impl Sim {
     fn new() -> Self {
         let nodes = (0..3).map(|i| (NodeId::new(format!("n{i}")).unwrap(), Uuid::new_v4())).collect();
-        Sim { log: Vec::new(), offsets: BTreeMap::new(), view: LogView::default(), nodes }
+        Sim {
+            log: Vec::new(),
+            offsets: BTreeMap::new(),
+            view: LogView::default(),
+            nodes,
+            doubled: Vec::new(),
+        }
     }
 
     fn append(&mut self, topic: TopicKind, key: String, value: Option<Vec<u8>>) {
@@ -104,7 +113,19 @@ impl Sim {
                 leader_capable: true,
             })
             .collect();
-        for write in reconcile(&self.view, &live, epoch, &|_| false) {
+        let fencing: Vec<NodeId> = (0..self.nodes.len())
+            .filter(|i| mask & (1 << i) == 0 && mask & (8 << i) != 0)
+            .map(|i| self.nodes[i].0.clone())
+            .collect();
+        let may_still_run = |node: &NodeId, _: &TaskSpec| fencing.contains(node);
+        for write in reconcile(&self.view, &live, epoch, &|_| false, &may_still_run) {
+            if let Some(Body::Assignment(assignment)) = &write.body
+                && let Some(from) = self.view.assigned_node(&assignment.task)
+                && fencing.contains(from)
+                && matches!(&assignment.placement, Placement::Assigned { node } if node != from)
+            {
+                self.doubled.push(format!("{} moved off {from} before it fenced", assignment.task));
+            }
             let value = write.body.map(|body| self.env(index, body));
             self.append(TopicKind::Assignments, write.key, value);
         }
@@ -219,6 +240,7 @@ proptest! {
             sim.run(op);
         }
         // The leader heals what landed after its writes; one pass must be enough.
+        prop_assert!(sim.doubled.is_empty(), "{:?}", sim.doubled);
         sim.lead(0xff);
         let healed = sim.log.len();
         sim.lead(0xff);

@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 use shiva_bus::{Publisher, Reader, ReaderEvent, Record};
 use shiva_proto::records::{Body, Claim, Envelope, Placement, RunState, RunSummary, TaskStatus};
 use shiva_proto::runs::RunReport;
+use shiva_proto::spec::OnDisconnect;
 use shiva_proto::topics::key;
 use shiva_proto::view::Outcome;
-use shiva_proto::{LogView, TaskId, TopicKind};
+use shiva_proto::{LogView, NodeId, TaskId, TaskSpec, TopicKind};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
+use super::fence::FenceChange;
 use super::heartbeat::{Gate, GateDecision, Identity, ResourceProbe, build};
 use crate::config::NodeConfig;
 use crate::election::{Beats, Election, Verdict};
@@ -85,9 +87,11 @@ pub(crate) struct Node {
     pub(crate) run_wake: Option<Duration>,
     /// How long recent runs took from start record to confirmation (ms), newest last.
     pub(crate) confirm_ms: std::collections::VecDeque<u64>,
-    /// Whether the node reads its own heartbeats back: the run shims' leases are renewed only
-    /// while it does.
-    pub(crate) healthy: tokio::sync::watch::Sender<bool>,
+    /// When the node's lease runs out while it is open (`None`: fenced); the run shims' leases
+    /// are renewed up to it.
+    pub(crate) lease: tokio::sync::watch::Sender<Option<Instant>>,
+    /// Self-fencing.
+    pub(crate) fence: super::fence::Fence,
     /// When held runs the log no longer holds were last forgotten.
     pub(crate) held_pruned: Instant,
     /// The leader's parsed schedules.
@@ -96,6 +100,10 @@ pub(crate) struct Node {
 
 /// The scheduler's timing: intents are written a second ahead of their slot; a slot more than
 /// 2 s late counts as missed (its catch-up policy applies).
+/// Added to a silent node's fence timeout and a task's stop grace before an exclusive task of
+/// that node moves: covers clock rates and the time the node takes to act.
+pub(crate) const FENCE_MARGIN: Duration = Duration::from_secs(1);
+
 pub(crate) const TIMING: Timing =
     Timing { lookahead: Duration::from_secs(1), tolerance: Duration::from_secs(2) };
 
@@ -142,11 +150,17 @@ impl Node {
                     self.election.claim_failed(epoch);
                     self.claim_check = None;
                 }
+                if self.fence.on_synced(token) == FenceChange::Opened {
+                    info!(
+                        "this node reads itself on the bus again and has read the log to its end; running tasks"
+                    );
+                }
                 self.on_runs_synced(token);
                 return Some(token);
             }
             ReaderEvent::SyncFailed(token, message) => {
                 warn!(token, %message, "failed to read the log to its end");
+                self.fence.on_sync_failed(token);
                 if self.leader_sync.is_some_and(|(_, t)| t == token) {
                     self.leader_sync = None;
                 }
@@ -306,10 +320,10 @@ impl Node {
     /// Runs the decisions on the current state.
     pub(crate) fn step(&mut self) {
         let open = self.gate.is_open();
-        self.healthy.send_if_modified(|healthy| std::mem::replace(healthy, open) != open);
         if !self.ready {
             return;
         }
+        self.update_fence();
         let healthy = open && self.membership.own_beats() > 0;
         let beats = Beats { leader: self.config.leader_beats(), first_write: self.config.node_beats() };
         match self.election.decide(&self.view, &self.membership, healthy, beats) {
@@ -339,8 +353,22 @@ impl Node {
         }
         if let Some(epoch) = self.leading {
             let live = self.membership.live_members(self.config.node_beats());
-            let mut writes =
-                reconcile(&self.view, &live, epoch, &|key| self.busy(TopicKind::Assignments, key));
+            let may_still_run = |node: &NodeId, spec: &TaskSpec| {
+                self.membership.may_still_run(
+                    node,
+                    spec.stop_grace,
+                    FENCE_MARGIN,
+                    self.config.heartbeat_interval,
+                    self.config.node_timeout,
+                )
+            };
+            let mut writes = reconcile(
+                &self.view,
+                &live,
+                epoch,
+                &|key| self.busy(TopicKind::Assignments, key),
+                &may_still_run,
+            );
             let context = scheduler::Context {
                 view: &self.view,
                 live: &live,
@@ -349,6 +377,7 @@ impl Node {
                 timing: TIMING,
                 busy: &|topic, key| self.busy(topic, key),
                 schedules: &self.schedules,
+                may_still_run: &may_still_run,
             };
             writes.extend(scheduler::plan(&context));
             self.schedules.retain(&self.view);
@@ -360,7 +389,35 @@ impl Node {
         self.run_wake = self.step_runs();
     }
 
+    /// Takes in the lease: fences or (after a read to the end) opens, and tells the shims how
+    /// long the lease lasts.
+    fn update_fence(&mut self) {
+        let lease_start = self.gate.lease_start();
+        let mut next_token = self.next_token;
+        let change = self.fence.update(lease_start, Instant::now(), &mut || {
+            next_token += 1;
+            next_token
+        });
+        self.next_token = next_token;
+        match change {
+            FenceChange::Fenced => warn!(
+                fence_timeout = ?self.config.fence_timeout,
+                "cut off from the bus: no own heartbeat read back within the fence timeout; stopping exclusive runs"
+            ),
+            FenceChange::Sync(token) => {
+                info!(
+                    "this node reads its own heartbeats; reading the log to its end before running anything"
+                );
+                self.reader.sync(token);
+            }
+            FenceChange::None | FenceChange::Opened => {}
+        }
+        let deadline = if self.fence.is_open() { self.fence.deadline(lease_start) } else { None };
+        self.lease.send_if_modified(|lease| std::mem::replace(lease, deadline) != deadline);
+    }
+
     fn step_runner(&mut self) {
+        let fenced = !self.fence.is_open();
         let Some(supervisor) = self.supervisor.as_mut() else { return };
         let me = &self.config.node_id;
         let wanted: BTreeMap<TaskId, Wanted> = self
@@ -368,6 +425,8 @@ impl Node {
             .assignments
             .iter()
             .filter(|(_, entry)| matches!(&entry.assignment.placement, Placement::Assigned { node } if node == me))
+            // Cut off: only the runs that ride out a disconnection go on.
+            .filter(|(_, entry)| !fenced || entry.assignment.spec.on_disconnect == OnDisconnect::Keep)
             .map(|(task, entry)| {
                 let assignment = &entry.assignment;
                 let wanted = Wanted {

@@ -14,6 +14,7 @@ pub struct Gate {
     seq: u64,
     outstanding: VecDeque<(u64, Instant)>,
     paused: bool,
+    newest_read_back: Option<Instant>,
 }
 
 /// What the gate says about the next heartbeat.
@@ -45,9 +46,19 @@ impl Gate {
 
     /// Own heartbeat `seq` was read back.
     pub fn read_back(&mut self, seq: u64) {
-        while self.outstanding.front().is_some_and(|(sent, _)| *sent <= seq) {
+        while let Some((sent, at)) = self.outstanding.front().copied()
+            && sent <= seq
+        {
+            if sent == seq {
+                self.newest_read_back = Some(self.newest_read_back.map_or(at, |newest| newest.max(at)));
+            }
             self.outstanding.pop_front();
         }
+    }
+
+    /// The send instant of the newest own heartbeat read back: the lease runs from there.
+    pub fn lease_start(&self) -> Option<Instant> {
+        self.newest_read_back
     }
 
     /// Heartbeat `seq` was not delivered: it will never be read back.
@@ -105,6 +116,8 @@ pub struct Identity {
     pub runner: bool,
     /// Heartbeat interval.
     pub interval: Duration,
+    /// Fence timeout.
+    pub fence_timeout: Duration,
 }
 
 /// Builds heartbeat `seq`.
@@ -117,6 +130,7 @@ pub fn build(identity: &Identity, seq: u64, resources: Resources, runs: Vec<RunS
         leader_capable: identity.leader_capable,
         runner: identity.runner,
         interval_ms: identity.interval.as_millis() as u64,
+        fence_timeout_ms: Some(identity.fence_timeout.as_millis() as u64),
         resources,
         runs,
     }
@@ -136,7 +150,9 @@ mod tests {
         assert_eq!(gate.next(start + Duration::from_millis(1500), limit), GateDecision::Pause);
         assert_eq!(gate.next(start + Duration::from_millis(1700), limit), GateDecision::Paused);
         assert!(!gate.is_open());
+        assert_eq!(gate.lease_start(), None);
         gate.read_back(1);
+        assert_eq!(gate.lease_start(), Some(start), "the lease runs from the send instant");
         assert_eq!(
             gate.next(start + Duration::from_millis(1800), limit),
             GateDecision::Paused,

@@ -2,6 +2,7 @@
 //! this id, then heartbeat, elect, lead, run tasks; on shutdown resign, stop tasks, leave.
 
 mod driver;
+mod fence;
 mod heartbeat;
 mod runs;
 
@@ -22,10 +23,11 @@ use crate::config::NodeConfig;
 use crate::election::Election;
 use crate::membership::Membership;
 use crate::supervisor::Supervisor;
-use crate::supervisor::job::{Backoff, JobContext};
+use crate::supervisor::job::JobContext;
 use crate::supervisor::shim::ShimLauncher;
 use crate::tree::Isolation;
 use driver::Node;
+use fence::Fence;
 use heartbeat::{Gate, Identity, ResourceProbe};
 
 /// Runs the node until `shutdown` is cancelled (then leaves the cluster in order) or a fatal
@@ -50,7 +52,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     let (results, mut results_rx) = mpsc::unbounded_channel();
     let (reports, mut reports_rx) = mpsc::unbounded_channel::<TaskStatus>();
     let (run_reports, mut run_reports_rx) = mpsc::unbounded_channel::<RunReport>();
-    let (healthy, healthy_rx) = tokio::sync::watch::channel(true);
+    let (lease, lease_rx) = tokio::sync::watch::channel(None);
     let supervisor = if config.runner {
         // Orphans of a run whose shim died come to the node, which kills them.
         nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER failed")?;
@@ -59,8 +61,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         let shims = ShimLauncher {
             exe: std::env::current_exe().context("cannot find the node's own executable for the run shim")?,
             isolation,
-            lease: config.node_timeout,
-            healthy: healthy_rx,
+            fence_timeout: config.fence_timeout,
+            lease: lease_rx,
             records: config.workspace.join("shims"),
         };
         let left = tokio::task::block_in_place(|| shims.stop_leftovers());
@@ -73,7 +75,6 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             task_path: config.task_path.clone(),
             shims,
             reports,
-            backoff: Backoff::default(),
         }))
     } else {
         None
@@ -84,6 +85,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         leader_capable: config.leader_capable,
         runner: config.runner,
         interval: config.heartbeat_interval,
+        fence_timeout: config.fence_timeout,
     };
     let mut node = Node {
         identity,
@@ -113,7 +115,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         run_reports,
         run_wake: None,
         confirm_ms: std::collections::VecDeque::new(),
-        healthy,
+        lease,
+        fence: Fence::new(config.fence_timeout),
         held_pruned: std::time::Instant::now(),
         schedules: crate::scheduler::Schedules::default(),
         config,

@@ -10,6 +10,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use shiva_proto::runs::{RunIntent, RunPhase, RunReport};
+use shiva_proto::spec::OnDisconnect;
 use shiva_proto::topics::key;
 use shiva_proto::{TaskId, TopicKind};
 use tokio::sync::mpsc;
@@ -191,7 +192,11 @@ impl Node {
                 let message = format!("stopped before it started: {reason}");
                 finish.push((intent.clone(), RunPhase::Stopped, message));
             } else if now >= start_at {
-                start.push(intent.clone());
+                // Cut off from the bus: an exclusive run starts only once the node reads
+                // itself again (the steps go on with every heartbeat tick).
+                if self.fence.is_open() || intent.spec.on_disconnect == OnDisconnect::Keep {
+                    start.push(intent.clone());
+                }
             } else {
                 next = Some(next.map_or(start_at, |n: i64| n.min(start_at)));
             }

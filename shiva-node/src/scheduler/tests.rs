@@ -118,6 +118,7 @@ impl Sim {
             timing: TIMING,
             busy: &|_, _| false,
             schedules: &self.schedules,
+            may_still_run: &|_, _| false,
         };
         for write in plan(&context) {
             let value = write.body.map(|body| self.env(leader, body));

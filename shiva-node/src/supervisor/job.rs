@@ -1,5 +1,6 @@
-//! One job: a tokio task that keeps one task's child running, restarts it with exponential
-//! back-off when it exits, and stops its whole process group on request.
+//! One job: a tokio task that keeps one task's run going, restarts it per its restart policy
+//! (see [`super::restart`]) when it ends, reports it `failed` when the policy gives up, and stops
+//! it (the whole tree, through its shim) on request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,30 +13,10 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use super::shim::{RunHandle, ShimLauncher};
+use super::restart::{Decision, Restarts};
+use super::shim::{LaunchOptions, RunHandle, ShimLauncher};
 use super::spawn::SpawnRequest;
-
-/// Restart back-off: first delay, growth factor, cap, and the run time after which the delay
-/// resets.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    /// First delay.
-    pub initial: Duration,
-    /// Cap.
-    pub max: Duration,
-    /// A run this long resets the delay.
-    pub stable_after: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(30),
-            stable_after: Duration::from_secs(10),
-        }
-    }
-}
+use shiva_proto::spec::OnDisconnect;
 
 /// What every job shares.
 #[derive(Debug)]
@@ -50,8 +31,6 @@ pub struct JobContext {
     pub shims: ShimLauncher,
     /// Where status reports go.
     pub reports: mpsc::UnboundedSender<TaskStatus>,
-    /// Restart back-off.
-    pub backoff: Backoff,
 }
 
 /// Requests to a running job.
@@ -71,6 +50,7 @@ struct Run {
     attempt: u32,
     restarts: u32,
     last_exit: Option<ExitInfo>,
+    permanent: bool,
 }
 
 impl Run {
@@ -85,6 +65,7 @@ impl Run {
             restarts: self.restarts,
             last_exit: self.last_exit,
             message,
+            permanent: self.permanent,
         });
     }
 }
@@ -127,6 +108,39 @@ pub(crate) fn request(
     SpawnRequest { program: spec.command.clone(), args: spec.args.clone(), env, cwd, output }
 }
 
+/// How to launch a run of `spec` named `run`.
+pub(crate) fn launch_options(spec: &TaskSpec, run: &str) -> LaunchOptions {
+    LaunchOptions {
+        run: run.to_owned(),
+        grace: spec.stop_grace,
+        stop_signal: spec.stop_signal_number(),
+        exclusive: spec.on_disconnect == OnDisconnect::Stop,
+    }
+}
+
+/// Waits until the node holds a lease, unless a stop arrives first (true).
+async fn wait_lease_or_stop(
+    context: &JobContext,
+    control: &mut mpsc::UnboundedReceiver<JobControl>,
+    run: &mut Run,
+) -> bool {
+    if context.shims.lease_left().is_some() {
+        return false;
+    }
+    info!(task = %run.task, "waiting for this node to read itself on the bus before starting");
+    let lease = context.shims.wait_for_lease();
+    tokio::pin!(lease);
+    loop {
+        tokio::select! {
+            _ = &mut lease => return false,
+            message = control.recv() => match message {
+                Some(JobControl::Generation(generation)) => run.generation = generation,
+                Some(JobControl::Stop) | None => return true,
+            },
+        }
+    }
+}
+
 async fn run(
     context: Arc<JobContext>,
     spec: TaskSpec,
@@ -141,67 +155,90 @@ async fn run(
         attempt: 0,
         restarts: 0,
         last_exit: None,
+        permanent: false,
     };
-    let mut delay = context.backoff.initial;
+    let mut restarts = Restarts::new(&spec);
     loop {
+        if spec.on_disconnect == OnDisconnect::Stop
+            && wait_lease_or_stop(&context, &mut control, &mut run).await
+        {
+            run.report(&context, RunState::Stopped, None);
+            return;
+        }
         run.attempt += 1;
         run.run_id = Some(Uuid::new_v4());
         run.report(&context, RunState::Starting, None);
         let spawn = request(&context, &spec, run.run_id, run.attempt, &[]);
         let name = run.run_id.map(|id| id.to_string()).unwrap_or_default();
-        let mut handle = match context.shims.launch(spawn, spec.stop_grace, &name).await {
-            Ok(handle) => handle,
+        let started = Instant::now();
+        let (ended, note) = match context.shims.launch(spawn, &launch_options(&spec, &name)).await {
+            Ok(mut handle) => {
+                let pid = handle.pid;
+                run.pid = Some(pid);
+                info!(task = %spec.id, pid, attempt = run.attempt, generation = run.generation, "task started");
+                run.report(&context, RunState::Running, None);
+                let ended = loop {
+                    tokio::select! {
+                        ended = handle.wait() => break ended,
+                        message = control.recv() => match message {
+                            Some(JobControl::Generation(generation)) => {
+                                run.generation = generation;
+                                run.report(&context, RunState::Running, None);
+                            }
+                            Some(JobControl::Stop) | None => {
+                                run.report(&context, RunState::Stopping, None);
+                                run.last_exit = stop_run(&mut handle, "the task is stopping").await;
+                                run.pid = None;
+                                info!(task = %spec.id, pid, exit = ?run.last_exit, "task stopped");
+                                run.report(&context, RunState::Stopped, None);
+                                return;
+                            }
+                        },
+                    }
+                };
+                // The shim has killed whatever the task left, so a restart never runs beside it.
+                run.last_exit = ended.exit;
+                run.pid = None;
+                (ended.exit, ended.stopped)
+            }
             Err(err) => {
-                let message = format!("failed to start '{}': {err}", spec.command);
                 warn!(task = %spec.id, error = %err, "task failed to start");
-                run.report(&context, RunState::Failed, Some(message.clone()));
+                (None, Some(format!("failed to start '{}': {err}", spec.command)))
+            }
+        };
+        let jitter = fastrand::f64() * 2.0 - 1.0;
+        match restarts.on_end(Instant::now().into_std(), started.elapsed(), ended, jitter) {
+            Decision::Restart(delay) => {
+                info!(task = %spec.id, exit = ?ended, retry_in = ?delay, "task ended, restarting after back-off");
+                run.report(&context, RunState::Backoff, note.clone());
                 if wait_or_stop(&mut control, &mut run, delay).await {
-                    run.report(&context, RunState::Stopped, Some(message));
+                    run.report(&context, RunState::Stopped, note);
                     return;
                 }
                 run.restarts += 1;
-                delay = (delay * 2).min(context.backoff.max);
-                continue;
             }
-        };
-        let pid = handle.pid;
-        let started = Instant::now();
-        run.pid = Some(pid);
-        info!(task = %spec.id, pid, attempt = run.attempt, generation = run.generation, "task started");
-        run.report(&context, RunState::Running, None);
-        let ended = loop {
-            tokio::select! {
-                ended = handle.wait() => break ended,
-                message = control.recv() => match message {
-                    Some(JobControl::Generation(generation)) => {
-                        run.generation = generation;
-                        run.report(&context, RunState::Running, None);
+            Decision::GiveUp(reason) | Decision::Permanent(reason) => {
+                run.permanent = ended
+                    .and_then(|exit| exit.code)
+                    .is_some_and(|code| spec.permanent_exit_codes.contains(&code));
+                let message = match note {
+                    Some(note) => format!("{reason} (last: {note})"),
+                    None => reason,
+                };
+                warn!(task = %spec.id, exit = ?ended, %message, "task failed on this node");
+                run.report(&context, RunState::Failed, Some(message.clone()));
+                // Failed for good here: wait for the leader to move or stop it.
+                loop {
+                    match control.recv().await {
+                        Some(JobControl::Generation(generation)) => {
+                            run.generation = generation;
+                            run.report(&context, RunState::Failed, Some(message.clone()));
+                        }
+                        Some(JobControl::Stop) | None => return,
                     }
-                    Some(JobControl::Stop) | None => {
-                        run.report(&context, RunState::Stopping, None);
-                        run.last_exit = stop_run(&mut handle, "the task is stopping").await;
-                        run.pid = None;
-                        info!(task = %spec.id, pid, exit = ?run.last_exit, "task stopped");
-                        run.report(&context, RunState::Stopped, None);
-                        return;
-                    }
-                },
+                }
             }
-        };
-        // The shim has killed whatever the task left, so a restart never runs beside it.
-        run.last_exit = ended.exit;
-        run.pid = None;
-        if started.elapsed() >= context.backoff.stable_after {
-            delay = context.backoff.initial;
         }
-        info!(task = %spec.id, pid, exit = ?run.last_exit, retry_in = ?delay, "task exited, restarting after back-off");
-        run.report(&context, RunState::Backoff, None);
-        if wait_or_stop(&mut control, &mut run, delay).await {
-            run.report(&context, RunState::Stopped, None);
-            return;
-        }
-        run.restarts += 1;
-        delay = (delay * 2).min(context.backoff.max);
     }
 }
 

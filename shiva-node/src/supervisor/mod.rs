@@ -1,9 +1,10 @@
-//! Supervision: one job per assigned task (see [`job`]), children forked by one long-lived
-//! thread (see [`spawn`]). [`Supervisor::reconcile`] turns the set of wanted runs into starts
+//! Supervision: one job per assigned task (see [`job`]), each run held by a run shim (see
+//! [`shim`]). [`Supervisor::reconcile`] turns the set of wanted runs into starts
 //! and stops; a task is never started while its previous job is still stopping.
 
 pub mod job;
 pub mod oneshot;
+pub mod restart;
 pub mod shim;
 pub mod spawn;
 

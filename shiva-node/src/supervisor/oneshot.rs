@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::job::{JobContext, request, stop_run};
+use super::job::{JobContext, launch_options, request, stop_run};
 
 /// Requests to a run.
 #[derive(Debug)]
@@ -76,7 +76,8 @@ async fn execute(
         .into_iter()
         .collect();
     let spawn = request(&context, spec, Some(intent.run_id), intent.attempt, &extra);
-    let mut handle = match context.shims.launch(spawn, spec.stop_grace, &intent.run_id.to_string()).await {
+    let options = launch_options(spec, &intent.run_id.to_string());
+    let mut handle = match context.shims.launch(spawn, &options).await {
         Ok(handle) => handle,
         Err(err) => {
             warn!(task = %spec.id, run = %intent.run_id, error = %err, "run failed to start");
@@ -103,7 +104,7 @@ async fn execute(
             // The shim has killed whatever the run left.
             let exit = ended.exit;
             let state = if exit.is_some_and(|exit| exit.code == Some(0)) { RunPhase::Succeeded } else { RunPhase::Failed };
-            (state, exit, None)
+            (state, exit, ended.stopped)
         }
         _ = &mut deadline => {
             warn!(task = %spec.id, run = %intent.run_id, ?limit, "run exceeded max_runtime; stopping it");

@@ -10,7 +10,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
@@ -30,10 +30,12 @@ pub struct ShimLauncher {
     pub exe: PathBuf,
     /// How runs are kept together.
     pub isolation: Isolation,
-    /// The lease each renewal grants.
-    pub lease: Duration,
-    /// Whether the node is healthy (reads its own heartbeats back): renewals stop when not.
-    pub healthy: watch::Receiver<bool>,
+    /// The node's fence timeout: renewals go out four times per fence timeout (at most every
+    /// second).
+    pub fence_timeout: Duration,
+    /// When the node's lease runs out (`None`: the node is cut off). Each renewal grants a shim
+    /// the time left, so a shim's lease never outlasts the node's.
+    pub lease: watch::Receiver<Option<Instant>>,
     /// Where shim records live.
     pub records: PathBuf,
 }
@@ -82,19 +84,58 @@ struct Record {
     cgroup: Option<PathBuf>,
 }
 
+/// What a launch needs besides the command.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// Names the run's cgroup.
+    pub run: String,
+    /// Time between the stop signal and SIGKILL.
+    pub grace: Duration,
+    /// The stop signal's number.
+    pub stop_signal: i32,
+    /// Whether the run holds the node's lease (`on_disconnect: stop`); a run that does not
+    /// rides out a cut from the bus, and stops only when the node stops it or dies.
+    pub exclusive: bool,
+}
+
 impl ShimLauncher {
-    /// Starts `request` under a new shim. `run` names the run's cgroup.
-    pub async fn launch(&self, request: SpawnRequest, grace: Duration, run: &str) -> io::Result<RunHandle> {
+    /// The time left on the node's lease (`None`: cut off).
+    pub fn lease_left(&self) -> Option<Duration> {
+        let deadline = (*self.lease.borrow())?;
+        deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
+    }
+
+    /// Waits until the node holds a lease.
+    pub async fn wait_for_lease(&self) {
+        let mut lease = self.lease.clone();
+        while self.lease_left().is_none() {
+            // A change, or a look again now and then (the deadline may pass with no change).
+            let _ = tokio::time::timeout(Duration::from_millis(100), lease.changed()).await;
+        }
+    }
+
+    /// Starts `request` under a new shim.
+    pub async fn launch(&self, request: SpawnRequest, options: &LaunchOptions) -> io::Result<RunHandle> {
+        let lease_ms = match (options.exclusive, self.lease_left()) {
+            (false, _) => None,
+            (true, Some(left)) => Some(left.as_millis() as u64),
+            (true, None) => {
+                return Err(io::Error::other(
+                    "this node is cut off from the bus (fenced): exclusive runs cannot start",
+                ));
+            }
+        };
         if let Some(parent) = request.output.parent() {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::create_dir_all(&self.records)?;
         let output = OpenOptions::new().create(true).append(true).open(&request.output)?;
-        let cgroup = self.isolation.run_cgroup(run);
+        let cgroup = self.isolation.run_cgroup(&options.run);
         let config = ShimConfig {
             run: request,
-            grace_ms: grace.as_millis() as u64,
-            lease_ms: self.lease.as_millis() as u64,
+            grace_ms: options.grace.as_millis() as u64,
+            stop_signal: options.stop_signal,
+            lease_ms,
             cgroup: cgroup.clone(),
         };
         let json = serde_json::to_string(&config).map_err(io::Error::other)?;
@@ -132,19 +173,21 @@ impl ShimLauncher {
         std::fs::write(&record_path, serde_json::to_vec(&record).map_err(io::Error::other)?)?;
         let (control, mut control_rx) = mpsc::unbounded_channel::<String>();
         let (exit_tx, exit) = oneshot::channel();
-        let mut healthy = self.healthy.clone();
-        let lease_ms = self.lease.as_millis() as u64;
+        let lease = self.lease.clone();
+        let every = (self.fence_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let exclusive = options.exclusive;
         tokio::spawn(async move {
-            let mut renew = tokio::time::interval(Duration::from_millis((lease_ms / 4).max(10)));
+            let mut renew = tokio::time::interval(every);
             // Listening for a stop until one came or the handle is gone (a closed channel
             // would answer at once, forever).
             let mut listening = true;
             let mut stopping = false;
             let ended = loop {
                 tokio::select! {
-                    _ = renew.tick() => {
-                        if *healthy.borrow_and_update() && !stopping {
-                            let _ = stdin.write_all(format!("renew {lease_ms}\n").as_bytes()).await;
+                    _ = renew.tick(), if exclusive && !stopping => {
+                        let left = (*lease.borrow()).and_then(|deadline| deadline.checked_duration_since(Instant::now()));
+                        if let Some(left) = left.filter(|left| !left.is_zero()) {
+                            let _ = stdin.write_all(format!("renew {}\n", left.as_millis()).as_bytes()).await;
                         }
                     }
                     reason = control_rx.recv(), if listening => {

@@ -1,0 +1,140 @@
+//! Self-fencing, pure: the node's lease runs from the send instant of the newest own heartbeat
+//! it has read back. Past `fence_timeout` the node is cut off: its exclusive runs stop (the
+//! shims kill them when the lease they were given runs out; the node stops their jobs too) and
+//! none starts. When it reads itself again it first reads the log to its end, so that it learns
+//! what the leader decided meanwhile (its task may have moved) before it starts anything.
+
+use std::time::{Duration, Instant};
+
+/// Where the node stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceState {
+    /// No valid lease: exclusive runs stop, none starts.
+    Fenced,
+    /// The lease is valid again; waiting for read-to-end `token` before opening.
+    Syncing(u64),
+    /// The lease is valid and the view is current.
+    Open,
+}
+
+/// What changed in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceChange {
+    /// Nothing.
+    None,
+    /// The lease ran out: just fenced.
+    Fenced,
+    /// The lease is valid again: read the log to its end with this token.
+    Sync(u64),
+    /// The read to the end completed: open.
+    Opened,
+}
+
+/// The lease and the fence.
+#[derive(Debug)]
+pub struct Fence {
+    timeout: Duration,
+    state: FenceState,
+}
+
+impl Fence {
+    /// A fence that starts closed: nothing exclusive runs before the first own heartbeat is
+    /// read back.
+    pub fn new(timeout: Duration) -> Fence {
+        Fence { timeout, state: FenceState::Fenced }
+    }
+
+    /// The state.
+    #[cfg(test)]
+    pub fn state(&self) -> FenceState {
+        self.state
+    }
+
+    /// Whether exclusive runs may run.
+    pub fn is_open(&self) -> bool {
+        self.state == FenceState::Open
+    }
+
+    /// When the lease runs out, given the send instant of the newest heartbeat read back.
+    pub fn deadline(&self, lease_start: Option<Instant>) -> Option<Instant> {
+        lease_start.map(|start| start + self.timeout)
+    }
+
+    /// Takes in the lease at `now`; `token` gives a fresh read-to-end token when one is needed.
+    pub fn update(
+        &mut self,
+        lease_start: Option<Instant>,
+        now: Instant,
+        token: &mut dyn FnMut() -> u64,
+    ) -> FenceChange {
+        let valid = self.deadline(lease_start).is_some_and(|deadline| now < deadline);
+        match (self.state, valid) {
+            (FenceState::Open | FenceState::Syncing(_), false) => {
+                let was_open = self.state == FenceState::Open;
+                self.state = FenceState::Fenced;
+                if was_open { FenceChange::Fenced } else { FenceChange::None }
+            }
+            (FenceState::Fenced, true) => {
+                let token = token();
+                self.state = FenceState::Syncing(token);
+                FenceChange::Sync(token)
+            }
+            _ => FenceChange::None,
+        }
+    }
+
+    /// A read to the end completed.
+    pub fn on_synced(&mut self, token: u64) -> FenceChange {
+        if self.state == FenceState::Syncing(token) {
+            self.state = FenceState::Open;
+            FenceChange::Opened
+        } else {
+            FenceChange::None
+        }
+    }
+
+    /// A read to the end failed: try again with a new token if it was this one's.
+    pub fn on_sync_failed(&mut self, token: u64) {
+        if self.state == FenceState::Syncing(token) {
+            self.state = FenceState::Fenced;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_off_then_back_after_a_read_to_the_end() {
+        let mut fence = Fence::new(Duration::from_secs(3));
+        let mut next = 0;
+        let mut token = || {
+            next += 1;
+            next
+        };
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(fence.update(None, t0, &mut token), FenceChange::None);
+        assert!(!fence.is_open(), "closed until the first heartbeat is read back");
+        assert_eq!(fence.update(Some(t0), t0 + s(1), &mut token), FenceChange::Sync(1));
+        assert_eq!(fence.on_synced(7), FenceChange::None, "another read's end");
+        assert_eq!(fence.on_synced(1), FenceChange::Opened);
+        assert!(fence.is_open());
+        assert_eq!(fence.update(Some(t0 + s(2)), t0 + s(4), &mut token), FenceChange::None);
+        // Frozen or cut off: the newest heartbeat read back was sent at t0 + 2 s.
+        assert_eq!(fence.update(Some(t0 + s(2)), t0 + s(5), &mut token), FenceChange::Fenced);
+        assert!(!fence.is_open());
+        assert_eq!(fence.update(Some(t0 + s(2)), t0 + s(9), &mut token), FenceChange::None);
+        // Back: a fresh heartbeat read back; the view must be read to its end first.
+        assert_eq!(fence.update(Some(t0 + s(9)), t0 + s(9), &mut token), FenceChange::Sync(2));
+        assert!(!fence.is_open());
+        // The lease runs out again before the read completes: the read no longer opens it.
+        assert_eq!(fence.update(Some(t0 + s(9)), t0 + s(13), &mut token), FenceChange::None);
+        assert_eq!(fence.on_synced(2), FenceChange::None);
+        assert_eq!(fence.state(), FenceState::Fenced);
+        assert_eq!(fence.update(Some(t0 + s(14)), t0 + s(14), &mut token), FenceChange::Sync(3));
+        fence.on_sync_failed(3);
+        assert_eq!(fence.update(Some(t0 + s(14)), t0 + s(15), &mut token), FenceChange::Sync(4));
+    }
+}
