@@ -6,9 +6,10 @@
 //! record landed on it after the accepted one (a stale or forged write): compaction keeps the
 //! last record of a key, so the last record must always be the leader's.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
-use shiva_proto::records::{Assignment, Body, DesiredState, Member, Members, Placement};
+use shiva_proto::records::{Assignment, Body, DesiredState, Member, Members, Placement, RunState};
 use shiva_proto::spec::{OnDisconnect, TaskKind};
 use shiva_proto::topics::key;
 use shiva_proto::{LogView, NodeId, TaskId, TaskSpec, TopicKind};
@@ -33,17 +34,75 @@ impl Write {
     }
 }
 
-/// Computes the leader's writes. `busy(key)` tells keys with a write still in flight, which
-/// are left alone until it is read back. `may_still_run(node, spec)` tells whether a node that
-/// is not live may still run an exclusive task (it has not fenced itself yet): such a task stays
-/// where it is until that has passed.
-pub fn reconcile(
-    view: &LogView,
-    live: &[Member],
-    epoch: u64,
-    busy: &dyn Fn(&str) -> bool,
-    may_still_run: &dyn Fn(&NodeId, &TaskSpec) -> bool,
-) -> Vec<Write> {
+/// What reconciliation needs besides the view.
+pub struct Inputs<'a> {
+    /// Live members.
+    pub live: &'a [Member],
+    /// The leader's epoch.
+    pub epoch: u64,
+    /// The leader's clock, ms since the Unix epoch.
+    pub now_ms: i64,
+    /// Keys with a write still in flight: left alone until it is read back.
+    pub busy: &'a dyn Fn(&str) -> bool,
+    /// Whether a node that is not live may still run an exclusive task (it has not fenced
+    /// itself yet): such a task stays where it is until that has passed.
+    pub may_still_run: &'a dyn Fn(&NodeId, &TaskSpec) -> bool,
+}
+
+/// First delay between two moves of a task that failed on its node; doubles with each move.
+pub const MOVE_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest delay between two moves.
+pub const MAX_MOVE_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Where a failing service stands: the nodes it failed on, and whether it waits before its
+/// next move (with the pending reason).
+struct Moves {
+    failed_on: Vec<NodeId>,
+    wait: Option<(i64, String)>,
+}
+
+fn move_delay(moves: usize) -> Duration {
+    let doubled = MOVE_BACKOFF.saturating_mul(1 << moves.saturating_sub(1).min(16));
+    doubled.min(MAX_MOVE_BACKOFF)
+}
+
+/// Reads a service's moves off its assignment and status: a `failed` status (not permanent)
+/// from its node for its generation means the node gave up on it.
+fn moves(view: &LogView, task: &TaskId, revision: i64, now_ms: i64) -> Moves {
+    let Some(current) = view.assignments.get(task).map(|entry| &entry.assignment) else {
+        return Moves { failed_on: Vec::new(), wait: None };
+    };
+    if current.spec_revision != revision {
+        return Moves { failed_on: Vec::new(), wait: None };
+    }
+    let mut failed_on = current.failed_on.clone();
+    if let Placement::Assigned { node } = &current.placement
+        && let Some(status) = view.statuses.get(task)
+        && status.node == *node
+        && status.status.generation == current.generation
+        && status.status.state == RunState::Failed
+        && !status.status.permanent
+    {
+        failed_on.retain(|failed| failed != node);
+        failed_on.push(node.clone());
+        let delay = move_delay(failed_on.len());
+        let message = status.status.message.as_deref().unwrap_or("restarted too often");
+        let reason = format!(
+            "failed on {node} ({message}); placing it on another node in {}",
+            humantime::format_duration(delay)
+        );
+        return Moves { failed_on, wait: Some((now_ms + delay.as_millis() as i64, reason)) };
+    }
+    let wait = match (&current.placement, current.retry_at_ms) {
+        (Placement::Pending { reason }, Some(at)) if now_ms < at => Some((at, reason.clone())),
+        _ => None,
+    };
+    Moves { failed_on, wait }
+}
+
+/// Computes the leader's writes.
+pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
+    let Inputs { live, epoch, now_ms, busy, may_still_run } = *inputs;
     let mut writes = Vec::new();
     let members = Members { epoch, nodes: live.to_vec() };
     let members_current =
@@ -53,20 +112,27 @@ pub fn reconcile(
     }
 
     let candidates = Candidate::runners(live);
-    let demands: Vec<Demand> = view
+    let services: BTreeMap<&TaskId, Moves> = view
         .specs
         .iter()
         .filter(|(task, entry)| {
             view.desired_state(task) == DesiredState::Running && entry.spec.kind() == TaskKind::Service
         })
-        .map(|(task, entry)| {
-            let current = view.assigned_node(task).cloned();
+        .map(|(task, entry)| (task, moves(view, task, entry.revision, now_ms)))
+        .collect();
+    let demands: Vec<Demand> = services
+        .iter()
+        .filter(|(_, moves)| moves.wait.is_none())
+        .map(|(task, moves)| {
+            let spec = &view.specs[*task].spec;
+            let current = view.assigned_node(task).cloned().filter(|node| !moves.failed_on.last().is_some_and(|last| last == node));
             let hold = current.as_ref().is_some_and(|node| {
-                entry.spec.on_disconnect == OnDisconnect::Stop
+                spec.on_disconnect == OnDisconnect::Stop
                     && !live.iter().any(|member| member.id == *node)
-                    && may_still_run(node, &entry.spec)
+                    && may_still_run(node, spec)
             });
-            Demand { task: task.clone(), tags: entry.spec.tags.clone(), current, hold }
+            let avoid = moves.failed_on.clone();
+            Demand { task: (*task).clone(), tags: spec.tags.clone(), current, hold, avoid }
         })
         .collect();
     let mut placements = plan(&candidates, &demands);
@@ -84,9 +150,15 @@ pub fn reconcile(
             }
             continue;
         };
+        let moves = services.get(task);
+        let failed_on = moves.map(|moves| moves.failed_on.clone()).unwrap_or_default();
+        let retry_at_ms = moves.and_then(|moves| moves.wait.as_ref().map(|(at, _)| *at));
         let placement = match placements.remove(task) {
             Some(Ok(node)) => Placement::Assigned { node },
             Some(Err(reason)) => Placement::Pending { reason },
+            None if let Some((_, reason)) = moves.and_then(|moves| moves.wait.as_ref()) => {
+                Placement::Pending { reason: reason.clone() }
+            }
             None if view.desired_state(task) == DesiredState::Stopped => Placement::Stopped,
             // Periodic and one-shot tasks: the scheduler launches each run.
             None => match candidates.iter().any(|node| node.can_run(&spec.spec.tags)) {
@@ -95,7 +167,10 @@ pub fn reconcile(
             },
         };
         let unchanged = current.is_some_and(|current| {
-            current.assignment.placement == placement && current.assignment.spec_revision == spec.revision
+            current.assignment.placement == placement
+                && current.assignment.spec_revision == spec.revision
+                && current.assignment.failed_on == failed_on
+                && current.assignment.retry_at_ms == retry_at_ms
         });
         let generation = match current {
             Some(current) if unchanged => {
@@ -118,6 +193,8 @@ pub fn reconcile(
             spec_revision: spec.revision,
             placement,
             spec: spec.spec.clone(),
+            failed_on,
+            retry_at_ms,
         };
         writes.push(Write::assignments(record_key, Some(Body::Assignment(assignment))));
     }

@@ -7,6 +7,7 @@
 //! * every other task goes, in task-id order, to the eligible node with the fewest tasks, ties
 //!   broken by node id;
 //! * a task held on a node that is gone but may still run it (not yet fenced) stays there;
+//! * a task avoids the nodes it failed on while another eligible node exists;
 //! * a task with no eligible node is pending, with the reason.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,6 +54,8 @@ pub struct Demand {
     /// Keep it on `current` even though that node is not live: it may still run it (it has not
     /// fenced itself yet), and an exclusive task never runs twice.
     pub hold: bool,
+    /// Nodes it failed on: avoided while another eligible node exists.
+    pub avoid: Vec<NodeId>,
 }
 
 /// Places every task: `Ok(node)` or `Err(reason)`.
@@ -81,9 +84,11 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
     }
     to_place.sort_by(|a, b| a.task.cmp(&b.task));
     for task in to_place {
+        let fresh = |node: &&Candidate| !task.avoid.contains(&node.id);
+        let any_fresh = nodes.iter().filter(fresh).any(|node| eligible(node, task));
         let best = nodes
             .iter()
-            .filter(|node| eligible(node, task))
+            .filter(|node| eligible(node, task) && (!any_fresh || fresh(node)))
             .min_by(|a, b| load[&a.id].cmp(&load[&b.id]).then_with(|| a.id.cmp(&b.id)));
         let decision = match best {
             Some(node) => {
@@ -136,6 +141,7 @@ mod tests {
                     tags: tags.into_iter().map(str::to_owned).collect(),
                     current: current.map(|n| NodeId::new(format!("n{n}")).unwrap()),
                     hold: false,
+                    avoid: vec![],
                 })
                 .collect()
         })
@@ -193,6 +199,7 @@ mod tests {
                     tags: vec![],
                     current: None,
                     hold: false,
+                    avoid: vec![],
                 })
                 .collect();
             let result = plan(&nodes, &tasks);
@@ -216,6 +223,7 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             current: current.map(|c| NodeId::new(c).unwrap()),
             hold: false,
+            avoid: vec![],
         };
         let nodes = [node("b", &[]), node("a", &["gpu"])];
         let result = plan(
@@ -231,5 +239,13 @@ mod tests {
         );
         let held = Demand { hold: true, ..task("x", &[], Some("gone")) };
         assert_eq!(plan(&nodes, &[held])[&TaskId::new("x").unwrap()], Ok(NodeId::new("gone").unwrap()));
+        // Failed on a (the least loaded): goes to b; failed on both: back to the least loaded.
+        let failed = |on: &[&str]| Demand {
+            avoid: on.iter().map(|n| NodeId::new(*n).unwrap()).collect(),
+            ..task("x", &[], None)
+        };
+        let x = TaskId::new("x").unwrap();
+        assert_eq!(plan(&nodes, &[failed(&["a"])])[&x], Ok(NodeId::new("b").unwrap()));
+        assert_eq!(plan(&nodes, &[failed(&["b", "a"])])[&x], Ok(NodeId::new("a").unwrap()));
     }
 }

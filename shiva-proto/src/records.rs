@@ -261,6 +261,14 @@ pub struct Assignment {
     pub placement: Placement,
     /// The spec to run (so a runner needs nothing else).
     pub spec: TaskSpec,
+    /// Nodes this spec revision failed on (restarted too often), oldest first: the task moves
+    /// away from them while another eligible node exists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_on: Vec<NodeId>,
+    /// With `pending` after a failure: the task is placed again from this instant (ms since
+    /// the Unix epoch, the leader's clock): back-off between moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at_ms: Option<i64>,
 }
 
 /// What a runner reports about its run of a task.

@@ -158,7 +158,9 @@ fn body() -> impl Strategy<Value = Body> {
                 generation,
                 spec_revision,
                 placement,
-                spec
+                spec,
+                failed_on: if generation % 2 == 0 { vec![] } else { vec![NodeId::new("n1").unwrap()] },
+                retry_at_ms: (generation % 3 == 0).then_some(spec_revision),
             })
         ),
         (
@@ -182,6 +184,7 @@ fn body() -> impl Strategy<Value = Body> {
                     restarts: attempt / 2,
                     last_exit: code.map(|code| ExitInfo { code: Some(code), signal: None }),
                     message,
+                    permanent: state == RunState::Failed && attempt % 2 == 1,
                 }
             )),
     ]

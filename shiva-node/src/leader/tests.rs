@@ -60,6 +60,8 @@ struct Sim {
     nodes: Vec<(NodeId, Uuid)>,
     /// Exclusive tasks moved away from a node that may still run them.
     doubled: Vec<String>,
+    /// The leader's clock.
+    now_ms: i64,
 }
 
 impl Sim {
@@ -71,6 +73,7 @@ impl Sim {
             view: LogView::default(),
             nodes,
             doubled: Vec::new(),
+            now_ms: 0,
         }
     }
 
@@ -118,7 +121,9 @@ impl Sim {
             .map(|i| self.nodes[i].0.clone())
             .collect();
         let may_still_run = |node: &NodeId, _: &TaskSpec| fencing.contains(node);
-        for write in reconcile(&self.view, &live, epoch, &|_| false, &may_still_run) {
+        let inputs =
+            Inputs { live: &live, epoch, now_ms: self.now_ms, busy: &|_| false, may_still_run: &may_still_run };
+        for write in reconcile(&self.view, &inputs) {
             if let Some(Body::Assignment(assignment)) = &write.body
                 && let Some(from) = self.view.assigned_node(&assignment.task)
                 && fencing.contains(from)
@@ -174,6 +179,8 @@ impl Sim {
                     spec_revision: 0,
                     placement: Placement::Assigned { node: id },
                     spec: TaskSpec::new(Self::task(*t), "stale", vec![]),
+                    failed_on: vec![],
+                    retry_at_ms: None,
                 };
                 let value = self.env(node, Body::Assignment(assignment));
                 self.append(TopicKind::Assignments, key::task(&Self::task(*t)), Some(value));
@@ -308,4 +315,69 @@ fn a_stale_write_after_the_leaders_is_rewritten() {
     sim.lead(0b111);
     assert!(sim.view.is_settled(TopicKind::Assignments, "task/t1"));
     assert_eq!(sim.view.assignments[&Sim::task(1)].assignment.generation, before.assignment.generation);
+}
+
+#[test]
+fn a_service_that_failed_on_its_node_moves_after_a_back_off_unless_the_failure_is_permanent() {
+    let mut sim = Sim::new();
+    sim.run(&Op::Submit(1));
+    sim.run(&Op::Claim(0));
+    sim.lead(0b111);
+    let task = Sim::task(1);
+    let assigned = |sim: &Sim| sim.view.assignments[&task].assignment.clone();
+    let report = |sim: &mut Sim, permanent: bool| {
+        let current = assigned(sim);
+        let Placement::Assigned { node } = &current.placement else { panic!("{current:?}") };
+        let index = sim.nodes.iter().position(|(id, _)| id == node).unwrap();
+        let status = shiva_proto::records::TaskStatus {
+            task: task.clone(),
+            generation: current.generation,
+            state: shiva_proto::records::RunState::Failed,
+            run_id: None,
+            pid: None,
+            attempt: 6,
+            restarts: 5,
+            last_exit: None,
+            message: Some("restarted 5 times within 2m".into()),
+            permanent,
+        };
+        let value = sim.env(index, Body::Status(status));
+        sim.append(TopicKind::Status, key::task(&task), Some(value));
+        node.clone()
+    };
+    let first = report(&mut sim, false);
+    sim.now_ms = 10_000;
+    sim.lead(0b111);
+    let pending = assigned(&sim);
+    assert_eq!(pending.failed_on, vec![first.clone()]);
+    assert_eq!(pending.retry_at_ms, Some(12_000), "2 s before the first move");
+    assert!(
+        matches!(&pending.placement, Placement::Pending { reason } if reason.contains(&format!("failed on {first}"))),
+        "{pending:?}"
+    );
+    sim.now_ms = 11_000;
+    let before = sim.log.len();
+    sim.lead(0b111);
+    assert_eq!(sim.log.len(), before, "waits out the back-off");
+    sim.now_ms = 12_000;
+    sim.lead(0b111);
+    let moved = assigned(&sim);
+    let Placement::Assigned { node: second } = &moved.placement else { panic!("{moved:?}") };
+    assert_ne!(*second, first, "placed on another node");
+    assert_eq!((moved.failed_on.len(), moved.retry_at_ms), (1, None));
+
+    // A second failure doubles the delay; a permanent one leaves the task where it failed.
+    report(&mut sim, false);
+    sim.now_ms = 20_000;
+    sim.lead(0b111);
+    assert_eq!(assigned(&sim).retry_at_ms, Some(24_000));
+    sim.now_ms = 24_000;
+    sim.lead(0b111);
+    let third = assigned(&sim);
+    report(&mut sim, true);
+    sim.now_ms = 30_000;
+    let before = sim.log.len();
+    sim.lead(0b111);
+    assert_eq!(sim.log.len(), before, "a permanent failure is not moved");
+    assert_eq!(assigned(&sim), third);
 }

@@ -22,7 +22,7 @@ use super::heartbeat::{Gate, GateDecision, Identity, ResourceProbe, build};
 use crate::config::NodeConfig;
 use crate::election::{Beats, Election, Verdict};
 use crate::firing::Timing;
-use crate::leader::reconcile;
+use crate::leader::{Inputs, reconcile};
 use crate::membership::Membership;
 use crate::scheduler;
 use crate::supervisor::{Supervisor, Wanted};
@@ -362,13 +362,15 @@ impl Node {
                     self.config.node_timeout,
                 )
             };
-            let mut writes = reconcile(
-                &self.view,
-                &live,
+            let busy = |key: &str| self.busy(TopicKind::Assignments, key);
+            let inputs = Inputs {
+                live: &live,
                 epoch,
-                &|key| self.busy(TopicKind::Assignments, key),
-                &may_still_run,
-            );
+                now_ms: crate::supervisor::oneshot::now_ms(),
+                busy: &busy,
+                may_still_run: &may_still_run,
+            };
+            let mut writes = reconcile(&self.view, &inputs);
             let context = scheduler::Context {
                 view: &self.view,
                 live: &live,
