@@ -125,7 +125,10 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         .filter(|(_, moves)| moves.wait.is_none())
         .map(|(task, moves)| {
             let spec = &view.specs[*task].spec;
-            let current = view.assigned_node(task).cloned().filter(|node| !moves.failed_on.last().is_some_and(|last| last == node));
+            let current = view
+                .assigned_node(task)
+                .cloned()
+                .filter(|node| !moves.failed_on.last().is_some_and(|last| last == node));
             let hold = current.as_ref().is_some_and(|node| {
                 spec.on_disconnect == OnDisconnect::Stop
                     && !live.iter().any(|member| member.id == *node)

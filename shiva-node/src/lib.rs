@@ -10,6 +10,7 @@ pub mod config;
 pub mod election;
 pub mod firing;
 pub mod leader;
+pub mod limits;
 pub mod membership;
 pub mod node;
 pub mod placement;

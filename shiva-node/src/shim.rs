@@ -45,6 +45,10 @@ pub struct ShimConfig {
     pub lease_ms: Option<u64>,
     /// The run's cgroup directory, created by the shim.
     pub cgroup: Option<PathBuf>,
+    /// Cgroups holding the run's memory and CPU limits (cgroup v1), created by the node: the
+    /// task starts in them too.
+    #[serde(default)]
+    pub limit_cgroups: Vec<PathBuf>,
 }
 
 /// What the shim tells the node.
@@ -96,19 +100,30 @@ pub fn main(config: &str) -> u8 {
         emit(&ShimEvent::Failed { error: format!("PR_SET_CHILD_SUBREAPER failed: {err}") });
         return 1;
     }
-    let home = config.cgroup.as_ref().and_then(|cgroup| enter_cgroup(cgroup));
-    let child = spawn(&config);
-    if let (Some(home), Some(_)) = (&home, &config.cgroup) {
-        // Back out: the task (forked meanwhile) stays in the run's cgroup, the shim does not.
+    let mut homes = Vec::new();
+    for cgroup in config.cgroup.iter().chain(&config.limit_cgroups) {
+        match enter_cgroup(cgroup) {
+            Some(home) => homes.push(home),
+            None if config.limit_cgroups.contains(cgroup) => {
+                emit(&ShimEvent::Failed {
+                    error: format!("cannot enter the limit cgroup {}", cgroup.display()),
+                });
+                clear_cgroups(&config);
+                return 1;
+            }
+            None => {}
+        }
+    }
+    let child = apply_limits(&config.run).and_then(|()| spawn(&config));
+    for home in &homes {
+        // Back out: the task (forked meanwhile) stays in the run's cgroups, the shim does not.
         let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
     }
     let pid = match child {
         Ok(pid) => pid,
         Err(err) => {
             emit(&ShimEvent::Failed { error: format!("failed to start '{}': {err}", config.run.program) });
-            if let Some(cgroup) = &config.cgroup {
-                tree::clear_cgroup(cgroup);
-            }
+            clear_cgroups(&config);
             return 0;
         }
     };
@@ -133,12 +148,51 @@ fn enter_cgroup(cgroup: &std::path::Path) -> Option<PathBuf> {
     Some(home)
 }
 
+fn clear_cgroups(config: &ShimConfig) {
+    for cgroup in config.cgroup.iter().chain(&config.limit_cgroups) {
+        tree::clear_cgroup(cgroup);
+    }
+}
+
+/// Sets the run's resource limits on the shim, whose task inherits them, and the user's
+/// supplementary groups.
+fn apply_limits(run: &SpawnRequest) -> std::io::Result<()> {
+    use nix::sys::resource::{Resource, setrlimit};
+    for (name, value) in &run.rlimits {
+        let resource = match name.as_str() {
+            "nofile" => Resource::RLIMIT_NOFILE,
+            "core" => Resource::RLIMIT_CORE,
+            "nproc" => Resource::RLIMIT_NPROC,
+            "fsize" => Resource::RLIMIT_FSIZE,
+            "stack" => Resource::RLIMIT_STACK,
+            "as" => Resource::RLIMIT_AS,
+            "cpu" => Resource::RLIMIT_CPU,
+            "memlock" => Resource::RLIMIT_MEMLOCK,
+            "data" => Resource::RLIMIT_DATA,
+            other => return Err(std::io::Error::other(format!("rlimits.{other}: unknown limit"))),
+        };
+        setrlimit(resource, *value, *value)
+            .map_err(|err| std::io::Error::other(format!("rlimits.{name}: cannot set {value}: {err}")))?;
+    }
+    if let Some(user) = &run.user {
+        let name = std::ffi::CString::new(user.name.clone()).map_err(std::io::Error::other)?;
+        nix::unistd::initgroups(&name, nix::unistd::Gid::from_raw(user.gid)).map_err(|err| {
+            std::io::Error::other(format!("user: cannot set the groups of '{}': {err}", user.name))
+        })?;
+    }
+    Ok(())
+}
+
 fn spawn(config: &ShimConfig) -> std::io::Result<u32> {
     let run = &config.run;
     std::fs::create_dir_all(&run.cwd)?;
     let stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
     let stdout = stderr.try_clone()?;
-    let child = Command::new(&run.program)
+    let mut command = Command::new(&run.program);
+    if let Some(user) = &run.user {
+        command.uid(user.uid).gid(user.gid);
+    }
+    let child = command
         .args(&run.args)
         .env_clear()
         .envs(run.env.iter().map(|(key, value)| (key, value)))
@@ -252,7 +306,5 @@ fn kill_rest(config: &ShimConfig, pid: u32) {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    if let Some(cgroup) = &config.cgroup {
-        tree::clear_cgroup(cgroup);
-    }
+    clear_cgroups(config);
 }

@@ -32,6 +32,7 @@ fn launcher(dir: &Path, fence_timeout: Duration, lease: watch::Receiver<Option<I
         fence_timeout,
         lease,
         records: records(dir),
+        controllers: Default::default(),
     }
 }
 
@@ -58,6 +59,10 @@ fn options(run: &str, grace_ms: u64) -> LaunchOptions {
         grace: Duration::from_millis(grace_ms),
         stop_signal: 15,
         exclusive: true,
+        user: None,
+        memory_max: None,
+        cpu_max: None,
+        files: Default::default(),
     }
 }
 
@@ -80,6 +85,8 @@ fn escaping_task(dir: &Path) -> SpawnRequest {
         env: vec![("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into())],
         cwd: dir.join("cwd"),
         output: dir.join("out.log"),
+        user: None,
+        rlimits: vec![],
     }
 }
 

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use shiva_node::limits::Controllers;
 use shiva_node::supervisor::job::JobContext;
 use shiva_node::supervisor::shim::ShimLauncher;
 use shiva_node::supervisor::{Supervisor, Wanted};
@@ -33,6 +34,7 @@ fn supervisor(dir: &Path) -> (Supervisor, mpsc::UnboundedReceiver<TaskStatus>) {
             // A lease that lasts the whole test.
             lease: tokio::sync::watch::channel(Some(std::time::Instant::now() + Duration::from_secs(3600))).1,
             records: dir.join("shims"),
+            controllers: Controllers::detect("supervisor-test", None),
         },
         reports,
     };
@@ -199,5 +201,51 @@ async fn a_missing_command_is_reported_with_a_message_and_retried() {
     supervisor.reconcile(&wanted(&task));
     let failed = next_state(&mut reports, RunState::Backoff).await;
     assert!(failed.message.unwrap().contains("/no/such/program"));
+    supervisor.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_user_rlimits_and_memory_limit_reach_the_run() {
+    let dir = workspace("environment");
+    let (mut supervisor, mut reports) = supervisor(&dir);
+    let mut task = spec(
+        "t/env",
+        "id -u > uid; ulimit -n > nofile; cat conf/app.yaml > seen.yaml; \
+         m=$(grep -E ':memory:' /proc/self/cgroup | cut -d: -f3); \
+         cat /sys/fs/cgroup/memory$m/memory.limit_in_bytes > memory 2>/dev/null; sleep 100",
+    );
+    let yaml = "name: app\nitems: [1, 2]\nutf8: é€\n";
+    task.files.insert("conf/app.yaml".into(), yaml.into());
+    task.rlimits.insert("nofile".into(), 321);
+    task.memory_max = Some("64MiB".into());
+    let as_root = nix::unistd::geteuid().is_root();
+    if as_root {
+        task.user = Some("nobody".into());
+    }
+    let controllers = Controllers::detect("supervisor-test", None);
+    supervisor.reconcile(&wanted(&task));
+    if controllers.describe().contains("memory: unavailable") {
+        // Where the limit cannot be enforced, the run is refused, saying why.
+        let refused = next_state(&mut reports, RunState::Backoff).await;
+        assert!(refused.message.unwrap().contains("memory_max needs a cgroup controller"));
+        supervisor.stop_all().await;
+        return;
+    }
+    next_state(&mut reports, RunState::Running).await;
+    let cwd = dir.join("tasks/t/env");
+    let read = |name: &str| std::fs::read_to_string(cwd.join(name)).unwrap_or_default();
+    for _ in 0..100 {
+        if !read("memory").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(read("seen.yaml"), yaml, "files arrive byte for byte");
+    assert_eq!(read("nofile").trim(), "321");
+    assert_eq!(read("memory").trim(), (64u64 << 20).to_string());
+    if as_root {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        assert_eq!(read("uid").trim(), nobody.uid.to_string());
+    }
     supervisor.stop_all().await;
 }

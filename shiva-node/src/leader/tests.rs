@@ -121,8 +121,13 @@ impl Sim {
             .map(|i| self.nodes[i].0.clone())
             .collect();
         let may_still_run = |node: &NodeId, _: &TaskSpec| fencing.contains(node);
-        let inputs =
-            Inputs { live: &live, epoch, now_ms: self.now_ms, busy: &|_| false, may_still_run: &may_still_run };
+        let inputs = Inputs {
+            live: &live,
+            epoch,
+            now_ms: self.now_ms,
+            busy: &|_| false,
+            may_still_run: &may_still_run,
+        };
         for write in reconcile(&self.view, &inputs) {
             if let Some(Body::Assignment(assignment)) = &write.body
                 && let Some(from) = self.view.assigned_node(&assignment.task)

@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::config::NodeConfig;
 use crate::election::Election;
+use crate::limits::Controllers;
 use crate::membership::Membership;
 use crate::supervisor::Supervisor;
 use crate::supervisor::job::JobContext;
@@ -58,12 +59,19 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER failed")?;
         let isolation = Isolation::detect(config.node_id.as_str());
         info!(isolation = %isolation.describe(), "runs are isolated by");
+        let v2 = match &isolation {
+            Isolation::CgroupV2(dir) => Some(dir.clone()),
+            _ => None,
+        };
+        let controllers = Controllers::detect(config.node_id.as_str(), v2.as_deref());
+        info!(limits = %controllers.describe(), "memory and CPU limits are enforced by");
         let shims = ShimLauncher {
             exe: std::env::current_exe().context("cannot find the node's own executable for the run shim")?,
             isolation,
             fence_timeout: config.fence_timeout,
             lease: lease_rx,
             records: config.workspace.join("shims"),
+            controllers,
         };
         let left = tokio::task::block_in_place(|| shims.stop_leftovers());
         if left > 0 {

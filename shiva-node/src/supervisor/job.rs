@@ -105,7 +105,15 @@ pub(crate) fn request(
     };
     let output =
         context.workspace.join("output").join(format!("{}.log", spec.id.as_str().replace('/', "%2F")));
-    SpawnRequest { program: spec.command.clone(), args: spec.args.clone(), env, cwd, output }
+    SpawnRequest {
+        program: spec.command.clone(),
+        args: spec.args.clone(),
+        env,
+        cwd,
+        output,
+        user: None,
+        rlimits: spec.rlimits.iter().map(|(name, value)| (name.clone(), *value)).collect(),
+    }
 }
 
 /// How to launch a run of `spec` named `run`.
@@ -115,6 +123,10 @@ pub(crate) fn launch_options(spec: &TaskSpec, run: &str) -> LaunchOptions {
         grace: spec.stop_grace,
         stop_signal: spec.stop_signal_number(),
         exclusive: spec.on_disconnect == OnDisconnect::Stop,
+        user: spec.user.clone(),
+        memory_max: spec.memory_max_bytes(),
+        cpu_max: spec.cpu_max.map(|cores| cores.0),
+        files: spec.files.clone(),
     }
 }
 

@@ -5,7 +5,7 @@
 //! Each live shim has a record in `<workspace>/shims/<shim-pid>.json` with the start times of the
 //! shim and its task, so leftovers are found after a restart and a reused pid is never killed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use super::spawn::SpawnRequest;
+use super::spawn::{RunUser, SpawnRequest};
+use crate::limits::Controllers;
 use crate::shim::{SHIM_ARG, ShimConfig, ShimEvent};
 use crate::tree::{self, Isolation};
 
@@ -38,6 +39,8 @@ pub struct ShimLauncher {
     pub lease: watch::Receiver<Option<Instant>>,
     /// Where shim records live.
     pub records: PathBuf,
+    /// Memory and CPU limit controllers.
+    pub controllers: Controllers,
 }
 
 /// How a run ended.
@@ -82,6 +85,8 @@ struct Record {
     task: u32,
     task_start: Option<u64>,
     cgroup: Option<PathBuf>,
+    #[serde(default)]
+    limits: Vec<PathBuf>,
 }
 
 /// What a launch needs besides the command.
@@ -96,6 +101,14 @@ pub struct LaunchOptions {
     /// Whether the run holds the node's lease (`on_disconnect: stop`); a run that does not
     /// rides out a cut from the bus, and stops only when the node stops it or dies.
     pub exclusive: bool,
+    /// Run as this user (name or uid).
+    pub user: Option<String>,
+    /// Memory limit in bytes.
+    pub memory_max: Option<u64>,
+    /// CPU limit in cores.
+    pub cpu_max: Option<f64>,
+    /// Files written into the working directory before the start (relative path → content).
+    pub files: BTreeMap<String, String>,
 }
 
 impl ShimLauncher {
@@ -115,7 +128,10 @@ impl ShimLauncher {
     }
 
     /// Starts `request` under a new shim.
-    pub async fn launch(&self, request: SpawnRequest, options: &LaunchOptions) -> io::Result<RunHandle> {
+    pub async fn launch(&self, mut request: SpawnRequest, options: &LaunchOptions) -> io::Result<RunHandle> {
+        if let Some(user) = &options.user {
+            request.user = Some(RunUser::resolve(user).map_err(io::Error::other)?);
+        }
         let lease_ms = match (options.exclusive, self.lease_left()) {
             (false, _) => None,
             (true, Some(left)) => Some(left.as_millis() as u64),
@@ -130,13 +146,20 @@ impl ShimLauncher {
         }
         std::fs::create_dir_all(&self.records)?;
         let output = OpenOptions::new().create(true).append(true).open(&request.output)?;
+        self.prepare_workdir(&request, &options.files)?;
         let cgroup = self.isolation.run_cgroup(&options.run);
+        let tracking = cgroup.as_deref().filter(|_| matches!(self.isolation, Isolation::CgroupV2(_)));
+        let limits = self
+            .controllers
+            .prepare(&options.run, tracking, options.memory_max, options.cpu_max)
+            .map_err(io::Error::other)?;
         let config = ShimConfig {
             run: request,
             grace_ms: options.grace.as_millis() as u64,
             stop_signal: options.stop_signal,
             lease_ms,
             cgroup: cgroup.clone(),
+            limit_cgroups: limits.cgroups.clone(),
         };
         let json = serde_json::to_string(&config).map_err(io::Error::other)?;
         let mut child = tokio::process::Command::new(&self.exe)
@@ -151,7 +174,7 @@ impl ShimLauncher {
         let shim_start = tree::start_time(shim).unwrap_or(0);
         // Recorded at once, so a cleanup meanwhile counts this shim as live.
         let record_path = self.records.join(format!("{shim}.json"));
-        let record = Record { shim, shim_start, task: 0, task_start: None, cgroup };
+        let record = Record { shim, shim_start, task: 0, task_start: None, cgroup, limits: limits.cgroups };
         std::fs::write(&record_path, serde_json::to_vec(&record).map_err(io::Error::other)?)?;
         let mut stdin = child.stdin.take().expect("piped");
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
@@ -217,6 +240,38 @@ impl ShimLauncher {
         Ok(RunHandle { pid, control, exit, ended: None })
     }
 
+    /// Creates the working directory and writes the spec's files into it; a directory inside
+    /// the node's workspace is handed to the run's user.
+    fn prepare_workdir(&self, request: &SpawnRequest, files: &BTreeMap<String, String>) -> io::Result<()> {
+        let cwd = &request.cwd;
+        std::fs::create_dir_all(cwd).map_err(|err| {
+            io::Error::other(format!("cannot create the working directory {}: {err}", cwd.display()))
+        })?;
+        let owner = request.user.as_ref().map(|user| (user.uid, user.gid));
+        let workspace = self.records.parent().unwrap_or(&self.records);
+        let ours = cwd.starts_with(workspace);
+        if let (Some((uid, gid)), true) = (owner, ours) {
+            std::os::unix::fs::chown(cwd, Some(uid), Some(gid))?;
+        }
+        for (relative, content) in files {
+            let path = cwd.join(relative);
+            let write = || -> io::Result<()> {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(&path, content)?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+                }
+                Ok(())
+            };
+            write().map_err(|err| {
+                io::Error::other(format!("files.{relative}: cannot write {}: {err}", path.display()))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Stops what an earlier incarnation of this node left: every recorded shim still alive
     /// (same pid and start time) with its task tree and cgroup. Returns how many runs it stopped.
     pub fn stop_leftovers(&self) -> usize {
@@ -230,7 +285,8 @@ impl ShimLauncher {
                 let shim_alive = tree::start_time(record.shim) == Some(record.shim_start);
                 let task_alive =
                     record.task_start.is_some() && tree::start_time(record.task) == record.task_start;
-                if shim_alive || task_alive || record.cgroup.as_deref().is_some_and(has_procs) {
+                let in_cgroups = record.cgroup.iter().chain(&record.limits).any(|cgroup| has_procs(cgroup));
+                if shim_alive || task_alive || in_cgroups {
                     info!(
                         shim = record.shim,
                         task = record.task,
@@ -261,7 +317,7 @@ fn kill_record(record: &Record) {
         tree::signal_tree(record.task, Some(record.task), None, Signal::SIGKILL);
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(record.task as i32), Signal::SIGKILL);
     }
-    if let Some(cgroup) = &record.cgroup {
+    for cgroup in record.cgroup.iter().chain(&record.limits) {
         tree::clear_cgroup(cgroup);
     }
 }
