@@ -12,6 +12,7 @@
 
 pub mod admin;
 mod context;
+pub mod logs;
 mod publisher;
 mod reader;
 

@@ -79,6 +79,21 @@ pub enum Command {
         /// Task id.
         id: String,
     },
+    /// Print a task's output (stdout and stderr, in the order the node read them), from the
+    /// logs topic: works from any machine and after the node that ran it is gone.
+    Logs {
+        /// Task id.
+        id: String,
+        /// Keep printing new output.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only this run (its id, or a prefix of it, as `history` or `status` show it).
+        #[arg(long)]
+        run: Option<String>,
+        /// Only output from the last D (e.g. 10m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+    },
     /// Show the runs of a periodic or one-shot task, newest first.
     History {
         /// Task id.

@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod history;
+pub mod logs;
 pub mod show;
 
 use std::collections::BTreeMap;
@@ -166,6 +167,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Resume { id } => history::suspend(&config, timeout, &id, DesiredState::Running).await?,
         Command::History { id, limit, json } => {
             history::history(&config, timeout, &id, limit, json.json).await?
+        }
+        Command::Logs { id, follow, run, since } => {
+            logs::print(&config, timeout, &id, follow, run.as_deref(), since).await?
         }
         Command::Kill { id } => set_desired(&config, timeout, &id, DesiredState::Stopped).await?,
         Command::Start { id } => set_desired(&config, timeout, &id, DesiredState::Running).await?,

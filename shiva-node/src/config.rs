@@ -50,6 +50,13 @@ pub struct NodeArgs {
     /// it stops its exclusive tasks (on_disconnect: stop) until it reads itself again.
     #[arg(long, env = "SHIVA_FENCE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub fence_timeout: Duration,
+    /// Task output shipped to the logs topic per task and second (bytes; e.g. 1MiB); more
+    /// waits on the node's disk.
+    #[arg(long, env = "SHIVA_LOG_RATE", default_value = "1MiB")]
+    pub log_rate: String,
+    /// Retention of the logs topic when this node creates it.
+    #[arg(long, env = "SHIVA_LOG_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub log_retention: Duration,
     /// How long the broker may hold a fetch with no new record (latency vs idle load).
     #[arg(long, env = "SHIVA_FETCH_WAIT", default_value = "12ms", value_parser = humantime::parse_duration)]
     pub fetch_wait: Duration,
@@ -82,6 +89,10 @@ pub struct NodeConfig {
     pub node_timeout: Duration,
     /// Lease length: past it, exclusive runs stop.
     pub fence_timeout: Duration,
+    /// Output bytes shipped per task and second.
+    pub log_rate: u64,
+    /// Retention of the logs topic.
+    pub log_retention: Duration,
     /// `PATH` given to tasks that set none.
     pub task_path: String,
 }
@@ -121,6 +132,14 @@ impl NodeConfig {
         if args.fence_timeout > Duration::from_secs(3600) {
             bail!("--fence-timeout must be at most 1h");
         }
+        let log_rate = shiva_proto::spec::parse_bytes(&args.log_rate)
+            .map_err(|err| anyhow::anyhow!("--log-rate: {err}"))?;
+        if log_rate < 1024 {
+            bail!("--log-rate must be at least 1KiB");
+        }
+        if args.log_retention < Duration::from_secs(60) {
+            bail!("--log-retention must be at least 1m");
+        }
         if args.fetch_wait > Duration::from_secs(1) {
             bail!("--fetch-wait must be at most 1s");
         }
@@ -142,6 +161,8 @@ impl NodeConfig {
             leader_timeout: args.leader_timeout,
             node_timeout: args.node_timeout,
             fence_timeout: args.fence_timeout,
+            log_rate,
+            log_retention: args.log_retention,
             task_path: std::env::var("PATH").unwrap_or_else(|_| {
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()
             }),
@@ -196,6 +217,7 @@ mod tests {
         assert!(err(&["--node-id", "a", "--leader-timeout", "100ms"]).contains("--leader-timeout"));
         assert!(err(&["--node-id", "a", "--node-timeout", "500ms"]).contains("--node-timeout"));
         assert!(err(&["--node-id", "a", "--fence-timeout", "100ms"]).contains("--fence-timeout"));
+        assert!(err(&["--node-id", "a", "--log-rate", "lots"]).contains("--log-rate"));
         assert!(err(&["--node-id", "a", "--bus", "localhost:9092"]).contains("--bus"));
         assert!(err(&["--node-id", "a", "--cluster", "a.b"]).contains("--cluster"));
         assert!(err(&["--node-id", "a", "-X", "oops"]).contains("-X"));

@@ -25,6 +25,7 @@ use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+use crate::runlog::{self, RunLog, SegmentWriter, Stream};
 use crate::supervisor::spawn::SpawnRequest;
 use crate::tree;
 
@@ -45,6 +46,9 @@ pub struct ShimConfig {
     pub lease_ms: Option<u64>,
     /// The run's cgroup directory, created by the shim.
     pub cgroup: Option<PathBuf>,
+    /// Where the task's stdout and stderr go, line by line (`None`: the shim's stderr).
+    #[serde(default)]
+    pub log: Option<RunLog>,
     /// Cgroups holding the run's memory and CPU limits (cgroup v1), created by the node: the
     /// task starts in them too.
     #[serde(default)]
@@ -119,18 +123,21 @@ pub fn main(config: &str) -> u8 {
         // Back out: the task (forked meanwhile) stays in the run's cgroups, the shim does not.
         let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
     }
-    let pid = match child {
-        Ok(pid) => pid,
+    let spawned = match child {
+        Ok(spawned) => spawned,
         Err(err) => {
             emit(&ShimEvent::Failed { error: format!("failed to start '{}': {err}", config.run.program) });
             clear_cgroups(&config);
             return 0;
         }
     };
+    let pid = spawned.pid;
     emit(&ShimEvent::Started { pid });
     let (status, stopped) = supervise(&config, pid);
     // The task is over: nothing it started may outlive it.
     kill_rest(&config, pid);
+    // Every writer of its output is gone: the captured output is complete on disk.
+    spawned.drain(Duration::from_secs(2));
     let (code, signal) = match status {
         Some(WaitStatus::Exited(_, code)) => (Some(code), None),
         Some(WaitStatus::Signaled(_, signal, _)) => (None, Some(signal as i32)),
@@ -183,29 +190,74 @@ fn apply_limits(run: &SpawnRequest) -> std::io::Result<()> {
     Ok(())
 }
 
-fn spawn(config: &ShimConfig) -> std::io::Result<u32> {
+/// The started task and the threads capturing its output.
+struct Spawned {
+    pid: u32,
+    capture: std::sync::mpsc::Receiver<()>,
+    streams: usize,
+}
+
+impl Spawned {
+    /// Waits until both streams reached their end (every writer is gone), at most `limit`.
+    fn drain(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        for _ in 0..self.streams {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if self.capture.recv_timeout(left).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn spawn(config: &ShimConfig) -> std::io::Result<Spawned> {
     let run = &config.run;
     std::fs::create_dir_all(&run.cwd)?;
-    let stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
-    let stdout = stderr.try_clone()?;
+    let writer = match &config.log {
+        Some(log) => Some(std::sync::Arc::new(std::sync::Mutex::new(SegmentWriter::create(log.clone())?))),
+        None => None,
+    };
+    let (stdout, stderr) = if writer.is_some() {
+        (Stdio::piped(), Stdio::piped())
+    } else {
+        let stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
+        (Stdio::from(stderr.try_clone()?), Stdio::from(stderr))
+    };
     let mut command = Command::new(&run.program);
     if let Some(user) = &run.user {
         command.uid(user.uid).gid(user.gid);
     }
-    let child = command
+    let mut child = command
         .args(&run.args)
         .env_clear()
         .envs(run.env.iter().map(|(key, value)| (key, value)))
         .current_dir(&run.cwd)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr))
+        .stdout(stdout)
+        .stderr(stderr)
         .process_group(0)
         .spawn()?;
     let pid = child.id();
+    let (done, capture) = std::sync::mpsc::channel();
+    let mut streams = 0;
+    if let (Some(writer), Some(log)) = (writer, &config.log) {
+        let pipes: [(Option<Box<dyn Read + Send>>, Stream); 2] = [
+            (child.stdout.take().map(|pipe| Box::new(pipe) as Box<dyn Read + Send>), Stream::Stdout),
+            (child.stderr.take().map(|pipe| Box::new(pipe) as Box<dyn Read + Send>), Stream::Stderr),
+        ];
+        for (pipe, stream) in pipes {
+            let Some(pipe) = pipe else { continue };
+            let (writer, done, max_line) = (writer.clone(), done.clone(), log.max_line);
+            std::thread::spawn(move || {
+                runlog::capture(pipe, stream, max_line, &writer);
+                let _ = done.send(());
+            });
+            streams += 1;
+        }
+    }
     // Reaped below with waitpid, like every other descendant.
     std::mem::forget(child);
-    Ok(pid)
+    Ok(Spawned { pid, capture, streams })
 }
 
 /// Waits for the task, keeping the lease and obeying the node. Returns the task's status and,

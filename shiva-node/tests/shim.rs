@@ -33,6 +33,8 @@ fn launcher(dir: &Path, fence_timeout: Duration, lease: watch::Receiver<Option<I
         lease,
         records: records(dir),
         controllers: Default::default(),
+        logs_dir: dir.join("logs"),
+        shipper: None,
     }
 }
 
@@ -55,6 +57,7 @@ fn renewed_lease(fence: Duration) -> (watch::Receiver<Option<Instant>>, Arc<Atom
 
 fn options(run: &str, grace_ms: u64) -> LaunchOptions {
     LaunchOptions {
+        task: "t".into(),
         run: run.into(),
         grace: Duration::from_millis(grace_ms),
         stop_signal: 15,

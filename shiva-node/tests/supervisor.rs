@@ -35,6 +35,8 @@ fn supervisor(dir: &Path) -> (Supervisor, mpsc::UnboundedReceiver<TaskStatus>) {
             lease: tokio::sync::watch::channel(Some(std::time::Instant::now() + Duration::from_secs(3600))).1,
             records: dir.join("shims"),
             controllers: Controllers::detect("supervisor-test", None),
+            logs_dir: dir.join("logs"),
+            shipper: None,
         },
         reports,
     };

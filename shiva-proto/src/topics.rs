@@ -81,6 +81,11 @@ impl Topics {
         format!("shiva.{}.{}", self.cluster, kind.suffix())
     }
 
+    /// `shiva.<cluster>.logs`: task output (not a control topic: delete policy, time retention).
+    pub fn logs(&self) -> String {
+        format!("shiva.{}.logs", self.cluster)
+    }
+
     /// Which control topic `name` is, if any.
     pub fn kind_of(&self, name: &str) -> Option<TopicKind> {
         TopicKind::ALL.into_iter().find(|kind| self.name(*kind) == name)

@@ -92,6 +92,8 @@ pub(crate) struct Node {
     pub(crate) lease: tokio::sync::watch::Sender<Option<Instant>>,
     /// Self-fencing.
     pub(crate) fence: super::fence::Fence,
+    /// Task output shipping (flushed on the way out).
+    pub(crate) shipper: Option<std::sync::Arc<crate::logship::LogShipper>>,
     /// When held runs the log no longer holds were last forgotten.
     pub(crate) held_pruned: Instant,
     /// The leader's parsed schedules.

@@ -7,9 +7,11 @@ mod heartbeat;
 mod runs;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use shiva_bus::logs::{self, LogSink};
 use shiva_bus::{BusError, Publisher, Reader, ReaderEvent, admin};
 use shiva_proto::records::{Body, Leave, Resign, TaskStatus};
 use shiva_proto::runs::RunReport;
@@ -22,6 +24,7 @@ use tracing::{error, info, warn};
 use crate::config::NodeConfig;
 use crate::election::Election;
 use crate::limits::Controllers;
+use crate::logship::LogShipper;
 use crate::membership::Membership;
 use crate::supervisor::Supervisor;
 use crate::supervisor::job::JobContext;
@@ -54,6 +57,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     let (reports, mut reports_rx) = mpsc::unbounded_channel::<TaskStatus>();
     let (run_reports, mut run_reports_rx) = mpsc::unbounded_channel::<RunReport>();
     let (lease, lease_rx) = tokio::sync::watch::channel(None);
+    let sink = LogSink::new(&config.bus, config.node_id.as_str())?;
+    let shipper = Arc::new(LogShipper::new(sink, config.log_rate));
     let supervisor = if config.runner {
         // Orphans of a run whose shim died come to the node, which kills them.
         nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER failed")?;
@@ -72,6 +77,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             lease: lease_rx,
             records: config.workspace.join("shims"),
             controllers,
+            logs_dir: config.workspace.join("logs"),
+            shipper: Some(shipper.clone()),
         };
         let left = tokio::task::block_in_place(|| shims.stop_leftovers());
         if left > 0 {
@@ -125,6 +132,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         confirm_ms: std::collections::VecDeque::new(),
         lease,
         fence: Fence::new(config.fence_timeout),
+        shipper: Some(shipper),
         held_pruned: std::time::Instant::now(),
         schedules: crate::scheduler::Schedules::default(),
         config,
@@ -187,7 +195,11 @@ async fn ensure_topics(config: &NodeConfig, shutdown: &CancellationToken) -> any
                 for warning in warnings {
                     warn!(%warning, "control topic below production durability");
                 }
-                return Ok(true);
+                match logs::ensure_logs_topic(&config.bus, config.log_retention, Duration::from_secs(5)).await
+                {
+                    Ok(()) => return Ok(true),
+                    Err(err) => error!(error = %err, "cannot create the logs topic; retrying in 2s"),
+                }
             }
             Err(err @ BusError::Unreachable { .. }) => {
                 error!(error = %err, "bus unreachable; retrying in 2s");
@@ -317,4 +329,7 @@ async fn leave(
     }
     let writes = node.writes.clone();
     tokio::task::spawn_blocking(move || writes.flush(Duration::from_secs(2))).await.ok();
+    if let Some(shipper) = node.shipper.take() {
+        tokio::task::spawn_blocking(move || shipper.flush(Duration::from_secs(2))).await.ok();
+    }
 }

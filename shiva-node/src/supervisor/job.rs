@@ -119,6 +119,7 @@ pub(crate) fn request(
 /// How to launch a run of `spec` named `run`.
 pub(crate) fn launch_options(spec: &TaskSpec, run: &str) -> LaunchOptions {
     LaunchOptions {
+        task: spec.id.to_string(),
         run: run.to_owned(),
         grace: spec.stop_grace,
         stop_signal: spec.stop_signal_number(),

@@ -10,6 +10,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -21,8 +22,19 @@ use tracing::{info, warn};
 
 use super::spawn::{RunUser, SpawnRequest};
 use crate::limits::Controllers;
+use crate::logship::LogShipper;
+use crate::runlog::{self, RunLog};
 use crate::shim::{SHIM_ARG, ShimConfig, ShimEvent};
 use crate::tree::{self, Isolation};
+
+/// Runs whose output is kept on disk, per task.
+const KEEP_RUNS: usize = 20;
+/// Size of one output segment.
+const SEGMENT_BYTES: u64 = 8 << 20;
+/// Segments kept per run.
+const SEGMENTS: u32 = 4;
+/// Longest line kept whole.
+pub const MAX_LINE: usize = 64 * 1024;
 
 /// Starts shims; shared by every run of the node.
 #[derive(Debug)]
@@ -41,6 +53,10 @@ pub struct ShimLauncher {
     pub records: PathBuf,
     /// Memory and CPU limit controllers.
     pub controllers: Controllers,
+    /// Where runs' output segments go (`<dir>/<task>/<run>.<n>.log`).
+    pub logs_dir: PathBuf,
+    /// Ships output to the logs topic (none in tests without a bus).
+    pub shipper: Option<Arc<LogShipper>>,
 }
 
 /// How a run ended.
@@ -92,7 +108,9 @@ struct Record {
 /// What a launch needs besides the command.
 #[derive(Debug, Clone)]
 pub struct LaunchOptions {
-    /// Names the run's cgroup.
+    /// The task (its output is filed and keyed by it).
+    pub task: String,
+    /// Names the run's cgroup and its output.
     pub run: String,
     /// Time between the stop signal and SIGKILL.
     pub grace: Duration,
@@ -160,8 +178,10 @@ impl ShimLauncher {
             lease_ms,
             cgroup: cgroup.clone(),
             limit_cgroups: limits.cgroups.clone(),
+            log: Some(self.run_log(&options.task, &options.run)),
         };
         let json = serde_json::to_string(&config).map_err(io::Error::other)?;
+        let run_log = config.log.clone();
         let mut child = tokio::process::Command::new(&self.exe)
             .arg(SHIM_ARG)
             .arg(json)
@@ -193,6 +213,10 @@ impl ShimLauncher {
             }
         };
         let record = Record { task: pid, task_start: tree::start_time(pid), ..record };
+        let (ended_tx, ended_rx) = oneshot::channel::<()>();
+        if let (Some(shipper), Some(log)) = (&self.shipper, run_log) {
+            shipper.follow(options.task.clone(), log, ended_rx);
+        }
         std::fs::write(&record_path, serde_json::to_vec(&record).map_err(io::Error::other)?)?;
         let (control, mut control_rx) = mpsc::unbounded_channel::<String>();
         let (exit_tx, exit) = oneshot::channel();
@@ -235,9 +259,18 @@ impl ShimLauncher {
             };
             let _ = child.wait().await;
             let _ = std::fs::remove_file(&record_path);
+            // The shim reports the end only once the output is complete on disk.
+            let _ = ended_tx.send(());
             let _ = exit_tx.send(ended);
         });
         Ok(RunHandle { pid, control, exit, ended: None })
+    }
+
+    /// Where run `run` of `task` keeps its output; older runs of the task are pruned.
+    fn run_log(&self, task: &str, run: &str) -> RunLog {
+        let dir = self.logs_dir.join(task.replace('/', "%2F"));
+        runlog::prune(&dir, KEEP_RUNS);
+        RunLog { dir, run: run.to_owned(), segment_bytes: SEGMENT_BYTES, keep: SEGMENTS, max_line: MAX_LINE }
     }
 
     /// Creates the working directory and writes the spec's files into it; a directory inside

@@ -1,0 +1,287 @@
+//! The `shiva.<cluster>.logs` topic: task output, one record per line.
+//!
+//! * key: the task id; value: the line's bytes as the task wrote them (without the newline);
+//! * headers: `run` (run id), `stream` (`stdout` or `stderr`), `node`, and `eol: 0` on a last line
+//!   that had no newline;
+//! * one partition, `cleanup.policy=delete`, time retention (`--log-retention` of the node that
+//!   creates it).
+//!
+//! [`LogSink`] is the node's producer for it: a client of its own (its own connection and
+//! queue), batching, so a flood of output never queues in front of a heartbeat. [`LogReader`]
+//! reads it back for `shiva-ctl logs`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+use crate::{BusConfig, BusError, Context};
+
+/// Creates the logs topic when missing (one partition, delete policy, `retention`).
+pub async fn ensure_logs_topic(
+    config: &BusConfig,
+    retention: Duration,
+    timeout: Duration,
+) -> Result<(), BusError> {
+    let admin: AdminClient<Context> = config
+        .client_config(&[])
+        .create_with_context(Context)
+        .map_err(|err| BusError::Kafka(format!("failed to create an admin client: {err}")))?;
+    let name = config.topics.logs();
+    let retention_ms = retention.as_millis().to_string();
+    let topic = NewTopic::new(&name, 1, TopicReplication::Fixed(-1))
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", &retention_ms);
+    let options = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
+    let results = admin
+        .create_topics([&topic], &options)
+        .await
+        .map_err(|err| BusError::Kafka(format!("failed to create topic {name}: {err}")))?;
+    for result in results {
+        match result {
+            Ok(name) => tracing::info!(topic = %name, "created the logs topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(BusError::Kafka(format!("failed to create topic {name}: {code}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One line to ship.
+#[derive(Debug, Clone, Copy)]
+pub struct LogLine<'a> {
+    /// Task id (the key).
+    pub task: &'a str,
+    /// Run id.
+    pub run: &'a str,
+    /// `stdout` or `stderr`.
+    pub stream: &'a str,
+    /// Whether the line ended with a newline.
+    pub eol: bool,
+    /// The bytes.
+    pub bytes: &'a [u8],
+}
+
+/// Counts lines the broker did not take.
+struct Delivery {
+    failed: Arc<AtomicU64>,
+}
+
+impl ClientContext for Delivery {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        Context.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        Context.error(error, reason);
+    }
+}
+
+impl ProducerContext for Delivery {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if result.is_err() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The node's producer for task output.
+pub struct LogSink {
+    producer: Arc<BaseProducer<Delivery>>,
+    topic: String,
+    node: String,
+    stop: Arc<AtomicBool>,
+    /// Lines that could not be delivered (counted, logged now and then).
+    pub failed: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for LogSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogSink").field("topic", &self.topic).finish()
+    }
+}
+
+impl LogSink {
+    /// A producer of its own for `node`'s task output.
+    pub fn new(config: &BusConfig, node: &str) -> Result<LogSink, BusError> {
+        let failed = Arc::new(AtomicU64::new(0));
+        let producer: BaseProducer<Delivery> = config
+            .client_config(&[
+                ("client.id", "shiva-logs".into()),
+                ("enable.idempotence", "false".into()),
+                ("acks", "1".into()),
+                ("linger.ms", "25".into()),
+                ("batch.num.messages", "2000".into()),
+                ("queue.buffering.max.messages", "20000".into()),
+                ("queue.buffering.max.kbytes", "32768".into()),
+                ("message.timeout.ms", "60000".into()),
+                ("message.max.bytes", "2000000".into()),
+            ])
+            .create_with_context(Delivery { failed: failed.clone() })
+            .map_err(|err| BusError::Kafka(format!("failed to create the logs producer: {err}")))?;
+        let producer = Arc::new(producer);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (poller, stopped) = (producer.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("shiva-logs".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    poller.poll(Duration::from_millis(200));
+                }
+            })
+            .map_err(|err| BusError::Kafka(format!("failed to start the logs producer thread: {err}")))?;
+        Ok(LogSink { producer, topic: config.topics.logs(), node: node.to_owned(), stop, failed })
+    }
+
+    /// Queues one line. `Err(true)`: the local queue is full, try again shortly; `Err(false)`:
+    /// the line cannot be sent (too large…).
+    pub fn send(&self, line: LogLine<'_>) -> Result<(), bool> {
+        let mut headers = OwnedHeaders::new()
+            .insert(Header { key: "run", value: Some(line.run) })
+            .insert(Header { key: "stream", value: Some(line.stream) })
+            .insert(Header { key: "node", value: Some(self.node.as_str()) });
+        if !line.eol {
+            headers = headers.insert(Header { key: "eol", value: Some("0") });
+        }
+        let record = BaseRecord::<str, [u8]>::to(&self.topic)
+            .key(line.task)
+            .payload(line.bytes)
+            .headers(headers)
+            .partition(0);
+        match self.producer.send(record) {
+            Ok(()) => Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(true),
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                Err(false)
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for queued lines to be delivered.
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer.flush(timeout);
+    }
+}
+
+impl Drop for LogSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A line read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedLine {
+    /// Offset in the logs topic.
+    pub offset: i64,
+    /// Broker timestamp (ms since the Unix epoch), when known.
+    pub timestamp_ms: Option<i64>,
+    /// Task id.
+    pub task: String,
+    /// Run id.
+    pub run: String,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// Node that ran it.
+    pub node: String,
+    /// Whether the line ended with a newline.
+    pub eol: bool,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Reads the logs topic from its beginning.
+pub struct LogReader {
+    consumer: BaseConsumer<Context>,
+    topic: String,
+    position: i64,
+}
+
+impl LogReader {
+    /// A reader of `config`'s cluster's logs topic, from offset 0.
+    pub fn new(config: &BusConfig) -> Result<LogReader, BusError> {
+        let consumer: BaseConsumer<Context> = config
+            .client_config(&[
+                ("enable.auto.commit", "false".into()),
+                ("enable.partition.eof", "false".into()),
+                ("auto.offset.reset", "earliest".into()),
+                ("fetch.wait.max.ms", "100".into()),
+                ("group.id", "shiva-logs-unused".into()),
+            ])
+            .create_with_context(Context)
+            .map_err(|err| BusError::Kafka(format!("failed to create a consumer: {err}")))?;
+        let topic = config.topics.logs();
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(&topic, 0, Offset::Beginning)
+            .map_err(|err| BusError::Kafka(err.to_string()))?;
+        consumer
+            .assign(&assignment)
+            .map_err(|err| BusError::Kafka(format!("failed to assign {topic}: {err}")))?;
+        Ok(LogReader { consumer, topic, position: 0 })
+    }
+
+    /// The topic's current end (next offset).
+    pub fn end(&self, timeout: Duration) -> Result<i64, BusError> {
+        let (_, high) = self
+            .consumer
+            .fetch_watermarks(&self.topic, 0, timeout)
+            .map_err(|err| BusError::Kafka(format!("cannot read the end of {}: {err}", self.topic)))?;
+        Ok(high)
+    }
+
+    /// Where the next record will come from.
+    pub fn position(&self) -> i64 {
+        self.position
+    }
+
+    /// The next line, waiting at most `timeout` (`Ok(None)`: none yet).
+    pub fn next(&mut self, timeout: Duration) -> Result<Option<LoggedLine>, BusError> {
+        let message = match self.consumer.poll(timeout) {
+            None => return Ok(None),
+            Some(Err(err)) => return Err(BusError::Kafka(format!("failed to read {}: {err}", self.topic))),
+            Some(Ok(message)) => message,
+        };
+        if message.offset() < self.position {
+            // Served again (see the control reader): already delivered.
+            return Ok(None);
+        }
+        self.position = message.offset() + 1;
+        let mut line = LoggedLine {
+            offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
+            task: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+            run: String::new(),
+            stream: String::new(),
+            node: String::new(),
+            eol: true,
+            bytes: message.payload().unwrap_or_default().to_vec(),
+        };
+        if let Some(headers) = message.headers() {
+            for header in headers.iter() {
+                let value = String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned();
+                match header.key {
+                    "run" => line.run = value,
+                    "stream" => line.stream = value,
+                    "node" => line.node = value,
+                    "eol" => line.eol = value != "0",
+                    _ => {}
+                }
+            }
+        }
+        Ok(Some(line))
+    }
+}

@@ -1,0 +1,149 @@
+//! Shipping task output to the `logs` topic: one follower per run tails the run's segments (see
+//! [`crate::runlog`]) and sends each line through the node's log producer, which has a client of
+//! its own. Each task has a byte budget per second (`--log-rate`, with a burst of two seconds'
+//! worth): a flooding task's lines wait on disk, never in front of a heartbeat. Lines that
+//! rotate away before they could be shipped are replaced by one line saying so.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shiva_bus::logs::{LogLine, LogSink};
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use crate::runlog::{RunLog, SegmentReader};
+
+/// How often an idle follower looks for new output.
+const POLL: Duration = Duration::from_millis(200);
+/// Each line costs its bytes plus this (so a flood of empty lines is limited too).
+const LINE_COST: u64 = 64;
+
+/// A token bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub fn full(burst: f64, now: Instant) -> Bucket {
+        Bucket { tokens: burst, at: now }
+    }
+
+    /// Takes `cost` at `now` with `rate` per second refilled up to `burst`; returns how long to
+    /// wait before the cost is covered (zero: at once).
+    pub fn take(&mut self, cost: f64, rate: f64, burst: f64, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.at = now;
+        self.tokens -= cost;
+        if self.tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-self.tokens / rate) }
+    }
+}
+
+/// The node's log shipping.
+pub struct LogShipper {
+    sink: LogSink,
+    /// Bytes per second per task.
+    rate: f64,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl std::fmt::Debug for LogShipper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogShipper").field("rate", &self.rate).finish()
+    }
+}
+
+impl LogShipper {
+    /// Ships through `sink`, `rate` bytes per second per task.
+    pub fn new(sink: LogSink, rate: u64) -> LogShipper {
+        LogShipper { sink, rate: rate.max(1) as f64, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    fn wait_for(&self, task: &str, cost: u64) -> Duration {
+        let now = Instant::now();
+        let burst = self.rate * 2.0;
+        let mut buckets = self.buckets.lock().expect("buckets");
+        let bucket = buckets.entry(task.to_owned()).or_insert_with(|| Bucket::full(burst, now));
+        bucket.take(cost as f64, self.rate, burst, now)
+    }
+
+    async fn send(&self, line: LogLine<'_>) {
+        let wait = self.wait_for(line.task, line.bytes.len() as u64 + LINE_COST);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        for _ in 0..500 {
+            match self.sink.send(line) {
+                Ok(()) | Err(false) => return,
+                Err(true) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        warn!(task = line.task, run = line.run, "the logs producer stayed full for 10s; a line was dropped");
+    }
+
+    /// Follows run `log` of `task` until `ended` fires and everything written is shipped.
+    pub fn follow(self: &Arc<Self>, task: String, log: RunLog, mut ended: oneshot::Receiver<()>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let run = log.run.clone();
+            let mut reader = SegmentReader::new(log);
+            let mut over = false;
+            loop {
+                let batch = reader.read(256 * 1024);
+                if batch.skipped_segments > 0 {
+                    let note = format!(
+                        "[shiva: {} segment(s) of this run's output rotated away on the node before they could be shipped]",
+                        batch.skipped_segments
+                    );
+                    let line = LogLine {
+                        task: &task,
+                        run: &run,
+                        stream: "stderr",
+                        eol: true,
+                        bytes: note.as_bytes(),
+                    };
+                    this.send(line).await;
+                }
+                let idle = batch.lines.is_empty();
+                for line in &batch.lines {
+                    let stream = line.stream.as_str();
+                    let line = LogLine { task: &task, run: &run, stream, eol: line.eol, bytes: &line.bytes };
+                    this.send(line).await;
+                }
+                if idle {
+                    if over {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = &mut ended => over = true,
+                        _ = tokio::time::sleep(POLL) => {}
+                    }
+                }
+            }
+        });
+    }
+
+    /// Waits up to `timeout` for queued lines to be delivered.
+    pub fn flush(&self, timeout: Duration) {
+        self.sink.flush(timeout);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::full(2000.0, t0);
+        assert_eq!(bucket.take(1500.0, 1000.0, 2000.0, t0), Duration::ZERO);
+        assert_eq!(bucket.take(1500.0, 1000.0, 2000.0, t0), Duration::from_secs(1), "1000 short at 1000/s");
+        // Two seconds later the debt is paid and 1000 more have come in.
+        assert_eq!(bucket.take(1000.0, 1000.0, 2000.0, t0 + Duration::from_secs(2)), Duration::ZERO);
+    }
+}

@@ -1,0 +1,364 @@
+//! A run's captured output, on disk: the shim splits the task's stdout and stderr into lines
+//! and appends them to numbered segment files `<dir>/<run>.<n>.log`, starting a new segment past
+//! `segment_bytes` and deleting the oldest beyond `keep`. The node tails the segments and ships
+//! each line to the `logs` topic (see [`crate::logship`]).
+//!
+//! One record per line of the file: a stream byte (`o` stdout, `e` stderr), a flag byte (` `
+//! the line ended with a newline, `~` it did not: the output ended first), the line's bytes as
+//! written (any bytes but `\n`), then `\n`. A line longer than `max_line` keeps its first
+//! `max_line` bytes followed by ` [shiva: line truncated, N bytes dropped]`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where and how a run's output is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunLog {
+    /// Directory of the task's segments.
+    pub dir: PathBuf,
+    /// The run (segment names start with it).
+    pub run: String,
+    /// A segment past this size is closed and a new one started.
+    pub segment_bytes: u64,
+    /// Segments kept per run (the oldest go first).
+    pub keep: u32,
+    /// Longest line kept whole.
+    pub max_line: usize,
+}
+
+impl RunLog {
+    /// The path of segment `n`.
+    pub fn segment(&self, n: u64) -> PathBuf {
+        self.dir.join(format!("{}.{n}.log", self.run))
+    }
+}
+
+/// Which stream a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// stdout.
+    Stdout,
+    /// stderr.
+    Stderr,
+}
+
+impl Stream {
+    /// The name in record headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// One captured line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// Its stream.
+    pub stream: Stream,
+    /// Whether it ended with a newline.
+    pub eol: bool,
+    /// Its bytes (without the newline).
+    pub bytes: Vec<u8>,
+}
+
+/// Appends lines to a run's segments (the shim's side).
+#[derive(Debug)]
+pub struct SegmentWriter {
+    log: RunLog,
+    current: u64,
+    file: File,
+    size: u64,
+}
+
+impl SegmentWriter {
+    /// Starts segment 0.
+    pub fn create(log: RunLog) -> io::Result<SegmentWriter> {
+        fs::create_dir_all(&log.dir)?;
+        let file = OpenOptions::new().create(true).append(true).open(log.segment(0))?;
+        Ok(SegmentWriter { log, current: 0, file, size: 0 })
+    }
+
+    /// Appends one line (one `write`, so a reader never sees half of it... nearly: it checks).
+    pub fn append(&mut self, line: &Line) -> io::Result<()> {
+        let mut record = Vec::with_capacity(line.bytes.len() + 3);
+        record.push(match line.stream {
+            Stream::Stdout => b'o',
+            Stream::Stderr => b'e',
+        });
+        record.push(if line.eol { b' ' } else { b'~' });
+        record.extend_from_slice(&line.bytes);
+        record.push(b'\n');
+        if self.size > 0 && self.size + record.len() as u64 > self.log.segment_bytes {
+            self.rotate()?;
+        }
+        self.file.write_all(&record)?;
+        self.size += record.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.current += 1;
+        self.file = OpenOptions::new().create(true).append(true).open(self.log.segment(self.current))?;
+        self.size = 0;
+        if let Some(old) = self.current.checked_sub(self.log.keep as u64) {
+            let _ = fs::remove_file(self.log.segment(old));
+        }
+        Ok(())
+    }
+}
+
+/// Splits a byte stream into lines, truncating long ones.
+#[derive(Debug)]
+pub struct Splitter {
+    stream: Stream,
+    max_line: usize,
+    line: Vec<u8>,
+    dropped: u64,
+}
+
+impl Splitter {
+    /// A splitter for `stream`.
+    pub fn new(stream: Stream, max_line: usize) -> Splitter {
+        Splitter { stream, max_line, line: Vec::new(), dropped: 0 }
+    }
+
+    /// Takes in `bytes`; returns the lines they complete.
+    pub fn push(&mut self, mut bytes: &[u8]) -> Vec<Line> {
+        let mut lines = Vec::new();
+        while !bytes.is_empty() {
+            let end = bytes.iter().position(|b| *b == b'\n');
+            let chunk = &bytes[..end.unwrap_or(bytes.len())];
+            let room = self.max_line.saturating_sub(self.line.len());
+            self.line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            self.dropped += chunk.len().saturating_sub(room) as u64;
+            match end {
+                Some(end) => {
+                    lines.push(self.take(true));
+                    bytes = &bytes[end + 1..];
+                }
+                None => bytes = &[],
+            }
+        }
+        lines
+    }
+
+    /// The stream ended: the last line without a newline, if any.
+    pub fn finish(&mut self) -> Option<Line> {
+        (!self.line.is_empty() || self.dropped > 0).then(|| self.take(false))
+    }
+
+    fn take(&mut self, eol: bool) -> Line {
+        let mut bytes = std::mem::take(&mut self.line);
+        if self.dropped > 0 {
+            bytes.extend_from_slice(
+                format!(" [shiva: line truncated, {} bytes dropped]", self.dropped).as_bytes(),
+            );
+            self.dropped = 0;
+        }
+        Line { stream: self.stream, eol, bytes }
+    }
+}
+
+/// Reads a stream to its end into `writer`, line by line.
+pub fn capture(
+    mut input: impl Read,
+    stream: Stream,
+    max_line: usize,
+    writer: &std::sync::Mutex<SegmentWriter>,
+) {
+    let mut splitter = Splitter::new(stream, max_line);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        for line in splitter.push(&buf[..n]) {
+            let _ = writer.lock().expect("log writer").append(&line);
+        }
+    }
+    if let Some(line) = splitter.finish() {
+        let _ = writer.lock().expect("log writer").append(&line);
+    }
+}
+
+/// Follows a run's segments (the node's side): returns whole records as they appear.
+#[derive(Debug)]
+pub struct SegmentReader {
+    log: RunLog,
+    current: u64,
+    file: Option<File>,
+    pending: Vec<u8>,
+}
+
+/// What a read found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Whole lines, in order.
+    pub lines: Vec<Line>,
+    /// Segments that were deleted before they were read (lines lost to the rotation).
+    pub skipped_segments: u64,
+}
+
+impl SegmentReader {
+    /// Starts at segment 0.
+    pub fn new(log: RunLog) -> SegmentReader {
+        SegmentReader { log, current: 0, file: None, pending: Vec::new() }
+    }
+
+    /// Reads what is new, at most about `budget` bytes.
+    pub fn read(&mut self, budget: usize) -> Batch {
+        let mut batch = Batch::default();
+        let mut read = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if self.file.is_none() {
+                match File::open(self.log.segment(self.current)) {
+                    Ok(file) => self.file = Some(file),
+                    Err(_) => {
+                        // Rotated away unread? Go on with the oldest later segment still there.
+                        let Some(next) = self.next_existing() else { return batch };
+                        batch.skipped_segments += next - self.current;
+                        self.current = next;
+                        self.pending.clear();
+                        continue;
+                    }
+                }
+            }
+            let file = self.file.as_mut().expect("opened above");
+            let n = file.read(&mut buf).unwrap_or(0);
+            if n > 0 {
+                read += n;
+                self.take_in(&buf[..n], &mut batch.lines);
+                if read >= budget {
+                    return batch;
+                }
+                continue;
+            }
+            // At the end of this segment: move on only once a later one exists (the writer
+            // has finished this one: it writes whole records before it rotates); segments in
+            // between were rotated away unread.
+            let Some(next) = self.next_existing() else { return batch };
+            let file = self.file.as_mut().expect("opened above");
+            let n = file.read(&mut buf).unwrap_or(0);
+            if n > 0 {
+                self.take_in(&buf[..n], &mut batch.lines);
+                continue;
+            }
+            batch.skipped_segments += next - self.current - 1;
+            self.current = next;
+            self.file = None;
+            self.pending.clear();
+        }
+    }
+
+    fn take_in(&mut self, bytes: &[u8], lines: &mut Vec<Line>) {
+        self.pending.extend_from_slice(bytes);
+        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+            let record: Vec<u8> = self.pending.drain(..=end).collect();
+            if let Some(line) = decode(&record[..record.len() - 1]) {
+                lines.push(line);
+            }
+        }
+    }
+
+    /// The first segment after the current one that still exists.
+    fn next_existing(&self) -> Option<u64> {
+        (self.current + 1..=self.current + 1 + self.log.keep as u64 + 64)
+            .find(|n| self.log.segment(*n).exists())
+    }
+}
+
+fn decode(record: &[u8]) -> Option<Line> {
+    let stream = match record.first()? {
+        b'o' => Stream::Stdout,
+        b'e' => Stream::Stderr,
+        _ => return None,
+    };
+    let eol = *record.get(1)? != b'~';
+    Some(Line { stream, eol, bytes: record[2..].to_vec() })
+}
+
+/// Deletes the segments of runs other than the newest `keep_runs` in `dir` (by modification
+/// time), so finished runs do not fill the disk.
+pub fn prune(dir: &Path, keep_runs: usize) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let mut runs: std::collections::BTreeMap<String, std::time::SystemTime> = Default::default();
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(run) = name.split('.').next().map(str::to_owned) else { continue };
+        let modified = entry.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+        let newest = runs.entry(run.clone()).or_insert(modified);
+        *newest = (*newest).max(modified);
+        files.push((run, entry.path()));
+    }
+    let mut order: Vec<(std::time::SystemTime, String)> =
+        runs.into_iter().map(|(run, at)| (at, run)).collect();
+    order.sort();
+    let old: std::collections::BTreeSet<String> =
+        order.iter().rev().skip(keep_runs).map(|(_, run)| run.clone()).collect();
+    for (run, path) in files {
+        if old.contains(&run) {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(dir: &Path, segment_bytes: u64) -> RunLog {
+        RunLog { dir: dir.to_path_buf(), run: "r1".into(), segment_bytes, keep: 3, max_line: 16 }
+    }
+
+    #[test]
+    fn lines_split_truncate_and_keep_a_last_partial_line() {
+        let mut splitter = Splitter::new(Stream::Stdout, 8);
+        let lines = splitter.push(b"ab\ncd\xff\xfe\nthis line is long\npart");
+        let text: Vec<&[u8]> = lines.iter().map(|l| l.bytes.as_slice()).collect();
+        assert_eq!(text[0], b"ab");
+        assert_eq!(text[1], b"cd\xff\xfe", "bytes are kept as they are");
+        assert_eq!(text[2], b"this lin [shiva: line truncated, 9 bytes dropped]");
+        assert!(lines.iter().all(|l| l.eol));
+        assert_eq!(splitter.push(b"ial"), vec![]);
+        let last = splitter.finish().unwrap();
+        assert_eq!((last.bytes.as_slice(), last.eol), (&b"partial"[..], false));
+        assert_eq!(splitter.finish(), None);
+    }
+
+    #[test]
+    fn the_reader_follows_rotations_in_order_and_reports_segments_it_lost() {
+        let dir = std::env::temp_dir().join(format!("shiva-runlog-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mut writer = SegmentWriter::create(log(&dir, 40)).unwrap();
+        let mut reader = SegmentReader::new(log(&dir, 40));
+        let line = |i: usize| Line {
+            stream: Stream::Stderr,
+            eol: i % 2 == 0,
+            bytes: format!("line {i}").into_bytes(),
+        };
+        for i in 0..10 {
+            writer.append(&line(i)).unwrap();
+        }
+        let batch = reader.read(usize::MAX);
+        assert_eq!(batch.lines, (0..10).map(line).collect::<Vec<_>>());
+        assert_eq!(batch.skipped_segments, 0);
+        // The reader falls far behind: older segments are deleted before it reads them.
+        for i in 10..40 {
+            writer.append(&line(i)).unwrap();
+        }
+        let batch = reader.read(usize::MAX);
+        assert!(batch.skipped_segments > 0);
+        assert_eq!(batch.lines.last(), Some(&line(39)));
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
