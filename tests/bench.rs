@@ -13,6 +13,9 @@ use shiva_e2e::{Broker, Ctl, Node, cluster, scratch, wait_until};
 use shiva_proto::{LogView, TaskId, TaskSpec, TopicKind};
 use tokio::sync::mpsc;
 
+#[path = "bench_supervise.rs"]
+mod supervise;
+
 fn now_ns() -> i128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128
 }
@@ -474,7 +477,7 @@ fn main() {
     let broker = Broker::start_with_interval(&compaction);
     let mut report = Vec::new();
 
-    // `--only a,b` runs some sections: rtt, idle, floor, cron, resume, cluster.
+    // `--only a,b` runs some sections: rtt, idle, floor, cron, resume, supervise, cluster.
     let only = args.iter().position(|arg| arg == "--only").map(|i| args[i + 1].clone());
     let wants = |section: &str| only.as_ref().is_none_or(|list| list.split(',').any(|s| s == section));
     for wait in [10, 12, 20].into_iter().filter(|_| wants("rtt")) {
@@ -554,6 +557,14 @@ fn main() {
             to_intent,
             rss as f64 / 1024.0
         ));
+    }
+
+    if wants("supervise") {
+        let window = Duration::from_secs(if quick { 10 } else { 30 });
+        let restarts = if quick { 20 } else { 100 };
+        let mut shiva = supervise::shiva(&broker, window, restarts);
+        let mut supervisord = supervise::supervisord(window, restarts);
+        report.extend(supervise::rows(&mut shiva, &mut supervisord, window));
     }
 
     if wants("cluster") {

@@ -1,8 +1,9 @@
 //! The `shiva.<cluster>.logs` topic: task output, one record per line.
 //!
-//! * key: the task id; value: the line's bytes as the task wrote them (without the newline);
-//! * headers: `run` (run id), `stream` (`stdout` or `stderr`), `node`, and `eol: 0` on a last line
-//!   that had no newline;
+//! * key: the task id; value: consecutive whole lines of one stream, bytes exactly as the task
+//!   wrote them, newlines included (the last line of a run's output may lack its newline), at most
+//!   about 64 KiB: batching lines keeps the record count (and the broker's work) low;
+//! * headers: `run` (run id), `stream` (`stdout` or `stderr`), `node`;
 //! * one partition, `cleanup.policy=delete`, time retention (`--log-retention` of the node that
 //!   creates it).
 //!
@@ -57,18 +58,16 @@ pub async fn ensure_logs_topic(
     Ok(())
 }
 
-/// One line to ship.
+/// Lines to ship: whole lines of one stream of one run.
 #[derive(Debug, Clone, Copy)]
-pub struct LogLine<'a> {
+pub struct LogChunk<'a> {
     /// Task id (the key).
     pub task: &'a str,
     /// Run id.
     pub run: &'a str,
     /// `stdout` or `stderr`.
     pub stream: &'a str,
-    /// Whether the line ended with a newline.
-    pub eol: bool,
-    /// The bytes.
+    /// The bytes, newlines included.
     pub bytes: &'a [u8],
 }
 
@@ -145,16 +144,13 @@ impl LogSink {
         Ok(LogSink { producer, topic: config.topics.logs(), node: node.to_owned(), stop, failed })
     }
 
-    /// Queues one line. `Err(true)`: the local queue is full, try again shortly; `Err(false)`:
-    /// the line cannot be sent (too large…).
-    pub fn send(&self, line: LogLine<'_>) -> Result<(), bool> {
-        let mut headers = OwnedHeaders::new()
+    /// Queues one chunk. `Err(true)`: the local queue is full, try again shortly; `Err(false)`:
+    /// the chunk cannot be sent (too large…).
+    pub fn send(&self, line: LogChunk<'_>) -> Result<(), bool> {
+        let headers = OwnedHeaders::new()
             .insert(Header { key: "run", value: Some(line.run) })
             .insert(Header { key: "stream", value: Some(line.stream) })
             .insert(Header { key: "node", value: Some(self.node.as_str()) });
-        if !line.eol {
-            headers = headers.insert(Header { key: "eol", value: Some("0") });
-        }
         let record = BaseRecord::<str, [u8]>::to(&self.topic)
             .key(line.task)
             .payload(line.bytes)
@@ -182,9 +178,9 @@ impl Drop for LogSink {
     }
 }
 
-/// A line read back.
+/// A chunk read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoggedLine {
+pub struct LoggedChunk {
     /// Offset in the logs topic.
     pub offset: i64,
     /// Broker timestamp (ms since the Unix epoch), when known.
@@ -197,9 +193,7 @@ pub struct LoggedLine {
     pub stream: String,
     /// Node that ran it.
     pub node: String,
-    /// Whether the line ended with a newline.
-    pub eol: bool,
-    /// The bytes.
+    /// The bytes, newlines included.
     pub bytes: Vec<u8>,
 }
 
@@ -248,8 +242,8 @@ impl LogReader {
         self.position
     }
 
-    /// The next line, waiting at most `timeout` (`Ok(None)`: none yet).
-    pub fn next(&mut self, timeout: Duration) -> Result<Option<LoggedLine>, BusError> {
+    /// The next chunk, waiting at most `timeout` (`Ok(None)`: none yet).
+    pub fn next(&mut self, timeout: Duration) -> Result<Option<LoggedChunk>, BusError> {
         let message = match self.consumer.poll(timeout) {
             None => return Ok(None),
             Some(Err(err)) => return Err(BusError::Kafka(format!("failed to read {}: {err}", self.topic))),
@@ -260,14 +254,13 @@ impl LogReader {
             return Ok(None);
         }
         self.position = message.offset() + 1;
-        let mut line = LoggedLine {
+        let mut line = LoggedChunk {
             offset: message.offset(),
             timestamp_ms: message.timestamp().to_millis(),
             task: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
             run: String::new(),
             stream: String::new(),
             node: String::new(),
-            eol: true,
             bytes: message.payload().unwrap_or_default().to_vec(),
         };
         if let Some(headers) = message.headers() {
@@ -277,7 +270,6 @@ impl LogReader {
                     "run" => line.run = value,
                     "stream" => line.stream = value,
                     "node" => line.node = value,
-                    "eol" => line.eol = value != "0",
                     _ => {}
                 }
             }

@@ -1,7 +1,7 @@
 //! `logs`: a task's output, read back from the logs topic.
 //!
-//! Lines are printed as the task wrote them (bytes untouched, invalid UTF-8 included), each
-//! followed by a newline unless the task's output ended without one.
+//! Output is printed as the task wrote it: bytes untouched (invalid UTF-8 included), whole lines,
+//! the last one without a newline when the task's output ended without one.
 
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -89,8 +89,7 @@ fn read(
         if !wanted {
             continue;
         }
-        let written =
-            out.write_all(&line.bytes).and_then(|()| if line.eol { out.write_all(b"\n") } else { Ok(()) });
+        let written = out.write_all(&line.bytes);
         if let Err(err) = written {
             // A closed pipe (`logs … | head`) ends the command quietly.
             if err.kind() == std::io::ErrorKind::BrokenPipe {

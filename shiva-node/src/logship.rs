@@ -8,16 +8,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shiva_bus::logs::{LogLine, LogSink};
+use shiva_bus::logs::{LogChunk, LogSink};
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use crate::runlog::{RunLog, SegmentReader};
+use crate::runlog::{Line, RunLog, SegmentReader, Stream};
 
 /// How often an idle follower looks for new output.
 const POLL: Duration = Duration::from_millis(200);
-/// Each line costs its bytes plus this (so a flood of empty lines is limited too).
-const LINE_COST: u64 = 64;
+/// Each record costs its bytes plus this.
+const RECORD_COST: u64 = 64;
+/// Lines of one stream are shipped together up to about this many bytes per record.
+const CHUNK: usize = 64 * 1024;
 
 /// A token bucket.
 #[derive(Debug, Clone, Copy)]
@@ -71,8 +73,8 @@ impl LogShipper {
         bucket.take(cost as f64, self.rate, burst, now)
     }
 
-    async fn send(&self, line: LogLine<'_>) {
-        let wait = self.wait_for(line.task, line.bytes.len() as u64 + LINE_COST);
+    async fn send(&self, line: LogChunk<'_>) {
+        let wait = self.wait_for(line.task, line.bytes.len() as u64 + RECORD_COST);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -82,7 +84,7 @@ impl LogShipper {
                 Err(true) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
-        warn!(task = line.task, run = line.run, "the logs producer stayed full for 10s; a line was dropped");
+        warn!(task = line.task, run = line.run, "the logs producer stayed full for 10s; output was dropped");
     }
 
     /// Follows run `log` of `task` until `ended` fires and everything written is shipped.
@@ -99,20 +101,14 @@ impl LogShipper {
                         "[shiva: {} segment(s) of this run's output rotated away on the node before they could be shipped]",
                         batch.skipped_segments
                     );
-                    let line = LogLine {
-                        task: &task,
-                        run: &run,
-                        stream: "stderr",
-                        eol: true,
-                        bytes: note.as_bytes(),
-                    };
-                    this.send(line).await;
+                    let note = format!("{note}\n");
+                    this.send(LogChunk { task: &task, run: &run, stream: "stderr", bytes: note.as_bytes() })
+                        .await;
                 }
                 let idle = batch.lines.is_empty();
-                for line in &batch.lines {
-                    let stream = line.stream.as_str();
-                    let line = LogLine { task: &task, run: &run, stream, eol: line.eol, bytes: &line.bytes };
-                    this.send(line).await;
+                for (stream, bytes) in chunks(&batch.lines) {
+                    this.send(LogChunk { task: &task, run: &run, stream: stream.as_str(), bytes: &bytes })
+                        .await;
                 }
                 if idle {
                     if over {
@@ -133,9 +129,49 @@ impl LogShipper {
     }
 }
 
+/// Groups consecutive lines of one stream into records of about [`CHUNK`] bytes, newlines put
+/// back (but after a last line that had none).
+fn chunks(lines: &[Line]) -> Vec<(Stream, Vec<u8>)> {
+    let mut chunks: Vec<(Stream, Vec<u8>)> = Vec::new();
+    for line in lines {
+        match chunks.last_mut() {
+            Some((stream, bytes)) if *stream == line.stream && bytes.len() + line.bytes.len() < CHUNK => {
+                bytes.extend_from_slice(&line.bytes);
+            }
+            _ => chunks.push((line.stream, line.bytes.clone())),
+        }
+        if line.eol {
+            chunks.last_mut().expect("pushed above").1.push(b'\n');
+        }
+    }
+    chunks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_of_one_stream_travel_together_with_their_newlines() {
+        let line = |stream, eol, text: &str| Line { stream, eol, bytes: text.as_bytes().to_vec() };
+        let lines = [
+            line(Stream::Stdout, true, "a"),
+            line(Stream::Stdout, true, "b"),
+            line(Stream::Stderr, true, "oops"),
+            line(Stream::Stdout, false, "end"),
+        ];
+        let got = chunks(&lines);
+        assert_eq!(
+            got,
+            vec![
+                (Stream::Stdout, b"a\nb\n".to_vec()),
+                (Stream::Stderr, b"oops\n".to_vec()),
+                (Stream::Stdout, b"end".to_vec())
+            ]
+        );
+        let long: Vec<Line> = (0..3).map(|_| line(Stream::Stdout, true, &"x".repeat(40_000))).collect();
+        assert_eq!(chunks(&long).len(), 3, "a record stays near 64 KiB");
+    }
 
     #[test]
     fn the_bucket_allows_a_burst_then_the_rate() {

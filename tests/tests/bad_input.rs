@@ -104,7 +104,18 @@ fn invalid_specs_and_flags_exit_2_naming_the_field() {
         (r#"{"id":"a","command":""}"#, "command"),
         (r#"{"id":"a","command":"x","env":{"SHIVA_TASK_ID":"1"}}"#, "env.SHIVA_TASK_ID"),
         ("not json", "expected"),
+        (r#"{"id":"a","command":"x","files":{"../etc/passwd":"x"}}"#, "files.../etc/passwd"),
+        (r#"{"id":"a","command":"x","files":{"/etc/passwd":"x"}}"#, "files./etc/passwd"),
+        (r#"{"id":"a","command":"x","stop_signal":"SIGFOO"}"#, "stop_signal"),
+        (r#"{"id":"a","command":"x","memory_max":"lots"}"#, "memory_max"),
+        (r#"{"id":"a","command":"x","rlimits":{"files":1}}"#, "rlimits.files"),
     ];
+    let big = format!(
+        r#"{{"id":"a","command":"x","files":{{"a":"{}","b":"{}"}}}}"#,
+        "x".repeat(600_000),
+        "y".repeat(600_000)
+    );
+    let cases: Vec<(&str, &str)> = cases.iter().copied().chain([(big.as_str(), "above the cap")]).collect();
     for (index, (spec, field)) in cases.iter().enumerate() {
         let path = dir.join(format!("spec{index}.json"));
         std::fs::write(&path, spec).unwrap();
@@ -113,7 +124,8 @@ fn invalid_specs_and_flags_exit_2_naming_the_field() {
         assert_eq!(output.status.code(), Some(2), "{spec}: {stderr}");
         assert!(stderr.contains(field), "{spec}: message should name '{field}': {stderr}");
     }
-    let flag_cases: [(&[&str], &str); 9] = [
+    let flag_cases: [(&[&str], &str); 10] = [
+        (&["logs", "a", "--run", "not-a-run"], "--run"),
         (&["submit", "--id", "a", "--schedule", "61 * * * *", "--", "x"], "schedule[0]"),
         (&["submit", "--id", "a", "--schedule", "@hourly", "--timezone", "Mars/Base", "--", "x"], "timezone"),
         (&["submit", "--id", "a", "--schedule", "@hourly", "--catch-up", "most", "--", "x"], "--catch-up"),

@@ -1,0 +1,198 @@
+//! Supervision side by side with supervisord (Debian's `supervisor` package), in the same run:
+//! idle RSS and CPU with 50 sleeping tasks, and restart latency (exit → restarted) with no
+//! back-off. Shiva's figures count the node and every run shim; the broker is not counted (it
+//! serves the whole cluster, and supervisord has none).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+use shiva_e2e::{Broker, Ctl, Node, cluster, scratch, wait_until};
+
+use crate::{cpu_ns, rss_kb, summary};
+
+/// What one supervisor costs.
+pub struct Figures {
+    /// RSS in kB (supervisor and its helpers, not the tasks).
+    pub rss_kb: u64,
+    /// CPU in % of a core over the window.
+    pub cpu: f64,
+    /// Exit → restarted, ms.
+    pub restart_ms: Vec<f64>,
+}
+
+const TASKS: usize = 50;
+
+fn children(pid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return found };
+    for thread in threads.flatten() {
+        let text = std::fs::read_to_string(thread.path().join("children")).unwrap_or_default();
+        found.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+    }
+    found
+}
+
+fn shims(node: i32) -> Vec<i32> {
+    children(node)
+        .into_iter()
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.split(|b| *b == 0).nth(1) == Some(b"__shim".as_slice())
+        })
+        .collect()
+}
+
+/// RSS and CPU of `pids()` (re-listed at the end of the window) over `window`.
+fn measure(pids: impl Fn() -> Vec<i32>, window: Duration) -> (u64, f64) {
+    let before: Vec<(i32, u64)> = pids().into_iter().map(|pid| (pid, cpu_ns(pid))).collect();
+    std::thread::sleep(window);
+    let used: u64 = before.iter().map(|(pid, at)| cpu_ns(*pid).saturating_sub(*at)).sum();
+    let rss = pids().into_iter().map(rss_kb).sum();
+    (rss, used as f64 / window.as_nanos() as f64 * 100.0)
+}
+
+/// A script that stamps its start and its exit into `file`, then exits 1 after 200 ms.
+fn flapping(file: &Path) -> String {
+    format!(
+        "echo \"s $(date +%s%N)\" >> {f}; sleep 0.2; echo \"e $(date +%s%N)\" >> {f}; exit 1",
+        f = file.display()
+    )
+}
+
+/// Exit → next start, in ms, from a stamp file.
+fn restart_gaps(file: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let mut gaps = Vec::new();
+    let mut exited: Option<i128> = None;
+    for line in text.lines() {
+        let Some((kind, at)) = line.split_once(' ') else { continue };
+        let Ok(at) = at.parse::<i128>() else { continue };
+        match (kind, exited) {
+            ("e", _) => exited = Some(at),
+            ("s", Some(exit)) => {
+                gaps.push((at - exit) as f64 / 1e6);
+                exited = None;
+            }
+            _ => {}
+        }
+    }
+    gaps
+}
+
+fn count_lines(file: &Path, prefix: &str) -> usize {
+    std::fs::read_to_string(file).unwrap_or_default().lines().filter(|l| l.starts_with(prefix)).count()
+}
+
+/// Shiva: one node, 50 sleeping tasks, then a flapping task with no back-off.
+pub fn shiva(broker: &Broker, window: Duration, restarts: usize) -> Figures {
+    let name = cluster("sup");
+    let node = Node::launch(broker, &name, "s1", &[]);
+    let ctl = Ctl::new(broker, &name);
+    let dir = scratch("sup-shiva");
+    for i in 0..TASKS {
+        let spec =
+            json!({"id": format!("sleep/t{i}"), "command": "sleep", "args": ["100000"], "stop_grace": "1s"});
+        let path = dir.join(format!("t{i}.json"));
+        std::fs::write(&path, spec.to_string()).unwrap();
+        ctl.ok(&["submit", path.to_str().unwrap()]);
+    }
+    let pid = node.pid();
+    wait_until(Duration::from_secs(60), "50 shims running", || shims(pid).len() == TASKS);
+    std::thread::sleep(Duration::from_secs(5));
+    let (rss, cpu) = measure(|| std::iter::once(pid).chain(shims(pid)).collect(), window);
+
+    let stamps = dir.join("flap");
+    let spec = json!({
+        "id": "flap", "command": "sh", "args": ["-c", flapping(&stamps)], "stop_grace": "1s",
+        "backoff": {"initial": "0s"}, "max_restarts": 100000, "restart_window": "1s",
+    });
+    let path = dir.join("flap.json");
+    std::fs::write(&path, spec.to_string()).unwrap();
+    ctl.ok(&["submit", path.to_str().unwrap()]);
+    wait_until(Duration::from_secs(120), "the flapping task restarted enough", || {
+        count_lines(&stamps, "s") > restarts
+    });
+    drop(node);
+    Figures { rss_kb: rss, cpu, restart_ms: restart_gaps(&stamps) }
+}
+
+/// supervisord with the same 50 tasks and the same flapping task.
+pub fn supervisord(window: Duration, restarts: usize) -> Figures {
+    let binary = ["/usr/bin/supervisord", "/usr/local/bin/supervisord"]
+        .into_iter()
+        .find(|path| Path::new(path).exists())
+        .expect("supervisord is missing: install Debian's package first (apt-get install -y supervisor)");
+    let dir = scratch("sup-supervisord");
+    let stamps = dir.join("flap");
+    let mut conf = format!(
+        "[supervisord]\nnodaemon=true\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\nchildlogdir={d}\n",
+        d = dir.display()
+    );
+    for i in 0..TASKS {
+        conf += &format!(
+            "\n[program:t{i}]\ncommand=sleep 100000\nautostart=true\nautorestart=true\nstopwaitsecs=1\n"
+        );
+    }
+    let run = |conf: &str| -> Child {
+        let path = dir.join("supervisord.conf");
+        std::fs::write(&path, conf).unwrap();
+        Command::new(binary)
+            .args(["-c", path.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start supervisord")
+    };
+    let mut child = run(&conf);
+    let pid = child.id() as i32;
+    wait_until(Duration::from_secs(60), "50 programs running", || children(pid).len() == TASKS);
+    std::thread::sleep(Duration::from_secs(5));
+    let (rss, cpu) = measure(|| vec![pid], window);
+    let _ = child.kill();
+    let _ = child.wait();
+    for task in children(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(task), nix::sys::signal::Signal::SIGKILL);
+    }
+    // The flapping program on its own: restarts at once (autorestart, startsecs=0).
+    let flap = format!(
+        "[supervisord]\nnodaemon=true\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\nchildlogdir={d}\n\n\
+         [program:flap]\ncommand=sh -c '{script}'\nautostart=true\nautorestart=true\nstartsecs=0\nstartretries=100000\n",
+        d = dir.display(),
+        script = flapping(&stamps)
+    );
+    let mut child = run(&flap);
+    wait_until(Duration::from_secs(120), "the flapping program restarted enough", || {
+        count_lines(&stamps, "s") > restarts
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    Figures { rss_kb: rss, cpu, restart_ms: restart_gaps(&stamps) }
+}
+
+/// The report rows.
+pub fn rows(shiva: &mut Figures, supervisord: &mut Figures, window: Duration) -> Vec<String> {
+    vec![
+        format!(
+            "| 50 sleeping tasks, idle ({}s): Shiva node + 50 run shims | RSS {:.1} MB, CPU {:.2} % of a core |",
+            window.as_secs(),
+            shiva.rss_kb as f64 / 1024.0,
+            shiva.cpu
+        ),
+        format!(
+            "| 50 sleeping tasks, idle ({}s): supervisord | RSS {:.1} MB, CPU {:.2} % of a core |",
+            window.as_secs(),
+            supervisord.rss_kb as f64 / 1024.0,
+            supervisord.cpu
+        ),
+        format!(
+            "| restart latency (exit → restarted, no back-off), Shiva | {} |",
+            summary(&mut shiva.restart_ms)
+        ),
+        format!(
+            "| restart latency (exit → restarted, no back-off), supervisord | {} |",
+            summary(&mut supervisord.restart_ms)
+        ),
+    ]
+}
