@@ -16,8 +16,12 @@ use crate::{cpu_ns, rss_kb, summary};
 pub struct Figures {
     /// RSS in kB (supervisor and its helpers, not the tasks).
     pub rss_kb: u64,
+    /// PSS in kB: shared pages (the shims share the node's binary) counted once in all.
+    pub pss_kb: u64,
     /// CPU in % of a core over the window.
     pub cpu: f64,
+    /// Of which the main process (the node).
+    pub main_cpu: f64,
     /// Exit → restarted, ms.
     pub restart_ms: Vec<f64>,
 }
@@ -44,13 +48,26 @@ fn shims(node: i32) -> Vec<i32> {
         .collect()
 }
 
-/// RSS and CPU of `pids()` (re-listed at the end of the window) over `window`.
-fn measure(pids: impl Fn() -> Vec<i32>, window: Duration) -> (u64, f64) {
+/// Proportional set size of `pid` in kB.
+fn pss_kb(pid: i32) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// RSS, PSS and CPU of `pids()` (re-listed at the end of the window) over `window`.
+/// The first pid's CPU is also reported alone (the node, beside its shims).
+fn measure(pids: impl Fn() -> Vec<i32>, window: Duration) -> (u64, u64, f64, f64) {
     let before: Vec<(i32, u64)> = pids().into_iter().map(|pid| (pid, cpu_ns(pid))).collect();
     std::thread::sleep(window);
-    let used: u64 = before.iter().map(|(pid, at)| cpu_ns(*pid).saturating_sub(*at)).sum();
+    let used: Vec<u64> = before.iter().map(|(pid, at)| cpu_ns(*pid).saturating_sub(*at)).collect();
     let rss = pids().into_iter().map(rss_kb).sum();
-    (rss, used as f64 / window.as_nanos() as f64 * 100.0)
+    let pss = pids().into_iter().map(pss_kb).sum();
+    let percent = |ns: u64| ns as f64 / window.as_nanos() as f64 * 100.0;
+    (rss, pss, percent(used.iter().sum()), percent(used.first().copied().unwrap_or(0)))
 }
 
 /// A script that stamps its start and its exit into `file`, then exits 1 after 200 ms.
@@ -91,6 +108,9 @@ pub fn shiva(broker: &Broker, window: Duration, restarts: usize) -> Figures {
     let node = Node::launch(broker, &name, "s1", &[]);
     let ctl = Ctl::new(broker, &name);
     let dir = scratch("sup-shiva");
+    wait_until(Duration::from_secs(30), "the node is up", || {
+        ctl.try_json(&["nodes"]).is_some_and(|nodes| nodes.as_array().is_some_and(|n| !n.is_empty()))
+    });
     for i in 0..TASKS {
         let spec =
             json!({"id": format!("sleep/t{i}"), "command": "sleep", "args": ["100000"], "stop_grace": "1s"});
@@ -101,7 +121,7 @@ pub fn shiva(broker: &Broker, window: Duration, restarts: usize) -> Figures {
     let pid = node.pid();
     wait_until(Duration::from_secs(60), "50 shims running", || shims(pid).len() == TASKS);
     std::thread::sleep(Duration::from_secs(5));
-    let (rss, cpu) = measure(|| std::iter::once(pid).chain(shims(pid)).collect(), window);
+    let (rss, pss, cpu, node_cpu) = measure(|| std::iter::once(pid).chain(shims(pid)).collect(), window);
 
     let stamps = dir.join("flap");
     let spec = json!({
@@ -115,7 +135,7 @@ pub fn shiva(broker: &Broker, window: Duration, restarts: usize) -> Figures {
         count_lines(&stamps, "s") > restarts
     });
     drop(node);
-    Figures { rss_kb: rss, cpu, restart_ms: restart_gaps(&stamps) }
+    Figures { rss_kb: rss, pss_kb: pss, cpu, main_cpu: node_cpu, restart_ms: restart_gaps(&stamps) }
 }
 
 /// supervisord with the same 50 tasks and the same flapping task.
@@ -138,10 +158,11 @@ pub fn supervisord(window: Duration, restarts: usize) -> Figures {
     let run = |conf: &str| -> Child {
         let path = dir.join("supervisord.conf");
         std::fs::write(&path, conf).unwrap();
+        let _ = std::fs::remove_file(dir.join("supervisord.pid"));
         Command::new(binary)
             .args(["-c", path.to_str().unwrap()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("supervisord.stderr")).unwrap())
             .spawn()
             .expect("start supervisord")
     };
@@ -149,41 +170,48 @@ pub fn supervisord(window: Duration, restarts: usize) -> Figures {
     let pid = child.id() as i32;
     wait_until(Duration::from_secs(60), "50 programs running", || children(pid).len() == TASKS);
     std::thread::sleep(Duration::from_secs(5));
-    let (rss, cpu) = measure(|| vec![pid], window);
-    let _ = child.kill();
-    let _ = child.wait();
-    for task in children(pid) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(task), nix::sys::signal::Signal::SIGKILL);
-    }
+    let (rss, pss, cpu, _) = measure(|| vec![pid], window);
+    stop(&mut child);
     // The flapping program on its own: restarts at once (autorestart, startsecs=0).
     let flap = format!(
         "[supervisord]\nnodaemon=true\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\nchildlogdir={d}\n\n\
          [program:flap]\ncommand=sh -c '{script}'\nautostart=true\nautorestart=true\nstartsecs=0\nstartretries=100000\n",
         d = dir.display(),
-        script = flapping(&stamps)
+        // supervisord expands %(name)s in its values: a literal % is written %%.
+        script = flapping(&stamps).replace('%', "%%")
     );
     let mut child = run(&flap);
     wait_until(Duration::from_secs(120), "the flapping program restarted enough", || {
         count_lines(&stamps, "s") > restarts
     });
-    let _ = child.kill();
+    stop(&mut child);
+    Figures { rss_kb: rss, pss_kb: pss, cpu, main_cpu: cpu, restart_ms: restart_gaps(&stamps) }
+}
+
+/// SIGTERM (supervisord stops its programs), then waits.
+fn stop(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
-    Figures { rss_kb: rss, cpu, restart_ms: restart_gaps(&stamps) }
 }
 
 /// The report rows.
 pub fn rows(shiva: &mut Figures, supervisord: &mut Figures, window: Duration) -> Vec<String> {
     vec![
         format!(
-            "| 50 sleeping tasks, idle ({}s): Shiva node + 50 run shims | RSS {:.1} MB, CPU {:.2} % of a core |",
+            "| 50 sleeping tasks, idle ({}s): Shiva node + 50 run shims | RSS {:.1} MB, PSS {:.1} MB, CPU {:.2} % of a core (node {:.2} %, shims {:.2} %) |",
             window.as_secs(),
             shiva.rss_kb as f64 / 1024.0,
-            shiva.cpu
+            shiva.pss_kb as f64 / 1024.0,
+            shiva.cpu,
+            shiva.main_cpu,
+            shiva.cpu - shiva.main_cpu
         ),
         format!(
-            "| 50 sleeping tasks, idle ({}s): supervisord | RSS {:.1} MB, CPU {:.2} % of a core |",
+            "| 50 sleeping tasks, idle ({}s): supervisord | RSS {:.1} MB, PSS {:.1} MB, CPU {:.2} % of a core |",
             window.as_secs(),
             supervisord.rss_kb as f64 / 1024.0,
+            supervisord.pss_kb as f64 / 1024.0,
             supervisord.cpu
         ),
         format!(

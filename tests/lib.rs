@@ -3,6 +3,10 @@
 //!
 //! Nothing here skips: a missing broker is built, a failure to start one fails the test.
 
+mod partition;
+
+pub use partition::{Cut, Partition};
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -126,6 +130,8 @@ pub struct Node {
     /// Its workspace.
     pub workspace: PathBuf,
     args: Vec<String>,
+    /// A command prefix (e.g. `ip netns exec NAME`).
+    wrapper: Vec<String>,
     child: Option<Child>,
 }
 
@@ -137,8 +143,25 @@ impl Node {
         Node::launch(broker, cluster, id, &[&timings[..], extra].concat())
     }
 
+    /// Starts a node with test timings in `partition`'s network namespace.
+    pub fn start_in(partition: &Partition, broker: &Broker, cluster: &str, id: &str, extra: &[&str]) -> Node {
+        let timings =
+            ["--heartbeat-interval", "100ms", "--leader-timeout", "600ms", "--node-timeout", "1500ms"];
+        Node::launch_wrapped(broker, cluster, id, &[&timings[..], extra].concat(), partition.exec())
+    }
+
     /// Starts a node with the default timings and `extra` flags.
     pub fn launch(broker: &Broker, cluster: &str, id: &str, extra: &[&str]) -> Node {
+        Node::launch_wrapped(broker, cluster, id, extra, Vec::new())
+    }
+
+    fn launch_wrapped(
+        broker: &Broker,
+        cluster: &str,
+        id: &str,
+        extra: &[&str],
+        wrapper: Vec<String>,
+    ) -> Node {
         let workspace = scratch(&format!("ws-{id}"));
         let mut args: Vec<String> = vec![
             "--bus".into(),
@@ -152,14 +175,22 @@ impl Node {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = workspace.join("node.log");
-        let mut node = Node { id: id.into(), log, workspace, args, child: None };
+        let mut node = Node { id: id.into(), log, workspace, args, wrapper, child: None };
         node.spawn();
         node
     }
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
-        let child = Command::new(bin("shiva-node"))
+        let mut command = match self.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(bin("shiva-node"));
+                command
+            }
+            None => Command::new(bin("shiva-node")),
+        };
+        let child = command
             .args(&self.args)
             .env("SHIVA_LOG", "info,shiva_node=debug")
             .stdout(log.try_clone().unwrap())

@@ -164,28 +164,80 @@ impl Splitter {
     }
 }
 
-/// Reads a stream to its end into `writer`, line by line.
-pub fn capture(
-    mut input: impl Read,
-    stream: Stream,
-    max_line: usize,
-    writer: &std::sync::Mutex<SegmentWriter>,
-) {
-    let mut splitter = Splitter::new(stream, max_line);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        for line in splitter.push(&buf[..n]) {
-            let _ = writer.lock().expect("log writer").append(&line);
+/// The task's output pipes, read by the shim's one thread (non-blocking) into its segments.
+#[derive(Debug)]
+pub struct Capture {
+    pipes: Vec<(File, Splitter, bool)>,
+    writer: SegmentWriter,
+}
+
+impl Capture {
+    /// Captures `pipes` (made non-blocking) into `writer`.
+    pub fn new(
+        writer: SegmentWriter,
+        pipes: Vec<(std::os::fd::OwnedFd, Stream)>,
+        max_line: usize,
+    ) -> io::Result<Capture> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let mut open = Vec::new();
+        for (fd, stream) in pipes {
+            fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
+            open.push((File::from(fd), Splitter::new(stream, max_line), true));
+        }
+        Ok(Capture { pipes: open, writer })
+    }
+
+    /// The pipes still open, for `poll`.
+    pub fn fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.pipes.iter().filter(|(_, _, open)| *open).map(|(file, _, _)| file.as_fd()).collect()
+    }
+
+    /// Whether every pipe reached its end.
+    pub fn done(&self) -> bool {
+        self.pipes.iter().all(|(_, _, open)| !open)
+    }
+
+    /// Reads whatever is waiting in the pipes, without blocking.
+    pub fn pump(&mut self) {
+        let mut buf = [0u8; 16 * 1024];
+        for (file, splitter, open) in &mut self.pipes {
+            while *open {
+                match file.read(&mut buf) {
+                    Ok(0) => {
+                        *open = false;
+                        if let Some(line) = splitter.finish() {
+                            let _ = self.writer.append(&line);
+                        }
+                    }
+                    Ok(n) => {
+                        for line in splitter.push(&buf[..n]) {
+                            let _ = self.writer.append(&line);
+                        }
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => *open = false,
+                }
+            }
         }
     }
-    if let Some(line) = splitter.finish() {
-        let _ = writer.lock().expect("log writer").append(&line);
+
+    /// Reads until every pipe reached its end (all writers are gone), at most until `deadline`
+    /// (boot-time ms, per `now`).
+    pub fn drain(&mut self, deadline: i64, now: impl Fn() -> i64) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        loop {
+            self.pump();
+            let left = deadline - now();
+            if self.done() || left <= 0 {
+                return;
+            }
+            let fds = self.fds();
+            let mut polled: Vec<PollFd<'_>> =
+                fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
+            let _ = poll(&mut polled, PollTimeout::from(left.clamp(1, 100) as u16));
+        }
     }
 }
 

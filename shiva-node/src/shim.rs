@@ -19,13 +19,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::Signal;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::runlog::{self, RunLog, SegmentWriter, Stream};
+use crate::runlog::{Capture, RunLog, SegmentWriter, Stream};
 use crate::supervisor::spawn::SpawnRequest;
 use crate::tree;
 
@@ -131,13 +132,16 @@ pub fn main(config: &str) -> u8 {
             return 0;
         }
     };
-    let pid = spawned.pid;
+    let (pid, mut capture) = (spawned.pid, spawned.capture);
     emit(&ShimEvent::Started { pid });
-    let (status, stopped) = supervise(&config, pid);
+    let (status, stopped) = supervise(&config, pid, &mut capture);
     // The task is over: nothing it started may outlive it.
     kill_rest(&config, pid);
-    // Every writer of its output is gone: the captured output is complete on disk.
-    spawned.drain(Duration::from_secs(2));
+    // Every writer of its output is gone: read the pipes to their end, so the captured output
+    // is complete on disk before the end is reported.
+    if let Some(capture) = capture.as_mut() {
+        capture.drain(boottime_ms() + 2_000, boottime_ms);
+    }
     let (code, signal) = match status {
         Some(WaitStatus::Exited(_, code)) => (Some(code), None),
         Some(WaitStatus::Signaled(_, signal, _)) => (None, Some(signal as i32)),
@@ -190,31 +194,17 @@ fn apply_limits(run: &SpawnRequest) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The started task and the threads capturing its output.
+/// The started task and the capture of its output.
 struct Spawned {
     pid: u32,
-    capture: std::sync::mpsc::Receiver<()>,
-    streams: usize,
-}
-
-impl Spawned {
-    /// Waits until both streams reached their end (every writer is gone), at most `limit`.
-    fn drain(&self, limit: Duration) {
-        let deadline = std::time::Instant::now() + limit;
-        for _ in 0..self.streams {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if self.capture.recv_timeout(left).is_err() {
-                break;
-            }
-        }
-    }
+    capture: Option<Capture>,
 }
 
 fn spawn(config: &ShimConfig) -> std::io::Result<Spawned> {
     let run = &config.run;
     std::fs::create_dir_all(&run.cwd)?;
     let writer = match &config.log {
-        Some(log) => Some(std::sync::Arc::new(std::sync::Mutex::new(SegmentWriter::create(log.clone())?))),
+        Some(log) => Some(SegmentWriter::create(log.clone())?),
         None => None,
     };
     let (stdout, stderr) = if writer.is_some() {
@@ -238,54 +228,79 @@ fn spawn(config: &ShimConfig) -> std::io::Result<Spawned> {
         .process_group(0)
         .spawn()?;
     let pid = child.id();
-    let (done, capture) = std::sync::mpsc::channel();
-    let mut streams = 0;
-    if let (Some(writer), Some(log)) = (writer, &config.log) {
-        let pipes: [(Option<Box<dyn Read + Send>>, Stream); 2] = [
-            (child.stdout.take().map(|pipe| Box::new(pipe) as Box<dyn Read + Send>), Stream::Stdout),
-            (child.stderr.take().map(|pipe| Box::new(pipe) as Box<dyn Read + Send>), Stream::Stderr),
-        ];
-        for (pipe, stream) in pipes {
-            let Some(pipe) = pipe else { continue };
-            let (writer, done, max_line) = (writer.clone(), done.clone(), log.max_line);
-            std::thread::spawn(move || {
-                runlog::capture(pipe, stream, max_line, &writer);
-                let _ = done.send(());
-            });
-            streams += 1;
+    let capture = match (writer, &config.log) {
+        (Some(writer), Some(log)) => {
+            let mut pipes = Vec::new();
+            if let Some(pipe) = child.stdout.take() {
+                pipes.push((std::os::fd::OwnedFd::from(pipe), Stream::Stdout));
+            }
+            if let Some(pipe) = child.stderr.take() {
+                pipes.push((std::os::fd::OwnedFd::from(pipe), Stream::Stderr));
+            }
+            Some(Capture::new(writer, pipes, log.max_line)?)
         }
-    }
+        _ => None,
+    };
     // Reaped below with waitpid, like every other descendant.
     std::mem::forget(child);
-    Ok(Spawned { pid, capture, streams })
+    Ok(Spawned { pid, capture })
 }
 
-/// Waits for the task, keeping the lease and obeying the node. Returns the task's status and,
-/// if the shim stopped it, why.
-fn supervise(config: &ShimConfig, pid: u32) -> (Option<WaitStatus>, Option<String>) {
+/// Child exits as a file descriptor: SIGCHLD is blocked (after the task was forked, so the task
+/// does not inherit the mask) and read from a signalfd, so the shim sleeps until something
+/// happens instead of polling.
+fn child_events() -> Option<SignalFd> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.thread_block().ok()?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).ok()
+}
+
+/// Waits for the task, keeping the lease, obeying the node and capturing its output. Returns
+/// the task's status and, if the shim stopped it, why.
+fn supervise(
+    config: &ShimConfig,
+    pid: u32,
+    out: &mut Option<Capture>,
+) -> (Option<WaitStatus>, Option<String>) {
     let mut deadline = config.lease_ms.map_or(i64::MAX, |lease| boottime_ms() + lease as i64);
     let stdin = std::io::stdin();
+    let children = child_events();
     let mut input = Vec::new();
-    let mut node_gone = false;
     loop {
         if let Some(status) = reap(pid) {
             return (Some(status), None);
         }
         let now = boottime_ms();
         if now >= deadline {
-            return stop(config, pid, "the node's lease ran out");
+            return stop(config, pid, "the node's lease ran out", out);
         }
-        let wait = (deadline - now).clamp(1, 100) as u16;
-        if node_gone {
-            return stop(config, pid, "the node is gone");
+        // Without a signalfd, look for exits now and then.
+        let most = if children.is_some() { 60_000 } else { 100 };
+        let wait = (deadline - now).clamp(1, most) as i32;
+        let (node, exits) = {
+            let pipes = out.as_ref().map(|capture| capture.fds()).unwrap_or_default();
+            let mut fds = vec![PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+            if let Some(children) = &children {
+                fds.push(PollFd::new(children.as_fd(), PollFlags::POLLIN));
+            }
+            fds.extend(pipes.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
+            let _ = poll(&mut fds, PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX));
+            let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|events| !events.is_empty());
+            (ready(&fds[0]), children.is_some() && ready(&fds[1]))
+        };
+        if exits && let Some(children) = &children {
+            while let Ok(Some(_)) = children.read_signal() {}
         }
-        let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
-        if poll(&mut fds, PollTimeout::from(wait)).unwrap_or(0) == 0 {
+        if let Some(capture) = out.as_mut() {
+            capture.pump();
+        }
+        if !node {
             continue;
         }
         let mut buf = [0u8; 512];
         match stdin.lock().read(&mut buf) {
-            Ok(0) | Err(_) => node_gone = true,
+            Ok(0) | Err(_) => return stop(config, pid, "the node is gone", out),
             Ok(n) => input.extend_from_slice(&buf[..n]),
         }
         while let Some(end) = input.iter().position(|b| *b == b'\n') {
@@ -297,7 +312,7 @@ fn supervise(config: &ShimConfig, pid: u32) -> (Option<WaitStatus>, Option<Strin
                 (Some("stop"), _) => {
                     let reason = line.trim().strip_prefix("stop").unwrap_or("").trim();
                     let reason = if reason.is_empty() { "stopped by the node" } else { reason };
-                    return stop(config, pid, reason);
+                    return stop(config, pid, reason, out);
                 }
                 _ => {}
             }
@@ -322,21 +337,30 @@ fn reap(task: u32) -> Option<WaitStatus> {
 }
 
 /// The stop signal to the tree, SIGKILL after the grace.
-fn stop(config: &ShimConfig, pid: u32, reason: &str) -> (Option<WaitStatus>, Option<String>) {
+fn stop(
+    config: &ShimConfig,
+    pid: u32,
+    reason: &str,
+    out: &mut Option<Capture>,
+) -> (Option<WaitStatus>, Option<String>) {
     let me = std::process::id();
     let signal = Signal::try_from(config.stop_signal).unwrap_or(Signal::SIGTERM);
     tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), signal);
-    let mut status = reap_until(pid, boottime_ms() + config.grace_ms as i64);
+    let mut status = reap_until(pid, boottime_ms() + config.grace_ms as i64, out);
     if status.is_none() {
         tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), Signal::SIGKILL);
-        status = reap_until(pid, boottime_ms() + 5_000);
+        status = reap_until(pid, boottime_ms() + 5_000, out);
     }
     (status, Some(reason.to_owned()))
 }
 
-/// Reaps until the task has exited (its status) or `deadline` (boot-time ms) passes.
-fn reap_until(pid: u32, deadline: i64) -> Option<WaitStatus> {
+/// Reaps until the task has exited (its status) or `deadline` (boot-time ms) passes, reading
+/// its output meanwhile (a task that writes while it stops must not block on a full pipe).
+fn reap_until(pid: u32, deadline: i64, out: &mut Option<Capture>) -> Option<WaitStatus> {
     loop {
+        if let Some(capture) = out.as_mut() {
+            capture.pump();
+        }
         if let Some(status) = reap(pid) {
             return Some(status);
         }

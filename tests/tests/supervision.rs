@@ -9,7 +9,9 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
-use shiva_e2e::{Cluster, SETTLE, pid_alive, scratch, task_processes, wait_until};
+use shiva_e2e::{
+    Broker, Cluster, Ctl, Cut, Node, Partition, SETTLE, pid_alive, scratch, task_processes, wait_until,
+};
 
 /// Test timings plus a short fence timeout.
 const FENCE: &[&str] = &["--fence-timeout", "1s"];
@@ -312,4 +314,75 @@ fn logs_return_every_line_in_order_follow_a_live_task_and_outlive_the_node() {
         "{}",
         String::from_utf8_lossy(&flood.stderr)
     );
+}
+
+/// A leader among the alive nodes, per `nodes` (None while there is none).
+fn leader(cluster: &Cluster) -> Option<String> {
+    let nodes = cluster.ctl.try_json(&["nodes"])?;
+    let leader = nodes.as_array()?.iter().find(|n| n["leader"] == true && n["alive"] == true)?;
+    Some(leader["id"].as_str()?.to_owned())
+}
+
+/// Watches for `how_long`: the task never on two nodes, and never more than `gap` without a
+/// leader.
+fn watch(cluster: &Cluster, how_long: Duration, gap: Duration) {
+    let deadline = std::time::Instant::now() + how_long;
+    let mut last_leader = std::time::Instant::now();
+    while std::time::Instant::now() < deadline {
+        on_one_node(cluster, Duration::from_millis(200));
+        if leader(cluster).is_some() {
+            last_leader = std::time::Instant::now();
+        }
+        assert!(last_leader.elapsed() < gap, "no leader for {:?}", last_leader.elapsed());
+    }
+}
+
+#[test]
+fn a_node_cut_from_the_broker_both_ways_or_only_for_reads_never_doubles_its_task() {
+    let broker = Broker::start();
+    let name = shiva_e2e::cluster("partition");
+    let ctl = Ctl::new(&broker, &name);
+    let partition = Partition::new("p3", broker.port);
+    let tagged: &[&str] = &["--fence-timeout", "1s", "--tags", "x"];
+    // The task starts on the node behind the proxy, before the other tagged node exists.
+    let n1 = Node::start(&broker, &name, "n1", FENCE);
+    let n3 = Node::start_in(&partition, &broker, &name, "n3", tagged);
+    let mut cluster = Cluster { broker, name, ctl, nodes: vec![n1, n3] };
+    cluster.wait_nodes(2);
+    let log = scratch("partition").join("ticks.log");
+    submit(&cluster, ticking(&cluster, "app/tick", &log));
+    let runs_on = |cluster: &Cluster, node: &str| {
+        let processes = task_processes(&cluster.name, "app/tick");
+        !processes.is_empty() && processes.iter().all(|(_, on)| on == node)
+    };
+    wait_until(SETTLE, "the task runs on n3", || runs_on(&cluster, "n3"));
+    let n2 = Node::start(&cluster.broker, &cluster.name, "n2", tagged);
+    cluster.nodes.push(n2);
+    cluster.wait_nodes(3);
+
+    for cut in [Cut::Both, Cut::Reads] {
+        partition.set(cut);
+        watch(&cluster, Duration::from_secs(3), Duration::from_secs(6));
+        wait_until(SETTLE, &format!("the task runs on n2 once n3 is cut ({cut:?})"), || {
+            on_one_node(&cluster, Duration::from_millis(100));
+            runs_on(&cluster, "n2")
+        });
+        watch(&cluster, Duration::from_secs(3), Duration::from_secs(6));
+        partition.set(Cut::Open);
+        // Back, n3 finds its task elsewhere and leaves it there.
+        watch(&cluster, Duration::from_secs(4), Duration::from_secs(6));
+        assert!(runs_on(&cluster, "n2"), "the task stays on n2 after n3 is back ({cut:?})");
+        cluster.wait_nodes(3);
+        assert_no_overlap(&log);
+        if cut == Cut::Both {
+            // Put the task back on n3 for the next round: n2 leaves, then comes back.
+            cluster.node("n2").terminate();
+            wait_until(SETTLE, "the task is back on n3", || runs_on(&cluster, "n3"));
+            cluster.node("n2").restart();
+            cluster.wait_nodes(3);
+        }
+    }
+    assert_no_overlap(&log);
+    let cut_off = cluster.node("n3").log_text();
+    assert!(cut_off.contains("cut off from the bus"), "{cut_off}");
 }
