@@ -48,7 +48,7 @@ pub struct NodeArgs {
     pub node_timeout: Duration,
     /// A node that has not read back one of its own heartbeats sent within this long is cut off:
     /// it stops its exclusive tasks (on_disconnect: stop) until it reads itself again.
-    #[arg(long, env = "SHIVA_FENCE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SHIVA_FENCE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub fence_timeout: Duration,
     /// Task output shipped to the logs topic per task and second (bytes; e.g. 1MiB); more
     /// waits on the node's disk.

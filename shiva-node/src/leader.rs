@@ -128,7 +128,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             let current = view
                 .assigned_node(task)
                 .cloned()
-                .filter(|node| !moves.failed_on.last().is_some_and(|last| last == node));
+                .filter(|node| moves.failed_on.last().is_none_or(|last| last != node));
             let hold = current.as_ref().is_some_and(|node| {
                 spec.on_disconnect == OnDisconnect::Stop
                     && !live.iter().any(|member| member.id == *node)

@@ -14,8 +14,10 @@ use tracing::warn;
 
 use crate::runlog::{Line, RunLog, SegmentReader, Stream};
 
-/// How often an idle follower looks for new output.
-const POLL: Duration = Duration::from_millis(200);
+/// How often a follower looks for new output: soon after output, then less and less often while
+/// the run is quiet.
+const POLL_MIN: Duration = Duration::from_millis(100);
+const POLL_MAX: Duration = Duration::from_secs(1);
 /// Each record costs its bytes plus this.
 const RECORD_COST: u64 = 64;
 /// Lines of one stream are shipped together up to about this many bytes per record.
@@ -94,6 +96,7 @@ impl LogShipper {
             let run = log.run.clone();
             let mut reader = SegmentReader::new(log);
             let mut over = false;
+            let mut poll = POLL_MIN;
             loop {
                 let batch = reader.read(256 * 1024);
                 if batch.skipped_segments > 0 {
@@ -116,8 +119,11 @@ impl LogShipper {
                     }
                     tokio::select! {
                         _ = &mut ended => over = true,
-                        _ = tokio::time::sleep(POLL) => {}
+                        _ = tokio::time::sleep(poll) => {}
                     }
+                    poll = (poll * 2).min(POLL_MAX);
+                } else {
+                    poll = POLL_MIN;
                 }
             }
         });

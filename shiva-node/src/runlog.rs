@@ -296,8 +296,16 @@ impl SegmentReader {
             }
             // At the end of this segment: move on only once a later one exists (the writer
             // has finished this one: it writes whole records before it rotates); segments in
-            // between were rotated away unread.
-            let Some(next) = self.next_existing() else { return batch };
+            // between were rotated away unread. While this segment is still linked and the
+            // next one does not exist, the writer is still on this one: nothing to look for.
+            let next = if self.log.segment(self.current + 1).exists() {
+                Some(self.current + 1)
+            } else if file.metadata().is_ok_and(|meta| std::os::unix::fs::MetadataExt::nlink(&meta) == 0) {
+                self.next_existing()
+            } else {
+                None
+            };
+            let Some(next) = next else { return batch };
             let file = self.file.as_mut().expect("opened above");
             let n = file.read(&mut buf).unwrap_or(0);
             if n > 0 {
@@ -395,7 +403,7 @@ mod tests {
         let mut reader = SegmentReader::new(log(&dir, 40));
         let line = |i: usize| Line {
             stream: Stream::Stderr,
-            eol: i % 2 == 0,
+            eol: i.is_multiple_of(2),
             bytes: format!("line {i}").into_bytes(),
         };
         for i in 0..10 {

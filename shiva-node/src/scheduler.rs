@@ -240,7 +240,8 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             .filter_map(|entry| {
                 let (intent, _) = entry.intent.as_ref()?;
                 let node = intent.node.as_ref()?;
-                let gone = !self.load.is_live(node) && !(exclusive && (self.ctx.may_still_run)(node, spec));
+                let held = exclusive && (self.ctx.may_still_run)(node, spec);
+                let gone = !self.load.is_live(node) && !held;
                 gone.then(|| (intent.clone(), entry.report.is_some()))
             })
             .collect();

@@ -277,6 +277,17 @@ fn logs_return_every_line_in_order_follow_a_live_task_and_outlive_the_node() {
     });
     assert!(got == expected, "logs differ: {} bytes, expected {}", got.len(), expected.len());
 
+    // Files travel in the spec and arrive byte for byte in the run's working directory.
+    let yaml = "name: app\nlist: [1, 2, 3]\nquote: \"it's\"\nutf8: é€😀\ntabs:\t\t|\n";
+    submit(
+        &cluster,
+        json!({"id": "app/files", "command": "cat", "args": ["conf/app.yaml"], "once": true,
+               "files": {"conf/app.yaml": yaml}}),
+    );
+    wait_until(SETTLE, "the file's content comes back through `logs`", || {
+        cluster.ctl.run(&["logs", "app/files"]).stdout == yaml.as_bytes()
+    });
+
     // A task flooding its output: the node keeps its lease (its heartbeats are not delayed).
     submit(
         &cluster,

@@ -386,3 +386,36 @@ fn a_service_that_failed_on_its_node_moves_after_a_back_off_unless_the_failure_i
     assert_eq!(sim.log.len(), before, "a permanent failure is not moved");
     assert_eq!(assigned(&sim), third);
 }
+
+#[test]
+fn an_exclusive_task_waits_for_its_silent_node_to_fence_and_a_keep_task_does_not() {
+    for keep in [false, true] {
+        let mut sim = Sim::new();
+        let mut spec = TaskSpec::new(Sim::task(1), "sleep", vec!["1".into()]);
+        if keep {
+            spec.on_disconnect = shiva_proto::spec::OnDisconnect::Keep;
+        }
+        let value =
+            Envelope { sender: "ctl".into(), incarnation: None, sent_at_ms: 0, body: Body::Task(spec) };
+        sim.append(TopicKind::Commands, key::task(&Sim::task(1)), Some(value.encode()));
+        sim.run(&Op::Claim(2));
+        // n0 and the leader n2 are live: the task lands on n0 (ties go by id).
+        sim.lead(0b001);
+        let node = |sim: &Sim| match &sim.view.assignments[&Sim::task(1)].assignment.placement {
+            Placement::Assigned { node } => node.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(node(&sim), "n0");
+        // n0 falls silent but may still run its task (not fenced yet).
+        sim.lead(0b1000);
+        if keep {
+            assert_eq!(node(&sim), "n2", "a keep task moves at once");
+        } else {
+            assert_eq!(node(&sim), "n0", "held until n0 must have fenced itself");
+            assert!(sim.doubled.is_empty(), "{:?}", sim.doubled);
+            // Fenced by now: it moves.
+            sim.lead(0b000);
+            assert_eq!(node(&sim), "n2");
+        }
+    }
+}

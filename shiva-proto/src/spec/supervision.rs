@@ -178,7 +178,7 @@ impl TaskSpec {
             }
         }
         if let Some(Cores(cores)) = self.cpu_max
-            && (!cores.is_finite() || cores < 0.01 || cores > 4096.0)
+            && (!cores.is_finite() || !(0.01..=4096.0).contains(&cores))
         {
             return Err(SpecError::field("cpu_max", format!("{cores} is not a number of cores from 0.01")));
         }
