@@ -1,0 +1,125 @@
+//! Command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit codes, shown in `--help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  ok (run: stopped by SIGTERM/SIGINT after publishing its partial files)
+  1  failure (unreachable broker, unwritable destination, fsck found problems…)
+  2  invalid input or usage
+  3  run: records the archive needs are no longer in Kafka (permanent: do not restart)";
+
+/// Archives Kafka topics to compressed files, exactly once.
+#[derive(Debug, Parser)]
+#[command(name = "shiva-archiver", version, about, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Archive a topic's partitions until stopped.
+    Run(Box<RunArgs>),
+    /// Check that each partition's files tile with no gap or overlap.
+    Fsck {
+        #[command(flatten)]
+        archive: ArchiveArgs,
+        /// Also decode every file and check it against its footer.
+        #[arg(long)]
+        deep: bool,
+    },
+    /// Print the archived records of an offset or time range.
+    Extract(Box<ExtractArgs>),
+}
+
+/// Where an archive is.
+#[derive(Debug, Args)]
+pub struct ArchiveArgs {
+    /// Destination: file:///dir.
+    #[arg(long)]
+    pub dest: String,
+    /// Topic.
+    #[arg(long)]
+    pub topic: String,
+}
+
+/// `run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kafka bootstrap servers (HOST:PORT[,HOST:PORT]).
+    #[arg(long)]
+    pub bootstrap: String,
+    /// Topic.
+    #[arg(long)]
+    pub topic: String,
+    /// Partitions, comma separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub partitions: Vec<i32>,
+    /// Destination: file:///dir.
+    #[arg(long)]
+    pub dest: String,
+    /// Raw bytes (keys, values, headers) per file.
+    #[arg(long, default_value = "64MiB")]
+    pub max_bytes: String,
+    /// Records per file.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_records: u64,
+    /// Record-time window per file (e.g. 10m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_age: Option<Duration>,
+    /// Publish a partial file after this long without new records.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub idle_publish: Duration,
+    /// zstd level (1 fast … 19 small).
+    #[arg(long, default_value_t = 1)]
+    pub level: i32,
+    /// Consumer group the archived offsets are committed to (a hint; resuming reads the archive).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// librdkafka setting, repeatable: -X security.protocol=SSL.
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    pub kafka: Vec<String>,
+}
+
+/// `extract` flags.
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+    /// Partitions, comma separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub partitions: Vec<i32>,
+    /// From this offset (inclusive).
+    #[arg(long)]
+    pub from_offset: Option<i64>,
+    /// Up to this offset (exclusive).
+    #[arg(long)]
+    pub to_offset: Option<i64>,
+    /// From this time (RFC 3339, inclusive).
+    #[arg(long)]
+    pub from_time: Option<String>,
+    /// Up to this time (RFC 3339, exclusive).
+    #[arg(long)]
+    pub to_time: Option<String>,
+    /// Output: one raw value per line, or one JSON envelope per line.
+    #[arg(long, value_enum, default_value_t = Format::Values)]
+    pub format: Format,
+    /// Write here instead of stdout.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+/// `extract --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Raw values.
+    Values,
+    /// JSON envelopes.
+    Jsonl,
+}

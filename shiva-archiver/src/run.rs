@@ -1,0 +1,262 @@
+//! `run`: archive partitions until stopped.
+//!
+//! Per partition: resume where the newest archived file's range ends (or, for an empty archive,
+//! at the earliest offset the broker holds); fill a file until a cut rule says the next record
+//! starts a new one; publish create-if-absent; commit the offset to Kafka (a hint) only after.
+//! An idle partition (nothing new for `--idle-publish`) and a SIGTERM publish the partial file.
+//!
+//! Every record is checked against the position: one below it was already read (dropped); one
+//! above it is a gap, accepted only while the skipped offsets are still held by the broker
+//! (compaction, transaction markers). When records the archive needs are gone, the archiver
+//! exits with [`EXIT_DATA_GONE`] and says which offsets are missing, instead of skipping them.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use tracing::{error, info, warn};
+
+use crate::cut::{Batch, Limits};
+use crate::dest::{FileDest, Published};
+use crate::format::{Record, encode_file};
+use crate::source::{Polled, Source};
+
+/// Exit code when records the archive needs are no longer in Kafka (a permanent failure: the
+/// Shiva task should list it in `permanent_exit_codes`).
+pub const EXIT_DATA_GONE: u8 = 3;
+
+/// What `run` needs.
+pub struct RunConfig {
+    /// Bootstrap servers.
+    pub bootstrap: String,
+    /// Topic.
+    pub topic: String,
+    /// Partitions (all when empty).
+    pub partitions: Vec<i32>,
+    /// Where files go.
+    pub dest: FileDest,
+    /// Cut rules.
+    pub limits: Limits,
+    /// A partial file is published after this long without new records.
+    pub idle_publish: Duration,
+    /// zstd level.
+    pub level: i32,
+    /// Consumer group for the offset hints.
+    pub group: String,
+    /// Extra librdkafka settings.
+    pub settings: Vec<(String, String)>,
+}
+
+/// Why `run` stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DataGone(pub String);
+
+struct Partition {
+    /// Where the file being filled starts (the previous file's `next_offset`).
+    start: i64,
+    /// The next offset expected from Kafka.
+    position: i64,
+    batch: Batch,
+    last_record: Instant,
+    records: u64,
+    bytes: u64,
+}
+
+/// Runs until SIGTERM/SIGINT (then publishes partial files) or a failure.
+pub fn run(config: RunConfig) -> anyhow::Result<()> {
+    let stop = stop_signals()?;
+    let source = Source::new(&config.bootstrap, &config.topic, &config.group, &config.settings)?;
+    let partitions = if config.partitions.is_empty() {
+        source.partitions(Duration::from_secs(30))?
+    } else {
+        config.partitions.clone()
+    };
+    config.dest.prepare(&config.topic, &partitions)?;
+    let mut parts = BTreeMap::new();
+    for partition in &partitions {
+        let (low, high) = source.watermarks(*partition, Duration::from_secs(30))?;
+        let start = match config.dest.newest(&config.topic, *partition)? {
+            Some(footer) => footer.next_offset,
+            None => low,
+        };
+        check_position(&config.topic, *partition, start, low, high)?;
+        info!(topic = %config.topic, partition, from = start, end = high, "resuming");
+        let part = Partition {
+            start,
+            position: start,
+            batch: Batch::default(),
+            last_record: Instant::now(),
+            records: 0,
+            bytes: 0,
+        };
+        parts.insert(*partition, part);
+    }
+    source.assign(&parts.iter().map(|(p, part)| (*p, part.position)).collect())?;
+    let mut report = Instant::now();
+    loop {
+        if stop.read_signal().ok().flatten().is_some() {
+            info!("stopping: publishing partial files");
+            for (partition, part) in parts.iter_mut() {
+                publish(&config, &source, *partition, part, None)?;
+            }
+            return Ok(());
+        }
+        match source.poll(Duration::from_millis(100))? {
+            Polled::Record(partition, record) => {
+                let Some(part) = parts.get_mut(&partition) else { continue };
+                take(&config, &source, partition, part, record)?;
+            }
+            Polled::OutOfRange(_) => {
+                for (partition, part) in &parts {
+                    let (low, high) = source.watermarks(*partition, Duration::from_secs(10))?;
+                    check_position(&config.topic, *partition, part.position, low, high)?;
+                }
+            }
+            Polled::Nothing => {}
+        }
+        for (partition, part) in parts.iter_mut() {
+            if !part.batch.records.is_empty() && part.last_record.elapsed() >= config.idle_publish {
+                publish(&config, &source, *partition, part, None)?;
+            }
+        }
+        if report.elapsed() >= Duration::from_secs(10) {
+            let seconds = report.elapsed().as_secs_f64();
+            for (partition, part) in parts.iter_mut() {
+                info!(
+                    topic = %config.topic,
+                    partition,
+                    position = part.position,
+                    records_per_s = (part.records as f64 / seconds).round(),
+                    mb_per_s = format!("{:.2}", part.bytes as f64 / seconds / 1e6),
+                    "throughput"
+                );
+                part.records = 0;
+                part.bytes = 0;
+            }
+            report = Instant::now();
+        }
+    }
+}
+
+/// A position the broker can serve: not below what it still holds (deleted records) and not
+/// beyond its end (a truncated or recreated log).
+fn check_position(topic: &str, partition: i32, position: i64, low: i64, high: i64) -> Result<(), DataGone> {
+    if position < low {
+        return Err(gone(topic, partition, position, low));
+    }
+    if position > high {
+        return Err(DataGone(format!(
+            "{topic}/{partition}: the archive ends at offset {position} but the broker's log ends at {high} \
+             (it holds {low}..{high}): records from {position} on were lost (deleted, truncated or the topic \
+             recreated) before they were archived; stopping instead of skipping them"
+        )));
+    }
+    Ok(())
+}
+
+fn gone(topic: &str, partition: i32, position: i64, low: i64) -> DataGone {
+    DataGone(format!(
+        "{topic}/{partition}: records {position}..{} were deleted from Kafka before they were archived \
+         (the broker holds offsets from {low} on); stopping instead of skipping them",
+        low - 1
+    ))
+}
+
+/// Takes one record of `partition`.
+fn take(
+    config: &RunConfig,
+    source: &Source,
+    partition: i32,
+    part: &mut Partition,
+    record: Record,
+) -> anyhow::Result<()> {
+    if record.offset < part.position {
+        return Ok(());
+    }
+    if record.offset > part.position {
+        // A gap: fine while the skipped offsets are still held (compaction, transaction
+        // markers); records deleted before they were read are not.
+        let (low, _) = source.watermarks(partition, Duration::from_secs(10))?;
+        if part.position < low && record.offset >= low {
+            return Err(gone(&config.topic, partition, part.position, low).into());
+        }
+    }
+    if !part.batch.fits(&record, &config.limits) {
+        publish(config, source, partition, part, Some(record.offset))?;
+        if part.start != record.offset {
+            // Another writer's file ended elsewhere: reading goes on from there (sought).
+            return Ok(());
+        }
+    }
+    part.position = record.offset + 1;
+    part.last_record = Instant::now();
+    part.records += 1;
+    part.bytes += record.raw_len() as u64;
+    part.batch.push(record);
+    Ok(())
+}
+
+/// Publishes the partition's file; `next` is where the next file starts (the position after
+/// the batch when `None`).
+fn publish(
+    config: &RunConfig,
+    source: &Source,
+    partition: i32,
+    part: &mut Partition,
+    next: Option<i64>,
+) -> anyhow::Result<()> {
+    if part.batch.records.is_empty() {
+        return Ok(());
+    }
+    let next = next.unwrap_or(part.position);
+    let records = part.batch.take();
+    let encoded = encode_file(&config.topic, partition, part.start, &records, next, config.level);
+    match config.dest.publish(&encoded)? {
+        Published::Written(footer) => {
+            info!(
+                topic = %config.topic,
+                partition,
+                first = footer.first_offset,
+                next = footer.next_offset,
+                records = footer.count,
+                bytes = encoded.bytes.len(),
+                "published"
+            );
+            part.start = footer.next_offset;
+        }
+        Published::Adopted(footer) => {
+            warn!(
+                topic = %config.topic,
+                partition,
+                first = footer.first_offset,
+                next = footer.next_offset,
+                "another writer archived this range first; continuing after it"
+            );
+            if footer.next_offset <= footer.first_offset {
+                bail!("the archived file at offset {} has a broken footer", footer.first_offset);
+            }
+            part.start = footer.next_offset;
+            part.position = footer.next_offset;
+            source.seek(partition, footer.next_offset)?;
+        }
+    }
+    source.commit(partition, part.start);
+    Ok(())
+}
+
+/// SIGTERM and SIGINT as a file descriptor (blocked, read without waiting).
+fn stop_signals() -> anyhow::Result<SignalFd> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGINT);
+    mask.thread_block()?;
+    Ok(SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?)
+}
+
+/// Logs a failure (used by `main`).
+pub fn report(err: &anyhow::Error) {
+    error!("{err:#}");
+}

@@ -1,0 +1,148 @@
+//! The archiver's Kafka side (the only module that talks to Kafka): one consumer, assigned to
+//! the partitions it archives at the positions the archive says, no consumer-group membership.
+//! Offsets are committed to the group `--group` after each publish, as a hint for tools only:
+//! resuming reads the archive.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::format::Record;
+
+/// A consumer of one topic.
+pub struct Source {
+    consumer: BaseConsumer,
+    topic: String,
+}
+
+/// What a poll brought.
+pub enum Polled {
+    /// A record of a partition.
+    Record(i32, Record),
+    /// Nothing within the timeout.
+    Nothing,
+    /// The position of a partition is below what the broker still holds.
+    OutOfRange(i32),
+}
+
+impl Source {
+    /// Connects to `bootstrap` for `topic`; `settings` are extra librdkafka settings (`-X`).
+    pub fn new(
+        bootstrap: &str,
+        topic: &str,
+        group: &str,
+        settings: &[(String, String)],
+    ) -> anyhow::Result<Source> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // A position the broker no longer holds is an error, never a silent jump.
+            .set("auto.offset.reset", "error")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", "100")
+            // Moderate fetches: a SQL-backed broker (the test broker) answers big ones slowly.
+            .set("fetch.max.bytes", "4194304")
+            .set("max.partition.fetch.bytes", "524288")
+            .set("queued.max.messages.kbytes", "65536")
+            .set("log_level", "4");
+        for (key, value) in settings {
+            config.set(key, value);
+        }
+        let consumer: BaseConsumer =
+            config.create().with_context(|| format!("cannot create a Kafka consumer for {bootstrap}"))?;
+        Ok(Source { consumer, topic: topic.to_owned() })
+    }
+
+    /// The topic's partitions.
+    pub fn partitions(&self, timeout: Duration) -> anyhow::Result<Vec<i32>> {
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(&self.topic), timeout)
+            .with_context(|| format!("cannot read the metadata of topic '{}'", self.topic))?;
+        let topic = metadata.topics().first().context("no metadata for the topic")?;
+        if let Some(err) = topic.error() {
+            bail!("topic '{}': {:?}", self.topic, RDKafkaErrorCode::from(err));
+        }
+        let mut partitions: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
+        partitions.sort();
+        if partitions.is_empty() {
+            bail!("topic '{}' does not exist or has no partitions", self.topic);
+        }
+        Ok(partitions)
+    }
+
+    /// The earliest offset still held and the end of a partition.
+    pub fn watermarks(&self, partition: i32, timeout: Duration) -> anyhow::Result<(i64, i64)> {
+        self.consumer
+            .fetch_watermarks(&self.topic, partition, timeout)
+            .with_context(|| format!("cannot read the offsets of {}/{partition}", self.topic))
+    }
+
+    /// Reads each partition from its position.
+    pub fn assign(&self, positions: &BTreeMap<i32, i64>) -> anyhow::Result<()> {
+        let mut list = TopicPartitionList::new();
+        for (partition, offset) in positions {
+            list.add_partition_offset(&self.topic, *partition, Offset::Offset(*offset))?;
+        }
+        self.consumer.assign(&list).context("cannot assign the partitions")?;
+        Ok(())
+    }
+
+    /// Moves a partition's position.
+    pub fn seek(&self, partition: i32, offset: i64) -> anyhow::Result<()> {
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(&self.topic, partition, Offset::Offset(offset))?;
+        self.consumer.seek_partitions(list, Duration::from_secs(10)).context("cannot seek")?;
+        Ok(())
+    }
+
+    /// The next record, waiting at most `timeout`.
+    pub fn poll(&self, timeout: Duration) -> anyhow::Result<Polled> {
+        match self.consumer.poll(timeout) {
+            None => Ok(Polled::Nothing),
+            Some(Ok(message)) => {
+                let headers = message
+                    .headers()
+                    .map(|headers| {
+                        headers.iter().map(|h| (h.key.to_owned(), h.value.map(|v| v.to_vec()))).collect()
+                    })
+                    .unwrap_or_default();
+                let record = Record {
+                    offset: message.offset(),
+                    timestamp: message.timestamp().to_millis(),
+                    key: message.key().map(|k| k.to_vec()),
+                    headers,
+                    value: message.payload().map(|v| v.to_vec()),
+                };
+                Ok(Polled::Record(message.partition(), record))
+            }
+            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange))) => {
+                // librdkafka does not say which partition; the caller checks them all.
+                Ok(Polled::OutOfRange(-1))
+            }
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, "Kafka error while reading; retrying");
+                Ok(Polled::Nothing)
+            }
+        }
+    }
+
+    /// Commits `offset` of `partition` to the group (a hint).
+    pub fn commit(&self, partition: i32, offset: i64) {
+        let mut list = TopicPartitionList::new();
+        if list.add_partition_offset(&self.topic, partition, Offset::Offset(offset)).is_ok()
+            && let Err(err) = self.consumer.commit(&list, CommitMode::Async)
+        {
+            tracing::debug!(error = %err, partition, offset, "offset commit (a hint) failed");
+        }
+    }
+}

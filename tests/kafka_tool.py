@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""An independent Kafka client (confluent-kafka) for the archiver's e2e tests.
+
+usage:
+  kafka_tool.py BOOTSTRAP create TOPIC PARTITIONS [RETENTION_MS]
+      (with a retention, cleanup.policy=delete and retention.ms=RETENTION_MS)
+  kafka_tool.py BOOTSTRAP produce TOPIC PARTITIONS FROM TO
+      record i goes to partition i % PARTITIONS with key "k<i>", a header, and value
+      "record <i>" (every 97th value is binary: b"\\xff\\x00<i>\\n")
+  kafka_tool.py BOOTSTRAP delete TOPIC PARTITION BEFORE_OFFSET
+"""
+import sys
+
+from confluent_kafka import Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+bootstrap, command = sys.argv[1], sys.argv[2]
+args = sys.argv[3:]
+
+
+def value(i):
+    return b"\xff\x00" + str(i).encode() + b"\n" if i % 97 == 0 else f"record {i}".encode()
+
+
+if command == "create":
+    topic, partitions = args[0], int(args[1])
+    config = {"cleanup.policy": "delete", "retention.ms": args[2]} if len(args) > 2 else {}
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(topic, partitions, 1, config=config)]).values():
+        future.result(30)
+elif command == "produce":
+    topic, partitions, start, end = args[0], int(args[1]), int(args[2]), int(args[3])
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": False})
+    failures = []
+
+    def report(err, msg):
+        if err is not None:
+            failures.append(str(err))
+
+    for i in range(start, end):
+        while True:
+            try:
+                producer.produce(topic, key=f"k{i}".encode(), value=value(i), partition=i % partitions,
+                                 headers=[("n", str(i).encode())], on_delivery=report)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    left = producer.flush(60)
+    if left or failures:
+        sys.exit(f"produce: {left} undelivered, failures: {failures[:3]}")
+elif command == "delete":
+    topic, partition, before = args[0], int(args[1]), int(args[2])
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.delete_records([TopicPartition(topic, partition, before)]).values():
+        future.result(30)
+else:
+    sys.exit(f"unknown command {command}")

@@ -1,0 +1,283 @@
+//! The archiver end to end: the real broker, records produced by an independent client
+//! (confluent-kafka), real `shiva-archiver` processes killed with SIGKILL at random moments, and
+//! `fsck` and `extract` as the judges: nothing lost, nothing twice.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use shiva_e2e::{Broker, bin, repo, scratch, wait_until};
+
+const PARTITIONS: usize = 4;
+
+fn python() -> String {
+    let python = std::env::var("SHIVA_E2E_PYTHON").unwrap_or_else(|_| "python3".into());
+    let check = Command::new(&python).args(["-c", "import confluent_kafka"]).output().expect("run python");
+    assert!(
+        check.status.success(),
+        "{python} cannot import confluent_kafka (scripts/test installs it): {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    python
+}
+
+fn tool(broker: &Broker, args: &[&str]) {
+    let output = Command::new(python())
+        .arg(repo().join("tests/kafka_tool.py"))
+        .arg(format!("127.0.0.1:{}", broker.port))
+        .args(args)
+        .output()
+        .expect("run kafka_tool.py");
+    assert!(output.status.success(), "kafka_tool {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// The value of record `i`, as `kafka_tool.py produce` writes it.
+fn value(i: usize) -> Vec<u8> {
+    if i.is_multiple_of(97) {
+        let mut v = b"\xff\x00".to_vec();
+        v.extend_from_slice(i.to_string().as_bytes());
+        v.push(b'\n');
+        v
+    } else {
+        format!("record {i}").into_bytes()
+    }
+}
+
+fn archiver(broker: &Broker, dest: &Path, topic: &str, extra: &[&str], log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Command::new(bin("shiva-archiver"))
+        .args(["run", "--bootstrap", &format!("127.0.0.1:{}", broker.port), "--topic", topic])
+        .arg("--dest")
+        .arg(format!("file://{}", dest.display()))
+        .args(extra)
+        .env("SHIVA_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start shiva-archiver")
+}
+
+fn terminate(mut child: Child) -> std::process::ExitStatus {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    child.wait().unwrap()
+}
+
+fn archived_count(dest: &Path, topic: &str) -> u64 {
+    let output = Command::new(bin("shiva-archiver"))
+        .args(["fsck", "--topic", topic, "--dest", &format!("file://{}", dest.display())])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split(" files, ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `fsck --deep` passes and `extract` returns exactly records 0..count, each once, in order per
+/// partition.
+fn assert_exactly_once(dest: &Path, topic: &str, count: usize) {
+    let url = format!("file://{}", dest.display());
+    let fsck = Command::new(bin("shiva-archiver"))
+        .args(["fsck", "--deep", "--topic", topic, "--dest", &url])
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "fsck failed:\n{}", String::from_utf8_lossy(&fsck.stdout));
+    let extract = Command::new(bin("shiva-archiver"))
+        .args(["extract", "--format", "jsonl", "--topic", topic, "--dest", &url])
+        .output()
+        .unwrap();
+    assert!(extract.status.success(), "{}", String::from_utf8_lossy(&extract.stderr));
+    let mut per_partition: BTreeMap<i64, Vec<(i64, Vec<u8>)>> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&extract.stdout).lines() {
+        let record: Value = serde_json::from_str(line).unwrap();
+        let value = match &record["value"] {
+            Value::String(text) => text.as_bytes().to_vec(),
+            other => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.decode(other["base64"].as_str().unwrap()).unwrap()
+            }
+        };
+        let partition = record["partition"].as_i64().unwrap();
+        per_partition.entry(partition).or_default().push((record["offset"].as_i64().unwrap(), value));
+    }
+    for p in 0..PARTITIONS {
+        let got = per_partition.remove(&(p as i64)).unwrap_or_default();
+        let expected: Vec<(i64, Vec<u8>)> =
+            (p..count).step_by(PARTITIONS).enumerate().map(|(offset, i)| (offset as i64, value(i))).collect();
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "partition {p}: {} records archived, {} produced",
+            got.len(),
+            expected.len()
+        );
+        assert!(got == expected, "partition {p}: the archived records differ from the produced ones");
+    }
+}
+
+/// Deterministic pseudo-random delays, so a failing run can be told apart by its seed.
+fn delays(seed: u64, count: usize, min_ms: u64, max_ms: u64) -> Vec<Duration> {
+    let mut state = seed;
+    (0..count)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            Duration::from_millis(min_ms + (state >> 33) % (max_ms - min_ms))
+        })
+        .collect()
+}
+
+#[test]
+fn killed_at_random_moments_while_producing_the_archive_holds_every_record_exactly_once() {
+    let broker = Broker::start_with_interval("10m");
+    let dir = scratch("archive");
+    let dest: PathBuf = dir.join("out");
+    let log = dir.join("archiver.log");
+    tool(&broker, &["create", "events", &PARTITIONS.to_string()]);
+    let total = 20_000;
+    let step = total / 5;
+    tool(&broker, &["produce", "events", &PARTITIONS.to_string(), "0", &step.to_string()]);
+    let mut produced = step;
+    let seed = std::process::id() as u64;
+    let mut kills = 0;
+    // From just after start (before the first fetch) to well into publishing.
+    for (round, delay) in delays(seed, 50, 200, 2500).into_iter().enumerate() {
+        // Records keep arriving while the archiver is killed and restarted.
+        if round % 12 == 11 && produced < total {
+            tool(
+                &broker,
+                &[
+                    "produce",
+                    "events",
+                    &PARTITIONS.to_string(),
+                    &produced.to_string(),
+                    &(produced + step).to_string(),
+                ],
+            );
+            produced += step;
+        }
+        let mut child =
+            archiver(&broker, &dest, "events", &["--max-records", "50", "--idle-publish", "300ms"], &log);
+        std::thread::sleep(delay);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        // The broker still serves the dead archiver's fetches for a moment.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    while produced < total {
+        tool(
+            &broker,
+            &[
+                "produce",
+                "events",
+                &PARTITIONS.to_string(),
+                &produced.to_string(),
+                &(produced + step).to_string(),
+            ],
+        );
+        produced += step;
+    }
+    // A last run catches up, then stops cleanly.
+    let child = archiver(&broker, &dest, "events", &["--max-records", "50", "--idle-publish", "300ms"], &log);
+    let started = Instant::now();
+    wait_until(Duration::from_secs(180), "the archive catches up", || {
+        archived_count(&dest, "events") >= total as u64
+    });
+    assert!(terminate(child).success());
+    eprintln!("{kills} kills (seed {seed}), caught up in {:?}", started.elapsed());
+    assert_exactly_once(&dest, "events", total);
+}
+
+#[test]
+fn two_archivers_with_different_cuts_on_the_same_partitions_never_overlap() {
+    let broker = Broker::start_with_interval("10m");
+    let dir = scratch("zombie");
+    let dest = dir.join("out");
+    let log = dir.join("archiver.log");
+    tool(&broker, &["create", "events", &PARTITIONS.to_string()]);
+    let total = 20_000;
+    let first = archiver(&broker, &dest, "events", &["--max-records", "30", "--idle-publish", "200ms"], &log);
+    let second =
+        archiver(&broker, &dest, "events", &["--max-records", "70", "--idle-publish", "500ms"], &log);
+    for chunk in 0..4 {
+        let (from, to) = (chunk * total / 4, (chunk + 1) * total / 4);
+        tool(&broker, &["produce", "events", &PARTITIONS.to_string(), &from.to_string(), &to.to_string()]);
+    }
+    wait_until(Duration::from_secs(180), "the archive catches up", || {
+        archived_count(&dest, "events") >= total as u64
+    });
+    assert!(terminate(first).success());
+    assert!(terminate(second).success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("another writer archived this range first"), "the two writers never met");
+    assert_exactly_once(&dest, "events", total);
+}
+
+#[test]
+fn records_lost_before_they_were_archived_stop_the_archiver_with_the_permanent_failure_code() {
+    let broker = Broker::start();
+    let dir = scratch("gone");
+    let dest = dir.join("out");
+    let log = dir.join("archiver.log");
+    // Records older than 3 s are deleted by the broker.
+    tool(&broker, &["create", "short", "1", "3000"]);
+    tool(&broker, &["produce", "short", "1", "0", "100"]);
+    let child = archiver(&broker, &dest, "short", &["--idle-publish", "200ms"], &log);
+    wait_until(Duration::from_secs(30), "the first records are archived", || {
+        archived_count(&dest, "short") >= 100
+    });
+    assert!(terminate(child).success());
+    // While no archiver runs, more records arrive and are deleted before anyone archives them.
+    tool(&broker, &["produce", "short", "1", "100", "200"]);
+    std::thread::sleep(Duration::from_secs(8));
+    let child = archiver(&broker, &dest, "short", &["--idle-publish", "200ms"], &log);
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(3), "the permanent-failure exit code");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("short/0: the archive ends at offset 100"),
+        "the message says which offsets: {text}"
+    );
+    assert_eq!(archived_count(&dest, "short"), 100, "nothing was skipped or rewritten");
+}
+
+#[test]
+fn bad_flags_and_damaged_files_get_clear_errors_and_nothing_is_overwritten() {
+    let dir = scratch("archiver-bad");
+    let run = |args: &[&str]| Command::new(bin("shiva-archiver")).args(args).output().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "s3://b/p"], "--dest"),
+        (
+            &["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "file:///tmp/x", "--max-bytes", "lots"],
+            "--max-bytes",
+        ),
+        (
+            &["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "file:///tmp/x", "--level", "99"],
+            "--level",
+        ),
+        (&["extract", "--topic", "t", "--dest", "file:///tmp/x", "--from-time", "yesterday"], "--from-time"),
+    ];
+    for (args, needle) in cases {
+        let output = run(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?} should name {needle}: {stderr}");
+    }
+    // A damaged file: fsck --deep names it; extract refuses it; the file is left as it was.
+    let partition = dir.join("out/t/0");
+    std::fs::create_dir_all(&partition).unwrap();
+    let damaged = partition.join(format!("{:020}.zst", 0));
+    std::fs::write(&damaged, b"\x28\xb5\x2f\xfd garbage").unwrap();
+    let url = format!("file://{}", dir.join("out").display());
+    let fsck = run(&["fsck", "--deep", "--topic", "t", "--dest", &url]);
+    assert_eq!(fsck.status.code(), Some(1));
+    let text = format!("{}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
+    assert!(text.contains("00000000000000000000.zst"), "{text}");
+    let extract = run(&["extract", "--topic", "t", "--dest", &url]);
+    assert_eq!(extract.status.code(), Some(1));
+    assert_eq!(std::fs::read(&damaged).unwrap(), b"\x28\xb5\x2f\xfd garbage", "never rewritten");
+}
