@@ -13,6 +13,8 @@ use shiva_e2e::{Broker, Ctl, Node, cluster, scratch, wait_until};
 use shiva_proto::{LogView, TaskId, TaskSpec, TopicKind};
 use tokio::sync::mpsc;
 
+#[path = "bench_archive.rs"]
+mod archive;
 #[path = "bench_supervise.rs"]
 mod supervise;
 
@@ -477,7 +479,7 @@ fn main() {
     let broker = Broker::start_with_interval(&compaction);
     let mut report = Vec::new();
 
-    // `--only a,b` runs some sections: rtt, idle, floor, cron, resume, supervise, cluster.
+    // `--only a,b` runs some sections: rtt, idle, floor, cron, resume, pipeline, supervise, cluster.
     let only = args.iter().position(|arg| arg == "--only").map(|i| args[i + 1].clone());
     let wants = |section: &str| only.as_ref().is_none_or(|list| list.split(',').any(|s| s == section));
     for wait in [10, 12, 20].into_iter().filter(|_| wants("rtt")) {
@@ -557,6 +559,16 @@ fn main() {
             to_intent,
             rss as f64 / 1024.0
         ));
+    }
+
+    if wants("pipeline") {
+        let count = if quick { 300_000 } else { 1_000_000 };
+        for level in [1, 3] {
+            let (mb, records, ratio) = archive::pipeline(&scratch("pipeline"), count, level);
+            report.push(format!(
+                "| archiving pipeline alone, one thread, zstd-{level} ({count} records of ~200 B in memory → cut → encode → compress → publish to disk) | {mb:.0} MB/s raw, {records:.0} records/s, ratio {ratio:.1} |"
+            ));
+        }
     }
 
     if wants("supervise") {

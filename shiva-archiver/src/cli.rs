@@ -36,6 +36,17 @@ pub enum Command {
     },
     /// Print the archived records of an offset or time range.
     Extract(Box<ExtractArgs>),
+    /// Delete whole files older than a retention; the newest file of each partition always stays.
+    Housekeep {
+        #[command(flatten)]
+        archive: ArchiveArgs,
+        /// Delete files whose newest record is older than this (e.g. 30d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Duration,
+        /// Only say what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Where an archive is.

@@ -175,6 +175,16 @@ impl FileDest {
         Ok(partitions)
     }
 
+    /// Deletes an archived file, then its sidecar, and syncs the directory.
+    pub fn remove(&self, path: &Path) -> anyhow::Result<()> {
+        fs::remove_file(path).with_context(|| format!("cannot delete {}", path.display()))?;
+        let _ = fs::remove_file(Self::sidecar(path));
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    }
+
     /// The newest file's footer of a partition (where resuming starts).
     pub fn newest(&self, topic: &str, partition: i32) -> anyhow::Result<Option<Footer>> {
         let dir = self.partition_dir(topic, partition);

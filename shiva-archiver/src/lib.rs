@@ -4,7 +4,7 @@
 //! * [`cut`]: where files are cut, pure;
 //! * [`dest`]: the archive on a filesystem, create-if-absent publishing;
 //! * [`source`]: the Kafka consumer;
-//! * [`run`], [`fsck`], [`extract`]: the commands.
+//! * [`run`], [`fsck`], [`extract`], [`housekeep`]: the commands.
 
 pub mod cli;
 pub mod cut;
@@ -12,5 +12,6 @@ pub mod dest;
 pub mod extract;
 pub mod format;
 pub mod fsck;
+pub mod housekeep;
 pub mod run;
 pub mod source;

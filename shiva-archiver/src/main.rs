@@ -9,6 +9,7 @@ use shiva_archiver::cut::Limits;
 use shiva_archiver::dest::FileDest;
 use shiva_archiver::extract::{Output, Range, extract};
 use shiva_archiver::fsck::fsck;
+use shiva_archiver::housekeep::housekeep;
 use shiva_archiver::run::{DataGone, EXIT_DATA_GONE, RunConfig, run};
 
 fn main() -> ExitCode {
@@ -81,6 +82,20 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Extract(args) => extract_command(*args),
+        Command::Housekeep { archive, older_than, dry_run } => {
+            let dest = FileDest::from_url(&archive.dest).map_err(usage)?;
+            let swept = housekeep(&dest, &archive.topic, older_than, std::time::SystemTime::now(), dry_run)?;
+            for path in &swept.paths {
+                println!("{} {path}", if dry_run { "would delete" } else { "deleted" });
+            }
+            println!(
+                "{} file(s), {} record(s){}",
+                swept.files,
+                swept.records,
+                if dry_run { " (dry run)" } else { "" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
