@@ -566,7 +566,7 @@ fn main() {
         for level in [1, 3] {
             let (mb, records, ratio) = archive::pipeline(&scratch("pipeline"), count, level);
             report.push(format!(
-                "| archiving pipeline alone, one thread, zstd-{level} ({count} records of ~200 B in memory → cut → encode → compress → publish to disk) | {mb:.0} MB/s raw, {records:.0} records/s, ratio {ratio:.1} |"
+                "| archiving pipeline alone, one thread, zstd-{level} ({count} access-log records of ~135 B in memory → cut → encode → compress → publish to disk) | {mb:.0} MB/s raw, {records:.0} records/s, ratio {ratio:.1} |"
             ));
         }
     }

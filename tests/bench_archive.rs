@@ -7,7 +7,7 @@ use shiva_archiver::cut::{Batch, Limits};
 use shiva_archiver::dest::FileDest;
 use shiva_archiver::format::{Record, encode_file};
 
-/// Synthetic access-log lines, about 200 bytes each, varied enough not to compress trivially.
+/// Synthetic access-log lines, about 135 bytes each, varied enough not to compress trivially.
 fn records(count: usize) -> Vec<Record> {
     let paths =
         ["/api/v1/orders", "/api/v1/users/42/profile", "/static/app.js", "/health", "/api/v2/search?q=shiva"];
