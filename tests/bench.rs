@@ -563,10 +563,11 @@ fn main() {
 
     if wants("pipeline") {
         let count = if quick { 300_000 } else { 1_000_000 };
-        for level in [1, 3] {
-            let (mb, records, ratio) = archive::pipeline(&scratch("pipeline"), count, level);
+        for (level, encrypt) in [(1, false), (3, false), (1, true)] {
+            let (mb, records, ratio) = archive::pipeline(&scratch("pipeline"), count, level, encrypt);
+            let age = if encrypt { " + age encryption" } else { "" };
             report.push(format!(
-                "| archiving pipeline alone, one thread, zstd-{level} ({count} access-log records of ~135 B in memory → cut → encode → compress → publish to disk) | {mb:.0} MB/s raw, {records:.0} records/s, ratio {ratio:.1} |"
+                "| archiving pipeline alone, one thread, zstd-{level}{age} ({count} access-log records of ~135 B in memory → cut → encode → compress → publish to disk) | {mb:.0} MB/s raw, {records:.0} records/s, ratio {ratio:.1} |"
             ));
         }
     }

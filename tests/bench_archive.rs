@@ -47,8 +47,11 @@ fn records(count: usize) -> Vec<Record> {
         .collect()
 }
 
-/// (raw MB/s, records/s, compression ratio) for `count` records at zstd `level`.
-pub fn pipeline(dir: &std::path::Path, count: usize, level: i32) -> (f64, f64, f64) {
+/// (raw MB/s, records/s, compression ratio) for `count` records at zstd `level`, encrypted to
+/// one fresh age recipient when `encrypt`.
+pub fn pipeline(dir: &std::path::Path, count: usize, level: i32, encrypt: bool) -> (f64, f64, f64) {
+    let recipients: Vec<age::x25519::Recipient> =
+        if encrypt { vec![age::x25519::Identity::generate().to_public()] } else { Vec::new() };
     let input = records(count);
     let dest = FileDest::from_url(&format!("file://{}", dir.display())).unwrap();
     dest.prepare("bench", &[0]).unwrap();
@@ -58,7 +61,7 @@ pub fn pipeline(dir: &std::path::Path, count: usize, level: i32) -> (f64, f64, f
     let mut batch = Batch::default();
     let mut start = 0;
     let mut publish = |records: Vec<Record>, next: i64, start: &mut i64| {
-        let encoded = encode_file("bench", 0, *start, &records, next, level);
+        let encoded = encode_file("bench", 0, *start, &records, next, level, &recipients);
         written += encoded.bytes.len() as u64;
         dest.publish(&encoded).unwrap();
         *start = next;

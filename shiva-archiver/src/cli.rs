@@ -33,6 +33,9 @@ pub enum Command {
         /// Also decode every file and check it against its footer.
         #[arg(long)]
         deep: bool,
+        /// age identity file to open encrypted files with (`--deep`), repeatable.
+        #[arg(long)]
+        identity: Vec<PathBuf>,
     },
     /// Print the archived records of an offset or time range.
     Extract(Box<ExtractArgs>),
@@ -96,6 +99,12 @@ pub struct RunArgs {
     /// librdkafka setting, repeatable: -X security.protocol=SSL.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     pub kafka: Vec<String>,
+    /// Encrypt every file to this age recipient (age1…), repeatable.
+    #[arg(long)]
+    pub recipient: Vec<String>,
+    /// Encrypt to the recipients listed in this file (one per line), repeatable.
+    #[arg(long)]
+    pub recipients_file: Vec<PathBuf>,
 }
 
 /// `extract` flags.
@@ -124,6 +133,9 @@ pub struct ExtractArgs {
     /// Write here instead of stdout.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// age identity file to open encrypted files with, repeatable.
+    #[arg(long)]
+    pub identity: Vec<PathBuf>,
 }
 
 /// `extract --format`.

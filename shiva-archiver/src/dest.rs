@@ -18,6 +18,9 @@ use anyhow::{Context, bail};
 
 use crate::format::{Encoded, Footer, read_footer};
 
+/// The extended attribute holding a file's public footer.
+pub const META_XATTR: &str = "user.shiva.footer";
+
 /// Staging files older than this belong to a writer that died: removed at start.
 const STALE_STAGING: Duration = Duration::from_secs(600);
 
@@ -98,26 +101,33 @@ impl FileDest {
         let footer = &encoded.footer;
         let path = self.path(&footer.topic, footer.partition, footer.first_offset);
         let dir = path.parent().expect("a partition directory");
-        let created = self.link_new(&encoded.bytes, &path)?;
+        // The non-secret footer fields ride on the file itself (an extended attribute set before
+        // the link), so they appear with it atomically; the sidecar follows.
+        let meta = serde_json::to_vec_pretty(&footer.public())?;
+        let created = self.link_new(&encoded.bytes, &path, Some(&meta))?;
         sync_dir(dir)?;
         if !created {
             let existing = self.footer(&path)?;
             return Ok(Published::Adopted(existing));
         }
-        let meta = serde_json::to_vec_pretty(footer)?;
-        self.link_new(&meta, &Self::sidecar(&path))?;
+        self.link_new(&meta, &Self::sidecar(&path), None)?;
         sync_dir(dir)?;
         Ok(Published::Written(footer.clone()))
     }
 
-    /// Writes `bytes` to a staging file, fsyncs it, links it to `path` unless `path` exists.
-    /// True when this call created `path`.
-    fn link_new(&self, bytes: &[u8], path: &Path) -> anyhow::Result<bool> {
+    /// Writes `bytes` to a staging file (with `meta` as its [`META_XATTR`] where the filesystem
+    /// allows), fsyncs it, links it to `path` unless `path` exists. True when this call created
+    /// `path`.
+    fn link_new(&self, bytes: &[u8], path: &Path, meta: Option<&[u8]>) -> anyhow::Result<bool> {
         let staging =
             self.root.join(".staging").join(format!("{}-{}", std::process::id(), uuid::Uuid::new_v4()));
         let mut file =
             File::create(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
         file.write_all(bytes).with_context(|| format!("cannot write {}", staging.display()))?;
+        if let Some(meta) = meta {
+            // Optional: a filesystem without user xattrs keeps the sidecar only.
+            let _ = xattr::set(&staging, META_XATTR, meta);
+        }
         file.sync_all().with_context(|| format!("cannot fsync {}", staging.display()))?;
         drop(file);
         let linked = fs::hard_link(&staging, path);
@@ -129,8 +139,8 @@ impl FileDest {
         }
     }
 
-    /// The footer of an archived file: its sidecar, else read from the file (and the sidecar
-    /// written).
+    /// The (public) footer of an archived file: its sidecar, else its extended attribute, else
+    /// read from the file (unencrypted files only), and the sidecar written again.
     pub fn footer(&self, path: &Path) -> anyhow::Result<Footer> {
         let sidecar = Self::sidecar(path);
         if let Ok(bytes) = fs::read(&sidecar)
@@ -138,10 +148,19 @@ impl FileDest {
         {
             return Ok(footer);
         }
-        let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let footer = read_footer(&bytes).with_context(|| format!("{}", path.display()))?;
+        let footer = match xattr::get(path, META_XATTR)
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice::<Footer>(&b).ok())
+        {
+            Some(footer) => footer,
+            None => {
+                let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+                read_footer(&bytes, &[]).with_context(|| format!("{}", path.display()))?.public()
+            }
+        };
         if let Ok(meta) = serde_json::to_vec_pretty(&footer) {
-            let _ = self.link_new(&meta, &sidecar);
+            let _ = self.link_new(&meta, &sidecar, None);
         }
         Ok(footer)
     }
@@ -225,18 +244,28 @@ mod tests {
         let _ = fs::remove_dir_all(&root);
         let dest = FileDest::from_url(&format!("file://{}", root.display())).unwrap();
         dest.prepare("t", &[0]).unwrap();
-        let a = encode_file("t", 0, 0, &records(0, 10), 10, 1);
-        let b = encode_file("t", 0, 0, &records(0, 5), 5, 1);
+        let a = encode_file("t", 0, 0, &records(0, 10), 10, 1, &[]);
+        let b = encode_file("t", 0, 0, &records(0, 5), 5, 1, &[]);
         assert_eq!(dest.publish(&a).unwrap(), Published::Written(a.footer.clone()));
         assert_eq!(dest.publish(&b).unwrap(), Published::Adopted(a.footer.clone()), "a zombie adopts");
-        let c = encode_file("t", 0, 10, &records(10, 20), 20, 1);
+        let c = encode_file("t", 0, 10, &records(10, 20), 20, 1, &[]);
         dest.publish(&c).unwrap();
         let listed = dest.list("t", 0).unwrap();
         assert_eq!(listed.iter().map(|e| e.footer.first_offset).collect::<Vec<_>>(), [0, 10]);
         assert_eq!(dest.newest("t", 0).unwrap().unwrap().next_offset, 20);
-        // A missing sidecar is rebuilt from the file.
+        // A missing sidecar is rebuilt (from the extended attribute, else from the file).
         fs::remove_file(FileDest::sidecar(&listed[1].path)).unwrap();
         assert_eq!(dest.footer(&listed[1].path).unwrap(), c.footer);
+        fs::remove_file(FileDest::sidecar(&listed[1].path)).unwrap();
+        let _ = xattr::remove(&listed[1].path, META_XATTR);
+        assert_eq!(dest.footer(&listed[1].path).unwrap(), c.footer);
+        // An encrypted file's footer is known without the key.
+        let key = age::x25519::Identity::generate();
+        let d = encode_file("t", 0, 20, &records(20, 30), 30, 1, &[key.to_public()]);
+        dest.publish(&d).unwrap();
+        let path = dest.path("t", 0, 20);
+        fs::remove_file(FileDest::sidecar(&path)).unwrap();
+        assert_eq!(dest.footer(&path).unwrap(), d.footer.public());
         assert!(FileDest::from_url("s3://bucket/x").is_err());
         assert!(FileDest::from_url("file://relative").is_err());
         let _ = fs::remove_dir_all(&root);

@@ -49,6 +49,7 @@ pub fn extract(
     topic: &str,
     range: &Range,
     output: Output,
+    identities: &[Box<dyn age::Identity>],
     out: &mut dyn Write,
 ) -> anyhow::Result<u64> {
     let partitions =
@@ -65,8 +66,8 @@ pub fn extract(
                 continue;
             }
             let bytes = std::fs::read(&entry.path)?;
-            let (_, records) =
-                decode_file(&bytes).map_err(|err| anyhow::anyhow!("{}: {err}", entry.path.display()))?;
+            let (_, records) = decode_file(&bytes, identities)
+                .map_err(|err| anyhow::anyhow!("{}: {err}", entry.path.display()))?;
             for record in records.iter().filter(|record| range.wants(record)) {
                 match output {
                     Output::Values => {

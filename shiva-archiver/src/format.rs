@@ -92,6 +92,18 @@ pub struct Footer {
     pub encoding: Encoding,
     /// Compression of the file (`zstd`).
     pub compression: String,
+    /// Whether the file is encrypted (age, around the compressed stream).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
+}
+
+impl Footer {
+    /// The fields that may be stored in the clear beside the file: all of them, but the body's
+    /// checksum of an encrypted file.
+    pub fn public(&self) -> Footer {
+        let sha256 = if self.encrypted { String::new() } else { self.sha256.clone() };
+        Footer { sha256, ..self.clone() }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -176,6 +188,9 @@ pub enum FormatError {
     /// The body's checksum or count does not match the footer.
     #[error("the body does not match its footer: {0}")]
     Mismatch(String),
+    /// An encrypted file that cannot be opened.
+    #[error("{0}")]
+    Encrypted(String),
 }
 
 /// Decodes a body.
@@ -260,6 +275,7 @@ pub fn encode_file(
     records: &[Record],
     next_offset: i64,
     level: i32,
+    recipients: &[age::x25519::Recipient],
 ) -> Encoded {
     let (body, encoding) = encode_body(records);
     let footer = Footer {
@@ -275,17 +291,38 @@ pub fn encode_file(
         sha256: hex::encode(Sha256::digest(&body)),
         encoding,
         compression: "zstd".into(),
+        encrypted: !recipients.is_empty(),
     };
     let mut bytes = zstd::stream::encode_all(body.as_slice(), level).expect("compressing in memory");
     let json = serde_json::to_vec(&footer).expect("footers serialize");
     bytes.write_all(&FOOTER_MAGIC.to_le_bytes()).expect("in memory");
     bytes.write_all(&(json.len() as u32).to_le_bytes()).expect("in memory");
     bytes.write_all(&json).expect("in memory");
+    if !recipients.is_empty() {
+        bytes = crate::crypt::encrypt(&bytes, recipients).expect("encrypting in memory to parsed recipients");
+    }
     Encoded { bytes, footer }
 }
 
-/// Finds the footer: the last frame of the file, a skippable one. Reads frame headers only.
-pub fn read_footer(file: &[u8]) -> Result<Footer, FormatError> {
+/// The plain (compressed) bytes of a file: decrypted when it is encrypted.
+fn plain<'a>(
+    file: &'a [u8],
+    identities: &[Box<dyn age::Identity>],
+) -> Result<std::borrow::Cow<'a, [u8]>, FormatError> {
+    if crate::crypt::is_encrypted(file) {
+        let plain = crate::crypt::decrypt(file, identities)
+            .map_err(|err| FormatError::Encrypted(format!("{err:#}")))?;
+        Ok(std::borrow::Cow::Owned(plain))
+    } else {
+        Ok(std::borrow::Cow::Borrowed(file))
+    }
+}
+
+/// Finds the footer: the last frame of the file, a skippable one (decrypting first when the file
+/// is encrypted). Reads frame headers only.
+pub fn read_footer(file: &[u8], identities: &[Box<dyn age::Identity>]) -> Result<Footer, FormatError> {
+    let file = plain(file, identities)?;
+    let file: &[u8] = &file;
     let mut at = 0usize;
     let mut last = None;
     while at < file.len() {
@@ -304,8 +341,13 @@ pub fn read_footer(file: &[u8]) -> Result<Footer, FormatError> {
 }
 
 /// Reads a whole file: its records, checked against its footer.
-pub fn decode_file(file: &[u8]) -> Result<(Footer, Vec<Record>), FormatError> {
-    let footer = read_footer(file)?;
+pub fn decode_file(
+    file: &[u8],
+    identities: &[Box<dyn age::Identity>],
+) -> Result<(Footer, Vec<Record>), FormatError> {
+    let file = plain(file, identities)?;
+    let file: &[u8] = &file;
+    let footer = read_footer(file, &[])?;
     let body = zstd::stream::decode_all(file).map_err(|err| FormatError::Compression(err.to_string()))?;
     let sha = hex::encode(Sha256::digest(&body));
     if sha != footer.sha256 {
@@ -347,13 +389,13 @@ mod tests {
     #[test]
     fn text_and_binary_files_round_trip_and_zstd_skips_the_footer() {
         let text: Vec<Record> = (10..20).map(|o| record(o, format!("line {o} é").as_bytes())).collect();
-        let file = encode_file("t", 3, 10, &text, 25, 1);
+        let file = encode_file("t", 3, 10, &text, 25, 1, &[]);
         assert_eq!(file.footer.encoding, Encoding::Jsonl);
         assert_eq!(
             (file.footer.first_offset, file.footer.last_offset, file.footer.next_offset),
             (10, 19, 25)
         );
-        let (footer, back) = decode_file(&file.bytes).unwrap();
+        let (footer, back) = decode_file(&file.bytes, &[]).unwrap();
         assert_eq!((footer, back), (file.footer.clone(), text.clone()));
         // What `zstdcat` prints: the JSON lines, nothing of the footer.
         let plain = zstd::stream::decode_all(file.bytes.as_slice()).unwrap();
@@ -363,22 +405,36 @@ mod tests {
         let mut binary = text.clone();
         binary[4].value = Some(vec![0xff, 0x00, 0xfe, b'\n']);
         binary[5].value = None;
-        let file = encode_file("t", 3, 8, &binary, 20, 3);
+        let file = encode_file("t", 3, 8, &binary, 20, 3, &[]);
         assert_eq!(file.footer.encoding, Encoding::Frames);
-        assert_eq!(decode_file(&file.bytes).unwrap().1, binary);
+        assert_eq!(decode_file(&file.bytes, &[]).unwrap().1, binary);
     }
 
     #[test]
     fn damage_is_reported_not_ignored() {
         let records: Vec<Record> = (0..50).map(|o| record(o, b"payload payload payload")).collect();
-        let file = encode_file("t", 0, 0, &records, 50, 1).bytes;
-        assert!(read_footer(&file[..file.len() - 3]).is_err(), "a truncated footer");
+        let file = encode_file("t", 0, 0, &records, 50, 1, &[]).bytes;
+        assert!(read_footer(&file[..file.len() - 3], &[]).is_err(), "a truncated footer");
         let cut = &file[..file.len() / 2];
-        assert!(decode_file(cut).is_err(), "a truncated file");
+        assert!(decode_file(cut, &[]).is_err(), "a truncated file");
         let mut flipped = file.clone();
         flipped[20] ^= 0x55;
-        assert!(decode_file(&flipped).is_err(), "a damaged body");
-        assert!(matches!(read_footer(b"not zstd at all"), Err(FormatError::Compression(_))));
+        assert!(decode_file(&flipped, &[]).is_err(), "a damaged body");
+        assert!(matches!(read_footer(b"not zstd at all", &[]), Err(FormatError::Compression(_))));
+    }
+
+    #[test]
+    fn an_encrypted_file_opens_with_its_key_only_and_holds_the_same_records() {
+        let key = age::x25519::Identity::generate();
+        let records: Vec<Record> = (0..20).map(|o| record(o, b"secret")).collect();
+        let file = encode_file("t", 0, 0, &records, 20, 1, &[key.to_public()]);
+        assert!(file.footer.encrypted && crate::crypt::is_encrypted(&file.bytes));
+        assert!(!file.bytes.windows(6).any(|w| w == b"secret"), "no plaintext in the file");
+        assert!(matches!(decode_file(&file.bytes, &[]), Err(FormatError::Encrypted(_))));
+        let identities: Vec<Box<dyn age::Identity>> = vec![Box::new(key)];
+        let (footer, back) = decode_file(&file.bytes, &identities).unwrap();
+        assert_eq!((footer, back), (file.footer.clone(), records));
+        assert!(file.footer.public().sha256.is_empty(), "the checksum stays inside the encryption");
     }
 
     proptest! {
@@ -386,8 +442,8 @@ mod tests {
         fn any_records_round_trip(values in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..30)) {
             let records: Vec<Record> = values.iter().enumerate().map(|(i, v)| record(i as i64 * 2, v)).collect();
             let next = records.len() as i64 * 2;
-            let file = encode_file("topic", 1, 0, &records, next, 1);
-            let (footer, back) = decode_file(&file.bytes).unwrap();
+            let file = encode_file("topic", 1, 0, &records, next, 1, &[]);
+            let (footer, back) = decode_file(&file.bytes, &[]).unwrap();
             prop_assert_eq!(back, records);
             prop_assert_eq!(footer.next_offset, next);
         }

@@ -29,7 +29,12 @@ pub struct Summary {
 }
 
 /// Checks `topic` in `dest`.
-pub fn fsck(dest: &FileDest, topic: &str, deep: bool) -> anyhow::Result<(Vec<Summary>, Vec<Problem>)> {
+pub fn fsck(
+    dest: &FileDest,
+    topic: &str,
+    deep: bool,
+    identities: &[Box<dyn age::Identity>],
+) -> anyhow::Result<(Vec<Summary>, Vec<Problem>)> {
     let mut summaries = Vec::new();
     let mut problems = Vec::new();
     for partition in dest.partitions(topic)? {
@@ -68,9 +73,9 @@ pub fn fsck(dest: &FileDest, topic: &str, deep: bool) -> anyhow::Result<(Vec<Sum
             if deep {
                 match std::fs::read(&entry.path)
                     .map_err(anyhow::Error::from)
-                    .and_then(|bytes| decode_file(&bytes).map_err(anyhow::Error::from))
+                    .and_then(|bytes| decode_file(&bytes, identities).map_err(anyhow::Error::from))
                 {
-                    Ok((inner, _)) if inner != *footer => problems.push(Problem {
+                    Ok((inner, _)) if inner.public() != *footer => problems.push(Problem {
                         partition,
                         what: format!("{name}: its sidecar differs from its footer"),
                     }),

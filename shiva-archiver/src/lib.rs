@@ -7,6 +7,7 @@
 //! * [`run`], [`fsck`], [`extract`], [`housekeep`]: the commands.
 
 pub mod cli;
+pub mod crypt;
 pub mod cut;
 pub mod dest;
 pub mod extract;

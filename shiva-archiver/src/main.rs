@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Parser;
 use shiva_archiver::cli::{Cli, Command, ExtractArgs, Format, RunArgs};
+use shiva_archiver::crypt;
 use shiva_archiver::cut::Limits;
 use shiva_archiver::dest::FileDest;
 use shiva_archiver::extract::{Output, Range, extract};
@@ -60,9 +61,10 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             run(run_config(*args)?)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Fsck { archive, deep } => {
+        Command::Fsck { archive, deep, identity } => {
             let dest = FileDest::from_url(&archive.dest).map_err(usage)?;
-            let (summaries, problems) = fsck(&dest, &archive.topic, deep)?;
+            let identities = crypt::identities(&identity).map_err(usage)?;
+            let (summaries, problems) = fsck(&dest, &archive.topic, deep, &identities)?;
             for summary in &summaries {
                 let range =
                     summary.range.map_or("empty".to_owned(), |(from, to)| format!("offsets {from}..{to}"));
@@ -126,6 +128,7 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let group = args.group.unwrap_or_else(|| format!("shiva-archiver.{}", args.topic));
+    let recipients = crypt::recipients(&args.recipient, &args.recipients_file).map_err(usage)?;
     Ok(RunConfig {
         bootstrap: args.bootstrap,
         topic: args.topic,
@@ -140,6 +143,7 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         level: args.level,
         group,
         settings,
+        recipients,
     })
 }
 
@@ -162,6 +166,7 @@ fn extract_command(args: ExtractArgs) -> anyhow::Result<ExitCode> {
         from_time: time("--from-time", &args.from_time)?,
         to_time: time("--to-time", &args.to_time)?,
     };
+    let identities = crypt::identities(&args.identity).map_err(usage)?;
     let output = match args.format {
         Format::Values => Output::Values,
         Format::Jsonl => Output::Jsonl,
@@ -169,15 +174,19 @@ fn extract_command(args: ExtractArgs) -> anyhow::Result<ExitCode> {
     let written = match &args.output {
         Some(path) => {
             let file = std::fs::File::create(path).with_context(|| format!("--output {}", path.display()))?;
-            extract(&dest, &args.archive.topic, &range, output, &mut std::io::BufWriter::new(file))?
+            extract(
+                &dest,
+                &args.archive.topic,
+                &range,
+                output,
+                &identities,
+                &mut std::io::BufWriter::new(file),
+            )?
         }
-        None => extract(
-            &dest,
-            &args.archive.topic,
-            &range,
-            output,
-            &mut std::io::BufWriter::new(std::io::stdout().lock()),
-        )?,
+        None => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            extract(&dest, &args.archive.topic, &range, output, &identities, &mut out)?
+        }
     };
     tracing::info!(records = written, "extracted");
     Ok(ExitCode::SUCCESS)

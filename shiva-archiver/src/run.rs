@@ -47,6 +47,8 @@ pub struct RunConfig {
     pub group: String,
     /// Extra librdkafka settings.
     pub settings: Vec<(String, String)>,
+    /// Encrypt every file to these age recipients (none: plain files).
+    pub recipients: Vec<age::x25519::Recipient>,
 }
 
 /// Why `run` stopped.
@@ -213,7 +215,8 @@ fn publish(
     }
     let next = next.unwrap_or(part.position);
     let records = part.batch.take();
-    let encoded = encode_file(&config.topic, partition, part.start, &records, next, config.level);
+    let encoded =
+        encode_file(&config.topic, partition, part.start, &records, next, config.level, &config.recipients);
     match config.dest.publish(&encoded)? {
         Published::Written(footer) => {
             info!(

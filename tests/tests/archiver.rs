@@ -78,16 +78,20 @@ fn archived_count(dest: &Path, topic: &str) -> u64 {
 }
 
 /// `fsck --deep` passes and `extract` returns exactly records 0..count, each once, in order per
-/// partition.
-fn assert_exactly_once(dest: &Path, topic: &str, count: usize) {
+/// partition; `key` opens encrypted files.
+fn assert_exactly_once(dest: &Path, topic: &str, count: usize, key: Option<&Path>) {
     let url = format!("file://{}", dest.display());
+    let identity: Vec<String> =
+        key.map(|key| vec!["--identity".to_owned(), key.display().to_string()]).unwrap_or_default();
     let fsck = Command::new(bin("shiva-archiver"))
         .args(["fsck", "--deep", "--topic", topic, "--dest", &url])
+        .args(&identity)
         .output()
         .unwrap();
     assert!(fsck.status.success(), "fsck failed:\n{}", String::from_utf8_lossy(&fsck.stdout));
     let extract = Command::new(bin("shiva-archiver"))
         .args(["extract", "--format", "jsonl", "--topic", topic, "--dest", &url])
+        .args(&identity)
         .output()
         .unwrap();
     assert!(extract.status.success(), "{}", String::from_utf8_lossy(&extract.stderr));
@@ -130,66 +134,96 @@ fn delays(seed: u64, count: usize, min_ms: u64, max_ms: u64) -> Vec<Duration> {
         .collect()
 }
 
-#[test]
-fn killed_at_random_moments_while_producing_the_archive_holds_every_record_exactly_once() {
+/// Kills the archiver `kills` times at random moments while `total` records are produced, then
+/// lets a last run catch up; `encrypt` passes age recipients.
+fn crash_matrix(label: &str, total: usize, kills: usize, encrypt: &[String]) -> PathBuf {
     let broker = Broker::start_with_interval("10m");
-    let dir = scratch("archive");
+    let dir = scratch(label);
     let dest: PathBuf = dir.join("out");
     let log = dir.join("archiver.log");
     tool(&broker, &["create", "events", &PARTITIONS.to_string()]);
-    let total = 20_000;
     let step = total / 5;
     tool(&broker, &["produce", "events", &PARTITIONS.to_string(), "0", &step.to_string()]);
     let mut produced = step;
     let seed = std::process::id() as u64;
-    let mut kills = 0;
+    let mut args: Vec<&str> = vec!["--max-records", "50", "--idle-publish", "300ms"];
+    args.extend(encrypt.iter().map(String::as_str));
+    let every = (kills / 4).max(1);
     // From just after start (before the first fetch) to well into publishing.
-    for (round, delay) in delays(seed, 50, 200, 2500).into_iter().enumerate() {
+    for (round, delay) in delays(seed, kills, 200, 2500).into_iter().enumerate() {
         // Records keep arriving while the archiver is killed and restarted.
-        if round % 12 == 11 && produced < total {
-            tool(
-                &broker,
-                &[
-                    "produce",
-                    "events",
-                    &PARTITIONS.to_string(),
-                    &produced.to_string(),
-                    &(produced + step).to_string(),
-                ],
-            );
+        if round % every == every - 1 && produced < total {
+            let (from, to) = (produced.to_string(), (produced + step).to_string());
+            tool(&broker, &["produce", "events", &PARTITIONS.to_string(), &from, &to]);
             produced += step;
         }
-        let mut child =
-            archiver(&broker, &dest, "events", &["--max-records", "50", "--idle-publish", "300ms"], &log);
+        let mut child = archiver(&broker, &dest, "events", &args, &log);
         std::thread::sleep(delay);
         child.kill().unwrap();
         child.wait().unwrap();
-        kills += 1;
         // The broker still serves the dead archiver's fetches for a moment.
         std::thread::sleep(Duration::from_millis(500));
     }
     while produced < total {
-        tool(
-            &broker,
-            &[
-                "produce",
-                "events",
-                &PARTITIONS.to_string(),
-                &produced.to_string(),
-                &(produced + step).to_string(),
-            ],
-        );
+        let (from, to) = (produced.to_string(), (produced + step).to_string());
+        tool(&broker, &["produce", "events", &PARTITIONS.to_string(), &from, &to]);
         produced += step;
     }
     // A last run catches up, then stops cleanly.
-    let child = archiver(&broker, &dest, "events", &["--max-records", "50", "--idle-publish", "300ms"], &log);
+    let child = archiver(&broker, &dest, "events", &args, &log);
     let started = Instant::now();
     wait_until(Duration::from_secs(180), "the archive catches up", || {
         archived_count(&dest, "events") >= total as u64
     });
     assert!(terminate(child).success());
     eprintln!("{kills} kills (seed {seed}), caught up in {:?}", started.elapsed());
-    assert_exactly_once(&dest, "events", total);
+    let published = std::fs::read_to_string(&log).unwrap().matches("published").count();
+    assert!(published > 0, "no file was ever published");
+    dest
+}
+
+#[test]
+fn killed_at_random_moments_while_producing_the_archive_holds_every_record_exactly_once() {
+    let total = 20_000;
+    let dest = crash_matrix("archive", total, 50, &[]);
+    assert_exactly_once(&dest, "events", total, None);
+}
+
+#[test]
+fn encrypted_files_survive_kills_open_with_the_stock_age_command_and_check_without_the_key() {
+    let dir = scratch("keys");
+    let key = dir.join("key.txt");
+    let keygen = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&key)
+        .output()
+        .expect("age-keygen (scripts/test installs age)");
+    assert!(keygen.status.success(), "{}", String::from_utf8_lossy(&keygen.stderr));
+    let text = std::fs::read_to_string(&key).unwrap();
+    let public = text.lines().find_map(|l| l.strip_prefix("# public key: ")).unwrap().to_owned();
+    let total = 8_000;
+    let dest = crash_matrix("archive-age", total, 25, &["--recipient".to_owned(), public]);
+    // Structure without the key; content with it.
+    let url = format!("file://{}", dest.display());
+    let fsck = Command::new(bin("shiva-archiver"))
+        .args(["fsck", "--topic", "events", "--dest", &url])
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "fsck without the key:\n{}", String::from_utf8_lossy(&fsck.stdout));
+    let deep = Command::new(bin("shiva-archiver"))
+        .args(["fsck", "--deep", "--topic", "events", "--dest", &url])
+        .output()
+        .unwrap();
+    assert!(!deep.status.success(), "--deep without the key cannot open the files");
+    assert_exactly_once(&dest, "events", total, Some(&key));
+    // The stock command lines read a file: age -d -i key.txt FILE | zstd -dc.
+    let file = dest.join("events/0").join(format!("{:020}.zst", 0));
+    let raw = std::fs::read(&file).unwrap();
+    assert!(raw.starts_with(b"age-encryption.org/v1"), "the file is an age file");
+    let shell = format!("age -d -i {} {} | zstd -dc", key.display(), file.display());
+    let plain = Command::new("sh").args(["-c", &shell]).output().unwrap();
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    assert!(String::from_utf8_lossy(&plain.stdout).contains("\"offset\":0,"), "the records, readable");
 }
 
 #[test]
@@ -214,7 +248,7 @@ fn two_archivers_with_different_cuts_on_the_same_partitions_never_overlap() {
     assert!(terminate(second).success());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("another writer archived this range first"), "the two writers never met");
-    assert_exactly_once(&dest, "events", total);
+    assert_exactly_once(&dest, "events", total, None);
 }
 
 #[test]
