@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use shiva_archiver::cut::{Batch, Limits};
 use shiva_archiver::dest::FileDest;
-use shiva_archiver::format::{Record, encode_file};
+use shiva_archiver::format::{Codec, Record, encode_file};
 
 /// Synthetic access-log lines, about 135 bytes each, varied enough not to compress trivially.
 fn records(count: usize) -> Vec<Record> {
@@ -47,9 +47,9 @@ fn records(count: usize) -> Vec<Record> {
         .collect()
 }
 
-/// (raw MB/s, records/s, compression ratio) for `count` records at zstd `level`, encrypted to
-/// one fresh age recipient when `encrypt`.
-pub fn pipeline(dir: &std::path::Path, count: usize, level: i32, encrypt: bool) -> (f64, f64, f64) {
+/// (raw MB/s, records/s, compression ratio) for `count` records with `codec`, encrypted to one
+/// fresh age recipient when `encrypt`.
+pub fn pipeline(dir: &std::path::Path, count: usize, codec: Codec, encrypt: bool) -> (f64, f64, f64) {
     let recipients: Vec<age::x25519::Recipient> =
         if encrypt { vec![age::x25519::Identity::generate().to_public()] } else { Vec::new() };
     let input = records(count);
@@ -61,7 +61,7 @@ pub fn pipeline(dir: &std::path::Path, count: usize, level: i32, encrypt: bool) 
     let mut batch = Batch::default();
     let mut start = 0;
     let mut publish = |records: Vec<Record>, next: i64, start: &mut i64| {
-        let encoded = encode_file("bench", 0, *start, &records, next, level, &recipients);
+        let encoded = encode_file("bench", 0, *start, &records, next, codec, &recipients);
         written += encoded.bytes.len() as u64;
         dest.publish(&encoded).unwrap();
         *start = next;

@@ -90,9 +90,12 @@ pub struct RunArgs {
     /// Publish a partial file after this long without new records.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub idle_publish: Duration,
-    /// zstd level (1 fast … 19 small).
-    #[arg(long, default_value_t = 1)]
-    pub level: i32,
+    /// Compression: zstd (readable with zstdcat) or gzip (readable with zcat).
+    #[arg(long, value_enum, default_value_t = Compression::Zstd)]
+    pub compression: Compression,
+    /// Compression level (zstd 1–22, default 1; gzip 0–9, default 6).
+    #[arg(long)]
+    pub level: Option<i32>,
     /// Consumer group the archived offsets are committed to (a hint; resuming reads the archive).
     #[arg(long)]
     pub group: Option<String>,
@@ -136,6 +139,15 @@ pub struct ExtractArgs {
     /// age identity file to open encrypted files with, repeatable.
     #[arg(long)]
     pub identity: Vec<PathBuf>,
+}
+
+/// `run --compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Compression {
+    /// zstd.
+    Zstd,
+    /// gzip.
+    Gzip,
 }
 
 /// `extract --format`.

@@ -1,6 +1,6 @@
 //! The archive on a local (or mounted) filesystem: `file:///dir`.
 //!
-//! Layout: `<dir>/<topic>/<partition>/<first offset, 20 digits>.zst`, and beside each file its
+//! Layout: `<dir>/<topic>/<partition>/<first offset, 20 digits>.zst` (`.gz` with gzip), and beside each file its
 //! non-secret footer fields as `<same name>.meta.json` (so `run` and `fsck` need not decompress).
 //!
 //! Publishing is create-if-absent: the file is written and fsynced under `<dir>/.staging/`, then
@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 
-use crate::format::{Encoded, Footer, read_footer};
+use crate::format::{Codec, Encoded, Footer, read_footer};
 
 /// The extended attribute holding a file's public footer.
 pub const META_XATTR: &str = "user.shiva.footer";
@@ -64,9 +64,30 @@ impl FileDest {
         self.root.join(topic).join(partition.to_string())
     }
 
-    /// The final path of the file starting at `first`.
-    pub fn path(&self, topic: &str, partition: i32, first: i64) -> PathBuf {
-        self.partition_dir(topic, partition).join(format!("{first:020}.zst"))
+    /// The final path of the file starting at `first`, compressed with `compression`.
+    pub fn path(&self, topic: &str, partition: i32, first: i64, compression: &str) -> PathBuf {
+        self.partition_dir(topic, partition).join(format!("{first:020}.{}", Codec::extension(compression)))
+    }
+
+    /// Whether `path` names an archive file.
+    fn is_archive(path: &Path) -> bool {
+        path.extension().is_some_and(|ext| ext == "zst" || ext == "gz")
+    }
+
+    /// The compressions of a partition's files (an archive keeps one).
+    pub fn compressions(&self, topic: &str, partition: i32) -> Vec<String> {
+        let Ok(listing) = fs::read_dir(self.partition_dir(topic, partition)) else { return Vec::new() };
+        let mut found: Vec<String> = listing
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| Self::is_archive(p))
+            .filter_map(|p| {
+                p.extension().map(|ext| if ext == "gz" { "gzip".to_owned() } else { "zstd".to_owned() })
+            })
+            .collect();
+        found.sort();
+        found.dedup();
+        found
     }
 
     fn sidecar(path: &Path) -> PathBuf {
@@ -99,7 +120,7 @@ impl FileDest {
     /// Publishes `file` under its first offset, create-if-absent.
     pub fn publish(&self, encoded: &Encoded) -> anyhow::Result<Published> {
         let footer = &encoded.footer;
-        let path = self.path(&footer.topic, footer.partition, footer.first_offset);
+        let path = self.path(&footer.topic, footer.partition, footer.first_offset, &footer.compression);
         let dir = path.parent().expect("a partition directory");
         // The non-secret footer fields ride on the file itself (an extended attribute set before
         // the link), so they appear with it atomically; the sidecar follows.
@@ -170,11 +191,8 @@ impl FileDest {
         let dir = self.partition_dir(topic, partition);
         let mut entries = Vec::new();
         let Ok(listing) = fs::read_dir(&dir) else { return Ok(entries) };
-        let mut paths: Vec<PathBuf> = listing
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|ext| ext == "zst"))
-            .collect();
+        let mut paths: Vec<PathBuf> =
+            listing.flatten().map(|e| e.path()).filter(|p| Self::is_archive(p)).collect();
         paths.sort();
         for path in paths {
             let footer = self.footer(&path)?;
@@ -208,11 +226,7 @@ impl FileDest {
     pub fn newest(&self, topic: &str, partition: i32) -> anyhow::Result<Option<Footer>> {
         let dir = self.partition_dir(topic, partition);
         let Ok(listing) = fs::read_dir(&dir) else { return Ok(None) };
-        let newest = listing
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|ext| ext == "zst"))
-            .max();
+        let newest = listing.flatten().map(|e| e.path()).filter(|p| Self::is_archive(p)).max();
         newest.map(|path| self.footer(&path)).transpose()
     }
 }
@@ -244,11 +258,11 @@ mod tests {
         let _ = fs::remove_dir_all(&root);
         let dest = FileDest::from_url(&format!("file://{}", root.display())).unwrap();
         dest.prepare("t", &[0]).unwrap();
-        let a = encode_file("t", 0, 0, &records(0, 10), 10, 1, &[]);
-        let b = encode_file("t", 0, 0, &records(0, 5), 5, 1, &[]);
+        let a = encode_file("t", 0, 0, &records(0, 10), 10, Codec::Zstd(1), &[]);
+        let b = encode_file("t", 0, 0, &records(0, 5), 5, Codec::Zstd(1), &[]);
         assert_eq!(dest.publish(&a).unwrap(), Published::Written(a.footer.clone()));
         assert_eq!(dest.publish(&b).unwrap(), Published::Adopted(a.footer.clone()), "a zombie adopts");
-        let c = encode_file("t", 0, 10, &records(10, 20), 20, 1, &[]);
+        let c = encode_file("t", 0, 10, &records(10, 20), 20, Codec::Zstd(1), &[]);
         dest.publish(&c).unwrap();
         let listed = dest.list("t", 0).unwrap();
         assert_eq!(listed.iter().map(|e| e.footer.first_offset).collect::<Vec<_>>(), [0, 10]);
@@ -261,9 +275,9 @@ mod tests {
         assert_eq!(dest.footer(&listed[1].path).unwrap(), c.footer);
         // An encrypted file's footer is known without the key.
         let key = age::x25519::Identity::generate();
-        let d = encode_file("t", 0, 20, &records(20, 30), 30, 1, &[key.to_public()]);
+        let d = encode_file("t", 0, 20, &records(20, 30), 30, Codec::Zstd(1), &[key.to_public()]);
         dest.publish(&d).unwrap();
-        let path = dest.path("t", 0, 20);
+        let path = dest.path("t", 0, 20, "zstd");
         fs::remove_file(FileDest::sidecar(&path)).unwrap();
         assert_eq!(dest.footer(&path).unwrap(), d.footer.public());
         assert!(FileDest::from_url("s3://bucket/x").is_err());

@@ -256,6 +256,33 @@ pub fn decode_body(body: &[u8], encoding: Encoding) -> Result<Vec<Record>, Forma
     Ok(records)
 }
 
+/// How a file is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// zstd at a level (1–22); the footer is a skippable frame.
+    Zstd(i32),
+    /// gzip at a level (0–9); the footer is a final gzip member (comment `shiva-footer`).
+    Gzip(u32),
+}
+
+impl Codec {
+    /// The name in footers, and the file extension.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Zstd(_) => "zstd",
+            Codec::Gzip(_) => "gzip",
+        }
+    }
+
+    /// The file extension of a compression name.
+    pub fn extension(name: &str) -> &'static str {
+        if name == "gzip" { "gz" } else { "zst" }
+    }
+}
+
+/// The comment of the gzip member holding the footer.
+const GZIP_FOOTER: &str = "shiva-footer";
+
 /// A finished file: the compressed bytes and their footer.
 #[derive(Debug, Clone)]
 pub struct Encoded {
@@ -274,7 +301,7 @@ pub fn encode_file(
     start: i64,
     records: &[Record],
     next_offset: i64,
-    level: i32,
+    codec: Codec,
     recipients: &[age::x25519::Recipient],
 ) -> Encoded {
     let (body, encoding) = encode_body(records);
@@ -290,14 +317,29 @@ pub fn encode_file(
         max_time: records.iter().filter_map(|r| r.timestamp).max(),
         sha256: hex::encode(Sha256::digest(&body)),
         encoding,
-        compression: "zstd".into(),
+        compression: codec.name().into(),
         encrypted: !recipients.is_empty(),
     };
-    let mut bytes = zstd::stream::encode_all(body.as_slice(), level).expect("compressing in memory");
     let json = serde_json::to_vec(&footer).expect("footers serialize");
-    bytes.write_all(&FOOTER_MAGIC.to_le_bytes()).expect("in memory");
-    bytes.write_all(&(json.len() as u32).to_le_bytes()).expect("in memory");
-    bytes.write_all(&json).expect("in memory");
+    let mut bytes = match codec {
+        Codec::Zstd(level) => {
+            let mut bytes = zstd::stream::encode_all(body.as_slice(), level).expect("compressing in memory");
+            bytes.write_all(&FOOTER_MAGIC.to_le_bytes()).expect("in memory");
+            bytes.write_all(&(json.len() as u32).to_le_bytes()).expect("in memory");
+            bytes.write_all(&json).expect("in memory");
+            bytes
+        }
+        Codec::Gzip(level) => {
+            let level = flate2::Compression::new(level);
+            let mut body_member = flate2::write::GzEncoder::new(Vec::new(), level);
+            body_member.write_all(&body).expect("in memory");
+            let mut bytes = body_member.finish().expect("in memory");
+            let mut footer_member = flate2::GzBuilder::new().comment(GZIP_FOOTER).write(Vec::new(), level);
+            footer_member.write_all(&json).expect("in memory");
+            bytes.extend(footer_member.finish().expect("in memory"));
+            bytes
+        }
+    };
     if !recipients.is_empty() {
         bytes = crate::crypt::encrypt(&bytes, recipients).expect("encrypting in memory to parsed recipients");
     }
@@ -323,6 +365,9 @@ fn plain<'a>(
 pub fn read_footer(file: &[u8], identities: &[Box<dyn age::Identity>]) -> Result<Footer, FormatError> {
     let file = plain(file, identities)?;
     let file: &[u8] = &file;
+    if is_gzip(file) {
+        return gzip_members(file)?.1.ok_or(FormatError::NoFooter);
+    }
     let mut at = 0usize;
     let mut last = None;
     while at < file.len() {
@@ -340,6 +385,37 @@ pub fn read_footer(file: &[u8], identities: &[Box<dyn age::Identity>]) -> Result
     serde_json::from_slice(&frame[8..]).map_err(|err| FormatError::BadFooter(err.to_string()))
 }
 
+fn is_gzip(file: &[u8]) -> bool {
+    file.starts_with(&[0x1f, 0x8b])
+}
+
+/// A gzip file's body (every member but the footer's) and its footer (the member with the
+/// footer comment, which must be the last).
+fn gzip_members(file: &[u8]) -> Result<(Vec<u8>, Option<Footer>), FormatError> {
+    use std::io::Read;
+    let mut rest = file;
+    let mut body = Vec::new();
+    let mut footer = None;
+    while !rest.is_empty() {
+        if footer.is_some() {
+            return Err(FormatError::BadFooter("data after the footer member".into()));
+        }
+        let mut member = flate2::bufread::GzDecoder::new(rest);
+        let mut content = Vec::new();
+        member.read_to_end(&mut content).map_err(|err| FormatError::Compression(format!("gzip: {err}")))?;
+        let is_footer = member.header().and_then(|h| h.comment()) == Some(GZIP_FOOTER.as_bytes());
+        if is_footer {
+            footer = Some(
+                serde_json::from_slice(&content).map_err(|err| FormatError::BadFooter(err.to_string()))?,
+            );
+        } else {
+            body.extend(content);
+        }
+        rest = member.into_inner();
+    }
+    Ok((body, footer))
+}
+
 /// Reads a whole file: its records, checked against its footer.
 pub fn decode_file(
     file: &[u8],
@@ -347,8 +423,13 @@ pub fn decode_file(
 ) -> Result<(Footer, Vec<Record>), FormatError> {
     let file = plain(file, identities)?;
     let file: &[u8] = &file;
-    let footer = read_footer(file, &[])?;
-    let body = zstd::stream::decode_all(file).map_err(|err| FormatError::Compression(err.to_string()))?;
+    let (body, footer) = if is_gzip(file) {
+        let (body, footer) = gzip_members(file)?;
+        (body, footer.ok_or(FormatError::NoFooter)?)
+    } else {
+        let footer = read_footer(file, &[])?;
+        (zstd::stream::decode_all(file).map_err(|err| FormatError::Compression(err.to_string()))?, footer)
+    };
     let sha = hex::encode(Sha256::digest(&body));
     if sha != footer.sha256 {
         return Err(FormatError::Mismatch(format!("sha256 {sha}, footer says {}", footer.sha256)));
@@ -389,7 +470,7 @@ mod tests {
     #[test]
     fn text_and_binary_files_round_trip_and_zstd_skips_the_footer() {
         let text: Vec<Record> = (10..20).map(|o| record(o, format!("line {o} é").as_bytes())).collect();
-        let file = encode_file("t", 3, 10, &text, 25, 1, &[]);
+        let file = encode_file("t", 3, 10, &text, 25, Codec::Zstd(1), &[]);
         assert_eq!(file.footer.encoding, Encoding::Jsonl);
         assert_eq!(
             (file.footer.first_offset, file.footer.last_offset, file.footer.next_offset),
@@ -405,7 +486,7 @@ mod tests {
         let mut binary = text.clone();
         binary[4].value = Some(vec![0xff, 0x00, 0xfe, b'\n']);
         binary[5].value = None;
-        let file = encode_file("t", 3, 8, &binary, 20, 3, &[]);
+        let file = encode_file("t", 3, 8, &binary, 20, Codec::Zstd(3), &[]);
         assert_eq!(file.footer.encoding, Encoding::Frames);
         assert_eq!(decode_file(&file.bytes, &[]).unwrap().1, binary);
     }
@@ -413,7 +494,7 @@ mod tests {
     #[test]
     fn damage_is_reported_not_ignored() {
         let records: Vec<Record> = (0..50).map(|o| record(o, b"payload payload payload")).collect();
-        let file = encode_file("t", 0, 0, &records, 50, 1, &[]).bytes;
+        let file = encode_file("t", 0, 0, &records, 50, Codec::Zstd(1), &[]).bytes;
         assert!(read_footer(&file[..file.len() - 3], &[]).is_err(), "a truncated footer");
         let cut = &file[..file.len() / 2];
         assert!(decode_file(cut, &[]).is_err(), "a truncated file");
@@ -424,10 +505,26 @@ mod tests {
     }
 
     #[test]
+    fn gzip_files_round_trip_and_gunzip_prints_the_body_then_the_footer() {
+        use std::io::Read;
+        let records: Vec<Record> = (5..25).map(|o| record(o, b"gz")).collect();
+        let file = encode_file("t", 2, 5, &records, 25, Codec::Gzip(6), &[]);
+        assert_eq!(file.footer.compression, "gzip");
+        assert_eq!(read_footer(&file.bytes, &[]).unwrap(), file.footer);
+        assert_eq!(decode_file(&file.bytes, &[]).unwrap().1, records);
+        let mut all = Vec::new();
+        flate2::read::MultiGzDecoder::new(file.bytes.as_slice()).read_to_end(&mut all).unwrap();
+        assert!(all.starts_with(b"{\"offset\":5,"));
+        assert!(all.ends_with(b"}"), "the footer member comes last");
+        let cut = &file.bytes[..file.bytes.len() - 10];
+        assert!(decode_file(cut, &[]).is_err(), "a truncated gzip file");
+    }
+
+    #[test]
     fn an_encrypted_file_opens_with_its_key_only_and_holds_the_same_records() {
         let key = age::x25519::Identity::generate();
         let records: Vec<Record> = (0..20).map(|o| record(o, b"secret")).collect();
-        let file = encode_file("t", 0, 0, &records, 20, 1, &[key.to_public()]);
+        let file = encode_file("t", 0, 0, &records, 20, Codec::Zstd(1), &[key.to_public()]);
         assert!(file.footer.encrypted && crate::crypt::is_encrypted(&file.bytes));
         assert!(!file.bytes.windows(6).any(|w| w == b"secret"), "no plaintext in the file");
         assert!(matches!(decode_file(&file.bytes, &[]), Err(FormatError::Encrypted(_))));
@@ -442,7 +539,7 @@ mod tests {
         fn any_records_round_trip(values in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..30)) {
             let records: Vec<Record> = values.iter().enumerate().map(|(i, v)| record(i as i64 * 2, v)).collect();
             let next = records.len() as i64 * 2;
-            let file = encode_file("topic", 1, 0, &records, next, 1, &[]);
+            let file = encode_file("topic", 1, 0, &records, next, Codec::Zstd(1), &[]);
             let (footer, back) = decode_file(&file.bytes, &[]).unwrap();
             prop_assert_eq!(back, records);
             prop_assert_eq!(footer.next_offset, next);

@@ -72,7 +72,16 @@ mod tests {
                     value: Some(b"v".to_vec()),
                 })
                 .collect();
-            dest.publish(&encode_file("t", partition, start, &records, start + 10, 1, &[])).unwrap();
+            dest.publish(&encode_file(
+                "t",
+                partition,
+                start,
+                &records,
+                start + 10,
+                crate::format::Codec::Zstd(1),
+                &[],
+            ))
+            .unwrap();
         };
         let now = UNIX_EPOCH + Duration::from_millis(100 * day as u64);
         file(0, 0, 10 * day);

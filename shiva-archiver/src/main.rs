@@ -4,11 +4,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use shiva_archiver::cli::{Cli, Command, ExtractArgs, Format, RunArgs};
+use shiva_archiver::cli::{Cli, Command, Compression, ExtractArgs, Format, RunArgs};
 use shiva_archiver::crypt;
 use shiva_archiver::cut::Limits;
 use shiva_archiver::dest::FileDest;
 use shiva_archiver::extract::{Output, Range, extract};
+use shiva_archiver::format::Codec;
 use shiva_archiver::fsck::fsck;
 use shiva_archiver::housekeep::housekeep;
 use shiva_archiver::run::{DataGone, EXIT_DATA_GONE, RunConfig, run};
@@ -114,9 +115,22 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
     if max_bytes == 0 || args.max_records == 0 {
         return Err(usage("--max-bytes and --max-records must be above 0"));
     }
-    if !(1..=22).contains(&args.level) {
-        return Err(usage(format!("--level {}: zstd levels go from 1 to 22", args.level)));
-    }
+    let codec = match (args.compression, args.level) {
+        (Compression::Zstd, level) => {
+            let level = level.unwrap_or(1);
+            if !(1..=22).contains(&level) {
+                return Err(usage(format!("--level {level}: zstd levels go from 1 to 22")));
+            }
+            Codec::Zstd(level)
+        }
+        (Compression::Gzip, level) => {
+            let level = level.unwrap_or(6);
+            if !(0..=9).contains(&level) {
+                return Err(usage(format!("--level {level}: gzip levels go from 0 to 9")));
+            }
+            Codec::Gzip(level as u32)
+        }
+    };
     let settings = args
         .kafka
         .iter()
@@ -140,7 +154,7 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
             max_age_ms: args.max_age.map(|age| age.as_millis() as i64),
         },
         idle_publish: args.idle_publish,
-        level: args.level,
+        codec,
         group,
         settings,
         recipients,

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::cut::{Batch, Limits};
 use crate::dest::{FileDest, Published};
-use crate::format::{Record, encode_file};
+use crate::format::{Codec, Record, encode_file};
 use crate::source::{Polled, Source};
 
 /// Exit code when records the archive needs are no longer in Kafka (a permanent failure: the
@@ -41,8 +41,8 @@ pub struct RunConfig {
     pub limits: Limits,
     /// A partial file is published after this long without new records.
     pub idle_publish: Duration,
-    /// zstd level.
-    pub level: i32,
+    /// Compression and level.
+    pub codec: Codec,
     /// Consumer group for the offset hints.
     pub group: String,
     /// Extra librdkafka settings.
@@ -77,6 +77,17 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
         config.partitions.clone()
     };
     config.dest.prepare(&config.topic, &partitions)?;
+    for partition in &partitions {
+        let found = config.dest.compressions(&config.topic, *partition);
+        if found.iter().any(|c| c != config.codec.name()) {
+            bail!(
+                "{}/{partition} is archived with {} but --compression is {}: an archive keeps one compression",
+                config.topic,
+                found.join(", "),
+                config.codec.name()
+            );
+        }
+    }
     let mut parts = BTreeMap::new();
     for partition in &partitions {
         let (low, high) = source.watermarks(*partition, Duration::from_secs(30))?;
@@ -216,7 +227,7 @@ fn publish(
     let next = next.unwrap_or(part.position);
     let records = part.batch.take();
     let encoded =
-        encode_file(&config.topic, partition, part.start, &records, next, config.level, &config.recipients);
+        encode_file(&config.topic, partition, part.start, &records, next, config.codec, &config.recipients);
     match config.dest.publish(&encoded)? {
         Published::Written(footer) => {
             info!(

@@ -280,10 +280,60 @@ fn records_lost_before_they_were_archived_stop_the_archiver_with_the_permanent_f
 }
 
 #[test]
+fn gzip_files_hold_every_record_and_read_with_the_stock_gzip_command() {
+    let broker = Broker::start_with_interval("10m");
+    let dir = scratch("gzip");
+    let dest = dir.join("out");
+    let log = dir.join("archiver.log");
+    tool(&broker, &["create", "events", &PARTITIONS.to_string()]);
+    let total = 4_000;
+    tool(&broker, &["produce", "events", &PARTITIONS.to_string(), "0", &total.to_string()]);
+    let args = ["--compression", "gzip", "--max-records", "300", "--idle-publish", "300ms"];
+    let child = archiver(&broker, &dest, "events", &args, &log);
+    wait_until(Duration::from_secs(120), "the archive catches up", || {
+        archived_count(&dest, "events") >= total as u64
+    });
+    assert!(terminate(child).success());
+    assert_exactly_once(&dest, "events", total, None);
+    let file = dest.join("events/1").join(format!("{:020}.gz", 0));
+    let shell = format!("gzip -dc {}", file.display());
+    let plain = Command::new("sh").args(["-c", &shell]).output().unwrap();
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    let text = String::from_utf8_lossy(&plain.stdout);
+    assert!(text.contains("{\"offset\":0,"), "the records: {}", text.chars().take(80).collect::<String>());
+    assert!(text.contains("\"compression\":\"gzip\""), "then the footer member");
+    // One archive, one compression: zstd on top of gzip files is refused.
+    let mixed =
+        archiver(&broker, &dest, "events", &["--idle-publish", "300ms"], &log).wait_with_output().unwrap();
+    assert_eq!(mixed.status.code(), Some(1));
+    assert!(std::fs::read_to_string(&log).unwrap().contains("an archive keeps one compression"));
+}
+
+#[test]
 fn bad_flags_and_damaged_files_get_clear_errors_and_nothing_is_overwritten() {
     let dir = scratch("archiver-bad");
     let run = |args: &[&str]| Command::new(bin("shiva-archiver")).args(args).output().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "file:///tmp/x", "--compression", "lz4"],
+            "--compression",
+        ),
+        (
+            &[
+                "run",
+                "--bootstrap",
+                "x:1",
+                "--topic",
+                "t",
+                "--dest",
+                "file:///tmp/x",
+                "--compression",
+                "gzip",
+                "--level",
+                "12",
+            ],
+            "--level",
+        ),
         (&["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "s3://b/p"], "--dest"),
         (
             &["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "file:///tmp/x", "--max-bytes", "lots"],
