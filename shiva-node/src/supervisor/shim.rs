@@ -381,13 +381,17 @@ fn clean_after(record: &Record) {
 }
 
 /// Children of this process that are not run shims.
+/// A child being started as a shim has, until it execs, this process's own command line: it is
+/// not an orphan either.
 fn orphans() -> BTreeSet<u32> {
     let me = std::process::id();
+    let own = std::fs::read("/proc/self/cmdline").unwrap_or_default();
     tree::children(me)
         .into_iter()
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            cmdline.split(|b| *b == 0).nth(1) != Some(SHIM_ARG.as_bytes())
+            let shim = cmdline.split(|b| *b == 0).nth(1) == Some(SHIM_ARG.as_bytes());
+            !shim && cmdline != own
         })
         .collect()
 }
