@@ -384,6 +384,19 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
+/// The Python with confluent-kafka (the independent Kafka client of the tests): `SHIVA_E2E_PYTHON`
+/// as `scripts/test` sets it up, else `python3`; fails loudly without the module.
+pub fn python() -> String {
+    let python = std::env::var("SHIVA_E2E_PYTHON").unwrap_or_else(|_| "python3".into());
+    let check = Command::new(&python).args(["-c", "import confluent_kafka"]).output().expect("run python");
+    assert!(
+        check.status.success(),
+        "{python} cannot import confluent_kafka (scripts/test installs it): {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    python
+}
+
 /// A unique cluster name for a test.
 pub fn cluster(label: &str) -> String {
     format!("{label}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))

@@ -10,20 +10,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use shiva_e2e::{Broker, bin, repo, scratch, wait_until};
+use shiva_e2e::{Broker, bin, python, repo, scratch, wait_until};
 
 const PARTITIONS: usize = 4;
-
-fn python() -> String {
-    let python = std::env::var("SHIVA_E2E_PYTHON").unwrap_or_else(|_| "python3".into());
-    let check = Command::new(&python).args(["-c", "import confluent_kafka"]).output().expect("run python");
-    assert!(
-        check.status.success(),
-        "{python} cannot import confluent_kafka (scripts/test installs it): {}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    python
-}
 
 fn tool(broker: &Broker, args: &[&str]) {
     let output = Command::new(python())

@@ -5,20 +5,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use shiva_e2e::{
-    Broker, Cluster, Ctl, Node, SETTLE, bin, free_port, repo, scratch, task_processes, wait_until,
+    Broker, Cluster, Ctl, Node, SETTLE, bin, free_port, python, repo, scratch, task_processes, wait_until,
 };
-
-/// The Python interpreter with confluent-kafka (scripts/test provides one).
-fn python() -> String {
-    let python = std::env::var("SHIVA_E2E_PYTHON").unwrap_or_else(|_| "python3".into());
-    let check = Command::new(&python).args(["-c", "import confluent_kafka"]).output().expect("run python");
-    assert!(
-        check.status.success(),
-        "{python} cannot import confluent_kafka (scripts/test installs it): {}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    python
-}
 
 #[test]
 fn forged_malformed_and_oversized_records_are_skipped_and_never_make_a_non_node_leader() {
