@@ -49,11 +49,6 @@ impl Batch {
         self.records.push(record);
     }
 
-    /// Raw bytes held.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
     /// Takes the records out, leaving an empty batch.
     pub fn take(&mut self) -> Vec<Record> {
         self.bytes = 0;

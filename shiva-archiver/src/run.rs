@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::cut::{Batch, Limits};
 use crate::dest::{FileDest, Published};
@@ -268,9 +268,4 @@ fn stop_signals() -> anyhow::Result<SignalFd> {
     mask.add(Signal::SIGINT);
     mask.thread_block()?;
     Ok(SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?)
-}
-
-/// Logs a failure (used by `main`).
-pub fn report(err: &anyhow::Error) {
-    error!("{err:#}");
 }

@@ -1,9 +1,12 @@
-//! librdkafka's logs and client errors, as structured `tracing` events.
+//! librdkafka's logs, client errors and failed deliveries, as structured `tracing` events.
 
 use rdkafka::ClientContext;
+use rdkafka::Message;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError;
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::ProducerContext;
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{debug, info, warn};
 
@@ -35,3 +38,15 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {}
+
+/// For producers whose records need no answer (task output): a record the broker did not take
+/// is logged.
+impl ProducerContext for Context {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, message)) = result {
+            warn!(%error, topic = message.topic(), "record not delivered");
+        }
+    }
+}

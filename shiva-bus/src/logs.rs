@@ -12,17 +12,15 @@
 //! reads it back for `shiva-ctl logs`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::DeliveryResult;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::{BusConfig, BusError, Context};
 
@@ -71,39 +69,12 @@ pub struct LogChunk<'a> {
     pub bytes: &'a [u8],
 }
 
-/// Counts lines the broker did not take.
-struct Delivery {
-    failed: Arc<AtomicU64>,
-}
-
-impl ClientContext for Delivery {
-    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        Context.log(level, facility, message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        Context.error(error, reason);
-    }
-}
-
-impl ProducerContext for Delivery {
-    type DeliveryOpaque = ();
-
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if result.is_err() {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
 /// The node's producer for task output.
 pub struct LogSink {
-    producer: Arc<BaseProducer<Delivery>>,
+    producer: Arc<BaseProducer<Context>>,
     topic: String,
     node: String,
     stop: Arc<AtomicBool>,
-    /// Lines that could not be delivered (counted, logged now and then).
-    pub failed: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for LogSink {
@@ -115,8 +86,7 @@ impl std::fmt::Debug for LogSink {
 impl LogSink {
     /// A producer of its own for `node`'s task output.
     pub fn new(config: &BusConfig, node: &str) -> Result<LogSink, BusError> {
-        let failed = Arc::new(AtomicU64::new(0));
-        let producer: BaseProducer<Delivery> = config
+        let producer: BaseProducer<Context> = config
             .client_config(&[
                 ("client.id", "shiva-logs".into()),
                 ("enable.idempotence", "false".into()),
@@ -128,7 +98,7 @@ impl LogSink {
                 ("message.timeout.ms", "60000".into()),
                 ("message.max.bytes", "2000000".into()),
             ])
-            .create_with_context(Delivery { failed: failed.clone() })
+            .create_with_context(Context)
             .map_err(|err| BusError::Kafka(format!("failed to create the logs producer: {err}")))?;
         let producer = Arc::new(producer);
         let stop = Arc::new(AtomicBool::new(false));
@@ -141,7 +111,7 @@ impl LogSink {
                 }
             })
             .map_err(|err| BusError::Kafka(format!("failed to start the logs producer thread: {err}")))?;
-        Ok(LogSink { producer, topic: config.topics.logs(), node: node.to_owned(), stop, failed })
+        Ok(LogSink { producer, topic: config.topics.logs(), node: node.to_owned(), stop })
     }
 
     /// Queues one chunk. `Err(true)`: the local queue is full, try again shortly; `Err(false)`:
@@ -159,8 +129,8 @@ impl LogSink {
         match self.producer.send(record) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(true),
-            Err(_) => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
+            Err((err, _)) => {
+                tracing::warn!(task = line.task, run = line.run, error = %err, "task output not shipped");
                 Err(false)
             }
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use shiva_proto::records::{Assignment, Body, DesiredState, Member, Members, Placement, RunState};
 use shiva_proto::spec::{OnDisconnect, TaskKind};
 use shiva_proto::topics::key;
-use shiva_proto::{LogView, NodeId, TaskId, TaskSpec, TopicKind};
+use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 
 use crate::placement::{Candidate, Demand, plan};
 
@@ -44,9 +44,9 @@ pub struct Inputs<'a> {
     pub now_ms: i64,
     /// Keys with a write still in flight: left alone until it is read back.
     pub busy: &'a dyn Fn(&str) -> bool,
-    /// Whether a node that is not live may still run an exclusive task (it has not fenced
-    /// itself yet): such a task stays where it is until that has passed.
-    pub may_still_run: &'a dyn Fn(&NodeId, &TaskSpec) -> bool,
+    /// Whether a node that is not live may still run an exclusive task with this stop grace (it
+    /// has not fenced itself yet): such a task stays where it is until that has passed.
+    pub may_still_run: &'a dyn Fn(&NodeId, Duration) -> bool,
 }
 
 /// First delay between two moves of a task that failed on its node; doubles with each move.
@@ -132,7 +132,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             let hold = current.as_ref().is_some_and(|node| {
                 spec.on_disconnect == OnDisconnect::Stop
                     && !live.iter().any(|member| member.id == *node)
-                    && may_still_run(node, spec)
+                    && may_still_run(node, spec.stop_grace)
             });
             let avoid = moves.failed_on.clone();
             Demand { task: (*task).clone(), tags: spec.tags.clone(), current, hold, avoid }

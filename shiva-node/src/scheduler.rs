@@ -18,10 +18,10 @@ use chrono::{DateTime, Utc};
 use shiva_proto::records::{Body, DesiredState, ExitInfo, Member, Placement};
 use shiva_proto::runs::{Due, Outcome, RunIntent, RunPhase, Sched, Trigger, jitter_ms, run_id};
 use shiva_proto::schedule::Schedule;
-use shiva_proto::spec::{CatchUp, OnDisconnect, Overlap, TaskKind};
+use shiva_proto::spec::{CatchUp, DEFAULT_STOP_GRACE, OnDisconnect, Overlap, TaskKind};
 use shiva_proto::topics::key;
 use shiva_proto::view::{RunEntry, SpecEntry};
-use shiva_proto::{LogView, NodeId, TaskId, TaskSpec, TopicKind};
+use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 use uuid::Uuid;
 
 use crate::firing::{OnceNext, OverlapAction, RunEnd, Timing, delta, on_due, once_next, plan_slots};
@@ -53,7 +53,7 @@ pub struct Context<'a> {
     pub schedules: &'a Schedules,
     /// Whether a node that is not live may still run an exclusive run of a task (it has not
     /// fenced itself yet): its runs are judged only once that has passed.
-    pub may_still_run: &'a dyn Fn(&NodeId, &TaskSpec) -> bool,
+    pub may_still_run: &'a dyn Fn(&NodeId, Duration) -> bool,
 }
 
 /// Parsed schedules by task and spec revision: parsing cron expressions at every plan cost
@@ -225,14 +225,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     fn judge_runs_of_gone_nodes(&mut self) {
         let spec = self.spec.map(|entry| &entry.spec);
         let exclusive = spec.is_none_or(|spec| spec.on_disconnect == OnDisconnect::Stop);
-        let fallback;
-        let spec = match spec {
-            Some(spec) => spec,
-            None => {
-                fallback = TaskSpec::new(self.task.clone(), "-", Vec::new());
-                &fallback
-            }
-        };
+        let grace = spec.map_or(DEFAULT_STOP_GRACE, |spec| spec.stop_grace);
         let gone: Vec<(RunIntent, bool)> = self
             .runs
             .values()
@@ -240,7 +233,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             .filter_map(|entry| {
                 let (intent, _) = entry.intent.as_ref()?;
                 let node = intent.node.as_ref()?;
-                let held = exclusive && (self.ctx.may_still_run)(node, spec);
+                let held = exclusive && (self.ctx.may_still_run)(node, grace);
                 let gone = !self.load.is_live(node) && !held;
                 gone.then(|| (intent.clone(), entry.report.is_some()))
             })

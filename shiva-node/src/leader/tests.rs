@@ -120,7 +120,7 @@ impl Sim {
             .filter(|i| mask & (1 << i) == 0 && mask & (8 << i) != 0)
             .map(|i| self.nodes[i].0.clone())
             .collect();
-        let may_still_run = |node: &NodeId, _: &TaskSpec| fencing.contains(node);
+        let may_still_run = |node: &NodeId, _: std::time::Duration| fencing.contains(node);
         let inputs = Inputs {
             live: &live,
             epoch,

@@ -12,7 +12,7 @@ use shiva_proto::runs::RunReport;
 use shiva_proto::spec::OnDisconnect;
 use shiva_proto::topics::key;
 use shiva_proto::view::Outcome;
-use shiva_proto::{LogView, NodeId, TaskId, TaskSpec, TopicKind};
+use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
@@ -355,10 +355,10 @@ impl Node {
         }
         if let Some(epoch) = self.leading {
             let live = self.membership.live_members(self.config.node_beats());
-            let may_still_run = |node: &NodeId, spec: &TaskSpec| {
+            let may_still_run = |node: &NodeId, grace: Duration| {
                 self.membership.may_still_run(
                     node,
-                    spec.stop_grace,
+                    grace,
                     FENCE_MARGIN,
                     self.config.heartbeat_interval,
                     self.config.node_timeout,

@@ -141,17 +141,7 @@ async fn wait_lease_or_stop(
         return false;
     }
     info!(task = %run.task, "waiting for this node to read itself on the bus before starting");
-    let lease = context.shims.wait_for_lease();
-    tokio::pin!(lease);
-    loop {
-        tokio::select! {
-            _ = &mut lease => return false,
-            message = control.recv() => match message {
-                Some(JobControl::Generation(generation)) => run.generation = generation,
-                Some(JobControl::Stop) | None => return true,
-            },
-        }
-    }
+    until_or_stop(control, run, context.shims.wait_for_lease()).await
 }
 
 async fn run(
@@ -261,11 +251,19 @@ async fn wait_or_stop(
     run: &mut Run,
     delay: Duration,
 ) -> bool {
-    let deadline = tokio::time::sleep(delay);
-    tokio::pin!(deadline);
+    until_or_stop(control, run, tokio::time::sleep(delay)).await
+}
+
+/// Waits for `done` unless a stop arrives first (true); follows generation changes meanwhile.
+async fn until_or_stop(
+    control: &mut mpsc::UnboundedReceiver<JobControl>,
+    run: &mut Run,
+    done: impl std::future::Future<Output = ()>,
+) -> bool {
+    tokio::pin!(done);
     loop {
         tokio::select! {
-            _ = &mut deadline => return false,
+            _ = &mut done => return false,
             message = control.recv() => match message {
                 Some(JobControl::Generation(generation)) => run.generation = generation,
                 Some(JobControl::Stop) | None => return true,

@@ -34,7 +34,7 @@ const SEGMENT_BYTES: u64 = 8 << 20;
 /// Segments kept per run.
 const SEGMENTS: u32 = 4;
 /// Longest line kept whole.
-pub const MAX_LINE: usize = 64 * 1024;
+const MAX_LINE: usize = 64 * 1024;
 
 /// Starts shims; shared by every run of the node.
 #[derive(Debug)]
@@ -132,8 +132,7 @@ pub struct LaunchOptions {
 impl ShimLauncher {
     /// The time left on the node's lease (`None`: cut off).
     pub fn lease_left(&self) -> Option<Duration> {
-        let deadline = (*self.lease.borrow())?;
-        deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
+        time_left(&self.lease)
     }
 
     /// Waits until the node holds a lease.
@@ -232,8 +231,7 @@ impl ShimLauncher {
             let ended = loop {
                 tokio::select! {
                     _ = renew.tick(), if exclusive && !stopping => {
-                        let left = (*lease.borrow()).and_then(|deadline| deadline.checked_duration_since(Instant::now()));
-                        if let Some(left) = left.filter(|left| !left.is_zero()) {
+                        if let Some(left) = time_left(&lease) {
                             let _ = stdin.write_all(format!("renew {}\n", left.as_millis()).as_bytes()).await;
                         }
                     }
@@ -333,6 +331,12 @@ impl ShimLauncher {
         }
         stopped
     }
+}
+
+/// The time left before `lease` runs out (`None`: no lease, or it ran out).
+fn time_left(lease: &watch::Receiver<Option<Instant>>) -> Option<Duration> {
+    let deadline = (*lease.borrow())?;
+    deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
 }
 
 fn has_procs(cgroup: &Path) -> bool {
