@@ -92,8 +92,11 @@ async fn runs_with_a_clean_environment_in_its_working_directory() {
     let dir = workspace("env");
     let (mut supervisor, mut reports) = supervisor(&dir);
     let out = dir.join("env.txt");
-    let task =
-        spec("t/env", &format!("env | sort > {}; pwd >> {}; exec sleep 100", out.display(), out.display()));
+    // Written whole, then renamed: a reader never sees the environment without the directory.
+    let task = spec(
+        "t/env",
+        &format!("{{ env | sort; pwd; }} > {o}.tmp; mv {o}.tmp {o}; exec sleep 100", o = out.display()),
+    );
     supervisor.reconcile(&wanted(&task));
     let running = next_state(&mut reports, RunState::Running).await;
     assert_eq!(running.attempt, 1);
