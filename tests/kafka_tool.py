@@ -8,10 +8,15 @@ usage:
       record i goes to partition i % PARTITIONS with key "k<i>", a header, and value
       "record <i>" (every 97th value is binary: b"\\xff\\x00<i>\\n")
   kafka_tool.py BOOTSTRAP delete TOPIC PARTITION BEFORE_OFFSET
+  kafka_tool.py BOOTSTRAP consume TOPIC PARTITIONS COUNT
+      reads COUNT records from the start of the partitions and prints one JSON object per
+      record: partition, offset, key, value (base64) and headers (name, text)
 """
+import base64
+import json
 import sys
 
-from confluent_kafka import Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 bootstrap, command = sys.argv[1], sys.argv[2]
@@ -54,5 +59,30 @@ elif command == "delete":
     admin = AdminClient({"bootstrap.servers": bootstrap})
     for future in admin.delete_records([TopicPartition(topic, partition, before)]).values():
         future.result(30)
+elif command == "consume":
+    topic, partitions, count = args[0], int(args[1]), int(args[2])
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "kafka-tool",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    seen = 0
+    idle = 0
+    while seen < count and idle < 300:
+        message = consumer.poll(0.1)
+        if message is None:
+            idle += 1
+            continue
+        if message.error():
+            sys.exit(f"consume: {message.error()}")
+        idle = 0
+        seen += 1
+        headers = [[k, v.decode("utf-8", "replace") if v is not None else None]
+                   for k, v in (message.headers() or [])]
+        print(json.dumps({"partition": message.partition(), "offset": message.offset(),
+                          "key": message.key().decode() if message.key() is not None else None,
+                          "value": base64.b64encode(message.value() or b"").decode(),
+                          "headers": headers}))
+    consumer.close()
+    if seen < count:
+        sys.exit(f"consume: only {seen} of {count} records within 30 s of silence")
 else:
     sys.exit(f"unknown command {command}")

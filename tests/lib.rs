@@ -510,3 +510,63 @@ impl Cluster {
         }
     }
 }
+
+/// A real S3 server (moto, in memory; `scripts/test` installs it next to confluent-kafka) with one
+/// bucket, killed on drop.
+pub struct Moto {
+    child: Child,
+    /// Its endpoint URL.
+    pub endpoint: String,
+    /// The bucket created at start.
+    pub bucket: String,
+}
+
+impl Moto {
+    /// Starts the server and creates `bucket`.
+    pub fn start(bucket: &str) -> Moto {
+        let python = python();
+        let check = Command::new(&python).args(["-c", "import moto.server, boto3"]).output().expect("run python");
+        assert!(
+            check.status.success(),
+            "{python} cannot import moto (scripts/test installs moto[server]): {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let port = free_port();
+        let log = std::fs::File::create(scratch("moto").join("moto.log")).unwrap();
+        let child = Command::new(&python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start moto");
+        let moto = Moto { child, endpoint: format!("http://127.0.0.1:{port}"), bucket: bucket.to_owned() };
+        wait_until(Duration::from_secs(30), "moto listens", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        let create = format!(
+            "import boto3; boto3.client('s3', endpoint_url='{}', region_name='us-east-1', \
+             aws_access_key_id='test', aws_secret_access_key='test').create_bucket(Bucket='{bucket}')",
+            moto.endpoint
+        );
+        let output = Command::new(&python).args(["-c", &create]).output().unwrap();
+        assert!(output.status.success(), "create bucket: {}", String::from_utf8_lossy(&output.stderr));
+        moto
+    }
+
+    /// The AWS environment variables a client needs to reach it.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("AWS_ACCESS_KEY_ID", "test".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

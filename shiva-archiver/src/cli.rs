@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::dest::{Dest, S3Options};
+
 /// Exit codes, shown in `--help`.
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
@@ -55,12 +57,44 @@ pub enum Command {
 /// Where an archive is.
 #[derive(Debug, Args)]
 pub struct ArchiveArgs {
-    /// Destination: file:///dir.
-    #[arg(long)]
-    pub dest: String,
+    #[command(flatten)]
+    pub dest: DestArgs,
     /// Topic.
     #[arg(long)]
     pub topic: String,
+}
+
+/// A destination and, for S3, how to reach it.
+#[derive(Debug, Args)]
+pub struct DestArgs {
+    /// Destination: file:///dir or s3://bucket/prefix.
+    #[arg(long)]
+    pub dest: String,
+    /// S3 endpoint URL, for any S3-compatible store (default: AWS).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default us-east-1).
+    #[arg(long, env = "AWS_REGION")]
+    pub s3_region: Option<String>,
+    /// S3 access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub s3_access_key_id: Option<String>,
+    /// S3 secret access key (prefer the environment variable: flags show in `ps`).
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub s3_secret_access_key: Option<String>,
+}
+
+impl DestArgs {
+    /// Opens the destination.
+    pub fn open(&self) -> anyhow::Result<Dest> {
+        let options = S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            access_key_id: self.s3_access_key_id.clone(),
+            secret_access_key: self.s3_secret_access_key.clone(),
+        };
+        Dest::from_url(&self.dest, &options)
+    }
 }
 
 /// `run` flags.
@@ -75,9 +109,8 @@ pub struct RunArgs {
     /// Partitions, comma separated (default: all).
     #[arg(long, value_delimiter = ',')]
     pub partitions: Vec<i32>,
-    /// Destination: file:///dir.
-    #[arg(long)]
-    pub dest: String,
+    #[command(flatten)]
+    pub dest: DestArgs,
     /// Raw bytes (keys, values, headers) per file.
     #[arg(long, default_value = "64MiB")]
     pub max_bytes: String,
@@ -134,8 +167,18 @@ pub struct ExtractArgs {
     #[arg(long, value_enum, default_value_t = Format::Values)]
     pub format: Format,
     /// Write here instead of stdout.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "to_topic")]
     pub output: Option<PathBuf>,
+    /// Produce the records to this Kafka topic instead (same partition numbers; the original
+    /// topic, partition and offset in the headers shiva.topic, shiva.partition, shiva.offset).
+    #[arg(long, requires = "bootstrap")]
+    pub to_topic: Option<String>,
+    /// Kafka bootstrap servers for --to-topic.
+    #[arg(long)]
+    pub bootstrap: Option<String>,
+    /// librdkafka setting for --to-topic, repeatable.
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    pub kafka: Vec<String>,
     /// age identity file to open encrypted files with, repeatable.
     #[arg(long)]
     pub identity: Vec<PathBuf>,

@@ -1,4 +1,5 @@
-//! `extract`: the records of an offset or time range, read back from the archive, to stdout.
+//! `extract`: the records of an offset or time range, read back from the archive: to a writer
+//! (raw values or JSON envelopes, one per line) or, through [`crate::kafka::Sink`], to a topic.
 
 use std::io::Write;
 
@@ -6,17 +7,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::json;
 
-use crate::dest::FileDest;
+use crate::dest::{Dest, Entry};
 use crate::format::{Record, decode_file};
-
-/// What to print.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
-    /// One raw value per line.
-    Values,
-    /// One JSON envelope per line (topic, partition, offset, timestamp, key, headers, value).
-    Jsonl,
-}
+use crate::progress;
 
 /// Which records.
 #[derive(Debug, Clone, Default)]
@@ -41,64 +34,87 @@ impl Range {
             && self.from_time.is_none_or(|from| time.is_some_and(|t| t >= from))
             && self.to_time.is_none_or(|to| time.is_some_and(|t| t < to))
     }
+
+    /// Whether a file may hold records of the range (by its footer).
+    fn may_hold(&self, entry: &Entry) -> bool {
+        let footer = &entry.footer;
+        !(self.from_offset.is_some_and(|from| footer.next_offset <= from)
+            || self.to_offset.is_some_and(|to| footer.first_offset >= to)
+            || self.from_time.is_some_and(|from| footer.max_time.is_some_and(|max| max < from))
+            || self.to_time.is_some_and(|to| footer.min_time.is_some_and(|min| min >= to)))
+    }
 }
 
-/// Streams the records of `range` to `out`; returns how many.
-pub fn extract(
-    dest: &FileDest,
-    topic: &str,
-    range: &Range,
-    output: Output,
-    identities: &[Box<dyn age::Identity>],
-    out: &mut dyn Write,
-) -> anyhow::Result<u64> {
+/// The files of `range`, per partition, in offset order.
+pub fn select(dest: &Dest, topic: &str, range: &Range) -> anyhow::Result<Vec<(i32, Vec<Entry>)>> {
     let partitions =
         if range.partitions.is_empty() { dest.partitions(topic)? } else { range.partitions.clone() };
-    let mut written = 0;
+    let listing = progress::spinner("listing the archive");
+    let mut selected = Vec::new();
     for partition in partitions {
-        for entry in dest.list(topic, partition)? {
-            let footer = &entry.footer;
-            let outside = range.from_offset.is_some_and(|from| footer.next_offset <= from)
-                || range.to_offset.is_some_and(|to| footer.first_offset >= to)
-                || range.from_time.is_some_and(|from| footer.max_time.is_some_and(|max| max < from))
-                || range.to_time.is_some_and(|to| footer.min_time.is_some_and(|min| min >= to));
-            if outside {
-                continue;
-            }
-            let bytes = std::fs::read(&entry.path)?;
-            let (_, records) = decode_file(&bytes, identities)
-                .map_err(|err| anyhow::anyhow!("{}: {err}", entry.path.display()))?;
+        listing.set_message(format!("listing partition {partition}"));
+        let entries: Vec<Entry> =
+            dest.list(topic, partition)?.into_iter().filter(|entry| range.may_hold(entry)).collect();
+        selected.push((partition, entries));
+    }
+    listing.finish_and_clear();
+    Ok(selected)
+}
+
+/// Calls `each` with every record of `range`, partition by partition, in offset order; returns
+/// how many.
+pub fn extract(
+    dest: &Dest,
+    topic: &str,
+    range: &Range,
+    identities: &[Box<dyn age::Identity>],
+    each: &mut dyn FnMut(i32, &Record) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let selected = select(dest, topic, range)?;
+    let total: u64 = selected.iter().flat_map(|(_, entries)| entries).map(|e| e.footer.count).sum();
+    let bar = progress::bar(total, "records");
+    let mut written = 0;
+    for (partition, entries) in selected {
+        for entry in entries {
+            bar.set_message(format!("partition {partition}"));
+            let bytes = dest.read(&entry)?;
+            let (_, records) =
+                decode_file(&bytes, identities).map_err(|err| anyhow::anyhow!("{}: {err}", entry.name))?;
             for record in records.iter().filter(|record| range.wants(record)) {
-                match output {
-                    Output::Values => {
-                        out.write_all(record.value.as_deref().unwrap_or_default())?;
-                        out.write_all(b"\n")?;
-                    }
-                    Output::Jsonl => {
-                        let text = |bytes: &Option<Vec<u8>>| -> serde_json::Value {
-                            match bytes {
-                                None => serde_json::Value::Null,
-                                Some(b) => match std::str::from_utf8(b) {
-                                    Ok(text) => json!(text),
-                                    Err(_) => json!({ "base64": B64.encode(b) }),
-                                },
-                            }
-                        };
-                        let headers: Vec<serde_json::Value> =
-                            record.headers.iter().map(|(k, v)| json!([k, text(v)])).collect();
-                        let line = json!({
-                            "topic": topic, "partition": partition, "offset": record.offset,
-                            "timestamp": record.timestamp, "key": text(&record.key),
-                            "headers": headers, "value": text(&record.value),
-                        });
-                        serde_json::to_writer(&mut *out, &line)?;
-                        out.write_all(b"\n")?;
-                    }
-                }
+                each(partition, record)?;
                 written += 1;
             }
+            bar.inc(entry.footer.count);
         }
     }
-    out.flush()?;
+    bar.finish_and_clear();
     Ok(written)
+}
+
+/// Writes a record's raw value and a newline.
+pub fn write_value(out: &mut dyn Write, record: &Record) -> std::io::Result<()> {
+    out.write_all(record.value.as_deref().unwrap_or_default())?;
+    out.write_all(b"\n")
+}
+
+/// Writes a record's JSON envelope (topic, partition, offset, timestamp, key, headers, value;
+/// bytes that are not UTF-8 as `{"base64": …}`) and a newline.
+pub fn write_jsonl(out: &mut dyn Write, topic: &str, partition: i32, record: &Record) -> std::io::Result<()> {
+    let text = |bytes: &Option<Vec<u8>>| -> serde_json::Value {
+        match bytes {
+            None => serde_json::Value::Null,
+            Some(b) => match std::str::from_utf8(b) {
+                Ok(text) => json!(text),
+                Err(_) => json!({ "base64": B64.encode(b) }),
+            },
+        }
+    };
+    let headers: Vec<serde_json::Value> = record.headers.iter().map(|(k, v)| json!([k, text(v)])).collect();
+    let line = json!({
+        "topic": topic, "partition": partition, "offset": record.offset,
+        "timestamp": record.timestamp, "key": text(&record.key),
+        "headers": headers, "value": text(&record.value),
+    });
+    serde_json::to_writer(&mut *out, &line)?;
+    out.write_all(b"\n")
 }

@@ -3,8 +3,9 @@
 //! (checksum, count, offsets inside its range). Reads footers from the sidecars, so the
 //! structural check needs no decompression (and no key, once files are encrypted).
 
-use crate::dest::FileDest;
+use crate::dest::Dest;
 use crate::format::decode_file;
+use crate::progress;
 
 /// A problem found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,20 +31,28 @@ pub struct Summary {
 
 /// Checks `topic` in `dest`.
 pub fn fsck(
-    dest: &FileDest,
+    dest: &Dest,
     topic: &str,
     deep: bool,
     identities: &[Box<dyn age::Identity>],
 ) -> anyhow::Result<(Vec<Summary>, Vec<Problem>)> {
     let mut summaries = Vec::new();
     let mut problems = Vec::new();
+    let listing = progress::spinner("listing the archive");
+    let mut partitions = Vec::new();
     for partition in dest.partitions(topic)? {
-        let entries = dest.list(topic, partition)?;
+        listing.set_message(format!("listing partition {partition}"));
+        partitions.push((partition, dest.list(topic, partition)?));
+    }
+    listing.finish_and_clear();
+    let files = partitions.iter().map(|(_, entries)| entries.len() as u64).sum();
+    let bar = progress::bar(files, "files");
+    for (partition, entries) in partitions {
         let mut summary = Summary { partition, files: entries.len(), records: 0, range: None };
         let mut expected: Option<i64> = None;
         for entry in &entries {
             let footer = &entry.footer;
-            let name = entry.path.display();
+            let name = &entry.name;
             if footer.topic != topic || footer.partition != partition {
                 problems.push(Problem {
                     partition,
@@ -71,8 +80,8 @@ pub fn fsck(
                 _ => {}
             }
             if deep {
-                match std::fs::read(&entry.path)
-                    .map_err(anyhow::Error::from)
+                match dest
+                    .read(entry)
                     .and_then(|bytes| decode_file(&bytes, identities).map_err(anyhow::Error::from))
                 {
                     Ok((inner, _)) if inner.public() != *footer => problems.push(Problem {
@@ -83,11 +92,13 @@ pub fn fsck(
                     Err(err) => problems.push(Problem { partition, what: format!("{name}: {err:#}") }),
                 }
             }
+            bar.inc(1);
             summary.records += footer.count;
             summary.range = Some((summary.range.map_or(footer.first_offset, |r| r.0), footer.next_offset));
             expected = Some(footer.next_offset);
         }
         summaries.push(summary);
     }
+    bar.finish_and_clear();
     Ok((summaries, problems))
 }

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::dest::FileDest;
+use crate::dest::Dest;
 
 /// What housekeeping did (or would do, with `dry_run`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub struct Swept {
 
 /// Deletes the files of `topic` whose records are all older than `older_than` before `now`.
 pub fn housekeep(
-    dest: &FileDest,
+    dest: &Dest,
     topic: &str,
     older_than: Duration,
     now: SystemTime,
@@ -33,18 +33,17 @@ pub fn housekeep(
         // The newest file always stays.
         for entry in entries.iter().rev().skip(1) {
             let newest_record = entry.footer.max_time.or_else(|| {
-                let modified = std::fs::metadata(&entry.path).and_then(|m| m.modified()).ok()?;
-                Some(modified.duration_since(UNIX_EPOCH).ok()?.as_millis() as i64)
+                Some(entry.modified?.duration_since(UNIX_EPOCH).ok()?.as_millis() as i64)
             });
             if newest_record.is_none_or(|at| at >= cutoff) {
                 continue;
             }
             if !dry_run {
-                dest.remove(&entry.path)?;
+                dest.remove(entry)?;
             }
             swept.files += 1;
             swept.records += entry.footer.count;
-            swept.paths.push(entry.path.display().to_string());
+            swept.paths.push(entry.name.clone());
         }
     }
     Ok(swept)
@@ -59,7 +58,8 @@ mod tests {
     fn old_files_go_the_newest_of_each_partition_stays() {
         let root = std::env::temp_dir().join(format!("shiva-archiver-housekeep-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let dest = FileDest::from_url(&format!("file://{}", root.display())).unwrap();
+        let dest =
+            Dest::from_url(&format!("file://{}", root.display()), &Default::default()).unwrap();
         dest.prepare("t", &[0, 1]).unwrap();
         let day = 86_400_000i64;
         let file = |partition, start: i64, time: i64| {

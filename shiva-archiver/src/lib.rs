@@ -2,9 +2,9 @@
 //!
 //! * [`format`]: the file format (records, zstd, footer), pure;
 //! * [`cut`]: where files are cut, pure;
-//! * [`dest`]: the archive on a filesystem, create-if-absent publishing;
-//! * [`source`]: the Kafka consumer;
-//! * [`run`], [`fsck`], [`extract`], [`housekeep`]: the commands.
+//! * [`dest`]: the archive on a filesystem or S3, create-if-absent publishing;
+//! * [`kafka`]: the Kafka consumer (`run`) and producer (`extract --to-topic`);
+//! * [`run`], [`fsck`], [`extract`], [`housekeep`]: the commands ([`progress`]: their bars).
 
 pub mod cli;
 pub mod crypt;
@@ -14,5 +14,6 @@ pub mod extract;
 pub mod format;
 pub mod fsck;
 pub mod housekeep;
+pub mod kafka;
+pub mod progress;
 pub mod run;
-pub mod source;

@@ -7,8 +7,8 @@ use clap::Parser;
 use shiva_archiver::cli::{Cli, Command, Compression, ExtractArgs, Format, RunArgs};
 use shiva_archiver::crypt;
 use shiva_archiver::cut::Limits;
-use shiva_archiver::dest::FileDest;
-use shiva_archiver::extract::{Output, Range, extract};
+use shiva_archiver::extract::{Range, extract, select, write_jsonl, write_value};
+use shiva_archiver::kafka::Sink;
 use shiva_archiver::format::Codec;
 use shiva_archiver::fsck::fsck;
 use shiva_archiver::housekeep::housekeep;
@@ -21,6 +21,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -63,7 +64,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Fsck { archive, deep, identity } => {
-            let dest = FileDest::from_url(&archive.dest).map_err(usage)?;
+            let dest = archive.dest.open().map_err(usage)?;
             let identities = crypt::identities(&identity).map_err(usage)?;
             let (summaries, problems) = fsck(&dest, &archive.topic, deep, &identities)?;
             for summary in &summaries {
@@ -86,7 +87,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Extract(args) => extract_command(*args),
         Command::Housekeep { archive, older_than, dry_run } => {
-            let dest = FileDest::from_url(&archive.dest).map_err(usage)?;
+            let dest = archive.dest.open().map_err(usage)?;
             let swept = housekeep(&dest, &archive.topic, older_than, std::time::SystemTime::now(), dry_run)?;
             for path in &swept.paths {
                 println!("{} {path}", if dry_run { "would delete" } else { "deleted" });
@@ -103,7 +104,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
-    let dest = FileDest::from_url(&args.dest).map_err(usage)?;
+    let dest = args.dest.open().map_err(usage)?;
     let max_bytes = args
         .max_bytes
         .trim()
@@ -114,6 +115,18 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         .as_u64();
     if max_bytes == 0 || args.max_records == 0 {
         return Err(usage("--max-bytes and --max-records must be above 0"));
+    }
+    // Compressed (and encrypted) files can outgrow their records a little: keep a margin.
+    if let Some(limit) = dest.max_file_bytes()
+        && max_bytes > limit / 5 * 4
+    {
+        return Err(usage(format!(
+            "--max-bytes {}: {} takes files of at most {} in one piece; use at most {}",
+            args.max_bytes,
+            args.dest.dest,
+            bytesize::ByteSize(limit),
+            bytesize::ByteSize(limit / 5 * 4)
+        )));
     }
     let codec = match (args.compression, args.level) {
         (Compression::Zstd, level) => {
@@ -131,16 +144,7 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
             Codec::Gzip(level as u32)
         }
     };
-    let settings = args
-        .kafka
-        .iter()
-        .map(|setting| {
-            setting
-                .split_once('=')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or_else(|| usage(format!("-X '{setting}': expected KEY=VALUE")))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let settings = settings(&args.kafka)?;
     let group = args.group.unwrap_or_else(|| format!("shiva-archiver.{}", args.topic));
     let recipients = crypt::recipients(&args.recipient, &args.recipients_file).map_err(usage)?;
     Ok(RunConfig {
@@ -171,8 +175,22 @@ fn time(flag: &str, text: &Option<String>) -> anyhow::Result<Option<i64>> {
         .transpose()
 }
 
+/// `-X KEY=VALUE` settings.
+fn settings(flags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    flags
+        .iter()
+        .map(|setting| {
+            setting
+                .split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| usage(format!("-X '{setting}': expected KEY=VALUE")))
+        })
+        .collect()
+}
+
 fn extract_command(args: ExtractArgs) -> anyhow::Result<ExitCode> {
-    let dest = FileDest::from_url(&args.archive.dest).map_err(usage)?;
+    let dest = args.archive.dest.open().map_err(usage)?;
+    let topic = &args.archive.topic;
     let range = Range {
         partitions: args.partitions,
         from_offset: args.from_offset,
@@ -181,26 +199,44 @@ fn extract_command(args: ExtractArgs) -> anyhow::Result<ExitCode> {
         to_time: time("--to-time", &args.to_time)?,
     };
     let identities = crypt::identities(&args.identity).map_err(usage)?;
-    let output = match args.format {
-        Format::Values => Output::Values,
-        Format::Jsonl => Output::Jsonl,
-    };
-    let written = match &args.output {
-        Some(path) => {
-            let file = std::fs::File::create(path).with_context(|| format!("--output {}", path.display()))?;
-            extract(
-                &dest,
-                &args.archive.topic,
-                &range,
-                output,
-                &identities,
-                &mut std::io::BufWriter::new(file),
-            )?
+    let written = if let Some(to_topic) = &args.to_topic {
+        let bootstrap = args.bootstrap.as_deref().context("--to-topic needs --bootstrap")?;
+        let sink = Sink::new(bootstrap, to_topic, &settings(&args.kafka)?)?;
+        // Every partition the records come from must exist in the target, checked before any
+        // record is sent.
+        let missing: Vec<i32> = select(&dest, topic, &range)?
+            .iter()
+            .filter(|(partition, entries)| !entries.is_empty() && *partition >= sink.partitions())
+            .map(|(partition, _)| *partition)
+            .collect();
+        if !missing.is_empty() {
+            return Err(usage(format!(
+                "--to-topic '{to_topic}' has {} partition(s); records of partition(s) {missing:?} would have \
+                 nowhere to go (records keep their partition): give it more partitions or extract fewer with --partitions",
+                sink.partitions()
+            )));
         }
-        None => {
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            extract(&dest, &args.archive.topic, &range, output, &identities, &mut out)?
-        }
+        let written = extract(&dest, topic, &range, &identities, &mut |partition, record| {
+            sink.send(topic, partition, record)
+        })?;
+        sink.finish()?;
+        written
+    } else {
+        let mut out: Box<dyn std::io::Write> = match &args.output {
+            Some(path) => Box::new(std::io::BufWriter::new(
+                std::fs::File::create(path).with_context(|| format!("--output {}", path.display()))?,
+            )),
+            None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+        };
+        let written = extract(&dest, topic, &range, &identities, &mut |partition, record| {
+            match args.format {
+                Format::Values => write_value(&mut out, record)?,
+                Format::Jsonl => write_jsonl(&mut out, topic, partition, record)?,
+            }
+            Ok(())
+        })?;
+        out.flush().context("cannot write the output")?;
+        written
     };
     tracing::info!(records = written, "extracted");
     Ok(ExitCode::SUCCESS)

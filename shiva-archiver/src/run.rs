@@ -19,9 +19,9 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use tracing::{info, warn};
 
 use crate::cut::{Batch, Limits};
-use crate::dest::{FileDest, Published};
+use crate::dest::{Dest, Published};
 use crate::format::{Codec, Record, encode_file};
-use crate::source::{Polled, Source};
+use crate::kafka::{Polled, Source};
 
 /// Exit code when records the archive needs are no longer in Kafka (a permanent failure: the
 /// Shiva task should list it in `permanent_exit_codes`).
@@ -36,7 +36,7 @@ pub struct RunConfig {
     /// Partitions (all when empty).
     pub partitions: Vec<i32>,
     /// Where files go.
-    pub dest: FileDest,
+    pub dest: Dest,
     /// Cut rules.
     pub limits: Limits,
     /// A partial file is published after this long without new records.
@@ -78,7 +78,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     config.dest.prepare(&config.topic, &partitions)?;
     for partition in &partitions {
-        let found = config.dest.compressions(&config.topic, *partition);
+        let found = config.dest.compressions(&config.topic, *partition)?;
         if found.iter().any(|c| c != config.codec.name()) {
             bail!(
                 "{}/{partition} is archived with {} but --compression is {}: an archive keeps one compression",

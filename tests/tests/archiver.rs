@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use shiva_e2e::{Broker, bin, python, repo, scratch, wait_until};
+use shiva_e2e::{Broker, Moto, bin, python, repo, scratch, wait_until};
 
 const PARTITIONS: usize = 4;
 
@@ -36,12 +36,38 @@ fn value(i: usize) -> Vec<u8> {
     }
 }
 
-fn archiver(broker: &Broker, dest: &Path, topic: &str, extra: &[&str], log: &Path) -> Child {
+/// Where an archive goes: a directory, or a bucket on a real S3 server (moto).
+struct Target {
+    url: String,
+    dir: Option<PathBuf>,
+    moto: Option<Moto>,
+}
+
+impl Target {
+    fn dir(dir: &Path) -> Target {
+        Target { url: format!("file://{}", dir.display()), dir: Some(dir.to_owned()), moto: None }
+    }
+
+    fn s3(prefix: &str) -> Target {
+        let moto = Moto::start("archive");
+        Target { url: format!("s3://{}/{prefix}", moto.bucket), dir: None, moto: Some(moto) }
+    }
+
+    /// `shiva-archiver`, with the S3 server's address and credentials in its environment.
+    fn command(&self) -> Command {
+        let mut command = Command::new(bin("shiva-archiver"));
+        if let Some(moto) = &self.moto {
+            command.envs(moto.env());
+        }
+        command
+    }
+}
+
+fn archiver(broker: &Broker, dest: &Target, topic: &str, extra: &[&str], log: &Path) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(bin("shiva-archiver"))
+    dest.command()
         .args(["run", "--bootstrap", &format!("127.0.0.1:{}", broker.port), "--topic", topic])
-        .arg("--dest")
-        .arg(format!("file://{}", dest.display()))
+        .args(["--dest", &dest.url])
         .args(extra)
         .env("SHIVA_LOG", "info")
         .stdout(Stdio::null())
@@ -55,11 +81,8 @@ fn terminate(mut child: Child) -> std::process::ExitStatus {
     child.wait().unwrap()
 }
 
-fn archived_count(dest: &Path, topic: &str) -> u64 {
-    let output = Command::new(bin("shiva-archiver"))
-        .args(["fsck", "--topic", topic, "--dest", &format!("file://{}", dest.display())])
-        .output()
-        .unwrap();
+fn archived_count(dest: &Target, topic: &str) -> u64 {
+    let output = dest.command().args(["fsck", "--topic", topic, "--dest", &dest.url]).output().unwrap();
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| line.split(" files, ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
@@ -68,18 +91,20 @@ fn archived_count(dest: &Path, topic: &str) -> u64 {
 
 /// `fsck --deep` passes and `extract` returns exactly records 0..count, each once, in order per
 /// partition; `key` opens encrypted files.
-fn assert_exactly_once(dest: &Path, topic: &str, count: usize, key: Option<&Path>) {
-    let url = format!("file://{}", dest.display());
+fn assert_exactly_once(dest: &Target, topic: &str, count: usize, key: Option<&Path>) {
+    let url = &dest.url;
     let identity: Vec<String> =
         key.map(|key| vec!["--identity".to_owned(), key.display().to_string()]).unwrap_or_default();
-    let fsck = Command::new(bin("shiva-archiver"))
-        .args(["fsck", "--deep", "--topic", topic, "--dest", &url])
+    let fsck = dest
+        .command()
+        .args(["fsck", "--deep", "--topic", topic, "--dest", url])
         .args(&identity)
         .output()
         .unwrap();
     assert!(fsck.status.success(), "fsck failed:\n{}", String::from_utf8_lossy(&fsck.stdout));
-    let extract = Command::new(bin("shiva-archiver"))
-        .args(["extract", "--format", "jsonl", "--topic", topic, "--dest", &url])
+    let extract = dest
+        .command()
+        .args(["extract", "--format", "jsonl", "--topic", topic, "--dest", url])
         .args(&identity)
         .output()
         .unwrap();
@@ -125,10 +150,8 @@ fn delays(seed: u64, count: usize, min_ms: u64, max_ms: u64) -> Vec<Duration> {
 
 /// Kills the archiver `kills` times at random moments while `total` records are produced, then
 /// lets a last run catch up; `encrypt` passes age recipients.
-fn crash_matrix(label: &str, total: usize, kills: usize, encrypt: &[String]) -> PathBuf {
-    let broker = Broker::start_with_interval("10m");
+fn crash_matrix(broker: &Broker, label: &str, dest: &Target, total: usize, kills: usize, encrypt: &[String]) {
     let dir = scratch(label);
-    let dest: PathBuf = dir.join("out");
     let log = dir.join("archiver.log");
     tool(&broker, &["create", "events", &PARTITIONS.to_string()]);
     let step = total / 5;
@@ -146,7 +169,7 @@ fn crash_matrix(label: &str, total: usize, kills: usize, encrypt: &[String]) -> 
             tool(&broker, &["produce", "events", &PARTITIONS.to_string(), &from, &to]);
             produced += step;
         }
-        let mut child = archiver(&broker, &dest, "events", &args, &log);
+        let mut child = archiver(broker, dest, "events", &args, &log);
         std::thread::sleep(delay);
         child.kill().unwrap();
         child.wait().unwrap();
@@ -159,23 +182,110 @@ fn crash_matrix(label: &str, total: usize, kills: usize, encrypt: &[String]) -> 
         produced += step;
     }
     // A last run catches up, then stops cleanly.
-    let child = archiver(&broker, &dest, "events", &args, &log);
+    let child = archiver(broker, dest, "events", &args, &log);
     let started = Instant::now();
     wait_until(Duration::from_secs(180), "the archive catches up", || {
-        archived_count(&dest, "events") >= total as u64
+        archived_count(dest, "events") >= total as u64
     });
     assert!(terminate(child).success());
     eprintln!("{kills} kills (seed {seed}), caught up in {:?}", started.elapsed());
     let published = std::fs::read_to_string(&log).unwrap().matches("published").count();
     assert!(published > 0, "no file was ever published");
-    dest
 }
 
 #[test]
 fn killed_at_random_moments_while_producing_the_archive_holds_every_record_exactly_once() {
     let total = 20_000;
-    let dest = crash_matrix("archive", total, 50, &[]);
+    let broker = Broker::start_with_interval("10m");
+    let dest = Target::dir(&scratch("archive").join("out"));
+    crash_matrix(&broker, "archive", &dest, total, 50, &[]);
     assert_exactly_once(&dest, "events", total, None);
+}
+
+#[test]
+fn killed_at_random_moments_archiving_to_s3_nothing_is_lost_or_doubled_and_extract_restores_a_topic() {
+    let total = 8_000;
+    let broker = Broker::start_with_interval("10m");
+    let dest = Target::s3("kafka/archive");
+    crash_matrix(&broker, "archive-s3", &dest, total, 25, &[]);
+    assert_exactly_once(&dest, "events", total, None);
+    // Back into Kafka: each record to its own partition number, with key, value, headers and time,
+    // and where it came from in three more headers.
+    tool(&broker, &["create", "restored", &PARTITIONS.to_string()]);
+    let bootstrap = format!("127.0.0.1:{}", broker.port);
+    let restore = dest
+        .command()
+        .args(["extract", "--topic", "events", "--dest", &dest.url, "--to-topic", "restored"])
+        .args(["--bootstrap", &bootstrap])
+        .output()
+        .unwrap();
+    assert!(restore.status.success(), "{}", String::from_utf8_lossy(&restore.stderr));
+    let consumed = Command::new(python())
+        .arg(repo().join("tests/kafka_tool.py"))
+        .args([&bootstrap, "consume", "restored", &PARTITIONS.to_string(), &total.to_string()])
+        .output()
+        .unwrap();
+    assert!(consumed.status.success(), "{}", String::from_utf8_lossy(&consumed.stderr));
+    let mut seen = 0;
+    for line in String::from_utf8_lossy(&consumed.stdout).lines() {
+        use base64::Engine;
+        let record: Value = serde_json::from_str(line).unwrap();
+        let header = |name: &str| {
+            let headers = record["headers"].as_array().unwrap();
+            headers.iter().find(|h| h[0] == name).map(|h| h[1].as_str().unwrap().to_owned())
+        };
+        let partition = record["partition"].as_i64().unwrap();
+        let offset: usize = header("shiva.offset").expect("shiva.offset").parse().unwrap();
+        let i = offset * PARTITIONS + partition as usize;
+        assert_eq!(header("shiva.topic").as_deref(), Some("events"));
+        assert_eq!(header("shiva.partition"), Some(partition.to_string()));
+        assert_eq!(header("n"), Some(i.to_string()), "the original headers come first");
+        assert_eq!(record["key"].as_str(), Some(format!("k{i}").as_str()));
+        let value = base64::engine::general_purpose::STANDARD.decode(record["value"].as_str().unwrap()).unwrap();
+        assert_eq!(value, self::value(i), "record {i}");
+        seen += 1;
+    }
+    assert_eq!(seen, total, "every archived record was restored once");
+    // Housekeeping on S3: every file but the newest of each partition is past a 1 s retention.
+    let swept = dest
+        .command()
+        .args(["housekeep", "--topic", "events", "--dest", &dest.url, "--older-than", "1s"])
+        .output()
+        .unwrap();
+    assert!(swept.status.success(), "{}", String::from_utf8_lossy(&swept.stderr));
+    assert!(String::from_utf8_lossy(&swept.stdout).contains("deleted s3://archive/kafka/archive/events/0/"));
+    let fsck = dest.command().args(["fsck", "--topic", "events", "--dest", &dest.url]).output().unwrap();
+    let text = String::from_utf8_lossy(&fsck.stdout);
+    assert!(fsck.status.success(), "{text}");
+    assert_eq!(text.matches(": 1 files, ").count(), PARTITIONS, "the newest file of each partition stays: {text}");
+}
+
+#[test]
+fn a_million_records_over_four_partitions_archive_to_files_and_to_s3_byte_for_byte() {
+    let broker = Broker::start_with_interval("10m");
+    let total = 1_000_000;
+    tool(&broker, &["create", "events", &PARTITIONS.to_string()]);
+    let dir = scratch("million");
+    let log = dir.join("archiver.log");
+    let files = Target::dir(&dir.join("out"));
+    let s3 = Target::s3("million");
+    let args = ["--max-records", "50000", "--idle-publish", "1s"];
+    let started = Instant::now();
+    let to_files = archiver(&broker, &files, "events", &args, &log);
+    let to_s3 = archiver(&broker, &s3, "events", &args, &log);
+    for chunk in 0..4 {
+        let (from, to) = (chunk * total / 4, (chunk + 1) * total / 4);
+        tool(&broker, &["produce", "events", &PARTITIONS.to_string(), &from.to_string(), &to.to_string()]);
+    }
+    let produced = started.elapsed();
+    wait_until(Duration::from_secs(900), "both archives catch up", || {
+        archived_count(&files, "events") >= total as u64 && archived_count(&s3, "events") >= total as u64
+    });
+    eprintln!("produced in {produced:?}, both archived in {:?}", started.elapsed());
+    assert!(terminate(to_files).success());
+    assert!(terminate(to_s3).success());
+    assert_exactly_once(&files, "events", total, None);
+    assert_exactly_once(&s3, "events", total, None);
 }
 
 #[test]
@@ -191,22 +301,18 @@ fn encrypted_files_survive_kills_open_with_the_stock_age_command_and_check_witho
     let text = std::fs::read_to_string(&key).unwrap();
     let public = text.lines().find_map(|l| l.strip_prefix("# public key: ")).unwrap().to_owned();
     let total = 8_000;
-    let dest = crash_matrix("archive-age", total, 25, &["--recipient".to_owned(), public]);
+    let broker = Broker::start_with_interval("10m");
+    let dest = Target::dir(&scratch("archive-age").join("out"));
+    crash_matrix(&broker, "archive-age", &dest, total, 25, &["--recipient".to_owned(), public]);
     // Structure without the key; content with it.
-    let url = format!("file://{}", dest.display());
-    let fsck = Command::new(bin("shiva-archiver"))
-        .args(["fsck", "--topic", "events", "--dest", &url])
-        .output()
-        .unwrap();
+    let url = &dest.url;
+    let fsck = dest.command().args(["fsck", "--topic", "events", "--dest", url]).output().unwrap();
     assert!(fsck.status.success(), "fsck without the key:\n{}", String::from_utf8_lossy(&fsck.stdout));
-    let deep = Command::new(bin("shiva-archiver"))
-        .args(["fsck", "--deep", "--topic", "events", "--dest", &url])
-        .output()
-        .unwrap();
+    let deep = dest.command().args(["fsck", "--deep", "--topic", "events", "--dest", url]).output().unwrap();
     assert!(!deep.status.success(), "--deep without the key cannot open the files");
     assert_exactly_once(&dest, "events", total, Some(&key));
     // The stock command lines read a file: age -d -i key.txt FILE | zstd -dc.
-    let file = dest.join("events/0").join(format!("{:020}.zst", 0));
+    let file = dest.dir.as_ref().unwrap().join("events/0").join(format!("{:020}.zst", 0));
     let raw = std::fs::read(&file).unwrap();
     assert!(raw.starts_with(b"age-encryption.org/v1"), "the file is an age file");
     let shell = format!("age -d -i {} {} | zstd -dc", key.display(), file.display());
@@ -219,7 +325,7 @@ fn encrypted_files_survive_kills_open_with_the_stock_age_command_and_check_witho
 fn two_archivers_with_different_cuts_on_the_same_partitions_never_overlap() {
     let broker = Broker::start_with_interval("10m");
     let dir = scratch("zombie");
-    let dest = dir.join("out");
+    let dest = Target::dir(&dir.join("out"));
     let log = dir.join("archiver.log");
     tool(&broker, &["create", "events", &PARTITIONS.to_string()]);
     let total = 20_000;
@@ -244,7 +350,7 @@ fn two_archivers_with_different_cuts_on_the_same_partitions_never_overlap() {
 fn records_lost_before_they_were_archived_stop_the_archiver_with_the_permanent_failure_code() {
     let broker = Broker::start();
     let dir = scratch("gone");
-    let dest = dir.join("out");
+    let dest = Target::dir(&dir.join("out"));
     let log = dir.join("archiver.log");
     // Records older than 3 s are deleted by the broker.
     tool(&broker, &["create", "short", "1", "3000"]);
@@ -272,7 +378,7 @@ fn records_lost_before_they_were_archived_stop_the_archiver_with_the_permanent_f
 fn gzip_files_hold_every_record_and_read_with_the_stock_gzip_command() {
     let broker = Broker::start_with_interval("10m");
     let dir = scratch("gzip");
-    let dest = dir.join("out");
+    let dest = Target::dir(&dir.join("out"));
     let log = dir.join("archiver.log");
     tool(&broker, &["create", "events", &PARTITIONS.to_string()]);
     let total = 4_000;
@@ -284,7 +390,7 @@ fn gzip_files_hold_every_record_and_read_with_the_stock_gzip_command() {
     });
     assert!(terminate(child).success());
     assert_exactly_once(&dest, "events", total, None);
-    let file = dest.join("events/1").join(format!("{:020}.gz", 0));
+    let file = dest.dir.as_ref().unwrap().join("events/1").join(format!("{:020}.gz", 0));
     let shell = format!("gzip -dc {}", file.display());
     let plain = Command::new("sh").args(["-c", &shell]).output().unwrap();
     assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
@@ -302,7 +408,7 @@ fn gzip_files_hold_every_record_and_read_with_the_stock_gzip_command() {
 fn bad_flags_and_damaged_files_get_clear_errors_and_nothing_is_overwritten() {
     let dir = scratch("archiver-bad");
     let run = |args: &[&str]| Command::new(bin("shiva-archiver")).args(args).output().unwrap();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "file:///tmp/x", "--compression", "lz4"],
             "--compression",
@@ -323,7 +429,17 @@ fn bad_flags_and_damaged_files_get_clear_errors_and_nothing_is_overwritten() {
             ],
             "--level",
         ),
-        (&["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "s3://b/p"], "--dest"),
+        (&["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "s3://"], "--dest"),
+        (&["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "ftp://host/x"], "--dest"),
+        (
+            &["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "s3://b/p", "--s3-endpoint", "ftp://x"],
+            "--s3-endpoint",
+        ),
+        (
+            &["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "s3://b/p", "--max-bytes", "5GiB"],
+            "--max-bytes",
+        ),
+        (&["extract", "--topic", "t", "--dest", "file:///tmp/x", "--to-topic", "r"], "--bootstrap"),
         (
             &["run", "--bootstrap", "x:1", "--topic", "t", "--dest", "file:///tmp/x", "--max-bytes", "lots"],
             "--max-bytes",

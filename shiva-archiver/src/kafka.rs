@@ -1,16 +1,23 @@
-//! The archiver's Kafka side (the only module that talks to Kafka): one consumer, assigned to
-//! the partitions it archives at the positions the archive says, no consumer-group membership.
-//! Offsets are committed to the group `--group` after each publish, as a hint for tools only:
-//! resuming reads the archive.
+//! The archiver's Kafka side (the only module that talks to Kafka).
+//!
+//! * [`Source`] (`run`): one consumer, assigned to the partitions it archives at the positions
+//!   the archive says, no consumer-group membership. Offsets are committed to the group `--group`
+//!   after each publish, as a hint for tools only: resuming reads the archive.
+//! * [`Sink`] (`extract --to-topic`): one producer writing records back, at least once (acks from
+//!   all replicas, retries; the test broker has no transactions, so a crash may write some twice).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use std::sync::Mutex;
+
+use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Headers;
+use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::format::Record;
@@ -144,5 +151,122 @@ impl Source {
         {
             tracing::debug!(error = %err, partition, offset, "offset commit (a hint) failed");
         }
+    }
+}
+
+/// Headers `extract --to-topic` adds to every record: where it was archived from.
+pub const ORIGIN_HEADERS: [&str; 3] = ["shiva.topic", "shiva.partition", "shiva.offset"];
+
+/// A producer writing archived records to a topic, each to the partition it came from.
+pub struct Sink {
+    producer: BaseProducer<Deliveries>,
+    topic: String,
+    partitions: i32,
+}
+
+/// Counts records the broker did not take (and keeps the first error).
+#[derive(Default)]
+struct Deliveries {
+    failed: Mutex<(u64, Option<String>)>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((err, _)) = result {
+            let mut failed = self.failed.lock().expect("delivery counter");
+            failed.0 += 1;
+            failed.1.get_or_insert_with(|| err.to_string());
+        }
+    }
+}
+
+impl Sink {
+    /// Connects to `bootstrap` for `topic`, which must exist.
+    pub fn new(bootstrap: &str, topic: &str, settings: &[(String, String)]) -> anyhow::Result<Sink> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", bootstrap)
+            .set("acks", "all")
+            .set("linger.ms", "20")
+            .set("message.timeout.ms", "120000")
+            .set("log_level", "4");
+        for (key, value) in settings {
+            config.set(key, value);
+        }
+        let producer: BaseProducer<Deliveries> = config
+            .create_with_context(Deliveries::default())
+            .with_context(|| format!("cannot create a Kafka producer for {bootstrap}"))?;
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(30))
+            .with_context(|| format!("--to-topic '{topic}': cannot read its metadata"))?;
+        let found = metadata.topics().first().context("no metadata for the topic")?;
+        if let Some(err) = found.error() {
+            bail!("--to-topic '{topic}': {:?} (create it first)", RDKafkaErrorCode::from(err));
+        }
+        let partitions = found.partitions().len() as i32;
+        if partitions == 0 {
+            bail!("--to-topic '{topic}' does not exist (create it first)");
+        }
+        Ok(Sink { producer, topic: topic.to_owned(), partitions })
+    }
+
+    /// The partitions of the target topic.
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    /// Sends one record to `partition`, with its origin in headers.
+    pub fn send(&self, origin: &str, partition: i32, record: &Record) -> anyhow::Result<()> {
+        let (partition_text, offset_text) = (partition.to_string(), record.offset.to_string());
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 3);
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header { key, value: value.as_deref() });
+        }
+        for (key, value) in ORIGIN_HEADERS.iter().zip([origin, &partition_text, &offset_text]) {
+            headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
+        }
+        let mut message: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(&self.topic).partition(partition).headers(headers);
+        if let Some(key) = &record.key {
+            message = message.key(key.as_slice());
+        }
+        if let Some(value) = &record.value {
+            message = message.payload(value.as_slice());
+        }
+        if let Some(timestamp) = record.timestamp {
+            message = message.timestamp(timestamp);
+        }
+        loop {
+            match self.producer.send(message) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    message = back;
+                    self.producer.poll(Duration::from_millis(50));
+                }
+                Err((err, _)) => return Err(err).context(format!("cannot produce to '{}'", self.topic)),
+            }
+        }
+        self.producer.poll(Duration::ZERO);
+        Ok(())
+    }
+
+    /// Waits until every record sent is acknowledged; fails if any was refused.
+    pub fn finish(&self) -> anyhow::Result<()> {
+        self.producer.flush(Duration::from_secs(120)).context("records still unsent after 120 s")?;
+        let failed = self.producer.context().failed.lock().expect("delivery counter");
+        if failed.0 > 0 {
+            bail!(
+                "{} record(s) were not written to '{}': {}",
+                failed.0,
+                self.topic,
+                failed.1.as_deref().unwrap_or("unknown error")
+            );
+        }
+        Ok(())
     }
 }

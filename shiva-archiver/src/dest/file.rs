@@ -16,7 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 
-use crate::format::{Codec, Encoded, Footer, read_footer};
+use super::{Entry, Published, compression_of, file_name};
+use crate::format::{Encoded, Footer, read_footer};
 
 /// The extended attribute holding a file's public footer.
 pub const META_XATTR: &str = "user.shiva.footer";
@@ -30,29 +31,11 @@ pub struct FileDest {
     root: PathBuf,
 }
 
-/// What a publish did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Published {
-    /// This writer's file is now the archive's.
-    Written(Footer),
-    /// Another writer had published a file with the same first offset: its footer.
-    Adopted(Footer),
-}
-
-/// One archived file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// Its path.
-    pub path: PathBuf,
-    /// Its footer (from the sidecar, or read from the file).
-    pub footer: Footer,
-}
-
 impl FileDest {
     /// Parses `file:///dir`.
     pub fn from_url(url: &str) -> anyhow::Result<FileDest> {
         let Some(path) = url.strip_prefix("file://") else {
-            bail!("--dest '{url}': expected file:///absolute/dir (s3:// is not supported yet)");
+            bail!("--dest '{url}': expected file:///absolute/dir or s3://bucket/prefix");
         };
         if !path.starts_with('/') {
             bail!("--dest '{url}': the directory must be absolute (file:///dir)");
@@ -66,12 +49,12 @@ impl FileDest {
 
     /// The final path of the file starting at `first`, compressed with `compression`.
     pub fn path(&self, topic: &str, partition: i32, first: i64, compression: &str) -> PathBuf {
-        self.partition_dir(topic, partition).join(format!("{first:020}.{}", Codec::extension(compression)))
+        self.partition_dir(topic, partition).join(file_name(first, compression))
     }
 
     /// Whether `path` names an archive file.
     fn is_archive(path: &Path) -> bool {
-        path.extension().is_some_and(|ext| ext == "zst" || ext == "gz")
+        path.file_name().and_then(|name| name.to_str()).and_then(compression_of).is_some()
     }
 
     /// The compressions of a partition's files (an archive keeps one).
@@ -79,11 +62,7 @@ impl FileDest {
         let Ok(listing) = fs::read_dir(self.partition_dir(topic, partition)) else { return Vec::new() };
         let mut found: Vec<String> = listing
             .flatten()
-            .map(|e| e.path())
-            .filter(|p| Self::is_archive(p))
-            .filter_map(|p| {
-                p.extension().map(|ext| if ext == "gz" { "gzip".to_owned() } else { "zstd".to_owned() })
-            })
+            .filter_map(|e| e.file_name().to_str().and_then(compression_of).map(str::to_owned))
             .collect();
         found.sort();
         found.dedup();
@@ -196,7 +175,8 @@ impl FileDest {
         paths.sort();
         for path in paths {
             let footer = self.footer(&path)?;
-            entries.push(Entry { path, footer });
+            let modified = fs::metadata(&path).and_then(|m| m.modified()).ok();
+            entries.push(Entry { name: path.display().to_string(), footer, modified });
         }
         Ok(entries)
     }
@@ -212,8 +192,14 @@ impl FileDest {
         Ok(partitions)
     }
 
+    /// The bytes of an archived file.
+    pub fn read(&self, entry: &Entry) -> anyhow::Result<Vec<u8>> {
+        fs::read(&entry.name).with_context(|| format!("cannot read {}", entry.name))
+    }
+
     /// Deletes an archived file, then its sidecar, and syncs the directory.
-    pub fn remove(&self, path: &Path) -> anyhow::Result<()> {
+    pub fn remove(&self, entry: &Entry) -> anyhow::Result<()> {
+        let path = Path::new(&entry.name);
         fs::remove_file(path).with_context(|| format!("cannot delete {}", path.display()))?;
         let _ = fs::remove_file(Self::sidecar(path));
         if let Some(dir) = path.parent() {
@@ -268,11 +254,11 @@ mod tests {
         assert_eq!(listed.iter().map(|e| e.footer.first_offset).collect::<Vec<_>>(), [0, 10]);
         assert_eq!(dest.newest("t", 0).unwrap().unwrap().next_offset, 20);
         // A missing sidecar is rebuilt (from the extended attribute, else from the file).
-        fs::remove_file(FileDest::sidecar(&listed[1].path)).unwrap();
-        assert_eq!(dest.footer(&listed[1].path).unwrap(), c.footer);
-        fs::remove_file(FileDest::sidecar(&listed[1].path)).unwrap();
-        let _ = xattr::remove(&listed[1].path, META_XATTR);
-        assert_eq!(dest.footer(&listed[1].path).unwrap(), c.footer);
+        fs::remove_file(FileDest::sidecar(Path::new(&listed[1].name))).unwrap();
+        assert_eq!(dest.footer(Path::new(&listed[1].name)).unwrap(), c.footer);
+        fs::remove_file(FileDest::sidecar(Path::new(&listed[1].name))).unwrap();
+        let _ = xattr::remove(&listed[1].name, META_XATTR);
+        assert_eq!(dest.footer(Path::new(&listed[1].name)).unwrap(), c.footer);
         // An encrypted file's footer is known without the key.
         let key = age::x25519::Identity::generate();
         let d = encode_file("t", 0, 20, &records(20, 30), 30, Codec::Zstd(1), &[key.to_public()]);
@@ -280,7 +266,6 @@ mod tests {
         let path = dest.path("t", 0, 20, "zstd");
         fs::remove_file(FileDest::sidecar(&path)).unwrap();
         assert_eq!(dest.footer(&path).unwrap(), d.footer.public());
-        assert!(FileDest::from_url("s3://bucket/x").is_err());
         assert!(FileDest::from_url("file://relative").is_err());
         let _ = fs::remove_dir_all(&root);
     }
