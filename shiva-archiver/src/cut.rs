@@ -32,12 +32,21 @@ impl Batch {
         if self.records.is_empty() {
             return true;
         }
+        if self.full(limits) {
+            return false;
+        }
         let bytes = self.bytes + record.raw_len() as u64;
         let old = match (self.first_time, record.timestamp, limits.max_age_ms) {
             (Some(first), Some(at), Some(window)) => at - first >= window,
             _ => false,
         };
-        bytes <= limits.max_bytes && (self.records.len() as u64) < limits.max_records && !old
+        bytes <= limits.max_bytes && !old
+    }
+
+    /// Whether no record at all fits any more (count or size reached): the file can be published
+    /// now rather than when the next record arrives, and the cut is the same.
+    pub fn full(&self, limits: &Limits) -> bool {
+        self.records.len() as u64 >= limits.max_records || self.bytes >= limits.max_bytes
     }
 
     /// Adds `record`.
@@ -92,6 +101,16 @@ mod tests {
         assert_eq!(cuts(&records, &by_time), [0, 3, 6, 9]);
         // The same records cut the same way from the same start, whatever came before.
         assert_eq!(cuts(&records[4..], &by_size), [4, 6, 8]);
+        // Full by count or size: nothing more fits, whatever comes.
+        let mut batch = Batch::default();
+        for record in &records[..3] {
+            assert!(!batch.full(&by_count));
+            batch.push(record.clone());
+        }
+        assert!(batch.full(&by_count) && !batch.fits(&records[3], &by_count));
+        let mut batch = Batch::default();
+        batch.push(record(0, 100, 0));
+        assert!(batch.full(&by_size) && !batch.fits(&record(1, 0, 0), &by_size));
         // A record larger than the limit gets a file of its own.
         let big = [record(0, 10, 0), record(1, 500, 0), record(2, 10, 0)];
         assert_eq!(cuts(&big, &by_size), [0, 1, 2]);

@@ -209,6 +209,10 @@ fn take(
     part.records += 1;
     part.bytes += record.raw_len() as u64;
     part.batch.push(record);
+    if part.batch.full(&config.limits) {
+        // Nothing more fits: publish now instead of when the next record comes.
+        publish(config, source, partition, part, None)?;
+    }
     Ok(())
 }
 

@@ -224,7 +224,7 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{Record, encode_file};
+    use crate::format::{Codec, Record, encode_file};
 
     fn records(from: i64, to: i64) -> Vec<Record> {
         (from..to)
