@@ -2,7 +2,7 @@
 //! the node's default settings, and prints a Markdown report for `docs/benchmarks.md`.
 //!
 //! ```sh
-//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only floor,cron,resume]
+//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only floor,cron,resume] [--kills 1000]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -479,7 +479,8 @@ fn main() {
     let broker = Broker::start_with_interval(&compaction);
     let mut report = Vec::new();
 
-    // `--only a,b` runs some sections: rtt, idle, floor, cron, resume, pipeline, supervise, cluster.
+    // `--only a,b` runs some sections: rtt, idle, floor, cron, resume, pipeline, archive-e2e, crash,
+    // supervise, cluster.
     let only = args.iter().position(|arg| arg == "--only").map(|i| args[i + 1].clone());
     let wants = |section: &str| only.as_ref().is_none_or(|list| list.split(',').any(|s| s == section));
     for wait in [10, 12, 20].into_iter().filter(|_| wants("rtt")) {
@@ -581,6 +582,29 @@ fn main() {
                 "| archiving pipeline alone, one thread, {name}-{level}{age} ({count} access-log records of ~135 B in memory → cut → encode → compress → publish to disk) | {mb:.0} MB/s raw, {records:.0} records/s, ratio {ratio:.1} |"
             ));
         }
+    }
+
+    if wants("archive-e2e") {
+        let count = if quick { 200_000 } else { 1_000_000 };
+        let rows = archive::end_to_end(&broker, count, 2);
+        for (who, seconds) in rows {
+            report.push(format!(
+                "| archive end to end on the test broker, {count} access-log records (~135 B) over 4 partitions, read from the start: {who} | {seconds:.1} s, {:.0} records/s, {:.1} MB/s |",
+                count as f64 / seconds,
+                count as f64 * 135.0 / seconds / 1e6
+            ));
+        }
+    }
+
+    if wants("crash") {
+        let kills = args.iter().position(|arg| arg == "--kills").map_or(if quick { 100 } else { 1000 }, |i| {
+            args[i + 1].parse().expect("--kills N")
+        });
+        let crashes = archive::crash_matrix(&broker, kills);
+        report.push(format!(
+            "| archiver crash matrix: SIGKILL at random moments (50–1500 ms after start, --max-records 50) while producing | {} kills, {} records produced, {} lost, {} archived twice ({} files, {:.0} s) |",
+            crashes.kills, crashes.produced, crashes.lost, crashes.twice, crashes.files, crashes.seconds
+        ));
     }
 
     if wants("supervise") {

@@ -1,9 +1,16 @@
-//! The archiving pipeline alone, on one thread: records already in memory → cut → encode →
-//! zstd → publish (write, fsync, link, fsync) to a local directory. No Kafka.
+//! The archiver's figures:
+//!
+//! * the pipeline alone, on one thread: records already in memory → cut → encode → zstd →
+//!   publish (write, fsync, link, fsync) to a local directory, no Kafka;
+//! * end to end on the broker, next to the naive pipeline a user would write by hand;
+//! * the crash matrix: SIGKILLs at random moments, then every record looked up.
 
-use std::time::Instant;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use shiva_archiver::cut::{Batch, Limits};
+use shiva_e2e::{Broker, bin, python, repo, scratch};
 use shiva_archiver::dest::FileDest;
 use shiva_archiver::format::{Codec, Record, encode_file};
 
@@ -77,4 +84,181 @@ pub fn pipeline(dir: &std::path::Path, count: usize, codec: Codec, encrypt: bool
     publish(batch.take(), next, &mut start);
     let seconds = started.elapsed().as_secs_f64();
     (raw as f64 / seconds / 1e6, count as f64 / seconds, raw as f64 / written as f64)
+}
+
+fn kafka_tool(broker: &Broker, args: &[&str]) -> std::process::Output {
+    let output = Command::new(python())
+        .arg(repo().join("tests/kafka_tool.py"))
+        .arg(format!("127.0.0.1:{}", broker.port))
+        .args(args)
+        .output()
+        .expect("run kafka_tool.py");
+    assert!(output.status.success(), "kafka_tool {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+fn archiver(broker: &Broker, dest: &Path, topic: &str, extra: &[&str], log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Command::new(bin("shiva-archiver"))
+        .args(["run", "--bootstrap", &format!("127.0.0.1:{}", broker.port), "--topic", topic])
+        .arg("--dest")
+        .arg(format!("file://{}", dest.display()))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start shiva-archiver")
+}
+
+/// Files published under `dest` (their sidecars, written last).
+fn published(dest: &Path) -> usize {
+    let Ok(topics) = std::fs::read_dir(dest) else { return 0 };
+    topics
+        .flatten()
+        .filter(|t| t.file_name() != ".staging")
+        .flat_map(|t| std::fs::read_dir(t.path()).into_iter().flatten().flatten())
+        .flat_map(|p| std::fs::read_dir(p.path()).into_iter().flatten().flatten())
+        .filter(|f| f.file_name().to_string_lossy().ends_with(".meta.json"))
+        .count()
+}
+
+/// End to end on the broker, `count` access-log records over 4 partitions, read from the start:
+/// the naive pipeline (a plain consume loop on librdkafka printing values, piped through
+/// `zstd -1`) against `shiva-archiver run`, alternated `rounds` times. Rows of (who, seconds).
+pub fn end_to_end(broker: &Broker, count: usize, rounds: usize) -> Vec<(String, f64)> {
+    kafka_tool(broker, &["create", "lines", "4"]);
+    kafka_tool(broker, &["produce-lines", "lines", "4", &count.to_string()]);
+    let mut rows = Vec::new();
+    for round in 0..rounds {
+        std::thread::sleep(Duration::from_secs(2));
+        let out = scratch("naive").join("lines.zst");
+        let shell = format!(
+            "{} {} 127.0.0.1:{} dump lines 4 {count} | zstd -1 -q -o {}",
+            python(),
+            repo().join("tests/kafka_tool.py").display(),
+            broker.port,
+            out.display()
+        );
+        let started = Instant::now();
+        let status = Command::new("sh").args(["-c", &shell]).status().unwrap();
+        assert!(status.success(), "the naive pipeline failed");
+        rows.push((format!("naive: consume loop | zstd -1 (round {})", round + 1), started.elapsed().as_secs_f64()));
+        std::thread::sleep(Duration::from_secs(2));
+        let dir = scratch("e2e-archive");
+        let dest = dir.join("out");
+        let per_file = (count / 4).to_string();
+        let started = Instant::now();
+        let mut child =
+            archiver(broker, &dest, "lines", &["--max-records", &per_file, "--idle-publish", "60s"], &dir.join("log"));
+        while published(&dest) < 4 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        rows.push((format!("shiva-archiver run, zstd-1, exactly once (round {})", round + 1), seconds));
+    }
+    rows
+}
+
+/// The value of record `i` as `kafka_tool.py produce` writes it.
+fn produced_value(i: usize) -> Vec<u8> {
+    if i.is_multiple_of(97) {
+        let mut v = b"\xff\x00".to_vec();
+        v.extend_from_slice(i.to_string().as_bytes());
+        v.push(b'\n');
+        v
+    } else {
+        format!("record {i}").into_bytes()
+    }
+}
+
+/// What a crash matrix found.
+pub struct Crashes {
+    pub kills: usize,
+    pub produced: usize,
+    pub lost: usize,
+    pub twice: usize,
+    pub files: usize,
+    pub seconds: f64,
+}
+
+/// `kills` SIGKILLs of the archiver at random moments (50 ms to 1.5 s after its start, with
+/// `--max-records 50`, so many land mid-publish) while records are produced; then a last run
+/// catches up and every record is looked up: lost, or archived more than once.
+pub fn crash_matrix(broker: &Broker, kills: usize) -> Crashes {
+    const PARTITIONS: usize = 4;
+    let started = Instant::now();
+    kafka_tool(broker, &["create", "crash", &PARTITIONS.to_string()]);
+    let dir = scratch("crash");
+    let dest = dir.join("out");
+    let log = dir.join("archiver.log");
+    let step = 500;
+    let mut produced = 0;
+    let mut state = std::process::id() as u64;
+    let args = ["--max-records", "50", "--idle-publish", "300ms"];
+    for round in 0..kills {
+        if round % 10 == 0 {
+            let (from, to) = (produced.to_string(), (produced + step).to_string());
+            kafka_tool(broker, &["produce", "crash", &PARTITIONS.to_string(), &from, &to]);
+            produced += step;
+        }
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let delay = Duration::from_millis(50 + (state >> 33) % 1450);
+        let mut child = archiver(broker, &dest, "crash", &args, &log);
+        std::thread::sleep(delay);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The broker still serves the dead archiver's fetches for a moment.
+        std::thread::sleep(Duration::from_millis(300));
+        if (round + 1) % 100 == 0 {
+            eprintln!("crash matrix: {} kills, {produced} records produced", round + 1);
+        }
+    }
+    let mut child = archiver(broker, &dest, "crash", &args, &log);
+    let extract = || {
+        Command::new(bin("shiva-archiver"))
+            .args(["extract", "--format", "jsonl", "--topic", "crash"])
+            .arg("--dest")
+            .arg(format!("file://{}", dest.display()))
+            .output()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut lines;
+    loop {
+        let output = extract();
+        lines = String::from_utf8_lossy(&output.stdout).into_owned();
+        if lines.lines().count() >= produced || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    child.wait().unwrap();
+    let mut seen = std::collections::HashMap::<(i64, i64), usize>::new();
+    let mut wrong = 0;
+    for line in lines.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (partition, offset) = (record["partition"].as_i64().unwrap(), record["offset"].as_i64().unwrap());
+        let i = offset as usize * PARTITIONS + partition as usize;
+        let value = match &record["value"] {
+            serde_json::Value::String(text) => text.as_bytes().to_vec(),
+            other => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.decode(other["base64"].as_str().unwrap()).unwrap()
+            }
+        };
+        if value != produced_value(i) {
+            wrong += 1;
+        }
+        *seen.entry((partition, offset)).or_default() += 1;
+    }
+    assert_eq!(wrong, 0, "archived values differ from the produced ones");
+    let lost = (0..produced)
+        .filter(|i| !seen.contains_key(&((i % PARTITIONS) as i64, (i / PARTITIONS) as i64)))
+        .count();
+    let twice = seen.values().filter(|n| **n > 1).map(|n| n - 1).sum();
+    Crashes { kills, produced, lost, twice, files: published(&dest), seconds: started.elapsed().as_secs_f64() }
 }

@@ -8,6 +8,11 @@ usage:
       record i goes to partition i % PARTITIONS with key "k<i>", a header, and value
       "record <i>" (every 97th value is binary: b"\\xff\\x00<i>\\n")
   kafka_tool.py BOOTSTRAP delete TOPIC PARTITION BEFORE_OFFSET
+  kafka_tool.py BOOTSTRAP produce-lines TOPIC PARTITIONS COUNT
+      COUNT synthetic access-log lines of about 135 bytes, keyless, no headers, round robin
+  kafka_tool.py BOOTSTRAP dump TOPIC PARTITIONS COUNT
+      the naive archiver a user writes by hand: a plain consume loop printing each value and a
+      newline to stdout until COUNT records (pipe it into `zstd -1`)
   kafka_tool.py BOOTSTRAP consume TOPIC PARTITIONS COUNT
       reads COUNT records from the start of the partitions and prints one JSON object per
       record: partition, offset, key, value (base64) and headers (name, text)
@@ -59,6 +64,43 @@ elif command == "delete":
     admin = AdminClient({"bootstrap.servers": bootstrap})
     for future in admin.delete_records([TopicPartition(topic, partition, before)]).values():
         future.result(30)
+elif command == "produce-lines":
+    import random
+    topic, partitions, count = args[0], int(args[1]), int(args[2])
+    rng = random.Random(42)
+    paths = ["/api/v1/orders", "/api/v1/users/42/profile", "/static/app.js", "/health", "/api/v2/search?q=shiva"]
+    agents = ["curl/8.5.0", "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0", "okhttp/4.12.0"]
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50, "enable.idempotence": False})
+    for i in range(count):
+        line = (f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)} - - "
+                f"[01/Dec/2026:15:{i // 60 % 60:02}:{i % 60:02} +0000] \"GET {rng.choice(paths)} HTTP/1.1\" "
+                f"{rng.choice([200, 200, 200, 304, 404, 500])} {rng.randrange(100000)} \"-\" "
+                f"\"{rng.choice(agents)}\" rt={rng.randrange(3)}.{rng.randrange(1000):03}")
+        while True:
+            try:
+                producer.produce(topic, value=line.encode(), partition=i % partitions)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    if producer.flush(120):
+        sys.exit("produce-lines: records left undelivered")
+elif command == "dump":
+    topic, partitions, count = args[0], int(args[1]), int(args[2])
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "naive-dump",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    out = sys.stdout.buffer
+    seen = 0
+    while seen < count:
+        message = consumer.poll(1.0)
+        if message is None or message.error():
+            continue
+        out.write(message.value() or b"")
+        out.write(b"\n")
+        seen += 1
+    out.flush()
+    consumer.close()
 elif command == "consume":
     topic, partitions, count = args[0], int(args[1]), int(args[2])
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "kafka-tool",
