@@ -597,9 +597,10 @@ fn main() {
     }
 
     if wants("crash") {
-        let kills = args.iter().position(|arg| arg == "--kills").map_or(if quick { 100 } else { 1000 }, |i| {
-            args[i + 1].parse().expect("--kills N")
-        });
+        let kills = args
+            .iter()
+            .position(|arg| arg == "--kills")
+            .map_or(if quick { 100 } else { 1000 }, |i| args[i + 1].parse().expect("--kills N"));
         let crashes = archive::crash_matrix(&broker, kills);
         report.push(format!(
             "| archiver crash matrix: SIGKILL at random moments (50–1500 ms after start, --max-records 50) while producing | {} kills, {} records produced, {} lost, {} archived twice ({} files, {:.0} s) |",

@@ -10,9 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shiva_archiver::cut::{Batch, Limits};
-use shiva_e2e::{Broker, bin, python, repo, scratch};
 use shiva_archiver::dest::FileDest;
 use shiva_archiver::format::{Codec, Record, encode_file};
+use shiva_e2e::{Broker, bin, python, repo, scratch};
 
 /// Synthetic access-log lines, about 135 bytes each, varied enough not to compress trivially.
 fn records(count: usize) -> Vec<Record> {
@@ -142,14 +142,22 @@ pub fn end_to_end(broker: &Broker, count: usize, rounds: usize) -> Vec<(String, 
         let started = Instant::now();
         let status = Command::new("sh").args(["-c", &shell]).status().unwrap();
         assert!(status.success(), "the naive pipeline failed");
-        rows.push((format!("naive: consume loop | zstd -1 (round {})", round + 1), started.elapsed().as_secs_f64()));
+        rows.push((
+            format!("naive: consume loop | zstd -1 (round {})", round + 1),
+            started.elapsed().as_secs_f64(),
+        ));
         std::thread::sleep(Duration::from_secs(2));
         let dir = scratch("e2e-archive");
         let dest = dir.join("out");
         let per_file = (count / 4).to_string();
         let started = Instant::now();
-        let mut child =
-            archiver(broker, &dest, "lines", &["--max-records", &per_file, "--idle-publish", "60s"], &dir.join("log"));
+        let mut child = archiver(
+            broker,
+            &dest,
+            "lines",
+            &["--max-records", &per_file, "--idle-publish", "60s"],
+            &dir.join("log"),
+        );
         while published(&dest) < 4 {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -260,5 +268,12 @@ pub fn crash_matrix(broker: &Broker, kills: usize) -> Crashes {
         .filter(|i| !seen.contains_key(&((i % PARTITIONS) as i64, (i / PARTITIONS) as i64)))
         .count();
     let twice = seen.values().filter(|n| **n > 1).map(|n| n - 1).sum();
-    Crashes { kills, produced, lost, twice, files: published(&dest), seconds: started.elapsed().as_secs_f64() }
+    Crashes {
+        kills,
+        produced,
+        lost,
+        twice,
+        files: published(&dest),
+        seconds: started.elapsed().as_secs_f64(),
+    }
 }

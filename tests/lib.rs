@@ -525,7 +525,8 @@ impl Moto {
     /// Starts the server and creates `bucket`.
     pub fn start(bucket: &str) -> Moto {
         let python = python();
-        let check = Command::new(&python).args(["-c", "import moto.server, boto3"]).output().expect("run python");
+        let check =
+            Command::new(&python).args(["-c", "import moto.server, boto3"]).output().expect("run python");
         assert!(
             check.status.success(),
             "{python} cannot import moto (scripts/test installs moto[server]): {}",

@@ -32,9 +32,10 @@ pub fn housekeep(
         let entries = dest.list(topic, partition)?;
         // The newest file always stays.
         for entry in entries.iter().rev().skip(1) {
-            let newest_record = entry.footer.max_time.or_else(|| {
-                Some(entry.modified?.duration_since(UNIX_EPOCH).ok()?.as_millis() as i64)
-            });
+            let newest_record = entry
+                .footer
+                .max_time
+                .or_else(|| Some(entry.modified?.duration_since(UNIX_EPOCH).ok()?.as_millis() as i64));
             if newest_record.is_none_or(|at| at >= cutoff) {
                 continue;
             }
@@ -58,8 +59,7 @@ mod tests {
     fn old_files_go_the_newest_of_each_partition_stays() {
         let root = std::env::temp_dir().join(format!("shiva-archiver-housekeep-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let dest =
-            Dest::from_url(&format!("file://{}", root.display()), &Default::default()).unwrap();
+        let dest = Dest::from_url(&format!("file://{}", root.display()), &Default::default()).unwrap();
         dest.prepare("t", &[0, 1]).unwrap();
         let day = 86_400_000i64;
         let file = |partition, start: i64, time: i64| {

@@ -8,10 +8,10 @@ use shiva_archiver::cli::{Cli, Command, Compression, ExtractArgs, Format, RunArg
 use shiva_archiver::crypt;
 use shiva_archiver::cut::Limits;
 use shiva_archiver::extract::{Range, extract, select, write_jsonl, write_value};
-use shiva_archiver::kafka::Sink;
 use shiva_archiver::format::Codec;
 use shiva_archiver::fsck::fsck;
 use shiva_archiver::housekeep::housekeep;
+use shiva_archiver::kafka::Sink;
 use shiva_archiver::run::{DataGone, EXIT_DATA_GONE, RunConfig, run};
 
 fn main() -> ExitCode {

@@ -241,7 +241,8 @@ fn killed_at_random_moments_archiving_to_s3_nothing_is_lost_or_doubled_and_extra
         assert_eq!(header("shiva.partition"), Some(partition.to_string()));
         assert_eq!(header("n"), Some(i.to_string()), "the original headers come first");
         assert_eq!(record["key"].as_str(), Some(format!("k{i}").as_str()));
-        let value = base64::engine::general_purpose::STANDARD.decode(record["value"].as_str().unwrap()).unwrap();
+        let value =
+            base64::engine::general_purpose::STANDARD.decode(record["value"].as_str().unwrap()).unwrap();
         assert_eq!(value, self::value(i), "record {i}");
         seen += 1;
     }
@@ -257,7 +258,63 @@ fn killed_at_random_moments_archiving_to_s3_nothing_is_lost_or_doubled_and_extra
     let fsck = dest.command().args(["fsck", "--topic", "events", "--dest", &dest.url]).output().unwrap();
     let text = String::from_utf8_lossy(&fsck.stdout);
     assert!(fsck.status.success(), "{text}");
-    assert_eq!(text.matches(": 1 files, ").count(), PARTITIONS, "the newest file of each partition stays: {text}");
+    assert_eq!(
+        text.matches(": 1 files, ").count(),
+        PARTITIONS,
+        "the newest file of each partition stays: {text}"
+    );
+}
+
+#[test]
+fn on_s3_publishing_is_create_if_absent_and_the_second_writer_adopts_the_first_ones_file() {
+    use shiva_archiver::dest::{Dest, Published, S3Options};
+    use shiva_archiver::format::{Codec, Record, encode_file};
+    let moto = Moto::start("race");
+    let env: BTreeMap<_, _> = moto.env().into_iter().collect();
+    let options = S3Options {
+        endpoint: Some(env["AWS_ENDPOINT_URL"].clone()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+    };
+    let dest = Dest::from_url("s3://race/deep/prefix", &options).unwrap();
+    let records = |from: i64, to: i64| -> Vec<Record> {
+        (from..to)
+            .map(|offset| Record {
+                offset,
+                timestamp: Some(offset),
+                key: None,
+                headers: vec![],
+                value: Some(format!("v{offset}").into_bytes()),
+            })
+            .collect()
+    };
+    dest.prepare("t", &[0]).unwrap();
+    let first = encode_file("t", 0, 0, &records(0, 10), 10, Codec::Zstd(1), &[]);
+    let zombie = encode_file("t", 0, 0, &records(0, 4), 4, Codec::Zstd(1), &[]);
+    assert_eq!(dest.publish(&first).unwrap(), Published::Written(first.footer.clone()));
+    // The second writer's conditional PutObject gets 412: it adopts the first one's range.
+    assert_eq!(dest.publish(&zombie).unwrap(), Published::Adopted(first.footer.clone()));
+    let key = age::x25519::Identity::generate();
+    let sealed = encode_file("t", 0, 10, &records(10, 20), 20, Codec::Zstd(1), &[key.to_public()]);
+    dest.publish(&sealed).unwrap();
+    // Footers come from the object metadata: known for the encrypted file without its key.
+    let listed = dest.list("t", 0).unwrap();
+    assert_eq!(
+        listed.iter().map(|e| e.footer.clone()).collect::<Vec<_>>(),
+        [first.footer.clone(), sealed.footer.public()]
+    );
+    assert_eq!(listed[0].name, "s3://race/deep/prefix/t/0/00000000000000000000.zst");
+    assert_eq!(dest.newest("t", 0).unwrap().unwrap().next_offset, 20);
+    assert_eq!(dest.read(&listed[0]).unwrap(), first.bytes, "the first writer's bytes, untouched");
+    assert_eq!(dest.partitions("t").unwrap(), [0]);
+    assert_eq!(dest.compressions("t", 0).unwrap(), ["zstd"]);
+    dest.remove(&listed[0]).unwrap();
+    assert_eq!(dest.list("t", 0).unwrap().len(), 1);
+    // A bucket that does not exist: a clear error naming it.
+    let missing = Dest::from_url("s3://nowhere/x", &options).unwrap();
+    let err = format!("{:#}", missing.prepare("t", &[0]).unwrap_err());
+    assert!(err.contains("s3://nowhere/x/t"), "{err}");
 }
 
 #[test]

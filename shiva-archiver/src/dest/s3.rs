@@ -19,8 +19,8 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{
-    Attribute, Attributes, ClientOptions, GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
-    PutPayload, RetryConfig,
+    Attribute, Attributes, ClientOptions, GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, RetryConfig,
 };
 
 use super::{Entry, Published, compression_of, file_name};
@@ -98,11 +98,8 @@ impl S3Dest {
         let mut retry = RetryConfig::default();
         retry.max_retries = 4;
         retry.retry_timeout = Duration::from_secs(60);
-        let store = builder
-            .with_retry(retry)
-            .build()
-            .map_err(flat)
-            .with_context(|| format!("--dest '{url}'"))?;
+        let store =
+            builder.with_retry(retry).build().map_err(flat).with_context(|| format!("--dest '{url}'"))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -193,7 +190,8 @@ impl S3Dest {
             file_name(footer.first_offset, &footer.compression)
         ));
         let mut attributes = Attributes::new();
-        attributes.insert(Attribute::Metadata(META_KEY.into()), serde_json::to_string(&footer.public())?.into());
+        attributes
+            .insert(Attribute::Metadata(META_KEY.into()), serde_json::to_string(&footer.public())?.into());
         let options = PutOptions { mode: PutMode::Create, attributes, ..PutOptions::default() };
         let payload = PutPayload::from(encoded.bytes.clone());
         match self.runtime.block_on(self.store.put_opts(&key, payload, options)) {
@@ -218,7 +216,11 @@ impl S3Dest {
                 .map(|meta| async move {
                     let url = self.url(&meta.location);
                     let footer = footer_of(store, &meta.location, &url).await?;
-                    Ok::<_, anyhow::Error>(Entry { name: url, footer, modified: Some(meta.last_modified.into()) })
+                    Ok::<_, anyhow::Error>(Entry {
+                        name: url,
+                        footer,
+                        modified: Some(meta.last_modified.into()),
+                    })
                 })
                 .buffered(HEADS_IN_FLIGHT)
                 .try_collect(),
@@ -255,7 +257,10 @@ impl S3Dest {
     /// Deletes an object.
     pub fn remove(&self, entry: &Entry) -> anyhow::Result<()> {
         let key = self.key_of(entry)?;
-        self.runtime.block_on(self.store.delete(&key)).map_err(flat).with_context(|| format!("cannot delete {}", entry.name))
+        self.runtime
+            .block_on(self.store.delete(&key))
+            .map_err(flat)
+            .with_context(|| format!("cannot delete {}", entry.name))
     }
 
     /// The newest file's footer of a partition.
