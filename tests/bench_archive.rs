@@ -124,8 +124,11 @@ fn published(dest: &Path) -> usize {
 
 /// End to end on the broker, `count` access-log records over 4 partitions, read from the start:
 /// the naive pipeline (a plain consume loop on librdkafka printing values, piped through
-/// `zstd -1`) against `shiva-archiver run`, alternated `rounds` times. Rows of (who, seconds).
+/// `zstd -1`) against `shiva-archiver run`, alternated `rounds` times. Rows of (who, seconds),
+/// each from its start until its last byte is written (the archiver's last file published).
 pub fn end_to_end(broker: &Broker, count: usize, rounds: usize) -> Vec<(String, f64)> {
+    const PER_FILE: usize = 25_000;
+    assert!(count.is_multiple_of(4 * PER_FILE), "whole files per partition");
     kafka_tool(broker, &["create", "lines", "4"]);
     kafka_tool(broker, &["produce-lines", "lines", "4", &count.to_string()]);
     let mut rows = Vec::new();
@@ -143,22 +146,18 @@ pub fn end_to_end(broker: &Broker, count: usize, rounds: usize) -> Vec<(String, 
         let status = Command::new("sh").args(["-c", &shell]).status().unwrap();
         assert!(status.success(), "the naive pipeline failed");
         rows.push((
-            format!("naive: consume loop | zstd -1 (round {})", round + 1),
+            format!("naive: consume loop piped to zstd -1 (round {})", round + 1),
             started.elapsed().as_secs_f64(),
         ));
         std::thread::sleep(Duration::from_secs(2));
         let dir = scratch("e2e-archive");
         let dest = dir.join("out");
-        let per_file = (count / 4).to_string();
+        // Files of 25,000 records (3.4 MB raw): the last one is published with the last record.
+        let files = count.div_ceil(PER_FILE);
         let started = Instant::now();
-        let mut child = archiver(
-            broker,
-            &dest,
-            "lines",
-            &["--max-records", &per_file, "--idle-publish", "60s"],
-            &dir.join("log"),
-        );
-        while published(&dest) < 4 {
+        let extra = ["--max-records", &PER_FILE.to_string(), "--idle-publish", "60s"];
+        let mut child = archiver(broker, &dest, "lines", &extra, &dir.join("log"));
+        while published(&dest) < files {
             std::thread::sleep(Duration::from_millis(20));
         }
         let seconds = started.elapsed().as_secs_f64();

@@ -56,9 +56,12 @@ impl Source {
             .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "100")
-            // Moderate fetches: a SQL-backed broker (the test broker) answers big ones slowly.
-            .set("fetch.max.bytes", "4194304")
-            .set("max.partition.fetch.bytes", "524288")
+            // The test broker's fetch costs a scan of the partition's remaining records whatever
+            // its size: fewer, larger fetches read a backlog faster (2 MiB per partition measured
+            // 3 % faster than 512 KiB on 1 M records) while bounding what a killed archiver
+            // leaves the broker serving.
+            .set("fetch.max.bytes", "8388608")
+            .set("max.partition.fetch.bytes", "2097152")
             .set("queued.max.messages.kbytes", "65536")
             .set("log_level", "4");
         for (key, value) in settings {
