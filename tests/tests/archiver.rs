@@ -153,9 +153,9 @@ fn delays(seed: u64, count: usize, min_ms: u64, max_ms: u64) -> Vec<Duration> {
 fn crash_matrix(broker: &Broker, label: &str, dest: &Target, total: usize, kills: usize, encrypt: &[String]) {
     let dir = scratch(label);
     let log = dir.join("archiver.log");
-    tool(&broker, &["create", "events", &PARTITIONS.to_string()]);
+    tool(broker, &["create", "events", &PARTITIONS.to_string()]);
     let step = total / 5;
-    tool(&broker, &["produce", "events", &PARTITIONS.to_string(), "0", &step.to_string()]);
+    tool(broker, &["produce", "events", &PARTITIONS.to_string(), "0", &step.to_string()]);
     let mut produced = step;
     let seed = std::process::id() as u64;
     let mut args: Vec<&str> = vec!["--max-records", "50", "--idle-publish", "300ms"];
@@ -166,7 +166,7 @@ fn crash_matrix(broker: &Broker, label: &str, dest: &Target, total: usize, kills
         // Records keep arriving while the archiver is killed and restarted.
         if round % every == every - 1 && produced < total {
             let (from, to) = (produced.to_string(), (produced + step).to_string());
-            tool(&broker, &["produce", "events", &PARTITIONS.to_string(), &from, &to]);
+            tool(broker, &["produce", "events", &PARTITIONS.to_string(), &from, &to]);
             produced += step;
         }
         let mut child = archiver(broker, dest, "events", &args, &log);
@@ -178,7 +178,7 @@ fn crash_matrix(broker: &Broker, label: &str, dest: &Target, total: usize, kills
     }
     while produced < total {
         let (from, to) = (produced.to_string(), (produced + step).to_string());
-        tool(&broker, &["produce", "events", &PARTITIONS.to_string(), &from, &to]);
+        tool(broker, &["produce", "events", &PARTITIONS.to_string(), &from, &to]);
         produced += step;
     }
     // A last run catches up, then stops cleanly.

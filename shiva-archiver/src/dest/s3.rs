@@ -95,9 +95,8 @@ impl S3Dest {
         if let Some(secret) = &options.secret_access_key {
             builder = builder.with_secret_access_key(secret);
         }
-        let mut retry = RetryConfig::default();
-        retry.max_retries = 4;
-        retry.retry_timeout = Duration::from_secs(60);
+        let retry =
+            RetryConfig { max_retries: 4, retry_timeout: Duration::from_secs(60), ..RetryConfig::default() };
         let store =
             builder.with_retry(retry).build().map_err(flat).with_context(|| format!("--dest '{url}'"))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
