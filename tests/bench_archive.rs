@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use shiva_archiver::cut::{Batch, Limits};
 use shiva_archiver::dest::FileDest;
 use shiva_archiver::format::{Codec, Record, encode_file};
-use shiva_e2e::{Broker, bin, python, repo, scratch};
+use shiva_e2e::{Broker, bin, kafka_tool, produced_value, python, repo, scratch};
 
 /// Synthetic access-log lines, about 135 bytes each, varied enough not to compress trivially.
 fn records(count: usize) -> Vec<Record> {
@@ -86,17 +86,6 @@ pub fn pipeline(dir: &std::path::Path, count: usize, codec: Codec, encrypt: bool
     (raw as f64 / seconds / 1e6, count as f64 / seconds, raw as f64 / written as f64)
 }
 
-fn kafka_tool(broker: &Broker, args: &[&str]) -> std::process::Output {
-    let output = Command::new(python())
-        .arg(repo().join("tests/kafka_tool.py"))
-        .arg(format!("127.0.0.1:{}", broker.port))
-        .args(args)
-        .output()
-        .expect("run kafka_tool.py");
-    assert!(output.status.success(), "kafka_tool {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    output
-}
-
 fn archiver(broker: &Broker, dest: &Path, topic: &str, extra: &[&str], log: &Path) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(bin("shiva-archiver"))
@@ -166,18 +155,6 @@ pub fn end_to_end(broker: &Broker, count: usize, rounds: usize) -> Vec<(String, 
         rows.push((format!("shiva-archiver run, zstd-1, exactly once (round {})", round + 1), seconds));
     }
     rows
-}
-
-/// The value of record `i` as `kafka_tool.py produce` writes it.
-fn produced_value(i: usize) -> Vec<u8> {
-    if i.is_multiple_of(97) {
-        let mut v = b"\xff\x00".to_vec();
-        v.extend_from_slice(i.to_string().as_bytes());
-        v.push(b'\n');
-        v
-    } else {
-        format!("record {i}").into_bytes()
-    }
 }
 
 /// What a crash matrix found.

@@ -571,3 +571,28 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `tests/kafka_tool.py` (the independent Kafka client, confluent-kafka) against `broker`;
+/// fails loudly when it fails.
+pub fn kafka_tool(broker: &Broker, args: &[&str]) -> Output {
+    let output = Command::new(python())
+        .arg(repo().join("tests/kafka_tool.py"))
+        .arg(format!("127.0.0.1:{}", broker.port))
+        .args(args)
+        .output()
+        .expect("run kafka_tool.py");
+    assert!(output.status.success(), "kafka_tool {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+/// The value of record `i` as `kafka_tool.py produce` writes it (every 97th is binary).
+pub fn produced_value(i: usize) -> Vec<u8> {
+    if i.is_multiple_of(97) {
+        let mut v = b"\xff\x00".to_vec();
+        v.extend_from_slice(i.to_string().as_bytes());
+        v.push(b'\n');
+        v
+    } else {
+        format!("record {i}").into_bytes()
+    }
+}

@@ -74,20 +74,7 @@ impl Source {
 
     /// The topic's partitions.
     pub fn partitions(&self, timeout: Duration) -> anyhow::Result<Vec<i32>> {
-        let metadata = self
-            .consumer
-            .fetch_metadata(Some(&self.topic), timeout)
-            .with_context(|| format!("cannot read the metadata of topic '{}'", self.topic))?;
-        let topic = metadata.topics().first().context("no metadata for the topic")?;
-        if let Some(err) = topic.error() {
-            bail!("topic '{}': {:?}", self.topic, RDKafkaErrorCode::from(err));
-        }
-        let mut partitions: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
-        partitions.sort();
-        if partitions.is_empty() {
-            bail!("topic '{}' does not exist or has no partitions", self.topic);
-        }
-        Ok(partitions)
+        partitions(self.consumer.client(), &self.topic, timeout)
     }
 
     /// The earliest offset still held and the end of a partition.
@@ -157,6 +144,27 @@ impl Source {
     }
 }
 
+/// The partitions of `topic`, sorted; an error when it does not exist.
+fn partitions<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<i32>> {
+    let metadata = client
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("cannot read the metadata of topic '{topic}'"))?;
+    let found = metadata.topics().first().context("no metadata for the topic")?;
+    if let Some(err) = found.error() {
+        bail!("topic '{topic}': {:?}", RDKafkaErrorCode::from(err));
+    }
+    let mut partitions: Vec<i32> = found.partitions().iter().map(|p| p.id()).collect();
+    partitions.sort();
+    if partitions.is_empty() {
+        bail!("topic '{topic}' does not exist or has no partitions");
+    }
+    Ok(partitions)
+}
+
 /// Headers `extract --to-topic` adds to every record: where it was archived from.
 pub const ORIGIN_HEADERS: [&str; 3] = ["shiva.topic", "shiva.partition", "shiva.offset"];
 
@@ -203,18 +211,9 @@ impl Sink {
         let producer: BaseProducer<Deliveries> = config
             .create_with_context(Deliveries::default())
             .with_context(|| format!("cannot create a Kafka producer for {bootstrap}"))?;
-        let metadata = producer
-            .client()
-            .fetch_metadata(Some(topic), Duration::from_secs(30))
-            .with_context(|| format!("--to-topic '{topic}': cannot read its metadata"))?;
-        let found = metadata.topics().first().context("no metadata for the topic")?;
-        if let Some(err) = found.error() {
-            bail!("--to-topic '{topic}': {:?} (create it first)", RDKafkaErrorCode::from(err));
-        }
-        let partitions = found.partitions().len() as i32;
-        if partitions == 0 {
-            bail!("--to-topic '{topic}' does not exist (create it first)");
-        }
+        let partitions = partitions(producer.client(), topic, Duration::from_secs(30))
+            .with_context(|| format!("--to-topic '{topic}' (create it first)"))?
+            .len() as i32;
         Ok(Sink { producer, topic: topic.to_owned(), partitions })
     }
 

@@ -10,31 +10,11 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use shiva_e2e::{Broker, Moto, bin, python, repo, scratch, wait_until};
+use shiva_e2e::{
+    Broker, Moto, bin, kafka_tool as tool, produced_value as value, python, repo, scratch, wait_until,
+};
 
 const PARTITIONS: usize = 4;
-
-fn tool(broker: &Broker, args: &[&str]) {
-    let output = Command::new(python())
-        .arg(repo().join("tests/kafka_tool.py"))
-        .arg(format!("127.0.0.1:{}", broker.port))
-        .args(args)
-        .output()
-        .expect("run kafka_tool.py");
-    assert!(output.status.success(), "kafka_tool {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-}
-
-/// The value of record `i`, as `kafka_tool.py produce` writes it.
-fn value(i: usize) -> Vec<u8> {
-    if i.is_multiple_of(97) {
-        let mut v = b"\xff\x00".to_vec();
-        v.extend_from_slice(i.to_string().as_bytes());
-        v.push(b'\n');
-        v
-    } else {
-        format!("record {i}").into_bytes()
-    }
-}
 
 /// Where an archive goes: a directory, or a bucket on a real S3 server (moto).
 struct Target {
@@ -454,6 +434,24 @@ fn gzip_files_hold_every_record_and_read_with_the_stock_gzip_command() {
     let text = String::from_utf8_lossy(&plain.stdout);
     assert!(text.contains("{\"offset\":0,"), "the records: {}", text.chars().take(80).collect::<String>());
     assert!(text.contains("\"compression\":\"gzip\""), "then the footer member");
+    // On a terminal (a pseudo-terminal from util-linux's `script`), extract draws a progress bar
+    // on stderr; in a pipe it draws nothing.
+    let extract = format!(
+        "{} extract --topic events --dest {} --output {}",
+        bin("shiva-archiver").display(),
+        dest.url,
+        dir.join("extracted").display()
+    );
+    let tty =
+        Command::new("script").args(["-qec", &extract, "/dev/null"]).output().expect("script (util-linux)");
+    assert!(tty.status.success(), "{}", String::from_utf8_lossy(&tty.stdout));
+    let screen = String::from_utf8_lossy(&tty.stdout);
+    assert!(screen.contains("/4,000 records"), "a progress bar: {screen}");
+    let piped = dest.command().args(["extract", "--topic", "events", "--dest", &dest.url]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("records partition"), "no bar in a pipe");
+    // One line per record (binary values carry a newline of their own: one more line each).
+    let lines = std::fs::read(dir.join("extracted")).unwrap().iter().filter(|b| **b == b'\n').count();
+    assert_eq!(lines, total + (0..total).filter(|i| i.is_multiple_of(97)).count());
     // One archive, one compression: zstd on top of gzip files is refused.
     let mixed =
         archiver(&broker, &dest, "events", &["--idle-publish", "300ms"], &log).wait_with_output().unwrap();
