@@ -2,19 +2,23 @@
 """An independent Kafka client (confluent-kafka) for the archiver's e2e tests.
 
 usage:
-  kafka_tool.py BOOTSTRAP create TOPIC PARTITIONS [RETENTION_MS]
-      (with a retention, cleanup.policy=delete and retention.ms=RETENTION_MS)
+  kafka_tool.py BOOTSTRAP create TOPIC PARTITIONS [RETENTION_MS|compact]
+      (with a retention, cleanup.policy=delete and retention.ms=RETENTION_MS; with compact,
+      cleanup.policy=compact)
   kafka_tool.py BOOTSTRAP produce TOPIC PARTITIONS FROM TO
       record i goes to partition i % PARTITIONS with key "k<i>", a header, and value
       "record <i>" (every 97th value is binary: b"\\xff\\x00<i>\\n")
   kafka_tool.py BOOTSTRAP delete TOPIC PARTITION BEFORE_OFFSET
+  kafka_tool.py BOOTSTRAP produce-keys TOPIC FROM TO KEYS
+      to partition 0, record i with key "k<KEYS>-<i % KEYS>" and value "record <i>" (compactable)
   kafka_tool.py BOOTSTRAP produce-lines TOPIC PARTITIONS COUNT
       COUNT synthetic access-log lines of about 135 bytes, keyless, no headers, round robin
   kafka_tool.py BOOTSTRAP dump TOPIC PARTITIONS COUNT
       the naive archiver a user writes by hand: a plain consume loop printing each value and a
       newline to stdout until COUNT records (pipe it into `zstd -1`)
   kafka_tool.py BOOTSTRAP consume TOPIC PARTITIONS COUNT
-      reads COUNT records from the start of the partitions and prints one JSON object per
+      reads COUNT records (0: up to the end of each partition) from the start of the
+      partitions and prints one JSON object per
       record: partition, offset, key, value (base64) and headers (name, text)
 """
 import base64
@@ -34,7 +38,12 @@ def value(i):
 
 if command == "create":
     topic, partitions = args[0], int(args[1])
-    config = {"cleanup.policy": "delete", "retention.ms": args[2]} if len(args) > 2 else {}
+    if len(args) > 2 and args[2] == "compact":
+        config = {"cleanup.policy": "compact"}
+    elif len(args) > 2:
+        config = {"cleanup.policy": "delete", "retention.ms": args[2]}
+    else:
+        config = {}
     admin = AdminClient({"bootstrap.servers": bootstrap})
     for future in admin.create_topics([NewTopic(topic, partitions, 1, config=config)]).values():
         future.result(30)
@@ -64,6 +73,14 @@ elif command == "delete":
     admin = AdminClient({"bootstrap.servers": bootstrap})
     for future in admin.delete_records([TopicPartition(topic, partition, before)]).values():
         future.result(30)
+elif command == "produce-keys":
+    topic, start, end, keys = args[0], int(args[1]), int(args[2]), int(args[3])
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": False})
+    for i in range(start, end):
+        producer.produce(topic, key=f"k{keys}-{i % keys}".encode(), value=f"record {i}".encode(), partition=0)
+        producer.poll(0)
+    if producer.flush(60):
+        sys.exit("produce-keys: records left undelivered")
 elif command == "produce-lines":
     import random
     topic, partitions, count = args[0], int(args[1]), int(args[2])
@@ -106,9 +123,17 @@ elif command == "consume":
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "kafka-tool",
                          "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), 30)[1] for p in range(partitions)}
+    positions = {p: 0 for p in range(partitions)}
     seen = 0
     idle = 0
-    while seen < count and idle < 300:
+
+    def more():
+        if count:
+            return seen < count
+        return any(positions[p] < ends[p] for p in range(partitions))
+
+    while more() and idle < 300:
         message = consumer.poll(0.1)
         if message is None:
             idle += 1
@@ -117,6 +142,7 @@ elif command == "consume":
             sys.exit(f"consume: {message.error()}")
         idle = 0
         seen += 1
+        positions[message.partition()] = message.offset() + 1
         headers = [[k, v.decode("utf-8", "replace") if v is not None else None]
                    for k, v in (message.headers() or [])]
         print(json.dumps({"partition": message.partition(), "offset": message.offset(),
@@ -124,7 +150,7 @@ elif command == "consume":
                           "value": base64.b64encode(message.value() or b"").decode(),
                           "headers": headers}))
     consumer.close()
-    if seen < count:
+    if more():
         sys.exit(f"consume: only {seen} of {count} records within 30 s of silence")
 else:
     sys.exit(f"unknown command {command}")
