@@ -61,16 +61,15 @@ pub fn select(dest: &Dest, topic: &str, range: &Range) -> anyhow::Result<Vec<(i3
     Ok(selected)
 }
 
-/// Calls `each` with every record of `range`, partition by partition, in offset order; returns
-/// how many.
+/// Calls `each` with every record of `range` in the `selected` files (from [`select`]),
+/// partition by partition, in offset order; returns how many.
 pub fn extract(
     dest: &Dest,
-    topic: &str,
+    selected: Vec<(i32, Vec<Entry>)>,
     range: &Range,
     identities: &[Box<dyn age::Identity>],
     each: &mut dyn FnMut(i32, &Record) -> anyhow::Result<()>,
 ) -> anyhow::Result<u64> {
-    let selected = select(dest, topic, range)?;
     let total: u64 = selected.iter().flat_map(|(_, entries)| entries).map(|e| e.footer.count).sum();
     let bar = progress::bar(total, "records");
     let mut written = 0;

@@ -199,12 +199,13 @@ fn extract_command(args: ExtractArgs) -> anyhow::Result<ExitCode> {
         to_time: time("--to-time", &args.to_time)?,
     };
     let identities = crypt::identities(&args.identity).map_err(usage)?;
+    let selected = select(&dest, topic, &range)?;
     let written = if let Some(to_topic) = &args.to_topic {
         let bootstrap = args.bootstrap.as_deref().context("--to-topic needs --bootstrap")?;
         let sink = Sink::new(bootstrap, to_topic, &settings(&args.kafka)?)?;
         // Every partition the records come from must exist in the target, checked before any
         // record is sent.
-        let missing: Vec<i32> = select(&dest, topic, &range)?
+        let missing: Vec<i32> = selected
             .iter()
             .filter(|(partition, entries)| !entries.is_empty() && *partition >= sink.partitions())
             .map(|(partition, _)| *partition)
@@ -216,7 +217,7 @@ fn extract_command(args: ExtractArgs) -> anyhow::Result<ExitCode> {
                 sink.partitions()
             )));
         }
-        let written = extract(&dest, topic, &range, &identities, &mut |partition, record| {
+        let written = extract(&dest, selected, &range, &identities, &mut |partition, record| {
             sink.send(topic, partition, record)
         })?;
         sink.finish()?;
@@ -228,7 +229,7 @@ fn extract_command(args: ExtractArgs) -> anyhow::Result<ExitCode> {
             )),
             None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
         };
-        let written = extract(&dest, topic, &range, &identities, &mut |partition, record| {
+        let written = extract(&dest, selected, &range, &identities, &mut |partition, record| {
             match args.format {
                 Format::Values => write_value(&mut out, record)?,
                 Format::Jsonl => write_jsonl(&mut out, topic, partition, record)?,
