@@ -22,6 +22,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use crate::publisher::spawn_poller;
 use crate::{BusConfig, BusError, Context};
 
 /// Creates the logs topic when missing (one partition, delete policy, `retention`).
@@ -101,16 +102,7 @@ impl LogSink {
             .create_with_context(Context)
             .map_err(|err| BusError::Kafka(format!("failed to create the logs producer: {err}")))?;
         let producer = Arc::new(producer);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (poller, stopped) = (producer.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("shiva-logs".into())
-            .spawn(move || {
-                while !stopped.load(Ordering::Relaxed) {
-                    poller.poll(Duration::from_millis(200));
-                }
-            })
-            .map_err(|err| BusError::Kafka(format!("failed to start the logs producer thread: {err}")))?;
+        let stop = spawn_poller("shiva-logs", producer.clone())?;
         Ok(LogSink { producer, topic: config.topics.logs(), node: node.to_owned(), stop })
     }
 

@@ -184,17 +184,26 @@ fn create(config: &BusConfig, name: &'static str) -> Result<Arc<Client>, BusErro
             .create_with_context(Delivery)
             .map_err(|err| BusError::Kafka(format!("failed to create a producer: {err}")))?,
     );
+    let stop = spawn_poller(&format!("shiva-{name}"), producer.clone())?;
+    Ok(Arc::new(Client { producer, stop }))
+}
+
+/// Polls `producer` on a thread of its own named `name` until the returned flag is set (then
+/// within 10 s). Delivery reports wake the poll at once, so the long deadline costs nothing;
+/// short ones do (rdkafka spins through the last sub-millisecond of every deadline).
+pub(crate) fn spawn_poller<C: ProducerContext + 'static>(
+    name: &str,
+    producer: Arc<BaseProducer<C>>,
+) -> Result<Arc<AtomicBool>, BusError> {
     let stop = Arc::new(AtomicBool::new(false));
-    let (poller, stopped) = (producer.clone(), stop.clone());
+    let stopped = stop.clone();
     std::thread::Builder::new()
-        .name(format!("shiva-{name}"))
+        .name(name.to_owned())
         .spawn(move || {
-            // Delivery reports wake the poll at once; the deadline only bounds how long a
-            // replaced client's thread lingers.
             while !stopped.load(Ordering::Relaxed) {
-                poller.poll(Duration::from_secs(10));
+                producer.poll(Duration::from_secs(10));
             }
         })
-        .map_err(|err| BusError::Kafka(format!("failed to start the producer thread: {err}")))?;
-    Ok(Arc::new(Client { producer, stop }))
+        .map_err(|err| BusError::Kafka(format!("failed to start the producer thread {name}: {err}")))?;
+    Ok(stop)
 }
