@@ -45,7 +45,8 @@ impl Range {
     }
 }
 
-/// The files of `range`, per partition, in offset order.
+/// The files of `range`, per partition, in offset order (a default range: the whole archive),
+/// with a spinner while the archive is listed.
 pub fn select(dest: &Dest, topic: &str, range: &Range) -> anyhow::Result<Vec<(i32, Vec<Entry>)>> {
     let partitions =
         if range.partitions.is_empty() { dest.partitions(topic)? } else { range.partitions.clone() };

@@ -4,6 +4,7 @@
 //! structural check needs no decompression (and no key, once files are encrypted).
 
 use crate::dest::Dest;
+use crate::extract::{Range, select};
 use crate::format::decode_file;
 use crate::progress;
 
@@ -38,13 +39,7 @@ pub fn fsck(
 ) -> anyhow::Result<(Vec<Summary>, Vec<Problem>)> {
     let mut summaries = Vec::new();
     let mut problems = Vec::new();
-    let listing = progress::spinner("listing the archive");
-    let mut partitions = Vec::new();
-    for partition in dest.partitions(topic)? {
-        listing.set_message(format!("listing partition {partition}"));
-        partitions.push((partition, dest.list(topic, partition)?));
-    }
-    listing.finish_and_clear();
+    let partitions = select(dest, topic, &Range::default())?;
     let files = partitions.iter().map(|(_, entries)| entries.len() as u64).sum();
     let bar = progress::bar(files, "files");
     for (partition, entries) in partitions {

@@ -5,6 +5,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::dest::Dest;
+use crate::extract::{Range, select};
 
 /// What housekeeping did (or would do, with `dry_run`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -28,8 +29,7 @@ pub fn housekeep(
     let cutoff =
         now.duration_since(UNIX_EPOCH).unwrap_or_default().saturating_sub(older_than).as_millis() as i64;
     let mut swept = Swept::default();
-    for partition in dest.partitions(topic)? {
-        let entries = dest.list(topic, partition)?;
+    for (_, entries) in select(dest, topic, &Range::default())? {
         // The newest file always stays.
         for entry in entries.iter().rev().skip(1) {
             let newest_record = entry

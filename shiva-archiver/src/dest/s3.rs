@@ -82,13 +82,11 @@ impl S3Dest {
             }
             builder = builder.with_allow_http(endpoint.starts_with("http://")).with_endpoint(endpoint);
         }
-        let region = options
-            .region
-            .clone()
-            .or_else(|| std::env::var("AWS_REGION").ok())
-            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
-            .unwrap_or_else(|| "us-east-1".to_owned());
-        builder = builder.with_region(region);
+        // Unset, the region comes from AWS_REGION or AWS_DEFAULT_REGION (read by from_env), else
+        // us-east-1 (the builder's default).
+        if let Some(region) = &options.region {
+            builder = builder.with_region(region);
+        }
         if let Some(id) = &options.access_key_id {
             builder = builder.with_access_key_id(id);
         }
