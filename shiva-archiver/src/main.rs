@@ -37,6 +37,16 @@ fn main() -> ExitCode {
             eprintln!("shiva-archiver: {err:#}");
             ExitCode::from(EXIT_DATA_GONE)
         }
+        // The reader of our output went away (`extract … | head`): nothing is wrong.
+        Err(err)
+            if err.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(err) if err.downcast_ref::<Usage>().is_some() => {
             eprintln!("shiva-archiver: {err:#}");
             ExitCode::from(2)

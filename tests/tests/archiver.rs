@@ -519,6 +519,19 @@ fn gzip_files_hold_every_record_and_read_with_the_stock_gzip_command() {
     // One line per record (binary values carry a newline of their own: one more line each).
     let lines = std::fs::read(dir.join("extracted")).unwrap().iter().filter(|b| **b == b'\n').count();
     assert_eq!(lines, total + (0..total).filter(|i| i.is_multiple_of(97)).count());
+    // A reader that stops early (`| head`) is not an error (JSON lines: more than a pipe buffer).
+    let pipeline = format!(
+        "{} extract --format jsonl --topic events --dest {} | head -1 >/dev/null; echo \"${{PIPESTATUS[0]}}\"",
+        bin("shiva-archiver").display(),
+        dest.url
+    );
+    let head = Command::new("bash").args(["-c", &pipeline]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&head.stdout).trim(), "0", "extract | head exits 0");
+    assert!(
+        !String::from_utf8_lossy(&head.stderr).contains("Broken pipe"),
+        "{}",
+        String::from_utf8_lossy(&head.stderr)
+    );
     // One archive, one compression: zstd on top of gzip files is refused.
     let mixed =
         archiver(&broker, &dest, "events", &["--idle-publish", "300ms"], &log).wait_with_output().unwrap();
