@@ -64,7 +64,8 @@ fn main() -> ExitCode {
 struct Usage(String);
 
 fn usage(err: impl std::fmt::Display) -> anyhow::Error {
-    Usage(err.to_string()).into()
+    // `{:#}`: an anyhow error's causes too (its plain text is only the outermost context).
+    Usage(format!("{err:#}")).into()
 }
 
 fn execute(cli: Cli) -> anyhow::Result<ExitCode> {

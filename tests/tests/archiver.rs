@@ -591,6 +591,22 @@ fn bad_flags_and_damaged_files_get_clear_errors_and_nothing_is_overwritten() {
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?} should name {needle}: {stderr}");
     }
+    // An unreadable key: the message says why, not only which flag.
+    let garbage = dir.join("not-a-key.txt");
+    std::fs::write(&garbage, "garbage\n").unwrap();
+    let output = run(&[
+        "fsck",
+        "--deep",
+        "--topic",
+        "t",
+        "--dest",
+        "file:///tmp/x",
+        "--identity",
+        garbage.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--identity") && stderr.contains("non-identity data"), "{stderr}");
     // A damaged file: fsck --deep names it; extract refuses it; the file is left as it was.
     let partition = dir.join("out/t/0");
     std::fs::create_dir_all(&partition).unwrap();
