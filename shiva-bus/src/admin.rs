@@ -32,9 +32,16 @@ pub async fn ensure_topics(config: &BusConfig, timeout: Duration) -> Result<Vec<
     let names: Vec<String> = TopicKind::ALL.iter().map(|kind| config.topics.name(*kind)).collect();
     // Fail fast, with a clear message, when the broker does not answer at all.
     metadata(&admin, config, None, timeout.min(Duration::from_secs(2))).await?;
+    // Shiva's largest record (a spec with a large environment) plus the batch's framing: a
+    // broker's default (1 MB) would refuse it.
+    let max_message = (shiva_proto::records::MAX_RECORD_BYTES + 64 * 1024).to_string();
     let new_topics: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|name| NewTopic::new(name, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact"))
+        .map(|name| {
+            NewTopic::new(name, 1, TopicReplication::Fixed(-1))
+                .set("cleanup.policy", "compact")
+                .set("max.message.bytes", &max_message)
+        })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
     let results = admin.create_topics(&new_topics, &options).await.map_err(|err| unreachable(config, err))?;

@@ -58,6 +58,14 @@ pub enum BusError {
         /// Why.
         reason: String,
     },
+    /// A record the broker or the client refuses for its size: retrying cannot help.
+    #[error("failed to write '{key}': the record is too large for the bus ({message})")]
+    TooLarge {
+        /// The record's key.
+        key: String,
+        /// librdkafka's reason.
+        message: String,
+    },
     /// Any other Kafka failure.
     #[error("kafka: {0}")]
     Kafka(String),

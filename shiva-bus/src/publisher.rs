@@ -30,7 +30,13 @@ use tracing::warn;
 
 use crate::{BusConfig, BusError, Context};
 
-type Outcome = Result<i64, String>;
+type Outcome = Result<i64, KafkaError>;
+
+/// Whether `err` refuses a record for its size (no retry can help).
+fn too_large(err: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::{MessageBatchTooLarge, MessageSizeTooLarge};
+    matches!(err.rdkafka_error_code(), Some(MessageSizeTooLarge | MessageBatchTooLarge))
+}
 
 /// Logs like [`Context`]; completes each record's oneshot with its offset or error.
 struct Delivery;
@@ -51,7 +57,7 @@ impl ProducerContext for Delivery {
     fn delivery(&self, result: &DeliveryResult<'_>, reply: Self::DeliveryOpaque) {
         let outcome = match result {
             Ok(message) => Ok(message.offset()),
-            Err((err, _)) => Err(err.to_string()),
+            Err((err, _)) => Err(err.clone()),
         };
         let _ = reply.send(outcome);
     }
@@ -123,17 +129,21 @@ impl Publisher {
         if let Some(value) = value {
             record = record.payload(value);
         }
-        let queued = client.producer.send(record).map_err(|(err, _)| err.to_string());
+        let queued = client.producer.send(record).map_err(|(err, _)| err);
         let this = self.clone();
         let key = key.to_owned();
         async move {
             let outcome = match queued {
-                Ok(()) => answer.await.unwrap_or_else(|_| Err("the producer was dropped".to_owned())),
-                Err(err) => Err(err),
+                Ok(()) => answer.await.map_err(|_| None).and_then(|outcome| outcome.map_err(Some)),
+                Err(err) => Err(Some(err)),
             };
-            outcome.map_err(|err| {
-                this.replace_after_failure(&client);
-                BusError::Kafka(format!("failed to write '{key}' to {name}: {err}"))
+            outcome.map_err(|err| match err {
+                Some(err) if too_large(&err) => BusError::TooLarge { key, message: err.to_string() },
+                err => {
+                    this.replace_after_failure(&client);
+                    let reason = err.map_or("the producer was dropped".to_owned(), |err| err.to_string());
+                    BusError::Kafka(format!("failed to write '{key}' to {name}: {reason}"))
+                }
             })
         }
     }
@@ -177,7 +187,8 @@ fn create(config: &BusConfig, name: &'static str) -> Result<Arc<Client>, BusErro
         ("linger.ms", "0".into()),
         ("delivery.timeout.ms", delivery_ms.to_string()),
         ("request.timeout.ms", delivery_ms.min(5000).to_string()),
-        ("message.max.bytes", "2000000".into()),
+        // A record of Shiva's largest size, plus the request's framing.
+        ("message.max.bytes", (shiva_proto::records::MAX_RECORD_BYTES + 64 * 1024).to_string()),
     ]);
     let producer: Arc<BaseProducer<Delivery>> = Arc::new(
         client

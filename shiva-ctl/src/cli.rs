@@ -26,8 +26,8 @@ pub struct Cli {
     /// librdkafka setting (TLS, SASL…), repeatable.
     #[arg(short = 'X', global = true, value_name = "KEY=VALUE")]
     pub kafka: Vec<String>,
-    /// How long to wait for the bus.
-    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long to wait for the bus (100ms to 1h).
+    #[arg(long, global = true, default_value = "10s", value_parser = timeout)]
     pub timeout: Duration,
     #[command(subcommand)]
     pub command: Command,
@@ -90,20 +90,41 @@ pub enum Command {
         /// Only this run (its id, or a prefix of it, as `history` or `status` show it).
         #[arg(long)]
         run: Option<String>,
-        /// Only output from the last D (e.g. 10m).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Only output from the last D (e.g. 10m; at most 3650d).
+        #[arg(long, value_parser = since)]
         since: Option<Duration>,
     },
     /// Show the runs of a periodic or one-shot task, newest first.
     History {
         /// Task id.
         id: String,
-        /// At most this many runs.
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
+        /// At most this many runs (1 to 1000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
         #[command(flatten)]
         json: JsonArg,
     },
+}
+
+/// A duration within `[min, max]`; the error names the value and the range (clap adds the flag).
+fn bounded(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let value = humantime::parse_duration(text.trim()).map_err(|err| format!("{err} (expected e.g. 10s)"))?;
+    if value < min || value > max {
+        return Err(format!(
+            "{text} is out of range: from {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(value)
+}
+
+fn timeout(text: &str) -> Result<Duration, String> {
+    bounded(text, Duration::from_millis(100), Duration::from_secs(3600))
+}
+
+fn since(text: &str) -> Result<Duration, String> {
+    bounded(text, Duration::ZERO, Duration::from_secs(3650 * 86_400))
 }
 
 /// `--json`.

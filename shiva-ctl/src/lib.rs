@@ -56,6 +56,7 @@ impl From<BusError> for CtlError {
     fn from(err: BusError) -> Self {
         match err {
             BusError::Invalid(message) => CtlError::Invalid(message),
+            err @ BusError::TooLarge { .. } => CtlError::Invalid(err.to_string()),
             err @ (BusError::Unreachable { .. } | BusError::TopicsMissing { .. }) => {
                 CtlError::Unreachable(err.to_string())
             }
@@ -91,7 +92,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         }
         Command::List(json) => {
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
-            let rows: Vec<_> = view.specs.keys().filter_map(|task| task_row(&view, task)).collect();
+            let rows: Vec<_> = view.defined_tasks().filter_map(|task| task_row(&view, task)).collect();
             if json.json {
                 print_json(&rows);
             } else {
@@ -117,7 +118,17 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             let task = TaskId::new(id).map_err(invalid)?;
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
             let row = task_row(&view, &task).ok_or_else(|| no_such_task(&task))?;
-            let spec = &view.specs[&task].spec;
+            let Some(spec) = view.specs.get(&task).map(|entry| &entry.spec) else {
+                // An invalid definition: its row says why.
+                if json.json {
+                    print_json(&row);
+                } else {
+                    println!("id:          {}", row.id);
+                    println!("state:       {}", row.state);
+                    println!("reason:      {}", row.reason.as_deref().unwrap_or(""));
+                }
+                return Ok(());
+            };
             if json.json {
                 let mut value = serde_json::to_value(&row).expect("rows serialise");
                 value["spec"] = serde_json::to_value(spec).expect("specs serialise");
@@ -166,7 +177,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Suspend { id } => history::suspend(&config, timeout, &id, DesiredState::Suspended).await?,
         Command::Resume { id } => history::suspend(&config, timeout, &id, DesiredState::Running).await?,
         Command::History { id, limit, json } => {
-            history::history(&config, timeout, &id, limit, json.json).await?
+            history::history(&config, timeout, &id, usize::from(limit), json.json).await?
         }
         Command::Logs { id, follow, run, since } => {
             logs::print(&config, timeout, &id, follow, run.as_deref(), since).await?
@@ -176,7 +187,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Delete { id } => {
             let task = TaskId::new(id).map_err(invalid)?;
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
-            if !view.specs.contains_key(&task) {
+            if !view.is_defined(&task) {
                 return Err(no_such_task(&task));
             }
             let publisher = Publisher::new(&config, "ctl")?;
@@ -244,7 +255,7 @@ fn spec_from(args: Box<SubmitArgs>) -> Result<TaskSpec, CtlError> {
     if let Some(text) = args.overlap {
         spec.overlap = choice(&text, "--overlap", "allow, forbid, replace or queue")?;
     }
-    spec.validate().map_err(invalid)?;
+    spec.validate_all().map_err(invalid)?;
     Ok(spec)
 }
 
@@ -299,7 +310,7 @@ pub(crate) async fn write_desired(
     task: &TaskId,
     state: DesiredState,
 ) -> Result<(), CtlError> {
-    if !view.specs.contains_key(task) {
+    if !view.is_defined(task) {
         return Err(no_such_task(task));
     }
     let publisher = Publisher::new(config, "ctl")?;
@@ -343,7 +354,7 @@ pub async fn snapshot(
         }
         Err(CtlError::Failed(anyhow::anyhow!("the bus reader stopped")))
     };
-    tokio::time::timeout(timeout * 3, read)
+    tokio::time::timeout(timeout.saturating_mul(3), read)
         .await
         .context("timed out reading the cluster state")
         .map_err(|err| CtlError::Unreachable(format!("{err:#}")))??;

@@ -36,6 +36,22 @@ pub struct TaskRow {
 
 /// Derives a task's row.
 pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
+    if let Some(invalid) = view.invalid.get(task) {
+        // Its newest definition is unusable: failed, whatever ran before.
+        return Some(TaskRow {
+            id: task.clone(),
+            kind: "invalid",
+            desired: view.desired_state(task).as_str(),
+            state: "failed",
+            node: None,
+            pid: None,
+            generation: None,
+            attempt: None,
+            restarts: None,
+            last_exit: None,
+            reason: Some(format!("revision {}: {}", invalid.revision, invalid.reason)),
+        });
+    }
     let spec = view.specs.get(task)?;
     let assignment = view.assignments.get(task).map(|entry| &entry.assignment);
     let status = view.current_status(task).map(|entry| &entry.status);
@@ -66,6 +82,13 @@ pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
             row.node = previous.filter(|_| still_running).map(|entry| entry.node.clone());
         }
         Some(Placement::Scheduled) => scheduled_state(view, task, &mut row),
+        Some(Placement::Failed { reason })
+            if view.assignments[task].assignment.spec_revision == spec.revision =>
+        {
+            row.state = "failed";
+            row.reason = Some(reason.clone());
+        }
+        Some(Placement::Failed { .. }) => row.reason = Some("not placed yet (is a leader running?)".into()),
         Some(Placement::Assigned { node }) => {
             row.node = Some(node.clone());
             let from_runner = view.current_status(task).filter(|entry| entry.node == *node);

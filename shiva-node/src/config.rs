@@ -60,6 +60,10 @@ pub struct NodeArgs {
     /// How long the broker may hold a fetch with no new record (latency vs idle load).
     #[arg(long, env = "SHIVA_FETCH_WAIT", default_value = "12ms", value_parser = humantime::parse_duration)]
     pub fetch_wait: Duration,
+    /// Tests only: panic whenever this node plans (`plan:TASK`) or runs (`run:TASK`) a task, to
+    /// prove that an internal error fails that task and not the node.
+    #[arg(long, env = "SHIVA_FAULT_PANIC", hide = true)]
+    pub fault_panic: Option<String>,
 }
 
 /// Validated node configuration.
@@ -117,8 +121,16 @@ impl NodeConfig {
                 bail!("--tags: '{tag}' is not a tag (non-empty, no spaces)");
             }
         }
-        if args.heartbeat_interval < Duration::from_millis(10) {
-            bail!("--heartbeat-interval must be at least 10ms");
+        if args.heartbeat_interval < Duration::from_millis(10)
+            || args.heartbeat_interval > Duration::from_secs(10)
+        {
+            bail!("--heartbeat-interval {}: must be from 10ms to 10s", show(args.heartbeat_interval));
+        }
+        if args.leader_timeout > Duration::from_secs(600) {
+            bail!("--leader-timeout {}: must be at most 10m", show(args.leader_timeout));
+        }
+        if args.node_timeout > Duration::from_secs(3600) {
+            bail!("--node-timeout {}: must be at most 1h", show(args.node_timeout));
         }
         if args.leader_timeout < args.heartbeat_interval * 3 {
             bail!("--leader-timeout must be at least 3 heartbeat intervals");
@@ -137,12 +149,19 @@ impl NodeConfig {
         if log_rate < 1024 {
             bail!("--log-rate must be at least 1KiB");
         }
-        if args.log_retention < Duration::from_secs(60) {
-            bail!("--log-retention must be at least 1m");
+        if log_rate > 1 << 30 {
+            bail!("--log-rate {log_rate} bytes: must be at most 1GiB");
+        }
+        if args.log_retention < Duration::from_secs(60)
+            || args.log_retention > Duration::from_secs(3650 * 86_400)
+        {
+            bail!("--log-retention {}: must be from 1m to 3650d", show(args.log_retention));
         }
         if args.fetch_wait > Duration::from_secs(1) {
             bail!("--fetch-wait must be at most 1s");
         }
+        crate::fault::install(args.fault_panic.as_deref())
+            .map_err(|err| anyhow::anyhow!("--fault-panic {err}"))?;
         bus.delivery_timeout = args.leader_timeout.max(Duration::from_secs(2));
         let workspace = match args.workspace {
             Some(dir) => dir,
@@ -228,4 +247,8 @@ mod tests {
         use clap::CommandFactory;
         NodeArgs::command().debug_assert();
     }
+}
+
+fn show(duration: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(duration)
 }

@@ -42,6 +42,16 @@ pub(crate) fn delta(duration: Duration) -> TimeDelta {
     TimeDelta::from_std(duration).unwrap_or(TimeDelta::MAX)
 }
 
+/// `at - duration`, saturating at the earliest instant chrono holds (never panics).
+pub(crate) fn before(at: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
+    at.checked_sub_signed(delta(duration)).unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// `at + duration`, saturating at the latest instant chrono holds (never panics).
+pub(crate) fn after(at: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
+    at.checked_add_signed(delta(duration)).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// Plans the slots after `decided_through` (the newest slot already decided) as of `now`.
 pub fn plan_slots(
     schedule: &Schedule,
@@ -50,13 +60,13 @@ pub fn plan_slots(
     now: DateTime<Utc>,
     timing: Timing,
 ) -> SlotPlan {
-    let missed_until = now - delta(timing.tolerance);
+    let missed_until = before(now, timing.tolerance);
     let mut launch = Vec::new();
     let mut skipped = 0;
     let newest_missed = schedule.latest_slots(decided_through, missed_until, 1).pop();
     if newest_missed.is_some() {
         let cap = spec.max_catch_up as usize;
-        let oldest_allowed = spec.starting_deadline.map(|deadline| now - delta(deadline));
+        let oldest_allowed = spec.starting_deadline.map(|deadline| before(now, deadline));
         let window_start = oldest_allowed.map_or(decided_through, |oldest| oldest.max(decided_through));
         let wanted = match spec.catch_up {
             CatchUp::None => 0,
@@ -72,7 +82,7 @@ pub fn plan_slots(
         launch.extend(caught);
     }
     let regular_from = decided_through.max(missed_until);
-    let horizon = now + delta(timing.lookahead);
+    let horizon = after(now, timing.lookahead);
     let regular = schedule.slots(regular_from, horizon, MAX_SLOTS_PER_PLAN);
     // Decided through the newest slot seen, missed or planned: no slot lies between it and the
     // horizon. Not through the horizon itself, which would change the task's `sched/` record

@@ -9,9 +9,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use shiva_proto::TaskSpec;
 use shiva_proto::records::{Assignment, Body, DesiredState, Member, Members, Placement, RunState};
 use shiva_proto::spec::{OnDisconnect, TaskKind};
 use shiva_proto::topics::key;
+use shiva_proto::view::SpecEntry;
 use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 
 use crate::placement::{Candidate, Demand, plan};
@@ -47,7 +49,33 @@ pub struct Inputs<'a> {
     /// Whether a node that is not live may still run an exclusive task with this stop grace (it
     /// has not fenced itself yet): such a task stays where it is until that has passed.
     pub may_still_run: &'a dyn Fn(&NodeId, Duration) -> bool,
+    /// Tasks this leader found it cannot handle, by spec revision, with the reason (a record
+    /// about them could not be written): they are failed, not planned again.
+    pub failed: &'a BTreeMap<TaskId, (i64, String)>,
 }
+
+/// Why `task` (at spec `revision`) is failed for good, if it is: its assignment in the log says
+/// so for this revision, or this leader found a record about it unwritable.
+pub fn failure(
+    view: &LogView,
+    failed: &BTreeMap<TaskId, (i64, String)>,
+    task: &TaskId,
+    revision: i64,
+) -> Option<String> {
+    if let Some((at, reason)) = failed.get(task)
+        && *at == revision
+    {
+        return Some(reason.clone());
+    }
+    let assignment = &view.assignments.get(task)?.assignment;
+    match &assignment.placement {
+        Placement::Failed { reason } if assignment.spec_revision == revision => Some(reason.clone()),
+        _ => None,
+    }
+}
+
+/// Nodes a failing service remembers having failed on (the oldest are forgotten).
+pub const MAX_FAILED_ON: usize = 64;
 
 /// First delay between two moves of a task that failed on its node; doubles with each move.
 pub const MOVE_BACKOFF: Duration = Duration::from_secs(2);
@@ -85,13 +113,17 @@ fn moves(view: &LogView, task: &TaskId, revision: i64, now_ms: i64) -> Moves {
     {
         failed_on.retain(|failed| failed != node);
         failed_on.push(node.clone());
+        // Bounded, so the assignment that carries it stays within a record.
+        let excess = failed_on.len().saturating_sub(MAX_FAILED_ON);
+        failed_on.drain(..excess);
         let delay = move_delay(failed_on.len());
         let message = status.status.message.as_deref().unwrap_or("restarted too often");
         let reason = format!(
             "failed on {node} ({message}); placing it on another node in {}",
             humantime::format_duration(delay)
         );
-        return Moves { failed_on, wait: Some((now_ms + delay.as_millis() as i64, reason)) };
+        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        return Moves { failed_on, wait: Some((now_ms.saturating_add(delay_ms), reason)) };
     }
     let wait = match (&current.placement, current.retry_at_ms) {
         (Placement::Pending { reason }, Some(at)) if now_ms < at => Some((at, reason.clone())),
@@ -102,7 +134,7 @@ fn moves(view: &LogView, task: &TaskId, revision: i64, now_ms: i64) -> Moves {
 
 /// Computes the leader's writes.
 pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
-    let Inputs { live, epoch, now_ms, busy, may_still_run } = *inputs;
+    let Inputs { live, epoch, now_ms, busy, may_still_run, failed } = *inputs;
     let mut writes = Vec::new();
     let members = Members { epoch, nodes: live.to_vec() };
     let members_current =
@@ -116,7 +148,9 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         .specs
         .iter()
         .filter(|(task, entry)| {
-            view.desired_state(task) == DesiredState::Running && entry.spec.kind() == TaskKind::Service
+            view.desired_state(task) == DesiredState::Running
+                && entry.spec.kind() == TaskKind::Service
+                && failure(view, failed, task, entry.revision).is_none()
         })
         .map(|(task, entry)| (task, moves(view, task, entry.revision, now_ms)))
         .collect();
@@ -156,19 +190,27 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         let moves = services.get(task);
         let failed_on = moves.map(|moves| moves.failed_on.clone()).unwrap_or_default();
         let retry_at_ms = moves.and_then(|moves| moves.wait.as_ref().map(|(at, _)| *at));
-        let placement = match placements.remove(task) {
-            Some(Ok(node)) => Placement::Assigned { node },
-            Some(Err(reason)) => Placement::Pending { reason },
-            None if let Some((_, reason)) = moves.and_then(|moves| moves.wait.as_ref()) => {
-                Placement::Pending { reason: reason.clone() }
-            }
-            None if view.desired_state(task) == DesiredState::Stopped => Placement::Stopped,
-            // Periodic and one-shot tasks: the scheduler launches each run.
-            None => match candidates.iter().any(|node| node.can_run(&spec.spec.tags)) {
-                true => Placement::Scheduled,
-                false => Placement::Pending { reason: no_runner(&spec.spec.tags) },
-            },
+        let decided = match failure(view, failed, task, spec.revision) {
+            Some(reason) => Err(reason),
+            // A panic while deciding for this task fails the task, not the leader.
+            None => crate::fault::contain(|| {
+                crate::fault::hook(crate::fault::Stage::Plan, task);
+                match placements.remove(task) {
+                    Some(Ok(node)) => Placement::Assigned { node },
+                    Some(Err(reason)) => Placement::Pending { reason },
+                    None if let Some((_, reason)) = moves.and_then(|moves| moves.wait.as_ref()) => {
+                        Placement::Pending { reason: reason.clone() }
+                    }
+                    None if view.desired_state(task) == DesiredState::Stopped => Placement::Stopped,
+                    // Periodic and one-shot tasks: the scheduler launches each run.
+                    None => match candidates.iter().any(|node| node.can_run(&spec.spec.tags)) {
+                        true => Placement::Scheduled,
+                        false => Placement::Pending { reason: no_runner(&spec.spec.tags) },
+                    },
+                }
+            }),
         };
+        let placement = decided.unwrap_or_else(|reason| Placement::Failed { reason });
         let unchanged = current.is_some_and(|current| {
             current.assignment.placement == placement
                 && current.assignment.spec_revision == spec.revision
@@ -186,22 +228,51 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             _ => {
                 let assigned = current.map_or(0, |current| current.assignment.generation);
                 let reported = view.statuses.get(task).map_or(0, |status| status.status.generation);
-                assigned.max(reported) + 1
+                // Saturating: a forged status with the largest generation must not panic.
+                assigned.max(reported).saturating_add(1)
             }
         };
-        let assignment = Assignment {
-            epoch,
-            task: task.clone(),
-            generation,
-            spec_revision: spec.revision,
-            placement,
-            spec: spec.spec.clone(),
-            failed_on,
-            retry_at_ms,
-        };
-        writes.push(Write::assignments(record_key, Some(Body::Assignment(assignment))));
+        writes.push(assignment_write(epoch, task, generation, spec, placement, failed_on, retry_at_ms));
     }
     writes
+}
+
+/// The assignment record. A failed task's carries a minimal spec (its id and command): nobody
+/// runs it, and its full spec may be what could not be written.
+fn assignment_write(
+    epoch: u64,
+    task: &TaskId,
+    generation: u64,
+    spec: &SpecEntry,
+    placement: Placement,
+    failed_on: Vec<NodeId>,
+    retry_at_ms: Option<i64>,
+) -> Write {
+    let carried = match placement {
+        Placement::Failed { .. } => TaskSpec::new(task.clone(), spec.spec.command.clone(), Vec::new()),
+        _ => spec.spec.clone(),
+    };
+    let assignment = Assignment {
+        epoch,
+        task: task.clone(),
+        generation,
+        spec_revision: spec.revision,
+        placement,
+        spec: carried,
+        failed_on,
+        retry_at_ms,
+    };
+    Write::assignments(key::task(task), Some(Body::Assignment(assignment)))
+}
+
+/// The write that fails `task` (at its current revision) with `reason`, from the scheduler,
+/// whose own planning of the task panicked.
+pub fn fail_write(view: &LogView, epoch: u64, task: &TaskId, reason: String) -> Option<Write> {
+    let spec = view.specs.get(task)?;
+    let current = view.assignments.get(task).map(|entry| &entry.assignment);
+    let generation = current.map_or(0, |current| current.generation).saturating_add(1);
+    let placement = Placement::Failed { reason };
+    Some(assignment_write(epoch, task, generation, spec, placement, Vec::new(), None))
 }
 
 fn no_runner(tags: &[String]) -> String {

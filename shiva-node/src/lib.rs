@@ -8,6 +8,7 @@
 //!   decisions, writes their records).
 pub mod config;
 pub mod election;
+pub mod fault;
 pub mod firing;
 pub mod leader;
 pub mod limits;

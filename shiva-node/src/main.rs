@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     // Shim mode: one process per run (see `shiva_node::shim`).
-    let argv: Vec<String> = std::env::args().collect();
-    if argv.len() == 3 && argv[1] == shiva_node::shim::SHIM_ARG {
-        return ExitCode::from(shiva_node::shim::main(&argv[2]));
+    let mut argv = std::env::args_os();
+    if argv.len() == 2 && argv.nth(1).is_some_and(|arg| arg == shiva_node::shim::SHIM_ARG) {
+        return ExitCode::from(shiva_node::shim::main());
     }
     let args = NodeArgs::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHIVA_LOG")
@@ -21,6 +21,13 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    // A panic is contained at its task's boundary (see `shiva_node::fault`); it is logged as a
+    // structured event, with where it happened.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|at| at.to_string()).unwrap_or_default();
+        let message = shiva_node::fault::internal_error(info.payload());
+        tracing::error!(%location, %message, "panic");
+    }));
     let config = match NodeConfig::from_args(args) {
         Ok(config) => config,
         Err(err) => {

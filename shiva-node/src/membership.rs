@@ -20,6 +20,9 @@ pub struct Peer {
     pub heartbeat: Heartbeat,
 }
 
+/// The longest fence timeout a heartbeat may announce (`--fence-timeout`'s maximum).
+pub const MAX_FENCE: Duration = Duration::from_secs(3600);
+
 /// Heartbeats folded in log order.
 #[derive(Debug, Clone)]
 pub struct Membership {
@@ -75,7 +78,7 @@ impl Membership {
         if self.left.contains(&(node.clone(), peer.incarnation)) {
             return false;
         }
-        self.own_beats - peer.seen_at < beats
+        self.own_beats.saturating_sub(peer.seen_at) < beats
     }
 
     /// Whether `node` may still hold an exclusive run with `grace` to stop it: it did not
@@ -97,10 +100,12 @@ impl Membership {
         if self.left.contains(&(node.clone(), peer.incarnation)) {
             return false;
         }
-        let fence = peer.heartbeat.fence_timeout_ms.map_or(default_fence, Duration::from_millis);
-        let wait = fence + grace + margin;
-        let beats = wait.as_nanos().div_ceil(interval.as_nanos().max(1)) as u64 + 1;
-        self.own_beats - peer.seen_at < beats
+        // A heartbeat's fence timeout is read within the node flag's range (at most 1h).
+        let fence =
+            peer.heartbeat.fence_timeout_ms.map_or(default_fence, Duration::from_millis).min(MAX_FENCE);
+        let wait = fence.saturating_add(grace).saturating_add(margin);
+        let beats = u64::try_from(wait.as_nanos().div_ceil(interval.as_nanos().max(1))).unwrap_or(u64::MAX);
+        self.own_beats.saturating_sub(peer.seen_at) < beats.saturating_add(1)
     }
 
     /// Live nodes (this one included once its heartbeat was read back), sorted by id.

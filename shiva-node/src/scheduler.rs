@@ -24,7 +24,7 @@ use shiva_proto::view::{RunEntry, SpecEntry};
 use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 use uuid::Uuid;
 
-use crate::firing::{OnceNext, OverlapAction, RunEnd, Timing, delta, on_due, once_next, plan_slots};
+use crate::firing::{OnceNext, OverlapAction, RunEnd, Timing, before, on_due, once_next, plan_slots};
 use crate::leader::Write;
 use crate::placement::Candidate;
 use overlay::Runs;
@@ -54,6 +54,8 @@ pub struct Context<'a> {
     /// Whether a node that is not live may still run an exclusive run of a task (it has not
     /// fenced itself yet): its runs are judged only once that has passed.
     pub may_still_run: &'a dyn Fn(&NodeId, Duration) -> bool,
+    /// Tasks this leader cannot handle (see [`crate::leader::Inputs::failed`]).
+    pub failed: &'a BTreeMap<TaskId, (i64, String)>,
 }
 
 /// Parsed schedules by task and spec revision: parsing cron expressions at every plan cost
@@ -104,7 +106,25 @@ pub fn plan(ctx: &Context<'_>) -> Vec<Write> {
         if (ctx.busy)(TopicKind::Assignments, &key::sched(task)) {
             continue;
         }
-        TaskPlan::new(ctx, task, &mut load, &mut writes).run();
+        let failed = view
+            .specs
+            .get(task)
+            .and_then(|spec| crate::leader::failure(view, ctx.failed, task, spec.revision));
+        if failed.is_some() {
+            continue;
+        }
+        // A panic while planning this task fails the task: what it wrote is dropped.
+        let before = writes.len();
+        let planned = crate::fault::contain(|| {
+            crate::fault::hook(crate::fault::Stage::Plan, task);
+            TaskPlan::new(ctx, task, &mut load, &mut writes).run();
+        });
+        if let Err(reason) = planned {
+            writes.truncate(before);
+            if !(ctx.busy)(TopicKind::Assignments, &key::task(task)) {
+                writes.extend(crate::leader::fail_write(view, ctx.epoch, task, reason));
+            }
+        }
     }
     writes
 }
@@ -169,8 +189,13 @@ fn ms(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
 }
 
+/// Latest instant the scheduler works with: the last millisecond of year 9999. Instants read
+/// from the log are clamped to [1970, 9999], so arithmetic on them (a slot plus a few hours
+/// around a time-zone change, a day of jitter) stays far from chrono's limits.
+const LATEST_MS: i64 = 253_402_300_799_999;
+
 fn at(ms: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+    DateTime::from_timestamp_millis(ms.clamp(0, LATEST_MS)).unwrap_or_default()
 }
 
 impl<'a, 'c> TaskPlan<'a, 'c> {
@@ -458,7 +483,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         if spec.spec.catch_up == CatchUp::None {
             return;
         }
-        let deadline = spec.spec.starting_deadline.map(|deadline| self.ctx.now - delta(deadline));
+        let deadline = spec.spec.starting_deadline.map(|deadline| before(self.ctx.now, deadline));
         let missed: Vec<Due> = self
             .runs
             .values()
@@ -469,7 +494,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                 Trigger::Request { .. } => true,
                 Trigger::Once { .. } => false,
             })
-            .map(|intent| Due { trigger: intent.trigger, attempt: intent.attempt + 1 })
+            .map(|intent| Due { trigger: intent.trigger, attempt: intent.attempt.saturating_add(1) })
             .collect();
         let serial = spec.spec.overlap != Overlap::Allow;
         for due in missed {
@@ -504,7 +529,8 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
 
     fn slots(&mut self, spec: &SpecEntry, schedule: &Schedule, sched: &mut Sched) {
         let now = self.ctx.now;
-        let jitter = jitter_ms(self.task, spec.spec.jitter.as_millis() as u64) as i64;
+        let jitter_max = u64::try_from(spec.spec.jitter.as_millis()).unwrap_or(u64::MAX);
+        let jitter = i64::try_from(jitter_ms(self.task, jitter_max)).unwrap_or(i64::MAX);
         let in_flight = self.in_flight();
         let busy = !in_flight.is_empty() || sched.queued.is_some();
         let serial = spec.spec.overlap != Overlap::Allow;
@@ -516,7 +542,8 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             let started = entry.report.as_ref().and_then(|report| report.report.started_ms);
             entry.intent.as_ref().is_some_and(|(intent, _)| {
                 intent.trigger.slot_ms().is_some_and(|slot| {
-                    let late = started.unwrap_or(ms(now)).max(intent.launch_at_ms) - (slot + jitter);
+                    let began = started.unwrap_or(ms(now)).max(intent.launch_at_ms);
+                    let late = began.saturating_sub(slot.saturating_add(jitter));
                     late > LATE_MS
                 })
             })
@@ -532,7 +559,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         };
         let decided = sched.decided_through_ms.map_or(now, at);
         let plan = plan_slots(schedule, &spec.spec, decided, now, timing);
-        let missed_until = now - delta(self.ctx.timing.tolerance);
+        let missed_until = before(now, self.ctx.timing.tolerance);
         if busy && serial && plan.launch.first().is_some_and(|slot| *slot < missed_until) {
             // Missed slots to catch up: one at a time, after the current run.
             return;
@@ -547,7 +574,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             if self.exists(due) {
                 continue;
             }
-            let launch_at = (ms(slot) + jitter).max(ms(now));
+            let launch_at = ms(slot).saturating_add(jitter).max(ms(now));
             // With a serial policy one slot is decided per run: the next one when this run
             // ends, or at its own instant (and then by the policy).
             if self.on_due(spec, sched, due, launch_at) && serial {
@@ -605,7 +632,8 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                     sched.outcome = Some(Outcome { state: RunPhase::Failed, reason: Some(reason) })
                 }
                 OnceNext::Retry { delay, .. } => {
-                    sched.next_at_ms = Some(ended + delay.as_millis() as i64);
+                    let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                    sched.next_at_ms = Some(ended.saturating_add(delay_ms));
                 }
             }
             return;
@@ -625,7 +653,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                 None => return,
             }
         }
-        let due = Due { trigger, attempt: sched.attempt + 1 };
+        let due = Due { trigger, attempt: sched.attempt.saturating_add(1) };
         if self.exists(due) || self.launch(spec, due, ms(now)) {
             sched.attempt = due.attempt;
             sched.next_at_ms = None;

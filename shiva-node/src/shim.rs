@@ -1,4 +1,7 @@
-//! The run shim: `shiva-node __shim '<json>'`, one process per run, started by the node.
+//! The run shim: `shiva-node __shim`, one process per run, started by the node, which writes
+//! the run's configuration (a JSON line: program, arguments, environment…) as the first line of
+//! its stdin: nothing of a task's configuration is on a command line, where every local user
+//! could read it in `/proc/<pid>/cmdline`, and no size limit of `execve` applies to it.
 //!
 //! It becomes a subreaper (`PR_SET_CHILD_SUBREAPER`), so no descendant of the task escapes it,
 //! not even one that calls `setsid`; starts the task in its own process group (and in the run's
@@ -89,13 +92,48 @@ fn emit(event: &ShimEvent) {
 }
 
 fn boottime_ms() -> i64 {
-    clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(0, |t| t.tv_sec() * 1000 + t.tv_nsec() / 1_000_000)
+    clock_gettime(ClockId::CLOCK_BOOTTIME)
+        .map_or(0, |t| t.tv_sec().saturating_mul(1000).saturating_add(t.tv_nsec() / 1_000_000))
+}
+
+/// `now + ms`, saturating: a lease or grace of any length never wraps into the past.
+fn after_ms(now: i64, ms: u64) -> i64 {
+    now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+/// Largest configuration line the shim reads (a spec's environment, arguments and files are a
+/// few MiB at most).
+const MAX_CONFIG_BYTES: usize = 64 << 20;
+
+/// Reads the configuration line from stdin; returns it and whatever followed it (the node's
+/// first control lines, if already written).
+fn read_config() -> Result<(ShimConfig, Vec<u8>), String> {
+    let mut input = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut stdin = std::io::stdin().lock();
+    let end = loop {
+        if let Some(end) = input.iter().position(|b| *b == b'\n') {
+            break end;
+        }
+        if input.len() > MAX_CONFIG_BYTES {
+            return Err(format!("configuration longer than {MAX_CONFIG_BYTES} bytes"));
+        }
+        match stdin.read(&mut buf) {
+            Ok(0) => return Err("stdin closed before the configuration line".to_owned()),
+            Ok(n) => input.extend_from_slice(&buf[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(format!("cannot read stdin: {err}")),
+        }
+    };
+    let rest = input.split_off(end + 1);
+    let config = serde_json::from_slice(&input).map_err(|err| err.to_string())?;
+    Ok((config, rest))
 }
 
 /// Runs the shim; returns its exit code.
-pub fn main(config: &str) -> u8 {
-    let config: ShimConfig = match serde_json::from_str(config) {
-        Ok(config) => config,
+pub fn main() -> u8 {
+    let (config, input) = match read_config() {
+        Ok(read) => read,
         Err(err) => {
             emit(&ShimEvent::Failed { error: format!("bad shim configuration: {err}") });
             return 2;
@@ -134,7 +172,7 @@ pub fn main(config: &str) -> u8 {
     };
     let (pid, mut capture) = (spawned.pid, spawned.capture);
     emit(&ShimEvent::Started { pid });
-    let (status, stopped) = supervise(&config, pid, &mut capture);
+    let (status, stopped) = supervise(&config, pid, &mut capture, input);
     // The task is over: nothing it started may outlive it.
     kill_rest(&config, pid);
     // Every writer of its output is gone: read the pipes to their end, so the captured output
@@ -262,11 +300,11 @@ fn supervise(
     config: &ShimConfig,
     pid: u32,
     out: &mut Option<Capture>,
+    mut input: Vec<u8>,
 ) -> (Option<WaitStatus>, Option<String>) {
-    let mut deadline = config.lease_ms.map_or(i64::MAX, |lease| boottime_ms() + lease as i64);
+    let mut deadline = config.lease_ms.map_or(i64::MAX, |lease| after_ms(boottime_ms(), lease));
     let stdin = std::io::stdin();
     let children = child_events();
-    let mut input = Vec::new();
     loop {
         if let Some(status) = reap(pid) {
             return (Some(status), None);
@@ -295,20 +333,22 @@ fn supervise(
         if let Some(capture) = out.as_mut() {
             capture.pump();
         }
-        if !node {
-            continue;
+        if node {
+            let mut buf = [0u8; 512];
+            match stdin.lock().read(&mut buf) {
+                Ok(0) | Err(_) => return stop(config, pid, "the node is gone", out),
+                Ok(n) => input.extend_from_slice(&buf[..n]),
+            }
         }
-        let mut buf = [0u8; 512];
-        match stdin.lock().read(&mut buf) {
-            Ok(0) | Err(_) => return stop(config, pid, "the node is gone", out),
-            Ok(n) => input.extend_from_slice(&buf[..n]),
-        }
+        // Lines read with the configuration are taken in too.
         while let Some(end) = input.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = input.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line);
             let mut words = line.split_whitespace();
-            match (words.next(), words.next().and_then(|ms| ms.parse::<i64>().ok())) {
-                (Some("renew"), Some(ms)) if config.lease_ms.is_some() => deadline = boottime_ms() + ms,
+            match (words.next(), words.next().and_then(|ms| ms.parse::<u64>().ok())) {
+                (Some("renew"), Some(ms)) if config.lease_ms.is_some() => {
+                    deadline = after_ms(boottime_ms(), ms)
+                }
                 (Some("stop"), _) => {
                     let reason = line.trim().strip_prefix("stop").unwrap_or("").trim();
                     let reason = if reason.is_empty() { "stopped by the node" } else { reason };
@@ -346,7 +386,7 @@ fn stop(
     let me = std::process::id();
     let signal = Signal::try_from(config.stop_signal).unwrap_or(Signal::SIGTERM);
     tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), signal);
-    let mut status = reap_until(pid, boottime_ms() + config.grace_ms as i64, out);
+    let mut status = reap_until(pid, after_ms(boottime_ms(), config.grace_ms), out);
     if status.is_none() {
         tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), Signal::SIGKILL);
         status = reap_until(pid, boottime_ms() + 5_000, out);

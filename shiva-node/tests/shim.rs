@@ -249,3 +249,61 @@ async fn the_stop_signal_is_the_tasks() {
     assert_eq!(ended.exit.and_then(|exit| exit.code), Some(0), "it stopped on SIGINT, not SIGKILL");
     assert!(asked.elapsed() < Duration::from_secs(2), "well before the grace ran out");
 }
+
+/// Every process's command line, NUL-separated arguments joined.
+fn all_command_lines() -> Vec<(i32, Vec<u8>)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| Some((pid, std::fs::read(format!("/proc/{pid}/cmdline")).ok()?)))
+        .collect()
+}
+
+/// A task whose environment totals 1 MiB (16 variables of 64 KiB, each under the kernel's
+/// 128 KiB cap on one string) starts, sees all of it, and no value of it appears in any
+/// process's command line: the shim gets its configuration on stdin, not on argv.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_mib_environment_runs_and_never_shows_on_a_command_line() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = workspace("bigenv");
+    let (lease, _healthy) = renewed_lease(Duration::from_secs(3));
+    let shims = launcher(&dir, Duration::from_secs(3), lease);
+    let mut env = vec![("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned())];
+    for index in 0..16 {
+        // A marker no command line holds otherwise, then filler to 64 KiB.
+        let value = format!("secret-{index}-{}", "s".repeat(64 * 1024 - 16));
+        env.push((format!("BIG_{index}"), value));
+    }
+    let total: usize = env.iter().map(|(name, value)| name.len() + value.len() + 2).sum();
+    assert!(total >= 1 << 20, "{total} bytes of environment");
+    let out = dir.join("env-size");
+    let script = format!("env | wc -c > {out}.tmp; mv {out}.tmp {out}; exec sleep 30", out = out.display());
+    let request = SpawnRequest {
+        program: "sh".into(),
+        args: vec!["-c".into(), script],
+        env,
+        cwd: dir.join("cwd"),
+        output: dir.join("out.log"),
+        user: None,
+        rlimits: vec![],
+    };
+    let mut run = shims.launch(request, &options("big", 500)).await.expect("the run starts (no E2BIG)");
+    let mut seen = String::new();
+    for _ in 0..250 {
+        seen = std::fs::read_to_string(&out).unwrap_or_default();
+        if !seen.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bytes: usize = seen.trim().parse().expect("the task wrote the size of its environment");
+    assert!(bytes >= 1 << 20, "the task sees its whole environment: {bytes} bytes");
+    for (pid, cmdline) in all_command_lines() {
+        assert!(
+            !cmdline.windows(9).any(|window| window == b"secret-0-"),
+            "process {pid} shows the task's environment on its command line"
+        );
+    }
+    run.stop("test");
+    run.wait().await;
+}

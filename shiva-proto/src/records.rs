@@ -18,7 +18,7 @@ use crate::spec::TaskSpec;
 /// The envelope version this build writes and the newest it reads.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Records larger than this are refused by readers (and never written).
-pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+pub const MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
 
 /// One record: who sent it, when, and what.
 #[derive(Debug, Clone, PartialEq)]
@@ -243,6 +243,13 @@ pub enum Placement {
     Stopped,
     /// A periodic or one-shot task: the leader launches each run (see `run/` records).
     Scheduled,
+    /// Failed for this spec revision, for a reason no retry can cure (an internal error while
+    /// planning it, a record about it that cannot be written): nobody runs it until a new
+    /// revision is submitted.
+    Failed {
+        /// Why, for `shiva-ctl status` (`internal error: …`).
+        reason: String,
+    },
 }
 
 /// `assignments` `task/<id>` body: a leader write.

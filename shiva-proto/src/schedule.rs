@@ -20,6 +20,15 @@ fn whole_second(at: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp(at.timestamp(), 0).unwrap_or(at)
 }
 
+/// `at + by` (negative `by`: earlier), saturating at chrono's limits: no instant panics.
+fn shift(at: DateTime<Utc>, by: TimeDelta) -> DateTime<Utc> {
+    at.checked_add_signed(by).unwrap_or(if by < TimeDelta::zero() {
+        DateTime::<Utc>::MIN_UTC
+    } else {
+        DateTime::<Utc>::MAX_UTC
+    })
+}
+
 /// How far from a UTC-offset change the careful walk is used.
 const TRANSITION_WINDOW: TimeDelta = TimeDelta::hours(3);
 
@@ -71,18 +80,18 @@ impl Schedule {
     /// Whether the zone's UTC offset changes within [at - 3h, at + 3h].
     fn near_transition(&self, at: DateTime<Utc>) -> bool {
         let offset = |at: DateTime<Utc>| self.timezone.offset_from_utc_datetime(&at.naive_utc()).fix();
-        offset(at - TRANSITION_WINDOW) != offset(at + TRANSITION_WINDOW)
+        offset(shift(at, -TRANSITION_WINDOW)) != offset(shift(at, TRANSITION_WINDOW))
     }
 
     /// Every slot from `at - 3h` to `at + 3h`, walked with croner's iterator, which alone yields
     /// the second occurrence of a repeated hour (a search that starts inside it skips it), and
     /// yields the two occurrences out of UTC order.
     fn walk_around(&self, cron: &Cron, at: DateTime<Utc>) -> Vec<DateTime<Utc>> {
-        let start = (at - TRANSITION_WINDOW).with_timezone(&self.timezone);
-        let end = at + TRANSITION_WINDOW;
+        let start = shift(at, -TRANSITION_WINDOW).with_timezone(&self.timezone);
+        let end = shift(at, TRANSITION_WINDOW);
         cron.iter_from(start, Direction::Forward)
             .map(|slot| slot.with_timezone(&Utc))
-            .take_while(|slot| *slot <= end + TimeDelta::hours(1))
+            .take_while(|slot| *slot <= shift(end, TimeDelta::hours(1)))
             .filter(|slot| *slot <= end)
             .collect()
     }
@@ -95,7 +104,11 @@ impl Schedule {
             if found.is_some() {
                 return found;
             }
-            return self.next_of(cron, after + TRANSITION_WINDOW);
+            let later = shift(after, TRANSITION_WINDOW);
+            if later == after {
+                return None;
+            }
+            return self.next_of(cron, later);
         }
         let local = after.with_timezone(&self.timezone);
         let slot = cron.find_next_occurrence(&local, false).ok()?.with_timezone(&Utc);
@@ -117,7 +130,11 @@ impl Schedule {
             if found.is_some() {
                 return found;
             }
-            return self.previous_of(cron, before - TRANSITION_WINDOW, true);
+            let earlier = shift(before, -TRANSITION_WINDOW);
+            if earlier == before {
+                return None;
+            }
+            return self.previous_of(cron, earlier, true);
         }
         let local = before.with_timezone(&self.timezone);
         let slot = cron.find_previous_occurrence(&local, inclusive).ok()?.with_timezone(&Utc);
@@ -125,7 +142,11 @@ impl Schedule {
             // A backward search resolves a skipped hour to just before the gap, a forward one to
             // the transition: settle it with the forward walk, so both directions agree.
             let found = self.walk_around(cron, slot).into_iter().filter(counts).max();
-            return found.or_else(|| self.previous_of(cron, slot - TRANSITION_WINDOW, true));
+            let earlier = shift(slot, -TRANSITION_WINDOW);
+            if earlier == slot {
+                return found;
+            }
+            return found.or_else(|| self.previous_of(cron, earlier, true));
         }
         counts(&slot).then_some(slot)
     }

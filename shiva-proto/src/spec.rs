@@ -27,12 +27,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::TaskId;
 
+pub mod bounds;
 mod supervision;
 
 pub use supervision::{Cores, MAX_FILES_BYTES, OnDisconnect, RLIMITS, parse_bytes, signal_number};
 
 /// Longest accepted `stop_grace`.
-pub const MAX_STOP_GRACE: Duration = Duration::from_secs(3600);
+pub const MAX_STOP_GRACE: Duration = bounds::STOP_GRACE.max;
 /// Default `stop_grace`.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -267,7 +268,8 @@ impl RetryBackoff {
     pub fn delay_before(&self, next: u32) -> Duration {
         let exponent = next.saturating_sub(2).min(64) as i32;
         let delay = self.initial.as_secs_f64() * self.multiplier.powi(exponent);
-        Duration::from_secs_f64(delay.min(self.max.as_secs_f64()))
+        // Total on any input: NaN, infinite or out of range saturates at the cap.
+        Duration::try_from_secs_f64(delay).map_or(self.max, |delay| delay.min(self.max))
     }
 }
 
@@ -375,7 +377,7 @@ impl TaskSpec {
         if let Some(field) = unknown.first() {
             return Err(SpecError::field(field, "unknown field"));
         }
-        spec.validate()?;
+        spec.validate_all()?;
         Ok(spec)
     }
 
@@ -425,14 +427,18 @@ impl TaskSpec {
         {
             return Err(SpecError::field("workdir", format!("'{workdir}' must be an absolute path")));
         }
-        if self.stop_grace > MAX_STOP_GRACE {
-            return Err(SpecError::field(
-                "stop_grace",
-                format!("{} is longer than the maximum of 1h", humantime::format_duration(self.stop_grace)),
-            ));
-        }
+        self.validate_sizes()?;
+        self.validate_bounds()?;
         self.validate_runs()?;
         self.validate_supervision()
+    }
+
+    /// [`TaskSpec::validate`], and the size of the records that carry the spec
+    /// ([`TaskSpec::check_record_size`]): what `submit` checks, and what a reader checks of a
+    /// spec in the log.
+    pub fn validate_all(&self) -> Result<(), SpecError> {
+        self.validate()?;
+        self.check_record_size()
     }
 
     /// Rules of the periodic and one-shot fields.
@@ -470,23 +476,8 @@ impl TaskSpec {
         if let Some((field, _)) = once_only.iter().find(|(_, set)| *set && !self.once) {
             return Err(SpecError::field(field, "only applies to once tasks (set once: true)"));
         }
-        if self.max_catch_up == 0 {
-            return Err(SpecError::field(
-                "max_catch_up",
-                "must be at least 1 (use catch_up: none to skip missed slots)",
-            ));
-        }
-        if self.max_attempts == 0 {
-            return Err(SpecError::field("max_attempts", "must be at least 1"));
-        }
-        if !self.backoff.multiplier.is_finite() || self.backoff.multiplier < 1.0 {
-            return Err(SpecError::field("backoff.multiplier", "must be a number of at least 1"));
-        }
         if self.backoff.initial > self.backoff.max {
             return Err(SpecError::field("backoff.initial", "must not exceed backoff.max"));
-        }
-        if self.max_runtime.is_some_and(|max| max.is_zero()) {
-            return Err(SpecError::field("max_runtime", "must be longer than 0s"));
         }
         if let Some(code) = self.permanent_exit_codes.iter().find(|code| !(1..=255).contains(*code)) {
             return Err(SpecError::field(

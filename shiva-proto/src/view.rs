@@ -92,6 +92,17 @@ pub struct SpecEntry {
     pub submitted_ms: i64,
 }
 
+/// A task whose newest `task/<id>` record is not a spec this build accepts (malformed, out of
+/// range, too large, from a newer version): the task is `failed` with the reason until a valid
+/// revision or a tombstone follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSpec {
+    /// Offset of the record.
+    pub revision: i64,
+    /// Why it was refused (names the field).
+    pub reason: String,
+}
+
 /// A node's newest heartbeat.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeartbeatEntry {
@@ -198,6 +209,8 @@ pub enum Outcome {
 pub struct LogView {
     /// Task definitions.
     pub specs: BTreeMap<TaskId, SpecEntry>,
+    /// Tasks whose newest definition is invalid (never also in `specs`).
+    pub invalid: BTreeMap<TaskId, InvalidSpec>,
     /// Desired states (absent: running).
     pub desired: BTreeMap<TaskId, DesiredState>,
     /// Newest heartbeat per node.
@@ -251,6 +264,18 @@ impl LogView {
     /// Desired state of a task (running unless stopped).
     pub fn desired_state(&self, task: &TaskId) -> DesiredState {
         self.desired.get(task).copied().unwrap_or(DesiredState::Running)
+    }
+
+    /// Whether `task` is defined: by a valid spec, or by an invalid one (a failed task that can
+    /// still be killed, started, deleted).
+    pub fn is_defined(&self, task: &TaskId) -> bool {
+        self.specs.contains_key(task) || self.invalid.contains_key(task)
+    }
+
+    /// Every defined task, valid or not, in id order.
+    pub fn defined_tasks(&self) -> impl Iterator<Item = &TaskId> + '_ {
+        let all: BTreeSet<&TaskId> = self.specs.keys().chain(self.invalid.keys()).collect();
+        all.into_iter()
     }
 
     /// The current leader: the newest epoch's winner, unless it resigned.
@@ -322,6 +347,15 @@ impl LogView {
                 }
             },
         };
+        if topic == TopicKind::Commands
+            && value.is_some()
+            && let Outcome::Skipped(reason) = &outcome
+            && let Some(task) = key::task_of(key, "task").and_then(|id| TaskId::new(id).ok())
+        {
+            // The newest definition of the task is unusable: the task fails, visibly.
+            self.specs.remove(&task);
+            self.invalid.insert(task, InvalidSpec { revision: offset, reason: reason.clone() });
+        }
         if matches!(topic, TopicKind::Assignments | TopicKind::Status) {
             if matches!(outcome, Outcome::Applied(_)) {
                 self.accepted_offsets.insert((topic, key.to_owned()), offset);
@@ -398,6 +432,7 @@ impl LogView {
         match (topic, task, desired) {
             (TopicKind::Commands, Some(task), _) => {
                 self.specs.remove(&task);
+                self.invalid.remove(&task);
             }
             (TopicKind::Commands, None, Some(task)) => {
                 self.desired.remove(&task);
@@ -424,8 +459,9 @@ impl LogView {
         match (topic, env.body) {
             (TopicKind::Commands, Body::Task(spec)) => {
                 expect_key(key, &key::task(&spec.id))?;
-                spec.validate().map_err(|err| err.to_string())?;
-                let submitted_ms = env.sent_at_ms as i64;
+                spec.validate_all().map_err(|err| err.to_string())?;
+                let submitted_ms = i64::try_from(env.sent_at_ms).unwrap_or(i64::MAX);
+                self.invalid.remove(&spec.id);
                 self.specs.insert(spec.id.clone(), SpecEntry { spec, revision: offset, submitted_ms });
             }
             (TopicKind::Commands, Body::Desired(desired)) => {
@@ -478,6 +514,7 @@ impl LogView {
                 if assignment.spec.id != assignment.task {
                     return Err("its spec is for another task".into());
                 }
+                assignment.spec.validate().map_err(|err| format!("its spec is invalid: {err}"))?;
                 self.epochs.active.insert(assignment.epoch);
                 let task = assignment.task.clone();
                 self.assignments.insert(task, AssignmentEntry { assignment, offset });
@@ -507,6 +544,7 @@ impl LogView {
                 match self.intent_specs.0.get(&intent.task) {
                     Some(shared) if *shared == intent.spec => intent.spec = shared.clone(),
                     _ => {
+                        intent.spec.validate().map_err(|err| format!("its spec is invalid: {err}"))?;
                         self.intent_specs.0.insert(intent.task.clone(), intent.spec.clone());
                     }
                 }

@@ -127,6 +127,7 @@ impl Sim {
             now_ms: self.now_ms,
             busy: &|_| false,
             may_still_run: &may_still_run,
+            failed: &Default::default(),
         };
         for write in reconcile(&self.view, &inputs) {
             if let Some(Body::Assignment(assignment)) = &write.body

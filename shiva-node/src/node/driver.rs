@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shiva_bus::{Publisher, Reader, ReaderEvent, Record};
+use shiva_bus::{BusError, Publisher, Reader, ReaderEvent, Record};
 use shiva_proto::records::{Body, Claim, Envelope, Placement, RunState, RunSummary, TaskStatus};
 use shiva_proto::runs::RunReport;
 use shiva_proto::spec::OnDisconnect;
@@ -46,7 +46,7 @@ pub(crate) struct WriteResult {
     topic: TopicKind,
     key: String,
     purpose: Purpose,
-    result: Result<i64, String>,
+    result: Result<i64, BusError>,
 }
 
 pub(crate) struct Node {
@@ -98,6 +98,9 @@ pub(crate) struct Node {
     pub(crate) held_pruned: Instant,
     /// The leader's parsed schedules.
     pub(crate) schedules: scheduler::Schedules,
+    /// Tasks a record of which the bus refused for good (too large), by spec revision, with the
+    /// reason: the leader fails them instead of writing the record again and again.
+    pub(crate) unwritable: BTreeMap<TaskId, (i64, String)>,
 }
 
 /// The scheduler's timing: intents are written a second ahead of their slot; a slot more than
@@ -128,7 +131,7 @@ impl Node {
         *self.unacked.entry((topic, key.clone())).or_default() += 1;
         let results = self.results.clone();
         tokio::spawn(async move {
-            let result = delivery.await.map_err(|err| err.to_string());
+            let result = delivery.await;
             let _ = results.send(WriteResult { topic, key, purpose, result });
         });
     }
@@ -188,7 +191,13 @@ impl Node {
 
     fn on_record(&mut self, record: Record) {
         let Record { topic, offset, key, value, .. } = record;
-        let outcome = self.view.apply(topic, offset, key.as_deref(), value.as_deref());
+        // No record may take the node down: a panic while folding one skips it.
+        let applied =
+            crate::fault::contain(|| self.view.apply(topic, offset, key.as_deref(), value.as_deref()));
+        let outcome = applied.unwrap_or_else(|reason| {
+            error!(%topic, offset, %reason, "record could not be read; skipped");
+            Outcome::Skipped(reason)
+        });
         let key = key.map(|key| String::from_utf8_lossy(&key).into_owned()).unwrap_or_default();
         if self.unread.get(&(topic, key.clone())).is_some_and(|sent| *sent <= offset) {
             self.unread.remove(&(topic, key.clone()));
@@ -274,6 +283,7 @@ impl Node {
                 self.claim_check = Some((epoch, token));
                 self.reader.sync(token);
             }
+            (Err(BusError::TooLarge { message, .. }), Purpose::Leader) => self.unwritable(&key, message),
             (Err(message), _) => warn!(%key, %message, "write failed; will retry"),
         }
     }
@@ -371,6 +381,7 @@ impl Node {
                 now_ms: crate::supervisor::oneshot::now_ms(),
                 busy: &busy,
                 may_still_run: &may_still_run,
+                failed: &self.unwritable,
             };
             let mut writes = reconcile(&self.view, &inputs);
             let context = scheduler::Context {
@@ -382,6 +393,7 @@ impl Node {
                 busy: &|topic, key| self.busy(topic, key),
                 schedules: &self.schedules,
                 may_still_run: &may_still_run,
+                failed: &self.unwritable,
             };
             writes.extend(scheduler::plan(&context));
             self.schedules.retain(&self.view);
@@ -391,6 +403,23 @@ impl Node {
         }
         self.step_runner();
         self.run_wake = self.step_runs();
+    }
+
+    /// The bus refused a leader record for its size: the task it is about is failed (for its
+    /// current revision) instead of being written again in a loop.
+    fn unwritable(&mut self, key: &str, message: String) {
+        let task = ["task", "sched"]
+            .iter()
+            .find_map(|kind| key::task_of(key, kind).and_then(|id| TaskId::new(id).ok()))
+            .or_else(|| key::task_and_uuid(key, "run").map(|(task, _)| task));
+        let Some(task) = task else {
+            error!(%key, %message, "the bus refused a leader record for its size");
+            return;
+        };
+        let Some(revision) = self.view.specs.get(&task).map(|entry| entry.revision) else { return };
+        let reason = format!("a record about this task is too large for the bus: {message}");
+        error!(%task, %key, %reason, "failing the task");
+        self.unwritable.insert(task, (revision, reason));
     }
 
     /// Takes in the lease: fences or (after a read to the end) opens, and tells the shims how

@@ -135,6 +135,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         shipper: Some(shipper),
         held_pruned: std::time::Instant::now(),
         schedules: crate::scheduler::Schedules::default(),
+        unwritable: BTreeMap::new(),
         config,
     };
 

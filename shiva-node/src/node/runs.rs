@@ -36,7 +36,7 @@ pub(crate) const RECENT_CONFIRMS: usize = 32;
 /// leaves a run `lost` rather than `missed`.
 pub(crate) fn start_lead(recent_ms: &VecDeque<u64>) -> Duration {
     let slowest = recent_ms.iter().copied().max().unwrap_or(0);
-    Duration::from_millis(slowest * 2).clamp(START_LEAD, MAX_START_LEAD)
+    Duration::from_millis(slowest.saturating_mul(2)).clamp(START_LEAD, MAX_START_LEAD)
 }
 
 /// A run this node holds.
@@ -182,7 +182,7 @@ impl Node {
             if entry.is_final() {
                 continue;
             }
-            let start_at = intent.launch_at_ms - lead;
+            let start_at = intent.launch_at_ms.saturating_sub(lead);
             if entry.report.is_some() {
                 // Started by an earlier incarnation of this node, whose children died with it.
                 warn!(task = %intent.task, run = %id, "run was started by an earlier incarnation of this node: lost");
@@ -226,7 +226,7 @@ impl Node {
             self.held
                 .retain(|id, held| !matches!(held.phase, Phase::Done) || view.run(&held.task, id).is_some());
         }
-        next.map(|at| Duration::from_millis((at - now_ms()).max(0) as u64))
+        next.map(|at| Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64))
     }
 
     /// Graceful shutdown: stop launched runs, cancel the ones not launched yet.

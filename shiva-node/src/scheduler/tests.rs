@@ -119,6 +119,7 @@ impl Sim {
             busy: &|_, _| false,
             schedules: &self.schedules,
             may_still_run: &|_, _| false,
+            failed: &Default::default(),
         };
         for write in plan(&context) {
             let value = write.body.map(|body| self.env(leader, body));

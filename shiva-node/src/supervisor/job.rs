@@ -77,7 +77,31 @@ pub fn start(
     generation: u64,
 ) -> (mpsc::UnboundedSender<JobControl>, JoinHandle<()>) {
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let handle = tokio::spawn(run(context, spec, generation, control_rx));
+    let task = spec.id.clone();
+    let reports = context.reports.clone();
+    let job = tokio::spawn(run(context, spec, generation, control_rx));
+    // A panic in the job fails this task on this node for good ("internal error: …",
+    // permanent, so the leader leaves it there), never the node.
+    let handle = tokio::spawn(async move {
+        if let Err(err) = job.await
+            && err.is_panic()
+        {
+            let reason = crate::fault::internal_error(err.into_panic().as_ref());
+            tracing::error!(%task, %reason, "the task's job failed");
+            let _ = reports.send(TaskStatus {
+                task,
+                generation,
+                state: RunState::Failed,
+                run_id: None,
+                pid: None,
+                attempt: 0,
+                restarts: 0,
+                last_exit: None,
+                message: Some(reason),
+                permanent: true,
+            });
+        }
+    });
     (control_tx, handle)
 }
 
@@ -150,6 +174,7 @@ async fn run(
     generation: u64,
     mut control: mpsc::UnboundedReceiver<JobControl>,
 ) {
+    crate::fault::hook(crate::fault::Stage::Run, &spec.id);
     let mut run = Run {
         task: spec.id.clone(),
         generation,

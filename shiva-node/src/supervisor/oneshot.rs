@@ -32,7 +32,18 @@ pub fn start(
     reports: mpsc::UnboundedSender<RunReport>,
 ) -> (mpsc::UnboundedSender<RunControl>, JoinHandle<()>) {
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let handle = tokio::spawn(execute(context, intent, control_rx, reports));
+    let failed = report(&intent, RunPhase::Failed, None);
+    let run = tokio::spawn(execute(context, intent, control_rx, reports.clone()));
+    // A panic in the run fails this run ("internal error: …"), never the node.
+    let handle = tokio::spawn(async move {
+        if let Err(err) = run.await
+            && err.is_panic()
+        {
+            let reason = crate::fault::internal_error(err.into_panic().as_ref());
+            tracing::error!(task = %failed.task, run = %failed.run_id, %reason, "the run failed");
+            let _ = reports.send(RunReport { message: Some(reason), ended_ms: Some(now_ms()), ..failed });
+        }
+    });
     (control_tx, handle)
 }
 
@@ -61,7 +72,7 @@ async fn execute(
     let send = |report: RunReport| {
         let _ = reports.send(report);
     };
-    let wait = Duration::from_millis((intent.launch_at_ms - now_ms()).max(0) as u64);
+    let wait = Duration::from_millis(intent.launch_at_ms.saturating_sub(now_ms()).max(0) as u64);
     tokio::select! {
         _ = tokio::time::sleep(wait) => {}
         Some(RunControl::Stop(reason)) = control.recv() => {
@@ -69,6 +80,7 @@ async fn execute(
             return;
         }
     }
+    crate::fault::hook(crate::fault::Stage::Run, &intent.task);
     let spec = &intent.spec;
     let slot = intent.trigger.slot_ms().and_then(chrono::DateTime::from_timestamp_millis);
     let extra: Vec<(&str, String)> = slot
@@ -88,7 +100,7 @@ async fn execute(
     };
     let pid = handle.pid;
     let started_ms = now_ms();
-    info!(task = %spec.id, run = %intent.run_id, attempt = intent.attempt, pid, late_ms = started_ms - intent.launch_at_ms, "run started");
+    info!(task = %spec.id, run = %intent.run_id, attempt = intent.attempt, pid, late_ms = started_ms.saturating_sub(intent.launch_at_ms), "run started");
     let running = RunReport {
         pid: Some(pid),
         started_ms: Some(started_ms),

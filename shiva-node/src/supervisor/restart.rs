@@ -60,7 +60,7 @@ impl Restarts {
         while self.recent.front().is_some_and(|at| now.duration_since(*at) >= window) {
             self.recent.pop_front();
         }
-        if self.recent.len() as u32 >= self.spec.max_restarts {
+        if self.recent.len() >= self.spec.max_restarts as usize {
             return Decision::GiveUp(format!(
                 "restarted {} times within {}: giving up on this node",
                 self.recent.len(),
@@ -68,10 +68,10 @@ impl Restarts {
             ));
         }
         self.recent.push_back(now);
-        self.unstable += 1;
-        let delay = self.spec.backoff.delay_before(self.unstable + 1);
+        self.unstable = self.unstable.saturating_add(1);
+        let delay = self.spec.backoff.delay_before(self.unstable.saturating_add(1));
         let jittered = delay.as_secs_f64() * (1.0 + 0.1 * jitter.clamp(-1.0, 1.0));
-        Decision::Restart(Duration::from_secs_f64(jittered.max(0.0)))
+        Decision::Restart(Duration::try_from_secs_f64(jittered.max(0.0)).unwrap_or(delay))
     }
 
     /// Restarts counted in the window.

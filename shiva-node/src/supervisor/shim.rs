@@ -39,7 +39,7 @@ const MAX_LINE: usize = 64 * 1024;
 /// Starts shims; shared by every run of the node.
 #[derive(Debug)]
 pub struct ShimLauncher {
-    /// The node binary (run as `<exe> __shim <json>`).
+    /// The node binary (run as `<exe> __shim`, its configuration on stdin).
     pub exe: PathBuf,
     /// How runs are kept together.
     pub isolation: Isolation,
@@ -84,6 +84,11 @@ impl RunHandle {
         let _ = self.control.send(reason.replace('\n', " "));
     }
 
+    /// Whether the run's end is known.
+    fn is_over(&mut self) -> bool {
+        self.ended.is_some() || !matches!(self.exit.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+    }
+
     /// Waits for the end of the run. Cancel-safe: a dropped wait loses nothing.
     pub async fn wait(&mut self) -> RunExit {
         if self.ended.is_none() {
@@ -91,6 +96,15 @@ impl RunHandle {
             self.ended = Some((&mut self.exit).await.unwrap_or(lost));
         }
         self.ended.clone().expect("set above")
+    }
+}
+
+impl Drop for RunHandle {
+    /// A run nobody supervises any more (its job ended or failed) is stopped, never left alone.
+    fn drop(&mut self) {
+        if !self.is_over() {
+            self.stop("its job on the node ended");
+        }
     }
 }
 
@@ -181,9 +195,9 @@ impl ShimLauncher {
         };
         let json = serde_json::to_string(&config).map_err(io::Error::other)?;
         let run_log = config.log.clone();
+        // The configuration goes on the shim's stdin, never on its command line.
         let mut child = tokio::process::Command::new(&self.exe)
             .arg(SHIM_ARG)
-            .arg(json)
             .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -197,6 +211,9 @@ impl ShimLauncher {
         std::fs::write(&record_path, serde_json::to_vec(&record).map_err(io::Error::other)?)?;
         let mut stdin = child.stdin.take().expect("piped");
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut line = json.into_bytes();
+        line.push(b'\n');
+        let written = stdin.write_all(&line).await;
         let pid = match read_event(&mut lines).await {
             Some(ShimEvent::Started { pid }) => pid,
             Some(ShimEvent::Failed { error }) => {
@@ -208,7 +225,12 @@ impl ShimLauncher {
                 let _ = child.kill().await;
                 kill_record(&record);
                 let _ = std::fs::remove_file(&record_path);
-                return Err(io::Error::other(format!("the run shim did not start the task ({other:?})")));
+                let configuration =
+                    written.err().map(|err| format!("; writing its configuration failed: {err}"));
+                return Err(io::Error::other(format!(
+                    "the run shim did not start the task ({other:?}){}",
+                    configuration.unwrap_or_default()
+                )));
             }
         };
         let record = Record { task: pid, task_start: tree::start_time(pid), ..record };

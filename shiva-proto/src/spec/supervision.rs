@@ -154,9 +154,6 @@ impl TaskSpec {
         if let Some((field, _)) = service_only.iter().find(|(_, set)| *set && !service) {
             return Err(SpecError::field(field, "only applies to long-running tasks (no schedule, no once)"));
         }
-        if service && self.restart_window.is_zero() {
-            return Err(SpecError::field("restart_window", "must be longer than 0s"));
-        }
         if let Some(user) = &self.user {
             let ok = !user.is_empty()
                 && user.len() <= 64
@@ -173,8 +170,12 @@ impl TaskSpec {
         }
         if let Some(text) = &self.memory_max {
             let bytes = parse_bytes(text).map_err(|message| SpecError::field("memory_max", message))?;
-            if bytes < 1 << 20 {
-                return Err(SpecError::field("memory_max", format!("'{text}' is below the minimum of 1MiB")));
+            let (min, max) = super::bounds::MEMORY_MAX;
+            if !(min..=max).contains(&bytes) {
+                return Err(SpecError::field(
+                    "memory_max",
+                    format!("'{text}' ({bytes} bytes) is out of range: from 1MiB to 1PiB"),
+                ));
             }
         }
         if let Some(Cores(cores)) = self.cpu_max

@@ -1,7 +1,10 @@
 use super::*;
 
 fn err(text: &str) -> String {
-    TaskSpec::from_user_json(text).unwrap_err().to_string()
+    match TaskSpec::from_user_json(text) {
+        Ok(_) => panic!("accepted: {}", text.chars().take(200).collect::<String>()),
+        Err(err) => err.to_string(),
+    }
 }
 
 #[test]
@@ -127,4 +130,98 @@ fn supervision_errors_name_the_field() {
         err(r#"{"id":"a","command":"x","schedule":"@hourly","backoff":{"initial":"2s"}}"#)
             .contains("'backoff'")
     );
+}
+
+/// Every bounded field, at its bounds (accepted) and just past them (refused, naming the
+/// field, the value and the range).
+#[test]
+fn every_bound_is_enforced_at_its_edges() {
+    let periodic = r#""schedule":"* * * * * *","catch_up":"latest""#;
+    let once = r#""once":true"#;
+    // (extra fields, accepted)
+    let cases: &[(&str, bool, &str)] = &[
+        (r#""stop_grace":"1h""#, true, ""),
+        (r#""stop_grace":"1h 1ms""#, false, "stop_grace"),
+        (r#""stop_grace":"0s""#, true, ""),
+        (&format!(r#"{periodic},"starting_deadline":"1825days""#), true, ""),
+        (&format!(r#"{periodic},"starting_deadline":"1825days 1s""#), false, "starting_deadline"),
+        (&format!(r#"{periodic},"starting_deadline":"1000000y""#), false, "starting_deadline"),
+        (&format!(r#"{periodic},"starting_deadline":"0s""#), true, ""),
+        (&format!(r#"{periodic},"jitter":"1day""#), true, ""),
+        (&format!(r#"{periodic},"jitter":"1day 1ms""#), false, "jitter"),
+        (&format!(r#"{periodic},"max_runtime":"1ms""#), true, ""),
+        (&format!(r#"{periodic},"max_runtime":"0s""#), false, "max_runtime"),
+        (&format!(r#"{periodic},"max_runtime":"1825days 1s""#), false, "max_runtime"),
+        (&format!(r#"{periodic},"max_catch_up":1000"#), true, ""),
+        (&format!(r#"{periodic},"max_catch_up":1001"#), false, "max_catch_up"),
+        (&format!(r#"{periodic},"max_catch_up":0"#), false, "max_catch_up"),
+        (&format!(r#"{periodic},"max_catch_up":4294967295"#), false, "max_catch_up"),
+        (&format!(r#"{once},"max_attempts":1000"#), true, ""),
+        (&format!(r#"{once},"max_attempts":1001"#), false, "max_attempts"),
+        (&format!(r#"{once},"backoff":{{"initial":"1day","max":"1day","multiplier":100}}"#), true, ""),
+        (&format!(r#"{once},"backoff":{{"initial":"1s","max":"1day 1s"}}"#), false, "backoff.max"),
+        (&format!(r#"{once},"backoff":{{"initial":"1s","max":"100000000y"}}"#), false, "backoff.max"),
+        (&format!(r#"{once},"backoff":{{"multiplier":100.5}}"#), false, "backoff.multiplier"),
+        (&format!(r#"{once},"backoff":{{"multiplier":1e308}}"#), false, "backoff.multiplier"),
+        (r#""max_restarts":10000"#, true, ""),
+        (r#""max_restarts":10001"#, false, "max_restarts"),
+        (r#""restart_window":"7days""#, true, ""),
+        (r#""restart_window":"7days 1ms""#, false, "restart_window"),
+        (r#""stable_after":"7days 1ms""#, false, "stable_after"),
+        (r#""memory_max":"1PiB""#, true, ""),
+        (r#""memory_max":"2PiB""#, false, "memory_max"),
+        (r#""tags":["a","b"]"#, true, ""),
+    ];
+    for (extra, accepted, field) in cases {
+        let text = format!(r#"{{"id":"a","command":"x",{extra}}}"#);
+        match TaskSpec::from_user_json(&text) {
+            Ok(_) => assert!(accepted, "{text} should be refused"),
+            Err(err) => {
+                let message = err.to_string();
+                assert!(!accepted, "{text} should be accepted: {message}");
+                assert!(message.contains(&format!("'{field}'")), "{text}: {message} should name {field}");
+            }
+        }
+    }
+    let message = err(&format!(r#"{{"id":"a","command":"x",{periodic},"starting_deadline":"1000000y"}}"#));
+    assert!(message.contains("out of range: from 0s to 1825d"), "{message}");
+}
+
+#[test]
+fn sizes_and_counts_are_bounded() {
+    let long_tag = "t".repeat(256);
+    assert!(err(&format!(r#"{{"id":"a","command":"x","tags":["{long_tag}"]}}"#)).contains("'tags[0]'"));
+    let many: Vec<String> = (0..65).map(|i| format!("\"t{i}\"")).collect();
+    assert!(err(&format!(r#"{{"id":"a","command":"x","tags":[{}]}}"#, many.join(","))).contains("'tags'"));
+    let long_command = "c".repeat(4097);
+    assert!(err(&format!(r#"{{"id":"a","command":"{long_command}"}}"#)).contains("'command'"));
+    // One environment string at the kernel's cap is refused; one just under it is accepted.
+    let over = "v".repeat(128 * 1024 - 2);
+    assert!(err(&format!(r#"{{"id":"a","command":"x","env":{{"A":"{over}"}}}}"#)).contains("'env.A'"));
+    let under = "v".repeat(128 * 1024 - 3);
+    TaskSpec::from_user_json(&format!(r#"{{"id":"a","command":"x","env":{{"A":"{under}"}}}}"#)).unwrap();
+    // 1 MiB of environment in 16 variables of 64 KiB runs; 2 MiB is refused, naming the total.
+    let env = |count: usize| {
+        let value = "v".repeat(64 * 1024 - 16);
+        let vars: Vec<String> = (0..count).map(|i| format!(r#""V{i}":"{value}""#)).collect();
+        format!(r#"{{"id":"a","command":"x","env":{{{}}}}}"#, vars.join(","))
+    };
+    TaskSpec::from_user_json(&env(16)).unwrap();
+    let message = err(&env(32));
+    assert!(message.contains("'args and env'") && message.contains("in all"), "{message}");
+}
+
+#[test]
+fn a_spec_whose_records_would_be_too_large_is_refused_naming_the_size_and_limit() {
+    // Control characters take 6 bytes each in JSON: 1.2 MB of them is within the exec limit,
+    // but not within a record.
+    let mut spec = TaskSpec::new(TaskId::new("a").unwrap(), "x", vec![]);
+    for i in 0..20 {
+        spec.env.insert(format!("V{i}"), "\u{1}".repeat(60 * 1024));
+    }
+    spec.validate().unwrap();
+    let message = spec.check_record_size().unwrap_err().to_string();
+    assert!(message.contains("too large") && message.contains("limit of"), "{message}");
+    assert!(spec.validate_all().is_err());
+    TaskSpec::new(TaskId::new("a").unwrap(), "x", vec![]).check_record_size().unwrap();
 }
