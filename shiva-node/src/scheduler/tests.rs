@@ -616,3 +616,5 @@ fn a_slot_whose_relaunch_was_cancelled_too_runs_once_as_attempt_3() {
     assert_eq!(sim.slot_launches().get(&slot), Some(&1), "the slot runs once, as attempt 3");
     assert!(sim.max_concurrent <= 1);
 }
+
+mod extremes;
