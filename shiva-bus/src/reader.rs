@@ -43,6 +43,29 @@ pub enum ReaderEvent {
     SyncFailed(u64, String),
     /// A client error (broker down, …); the reader keeps going.
     Error(String),
+    /// A topic's end fell below what was already read (the topic was deleted and recreated, or
+    /// the broker lost its tail): the records read no longer describe the log, and whatever is
+    /// written next would be skipped. The reader stops after this event.
+    Regressed {
+        /// The topic.
+        topic: String,
+        /// The next offset this reader expected.
+        position: i64,
+        /// The topic's end now.
+        end: i64,
+    },
+}
+
+impl ReaderEvent {
+    /// The message of a [`ReaderEvent::Regressed`].
+    pub fn regressed_message(topic: &str, position: i64, end: i64) -> String {
+        format!(
+            "topic {topic} went backwards: its end is offset {end}, but records up to offset {} were \
+             already read (was it deleted and recreated, or did the broker lose its tail?); stopping \
+             rather than skipping every new record: repair or restore the topic, then start again",
+            position - 1
+        )
+    }
 }
 
 enum Request {
@@ -116,6 +139,23 @@ impl Drop for Reader {
 
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often the reader checks that no topic went backwards when nothing else asked for the
+/// topics' ends.
+const REGRESSION_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// The first topic whose end lies below the read position: `(topic, position, end)`.
+fn regressed(
+    names: &BTreeMap<String, TopicKind>,
+    positions: &BTreeMap<TopicKind, i64>,
+    ends: &BTreeMap<TopicKind, i64>,
+) -> Option<(String, i64, i64)> {
+    names.iter().find_map(|(name, kind)| {
+        let position = positions.get(kind).copied().unwrap_or(0);
+        let end = ends.get(kind).copied()?;
+        (end < position).then(|| (name.clone(), position, end))
+    })
+}
+
 /// The current end (next offset) of every topic read, in one ListOffsets request.
 fn topic_ends(
     consumer: &BaseConsumer<Context>,
@@ -160,6 +200,7 @@ fn poll_loop(
     let mut positions: BTreeMap<TopicKind, i64> = names.values().map(|kind| (*kind, 0)).collect();
     let mut pending: Vec<(u64, BTreeMap<TopicKind, i64>)> = Vec::new();
     let send = |event| events.blocking_send(event).is_ok();
+    let mut checked = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
         // Every read-to-end asked since the last turn shares one end query: one ListOffsets
         // request for all topics (per-topic watermark queries cost two requests each, and
@@ -169,9 +210,17 @@ fn poll_loop(
             Err(_) => None,
         })
         .collect();
-        if !tokens.is_empty() {
+        let check = checked.elapsed() >= REGRESSION_CHECK_EVERY;
+        if !tokens.is_empty() || check {
             let started = std::time::Instant::now();
+            checked = started;
             match topic_ends(&consumer, &names) {
+                Ok(targets) if let Some((topic, position, end)) = regressed(&names, &positions, &targets) => {
+                    let _ = send(ReaderEvent::Regressed { topic, position, end });
+                    return;
+                }
+                Ok(_) if tokens.is_empty() => {}
+                Err(_) if tokens.is_empty() => {}
                 Ok(targets) => {
                     tracing::debug!(?tokens, elapsed = ?started.elapsed(), ?targets, "topic ends read");
                     pending.extend(tokens.into_iter().map(|token| (token, targets.clone())));
@@ -191,7 +240,8 @@ fn poll_loop(
                 let position = positions.entry(kind).or_insert(0);
                 if message.offset() < *position {
                     // tansu 0.6.0 serves records again after the end of a compacted partition:
-                    // a record below the read position was already delivered, in order.
+                    // a record below the read position was already delivered, in order. (A
+                    // topic whose end fell below the position is caught by `regressed`.)
                     tracing::trace!(topic = %kind, offset = message.offset(), "record read again; dropped");
                     continue;
                 }

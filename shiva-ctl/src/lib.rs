@@ -350,6 +350,11 @@ pub async fn snapshot(
                 }
                 ReaderEvent::SyncFailed(_, message) => return Err(CtlError::Unreachable(message)),
                 ReaderEvent::Error(_) => {}
+                ReaderEvent::Regressed { topic, position, end } => {
+                    return Err(CtlError::Failed(anyhow::anyhow!(ReaderEvent::regressed_message(
+                        &topic, position, end
+                    ))));
+                }
             }
         }
         Err(CtlError::Failed(anyhow::anyhow!("the bus reader stopped")))

@@ -211,6 +211,10 @@ fn default_workspace(cluster: &str, node: &NodeId) -> PathBuf {
     base.join("shiva").join(cluster).join(node.as_str())
 }
 
+fn show(duration: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(duration)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,8 +251,4 @@ mod tests {
         use clap::CommandFactory;
         NodeArgs::command().debug_assert();
     }
-}
-
-fn show(duration: Duration) -> humantime::FormattedDuration {
-    humantime::format_duration(duration)
 }

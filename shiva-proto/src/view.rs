@@ -337,6 +337,9 @@ impl LogView {
         let outcome = match value {
             None => self.tombstone(topic, key),
             Some(value) => match Envelope::decode(value) {
+                Err(err) if topic == TopicKind::Commands && key.starts_with("task/") => Outcome::Skipped(
+                    format!("record '{key}': {}", explain_spec(value).unwrap_or(err.to_string())),
+                ),
                 Err(err) => Outcome::Skipped(format!("record '{key}': {err}")),
                 Ok(envelope) => {
                     let kind = envelope.body.kind();
@@ -565,6 +568,23 @@ impl LogView {
             (topic, body) => return Err(format!("a {} record does not belong on {topic}", body.kind())),
         }
         Ok(())
+    }
+}
+
+/// Why the body of a task record that failed to decode is not a spec, naming the field
+/// (`field 'max_catch_up': invalid value…`), when it is a version-1 envelope of kind `task`.
+fn explain_spec(value: &[u8]) -> Option<String> {
+    if value.len() > crate::records::MAX_RECORD_BYTES {
+        return None;
+    }
+    let envelope: serde_json::Value = serde_json::from_slice(value).ok()?;
+    if envelope.get("kind")?.as_str()? != "task" || envelope.get("v")?.as_u64()? != 1 {
+        return None;
+    }
+    let body = envelope.get("body")?;
+    match serde_path_to_error::deserialize::<_, TaskSpec>(body) {
+        Ok(_) => None,
+        Err(err) => Some(format!("invalid task spec: field '{}': {}", err.path(), err.inner())),
     }
 }
 

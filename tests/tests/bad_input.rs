@@ -73,11 +73,13 @@ fn forged_malformed_and_oversized_records_are_skipped_and_never_make_a_non_node_
         assert!(log.contains("skipped record"), "node {} logged no skipped record", node.id);
         assert!(!log.contains("panicked"), "node {} panicked:\n{log}", node.id);
     }
+    // A malformed or oversized definition fails its own task, visibly, and nothing else.
     let list = cluster.ctl.tasks();
-    assert!(
-        !list.contains_key("junk") && !list.contains_key("big"),
-        "malformed specs are not tasks: {list:?}"
-    );
+    for (task, why) in [("junk", "malformed"), ("big", "big")] {
+        let row = &list[task];
+        assert_eq!(row["state"], "failed", "{task}: {row}");
+        assert!(row["reason"].as_str().unwrap_or("").contains(why), "{task}: {row}");
+    }
 }
 
 #[test]

@@ -252,6 +252,7 @@ mod shiva_e2e_reader {
                     }
                     ReaderEvent::Synced(_) => break,
                     ReaderEvent::SyncFailed(_, message) => panic!("{message}"),
+                    ReaderEvent::Regressed { topic, .. } => panic!("{topic} went backwards"),
                     ReaderEvent::Error(_) => {}
                 }
             }

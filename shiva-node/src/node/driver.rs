@@ -141,8 +141,9 @@ impl Node {
         self.unacked.contains_key(&entry) || self.unread.contains_key(&entry)
     }
 
-    /// Handles a reader event; returns the token of a completed read-to-end.
-    pub(crate) fn on_reader_event(&mut self, event: ReaderEvent) -> Option<u64> {
+    /// Handles a reader event; returns the token of a completed read-to-end. An error is fatal:
+    /// the log went backwards.
+    pub(crate) fn on_reader_event(&mut self, event: ReaderEvent) -> anyhow::Result<Option<u64>> {
         match event {
             ReaderEvent::Record(record) => self.on_record(record),
             ReaderEvent::Synced(token) => {
@@ -161,7 +162,12 @@ impl Node {
                     );
                 }
                 self.on_runs_synced(token);
-                return Some(token);
+                return Ok(Some(token));
+            }
+            ReaderEvent::Regressed { topic, position, end } => {
+                let message = ReaderEvent::regressed_message(&topic, position, end);
+                error!(%topic, position, end, "{message}");
+                anyhow::bail!(message);
             }
             ReaderEvent::SyncFailed(token, message) => {
                 warn!(token, %message, "failed to read the log to its end");
@@ -186,7 +192,7 @@ impl Node {
                 }
             }
         }
-        None
+        Ok(None)
     }
 
     fn on_record(&mut self, record: Record) {

@@ -48,6 +48,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     );
     std::fs::create_dir_all(&config.workspace)
         .with_context(|| format!("failed to create the workspace {}", config.workspace.display()))?;
+    // Before anything touches a process: a second node on this workspace refuses here.
+    let _workspace_lock = lock_workspace(&config.workspace)?;
     if !ensure_topics(&config, &shutdown).await? {
         return Ok(());
     }
@@ -80,10 +82,6 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             logs_dir: config.workspace.join("logs"),
             shipper: Some(shipper.clone()),
         };
-        let left = tokio::task::block_in_place(|| shims.stop_leftovers());
-        if left > 0 {
-            warn!(runs = left, "stopped runs left by an earlier incarnation of this node");
-        }
         Some(Supervisor::new(JobContext {
             node_id: config.node_id.to_string(),
             workspace: config.workspace.clone(),
@@ -151,6 +149,15 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     if !check_node_id(&mut node, &mut events, &shutdown).await? {
         return Ok(());
     }
+    // Only now, with the workspace locked and no live node using this id, may what an earlier
+    // incarnation left be stopped.
+    if let Some(supervisor) = &node.supervisor {
+        let shims = &supervisor.context().shims;
+        let left = tokio::task::block_in_place(|| shims.stop_leftovers());
+        if left > 0 {
+            warn!(runs = left, "stopped runs left by an earlier incarnation of this node");
+        }
+    }
     node.ready = true;
 
     let mut ticker = tokio::time::interval(node.config.heartbeat_interval);
@@ -160,7 +167,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             _ = shutdown.cancelled() => break,
             event = events.recv() => {
                 let Some(event) = event else { bail!("the bus reader stopped") };
-                node.on_reader_event(event);
+                node.on_reader_event(event)?;
             }
             Some(result) = results_rx.recv() => node.on_write_result(result),
             Some(status) = reports_rx.recv() => node.on_status(status),
@@ -171,7 +178,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         // Take in everything already waiting, then decide once: a step walks every task.
         loop {
             if let Ok(event) = events.try_recv() {
-                node.on_reader_event(event);
+                node.on_reader_event(event)?;
             } else if let Ok(result) = results_rx.try_recv() {
                 node.on_write_result(result);
             } else if let Ok(status) = reports_rx.try_recv() {
@@ -186,6 +193,38 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     }
     leave(&mut node, &mut reports_rx, &mut run_reports_rx).await;
     Ok(())
+}
+
+/// Takes the workspace's lock (`<workspace>/node.lock`, held until the node exits, released by
+/// the kernel even on `kill -9`; not inherited by the run shims): two nodes on one workspace
+/// would stop each other's runs as leftovers.
+fn lock_workspace(workspace: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Seek, Write};
+    let path = workspace.join("node.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("failed to open {}", path.display()))?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = std::io::read_to_string(&file).unwrap_or_default();
+            bail!(
+                "the workspace {} is in use by another running node (pid {}); refusing to start: give \
+                 this node another --workspace or stop the other one",
+                workspace.display(),
+                holder.trim()
+            );
+        }
+        Err((_, errno)) => return Err(errno).with_context(|| format!("failed to lock {}", path.display())),
+    };
+    lock.set_len(0).context("failed to write the workspace lock")?;
+    lock.rewind().context("failed to write the workspace lock")?;
+    write!(lock, "{}", std::process::id()).context("failed to write the workspace lock")?;
+    Ok(lock)
 }
 
 /// Creates or checks the topics, retrying while the bus is unreachable. False: shut down.
@@ -235,7 +274,7 @@ async fn read_to_end(
                 node.reader.sync(token);
             }
             event => {
-                if node.on_reader_event(event) == Some(token) {
+                if node.on_reader_event(event)? == Some(token) {
                     return Ok(true);
                 }
             }
@@ -269,7 +308,7 @@ async fn check_node_id(
             _ = shutdown.cancelled() => return Ok(false),
             _ = &mut deadline => return Ok(true),
             event = events.recv() => {
-                node.on_reader_event(event.context("the bus reader stopped")?);
+                node.on_reader_event(event.context("the bus reader stopped")?)?;
                 if let Some(incarnation) = node.impostor {
                     bail!(
                         "node id '{me}' is already used by a live node (incarnation {incarnation}); \

@@ -52,12 +52,12 @@ fn show(duration: Duration) -> String {
     if ms == 0 {
         return "0s".to_owned();
     }
-    if duration.subsec_nanos() % 1_000_000 != 0 {
+    if !duration.subsec_nanos().is_multiple_of(1_000_000) {
         return humantime::format_duration(duration).to_string();
     }
     let units: [(u128, &str); 5] =
         [(u128::from(DAY) * 1000, "d"), (3_600_000, "h"), (60_000, "m"), (1000, "s"), (1, "ms")];
-    let (size, unit) = units.into_iter().find(|(size, _)| ms % size == 0).unwrap_or((1, "ms"));
+    let (size, unit) = units.into_iter().find(|(size, _)| ms.is_multiple_of(*size)).unwrap_or((1, "ms"));
     format!("{}{unit}", ms / size)
 }
 
