@@ -26,6 +26,9 @@ static FAULT: OnceLock<Vec<(Stage, TaskId)>> = OnceLock::new();
 /// Parses and installs the fault hook (`plan:<task>` or `run:<task>`, comma separated), once, at
 /// start. For tests only: a node started with it panics whenever it plans or runs that task.
 pub fn install(spec: Option<&str>) -> Result<(), String> {
+    if spec.is_none() {
+        return Ok(());
+    }
     let mut targets = Vec::new();
     for text in spec.into_iter().flat_map(|spec| spec.split(',')) {
         let (stage, task) = text.split_once(':').ok_or_else(|| format!("'{text}': expected STAGE:TASK"))?;
