@@ -219,8 +219,12 @@ fn poll_loop(
                     let _ = send(ReaderEvent::Regressed { topic, position, end });
                     return;
                 }
-                Ok(_) if tokens.is_empty() => {}
-                Err(_) if tokens.is_empty() => {}
+                Ok(targets) if tokens.is_empty() => {
+                    tracing::trace!(?targets, ?positions, "no topic went backwards")
+                }
+                Err(message) if tokens.is_empty() => {
+                    tracing::debug!(%message, "cannot check the topics' ends")
+                }
                 Ok(targets) => {
                     tracing::debug!(?tokens, elapsed = ?started.elapsed(), ?targets, "topic ends read");
                     pending.extend(tokens.into_iter().map(|token| (token, targets.clone())));

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shiva_e2e::{Cluster, Node, SETTLE, pid_alive, python, repo, scratch, task_processes, wait_until};
+use shiva_e2e::{Cluster, Node, SETTLE, bin, pid_alive, python, repo, scratch, task_processes, wait_until};
 
 /// Runs `tests/raw_record.py` (confluent-kafka) against the cluster's broker.
 fn raw(cluster: &Cluster, args: &[&str]) {
@@ -217,19 +217,24 @@ fn a_second_node_on_a_live_workspace_refuses_and_touches_nothing() {
     cluster.submit("twin/task", &[]);
     wait_running(&cluster, "twin/task", SETTLE);
     let before = task_processes(&cluster.name, "twin/task");
+    // The same id and workspace, as a mistaken second unit or a copy-pasted command line.
     let workspace = cluster.nodes[0].workspace.display().to_string();
-    let mut twin = Node::start(&cluster.broker, &cluster.name, "n1", &["--workspace", &workspace]);
-    let status = twin.wait_exit(Duration::from_secs(20));
-    assert_eq!(status.code(), Some(1), "the twin refuses");
-    let log = twin.log_text();
+    let output = Command::new(bin("shiva-node"))
+        .args(["--bus", &cluster.broker.url(), "--cluster", &cluster.name, "--node-id", "n1"])
+        .args(["--workspace", &workspace])
+        .output()
+        .expect("run a second shiva-node");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "the twin refuses: {log}");
     assert!(log.contains("is in use by another running node"), "{log}");
+    assert!(!log.contains("stopped runs left"), "{log}");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(task_processes(&cluster.name, "twin/task"), before, "the live node's run is untouched");
     assert!(pid_alive(before[0].0));
     assert_nodes_up(&mut cluster);
 }
 
-/// A topic whose end falls below a running node's read position (deleted and recreated): the
+/// A topic whose end falls below a running node's read position (the broker lost its tail): the
 /// node stops with an error naming the topic and the offsets, instead of skipping every new
 /// record.
 #[test]
@@ -239,13 +244,26 @@ fn a_topic_that_goes_backwards_stops_the_node_with_an_error_naming_it() {
         cluster.submit(&format!("back/{index}"), &[]);
     }
     wait_running(&cluster, "back/2", SETTLE);
+    // The broker loses the tail of the commands topic (a restore from an older backup): only
+    // its first record remains.
     let topic = format!("shiva.{}.commands", cluster.name);
-    raw(&cluster, &["recreate", &topic]);
+    cluster.broker.kill9();
+    let script = "import sqlite3, sys\n\
+        db = sqlite3.connect(sys.argv[1])\n\
+        (tp,) = db.execute('select topition.id from topition join topic on topic.id = topition.topic where topic.name = ?', (sys.argv[2],)).fetchone()\n\
+        db.execute('delete from header where topition = ? and offset_id >= 1', (tp,))\n\
+        db.execute('delete from record where topition = ? and offset_id >= 1', (tp,))\n\
+        db.execute('update watermark set high = 1 where topition = ?', (tp,))\n\
+        db.commit()\n";
+    let db = cluster.broker.dir.join("tansu.db");
+    let output = Command::new("python3").args(["-c", script, db.to_str().unwrap(), &topic]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    cluster.broker.restart();
     let status = cluster.nodes[0].wait_exit(Duration::from_secs(30));
     assert!(!status.success(), "the node stops");
     let log = cluster.nodes[0].log_text();
     assert!(log.contains(&format!("topic {topic} went backwards")), "{log}");
-    assert!(log.contains("its end is offset 0"), "{log}");
+    assert!(log.contains("its end is offset 1, but records up to offset"), "{log}");
     wait_until(Duration::from_secs(10), "the node's runs stopped with it", || {
         task_processes(&cluster.name, "back/0").is_empty()
     });
