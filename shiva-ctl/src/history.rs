@@ -87,6 +87,13 @@ pub fn history_rows(view: &LogView, task: &TaskId, limit: usize) -> Vec<HistoryR
 }
 
 fn scheduled_task(view: &LogView, task: &TaskId, verb: &str) -> Result<TaskKind, CtlError> {
+    if let Some(invalid) = view.invalid.get(task) {
+        return Err(CtlError::Failed(anyhow::anyhow!(
+            "{task} is failed: its definition (revision {}) is invalid: {}; submit a valid one",
+            invalid.revision,
+            invalid.reason
+        )));
+    }
     let spec = view.specs.get(task).ok_or_else(|| no_such_task(task))?;
     match spec.spec.kind() {
         TaskKind::Service => Err(CtlError::Failed(anyhow::anyhow!(
@@ -147,7 +154,7 @@ pub async fn history(
 ) -> Result<(), CtlError> {
     let task = TaskId::new(id).map_err(invalid)?;
     let view = snapshot(config, timeout, &TASK_TOPICS).await?;
-    if !view.specs.contains_key(&task) && !view.runs.contains_key(&task) {
+    if !view.is_defined(&task) && !view.runs.contains_key(&task) {
         return Err(no_such_task(&task));
     }
     let rows = history_rows(&view, &task, limit);

@@ -43,7 +43,7 @@ pub async fn print(
     if printed == 0 && !follow {
         // Nothing printed: say so when the task does not exist at all.
         let view = snapshot(config, timeout, &TASK_TOPICS).await?;
-        if !view.specs.contains_key(&task) {
+        if !view.is_defined(&task) {
             return Err(no_such_task(&task));
         }
     }

@@ -16,6 +16,7 @@ use shiva_proto::topics::key;
 use shiva_proto::view::SpecEntry;
 use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 
+use crate::fault::contain;
 use crate::placement::{Candidate, Demand, plan};
 
 /// A record the leader must write (`None`: tombstone).
@@ -144,7 +145,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     }
 
     let candidates = Candidate::runners(live);
-    let services: BTreeMap<&TaskId, Moves> = view
+    let services: BTreeMap<&TaskId, Result<Moves, String>> = view
         .specs
         .iter()
         .filter(|(task, entry)| {
@@ -152,12 +153,20 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                 && entry.spec.kind() == TaskKind::Service
                 && failure(view, failed, task, entry.revision).is_none()
         })
-        .map(|(task, entry)| (task, moves(view, task, entry.revision, now_ms)))
+        .map(|(task, entry)| (task, contain(|| moves(view, task, entry.revision, now_ms))))
         .collect();
-    let demands: Vec<Demand> = services
-        .iter()
-        .filter(|(_, moves)| moves.wait.is_none())
-        .map(|(task, moves)| {
+    // Every step below runs task by task inside `contain`: a panic fails that task only.
+    let mut panicked: BTreeMap<TaskId, String> = BTreeMap::new();
+    let services: BTreeMap<&TaskId, Moves> = services
+        .into_iter()
+        .filter_map(|(task, moves)| {
+            moves.map_err(|reason| panicked.insert(task.clone(), reason)).ok().map(|moves| (task, moves))
+        })
+        .collect();
+    let mut demands: Vec<Demand> = Vec::new();
+    for (task, moves) in services.iter().filter(|(_, moves)| moves.wait.is_none()) {
+        let demand = contain(|| {
+            crate::fault::hook(crate::fault::Stage::Plan, task);
             let spec = &view.specs[*task].spec;
             let current = view
                 .assigned_node(task)
@@ -170,9 +179,27 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             });
             let avoid = moves.failed_on.clone();
             Demand { task: (*task).clone(), tags: spec.tags.clone(), current, hold, avoid }
-        })
-        .collect();
-    let mut placements = plan(&candidates, &demands);
+        });
+        match demand {
+            Ok(demand) => demands.push(demand),
+            Err(reason) => {
+                panicked.insert((*task).clone(), reason);
+            }
+        }
+    }
+    let mut placements = contain(|| plan(&candidates, &demands)).unwrap_or_else(|_| {
+        // Which task made placement panic? Place each alone (spread is lost for this step).
+        let mut placements = BTreeMap::new();
+        for demand in &demands {
+            match contain(|| plan(&candidates, std::slice::from_ref(demand))) {
+                Ok(placed) => placements.extend(placed),
+                Err(reason) => {
+                    panicked.insert(demand.task.clone(), reason);
+                }
+            }
+        }
+        placements
+    });
 
     let tasks: BTreeSet<&TaskId> = view.specs.keys().chain(view.assignments.keys()).collect();
     for task in tasks {
@@ -190,10 +217,10 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         let moves = services.get(task);
         let failed_on = moves.map(|moves| moves.failed_on.clone()).unwrap_or_default();
         let retry_at_ms = moves.and_then(|moves| moves.wait.as_ref().map(|(at, _)| *at));
-        let decided = match failure(view, failed, task, spec.revision) {
+        let decided = match failure(view, failed, task, spec.revision).or_else(|| panicked.remove(task)) {
             Some(reason) => Err(reason),
             // A panic while deciding for this task fails the task, not the leader.
-            None => crate::fault::contain(|| {
+            None => contain(|| {
                 crate::fault::hook(crate::fault::Stage::Plan, task);
                 match placements.remove(task) {
                     Some(Ok(node)) => Placement::Assigned { node },
@@ -270,7 +297,8 @@ fn assignment_write(
 pub fn fail_write(view: &LogView, epoch: u64, task: &TaskId, reason: String) -> Option<Write> {
     let spec = view.specs.get(task)?;
     let current = view.assignments.get(task).map(|entry| &entry.assignment);
-    let generation = current.map_or(0, |current| current.generation).saturating_add(1);
+    // Past what reconciliation may have written in the same step.
+    let generation = current.map_or(0, |current| current.generation).saturating_add(2);
     let placement = Placement::Failed { reason };
     Some(assignment_write(epoch, task, generation, spec, placement, Vec::new(), None))
 }

@@ -9,9 +9,12 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     // Shim mode: one process per run (see `shiva_node::shim`).
-    let mut argv = std::env::args_os();
-    if argv.len() == 2 && argv.nth(1).is_some_and(|arg| arg == shiva_node::shim::SHIM_ARG) {
-        return ExitCode::from(shiva_node::shim::main());
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|arg| arg == shiva_node::shim::SHIM_ARG) {
+        // The configuration comes on stdin; a node of the previous version (running while this
+        // binary replaced its own) still passes it as the one argument.
+        let legacy = argv.get(2).and_then(|arg| arg.to_str());
+        return ExitCode::from(shiva_node::shim::main(legacy));
     }
     let args = NodeArgs::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHIVA_LOG")

@@ -63,6 +63,8 @@ pub struct Context<'a> {
 #[derive(Debug, Default)]
 pub struct Schedules {
     parsed: std::cell::RefCell<BTreeMap<TaskId, (i64, Parsed)>>,
+    /// Tasks whose planning panicked, by spec revision (`None`: the task has no valid spec).
+    panics: std::cell::RefCell<BTreeMap<TaskId, Option<i64>>>,
 }
 
 /// A task's parsed schedule (None: not periodic, or invalid).
@@ -86,6 +88,15 @@ impl Schedules {
     pub fn retain(&self, view: &LogView) {
         self.parsed.borrow_mut().retain(|task, _| view.specs.contains_key(task));
     }
+
+    /// Whether planning `task` at `revision` panicked before.
+    fn panicked(&self, task: &TaskId, revision: Option<i64>) -> bool {
+        self.panics.borrow().get(task) == Some(&revision)
+    }
+
+    fn note_panic(&self, task: &TaskId, revision: Option<i64>) {
+        self.panics.borrow_mut().insert(task.clone(), revision);
+    }
 }
 
 /// Computes the scheduler's writes.
@@ -106,21 +117,29 @@ pub fn plan(ctx: &Context<'_>) -> Vec<Write> {
         if (ctx.busy)(TopicKind::Assignments, &key::sched(task)) {
             continue;
         }
-        let failed = view
-            .specs
-            .get(task)
-            .and_then(|spec| crate::leader::failure(view, ctx.failed, task, spec.revision));
-        if failed.is_some() {
+        let revision = view.specs.get(task).map(|spec| spec.revision);
+        if ctx.schedules.panicked(task, revision) {
             continue;
         }
+        let failed = revision.and_then(|revision| crate::leader::failure(view, ctx.failed, task, revision));
         // A panic while planning this task fails the task: what it wrote is dropped.
         let before = writes.len();
         let planned = crate::fault::contain(|| {
-            crate::fault::hook(crate::fault::Stage::Plan, task);
-            TaskPlan::new(ctx, task, &mut load, &mut writes).run();
+            let plan = TaskPlan::new(ctx, task, &mut load, &mut writes);
+            match failed {
+                // Failed for this revision: its runs are stopped and judged, nothing new starts.
+                Some(reason) => plan.fail(&reason),
+                None => {
+                    crate::fault::hook(crate::fault::Stage::Plan, task);
+                    plan.run();
+                }
+            }
         });
         if let Err(reason) = planned {
             writes.truncate(before);
+            // Not planned again in this leadership (a task without a spec has nothing to
+            // fail), nor by the next leader once the failure is in the log.
+            ctx.schedules.note_panic(task, revision);
             if !(ctx.busy)(TopicKind::Assignments, &key::task(task)) {
                 writes.extend(crate::leader::fail_write(view, ctx.epoch, task, reason));
             }
@@ -213,7 +232,15 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         self.judge_runs_of_gone_nodes();
         self.restamp_unsettled();
         let Some(spec) = self.spec else {
-            self.forget();
+            match self.ctx.view.invalid.get(self.task) {
+                // Its newest definition is invalid: nothing of it runs, its history stays.
+                Some(invalid) => {
+                    let reason = format!("the task's definition is invalid: {}", invalid.reason);
+                    self.stop_all(&reason);
+                    self.trim_history();
+                }
+                None => self.forget(),
+            }
             return;
         };
         let desired = self.ctx.view.desired_state(self.task);
@@ -231,6 +258,26 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             TaskKind::Periodic => self.periodic(spec, desired),
             TaskKind::Once => self.once(spec, desired),
             TaskKind::Service => {}
+        }
+    }
+
+    /// A task failed for its revision (see [`crate::leader::failure`]): its runs are judged and
+    /// stopped, its history trimmed, a one-shot's outcome set; nothing new is launched.
+    fn fail(mut self, reason: &str) {
+        self.judge_runs_of_gone_nodes();
+        self.restamp_unsettled();
+        self.stop_all(reason);
+        self.trim_history();
+        if let Some(spec) = self.spec.filter(|spec| spec.spec.kind() == TaskKind::Once) {
+            let before = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched);
+            let mut sched = match before {
+                Some(sched) if sched.spec_revision == spec.revision => sched.clone(),
+                _ => Sched::fresh(self.ctx.epoch, self.task.clone(), spec.revision),
+            };
+            if sched.outcome.is_none() {
+                sched.outcome = Some(Outcome { state: RunPhase::Failed, reason: Some(reason.to_owned()) });
+            }
+            self.write_sched(sched, before);
         }
     }
 
@@ -321,7 +368,8 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     /// Finished runs beyond [`HISTORY`] (or all of them, once the task is deleted) are
     /// tombstoned on both topics.
     fn trim_history(&mut self) {
-        let keep = if self.spec.is_some() { HISTORY } else { 0 };
+        let defined = self.spec.is_some() || self.ctx.view.invalid.contains_key(self.task);
+        let keep = if defined { HISTORY } else { 0 };
         let mut finished: Vec<(i64, Uuid)> = self
             .runs
             .iter()
@@ -412,7 +460,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                     spec.spec.overlap.as_str()
                 ));
                 self.write_intent(intent);
-                sched.skipped += 1;
+                sched.skipped = sched.skipped.saturating_add(1);
                 false
             }
             OverlapAction::Replace(_) => {
@@ -582,7 +630,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                 break;
             }
         }
-        sched.skipped += plan.skipped as u64;
+        sched.skipped = sched.skipped.saturating_add(plan.skipped as u64);
         sched.decided_through_ms = Some(ms(through.max(decided)));
     }
 

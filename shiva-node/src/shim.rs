@@ -130,9 +130,16 @@ fn read_config() -> Result<(ShimConfig, Vec<u8>), String> {
     Ok((config, rest))
 }
 
-/// Runs the shim; returns its exit code.
-pub fn main() -> u8 {
-    let (config, input) = match read_config() {
+/// Runs the shim; returns its exit code. `legacy`: the configuration as the previous version's
+/// node passed it, on the command line (accepted for one release, for upgrades in place).
+pub fn main(legacy: Option<&str>) -> u8 {
+    let read = match legacy {
+        Some(text) => {
+            serde_json::from_str(text).map(|config| (config, Vec::new())).map_err(|err| err.to_string())
+        }
+        None => read_config(),
+    };
+    let (config, input) = match read {
         Ok(read) => read,
         Err(err) => {
             emit(&ShimEvent::Failed { error: format!("bad shim configuration: {err}") });

@@ -64,9 +64,18 @@ impl Schedule {
                         "field 'schedule[{index}]': '{expression}' has {fields} fields; cron takes 5, 6 (seconds first) or 7 (with a year)"
                     )));
                 }
-                expression
+                let cron = expression
                     .parse::<Cron>()
-                    .map_err(|err| SpecError(format!("field 'schedule[{index}]': '{expression}' is not a cron expression: {err}")))
+                    .map_err(|err| SpecError(format!("field 'schedule[{index}]': '{expression}' is not a cron expression: {err}")))?;
+                // One that never fires (`0 0 30 2 *`) would make every search for its next slot
+                // walk the calendar to its end: refused.
+                let origin = DateTime::<Utc>::UNIX_EPOCH.with_timezone(&timezone);
+                if cron.find_next_occurrence(&origin, false).is_err() {
+                    return Err(SpecError(format!(
+                        "field 'schedule[{index}]': '{expression}' never fires (no such date)"
+                    )));
+                }
+                Ok(cron)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(Schedule { crons, timezone }))

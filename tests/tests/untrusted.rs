@@ -76,12 +76,24 @@ fn extreme_specs_are_refused_at_the_door_and_fail_only_their_task_when_written_t
     let mut cluster = Cluster::start("untrusted", 3, &[&faults, &faults, &faults]);
     let leader = cluster.wait_nodes(3);
 
-    // The issue's command: refused, naming the field.
+    // The issue's command, `echo '…' | shiva-ctl submit -`: refused, naming the field, the value
+    // and the range.
     let issue = r#"{"id":"x","command":"sleep","args":["1"],"schedule":["* * * * * *"],"catch_up":"latest","starting_deadline":"1000000y"}"#;
-    let output = submit_file(&cluster, issue);
+    let mut child = Command::new(bin("shiva-ctl"))
+        .args(["--bus", &cluster.broker.url(), "--cluster", &cluster.name, "submit", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), issue.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("starting_deadline") && stderr.contains("out of range"), "{stderr}");
+    assert!(
+        stderr.contains("'starting_deadline': 1000000years is out of range: from 0s to 5years"),
+        "{stderr}"
+    );
     // The same spec, straight to the log.
     write_spec_raw(&cluster, "x", &issue.replace(r#""args":["1"]"#, r#""args":["1000"]"#));
 

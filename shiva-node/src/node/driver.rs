@@ -202,6 +202,19 @@ impl Node {
             crate::fault::contain(|| self.view.apply(topic, offset, key.as_deref(), value.as_deref()));
         let outcome = applied.unwrap_or_else(|reason| {
             error!(%topic, offset, %reason, "record could not be read; skipped");
+            // A definition that cannot be read fails its task, as an invalid one does.
+            if let (TopicKind::Commands, Some(_), Some(task)) = (
+                topic,
+                value.as_ref(),
+                key.as_deref()
+                    .and_then(|key| std::str::from_utf8(key).ok())
+                    .and_then(|key| key::task_of(key, "task"))
+                    .and_then(|id| TaskId::new(id).ok()),
+            ) {
+                self.view.specs.remove(&task);
+                let invalid = shiva_proto::view::InvalidSpec { revision: offset, reason: reason.clone() };
+                self.view.invalid.insert(task, invalid);
+            }
             Outcome::Skipped(reason)
         });
         let key = key.map(|key| String::from_utf8_lossy(&key).into_owned()).unwrap_or_default();
@@ -251,6 +264,11 @@ impl Node {
     }
 
     pub(crate) fn on_write_result(&mut self, result: WriteResult) {
+        // Failures of earlier revisions are forgotten.
+        let view = &self.view;
+        self.unwritable.retain(|task, (revision, _)| {
+            view.specs.get(task).is_some_and(|spec| spec.revision == *revision)
+        });
         let WriteResult { topic, key, purpose, result } = result;
         let entry = (topic, key.clone());
         if let Some(count) = self.unacked.get_mut(&entry) {
@@ -296,7 +314,7 @@ impl Node {
 
     pub(crate) fn on_status(&mut self, status: TaskStatus) {
         let task = status.task.clone();
-        let deleted = status.state == RunState::Stopped && !self.view.specs.contains_key(&task);
+        let deleted = status.state == RunState::Stopped && !self.view.is_defined(&task);
         let body = (!deleted).then(|| Body::Status(status.clone()));
         self.own_status.insert(task.clone(), status);
         self.send(TopicKind::Status, key::task(&task), body, Purpose::Status(task));
@@ -370,45 +388,63 @@ impl Node {
             }
         }
         if let Some(epoch) = self.leading {
-            let live = self.membership.live_members(self.config.node_beats());
-            let may_still_run = |node: &NodeId, grace: Duration| {
-                self.membership.may_still_run(
-                    node,
-                    grace,
-                    FENCE_MARGIN,
-                    self.config.heartbeat_interval,
-                    self.config.node_timeout,
-                )
-            };
-            let busy = |key: &str| self.busy(TopicKind::Assignments, key);
-            let inputs = Inputs {
-                live: &live,
-                epoch,
-                now_ms: crate::supervisor::oneshot::now_ms(),
-                busy: &busy,
-                may_still_run: &may_still_run,
-                failed: &self.unwritable,
-            };
-            let mut writes = reconcile(&self.view, &inputs);
-            let context = scheduler::Context {
-                view: &self.view,
-                live: &live,
-                epoch,
-                now: chrono::Utc::now(),
-                timing: TIMING,
-                busy: &|topic, key| self.busy(topic, key),
-                schedules: &self.schedules,
-                may_still_run: &may_still_run,
-                failed: &self.unwritable,
-            };
-            writes.extend(scheduler::plan(&context));
-            self.schedules.retain(&self.view);
-            for write in writes {
-                self.send(write.topic, write.key, write.body, Purpose::Leader);
+            // Task by task, decisions contain their own panics; this is the last resort for a
+            // bug outside any one task: the step is skipped, the node and its role stay.
+            let planned = crate::fault::contain(|| self.leader_writes(epoch));
+            match planned {
+                Ok(writes) => {
+                    for write in writes {
+                        self.send(write.topic, write.key, write.body, Purpose::Leader);
+                    }
+                }
+                Err(reason) => error!(epoch, %reason, "the leader's step failed; skipped"),
             }
         }
-        self.step_runner();
-        self.run_wake = self.step_runs();
+        if let Err(reason) = crate::fault::contain(|| self.step_runner()) {
+            error!(%reason, "the runner's step failed; skipped");
+        }
+        match crate::fault::contain(|| self.step_runs()) {
+            Ok(wake) => self.run_wake = wake,
+            Err(reason) => error!(%reason, "the runs' step failed; skipped"),
+        }
+    }
+
+    /// The leader's writes for this step: reconciliation, then the scheduler's.
+    fn leader_writes(&self, epoch: u64) -> Vec<crate::leader::Write> {
+        let live = self.membership.live_members(self.config.node_beats());
+        let may_still_run = |node: &NodeId, grace: Duration| {
+            self.membership.may_still_run(
+                node,
+                grace,
+                FENCE_MARGIN,
+                self.config.heartbeat_interval,
+                self.config.node_timeout,
+            )
+        };
+        let busy = |key: &str| self.busy(TopicKind::Assignments, key);
+        let inputs = Inputs {
+            live: &live,
+            epoch,
+            now_ms: crate::supervisor::oneshot::now_ms(),
+            busy: &busy,
+            may_still_run: &may_still_run,
+            failed: &self.unwritable,
+        };
+        let mut writes = reconcile(&self.view, &inputs);
+        let context = scheduler::Context {
+            view: &self.view,
+            live: &live,
+            epoch,
+            now: chrono::Utc::now(),
+            timing: TIMING,
+            busy: &|topic, key| self.busy(topic, key),
+            schedules: &self.schedules,
+            may_still_run: &may_still_run,
+            failed: &self.unwritable,
+        };
+        writes.extend(scheduler::plan(&context));
+        self.schedules.retain(&self.view);
+        writes
     }
 
     /// The bus refused a leader record for its size: the task it is about is failed (for its

@@ -70,14 +70,16 @@ impl Run {
     }
 }
 
-/// Starts a job for `spec` at `generation`.
+/// Starts a job for `spec` at `generation` (kept current by the supervisor).
 pub fn start(
     context: Arc<JobContext>,
     spec: TaskSpec,
-    generation: u64,
+    generation: Arc<std::sync::atomic::AtomicU64>,
 ) -> (mpsc::UnboundedSender<JobControl>, JoinHandle<()>) {
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let task = spec.id.clone();
+    let current = generation.clone();
+    let generation = generation.load(std::sync::atomic::Ordering::Relaxed);
     let reports = context.reports.clone();
     let job = tokio::spawn(run(context, spec, generation, control_rx));
     // A panic in the job fails this task on this node for good ("internal error: …",
@@ -90,7 +92,8 @@ pub fn start(
             tracing::error!(%task, %reason, "the task's job failed");
             let _ = reports.send(TaskStatus {
                 task,
-                generation,
+                // The generation the supervisor holds now (it may have changed since the start).
+                generation: current.load(std::sync::atomic::Ordering::Relaxed),
                 state: RunState::Failed,
                 run_id: None,
                 pid: None,

@@ -31,6 +31,8 @@ pub struct Wanted {
 
 struct Job {
     generation: u64,
+    /// The same, shared with the job's watcher (it reports a panic under the current one).
+    shared_generation: Arc<std::sync::atomic::AtomicU64>,
     spec_revision: i64,
     control: mpsc::UnboundedSender<JobControl>,
     handle: JoinHandle<()>,
@@ -86,15 +88,18 @@ impl Supervisor {
                 Some(job) => {
                     if job.generation != want.generation {
                         job.generation = want.generation;
+                        job.shared_generation.store(want.generation, std::sync::atomic::Ordering::Relaxed);
                         let _ = job.control.send(JobControl::Generation(want.generation));
                     }
                 }
                 None if self.stopping.contains_key(task) => {}
                 None => {
+                    let shared_generation = Arc::new(std::sync::atomic::AtomicU64::new(want.generation));
                     let (control, handle) =
-                        job::start(self.context.clone(), want.spec.clone(), want.generation);
+                        job::start(self.context.clone(), want.spec.clone(), shared_generation.clone());
                     let job = Job {
                         generation: want.generation,
+                        shared_generation,
                         spec_revision: want.spec_revision,
                         control,
                         handle,

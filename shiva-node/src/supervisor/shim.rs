@@ -35,6 +35,8 @@ const SEGMENT_BYTES: u64 = 8 << 20;
 const SEGMENTS: u32 = 4;
 /// Longest line kept whole.
 const MAX_LINE: usize = 64 * 1024;
+/// Longest a shim may take to read its configuration and start the task.
+const HANDSHAKE: Duration = Duration::from_secs(60);
 
 /// Starts shims; shared by every run of the node.
 #[derive(Debug)]
@@ -213,8 +215,16 @@ impl ShimLauncher {
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
         let mut line = json.into_bytes();
         line.push(b'\n');
-        let written = stdin.write_all(&line).await;
-        let pid = match read_event(&mut lines).await {
+        // Bounded: a shim that never reads or never answers fails the launch instead of holding
+        // the job (which cannot be stopped meanwhile) for ever.
+        let handshake = async {
+            let written = stdin.write_all(&line).await;
+            (written, read_event(&mut lines).await)
+        };
+        let (written, first) = tokio::time::timeout(HANDSHAKE, handshake)
+            .await
+            .unwrap_or_else(|_| (Err(io::Error::other(format!("no answer within {HANDSHAKE:?}"))), None));
+        let pid = match first {
             Some(ShimEvent::Started { pid }) => pid,
             Some(ShimEvent::Failed { error }) => {
                 let _ = child.wait().await;

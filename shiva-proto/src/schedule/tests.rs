@@ -145,3 +145,18 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn an_expression_whose_dates_are_past_answers_quickly() {
+    let mut spec = crate::TaskSpec::new(crate::TaskId::new("t").unwrap(), "x", vec![]);
+    spec.schedule = vec!["0 0 0 1 1 * 2020".into(), "0 0 0 29 2 * 2024".into()];
+    let schedule = Schedule::from_spec(&spec).unwrap().unwrap();
+    let now = Utc::now();
+    let started = std::time::Instant::now();
+    for _ in 0..10 {
+        assert_eq!(schedule.next_after(now), None);
+        assert!(schedule.latest_slots(now - TimeDelta::days(30), now, 10).is_empty());
+    }
+    let each = started.elapsed() / 10;
+    assert!(each < std::time::Duration::from_millis(50), "{each:?} per plan");
+}

@@ -3,7 +3,7 @@
 //! Invariant: a spec that passes [`TaskSpec::validate`] keeps every value inside these ranges,
 //! and the scheduler, the runner and the shim can do their arithmetic on any such value (and on
 //! any instant between 1970 and 9999) without overflow. `docs/protocol.md` lists the same
-//! ranges; `bounds_match_the_documentation` keeps them in step.
+//! ranges; `shiva-proto/tests/documented_ranges.rs` keeps them in step.
 //!
 //! Specs read from the log are checked with the same rules: one outside its range is an invalid
 //! spec (the task is `failed` with the reason), never a panic.
@@ -16,8 +16,8 @@ use crate::runs::{RunIntent, Trigger};
 
 const HOUR: u64 = 3600;
 const DAY: u64 = 24 * HOUR;
-/// 365 days.
-const YEAR: u64 = 365 * DAY;
+/// humantime's year: 365.25 days (`"5y"` is exactly five of them).
+const YEAR: u64 = 31_557_600;
 
 /// An inclusive range of durations.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +33,11 @@ impl Span {
         Span { min, max }
     }
 
+    /// The range as documented: `0s to 1h`.
+    pub fn describe(&self) -> String {
+        format!("{} to {}", show(self.min), show(self.max))
+    }
+
     /// Refuses `value` outside the range, naming `field`, the value and the range.
     pub fn check(&self, field: &str, value: Duration) -> Result<(), SpecError> {
         if value < self.min || value > self.max {
@@ -45,25 +50,14 @@ impl Span {
     }
 }
 
-/// A duration in the largest unit that holds it exactly (`1825d`, `1h`, `1ms`), as humantime
-/// parses it back.
+/// A duration as humantime writes (and reads) it: `0s`, `1ms`, `1h`, `1day`, `5years`.
 fn show(duration: Duration) -> String {
-    let ms = duration.as_millis();
-    if ms == 0 {
-        return "0s".to_owned();
-    }
-    if !duration.subsec_nanos().is_multiple_of(1_000_000) {
-        return humantime::format_duration(duration).to_string();
-    }
-    let units: [(u128, &str); 5] =
-        [(u128::from(DAY) * 1000, "d"), (3_600_000, "h"), (60_000, "m"), (1000, "s"), (1, "ms")];
-    let (size, unit) = units.into_iter().find(|(size, _)| ms.is_multiple_of(*size)).unwrap_or((1, "ms"));
-    format!("{}{unit}", ms / size)
+    if duration.is_zero() { "0s".to_owned() } else { humantime::format_duration(duration).to_string() }
 }
 
 /// `stop_grace`: 0s to 1h.
 pub const STOP_GRACE: Span = Span::new(Duration::ZERO, Duration::from_secs(HOUR));
-/// `starting_deadline`: 0s to 5 years (of 365 days).
+/// `starting_deadline`: 0s to 5 years.
 pub const STARTING_DEADLINE: Span = Span::new(Duration::ZERO, Duration::from_secs(5 * YEAR));
 /// `jitter`: 0s to 1 day.
 pub const JITTER: Span = Span::new(Duration::ZERO, Duration::from_secs(DAY));

@@ -143,15 +143,15 @@ fn every_bound_is_enforced_at_its_edges() {
         (r#""stop_grace":"1h""#, true, ""),
         (r#""stop_grace":"1h 1ms""#, false, "stop_grace"),
         (r#""stop_grace":"0s""#, true, ""),
-        (&format!(r#"{periodic},"starting_deadline":"1825days""#), true, ""),
-        (&format!(r#"{periodic},"starting_deadline":"1825days 1s""#), false, "starting_deadline"),
+        (&format!(r#"{periodic},"starting_deadline":"5y""#), true, ""),
+        (&format!(r#"{periodic},"starting_deadline":"5y 1s""#), false, "starting_deadline"),
         (&format!(r#"{periodic},"starting_deadline":"1000000y""#), false, "starting_deadline"),
         (&format!(r#"{periodic},"starting_deadline":"0s""#), true, ""),
         (&format!(r#"{periodic},"jitter":"1day""#), true, ""),
         (&format!(r#"{periodic},"jitter":"1day 1ms""#), false, "jitter"),
         (&format!(r#"{periodic},"max_runtime":"1ms""#), true, ""),
         (&format!(r#"{periodic},"max_runtime":"0s""#), false, "max_runtime"),
-        (&format!(r#"{periodic},"max_runtime":"1825days 1s""#), false, "max_runtime"),
+        (&format!(r#"{periodic},"max_runtime":"5y 1s""#), false, "max_runtime"),
         (&format!(r#"{periodic},"max_catch_up":1000"#), true, ""),
         (&format!(r#"{periodic},"max_catch_up":1001"#), false, "max_catch_up"),
         (&format!(r#"{periodic},"max_catch_up":0"#), false, "max_catch_up"),
@@ -184,7 +184,7 @@ fn every_bound_is_enforced_at_its_edges() {
         }
     }
     let message = err(&format!(r#"{{"id":"a","command":"x",{periodic},"starting_deadline":"1000000y"}}"#));
-    assert!(message.contains("out of range: from 0s to 1825d"), "{message}");
+    assert!(message.contains("1000000years is out of range: from 0s to 5years"), "{message}");
 }
 
 #[test]
@@ -224,4 +224,13 @@ fn a_spec_whose_records_would_be_too_large_is_refused_naming_the_size_and_limit(
     assert!(message.contains("too large") && message.contains("limit of"), "{message}");
     assert!(spec.validate_all().is_err());
     TaskSpec::new(TaskId::new("a").unwrap(), "x", vec![]).check_record_size().unwrap();
+}
+
+#[test]
+fn a_schedule_that_never_fires_is_refused() {
+    let started = std::time::Instant::now();
+    let message = err(r#"{"id":"a","command":"x","schedule":["@hourly","0 0 30 2 *"]}"#);
+    assert!(message.contains("'schedule[1]'") && message.contains("never fires"), "{message}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+    TaskSpec::from_user_json(r#"{"id":"a","command":"x","schedule":"0 0 29 2 *"}"#).unwrap();
 }
