@@ -200,4 +200,21 @@ mod tests {
         assert_eq!(cli.cluster, "c");
         assert!(Cli::try_parse_from(["shiva-ctl", "submit", "spec.json", "--id", "x"]).is_err());
     }
+
+    #[test]
+    fn flags_outside_their_range_are_refused_naming_value_and_range() {
+        let refused = |args: &[&str]| Cli::try_parse_from(args).unwrap_err().to_string();
+        let message = refused(&["shiva-ctl", "--timeout", "1000000y", "list"]);
+        assert!(
+            message.contains("--timeout") && message.contains("1000000y is out of range: from 100ms to 1h"),
+            "{message}"
+        );
+        assert!(refused(&["shiva-ctl", "--timeout", "1ms", "list"]).contains("out of range"));
+        assert!(refused(&["shiva-ctl", "logs", "a", "--since", "100000d"]).contains("out of range"));
+        assert!(refused(&["shiva-ctl", "history", "a", "--limit", "0"]).contains("--limit"));
+        assert!(refused(&["shiva-ctl", "history", "a", "--limit", "1001"]).contains("--limit"));
+        assert!(
+            Cli::try_parse_from(["shiva-ctl", "--timeout", "1h", "history", "a", "--limit", "1000"]).is_ok()
+        );
+    }
 }

@@ -120,6 +120,12 @@ impl NodeConfig {
             if tag.is_empty() || tag.contains(char::is_whitespace) {
                 bail!("--tags: '{tag}' is not a tag (non-empty, no spaces)");
             }
+            if tag.len() > 255 {
+                bail!("--tags: a tag of {} bytes is above the limit of 255", tag.len());
+            }
+        }
+        if args.tags.len() > 64 {
+            bail!("--tags: {} tags, above the limit of 64", args.tags.len());
         }
         if args.heartbeat_interval < Duration::from_millis(10)
             || args.heartbeat_interval > Duration::from_secs(10)
@@ -133,21 +139,33 @@ impl NodeConfig {
             bail!("--node-timeout {}: must be at most 1h", show(args.node_timeout));
         }
         if args.leader_timeout < args.heartbeat_interval * 3 {
-            bail!("--leader-timeout must be at least 3 heartbeat intervals");
+            bail!(
+                "--leader-timeout {}: must be at least 3 heartbeat intervals ({})",
+                show(args.leader_timeout),
+                show(args.heartbeat_interval * 3)
+            );
         }
         if args.node_timeout < args.leader_timeout {
-            bail!("--node-timeout must not be shorter than --leader-timeout");
+            bail!(
+                "--node-timeout {}: must not be shorter than --leader-timeout ({})",
+                show(args.node_timeout),
+                show(args.leader_timeout)
+            );
         }
         if args.fence_timeout < args.heartbeat_interval * 3 {
-            bail!("--fence-timeout must be at least 3 heartbeat intervals");
+            bail!(
+                "--fence-timeout {}: must be at least 3 heartbeat intervals ({})",
+                show(args.fence_timeout),
+                show(args.heartbeat_interval * 3)
+            );
         }
         if args.fence_timeout > Duration::from_secs(3600) {
-            bail!("--fence-timeout must be at most 1h");
+            bail!("--fence-timeout {}: must be at most 1h", show(args.fence_timeout));
         }
         let log_rate = shiva_proto::spec::parse_bytes(&args.log_rate)
             .map_err(|err| anyhow::anyhow!("--log-rate: {err}"))?;
         if log_rate < 1024 {
-            bail!("--log-rate must be at least 1KiB");
+            bail!("--log-rate {log_rate} bytes: must be at least 1KiB");
         }
         if log_rate > 1 << 30 {
             bail!("--log-rate {log_rate} bytes: must be at most 1GiB");
@@ -158,7 +176,7 @@ impl NodeConfig {
             bail!("--log-retention {}: must be from 1m to 3650d", show(args.log_retention));
         }
         if args.fetch_wait > Duration::from_secs(1) {
-            bail!("--fetch-wait must be at most 1s");
+            bail!("--fetch-wait {}: must be at most 1s", show(args.fetch_wait));
         }
         crate::fault::install(args.fault_panic.as_deref())
             .map_err(|err| anyhow::anyhow!("--fault-panic {err}"))?;
@@ -243,6 +261,14 @@ mod tests {
         assert!(err(&["--node-id", "a", "--log-rate", "lots"]).contains("--log-rate"));
         assert!(err(&["--node-id", "a", "--bus", "localhost:9092"]).contains("--bus"));
         assert!(err(&["--node-id", "a", "--cluster", "a.b"]).contains("--cluster"));
+        // Upper bounds: a huge value is refused before any arithmetic on it.
+        let huge = err(&["--node-id", "a", "--heartbeat-interval", "100000000y"]);
+        assert!(huge.contains("--heartbeat-interval 100000000years: must be from 10ms to 10s"), "{huge}");
+        assert!(err(&["--node-id", "a", "--node-timeout", "2h"]).contains("at most 1h"));
+        assert!(err(&["--node-id", "a", "--leader-timeout", "11m"]).contains("at most 10m"));
+        assert!(err(&["--node-id", "a", "--log-retention", "100000d"]).contains("1m to 3650d"));
+        assert!(err(&["--node-id", "a", "--log-rate", "2GiB"]).contains("at most 1GiB"));
+        assert!(err(&["--node-id", "a", "--fetch-wait", "2s"]).contains("--fetch-wait 2s"));
         assert!(err(&["--node-id", "a", "-X", "oops"]).contains("-X"));
     }
 

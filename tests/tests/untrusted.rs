@@ -72,7 +72,7 @@ const EXTREMES: [(&str, &str); 14] = [
 
 #[test]
 fn extreme_specs_are_refused_at_the_door_and_fail_only_their_task_when_written_to_the_log() {
-    let faults = ["--fault-panic", "plan:fault/plan,run:fault/run"];
+    let faults = ["--fault-panic", "plan:fault/plan,run:fault/run,run:fault/once"];
     let mut cluster = Cluster::start("untrusted", 3, &[&faults, &faults, &faults]);
     let leader = cluster.wait_nodes(3);
 
@@ -143,6 +143,14 @@ fn extreme_specs_are_refused_at_the_door_and_fail_only_their_task_when_written_t
     eprintln!("a new task ran {:?} after submit", started.elapsed());
     // An invalid task can be deleted like any other.
     cluster.ctl.ok(&["delete", "bad/1"]);
+    // An invalid revision of a running task: the running copy stops, the task shows failed.
+    write_spec_raw(&cluster, "after/ok", r#"{"id":"after/ok","command":"sleep","stop_grace":"100000h"}"#);
+    wait_until(SETTLE, "the running revision stopped and the task failed", || {
+        task_processes(&cluster.name, "after/ok").is_empty()
+            && cluster.ctl.tasks().get("after/ok").is_some_and(|row| {
+                row["state"] == "failed" && row["reason"].as_str().is_some_and(|r| r.contains("stop_grace"))
+            })
+    });
 
     // Internal errors: a panic while planning one task, and one while running another, fail
     // those tasks (visible in status), the leader keeps its role, the other tasks run.
@@ -165,6 +173,22 @@ fn extreme_specs_are_refused_at_the_door_and_fail_only_their_task_when_written_t
         })
     });
     wait_running(&cluster, "fault/fine", SETTLE);
+    // A panic in a one-shot's run fails that run, visibly in its history; the node stays.
+    let once = r#"{"id":"fault/once","command":"true","once":true,"max_attempts":1}"#;
+    let output = submit_file(&cluster, once);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    wait_until(SETTLE, "the one-shot's run failed with an internal error", || {
+        cluster.ctl.try_json(&["history", "fault/once"]).is_some_and(|runs| {
+            runs.as_array().is_some_and(|runs| {
+                runs.iter().any(|run| {
+                    run["state"] == "failed"
+                        && run["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("internal error: fault hook"))
+                })
+            })
+        })
+    });
     let status = cluster.ctl.ok(&["status", "fault/plan"]);
     assert!(status.contains("internal error: fault hook"), "{status}");
     assert_eq!(cluster.wait_nodes(3), leader, "the leader kept its role");
