@@ -45,8 +45,8 @@ pub enum Command {
     Housekeep {
         #[command(flatten)]
         archive: ArchiveArgs,
-        /// Delete files whose newest record is older than this (e.g. 30d).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Delete files whose newest record is older than this (e.g. 30d; at most 100y).
+        #[arg(long, value_parser = older_than)]
         older_than: Duration,
         /// Only say what would be deleted.
         #[arg(long)]
@@ -117,11 +117,11 @@ pub struct RunArgs {
     /// Records per file.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_records: u64,
-    /// Record-time window per file (e.g. 10m).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Record-time window per file (e.g. 10m; 1ms to 10y).
+    #[arg(long, value_parser = max_age)]
     pub max_age: Option<Duration>,
-    /// Publish a partial file after this long without new records.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    /// Publish a partial file after this long without new records (1ms to 1d).
+    #[arg(long, default_value = "30s", value_parser = idle_publish)]
     pub idle_publish: Duration,
     /// Compression: zstd (readable with zstdcat) or gzip (readable with zcat).
     #[arg(long, value_enum, default_value_t = Compression::Zstd)]
@@ -200,4 +200,46 @@ pub enum Format {
     Values,
     /// JSON envelopes.
     Jsonl,
+}
+
+/// A duration within `[min, max]`; the error names the value and the range (clap adds the flag).
+fn bounded(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let value = humantime::parse_duration(text.trim()).map_err(|err| format!("{err} (expected e.g. 10m)"))?;
+    if value < min || value > max {
+        return Err(format!(
+            "{text} is out of range: from {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(value)
+}
+
+const DAY: u64 = 86_400;
+/// humantime's year (365.25 days).
+const YEAR: u64 = 31_557_600;
+
+fn older_than(text: &str) -> Result<Duration, String> {
+    bounded(text, Duration::ZERO, Duration::from_secs(100 * YEAR))
+}
+
+fn max_age(text: &str) -> Result<Duration, String> {
+    bounded(text, Duration::from_millis(1), Duration::from_secs(10 * YEAR))
+}
+
+fn idle_publish(text: &str) -> Result<Duration, String> {
+    bounded(text, Duration::from_millis(1), Duration::from_secs(DAY))
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    #[test]
+    fn durations_outside_their_range_are_refused_naming_the_range() {
+        assert!(max_age("100000000y").unwrap_err().contains("out of range: from 1ms to 10years"));
+        assert!(idle_publish("2d").unwrap_err().contains("out of range"));
+        assert!(older_than("1000000y").unwrap_err().contains("out of range"));
+        assert_eq!(idle_publish("30s"), Ok(Duration::from_secs(30)));
+    }
 }

@@ -201,6 +201,13 @@ fn validate_files(files: &BTreeMap<String, String>) -> Result<(), SpecError> {
                 "must be a relative path inside the working directory (no '/' at the start, no '..', no '.')",
             ));
         }
+        let component = relative.components().map(|part| part.as_os_str().len()).max().unwrap_or(0);
+        if path.len() > super::bounds::MAX_PATH_BYTES || component > 255 {
+            return Err(SpecError::field(
+                &field,
+                "is too long: at most 4096 bytes, and 255 bytes per directory or file name",
+            ));
+        }
         total += path.len() + content.len();
     }
     if total > MAX_FILES_BYTES {

@@ -234,3 +234,14 @@ fn a_schedule_that_never_fires_is_refused() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
     TaskSpec::from_user_json(r#"{"id":"a","command":"x","schedule":"0 0 29 2 *"}"#).unwrap();
 }
+
+#[test]
+fn file_paths_are_bounded() {
+    let long_name = "n".repeat(256);
+    assert!(
+        err(&format!(r#"{{"id":"a","command":"x","files":{{"{long_name}":"x"}}}}"#)).contains("too long")
+    );
+    let ok_name = "n".repeat(255);
+    TaskSpec::from_user_json(&format!(r#"{{"id":"a","command":"x","files":{{"d/{ok_name}":"x"}}}}"#))
+        .unwrap();
+}
