@@ -343,17 +343,12 @@ pub async fn snapshot(
             match event {
                 ReaderEvent::Record(record) => {
                     // No record may stop the CLI from reading (and deleting) what is in the log.
-                    let apply = std::panic::AssertUnwindSafe(|| {
-                        view.apply(
-                            record.topic,
-                            record.offset,
-                            record.key.as_deref(),
-                            record.value.as_deref(),
-                        )
-                    });
-                    if std::panic::catch_unwind(apply).is_err() {
-                        tracing::warn!(topic = %record.topic, offset = record.offset, "record could not be read; skipped");
-                    }
+                    view.apply_guarded(
+                        record.topic,
+                        record.offset,
+                        record.key.as_deref(),
+                        record.value.as_deref(),
+                    );
                 }
                 ReaderEvent::Synced(_) => {
                     tracing::debug!(elapsed = ?started.elapsed(), "log read to its end");

@@ -156,6 +156,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         .map(|(task, entry)| (task, contain(|| moves(view, task, entry.revision, now_ms))))
         .collect();
     // Every step below runs task by task inside `contain`: a panic fails that task only.
+    let total_services = services.len();
     let mut panicked: BTreeMap<TaskId, String> = BTreeMap::new();
     let services: BTreeMap<&TaskId, Moves> = services
         .into_iter()
@@ -187,19 +188,35 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             }
         }
     }
-    let mut placements = contain(|| plan(&candidates, &demands)).unwrap_or_else(|_| {
-        // Which task made placement panic? Place each alone (spread is lost for this step).
+    let mut placements = contain(|| plan(&candidates, &demands)).unwrap_or_else(|reason| {
+        // Which task made placement panic? Add the demands one at a time (load still counts).
+        let mut accepted: Vec<Demand> = Vec::new();
         let mut placements = BTreeMap::new();
         for demand in &demands {
-            match contain(|| plan(&candidates, std::slice::from_ref(demand))) {
-                Ok(placed) => placements.extend(placed),
+            accepted.push(demand.clone());
+            match contain(|| plan(&candidates, &accepted)) {
+                Ok(placed) => placements = placed,
                 Err(reason) => {
+                    accepted.pop();
                     panicked.insert(demand.task.clone(), reason);
                 }
             }
         }
+        // Nothing places at all: the cause is shared (the members, a bug), not one task's.
+        // Failing every task would outlive the cause; the step is skipped instead.
+        if accepted.is_empty() && demands.len() > 1 {
+            panic!("placement panicked for every task: {reason}");
+        }
         placements
     });
+    // The same for the per-task steps above: when every one of several tasks panicked, blame
+    // none of them.
+    if panicked.len() > 1 && panicked.len() == total_services {
+        panic!(
+            "every service's planning panicked: {}",
+            panicked.values().next().cloned().unwrap_or_default()
+        );
+    }
 
     let tasks: BTreeSet<&TaskId> = view.specs.keys().chain(view.assignments.keys()).collect();
     for task in tasks {
@@ -238,6 +255,11 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             }),
         };
         let placement = decided.unwrap_or_else(|reason| Placement::Failed { reason });
+        // A failed task is not moved again: no nodes to avoid, no retry time.
+        let (failed_on, retry_at_ms) = match placement {
+            Placement::Failed { .. } => (Vec::new(), None),
+            _ => (failed_on, retry_at_ms),
+        };
         let unchanged = current.is_some_and(|current| {
             current.assignment.placement == placement
                 && current.assignment.spec_revision == spec.revision
@@ -296,9 +318,10 @@ fn assignment_write(
 /// whose own planning of the task panicked.
 pub fn fail_write(view: &LogView, epoch: u64, task: &TaskId, reason: String) -> Option<Write> {
     let spec = view.specs.get(task)?;
-    let current = view.assignments.get(task).map(|entry| &entry.assignment);
+    let assigned = view.assignments.get(task).map_or(0, |entry| entry.assignment.generation);
+    let reported = view.statuses.get(task).map_or(0, |status| status.status.generation);
     // Past what reconciliation may have written in the same step.
-    let generation = current.map_or(0, |current| current.generation).saturating_add(2);
+    let generation = assigned.max(reported).saturating_add(2);
     let placement = Placement::Failed { reason };
     Some(assignment_write(epoch, task, generation, spec, placement, Vec::new(), None))
 }

@@ -63,8 +63,9 @@ pub struct Context<'a> {
 #[derive(Debug, Default)]
 pub struct Schedules {
     parsed: std::cell::RefCell<BTreeMap<TaskId, (i64, Parsed)>>,
-    /// Tasks whose planning panicked, by spec revision (`None`: the task has no valid spec).
-    panics: std::cell::RefCell<BTreeMap<TaskId, Option<i64>>>,
+    /// Tasks whose planning panicked, by spec revision (`None`: the task has no valid spec),
+    /// with the reason; forgotten when the revision changes or leadership is taken again.
+    panics: std::cell::RefCell<BTreeMap<TaskId, (Option<i64>, String)>>,
 }
 
 /// A task's parsed schedule (None: not periodic, or invalid).
@@ -87,15 +88,25 @@ impl Schedules {
     /// Forgets tasks no longer defined.
     pub fn retain(&self, view: &LogView) {
         self.parsed.borrow_mut().retain(|task, _| view.specs.contains_key(task));
+        self.panics
+            .borrow_mut()
+            .retain(|task, (revision, _)| view.specs.get(task).map(|spec| spec.revision) == *revision);
     }
 
-    /// Whether planning `task` at `revision` panicked before.
-    fn panicked(&self, task: &TaskId, revision: Option<i64>) -> bool {
-        self.panics.borrow().get(task) == Some(&revision)
+    /// Forgets every panic: a new leadership plans every task afresh.
+    pub fn forget_panics(&self) {
+        self.panics.borrow_mut().clear();
     }
 
-    fn note_panic(&self, task: &TaskId, revision: Option<i64>) {
-        self.panics.borrow_mut().insert(task.clone(), revision);
+    /// Why planning `task` at `revision` panicked before, if it did.
+    fn panicked(&self, task: &TaskId, revision: Option<i64>) -> Option<String> {
+        let panics = self.panics.borrow();
+        let (at, reason) = panics.get(task)?;
+        (*at == revision).then(|| reason.clone())
+    }
+
+    fn note_panic(&self, task: &TaskId, revision: Option<i64>, reason: &str) {
+        self.panics.borrow_mut().insert(task.clone(), (revision, reason.to_owned()));
     }
 }
 
@@ -118,17 +129,24 @@ pub fn plan(ctx: &Context<'_>) -> Vec<Write> {
             continue;
         }
         let revision = view.specs.get(task).map(|spec| spec.revision);
-        if ctx.schedules.panicked(task, revision) {
+        let failed = revision.and_then(|revision| crate::leader::failure(view, ctx.failed, task, revision));
+        if failed.is_none()
+            && let Some(reason) = ctx.schedules.panicked(task, revision)
+        {
+            // Its planning panicked in this leadership: not planned again; its failure is
+            // written until it lands (then `fail` below takes over).
+            if !(ctx.busy)(TopicKind::Assignments, &key::task(task)) {
+                writes.extend(crate::leader::fail_write(view, ctx.epoch, task, reason));
+            }
             continue;
         }
-        let failed = revision.and_then(|revision| crate::leader::failure(view, ctx.failed, task, revision));
         // A panic while planning this task fails the task: what it wrote is dropped.
         let before = writes.len();
         let planned = crate::fault::contain(|| {
             let plan = TaskPlan::new(ctx, task, &mut load, &mut writes);
-            match failed {
+            match &failed {
                 // Failed for this revision: its runs are stopped and judged, nothing new starts.
-                Some(reason) => plan.fail(&reason),
+                Some(reason) => plan.fail(reason),
                 None => {
                     crate::fault::hook(crate::fault::Stage::Plan, task);
                     plan.run();
@@ -137,9 +155,13 @@ pub fn plan(ctx: &Context<'_>) -> Vec<Write> {
         });
         if let Err(reason) = planned {
             writes.truncate(before);
-            // Not planned again in this leadership (a task without a spec has nothing to
-            // fail), nor by the next leader once the failure is in the log.
-            ctx.schedules.note_panic(task, revision);
+            if failed.is_some() {
+                tracing::error!(%task, %reason, "stopping the runs of a failed task panicked");
+                continue;
+            }
+            // Not planned again in this leadership, nor by the next leader once the failure
+            // is in the log.
+            ctx.schedules.note_panic(task, revision, &reason);
             if !(ctx.busy)(TopicKind::Assignments, &key::task(task)) {
                 writes.extend(crate::leader::fail_write(view, ctx.epoch, task, reason));
             }
@@ -238,6 +260,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                     let reason = format!("the task's definition is invalid: {}", invalid.reason);
                     self.stop_all(&reason);
                     self.trim_history();
+                    self.suspend_position();
                 }
                 None => self.forget(),
             }
@@ -268,6 +291,9 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         self.restamp_unsettled();
         self.stop_all(reason);
         self.trim_history();
+        if self.spec.is_some_and(|spec| spec.spec.kind() == TaskKind::Periodic) {
+            self.suspend_position();
+        }
         if let Some(spec) = self.spec.filter(|spec| spec.spec.kind() == TaskKind::Once) {
             let before = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched);
             let mut sched = match before {
@@ -279,6 +305,17 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             }
             self.write_sched(sched, before);
         }
+    }
+
+    /// A periodic position is held as suspended while the task cannot run, so the slots of that
+    /// time are not caught up once a valid revision comes (as after `resume`).
+    fn suspend_position(&mut self) {
+        let Some(before) = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched) else { return };
+        if before.suspended_at_ms.is_some() || before.decided_through_ms.is_none() {
+            return;
+        }
+        let sched = Sched { suspended_at_ms: Some(ms(self.ctx.now)), queued: None, ..before.clone() };
+        self.write_sched(sched, Some(before));
     }
 
     fn write_intent(&mut self, intent: RunIntent) {

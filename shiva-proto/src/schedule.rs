@@ -29,6 +29,29 @@ fn shift(at: DateTime<Utc>, by: TimeDelta) -> DateTime<Utc> {
     })
 }
 
+/// Whether `cron` has no occurrence at all from 1970 on. Proving it walks the calendar to
+/// croner's end (tens of milliseconds), so the answer is remembered per expression and zone:
+/// every reader validates every spec record it reads.
+fn never_fires(cron: &Cron, expression: &str, timezone: Tz) -> bool {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static KNOWN: Mutex<Option<HashMap<(String, Tz), bool>>> = Mutex::new(None);
+    let key = (expression.to_owned(), timezone);
+    if let Some(known) = KNOWN.lock().ok().and_then(|known| known.as_ref()?.get(&key).copied()) {
+        return known;
+    }
+    let origin = DateTime::<Utc>::UNIX_EPOCH.with_timezone(&timezone);
+    let never = cron.find_next_occurrence(&origin, false).is_err();
+    if let Ok(mut known) = KNOWN.lock() {
+        let known = known.get_or_insert_with(HashMap::new);
+        if known.len() >= 4096 {
+            known.clear();
+        }
+        known.insert(key, never);
+    }
+    never
+}
+
 /// How far from a UTC-offset change the careful walk is used.
 const TRANSITION_WINDOW: TimeDelta = TimeDelta::hours(3);
 
@@ -69,8 +92,7 @@ impl Schedule {
                     .map_err(|err| SpecError(format!("field 'schedule[{index}]': '{expression}' is not a cron expression: {err}")))?;
                 // One that never fires (`0 0 30 2 *`) would make every search for its next slot
                 // walk the calendar to its end: refused.
-                let origin = DateTime::<Utc>::UNIX_EPOCH.with_timezone(&timezone);
-                if cron.find_next_occurrence(&origin, false).is_err() {
+                if never_fires(&cron, expression, timezone) {
                     return Err(SpecError(format!(
                         "field 'schedule[{index}]': '{expression}' never fires (no such date)"
                     )));

@@ -318,6 +318,36 @@ impl LogView {
         self.runs.get(task)?.get(run)
     }
 
+    /// [`LogView::apply`], and a panic while folding the record (a bug) skips it instead of
+    /// unwinding: a definition that panics makes its task invalid, as an unreadable one does.
+    pub fn apply_guarded(
+        &mut self,
+        topic: TopicKind,
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Outcome {
+        let applied =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply(topic, offset, key, value)));
+        applied.unwrap_or_else(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            let reason = format!("internal error while reading the record: {message}");
+            let task = key
+                .and_then(|key| std::str::from_utf8(key).ok())
+                .and_then(|key| key::task_of(key, "task"))
+                .and_then(|id| TaskId::new(id).ok());
+            if let (TopicKind::Commands, Some(_), Some(task)) = (topic, value, task) {
+                self.specs.remove(&task);
+                self.invalid.insert(task, InvalidSpec { revision: offset, reason: reason.clone() });
+            }
+            Outcome::Skipped(reason)
+        })
+    }
+
     /// Folds one record in. `value: None` is a tombstone.
     pub fn apply(
         &mut self,

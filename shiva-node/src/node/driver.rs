@@ -149,6 +149,7 @@ impl Node {
             ReaderEvent::Synced(token) => {
                 if let Some((epoch, _)) = self.leader_sync.filter(|(_, t)| *t == token) {
                     info!(epoch, "read the log to its end; leading");
+                    self.schedules.forget_panics();
                     self.leading = Some(epoch);
                     self.leader_sync = None;
                 }
@@ -198,25 +199,12 @@ impl Node {
     fn on_record(&mut self, record: Record) {
         let Record { topic, offset, key, value, .. } = record;
         // No record may take the node down: a panic while folding one skips it.
-        let applied =
-            crate::fault::contain(|| self.view.apply(topic, offset, key.as_deref(), value.as_deref()));
-        let outcome = applied.unwrap_or_else(|reason| {
+        let outcome = self.view.apply_guarded(topic, offset, key.as_deref(), value.as_deref());
+        if let Outcome::Skipped(reason) = &outcome
+            && reason.starts_with("internal error")
+        {
             error!(%topic, offset, %reason, "record could not be read; skipped");
-            // A definition that cannot be read fails its task, as an invalid one does.
-            if let (TopicKind::Commands, Some(_), Some(task)) = (
-                topic,
-                value.as_ref(),
-                key.as_deref()
-                    .and_then(|key| std::str::from_utf8(key).ok())
-                    .and_then(|key| key::task_of(key, "task"))
-                    .and_then(|id| TaskId::new(id).ok()),
-            ) {
-                self.view.specs.remove(&task);
-                let invalid = shiva_proto::view::InvalidSpec { revision: offset, reason: reason.clone() };
-                self.view.invalid.insert(task, invalid);
-            }
-            Outcome::Skipped(reason)
-        });
+        }
         let key = key.map(|key| String::from_utf8_lossy(&key).into_owned()).unwrap_or_default();
         if self.unread.get(&(topic, key.clone())).is_some_and(|sent| *sent <= offset) {
             self.unread.remove(&(topic, key.clone()));
@@ -314,7 +302,7 @@ impl Node {
 
     pub(crate) fn on_status(&mut self, status: TaskStatus) {
         let task = status.task.clone();
-        let deleted = status.state == RunState::Stopped && !self.view.is_defined(&task);
+        let deleted = status.state == RunState::Stopped && !self.view.specs.contains_key(&task);
         let body = (!deleted).then(|| Body::Status(status.clone()));
         self.own_status.insert(task.clone(), status);
         self.send(TopicKind::Status, key::task(&task), body, Purpose::Status(task));

@@ -232,8 +232,11 @@ impl ShimLauncher {
                 return Err(io::Error::other(error));
             }
             other => {
+                // The record's tree first, while the shim still lives (its task may have been
+                // forked), then the shim, then whatever was left to the node.
+                clean_after(&record);
                 let _ = child.kill().await;
-                kill_record(&record);
+                clean_after(&record);
                 let _ = std::fs::remove_file(&record_path);
                 let configuration =
                     written.err().map(|err| format!("; writing its configuration failed: {err}"));

@@ -428,3 +428,43 @@ proptest! {
         assert_no_internal_error(&sim);
     }
 }
+
+/// A periodic task whose definition turns invalid stops launching, keeps its history, and once a
+/// valid revision comes does not catch up the slots of its invalid time (as after `resume`).
+#[test]
+fn an_invalid_revision_stops_a_periodic_task_and_its_invalid_time_is_not_caught_up() {
+    let mut sim = Sim::new();
+    let mut spec = every_second(CatchUp::All);
+    spec.overlap = Overlap::Allow;
+    sim.submit(spec.clone());
+    let steps = |sim: &mut Sim, ms: i64| {
+        let until = sim.now + ms;
+        while sim.now < until {
+            sim.lead_and_reconcile();
+            sim.run();
+            sim.now += TICK;
+        }
+    };
+    steps(&mut sim, 5_000);
+    let before = sim.slot_launches().len();
+    assert!(before >= 3, "{before} slots before");
+    let bad = br#"{"v":1,"kind":"task","sender":"ctl:x","sent_at_ms":0,"body":{"id":"cron/tick","command":"true","schedule":"* * * * * *","jitter":"1000y"}}"#;
+    sim.append(TopicKind::Commands, key::task(&spec.id), Some(bad.to_vec()));
+    let invalid_from = sim.now;
+    steps(&mut sim, 10_000);
+    assert!(sim.view.invalid.contains_key(&spec.id));
+    assert!(sim.view.runs.contains_key(&spec.id), "history kept");
+    let during = sim.slot_launches().keys().filter(|slot| **slot > invalid_from + 1_000).count();
+    assert_eq!(during, 0, "no slot launched while invalid");
+    let valid_from = sim.now;
+    sim.submit(spec);
+    steps(&mut sim, 4_000);
+    let gap = sim
+        .slot_launches()
+        .keys()
+        .filter(|slot| **slot > invalid_from + 1_000 && **slot < valid_from - 1_000)
+        .count();
+    assert_eq!(gap, 0, "the invalid time is not caught up");
+    assert!(sim.slot_launches().keys().any(|slot| *slot > valid_from), "it runs again");
+    assert_no_internal_error(&sim);
+}
