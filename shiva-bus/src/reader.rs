@@ -143,6 +143,9 @@ const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
 /// topics' ends.
 const REGRESSION_CHECK_EVERY: Duration = Duration::from_secs(2);
 
+/// The shortest time between two checks forced by records read below the position.
+const SOON: Duration = Duration::from_millis(250);
+
 /// The first topic whose end lies below the read position: `(topic, position, end)`.
 fn regressed(
     names: &BTreeMap<String, TopicKind>,
@@ -250,6 +253,12 @@ fn poll_loop(
                     // a record below the read position was already delivered, in order. (A
                     // topic whose end fell below the position is caught by `regressed`.)
                     tracing::trace!(topic = %kind, offset = message.offset(), "record read again; dropped");
+                    // It may also be the first record of a topic recreated below the position:
+                    // check the ends soon rather than at the next regular check.
+                    if checked.elapsed() >= SOON {
+                        checked =
+                            std::time::Instant::now().checked_sub(REGRESSION_CHECK_EVERY).unwrap_or(checked);
+                    }
                     continue;
                 }
                 *position = message.offset() + 1;
