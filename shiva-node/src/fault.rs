@@ -57,12 +57,7 @@ pub fn contain<T>(work: impl FnOnce() -> T) -> Result<T, String> {
 
 /// The reason shown for a panic payload.
 pub fn internal_error(payload: &(dyn std::any::Any + Send)) -> String {
-    let message = payload
-        .downcast_ref::<&str>()
-        .map(|text| (*text).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned());
-    format!("internal error: {message}")
+    format!("internal error: {}", shiva_proto::view::panic_message(payload))
 }
 
 #[cfg(test)]

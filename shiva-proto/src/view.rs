@@ -330,22 +330,23 @@ impl LogView {
         let applied =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply(topic, offset, key, value)));
         applied.unwrap_or_else(|payload| {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|text| (*text).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".to_owned());
-            let reason = format!("internal error while reading the record: {message}");
-            let task = key
-                .and_then(|key| std::str::from_utf8(key).ok())
-                .and_then(|key| key::task_of(key, "task"))
-                .and_then(|id| TaskId::new(id).ok());
-            if let (TopicKind::Commands, Some(_), Some(task)) = (topic, value, task) {
-                self.specs.remove(&task);
-                self.invalid.insert(task, InvalidSpec { revision: offset, reason: reason.clone() });
+            let reason =
+                format!("internal error while reading the record: {}", panic_message(payload.as_ref()));
+            if let Some(key) = key.and_then(|key| std::str::from_utf8(key).ok()) {
+                self.mark_invalid(topic, offset, key, value.is_some(), &reason);
             }
             Outcome::Skipped(reason)
         })
+    }
+
+    /// A definition record on `key` that could not be used: its task is invalid (failed, for
+    /// every reader) until a valid revision or a tombstone.
+    fn mark_invalid(&mut self, topic: TopicKind, offset: i64, key: &str, has_value: bool, reason: &str) {
+        let task = key::task_of(key, "task").and_then(|id| TaskId::new(id).ok());
+        if let (TopicKind::Commands, true, Some(task)) = (topic, has_value, task) {
+            self.specs.remove(&task);
+            self.invalid.insert(task, InvalidSpec { revision: offset, reason: reason.to_owned() });
+        }
     }
 
     /// Folds one record in. `value: None` is a tombstone.
@@ -380,14 +381,9 @@ impl LogView {
                 }
             },
         };
-        if topic == TopicKind::Commands
-            && value.is_some()
-            && let Outcome::Skipped(reason) = &outcome
-            && let Some(task) = key::task_of(key, "task").and_then(|id| TaskId::new(id).ok())
-        {
+        if let Outcome::Skipped(reason) = &outcome {
             // The newest definition of the task is unusable: the task fails, visibly.
-            self.specs.remove(&task);
-            self.invalid.insert(task, InvalidSpec { revision: offset, reason: reason.clone() });
+            self.mark_invalid(topic, offset, key, value.is_some(), reason);
         }
         if matches!(topic, TopicKind::Assignments | TopicKind::Status) {
             if matches!(outcome, Outcome::Applied(_)) {
@@ -616,6 +612,15 @@ fn explain_spec(value: &[u8]) -> Option<String> {
         Ok(_) => None,
         Err(err) => Some(format!("invalid task spec: field '{}': {}", err.path(), err.inner())),
     }
+}
+
+/// The message of a panic's payload (`panic!("…")` gives a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 fn expect_key(found: &str, expected: &str) -> Result<(), String> {
