@@ -252,11 +252,6 @@ impl Node {
     }
 
     pub(crate) fn on_write_result(&mut self, result: WriteResult) {
-        // Failures of earlier revisions are forgotten.
-        let view = &self.view;
-        self.unwritable.retain(|task, (revision, _)| {
-            view.specs.get(task).is_some_and(|spec| spec.revision == *revision)
-        });
         let WriteResult { topic, key, purpose, result } = result;
         let entry = (topic, key.clone());
         if let Some(count) = self.unacked.get_mut(&entry) {
@@ -449,6 +444,10 @@ impl Node {
         let Some(revision) = self.view.specs.get(&task).map(|entry| entry.revision) else { return };
         let reason = format!("a record about this task is too large for the bus: {message}");
         error!(%task, %key, %reason, "failing the task");
+        // Entries of earlier revisions no longer count (`leader::failure` compares revisions):
+        // they go when the map grows, not at every write's result.
+        let view = &self.view;
+        self.unwritable.retain(|task, (at, _)| view.specs.get(task).is_some_and(|spec| spec.revision == *at));
         self.unwritable.insert(task, (revision, reason));
     }
 
