@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use shiva_proto::TaskSpec;
-use shiva_proto::records::{Assignment, Body, DesiredState, Member, Members, Placement, RunState};
+use shiva_proto::records::{
+    Assignment, Body, Deleted, DesiredState, Holder, Member, Members, Placement, RunState,
+};
 use shiva_proto::spec::{OnDisconnect, TaskKind};
 use shiva_proto::topics::key;
 use shiva_proto::view::SpecEntry;
@@ -18,6 +20,8 @@ use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 
 use crate::fault::contain;
 use crate::placement::{Candidate, Demand, plan};
+
+pub mod handoff;
 
 /// A record the leader must write (`None`: tombstone).
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +39,13 @@ impl Write {
     pub fn assignments(key: String, body: Option<Body>) -> Write {
         Write { topic: TopicKind::Assignments, key, body }
     }
+
+    /// Deletes a leader-owned key: a `deleted` record of the leader's epoch (what deletes its
+    /// entry), then a tombstone (so compaction drops the key).
+    pub fn delete(topic: TopicKind, key: String, epoch: u64) -> [Write; 2] {
+        let marker = Write { topic, key: key.clone(), body: Some(Body::Deleted(Deleted { epoch })) };
+        [marker, Write { topic, key, body: None }]
+    }
 }
 
 /// What reconciliation needs besides the view.
@@ -46,7 +57,7 @@ pub struct Inputs<'a> {
     /// The leader's clock, ms since the Unix epoch.
     pub now_ms: i64,
     /// Keys with a write still in flight: left alone until it is read back.
-    pub busy: &'a dyn Fn(&str) -> bool,
+    pub busy: &'a dyn Fn(TopicKind, &str) -> bool,
     /// Whether a node that is not live may still run an exclusive task with this stop grace (it
     /// has not fenced itself yet): such a task stays where it is until that has passed.
     pub may_still_run: &'a dyn Fn(&NodeId, Duration) -> bool,
@@ -140,11 +151,31 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     let members = Members { epoch, nodes: live.to_vec() };
     let members_current =
         view.members.as_ref() == Some(&members) && view.is_settled(TopicKind::Assignments, key::MEMBERS);
-    if !members_current && !busy(key::MEMBERS) {
+    if !members_current && !busy(TopicKind::Assignments, key::MEMBERS) {
         writes.push(Write::assignments(key::MEMBERS.to_owned(), Some(Body::Members(members))));
     }
 
     let candidates = Candidate::runners(live);
+    let is_live = |node: &NodeId| live.iter().any(|member| member.id == *node);
+    // Copies that may still run, by task (what the records carry), and those of them that keep
+    // the task from starting on another node.
+    let carried: BTreeMap<&TaskId, Vec<Holder>> = view
+        .assignments
+        .iter()
+        .map(|(task, entry)| {
+            let copies = handoff::copies_of(&entry.assignment);
+            let left =
+                copies.into_iter().filter(|holder| !handoff::gone(view, task, holder, live, may_still_run));
+            (task, left.collect::<Vec<_>>())
+        })
+        .filter(|(_, copies)| !copies.is_empty())
+        .collect();
+    let blocking = |task: &TaskId| -> Vec<&Holder> {
+        let next_keep =
+            view.specs.get(task).is_some_and(|spec| spec.spec.on_disconnect == OnDisconnect::Keep);
+        let copies = carried.get(task).map(Vec::as_slice).unwrap_or_default();
+        copies.iter().filter(|holder| handoff::blocks(holder, live, may_still_run, next_keep)).collect()
+    };
     let services: BTreeMap<&TaskId, Result<Moves, String>> = view
         .specs
         .iter()
@@ -173,10 +204,10 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                 .assigned_node(task)
                 .cloned()
                 .filter(|node| moves.failed_on.last().is_none_or(|last| last != node));
+            // A silent node that may still run its copy keeps the task (the revision it runs
+            // governs how long: see `handoff`).
             let hold = current.as_ref().is_some_and(|node| {
-                spec.on_disconnect == OnDisconnect::Stop
-                    && !live.iter().any(|member| member.id == *node)
-                    && may_still_run(node, spec.stop_grace)
+                !is_live(node) && blocking(task).iter().any(|holder| holder.node == *node)
             });
             let avoid = moves.failed_on.clone();
             Demand { task: (*task).clone(), tags: spec.tags.clone(), current, hold, avoid }
@@ -218,17 +249,19 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         );
     }
 
-    let tasks: BTreeSet<&TaskId> = view.specs.keys().chain(view.assignments.keys()).collect();
+    // Statuses outlive nothing: a status of an undefined task without an assignment goes.
+    let orphans =
+        view.statuses.keys().filter(|task| !view.is_defined(task) && !view.assignments.contains_key(*task));
+    let tasks: BTreeSet<&TaskId> = view.specs.keys().chain(view.assignments.keys()).chain(orphans).collect();
     for task in tasks {
         let record_key = key::task(task);
-        if busy(&record_key) {
+        if busy(TopicKind::Assignments, &record_key) {
             continue;
         }
         let current = view.assignments.get(task);
+        let copies = carried.get(task).map(Vec::as_slice).unwrap_or_default();
         let Some(spec) = view.specs.get(task) else {
-            if current.is_some() {
-                writes.push(Write::assignments(record_key, None));
-            }
+            writes.extend(undefined(view, epoch, task, current.map(|entry| &entry.assignment), copies, busy));
             continue;
         };
         let moves = services.get(task);
@@ -254,7 +287,25 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                 }
             }),
         };
-        let placement = decided.unwrap_or_else(|reason| Placement::Failed { reason });
+        let mut placement = decided.unwrap_or_else(|reason| Placement::Failed { reason });
+        // A copy still running elsewhere: the task waits for it (a planned move hands off).
+        let elsewhere =
+            |holder: &&Holder| !matches!(&placement, Placement::Assigned { node } if *node == holder.node);
+        if let Some(holder) = blocking(task).into_iter().find(elsewhere)
+            && matches!(
+                placement,
+                Placement::Assigned { .. } | Placement::Scheduled | Placement::Pending { .. }
+            )
+        {
+            placement = Placement::Pending { reason: handoff::waiting_reason(holder, live) };
+        }
+        // A service whose periodic or one-shot runs (of an earlier revision) still run waits.
+        if let Placement::Assigned { .. } = placement
+            && let Some(run) =
+                view.runs.get(task).and_then(|runs| runs.values().find_map(|run| run.in_flight_on()))
+        {
+            placement = Placement::Pending { reason: format!("waiting for its run on {run} to end") };
+        }
         // A failed task is not moved again: no nodes to avoid, no retry time.
         let (failed_on, retry_at_ms) = match placement {
             Placement::Failed { .. } => (Vec::new(), None),
@@ -267,13 +318,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                 && current.assignment.retry_at_ms == retry_at_ms
         });
         let generation = match current {
-            Some(current) if unchanged => {
-                let settled = view.is_settled(TopicKind::Assignments, &record_key);
-                if current.assignment.epoch == epoch && settled {
-                    continue;
-                }
-                current.assignment.generation
-            }
+            Some(current) if unchanged => current.assignment.generation,
             _ => {
                 let assigned = current.map_or(0, |current| current.assignment.generation);
                 let reported = view.statuses.get(task).map_or(0, |status| status.status.generation);
@@ -281,9 +326,124 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                 assigned.max(reported).saturating_add(1)
             }
         };
-        writes.push(assignment_write(epoch, task, generation, spec, placement, failed_on, retry_at_ms));
+        let current_record = current.map(|entry| &entry.assignment);
+        let holders = holders_after(view, task, current_record, copies, &placement, &spec.spec, generation);
+        if let Some(current) = current
+            && unchanged
+            && current.assignment.holders == holders
+            && current.assignment.epoch == epoch
+            && view.is_settled(TopicKind::Assignments, &record_key)
+        {
+            continue;
+        }
+        let record = AssignmentRecord { placement, failed_on, retry_at_ms, holders };
+        writes.push(assignment_write(epoch, task, generation, spec, record));
     }
     writes
+}
+
+/// The copies a new assignment record names (see [`Assignment::holders`]), given the copies
+/// not gone (`copies`), the decided placement and its generation.
+fn holders_after(
+    view: &LogView,
+    task: &TaskId,
+    current: Option<&Assignment>,
+    copies: &[Holder],
+    placement: &Placement,
+    spec: &TaskSpec,
+    generation: u64,
+) -> Vec<Holder> {
+    let Some(current) = current else { return Vec::new() };
+    let placed_on = match placement {
+        Placement::Assigned { node } => Some(node),
+        _ => None,
+    };
+    let was_on = match &current.placement {
+        Placement::Assigned { node } => Some(node),
+        _ => None,
+    };
+    copies
+        .iter()
+        .filter_map(|copy| {
+            if placed_on == Some(&copy.node) {
+                let given = handoff::holder_for(&copy.node, generation, spec);
+                let revision = view.specs.get(task).map_or(current.spec_revision, |entry| entry.revision);
+                let explicit = current.holders.iter().find(|holder| holder.node == copy.node);
+                if was_on == Some(&copy.node) && current.spec_revision == revision {
+                    // The node confirmed the revision it was given: its own spec governs again.
+                    let confirmed =
+                        explicit.is_some_and(|holder| handoff::word_for(view, task, holder).is_some());
+                    return explicit.filter(|_| !confirmed).cloned();
+                }
+                // A new revision (or the task comes back): until the node confirms it, the copy
+                // may be the older one, so the worst of both governs.
+                let merged = handoff::merge(&given, copy);
+                let covered = merged == Holder { since: merged.since, ..given.clone() };
+                return (!covered).then_some(merged);
+            }
+            // Handed off (or nobody runs it): the node's word counts from the first record that
+            // took the task away from it.
+            let handed =
+                current.holders.iter().find(|holder| holder.node == copy.node && was_on != Some(&copy.node));
+            Some(handed.cloned().unwrap_or_else(|| Holder { since: generation, ..copy.clone() }))
+        })
+        .collect()
+}
+
+/// The writes for a task with no valid spec (deleted, or invalid): its copies are waited for
+/// (the assignment says `stopped` and names them), then its assignment and status are deleted.
+fn undefined(
+    view: &LogView,
+    epoch: u64,
+    task: &TaskId,
+    current: Option<&Assignment>,
+    copies: &[Holder],
+    busy: &dyn Fn(TopicKind, &str) -> bool,
+) -> Vec<Write> {
+    let record_key = key::task(task);
+    if let Some(current) = current
+        && !copies.is_empty()
+    {
+        let generation = match current.placement {
+            Placement::Stopped => current.generation,
+            _ => current.generation.saturating_add(1),
+        };
+        let holders =
+            holders_after(view, task, Some(current), copies, &Placement::Stopped, &current.spec, generation);
+        if current.placement == Placement::Stopped
+            && current.holders == holders
+            && current.epoch == epoch
+            && view.is_settled(TopicKind::Assignments, &record_key)
+        {
+            return Vec::new();
+        }
+        let assignment = Assignment {
+            epoch,
+            generation,
+            placement: Placement::Stopped,
+            failed_on: Vec::new(),
+            retry_at_ms: None,
+            holders,
+            ..current.clone()
+        };
+        return vec![Write::assignments(record_key, Some(Body::Assignment(assignment)))];
+    }
+    let mut writes = Vec::new();
+    if current.is_some() {
+        writes.extend(Write::delete(TopicKind::Assignments, record_key.clone(), epoch));
+    }
+    if !view.is_defined(task) && view.statuses.contains_key(task) && !busy(TopicKind::Status, &record_key) {
+        writes.extend(Write::delete(TopicKind::Status, record_key, epoch));
+    }
+    writes
+}
+
+/// What an assignment record says besides its task, generation and spec.
+struct AssignmentRecord {
+    placement: Placement,
+    failed_on: Vec<NodeId>,
+    retry_at_ms: Option<i64>,
+    holders: Vec<Holder>,
 }
 
 /// The assignment record. A failed task's carries a minimal spec (its id and command): nobody
@@ -293,10 +453,9 @@ fn assignment_write(
     task: &TaskId,
     generation: u64,
     spec: &SpecEntry,
-    placement: Placement,
-    failed_on: Vec<NodeId>,
-    retry_at_ms: Option<i64>,
+    record: AssignmentRecord,
 ) -> Write {
+    let AssignmentRecord { placement, failed_on, retry_at_ms, holders } = record;
     let carried = match placement {
         Placement::Failed { .. } => TaskSpec::new(task.clone(), spec.spec.command.clone(), Vec::new()),
         _ => spec.spec.clone(),
@@ -310,6 +469,7 @@ fn assignment_write(
         spec: carried,
         failed_on,
         retry_at_ms,
+        holders,
     };
     Write::assignments(key::task(task), Some(Body::Assignment(assignment)))
 }
@@ -322,8 +482,22 @@ pub fn fail_write(view: &LogView, epoch: u64, task: &TaskId, reason: String) -> 
     let reported = view.statuses.get(task).map_or(0, |status| status.status.generation);
     // Past what reconciliation may have written in the same step.
     let generation = assigned.max(reported).saturating_add(2);
-    let placement = Placement::Failed { reason };
-    Some(assignment_write(epoch, task, generation, spec, placement, Vec::new(), None))
+    // The copies its nodes may run are still waited for before the task runs anywhere else.
+    let holders = match view.assignments.get(task) {
+        Some(current) => {
+            let copies = handoff::copies_of(&current.assignment);
+            let failed = Placement::Failed { reason: String::new() };
+            holders_after(view, task, Some(&current.assignment), &copies, &failed, &spec.spec, generation)
+        }
+        None => Vec::new(),
+    };
+    let record = AssignmentRecord {
+        placement: Placement::Failed { reason },
+        failed_on: Vec::new(),
+        retry_at_ms: None,
+        holders,
+    };
+    Some(assignment_write(epoch, task, generation, spec, record))
 }
 
 fn no_runner(tags: &[String]) -> String {

@@ -126,6 +126,7 @@ impl Membership {
                 tags: peer.heartbeat.tags.clone(),
                 runner: peer.heartbeat.runner,
                 leader_capable: peer.heartbeat.leader_capable,
+                returns: peer.heartbeat.returns,
             })
             .collect()
     }
@@ -143,6 +144,7 @@ pub(crate) fn test_heartbeat() -> Heartbeat {
         runner: true,
         interval_ms: 100,
         fence_timeout_ms: Some(300),
+        returns: 0,
         resources: Default::default(),
         runs: vec![],
     }

@@ -1,11 +1,103 @@
-//! The runner's confirmation of a launch intent, pure: after its start record is written and
-//! the log read to its end, a run is launched only if its intent still names this node and
-//! nobody asked to stop it or judged it.
+//! The runner's decisions, pure:
+//! * which services this node runs ([`wanted`]): those assigned to it, of a defined task; while
+//!   cut off only those that ride out a disconnection; back from its fence, nothing exclusive
+//!   starts before the leader acknowledged the return (what still runs goes on);
+//! * which hand-offs it answers ([`releases`]): for a task taken away from it whose copy is
+//!   gone here, a `stopped` status for the hand-off's generation, so the leader places it
+//!   elsewhere;
+//! * whether a launch intent is confirmed ([`confirm`]): after its start record is written and
+//!   the log read to its end, a run is launched only if its intent still names this node and
+//!   nobody asked to stop it or judged it.
 
-use shiva_proto::NodeId;
+use std::collections::BTreeMap;
+
+use shiva_proto::records::{Placement, RunState, TaskStatus};
 use shiva_proto::runs::{RunIntent, RunPhase};
+use shiva_proto::spec::OnDisconnect;
 use shiva_proto::view::RunEntry;
+use shiva_proto::{LogView, NodeId, TaskId};
 use uuid::Uuid;
+
+use crate::supervisor::Wanted;
+
+/// Where the node stands towards the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    /// Cut off (no own heartbeat read back within the fence timeout).
+    pub fenced: bool,
+    /// Exclusive work may start: the fence is open and the leader listed the latest return.
+    pub may_start_exclusive: bool,
+}
+
+/// The services `me` runs. `holds`: whether the node still holds a job of the task.
+pub fn wanted(
+    view: &LogView,
+    me: &NodeId,
+    standing: Standing,
+    holds: &dyn Fn(&TaskId) -> bool,
+) -> BTreeMap<TaskId, Wanted> {
+    view.assignments
+        .iter()
+        .filter(
+            |(_, entry)| matches!(&entry.assignment.placement, Placement::Assigned { node } if node == me),
+        )
+        // A deleted task is not started again, whatever its assignment says meanwhile.
+        .filter(|(task, _)| view.is_defined(task))
+        .filter(|(task, entry)| {
+            let keep = entry.assignment.spec.on_disconnect == OnDisconnect::Keep;
+            keep || (!standing.fenced && (standing.may_start_exclusive || holds(task)))
+        })
+        .map(|(task, entry)| {
+            let assignment = &entry.assignment;
+            let wanted = Wanted {
+                generation: assignment.generation,
+                spec_revision: assignment.spec_revision,
+                spec: assignment.spec.clone(),
+            };
+            (task.clone(), wanted)
+        })
+        .collect()
+}
+
+/// The statuses that answer hand-offs from `me`: for each task whose assignment names `me` as
+/// the holder of a copy and runs it elsewhere (or nowhere), once the node holds no job of it,
+/// unless its newest status (`own`) already says so and has landed.
+pub fn releases(
+    view: &LogView,
+    me: &NodeId,
+    holds: &dyn Fn(&TaskId) -> bool,
+    own: &dyn Fn(&TaskId) -> Option<(u64, RunState)>,
+) -> Vec<TaskStatus> {
+    let gone = |state: RunState| matches!(state, RunState::Stopped | RunState::Failed);
+    view.assignments
+        .iter()
+        .filter_map(|(task, entry)| {
+            let assignment = &entry.assignment;
+            let holder = assignment.holders.iter().find(|holder| holder.node == *me)?;
+            let here = matches!(&assignment.placement, Placement::Assigned { node } if node == me);
+            if here || holds(task) {
+                return None;
+            }
+            let said = own(task)
+                .is_some_and(|(generation, state)| generation >= assignment.generation && gone(state));
+            let landed = view.statuses.get(task).is_some_and(|status| {
+                status.node == *me && status.status.generation >= holder.since && gone(status.status.state)
+            });
+            (!said || !landed).then(|| TaskStatus {
+                task: task.clone(),
+                generation: assignment.generation,
+                state: RunState::Stopped,
+                run_id: None,
+                pid: None,
+                attempt: 0,
+                restarts: 0,
+                last_exit: None,
+                message: Some("handed off: the copy on this node is gone".into()),
+                permanent: false,
+            })
+        })
+        .collect()
+}
 
 /// The decision.
 #[derive(Debug, Clone, PartialEq, Eq)]

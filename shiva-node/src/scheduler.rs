@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use shiva_proto::records::{Body, DesiredState, ExitInfo, Member, Placement};
 use shiva_proto::runs::{Due, Outcome, RunIntent, RunPhase, Sched, Trigger, jitter_ms, run_id};
 use shiva_proto::schedule::Schedule;
-use shiva_proto::spec::{CatchUp, DEFAULT_STOP_GRACE, OnDisconnect, Overlap, TaskKind};
+use shiva_proto::spec::{CatchUp, OnDisconnect, Overlap, TaskKind};
 use shiva_proto::topics::key;
 use shiva_proto::view::{RunEntry, SpecEntry};
 use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
@@ -277,6 +277,12 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             );
         }
         self.trim_history();
+        if self.ctx.view.assignments.get(self.task).is_some_and(|entry| !entry.assignment.holders.is_empty())
+        {
+            // A service copy of an earlier revision may still run (see `leader::handoff`):
+            // nothing new starts until its node lets go of it.
+            return;
+        }
         match spec.spec.kind() {
             TaskKind::Periodic => self.periodic(spec, desired),
             TaskKind::Once => self.once(spec, desired),
@@ -331,10 +337,9 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         self.runs.iter().filter(|(_, entry)| entry.in_flight_on().is_some()).map(|(id, _)| *id).collect()
     }
 
+    /// The revision a run runs (its intent's spec) governs how long its silent node may still
+    /// run it, not the task's newest spec.
     fn judge_runs_of_gone_nodes(&mut self) {
-        let spec = self.spec.map(|entry| &entry.spec);
-        let exclusive = spec.is_none_or(|spec| spec.on_disconnect == OnDisconnect::Stop);
-        let grace = spec.map_or(DEFAULT_STOP_GRACE, |spec| spec.stop_grace);
         let gone: Vec<(RunIntent, bool)> = self
             .runs
             .values()
@@ -342,7 +347,8 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             .filter_map(|entry| {
                 let (intent, _) = entry.intent.as_ref()?;
                 let node = intent.node.as_ref()?;
-                let held = exclusive && (self.ctx.may_still_run)(node, grace);
+                let exclusive = intent.spec.on_disconnect == OnDisconnect::Stop;
+                let held = exclusive && (self.ctx.may_still_run)(node, intent.spec.stop_grace);
                 let gone = !self.load.is_live(node) && !held;
                 gone.then(|| (intent.clone(), entry.report.is_some()))
             })
@@ -427,10 +433,10 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             if entry.intent.as_ref().is_some_and(|(_, offset)| *offset >= 0)
                 && !self.busy(TopicKind::Assignments, &key)
             {
-                self.writes.push(Write::assignments(key.clone(), None));
+                self.writes.extend(Write::delete(TopicKind::Assignments, key.clone(), self.ctx.epoch));
             }
             if entry.report.is_some() && !self.busy(TopicKind::Status, &key) {
-                self.writes.push(Write { topic: TopicKind::Status, key, body: None });
+                self.writes.extend(Write::delete(TopicKind::Status, key, self.ctx.epoch));
             }
         }
     }
@@ -444,12 +450,12 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         }
         let sched = key::sched(self.task);
         if self.ctx.view.scheds.contains_key(self.task) {
-            self.writes.push(Write::assignments(sched, None));
+            self.writes.extend(Write::delete(TopicKind::Assignments, sched, self.ctx.epoch));
         }
         for request in self.ctx.view.requests.get(self.task).into_iter().flat_map(|r| r.keys()) {
             let key = key::request(self.task, *request);
             if !self.busy(TopicKind::Commands, &key) {
-                self.writes.push(Write { topic: TopicKind::Commands, key, body: None });
+                self.writes.extend(Write::delete(TopicKind::Commands, key, self.ctx.epoch));
             }
         }
     }
@@ -602,9 +608,19 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             let due = Due { trigger: Trigger::Request { request }, attempt: 1 };
             let key = key::request(self.task, request);
             if self.exists(due) || sched.queued == Some(due) {
-                // Decided: the request record is no longer needed.
-                if !self.busy(TopicKind::Commands, &key) {
-                    self.writes.push(Write { topic: TopicKind::Commands, key, body: None });
+                // Decided. The request goes only once what decided it is in the log (its run's
+                // intent, or the position that queues it), read back: a write that fails must
+                // not leave the request dropped and its run never launched.
+                let id = run_id(self.task, due.trigger, due.attempt);
+                let landed = self.ctx.view.run(self.task, &id).is_some_and(|entry| entry.intent.is_some())
+                    || self
+                        .ctx
+                        .view
+                        .scheds
+                        .get(self.task)
+                        .is_some_and(|entry| entry.sched.queued == Some(due));
+                if landed && !self.busy(TopicKind::Commands, &key) {
+                    self.writes.extend(Write::delete(TopicKind::Commands, key, self.ctx.epoch));
                 }
                 continue;
             }

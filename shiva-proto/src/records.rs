@@ -62,6 +62,10 @@ pub enum Body {
     RunIntent(RunIntent),
     /// `status`, `run/<task>/<run-id>`: a run's record.
     RunReport(RunReport),
+    /// A leader-owned key (`assignments` `task/`, `sched/`, `run/`; `status` `task/`, `run/`;
+    /// `commands` `request/`): its entry is deleted. A tombstone follows for compaction; a
+    /// tombstone alone changes nothing.
+    Deleted(Deleted),
 }
 
 impl Body {
@@ -81,6 +85,7 @@ impl Body {
             Body::Sched(_) => "sched",
             Body::RunIntent(_) => "run_intent",
             Body::RunReport(_) => "run_report",
+            Body::Deleted(_) => "deleted",
         }
     }
 }
@@ -168,6 +173,11 @@ pub struct Heartbeat {
     /// its exclusive runs (absent from older nodes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence_timeout_ms: Option<u64>,
+    /// How many times this incarnation came back from its fence (0: never fenced since its
+    /// first read-back): after a return the node starts exclusive work only once a `members`
+    /// record lists it with this count (see docs/protocol.md, "A fenced node's return").
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub returns: u64,
     /// Resources, for display.
     #[serde(default)]
     pub resources: Resources,
@@ -182,6 +192,13 @@ pub struct Leave {
     /// Why (e.g. "shutdown").
     #[serde(default)]
     pub reason: String,
+}
+
+/// `deleted` body: the leader of `epoch` deletes the entry of the record's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    /// The writing leader's epoch.
+    pub epoch: u64,
 }
 
 /// `claim/<epoch>/<node>/<claim-id>` body: the sender asks to lead `epoch`.
@@ -214,6 +231,14 @@ pub struct Member {
     pub runner: bool,
     /// Whether it may lead.
     pub leader_capable: bool,
+    /// Its heartbeat's `returns` when the leader wrote this view: the node starts exclusive
+    /// work only once it reads itself here with its own count.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub returns: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// `members` body: the live nodes as the leader of `epoch` sees them.
@@ -276,6 +301,41 @@ pub struct Assignment {
     /// the Unix epoch, the leader's clock): back-off between moves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at_ms: Option<i64>,
+    /// Copies that may still run on other nodes than the placement names (a hand-off): nobody
+    /// starts the task elsewhere until each node reports its copy gone or must have fenced
+    /// itself (a copy that rides out disconnections is waited for only by an exclusive
+    /// revision). One naming the placement's own node: an older revision it may still run,
+    /// whose stop grace and `on_disconnect` govern if it falls silent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<Holder>,
+}
+
+/// A copy of a task a node may still run (see [`Assignment::holders`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The node.
+    pub node: NodeId,
+    /// The node's word counts from this generation: its status for this generation or a later
+    /// one says whether the copy is gone (`stopped`, `failed`) or current.
+    pub since: u64,
+    /// The longest stop grace of the revisions the node may run, in ms.
+    pub stop_grace_ms: u64,
+    /// Whether one of them rides out a disconnection (`on_disconnect: keep`): such a copy is
+    /// not fenced, so an exclusive revision waits for the node's word.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
+    /// Whether one of them is exclusive (`on_disconnect: stop`, the default): fenced after the
+    /// stop grace, and until then no other copy starts, whatever the revision to start.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub exclusive: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 /// What a runner reports about its run of a task.
@@ -442,6 +502,7 @@ impl Envelope {
             Body::Sched(body) => out(self, body),
             Body::RunIntent(body) => out(self, body),
             Body::RunReport(body) => out(self, body),
+            Body::Deleted(body) => out(self, body),
         }
     }
 
@@ -477,6 +538,7 @@ impl Envelope {
             "sched" => Body::Sched(body(kind, wire.body)?),
             "run_intent" => Body::RunIntent(body(kind, wire.body)?),
             "run_report" => Body::RunReport(body(kind, wire.body)?),
+            "deleted" => Body::Deleted(body(kind, wire.body)?),
             _ => return Err(DecodeError::UnknownKind(wire.kind)),
         };
         Ok(Envelope {

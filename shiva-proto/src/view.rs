@@ -422,17 +422,64 @@ impl LogView {
         }
     }
 
+    /// A tombstone. On a leader-owned key (see [`is_leader_owned`]) it changes nothing: the
+    /// leader deletes with a `deleted` record of its epoch first, and the tombstone that follows
+    /// only lets compaction drop the key. A stray one (a deposed leader's, any client's) is
+    /// skipped, so the key is unsettled and the leader writes its record again.
     fn tombstone(&mut self, topic: TopicKind, key: &str) -> Outcome {
+        if is_leader_owned(topic, key) {
+            return match self.holds_entry(topic, key) {
+                true => Outcome::Skipped(format!(
+                    "tombstone for '{key}' on {topic} ignored: its entry is deleted only by a `deleted` record of the leader's epoch"
+                )),
+                false => Outcome::Applied("tombstone"),
+            };
+        }
         let task = key::task_of(key, "task").and_then(|id| TaskId::new(id).ok());
         let desired = key::task_of(key, "desired").and_then(|id| TaskId::new(id).ok());
-        let sched = key::task_of(key, "sched").and_then(|id| TaskId::new(id).ok());
+        match (topic, task, desired) {
+            (TopicKind::Commands, Some(task), _) => {
+                self.specs.remove(&task);
+                self.invalid.remove(&task);
+            }
+            (TopicKind::Commands, None, Some(task)) => {
+                self.desired.remove(&task);
+            }
+            _ => return Outcome::Skipped(format!("tombstone for '{key}' on {topic} ignored")),
+        }
+        Outcome::Applied("tombstone")
+    }
+
+    /// Whether the view holds an entry for a leader-owned key.
+    fn holds_entry(&self, topic: TopicKind, key: &str) -> bool {
+        let task = |kind| key::task_of(key, kind).and_then(|id| TaskId::new(id).ok());
         if let Some((task, run)) = key::task_and_uuid(key, "run") {
-            let Some(runs) = self.runs.get_mut(&task) else { return Outcome::Applied("tombstone") };
+            let entry = self.run(&task, &run);
+            return match topic {
+                TopicKind::Assignments => entry.is_some_and(|entry| entry.intent.is_some()),
+                _ => entry.is_some_and(|entry| entry.report.is_some()),
+            };
+        }
+        if let Some((task, request)) = key::task_and_uuid(key, "request") {
+            return self.requests.get(&task).is_some_and(|requests| requests.contains_key(&request));
+        }
+        match (topic, task("task"), task("sched")) {
+            (TopicKind::Assignments, Some(task), _) => self.assignments.contains_key(&task),
+            (TopicKind::Status, Some(task), _) => self.statuses.contains_key(&task),
+            (TopicKind::Assignments, None, Some(task)) => self.scheds.contains_key(&task),
+            _ => false,
+        }
+    }
+
+    /// Deletes the entry of a leader-owned key (a `deleted` record of the leader's epoch).
+    fn delete_entry(&mut self, topic: TopicKind, key: &str) {
+        let task = |kind| key::task_of(key, kind).and_then(|id| TaskId::new(id).ok());
+        if let Some((task, run)) = key::task_and_uuid(key, "run") {
+            let Some(runs) = self.runs.get_mut(&task) else { return };
             if let Some(entry) = runs.get_mut(&run) {
                 match topic {
                     TopicKind::Assignments => entry.intent = None,
-                    TopicKind::Status => entry.report = None,
-                    _ => return Outcome::Skipped(format!("tombstone for '{key}' on {topic} ignored")),
+                    _ => entry.report = None,
                 }
                 if entry.intent.is_none() && entry.report.is_none() {
                     runs.remove(&run);
@@ -443,38 +490,29 @@ impl LogView {
                 self.intent_specs.0.remove(&task);
             }
             self.note_run(&task, run);
-            return Outcome::Applied("tombstone");
+            return;
         }
-        if let (TopicKind::Commands, Some((task, request))) = (topic, key::task_and_uuid(key, "request")) {
+        if let Some((task, request)) = key::task_and_uuid(key, "request") {
             if let Some(requests) = self.requests.get_mut(&task) {
                 requests.remove(&request);
                 if requests.is_empty() {
                     self.requests.remove(&task);
                 }
             }
-            return Outcome::Applied("tombstone");
+            return;
         }
-        if let (TopicKind::Assignments, Some(task)) = (topic, sched) {
-            self.scheds.remove(&task);
-            return Outcome::Applied("tombstone");
-        }
-        match (topic, task, desired) {
-            (TopicKind::Commands, Some(task), _) => {
-                self.specs.remove(&task);
-                self.invalid.remove(&task);
-            }
-            (TopicKind::Commands, None, Some(task)) => {
-                self.desired.remove(&task);
-            }
+        match (topic, task("task"), task("sched")) {
             (TopicKind::Assignments, Some(task), _) => {
                 self.assignments.remove(&task);
             }
             (TopicKind::Status, Some(task), _) => {
                 self.statuses.remove(&task);
             }
-            _ => return Outcome::Skipped(format!("tombstone for '{key}' on {topic} ignored")),
+            (TopicKind::Assignments, None, Some(task)) => {
+                self.scheds.remove(&task);
+            }
+            _ => {}
         }
-        Outcome::Applied("tombstone")
     }
 
     fn apply_envelope(
@@ -591,9 +629,26 @@ impl LogView {
                 self.runs.entry(task.clone()).or_default().entry(run).or_default().report = Some(entry);
                 self.note_run(&task, run);
             }
+            (topic, Body::Deleted(deleted)) if is_leader_owned(topic, key) => {
+                self.epochs.accepts(deleted.epoch, &env.sender, env.incarnation)?;
+                self.epochs.active.insert(deleted.epoch);
+                self.delete_entry(topic, key);
+            }
             (topic, body) => return Err(format!("a {} record does not belong on {topic}", body.kind())),
         }
         Ok(())
+    }
+}
+
+/// Whether `key` on `topic` is owned by the leader, so that only a `deleted` record of the
+/// leader's epoch deletes its entry: `task/`, `sched/` and `run/` on `assignments`, `task/` and
+/// `run/` on `status`, `request/` on `commands`.
+pub fn is_leader_owned(topic: TopicKind, key: &str) -> bool {
+    match topic {
+        TopicKind::Assignments => ["task/", "sched/", "run/"].iter().any(|prefix| key.starts_with(prefix)),
+        TopicKind::Status => ["task/", "run/"].iter().any(|prefix| key.starts_with(prefix)),
+        TopicKind::Commands => key.starts_with("request/"),
+        _ => false,
     }
 }
 

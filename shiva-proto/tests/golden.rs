@@ -80,6 +80,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                     runner: true,
                     interval_ms: 200,
                     fence_timeout_ms: Some(3000),
+                    returns: 0,
                     resources: Resources {
                         cpus: 2,
                         memory_total_bytes: 25_000_000_000,
@@ -113,6 +114,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                             tags: vec!["gpu".into()],
                             runner: true,
                             leader_capable: true,
+                            returns: 0,
                         },
                         Member {
                             id: node("n2"),
@@ -121,6 +123,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                             tags: vec![],
                             runner: true,
                             leader_capable: true,
+                            returns: 0,
                         },
                     ],
                 }),
@@ -141,6 +144,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                     spec: app_spec(false),
                     failed_on: vec![],
                     retry_at_ms: None,
+                    holders: vec![],
                 }),
             ),
         ),
@@ -161,9 +165,38 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                     spec: train,
                     failed_on: vec![],
                     retry_at_ms: None,
+                    holders: vec![],
                 }),
             ),
         ),
+        (
+            "assignment-handoff",
+            from(
+                "n2",
+                Some(N2),
+                1795315713900,
+                Body::Assignment(Assignment {
+                    epoch: 4,
+                    task: task("tenant/channel/app"),
+                    generation: 4,
+                    spec_revision: 121,
+                    placement: Placement::Pending {
+                        reason: "handing off: waiting for n1 to stop its copy".into(),
+                    },
+                    spec: app_spec(false),
+                    failed_on: vec![],
+                    retry_at_ms: None,
+                    holders: vec![Holder {
+                        node: node("n1"),
+                        since: 4,
+                        stop_grace_ms: 30000,
+                        keep: false,
+                        exclusive: true,
+                    }],
+                }),
+            ),
+        ),
+        ("deleted", from("n2", Some(N2), 1795315799500, Body::Deleted(Deleted { epoch: 4 }))),
         (
             "status",
             from(

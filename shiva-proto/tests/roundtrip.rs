@@ -105,6 +105,7 @@ fn member() -> impl Strategy<Value = Member> {
             tags,
             runner,
             leader_capable,
+            returns: incarnation.as_u128() as u64 % 3,
         })
 }
 
@@ -136,6 +137,7 @@ fn body() -> impl Strategy<Value = Body> {
                         runner,
                         interval_ms,
                         fence_timeout_ms: Some(interval_ms.saturating_mul(15)),
+                        returns: seq % 4,
                         resources: Resources {
                             cpus,
                             memory_total_bytes: 1 << 34,
@@ -149,6 +151,7 @@ fn body() -> impl Strategy<Value = Body> {
         text().prop_map(|reason| Body::Leave(Leave { reason })),
         any::<u64>().prop_map(|epoch| Body::Claim(Claim { epoch })),
         any::<u64>().prop_map(|epoch| Body::Resign(Resign { epoch })),
+        any::<u64>().prop_map(|epoch| Body::Deleted(shiva_proto::records::Deleted { epoch })),
         (any::<u64>(), prop::collection::vec(member(), 0..4))
             .prop_map(|(epoch, nodes)| Body::Members(Members { epoch, nodes })),
         (any::<u64>(), task_id(), any::<u64>(), any::<i64>(), placement(), spec()).prop_map(
@@ -161,6 +164,16 @@ fn body() -> impl Strategy<Value = Body> {
                 spec,
                 failed_on: if generation % 2 == 0 { vec![] } else { vec![NodeId::new("n1").unwrap()] },
                 retry_at_ms: (generation % 3 == 0).then_some(spec_revision),
+                holders: (generation % 5 == 0)
+                    .then(|| shiva_proto::records::Holder {
+                        node: NodeId::new("n2").unwrap(),
+                        since: generation,
+                        stop_grace_ms: epoch,
+                        keep: epoch % 2 == 0,
+                        exclusive: epoch % 3 != 0,
+                    })
+                    .into_iter()
+                    .collect(),
             })
         ),
         (

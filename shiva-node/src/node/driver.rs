@@ -2,14 +2,13 @@
 //! every batch of events, and writes what they decide. All state lives in [`Node`], owned by
 //! one task, so no lock is needed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shiva_bus::{BusError, Publisher, Reader, ReaderEvent, Record};
-use shiva_proto::records::{Body, Claim, Envelope, Placement, RunState, RunSummary, TaskStatus};
+use shiva_proto::records::{Body, Claim, Envelope, RunSummary, TaskStatus};
 use shiva_proto::runs::RunReport;
-use shiva_proto::spec::OnDisconnect;
 use shiva_proto::topics::key;
 use shiva_proto::view::Outcome;
 use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
@@ -25,7 +24,7 @@ use crate::firing::Timing;
 use crate::leader::{Inputs, reconcile};
 use crate::membership::Membership;
 use crate::scheduler;
-use crate::supervisor::{Supervisor, Wanted};
+use crate::supervisor::Supervisor;
 
 /// Why a record was written, so its delivery result can be acted on.
 #[derive(Debug, Clone)]
@@ -291,14 +290,25 @@ impl Node {
                 self.reader.sync(token);
             }
             (Err(BusError::TooLarge { message, .. }), Purpose::Leader) => self.unwritable(&key, message),
+            (Err(message), Purpose::Status(task)) => {
+                // A status must land (the leader moves or hands off tasks on it): the newest one
+                // is written again, unless a newer write of it is still in flight.
+                warn!(%task, %message, "status not written; writing it again");
+                if !self.unacked.contains_key(&entry)
+                    && let Some(status) = self.own_status.get(&task).cloned()
+                {
+                    self.on_status(status);
+                }
+            }
             (Err(message), _) => warn!(%key, %message, "write failed; will retry"),
         }
     }
 
+    /// Writes this node's status of a task (deleting it is the leader's: see
+    /// `leader::undefined`).
     pub(crate) fn on_status(&mut self, status: TaskStatus) {
         let task = status.task.clone();
-        let deleted = status.state == RunState::Stopped && !self.view.specs.contains_key(&task);
-        let body = (!deleted).then(|| Body::Status(status.clone()));
+        let body = Some(Body::Status(status.clone()));
         self.own_status.insert(task.clone(), status);
         self.send(TopicKind::Status, key::task(&task), body, Purpose::Status(task));
     }
@@ -324,7 +334,7 @@ impl Node {
                 pid: status.pid,
             })
             .collect();
-        let heartbeat = build(&self.identity, seq, self.resources.resources(), runs);
+        let heartbeat = build(&self.identity, seq, self.fence.returns(), self.resources.resources(), runs);
         let key = key::node(&self.config.node_id);
         self.send(TopicKind::Control, key, Some(Body::Heartbeat(heartbeat)), Purpose::Heartbeat(seq));
     }
@@ -404,7 +414,7 @@ impl Node {
                 self.config.node_timeout,
             )
         };
-        let busy = |key: &str| self.busy(TopicKind::Assignments, key);
+        let busy = |topic: TopicKind, key: &str| self.busy(topic, key);
         let inputs = Inputs {
             live: &live,
             epoch,
@@ -478,27 +488,29 @@ impl Node {
         self.lease.send_if_modified(|lease| std::mem::replace(lease, deadline) != deadline);
     }
 
+    /// Whether this node may start exclusive work: its fence is open and the leader listed its
+    /// latest return (see [`super::fence::returned_confirmed`]).
+    pub(crate) fn may_start_exclusive(&self) -> bool {
+        self.fence.is_open()
+            && super::fence::returned_confirmed(
+                self.view.members.as_ref(),
+                &self.config.node_id,
+                self.config.incarnation,
+                self.fence.returns(),
+            )
+    }
+
     fn step_runner(&mut self) {
-        let fenced = !self.fence.is_open();
-        let Some(supervisor) = self.supervisor.as_mut() else { return };
-        let me = &self.config.node_id;
-        let wanted: BTreeMap<TaskId, Wanted> = self
-            .view
-            .assignments
-            .iter()
-            .filter(|(_, entry)| matches!(&entry.assignment.placement, Placement::Assigned { node } if node == me))
-            // Cut off: only the runs that ride out a disconnection go on.
-            .filter(|(_, entry)| !fenced || entry.assignment.spec.on_disconnect == OnDisconnect::Keep)
-            .map(|(task, entry)| {
-                let assignment = &entry.assignment;
-                let wanted = Wanted {
-                    generation: assignment.generation,
-                    spec_revision: assignment.spec_revision,
-                    spec: assignment.spec.clone(),
-                };
-                (task.clone(), wanted)
-            })
-            .collect();
+        let standing = crate::runner::Standing {
+            fenced: !self.fence.is_open(),
+            may_start_exclusive: self.may_start_exclusive(),
+        };
+        let Some(supervisor) = self.supervisor.as_mut() else {
+            self.release_handed_off(&|_| false);
+            return;
+        };
+        let wanted =
+            crate::runner::wanted(&self.view, &self.config.node_id, standing, &|task| supervisor.holds(task));
         supervisor.reconcile(&wanted);
         // A status that landed after this node's own (an old runner's last words) would
         // survive compaction: write the current one again.
@@ -514,6 +526,32 @@ impl Node {
             .collect();
         for status in stale {
             debug!(task = %status.task, "rewriting status overwritten by another writer");
+            self.on_status(status);
+        }
+        let holds: BTreeSet<TaskId> = self
+            .supervisor
+            .as_ref()
+            .map(|supervisor| {
+                let view = &self.view;
+                view.assignments.keys().filter(|task| supervisor.holds(task)).cloned().collect()
+            })
+            .unwrap_or_default();
+        self.release_handed_off(&|task| holds.contains(task));
+    }
+
+    /// Tells the leader, for every task handed off from this node whose copy is gone here, that
+    /// it is gone: a `stopped` status for the hand-off's generation (see `leader::handoff`).
+    /// Written once this node read the record that took the task away, so it never starts the
+    /// task again from an earlier one.
+    fn release_handed_off(&mut self, holds: &dyn Fn(&TaskId) -> bool) {
+        let own = |task: &TaskId| self.own_status.get(task).map(|status| (status.generation, status.state));
+        let releases: Vec<TaskStatus> =
+            crate::runner::releases(&self.view, &self.config.node_id, holds, &own)
+                .into_iter()
+                .filter(|status| !self.busy(TopicKind::Status, &key::task(&status.task)))
+                .collect();
+        for status in releases {
+            info!(task = %status.task, generation = status.generation, "handed off: this node's copy is gone");
             self.on_status(status);
         }
     }

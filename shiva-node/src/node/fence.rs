@@ -35,13 +35,15 @@ pub enum FenceChange {
 pub struct Fence {
     timeout: Duration,
     state: FenceState,
+    /// How many times it opened.
+    opens: u64,
 }
 
 impl Fence {
     /// A fence that starts closed: nothing exclusive runs before the first own heartbeat is
     /// read back.
     pub fn new(timeout: Duration) -> Fence {
-        Fence { timeout, state: FenceState::Fenced }
+        Fence { timeout, state: FenceState::Fenced, opens: 0 }
     }
 
     /// The state.
@@ -50,9 +52,15 @@ impl Fence {
         self.state
     }
 
-    /// Whether exclusive runs may run.
+    /// Whether exclusive runs may run (see also [`returned_confirmed`]).
     pub fn is_open(&self) -> bool {
         self.state == FenceState::Open
+    }
+
+    /// How many times the node came back from its fence (the first opening, at start, is not a
+    /// return): its heartbeats carry it.
+    pub fn returns(&self) -> u64 {
+        self.opens.saturating_sub(1)
     }
 
     /// When the lease runs out, given the send instant of the newest heartbeat read back.
@@ -87,6 +95,7 @@ impl Fence {
     pub fn on_synced(&mut self, token: u64) -> FenceChange {
         if self.state == FenceState::Syncing(token) {
             self.state = FenceState::Open;
+            self.opens = self.opens.saturating_add(1);
             FenceChange::Opened
         } else {
             FenceChange::None
@@ -99,6 +108,25 @@ impl Fence {
             self.state = FenceState::Fenced;
         }
     }
+}
+
+/// Whether the leader acknowledged this incarnation's latest return: its `members` record lists
+/// the node with this incarnation and at least `returns`. The leader writes that record only
+/// after it saw the node live again, so every move it decided while the node was silent (and
+/// every verdict on its runs) is earlier in the same log, and read before: a node that starts
+/// exclusive work only then never starts a task that was moved away meanwhile.
+pub fn returned_confirmed(
+    members: Option<&shiva_proto::records::Members>,
+    me: &shiva_proto::NodeId,
+    incarnation: uuid::Uuid,
+    returns: u64,
+) -> bool {
+    members.is_some_and(|members| {
+        members
+            .nodes
+            .iter()
+            .any(|member| member.id == *me && member.incarnation == incarnation && member.returns >= returns)
+    })
 }
 
 #[cfg(test)]
@@ -121,6 +149,7 @@ mod tests {
         assert_eq!(fence.on_synced(7), FenceChange::None, "another read's end");
         assert_eq!(fence.on_synced(1), FenceChange::Opened);
         assert!(fence.is_open());
+        assert_eq!(fence.returns(), 0, "the first opening is not a return");
         assert_eq!(fence.update(Some(t0 + s(2)), t0 + s(4), &mut token), FenceChange::None);
         // Frozen or cut off: the newest heartbeat read back was sent at t0 + 2 s.
         assert_eq!(fence.update(Some(t0 + s(2)), t0 + s(5), &mut token), FenceChange::Fenced);
@@ -136,5 +165,32 @@ mod tests {
         assert_eq!(fence.update(Some(t0 + s(14)), t0 + s(14), &mut token), FenceChange::Sync(3));
         fence.on_sync_failed(3);
         assert_eq!(fence.update(Some(t0 + s(14)), t0 + s(15), &mut token), FenceChange::Sync(4));
+        assert_eq!(fence.returns(), 0);
+        assert_eq!(fence.on_synced(4), FenceChange::Opened);
+        assert_eq!(fence.returns(), 1, "back from the fence once");
+    }
+
+    #[test]
+    fn a_return_counts_once_the_leader_lists_it() {
+        use shiva_proto::records::{Member, Members};
+        let me = shiva_proto::NodeId::new("n1").unwrap();
+        let incarnation = uuid::Uuid::new_v4();
+        let member = |incarnation, returns| Member {
+            id: me.clone(),
+            incarnation,
+            hostname: "h".into(),
+            tags: vec![],
+            runner: true,
+            leader_capable: true,
+            returns,
+        };
+        let members = |nodes| Members { epoch: 3, nodes };
+        assert!(!returned_confirmed(None, &me, incarnation, 0), "no leader view yet");
+        assert!(!returned_confirmed(Some(&members(vec![])), &me, incarnation, 0), "not listed");
+        let old = members(vec![member(uuid::Uuid::new_v4(), 5)]);
+        assert!(!returned_confirmed(Some(&old), &me, incarnation, 0), "an earlier incarnation is listed");
+        let before = members(vec![member(incarnation, 1)]);
+        assert!(returned_confirmed(Some(&before), &me, incarnation, 1));
+        assert!(!returned_confirmed(Some(&before), &me, incarnation, 2), "listed before its latest return");
     }
 }

@@ -121,7 +121,13 @@ pub struct Identity {
 }
 
 /// Builds heartbeat `seq`.
-pub fn build(identity: &Identity, seq: u64, resources: Resources, runs: Vec<RunSummary>) -> Heartbeat {
+pub fn build(
+    identity: &Identity,
+    seq: u64,
+    returns: u64,
+    resources: Resources,
+    runs: Vec<RunSummary>,
+) -> Heartbeat {
     Heartbeat {
         protocol: PROTOCOL_VERSION,
         seq,
@@ -131,6 +137,7 @@ pub fn build(identity: &Identity, seq: u64, resources: Resources, runs: Vec<RunS
         runner: identity.runner,
         interval_ms: identity.interval.as_millis() as u64,
         fence_timeout_ms: Some(identity.fence_timeout.as_millis() as u64),
+        returns,
         resources,
         runs,
     }

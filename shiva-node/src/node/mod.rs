@@ -32,6 +32,7 @@ use crate::supervisor::shim::ShimLauncher;
 use crate::tree::Isolation;
 use driver::Node;
 use fence::Fence;
+pub use fence::returned_confirmed;
 use heartbeat::{Gate, Identity, ResourceProbe};
 
 /// Runs the node until `shutdown` is cancelled (then leaves the cluster in order) or a fatal

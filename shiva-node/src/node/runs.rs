@@ -194,7 +194,8 @@ impl Node {
             } else if now >= start_at {
                 // Cut off from the bus: an exclusive run starts only once the node reads
                 // itself again (the steps go on with every heartbeat tick).
-                if self.fence.is_open() || intent.spec.on_disconnect == OnDisconnect::Keep {
+                // Back from the fence, only once the leader acknowledged the return.
+                if self.may_start_exclusive() || intent.spec.on_disconnect == OnDisconnect::Keep {
                     start.push(intent.clone());
                 }
             } else {

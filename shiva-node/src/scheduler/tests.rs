@@ -103,6 +103,7 @@ impl Sim {
                 tags: vec![],
                 runner: true,
                 leader_capable: true,
+                returns: 0,
             })
             .collect()
     }

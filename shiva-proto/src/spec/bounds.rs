@@ -193,6 +193,17 @@ impl TaskSpec {
             spec: self.clone(),
             failed_on: Vec::new(),
             retry_at_ms: Some(i64::MAX),
+            // A hand-off names the node that may still run a copy (a node id is short).
+            holders: vec![
+                crate::records::Holder {
+                    node: crate::NodeId::new("n".repeat(128)).expect("a valid node id"),
+                    since: u64::MAX,
+                    stop_grace_ms: u64::MAX,
+                    keep: true,
+                    exclusive: false,
+                };
+                2
+            ],
         });
         let intent = Body::RunIntent(RunIntent {
             epoch: u64::MAX,

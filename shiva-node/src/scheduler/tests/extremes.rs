@@ -133,7 +133,7 @@ impl Sim {
             live: &live,
             epoch,
             now_ms: self.now,
-            busy: &|_| false,
+            busy: &|_, _| false,
             may_still_run: &|_, _| false,
             failed: &Default::default(),
         };
@@ -257,6 +257,7 @@ proptest! {
             runner: true,
             interval_ms,
             fence_timeout_ms: fence_ms,
+            returns: u64::MAX,
             resources: Resources::default(),
             runs: vec![],
         };
