@@ -29,7 +29,8 @@ pub struct Standing {
     pub may_start_exclusive: bool,
 }
 
-/// The services `me` runs. `holds`: whether the node still holds a job of the task.
+/// The services `me` runs. `holds`: whether the node runs a job of the task (not one stopping):
+/// it goes on while exclusive starts wait.
 pub fn wanted(
     view: &LogView,
     me: &NodeId,
@@ -61,7 +62,7 @@ pub fn wanted(
 
 /// The statuses that answer hand-offs from `me`: for each task whose assignment names `me` as
 /// the holder of a copy and runs it elsewhere (or nowhere), once the node holds no job of it,
-/// unless its newest status (`own`) already says so and has landed.
+/// unless its newest status (`own`) already says so and it was not overwritten by a stale one.
 pub fn releases(
     view: &LogView,
     me: &NodeId,
@@ -83,7 +84,14 @@ pub fn releases(
             let landed = view.statuses.get(task).is_some_and(|status| {
                 status.node == *me && status.status.generation >= holder.since && gone(status.status.state)
             });
-            (!said || !landed).then(|| TaskStatus {
+            // Overwritten by a stale status, it is written again; not when the newest status is
+            // the current runner's (a `keep` copy started beside this one): no write loop.
+            let runner_says = view.statuses.get(task).is_some_and(|status| {
+                status.status.generation == assignment.generation
+                    && matches!(&assignment.placement, Placement::Assigned { node } if *node == status.node)
+            });
+            let overwritten = !landed && !runner_says;
+            (!said || overwritten).then(|| TaskStatus {
                 task: task.clone(),
                 generation: assignment.generation,
                 state: RunState::Stopped,

@@ -277,8 +277,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             );
         }
         self.trim_history();
-        if self.ctx.view.assignments.get(self.task).is_some_and(|entry| !entry.assignment.holders.is_empty())
-        {
+        if self.service_copy_blocks(spec) {
             // A service copy of an earlier revision may still run (see `leader::handoff`):
             // nothing new starts until its node lets go of it.
             return;
@@ -322,6 +321,20 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         }
         let sched = Sched { suspended_at_ms: Some(ms(self.ctx.now)), queued: None, ..before.clone() };
         self.write_sched(sched, Some(before));
+    }
+
+    /// Whether a copy of a service revision of this task may still run and keeps new runs from
+    /// starting: read off the task's assignment as the leader's reconciliation reads it (the
+    /// copy of an `assigned` service placement counts, so a switch to a periodic or one-shot
+    /// revision waits in the very step that hands the service off).
+    fn service_copy_blocks(&self, spec: &SpecEntry) -> bool {
+        use crate::leader::handoff;
+        let Some(entry) = self.ctx.view.assignments.get(self.task) else { return false };
+        let next_keep = spec.spec.on_disconnect == OnDisconnect::Keep;
+        handoff::copies_of(&entry.assignment).iter().any(|holder| {
+            !handoff::gone(self.ctx.view, self.task, holder, self.ctx.live, self.ctx.may_still_run)
+                && handoff::blocks(holder, self.ctx.live, self.ctx.may_still_run, next_keep)
+        })
     }
 
     fn write_intent(&mut self, intent: RunIntent) {

@@ -630,7 +630,26 @@ impl LogView {
                 self.note_run(&task, run);
             }
             (topic, Body::Deleted(deleted)) if is_leader_owned(topic, key) => {
-                self.epochs.accepts(deleted.epoch, &env.sender, env.incarnation)?;
+                match topic {
+                    TopicKind::Assignments => {
+                        self.epochs.accepts(deleted.epoch, &env.sender, env.incarnation)?
+                    }
+                    // Other topics are read apart from `assignments`, behind or ahead of its
+                    // claims: a marker there is accepted from the winner of its epoch, whether
+                    // that epoch is still the newest, or (claim not read yet) ahead of it.
+                    _ => self.epochs.winners.get(&deleted.epoch).map_or_else(
+                        || match deleted.epoch > self.epochs.newest {
+                            true => Ok(()),
+                            false => Err(format!("epoch {} has no winner", deleted.epoch)),
+                        },
+                        |winner| match winner.node.as_str() == env.sender
+                            && Some(winner.incarnation) == env.incarnation
+                        {
+                            true => Ok(()),
+                            false => Err(format!("{} did not win epoch {}", env.sender, deleted.epoch)),
+                        },
+                    )?,
+                }
                 self.epochs.active.insert(deleted.epoch);
                 self.delete_entry(topic, key);
             }

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 use serde_json::json;
 use shiva_e2e::{Cluster, SETTLE, scratch, wait_until};

@@ -510,7 +510,9 @@ impl Node {
             return;
         };
         let wanted =
-            crate::runner::wanted(&self.view, &self.config.node_id, standing, &|task| supervisor.holds(task));
+            // What runs goes on while the gate is closed; a stopped job (even one whose stop
+            // just completed) starts again only through the gate.
+            crate::runner::wanted(&self.view, &self.config.node_id, standing, &|task| supervisor.runs(task));
         supervisor.reconcile(&wanted);
         // A status that landed after this node's own (an old runner's last words) would
         // survive compaction: write the current one again.

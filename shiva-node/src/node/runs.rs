@@ -195,7 +195,11 @@ impl Node {
                 // Cut off from the bus: an exclusive run starts only once the node reads
                 // itself again (the steps go on with every heartbeat tick).
                 // Back from the fence, only once the leader acknowledged the return.
-                if self.may_start_exclusive() || intent.spec.on_disconnect == OnDisconnect::Keep {
+                // Never beside this node's own service copy of the task (a kind change).
+                let beside =
+                    self.supervisor.as_ref().is_some_and(|supervisor| supervisor.holds(&intent.task));
+                if !beside && (self.may_start_exclusive() || intent.spec.on_disconnect == OnDisconnect::Keep)
+                {
                     start.push(intent.clone());
                 }
             } else {

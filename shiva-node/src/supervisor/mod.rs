@@ -61,6 +61,11 @@ impl Supervisor {
         self.jobs.keys()
     }
 
+    /// Whether `task` has a job (running, backing off or starting), not one stopping.
+    pub fn runs(&self, task: &TaskId) -> bool {
+        self.jobs.contains_key(task)
+    }
+
     /// Whether `task` has a job or one still stopping.
     pub fn holds(&self, task: &TaskId) -> bool {
         self.jobs.contains_key(task) || self.stopping.contains_key(task)
