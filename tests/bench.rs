@@ -2,7 +2,7 @@
 //! the node's default settings, and prints a Markdown report for `docs/benchmarks.md`.
 //!
 //! ```sh
-//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only floor,cron,resume] [--kills 1000]
+//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only handoff,floor,cron,resume] [--kills 1000]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -129,6 +129,60 @@ async fn read_assignments(config: &BusConfig) -> (Reader, mpsc::Receiver<ReaderE
         }
     }
     (reader, rx, view)
+}
+
+/// Hand-off between live nodes: a service on h1 (tag `a`) is retagged to h2 (tag `b`) and back,
+/// `moves` times; its copies stamp `start <ns>` and, on SIGTERM, `stop <ns>` before they exit.
+/// Returns, per move, the old copy's stop → the new copy's start, in ms; panics on an overlap.
+async fn handoff(broker: &Broker, dir: &Path, moves: usize, node_args: &[&str]) -> Vec<f64> {
+    let name = cluster("handoff");
+    let nodes: Vec<Node> = [("h1", "a"), ("h2", "b")]
+        .iter()
+        .map(|(id, tag)| {
+            let mut args = node_args.to_vec();
+            args.extend(["--tags", tag]);
+            Node::launch(broker, &name, id, &args)
+        })
+        .collect();
+    let ctl = Ctl::new(broker, &name);
+    wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
+    let config = BusConfig::new(&broker.url(), &name, &[]).unwrap();
+    let publisher = Publisher::new(&config, "bench").unwrap();
+    let file = dir.join("handoff");
+    let script = format!(
+        "trap 'echo stop $(date +%s%N) >> {f}; exit 0' TERM; echo start $(date +%s%N) >> {f}; while :; do sleep 0.05; done",
+        f = file.display()
+    );
+    let stamps = |kind: &str| -> Vec<i128> {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.strip_prefix(kind)?.trim().parse().ok())
+            .collect()
+    };
+    let mut gaps = Vec::new();
+    for i in 0..=moves {
+        let mut spec =
+            TaskSpec::new(TaskId::new("bench/handoff").unwrap(), "sh", vec!["-c".into(), script.clone()]);
+        spec.tags = vec![if i % 2 == 0 { "a" } else { "b" }.to_owned()];
+        spec.stop_grace = Duration::from_secs(5);
+        shiva_ctl::write_spec(&publisher, &spec).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stamps("start").len() < i + 1 {
+            assert!(Instant::now() < deadline, "move {i} did not start");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if i > 0 {
+            let (stops, starts) = (stamps("stop"), stamps("start"));
+            assert!(stops.len() >= i, "the copy before move {i} did not stop first");
+            let (stop, start) = (stops[i - 1], starts[i]);
+            assert!(start > stop, "move {i}: the new copy started before the old one stopped");
+            gaps.push((start - stop) as f64 / 1e6);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(nodes);
+    gaps
 }
 
 /// kill -9 of the leader → first accepted write of the next epoch's winner.
@@ -479,8 +533,8 @@ fn main() {
     let broker = Broker::start_with_interval(&compaction);
     let mut report = Vec::new();
 
-    // `--only a,b` runs some sections: rtt, idle, floor, cron, resume, pipeline, archive-e2e, crash,
-    // supervise, cluster.
+    // `--only a,b` runs some sections: rtt, handoff, idle, floor, cron, resume, pipeline,
+    // archive-e2e, crash, supervise, cluster.
     let only = args.iter().position(|arg| arg == "--only").map(|i| args[i + 1].clone());
     let wants = |section: &str| only.as_ref().is_none_or(|list| list.split(',').any(|s| s == section));
     for wait in [10, 12, 20].into_iter().filter(|_| wants("rtt")) {
@@ -518,6 +572,19 @@ fn main() {
             "| idle node in a 3-node cluster, {label} | RSS {:.1} MB, CPU {cpu:.2} % of a core (worst of 3 nodes, {}s) |",
             rss as f64 / 1024.0,
             window.as_secs()
+        ));
+    }
+
+    if wants("handoff") {
+        let samples = if quick { 50 } else { 200 };
+        let mut rtt = runtime.block_on(round_trip(&broker, samples, Duration::from_millis(12)));
+        let moves = if quick { 10 } else { 40 };
+        let mut gaps = runtime.block_on(handoff(&broker, &scratch("handoff"), moves, &node_args));
+        let ratio = percentile(&mut gaps, 0.5) / percentile(&mut rtt, 0.5);
+        report.push(format!(
+            "| hand-off between live nodes (retag; old copy's stop → new copy's start), fetch wait 12 ms | {}; p50 = {ratio:.1} × the round trip's p50 ({:.1} ms, same run) |",
+            summary(&mut gaps),
+            percentile(&mut rtt, 0.5)
         ));
     }
 

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::json;
+use std::time::Duration;
+
 use shiva_e2e::{Cluster, SETTLE, scratch, wait_until};
 
 /// Stamps `start`, `tick` (every 50 ms) and `stop` lines; on SIGTERM it ticks on for 3 s more
@@ -113,4 +115,51 @@ fn planned_moves_between_live_nodes_hand_off_one_copy_at_a_time() {
     for gap in &gaps {
         assert!(*gap < 5000.0, "a hand-off took {gap} ms: {gaps:?}");
     }
+}
+
+/// A service that fails on its node while the broker is down (its `failed` status cannot be
+/// delivered then) still moves: the status is written again until it lands.
+#[test]
+fn a_failed_status_written_while_the_broker_is_down_lands_and_the_task_moves() {
+    let mut cluster = Cluster::start("status-lands", 2, &[]);
+    let dir = scratch("status-lands");
+    let flag = dir.join("fail-on");
+    // Fails at once, and again at every restart, on the node named in the flag file.
+    let script = format!(
+        "while :; do test \"$(cat {flag} 2>/dev/null)\" = \"$SHIVA_NODE_ID\" && exit 1; sleep 0.05; done",
+        flag = flag.display()
+    );
+    let spec = json!({
+        "id": "app/flaky",
+        "command": "sh",
+        "args": ["-c", script],
+        "env": {"E2E": cluster.name},
+        "max_restarts": 1,
+        "backoff": {"initial": "100ms", "max": "100ms", "multiplier": 1},
+        "stop_grace": "1s",
+    });
+    let path = dir.join("flaky.json");
+    std::fs::write(&path, spec.to_string()).unwrap();
+    cluster.ctl.ok(&["submit", path.to_str().unwrap()]);
+    let mut first = String::new();
+    wait_until(SETTLE, "app/flaky runs", || {
+        let row = cluster.ctl.tasks().get("app/flaky").cloned().unwrap_or_default();
+        first = row["node"].as_str().unwrap_or_default().to_owned();
+        row["state"] == "running" && !first.is_empty()
+    });
+
+    // The broker goes; the task fails on its node meanwhile (its status cannot be delivered
+    // within the 2 s delivery timeout); the broker comes back 8 s later.
+    cluster.broker.kill9();
+    std::fs::write(&flag, &first).unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    cluster.broker.restart();
+
+    let other = if first == "n1" { "n2" } else { "n1" };
+    wait_until(SETTLE * 2, &format!("app/flaky moves from {first} to {other}"), || {
+        let row = cluster.ctl.tasks().get("app/flaky").cloned().unwrap_or_default();
+        row["node"] == other && row["state"] == "running"
+    });
+    let log = cluster.node(&first).log_text();
+    assert!(log.contains("status not written; writing it again"), "the failed write was retried: {log}");
 }

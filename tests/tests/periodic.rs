@@ -185,3 +185,134 @@ fn forbid_never_runs_two_at_once_and_replace_stops_the_old_run_first() {
     let stopped = history.as_array().unwrap().iter().filter(|r| r["state"] == "stopped").count();
     assert!(stopped > 0, "replace stops the old run: {history}");
 }
+
+/// A tiny xorshift generator: the chaos below is random but replayable (`SHIVA_CHAOS_SEED`).
+struct Chaos(u64);
+
+impl Chaos {
+    fn new() -> Chaos {
+        let seed = std::env::var("SHIVA_CHAOS_SEED")
+            .ok()
+            .and_then(|seed| seed.parse().ok())
+            .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
+        eprintln!("chaos seed {seed} (SHIVA_CHAOS_SEED={seed} replays it)");
+        Chaos(seed | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Every run of the task, by run id: its slot, node, first and last stamp (ns) and whether it
+/// stamped `start`.
+fn runs(file: &std::path::Path) -> BTreeMap<String, (String, String, u128, u128, bool)> {
+    let mut runs: BTreeMap<String, (String, String, u128, u128, bool)> = BTreeMap::new();
+    for line in std::fs::read_to_string(file).unwrap_or_default().lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [what, run, slot, node, at] = fields[..] else { continue };
+        let Ok(at) = at.parse::<u128>() else { continue };
+        let entry = runs.entry(run.to_owned()).or_insert((slot.to_owned(), node.to_owned(), at, at, false));
+        entry.2 = entry.2.min(at);
+        entry.3 = entry.3.max(at);
+        entry.4 |= what == "start";
+    }
+    runs
+}
+
+#[test]
+fn random_retags_kill_start_delete_submit_and_kills_never_overlap_two_runs_nor_run_a_slot_twice() {
+    let mut cluster = Cluster::start("chaos", 3, &[&["--tags", "a"], &["--tags", "b"], &["--tags", "a,b"]]);
+    let dir = scratch("chaos");
+    let log = dir.join("stamps");
+    // Each run stamps its start, a tick every 50 ms for 0.4 s and its stop (also on SIGTERM).
+    let script = format!(
+        "stamp() {{ echo \"$1 $SHIVA_RUN_ID $SHIVA_SLOT $SHIVA_NODE_ID $(date +%s%N)\" >> {log}; }}; \
+         trap 'stamp stop; exit 0' TERM; stamp start; \
+         for i in 1 2 3 4 5 6 7 8; do sleep 0.05; stamp tick; done; stamp stop",
+        log = log.display()
+    );
+    let path = dir.join("tick.json");
+    let submit = |cluster: &Cluster, tags: &[&str]| {
+        let spec = serde_json::json!({
+            "id": "chaos/tick",
+            "command": "sh",
+            "args": ["-c", &script],
+            "env": {"E2E": cluster.name},
+            "schedule": "* * * * * *",
+            "tags": tags,
+            "stop_grace": "1s",
+        });
+        std::fs::write(&path, spec.to_string()).unwrap();
+        cluster.ctl.ok(&["submit", path.to_str().unwrap()]);
+    };
+    let tag_sets: [&[&str]; 3] = [&[], &["a"], &["b"]];
+    let mut chaos = Chaos::new();
+    submit(&cluster, &[]);
+    std::thread::sleep(Duration::from_secs(4));
+    // Each round: a planned move, then a kill.
+    for round in 0..8 {
+        match chaos.below(3) {
+            0 => {
+                let tags = tag_sets[chaos.below(3) as usize];
+                eprintln!("round {round}: retag to {tags:?}");
+                submit(&cluster, tags);
+            }
+            1 => {
+                eprintln!("round {round}: kill, then start");
+                cluster.ctl.ok(&["kill", "chaos/tick"]);
+                std::thread::sleep(Duration::from_millis(chaos.below(800)));
+                cluster.ctl.ok(&["start", "chaos/tick"]);
+            }
+            _ => {
+                let tags = tag_sets[chaos.below(3) as usize];
+                eprintln!("round {round}: delete, then submit with {tags:?}");
+                cluster.ctl.ok(&["delete", "chaos/tick"]);
+                std::thread::sleep(Duration::from_millis(chaos.below(800)));
+                submit(&cluster, tags);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1000 + chaos.below(2000)));
+        let leader = cluster.wait_nodes(3);
+        let victim = match chaos.below(2) {
+            0 => leader.clone(),
+            _ => ["n1", "n2", "n3"].into_iter().find(|id| *id != leader).unwrap().to_owned(),
+        };
+        eprintln!("round {round}: kill -9 {victim} (leader: {leader})");
+        cluster.node(&victim).kill9();
+        std::thread::sleep(Duration::from_secs(3));
+        cluster.node(&victim).restart();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    cluster.wait_nodes(3);
+    std::thread::sleep(Duration::from_secs(5));
+
+    let runs = runs(&log);
+    assert!(runs.len() >= 15, "the task ran throughout: {} runs", runs.len());
+    let mut spans: Vec<(u128, u128, String)> = runs
+        .iter()
+        .map(|(run, (slot, node, from, to, _))| (*from, *to, format!("run {run} of slot {slot} on {node}")))
+        .collect();
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(
+            pair[0].1 < pair[1].0,
+            "two runs overlapped: {} until {} and {} from {}",
+            pair[0].2,
+            pair[0].1,
+            pair[1].2,
+            pair[1].0
+        );
+    }
+    let mut per_slot: BTreeMap<&str, usize> = BTreeMap::new();
+    for (slot, _, _, _, started) in runs.values() {
+        if *started {
+            *per_slot.entry(slot.as_str()).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = per_slot.iter().filter(|(_, count)| **count > 1).collect();
+    assert!(twice.is_empty(), "slots run twice: {twice:?}");
+}

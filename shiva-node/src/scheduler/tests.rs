@@ -32,6 +32,8 @@ struct Sim {
     schedules: Schedules,
     /// Most runs of one task running at once.
     max_concurrent: usize,
+    /// The leader's launch intents fail to land (a broker refusing them, say).
+    drop_intents: bool,
 }
 
 fn start() -> i64 {
@@ -53,6 +55,7 @@ impl Sim {
             exit_code: 0,
             launches: Vec::new(),
             max_concurrent: 0,
+            drop_intents: false,
             schedules: Schedules::default(),
         };
         sim.elect(0);
@@ -123,6 +126,9 @@ impl Sim {
             failed: &Default::default(),
         };
         for write in plan(&context) {
+            if self.drop_intents && write.key.starts_with("run/") {
+                continue;
+            }
             let value = write.body.map(|body| self.env(leader, body));
             self.append(write.topic, write.key, value);
         }
@@ -619,3 +625,33 @@ fn a_slot_whose_relaunch_was_cancelled_too_runs_once_as_attempt_3() {
 }
 
 mod extremes;
+
+#[test]
+fn a_run_request_stays_until_its_launch_intent_has_landed() {
+    let mut sim = Sim::new();
+    let task = TaskId::new("cron/tick").unwrap();
+    let mut spec = every_second(CatchUp::None);
+    spec.schedule = vec!["0 0 * * *".into()];
+    sim.submit(spec);
+    sim.advance(300);
+    let request = Uuid::from_u128(7);
+    let body = Body::RunRequest(shiva_proto::runs::RunRequest { task: task.clone(), request });
+    sim.append(
+        TopicKind::Commands,
+        key::request(&task, request),
+        Some(Envelope::now("ctl", None, body).encode()),
+    );
+    // The intent's write fails: the request must not be dropped with it.
+    sim.drop_intents = true;
+    sim.advance(1_000);
+    assert!(
+        sim.view.requests.get(&task).is_some_and(|requests| requests.contains_key(&request)),
+        "the request was dropped before its intent landed"
+    );
+    sim.drop_intents = false;
+    sim.advance(2_000);
+    let launched =
+        sim.launches.iter().any(|(t, trigger, ..)| *t == task && *trigger == Trigger::Request { request });
+    assert!(launched, "the requested run was launched once its intent could be written");
+    assert!(!sim.view.requests.contains_key(&task), "then the request goes");
+}
