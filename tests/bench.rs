@@ -150,7 +150,7 @@ async fn handoff(broker: &Broker, dir: &Path, moves: usize, node_args: &[&str]) 
     let publisher = Publisher::new(&config, "bench").unwrap();
     let file = dir.join("handoff");
     let script = format!(
-        "trap 'echo stop $(date +%s%N) >> {f}; exit 0' TERM; echo start $(date +%s%N) >> {f}; while :; do sleep 0.05; done",
+        "trap 'trap \"\" TERM; echo stop $(date +%s%N) >> {f}; exit 0' TERM; echo start $(date +%s%N) >> {f}; while :; do sleep 0.05; done",
         f = file.display()
     );
     let stamps = |kind: &str| -> Vec<i128> {
@@ -173,9 +173,12 @@ async fn handoff(broker: &Broker, dir: &Path, moves: usize, node_args: &[&str]) 
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         if i > 0 {
-            let (stops, starts) = (stamps("stop"), stamps("start"));
-            assert!(stops.len() >= i, "the copy before move {i} did not stop first");
-            let (stop, start) = (stops[i - 1], starts[i]);
+            // The previous copy's last stop stamp before this copy's start.
+            let start = stamps("start")[i];
+            let previous = stamps("start")[i - 1];
+            let stop = stamps("stop").into_iter().filter(|stop| *stop > previous).min();
+            let stop = stop
+                .unwrap_or_else(|| panic!("move {i}: the old copy did not stop before the new one started"));
             assert!(start > stop, "move {i}: the new copy started before the old one stopped");
             gaps.push((start - stop) as f64 / 1e6);
         }

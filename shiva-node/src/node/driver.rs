@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shiva_bus::{BusError, Publisher, Reader, ReaderEvent, Record};
-use shiva_proto::records::{Body, Claim, Envelope, RunSummary, TaskStatus};
+use shiva_proto::records::{Body, Claim, Envelope, RunState, RunSummary, TaskStatus};
 use shiva_proto::runs::RunReport;
 use shiva_proto::topics::key;
 use shiva_proto::view::Outcome;
@@ -304,6 +304,16 @@ impl Node {
         }
     }
 
+    /// A status from a job: a final one ends a stopping job at once (see `Supervisor::on_final`).
+    pub(crate) fn on_job_status(&mut self, status: TaskStatus) {
+        if matches!(status.state, RunState::Stopped | RunState::Failed)
+            && let Some(supervisor) = self.supervisor.as_mut()
+        {
+            supervisor.on_final(&status.task);
+        }
+        self.on_status(status);
+    }
+
     /// Writes this node's status of a task (deleting it is the leader's: see
     /// `leader::undefined`).
     pub(crate) fn on_status(&mut self, status: TaskStatus) {
@@ -547,10 +557,16 @@ impl Node {
     /// task again from an earlier one.
     fn release_handed_off(&mut self, holds: &dyn Fn(&TaskId) -> bool) {
         let own = |task: &TaskId| self.own_status.get(task).map(|status| (status.generation, status.state));
+        // Written at once, even behind the job's own last status still in flight on the key (one
+        // producer keeps their order); written again (overwritten by a stale status) only once
+        // the previous one is no longer in flight.
         let releases: Vec<TaskStatus> =
             crate::runner::releases(&self.view, &self.config.node_id, holds, &own)
                 .into_iter()
-                .filter(|status| !self.busy(TopicKind::Status, &key::task(&status.task)))
+                .filter(|status| {
+                    let sent = self.own_status.get(&status.task).is_some_and(|own| own == status);
+                    !(sent && self.busy(TopicKind::Status, &key::task(&status.task)))
+                })
                 .collect();
         for status in releases {
             info!(task = %status.task, generation = status.generation, "handed off: this node's copy is gone");

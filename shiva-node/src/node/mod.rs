@@ -171,7 +171,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
                 node.on_reader_event(event)?;
             }
             Some(result) = results_rx.recv() => node.on_write_result(result),
-            Some(status) = reports_rx.recv() => node.on_status(status),
+            Some(status) = reports_rx.recv() => node.on_job_status(status),
             Some(report) = run_reports_rx.recv() => node.on_run_report(report),
             _ = ticker.tick() => node.heartbeat(),
             _ = tokio::time::sleep(node.run_wake.unwrap_or(Duration::from_secs(3600))) => {}
@@ -183,7 +183,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             } else if let Ok(result) = results_rx.try_recv() {
                 node.on_write_result(result);
             } else if let Ok(status) = reports_rx.try_recv() {
-                node.on_status(status);
+                node.on_job_status(status);
             } else if let Ok(report) = run_reports_rx.try_recv() {
                 node.on_run_report(report);
             } else {

@@ -66,6 +66,13 @@ impl Supervisor {
         self.jobs.contains_key(task)
     }
 
+    /// A job of `task` reported its final state (`stopped`, `failed`): the job is over (its run's
+    /// process tree is gone; its task ends right after), so a job stopping no longer holds the
+    /// task. Without this, a hand-off would wait for the next event after the job's task ended.
+    pub fn on_final(&mut self, task: &TaskId) {
+        self.stopping.remove(task);
+    }
+
     /// Whether `task` has a job or one still stopping.
     pub fn holds(&self, task: &TaskId) -> bool {
         self.jobs.contains_key(task) || self.stopping.contains_key(task)
