@@ -48,6 +48,7 @@ pub(crate) struct WriteResult {
     result: Result<i64, BusError>,
 }
 
+/// A node: the parts below, each with one job, driven by one task (no lock needed).
 pub(crate) struct Node {
     pub(crate) config: NodeConfig,
     pub(crate) identity: Identity,
@@ -56,21 +57,17 @@ pub(crate) struct Node {
     pub(crate) election: Election,
     pub(crate) supervisor: Option<Supervisor>,
     pub(crate) reader: Reader,
-    pub(crate) writes: Arc<Publisher>,
-    pub(crate) heartbeats: Arc<Publisher>,
-    pub(crate) results: mpsc::UnboundedSender<WriteResult>,
+    /// What this node writes, and which of it is not read back yet.
+    pub(crate) outbox: Outbox,
+    /// This node's own status records.
+    pub(crate) own: OwnStatus,
+    /// The leader's part.
+    pub(crate) leadership: Leadership,
+    /// The runner's runs of periodic and one-shot tasks.
+    pub(crate) runs: Runs,
     pub(crate) gate: Gate,
     pub(crate) resources: ResourceProbe,
-    /// Writes not yet acknowledged, per key.
-    pub(crate) unacked: BTreeMap<(TopicKind, String), u32>,
-    /// Acknowledged offsets not yet read back, per key.
-    pub(crate) unread: BTreeMap<(TopicKind, String), i64>,
-    pub(crate) leading: Option<u64>,
-    pub(crate) leader_sync: Option<(u64, u64)>,
-    pub(crate) claim_check: Option<(u64, u64)>,
     pub(crate) next_token: u64,
-    pub(crate) own_status: BTreeMap<TaskId, TaskStatus>,
-    pub(crate) own_status_offsets: BTreeMap<TaskId, i64>,
     /// Initial read done and node id checked: heartbeats, claims and runs may start.
     pub(crate) ready: bool,
     /// The initial read is done and this node's id is being checked.
@@ -78,14 +75,6 @@ pub(crate) struct Node {
     /// Another incarnation heartbeating with this node's id, seen after the initial read.
     pub(crate) impostor: Option<Uuid>,
     pub(crate) last_reader_error: Option<(String, Instant)>,
-    /// Runs of periodic and one-shot tasks this node holds.
-    pub(crate) held: BTreeMap<Uuid, super::runs::Held>,
-    /// Where launched runs report.
-    pub(crate) run_reports: mpsc::UnboundedSender<RunReport>,
-    /// When the next start record is due.
-    pub(crate) run_wake: Option<Duration>,
-    /// How long recent runs took from start record to confirmation (ms), newest last.
-    pub(crate) confirm_ms: std::collections::VecDeque<u64>,
     /// When the node's lease runs out while it is open (`None`: fenced); the run shims' leases
     /// are renewed up to it.
     pub(crate) lease: tokio::sync::watch::Sender<Option<Instant>>,
@@ -93,13 +82,99 @@ pub(crate) struct Node {
     pub(crate) fence: super::fence::Fence,
     /// Task output shipping (flushed on the way out).
     pub(crate) shipper: Option<std::sync::Arc<crate::logship::LogShipper>>,
-    /// When held runs the log no longer holds were last forgotten.
-    pub(crate) held_pruned: Instant,
+}
+
+/// What this node writes: two ordered producers (heartbeats apart, so a burst of other writes
+/// never delays them), where each outcome is reported, and per key the writes not yet
+/// acknowledged or not yet read back (a key with either is *busy*: left alone until then).
+pub(crate) struct Outbox {
+    pub(crate) writes: Arc<Publisher>,
+    pub(crate) heartbeats: Arc<Publisher>,
+    pub(crate) results: mpsc::UnboundedSender<WriteResult>,
+    /// Writes not yet acknowledged, per key.
+    pub(crate) unacked: BTreeMap<(TopicKind, String), u32>,
+    /// Acknowledged offsets not yet read back, per key.
+    pub(crate) unread: BTreeMap<(TopicKind, String), i64>,
+}
+
+impl Outbox {
+    pub(crate) fn new(
+        writes: Arc<Publisher>,
+        heartbeats: Arc<Publisher>,
+        results: mpsc::UnboundedSender<WriteResult>,
+    ) -> Outbox {
+        Outbox { writes, heartbeats, results, unacked: BTreeMap::new(), unread: BTreeMap::new() }
+    }
+
+    /// Whether a write of `key` is in flight or not read back yet.
+    pub(crate) fn busy(&self, topic: TopicKind, key: &str) -> bool {
+        let entry = (topic, key.to_owned());
+        self.unacked.contains_key(&entry) || self.unread.contains_key(&entry)
+    }
+
+    /// Whether a write of `key` is in flight (not acknowledged yet).
+    pub(crate) fn in_flight(&self, topic: TopicKind, key: &str) -> bool {
+        self.unacked.contains_key(&(topic, key.to_owned()))
+    }
+}
+
+/// This node's own status of each task: the newest one written (what a failed write is
+/// retried with) and the offset of its newest acknowledged write (to tell when another record
+/// landed after it).
+#[derive(Debug, Default)]
+pub(crate) struct OwnStatus {
+    pub(crate) latest: BTreeMap<TaskId, TaskStatus>,
+    pub(crate) offsets: BTreeMap<TaskId, i64>,
+}
+
+impl OwnStatus {
+    /// A write of `task`'s status failed: the status to write again, the newest one, unless a
+    /// newer write of it is still in flight (its outcome decides). A status must land: the
+    /// leader moves and hands off tasks on it.
+    pub(crate) fn retry_after_failure(&self, task: &TaskId, newer_in_flight: bool) -> Option<TaskStatus> {
+        (!newer_in_flight).then(|| self.latest.get(task).cloned()).flatten()
+    }
+}
+
+/// The leader's part: the epoch it leads (once it read the log to its end), the reads to the
+/// end it waits for (to lead, to learn a claim's outcome), its parsed schedules and the tasks
+/// it failed because the bus refused a record about them.
+#[derive(Default)]
+pub(crate) struct Leadership {
+    pub(crate) leading: Option<u64>,
+    pub(crate) leader_sync: Option<(u64, u64)>,
+    pub(crate) claim_check: Option<(u64, u64)>,
     /// The leader's parsed schedules.
     pub(crate) schedules: scheduler::Schedules,
     /// Tasks a record of which the bus refused for good (too large), by spec revision, with the
     /// reason: the leader fails them instead of writing the record again and again.
     pub(crate) unwritable: BTreeMap<TaskId, (i64, String)>,
+}
+
+/// The runner's runs of periodic and one-shot tasks (see `runs.rs`).
+pub(crate) struct Runs {
+    /// Runs this node holds.
+    pub(crate) held: BTreeMap<Uuid, super::runs::Held>,
+    /// Where launched runs report.
+    pub(crate) run_reports: mpsc::UnboundedSender<RunReport>,
+    /// When the next start record is due.
+    pub(crate) run_wake: Option<Duration>,
+    /// How long recent runs took from start record to confirmation (ms), newest last.
+    pub(crate) confirm_ms: std::collections::VecDeque<u64>,
+    /// When held runs the log no longer holds were last forgotten.
+    pub(crate) held_pruned: Instant,
+}
+
+impl Runs {
+    pub(crate) fn new(run_reports: mpsc::UnboundedSender<RunReport>) -> Runs {
+        Runs {
+            held: BTreeMap::new(),
+            run_reports,
+            run_wake: None,
+            confirm_ms: std::collections::VecDeque::new(),
+            held_pruned: Instant::now(),
+        }
+    }
 }
 
 /// The scheduler's timing: intents are written a second ahead of their slot; a slot more than
@@ -124,11 +199,14 @@ impl Node {
     /// Queues a write (in call order) and reports its outcome on the results channel.
     pub(crate) fn send(&mut self, topic: TopicKind, key: String, body: Option<Body>, purpose: Purpose) {
         let value = body.map(|body| self.envelope(body));
-        let publisher =
-            if matches!(purpose, Purpose::Heartbeat(_)) { &self.heartbeats } else { &self.writes };
+        let publisher = if matches!(purpose, Purpose::Heartbeat(_)) {
+            &self.outbox.heartbeats
+        } else {
+            &self.outbox.writes
+        };
         let delivery = publisher.enqueue(topic, &key, value.as_deref());
-        *self.unacked.entry((topic, key.clone())).or_default() += 1;
-        let results = self.results.clone();
+        *self.outbox.unacked.entry((topic, key.clone())).or_default() += 1;
+        let results = self.outbox.results.clone();
         tokio::spawn(async move {
             let result = delivery.await;
             let _ = results.send(WriteResult { topic, key, purpose, result });
@@ -136,8 +214,7 @@ impl Node {
     }
 
     fn busy(&self, topic: TopicKind, key: &str) -> bool {
-        let entry = (topic, key.to_owned());
-        self.unacked.contains_key(&entry) || self.unread.contains_key(&entry)
+        self.outbox.busy(topic, key)
     }
 
     /// Handles a reader event; returns the token of a completed read-to-end. An error is fatal:
@@ -146,15 +223,15 @@ impl Node {
         match event {
             ReaderEvent::Record(record) => self.on_record(record),
             ReaderEvent::Synced(token) => {
-                if let Some((epoch, _)) = self.leader_sync.filter(|(_, t)| *t == token) {
+                if let Some((epoch, _)) = self.leadership.leader_sync.filter(|(_, t)| *t == token) {
                     info!(epoch, "read the log to its end; leading");
-                    self.schedules.forget_panics();
-                    self.leading = Some(epoch);
-                    self.leader_sync = None;
+                    self.leadership.schedules.forget_panics();
+                    self.leadership.leading = Some(epoch);
+                    self.leadership.leader_sync = None;
                 }
-                if let Some((epoch, _)) = self.claim_check.filter(|(_, t)| *t == token) {
+                if let Some((epoch, _)) = self.leadership.claim_check.filter(|(_, t)| *t == token) {
                     self.election.claim_failed(epoch);
-                    self.claim_check = None;
+                    self.leadership.claim_check = None;
                 }
                 if self.fence.on_synced(token) == FenceChange::Opened {
                     info!(
@@ -172,12 +249,12 @@ impl Node {
             ReaderEvent::SyncFailed(token, message) => {
                 warn!(token, %message, "failed to read the log to its end");
                 self.fence.on_sync_failed(token);
-                if self.leader_sync.is_some_and(|(_, t)| t == token) {
-                    self.leader_sync = None;
+                if self.leadership.leader_sync.is_some_and(|(_, t)| t == token) {
+                    self.leadership.leader_sync = None;
                 }
-                if let Some((epoch, _)) = self.claim_check.filter(|(_, t)| *t == token) {
+                if let Some((epoch, _)) = self.leadership.claim_check.filter(|(_, t)| *t == token) {
                     let retry = self.token();
-                    self.claim_check = Some((epoch, retry));
+                    self.leadership.claim_check = Some((epoch, retry));
                     self.reader.sync(retry);
                 }
             }
@@ -205,8 +282,8 @@ impl Node {
             error!(%topic, offset, %reason, "record could not be read; skipped");
         }
         let key = key.map(|key| String::from_utf8_lossy(&key).into_owned()).unwrap_or_default();
-        if self.unread.get(&(topic, key.clone())).is_some_and(|sent| *sent <= offset) {
-            self.unread.remove(&(topic, key.clone()));
+        if self.outbox.unread.get(&(topic, key.clone())).is_some_and(|sent| *sent <= offset) {
+            self.outbox.unread.remove(&(topic, key.clone()));
         }
         match outcome {
             Outcome::Skipped(reason) if reason.contains(": lost: ") => {
@@ -253,19 +330,19 @@ impl Node {
     pub(crate) fn on_write_result(&mut self, result: WriteResult) {
         let WriteResult { topic, key, purpose, result } = result;
         let entry = (topic, key.clone());
-        if let Some(count) = self.unacked.get_mut(&entry) {
+        if let Some(count) = self.outbox.unacked.get_mut(&entry) {
             *count -= 1;
             if *count == 0 {
-                self.unacked.remove(&entry);
+                self.outbox.unacked.remove(&entry);
             }
         }
         match (result, purpose) {
             (Ok(offset), purpose) => {
                 if self.view.positions.get(&topic).copied().unwrap_or(0) <= offset {
-                    self.unread.insert(entry, offset);
+                    self.outbox.unread.insert(entry, offset);
                 }
                 if let Purpose::Status(task) = purpose {
-                    let known = self.own_status_offsets.entry(task).or_insert(offset);
+                    let known = self.own.offsets.entry(task).or_insert(offset);
                     *known = (*known).max(offset);
                 } else if let Purpose::RunStart(run) = purpose {
                     self.on_start_written(run, true);
@@ -286,7 +363,7 @@ impl Node {
             (Err(message), Purpose::Claim(epoch)) => {
                 warn!(epoch, %message, "claim not delivered; reading the log to learn the outcome");
                 let token = self.token();
-                self.claim_check = Some((epoch, token));
+                self.leadership.claim_check = Some((epoch, token));
                 self.reader.sync(token);
             }
             (Err(BusError::TooLarge { message, .. }), Purpose::Leader) => self.unwritable(&key, message),
@@ -294,9 +371,8 @@ impl Node {
                 // A status must land (the leader moves or hands off tasks on it): the newest one
                 // is written again, unless a newer write of it is still in flight.
                 warn!(%task, %message, "status not written; writing it again");
-                if !self.unacked.contains_key(&entry)
-                    && let Some(status) = self.own_status.get(&task).cloned()
-                {
+                let newer_in_flight = self.outbox.in_flight(topic, &key);
+                if let Some(status) = self.own.retry_after_failure(&task, newer_in_flight) {
                     self.on_status(status);
                 }
             }
@@ -319,7 +395,7 @@ impl Node {
     pub(crate) fn on_status(&mut self, status: TaskStatus) {
         let task = status.task.clone();
         let body = Some(Body::Status(status.clone()));
-        self.own_status.insert(task.clone(), status);
+        self.own.latest.insert(task.clone(), status);
         self.send(TopicKind::Status, key::task(&task), body, Purpose::Status(task));
     }
 
@@ -333,7 +409,8 @@ impl Node {
             GateDecision::Paused => return,
         };
         let runs = self
-            .own_status
+            .own
+            .latest
             .values()
             .filter(|status| {
                 status.pid.is_some() && self.supervisor.as_ref().is_some_and(|s| s.holds(&status.task))
@@ -350,10 +427,10 @@ impl Node {
     }
 
     fn step_down(&mut self, reason: &str) {
-        if let Some(epoch) = self.leading.take() {
+        if let Some(epoch) = self.leadership.leading.take() {
             warn!(epoch, reason, "stepped down");
         }
-        self.leader_sync = None;
+        self.leadership.leader_sync = None;
     }
 
     /// Runs the decisions on the current state.
@@ -367,17 +444,19 @@ impl Node {
         let beats = Beats { leader: self.config.leader_beats(), first_write: self.config.node_beats() };
         match self.election.decide(&self.view, &self.membership, healthy, beats) {
             Verdict::Leader(epoch) => {
-                if self.leading != Some(epoch) && self.leader_sync.is_none_or(|(e, _)| e != epoch) {
+                if self.leadership.leading != Some(epoch)
+                    && self.leadership.leader_sync.is_none_or(|(e, _)| e != epoch)
+                {
                     let token = self.token();
                     self.reader.sync(token);
-                    self.leader_sync = Some((epoch, token));
+                    self.leadership.leader_sync = Some((epoch, token));
                     info!(epoch, "won the election; reading the log to its end before acting");
                 }
             }
             Verdict::Follower => self.step_down("another node leads"),
             Verdict::Claim(epoch) => {
                 self.step_down("the leader is gone");
-                if self.claim_check.is_none() {
+                if self.leadership.claim_check.is_none() {
                     info!(epoch, "no live leader; claiming the next epoch");
                     self.election.claim_sent(epoch);
                     let key = key::claim(epoch, &self.config.node_id, Uuid::new_v4());
@@ -390,7 +469,7 @@ impl Node {
                 }
             }
         }
-        if let Some(epoch) = self.leading {
+        if let Some(epoch) = self.leadership.leading {
             // Task by task, decisions contain their own panics; this is the last resort for a
             // bug outside any one task: the step is skipped, the node and its role stay.
             let planned = crate::fault::contain(|| self.leader_writes(epoch));
@@ -407,7 +486,7 @@ impl Node {
             error!(%reason, "the runner's step failed; skipped");
         }
         match crate::fault::contain(|| self.step_runs()) {
-            Ok(wake) => self.run_wake = wake,
+            Ok(wake) => self.runs.run_wake = wake,
             Err(reason) => error!(%reason, "the runs' step failed; skipped"),
         }
     }
@@ -431,7 +510,7 @@ impl Node {
             now_ms: crate::supervisor::oneshot::now_ms(),
             busy: &busy,
             may_still_run: &may_still_run,
-            failed: &self.unwritable,
+            failed: &self.leadership.unwritable,
         };
         let mut writes = reconcile(&self.view, &inputs);
         let context = scheduler::Context {
@@ -441,12 +520,12 @@ impl Node {
             now: chrono::Utc::now(),
             timing: TIMING,
             busy: &|topic, key| self.busy(topic, key),
-            schedules: &self.schedules,
+            schedules: &self.leadership.schedules,
             may_still_run: &may_still_run,
-            failed: &self.unwritable,
+            failed: &self.leadership.unwritable,
         };
         writes.extend(scheduler::plan(&context));
-        self.schedules.retain(&self.view);
+        self.leadership.schedules.retain(&self.view);
         writes
     }
 
@@ -467,8 +546,10 @@ impl Node {
         // Entries of earlier revisions no longer count (`leader::failure` compares revisions):
         // they go when the map grows, not at every write's result.
         let view = &self.view;
-        self.unwritable.retain(|task, (at, _)| view.specs.get(task).is_some_and(|spec| spec.revision == *at));
-        self.unwritable.insert(task, (revision, reason));
+        self.leadership
+            .unwritable
+            .retain(|task, (at, _)| view.specs.get(task).is_some_and(|spec| spec.revision == *at));
+        self.leadership.unwritable.insert(task, (revision, reason));
     }
 
     /// Takes in the lease: fences or (after a read to the end) opens, and tells the shims how
@@ -530,9 +611,9 @@ impl Node {
         let stale: Vec<TaskStatus> = active
             .iter()
             .filter_map(|task| {
-                let status = self.own_status.get(task)?;
+                let status = self.own.latest.get(task)?;
                 let last = self.view.last_offsets.get(&(TopicKind::Status, key::task(task)))?;
-                let mine = self.own_status_offsets.get(task)?;
+                let mine = self.own.offsets.get(task)?;
                 (last > mine && !self.busy(TopicKind::Status, &key::task(task))).then(|| status.clone())
             })
             .collect();
@@ -556,7 +637,7 @@ impl Node {
     /// Written once this node read the record that took the task away, so it never starts the
     /// task again from an earlier one.
     fn release_handed_off(&mut self, holds: &dyn Fn(&TaskId) -> bool) {
-        let own = |task: &TaskId| self.own_status.get(task).map(|status| (status.generation, status.state));
+        let own = |task: &TaskId| self.own.latest.get(task).map(|status| (status.generation, status.state));
         // Written at once, even behind the job's own last status still in flight on the key (one
         // producer keeps their order); written again (overwritten by a stale status) only once
         // the previous one is no longer in flight.
@@ -564,7 +645,7 @@ impl Node {
             crate::runner::releases(&self.view, &self.config.node_id, holds, &own)
                 .into_iter()
                 .filter(|status| {
-                    let sent = self.own_status.get(&status.task).is_some_and(|own| own == status);
+                    let sent = self.own.latest.get(&status.task).is_some_and(|own| own == status);
                     !(sent && self.busy(TopicKind::Status, &key::task(&status.task)))
                 })
                 .collect();
@@ -572,5 +653,37 @@ impl Node {
             info!(task = %status.task, generation = status.generation, "handed off: this node's copy is gone");
             self.on_status(status);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_status_write_is_retried_with_the_newest_status_unless_a_newer_one_is_in_flight() {
+        let task = TaskId::new("app/t").unwrap();
+        let status = |state| TaskStatus {
+            task: task.clone(),
+            generation: 3,
+            state,
+            run_id: None,
+            pid: None,
+            attempt: 1,
+            restarts: 1,
+            last_exit: None,
+            message: None,
+            permanent: false,
+        };
+        let mut own = OwnStatus::default();
+        assert_eq!(own.retry_after_failure(&task, false), None, "nothing of this task was written");
+        own.latest.insert(task.clone(), status(RunState::Running));
+        own.latest.insert(task.clone(), status(RunState::Failed));
+        assert_eq!(
+            own.retry_after_failure(&task, false),
+            Some(status(RunState::Failed)),
+            "the newest, again"
+        );
+        assert_eq!(own.retry_after_failure(&task, true), None, "a newer write is still in flight");
     }
 }

@@ -6,7 +6,6 @@ mod fence;
 mod heartbeat;
 mod runs;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,6 +100,11 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         interval: config.heartbeat_interval,
         fence_timeout: config.fence_timeout,
     };
+    let outbox = driver::Outbox::new(
+        Publisher::new(&config.bus, "writes")?,
+        Publisher::new(&config.bus, "heartbeats")?,
+        results,
+    );
     let mut node = Node {
         identity,
         view: LogView::default(),
@@ -108,33 +112,20 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         election: Election::new(config.node_id.clone(), config.incarnation, config.leader_capable),
         supervisor,
         reader,
-        writes: Publisher::new(&config.bus, "writes")?,
-        heartbeats: Publisher::new(&config.bus, "heartbeats")?,
-        results,
+        outbox,
+        own: driver::OwnStatus::default(),
+        leadership: driver::Leadership::default(),
+        runs: driver::Runs::new(run_reports),
         gate: Gate::default(),
         resources: ResourceProbe::new(),
-        unacked: BTreeMap::new(),
-        unread: BTreeMap::new(),
-        leading: None,
-        leader_sync: None,
-        claim_check: None,
         next_token: 0,
-        own_status: BTreeMap::new(),
-        own_status_offsets: BTreeMap::new(),
         ready: false,
         probing: false,
         impostor: None,
         last_reader_error: None,
-        held: BTreeMap::new(),
-        run_reports,
-        run_wake: None,
-        confirm_ms: std::collections::VecDeque::new(),
         lease,
         fence: Fence::new(config.fence_timeout),
         shipper: Some(shipper),
-        held_pruned: std::time::Instant::now(),
-        schedules: crate::scheduler::Schedules::default(),
-        unwritable: BTreeMap::new(),
         config,
     };
 
@@ -174,7 +165,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             Some(status) = reports_rx.recv() => node.on_job_status(status),
             Some(report) = run_reports_rx.recv() => node.on_run_report(report),
             _ = ticker.tick() => node.heartbeat(),
-            _ = tokio::time::sleep(node.run_wake.unwrap_or(Duration::from_secs(3600))) => {}
+            _ = tokio::time::sleep(node.runs.run_wake.unwrap_or(Duration::from_secs(3600))) => {}
         }
         // Take in everything already waiting, then decide once: a step walks every task.
         loop {
@@ -329,11 +320,11 @@ async fn leave(
 ) {
     info!("shutting down: resigning, stopping tasks, leaving");
     let timeout = Duration::from_secs(3);
-    if let Some(epoch) = node.leading.take() {
+    if let Some(epoch) = node.leadership.leading.take() {
         let value = node.envelope(Body::Resign(Resign { epoch }));
         match tokio::time::timeout(
             timeout,
-            node.writes.send(TopicKind::Assignments, &key::resign(epoch), Some(&value)),
+            node.outbox.writes.send(TopicKind::Assignments, &key::resign(epoch), Some(&value)),
         )
         .await
         {
@@ -363,12 +354,13 @@ async fn leave(
     }
     let value = node.envelope(Body::Leave(Leave { reason: "shutdown".into() }));
     let leave_key = key::leave(&node.config.node_id, node.config.incarnation);
-    match tokio::time::timeout(timeout, node.writes.send(TopicKind::Control, &leave_key, Some(&value))).await
+    match tokio::time::timeout(timeout, node.outbox.writes.send(TopicKind::Control, &leave_key, Some(&value)))
+        .await
     {
         Ok(Ok(_)) => info!("left the cluster"),
         _ => warn!("could not announce the departure; the others will time this node out"),
     }
-    let writes = node.writes.clone();
+    let writes = node.outbox.writes.clone();
     tokio::task::spawn_blocking(move || writes.flush(Duration::from_secs(2))).await.ok();
     if let Some(shipper) = node.shipper.take() {
         tokio::task::spawn_blocking(move || shipper.flush(Duration::from_secs(2))).await.ok();

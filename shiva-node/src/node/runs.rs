@@ -74,14 +74,14 @@ impl Node {
 
     /// Ends a run this node will not launch (or whose launch an earlier incarnation lost).
     fn finish_unlaunched(&mut self, intent: &RunIntent, state: RunPhase, message: String) {
-        self.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Done });
+        self.runs.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Done });
         self.write_run_report(oneshot::report(intent, state, Some(message)));
     }
 
     /// Reports from running runs.
     pub(crate) fn on_run_report(&mut self, report: RunReport) {
         if report.state.is_final()
-            && let Some(held) = self.held.get_mut(&report.run_id)
+            && let Some(held) = self.runs.held.get_mut(&report.run_id)
         {
             held.phase = Phase::Done;
         }
@@ -90,14 +90,14 @@ impl Node {
 
     /// The start record of `run` was written (or not).
     pub(crate) fn on_start_written(&mut self, run: Uuid, ok: bool) {
-        if let Some(held) = self.held.get_mut(&run)
+        if let Some(held) = self.runs.held.get_mut(&run)
             && let Phase::Writing(since) = held.phase
         {
             if ok {
                 held.phase = Phase::Acked(since);
             } else {
                 // Written again at the next step: the same record twice is harmless.
-                self.held.remove(&run);
+                self.runs.held.remove(&run);
             }
         }
     }
@@ -105,6 +105,7 @@ impl Node {
     /// A read-to-end completed: launch the runs it confirms.
     pub(crate) fn on_runs_synced(&mut self, token: u64) {
         let waiting: Vec<(Uuid, Instant)> = self
+            .runs
             .held
             .iter()
             .filter_map(|(id, held)| match held.phase {
@@ -113,15 +114,15 @@ impl Node {
             })
             .collect();
         for (id, since) in waiting {
-            let task = self.held[&id].task.clone();
+            let task = self.runs.held[&id].task.clone();
             let entry = self.view.run(&task, &id);
             match confirm(entry, &self.config.node_id, self.config.incarnation) {
                 Confirm::Launch(intent) => {
                     let took = since.elapsed().as_millis() as u64;
-                    if self.confirm_ms.len() == RECENT_CONFIRMS {
-                        self.confirm_ms.pop_front();
+                    if self.runs.confirm_ms.len() == RECENT_CONFIRMS {
+                        self.runs.confirm_ms.pop_front();
                     }
-                    self.confirm_ms.push_back(took);
+                    self.runs.confirm_ms.push_back(took);
                     self.launch(*intent)
                 }
                 Confirm::Cancel(reason) => {
@@ -129,7 +130,7 @@ impl Node {
                     match entry.and_then(|entry| entry.intent.clone()) {
                         Some((intent, _)) => self.finish_unlaunched(&intent, RunPhase::Stopped, reason),
                         None => {
-                            self.held.insert(id, Held { task, phase: Phase::Done });
+                            self.runs.held.insert(id, Held { task, phase: Phase::Done });
                         }
                     }
                 }
@@ -140,9 +141,9 @@ impl Node {
     fn launch(&mut self, intent: RunIntent) {
         let Some(supervisor) = self.supervisor.as_ref() else { return };
         let (control, _handle) =
-            oneshot::start(supervisor.context(), intent.clone(), self.run_reports.clone());
+            oneshot::start(supervisor.context(), intent.clone(), self.runs.run_reports.clone());
         debug!(task = %intent.task, run = %intent.run_id, "run confirmed");
-        self.held.insert(
+        self.runs.held.insert(
             intent.run_id,
             Held { task: intent.task, phase: Phase::Launched { control, stop_sent: false } },
         );
@@ -153,12 +154,12 @@ impl Node {
         self.supervisor.as_ref()?;
         let me = self.config.node_id.clone();
         let now = now_ms();
-        let lead = start_lead(&self.confirm_ms).as_millis() as i64;
+        let lead = start_lead(&self.runs.confirm_ms).as_millis() as i64;
         let mut next: Option<i64> = None;
         let mut start = Vec::new();
         let mut finish = Vec::new();
         // The runs not over, and the launched ones (whose leader may have given up on them).
-        let launched = self.held.iter().filter(|(_, held)| matches!(held.phase, Phase::Launched { .. }));
+        let launched = self.runs.held.iter().filter(|(_, held)| matches!(held.phase, Phase::Launched { .. }));
         let candidates: BTreeSet<(TaskId, Uuid)> = (self.view.open_runs.iter().cloned())
             .chain(launched.map(|(id, held)| (held.task.clone(), *id)))
             .collect();
@@ -168,7 +169,7 @@ impl Node {
             if intent.node.as_ref() != Some(&me) {
                 continue;
             }
-            if let Some(held) = self.held.get_mut(id) {
+            if let Some(held) = self.runs.held.get_mut(id) {
                 if let Phase::Launched { control, stop_sent } = &mut held.phase
                     && !*stop_sent
                     && let Some(reason) =
@@ -212,23 +213,24 @@ impl Node {
         for intent in start {
             let report = oneshot::report(&intent, RunPhase::Starting, None);
             let held = Held { task: intent.task.clone(), phase: Phase::Writing(Instant::now()) };
-            self.held.insert(intent.run_id, held);
+            self.runs.held.insert(intent.run_id, held);
             self.write_run_report(report);
         }
-        if self.held.values().any(|held| matches!(held.phase, Phase::Acked(_))) {
+        if self.runs.held.values().any(|held| matches!(held.phase, Phase::Acked(_))) {
             let token = self.token();
             self.reader.sync(token);
-            for held in self.held.values_mut() {
+            for held in self.runs.held.values_mut() {
                 if let Phase::Acked(since) = held.phase {
                     held.phase = Phase::Confirming { token, since };
                 }
             }
         }
         // Forget runs the log no longer holds (trimmed history), now and then: memory only.
-        if self.held_pruned.elapsed() >= HELD_PRUNE_EVERY {
-            self.held_pruned = Instant::now();
+        if self.runs.held_pruned.elapsed() >= HELD_PRUNE_EVERY {
+            self.runs.held_pruned = Instant::now();
             let view = &self.view;
-            self.held
+            self.runs
+                .held
                 .retain(|id, held| !matches!(held.phase, Phase::Done) || view.run(&held.task, id).is_some());
         }
         next.map(|at| Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64))
@@ -237,7 +239,7 @@ impl Node {
     /// Graceful shutdown: stop launched runs, cancel the ones not launched yet.
     pub(crate) fn stop_runs(&mut self) {
         let mut cancel = Vec::new();
-        for (id, held) in &mut self.held {
+        for (id, held) in &mut self.runs.held {
             match &mut held.phase {
                 Phase::Launched { control, .. } => {
                     let _ = control.send(RunControl::Stop("the node is shutting down".into()));
@@ -256,7 +258,7 @@ impl Node {
                     self.finish_unlaunched(&intent, RunPhase::Stopped, message);
                 }
                 None => {
-                    self.held.insert(id, Held { task, phase: Phase::Done });
+                    self.runs.held.insert(id, Held { task, phase: Phase::Done });
                 }
             }
         }
@@ -264,7 +266,7 @@ impl Node {
 
     /// Runs still launched (not reported over).
     pub(crate) fn launched_runs(&self) -> usize {
-        self.held.values().filter(|held| matches!(held.phase, Phase::Launched { .. })).count()
+        self.runs.held.values().filter(|held| matches!(held.phase, Phase::Launched { .. })).count()
     }
 }
 
