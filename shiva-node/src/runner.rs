@@ -20,6 +20,8 @@ use uuid::Uuid;
 
 use crate::supervisor::Wanted;
 
+pub mod runs;
+
 /// Where the node stands towards the bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Standing {

@@ -151,29 +151,20 @@ pub(crate) struct Leadership {
     pub(crate) unwritable: BTreeMap<TaskId, (i64, String)>,
 }
 
-/// The runner's runs of periodic and one-shot tasks (see `runs.rs`).
+/// The runner's runs of periodic and one-shot tasks (see `runs.rs`): the pure book, and the
+/// stop channels of the launched ones.
 pub(crate) struct Runs {
-    /// Runs this node holds.
-    pub(crate) held: BTreeMap<Uuid, super::runs::Held>,
+    pub(crate) book: crate::runner::runs::RunBook,
+    pub(crate) controls: BTreeMap<Uuid, mpsc::UnboundedSender<crate::supervisor::oneshot::RunControl>>,
     /// Where launched runs report.
     pub(crate) run_reports: mpsc::UnboundedSender<RunReport>,
     /// When the next start record is due.
     pub(crate) run_wake: Option<Duration>,
-    /// How long recent runs took from start record to confirmation (ms), newest last.
-    pub(crate) confirm_ms: std::collections::VecDeque<u64>,
-    /// When held runs the log no longer holds were last forgotten.
-    pub(crate) held_pruned: Instant,
 }
 
 impl Runs {
     pub(crate) fn new(run_reports: mpsc::UnboundedSender<RunReport>) -> Runs {
-        Runs {
-            held: BTreeMap::new(),
-            run_reports,
-            run_wake: None,
-            confirm_ms: std::collections::VecDeque::new(),
-            held_pruned: Instant::now(),
-        }
+        Runs { book: Default::default(), controls: BTreeMap::new(), run_reports, run_wake: None }
     }
 }
 

@@ -1,0 +1,493 @@
+//! The runner's run lifecycle, pure: `RunBook::on_event(event, now_ms) -> actions`. For each
+//! launch intent naming this node: write the start record ahead of the instant, read the log to
+//! its end to confirm the intent is still current, then launch at the instant; stop a launched
+//! run when its intent asks to or the leader judged it; end the runs it will not launch.
+//!
+//! Invariants:
+//! * a run is launched only after its start record was acknowledged and a read to the end begun
+//!   after that confirmed it (see [`super::confirm`]), so a run whose node dies can be judged:
+//!   with a start record it may have run (`lost`), without one it never did (`missed`);
+//! * an exclusive run starts only while the node may start exclusive work (fence open, return
+//!   acknowledged), never beside this node's own service copy of the task;
+//! * a run an earlier incarnation of this node started is `lost` (its children died with it).
+//!
+//! The driver performs the actions (writes, reads to the end, launches, stop signals) and feeds
+//! their outcomes back as events; the clock is read once per event, by the driver.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use shiva_proto::runs::{RunIntent, RunPhase, RunReport};
+use shiva_proto::spec::OnDisconnect;
+use shiva_proto::{LogView, NodeId, TaskId};
+use uuid::Uuid;
+
+use super::{Confirm, confirm};
+use crate::supervisor::oneshot;
+
+/// How long before its instant a run's start record is written and confirmed, at least.
+pub const START_LEAD: Duration = Duration::from_millis(150);
+/// At most (intents arrive about a second ahead).
+pub const MAX_START_LEAD: Duration = Duration::from_millis(800);
+/// How often held runs that the log no longer holds are forgotten.
+const PRUNE_EVERY_MS: i64 = 5_000;
+/// How many recent confirmations the lead follows.
+pub const RECENT_CONFIRMS: usize = 32;
+
+/// The lead for the next start records: twice the slowest of the recent confirmations (write,
+/// then read to the end), within bounds. A loaded broker makes confirmations slow; starting
+/// earlier keeps launches on time, at the price of a longer window in which a node's death
+/// leaves a run `lost` rather than `missed`.
+pub fn start_lead(recent_ms: &VecDeque<u64>) -> Duration {
+    let slowest = recent_ms.iter().copied().max().unwrap_or(0);
+    Duration::from_millis(slowest.saturating_mul(2)).clamp(START_LEAD, MAX_START_LEAD)
+}
+
+/// What happened.
+pub enum Event<'a> {
+    /// A step over the log (`token`: for a read to the end, should one be needed).
+    Step {
+        /// The log view.
+        view: &'a LogView,
+        /// This node.
+        me: &'a NodeId,
+        /// Exclusive runs may start (fence open, latest return acknowledged).
+        may_start_exclusive: bool,
+        /// Whether this node holds a service copy of the task.
+        beside: &'a dyn Fn(&TaskId) -> bool,
+        /// A fresh read-to-end token.
+        token: u64,
+    },
+    /// The start record of `run` was acknowledged (`ok`) or not.
+    StartWritten {
+        /// The run.
+        run: Uuid,
+        /// Acknowledged.
+        ok: bool,
+    },
+    /// A read to the end completed.
+    Synced {
+        /// Its token.
+        token: u64,
+        /// The log view.
+        view: &'a LogView,
+        /// This node.
+        me: &'a NodeId,
+        /// This node's incarnation.
+        incarnation: Uuid,
+    },
+    /// A launched run reported.
+    Reported(RunReport),
+    /// The node is shutting down.
+    Shutdown {
+        /// The log view.
+        view: &'a LogView,
+    },
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Write this run record (a `starting` one: report its acknowledgement as `StartWritten`).
+    Write(RunReport),
+    /// Read the log to its end with this token (report it as `Synced`).
+    Sync(u64),
+    /// Launch this run (its reports come back as `Reported`).
+    Launch(Box<RunIntent>),
+    /// Ask this launched run to stop.
+    Stop {
+        /// The run.
+        run: Uuid,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Start record written at this instant, not acknowledged yet.
+    Writing(i64),
+    /// Start record acknowledged; a read to the end is wanted.
+    Acked(i64),
+    /// Waiting for read-to-end `token`.
+    Confirming { token: u64, since: i64 },
+    /// Launched (or waiting for its instant).
+    Launched { stop_sent: bool },
+    /// Over, as far as this node is concerned.
+    Done,
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    task: TaskId,
+    phase: Phase,
+}
+
+/// The runs this node holds.
+#[derive(Debug, Default)]
+pub struct RunBook {
+    held: BTreeMap<Uuid, Held>,
+    /// How long recent runs took from start record to confirmation (ms), newest last.
+    confirm_ms: VecDeque<u64>,
+    pruned_at: i64,
+}
+
+impl RunBook {
+    /// Takes in `event` at `now_ms` (the driver's clock, read once).
+    pub fn on_event(&mut self, event: Event<'_>, now_ms: i64) -> Vec<Action> {
+        match event {
+            Event::Step { view, me, may_start_exclusive, beside, token } => {
+                self.step(view, me, may_start_exclusive, beside, token, now_ms)
+            }
+            Event::StartWritten { run, ok } => {
+                if let Some(held) = self.held.get_mut(&run)
+                    && let Phase::Writing(since) = held.phase
+                {
+                    if ok {
+                        held.phase = Phase::Acked(since);
+                    } else {
+                        // Written again at the next step: the same record twice is harmless.
+                        self.held.remove(&run);
+                    }
+                }
+                Vec::new()
+            }
+            Event::Synced { token, view, me, incarnation } => {
+                self.synced(token, view, me, incarnation, now_ms)
+            }
+            Event::Reported(report) => {
+                if report.state.is_final()
+                    && let Some(held) = self.held.get_mut(&report.run_id)
+                {
+                    held.phase = Phase::Done;
+                }
+                vec![Action::Write(report)]
+            }
+            Event::Shutdown { view } => self.shutdown(view),
+        }
+    }
+
+    /// When the next start record is due, after a step at `now_ms` (`None`: none waits).
+    pub fn next_due(&self, view: &LogView, me: &NodeId, now_ms: i64) -> Option<Duration> {
+        let lead = i64::try_from(start_lead(&self.confirm_ms).as_millis()).unwrap_or(i64::MAX);
+        view.open_runs
+            .iter()
+            .filter(|(_, id)| !self.held.contains_key(id))
+            .filter_map(|(task, id)| view.run(task, id)?.intent.as_ref())
+            .filter(|(intent, _)| intent.node.as_ref() == Some(me) && intent.stop.is_none())
+            .map(|(intent, _)| intent.launch_at_ms.saturating_sub(lead))
+            .filter(|at| *at > now_ms)
+            .min()
+            .map(|at| Duration::from_millis(u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0)))
+    }
+
+    /// Runs launched and not reported over.
+    pub fn launched(&self) -> usize {
+        self.held.values().filter(|held| matches!(held.phase, Phase::Launched { .. })).count()
+    }
+
+    fn finish(&mut self, intent: &RunIntent, state: RunPhase, message: String) -> Action {
+        self.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Done });
+        Action::Write(oneshot::report(intent, state, Some(message)))
+    }
+
+    fn step(
+        &mut self,
+        view: &LogView,
+        me: &NodeId,
+        may_start_exclusive: bool,
+        beside: &dyn Fn(&TaskId) -> bool,
+        token: u64,
+        now: i64,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let lead = i64::try_from(start_lead(&self.confirm_ms).as_millis()).unwrap_or(i64::MAX);
+        // The runs not over, and the launched ones (whose leader may have given up on them).
+        let launched = self.held.iter().filter(|(_, held)| matches!(held.phase, Phase::Launched { .. }));
+        let candidates: BTreeSet<(TaskId, Uuid)> = view
+            .open_runs
+            .iter()
+            .cloned()
+            .chain(launched.map(|(id, held)| (held.task.clone(), *id)))
+            .collect();
+        for (task, id) in &candidates {
+            let Some(entry) = view.run(task, id) else { continue };
+            let Some((intent, _)) = entry.intent.as_ref() else { continue };
+            if intent.node.as_ref() != Some(me) {
+                continue;
+            }
+            if let Some(held) = self.held.get_mut(id) {
+                if let Phase::Launched { stop_sent: false } = held.phase
+                    && let Some(reason) =
+                        intent.stop.clone().or_else(|| intent.verdict.map(|v| v.as_str().to_owned()))
+                {
+                    held.phase = Phase::Launched { stop_sent: true };
+                    actions.push(Action::Stop { run: *id, reason });
+                }
+                continue;
+            }
+            if entry.is_final() {
+                continue;
+            }
+            if entry.report.is_some() {
+                // Started by an earlier incarnation of this node, whose children died with it.
+                actions.push(self.finish(intent, RunPhase::Lost, "the node restarted during the run".into()));
+            } else if let Some(reason) = &intent.stop {
+                actions.push(self.finish(
+                    intent,
+                    RunPhase::Stopped,
+                    format!("stopped before it started: {reason}"),
+                ));
+            } else if now >= intent.launch_at_ms.saturating_sub(lead) {
+                let exclusive = intent.spec.on_disconnect == OnDisconnect::Stop;
+                if !beside(task) && (may_start_exclusive || !exclusive) {
+                    self.held.insert(*id, Held { task: task.clone(), phase: Phase::Writing(now) });
+                    actions.push(Action::Write(oneshot::report(intent, RunPhase::Starting, None)));
+                }
+            }
+        }
+        if self.held.values().any(|held| matches!(held.phase, Phase::Acked(_))) {
+            actions.push(Action::Sync(token));
+            for held in self.held.values_mut() {
+                if let Phase::Acked(since) = held.phase {
+                    held.phase = Phase::Confirming { token, since };
+                }
+            }
+        }
+        // Forget runs the log no longer holds (trimmed history), now and then: memory only.
+        if now.saturating_sub(self.pruned_at) >= PRUNE_EVERY_MS {
+            self.pruned_at = now;
+            self.held
+                .retain(|id, held| !matches!(held.phase, Phase::Done) || view.run(&held.task, id).is_some());
+        }
+        actions
+    }
+
+    fn synced(
+        &mut self,
+        token: u64,
+        view: &LogView,
+        me: &NodeId,
+        incarnation: Uuid,
+        now: i64,
+    ) -> Vec<Action> {
+        let waiting: Vec<(Uuid, i64)> = self
+            .held
+            .iter()
+            .filter_map(|(id, held)| match held.phase {
+                Phase::Confirming { token: t, since } if t == token => Some((*id, since)),
+                _ => None,
+            })
+            .collect();
+        let mut actions = Vec::new();
+        for (id, since) in waiting {
+            let task = self.held[&id].task.clone();
+            let entry = view.run(&task, &id);
+            match confirm(entry, me, incarnation) {
+                Confirm::Launch(intent) => {
+                    if self.confirm_ms.len() == RECENT_CONFIRMS {
+                        self.confirm_ms.pop_front();
+                    }
+                    self.confirm_ms.push_back(u64::try_from(now.saturating_sub(since)).unwrap_or(0));
+                    self.held.insert(id, Held { task, phase: Phase::Launched { stop_sent: false } });
+                    actions.push(Action::Launch(intent));
+                }
+                Confirm::Cancel(reason) => match entry.and_then(|entry| entry.intent.clone()) {
+                    Some((intent, _)) => actions.push(self.finish(&intent, RunPhase::Stopped, reason)),
+                    None => {
+                        self.held.insert(id, Held { task, phase: Phase::Done });
+                    }
+                },
+            }
+        }
+        actions
+    }
+
+    fn shutdown(&mut self, view: &LogView) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let mut cancel = Vec::new();
+        for (id, held) in &self.held {
+            match held.phase {
+                Phase::Launched { .. } => {
+                    actions.push(Action::Stop { run: *id, reason: "the node is shutting down".into() })
+                }
+                Phase::Writing(_) | Phase::Acked(_) | Phase::Confirming { .. } => {
+                    cancel.push((*id, held.task.clone()))
+                }
+                Phase::Done => {}
+            }
+        }
+        for (id, task) in cancel {
+            match view.run(&task, &id).and_then(|entry| entry.intent.clone()) {
+                Some((intent, _)) => {
+                    let message = "stopped before it started: the node is shutting down".to_owned();
+                    actions.push(self.finish(&intent, RunPhase::Stopped, message));
+                }
+                None => {
+                    self.held.insert(id, Held { task, phase: Phase::Done });
+                }
+            }
+        }
+        actions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shiva_proto::records::{Body, Claim, Envelope};
+    use shiva_proto::runs::{Trigger, run_id};
+    use shiva_proto::topics::key;
+    use shiva_proto::{TaskSpec, TopicKind};
+
+    use super::*;
+
+    struct Log {
+        view: LogView,
+        offset: i64,
+        leader: Uuid,
+    }
+
+    impl Log {
+        fn new() -> Log {
+            let mut log = Log { view: LogView::default(), offset: 0, leader: Uuid::new_v4() };
+            let claim = Body::Claim(Claim { epoch: 1 });
+            log.write(
+                TopicKind::Assignments,
+                key::claim(1, &NodeId::new("l").unwrap(), Uuid::new_v4()),
+                claim,
+            );
+            log
+        }
+
+        fn write(&mut self, topic: TopicKind, key: String, body: Body) {
+            let value =
+                Envelope { sender: "l".into(), incarnation: Some(self.leader), sent_at_ms: 0, body }.encode();
+            self.offset += 1;
+            self.view.apply(topic, self.offset, Some(key.as_bytes()), Some(&value));
+        }
+
+        fn intent(&mut self, keep: bool, change: impl FnOnce(&mut RunIntent)) -> RunIntent {
+            let task = TaskId::new("cron/t").unwrap();
+            let trigger = Trigger::Slot { slot_ms: 10_000 };
+            let mut spec = TaskSpec::new(task.clone(), "true", vec![]);
+            if keep {
+                spec.on_disconnect = OnDisconnect::Keep;
+            }
+            let mut intent = RunIntent {
+                epoch: 1,
+                task: task.clone(),
+                run_id: run_id(&task, trigger, 1),
+                attempt: 1,
+                trigger,
+                node: Some(NodeId::new("me").unwrap()),
+                launch_at_ms: 10_000,
+                spec_revision: 0,
+                spec: std::sync::Arc::new(spec),
+                stop: None,
+                verdict: None,
+                note: None,
+            };
+            change(&mut intent);
+            self.write(
+                TopicKind::Assignments,
+                key::run(&task, intent.run_id),
+                Body::RunIntent(intent.clone()),
+            );
+            intent
+        }
+    }
+
+    fn step(book: &mut RunBook, log: &Log, may_start: bool, beside: bool, now: i64) -> Vec<Action> {
+        let me = NodeId::new("me").unwrap();
+        let event = Event::Step {
+            view: &log.view,
+            me: &me,
+            may_start_exclusive: may_start,
+            beside: &|_| beside,
+            token: 7,
+        };
+        book.on_event(event, now)
+    }
+
+    #[test]
+    fn a_run_is_written_confirmed_then_launched_and_stopped_when_its_intent_says_so() {
+        let mut log = Log::new();
+        let intent = log.intent(false, |_| {});
+        let mut book = RunBook::default();
+        let me = NodeId::new("me").unwrap();
+        assert!(step(&mut book, &log, true, false, 9_000).is_empty(), "not due before its lead");
+        assert_eq!(book.next_due(&log.view, &me, 9_000), Some(Duration::from_millis(850)));
+        let actions = step(&mut book, &log, true, false, 9_900);
+        assert!(
+            matches!(&actions[..], [Action::Write(report)] if report.state == RunPhase::Starting),
+            "{actions:?}"
+        );
+        assert!(step(&mut book, &log, true, false, 9_910).is_empty(), "one start record");
+        book.on_event(Event::StartWritten { run: intent.run_id, ok: true }, 9_920);
+        assert_eq!(step(&mut book, &log, true, false, 9_925), vec![Action::Sync(7)]);
+        let incarnation = Uuid::new_v4();
+        let synced = Event::Synced { token: 7, view: &log.view, me: &me, incarnation };
+        let actions = book.on_event(synced, 9_960);
+        assert!(
+            matches!(&actions[..], [Action::Launch(launched)] if launched.run_id == intent.run_id),
+            "{actions:?}"
+        );
+        assert_eq!(book.launched(), 1);
+        // The leader asks it to stop: one stop signal.
+        log.intent(false, |intent| intent.stop = Some("the task was killed".into()));
+        let actions = step(&mut book, &log, true, false, 10_500);
+        assert_eq!(actions, vec![Action::Stop { run: intent.run_id, reason: "the task was killed".into() }]);
+        assert!(step(&mut book, &log, true, false, 10_600).is_empty());
+        let mut end = oneshot::report(&intent, RunPhase::Stopped, None);
+        end.ended_ms = Some(10_700);
+        assert_eq!(book.on_event(Event::Reported(end.clone()), 10_700), vec![Action::Write(end)]);
+        assert_eq!(book.launched(), 0);
+    }
+
+    #[test]
+    fn exclusive_runs_wait_for_the_gate_and_never_start_beside_a_service_copy() {
+        for (keep, may_start, beside, starts) in [
+            (false, false, false, false),
+            (true, false, false, true),
+            (false, true, true, false),
+            (true, true, true, false),
+            (false, true, false, true),
+        ] {
+            let mut log = Log::new();
+            log.intent(keep, |_| {});
+            let mut book = RunBook::default();
+            let actions = step(&mut book, &log, may_start, beside, 9_900);
+            assert_eq!(
+                !actions.is_empty(),
+                starts,
+                "keep {keep}, gate open {may_start}, beside a copy {beside}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cancelled_or_judged_run_is_not_launched_and_a_failed_start_record_is_written_again() {
+        let mut log = Log::new();
+        let intent = log.intent(false, |_| {});
+        let mut book = RunBook::default();
+        let me = NodeId::new("me").unwrap();
+        step(&mut book, &log, true, false, 9_900);
+        book.on_event(Event::StartWritten { run: intent.run_id, ok: false }, 9_910);
+        let again = step(&mut book, &log, true, false, 9_920);
+        assert!(
+            matches!(&again[..], [Action::Write(report)] if report.state == RunPhase::Starting),
+            "{again:?}"
+        );
+        book.on_event(Event::StartWritten { run: intent.run_id, ok: true }, 9_930);
+        step(&mut book, &log, true, false, 9_935);
+        // The leader judged it missed meanwhile (this node's start record not seen in time).
+        log.intent(false, |intent| intent.verdict = Some(RunPhase::Missed));
+        let synced = Event::Synced { token: 7, view: &log.view, me: &me, incarnation: Uuid::new_v4() };
+        let actions = book.on_event(synced, 9_990);
+        assert!(
+            matches!(&actions[..], [Action::Write(report)] if report.state == RunPhase::Stopped),
+            "{actions:?}"
+        );
+        assert_eq!(book.launched(), 0);
+    }
+}
