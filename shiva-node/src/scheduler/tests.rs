@@ -11,6 +11,7 @@ use shiva_proto::runs::{RunPhase, RunReport};
 use shiva_proto::spec::TaskSpec;
 
 use super::*;
+use crate::supervisor::oneshot;
 
 const TIMING: Timing = Timing { lookahead: Duration::from_secs(1), tolerance: Duration::from_secs(2) };
 const TICK: i64 = 100;
@@ -34,6 +35,10 @@ struct Sim {
     max_concurrent: usize,
     /// The leader's launch intents fail to land (a broker refusing them, say).
     drop_intents: bool,
+    /// Each runner's run lifecycle: the node's own pure machine.
+    books: Vec<crate::runner::runs::RunBook>,
+    /// Launched runs not over: node, intent, when the child started.
+    children: BTreeMap<Uuid, (usize, RunIntent, Option<i64>)>,
 }
 
 fn start() -> i64 {
@@ -57,6 +62,8 @@ impl Sim {
             max_concurrent: 0,
             drop_intents: false,
             schedules: Schedules::default(),
+            books: (0..3).map(|_| Default::default()).collect(),
+            children: BTreeMap::new(),
         };
         sim.elect(0);
         sim
@@ -140,46 +147,82 @@ impl Sim {
         self.append(TopicKind::Status, key, Some(value));
     }
 
-    /// Live runners: launch due intents (start record, then running), end runs.
+    /// Live runners act as the node's driver does, on the node's own pure run lifecycle
+    /// (`runner::runs::RunBook`): start record, read to the end (immediate here), launch, stop;
+    /// a launched child starts at its instant and ends after `run_ms`, or when stopped.
     fn run(&mut self) {
-        let entries: Vec<RunEntry> =
-            self.view.runs.values().flat_map(|runs| runs.values().cloned()).collect();
-        for entry in entries {
-            let Some((intent, _)) = entry.intent.clone() else { continue };
-            let Some(node) = self.nodes.iter().position(|(id, _)| Some(id) == intent.node.as_ref()) else {
-                continue;
-            };
-            if !self.live.contains(&node) || entry.is_final() {
-                continue;
+        use crate::runner::runs::{Action, Event};
+        let live: Vec<usize> = self.live.iter().copied().collect();
+        for node in live {
+            let (me, incarnation) = self.nodes[node].clone();
+            let mut queue: std::collections::VecDeque<Action> = std::collections::VecDeque::new();
+            for _ in 0..2 {
+                let event = Event::Step {
+                    view: &self.view,
+                    me: &me,
+                    may_start_exclusive: true,
+                    beside: &|_| false,
+                    token: 1,
+                };
+                queue.extend(self.books[node].on_event(event, self.now));
+                while let Some(action) = queue.pop_front() {
+                    match action {
+                        Action::Write(report) => {
+                            let (run, starting) = (report.run_id, report.state == RunPhase::Starting);
+                            self.report(node, report);
+                            if starting {
+                                queue.extend(
+                                    self.books[node]
+                                        .on_event(Event::StartWritten { run, ok: true }, self.now),
+                                );
+                            }
+                        }
+                        Action::Sync(token) => {
+                            let event = Event::Synced { token, view: &self.view, me: &me, incarnation };
+                            queue.extend(self.books[node].on_event(event, self.now));
+                        }
+                        Action::Launch(intent) => {
+                            self.children.insert(intent.run_id, (node, *intent, None));
+                        }
+                        Action::Stop { run, .. } => {
+                            if let Some((_, intent, started)) = self.children.remove(&run) {
+                                let mut report = oneshot::report(&intent, RunPhase::Stopped, None);
+                                (report.started_ms, report.ended_ms) = (started, Some(self.now));
+                                queue.extend(self.books[node].on_event(Event::Reported(report), self.now));
+                            }
+                        }
+                    }
+                }
             }
-            let base = RunReport {
-                task: intent.task.clone(),
-                run_id: intent.run_id,
-                attempt: intent.attempt,
-                trigger: intent.trigger,
-                state: RunPhase::Running,
-                pid: Some(1),
-                started_ms: None,
-                ended_ms: None,
-                exit: None,
-                message: None,
-            };
-            match entry.report.map(|r| r.report) {
-                None if intent.stop.is_some() || intent.verdict.is_some() => {
-                    self.report(node, RunReport { state: RunPhase::Stopped, ..base })
+            // The node's children: start at their instant, end after `run_ms`.
+            let mine: Vec<Uuid> =
+                self.children.iter().filter(|(_, (n, _, _))| *n == node).map(|(run, _)| *run).collect();
+            for run in mine {
+                let (_, intent, started) = self.children[&run].clone();
+                let report = match started {
+                    None if self.now >= intent.launch_at_ms => {
+                        self.launches.push((intent.task.clone(), intent.trigger, intent.attempt, node));
+                        self.children.get_mut(&run).unwrap().2 = Some(self.now);
+                        let mut report = oneshot::report(&intent, RunPhase::Running, None);
+                        (report.pid, report.started_ms) = (Some(1), Some(self.now));
+                        report
+                    }
+                    Some(at) if self.now >= at + self.run_ms => {
+                        self.children.remove(&run);
+                        let state = if self.exit_code == 0 { RunPhase::Succeeded } else { RunPhase::Failed };
+                        let mut report = oneshot::report(&intent, state, None);
+                        report.exit = Some(ExitInfo { code: Some(self.exit_code), signal: None });
+                        (report.started_ms, report.ended_ms) = (Some(at), Some(self.now));
+                        report
+                    }
+                    _ => continue,
+                };
+                let actions = self.books[node].on_event(Event::Reported(report), self.now);
+                for action in actions {
+                    if let Action::Write(report) = action {
+                        self.report(node, report);
+                    }
                 }
-                None if self.now >= intent.launch_at_ms => {
-                    self.launches.push((intent.task.clone(), intent.trigger, intent.attempt, node));
-                    self.report(node, RunReport { started_ms: Some(self.now), ..base });
-                }
-                Some(report) if intent.stop.is_some() => self
-                    .report(node, RunReport { state: RunPhase::Stopped, ended_ms: Some(self.now), ..report }),
-                Some(report) if self.now >= report.started_ms.unwrap_or(0) + self.run_ms => {
-                    let state = if self.exit_code == 0 { RunPhase::Succeeded } else { RunPhase::Failed };
-                    let exit = Some(ExitInfo { code: Some(self.exit_code), signal: None });
-                    self.report(node, RunReport { state, exit, ended_ms: Some(self.now), ..report });
-                }
-                _ => {}
             }
         }
         for runs in self.view.runs.values() {
@@ -197,8 +240,12 @@ impl Sim {
         }
     }
 
+    /// The node dies, and its children with it (its shims kill them once its lease runs out);
+    /// it comes back with nothing held.
     fn kill(&mut self, node: usize) {
         self.live.remove(&node);
+        self.children.retain(|_, (n, _, _)| *n != node);
+        self.books[node] = Default::default();
     }
 
     /// A graceful stop: the node cancels the runs it has not started, then leaves.
