@@ -372,11 +372,23 @@ impl Node {
     }
 
     /// A status from a job: a final one ends a stopping job at once (see `Supervisor::on_final`).
+    /// A final status of a task handed off from this node is not written: the hand-off's
+    /// answer (written in this very step, see `release_handed_off`) says more, and writing both
+    /// would queue the answer behind it.
     pub(crate) fn on_job_status(&mut self, status: TaskStatus) {
-        if matches!(status.state, RunState::Stopped | RunState::Failed)
-            && let Some(supervisor) = self.supervisor.as_mut()
-        {
+        let final_state = matches!(status.state, RunState::Stopped | RunState::Failed);
+        if final_state && let Some(supervisor) = self.supervisor.as_mut() {
             supervisor.on_final(&status.task);
+        }
+        let me = &self.config.node_id;
+        let handed_off = self.view.assignments.get(&status.task).is_some_and(|entry| {
+            let assignment = &entry.assignment;
+            assignment.holders.iter().any(|holder| holder.node == *me)
+                && !matches!(&assignment.placement, shiva_proto::records::Placement::Assigned { node } if node == me)
+                && assignment.generation > status.generation
+        });
+        if final_state && handed_off && !status.permanent {
+            return;
         }
         self.on_status(status);
     }
