@@ -240,6 +240,7 @@ impl Node {
             ReaderEvent::SyncFailed(token, message) => {
                 warn!(token, %message, "failed to read the log to its end");
                 self.fence.on_sync_failed(token);
+                self.on_runs_sync_failed(token);
                 if self.leadership.leader_sync.is_some_and(|(_, t)| t == token) {
                     self.leadership.leader_sync = None;
                 }
@@ -387,7 +388,10 @@ impl Node {
                 && !matches!(&assignment.placement, shiva_proto::records::Placement::Assigned { node } if node == me)
                 && assignment.generation > status.generation
         });
-        if final_state && handed_off && !status.permanent {
+        // Only once the job is gone: a job that gave up but still runs in `jobs` (its stop not
+        // asked yet) writes its failure, and the answer follows when it is stopped.
+        let gone = self.supervisor.as_ref().is_none_or(|supervisor| !supervisor.runs(&status.task));
+        if final_state && handed_off && gone && !status.permanent {
             return;
         }
         self.on_status(status);

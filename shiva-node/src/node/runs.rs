@@ -33,7 +33,7 @@ impl Node {
             match action {
                 Action::Write(report) => {
                     if matches!(report.state, RunPhase::Lost | RunPhase::Stopped)
-                        && !self.runs.controls.contains_key(&report.run_id)
+                        && report.started_ms.is_none()
                     {
                         info!(task = %report.task, run = %report.run_id, state = report.state.as_str(), message = report.message.as_deref().unwrap_or(""), "run not launched");
                     }
@@ -69,6 +69,12 @@ impl Node {
     /// The start record of `run` was written (or not).
     pub(crate) fn on_start_written(&mut self, run: Uuid, ok: bool) {
         let actions = self.runs.book.on_event(Event::StartWritten { run, ok }, now_ms());
+        self.perform(actions);
+    }
+
+    /// A read-to-end failed: the runs waiting for it wait for the next one.
+    pub(crate) fn on_runs_sync_failed(&mut self, token: u64) {
+        let actions = self.runs.book.on_event(Event::SyncFailed { token }, now_ms());
         self.perform(actions);
     }
 

@@ -76,6 +76,11 @@ pub enum Event<'a> {
         /// This node's incarnation.
         incarnation: Uuid,
     },
+    /// A read to the end failed: the runs waiting for it wait for the next one.
+    SyncFailed {
+        /// Its token.
+        token: u64,
+    },
     /// A launched run reported.
     Reported(RunReport),
     /// The node is shutting down.
@@ -155,6 +160,16 @@ impl RunBook {
             Event::Synced { token, view, me, incarnation } => {
                 self.synced(token, view, me, incarnation, now_ms)
             }
+            Event::SyncFailed { token } => {
+                for held in self.held.values_mut() {
+                    if let Phase::Confirming { token: t, since } = held.phase
+                        && t == token
+                    {
+                        held.phase = Phase::Acked(since);
+                    }
+                }
+                Vec::new()
+            }
             Event::Reported(report) => {
                 if report.state.is_final()
                     && let Some(held) = self.held.get_mut(&report.run_id)
@@ -210,18 +225,22 @@ impl RunBook {
             .cloned()
             .chain(launched.map(|(id, held)| (held.task.clone(), *id)))
             .collect();
+        // Decided over the whole walk, then applied: a panic in the walk (contained by the
+        // driver) leaves the book unchanged rather than changed without its actions.
+        let mut changes: Vec<(Uuid, Held)> = Vec::new();
         for (task, id) in &candidates {
             let Some(entry) = view.run(task, id) else { continue };
             let Some((intent, _)) = entry.intent.as_ref() else { continue };
             if intent.node.as_ref() != Some(me) {
                 continue;
             }
-            if let Some(held) = self.held.get_mut(id) {
+            if let Some(held) = self.held.get(id) {
                 if let Phase::Launched { stop_sent: false } = held.phase
                     && let Some(reason) =
                         intent.stop.clone().or_else(|| intent.verdict.map(|v| v.as_str().to_owned()))
                 {
-                    held.phase = Phase::Launched { stop_sent: true };
+                    changes
+                        .push((*id, Held { task: task.clone(), phase: Phase::Launched { stop_sent: true } }));
                     actions.push(Action::Stop { run: *id, reason });
                 }
                 continue;
@@ -229,23 +248,29 @@ impl RunBook {
             if entry.is_final() {
                 continue;
             }
+            let finished = |state, message: String| {
+                let done = Held { task: task.clone(), phase: Phase::Done };
+                ((*id, done), Action::Write(oneshot::report(intent, state, Some(message))))
+            };
             if entry.report.is_some() {
                 // Started by an earlier incarnation of this node, whose children died with it.
-                actions.push(self.finish(intent, RunPhase::Lost, "the node restarted during the run".into()));
+                let (change, action) = finished(RunPhase::Lost, "the node restarted during the run".into());
+                changes.push(change);
+                actions.push(action);
             } else if let Some(reason) = &intent.stop {
-                actions.push(self.finish(
-                    intent,
-                    RunPhase::Stopped,
-                    format!("stopped before it started: {reason}"),
-                ));
+                let (change, action) =
+                    finished(RunPhase::Stopped, format!("stopped before it started: {reason}"));
+                changes.push(change);
+                actions.push(action);
             } else if now >= intent.launch_at_ms.saturating_sub(lead) {
                 let exclusive = intent.spec.on_disconnect == OnDisconnect::Stop;
                 if !beside(task) && (may_start_exclusive || !exclusive) {
-                    self.held.insert(*id, Held { task: task.clone(), phase: Phase::Writing(now) });
+                    changes.push((*id, Held { task: task.clone(), phase: Phase::Writing(now) }));
                     actions.push(Action::Write(oneshot::report(intent, RunPhase::Starting, None)));
                 }
             }
         }
+        self.held.extend(changes);
         if self.held.values().any(|held| matches!(held.phase, Phase::Acked(_))) {
             actions.push(Action::Sync(token));
             for held in self.held.values_mut() {

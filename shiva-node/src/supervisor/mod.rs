@@ -67,8 +67,10 @@ impl Supervisor {
     }
 
     /// A job of `task` reported its final state (`stopped`, `failed`): the job is over (its run's
-    /// process tree is gone; its task ends right after), so a job stopping no longer holds the
-    /// task. Without this, a hand-off would wait for the next event after the job's task ended.
+    /// process tree is gone, but for a job that panicked, whose run is asked to stop as it was
+    /// before: see `job::start`; its task ends right after), so a job stopping no longer holds
+    /// the task. Without this, a hand-off would wait for the next event after the job's task
+    /// ended.
     pub fn on_final(&mut self, task: &TaskId) {
         self.stopping.remove(task);
     }
