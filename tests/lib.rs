@@ -596,3 +596,22 @@ pub fn produced_value(i: usize) -> Vec<u8> {
         format!("record {i}").into_bytes()
     }
 }
+
+/// Copies of one task as spans (first and last stamp in ns, and a name for the message), in any
+/// order: asserts that no two overlap, and returns the gaps between consecutive ones in ms.
+pub fn assert_one_at_a_time(mut spans: Vec<(u128, u128, String)>) -> Vec<f64> {
+    spans.sort();
+    let mut gaps = Vec::new();
+    for pair in spans.windows(2) {
+        assert!(
+            pair[0].1 < pair[1].0,
+            "two copies overlapped: {} until {} and {} from {}",
+            pair[0].2,
+            pair[0].1,
+            pair[1].2,
+            pair[1].0
+        );
+        gaps.push((pair[1].0 - pair[0].1) as f64 / 1e6);
+    }
+    gaps
+}

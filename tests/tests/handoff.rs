@@ -54,24 +54,11 @@ fn copies(log: &Path) -> BTreeMap<String, (String, u128, u128, bool)> {
 /// No two copies overlap; returns the hand-off gaps (a copy's last stamp → the next one's
 /// first), in ms.
 fn assert_one_at_a_time(log: &Path) -> Vec<f64> {
-    let mut spans: Vec<(u128, u128, String)> = copies(log)
+    let spans = copies(log)
         .into_iter()
         .map(|(run, (node, from, to, _))| (from, to, format!("{run} on {node}")))
         .collect();
-    spans.sort();
-    let mut gaps = Vec::new();
-    for pair in spans.windows(2) {
-        assert!(
-            pair[0].1 < pair[1].0,
-            "two copies overlapped: {} until {} and {} from {}",
-            pair[0].2,
-            pair[0].1,
-            pair[1].2,
-            pair[1].0
-        );
-        gaps.push((pair[1].0 - pair[0].1) as f64 / 1e6);
-    }
-    gaps
+    shiva_e2e::assert_one_at_a_time(spans)
 }
 
 /// Waits until a copy on `node` runs (its first stamp is written) and `count` copies were seen.

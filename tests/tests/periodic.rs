@@ -292,21 +292,11 @@ fn random_retags_kill_start_delete_submit_and_kills_never_overlap_two_runs_nor_r
 
     let runs = runs(&log);
     assert!(runs.len() >= 15, "the task ran throughout: {} runs", runs.len());
-    let mut spans: Vec<(u128, u128, String)> = runs
+    let spans = runs
         .iter()
         .map(|(run, (slot, node, from, to, _))| (*from, *to, format!("run {run} of slot {slot} on {node}")))
         .collect();
-    spans.sort();
-    for pair in spans.windows(2) {
-        assert!(
-            pair[0].1 < pair[1].0,
-            "two runs overlapped: {} until {} and {} from {}",
-            pair[0].2,
-            pair[0].1,
-            pair[1].2,
-            pair[1].0
-        );
-    }
+    shiva_e2e::assert_one_at_a_time(spans);
     let mut per_slot: BTreeMap<&str, usize> = BTreeMap::new();
     for (slot, _, _, _, started) in runs.values() {
         if *started {

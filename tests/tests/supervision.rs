@@ -138,21 +138,11 @@ fn intervals(log: &Path) -> BTreeMap<String, (String, u128, u128)> {
 }
 
 fn assert_no_overlap(log: &Path) {
-    let mut spans: Vec<(u128, u128, String)> = intervals(log)
+    let spans = intervals(log)
         .into_iter()
         .map(|(run, (node, from, to))| (from, to, format!("{run} on {node}")))
         .collect();
-    spans.sort();
-    for pair in spans.windows(2) {
-        assert!(
-            pair[0].1 < pair[1].0,
-            "two copies overlapped: {} until {} and {} from {}",
-            pair[0].2,
-            pair[0].1,
-            pair[1].2,
-            pair[1].0
-        );
-    }
+    shiva_e2e::assert_one_at_a_time(spans);
 }
 
 /// The task's processes (its shell and the shell's `sleep`) are on one node at a time.
