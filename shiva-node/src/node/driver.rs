@@ -619,6 +619,12 @@ impl Node {
             .iter()
             .filter_map(|task| {
                 let status = self.own.latest.get(task)?;
+                // Only a status of the job now running: not an answer to an earlier hand-off
+                // (the job's own first status follows).
+                let current = self.view.assignments.get(task).map(|entry| entry.assignment.generation);
+                if current != Some(status.generation) {
+                    return None;
+                }
                 let last = self.view.last_offsets.get(&(TopicKind::Status, key::task(task)))?;
                 let mine = self.own.offsets.get(task)?;
                 (last > mine && !self.busy(TopicKind::Status, &key::task(task))).then(|| status.clone())
