@@ -162,12 +162,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     let carried: BTreeMap<&TaskId, Vec<Holder>> = view
         .assignments
         .iter()
-        .map(|(task, entry)| {
-            let copies = handoff::copies_of(&entry.assignment);
-            let left =
-                copies.into_iter().filter(|holder| !handoff::gone(view, task, holder, live, may_still_run));
-            (task, left.collect::<Vec<_>>())
-        })
+        .map(|(task, entry)| (task, handoff::left(view, task, &entry.assignment, live, may_still_run)))
         .filter(|(_, copies)| !copies.is_empty())
         .collect();
     let blocking = |task: &TaskId| -> Vec<&Holder> {
@@ -327,7 +322,8 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             }
         };
         let current_record = current.map(|entry| &entry.assignment);
-        let holders = holders_after(view, task, current_record, copies, &placement, &spec.spec, generation);
+        let given = (&spec.spec, spec.revision);
+        let holders = holders_after(view, task, current_record, copies, &placement, given, generation);
         if let Some(current) = current
             && unchanged
             && current.assignment.holders == holders
@@ -350,7 +346,7 @@ fn holders_after(
     current: Option<&Assignment>,
     copies: &[Holder],
     placement: &Placement,
-    spec: &TaskSpec,
+    (spec, revision): (&TaskSpec, i64),
     generation: u64,
 ) -> Vec<Holder> {
     let Some(current) = current else { return Vec::new() };
@@ -367,7 +363,6 @@ fn holders_after(
         .filter_map(|copy| {
             if placed_on == Some(&copy.node) {
                 let given = handoff::holder_for(&copy.node, generation, spec);
-                let revision = view.specs.get(task).map_or(current.spec_revision, |entry| entry.revision);
                 let explicit = current.holders.iter().find(|holder| holder.node == copy.node);
                 if was_on == Some(&copy.node) && current.spec_revision == revision {
                     // The node confirmed the revision it was given: its own spec governs again.
@@ -408,8 +403,10 @@ fn undefined(
             Placement::Stopped => current.generation,
             _ => current.generation.saturating_add(1),
         };
+        // Nobody runs it: the spec given to the copies' nodes is the record's own.
+        let given = (&current.spec, current.spec_revision);
         let holders =
-            holders_after(view, task, Some(current), copies, &Placement::Stopped, &current.spec, generation);
+            holders_after(view, task, Some(current), copies, &Placement::Stopped, given, generation);
         if current.placement == Placement::Stopped
             && current.holders == holders
             && current.epoch == epoch
@@ -487,7 +484,8 @@ pub fn fail_write(view: &LogView, epoch: u64, task: &TaskId, reason: String) -> 
         Some(current) => {
             let copies = handoff::copies_of(&current.assignment);
             let failed = Placement::Failed { reason: String::new() };
-            holders_after(view, task, Some(&current.assignment), &copies, &failed, &spec.spec, generation)
+            let given = (&spec.spec, spec.revision);
+            holders_after(view, task, Some(&current.assignment), &copies, &failed, given, generation)
         }
         None => Vec::new(),
     };

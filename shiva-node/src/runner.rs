@@ -11,13 +11,14 @@
 
 use std::collections::BTreeMap;
 
-use shiva_proto::records::{Placement, RunState, TaskStatus};
+use shiva_proto::records::{Assignment, Holder, Placement, RunState, TaskStatus};
 use shiva_proto::runs::{RunIntent, RunPhase};
 use shiva_proto::spec::OnDisconnect;
 use shiva_proto::view::RunEntry;
 use shiva_proto::{LogView, NodeId, TaskId};
 use uuid::Uuid;
 
+use crate::leader::handoff;
 use crate::supervisor::Wanted;
 
 pub mod runs;
@@ -62,6 +63,12 @@ pub fn wanted(
         .collect()
 }
 
+/// The copy `me` may still run of a task `assignment` takes away from it (a hand-off), if any.
+pub fn handed_off<'a>(assignment: &'a Assignment, me: &NodeId) -> Option<&'a Holder> {
+    let here = matches!(&assignment.placement, Placement::Assigned { node } if node == me);
+    assignment.holders.iter().find(|holder| holder.node == *me).filter(|_| !here)
+}
+
 /// The statuses that answer hand-offs from `me`: for each task whose assignment names `me` as
 /// the holder of a copy and runs it elsewhere (or nowhere), once the node holds no job of it,
 /// unless its newest status (`own`) already says so and it was not overwritten by a stale one.
@@ -71,27 +78,23 @@ pub fn releases(
     holds: &dyn Fn(&TaskId) -> bool,
     own: &dyn Fn(&TaskId) -> Option<(u64, RunState)>,
 ) -> Vec<TaskStatus> {
-    let gone = |state: RunState| matches!(state, RunState::Stopped | RunState::Failed);
     view.assignments
         .iter()
         .filter_map(|(task, entry)| {
             let assignment = &entry.assignment;
-            let holder = assignment.holders.iter().find(|holder| holder.node == *me)?;
-            let here = matches!(&assignment.placement, Placement::Assigned { node } if node == me);
-            if here || holds(task) {
+            let holder = handed_off(assignment, me)?;
+            if holds(task) {
                 return None;
             }
-            let said = own(task)
-                .is_some_and(|(generation, state)| generation >= assignment.generation && gone(state));
-            let landed = view.statuses.get(task).is_some_and(|status| {
-                status.node == *me && status.status.generation >= holder.since && gone(status.status.state)
+            let said = own(task).is_some_and(|(generation, state)| {
+                generation >= assignment.generation && handoff::said_gone(Some(state))
             });
+            let landed = handoff::said_gone(handoff::word_for(view, task, holder));
             // Overwritten by a stale status, it is written again; not when the newest status is
             // the current runner's (a `keep` copy started beside this one): no write loop.
-            let runner_says = view.statuses.get(task).is_some_and(|status| {
-                status.status.generation == assignment.generation
-                    && matches!(&assignment.placement, Placement::Assigned { node } if *node == status.node)
-            });
+            let runner_says = view
+                .current_status(task)
+                .is_some_and(|status| view.assigned_node(task) == Some(&status.node));
             let overwritten = !landed && !runner_says;
             (!said || overwritten).then(|| TaskStatus {
                 task: task.clone(),

@@ -331,10 +331,9 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         use crate::leader::handoff;
         let Some(entry) = self.ctx.view.assignments.get(self.task) else { return false };
         let next_keep = spec.spec.on_disconnect == OnDisconnect::Keep;
-        handoff::copies_of(&entry.assignment).iter().any(|holder| {
-            !handoff::gone(self.ctx.view, self.task, holder, self.ctx.live, self.ctx.may_still_run)
-                && handoff::blocks(holder, self.ctx.live, self.ctx.may_still_run, next_keep)
-        })
+        let (view, live, may_still_run) = (self.ctx.view, self.ctx.live, self.ctx.may_still_run);
+        let left = handoff::left(view, self.task, &entry.assignment, live, may_still_run);
+        left.iter().any(|holder| handoff::blocks(holder, live, may_still_run, next_keep))
     }
 
     fn write_intent(&mut self, intent: RunIntent) {

@@ -31,6 +31,18 @@ pub fn copies_of(assignment: &Assignment) -> Vec<Holder> {
     copies
 }
 
+/// The copies `assignment` of `task` says may run that are not gone (see [`gone`]).
+pub fn left(
+    view: &LogView,
+    task: &shiva_proto::TaskId,
+    assignment: &Assignment,
+    live: &[Member],
+    may_still_run: &dyn Fn(&NodeId, Duration) -> bool,
+) -> Vec<Holder> {
+    let copies = copies_of(assignment).into_iter();
+    copies.filter(|holder| !gone(view, task, holder, live, may_still_run)).collect()
+}
+
 /// The holder of a copy of `spec` on `node`, from generation `since`.
 pub fn holder_for(node: &NodeId, since: u64, spec: &TaskSpec) -> Holder {
     Holder {

@@ -381,12 +381,9 @@ impl Node {
         if final_state && let Some(supervisor) = self.supervisor.as_mut() {
             supervisor.on_final(&status.task);
         }
-        let me = &self.config.node_id;
         let handed_off = self.view.assignments.get(&status.task).is_some_and(|entry| {
-            let assignment = &entry.assignment;
-            assignment.holders.iter().any(|holder| holder.node == *me)
-                && !matches!(&assignment.placement, shiva_proto::records::Placement::Assigned { node } if node == me)
-                && assignment.generation > status.generation
+            crate::runner::handed_off(&entry.assignment, &self.config.node_id).is_some()
+                && entry.assignment.generation > status.generation
         });
         // Only once the job is gone: a job that gave up but still runs in `jobs` (its stop not
         // asked yet) writes its failure, and the answer follows when it is stopped.
