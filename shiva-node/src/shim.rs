@@ -318,32 +318,13 @@ fn supervise(
         }
         let now = boottime_ms();
         if now >= deadline {
-            return stop(config, pid, "the node's lease ran out", out);
+            return stop(config, pid, "the node's lease ran out", out, children.as_ref());
         }
-        // Without a signalfd, look for exits now and then.
-        let most = if children.is_some() { 60_000 } else { 100 };
-        let wait = (deadline - now).clamp(1, most) as i32;
-        let (node, exits) = {
-            let pipes = out.as_ref().map(|capture| capture.fds()).unwrap_or_default();
-            let mut fds = vec![PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
-            if let Some(children) = &children {
-                fds.push(PollFd::new(children.as_fd(), PollFlags::POLLIN));
-            }
-            fds.extend(pipes.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
-            let _ = poll(&mut fds, PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX));
-            let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|events| !events.is_empty());
-            (ready(&fds[0]), children.is_some() && ready(&fds[1]))
-        };
-        if exits && let Some(children) = &children {
-            while let Ok(Some(_)) = children.read_signal() {}
-        }
-        if let Some(capture) = out.as_mut() {
-            capture.pump();
-        }
+        let node = wait_for_events(children.as_ref(), out, Some(&stdin), deadline - now);
         if node {
             let mut buf = [0u8; 512];
             match stdin.lock().read(&mut buf) {
-                Ok(0) | Err(_) => return stop(config, pid, "the node is gone", out),
+                Ok(0) | Err(_) => return stop(config, pid, "the node is gone", out, children.as_ref()),
                 Ok(n) => input.extend_from_slice(&buf[..n]),
             }
         }
@@ -359,12 +340,48 @@ fn supervise(
                 (Some("stop"), _) => {
                     let reason = line.trim().strip_prefix("stop").unwrap_or("").trim();
                     let reason = if reason.is_empty() { "stopped by the node" } else { reason };
-                    return stop(config, pid, reason, out);
+                    return stop(config, pid, reason, out, children.as_ref());
                 }
                 _ => {}
             }
         }
     }
+}
+
+/// Sleeps until a child exits, the task writes output (read into the run's log), the node
+/// writes (`node`: returns whether it did) or `wait_ms` passes. Without a signalfd, exits are
+/// looked for every 10 ms.
+fn wait_for_events(
+    children: Option<&SignalFd>,
+    out: &mut Option<Capture>,
+    node: Option<&std::io::Stdin>,
+    wait_ms: i64,
+) -> bool {
+    let most = if children.is_some() { 60_000 } else { 10 };
+    let wait = wait_ms.clamp(1, most) as i32;
+    let (from_node, exits) = {
+        let pipes = out.as_ref().map(|capture| capture.fds()).unwrap_or_default();
+        let mut fds = Vec::with_capacity(pipes.len() + 2);
+        if let Some(node) = node {
+            fds.push(PollFd::new(node.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(children) = children {
+            fds.push(PollFd::new(children.as_fd(), PollFlags::POLLIN));
+        }
+        fds.extend(pipes.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
+        let _ = poll(&mut fds, PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX));
+        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|events| !events.is_empty());
+        let from_node = node.is_some() && ready(&fds[0]);
+        let exits = children.is_some() && ready(&fds[usize::from(node.is_some())]);
+        (from_node, exits)
+    };
+    if exits && let Some(children) = children {
+        while let Ok(Some(_)) = children.read_signal() {}
+    }
+    if let Some(capture) = out.as_mut() {
+        capture.pump();
+    }
+    from_node
 }
 
 /// Reaps every exited descendant (the shim adopts orphans); returns the task's status once it
@@ -389,32 +406,37 @@ fn stop(
     pid: u32,
     reason: &str,
     out: &mut Option<Capture>,
+    children: Option<&SignalFd>,
 ) -> (Option<WaitStatus>, Option<String>) {
     let me = std::process::id();
     let signal = Signal::try_from(config.stop_signal).unwrap_or(Signal::SIGTERM);
     tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), signal);
-    let mut status = reap_until(pid, after_ms(boottime_ms(), config.grace_ms), out);
+    let mut status = reap_until(pid, after_ms(boottime_ms(), config.grace_ms), out, children);
     if status.is_none() {
         tree::signal_tree(me, Some(pid), config.cgroup.as_deref(), Signal::SIGKILL);
-        status = reap_until(pid, boottime_ms() + 5_000, out);
+        status = reap_until(pid, boottime_ms() + 5_000, out, children);
     }
     (status, Some(reason.to_owned()))
 }
 
 /// Reaps until the task has exited (its status) or `deadline` (boot-time ms) passes, reading
 /// its output meanwhile (a task that writes while it stops must not block on a full pipe).
-fn reap_until(pid: u32, deadline: i64, out: &mut Option<Capture>) -> Option<WaitStatus> {
+/// Its exit is seen at once (the signalfd), not at the next look.
+fn reap_until(
+    pid: u32,
+    deadline: i64,
+    out: &mut Option<Capture>,
+    children: Option<&SignalFd>,
+) -> Option<WaitStatus> {
     loop {
-        if let Some(capture) = out.as_mut() {
-            capture.pump();
-        }
         if let Some(status) = reap(pid) {
             return Some(status);
         }
-        if boottime_ms() >= deadline {
+        let now = boottime_ms();
+        if now >= deadline {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        wait_for_events(children, out, None, deadline - now);
     }
 }
 
