@@ -91,8 +91,16 @@ pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
         Some(Placement::Failed { .. }) => row.reason = Some("not placed yet (is a leader running?)".into()),
         Some(Placement::Assigned { node }) => {
             row.node = Some(node.clone());
+            let assignment = &view.assignments[task].assignment;
             let from_runner = view.current_status(task).filter(|entry| entry.node == *node);
             row.state = from_runner.map_or("assigned", |entry| entry.status.state.as_str());
+            let started = from_runner.is_some_and(|entry| entry.status.generation >= assignment.generation);
+            if !started && !assignment.after.is_empty() {
+                // A hand-off: the node starts it once the named nodes said their copy is gone.
+                let names: Vec<&str> = assignment.after.iter().map(NodeId::as_str).collect();
+                row.state = "handing off";
+                row.reason = Some(format!("{node} starts it once {} stopped its copy", names.join(", ")));
+            }
             row.pid = from_runner
                 .filter(|entry| entry.status.state == RunState::Running)
                 .and_then(|entry| entry.status.pid);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use shiva_proto::TaskSpec;
 use shiva_proto::records::{
-    Assignment, Body, Deleted, DesiredState, Holder, Member, Members, Placement, RunState,
+    Assignment, Body, Deleted, DesiredState, Holder, Member, Members, Placement, RunState, feature,
 };
 use shiva_proto::spec::{OnDisconnect, TaskKind};
 use shiva_proto::topics::key;
@@ -157,6 +157,8 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
 
     let candidates = Candidate::runners(live);
     let is_live = |node: &NodeId| live.iter().any(|member| member.id == *node);
+    let may_start_after =
+        |node: &NodeId| live.iter().any(|member| member.id == *node && member.has(feature::START_AFTER));
     // Copies that may still run, by task (what the records carry), and those of them that keep
     // the task from starting on another node.
     let carried: BTreeMap<&TaskId, Vec<Holder>> = view
@@ -283,16 +285,23 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             }),
         };
         let mut placement = decided.unwrap_or_else(|reason| Placement::Failed { reason });
-        // A copy still running elsewhere: the task waits for it (a planned move hands off).
+        // A copy still running elsewhere: the task waits for it (a planned move hands off). A
+        // node that can wait for the copies' word itself is assigned at once, naming them in
+        // `after`: the old node's word then reaches it in one hop, not two.
         let elsewhere =
             |holder: &&Holder| !matches!(&placement, Placement::Assigned { node } if *node == holder.node);
-        if let Some(holder) = blocking(task).into_iter().find(elsewhere)
-            && matches!(
-                placement,
-                Placement::Assigned { .. } | Placement::Scheduled | Placement::Pending { .. }
-            )
-        {
-            placement = Placement::Pending { reason: handoff::waiting_reason(holder, live) };
+        let waits: Vec<&Holder> = blocking(task).into_iter().filter(elsewhere).collect();
+        let mut after: Vec<NodeId> = Vec::new();
+        if let Some(holder) = waits.first() {
+            match &placement {
+                Placement::Assigned { node } if may_start_after(node) => {
+                    after = waits.iter().map(|holder| holder.node.clone()).collect();
+                }
+                Placement::Assigned { .. } | Placement::Scheduled | Placement::Pending { .. } => {
+                    placement = Placement::Pending { reason: handoff::waiting_reason(holder, live) };
+                }
+                Placement::Stopped | Placement::Failed { .. } => {}
+            }
         }
         // A service whose periodic or one-shot runs (of an earlier revision) still run waits.
         if let Placement::Assigned { .. } = placement
@@ -300,6 +309,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                 view.runs.get(task).and_then(|runs| runs.values().find_map(|run| run.in_flight_on()))
         {
             placement = Placement::Pending { reason: format!("waiting for its run on {run} to end") };
+            after.clear();
         }
         // A failed task is not moved again: no nodes to avoid, no retry time.
         let (failed_on, retry_at_ms) = match placement {
@@ -327,12 +337,13 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         if let Some(current) = current
             && unchanged
             && current.assignment.holders == holders
+            && current.assignment.after == after
             && current.assignment.epoch == epoch
             && view.is_settled(TopicKind::Assignments, &record_key)
         {
             continue;
         }
-        let record = AssignmentRecord { placement, failed_on, retry_at_ms, holders };
+        let record = AssignmentRecord { placement, failed_on, retry_at_ms, holders, after };
         writes.push(assignment_write(epoch, task, generation, spec, record));
     }
     writes
@@ -421,6 +432,7 @@ fn undefined(
             failed_on: Vec::new(),
             retry_at_ms: None,
             holders,
+            after: Vec::new(),
             ..current.clone()
         };
         return vec![Write::assignments(record_key, Some(Body::Assignment(assignment)))];
@@ -441,6 +453,7 @@ struct AssignmentRecord {
     failed_on: Vec<NodeId>,
     retry_at_ms: Option<i64>,
     holders: Vec<Holder>,
+    after: Vec<NodeId>,
 }
 
 /// The assignment record. A failed task's carries a minimal spec (its id and command): nobody
@@ -452,7 +465,7 @@ fn assignment_write(
     spec: &SpecEntry,
     record: AssignmentRecord,
 ) -> Write {
-    let AssignmentRecord { placement, failed_on, retry_at_ms, holders } = record;
+    let AssignmentRecord { placement, failed_on, retry_at_ms, holders, after } = record;
     let carried = match placement {
         Placement::Failed { .. } => TaskSpec::new(task.clone(), spec.spec.command.clone(), Vec::new()),
         _ => spec.spec.clone(),
@@ -467,6 +480,7 @@ fn assignment_write(
         failed_on,
         retry_at_ms,
         holders,
+        after,
     };
     Write::assignments(key::task(task), Some(Body::Assignment(assignment)))
 }
@@ -494,6 +508,7 @@ pub fn fail_write(view: &LogView, epoch: u64, task: &TaskId, reason: String) -> 
         failed_on: Vec::new(),
         retry_at_ms: None,
         holders,
+        after: Vec::new(),
     };
     Some(assignment_write(epoch, task, generation, spec, record))
 }

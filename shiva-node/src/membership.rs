@@ -127,6 +127,7 @@ impl Membership {
                 runner: peer.heartbeat.runner,
                 leader_capable: peer.heartbeat.leader_capable,
                 returns: peer.heartbeat.returns,
+                features: shiva_proto::records::feature::known(&peer.heartbeat.features),
             })
             .collect()
     }
@@ -147,6 +148,7 @@ pub(crate) fn test_heartbeat() -> Heartbeat {
         returns: 0,
         resources: Default::default(),
         runs: vec![],
+        features: Vec::new(),
     }
 }
 

@@ -52,7 +52,10 @@ fn spec(id: &str, script: &str) -> TaskSpec {
 }
 
 fn wanted(spec: &TaskSpec) -> BTreeMap<TaskId, Wanted> {
-    BTreeMap::from([(spec.id.clone(), Wanted { generation: 1, spec_revision: 7, spec: spec.clone() })])
+    BTreeMap::from([(
+        spec.id.clone(),
+        Wanted { generation: 1, spec_revision: 7, spec: spec.clone(), after: Vec::new() },
+    )])
 }
 
 async fn next_state(reports: &mut mpsc::UnboundedReceiver<TaskStatus>, state: RunState) -> TaskStatus {

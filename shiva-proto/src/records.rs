@@ -178,6 +178,10 @@ pub struct Heartbeat {
     /// record lists it with this count (see docs/protocol.md, "A fenced node's return").
     #[serde(default, skip_serializing_if = "is_zero")]
     pub returns: u64,
+    /// What the node's build does beyond protocol version 1 (see [`feature`]): the leader asks
+    /// a node for nothing its build would misread.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
     /// Resources, for display.
     #[serde(default)]
     pub resources: Resources,
@@ -235,6 +239,45 @@ pub struct Member {
     /// work only once it reads itself here with its own count.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub returns: u64,
+    /// The [`feature`]s of its heartbeat this build knows (unknown ones are not copied).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+}
+
+/// Features a node's heartbeat may list.
+pub mod feature {
+    /// The node honours an assignment's `after`: it starts the task only once each node named
+    /// there reported its copy gone. A node without it would start at once.
+    pub const START_AFTER: &str = "start_after";
+
+    /// Every feature this build has, for its heartbeat.
+    pub const ALL: &[&str] = &[START_AFTER];
+
+    /// The features of `listed` this build knows, each once, in [`ALL`]'s order.
+    pub fn known(listed: &[String]) -> Vec<String> {
+        ALL.iter()
+            .filter(|name| listed.iter().any(|item| item == *name))
+            .map(|name| (*name).to_owned())
+            .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn only_known_features_are_kept_once() {
+            let listed =
+                ["x".repeat(10_000), super::START_AFTER.into(), "later".into(), super::START_AFTER.into()];
+            assert_eq!(super::known(&listed), vec![super::START_AFTER.to_owned()]);
+            assert!(super::known(&[]).is_empty());
+        }
+    }
+}
+
+impl Member {
+    /// Whether the node's build has `feature`.
+    pub fn has(&self, feature: &str) -> bool {
+        self.features.iter().any(|item| item == feature)
+    }
 }
 
 fn is_zero(value: &u64) -> bool {
@@ -308,6 +351,14 @@ pub struct Assignment {
     /// whose stop grace and `on_disconnect` govern if it falls silent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<Holder>,
+    /// With `assigned`: the nodes among `holders` whose word the assigned node waits for
+    /// before it starts the task (a hand-off in one hop: the old node's `stopped` status goes
+    /// straight to the new node). The leader names only a node whose heartbeat lists the
+    /// `start_after` feature. A node leaves the list once the leader reads its word, or reads
+    /// the assigned node's status for this generation or a later one (it started, so it read
+    /// every word), or once the node must have fenced itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<NodeId>,
 }
 
 /// A copy of a task a node may still run (see [`Assignment::holders`]).
@@ -413,6 +464,11 @@ pub struct TaskStatus {
     /// moved to another node.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub permanent: bool,
+    /// The nodes whose word this node read before it started this copy: the `after` of the
+    /// assignment it started under. Its status overwrites theirs (one status key per task), so
+    /// it carries their word on: each of those copies was gone before this one started.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<NodeId>,
 }
 
 /// Why a record was skipped.

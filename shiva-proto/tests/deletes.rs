@@ -45,6 +45,7 @@ fn only_a_deleted_record_of_the_leader_deletes_a_leader_owned_key() {
         failed_on: vec![],
         retry_at_ms: None,
         holders: vec![],
+        after: Vec::new(),
     };
     let status = TaskStatus {
         task: task.clone(),
@@ -57,6 +58,7 @@ fn only_a_deleted_record_of_the_leader_deletes_a_leader_owned_key() {
         last_exit: None,
         message: None,
         permanent: false,
+        after: Vec::new(),
     };
     let request = Uuid::new_v4();
     let records = [

@@ -106,6 +106,7 @@ fn member() -> impl Strategy<Value = Member> {
             runner,
             leader_capable,
             returns: incarnation.as_u128() as u64 % 3,
+            features: Vec::new(),
         })
 }
 
@@ -145,6 +146,7 @@ fn body() -> impl Strategy<Value = Body> {
                             load1: 0.5,
                         },
                         runs: vec![RunSummary { task, generation, pid: Some(42) }],
+                        features: Vec::new(),
                     })
                 }
             ),
@@ -174,6 +176,7 @@ fn body() -> impl Strategy<Value = Body> {
                     })
                     .into_iter()
                     .collect(),
+                after: Vec::new(),
             })
         ),
         (
@@ -198,6 +201,7 @@ fn body() -> impl Strategy<Value = Body> {
                     last_exit: code.map(|code| ExitInfo { code: Some(code), signal: None }),
                     message,
                     permanent: state == RunState::Failed && attempt % 2 == 1,
+                    after: Vec::new(),
                 }
             )),
     ]

@@ -10,7 +10,10 @@
 //!   fence timeout + the copy's stop grace + margin); a copy that rides out disconnections
 //!   (`keep`) is released at once only for a revision that does too, and otherwise waits for
 //!   the node's word or its departure;
-//! * while a copy is held, the task's placement names that node or nobody.
+//! * while a copy is held, the task's placement names that node, nobody, or a node told to
+//!   wait for that node's word (`after`) before it starts: the word then reaches it in one
+//!   hop; a node carries on the words it started after (its status's `after`), since its own
+//!   status overwrites them (one status key per task).
 
 use std::time::Duration;
 
@@ -65,10 +68,41 @@ pub fn merge(a: &Holder, b: &Holder) -> Holder {
     }
 }
 
-/// The node's word about `task`'s copy.
+/// The node's word about `task`'s copy: its own status for a generation at or past the
+/// holder's `since`, or the word another node carries on (its copy started, for such a
+/// generation, after it read that this one was gone: the status's `after`).
 pub fn word_for(view: &LogView, task: &shiva_proto::TaskId, holder: &Holder) -> Option<RunState> {
     let status = view.statuses.get(task)?;
-    (status.node == holder.node && status.status.generation >= holder.since).then_some(status.status.state)
+    if status.status.generation < holder.since {
+        return None;
+    }
+    if status.node == holder.node {
+        return Some(status.status.state);
+    }
+    status.status.after.contains(&holder.node).then_some(RunState::Stopped)
+}
+
+/// The first node `assignment` tells `me` to wait for (its `after`) whose copy of `task` is not
+/// said gone yet.
+pub fn waiting_for<'a>(
+    view: &LogView,
+    task: &shiva_proto::TaskId,
+    assignment: &'a Assignment,
+    me: &NodeId,
+) -> Option<&'a NodeId> {
+    assignment.after.iter().filter(|node| *node != me).find(|node| {
+        // A node named without a holder (never written by a leader): its word counts from the
+        // record's own generation.
+        let listed = assignment.holders.iter().find(|holder| holder.node == **node);
+        let holder = listed.cloned().unwrap_or_else(|| Holder {
+            node: (*node).clone(),
+            since: assignment.generation,
+            stop_grace_ms: 0,
+            keep: false,
+            exclusive: true,
+        });
+        !said_gone(word_for(view, task, &holder))
+    })
 }
 
 /// Whether the copy is gone for good (its node said so).
@@ -127,5 +161,103 @@ pub fn waiting_reason(holder: &Holder, live: &[Member]) -> String {
         )
     } else {
         format!("handing off: waiting for {node} (silent) to fence itself")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shiva_proto::TaskId;
+    use shiva_proto::records::TaskStatus;
+    use shiva_proto::view::{AssignmentEntry, StatusEntry};
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn node(name: &str) -> NodeId {
+        NodeId::new(name).unwrap()
+    }
+
+    /// A view where `t` is assigned to n2 at generation 5, told to wait for n0 (copy since 4).
+    fn handing_off() -> (LogView, TaskId) {
+        let task = TaskId::new("t").unwrap();
+        let spec = TaskSpec::new(task.clone(), "sleep", vec!["9".into()]);
+        let mut holder = holder_for(&node("n0"), 4, &spec);
+        holder.stop_grace_ms = 8_000;
+        let assignment = Assignment {
+            epoch: 1,
+            task: task.clone(),
+            generation: 5,
+            spec_revision: 3,
+            placement: Placement::Assigned { node: node("n2") },
+            spec,
+            failed_on: Vec::new(),
+            retry_at_ms: None,
+            holders: vec![holder],
+            after: vec![node("n0")],
+        };
+        let mut view = LogView::default();
+        view.assignments.insert(task.clone(), AssignmentEntry { assignment, offset: 7 });
+        (view, task)
+    }
+
+    fn status(
+        view: &mut LogView,
+        task: &TaskId,
+        from: &str,
+        generation: u64,
+        state: RunState,
+        after: &[&str],
+    ) {
+        let status = TaskStatus {
+            task: task.clone(),
+            generation,
+            state,
+            run_id: None,
+            pid: None,
+            attempt: 0,
+            restarts: 0,
+            last_exit: None,
+            message: None,
+            permanent: false,
+            after: after.iter().map(|name| node(name)).collect(),
+        };
+        let entry = StatusEntry { node: node(from), incarnation: Uuid::nil(), offset: 1, status };
+        view.statuses.insert(task.clone(), entry);
+    }
+
+    #[test]
+    fn the_new_node_waits_for_the_old_nodes_word_for_the_hand_off() {
+        let (mut view, task) = handing_off();
+        let assignment = view.assignments[&task].assignment.clone();
+        let me = node("n2");
+        assert_eq!(waiting_for(&view, &task, &assignment, &me), Some(&node("n0")), "no word yet");
+        // Running, or stopped for an earlier hand-off (generation 3 < since 4): still waiting.
+        status(&mut view, &task, "n0", 4, RunState::Running, &[]);
+        assert!(waiting_for(&view, &task, &assignment, &me).is_some());
+        status(&mut view, &task, "n0", 3, RunState::Stopped, &[]);
+        assert!(waiting_for(&view, &task, &assignment, &me).is_some());
+        // Another node's status that does not carry n0's word: still waiting.
+        status(&mut view, &task, "n1", 9, RunState::Running, &[]);
+        assert!(waiting_for(&view, &task, &assignment, &me).is_some());
+        // n0's word for the hand-off.
+        status(&mut view, &task, "n0", 5, RunState::Stopped, &[]);
+        assert_eq!(waiting_for(&view, &task, &assignment, &me), None);
+        status(&mut view, &task, "n0", 4, RunState::Failed, &[]);
+        assert_eq!(waiting_for(&view, &task, &assignment, &me), None);
+    }
+
+    #[test]
+    fn a_status_that_started_after_the_word_carries_it_on() {
+        let (mut view, task) = handing_off();
+        let assignment = view.assignments[&task].assignment.clone();
+        let n0 = &assignment.holders[0];
+        // n2 started after n0's word; its status overwrote that word.
+        status(&mut view, &task, "n2", 5, RunState::Running, &["n0"]);
+        assert_eq!(word_for(&view, &task, n0), Some(RunState::Stopped));
+        assert!(gone(&view, &task, n0, &[], &|_, _| true));
+        assert_eq!(waiting_for(&view, &task, &assignment, &node("n2")), None, "a restarted n2 starts again");
+        // Carried for an earlier hand-off (before n0's copy of `since`): not this word.
+        status(&mut view, &task, "n2", 3, RunState::Running, &["n0"]);
+        assert_eq!(word_for(&view, &task, n0), None);
     }
 }

@@ -69,6 +69,8 @@ struct Copy {
     keep: bool,
     /// Asked to stop: gone at the node's next step.
     stopping: bool,
+    /// The nodes whose word it started after (carried on its statuses).
+    after: Vec<NodeId>,
 }
 
 /// Node `i`'s tags: n0 `a`, n1 `b`, n2 both.
@@ -98,6 +100,8 @@ struct Sim {
     /// copy while that is below a 3 s fence timeout + the copy's stop grace + 1 s (the mask's
     /// bits 3–5 are then ignored).
     silent_for: Option<std::time::Duration>,
+    /// Whether the nodes' heartbeats list `start_after` (hand-offs in one hop).
+    start_after: bool,
 }
 
 impl Sim {
@@ -113,6 +117,7 @@ impl Sim {
             own: BTreeMap::new(),
             now_ms: 0,
             silent_for: None,
+            start_after: true,
         }
     }
 
@@ -141,6 +146,10 @@ impl Sim {
 
     fn lead(&mut self, mask: u8) {
         let Some((epoch, index)) = self.leader_index() else { return };
+        let features = match self.start_after {
+            true => vec![shiva_proto::records::feature::START_AFTER.to_owned()],
+            false => Vec::new(),
+        };
         let live: Vec<Member> = self
             .nodes
             .iter()
@@ -154,6 +163,7 @@ impl Sim {
                 runner: true,
                 leader_capable: true,
                 returns: 0,
+                features: features.clone(),
             })
             .collect();
         let fencing: Vec<NodeId> = (0..self.nodes.len())
@@ -186,6 +196,8 @@ impl Sim {
                 && let Some(from) = self.view.assigned_node(&assignment.task)
                 && fencing.contains(from)
                 && matches!(&assignment.placement, Placement::Assigned { node } if node != from)
+                // Told to wait for that node's word, the new node does not start meanwhile.
+                && !assignment.after.contains(from)
                 // Copies that both ride out disconnections may run side by side.
                 && !(keep(&assignment.spec) && keep(&self.view.assignments[&assignment.task].assignment.spec))
             {
@@ -212,10 +224,11 @@ impl Sim {
                 ),
             };
             let copies = self.copies.clone();
-            let holds = |task: &TaskId| copies.contains_key(&(i, task.clone()));
+            // As the driver's `Supervisor::runs`: a job being stopped does not count.
+            let holds = |task: &TaskId| copies.get(&(i, task.clone())).is_some_and(|copy| !copy.stopping);
             let wanted = crate::runner::wanted(&self.view, &me, standing, &holds);
             let mut statuses = Vec::new();
-            let status = |task: &TaskId, generation: u64, state: RunState| TaskStatus {
+            let status = |task: &TaskId, generation: u64, state: RunState, after: &[NodeId]| TaskStatus {
                 task: task.clone(),
                 generation,
                 state,
@@ -226,17 +239,18 @@ impl Sim {
                 last_exit: None,
                 message: None,
                 permanent: false,
+                after: after.to_vec(),
             };
             for ((node, task), copy) in copies.iter().filter(|((node, _), _)| *node == i) {
                 let want = wanted.get(task);
                 if copy.stopping {
                     self.copies.remove(&(*node, task.clone()));
-                    statuses.push(status(task, copy.generation, RunState::Stopped));
+                    statuses.push(status(task, copy.generation, RunState::Stopped, &copy.after));
                 } else if want.is_none_or(|want| want.spec_revision != copy.revision) {
                     self.copies.get_mut(&(*node, task.clone())).unwrap().stopping = true;
                 } else if let Some(want) = want.filter(|want| want.generation != copy.generation) {
                     self.copies.get_mut(&(*node, task.clone())).unwrap().generation = want.generation;
-                    statuses.push(status(task, want.generation, RunState::Running));
+                    statuses.push(status(task, want.generation, RunState::Running, &copy.after));
                 }
             }
             for (task, want) in &wanted {
@@ -250,10 +264,15 @@ impl Sim {
                             .push(format!("{task} started on n{i} while n{other} holds a copy {copy:?}"));
                     }
                 }
-                let copy =
-                    Copy { generation: want.generation, revision: want.spec_revision, keep, stopping: false };
+                let copy = Copy {
+                    generation: want.generation,
+                    revision: want.spec_revision,
+                    keep,
+                    stopping: false,
+                    after: want.after.clone(),
+                };
                 self.copies.insert((i, task.clone()), copy);
-                statuses.push(status(task, want.generation, RunState::Running));
+                statuses.push(status(task, want.generation, RunState::Running, &want.after));
             }
             let copies = self.copies.clone();
             let holds = |task: &TaskId| copies.contains_key(&(i, task.clone()));
@@ -339,6 +358,7 @@ impl Sim {
                     failed_on: vec![],
                     retry_at_ms: None,
                     holders: vec![],
+                    after: Vec::new(),
                 };
                 let value = self.env(node, Body::Assignment(assignment));
                 self.append(TopicKind::Assignments, key::task(&Self::task(*t)), Some(value));
@@ -514,6 +534,7 @@ fn a_service_that_failed_on_its_node_moves_after_a_back_off_unless_the_failure_i
             last_exit: None,
             message: Some("restarted 5 times within 2m".into()),
             permanent,
+            after: Vec::new(),
         };
         let value = sim.env(index, Body::Status(status));
         sim.append(TopicKind::Status, key::task(&task), Some(value));
@@ -648,31 +669,64 @@ fn running_on_n0(grace_s: u64, keep: bool) -> Sim {
     sim
 }
 
+fn after_of(sim: &Sim, t: u8) -> Vec<String> {
+    sim.view.assignments[&Sim::task(t)].assignment.after.iter().map(ToString::to_string).collect()
+}
+
+fn holders_in_record(sim: &Sim, t: u8) -> Vec<String> {
+    let assignment = &sim.view.assignments[&Sim::task(t)].assignment;
+    assignment.holders.iter().map(|holder| holder.node.to_string()).collect()
+}
+
 #[test]
 fn a_retag_hands_off_only_once_the_old_copy_is_gone() {
-    let mut sim = running_on_n0(8, false);
-    sim.submit(spec_of(1, &["b"], 8, false));
-    sim.lead(0b111);
-    assert!(
-        matches!(sim.placement(1), Placement::Pending { reason } if reason.contains("waiting for n0")),
-        "{:?}",
-        sim.placement(1)
-    );
-    // n0 is asked to stop (a stop takes a step); nobody starts it meanwhile.
-    sim.runners(0b111);
-    sim.lead(0b111);
-    assert_eq!(sim.holders_of(1), vec![0], "still stopping on n0");
-    assert!(matches!(sim.placement(1), Placement::Pending { .. }));
-    sim.settle(3);
-    assert!(matches!(sim.placement(1), Placement::Assigned { node } if node.as_str() != "n0"));
-    assert_eq!(sim.holders_of(1).len(), 1);
-    assert!(sim.holders_of(1) != vec![0]);
+    for one_hop in [true, false] {
+        let mut sim = running_on_n0(8, false);
+        sim.start_after = one_hop;
+        sim.submit(spec_of(1, &["b"], 8, false));
+        sim.lead(0b111);
+        if one_hop {
+            // Assigned at once, told to wait for n0's word.
+            assert!(matches!(sim.placement(1), Placement::Assigned { node } if node.as_str() != "n0"));
+            assert_eq!(after_of(&sim, 1), vec!["n0"]);
+        } else {
+            assert!(
+                matches!(sim.placement(1), Placement::Pending { reason } if reason.contains("waiting for n0")),
+                "{:?}",
+                sim.placement(1)
+            );
+        }
+        // n0 is asked to stop (a stop takes a step); nobody starts it meanwhile.
+        sim.runners(0b111);
+        sim.lead(0b111);
+        assert_eq!(sim.holders_of(1), vec![0], "one_hop={one_hop}: still stopping on n0");
+        // n0's copy goes: with one hop its word alone starts the new copy, no leader step between.
+        sim.runners(0b111);
+        assert!(sim.doubled.is_empty(), "{:?}", sim.doubled);
+        if one_hop {
+            assert_eq!(sim.holders_of(1), vec![2], "started on n2 right after n0's word");
+            // n2's status overwrote n0's word; it carries it on, so the leader lets n0 go.
+            let status = &sim.view.statuses[&Sim::task(1)];
+            assert_eq!(status.node.as_str(), "n2");
+            sim.lead(0b111);
+            assert_eq!(after_of(&sim, 1), Vec::<String>::new());
+            assert_eq!(holders_in_record(&sim, 1), Vec::<String>::new());
+        } else {
+            assert_eq!(sim.holders_of(1), Vec::<usize>::new(), "two hops: the leader places it next");
+        }
+        sim.settle(3);
+        assert!(matches!(sim.placement(1), Placement::Assigned { node } if node.as_str() != "n0"));
+        assert_eq!(sim.holders_of(1).len(), 1);
+        assert!(sim.holders_of(1) != vec![0]);
+        assert_eq!(after_of(&sim, 1), Vec::<String>::new());
+    }
 }
 
 #[test]
 fn kill_then_start_and_delete_then_submit_wait_for_the_old_copy() {
-    for delete in [false, true] {
+    for (delete, one_hop) in [(false, true), (true, true), (false, false), (true, false)] {
         let mut sim = running_on_n0(8, false);
+        sim.start_after = one_hop;
         if delete {
             sim.append(TopicKind::Commands, key::task(&Sim::task(1)), None);
         } else {
@@ -688,14 +742,35 @@ fn kill_then_start_and_delete_then_submit_wait_for_the_old_copy() {
             sim.submit(spec_of(1, &["b"], 8, false));
         }
         sim.lead(0b111);
-        assert!(
-            matches!(sim.placement(1), Placement::Pending { .. }),
-            "delete={delete}: {:?}",
-            sim.placement(1)
-        );
+        if one_hop {
+            assert_eq!(after_of(&sim, 1), vec!["n0"], "delete={delete}: {:?}", sim.placement(1));
+        } else {
+            assert!(
+                matches!(sim.placement(1), Placement::Pending { .. }),
+                "delete={delete}: {:?}",
+                sim.placement(1)
+            );
+        }
         sim.settle(4);
         assert!(matches!(sim.placement(1), Placement::Assigned { node } if node.as_str() != "n0"));
+        assert_eq!(after_of(&sim, 1), Vec::<String>::new());
     }
+}
+
+#[test]
+fn a_node_without_start_after_is_never_told_to_wait() {
+    // A node whose build does not list `start_after` would start at once: it is assigned only
+    // once the old copy is gone.
+    let mut sim = running_on_n0(8, false);
+    sim.start_after = false;
+    sim.submit(spec_of(1, &["b"], 8, false));
+    for _ in 0..6 {
+        sim.lead(0b111);
+        assert_eq!(after_of(&sim, 1), Vec::<String>::new());
+        sim.runners(0b111);
+        assert!(sim.doubled.is_empty(), "{:?}", sim.doubled);
+    }
+    assert!(matches!(sim.placement(1), Placement::Assigned { node } if node.as_str() != "n0"));
 }
 
 #[test]

@@ -684,6 +684,7 @@ mod tests {
             last_exit: None,
             message: None,
             permanent: false,
+            after: Vec::new(),
         };
         let mut own = OwnStatus::default();
         assert_eq!(own.retry_after_failure(&task, false), None, "nothing of this task was written");

@@ -183,6 +183,7 @@ mod tests {
             runner: true,
             leader_capable: true,
             returns,
+            features: Vec::new(),
         };
         let members = |nodes| Members { epoch: 3, nodes };
         assert!(!returned_confirmed(None, &me, incarnation, 0), "no leader view yet");

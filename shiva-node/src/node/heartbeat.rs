@@ -140,6 +140,7 @@ pub fn build(
         returns,
         resources,
         runs,
+        features: shiva_proto::records::feature::ALL.iter().map(|name| (*name).to_owned()).collect(),
     }
 }
 

@@ -114,6 +114,7 @@ impl Sim {
                 runner: true,
                 leader_capable: true,
                 returns: 0,
+                features: vec![shiva_proto::records::feature::START_AFTER.to_owned()],
             })
             .collect()
     }

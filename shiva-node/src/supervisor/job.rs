@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shiva_proto::records::{ExitInfo, RunState, TaskStatus};
-use shiva_proto::{TaskId, TaskSpec};
+use shiva_proto::{NodeId, TaskId, TaskSpec};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -51,6 +51,7 @@ struct Run {
     restarts: u32,
     last_exit: Option<ExitInfo>,
     permanent: bool,
+    after: Vec<NodeId>,
 }
 
 impl Run {
@@ -66,6 +67,7 @@ impl Run {
             last_exit: self.last_exit,
             message,
             permanent: self.permanent,
+            after: self.after.clone(),
         });
     }
 }
@@ -75,13 +77,14 @@ pub fn start(
     context: Arc<JobContext>,
     spec: TaskSpec,
     generation: Arc<std::sync::atomic::AtomicU64>,
+    after: Vec<NodeId>,
 ) -> (mpsc::UnboundedSender<JobControl>, JoinHandle<()>) {
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let task = spec.id.clone();
     let current = generation.clone();
     let generation = generation.load(std::sync::atomic::Ordering::Relaxed);
     let reports = context.reports.clone();
-    let job = tokio::spawn(run(context, spec, generation, control_rx));
+    let job = tokio::spawn(run(context, spec, generation, after.clone(), control_rx));
     // A panic in the job fails this task on this node for good ("internal error: …",
     // permanent, so the leader leaves it there), never the node.
     let handle = tokio::spawn(async move {
@@ -102,6 +105,7 @@ pub fn start(
                 last_exit: None,
                 message: Some(reason),
                 permanent: true,
+                after,
             });
         }
     });
@@ -175,6 +179,7 @@ async fn run(
     context: Arc<JobContext>,
     spec: TaskSpec,
     generation: u64,
+    after: Vec<NodeId>,
     mut control: mpsc::UnboundedReceiver<JobControl>,
 ) {
     crate::fault::hook(crate::fault::Stage::Run, &spec.id);
@@ -187,6 +192,7 @@ async fn run(
         restarts: 0,
         last_exit: None,
         permanent: false,
+        after,
     };
     let mut restarts = Restarts::new(&spec);
     loop {

@@ -11,7 +11,7 @@ pub mod spawn;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use shiva_proto::{TaskId, TaskSpec};
+use shiva_proto::{NodeId, TaskId, TaskSpec};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::info;
@@ -27,6 +27,9 @@ pub struct Wanted {
     pub spec_revision: i64,
     /// The spec.
     pub spec: TaskSpec,
+    /// The nodes whose word that their copy is gone was read before a start (the assignment's
+    /// `after`): the job's statuses carry them.
+    pub after: Vec<NodeId>,
 }
 
 struct Job {
@@ -109,8 +112,12 @@ impl Supervisor {
                 None if self.stopping.contains_key(task) => {}
                 None => {
                     let shared_generation = Arc::new(std::sync::atomic::AtomicU64::new(want.generation));
-                    let (control, handle) =
-                        job::start(self.context.clone(), want.spec.clone(), shared_generation.clone());
+                    let (control, handle) = job::start(
+                        self.context.clone(),
+                        want.spec.clone(),
+                        shared_generation.clone(),
+                        want.after.clone(),
+                    );
                     let job = Job {
                         generation: want.generation,
                         shared_generation,

@@ -204,6 +204,7 @@ impl TaskSpec {
                 };
                 2
             ],
+            after: Vec::new(),
         });
         let intent = Body::RunIntent(RunIntent {
             epoch: u64::MAX,

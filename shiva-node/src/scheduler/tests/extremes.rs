@@ -260,6 +260,7 @@ proptest! {
             returns: u64::MAX,
             resources: Resources::default(),
             runs: vec![],
+            features: Vec::new(),
         };
         membership.on_heartbeat(&other, Uuid::new_v4(), &heartbeat);
         let interval = Duration::from_millis(interval_ms.clamp(1, 10_000));
