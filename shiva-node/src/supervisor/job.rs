@@ -212,7 +212,9 @@ async fn run(
             Ok(mut handle) => {
                 let pid = handle.pid;
                 run.pid = Some(pid);
-                info!(task = %spec.id, pid, attempt = run.attempt, generation = run.generation, "task started");
+                // How long the shim took to start it (cgroup moves, exec): part of every start.
+                let launch_ms = started.elapsed().as_secs_f64() * 1e3;
+                info!(task = %spec.id, pid, attempt = run.attempt, generation = run.generation, launch_ms, "task started");
                 run.report(&context, RunState::Running, None);
                 let ended = loop {
                     tokio::select! {
