@@ -1,6 +1,7 @@
 //! The runner's decisions, pure:
-//! * which services this node runs ([`wanted`]): those assigned to it, of a defined task, once
-//!   every node its assignment says to wait for (`after`) reported its copy gone; while
+//! * which services this node runs ([`wanted`]): those assigned to it, of a defined task, started
+//!   once every node its assignment says to wait for (`after`) reported its copy gone (staged
+//!   until then); while
 //!   cut off only those that ride out a disconnection; back from its fence, nothing exclusive
 //!   starts before the leader acknowledged the return (what still runs goes on);
 //! * which hand-offs it answers ([`releases`]): for a task taken away from it whose copy is
@@ -52,18 +53,17 @@ pub fn wanted(
             let keep = entry.assignment.spec.on_disconnect == OnDisconnect::Keep;
             keep || (!standing.fenced && (standing.may_start_exclusive || holds(task)))
         })
-        // Handed off to this node: it starts once each node named in `after` said its copy is
-        // gone (what already runs here goes on).
-        .filter(|(task, entry)| {
-            holds(task) || handoff::waiting_for(view, task, &entry.assignment, me).is_none()
-        })
         .map(|(task, entry)| {
             let assignment = &entry.assignment;
+            // Handed off to this node: it starts once each node named in `after` said its copy
+            // is gone (what already runs here goes on); meanwhile the start is staged.
+            let start = holds(task) || handoff::waiting_for(view, task, assignment, me).is_none();
             let wanted = Wanted {
                 generation: assignment.generation,
                 spec_revision: assignment.spec_revision,
                 spec: assignment.spec.clone(),
                 after: assignment.after.iter().filter(|node| *node != me).cloned().collect(),
+                start,
             };
             (task.clone(), wanted)
         })

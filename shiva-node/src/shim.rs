@@ -57,12 +57,19 @@ pub struct ShimConfig {
     /// task starts in them too.
     #[serde(default)]
     pub limit_cgroups: Vec<PathBuf>,
+    /// A staged start: everything is made ready (cgroups entered, limits set), the shim says
+    /// `ready` and starts the task only when the node writes `go`; `stop`, a closed pipe or
+    /// the lease running out first end the shim with nothing started.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
 }
 
 /// What the shim tells the node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ShimEvent {
+    /// A staged start is ready: the task starts at `go`.
+    Ready,
     /// The task runs as `pid` (also its process group).
     Started {
         /// Task pid.
@@ -164,21 +171,37 @@ pub fn main(legacy: Option<&str>) -> u8 {
             None => {}
         }
     }
-    let child = apply_limits(&config.run).and_then(|()| spawn(&config));
-    for home in &homes {
-        // Back out: the task (forked meanwhile) stays in the run's cgroups, the shim does not.
-        let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
+    let back_out = |homes: &[PathBuf]| {
+        for home in homes {
+            // Back out: the task (forked meanwhile) stays in the run's cgroups, the shim does not.
+            let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
+        }
+    };
+    let mut input = input;
+    if config.hold {
+        emit(&ShimEvent::Ready);
+        if let Err(reason) = hold(&config, &mut input) {
+            back_out(&homes);
+            clear_cgroups(&config);
+            emit(&ShimEvent::Exited { code: None, signal: None, stopped: Some(reason) });
+            return 0;
+        }
     }
+    let child = apply_limits(&config.run).and_then(|()| spawn(&config));
     let spawned = match child {
         Ok(spawned) => spawned,
         Err(err) => {
+            back_out(&homes);
             emit(&ShimEvent::Failed { error: format!("failed to start '{}': {err}", config.run.program) });
             clear_cgroups(&config);
             return 0;
         }
     };
     let (pid, mut capture) = (spawned.pid, spawned.capture);
+    // Said before the shim backs out of the run's cgroups: a move can wait for the kernel
+    // (see `tree::favours_dynmods`), the task runs already.
     emit(&ShimEvent::Started { pid });
+    back_out(&homes);
     let (status, stopped) = supervise(&config, pid, &mut capture, input);
     // The task is over: nothing it started may outlive it.
     kill_rest(&config, pid);
@@ -289,6 +312,46 @@ fn spawn(config: &ShimConfig) -> std::io::Result<Spawned> {
     // Reaped below with waitpid, like every other descendant.
     std::mem::forget(child);
     Ok(Spawned { pid, capture })
+}
+
+/// A staged start waits for the node's `go` (`Ok`), keeping its lease; `Err` says why it ends
+/// without starting anything: `stop`, the node gone, or the lease run out. Lines after `go`
+/// stay in `input` for the supervision that follows.
+fn hold(config: &ShimConfig, input: &mut Vec<u8>) -> Result<(), String> {
+    let mut deadline = config.lease_ms.map_or(i64::MAX, |lease| after_ms(boottime_ms(), lease));
+    let stdin = std::io::stdin();
+    loop {
+        while let Some(end) = input.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = input.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next().and_then(|ms| ms.parse::<u64>().ok())) {
+                (Some("go"), _) => return Ok(()),
+                (Some("renew"), Some(ms)) if config.lease_ms.is_some() => {
+                    deadline = after_ms(boottime_ms(), ms)
+                }
+                (Some("stop"), _) => {
+                    let reason = line.trim().strip_prefix("stop").unwrap_or("").trim();
+                    return Err(if reason.is_empty() { "stopped by the node".into() } else { reason.into() });
+                }
+                _ => {}
+            }
+        }
+        let now = boottime_ms();
+        if now >= deadline {
+            return Err("the node's lease ran out".into());
+        }
+        let wait = (deadline - now).clamp(1, 60_000) as i32;
+        let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX));
+        if fds[0].revents().is_some_and(|events| !events.is_empty()) {
+            let mut buf = [0u8; 512];
+            match stdin.lock().read(&mut buf) {
+                Ok(0) | Err(_) => return Err("the node is gone".into()),
+                Ok(n) => input.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
 }
 
 /// Child exits as a file descriptor: SIGCHLD is blocked (after the task was forked, so the task

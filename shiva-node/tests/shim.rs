@@ -130,7 +130,7 @@ async fn stop_takes_a_setsid_daemon_with_it() {
     let dir = workspace("stop");
     let (lease, _healthy) = renewed_lease(Duration::from_secs(3));
     let shims = launcher(&dir, Duration::from_secs(3), lease);
-    let mut run = shims.launch(escaping_task(&dir), &options("r1", 500)).await.unwrap();
+    let mut run = shims.launch(escaping_task(&dir), &options("r1", 500), None).await.unwrap();
     let pids = three_pids(&dir).await;
     run.stop("test");
     let ended = run.wait().await;
@@ -140,12 +140,63 @@ async fn stop_takes_a_setsid_daemon_with_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_start_starts_nothing_before_its_go() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = workspace("staged");
+    // A lease shorter than the wait: renewals keep the staged shim too.
+    let (lease, _healthy) = renewed_lease(Duration::from_millis(600));
+    let shims = Arc::new(launcher(&dir, Duration::from_millis(600), lease));
+    let (go, went) = tokio::sync::oneshot::channel();
+    let launching = {
+        let shims = shims.clone();
+        let request = escaping_task(&dir);
+        tokio::spawn(async move { shims.launch(request, &options("s1", 500), Some(went)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!dir.join("pids").exists(), "nothing started before the go");
+    assert!(!launching.is_finished(), "the launch waits for its go");
+    assert_eq!(std::fs::read_dir(records(&dir)).unwrap().count(), 1, "the staged shim is recorded");
+    let went_at = Instant::now();
+    go.send(()).unwrap();
+    let mut run = launching.await.unwrap().expect("started at the go");
+    let pids = three_pids(&dir).await;
+    assert!(went_at.elapsed() < Duration::from_secs(2));
+    run.stop("test");
+    run.wait().await;
+    all_gone(&pids).await;
+    assert_eq!(std::fs::read_dir(records(&dir)).unwrap().count(), 0, "record removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_start_called_off_leaves_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = workspace("called-off");
+    let (lease, _healthy) = renewed_lease(Duration::from_secs(3));
+    let shims = Arc::new(launcher(&dir, Duration::from_secs(3), lease));
+    let (go, went) = tokio::sync::oneshot::channel::<()>();
+    let launching = {
+        let shims = shims.clone();
+        let request = escaping_task(&dir);
+        tokio::spawn(async move { shims.launch(request, &options("s2", 500), Some(went)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let shim_pids: Vec<u32> = shiva_node::tree::children(std::process::id()).into_iter().collect();
+    assert!(!shim_pids.is_empty(), "the staged shim runs");
+    drop(go);
+    let err = launching.await.unwrap().expect_err("called off");
+    assert_eq!(err.kind(), std::io::ErrorKind::Interrupted, "{err}");
+    assert!(!dir.join("pids").exists(), "nothing started");
+    assert_eq!(std::fs::read_dir(records(&dir)).unwrap().count(), 0, "record removed");
+    all_gone(&shim_pids.iter().map(|pid| *pid as i32).collect::<Vec<_>>()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_not_renewed_stops_the_run() {
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = workspace("lease");
     let (lease, healthy) = renewed_lease(Duration::from_millis(600));
     let shims = launcher(&dir, Duration::from_millis(600), lease);
-    let mut run = shims.launch(escaping_task(&dir), &options("r2", 200)).await.unwrap();
+    let mut run = shims.launch(escaping_task(&dir), &options("r2", 200), None).await.unwrap();
     let pids = three_pids(&dir).await;
     // Renewed while healthy: still running well past one lease.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -163,7 +214,7 @@ async fn a_killed_shim_leaves_nothing_behind() {
     let dir = workspace("kill9");
     let (lease, _healthy) = renewed_lease(Duration::from_secs(3));
     let shims = launcher(&dir, Duration::from_secs(3), lease);
-    let mut run = shims.launch(escaping_task(&dir), &options("r3", 500)).await.unwrap();
+    let mut run = shims.launch(escaping_task(&dir), &options("r3", 500), None).await.unwrap();
     let pids = three_pids(&dir).await;
     let shim: i32 = std::fs::read_dir(records(&dir))
         .unwrap()
@@ -189,7 +240,7 @@ async fn leftovers_of_an_earlier_node_are_stopped_by_their_records() {
     let dir = workspace("leftovers");
     let (lease, _healthy) = renewed_lease(Duration::from_secs(30));
     let shims = launcher(&dir, Duration::from_secs(30), lease);
-    let run = shims.launch(escaping_task(&dir), &options("r4", 500)).await.unwrap();
+    let run = shims.launch(escaping_task(&dir), &options("r4", 500), None).await.unwrap();
     let pids = three_pids(&dir).await;
     // The "earlier node" forgets its run without stopping it; a record whose pid is reused by
     // another process (a different start time) must not be killed.
@@ -211,12 +262,12 @@ async fn a_keep_run_outlives_the_lease_and_a_fenced_node_starts_no_exclusive_run
     let (lease, healthy) = renewed_lease(Duration::from_millis(400));
     let shims = launcher(&dir, Duration::from_millis(400), lease);
     let keep = LaunchOptions { exclusive: false, ..options("r5", 200) };
-    let mut run = shims.launch(escaping_task(&dir), &keep).await.unwrap();
+    let mut run = shims.launch(escaping_task(&dir), &keep, None).await.unwrap();
     let pids = three_pids(&dir).await;
     healthy.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(pids.iter().all(|pid| alive(*pid)), "a keep run rides out the lost lease");
-    let refused = shims.launch(escaping_task(&dir), &options("r6", 200)).await.unwrap_err();
+    let refused = shims.launch(escaping_task(&dir), &options("r6", 200), None).await.unwrap_err();
     assert!(refused.to_string().contains("fenced"), "{refused}");
     run.stop("test");
     run.wait().await;
@@ -235,7 +286,8 @@ async fn the_stop_signal_is_the_tasks() {
         m = marker.display()
     );
     let task = SpawnRequest { args: vec!["-c".into(), script], ..escaping_task(&dir) };
-    let mut run = shims.launch(task, &LaunchOptions { stop_signal: 2, ..options("r7", 3000) }).await.unwrap();
+    let mut run =
+        shims.launch(task, &LaunchOptions { stop_signal: 2, ..options("r7", 3000) }, None).await.unwrap();
     for _ in 0..100 {
         if std::fs::read_to_string(&marker).is_ok_and(|text| text.starts_with("up")) {
             break;
@@ -287,7 +339,7 @@ async fn a_one_mib_environment_runs_and_never_shows_on_a_command_line() {
         user: None,
         rlimits: vec![],
     };
-    let mut run = shims.launch(request, &options("big", 500)).await.expect("the run starts (no E2BIG)");
+    let mut run = shims.launch(request, &options("big", 500), None).await.expect("the run starts (no E2BIG)");
     let mut seen = String::new();
     for _ in 0..250 {
         seen = std::fs::read_to_string(&out).unwrap_or_default();

@@ -54,7 +54,7 @@ fn spec(id: &str, script: &str) -> TaskSpec {
 fn wanted(spec: &TaskSpec) -> BTreeMap<TaskId, Wanted> {
     BTreeMap::from([(
         spec.id.clone(),
-        Wanted { generation: 1, spec_revision: 7, spec: spec.clone(), after: Vec::new() },
+        Wanted { generation: 1, spec_revision: 7, spec: spec.clone(), after: Vec::new(), start: true },
     )])
 }
 
@@ -254,6 +254,46 @@ async fn files_user_rlimits_and_memory_limit_reach_the_run() {
     if as_root {
         let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
         assert_eq!(read("uid").trim(), nobody.uid.to_string());
+    }
+    supervisor.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_job_says_nothing_and_starts_at_once_when_it_may() {
+    let dir = workspace("staged");
+    let (mut supervisor, mut reports) = supervisor(&dir);
+    let out = dir.join("started");
+    let task = spec("t/staged", &format!("date +%s%N > {}; exec sleep 100", out.display()));
+    let mut want = wanted(&task);
+    want.get_mut(&task.id).unwrap().start = false;
+    want.get_mut(&task.id).unwrap().after = vec![shiva_proto::NodeId::new("n0").unwrap()];
+    supervisor.reconcile(&want);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!out.exists(), "a staged job starts nothing");
+    assert!(reports.try_recv().is_err(), "and reports nothing: its status would overwrite n0's word");
+    assert!(!supervisor.runs(&task.id) && !supervisor.holds(&task.id), "it holds no copy");
+    assert_eq!(supervisor.active().count(), 0);
+    // The word came.
+    want.get_mut(&task.id).unwrap().start = true;
+    let go = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    supervisor.reconcile(&want);
+    let starting = next_state(&mut reports, RunState::Running).await;
+    assert_eq!(starting.after, want[&task.id].after, "its statuses carry the word it started after");
+    let started: u128 = wait_for_file(&out).await.trim().parse().unwrap();
+    let took_ms = (started.saturating_sub(go)) as f64 / 1e6;
+    assert!(took_ms < 500.0, "started {took_ms} ms after the go");
+    assert!(supervisor.runs(&task.id));
+    // Staged again, then called off: nothing starts, nothing is said.
+    let other = spec("t/called-off", &format!("touch {}; exec sleep 100", dir.join("never").display()));
+    let mut staged = wanted(&other);
+    staged.get_mut(&other.id).unwrap().start = false;
+    supervisor.reconcile(&staged);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    supervisor.reconcile(&BTreeMap::new());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!dir.join("never").exists());
+    while let Ok(status) = reports.try_recv() {
+        assert_ne!(status.task, other.id, "the called-off job said {status:?}");
     }
     supervisor.stop_all().await;
 }

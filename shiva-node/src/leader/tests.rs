@@ -253,7 +253,8 @@ impl Sim {
                     statuses.push(status(task, want.generation, RunState::Running, &copy.after));
                 }
             }
-            for (task, want) in &wanted {
+            // A staged start (a hand-off still waiting for another node's word) starts nothing.
+            for (task, want) in wanted.iter().filter(|(_, want)| want.start) {
                 if self.copies.contains_key(&(i, task.clone())) {
                     continue;
                 }

@@ -40,6 +40,8 @@ pub enum JobControl {
     Stop,
     /// The assignment's generation changed without changing the spec.
     Generation(u64),
+    /// A staged job starts its task now (ignored by any other).
+    Go,
 }
 
 struct Run {
@@ -78,13 +80,14 @@ pub fn start(
     spec: TaskSpec,
     generation: Arc<std::sync::atomic::AtomicU64>,
     after: Vec<NodeId>,
+    staged: bool,
 ) -> (mpsc::UnboundedSender<JobControl>, JoinHandle<()>) {
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let task = spec.id.clone();
     let current = generation.clone();
     let generation = generation.load(std::sync::atomic::Ordering::Relaxed);
     let reports = context.reports.clone();
-    let job = tokio::spawn(run(context, spec, generation, after.clone(), control_rx));
+    let job = tokio::spawn(run(context, spec, generation, after.clone(), staged, control_rx));
     // A panic in the job fails this task on this node for good ("internal error: …",
     // permanent, so the leader leaves it there), never the node.
     let handle = tokio::spawn(async move {
@@ -180,6 +183,7 @@ async fn run(
     spec: TaskSpec,
     generation: u64,
     after: Vec<NodeId>,
+    mut staged: bool,
     mut control: mpsc::UnboundedReceiver<JobControl>,
 ) {
     crate::fault::hook(crate::fault::Stage::Run, &spec.id);
@@ -199,16 +203,33 @@ async fn run(
         if spec.on_disconnect == OnDisconnect::Stop
             && wait_lease_or_stop(&context, &mut control, &mut run).await
         {
-            run.report(&context, RunState::Stopped, None);
+            // A staged job says nothing: its status would overwrite the words it waits for.
+            if !staged {
+                run.report(&context, RunState::Stopped, None);
+            }
             return;
         }
         run.attempt += 1;
         run.run_id = Some(Uuid::new_v4());
-        run.report(&context, RunState::Starting, None);
+        if !staged {
+            run.report(&context, RunState::Starting, None);
+        }
         let spawn = request(&context, &spec, run.run_id, run.attempt, &[]);
         let name = run.run_id.map(|id| id.to_string()).unwrap_or_default();
-        let started = Instant::now();
-        let (ended, note) = match context.shims.launch(spawn, &launch_options(&spec, &name)).await {
+        let options = launch_options(&spec, &name);
+        let mut started = Instant::now();
+        let launched = if std::mem::take(&mut staged) {
+            match staged_launch(&context, spawn, &options, &mut control, &mut run).await {
+                Some((launched, went)) => {
+                    started = went;
+                    launched
+                }
+                None => return,
+            }
+        } else {
+            context.shims.launch(spawn, &options, None).await
+        };
+        let (ended, note) = match launched {
             Ok(mut handle) => {
                 let pid = handle.pid;
                 run.pid = Some(pid);
@@ -224,6 +245,7 @@ async fn run(
                                 run.generation = generation;
                                 run.report(&context, RunState::Running, None);
                             }
+                            Some(JobControl::Go) => {}
                             Some(JobControl::Stop) | None => {
                                 run.report(&context, RunState::Stopping, None);
                                 run.last_exit = stop_run(&mut handle, "the task is stopping").await;
@@ -273,11 +295,58 @@ async fn run(
                             run.generation = generation;
                             run.report(&context, RunState::Failed, Some(message.clone()));
                         }
+                        Some(JobControl::Go) => {}
                         Some(JobControl::Stop) | None => return,
                     }
                 }
             }
         }
+    }
+}
+
+/// A staged start: the shim is made ready at once and the task starts at the supervisor's
+/// `Go`. Returns the launch and the instant of the go; `None` when a stop came first (nothing
+/// started, nothing to report). A stop after the go stays queued for the run's loop.
+async fn staged_launch(
+    context: &JobContext,
+    spawn: SpawnRequest,
+    options: &LaunchOptions,
+    control: &mut mpsc::UnboundedReceiver<JobControl>,
+    run: &mut Run,
+) -> Option<(std::io::Result<RunHandle>, Instant)> {
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel();
+    let mut go_tx = Some(go_tx);
+    let mut went: Option<Instant> = None;
+    let launch = context.shims.launch(spawn, options, Some(go_rx));
+    tokio::pin!(launch);
+    let launched = loop {
+        tokio::select! {
+            launched = &mut launch => break launched,
+            message = control.recv(), if went.is_none() && go_tx.is_some() => match message {
+                Some(JobControl::Go) => {
+                    let _ = go_tx.take().map(|go| go.send(()));
+                    went = Some(Instant::now());
+                }
+                Some(JobControl::Generation(generation)) => run.generation = generation,
+                // Dropping the sender calls the start off.
+                Some(JobControl::Stop) | None => go_tx = None,
+            },
+        }
+    };
+    if let Some(went) = went {
+        return Some((launched, went));
+    }
+    match launched {
+        Err(err) if err.kind() == std::io::ErrorKind::Interrupted => None,
+        // Staging failed before the go (the shim died, a cgroup could not be made): reported,
+        // and retried, only once the task may start.
+        other => loop {
+            match control.recv().await {
+                Some(JobControl::Go) => return Some((other, Instant::now())),
+                Some(JobControl::Generation(generation)) => run.generation = generation,
+                Some(JobControl::Stop) | None => return None,
+            }
+        },
     }
 }
 
@@ -302,6 +371,7 @@ async fn until_or_stop(
             _ = &mut done => return false,
             message = control.recv() => match message {
                 Some(JobControl::Generation(generation)) => run.generation = generation,
+                Some(JobControl::Go) => {}
                 Some(JobControl::Stop) | None => return true,
             },
         }

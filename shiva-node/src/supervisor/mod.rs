@@ -30,9 +30,15 @@ pub struct Wanted {
     /// The nodes whose word that their copy is gone was read before a start (the assignment's
     /// `after`): the job's statuses carry them.
     pub after: Vec<NodeId>,
+    /// Whether the task may start now. `false`: a hand-off still waits for another node's word;
+    /// the start is staged (its shim made ready, nothing started, nothing reported) so that the
+    /// word, when it comes, starts the task at once.
+    pub start: bool,
 }
 
 struct Job {
+    /// Made ready, not started: it waits for `JobControl::Go`.
+    staged: bool,
     generation: u64,
     /// The same, shared with the job's watcher (it reports a panic under the current one).
     shared_generation: Arc<std::sync::atomic::AtomicU64>,
@@ -59,14 +65,15 @@ impl Supervisor {
         self.context.clone()
     }
 
-    /// Tasks with a job (running, backing off or starting).
+    /// Tasks with a job (running, backing off or starting; not staged).
     pub fn active(&self) -> impl Iterator<Item = &TaskId> {
-        self.jobs.keys()
+        self.jobs.iter().filter(|(_, job)| !job.staged).map(|(task, _)| task)
     }
 
-    /// Whether `task` has a job (running, backing off or starting), not one stopping.
+    /// Whether `task` has a job (running, backing off or starting), not one stopping nor one
+    /// only staged.
     pub fn runs(&self, task: &TaskId) -> bool {
-        self.jobs.contains_key(task)
+        self.jobs.get(task).is_some_and(|job| !job.staged)
     }
 
     /// A job of `task` reported its final state (`stopped`, `failed`): the job is over (its run's
@@ -78,9 +85,9 @@ impl Supervisor {
         self.stopping.remove(task);
     }
 
-    /// Whether `task` has a job or one still stopping.
+    /// Whether `task` has a job (not only staged) or one still stopping.
     pub fn holds(&self, task: &TaskId) -> bool {
-        self.jobs.contains_key(task) || self.stopping.contains_key(task)
+        self.runs(task) || self.stopping.contains_key(task)
     }
 
     /// Starts, stops and updates jobs so that exactly `wanted` run.
@@ -103,6 +110,10 @@ impl Supervisor {
         for (task, want) in wanted {
             match self.jobs.get_mut(task) {
                 Some(job) => {
+                    if job.staged && want.start {
+                        job.staged = false;
+                        let _ = job.control.send(JobControl::Go);
+                    }
                     if job.generation != want.generation {
                         job.generation = want.generation;
                         job.shared_generation.store(want.generation, std::sync::atomic::Ordering::Relaxed);
@@ -117,8 +128,10 @@ impl Supervisor {
                         want.spec.clone(),
                         shared_generation.clone(),
                         want.after.clone(),
+                        !want.start,
                     );
                     let job = Job {
+                        staged: !want.start,
                         generation: want.generation,
                         shared_generation,
                         spec_revision: want.spec_revision,

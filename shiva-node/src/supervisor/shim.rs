@@ -160,8 +160,48 @@ impl ShimLauncher {
         }
     }
 
-    /// Starts `request` under a new shim.
-    pub async fn launch(&self, mut request: SpawnRequest, options: &LaunchOptions) -> io::Result<RunHandle> {
+    /// Holds a staged shim until `go` fires (`Ok`: the shim was told `go`), renewing its lease;
+    /// `go` dropped, the shim gone or its pipe broken: the shim is told to stop (`Err`).
+    async fn hold(
+        &self,
+        mut go: oneshot::Receiver<()>,
+        stdin: &mut tokio::process::ChildStdin,
+        lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+        exclusive: bool,
+    ) -> io::Result<()> {
+        let every = (self.fence_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut renew = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                fired = &mut go => {
+                    if fired.is_ok() {
+                        return stdin.write_all(b"go\n").await;
+                    }
+                    let _ = stdin.write_all(b"stop the staged start was called off\n").await;
+                    return Err(io::Error::new(io::ErrorKind::Interrupted, "the staged start was called off"));
+                }
+                _ = renew.tick(), if exclusive => {
+                    if let Some(left) = self.lease_left() {
+                        let _ = stdin.write_all(format!("renew {}\n", left.as_millis()).as_bytes()).await;
+                    }
+                }
+                event = read_event(lines) => {
+                    let _ = stdin.write_all(b"stop\n").await;
+                    return Err(io::Error::other(format!("the staged run shim ended before its start ({event:?})")));
+                }
+            }
+        }
+    }
+
+    /// Starts `request` under a new shim. With `go`, a staged start: the shim makes everything
+    /// ready, then the task starts when `go` fires; dropped first, nothing starts and the launch
+    /// fails with [`io::ErrorKind::Interrupted`].
+    pub async fn launch(
+        &self,
+        mut request: SpawnRequest,
+        options: &LaunchOptions,
+        go: Option<oneshot::Receiver<()>>,
+    ) -> io::Result<RunHandle> {
         if let Some(user) = &options.user {
             request.user = Some(RunUser::resolve(user).map_err(io::Error::other)?);
         }
@@ -194,6 +234,7 @@ impl ShimLauncher {
             cgroup: cgroup.clone(),
             limit_cgroups: limits.cgroups.clone(),
             log: Some(self.run_log(&options.task, &options.run)),
+            hold: go.is_some(),
         };
         let json = serde_json::to_string(&config).map_err(io::Error::other)?;
         let run_log = config.log.clone();
@@ -221,9 +262,21 @@ impl ShimLauncher {
             let written = stdin.write_all(&line).await;
             (written, read_event(&mut lines).await)
         };
-        let (written, first) = tokio::time::timeout(HANDSHAKE, handshake)
+        let (written, mut first) = tokio::time::timeout(HANDSHAKE, handshake)
             .await
             .unwrap_or_else(|_| (Err(io::Error::other(format!("no answer within {HANDSHAKE:?}"))), None));
+        if let (Some(go), Some(ShimEvent::Ready)) = (go, &first) {
+            first = match self.hold(go, &mut stdin, &mut lines, options.exclusive).await {
+                Ok(()) => tokio::time::timeout(HANDSHAKE, read_event(&mut lines)).await.unwrap_or(None),
+                Err(err) => {
+                    // Nothing was started: the shim backs out and ends; so does its record.
+                    let _ = tokio::time::timeout(HANDSHAKE, child.wait()).await;
+                    clean_after(&record);
+                    let _ = std::fs::remove_file(&record_path);
+                    return Err(err);
+                }
+            };
+        }
         let pid = match first {
             Some(ShimEvent::Started { pid }) => pid,
             Some(ShimEvent::Failed { error }) => {
