@@ -69,11 +69,11 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         if let Isolation::CgroupV2(dir) = &isolation {
             let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
             if crate::tree::favours_dynmods(&mountinfo, dir) == Some(false) {
-                warn!(
+                info!(
                     cgroup = %dir.display(),
-                    "cgroup v2 is mounted without favordynmods: every run start waits for an RCU grace \
-                     period while its shim moves into the run's cgroup (8 to 25 ms measured); see \
-                     docs/operations.md"
+                    "cgroup v2 is mounted without favordynmods: a run start that is not staged waits for \
+                     an RCU grace period while its shim moves into the run's cgroup (8 to 25 ms \
+                     measured); see docs/operations.md"
                 );
             }
         }
