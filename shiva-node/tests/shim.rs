@@ -359,3 +359,44 @@ async fn a_one_mib_environment_runs_and_never_shows_on_a_command_line() {
     run.stop("test");
     run.wait().await;
 }
+
+/// A shim of an older build: it knows nothing of `hold` and starts the task at once.
+fn old_shim(dir: &Path) -> PathBuf {
+    let path = dir.join("old-shim");
+    let script = r#"#!/bin/sh
+read config
+/bin/sleep 100 &
+task=$!
+echo "$task" > "${0%/*}/old-task"
+echo "{\"event\":\"started\",\"pid\":$task}"
+while read line; do
+  case "$line" in stop*) kill "$task"; wait "$task"; echo '{"event":"exited","code":null,"signal":15,"stopped":"stopped"}'; exit 0;; esac
+done
+kill "$task"
+"#;
+    std::fs::write(&path, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_start_on_a_shim_that_starts_at_once_is_stopped_and_fails() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = workspace("old-shim");
+    let (lease, _healthy) = renewed_lease(Duration::from_secs(3));
+    let mut shims = launcher(&dir, Duration::from_secs(3), lease);
+    shims.exe = old_shim(&dir);
+    let (_go, went) = tokio::sync::oneshot::channel::<()>();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        shims.launch(escaping_task(&dir), &options("o1", 500), Some(went)),
+    )
+    .await
+    .expect("the launch ends")
+    .expect_err("a task started before its go fails the staged start");
+    assert!(err.to_string().contains("does not know staged starts"), "{err}");
+    let task: i32 = std::fs::read_to_string(dir.join("old-task")).unwrap().trim().parse().unwrap();
+    all_gone(&[task]).await;
+    assert_eq!(std::fs::read_dir(records(&dir)).unwrap().count(), 0, "record removed");
+}

@@ -297,3 +297,76 @@ async fn a_staged_job_says_nothing_and_starts_at_once_when_it_may() {
     }
     supervisor.stop_all().await;
 }
+
+fn staged(spec: &TaskSpec, after: &[&str]) -> BTreeMap<TaskId, Wanted> {
+    let mut want = wanted(spec);
+    let entry = want.get_mut(&spec.id).unwrap();
+    entry.start = false;
+    entry.after = after.iter().map(|node| shiva_proto::NodeId::new(*node).unwrap()).collect();
+    want
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_job_carries_the_words_it_started_after_not_those_it_was_staged_with() {
+    // Staged waiting for n0; the leader then dropped n0 from `after` without its word (a silent
+    // node whose copy rides out disconnections): the copy did not start after n0's word.
+    let dir = workspace("staged-words");
+    let (mut supervisor, mut reports) = supervisor(&dir);
+    let task = spec("t/words", "exec sleep 100");
+    supervisor.reconcile(&staged(&task, &["n0"]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut want = staged(&task, &[]);
+    want.get_mut(&task.id).unwrap().start = true;
+    supervisor.reconcile(&want);
+    let running = next_state(&mut reports, RunState::Running).await;
+    assert_eq!(running.after, Vec::new(), "n0's word was never read");
+    supervisor.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_job_that_panics_says_nothing() {
+    shiva_node::fault::install(Some("run:t/panicky")).unwrap();
+    let dir = workspace("staged-panic");
+    let (mut supervisor, mut reports) = supervisor(&dir);
+    let task = spec("t/panicky", "exec sleep 100");
+    supervisor.reconcile(&staged(&task, &["n0"]));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(reports.try_recv().is_err(), "a staged job's panic would overwrite n0's word");
+    supervisor.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_that_comes_while_the_staged_job_waits_for_the_lease_is_kept() {
+    let dir = workspace("staged-lease");
+    let (lease_tx, lease) = tokio::sync::watch::channel(None);
+    let (reports, mut reports_rx) = mpsc::unbounded_channel();
+    let context = JobContext {
+        node_id: "n1".into(),
+        workspace: dir.to_path_buf(),
+        task_path: "/usr/local/bin:/usr/bin:/bin".into(),
+        shims: ShimLauncher {
+            exe: PathBuf::from(env!("CARGO_BIN_EXE_shiva-node")),
+            isolation: Isolation::ProcessGroup,
+            fence_timeout: Duration::from_secs(3),
+            lease,
+            records: dir.join("shims"),
+            controllers: Controllers::detect("supervisor-test", None),
+            logs_dir: dir.join("logs"),
+            shipper: None,
+        },
+        reports,
+    };
+    let mut supervisor = Supervisor::new(context);
+    let task = spec("t/lease", "exec sleep 100");
+    supervisor.reconcile(&staged(&task, &["n0"]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The word comes while the node still waits to read itself on the bus.
+    let mut want = staged(&task, &["n0"]);
+    want.get_mut(&task.id).unwrap().start = true;
+    supervisor.reconcile(&want);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    lease_tx.send_replace(Some(std::time::Instant::now() + Duration::from_secs(3600)));
+    let running = next_state(&mut reports_rx, RunState::Running).await;
+    assert_eq!(running.after.len(), 1);
+    supervisor.stop_all().await;
+}

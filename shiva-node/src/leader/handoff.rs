@@ -69,8 +69,8 @@ pub fn merge(a: &Holder, b: &Holder) -> Holder {
 }
 
 /// The node's word about `task`'s copy: its own status for a generation at or past the
-/// holder's `since`, or the word another node carries on (its copy started, for such a
-/// generation, after it read that this one was gone: the status's `after`).
+/// holder's `since`, or the word the node the task is assigned to carries on (its copy
+/// started, for such a generation, after it read that this one was gone: the status's `after`).
 pub fn word_for(view: &LogView, task: &shiva_proto::TaskId, holder: &Holder) -> Option<RunState> {
     let status = view.statuses.get(task)?;
     if status.status.generation < holder.since {
@@ -79,7 +79,10 @@ pub fn word_for(view: &LogView, task: &shiva_proto::TaskId, holder: &Holder) -> 
     if status.node == holder.node {
         return Some(status.status.state);
     }
-    status.status.after.contains(&holder.node).then_some(RunState::Stopped)
+    // Carried only by the node the task is assigned to now: a late status of another node (a
+    // retry from an earlier life of the task) releases nobody.
+    let carrier = view.assigned_node(task) == Some(&status.node);
+    (carrier && status.status.after.contains(&holder.node)).then_some(RunState::Stopped)
 }
 
 /// The first node `assignment` tells `me` to wait for (its `after`) whose copy of `task` is not
@@ -259,5 +262,9 @@ mod tests {
         // Carried for an earlier hand-off (before n0's copy of `since`): not this word.
         status(&mut view, &task, "n2", 3, RunState::Running, &["n0"]);
         assert_eq!(word_for(&view, &task, n0), None);
+        // Carried by a node the task is not assigned to (a late status of an earlier life).
+        status(&mut view, &task, "n5", 9, RunState::Running, &["n0"]);
+        assert_eq!(word_for(&view, &task, n0), None);
+        assert!(!gone(&view, &task, n0, &[], &|_, _| true));
     }
 }

@@ -40,8 +40,9 @@ pub enum JobControl {
     Stop,
     /// The assignment's generation changed without changing the spec.
     Generation(u64),
-    /// A staged job starts its task now (ignored by any other).
-    Go,
+    /// A staged job starts its task now, having read these nodes' words (ignored by any other
+    /// job).
+    Go(Vec<NodeId>),
 }
 
 struct Run {
@@ -54,9 +55,22 @@ struct Run {
     last_exit: Option<ExitInfo>,
     permanent: bool,
     after: Vec<NodeId>,
+    /// A go that came while the staged job waited for something else (the lease).
+    go: Option<Vec<NodeId>>,
+    /// `None` while the job is staged; the words its copy started after once it starts (read
+    /// by the watcher that reports a panic: a staged job says nothing).
+    started: Arc<std::sync::Mutex<Option<Vec<NodeId>>>>,
 }
 
 impl Run {
+    /// The copy starts (now, or at the go of a staged job) after these words.
+    fn starts_after(&mut self, after: Vec<NodeId>) {
+        self.after = after.clone();
+        if let Ok(mut started) = self.started.lock() {
+            *started = Some(after);
+        }
+    }
+
     fn report(&self, context: &JobContext, state: RunState, message: Option<String>) {
         let _ = context.reports.send(TaskStatus {
             task: self.task.clone(),
@@ -87,7 +101,8 @@ pub fn start(
     let current = generation.clone();
     let generation = generation.load(std::sync::atomic::Ordering::Relaxed);
     let reports = context.reports.clone();
-    let job = tokio::spawn(run(context, spec, generation, after.clone(), staged, control_rx));
+    let started = Arc::new(std::sync::Mutex::new((!staged).then(|| after.clone())));
+    let job = tokio::spawn(run(context, spec, generation, started.clone(), staged, control_rx));
     // A panic in the job fails this task on this node for good ("internal error: …",
     // permanent, so the leader leaves it there), never the node.
     let handle = tokio::spawn(async move {
@@ -96,6 +111,8 @@ pub fn start(
         {
             let reason = crate::fault::internal_error(err.into_panic().as_ref());
             tracing::error!(%task, %reason, "the task's job failed");
+            // A staged job never started: its status would overwrite the words it waited for.
+            let Some(after) = started.lock().ok().and_then(|started| started.clone()) else { return };
             let _ = reports.send(TaskStatus {
                 task,
                 // The generation the supervisor holds now (it may have changed since the start).
@@ -182,7 +199,7 @@ async fn run(
     context: Arc<JobContext>,
     spec: TaskSpec,
     generation: u64,
-    after: Vec<NodeId>,
+    started: Arc<std::sync::Mutex<Option<Vec<NodeId>>>>,
     mut staged: bool,
     mut control: mpsc::UnboundedReceiver<JobControl>,
 ) {
@@ -196,7 +213,9 @@ async fn run(
         restarts: 0,
         last_exit: None,
         permanent: false,
-        after,
+        after: started.lock().ok().and_then(|started| started.clone()).unwrap_or_default(),
+        go: None,
+        started,
     };
     let mut restarts = Restarts::new(&spec);
     loop {
@@ -245,7 +264,7 @@ async fn run(
                                 run.generation = generation;
                                 run.report(&context, RunState::Running, None);
                             }
-                            Some(JobControl::Go) => {}
+                            Some(JobControl::Go(_)) => {}
                             Some(JobControl::Stop) | None => {
                                 run.report(&context, RunState::Stopping, None);
                                 run.last_exit = stop_run(&mut handle, "the task is stopping").await;
@@ -295,7 +314,7 @@ async fn run(
                             run.generation = generation;
                             run.report(&context, RunState::Failed, Some(message.clone()));
                         }
-                        Some(JobControl::Go) => {}
+                        Some(JobControl::Go(_)) => {}
                         Some(JobControl::Stop) | None => return,
                     }
                 }
@@ -317,13 +336,20 @@ async fn staged_launch(
     let (go_tx, go_rx) = tokio::sync::oneshot::channel();
     let mut go_tx = Some(go_tx);
     let mut went: Option<Instant> = None;
+    // A go that came while the job waited for the lease.
+    if let Some(after) = run.go.take() {
+        run.starts_after(after);
+        let _ = go_tx.take().map(|go| go.send(()));
+        went = Some(Instant::now());
+    }
     let launch = context.shims.launch(spawn, options, Some(go_rx));
     tokio::pin!(launch);
     let launched = loop {
         tokio::select! {
             launched = &mut launch => break launched,
             message = control.recv(), if went.is_none() && go_tx.is_some() => match message {
-                Some(JobControl::Go) => {
+                Some(JobControl::Go(after)) => {
+                    run.starts_after(after);
                     let _ = go_tx.take().map(|go| go.send(()));
                     went = Some(Instant::now());
                 }
@@ -338,11 +364,19 @@ async fn staged_launch(
     }
     match launched {
         Err(err) if err.kind() == std::io::ErrorKind::Interrupted => None,
+        // Never without a go; were it so, the run is stopped, not left without a job.
+        Ok(mut handle) => {
+            stop_run(&mut handle, "started without its go").await;
+            None
+        }
         // Staging failed before the go (the shim died, a cgroup could not be made): reported,
         // and retried, only once the task may start.
         other => loop {
             match control.recv().await {
-                Some(JobControl::Go) => return Some((other, Instant::now())),
+                Some(JobControl::Go(after)) => {
+                    run.starts_after(after);
+                    return Some((other, Instant::now()));
+                }
                 Some(JobControl::Generation(generation)) => run.generation = generation,
                 Some(JobControl::Stop) | None => return None,
             }
@@ -371,7 +405,8 @@ async fn until_or_stop(
             _ = &mut done => return false,
             message = control.recv() => match message {
                 Some(JobControl::Generation(generation)) => run.generation = generation,
-                Some(JobControl::Go) => {}
+                // Kept for a staged job's launch, which follows.
+                Some(JobControl::Go(after)) => run.go = Some(after),
                 Some(JobControl::Stop) | None => return true,
             },
         }

@@ -93,6 +93,8 @@ impl Supervisor {
     /// Starts, stops and updates jobs so that exactly `wanted` run.
     pub fn reconcile(&mut self, wanted: &BTreeMap<TaskId, Wanted>) {
         self.stopping.retain(|_, handle| !handle.is_finished());
+        // A staged job that ended before its go (it panicked) started nothing: staged again.
+        self.jobs.retain(|_, job| !(job.staged && job.handle.is_finished()));
         let obsolete: Vec<TaskId> = self
             .jobs
             .iter()
@@ -112,7 +114,7 @@ impl Supervisor {
                 Some(job) => {
                     if job.staged && want.start {
                         job.staged = false;
-                        let _ = job.control.send(JobControl::Go);
+                        let _ = job.control.send(JobControl::Go(want.after.clone()));
                     }
                     if job.generation != want.generation {
                         job.generation = want.generation;
@@ -127,7 +129,8 @@ impl Supervisor {
                         self.context.clone(),
                         want.spec.clone(),
                         shared_generation.clone(),
-                        want.after.clone(),
+                        // A staged job learns the words it starts after at its go.
+                        if want.start { want.after.clone() } else { Vec::new() },
                         !want.start,
                     );
                     let job = Job {

@@ -265,6 +265,7 @@ impl ShimLauncher {
         let (written, mut first) = tokio::time::timeout(HANDSHAKE, handshake)
             .await
             .unwrap_or_else(|_| (Err(io::Error::other(format!("no answer within {HANDSHAKE:?}"))), None));
+        let staged = go.is_some();
         if let (Some(go), Some(ShimEvent::Ready)) = (go, &first) {
             first = match self.hold(go, &mut stdin, &mut lines, options.exclusive).await {
                 Ok(()) => tokio::time::timeout(HANDSHAKE, read_event(&mut lines)).await.unwrap_or(None),
@@ -276,6 +277,29 @@ impl ShimLauncher {
                     return Err(err);
                 }
             };
+        } else if staged && let Some(ShimEvent::Started { pid }) = first {
+            // A shim of an older build on disk ignores `hold` and starts at once: stopped at
+            // once (the whole tree, as any stop), and the staged start fails.
+            let task_start = tree::start_time(pid);
+            let _ = stdin.write_all(b"stop the run shim does not know staged starts\n").await;
+            let ended = async {
+                while !matches!(read_event(&mut lines).await, Some(ShimEvent::Exited { .. }) | None) {}
+            };
+            let _ = tokio::time::timeout(options.grace + Duration::from_secs(5), ended).await;
+            let started = Record {
+                shim: record.shim,
+                shim_start: record.shim_start,
+                task: pid,
+                task_start,
+                cgroup: record.cgroup.clone(),
+                limits: record.limits.clone(),
+            };
+            clean_after(&started);
+            let _ = child.kill().await;
+            let _ = std::fs::remove_file(&record_path);
+            return Err(io::Error::other(
+                "the run shim started the task before its go: it does not know staged starts (an older node binary on disk?)",
+            ));
         }
         let pid = match first {
             Some(ShimEvent::Started { pid }) => pid,
