@@ -22,6 +22,15 @@ fn workspace(label: &str) -> PathBuf {
 }
 
 fn supervisor(dir: &Path) -> (Supervisor, mpsc::UnboundedReceiver<TaskStatus>) {
+    // A lease that lasts the whole test.
+    let lease = tokio::sync::watch::channel(Some(std::time::Instant::now() + Duration::from_secs(3600))).1;
+    supervisor_with(dir, lease)
+}
+
+fn supervisor_with(
+    dir: &Path,
+    lease: tokio::sync::watch::Receiver<Option<std::time::Instant>>,
+) -> (Supervisor, mpsc::UnboundedReceiver<TaskStatus>) {
     let (reports, reports_rx) = mpsc::unbounded_channel();
     let context = JobContext {
         node_id: "n1".into(),
@@ -31,8 +40,7 @@ fn supervisor(dir: &Path) -> (Supervisor, mpsc::UnboundedReceiver<TaskStatus>) {
             exe: PathBuf::from(env!("CARGO_BIN_EXE_shiva-node")),
             isolation: Isolation::ProcessGroup,
             fence_timeout: Duration::from_secs(3),
-            // A lease that lasts the whole test.
-            lease: tokio::sync::watch::channel(Some(std::time::Instant::now() + Duration::from_secs(3600))).1,
+            lease,
             records: dir.join("shims"),
             controllers: Controllers::detect("supervisor-test", None),
             logs_dir: dir.join("logs"),
@@ -339,24 +347,7 @@ async fn a_staged_job_that_panics_says_nothing() {
 async fn a_go_that_comes_while_the_staged_job_waits_for_the_lease_is_kept() {
     let dir = workspace("staged-lease");
     let (lease_tx, lease) = tokio::sync::watch::channel(None);
-    let (reports, mut reports_rx) = mpsc::unbounded_channel();
-    let context = JobContext {
-        node_id: "n1".into(),
-        workspace: dir.to_path_buf(),
-        task_path: "/usr/local/bin:/usr/bin:/bin".into(),
-        shims: ShimLauncher {
-            exe: PathBuf::from(env!("CARGO_BIN_EXE_shiva-node")),
-            isolation: Isolation::ProcessGroup,
-            fence_timeout: Duration::from_secs(3),
-            lease,
-            records: dir.join("shims"),
-            controllers: Controllers::detect("supervisor-test", None),
-            logs_dir: dir.join("logs"),
-            shipper: None,
-        },
-        reports,
-    };
-    let mut supervisor = Supervisor::new(context);
+    let (mut supervisor, mut reports_rx) = supervisor_with(&dir, lease);
     let task = spec("t/lease", "exec sleep 100");
     supervisor.reconcile(&staged(&task, &["n0"]));
     tokio::time::sleep(Duration::from_millis(200)).await;
