@@ -8,6 +8,7 @@ mod partition;
 pub use partition::{Cut, Partition};
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -190,7 +191,10 @@ impl Node {
             }
             None => Command::new(bin("shiva-node")),
         };
+        // A process group of its own, as under a service manager or a shell's job control:
+        // `signal_group` reaches the node and whatever stays in its group.
         let child = command
+            .process_group(0)
             .args(&self.args)
             .env("SHIVA_LOG", "info,shiva_node=debug")
             .stdout(log.try_clone().unwrap())
@@ -237,6 +241,11 @@ impl Node {
     /// Sends `signal` (SIGSTOP, SIGCONT…).
     pub fn signal(&self, signal: Signal) {
         kill(Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Sends `signal` to the node's whole process group (`kill -STOP -<pgid>`, Ctrl-Z).
+    pub fn signal_group(&self, signal: Signal) {
+        nix::sys::signal::killpg(Pid::from_raw(self.pid()), signal).unwrap();
     }
 
     /// Waits for the process to exit by itself; returns its status.

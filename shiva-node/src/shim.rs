@@ -3,11 +3,14 @@
 //! its stdin: nothing of a task's configuration is on a command line, where every local user
 //! could read it in `/proc/<pid>/cmdline`, and no size limit of `execve` applies to it.
 //!
-//! It becomes a subreaper (`PR_SET_CHILD_SUBREAPER`), so no descendant of the task escapes it,
+//! It leaves the node's session and process group (`setsid`): what freezes the node's group
+//! does not freeze it. It becomes a subreaper (`PR_SET_CHILD_SUBREAPER`), so no descendant of the task escapes it,
 //! not even one that calls `setsid`; starts the task in its own process group (and in the run's
 //! cgroup when the node has one), with stdout and stderr on the shim's stderr (the run's log);
-//! and holds the node's lease: the node writes `renew <ms>` lines on the shim's stdin. When the
-//! lease runs out (timed with `CLOCK_BOOTTIME`, which keeps counting through suspend), when the
+//! and holds the node's lease: the node writes `until <boot-time ms>` lines (absolute deadlines;
+//! older nodes wrote `renew <ms>`, still read) on the shim's stdin. When the
+//! lease runs out (timed with `CLOCK_BOOTTIME`, which keeps counting through suspend, or the wall
+//! clock jumped past it: see [`Lease`]), when the
 //! node closes the pipe (it died) or when it writes `stop`, the shim stops the whole tree: the
 //! task's stop signal (SIGTERM by default), SIGKILL after the grace. A run without a lease
 //! (`on_disconnect: keep`) ignores renewals and stops only on `stop` or a closed pipe. When the task itself exits, whatever it left goes too.
@@ -48,6 +51,11 @@ pub struct ShimConfig {
     /// The lease granted at start, renewed by `renew <ms>` lines; `None`: no lease (the run
     /// stops only when asked or when the node is gone).
     pub lease_ms: Option<u64>,
+    /// The same lease as an absolute deadline on the boot-time clock (ms of `CLOCK_BOOTTIME`,
+    /// which node and shim share): a shim slow to read its configuration holds no more than
+    /// the node. Absent from older nodes: then `lease_ms` from the read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_until_ms: Option<i64>,
     /// The run's cgroup directory, created by the shim.
     pub cgroup: Option<PathBuf>,
     /// Where the task's stdout and stderr go, line by line (`None`: the shim's stderr).
@@ -98,7 +106,8 @@ fn emit(event: &ShimEvent) {
     let _ = out.flush();
 }
 
-fn boottime_ms() -> i64 {
+/// `CLOCK_BOOTTIME` in ms: shared by the node and its shims, counting through suspend.
+pub fn boottime_ms() -> i64 {
     clock_gettime(ClockId::CLOCK_BOOTTIME)
         .map_or(0, |t| t.tv_sec().saturating_mul(1000).saturating_add(t.tv_nsec() / 1_000_000))
 }
@@ -140,6 +149,11 @@ fn read_config() -> Result<(ShimConfig, Vec<u8>), String> {
 /// Runs the shim; returns its exit code. `legacy`: the configuration as the previous version's
 /// node passed it, on the command line (accepted for one release, for upgrades in place).
 pub fn main(legacy: Option<&str>) -> u8 {
+    // A session (and process group) of its own, before anything else: a stop signal to the
+    // node's group (`kill -STOP -<pgid>`, Ctrl-Z in its terminal) freezes the node, not its
+    // shims, whose leases then run out and stop their tasks. Frozen before this line, the shim
+    // has started nothing yet.
+    let _ = nix::unistd::setsid();
     let read = match legacy {
         Some(text) => {
             serde_json::from_str(text).map(|config| (config, Vec::new())).map_err(|err| err.to_string())
@@ -314,34 +328,128 @@ fn spawn(config: &ShimConfig) -> std::io::Result<Spawned> {
     Ok(Spawned { pid, capture })
 }
 
+/// The wall clock, ms since the Unix epoch.
+fn wall_ms() -> i64 {
+    clock_gettime(ClockId::CLOCK_REALTIME)
+        .map_or(0, |t| t.tv_sec().saturating_mul(1000).saturating_add(t.tv_nsec() / 1_000_000))
+}
+
+/// A control line from the node, as far as the lease is not concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// Start the staged task.
+    Go,
+    /// Stop, for this reason.
+    Stop(String),
+    /// A renewal (taken in) or anything else (ignored).
+    Other,
+}
+
+/// The node's lease as the shim holds it, pure (the clocks are passed in, boot-time and wall
+/// ms). It runs out at its deadline on the boot-time clock, which counts through suspend; and
+/// when the wall clock moved further than the boot-time clock by more than a whole lease since
+/// the last look, which is what a pause the boot-time clock does not count (a hypervisor's)
+/// looks like: the node may have been cut off meanwhile without the shim knowing. A run
+/// without a lease (`on_disconnect: keep`) never runs out.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// The lease's length (`None`: no lease).
+    length_ms: Option<u64>,
+    /// Boot-time ms at which it runs out.
+    deadline: i64,
+    /// The clocks at the last look (boot-time, wall).
+    seen: (i64, i64),
+    /// Why it ran out, for good.
+    out: Option<&'static str>,
+}
+
+impl Lease {
+    /// The lease granted by `config`, at boot-time `boot` and wall time `wall`.
+    pub fn new(config: &ShimConfig, boot: i64, wall: i64) -> Lease {
+        let deadline = match (config.lease_ms, config.lease_until_ms) {
+            (None, _) => i64::MAX,
+            (Some(_), Some(until)) => until,
+            (Some(lease), None) => after_ms(boot, lease),
+        };
+        Lease { length_ms: config.lease_ms, deadline, seen: (boot, wall), out: None }
+    }
+
+    /// Takes in a line from the node: `until <boot-ms>` (an absolute deadline, as this
+    /// build's node writes), `renew <ms>` (from the read, as older nodes wrote), `go`,
+    /// `stop [reason]`. A renewal never moves the deadline back.
+    pub fn on_line(&mut self, line: &str, boot: i64) -> Line {
+        let line = line.trim();
+        let mut words = line.split_whitespace();
+        let (word, number) = (words.next(), words.next());
+        match word {
+            Some("go") => Line::Go,
+            Some("stop") => {
+                let reason = line.strip_prefix("stop").unwrap_or("").trim();
+                Line::Stop(if reason.is_empty() { "stopped by the node".into() } else { reason.into() })
+            }
+            Some("until") if self.length_ms.is_some() => {
+                if let Some(until) = number.and_then(|ms| ms.parse::<i64>().ok()) {
+                    self.deadline = self.deadline.max(until);
+                }
+                Line::Other
+            }
+            Some("renew") if self.length_ms.is_some() => {
+                if let Some(ms) = number.and_then(|ms| ms.parse::<u64>().ok()) {
+                    self.deadline = self.deadline.max(after_ms(boot, ms));
+                }
+                Line::Other
+            }
+            _ => Line::Other,
+        }
+    }
+
+    /// Whether the lease ran out by `boot` / `wall`, and why (for good once it did).
+    pub fn expired(&mut self, boot: i64, wall: i64) -> Option<&'static str> {
+        let Some(length) = self.length_ms else { return None };
+        let (seen_boot, seen_wall) = self.seen;
+        self.seen = (boot, wall);
+        let unseen = wall.saturating_sub(seen_wall).saturating_sub(boot.saturating_sub(seen_boot));
+        if self.out.is_none() && unseen > i64::try_from(length).unwrap_or(i64::MAX) {
+            self.out =
+                Some("the wall clock jumped past the node's lease (a pause the boot clock did not count)");
+        }
+        if self.out.is_none() && boot >= self.deadline {
+            self.out = Some("the node's lease ran out");
+        }
+        self.out
+    }
+
+    /// How long to sleep at most before looking again (ms).
+    pub fn wait_ms(&self, boot: i64) -> i64 {
+        let to_deadline = self.deadline.saturating_sub(boot);
+        // A jump of the wall clock is seen within a lease.
+        match self.length_ms {
+            Some(length) => to_deadline.min(i64::try_from(length).unwrap_or(i64::MAX)),
+            None => to_deadline,
+        }
+    }
+}
+
 /// A staged start waits for the node's `go` (`Ok`), keeping its lease; `Err` says why it ends
 /// without starting anything: `stop`, the node gone, or the lease run out. Lines after `go`
 /// stay in `input` for the supervision that follows.
 fn hold(config: &ShimConfig, input: &mut Vec<u8>) -> Result<(), String> {
-    let mut deadline = config.lease_ms.map_or(i64::MAX, |lease| after_ms(boottime_ms(), lease));
+    let mut lease = Lease::new(config, boottime_ms(), wall_ms());
     let stdin = std::io::stdin();
     loop {
         while let Some(end) = input.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = input.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line);
-            let mut words = line.split_whitespace();
-            match (words.next(), words.next().and_then(|ms| ms.parse::<u64>().ok())) {
-                (Some("go"), _) => return Ok(()),
-                (Some("renew"), Some(ms)) if config.lease_ms.is_some() => {
-                    deadline = after_ms(boottime_ms(), ms)
-                }
-                (Some("stop"), _) => {
-                    let reason = line.trim().strip_prefix("stop").unwrap_or("").trim();
-                    return Err(if reason.is_empty() { "stopped by the node".into() } else { reason.into() });
-                }
-                _ => {}
+            match lease.on_line(&String::from_utf8_lossy(&line), boottime_ms()) {
+                Line::Go => return Ok(()),
+                Line::Stop(reason) => return Err(reason),
+                Line::Other => {}
             }
         }
         let now = boottime_ms();
-        if now >= deadline {
-            return Err("the node's lease ran out".into());
+        if let Some(why) = lease.expired(now, wall_ms()) {
+            return Err(why.into());
         }
-        let wait = (deadline - now).clamp(1, 60_000) as i32;
+        let wait = lease.wait_ms(now).clamp(1, 60_000) as i32;
         let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
         let _ = poll(&mut fds, PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX));
         if fds[0].revents().is_some_and(|events| !events.is_empty()) {
@@ -372,7 +480,7 @@ fn supervise(
     out: &mut Option<Capture>,
     mut input: Vec<u8>,
 ) -> (Option<WaitStatus>, Option<String>) {
-    let mut deadline = config.lease_ms.map_or(i64::MAX, |lease| after_ms(boottime_ms(), lease));
+    let mut lease = Lease::new(config, boottime_ms(), wall_ms());
     let stdin = std::io::stdin();
     let children = child_events();
     loop {
@@ -380,10 +488,10 @@ fn supervise(
             return (Some(status), None);
         }
         let now = boottime_ms();
-        if now >= deadline {
-            return stop(config, pid, "the node's lease ran out", out, children.as_ref());
+        if let Some(why) = lease.expired(now, wall_ms()) {
+            return stop(config, pid, why, out, children.as_ref());
         }
-        let node = wait_for_events(children.as_ref(), out, Some(&stdin), deadline - now);
+        let node = wait_for_events(children.as_ref(), out, Some(&stdin), lease.wait_ms(now));
         if node {
             let mut buf = [0u8; 512];
             match stdin.lock().read(&mut buf) {
@@ -394,18 +502,10 @@ fn supervise(
         // Lines read with the configuration are taken in too.
         while let Some(end) = input.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = input.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line);
-            let mut words = line.split_whitespace();
-            match (words.next(), words.next().and_then(|ms| ms.parse::<u64>().ok())) {
-                (Some("renew"), Some(ms)) if config.lease_ms.is_some() => {
-                    deadline = after_ms(boottime_ms(), ms)
-                }
-                (Some("stop"), _) => {
-                    let reason = line.trim().strip_prefix("stop").unwrap_or("").trim();
-                    let reason = if reason.is_empty() { "stopped by the node" } else { reason };
-                    return stop(config, pid, reason, out, children.as_ref());
-                }
-                _ => {}
+            match lease.on_line(&String::from_utf8_lossy(&line), boottime_ms()) {
+                Line::Stop(reason) => return stop(config, pid, &reason, out, children.as_ref()),
+                // A `go` after the start means nothing.
+                Line::Go | Line::Other => {}
             }
         }
     }
@@ -515,4 +615,90 @@ fn kill_rest(config: &ShimConfig, pid: u32) {
         std::thread::sleep(Duration::from_millis(5));
     }
     clear_cgroups(config);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(lease_ms: Option<u64>, until: Option<i64>) -> ShimConfig {
+        let run = SpawnRequest {
+            program: "true".into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: "/".into(),
+            output: "/dev/null".into(),
+            user: None,
+            rlimits: Vec::new(),
+        };
+        ShimConfig {
+            run,
+            grace_ms: 1000,
+            stop_signal: 15,
+            lease_ms,
+            lease_until_ms: until,
+            cgroup: None,
+            log: None,
+            limit_cgroups: Vec::new(),
+            hold: false,
+        }
+    }
+
+    #[test]
+    fn an_absolute_deadline_does_not_stretch_with_a_late_read() {
+        // Granted at boot-time 10 000 for 3 s; the shim reads it (and a renewal) 2 s late.
+        let mut lease = Lease::new(&config(Some(3000), Some(13_000)), 12_000, 0);
+        assert_eq!(lease.expired(12_999, 999), None);
+        assert_eq!(lease.expired(13_000, 1000), Some("the node's lease ran out"));
+        let mut lease = Lease::new(&config(Some(3000), Some(13_000)), 12_000, 0);
+        assert_eq!(lease.on_line("until 14000\n", 13_900), Line::Other);
+        assert_eq!(lease.expired(13_999, 1999), None);
+        assert!(lease.expired(14_000, 2000).is_some(), "not 13 900 + 3 000");
+        // An older node's relative renewal counts from the read.
+        let mut old = Lease::new(&config(Some(3000), None), 12_000, 0);
+        assert_eq!(old.expired(14_999, 2999), None);
+        assert!(old.expired(15_000, 3000).is_some());
+        old.on_line("renew 3000", 14_000);
+        assert_eq!(old.wait_ms(14_000), 3000);
+        // A late, smaller deadline does not take the lease back.
+        let mut lease = Lease::new(&config(Some(3000), Some(13_000)), 10_000, 0);
+        lease.on_line("until 11000", 10_500);
+        assert_eq!(lease.expired(12_000, 2000), None);
+    }
+
+    #[test]
+    fn a_wall_clock_jump_past_the_lease_ends_it() {
+        let mut lease = Lease::new(&config(Some(3000), Some(13_000)), 10_000, 1_000_000);
+        // Half a second on both clocks: fine.
+        assert_eq!(lease.expired(10_500, 1_000_500), None);
+        // The boot-time clock moved 100 ms, the wall clock 10 s: a pause it did not count.
+        let why = lease.expired(10_600, 1_010_600).expect("expired");
+        assert!(why.contains("wall clock"), "{why}");
+        // For good, whatever a renewal says.
+        lease.on_line("until 99999999", 10_700);
+        assert!(lease.expired(10_700, 1_010_700).is_some());
+        // A jump shorter than the lease, or backwards (an NTP step back), is not one.
+        let mut lease = Lease::new(&config(Some(3000), Some(13_000)), 10_000, 1_000_000);
+        assert_eq!(lease.expired(10_100, 1_002_900), None);
+        assert_eq!(lease.expired(10_200, 900_000), None);
+        // Without a lease (`keep`), nothing ends it.
+        let mut keep = Lease::new(&config(None, None), 10_000, 0);
+        assert_eq!(keep.expired(i64::MAX, i64::MIN), None);
+        assert_eq!(keep.on_line("until 5", 0), Line::Other);
+        assert_eq!(keep.on_line("stop now", 0), Line::Stop("now".into()));
+        assert_eq!(keep.on_line("stop", 0), Line::Stop("stopped by the node".into()));
+        assert_eq!(keep.on_line("go", 0), Line::Go);
+    }
+
+    #[test]
+    fn extreme_lines_and_clocks_do_not_overflow() {
+        let mut lease = Lease::new(&config(Some(u64::MAX), Some(i64::MAX)), i64::MAX, i64::MIN);
+        lease.on_line("renew 18446744073709551615", i64::MAX);
+        lease.on_line("until -9223372036854775808", i64::MIN);
+        lease.on_line("until 99999999999999999999999", 0);
+        assert_eq!(lease.expired(i64::MIN, i64::MAX), None);
+        let _ = lease.wait_ms(i64::MIN);
+        let mut short = Lease::new(&config(Some(1), None), i64::MIN, i64::MAX);
+        assert!(short.expired(i64::MAX, i64::MIN).is_some());
+    }
 }

@@ -400,3 +400,28 @@ async fn a_staged_start_on_a_shim_that_starts_at_once_is_stopped_and_fails() {
     all_gone(&[task]).await;
     assert_eq!(std::fs::read_dir(records(&dir)).unwrap().count(), 0, "record removed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shim_lives_in_a_session_of_its_own_so_freezing_the_nodes_group_stops_the_task() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = workspace("session");
+    let (lease, healthy) = renewed_lease(Duration::from_millis(600));
+    let shims = launcher(&dir, Duration::from_millis(600), lease);
+    let mut run = shims.launch(escaping_task(&dir), &options("f1", 200), None).await.unwrap();
+    let pids = three_pids(&dir).await;
+    let record = std::fs::read_dir(records(&dir)).unwrap().next().unwrap().unwrap().path();
+    let shim: i32 = record.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    let sid = |pid: i32| nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).unwrap().as_raw();
+    assert_eq!(sid(shim), shim, "the shim leads a session of its own");
+    assert_ne!(sid(shim), sid(std::process::id() as i32), "not the node's");
+    // What `kill -STOP -<the node's group>` reaches: every process of that group. The shim is
+    // not among them, so the node's silence (no renewals) ends the lease and the task.
+    let group = nix::unistd::getpgrp().as_raw();
+    let in_group = |pid: i32| nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).map(|g| g.as_raw());
+    assert_ne!(in_group(shim).unwrap(), group);
+    assert!(pids.iter().all(|pid| in_group(*pid).unwrap() != group));
+    healthy.store(false, Ordering::SeqCst);
+    let ended = tokio::time::timeout(Duration::from_secs(5), run.wait()).await.expect("stopped by the shim");
+    assert_eq!(ended.stopped.as_deref(), Some("the node's lease ran out"));
+    all_gone(&pids).await;
+}

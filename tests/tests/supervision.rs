@@ -187,6 +187,33 @@ fn a_frozen_node_fences_itself_before_its_task_starts_elsewhere() {
 }
 
 #[test]
+fn freezing_a_nodes_whole_process_group_stops_its_task_before_it_starts_elsewhere() {
+    // `kill -STOP -<pgid>` (or Ctrl-Z) freezes the node and everything in its group. The shims
+    // are not in it: their leases run out and the task stops, as for a frozen node alone.
+    let tagged: &[&str] = &["--fence-timeout", "1s", "--tags", "x"];
+    let mut cluster = Cluster::start("freeze-group", 3, &[FENCE, tagged, tagged]);
+    let log = scratch("freeze-group").join("ticks.log");
+    submit(&cluster, ticking(&cluster, "app/tick", &log));
+    let mut holder = String::new();
+    wait_until(SETTLE, "the task runs", || {
+        let processes = task_processes(&cluster.name, "app/tick");
+        holder = processes.first().map(|(_, node)| node.clone()).unwrap_or_default();
+        !holder.is_empty()
+    });
+    let other = if holder == "n2" { "n3" } else { "n2" }.to_owned();
+    cluster.node(&holder).signal_group(Signal::SIGSTOP);
+    wait_until(SETTLE, "the task runs on the other node", || {
+        task_processes(&cluster.name, "app/tick").iter().any(|(_, node)| *node == other)
+    });
+    on_one_node(&cluster, Duration::from_secs(2));
+    cluster.node(&holder).signal_group(Signal::SIGCONT);
+    on_one_node(&cluster, Duration::from_secs(5));
+    assert_no_overlap(&log);
+    let processes = task_processes(&cluster.name, "app/tick");
+    assert!(processes.iter().all(|(_, node)| *node == other), "the copy stays where it moved: {processes:?}");
+}
+
+#[test]
 fn a_crashing_task_fails_after_its_restarts_and_moves_and_a_permanent_exit_code_stops_it_at_once() {
     let cluster = Cluster::start("restarts", 2, &[FENCE, FENCE]);
     submit(

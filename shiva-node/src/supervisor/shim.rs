@@ -182,7 +182,7 @@ impl ShimLauncher {
                 }
                 _ = renew.tick(), if exclusive => {
                     if let Some(left) = self.lease_left() {
-                        let _ = stdin.write_all(format!("renew {}\n", left.as_millis()).as_bytes()).await;
+                        let _ = stdin.write_all(renewal(left).as_bytes()).await;
                     }
                 }
                 event = read_event(lines) => {
@@ -207,7 +207,7 @@ impl ShimLauncher {
         }
         let lease_ms = match (options.exclusive, self.lease_left()) {
             (false, _) => None,
-            (true, Some(left)) => Some(left.as_millis() as u64),
+            (true, Some(left)) => Some((left.as_millis() as u64, until(left))),
             (true, None) => {
                 return Err(io::Error::other(
                     "this node is cut off from the bus (fenced): exclusive runs cannot start",
@@ -230,7 +230,8 @@ impl ShimLauncher {
             run: request,
             grace_ms: options.grace.as_millis() as u64,
             stop_signal: options.stop_signal,
-            lease_ms,
+            lease_ms: lease_ms.map(|(ms, _)| ms),
+            lease_until_ms: lease_ms.map(|(_, until)| until),
             cgroup: cgroup.clone(),
             limit_cgroups: limits.cgroups.clone(),
             log: Some(self.run_log(&options.task, &options.run)),
@@ -239,6 +240,7 @@ impl ShimLauncher {
         let json = serde_json::to_string(&config).map_err(io::Error::other)?;
         let run_log = config.log.clone();
         // The configuration goes on the shim's stdin, never on its command line.
+        // The shim puts itself in a session of its own first thing (see `shim::main`).
         let mut child = tokio::process::Command::new(&self.exe)
             .arg(SHIM_ARG)
             .env_clear()
@@ -344,7 +346,7 @@ impl ShimLauncher {
                 tokio::select! {
                     _ = renew.tick(), if exclusive && !stopping => {
                         if let Some(left) = time_left(&lease) {
-                            let _ = stdin.write_all(format!("renew {}\n", left.as_millis()).as_bytes()).await;
+                            let _ = stdin.write_all(renewal(left).as_bytes()).await;
                         }
                     }
                     reason = control_rx.recv(), if listening => {
@@ -446,6 +448,17 @@ impl ShimLauncher {
 }
 
 /// The time left before `lease` runs out (`None`: no lease, or it ran out).
+/// The node's lease `left` as the absolute deadline a shim holds: `until <boot-time ms>`
+/// (relative renewals were stretched by however late the shim read them).
+fn renewal(left: Duration) -> String {
+    format!("until {}\n", until(left))
+}
+
+/// Boot-time ms `left` from now.
+fn until(left: Duration) -> i64 {
+    crate::shim::boottime_ms().saturating_add(i64::try_from(left.as_millis()).unwrap_or(i64::MAX))
+}
+
 fn time_left(lease: &watch::Receiver<Option<Instant>>) -> Option<Duration> {
     let deadline = (*lease.borrow())?;
     deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
