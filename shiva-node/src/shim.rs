@@ -192,9 +192,11 @@ pub fn main(legacy: Option<&str>) -> u8 {
         }
     };
     let mut input = input;
+    // One lease from the configuration on: held through a staged start into the supervision.
+    let mut lease = Lease::new(&config, boottime_ms(), wall_ms());
     if config.hold {
         emit(&ShimEvent::Ready);
-        if let Err(reason) = hold(&config, &mut input) {
+        if let Err(reason) = hold(&mut lease, &mut input) {
             back_out(&homes);
             clear_cgroups(&config);
             emit(&ShimEvent::Exited { code: None, signal: None, stopped: Some(reason) });
@@ -216,7 +218,7 @@ pub fn main(legacy: Option<&str>) -> u8 {
     // (see `tree::favours_dynmods`), the task runs already.
     emit(&ShimEvent::Started { pid });
     back_out(&homes);
-    let (status, stopped) = supervise(&config, pid, &mut capture, input);
+    let (status, stopped) = supervise(&config, pid, &mut capture, input, lease);
     // The task is over: nothing it started may outlive it.
     kill_rest(&config, pid);
     // Every writer of its output is gone: read the pipes to their end, so the captured output
@@ -405,7 +407,7 @@ impl Lease {
 
     /// Whether the lease ran out by `boot` / `wall`, and why (for good once it did).
     pub fn expired(&mut self, boot: i64, wall: i64) -> Option<&'static str> {
-        let Some(length) = self.length_ms else { return None };
+        let length = self.length_ms?;
         let (seen_boot, seen_wall) = self.seen;
         self.seen = (boot, wall);
         let unseen = wall.saturating_sub(seen_wall).saturating_sub(boot.saturating_sub(seen_boot));
@@ -433,8 +435,7 @@ impl Lease {
 /// A staged start waits for the node's `go` (`Ok`), keeping its lease; `Err` says why it ends
 /// without starting anything: `stop`, the node gone, or the lease run out. Lines after `go`
 /// stay in `input` for the supervision that follows.
-fn hold(config: &ShimConfig, input: &mut Vec<u8>) -> Result<(), String> {
-    let mut lease = Lease::new(config, boottime_ms(), wall_ms());
+fn hold(lease: &mut Lease, input: &mut Vec<u8>) -> Result<(), String> {
     let stdin = std::io::stdin();
     loop {
         while let Some(end) = input.iter().position(|b| *b == b'\n') {
@@ -479,8 +480,8 @@ fn supervise(
     pid: u32,
     out: &mut Option<Capture>,
     mut input: Vec<u8>,
+    mut lease: Lease,
 ) -> (Option<WaitStatus>, Option<String>) {
-    let mut lease = Lease::new(config, boottime_ms(), wall_ms());
     let stdin = std::io::stdin();
     let children = child_events();
     loop {
