@@ -224,7 +224,7 @@ fn runs(file: &std::path::Path) -> BTreeMap<String, (String, String, u128, u128,
 }
 
 #[test]
-fn random_retags_kill_start_delete_submit_and_kills_never_overlap_two_runs_nor_run_a_slot_twice() {
+fn random_retags_kill_start_delete_submit_kills_and_freezes_never_overlap_two_runs_nor_run_a_slot_twice() {
     let mut cluster = Cluster::start("chaos", 3, &[&["--tags", "a"], &["--tags", "b"], &["--tags", "a,b"]]);
     let dir = scratch("chaos");
     let log = dir.join("stamps");
@@ -285,6 +285,17 @@ fn random_retags_kill_start_delete_submit_and_kills_never_overlap_two_runs_nor_r
         cluster.node(&victim).kill9();
         std::thread::sleep(Duration::from_secs(3));
         cluster.node(&victim).restart();
+        std::thread::sleep(Duration::from_secs(2));
+        // A freeze of a node's whole process group (`kill -STOP -<pgid>`, Ctrl-Z), around its
+        // fence timeout: its shims are not in the group and stop their runs when the lease
+        // runs out.
+        cluster.wait_nodes(3);
+        let frozen = ["n1", "n2", "n3"][chaos.below(3) as usize];
+        let pause = 1500 + chaos.below(2500);
+        eprintln!("round {round}: kill -STOP the process group of {frozen} for {pause} ms");
+        cluster.node(frozen).signal_group(nix::sys::signal::Signal::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(pause));
+        cluster.node(frozen).signal_group(nix::sys::signal::Signal::SIGCONT);
         std::thread::sleep(Duration::from_secs(2));
     }
     cluster.wait_nodes(3);
