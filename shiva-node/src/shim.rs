@@ -56,6 +56,10 @@ pub struct ShimConfig {
     /// the node. Absent from older nodes: then `lease_ms` from the read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_until_ms: Option<i64>,
+    /// How long a whole lease is (the node's fence timeout): the measure of a wall-clock jump
+    /// and of the longest sleep between looks. Absent from older nodes: `lease_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_length_ms: Option<u64>,
     /// The run's cgroup directory, created by the shim.
     pub cgroup: Option<PathBuf>,
     /// Where the task's stdout and stderr go, line by line (`None`: the shim's stderr).
@@ -152,7 +156,7 @@ pub fn main(legacy: Option<&str>) -> u8 {
     // A session (and process group) of its own, before anything else: a stop signal to the
     // node's group (`kill -STOP -<pgid>`, Ctrl-Z in its terminal) freezes the node, not its
     // shims, whose leases then run out and stop their tasks. Frozen before this line, the shim
-    // has started nothing yet.
+    // has started nothing yet, and starts nothing if its lease ran out meanwhile.
     let _ = nix::unistd::setsid();
     let read = match legacy {
         Some(text) => {
@@ -202,6 +206,14 @@ pub fn main(legacy: Option<&str>) -> u8 {
             emit(&ShimEvent::Exited { code: None, signal: None, stopped: Some(reason) });
             return 0;
         }
+    }
+    // The lease may have run out meanwhile (the shim frozen before its `setsid`, a long wait
+    // for its go): then nothing starts.
+    if let Some(why) = lease.expired(boottime_ms(), wall_ms()) {
+        back_out(&homes);
+        clear_cgroups(&config);
+        emit(&ShimEvent::Exited { code: None, signal: None, stopped: Some(why.into()) });
+        return 0;
     }
     let child = apply_limits(&config.run).and_then(|()| spawn(&config));
     let spawned = match child {
@@ -373,7 +385,9 @@ impl Lease {
             (Some(_), Some(until)) => until,
             (Some(lease), None) => after_ms(boot, lease),
         };
-        Lease { length_ms: config.lease_ms, deadline, seen: (boot, wall), out: None }
+        // A whole lease, not what was left of it at the start (which may be a few ms).
+        let length_ms = config.lease_ms.map(|left| config.lease_length_ms.unwrap_or(left).max(left).max(1));
+        Lease { length_ms, deadline, seen: (boot, wall), out: None }
     }
 
     /// Takes in a line from the node: `until <boot-ms>` (an absolute deadline, as this
@@ -638,6 +652,7 @@ mod tests {
             stop_signal: 15,
             lease_ms,
             lease_until_ms: until,
+            lease_length_ms: None,
             cgroup: None,
             log: None,
             limit_cgroups: Vec::new(),
@@ -689,6 +704,17 @@ mod tests {
         assert_eq!(keep.on_line("stop now", 0), Line::Stop("now".into()));
         assert_eq!(keep.on_line("stop", 0), Line::Stop("stopped by the node".into()));
         assert_eq!(keep.on_line("go", 0), Line::Go);
+    }
+
+    #[test]
+    fn a_lease_started_with_little_left_is_measured_by_its_whole_length() {
+        // 5 ms were left of a 3 s fence timeout at the launch: a jump of 100 ms is no pause.
+        let mut config = config(Some(5), Some(10_005));
+        config.lease_length_ms = Some(3000);
+        let mut lease = Lease::new(&config, 10_000, 0);
+        lease.on_line("until 13000", 10_001);
+        assert_eq!(lease.expired(10_002, 102), None);
+        assert_eq!(lease.wait_ms(10_002), 2998);
     }
 
     #[test]

@@ -232,6 +232,8 @@ impl ShimLauncher {
             stop_signal: options.stop_signal,
             lease_ms: lease_ms.map(|(ms, _)| ms),
             lease_until_ms: lease_ms.map(|(_, until)| until),
+            lease_length_ms: lease_ms
+                .map(|_| u64::try_from(self.fence_timeout.as_millis()).unwrap_or(u64::MAX)),
             cgroup: cgroup.clone(),
             limit_cgroups: limits.cgroups.clone(),
             log: Some(self.run_log(&options.task, &options.run)),
@@ -447,7 +449,6 @@ impl ShimLauncher {
     }
 }
 
-/// The time left before `lease` runs out (`None`: no lease, or it ran out).
 /// The node's lease `left` as the absolute deadline a shim holds: `until <boot-time ms>`
 /// (relative renewals were stretched by however late the shim read them).
 fn renewal(left: Duration) -> String {
@@ -459,6 +460,7 @@ fn until(left: Duration) -> i64 {
     crate::shim::boottime_ms().saturating_add(i64::try_from(left.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// The time left before `lease` runs out (`None`: no lease, or it ran out).
 fn time_left(lease: &watch::Receiver<Option<Instant>>) -> Option<Duration> {
     let deadline = (*lease.borrow())?;
     deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
