@@ -156,11 +156,13 @@ fn on_one_node(cluster: &Cluster, how_long: Duration) {
     }
 }
 
-#[test]
-fn a_frozen_node_fences_itself_before_its_task_starts_elsewhere() {
+/// A cluster whose ticking task is frozen on its node (the node alone, or its whole process
+/// group: `kill -STOP -<pgid>`, Ctrl-Z) until it runs on another node, then thawed; never on two
+/// nodes at once, and it stays where it moved. Returns the cluster, the frozen node and the log.
+fn freeze_the_holder(label: &str, whole_group: bool) -> (Cluster, String, std::path::PathBuf) {
     let tagged: &[&str] = &["--fence-timeout", "1s", "--tags", "x"];
-    let mut cluster = Cluster::start("fence", 3, &[FENCE, tagged, tagged]);
-    let log = scratch("fence").join("ticks.log");
+    let mut cluster = Cluster::start(label, 3, &[FENCE, tagged, tagged]);
+    let log = scratch(label).join("ticks.log");
     submit(&cluster, ticking(&cluster, "app/tick", &log));
     let mut holder = String::new();
     wait_until(SETTLE, "the task runs", || {
@@ -169,19 +171,29 @@ fn a_frozen_node_fences_itself_before_its_task_starts_elsewhere() {
         !holder.is_empty()
     });
     let other = if holder == "n2" { "n3" } else { "n2" }.to_owned();
-    cluster.node(&holder).signal(Signal::SIGSTOP);
+    let signal = |cluster: &mut Cluster, signal| match whole_group {
+        true => cluster.node(&holder).signal_group(signal),
+        false => cluster.node(&holder).signal(signal),
+    };
+    signal(&mut cluster, Signal::SIGSTOP);
     wait_until(SETTLE, "the task runs on the other node", || {
         task_processes(&cluster.name, "app/tick").iter().any(|(_, node)| *node == other)
     });
     on_one_node(&cluster, Duration::from_secs(2));
-    cluster.node(&holder).signal(Signal::SIGCONT);
+    signal(&mut cluster, Signal::SIGCONT);
     // Back on the bus, the node learns the task moved and does not start it again.
     on_one_node(&cluster, Duration::from_secs(5));
     let processes = task_processes(&cluster.name, "app/tick");
     assert!(processes.iter().all(|(_, node)| *node == other), "the copy stays where it moved: {processes:?}");
+    assert_no_overlap(&log);
+    (cluster, holder, log)
+}
+
+#[test]
+fn a_frozen_node_fences_itself_before_its_task_starts_elsewhere() {
+    let (mut cluster, holder, log) = freeze_the_holder("fence", false);
     let runs = intervals(&log);
     assert_eq!(runs.len(), 2, "one run on each node: {runs:?}");
-    assert_no_overlap(&log);
     let fenced = cluster.node(&holder).log_text();
     assert!(fenced.contains("cut off from the bus"), "{fenced}");
 }
@@ -190,27 +202,7 @@ fn a_frozen_node_fences_itself_before_its_task_starts_elsewhere() {
 fn freezing_a_nodes_whole_process_group_stops_its_task_before_it_starts_elsewhere() {
     // `kill -STOP -<pgid>` (or Ctrl-Z) freezes the node and everything in its group. The shims
     // are not in it: their leases run out and the task stops, as for a frozen node alone.
-    let tagged: &[&str] = &["--fence-timeout", "1s", "--tags", "x"];
-    let mut cluster = Cluster::start("freeze-group", 3, &[FENCE, tagged, tagged]);
-    let log = scratch("freeze-group").join("ticks.log");
-    submit(&cluster, ticking(&cluster, "app/tick", &log));
-    let mut holder = String::new();
-    wait_until(SETTLE, "the task runs", || {
-        let processes = task_processes(&cluster.name, "app/tick");
-        holder = processes.first().map(|(_, node)| node.clone()).unwrap_or_default();
-        !holder.is_empty()
-    });
-    let other = if holder == "n2" { "n3" } else { "n2" }.to_owned();
-    cluster.node(&holder).signal_group(Signal::SIGSTOP);
-    wait_until(SETTLE, "the task runs on the other node", || {
-        task_processes(&cluster.name, "app/tick").iter().any(|(_, node)| *node == other)
-    });
-    on_one_node(&cluster, Duration::from_secs(2));
-    cluster.node(&holder).signal_group(Signal::SIGCONT);
-    on_one_node(&cluster, Duration::from_secs(5));
-    assert_no_overlap(&log);
-    let processes = task_processes(&cluster.name, "app/tick");
-    assert!(processes.iter().all(|(_, node)| *node == other), "the copy stays where it moved: {processes:?}");
+    freeze_the_holder("freeze-group", true);
 }
 
 #[test]
