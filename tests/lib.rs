@@ -133,6 +133,8 @@ pub struct Node {
     args: Vec<String>,
     /// A command prefix (e.g. `ip netns exec NAME`).
     wrapper: Vec<String>,
+    /// Extra environment.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -142,6 +144,21 @@ impl Node {
         let timings =
             ["--heartbeat-interval", "100ms", "--leader-timeout", "600ms", "--node-timeout", "1500ms"];
         Node::launch(broker, cluster, id, &[&timings[..], extra].concat())
+    }
+
+    /// Starts a node with test timings and extra environment (e.g. a test-only switch).
+    pub fn start_with_env(
+        broker: &Broker,
+        cluster: &str,
+        id: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
+        let timings =
+            ["--heartbeat-interval", "100ms", "--leader-timeout", "600ms", "--node-timeout", "1500ms"];
+        let args = [&timings[..], extra].concat();
+        let env = env.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect();
+        Node::launch_full(broker, cluster, id, &args, Vec::new(), env)
     }
 
     /// Starts a node with test timings in `partition`'s network namespace.
@@ -163,6 +180,17 @@ impl Node {
         extra: &[&str],
         wrapper: Vec<String>,
     ) -> Node {
+        Node::launch_full(broker, cluster, id, extra, wrapper, Vec::new())
+    }
+
+    fn launch_full(
+        broker: &Broker,
+        cluster: &str,
+        id: &str,
+        extra: &[&str],
+        wrapper: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Node {
         let workspace = scratch(&format!("ws-{id}"));
         let mut args: Vec<String> = vec![
             "--bus".into(),
@@ -176,7 +204,7 @@ impl Node {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = workspace.join("node.log");
-        let mut node = Node { id: id.into(), log, workspace, args, wrapper, child: None };
+        let mut node = Node { id: id.into(), log, workspace, args, wrapper, env, child: None };
         node.spawn();
         node
     }
@@ -197,6 +225,7 @@ impl Node {
             .process_group(0)
             .args(&self.args)
             .env("SHIVA_LOG", "info,shiva_node=debug")
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())

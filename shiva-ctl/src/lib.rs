@@ -159,16 +159,37 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             if json.json {
                 print_json(&rows);
             } else {
-                println!("{:<24} {:<6} {:<7} {:>5}  TAGS", "ID", "ALIVE", "LEADER", "TASKS");
-                for row in rows {
+                println!(
+                    "{:<24} {:<6} {:<7} {:>5}  {:<14} TAGS",
+                    "ID", "ALIVE", "LEADER", "TASKS", "VERSION"
+                );
+                let mine = shiva_proto::protocol();
+                for row in &rows {
                     let leader = if row.leader { "*" } else { "" };
+                    let version = format!("{}/p{}", row.version.as_deref().unwrap_or("?"), row.protocol);
                     println!(
-                        "{:<24} {:<6} {:<7} {:>5}  {}",
+                        "{:<24} {:<6} {:<7} {:>5}  {:<14} {}",
                         row.id.as_str(),
                         row.alive,
                         leader,
                         row.tasks,
+                        version,
                         row.tags.join(",")
+                    );
+                }
+                for row in rows.iter().filter(|row| row.protocol > mine) {
+                    println!(
+                        "note: {} speaks protocol {}, newer than this shiva-ctl's ({mine}): it leads while it is live, \
+                         and its records are read here only by key; upgrade shiva-ctl to see them",
+                        row.id.as_str(),
+                        row.protocol
+                    );
+                }
+                let protocols: std::collections::BTreeSet<u16> =
+                    rows.iter().filter(|row| row.alive).map(|row| row.protocol).collect();
+                if protocols.len() > 1 {
+                    println!(
+                        "note: live nodes speak protocols {protocols:?}: a rolling upgrade is under way (docs/operations.md, \"Upgrades\")"
                     );
                 }
             }

@@ -165,6 +165,10 @@ pub struct NodeRow {
     pub incarnation: String,
     /// Sender clock of its newest heartbeat (milliseconds since the epoch).
     pub last_heartbeat_ms: u64,
+    /// The protocol version its newest heartbeat was written in.
+    pub protocol: u16,
+    /// Its build version (absent from older nodes and nodes of a newer protocol).
+    pub version: Option<String>,
 }
 
 /// Every node that ever heartbeated, sorted by id.
@@ -191,6 +195,8 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
                 leader_capable: entry.heartbeat.leader_capable,
                 incarnation: entry.incarnation.to_string(),
                 last_heartbeat_ms: entry.sent_at_ms,
+                protocol: entry.heartbeat.protocol,
+                version: entry.heartbeat.version.clone(),
             }
         })
         .collect()

@@ -19,6 +19,9 @@ pub enum Verdict {
     Follower,
     /// The leader is gone: append a claim for this epoch.
     Claim(u64),
+    /// This node won `epoch` but a node of a newer protocol is live: step down and write a
+    /// resignation, so that the newer node may claim.
+    Resign(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,20 +74,22 @@ impl Election {
         }
     }
 
-    /// Decides. `healthy`: this node reads its own heartbeats back. A leader is gone after
+    /// Decides. `healthy`: this node reads its own heartbeats back. A node neither claims nor
+    /// keeps leadership while a leader-capable node of a newer protocol is live. A leader is gone after
     /// `beats.leader` own heartbeats without one of its own, or `beats.first_write` without a
     /// first leader write (claims and heartbeats are on different topics whose read lags
     /// differ, so this one needs the longer threshold).
     pub fn decide(&self, view: &LogView, membership: &Membership, healthy: bool, beats: Beats) -> Verdict {
+        let newer = membership.newer_protocol_live(beats.leader).is_some();
         if let Some((epoch, winner)) = view.leader() {
             if winner.node == self.me && winner.incarnation == self.incarnation {
-                return Verdict::Leader(epoch);
+                return if newer { Verdict::Resign(epoch) } else { Verdict::Leader(epoch) };
             }
             if self.leader_alive(view, membership, epoch, winner, beats) {
                 return Verdict::Follower;
             }
         }
-        if !self.leader_capable || !healthy {
+        if !self.leader_capable || !healthy || newer {
             return Verdict::Follower;
         }
         let next = view.epochs.newest + 1;
@@ -197,5 +202,36 @@ mod tests {
         assert_eq!(election.decide(&view, &membership, true, B2), Verdict::Claim(2));
         // A claim that jumps epochs is refused by the view.
         assert!(matches!(claim(&mut view, 1, &ghost, Uuid::new_v4(), 1_000_000), Outcome::Skipped(_)));
+    }
+
+    #[test]
+    fn a_node_neither_claims_nor_keeps_leadership_while_a_newer_protocol_node_is_live() {
+        let (a, new) = (NodeId::new("a").unwrap(), NodeId::new("new").unwrap());
+        let (inc_a, inc_new) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut view = LogView::default();
+        let mut membership = Membership::new(a.clone(), inc_a);
+        let election = Election::new(a.clone(), inc_a, true);
+        assert!(matches!(claim(&mut view, 0, &a, inc_a, 1), Outcome::Applied(_)));
+        assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Leader(1));
+        let newer = Heartbeat::of_newer_protocol(shiva_proto::protocol() + 1);
+        membership.on_heartbeat(&new, inc_new, &newer);
+        assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Resign(1));
+        view.epochs.resigned.insert(1);
+        assert_eq!(
+            election.decide(&view, &membership, true, B3),
+            Verdict::Follower,
+            "no claim while it is live"
+        );
+        // A newer node that may not lead does not stop this one.
+        let mut runner_only = newer.clone();
+        runner_only.leader_capable = false;
+        membership.on_heartbeat(&new, inc_new, &runner_only);
+        assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Claim(2));
+        // Once the newer node is gone, this one claims again.
+        membership.on_heartbeat(&new, inc_new, &newer);
+        for _ in 0..3 {
+            membership.on_heartbeat(&a, inc_a, &hb());
+        }
+        assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Claim(2));
     }
 }

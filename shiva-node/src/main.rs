@@ -31,6 +31,14 @@ fn main() -> ExitCode {
         let message = shiva_node::fault::internal_error(info.payload());
         tracing::error!(%location, %message, "panic");
     }));
+    if std::env::var_os("SHIVA_TEST_NEXT_PROTOCOL").is_some_and(|value| value == "1") {
+        // Test-only: stand in for a node of the next protocol version (mixed-cluster tests).
+        shiva_proto::records::write_next_protocol_for_tests();
+        tracing::warn!(
+            protocol = shiva_proto::protocol(),
+            "SHIVA_TEST_NEXT_PROTOCOL: writing the next protocol version"
+        );
+    }
     let config = match NodeConfig::from_args(args) {
         Ok(config) => config,
         Err(err) => {

@@ -108,6 +108,22 @@ impl Membership {
         self.own_beats.saturating_sub(peer.seen_at) < beats.saturating_add(1)
     }
 
+    /// A live, leader-capable node of a newer protocol than this build's, if any: this node
+    /// then neither claims nor keeps leadership (see `election`), so that the newest version
+    /// leads a mixed cluster and never competes with a leader it cannot fully read.
+    pub fn newer_protocol_live(&self, beats: u64) -> Option<(&NodeId, u16)> {
+        let mine = shiva_proto::protocol();
+        self.peers
+            .iter()
+            .filter(|(id, peer)| {
+                peer.heartbeat.protocol > mine
+                    && peer.heartbeat.leader_capable
+                    && self.is_alive(id, Some(peer.incarnation), beats)
+            })
+            .map(|(id, peer)| (id, peer.heartbeat.protocol))
+            .next()
+    }
+
     /// Live nodes (this one included once its heartbeat was read back), sorted by id.
     pub fn live_members(&self, beats: u64) -> Vec<Member> {
         self.peers
@@ -138,6 +154,7 @@ impl Membership {
 pub(crate) fn test_heartbeat() -> Heartbeat {
     Heartbeat {
         protocol: 1,
+        version: None,
         seq: 0,
         hostname: "h".into(),
         tags: vec![],

@@ -23,7 +23,7 @@ pub mod topics;
 pub mod view;
 
 pub use ids::{IdError, NodeId, TaskId};
-pub use records::{Body, DecodeError, Envelope, PROTOCOL_VERSION};
+pub use records::{Body, DecodeError, Envelope, Header, PROTOCOL_VERSION, protocol};
 pub use spec::{SpecError, TaskSpec};
 pub use topics::{TopicKind, Topics};
 pub use view::{LogView, Outcome};

@@ -17,6 +17,21 @@ use crate::spec::TaskSpec;
 
 /// The envelope version this build writes and the newest it reads.
 pub const PROTOCOL_VERSION: u16 = 1;
+
+static WRITTEN_PROTOCOL: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+
+/// The protocol version this process writes (and the newest it reads): [`PROTOCOL_VERSION`],
+/// unless a test made it write the next one (see [`write_next_protocol_for_tests`]).
+pub fn protocol() -> u16 {
+    WRITTEN_PROTOCOL.get().copied().unwrap_or(PROTOCOL_VERSION)
+}
+
+/// Test-only switch (the node's `SHIVA_TEST_NEXT_PROTOCOL`): this process writes envelopes and
+/// heartbeats of protocol `PROTOCOL_VERSION + 1` with today's bodies, standing in for a node of the
+/// next version in mixed-cluster tests. Set once, before anything is written.
+pub fn write_next_protocol_for_tests() {
+    let _ = WRITTEN_PROTOCOL.set(PROTOCOL_VERSION + 1);
+}
 /// Records larger than this are refused by readers (and never written).
 pub const MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
 
@@ -156,6 +171,10 @@ pub struct RunSummary {
 pub struct Heartbeat {
     /// Highest protocol version the node speaks.
     pub protocol: u16,
+    /// The node's build version (absent from older nodes, and from heartbeats of a newer
+    /// protocol, whose bodies are not read: see [`Heartbeat::of_newer_protocol`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// Increments with every heartbeat of this incarnation.
     pub seq: u64,
     /// The node's host name (also one of its tags for placement).
@@ -188,6 +207,29 @@ pub struct Heartbeat {
     /// Runs the node holds.
     #[serde(default)]
     pub runs: Vec<RunSummary>,
+}
+
+impl Heartbeat {
+    /// What a reader keeps of a heartbeat of a protocol newer than its own, read by key and
+    /// header only: the node is alive and speaks `protocol`; it is given nothing to run (a
+    /// leader never places a task on a node whose records it cannot read).
+    pub fn of_newer_protocol(protocol: u16) -> Heartbeat {
+        Heartbeat {
+            protocol,
+            version: None,
+            seq: 0,
+            hostname: String::new(),
+            tags: Vec::new(),
+            leader_capable: true,
+            runner: false,
+            interval_ms: 0,
+            fence_timeout_ms: None,
+            returns: 0,
+            features: Vec::new(),
+            resources: Resources::default(),
+            runs: Vec::new(),
+        }
+    }
 }
 
 /// `leave/<id>/<incarnation>` body: the node stopped gracefully; its tasks may move at once.
@@ -481,7 +523,7 @@ pub enum DecodeError {
     #[error("malformed envelope: {0}")]
     Malformed(String),
     /// A newer protocol version.
-    #[error("unsupported envelope version {found} (this build reads up to {PROTOCOL_VERSION})")]
+    #[error("unsupported envelope version {found} (this build reads up to {})", protocol())]
     UnsupportedVersion {
         /// Version found.
         found: u16,
@@ -522,6 +564,50 @@ struct WireIn {
     body: serde_json::Value,
 }
 
+/// The envelope's header, read whatever its version: the fields that every protocol version
+/// keeps (see docs/protocol.md, "Versions"), so that a reader counts a newer node's claims and
+/// heartbeats by key and header even where it cannot read their bodies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Envelope version.
+    pub v: u16,
+    /// Record kind.
+    pub kind: String,
+    /// Sender.
+    pub sender: String,
+    /// Sender's incarnation.
+    pub incarnation: Option<Uuid>,
+    /// Sender's wall clock at send time.
+    pub sent_at_ms: u64,
+}
+
+impl Header {
+    /// Reads the header of a record of any version (`None`: not an envelope, or too large).
+    pub fn decode(bytes: &[u8]) -> Option<Header> {
+        #[derive(Deserialize)]
+        struct HeaderIn {
+            v: u16,
+            kind: String,
+            sender: String,
+            #[serde(default)]
+            incarnation: Option<Uuid>,
+            #[serde(default)]
+            sent_at_ms: u64,
+        }
+        if bytes.len() > MAX_RECORD_BYTES {
+            return None;
+        }
+        let wire: HeaderIn = serde_json::from_slice(bytes).ok()?;
+        Some(Header {
+            v: wire.v,
+            kind: wire.kind,
+            sender: wire.sender,
+            incarnation: wire.incarnation,
+            sent_at_ms: wire.sent_at_ms,
+        })
+    }
+}
+
 impl Envelope {
     /// An envelope from `sender`, stamped with its wall clock now.
     pub fn now(sender: impl Into<String>, incarnation: Option<Uuid>, body: Body) -> Envelope {
@@ -535,7 +621,7 @@ impl Envelope {
     pub fn encode(&self) -> Vec<u8> {
         fn out<B: Serialize>(env: &Envelope, body: &B) -> Vec<u8> {
             let wire = WireOut {
-                v: PROTOCOL_VERSION,
+                v: protocol(),
                 kind: env.body.kind(),
                 sender: &env.sender,
                 incarnation: env.incarnation,
@@ -569,7 +655,7 @@ impl Envelope {
         }
         let wire: WireIn =
             serde_json::from_slice(bytes).map_err(|err| DecodeError::Malformed(err.to_string()))?;
-        if wire.v == 0 || wire.v > PROTOCOL_VERSION {
+        if wire.v == 0 || wire.v > protocol() {
             return Err(DecodeError::UnsupportedVersion { found: wire.v });
         }
         fn body<T: for<'de> Deserialize<'de>>(

@@ -16,7 +16,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
 use crate::ids::{NodeId, TaskId};
-use crate::records::{Assignment, Body, DesiredState, Envelope, Heartbeat, Members, Placement, TaskStatus};
+use crate::records::{
+    Assignment, Body, DecodeError, DesiredState, Envelope, Heartbeat, Members, Placement, TaskStatus,
+};
 use crate::runs::{RunIntent, RunPhase, RunReport, Sched};
 use crate::spec::TaskSpec;
 use crate::topics::{TopicKind, key};
@@ -371,6 +373,15 @@ impl LogView {
                 Err(err) if topic == TopicKind::Commands && key.starts_with("task/") => Outcome::Skipped(
                     format!("record '{key}': {}", explain_spec(value).unwrap_or(err.to_string())),
                 ),
+                Err(DecodeError::UnsupportedVersion { found }) if found > crate::protocol() => {
+                    match self.apply_newer(topic, offset, key, value) {
+                        Ok(kind) => Outcome::Applied(kind),
+                        Err(reason) => Outcome::Skipped(format!(
+                            "record '{key}' of protocol {found} (this build reads up to {}): {reason}",
+                            crate::protocol()
+                        )),
+                    }
+                }
                 Err(err) => Outcome::Skipped(format!("record '{key}': {err}")),
                 Ok(envelope) => {
                     let kind = envelope.body.kind();
@@ -515,6 +526,80 @@ impl LogView {
         }
     }
 
+    /// The first claim for `newest + 1` wins it.
+    fn claim(&mut self, epoch: u64, node: NodeId, incarnation: Uuid, offset: i64) -> Result<(), String> {
+        if epoch <= self.epochs.newest {
+            return Err(format!("lost: epoch {epoch} is already taken"));
+        }
+        if epoch != self.epochs.newest + 1 {
+            return Err(format!("epoch {epoch} jumps past the newest epoch {}", self.epochs.newest));
+        }
+        self.epochs.newest = epoch;
+        self.epochs.winners.insert(epoch, Winner { node, incarnation, offset });
+        Ok(())
+    }
+
+    /// A record of a newer protocol than this build reads. Its body is not read, but claims,
+    /// heartbeats and departures count by key and header (which every version keeps): a newer
+    /// node's claim takes its epoch here as everywhere, so one epoch never has two winners, and
+    /// a newer node is seen alive (a node refuses to lead while one is, see `shiva-node`'s
+    /// election). Everything else is skipped.
+    fn apply_newer(
+        &mut self,
+        topic: TopicKind,
+        offset: i64,
+        key: &str,
+        value: &[u8],
+    ) -> Result<&'static str, String> {
+        let header = crate::Header::decode(value).ok_or("no readable envelope header")?;
+        let node = NodeId::new(header.sender.clone()).map_err(|_| "sender is not a node")?;
+        let incarnation = header.incarnation.ok_or("sender has no incarnation")?;
+        match (topic, header.kind.as_str()) {
+            (TopicKind::Assignments, "claim") => {
+                let mut parts = key.strip_prefix("claim/").ok_or("not a claim key")?.splitn(3, '/');
+                let epoch =
+                    parts.next().and_then(|epoch| epoch.parse::<u64>().ok()).ok_or("no epoch in its key")?;
+                if parts.next() != Some(node.as_str()) || parts.next().is_none_or(str::is_empty) {
+                    return Err(format!("key does not match 'claim/{epoch}/{node}/<claim-id>'"));
+                }
+                self.claim(epoch, node, incarnation, offset)?;
+                Ok("claim")
+            }
+            (TopicKind::Control, "heartbeat") => {
+                expect_key(key, &key::node(&node))?;
+                let mut heartbeat = Heartbeat::of_newer_protocol(header.v);
+                // Fields every version keeps in its heartbeat body (docs/protocol.md, "Versions").
+                #[derive(serde::Deserialize)]
+                struct Kept {
+                    #[serde(default)]
+                    leader_capable: Option<bool>,
+                    #[serde(default)]
+                    hostname: Option<String>,
+                    #[serde(default)]
+                    version: Option<String>,
+                }
+                #[derive(serde::Deserialize)]
+                struct Outer {
+                    body: Kept,
+                }
+                if let Ok(Outer { body }) = serde_json::from_slice::<Outer>(value) {
+                    heartbeat.leader_capable = body.leader_capable.unwrap_or(true);
+                    heartbeat.hostname = body.hostname.unwrap_or_default().chars().take(253).collect();
+                    heartbeat.version = body.version.map(|version| version.chars().take(64).collect());
+                }
+                let entry = HeartbeatEntry { incarnation, offset, sent_at_ms: header.sent_at_ms, heartbeat };
+                self.heartbeats.insert(node, entry);
+                Ok("heartbeat")
+            }
+            (TopicKind::Control, "leave") => {
+                expect_key(key, &key::leave(&node, incarnation))?;
+                self.left.insert((node, incarnation));
+                Ok("leave")
+            }
+            (_, kind) => Err(format!("a '{kind}' record is read only by its protocol's readers")),
+        }
+    }
+
     fn apply_envelope(
         &mut self,
         topic: TopicKind,
@@ -552,17 +637,7 @@ impl LogView {
                 if !key.starts_with(&prefix) {
                     return Err(format!("key does not match '{prefix}<claim-id>'"));
                 }
-                if claim.epoch <= self.epochs.newest {
-                    return Err(format!("lost: epoch {} is already taken", claim.epoch));
-                }
-                if claim.epoch != self.epochs.newest + 1 {
-                    return Err(format!(
-                        "epoch {} jumps past the newest epoch {}",
-                        claim.epoch, self.epochs.newest
-                    ));
-                }
-                self.epochs.newest = claim.epoch;
-                self.epochs.winners.insert(claim.epoch, Winner { node, incarnation, offset });
+                self.claim(claim.epoch, node, incarnation, offset)?;
             }
             (TopicKind::Assignments, Body::Resign(resign)) => {
                 expect_key(key, &key::resign(resign.epoch))?;

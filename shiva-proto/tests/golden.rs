@@ -73,6 +73,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                 1795315713425,
                 Body::Heartbeat(Heartbeat {
                     protocol: 1,
+                    version: None,
                     seq: 412,
                     hostname: "host-a".into(),
                     tags: vec!["gpu".into()],

@@ -131,6 +131,7 @@ fn body() -> impl Strategy<Value = Body> {
                 |(seq, hostname, leader_capable, runner, interval_ms, cpus, task, generation)| {
                     Body::Heartbeat(Heartbeat {
                         protocol: 1,
+                        version: Some("0.1.0".into()),
                         seq,
                         hostname,
                         tags: vec!["gpu".into()],

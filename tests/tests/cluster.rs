@@ -229,6 +229,65 @@ fn a_second_node_with_a_live_nodes_id_refuses_to_start() {
     assert_eq!(cluster.wait_nodes(1), "n1");
 }
 
+/// Each epoch's leader as every node's log names it ("new epoch" lines): epoch → {leader}.
+fn epochs_in_logs(nodes: &[&Node]) -> BTreeMap<u64, std::collections::BTreeSet<String>> {
+    let field = |line: &str, name: &str| {
+        line.split_whitespace().find_map(|word| word.strip_prefix(name).map(|value| value.to_owned()))
+    };
+    let mut epochs: BTreeMap<u64, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for node in nodes {
+        for line in node.log_text().lines().filter(|line| line.contains("new epoch")) {
+            let epoch = field(line, "epoch=").and_then(|epoch| epoch.parse().ok()).expect("an epoch");
+            epochs.entry(epoch).or_default().insert(field(line, "leader=").expect("a leader"));
+        }
+    }
+    epochs
+}
+
+#[test]
+fn a_node_of_the_next_protocol_leads_a_mixed_cluster_and_no_epoch_has_two_winners() {
+    let cluster = Cluster::start("mixed", 2, &[]);
+    let env = [("SHIVA_TEST_NEXT_PROTOCOL", "1")];
+    let mut next = Node::start_with_env(&cluster.broker, &cluster.name, "n3", &[], &env);
+    // The older nodes resign and do not claim while it is live: it leads.
+    wait_until(SETTLE, "the newer node leads", || next.log_text().contains("won the election"));
+    assert!(
+        cluster
+            .nodes
+            .iter()
+            .any(|node| node.log_text().contains("resigning: a node of a newer protocol is live")),
+        "the older leader resigned for it"
+    );
+    let claims = |node: &Node| node.log_text().matches("claiming the next epoch").count();
+    let before: Vec<usize> = cluster.nodes.iter().map(claims).collect();
+    std::thread::sleep(Duration::from_secs(5));
+    let after: Vec<usize> = cluster.nodes.iter().map(claims).collect();
+    assert_eq!(before, after, "no older node claims while the newer one is live");
+    assert!(next.log_text().matches("won the election").count() == 1, "it kept its leadership");
+
+    // `nodes` shows each node's protocol and version, and says that an upgrade is under way.
+    let rows = cluster.ctl.json(&["nodes"]);
+    let row = |id: &str| rows.as_array().unwrap().iter().find(|row| row["id"] == id).unwrap().clone();
+    assert_eq!(row("n3")["protocol"], shiva_proto::PROTOCOL_VERSION + 1, "{rows}");
+    assert_eq!(row("n1")["protocol"], shiva_proto::PROTOCOL_VERSION, "{rows}");
+    assert_eq!(row("n1")["version"], env!("CARGO_PKG_VERSION"), "{rows}");
+    let human = cluster.ctl.ok(&["nodes"]);
+    assert!(human.contains("note: n3 speaks protocol 2, newer than this shiva-ctl's (1)"), "{human}");
+
+    // Once the newer node is gone, an older one leads again.
+    next.kill9();
+    let leader = cluster.wait_nodes(2);
+    assert!(["n1", "n2"].contains(&leader.as_str()));
+    // Every node saw every epoch won by the same node.
+    let logs: Vec<&Node> = cluster.nodes.iter().chain([&next]).collect();
+    let epochs = epochs_in_logs(&logs);
+    assert!(epochs.len() >= 3, "epochs of n1/n2, of n3, and after it: {epochs:?}");
+    for (epoch, leaders) in &epochs {
+        assert_eq!(leaders.len(), 1, "epoch {epoch} has one winner on every node: {epochs:?}");
+    }
+    assert!(epochs.values().any(|leaders| leaders.contains("n3")), "{epochs:?}");
+}
+
 /// Reading a topic from outside the nodes, to prove the broker really compacted it.
 mod shiva_e2e_reader {
     use super::*;

@@ -458,6 +458,18 @@ impl Node {
                 }
             }
             Verdict::Follower => self.step_down("another node leads"),
+            Verdict::Resign(epoch) => {
+                if let Some((node, protocol)) = self.membership.newer_protocol_live(beats.leader) {
+                    let (node, protocol) = (node.clone(), protocol);
+                    self.step_down("a node of a newer protocol is live");
+                    let key = key::resign(epoch);
+                    if !self.busy(TopicKind::Assignments, &key) {
+                        warn!(epoch, %node, protocol, "resigning: a node of a newer protocol is live and leads instead");
+                        let body = Some(Body::Resign(shiva_proto::records::Resign { epoch }));
+                        self.send(TopicKind::Assignments, key, body, Purpose::Leader);
+                    }
+                }
+            }
             Verdict::Claim(epoch) => {
                 self.step_down("the leader is gone");
                 if self.leadership.claim_check.is_none() {

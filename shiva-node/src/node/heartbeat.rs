@@ -4,7 +4,6 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use shiva_proto::PROTOCOL_VERSION;
 use shiva_proto::records::{Heartbeat, Resources, RunSummary};
 use sysinfo::System;
 
@@ -129,7 +128,8 @@ pub fn build(
     runs: Vec<RunSummary>,
 ) -> Heartbeat {
     Heartbeat {
-        protocol: PROTOCOL_VERSION,
+        protocol: shiva_proto::protocol(),
+        version: Some(env!("CARGO_PKG_VERSION").to_owned()),
         seq,
         hostname: identity.hostname.clone(),
         tags: identity.tags.clone(),

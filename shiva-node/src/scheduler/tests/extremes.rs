@@ -250,6 +250,7 @@ proptest! {
         let mut membership = Membership::new(me.clone(), Uuid::new_v4());
         let heartbeat = Heartbeat {
             protocol: u16::MAX,
+            version: None,
             seq,
             hostname: "h".into(),
             tags: vec![],
