@@ -407,7 +407,26 @@ pub fn task_processes(marker: &str, task: &str) -> Vec<(i32, String)> {
         if state == 'Z' || state == 'X' {
             continue;
         }
-        let node = vars.iter().find_map(|v| v.strip_prefix("SHIVA_NODE_ID=")).unwrap_or("").to_owned();
+        let node_of =
+            |vars: &[String]| vars.iter().find_map(|v| v.strip_prefix("SHIVA_NODE_ID=")).map(str::to_owned);
+        let node = match node_of(&vars) {
+            Some(node) => node,
+            // Every task process carries SHIVA_NODE_ID. A process torn down while its environment
+            // is read (a `sleep` of the task exiting) yields a cut-off read: read it again, and
+            // count it only if it is still there and still lacks it.
+            None => {
+                let again = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+                let again: Vec<String> =
+                    again.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+                if !again.contains(&needle) {
+                    continue;
+                }
+                match node_of(&again) {
+                    Some(node) => node,
+                    None => String::new(),
+                }
+            }
+        };
         found.push((pid, node));
     }
     found

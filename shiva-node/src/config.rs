@@ -205,20 +205,6 @@ impl NodeConfig {
             }),
         })
     }
-
-    /// Own heartbeats that must land after a leader's last one before it counts as gone.
-    pub fn leader_beats(&self) -> u64 {
-        beats(self.leader_timeout, self.heartbeat_interval)
-    }
-
-    /// Own heartbeats that must land after a node's last one before it counts as gone.
-    pub fn node_beats(&self) -> u64 {
-        beats(self.node_timeout, self.heartbeat_interval)
-    }
-}
-
-fn beats(timeout: Duration, interval: Duration) -> u64 {
-    timeout.as_nanos().div_ceil(interval.as_nanos()).max(1) as u64
 }
 
 fn default_workspace(cluster: &str, node: &NodeId) -> PathBuf {
@@ -246,8 +232,8 @@ mod tests {
     #[test]
     fn defaults_are_consistent() {
         let config = parse(&["--node-id", "a"]).unwrap();
-        assert_eq!(config.leader_beats(), 5);
-        assert_eq!(config.node_beats(), 15);
+        assert_eq!(config.leader_timeout, config.heartbeat_interval * 5);
+        assert_eq!(config.node_timeout, config.heartbeat_interval * 15);
         assert!(config.leader_capable && config.runner);
     }
 

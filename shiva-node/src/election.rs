@@ -3,11 +3,13 @@
 //! see `shiva_proto::view`); this module only decides when to ask.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use shiva_proto::view::Winner;
 use shiva_proto::{LogView, NodeId};
 use uuid::Uuid;
 
+use crate::clock::Boot;
 use crate::membership::Membership;
 
 /// What this node should do about leadership now.
@@ -30,13 +32,13 @@ enum ClaimState {
     Failed,
 }
 
-/// Silence thresholds, in this node's own heartbeats.
+/// Silence thresholds, in log time (see `membership`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Beats {
+pub struct Timeouts {
     /// Without a heartbeat from the leader.
-    pub leader: u64,
+    pub leader: Duration,
     /// Without a first leader write from a new epoch's winner.
-    pub first_write: u64,
+    pub first_write: Duration,
 }
 
 /// Election bookkeeping of one node.
@@ -45,8 +47,8 @@ pub struct Election {
     me: NodeId,
     incarnation: Uuid,
     leader_capable: bool,
-    /// Own-heartbeat count when each epoch's winning claim was read.
-    won_at: BTreeMap<u64, u64>,
+    /// When each epoch's winning claim was read.
+    won_at: BTreeMap<u64, Boot>,
     my_claim: Option<(u64, ClaimState)>,
 }
 
@@ -56,9 +58,9 @@ impl Election {
         Election { me, incarnation, leader_capable, won_at: BTreeMap::new(), my_claim: None }
     }
 
-    /// Notes that the winning claim of `epoch` was read at `own_beats`.
-    pub fn on_winner(&mut self, epoch: u64, own_beats: u64) {
-        self.won_at.entry(epoch).or_insert(own_beats);
+    /// Notes that the winning claim of `epoch` was read at `now`.
+    pub fn on_winner(&mut self, epoch: u64, now: Boot) {
+        self.won_at.entry(epoch).or_insert(now);
     }
 
     /// Notes that a claim for `epoch` was sent.
@@ -75,17 +77,23 @@ impl Election {
     }
 
     /// Decides. `healthy`: this node reads its own heartbeats back. A node neither claims nor
-    /// keeps leadership while a leader-capable node of a newer protocol is live. A leader is gone after
-    /// `beats.leader` own heartbeats without one of its own, or `beats.first_write` without a
-    /// first leader write (claims and heartbeats are on different topics whose read lags
-    /// differ, so this one needs the longer threshold).
-    pub fn decide(&self, view: &LogView, membership: &Membership, healthy: bool, beats: Beats) -> Verdict {
-        let newer = membership.newer_protocol_live(beats.leader).is_some();
+    /// keeps leadership while a leader-capable node of a newer protocol is live. A leader is gone
+    /// after `timeouts.leader` of log time without a heartbeat of its own, or
+    /// `timeouts.first_write` without a first leader write (claims and heartbeats are on
+    /// different topics whose read lags differ, so this one needs the longer threshold).
+    pub fn decide(
+        &self,
+        view: &LogView,
+        membership: &Membership,
+        healthy: bool,
+        timeouts: Timeouts,
+    ) -> Verdict {
+        let newer = membership.newer_protocol_live(timeouts.leader).is_some();
         if let Some((epoch, winner)) = view.leader() {
             if winner.node == self.me && winner.incarnation == self.incarnation {
                 return if newer { Verdict::Resign(epoch) } else { Verdict::Leader(epoch) };
             }
-            if self.leader_alive(view, membership, epoch, winner, beats) {
+            if self.leader_alive(view, membership, epoch, winner, timeouts) {
                 return Verdict::Follower;
             }
         }
@@ -105,25 +113,25 @@ impl Election {
         membership: &Membership,
         epoch: u64,
         winner: &Winner,
-        beats: Beats,
+        timeouts: Timeouts,
     ) -> bool {
         if view.left.contains(&(winner.node.clone(), winner.incarnation)) {
             return false;
         }
-        let since_win = membership.own_beats() - self.won_at.get(&epoch).copied().unwrap_or(0);
+        // A claim not noted as read (none is: `on_winner` runs for each) counts from boot.
+        let since_win = membership.log_since(self.won_at.get(&epoch).copied().unwrap_or_default());
         // A winner that never makes a leader write within the timeout counts as gone.
-        if !view.epochs.active.contains(&epoch) && since_win >= beats.first_write {
+        if !view.epochs.active.contains(&epoch) && since_win >= timeouts.first_write {
             return false;
         }
-        let beats = beats.leader;
         match membership.peer(&winner.node) {
             Some(peer) if peer.incarnation == winner.incarnation => {
-                membership.is_alive(&winner.node, Some(winner.incarnation), beats)
+                membership.is_alive(&winner.node, Some(winner.incarnation), timeouts.leader)
             }
             // The node restarted since it claimed: that incarnation is gone.
             Some(_) => false,
             // Never heard of it (a claim from a non-node): give it the timeout, no more.
-            None => since_win < beats,
+            None => since_win < timeouts.leader,
         }
     }
 }
@@ -135,8 +143,14 @@ mod tests {
     use shiva_proto::topics::key;
     use shiva_proto::{TopicKind, view::Outcome};
 
-    const B3: Beats = Beats { leader: 3, first_write: 3 };
-    const B2: Beats = Beats { leader: 2, first_write: 2 };
+    const B3: Timeouts =
+        Timeouts { leader: Duration::from_millis(300), first_write: Duration::from_millis(300) };
+    const B2: Timeouts =
+        Timeouts { leader: Duration::from_millis(200), first_write: Duration::from_millis(200) };
+
+    fn at(ms: u64) -> Boot {
+        Boot::from_since_boot(Duration::from_millis(ms))
+    }
 
     fn hb() -> Heartbeat {
         crate::membership::test_heartbeat()
@@ -167,14 +181,14 @@ mod tests {
             "unhealthy nodes never claim"
         );
 
-        membership.on_heartbeat(&b, inc_b, &hb());
+        membership.on_heartbeat(&b, inc_b, &hb(), at(1000));
         assert!(matches!(claim(&mut view, 0, &b, inc_b, 1), Outcome::Applied(_)));
-        election.on_winner(1, membership.own_beats());
+        election.on_winner(1, at(1000));
         view.epochs.active.insert(1);
         assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Follower);
-        for _ in 0..3 {
-            membership.on_heartbeat(&a, inc_a, &hb());
-        }
+        membership.advance(at(1299));
+        assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Follower);
+        membership.advance(at(1300));
         assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Claim(2));
         election.claim_sent(2);
         assert_eq!(
@@ -195,10 +209,11 @@ mod tests {
         let mut election = Election::new(a.clone(), inc_a, true);
         let ghost = NodeId::new("ghost").unwrap();
         assert!(matches!(claim(&mut view, 0, &ghost, Uuid::new_v4(), 1), Outcome::Applied(_)));
-        election.on_winner(1, 0);
+        election.on_winner(1, at(1000));
         assert_eq!(election.decide(&view, &membership, true, B2), Verdict::Follower);
-        membership.on_heartbeat(&a, inc_a, &hb());
-        membership.on_heartbeat(&a, inc_a, &hb());
+        membership.advance(at(1100));
+        assert_eq!(election.decide(&view, &membership, true, B2), Verdict::Follower);
+        membership.advance(at(1200));
         assert_eq!(election.decide(&view, &membership, true, B2), Verdict::Claim(2));
         // A claim that jumps epochs is refused by the view.
         assert!(matches!(claim(&mut view, 1, &ghost, Uuid::new_v4(), 1_000_000), Outcome::Skipped(_)));
@@ -214,7 +229,7 @@ mod tests {
         assert!(matches!(claim(&mut view, 0, &a, inc_a, 1), Outcome::Applied(_)));
         assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Leader(1));
         let newer = Heartbeat::of_newer_protocol(shiva_proto::protocol() + 1);
-        membership.on_heartbeat(&new, inc_new, &newer);
+        membership.on_heartbeat(&new, inc_new, &newer, at(1000));
         assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Resign(1));
         view.epochs.resigned.insert(1);
         assert_eq!(
@@ -225,13 +240,11 @@ mod tests {
         // A newer node that may not lead does not stop this one.
         let mut runner_only = newer.clone();
         runner_only.leader_capable = false;
-        membership.on_heartbeat(&new, inc_new, &runner_only);
+        membership.on_heartbeat(&new, inc_new, &runner_only, at(1000));
         assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Claim(2));
         // Once the newer node is gone, this one claims again.
-        membership.on_heartbeat(&new, inc_new, &newer);
-        for _ in 0..3 {
-            membership.on_heartbeat(&a, inc_a, &hb());
-        }
+        membership.on_heartbeat(&new, inc_new, &newer, at(1000));
+        membership.advance(at(1300));
         assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Claim(2));
     }
 }

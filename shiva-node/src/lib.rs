@@ -1,11 +1,12 @@
 //! The Shiva node daemon.
 //!
 //! # Layout
-//! * [`config`]: flags and their validation;
+//! * [`config`]: flags and their validation; [`clock`]: the boot-time clock of leases and log time;
 //! * pure decisions: [`membership`] (liveness in log time), [`election`], [`placement`],
 //!   [`leader`] (reconciliation);
 //! * I/O: [`supervisor`] (child processes), [`node`] (the driver: reads the bus, feeds the
 //!   decisions, writes their records).
+pub mod clock;
 pub mod config;
 pub mod election;
 pub mod fault;

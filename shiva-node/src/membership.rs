@@ -1,6 +1,16 @@
-//! Membership in log time: a peer is gone when enough of this node's own heartbeats have
-//! landed in `control` after the peer's last one. No clocks are compared; a node that cannot
-//! write or read its own heartbeats stops counting, so it never judges others gone.
+//! Membership in log time: a peer is gone when one of this node's own heartbeats, *sent* at
+//! least the timeout after this node *read* the peer's newest heartbeat, has landed in `control`
+//! and been read back. Only this node's own clock is used (never the peer's, nor the broker's):
+//! the own heartbeat was appended after the peer's (it was sent after that was read), so the log
+//! holds nothing of the peer over at least the timeout between the two landings. A node that
+//! cannot write or read its own heartbeats stops advancing log time, so it never judges others
+//! gone.
+//!
+//! Log time is the send instant of the newest own heartbeat read back, not a count of own
+//! heartbeats: heartbeats queued in the producer and landing in a burst, and a retried heartbeat
+//! landing twice, advance a count by time that never passed in the log (six queued heartbeats ate
+//! the whole margin at the default settings). A send instant advances only with time that passed.
+//! See docs/architecture.md, "Log time and its margins", for the worst case.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -9,13 +19,15 @@ use shiva_proto::NodeId;
 use shiva_proto::records::{Heartbeat, Member};
 use uuid::Uuid;
 
+use crate::clock::Boot;
+
 /// What this node knows of a peer.
 #[derive(Debug, Clone)]
 pub struct Peer {
     /// Incarnation of its newest heartbeat.
     pub incarnation: Uuid,
-    /// This node's own-heartbeat count when the peer's newest heartbeat was read.
-    pub seen_at: u64,
+    /// When this node read the peer's newest heartbeat.
+    pub seen_at: Boot,
     /// The newest heartbeat.
     pub heartbeat: Heartbeat,
 }
@@ -23,12 +35,18 @@ pub struct Peer {
 /// The longest fence timeout a heartbeat may announce (`--fence-timeout`'s maximum).
 pub const MAX_FENCE: Duration = Duration::from_secs(3600);
 
+/// The largest rate difference between two nodes' clocks that the move rules absorb: 1000 ppm
+/// (each clock within 500 ppm, the most the kernel's NTP discipline slews). A peer measures its
+/// fence timeout on its own clock; this node waits that long on its clock plus this share of it.
+pub const CLOCK_RATE_BOUND_PPM: u32 = 1000;
+
 /// Heartbeats folded in log order.
 #[derive(Debug, Clone)]
 pub struct Membership {
     me: NodeId,
     incarnation: Uuid,
-    own_beats: u64,
+    /// Log time: the send instant of the newest own heartbeat read back.
+    log_now: Option<Boot>,
     peers: BTreeMap<NodeId, Peer>,
     left: BTreeSet<(NodeId, Uuid)>,
 }
@@ -36,21 +54,37 @@ pub struct Membership {
 impl Membership {
     /// Membership as seen by `me` in `incarnation`.
     pub fn new(me: NodeId, incarnation: Uuid) -> Self {
-        Membership { me, incarnation, own_beats: 0, peers: BTreeMap::new(), left: BTreeSet::new() }
+        Membership { me, incarnation, log_now: None, peers: BTreeMap::new(), left: BTreeSet::new() }
     }
 
-    /// Own heartbeats read back so far: the log-time clock.
-    pub fn own_beats(&self) -> u64 {
-        self.own_beats
+    /// Log time: the send instant of the newest own heartbeat read back (none yet: nobody has
+    /// been silent for any time).
+    pub fn log_now(&self) -> Option<Boot> {
+        self.log_now
     }
 
-    /// Folds a heartbeat read from the log. Returns true when it is one of this node's own.
-    pub fn on_heartbeat(&mut self, node: &NodeId, incarnation: Uuid, heartbeat: &Heartbeat) -> bool {
+    /// How much log time passed since `instant` (this node's clock): zero before the first own
+    /// heartbeat read back.
+    pub fn log_since(&self, instant: Boot) -> Duration {
+        self.log_now.map_or(Duration::ZERO, |now| now.saturating_since(instant))
+    }
+
+    /// An own heartbeat sent at `sent` was read back: log time moves to it (never back).
+    pub fn advance(&mut self, sent: Boot) {
+        self.log_now = Some(self.log_now.map_or(sent, |now| now.max(sent)));
+    }
+
+    /// Folds a heartbeat read from the log at `now`. Returns true when it is one of this node's
+    /// own (log time then moves with [`Membership::advance`], by its send instant).
+    pub fn on_heartbeat(
+        &mut self,
+        node: &NodeId,
+        incarnation: Uuid,
+        heartbeat: &Heartbeat,
+        now: Boot,
+    ) -> bool {
         let own = *node == self.me && incarnation == self.incarnation;
-        if own {
-            self.own_beats += 1;
-        }
-        let peer = Peer { incarnation, seen_at: self.own_beats, heartbeat: heartbeat.clone() };
+        let peer = Peer { incarnation, seen_at: now, heartbeat: heartbeat.clone() };
         self.peers.insert(node.clone(), peer);
         own
     }
@@ -66,8 +100,8 @@ impl Membership {
     }
 
     /// Whether `node` (in `incarnation`, if given) is alive: its newest heartbeat is of that
-    /// incarnation, it did not leave, and fewer than `beats` own heartbeats landed after it.
-    pub fn is_alive(&self, node: &NodeId, incarnation: Option<Uuid>, beats: u64) -> bool {
+    /// incarnation, it did not leave, and less than `timeout` of log time passed since it was read.
+    pub fn is_alive(&self, node: &NodeId, incarnation: Option<Uuid>, timeout: Duration) -> bool {
         if *node == self.me && incarnation.is_none_or(|inc| inc == self.incarnation) {
             return true;
         }
@@ -78,22 +112,21 @@ impl Membership {
         if self.left.contains(&(node.clone(), peer.incarnation)) {
             return false;
         }
-        self.own_beats.saturating_sub(peer.seen_at) < beats
+        self.log_since(peer.seen_at) < timeout
     }
 
-    /// Whether `node` may still hold an exclusive run with `grace` to stop it: it did not
-    /// leave, and fewer own heartbeats than its fence timeout plus `grace` plus `margin` (and one
-    /// more: a beat sent just before the node's last one may land after it) have landed since its
-    /// newest heartbeat. The node's lease ran from a send instant no later than that heartbeat's
-    /// landing, so past that count it has stopped the run (its shim kills it at the latest).
-    /// `interval` is this node's heartbeat interval; `default_fence` stands in for a heartbeat
-    /// without a fence timeout.
+    /// Whether `node` may still hold an exclusive run with `grace` to stop it: it did not leave,
+    /// and less log time than its fence timeout plus `grace` plus `margin` (plus the clock rate
+    /// bound's share) has passed since its newest heartbeat was read. The node's lease ran from
+    /// the send instant of a heartbeat of its that landed no later than that one (one that landed
+    /// later would have been read before the own heartbeat that moved log time), so past that it
+    /// has stopped the run (its shim kills it at the latest). `default_fence` stands in for a
+    /// heartbeat without a fence timeout.
     pub fn may_still_run(
         &self,
         node: &NodeId,
         grace: Duration,
         margin: Duration,
-        interval: Duration,
         default_fence: Duration,
     ) -> bool {
         let Some(peer) = self.peers.get(node) else { return false };
@@ -103,36 +136,34 @@ impl Membership {
         // A heartbeat's fence timeout is read within the node flag's range (at most 1h).
         let fence =
             peer.heartbeat.fence_timeout_ms.map_or(default_fence, Duration::from_millis).min(MAX_FENCE);
-        let wait = fence.saturating_add(grace).saturating_add(margin);
-        let beats = u64::try_from(wait.as_nanos().div_ceil(interval.as_nanos().max(1))).unwrap_or(u64::MAX);
-        self.own_beats.saturating_sub(peer.seen_at) < beats.saturating_add(1)
+        self.log_since(peer.seen_at) < move_wait(fence, grace, margin)
     }
 
     /// A live, leader-capable node of a newer protocol than this build's, if any: this node
     /// then neither claims nor keeps leadership (see `election`), so that the newest version
     /// leads a mixed cluster and never competes with a leader it cannot fully read.
-    pub fn newer_protocol_live(&self, beats: u64) -> Option<(&NodeId, u16)> {
+    pub fn newer_protocol_live(&self, timeout: Duration) -> Option<(&NodeId, u16)> {
         let mine = shiva_proto::protocol();
         self.peers
             .iter()
             .filter(|(id, peer)| {
                 peer.heartbeat.protocol > mine
                     && peer.heartbeat.leader_capable
-                    && self.is_alive(id, Some(peer.incarnation), beats)
+                    && self.is_alive(id, Some(peer.incarnation), timeout)
             })
             .map(|(id, peer)| (id, peer.heartbeat.protocol))
             .next()
     }
 
     /// Live nodes (this one included once its heartbeat was read back), sorted by id.
-    pub fn live_members(&self, beats: u64) -> Vec<Member> {
+    pub fn live_members(&self, timeout: Duration) -> Vec<Member> {
         self.peers
             .iter()
             .filter(|(id, peer)| {
                 if **id == self.me {
                     peer.incarnation == self.incarnation
                 } else {
-                    self.is_alive(id, Some(peer.incarnation), beats)
+                    self.is_alive(id, Some(peer.incarnation), timeout)
                 }
             })
             .map(|(id, peer)| Member {
@@ -147,6 +178,15 @@ impl Membership {
             })
             .collect()
     }
+}
+
+/// How much log time must pass after a silent node's newest heartbeat before its exclusive run
+/// may start elsewhere: its fence timeout, the run's stop grace and the margin, stretched by the
+/// clock rate bound (the node measures its fence on its own clock). Saturating.
+pub fn move_wait(fence: Duration, grace: Duration, margin: Duration) -> Duration {
+    let wait = fence.saturating_add(grace);
+    let drift = wait.as_nanos().saturating_mul(u128::from(CLOCK_RATE_BOUND_PPM)) / 1_000_000;
+    wait.saturating_add(Duration::from_nanos(u64::try_from(drift).unwrap_or(u64::MAX))).saturating_add(margin)
 }
 
 /// A heartbeat for unit tests.
@@ -177,57 +217,198 @@ mod tests {
         test_heartbeat()
     }
 
-    #[test]
-    fn peers_expire_in_own_heartbeats_only() {
-        let me = NodeId::new("a").unwrap();
-        let other = NodeId::new("b").unwrap();
-        let (inc_a, inc_b) = (Uuid::new_v4(), Uuid::new_v4());
-        let mut membership = Membership::new(me.clone(), inc_a);
-        membership.on_heartbeat(&other, inc_b, &hb());
-        assert!(membership.is_alive(&other, Some(inc_b), 3));
-        // Time does not pass while this node's own heartbeats are not read back.
-        assert!(membership.is_alive(&other, None, 3));
-        for _ in 0..2 {
-            membership.on_heartbeat(&me, inc_a, &hb());
-        }
-        assert!(membership.is_alive(&other, None, 3));
-        membership.on_heartbeat(&me, inc_a, &hb());
-        assert!(!membership.is_alive(&other, None, 3));
-        membership.on_heartbeat(&other, inc_b, &hb());
-        assert!(membership.is_alive(&other, None, 3));
-        assert!(!membership.is_alive(&other, Some(Uuid::new_v4()), 3), "another incarnation is not alive");
-        membership.on_leave(&other, inc_b);
-        assert!(!membership.is_alive(&other, None, 3));
-        assert_eq!(membership.live_members(3).len(), 1);
+    fn at(ms: u64) -> Boot {
+        Boot::from_since_boot(Duration::from_millis(ms))
     }
 
     #[test]
-    fn an_exclusive_run_moves_only_after_fence_grace_and_margin() {
+    fn peers_expire_in_log_time_only() {
+        let me = NodeId::new("a").unwrap();
+        let other = NodeId::new("b").unwrap();
+        let (inc_a, inc_b) = (Uuid::new_v4(), Uuid::new_v4());
+        let timeout = Duration::from_millis(300);
+        let mut membership = Membership::new(me.clone(), inc_a);
+        membership.on_heartbeat(&other, inc_b, &hb(), at(1000));
+        assert!(membership.is_alive(&other, Some(inc_b), timeout));
+        // Time does not pass while this node's own heartbeats are not read back.
+        assert!(membership.is_alive(&other, None, timeout));
+        // Own heartbeats sent before the peer's was read, landing after it in a burst: no time.
+        for sent in [700, 800, 900, 1000] {
+            membership.on_heartbeat(&me, inc_a, &hb(), at(1001));
+            membership.advance(at(sent));
+        }
+        assert!(membership.is_alive(&other, None, timeout));
+        membership.advance(at(1299));
+        assert!(membership.is_alive(&other, None, timeout));
+        // A duplicate of an own heartbeat moves nothing; log time never goes back.
+        membership.advance(at(1299));
+        membership.advance(at(900));
+        assert_eq!(membership.log_now(), Some(at(1299)));
+        assert!(membership.is_alive(&other, None, timeout));
+        membership.advance(at(1300));
+        assert!(!membership.is_alive(&other, None, timeout));
+        membership.on_heartbeat(&other, inc_b, &hb(), at(1400));
+        assert!(membership.is_alive(&other, None, timeout));
+        assert!(
+            !membership.is_alive(&other, Some(Uuid::new_v4()), timeout),
+            "another incarnation is not alive"
+        );
+        membership.on_leave(&other, inc_b);
+        assert!(!membership.is_alive(&other, None, timeout));
+        assert_eq!(membership.live_members(timeout).len(), 1);
+    }
+
+    #[test]
+    fn an_exclusive_run_moves_only_after_fence_grace_margin_and_the_clock_rate_bound() {
         let me = NodeId::new("a").unwrap();
         let other = NodeId::new("b").unwrap();
         let (inc_a, inc_b) = (Uuid::new_v4(), Uuid::new_v4());
         let mut membership = Membership::new(me.clone(), inc_a);
-        membership.on_heartbeat(&other, inc_b, &hb());
+        membership.on_heartbeat(&other, inc_b, &hb(), at(0));
         let ms = Duration::from_millis;
-        let still = |m: &Membership| m.may_still_run(&other, ms(500), ms(200), ms(100), ms(5000));
-        // fence 300 + grace 500 + margin 200 = 10 beats of 100 ms, plus one.
-        for _ in 0..10 {
-            membership.on_heartbeat(&me, inc_a, &hb());
-            assert!(still(&membership));
-        }
-        membership.on_heartbeat(&me, inc_a, &hb());
+        let still = |m: &Membership| m.may_still_run(&other, ms(500), ms(200), ms(5000));
+        // fence 300 + grace 500 (+ 0.8 ms at 1000 ppm) + margin 200 = 1000.8 ms.
+        membership.advance(at(1000));
+        assert!(still(&membership));
+        membership.advance(Boot::from_since_boot(Duration::from_micros(1_000_799)));
+        assert!(still(&membership));
+        membership.advance(Boot::from_since_boot(Duration::from_micros(1_000_800)));
         assert!(!still(&membership));
         // Without a fence timeout in its heartbeat, the default (5 s) applies.
         let mut old = hb();
         old.fence_timeout_ms = None;
-        membership.on_heartbeat(&other, inc_b, &old);
-        for _ in 0..20 {
-            membership.on_heartbeat(&me, inc_a, &hb());
-        }
+        membership.on_heartbeat(&other, inc_b, &old, at(2000));
+        membership.advance(at(4000));
         assert!(still(&membership));
         // A node that left stopped its runs itself.
         membership.on_leave(&other, inc_b);
         assert!(!still(&membership));
-        assert!(!membership.may_still_run(&NodeId::new("c").unwrap(), ms(1), ms(1), ms(100), ms(1)));
+        assert!(!membership.may_still_run(&NodeId::new("c").unwrap(), ms(1), ms(1), ms(1)));
+        assert_eq!(move_wait(Duration::MAX, Duration::MAX, Duration::MAX), Duration::MAX);
+        assert_eq!(move_wait(MAX_FENCE, ms(0), ms(1000)), MAX_FENCE + ms(3600 + 1000), "1000 ppm of an hour");
+    }
+}
+
+#[cfg(test)]
+mod log_time {
+    //! Bursty and duplicated delivery: log time never runs ahead of the log.
+    use super::*;
+    use proptest::prelude::*;
+
+    const INTERVAL: u64 = 100;
+    const TIMEOUT: u64 = 500;
+
+    /// One landing of a heartbeat in the log.
+    #[derive(Debug, Clone, Copy)]
+    struct Landing {
+        at: u64,
+        mine: bool,
+        sent: u64,
+    }
+
+    /// Beats every `INTERVAL` from `phase`; a beat sent during a stall lands when it ends (a
+    /// burst); `dups` land twice; one producer keeps its beats in order.
+    fn landings(
+        mine: bool,
+        phase: u64,
+        stalls: &[(u64, u64)],
+        dups: &[u64],
+        jitter: &[u64],
+        count: u64,
+    ) -> Vec<Landing> {
+        let mut out = Vec::new();
+        let mut last = 0;
+        for i in 0..count {
+            let sent = phase + i * INTERVAL;
+            let mut at = sent + jitter[(i as usize) % jitter.len()];
+            for (start, len) in stalls {
+                if sent >= *start && sent < start + len {
+                    at = at.max(start + len);
+                }
+            }
+            at = at.max(last);
+            last = at;
+            out.push(Landing { at, mine, sent });
+            if dups.contains(&i) {
+                out.push(Landing { at: at + 1 + jitter[(i as usize + 1) % jitter.len()], mine, sent });
+            }
+        }
+        out
+    }
+
+    /// Folds `log` in landing order, each record read some time after it landed; returns, for
+    /// each own landing at which the peer was judged gone, that landing and the peer's newest.
+    fn judgements(mut log: Vec<Landing>, read_lag: &[u64]) -> Vec<(u64, u64)> {
+        log.sort_by_key(|landing| (landing.at, landing.mine));
+        let me = NodeId::new("me").unwrap();
+        let peer = NodeId::new("peer").unwrap();
+        let (inc_me, inc_peer) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut membership = Membership::new(me.clone(), inc_me);
+        let mut read = 0;
+        let mut peer_landed = None;
+        let mut judged = Vec::new();
+        for (i, landing) in log.iter().enumerate() {
+            read = (landing.at + read_lag[i % read_lag.len()]).max(read);
+            let now = Boot::from_since_boot(Duration::from_millis(read));
+            if landing.mine {
+                membership.on_heartbeat(&me, inc_me, &test_heartbeat(), now);
+                membership.advance(Boot::from_since_boot(Duration::from_millis(landing.sent)));
+            } else {
+                membership.on_heartbeat(&peer, inc_peer, &test_heartbeat(), now);
+                peer_landed = Some(landing.at);
+            }
+            if let Some(peer_at) = peer_landed
+                && !membership.is_alive(&peer, None, Duration::from_millis(TIMEOUT))
+            {
+                judged.push((landing.at, peer_at));
+            }
+        }
+        judged
+    }
+
+    /// A peer that really went silent is judged gone soon after the timeout: at most a heartbeat
+    /// interval, a read lag and a delivery later.
+    #[test]
+    fn a_silent_peer_is_judged_gone_soon_after_the_timeout() {
+        let jitter = [5, 17, 29];
+        let mut log = landings(true, 0, &[], &[], &jitter, 80);
+        // The peer's heartbeats from 2 s to 3.5 s are lost (its producer gave up).
+        log.extend(
+            landings(false, 50, &[], &[], &jitter, 80)
+                .into_iter()
+                .filter(|l| l.sent < 2000 || l.sent >= 3500),
+        );
+        let judged = judgements(log, &[10, 39]);
+        let (first, peer_at) = *judged.first().expect("judged gone");
+        assert!(first >= peer_at + TIMEOUT);
+        assert!(first <= peer_at + TIMEOUT + INTERVAL + 40 + 30, "judged {} ms after", first - peer_at);
+        assert!(judged.iter().all(|(at, _)| *at < 3600), "alive again once it is heard: {judged:?}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        /// A peer is judged gone only once the log really was silent of it for the timeout: the
+        /// own heartbeat that tipped the judgement landed at least the timeout after the peer's
+        /// newest heartbeat before it. Bursts of queued heartbeats and duplicates included.
+        #[test]
+        fn bursty_and_duplicated_heartbeats_never_judge_a_live_node_gone(
+            my_stalls in proptest::collection::vec((0u64..6000, 0u64..1500), 0..4),
+            peer_stalls in proptest::collection::vec((0u64..6000, 0u64..1500), 0..4),
+            my_dups in proptest::collection::vec(0u64..80, 0..10),
+            peer_dups in proptest::collection::vec(0u64..80, 0..10),
+            jitter in proptest::collection::vec(0u64..30, 1..20),
+            phase in 0u64..INTERVAL,
+            read_lag in proptest::collection::vec(0u64..40, 1..20),
+        ) {
+            let mut log = landings(true, 0, &my_stalls, &my_dups, &jitter, 80);
+            log.extend(landings(false, phase, &peer_stalls, &peer_dups, &jitter, 80));
+            for (judged, peer_at) in judgements(log, &read_lag) {
+                prop_assert!(
+                    judged >= peer_at + TIMEOUT,
+                    "judged gone at a landing {} ms after the peer's newest heartbeat (timeout {TIMEOUT} ms)",
+                    judged - peer_at
+                );
+            }
+        }
     }
 }

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use shiva_node::clock::Boot;
+
 use shiva_node::supervisor::shim::{LaunchOptions, ShimLauncher};
 use shiva_node::supervisor::spawn::SpawnRequest;
 use shiva_node::tree::Isolation;
@@ -25,7 +27,7 @@ fn workspace(label: &str) -> PathBuf {
     dir
 }
 
-fn launcher(dir: &Path, fence_timeout: Duration, lease: watch::Receiver<Option<Instant>>) -> ShimLauncher {
+fn launcher(dir: &Path, fence_timeout: Duration, lease: watch::Receiver<Option<Boot>>) -> ShimLauncher {
     ShimLauncher {
         exe: PathBuf::from(env!("CARGO_BIN_EXE_shiva-node")),
         isolation: Isolation::ProcessGroup,
@@ -40,13 +42,13 @@ fn launcher(dir: &Path, fence_timeout: Duration, lease: watch::Receiver<Option<I
 
 /// A node's lease of `fence` that keeps being renewed (as heartbeats are read back) until the
 /// returned flag is cleared.
-fn renewed_lease(fence: Duration) -> (watch::Receiver<Option<Instant>>, Arc<AtomicBool>) {
-    let (tx, rx) = watch::channel(Some(Instant::now() + fence));
+fn renewed_lease(fence: Duration) -> (watch::Receiver<Option<Boot>>, Arc<AtomicBool>) {
+    let (tx, rx) = watch::channel(Some(Boot::now() + fence));
     let healthy = Arc::new(AtomicBool::new(true));
     let flag = healthy.clone();
     tokio::spawn(async move {
         while flag.load(Ordering::SeqCst) {
-            tx.send_replace(Some(Instant::now() + fence));
+            tx.send_replace(Some(Boot::now() + fence));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Dropping the sender keeps the last deadline, which then passes.

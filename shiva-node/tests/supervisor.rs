@@ -23,13 +23,14 @@ fn workspace(label: &str) -> PathBuf {
 
 fn supervisor(dir: &Path) -> (Supervisor, mpsc::UnboundedReceiver<TaskStatus>) {
     // A lease that lasts the whole test.
-    let lease = tokio::sync::watch::channel(Some(std::time::Instant::now() + Duration::from_secs(3600))).1;
+    let lease =
+        tokio::sync::watch::channel(Some(shiva_node::clock::Boot::now() + Duration::from_secs(3600))).1;
     supervisor_with(dir, lease)
 }
 
 fn supervisor_with(
     dir: &Path,
-    lease: tokio::sync::watch::Receiver<Option<std::time::Instant>>,
+    lease: tokio::sync::watch::Receiver<Option<shiva_node::clock::Boot>>,
 ) -> (Supervisor, mpsc::UnboundedReceiver<TaskStatus>) {
     let (reports, reports_rx) = mpsc::unbounded_channel();
     let context = JobContext {
@@ -356,7 +357,7 @@ async fn a_go_that_comes_while_the_staged_job_waits_for_the_lease_is_kept() {
     want.get_mut(&task.id).unwrap().start = true;
     supervisor.reconcile(&want);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    lease_tx.send_replace(Some(std::time::Instant::now() + Duration::from_secs(3600)));
+    lease_tx.send_replace(Some(shiva_node::clock::Boot::now() + Duration::from_secs(3600)));
     let running = next_state(&mut reports_rx, RunState::Running).await;
     assert_eq!(running.after.len(), 1);
     supervisor.stop_all().await;

@@ -18,8 +18,9 @@ use uuid::Uuid;
 
 use super::fence::FenceChange;
 use super::heartbeat::{Gate, GateDecision, Identity, ResourceProbe, build};
+use crate::clock::Boot;
 use crate::config::NodeConfig;
-use crate::election::{Beats, Election, Verdict};
+use crate::election::{Election, Timeouts, Verdict};
 use crate::firing::Timing;
 use crate::leader::{Inputs, reconcile};
 use crate::membership::Membership;
@@ -77,7 +78,7 @@ pub(crate) struct Node {
     pub(crate) last_reader_error: Option<(String, Instant)>,
     /// When the node's lease runs out while it is open (`None`: fenced); the run shims' leases
     /// are renewed up to it.
-    pub(crate) lease: tokio::sync::watch::Sender<Option<Instant>>,
+    pub(crate) lease: tokio::sync::watch::Sender<Option<Boot>>,
     /// Self-fencing.
     pub(crate) fence: super::fence::Fence,
     /// Task output shipping (flushed on the way out).
@@ -289,7 +290,7 @@ impl Node {
                     if self.view.epochs.winners.get(&newest).is_some_and(|winner| winner.offset == offset) {
                         let winner = &self.view.epochs.winners[&newest];
                         info!(epoch = newest, leader = %winner.node, "new epoch");
-                        self.election.on_winner(newest, self.membership.own_beats());
+                        self.election.on_winner(newest, Boot::now());
                     }
                 }
                 _ => {}
@@ -305,8 +306,12 @@ impl Node {
             if entry.offset != offset {
                 return;
             }
-            if self.membership.on_heartbeat(id, entry.incarnation, &entry.heartbeat) {
+            if self.membership.on_heartbeat(id, entry.incarnation, &entry.heartbeat, Boot::now()) {
                 self.gate.read_back(entry.heartbeat.seq);
+                // Log time moves to the send instant of the newest own heartbeat read back.
+                if let Some(sent) = self.gate.lease_start() {
+                    self.membership.advance(sent);
+                }
             } else if *id == self.config.node_id && (self.ready || self.probing) {
                 self.impostor = Some(entry.incarnation);
                 error!(node = %id, incarnation = %entry.incarnation, "another live node heartbeats with this node's id");
@@ -404,7 +409,7 @@ impl Node {
     }
 
     pub(crate) fn heartbeat(&mut self) {
-        let seq = match self.gate.next(Instant::now(), self.config.leader_timeout) {
+        let seq = match self.gate.next(Boot::now(), self.config.leader_timeout) {
             GateDecision::Send(seq) => seq,
             GateDecision::Pause => {
                 warn!("cannot read this node's own heartbeats back; heartbeats paused until it can");
@@ -443,10 +448,10 @@ impl Node {
         if !self.ready {
             return;
         }
-        self.update_fence();
-        let healthy = open && self.membership.own_beats() > 0;
-        let beats = Beats { leader: self.config.leader_beats(), first_write: self.config.node_beats() };
-        match self.election.decide(&self.view, &self.membership, healthy, beats) {
+        self.update_fence(Boot::now(), std::time::SystemTime::now());
+        let healthy = open && self.membership.log_now().is_some();
+        let timeouts = Timeouts { leader: self.config.leader_timeout, first_write: self.config.node_timeout };
+        match self.election.decide(&self.view, &self.membership, healthy, timeouts) {
             Verdict::Leader(epoch) => {
                 if self.leadership.leading != Some(epoch)
                     && self.leadership.leader_sync.is_none_or(|(e, _)| e != epoch)
@@ -459,7 +464,7 @@ impl Node {
             }
             Verdict::Follower => self.step_down("another node leads"),
             Verdict::Resign(epoch) => {
-                if let Some((node, protocol)) = self.membership.newer_protocol_live(beats.leader) {
+                if let Some((node, protocol)) = self.membership.newer_protocol_live(timeouts.leader) {
                     let (node, protocol) = (node.clone(), protocol);
                     self.step_down("a node of a newer protocol is live");
                     let key = key::resign(epoch);
@@ -509,15 +514,9 @@ impl Node {
 
     /// The leader's writes for this step: reconciliation, then the scheduler's.
     fn leader_writes(&self, epoch: u64) -> Vec<crate::leader::Write> {
-        let live = self.membership.live_members(self.config.node_beats());
+        let live = self.membership.live_members(self.config.node_timeout);
         let may_still_run = |node: &NodeId, grace: Duration| {
-            self.membership.may_still_run(
-                node,
-                grace,
-                FENCE_MARGIN,
-                self.config.heartbeat_interval,
-                self.config.node_timeout,
-            )
+            self.membership.may_still_run(node, grace, FENCE_MARGIN, self.config.node_timeout)
         };
         let busy = |topic: TopicKind, key: &str| self.busy(topic, key);
         let inputs = Inputs {
@@ -570,18 +569,24 @@ impl Node {
 
     /// Takes in the lease: fences or (after a read to the end) opens, and tells the shims how
     /// long the lease lasts.
-    fn update_fence(&mut self) {
+    fn update_fence(&mut self, now: Boot, wall: std::time::SystemTime) {
         let lease_start = self.gate.lease_start();
         let mut next_token = self.next_token;
-        let change = self.fence.update(lease_start, Instant::now(), &mut || {
+        let change = self.fence.update(lease_start, now, wall, &mut || {
             next_token += 1;
             next_token
         });
         self.next_token = next_token;
         match change {
-            FenceChange::Fenced => warn!(
+            FenceChange::Fenced { wall_jump: None } => warn!(
                 fence_timeout = ?self.config.fence_timeout,
                 "cut off from the bus: no own heartbeat read back within the fence timeout; stopping exclusive runs"
+            ),
+            FenceChange::Fenced { wall_jump: Some(jump) } => warn!(
+                fence_timeout = ?self.config.fence_timeout,
+                wall_clock_ahead = ?jump,
+                "the wall clock ran ahead of the boot-time clock by more than the lease (the machine was paused): \
+                 the lease is over; stopping exclusive runs"
             ),
             FenceChange::Sync(token) => {
                 info!(

@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::clock::Boot;
+
 use shiva_proto::records::{Heartbeat, Resources, RunSummary};
 use sysinfo::System;
 
@@ -11,9 +13,9 @@ use sysinfo::System;
 #[derive(Debug, Default)]
 pub struct Gate {
     seq: u64,
-    outstanding: VecDeque<(u64, Instant)>,
+    outstanding: VecDeque<(u64, Boot)>,
     paused: bool,
-    newest_read_back: Option<Instant>,
+    newest_read_back: Option<Boot>,
 }
 
 /// What the gate says about the next heartbeat.
@@ -29,8 +31,8 @@ pub enum GateDecision {
 
 impl Gate {
     /// Decides about the next heartbeat; `limit` is how long a heartbeat may stay unread.
-    pub fn next(&mut self, now: Instant, limit: Duration) -> GateDecision {
-        if self.outstanding.front().is_some_and(|(_, sent)| now.duration_since(*sent) > limit) {
+    pub fn next(&mut self, now: Boot, limit: Duration) -> GateDecision {
+        if self.outstanding.front().is_some_and(|(_, sent)| now.saturating_since(*sent) > limit) {
             return if std::mem::replace(&mut self.paused, true) {
                 GateDecision::Paused
             } else {
@@ -56,7 +58,7 @@ impl Gate {
     }
 
     /// The send instant of the newest own heartbeat read back: the lease runs from there.
-    pub fn lease_start(&self) -> Option<Instant> {
+    pub fn lease_start(&self) -> Option<Boot> {
         self.newest_read_back
     }
 
@@ -151,7 +153,7 @@ mod tests {
     #[test]
     fn gate_pauses_until_read_back() {
         let mut gate = Gate::default();
-        let start = Instant::now();
+        let start = Boot::now();
         let limit = Duration::from_secs(1);
         assert_eq!(gate.next(start, limit), GateDecision::Send(1));
         assert_eq!(gate.next(start + Duration::from_millis(500), limit), GateDecision::Send(2));

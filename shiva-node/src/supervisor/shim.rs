@@ -11,7 +11,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Boot;
 
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
@@ -50,7 +52,7 @@ pub struct ShimLauncher {
     pub fence_timeout: Duration,
     /// When the node's lease runs out (`None`: the node is cut off). Each renewal grants a shim
     /// the time left, so a shim's lease never outlasts the node's.
-    pub lease: watch::Receiver<Option<Instant>>,
+    pub lease: watch::Receiver<Option<Boot>>,
     /// Where shim records live.
     pub records: PathBuf,
     /// Memory and CPU limit controllers.
@@ -181,8 +183,8 @@ impl ShimLauncher {
                     return Err(io::Error::new(io::ErrorKind::Interrupted, "the staged start was called off"));
                 }
                 _ = renew.tick(), if exclusive => {
-                    if let Some(left) = self.lease_left() {
-                        let _ = stdin.write_all(renewal(left).as_bytes()).await;
+                    if let Some((_, deadline)) = lease_now(&self.lease) {
+                        let _ = stdin.write_all(renewal(deadline).as_bytes()).await;
                     }
                 }
                 event = read_event(lines) => {
@@ -205,9 +207,9 @@ impl ShimLauncher {
         if let Some(user) = &options.user {
             request.user = Some(RunUser::resolve(user).map_err(io::Error::other)?);
         }
-        let lease_ms = match (options.exclusive, self.lease_left()) {
+        let lease_ms = match (options.exclusive, lease_now(&self.lease)) {
             (false, _) => None,
-            (true, Some(left)) => Some((left.as_millis() as u64, until(left))),
+            (true, Some((left, deadline))) => Some((left.as_millis() as u64, deadline.as_millis())),
             (true, None) => {
                 return Err(io::Error::other(
                     "this node is cut off from the bus (fenced): exclusive runs cannot start",
@@ -347,8 +349,8 @@ impl ShimLauncher {
             let ended = loop {
                 tokio::select! {
                     _ = renew.tick(), if exclusive && !stopping => {
-                        if let Some(left) = time_left(&lease) {
-                            let _ = stdin.write_all(renewal(left).as_bytes()).await;
+                        if let Some((_, deadline)) = lease_now(&lease) {
+                            let _ = stdin.write_all(renewal(deadline).as_bytes()).await;
                         }
                     }
                     reason = control_rx.recv(), if listening => {
@@ -449,21 +451,23 @@ impl ShimLauncher {
     }
 }
 
-/// The node's lease `left` as the absolute deadline a shim holds: `until <boot-time ms>`
-/// (relative renewals were stretched by however late the shim read them).
-fn renewal(left: Duration) -> String {
-    format!("until {}\n", until(left))
+/// The node's lease deadline as the shim holds it: `until <boot-time ms>`, the very deadline the
+/// node's fence computed on the same clock (relative renewals were stretched by however late the
+/// shim read them).
+fn renewal(deadline: Boot) -> String {
+    format!("until {}\n", deadline.as_millis())
 }
 
-/// Boot-time ms `left` from now.
-fn until(left: Duration) -> i64 {
-    crate::shim::boottime_ms().saturating_add(i64::try_from(left.as_millis()).unwrap_or(i64::MAX))
+/// The time left before `lease` runs out and its deadline (`None`: no lease, or it ran out).
+fn lease_now(lease: &watch::Receiver<Option<Boot>>) -> Option<(Duration, Boot)> {
+    let deadline = (*lease.borrow())?;
+    let left = deadline.saturating_since(Boot::now());
+    (!left.is_zero()).then_some((left, deadline))
 }
 
 /// The time left before `lease` runs out (`None`: no lease, or it ran out).
-fn time_left(lease: &watch::Receiver<Option<Instant>>) -> Option<Duration> {
-    let deadline = (*lease.borrow())?;
-    deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
+fn time_left(lease: &watch::Receiver<Option<Boot>>) -> Option<Duration> {
+    lease_now(lease).map(|(left, _)| left)
 }
 
 fn has_procs(cgroup: &Path) -> bool {

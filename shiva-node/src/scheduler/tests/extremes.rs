@@ -263,11 +263,15 @@ proptest! {
             runs: vec![],
             features: Vec::new(),
         };
-        membership.on_heartbeat(&other, Uuid::new_v4(), &heartbeat);
-        let interval = Duration::from_millis(interval_ms.clamp(1, 10_000));
-        let held = membership.may_still_run(&other, grace, Duration::from_secs(1), interval, Duration::from_secs(3));
+        let now = crate::clock::Boot::now();
+        membership.on_heartbeat(&other, Uuid::new_v4(), &heartbeat, now);
+        membership.advance(now);
+        let held = membership.may_still_run(&other, grace, Duration::from_secs(1), Duration::from_secs(3));
         prop_assert!(held, "a node just heard from may still run its tasks");
-        let _ = membership.live_members(u64::MAX);
+        membership.advance(crate::clock::Boot::from_since_boot(Duration::MAX));
+        let _ = membership.may_still_run(&other, grace, Duration::MAX, Duration::MAX);
+        let _ = membership.live_members(Duration::MAX);
+        let _ = membership.live_members(Duration::ZERO);
     }
 }
 
