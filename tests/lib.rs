@@ -421,10 +421,7 @@ pub fn task_processes(marker: &str, task: &str) -> Vec<(i32, String)> {
                 if !again.contains(&needle) {
                     continue;
                 }
-                match node_of(&again) {
-                    Some(node) => node,
-                    None => String::new(),
-                }
+                node_of(&again).unwrap_or_default()
             }
         };
         found.push((pid, node));
