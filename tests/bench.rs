@@ -408,6 +408,7 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
                 trigger,
                 node: Some(runner.clone()),
                 launch_at_ms: slot_ms,
+                written_at_ms: None,
                 spec_revision: revision,
                 spec: shared.clone(),
                 stop: None,

@@ -175,6 +175,7 @@ mod tests {
             trigger,
             node: node.map(|node| NodeId::new(node).unwrap()),
             launch_at_ms: 1000,
+            written_at_ms: None,
             spec_revision: 0,
             spec: std::sync::Arc::new(TaskSpec::new(task.clone(), "true", vec![])),
             stop: None,

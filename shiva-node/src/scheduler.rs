@@ -230,6 +230,19 @@ fn ms(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
 }
 
+/// How far back from the leader's first plan of a periodic task its slots may count: the
+/// submitter's clock (another machine's) is believed back to this bound and no further.
+pub const SUBMIT_CLOCK_BOUND_MS: i64 = 2_000;
+
+/// The origin of a periodic task's slots: the leader's clock when it first plans the task
+/// (`now_ms`), or the submitter's send instant if that is earlier by at most
+/// [`SUBMIT_CLOCK_BOUND_MS`] (a leader that took over just after the submission still runs the
+/// slots since). A CLI clock a day behind once made `catch_up: all` launch a day of slots from
+/// before the task existed; now it moves the origin by at most the bound, and one ahead not at all.
+pub fn origin(submitted_ms: i64, now_ms: i64) -> i64 {
+    submitted_ms.clamp(now_ms.saturating_sub(SUBMIT_CLOCK_BOUND_MS), now_ms)
+}
+
 /// Latest instant the scheduler works with: the last millisecond of year 9999. Instants read
 /// from the log are clamped to [1970, 9999], so arithmetic on them (a slot plus a few hours
 /// around a time-zone change, a day of jitter) stays far from chrono's limits.
@@ -481,6 +494,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             trigger: due.trigger,
             node,
             launch_at_ms: launch_at,
+            written_at_ms: Some(ms(self.ctx.now)),
             spec_revision: spec.revision,
             spec: std::sync::Arc::new(spec.spec.clone()),
             stop: None,
@@ -545,12 +559,9 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let now = self.ctx.now;
         let before = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched);
         let mut sched = before.cloned().unwrap_or_else(|| Sched {
-            // Slots count from the submission (missed ones follow the catch-up policy).
-            decided_through_ms: Some(if spec.submitted_ms > 0 {
-                spec.submitted_ms.min(ms(now))
-            } else {
-                ms(now)
-            }),
+            // The origin of its slots, recorded in this first sched record (see `origin`).
+            origin_ms: Some(origin(spec.submitted_ms, ms(now))),
+            decided_through_ms: Some(origin(spec.submitted_ms, ms(now))),
             ..Sched::fresh(self.ctx.epoch, self.task.clone(), spec.revision)
         });
         sched.spec_revision = spec.revision;

@@ -133,6 +133,11 @@ pub struct Sched {
     pub task: TaskId,
     /// The spec revision this position belongs to.
     pub spec_revision: i64,
+    /// Periodic: where its slots count from (ms, the leader's clock; see `shiva-node`'s
+    /// `scheduler::origin`), written once by the first leader to plan the task (absent from
+    /// older leaders' records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_ms: Option<i64>,
     /// Periodic: every slot up to this instant (ms) is decided: launched or dropped.
     #[serde(default)]
     pub decided_through_ms: Option<i64>,
@@ -163,6 +168,7 @@ impl Sched {
             epoch,
             task,
             spec_revision,
+            origin_ms: None,
             decided_through_ms: None,
             skipped: 0,
             queued: None,
@@ -191,8 +197,14 @@ pub struct RunIntent {
     /// The runner; `None` when the run is not launched (`skipped`).
     #[serde(default)]
     pub node: Option<NodeId>,
-    /// When the runner launches it (ms): the slot plus the task's jitter, or at once.
+    /// When the runner launches it (ms, the leader's clock): the slot plus the task's jitter,
+    /// or at once.
     pub launch_at_ms: i64,
+    /// The leader's clock when it first wrote the intent (absent from older leaders): with
+    /// `launch_at_ms` it tells the runner how long to wait, on the runner's own clock, from when
+    /// it reads the intent (see `shiva-node`'s `runner::runs::launch_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_at_ms: Option<i64>,
     /// Offset of the spec record it runs.
     pub spec_revision: i64,
     /// The spec to run (shared: the view keeps one copy per task for all its runs).

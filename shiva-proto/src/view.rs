@@ -89,8 +89,8 @@ pub struct SpecEntry {
     pub spec: TaskSpec,
     /// Offset of the `task/<id>` record in `commands`.
     pub revision: i64,
-    /// The submitter's clock when it sent the spec (ms; 0 when unknown): a periodic task's
-    /// slots count from there.
+    /// The submitter's clock when it sent the spec (ms; 0 when unknown). Another machine's
+    /// clock: the leader trusts it only within a bound (see `shiva-node`'s scheduler, origins).
     pub submitted_ms: i64,
 }
 

@@ -34,6 +34,23 @@ const PRUNE_EVERY_MS: i64 = 5_000;
 /// How many recent confirmations the lead follows.
 pub const RECENT_CONFIRMS: usize = 32;
 
+/// When this runner launches `intent`, on its own clock, having first seen it at `seen_ms`:
+/// the leader's `launch_at_ms`, but never later than the leader's own lead (`launch_at_ms -
+/// written_at_ms`, both on the leader's clock) after the runner saw it. So a runner whose clock is
+/// behind the leader's does not delay the run by its offset (it did, by the whole offset), and
+/// one ahead starts it early by at most its offset and never by more than that lead (the 1 s
+/// look-ahead plus jitter for a slot, the back-off for a retry). An intent of an older leader
+/// (no `written_at_ms`) is launched at `launch_at_ms` as before.
+pub fn launch_at(intent: &RunIntent, seen_ms: i64) -> i64 {
+    match intent.written_at_ms {
+        Some(written) => {
+            let lead = intent.launch_at_ms.saturating_sub(written).max(0);
+            intent.launch_at_ms.min(seen_ms.saturating_add(lead))
+        }
+        None => intent.launch_at_ms,
+    }
+}
+
 /// The lead for the next start records: twice the slowest of the recent confirmations (write,
 /// then read to the end), within bounds. A loaded broker makes confirmations slow; starting
 /// earlier keeps launches on time, at the price of a longer window in which a node's death
@@ -132,6 +149,8 @@ struct Held {
 #[derive(Debug, Default)]
 pub struct RunBook {
     held: BTreeMap<Uuid, Held>,
+    /// When this node first saw each intent of its own not held yet (its clock, ms).
+    seen: BTreeMap<Uuid, i64>,
     /// How long recent runs took from start record to confirmation (ms), newest last.
     confirm_ms: VecDeque<u64>,
     pruned_at: i64,
@@ -190,7 +209,10 @@ impl RunBook {
             .filter(|(_, id)| !self.held.contains_key(id))
             .filter_map(|(task, id)| view.run(task, id)?.intent.as_ref())
             .filter(|(intent, _)| intent.node.as_ref() == Some(me) && intent.stop.is_none())
-            .map(|(intent, _)| intent.launch_at_ms.saturating_sub(lead))
+            .map(|(intent, _)| {
+                let seen = self.seen.get(&intent.run_id).copied().unwrap_or(now_ms);
+                launch_at(intent, seen).saturating_sub(lead)
+            })
             .filter(|at| *at > now_ms)
             .min()
             .map(|at| Duration::from_millis(u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0)))
@@ -228,6 +250,7 @@ impl RunBook {
         // Decided over the whole walk, then applied: a panic in the walk (contained by the
         // driver) leaves the book unchanged rather than changed without its actions.
         let mut changes: Vec<(Uuid, Held)> = Vec::new();
+        let mut first_seen: Vec<Uuid> = Vec::new();
         for (task, id) in &candidates {
             let Some(entry) = view.run(task, id) else { continue };
             let Some((intent, _)) = entry.intent.as_ref() else { continue };
@@ -248,6 +271,9 @@ impl RunBook {
             if entry.is_final() {
                 continue;
             }
+            if !self.seen.contains_key(id) {
+                first_seen.push(*id);
+            }
             let finished = |state, message: String| {
                 let done = Held { task: task.clone(), phase: Phase::Done };
                 ((*id, done), Action::Write(oneshot::report(intent, state, Some(message))))
@@ -262,7 +288,8 @@ impl RunBook {
                     finished(RunPhase::Stopped, format!("stopped before it started: {reason}"));
                 changes.push(change);
                 actions.push(action);
-            } else if now >= intent.launch_at_ms.saturating_sub(lead) {
+            } else if now >= launch_at(intent, self.seen.get(id).copied().unwrap_or(now)).saturating_sub(lead)
+            {
                 let exclusive = intent.spec.on_disconnect == OnDisconnect::Stop;
                 if !beside(task) && (may_start_exclusive || !exclusive) {
                     changes.push((*id, Held { task: task.clone(), phase: Phase::Writing(now) }));
@@ -270,6 +297,7 @@ impl RunBook {
                 }
             }
         }
+        self.seen.extend(first_seen.into_iter().map(|id| (id, now)));
         self.held.extend(changes);
         if self.held.values().any(|held| matches!(held.phase, Phase::Acked(_))) {
             actions.push(Action::Sync(token));
@@ -284,6 +312,8 @@ impl RunBook {
             self.pruned_at = now;
             self.held
                 .retain(|id, held| !matches!(held.phase, Phase::Done) || view.run(&held.task, id).is_some());
+            let open: BTreeSet<&Uuid> = view.open_runs.iter().map(|(_, id)| id).collect();
+            self.seen.retain(|id, _| open.contains(id));
         }
         actions
     }
@@ -309,7 +339,10 @@ impl RunBook {
             let task = self.held[&id].task.clone();
             let entry = view.run(&task, &id);
             match confirm(entry, me, incarnation) {
-                Confirm::Launch(intent) => {
+                Confirm::Launch(mut intent) => {
+                    // Launched at this runner's instant for it (see `launch_at`).
+                    let seen = self.seen.remove(&id).unwrap_or(now);
+                    intent.launch_at_ms = launch_at(&intent, seen);
                     if self.confirm_ms.len() == RECENT_CONFIRMS {
                         self.confirm_ms.pop_front();
                     }
@@ -406,6 +439,7 @@ mod tests {
                 trigger,
                 node: Some(NodeId::new("me").unwrap()),
                 launch_at_ms: 10_000,
+                written_at_ms: None,
                 spec_revision: 0,
                 spec: std::sync::Arc::new(spec),
                 stop: None,
@@ -432,6 +466,52 @@ mod tests {
             token: 7,
         };
         book.on_event(event, now)
+    }
+
+    #[test]
+    fn a_runner_clock_an_hour_behind_or_ahead_shifts_a_start_by_at_most_the_leaders_lead() {
+        let hour = 3_600_000;
+        let me = NodeId::new("me").unwrap();
+        // The leader wrote the intent at 9 000 for 10 000 (its clock): a lead of 1 s.
+        for offset in [-hour, hour, 0] {
+            let mut log = Log::new();
+            let intent = log.intent(false, |intent| intent.written_at_ms = Some(9_000));
+            let mut book = RunBook::default();
+            // The runner reads it at 9 005 on the leader's clock, 9 005 + offset on its own.
+            let seen = 9_005 + offset;
+            let mut actions = step(&mut book, &log, true, false, seen);
+            let mut when = seen;
+            if actions.is_empty() {
+                let wait = book.next_due(&log.view, &me, seen).expect("a start record is due");
+                assert!(
+                    wait <= Duration::from_millis(1_000),
+                    "the start record waits {wait:?} with the runner's clock {offset} ms off"
+                );
+                when = seen + i64::try_from(wait.as_millis()).unwrap();
+                actions = step(&mut book, &log, true, false, when);
+            }
+            assert!(
+                matches!(&actions[..], [Action::Write(report)] if report.state == RunPhase::Starting),
+                "{actions:?}"
+            );
+            book.on_event(Event::StartWritten { run: intent.run_id, ok: true }, when + 5);
+            assert_eq!(step(&mut book, &log, true, false, when + 6), vec![Action::Sync(7)]);
+            let synced = Event::Synced { token: 7, view: &log.view, me: &me, incarnation: Uuid::new_v4() };
+            let actions = book.on_event(synced, when + 10);
+            let [Action::Launch(launched)] = &actions[..] else { panic!("{actions:?}") };
+            // It launches at the leader's instant read on its own clock, or a lead after it saw
+            // the intent, whichever is first: never an hour late (behind: a lead after it saw it,
+            // 5 ms after the leader's instant), early by at most the lead (ahead: at once).
+            assert_eq!(launched.launch_at_ms, 10_000.min(seen + 1_000), "offset {offset}");
+        }
+        // An intent of an older leader (no write time) launches at its instant, as before.
+        let intent = RunIntent { written_at_ms: None, ..Log::new().intent(false, |_| {}) };
+        assert_eq!(launch_at(&intent, -hour), 10_000);
+        // Extremes stay total.
+        let extreme = RunIntent { written_at_ms: Some(i64::MIN), launch_at_ms: i64::MAX, ..intent.clone() };
+        assert_eq!(launch_at(&extreme, i64::MAX), i64::MAX);
+        let back = RunIntent { written_at_ms: Some(i64::MAX), launch_at_ms: i64::MIN, ..intent };
+        assert_eq!(launch_at(&back, 0), i64::MIN);
     }
 
     #[test]

@@ -89,11 +89,29 @@ impl Sim {
         self.leader = Some(node);
     }
 
+    /// The slots' origin, in the first sched record of the log.
+    fn first_origin(&self) -> Option<i64> {
+        self.log.iter().find_map(|(topic, _, key, value)| {
+            if *topic != TopicKind::Assignments || !key.starts_with("sched/") {
+                return None;
+            }
+            match Envelope::decode(value.as_deref()?).ok()?.body {
+                Body::Sched(sched) => sched.origin_ms,
+                _ => None,
+            }
+        })
+    }
+
     fn submit(&mut self, spec: TaskSpec) {
+        self.submit_stamped(spec, self.now);
+    }
+
+    /// Submits with the CLI's clock reading `sent_at_ms`.
+    fn submit_stamped(&mut self, spec: TaskSpec, sent_at_ms: i64) {
         spec.validate().unwrap();
         let body = Body::Task(spec.clone());
-        let value =
-            Envelope { sender: "ctl".into(), incarnation: None, sent_at_ms: self.now as u64, body }.encode();
+        let sent_at_ms = sent_at_ms.max(0) as u64;
+        let value = Envelope { sender: "ctl".into(), incarnation: None, sent_at_ms, body }.encode();
         self.append(TopicKind::Commands, key::task(&spec.id), Some(value));
     }
 
@@ -334,6 +352,28 @@ fn assert_each_slot_once(sim: &Sim, from: i64, until: i64) {
         }
     }
     assert!(missing.is_empty(), "slots never launched: {missing:?}");
+}
+
+#[test]
+fn a_cli_clock_a_day_behind_or_ahead_moves_no_slot_the_origin_is_the_leaders() {
+    for skew in [-86_400_000, 86_400_000] {
+        let mut sim = Sim::new();
+        let begin = sim.now;
+        sim.submit_stamped(every_second(CatchUp::All), begin + skew);
+        sim.advance(5_000);
+        let slots: Vec<i64> = sim.slot_launches().into_keys().collect();
+        let bound = crate::scheduler::SUBMIT_CLOCK_BOUND_MS;
+        assert!(
+            slots.iter().all(|slot| *slot >= begin - bound),
+            "slots from before the task existed ({} of them, CLI clock {skew} ms off)",
+            slots.iter().filter(|slot| **slot < begin - bound).count()
+        );
+        assert_each_slot_once(&sim, begin, sim.now - 3_000);
+        // The origin is in the log: the first sched record holds the leader's clock.
+        let sched = &sim.view.scheds.values().next().expect("a sched record").sched;
+        assert!(sched.decided_through_ms.is_some_and(|at| at >= begin - bound));
+        assert_eq!(sim.first_origin(), Some(if skew < 0 { begin - bound } else { begin }));
+    }
 }
 
 #[test]
@@ -609,7 +649,11 @@ proptest! {
         sim.advance(10_000);
         let counts = sim.slot_launches();
         prop_assert!(counts.values().all(|count| *count == 1), "a slot launched twice");
-        let first = (begin / 1000 + 1) * 1000;
+        // Slots count from the origin the first leader to plan the task recorded (within the
+        // submitter's clock bound of `begin`, later if no leader planned it for a while).
+        let origin = sim.first_origin().expect("an origin");
+        prop_assert!(origin >= begin - crate::scheduler::SUBMIT_CLOCK_BOUND_MS);
+        let first = (origin / 1000 + 1) * 1000;
         let last = sim.now - 3_000;
         if forbid {
             prop_assert!(sim.max_concurrent <= 1, "two runs at once under forbid");

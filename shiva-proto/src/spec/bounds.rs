@@ -214,6 +214,7 @@ impl TaskSpec {
             trigger: Trigger::Slot { slot_ms: i64::MAX },
             node: None,
             launch_at_ms: i64::MAX,
+            written_at_ms: Some(i64::MIN),
             spec_revision: i64::MAX,
             spec,
             stop: None,
