@@ -747,7 +747,10 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                     report.and_then(|report| report.exit).unwrap_or(ExitInfo { code: None, signal: None }),
                 ),
             };
-            let ended = report.and_then(|report| report.ended_ms).unwrap_or(ms(now));
+            // The back-off runs from when this leader saw the end, on its own clock: the
+            // runner's `ended_ms` is another machine's clock (an hour ahead, it put the retry an
+            // hour off). Recorded in `next_at_ms`, so later leaders keep it.
+            let ended = ms(now);
             match once_next(&spec.spec, sched.attempt, end) {
                 OnceNext::Succeeded => {
                     sched.outcome = Some(Outcome { state: RunPhase::Succeeded, reason: None })

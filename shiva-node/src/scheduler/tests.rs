@@ -37,8 +37,10 @@ struct Sim {
     drop_intents: bool,
     /// Each runner's run lifecycle: the node's own pure machine.
     books: Vec<crate::runner::runs::RunBook>,
-    /// Launched runs not over: node, intent, when the child started.
+    /// Launched runs not over: node, intent, when the child started (on the node's clock).
     children: BTreeMap<Uuid, (usize, RunIntent, Option<i64>)>,
+    /// Each node's clock minus the leader's reference clock (`now`), in ms.
+    skew: Vec<i64>,
 }
 
 fn start() -> i64 {
@@ -64,6 +66,7 @@ impl Sim {
             schedules: Schedules::default(),
             books: (0..3).map(|_| Default::default()).collect(),
             children: BTreeMap::new(),
+            skew: vec![0; 3],
         };
         sim.elect(0);
         sim
@@ -128,7 +131,7 @@ impl Sim {
                 id: self.nodes[i].0.clone(),
                 incarnation: self.nodes[i].1,
                 hostname: format!("host{i}"),
-                tags: vec![],
+                tags: vec![format!("t{i}")],
                 runner: true,
                 leader_capable: true,
                 returns: 0,
@@ -144,7 +147,7 @@ impl Sim {
             view: &self.view,
             live: &live,
             epoch: self.view.epochs.newest,
-            now: at(self.now),
+            now: at(self.now + self.skew[leader]),
             timing: TIMING,
             busy: &|_, _| false,
             schedules: &self.schedules,
@@ -174,6 +177,8 @@ impl Sim {
         let live: Vec<usize> = self.live.iter().copied().collect();
         for node in live {
             let (me, incarnation) = self.nodes[node].clone();
+            // This node's clock.
+            let now = self.now + self.skew[node];
             let mut queue: std::collections::VecDeque<Action> = std::collections::VecDeque::new();
             for _ in 0..2 {
                 let event = Event::Step {
@@ -183,7 +188,7 @@ impl Sim {
                     beside: &|_| false,
                     token: 1,
                 };
-                queue.extend(self.books[node].on_event(event, self.now));
+                queue.extend(self.books[node].on_event(event, now));
                 while let Some(action) = queue.pop_front() {
                     match action {
                         Action::Write(report) => {
@@ -191,14 +196,13 @@ impl Sim {
                             self.report(node, report);
                             if starting {
                                 queue.extend(
-                                    self.books[node]
-                                        .on_event(Event::StartWritten { run, ok: true }, self.now),
+                                    self.books[node].on_event(Event::StartWritten { run, ok: true }, now),
                                 );
                             }
                         }
                         Action::Sync(token) => {
                             let event = Event::Synced { token, view: &self.view, me: &me, incarnation };
-                            queue.extend(self.books[node].on_event(event, self.now));
+                            queue.extend(self.books[node].on_event(event, now));
                         }
                         Action::Launch(intent) => {
                             self.children.insert(intent.run_id, (node, *intent, None));
@@ -206,8 +210,8 @@ impl Sim {
                         Action::Stop { run, .. } => {
                             if let Some((_, intent, started)) = self.children.remove(&run) {
                                 let mut report = oneshot::report(&intent, RunPhase::Stopped, None);
-                                (report.started_ms, report.ended_ms) = (started, Some(self.now));
-                                queue.extend(self.books[node].on_event(Event::Reported(report), self.now));
+                                (report.started_ms, report.ended_ms) = (started, Some(now));
+                                queue.extend(self.books[node].on_event(Event::Reported(report), now));
                             }
                         }
                     }
@@ -219,24 +223,24 @@ impl Sim {
             for run in mine {
                 let (_, intent, started) = self.children[&run].clone();
                 let report = match started {
-                    None if self.now >= intent.launch_at_ms => {
+                    None if now >= intent.launch_at_ms => {
                         self.launches.push((intent.task.clone(), intent.trigger, intent.attempt, node));
-                        self.children.get_mut(&run).unwrap().2 = Some(self.now);
+                        self.children.get_mut(&run).unwrap().2 = Some(now);
                         let mut report = oneshot::report(&intent, RunPhase::Running, None);
-                        (report.pid, report.started_ms) = (Some(1), Some(self.now));
+                        (report.pid, report.started_ms) = (Some(1), Some(now));
                         report
                     }
-                    Some(at) if self.now >= at + self.run_ms => {
+                    Some(at) if now >= at + self.run_ms => {
                         self.children.remove(&run);
                         let state = if self.exit_code == 0 { RunPhase::Succeeded } else { RunPhase::Failed };
                         let mut report = oneshot::report(&intent, state, None);
                         report.exit = Some(ExitInfo { code: Some(self.exit_code), signal: None });
-                        (report.started_ms, report.ended_ms) = (Some(at), Some(self.now));
+                        (report.started_ms, report.ended_ms) = (Some(at), Some(now));
                         report
                     }
                     _ => continue,
                 };
-                let actions = self.books[node].on_event(Event::Reported(report), self.now);
+                let actions = self.books[node].on_event(Event::Reported(report), now);
                 for action in actions {
                     if let Action::Write(report) = action {
                         self.report(node, report);
@@ -373,6 +377,46 @@ fn a_cli_clock_a_day_behind_or_ahead_moves_no_slot_the_origin_is_the_leaders() {
         let sched = &sim.view.scheds.values().next().expect("a sched record").sched;
         assert!(sched.decided_through_ms.is_some_and(|at| at >= begin - bound));
         assert_eq!(sim.first_origin(), Some(if skew < 0 { begin - bound } else { begin }));
+    }
+}
+
+#[test]
+fn runner_clocks_an_hour_off_neither_skip_nor_double_nor_delay_a_slot_and_retries_keep_their_back_off() {
+    let hour = 3_600_000;
+    let mut sim = Sim::new();
+    sim.skew = vec![0, hour, -hour];
+    let begin = sim.now;
+    sim.submit(every_second(CatchUp::All));
+    sim.advance(10_000);
+    assert_each_slot_once(&sim, begin, sim.now - 3_000);
+    // Every run started within its slot's second (on the leader's clock), whichever node ran it.
+    for entry in sim.view.runs.values().flat_map(|runs| runs.values()) {
+        let (Some((intent, _)), Some(report)) = (entry.intent.as_ref(), entry.report.as_ref()) else {
+            continue;
+        };
+        let (Some(slot), Some(started)) = (intent.trigger.slot_ms(), report.report.started_ms) else {
+            continue;
+        };
+        let node = sim.nodes.iter().position(|(id, _)| Some(id) == intent.node.as_ref()).unwrap();
+        let late = started - sim.skew[node] - slot;
+        assert!((-1_000..=1_000).contains(&late), "slot {slot} started {late} ms off on node {node}");
+    }
+
+    // One-shot retries: the back-off runs on the leader's clock, from when it saw the failure.
+    for node in [1, 2] {
+        let mut sim = Sim::new();
+        sim.skew = vec![0, hour, -hour];
+        sim.exit_code = 3;
+        let mut spec = once("job/a");
+        spec.tags = vec![format!("t{node}")];
+        sim.submit(spec);
+        sim.advance(400);
+        assert_eq!(sim.launches.len(), 1, "attempt 1 at once on node {node}");
+        sim.advance(300);
+        assert_eq!(sim.launches.len(), 1, "attempt 2 waits its 500 ms back-off (node {node})");
+        sim.advance(5_000);
+        assert_eq!(sim.launches.len(), 3, "three attempts within seconds on node {node}: {:?}", sim.launches);
+        assert!(sim.launches.iter().all(|launch| launch.3 == node));
     }
 }
 
