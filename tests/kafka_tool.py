@@ -16,6 +16,8 @@ usage:
   kafka_tool.py BOOTSTRAP dump TOPIC PARTITIONS COUNT
       the naive archiver a user writes by hand: a plain consume loop printing each value and a
       newline to stdout until COUNT records (pipe it into `zstd -1`)
+  kafka_tool.py BOOTSTRAP produce-file TOPIC KEY FILE
+      one record to partition 0 with key KEY and the bytes of FILE as its value
   kafka_tool.py BOOTSTRAP consume TOPIC PARTITIONS COUNT
       reads COUNT records (0: up to the end of each partition) from the start of the
       partitions and prints one JSON object per
@@ -47,6 +49,20 @@ if command == "create":
     admin = AdminClient({"bootstrap.servers": bootstrap})
     for future in admin.create_topics([NewTopic(topic, partitions, 1, config=config)]).values():
         future.result(30)
+elif command == "produce-file":
+    topic, key, path = args[0], args[1], args[2]
+    producer = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 4_000_000})
+    failures = []
+
+    def report(err, msg):
+        if err is not None:
+            failures.append(str(err))
+
+    with open(path, "rb") as file:
+        producer.produce(topic, key=key.encode(), value=file.read(), partition=0, on_delivery=report)
+    producer.flush(30)
+    if failures:
+        sys.exit(f"delivery failed: {failures}")
 elif command == "produce":
     topic, partitions, start, end = args[0], int(args[1]), int(args[2]), int(args[3])
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": False})

@@ -160,22 +160,40 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 print_json(&rows);
             } else {
                 println!(
-                    "{:<24} {:<6} {:<7} {:>5}  {:<14} TAGS",
-                    "ID", "ALIVE", "LEADER", "TASKS", "VERSION"
+                    "{:<24} {:<6} {:<7} {:>5}  {:<14} {:>9}  TAGS",
+                    "ID", "ALIVE", "LEADER", "TASKS", "VERSION", "CLOCK"
                 );
                 let mine = shiva_proto::protocol();
                 for row in &rows {
                     let leader = if row.leader { "*" } else { "" };
                     let version = format!("{}/p{}", row.version.as_deref().unwrap_or("?"), row.protocol);
+                    let clock = row.clock_offset_ms.map_or("?".to_owned(), show::offset_text);
                     println!(
-                        "{:<24} {:<6} {:<7} {:>5}  {:<14} {}",
+                        "{:<24} {:<6} {:<7} {:>5}  {:<14} {:>9}  {}",
                         row.id.as_str(),
                         row.alive,
                         leader,
                         row.tasks,
                         version,
+                        clock,
                         row.tags.join(",")
                     );
+                }
+                let leader = rows.iter().find(|row| row.leader).map(|row| row.id.to_string());
+                for row in rows.iter().filter(|row| row.alive) {
+                    if let Some(offset) =
+                        row.clock_offset_ms.filter(|offset| offset.abs() > show::CLOCK_WARN_MS)
+                    {
+                        println!(
+                            "warning: {}'s clock is {} {} the leader's ({}): above {} ms; keep every node's \
+                             clock synchronised (NTP, docs/operations.md \"Clocks\")",
+                            row.id.as_str(),
+                            show::offset_text(offset).trim_start_matches(['+', '-']),
+                            if offset > 0 { "ahead of" } else { "behind" },
+                            leader.as_deref().unwrap_or("?"),
+                            show::CLOCK_WARN_MS
+                        );
+                    }
                 }
                 for row in rows.iter().filter(|row| row.protocol > mine) {
                     println!(

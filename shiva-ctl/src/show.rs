@@ -169,10 +169,20 @@ pub struct NodeRow {
     pub protocol: u16,
     /// Its build version (absent from older nodes and nodes of a newer protocol).
     pub version: Option<String>,
+    /// Its clock's offset from the leader's (ms, positive: ahead), estimated from their
+    /// heartbeats' samples of each other (absent until both sampled the other; 0 for the leader).
+    pub clock_offset_ms: Option<i64>,
 }
+
+/// Above this clock offset from the leader, `nodes` warns.
+pub const CLOCK_WARN_MS: i64 = 250;
 
 /// Every node that ever heartbeated, sorted by id.
 pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
+    let reference = view.leader().and_then(|(_, winner)| {
+        let entry = view.heartbeats.get(&winner.node)?;
+        (entry.incarnation == winner.incarnation).then_some((&winner.node, &entry.heartbeat))
+    });
     view.heartbeats
         .iter()
         .map(|(id, entry)| {
@@ -197,9 +207,26 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
                 last_heartbeat_ms: entry.sent_at_ms,
                 protocol: entry.heartbeat.protocol,
                 version: entry.heartbeat.version.clone(),
+                clock_offset_ms: reference.and_then(|(leader, beat)| {
+                    if leader == id {
+                        return Some(0);
+                    }
+                    shiva_proto::records::clock_offset_ms(id, &entry.heartbeat, leader, beat)
+                }),
             }
         })
         .collect()
+}
+
+/// A clock offset: `+12ms`, `-1.2s`, `+3h`.
+pub fn offset_text(offset_ms: i64) -> String {
+    let sign = if offset_ms < 0 { "-" } else { "+" };
+    let abs = offset_ms.unsigned_abs();
+    match abs {
+        0..1_000 => format!("{sign}{abs}ms"),
+        1_000..60_000 => format!("{sign}{:.1}s", abs as f64 / 1000.0),
+        _ => format!("{sign}{}", humantime::format_duration(std::time::Duration::from_secs(abs / 1000))),
+    }
 }
 
 /// `exit 3`, `signal 9`.

@@ -39,6 +39,13 @@ fn main() -> ExitCode {
             "SHIVA_TEST_NEXT_PROTOCOL: writing the next protocol version"
         );
     }
+    if let Some(offset) =
+        std::env::var("SHIVA_TEST_CLOCK_OFFSET_MS").ok().and_then(|ms| ms.parse::<i64>().ok())
+    {
+        // Test-only: stand in for a machine whose wall clock is off (clock tests).
+        shiva_proto::wall::shift_for_tests(offset);
+        tracing::warn!(offset_ms = offset, "SHIVA_TEST_CLOCK_OFFSET_MS: this node's wall clock is shifted");
+    }
     let config = match NodeConfig::from_args(args) {
         Ok(config) => config,
         Err(err) => {

@@ -206,6 +206,7 @@ pub(crate) fn test_heartbeat() -> Heartbeat {
         resources: Default::default(),
         runs: vec![],
         features: Vec::new(),
+        clock_ms: Default::default(),
     }
 }
 

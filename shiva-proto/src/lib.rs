@@ -21,6 +21,7 @@ pub mod schedule;
 pub mod spec;
 pub mod topics;
 pub mod view;
+pub mod wall;
 
 pub use ids::{IdError, NodeId, TaskId};
 pub use records::{Body, DecodeError, Envelope, Header, PROTOCOL_VERSION, protocol};

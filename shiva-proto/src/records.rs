@@ -207,6 +207,28 @@ pub struct Heartbeat {
     /// Runs the node holds.
     #[serde(default)]
     pub runs: Vec<RunSummary>,
+    /// Clock samples, for display (absent from older nodes): for each live peer, the largest
+    /// `peer's sent_at_ms - this node's wall clock when it read that heartbeat` over the peer's
+    /// recent heartbeats (ms). Two nodes' samples of each other give their clock offset (see
+    /// [`clock_offset_ms`]); no decision uses them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub clock_ms: std::collections::BTreeMap<NodeId, i64>,
+}
+
+/// The offset of `node`'s clock from `reference`'s (ms, positive: `node` is ahead), from their
+/// heartbeats' samples of each other: `b = off_node - off_ref - delay`, `a = off_ref - off_node -
+/// delay'`, so `(b - a) / 2` errs by half the difference of the two delays. `None` unless both
+/// sampled the other. Total on any input.
+pub fn clock_offset_ms(
+    node: &NodeId,
+    node_beat: &Heartbeat,
+    reference: &NodeId,
+    reference_beat: &Heartbeat,
+) -> Option<i64> {
+    let a = i128::from(*node_beat.clock_ms.get(reference)?);
+    let b = i128::from(*reference_beat.clock_ms.get(node)?);
+    let offset = (b - a) / 2;
+    Some(i64::try_from(offset).unwrap_or(if offset < 0 { i64::MIN } else { i64::MAX }))
 }
 
 impl Heartbeat {
@@ -228,6 +250,7 @@ impl Heartbeat {
             features: Vec::new(),
             resources: Resources::default(),
             runs: Vec::new(),
+            clock_ms: Default::default(),
         }
     }
 }
@@ -611,9 +634,7 @@ impl Header {
 impl Envelope {
     /// An envelope from `sender`, stamped with its wall clock now.
     pub fn now(sender: impl Into<String>, incarnation: Option<Uuid>, body: Body) -> Envelope {
-        let sent_at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_millis() as u64);
+        let sent_at_ms = u64::try_from(crate::wall::now_ms()).unwrap_or(0);
         Envelope { sender: sender.into(), incarnation, sent_at_ms, body }
     }
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use shiva_e2e::{Cluster, SETTLE, scratch, wait_until};
+use shiva_e2e::{Cluster, Node, SETTLE, scratch, wait_until};
 
 /// Sleeps until the middle of a wall-clock second: kills then never land between a run's start
 /// record and its launch (a run caught there is `lost`, by design, and would be a gap).
@@ -316,4 +316,88 @@ fn random_retags_kill_start_delete_submit_kills_and_freezes_never_overlap_two_ru
     }
     let twice: Vec<_> = per_slot.iter().filter(|(_, count)| **count > 1).collect();
     assert!(twice.is_empty(), "slots run twice: {twice:?}");
+}
+
+/// Clocks (issue 15, point 2): a node whose wall clock is 2 s ahead (the node's test-only
+/// `SHIVA_TEST_CLOCK_OFFSET_MS`; libfaketime shifts a process's clock too, but librdkafka's waits
+/// then time out) shows in `nodes` with its offset and a warning; a CLI a day behind submitting
+/// `catch_up: all` starts no slot from before the task existed; the skewed node runs its slots
+/// once each, on time by the leader's clock.
+#[test]
+fn skewed_clocks_show_in_nodes_and_move_no_slot() {
+    let cluster = Cluster::start("clocks", 2, &[&["--no-runner"], &["--no-runner"]]);
+    let ahead = [("SHIVA_TEST_CLOCK_OFFSET_MS", "2000")];
+    let mut n3 = Node::start_with_env(&cluster.broker, &cluster.name, "n3", &[], &ahead);
+    cluster.wait_nodes(3);
+    let offsets = || -> BTreeMap<String, Option<i64>> {
+        let rows = cluster.ctl.json(&["nodes"]);
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|row| (row["id"].as_str().unwrap().to_owned(), row["clock_offset_ms"].as_i64()))
+            .collect()
+    };
+    wait_until(SETTLE, "n3's offset is estimated", || {
+        let offsets = offsets();
+        offsets["n3"].is_some_and(|offset| (1_800..=2_200).contains(&offset))
+            && ["n1", "n2"].iter().all(|id| offsets[*id].is_some_and(|offset| offset.abs() <= 150))
+    });
+    let human = cluster.ctl.ok(&["nodes"]);
+    assert!(human.contains("warning: n3's clock is 2.0s ahead of the leader's"), "{human}");
+    assert!(!human.contains("warning: n1") && !human.contains("warning: n2"), "{human}");
+
+    // A CLI a day behind submits an every-second task with catch_up: all (runnable on n3 only):
+    // its record, exactly as that CLI writes it, is written by the independent client.
+    let submitted = chrono::Utc::now().timestamp();
+    let mut spec = shiva_proto::TaskSpec::new(shiva_proto::TaskId::new("cron/skew").unwrap(), "true", vec![]);
+    spec.schedule = vec!["* * * * * *".into()];
+    spec.catch_up = shiva_proto::spec::CatchUp::All;
+    spec.env.insert("E2E".into(), cluster.name.clone());
+    let day_behind = u64::try_from(submitted - 86_400).unwrap() * 1000;
+    let record = shiva_proto::Envelope {
+        sender: "ctl:behind".into(),
+        incarnation: None,
+        sent_at_ms: day_behind,
+        body: shiva_proto::Body::Task(spec),
+    };
+    let file = scratch("clocks").join("task.json");
+    std::fs::write(&file, record.encode()).unwrap();
+    let topic = format!("shiva.{}.commands", cluster.name);
+    shiva_e2e::kafka_tool(
+        &cluster.broker,
+        &["produce-file", &topic, "task/cron/skew", file.to_str().unwrap()],
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    let history = cluster.ctl.json(&["history", "cron/skew", "--limit", "100"]);
+    let slots: Vec<i64> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|row| row["slot"].as_str())
+        .map(|slot| chrono::DateTime::parse_from_rfc3339(slot).unwrap().timestamp())
+        .collect();
+    assert!(slots.len() >= 5, "the task runs every second: {history}");
+    assert!(
+        slots.iter().all(|slot| *slot >= submitted - 3),
+        "no slot from before the task existed (submitted at {submitted}): {slots:?}"
+    );
+    let mut unique = slots.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), slots.len(), "each slot once");
+    // On n3, 2 s ahead, runs start within their slot's second by the leader's clock (the start
+    // shown is n3's clock).
+    // (Slots before the submission, from the 2 s the origin may go back, are caught up late.)
+    for row in history.as_array().unwrap().iter().filter(|row| row["state"] == "succeeded") {
+        let slot =
+            chrono::DateTime::parse_from_rfc3339(row["slot"].as_str().unwrap()).unwrap().timestamp_millis();
+        if slot < (submitted + 2) * 1000 {
+            continue;
+        }
+        let start =
+            chrono::DateTime::parse_from_rfc3339(row["start"].as_str().unwrap()).unwrap().timestamp_millis();
+        let late = start - 2_000 - slot;
+        assert!((-1_100..=1_000).contains(&late), "a run started {late} ms off its slot: {row}");
+    }
+    n3.terminate();
 }

@@ -67,6 +67,8 @@ pub(crate) struct Node {
     /// The runner's runs of periodic and one-shot tasks.
     pub(crate) runs: Runs,
     pub(crate) gate: Gate,
+    /// Peers' clocks as seen through their heartbeats (display only).
+    pub(crate) clock_samples: super::heartbeat::ClockSamples,
     pub(crate) resources: ResourceProbe,
     pub(crate) next_token: u64,
     /// Initial read done and node id checked: heartbeats, claims and runs may start.
@@ -306,6 +308,10 @@ impl Node {
             if entry.offset != offset {
                 return;
             }
+            if *id != self.config.node_id {
+                let now_ms = crate::supervisor::oneshot::now_ms();
+                self.clock_samples.on_heartbeat(id, entry.incarnation, entry.sent_at_ms, now_ms);
+            }
             if self.membership.on_heartbeat(id, entry.incarnation, &entry.heartbeat, Boot::now()) {
                 self.gate.read_back(entry.heartbeat.seq);
                 // Log time moves to the send instant of the newest own heartbeat read back.
@@ -430,7 +436,10 @@ impl Node {
                 pid: status.pid,
             })
             .collect();
-        let heartbeat = build(&self.identity, seq, self.fence.returns(), self.resources.resources(), runs);
+        let live = self.membership.live_members(self.config.node_timeout);
+        let clock_ms = self.clock_samples.best(live.iter().map(|member| &member.id));
+        let heartbeat =
+            build(&self.identity, seq, self.fence.returns(), self.resources.resources(), runs, clock_ms);
         let key = key::node(&self.config.node_id);
         self.send(TopicKind::Control, key, Some(Body::Heartbeat(heartbeat)), Purpose::Heartbeat(seq));
     }
@@ -532,7 +541,8 @@ impl Node {
             view: &self.view,
             live: &live,
             epoch,
-            now: chrono::Utc::now(),
+            now: chrono::DateTime::from_timestamp_millis(crate::supervisor::oneshot::now_ms())
+                .unwrap_or_default(),
             timing: TIMING,
             busy: &|topic, key| self.busy(topic, key),
             schedules: &self.leadership.schedules,

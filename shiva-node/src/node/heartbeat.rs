@@ -1,13 +1,15 @@
 //! Heartbeat bookkeeping: what goes into a heartbeat, and the read-back gate (a node that
 //! cannot read its own heartbeats back stops sending them until it can).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::clock::Boot;
 
+use shiva_proto::NodeId;
 use shiva_proto::records::{Heartbeat, Resources, RunSummary};
 use sysinfo::System;
+use uuid::Uuid;
 
 /// Heartbeats sent and not yet read back.
 #[derive(Debug, Default)]
@@ -73,6 +75,42 @@ impl Gate {
     }
 }
 
+/// Clock samples of peers (for `nodes`' clock offsets, display only): for each peer incarnation,
+/// `its sent_at_ms - this node's wall clock when it read the heartbeat` over its last
+/// [`CLOCK_WINDOW`] heartbeats. The largest is the one read with the least delay, so the best.
+#[derive(Debug, Default)]
+pub struct ClockSamples {
+    peers: BTreeMap<NodeId, (Uuid, VecDeque<i64>)>,
+}
+
+/// Heartbeats a clock sample is the best of.
+pub const CLOCK_WINDOW: usize = 16;
+
+impl ClockSamples {
+    /// A peer's heartbeat sent at `sent_at_ms` (its clock) was read at `now_ms` (this node's).
+    pub fn on_heartbeat(&mut self, node: &NodeId, incarnation: Uuid, sent_at_ms: u64, now_ms: i64) {
+        let sample = i64::try_from(sent_at_ms).unwrap_or(i64::MAX).saturating_sub(now_ms);
+        let entry = self.peers.entry(node.clone()).or_insert_with(|| (incarnation, VecDeque::new()));
+        if entry.0 != incarnation {
+            *entry = (incarnation, VecDeque::new());
+        }
+        if entry.1.len() == CLOCK_WINDOW {
+            entry.1.pop_front();
+        }
+        entry.1.push_back(sample);
+    }
+
+    /// The best sample of each of `peers` (those sampled).
+    pub fn best<'a>(&self, peers: impl Iterator<Item = &'a NodeId>) -> BTreeMap<NodeId, i64> {
+        peers
+            .filter_map(|peer| {
+                let best = self.peers.get(peer)?.1.iter().copied().max()?;
+                Some((peer.clone(), best))
+            })
+            .collect()
+    }
+}
+
 /// Host resources, refreshed at most every few seconds.
 pub struct ResourceProbe {
     system: System,
@@ -128,6 +166,7 @@ pub fn build(
     returns: u64,
     resources: Resources,
     runs: Vec<RunSummary>,
+    clock_ms: BTreeMap<NodeId, i64>,
 ) -> Heartbeat {
     Heartbeat {
         protocol: shiva_proto::protocol(),
@@ -143,6 +182,7 @@ pub fn build(
         resources,
         runs,
         features: shiva_proto::records::feature::ALL.iter().map(|name| (*name).to_owned()).collect(),
+        clock_ms,
     }
 }
 
@@ -173,5 +213,27 @@ mod tests {
         assert!(gate.is_open());
         gate.failed(3);
         assert_eq!(gate.next(start + Duration::from_secs(60), limit), GateDecision::Send(4));
+    }
+
+    #[test]
+    fn a_clock_sample_is_the_best_of_the_recent_heartbeats_of_one_incarnation() {
+        let mut samples = ClockSamples::default();
+        let (a, b) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+        let inc = Uuid::new_v4();
+        // a's clock is 500 ms ahead; heartbeats read 3 to 40 ms after they were sent.
+        for (i, delay) in [40, 3, 25, 17].into_iter().enumerate() {
+            let sent = 1_000_000 + 200 * i as i64;
+            samples.on_heartbeat(&a, inc, (sent + 500) as u64, sent + delay);
+        }
+        assert_eq!(samples.best([&a, &b].into_iter()), BTreeMap::from([(a.clone(), 497)]));
+        // Old samples leave the window; a new incarnation starts afresh.
+        for i in 0..CLOCK_WINDOW as i64 {
+            samples.on_heartbeat(&a, inc, (2_000_000 + 500) as u64, 2_000_000 + 10 + i);
+        }
+        assert_eq!(samples.best([&a].into_iter())[&a], 490);
+        samples.on_heartbeat(&a, Uuid::new_v4(), 0, i64::MAX);
+        assert_eq!(samples.best([&a].into_iter())[&a], -i64::MAX);
+        samples.on_heartbeat(&b, inc, u64::MAX, i64::MIN);
+        assert_eq!(samples.best([&b].into_iter())[&b], i64::MAX);
     }
 }

@@ -128,6 +128,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         leadership: driver::Leadership::default(),
         runs: driver::Runs::new(run_reports),
         gate: Gate::default(),
+        clock_samples: Default::default(),
         resources: ResourceProbe::new(),
         next_token: 0,
         ready: false,

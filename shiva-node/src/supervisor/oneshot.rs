@@ -3,7 +3,7 @@
 //! is the leader's decision.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use shiva_proto::records::ExitInfo;
 use shiva_proto::runs::{RunIntent, RunPhase, RunReport};
@@ -20,9 +20,9 @@ pub enum RunControl {
     Stop(String),
 }
 
-/// Wall clock in ms since the Unix epoch.
+/// Wall clock in ms since the Unix epoch (see `shiva_proto::wall`).
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis() as i64)
+    shiva_proto::wall::now_ms()
 }
 
 /// Starts the run of `intent`; reports go to `reports`.

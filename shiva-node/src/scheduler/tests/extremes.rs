@@ -262,6 +262,7 @@ proptest! {
             resources: Resources::default(),
             runs: vec![],
             features: Vec::new(),
+            clock_ms: Default::default(),
         };
         let now = crate::clock::Boot::now();
         membership.on_heartbeat(&other, Uuid::new_v4(), &heartbeat, now);
