@@ -423,6 +423,7 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
                 state: RunPhase::Succeeded,
                 pid: Some(1000 + r as u32),
                 started_ms: Some(slot_ms + 3),
+                late_ms: Some(3),
                 ended_ms: Some(slot_ms + 50),
                 exit: Some(ExitInfo { code: Some(0), signal: None }),
                 message: None,

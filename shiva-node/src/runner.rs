@@ -194,6 +194,7 @@ mod tests {
                 state,
                 pid: None,
                 started_ms: None,
+                late_ms: None,
                 ended_ms: None,
                 exit: None,
                 message: None,

@@ -663,10 +663,20 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // until it ends, and then run one at a time.
         let backlog = in_flight.iter().any(|id| {
             let entry = &self.runs[id];
-            let started = entry.report.as_ref().and_then(|report| report.report.started_ms);
+            let report = entry.report.as_ref().map(|report| &report.report);
             entry.intent.as_ref().is_some_and(|(intent, _)| {
                 intent.trigger.slot_ms().is_some_and(|slot| {
-                    let began = started.unwrap_or(ms(now)).max(intent.launch_at_ms);
+                    // When it began, on this leader's clock: its launch instant plus how late the
+                    // runner says it started (a duration on the runner's clock alone). An older
+                    // runner gives only `started_ms`, its own clock, read as before.
+                    let began = match report {
+                        Some(shiva_proto::runs::RunReport { late_ms: Some(late), .. }) => {
+                            intent.launch_at_ms.saturating_add((*late).max(0))
+                        }
+                        Some(report) => report.started_ms.unwrap_or(ms(now)),
+                        None => ms(now),
+                    }
+                    .max(intent.launch_at_ms);
                     let late = began.saturating_sub(slot.saturating_add(jitter));
                     late > LATE_MS
                 })

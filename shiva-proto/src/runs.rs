@@ -237,9 +237,13 @@ pub struct RunReport {
     /// The child's pid once started.
     #[serde(default)]
     pub pid: Option<u32>,
-    /// When the child started (ms).
+    /// When the child started (ms, the runner's clock: for display).
     #[serde(default)]
     pub started_ms: Option<i64>,
+    /// How long after its launch instant the child started (ms, measured on the runner's clock
+    /// alone; absent from older runners): what the leader reads of a start, never `started_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_ms: Option<i64>,
     /// When it ended (ms).
     #[serde(default)]
     pub ended_ms: Option<i64>,

@@ -372,6 +372,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                     state: RunPhase::Succeeded,
                     pid: Some(20611),
                     started_ms: Some(1795315714003),
+                    late_ms: Some(3),
                     ended_ms: Some(1795315714090),
                     exit: Some(ExitInfo { code: Some(0), signal: None }),
                     message: None,

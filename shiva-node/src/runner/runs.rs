@@ -34,18 +34,25 @@ const PRUNE_EVERY_MS: i64 = 5_000;
 /// How many recent confirmations the lead follows.
 pub const RECENT_CONFIRMS: usize = 32;
 
-/// When this runner launches `intent`, on its own clock, having first seen it at `seen_ms`:
-/// the leader's `launch_at_ms`, but never later than the leader's own lead (`launch_at_ms -
-/// written_at_ms`, both on the leader's clock) after the runner saw it. So a runner whose clock is
-/// behind the leader's does not delay the run by its offset (it did, by the whole offset), and
-/// one ahead starts it early by at most its offset and never by more than that lead (the 1 s
-/// look-ahead plus jitter for a slot, the back-off for a retry). An intent of an older leader
-/// (no `written_at_ms`) is launched at `launch_at_ms` as before.
+/// How much earlier than the leader's lead after reading an intent a runner may launch it: the
+/// most a runner clock ahead of the leader's can make a run start early (see [`launch_at`]).
+pub const EARLY_BOUND_MS: i64 = 250;
+
+/// When this runner launches `intent`, on its own clock, having first seen it at `seen_ms`: the
+/// leader's `launch_at_ms` read on this runner's clock, held within the leader's own lead
+/// (`launch_at_ms - written_at_ms`, both on the leader's clock) after the runner saw it: no later
+/// than the lead, no earlier than the lead less [`EARLY_BOUND_MS`]. So a runner whose clock is
+/// behind the leader's does not delay a run by its offset (it did, by the whole offset: an hour
+/// behind, an hour late), and one ahead starts it early by at most 250 ms (it started at once,
+/// a whole lead early: 1 s for a slot). An intent of an older leader (no `written_at_ms`) is
+/// launched at `launch_at_ms` as before. Total on any input.
 pub fn launch_at(intent: &RunIntent, seen_ms: i64) -> i64 {
     match intent.written_at_ms {
         Some(written) => {
             let lead = intent.launch_at_ms.saturating_sub(written).max(0);
-            intent.launch_at_ms.min(seen_ms.saturating_add(lead))
+            let latest = seen_ms.saturating_add(lead);
+            let earliest = latest.saturating_sub(EARLY_BOUND_MS.min(lead));
+            intent.launch_at_ms.clamp(earliest, latest)
         }
         None => intent.launch_at_ms,
     }
@@ -469,7 +476,7 @@ mod tests {
     }
 
     #[test]
-    fn a_runner_clock_an_hour_behind_or_ahead_shifts_a_start_by_at_most_the_leaders_lead() {
+    fn a_runner_clock_an_hour_behind_or_ahead_starts_a_run_neither_late_nor_more_than_250_ms_early() {
         let hour = 3_600_000;
         let me = NodeId::new("me").unwrap();
         // The leader wrote the intent at 9 000 for 10 000 (its clock): a lead of 1 s.
@@ -499,10 +506,12 @@ mod tests {
             let synced = Event::Synced { token: 7, view: &log.view, me: &me, incarnation: Uuid::new_v4() };
             let actions = book.on_event(synced, when + 10);
             let [Action::Launch(launched)] = &actions[..] else { panic!("{actions:?}") };
-            // It launches at the leader's instant read on its own clock, or a lead after it saw
-            // the intent, whichever is first: never an hour late (behind: a lead after it saw it,
-            // 5 ms after the leader's instant), early by at most the lead (ahead: at once).
-            assert_eq!(launched.launch_at_ms, 10_000.min(seen + 1_000), "offset {offset}");
+            // It launches at the leader's instant read on its own clock, held within a lead after
+            // it saw the intent, less at most 250 ms: never an hour late (behind: 5 ms after the
+            // leader's instant), never more than 250 ms early (ahead).
+            assert_eq!(launched.launch_at_ms, 10_000.clamp(seen + 750, seen + 1_000), "offset {offset}");
+            let on_leaders_clock = launched.launch_at_ms - offset;
+            assert!((9_750..=10_005).contains(&on_leaders_clock), "{on_leaders_clock}");
         }
         // An intent of an older leader (no write time) launches at its instant, as before.
         let intent = RunIntent { written_at_ms: None, ..Log::new().intent(false, |_| {}) };
@@ -511,7 +520,7 @@ mod tests {
         let extreme = RunIntent { written_at_ms: Some(i64::MIN), launch_at_ms: i64::MAX, ..intent.clone() };
         assert_eq!(launch_at(&extreme, i64::MAX), i64::MAX);
         let back = RunIntent { written_at_ms: Some(i64::MAX), launch_at_ms: i64::MIN, ..intent };
-        assert_eq!(launch_at(&back, 0), i64::MIN);
+        assert_eq!(launch_at(&back, 0), 0, "written after its launch: at once");
     }
 
     #[test]

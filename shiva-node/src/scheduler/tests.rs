@@ -228,6 +228,7 @@ impl Sim {
                         self.children.get_mut(&run).unwrap().2 = Some(now);
                         let mut report = oneshot::report(&intent, RunPhase::Running, None);
                         (report.pid, report.started_ms) = (Some(1), Some(now));
+                        report.late_ms = Some(now - intent.launch_at_ms);
                         report
                     }
                     Some(at) if now >= at + self.run_ms => {
@@ -383,6 +384,37 @@ fn a_cli_clock_a_day_behind_or_ahead_moves_no_slot_the_origin_is_the_leaders() {
 #[test]
 fn runner_clocks_an_hour_off_neither_skip_nor_double_nor_delay_a_slot_and_retries_keep_their_back_off() {
     let hour = 3_600_000;
+    // A runner clock an hour off changes no decision of the leader's: the same slots run, are
+    // queued or skipped as with a clock in step, or 250 ms ahead (a runner an hour ahead once
+    // looked an hour late to the leader, which then held serial tasks' slots back as backlog).
+    for overlap in [Overlap::Forbid, Overlap::Queue, Overlap::Replace, Overlap::Allow] {
+        for run_ms in [700, 1_500] {
+            let outcome = |skew: Vec<i64>| {
+                let mut sim = Sim::new();
+                sim.skew = skew;
+                sim.run_ms = run_ms;
+                let mut spec = every_second(CatchUp::None);
+                spec.overlap = overlap;
+                spec.tags = vec!["t1".into()];
+                sim.submit(spec);
+                sim.advance(10_000);
+                let skipped = sim.view.scheds.values().map(|entry| entry.sched.skipped).sum::<u64>();
+                (sim.slot_launches(), skipped)
+            };
+            // Behind: as if in step. Ahead: as if 250 ms ahead (a runner ahead starts a run at
+            // most 250 ms early, see `runner::runs::launch_at`), however far ahead.
+            assert_eq!(
+                outcome(vec![0, -hour, 0]),
+                outcome(vec![0; 3]),
+                "{overlap:?}, runs of {run_ms} ms, behind"
+            );
+            assert_eq!(
+                outcome(vec![0, hour, 0]),
+                outcome(vec![0, 250, 0]),
+                "{overlap:?}, runs of {run_ms} ms, ahead"
+            );
+        }
+    }
     let mut sim = Sim::new();
     sim.skew = vec![0, hour, -hour];
     let begin = sim.now;

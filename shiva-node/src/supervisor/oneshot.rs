@@ -57,6 +57,7 @@ pub fn report(intent: &RunIntent, state: RunPhase, message: Option<String>) -> R
         state,
         pid: None,
         started_ms: None,
+        late_ms: None,
         ended_ms: state.is_final().then(now_ms),
         exit: None,
         message,
@@ -100,10 +101,13 @@ async fn execute(
     };
     let pid = handle.pid;
     let started_ms = now_ms();
-    info!(task = %spec.id, run = %intent.run_id, attempt = intent.attempt, pid, late_ms = started_ms.saturating_sub(intent.launch_at_ms), "run started");
+    // `launch_at_ms` is this runner's instant for the run (see `runner::runs::launch_at`).
+    let late_ms = started_ms.saturating_sub(intent.launch_at_ms);
+    info!(task = %spec.id, run = %intent.run_id, attempt = intent.attempt, pid, late_ms, "run started");
     let running = RunReport {
         pid: Some(pid),
         started_ms: Some(started_ms),
+        late_ms: Some(late_ms),
         ended_ms: None,
         ..report(&intent, RunPhase::Running, None)
     };

@@ -178,6 +178,7 @@ impl Sim {
                 state: RunPhase::Failed,
                 pid: Some(u32::MAX),
                 started_ms: Some(numbers[1]),
+                late_ms: Some(numbers[1]),
                 ended_ms: Some(numbers[2]),
                 exit: Some(ExitInfo { code: Some(i32::MIN), signal: Some(i32::MAX) }),
                 message: None,
