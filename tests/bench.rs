@@ -414,6 +414,7 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
                 stop: None,
                 verdict: None,
                 note: None,
+                incarnation: None,
             };
             let report = RunReport {
                 task: spec.id.clone(),

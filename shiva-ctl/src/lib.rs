@@ -179,6 +179,17 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                         row.tags.join(",")
                     );
                 }
+                for row in rows.iter().filter(|row| !row.conflicting_incarnations.is_empty()) {
+                    println!(
+                        "warning: node id {} is used by {} live incarnations (another machine with the same --node-id: \
+                         a clone, a healed partition); only {} runs its tasks, the others run nothing: stop them \
+                         or give them another --node-id (others: {})",
+                        row.id.as_str(),
+                        row.conflicting_incarnations.len() + 1,
+                        row.incarnation,
+                        row.conflicting_incarnations.join(", ")
+                    );
+                }
                 let leader = rows.iter().find(|row| row.leader).map(|row| row.id.to_string());
                 for row in rows.iter().filter(|row| row.alive) {
                     if let Some(offset) =

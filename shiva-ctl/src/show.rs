@@ -169,6 +169,9 @@ pub struct NodeRow {
     pub protocol: u16,
     /// Its build version (absent from older nodes and nodes of a newer protocol).
     pub version: Option<String>,
+    /// Other live incarnations of its id, per the leader (a conflict: cloned machines, a
+    /// healed partition); only `incarnation` runs its tasks.
+    pub conflicting_incarnations: Vec<String>,
     /// Its clock's offset from the leader's (ms, positive: ahead), estimated from their
     /// heartbeats' samples of each other (absent until both sampled the other; 0 for the leader).
     pub clock_offset_ms: Option<i64>,
@@ -186,13 +189,22 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
     view.heartbeats
         .iter()
         .map(|(id, entry)| {
-            let alive = view.members.as_ref().is_some_and(|members| {
-                members.nodes.iter().any(|member| member.id == *id && member.incarnation == entry.incarnation)
-            }) && !view.left.contains(&(id.clone(), entry.incarnation));
+            // The incarnation the leader lists (the newest heartbeat may be another one's).
+            let listed = view
+                .members
+                .as_ref()
+                .and_then(|members| members.nodes.iter().find(|member| member.id == *id))
+                .map(|member| member.incarnation);
+            let alive = listed.is_some_and(|listed| !view.left.contains(&(id.clone(), listed)))
+                && (listed == Some(entry.incarnation)
+                    || view
+                        .members
+                        .iter()
+                        .any(|members| members.conflicts.iter().any(|member| member.id == *id)));
             let leader = alive
-                && view
-                    .leader()
-                    .is_some_and(|(_, winner)| winner.node == *id && winner.incarnation == entry.incarnation);
+                && view.leader().is_some_and(|(_, winner)| {
+                    winner.node == *id && listed.unwrap_or(entry.incarnation) == winner.incarnation
+                });
             let tasks = view.assignments.keys().filter(|task| view.assigned_node(task) == Some(id)).count();
             NodeRow {
                 id: id.clone(),
@@ -203,8 +215,15 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
                 tasks,
                 runner: entry.heartbeat.runner,
                 leader_capable: entry.heartbeat.leader_capable,
-                incarnation: entry.incarnation.to_string(),
+                incarnation: listed.unwrap_or(entry.incarnation).to_string(),
                 last_heartbeat_ms: entry.sent_at_ms,
+                conflicting_incarnations: view
+                    .members
+                    .iter()
+                    .flat_map(|members| members.conflicts.iter())
+                    .filter(|member| member.id == *id)
+                    .map(|member| member.incarnation.to_string())
+                    .collect(),
                 protocol: entry.heartbeat.protocol,
                 version: entry.heartbeat.version.clone(),
                 clock_offset_ms: reference.and_then(|(leader, beat)| {

@@ -125,7 +125,8 @@ impl Election {
             return false;
         }
         match membership.peer(&winner.node) {
-            Some(peer) if peer.incarnation == winner.incarnation => {
+            // (Another incarnation of its id may heartbeat too: a conflict; the winner's counts.)
+            Some(_) if membership.knows(&winner.node, winner.incarnation) => {
                 membership.is_alive(&winner.node, Some(winner.incarnation), timeouts.leader)
             }
             // The node restarted since it claimed: that incarnation is gone.

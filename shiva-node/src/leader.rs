@@ -52,6 +52,8 @@ impl Write {
 pub struct Inputs<'a> {
     /// Live members.
     pub live: &'a [Member],
+    /// Other live incarnations of their ids (see [`Members::conflicts`]).
+    pub conflicts: &'a [Member],
     /// The leader's epoch.
     pub epoch: u64,
     /// The leader's clock, ms since the Unix epoch.
@@ -146,9 +148,9 @@ fn moves(view: &LogView, task: &TaskId, revision: i64, now_ms: i64) -> Moves {
 
 /// Computes the leader's writes.
 pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
-    let Inputs { live, epoch, now_ms, busy, may_still_run, failed } = *inputs;
+    let Inputs { live, conflicts, epoch, now_ms, busy, may_still_run, failed } = *inputs;
     let mut writes = Vec::new();
-    let members = Members { epoch, nodes: live.to_vec() };
+    let members = Members { epoch, nodes: live.to_vec(), conflicts: conflicts.to_vec() };
     let members_current =
         view.members.as_ref() == Some(&members) && view.is_settled(TopicKind::Assignments, key::MEMBERS);
     if !members_current && !busy(TopicKind::Assignments, key::MEMBERS) {
@@ -334,16 +336,24 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         let current_record = current.map(|entry| &entry.assignment);
         let given = (&spec.spec, spec.revision);
         let holders = holders_after(view, task, current_record, copies, &placement, given, generation);
+        // The incarnation that runs it: the one `members` lists (another of its id runs nothing).
+        let incarnation = match &placement {
+            Placement::Assigned { node } => {
+                live.iter().find(|member| member.id == *node).map(|member| member.incarnation)
+            }
+            _ => None,
+        };
         if let Some(current) = current
             && unchanged
             && current.assignment.holders == holders
             && current.assignment.after == after
+            && current.assignment.incarnation == incarnation
             && current.assignment.epoch == epoch
             && view.is_settled(TopicKind::Assignments, &record_key)
         {
             continue;
         }
-        let record = AssignmentRecord { placement, failed_on, retry_at_ms, holders, after };
+        let record = AssignmentRecord { placement, failed_on, retry_at_ms, holders, after, incarnation };
         writes.push(assignment_write(epoch, task, generation, spec, record));
     }
     writes
@@ -433,6 +443,7 @@ fn undefined(
             retry_at_ms: None,
             holders,
             after: Vec::new(),
+            incarnation: None,
             ..current.clone()
         };
         return vec![Write::assignments(record_key, Some(Body::Assignment(assignment)))];
@@ -454,6 +465,7 @@ struct AssignmentRecord {
     retry_at_ms: Option<i64>,
     holders: Vec<Holder>,
     after: Vec<NodeId>,
+    incarnation: Option<uuid::Uuid>,
 }
 
 /// The assignment record. A failed task's carries a minimal spec (its id and command): nobody
@@ -465,7 +477,7 @@ fn assignment_write(
     spec: &SpecEntry,
     record: AssignmentRecord,
 ) -> Write {
-    let AssignmentRecord { placement, failed_on, retry_at_ms, holders, after } = record;
+    let AssignmentRecord { placement, failed_on, retry_at_ms, holders, after, incarnation } = record;
     let carried = match placement {
         Placement::Failed { .. } => TaskSpec::new(task.clone(), spec.spec.command.clone(), Vec::new()),
         _ => spec.spec.clone(),
@@ -481,6 +493,7 @@ fn assignment_write(
         retry_at_ms,
         holders,
         after,
+        incarnation,
     };
     Write::assignments(key::task(task), Some(Body::Assignment(assignment)))
 }
@@ -509,6 +522,7 @@ pub fn fail_write(view: &LogView, epoch: u64, task: &TaskId, reason: String) -> 
         retry_at_ms: None,
         holders,
         after: Vec::new(),
+        incarnation: None,
     };
     Some(assignment_write(epoch, task, generation, spec, record))
 }

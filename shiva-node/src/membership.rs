@@ -40,6 +40,21 @@ pub const MAX_FENCE: Duration = Duration::from_secs(3600);
 /// fence timeout on its own clock; this node waits that long on its clock plus this share of it.
 pub const CLOCK_RATE_BOUND_PPM: u32 = 1000;
 
+/// One incarnation of a node id, as heartbeats show it.
+#[derive(Debug, Clone)]
+struct Seen {
+    /// When its first heartbeat was read.
+    first: Boot,
+    /// When its newest heartbeat was read.
+    last: Boot,
+    /// Its newest heartbeat.
+    heartbeat: Heartbeat,
+}
+
+/// Log time after which an incarnation's entry is forgotten: longer than any timeout (the node
+/// and fence timeouts are at most an hour).
+const FORGET_AFTER: Duration = Duration::from_secs(2 * 3600);
+
 /// Heartbeats folded in log order.
 #[derive(Debug, Clone)]
 pub struct Membership {
@@ -48,13 +63,23 @@ pub struct Membership {
     /// Log time: the send instant of the newest own heartbeat read back.
     log_now: Option<Boot>,
     peers: BTreeMap<NodeId, Peer>,
+    /// Every incarnation of each id heard from lately: two live at once are a conflict (cloned
+    /// machines, a healed partition), of which one runs the id's tasks (see `live_members`).
+    incarnations: BTreeMap<NodeId, BTreeMap<Uuid, Seen>>,
     left: BTreeSet<(NodeId, Uuid)>,
 }
 
 impl Membership {
     /// Membership as seen by `me` in `incarnation`.
     pub fn new(me: NodeId, incarnation: Uuid) -> Self {
-        Membership { me, incarnation, log_now: None, peers: BTreeMap::new(), left: BTreeSet::new() }
+        Membership {
+            me,
+            incarnation,
+            log_now: None,
+            peers: BTreeMap::new(),
+            incarnations: BTreeMap::new(),
+            left: BTreeSet::new(),
+        }
     }
 
     /// Log time: the send instant of the newest own heartbeat read back (none yet: nobody has
@@ -86,6 +111,15 @@ impl Membership {
         let own = *node == self.me && incarnation == self.incarnation;
         let peer = Peer { incarnation, seen_at: now, heartbeat: heartbeat.clone() };
         self.peers.insert(node.clone(), peer);
+        let log_now = self.log_now;
+        let seen = self.incarnations.entry(node.clone()).or_default();
+        seen.retain(|inc, seen| {
+            *inc == incarnation || log_now.is_none_or(|at| at.saturating_since(seen.last) < FORGET_AFTER)
+        });
+        let entry =
+            seen.entry(incarnation).or_insert(Seen { first: now, last: now, heartbeat: heartbeat.clone() });
+        entry.last = now;
+        entry.heartbeat = heartbeat.clone();
         own
     }
 
@@ -94,25 +128,62 @@ impl Membership {
         self.left.insert((node.clone(), incarnation));
     }
 
+    /// Whether a heartbeat of `node` in `incarnation` was read (lately).
+    pub fn knows(&self, node: &NodeId, incarnation: Uuid) -> bool {
+        self.incarnations.get(node).is_some_and(|seen| seen.contains_key(&incarnation))
+    }
+
     /// The newest heartbeat's peer entry.
     pub fn peer(&self, node: &NodeId) -> Option<&Peer> {
         self.peers.get(node)
     }
 
-    /// Whether `node` (in `incarnation`, if given) is alive: its newest heartbeat is of that
-    /// incarnation, it did not leave, and less than `timeout` of log time passed since it was read.
+    /// Whether `node` (in `incarnation`, if given; else in any) is alive: that incarnation did
+    /// not leave, and less than `timeout` of log time passed since its newest heartbeat was read.
     pub fn is_alive(&self, node: &NodeId, incarnation: Option<Uuid>, timeout: Duration) -> bool {
         if *node == self.me && incarnation.is_none_or(|inc| inc == self.incarnation) {
             return true;
         }
-        let Some(peer) = self.peers.get(node) else { return false };
-        if incarnation.is_some_and(|inc| inc != peer.incarnation) {
-            return false;
-        }
-        if self.left.contains(&(node.clone(), peer.incarnation)) {
-            return false;
-        }
-        self.log_since(peer.seen_at) < timeout
+        self.live_incarnations(node, timeout).any(|(inc, _)| incarnation.is_none_or(|wanted| wanted == inc))
+    }
+
+    /// The live incarnations of `node`, with their entries: not departed, heard from within
+    /// `timeout` of log time, and not superseded (silent since another incarnation's first
+    /// heartbeat: the node restarted; only two incarnations both heard from since the other
+    /// appeared run at once).
+    fn live_incarnations<'m>(
+        &'m self,
+        node: &'m NodeId,
+        timeout: Duration,
+    ) -> impl Iterator<Item = (Uuid, &'m Seen)> + 'm {
+        let all = self.incarnations.get(node);
+        all.into_iter()
+            .flatten()
+            .filter(move |(inc, seen)| {
+                let superseded =
+                    all.into_iter().flatten().any(|(other, them)| other != *inc && them.first > seen.last);
+                !superseded
+                    && !self.left.contains(&(node.clone(), **inc))
+                    && self.log_since(seen.last) < timeout
+            })
+            .map(|(inc, seen)| (*inc, seen))
+    }
+
+    /// Node ids with more than one live incarnation (cloned machines started together, a
+    /// healed partition), each with its live incarnations, oldest first.
+    pub fn conflicts(&self, timeout: Duration) -> BTreeMap<NodeId, Vec<Uuid>> {
+        self.incarnations
+            .keys()
+            .filter_map(|node| {
+                let mut live: Vec<(Boot, Uuid)> =
+                    self.live_incarnations(node, timeout).map(|(inc, seen)| (seen.first, inc)).collect();
+                if *node == self.me && !live.iter().any(|(_, inc)| *inc == self.incarnation) {
+                    live.push((Boot::default(), self.incarnation));
+                }
+                live.sort();
+                (live.len() > 1).then(|| (node.clone(), live.into_iter().map(|(_, inc)| inc).collect()))
+            })
+            .collect()
     }
 
     /// Whether `node` may still hold an exclusive run with `grace` to stop it: it did not leave,
@@ -129,14 +200,14 @@ impl Membership {
         margin: Duration,
         default_fence: Duration,
     ) -> bool {
-        let Some(peer) = self.peers.get(node) else { return false };
-        if self.left.contains(&(node.clone(), peer.incarnation)) {
-            return false;
-        }
-        // A heartbeat's fence timeout is read within the node flag's range (at most 1h).
-        let fence =
-            peer.heartbeat.fence_timeout_ms.map_or(default_fence, Duration::from_millis).min(MAX_FENCE);
-        self.log_since(peer.seen_at) < move_wait(fence, grace, margin)
+        // Any incarnation of it that did not leave (two may run at once: a conflict).
+        self.incarnations.get(node).into_iter().flatten().any(|(inc, seen)| {
+            // A heartbeat's fence timeout is read within the node flag's range (at most 1h).
+            let fence =
+                seen.heartbeat.fence_timeout_ms.map_or(default_fence, Duration::from_millis).min(MAX_FENCE);
+            !self.left.contains(&(node.clone(), *inc))
+                && self.log_since(seen.last) < move_wait(fence, grace, margin)
+        })
     }
 
     /// A live, leader-capable node of a newer protocol than this build's, if any: this node
@@ -144,39 +215,73 @@ impl Membership {
     /// leads a mixed cluster and never competes with a leader it cannot fully read.
     pub fn newer_protocol_live(&self, timeout: Duration) -> Option<(&NodeId, u16)> {
         let mine = shiva_proto::protocol();
-        self.peers
-            .iter()
-            .filter(|(id, peer)| {
-                peer.heartbeat.protocol > mine
-                    && peer.heartbeat.leader_capable
-                    && self.is_alive(id, Some(peer.incarnation), timeout)
-            })
-            .map(|(id, peer)| (id, peer.heartbeat.protocol))
-            .next()
+        self.incarnations
+            .keys()
+            .flat_map(|id| self.live_incarnations(id, timeout).map(move |(_, seen)| (id, seen)))
+            .find(|(_, seen)| seen.heartbeat.protocol > mine && seen.heartbeat.leader_capable)
+            .map(|(id, seen)| (id, seen.heartbeat.protocol))
     }
 
-    /// Live nodes (this one included once its heartbeat was read back), sorted by id.
-    pub fn live_members(&self, timeout: Duration) -> Vec<Member> {
-        self.peers
+    /// Live nodes (this one included once its heartbeat was read back), sorted by id, one
+    /// incarnation each: of two live incarnations of one id (a conflict), the one `prefer` names
+    /// while it is live (the leader passes the one its `members` record lists, so the choice
+    /// holds), else the one heard from first. Only the incarnation listed runs the id's tasks.
+    pub fn live_members(&self, timeout: Duration, prefer: &dyn Fn(&NodeId) -> Option<Uuid>) -> Vec<Member> {
+        self.incarnations
             .iter()
-            .filter(|(id, peer)| {
-                if **id == self.me {
-                    peer.incarnation == self.incarnation
-                } else {
-                    self.is_alive(id, Some(peer.incarnation), timeout)
-                }
-            })
-            .map(|(id, peer)| Member {
-                id: id.clone(),
-                incarnation: peer.incarnation,
-                hostname: peer.heartbeat.hostname.clone(),
-                tags: peer.heartbeat.tags.clone(),
-                runner: peer.heartbeat.runner,
-                leader_capable: peer.heartbeat.leader_capable,
-                returns: peer.heartbeat.returns,
-                features: shiva_proto::records::feature::known(&peer.heartbeat.features),
+            .filter_map(|(id, seen)| {
+                let incarnation = self.chosen(id, timeout, prefer)?;
+                Some(member(id, incarnation, &seen.get(&incarnation)?.heartbeat))
             })
             .collect()
+    }
+
+    /// The other live incarnations of ids in conflict (those [`Membership::live_members`] does
+    /// not list), sorted by id.
+    pub fn conflicting_members(
+        &self,
+        timeout: Duration,
+        prefer: &dyn Fn(&NodeId) -> Option<Uuid>,
+    ) -> Vec<Member> {
+        self.conflicts(timeout)
+            .into_iter()
+            .flat_map(|(id, incarnations)| {
+                let chosen = self.chosen(&id, timeout, prefer);
+                let seen = self.incarnations.get(&id);
+                incarnations
+                    .into_iter()
+                    .filter(move |inc| Some(*inc) != chosen)
+                    .filter_map(move |inc| Some(member(&id, inc, &seen?.get(&inc)?.heartbeat)))
+            })
+            .collect()
+    }
+
+    /// The incarnation of `id` that runs its tasks (see [`Membership::live_members`]).
+    fn chosen(
+        &self,
+        id: &NodeId,
+        timeout: Duration,
+        prefer: &dyn Fn(&NodeId) -> Option<Uuid>,
+    ) -> Option<Uuid> {
+        if *id == self.me {
+            return self.knows(id, self.incarnation).then_some(self.incarnation);
+        }
+        let live: Vec<(Uuid, &Seen)> = self.live_incarnations(id, timeout).collect();
+        let preferred = prefer(id).filter(|inc| live.iter().any(|(live, _)| live == inc));
+        preferred.or_else(|| live.iter().min_by_key(|(inc, seen)| (seen.first, *inc)).map(|(inc, _)| *inc))
+    }
+}
+
+fn member(id: &NodeId, incarnation: Uuid, heartbeat: &Heartbeat) -> Member {
+    Member {
+        id: id.clone(),
+        incarnation,
+        hostname: heartbeat.hostname.clone(),
+        tags: heartbeat.tags.clone(),
+        runner: heartbeat.runner,
+        leader_capable: heartbeat.leader_capable,
+        returns: heartbeat.returns,
+        features: shiva_proto::records::feature::known(&heartbeat.features),
     }
 }
 
@@ -256,7 +361,62 @@ mod tests {
         );
         membership.on_leave(&other, inc_b);
         assert!(!membership.is_alive(&other, None, timeout));
-        assert_eq!(membership.live_members(timeout).len(), 1);
+        assert_eq!(membership.live_members(timeout, &|_| None).len(), 1);
+    }
+
+    #[test]
+    fn two_live_incarnations_of_one_id_are_a_conflict_and_the_listed_one_keeps_its_place() {
+        let me = NodeId::new("a").unwrap();
+        let clone = NodeId::new("b").unwrap();
+        let (inc_a, first, second) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let timeout = Duration::from_millis(300);
+        let mut membership = Membership::new(me.clone(), inc_a);
+        membership.on_heartbeat(&me, inc_a, &hb(), at(0));
+        membership.advance(at(0));
+        // Cloned machines started together: both incarnations of b heartbeat, alternately.
+        for t in (10..200).step_by(20) {
+            membership.on_heartbeat(&clone, if t % 40 == 10 { first } else { second }, &hb(), at(t));
+        }
+        membership.advance(at(200));
+        assert_eq!(membership.conflicts(timeout), BTreeMap::from([(clone.clone(), vec![first, second])]));
+        let members = |m: &Membership, listed: Option<Uuid>| -> Vec<(NodeId, Uuid)> {
+            m.live_members(timeout, &|_| listed)
+                .into_iter()
+                .map(|member| (member.id, member.incarnation))
+                .collect()
+        };
+        // The one heard from first, whichever heartbeat is newest; the listed one while it lives.
+        assert_eq!(members(&membership, None), vec![(me.clone(), inc_a), (clone.clone(), first)]);
+        assert_eq!(members(&membership, Some(second)), vec![(me.clone(), inc_a), (clone.clone(), second)]);
+        membership.on_heartbeat(&clone, second, &hb(), at(210));
+        assert_eq!(
+            members(&membership, None)[1],
+            (clone.clone(), first),
+            "a newer heartbeat changes nothing"
+        );
+        assert!(
+            membership.is_alive(&clone, Some(first), timeout)
+                && membership.is_alive(&clone, Some(second), timeout)
+        );
+        // The first goes silent: the second alone, no conflict.
+        for t in (230..600).step_by(20) {
+            membership.on_heartbeat(&clone, second, &hb(), at(t));
+        }
+        membership.advance(at(600));
+        assert!(membership.conflicts(timeout).is_empty());
+        assert_eq!(members(&membership, Some(first)), vec![(me.clone(), inc_a), (clone.clone(), second)]);
+
+        // A restart is no conflict: the old incarnation is silent since the new one's first
+        // heartbeat, so it is superseded at once (not after the timeout).
+        let restarted = Uuid::new_v4();
+        membership.on_heartbeat(&clone, restarted, &hb(), at(610));
+        assert!(membership.conflicts(timeout).is_empty());
+        assert!(!membership.is_alive(&clone, Some(second), timeout));
+        assert_eq!(members(&membership, Some(second))[1], (clone.clone(), restarted));
+        // Another incarnation of this node's own id is a conflict too.
+        let impostor = Uuid::new_v4();
+        membership.on_heartbeat(&me, impostor, &hb(), at(620));
+        assert_eq!(membership.conflicts(timeout)[&me], vec![inc_a, impostor]);
     }
 
     #[test]

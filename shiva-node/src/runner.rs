@@ -1,5 +1,6 @@
 //! The runner's decisions, pure:
-//! * which services this node runs ([`wanted`]): those assigned to it, of a defined task, started
+//! * which services this node runs ([`wanted`]): those assigned to it (and to its incarnation,
+//!   when the assignment names one), of a defined task, started
 //!   once every node its assignment says to wait for (`after`) reported its copy gone (staged
 //!   until then); while
 //!   cut off only those that ride out a disconnection; back from its fence, nothing exclusive
@@ -38,7 +39,7 @@ pub struct Standing {
 /// it goes on while exclusive starts wait.
 pub fn wanted(
     view: &LogView,
-    me: &NodeId,
+    (me, incarnation): (&NodeId, Uuid),
     standing: Standing,
     holds: &dyn Fn(&TaskId) -> bool,
 ) -> BTreeMap<TaskId, Wanted> {
@@ -47,6 +48,8 @@ pub fn wanted(
         .filter(
             |(_, entry)| matches!(&entry.assignment.placement, Placement::Assigned { node } if node == me),
         )
+        // Not one for another incarnation of this node id (a clone): that one runs it.
+        .filter(|(_, entry)| entry.assignment.incarnation.is_none_or(|inc| inc == incarnation))
         // A deleted task is not started again, whatever its assignment says meanwhile.
         .filter(|(task, _)| view.is_defined(task))
         .filter(|(task, entry)| {
@@ -139,6 +142,9 @@ pub fn confirm(entry: Option<&RunEntry>, me: &NodeId, incarnation: Uuid) -> Conf
         Some(node) => return Confirm::Cancel(format!("it is assigned to {node}")),
         None => return Confirm::Cancel("it is not assigned to any node".into()),
     }
+    if intent.incarnation.is_some_and(|inc| inc != incarnation) {
+        return Confirm::Cancel("it is assigned to another incarnation of this node id".into());
+    }
     if let Some(reason) = &intent.stop {
         return Confirm::Cancel(reason.clone());
     }
@@ -181,6 +187,7 @@ mod tests {
             stop: None,
             verdict: None,
             note: None,
+            incarnation: None,
         };
         let report = report.map(|(incarnation, state)| ReportEntry {
             node: NodeId::new("a").unwrap(),

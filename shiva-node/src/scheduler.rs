@@ -492,6 +492,10 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             run_id: run_id(self.task, due.trigger, due.attempt),
             attempt: due.attempt,
             trigger: due.trigger,
+            incarnation: node
+                .as_ref()
+                .and_then(|node| self.ctx.live.iter().find(|member| member.id == *node))
+                .map(|member| member.incarnation),
             node,
             launch_at_ms: launch_at,
             written_at_ms: Some(ms(self.ctx.now)),

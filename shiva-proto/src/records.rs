@@ -354,8 +354,12 @@ fn is_zero(value: &u64) -> bool {
 pub struct Members {
     /// The leader's epoch.
     pub epoch: u64,
-    /// Live nodes, sorted by id.
+    /// Live nodes, sorted by id: one incarnation per id, the one that runs its tasks.
     pub nodes: Vec<Member>,
+    /// Other live incarnations of ids in `nodes` (cloned machines started together, a healed
+    /// partition): they run nothing (absent when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<Member>,
 }
 
 /// Where a task stands, as decided by the leader.
@@ -424,6 +428,10 @@ pub struct Assignment {
     /// every word), or once the node must have fenced itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<NodeId>,
+    /// With `assigned`: the incarnation of the node that runs it (absent from older leaders):
+    /// another incarnation of the same id (a clone) does not run it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<Uuid>,
 }
 
 /// A copy of a task a node may still run (see [`Assignment::holders`]).

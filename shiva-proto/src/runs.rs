@@ -197,6 +197,10 @@ pub struct RunIntent {
     /// The runner; `None` when the run is not launched (`skipped`).
     #[serde(default)]
     pub node: Option<NodeId>,
+    /// The incarnation of `node` that runs it (absent from older leaders): another incarnation
+    /// of the same id does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<Uuid>,
     /// When the runner launches it (ms, the leader's clock): the slot plus the task's jitter,
     /// or at once.
     pub launch_at_ms: i64,

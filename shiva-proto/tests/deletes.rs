@@ -46,6 +46,7 @@ fn only_a_deleted_record_of_the_leader_deletes_a_leader_owned_key() {
         retry_at_ms: None,
         holders: vec![],
         after: Vec::new(),
+        incarnation: None,
     };
     let status = TaskStatus {
         task: task.clone(),

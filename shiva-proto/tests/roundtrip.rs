@@ -157,7 +157,7 @@ fn body() -> impl Strategy<Value = Body> {
         any::<u64>().prop_map(|epoch| Body::Resign(Resign { epoch })),
         any::<u64>().prop_map(|epoch| Body::Deleted(shiva_proto::records::Deleted { epoch })),
         (any::<u64>(), prop::collection::vec(member(), 0..4))
-            .prop_map(|(epoch, nodes)| Body::Members(Members { epoch, nodes })),
+            .prop_map(|(epoch, nodes)| Body::Members(Members { epoch, nodes, conflicts: Vec::new() })),
         (any::<u64>(), task_id(), any::<u64>(), any::<i64>(), placement(), spec()).prop_map(
             |(epoch, task, generation, spec_revision, placement, spec)| Body::Assignment(Assignment {
                 epoch,
@@ -179,6 +179,7 @@ fn body() -> impl Strategy<Value = Body> {
                     .into_iter()
                     .collect(),
                 after: Vec::new(),
+                incarnation: Some(uuid::Uuid::from_u128(u128::from(generation))),
             })
         ),
         (

@@ -288,6 +288,71 @@ fn a_node_of_the_next_protocol_leads_a_mixed_cluster_and_no_epoch_has_two_winner
     assert!(epochs.values().any(|leaders| leaders.contains("n3")), "{epochs:?}");
 }
 
+/// Two incarnations of one node id at once (issue 15, point 4): a node frozen past the probe
+/// window of a second machine started with its id, then thawed, heartbeats again beside it (as
+/// after a healed partition, or cloned machines started together). Only the incarnation the
+/// leader lists runs the id's tasks, and `nodes` shows the conflict.
+#[test]
+fn two_incarnations_of_one_node_id_never_both_run_its_tasks_and_nodes_shows_the_conflict() {
+    let mut cluster = Cluster::start("clones", 2, &[&[], &["--tags", "x"]]);
+    cluster.submit("app/x", &["x"]);
+    cluster.wait_running_once(&["app/x".to_owned()]);
+    // n2 frozen whole (node and its group): its lease runs out and its task stops.
+    cluster.node("n2").signal_group(Signal::SIGSTOP);
+    wait_until(SETTLE, "the frozen n2's task stops", || {
+        shiva_e2e::task_processes(&cluster.name, "app/x").is_empty()
+    });
+    // A second machine with the same id starts (the first is silent: it passes the id check).
+    let clone = Node::start(&cluster.broker, &cluster.name, "n2", &["--tags", "x"]);
+    let clone_pid = clone.pid();
+    wait_until(SETTLE, "the clone runs the task", || {
+        let processes = shiva_e2e::task_processes(&cluster.name, "app/x");
+        processes.len() == 1 && parent_node_pid(processes[0].0) == Some(clone_pid)
+    });
+    // The first thaws: two live incarnations of n2.
+    cluster.node("n2").signal_group(Signal::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(12);
+    let mut conflict_seen = false;
+    while Instant::now() < deadline {
+        let processes = shiva_e2e::task_processes(&cluster.name, "app/x");
+        assert!(processes.len() <= 1, "two copies of app/x run: {processes:?}");
+        if !conflict_seen {
+            let rows = cluster.ctl.json(&["nodes"]);
+            conflict_seen = rows.as_array().unwrap().iter().any(|row| {
+                row["id"] == "n2"
+                    && row["conflicting_incarnations"].as_array().is_some_and(|others| others.len() == 1)
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(conflict_seen, "nodes shows the conflict: {}", cluster.ctl.ok(&["nodes"]));
+    let human = cluster.ctl.ok(&["nodes"]);
+    assert!(human.contains("warning: node id n2 is used by 2 live incarnations"), "{human}");
+    let processes = shiva_e2e::task_processes(&cluster.name, "app/x");
+    assert_eq!(processes.len(), 1, "the task runs, once: {processes:?}");
+    assert!(cluster.node("n2").log_text().contains("another live node heartbeats with this node's id"));
+    drop(clone);
+}
+
+/// The shiva-node process `pid` descends from, if any.
+fn parent_node_pid(pid: i32) -> Option<i32> {
+    let mut current = pid;
+    for _ in 0..16 {
+        let stat = std::fs::read_to_string(format!("/proc/{current}/stat")).ok()?;
+        let ppid: i32 = stat.rsplit_once(") ")?.1.split_whitespace().nth(1)?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).ok()?;
+        if comm.trim() == "shiva-node" {
+            // The shim is a shiva-node process too (`shiva-node __shim`): skip it.
+            let cmdline = std::fs::read_to_string(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
+            if !cmdline.contains("__shim") && !cmdline.contains("--shim") {
+                return Some(ppid);
+            }
+        }
+        current = ppid;
+    }
+    None
+}
+
 /// Reading a topic from outside the nodes, to prove the broker really compacted it.
 mod shiva_e2e_reader {
     use super::*;

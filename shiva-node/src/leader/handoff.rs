@@ -197,6 +197,7 @@ mod tests {
             retry_at_ms: None,
             holders: vec![holder],
             after: vec![node("n0")],
+            incarnation: None,
         };
         let mut view = LogView::default();
         view.assignments.insert(task.clone(), AssignmentEntry { assignment, offset: 7 });

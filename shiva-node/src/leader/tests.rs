@@ -184,6 +184,7 @@ impl Sim {
         };
         let inputs = Inputs {
             live: &live,
+            conflicts: &[],
             epoch,
             now_ms: self.now_ms,
             busy: &|_, _| false,
@@ -226,7 +227,7 @@ impl Sim {
             let copies = self.copies.clone();
             // As the driver's `Supervisor::runs`: a job being stopped does not count.
             let holds = |task: &TaskId| copies.get(&(i, task.clone())).is_some_and(|copy| !copy.stopping);
-            let wanted = crate::runner::wanted(&self.view, &me, standing, &holds);
+            let wanted = crate::runner::wanted(&self.view, (&me, incarnation), standing, &holds);
             let mut statuses = Vec::new();
             let status = |task: &TaskId, generation: u64, state: RunState, after: &[NodeId]| TaskStatus {
                 task: task.clone(),
@@ -360,6 +361,7 @@ impl Sim {
                     retry_at_ms: None,
                     holders: vec![],
                     after: Vec::new(),
+                    incarnation: None,
                 };
                 let value = self.env(node, Body::Assignment(assignment));
                 self.append(TopicKind::Assignments, key::task(&Self::task(*t)), Some(value));

@@ -319,8 +319,13 @@ impl Node {
                     self.membership.advance(sent);
                 }
             } else if *id == self.config.node_id && (self.ready || self.probing) {
+                if self.impostor != Some(entry.incarnation) {
+                    error!(
+                        node = %id, incarnation = %entry.incarnation,
+                        "another live node heartbeats with this node's id: only the incarnation the leader lists runs its tasks"
+                    );
+                }
                 self.impostor = Some(entry.incarnation);
-                error!(node = %id, incarnation = %entry.incarnation, "another live node heartbeats with this node's id");
             }
         } else if key.starts_with("leave/") {
             let left: Vec<_> = self.view.left.iter().cloned().collect();
@@ -436,7 +441,7 @@ impl Node {
                 pid: status.pid,
             })
             .collect();
-        let live = self.membership.live_members(self.config.node_timeout);
+        let live = self.live_members();
         let clock_ms = self.clock_samples.best(live.iter().map(|member| &member.id));
         let heartbeat =
             build(&self.identity, seq, self.fence.returns(), self.resources.resources(), runs, clock_ms);
@@ -521,15 +526,29 @@ impl Node {
         }
     }
 
+    /// Live nodes, one incarnation per id: of two incarnations of one id, the one the newest
+    /// `members` record lists keeps its place while it is live.
+    pub(crate) fn live_members(&self) -> Vec<shiva_proto::records::Member> {
+        self.membership.live_members(self.config.node_timeout, &|id| self.listed(id))
+    }
+
+    /// The incarnation of `id` the newest `members` record lists.
+    fn listed(&self, id: &NodeId) -> Option<Uuid> {
+        let members = self.view.members.as_ref()?;
+        members.nodes.iter().find(|member| member.id == *id).map(|member| member.incarnation)
+    }
+
     /// The leader's writes for this step: reconciliation, then the scheduler's.
     fn leader_writes(&self, epoch: u64) -> Vec<crate::leader::Write> {
-        let live = self.membership.live_members(self.config.node_timeout);
+        let live = self.live_members();
         let may_still_run = |node: &NodeId, grace: Duration| {
             self.membership.may_still_run(node, grace, FENCE_MARGIN, self.config.node_timeout)
         };
         let busy = |topic: TopicKind, key: &str| self.busy(topic, key);
+        let conflicts = self.membership.conflicting_members(self.config.node_timeout, &|id| self.listed(id));
         let inputs = Inputs {
             live: &live,
+            conflicts: &conflicts,
             epoch,
             now_ms: crate::supervisor::oneshot::now_ms(),
             busy: &busy,
@@ -634,7 +653,7 @@ impl Node {
         let wanted =
             // What runs goes on while the gate is closed; a stopped job (even one whose stop
             // just completed) starts again only through the gate.
-            crate::runner::wanted(&self.view, &self.config.node_id, standing, &|task| supervisor.runs(task));
+            crate::runner::wanted(&self.view, (&self.config.node_id, self.config.incarnation), standing, &|task| supervisor.runs(task));
         supervisor.reconcile(&wanted);
         // A status that landed after this node's own (an old runner's last words) would
         // survive compaction: write the current one again.
@@ -666,7 +685,11 @@ impl Node {
                 view.assignments.keys().filter(|task| supervisor.holds(task)).cloned().collect()
             })
             .unwrap_or_default();
-        self.release_handed_off(&|task| holds.contains(task));
+        // Another incarnation of this id runs its tasks (a conflict): this one answers no
+        // hand-off of them (it holds no copy; the listed one does).
+        if self.listed(&self.config.node_id).is_none_or(|listed| listed == self.config.incarnation) {
+            self.release_handed_off(&|task| holds.contains(task));
+        }
     }
 
     /// Tells the leader, for every task handed off from this node whose copy is gone here, that

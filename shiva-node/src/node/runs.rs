@@ -100,6 +100,7 @@ impl Node {
         let event = Event::Step {
             view: &self.view,
             me: &self.config.node_id,
+            incarnation: self.config.incarnation,
             may_start_exclusive,
             beside: &beside,
             token,

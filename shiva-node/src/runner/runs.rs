@@ -75,6 +75,8 @@ pub enum Event<'a> {
         view: &'a LogView,
         /// This node.
         me: &'a NodeId,
+        /// This node's incarnation: an intent naming another incarnation of its id is not its.
+        incarnation: Uuid,
         /// Exclusive runs may start (fence open, latest return acknowledged).
         may_start_exclusive: bool,
         /// Whether this node holds a service copy of the task.
@@ -167,8 +169,8 @@ impl RunBook {
     /// Takes in `event` at `now_ms` (the driver's clock, read once).
     pub fn on_event(&mut self, event: Event<'_>, now_ms: i64) -> Vec<Action> {
         match event {
-            Event::Step { view, me, may_start_exclusive, beside, token } => {
-                self.step(view, me, may_start_exclusive, beside, token, now_ms)
+            Event::Step { view, me, incarnation, may_start_exclusive, beside, token } => {
+                self.step(view, (me, incarnation), may_start_exclusive, beside, token, now_ms)
             }
             Event::StartWritten { run, ok } => {
                 if let Some(held) = self.held.get_mut(&run)
@@ -238,7 +240,7 @@ impl RunBook {
     fn step(
         &mut self,
         view: &LogView,
-        me: &NodeId,
+        (me, incarnation): (&NodeId, Uuid),
         may_start_exclusive: bool,
         beside: &dyn Fn(&TaskId) -> bool,
         token: u64,
@@ -261,7 +263,7 @@ impl RunBook {
         for (task, id) in &candidates {
             let Some(entry) = view.run(task, id) else { continue };
             let Some((intent, _)) = entry.intent.as_ref() else { continue };
-            if intent.node.as_ref() != Some(me) {
+            if intent.node.as_ref() != Some(me) || intent.incarnation.is_some_and(|inc| inc != incarnation) {
                 continue;
             }
             if let Some(held) = self.held.get(id) {
@@ -452,6 +454,7 @@ mod tests {
                 stop: None,
                 verdict: None,
                 note: None,
+                incarnation: None,
             };
             change(&mut intent);
             self.write(
@@ -468,6 +471,7 @@ mod tests {
         let event = Event::Step {
             view: &log.view,
             me: &me,
+            incarnation: Uuid::nil(),
             may_start_exclusive: may_start,
             beside: &|_| beside,
             token: 7,

@@ -184,6 +184,7 @@ impl Sim {
                 let event = Event::Step {
                     view: &self.view,
                     me: &me,
+                    incarnation,
                     may_start_exclusive: true,
                     beside: &|_| false,
                     token: 1,

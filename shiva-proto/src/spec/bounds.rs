@@ -205,6 +205,7 @@ impl TaskSpec {
                 2
             ],
             after: Vec::new(),
+            incarnation: None,
         });
         let intent = Body::RunIntent(RunIntent {
             epoch: u64::MAX,
@@ -220,6 +221,7 @@ impl TaskSpec {
             stop: None,
             verdict: None,
             note: None,
+            incarnation: None,
         });
         let largest = [assignment, intent]
             .into_iter()

@@ -131,6 +131,7 @@ impl Sim {
         let epoch = self.view.epochs.newest;
         let inputs = Inputs {
             live: &live,
+            conflicts: &[],
             epoch,
             now_ms: self.now,
             busy: &|_, _| false,
@@ -272,8 +273,8 @@ proptest! {
         prop_assert!(held, "a node just heard from may still run its tasks");
         membership.advance(crate::clock::Boot::from_since_boot(Duration::MAX));
         let _ = membership.may_still_run(&other, grace, Duration::MAX, Duration::MAX);
-        let _ = membership.live_members(Duration::MAX);
-        let _ = membership.live_members(Duration::ZERO);
+        let _ = membership.live_members(Duration::MAX, &|_| None);
+        let _ = membership.live_members(Duration::ZERO, &|_| None);
     }
 }
 
