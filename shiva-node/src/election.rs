@@ -231,6 +231,12 @@ mod tests {
         assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Leader(1));
         let newer = Heartbeat::of_newer_protocol(shiva_proto::protocol() + 1);
         membership.on_heartbeat(&new, inc_new, &newer, at(1000));
+        membership.advance(at(1000));
+        // One heartbeat is not enough (a single forged record makes nobody resign): it must be
+        // heard from over the leader timeout.
+        assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Leader(1));
+        membership.on_heartbeat(&new, inc_new, &newer, at(1300));
+        membership.advance(at(1300));
         assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Resign(1));
         view.epochs.resigned.insert(1);
         assert_eq!(
@@ -241,11 +247,11 @@ mod tests {
         // A newer node that may not lead does not stop this one.
         let mut runner_only = newer.clone();
         runner_only.leader_capable = false;
-        membership.on_heartbeat(&new, inc_new, &runner_only, at(1000));
+        membership.on_heartbeat(&new, inc_new, &runner_only, at(1300));
         assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Claim(2));
         // Once the newer node is gone, this one claims again.
-        membership.on_heartbeat(&new, inc_new, &newer, at(1000));
-        membership.advance(at(1300));
+        membership.on_heartbeat(&new, inc_new, &newer, at(1300));
+        membership.advance(at(1600));
         assert_eq!(election.decide(&view, &membership, true, B3), Verdict::Claim(2));
     }
 }

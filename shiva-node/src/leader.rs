@@ -17,6 +17,7 @@ use shiva_proto::spec::{OnDisconnect, TaskKind};
 use shiva_proto::topics::key;
 use shiva_proto::view::SpecEntry;
 use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
+use uuid::Uuid;
 
 use crate::fault::contain;
 use crate::placement::{Candidate, Demand, plan};
@@ -63,6 +64,9 @@ pub struct Inputs<'a> {
     /// Whether a node that is not live may still run an exclusive task with this stop grace (it
     /// has not fenced itself yet): such a task stays where it is until that has passed.
     pub may_still_run: &'a dyn Fn(&NodeId, Duration) -> bool,
+    /// The same for one incarnation of a node id: a task passes from one incarnation of an id to
+    /// another (a second machine with the id) only once the first may no longer run it.
+    pub incarnation_may_still_run: &'a dyn Fn(&NodeId, Uuid, Duration) -> bool,
     /// Tasks this leader found it cannot handle, by spec revision, with the reason (a record
     /// about them could not be written): they are failed, not planned again.
     pub failed: &'a BTreeMap<TaskId, (i64, String)>,
@@ -148,7 +152,8 @@ fn moves(view: &LogView, task: &TaskId, revision: i64, now_ms: i64) -> Moves {
 
 /// Computes the leader's writes.
 pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
-    let Inputs { live, conflicts, epoch, now_ms, busy, may_still_run, failed } = *inputs;
+    let Inputs { live, conflicts, epoch, now_ms, busy, may_still_run, incarnation_may_still_run, failed } =
+        *inputs;
     let mut writes = Vec::new();
     let members = Members { epoch, nodes: live.to_vec(), conflicts: conflicts.to_vec() };
     let members_current =
@@ -337,9 +342,24 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         let given = (&spec.spec, spec.revision);
         let holders = holders_after(view, task, current_record, copies, &placement, given, generation);
         // The incarnation that runs it: the one `members` lists (another of its id runs nothing).
+        // Passing from one incarnation of the id to another is a move: an exclusive task stays
+        // with the first until it may no longer run it (unless the second replaced it on its
+        // workspace: a restart), like a task leaving a silent node.
         let incarnation = match &placement {
             Placement::Assigned { node } => {
-                live.iter().find(|member| member.id == *node).map(|member| member.incarnation)
+                let chosen = live.iter().find(|member| member.id == *node).map(|member| member.incarnation);
+                let held = current.map(|entry| &entry.assignment).and_then(|current| {
+                    let before = current.incarnation?;
+                    let same_node =
+                        matches!(&current.placement, Placement::Assigned { node: was } if was == node);
+                    let exclusive = current.spec.on_disconnect == OnDisconnect::Stop;
+                    (same_node
+                        && exclusive
+                        && Some(before) != chosen
+                        && incarnation_may_still_run(node, before, current.spec.stop_grace))
+                    .then_some(before)
+                });
+                held.or(chosen)
             }
             _ => None,
         };

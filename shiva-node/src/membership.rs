@@ -51,9 +51,10 @@ struct Seen {
     heartbeat: Heartbeat,
 }
 
-/// Log time after which an incarnation's entry is forgotten: longer than any timeout (the node
-/// and fence timeouts are at most an hour).
-const FORGET_AFTER: Duration = Duration::from_secs(2 * 3600);
+/// Log time after which an incarnation's entry is forgotten: longer than any timeout (node
+/// timeout at most an hour) and any move wait (a fence of at most an hour, a stop grace of at
+/// most an hour, the margin and the clock rate bound: see [`move_wait`]).
+const FORGET_AFTER: Duration = Duration::from_secs(3 * 3600);
 
 /// Heartbeats folded in log order.
 #[derive(Debug, Clone)]
@@ -147,26 +148,54 @@ impl Membership {
         self.live_incarnations(node, timeout).any(|(inc, _)| incarnation.is_none_or(|wanted| wanted == inc))
     }
 
-    /// The live incarnations of `node`, with their entries: not departed, heard from within
-    /// `timeout` of log time, and not superseded (silent since another incarnation's first
-    /// heartbeat: the node restarted; only two incarnations both heard from since the other
-    /// appeared run at once).
+    /// The live incarnations of `node`, with their entries: not departed, not replaced, and
+    /// heard from within `timeout` of log time.
     fn live_incarnations<'m>(
         &'m self,
         node: &'m NodeId,
         timeout: Duration,
     ) -> impl Iterator<Item = (Uuid, &'m Seen)> + 'm {
-        let all = self.incarnations.get(node);
-        all.into_iter()
+        self.incarnations
+            .get(node)
+            .into_iter()
             .flatten()
-            .filter(move |(inc, seen)| {
-                let superseded =
-                    all.into_iter().flatten().any(|(other, them)| other != *inc && them.first > seen.last);
-                !superseded
-                    && !self.left.contains(&(node.clone(), **inc))
-                    && self.log_since(seen.last) < timeout
-            })
+            .filter(move |(inc, seen)| !self.gone(node, **inc) && self.log_since(seen.last) < timeout)
             .map(|(inc, seen)| (*inc, seen))
+    }
+
+    /// Whether `incarnation` of `node` is known to be over: it left, or a later incarnation
+    /// replaced it on its workspace (a restart: see `Heartbeat::replaces`). Nothing else ends an
+    /// incarnation but silence: a second machine with the same id (a clone) is a conflict, and
+    /// the first keeps the id's tasks while it lives.
+    fn gone(&self, node: &NodeId, incarnation: Uuid) -> bool {
+        self.left.contains(&(node.clone(), incarnation))
+            || self
+                .incarnations
+                .get(node)
+                .is_some_and(|seen| seen.values().any(|other| other.heartbeat.replaces == Some(incarnation)))
+    }
+
+    /// Whether `incarnation` of `node` may still hold an exclusive run with `grace` to stop it
+    /// (see [`Membership::may_still_run`]): it is not over, and less than the move wait has passed
+    /// since its newest heartbeat was read. An incarnation never heard from holds nothing.
+    pub fn incarnation_may_still_run(
+        &self,
+        node: &NodeId,
+        incarnation: Uuid,
+        grace: Duration,
+        margin: Duration,
+        default_fence: Duration,
+    ) -> bool {
+        if *node == self.me && incarnation == self.incarnation {
+            return true;
+        }
+        let Some(seen) = self.incarnations.get(node).and_then(|seen| seen.get(&incarnation)) else {
+            return false;
+        };
+        // A heartbeat's fence timeout is read within the node flag's range (at most 1h).
+        let fence =
+            seen.heartbeat.fence_timeout_ms.map_or(default_fence, Duration::from_millis).min(MAX_FENCE);
+        !self.gone(node, incarnation) && self.log_since(seen.last) < move_wait(fence, grace, margin)
     }
 
     /// Node ids with more than one live incarnation (cloned machines started together, a
@@ -200,14 +229,12 @@ impl Membership {
         margin: Duration,
         default_fence: Duration,
     ) -> bool {
-        // Any incarnation of it that did not leave (two may run at once: a conflict).
-        self.incarnations.get(node).into_iter().flatten().any(|(inc, seen)| {
-            // A heartbeat's fence timeout is read within the node flag's range (at most 1h).
-            let fence =
-                seen.heartbeat.fence_timeout_ms.map_or(default_fence, Duration::from_millis).min(MAX_FENCE);
-            !self.left.contains(&(node.clone(), *inc))
-                && self.log_since(seen.last) < move_wait(fence, grace, margin)
-        })
+        // Any incarnation of it that is not over (two may run at once: a conflict).
+        self.incarnations
+            .get(node)
+            .into_iter()
+            .flatten()
+            .any(|(inc, _)| self.incarnation_may_still_run(node, *inc, grace, margin, default_fence))
     }
 
     /// A live, leader-capable node of a newer protocol than this build's, if any: this node
@@ -218,7 +245,13 @@ impl Membership {
         self.incarnations
             .keys()
             .flat_map(|id| self.live_incarnations(id, timeout).map(move |(_, seen)| (id, seen)))
-            .find(|(_, seen)| seen.heartbeat.protocol > mine && seen.heartbeat.leader_capable)
+            // Heard from over the whole timeout, not just once (a single forged record does not
+            // make the leader resign).
+            .find(|(_, seen)| {
+                seen.heartbeat.protocol > mine
+                    && seen.heartbeat.leader_capable
+                    && self.log_since(seen.first) >= timeout
+            })
             .map(|(id, seen)| (id, seen.heartbeat.protocol))
     }
 
@@ -312,6 +345,7 @@ pub(crate) fn test_heartbeat() -> Heartbeat {
         runs: vec![],
         features: Vec::new(),
         clock_ms: Default::default(),
+        replaces: None,
     }
 }
 
@@ -406,16 +440,41 @@ mod tests {
         assert!(membership.conflicts(timeout).is_empty());
         assert_eq!(members(&membership, Some(first)), vec![(me.clone(), inc_a), (clone.clone(), second)]);
 
-        // A restart is no conflict: the old incarnation is silent since the new one's first
-        // heartbeat, so it is superseded at once (not after the timeout).
+        // A restart on the same workspace is no conflict: the new incarnation says it replaced
+        // the old one (it took the workspace's lock), which is over at once, not after the timeout.
+        let grace = Duration::from_secs(10);
+        let still = |m: &Membership, inc| {
+            m.incarnation_may_still_run(&clone, inc, grace, Duration::from_secs(1), timeout)
+        };
+        assert!(still(&membership, second));
         let restarted = Uuid::new_v4();
-        membership.on_heartbeat(&clone, restarted, &hb(), at(610));
+        let replacing = Heartbeat { replaces: Some(second), ..hb() };
+        membership.on_heartbeat(&clone, restarted, &replacing, at(610));
         assert!(membership.conflicts(timeout).is_empty());
         assert!(!membership.is_alive(&clone, Some(second), timeout));
+        assert!(!still(&membership, second), "a replaced incarnation holds nothing");
         assert_eq!(members(&membership, Some(second))[1], (clone.clone(), restarted));
+        // Another machine with the id (no such word): a conflict while both live; the first keeps
+        // the id, and may still run its tasks until its move wait has passed.
+        let other_machine = Uuid::new_v4();
+        membership.on_heartbeat(&clone, other_machine, &hb(), at(620));
+        assert_eq!(membership.conflicts(timeout)[&clone], vec![restarted, other_machine]);
+        assert_eq!(members(&membership, None)[1], (clone.clone(), restarted));
+        for t in (640..1100).step_by(20) {
+            membership.on_heartbeat(&clone, other_machine, &hb(), at(t));
+        }
+        membership.advance(at(1100));
+        assert_eq!(
+            members(&membership, Some(restarted))[1],
+            (clone.clone(), other_machine),
+            "the first went silent"
+        );
+        assert!(still(&membership, restarted), "but may still run its tasks: fence, grace and margin");
+        membership.advance(at(620 + 14_000));
+        assert!(!still(&membership, restarted));
         // Another incarnation of this node's own id is a conflict too.
         let impostor = Uuid::new_v4();
-        membership.on_heartbeat(&me, impostor, &hb(), at(620));
+        membership.on_heartbeat(&me, impostor, &hb(), at(14_620));
         assert_eq!(membership.conflicts(timeout)[&me], vec![inc_a, impostor]);
     }
 

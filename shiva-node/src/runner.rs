@@ -132,8 +132,16 @@ pub enum Confirm {
     Cancel(String),
 }
 
-/// Confirms (or not) the run `entry` for node `me` in `incarnation`.
-pub fn confirm(entry: Option<&RunEntry>, me: &NodeId, incarnation: Uuid) -> Confirm {
+/// Whether `intent` is for this node in `incarnation`: it names the node, and names no
+/// incarnation, or this one, or another while `listed` (the leader lists this incarnation for
+/// its id: the one named was replaced or went silent, and this one takes its runs over as a
+/// restarted node does: a run it had started is `lost`, one it had not is launched here).
+pub fn names_me(intent: &RunIntent, me: &NodeId, incarnation: Uuid, listed: bool) -> bool {
+    intent.node.as_ref() == Some(me) && (listed || intent.incarnation.is_none_or(|inc| inc == incarnation))
+}
+
+/// Confirms (or not) the run `entry` for node `me` in `incarnation` (`listed`: see [`names_me`]).
+pub fn confirm(entry: Option<&RunEntry>, me: &NodeId, incarnation: Uuid, listed: bool) -> Confirm {
     let Some((intent, _)) = entry.and_then(|entry| entry.intent.as_ref()) else {
         return Confirm::Cancel("its launch intent is gone".into());
     };
@@ -142,7 +150,7 @@ pub fn confirm(entry: Option<&RunEntry>, me: &NodeId, incarnation: Uuid) -> Conf
         Some(node) => return Confirm::Cancel(format!("it is assigned to {node}")),
         None => return Confirm::Cancel("it is not assigned to any node".into()),
     }
-    if intent.incarnation.is_some_and(|inc| inc != incarnation) {
+    if !names_me(intent, me, incarnation, listed) {
         return Confirm::Cancel("it is assigned to another incarnation of this node id".into());
     }
     if let Some(reason) = &intent.stop {
@@ -215,24 +223,28 @@ mod tests {
         let me = NodeId::new("a").unwrap();
         let mine = Uuid::from_u128(1);
         let current = entry(Some("a"), Some((mine, RunPhase::Starting)));
-        assert!(matches!(confirm(Some(&current), &me, mine), Confirm::Launch(_)));
-        assert!(matches!(confirm(Some(&entry(Some("a"), None)), &me, mine), Confirm::Launch(_)));
+        assert!(matches!(confirm(Some(&current), &me, mine, true), Confirm::Launch(_)));
+        assert!(matches!(confirm(Some(&entry(Some("a"), None)), &me, mine, true), Confirm::Launch(_)));
 
-        assert!(matches!(confirm(None, &me, mine), Confirm::Cancel(_)));
+        assert!(matches!(confirm(None, &me, mine, true), Confirm::Cancel(_)));
         assert!(
-            matches!(confirm(Some(&entry(Some("b"), None)), &me, mine), Confirm::Cancel(r) if r.contains("b"))
+            matches!(confirm(Some(&entry(Some("b"), None)), &me, mine, true), Confirm::Cancel(r) if r.contains("b"))
         );
-        assert!(matches!(confirm(Some(&entry(None, None)), &me, mine), Confirm::Cancel(_)));
+        assert!(matches!(confirm(Some(&entry(None, None)), &me, mine, true), Confirm::Cancel(_)));
         let other = entry(Some("a"), Some((Uuid::from_u128(2), RunPhase::Starting)));
-        assert!(matches!(confirm(Some(&other), &me, mine), Confirm::Cancel(r) if r.contains("incarnation")));
+        assert!(
+            matches!(confirm(Some(&other), &me, mine, true), Confirm::Cancel(r) if r.contains("incarnation"))
+        );
         let ran = entry(Some("a"), Some((mine, RunPhase::Running)));
-        assert!(matches!(confirm(Some(&ran), &me, mine), Confirm::Cancel(_)));
+        assert!(matches!(confirm(Some(&ran), &me, mine, true), Confirm::Cancel(_)));
 
         let mut stopped = current.clone();
         stopped.intent.as_mut().unwrap().0.stop = Some("the task was killed".into());
-        assert_eq!(confirm(Some(&stopped), &me, mine), Confirm::Cancel("the task was killed".into()));
+        assert_eq!(confirm(Some(&stopped), &me, mine, true), Confirm::Cancel("the task was killed".into()));
         let mut judged = current;
         judged.intent.as_mut().unwrap().0.verdict = Some(RunPhase::Missed);
-        assert!(matches!(confirm(Some(&judged), &me, mine), Confirm::Cancel(r) if r.contains("missed")));
+        assert!(
+            matches!(confirm(Some(&judged), &me, mine, true), Confirm::Cancel(r) if r.contains("missed"))
+        );
     }
 }

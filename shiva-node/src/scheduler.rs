@@ -443,7 +443,8 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             .iter()
             .filter(|(_, entry)| entry.is_final())
             .map(|(id, entry)| {
-                let offset = entry.intent.as_ref().map_or(i64::MAX, |(_, offset)| *offset);
+                // A report whose intent is already gone goes first.
+                let offset = entry.intent.as_ref().map_or(i64::MIN, |(_, offset)| *offset);
                 (offset, *id)
             })
             .collect();
@@ -460,7 +461,12 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             {
                 self.writes.extend(Write::delete(TopicKind::Assignments, key.clone(), self.ctx.epoch));
             }
-            if entry.report.is_some() && !self.busy(TopicKind::Status, &key) {
+            // The report goes only once the intent is gone: were the intent's deletion refused
+            // (a deposed leader's, read after the next claim) while the report's, on another
+            // topic, is accepted, an intent with no report would be an open run again, and its
+            // runner would launch an old slot a second time (seen in the chaos test).
+            let intent_gone = entry.intent.as_ref().is_none_or(|(_, offset)| *offset < 0);
+            if entry.report.is_some() && intent_gone && !self.busy(TopicKind::Status, &key) {
                 self.writes.extend(Write::delete(TopicKind::Status, key, self.ctx.epoch));
             }
         }

@@ -213,6 +213,13 @@ pub struct Heartbeat {
     /// [`clock_offset_ms`]); no decision uses them.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub clock_ms: std::collections::BTreeMap<NodeId, i64>,
+    /// The incarnation of this node id that ran on this node's workspace before it, and has
+    /// exited (this one took the workspace's lock, which the kernel releases only with the
+    /// process) and whose leftover runs this one stopped before its first heartbeat (absent
+    /// otherwise, and from older nodes). A restart, not a second machine: the leader moves the
+    /// id's tasks to this incarnation at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<Uuid>,
 }
 
 /// The offset of `node`'s clock from `reference`'s (ms, positive: `node` is ahead), from their
@@ -251,6 +258,7 @@ impl Heartbeat {
             resources: Resources::default(),
             runs: Vec::new(),
             clock_ms: Default::default(),
+            replaces: None,
         }
     }
 }

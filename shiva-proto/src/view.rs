@@ -567,7 +567,10 @@ impl LogView {
             }
             (TopicKind::Control, "heartbeat") => {
                 expect_key(key, &key::node(&node))?;
+                // Not leader-capable unless its body says so (a record with no readable body
+                // does not stop anyone from leading).
                 let mut heartbeat = Heartbeat::of_newer_protocol(header.v);
+                heartbeat.leader_capable = false;
                 // Fields every version keeps in its heartbeat body (docs/protocol.md, "Versions").
                 #[derive(serde::Deserialize)]
                 struct Kept {
@@ -583,7 +586,7 @@ impl LogView {
                     body: Kept,
                 }
                 if let Ok(Outer { body }) = serde_json::from_slice::<Outer>(value) {
-                    heartbeat.leader_capable = body.leader_capable.unwrap_or(true);
+                    heartbeat.leader_capable = body.leader_capable.unwrap_or(false);
                     heartbeat.hostname = body.hostname.unwrap_or_default().chars().take(253).collect();
                     heartbeat.version = body.version.map(|version| version.chars().take(64).collect());
                 }

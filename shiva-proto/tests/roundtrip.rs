@@ -149,6 +149,7 @@ fn body() -> impl Strategy<Value = Body> {
                         runs: vec![RunSummary { task, generation, pid: Some(42) }],
                         features: Vec::new(),
                         clock_ms: [(NodeId::new("n1").unwrap(), seq as i64)].into(),
+                        replaces: None,
                     })
                 }
             ),

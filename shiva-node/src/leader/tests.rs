@@ -189,6 +189,7 @@ impl Sim {
             now_ms: self.now_ms,
             busy: &|_, _| false,
             may_still_run: &may_still_run,
+            incarnation_may_still_run: &|_, _, _| false,
             failed: &Default::default(),
         };
         for write in reconcile(&self.view, &inputs) {

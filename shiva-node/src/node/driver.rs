@@ -532,6 +532,11 @@ impl Node {
         self.membership.live_members(self.config.node_timeout, &|id| self.listed(id))
     }
 
+    /// Whether the newest `members` record lists this node with this incarnation.
+    pub(crate) fn listed_here(&self) -> bool {
+        self.listed(&self.config.node_id) == Some(self.config.incarnation)
+    }
+
     /// The incarnation of `id` the newest `members` record lists.
     fn listed(&self, id: &NodeId) -> Option<Uuid> {
         let members = self.view.members.as_ref()?;
@@ -546,6 +551,15 @@ impl Node {
         };
         let busy = |topic: TopicKind, key: &str| self.busy(topic, key);
         let conflicts = self.membership.conflicting_members(self.config.node_timeout, &|id| self.listed(id));
+        let incarnation_may_still_run = |node: &NodeId, incarnation: Uuid, grace: Duration| {
+            self.membership.incarnation_may_still_run(
+                node,
+                incarnation,
+                grace,
+                FENCE_MARGIN,
+                self.config.node_timeout,
+            )
+        };
         let inputs = Inputs {
             live: &live,
             conflicts: &conflicts,
@@ -553,6 +567,7 @@ impl Node {
             now_ms: crate::supervisor::oneshot::now_ms(),
             busy: &busy,
             may_still_run: &may_still_run,
+            incarnation_may_still_run: &incarnation_may_still_run,
             failed: &self.leadership.unwritable,
         };
         let mut writes = reconcile(&self.view, &inputs);

@@ -157,6 +157,8 @@ pub struct Identity {
     pub interval: Duration,
     /// Fence timeout.
     pub fence_timeout: Duration,
+    /// The incarnation this one replaces on its workspace (see `Heartbeat::replaces`).
+    pub replaces: Option<Uuid>,
 }
 
 /// Builds heartbeat `seq`.
@@ -183,6 +185,7 @@ pub fn build(
         runs,
         features: shiva_proto::records::feature::ALL.iter().map(|name| (*name).to_owned()).collect(),
         clock_ms,
+        replaces: identity.replaces,
     }
 }
 

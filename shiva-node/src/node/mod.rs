@@ -19,6 +19,7 @@ use shiva_proto::{LogView, TopicKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
+use uuid::Uuid;
 
 use crate::config::NodeConfig;
 use crate::election::Election;
@@ -49,7 +50,10 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     std::fs::create_dir_all(&config.workspace)
         .with_context(|| format!("failed to create the workspace {}", config.workspace.display()))?;
     // Before anything touches a process: a second node on this workspace refuses here.
-    let _workspace_lock = lock_workspace(&config.workspace)?;
+    let (_workspace_lock, replaces) = lock_workspace(&config.workspace, config.incarnation)?;
+    if let Some(previous) = replaces {
+        info!(%previous, "this workspace's previous node has exited: its incarnation is replaced by this one");
+    }
     if !ensure_topics(&config, &shutdown).await? {
         return Ok(());
     }
@@ -110,6 +114,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         runner: config.runner,
         interval: config.heartbeat_interval,
         fence_timeout: config.fence_timeout,
+        replaces,
     };
     let outbox = driver::Outbox::new(
         Publisher::new(&config.bus, "writes")?,
@@ -201,9 +206,15 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
 
 /// Takes the workspace's lock (`<workspace>/node.lock`, held until the node exits, released by
 /// the kernel even on `kill -9`; not inherited by the run shims): two nodes on one workspace
-/// would stop each other's runs as leftovers.
-fn lock_workspace(workspace: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
-    use std::io::{Seek, Write};
+/// would stop each other's runs as leftovers. The lock file holds the holder's pid and
+/// incarnation; returns the previous holder's incarnation, if it wrote one: that process has
+/// exited (the kernel released its lock), so this incarnation replaces it (its heartbeats say
+/// so, and the leader need not wait for it to fence itself: see `membership`).
+fn lock_workspace(
+    workspace: &std::path::Path,
+    incarnation: Uuid,
+) -> anyhow::Result<(nix::fcntl::Flock<std::fs::File>, Option<Uuid>)> {
+    use std::io::{Read, Seek, Write};
     let path = workspace.join("node.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -225,10 +236,13 @@ fn lock_workspace(workspace: &std::path::Path) -> anyhow::Result<nix::fcntl::Flo
         }
         Err((_, errno)) => return Err(errno).with_context(|| format!("failed to lock {}", path.display())),
     };
+    let mut previous = String::new();
+    let _ = lock.read_to_string(&mut previous);
+    let replaces = previous.split_whitespace().nth(1).and_then(|word| word.parse::<Uuid>().ok());
     lock.set_len(0).context("failed to write the workspace lock")?;
     lock.rewind().context("failed to write the workspace lock")?;
-    write!(lock, "{}", std::process::id()).context("failed to write the workspace lock")?;
-    Ok(lock)
+    write!(lock, "{} {incarnation}", std::process::id()).context("failed to write the workspace lock")?;
+    Ok((lock, replaces.filter(|previous| *previous != incarnation)))
 }
 
 /// Creates or checks the topics, retrying while the bus is unreachable. False: shut down.

@@ -85,6 +85,7 @@ impl Node {
             view: &self.view,
             me: &self.config.node_id,
             incarnation: self.config.incarnation,
+            listed: self.listed_here(),
         };
         let actions = self.runs.book.on_event(event, now_ms());
         self.perform(actions);
@@ -101,6 +102,7 @@ impl Node {
             view: &self.view,
             me: &self.config.node_id,
             incarnation: self.config.incarnation,
+            listed: self.listed_here(),
             may_start_exclusive,
             beside: &beside,
             token,

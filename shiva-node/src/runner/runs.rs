@@ -34,25 +34,19 @@ const PRUNE_EVERY_MS: i64 = 5_000;
 /// How many recent confirmations the lead follows.
 pub const RECENT_CONFIRMS: usize = 32;
 
-/// How much earlier than the leader's lead after reading an intent a runner may launch it: the
-/// most a runner clock ahead of the leader's can make a run start early (see [`launch_at`]).
-pub const EARLY_BOUND_MS: i64 = 250;
-
 /// When this runner launches `intent`, on its own clock, having first seen it at `seen_ms`: the
-/// leader's `launch_at_ms` read on this runner's clock, held within the leader's own lead
-/// (`launch_at_ms - written_at_ms`, both on the leader's clock) after the runner saw it: no later
-/// than the lead, no earlier than the lead less [`EARLY_BOUND_MS`]. So a runner whose clock is
-/// behind the leader's does not delay a run by its offset (it did, by the whole offset: an hour
-/// behind, an hour late), and one ahead starts it early by at most 250 ms (it started at once,
-/// a whole lead early: 1 s for a slot). An intent of an older leader (no `written_at_ms`) is
-/// launched at `launch_at_ms` as before. Total on any input.
+/// leader's `launch_at_ms` read on this runner's clock, held between the moment it saw the intent
+/// and the leader's own lead after it (`launch_at_ms - written_at_ms`, both on the leader's
+/// clock). So a runner whose clock is behind the leader's does not delay a run by its offset (it
+/// did, by the whole offset: an hour behind, an hour late); one in step launches at the instant
+/// even when it read the intent late; one ahead starts early by its offset, at most by the lead
+/// (about 1 s for a slot). An intent of an older leader (no `written_at_ms`) is launched at
+/// `launch_at_ms` as before. Total on any input.
 pub fn launch_at(intent: &RunIntent, seen_ms: i64) -> i64 {
     match intent.written_at_ms {
         Some(written) => {
             let lead = intent.launch_at_ms.saturating_sub(written).max(0);
-            let latest = seen_ms.saturating_add(lead);
-            let earliest = latest.saturating_sub(EARLY_BOUND_MS.min(lead));
-            intent.launch_at_ms.clamp(earliest, latest)
+            intent.launch_at_ms.clamp(seen_ms, seen_ms.saturating_add(lead))
         }
         None => intent.launch_at_ms,
     }
@@ -75,8 +69,11 @@ pub enum Event<'a> {
         view: &'a LogView,
         /// This node.
         me: &'a NodeId,
-        /// This node's incarnation: an intent naming another incarnation of its id is not its.
+        /// This node's incarnation: an intent naming another incarnation of its id is not its,
+        /// unless `listed` (see [`crate::runner::names_me`]).
         incarnation: Uuid,
+        /// The leader's `members` record lists this incarnation for its id.
+        listed: bool,
         /// Exclusive runs may start (fence open, latest return acknowledged).
         may_start_exclusive: bool,
         /// Whether this node holds a service copy of the task.
@@ -101,6 +98,8 @@ pub enum Event<'a> {
         me: &'a NodeId,
         /// This node's incarnation.
         incarnation: Uuid,
+        /// The leader's `members` record lists this incarnation for its id.
+        listed: bool,
     },
     /// A read to the end failed: the runs waiting for it wait for the next one.
     SyncFailed {
@@ -169,8 +168,8 @@ impl RunBook {
     /// Takes in `event` at `now_ms` (the driver's clock, read once).
     pub fn on_event(&mut self, event: Event<'_>, now_ms: i64) -> Vec<Action> {
         match event {
-            Event::Step { view, me, incarnation, may_start_exclusive, beside, token } => {
-                self.step(view, (me, incarnation), may_start_exclusive, beside, token, now_ms)
+            Event::Step { view, me, incarnation, listed, may_start_exclusive, beside, token } => {
+                self.step(view, (me, incarnation, listed), may_start_exclusive, beside, token, now_ms)
             }
             Event::StartWritten { run, ok } => {
                 if let Some(held) = self.held.get_mut(&run)
@@ -185,8 +184,8 @@ impl RunBook {
                 }
                 Vec::new()
             }
-            Event::Synced { token, view, me, incarnation } => {
-                self.synced(token, view, me, incarnation, now_ms)
+            Event::Synced { token, view, me, incarnation, listed } => {
+                self.synced(token, view, (me, incarnation, listed), now_ms)
             }
             Event::SyncFailed { token } => {
                 for held in self.held.values_mut() {
@@ -240,7 +239,7 @@ impl RunBook {
     fn step(
         &mut self,
         view: &LogView,
-        (me, incarnation): (&NodeId, Uuid),
+        (me, incarnation, listed): (&NodeId, Uuid, bool),
         may_start_exclusive: bool,
         beside: &dyn Fn(&TaskId) -> bool,
         token: u64,
@@ -263,7 +262,7 @@ impl RunBook {
         for (task, id) in &candidates {
             let Some(entry) = view.run(task, id) else { continue };
             let Some((intent, _)) = entry.intent.as_ref() else { continue };
-            if intent.node.as_ref() != Some(me) || intent.incarnation.is_some_and(|inc| inc != incarnation) {
+            if !crate::runner::names_me(intent, me, incarnation, listed) {
                 continue;
             }
             if let Some(held) = self.held.get(id) {
@@ -331,8 +330,7 @@ impl RunBook {
         &mut self,
         token: u64,
         view: &LogView,
-        me: &NodeId,
-        incarnation: Uuid,
+        (me, incarnation, listed): (&NodeId, Uuid, bool),
         now: i64,
     ) -> Vec<Action> {
         let waiting: Vec<(Uuid, i64)> = self
@@ -347,7 +345,7 @@ impl RunBook {
         for (id, since) in waiting {
             let task = self.held[&id].task.clone();
             let entry = view.run(&task, &id);
-            match confirm(entry, me, incarnation) {
+            match confirm(entry, me, incarnation, listed) {
                 Confirm::Launch(mut intent) => {
                     // Launched at this runner's instant for it (see `launch_at`).
                     let seen = self.seen.remove(&id).unwrap_or(now);
@@ -472,6 +470,7 @@ mod tests {
             view: &log.view,
             me: &me,
             incarnation: Uuid::nil(),
+            listed: true,
             may_start_exclusive: may_start,
             beside: &|_| beside,
             token: 7,
@@ -480,7 +479,7 @@ mod tests {
     }
 
     #[test]
-    fn a_runner_clock_an_hour_behind_or_ahead_starts_a_run_neither_late_nor_more_than_250_ms_early() {
+    fn a_runner_clock_an_hour_behind_or_ahead_starts_a_run_neither_late_nor_more_than_its_lead_early() {
         let hour = 3_600_000;
         let me = NodeId::new("me").unwrap();
         // The leader wrote the intent at 9 000 for 10 000 (its clock): a lead of 1 s.
@@ -507,15 +506,21 @@ mod tests {
             );
             book.on_event(Event::StartWritten { run: intent.run_id, ok: true }, when + 5);
             assert_eq!(step(&mut book, &log, true, false, when + 6), vec![Action::Sync(7)]);
-            let synced = Event::Synced { token: 7, view: &log.view, me: &me, incarnation: Uuid::new_v4() };
+            let synced = Event::Synced {
+                token: 7,
+                view: &log.view,
+                me: &me,
+                incarnation: Uuid::new_v4(),
+                listed: true,
+            };
             let actions = book.on_event(synced, when + 10);
             let [Action::Launch(launched)] = &actions[..] else { panic!("{actions:?}") };
-            // It launches at the leader's instant read on its own clock, held within a lead after
-            // it saw the intent, less at most 250 ms: never an hour late (behind: 5 ms after the
-            // leader's instant), never more than 250 ms early (ahead).
-            assert_eq!(launched.launch_at_ms, 10_000.clamp(seen + 750, seen + 1_000), "offset {offset}");
+            // It launches at the leader's instant read on its own clock, held between when it
+            // saw the intent and a lead after: never an hour late (behind: 5 ms after the
+            // leader's instant), early by at most the lead (ahead: at once).
+            assert_eq!(launched.launch_at_ms, 10_000.clamp(seen, seen + 1_000), "offset {offset}");
             let on_leaders_clock = launched.launch_at_ms - offset;
-            assert!((9_750..=10_005).contains(&on_leaders_clock), "{on_leaders_clock}");
+            assert!((9_005..=10_005).contains(&on_leaders_clock), "{on_leaders_clock}");
         }
         // An intent of an older leader (no write time) launches at its instant, as before.
         let intent = RunIntent { written_at_ms: None, ..Log::new().intent(false, |_| {}) };
@@ -544,7 +549,7 @@ mod tests {
         book.on_event(Event::StartWritten { run: intent.run_id, ok: true }, 9_920);
         assert_eq!(step(&mut book, &log, true, false, 9_925), vec![Action::Sync(7)]);
         let incarnation = Uuid::new_v4();
-        let synced = Event::Synced { token: 7, view: &log.view, me: &me, incarnation };
+        let synced = Event::Synced { token: 7, view: &log.view, me: &me, incarnation, listed: true };
         let actions = book.on_event(synced, 9_960);
         assert!(
             matches!(&actions[..], [Action::Launch(launched)] if launched.run_id == intent.run_id),
@@ -600,7 +605,8 @@ mod tests {
         step(&mut book, &log, true, false, 9_935);
         // The leader judged it missed meanwhile (this node's start record not seen in time).
         log.intent(false, |intent| intent.verdict = Some(RunPhase::Missed));
-        let synced = Event::Synced { token: 7, view: &log.view, me: &me, incarnation: Uuid::new_v4() };
+        let synced =
+            Event::Synced { token: 7, view: &log.view, me: &me, incarnation: Uuid::new_v4(), listed: true };
         let actions = book.on_event(synced, 9_990);
         assert!(
             matches!(&actions[..], [Action::Write(report)] if report.state == RunPhase::Stopped),

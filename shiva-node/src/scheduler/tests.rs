@@ -185,6 +185,7 @@ impl Sim {
                     view: &self.view,
                     me: &me,
                     incarnation,
+                    listed: true,
                     may_start_exclusive: true,
                     beside: &|_| false,
                     token: 1,
@@ -202,7 +203,8 @@ impl Sim {
                             }
                         }
                         Action::Sync(token) => {
-                            let event = Event::Synced { token, view: &self.view, me: &me, incarnation };
+                            let event =
+                                Event::Synced { token, view: &self.view, me: &me, incarnation, listed: true };
                             queue.extend(self.books[node].on_event(event, now));
                         }
                         Action::Launch(intent) => {
@@ -386,7 +388,7 @@ fn a_cli_clock_a_day_behind_or_ahead_moves_no_slot_the_origin_is_the_leaders() {
 fn runner_clocks_an_hour_off_neither_skip_nor_double_nor_delay_a_slot_and_retries_keep_their_back_off() {
     let hour = 3_600_000;
     // A runner clock an hour off changes no decision of the leader's: the same slots run, are
-    // queued or skipped as with a clock in step, or 250 ms ahead (a runner an hour ahead once
+    // queued or skipped as with a clock in step, or one lead ahead (a runner an hour ahead once
     // looked an hour late to the leader, which then held serial tasks' slots back as backlog).
     for overlap in [Overlap::Forbid, Overlap::Queue, Overlap::Replace, Overlap::Allow] {
         for run_ms in [700, 1_500] {
@@ -399,11 +401,13 @@ fn runner_clocks_an_hour_off_neither_skip_nor_double_nor_delay_a_slot_and_retrie
                 spec.tags = vec!["t1".into()];
                 sim.submit(spec);
                 sim.advance(10_000);
-                let skipped = sim.view.scheds.values().map(|entry| entry.sched.skipped).sum::<u64>();
-                (sim.slot_launches(), skipped)
+                // The slots decided well inside the window (a run started up to a lead early
+                // may let one more slot in at its end).
+                let until = sim.now - 2_000;
+                sim.slot_launches().into_iter().filter(|(slot, _)| *slot < until).collect::<BTreeMap<_, _>>()
             };
-            // Behind: as if in step. Ahead: as if 250 ms ahead (a runner ahead starts a run at
-            // most 250 ms early, see `runner::runs::launch_at`), however far ahead.
+            // Behind: as if in step. Ahead: as if one lead (1 s) ahead (a runner ahead starts a
+            // run early by at most the leader's lead, see `runner::runs::launch_at`), however far.
             assert_eq!(
                 outcome(vec![0, -hour, 0]),
                 outcome(vec![0; 3]),
@@ -411,7 +415,7 @@ fn runner_clocks_an_hour_off_neither_skip_nor_double_nor_delay_a_slot_and_retrie
             );
             assert_eq!(
                 outcome(vec![0, hour, 0]),
-                outcome(vec![0, 250, 0]),
+                outcome(vec![0, 1_000, 0]),
                 "{overlap:?}, runs of {run_ms} ms, ahead"
             );
         }
@@ -688,7 +692,17 @@ fn history_is_bounded() {
     sim.advance(130_000);
     let runs = &sim.view.runs[&TaskId::new("cron/tick").unwrap()];
     let finished = runs.values().filter(|entry| entry.is_final()).count();
-    assert!((HISTORY - 2..=HISTORY).contains(&finished), "{finished}");
+    // (Plus a report whose intent was just deleted: it goes at the next step.)
+    assert!((HISTORY - 2..=HISTORY + 1).contains(&finished), "{finished}");
+    assert!(runs.values().filter(|entry| entry.intent.is_none()).count() <= 1);
+    // No run's report is deleted before its intent: an intent left alone would be an open run.
+    for (topic, _, key, value) in &sim.log {
+        if *topic == TopicKind::Status && key.starts_with("run/") && value.is_none() {
+            let intent_deleted =
+                sim.log.iter().any(|(t, _, k, v)| *t == TopicKind::Assignments && k == key && v.is_none());
+            assert!(intent_deleted, "the report of {key} was deleted, its intent not");
+        }
+    }
     assert_eq!(sim.compacted().runs, sim.view.runs);
 }
 

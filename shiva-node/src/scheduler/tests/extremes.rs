@@ -136,6 +136,7 @@ impl Sim {
             now_ms: self.now,
             busy: &|_, _| false,
             may_still_run: &|_, _| false,
+            incarnation_may_still_run: &|_, _, _| false,
             failed: &Default::default(),
         };
         let mut writes = reconcile(&self.view, &inputs);
@@ -265,6 +266,7 @@ proptest! {
             runs: vec![],
             features: Vec::new(),
             clock_ms: Default::default(),
+            replaces: Some(Uuid::nil()),
         };
         let now = crate::clock::Boot::now();
         membership.on_heartbeat(&other, Uuid::new_v4(), &heartbeat, now);
