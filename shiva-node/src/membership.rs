@@ -256,10 +256,10 @@ impl Membership {
     }
 
     /// Live nodes (this one included once its heartbeat was read back), sorted by id, one
-    /// incarnation each: of two live incarnations of one id (a conflict), the one `prefer` names
-    /// while it is live (the leader passes the one its `members` record lists, so the choice
-    /// holds), else the one heard from first. Only the incarnation listed runs the id's tasks.
-    pub fn live_members(&self, timeout: Duration, prefer: &dyn Fn(&NodeId) -> Option<Uuid>) -> Vec<Member> {
+    /// incarnation each: of two live incarnations of one id (a conflict), the first live one
+    /// `prefer` names (the leader passes those its assignments name, then the one its `members`
+    /// record lists, so the choice holds), else the one heard from first. Only the incarnation listed runs the id's tasks.
+    pub fn live_members(&self, timeout: Duration, prefer: &dyn Fn(&NodeId) -> Vec<Uuid>) -> Vec<Member> {
         self.incarnations
             .iter()
             .filter_map(|(id, seen)| {
@@ -274,7 +274,7 @@ impl Membership {
     pub fn conflicting_members(
         &self,
         timeout: Duration,
-        prefer: &dyn Fn(&NodeId) -> Option<Uuid>,
+        prefer: &dyn Fn(&NodeId) -> Vec<Uuid>,
     ) -> Vec<Member> {
         self.conflicts(timeout)
             .into_iter()
@@ -290,17 +290,12 @@ impl Membership {
     }
 
     /// The incarnation of `id` that runs its tasks (see [`Membership::live_members`]).
-    fn chosen(
-        &self,
-        id: &NodeId,
-        timeout: Duration,
-        prefer: &dyn Fn(&NodeId) -> Option<Uuid>,
-    ) -> Option<Uuid> {
+    fn chosen(&self, id: &NodeId, timeout: Duration, prefer: &dyn Fn(&NodeId) -> Vec<Uuid>) -> Option<Uuid> {
         if *id == self.me {
             return self.knows(id, self.incarnation).then_some(self.incarnation);
         }
         let live: Vec<(Uuid, &Seen)> = self.live_incarnations(id, timeout).collect();
-        let preferred = prefer(id).filter(|inc| live.iter().any(|(live, _)| live == inc));
+        let preferred = prefer(id).into_iter().find(|inc| live.iter().any(|(live, _)| live == inc));
         preferred.or_else(|| live.iter().min_by_key(|(inc, seen)| (seen.first, *inc)).map(|(inc, _)| *inc))
     }
 }
@@ -395,7 +390,7 @@ mod tests {
         );
         membership.on_leave(&other, inc_b);
         assert!(!membership.is_alive(&other, None, timeout));
-        assert_eq!(membership.live_members(timeout, &|_| None).len(), 1);
+        assert_eq!(membership.live_members(timeout, &|_| Vec::new()).len(), 1);
     }
 
     #[test]
@@ -414,7 +409,7 @@ mod tests {
         membership.advance(at(200));
         assert_eq!(membership.conflicts(timeout), BTreeMap::from([(clone.clone(), vec![first, second])]));
         let members = |m: &Membership, listed: Option<Uuid>| -> Vec<(NodeId, Uuid)> {
-            m.live_members(timeout, &|_| listed)
+            m.live_members(timeout, &|_| listed.into_iter().collect())
                 .into_iter()
                 .map(|member| (member.id, member.incarnation))
                 .collect()

@@ -294,6 +294,17 @@ fn a_node_of_the_next_protocol_leads_a_mixed_cluster_and_no_epoch_has_two_winner
 /// leader lists runs the id's tasks, and `nodes` shows the conflict.
 #[test]
 fn two_incarnations_of_one_node_id_never_both_run_its_tasks_and_nodes_shows_the_conflict() {
+    two_incarnations(false);
+}
+
+/// The same, the first thawing while its task is still held for it (before the second may run
+/// it): the task stays with the first, which alone starts it again; never two copies.
+#[test]
+fn an_incarnation_that_comes_back_while_its_task_is_held_for_it_runs_it_alone() {
+    two_incarnations(true);
+}
+
+fn two_incarnations(thaw_early: bool) {
     let mut cluster = Cluster::start("clones", 2, &[&[], &["--tags", "x"]]);
     cluster.submit("app/x", &["x"]);
     cluster.wait_running_once(&["app/x".to_owned()]);
@@ -305,10 +316,15 @@ fn two_incarnations_of_one_node_id_never_both_run_its_tasks_and_nodes_shows_the_
     // A second machine with the same id starts (the first is silent: it passes the id check).
     let clone = Node::start(&cluster.broker, &cluster.name, "n2", &["--tags", "x"]);
     let clone_pid = clone.pid();
-    wait_until(SETTLE, "the clone runs the task", || {
-        let processes = shiva_e2e::task_processes(&cluster.name, "app/x");
-        processes.len() == 1 && parent_node_pid(processes[0].0) == Some(clone_pid)
-    });
+    if thaw_early {
+        wait_until(SETTLE, "the clone heartbeats", || clone.log_text().contains("reads its own heartbeats"));
+        assert!(shiva_e2e::task_processes(&cluster.name, "app/x").is_empty(), "held: nobody runs it yet");
+    } else {
+        wait_until(SETTLE, "the clone runs the task", || {
+            let processes = shiva_e2e::task_processes(&cluster.name, "app/x");
+            processes.len() == 1 && parent_node_pid(processes[0].0) == Some(clone_pid)
+        });
+    }
     // The first thaws: two live incarnations of n2.
     cluster.node("n2").signal_group(Signal::SIGCONT);
     let deadline = Instant::now() + Duration::from_secs(12);
@@ -326,6 +342,11 @@ fn two_incarnations_of_one_node_id_never_both_run_its_tasks_and_nodes_shows_the_
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(conflict_seen, "nodes shows the conflict: {}", cluster.ctl.ok(&["nodes"]));
+    if thaw_early {
+        wait_until(SETTLE, "the task runs again, once", || {
+            shiva_e2e::task_processes(&cluster.name, "app/x").len() == 1
+        });
+    }
     let human = cluster.ctl.ok(&["nodes"]);
     assert!(human.contains("warning: node id n2 is used by 2 live incarnations"), "{human}");
     let processes = shiva_e2e::task_processes(&cluster.name, "app/x");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shiva_bus::{BusError, Publisher, Reader, ReaderEvent, Record};
-use shiva_proto::records::{Body, Claim, Envelope, RunState, RunSummary, TaskStatus};
+use shiva_proto::records::{Body, Claim, Envelope, Placement, RunState, RunSummary, TaskStatus};
 use shiva_proto::runs::RunReport;
 use shiva_proto::topics::key;
 use shiva_proto::view::Outcome;
@@ -529,12 +529,39 @@ impl Node {
     /// Live nodes, one incarnation per id: of two incarnations of one id, the one the newest
     /// `members` record lists keeps its place while it is live.
     pub(crate) fn live_members(&self) -> Vec<shiva_proto::records::Member> {
-        self.membership.live_members(self.config.node_timeout, &|id| self.listed(id))
+        self.membership.live_members(self.config.node_timeout, &|id| self.preferred(id))
     }
 
     /// Whether the newest `members` record lists this node with this incarnation.
     pub(crate) fn listed_here(&self) -> bool {
         self.listed(&self.config.node_id) == Some(self.config.incarnation)
+    }
+
+    /// The incarnations of `id` to keep, first first: the one the newest `members` record lists
+    /// if an assignment names it (or none names any), then those assignments name (a task held
+    /// for an incarnation that came back stays with it: it alone may start it), then the listed
+    /// one.
+    fn preferred(&self, id: &NodeId) -> Vec<Uuid> {
+        let mut named: Vec<Uuid> = Vec::new();
+        for entry in self.view.assignments.values() {
+            if let (Placement::Assigned { node }, Some(incarnation)) =
+                (&entry.assignment.placement, entry.assignment.incarnation)
+                && node == id
+                && !named.contains(&incarnation)
+            {
+                named.push(incarnation);
+            }
+        }
+        let listed = self.listed(id);
+        match listed {
+            Some(listed) if named.is_empty() || named.contains(&listed) => {
+                named.retain(|incarnation| *incarnation != listed);
+                named.insert(0, listed);
+            }
+            Some(listed) => named.push(listed),
+            None => {}
+        }
+        named
     }
 
     /// The incarnation of `id` the newest `members` record lists.
@@ -550,7 +577,8 @@ impl Node {
             self.membership.may_still_run(node, grace, FENCE_MARGIN, self.config.node_timeout)
         };
         let busy = |topic: TopicKind, key: &str| self.busy(topic, key);
-        let conflicts = self.membership.conflicting_members(self.config.node_timeout, &|id| self.listed(id));
+        let conflicts =
+            self.membership.conflicting_members(self.config.node_timeout, &|id| self.preferred(id));
         let incarnation_may_still_run = |node: &NodeId, incarnation: Uuid, grace: Duration| {
             self.membership.incarnation_may_still_run(
                 node,

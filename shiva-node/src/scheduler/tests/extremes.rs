@@ -275,8 +275,8 @@ proptest! {
         prop_assert!(held, "a node just heard from may still run its tasks");
         membership.advance(crate::clock::Boot::from_since_boot(Duration::MAX));
         let _ = membership.may_still_run(&other, grace, Duration::MAX, Duration::MAX);
-        let _ = membership.live_members(Duration::MAX, &|_| None);
-        let _ = membership.live_members(Duration::ZERO, &|_| None);
+        let _ = membership.live_members(Duration::MAX, &|_| Vec::new());
+        let _ = membership.live_members(Duration::ZERO, &|_| Vec::new());
     }
 }
 
