@@ -606,7 +606,7 @@ struct WireIn {
 /// The envelope's header, read whatever its version: the fields that every protocol version
 /// keeps (see docs/protocol.md, "Versions"), so that a reader counts a newer node's claims and
 /// heartbeats by key and header even where it cannot read their bodies.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Header {
     /// Envelope version.
     pub v: u16,
@@ -615,35 +615,20 @@ pub struct Header {
     /// Sender.
     pub sender: String,
     /// Sender's incarnation.
+    #[serde(default)]
     pub incarnation: Option<Uuid>,
     /// Sender's wall clock at send time.
+    #[serde(default)]
     pub sent_at_ms: u64,
 }
 
 impl Header {
     /// Reads the header of a record of any version (`None`: not an envelope, or too large).
     pub fn decode(bytes: &[u8]) -> Option<Header> {
-        #[derive(Deserialize)]
-        struct HeaderIn {
-            v: u16,
-            kind: String,
-            sender: String,
-            #[serde(default)]
-            incarnation: Option<Uuid>,
-            #[serde(default)]
-            sent_at_ms: u64,
-        }
         if bytes.len() > MAX_RECORD_BYTES {
             return None;
         }
-        let wire: HeaderIn = serde_json::from_slice(bytes).ok()?;
-        Some(Header {
-            v: wire.v,
-            kind: wire.kind,
-            sender: wire.sender,
-            incarnation: wire.incarnation,
-            sent_at_ms: wire.sent_at_ms,
-        })
+        serde_json::from_slice(bytes).ok()
     }
 }
 
