@@ -161,6 +161,14 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     if !members_current && !busy(TopicKind::Assignments, key::MEMBERS) {
         writes.push(Write::assignments(key::MEMBERS.to_owned(), Some(Body::Members(members))));
     }
+    // Resignations of earlier epochs are settled: tombstoned, so the log does not keep one per
+    // graceful leader stop (issue 15, a bounded log).
+    for resigned in view.epochs.resigned.iter().filter(|resigned| **resigned < epoch) {
+        let key = key::resign(*resigned);
+        if !busy(TopicKind::Assignments, &key) {
+            writes.push(Write::assignments(key, None));
+        }
+    }
 
     let candidates = Candidate::runners(live);
     let is_live = |node: &NodeId| live.iter().any(|member| member.id == *node);

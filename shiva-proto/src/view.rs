@@ -446,6 +446,20 @@ impl LogView {
                 false => Outcome::Applied("tombstone"),
             };
         }
+        // The resignation of an epoch before the newest is settled history: its tombstone (the
+        // leader's, trimming the log) forgets it. The newest epoch's stays (a forged tombstone
+        // cannot undo a resignation that matters).
+        if topic == TopicKind::Assignments
+            && let Some(epoch) = key.strip_prefix("resign/").and_then(|epoch| epoch.parse::<u64>().ok())
+        {
+            if epoch >= self.epochs.newest {
+                return Outcome::Skipped(format!(
+                    "tombstone for '{key}' ignored: epoch {epoch} is the newest"
+                ));
+            }
+            self.epochs.resigned.remove(&epoch);
+            return Outcome::Applied("tombstone");
+        }
         let task = key::task_of(key, "task").and_then(|id| TaskId::new(id).ok());
         let desired = key::task_of(key, "desired").and_then(|id| TaskId::new(id).ok());
         match (topic, task, desired) {

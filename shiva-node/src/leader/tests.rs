@@ -838,3 +838,26 @@ fn a_stray_tombstone_changes_nothing_and_the_leader_rewrites_its_record() {
     assert_eq!(sim.holders_of(1), vec![0], "the copy runs on, untouched");
     assert!(sim.view.is_settled(TopicKind::Assignments, "task/t1"));
 }
+
+/// Resignations of earlier epochs are trimmed by the next leader (issue 15, a bounded log): a
+/// tombstone the view honours for an epoch before the newest, never for the newest.
+#[test]
+fn the_next_leader_tombstones_earlier_resignations_and_the_newest_stays() {
+    let mut sim = running_on_n0(2, false);
+    let (epoch, leader) = sim.leader_index().unwrap();
+    let resign = sim.env(leader, Body::Resign(shiva_proto::records::Resign { epoch }));
+    sim.append(TopicKind::Assignments, key::resign(epoch), Some(resign));
+    assert!(sim.view.epochs.resigned.contains(&epoch));
+    // A tombstone of the newest epoch's resignation changes nothing.
+    sim.append(TopicKind::Assignments, key::resign(epoch), None);
+    assert!(sim.view.epochs.resigned.contains(&epoch), "the newest resignation stays");
+    sim.run(&Op::Claim(1));
+    let resign_writes = |sim: &Sim| {
+        sim.log.iter().filter(|(_, _, key, value)| key == &key::resign(epoch) && value.is_none()).count()
+    };
+    let before = resign_writes(&sim);
+    sim.settle(2);
+    assert_eq!(resign_writes(&sim), before + 1, "the new leader tombstones it, once");
+    assert!(!sim.view.epochs.resigned.contains(&epoch));
+    assert_eq!(replay(&sim.log).epochs.leader(), sim.view.epochs.leader());
+}
