@@ -161,6 +161,15 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     if !members_current && !busy(TopicKind::Assignments, key::MEMBERS) {
         writes.push(Write::assignments(key::MEMBERS.to_owned(), Some(Body::Members(members))));
     }
+    // Departures of incarnations their id's newest heartbeat no longer names (the node came
+    // back) are settled too: one per graceful stop otherwise.
+    for (node, incarnation) in &view.left {
+        let superseded = view.heartbeats.get(node).is_some_and(|entry| entry.incarnation != *incarnation);
+        let key = key::leave(node, *incarnation);
+        if superseded && !busy(TopicKind::Control, &key) {
+            writes.push(Write { topic: TopicKind::Control, key, body: None });
+        }
+    }
     // Resignations of earlier epochs are settled: tombstoned, so the log does not keep one per
     // graceful leader stop (issue 15, a bounded log).
     for resigned in view.epochs.resigned.iter().filter(|resigned| **resigned < epoch) {

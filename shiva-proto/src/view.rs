@@ -460,6 +460,22 @@ impl LogView {
             self.epochs.resigned.remove(&epoch);
             return Outcome::Applied("tombstone");
         }
+        // A departure of an incarnation its id's newest heartbeat no longer names (the node came
+        // back as another) is settled: its tombstone (the leader's) forgets it. One of the newest
+        // incarnation stays (a forged tombstone cannot make a departed node look alive).
+        if topic == TopicKind::Control
+            && let Some((node, incarnation)) =
+                key.strip_prefix("leave/").and_then(|rest| rest.rsplit_once('/'))
+            && let (Ok(node), Ok(incarnation)) = (NodeId::new(node.to_owned()), incarnation.parse::<Uuid>())
+        {
+            if self.heartbeats.get(&node).is_none_or(|entry| entry.incarnation == incarnation) {
+                return Outcome::Skipped(format!(
+                    "tombstone for '{key}' ignored: it is the node's newest incarnation"
+                ));
+            }
+            self.left.remove(&(node, incarnation));
+            return Outcome::Applied("tombstone");
+        }
         let task = key::task_of(key, "task").and_then(|id| TaskId::new(id).ok());
         let desired = key::task_of(key, "desired").and_then(|id| TaskId::new(id).ok());
         match (topic, task, desired) {

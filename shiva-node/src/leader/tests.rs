@@ -861,3 +861,60 @@ fn the_next_leader_tombstones_earlier_resignations_and_the_newest_stays() {
     assert!(!sim.view.epochs.resigned.contains(&epoch));
     assert_eq!(replay(&sim.log).epochs.leader(), sim.view.epochs.leader());
 }
+
+/// Departures of incarnations their node came back from are trimmed by the leader; the
+/// departure of a node's newest incarnation stays (it is what says the node left).
+#[test]
+fn the_leader_tombstones_departures_of_incarnations_that_came_back() {
+    use shiva_proto::records::{Heartbeat, Leave, Resources};
+    let mut sim = running_on_n0(2, false);
+    let (node, current) = sim.nodes[0].clone();
+    let earlier = Uuid::new_v4();
+    let left = Envelope {
+        sender: node.to_string(),
+        incarnation: Some(earlier),
+        sent_at_ms: 0,
+        body: Body::Leave(Leave { reason: "shutdown".into() }),
+    };
+    sim.append(TopicKind::Control, key::leave(&node, earlier), Some(left.encode()));
+    let heartbeat = |incarnation| Envelope {
+        sender: node.to_string(),
+        incarnation: Some(incarnation),
+        sent_at_ms: 0,
+        body: Body::Heartbeat(Heartbeat {
+            protocol: 1,
+            version: None,
+            seq: 1,
+            hostname: "h".into(),
+            tags: vec![],
+            leader_capable: true,
+            runner: true,
+            interval_ms: 100,
+            fence_timeout_ms: None,
+            returns: 0,
+            features: vec![],
+            resources: Resources::default(),
+            runs: vec![],
+            clock_ms: Default::default(),
+            replaces: None,
+        }),
+    };
+    sim.append(TopicKind::Control, key::node(&node), Some(heartbeat(earlier).encode()));
+    // The departure of the newest incarnation stays, whoever tombstones it.
+    sim.append(TopicKind::Control, key::leave(&node, earlier), None);
+    assert!(sim.view.left.contains(&(node.clone(), earlier)));
+    sim.settle(1);
+    assert!(sim.view.left.contains(&(node.clone(), earlier)), "not trimmed while it is the newest");
+    // The node came back as another incarnation: the leader trims the old departure, once.
+    sim.append(TopicKind::Control, key::node(&node), Some(heartbeat(current).encode()));
+    let tombstones = |sim: &Sim| {
+        sim.log
+            .iter()
+            .filter(|(_, _, key, value)| *key == key::leave(&node, earlier) && value.is_none())
+            .count()
+    };
+    let before = tombstones(&sim);
+    sim.settle(2);
+    assert_eq!(tombstones(&sim), before + 1);
+    assert!(!sim.view.left.contains(&(node.clone(), earlier)));
+}
