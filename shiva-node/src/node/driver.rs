@@ -441,7 +441,8 @@ impl Node {
                 pid: status.pid,
             })
             .collect();
-        let live = self.live_members();
+        // Only the live ids matter here: no incarnation preference (which walks the assignments).
+        let live = self.membership.live_members(self.config.node_timeout, &|_| Vec::new());
         let clock_ms = self.clock_samples.best(live.iter().map(|member| &member.id));
         let heartbeat =
             build(&self.identity, seq, self.fence.returns(), self.resources.resources(), runs, clock_ms);
@@ -572,6 +573,8 @@ impl Node {
 
     /// The leader's writes for this step: reconciliation, then the scheduler's.
     fn leader_writes(&self, epoch: u64) -> Vec<crate::leader::Write> {
+        // The step's one reading of the wall clock, for reconciliation and the scheduler alike.
+        let now_ms = crate::supervisor::oneshot::now_ms();
         let live = self.live_members();
         let may_still_run = |node: &NodeId, grace: Duration| {
             self.membership.may_still_run(node, grace, FENCE_MARGIN, self.config.node_timeout)
@@ -592,7 +595,7 @@ impl Node {
             live: &live,
             conflicts: &conflicts,
             epoch,
-            now_ms: crate::supervisor::oneshot::now_ms(),
+            now_ms,
             busy: &busy,
             may_still_run: &may_still_run,
             incarnation_may_still_run: &incarnation_may_still_run,
@@ -603,8 +606,7 @@ impl Node {
             view: &self.view,
             live: &live,
             epoch,
-            now: chrono::DateTime::from_timestamp_millis(crate::supervisor::oneshot::now_ms())
-                .unwrap_or_default(),
+            now: chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default(),
             timing: TIMING,
             busy: &|topic, key| self.busy(topic, key),
             schedules: &self.leadership.schedules,
