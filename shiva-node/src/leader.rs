@@ -161,10 +161,12 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     if !members_current && !busy(TopicKind::Assignments, key::MEMBERS) {
         writes.push(Write::assignments(key::MEMBERS.to_owned(), Some(Body::Members(members))));
     }
+    writes.extend(trim_claims(view, epoch, busy));
+    writes.extend(retire_nodes(view, live, now_ms, busy));
     // Departures of incarnations their id's newest heartbeat no longer names (the node came
-    // back) are settled too: one per graceful stop otherwise.
+    // back, or was retired) are settled too: one per graceful stop otherwise.
     for (node, incarnation) in &view.left {
-        let superseded = view.heartbeats.get(node).is_some_and(|entry| entry.incarnation != *incarnation);
+        let superseded = view.heartbeats.get(node).is_none_or(|entry| entry.incarnation != *incarnation);
         let key = key::leave(node, *incarnation);
         if superseded && !busy(TopicKind::Control, &key) {
             writes.push(Write { topic: TopicKind::Control, key, body: None });
@@ -392,6 +394,88 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         }
         let record = AssignmentRecord { placement, failed_on, retry_at_ms, holders, after, incarnation };
         writes.push(assignment_write(epoch, task, generation, spec, record));
+    }
+    writes
+}
+
+/// The oldest epoch of an accepted leader record in the view (`members`, `task/`, `sched/`,
+/// `run/` on `assignments`), or `epoch` when there is none older.
+fn oldest_record_epoch(view: &LogView, epoch: u64) -> u64 {
+    let members = view.members.iter().map(|members| members.epoch);
+    let assignments = view.assignments.values().map(|entry| entry.assignment.epoch);
+    let scheds = view.scheds.values().map(|entry| entry.sched.epoch);
+    let intents = view.runs.values().flat_map(|runs| runs.values()).filter_map(|entry| {
+        let (intent, _) = entry.intent.as_ref()?;
+        Some(intent.epoch)
+    });
+    members.chain(assignments).chain(scheds).chain(intents).fold(epoch, u64::min)
+}
+
+/// Tombstones for the claims no replay needs (issue 15, a bounded log): every claim that lost
+/// or was refused, and the winning claims of epochs older than every accepted leader record
+/// (the leader and the scheduler restamp what an earlier epoch wrote, so that epoch comes
+/// soon). A compacted log then starts at the oldest kept winner, which a reader with no claim
+/// yet takes as its first epoch (see `LogView`'s claim rule): every record it then accepts is
+/// one the full log accepts, in the same order.
+pub fn trim_claims(view: &LogView, epoch: u64, busy: &dyn Fn(TopicKind, &str) -> bool) -> Vec<Write> {
+    // The usual case, and the cheap one: only this epoch's claim is in the log.
+    if view.epochs.claims.len() <= 1 {
+        return Vec::new();
+    }
+    let oldest = oldest_record_epoch(view, epoch);
+    let kept: BTreeSet<i64> =
+        view.epochs.winners.range(oldest..=epoch).map(|(_, winner)| winner.offset).collect();
+    view.epochs
+        .claims
+        .iter()
+        .filter(|(key, offset)| !kept.contains(offset) && !busy(TopicKind::Assignments, key))
+        .map(|(key, _)| Write::assignments(key.clone(), None))
+        .collect()
+}
+
+/// A node whose newest incarnation departed (a graceful stop) is retired this long after its
+/// last heartbeat (its send time against the leader's clock): 1 hour, so `nodes` still shows
+/// a node stopped for maintenance as `left` meanwhile.
+pub const RETIRE_DEPARTED_MS: i64 = 3600 * 1000;
+
+/// A node silent this long, without a departure, is retired: 24 hours.
+pub const RETIRE_SILENT_MS: i64 = 24 * 3600 * 1000;
+
+/// Tombstones for the heartbeats of retired nodes (issue 15, a bounded log): a node that is
+/// not live, silent for [`RETIRE_DEPARTED_MS`] after a departure of its newest incarnation or
+/// for [`RETIRE_SILENT_MS`] without one, and that no assignment or run not over names.
+/// Retiring only forgets: the node heartbeats again if it comes back, and nothing was running
+/// on it, so the two machines' clocks compared for silence decide nothing about any run. Its
+/// departures go at the next step (a departure of a node with no heartbeat is settled).
+fn retire_nodes(
+    view: &LogView,
+    live: &[Member],
+    now_ms: i64,
+    busy: &dyn Fn(TopicKind, &str) -> bool,
+) -> Vec<Write> {
+    let named = |node: &NodeId| {
+        let assigned = view.assignments.values().any(|entry| {
+            matches!(&entry.assignment.placement, Placement::Assigned { node: on } if on == node)
+                || entry.assignment.holders.iter().any(|holder| holder.node == *node)
+        });
+        let running = view
+            .open_runs
+            .iter()
+            .any(|(task, run)| view.run(task, run).and_then(|entry| entry.in_flight_on()) == Some(node));
+        assigned || running
+    };
+    let mut writes = Vec::new();
+    for (node, entry) in &view.heartbeats {
+        if live.iter().any(|member| member.id == *node) {
+            continue;
+        }
+        let departed = view.left.contains(&(node.clone(), entry.incarnation));
+        let sent_ms = i64::try_from(entry.sent_at_ms).unwrap_or(i64::MAX);
+        let after = if departed { RETIRE_DEPARTED_MS } else { RETIRE_SILENT_MS };
+        let key = key::node(node);
+        if now_ms.saturating_sub(sent_ms) > after && !named(node) && !busy(TopicKind::Control, &key) {
+            writes.push(Write { topic: TopicKind::Control, key, body: None });
+        }
     }
     writes
 }

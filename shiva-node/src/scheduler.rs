@@ -143,7 +143,7 @@ pub fn plan(ctx: &Context<'_>) -> Vec<Write> {
         // A panic while planning this task fails the task: what it wrote is dropped.
         let before = writes.len();
         let planned = crate::fault::contain(|| {
-            let plan = TaskPlan::new(ctx, task, &mut load, &mut writes);
+            let mut plan = TaskPlan::new(ctx, task, &mut load, &mut writes);
             match &failed {
                 // Failed for this revision: its runs are stopped and judged, nothing new starts.
                 Some(reason) => plan.fail(reason),
@@ -152,6 +152,7 @@ pub fn plan(ctx: &Context<'_>) -> Vec<Write> {
                     plan.run();
                 }
             }
+            plan.restamp_inherited();
         });
         if let Err(reason) = planned {
             writes.truncate(before);
@@ -170,10 +171,17 @@ pub fn plan(ctx: &Context<'_>) -> Vec<Write> {
     writes
 }
 
-/// Runs (and services) per runner, to spread new runs.
+/// Restamps of an earlier epoch's records per plan, across tasks (see
+/// `TaskPlan::restamp_inherited`): a new leader rewrites its inherited history a little at a
+/// time, not all of it in its first step.
+pub const RESTAMPS_PER_PLAN: usize = 64;
+
+/// What one plan shares across tasks: runs (and services) per runner, to spread new runs, and
+/// the restamps left.
 struct Load {
     runners: Vec<Candidate>,
     counts: BTreeMap<NodeId, usize>,
+    restamps_left: usize,
 }
 
 impl Load {
@@ -191,7 +199,7 @@ impl Load {
                 *count += 1;
             }
         }
-        Load { runners, counts }
+        Load { runners, counts, restamps_left: RESTAMPS_PER_PLAN }
     }
 
     fn is_live(&self, node: &NodeId) -> bool {
@@ -224,6 +232,8 @@ struct TaskPlan<'a, 'c> {
     runs: Runs<'a>,
     load: &'c mut Load,
     writes: &'c mut Vec<Write>,
+    /// Where this task's writes start in `writes`.
+    first_write: usize,
 }
 
 fn ms(at: DateTime<Utc>) -> i64 {
@@ -256,14 +266,15 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     fn new(ctx: &'c Context<'a>, task: &'a TaskId, load: &'c mut Load, writes: &'c mut Vec<Write>) -> Self {
         let spec = ctx.view.specs.get(task).filter(|entry| entry.spec.kind() != TaskKind::Service);
         let runs = Runs::new(ctx.view.runs.get(task));
-        TaskPlan { ctx, task, spec, runs, load, writes }
+        let first_write = writes.len();
+        TaskPlan { ctx, task, spec, runs, load, writes, first_write }
     }
 
     fn busy(&self, topic: TopicKind, key: &str) -> bool {
         (self.ctx.busy)(topic, key)
     }
 
-    fn run(mut self) {
+    fn run(&mut self) {
         self.judge_runs_of_gone_nodes();
         self.restamp_unsettled();
         let Some(spec) = self.spec else {
@@ -304,7 +315,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
 
     /// A task failed for its revision (see [`crate::leader::failure`]): its runs are judged and
     /// stopped, its history trimmed, a one-shot's outcome set; nothing new is launched.
-    fn fail(mut self, reason: &str) {
+    fn fail(&mut self, reason: &str) {
         self.judge_runs_of_gone_nodes();
         self.restamp_unsettled();
         self.stop_all(reason);
@@ -395,6 +406,48 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         }
     }
 
+    /// The task's run intents and position written under an earlier epoch are written again
+    /// under this one, within the plan's budget (issue 15, a bounded log): once no accepted
+    /// record of an epoch is left, the leader trims its claim (see `leader::trim_claims`). A
+    /// key this step already writes (or deletes) is left to that write.
+    fn restamp_inherited(&mut self) {
+        let epoch = self.ctx.epoch;
+        let written: BTreeSet<&str> =
+            self.writes[self.first_write..].iter().map(|write| write.key.as_str()).collect();
+        let mut intents: Vec<RunIntent> = self
+            .runs
+            .iter()
+            .filter_map(|(_, entry)| entry.intent.as_ref())
+            .filter(|(intent, offset)| intent.epoch < epoch && *offset >= 0)
+            .map(|(intent, _)| intent)
+            .filter(|intent| {
+                let key = key::run(self.task, intent.run_id);
+                !written.contains(key.as_str()) && !(self.ctx.busy)(TopicKind::Assignments, &key)
+            })
+            .take(self.load.restamps_left)
+            .map(|intent| RunIntent { epoch, ..intent.clone() })
+            .collect();
+        let sched_key = key::sched(self.task);
+        let sched = self
+            .ctx
+            .view
+            .scheds
+            .get(self.task)
+            .filter(|entry| entry.sched.epoch < epoch)
+            .filter(|_| {
+                !written.contains(sched_key.as_str()) && !self.busy(TopicKind::Assignments, &sched_key)
+            })
+            .map(|entry| Sched { epoch, ..entry.sched.clone() });
+        if let Some(sched) = sched.filter(|_| intents.len() < self.load.restamps_left) {
+            self.load.restamps_left -= 1;
+            self.writes.push(Write::assignments(sched_key, Some(Body::Sched(sched))));
+        }
+        self.load.restamps_left = self.load.restamps_left.saturating_sub(intents.len());
+        for intent in intents.drain(..) {
+            self.write_intent(intent);
+        }
+    }
+
     /// A run intent on which something else landed after the leader's write is written again,
     /// so compaction keeps the leader's.
     fn restamp_unsettled(&mut self) {
@@ -436,17 +489,29 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     /// Finished runs beyond [`HISTORY`] (or all of them, once the task is deleted) are
     /// tombstoned on both topics.
     fn trim_history(&mut self) {
+        // A report whose intent is gone is an orphan, whatever state it says (a run judged
+        // `lost` while its report said `running` kept that report for ever once its intent was
+        // trimmed; a leader that died between the two deletions; a runner's late word): it goes
+        // at once. (An intent this leader wrote and has not read back is busy, not gone.)
+        let orphans: Vec<Uuid> = self
+            .runs
+            .iter()
+            .filter(|(_, entry)| entry.intent.is_none() && entry.report.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphans {
+            let key = key::run(self.task, id);
+            if !self.busy(TopicKind::Assignments, &key) && !self.busy(TopicKind::Status, &key) {
+                self.writes.extend(Write::delete(TopicKind::Status, key, self.ctx.epoch));
+            }
+        }
         let defined = self.spec.is_some() || self.ctx.view.invalid.contains_key(self.task);
         let keep = if defined { HISTORY } else { 0 };
         let mut finished: Vec<(i64, Uuid)> = self
             .runs
             .iter()
-            .filter(|(_, entry)| entry.is_final())
-            .map(|(id, entry)| {
-                // A report whose intent is already gone goes first.
-                let offset = entry.intent.as_ref().map_or(i64::MIN, |(_, offset)| *offset);
-                (offset, *id)
-            })
+            .filter(|(_, entry)| entry.is_final() && entry.intent.is_some())
+            .map(|(id, entry)| (entry.intent.as_ref().map_or(i64::MIN, |(_, offset)| *offset), *id))
             .collect();
         if finished.len() <= keep {
             return;
@@ -461,14 +526,11 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             {
                 self.writes.extend(Write::delete(TopicKind::Assignments, key.clone(), self.ctx.epoch));
             }
-            // The report goes only once the intent is gone: were the intent's deletion refused
-            // (a deposed leader's, read after the next claim) while the report's, on another
-            // topic, is accepted, an intent with no report would be an open run again, and its
-            // runner would launch an old slot a second time (seen in the chaos test).
-            let intent_gone = entry.intent.as_ref().is_none_or(|(_, offset)| *offset < 0);
-            if entry.report.is_some() && intent_gone && !self.busy(TopicKind::Status, &key) {
-                self.writes.extend(Write::delete(TopicKind::Status, key, self.ctx.epoch));
-            }
+            // The report goes only once the intent is gone (an orphan, above, at a later step):
+            // were the intent's deletion refused (a deposed leader's, read after the next
+            // claim) while the report's, on another topic, is accepted, an intent with no
+            // report would be an open run again, and its runner would launch an old slot a
+            // second time (seen in the chaos test).
         }
     }
 

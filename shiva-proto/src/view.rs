@@ -45,7 +45,18 @@ pub struct Epochs {
     pub resigned: BTreeSet<u64>,
     /// Epochs whose winner made at least one accepted leader write.
     pub active: BTreeSet<u64>,
+    /// The first epoch this reader saw won: 1 on a log read from its first claim, later on a
+    /// log whose earlier claims were trimmed (see [`MAX_EPOCH`] and `docs/protocol.md`,
+    /// "Claims"). 0: no claim won yet.
+    pub floor: u64,
+    /// Every claim key in the log (won, lost, refused) and the offset of its record, so the
+    /// leader can trim them; a key goes on its tombstone.
+    pub claims: BTreeMap<String, i64>,
 }
+
+/// The highest epoch a claim may name (2^53): far more elections than a cluster holds, and far
+/// from overflow however many claims follow. A claim above it is refused.
+pub const MAX_EPOCH: u64 = 1 << 53;
 
 impl Epochs {
     /// The newest epoch's winner, unless it resigned.
@@ -367,6 +378,10 @@ impl LogView {
         if matches!(topic, TopicKind::Assignments | TopicKind::Status) {
             self.last_offsets.insert((topic, key.to_owned()), offset);
         }
+        if topic == TopicKind::Assignments && key.starts_with("claim/") && value.is_some() {
+            // The first record of the key: a copy landing later (a retry) is not the claim.
+            self.epochs.claims.entry(key.to_owned()).or_insert(offset);
+        }
         let outcome = match value {
             None => self.tombstone(topic, key),
             Some(value) => match Envelope::decode(value) {
@@ -446,6 +461,21 @@ impl LogView {
                 false => Outcome::Applied("tombstone"),
             };
         }
+        // A claim's tombstone (the leader's, trimming settled epochs) forgets its key; what the
+        // claim decided stays (the winners, the newest epoch): it was decided in log order.
+        if topic == TopicKind::Assignments && key.starts_with("claim/") {
+            self.epochs.claims.remove(key);
+            return Outcome::Applied("tombstone");
+        }
+        // A node's heartbeat tombstone (the leader's, retiring a node long gone) forgets it
+        // until its next heartbeat. Liveness is not read from here (nodes judge it from the
+        // heartbeats they read), so a stray one only hides a node from `nodes` until then.
+        if topic == TopicKind::Control
+            && let Some(node) = key.strip_prefix("node/").and_then(|id| NodeId::new(id.to_owned()).ok())
+        {
+            self.heartbeats.remove(&node);
+            return Outcome::Applied("tombstone");
+        }
         // The resignation of an epoch before the newest is settled history: its tombstone (the
         // leader's, trimming the log) forgets it. The newest epoch's stays (a forged tombstone
         // cannot undo a resignation that matters).
@@ -461,14 +491,15 @@ impl LogView {
             return Outcome::Applied("tombstone");
         }
         // A departure of an incarnation its id's newest heartbeat no longer names (the node came
-        // back as another) is settled: its tombstone (the leader's) forgets it. One of the newest
-        // incarnation stays (a forged tombstone cannot make a departed node look alive).
+        // back as another, or was retired) is settled: its tombstone (the leader's) forgets it.
+        // One of the newest incarnation stays (a forged tombstone cannot make a departed node
+        // look alive).
         if topic == TopicKind::Control
             && let Some((node, incarnation)) =
                 key.strip_prefix("leave/").and_then(|rest| rest.rsplit_once('/'))
             && let (Ok(node), Ok(incarnation)) = (NodeId::new(node.to_owned()), incarnation.parse::<Uuid>())
         {
-            if self.heartbeats.get(&node).is_none_or(|entry| entry.incarnation == incarnation) {
+            if self.heartbeats.get(&node).is_some_and(|entry| entry.incarnation == incarnation) {
                 return Outcome::Skipped(format!(
                     "tombstone for '{key}' ignored: it is the node's newest incarnation"
                 ));
@@ -556,12 +587,18 @@ impl LogView {
         }
     }
 
-    /// The first claim for `newest + 1` wins it.
+    /// The first claim for `newest + 1` wins it; on a log with no claim won yet, the first claim
+    /// wins its epoch, whichever it is: the leader trims the claims of settled epochs (see
+    /// `docs/protocol.md`, "Claims"), so a compacted log starts at a later one.
     fn claim(&mut self, epoch: u64, node: NodeId, incarnation: Uuid, offset: i64) -> Result<(), String> {
-        if epoch <= self.epochs.newest {
-            return Err(format!("lost: epoch {epoch} is already taken"));
+        if epoch == 0 || epoch > MAX_EPOCH {
+            return Err(format!("epoch {epoch} is out of range (1 to {MAX_EPOCH})"));
         }
-        if epoch != self.epochs.newest + 1 {
+        if self.epochs.newest == 0 {
+            self.epochs.floor = epoch;
+        } else if epoch <= self.epochs.newest {
+            return Err(format!("lost: epoch {epoch} is already taken"));
+        } else if epoch != self.epochs.newest + 1 {
             return Err(format!("epoch {epoch} jumps past the newest epoch {}", self.epochs.newest));
         }
         self.epochs.newest = epoch;
@@ -745,8 +782,10 @@ impl LogView {
                     // Other topics are read apart from `assignments`, behind or ahead of its
                     // claims: a marker there is accepted from the winner of its epoch, whether
                     // that epoch is still the newest, or (claim not read yet) ahead of it.
+                    // An epoch before the floor was trimmed: its leader's writes had all
+                    // settled, so its marker is history.
                     _ => self.epochs.winners.get(&deleted.epoch).map_or_else(
-                        || match deleted.epoch > self.epochs.newest {
+                        || match deleted.epoch > self.epochs.newest || deleted.epoch < self.epochs.floor {
                             true => Ok(()),
                             false => Err(format!("epoch {} has no winner", deleted.epoch)),
                         },

@@ -81,15 +81,15 @@ fn a_newer_claim_follows_the_claim_rules_by_its_key() {
         );
     };
     skipped(
-        view.apply(TopicKind::Assignments, 0, Some(key::claim(5, &new, inc).as_bytes()), Some(&claim)),
-        "jumps",
-    );
-    skipped(
         view.apply(TopicKind::Assignments, 1, Some(b"claim/1/other/x"), Some(&claim)),
         "key does not match",
     );
     skipped(view.apply(TopicKind::Assignments, 2, Some(b"claim/one/new/x"), Some(&claim)), "no epoch");
     skipped(view.apply(TopicKind::Assignments, 3, Some(b"claim/1/new/"), Some(&claim)), "key does not match");
+    skipped(
+        view.apply(TopicKind::Assignments, 0, Some(key::claim(1 << 60, &new, inc).as_bytes()), Some(&claim)),
+        "out of range",
+    );
     let no_incarnation =
         serde_json::to_vec(&json!({"v": NEXT, "kind": "claim", "sender": "new", "body": {}})).unwrap();
     skipped(
@@ -102,6 +102,14 @@ fn a_newer_claim_follows_the_claim_rules_by_its_key() {
         "incarnation",
     );
     assert_eq!(view.epochs.newest, 0, "no refused claim took an epoch");
+    // Once an epoch is taken, a newer claim that jumps past the next is refused.
+    let first = current_claim(&NodeId::new("old").unwrap(), Uuid::new_v4(), 1);
+    view.apply(TopicKind::Assignments, 6, Some(b"claim/1/old/x"), Some(&first));
+    skipped(
+        view.apply(TopicKind::Assignments, 7, Some(key::claim(5, &new, inc).as_bytes()), Some(&claim)),
+        "jumps",
+    );
+    assert_eq!(view.epochs.newest, 1);
     // Anything else of a newer protocol is skipped, saying so.
     let assignment = newer("assignment", "new", inc);
     skipped(

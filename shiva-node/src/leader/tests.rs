@@ -454,7 +454,11 @@ proptest! {
         let live = &sim.view;
         prop_assert_eq!(&replayed.specs, &live.specs);
         prop_assert_eq!(&replayed.desired, &live.desired);
-        prop_assert_eq!(&replayed.epochs.winners, &live.epochs.winners);
+        // Claims of epochs no kept record needs are trimmed: the compacted log starts at a later
+        // winner, and knows the winners from there on.
+        let kept = |view: &LogView| view.epochs.winners.range(replayed.epochs.floor..).map(|(e, w)| (*e, w.clone())).collect::<Vec<_>>();
+        prop_assert_eq!(kept(&replayed), kept(live));
+        prop_assert_eq!(replayed.epochs.leader(), live.epochs.leader());
         if sim.leader_index().is_some() {
             let strip = |view: &LogView| -> BTreeMap<TaskId, Assignment> {
                 view.assignments.iter().map(|(t, e)| (t.clone(), e.assignment.clone())).collect()

@@ -41,6 +41,9 @@ struct Sim {
     children: BTreeMap<Uuid, (usize, RunIntent, Option<i64>)>,
     /// Each node's clock minus the leader's reference clock (`now`), in ms.
     skew: Vec<i64>,
+    /// The leader also reconciles (members, assignments, the log's trimming), as the node's
+    /// driver does before the scheduler's plan.
+    reconcile: bool,
 }
 
 fn start() -> i64 {
@@ -67,6 +70,7 @@ impl Sim {
             books: (0..3).map(|_| Default::default()).collect(),
             children: BTreeMap::new(),
             skew: vec![0; 3],
+            reconcile: false,
         };
         sim.elect(0);
         sim
@@ -143,6 +147,23 @@ impl Sim {
     fn lead(&mut self) {
         let Some(leader) = self.leader.filter(|l| self.live.contains(l)) else { return };
         let live = self.members();
+        if self.reconcile && self.view.leader().is_some_and(|(_, winner)| winner.node == self.nodes[leader].0)
+        {
+            let inputs = crate::leader::Inputs {
+                live: &live,
+                conflicts: &[],
+                epoch: self.view.epochs.newest,
+                now_ms: self.now + self.skew[leader],
+                busy: &|_, _| false,
+                may_still_run: &|_, _| false,
+                incarnation_may_still_run: &|_, _, _| false,
+                failed: &Default::default(),
+            };
+            for write in crate::leader::reconcile(&self.view, &inputs) {
+                let value = write.body.map(|body| self.env(leader, body));
+                self.append(write.topic, write.key, value);
+            }
+        }
         let context = Context {
             view: &self.view,
             live: &live,
@@ -304,6 +325,49 @@ impl Sim {
         self.live.insert(node);
     }
 
+    /// Node `node` heartbeats (its clock: the reference clock plus its skew).
+    fn heartbeat(&mut self, node: usize) {
+        use shiva_proto::records::Heartbeat;
+        let (id, incarnation) = self.nodes[node].clone();
+        let heartbeat = Heartbeat {
+            protocol: shiva_proto::protocol(),
+            hostname: format!("host{node}"),
+            runner: true,
+            interval_ms: 1_000,
+            ..Heartbeat::of_newer_protocol(shiva_proto::protocol())
+        };
+        let sent_at_ms = u64::try_from(self.now + self.skew[node]).unwrap_or(0);
+        let value = Envelope {
+            sender: id.to_string(),
+            incarnation: Some(incarnation),
+            sent_at_ms,
+            body: Body::Heartbeat(heartbeat),
+        };
+        self.append(TopicKind::Control, key::node(&id), Some(value.encode()));
+    }
+
+    /// The leader resigns its epoch (a graceful stop of the leader).
+    fn resign(&mut self) {
+        let Some(leader) = self.leader else { return };
+        let epoch = self.view.epochs.newest;
+        let value = self.env(leader, Body::Resign(shiva_proto::records::Resign { epoch }));
+        self.append(TopicKind::Assignments, key::resign(epoch), Some(value));
+    }
+
+    /// Node `node` stops gracefully (its departure lands) and starts again as a new
+    /// incarnation: of the same id, or of a new id (`new_id`; the old id is retired).
+    fn restart(&mut self, node: usize, new_id: Option<String>) {
+        self.shut_down(node);
+        let (id, incarnation) = self.nodes[node].clone();
+        let leave = Body::Leave(shiva_proto::records::Leave { reason: "shutdown".into() });
+        let value = self.env(node, leave);
+        self.append(TopicKind::Control, key::leave(&id, incarnation), Some(value));
+        let id = new_id.map_or(id, |id| NodeId::new(id).unwrap());
+        self.nodes[node] = (id, Uuid::new_v4());
+        self.revive(node);
+        self.heartbeat(node);
+    }
+
     /// Slots launched per slot instant.
     fn slot_launches(&self) -> BTreeMap<i64, usize> {
         let mut counts = BTreeMap::new();
@@ -455,6 +519,102 @@ fn runner_clocks_an_hour_off_neither_skip_nor_double_nor_delay_a_slot_and_retrie
         assert_eq!(sim.launches.len(), 3, "three attempts within seconds on node {node}: {:?}", sim.launches);
         assert!(sim.launches.iter().all(|launch| launch.3 == node));
     }
+}
+
+/// Issue 15, a bounded control log: 200 failovers (half of them graceful, with a resignation)
+/// and 200 node restarts (half of them under a new node id, the old one retired) leave, after
+/// compaction, no more live keys than the bound of docs/architecture.md ("A bounded control
+/// log"): `2 + 3·N + T·(5 + 2·(H + 2))` for `T` tasks, `H` runs of history and `N` node ids not
+/// retired. Claims, resignations, departures and retired nodes' heartbeats do not count with
+/// the failovers and restarts, and the compacted log replays to the state read live.
+#[test]
+fn two_hundred_failovers_and_restarts_leave_a_compacted_log_within_its_bound() {
+    let mut sim = Sim::new();
+    sim.reconcile = true;
+    sim.run_ms = 10;
+    for node in 0..3 {
+        sim.heartbeat(node);
+    }
+    sim.submit(every_second(CatchUp::None));
+    sim.submit(once("once/a"));
+    sim.advance(3_000);
+    for round in 0..200usize {
+        let old = sim.leader.unwrap();
+        if round % 2 == 0 {
+            sim.resign();
+        }
+        let next = (old + 1) % 3;
+        sim.elect(next);
+        sim.advance(300);
+        let restarted = (next + 1 + round % 2) % 3;
+        let new_id = (round % 2 == 1).then(|| format!("m{round}"));
+        sim.restart(restarted, new_id);
+        sim.advance(300);
+    }
+    sim.advance(5_000);
+    // Nodes that departed are retired an hour after their last heartbeat (the live ones
+    // heartbeat meanwhile).
+    sim.now += crate::leader::RETIRE_DEPARTED_MS;
+    for node in 0..3 {
+        sim.heartbeat(node);
+    }
+    sim.advance(5_000);
+    // What compaction leaves: the last record of each key; a key whose last record is a
+    // tombstone goes too, after the retention.
+    let mut last: BTreeMap<(TopicKind, String), bool> = BTreeMap::new();
+    for (topic, _, key, value) in &sim.log {
+        last.insert((*topic, key.clone()), value.is_some());
+    }
+    let live: Vec<&(TopicKind, String)> =
+        last.iter().filter(|(_, live)| **live).map(|(key, _)| key).collect();
+    let count = |prefix: &str| live.iter().filter(|(_, key)| key.starts_with(prefix)).count();
+    let (tasks, nodes) = (2, 3);
+    assert!(count("claim/") <= nodes, "claims: {}", count("claim/"));
+    assert!(count("resign/") <= 1, "resignations: {}", count("resign/"));
+    assert!(count("node/") <= nodes, "heartbeat keys: {}", count("node/"));
+    assert!(count("leave/") <= nodes, "departures: {}", count("leave/"));
+    let bound = 2 + 3 * nodes + tasks * (5 + 2 * (HISTORY + 2));
+    assert!(live.len() <= bound, "{} live keys, bound {bound}", live.len());
+    // The compacted log replays to the state read live, and its leader still leads.
+    let replayed = sim.compacted();
+    assert_eq!(replayed.leader(), sim.view.leader());
+    assert_eq!(replayed.scheds, sim.view.scheds);
+    assert_eq!(replayed.runs, sim.view.runs);
+    assert_eq!(replayed.members, sim.view.members);
+    assert_eq!(replayed.assignments, sim.view.assignments);
+    assert_eq!(
+        replayed.heartbeats.keys().collect::<Vec<_>>(),
+        sim.view.heartbeats.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(replayed.left, sim.view.left);
+    let counts = sim.slot_launches();
+    assert!(counts.values().all(|count| *count == 1), "a slot launched twice: {counts:?}");
+}
+
+/// Issue 15, a bounded log: a run report whose intent is gone (a run judged `lost` while its
+/// report said `running`, then trimmed with the history; a leader that died between the two
+/// deletions) goes, whatever state it says. It stayed for ever when it did not say a final one.
+#[test]
+fn a_report_whose_intent_is_gone_is_trimmed_whatever_it_says() {
+    let mut sim = Sim::new();
+    sim.submit(every_second(CatchUp::None));
+    sim.advance(2_500);
+    let task = TaskId::new("cron/tick").unwrap();
+    let (intent, _) = sim.view.runs[&task].values().find_map(|entry| entry.intent.clone()).unwrap();
+    let orphan = RunIntent { run_id: Uuid::new_v4(), ..intent };
+    let mut report = oneshot::report(&orphan, RunPhase::Running, None);
+    report.pid = Some(1);
+    sim.report(1, report);
+    assert!(sim.view.run(&task, &orphan.run_id).is_some_and(|entry| entry.intent.is_none()));
+    sim.advance(300);
+    assert!(sim.view.run(&task, &orphan.run_id).is_none(), "the orphan report is deleted");
+    let key = key::run(&task, orphan.run_id);
+    assert!(
+        sim.log
+            .iter()
+            .any(|(topic, _, k, value)| *topic == TopicKind::Status && *k == key && value.is_none())
+    );
+    assert_eq!(sim.compacted().runs, sim.view.runs);
 }
 
 #[test]
