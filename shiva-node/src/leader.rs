@@ -161,7 +161,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     if !members_current && !busy(TopicKind::Assignments, key::MEMBERS) {
         writes.push(Write::assignments(key::MEMBERS.to_owned(), Some(Body::Members(members))));
     }
-    writes.extend(trim_claims(view, epoch, busy));
+    writes.extend(trim_claims(view, epoch, live, busy));
     writes.extend(retire_nodes(view, live, now_ms, busy));
     // Departures of incarnations their id's newest heartbeat no longer names (the node came
     // back, or was retired) are settled too: one per graceful stop otherwise.
@@ -416,13 +416,23 @@ fn oldest_record_epoch(view: &LogView, epoch: u64) -> u64 {
 /// (the leader and the scheduler restamp what an earlier epoch wrote, so that epoch comes
 /// soon). A compacted log then starts at the oldest kept winner, which a reader with no claim
 /// yet takes as its first epoch (see `LogView`'s claim rule): every record it then accepts is
-/// one the full log accepts, in the same order.
-pub fn trim_claims(view: &LogView, epoch: u64, busy: &dyn Fn(TopicKind, &str) -> bool) -> Vec<Write> {
+/// one the full log accepts, in the same order. Winning claims are trimmed only while every
+/// live node reads a log that starts later ([`feature::TRIMMED_CLAIMS`]); a claim that lost
+/// never decided anything, for any reader.
+pub fn trim_claims(
+    view: &LogView,
+    epoch: u64,
+    live: &[Member],
+    busy: &dyn Fn(TopicKind, &str) -> bool,
+) -> Vec<Write> {
     // The usual case, and the cheap one: only this epoch's claim is in the log.
     if view.epochs.claims.len() <= 1 {
         return Vec::new();
     }
-    let oldest = oldest_record_epoch(view, epoch);
+    let oldest = match live.iter().all(|member| member.has(feature::TRIMMED_CLAIMS)) {
+        true => oldest_record_epoch(view, epoch),
+        false => 0,
+    };
     let kept: BTreeSet<i64> =
         view.epochs.winners.range(oldest..=epoch).map(|(_, winner)| winner.offset).collect();
     view.epochs

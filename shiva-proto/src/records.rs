@@ -323,8 +323,14 @@ pub mod feature {
     /// there reported its copy gone. A node without it would start at once.
     pub const START_AFTER: &str = "start_after";
 
+    /// The node's log view takes the first claim it reads as winning its epoch (a log whose
+    /// early claims were trimmed starts at a later one). The leader trims the winning claims of
+    /// settled epochs only while every live node has it: an older build would refuse a later
+    /// first claim as a jump, see no leader, and claim epoch 1 for itself.
+    pub const TRIMMED_CLAIMS: &str = "trimmed_claims";
+
     /// Every feature this build has, for its heartbeat.
-    pub const ALL: &[&str] = &[START_AFTER];
+    pub const ALL: &[&str] = &[START_AFTER, TRIMMED_CLAIMS];
 
     /// The features of `listed` this build knows, each once, in [`ALL`]'s order.
     pub fn known(listed: &[String]) -> Vec<String> {

@@ -482,7 +482,9 @@ impl LogView {
         if topic == TopicKind::Assignments
             && let Some(epoch) = key.strip_prefix("resign/").and_then(|epoch| epoch.parse::<u64>().ok())
         {
-            if epoch >= self.epochs.newest {
+            // (On a compacted log, the tombstone of a trimmed epoch's resignation may come
+            // before any claim: there is nothing to forget.)
+            if epoch >= self.epochs.newest && self.epochs.resigned.contains(&epoch) {
                 return Outcome::Skipped(format!(
                     "tombstone for '{key}' ignored: epoch {epoch} is the newest"
                 ));

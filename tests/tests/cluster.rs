@@ -230,6 +230,86 @@ fn a_second_node_with_a_live_nodes_id_refuses_to_start() {
 }
 
 /// Each epoch's leader as every node's log names it ("new epoch" lines): epoch → {leader}.
+/// The keys of `topic` whose newest record is not a tombstone, read by the independent client
+/// (confluent-kafka), with the number of records read.
+fn live_keys(cluster: &Cluster, topic: &str) -> (std::collections::BTreeSet<String>, usize) {
+    let topic = format!("shiva.{}.{topic}", cluster.name);
+    let output = shiva_e2e::kafka_tool(&cluster.broker, &["consume", &topic, "1", "0"]);
+    let mut newest: BTreeMap<String, bool> = BTreeMap::new();
+    let mut records = 0;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let record: Value = serde_json::from_str(line).unwrap();
+        let Some(key) = record["key"].as_str() else { continue };
+        records += 1;
+        newest.insert(key.to_owned(), record["value"].as_str().is_some_and(|value| !value.is_empty()));
+    }
+    (newest.into_iter().filter(|(_, live)| *live).map(|(key, _)| key).collect(), records)
+}
+
+/// Issue 15, a bounded log, on real processes: failovers (graceful, with a resignation and a
+/// departure, and kill -9) leave one claim, no resignation of an earlier epoch and no departure
+/// of an incarnation that came back; and a cluster restarted on the trimmed, compacted log
+/// (whose first claim is no longer epoch 1) elects a leader and runs every task once.
+#[test]
+fn failovers_leave_one_claim_and_a_cluster_restarts_on_the_trimmed_log() {
+    let mut cluster = Cluster::start("trim", 3, &[]);
+    let (tasks, _) = cluster.run_tasks("svc/t", 3);
+    // The leader's id and incarnation (a node killed and restarted at once may win again).
+    let leader_of = |cluster: &Cluster| {
+        let nodes = cluster.ctl.try_json(&["nodes"])?;
+        let row = nodes.as_array()?.iter().find(|n| n["leader"] == true)?.clone();
+        let alive = nodes.as_array()?.iter().filter(|n| n["alive"] == true).count();
+        Some((row["id"].as_str()?.to_owned(), row["incarnation"].as_str()?.to_owned(), alive))
+    };
+    for round in 0..6 {
+        cluster.wait_nodes(3);
+        let (leader, incarnation, _) = leader_of(&cluster).unwrap();
+        let node = cluster.node(&leader);
+        if round % 2 == 0 {
+            assert!(node.terminate().success());
+        } else {
+            node.kill9();
+        }
+        node.restart();
+        wait_until(SETTLE, "a new leader", || {
+            leader_of(&cluster).is_some_and(|(_, now, alive)| now != incarnation && alive == 3)
+        });
+    }
+    cluster.wait_running_once(&tasks);
+    let mut last = Default::default();
+    wait_until(SETTLE, "claims, resignations and departures trimmed", || {
+        let (assignments, _) = live_keys(&cluster, "assignments");
+        let (control, _) = live_keys(&cluster, "control");
+        let claims = assignments.iter().filter(|key| key.starts_with("claim/")).count();
+        let resigns = assignments.iter().filter(|key| key.starts_with("resign/")).count();
+        let leaves = control.iter().filter(|key| key.starts_with("leave/")).count();
+        last = (claims, resigns, leaves, assignments, control);
+        claims == 1 && resigns == 0 && leaves == 0
+    });
+    let (_, _, _, assignments, _) = last;
+    let claim = assignments.iter().find(|key| key.starts_with("claim/")).unwrap();
+    let epoch: u64 = claim.split('/').nth(1).unwrap().parse().unwrap();
+    assert!(epoch >= 7, "six failovers after the first election: {claim}");
+    // Every node dies; the broker compacts (1 s maintenance): the claims of epochs 1 to 6 are
+    // tombstones or gone, and the nodes read a log that starts at a later epoch.
+    for node in &mut cluster.nodes {
+        node.kill9();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for node in &mut cluster.nodes {
+        node.restart();
+    }
+    cluster.wait_nodes(3);
+    cluster.wait_running_once(&tasks);
+    cluster.assert_never_twice(&tasks, Duration::from_secs(1));
+    // Every node read the trimmed log from its start and skipped nothing in it.
+    for node in &cluster.nodes {
+        let log = node.log_text();
+        let skipped: Vec<&str> = log.lines().filter(|line| line.contains("skipped record")).collect();
+        assert!(skipped.is_empty(), "{}: {skipped:#?}", node.id);
+    }
+}
+
 fn epochs_in_logs(nodes: &[&Node]) -> BTreeMap<u64, std::collections::BTreeSet<String>> {
     let field = |line: &str, name: &str| {
         line.split_whitespace().find_map(|word| word.strip_prefix(name).map(|value| value.to_owned()))

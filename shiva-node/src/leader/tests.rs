@@ -147,7 +147,7 @@ impl Sim {
     fn lead(&mut self, mask: u8) {
         let Some((epoch, index)) = self.leader_index() else { return };
         let features = match self.start_after {
-            true => vec![shiva_proto::records::feature::START_AFTER.to_owned()],
+            true => shiva_proto::records::feature::ALL.iter().map(|f| (*f).to_owned()).collect(),
             false => Vec::new(),
         };
         let live: Vec<Member> = self
@@ -921,4 +921,43 @@ fn the_leader_tombstones_departures_of_incarnations_that_came_back() {
     sim.settle(2);
     assert_eq!(tombstones(&sim), before + 1);
     assert!(!sim.view.left.contains(&(node.clone(), earlier)));
+}
+
+/// Claims are trimmed (issue 15, a bounded log): those that lost at once; winning ones only
+/// while every live node reads a log whose first claim is a later epoch (an older build would
+/// refuse it as a jump, see no leader and claim epoch 1 itself), and then down to the epoch of
+/// the oldest record the log keeps. The trimmed log replays to the same leader.
+#[test]
+fn lost_claims_go_at_once_and_won_ones_once_every_live_node_reads_a_trimmed_log() {
+    let mut sim = running_on_n0(2, false);
+    sim.start_after = false;
+    for n in [0u8, 1, 2, 0] {
+        sim.run(&Op::Claim(n));
+        // Another node claims the same epoch, just after: it loses.
+        let epoch = sim.view.epochs.newest;
+        let other = usize::from((n + 1) % 3);
+        let value = sim.env(other, Body::Claim(Claim { epoch }));
+        sim.append(
+            TopicKind::Assignments,
+            key::claim(epoch, &sim.nodes[other].0, Uuid::new_v4()),
+            Some(value),
+        );
+        sim.settle(3);
+    }
+    let winners: Vec<i64> = sim.view.epochs.winners.values().map(|winner| winner.offset).collect();
+    let claims: Vec<i64> = sim.view.epochs.claims.values().copied().collect();
+    assert_eq!(winners.len(), 5);
+    assert_eq!(claims, winners, "every claim that lost is trimmed, every winner kept");
+    // Every live node now reads a trimmed log: the winners of epochs no record needs go.
+    sim.start_after = true;
+    sim.settle(3);
+    let newest = sim.view.epochs.newest;
+    assert_eq!(
+        sim.view.epochs.claims.values().copied().collect::<Vec<_>>(),
+        vec![sim.view.epochs.winners[&newest].offset]
+    );
+    let replayed = replay(&sim.compacted());
+    assert_eq!(replayed.epochs.floor, newest);
+    assert_eq!(replayed.leader(), sim.view.leader());
+    assert_eq!(replayed.members, sim.view.members);
 }

@@ -139,7 +139,7 @@ impl Sim {
                 runner: true,
                 leader_capable: true,
                 returns: 0,
-                features: vec![shiva_proto::records::feature::START_AFTER.to_owned()],
+                features: shiva_proto::records::feature::ALL.iter().map(|f| (*f).to_owned()).collect(),
             })
             .collect()
     }
