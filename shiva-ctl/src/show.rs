@@ -169,6 +169,9 @@ pub struct NodeRow {
     pub protocol: u16,
     /// Its build version (absent from older nodes and nodes of a newer protocol).
     pub version: Option<String>,
+    /// What its build does beyond protocol version 1 (docs/protocol.md, `features`), as its
+    /// newest heartbeat lists them (at most 16, of at most 64 characters, shown).
+    pub features: Vec<String>,
     /// Other live incarnations of its id, per the leader (a conflict: cloned machines, a
     /// healed partition); only `incarnation` runs its tasks.
     pub conflicting_incarnations: Vec<String>,
@@ -226,6 +229,13 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
                     .collect(),
                 protocol: entry.heartbeat.protocol,
                 version: entry.heartbeat.version.clone(),
+                features: entry
+                    .heartbeat
+                    .features
+                    .iter()
+                    .take(16)
+                    .map(|feature| feature.chars().take(64).collect())
+                    .collect(),
                 clock_offset_ms: reference.and_then(|(leader, beat)| {
                     if leader == id {
                         return Some(0);

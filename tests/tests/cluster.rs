@@ -254,6 +254,11 @@ fn live_keys(cluster: &Cluster, topic: &str) -> (std::collections::BTreeSet<Stri
 fn failovers_leave_one_claim_and_a_cluster_restarts_on_the_trimmed_log() {
     let mut cluster = Cluster::start("trim", 3, &[]);
     let (tasks, _) = cluster.run_tasks("svc/t", 3);
+    // Every node reads a trimmed log, and says so (what lets the leader trim winning claims).
+    let nodes = cluster.ctl.json(&["nodes"]);
+    for row in nodes.as_array().unwrap() {
+        assert!(row["features"].as_array().unwrap().iter().any(|f| f == "trimmed_claims"), "{row}");
+    }
     // The leader's id and incarnation (a node killed and restarted at once may win again).
     let leader_of = |cluster: &Cluster| {
         let nodes = cluster.ctl.try_json(&["nodes"])?;
