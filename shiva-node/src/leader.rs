@@ -411,36 +411,48 @@ fn oldest_record_epoch(view: &LogView, epoch: u64) -> u64 {
     members.chain(assignments).chain(scheds).chain(intents).fold(epoch, u64::min)
 }
 
-/// Tombstones for the claims no replay needs (issue 15, a bounded log): every claim that lost
-/// or was refused, and the winning claims of epochs older than every accepted leader record
-/// (the leader and the scheduler restamp what an earlier epoch wrote, so that epoch comes
-/// soon). A compacted log then starts at the oldest kept winner, which a reader with no claim
-/// yet takes as its first epoch (see `LogView`'s claim rule): every record it then accepts is
-/// one the full log accepts, in the same order. Winning claims are trimmed only while every
-/// live node reads a log that starts later ([`feature::TRIMMED_CLAIMS`]); a claim that lost
-/// never decided anything, for any reader.
+/// Tombstones for the claims no replay needs (issue 15, a bounded log). A compacted log starts
+/// at its first surviving claim, which a reader with no claim yet takes as its first epoch (see
+/// `LogView`'s claim rule), so whatever prefix of these tombstones compaction has applied (a
+/// cleaner stops at a cut offset), the first surviving claim must be a winner, followed by every
+/// later winner. Hence, one phase at a time, each only once the tombstones before it were read
+/// back (so they lie at lower offsets):
+/// 1. every claim that lost or was refused, at once: it decided nothing, and none lies before
+///    the first winner (a reader with no claim takes the first one, and new claims land at the
+///    end);
+/// 2. then the winning claims of epochs older than every accepted leader record (the leader and
+///    the scheduler restamp what earlier epochs wrote, so that epoch comes soon), one at a time,
+///    lowest first: each surviving suffix of winners is then unbroken. Only while every live
+///    node reads a log that starts later ([`feature::TRIMMED_CLAIMS`]).
 pub fn trim_claims(
     view: &LogView,
     epoch: u64,
     live: &[Member],
     busy: &dyn Fn(TopicKind, &str) -> bool,
 ) -> Vec<Write> {
+    let claims = &view.epochs.claims;
     // The usual case, and the cheap one: only this epoch's claim is in the log.
-    if view.epochs.claims.len() <= 1 {
+    if claims.len() <= 1 || claims.keys().any(|key| busy(TopicKind::Assignments, key)) {
         return Vec::new();
     }
-    let oldest = match live.iter().all(|member| member.has(feature::TRIMMED_CLAIMS)) {
-        true => oldest_record_epoch(view, epoch),
-        false => 0,
-    };
-    let kept: BTreeSet<i64> =
-        view.epochs.winners.range(oldest..=epoch).map(|(_, winner)| winner.offset).collect();
-    view.epochs
-        .claims
+    let winners: BTreeMap<i64, u64> =
+        view.epochs.winners.iter().map(|(epoch, winner)| (winner.offset, *epoch)).collect();
+    let lost: Vec<Write> = claims
         .iter()
-        .filter(|(key, offset)| !kept.contains(offset) && !busy(TopicKind::Assignments, key))
+        .filter(|(_, offset)| !winners.contains_key(offset))
         .map(|(key, _)| Write::assignments(key.clone(), None))
-        .collect()
+        .collect();
+    if !lost.is_empty() || !live.iter().all(|member| member.has(feature::TRIMMED_CLAIMS)) {
+        return lost;
+    }
+    let oldest = oldest_record_epoch(view, epoch);
+    let first = claims.iter().min_by_key(|(_, offset)| **offset);
+    match first {
+        Some((key, offset)) if winners.get(offset).is_some_and(|won| *won < oldest) => {
+            vec![Write::assignments(key.clone(), None)]
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// A node whose newest incarnation departed (a graceful stop) is retired this long after its

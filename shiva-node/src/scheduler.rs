@@ -56,6 +56,20 @@ pub struct Context<'a> {
     pub may_still_run: &'a dyn Fn(&NodeId, Duration) -> bool,
     /// Tasks this leader cannot handle (see [`crate::leader::Inputs::failed`]).
     pub failed: &'a BTreeMap<TaskId, (i64, String)>,
+    /// Run reports at `status` offsets below this were read before a read of every topic to
+    /// its end that completed since: the intent of such a report (written before the report)
+    /// has been read too, so if the view has none it is gone. A report above it may be one whose
+    /// intent is not read yet (topics are read apart, and a write reported failed may have
+    /// landed), so it is not deleted as an orphan yet (see [`unconfirmed_orphans`]).
+    pub reports_synced_below: i64,
+}
+
+/// Whether a run report whose intent the view does not hold was read after the last read to
+/// the end (`synced_below`): the driver then asks for one, so it can be deleted.
+pub fn unconfirmed_orphans(view: &LogView, synced_below: i64) -> bool {
+    view.runs.values().flat_map(|runs| runs.values()).any(|entry| {
+        entry.intent.is_none() && entry.report.as_ref().is_some_and(|report| report.offset >= synced_below)
+    })
 }
 
 /// Parsed schedules by task and spec revision: parsing cron expressions at every plan cost
@@ -492,11 +506,17 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // A report whose intent is gone is an orphan, whatever state it says (a run judged
         // `lost` while its report said `running` kept that report for ever once its intent was
         // trimmed; a leader that died between the two deletions; a runner's late word): it goes
-        // at once. (An intent this leader wrote and has not read back is busy, not gone.)
+        // once a read to the end after it confirms the intent is gone (not merely unread:
+        // `Context::reports_synced_below`). (An intent this leader wrote and has not read back
+        // is busy, not gone.)
+        let synced_below = self.ctx.reports_synced_below;
         let orphans: Vec<Uuid> = self
             .runs
             .iter()
-            .filter(|(_, entry)| entry.intent.is_none() && entry.report.is_some())
+            .filter(|(_, entry)| {
+                entry.intent.is_none()
+                    && entry.report.as_ref().is_some_and(|report| report.offset < synced_below)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in orphans {

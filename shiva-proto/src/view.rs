@@ -58,6 +58,10 @@ pub struct Epochs {
 /// from overflow however many claims follow. A claim above it is refused.
 pub const MAX_EPOCH: u64 = 1 << 53;
 
+/// The highest epoch a reader's first claim may name: 2^32 below [`MAX_EPOCH`], so a forged
+/// first claim in an empty log cannot leave the cluster without an epoch to claim.
+pub const MAX_FIRST_EPOCH: u64 = MAX_EPOCH - (1 << 32);
+
 impl Epochs {
     /// The newest epoch's winner, unless it resigned.
     pub fn leader(&self) -> Option<(u64, &Winner)> {
@@ -597,6 +601,9 @@ impl LogView {
             return Err(format!("epoch {epoch} is out of range (1 to {MAX_EPOCH})"));
         }
         if self.epochs.newest == 0 {
+            if epoch > MAX_FIRST_EPOCH {
+                return Err(format!("a first claim may name at most epoch {MAX_FIRST_EPOCH}, not {epoch}"));
+            }
             self.epochs.floor = epoch;
         } else if epoch <= self.epochs.newest {
             return Err(format!("lost: epoch {epoch} is already taken"));
@@ -787,7 +794,9 @@ impl LogView {
                     // An epoch before the floor was trimmed: its leader's writes had all
                     // settled, so its marker is history.
                     _ => self.epochs.winners.get(&deleted.epoch).map_or_else(
-                        || match deleted.epoch > self.epochs.newest || deleted.epoch < self.epochs.floor {
+                        || match deleted.epoch > self.epochs.newest
+                            || (1..self.epochs.floor).contains(&deleted.epoch)
+                        {
                             true => Ok(()),
                             false => Err(format!("epoch {} has no winner", deleted.epoch)),
                         },

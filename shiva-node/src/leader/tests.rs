@@ -407,6 +407,32 @@ impl Sim {
         }
     }
 
+    /// What a cleaner that stopped part way leaves (it works up to a cut offset, and drops
+    /// tombstones only later): of the records before `cut` (a fraction of each topic), only the
+    /// last of each key among them, and of those tombstones only the ones at or after
+    /// `tombstones_cut` (a fraction of `cut`); every record from `cut` on.
+    fn compacted_up_to(&self, cut: f64, tombstones_cut: f64) -> Vec<Entry> {
+        let at = |topic: &TopicKind, fraction: f64| {
+            let end = self.offsets.get(topic).copied().unwrap_or(0);
+            (end as f64 * fraction).floor() as i64
+        };
+        let mut last: BTreeMap<(TopicKind, String), i64> = BTreeMap::new();
+        for (topic, offset, key, _) in &self.log {
+            if *offset < at(topic, cut) {
+                last.insert((*topic, key.clone()), *offset);
+            }
+        }
+        self.log
+            .iter()
+            .filter(|(topic, offset, key, value)| {
+                let newest = || last[&(*topic, key.clone())] == *offset;
+                *offset >= at(topic, cut)
+                    || (newest() && (value.is_some() || *offset >= at(topic, cut * tombstones_cut)))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Keeps the last record of every key, as compaction does.
     fn compacted(&self) -> Vec<Entry> {
         let mut last: BTreeMap<(TopicKind, String), i64> = BTreeMap::new();
@@ -433,7 +459,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
     #[test]
-    fn compacted_log_replays_to_the_live_state(ops in prop::collection::vec(op(), 1..60)) {
+    fn compacted_log_replays_to_the_live_state(
+        ops in prop::collection::vec(op(), 1..60),
+        cuts in prop::collection::vec((0.0..=1.0f64, 0.0..=1.0f64), 4),
+    ) {
         let mut sim = Sim::new();
         for op in &ops {
             sim.run(op);
@@ -445,6 +474,14 @@ proptest! {
             sim.runners(0xff);
         }
         prop_assert!(sim.doubled.is_empty(), "{:?}", sim.doubled);
+        // Winning claims are trimmed one per step (each once the one before is read back).
+        for _ in 0..64 {
+            let before = sim.log.len();
+            sim.lead(0xff);
+            if sim.log.len() == before {
+                break;
+            }
+        }
         sim.lead(0xff);
         let healed = sim.log.len();
         sim.runners(0xff);
@@ -465,6 +502,15 @@ proptest! {
             };
             prop_assert_eq!(strip(&replayed), strip(live));
             prop_assert_eq!(&replayed.members, &live.members);
+            // A cleaner that stopped part way leaves a log that replays the same: whatever
+            // prefix of the claims' tombstones it applied, the first claim left is a winner and
+            // every later winner follows.
+            for (cut, tombstones_cut) in &cuts {
+                let partial = replay(&sim.compacted_up_to(*cut, *tombstones_cut));
+                prop_assert_eq!(partial.leader(), live.leader(), "cut {} {}", cut, tombstones_cut);
+                prop_assert_eq!(strip(&partial), strip(live));
+                prop_assert_eq!(&partial.members, &live.members);
+            }
             // Every task with a spec has an assignment, and no assignment outlives its spec.
             prop_assert_eq!(live.assignments.keys().collect::<Vec<_>>(), live.specs.keys().collect::<Vec<_>>());
         }
@@ -925,13 +971,17 @@ fn the_leader_tombstones_departures_of_incarnations_that_came_back() {
 
 /// Claims are trimmed (issue 15, a bounded log): those that lost at once; winning ones only
 /// while every live node reads a log whose first claim is a later epoch (an older build would
-/// refuse it as a jump, see no leader and claim epoch 1 itself), and then down to the epoch of
-/// the oldest record the log keeps. The trimmed log replays to the same leader.
+/// refuse it as a jump, see no leader and claim epoch 1 itself), lowest first, one at a time.
+/// Whatever prefix of the tombstones a cleaner applied (it stops at a cut offset), the log
+/// replays to the same leader and records: trimmed at once, in key order (`claim/10/…` before
+/// `claim/9/…`), a cut between two tombstones left a gap in the epochs, and a reader that
+/// refused the next winner as a jump.
 #[test]
-fn lost_claims_go_at_once_and_won_ones_once_every_live_node_reads_a_trimmed_log() {
+fn claims_are_trimmed_so_that_every_cut_of_the_cleaner_replays_the_same() {
     let mut sim = running_on_n0(2, false);
     sim.start_after = false;
-    for n in [0u8, 1, 2, 0] {
+    for round in 0..12u8 {
+        let n = round % 3;
         sim.run(&Op::Claim(n));
         // Another node claims the same epoch, just after: it loses.
         let epoch = sim.view.epochs.newest;
@@ -945,12 +995,16 @@ fn lost_claims_go_at_once_and_won_ones_once_every_live_node_reads_a_trimmed_log(
         sim.settle(3);
     }
     let winners: Vec<i64> = sim.view.epochs.winners.values().map(|winner| winner.offset).collect();
-    let claims: Vec<i64> = sim.view.epochs.claims.values().copied().collect();
-    assert_eq!(winners.len(), 5);
+    let claims: Vec<i64> =
+        sim.view.epochs.claims.values().copied().collect::<BTreeSet<_>>().into_iter().collect();
+    assert_eq!(winners.len(), 13);
     assert_eq!(claims, winners, "every claim that lost is trimmed, every winner kept");
-    // Every live node now reads a trimmed log: the winners of epochs no record needs go.
+    // Every live node now reads a trimmed log: the winners of epochs no record needs go, one
+    // per step, lowest first.
     sim.start_after = true;
-    sim.settle(3);
+    sim.settle(1);
+    assert_eq!(sim.view.epochs.claims.len(), 12, "one winner at a time");
+    sim.settle(16);
     let newest = sim.view.epochs.newest;
     assert_eq!(
         sim.view.epochs.claims.values().copied().collect::<Vec<_>>(),
@@ -960,4 +1014,12 @@ fn lost_claims_go_at_once_and_won_ones_once_every_live_node_reads_a_trimmed_log(
     assert_eq!(replayed.epochs.floor, newest);
     assert_eq!(replayed.leader(), sim.view.leader());
     assert_eq!(replayed.members, sim.view.members);
+    let end = sim.offsets[&TopicKind::Assignments];
+    for cut in 0..=end {
+        for tombstones in [0.0, 1.0] {
+            let partial = replay(&sim.compacted_up_to(cut as f64 / end as f64, tombstones));
+            assert_eq!(partial.leader(), sim.view.leader(), "cut at {cut} of {end}");
+            assert_eq!(partial.members, sim.view.members, "cut at {cut} of {end}");
+        }
+    }
 }

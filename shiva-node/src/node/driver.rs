@@ -152,6 +152,11 @@ pub(crate) struct Leadership {
     /// Tasks a record of which the bus refused for good (too large), by spec revision, with the
     /// reason: the leader fails them instead of writing the record again and again.
     pub(crate) unwritable: BTreeMap<TaskId, (i64, String)>,
+    /// Run reports at `status` offsets below this were read before a read of every topic to its
+    /// end that has completed since (see `scheduler::Context::reports_synced_below`).
+    pub(crate) reports_synced_below: i64,
+    /// A read to the end asked for that: its token and the `status` position when asked.
+    pub(crate) report_sync: Option<(u64, i64)>,
 }
 
 /// The runner's runs of periodic and one-shot tasks (see `runs.rs`): the pure book, and the
@@ -217,6 +222,10 @@ impl Node {
         match event {
             ReaderEvent::Record(record) => self.on_record(record),
             ReaderEvent::Synced(token) => {
+                if let Some((_, position)) = self.leadership.report_sync.filter(|(t, _)| *t == token) {
+                    self.leadership.reports_synced_below = self.leadership.reports_synced_below.max(position);
+                    self.leadership.report_sync = None;
+                }
                 if let Some((epoch, _)) = self.leadership.leader_sync.filter(|(_, t)| *t == token) {
                     info!(epoch, "read the log to its end; leading");
                     self.leadership.schedules.forget_panics();
@@ -246,6 +255,9 @@ impl Node {
                 self.on_runs_sync_failed(token);
                 if self.leadership.leader_sync.is_some_and(|(_, t)| t == token) {
                     self.leadership.leader_sync = None;
+                }
+                if self.leadership.report_sync.is_some_and(|(t, _)| t == token) {
+                    self.leadership.report_sync = None;
                 }
                 if let Some((epoch, _)) = self.leadership.claim_check.filter(|(_, t)| *t == token) {
                     let retry = self.token();
@@ -517,6 +529,15 @@ impl Node {
                 }
                 Err(reason) => error!(epoch, %reason, "the leader's step failed; skipped"),
             }
+            // A run report whose intent is not in the view is deleted only once a read to the
+            // end, asked for after the report was read, still finds no intent.
+            let synced = self.leadership.reports_synced_below;
+            if self.leadership.report_sync.is_none() && scheduler::unconfirmed_orphans(&self.view, synced) {
+                let token = self.token();
+                let position = self.view.positions.get(&TopicKind::Status).copied().unwrap_or(0);
+                self.reader.sync(token);
+                self.leadership.report_sync = Some((token, position));
+            }
         }
         if let Err(reason) = crate::fault::contain(|| self.step_runner()) {
             error!(%reason, "the runner's step failed; skipped");
@@ -612,6 +633,7 @@ impl Node {
             schedules: &self.leadership.schedules,
             may_still_run: &may_still_run,
             failed: &self.leadership.unwritable,
+            reports_synced_below: self.leadership.reports_synced_below,
         };
         writes.extend(scheduler::plan(&context));
         self.leadership.schedules.retain(&self.view);

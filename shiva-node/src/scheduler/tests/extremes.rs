@@ -150,6 +150,7 @@ impl Sim {
             schedules: &self.schedules,
             may_still_run: &|_, _| false,
             failed: &Default::default(),
+            reports_synced_below: i64::MAX,
         };
         writes.extend(plan(&context));
         for write in writes {
