@@ -162,6 +162,12 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         writes.push(Write::assignments(key::MEMBERS.to_owned(), Some(Body::Members(members))));
     }
     writes.extend(trim_claims(view, epoch, live, busy));
+    // A `deleted` marker whose tombstone was not read back (its write failed) gets it again.
+    for (topic, keys) in &view.deleted_markers {
+        for key in keys.iter().filter(|key| !busy(*topic, key)) {
+            writes.push(Write { topic: *topic, key: key.clone(), body: None });
+        }
+    }
     writes.extend(retire_nodes(view, live, now_ms, busy));
     // Departures of incarnations their id's newest heartbeat no longer names (the node came
     // back, or was retired) are settled too: one per graceful stop otherwise.
@@ -418,8 +424,9 @@ fn oldest_record_epoch(view: &LogView, epoch: u64) -> u64 {
 /// later winner. Hence, one phase at a time, each only once the tombstones before it were read
 /// back (so they lie at lower offsets):
 /// 1. every claim that lost or was refused, at once: it decided nothing, and none lies before
-///    the first winner (a reader with no claim takes the first one, and new claims land at the
-///    end);
+///    the first winner but claims every reader refuses wherever they lie (out of range, a key
+///    or body of the wrong shape): a reader with no claim takes the first one, and new claims
+///    land at the end;
 /// 2. then the winning claims of epochs older than every accepted leader record (the leader and
 ///    the scheduler restamp what earlier epochs wrote, so that epoch comes soon), one at a time,
 ///    lowest first: each surviving suffix of winners is then unbroken. Only while every live

@@ -428,18 +428,23 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let epoch = self.ctx.epoch;
         let written: BTreeSet<&str> =
             self.writes[self.first_write..].iter().map(|write| write.key.as_str()).collect();
+        // A run its runner reported over is restamped with that end as the leader's verdict:
+        // were this write reported failed and yet land late, after the run was trimmed, the
+        // intent it brings back is itself over (not an open run a runner would launch again).
         let mut intents: Vec<RunIntent> = self
             .runs
             .iter()
-            .filter_map(|(_, entry)| entry.intent.as_ref())
-            .filter(|(intent, offset)| intent.epoch < epoch && *offset >= 0)
-            .map(|(intent, _)| intent)
-            .filter(|intent| {
+            .filter_map(|(_, entry)| Some((entry.intent.as_ref()?, entry.report.as_ref())))
+            .filter(|((intent, offset), _)| intent.epoch < epoch && *offset >= 0)
+            .filter(|((intent, _), _)| {
                 let key = key::run(self.task, intent.run_id);
                 !written.contains(key.as_str()) && !(self.ctx.busy)(TopicKind::Assignments, &key)
             })
             .take(self.load.restamps_left)
-            .map(|intent| RunIntent { epoch, ..intent.clone() })
+            .map(|((intent, _), report)| {
+                let ended = report.map(|report| report.report.state).filter(|state| state.is_final());
+                RunIntent { epoch, verdict: intent.verdict.or(ended), ..intent.clone() }
+            })
             .collect();
         let sched_key = key::sched(self.task);
         let sched = self

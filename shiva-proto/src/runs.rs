@@ -216,7 +216,9 @@ pub struct RunIntent {
     /// The leader asks the runner to stop it (or not to start it), with the reason.
     #[serde(default)]
     pub stop: Option<String>,
-    /// The leader's verdict on a run nobody reports on: `lost`, `missed` or `skipped`.
+    /// The leader's verdict on a run nobody reports on: `lost`, `missed` or `skipped`; on an
+    /// intent a later leader restamped (wrote again under its epoch) after the runner reported
+    /// the run over, that end, so a copy of the record landing late is itself over.
     #[serde(default)]
     pub verdict: Option<RunPhase>,
     /// Detail for the verdict.

@@ -264,6 +264,10 @@ pub struct LogView {
     pub open_runs: BTreeSet<(TaskId, Uuid)>,
     /// The spec of each task's newest intent: the intents of a revision share one copy.
     intent_specs: Interned,
+    /// Keys whose newest record is an accepted `deleted` marker, per topic: the tombstone that
+    /// follows each marker has not been read (yet, or ever: its write failed), and the leader
+    /// writes it again, so the key does not stay in the log for good.
+    pub deleted_markers: BTreeMap<TopicKind, BTreeSet<String>>,
 }
 
 /// Specs shared by launch intents. Memory only: never part of the view's value (a replay may
@@ -411,6 +415,12 @@ impl LogView {
                 }
             },
         };
+        if let Some(keys) = self.deleted_markers.get_mut(&topic) {
+            keys.remove(key);
+        }
+        if outcome == Outcome::Applied("deleted") {
+            self.deleted_markers.entry(topic).or_default().insert(key.to_owned());
+        }
         if let Outcome::Skipped(reason) = &outcome {
             // The newest definition of the task is unusable: the task fails, visibly.
             self.mark_invalid(topic, offset, key, value.is_some(), reason);

@@ -1023,3 +1023,74 @@ fn claims_are_trimmed_so_that_every_cut_of_the_cleaner_replays_the_same() {
         }
     }
 }
+
+/// Issue 15, a bounded log: the status of a task deleted while its runner was down goes once
+/// that runner may no longer run the task, and again when the runner, back, writes its late
+/// word about it; the compacted log keeps nothing of the task. (Pins the rule "statuses outlive
+/// nothing", from the hand-off work, against the issue's case.)
+#[test]
+fn the_status_of_a_task_deleted_while_its_runner_was_down_does_not_outlive_it() {
+    use shiva_proto::records::{RunState, TaskStatus};
+    let mut sim = running_on_n0(2, false);
+    let task = Sim::task(1);
+    assert!(sim.view.statuses.contains_key(&task));
+    // n0 goes silent; the task is deleted meanwhile.
+    sim.append(TopicKind::Commands, key::task(&task), None);
+    sim.silent_for = Some(std::time::Duration::from_secs(1));
+    sim.lead(0b110);
+    assert!(sim.view.assignments.contains_key(&task), "held while n0 may still run it");
+    // n0 has been silent past its fence and the task's stop grace.
+    sim.silent_for = Some(std::time::Duration::from_secs(60));
+    sim.lead(0b110);
+    sim.lead(0b110);
+    assert!(!sim.view.assignments.contains_key(&task));
+    assert!(!sim.view.statuses.contains_key(&task), "its status goes with it");
+    // n0 comes back and reports its copy stopped: a status of a task that no longer exists.
+    let status = TaskStatus {
+        task: task.clone(),
+        generation: 1,
+        state: RunState::Stopped,
+        run_id: None,
+        pid: None,
+        attempt: 1,
+        restarts: 0,
+        last_exit: None,
+        message: None,
+        permanent: false,
+        after: Vec::new(),
+    };
+    let value = sim.env(0, Body::Status(status));
+    sim.append(TopicKind::Status, key::task(&task), Some(value));
+    assert!(sim.view.statuses.contains_key(&task));
+    sim.silent_for = None;
+    sim.lead(0b111);
+    assert!(!sim.view.statuses.contains_key(&task), "the late word goes too");
+    let compacted = sim.compacted();
+    let left: Vec<&String> = compacted
+        .iter()
+        .filter(|(_, _, key, value)| value.is_some() && key.ends_with("/t1"))
+        .map(|(_, _, key, _)| key)
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A `deleted` marker whose tombstone was never read back (its write failed after the marker's
+/// landed) gets its tombstone from the leader, so the key does not stay in the log for good
+/// (once its epoch's claim is trimmed, every new reader would refuse the marker).
+#[test]
+fn a_deletion_marker_left_without_its_tombstone_gets_one() {
+    let mut sim = running_on_n0(2, false);
+    let (epoch, leader) = sim.leader_index().unwrap();
+    let key = key::task(&Sim::task(9));
+    let marker = sim.env(leader, Body::Deleted(shiva_proto::records::Deleted { epoch }));
+    sim.append(TopicKind::Status, key.clone(), Some(marker));
+    assert!(sim.view.deleted_markers[&TopicKind::Status].contains(&key));
+    sim.settle(1);
+    let last =
+        sim.log.iter().rev().find(|(topic, _, k, _)| *topic == TopicKind::Status && *k == key).unwrap();
+    assert!(last.3.is_none(), "the leader tombstones it");
+    assert!(sim.view.deleted_markers.values().all(BTreeSet::is_empty));
+    sim.settle(1);
+    let tombstones = sim.log.iter().filter(|(_, _, k, value)| *k == key && value.is_none()).count();
+    assert_eq!(tombstones, 1, "once");
+}

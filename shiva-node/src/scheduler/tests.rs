@@ -1012,3 +1012,34 @@ fn a_run_request_stays_until_its_launch_intent_has_landed() {
     assert!(launched, "the requested run was launched once its intent could be written");
     assert!(!sim.view.requests.contains_key(&task), "then the request goes");
 }
+
+/// A new leader restamps the finished runs it inherits with their end as its verdict: were a
+/// restamp reported failed and yet land late, after the run was trimmed with its report, the
+/// intent it brings back is over on its own, not an open run its runner would launch again.
+#[test]
+fn restamped_finished_runs_carry_their_end_so_a_late_copy_is_over_on_its_own() {
+    let mut sim = Sim::new();
+    sim.run_ms = 10;
+    sim.submit(every_second(CatchUp::None));
+    sim.advance(5_000);
+    let task = TaskId::new("cron/tick").unwrap();
+    let inherited: Vec<Uuid> =
+        sim.view.runs[&task].iter().filter(|(_, entry)| entry.is_final()).map(|(id, _)| *id).collect();
+    sim.elect(1);
+    sim.advance(1_000);
+    let epoch = sim.view.epochs.newest;
+    let mut finished = 0;
+    for id in &inherited {
+        let entry = &sim.view.runs[&task][id];
+        let (Some((intent, _)), Some(report)) = (&entry.intent, &entry.report) else { continue };
+        if !report.report.state.is_final() {
+            continue;
+        }
+        finished += 1;
+        assert_eq!(intent.epoch, epoch, "restamped");
+        assert_eq!(intent.verdict, Some(report.report.state));
+        let alone = RunEntry { intent: entry.intent.clone(), report: None };
+        assert!(alone.is_final(), "a late copy of the restamp is over on its own");
+    }
+    assert!(finished >= 4, "{finished}");
+}
