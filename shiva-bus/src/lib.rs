@@ -12,6 +12,7 @@
 
 pub mod admin;
 mod context;
+pub mod filelog;
 pub mod logs;
 mod publisher;
 mod reader;
