@@ -3,8 +3,11 @@
 //!
 //! Invariants:
 //! * **Acknowledged means durable.** [`TopicLog::append`] returns only once its frames are
-//!   written whole and `fdatasync`ed: a record acknowledged to a writer survives `kill -9` of any
-//!   process (and a power cut, as far as the disk keeps its word).
+//!   written whole and `fdatasync`ed (the directory too, when it created the file): a record
+//!   acknowledged to a writer survives `kill -9` of any process, and a power cut as far as the
+//!   disk keeps its word. A reader may see a record between its write and its sync (as a
+//!   non-idempotent Kafka write reported failed may have landed, a failed append's records may
+//!   be there too): a power cut in that window loses what it read, and every process with it.
 //! * **Appends never interleave.** An appender holds an exclusive `flock` on the topic's lock
 //!   file from reading the tail to its `fdatasync`, and writes at the end of the file
 //!   (`O_APPEND`): two processes appending at once write one after the other.
@@ -13,8 +16,11 @@
 //!   at an offset, as on Kafka.
 //! * **A torn tail is cut, and said so.** A frame whose length or checksum does not check at
 //!   the end of the file (its writer died mid-write: it was never acknowledged) is cut by the
-//!   next appender, under the lock, with a warning. Readers never cut: an incomplete frame at the
-//!   tail is, for them, a frame not written yet.
+//!   next appender, under the lock, with a warning. Only a tail: a bad frame followed by more
+//!   than one frame's worth of bytes, or a frame whose offset is not the next one, is damage
+//!   (a bad sector, another program), refused with an error, never cut (acknowledged records
+//!   follow it). Readers never cut: an incomplete frame at the tail is, for them, a frame not
+//!   written yet; damage is an error for them too.
 //!
 //! Frame (little endian): `len u32` (of what follows the checksum), `crc u32` (CRC-32 of what
 //! follows it), `offset i64`, `timestamp_ms i64`, `key_len u32`, `value_len i32` (`-1`: a
@@ -51,6 +57,25 @@ pub enum FileLogError {
     TooLarge {
         /// Its size (key, value and the frame's fixed part).
         size: usize,
+    },
+    /// The file is damaged before its tail: not cut, since acknowledged records follow.
+    #[error("{path} is damaged at byte {at}: {reason}; not cut (records written after it would be lost)")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        at: u64,
+        /// What does not check.
+        reason: String,
+    },
+    /// An earlier write or sync of this handle failed: what the kernel did with its pages is
+    /// unknown, so this handle appends no more (open the topic again).
+    #[error("{path}: an earlier append failed ({reason}); open the topic again")]
+    Poisoned {
+        /// The file.
+        path: PathBuf,
+        /// The earlier failure.
+        reason: String,
     },
 }
 
@@ -125,7 +150,8 @@ impl Frame {
         let key_len = u32::from_le_bytes(four(16)) as usize;
         let value_len = i32::from_le_bytes(four(20));
         let value_bytes = usize::try_from(value_len).unwrap_or(0);
-        if value_len < -1 || FIXED + key_len + value_bytes != len {
+        let total = FIXED.checked_add(key_len).and_then(|sum| sum.checked_add(value_bytes));
+        if value_len < -1 || total != Some(len) {
             return Err("frame lengths that do not add up");
         }
         let key = body[FIXED..FIXED + key_len].to_vec();
@@ -144,6 +170,55 @@ pub struct TopicLog {
     /// the frames after it (other processes' appends) are read at the next append.
     end: u64,
     next: i64,
+    /// Why an earlier append failed, if one did (see [`FileLogError::Poisoned`]).
+    poisoned: Option<String>,
+}
+
+/// Bytes a torn write can leave after the last whole frame: less than one frame.
+const MAX_TORN: u64 = (PREFIX + MAX_BODY) as u64;
+
+/// How much a reader reads at once (at least one frame).
+const CHUNK: usize = 4 << 20;
+
+/// What stopped a read before the end of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Bytes that are not a whole, checking frame: a write in progress, or a torn one at the
+    /// tail; damage when more follows than the one frame they begin (`extent`: its length when
+    /// the length made it to the disk and is in range, else the largest frame's).
+    NotAFrame { reason: &'static str, extent: u64 },
+    /// A whole frame whose offset is not the next one: damage, wherever it is.
+    OutOfSequence { expected: i64, found: i64 },
+}
+
+impl Stop {
+    fn reason(self) -> String {
+        match self {
+            Stop::NotAFrame { reason, .. } => reason.to_owned(),
+            Stop::OutOfSequence { expected, found } => {
+                format!("a frame of offset {found} where offset {expected} comes next")
+            }
+        }
+    }
+
+    /// Whether what stopped the read is damage, with `after` bytes from there to the end.
+    fn is_damage(self, after: u64) -> bool {
+        match self {
+            Stop::NotAFrame { extent, .. } => after > extent,
+            Stop::OutOfSequence { .. } => true,
+        }
+    }
+
+    /// What stops a read at `bytes`, which do not decode as a frame.
+    fn not_a_frame(bytes: &[u8], reason: &'static str) -> Stop {
+        let declared =
+            bytes.get(..4).map(|len| u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize);
+        let extent = match declared {
+            Some(len) if (FIXED..=MAX_BODY).contains(&len) => (PREFIX + len) as u64,
+            _ => MAX_TORN,
+        };
+        Stop::NotAFrame { reason, extent }
+    }
 }
 
 impl TopicLog {
@@ -152,13 +227,28 @@ impl TopicLog {
         std::fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
         let path = dir.join(format!("{topic}.log"));
         let lock_path = dir.join(format!("{topic}.lock"));
+        let created = !path.exists();
         let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(&path)
             .map_err(io_error("opening", &path))?;
-        Ok(TopicLog { path, lock_path, file, end: 0, next: 0 })
+        if created {
+            // The new file's directory entry is durable too.
+            File::open(dir).and_then(|dir| dir.sync_all()).map_err(io_error("syncing", dir))?;
+        }
+        let mut log = TopicLog { path, lock_path, file, end: 0, next: 0, poisoned: None };
+        // The frames already there are read without the lock (appenders are not held up by a
+        // long file); the next append reads what follows under it.
+        let mut cursor = Cursor::open(&log.path)?;
+        loop {
+            let frames = cursor.read_new()?;
+            let Some(last) = frames.last() else { break };
+            log.next = last.offset + 1;
+            log.end = cursor.position;
+        }
+        Ok(log)
     }
 
     /// The topic file's path.
@@ -173,6 +263,17 @@ impl TopicLog {
         records: &[(&[u8], Option<&[u8]>)],
         timestamp_ms: i64,
     ) -> Result<Vec<i64>, FileLogError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(FileLogError::Poisoned { path: self.path.clone(), reason: reason.clone() });
+        }
+        // Encoded before anything changes: a record refused leaves the handle as it was.
+        let mut frames = Vec::with_capacity(records.len());
+        for (key, value) in records {
+            let frame =
+                Frame { offset: 0, timestamp_ms, key: key.to_vec(), value: value.map(<[u8]>::to_vec) };
+            frame.encode(&mut Vec::new())?;
+            frames.push(frame);
+        }
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -183,24 +284,21 @@ impl TopicLog {
             .map_err(|(_, errno)| io_error("locking", &self.lock_path)(io::Error::from(errno)))?;
         self.catch_up()?;
         let mut bytes = Vec::new();
-        let mut offsets = Vec::with_capacity(records.len());
-        for (key, value) in records {
-            let frame = Frame {
-                offset: self.next,
-                timestamp_ms,
-                key: key.to_vec(),
-                value: value.map(<[u8]>::to_vec),
-            };
+        let mut offsets = Vec::with_capacity(frames.len());
+        for (next, mut frame) in (self.next..).zip(frames) {
+            frame.offset = next;
             frame.encode(&mut bytes)?;
-            offsets.push(self.next);
-            self.next += 1;
+            offsets.push(next);
         }
         let written = self.file.write_all(&bytes).and_then(|()| self.file.sync_data());
         if let Err(err) = written {
-            // What was written (part of it, maybe) is a torn tail: the next append cuts it.
-            self.next -= i64::try_from(records.len()).unwrap_or(0);
+            // Part of the batch may be in the file (whole frames stay, as a Kafka write reported
+            // failed may have landed; a torn last one is cut by the next appender). After a
+            // failed sync the kernel may have dropped the pages: this handle stops here.
+            self.poisoned = Some(err.to_string());
             return Err(io_error("appending to", &self.path)(err));
         }
+        self.next += i64::try_from(offsets.len()).unwrap_or(i64::MAX);
         self.end += bytes.len() as u64;
         Ok(offsets)
     }
@@ -213,49 +311,60 @@ impl TopicLog {
             return Ok(());
         }
         if len < self.end {
-            // Shorter than last seen: cut by another appender (a torn tail after our look
-            // cannot be: we looked under the lock) or replaced; read it all again.
-            self.end = 0;
-            self.next = 0;
+            // Shorter than last seen: a torn tail past our look cannot be (we look under the
+            // lock, and cuts only remove bytes after whole frames); another program cut it.
+            return Err(FileLogError::Damaged {
+                path: self.path.clone(),
+                at: len,
+                reason: format!("the file shrank below {} bytes, read before", self.end),
+            });
         }
-        let mut reader = File::open(&self.path).map_err(io_error("opening", &self.path))?;
-        reader.seek(SeekFrom::Start(self.end)).map_err(io_error("seeking in", &self.path))?;
-        let mut tail = Vec::new();
-        reader.read_to_end(&mut tail).map_err(io_error("reading", &self.path))?;
-        let mut at = 0;
-        let mut problem = None;
-        while at < tail.len() {
-            match Frame::decode(&tail[at..]) {
-                Ok(Some((frame, size))) => {
-                    self.next = frame.offset + 1;
-                    at += size;
+        let mut cursor = Cursor {
+            path: self.path.clone(),
+            file: self.file.try_clone().map_err(io_error("opening", &self.path))?,
+            position: self.end,
+            next: Some(self.next),
+        };
+        let problem = loop {
+            match cursor.read_chunk() {
+                Ok((frames, None)) if frames.is_empty() => break None,
+                Ok((frames, problem)) => {
+                    if let Some(last) = frames.last() {
+                        self.next = last.offset + 1;
+                    }
+                    self.end = cursor.position;
+                    if problem.is_some() {
+                        break problem;
+                    }
                 }
-                Ok(None) => {
-                    problem = Some("an incomplete frame");
-                    break;
-                }
-                Err(reason) => {
-                    problem = Some(reason);
-                    break;
-                }
+                Err(err) => return Err(err),
             }
+        };
+        let cut = len - self.end;
+        if cut == 0 {
+            return Ok(());
         }
-        let good = self.end + at as u64;
-        if let Some(reason) = problem {
-            // Under the lock nobody is writing: what does not check is a torn write of a
-            // writer that died before its acknowledgement.
-            tracing::warn!(
-                file = %self.path.display(),
-                at = good,
-                cut = len - good,
-                reason,
-                "cutting a torn write at the end of a file-bus topic (its writer died mid-write; it was never acknowledged)"
-            );
-            let cut =
-                OpenOptions::new().write(true).open(&self.path).map_err(io_error("opening", &self.path))?;
-            cut.set_len(good).and_then(|()| cut.sync_all()).map_err(io_error("cutting", &self.path))?;
+        let stop = problem.unwrap_or(Stop::NotAFrame { reason: "an incomplete frame", extent: MAX_TORN });
+        if stop.is_damage(cut) {
+            return Err(FileLogError::Damaged {
+                path: self.path.clone(),
+                at: self.end,
+                reason: stop.reason(),
+            });
         }
-        self.end = good;
+        let reason = stop.reason();
+        // Under the lock nobody is writing: what does not check is a torn write of a writer
+        // that died before its acknowledgement.
+        tracing::warn!(
+            file = %self.path.display(),
+            at = self.end,
+            cut,
+            %reason,
+            "cutting a torn write at the end of a file-bus topic (its writer died mid-write; it was never acknowledged)"
+        );
+        let file =
+            OpenOptions::new().write(true).open(&self.path).map_err(io_error("opening", &self.path))?;
+        file.set_len(self.end).and_then(|()| file.sync_all()).map_err(io_error("cutting", &self.path))?;
         Ok(())
     }
 }
@@ -267,30 +376,65 @@ pub struct Cursor {
     file: File,
     /// Byte position of the next frame.
     position: u64,
+    /// The offset the next frame must carry (`None`: not known yet, at the start).
+    next: Option<i64>,
 }
 
 impl Cursor {
     /// A cursor at the start of `path`.
     pub fn open(path: &Path) -> Result<Cursor, FileLogError> {
         let file = File::open(path).map_err(io_error("opening", path))?;
-        Ok(Cursor { path: path.to_owned(), file, position: 0 })
+        Ok(Cursor { path: path.to_owned(), file, position: 0, next: None })
     }
 
-    /// The frames written whole since the last call, in order. A frame not whole yet, or not
-    /// checking, ends the batch: its writer is still writing it, or died (then the next
-    /// appender cuts it and writes over it), and it is read again from its start next time.
+    /// The frames written whole since the last call, in order, up to about 4 MiB of them (call
+    /// again until it returns none). A frame not whole yet, or not checking, at the end of the
+    /// file ends the batch: its writer is still writing it, or died (then the next appender
+    /// cuts it and writes over it), and it is read again from its start next time. Anything
+    /// else that does not check is damage, an error.
     pub fn read_new(&mut self) -> Result<Vec<Frame>, FileLogError> {
+        let (frames, problem) = self.read_chunk()?;
+        if let Some(stop) = problem {
+            let len = self.file.metadata().map_err(io_error("reading the size of", &self.path))?.len();
+            if stop.is_damage(len.saturating_sub(self.position)) {
+                return Err(FileLogError::Damaged {
+                    path: self.path.clone(),
+                    at: self.position,
+                    reason: stop.reason(),
+                });
+            }
+        }
+        Ok(frames)
+    }
+
+    /// Whole frames from `position`, up to about [`CHUNK`] bytes of them, and why the first
+    /// frame after them (if any was read) does not decode.
+    fn read_chunk(&mut self) -> Result<(Vec<Frame>, Option<Stop>), FileLogError> {
         self.file.seek(SeekFrom::Start(self.position)).map_err(io_error("seeking in", &self.path))?;
         let mut bytes = Vec::new();
-        self.file.read_to_end(&mut bytes).map_err(io_error("reading", &self.path))?;
+        let limit = (CHUNK + PREFIX + MAX_BODY) as u64;
+        (&mut self.file).take(limit).read_to_end(&mut bytes).map_err(io_error("reading", &self.path))?;
         let mut frames = Vec::new();
         let mut at = 0;
-        while let Ok(Some((frame, size))) = Frame::decode(&bytes[at..]) {
-            frames.push(frame);
-            at += size;
-        }
+        let problem = loop {
+            if at >= CHUNK || at == bytes.len() {
+                break None;
+            }
+            match Frame::decode(&bytes[at..]) {
+                Ok(Some((frame, size))) => {
+                    if let Some(expected) = self.next.filter(|next| *next != frame.offset) {
+                        break Some(Stop::OutOfSequence { expected, found: frame.offset });
+                    }
+                    self.next = Some(frame.offset + 1);
+                    frames.push(frame);
+                    at += size;
+                }
+                Ok(None) => break Some(Stop::not_a_frame(&bytes[at..], "an incomplete frame")),
+                Err(reason) => break Some(Stop::not_a_frame(&bytes[at..], reason)),
+            }
+        };
         self.position += at as u64;
-        Ok(frames)
+        Ok((frames, problem))
     }
 }
 

@@ -7,20 +7,37 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use shiva_bus::filelog::{Cursor, TopicLog};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use shiva_bus::filelog::{Cursor, Frame, TopicLog};
 use shiva_e2e::scratch;
 
-fn writer(dir: &std::path::Path, id: usize) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_filelog-writer"))
-        .args([dir.to_str().unwrap(), "control", &format!("w{id}")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start filelog-writer")
+/// A writer process, killed when dropped (a failed assertion leaves none behind).
+struct Writer(Option<Child>);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
-/// What a killed writer acknowledged: offset → key.
-fn acknowledged(mut child: Child) -> Vec<(i64, String)> {
+fn writer(dir: &std::path::Path, id: usize) -> Writer {
+    let child = Command::new(env!("CARGO_BIN_EXE_filelog-writer"))
+        .args([dir.to_str().unwrap(), "control", &format!("w{id}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start filelog-writer");
+    Writer(Some(child))
+}
+
+/// Kills a writer with SIGKILL; returns what it acknowledged: offset, key.
+fn kill_and_collect(mut writer: Writer) -> Vec<(i64, String)> {
+    let mut child = writer.0.take().unwrap();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
     let mut out = String::new();
     child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
     child.wait().unwrap();
@@ -36,40 +53,41 @@ fn acknowledged(mut child: Child) -> Vec<(i64, String)> {
 fn appenders_killed_hundreds_of_times_lose_no_acknowledged_record_and_leave_a_readable_log() {
     let dir = scratch("filebus-kills");
     let mut next_id = 0;
-    let mut writers: Vec<Child> = (0..3)
+    let mut writers: Vec<Writer> = (0..3)
         .map(|_| {
             next_id += 1;
             writer(&dir, next_id)
         })
         .collect();
     let mut acked: BTreeMap<i64, String> = BTreeMap::new();
-    let kills = 300;
-    for kill in 0..kills {
-        std::thread::sleep(Duration::from_millis(2 + (kill * 7919 % 13) as u64));
-        let victim = kill % writers.len();
-        next_id += 1;
-        let child = std::mem::replace(&mut writers[victim], writer(&dir, next_id));
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        for (offset, key) in acknowledged(child) {
+    let collect = |acked: &mut BTreeMap<i64, String>, killed: Writer| {
+        for (offset, key) in kill_and_collect(killed) {
             assert!(acked.insert(offset, key.clone()).is_none(), "offset {offset} acknowledged twice");
         }
+    };
+    let kills = 300;
+    for round in 0..kills {
+        std::thread::sleep(Duration::from_millis(2 + (round * 7919 % 13) as u64));
+        let victim = round % writers.len();
+        next_id += 1;
+        let killed = std::mem::replace(&mut writers[victim], writer(&dir, next_id));
+        collect(&mut acked, killed);
     }
-    for child in writers.drain(..) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        acked.extend(acknowledged(child));
+    for killed in writers.drain(..) {
+        collect(&mut acked, killed);
     }
     // An appender cuts a torn tail the last kill may have left; then the log reads whole.
     let mut log = TopicLog::open(&dir, "control").unwrap();
     let last = log.append(&[(b"last", Some(b"end"))], 0).unwrap()[0];
-    let frames = Cursor::open(log.path()).unwrap().read_new().unwrap();
+    let mut cursor = Cursor::open(log.path()).unwrap();
+    let mut frames: Vec<Frame> = Vec::new();
+    loop {
+        let batch = cursor.read_new().unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        frames.extend(batch);
+    }
     assert_eq!(frames.len() as i64, last + 1, "every offset up to the last append is read");
     for (index, frame) in frames.iter().enumerate() {
         assert_eq!(frame.offset, index as i64, "offsets are dense");
