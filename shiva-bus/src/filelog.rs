@@ -14,13 +14,14 @@
 //! * **Offsets are stable and total.** Each frame carries its offset; they are dense and
 //!   increasing in file order (the next one is the last frame's plus one), so a reader resumes
 //!   at an offset, as on Kafka.
-//! * **A torn tail is cut, and said so.** A frame whose length or checksum does not check at
-//!   the end of the file (its writer died mid-write: it was never acknowledged) is cut by the
-//!   next appender, under the lock, with a warning. Only a tail: a bad frame followed by more
-//!   than one frame's worth of bytes, or a frame whose offset is not the next one, is damage
-//!   (a bad sector, another program), refused with an error, never cut (acknowledged records
-//!   follow it). Readers never cut: an incomplete frame at the tail is, for them, a frame not
-//!   written yet; damage is an error for them too.
+//! * **A torn tail is cut, and said so.** What a writer killed mid-write leaves after the last
+//!   whole frame (fewer bytes than a frame's prefix, or a frame whose body runs past the end of
+//!   the file), or zeros to the end (a power cut after the file grew, before its pages were
+//!   written), was never acknowledged: the next appender cuts it, under the lock, with a
+//!   warning. Anything else that does not check (a whole frame with a bad checksum, a length
+//!   out of range, an offset out of sequence) is damage (a bad sector, another program): an
+//!   error for appenders and readers, never cut, since acknowledged records may follow. Readers
+//!   never cut: a torn tail is, for them, a frame not written yet.
 //!
 //! Frame (little endian): `len u32` (of what follows the checksum), `crc u32` (CRC-32 of what
 //! follows it), `offset i64`, `timestamp_ms i64`, `key_len u32`, `value_len i32` (`-1`: a
@@ -181,43 +182,34 @@ const MAX_TORN: u64 = (PREFIX + MAX_BODY) as u64;
 const CHUNK: usize = 4 << 20;
 
 /// What stopped a read before the end of the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Stop {
-    /// Bytes that are not a whole, checking frame: a write in progress, or a torn one at the
-    /// tail; damage when more follows than the one frame they begin (`extent`: its length when
-    /// the length made it to the disk and is in range, else the largest frame's).
-    NotAFrame { reason: &'static str, extent: u64 },
-    /// A whole frame whose offset is not the next one: damage, wherever it is.
-    OutOfSequence { expected: i64, found: i64 },
+    /// What follows the last whole frame is what a writer killed mid-write leaves (fewer bytes
+    /// than a frame's prefix, or a frame whose body runs past the end), or zeros to the end (a
+    /// power cut after the file grew but before its pages were written): a frame not whole yet
+    /// for a reader, a torn tail for an appender under the lock.
+    Torn,
+    /// Anything else: a whole frame that does not check, a length out of range, an offset out
+    /// of sequence. Damage (a bad sector, another program): an error, never cut.
+    Damage(String),
 }
 
 impl Stop {
-    fn reason(self) -> String {
-        match self {
-            Stop::NotAFrame { reason, .. } => reason.to_owned(),
-            Stop::OutOfSequence { expected, found } => {
-                format!("a frame of offset {found} where offset {expected} comes next")
+    /// Classifies `rest`, the bytes from a frame that did not decode to the end of what was
+    /// read (the whole rest of the file, or more than a frame of it).
+    fn classify(rest: &[u8], reason: &str) -> Stop {
+        let incomplete = match rest.get(..PREFIX) {
+            None => true,
+            Some(prefix) => {
+                let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+                (FIXED..=MAX_BODY).contains(&len) && rest.len() < PREFIX + len
             }
-        }
-    }
-
-    /// Whether what stopped the read is damage, with `after` bytes from there to the end.
-    fn is_damage(self, after: u64) -> bool {
-        match self {
-            Stop::NotAFrame { extent, .. } => after > extent,
-            Stop::OutOfSequence { .. } => true,
-        }
-    }
-
-    /// What stops a read at `bytes`, which do not decode as a frame.
-    fn not_a_frame(bytes: &[u8], reason: &'static str) -> Stop {
-        let declared =
-            bytes.get(..4).map(|len| u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize);
-        let extent = match declared {
-            Some(len) if (FIXED..=MAX_BODY).contains(&len) => (PREFIX + len) as u64,
-            _ => MAX_TORN,
         };
-        Stop::NotAFrame { reason, extent }
+        if incomplete || rest.iter().all(|byte| *byte == 0) {
+            Stop::Torn
+        } else {
+            Stop::Damage(reason.to_owned())
+        }
     }
 }
 
@@ -340,26 +332,21 @@ impl TopicLog {
                 Err(err) => return Err(err),
             }
         };
-        let cut = len - self.end;
+        let cut = len.saturating_sub(self.end);
         if cut == 0 {
             return Ok(());
         }
-        let stop = problem.unwrap_or(Stop::NotAFrame { reason: "an incomplete frame", extent: MAX_TORN });
-        if stop.is_damage(cut) {
-            return Err(FileLogError::Damaged {
-                path: self.path.clone(),
-                at: self.end,
-                reason: stop.reason(),
-            });
+        if let Some(Stop::Damage(reason)) = problem {
+            return Err(FileLogError::Damaged { path: self.path.clone(), at: self.end, reason });
         }
-        let reason = stop.reason();
+        let reason = "a torn write";
         // Under the lock nobody is writing: what does not check is a torn write of a writer
         // that died before its acknowledgement.
         tracing::warn!(
             file = %self.path.display(),
             at = self.end,
             cut,
-            %reason,
+            reason,
             "cutting a torn write at the end of a file-bus topic (its writer died mid-write; it was never acknowledged)"
         );
         let file =
@@ -394,25 +381,30 @@ impl Cursor {
     /// else that does not check is damage, an error.
     pub fn read_new(&mut self) -> Result<Vec<Frame>, FileLogError> {
         let (frames, problem) = self.read_chunk()?;
-        if let Some(stop) = problem {
-            let len = self.file.metadata().map_err(io_error("reading the size of", &self.path))?.len();
-            if stop.is_damage(len.saturating_sub(self.position)) {
-                return Err(FileLogError::Damaged {
-                    path: self.path.clone(),
-                    at: self.position,
-                    reason: stop.reason(),
-                });
+        match problem {
+            // The frames before it first; the next call meets it at once.
+            Some(Stop::Damage(_)) if frames.is_empty() => {
+                // Read again once: bytes read while an appender cut a torn tail and wrote in
+                // its place can look damaged in one read; real damage stays.
+                match self.read_chunk()? {
+                    (frames, Some(Stop::Damage(reason))) if frames.is_empty() => {
+                        Err(FileLogError::Damaged { path: self.path.clone(), at: self.position, reason })
+                    }
+                    (frames, _) => Ok(frames),
+                }
             }
+            _ => Ok(frames),
         }
-        Ok(frames)
     }
 
-    /// Whole frames from `position`, up to about [`CHUNK`] bytes of them, and why the first
-    /// frame after them (if any was read) does not decode.
+    /// Whole frames from `position`, up to about [`CHUNK`] bytes of them, and what stopped the
+    /// read before the end of the file, if anything did.
     fn read_chunk(&mut self) -> Result<(Vec<Frame>, Option<Stop>), FileLogError> {
         self.file.seek(SeekFrom::Start(self.position)).map_err(io_error("seeking in", &self.path))?;
         let mut bytes = Vec::new();
-        let limit = (CHUNK + PREFIX + MAX_BODY) as u64;
+        // A frame that starts within the chunk is read whole, and what follows a frame that
+        // does not decode is read to the end of the file or past a frame's length.
+        let limit = (CHUNK as u64) + MAX_TORN + 1;
         (&mut self.file).take(limit).read_to_end(&mut bytes).map_err(io_error("reading", &self.path))?;
         let mut frames = Vec::new();
         let mut at = 0;
@@ -423,14 +415,20 @@ impl Cursor {
             match Frame::decode(&bytes[at..]) {
                 Ok(Some((frame, size))) => {
                     if let Some(expected) = self.next.filter(|next| *next != frame.offset) {
-                        break Some(Stop::OutOfSequence { expected, found: frame.offset });
+                        let found = frame.offset;
+                        break Some(Stop::Damage(format!(
+                            "a frame of offset {found} where offset {expected} comes next"
+                        )));
                     }
-                    self.next = Some(frame.offset + 1);
+                    let Some(next) = frame.offset.checked_add(1) else {
+                        break Some(Stop::Damage("an offset at the end of the range".to_owned()));
+                    };
+                    self.next = Some(next);
                     frames.push(frame);
                     at += size;
                 }
-                Ok(None) => break Some(Stop::not_a_frame(&bytes[at..], "an incomplete frame")),
-                Err(reason) => break Some(Stop::not_a_frame(&bytes[at..], reason)),
+                Ok(None) => break Some(Stop::classify(&bytes[at..], "an incomplete frame")),
+                Err(reason) => break Some(Stop::classify(&bytes[at..], reason)),
             }
         };
         self.position += at as u64;

@@ -28,7 +28,7 @@ fn writer(dir: &std::path::Path, id: usize) -> Writer {
     let child = Command::new(env!("CARGO_BIN_EXE_filelog-writer"))
         .args([dir.to_str().unwrap(), "control", &format!("w{id}")])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("start filelog-writer");
     Writer(Some(child))
@@ -40,7 +40,10 @@ fn kill_and_collect(mut writer: Writer) -> Vec<(i64, String)> {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
     let mut out = String::new();
     child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.wait().unwrap();
+    let status = child.wait().unwrap();
+    // It ran until the kill: a writer that failed (a damaged log, say) exits on its own.
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(Signal::SIGKILL as i32), "the writer exited by itself: {status:?}");
     out.lines()
         .filter_map(|line| {
             let (offset, key) = line.split_once(' ')?;

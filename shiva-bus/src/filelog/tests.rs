@@ -86,13 +86,8 @@ fn appenders_at_once_never_interleave_and_take_each_offset_once() {
 
 #[test]
 fn a_torn_tail_is_not_read_and_the_next_append_cuts_it() {
-    for torn in [vec![0x10, 0, 0], vec![40, 0, 0, 0, 1, 2, 3, 4, 5], {
-        // A whole frame whose checksum does not check.
-        let mut bytes = Vec::new();
-        Frame { offset: 2, timestamp_ms: 0, key: b"k".to_vec(), value: None }.encode(&mut bytes).unwrap();
-        bytes[4] ^= 0xff;
-        bytes
-    }] {
+    // What a kill leaves: part of a prefix, a frame cut short; what a power cut may: zeros.
+    for torn in [vec![0x10, 0, 0], vec![40, 0, 0, 0, 1, 2, 3, 4, 5], vec![0; 100]] {
         let dir = scratch("torn");
         let mut log = TopicLog::open(&dir, "t").unwrap();
         log.append(&[(b"a", Some(b"1")), (b"b", Some(b"2"))], 0).unwrap();
@@ -158,6 +153,20 @@ fn damage_before_the_tail_is_an_error_and_is_never_cut() {
     OpenOptions::new().append(true).open(&path).unwrap().write_all(b"torn").unwrap();
     assert_eq!(log.append(&[(b"d", Some(b"4"))], 0).unwrap(), vec![3]);
     assert!(std::fs::metadata(&path).unwrap().len() as usize > len);
+    // A whole frame with a bad checksum at the tail is damage too: no kill leaves one.
+    let dir = scratch("checksum");
+    let mut log = TopicLog::open(&dir, "t").unwrap();
+    log.append(&[(b"a", Some(b"1"))], 0).unwrap();
+    let mut bad = Vec::new();
+    Frame { offset: 1, timestamp_ms: 0, key: b"k".to_vec(), value: None }.encode(&mut bad).unwrap();
+    bad[4] ^= 0xff;
+    OpenOptions::new().append(true).open(log.path()).unwrap().write_all(&bad).unwrap();
+    let size = std::fs::metadata(log.path()).unwrap().len();
+    assert!(matches!(log.append(&[(b"b", None)], 0), Err(FileLogError::Damaged { .. })));
+    assert_eq!(std::fs::metadata(log.path()).unwrap().len(), size, "nothing cut");
+    let mut cursor = Cursor::open(log.path()).unwrap();
+    assert_eq!(cursor.read_new().unwrap().len(), 1, "the frames before the damage first");
+    assert!(matches!(cursor.read_new(), Err(FileLogError::Damaged { .. })));
     // A frame whose offset is not the next one is damage, wherever it is.
     let dir = scratch("sequence");
     let mut log = TopicLog::open(&dir, "t").unwrap();
