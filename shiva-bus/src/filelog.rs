@@ -161,25 +161,43 @@ impl Frame {
     }
 }
 
-/// A topic file, opened for appending.
-pub struct TopicLog {
-    path: PathBuf,
-    lock_path: PathBuf,
-    /// The topic file, in append mode.
-    file: File,
-    /// The end of the file and the next offset as of this handle's last look (under the lock);
-    /// the frames after it (other processes' appends) are read at the next append.
-    end: u64,
-    next: i64,
-    /// Why an earlier append failed, if one did (see [`FileLogError::Poisoned`]).
-    poisoned: Option<String>,
-}
+/// How large the last segment of a topic grows before an appender starts a new one.
+pub const SEGMENT_BYTES: u64 = 1 << 20;
 
 /// Bytes a torn write can leave after the last whole frame: less than one frame.
 const MAX_TORN: u64 = (PREFIX + MAX_BODY) as u64;
 
 /// How much a reader reads at once (at least one frame).
 const CHUNK: usize = 4 << 20;
+
+/// The file name of the segment whose first offset is `base`.
+fn segment_name(base: i64) -> String {
+    format!("{base:020}.log")
+}
+
+/// The segments of a topic directory, by first offset. Other files (locks, a compaction's
+/// output being written) are not segments.
+fn segments(dir: &Path) -> Result<Vec<(i64, PathBuf)>, FileLogError> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_error("listing", dir))? {
+        let entry = entry.map_err(io_error("listing", dir))?;
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|name| name.strip_suffix(".log")) else { continue };
+        if stem.len() == 20
+            && stem.bytes().all(|byte| byte.is_ascii_digit())
+            && let Ok(base) = stem.parse::<i64>()
+        {
+            found.push((base, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Syncs `dir`, so that files created, renamed or removed in it stay so after a power cut.
+fn sync_dir(dir: &Path) -> Result<(), FileLogError> {
+    File::open(dir).and_then(|dir| dir.sync_all()).map_err(io_error("syncing", dir))
+}
 
 /// What stopped a read before the end of the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,86 +231,38 @@ impl Stop {
     }
 }
 
-impl TopicLog {
-    /// Opens (creating) `<dir>/<topic>.log` and its lock file.
-    pub fn open(dir: &Path, topic: &str) -> Result<TopicLog, FileLogError> {
-        std::fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
-        let path = dir.join(format!("{topic}.log"));
-        let lock_path = dir.join(format!("{topic}.lock"));
-        let created = !path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(io_error("opening", &path))?;
-        if created {
-            // The new file's directory entry is durable too.
-            File::open(dir).and_then(|dir| dir.sync_all()).map_err(io_error("syncing", dir))?;
-        }
-        let mut log = TopicLog { path, lock_path, file, end: 0, next: 0, poisoned: None };
-        // The frames already there are read without the lock (appenders are not held up by a
-        // long file); the next append reads what follows under it.
-        let mut cursor = Cursor::open(&log.path)?;
+/// The segment appends go to (the topic's last), as of this handle's last look under the lock.
+struct Active {
+    base: i64,
+    path: PathBuf,
+    /// The segment file, in append mode.
+    file: File,
+    /// Its end and the next offset; the frames after it (other processes' appends) are read at
+    /// the next append.
+    end: u64,
+    next: i64,
+}
+
+impl Active {
+    /// Opens segment `base` at `path` and reads its frames (no lock needed: what a concurrent
+    /// append adds is read at the next append, under the lock).
+    fn open(base: i64, path: PathBuf) -> Result<Active, FileLogError> {
+        let file =
+            OpenOptions::new().read(true).append(true).open(&path).map_err(io_error("opening", &path))?;
+        let mut active = Active { base, path, file, end: 0, next: base };
+        let mut cursor = SegmentCursor::at_start(
+            &active.path,
+            active.file.try_clone().map_err(io_error("opening", &active.path))?,
+            base,
+            true,
+        );
         loop {
             let frames = cursor.read_new()?;
             let Some(last) = frames.last() else { break };
-            log.next = last.offset + 1;
-            log.end = cursor.position;
+            active.next = last.offset + 1;
+            active.end = cursor.position;
         }
-        Ok(log)
-    }
-
-    /// The topic file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Appends `records` (key, value; `None`: a tombstone) stamped `timestamp_ms`, in order, and
-    /// returns their offsets once they are durable.
-    pub fn append(
-        &mut self,
-        records: &[(&[u8], Option<&[u8]>)],
-        timestamp_ms: i64,
-    ) -> Result<Vec<i64>, FileLogError> {
-        if let Some(reason) = &self.poisoned {
-            return Err(FileLogError::Poisoned { path: self.path.clone(), reason: reason.clone() });
-        }
-        // Encoded before anything changes: a record refused leaves the handle as it was.
-        let mut frames = Vec::with_capacity(records.len());
-        for (key, value) in records {
-            let frame =
-                Frame { offset: 0, timestamp_ms, key: key.to_vec(), value: value.map(<[u8]>::to_vec) };
-            frame.encode(&mut Vec::new())?;
-            frames.push(frame);
-        }
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.lock_path)
-            .map_err(io_error("opening", &self.lock_path))?;
-        let _lock = Flock::lock(lock, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| io_error("locking", &self.lock_path)(io::Error::from(errno)))?;
-        self.catch_up()?;
-        let mut bytes = Vec::new();
-        let mut offsets = Vec::with_capacity(frames.len());
-        for (next, mut frame) in (self.next..).zip(frames) {
-            frame.offset = next;
-            frame.encode(&mut bytes)?;
-            offsets.push(next);
-        }
-        let written = self.file.write_all(&bytes).and_then(|()| self.file.sync_data());
-        if let Err(err) = written {
-            // Part of the batch may be in the file (whole frames stay, as a Kafka write reported
-            // failed may have landed; a torn last one is cut by the next appender). After a
-            // failed sync the kernel may have dropped the pages: this handle stops here.
-            self.poisoned = Some(err.to_string());
-            return Err(io_error("appending to", &self.path)(err));
-        }
-        self.next += i64::try_from(offsets.len()).unwrap_or(i64::MAX);
-        self.end += bytes.len() as u64;
-        Ok(offsets)
+        Ok(active)
     }
 
     /// Reads the frames other processes appended since this handle's last look, and cuts a
@@ -311,11 +281,12 @@ impl TopicLog {
                 reason: format!("the file shrank below {} bytes, read before", self.end),
             });
         }
-        let mut cursor = Cursor {
+        let mut cursor = SegmentCursor {
             path: self.path.clone(),
             file: self.file.try_clone().map_err(io_error("opening", &self.path))?,
             position: self.end,
             next: Some(self.next),
+            dense: true,
         };
         let problem = loop {
             match cursor.read_chunk() {
@@ -356,22 +327,164 @@ impl TopicLog {
     }
 }
 
-/// A reader of a topic file from a byte position: frames in order, stopping (for now) at the
-/// end or at a frame not wholly written yet.
-pub struct Cursor {
+/// One topic of the file bus, opened for appending: a directory of segment files named by
+/// their first offset; appends go to the last one.
+pub struct TopicLog {
+    dir: PathBuf,
+    lock_path: PathBuf,
+    segment_bytes: u64,
+    active: Active,
+    /// Why an earlier append failed, if one did (see [`FileLogError::Poisoned`]).
+    poisoned: Option<String>,
+}
+
+impl TopicLog {
+    /// Opens (creating) the topic `topic` in the bus directory `bus`: the directory
+    /// `<bus>/<topic>`.
+    pub fn open(bus: &Path, topic: &str) -> Result<TopicLog, FileLogError> {
+        TopicLog::open_with(bus, topic, SEGMENT_BYTES)
+    }
+
+    /// [`TopicLog::open`], starting a new segment once the last one holds `segment_bytes`.
+    pub fn open_with(bus: &Path, topic: &str, segment_bytes: u64) -> Result<TopicLog, FileLogError> {
+        let dir = bus.join(topic);
+        create_topic_dir(&dir)?;
+        let lock_path = dir.join("append.lock");
+        let (base, path) = match segments(&dir)?.pop() {
+            Some(last) => last,
+            None => {
+                // The first segment, under the lock (two processes may open a new topic).
+                let _lock = lock(&lock_path, FlockArg::LockExclusive)?;
+                match segments(&dir)?.pop() {
+                    Some(last) => last,
+                    None => {
+                        let path = dir.join(segment_name(0));
+                        create_segment(&dir, &path)?;
+                        (0, path)
+                    }
+                }
+            }
+        };
+        let active = Active::open(base, path)?;
+        Ok(TopicLog { dir, lock_path, segment_bytes: segment_bytes.max(1), active, poisoned: None })
+    }
+
+    /// The topic's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The segment file appends go to, as of this handle's last append.
+    pub fn segment_path(&self) -> &Path {
+        &self.active.path
+    }
+
+    /// Appends `records` (key, value; `None`: a tombstone) stamped `timestamp_ms`, in order, and
+    /// returns their offsets once they are durable.
+    pub fn append(
+        &mut self,
+        records: &[(&[u8], Option<&[u8]>)],
+        timestamp_ms: i64,
+    ) -> Result<Vec<i64>, FileLogError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(FileLogError::Poisoned { path: self.dir.clone(), reason: reason.clone() });
+        }
+        // Encoded before anything changes: a record refused leaves the handle as it was.
+        let mut frames = Vec::with_capacity(records.len());
+        for (key, value) in records {
+            let frame =
+                Frame { offset: 0, timestamp_ms, key: key.to_vec(), value: value.map(<[u8]>::to_vec) };
+            frame.encode(&mut Vec::new())?;
+            frames.push(frame);
+        }
+        let _lock = lock(&self.lock_path, FlockArg::LockExclusive)?;
+        // Another process may have started a new segment since our last look.
+        match segments(&self.dir)?.pop() {
+            Some((base, _)) if base == self.active.base => {}
+            Some((base, path)) if base > self.active.base => self.active = Active::open(base, path)?,
+            _ => {
+                return Err(FileLogError::Damaged {
+                    path: self.dir.clone(),
+                    at: 0,
+                    reason: format!("its last segment is gone (the one from offset {})", self.active.base),
+                });
+            }
+        }
+        self.active.catch_up()?;
+        if self.active.end >= self.segment_bytes {
+            // A new segment, from the next offset: the last one ends with whole frames (a torn
+            // tail was just cut) and is never written again, so compaction may rewrite it.
+            let base = self.active.next;
+            let path = self.dir.join(segment_name(base));
+            create_segment(&self.dir, &path)?;
+            self.active = Active::open(base, path)?;
+        }
+        let mut bytes = Vec::new();
+        let mut offsets = Vec::with_capacity(frames.len());
+        for (next, mut frame) in (self.active.next..).zip(frames) {
+            frame.offset = next;
+            frame.encode(&mut bytes)?;
+            offsets.push(next);
+        }
+        let written = self.active.file.write_all(&bytes).and_then(|()| self.active.file.sync_data());
+        if let Err(err) = written {
+            // Part of the batch may be in the file (whole frames stay, as a Kafka write reported
+            // failed may have landed; a torn last one is cut by the next appender). After a
+            // failed sync the kernel may have dropped the pages: this handle stops here.
+            self.poisoned = Some(err.to_string());
+            return Err(io_error("appending to", &self.active.path)(err));
+        }
+        self.active.next += i64::try_from(offsets.len()).unwrap_or(i64::MAX);
+        self.active.end += bytes.len() as u64;
+        Ok(offsets)
+    }
+}
+
+/// Creates a topic directory (and makes its entry durable).
+fn create_topic_dir(dir: &Path) -> Result<(), FileLogError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Creates an empty segment file (it must not exist) and syncs the directory.
+fn create_segment(dir: &Path, path: &Path) -> Result<(), FileLogError> {
+    OpenOptions::new().write(true).create_new(true).open(path).map_err(io_error("creating", path))?;
+    sync_dir(dir)
+}
+
+/// Takes the lock at `path` (creating the file).
+fn lock(path: &Path, how: FlockArg) -> Result<Flock<File>, FileLogError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io_error("opening", path))?;
+    Flock::lock(file, how).map_err(|(_, errno)| io_error("locking", path)(io::Error::from(errno)))
+}
+
+/// A reader of one segment file from a byte position.
+struct SegmentCursor {
     path: PathBuf,
     file: File,
     /// Byte position of the next frame.
     position: u64,
-    /// The offset the next frame must carry (`None`: not known yet, at the start).
+    /// The offset the next frame must carry (`dense`) or at least carry.
     next: Option<i64>,
+    /// Whether offsets follow each other without gaps (a segment appenders wrote) or only
+    /// increase (any segment, compacted ones included).
+    dense: bool,
 }
 
-impl Cursor {
-    /// A cursor at the start of `path`.
-    pub fn open(path: &Path) -> Result<Cursor, FileLogError> {
-        let file = File::open(path).map_err(io_error("opening", path))?;
-        Ok(Cursor { path: path.to_owned(), file, position: 0, next: None })
+impl SegmentCursor {
+    fn at_start(path: &Path, file: File, base: i64, dense: bool) -> SegmentCursor {
+        SegmentCursor { path: path.to_owned(), file, position: 0, next: Some(base), dense }
     }
 
     /// The frames written whole since the last call, in order, up to about 4 MiB of them (call
@@ -379,7 +492,7 @@ impl Cursor {
     /// file ends the batch: its writer is still writing it, or died (then the next appender
     /// cuts it and writes over it), and it is read again from its start next time. Anything
     /// else that does not check is damage, an error.
-    pub fn read_new(&mut self) -> Result<Vec<Frame>, FileLogError> {
+    fn read_new(&mut self) -> Result<Vec<Frame>, FileLogError> {
         let (frames, problem) = self.read_chunk()?;
         match problem {
             // The frames before it first; the next call meets it at once.
@@ -414,13 +527,21 @@ impl Cursor {
             }
             match Frame::decode(&bytes[at..]) {
                 Ok(Some((frame, size))) => {
-                    if let Some(expected) = self.next.filter(|next| *next != frame.offset) {
-                        let found = frame.offset;
-                        break Some(Stop::Damage(format!(
-                            "a frame of offset {found} where offset {expected} comes next"
-                        )));
+                    let found = frame.offset;
+                    match self.next {
+                        Some(expected) if self.dense && found != expected => {
+                            break Some(Stop::Damage(format!(
+                                "a frame of offset {found} where offset {expected} comes next"
+                            )));
+                        }
+                        Some(expected) if found < expected => {
+                            break Some(Stop::Damage(format!(
+                                "a frame of offset {found} where offsets from {expected} come next"
+                            )));
+                        }
+                        _ => {}
                     }
-                    let Some(next) = frame.offset.checked_add(1) else {
+                    let Some(next) = found.checked_add(1) else {
                         break Some(Stop::Damage("an offset at the end of the range".to_owned()));
                     };
                     self.next = Some(next);
@@ -433,6 +554,232 @@ impl Cursor {
         };
         self.position += at as u64;
         Ok((frames, problem))
+    }
+}
+
+/// A reader of one topic of the file bus: its records in offset order from an offset, across
+/// segments, following compaction.
+///
+/// Invariant: every record of offset at least [`Cursor::next_offset`] that is in the topic, or
+/// was when a compaction started, is read in order, once. To go on at offset `n`, a cursor
+/// opens the segment with the greatest first offset at most `n` (which holds `n` and what
+/// survived of it after a compaction, since a compaction writes its output under the name of
+/// its first input) and skips what lies below `n`. It leaves a segment only once it saw a later
+/// segment before reading it to its end: appenders start a segment only after the previous one
+/// ends with whole frames, and never write to it again.
+pub struct Cursor {
+    dir: PathBuf,
+    current: Option<(i64, u64, SegmentCursor)>,
+    next: i64,
+}
+
+impl Cursor {
+    /// A cursor at the start of the topic directory `dir` (see [`TopicLog::dir`]).
+    pub fn open(dir: &Path) -> Result<Cursor, FileLogError> {
+        Cursor::at(dir, 0)
+    }
+
+    /// A cursor from `offset`.
+    pub fn at(dir: &Path, offset: i64) -> Result<Cursor, FileLogError> {
+        if !dir.is_dir() {
+            return Err(io_error("opening", dir)(io::Error::from(io::ErrorKind::NotFound)));
+        }
+        Ok(Cursor { dir: dir.to_owned(), current: None, next: offset.max(0) })
+    }
+
+    /// The offset of the next record this cursor returns, or higher.
+    pub fn next_offset(&self) -> i64 {
+        self.next
+    }
+
+    fn open_segment(&self, base: i64, path: &Path) -> Result<(i64, u64, SegmentCursor), FileLogError> {
+        use std::os::unix::fs::MetadataExt;
+        let file = File::open(path).map_err(io_error("opening", path))?;
+        let inode = file.metadata().map_err(io_error("reading", path))?.ino();
+        Ok((base, inode, SegmentCursor::at_start(path, file, base, false)))
+    }
+
+    /// The records appended whole since the last call, in order, up to about 4 MiB of them
+    /// (call again until it returns none).
+    pub fn read_new(&mut self) -> Result<Vec<Frame>, FileLogError> {
+        loop {
+            // Listed before the segment is read to its end: a later segment seen now means the
+            // current one is complete.
+            let listed = segments(&self.dir)?;
+            let holding = |next: i64| {
+                listed.iter().rev().find(|(base, _)| *base <= next).or_else(|| listed.first()).cloned()
+            };
+            if self.current.is_none() {
+                let Some((base, path)) = holding(self.next) else { return Ok(Vec::new()) };
+                self.current = Some(self.open_segment(base, &path)?);
+            }
+            let Some((base, inode, cursor)) = &mut self.current else { continue };
+            let (base, inode) = (*base, *inode);
+            let later = listed.iter().any(|(other, _)| *other > base);
+            let frames = cursor.read_new()?;
+            if !frames.is_empty() {
+                let next = self.next;
+                let frames: Vec<Frame> = frames.into_iter().filter(|frame| frame.offset >= next).collect();
+                if let Some(last) = frames.last() {
+                    self.next = last.offset + 1;
+                    return Ok(frames);
+                }
+                continue;
+            }
+            if !later {
+                return Ok(Vec::new());
+            }
+            // Done with this segment: on with the one holding the next offset, unless that is
+            // the file just read (a compaction's output read whole): then the next one.
+            let Some((mut base_next, mut path)) = holding(self.next) else { return Ok(Vec::new()) };
+            let mut opened = self.open_segment(base_next, &path)?;
+            if (opened.0, opened.1) == (base, inode) {
+                let Some(after) = listed.iter().find(|(other, _)| *other > base) else {
+                    return Ok(Vec::new());
+                };
+                (base_next, path) = after.clone();
+                opened = self.open_segment(base_next, &path)?;
+            }
+            self.current = Some(opened);
+        }
+    }
+}
+
+/// What a topic's cleaner keeps.
+#[derive(Debug, Clone, Copy)]
+pub enum Cleanup {
+    /// The newest record of each key; a tombstone only until it is `tombstones_ms` old (by its
+    /// timestamp), like Kafka's `cleanup.policy=compact` with `delete.retention.ms`.
+    Compact {
+        /// How long a tombstone stays.
+        tombstones_ms: i64,
+    },
+    /// Whole segments whose newest record is younger than `retention_ms`, like Kafka's
+    /// `cleanup.policy=delete` with `retention.ms`.
+    Delete {
+        /// How long a record stays.
+        retention_ms: i64,
+    },
+}
+
+/// What a cleaning did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cleaned {
+    /// Segments read.
+    pub segments: usize,
+    /// Records read.
+    pub read: usize,
+    /// Records kept.
+    pub kept: usize,
+}
+
+/// Cleans the topic directory `dir` by `cleanup` as of `now_ms`: compacts, or deletes old
+/// segments, among all segments but the last (appenders write only to the last). Returns
+/// `None` when another process is cleaning it, or there was nothing to do.
+///
+/// Never blocks appenders: it takes only the topic's cleaning lock. A compaction writes the
+/// kept records of all its segments (offsets and timestamps unchanged) to a new file, syncs it
+/// and renames it over the first of them, then removes the others: a crash in between leaves
+/// records a reader skips as already read, never a gap.
+pub fn clean(dir: &Path, cleanup: Cleanup, now_ms: i64) -> Result<Option<Cleaned>, FileLogError> {
+    let lock_path = dir.join("clean.lock");
+    let _lock = match lock(&lock_path, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err(FileLogError::Io { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => {
+            return Ok(None);
+        }
+        Err(err) => return Err(err),
+    };
+    let mut listed = segments(dir)?;
+    listed.pop();
+    match cleanup {
+        Cleanup::Delete { retention_ms } => {
+            let mut removed = Cleaned::default();
+            for (base, path) in &listed {
+                let file = File::open(path).map_err(io_error("opening", path))?;
+                let mut cursor = SegmentCursor::at_start(path, file, *base, false);
+                let mut newest = i64::MIN;
+                let mut read = 0;
+                loop {
+                    let frames = cursor.read_new()?;
+                    if frames.is_empty() {
+                        break;
+                    }
+                    read += frames.len();
+                    newest = frames.iter().map(|frame| frame.timestamp_ms).fold(newest, i64::max);
+                }
+                if now_ms.saturating_sub(newest) <= retention_ms {
+                    break;
+                }
+                std::fs::remove_file(path).map_err(io_error("removing", path))?;
+                removed.segments += 1;
+                removed.read += read;
+            }
+            if removed.segments == 0 {
+                return Ok(None);
+            }
+            sync_dir(dir)?;
+            Ok(Some(removed))
+        }
+        Cleanup::Compact { tombstones_ms } => {
+            if listed.len() < 2 {
+                return Ok(None);
+            }
+            let mut frames = Vec::new();
+            for (base, path) in &listed {
+                let file = File::open(path).map_err(io_error("opening", path))?;
+                let mut cursor = SegmentCursor::at_start(path, file, *base, false);
+                loop {
+                    let (chunk, problem) = cursor.read_chunk()?;
+                    if let Some(problem) = problem {
+                        // Segments before the last end with whole frames.
+                        let reason = match problem {
+                            Stop::Torn => "a frame cut short in a segment before the last".to_owned(),
+                            Stop::Damage(reason) => reason,
+                        };
+                        return Err(FileLogError::Damaged {
+                            path: path.clone(),
+                            at: cursor.position,
+                            reason,
+                        });
+                    }
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    frames.extend(chunk);
+                }
+            }
+            let mut newest = std::collections::HashMap::new();
+            for (index, frame) in frames.iter().enumerate() {
+                newest.insert(frame.key.as_slice(), index);
+            }
+            let mut bytes = Vec::new();
+            let mut kept = 0;
+            for (index, frame) in frames.iter().enumerate() {
+                let expired =
+                    frame.value.is_none() && now_ms.saturating_sub(frame.timestamp_ms) > tombstones_ms;
+                if newest.get(frame.key.as_slice()) == Some(&index) && !expired {
+                    frame.encode(&mut bytes)?;
+                    kept += 1;
+                }
+            }
+            let (first_base, first) = &listed[0];
+            let output = dir.join(format!("{first_base:020}.compacting"));
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&output)
+                .map_err(io_error("creating", &output))?;
+            file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(io_error("writing", &output))?;
+            std::fs::rename(&output, first).map_err(io_error("renaming", &output))?;
+            sync_dir(dir)?;
+            for (_, path) in &listed[1..] {
+                std::fs::remove_file(path).map_err(io_error("removing", path))?;
+            }
+            sync_dir(dir)?;
+            Ok(Some(Cleaned { segments: listed.len(), read: frames.len(), kept }))
+        }
     }
 }
 

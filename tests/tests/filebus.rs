@@ -82,7 +82,7 @@ fn appenders_killed_hundreds_of_times_lose_no_acknowledged_record_and_leave_a_re
     // An appender cuts a torn tail the last kill may have left; then the log reads whole.
     let mut log = TopicLog::open(&dir, "control").unwrap();
     let last = log.append(&[(b"last", Some(b"end"))], 0).unwrap()[0];
-    let mut cursor = Cursor::open(log.path()).unwrap();
+    let mut cursor = Cursor::open(log.dir()).unwrap();
     let mut frames: Vec<Frame> = Vec::new();
     loop {
         let batch = cursor.read_new().unwrap();

@@ -35,7 +35,7 @@ fn appended_records_read_back_in_order_with_dense_offsets_and_tombstones() {
     let mut log = TopicLog::open(&dir, "control").unwrap();
     assert_eq!(log.append(&[(b"a", Some(b"1")), (b"b", Some(b""))], 7).unwrap(), vec![0, 1]);
     assert_eq!(log.append(&[(b"a", None)], 8).unwrap(), vec![2]);
-    let mut cursor = Cursor::open(log.path()).unwrap();
+    let mut cursor = Cursor::open(log.dir()).unwrap();
     let frames = cursor.read_new().unwrap();
     type Seen<'a> = (i64, i64, &'a [u8], Option<&'a [u8]>);
     let seen: Vec<Seen<'_>> = frames
@@ -76,7 +76,7 @@ fn appenders_at_once_never_interleave_and_take_each_offset_once() {
     let mut acked: Vec<(i64, String)> =
         threads.into_iter().flat_map(|thread| thread.join().unwrap()).collect();
     acked.sort();
-    let frames = Cursor::open(&dir.join("t.log")).unwrap().read_new().unwrap();
+    let frames = Cursor::open(&dir.join("t")).unwrap().read_new().unwrap();
     assert_eq!(frames.len(), 400);
     for (index, frame) in frames.iter().enumerate() {
         assert_eq!(frame.offset, index as i64);
@@ -91,9 +91,9 @@ fn a_torn_tail_is_not_read_and_the_next_append_cuts_it() {
         let dir = scratch("torn");
         let mut log = TopicLog::open(&dir, "t").unwrap();
         log.append(&[(b"a", Some(b"1")), (b"b", Some(b"2"))], 0).unwrap();
-        let before = std::fs::metadata(log.path()).unwrap().len();
-        OpenOptions::new().append(true).open(log.path()).unwrap().write_all(&torn).unwrap();
-        let mut cursor = Cursor::open(log.path()).unwrap();
+        let before = std::fs::metadata(log.segment_path()).unwrap().len();
+        OpenOptions::new().append(true).open(log.segment_path()).unwrap().write_all(&torn).unwrap();
+        let mut cursor = Cursor::open(log.dir()).unwrap();
         assert_eq!(cursor.read_new().unwrap().len(), 2, "the torn frame is not read");
         assert!(cursor.read_new().unwrap().is_empty());
         // The next appender (another handle: another process) cuts it and writes in its place,
@@ -108,9 +108,9 @@ fn a_torn_tail_is_not_read_and_the_next_append_cuts_it() {
         let frames = cursor.read_new().unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!((frames[0].offset, frames[0].key.as_slice()), (2, &b"c"[..]));
-        let mut whole = Cursor::open(log.path()).unwrap();
+        let mut whole = Cursor::open(log.dir()).unwrap();
         assert_eq!(whole.read_new().unwrap().len(), 3);
-        assert!(std::fs::metadata(log.path()).unwrap().len() > before);
+        assert!(std::fs::metadata(log.segment_path()).unwrap().len() > before);
     }
 }
 
@@ -121,7 +121,7 @@ fn a_record_too_large_is_refused_and_nothing_is_written() {
     let huge = vec![0u8; MAX_BODY];
     let err = log.append(&[(b"k", Some(&huge))], 0).unwrap_err();
     assert!(matches!(err, FileLogError::TooLarge { .. }), "{err}");
-    assert_eq!(std::fs::metadata(log.path()).unwrap().len(), 0);
+    assert_eq!(std::fs::metadata(log.segment_path()).unwrap().len(), 0);
     assert_eq!(log.append(&[(b"k", Some(b"v"))], 0).unwrap(), vec![0]);
 }
 
@@ -139,14 +139,14 @@ fn damage_before_the_tail_is_an_error_and_is_never_cut() {
     let dir = scratch("damage");
     let mut log = TopicLog::open(&dir, "t").unwrap();
     log.append(&[(b"a", Some(b"1")), (b"b", Some(b"2")), (b"c", Some(b"3"))], 0).unwrap();
-    let path = log.path().to_owned();
+    let path = log.segment_path().to_owned();
     let mut bytes = std::fs::read(&path).unwrap();
     let len = bytes.len();
     bytes[PREFIX + FIXED] ^= 0xff; // the first frame's key
     std::fs::write(&path, &bytes).unwrap();
     let err = TopicLog::open(&dir, "t").err().expect("a damaged file is refused");
     assert!(matches!(err, FileLogError::Damaged { at: 0, .. }), "{err}");
-    let err = Cursor::open(&path).unwrap().read_new().unwrap_err();
+    let err = Cursor::open(&dir.join("t")).unwrap().read_new().unwrap_err();
     assert!(matches!(err, FileLogError::Damaged { .. }), "{err}");
     // A handle that read past the damage before it happened only looks at what follows: a
     // torn tail there is cut as usual.
@@ -160,11 +160,11 @@ fn damage_before_the_tail_is_an_error_and_is_never_cut() {
     let mut bad = Vec::new();
     Frame { offset: 1, timestamp_ms: 0, key: b"k".to_vec(), value: None }.encode(&mut bad).unwrap();
     bad[4] ^= 0xff;
-    OpenOptions::new().append(true).open(log.path()).unwrap().write_all(&bad).unwrap();
-    let size = std::fs::metadata(log.path()).unwrap().len();
+    OpenOptions::new().append(true).open(log.segment_path()).unwrap().write_all(&bad).unwrap();
+    let size = std::fs::metadata(log.segment_path()).unwrap().len();
     assert!(matches!(log.append(&[(b"b", None)], 0), Err(FileLogError::Damaged { .. })));
-    assert_eq!(std::fs::metadata(log.path()).unwrap().len(), size, "nothing cut");
-    let mut cursor = Cursor::open(log.path()).unwrap();
+    assert_eq!(std::fs::metadata(log.segment_path()).unwrap().len(), size, "nothing cut");
+    let mut cursor = Cursor::open(log.dir()).unwrap();
     assert_eq!(cursor.read_new().unwrap().len(), 1, "the frames before the damage first");
     assert!(matches!(cursor.read_new(), Err(FileLogError::Damaged { .. })));
     // A frame whose offset is not the next one is damage, wherever it is.
@@ -173,7 +173,7 @@ fn damage_before_the_tail_is_an_error_and_is_never_cut() {
     log.append(&[(b"a", Some(b"1"))], 0).unwrap();
     let mut stray = Vec::new();
     Frame { offset: 7, timestamp_ms: 0, key: b"x".to_vec(), value: None }.encode(&mut stray).unwrap();
-    OpenOptions::new().append(true).open(log.path()).unwrap().write_all(&stray).unwrap();
+    OpenOptions::new().append(true).open(log.segment_path()).unwrap().write_all(&stray).unwrap();
     let err = TopicLog::open(&dir, "t").err().expect("refused");
     assert!(err.to_string().contains("offset 7 where offset 1"), "{err}");
 }
@@ -181,13 +181,13 @@ fn damage_before_the_tail_is_an_error_and_is_never_cut() {
 #[test]
 fn a_reader_reads_a_long_file_in_chunks() {
     let dir = scratch("chunks");
-    let mut log = TopicLog::open(&dir, "t").unwrap();
+    let mut log = TopicLog::open_with(&dir, "t", u64::MAX).unwrap();
     let value = vec![b'v'; 100_000];
     for _ in 0..10 {
         let batch: Vec<(&[u8], Option<&[u8]>)> = (0..10).map(|_| (&b"k"[..], Some(&value[..]))).collect();
         log.append(&batch, 0).unwrap();
     }
-    let mut cursor = Cursor::open(log.path()).unwrap();
+    let mut cursor = Cursor::open(log.dir()).unwrap();
     let mut sizes = Vec::new();
     loop {
         let frames = cursor.read_new().unwrap();
@@ -200,4 +200,205 @@ fn a_reader_reads_a_long_file_in_chunks() {
     assert_eq!(sizes.iter().sum::<usize>(), 100);
     // A new appender reads the file before taking the lock, and goes on after it.
     assert_eq!(TopicLog::open(&dir, "t").unwrap().append(&[(b"z", None)], 0).unwrap(), vec![100]);
+}
+
+/// Reads everything a cursor has now, checking that offsets only increase.
+fn drain(cursor: &mut Cursor, seen: &mut Vec<Frame>) {
+    loop {
+        let frames = cursor.read_new().unwrap();
+        if frames.is_empty() {
+            return;
+        }
+        for frame in frames {
+            if let Some(last) = seen.last() {
+                assert!(frame.offset > last.offset, "offset {} after {}", frame.offset, last.offset);
+            }
+            seen.push(frame);
+        }
+    }
+}
+
+/// The newest value of each key among `frames` (tombstones remove the key).
+fn state(frames: &[Frame]) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut state = std::collections::BTreeMap::new();
+    for frame in frames {
+        match &frame.value {
+            Some(value) => state.insert(frame.key.clone(), value.clone()),
+            None => state.remove(&frame.key),
+        };
+    }
+    state
+}
+
+#[test]
+fn appends_start_new_segments_and_readers_follow_them_with_dense_offsets() {
+    let dir = scratch("segments");
+    let mut log = TopicLog::open_with(&dir, "t", 300).unwrap();
+    let mut cursor = Cursor::open(log.dir()).unwrap();
+    let mut seen = Vec::new();
+    for i in 0..60 {
+        let key = format!("k{i}");
+        assert_eq!(log.append(&[(key.as_bytes(), Some(b"some value"))], i).unwrap(), vec![i]);
+        if i % 7 == 0 {
+            drain(&mut cursor, &mut seen);
+        }
+    }
+    drain(&mut cursor, &mut seen);
+    assert_eq!(seen.iter().map(|frame| frame.offset).collect::<Vec<_>>(), (0..60).collect::<Vec<_>>());
+    assert!(segments(log.dir()).unwrap().len() > 5);
+    // Another process's handle goes on in the last segment, after the last offset.
+    let mut other = TopicLog::open_with(&dir, "t", 300).unwrap();
+    assert_eq!(other.append(&[(b"z", None)], 0).unwrap(), vec![60]);
+    assert_eq!(log.append(&[(b"y", None)], 0).unwrap(), vec![61], "a stale handle finds the last segment");
+    let mut fresh = Vec::new();
+    drain(&mut Cursor::at(log.dir(), 59).unwrap(), &mut fresh);
+    assert_eq!(fresh.iter().map(|frame| frame.offset).collect::<Vec<_>>(), vec![59, 60, 61]);
+}
+
+#[test]
+fn compaction_keeps_the_newest_record_per_key_at_its_offset_and_appends_go_on_meanwhile() {
+    let dir = scratch("compact");
+    let mut log = TopicLog::open_with(&dir, "t", 400).unwrap();
+    let mut written = Vec::new();
+    for round in 0..30i64 {
+        for key in 0..5 {
+            let key = format!("k{key}");
+            let value = format!("v{round}");
+            let offset = log.append(&[(key.as_bytes(), Some(value.as_bytes()))], 0).unwrap()[0];
+            written.push(Frame {
+                offset,
+                timestamp_ms: 0,
+                key: key.into_bytes(),
+                value: Some(value.into_bytes()),
+            });
+        }
+    }
+    let before = segments(log.dir()).unwrap().len();
+    assert!(before > 3);
+    // An appender holds its lock: cleaning goes on regardless.
+    let held = lock(&log.dir().join("append.lock"), FlockArg::LockExclusive).unwrap();
+    let cleaned = clean(log.dir(), Cleanup::Compact { tombstones_ms: 1000 }, 0).unwrap().expect("cleaned");
+    drop(held);
+    assert_eq!(cleaned.segments, before - 1);
+    assert_eq!(segments(log.dir()).unwrap().len(), 2, "one compacted segment, then the last");
+    let mut seen = Vec::new();
+    drain(&mut Cursor::open(log.dir()).unwrap(), &mut seen);
+    assert!(seen.len() < written.len());
+    assert_eq!(state(&seen), state(&written));
+    for frame in &seen {
+        assert!(written.contains(frame), "{frame:?} is a record as written, at its offset");
+    }
+    // Nothing to do with one segment before the last; appends go on from the same offset.
+    assert_eq!(clean(log.dir(), Cleanup::Compact { tombstones_ms: 1000 }, 0).unwrap(), None);
+    assert_eq!(log.append(&[(b"k0", None)], 0).unwrap(), vec![150]);
+}
+
+#[test]
+fn tombstones_stay_for_their_retention_then_go_with_their_key() {
+    let dir = scratch("tombstones");
+    let mut log = TopicLog::open_with(&dir, "t", 100).unwrap();
+    log.append(&[(b"gone", Some(b"1"))], 1_000).unwrap();
+    log.append(&[(b"gone", None)], 2_000).unwrap();
+    for i in 0..10 {
+        log.append(&[(b"other", Some(format!("{i}").as_bytes()))], 2_000).unwrap();
+    }
+    let read = |dir: &Path| {
+        let mut seen = Vec::new();
+        drain(&mut Cursor::open(dir).unwrap(), &mut seen);
+        seen
+    };
+    clean(log.dir(), Cleanup::Compact { tombstones_ms: 10_000 }, 5_000).unwrap().expect("cleaned");
+    let seen = read(log.dir());
+    assert!(seen.iter().any(|frame| frame.key == b"gone" && frame.value.is_none()), "the tombstone stays");
+    assert!(!seen.iter().any(|frame| frame.key == b"gone" && frame.value.is_some()));
+    for i in 10..20 {
+        log.append(&[(b"other", Some(format!("{i}").as_bytes()))], 20_000).unwrap();
+    }
+    clean(log.dir(), Cleanup::Compact { tombstones_ms: 10_000 }, 20_000).unwrap().expect("cleaned");
+    assert!(!read(log.dir()).iter().any(|frame| frame.key == b"gone"), "the key is gone");
+}
+
+#[test]
+fn readers_mid_way_through_compactions_and_crashes_between_rename_and_removal_miss_nothing() {
+    // A pseudo-random interleaving of appends, readers at every position, compactions, and
+    // compactions that stop after their rename (their inputs left behind, as a crash leaves
+    // them): every reader ends with the topic's state, reading each offset once, in order.
+    let mut seed: u64 = 0x5eed;
+    let mut random = move |below: u64| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) % below
+    };
+    for case in 0..20 {
+        let dir = scratch(&format!("interleave-{case}"));
+        let mut log = TopicLog::open_with(&dir, "t", 200 + random(400)).unwrap();
+        let topic = log.dir().to_owned();
+        let mut written = Vec::new();
+        let mut readers: Vec<(Cursor, Vec<Frame>)> = Vec::new();
+        for step in 0..400 {
+            match random(10) {
+                0..=5 => {
+                    let key = format!("k{}", random(8));
+                    let value = (random(5) > 0).then(|| format!("v{step}").into_bytes());
+                    let offset = log.append(&[(key.as_bytes(), value.as_deref())], 0).unwrap()[0];
+                    written.push(Frame { offset, timestamp_ms: 0, key: key.into_bytes(), value });
+                }
+                6 => readers.push((Cursor::open(&topic).unwrap(), Vec::new())),
+                7 => {
+                    let index = random(readers.len() as u64 + 1) as usize;
+                    if let Some((cursor, seen)) = readers.get_mut(index) {
+                        // Part way: one call only.
+                        seen.extend(cursor.read_new().unwrap());
+                    }
+                }
+                8 => {
+                    clean(&topic, Cleanup::Compact { tombstones_ms: i64::MAX }, 0).unwrap();
+                }
+                _ => {
+                    // A compaction whose inputs after the first come back: the files a crash
+                    // after the rename leaves.
+                    let mut listed = segments(&topic).unwrap();
+                    listed.pop();
+                    let saved: Vec<(PathBuf, Vec<u8>)> = listed
+                        .iter()
+                        .skip(1)
+                        .map(|(_, path)| (path.clone(), std::fs::read(path).unwrap()))
+                        .collect();
+                    clean(&topic, Cleanup::Compact { tombstones_ms: i64::MAX }, 0).unwrap();
+                    for (path, bytes) in saved {
+                        std::fs::write(path, bytes).unwrap();
+                    }
+                }
+            }
+        }
+        readers.push((Cursor::open(&topic).unwrap(), Vec::new()));
+        for (cursor, seen) in &mut readers {
+            let mut rest = Vec::new();
+            drain(cursor, &mut rest);
+            seen.extend(rest);
+            for pair in seen.windows(2) {
+                assert!(pair[0].offset < pair[1].offset, "case {case}: offsets in order, once");
+            }
+            for frame in seen.iter() {
+                assert!(written.contains(frame), "case {case}: {frame:?} as written");
+            }
+            assert_eq!(state(seen), state(&written), "case {case}");
+        }
+    }
+}
+
+#[test]
+fn old_segments_of_a_delete_topic_go_and_a_reader_before_them_goes_on_at_the_first_left() {
+    let dir = scratch("retention");
+    let mut log = TopicLog::open_with(&dir, "t", 100).unwrap();
+    for i in 0..20 {
+        log.append(&[(b"line", Some(b"some output"))], i * 1_000).unwrap();
+    }
+    let cleaned =
+        clean(log.dir(), Cleanup::Delete { retention_ms: 5_000 }, 20_000).unwrap().expect("cleaned");
+    assert!(cleaned.segments > 0);
+    let mut seen = Vec::new();
+    drain(&mut Cursor::open(log.dir()).unwrap(), &mut seen);
+    assert!(seen[0].offset > 0);
+    assert!(seen.iter().all(|frame| 20_000 - frame.timestamp_ms <= 5_000 + 2_000), "{seen:?}");
+    assert_eq!(seen.last().unwrap().offset, 19);
 }
