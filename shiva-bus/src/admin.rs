@@ -11,7 +11,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::types::RDKafkaErrorCode;
 use shiva_proto::TopicKind;
 
-use crate::{BusConfig, BusError, Context};
+use crate::{BusConfig, BusError, BusKind, Context, filebus};
 
 /// Production durability settings the check compares against.
 pub const PRODUCTION_REPLICATION: usize = 3;
@@ -28,6 +28,9 @@ fn admin_client(config: &BusConfig) -> Result<AdminClient<Context>, BusError> {
 /// Creates whatever control topic is missing (1 partition, compacted), then checks them all.
 /// Returns durability warnings.
 pub async fn ensure_topics(config: &BusConfig, timeout: Duration) -> Result<Vec<String>, BusError> {
+    if let BusKind::File(dir) = &config.kind {
+        return filebus::ensure_topics(config, dir);
+    }
     let admin = admin_client(config)?;
     let names: Vec<String> = TopicKind::ALL.iter().map(|kind| config.topics.name(*kind)).collect();
     // Fail fast, with a clear message, when the broker does not answer at all.
@@ -60,6 +63,9 @@ pub async fn ensure_topics(config: &BusConfig, timeout: Duration) -> Result<Vec<
 /// Checks, with one metadata request, that the cluster's topics exist with one partition
 /// each (for clients that never create them; the node makes the full check).
 pub async fn require_topics(config: &BusConfig, timeout: Duration) -> Result<(), BusError> {
+    if let BusKind::File(dir) = &config.kind {
+        return filebus::require_topics(config, dir);
+    }
     let admin = admin_client(config)?;
     let metadata = tokio::task::block_in_place(|| admin.inner().fetch_metadata(None, timeout))
         .map_err(|err| unreachable(config, err))?;

@@ -40,6 +40,11 @@ const FIXED: usize = 24;
 /// The largest frame body accepted (a record is at most 1 MiB in Shiva; a key at most 64 KiB).
 pub const MAX_BODY: usize = (1 << 20) + (1 << 16) + FIXED;
 
+/// Whether a record of `key_len` and `value_len` bytes fits in a frame.
+pub fn fits(key_len: usize, value_len: usize) -> bool {
+    FIXED.saturating_add(key_len).saturating_add(value_len) <= MAX_BODY
+}
+
 /// Why the file bus refused an operation.
 #[derive(Debug, thiserror::Error)]
 pub enum FileLogError {

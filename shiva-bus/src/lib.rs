@@ -1,6 +1,10 @@
-//! The Kafka boundary of Shiva: the only crate that talks to librdkafka.
+//! The bus boundary of Shiva: the only crate that talks to librdkafka, and the file bus.
 //!
-//! * [`BusConfig`]: the `--bus kafka://…`, `--cluster` and `-X key=value` settings;
+//! One interface, two implementations: the same types serve `--bus kafka://…` (librdkafka) and
+//! `--bus file:///DIR` (the file bus of one host, [`filebus`] over [`filelog`]); the node, the
+//! CLI and the pure view do not know which one they use.
+//!
+//! * [`BusConfig`]: the `--bus`, `--cluster` and `-X key=value` settings;
 //! * [`Reader`]: a thread that reads the control topics from the beginning and forwards every
 //!   record, in log order per topic, plus "synced" markers after a read-to-end;
 //! * [`Publisher`]: an ordered producer (`acks=all`, one request in flight, bounded delivery
@@ -12,17 +16,20 @@
 
 pub mod admin;
 mod context;
+pub mod filebus;
 pub mod filelog;
 pub mod logs;
 mod publisher;
 mod reader;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use shiva_proto::Topics;
 
 pub use context::Context;
+pub use filebus::Cleaner;
 pub use publisher::Publisher;
 pub use reader::{Reader, ReaderEvent, Record};
 
@@ -70,12 +77,26 @@ pub enum BusError {
     /// Any other Kafka failure.
     #[error("kafka: {0}")]
     Kafka(String),
+    /// A failure of the file bus (a file that cannot be written, read or is damaged).
+    #[error("file bus: {0}")]
+    File(String),
+}
+
+/// Which bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusKind {
+    /// Kafka, at [`BusConfig::brokers`].
+    Kafka,
+    /// The file bus in this directory (one host).
+    File(PathBuf),
 }
 
 /// Where the bus is and how to talk to it.
 #[derive(Debug, Clone)]
 pub struct BusConfig {
-    /// `host:port[,host:port]`.
+    /// Which bus.
+    pub kind: BusKind,
+    /// `host:port[,host:port]` (Kafka), the directory (the file bus): where the bus is, for logs.
     pub brokers: String,
     /// The cluster's topic names.
     pub topics: Topics,
@@ -91,10 +112,18 @@ pub struct BusConfig {
 impl BusConfig {
     /// Builds a config from the CLI's `--bus`, `--cluster` and `-X` values.
     pub fn new(bus_url: &str, cluster: &str, overrides: &[String]) -> Result<BusConfig, BusError> {
-        let brokers = parse_bus_url(bus_url)?;
+        let (kind, brokers) = match bus_url.strip_prefix("file://") {
+            Some(path) => {
+                let dir = parse_file_url(bus_url, path)?;
+                filebus::check_local(&dir)?;
+                (BusKind::File(dir.clone()), dir.display().to_string())
+            }
+            None => (BusKind::Kafka, parse_bus_url(bus_url)?),
+        };
         let topics = Topics::new(cluster).map_err(|err| BusError::Invalid(format!("--cluster: {err}")))?;
         let overrides = overrides.iter().map(|text| parse_override(text)).collect::<Result<_, _>>()?;
         Ok(BusConfig {
+            kind,
             brokers,
             topics,
             overrides,
@@ -125,12 +154,32 @@ impl BusConfig {
     }
 }
 
+/// The directory of `file:///DIR` (`path` is what follows `file://`): absolute, no `..`.
+fn parse_file_url(url: &str, path: &str) -> Result<PathBuf, BusError> {
+    let invalid =
+        |why: &str| BusError::Invalid(format!("--bus '{url}': {why}; expected file:///ABSOLUTE/DIR"));
+    let dir = PathBuf::from(path);
+    if !dir.is_absolute() {
+        return Err(invalid("the directory must be an absolute path"));
+    }
+    if dir.components().any(|part| matches!(part, std::path::Component::ParentDir)) {
+        return Err(invalid("the directory must not contain '..'"));
+    }
+    if dir.exists() && !dir.is_dir() {
+        return Err(invalid("it exists and is not a directory"));
+    }
+    Ok(dir)
+}
+
 /// Parses `kafka://HOST:PORT[,HOST:PORT]` into librdkafka's `bootstrap.servers`.
 pub fn parse_bus_url(url: &str) -> Result<String, BusError> {
     let invalid = |why: &str| {
-        BusError::Invalid(format!("--bus '{url}': {why}; expected kafka://HOST:PORT[,HOST:PORT]"))
+        BusError::Invalid(format!(
+            "--bus '{url}': {why}; expected kafka://HOST:PORT[,HOST:PORT] or file:///ABSOLUTE/DIR"
+        ))
     };
-    let rest = url.strip_prefix("kafka://").ok_or_else(|| invalid("the scheme must be kafka://"))?;
+    let rest =
+        url.strip_prefix("kafka://").ok_or_else(|| invalid("the scheme must be kafka:// or file://"))?;
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() {
         return Err(invalid("no broker given"));
@@ -168,6 +217,16 @@ mod tests {
         for bad in ["127.0.0.1:9092", "kafka://", "kafka://host", "kafka://h:0", "kafka://h:x", "http://h:1"]
         {
             assert!(parse_bus_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn file_urls() {
+        let config = BusConfig::new("file:///var/lib/shiva/bus", "c", &[]).unwrap();
+        assert_eq!(config.kind, BusKind::File(PathBuf::from("/var/lib/shiva/bus")));
+        for bad in ["file://relative/dir", "file://", "file:///a/../b", "file:///etc/hostname"] {
+            let err = BusConfig::new(bad, "c", &[]).unwrap_err();
+            assert!(matches!(err, BusError::Invalid(_)), "{bad}: {err}");
         }
     }
 

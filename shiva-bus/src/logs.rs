@@ -22,8 +22,9 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use crate::filebus::{self, FileLogReader, FileLogSink};
 use crate::publisher::spawn_poller;
-use crate::{BusConfig, BusError, Context};
+use crate::{BusConfig, BusError, BusKind, Context};
 
 /// Creates the logs topic when missing (one partition, delete policy, `retention`).
 pub async fn ensure_logs_topic(
@@ -31,6 +32,9 @@ pub async fn ensure_logs_topic(
     retention: Duration,
     timeout: Duration,
 ) -> Result<(), BusError> {
+    if let BusKind::File(dir) = &config.kind {
+        return filebus::ensure_logs_topic(config, dir);
+    }
     let admin: AdminClient<Context> = config
         .client_config(&[])
         .create_with_context(Context)
@@ -72,10 +76,14 @@ pub struct LogChunk<'a> {
 
 /// The node's producer for task output.
 pub struct LogSink {
-    producer: Arc<BaseProducer<Context>>,
+    inner: SinkInner,
     topic: String,
     node: String,
-    stop: Arc<AtomicBool>,
+}
+
+enum SinkInner {
+    Kafka { producer: Arc<BaseProducer<Context>>, stop: Arc<AtomicBool> },
+    File(FileLogSink),
 }
 
 impl std::fmt::Debug for LogSink {
@@ -87,6 +95,10 @@ impl std::fmt::Debug for LogSink {
 impl LogSink {
     /// A producer of its own for `node`'s task output.
     pub fn new(config: &BusConfig, node: &str) -> Result<LogSink, BusError> {
+        if let BusKind::File(dir) = &config.kind {
+            let inner = SinkInner::File(FileLogSink::new(config, dir)?);
+            return Ok(LogSink { inner, topic: config.topics.logs(), node: node.to_owned() });
+        }
         let producer: BaseProducer<Context> = config
             .client_config(&[
                 ("client.id", "shiva-logs".into()),
@@ -103,12 +115,23 @@ impl LogSink {
             .map_err(|err| BusError::Kafka(format!("failed to create the logs producer: {err}")))?;
         let producer = Arc::new(producer);
         let stop = spawn_poller("shiva-logs", producer.clone())?;
-        Ok(LogSink { producer, topic: config.topics.logs(), node: node.to_owned(), stop })
+        Ok(LogSink {
+            inner: SinkInner::Kafka { producer, stop },
+            topic: config.topics.logs(),
+            node: node.to_owned(),
+        })
     }
 
     /// Queues one chunk. `Err(true)`: the local queue is full, try again shortly; `Err(false)`:
     /// the chunk cannot be sent (too large…).
     pub fn send(&self, line: LogChunk<'_>) -> Result<(), bool> {
+        let producer = match &self.inner {
+            SinkInner::Kafka { producer, .. } => producer,
+            SinkInner::File(sink) => {
+                let value = filebus::encode_log_value(line.run, line.stream, &self.node, line.bytes);
+                return sink.send(line.task, value);
+            }
+        };
         let headers = OwnedHeaders::new()
             .insert(Header { key: "run", value: Some(line.run) })
             .insert(Header { key: "stream", value: Some(line.stream) })
@@ -118,7 +141,7 @@ impl LogSink {
             .payload(line.bytes)
             .headers(headers)
             .partition(0);
-        match self.producer.send(record) {
+        match producer.send(record) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(true),
             Err((err, _)) => {
@@ -130,13 +153,20 @@ impl LogSink {
 
     /// Waits up to `timeout` for queued lines to be delivered.
     pub fn flush(&self, timeout: Duration) {
-        let _ = self.producer.flush(timeout);
+        match &self.inner {
+            SinkInner::Kafka { producer, .. } => {
+                let _ = producer.flush(timeout);
+            }
+            SinkInner::File(sink) => sink.flush(timeout),
+        }
     }
 }
 
 impl Drop for LogSink {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        if let SinkInner::Kafka { stop, .. } = &self.inner {
+            stop.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -160,15 +190,56 @@ pub struct LoggedChunk {
 }
 
 /// Reads the logs topic from its beginning.
-pub struct LogReader {
-    consumer: BaseConsumer<Context>,
-    topic: String,
-    position: i64,
+pub struct LogReader(ReaderInner);
+
+enum ReaderInner {
+    Kafka(KafkaLogReader),
+    File(FileLogReader),
 }
 
 impl LogReader {
     /// A reader of `config`'s cluster's logs topic, from offset 0.
     pub fn new(config: &BusConfig) -> Result<LogReader, BusError> {
+        Ok(LogReader(match &config.kind {
+            BusKind::Kafka => ReaderInner::Kafka(KafkaLogReader::new(config)?),
+            BusKind::File(dir) => ReaderInner::File(FileLogReader::new(config, dir)?),
+        }))
+    }
+
+    /// The topic's current end (next offset).
+    pub fn end(&self, timeout: Duration) -> Result<i64, BusError> {
+        match &self.0 {
+            ReaderInner::Kafka(reader) => reader.end(timeout),
+            ReaderInner::File(reader) => reader.end(),
+        }
+    }
+
+    /// Where the next record will come from.
+    pub fn position(&self) -> i64 {
+        match &self.0 {
+            ReaderInner::Kafka(reader) => reader.position,
+            ReaderInner::File(reader) => reader.position(),
+        }
+    }
+
+    /// The next chunk, waiting at most `timeout` (`Ok(None)`: none yet).
+    pub fn next(&mut self, timeout: Duration) -> Result<Option<LoggedChunk>, BusError> {
+        match &mut self.0 {
+            ReaderInner::Kafka(reader) => reader.next(timeout),
+            ReaderInner::File(reader) => reader.next(timeout),
+        }
+    }
+}
+
+/// [`LogReader`] on Kafka.
+struct KafkaLogReader {
+    consumer: BaseConsumer<Context>,
+    topic: String,
+    position: i64,
+}
+
+impl KafkaLogReader {
+    fn new(config: &BusConfig) -> Result<KafkaLogReader, BusError> {
         let consumer: BaseConsumer<Context> = config
             .client_config(&[
                 ("enable.auto.commit", "false".into()),
@@ -187,11 +258,10 @@ impl LogReader {
         consumer
             .assign(&assignment)
             .map_err(|err| BusError::Kafka(format!("failed to assign {topic}: {err}")))?;
-        Ok(LogReader { consumer, topic, position: 0 })
+        Ok(KafkaLogReader { consumer, topic, position: 0 })
     }
 
-    /// The topic's current end (next offset).
-    pub fn end(&self, timeout: Duration) -> Result<i64, BusError> {
+    fn end(&self, timeout: Duration) -> Result<i64, BusError> {
         let (_, high) = self
             .consumer
             .fetch_watermarks(&self.topic, 0, timeout)
@@ -199,13 +269,7 @@ impl LogReader {
         Ok(high)
     }
 
-    /// Where the next record will come from.
-    pub fn position(&self) -> i64 {
-        self.position
-    }
-
-    /// The next chunk, waiting at most `timeout` (`Ok(None)`: none yet).
-    pub fn next(&mut self, timeout: Duration) -> Result<Option<LoggedChunk>, BusError> {
+    fn next(&mut self, timeout: Duration) -> Result<Option<LoggedChunk>, BusError> {
         let message = match self.consumer.poll(timeout) {
             None => return Ok(None),
             Some(Err(err)) => return Err(BusError::Kafka(format!("failed to read {}: {err}", self.topic))),

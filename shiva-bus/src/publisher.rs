@@ -28,7 +28,8 @@ use shiva_proto::TopicKind;
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use crate::{BusConfig, BusError, Context};
+use crate::filebus::FilePublisher;
+use crate::{BusConfig, BusError, BusKind, Context};
 
 type Outcome = Result<i64, KafkaError>;
 
@@ -75,42 +76,89 @@ impl Drop for Client {
     }
 }
 
+/// Writes records in the order they are queued and reports each one's offset once the bus
+/// acknowledged it: on Kafka, [`KafkaPublisher`]; on the file bus, once it is synced to disk.
+#[derive(Debug)]
+pub struct Publisher(Inner);
+
+#[derive(Debug)]
+enum Inner {
+    Kafka(Arc<KafkaPublisher>),
+    File(FilePublisher, shiva_proto::Topics),
+}
+
+impl Publisher {
+    /// Creates a publisher named `name` (for logs).
+    pub fn new(config: &BusConfig, name: &'static str) -> Result<Arc<Publisher>, BusError> {
+        let inner = match &config.kind {
+            BusKind::Kafka => Inner::Kafka(KafkaPublisher::new(config, name)?),
+            BusKind::File(dir) => Inner::File(FilePublisher::new(dir, name)?, config.topics.clone()),
+        };
+        Ok(Arc::new(Publisher(inner)))
+    }
+
+    /// Writes `value` (or a tombstone) under `key`; returns the record's offset.
+    pub async fn send(&self, topic: TopicKind, key: &str, value: Option<&[u8]>) -> Result<i64, BusError> {
+        self.enqueue(topic, key, value).await
+    }
+
+    /// Queues the record now (records queued in call order are written in that order) and
+    /// returns a future resolving to its offset once the bus acknowledged it.
+    pub fn enqueue(
+        &self,
+        topic: TopicKind,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<i64, BusError>> + Send + 'static>> {
+        match &self.0 {
+            Inner::Kafka(publisher) => Box::pin(publisher.enqueue(topic, key, value)),
+            Inner::File(publisher, topics) => {
+                let answer = publisher.enqueue(topics.name(topic), key, value);
+                let key = key.to_owned();
+                Box::pin(async move {
+                    answer.await.unwrap_or_else(|_| {
+                        Err(BusError::File(format!("failed to write '{key}': the writer thread is gone")))
+                    })
+                })
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for queued records to be delivered.
+    pub fn flush(&self, timeout: Duration) {
+        match &self.0 {
+            Inner::Kafka(publisher) => publisher.flush(timeout),
+            Inner::File(publisher, _) => publisher.flush(timeout),
+        }
+    }
+}
+
 /// An ordered producer (`acks=all`) that reports each record's offset. After a failed
 /// delivery it replaces its client (see `replace_after_failure`), so a node never ends up with
 /// a dead producer.
-pub struct Publisher {
+pub struct KafkaPublisher {
     config: BusConfig,
     name: &'static str,
     client: RwLock<Arc<Client>>,
     replaced_at: Mutex<Option<Instant>>,
 }
 
-impl std::fmt::Debug for Publisher {
+impl std::fmt::Debug for KafkaPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Publisher").field("name", &self.name).finish()
+        f.debug_struct("KafkaPublisher").field("name", &self.name).finish()
     }
 }
 
-impl Publisher {
+impl KafkaPublisher {
     /// Creates a producer named `name` (for logs).
-    pub fn new(config: &BusConfig, name: &'static str) -> Result<Arc<Publisher>, BusError> {
+    pub fn new(config: &BusConfig, name: &'static str) -> Result<Arc<KafkaPublisher>, BusError> {
         let client = create(config, name)?;
-        Ok(Arc::new(Publisher {
+        Ok(Arc::new(KafkaPublisher {
             config: config.clone(),
             name,
             client: RwLock::new(client),
             replaced_at: Mutex::new(None),
         }))
-    }
-
-    /// Writes `value` (or a tombstone) under `key`; returns the record's offset.
-    pub async fn send(
-        self: &Arc<Self>,
-        topic: TopicKind,
-        key: &str,
-        value: Option<&[u8]>,
-    ) -> Result<i64, BusError> {
-        self.enqueue(topic, key, value).await
     }
 
     /// Queues the record now (records queued in call order are written in that order) and

@@ -14,7 +14,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use shiva_proto::TopicKind;
 use tokio::sync::mpsc;
 
-use crate::{BusConfig, BusError, Context};
+use crate::filebus::{self, Waker};
+use crate::{BusConfig, BusError, BusKind, Context};
 
 /// One record as read.
 #[derive(Debug, Clone)]
@@ -75,9 +76,16 @@ enum Request {
 /// Handle to the reader thread; dropping it stops the thread.
 #[derive(Debug)]
 pub struct Reader {
-    requests: std_mpsc::Sender<Request>,
+    requests: Requests,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// How requests reach the reader thread of each bus.
+#[derive(Debug)]
+enum Requests {
+    Kafka(std_mpsc::Sender<Request>),
+    File(std_mpsc::Sender<filebus::Request>, Arc<Waker>),
 }
 
 impl Reader {
@@ -87,6 +95,10 @@ impl Reader {
         topics: &[TopicKind],
         events: mpsc::Sender<ReaderEvent>,
     ) -> Result<Reader, BusError> {
+        if let BusKind::File(dir) = &config.kind {
+            let (requests, stop, waker, thread) = filebus::spawn_reader(config, dir, topics, events)?;
+            return Ok(Reader { requests: Requests::File(requests, waker), stop, thread: Some(thread) });
+        }
         let client = config.client_config(&[
             ("enable.auto.commit", "false".into()),
             ("enable.auto.offset.store", "false".into()),
@@ -118,19 +130,30 @@ impl Reader {
             .name("shiva-reader".into())
             .spawn(move || poll_loop(consumer, names, requests_rx, events, thread_stop))
             .map_err(|err| BusError::Kafka(format!("failed to start the reader thread: {err}")))?;
-        Ok(Reader { requests, stop, thread: Some(thread) })
+        Ok(Reader { requests: Requests::Kafka(requests), stop, thread: Some(thread) })
     }
 
     /// Asks for a read-to-end: [`ReaderEvent::Synced`]`(token)` follows every record up to the
     /// topics' current ends.
     pub fn sync(&self, token: u64) {
-        let _ = self.requests.send(Request::Sync(token));
+        match &self.requests {
+            Requests::Kafka(requests) => {
+                let _ = requests.send(Request::Sync(token));
+            }
+            Requests::File(requests, waker) => {
+                let _ = requests.send(filebus::Request::Sync(token));
+                waker.wake();
+            }
+        }
     }
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Requests::File(_, waker) = &self.requests {
+            waker.wake();
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -13,11 +13,11 @@ Exit codes:
   2  invalid input or usage
   3  cluster unreachable, or its topics do not exist yet";
 
-/// Drives a Shiva cluster through its Kafka bus.
+/// Drives a Shiva cluster through its bus (Kafka, or the file bus of one host).
 #[derive(Debug, Parser)]
 #[command(name = "shiva-ctl", version, about, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
-    /// The bus: kafka://HOST:PORT[,HOST:PORT].
+    /// The bus: kafka://HOST:PORT[,HOST:PORT], or file:///DIR (one host, no Kafka).
     #[arg(long, global = true, env = "SHIVA_BUS", default_value = "kafka://127.0.0.1:9092")]
     pub bus: String,
     /// Cluster name.

@@ -13,7 +13,7 @@ use uuid::Uuid;
 #[derive(Debug, Parser)]
 #[command(name = "shiva-node", version, about)]
 pub struct NodeArgs {
-    /// The bus: kafka://HOST:PORT[,HOST:PORT].
+    /// The bus: kafka://HOST:PORT[,HOST:PORT], or file:///DIR (one host, no Kafka).
     #[arg(long, env = "SHIVA_BUS", default_value = "kafka://127.0.0.1:9092")]
     pub bus: String,
     /// Cluster name; topics are shiva.<cluster>.*.

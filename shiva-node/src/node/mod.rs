@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use shiva_bus::logs::{self, LogSink};
-use shiva_bus::{BusError, Publisher, Reader, ReaderEvent, admin};
+use shiva_bus::{BusError, Cleaner, Publisher, Reader, ReaderEvent, admin};
 use shiva_proto::records::{Body, Leave, Resign, TaskStatus};
 use shiva_proto::runs::RunReport;
 use shiva_proto::topics::key;
@@ -57,6 +57,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     if !ensure_topics(&config, &shutdown).await? {
         return Ok(());
     }
+    // The file bus is cleaned by its nodes (Kafka's broker cleans its own topics).
+    let _cleaner = Cleaner::start(&config.bus, config.log_retention)?;
     let (events_tx, mut events) = mpsc::channel(8192);
     let reader = Reader::spawn(&config.bus, &TopicKind::ALL, events_tx)?;
     let (results, mut results_rx) = mpsc::unbounded_channel();
