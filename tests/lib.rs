@@ -2,6 +2,10 @@
 //! processes, `shiva-ctl` as an operator runs it, and the kernel's process table as the judge.
 //!
 //! Nothing here skips: a missing broker is built, a failure to start one fails the test.
+//!
+//! `SHIVA_E2E_BUS=file` runs a test on the file bus instead (a directory of its own instead of
+//! a broker): `scripts/test` runs the core subset both ways. A test that needs Kafka itself
+//! (kills the broker, reads it with the independent client) fails loudly there.
 
 mod partition;
 
@@ -58,7 +62,17 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
-/// A tansu broker with SQLite storage in its own directory.
+/// Which bus the end-to-end tests run on: `SHIVA_E2E_BUS` is `kafka` (the default) or `file`.
+pub fn file_bus() -> bool {
+    match std::env::var("SHIVA_E2E_BUS").as_deref() {
+        Err(_) | Ok("" | "kafka") => false,
+        Ok("file") => true,
+        Ok(other) => panic!("SHIVA_E2E_BUS={other}: expected kafka or file"),
+    }
+}
+
+/// A tansu broker with SQLite storage in its own directory, or (with `SHIVA_E2E_BUS=file`) a
+/// file bus directory.
 pub struct Broker {
     /// Data directory.
     pub dir: PathBuf,
@@ -66,6 +80,8 @@ pub struct Broker {
     pub port: u16,
     /// Compaction interval.
     pub interval: String,
+    /// The file bus instead of a broker.
+    pub file: bool,
 }
 
 impl Broker {
@@ -76,12 +92,17 @@ impl Broker {
 
     /// Starts a broker compacting every `interval`.
     pub fn start_with_interval(interval: &str) -> Broker {
-        let broker = Broker { dir: scratch("broker"), port: free_port(), interval: interval.to_owned() };
+        if file_bus() {
+            return Broker { dir: scratch("filebus"), port: 0, interval: interval.to_owned(), file: true };
+        }
+        let broker =
+            Broker { dir: scratch("broker"), port: free_port(), interval: interval.to_owned(), file: false };
         broker.launch();
         broker
     }
 
     fn launch(&self) {
+        assert!(!self.file, "this test needs Kafka: it cannot run with SHIVA_E2E_BUS=file");
         let output = Command::new(repo().join("scripts/broker"))
             .args(["start", "--dir"])
             .arg(&self.dir)
@@ -95,13 +116,17 @@ impl Broker {
         );
     }
 
-    /// `kafka://127.0.0.1:PORT`.
+    /// `kafka://127.0.0.1:PORT`, or `file:///DIR/bus`.
     pub fn url(&self) -> String {
+        if self.file {
+            return format!("file://{}", self.dir.join("bus").display());
+        }
         format!("kafka://127.0.0.1:{}", self.port)
     }
 
     /// SIGKILL.
     pub fn kill9(&self) {
+        assert!(!self.file, "this test needs Kafka: it cannot run with SHIVA_E2E_BUS=file");
         let status = Command::new(repo().join("scripts/broker"))
             .args(["kill", "--dir"])
             .arg(&self.dir)
@@ -118,6 +143,9 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if self.file {
+            return;
+        }
         let _ = Command::new(repo().join("scripts/broker")).args(["stop", "--dir"]).arg(&self.dir).output();
     }
 }
