@@ -230,6 +230,11 @@ impl Node {
             "--workspace".into(),
             workspace.display().to_string(),
         ];
+        if broker.file {
+            // Small segments cleaned every second, as the test broker compacts every second:
+            // tests see a really compacted log.
+            args.extend(["-X", "segment.bytes=16384", "-X", "clean.interval.ms=1000"].map(String::from));
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = workspace.join("node.log");
         let mut node = Node { id: id.into(), log, workspace, args, wrapper, env, child: None };

@@ -315,12 +315,13 @@ pub(crate) struct FilePublisher {
 }
 
 impl FilePublisher {
-    pub(crate) fn new(dir: &Path, name: &str) -> Result<FilePublisher, BusError> {
+    pub(crate) fn new(config: &BusConfig, dir: &Path, name: &str) -> Result<FilePublisher, BusError> {
         let (jobs, queue) = std_mpsc::channel();
         let dir = dir.to_owned();
+        let segment_bytes = config.file.segment_bytes;
         std::thread::Builder::new()
             .name(format!("shiva-{name}"))
-            .spawn(move || append_loop(&dir, &queue))
+            .spawn(move || append_loop(&dir, segment_bytes, &queue))
             .map_err(|err| BusError::File(format!("failed to start the writer thread {name}: {err}")))?;
         Ok(FilePublisher { jobs: std::sync::Mutex::new(jobs) })
     }
@@ -350,7 +351,7 @@ impl FilePublisher {
 
 /// The writer thread: takes everything queued, appends each run of records of one topic with
 /// one sync, answers each record.
-fn append_loop(dir: &Path, queue: &std_mpsc::Receiver<Message>) {
+fn append_loop(dir: &Path, segment_bytes: u64, queue: &std_mpsc::Receiver<Message>) {
     let mut logs: BTreeMap<String, TopicLog> = BTreeMap::new();
     while let Ok(first) = queue.recv() {
         let mut batch: Vec<Job> = Vec::new();
@@ -370,7 +371,7 @@ fn append_loop(dir: &Path, queue: &std_mpsc::Receiver<Message>) {
             while let Some(next) = jobs.next_if(|next| next.topic == run[0].topic) {
                 run.push(next);
             }
-            append_run(dir, &mut logs, run);
+            append_run(dir, segment_bytes, &mut logs, run);
         }
         for done in flushes {
             let _ = done.send(());
@@ -378,7 +379,7 @@ fn append_loop(dir: &Path, queue: &std_mpsc::Receiver<Message>) {
     }
 }
 
-fn append_run(dir: &Path, logs: &mut BTreeMap<String, TopicLog>, run: Vec<Job>) {
+fn append_run(dir: &Path, segment_bytes: u64, logs: &mut BTreeMap<String, TopicLog>, run: Vec<Job>) {
     // A record too large fails alone: the others go on.
     let (fit, large): (Vec<Job>, Vec<Job>) =
         run.into_iter().partition(|job| filelog::fits(job.key.len(), job.value.as_ref().map_or(0, Vec::len)));
@@ -390,7 +391,7 @@ fn append_run(dir: &Path, logs: &mut BTreeMap<String, TopicLog>, run: Vec<Job>) 
     let Some(topic) = fit.first().map(|job| job.topic.clone()) else { return };
     let outcome = (|| {
         if !logs.contains_key(&topic) {
-            logs.insert(topic.clone(), TopicLog::open(dir, &topic)?);
+            logs.insert(topic.clone(), TopicLog::open_with(dir, &topic, segment_bytes)?);
         }
         let log = logs.get_mut(&topic).expect("just opened");
         let records: Vec<(&[u8], Option<&[u8]>)> =
@@ -431,7 +432,8 @@ impl Cleaner {
     }
 
     fn start_in(config: &BusConfig, dir: &Path, log_retention: Duration) -> Result<Cleaner, BusError> {
-        let tombstones_ms = i64::try_from(TOMBSTONE_RETENTION.as_millis()).unwrap_or(i64::MAX);
+        let tombstones_ms = i64::try_from(config.file.tombstones.as_millis()).unwrap_or(i64::MAX);
+        let every = config.file.clean_every;
         let retention_ms = i64::try_from(log_retention.as_millis()).unwrap_or(i64::MAX);
         let mut topics: Vec<(PathBuf, Cleanup)> = TopicKind::ALL
             .iter()
@@ -442,7 +444,7 @@ impl Cleaner {
         std::thread::Builder::new()
             .name("shiva-cleaner".into())
             .spawn(move || {
-                while let Err(std_mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CLEAN_EVERY) {
+                while let Err(std_mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                     for (path, cleanup) in &topics {
                         let started = std::time::Instant::now();
                         match filelog::clean(path, *cleanup, now_ms()) {
@@ -570,7 +572,8 @@ pub(crate) struct FileLogSink {
 impl FileLogSink {
     pub(crate) fn new(config: &BusConfig, dir: &Path) -> Result<FileLogSink, BusError> {
         let topic = config.topics.logs();
-        let mut log = TopicLog::open(dir, &topic).map_err(file_error)?;
+        let segment_bytes = config.file.segment_bytes;
+        let mut log = TopicLog::open_with(dir, &topic, segment_bytes).map_err(file_error)?;
         let (queue, chunks) = std_mpsc::sync_channel::<Option<(String, Vec<u8>)>>(20_000);
         let flushed = Arc::new((std::sync::Mutex::new(0u64), std::sync::Condvar::new()));
         let done = flushed.clone();
@@ -595,7 +598,7 @@ impl FileLogSink {
                         batch.iter().map(|(key, value)| (key.as_bytes(), Some(value.as_slice()))).collect();
                     if let Err(err) = log.append(&records, now_ms()) {
                         tracing::warn!(error = %err, lines = batch.len(), "task output not shipped");
-                        match TopicLog::open(&dir, &topic) {
+                        match TopicLog::open_with(&dir, &topic, segment_bytes) {
                             Ok(fresh) => log = fresh,
                             Err(err) => tracing::warn!(error = %err, "cannot open the logs topic again"),
                         }

@@ -91,6 +91,59 @@ pub enum BusKind {
     File(PathBuf),
 }
 
+/// The file bus's settings, from `-X key=value` (on Kafka, `-X` sets librdkafka).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileSettings {
+    /// `segment.bytes` (4096 to 1 GiB, default 1 MiB): a topic's last segment grows to this
+    /// before an appender starts a new one; compaction reads the segments before the last.
+    pub segment_bytes: u64,
+    /// `clean.interval.ms` (100 to 3,600,000, default 10,000): how often a node's cleaner looks.
+    pub clean_every: Duration,
+    /// `delete.retention.ms` (0 to 2^53, default 86,400,000): how long a tombstone stays in a
+    /// control topic.
+    pub tombstones: Duration,
+}
+
+impl Default for FileSettings {
+    fn default() -> Self {
+        FileSettings {
+            segment_bytes: filelog::SEGMENT_BYTES,
+            clean_every: filebus::CLEAN_EVERY,
+            tombstones: filebus::TOMBSTONE_RETENTION,
+        }
+    }
+}
+
+impl FileSettings {
+    /// The settings `overrides` make; any other key is refused.
+    pub fn parse(overrides: &[(String, String)]) -> Result<FileSettings, BusError> {
+        let mut settings = FileSettings::default();
+        for (key, value) in overrides {
+            let number = |low: u64, high: u64| {
+                value.trim().parse::<u64>().ok().filter(|number| (low..=high).contains(number)).ok_or_else(
+                    || {
+                        BusError::Invalid(format!(
+                            "-X {key}={value}: expected a whole number from {low} to {high}"
+                        ))
+                    },
+                )
+            };
+            match key.as_str() {
+                "segment.bytes" => settings.segment_bytes = number(4096, 1 << 30)?,
+                "clean.interval.ms" => settings.clean_every = Duration::from_millis(number(100, 3_600_000)?),
+                "delete.retention.ms" => settings.tombstones = Duration::from_millis(number(0, 1 << 53)?),
+                _ => {
+                    return Err(BusError::Invalid(format!(
+                        "-X {key}: not a setting of the file bus (it takes segment.bytes, \
+                         clean.interval.ms and delete.retention.ms; librdkafka settings are for kafka://)"
+                    )));
+                }
+            }
+        }
+        Ok(settings)
+    }
+}
+
 /// Where the bus is and how to talk to it.
 #[derive(Debug, Clone)]
 pub struct BusConfig {
@@ -102,6 +155,8 @@ pub struct BusConfig {
     pub topics: Topics,
     /// `-X key=value` settings, applied last (they win).
     pub overrides: Vec<(String, String)>,
+    /// The file bus's settings (from the `-X` settings on the file bus).
+    pub file: FileSettings,
     /// `fetch.wait.max.ms` of readers: how long the broker may hold a fetch when there is no
     /// new record. Short waits deliver commands in milliseconds at the cost of more idle fetches.
     pub fetch_wait: Duration,
@@ -121,12 +176,18 @@ impl BusConfig {
             None => (BusKind::Kafka, parse_bus_url(bus_url)?),
         };
         let topics = Topics::new(cluster).map_err(|err| BusError::Invalid(format!("--cluster: {err}")))?;
-        let overrides = overrides.iter().map(|text| parse_override(text)).collect::<Result<_, _>>()?;
+        let overrides: Vec<(String, String)> =
+            overrides.iter().map(|text| parse_override(text)).collect::<Result<_, _>>()?;
+        let file = match kind {
+            BusKind::File(_) => FileSettings::parse(&overrides)?,
+            BusKind::Kafka => FileSettings::default(),
+        };
         Ok(BusConfig {
             kind,
             brokers,
             topics,
             overrides,
+            file,
             fetch_wait: Duration::from_millis(12),
             delivery_timeout: Duration::from_secs(5),
         })
@@ -227,6 +288,19 @@ mod tests {
         for bad in ["file://relative/dir", "file://", "file:///a/../b", "file:///etc/hostname"] {
             let err = BusConfig::new(bad, "c", &[]).unwrap_err();
             assert!(matches!(err, BusError::Invalid(_)), "{bad}: {err}");
+        }
+        let config =
+            BusConfig::new("file:///b", "c", &["segment.bytes=4096".into(), "clean.interval.ms=100".into()])
+                .unwrap();
+        assert_eq!(config.file.segment_bytes, 4096);
+        assert_eq!(config.file.clean_every, Duration::from_millis(100));
+        for bad in ["segment.bytes=12", "clean.interval.ms=-1", "delete.retention.ms=x", "acks=all"] {
+            let err = BusConfig::new("file:///b", "c", &[bad.into()]).unwrap_err();
+            assert!(
+                matches!(err, BusError::Invalid(_))
+                    && err.to_string().contains(bad.split('=').next().unwrap()),
+                "{bad}: {err}"
+            );
         }
     }
 

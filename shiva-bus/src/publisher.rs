@@ -92,7 +92,7 @@ impl Publisher {
     pub fn new(config: &BusConfig, name: &'static str) -> Result<Arc<Publisher>, BusError> {
         let inner = match &config.kind {
             BusKind::Kafka => Inner::Kafka(KafkaPublisher::new(config, name)?),
-            BusKind::File(dir) => Inner::File(FilePublisher::new(dir, name)?, config.topics.clone()),
+            BusKind::File(dir) => Inner::File(FilePublisher::new(config, dir, name)?, config.topics.clone()),
         };
         Ok(Arc::new(Publisher(inner)))
     }

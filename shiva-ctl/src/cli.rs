@@ -23,7 +23,7 @@ pub struct Cli {
     /// Cluster name.
     #[arg(long, global = true, env = "SHIVA_CLUSTER", default_value = "default")]
     pub cluster: String,
-    /// librdkafka setting (TLS, SASL…), repeatable.
+    /// librdkafka setting (TLS, SASL…), repeatable (on the file bus: segment.bytes).
     #[arg(short = 'X', global = true, value_name = "KEY=VALUE")]
     pub kafka: Vec<String>,
     /// How long to wait for the bus (100ms to 1h).

@@ -34,7 +34,8 @@ pub struct NodeArgs {
     /// Never run tasks.
     #[arg(long, env = "SHIVA_NO_RUNNER")]
     pub no_runner: bool,
-    /// librdkafka setting (TLS, SASL…), repeatable: -X security.protocol=SSL.
+    /// librdkafka setting (TLS, SASL…), repeatable: -X security.protocol=SSL; on the file bus,
+    /// its settings: segment.bytes, clean.interval.ms, delete.retention.ms.
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     pub kafka: Vec<String>,
     /// How often the node heartbeats.
