@@ -703,10 +703,125 @@ fn main() {
         cluster_figures(&runtime, &broker, &mut report, quick, &node_args, &fetch_wait);
     }
 
+    if wants("filebus") {
+        filebus_figures(&runtime, &broker, &mut report, quick);
+    }
+
     println!("| measure | result |\n|---|---|");
     for line in report {
         println!("{line}");
     }
+}
+
+/// The file bus (issue 16): what an acknowledged append costs next to a bare write + sync;
+/// submit → start, failover and an idle node on the file bus and on Kafka in the same run; the
+/// size of a control topic after a day of an idle cluster's heartbeats.
+fn filebus_figures(runtime: &tokio::runtime::Runtime, kafka: &Broker, report: &mut Vec<String>, quick: bool) {
+    use shiva_bus::filelog::{Cleanup, TopicLog, clean};
+    use std::io::Write;
+
+    // An append: one heartbeat-sized record, written and fdatasync'd before it is acknowledged.
+    let dir = scratch("append");
+    let mut log = TopicLog::open(&dir, "t").unwrap();
+    let value = vec![b'v'; 500];
+    let count = if quick { 200 } else { 1000 };
+    let mut appends = Vec::new();
+    for _ in 0..count {
+        let started = Instant::now();
+        log.append(&[(b"node/n1", Some(&value))], 0).unwrap();
+        appends.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let mut floor_file =
+        std::fs::OpenOptions::new().create(true).append(true).open(dir.join("floor")).unwrap();
+    let mut floor = Vec::new();
+    for _ in 0..count {
+        let started = Instant::now();
+        floor_file.write_all(&[0u8; 539]).unwrap();
+        floor_file.sync_data().unwrap();
+        floor.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let ratio = percentile(&mut appends, 0.5) / percentile(&mut floor, 0.5);
+    report.push(format!(
+        "| file bus: append of one 500 B record, acknowledged (lock, write, fdatasync) | {}; {ratio:.2} × the floor, a bare write + fdatasync of the same bytes on the same disk: {} |",
+        summary(&mut appends),
+        summary(&mut floor)
+    ));
+
+    let file = Broker::file_bus(Vec::new());
+    for (label, broker) in [("file bus", &file), ("Kafka (tansu)", kafka)] {
+        let name = cluster("fb");
+        let mut nodes: Vec<Node> =
+            (1..=3).map(|i| Node::launch(broker, &name, &format!("f{i}"), &[])).collect();
+        let ctl = Ctl::new(broker, &name);
+        wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
+        std::thread::sleep(Duration::from_secs(3));
+        let window = Duration::from_secs(if quick { 10 } else { 30 });
+        let before: Vec<u64> = nodes.iter().map(|node| cpu_ns(node.pid())).collect();
+        std::thread::sleep(window);
+        let cpu = nodes
+            .iter()
+            .zip(before)
+            .map(|(node, before)| (cpu_ns(node.pid()) - before) as f64 / window.as_nanos() as f64 * 100.0)
+            .fold(0.0, f64::max);
+        let rss = nodes.iter().map(|node| rss_kb(node.pid())).max().unwrap();
+        report.push(format!(
+            "| {label}: idle node in a 3-node cluster, default settings | RSS {:.1} MB, CPU {cpu:.2} % of a core (worst of 3 nodes, {}s) |",
+            rss as f64 / 1024.0,
+            window.as_secs()
+        ));
+        let dir = scratch("fb-latency");
+        let mut latency =
+            runtime.block_on(submit_to_start(broker, &name, &dir, if quick { 20 } else { 100 }));
+        report.push(format!(
+            "| {label}: submit (spec record written) → child started | {} |",
+            summary(&mut latency)
+        ));
+        let mut failovers = Vec::new();
+        for _ in 0..(if quick { 2 } else { 5 }) {
+            wait_until(Duration::from_secs(30), "3 nodes and a leader", || {
+                leader(&ctl).is_some()
+                    && ctl.try_json(&["nodes"]).is_some_and(|n| {
+                        n.as_array().unwrap().iter().filter(|n| n["alive"] == true).count() == 3
+                    })
+            });
+            failovers.push(runtime.block_on(failover(broker, &name, &mut nodes, &ctl)));
+        }
+        report.push(format!(
+            "| {label}: leader failover, kill -9 leader → new leader's first write | {} |",
+            summary(&mut failovers)
+        ));
+    }
+
+    // A day (a quarter in --quick) of an idle 3-node cluster's heartbeats (5 a second each,
+    // 520 B, as measured), appended 10 s of them at a time, the cleaner after each 10 s as in a
+    // node: the control topic's size.
+    let dir = scratch("day");
+    let mut log = TopicLog::open(&dir, "control").unwrap();
+    let value = vec![b'h'; 520];
+    let seconds = if quick { 6 * 3600 } else { 24 * 3600 };
+    let size = |dir: &Path| -> u64 {
+        std::fs::read_dir(dir).unwrap().map(|entry| entry.unwrap().metadata().unwrap().len()).sum()
+    };
+    let (started, mut largest, mut written) = (Instant::now(), 0, 0u64);
+    let day = 24 * 3600 * 1000;
+    for tick in 0..seconds / 10 {
+        let now_ms = 1_800_000_000_000 + tick as i64 * 10_000;
+        let keys: Vec<String> = (0..150).map(|i| format!("node/n{}", i % 3 + 1)).collect();
+        let batch: Vec<(&[u8], Option<&[u8]>)> =
+            keys.iter().map(|key| (key.as_bytes(), Some(&value[..]))).collect();
+        log.append(&batch, now_ms).unwrap();
+        written += 150;
+        clean(log.dir(), Cleanup::Compact { tombstones_ms: day }, now_ms).unwrap();
+        largest = largest.max(size(log.dir()));
+    }
+    report.push(format!(
+        "| file bus: a control topic after {} h of an idle 3-node cluster's heartbeats ({written} records of 520 B, 10 s at a time, the cleaner every 10 s, 1 MiB segments) | {:.2} MB at the end, {:.2} MB at most ({:.0} MB written; replayed in {:.0} s) |",
+        seconds / 3600,
+        size(log.dir()) as f64 / 1e6,
+        largest as f64 / 1e6,
+        written as f64 * 552.0 / 1e6,
+        started.elapsed().as_secs_f64()
+    ));
 }
 
 /// Submit → start, failover and node death on one 3-node cluster.

@@ -82,6 +82,8 @@ pub struct Broker {
     pub interval: String,
     /// The file bus instead of a broker.
     pub file: bool,
+    /// Flags every node of this bus gets (the file bus's test settings).
+    pub node_flags: Vec<String>,
 }
 
 impl Broker {
@@ -93,12 +95,26 @@ impl Broker {
     /// Starts a broker compacting every `interval`.
     pub fn start_with_interval(interval: &str) -> Broker {
         if file_bus() {
-            return Broker { dir: scratch("filebus"), port: 0, interval: interval.to_owned(), file: true };
+            // Small segments cleaned every second, as the test broker compacts every second:
+            // tests see a really compacted log.
+            let node_flags =
+                ["-X", "segment.bytes=16384", "-X", "clean.interval.ms=1000"].map(String::from).to_vec();
+            return Broker::file_bus(node_flags);
         }
-        let broker =
-            Broker { dir: scratch("broker"), port: free_port(), interval: interval.to_owned(), file: false };
+        let broker = Broker {
+            dir: scratch("broker"),
+            port: free_port(),
+            interval: interval.to_owned(),
+            file: false,
+            node_flags: Vec::new(),
+        };
         broker.launch();
         broker
+    }
+
+    /// A file bus in a directory of its own; its nodes get `node_flags`.
+    pub fn file_bus(node_flags: Vec<String>) -> Broker {
+        Broker { dir: scratch("filebus"), port: 0, interval: String::new(), file: true, node_flags }
     }
 
     fn launch(&self) {
@@ -230,11 +246,7 @@ impl Node {
             "--workspace".into(),
             workspace.display().to_string(),
         ];
-        if broker.file {
-            // Small segments cleaned every second, as the test broker compacts every second:
-            // tests see a really compacted log.
-            args.extend(["-X", "segment.bytes=16384", "-X", "clean.interval.ms=1000"].map(String::from));
-        }
+        args.extend(broker.node_flags.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = workspace.join("node.log");
         let mut node = Node { id: id.into(), log, workspace, args, wrapper, env, child: None };

@@ -95,9 +95,11 @@ pub fn check_local(dir: &Path) -> Result<(), BusError> {
     let magic = stats.filesystem_type().0 as i64;
     match network_file_system(magic) {
         Some(kind) => Err(BusError::Invalid(format!(
-            "--bus file://{}: {} is on {kind}, a network file system; the file bus is for one host \
-             and needs a local disk (its locks and syncs mean nothing across hosts): use a local \
-             directory, or Kafka (kafka://HOST:PORT) for a cluster of several hosts",
+            "--bus file://{}: {} is on {kind}, not a local disk file system; the file bus is for \
+             one host and needs one (its locks and syncs must mean what this host's kernel makes \
+             them mean: a network or FUSE file system may be shared by hosts, or answer a sync \
+             before the data is safe): use a local directory, or Kafka (kafka://HOST:PORT) for a \
+             cluster of several hosts",
             dir.display(),
             probe.display()
         ))),
@@ -156,7 +158,11 @@ impl Waker {
 }
 
 /// Inotify watches on topic directories: woken by appends, new segments and cleanings.
-struct Watch(Inotify);
+struct Watch {
+    inotify: Inotify,
+    /// The watch of each directory, in the order given.
+    watches: Vec<nix::sys::inotify::WatchDescriptor>,
+}
 
 impl Watch {
     fn new(dirs: &[&Path]) -> Result<Watch, BusError> {
@@ -166,22 +172,41 @@ impl Watch {
             | AddWatchFlags::IN_CREATE
             | AddWatchFlags::IN_MOVED_TO
             | AddWatchFlags::IN_DELETE;
+        let mut watches = Vec::new();
         for dir in dirs {
-            inotify
-                .add_watch(*dir, flags)
-                .map_err(|err| BusError::File(format!("cannot watch {}: {err}", dir.display())))?;
+            watches.push(
+                inotify
+                    .add_watch(*dir, flags)
+                    .map_err(|err| BusError::File(format!("cannot watch {}: {err}", dir.display())))?,
+            );
         }
-        Ok(Watch(inotify))
+        Ok(Watch { inotify, watches })
     }
 
-    /// Waits for a change, a wake-up or `timeout`, then drains what woke it.
-    fn wait(&self, waker: &Waker, timeout: Duration) {
-        let mut fds =
-            [PollFd::new(self.0.as_fd(), PollFlags::POLLIN), PollFd::new(waker.0.as_fd(), PollFlags::POLLIN)];
+    /// Waits for a change, a wake-up or `timeout`, then drains what woke it; marks in `dirty`
+    /// the directories that changed (all of them after a wake-up, a timeout or an overflow).
+    fn wait(&self, waker: &Waker, timeout: Duration, dirty: &mut [bool]) {
+        let mut fds = [
+            PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN),
+            PollFd::new(waker.0.as_fd(), PollFlags::POLLIN),
+        ];
         let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
-        let _ = poll(&mut fds, timeout);
-        while matches!(self.0.read_events(), Ok(events) if !events.is_empty()) {}
-        let _ = waker.0.read();
+        let ready = poll(&mut fds, timeout).unwrap_or(0);
+        let mut all = ready == 0 || waker.0.read().is_ok();
+        while let Ok(events) = self.inotify.read_events() {
+            if events.is_empty() {
+                break;
+            }
+            for event in events {
+                match self.watches.iter().position(|watch| *watch == event.wd) {
+                    Some(index) => dirty[index] = true,
+                    None => all = true,
+                }
+            }
+        }
+        if all {
+            dirty.iter_mut().for_each(|dirty| *dirty = true);
+        }
     }
 }
 
@@ -236,14 +261,23 @@ fn follow(
 ) {
     let send = |event| events.blocking_send(event).is_ok();
     let mut last_error: Option<String> = None;
+    let mut dirty = vec![true; cursors.len()];
     while !stop.load(Ordering::Relaxed) {
         let tokens: Vec<u64> = std::iter::from_fn(|| match requests.try_recv() {
             Ok(Request::Sync(token)) => Some(token),
             Err(_) => None,
         })
         .collect();
+        if !tokens.is_empty() {
+            // A read-to-end reads every topic, in a pass that starts after it was asked.
+            dirty.iter_mut().for_each(|dirty| *dirty = true);
+        }
         let mut failure = None;
-        for (kind, cursor) in &mut cursors {
+        for ((kind, cursor), dirty) in cursors.iter_mut().zip(dirty.iter_mut()) {
+            if !*dirty {
+                continue;
+            }
+            *dirty = false;
             loop {
                 match cursor.read_new() {
                     Ok(frames) if frames.is_empty() => break,
@@ -256,6 +290,7 @@ fn follow(
                     }
                     Err(err) => {
                         failure = Some(err.to_string());
+                        *dirty = true;
                         break;
                     }
                 }
@@ -281,7 +316,7 @@ fn follow(
             }
         }
         last_error = failure;
-        watch.wait(waker, IDLE_LOOK);
+        watch.wait(waker, IDLE_LOOK, &mut dirty);
     }
 }
 
@@ -315,13 +350,19 @@ pub(crate) struct FilePublisher {
 }
 
 impl FilePublisher {
-    pub(crate) fn new(config: &BusConfig, dir: &Path, name: &str) -> Result<FilePublisher, BusError> {
+    /// `sync`: whether each batch is `fdatasync`ed before its records are acknowledged.
+    pub(crate) fn new(
+        config: &BusConfig,
+        dir: &Path,
+        name: &str,
+        sync: bool,
+    ) -> Result<FilePublisher, BusError> {
         let (jobs, queue) = std_mpsc::channel();
         let dir = dir.to_owned();
         let segment_bytes = config.file.segment_bytes;
         std::thread::Builder::new()
             .name(format!("shiva-{name}"))
-            .spawn(move || append_loop(&dir, segment_bytes, &queue))
+            .spawn(move || append_loop(&dir, segment_bytes, sync, &queue))
             .map_err(|err| BusError::File(format!("failed to start the writer thread {name}: {err}")))?;
         Ok(FilePublisher { jobs: std::sync::Mutex::new(jobs) })
     }
@@ -351,7 +392,7 @@ impl FilePublisher {
 
 /// The writer thread: takes everything queued, appends each run of records of one topic with
 /// one sync, answers each record.
-fn append_loop(dir: &Path, segment_bytes: u64, queue: &std_mpsc::Receiver<Message>) {
+fn append_loop(dir: &Path, segment_bytes: u64, sync: bool, queue: &std_mpsc::Receiver<Message>) {
     let mut logs: BTreeMap<String, TopicLog> = BTreeMap::new();
     while let Ok(first) = queue.recv() {
         let mut batch: Vec<Job> = Vec::new();
@@ -371,7 +412,7 @@ fn append_loop(dir: &Path, segment_bytes: u64, queue: &std_mpsc::Receiver<Messag
             while let Some(next) = jobs.next_if(|next| next.topic == run[0].topic) {
                 run.push(next);
             }
-            append_run(dir, segment_bytes, &mut logs, run);
+            append_run(dir, segment_bytes, sync, &mut logs, run);
         }
         for done in flushes {
             let _ = done.send(());
@@ -379,7 +420,13 @@ fn append_loop(dir: &Path, segment_bytes: u64, queue: &std_mpsc::Receiver<Messag
     }
 }
 
-fn append_run(dir: &Path, segment_bytes: u64, logs: &mut BTreeMap<String, TopicLog>, run: Vec<Job>) {
+fn append_run(
+    dir: &Path,
+    segment_bytes: u64,
+    sync: bool,
+    logs: &mut BTreeMap<String, TopicLog>,
+    run: Vec<Job>,
+) {
     // A record too large fails alone: the others go on.
     let (fit, large): (Vec<Job>, Vec<Job>) =
         run.into_iter().partition(|job| filelog::fits(job.key.len(), job.value.as_ref().map_or(0, Vec::len)));
@@ -396,7 +443,7 @@ fn append_run(dir: &Path, segment_bytes: u64, logs: &mut BTreeMap<String, TopicL
         let log = logs.get_mut(&topic).expect("just opened");
         let records: Vec<(&[u8], Option<&[u8]>)> =
             fit.iter().map(|job| (job.key.as_bytes(), job.value.as_deref())).collect();
-        log.append(&records, now_ms())
+        log.append_with(&records, now_ms(), sync)
     })();
     match outcome {
         Ok(offsets) => {
@@ -540,7 +587,7 @@ impl FileLogReader {
             self.pending.extend(self.cursor.read_new().map_err(file_error)?);
         }
         if self.pending.is_empty() {
-            self.watch.wait(&self.waker, timeout);
+            self.watch.wait(&self.waker, timeout, &mut [false]);
             self.pending.extend(self.cursor.read_new().map_err(file_error)?);
         }
         let Some(frame) = self.pending.pop_front() else { return Ok(None) };

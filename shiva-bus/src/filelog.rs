@@ -29,6 +29,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -337,6 +338,8 @@ impl Active {
 pub struct TopicLog {
     dir: PathBuf,
     lock_path: PathBuf,
+    /// The lock file, open between appends (`None` after a failed unlock: opened again).
+    lock_file: Option<File>,
     segment_bytes: u64,
     active: Active,
     /// Why an earlier append failed, if one did (see [`FileLogError::Poisoned`]).
@@ -371,7 +374,15 @@ impl TopicLog {
             }
         };
         let active = Active::open(base, path)?;
-        Ok(TopicLog { dir, lock_path, segment_bytes: segment_bytes.max(1), active, poisoned: None })
+        let lock_file = open_lock(&lock_path)?;
+        Ok(TopicLog {
+            dir,
+            lock_path,
+            lock_file: Some(lock_file),
+            segment_bytes: segment_bytes.max(1),
+            active,
+            poisoned: None,
+        })
     }
 
     /// The topic's directory.
@@ -385,11 +396,23 @@ impl TopicLog {
     }
 
     /// Appends `records` (key, value; `None`: a tombstone) stamped `timestamp_ms`, in order, and
-    /// returns their offsets once they are durable.
+    /// returns their offsets once they are durable (written and `fdatasync`ed).
     pub fn append(
         &mut self,
         records: &[(&[u8], Option<&[u8]>)],
         timestamp_ms: i64,
+    ) -> Result<Vec<i64>, FileLogError> {
+        self.append_with(records, timestamp_ms, true)
+    }
+
+    /// [`TopicLog::append`], `sync`ed or only written: a record written but not synced survives
+    /// the death of any process (it is in the kernel's page cache), not a power cut or a kernel
+    /// crash, which lose the last records not synced by this or a later synced append.
+    pub fn append_with(
+        &mut self,
+        records: &[(&[u8], Option<&[u8]>)],
+        timestamp_ms: i64,
+        sync: bool,
     ) -> Result<Vec<i64>, FileLogError> {
         if let Some(reason) = &self.poisoned {
             return Err(FileLogError::Poisoned { path: self.dir.clone(), reason: reason.clone() });
@@ -402,20 +425,46 @@ impl TopicLog {
             frame.encode(&mut Vec::new())?;
             frames.push(frame);
         }
-        let _lock = lock(&self.lock_path, FlockArg::LockExclusive)?;
-        // Another process may have started a new segment since our last look.
-        match segments(&self.dir)?.pop() {
-            Some((base, _)) if base == self.active.base => {}
-            Some((base, path)) if base > self.active.base => self.active = Active::open(base, path)?,
-            _ => {
-                return Err(FileLogError::Damaged {
-                    path: self.dir.clone(),
-                    at: 0,
-                    reason: format!("its last segment is gone (the one from offset {})", self.active.base),
-                });
+        let lock_file = match self.lock_file.take() {
+            Some(file) => file,
+            None => open_lock(&self.lock_path)?,
+        };
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io_error("locking", &self.lock_path)(io::Error::from(errno)))?;
+        let appended = self.append_locked(frames, sync);
+        // Unlocked (or closed, which unlocks) before the outcome is returned.
+        self.lock_file = lock.unlock().ok();
+        appended
+    }
+
+    /// The rest of an append, under the lock.
+    fn append_locked(&mut self, frames: Vec<Frame>, sync: bool) -> Result<Vec<i64>, FileLogError> {
+        // Another process may have started a new segment since our last look: then ours was
+        // complete, and either is gone (compacted: no longer linked) or is followed by one
+        // from its next offset.
+        let linked = self.active.file.metadata().map_err(io_error("reading", &self.active.path))?.nlink() > 0;
+        if linked {
+            self.active.catch_up()?;
+        }
+        if !linked || self.dir.join(segment_name(self.active.next)).exists() {
+            match segments(&self.dir)?.pop() {
+                Some((base, _)) if base == self.active.base && linked => {}
+                Some((base, path)) if base >= self.active.base => {
+                    self.active = Active::open(base, path)?;
+                    self.active.catch_up()?;
+                }
+                _ => {
+                    return Err(FileLogError::Damaged {
+                        path: self.dir.clone(),
+                        at: 0,
+                        reason: format!(
+                            "its last segment is gone (the one from offset {})",
+                            self.active.base
+                        ),
+                    });
+                }
             }
         }
-        self.active.catch_up()?;
         if self.active.end >= self.segment_bytes {
             // A new segment, from the next offset: the last one ends with whole frames (a torn
             // tail was just cut) and is never written again, so compaction may rewrite it.
@@ -431,7 +480,11 @@ impl TopicLog {
             frame.encode(&mut bytes)?;
             offsets.push(next);
         }
-        let written = self.active.file.write_all(&bytes).and_then(|()| self.active.file.sync_data());
+        let written = self
+            .active
+            .file
+            .write_all(&bytes)
+            .and_then(|()| if sync { self.active.file.sync_data() } else { Ok(()) });
         if let Err(err) = written {
             // Part of the batch may be in the file (whole frames stay, as a Kafka write reported
             // failed may have landed; a torn last one is cut by the next appender). After a
@@ -463,14 +516,14 @@ fn create_segment(dir: &Path, path: &Path) -> Result<(), FileLogError> {
     sync_dir(dir)
 }
 
+/// Opens (creating) the lock file at `path`.
+fn open_lock(path: &Path) -> Result<File, FileLogError> {
+    OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_error("opening", path))
+}
+
 /// Takes the lock at `path` (creating the file).
 fn lock(path: &Path, how: FlockArg) -> Result<Flock<File>, FileLogError> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(io_error("opening", path))?;
+    let file = open_lock(path)?;
     Flock::lock(file, how).map_err(|(_, errno)| io_error("locking", path)(io::Error::from(errno)))
 }
 
@@ -608,46 +661,62 @@ impl Cursor {
     /// (call again until it returns none).
     pub fn read_new(&mut self) -> Result<Vec<Frame>, FileLogError> {
         loop {
-            // Listed before the segment is read to its end: a later segment seen now means the
-            // current one is complete.
-            let listed = segments(&self.dir)?;
-            let holding = |next: i64| {
-                listed.iter().rev().find(|(base, _)| *base <= next).or_else(|| listed.first()).cloned()
-            };
             if self.current.is_none() {
-                let Some((base, path)) = holding(self.next) else { return Ok(Vec::new()) };
+                let listed = segments(&self.dir)?;
+                let Some((base, path)) = holding(&listed, self.next) else { return Ok(Vec::new()) };
                 self.current = Some(self.open_segment(base, &path)?);
             }
-            let Some((base, inode, cursor)) = &mut self.current else { continue };
-            let (base, inode) = (*base, *inode);
-            let later = listed.iter().any(|(other, _)| *other > base);
-            let frames = cursor.read_new()?;
-            if !frames.is_empty() {
-                let next = self.next;
-                let frames: Vec<Frame> = frames.into_iter().filter(|frame| frame.offset >= next).collect();
-                if let Some(last) = frames.last() {
-                    self.next = last.offset + 1;
-                    return Ok(frames);
-                }
-                continue;
+            if let Some(frames) = self.read_current()? {
+                return Ok(frames);
             }
-            if !later {
+            // At the end of the segment as read: listed after that read, a later segment means
+            // the current one was complete before it was created, so one more read to its end
+            // (after the listing) finds all that is left.
+            let listed = segments(&self.dir)?;
+            let Some((base, inode, _)) = &self.current else { continue };
+            let (base, inode) = (*base, *inode);
+            if !listed.iter().any(|(other, _)| *other > base) {
                 return Ok(Vec::new());
+            }
+            if let Some(frames) = self.read_current()? {
+                return Ok(frames);
             }
             // Done with this segment: on with the one holding the next offset, unless that is
             // the file just read (a compaction's output read whole): then the next one.
-            let Some((mut base_next, mut path)) = holding(self.next) else { return Ok(Vec::new()) };
+            let Some((base_next, path)) = holding(&listed, self.next) else { return Ok(Vec::new()) };
             let mut opened = self.open_segment(base_next, &path)?;
             if (opened.0, opened.1) == (base, inode) {
-                let Some(after) = listed.iter().find(|(other, _)| *other > base) else {
+                let Some((after, path)) = listed.iter().find(|(other, _)| *other > base) else {
                     return Ok(Vec::new());
                 };
-                (base_next, path) = after.clone();
-                opened = self.open_segment(base_next, &path)?;
+                opened = self.open_segment(*after, path)?;
             }
             self.current = Some(opened);
         }
     }
+
+    /// The frames of the current segment from the next offset on (`Some`), or `None` at its
+    /// end as read now.
+    fn read_current(&mut self) -> Result<Option<Vec<Frame>>, FileLogError> {
+        let Some((_, _, cursor)) = &mut self.current else { return Ok(None) };
+        loop {
+            let frames = cursor.read_new()?;
+            if frames.is_empty() {
+                return Ok(None);
+            }
+            let next = self.next;
+            let frames: Vec<Frame> = frames.into_iter().filter(|frame| frame.offset >= next).collect();
+            if let Some(last) = frames.last() {
+                self.next = last.offset + 1;
+                return Ok(Some(frames));
+            }
+        }
+    }
+}
+
+/// The segment holding offset `next` (the greatest first offset at most `next`), else the first.
+fn holding(listed: &[(i64, PathBuf)], next: i64) -> Option<(i64, PathBuf)> {
+    listed.iter().rev().find(|(base, _)| *base <= next).or_else(|| listed.first()).cloned()
 }
 
 /// What a topic's cleaner keeps.

@@ -30,7 +30,7 @@ use shiva_proto::Topics;
 
 pub use context::Context;
 pub use filebus::Cleaner;
-pub use publisher::Publisher;
+pub use publisher::{Durability, Publisher};
 pub use reader::{Reader, ReaderEvent, Record};
 
 /// Errors at the bus boundary. `shiva-ctl` maps them to exit codes.

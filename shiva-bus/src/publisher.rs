@@ -87,12 +87,36 @@ enum Inner {
     File(FilePublisher, shiva_proto::Topics),
 }
 
+/// What an acknowledgement promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// The record survives the loss of any process and a power cut: on Kafka, `acks=all`; on
+    /// the file bus, written and `fdatasync`ed.
+    Synced,
+    /// On the file bus, written but not synced: it survives the loss of any process, not a
+    /// power cut or a kernel crash (which stop every process of the host too). For records
+    /// whose loss in a power cut harms nothing, such as heartbeats. On Kafka, as `Synced`.
+    Written,
+}
+
 impl Publisher {
-    /// Creates a publisher named `name` (for logs).
+    /// Creates a publisher named `name` (for logs), [`Durability::Synced`].
     pub fn new(config: &BusConfig, name: &'static str) -> Result<Arc<Publisher>, BusError> {
+        Publisher::with_durability(config, name, Durability::Synced)
+    }
+
+    /// Creates a publisher named `name` whose acknowledgements promise `durability`.
+    pub fn with_durability(
+        config: &BusConfig,
+        name: &'static str,
+        durability: Durability,
+    ) -> Result<Arc<Publisher>, BusError> {
         let inner = match &config.kind {
             BusKind::Kafka => Inner::Kafka(KafkaPublisher::new(config, name)?),
-            BusKind::File(dir) => Inner::File(FilePublisher::new(config, dir, name)?, config.topics.clone()),
+            BusKind::File(dir) => Inner::File(
+                FilePublisher::new(config, dir, name, durability == Durability::Synced)?,
+                config.topics.clone(),
+            ),
         };
         Ok(Arc::new(Publisher(inner)))
     }

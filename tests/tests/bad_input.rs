@@ -154,7 +154,13 @@ fn an_unreachable_bus_or_missing_cluster_exits_3_and_a_node_keeps_retrying() {
     let cluster = Cluster::start("unknown", 1, &[]);
     assert_eq!(cluster.ctl.run(&["kill", "no/such"]).status.code(), Some(1), "a missing task fails with 1");
 
-    let silent = Broker { dir: scratch("nobroker"), port: free_port(), interval: "1s".into(), file: false };
+    let silent = Broker {
+        dir: scratch("nobroker"),
+        port: free_port(),
+        interval: "1s".into(),
+        file: false,
+        node_flags: Vec::new(),
+    };
     let mut node = Node::start(&silent, "lonely", "n1", &[]);
     std::thread::sleep(Duration::from_secs(5));
     assert!(node.is_running(), "a node without a broker keeps retrying");

@@ -102,3 +102,54 @@ fn appenders_killed_hundreds_of_times_lose_no_acknowledged_record_and_leave_a_re
     assert!(acked.len() >= kills, "the writers got on: {} acknowledged", acked.len());
     eprintln!("{kills} kills, {} acknowledged records, {} in the log", acked.len(), frames.len());
 }
+
+/// A FUSE mount of a scratch directory (bindfs), unmounted when dropped.
+struct FuseMount(std::path::PathBuf);
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount").arg("-u").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn the_file_bus_is_refused_on_a_fuse_file_system_with_exit_2_saying_why() {
+    // A network file system cannot be mounted here; FUSE, refused for the same reason (sshfs,
+    // GlusterFS and s3fs are FUSE), can: bindfs over a local directory.
+    let source = scratch("fuse-source");
+    let mount = scratch("fuse-mount");
+    let status = Command::new("bindfs")
+        .arg(&source)
+        .arg(&mount)
+        .status()
+        .expect("bindfs is missing: scripts/test installs it (apt-get install bindfs)");
+    assert!(status.success(), "bindfs failed: {status:?}");
+    let _mounted = FuseMount(mount.clone());
+    let bus = format!("file://{}/bus", mount.display());
+    let workspace = scratch("fuse-node");
+    let runs = [
+        Command::new(shiva_e2e::bin("shiva-node"))
+            .args(["--bus", &bus, "--node-id", "n1", "--workspace"])
+            .arg(&workspace)
+            .output()
+            .unwrap(),
+        Command::new(shiva_e2e::bin("shiva-ctl")).args(["--bus", &bus, "list"]).output().unwrap(),
+    ];
+    for output in runs {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("is on FUSE") && stderr.contains("Kafka"), "{stderr}");
+    }
+    assert!(!mount.join("bus").exists() && !source.join("bus").exists(), "nothing written there");
+    // The same directory, not through FUSE, is accepted.
+    let output = Command::new(shiva_e2e::bin("shiva-ctl"))
+        .args(["--bus", &format!("file://{}/bus", source.display()), "list"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "a bus without a cluster yet: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -402,3 +402,58 @@ fn old_segments_of_a_delete_topic_go_and_a_reader_before_them_goes_on_at_the_fir
     assert!(seen.iter().all(|frame| 20_000 - frame.timestamp_ms <= 5_000 + 2_000), "{seen:?}");
     assert_eq!(seen.last().unwrap().offset, 19);
 }
+
+#[test]
+fn a_reader_following_an_appender_across_many_new_segments_misses_no_record() {
+    // The appender starts a new segment every few records while the reader reads: a record
+    // written to a segment just before the next one appears is still read.
+    let dir = scratch("follow");
+    let topic = dir.join("t");
+    TopicLog::open_with(&dir, "t", 4096).unwrap();
+    let count = 5000;
+    let writer = {
+        let dir = dir.clone();
+        std::thread::spawn(move || {
+            let mut log = TopicLog::open_with(&dir, "t", 4096).unwrap();
+            for i in 0..count {
+                log.append_with(&[(b"k", Some(&vec![b'v'; (i * 31) % 700]))], 0, false).unwrap();
+            }
+        })
+    };
+    let mut cursor = Cursor::open(&topic).unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        let frames = cursor.read_new().unwrap();
+        seen.extend(frames.into_iter().map(|frame| frame.offset));
+        if writer.is_finished() && seen.len() < count {
+            let rest = cursor.read_new().unwrap();
+            assert!(!rest.is_empty() || seen.len() == count, "stuck at {} of {count}", seen.len());
+            seen.extend(rest.into_iter().map(|frame| frame.offset));
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!(seen, (0..count as i64).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_handle_whose_segment_was_closed_or_compacted_meanwhile_appends_at_the_end() {
+    let dir = scratch("stale");
+    let mut idle = TopicLog::open_with(&dir, "t", 300).unwrap();
+    let mut busy = TopicLog::open_with(&dir, "t", 300).unwrap();
+    assert_eq!(idle.append(&[(b"a", Some(b"first"))], 0).unwrap(), vec![0]);
+    let mut later = TopicLog::open_with(&dir, "t", 300).unwrap();
+    for i in 1..40 {
+        assert_eq!(busy.append(&[(b"b", Some(b"some value"))], 0).unwrap(), vec![i]);
+    }
+    // `later`'s segment is closed (still there); `idle`'s is compacted away below.
+    assert_eq!(later.append(&[(b"c", None)], 0).unwrap(), vec![40]);
+    clean(&dir.join("t"), Cleanup::Compact { tombstones_ms: i64::MAX }, 0).unwrap().expect("cleaned");
+    assert_eq!(idle.append(&[(b"a", Some(b"second"))], 0).unwrap(), vec![41]);
+    assert_eq!(busy.append(&[(b"b", None)], 0).unwrap(), vec![42]);
+    let mut seen = Vec::new();
+    drain(&mut Cursor::open(&dir.join("t")).unwrap(), &mut seen);
+    let tail: Vec<(i64, &[u8])> =
+        seen.iter().rev().take(2).map(|frame| (frame.offset, frame.key.as_slice())).collect();
+    assert_eq!(tail, vec![(42, &b"b"[..]), (41, &b"a"[..])]);
+    assert_eq!(state(&seen).get(&b"a"[..]).map(Vec::as_slice), Some(&b"second"[..]));
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use shiva_bus::logs::{self, LogSink};
-use shiva_bus::{BusError, Cleaner, Publisher, Reader, ReaderEvent, admin};
+use shiva_bus::{BusError, Cleaner, Durability, Publisher, Reader, ReaderEvent, admin};
 use shiva_proto::records::{Body, Leave, Resign, TaskStatus};
 use shiva_proto::runs::RunReport;
 use shiva_proto::topics::key;
@@ -120,7 +120,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     };
     let outbox = driver::Outbox::new(
         Publisher::new(&config.bus, "writes")?,
-        Publisher::new(&config.bus, "heartbeats")?,
+        // A heartbeat lost in a power cut harms nothing: the cut stops this host's nodes too.
+        Publisher::with_durability(&config.bus, "heartbeats", Durability::Written)?,
         results,
     );
     let mut node = Node {
