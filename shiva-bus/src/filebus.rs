@@ -70,6 +70,8 @@ pub fn network_file_system(magic: i64) -> Option<&'static str> {
         0x7461_636f => "OCFS2",
         0x0bd0_0bd0 => "Lustre",
         0x4750_4653 => "GPFS",
+        0x1983_0326 => "BeeGFS",
+        0x786f_4256 => "vboxsf (a VirtualBox shared folder)",
         0x6573_5546 => "FUSE (sshfs, GlusterFS, s3fs and the like)",
         _ => return None,
     })
@@ -234,7 +236,7 @@ pub(crate) fn spawn_reader(
             cluster: config.topics.cluster().to_owned(),
             missing: vec![config.topics.name(*kind)],
         })?;
-        cursors.push((*kind, cursor));
+        cursors.push((*kind, config.topics.name(*kind), cursor));
     }
     let dirs: Vec<&Path> = topics.iter().map(|(_, path)| path.as_path()).collect();
     let watch = Watch::new(&dirs)?;
@@ -252,14 +254,31 @@ pub(crate) fn spawn_reader(
 /// The reader thread: every record of every topic, in order per topic; each read-to-end
 /// answered after a pass that started after it was asked.
 fn follow(
-    mut cursors: Vec<(TopicKind, Cursor)>,
+    mut cursors: Vec<(TopicKind, String, Cursor)>,
     watch: Watch,
     waker: &Waker,
     requests: &std_mpsc::Receiver<Request>,
     events: &mpsc::Sender<ReaderEvent>,
     stop: &AtomicBool,
 ) {
-    let send = |event| events.blocking_send(event).is_ok();
+    // Not `blocking_send`: a reader dropped while its events are not read any more must not
+    // hang in a full channel (its drop joins this thread).
+    let send = |event| {
+        let mut event = event;
+        loop {
+            match events.try_send(event) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    event = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    };
     let mut last_error: Option<String> = None;
     let mut dirty = vec![true; cursors.len()];
     while !stop.load(Ordering::Relaxed) {
@@ -273,7 +292,7 @@ fn follow(
             dirty.iter_mut().for_each(|dirty| *dirty = true);
         }
         let mut failure = None;
-        for ((kind, cursor), dirty) in cursors.iter_mut().zip(dirty.iter_mut()) {
+        for ((kind, name, cursor), dirty) in cursors.iter_mut().zip(dirty.iter_mut()) {
             if !*dirty {
                 continue;
             }
@@ -287,6 +306,11 @@ fn follow(
                                 return;
                             }
                         }
+                    }
+                    Err(FileLogError::Regressed { next, .. }) => {
+                        // As on Kafka: the records read no longer describe the topic; stop.
+                        let _ = send(ReaderEvent::Regressed { topic: name.clone(), position: next, end: 0 });
+                        return;
                     }
                     Err(err) => {
                         failure = Some(err.to_string());

@@ -75,6 +75,19 @@ pub enum FileLogError {
         /// What does not check.
         reason: String,
     },
+    /// The segment a reader was reading was removed while it was the topic's last (compaction
+    /// never removes the last): the topic was deleted or recreated under the reader, whose
+    /// records no longer describe it.
+    #[error(
+        "{path} was removed while it was the last segment of its topic (offset {next} was next): \
+         the topic was deleted or recreated; repair or restore it, then start again"
+    )]
+    Regressed {
+        /// The segment.
+        path: PathBuf,
+        /// The offset the reader expected next.
+        next: i64,
+    },
     /// An earlier write or sync of this handle failed: what the kernel did with its pages is
     /// unknown, so this handle appends no more (open the topic again).
     #[error("{path}: an earlier append failed ({reason}); open the topic again")]
@@ -373,7 +386,14 @@ impl TopicLog {
                 }
             }
         };
-        let active = Active::open(base, path)?;
+        let mut active = Active::open(base, path)?;
+        let len = active.file.metadata().map_err(io_error("reading", &active.path))?.len();
+        if len > active.end {
+            // Bytes after the last whole frame: a write in progress, or a torn one, cut now
+            // under the lock (with a warning) rather than at the next append.
+            let _lock = lock(&lock_path, FlockArg::LockExclusive)?;
+            active.catch_up()?;
+        }
         let lock_file = open_lock(&lock_path)?;
         Ok(TopicLog {
             dir,
@@ -431,14 +451,22 @@ impl TopicLog {
         };
         let lock = Flock::lock(lock_file, FlockArg::LockExclusive)
             .map_err(|(_, errno)| io_error("locking", &self.lock_path)(io::Error::from(errno)))?;
-        let appended = self.append_locked(frames, sync);
-        // Unlocked (or closed, which unlocks) before the outcome is returned.
+        let appended = self.append_locked(frames);
+        // Unlocked (or closed, which unlocks) before the sync: a process stopped in a slow
+        // sync holds up no other appender. The next appender needs only whole frames, which
+        // the write left; a later sync of the file covers these frames too.
         self.lock_file = lock.unlock().ok();
-        appended
+        let offsets = appended?;
+        if sync && let Err(err) = self.active.file.sync_data() {
+            // After a failed sync the kernel may have dropped the pages: this handle stops here.
+            self.poisoned = Some(err.to_string());
+            return Err(io_error("syncing", &self.active.path)(err));
+        }
+        Ok(offsets)
     }
 
     /// The rest of an append, under the lock.
-    fn append_locked(&mut self, frames: Vec<Frame>, sync: bool) -> Result<Vec<i64>, FileLogError> {
+    fn append_locked(&mut self, frames: Vec<Frame>) -> Result<Vec<i64>, FileLogError> {
         // Another process may have started a new segment since our last look: then ours was
         // complete, and either is gone (compacted: no longer linked) or is followed by one
         // from its next offset.
@@ -449,7 +477,9 @@ impl TopicLog {
         if !linked || self.dir.join(segment_name(self.active.next)).exists() {
             match segments(&self.dir)?.pop() {
                 Some((base, _)) if base == self.active.base && linked => {}
-                Some((base, path)) if base >= self.active.base => {
+                // Not linked: compacted away, so no longer the last (compaction never touches
+                // the last segment): the last starts above it, or the topic was recreated.
+                Some((base, path)) if base > self.active.base => {
                     self.active = Active::open(base, path)?;
                     self.active.catch_up()?;
                 }
@@ -458,7 +488,8 @@ impl TopicLog {
                         path: self.dir.clone(),
                         at: 0,
                         reason: format!(
-                            "its last segment is gone (the one from offset {})",
+                            "the segment appended to (from offset {}) is gone and no later one \
+                             follows it: was the topic deleted or recreated?",
                             self.active.base
                         ),
                     });
@@ -467,11 +498,22 @@ impl TopicLog {
         }
         if self.active.end >= self.segment_bytes {
             // A new segment, from the next offset: the last one ends with whole frames (a torn
-            // tail was just cut) and is never written again, so compaction may rewrite it.
+            // tail was just cut) and is never written again, so compaction may rewrite it. It is
+            // synced first (records appended unsynced may end it): a segment before the last
+            // is whole even after a power cut.
+            self.active.file.sync_data().map_err(io_error("syncing", &self.active.path))?;
             let base = self.active.next;
             let path = self.dir.join(segment_name(base));
             create_segment(&self.dir, &path)?;
             self.active = Active::open(base, path)?;
+        }
+        let count = i64::try_from(frames.len()).unwrap_or(i64::MAX);
+        if self.active.next.checked_add(count).is_none() {
+            return Err(FileLogError::Damaged {
+                path: self.active.path.clone(),
+                at: self.active.end,
+                reason: format!("offsets from {} would overflow", self.active.next),
+            });
         }
         let mut bytes = Vec::new();
         let mut offsets = Vec::with_capacity(frames.len());
@@ -480,19 +522,13 @@ impl TopicLog {
             frame.encode(&mut bytes)?;
             offsets.push(next);
         }
-        let written = self
-            .active
-            .file
-            .write_all(&bytes)
-            .and_then(|()| if sync { self.active.file.sync_data() } else { Ok(()) });
-        if let Err(err) = written {
+        if let Err(err) = self.active.file.write_all(&bytes) {
             // Part of the batch may be in the file (whole frames stay, as a Kafka write reported
-            // failed may have landed; a torn last one is cut by the next appender). After a
-            // failed sync the kernel may have dropped the pages: this handle stops here.
+            // failed may have landed; a torn last one is cut by the next appender).
             self.poisoned = Some(err.to_string());
             return Err(io_error("appending to", &self.active.path)(err));
         }
-        self.active.next += i64::try_from(offsets.len()).unwrap_or(i64::MAX);
+        self.active.next += count;
         self.active.end += bytes.len() as u64;
         Ok(offsets)
     }
@@ -503,9 +539,13 @@ fn create_topic_dir(dir: &Path) -> Result<(), FileLogError> {
     if dir.is_dir() {
         return Ok(());
     }
+    let created: Vec<&Path> = dir.ancestors().take_while(|ancestor| !ancestor.exists()).collect();
     std::fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
-    if let Some(parent) = dir.parent() {
-        sync_dir(parent)?;
+    // Each new directory's entry is durable: its parent is synced, from the top down.
+    for new in created.iter().rev() {
+        if let Some(parent) = new.parent() {
+            sync_dir(parent)?;
+        }
     }
     Ok(())
 }
@@ -650,21 +690,45 @@ impl Cursor {
         self.next
     }
 
-    fn open_segment(&self, base: i64, path: &Path) -> Result<(i64, u64, SegmentCursor), FileLogError> {
-        use std::os::unix::fs::MetadataExt;
-        let file = File::open(path).map_err(io_error("opening", path))?;
+    /// Opens a listed segment; `None` when it is gone meanwhile (a cleaner removed it).
+    fn open_segment(
+        &self,
+        base: i64,
+        path: &Path,
+    ) -> Result<Option<(i64, u64, SegmentCursor)>, FileLogError> {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(io_error("opening", path)(err)),
+        };
         let inode = file.metadata().map_err(io_error("reading", path))?.ino();
-        Ok((base, inode, SegmentCursor::at_start(path, file, base, false)))
+        Ok(Some((base, inode, SegmentCursor::at_start(path, file, base, false))))
     }
 
     /// The records appended whole since the last call, in order, up to about 4 MiB of them
     /// (call again until it returns none).
     pub fn read_new(&mut self) -> Result<Vec<Frame>, FileLogError> {
+        // A segment listed and removed before it is opened (a cleaner at work) is listed again:
+        // a few times at most, unless cleaners keep removing what is listed.
+        let mut gone = 0;
+        let mut retry = |path: &Path| {
+            gone += 1;
+            if gone > 100 {
+                return Err(io_error("opening", path)(io::Error::from(io::ErrorKind::NotFound)));
+            }
+            Ok(())
+        };
         loop {
             if self.current.is_none() {
                 let listed = segments(&self.dir)?;
                 let Some((base, path)) = holding(&listed, self.next) else { return Ok(Vec::new()) };
-                self.current = Some(self.open_segment(base, &path)?);
+                match self.open_segment(base, &path)? {
+                    Some(opened) => self.current = Some(opened),
+                    None => {
+                        retry(&path)?;
+                        continue;
+                    }
+                }
             }
             if let Some(frames) = self.read_current()? {
                 return Ok(frames);
@@ -672,10 +736,18 @@ impl Cursor {
             // At the end of the segment as read: listed after that read, a later segment means
             // the current one was complete before it was created, so one more read to its end
             // (after the listing) finds all that is left.
-            let listed = segments(&self.dir)?;
-            let Some((base, inode, _)) = &self.current else { continue };
+            let Some((base, inode, cursor)) = &self.current else { continue };
             let (base, inode) = (*base, *inode);
+            // Looked at before the listing: a segment removed while it was the last means the
+            // topic was deleted or recreated (compaction removes only segments before the last,
+            // and the later one it needs is then listed).
+            let unlinked = cursor.file.metadata().map_err(io_error("reading", &cursor.path))?.nlink() == 0;
+            let path = cursor.path.clone();
+            let listed = segments(&self.dir)?;
             if !listed.iter().any(|(other, _)| *other > base) {
+                if unlinked {
+                    return Err(FileLogError::Regressed { path, next: self.next });
+                }
                 return Ok(Vec::new());
             }
             if let Some(frames) = self.read_current()? {
@@ -684,12 +756,19 @@ impl Cursor {
             // Done with this segment: on with the one holding the next offset, unless that is
             // the file just read (a compaction's output read whole): then the next one.
             let Some((base_next, path)) = holding(&listed, self.next) else { return Ok(Vec::new()) };
-            let mut opened = self.open_segment(base_next, &path)?;
+            let Some(mut opened) = self.open_segment(base_next, &path)? else {
+                retry(&path)?;
+                continue;
+            };
             if (opened.0, opened.1) == (base, inode) {
                 let Some((after, path)) = listed.iter().find(|(other, _)| *other > base) else {
                     return Ok(Vec::new());
                 };
-                opened = self.open_segment(*after, path)?;
+                let Some(after) = self.open_segment(*after, path)? else {
+                    retry(path)?;
+                    continue;
+                };
+                opened = after;
             }
             self.current = Some(opened);
         }
@@ -717,6 +796,19 @@ impl Cursor {
 /// The segment holding offset `next` (the greatest first offset at most `next`), else the first.
 fn holding(listed: &[(i64, PathBuf)], next: i64) -> Option<(i64, PathBuf)> {
     listed.iter().rev().find(|(base, _)| *base <= next).or_else(|| listed.first()).cloned()
+}
+
+/// When each tombstone of a compacted segment was first compacted: lines `<offset> <ms>`, from
+/// the file at `path` (none when it is missing; lines that do not parse are skipped: the worst a
+/// damaged file does is restart a tombstone's retention).
+fn read_cleaned(path: &Path) -> std::collections::HashMap<i64, i64> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (offset, since) = line.split_once(' ')?;
+            Some((offset.parse().ok()?, since.parse().ok()?))
+        })
+        .collect()
 }
 
 /// What a topic's cleaner keeps.
@@ -827,17 +919,44 @@ pub fn clean(dir: &Path, cleanup: Cleanup, now_ms: i64) -> Result<Option<Cleaned
             for (index, frame) in frames.iter().enumerate() {
                 newest.insert(frame.key.as_slice(), index);
             }
+            // A tombstone's retention runs from its first compaction, as Kafka's
+            // `delete.retention.ms` runs from its first cleaning: a reader that began before it
+            // (and may have read the record it deletes from a file compacted since) meets it
+            // if it reaches it within the retention. When each kept tombstone was first
+            // compacted is in `<first>.cleaned` beside the output.
+            let (first_base, first) = &listed[0];
+            let cleaned_path = dir.join(format!("{first_base:020}.cleaned"));
+            let first_cleaned = read_cleaned(&cleaned_path);
             let mut bytes = Vec::new();
+            let mut cleaned = String::new();
             let mut kept = 0;
             for (index, frame) in frames.iter().enumerate() {
-                let expired =
-                    frame.value.is_none() && now_ms.saturating_sub(frame.timestamp_ms) > tombstones_ms;
-                if newest.get(frame.key.as_slice()) == Some(&index) && !expired {
-                    frame.encode(&mut bytes)?;
-                    kept += 1;
+                if newest.get(frame.key.as_slice()) != Some(&index) {
+                    continue;
                 }
+                if frame.value.is_none() {
+                    let since = first_cleaned.get(&frame.offset).copied().unwrap_or(now_ms);
+                    if now_ms.saturating_sub(since) > tombstones_ms {
+                        continue;
+                    }
+                    cleaned.push_str(&format!("{} {since}\n", frame.offset));
+                }
+                frame.encode(&mut bytes)?;
+                kept += 1;
             }
-            let (first_base, first) = &listed[0];
+            // Written before the output: a crash between the two renames leaves times from a
+            // compaction that did not finish, earlier than the truth by at most its duration.
+            let pending = dir.join(format!("{first_base:020}.cleaned.new"));
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&pending)
+                .map_err(io_error("creating", &pending))?;
+            file.write_all(cleaned.as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(io_error("writing", &pending))?;
+            std::fs::rename(&pending, &cleaned_path).map_err(io_error("renaming", &pending))?;
             let output = dir.join(format!("{first_base:020}.compacting"));
             let mut file = OpenOptions::new()
                 .write(true)

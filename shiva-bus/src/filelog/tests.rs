@@ -96,10 +96,11 @@ fn a_torn_tail_is_not_read_and_the_next_append_cuts_it() {
         let mut cursor = Cursor::open(log.dir()).unwrap();
         assert_eq!(cursor.read_new().unwrap().len(), 2, "the torn frame is not read");
         assert!(cursor.read_new().unwrap().is_empty());
-        // The next appender (another handle: another process) cuts it and writes in its place,
-        // and says so in its log.
-        let mut other = TopicLog::open(&dir, "t").unwrap();
-        let (offsets, said) = logged(|| other.append(&[(b"c", Some(b"3"))], 0).unwrap());
+        // The next open (another handle: another process) cuts it, and says so in its log; the
+        // handle that saw it first (the writer's, as if it lived on) appends in its place.
+        let (_, said) = logged(|| TopicLog::open(&dir, "t").unwrap());
+        assert_eq!(std::fs::metadata(log.segment_path()).unwrap().len(), before, "cut at open");
+        let offsets = log.append(&[(b"c", Some(b"3"))], 0).unwrap();
         assert_eq!(offsets, vec![2]);
         assert!(
             said.contains("cutting a torn write") && said.contains(&format!("cut={}", torn.len())),
@@ -295,6 +296,8 @@ fn compaction_keeps_the_newest_record_per_key_at_its_offset_and_appends_go_on_me
 
 #[test]
 fn tombstones_stay_for_their_retention_then_go_with_their_key() {
+    // Retention runs from a tombstone's first compaction, as Kafka's from its first cleaning:
+    // one written long ago (by its timestamp) still stays through its first compaction.
     let dir = scratch("tombstones");
     let mut log = TopicLog::open_with(&dir, "t", 100).unwrap();
     log.append(&[(b"gone", Some(b"1"))], 1_000).unwrap();
@@ -307,14 +310,20 @@ fn tombstones_stay_for_their_retention_then_go_with_their_key() {
         drain(&mut Cursor::open(dir).unwrap(), &mut seen);
         seen
     };
-    clean(log.dir(), Cleanup::Compact { tombstones_ms: 10_000 }, 5_000).unwrap().expect("cleaned");
+    let first = 5_000_000;
+    clean(log.dir(), Cleanup::Compact { tombstones_ms: 10_000 }, first).unwrap().expect("cleaned");
     let seen = read(log.dir());
     assert!(seen.iter().any(|frame| frame.key == b"gone" && frame.value.is_none()), "the tombstone stays");
     assert!(!seen.iter().any(|frame| frame.key == b"gone" && frame.value.is_some()));
     for i in 10..20 {
-        log.append(&[(b"other", Some(format!("{i}").as_bytes()))], 20_000).unwrap();
+        log.append(&[(b"other", Some(format!("{i}").as_bytes()))], first + 5_000).unwrap();
     }
-    clean(log.dir(), Cleanup::Compact { tombstones_ms: 10_000 }, 20_000).unwrap().expect("cleaned");
+    clean(log.dir(), Cleanup::Compact { tombstones_ms: 10_000 }, first + 5_000).unwrap().expect("cleaned");
+    assert!(read(log.dir()).iter().any(|frame| frame.key == b"gone"), "within its retention: stays");
+    for i in 20..30 {
+        log.append(&[(b"other", Some(format!("{i}").as_bytes()))], first + 20_000).unwrap();
+    }
+    clean(log.dir(), Cleanup::Compact { tombstones_ms: 10_000 }, first + 20_000).unwrap().expect("cleaned");
     assert!(!read(log.dir()).iter().any(|frame| frame.key == b"gone"), "the key is gone");
 }
 
@@ -456,4 +465,36 @@ fn a_handle_whose_segment_was_closed_or_compacted_meanwhile_appends_at_the_end()
         seen.iter().rev().take(2).map(|frame| (frame.offset, frame.key.as_slice())).collect();
     assert_eq!(tail, vec![(42, &b"b"[..]), (41, &b"a"[..])]);
     assert_eq!(state(&seen).get(&b"a"[..]).map(Vec::as_slice), Some(&b"second"[..]));
+}
+
+#[test]
+fn a_topic_deleted_and_recreated_under_its_reader_and_appender_is_an_error_not_a_silent_gap() {
+    let dir = scratch("recreated");
+    let mut log = TopicLog::open(&dir, "t").unwrap();
+    log.append(&[(b"a", Some(b"1")), (b"b", Some(b"2"))], 0).unwrap();
+    let mut cursor = Cursor::open(log.dir()).unwrap();
+    assert_eq!(cursor.read_new().unwrap().len(), 2);
+    std::fs::remove_dir_all(log.dir()).unwrap();
+    let mut fresh = TopicLog::open(&dir, "t").unwrap();
+    assert_eq!(fresh.append(&[(b"c", Some(b"3"))], 0).unwrap(), vec![0]);
+    let err = cursor.read_new().unwrap_err();
+    assert!(matches!(err, FileLogError::Regressed { next: 2, .. }), "{err}");
+    let err = log.append(&[(b"d", None)], 0).unwrap_err();
+    assert!(err.to_string().contains("deleted or recreated"), "{err}");
+}
+
+#[test]
+fn a_segment_removed_between_listing_and_opening_is_listed_again() {
+    // As a cleaner does between a reader's listing and its open: `open_segment` says gone.
+    let dir = scratch("gone");
+    let mut log = TopicLog::open_with(&dir, "t", 100).unwrap();
+    for _ in 0..10 {
+        log.append(&[(b"k", Some(b"a value of some size"))], 0).unwrap();
+    }
+    let cursor = Cursor::open(log.dir()).unwrap();
+    assert!(cursor.open_segment(3, &log.dir().join(segment_name(3))).unwrap().is_none());
+    clean(log.dir(), Cleanup::Compact { tombstones_ms: 0 }, 0).unwrap().expect("cleaned");
+    let mut seen = Vec::new();
+    drain(&mut Cursor::open(log.dir()).unwrap(), &mut seen);
+    assert_eq!(seen.last().unwrap().offset, 9);
 }
