@@ -309,7 +309,8 @@ fn follow(
                     }
                     Err(FileLogError::Regressed { next, .. }) => {
                         // As on Kafka: the records read no longer describe the topic; stop.
-                        let _ = send(ReaderEvent::Regressed { topic: name.clone(), position: next, end: 0 });
+                        let end = topic_end(cursor.dir()).unwrap_or(0);
+                        let _ = send(ReaderEvent::Regressed { topic: name.clone(), position: next, end });
                         return;
                     }
                     Err(err) => {
@@ -342,6 +343,13 @@ fn follow(
         last_error = failure;
         watch.wait(waker, IDLE_LOOK, &mut dirty);
     }
+}
+
+/// The end (next offset) of the topic in `dir`, read from its start.
+fn topic_end(dir: &Path) -> Result<i64, FileLogError> {
+    let mut cursor = Cursor::open(dir)?;
+    while !cursor.read_new()?.is_empty() {}
+    Ok(cursor.next_offset())
 }
 
 fn record(topic: TopicKind, frame: Frame) -> Record {

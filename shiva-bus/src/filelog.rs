@@ -1,19 +1,21 @@
-//! One topic of the file bus (issue 16): an append-only file of framed records that several
-//! processes of one host share, with the offsets, keys and tombstones of a Kafka partition.
+//! One topic of the file bus (issue 16): a directory of append-only segment files of framed
+//! records that several processes of one host share, with the offsets, keys, tombstones and
+//! compaction of a Kafka partition.
 //!
 //! Invariants:
 //! * **Acknowledged means durable.** [`TopicLog::append`] returns only once its frames are
-//!   written whole and `fdatasync`ed (the directory too, when it created the file): a record
+//!   written whole and `fdatasync`ed (the directory too, when it created a file): a record
 //!   acknowledged to a writer survives `kill -9` of any process, and a power cut as far as the
 //!   disk keeps its word. A reader may see a record between its write and its sync (as a
 //!   non-idempotent Kafka write reported failed may have landed, a failed append's records may
 //!   be there too): a power cut in that window loses what it read, and every process with it.
 //! * **Appends never interleave.** An appender holds an exclusive `flock` on the topic's lock
-//!   file from reading the tail to its `fdatasync`, and writes at the end of the file
-//!   (`O_APPEND`): two processes appending at once write one after the other.
-//! * **Offsets are stable and total.** Each frame carries its offset; they are dense and
-//!   increasing in file order (the next one is the last frame's plus one), so a reader resumes
-//!   at an offset, as on Kafka.
+//!   file from reading the tail to the end of its write (it syncs after releasing it), and
+//!   writes at the end of the last segment (`O_APPEND`): two processes appending at once write
+//!   one after the other.
+//! * **Offsets are stable and total.** Each frame carries its offset; they are dense in a
+//!   segment appenders write and increasing across segments and in compacted ones, so a reader
+//!   resumes at an offset, as on Kafka.
 //! * **A torn tail is cut, and said so.** What a writer killed mid-write leaves after the last
 //!   whole frame (fewer bytes than a frame's prefix, or a frame whose body runs past the end of
 //!   the file), or zeros to the end (a power cut after the file grew, before its pages were
@@ -213,6 +215,11 @@ fn segments(dir: &Path) -> Result<Vec<(i64, PathBuf)>, FileLogError> {
     Ok(found)
 }
 
+/// The device and inode of `dir`, `None` when it is gone.
+fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(dir).ok().map(|meta| (meta.dev(), meta.ino()))
+}
+
 /// Syncs `dir`, so that files created, renamed or removed in it stay so after a power cut.
 fn sync_dir(dir: &Path) -> Result<(), FileLogError> {
     File::open(dir).and_then(|dir| dir.sync_all()).map_err(io_error("syncing", dir))
@@ -350,6 +357,8 @@ impl Active {
 /// their first offset; appends go to the last one.
 pub struct TopicLog {
     dir: PathBuf,
+    /// The topic directory's device and inode when opened.
+    dir_id: (u64, u64),
     lock_path: PathBuf,
     /// The lock file, open between appends (`None` after a failed unlock: opened again).
     lock_file: Option<File>,
@@ -395,8 +404,11 @@ impl TopicLog {
             active.catch_up()?;
         }
         let lock_file = open_lock(&lock_path)?;
+        let dir_id = dir_identity(&dir)
+            .ok_or_else(|| io_error("opening", &dir)(io::Error::from(io::ErrorKind::NotFound)))?;
         Ok(TopicLog {
             dir,
+            dir_id,
             lock_path,
             lock_file: Some(lock_file),
             segment_bytes: segment_bytes.max(1),
@@ -475,6 +487,13 @@ impl TopicLog {
             self.active.catch_up()?;
         }
         if !linked || self.dir.join(segment_name(self.active.next)).exists() {
+            if dir_identity(&self.dir) != Some(self.dir_id) {
+                return Err(FileLogError::Damaged {
+                    path: self.dir.clone(),
+                    at: 0,
+                    reason: "the topic directory was deleted or recreated since it was opened".to_owned(),
+                });
+            }
             match segments(&self.dir)?.pop() {
                 Some((base, _)) if base == self.active.base && linked => {}
                 // Not linked: compacted away, so no longer the last (compaction never touches
@@ -501,7 +520,11 @@ impl TopicLog {
             // tail was just cut) and is never written again, so compaction may rewrite it. It is
             // synced first (records appended unsynced may end it): a segment before the last
             // is whole even after a power cut.
-            self.active.file.sync_data().map_err(io_error("syncing", &self.active.path))?;
+            if let Err(err) = self.active.file.sync_data() {
+                // A writeback error is reported once: this handle stops rather than roll on.
+                self.poisoned = Some(err.to_string());
+                return Err(io_error("syncing", &self.active.path)(err));
+            }
             let base = self.active.next;
             let path = self.dir.join(segment_name(base));
             create_segment(&self.dir, &path)?;
@@ -667,6 +690,9 @@ impl SegmentCursor {
 /// ends with whole frames, and never write to it again.
 pub struct Cursor {
     dir: PathBuf,
+    /// The topic directory's device and inode when the cursor opened: another one under its
+    /// name is a topic deleted and recreated.
+    dir_id: (u64, u64),
     current: Option<(i64, u64, SegmentCursor)>,
     next: i64,
 }
@@ -682,12 +708,27 @@ impl Cursor {
         if !dir.is_dir() {
             return Err(io_error("opening", dir)(io::Error::from(io::ErrorKind::NotFound)));
         }
-        Ok(Cursor { dir: dir.to_owned(), current: None, next: offset.max(0) })
+        let dir_id = dir_identity(dir)
+            .ok_or_else(|| io_error("opening", dir)(io::Error::from(io::ErrorKind::NotFound)))?;
+        Ok(Cursor { dir: dir.to_owned(), dir_id, current: None, next: offset.max(0) })
+    }
+
+    /// The topic directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The offset of the next record this cursor returns, or higher.
     pub fn next_offset(&self) -> i64 {
         self.next
+    }
+
+    /// The topic's segments; a topic directory gone is a topic deleted under the reader.
+    fn list(&self) -> Result<Vec<(i64, PathBuf)>, FileLogError> {
+        if dir_identity(&self.dir) != Some(self.dir_id) {
+            return Err(FileLogError::Regressed { path: self.dir.clone(), next: self.next });
+        }
+        segments(&self.dir)
     }
 
     /// Opens a listed segment; `None` when it is gone meanwhile (a cleaner removed it).
@@ -720,7 +761,7 @@ impl Cursor {
         };
         loop {
             if self.current.is_none() {
-                let listed = segments(&self.dir)?;
+                let listed = self.list()?;
                 let Some((base, path)) = holding(&listed, self.next) else { return Ok(Vec::new()) };
                 match self.open_segment(base, &path)? {
                     Some(opened) => self.current = Some(opened),
@@ -743,7 +784,7 @@ impl Cursor {
             // and the later one it needs is then listed).
             let unlinked = cursor.file.metadata().map_err(io_error("reading", &cursor.path))?.nlink() == 0;
             let path = cursor.path.clone();
-            let listed = segments(&self.dir)?;
+            let listed = self.list()?;
             if !listed.iter().any(|(other, _)| *other > base) {
                 if unlinked {
                     return Err(FileLogError::Regressed { path, next: self.next });
@@ -814,8 +855,8 @@ fn read_cleaned(path: &Path) -> std::collections::HashMap<i64, i64> {
 /// What a topic's cleaner keeps.
 #[derive(Debug, Clone, Copy)]
 pub enum Cleanup {
-    /// The newest record of each key; a tombstone only until it is `tombstones_ms` old (by its
-    /// timestamp), like Kafka's `cleanup.policy=compact` with `delete.retention.ms`.
+    /// The newest record of each key; a tombstone for `tombstones_ms` after its first
+    /// compaction, like Kafka's `cleanup.policy=compact` with `delete.retention.ms`.
     Compact {
         /// How long a tombstone stays.
         tombstones_ms: i64,
@@ -944,8 +985,10 @@ pub fn clean(dir: &Path, cleanup: Cleanup, now_ms: i64) -> Result<Option<Cleaned
                 frame.encode(&mut bytes)?;
                 kept += 1;
             }
-            // Written before the output: a crash between the two renames leaves times from a
-            // compaction that did not finish, earlier than the truth by at most its duration.
+            // Put in place after the output, before the inputs go: a compaction that fails
+            // before its output is in place records nothing; a crash between the two renames
+            // leaves the old times (looked up by offset, still true) and none for the new
+            // tombstones, whose retention then starts later (the safe side).
             let pending = dir.join(format!("{first_base:020}.cleaned.new"));
             let mut file = OpenOptions::new()
                 .write(true)
@@ -956,7 +999,6 @@ pub fn clean(dir: &Path, cleanup: Cleanup, now_ms: i64) -> Result<Option<Cleaned
             file.write_all(cleaned.as_bytes())
                 .and_then(|()| file.sync_all())
                 .map_err(io_error("writing", &pending))?;
-            std::fs::rename(&pending, &cleaned_path).map_err(io_error("renaming", &pending))?;
             let output = dir.join(format!("{first_base:020}.compacting"));
             let mut file = OpenOptions::new()
                 .write(true)
@@ -966,6 +1008,7 @@ pub fn clean(dir: &Path, cleanup: Cleanup, now_ms: i64) -> Result<Option<Cleaned
                 .map_err(io_error("creating", &output))?;
             file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(io_error("writing", &output))?;
             std::fs::rename(&output, first).map_err(io_error("renaming", &output))?;
+            std::fs::rename(&pending, &cleaned_path).map_err(io_error("renaming", &pending))?;
             sync_dir(dir)?;
             for (_, path) in &listed[1..] {
                 std::fs::remove_file(path).map_err(io_error("removing", path))?;
