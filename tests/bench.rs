@@ -507,6 +507,22 @@ async fn resume(broker: &Broker, tasks: usize, runs: usize) -> (usize, f64, f64,
 }
 
 /// CPU time (ns) of every thread of `pid`.
+/// An idle cluster's worst node, after 3 s to settle: its RSS (KiB) and its CPU (% of a core)
+/// over a window of 30 s (10 s with `--quick`), and the window.
+fn idle(nodes: &[Node], quick: bool) -> (u64, f64, Duration) {
+    std::thread::sleep(Duration::from_secs(3));
+    let window = Duration::from_secs(if quick { 10 } else { 30 });
+    let before: Vec<u64> = nodes.iter().map(|node| cpu_ns(node.pid())).collect();
+    std::thread::sleep(window);
+    let cpu = nodes
+        .iter()
+        .zip(before)
+        .map(|(node, before)| (cpu_ns(node.pid()) - before) as f64 / window.as_nanos() as f64 * 100.0)
+        .fold(0.0, f64::max);
+    let rss = nodes.iter().map(|node| rss_kb(node.pid())).max().unwrap();
+    (rss, cpu, window)
+}
+
 fn cpu_ns(pid: i32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -561,16 +577,7 @@ fn main() {
             (1..=3).map(|i| Node::launch(&broker, &name, &format!("i{i}"), &extra)).collect();
         let ctl = Ctl::new(&broker, &name);
         wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
-        std::thread::sleep(Duration::from_secs(3));
-        let window = Duration::from_secs(if quick { 10 } else { 30 });
-        let before: Vec<u64> = nodes.iter().map(|node| cpu_ns(node.pid())).collect();
-        std::thread::sleep(window);
-        let cpu = nodes
-            .iter()
-            .zip(before)
-            .map(|(node, before)| (cpu_ns(node.pid()) - before) as f64 / window.as_nanos() as f64 * 100.0)
-            .fold(0.0, f64::max);
-        let rss = nodes.iter().map(|node| rss_kb(node.pid())).max().unwrap();
+        let (rss, cpu, window) = idle(&nodes, quick);
         let label = if fetch == "12ms" {
             "--fetch-wait 12ms (default)".to_owned()
         } else {
@@ -754,16 +761,7 @@ fn filebus_figures(runtime: &tokio::runtime::Runtime, kafka: &Broker, report: &m
             (1..=3).map(|i| Node::launch(broker, &name, &format!("f{i}"), &[])).collect();
         let ctl = Ctl::new(broker, &name);
         wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
-        std::thread::sleep(Duration::from_secs(3));
-        let window = Duration::from_secs(if quick { 10 } else { 30 });
-        let before: Vec<u64> = nodes.iter().map(|node| cpu_ns(node.pid())).collect();
-        std::thread::sleep(window);
-        let cpu = nodes
-            .iter()
-            .zip(before)
-            .map(|(node, before)| (cpu_ns(node.pid()) - before) as f64 / window.as_nanos() as f64 * 100.0)
-            .fold(0.0, f64::max);
-        let rss = nodes.iter().map(|node| rss_kb(node.pid())).max().unwrap();
+        let (rss, cpu, window) = idle(&nodes, quick);
         report.push(format!(
             "| {label}: idle node in a 3-node cluster, default settings | RSS {:.1} MB, CPU {cpu:.2} % of a core (worst of 3 nodes, {}s) |",
             rss as f64 / 1024.0,

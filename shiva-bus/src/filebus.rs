@@ -309,7 +309,7 @@ fn follow(
                     }
                     Err(FileLogError::Regressed { next, .. }) => {
                         // As on Kafka: the records read no longer describe the topic; stop.
-                        let end = topic_end(cursor.dir()).unwrap_or(0);
+                        let end = topic_end(cursor.dir(), 0).unwrap_or(0);
                         let _ = send(ReaderEvent::Regressed { topic: name.clone(), position: next, end });
                         return;
                     }
@@ -345,9 +345,9 @@ fn follow(
     }
 }
 
-/// The end (next offset) of the topic in `dir`, read from its start.
-fn topic_end(dir: &Path) -> Result<i64, FileLogError> {
-    let mut cursor = Cursor::open(dir)?;
+/// The end (next offset) of the topic in `dir`, read from offset `from`.
+fn topic_end(dir: &Path, from: i64) -> Result<i64, FileLogError> {
+    let mut cursor = Cursor::at(dir, from)?;
     while !cursor.read_new()?.is_empty() {}
     Ok(cursor.next_offset())
 }
@@ -604,9 +604,7 @@ impl FileLogReader {
 
     /// The topic's end (next offset).
     pub(crate) fn end(&self) -> Result<i64, BusError> {
-        let mut cursor = Cursor::at(&self.dir, self.cursor.next_offset()).map_err(file_error)?;
-        while !cursor.read_new().map_err(file_error)?.is_empty() {}
-        Ok(cursor.next_offset())
+        topic_end(&self.dir, self.cursor.next_offset()).map_err(file_error)
     }
 
     /// Where the next record comes from.

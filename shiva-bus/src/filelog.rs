@@ -215,6 +215,17 @@ fn segments(dir: &Path) -> Result<Vec<(i64, PathBuf)>, FileLogError> {
     Ok(found)
 }
 
+/// Writes `bytes` to a file at `path` (replacing what it held) and syncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), FileLogError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io_error("creating", path))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io_error("writing", path))
+}
+
 /// The device and inode of `dir`, `None` when it is gone.
 fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(dir).ok().map(|meta| (meta.dev(), meta.ino()))
@@ -990,23 +1001,9 @@ pub fn clean(dir: &Path, cleanup: Cleanup, now_ms: i64) -> Result<Option<Cleaned
             // leaves the old times (looked up by offset, still true) and none for the new
             // tombstones, whose retention then starts later (the safe side).
             let pending = dir.join(format!("{first_base:020}.cleaned.new"));
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&pending)
-                .map_err(io_error("creating", &pending))?;
-            file.write_all(cleaned.as_bytes())
-                .and_then(|()| file.sync_all())
-                .map_err(io_error("writing", &pending))?;
+            write_synced(&pending, cleaned.as_bytes())?;
             let output = dir.join(format!("{first_base:020}.compacting"));
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&output)
-                .map_err(io_error("creating", &output))?;
-            file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(io_error("writing", &output))?;
+            write_synced(&output, &bytes)?;
             std::fs::rename(&output, first).map_err(io_error("renaming", &output))?;
             std::fs::rename(&pending, &cleaned_path).map_err(io_error("renaming", &pending))?;
             sync_dir(dir)?;
