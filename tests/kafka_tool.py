@@ -25,10 +25,29 @@ usage:
 """
 import base64
 import json
+import os
 import sys
 
-from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+import confluent_kafka
+import confluent_kafka.admin
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import NewTopic
+
+# KAFKA_TOOL_CONFIG: a JSON object of librdkafka settings every client of this run gets, last
+# (a compression codec, TLS or SASL settings).
+EXTRA = json.loads(os.environ.get("KAFKA_TOOL_CONFIG") or "{}")
+
+
+def Producer(config):
+    return confluent_kafka.Producer({**config, **EXTRA})
+
+
+def Consumer(config):
+    return confluent_kafka.Consumer({**config, **EXTRA})
+
+
+def AdminClient(config):
+    return confluent_kafka.admin.AdminClient({**config, **EXTRA})
 
 bootstrap, command = sys.argv[1], sys.argv[2]
 args = sys.argv[3:]

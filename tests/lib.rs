@@ -84,6 +84,10 @@ pub struct Broker {
     pub file: bool,
     /// Flags every node of this bus gets (the file bus's test settings).
     pub node_flags: Vec<String>,
+    /// The port the broker names in its metadata when not its own (a TLS terminator's).
+    pub advertise: Option<u16>,
+    /// Clients must log in with SASL.
+    pub authentication: bool,
 }
 
 impl Broker {
@@ -107,14 +111,59 @@ impl Broker {
             interval: interval.to_owned(),
             file: false,
             node_flags: Vec::new(),
+            advertise: None,
+            authentication: false,
         };
         broker.launch();
         broker
     }
 
+    /// Starts a broker that names `advertise` as its port in metadata (a TLS terminator in
+    /// front of it) and, with `authentication`, requires a SASL login (add users first with
+    /// [`Broker::add_user`], on a broker started without it).
+    pub fn start_behind(advertise: Option<u16>, authentication: bool) -> Broker {
+        let broker = Broker {
+            dir: scratch("broker"),
+            port: free_port(),
+            interval: "1s".into(),
+            file: false,
+            node_flags: Vec::new(),
+            advertise,
+            authentication,
+        };
+        broker.launch();
+        broker
+    }
+
+    /// Adds a SASL/SCRAM-SHA-256 user.
+    pub fn add_user(&self, name: &str, password: &str) {
+        let output = Command::new(repo().join("scripts/broker"))
+            .args(["user", "--port", &self.port.to_string(), name, password])
+            .output()
+            .expect("run scripts/broker user");
+        assert!(output.status.success(), "adding a user failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// Stops the broker and starts it again on the same data, requiring SASL logins.
+    pub fn restart_with_authentication(&mut self) {
+        let output =
+            Command::new(repo().join("scripts/broker")).args(["stop", "--dir"]).arg(&self.dir).output();
+        assert!(output.is_ok_and(|output| output.status.success()), "stopping the broker failed");
+        self.authentication = true;
+        self.launch();
+    }
+
     /// A file bus in a directory of its own; its nodes get `node_flags`.
     pub fn file_bus(node_flags: Vec<String>) -> Broker {
-        Broker { dir: scratch("filebus"), port: 0, interval: String::new(), file: true, node_flags }
+        Broker {
+            dir: scratch("filebus"),
+            port: 0,
+            interval: String::new(),
+            file: true,
+            node_flags,
+            advertise: None,
+            authentication: false,
+        }
     }
 
     fn launch(&self) {
@@ -123,6 +172,13 @@ impl Broker {
             .args(["start", "--dir"])
             .arg(&self.dir)
             .args(["--port", &self.port.to_string(), "--maintenance-interval", &self.interval])
+            .args(
+                self.advertise
+                    .map(|port| ["--advertise-port".to_owned(), port.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
+            .args(self.authentication.then_some("--authentication"))
             .output()
             .expect("run scripts/broker");
         assert!(
@@ -132,12 +188,12 @@ impl Broker {
         );
     }
 
-    /// `kafka://127.0.0.1:PORT`, or `file:///DIR/bus`.
+    /// `kafka://127.0.0.1:PORT` (the advertised port, when not its own), or `file:///DIR/bus`.
     pub fn url(&self) -> String {
         if self.file {
             return format!("file://{}", self.dir.join("bus").display());
         }
-        format!("kafka://127.0.0.1:{}", self.port)
+        format!("kafka://127.0.0.1:{}", self.advertise.unwrap_or(self.port))
     }
 
     /// SIGKILL.
@@ -363,18 +419,30 @@ impl Drop for Node {
 pub struct Ctl {
     bus: String,
     cluster: String,
+    /// Flags before the subcommand (`-X` settings, a signing key).
+    pub flags: Vec<String>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
 }
 
 impl Ctl {
     /// A ctl for `cluster` on `broker`.
     pub fn new(broker: &Broker, cluster: &str) -> Ctl {
-        Ctl { bus: broker.url(), cluster: cluster.into() }
+        Ctl { bus: broker.url(), cluster: cluster.into(), flags: Vec::new(), env: Vec::new() }
+    }
+
+    /// A ctl for `cluster` on `broker` with `flags` before every subcommand.
+    pub fn with_flags(broker: &Broker, cluster: &str, flags: &[&str]) -> Ctl {
+        let flags = flags.iter().map(|flag| flag.to_string()).collect();
+        Ctl { bus: broker.url(), cluster: cluster.into(), flags, env: Vec::new() }
     }
 
     /// Runs `shiva-ctl ARGS`.
     pub fn run(&self, args: &[&str]) -> Output {
         Command::new(bin("shiva-ctl"))
             .args(["--bus", &self.bus, "--cluster", &self.cluster, "--timeout", "5s"])
+            .args(&self.flags)
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .args(args)
             .output()
             .expect("run shiva-ctl")
@@ -674,10 +742,17 @@ impl Drop for Moto {
 /// Runs `tests/kafka_tool.py` (the independent Kafka client, confluent-kafka) against `broker`;
 /// fails loudly when it fails.
 pub fn kafka_tool(broker: &Broker, args: &[&str]) -> Output {
+    kafka_tool_at(&format!("127.0.0.1:{}", broker.port), &serde_json::json!({}), args)
+}
+
+/// `tests/kafka_tool.py` against `bootstrap`, every client with the librdkafka `settings` (a
+/// JSON object: a codec, TLS, SASL).
+pub fn kafka_tool_at(bootstrap: &str, settings: &Value, args: &[&str]) -> Output {
     let output = Command::new(python())
         .arg(repo().join("tests/kafka_tool.py"))
-        .arg(format!("127.0.0.1:{}", broker.port))
+        .arg(bootstrap)
         .args(args)
+        .env("KAFKA_TOOL_CONFIG", settings.to_string())
         .output()
         .expect("run kafka_tool.py");
     assert!(output.status.success(), "kafka_tool {args:?}: {}", String::from_utf8_lossy(&output.stderr));
@@ -713,4 +788,111 @@ pub fn assert_one_at_a_time(mut spans: Vec<(u128, u128, String)>) -> Vec<f64> {
         gaps.push((pair[1].0 - pair[0].1) as f64 / 1e6);
     }
     gaps
+}
+
+/// A test certificate authority made with the `openssl` command line: a CA, a server
+/// certificate for 127.0.0.1 and a client certificate it signed, and a second CA that signed
+/// nothing (the "wrong CA").
+pub struct TestCa {
+    /// Where the files are: `ca.pem`, `server.pem`/`server.key`, `client.pem`/`client.key`,
+    /// `other-ca.pem`.
+    pub dir: PathBuf,
+}
+
+impl TestCa {
+    /// Makes the files (EC P-256 keys, valid two days).
+    pub fn make() -> TestCa {
+        let dir = scratch("ca");
+        let openssl = |args: &[&str]| {
+            let output = Command::new("openssl").args(args).current_dir(&dir).output().expect("run openssl");
+            assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        };
+        let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"];
+        for ca in ["ca", "other-ca"] {
+            let (keyout, out, subject) =
+                (format!("{ca}.key"), format!("{ca}.pem"), format!("/CN=shiva test {ca}"));
+            openssl(
+                &[&["req", "-x509"], &key[..], &["-keyout", &keyout, "-out", &out, "-subj", &subject]]
+                    .concat(),
+            );
+        }
+        for (name, extension) in
+            [("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")]
+        {
+            let (keyout, out, subject) =
+                (format!("{name}.key"), format!("{name}.pem"), format!("/CN=shiva test {name}"));
+            openssl(
+                &[
+                    &["req", "-x509", "-CA", "ca.pem", "-CAkey", "ca.key"],
+                    &key[..],
+                    &["-keyout", &keyout, "-out", &out, "-subj", &subject, "-addext", extension],
+                ]
+                .concat(),
+            );
+        }
+        TestCa { dir }
+    }
+
+    /// The path of one of the files, as text.
+    pub fn file(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    /// `-X` flags for a client that trusts `ca` and, with `client_cert`, shows the client
+    /// certificate.
+    pub fn client_flags(&self, ca: &str, client_cert: bool) -> Vec<String> {
+        let mut settings =
+            vec!["security.protocol=ssl".to_owned(), format!("ssl.ca.location={}", self.file(ca))];
+        if client_cert {
+            settings.push(format!("ssl.certificate.location={}", self.file("client.pem")));
+            settings.push(format!("ssl.key.location={}", self.file("client.key")));
+        }
+        settings.into_iter().flat_map(|setting| ["-X".to_owned(), setting]).collect()
+    }
+}
+
+/// A TLS terminator (Debian's stunnel) on `port` in front of a broker's plain port.
+pub struct Terminator {
+    /// The port clients connect to.
+    pub port: u16,
+    child: Child,
+}
+
+impl Terminator {
+    /// Starts stunnel on `port`, forwarding to `backend`; with `require_client_cert`, only
+    /// clients showing a certificate of the test CA get through (mutual TLS).
+    pub fn start(ca: &TestCa, port: u16, backend: u16, require_client_cert: bool) -> Terminator {
+        let mut config = format!(
+            "foreground = yes\npid =\ndebug = 4\n[kafka]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{backend}\n\
+             cert = {}\nkey = {}\n",
+            ca.file("server.pem"),
+            ca.file("server.key")
+        );
+        if require_client_cert {
+            config
+                .push_str(&format!("CAfile = {}\nverifyChain = yes\nrequireCert = yes\n", ca.file("ca.pem")));
+        }
+        let path = ca.dir.join(format!("stunnel-{port}.conf"));
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(ca.dir.join(format!("stunnel-{port}.log"))).unwrap();
+        let child = Command::new("stunnel")
+            .arg(&path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("stunnel (Debian's stunnel4) must be installed: scripts/test installs it");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "stunnel did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Terminator { port, child }
+    }
+}
+
+impl Drop for Terminator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

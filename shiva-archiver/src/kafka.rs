@@ -20,11 +20,19 @@ use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use shiva_bus::{Context as Logging, permanent};
+
 use crate::format::Record;
+
+/// The bus refuses the archiver in a way no retry can cure (a codec it cannot read, a failed
+/// TLS handshake or authentication, an ACL, a missing topic): `run` stops with exit 3.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
 
 /// A consumer of one topic.
 pub struct Source {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<Logging>,
     topic: String,
 }
 
@@ -67,14 +75,46 @@ impl Source {
         for (key, value) in settings {
             config.set(key, value);
         }
-        let consumer: BaseConsumer =
-            config.create().with_context(|| format!("cannot create a Kafka consumer for {bootstrap}"))?;
+        let consumer: BaseConsumer<Logging> = config
+            .create_with_context(Logging::default())
+            .with_context(|| format!("cannot create a Kafka consumer for {bootstrap}"))?;
         Ok(Source { consumer, topic: topic.to_owned() })
     }
 
     /// The topic's partitions.
     pub fn partitions(&self, timeout: Duration) -> anyhow::Result<Vec<i32>> {
-        partitions(self.consumer.client(), &self.topic, timeout)
+        // In attempts of 2 s, so that a refusal (TLS, a login) ends it at once.
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let attempt =
+                deadline.saturating_duration_since(std::time::Instant::now()).min(Duration::from_secs(2));
+            match partitions(self.consumer.client(), &self.topic, attempt).map_err(|err| self.refused_or(err))
+            {
+                Err(err)
+                    if err.downcast_ref::<Refused>().is_none() && std::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(error = format!("{err:#}"), "reading the topic's partitions; retrying");
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// `err`, or [`Refused`] when the client's newest error is one no retry can cure (a failed
+    /// TLS handshake shows as a timeout of whatever request waited for it).
+    fn refused_or(&self, err: anyhow::Error) -> anyhow::Error {
+        // Client errors arrive through the consumer's queue: serve it, while no partition is
+        // assigned (a poll then can only bring errors and logs, never a record).
+        if self.consumer.assignment().is_ok_and(|assigned| assigned.count() == 0) {
+            let deadline = std::time::Instant::now() + Duration::from_millis(100);
+            while std::time::Instant::now() < deadline {
+                let _ = self.consumer.poll(Duration::from_millis(10));
+            }
+        }
+        match self.consumer.context().permanent_error() {
+            Some((why, message)) => Refused(format!("{err:#}: {why}: {message}")).into(),
+            None => err,
+        }
     }
 
     /// The earliest offset still held and the end of a partition.
@@ -82,6 +122,7 @@ impl Source {
         self.consumer
             .fetch_watermarks(&self.topic, partition, timeout)
             .with_context(|| format!("cannot read the offsets of {}/{partition}", self.topic))
+            .map_err(|err| self.refused_or(err))
     }
 
     /// Reads each partition from its position.
@@ -105,7 +146,12 @@ impl Source {
     /// The next record, waiting at most `timeout`.
     pub fn poll(&self, timeout: Duration) -> anyhow::Result<Polled> {
         match self.consumer.poll(timeout) {
-            None => Ok(Polled::Nothing),
+            None => match self.consumer.context().permanent_error() {
+                Some((why, message)) => {
+                    Err(Refused(format!("reading '{}': {why}: {message}", self.topic)).into())
+                }
+                None => Ok(Polled::Nothing),
+            },
             Some(Ok(message)) => {
                 let headers = message
                     .headers()
@@ -127,6 +173,9 @@ impl Source {
                 Ok(Polled::OutOfRange(-1))
             }
             Some(Err(err)) => {
+                if let Some(why) = permanent(&err) {
+                    return Err(Refused(format!("reading '{}': {why}: {err}", self.topic)).into());
+                }
                 tracing::warn!(error = %err, "Kafka error while reading; retrying");
                 Ok(Polled::Nothing)
             }
@@ -155,12 +204,16 @@ fn partitions<C: ClientContext>(
         .with_context(|| format!("cannot read the metadata of topic '{topic}'"))?;
     let found = metadata.topics().first().context("no metadata for the topic")?;
     if let Some(err) = found.error() {
-        bail!("topic '{topic}': {:?}", RDKafkaErrorCode::from(err));
+        let code = RDKafkaErrorCode::from(err);
+        if let Some(why) = permanent(&KafkaError::MetadataFetch(code)) {
+            return Err(Refused(format!("topic '{topic}': {why} ({code:?})")).into());
+        }
+        bail!("topic '{topic}': {code:?}");
     }
     let mut partitions: Vec<i32> = found.partitions().iter().map(|p| p.id()).collect();
     partitions.sort();
     if partitions.is_empty() {
-        bail!("topic '{topic}' does not exist or has no partitions");
+        return Err(Refused(format!("topic '{topic}' does not exist or has no partitions")).into());
     }
     Ok(partitions)
 }

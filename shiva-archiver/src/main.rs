@@ -11,7 +11,7 @@ use shiva_archiver::extract::{Range, extract, select, write_jsonl, write_value};
 use shiva_archiver::format::Codec;
 use shiva_archiver::fsck::fsck;
 use shiva_archiver::housekeep::housekeep;
-use shiva_archiver::kafka::Sink;
+use shiva_archiver::kafka::{Refused, Sink};
 use shiva_archiver::run::{DataGone, EXIT_DATA_GONE, RunConfig, run};
 
 fn main() -> ExitCode {
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     };
     match execute(cli) {
         Ok(code) => code,
-        Err(err) if err.downcast_ref::<DataGone>().is_some() => {
+        Err(err) if err.downcast_ref::<DataGone>().is_some() || err.downcast_ref::<Refused>().is_some() => {
             tracing::error!("{err:#}");
             eprintln!("shiva-archiver: {err:#}");
             ExitCode::from(EXIT_DATA_GONE)

@@ -23,8 +23,10 @@ use crate::dest::{Dest, Published};
 use crate::format::{Codec, Record, encode_file};
 use crate::kafka::{Polled, Source};
 
-/// Exit code when records the archive needs are no longer in Kafka (a permanent failure: the
-/// Shiva task should list it in `permanent_exit_codes`).
+/// Exit code of a permanent failure, one no restart can cure: records the archive needs are no
+/// longer in Kafka, or the bus refuses the archiver (a codec it cannot read, TLS, authentication,
+/// an ACL, a missing topic: [`crate::kafka::Refused`]). The Shiva task should list it in
+/// `permanent_exit_codes`.
 pub const EXIT_DATA_GONE: u8 = 3;
 
 /// What `run` needs.

@@ -8,6 +8,8 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::metadata::Metadata;
+use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use shiva_proto::TopicKind;
 
@@ -21,7 +23,7 @@ pub const PRODUCTION_MIN_INSYNC: u32 = 2;
 fn admin_client(config: &BusConfig) -> Result<AdminClient<Context>, BusError> {
     config
         .client_config(&[])
-        .create_with_context(Context)
+        .create_with_context(Context::default())
         .map_err(|err| BusError::Kafka(format!("failed to create an admin client: {err}")))
 }
 
@@ -34,7 +36,7 @@ pub async fn ensure_topics(config: &BusConfig, timeout: Duration) -> Result<Vec<
     let admin = admin_client(config)?;
     let names: Vec<String> = TopicKind::ALL.iter().map(|kind| config.topics.name(*kind)).collect();
     // Fail fast, with a clear message, when the broker does not answer at all.
-    metadata(&admin, config, None, timeout.min(Duration::from_secs(2))).await?;
+    probe(config, timeout.min(Duration::from_secs(2)))?;
     // Shiva's largest record (a spec with a large environment) plus the batch's framing: a
     // broker's default (1 MB) would refuse it.
     let max_message = (shiva_proto::records::MAX_RECORD_BYTES + 64 * 1024).to_string();
@@ -47,7 +49,10 @@ pub async fn ensure_topics(config: &BusConfig, timeout: Duration) -> Result<Vec<
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
-    let results = admin.create_topics(&new_topics, &options).await.map_err(|err| unreachable(config, err))?;
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(|err| unreachable(config, admin.inner().context(), err))?;
     for result in results {
         match result {
             Ok(name) => tracing::info!(topic = %name, "created control topic"),
@@ -66,9 +71,7 @@ pub async fn require_topics(config: &BusConfig, timeout: Duration) -> Result<(),
     if let BusKind::File(dir) = &config.kind {
         return filebus::require_topics(config, dir);
     }
-    let admin = admin_client(config)?;
-    let metadata = tokio::task::block_in_place(|| admin.inner().fetch_metadata(None, timeout))
-        .map_err(|err| unreachable(config, err))?;
+    let metadata = probe(config, timeout)?;
     let mut missing = Vec::new();
     for kind in TopicKind::ALL {
         let name = config.topics.name(kind);
@@ -121,8 +124,10 @@ async fn check_topics_with(
     let specifiers: Vec<ResourceSpecifier<'_>> =
         names.iter().map(|name| ResourceSpecifier::Topic(name)).collect();
     let options = AdminOptions::new().request_timeout(Some(timeout));
-    let results =
-        admin.describe_configs(&specifiers, &options).await.map_err(|err| unreachable(config, err))?;
+    let results = admin
+        .describe_configs(&specifiers, &options)
+        .await
+        .map_err(|err| unreachable(config, admin.inner().context(), err))?;
     for (name, result) in names.iter().zip(results) {
         let resource = result.map_err(|code| {
             BusError::Kafka(format!("failed to describe the configuration of {name}: {code}"))
@@ -159,7 +164,7 @@ async fn metadata(
     timeout: Duration,
 ) -> Result<Option<(usize, usize)>, BusError> {
     let metadata = tokio::task::block_in_place(|| admin.inner().fetch_metadata(topic, timeout))
-        .map_err(|err| unreachable(config, err))?;
+        .map_err(|err| unreachable(config, admin.inner().context(), err))?;
     let Some(topic) = topic else { return Ok(Some((0, 0))) };
     let Some(found) = metadata.topics().iter().find(|found| found.name() == topic) else { return Ok(None) };
     if found.error().is_some() || found.partitions().is_empty() {
@@ -169,6 +174,33 @@ async fn metadata(
     Ok(Some((found.partitions().len(), replicas)))
 }
 
-fn unreachable(config: &BusConfig, err: impl std::fmt::Display) -> BusError {
-    BusError::Unreachable { brokers: config.brokers.clone(), message: err.to_string() }
+/// The broker's metadata of every topic, fetched by a short-lived producer: unlike the admin
+/// client's, its main queue is served, so a failed TLS handshake or login reaches its
+/// [`Context`] and the error says why ([`BusError::Refused`]).
+fn probe(config: &BusConfig, timeout: Duration) -> Result<Metadata, BusError> {
+    let producer: BaseProducer<Context> =
+        config
+            .client_config(&[])
+            .create_with_context(Context::default())
+            .map_err(|err| BusError::Kafka(format!("failed to create a client: {err}")))?;
+    tokio::task::block_in_place(|| producer.client().fetch_metadata(None, timeout)).map_err(|err| {
+        // Serves the queue of client errors and logs, into the context (a poll serves events
+        // until its deadline).
+        producer.poll(Duration::from_millis(100));
+        unreachable(config, producer.context(), err)
+    })
+}
+
+/// "Cannot reach the bus" ([`BusError::Refused`] when the client error says no retry can
+/// help), with the client error that says why (a TLS handshake, an
+/// authentication) when librdkafka reported one.
+fn unreachable(config: &BusConfig, context: &Context, err: impl std::fmt::Display) -> BusError {
+    if let Some((why, message)) = context.permanent_error() {
+        return BusError::Refused { brokers: config.brokers.clone(), why, message };
+    }
+    let mut message = err.to_string();
+    if let Some(last) = context.last_error() {
+        message = format!("{message}; the client's last error: {last}");
+    }
+    BusError::Unreachable { brokers: config.brokers.clone(), message }
 }

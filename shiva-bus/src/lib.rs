@@ -28,7 +28,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use shiva_proto::Topics;
 
-pub use context::Context;
+pub use context::{Context, permanent};
 pub use filebus::Cleaner;
 pub use publisher::{Durability, Publisher};
 pub use reader::{Reader, ReaderEvent, Record};
@@ -44,6 +44,17 @@ pub enum BusError {
     Unreachable {
         /// Bootstrap servers.
         brokers: String,
+        /// librdkafka's reason.
+        message: String,
+    },
+    /// The bus answered and refused us, in a way no retry can cure (a TLS certificate it does
+    /// not accept, a failed authentication, an ACL).
+    #[error("the bus at {brokers} refuses this client: {why}: {message}")]
+    Refused {
+        /// Bootstrap servers.
+        brokers: String,
+        /// What it means.
+        why: &'static str,
         /// librdkafka's reason.
         message: String,
     },

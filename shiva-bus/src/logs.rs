@@ -37,7 +37,7 @@ pub async fn ensure_logs_topic(
     }
     let admin: AdminClient<Context> = config
         .client_config(&[])
-        .create_with_context(Context)
+        .create_with_context(Context::default())
         .map_err(|err| BusError::Kafka(format!("failed to create an admin client: {err}")))?;
     let name = config.topics.logs();
     let retention_ms = retention.as_millis().to_string();
@@ -111,7 +111,7 @@ impl LogSink {
                 ("message.timeout.ms", "60000".into()),
                 ("message.max.bytes", "2000000".into()),
             ])
-            .create_with_context(Context)
+            .create_with_context(Context::default())
             .map_err(|err| BusError::Kafka(format!("failed to create the logs producer: {err}")))?;
         let producer = Arc::new(producer);
         let stop = spawn_poller("shiva-logs", producer.clone())?;
@@ -248,7 +248,7 @@ impl KafkaLogReader {
                 ("fetch.wait.max.ms", "100".into()),
                 ("group.id", "shiva-logs-unused".into()),
             ])
-            .create_with_context(Context)
+            .create_with_context(Context::default())
             .map_err(|err| BusError::Kafka(format!("failed to create a consumer: {err}")))?;
         let topic = config.topics.logs();
         let mut assignment = TopicPartitionList::new();

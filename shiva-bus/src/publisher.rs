@@ -40,15 +40,16 @@ fn too_large(err: &KafkaError) -> bool {
 }
 
 /// Logs like [`Context`]; completes each record's oneshot with its offset or error.
-struct Delivery;
+#[derive(Default)]
+struct Delivery(Context);
 
 impl ClientContext for Delivery {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        Context.log(level, facility, message);
+        self.0.log(level, facility, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        Context.error(error, reason);
+        self.0.error(error, reason);
     }
 }
 
@@ -264,7 +265,7 @@ fn create(config: &BusConfig, name: &'static str) -> Result<Arc<Client>, BusErro
     ]);
     let producer: Arc<BaseProducer<Delivery>> = Arc::new(
         client
-            .create_with_context(Delivery)
+            .create_with_context(Delivery::default())
             .map_err(|err| BusError::Kafka(format!("failed to create a producer: {err}")))?,
     );
     let stop = spawn_poller(&format!("shiva-{name}"), producer.clone())?;

@@ -109,7 +109,7 @@ impl Reader {
             ("group.id", "shiva-reader-unused".into()),
         ]);
         let consumer: BaseConsumer<Context> = client
-            .create_with_context(Context)
+            .create_with_context(Context::default())
             .map_err(|err| BusError::Kafka(format!("failed to create a consumer: {err}")))?;
         let mut assignment = TopicPartitionList::new();
         let mut names = BTreeMap::new();

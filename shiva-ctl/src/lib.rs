@@ -57,9 +57,9 @@ impl From<BusError> for CtlError {
         match err {
             BusError::Invalid(message) => CtlError::Invalid(message),
             err @ BusError::TooLarge { .. } => CtlError::Invalid(err.to_string()),
-            err @ (BusError::Unreachable { .. } | BusError::TopicsMissing { .. }) => {
-                CtlError::Unreachable(err.to_string())
-            }
+            err @ (BusError::Unreachable { .. }
+            | BusError::Refused { .. }
+            | BusError::TopicsMissing { .. }) => CtlError::Unreachable(err.to_string()),
             err => CtlError::Failed(err.into()),
         }
     }

@@ -67,7 +67,11 @@ fn main() -> ExitCode {
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "node stopped");
             eprintln!("shiva-node: {err:#}");
-            ExitCode::FAILURE
+            // The bus refuses this node (TLS, authentication, ACL): restarting cannot help.
+            let refused = err
+                .chain()
+                .any(|cause| matches!(cause.downcast_ref(), Some(shiva_bus::BusError::Refused { .. })));
+            if refused { ExitCode::from(3) } else { ExitCode::FAILURE }
         }
     }
 }

@@ -621,3 +621,28 @@ fn bad_flags_and_damaged_files_get_clear_errors_and_nothing_is_overwritten() {
     assert_eq!(extract.status.code(), Some(1));
     assert_eq!(std::fs::read(&damaged).unwrap(), b"\x28\xb5\x2f\xfd garbage", "never rewritten");
 }
+
+#[test]
+fn batches_compressed_with_zstd_lz4_and_gzip_by_their_producer_are_archived_exactly_once() {
+    let broker = Broker::start();
+    let dest = Target::dir(&scratch("codecs").join("archive"));
+    let log = scratch("codecs-log").join("archiver.log");
+    tool(&broker, &["create", "mixed", &PARTITIONS.to_string()]);
+    let bootstrap = format!("127.0.0.1:{}", broker.port);
+    // Not snappy: the test broker cannot serve snappy batches (it fails the fetch).
+    for (step, codec) in ["zstd", "lz4", "gzip"].iter().enumerate() {
+        let (from, to) = ((step * 1000).to_string(), ((step + 1) * 1000).to_string());
+        let settings = serde_json::json!({ "compression.type": codec });
+        shiva_e2e::kafka_tool_at(
+            &bootstrap,
+            &settings,
+            &["produce", "mixed", &PARTITIONS.to_string(), &from, &to],
+        );
+    }
+    let child = archiver(&broker, &dest, "mixed", &["--idle-publish", "300ms"], &log);
+    wait_until(Duration::from_secs(60), "3000 compressed records archived", || {
+        archived_count(&dest, "mixed") >= 3000
+    });
+    assert!(terminate(child).success(), "{}", std::fs::read_to_string(&log).unwrap());
+    assert_exactly_once(&dest, "mixed", 3000, None);
+}

@@ -160,6 +160,8 @@ fn an_unreachable_bus_or_missing_cluster_exits_3_and_a_node_keeps_retrying() {
         interval: "1s".into(),
         file: false,
         node_flags: Vec::new(),
+        advertise: None,
+        authentication: false,
     };
     let mut node = Node::start(&silent, "lonely", "n1", &[]);
     std::thread::sleep(Duration::from_secs(5));
