@@ -26,6 +26,10 @@ pub struct Cli {
     /// librdkafka setting (TLS, SASL…), repeatable (on the file bus: segment.bytes).
     #[arg(short = 'X', global = true, value_name = "KEY=VALUE")]
     pub kafka: Vec<String>,
+    /// Sign every command with this SSH key (ed25519): a private key file, or a public key
+    /// (.pub) whose private half the ssh-agent at SSH_AUTH_SOCK holds.
+    #[arg(long, global = true, env = "SHIVA_SIGN_KEY", value_name = "FILE")]
+    pub sign_key: Option<std::path::PathBuf>,
     /// How long to wait for the bus (100ms to 1h).
     #[arg(long, global = true, default_value = "10s", value_parser = timeout)]
     pub timeout: Duration,
@@ -40,6 +44,14 @@ pub enum Command {
     Submit(Box<SubmitArgs>),
     /// List tasks.
     List(JsonArg),
+    /// Who did what and when: every command the log still holds (a compacted log keeps the
+    /// newest per key), its signer and whether the nodes accept it.
+    Audit {
+        /// Only this task's commands.
+        id: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Show one task.
     Status {
         /// Task id.

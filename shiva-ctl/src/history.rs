@@ -125,7 +125,8 @@ pub async fn run_now(config: &BusConfig, timeout: Duration, id: &str) -> Result<
     let request = Uuid::new_v4();
     let body = Body::RunRequest(RunRequest { task: task.clone(), request });
     let publisher = Publisher::new(config, "ctl")?;
-    publisher.send(TopicKind::Commands, &key::request(&task, request), Some(&envelope(body))).await?;
+    let request_key = key::request(&task, request);
+    publisher.send(TopicKind::Commands, &request_key, Some(&envelope(&request_key, body)?)).await?;
     println!("{task}: run requested (request {request}); see `shiva-ctl history {task}`");
     Ok(())
 }

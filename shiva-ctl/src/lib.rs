@@ -10,6 +10,7 @@ pub mod cli;
 pub mod history;
 pub mod logs;
 pub mod show;
+pub mod sign;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -21,7 +22,7 @@ use shiva_bus::{BusConfig, BusError, Publisher, Reader, ReaderEvent, admin};
 use shiva_proto::records::{Body, Desired, DesiredState};
 use shiva_proto::spec::DEFAULT_STOP_GRACE;
 use shiva_proto::topics::key;
-use shiva_proto::{Envelope, LogView, TaskId, TaskSpec, TopicKind};
+use shiva_proto::{LogView, TaskId, TaskSpec, TopicKind};
 use tokio::sync::mpsc;
 
 use cli::{Cli, Command, SubmitArgs};
@@ -78,6 +79,7 @@ pub(crate) fn invalid(err: impl std::fmt::Display) -> CtlError {
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
     let config = BusConfig::new(&cli.bus, &cli.cluster, &cli.kafka)?;
+    sign::CommandSigner::install(&cli.cluster, cli.sign_key.as_deref())?;
     let timeout = cli.timeout;
     match cli.command {
         Command::Submit(args) => {
@@ -117,7 +119,22 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Status { id, json } => {
             let task = TaskId::new(id).map_err(invalid)?;
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
-            let row = task_row(&view, &task).ok_or_else(|| no_such_task(&task))?;
+            let refused = view.refused.get(&task);
+            let Some(row) = task_row(&view, &task) else {
+                // Never accepted: only its refusal to show.
+                let refusal = refused.ok_or_else(|| no_such_task(&task))?;
+                if json.json {
+                    print_json(&serde_json::json!({"id": task, "state": "refused", "refused": refusal}));
+                } else {
+                    println!("id:          {task}");
+                    println!("state:       refused");
+                    println!("refused:     {}", refusal.reason);
+                }
+                return Ok(());
+            };
+            if let Some(refusal) = refused.filter(|_| !json.json) {
+                println!("refused:     {}", refusal.reason);
+            }
             let Some(spec) = view.specs.get(&task).map(|entry| &entry.spec) else {
                 // An invalid definition: its row says why.
                 if json.json {
@@ -132,6 +149,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             if json.json {
                 let mut value = serde_json::to_value(&row).expect("rows serialise");
                 value["spec"] = serde_json::to_value(spec).expect("specs serialise");
+                if let Some(refusal) = refused {
+                    value["refused"] = serde_json::to_value(refusal).expect("refusals serialise");
+                }
                 print_json(&value);
             } else {
                 println!("id:          {}", row.id);
@@ -150,6 +170,46 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 println!("last exit:   {}", exit_text(row.last_exit));
                 if let Some(reason) = &row.reason {
                     println!("reason:      {reason}");
+                }
+            }
+        }
+        Command::Audit { id, json } => {
+            let task = id.map(TaskId::new).transpose().map_err(invalid)?;
+            let view = read_view(&config, timeout, &TASK_TOPICS, true).await?;
+            let entries: Vec<_> = view
+                .audit
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|entry| {
+                    task.as_ref()
+                        .is_none_or(|task| shiva_proto::view::command_task(&entry.key).as_ref() == Some(task))
+                })
+                .collect();
+            if json.json {
+                print_json(&entries);
+            } else {
+                println!(
+                    "{:>8}  {:<24} {:<12} {:<40} {:<20} OUTCOME",
+                    "OFFSET", "WHEN", "KIND", "KEY", "SIGNED BY"
+                );
+                for entry in entries {
+                    let when = entry
+                        .signer
+                        .as_ref()
+                        .map(|signer| signer.at_ms)
+                        .or(entry.sent_at_ms)
+                        .and_then(|ms| i64::try_from(ms).ok())
+                        .and_then(chrono::DateTime::from_timestamp_millis)
+                        .map_or("-".to_owned(), |at| at.format("%Y-%m-%d %H:%M:%S%.3f").to_string());
+                    let by = match &entry.signer {
+                        Some(signer) if signer.comment.is_empty() => signer.fingerprint.clone(),
+                        Some(signer) => format!("{} ({})", signer.comment, signer.fingerprint),
+                        None => format!("unsigned, {}", entry.sender.as_deref().unwrap_or("?")),
+                    };
+                    println!(
+                        "{:>8}  {:<24} {:<12} {:<40} {:<20} {}",
+                        entry.offset, when, entry.kind, entry.key, by, entry.outcome
+                    );
                 }
             }
         }
@@ -177,6 +237,19 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                         version,
                         clock,
                         row.tags.join(",")
+                    );
+                }
+                let open: Vec<&str> = rows
+                    .iter()
+                    .filter(|row| row.alive && row.commands == "open")
+                    .map(|row| row.id.as_str())
+                    .collect();
+                if !open.is_empty() {
+                    println!(
+                        "warning: open cluster: node(s) {} accept unsigned commands from anyone who can write to {} \
+                         (start nodes with --authorized-keys)",
+                        open.join(", "),
+                        config.topics.name(TopicKind::Commands)
                     );
                 }
                 for row in rows.iter().filter(|row| !row.conflicting_incarnations.is_empty()) {
@@ -257,9 +330,9 @@ pub(crate) fn print_json(value: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(value).expect("output serialises"));
 }
 
-pub(crate) fn envelope(body: Body) -> Vec<u8> {
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    Envelope::now(format!("ctl:{user}"), None, body).encode()
+/// A command's record on `key` (signed with `--sign-key`).
+pub(crate) fn envelope(key: &str, body: Body) -> Result<Vec<u8>, CtlError> {
+    sign::CommandSigner::record(key, body)
 }
 
 /// Builds the spec from a file or from flags, strictly validated.
@@ -334,11 +407,11 @@ fn choice<T: serde::de::DeserializeOwned>(text: &str, flag: &str, expected: &str
 
 /// Writes what `submit` writes: the spec, then desired `running`. Returns the spec's revision.
 pub async fn write_spec(publisher: &Arc<Publisher>, spec: &TaskSpec) -> Result<i64, CtlError> {
-    let revision = publisher
-        .send(TopicKind::Commands, &key::task(&spec.id), Some(&envelope(Body::Task(spec.clone()))))
-        .await?;
+    let (task_key, desired_key) = (key::task(&spec.id), key::desired(&spec.id));
+    let record = envelope(&task_key, Body::Task(spec.clone()))?;
+    let revision = publisher.send(TopicKind::Commands, &task_key, Some(&record)).await?;
     let desired = Body::Desired(Desired { task: spec.id.clone(), state: DesiredState::Running });
-    publisher.send(TopicKind::Commands, &key::desired(&spec.id), Some(&envelope(desired))).await?;
+    publisher.send(TopicKind::Commands, &desired_key, Some(&envelope(&desired_key, desired)?)).await?;
     Ok(revision)
 }
 
@@ -365,7 +438,8 @@ pub(crate) async fn write_desired(
     }
     let publisher = Publisher::new(config, "ctl")?;
     let body = Body::Desired(Desired { task: task.clone(), state });
-    publisher.send(TopicKind::Commands, &key::desired(task), Some(&envelope(body))).await?;
+    let desired_key = key::desired(task);
+    publisher.send(TopicKind::Commands, &desired_key, Some(&envelope(&desired_key, body)?)).await?;
     println!("{task}: desired {}", state.as_str());
     Ok(())
 }
@@ -375,11 +449,46 @@ pub(crate) async fn write_desired(
 pub(crate) const TASK_TOPICS: [TopicKind; 3] =
     [TopicKind::Commands, TopicKind::Assignments, TopicKind::Status];
 
-/// Reads `topics` to their end into a view.
+/// Reads `topics` to their end into a view. A signed cluster (its leader's `members` record
+/// names authorized keys) is read twice: the second time by the leader's keys, so that the CLI
+/// shows what the nodes accept, and refusals.
 pub async fn snapshot(
     config: &BusConfig,
     timeout: Duration,
     topics: &[TopicKind],
+) -> Result<LogView, CtlError> {
+    read_view(config, timeout, topics, false).await
+}
+
+/// [`snapshot`], keeping every command record for `audit` when `audit`.
+pub async fn read_view(
+    config: &BusConfig,
+    timeout: Duration,
+    topics: &[TopicKind],
+    audit: bool,
+) -> Result<LogView, CtlError> {
+    let first = read_once(config, timeout, topics, LogView::default()).await?;
+    let keys = first.members.as_ref().and_then(|members| members.authorized_keys.as_deref());
+    let policy = match keys {
+        None if !audit => return Ok(first),
+        None => None,
+        Some(text) => Some(Arc::new(
+            shiva_proto::auth::Policy::parse(config.topics.cluster(), text)
+                .map_err(|err| CtlError::Failed(anyhow::anyhow!("the leader's authorized keys: {err}")))?,
+        )),
+    };
+    let mut view = LogView::with_policy(policy);
+    if audit {
+        view.audit = Some(Vec::new());
+    }
+    read_once(config, timeout, topics, view).await
+}
+
+async fn read_once(
+    config: &BusConfig,
+    timeout: Duration,
+    topics: &[TopicKind],
+    mut view: LogView,
 ) -> Result<LogView, CtlError> {
     let started = std::time::Instant::now();
     admin::require_topics(config, timeout).await?;
@@ -387,7 +496,6 @@ pub async fn snapshot(
     let (events_tx, mut events) = mpsc::channel(8192);
     let reader = Reader::spawn(config, topics, events_tx)?;
     reader.sync(1);
-    let mut view = LogView::default();
     let read = async {
         while let Some(event) = events.recv().await {
             match event {

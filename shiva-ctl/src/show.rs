@@ -178,6 +178,8 @@ pub struct NodeRow {
     /// Its clock's offset from the leader's (ms, positive: ahead), estimated from their
     /// heartbeats' samples of each other (absent until both sampled the other; 0 for the leader).
     pub clock_offset_ms: Option<i64>,
+    /// `signed` (the node accepts only commands signed by its authorized keys) or `open`.
+    pub commands: &'static str,
 }
 
 /// Above this clock offset from the leader, `nodes` warns.
@@ -220,6 +222,7 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
                 leader_capable: entry.heartbeat.leader_capable,
                 incarnation: listed.unwrap_or(entry.incarnation).to_string(),
                 last_heartbeat_ms: entry.sent_at_ms,
+                commands: if entry.heartbeat.authorized_keys.is_some() { "signed" } else { "open" },
                 conflicting_incarnations: view
                     .members
                     .iter()

@@ -61,6 +61,19 @@ pub struct NodeArgs {
     /// How long the broker may hold a fetch with no new record (latency vs idle load).
     #[arg(long, env = "SHIVA_FETCH_WAIT", default_value = "12ms", value_parser = humantime::parse_duration)]
     pub fetch_wait: Duration,
+    /// Accept only commands signed by a key of this file (OpenSSH authorized_keys format;
+    /// `shiva-tasks="PREFIX,…"` restricts a key to task ids under those prefixes). Without it
+    /// the cluster is open: anyone who can write to its commands topic commands it.
+    #[arg(long, env = "SHIVA_AUTHORIZED_KEYS", value_name = "FILE")]
+    pub authorized_keys: Option<PathBuf>,
+    /// Tasks that name no `user` run as this user (the node must run as root). Without it they
+    /// run as the node's user.
+    #[arg(long, env = "SHIVA_TASK_USER", value_name = "NAME")]
+    pub task_user: Option<String>,
+    /// Lets tasks run as root (`user: root`, or no user on a root node without --task-user).
+    /// Without it, a node running as root needs --task-user, and a task asking for root fails.
+    #[arg(long, env = "SHIVA_ALLOW_ROOT_TASKS")]
+    pub allow_root_tasks: bool,
     /// Tests only: panic whenever this node plans (`plan:TASK`) or runs (`run:TASK`) a task, to
     /// prove that an internal error fails that task and not the node.
     #[arg(long, env = "SHIVA_FAULT_PANIC", hide = true)]
@@ -100,6 +113,12 @@ pub struct NodeConfig {
     pub log_retention: Duration,
     /// `PATH` given to tasks that set none.
     pub task_path: String,
+    /// `--authorized-keys`: the file's text and the policy it makes (a signed cluster).
+    pub authorized_keys: Option<(String, std::sync::Arc<shiva_proto::auth::Policy>)>,
+    /// `--task-user`.
+    pub task_user: Option<String>,
+    /// `--allow-root-tasks`.
+    pub allow_root_tasks: bool,
 }
 
 impl NodeConfig {
@@ -186,7 +205,24 @@ impl NodeConfig {
             Some(dir) => dir,
             None => default_workspace(&args.cluster, &node_id),
         };
+        let authorized_keys = match &args.authorized_keys {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|err| anyhow::anyhow!("--authorized-keys {}: {err}", path.display()))?;
+                let policy = shiva_proto::auth::Policy::parse(&args.cluster, &text)
+                    .map_err(|err| anyhow::anyhow!("--authorized-keys {}: {err}", path.display()))?;
+                Some((text, std::sync::Arc::new(policy)))
+            }
+        };
+        if let Some(user) = &args.task_user {
+            shiva_proto::spec::check_user(user)
+                .map_err(|err| anyhow::anyhow!("--task-user {user}: {err}"))?;
+        }
         Ok(NodeConfig {
+            authorized_keys,
+            task_user: args.task_user,
+            allow_root_tasks: args.allow_root_tasks,
             bus,
             node_id,
             incarnation: Uuid::new_v4(),

@@ -155,7 +155,8 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     let Inputs { live, conflicts, epoch, now_ms, busy, may_still_run, incarnation_may_still_run, failed } =
         *inputs;
     let mut writes = Vec::new();
-    let members = Members { epoch, nodes: live.to_vec(), conflicts: conflicts.to_vec() };
+    let authorized_keys = view.auth.0.as_ref().map(|policy| policy.text().to_owned());
+    let members = Members { epoch, nodes: live.to_vec(), conflicts: conflicts.to_vec(), authorized_keys };
     let members_current =
         view.members.as_ref() == Some(&members) && view.is_settled(TopicKind::Assignments, key::MEMBERS);
     if !members_current && !busy(TopicKind::Assignments, key::MEMBERS) {

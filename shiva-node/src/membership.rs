@@ -336,6 +336,7 @@ pub(crate) fn test_heartbeat() -> Heartbeat {
         interval_ms: 100,
         fence_timeout_ms: Some(300),
         returns: 0,
+        authorized_keys: None,
         resources: Default::default(),
         runs: vec![],
         features: Vec::new(),

@@ -65,6 +65,7 @@ fn options(run: &str, grace_ms: u64) -> LaunchOptions {
         stop_signal: 15,
         exclusive: true,
         user: None,
+        allow_root: true,
         memory_max: None,
         cpu_max: None,
         files: Default::default(),

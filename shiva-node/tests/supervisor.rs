@@ -37,6 +37,8 @@ fn supervisor_with(
         node_id: "n1".into(),
         workspace: dir.to_path_buf(),
         task_path: "/usr/local/bin:/usr/bin:/bin".into(),
+        task_user: None,
+        allow_root_tasks: true,
         shims: ShimLauncher {
             exe: PathBuf::from(env!("CARGO_BIN_EXE_shiva-node")),
             isolation: Isolation::ProcessGroup,

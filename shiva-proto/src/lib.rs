@@ -12,6 +12,7 @@
 //! Every record on the wire is documented with an example in `docs/protocol.md`.
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod dag;
 pub mod duration;
 pub mod ids;

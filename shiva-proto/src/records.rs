@@ -201,6 +201,10 @@ pub struct Heartbeat {
     /// a node for nothing its build would misread.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features: Vec<String>,
+    /// The node's `--authorized-keys` file (OpenSSH format), when it accepts signed commands
+    /// only; absent: an open node. `shiva-ctl` checks commands by the same keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorized_keys: Option<String>,
     /// Resources, for display.
     #[serde(default)]
     pub resources: Resources,
@@ -254,6 +258,7 @@ impl Heartbeat {
             interval_ms: 0,
             fence_timeout_ms: None,
             returns: 0,
+            authorized_keys: None,
             features: Vec::new(),
             resources: Resources::default(),
             runs: Vec::new(),
@@ -374,6 +379,10 @@ pub struct Members {
     /// partition): they run nothing (absent when there are none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<Member>,
+    /// The leader's `--authorized-keys` file (absent: an open cluster): `shiva-ctl` reads
+    /// commands by the same keys the leader does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorized_keys: Option<String>,
 }
 
 /// Where a task stands, as decided by the leader.

@@ -494,3 +494,12 @@ impl TaskSpec {
 
 #[cfg(test)]
 mod tests;
+
+/// A user name or uid as a spec's `user` (and a node's `--task-user`) takes: 1 to 64 bytes of
+/// `[A-Za-z0-9._-]`.
+pub fn check_user(user: &str) -> Result<(), String> {
+    let ok = !user.is_empty()
+        && user.len() <= 64
+        && user.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok { Ok(()) } else { Err(format!("'{user}' is not a user name or uid")) }
+}

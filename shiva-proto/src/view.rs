@@ -268,6 +268,57 @@ pub struct LogView {
     /// follows each marker has not been read (yet, or ever: its write failed), and the leader
     /// writes it again, so the key does not stay in the log for good.
     pub deleted_markers: BTreeMap<TopicKind, BTreeSet<String>>,
+    /// Who may command the cluster (`--authorized-keys`): none, an open cluster.
+    pub auth: AuthPolicy,
+    /// Signing time of the newest accepted command per `commands` key, kept after the key is
+    /// deleted, so that a replay of an older command on it is refused (signed clusters only).
+    pub newest_signed: BTreeMap<String, u64>,
+    /// The newest refused command per task, with its reason: `status` shows it.
+    pub refused: BTreeMap<TaskId, Refusal>,
+    /// Every command record read, in log order, when the reader asked for it (`shiva-ctl
+    /// audit`; nodes keep none).
+    pub audit: Option<Vec<AuditEntry>>,
+}
+
+/// The authorization policy a view applies. Configuration, not state: views compare equal
+/// whatever their policies.
+#[derive(Debug, Clone, Default)]
+pub struct AuthPolicy(pub Option<std::sync::Arc<crate::auth::Policy>>);
+
+impl PartialEq for AuthPolicy {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// A command that was refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Refusal {
+    /// Its offset on `commands`.
+    pub offset: i64,
+    /// Its key.
+    pub key: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// One command record, for `shiva-ctl audit`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// Offset on `commands`.
+    pub offset: i64,
+    /// Key.
+    pub key: String,
+    /// Kind (`task`, `desired`, `run_request`, `deleted`, `tombstone`, or `unreadable`).
+    pub kind: String,
+    /// The envelope's sender (`ctl:<user>`: what the writer says, not proof).
+    pub sender: Option<String>,
+    /// The signing key's fingerprint and its comment in `authorized_keys`, and the signing time.
+    pub signer: Option<crate::auth::Signer>,
+    /// When the writer says it sent it.
+    pub sent_at_ms: Option<u64>,
+    /// `accepted`, or `refused: <reason>`.
+    pub outcome: String,
 }
 
 /// Specs shared by launch intents. Memory only: never part of the view's value (a replay may
@@ -282,6 +333,11 @@ impl PartialEq for Interned {
 }
 
 impl LogView {
+    /// An empty view that accepts only commands `policy` allows (`None`: an open cluster).
+    pub fn with_policy(policy: Option<std::sync::Arc<crate::auth::Policy>>) -> LogView {
+        LogView { auth: AuthPolicy(policy), ..LogView::default() }
+    }
+
     /// Desired state of a task (running unless stopped).
     pub fn desired_state(&self, task: &TaskId) -> DesiredState {
         self.desired.get(task).copied().unwrap_or(DesiredState::Running)
@@ -390,6 +446,10 @@ impl LogView {
             // The first record of the key: a copy landing later (a retry) is not the claim.
             self.epochs.claims.entry(key.to_owned()).or_insert(offset);
         }
+        let signer = match self.authorize(topic, offset, key, value) {
+            Ok(signer) => signer,
+            Err(reason) => return Outcome::Skipped(reason),
+        };
         let outcome = match value {
             None => self.tombstone(topic, key),
             Some(value) => match Envelope::decode(value) {
@@ -431,7 +491,89 @@ impl LogView {
             }
             self.note_settlement(topic, key, value.is_none());
         }
+        if let (Some(signer), Outcome::Applied(_)) = (&signer, &outcome) {
+            self.newest_signed.insert(key.to_owned(), signer.at_ms);
+            if let Some(task) = command_task(key) {
+                self.refused.remove(&task);
+            }
+        }
+        if topic == TopicKind::Commands {
+            self.note_audit(offset, key, value, signer, &outcome);
+        }
         outcome
+    }
+
+    /// Signed clusters (a policy is set): a command record (`task/`, `desired/`, `request/` on
+    /// `commands`, with a value) is folded in only when its signature verifies with an authorized
+    /// key allowed for its task and it is newer than the command accepted on its key; otherwise
+    /// it is refused, changes nothing, and its task shows why. `Ok(None)`: no check applies.
+    /// Tombstones are not signed (they carry no value): see docs/operations.md, "Security".
+    fn authorize(
+        &mut self,
+        topic: TopicKind,
+        offset: i64,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<Option<crate::auth::Signer>, String> {
+        let (Some(policy), TopicKind::Commands, Some(value), Some(task)) =
+            (self.auth.0.clone(), topic, value, command_task(key))
+        else {
+            return Ok(None);
+        };
+        let signed = crate::auth::SignedParts::decode(value);
+        if signed.as_ref().is_ok_and(|parts| parts.kind == "deleted") {
+            // The leader's deletion of a handled request: a node's record, read by its own rules.
+            return Ok(None);
+        }
+        let checked = signed.and_then(|parts| {
+            policy.check(
+                key,
+                &parts.kind,
+                &parts.sender,
+                task.as_str(),
+                &parts.body,
+                parts.sig.as_ref(),
+                self.newest_signed.get(key).copied(),
+            )
+        });
+        checked.map(Some).map_err(|reason| {
+            let reason = format!("command '{key}' at offset {offset} refused: {reason}");
+            self.refused.insert(task, Refusal { offset, key: key.to_owned(), reason: reason.clone() });
+            if self.audit.is_some() {
+                self.note_audit(offset, key, Some(value), None, &Outcome::Skipped(reason.clone()));
+            }
+            reason
+        })
+    }
+
+    /// One line of `shiva-ctl audit`, when the reader keeps them.
+    fn note_audit(
+        &mut self,
+        offset: i64,
+        key: &str,
+        value: Option<&[u8]>,
+        signer: Option<crate::auth::Signer>,
+        outcome: &Outcome,
+    ) {
+        let Some(audit) = self.audit.as_mut() else { return };
+        let parts = value.map(crate::auth::SignedParts::decode);
+        let (kind, sender, sent_at_ms) = match &parts {
+            None => ("tombstone".to_owned(), None, None),
+            Some(Ok(parts)) => (parts.kind.clone(), Some(parts.sender.clone()), Some(parts.sent_at_ms)),
+            Some(Err(_)) => ("unreadable".to_owned(), None, None),
+        };
+        let outcome = match outcome {
+            Outcome::Applied(_) => "accepted".to_owned(),
+            Outcome::Skipped(reason) => format!("refused: {reason}"),
+        };
+        let signer = signer.or_else(|| match parts {
+            // An open cluster checks no signature: show whose key it names, unverified.
+            Some(Ok(crate::auth::SignedParts { sig: Some(sig), .. })) if self.auth.0.is_none() => {
+                Some(crate::auth::Signer::unverified(&sig))
+            }
+            _ => None,
+        });
+        audit.push(AuditEntry { offset, key: key.to_owned(), kind, sender, signer, sent_at_ms, outcome });
     }
 
     /// Keeps `unsettled` in step with the offsets of `key`. A key whose accepted tombstone is
@@ -863,6 +1005,14 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|text| (*text).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// The task a command key names: `task/<id>`, `desired/<id>`, `request/<id>/<request-id>`.
+pub fn command_task(key: &str) -> Option<TaskId> {
+    let id = key::task_of(key, "task")
+        .or_else(|| key::task_of(key, "desired"))
+        .or_else(|| key::task_of(key, "request").and_then(|rest| rest.rsplit_once('/')).map(|(id, _)| id))?;
+    TaskId::new(id).ok()
 }
 
 fn expect_key(found: &str, expected: &str) -> Result<(), String> {

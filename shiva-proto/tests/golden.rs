@@ -82,6 +82,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                     interval_ms: 200,
                     fence_timeout_ms: Some(3000),
                     returns: 0,
+                    authorized_keys: None,
                     resources: Resources {
                         cpus: 2,
                         memory_total_bytes: 25_000_000_000,
@@ -116,6 +117,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                     interval_ms: 200,
                     fence_timeout_ms: Some(2000),
                     returns: 0,
+                    authorized_keys: None,
                     resources: Resources {
                         cpus: 2,
                         memory_total_bytes: 25_000_000_000,
@@ -162,6 +164,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                             features: Vec::new(),
                         },
                     ],
+                    authorized_keys: None,
                     conflicts: Vec::new(),
                 }),
             ),

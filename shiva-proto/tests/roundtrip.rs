@@ -140,6 +140,7 @@ fn body() -> impl Strategy<Value = Body> {
                         interval_ms,
                         fence_timeout_ms: Some(interval_ms.saturating_mul(15)),
                         returns: seq % 4,
+                        authorized_keys: None,
                         resources: Resources {
                             cpus,
                             memory_total_bytes: 1 << 34,
@@ -157,8 +158,9 @@ fn body() -> impl Strategy<Value = Body> {
         any::<u64>().prop_map(|epoch| Body::Claim(Claim { epoch })),
         any::<u64>().prop_map(|epoch| Body::Resign(Resign { epoch })),
         any::<u64>().prop_map(|epoch| Body::Deleted(shiva_proto::records::Deleted { epoch })),
-        (any::<u64>(), prop::collection::vec(member(), 0..4))
-            .prop_map(|(epoch, nodes)| Body::Members(Members { epoch, nodes, conflicts: Vec::new() })),
+        (any::<u64>(), prop::collection::vec(member(), 0..4)).prop_map(|(epoch, nodes)| Body::Members(
+            Members { epoch, nodes, conflicts: Vec::new(), authorized_keys: None }
+        )),
         (any::<u64>(), task_id(), any::<u64>(), any::<i64>(), placement(), spec()).prop_map(
             |(epoch, task, generation, spec_revision, placement, spec)| Body::Assignment(Assignment {
                 epoch,

@@ -942,6 +942,7 @@ fn the_leader_tombstones_departures_of_incarnations_that_came_back() {
             interval_ms: 100,
             fence_timeout_ms: None,
             returns: 0,
+            authorized_keys: None,
             features: vec![],
             resources: Resources::default(),
             runs: vec![],

@@ -260,7 +260,7 @@ mod tests {
             returns,
             features: Vec::new(),
         };
-        let members = |nodes| Members { epoch: 3, nodes, conflicts: Vec::new() };
+        let members = |nodes| Members { epoch: 3, nodes, conflicts: Vec::new(), authorized_keys: None };
         assert!(!returned_confirmed(None, &me, incarnation, 0), "no leader view yet");
         assert!(!returned_confirmed(Some(&members(vec![])), &me, incarnation, 0), "not listed");
         let old = members(vec![member(uuid::Uuid::new_v4(), 5)]);

@@ -159,6 +159,8 @@ pub struct Identity {
     pub fence_timeout: Duration,
     /// The incarnation this one replaces on its workspace (see `Heartbeat::replaces`).
     pub replaces: Option<Uuid>,
+    /// The `--authorized-keys` file's text (a signed cluster), published for `shiva-ctl`.
+    pub authorized_keys: Option<String>,
 }
 
 /// Builds heartbeat `seq`.
@@ -181,6 +183,7 @@ pub fn build(
         interval_ms: identity.interval.as_millis() as u64,
         fence_timeout_ms: Some(identity.fence_timeout.as_millis() as u64),
         returns,
+        authorized_keys: identity.authorized_keys.clone(),
         resources,
         runs,
         features: shiva_proto::records::feature::ALL.iter().map(|name| (*name).to_owned()).collect(),

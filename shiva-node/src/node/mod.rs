@@ -105,6 +105,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             task_path: config.task_path.clone(),
             shims,
             reports,
+            task_user: config.task_user.clone(),
+            allow_root_tasks: config.allow_root_tasks,
         }))
     } else {
         None
@@ -117,6 +119,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         interval: config.heartbeat_interval,
         fence_timeout: config.fence_timeout,
         replaces,
+        authorized_keys: config.authorized_keys.as_ref().map(|(text, _)| text.clone()),
     };
     let outbox = driver::Outbox::new(
         Publisher::new(&config.bus, "writes")?,
@@ -126,7 +129,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     );
     let mut node = Node {
         identity,
-        view: LogView::default(),
+        view: LogView::with_policy(config.authorized_keys.as_ref().map(|(_, policy)| policy.clone())),
         membership: Membership::new(config.node_id.clone(), config.incarnation),
         election: Election::new(config.node_id.clone(), config.incarnation, config.leader_capable),
         supervisor,

@@ -31,6 +31,10 @@ pub struct JobContext {
     pub shims: ShimLauncher,
     /// Where status reports go.
     pub reports: mpsc::UnboundedSender<TaskStatus>,
+    /// `--task-user`: who runs tasks that name no user.
+    pub task_user: Option<String>,
+    /// `--allow-root-tasks`.
+    pub allow_root_tasks: bool,
 }
 
 /// Requests to a running job.
@@ -168,14 +172,15 @@ pub(crate) fn request(
 }
 
 /// How to launch a run of `spec` named `run`.
-pub(crate) fn launch_options(spec: &TaskSpec, run: &str) -> LaunchOptions {
+pub(crate) fn launch_options(context: &JobContext, spec: &TaskSpec, run: &str) -> LaunchOptions {
     LaunchOptions {
         task: spec.id.to_string(),
         run: run.to_owned(),
         grace: spec.stop_grace,
         stop_signal: spec.stop_signal_number(),
         exclusive: spec.on_disconnect == OnDisconnect::Stop,
-        user: spec.user.clone(),
+        user: spec.user.clone().or_else(|| context.task_user.clone()),
+        allow_root: context.allow_root_tasks,
         memory_max: spec.memory_max_bytes(),
         cpu_max: spec.cpu_max.map(|cores| cores.0),
         files: spec.files.clone(),
@@ -235,7 +240,7 @@ async fn run(
         }
         let spawn = request(&context, &spec, run.run_id, run.attempt, &[]);
         let name = run.run_id.map(|id| id.to_string()).unwrap_or_default();
-        let options = launch_options(&spec, &name);
+        let options = launch_options(&context, &spec, &name);
         let mut started = Instant::now();
         let launched = if std::mem::take(&mut staged) {
             match staged_launch(&context, spawn, &options, &mut control, &mut run).await {

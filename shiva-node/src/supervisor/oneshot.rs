@@ -89,7 +89,7 @@ async fn execute(
         .into_iter()
         .collect();
     let spawn = request(&context, spec, Some(intent.run_id), intent.attempt, &extra);
-    let options = launch_options(spec, &intent.run_id.to_string());
+    let options = launch_options(&context, spec, &intent.run_id.to_string());
     let mut handle = match context.shims.launch(spawn, &options, None).await {
         Ok(handle) => handle,
         Err(err) => {

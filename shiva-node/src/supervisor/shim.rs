@@ -139,6 +139,8 @@ pub struct LaunchOptions {
     pub exclusive: bool,
     /// Run as this user (name or uid).
     pub user: Option<String>,
+    /// Whether `user` may be root (`--allow-root-tasks`).
+    pub allow_root: bool,
     /// Memory limit in bytes.
     pub memory_max: Option<u64>,
     /// CPU limit in cores.
@@ -205,7 +207,14 @@ impl ShimLauncher {
         go: Option<oneshot::Receiver<()>>,
     ) -> io::Result<RunHandle> {
         if let Some(user) = &options.user {
-            request.user = Some(RunUser::resolve(user).map_err(io::Error::other)?);
+            let user = RunUser::resolve(user).map_err(io::Error::other)?;
+            if user.uid == 0 && !options.allow_root {
+                return Err(io::Error::other(format!(
+                    "user: '{}' is root, and this node runs tasks as root only with --allow-root-tasks",
+                    user.name
+                )));
+            }
+            request.user = Some(user);
         }
         let lease_ms = match (options.exclusive, lease_now(&self.lease)) {
             (false, _) => None,

@@ -155,12 +155,7 @@ impl TaskSpec {
             return Err(SpecError::field(field, "only applies to long-running tasks (no schedule, no once)"));
         }
         if let Some(user) = &self.user {
-            let ok = !user.is_empty()
-                && user.len() <= 64
-                && user.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-            if !ok {
-                return Err(SpecError::field("user", format!("'{user}' is not a user name or uid")));
-            }
+            super::check_user(user).map_err(|err| SpecError::field("user", err))?;
         }
         if let Some(name) = self.rlimits.keys().find(|name| !RLIMITS.contains(&name.as_str())) {
             return Err(SpecError::field(

@@ -263,6 +263,7 @@ proptest! {
             interval_ms,
             fence_timeout_ms: fence_ms,
             returns: u64::MAX,
+            authorized_keys: Some("x".repeat(1 << 20)),
             resources: Resources::default(),
             runs: vec![],
             features: Vec::new(),
