@@ -38,6 +38,14 @@ use heartbeat::{Gate, Identity, ResourceProbe};
 /// Runs the node until `shutdown` is cancelled (then leaves the cluster in order) or a fatal
 /// error occurs.
 pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if config.runner && config.task_user.is_none() && nix::unistd::geteuid().is_root() {
+        warn!("this node runs as root without --task-user: tasks that name no user run as root");
+    }
+    if config.authorized_keys.is_none() {
+        warn!(
+            "no --authorized-keys: the cluster is open, anyone who can write to its commands topic commands it"
+        );
+    }
     info!(
         node = %config.node_id,
         incarnation = %config.incarnation,
