@@ -896,3 +896,12 @@ impl Drop for Terminator {
         let _ = self.child.wait();
     }
 }
+
+/// How many records `shiva-archiver fsck` says an archive holds (the sum of its per-partition
+/// lines, `… N files, R records …`).
+pub fn fsck_records(stdout: &[u8]) -> u64 {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|line| line.split(" files, ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

@@ -150,20 +150,19 @@ impl Policy {
         self.keys.is_empty()
     }
 
-    /// Checks a command: its signature, its key, the task id it names. `newest` is the signing
-    /// time of the newest command accepted on the same record key.
-    #[allow(clippy::too_many_arguments)]
+    /// Checks a command read off `key`: its signature, its key, the task id it names. `newest`
+    /// is the signing time of the newest command accepted on the same record key.
     pub fn check(
         &self,
         key: &str,
-        kind: &str,
-        sender: &str,
         task: &str,
-        body: &serde_json::Value,
-        sig: Option<&Signature>,
+        parts: &SignedParts,
         newest: Option<u64>,
     ) -> Result<Signer, String> {
-        let sig = sig.ok_or("unsigned: this cluster accepts only signed commands (shiva-ctl --sign-key)")?;
+        let sig = parts
+            .sig
+            .as_ref()
+            .ok_or("unsigned: this cluster accepts only signed commands (shiva-ctl --sign-key)")?;
         let public =
             PublicKey::from_openssh(&sig.key).map_err(|err| format!("unreadable signing key: {err}"))?;
         let listed =
@@ -174,7 +173,8 @@ impl Policy {
         if sshsig.public_key() != public.key_data() {
             return Err("the signature was made by another key than the one it names".into());
         }
-        let message = message(&self.cluster, key, kind, sender, sig.at_ms, &canonical(body));
+        let message =
+            message(&self.cluster, key, &parts.kind, &parts.sender, sig.at_ms, &canonical(&parts.body));
         public.verify(NAMESPACE, &message, &sshsig).map_err(|_| {
             "bad signature: it does not match this command (altered, or signed for another cluster or key)".to_owned()
         })?;

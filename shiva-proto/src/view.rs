@@ -525,17 +525,8 @@ impl LogView {
             // The leader's deletion of a handled request: a node's record, read by its own rules.
             return Ok(None);
         }
-        let checked = signed.and_then(|parts| {
-            policy.check(
-                key,
-                &parts.kind,
-                &parts.sender,
-                task.as_str(),
-                &parts.body,
-                parts.sig.as_ref(),
-                self.newest_signed.get(key).copied(),
-            )
-        });
+        let checked = signed
+            .and_then(|parts| policy.check(key, task.as_str(), &parts, self.newest_signed.get(key).copied()));
         checked.map(Some).map_err(|reason| {
             let reason = format!("command '{key}' at offset {offset} refused: {reason}");
             self.refused.insert(task, Refusal { offset, key: key.to_owned(), reason: reason.clone() });

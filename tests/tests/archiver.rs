@@ -63,10 +63,7 @@ fn terminate(mut child: Child) -> std::process::ExitStatus {
 
 fn archived_count(dest: &Target, topic: &str) -> u64 {
     let output = dest.command().args(["fsck", "--topic", topic, "--dest", &dest.url]).output().unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split(" files, ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
-        .sum()
+    shiva_e2e::fsck_records(&output.stdout)
 }
 
 /// `fsck --deep` passes and `extract` returns exactly records 0..count, each once, in order per

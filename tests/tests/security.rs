@@ -47,10 +47,7 @@ fn archive(
             .args(["fsck", "--topic", topic, "--dest", &format!("file://{}", dir.join("archive").display())])
             .output()
             .unwrap();
-        let archived: u64 = String::from_utf8_lossy(&fsck.stdout)
-            .lines()
-            .filter_map(|line| line.split(" files, ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
-            .sum();
+        let archived = shiva_e2e::fsck_records(&fsck.stdout);
         if archived >= count {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),

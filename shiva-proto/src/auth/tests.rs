@@ -12,6 +12,17 @@ fn line(key: &PrivateKey, options: &str) -> String {
     if options.is_empty() { text } else { format!("{options} {text}") }
 }
 
+/// What a reader decodes of a command record.
+fn parts(kind: &str, body: &serde_json::Value, sig: Option<&Signature>) -> SignedParts {
+    SignedParts {
+        kind: kind.into(),
+        sender: "ctl:ops".into(),
+        sent_at_ms: 0,
+        body: body.clone(),
+        sig: sig.cloned(),
+    }
+}
+
 fn sign(key: &PrivateKey, cluster: &str, record: &str, body: &serde_json::Value, at_ms: u64) -> Signature {
     let message = message(cluster, record, "task", "ctl:ops", at_ms, &canonical(body));
     let sshsig = key.sign(NAMESPACE, HashAlg::Sha512, &message).unwrap();
@@ -26,7 +37,7 @@ fn a_listed_key_is_accepted_and_everything_else_is_refused_with_its_reason() {
     assert_eq!(policy.len(), 2);
     let body = serde_json::json!({"id": "tenant-a/app", "command": "/bin/true"});
     let check = |record: &str, task: &str, sig: Option<&Signature>, newest| {
-        policy.check(record, "task", "ctl:ops", task, &body, sig, newest)
+        policy.check(record, task, &parts("task", &body, sig), newest)
     };
 
     let signer = check(
@@ -79,7 +90,7 @@ fn a_listed_key_is_accepted_and_everything_else_is_refused_with_its_reason() {
     let changed = serde_json::json!({"id": "tenant-a/app", "command": "/bin/sh"});
     assert!(
         policy
-            .check("task/tenant-a/app", "task", "ctl:ops", "tenant-a/app", &changed, Some(&by_tenant), None)
+            .check("task/tenant-a/app", "tenant-a/app", &parts("task", &changed, Some(&by_tenant)), None)
             .is_err()
     );
 }
@@ -98,5 +109,5 @@ fn authorized_keys_files_are_read_strictly() {
     let message = message("c", record, "desired", "ctl:ops", 1, &canonical(&body));
     let sig =
         signature(ops.public_key(), 1, &ops.sign(NAMESPACE, HashAlg::Sha512, &message).unwrap()).unwrap();
-    assert!(policy.check(record, "desired", "ctl:ops", "b/x", &body, Some(&sig), None).is_ok());
+    assert!(policy.check(record, "b/x", &parts("desired", &body, Some(&sig)), None).is_ok());
 }
