@@ -3,11 +3,11 @@
 //! its non-secret fields travel beside the file (sidecar and extended attribute), so resuming and
 //! a structural `fsck` need no private key.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::str::FromStr;
 
 use anyhow::{Context, bail};
+use shiva_proto::secret::DecryptError;
 
 /// The first line of every age file.
 const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
@@ -19,13 +19,7 @@ pub fn is_encrypted(bytes: &[u8]) -> bool {
 
 /// Encrypts `plain` to `recipients` (at least one).
 pub fn encrypt(plain: &[u8], recipients: &[age::x25519::Recipient]) -> anyhow::Result<Vec<u8>> {
-    let encryptor = age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
-        .context("cannot encrypt: no recipient")?;
-    let mut out = Vec::with_capacity(plain.len() + 256);
-    let mut writer = encryptor.wrap_output(&mut out)?;
-    writer.write_all(plain)?;
-    writer.finish()?;
-    Ok(out)
+    shiva_proto::secret::encrypt(plain, recipients).map_err(|err| anyhow::anyhow!("cannot encrypt: {err}"))
 }
 
 /// Decrypts an age file with any of `identities`.
@@ -33,13 +27,12 @@ pub fn decrypt(bytes: &[u8], identities: &[Box<dyn age::Identity>]) -> anyhow::R
     if identities.is_empty() {
         bail!("the file is encrypted: pass --identity with a key of one of its recipients");
     }
-    let decryptor = age::Decryptor::new(bytes).context("not a readable age file")?;
-    let mut reader = decryptor
-        .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
-        .context("none of the --identity keys opens this file")?;
-    let mut plain = Vec::new();
-    reader.read_to_end(&mut plain).context("the encrypted file is damaged or truncated")?;
-    Ok(plain)
+    let identities: Vec<&dyn age::Identity> = identities.iter().map(|i| i.as_ref()).collect();
+    shiva_proto::secret::decrypt(bytes, &identities).map_err(|err| match err {
+        DecryptError::Unreadable(why) => anyhow::anyhow!("not a readable age file: {why}"),
+        DecryptError::NoIdentity => anyhow::anyhow!("none of the --identity keys opens this file"),
+        DecryptError::Damaged(why) => anyhow::anyhow!("the encrypted file is damaged or truncated: {why}"),
+    })
 }
 
 /// Recipients from `--recipient` values and `--recipients-file` files (one per line, `#`

@@ -52,6 +52,9 @@ pub enum Command {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// Secrets, encrypted to the cluster's nodes: set, list, delete.
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Show one task.
     Status {
         /// Task id.
@@ -137,6 +140,25 @@ fn timeout(text: &str) -> Result<Duration, String> {
 
 fn since(text: &str) -> Result<Duration, String> {
     bounded(text, Duration::ZERO, Duration::from_secs(3650 * 86_400))
+}
+
+/// `secret` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Set NAME to the value on stdin (one trailing newline is dropped; at most 64 KiB),
+    /// encrypted to every live node. Specs use it by name: `"secrets": {"env": {"VAR": "NAME"}}`
+    /// or `{"files": {"path": "NAME"}}`.
+    Set {
+        /// Its name (like a task id; `tenant/…` secrets serve only `tenant/…` tasks).
+        name: String,
+    },
+    /// List secrets: names, revisions and how many nodes can open them (never values).
+    List(JsonArg),
+    /// Delete a secret (runs that use it fail to start afterwards).
+    Delete {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// `--json`.

@@ -307,6 +307,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         }
         Command::Kill { id } => set_desired(&config, timeout, &id, DesiredState::Stopped).await?,
         Command::Start { id } => set_desired(&config, timeout, &id, DesiredState::Running).await?,
+        Command::Secret(command) => secret(&config, timeout, command).await?,
         Command::Delete { id } => {
             let task = TaskId::new(id).map_err(invalid)?;
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
@@ -324,6 +325,93 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
 
 pub(crate) fn no_such_task(task: &TaskId) -> CtlError {
     CtlError::Failed(anyhow::anyhow!("no task '{task}' in this cluster"))
+}
+
+/// `secret set | list | delete`.
+async fn secret(config: &BusConfig, timeout: Duration, command: cli::SecretCommand) -> Result<(), CtlError> {
+    use shiva_proto::secret::{MAX_VALUE_BYTES, seal};
+    let name_of =
+        |name: &str| TaskId::new(name).map_err(|err| invalid(format!("secret name '{name}': {err}")));
+    match command {
+        cli::SecretCommand::Set { name } => {
+            let name = name_of(&name)?;
+            let mut value = Vec::new();
+            std::io::stdin().take(MAX_VALUE_BYTES as u64 + 2).read_to_end(&mut value).map_err(|err| {
+                CtlError::Failed(anyhow::anyhow!("cannot read the value from stdin: {err}"))
+            })?;
+            if value.ends_with(b"\n") {
+                value.pop();
+            }
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(invalid(format!("the value on stdin is above {MAX_VALUE_BYTES} bytes")));
+            }
+            if std::str::from_utf8(&value).is_err() {
+                return Err(invalid(
+                    "the value on stdin is not UTF-8 text (secrets go into environments and text files)",
+                ));
+            }
+            let view = snapshot(config, timeout, &TopicKind::ALL).await?;
+            let live: Vec<(String, String)> = node_rows(&view)
+                .into_iter()
+                .filter(|row| row.alive)
+                .filter_map(|row| {
+                    let recipient = view.heartbeats.get(&row.id)?.heartbeat.recipient.clone()?;
+                    let valid = !shiva_proto::secret::valid_recipients([recipient.as_str()]).is_empty();
+                    valid.then(|| (row.id.to_string(), recipient))
+                })
+                .collect();
+            if live.is_empty() {
+                return Err(CtlError::Failed(anyhow::anyhow!(
+                    "no live node publishes a recipient to encrypt to (nodes of this version do; start one first)"
+                )));
+            }
+            let recipients: Vec<String> = live.iter().map(|(_, recipient)| recipient.clone()).collect();
+            let sealed = seal(&name, &value, &recipients, None)
+                .map_err(|err| CtlError::Failed(anyhow::anyhow!(err)))?;
+            drop(value);
+            let record_key = key::secret(&name);
+            let record = envelope(&record_key, Body::Secret(sealed))?;
+            let revision =
+                Publisher::new(config, "ctl")?.send(TopicKind::Commands, &record_key, Some(&record)).await?;
+            let nodes: Vec<&str> = live.iter().map(|(node, _)| node.as_str()).collect();
+            println!("secret {name} set (revision {revision}), encrypted to {}", nodes.join(", "));
+        }
+        cli::SecretCommand::List(json) => {
+            let view = snapshot(config, timeout, &TopicKind::ALL).await?;
+            let rows: Vec<serde_json::Value> = view
+                .secrets
+                .iter()
+                .map(|(name, (revision, secret))| {
+                    let copy = view.secret_copies.get(name).filter(|copy| copy.source == Some(*revision));
+                    let nodes = copy.map_or(secret.recipients.len(), |copy| copy.recipients.len());
+                    serde_json::json!({"name": name, "revision": revision, "nodes": nodes})
+                })
+                .collect();
+            if json.json {
+                print_json(&rows);
+            } else {
+                println!("{:<40} {:>9} {:>6}", "NAME", "REVISION", "NODES");
+                for row in rows {
+                    println!(
+                        "{:<40} {:>9} {:>6}",
+                        row["name"].as_str().unwrap_or(""),
+                        row["revision"],
+                        row["nodes"]
+                    );
+                }
+            }
+        }
+        cli::SecretCommand::Delete { name } => {
+            let name = name_of(&name)?;
+            let view = snapshot(config, timeout, &TASK_TOPICS).await?;
+            if !view.secrets.contains_key(&name) {
+                return Err(CtlError::Failed(anyhow::anyhow!("no secret '{name}'")));
+            }
+            Publisher::new(config, "ctl")?.send(TopicKind::Commands, &key::secret(&name), None).await?;
+            println!("deleted secret {name}");
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn print_json(value: &impl serde::Serialize) {

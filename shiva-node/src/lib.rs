@@ -20,6 +20,7 @@ pub mod placement;
 pub mod runlog;
 pub mod runner;
 pub mod scheduler;
+pub mod secrets;
 pub mod shim;
 pub mod supervisor;
 pub mod tree;

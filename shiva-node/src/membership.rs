@@ -337,6 +337,7 @@ pub(crate) fn test_heartbeat() -> Heartbeat {
         fence_timeout_ms: Some(300),
         returns: 0,
         authorized_keys: None,
+        recipient: None,
         resources: Default::default(),
         runs: vec![],
         features: Vec::new(),

@@ -37,6 +37,7 @@ fn launcher(dir: &Path, fence_timeout: Duration, lease: watch::Receiver<Option<B
         controllers: Default::default(),
         logs_dir: dir.join("logs"),
         shipper: None,
+        secrets: None,
     }
 }
 
@@ -66,6 +67,7 @@ fn options(run: &str, grace_ms: u64) -> LaunchOptions {
         exclusive: true,
         user: None,
         allow_root: true,
+        secrets: Default::default(),
         memory_max: None,
         cpu_max: None,
         files: Default::default(),

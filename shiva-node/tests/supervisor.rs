@@ -46,6 +46,7 @@ fn supervisor_with(
             lease,
             records: dir.join("shims"),
             controllers: Controllers::detect("supervisor-test", None),
+            secrets: None,
             logs_dir: dir.join("logs"),
             shipper: None,
         },

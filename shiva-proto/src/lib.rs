@@ -19,6 +19,7 @@ pub mod ids;
 pub mod records;
 pub mod runs;
 pub mod schedule;
+pub mod secret;
 pub mod spec;
 pub mod topics;
 pub mod view;

@@ -81,6 +81,9 @@ pub enum Body {
     /// `commands` `request/`): its entry is deleted. A tombstone follows for compaction; a
     /// tombstone alone changes nothing.
     Deleted(Deleted),
+    /// `commands` (from `shiva-ctl`) and `assignments` (the leader's re-encrypted copy),
+    /// `secret/<name>`: a secret, encrypted to nodes.
+    Secret(crate::secret::Secret),
 }
 
 impl Body {
@@ -101,6 +104,7 @@ impl Body {
             Body::RunIntent(_) => "run_intent",
             Body::RunReport(_) => "run_report",
             Body::Deleted(_) => "deleted",
+            Body::Secret(_) => "secret",
         }
     }
 }
@@ -201,6 +205,9 @@ pub struct Heartbeat {
     /// a node for nothing its build would misread.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features: Vec<String>,
+    /// The age recipient (`age1…`) of the node's identity: secrets are encrypted to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<String>,
     /// The node's `--authorized-keys` file (OpenSSH format), when it accepts signed commands
     /// only; absent: an open node. `shiva-ctl` checks commands by the same keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -259,6 +266,7 @@ impl Heartbeat {
             fence_timeout_ms: None,
             returns: 0,
             authorized_keys: None,
+            recipient: None,
             features: Vec::new(),
             resources: Resources::default(),
             runs: Vec::new(),
@@ -678,6 +686,7 @@ impl Envelope {
             Body::Assignment(body) => out(self, body),
             Body::Status(body) => out(self, body),
             Body::RunRequest(body) => out(self, body),
+            Body::Secret(body) => out(self, body),
             Body::Sched(body) => out(self, body),
             Body::RunIntent(body) => out(self, body),
             Body::RunReport(body) => out(self, body),
@@ -714,6 +723,7 @@ impl Envelope {
             "assignment" => Body::Assignment(body(kind, wire.body)?),
             "status" => Body::Status(body(kind, wire.body)?),
             "run_request" => Body::RunRequest(body(kind, wire.body)?),
+            "secret" => Body::Secret(body(kind, wire.body)?),
             "sched" => Body::Sched(body(kind, wire.body)?),
             "run_intent" => Body::RunIntent(body(kind, wire.body)?),
             "run_report" => Body::RunReport(body(kind, wire.body)?),

@@ -139,6 +139,34 @@ pub struct TaskSpec {
     /// Files written into the working directory before each start (relative path → text).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub files: BTreeMap<String, String>,
+    /// Secrets (`shiva-ctl secret set`) the runner decrypts at launch into the environment or a
+    /// file: only their names are in the spec.
+    #[serde(default, skip_serializing_if = "SecretRefs::is_empty")]
+    pub secrets: SecretRefs,
+}
+
+/// Where a task gets its secrets: names of secrets, never values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRefs {
+    /// Environment variable → secret name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// File of the working directory (relative path) → secret name; written mode 0600.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
+}
+
+impl SecretRefs {
+    /// Whether it names no secret.
+    pub fn is_empty(&self) -> bool {
+        self.env.is_empty() && self.files.is_empty()
+    }
+
+    /// Every secret named, with the field that names it.
+    pub fn names(&self) -> impl Iterator<Item = (String, &str)> + '_ {
+        let env = self.env.iter().map(|(var, name)| (format!("secrets.env.{var}"), name.as_str()));
+        env.chain(self.files.iter().map(|(path, name)| (format!("secrets.files.{path}"), name.as_str())))
+    }
 }
 
 fn default_stop_grace() -> Duration {
@@ -341,6 +369,7 @@ impl TaskSpec {
             memory_max: None,
             cpu_max: None,
             files: BTreeMap::new(),
+            secrets: SecretRefs::default(),
         }
     }
 
@@ -393,22 +422,30 @@ impl TaskSpec {
             return Err(SpecError::field(&format!("args[{index}]"), "must not contain a NUL byte"));
         }
         for (name, value) in &self.env {
-            let name_ok = !name.is_empty()
-                && !name.contains(['=', '\0'])
-                && !name.starts_with(|c: char| c.is_ascii_digit());
-            if !name_ok {
-                return Err(SpecError::field(
-                    &format!("env.{name}"),
-                    "a variable name must be non-empty, not start with a digit, and hold no '=' or NUL",
-                ));
-            }
+            check_env_name(&format!("env.{name}"), name)?;
             if value.contains('\0') {
                 return Err(SpecError::field(&format!("env.{name}"), "value must not contain a NUL byte"));
             }
-            if name.starts_with("SHIVA_") {
+        }
+        for name in self.secrets.env.keys() {
+            let field = format!("secrets.env.{name}");
+            check_env_name(&field, name)?;
+            if self.env.contains_key(name) {
+                return Err(SpecError::field(&field, "is also in env: a variable comes from one place"));
+            }
+        }
+        if let Some(path) = self.secrets.files.keys().find(|path| self.files.contains_key(*path)) {
+            return Err(SpecError::field(&format!("secrets.files.{path}"), "is also in files"));
+        }
+        for (field, name) in self.secrets.names() {
+            TaskId::new(name)
+                .map_err(|err| SpecError::field(&field, format!("'{name}' is not a secret name: {err}")))?;
+            if !crate::secret::may_use(&self.id, &TaskId::new(name).expect("checked")) {
                 return Err(SpecError::field(
-                    &format!("env.{name}"),
-                    "SHIVA_* variables are set by the node",
+                    &field,
+                    format!(
+                        "secret '{name}' belongs to the tasks under its first segment, and this task is not one"
+                    ),
                 ));
             }
         }
@@ -502,4 +539,20 @@ pub fn check_user(user: &str) -> Result<(), String> {
         && user.len() <= 64
         && user.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if ok { Ok(()) } else { Err(format!("'{user}' is not a user name or uid")) }
+}
+
+/// An environment variable name: non-empty, no leading digit, no `=` or NUL, not `SHIVA_*`.
+fn check_env_name(field: &str, name: &str) -> Result<(), SpecError> {
+    let name_ok =
+        !name.is_empty() && !name.contains(['=', '\0']) && !name.starts_with(|c: char| c.is_ascii_digit());
+    if !name_ok {
+        return Err(SpecError::field(
+            field,
+            "a variable name must be non-empty, not start with a digit, and hold no '=' or NUL",
+        ));
+    }
+    if name.starts_with("SHIVA_") {
+        return Err(SpecError::field(field, "SHIVA_* variables are set by the node"));
+    }
+    Ok(())
 }

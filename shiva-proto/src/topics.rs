@@ -126,6 +126,10 @@ pub mod key {
     pub fn request(id: &TaskId, request: Uuid) -> String {
         format!("request/{id}/{request}")
     }
+    /// `secret/<name>`.
+    pub fn secret(name: &TaskId) -> String {
+        format!("secret/{name}")
+    }
     /// `sched/<id>`.
     pub fn sched(id: &TaskId) -> String {
         format!("sched/{id}")

@@ -278,6 +278,10 @@ pub struct LogView {
     /// Every command record read, in log order, when the reader asked for it (`shiva-ctl
     /// audit`; nodes keep none).
     pub audit: Option<Vec<AuditEntry>>,
+    /// Secrets set by operators (`secret/<name>` on `commands`): name → revision and record.
+    pub secrets: BTreeMap<TaskId, (i64, crate::secret::Secret)>,
+    /// The leader's re-encrypted copies (`secret/<name>` on `assignments`).
+    pub secret_copies: BTreeMap<TaskId, crate::secret::Secret>,
 }
 
 /// The authorization policy a view applies. Configuration, not state: views compare equal
@@ -656,6 +660,18 @@ impl LogView {
             self.left.remove(&(node, incarnation));
             return Outcome::Applied("tombstone");
         }
+        if let Some(name) = key::task_of(key, "secret").and_then(|name| TaskId::new(name).ok()) {
+            match topic {
+                TopicKind::Commands => {
+                    self.secrets.remove(&name);
+                }
+                TopicKind::Assignments => {
+                    self.secret_copies.remove(&name);
+                }
+                _ => return Outcome::Skipped(format!("tombstone for '{key}' on {topic} ignored")),
+            }
+            return Outcome::Applied("tombstone");
+        }
         let task = key::task_of(key, "task").and_then(|id| TaskId::new(id).ok());
         let desired = key::task_of(key, "desired").and_then(|id| TaskId::new(id).ok());
         match (topic, task, desired) {
@@ -838,6 +854,21 @@ impl LogView {
                 self.invalid.remove(&spec.id);
                 self.specs.insert(spec.id.clone(), SpecEntry { spec, revision: offset, submitted_ms });
             }
+            (TopicKind::Commands, Body::Secret(secret)) => {
+                expect_key(key, &key::secret(&secret.name))?;
+                if secret.source.is_some() {
+                    return Err("an operator's secret names no source".into());
+                }
+                self.secrets.insert(secret.name.clone(), (offset, secret));
+            }
+            (TopicKind::Assignments, Body::Secret(secret)) => {
+                node_sender().ok_or("a secret's copy comes from a node")?;
+                expect_key(key, &key::secret(&secret.name))?;
+                if secret.source.is_none() {
+                    return Err("a copy names the revision it re-encrypts (source)".into());
+                }
+                self.secret_copies.insert(secret.name.clone(), secret);
+            }
             (TopicKind::Commands, Body::Desired(desired)) => {
                 expect_key(key, &key::desired(&desired.task))?;
                 self.desired.insert(desired.task, desired.state);
@@ -998,10 +1029,12 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
-/// The task a command key names: `task/<id>`, `desired/<id>`, `request/<id>/<request-id>`.
+/// The task a command key names: `task/<id>`, `desired/<id>`, `request/<id>/<request-id>`;
+/// for `secret/<name>`, the name (an authorized key's prefixes apply to it as to a task id).
 pub fn command_task(key: &str) -> Option<TaskId> {
     let id = key::task_of(key, "task")
         .or_else(|| key::task_of(key, "desired"))
+        .or_else(|| key::task_of(key, "secret"))
         .or_else(|| key::task_of(key, "request").and_then(|rest| rest.rsplit_once('/')).map(|(id, _)| id))?;
     TaskId::new(id).ok()
 }

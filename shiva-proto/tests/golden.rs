@@ -83,6 +83,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                     fence_timeout_ms: Some(3000),
                     returns: 0,
                     authorized_keys: None,
+                    recipient: None,
                     resources: Resources {
                         cpus: 2,
                         memory_total_bytes: 25_000_000_000,
@@ -118,6 +119,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                     fence_timeout_ms: Some(2000),
                     returns: 0,
                     authorized_keys: None,
+                    recipient: None,
                     resources: Resources {
                         cpus: 2,
                         memory_total_bytes: 25_000_000_000,

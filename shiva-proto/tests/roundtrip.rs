@@ -141,6 +141,7 @@ fn body() -> impl Strategy<Value = Body> {
                         fence_timeout_ms: Some(interval_ms.saturating_mul(15)),
                         returns: seq % 4,
                         authorized_keys: None,
+                        recipient: None,
                         resources: Resources {
                             cpus,
                             memory_total_bytes: 1 << 34,

@@ -299,3 +299,120 @@ fn signed_commands_are_accepted_and_unsigned_foreign_out_of_prefix_and_replayed_
     }
     assert!(commands.iter().any(|command| command.trim() == "sleep 606"), "the signed revision runs");
 }
+
+/// Every file under `dir`, with its bytes.
+fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => pending.push(path),
+                Ok(kind) if kind.is_file() => {
+                    found.push((path.clone(), std::fs::read(&path).unwrap_or_default()))
+                }
+                _ => {}
+            }
+        }
+    }
+    found
+}
+
+fn holds(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle.as_bytes())
+}
+
+#[test]
+fn a_secret_is_in_clear_only_in_its_tasks_environment_and_file_also_on_a_node_that_joined_later() {
+    let broker = Broker::start();
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let value = format!("s3cret-{}-{stamp}", std::process::id());
+    let mut n1 = Node::start(&broker, "sec", "n1", &[]);
+    let ctl = Ctl::new(&broker, "sec");
+    wait_until(Duration::from_secs(30), "a leader", || {
+        ctl.try_json(&["nodes"]).is_some_and(|nodes| nodes.to_string().contains("\"leader\":true"))
+    });
+    let mut set = Command::new(bin("shiva-ctl"))
+        .args(["--bus", &broker.url(), "--cluster", "sec", "secret", "set", "app/db"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    writeln!(set.stdin.take().unwrap(), "{value}").unwrap();
+    let set = set.wait_with_output().unwrap();
+    assert!(set.status.success(), "{}", text(&set));
+    assert!(text(&set).contains("encrypted to n1"), "{}", text(&set));
+
+    let spec = json!({
+        "id": "app/db-user",
+        "command": "sh",
+        "args": ["-c", "if [ \"$DB_PASSWORD\" = \"$(cat db.pass)\" ] && [ -n \"$DB_PASSWORD\" ]; then echo same on $SHIVA_NODE_ID; else echo differ; fi; exec sleep 600"],
+        "secrets": {"env": {"DB_PASSWORD": "app/db"}, "files": {"db.pass": "app/db"}},
+        "stop_grace": "1s"
+    });
+    let spec_path = scratch("secret-spec").join("spec.json");
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+    ctl.ok(&["submit", &spec_path.display().to_string()]);
+    let logged =
+        |line: &str| String::from_utf8_lossy(&ctl.run(&["logs", "app/db-user"]).stdout).contains(line);
+    wait_until(Duration::from_secs(20), "the task sees the secret on n1", || logged("same on n1"));
+
+    // A node that joins later: the leader re-encrypts the secret to it, and the task moves there
+    // when n1 dies.
+    let mut n2 = Node::start(&broker, "sec", "n2", &[]);
+    wait_until(Duration::from_secs(20), "the secret reaches n2", || {
+        ctl.json(&["secret", "list"]).to_string().contains("\"nodes\":2")
+    });
+    n1.kill9();
+    wait_until(Duration::from_secs(30), "the task sees the secret on n2", || logged("same on n2"));
+
+    // Where the value is, in clear: only in the task's environment and its file.
+    let task_file = |node: &Node| node.workspace.join("tasks/app/db-user/db.pass");
+    assert_eq!(std::fs::read_to_string(task_file(&n2)).unwrap(), value);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(task_file(&n2)).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the secret file is its owner's only");
+    let mut places: Vec<(String, Vec<u8>)> = Vec::new();
+    for (path, bytes) in files_under(&broker.dir) {
+        places.push((format!("broker data {}", path.display()), bytes));
+    }
+    for node in [&n1, &n2] {
+        for (path, bytes) in files_under(&node.workspace) {
+            if path != task_file(node) {
+                places.push((format!("workspace {}", path.display()), bytes));
+            }
+        }
+    }
+    for args in [
+        &["list", "--json"][..],
+        &["status", "app/db-user", "--json"],
+        &["nodes", "--json"],
+        &["secret", "list", "--json"],
+        &["audit", "--json"],
+        &["logs", "app/db-user"],
+        &["history", "app/db-user"],
+    ] {
+        let output = ctl.run(args);
+        places.push((format!("shiva-ctl {args:?}"), [output.stdout, output.stderr].concat()));
+    }
+    let ps = Command::new("ps").args(["-eo", "pid,args"]).output().unwrap();
+    places.push(("ps -eo pid,args".into(), ps.stdout));
+    for (place, bytes) in &places {
+        assert!(!holds(bytes, &value), "the secret's value is in clear in {place}");
+    }
+    // Every process whose environment holds it is the task's own.
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+        if holds(&environ, &value) {
+            assert!(
+                holds(&environ, "SHIVA_TASK_ID=app/db-user"),
+                "process {:?} holds the secret in its environment and is not the task",
+                entry.file_name()
+            );
+        }
+    }
+    n2.kill9();
+}

@@ -943,6 +943,7 @@ fn the_leader_tombstones_departures_of_incarnations_that_came_back() {
             fence_timeout_ms: None,
             returns: 0,
             authorized_keys: None,
+            recipient: None,
             features: vec![],
             resources: Resources::default(),
             runs: vec![],

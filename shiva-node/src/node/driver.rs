@@ -85,6 +85,10 @@ pub(crate) struct Node {
     pub(crate) fence: super::fence::Fence,
     /// Task output shipping (flushed on the way out).
     pub(crate) shipper: Option<std::sync::Arc<crate::logship::LogShipper>>,
+    /// This node's age identity and the secrets it knows.
+    pub(crate) secrets: std::sync::Arc<crate::secrets::SecretStore>,
+    /// Secrets the leader could not re-encrypt, already logged.
+    pub(crate) stuck_secrets: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// What this node writes: two ordered producers (heartbeats apart, so a burst of other writes
@@ -289,6 +293,9 @@ impl Node {
             error!(%topic, offset, %reason, "record could not be read; skipped");
         }
         let key = key.map(|key| String::from_utf8_lossy(&key).into_owned()).unwrap_or_default();
+        if let Some(name) = key.strip_prefix("secret/").and_then(|name| TaskId::new(name).ok()) {
+            self.secrets.update(&self.view, &name);
+        }
         if self.outbox.unread.get(&(topic, key.clone())).is_some_and(|sent| *sent <= offset) {
             self.outbox.unread.remove(&(topic, key.clone()));
         }
@@ -637,6 +644,40 @@ impl Node {
         };
         writes.extend(scheduler::plan(&context));
         self.leadership.schedules.retain(&self.view);
+        // Secrets some live node cannot open yet: re-encrypted to every live node.
+        let recipients = shiva_proto::secret::valid_recipients(
+            live.iter()
+                .filter_map(|member| self.view.heartbeats.get(&member.id)?.heartbeat.recipient.as_deref()),
+        );
+        let mut stuck = Vec::new();
+        let copies = crate::secrets::reencrypt(&self.view, &recipients, &self.secrets, &mut stuck);
+        let rewritten: std::collections::BTreeSet<TaskId> =
+            copies.iter().map(|copy| copy.name.clone()).collect();
+        for copy in copies {
+            let key = key::secret(&copy.name);
+            if !self.busy(TopicKind::Assignments, &key) {
+                writes.push(crate::leader::Write::assignments(key, Some(Body::Secret(copy))));
+            }
+        }
+        // A copy of a deleted secret, or of an earlier value: dropped.
+        for (name, copy) in &self.view.secret_copies {
+            let current = self.view.secrets.get(name).map(|(revision, _)| *revision);
+            let key = key::secret(name);
+            if current != copy.source && !rewritten.contains(name) && !self.busy(TopicKind::Assignments, &key)
+            {
+                writes.push(crate::leader::Write::assignments(key, None));
+            }
+        }
+        for reason in stuck {
+            if self
+                .stuck_secrets
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(reason.clone())
+            {
+                warn!(%reason, "cannot re-encrypt a secret for the live nodes");
+            }
+        }
         writes
     }
 

@@ -161,6 +161,8 @@ pub struct Identity {
     pub replaces: Option<Uuid>,
     /// The `--authorized-keys` file's text (a signed cluster), published for `shiva-ctl`.
     pub authorized_keys: Option<String>,
+    /// The age recipient of this node's identity (secrets are encrypted to it).
+    pub recipient: Option<String>,
 }
 
 /// Builds heartbeat `seq`.
@@ -184,6 +186,7 @@ pub fn build(
         fence_timeout_ms: Some(identity.fence_timeout.as_millis() as u64),
         returns,
         authorized_keys: identity.authorized_keys.clone(),
+        recipient: identity.recipient.clone(),
         resources,
         runs,
         features: shiva_proto::records::feature::ALL.iter().map(|name| (*name).to_owned()).collect(),

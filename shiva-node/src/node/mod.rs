@@ -59,6 +59,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         .with_context(|| format!("failed to create the workspace {}", config.workspace.display()))?;
     // Before anything touches a process: a second node on this workspace refuses here.
     let (_workspace_lock, replaces) = lock_workspace(&config.workspace, config.incarnation)?;
+    let secrets = std::sync::Arc::new(crate::secrets::SecretStore::open(&config.workspace)?);
     if let Some(previous) = replaces {
         info!(%previous, "this workspace's previous node has exited: its incarnation is replaced by this one");
     }
@@ -106,6 +107,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             controllers,
             logs_dir: config.workspace.join("logs"),
             shipper: Some(shipper.clone()),
+            secrets: Some(secrets.clone()),
         };
         Some(Supervisor::new(JobContext {
             node_id: config.node_id.to_string(),
@@ -128,6 +130,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         fence_timeout: config.fence_timeout,
         replaces,
         authorized_keys: config.authorized_keys.as_ref().map(|(text, _)| text.clone()),
+        recipient: Some(secrets.recipient().to_owned()),
     };
     let outbox = driver::Outbox::new(
         Publisher::new(&config.bus, "writes")?,
@@ -157,6 +160,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         lease,
         fence: Fence::new(config.fence_timeout),
         shipper: Some(shipper),
+        secrets: secrets.clone(),
+        stuck_secrets: Default::default(),
         config,
     };
 

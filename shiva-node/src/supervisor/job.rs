@@ -181,6 +181,7 @@ pub(crate) fn launch_options(context: &JobContext, spec: &TaskSpec, run: &str) -
         exclusive: spec.on_disconnect == OnDisconnect::Stop,
         user: spec.user.clone().or_else(|| context.task_user.clone()),
         allow_root: context.allow_root_tasks,
+        secrets: spec.secrets.clone(),
         memory_max: spec.memory_max_bytes(),
         cpu_max: spec.cpu_max.map(|cores| cores.0),
         files: spec.files.clone(),

@@ -61,6 +61,8 @@ pub struct ShimLauncher {
     pub logs_dir: PathBuf,
     /// Ships output to the logs topic (none in tests without a bus).
     pub shipper: Option<Arc<LogShipper>>,
+    /// This node's identity and known secrets (`None`: a launcher that runs no secrets).
+    pub secrets: Option<Arc<crate::secrets::SecretStore>>,
 }
 
 /// How a run ended.
@@ -141,6 +143,8 @@ pub struct LaunchOptions {
     pub user: Option<String>,
     /// Whether `user` may be root (`--allow-root-tasks`).
     pub allow_root: bool,
+    /// Secrets decrypted into the environment and files at launch.
+    pub secrets: shiva_proto::spec::SecretRefs,
     /// Memory limit in bytes.
     pub memory_max: Option<u64>,
     /// CPU limit in cores.
@@ -230,7 +234,8 @@ impl ShimLauncher {
         }
         std::fs::create_dir_all(&self.records)?;
         let output = OpenOptions::new().create(true).append(true).open(&request.output)?;
-        self.prepare_workdir(&request, &options.files)?;
+        let secret_files = self.add_secrets(&mut request, options)?;
+        self.prepare_workdir(&request, &options.files, &secret_files)?;
         let cgroup = self.isolation.run_cgroup(&options.run);
         let tracking = cgroup.as_deref().filter(|_| matches!(self.isolation, Isolation::CgroupV2(_)));
         let limits = self
@@ -398,9 +403,31 @@ impl ShimLauncher {
         RunLog { dir, run: run.to_owned(), segment_bytes: SEGMENT_BYTES, keep: SEGMENTS, max_line: MAX_LINE }
     }
 
-    /// Creates the working directory and writes the spec's files into it; a directory inside
-    /// the node's workspace is handed to the run's user.
-    fn prepare_workdir(&self, request: &SpawnRequest, files: &BTreeMap<String, String>) -> io::Result<()> {
+    /// Decrypts the secrets a run names: environment variables go into `request`; files are
+    /// returned for [`ShimLauncher::prepare_workdir`]. A secret that cannot be opened fails the
+    /// launch, naming it (never its value).
+    fn add_secrets(
+        &self,
+        request: &mut SpawnRequest,
+        options: &LaunchOptions,
+    ) -> io::Result<Vec<(String, String)>> {
+        if options.secrets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let store = self.secrets.as_ref().ok_or_else(|| io::Error::other("this node holds no secrets"))?;
+        let (env, files) = store.resolve(&options.secrets).map_err(io::Error::other)?;
+        request.env.extend(env);
+        Ok(files)
+    }
+
+    /// Creates the working directory and writes the spec's files into it, and the secret files
+    /// (mode 0600); a directory inside the node's workspace is handed to the run's user.
+    fn prepare_workdir(
+        &self,
+        request: &SpawnRequest,
+        files: &BTreeMap<String, String>,
+        secret_files: &[(String, String)],
+    ) -> io::Result<()> {
         let cwd = &request.cwd;
         std::fs::create_dir_all(cwd).map_err(|err| {
             io::Error::other(format!("cannot create the working directory {}: {err}", cwd.display()))
@@ -425,6 +452,29 @@ impl ShimLauncher {
             };
             write().map_err(|err| {
                 io::Error::other(format!("files.{relative}: cannot write {}: {err}", path.display()))
+            })?;
+        }
+        for (relative, content) in secret_files {
+            let path = cwd.join(relative);
+            let write = || -> io::Result<()> {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt;
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                // Created 0600 before the value is written; an older file is made 0600 first.
+                if path.exists() {
+                    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+                }
+                let mut file =
+                    OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+                }
+                file.write_all(content.as_bytes())
+            };
+            write().map_err(|err| {
+                io::Error::other(format!("secrets.files.{relative}: cannot write {}: {err}", path.display()))
             })?;
         }
         Ok(())

@@ -177,6 +177,8 @@ impl TaskSpec {
         at_most("after", "tasks", self.after.len(), MAX_LIST)?;
         at_most("permanent_exit_codes", "codes", self.permanent_exit_codes.len(), 255)?;
         at_most("files", "files", self.files.len(), MAX_FILES)?;
+        at_most("secrets.env", "variables", self.secrets.env.len(), MAX_FILES)?;
+        at_most("secrets.files", "files", self.secrets.files.len(), MAX_FILES)?;
         Ok(())
     }
 

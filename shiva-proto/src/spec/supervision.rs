@@ -178,7 +178,10 @@ impl TaskSpec {
         {
             return Err(SpecError::field("cpu_max", format!("{cores} is not a number of cores from 0.01")));
         }
-        validate_files(&self.files)
+        validate_files(&self.files)?;
+        let secret_files: BTreeMap<String, String> =
+            self.secrets.files.keys().map(|path| (path.clone(), String::new())).collect();
+        validate_files(&secret_files).map_err(|err| SpecError(err.0.replace("'files.", "'secrets.files.")))
     }
 }
 

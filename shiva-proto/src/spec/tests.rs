@@ -251,3 +251,27 @@ fn file_paths_are_bounded() {
     TaskSpec::from_user_json(&format!(r#"{{"id":"a","command":"x","files":{{"d/{ok_name}":"x"}}}}"#))
         .unwrap();
 }
+
+#[test]
+fn secrets_are_named_never_given_and_a_tenants_secrets_serve_only_its_tasks() {
+    let spec = TaskSpec::from_user_json(
+        r#"{"id":"t/app","command":"x","secrets":{"env":{"PW":"t/db"},"files":{"conf/pw":"shared"}}}"#,
+    )
+    .unwrap();
+    assert_eq!(spec.secrets.env["PW"], "t/db");
+    for (text, words) in [
+        (r#"{"id":"u/app","command":"x","secrets":{"env":{"PW":"t/db"}}}"#, "secrets.env.PW"),
+        (r#"{"id":"t/app","command":"x","env":{"PW":"1"},"secrets":{"env":{"PW":"t/db"}}}"#, "also in env"),
+        (r#"{"id":"t/app","command":"x","secrets":{"env":{"SHIVA_X":"t/db"}}}"#, "SHIVA_"),
+        (
+            r#"{"id":"t/app","command":"x","files":{"a":"1"},"secrets":{"files":{"a":"t/db"}}}"#,
+            "also in files",
+        ),
+        (r#"{"id":"t/app","command":"x","secrets":{"files":{"../a":"t/db"}}}"#, "secrets.files.../a"),
+        (r#"{"id":"t/app","command":"x","secrets":{"env":{"PW":"a//b"}}}"#, "not a secret name"),
+        (r#"{"id":"t/app","command":"x","secrets":{"value":"x"}}"#, "secrets.value"),
+    ] {
+        let found = err(text);
+        assert!(found.contains(words), "{text}: {found}");
+    }
+}

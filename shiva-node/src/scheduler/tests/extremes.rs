@@ -264,6 +264,7 @@ proptest! {
             fence_timeout_ms: fence_ms,
             returns: u64::MAX,
             authorized_keys: Some("x".repeat(1 << 20)),
+            recipient: None,
             resources: Resources::default(),
             runs: vec![],
             features: Vec::new(),
