@@ -119,7 +119,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Status { id, json } => {
             let task = TaskId::new(id).map_err(invalid)?;
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
-            let refused = view.refused.get(&task);
+            let refused = view.refusal(&task);
             let Some(row) = task_row(&view, &task) else {
                 // Never accepted: only its refusal to show.
                 let refusal = refused.ok_or_else(|| no_such_task(&task))?;
@@ -176,9 +176,23 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Audit { id, json } => {
             let task = id.map(TaskId::new).transpose().map_err(invalid)?;
             let view = read_view(&config, timeout, &TASK_TOPICS, true).await?;
-            let entries: Vec<_> = view
-                .audit
-                .unwrap_or_default()
+            let mut entries = view.audit.clone().unwrap_or_default();
+            // Refused commands compaction dropped are still known by the leader's records.
+            for refusal in view.refused.values() {
+                if !entries.iter().any(|entry| entry.offset == refusal.offset) {
+                    entries.push(shiva_proto::view::AuditEntry {
+                        offset: refusal.offset,
+                        key: refusal.key.clone(),
+                        kind: "(compacted)".into(),
+                        sender: None,
+                        signer: None,
+                        sent_at_ms: None,
+                        outcome: format!("refused: {}", refusal.reason),
+                    });
+                }
+            }
+            entries.sort_by_key(|entry| entry.offset);
+            let entries: Vec<_> = entries
                 .into_iter()
                 .filter(|entry| {
                     task.as_ref()

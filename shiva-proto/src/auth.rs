@@ -88,6 +88,9 @@ pub struct Signer {
     pub comment: String,
     /// When it was signed.
     pub at_ms: u64,
+    /// The signature (PEM), to tell the same command written again from another.
+    #[serde(skip)]
+    pub sshsig: String,
 }
 
 impl Policy {
@@ -151,13 +154,14 @@ impl Policy {
     }
 
     /// Checks a command read off `key`: its signature, its key, the task id it names. `newest`
-    /// is the signing time of the newest command accepted on the same record key.
+    /// is the signing time of the newest command accepted on the same record key, with that
+    /// command's signature while it stands (not deleted since).
     pub fn check(
         &self,
         key: &str,
         task: &str,
         parts: &SignedParts,
-        newest: Option<u64>,
+        newest: Option<(u64, Option<&str>)>,
     ) -> Result<Signer, String> {
         let sig = parts
             .sig
@@ -189,8 +193,11 @@ impl Policy {
                 prefixes.iter().map(|prefix| format!("{prefix}/")).collect::<Vec<_>>().join(", ")
             ));
         }
-        if let Some(newest) = newest
-            && sig.at_ms <= newest
+        // Not newer than the accepted command: a replay, unless it is that very command written
+        // again while it stands (the leader does, so that compaction keeps it: see
+        // `LogView::command_repairs`).
+        if let Some((newest, standing)) = newest
+            && (sig.at_ms < newest || (sig.at_ms == newest && standing != Some(sig.sshsig.as_str())))
         {
             return Err(format!(
                 "replayed: signed at {} ms, not after the command already accepted on '{key}' (signed at {newest} ms)",
@@ -198,6 +205,7 @@ impl Policy {
             ));
         }
         Ok(Signer {
+            sshsig: sig.sshsig.clone(),
             fingerprint: fingerprint(&public),
             comment: listed.key.comment().to_owned(),
             at_ms: sig.at_ms,
@@ -216,7 +224,7 @@ impl Signer {
         let fingerprint = PublicKey::from_openssh(&sig.key)
             .map(|key| format!("{} (not checked: open cluster)", fingerprint(&key)))
             .unwrap_or_else(|_| "unreadable key".to_owned());
-        Signer { fingerprint, comment: String::new(), at_ms: sig.at_ms }
+        Signer { fingerprint, comment: String::new(), at_ms: sig.at_ms, sshsig: sig.sshsig.clone() }
     }
 }
 

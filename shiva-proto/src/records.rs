@@ -84,6 +84,9 @@ pub enum Body {
     /// `commands` (from `shiva-ctl`) and `assignments` (the leader's re-encrypted copy),
     /// `secret/<name>`: a secret, encrypted to nodes.
     Secret(crate::secret::Secret),
+    /// `assignments`, `refusal/<command key>`: the leader's record of a refused command, which
+    /// outlasts the command's compaction.
+    Refusal(Refusal),
 }
 
 impl Body {
@@ -105,8 +108,20 @@ impl Body {
             Body::RunReport(_) => "run_report",
             Body::Deleted(_) => "deleted",
             Body::Secret(_) => "secret",
+            Body::Refusal(_) => "refusal",
         }
     }
+}
+
+/// A command that was refused (signed clusters).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Its offset on `commands`.
+    pub offset: i64,
+    /// Its key.
+    pub key: String,
+    /// Why.
+    pub reason: String,
 }
 
 /// Desired state of a task, set by the operator.
@@ -687,6 +702,7 @@ impl Envelope {
             Body::Status(body) => out(self, body),
             Body::RunRequest(body) => out(self, body),
             Body::Secret(body) => out(self, body),
+            Body::Refusal(body) => out(self, body),
             Body::Sched(body) => out(self, body),
             Body::RunIntent(body) => out(self, body),
             Body::RunReport(body) => out(self, body),
@@ -724,6 +740,7 @@ impl Envelope {
             "status" => Body::Status(body(kind, wire.body)?),
             "run_request" => Body::RunRequest(body(kind, wire.body)?),
             "secret" => Body::Secret(body(kind, wire.body)?),
+            "refusal" => Body::Refusal(body(kind, wire.body)?),
             "sched" => Body::Sched(body(kind, wire.body)?),
             "run_intent" => Body::RunIntent(body(kind, wire.body)?),
             "run_report" => Body::RunReport(body(kind, wire.body)?),

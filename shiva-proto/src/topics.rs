@@ -126,6 +126,10 @@ pub mod key {
     pub fn request(id: &TaskId, request: Uuid) -> String {
         format!("request/{id}/{request}")
     }
+    /// `refusal/<command key>`.
+    pub fn refusal(command_key: &str) -> String {
+        format!("refusal/{command_key}")
+    }
     /// `secret/<name>`.
     pub fn secret(name: &TaskId) -> String {
         format!("secret/{name}")

@@ -272,9 +272,23 @@ pub struct LogView {
     pub auth: AuthPolicy,
     /// Signing time of the newest accepted command per `commands` key, kept after the key is
     /// deleted, so that a replay of an older command on it is refused (signed clusters only).
-    pub newest_signed: BTreeMap<String, u64>,
-    /// The newest refused command per task, with its reason: `status` shows it.
+    pub newest_signed: BTreeMap<String, (u64, Option<String>)>,
+    /// The newest refused command per task, with its reason, as read on `commands` or as the
+    /// leader recorded it (`refusal/<key>` on `assignments`, which outlasts compaction): see
+    /// [`LogView::refusal`].
     pub refused: BTreeMap<TaskId, Refusal>,
+    /// Offset of the newest command accepted on each `commands` key (signed clusters): a refusal
+    /// before it is history.
+    pub accepted_at: BTreeMap<String, i64>,
+    /// The command keys of the leader's `refusal/<key>` records in the log.
+    pub refusal_records: BTreeSet<String>,
+    /// Signed clusters: the bytes of the command accepted on each `commands` key, and the keys
+    /// whose newest record is a refused one. The leader writes the accepted bytes again on those
+    /// keys (a tombstone where none is accepted), so that compaction, which keeps the newest
+    /// record of a key, never leaves a refused command (a replay) in place of the accepted one.
+    pub accepted_commands: BTreeMap<String, std::sync::Arc<[u8]>>,
+    /// See `accepted_commands`.
+    pub command_repairs: BTreeSet<String>,
     /// Every command record read, in log order, when the reader asked for it (`shiva-ctl
     /// audit`; nodes keep none).
     pub audit: Option<Vec<AuditEntry>>,
@@ -295,16 +309,7 @@ impl PartialEq for AuthPolicy {
     }
 }
 
-/// A command that was refused.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Refusal {
-    /// Its offset on `commands`.
-    pub offset: i64,
-    /// Its key.
-    pub key: String,
-    /// Why.
-    pub reason: String,
-}
+pub use crate::records::Refusal;
 
 /// One command record, for `shiva-ctl audit`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -496,9 +501,24 @@ impl LogView {
             self.note_settlement(topic, key, value.is_none());
         }
         if let (Some(signer), Outcome::Applied(_)) = (&signer, &outcome) {
-            self.newest_signed.insert(key.to_owned(), signer.at_ms);
-            if let Some(task) = command_task(key) {
-                self.refused.remove(&task);
+            let previous =
+                self.newest_signed.insert(key.to_owned(), (signer.at_ms, Some(signer.sshsig.clone())));
+            // A new command clears the task's refusal; the accepted one written again (the
+            // leader's repair after that refusal) does not.
+            if previous.is_none_or(|(at_ms, _)| at_ms < signer.at_ms) {
+                self.accepted_at.insert(key.to_owned(), offset);
+            }
+            if let Some(value) = value {
+                self.accepted_commands.insert(key.to_owned(), value.into());
+            }
+            self.command_repairs.remove(key);
+        }
+        if topic == TopicKind::Commands && value.is_none() && self.auth.0.is_some() {
+            self.accepted_commands.remove(key);
+            self.command_repairs.remove(key);
+            // Deleted: no copy of the deleted command counts as "the same command" any more.
+            if let Some((_, standing)) = self.newest_signed.get_mut(key) {
+                *standing = None;
             }
         }
         if topic == TopicKind::Commands {
@@ -529,15 +549,33 @@ impl LogView {
             // The leader's deletion of a handled request: a node's record, read by its own rules.
             return Ok(None);
         }
-        let checked = signed
-            .and_then(|parts| policy.check(key, task.as_str(), &parts, self.newest_signed.get(key).copied()));
+        let checked = signed.and_then(|parts| {
+            let newest = self.newest_signed.get(key).map(|(at, sig)| (*at, sig.as_deref()));
+            policy.check(key, task.as_str(), &parts, newest)
+        });
         checked.map(Some).map_err(|reason| {
+            self.command_repairs.insert(key.to_owned());
             let reason = format!("command '{key}' at offset {offset} refused: {reason}");
-            self.refused.insert(task, Refusal { offset, key: key.to_owned(), reason: reason.clone() });
+            self.note_refusal(task, Refusal { offset, key: key.to_owned(), reason: reason.clone() });
             if self.audit.is_some() {
                 self.note_audit(offset, key, Some(value), None, &Outcome::Skipped(reason.clone()));
             }
             reason
+        })
+    }
+
+    /// Keeps the newest refusal of a task (by its offset on `commands`).
+    fn note_refusal(&mut self, task: TaskId, refusal: Refusal) {
+        if self.refused.get(&task).is_none_or(|known| known.offset < refusal.offset) {
+            self.refused.insert(task, refusal);
+        }
+    }
+
+    /// The refusal `status` shows for `task`: its newest refused command, unless a command
+    /// accepted later on the same key superseded it.
+    pub fn refusal(&self, task: &TaskId) -> Option<&Refusal> {
+        self.refused.get(task).filter(|refusal| {
+            self.accepted_at.get(&refusal.key).is_none_or(|accepted| *accepted < refusal.offset)
         })
     }
 
@@ -658,6 +696,17 @@ impl LogView {
                 ));
             }
             self.left.remove(&(node, incarnation));
+            return Outcome::Applied("tombstone");
+        }
+        if topic == TopicKind::Assignments
+            && let Some(command) = key.strip_prefix("refusal/")
+        {
+            self.refusal_records.remove(command);
+            if let Some(task) = command_task(command)
+                && self.refused.get(&task).is_some_and(|refusal| refusal.key == command)
+            {
+                self.refused.remove(&task);
+            }
             return Outcome::Applied("tombstone");
         }
         if let Some(name) = key::task_of(key, "secret").and_then(|name| TaskId::new(name).ok()) {
@@ -868,6 +917,13 @@ impl LogView {
                     return Err("a copy names the revision it re-encrypts (source)".into());
                 }
                 self.secret_copies.insert(secret.name.clone(), secret);
+            }
+            (TopicKind::Assignments, Body::Refusal(refusal)) => {
+                node_sender().ok_or("a refusal comes from the leader, a node")?;
+                expect_key(key, &key::refusal(&refusal.key))?;
+                let task = command_task(&refusal.key).ok_or("a refusal names a command key")?;
+                self.refusal_records.insert(refusal.key.clone());
+                self.note_refusal(task, refusal);
             }
             (TopicKind::Commands, Body::Desired(desired)) => {
                 expect_key(key, &key::desired(&desired.task))?;

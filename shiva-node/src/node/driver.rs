@@ -202,6 +202,11 @@ impl Node {
     /// Queues a write (in call order) and reports its outcome on the results channel.
     pub(crate) fn send(&mut self, topic: TopicKind, key: String, body: Option<Body>, purpose: Purpose) {
         let value = body.map(|body| self.envelope(body));
+        self.send_value(topic, key, value, purpose);
+    }
+
+    /// Writes `value` as it is (a tombstone when `None`).
+    fn send_value(&mut self, topic: TopicKind, key: String, value: Option<Vec<u8>>, purpose: Purpose) {
         let publisher = if matches!(purpose, Purpose::Heartbeat(_)) {
             &self.outbox.heartbeats
         } else {
@@ -536,6 +541,43 @@ impl Node {
                 }
                 Err(reason) => error!(epoch, %reason, "the leader's step failed; skipped"),
             }
+            // Signed clusters: a refused command (a replay, a forgery) must not stay the newest
+            // record of its key, or compaction would keep it in place of the accepted one.
+            let repairs: Vec<String> = self
+                .view
+                .command_repairs
+                .iter()
+                .filter(|key| !self.busy(TopicKind::Commands, key))
+                .cloned()
+                .collect();
+            for key in repairs {
+                // The reason outlasts the refused record, which compaction drops.
+                let refusal = self.view.refused.values().find(|refusal| refusal.key == key).cloned();
+                if let Some(refusal) = refusal {
+                    let record = key::refusal(&key);
+                    if !self.busy(TopicKind::Assignments, &record) {
+                        self.send(
+                            TopicKind::Assignments,
+                            record,
+                            Some(Body::Refusal(refusal)),
+                            Purpose::Leader,
+                        );
+                    }
+                }
+                let value = self.view.accepted_commands.get(&key).map(|bytes| bytes.to_vec());
+                info!(%key, accepted = value.is_some(), "a refused command is the newest record of its key: writing the accepted one again");
+                self.send_value(TopicKind::Commands, key, value, Purpose::Leader);
+            }
+            // Refusals of commands on ids that name nothing (a forgery's made-up ids): the newest
+            // few are kept, so the leader's records stay bounded whatever is written.
+            let gone: Vec<String> = stale_refusals(&self.view)
+                .into_iter()
+                .map(|command| key::refusal(&command))
+                .filter(|record| !self.busy(TopicKind::Assignments, record))
+                .collect();
+            for record in gone {
+                self.send(TopicKind::Assignments, record, None, Purpose::Leader);
+            }
             // A run report whose intent is not in the view is deleted only once a read to the
             // end, asked for after the report was read, still finds no intent.
             let synced = self.leadership.reports_synced_below;
@@ -822,6 +864,33 @@ impl Node {
             self.on_status(status);
         }
     }
+}
+
+/// Refusal records the leader keeps for commands on undefined tasks and secrets: the newest.
+const LOOSE_REFUSALS: usize = 256;
+
+/// The command keys whose `refusal/` record should go: those of undefined tasks and secrets
+/// beyond the newest [`LOOSE_REFUSALS`].
+fn stale_refusals(view: &LogView) -> Vec<String> {
+    let defined = |command: &str| {
+        shiva_proto::view::command_task(command)
+            .is_some_and(|task| view.is_defined(&task) || view.secrets.contains_key(&task))
+    };
+    let mut loose: Vec<(i64, &String)> = view
+        .refusal_records
+        .iter()
+        .filter(|command| !defined(command))
+        .map(|command| {
+            let offset = shiva_proto::view::command_task(command)
+                .and_then(|task| view.refused.get(&task))
+                .filter(|refusal| refusal.key == **command)
+                .map_or(i64::MIN, |refusal| refusal.offset);
+            (offset, command)
+        })
+        .collect();
+    loose.sort();
+    let excess = loose.len().saturating_sub(LOOSE_REFUSALS);
+    loose.into_iter().take(excess).map(|(_, command)| command.clone()).collect()
 }
 
 #[cfg(test)]

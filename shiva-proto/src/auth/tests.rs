@@ -70,7 +70,18 @@ fn a_listed_key_is_accepted_and_everything_else_is_refused_with_its_reason() {
     refused(check("task/tenant-b/app", "tenant-b/app", Some(&other), None), "only tasks under tenant-a/");
     let prefix_trap = sign(&tenant, "prod", "task/tenant-ab/app", &body, 5);
     refused(check("task/tenant-ab/app", "tenant-ab/app", Some(&prefix_trap), None), "only tasks under");
-    refused(check("task/tenant-a/app", "tenant-a/app", Some(&by_tenant), Some(5)), "replayed");
+    refused(check("task/tenant-a/app", "tenant-a/app", Some(&by_tenant), Some((6, None))), "replayed");
+    refused(check("task/tenant-a/app", "tenant-a/app", Some(&by_tenant), Some((5, None))), "replayed");
+    let other_sig = sign(&ops, "prod", "task/tenant-a/app", &body, 5).sshsig;
+    refused(
+        check("task/tenant-a/app", "tenant-a/app", Some(&by_tenant), Some((5, Some(&other_sig)))),
+        "replayed",
+    );
+    // The accepted command itself, written again while it stands (the leader's repair).
+    assert!(
+        check("task/tenant-a/app", "tenant-a/app", Some(&by_tenant), Some((5, Some(&by_tenant.sshsig))))
+            .is_ok()
+    );
     refused(
         check(
             "task/tenant-a/app",
