@@ -436,3 +436,47 @@ fn a_secret_is_in_clear_only_in_its_tasks_environment_and_file_also_on_a_node_th
     }
     n2.kill9();
 }
+
+/// The uid a running task's process has (from the kernel's process table).
+fn uid_of_task(command: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        if String::from_utf8_lossy(&cmdline).replace('\0', " ").trim() != command {
+            return None;
+        }
+        let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+        status.lines().find_map(|line| line.strip_prefix("Uid:")?.split_whitespace().next()?.parse().ok())
+    })
+}
+
+#[test]
+fn tasks_run_as_the_task_user_and_root_only_with_the_nodes_permission() {
+    assert!(nix::unistd::geteuid().is_root(), "this test starts nodes as root");
+    let broker = Broker::start();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a user 'nobody'");
+    let mut node = Node::start(&broker, "users", "n1", &["--task-user", "nobody"]);
+    let ctl = Ctl::new(&broker, "users");
+    wait_until(Duration::from_secs(30), "a leader", || {
+        ctl.try_json(&["nodes"]).is_some_and(|nodes| nodes.to_string().contains("\"leader\":true"))
+    });
+    assert!(!node.log_text().contains("tasks that name no user run as root"), "no warning with --task-user");
+    ctl.ok(&["submit", "--id", "u/plain", "--", "sleep", "701"]);
+    wait_until(Duration::from_secs(20), "the task runs as nobody", || {
+        uid_of_task("sleep 701") == Some(nobody.uid.as_raw())
+    });
+    let spec = json!({"id": "u/root", "command": "sleep", "args": ["702"], "user": "root"});
+    let path = scratch("root-spec").join("spec.json");
+    std::fs::write(&path, spec.to_string()).unwrap();
+    ctl.ok(&["submit", &path.display().to_string()]);
+    wait_until(Duration::from_secs(20), "a root task is refused with the reason", || {
+        ctl.tasks().get("u/root").is_some_and(|task| task.to_string().contains("--allow-root-tasks"))
+    });
+    assert_eq!(uid_of_task("sleep 702"), None, "no root task ran");
+    node.kill9();
+
+    let mut allowing = Node::start(&broker, "users", "n2", &["--task-user", "nobody", "--allow-root-tasks"]);
+    wait_until(Duration::from_secs(30), "the root task runs on a node that allows it", || {
+        uid_of_task("sleep 702") == Some(0)
+    });
+    allowing.kill9();
+}
