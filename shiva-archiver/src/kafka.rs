@@ -20,7 +20,7 @@ use rdkafka::message::{DeliveryResult, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use shiva_bus::{Context as Logging, permanent};
+use shiva_bus::{Context as Logging, MISSING, permanent};
 
 use crate::format::Record;
 
@@ -146,13 +146,16 @@ impl Source {
     /// The next record, waiting at most `timeout`.
     pub fn poll(&self, timeout: Duration) -> anyhow::Result<Polled> {
         match self.consumer.poll(timeout) {
-            None => match self.consumer.context().permanent_error() {
+            // A missing topic, seen while running, may be a broker restarting: waited out.
+            None => match self.consumer.context().permanent_error().filter(|(why, _)| *why != MISSING) {
                 Some((why, message)) => {
                     Err(Refused(format!("reading '{}': {why}: {message}", self.topic)).into())
                 }
                 None => Ok(Polled::Nothing),
             },
             Some(Ok(message)) => {
+                // Progress: an error met before was not permanent after all.
+                self.consumer.context().forget_permanent();
                 let headers = message
                     .headers()
                     .map(|headers| {
@@ -173,7 +176,7 @@ impl Source {
                 Ok(Polled::OutOfRange(-1))
             }
             Some(Err(err)) => {
-                if let Some(why) = permanent(&err) {
+                if let Some(why) = permanent(&err).filter(|why| *why != MISSING) {
                     return Err(Refused(format!("reading '{}': {why}: {err}", self.topic)).into());
                 }
                 tracing::warn!(error = %err, "Kafka error while reading; retrying");

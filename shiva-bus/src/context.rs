@@ -42,6 +42,11 @@ impl Context {
         self.errors().permanent.clone()
     }
 
+    /// Forgets a permanent error (the client made progress since: it was not).
+    pub fn forget_permanent(&self) {
+        self.errors().permanent = None;
+    }
+
     fn errors(&self) -> std::sync::MutexGuard<'_, Errors> {
         self.errors.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -91,6 +96,10 @@ impl ProducerContext for Context {
     }
 }
 
+/// What [`permanent`] says of a missing topic or partition: permanent when a client starts,
+/// but also seen for a moment while a broker restarts, so a running reader may wait it out.
+pub const MISSING: &str = "the topic or partition does not exist";
+
 /// Why an error of librdkafka is one no retry can cure, or `None` when waiting may (a broker
 /// down, a leader moving, a timeout). A client that meets one should stop and say so.
 pub fn permanent(error: &KafkaError) -> Option<&'static str> {
@@ -108,9 +117,7 @@ pub fn permanent(error: &KafkaError) -> Option<&'static str> {
         Code::NotImplemented | Code::BadCompression | Code::UnsupportedCompressionType => {
             "a record batch cannot be decompressed by this build (its codec is not built in, or the batch is damaged)"
         }
-        Code::UnknownTopicOrPartition | Code::UnknownTopic | Code::UnknownPartition => {
-            "the topic or partition does not exist"
-        }
+        Code::UnknownTopicOrPartition | Code::UnknownTopic | Code::UnknownPartition => MISSING,
         Code::InvalidArgument | Code::Conflict => "the client's settings are invalid",
         Code::UnsupportedFeature => "the broker does not support a feature this client needs",
         Code::InvalidMessage | Code::InvalidRecord => "a record on the broker is damaged",

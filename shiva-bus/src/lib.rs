@@ -28,7 +28,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use shiva_proto::Topics;
 
-pub use context::{Context, permanent};
+pub use context::{Context, MISSING, permanent};
 pub use filebus::Cleaner;
 pub use publisher::{Durability, Publisher};
 pub use reader::{Reader, ReaderEvent, Record};

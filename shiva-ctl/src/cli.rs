@@ -149,7 +149,7 @@ pub enum SecretCommand {
     /// encrypted to every live node. Specs use it by name: `"secrets": {"env": {"VAR": "NAME"}}`
     /// or `{"files": {"path": "NAME"}}`.
     Set {
-        /// Its name (like a task id; `tenant/…` secrets serve only `tenant/…` tasks).
+        /// Its name (like a task id; `a/b/name` serves only the tasks under `a/b/`).
         name: String,
     },
     /// List secrets: names, revisions and how many nodes can open them (never values).

@@ -45,14 +45,7 @@ impl CommandSigner {
         let parts =
             auth::SignedParts::decode(&bytes).map_err(|err| CtlError::Failed(anyhow::anyhow!(err)))?;
         let at_ms = u64::try_from(shiva_proto::wall::now_ms()).unwrap_or(0);
-        let message = auth::message(
-            &signer.cluster,
-            key,
-            &parts.kind,
-            &parts.sender,
-            at_ms,
-            &auth::canonical(&parts.body),
-        );
+        let message = auth::message(&signer.cluster, key, &parts, at_ms);
         let (public, sshsig) = match source {
             Source::File(private) => {
                 let sshsig = private

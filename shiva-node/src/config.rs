@@ -70,8 +70,9 @@ pub struct NodeArgs {
     /// run as the node's user.
     #[arg(long, env = "SHIVA_TASK_USER", value_name = "NAME")]
     pub task_user: Option<String>,
-    /// Lets tasks run as root (`user: root`, or no user on a root node without --task-user).
-    /// Without it, a node running as root needs --task-user, and a task asking for root fails.
+    /// Lets tasks run as root when they ask for it (`user: root`, or `--task-user root`).
+    /// Without it, such a task fails to start, saying why. (A node running as root without
+    /// --task-user runs tasks that name no user as root, and warns at start.)
     #[arg(long, env = "SHIVA_ALLOW_ROOT_TASKS")]
     pub allow_root_tasks: bool,
     /// Tests only: panic whenever this node plans (`plan:TASK`) or runs (`run:TASK`) a task, to

@@ -35,13 +35,16 @@ pub struct Signature {
     pub sshsig: String,
 }
 
-/// What is signed: every field that gives a command its meaning.
-pub fn message(cluster: &str, key: &str, kind: &str, sender: &str, at_ms: u64, body: &[u8]) -> Vec<u8> {
+/// What is signed: every field of the envelope (a command has no incarnation) and the record's
+/// key, cluster and signing time.
+pub fn message(cluster: &str, key: &str, parts: &SignedParts, at_ms: u64) -> Vec<u8> {
+    let SignedParts { v, kind, sender, sent_at_ms, body, .. } = parts;
     let mut message = format!(
-        "shiva-command v1\ncluster={cluster}\nkey={key}\nkind={kind}\nsender={sender}\nat_ms={at_ms}\n\n"
+        "shiva-command v1\ncluster={cluster}\nkey={key}\nv={v}\nkind={kind}\nsender={sender}\n\
+         sent_at_ms={sent_at_ms}\nat_ms={at_ms}\n\n"
     )
     .into_bytes();
-    message.extend_from_slice(body);
+    message.extend_from_slice(&canonical(body));
     message
 }
 
@@ -143,6 +146,14 @@ impl Policy {
         &self.text
     }
 
+    /// Whether `key` (OpenSSH text) is listed with task prefixes (a tenant's key).
+    pub fn is_restricted(&self, key: &str) -> bool {
+        let Ok(public) = PublicKey::from_openssh(key) else { return false };
+        self.keys
+            .iter()
+            .any(|authorized| authorized.key.key_data() == public.key_data() && authorized.prefixes.is_some())
+    }
+
     /// How many keys it lists.
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -177,8 +188,10 @@ impl Policy {
         if sshsig.public_key() != public.key_data() {
             return Err("the signature was made by another key than the one it names".into());
         }
-        let message =
-            message(&self.cluster, key, &parts.kind, &parts.sender, sig.at_ms, &canonical(&parts.body));
+        if parts.incarnation.is_some() {
+            return Err("a command carries no incarnation (it is not a node's record)".into());
+        }
+        let message = message(&self.cluster, key, parts, sig.at_ms);
         public.verify(NAMESPACE, &message, &sshsig).map_err(|_| {
             "bad signature: it does not match this command (altered, or signed for another cluster or key)".to_owned()
         })?;
@@ -231,8 +244,13 @@ impl Signer {
 /// What a command's check reads of its record: header, body as JSON, and signature.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SignedParts {
+    /// Envelope version.
+    pub v: u16,
     /// Kind.
     pub kind: String,
+    /// A node's incarnation (a command has none).
+    #[serde(default)]
+    pub incarnation: Option<serde_json::Value>,
     /// Sender.
     pub sender: String,
     /// Sender's clock.

@@ -42,11 +42,14 @@ pub struct Secret {
 }
 
 /// Whether a task may use a secret: secrets without `/` are shared by every task; a secret
-/// `tenant/…` only by the tasks `tenant/…` (its first segment is its owner).
+/// `a/b/name` only by the tasks under its directory `a/b/` (so a key allowed `a/b` sets and
+/// uses only those, and `a/name` serves every task under `a/`).
 pub fn may_use(task: &TaskId, secret: &TaskId) -> bool {
-    match secret.as_str().split_once('/') {
+    match secret.as_str().rsplit_once('/') {
         None => true,
-        Some((owner, _)) => task.as_str().split('/').next() == Some(owner),
+        Some((directory, _)) => {
+            task.as_str().strip_prefix(directory).is_some_and(|rest| rest.starts_with('/'))
+        }
     }
 }
 
@@ -164,5 +167,9 @@ mod tests {
         assert!(!may_use(&task("tenant-b/web"), &name));
         assert!(!may_use(&task("tenant-ab/web"), &name));
         assert!(may_use(&task("tenant-b/web"), &task("shared")));
+        let deep = task("team/a/db");
+        assert!(may_use(&task("team/a/web"), &deep));
+        assert!(!may_use(&task("team/b/web"), &deep), "a prefix of several segments is a tenant too");
+        assert!(may_use(&task("team/b/web"), &task("team/db")), "a team's secret serves its sub-teams");
     }
 }

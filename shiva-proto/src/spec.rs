@@ -444,7 +444,7 @@ impl TaskSpec {
                 return Err(SpecError::field(
                     &field,
                     format!(
-                        "secret '{name}' belongs to the tasks under its first segment, and this task is not one"
+                        "secret '{name}' serves only the tasks under its directory, and this task is not one"
                     ),
                 ));
             }

@@ -456,7 +456,16 @@ impl LogView {
             self.epochs.claims.entry(key.to_owned()).or_insert(offset);
         }
         let signer = match self.authorize(topic, offset, key, value) {
-            Ok(signer) => signer,
+            Ok(Authorized::Unchecked) => None,
+            Ok(Authorized::New(signer)) => Some(signer),
+            Ok(Authorized::Same(signer)) => {
+                // The accepted command written again (the leader's repair): nothing changes, not
+                // even its revision.
+                self.command_repairs.remove(key);
+                let outcome = Outcome::Applied("same command");
+                self.note_audit(offset, key, value, Some(signer), &outcome);
+                return outcome;
+            }
             Err(reason) => return Outcome::Skipped(reason),
         };
         let outcome = match value {
@@ -513,7 +522,11 @@ impl LogView {
             }
             self.command_repairs.remove(key);
         }
-        if topic == TopicKind::Commands && value.is_none() && self.auth.0.is_some() {
+        if topic == TopicKind::Commands
+            && value.is_none()
+            && self.auth.0.is_some()
+            && matches!(outcome, Outcome::Applied(_))
+        {
             self.accepted_commands.remove(key);
             self.command_repairs.remove(key);
             // Deleted: no copy of the deleted command counts as "the same command" any more.
@@ -538,23 +551,36 @@ impl LogView {
         offset: i64,
         key: &str,
         value: Option<&[u8]>,
-    ) -> Result<Option<crate::auth::Signer>, String> {
+    ) -> Result<Authorized, String> {
         let (Some(policy), TopicKind::Commands, Some(value), Some(task)) =
             (self.auth.0.clone(), topic, value, command_task(key))
         else {
-            return Ok(None);
+            return Ok(Authorized::Unchecked);
         };
         let signed = crate::auth::SignedParts::decode(value);
-        if signed.as_ref().is_ok_and(|parts| parts.kind == "deleted") {
+        if key.starts_with("request/") && signed.as_ref().is_ok_and(|parts| parts.kind == "deleted") {
             // The leader's deletion of a handled request: a node's record, read by its own rules.
-            return Ok(None);
+            return Ok(Authorized::Unchecked);
         }
+        let standing_entry = self.newest_signed.get(key).cloned();
+        let standing = standing_entry.as_ref().map(|(at, sig)| (*at, sig.as_deref()));
         let checked = signed.and_then(|parts| {
-            let newest = self.newest_signed.get(key).map(|(at, sig)| (*at, sig.as_deref()));
-            policy.check(key, task.as_str(), &parts, newest)
+            if let Some(reason) = restricted_field(&policy, &parts) {
+                return Err(reason);
+            }
+            policy.check(key, task.as_str(), &parts, standing)
         });
-        checked.map(Some).map_err(|reason| {
-            self.command_repairs.insert(key.to_owned());
+        if let Ok(signer) = &checked
+            && standing == Some((signer.at_ms, Some(signer.sshsig.as_str())))
+        {
+            return Ok(Authorized::Same(checked.expect("checked")));
+        }
+        checked.map(Authorized::New).map_err(|reason| {
+            // The leader restores the key when it has something to restore: the accepted command,
+            // or its deletion under this policy (never what an earlier policy let in).
+            if self.accepted_commands.contains_key(key) || standing.is_some_and(|(_, sig)| sig.is_none()) {
+                self.command_repairs.insert(key.to_owned());
+            }
             let reason = format!("command '{key}' at offset {offset} refused: {reason}");
             self.note_refusal(task, Refusal { offset, key: key.to_owned(), reason: reason.clone() });
             if self.audit.is_some() {
@@ -727,6 +753,11 @@ impl LogView {
             (TopicKind::Commands, Some(task), _) => {
                 self.specs.remove(&task);
                 self.invalid.remove(&task);
+            }
+            (TopicKind::Commands, None, Some(_)) if self.auth.0.is_some() => {
+                return Outcome::Skipped(format!(
+                    "tombstone for '{key}' ignored: in a signed cluster a desired state changes only by a signed command"
+                ));
             }
             (TopicKind::Commands, None, Some(task)) => {
                 self.desired.remove(&task);
@@ -1083,6 +1114,32 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|text| (*text).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// What the check of a command found.
+enum Authorized {
+    /// No check applies (an open cluster, not a command, a tombstone).
+    Unchecked,
+    /// A new command, signed by this key.
+    New(crate::auth::Signer),
+    /// The accepted command itself, written again.
+    Same(crate::auth::Signer),
+}
+
+/// A task spec that a key restricted to task prefixes may not give: `user` and `workdir` would
+/// let a tenant act as another user, or write where that tenant has no business.
+fn restricted_field(policy: &crate::auth::Policy, parts: &crate::auth::SignedParts) -> Option<String> {
+    if parts.kind != "task" {
+        return None;
+    }
+    let key = parts.sig.as_ref()?;
+    if !policy.is_restricted(&key.key) {
+        return None;
+    }
+    ["user", "workdir"]
+        .into_iter()
+        .find(|field| parts.body.get(*field).is_some_and(|value| !value.is_null()))
+        .map(|field| format!("a key restricted to task prefixes may not set '{field}'"))
 }
 
 /// The task a command key names: `task/<id>`, `desired/<id>`, `request/<id>/<request-id>`;

@@ -566,6 +566,14 @@ impl Node {
                 }
                 let value = self.view.accepted_commands.get(&key).map(|bytes| bytes.to_vec());
                 info!(%key, accepted = value.is_some(), "a refused command is the newest record of its key: writing the accepted one again");
+                if value.is_none() && key.starts_with("request/") {
+                    // A handled request's key: deleted as the leader deletes any, so that a
+                    // reader that took the replay (its history compacted away) drops it too.
+                    for write in crate::leader::Write::delete(TopicKind::Commands, key, epoch) {
+                        self.send(write.topic, write.key, write.body, Purpose::Leader);
+                    }
+                    continue;
+                }
                 self.send_value(TopicKind::Commands, key, value, Purpose::Leader);
             }
             // Refusals of commands on ids that name nothing (a forgery's made-up ids): the newest
@@ -872,9 +880,12 @@ const LOOSE_REFUSALS: usize = 256;
 /// The command keys whose `refusal/` record should go: those of undefined tasks and secrets
 /// beyond the newest [`LOOSE_REFUSALS`].
 fn stale_refusals(view: &LogView) -> Vec<String> {
+    // One record per key of a defined task or secret at most; requests are keyed by a fresh id
+    // each, so theirs count as loose.
     let defined = |command: &str| {
-        shiva_proto::view::command_task(command)
-            .is_some_and(|task| view.is_defined(&task) || view.secrets.contains_key(&task))
+        !command.starts_with("request/")
+            && shiva_proto::view::command_task(command)
+                .is_some_and(|task| view.is_defined(&task) || view.secrets.contains_key(&task))
     };
     let mut loose: Vec<(i64, &String)> = view
         .refusal_records

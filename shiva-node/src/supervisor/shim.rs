@@ -439,42 +439,16 @@ impl ShimLauncher {
             std::os::unix::fs::chown(cwd, Some(uid), Some(gid))?;
         }
         for (relative, content) in files {
-            let path = cwd.join(relative);
-            let write = || -> io::Result<()> {
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                std::fs::write(&path, content)?;
-                if let Some((uid, gid)) = owner {
-                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
-                }
-                Ok(())
-            };
-            write().map_err(|err| {
-                io::Error::other(format!("files.{relative}: cannot write {}: {err}", path.display()))
+            write_beneath(cwd, relative, content.as_bytes(), 0o644, owner).map_err(|err| {
+                io::Error::other(format!("files.{relative}: cannot write it in {}: {err}", cwd.display()))
             })?;
         }
         for (relative, content) in secret_files {
-            let path = cwd.join(relative);
-            let write = || -> io::Result<()> {
-                use std::io::Write as _;
-                use std::os::unix::fs::OpenOptionsExt;
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                // Created 0600 before the value is written; an older file is made 0600 first.
-                if path.exists() {
-                    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-                }
-                let mut file =
-                    OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
-                if let Some((uid, gid)) = owner {
-                    std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
-                }
-                file.write_all(content.as_bytes())
-            };
-            write().map_err(|err| {
-                io::Error::other(format!("secrets.files.{relative}: cannot write {}: {err}", path.display()))
+            write_beneath(cwd, relative, content.as_bytes(), 0o600, owner).map_err(|err| {
+                io::Error::other(format!(
+                    "secrets.files.{relative}: cannot write it in {}: {err}",
+                    cwd.display()
+                ))
             })?;
         }
         Ok(())
@@ -598,5 +572,92 @@ async fn read_event(
         if let Ok(event) = serde_json::from_str(&line) {
             return Some(event);
         }
+    }
+}
+
+/// Writes `content` to `relative` (a path of normal components) inside `dir`, as `mode`, owned
+/// by `owner`. The node writes as root into a directory the task owns, where the task may have
+/// planted links: no symbolic link is followed and nothing outside `dir` is reached (each parent
+/// is made, then opened with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), and a file with other
+/// hard links, or not a regular file, is refused before anything is truncated.
+fn write_beneath(
+    dir: &Path,
+    relative: &str,
+    content: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
+    use std::io::Write as _;
+    use std::os::fd::OwnedFd;
+
+    use nix::errno::Errno;
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    use nix::sys::stat::{Mode, SFlag, fstat, mkdirat};
+
+    let how = |flags: OFlag, mode: u32| {
+        OpenHow::new()
+            .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+            .mode(Mode::from_bits_truncate(mode))
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS)
+    };
+    let mut parent: OwnedFd = std::fs::File::open(dir)?.into();
+    let mut parts: Vec<&str> = relative.split('/').filter(|part| !part.is_empty()).collect();
+    let name = parts.pop().ok_or_else(|| io::Error::other("an empty path"))?;
+    for part in parts {
+        match mkdirat(&parent, part, Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(err) => return Err(err.into()),
+        }
+        parent =
+            openat2(&parent, part, how(OFlag::O_DIRECTORY | OFlag::O_RDONLY, 0)).map_err(io::Error::from)?;
+    }
+    let fd = openat2(&parent, name, how(OFlag::O_WRONLY | OFlag::O_CREAT, mode)).map_err(io::Error::from)?;
+    let stat = fstat(&fd).map_err(io::Error::from)?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG || stat.st_nlink > 1 {
+        return Err(io::Error::other(
+            "it is not a plain file of its own (a link, or a special file): refused",
+        ));
+    }
+    let mut file = std::fs::File::from(fd);
+    file.set_len(0)?;
+    nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(mode)).map_err(io::Error::from)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+    }
+    file.write_all(content)
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::write_beneath;
+
+    #[test]
+    fn files_are_written_inside_the_directory_never_through_a_link_a_task_planted() {
+        let root = std::env::temp_dir().join(format!("shiva-write-beneath-{}", std::process::id()));
+        let (dir, outside) = (root.join("work"), root.join("outside"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("shadow"), "keep").unwrap();
+
+        write_beneath(&dir, "conf/db.pass", b"v1", 0o600, None).unwrap();
+        write_beneath(&dir, "conf/db.pass", b"v2", 0o600, None).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("conf/db.pass")).unwrap(), "v2");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join("conf/db.pass")).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+
+        std::os::unix::fs::symlink(outside.join("shadow"), dir.join("file-link")).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("dir-link")).unwrap();
+        std::fs::hard_link(outside.join("shadow"), dir.join("hard-link")).unwrap();
+        for planted in ["file-link", "dir-link/shadow", "hard-link"] {
+            assert!(write_beneath(&dir, planted, b"pwned", 0o600, None).is_err(), "{planted}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(outside.join("shadow")).unwrap(),
+            "keep",
+            "nothing outside changed"
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -15,7 +15,9 @@ fn line(key: &PrivateKey, options: &str) -> String {
 /// What a reader decodes of a command record.
 fn parts(kind: &str, body: &serde_json::Value, sig: Option<&Signature>) -> SignedParts {
     SignedParts {
+        v: 1,
         kind: kind.into(),
+        incarnation: None,
         sender: "ctl:ops".into(),
         sent_at_ms: 0,
         body: body.clone(),
@@ -24,7 +26,7 @@ fn parts(kind: &str, body: &serde_json::Value, sig: Option<&Signature>) -> Signe
 }
 
 fn sign(key: &PrivateKey, cluster: &str, record: &str, body: &serde_json::Value, at_ms: u64) -> Signature {
-    let message = message(cluster, record, "task", "ctl:ops", at_ms, &canonical(body));
+    let message = message(cluster, record, &parts("task", body, None), at_ms);
     let sshsig = key.sign(NAMESPACE, HashAlg::Sha512, &message).unwrap();
     signature(key.public_key(), at_ms, &sshsig).unwrap()
 }
@@ -117,8 +119,100 @@ fn authorized_keys_files_are_read_strictly() {
     let policy = Policy::parse("c", &many).unwrap();
     let body = serde_json::json!({});
     let record = "desired/b/x";
-    let message = message("c", record, "desired", "ctl:ops", 1, &canonical(&body));
+    let message = message("c", record, &parts("desired", &body, None), 1);
     let sig =
         signature(ops.public_key(), 1, &ops.sign(NAMESPACE, HashAlg::Sha512, &message).unwrap()).unwrap();
     assert!(policy.check(record, "b/x", &parts("desired", &body, Some(&sig)), None).is_ok());
+}
+
+/// A command record as `shiva-ctl --sign-key` writes it.
+fn record(private: &PrivateKey, cluster: &str, key: &str, body: crate::records::Body, at_ms: u64) -> Vec<u8> {
+    let bytes = crate::Envelope { sender: "ctl:ops".into(), incarnation: None, sent_at_ms: 1, body }.encode();
+    let parts = SignedParts::decode(&bytes).unwrap();
+    let sshsig = private.sign(NAMESPACE, HashAlg::Sha512, &message(cluster, key, &parts, at_ms)).unwrap();
+    attach(&bytes, &signature(private.public_key(), at_ms, &sshsig).unwrap())
+}
+
+#[test]
+fn in_a_signed_view_only_signed_commands_change_anything_and_a_repair_changes_nothing() {
+    use crate::records::{Body, Desired, DesiredState};
+    use crate::view::{LogView, Outcome};
+    use crate::{TaskId, TaskSpec, TopicKind};
+    let ops = key(1, "ops");
+    let policy = std::sync::Arc::new(Policy::parse("c", &line(&ops, "")).unwrap());
+    let mut view = LogView::with_policy(Some(policy));
+    let id = TaskId::new("a/x").unwrap();
+    let spec = TaskSpec::new(id.clone(), "/bin/true", Vec::new());
+    let task = record(&ops, "c", "task/a/x", Body::Task(spec), 10);
+    let stopped = Body::Desired(Desired { task: id.clone(), state: DesiredState::Stopped });
+    let stop = record(&ops, "c", "desired/a/x", stopped, 11);
+    let mut apply = |offset: i64, key: &str, value: Option<&[u8]>| {
+        view.apply(TopicKind::Commands, offset, Some(key.as_bytes()), value)
+    };
+    assert_eq!(apply(0, "task/a/x", Some(&task)), Outcome::Applied("task"));
+    assert_eq!(apply(1, "desired/a/x", Some(&stop)), Outcome::Applied("desired"));
+    // An unsigned tombstone cannot set a stopped task running again.
+    assert!(matches!(apply(2, "desired/a/x", None), Outcome::Skipped(_)));
+    // The leader's repair (the accepted bytes again) changes nothing, not even the revision.
+    assert_eq!(apply(3, "task/a/x", Some(&task)), Outcome::Applied("same command"));
+    // A copy with a field changed outside the body, or a node's kind on a command key: refused,
+    // and the task stays valid.
+    let mut altered: serde_json::Value = serde_json::from_slice(&task).unwrap();
+    altered["sent_at_ms"] = serde_json::json!(2);
+    assert!(matches!(
+        apply(4, "task/a/x", Some(&serde_json::to_vec(&altered).unwrap())),
+        Outcome::Skipped(_)
+    ));
+    let deleted = br#"{"v":1,"kind":"deleted","sender":"n1","incarnation":"0b8d2c1e-0000-4000-8000-000000000000","sent_at_ms":1,"body":{"epoch":9}}"#;
+    assert!(matches!(apply(5, "task/a/x", Some(deleted)), Outcome::Skipped(_)));
+    assert_eq!(view.desired_state(&id), DesiredState::Stopped);
+    assert_eq!(view.specs[&id].revision, 0);
+    assert!(view.invalid.is_empty(), "{:?}", view.invalid);
+    assert!(view.command_repairs.contains("task/a/x"), "the leader puts the accepted command back on top");
+
+    // Under a new policy (signing turned on, a key removed), what the old one let in is refused
+    // and left alone: the leader erases nothing.
+    let other = key(2, "new");
+    let mut strict =
+        LogView::with_policy(Some(std::sync::Arc::new(Policy::parse("c", &line(&other, "")).unwrap())));
+    assert!(matches!(
+        strict.apply(TopicKind::Commands, 0, Some(b"task/a/x"), Some(&task)),
+        Outcome::Skipped(_)
+    ));
+    assert!(strict.command_repairs.is_empty());
+}
+
+#[test]
+fn a_tenants_key_may_not_choose_the_user_or_the_working_directory() {
+    use crate::records::Body;
+    use crate::view::{LogView, Outcome};
+    use crate::{TaskId, TaskSpec, TopicKind};
+    let tenant = key(2, "tenant");
+    let policy = Policy::parse("c", &line(&tenant, "shiva-tasks=\"t/\"")).unwrap();
+    let mut view = LogView::with_policy(Some(std::sync::Arc::new(policy)));
+    let mut spec = TaskSpec::new(TaskId::new("t/x").unwrap(), "/bin/true", Vec::new());
+    assert_eq!(
+        view.apply(
+            TopicKind::Commands,
+            0,
+            Some(b"task/t/x"),
+            Some(&record(&tenant, "c", "task/t/x", Body::Task(spec.clone()), 1))
+        ),
+        Outcome::Applied("task")
+    );
+    spec.user = Some("root".into());
+    let as_root = record(&tenant, "c", "task/t/x", Body::Task(spec.clone()), 2);
+    let outcome = view.apply(TopicKind::Commands, 1, Some(b"task/t/x"), Some(&as_root));
+    assert!(
+        matches!(&outcome, Outcome::Skipped(reason) if reason.contains("may not set 'user'")),
+        "{outcome:?}"
+    );
+    spec.user = None;
+    spec.workdir = Some("/etc".into());
+    let elsewhere = record(&tenant, "c", "task/t/x", Body::Task(spec), 3);
+    let outcome = view.apply(TopicKind::Commands, 2, Some(b"task/t/x"), Some(&elsewhere));
+    assert!(
+        matches!(&outcome, Outcome::Skipped(reason) if reason.contains("may not set 'workdir'")),
+        "{outcome:?}"
+    );
 }
