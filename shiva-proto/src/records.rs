@@ -122,6 +122,10 @@ pub struct Refusal {
     pub key: String,
     /// Why.
     pub reason: String,
+    /// The signing time of the command standing on the key when it was refused (none: none
+    /// stood): the refusal counts while that command stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standing_at_ms: Option<u64>,
 }
 
 /// Desired state of a task, set by the operator.

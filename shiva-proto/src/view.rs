@@ -277,9 +277,6 @@ pub struct LogView {
     /// leader recorded it (`refusal/<key>` on `assignments`, which outlasts compaction): see
     /// [`LogView::refusal`].
     pub refused: BTreeMap<TaskId, Refusal>,
-    /// Offset of the newest command accepted on each `commands` key (signed clusters): a refusal
-    /// before it is history.
-    pub accepted_at: BTreeMap<String, i64>,
     /// The command keys of the leader's `refusal/<key>` records in the log.
     pub refusal_records: BTreeSet<String>,
     /// Signed clusters: the bytes of the command accepted on each `commands` key, and the keys
@@ -510,13 +507,7 @@ impl LogView {
             self.note_settlement(topic, key, value.is_none());
         }
         if let (Some(signer), Outcome::Applied(_)) = (&signer, &outcome) {
-            let previous =
-                self.newest_signed.insert(key.to_owned(), (signer.at_ms, Some(signer.sshsig.clone())));
-            // A new command clears the task's refusal; the accepted one written again (the
-            // leader's repair after that refusal) does not.
-            if previous.is_none_or(|(at_ms, _)| at_ms < signer.at_ms) {
-                self.accepted_at.insert(key.to_owned(), offset);
-            }
+            self.newest_signed.insert(key.to_owned(), (signer.at_ms, Some(signer.sshsig.clone())));
             if let Some(value) = value {
                 self.accepted_commands.insert(key.to_owned(), value.into());
             }
@@ -582,7 +573,11 @@ impl LogView {
                 self.command_repairs.insert(key.to_owned());
             }
             let reason = format!("command '{key}' at offset {offset} refused: {reason}");
-            self.note_refusal(task, Refusal { offset, key: key.to_owned(), reason: reason.clone() });
+            let standing_at_ms = standing.map(|(at_ms, _)| at_ms);
+            self.note_refusal(
+                task,
+                Refusal { offset, key: key.to_owned(), reason: reason.clone(), standing_at_ms },
+            );
             if self.audit.is_some() {
                 self.note_audit(offset, key, Some(value), None, &Outcome::Skipped(reason.clone()));
             }
@@ -597,11 +592,13 @@ impl LogView {
         }
     }
 
-    /// The refusal `status` shows for `task`: its newest refused command, unless a command
-    /// accepted later on the same key superseded it.
+    /// The refusal `status` shows for `task`: its newest refused command, while the command it
+    /// was refused against still stands (no newer one was accepted on its key since). Judged by
+    /// signing times, not offsets: after compaction the leader's copy of the standing command
+    /// is all a reader finds of it, at an offset past the refusal.
     pub fn refusal(&self, task: &TaskId) -> Option<&Refusal> {
         self.refused.get(task).filter(|refusal| {
-            self.accepted_at.get(&refusal.key).is_none_or(|accepted| *accepted < refusal.offset)
+            self.newest_signed.get(&refusal.key).map(|(at_ms, _)| *at_ms) == refusal.standing_at_ms
         })
     }
 

@@ -353,6 +353,9 @@ fn a_secret_is_in_clear_only_in_its_tasks_environment_and_file_also_on_a_node_th
     wait_until(Duration::from_secs(30), "a leader", || {
         ctl.try_json(&["nodes"]).is_some_and(|nodes| nodes.to_string().contains("\"leader\":true"))
     });
+    // No --authorized-keys: the cluster is open, and `nodes` says so.
+    assert_eq!(ctl.json(&["nodes"])[0]["commands"], "open");
+    assert!(ctl.ok(&["nodes"]).contains("warning: open cluster"), "nodes warns of an open cluster");
     let mut set = Command::new(bin("shiva-ctl"))
         .args(["--bus", &broker.url(), "--cluster", "sec", "secret", "set", "app/db"])
         .stdin(Stdio::piped())

@@ -169,6 +169,13 @@ fn in_a_signed_view_only_signed_commands_change_anything_and_a_repair_changes_no
     assert_eq!(view.specs[&id].revision, 0);
     assert!(view.invalid.is_empty(), "{:?}", view.invalid);
     assert!(view.command_repairs.contains("task/a/x"), "the leader puts the accepted command back on top");
+    assert!(view.refusal(&id).is_some_and(|refusal| refusal.offset == 5), "status shows the newest refusal");
+    // The leader's copy of the standing command keeps the refusal shown (same signing time).
+    assert_eq!(
+        view.apply(TopicKind::Commands, 6, Some(b"task/a/x"), Some(&task)),
+        Outcome::Applied("same command")
+    );
+    assert!(view.refusal(&id).is_some());
 
     // Under a new policy (signing turned on, a key removed), what the old one let in is refused
     // and left alone: the leader erases nothing.
