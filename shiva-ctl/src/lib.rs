@@ -2,14 +2,12 @@
 //!
 //! # Layout
 //! * [`cli`]: flags and subcommands;
-//! * [`show`]: task and node rows derived from the log view;
 //! * [`history`]: run history rows and the run-related commands;
 //! * this module: the commands and the error → exit code mapping.
 
 pub mod cli;
 pub mod history;
 pub mod logs;
-pub mod show;
 pub mod sign;
 
 use std::collections::BTreeMap;
@@ -19,14 +17,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use shiva_bus::{BusConfig, BusError, Publisher, Reader, ReaderEvent, admin};
-use shiva_proto::records::{Body, Desired, DesiredState};
+use shiva_proto::commands::{self, Command as Commanded};
+use shiva_proto::records::Body;
 use shiva_proto::spec::DEFAULT_STOP_GRACE;
 use shiva_proto::topics::key;
 use shiva_proto::{LogView, TaskId, TaskSpec, TopicKind};
 use tokio::sync::mpsc;
 
 use cli::{Cli, Command, SubmitArgs};
-use show::{exit_text, node_rows, task_row};
+use shiva_proto::rows::{self as show, exit_text, node_rows, task_row};
 
 /// A failure, with its exit code.
 #[derive(Debug, thiserror::Error)]
@@ -84,13 +83,11 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     match cli.command {
         Command::Submit(args) => {
             let spec = spec_from(args)?;
-            if !spec.after.is_empty() {
-                check_after(&spec, &snapshot(&config, timeout, &TASK_TOPICS).await?)?;
-            }
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
-            let revision = write_spec(&Publisher::new(&config, "ctl")?, &spec).await?;
             let verb = if view.specs.contains_key(&spec.id) { "updated" } else { "submitted" };
-            println!("{verb} {} (revision {revision})", spec.id);
+            let id = spec.id.clone();
+            let offsets = execute(&config, &view, &Commanded::Submit(Box::new(spec))).await?;
+            println!("{verb} {id} (revision {})", offsets[0].1);
         }
         Command::List(json) => {
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
@@ -310,29 +307,19 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 }
             }
         }
-        Command::Run { id } => history::run_now(&config, timeout, &id).await?,
-        Command::Suspend { id } => history::suspend(&config, timeout, &id, DesiredState::Suspended).await?,
-        Command::Resume { id } => history::suspend(&config, timeout, &id, DesiredState::Running).await?,
+        Command::Run { id } => command(&config, timeout, Commanded::Run(task_id(&id)?)).await?,
+        Command::Suspend { id } => command(&config, timeout, Commanded::Suspend(task_id(&id)?)).await?,
+        Command::Resume { id } => command(&config, timeout, Commanded::Resume(task_id(&id)?)).await?,
         Command::History { id, limit, json } => {
             history::history(&config, timeout, &id, usize::from(limit), json.json).await?
         }
         Command::Logs { id, follow, run, since } => {
             logs::print(&config, timeout, &id, follow, run.as_deref(), since).await?
         }
-        Command::Kill { id } => set_desired(&config, timeout, &id, DesiredState::Stopped).await?,
-        Command::Start { id } => set_desired(&config, timeout, &id, DesiredState::Running).await?,
+        Command::Kill { id } => command(&config, timeout, Commanded::Kill(task_id(&id)?)).await?,
+        Command::Start { id } => command(&config, timeout, Commanded::Start(task_id(&id)?)).await?,
         Command::Secret(command) => secret(&config, timeout, command).await?,
-        Command::Delete { id } => {
-            let task = TaskId::new(id).map_err(invalid)?;
-            let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
-            if !view.is_defined(&task) {
-                return Err(no_such_task(&task));
-            }
-            let publisher = Publisher::new(&config, "ctl")?;
-            publisher.send(TopicKind::Commands, &key::task(&task), None).await?;
-            publisher.send(TopicKind::Commands, &key::desired(&task), None).await?;
-            println!("deleted {task}");
-        }
+        Command::Delete { id } => command(&config, timeout, Commanded::Delete(task_id(&id)?)).await?,
     }
     Ok(())
 }
@@ -484,23 +471,6 @@ fn spec_from(args: Box<SubmitArgs>) -> Result<TaskSpec, CtlError> {
     Ok(spec)
 }
 
-/// Refuses a one-shot whose `after` list would close a cycle with the cluster's tasks.
-fn check_after(spec: &TaskSpec, view: &LogView) -> Result<(), CtlError> {
-    let mut edges: BTreeMap<TaskId, Vec<TaskId>> =
-        view.specs.iter().map(|(id, entry)| (id.clone(), entry.spec.after.clone())).collect();
-    edges.insert(spec.id.clone(), spec.after.clone());
-    match shiva_proto::dag::find_cycle(&edges) {
-        Some(cycle) if cycle.contains(&spec.id) => {
-            let path: Vec<&str> = cycle.iter().map(TaskId::as_str).collect();
-            Err(invalid(format!(
-                "invalid task spec: field 'after': it would form a cycle {}",
-                path.join(" → ")
-            )))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// Parses a snake_case policy name with the spec's own serde names.
 fn choice<T: serde::de::DeserializeOwned>(text: &str, flag: &str, expected: &str) -> Result<T, CtlError> {
     serde_json::from_value(serde_json::Value::String(text.to_owned()))
@@ -509,41 +479,64 @@ fn choice<T: serde::de::DeserializeOwned>(text: &str, flag: &str, expected: &str
 
 /// Writes what `submit` writes: the spec, then desired `running`. Returns the spec's revision.
 pub async fn write_spec(publisher: &Arc<Publisher>, spec: &TaskSpec) -> Result<i64, CtlError> {
-    let (task_key, desired_key) = (key::task(&spec.id), key::desired(&spec.id));
-    let record = envelope(&task_key, Body::Task(spec.clone()))?;
-    let revision = publisher.send(TopicKind::Commands, &task_key, Some(&record)).await?;
-    let desired = Body::Desired(Desired { task: spec.id.clone(), state: DesiredState::Running });
-    publisher.send(TopicKind::Commands, &desired_key, Some(&envelope(&desired_key, desired)?)).await?;
-    Ok(revision)
+    let writes = commands::plan(&LogView::default(), &Commanded::Submit(Box::new(spec.clone())))?;
+    Ok(send_writes(publisher, writes).await?[0].1)
 }
 
-async fn set_desired(
-    config: &BusConfig,
-    timeout: Duration,
-    id: &str,
-    state: DesiredState,
-) -> Result<(), CtlError> {
-    let task = TaskId::new(id).map_err(invalid)?;
+fn task_id(id: &str) -> Result<TaskId, CtlError> {
+    TaskId::new(id).map_err(invalid)
+}
+
+/// A command on one task: read the log, plan the records, write them, say what was done.
+async fn command(config: &BusConfig, timeout: Duration, command: Commanded) -> Result<(), CtlError> {
     let view = snapshot(config, timeout, &TASK_TOPICS).await?;
-    write_desired(config, &view, &task, state).await
+    let offsets = execute(config, &view, &command).await?;
+    let task = command.task();
+    match &command {
+        Commanded::Delete(_) => println!("deleted {task}"),
+        Commanded::Run(_) => {
+            let request = offsets[0].0.rsplit('/').next().unwrap_or_default();
+            println!("{task}: run requested (request {request}); see `shiva-ctl history {task}`")
+        }
+        Commanded::Kill(_) => println!("{task}: desired stopped"),
+        Commanded::Suspend(_) => println!("{task}: desired suspended"),
+        Commanded::Start(_) | Commanded::Resume(_) => println!("{task}: desired running"),
+        Commanded::Submit(_) => {}
+    }
+    Ok(())
 }
 
-/// Writes `task`'s desired state, after checking in `view` that the task exists.
-pub(crate) async fn write_desired(
+/// Writes what `command` writes, judged on `view` (see `shiva_proto::commands`); returns the
+/// keys and offsets of its records.
+pub async fn execute(
     config: &BusConfig,
     view: &LogView,
-    task: &TaskId,
-    state: DesiredState,
-) -> Result<(), CtlError> {
-    if !view.is_defined(task) {
-        return Err(no_such_task(task));
+    command: &Commanded,
+) -> Result<Vec<(String, i64)>, CtlError> {
+    let writes = commands::plan(view, command)?;
+    send_writes(&Publisher::new(config, "ctl")?, writes).await
+}
+
+async fn send_writes(
+    publisher: &Arc<Publisher>,
+    writes: Vec<commands::Write>,
+) -> Result<Vec<(String, i64)>, CtlError> {
+    let mut offsets = Vec::with_capacity(writes.len());
+    for write in writes {
+        let value = write.body.map(|body| envelope(&write.key, body)).transpose()?;
+        let offset = publisher.send(TopicKind::Commands, &write.key, value.as_deref()).await?;
+        offsets.push((write.key, offset));
     }
-    let publisher = Publisher::new(config, "ctl")?;
-    let body = Body::Desired(Desired { task: task.clone(), state });
-    let desired_key = key::desired(task);
-    publisher.send(TopicKind::Commands, &desired_key, Some(&envelope(&desired_key, body)?)).await?;
-    println!("{task}: desired {}", state.as_str());
-    Ok(())
+    Ok(offsets)
+}
+
+impl From<commands::CommandError> for CtlError {
+    fn from(err: commands::CommandError) -> Self {
+        match err {
+            commands::CommandError::Invalid(message) => CtlError::Invalid(message),
+            err => CtlError::Failed(anyhow::anyhow!(err)),
+        }
+    }
 }
 
 /// Topics that task commands read: the heartbeats on `control` are only needed by `nodes`

@@ -13,10 +13,12 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod commands;
 pub mod dag;
 pub mod duration;
 pub mod ids;
 pub mod records;
+pub mod rows;
 pub mod runs;
 pub mod schedule;
 pub mod secret;

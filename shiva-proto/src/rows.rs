@@ -1,12 +1,19 @@
-//! What the CLI shows: task and node rows derived from the log view.
+//! What operators see: task, node and run rows derived from a log view, the same for the CLI
+//! (`shiva-ctl list`, `status`, `nodes`, `history`) and a node's HTTP API and dashboard.
+//!
+//! Pure functions of the view: any reader of the log derives the same rows from the same records.
 
+use chrono::DateTime;
 use serde::Serialize;
-use shiva_proto::records::{DesiredState, ExitInfo, Placement, RunState};
-use shiva_proto::spec::TaskKind;
-use shiva_proto::{LogView, NodeId, TaskId};
+use uuid::Uuid;
+
+use crate::records::{DesiredState, ExitInfo, Placement, RunState};
+use crate::runs::Trigger;
+use crate::spec::TaskKind;
+use crate::{LogView, NodeId, TaskId};
 
 /// One task as `list` and `status` show it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskRow {
     /// Task id.
     pub id: TaskId,
@@ -143,7 +150,7 @@ fn scheduled_state(view: &LogView, task: &TaskId, row: &mut TaskRow) {
 }
 
 /// One node as `nodes` shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NodeRow {
     /// Node id.
     pub id: NodeId,
@@ -180,6 +187,14 @@ pub struct NodeRow {
     pub clock_offset_ms: Option<i64>,
     /// `signed` (the node accepts only commands signed by its authorized keys) or `open`.
     pub commands: &'static str,
+    /// Its one-minute load average, as its newest heartbeat says.
+    pub load1: f64,
+    /// Its logical CPUs.
+    pub cpus: u32,
+    /// Its total memory (bytes).
+    pub memory_total_bytes: u64,
+    /// Its available memory (bytes).
+    pub memory_available_bytes: u64,
 }
 
 /// Above this clock offset from the leader, `nodes` warns.
@@ -223,6 +238,14 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
                 incarnation: listed.unwrap_or(entry.incarnation).to_string(),
                 last_heartbeat_ms: entry.sent_at_ms,
                 commands: if entry.heartbeat.authorized_keys.is_some() { "signed" } else { "open" },
+                load1: if entry.heartbeat.resources.load1.is_finite() {
+                    entry.heartbeat.resources.load1
+                } else {
+                    0.0
+                },
+                cpus: entry.heartbeat.resources.cpus,
+                memory_total_bytes: entry.heartbeat.resources.memory_total_bytes,
+                memory_available_bytes: entry.heartbeat.resources.memory_available_bytes,
                 conflicting_incarnations: view
                     .members
                     .iter()
@@ -243,7 +266,7 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
                     if leader == id {
                         return Some(0);
                     }
-                    shiva_proto::records::clock_offset_ms(id, &entry.heartbeat, leader, beat)
+                    crate::records::clock_offset_ms(id, &entry.heartbeat, leader, beat)
                 }),
             }
         })
@@ -268,4 +291,75 @@ pub fn exit_text(exit: Option<ExitInfo>) -> String {
         Some(ExitInfo { signal: Some(signal), .. }) => format!("signal {signal}"),
         _ => "-".into(),
     }
+}
+
+/// One run as `history` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryRow {
+    /// Run id (`SHIVA_RUN_ID`).
+    pub run_id: Uuid,
+    /// `slot`, `manual` or `once`.
+    pub trigger: &'static str,
+    /// The slot (RFC 3339, UTC), for scheduled runs.
+    pub slot: Option<String>,
+    /// Attempt (`SHIVA_ATTEMPT`).
+    pub attempt: u32,
+    /// The node it was given to.
+    pub node: Option<NodeId>,
+    /// `scheduled`, `starting`, `running`, `succeeded`, `failed`, `timed_out`, `stopped`,
+    /// `lost`, `missed` or `skipped`.
+    pub state: &'static str,
+    /// How it ended.
+    pub exit: Option<ExitInfo>,
+    /// When the child started (RFC 3339).
+    pub start: Option<String>,
+    /// When it ended (RFC 3339).
+    pub end: Option<String>,
+    /// Detail: a stop reason, the leader's note, a spawn error.
+    pub message: Option<String>,
+}
+
+fn time(ms: i64) -> String {
+    DateTime::from_timestamp_millis(ms)
+        .map_or_else(|| ms.to_string(), |at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// The task's runs, newest first.
+pub fn history_rows(view: &LogView, task: &TaskId, limit: usize) -> Vec<HistoryRow> {
+    let Some(runs) = view.runs.get(task) else { return Vec::new() };
+    let mut rows: Vec<(i64, HistoryRow)> = runs
+        .iter()
+        .map(|(id, entry)| {
+            let intent = entry.intent.as_ref().map(|(intent, _)| intent);
+            let report = entry.report.as_ref().map(|entry| &entry.report);
+            let trigger = intent.map(|i| i.trigger).or(report.map(|r| r.trigger));
+            let order = intent
+                .map(|intent| intent.launch_at_ms)
+                .or(report.and_then(|report| report.started_ms))
+                .unwrap_or(0);
+            let row = HistoryRow {
+                run_id: *id,
+                trigger: match trigger {
+                    Some(Trigger::Slot { .. }) => "slot",
+                    Some(Trigger::Request { .. }) => "manual",
+                    Some(Trigger::Once { .. }) | None => "once",
+                },
+                slot: trigger.and_then(|trigger| trigger.slot_ms()).map(time),
+                attempt: intent.map_or_else(|| report.map_or(0, |r| r.attempt), |i| i.attempt),
+                node: intent
+                    .and_then(|intent| intent.node.clone())
+                    .or(entry.report.as_ref().map(|entry| entry.node.clone())),
+                state: entry.phase().as_str(),
+                exit: report.and_then(|report| report.exit),
+                start: report.and_then(|report| report.started_ms).map(time),
+                end: report.and_then(|report| report.ended_ms).map(time),
+                message: report
+                    .and_then(|report| report.message.clone())
+                    .or(intent.and_then(|intent| intent.note.clone().or(intent.stop.clone()))),
+            };
+            (order, row)
+        })
+        .collect();
+    rows.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.attempt.cmp(&a.1.attempt)));
+    rows.into_iter().take(limit).map(|(_, row)| row).collect()
 }

@@ -1,0 +1,245 @@
+//! What an operator's command writes: the records of `submit`, `kill`, `start`, `delete`,
+//! `run`, `suspend` and `resume`, checked against a view of the log. The same for `shiva-ctl`
+//! and a node's HTTP API, so that both write exactly the same records.
+//!
+//! Pure: [`plan`] decides; the caller wraps each body in an envelope (signed or not) and writes
+//! it to the `commands` topic in order.
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+
+use crate::records::{Body, Desired, DesiredState};
+use crate::runs::RunRequest;
+use crate::spec::TaskKind;
+use crate::topics::key;
+use crate::{LogView, TaskId, TaskSpec};
+
+/// An operator's command on a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Define (or redefine) a task and set it running.
+    Submit(Box<TaskSpec>),
+    /// Desired `stopped`.
+    Kill(TaskId),
+    /// Desired `running`.
+    Start(TaskId),
+    /// Tombstones for the task's definition and desired state.
+    Delete(TaskId),
+    /// A run now of a periodic task, under its overlap policy.
+    Run(TaskId),
+    /// Desired `suspended` (periodic and one-shot tasks).
+    Suspend(TaskId),
+    /// Desired `running` again (periodic and one-shot tasks).
+    Resume(TaskId),
+}
+
+impl Command {
+    /// The task it is about.
+    pub fn task(&self) -> &TaskId {
+        match self {
+            Command::Submit(spec) => &spec.id,
+            Command::Kill(task)
+            | Command::Start(task)
+            | Command::Delete(task)
+            | Command::Run(task)
+            | Command::Suspend(task)
+            | Command::Resume(task) => task,
+        }
+    }
+
+    /// Its verb, as the CLI names it.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Command::Submit(_) => "submit",
+            Command::Kill(_) => "kill",
+            Command::Start(_) => "start",
+            Command::Delete(_) => "delete",
+            Command::Run(_) => "run",
+            Command::Suspend(_) => "suspend",
+            Command::Resume(_) => "resume",
+        }
+    }
+}
+
+/// Why a command is not written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// No such task (CLI exit 1, HTTP 404).
+    #[error("no task '{0}' in this cluster")]
+    NotFound(TaskId),
+    /// The command itself is wrong (CLI exit 2, HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The task's state does not allow it (CLI exit 1, HTTP 409).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// One record to write on `commands`: `None` is a tombstone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    /// Its key.
+    pub key: String,
+    /// Its body.
+    pub body: Option<Body>,
+}
+
+/// The records `command` writes, in order, or why it is refused, judged on `view`.
+pub fn plan(view: &LogView, command: &Command) -> Result<Vec<Write>, CommandError> {
+    let task = command.task();
+    let desired = |state| Write {
+        key: key::desired(task),
+        body: Some(Body::Desired(Desired { task: task.clone(), state })),
+    };
+    match command {
+        Command::Submit(spec) => {
+            spec.validate_all().map_err(|err| CommandError::Invalid(err.to_string()))?;
+            check_after(spec, view)?;
+            Ok(vec![
+                Write { key: key::task(task), body: Some(Body::Task(spec.as_ref().clone())) },
+                desired(DesiredState::Running),
+            ])
+        }
+        Command::Kill(_) | Command::Start(_) => {
+            defined(view, task)?;
+            let state = if matches!(command, Command::Kill(_)) {
+                DesiredState::Stopped
+            } else {
+                DesiredState::Running
+            };
+            Ok(vec![desired(state)])
+        }
+        Command::Delete(_) => {
+            defined(view, task)?;
+            Ok(vec![
+                Write { key: key::task(task), body: None },
+                Write { key: key::desired(task), body: None },
+            ])
+        }
+        Command::Run(_) => {
+            if scheduled_task(view, task, "run")? == TaskKind::Once {
+                return Err(CommandError::Conflict(format!(
+                    "{task} is a one-shot task: submit it again to run it again"
+                )));
+            }
+            match view.desired_state(task) {
+                DesiredState::Running => {}
+                state => {
+                    return Err(CommandError::Conflict(format!(
+                        "{task} is {}: `resume` (or `start`) it first",
+                        state.as_str()
+                    )));
+                }
+            }
+            let request = Uuid::new_v4();
+            Ok(vec![Write {
+                key: key::request(task, request),
+                body: Some(Body::RunRequest(RunRequest { task: task.clone(), request })),
+            }])
+        }
+        Command::Suspend(_) => {
+            scheduled_task(view, task, "suspend")?;
+            Ok(vec![desired(DesiredState::Suspended)])
+        }
+        Command::Resume(_) => {
+            scheduled_task(view, task, "resume")?;
+            Ok(vec![desired(DesiredState::Running)])
+        }
+    }
+}
+
+fn defined(view: &LogView, task: &TaskId) -> Result<(), CommandError> {
+    if view.is_defined(task) { Ok(()) } else { Err(CommandError::NotFound(task.clone())) }
+}
+
+fn scheduled_task(view: &LogView, task: &TaskId, verb: &str) -> Result<TaskKind, CommandError> {
+    if let Some(invalid) = view.invalid.get(task) {
+        return Err(CommandError::Conflict(format!(
+            "{task} is failed: its definition (revision {}) is invalid: {}; submit a valid one",
+            invalid.revision, invalid.reason
+        )));
+    }
+    let spec = view.specs.get(task).ok_or_else(|| CommandError::NotFound(task.clone()))?;
+    match spec.spec.kind() {
+        TaskKind::Service => Err(CommandError::Conflict(format!(
+            "{task} is a long-running service: `{verb}` applies to periodic and one-shot tasks \
+             (use kill/start for services)"
+        ))),
+        kind => Ok(kind),
+    }
+}
+
+/// Refuses a one-shot whose `after` list would close a cycle with the cluster's tasks.
+fn check_after(spec: &TaskSpec, view: &LogView) -> Result<(), CommandError> {
+    if spec.after.is_empty() {
+        return Ok(());
+    }
+    let mut edges: BTreeMap<TaskId, Vec<TaskId>> =
+        view.specs.iter().map(|(id, entry)| (id.clone(), entry.spec.after.clone())).collect();
+    edges.insert(spec.id.clone(), spec.after.clone());
+    match crate::dag::find_cycle(&edges) {
+        Some(cycle) if cycle.contains(&spec.id) => {
+            let path: Vec<&str> = cycle.iter().map(TaskId::as_str).collect();
+            Err(CommandError::Invalid(format!(
+                "invalid task spec: field 'after': it would form a cycle {}",
+                path.join(" → ")
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TopicKind;
+
+    fn view_with(specs: &[TaskSpec]) -> LogView {
+        let mut view = LogView::default();
+        for (offset, spec) in specs.iter().enumerate() {
+            let value = crate::Envelope::now("t", None, Body::Task(spec.clone())).encode();
+            let key = key::task(&spec.id);
+            view.apply_guarded(TopicKind::Commands, offset as i64, Some(key.as_bytes()), Some(&value));
+        }
+        view
+    }
+
+    fn id(text: &str) -> TaskId {
+        TaskId::new(text).unwrap()
+    }
+
+    #[test]
+    fn commands_on_unknown_tasks_are_not_found_and_verbs_that_do_not_apply_conflict() {
+        let service = TaskSpec::new(id("svc"), "sleep", vec!["9".into()]);
+        let mut cron = TaskSpec::new(id("cron"), "true", vec![]);
+        cron.schedule = vec!["* * * * *".into()];
+        let view = view_with(&[service.clone(), cron]);
+        assert_eq!(plan(&view, &Command::Kill(id("nope"))), Err(CommandError::NotFound(id("nope"))));
+        assert!(matches!(plan(&view, &Command::Run(id("svc"))), Err(CommandError::Conflict(_))));
+        assert!(matches!(plan(&view, &Command::Suspend(id("svc"))), Err(CommandError::Conflict(_))));
+        let writes = plan(&view, &Command::Run(id("cron"))).unwrap();
+        assert!(writes[0].key.starts_with("request/cron/"), "{writes:?}");
+        let writes = plan(&view, &Command::Delete(id("svc"))).unwrap();
+        assert_eq!(writes.iter().map(|w| w.body.is_none()).collect::<Vec<_>>(), [true, true]);
+        let writes = plan(&view, &Command::Submit(Box::new(service))).unwrap();
+        assert_eq!(writes.len(), 2);
+        assert!(matches!(writes[1].body, Some(Body::Desired(Desired { state: DesiredState::Running, .. }))));
+    }
+
+    #[test]
+    fn a_submit_closing_a_cycle_is_invalid() {
+        let mut a = TaskSpec::new(id("a"), "true", vec![]);
+        a.once = true;
+        a.after = vec![id("b")];
+        let mut b = TaskSpec::new(id("b"), "true", vec![]);
+        b.once = true;
+        b.after = vec![id("a")];
+        let view = view_with(&[a]);
+        let refused = plan(&view, &Command::Submit(Box::new(b)));
+        assert!(
+            matches!(&refused, Err(CommandError::Invalid(message)) if message.contains("cycle")),
+            "{refused:?}"
+        );
+    }
+}
