@@ -303,6 +303,12 @@ impl Node {
             workspace.display().to_string(),
         ];
         args.extend(broker.node_flags.iter().cloned());
+        if !extra.contains(&"--http") {
+            // Each node its own free port (read back with `http_addr`); none in a namespace,
+            // whose loopback may be down.
+            let http = if wrapper.is_empty() { "127.0.0.1:0" } else { "off" };
+            args.extend(["--http".to_owned(), http.to_owned()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = workspace.join("node.log");
         let mut node = Node { id: id.into(), log, workspace, args, wrapper, env, child: None };
@@ -311,6 +317,8 @@ impl Node {
     }
 
     fn spawn(&mut self) {
+        // A restarted node binds a new port: `http_url` waits for the new one.
+        let _ = std::fs::remove_file(self.workspace.join("http.addr"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
         let mut command = match self.wrapper.split_first() {
             Some((program, rest)) => {
@@ -904,4 +912,153 @@ pub fn fsck_records(stdout: &[u8]) -> u64 {
         .lines()
         .filter_map(|line| line.split(" files, ").nth(1)?.split(' ').next()?.parse::<u64>().ok())
         .sum()
+}
+
+impl Node {
+    /// The base URL of its HTTP API (`http://127.0.0.1:PORT`), once it has bound it.
+    pub fn http_url(&self) -> String {
+        let path = self.workspace.join("http.addr");
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && text.ends_with('\n')
+            {
+                return format!("http://{}", text.trim());
+            }
+            assert!(Instant::now() < deadline, "node {} wrote no http.addr:\n{}", self.id, self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// An HTTP answer: status, content type and body.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status code.
+    pub status: u16,
+    /// `Content-Type`.
+    pub content_type: String,
+    /// Body.
+    pub body: String,
+}
+
+impl Answer {
+    /// The body as JSON (panics, showing it, when it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|err| panic!("not JSON ({err}): {self:?}"))
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+/// One HTTP request (`body`: sent as is), with a bearer `token`.
+pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> Answer {
+    let agent = agent();
+    let bearer = token.map(|token| format!("Bearer {token}"));
+    macro_rules! with_token {
+        ($request:expr) => {{
+            let request = $request;
+            match &bearer {
+                Some(bearer) => request.header("Authorization", bearer),
+                None => request,
+            }
+        }};
+    }
+    let response = match method {
+        "GET" => with_token!(agent.get(url)).call(),
+        "DELETE" => with_token!(agent.delete(url)).call(),
+        "POST" => match body {
+            Some(body) => with_token!(agent.post(url)).header("Content-Type", "application/json").send(body),
+            None => with_token!(agent.post(url)).send_empty(),
+        },
+        "PUT" => with_token!(agent.put(url)).send(body.unwrap_or("")),
+        other => panic!("no method {other} in this helper"),
+    };
+    let mut response = response.unwrap_or_else(|err| panic!("{method} {url}: {err}"));
+    let status = response.status().as_u16();
+    let content_type =
+        response.headers().get("content-type").and_then(|value| value.to_str().ok()).unwrap_or("").to_owned();
+    let body = response.body_mut().with_config().limit(64 << 20).read_to_string().unwrap_or_default();
+    Answer { status, content_type, body }
+}
+
+/// A server-sent event stream being read by a thread: its events arrive on `events`.
+pub struct EventStream {
+    /// `(event, data)` pairs, in order.
+    pub events: std::sync::mpsc::Receiver<(String, String)>,
+}
+
+impl EventStream {
+    /// Opens `url` (with `token` as a bearer, when given); panics unless it answers 200 with
+    /// `text/event-stream`.
+    pub fn open(url: &str, token: Option<&str>) -> EventStream {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut request = agent.get(url);
+        if let Some(token) = token {
+            request = request.header("Authorization", &format!("Bearer {token}"));
+        }
+        let response = request.call().unwrap_or_else(|err| panic!("GET {url}: {err}"));
+        assert_eq!(response.status().as_u16(), 200, "GET {url}");
+        let kind = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+        assert!(kind.starts_with("text/event-stream"), "GET {url}: {kind}");
+        let (sender, events) = std::sync::mpsc::channel();
+        let reader = std::io::BufReader::new(response.into_body().into_reader());
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let (mut event, mut data) = (String::new(), String::new());
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                if line.is_empty() {
+                    if !data.is_empty()
+                        && sender.send((std::mem::take(&mut event), std::mem::take(&mut data))).is_err()
+                    {
+                        return;
+                    }
+                    event.clear();
+                } else if let Some(value) = line.strip_prefix("event:") {
+                    event = value.trim_start().to_owned();
+                } else if let Some(value) = line.strip_prefix("data:") {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(value.strip_prefix(' ').unwrap_or(value));
+                }
+            }
+        });
+        EventStream { events }
+    }
+
+    /// The first event within `timeout` for which `wanted(event, data as JSON)` holds; panics
+    /// with `what` (and the events seen) otherwise.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut wanted: impl FnMut(&str, &Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok((event, data)) => {
+                    let value: Value = serde_json::from_str(&data).unwrap_or(Value::String(data.clone()));
+                    if wanted(&event, &value) {
+                        return value;
+                    }
+                    seen.push(format!("{event}: {}", data.chars().take(200).collect::<String>()));
+                }
+                Err(_) => panic!(
+                    "no event {what} within {timeout:?}; seen: {:#?}",
+                    &seen[seen.len().saturating_sub(20)..]
+                ),
+            }
+        }
+    }
 }

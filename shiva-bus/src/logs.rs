@@ -303,3 +303,78 @@ impl KafkaLogReader {
         Ok(Some(line))
     }
 }
+
+/// Which chunks [`scan`] passes on: one task's, of runs whose id starts with `run`, written
+/// since `from_ms`.
+#[derive(Debug, Clone, Default)]
+pub struct LogFilter {
+    /// The task id.
+    pub task: String,
+    /// A run id or its start.
+    pub run: Option<String>,
+    /// Only chunks the broker timestamped at or after this (ms since the Unix epoch).
+    pub from_ms: Option<i64>,
+}
+
+impl LogFilter {
+    /// Whether `chunk` passes.
+    pub fn wants(&self, chunk: &LoggedChunk) -> bool {
+        chunk.task == self.task
+            && self.run.as_deref().is_none_or(|run| chunk.run.starts_with(run))
+            && self.from_ms.is_none_or(|from| chunk.timestamp_ms.is_none_or(|at| at >= from))
+    }
+}
+
+/// What [`scan`] hands its caller.
+#[derive(Debug)]
+pub enum Scanned<'a> {
+    /// A chunk that passed the filter.
+    Chunk(&'a LoggedChunk),
+    /// A poll found nothing new (a moment to flush, or to notice the reader went away).
+    Idle,
+}
+
+/// Reads the logs topic from its beginning, handing `on` the chunks `filter` passes, up to the
+/// end the topic had when called, or for ever when `follow` (until `on` breaks). Blocking.
+/// Returns how many chunks were handed on. A topic silent for `timeout` before its end is an
+/// error.
+pub fn scan(
+    config: &BusConfig,
+    timeout: Duration,
+    filter: &LogFilter,
+    follow: bool,
+    mut on: impl FnMut(Scanned<'_>) -> std::ops::ControlFlow<()>,
+) -> Result<u64, BusError> {
+    const POLL: Duration = Duration::from_millis(200);
+    let mut reader = LogReader::new(config)?;
+    let end = reader.end(timeout)?;
+    let mut handed = 0u64;
+    let mut idle_since = std::time::Instant::now();
+    loop {
+        if !follow && reader.position() >= end {
+            return Ok(handed);
+        }
+        let Some(chunk) = reader.next(POLL)? else {
+            if on(Scanned::Idle).is_break() {
+                return Ok(handed);
+            }
+            if !follow && idle_since.elapsed() > timeout {
+                return Err(BusError::Unreachable {
+                    brokers: config.brokers.clone(),
+                    message: format!(
+                        "the logs topic stopped answering at offset {} of {end}",
+                        reader.position()
+                    ),
+                });
+            }
+            continue;
+        };
+        idle_since = std::time::Instant::now();
+        if filter.wants(&chunk) {
+            handed += 1;
+            if on(Scanned::Chunk(&chunk)).is_break() {
+                return Ok(handed);
+            }
+        }
+    }
+}

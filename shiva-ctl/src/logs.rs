@@ -4,17 +4,15 @@
 //! the last one without a newline when the task's output ended without one.
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use shiva_bus::BusConfig;
 use shiva_bus::admin;
-use shiva_bus::logs::LogReader;
+use shiva_bus::logs::{self, LogFilter, Scanned};
 use shiva_proto::TaskId;
 
 use crate::{CtlError, TASK_TOPICS, invalid, no_such_task, snapshot};
-
-/// How long one poll of the topic waits.
-const POLL: Duration = Duration::from_millis(200);
 
 /// Prints `id`'s output; with `follow`, keeps going until interrupted.
 pub async fn print(
@@ -58,49 +56,33 @@ fn read(
     run: Option<&str>,
     since: Option<Duration>,
 ) -> Result<u64, CtlError> {
-    let mut reader = LogReader::new(config)?;
-    let end = reader.end(timeout)?;
     let from_ms = since.map(|since| {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         now.saturating_sub(since).as_millis() as i64
     });
+    let filter = LogFilter { task: task.to_owned(), run: run.map(str::to_owned), from_ms };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut printed = 0u64;
-    let mut idle_since = std::time::Instant::now();
-    loop {
-        if !follow && reader.position() >= end {
-            break;
-        }
-        let Some(line) = reader.next(POLL)? else {
-            out.flush().map_err(|err| CtlError::Failed(err.into()))?;
-            if !follow && idle_since.elapsed() > timeout {
-                return Err(CtlError::Unreachable(format!(
-                    "the logs topic stopped answering at offset {} of {end}",
-                    reader.position()
-                )));
-            }
-            continue;
+    let mut failed = None;
+    let printed = logs::scan(config, timeout, &filter, follow, |seen| {
+        let written = match seen {
+            Scanned::Idle => out.flush(),
+            Scanned::Chunk(chunk) if follow => out.write_all(&chunk.bytes).and_then(|()| out.flush()),
+            Scanned::Chunk(chunk) => out.write_all(&chunk.bytes),
         };
-        idle_since = std::time::Instant::now();
-        let wanted = line.task == task
-            && run.is_none_or(|run| line.run.starts_with(run))
-            && from_ms.is_none_or(|from| line.timestamp_ms.is_none_or(|at| at >= from));
-        if !wanted {
-            continue;
-        }
-        let written = out.write_all(&line.bytes);
-        if let Err(err) = written {
-            // A closed pipe (`logs … | head`) ends the command quietly.
-            if err.kind() == std::io::ErrorKind::BrokenPipe {
-                return Ok(printed);
+        match written {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(err) => {
+                failed = Some(err);
+                ControlFlow::Break(())
             }
-            return Err(CtlError::Failed(err.into()));
         }
-        printed += 1;
-        if follow {
-            out.flush().map_err(|err| CtlError::Failed(err.into()))?;
-        }
+    })?;
+    match failed {
+        // A closed pipe (`logs … | head`) ends the command quietly.
+        Some(err) if err.kind() == std::io::ErrorKind::BrokenPipe => return Ok(printed),
+        Some(err) => return Err(CtlError::Failed(err.into())),
+        None => {}
     }
     out.flush().map_err(|err| CtlError::Failed(err.into()))?;
     Ok(printed)

@@ -75,10 +75,30 @@ pub struct NodeArgs {
     /// --task-user runs tasks that name no user as root, and warns at start.)
     #[arg(long, env = "SHIVA_ALLOW_ROOT_TASKS")]
     pub allow_root_tasks: bool,
+    /// The HTTP API, `/metrics` and the dashboard: ADDRESS:PORT (port 0: any free port), or
+    /// `off`. The bound address is written to <workspace>/http.addr.
+    #[arg(long, env = "SHIVA_HTTP", value_name = "ADDR|off", default_value = "127.0.0.1:7878")]
+    pub http: String,
+    /// Bearer tokens of the HTTP API, one `SCOPE NAME TOKEN` per line (SCOPE: read or write).
+    /// With it every API request needs a token; without it reads are open and writes refused.
+    #[arg(long, env = "SHIVA_API_TOKENS", value_name = "FILE")]
+    pub api_tokens: Option<PathBuf>,
+    /// The node's own log on stderr: `text`, or `json` (one object per line, for log shippers).
+    #[arg(long, env = "SHIVA_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// Tests only: panic whenever this node plans (`plan:TASK`) or runs (`run:TASK`) a task, to
     /// prove that an internal error fails that task and not the node.
     #[arg(long, env = "SHIVA_FAULT_PANIC", hide = true)]
     pub fault_panic: Option<String>,
+}
+
+/// The node's own log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per event.
+    Json,
 }
 
 /// Validated node configuration.
@@ -120,6 +140,10 @@ pub struct NodeConfig {
     pub task_user: Option<String>,
     /// `--allow-root-tasks`.
     pub allow_root_tasks: bool,
+    /// `--http`: where the HTTP API listens (`None`: off).
+    pub http: Option<std::net::SocketAddr>,
+    /// `--api-tokens`.
+    pub api_tokens: Option<std::sync::Arc<crate::api::Tokens>>,
 }
 
 impl NodeConfig {
@@ -220,7 +244,27 @@ impl NodeConfig {
             shiva_proto::spec::check_user(user)
                 .map_err(|err| anyhow::anyhow!("--task-user {user}: {err}"))?;
         }
+        let http = match args.http.as_str() {
+            "off" => None,
+            text => Some(text.parse::<std::net::SocketAddr>().map_err(|_| {
+                anyhow::anyhow!(
+                    "--http '{text}': expected ADDRESS:PORT (e.g. 127.0.0.1:7878, [::]:7878) or off"
+                )
+            })?),
+        };
+        let api_tokens = match &args.api_tokens {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|err| anyhow::anyhow!("--api-tokens {}: {err}", path.display()))?;
+                let tokens = crate::api::Tokens::parse(&text)
+                    .map_err(|err| anyhow::anyhow!("--api-tokens {}: {err}", path.display()))?;
+                Some(std::sync::Arc::new(tokens))
+            }
+        };
         Ok(NodeConfig {
+            http,
+            api_tokens,
             authorized_keys,
             task_user: args.task_user,
             allow_root_tasks: args.allow_root_tasks,
@@ -294,6 +338,11 @@ mod tests {
         assert!(err(&["--node-id", "a", "--log-rate", "2GiB"]).contains("at most 1GiB"));
         assert!(err(&["--node-id", "a", "--fetch-wait", "2s"]).contains("--fetch-wait 2s"));
         assert!(err(&["--node-id", "a", "-X", "oops"]).contains("-X"));
+        assert!(err(&["--node-id", "a", "--http", "7878"]).contains("--http '7878'"));
+        assert!(
+            err(&["--node-id", "a", "--api-tokens", "/nonexistent"]).contains("--api-tokens /nonexistent")
+        );
+        assert_eq!(parse(&["--node-id", "a", "--http", "off"]).unwrap().http, None);
     }
 
     #[test]

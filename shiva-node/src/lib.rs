@@ -4,8 +4,9 @@
 //! * [`config`]: flags and their validation; [`clock`]: the boot-time clock of leases and log time;
 //! * pure decisions: [`membership`] (liveness in log time), [`election`], [`placement`],
 //!   [`leader`] (reconciliation);
-//! * I/O: [`supervisor`] (child processes), [`node`] (the driver: reads the bus, feeds the
+//! * I/O: [`api`] (the HTTP server: API, metrics, dashboard), [`supervisor`] (child processes), [`node`] (the driver: reads the bus, feeds the
 //!   decisions, writes their records).
+pub mod api;
 pub mod clock;
 pub mod config;
 pub mod election;

@@ -53,6 +53,7 @@ pub struct LogShipper {
     /// Bytes per second per task.
     rate: f64,
     buckets: Mutex<HashMap<String, Bucket>>,
+    metrics: Option<Arc<crate::api::Metrics>>,
 }
 
 impl std::fmt::Debug for LogShipper {
@@ -64,7 +65,13 @@ impl std::fmt::Debug for LogShipper {
 impl LogShipper {
     /// Ships through `sink`, `rate` bytes per second per task.
     pub fn new(sink: LogSink, rate: u64) -> LogShipper {
-        LogShipper { sink, rate: rate.max(1) as f64, buckets: Mutex::new(HashMap::new()) }
+        LogShipper { sink, rate: rate.max(1) as f64, buckets: Mutex::new(HashMap::new()), metrics: None }
+    }
+
+    /// Counts its delays and drops in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::api::Metrics>) -> LogShipper {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn wait_for(&self, task: &str, cost: u64) -> Duration {
@@ -76,15 +83,24 @@ impl LogShipper {
     }
 
     async fn send(&self, line: LogChunk<'_>) {
+        let began = Instant::now();
         let wait = self.wait_for(line.task, line.bytes.len() as u64 + RECORD_COST);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
         for _ in 0..500 {
             match self.sink.send(line) {
-                Ok(()) | Err(false) => return,
+                Ok(()) | Err(false) => {
+                    if let Some(metrics) = &self.metrics {
+                        crate::api::Metrics::observe(&metrics.log_shipping_delay, began.elapsed());
+                    }
+                    return;
+                }
                 Err(true) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.log_dropped.inc();
         }
         warn!(task = line.task, run = line.run, "the logs producer stayed full for 10s; output was dropped");
     }

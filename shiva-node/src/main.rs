@@ -19,11 +19,13 @@ fn main() -> ExitCode {
     let args = NodeArgs::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHIVA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let logger = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        shiva_node::config::LogFormat::Json => {
+            logger.json().flatten_event(true).with_current_span(false).init()
+        }
+        shiva_node::config::LogFormat::Text => logger.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     // A panic is contained at its task's boundary (see `shiva_node::fault`); it is logged as a
     // structured event, with where it happened.
     std::panic::set_hook(Box::new(|info| {

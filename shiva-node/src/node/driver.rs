@@ -47,6 +47,8 @@ pub(crate) struct WriteResult {
     key: String,
     purpose: Purpose,
     result: Result<i64, BusError>,
+    /// When it was queued.
+    queued: Instant,
 }
 
 /// A node: the parts below, each with one job, driven by one task (no lock needed).
@@ -89,6 +91,8 @@ pub(crate) struct Node {
     pub(crate) secrets: std::sync::Arc<crate::secrets::SecretStore>,
     /// Secrets the leader could not re-encrypt, already logged.
     pub(crate) stuck_secrets: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The HTTP API's snapshots, requests and metrics.
+    pub(crate) api: super::api::Api,
 }
 
 /// What this node writes: two ordered producers (heartbeats apart, so a burst of other writes
@@ -215,9 +219,10 @@ impl Node {
         let delivery = publisher.enqueue(topic, &key, value.as_deref());
         *self.outbox.unacked.entry((topic, key.clone())).or_default() += 1;
         let results = self.outbox.results.clone();
+        let queued = Instant::now();
         tokio::spawn(async move {
             let result = delivery.await;
-            let _ = results.send(WriteResult { topic, key, purpose, result });
+            let _ = results.send(WriteResult { topic, key, purpose, result, queued });
         });
     }
 
@@ -289,7 +294,13 @@ impl Node {
     }
 
     fn on_record(&mut self, record: Record) {
-        let Record { topic, offset, key, value, .. } = record;
+        let Record { topic, offset, key, value, timestamp_ms } = record;
+        if self.ready
+            && let Some(created) = timestamp_ms
+        {
+            let delay = shiva_proto::wall::now_ms().saturating_sub(created);
+            crate::api::Metrics::observe_ms(&self.api.metrics.fetch_latency, delay);
+        }
         // No record may take the node down: a panic while folding one skips it.
         let outcome = self.view.apply_guarded(topic, offset, key.as_deref(), value.as_deref());
         if let Outcome::Skipped(reason) = &outcome
@@ -316,6 +327,9 @@ impl Node {
                     if self.view.epochs.winners.get(&newest).is_some_and(|winner| winner.offset == offset) {
                         let winner = &self.view.epochs.winners[&newest];
                         info!(epoch = newest, leader = %winner.node, "new epoch");
+                        if self.ready {
+                            self.api.metrics.failovers.inc();
+                        }
                         self.election.on_winner(newest, Boot::now());
                     }
                 }
@@ -360,7 +374,8 @@ impl Node {
     }
 
     pub(crate) fn on_write_result(&mut self, result: WriteResult) {
-        let WriteResult { topic, key, purpose, result } = result;
+        let WriteResult { topic, key, purpose, result, queued } = result;
+        crate::api::Metrics::observe(&self.api.metrics.produce_latency, queued.elapsed());
         let entry = (topic, key.clone());
         if let Some(count) = self.outbox.unacked.get_mut(&entry) {
             *count -= 1;
@@ -431,6 +446,7 @@ impl Node {
         if final_state && handed_off && gone && !status.permanent {
             return;
         }
+        self.observe_status(&status);
         self.on_status(status);
     }
 
@@ -764,6 +780,9 @@ impl Node {
             next_token
         });
         self.next_token = next_token;
+        if matches!(change, FenceChange::Fenced { .. }) {
+            self.api.metrics.fences.inc();
+        }
         match change {
             FenceChange::Fenced { wall_jump: None } => warn!(
                 fence_timeout = ?self.config.fence_timeout,

@@ -1,6 +1,7 @@
 //! The node's life: create and check the topics, read the log, make sure no live node uses
 //! this id, then heartbeat, elect, lead, run tasks; on shutdown resign, stop tasks, leave.
 
+mod api;
 mod driver;
 mod fence;
 mod heartbeat;
@@ -63,6 +64,32 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     if let Some(previous) = replaces {
         info!(%previous, "this workspace's previous node has exited: its incarnation is replaced by this one");
     }
+    let metrics = Arc::new(crate::api::Metrics::new(
+        config.node_id.as_str(),
+        config.bus.topics.cluster(),
+        env!("CARGO_PKG_VERSION"),
+    ));
+    let (snapshots, snapshot_rx) = tokio::sync::watch::channel(Arc::new(crate::api::Snapshot::default()));
+    let (api_requests, mut api_rx) = mpsc::channel(64);
+    // The HTTP server answers from the start (`/healthz`; `/readyz` says when the node is ready)
+    // and stops with the node.
+    let server_stop = shutdown.child_token();
+    let _server_stop = server_stop.clone().drop_guard();
+    if let Some(addr) = config.http {
+        let listener = crate::api::bind(addr, &config.workspace.join("http.addr")).await?;
+        if !addr.ip().is_loopback() && config.api_tokens.is_none() {
+            warn!(%addr, "the HTTP API listens beyond this host without --api-tokens: anyone who reaches it reads the cluster (writes stay off)");
+        }
+        let server = crate::api::Server {
+            listener,
+            snapshot: snapshot_rx,
+            requests: api_requests,
+            metrics: metrics.clone(),
+            tokens: config.api_tokens.clone(),
+            bus: config.bus.clone(),
+        };
+        tokio::spawn(server.serve(server_stop));
+    }
     if !ensure_topics(&config, &shutdown).await? {
         return Ok(());
     }
@@ -75,7 +102,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     let (run_reports, mut run_reports_rx) = mpsc::unbounded_channel::<RunReport>();
     let (lease, lease_rx) = tokio::sync::watch::channel(None);
     let sink = LogSink::new(&config.bus, config.node_id.as_str())?;
-    let shipper = Arc::new(LogShipper::new(sink, config.log_rate));
+    let shipper = Arc::new(LogShipper::new(sink, config.log_rate).with_metrics(metrics.clone()));
     let supervisor = if config.runner {
         // Orphans of a run whose shim died come to the node, which kills them.
         nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER failed")?;
@@ -162,6 +189,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         shipper: Some(shipper),
         secrets: secrets.clone(),
         stuck_secrets: Default::default(),
+        api: api::Api::new(metrics, snapshots),
         config,
     };
 
@@ -200,8 +228,10 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             Some(result) = results_rx.recv() => node.on_write_result(result),
             Some(status) = reports_rx.recv() => node.on_job_status(status),
             Some(report) = run_reports_rx.recv() => node.on_run_report(report),
+            Some(request) = api_rx.recv() => node.on_api_request(request),
             _ = ticker.tick() => node.heartbeat(),
             _ = tokio::time::sleep(node.runs.run_wake.unwrap_or(Duration::from_secs(3600))) => {}
+            _ = tokio::time::sleep(node.api.wake.unwrap_or(Duration::from_secs(3600))) => {}
         }
         // Take in everything already waiting, then decide once: a step walks every task.
         loop {
@@ -218,6 +248,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             }
         }
         node.step();
+        node.publish();
     }
     leave(&mut node, &mut reports_rx, &mut run_reports_rx).await;
     Ok(())

@@ -1,0 +1,689 @@
+//! The node's HTTP server (axum): the v1 JSON API, the event stream, `/metrics`, `/healthz`,
+//! `/readyz` and the dashboard. Every node serves it, leader or not, from its own view of the
+//! log (see docs/api.md).
+//!
+//! # Invariants
+//! * The log view stays the driver's alone: lists and the event stream are served from the
+//!   published [`Snapshot`]; a task's detail, its runs and commands are asked of the driver
+//!   ([`Request`]), which answers from its view in its next turn.
+//! * A command writes exactly what `shiva-ctl` writes (`shiva_proto::commands`): the same pure
+//!   plan, the same keys, in the same order; its answer waits for the bus's acknowledgement and
+//!   for this node to read the records back (a read after a write on the same node sees it).
+//! * Writes need a token of scope `write` (`--api-tokens`); without a tokens file every write is
+//!   refused. In a signed cluster (`--authorized-keys`) the API writes nothing: the nodes would
+//!   refuse its unsigned records, so it says so instead.
+//! * No request can take the node down: bodies are bounded, every input is checked, and each
+//!   failure is a JSON error with its status.
+
+pub mod metrics;
+pub mod snapshot;
+mod tokens;
+
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request as HttpRequest, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::Stream;
+use serde::Deserialize;
+use shiva_bus::BusConfig;
+use shiva_bus::logs::{LogFilter, Scanned};
+use shiva_proto::commands::{Command, CommandError};
+use shiva_proto::rows::HistoryRow;
+use shiva_proto::{TaskId, TaskSpec};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use metrics::Metrics;
+pub use snapshot::Snapshot;
+pub use tokens::{Scope, Tokens};
+
+/// A question for the driver, answered from its view.
+pub enum Request {
+    /// A task's row, spec and refusal (`None`: no such task).
+    Task { task: TaskId, reply: oneshot::Sender<Option<serde_json::Value>> },
+    /// A task's runs, newest first (`None`: no such task).
+    Runs { task: TaskId, limit: usize, reply: oneshot::Sender<Option<Vec<HistoryRow>>> },
+    /// A command to write, on behalf of the token named `by`.
+    Command { command: Command, by: String, reply: oneshot::Sender<Result<Planned, CommandError>> },
+}
+
+/// A delivery: resolves to the record's offset once the bus acknowledged it.
+pub type Delivery =
+    std::pin::Pin<Box<dyn Future<Output = Result<i64, shiva_bus::BusError>> + Send + 'static>>;
+
+/// A command the driver queued.
+pub struct Planned {
+    /// The task was defined before.
+    pub existed: bool,
+    /// Its records' keys and deliveries, in order.
+    pub writes: Vec<(String, Delivery)>,
+}
+
+/// Largest request body (a task spec is at most 256 KiB: see docs/protocol.md).
+const BODY_LIMIT: usize = 1 << 20;
+/// How long a request waits for the driver, and for the bus to acknowledge a command.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// The newest runs a task's runs endpoint serves at most.
+const MAX_RUNS: usize = 1000;
+
+/// The dashboard: one page, its script and style inline, nothing fetched from elsewhere.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+#[derive(Clone)]
+struct AppState {
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    requests: mpsc::Sender<Request>,
+    metrics: Arc<Metrics>,
+    tokens: Option<Arc<Tokens>>,
+    bus: BusConfig,
+}
+
+/// What the server needs.
+pub struct Server {
+    /// Where it listens (bound before the node reads the log, so that `/healthz` answers).
+    pub listener: tokio::net::TcpListener,
+    /// Published by the driver.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// To the driver.
+    pub requests: mpsc::Sender<Request>,
+    /// The node's series.
+    pub metrics: Arc<Metrics>,
+    /// `--api-tokens`.
+    pub tokens: Option<Arc<Tokens>>,
+    /// For the logs topic.
+    pub bus: BusConfig,
+}
+
+/// Binds `addr` (port 0: any free port) and writes the bound address to `record` (tests and
+/// scripts read it there).
+pub async fn bind(addr: SocketAddr, record: &std::path::Path) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("--http {addr}: cannot listen (another node on this host? give each its own --http, or --http off)")
+    })?;
+    let bound = listener.local_addr().context("the HTTP listener has no address")?;
+    std::fs::write(record, format!("{bound}\n"))
+        .with_context(|| format!("cannot write {}", record.display()))?;
+    Ok(listener)
+}
+
+impl Server {
+    /// Serves until `shutdown`.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        let addr = self.listener.local_addr().map(|addr| addr.to_string()).unwrap_or_default();
+        let state = AppState {
+            snapshot: self.snapshot,
+            requests: self.requests,
+            metrics: self.metrics,
+            tokens: self.tokens,
+            bus: self.bus,
+        };
+        info!(%addr, writes = state.tokens.as_ref().is_some_and(|tokens| tokens.any_writer()), "HTTP API listening");
+        let app = router(state);
+        let served = axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        if let Err(err) = served {
+            warn!(error = %err, "the HTTP server stopped");
+        }
+    }
+}
+
+fn router(state: AppState) -> Router {
+    let guarded = Router::new()
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/tasks", get(tasks).post(submit))
+        .route("/v1/tasks/{id}", get(task).delete(delete))
+        .route("/v1/tasks/{id}/runs", get(runs))
+        .route("/v1/tasks/{id}/logs", get(logs))
+        .route("/v1/tasks/{id}/{action}", post(act))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(guarded)
+        .layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// An error answer: `{"error": "...", "status": N}`.
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::BAD_REQUEST, message.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.1, "status": self.0.as_u16() });
+        (self.0, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(err: CommandError) -> Self {
+        let status = match err {
+            CommandError::NotFound(_) => StatusCode::NOT_FOUND,
+            CommandError::Invalid(_) => StatusCode::BAD_REQUEST,
+            CommandError::Conflict(_) => StatusCode::CONFLICT,
+        };
+        ApiError(status, err.to_string())
+    }
+}
+
+fn json_text(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn json_value(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    json_text(status, serde_json::to_string(value).expect("answers serialise"))
+}
+
+/// Counts requests by route and status.
+async fn count(State(state): State<AppState>, request: HttpRequest, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| route_of(request.uri().path()), |path| path.as_str().to_owned());
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let response = next.run(request).await;
+    let status = response.status();
+    state.metrics.http_requests.with_label_values(&[&route, status.as_str()]).inc();
+    tracing::debug!(%method, %path, status = status.as_u16(), "HTTP request");
+    response
+}
+
+/// A bounded route label for a path no route matched (the matched route is known only inside).
+fn route_of(path: &str) -> String {
+    match path {
+        "/" | "/healthz" | "/readyz" | "/metrics" | "/v1/cluster" | "/v1/tasks" | "/v1/nodes"
+        | "/v1/events" => path.to_owned(),
+        path if path.starts_with("/v1/tasks/") => "/v1/tasks/{id}…".to_owned(),
+        _ => "other".to_owned(),
+    }
+}
+
+/// Checks the bearer token (or `access_token`, for browsers' event streams) against the scope
+/// the request needs: `read` for GET, `write` for everything else.
+async fn authenticate(State(state): State<AppState>, request: HttpRequest, next: Next) -> Response {
+    let needs = if request.method() == Method::GET || request.method() == Method::HEAD {
+        Scope::Read
+    } else {
+        Scope::Write
+    };
+    let presented = bearer(request.headers()).or_else(|| query_token(request.uri()));
+    let Some(tokens) = &state.tokens else {
+        if needs == Scope::Write {
+            return ApiError(
+                StatusCode::FORBIDDEN,
+                "writes are off on this node: start it with --api-tokens FILE and use a token of scope write"
+                    .into(),
+            )
+            .into_response();
+        }
+        return next.run(request).await;
+    };
+    let Some(presented) = presented else {
+        let mut response = ApiError(
+            StatusCode::UNAUTHORIZED,
+            "this node needs a token: send 'Authorization: Bearer TOKEN' (or ?access_token=TOKEN)".into(),
+        )
+        .into_response();
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    };
+    match tokens.find(&presented) {
+        None => {
+            let mut response = ApiError(StatusCode::UNAUTHORIZED, "unknown token".into()).into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+            response
+        }
+        Some(token) if !token.scope.allows(needs) => ApiError(
+            StatusCode::FORBIDDEN,
+            format!("token '{}' may only read; this request writes (it needs scope write)", token.name),
+        )
+        .into_response(),
+        Some(token) => {
+            let name = token.name.clone();
+            let mut request = request;
+            request.extensions_mut().insert(Caller(name));
+            next.run(request).await
+        }
+    }
+}
+
+/// The name of the token a request came with.
+#[derive(Clone)]
+struct Caller(String);
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+}
+
+fn query_token(uri: &axum::http::Uri) -> Option<String> {
+    let Query(query) = Query::<std::collections::HashMap<String, String>>::try_from_uri(uri).ok()?;
+    query.get("access_token").cloned()
+}
+
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
+}
+
+async fn healthz() -> Response {
+    json_value(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
+}
+
+/// Ready: the node has read the log to its end, checked its id, and is not cut off.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let snapshot = state.snapshot.borrow().clone();
+    let (status, reason) = match &snapshot.cluster {
+        None => (StatusCode::SERVICE_UNAVAILABLE, Some("reading the log to its end")),
+        Some(cluster) if !cluster.ready => {
+            (StatusCode::SERVICE_UNAVAILABLE, Some("reading the log to its end"))
+        }
+        Some(cluster) if cluster.fenced => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("cut off from the bus: it cannot read its own heartbeats back"),
+        ),
+        Some(_) => (StatusCode::OK, None),
+    };
+    let body = match reason {
+        Some(reason) => serde_json::json!({ "status": "not ready", "reason": reason }),
+        None => serde_json::json!({ "status": "ready" }),
+    };
+    json_value(status, &body)
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let metrics = state.metrics.clone();
+    let text = tokio::task::spawn_blocking(move || metrics.render())
+        .await
+        .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("metrics failed: {err}")))?;
+    Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response())
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    let path = uri.path();
+    let hint = if path.starts_with("/v1/tasks/") {
+        " (a task id with '/' goes in the path encoded: /v1/tasks/demo%2Fhello)"
+    } else {
+        " (see docs/api.md)"
+    };
+    ApiError(StatusCode::NOT_FOUND, format!("no endpoint {method} {path}{hint}"))
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    let path = uri.path();
+    let hint = if path.starts_with("/v1/tasks/") && path.matches('/').count() > 3 {
+        " (a task id with '/' goes in the path encoded: /v1/tasks/demo%2Fhello)"
+    } else {
+        " (see docs/api.md)"
+    };
+    ApiError(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {path}{hint}"))
+}
+
+async fn cluster(State(state): State<AppState>) -> Response {
+    let snapshot = state.snapshot.borrow().clone();
+    match &snapshot.cluster {
+        Some(cluster) => json_value(StatusCode::OK, cluster),
+        None => ApiError(StatusCode::SERVICE_UNAVAILABLE, "this node has not read the log yet".into())
+            .into_response(),
+    }
+}
+
+async fn tasks(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let snapshot = ready_snapshot(&state)?;
+    Ok(json_text(StatusCode::OK, snapshot.tasks_json.clone()))
+}
+
+async fn nodes(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let snapshot = ready_snapshot(&state)?;
+    Ok(json_text(StatusCode::OK, snapshot.nodes_json.clone()))
+}
+
+fn ready_snapshot(state: &AppState) -> Result<Arc<Snapshot>, ApiError> {
+    let snapshot = state.snapshot.borrow().clone();
+    if snapshot.cluster.is_none() {
+        return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "this node has not read the log yet".into()));
+    }
+    Ok(snapshot)
+}
+
+fn task_id(id: &str) -> Result<TaskId, ApiError> {
+    TaskId::new(id).map_err(|err| ApiError::bad(format!("task id '{id}': {err}")))
+}
+
+/// Asks the driver; waits for its answer.
+async fn ask<T>(
+    state: &AppState,
+    request: impl FnOnce(oneshot::Sender<T>) -> Request,
+) -> Result<T, ApiError> {
+    let (reply, answer) = oneshot::channel();
+    let unavailable = || {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, "the node is not answering (starting or stopping)".into())
+    };
+    tokio::time::timeout(ANSWER_WITHIN, state.requests.send(request(reply)))
+        .await
+        .map_err(|_| unavailable())?
+        .map_err(|_| unavailable())?;
+    tokio::time::timeout(ANSWER_WITHIN, answer).await.map_err(|_| unavailable())?.map_err(|_| unavailable())
+}
+
+async fn task(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let task = task_id(&id)?;
+    let answer = ask(&state, |reply| Request::Task { task: task.clone(), reply }).await?;
+    match answer {
+        Some(value) => Ok(json_value(StatusCode::OK, &value)),
+        None => Err(CommandError::NotFound(task).into()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunsQuery {
+    limit: Option<String>,
+    access_token: Option<String>,
+}
+
+async fn runs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let task = task_id(&id)?;
+    let Query(query) = query.map_err(|err| ApiError::bad(err.body_text()))?;
+    let _ = query.access_token;
+    let limit = match query.limit.as_deref() {
+        None => 20,
+        Some(text) => match text.parse::<usize>() {
+            Ok(limit @ 1..=MAX_RUNS) => limit,
+            _ => {
+                return Err(ApiError::bad(format!("limit '{text}': expected a number from 1 to {MAX_RUNS}")));
+            }
+        },
+    };
+    let answer = ask(&state, |reply| Request::Runs { task: task.clone(), limit, reply }).await?;
+    match answer {
+        Some(rows) => Ok(json_value(StatusCode::OK, &rows)),
+        None => Err(CommandError::NotFound(task).into()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    follow: Option<bool>,
+    run: Option<String>,
+    since: Option<String>,
+    access_token: Option<String>,
+}
+
+/// A task's output: as written (`text/plain`), or with `follow=true` as an event stream of
+/// `output` events (`{"run","stream","node","text"}`) that goes on until the client leaves.
+async fn logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let task = task_id(&id)?;
+    let Query(query) = query.map_err(|err| ApiError::bad(err.body_text()))?;
+    let _ = query.access_token;
+    if let Some(run) = &query.run
+        && (run.is_empty() || run.len() > 36 || !run.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+    {
+        return Err(ApiError::bad(format!("run '{run}' is not a run id (or the start of one)")));
+    }
+    let from_ms = match &query.since {
+        None => None,
+        Some(text) => {
+            let since = humantime::parse_duration(text)
+                .map_err(|err| ApiError::bad(format!("since '{text}': {err} (expected e.g. 10m)")))?;
+            Some(
+                shiva_proto::wall::now_ms()
+                    .saturating_sub(i64::try_from(since.as_millis()).unwrap_or(i64::MAX)),
+            )
+        }
+    };
+    let snapshot = ready_snapshot(&state)?;
+    if !snapshot.tasks.contains_key(&task) {
+        return Err(CommandError::NotFound(task).into());
+    }
+    let filter = LogFilter { task: task.to_string(), run: query.run.clone(), from_ms };
+    let follow = query.follow.unwrap_or(false);
+    let (lines, mut received) = mpsc::channel::<Result<shiva_bus::logs::LoggedChunk, String>>(256);
+    let bus = state.bus.clone();
+    tokio::task::spawn_blocking(move || {
+        let scanned = shiva_bus::logs::scan(&bus, ANSWER_WITHIN, &filter, follow, |seen| match seen {
+            Scanned::Chunk(chunk) if lines.blocking_send(Ok(chunk.clone())).is_err() => {
+                ControlFlow::Break(())
+            }
+            Scanned::Idle if lines.is_closed() => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
+        });
+        if let Err(err) = scanned {
+            let _ = lines.blocking_send(Err(err.to_string()));
+        }
+    });
+    if !follow {
+        let mut body = Vec::new();
+        while let Some(line) = received.recv().await {
+            match line {
+                Ok(chunk) => body.extend_from_slice(&chunk.bytes),
+                Err(message) => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, message)),
+            }
+        }
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
+    }
+    let stream = futures_util::stream::unfold(received, |mut received| async move {
+        let line = received.recv().await?;
+        let event = match line {
+            Ok(chunk) => Event::default().event("output").data(
+                serde_json::json!({
+                    "run": chunk.run,
+                    "stream": chunk.stream,
+                    "node": chunk.node,
+                    "text": String::from_utf8_lossy(&chunk.bytes),
+                })
+                .to_string(),
+            ),
+            Err(message) => {
+                Event::default().event("error").data(serde_json::json!({ "error": message }).to_string())
+            }
+        };
+        Some((Ok::<_, std::convert::Infallible>(event), received))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// The change stream: a `snapshot` event with everything, then `cluster`, `task`,
+/// `task-removed`, `node` and `node-removed` events as this node's view changes.
+async fn events(
+    State(state): State<AppState>,
+) -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let mut receiver = state.snapshot.clone();
+    let first = receiver.borrow_and_update().clone();
+    let pending = std::collections::VecDeque::from([first.full()]);
+    let stream = futures_util::stream::unfold(
+        (receiver, first, pending),
+        |(mut receiver, mut seen, mut pending)| async move {
+            loop {
+                if let Some(change) = pending.pop_front() {
+                    let event = Event::default().event(change.event).data(change.data);
+                    return Some((Ok(event), (receiver, seen, pending)));
+                }
+                receiver.changed().await.ok()?;
+                let newer = receiver.borrow_and_update().clone();
+                pending.extend(seen.changes(&newer));
+                seen = newer;
+            }
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn caller(request: &axum::http::Extensions) -> String {
+    request.get::<Caller>().map_or_else(|| "anonymous".to_owned(), |caller| caller.0.clone())
+}
+
+/// Sends a command to the driver and waits for its records to be acknowledged.
+async fn command(
+    state: &AppState,
+    by: String,
+    command: Command,
+) -> Result<(bool, Vec<(String, i64)>), ApiError> {
+    if let Some(cluster) = &state.snapshot.borrow().cluster
+        && cluster.commands == "signed"
+    {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "this cluster accepts signed commands only (--authorized-keys): the API cannot sign; use shiva-ctl --sign-key"
+                .into(),
+        ));
+    }
+    let planned = ask(state, |reply| Request::Command { command, by, reply }).await??;
+    let mut written = Vec::with_capacity(planned.writes.len());
+    for (key, delivery) in planned.writes {
+        let offset = tokio::time::timeout(ANSWER_WITHIN, delivery)
+            .await
+            .map_err(|_| {
+                ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the bus did not acknowledge '{key}' in time"),
+                )
+            })?
+            .map_err(|err| {
+                ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("the bus refused '{key}': {err}"))
+            })?;
+        written.push((key, offset));
+    }
+    // Read-your-writes: answer once this node's view holds the command.
+    let last = written.iter().map(|(_, offset)| *offset).max().unwrap_or(-1);
+    let mut snapshots = state.snapshot.clone();
+    let read = snapshots.wait_for(|snapshot| snapshot.commands_read > last);
+    if tokio::time::timeout(ANSWER_WITHIN, read).await.is_err() {
+        warn!(offset = last, "a command was written but not read back in time");
+    }
+    Ok((planned.existed, written))
+}
+
+fn records(written: &[(String, i64)]) -> serde_json::Value {
+    written.iter().map(|(key, offset)| serde_json::json!({ "key": key, "offset": offset })).collect()
+}
+
+/// `POST /v1/tasks`: a task spec (JSON, as `shiva-ctl submit FILE` takes it).
+async fn submit(State(state): State<AppState>, request: HttpRequest) -> Result<Response, ApiError> {
+    let by = caller(request.extensions());
+    let body = axum::body::to_bytes(request.into_body(), BODY_LIMIT)
+        .await
+        .map_err(|err| ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the body cannot be read: {err}")))?;
+    let spec = spec_of(&body)?;
+    let id = spec.id.clone();
+    let (existed, written) = command(&state, by, Command::Submit(Box::new(spec))).await?;
+    let status = if existed { StatusCode::OK } else { StatusCode::CREATED };
+    let revision = written.first().map(|(_, offset)| *offset);
+    Ok(json_value(
+        status,
+        &serde_json::json!({ "id": id, "revision": revision, "updated": existed, "records": records(&written) }),
+    ))
+}
+
+fn spec_of(body: &Bytes) -> Result<TaskSpec, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|_| ApiError::bad("the body is not UTF-8 JSON"))?;
+    TaskSpec::from_user_json(text).map_err(|err| ApiError::bad(err.to_string()))
+}
+
+/// `DELETE /v1/tasks/{id}`.
+async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: HttpRequest,
+) -> Result<Response, ApiError> {
+    let task = task_id(&id)?;
+    let (_, written) = command(&state, caller(request.extensions()), Command::Delete(task.clone())).await?;
+    Ok(json_value(
+        StatusCode::OK,
+        &serde_json::json!({ "id": task, "command": "delete", "records": records(&written) }),
+    ))
+}
+
+/// `POST /v1/tasks/{id}/{kill|start|run|suspend|resume}`.
+async fn act(
+    State(state): State<AppState>,
+    Path((id, action)): Path<(String, String)>,
+    request: HttpRequest,
+) -> Result<Response, ApiError> {
+    let task = task_id(&id)?;
+    let command = match action.as_str() {
+        "kill" => Command::Kill(task.clone()),
+        "start" => Command::Start(task.clone()),
+        "run" => Command::Run(task.clone()),
+        "suspend" => Command::Suspend(task.clone()),
+        "resume" => Command::Resume(task.clone()),
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no command '{other}': expected kill, start, run, suspend or resume"),
+            ));
+        }
+    };
+    let verb = command.verb();
+    let (_, written) = self::command(&state, caller(request.extensions()), command).await?;
+    Ok(json_value(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({ "id": task, "command": verb, "records": records(&written) }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_tokens_are_percent_decoded() {
+        let uri = |text: &'static str| axum::http::Uri::from_static(text);
+        assert_eq!(query_token(&uri("/v1/events?a=1&access_token=ab%2Bc%3D")), Some("ab+c=".into()));
+        assert_eq!(query_token(&uri("/v1/events?other=1")), None);
+        assert_eq!(query_token(&uri("/v1/events")), None);
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_case_insensitively() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer  s3cret "));
+        assert_eq!(bearer(&headers), Some("s3cret".into()));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&headers), None);
+    }
+}

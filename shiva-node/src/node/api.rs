@@ -1,0 +1,207 @@
+//! The driver's side of the HTTP API (see `crate::api`): publishes snapshots of the view,
+//! answers the server's requests from the view, queues the commands it plans, and keeps the
+//! metrics that the cluster's records and this node's own work move.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shiva_proto::runs::{RunPhase, RunReport, Trigger};
+use shiva_proto::{Envelope, TaskId, TopicKind};
+use tokio::sync::watch;
+use tracing::info;
+
+use super::driver::Node;
+use crate::api::snapshot::{ClusterInfo, PUBLISH_EVERY, Snapshot};
+use crate::api::{Metrics, Planned, Request};
+
+/// The API's part of a node.
+pub(crate) struct Api {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) snapshots: watch::Sender<Arc<Snapshot>>,
+    seq: u64,
+    /// When the last snapshot was published, and what it was taken of.
+    published: Option<(Instant, Marks)>,
+    /// When a snapshot is due (a change came sooner than [`PUBLISH_EVERY`] after the last).
+    pub(crate) wake: Option<Duration>,
+    /// Per task, the spec revision whose first start was measured (`submit → start`).
+    started: BTreeMap<TaskId, i64>,
+}
+
+/// What a snapshot is taken of: when none of it moved, the view did not change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Marks {
+    positions: Vec<(TopicKind, i64)>,
+    ready: bool,
+    leading: Option<u64>,
+    fenced: bool,
+}
+
+impl Api {
+    pub(crate) fn new(metrics: Arc<Metrics>, snapshots: watch::Sender<Arc<Snapshot>>) -> Api {
+        Api { metrics, snapshots, seq: 0, published: None, wake: None, started: BTreeMap::new() }
+    }
+}
+
+impl Node {
+    fn marks(&self) -> Marks {
+        Marks {
+            positions: self.view.positions.iter().map(|(topic, position)| (*topic, *position)).collect(),
+            ready: self.ready,
+            leading: self.leadership.leading,
+            fenced: !self.fence.is_open(),
+        }
+    }
+
+    /// Publishes a snapshot when the view changed and the last one is old enough; else says
+    /// when to come back.
+    pub(crate) fn publish(&mut self) {
+        self.api.wake = None;
+        if !self.ready {
+            return;
+        }
+        let marks = self.marks();
+        let now = Instant::now();
+        if let Some((at, published)) = &self.api.published {
+            if *published == marks {
+                return;
+            }
+            let since = now.saturating_duration_since(*at);
+            if since < PUBLISH_EVERY {
+                self.api.wake = Some(PUBLISH_EVERY - since);
+                return;
+            }
+        }
+        self.api.seq += 1;
+        let cluster = ClusterInfo {
+            cluster: self.config.bus.topics.cluster().to_owned(),
+            node: self.config.node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol: shiva_proto::protocol(),
+            ready: self.ready,
+            leading: self.leadership.leading.is_some(),
+            fenced: marks.fenced,
+            epoch: self.view.epochs.newest,
+            leader: self.view.leader().map(|(_, winner)| winner.node.clone()),
+            commands: if self.config.authorized_keys.is_some() { "signed" } else { "open" },
+        };
+        let snapshot = Snapshot::build(self.api.seq, cluster, &self.view);
+        let metrics = &self.api.metrics;
+        metrics.tasks.reset();
+        for row in snapshot.tasks.values() {
+            metrics.tasks.with_label_values(&[row.state]).inc();
+        }
+        metrics.nodes.reset();
+        for row in snapshot.nodes.values() {
+            metrics.nodes.with_label_values(&[if row.alive { "true" } else { "false" }]).inc();
+        }
+        metrics.ready.set(1);
+        metrics.leader.set(i64::from(self.leadership.leading.is_some()));
+        metrics.epoch.set(i64::try_from(self.view.epochs.newest).unwrap_or(i64::MAX));
+        metrics.fenced.set(i64::from(marks.fenced));
+        let shims = self.supervisor.as_ref().map_or(0, |supervisor| supervisor.active().count())
+            + self.runs.controls.len();
+        metrics.shims.set(i64::try_from(shims).unwrap_or(i64::MAX));
+        self.api.snapshots.send_replace(Arc::new(snapshot));
+        self.api.published = Some((now, marks));
+    }
+
+    /// Answers a request of the HTTP server from the view.
+    pub(crate) fn on_api_request(&mut self, request: Request) {
+        match request {
+            Request::Task { task, reply } => {
+                let _ = reply.send(self.task_detail(&task));
+            }
+            Request::Runs { task, limit, reply } => {
+                let known = self.view.is_defined(&task) || self.view.runs.contains_key(&task);
+                let rows = known.then(|| shiva_proto::rows::history_rows(&self.view, &task, limit));
+                let _ = reply.send(rows);
+            }
+            Request::Command { command, by, reply } => {
+                let existed = self.view.specs.contains_key(command.task());
+                let planned = shiva_proto::commands::plan(&self.view, &command).map(|writes| {
+                    let sender = format!("api:{by}@{}", self.config.node_id);
+                    let writes = writes
+                        .into_iter()
+                        .map(|write| {
+                            let value =
+                                write.body.map(|body| Envelope::now(sender.clone(), None, body).encode());
+                            let delivery =
+                                self.outbox.writes.enqueue(TopicKind::Commands, &write.key, value.as_deref());
+                            (write.key, delivery)
+                        })
+                        .collect();
+                    Planned { existed, writes }
+                });
+                if planned.is_ok() {
+                    info!(command = command.verb(), task = %command.task(), %by, "command from the HTTP API");
+                }
+                let _ = reply.send(planned);
+            }
+        }
+    }
+
+    /// A task's row with its spec and, in a signed cluster, the refusal of a command on it.
+    fn task_detail(&self, task: &TaskId) -> Option<serde_json::Value> {
+        let refusal = self.view.refusal(task);
+        let Some(row) = shiva_proto::rows::task_row(&self.view, task) else {
+            return refusal
+                .map(|refusal| serde_json::json!({ "id": task, "state": "refused", "refused": refusal }));
+        };
+        let mut value = serde_json::to_value(&row).expect("rows serialise");
+        if let Some(entry) = self.view.specs.get(task) {
+            value["spec"] = serde_json::to_value(&entry.spec).expect("specs serialise");
+            value["revision"] = entry.revision.into();
+        }
+        if let Some(refusal) = refusal {
+            value["refused"] = serde_json::to_value(refusal).expect("refusals serialise");
+        }
+        Some(value)
+    }
+
+    /// A task of this node started (a service's job or a run): the first start of its spec
+    /// revision is measured from the spec's submission.
+    pub(crate) fn observe_start(&mut self, task: &TaskId) {
+        let Some(entry) = self.view.specs.get(task) else { return };
+        if entry.submitted_ms <= 0 || self.api.started.get(task) == Some(&entry.revision) {
+            return;
+        }
+        self.api.started.insert(task.clone(), entry.revision);
+        let waited = shiva_proto::wall::now_ms().saturating_sub(entry.submitted_ms);
+        Metrics::observe_ms(&self.api.metrics.submit_to_start, waited);
+    }
+
+    /// A run of this node reported.
+    pub(crate) fn observe_run(&mut self, report: &RunReport) {
+        let metrics = self.api.metrics.clone();
+        match report.state {
+            RunPhase::Running => {
+                if let (Trigger::Slot { slot_ms }, Some(started)) = (report.trigger, report.started_ms) {
+                    Metrics::observe_ms(&metrics.cron_lateness, started.saturating_sub(slot_ms));
+                }
+                if matches!(report.trigger, Trigger::Once { .. }) {
+                    self.observe_start(&report.task);
+                }
+            }
+            state if state.is_final() => {
+                metrics.runs.with_label_values(&[report.task.as_str(), state.as_str()]).inc();
+            }
+            _ => {}
+        }
+    }
+
+    /// A status of this node's service: counts its restarts and its first start.
+    pub(crate) fn observe_status(&mut self, status: &shiva_proto::records::TaskStatus) {
+        let previous = self.own.latest.get(&status.task);
+        if let Some(previous) = previous
+            && previous.generation == status.generation
+            && status.restarts > previous.restarts
+        {
+            let more = u64::from(status.restarts - previous.restarts);
+            self.api.metrics.restarts.with_label_values(&[status.task.as_str()]).inc_by(more);
+        }
+        if status.state == shiva_proto::records::RunState::Running {
+            self.observe_start(&status.task);
+        }
+    }
+}
