@@ -557,7 +557,7 @@ fn main() {
     let mut report = Vec::new();
 
     // `--only a,b` runs some sections: rtt, handoff, idle, floor, cron, resume, pipeline,
-    // archive-e2e, crash, supervise, cluster.
+    // archive-e2e, crash, supervise, cluster, filebus, api.
     let only = args.iter().position(|arg| arg == "--only").map(|i| args[i + 1].clone());
     let wants = |section: &str| only.as_ref().is_none_or(|list| list.split(',').any(|s| s == section));
     for wait in [10, 12, 20].into_iter().filter(|_| wants("rtt")) {
@@ -712,6 +712,10 @@ fn main() {
 
     if wants("filebus") {
         filebus_figures(&runtime, &broker, &mut report, quick);
+    }
+
+    if wants("api") {
+        api_figures(&runtime, &broker, &mut report, quick);
     }
 
     println!("| measure | result |\n|---|---|");
@@ -874,5 +878,120 @@ fn cluster_figures(
     report.push(format!(
         "| node death (kill -9) → all its tasks started elsewhere | {} |",
         summary(&mut deaths)
+    ));
+}
+
+/// The HTTP API (issue 18): the task list's latency with 1,000 tasks, next to `/healthz` (the
+/// floor: the same server, no data) and to `shiva-ctl list` (the CLI reads the log itself); the
+/// node's extra memory and idle CPU with the API on, against the same cluster with `--http off`.
+fn api_figures(runtime: &tokio::runtime::Runtime, broker: &Broker, report: &mut Vec<String>, quick: bool) {
+    // Idle, API off then on: same broker, same settings, one after the other.
+    let idle_of = |http: &str| {
+        let name = cluster("api-idle");
+        let nodes: Vec<Node> =
+            (1..=3).map(|i| Node::launch(broker, &name, &format!("a{i}"), &["--http", http])).collect();
+        let ctl = Ctl::new(broker, &name);
+        wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
+        idle(&nodes, quick)
+    };
+    // Two rounds, alternating: this shared machine varies by a few tenths of a percent.
+    for round in 1..=2 {
+        let (rss_off, cpu_off, window) = idle_of("off");
+        let (rss_on, cpu_on, _) = idle_of("127.0.0.1:0");
+        report.push(format!(
+            "| idle node in a 3-node cluster, round {round}: --http off / API on (default) | RSS {:.1} / {:.1} MB, CPU {cpu_off:.2} / {cpu_on:.2} % of a core (worst of 3 nodes, {}s each) |",
+            rss_off as f64 / 1024.0,
+            rss_on as f64 / 1024.0,
+            window.as_secs()
+        ));
+    }
+
+    // 1,000 tasks (pending: their tag is on no node, so nothing runs), one node serving.
+    let name = cluster("api-list");
+    // The leader (which walks every task each step) serves nothing; two followers read the same
+    // log, one with the API: the difference is what the API costs with 1,000 tasks.
+    let _leader = Node::launch(broker, &name, "l0", &["--http", "off"]);
+    let ctl = Ctl::new(broker, &name);
+    wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
+    let node = Node::launch(broker, &name, "l1", &["--no-leader"]);
+    let without = Node::launch(broker, &name, "l2", &["--no-leader", "--http", "off"]);
+    let tasks = 1000;
+    runtime.block_on(async {
+        let config = BusConfig::new(&broker.url(), &name, &[]).unwrap();
+        let publisher = Publisher::new(&config, "bench").unwrap();
+        for i in 0..tasks {
+            let mut spec =
+                TaskSpec::new(TaskId::new(format!("list/t{i:04}")).unwrap(), "sleep", vec!["1000".into()]);
+            spec.tags = vec!["nowhere".into()];
+            shiva_ctl::write_spec(&publisher, &spec).await.unwrap();
+        }
+    });
+    let url = node.http_url();
+    let list = format!("{url}/v1/tasks");
+    wait_until(Duration::from_secs(60), "1,000 tasks listed", || {
+        let answer = shiva_e2e::http("GET", &list, None, None);
+        answer.status == 200 && answer.json().as_array().is_some_and(|rows| rows.len() == tasks)
+    });
+    let samples = if quick { 200 } else { 1000 };
+    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let time = |target: &str| -> Vec<f64> {
+        (0..samples)
+            .map(|_| {
+                let started = Instant::now();
+                let mut response = agent.get(target).call().unwrap();
+                let body = response.body_mut().with_config().limit(64 << 20).read_to_vec().unwrap();
+                assert!(!body.is_empty());
+                started.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect()
+    };
+    let mut listed = time(&list);
+    let mut floor = time(&format!("{url}/healthz"));
+    let bytes = shiva_e2e::http("GET", &list, None, None).body.len();
+    let mut cli: Vec<f64> = (0..if quick { 5 } else { 20 })
+        .map(|_| {
+            let started = Instant::now();
+            ctl.ok(&["list", "--json"]);
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    let ratio = percentile(&mut listed, 0.5) / percentile(&mut floor, 0.5);
+    let micros = |samples: &mut Vec<f64>| {
+        format!(
+            "p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs (n={})",
+            percentile(samples, 0.5) * 1000.0,
+            percentile(samples, 0.99) * 1000.0,
+            percentile(samples, 1.0) * 1000.0,
+            samples.len()
+        )
+    };
+    report.push(format!(
+        "| GET /v1/tasks, 1,000 tasks ({} kB), one client, keep-alive | {} ({ratio:.1} × the floor's p50) |",
+        bytes / 1024,
+        micros(&mut listed)
+    ));
+    report.push(format!("| floor: GET /healthz, same server | {} |", micros(&mut floor)));
+    report.push(format!(
+        "| peer: shiva-ctl list --json (reads the log itself), same cluster | {} |",
+        summary(&mut cli)
+    ));
+    // Both nodes read the same log; one serves the API (and answered the requests above).
+    let pair = [node, without];
+    let (_, _, window) = idle(&pair[..1], true);
+    let cpu: Vec<f64> = {
+        let before: Vec<u64> = pair.iter().map(|node| cpu_ns(node.pid())).collect();
+        std::thread::sleep(window);
+        pair.iter()
+            .zip(before)
+            .map(|(node, before)| (cpu_ns(node.pid()) - before) as f64 / window.as_nanos() as f64 * 100.0)
+            .collect()
+    };
+    report.push(format!(
+        "| idle, 1,000 tasks: node with the API / node with --http off, same cluster ({}s) | RSS {:.1} / {:.1} MB, CPU {:.2} / {:.2} % of a core |",
+        window.as_secs(),
+        rss_kb(pair[0].pid()) as f64 / 1024.0,
+        rss_kb(pair[1].pid()) as f64 / 1024.0,
+        cpu[0],
+        cpu[1]
     ));
 }

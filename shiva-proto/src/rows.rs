@@ -206,6 +206,13 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
         let entry = view.heartbeats.get(&winner.node)?;
         (entry.incarnation == winner.incarnation).then_some((&winner.node, &entry.heartbeat))
     });
+    // Tasks per node, in one pass over the assignments.
+    let mut assigned: std::collections::BTreeMap<&NodeId, usize> = std::collections::BTreeMap::new();
+    for task in view.assignments.keys() {
+        if let Some(node) = view.assigned_node(task) {
+            *assigned.entry(node).or_default() += 1;
+        }
+    }
     view.heartbeats
         .iter()
         .map(|(id, entry)| {
@@ -225,7 +232,7 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
                 && view.leader().is_some_and(|(_, winner)| {
                     winner.node == *id && listed.unwrap_or(entry.incarnation) == winner.incarnation
                 });
-            let tasks = view.assignments.keys().filter(|task| view.assigned_node(task) == Some(id)).count();
+            let tasks = assigned.get(id).copied().unwrap_or(0);
             NodeRow {
                 id: id.clone(),
                 tags: entry.heartbeat.tags.clone(),

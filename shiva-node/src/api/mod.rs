@@ -193,6 +193,10 @@ fn json_text(status: StatusCode, body: String) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+fn json_bytes(body: Bytes) -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
 fn json_value(status: StatusCode, value: &impl serde::Serialize) -> Response {
     json_text(status, serde_json::to_string(value).expect("answers serialise"))
 }
@@ -365,12 +369,12 @@ async fn cluster(State(state): State<AppState>) -> Response {
 
 async fn tasks(State(state): State<AppState>) -> Result<Response, ApiError> {
     let snapshot = ready_snapshot(&state)?;
-    Ok(json_text(StatusCode::OK, snapshot.tasks_json.clone()))
+    Ok(json_bytes(snapshot.tasks.json.clone()))
 }
 
 async fn nodes(State(state): State<AppState>) -> Result<Response, ApiError> {
     let snapshot = ready_snapshot(&state)?;
-    Ok(json_text(StatusCode::OK, snapshot.nodes_json.clone()))
+    Ok(json_bytes(snapshot.nodes.json.clone()))
 }
 
 fn ready_snapshot(state: &AppState) -> Result<Arc<Snapshot>, ApiError> {
@@ -477,7 +481,7 @@ async fn logs(
         }
     };
     let snapshot = ready_snapshot(&state)?;
-    if !snapshot.tasks.contains_key(&task) {
+    if !snapshot.tasks.rows.contains_key(&task) {
         return Err(CommandError::NotFound(task).into());
     }
     let filter = LogFilter { task: task.to_string(), run: query.run.clone(), from_ms };

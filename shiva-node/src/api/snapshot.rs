@@ -1,13 +1,15 @@
 //! What the HTTP API serves from: a snapshot of this node's view of the log (task and node
 //! rows, the same as `shiva-ctl`'s, see `shiva_proto::rows`), published by the node's driver
-//! after a step that changed the view (at most every [`PUBLISH_EVERY`]), and the changes
-//! between two snapshots, which the event stream sends.
+//! after a step that changed the view (at most every [`PUBLISH_EVERY`]; every second when only
+//! heartbeats moved), and the changes between two snapshots, which the event stream sends.
 //!
 //! Pure: built from a view and the node's own state; no I/O.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use serde::Serialize;
 use shiva_proto::rows::{NodeRow, TaskRow, node_rows, task_row};
 use shiva_proto::{LogView, NodeId, TaskId};
@@ -40,6 +42,39 @@ pub struct ClusterInfo {
     pub commands: &'static str,
 }
 
+/// Rows by id, and the JSON array the API serves of them (shared by every answer).
+#[derive(Debug)]
+pub struct Table<K, R> {
+    /// The rows.
+    pub rows: BTreeMap<K, R>,
+    /// The rows as a JSON array.
+    pub json: Bytes,
+}
+
+impl<K, R> Default for Table<K, R> {
+    fn default() -> Self {
+        Table { rows: BTreeMap::new(), json: Bytes::from_static(b"[]") }
+    }
+}
+
+impl<K: Ord, R: Serialize> Table<K, R> {
+    fn new(rows: BTreeMap<K, R>) -> Table<K, R> {
+        let json =
+            Bytes::from(serde_json::to_vec(&rows.values().collect::<Vec<_>>()).expect("rows serialise"));
+        Table { rows, json }
+    }
+}
+
+/// Which parts of a snapshot to derive again: the rest is the previous snapshot's (an idle
+/// cluster moves only the heartbeats, which the task rows do not read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rebuild {
+    /// Commands, assignments or statuses moved.
+    pub tasks: bool,
+    /// Heartbeats, departures or assignments moved.
+    pub nodes: bool,
+}
+
 /// One published snapshot.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -47,14 +82,10 @@ pub struct Snapshot {
     pub seq: u64,
     /// The cluster (absent before the first snapshot).
     pub cluster: Option<ClusterInfo>,
-    /// Every defined task, by id.
-    pub tasks: BTreeMap<TaskId, TaskRow>,
-    /// Every node that heartbeated, by id.
-    pub nodes: BTreeMap<NodeId, NodeRow>,
-    /// `tasks` as the JSON array `GET /v1/tasks` serves.
-    pub tasks_json: String,
-    /// `nodes` as the JSON array `GET /v1/nodes` serves.
-    pub nodes_json: String,
+    /// Every defined task.
+    pub tasks: Arc<Table<TaskId, TaskRow>>,
+    /// Every node that heartbeated.
+    pub nodes: Arc<Table<NodeId, NodeRow>>,
     /// How far the view has read the `commands` topic (the next offset): a command's answer
     /// waits for this to pass its records, so that what it wrote shows in the next read.
     pub commands_read: i64,
@@ -70,19 +101,25 @@ pub struct Change {
 }
 
 impl Snapshot {
-    /// Builds a snapshot of `view`.
-    pub fn build(seq: u64, cluster: ClusterInfo, view: &LogView) -> Snapshot {
-        let tasks: BTreeMap<TaskId, TaskRow> = view
-            .defined_tasks()
-            .filter_map(|task| task_row(view, task))
-            .map(|row| (row.id.clone(), row))
-            .collect();
-        let nodes: BTreeMap<NodeId, NodeRow> =
-            node_rows(view).into_iter().map(|row| (row.id.clone(), row)).collect();
-        let tasks_json = json(&tasks.values().collect::<Vec<_>>());
-        let nodes_json = json(&nodes.values().collect::<Vec<_>>());
+    /// Builds the snapshot after `previous` of `view`, deriving again what `rebuild` names.
+    pub fn build(previous: &Snapshot, cluster: ClusterInfo, view: &LogView, rebuild: Rebuild) -> Snapshot {
+        let tasks = if rebuild.tasks || previous.cluster.is_none() {
+            Arc::new(Table::new(
+                view.defined_tasks()
+                    .filter_map(|task| task_row(view, task))
+                    .map(|row| (row.id.clone(), row))
+                    .collect(),
+            ))
+        } else {
+            previous.tasks.clone()
+        };
+        let nodes = if rebuild.nodes || previous.cluster.is_none() {
+            Arc::new(Table::new(node_rows(view).into_iter().map(|row| (row.id.clone(), row)).collect()))
+        } else {
+            previous.nodes.clone()
+        };
         let commands_read = view.positions.get(&shiva_proto::TopicKind::Commands).copied().unwrap_or(0);
-        Snapshot { seq, cluster: Some(cluster), tasks, nodes, tasks_json, nodes_json, commands_read }
+        Snapshot { seq: previous.seq + 1, cluster: Some(cluster), tasks, nodes, commands_read }
     }
 
     /// The first event of a stream: everything.
@@ -92,18 +129,10 @@ impl Snapshot {
             data: format!(
                 r#"{{"cluster":{},"tasks":{},"nodes":{}}}"#,
                 json(&self.cluster),
-                self.tasks_json_or_empty(),
-                self.nodes_json_or_empty()
+                String::from_utf8_lossy(&self.tasks.json),
+                String::from_utf8_lossy(&self.nodes.json)
             ),
         }
-    }
-
-    fn tasks_json_or_empty(&self) -> &str {
-        if self.tasks_json.is_empty() { "[]" } else { &self.tasks_json }
-    }
-
-    fn nodes_json_or_empty(&self) -> &str {
-        if self.nodes_json.is_empty() { "[]" } else { &self.nodes_json }
     }
 
     /// What changed from `self` to `newer`. A node row whose only change is its heartbeat's
@@ -113,16 +142,21 @@ impl Snapshot {
         if self.cluster != newer.cluster {
             changes.push(Change { event: "cluster", data: json(&newer.cluster) });
         }
-        for (id, row) in &newer.tasks {
-            if self.tasks.get(id) != Some(row) {
-                changes.push(Change { event: "task", data: json(row) });
+        if !Arc::ptr_eq(&self.tasks, &newer.tasks) {
+            for (id, row) in &newer.tasks.rows {
+                if self.tasks.rows.get(id) != Some(row) {
+                    changes.push(Change { event: "task", data: json(row) });
+                }
+            }
+            for id in self.tasks.rows.keys().filter(|id| !newer.tasks.rows.contains_key(*id)) {
+                changes.push(Change { event: "task-removed", data: json(&serde_json::json!({ "id": id })) });
             }
         }
-        for id in self.tasks.keys().filter(|id| !newer.tasks.contains_key(*id)) {
-            changes.push(Change { event: "task-removed", data: json(&serde_json::json!({ "id": id })) });
+        if Arc::ptr_eq(&self.nodes, &newer.nodes) {
+            return changes;
         }
-        for (id, row) in &newer.nodes {
-            let same = self.nodes.get(id).is_some_and(|old| {
+        for (id, row) in &newer.nodes.rows {
+            let same = self.nodes.rows.get(id).is_some_and(|old| {
                 let mut old = old.clone();
                 old.last_heartbeat_ms = row.last_heartbeat_ms;
                 old == *row
@@ -131,7 +165,7 @@ impl Snapshot {
                 changes.push(Change { event: "node", data: json(row) });
             }
         }
-        for id in self.nodes.keys().filter(|id| !newer.nodes.contains_key(*id)) {
+        for id in self.nodes.rows.keys().filter(|id| !newer.nodes.rows.contains_key(*id)) {
             changes.push(Change { event: "node-removed", data: json(&serde_json::json!({ "id": id })) });
         }
         changes
@@ -164,7 +198,7 @@ mod tests {
 
     fn snapshot(tasks: &[TaskRow]) -> Snapshot {
         Snapshot {
-            tasks: tasks.iter().map(|row| (row.id.clone(), row.clone())).collect(),
+            tasks: Arc::new(Table::new(tasks.iter().map(|row| (row.id.clone(), row.clone())).collect())),
             ..Default::default()
         }
     }
@@ -183,6 +217,9 @@ mod tests {
             .collect();
         assert_eq!(events, [("task", "b".into()), ("task", "d".into()), ("task-removed", "c".into())]);
         assert!(new.changes(&new).is_empty());
+        // A snapshot that kept the previous rows compares nothing.
+        let kept = Snapshot { tasks: new.tasks.clone(), ..Default::default() };
+        assert!(new.changes(&kept).is_empty());
     }
 
     #[test]

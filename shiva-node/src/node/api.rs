@@ -12,14 +12,16 @@ use tokio::sync::watch;
 use tracing::info;
 
 use super::driver::Node;
-use crate::api::snapshot::{ClusterInfo, PUBLISH_EVERY, Snapshot};
+use crate::api::snapshot::{ClusterInfo, PUBLISH_EVERY, Rebuild, Snapshot};
 use crate::api::{Metrics, Planned, Request};
+
+/// A snapshot whose only change is heartbeats is published at most this often.
+const HEARTBEATS_EVERY: Duration = Duration::from_secs(1);
 
 /// The API's part of a node.
 pub(crate) struct Api {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) snapshots: watch::Sender<Arc<Snapshot>>,
-    seq: u64,
     /// When the last snapshot was published, and what it was taken of.
     published: Option<(Instant, Marks)>,
     /// When a snapshot is due (a change came sooner than [`PUBLISH_EVERY`] after the last).
@@ -31,7 +33,10 @@ pub(crate) struct Api {
 /// What a snapshot is taken of: when none of it moved, the view did not change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Marks {
-    positions: Vec<(TopicKind, i64)>,
+    /// The positions of the topics the task rows read.
+    tasks: [i64; 3],
+    /// The positions of the topics the node rows read.
+    nodes: [i64; 2],
     ready: bool,
     leading: Option<u64>,
     fenced: bool,
@@ -39,14 +44,16 @@ struct Marks {
 
 impl Api {
     pub(crate) fn new(metrics: Arc<Metrics>, snapshots: watch::Sender<Arc<Snapshot>>) -> Api {
-        Api { metrics, snapshots, seq: 0, published: None, wake: None, started: BTreeMap::new() }
+        Api { metrics, snapshots, published: None, wake: None, started: BTreeMap::new() }
     }
 }
 
 impl Node {
     fn marks(&self) -> Marks {
+        let at = |topic| self.view.positions.get(&topic).copied().unwrap_or(0);
         Marks {
-            positions: self.view.positions.iter().map(|(topic, position)| (*topic, *position)).collect(),
+            tasks: [at(TopicKind::Commands), at(TopicKind::Assignments), at(TopicKind::Status)],
+            nodes: [at(TopicKind::Control), at(TopicKind::Assignments)],
             ready: self.ready,
             leading: self.leadership.leading,
             fenced: !self.fence.is_open(),
@@ -57,7 +64,8 @@ impl Node {
     /// when to come back.
     pub(crate) fn publish(&mut self) {
         self.api.wake = None;
-        if !self.ready {
+        // Without the server nothing reads snapshots (nor the series they set).
+        if !self.ready || self.config.http.is_none() {
             return;
         }
         let marks = self.marks();
@@ -66,13 +74,23 @@ impl Node {
             if *published == marks {
                 return;
             }
+            // Heartbeats alone (the control topic moved, nothing else) change only the nodes'
+            // load and memory: those are published every second, the rest at once.
+            let heartbeats_only =
+                Marks { nodes: [marks.nodes[0], published.nodes[1]], ..published.clone() } == marks;
+            let every = if heartbeats_only { HEARTBEATS_EVERY } else { PUBLISH_EVERY };
             let since = now.saturating_duration_since(*at);
-            if since < PUBLISH_EVERY {
-                self.api.wake = Some(PUBLISH_EVERY - since);
+            if since < every {
+                self.api.wake = Some(every - since);
                 return;
             }
         }
-        self.api.seq += 1;
+        let rebuild = match &self.api.published {
+            Some((_, published)) => {
+                Rebuild { tasks: published.tasks != marks.tasks, nodes: published.nodes != marks.nodes }
+            }
+            None => Rebuild { tasks: true, nodes: true },
+        };
         let cluster = ClusterInfo {
             cluster: self.config.bus.topics.cluster().to_owned(),
             node: self.config.node_id.clone(),
@@ -85,14 +103,22 @@ impl Node {
             leader: self.view.leader().map(|(_, winner)| winner.node.clone()),
             commands: if self.config.authorized_keys.is_some() { "signed" } else { "open" },
         };
-        let snapshot = Snapshot::build(self.api.seq, cluster, &self.view);
+        tracing::trace!(tasks = rebuild.tasks, nodes = rebuild.nodes, "snapshot");
+        let previous = self.api.snapshots.borrow().clone();
+        let snapshot = Snapshot::build(&previous, cluster, &self.view, rebuild);
         let metrics = &self.api.metrics;
-        metrics.tasks.reset();
-        for row in snapshot.tasks.values() {
-            metrics.tasks.with_label_values(&[row.state]).inc();
+        if !Arc::ptr_eq(&snapshot.tasks, &previous.tasks) {
+            let mut states: BTreeMap<&str, i64> = BTreeMap::new();
+            for row in snapshot.tasks.rows.values() {
+                *states.entry(row.state).or_default() += 1;
+            }
+            metrics.tasks.reset();
+            for (state, count) in states {
+                metrics.tasks.with_label_values(&[state]).set(count);
+            }
         }
         metrics.nodes.reset();
-        for row in snapshot.nodes.values() {
+        for row in snapshot.nodes.rows.values() {
             metrics.nodes.with_label_values(&[if row.alive { "true" } else { "false" }]).inc();
         }
         metrics.ready.set(1);

@@ -219,35 +219,40 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     let mut ticker = tokio::time::interval(node.config.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        // A wake for a due snapshot alone steps nothing: the decisions' inputs did not change.
+        let step = tokio::select! {
             _ = shutdown.cancelled() => break,
             event = events.recv() => {
                 let Some(event) = event else { bail!("the bus reader stopped") };
                 node.on_reader_event(event)?;
+                true
             }
-            Some(result) = results_rx.recv() => node.on_write_result(result),
-            Some(status) = reports_rx.recv() => node.on_job_status(status),
-            Some(report) = run_reports_rx.recv() => node.on_run_report(report),
-            Some(request) = api_rx.recv() => node.on_api_request(request),
-            _ = ticker.tick() => node.heartbeat(),
-            _ = tokio::time::sleep(node.runs.run_wake.unwrap_or(Duration::from_secs(3600))) => {}
-            _ = tokio::time::sleep(node.api.wake.unwrap_or(Duration::from_secs(3600))) => {}
-        }
-        // Take in everything already waiting, then decide once: a step walks every task.
-        loop {
-            if let Ok(event) = events.try_recv() {
-                node.on_reader_event(event)?;
-            } else if let Ok(result) = results_rx.try_recv() {
-                node.on_write_result(result);
-            } else if let Ok(status) = reports_rx.try_recv() {
-                node.on_job_status(status);
-            } else if let Ok(report) = run_reports_rx.try_recv() {
-                node.on_run_report(report);
-            } else {
-                break;
+            Some(result) = results_rx.recv() => { node.on_write_result(result); true }
+            Some(status) = reports_rx.recv() => { node.on_job_status(status); true }
+            Some(report) = run_reports_rx.recv() => { node.on_run_report(report); true }
+            // The API's questions and commands change no decision's input.
+            Some(request) = api_rx.recv() => { node.on_api_request(request); false }
+            _ = ticker.tick() => { node.heartbeat(); true }
+            _ = tokio::time::sleep(node.runs.run_wake.unwrap_or(Duration::from_secs(3600))) => true,
+            _ = tokio::time::sleep(node.api.wake.unwrap_or(Duration::from_secs(3600))) => false,
+        };
+        if step {
+            // Take in everything already waiting, then decide once: a step walks every task.
+            loop {
+                if let Ok(event) = events.try_recv() {
+                    node.on_reader_event(event)?;
+                } else if let Ok(result) = results_rx.try_recv() {
+                    node.on_write_result(result);
+                } else if let Ok(status) = reports_rx.try_recv() {
+                    node.on_job_status(status);
+                } else if let Ok(report) = run_reports_rx.try_recv() {
+                    node.on_run_report(report);
+                } else {
+                    break;
+                }
             }
+            node.step();
         }
-        node.step();
         node.publish();
     }
     leave(&mut node, &mut reports_rx, &mut run_reports_rx).await;
