@@ -247,6 +247,9 @@ impl KafkaLogReader {
                 ("auto.offset.reset", "earliest".into()),
                 ("fetch.wait.max.ms", "100".into()),
                 ("group.id", "shiva-logs-unused".into()),
+                // A reader per `logs` command or API request: its prefetch stays small (the
+                // default is 64 MiB per consumer).
+                ("queued.max.messages.kbytes", "4096".into()),
             ])
             .create_with_context(Context::default())
             .map_err(|err| BusError::Kafka(format!("failed to create a consumer: {err}")))?;
@@ -332,6 +335,8 @@ pub enum Scanned<'a> {
     Chunk(&'a LoggedChunk),
     /// A poll found nothing new (a moment to flush, or to notice the reader went away).
     Idle,
+    /// A chunk that did not pass the filter (a moment to notice the reader went away).
+    Passed,
 }
 
 /// Reads the logs topic from its beginning, handing `on` the chunks `filter` passes, up to the
@@ -370,11 +375,14 @@ pub fn scan(
             continue;
         };
         idle_since = std::time::Instant::now();
-        if filter.wants(&chunk) {
+        let seen = if filter.wants(&chunk) {
             handed += 1;
-            if on(Scanned::Chunk(&chunk)).is_break() {
-                return Ok(handed);
-            }
+            Scanned::Chunk(&chunk)
+        } else {
+            Scanned::Passed
+        };
+        if on(seen).is_break() {
+            return Ok(handed);
         }
     }
 }

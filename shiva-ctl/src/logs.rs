@@ -67,6 +67,7 @@ fn read(
     let printed = logs::scan(config, timeout, &filter, follow, |seen| {
         let written = match seen {
             Scanned::Idle => out.flush(),
+            Scanned::Passed => Ok(()),
             Scanned::Chunk(chunk) if follow => out.write_all(&chunk.bytes).and_then(|()| out.flush()),
             Scanned::Chunk(chunk) => out.write_all(&chunk.bytes),
         };

@@ -259,6 +259,13 @@ impl NodeConfig {
                     .map_err(|err| anyhow::anyhow!("--api-tokens {}: {err}", path.display()))?;
                 let tokens = crate::api::Tokens::parse(&text)
                     .map_err(|err| anyhow::anyhow!("--api-tokens {}: {err}", path.display()))?;
+                use std::os::unix::fs::PermissionsExt;
+                if std::fs::metadata(path).is_ok_and(|meta| meta.permissions().mode() & 0o077 != 0) {
+                    tracing::warn!(
+                        file = %path.display(),
+                        "--api-tokens: the file is readable by others than its owner (chmod 600 it)"
+                    );
+                }
                 Some(std::sync::Arc::new(tokens))
             }
         };

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         return ExitCode::from(shiva_node::shim::main(legacy));
     }
     let args = NodeArgs::parse();
+    let json_logs = args.log_format == shiva_node::config::LogFormat::Json;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHIVA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
     let logger = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -51,7 +52,12 @@ fn main() -> ExitCode {
     let config = match NodeConfig::from_args(args) {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("shiva-node: {err:#}");
+            // In JSON mode every line on stderr is an event.
+            if json_logs {
+                tracing::error!(error = format!("{err:#}"), "invalid flags");
+            } else {
+                eprintln!("shiva-node: {err:#}");
+            }
             return ExitCode::from(2);
         }
     };
@@ -68,7 +74,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "node stopped");
-            eprintln!("shiva-node: {err:#}");
+            if !json_logs {
+                eprintln!("shiva-node: {err:#}");
+            }
             // The bus refuses this node (TLS, authentication, ACL): restarting cannot help.
             let refused = err
                 .chain()

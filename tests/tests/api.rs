@@ -19,6 +19,32 @@ fn enc(id: &str) -> String {
     id.replace('/', "%2F")
 }
 
+/// A GET by hand on a connection of its own, left open: its status line and the connection
+/// (dropping it closes the connection, as a browser tab closed).
+fn raw_get(url: &str, path: &str, headers: &[(&str, &str)]) -> (u16, std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let mut request = format!("GET {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "the connection closed in the headers");
+        head.push(byte[0]);
+    }
+    let status = String::from_utf8_lossy(&head).split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, stream)
+}
+
 #[test]
 fn every_endpoint_answers_on_every_node_writes_as_the_cli_does_and_refuses_bad_input() {
     let tokens = tokens_file();
@@ -68,11 +94,27 @@ fn every_endpoint_answers_on_every_node_writes_as_the_cli_does_and_refuses_bad_i
         processes.iter().any(|(pid, _)| running["pid"].as_i64() == Some(i64::from(*pid))),
         "{processes:?}"
     );
-    // The same records the CLI writes: the CLI reads the task back as the API shows it.
+    // The same records the CLI writes: the CLI reads the task back as the API shows it, and the
+    // log holds the same kinds on the same keys for a submit of each.
     let listed = cluster.ctl.tasks();
     assert_eq!(listed["api/svc"]["node"], running["node"]);
     let log = cluster.ctl.json(&["audit", "api/svc"]);
     assert!(log.to_string().contains("api:alice@n1"), "the command names its token's holder: {log}");
+    cluster.ctl.ok(&["submit", "--id", "cli/svc", "--stop-grace", "1s", "--", "sleep", "1000"]);
+    let shape = |task: &str| -> Vec<(String, String)> {
+        let entries = cluster.ctl.json(&["audit", task]);
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| {
+                let key = entry["key"].as_str().unwrap().replace(task, "ID");
+                (entry["kind"].as_str().unwrap().to_owned(), key)
+            })
+            .collect()
+    };
+    assert_eq!(shape("api/svc"), shape("cli/svc"));
+    assert_eq!(shape("api/svc").len(), 2, "{:?}", shape("api/svc"));
     wait_until(SETTLE, "every node lists it running", || {
         urls.iter().all(|url| {
             let tasks = http("GET", &format!("{url}/v1/tasks"), Some(READER), None).json();
@@ -102,11 +144,17 @@ fn every_endpoint_answers_on_every_node_writes_as_the_cli_does_and_refuses_bad_i
             chunk["text"].as_str().unwrap_or("").matches("tick").count() * usize::from(event == "output");
         ticks >= 3
     });
+    // Closed (its reader thread ends at the next event): its place is free again well before
+    // the limit is tested below.
+    drop(tail);
 
     // Kill, start, delete: the kernel's table follows, and so does the stream.
     let url = &urls[1];
     let kill = http("POST", &format!("{url}/v1/tasks/{}/kill", enc("api/svc")), Some(WRITER), None);
     assert_eq!(kill.status, 202, "{kill:?}");
+    // Read-your-writes: the very next read on the same node sees the command.
+    let row = http("GET", &format!("{url}/v1/tasks/{}", enc("api/svc")), Some(READER), None).json();
+    assert_eq!(row["desired"], "stopped", "{row}");
     stream.wait_for(SETTLE, "api/svc stopped", |event, row| {
         event == "task" && row["id"] == "api/svc" && row["state"] == "stopped"
     });
@@ -125,6 +173,8 @@ fn every_endpoint_answers_on_every_node_writes_as_the_cli_does_and_refuses_bad_i
         cluster.name
     );
     assert_eq!(http("POST", &format!("{url}/v1/tasks"), Some(WRITER), Some(&cron)).status, 201);
+    let rows = http("GET", &format!("{url}/v1/tasks"), Some(READER), None).json();
+    assert!(rows.as_array().unwrap().iter().any(|row| row["id"] == "api/cron"), "read-your-writes: {rows}");
     wait_until(SETTLE, "two runs succeeded", || {
         let runs =
             http("GET", &format!("{url}/v1/tasks/{}/runs?limit=50", enc("api/cron")), Some(READER), None);
@@ -169,7 +219,7 @@ fn every_endpoint_answers_on_every_node_writes_as_the_cli_does_and_refuses_bad_i
     assert_eq!(http("GET", &format!("{tasks_url}?access_token={READER}"), None, None).status, 200);
 
     // Bad input: each a JSON error that names what is wrong, with its status.
-    let long = format!(r#"{{"id":"big","command":"true","args":["{}"]}}"#, "x".repeat(2 << 20));
+    let long = format!(r#"{{"id":"big","command":"true","args":["{}"]}}"#, "x".repeat(5 << 20));
     let cases: Vec<(&str, String, Option<&str>, u16, &str)> = vec![
         ("POST", tasks_url.clone(), Some("{not json"), 400, "invalid"),
         ("POST", tasks_url.clone(), Some(r#"{"id":"x","command":"true","colour":"red"}"#), 400, "colour"),
@@ -198,6 +248,8 @@ fn every_endpoint_answers_on_every_node_writes_as_the_cli_does_and_refuses_bad_i
         ("GET", format!("{url}/v1/tasks/{}/logs?run=zz", enc("api/svc")), None, 400, "run 'zz'"),
         ("GET", format!("{url}/v1/tasks/api/svc"), None, 405, "%2F"),
         ("GET", format!("{url}/v2/anything"), None, 404, "no endpoint"),
+        ("GET", format!("{url}/v1/tasks/%FF"), None, 400, "the path"),
+        ("PUT", tasks_url.clone(), Some("{}"), 405, "PUT is not allowed"),
     ];
     for (method, target, body, status, says) in cases {
         let token = if method == "GET" { READER } else { WRITER };
@@ -207,6 +259,36 @@ fn every_endpoint_answers_on_every_node_writes_as_the_cli_does_and_refuses_bad_i
         let error = answer.json()["error"].as_str().unwrap_or_default().to_owned();
         assert!(error.contains(says), "{method} {target}: '{error}' names '{says}'");
     }
+    // On loopback only IP addresses and localhost are answered (DNS rebinding).
+    let (status, _) = raw_get(
+        url,
+        "/v1/tasks",
+        &[("Host", "rebind.example:80"), ("Authorization", &format!("Bearer {READER}"))],
+    );
+    assert_eq!(status, 421);
+    let (status, _) = raw_get(url, "/healthz", &[("Host", "localhost")]);
+    assert_eq!(status, 200);
+
+    // Reads of output are bounded (16 at a time), and a reader that leaves frees its place, even
+    // while other tasks keep writing: closed here without a word, as a browser tab.
+    let bearer = format!("Bearer {READER}");
+    let follow = format!("/v1/tasks/{}/logs?follow=true", enc("cli/svc"));
+    let streams: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| {
+            let (status, stream) = raw_get(url, &follow, &[("Authorization", &bearer)]);
+            assert_eq!(status, 200);
+            stream
+        })
+        .collect();
+    let busy = http("GET", &format!("{url}{follow}"), Some(READER), None);
+    assert_eq!(busy.status, 503, "{busy:?}");
+    assert!(busy.json()["error"].as_str().unwrap().contains("16 log reads at a time"), "{busy:?}");
+    drop(streams);
+    wait_until(Duration::from_secs(10), "the readers' places freed", || {
+        let (status, _) = raw_get(url, &follow, &[("Authorization", &bearer)]);
+        status == 200
+    });
+
     // None of it hurt a node, and the one logging JSON logs nothing else.
     for node in &cluster.nodes {
         assert!(!node.log_text().contains("panic"), "{}", node.log_text());

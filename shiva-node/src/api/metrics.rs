@@ -3,7 +3,7 @@
 //! Two kinds of series, documented in docs/api.md:
 //! * **this node's own** (its bus latencies, fences, shims, its runs and restarts, its CPU and
 //!   memory): sum them over the cluster's nodes;
-//! * **the cluster as this node reads it** (tasks by state, nodes, the epoch): every node serves
+//! * **the cluster as this node reads it** (tasks by state, nodes, the epoch, failovers): every node serves
 //!   the same values from its own view of the log; take one node's, or `max without(instance)`.
 //!
 //! Task ids are labels only on this node's own run and restart counters, so a series exists only
@@ -26,7 +26,7 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// The newest epoch this node has read.
     pub epoch: IntGauge,
-    /// New epochs (a leader elected) read while this node was up.
+    /// New epochs above the first (a leader replaced) read while this node was up (cluster).
     pub failovers: IntCounter,
     /// Tasks by state (cluster).
     pub tasks: IntGaugeVec,
@@ -78,7 +78,7 @@ impl Metrics {
             epoch: IntGauge::new("shiva_epoch", "The newest leader epoch this node has read").unwrap(),
             failovers: IntCounter::new(
                 "shiva_failovers_total",
-                "Leader elections (new epochs) read while this node was up",
+                "Leader elections after the first (new epochs above 1) read while this node was up",
             )
             .unwrap(),
             tasks: IntGaugeVec::new(

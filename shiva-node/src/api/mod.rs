@@ -26,13 +26,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request as HttpRequest, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use shiva_bus::BusConfig;
 use shiva_bus::logs::{LogFilter, Scanned};
@@ -54,7 +55,16 @@ pub enum Request {
     /// A task's runs, newest first (`None`: no such task).
     Runs { task: TaskId, limit: usize, reply: oneshot::Sender<Option<Vec<HistoryRow>>> },
     /// A command to write, on behalf of the token named `by`.
-    Command { command: Command, by: String, reply: oneshot::Sender<Result<Planned, CommandError>> },
+    Command { command: Command, by: String, reply: oneshot::Sender<Result<Planned, Refusal>> },
+}
+
+/// Why the driver wrote no command.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The command itself (see `shiva_proto::commands`).
+    Command(CommandError),
+    /// The cluster takes signed commands only, and the API cannot sign.
+    Signed,
 }
 
 /// A delivery: resolves to the record's offset once the bus acknowledged it.
@@ -69,12 +79,15 @@ pub struct Planned {
     pub writes: Vec<(String, Delivery)>,
 }
 
-/// Largest request body (a task spec is at most 256 KiB: see docs/protocol.md).
-const BODY_LIMIT: usize = 1 << 20;
+/// Largest request body: the largest record (4 MiB; a spec's own limits are checked when it is
+/// read, see docs/protocol.md).
+const BODY_LIMIT: usize = 4 << 20;
 /// How long a request waits for the driver, and for the bus to acknowledge a command.
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 /// The newest runs a task's runs endpoint serves at most.
 const MAX_RUNS: usize = 1000;
+/// Reads of the logs topic served at once (each a thread and a consumer).
+const MAX_LOG_READERS: usize = 16;
 
 /// The dashboard: one page, its script and style inline, nothing fetched from elsewhere.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -86,6 +99,9 @@ struct AppState {
     metrics: Arc<Metrics>,
     tokens: Option<Arc<Tokens>>,
     bus: BusConfig,
+    log_readers: Arc<tokio::sync::Semaphore>,
+    /// It listens on loopback (see `host_guard`).
+    loopback: bool,
 }
 
 /// What the server needs.
@@ -127,6 +143,8 @@ impl Server {
             metrics: self.metrics,
             tokens: self.tokens,
             bus: self.bus,
+            log_readers: Arc::new(tokio::sync::Semaphore::new(MAX_LOG_READERS)),
+            loopback: self.listener.local_addr().is_ok_and(|addr| addr.ip().is_loopback()),
         };
         info!(%addr, writes = state.tokens.as_ref().is_some_and(|tokens| tokens.any_writer()), "HTTP API listening");
         let app = router(state);
@@ -156,6 +174,7 @@ fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(guarded)
+        .layer(middleware::from_fn_with_state(state.clone(), host_guard))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
@@ -225,13 +244,41 @@ fn route_of(path: &str) -> String {
     }
 }
 
+/// On a loopback listener, only `Host`s that are IP addresses or `localhost` are served: a web
+/// page cannot reach the API through a name of its own made to resolve to 127.0.0.1 (DNS
+/// rebinding), which would let its script read the answers.
+async fn host_guard(State(state): State<AppState>, request: HttpRequest, next: Next) -> Response {
+    if state.loopback
+        && let Some(host) = request.headers().get(header::HOST)
+        && !host.to_str().is_ok_and(local_host)
+    {
+        return ApiError(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this node's API listens on loopback and answers requests for an IP address or localhost only"
+                .into(),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether a `Host` header names an IP address or `localhost`.
+fn local_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
 /// Checks the bearer token (or `access_token`, for browsers' event streams) against the scope
-/// the request needs: `read` for GET, `write` for everything else.
+/// the request needs: `write` for POST and DELETE, `read` for the rest.
 async fn authenticate(State(state): State<AppState>, request: HttpRequest, next: Next) -> Response {
-    let needs = if request.method() == Method::GET || request.method() == Method::HEAD {
-        Scope::Read
-    } else {
+    // Only POST and DELETE write (no route takes another writing method: they get a 405).
+    let needs = if request.method() == Method::POST || request.method() == Method::DELETE {
         Scope::Write
+    } else {
+        Scope::Read
     };
     let presented = bearer(request.headers()).or_else(|| query_token(request.uri()));
     let Some(tokens) = &state.tokens else {
@@ -314,6 +361,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let snapshot = state.snapshot.borrow().clone();
     let (status, reason) = match &snapshot.cluster {
         None => (StatusCode::SERVICE_UNAVAILABLE, Some("reading the log to its end")),
+        Some(cluster) if cluster.stopping => (StatusCode::SERVICE_UNAVAILABLE, Some("shutting down")),
         Some(cluster) if !cluster.ready => {
             (StatusCode::SERVICE_UNAVAILABLE, Some("reading the log to its end"))
         }
@@ -385,6 +433,11 @@ fn ready_snapshot(state: &AppState) -> Result<Arc<Snapshot>, ApiError> {
     Ok(snapshot)
 }
 
+/// A path's parameters, or a JSON `400` naming what is wrong (a bad percent-escape, not UTF-8).
+fn path_of<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    path.map(|Path(value)| value).map_err(|err| ApiError::bad(format!("the path: {}", err.body_text())))
+}
+
 fn task_id(id: &str) -> Result<TaskId, ApiError> {
     TaskId::new(id).map_err(|err| ApiError::bad(format!("task id '{id}': {err}")))
 }
@@ -405,8 +458,11 @@ async fn ask<T>(
     tokio::time::timeout(ANSWER_WITHIN, answer).await.map_err(|_| unavailable())?.map_err(|_| unavailable())
 }
 
-async fn task(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let task = task_id(&id)?;
+async fn task(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let task = task_id(&path_of(id)?)?;
     let answer = ask(&state, |reply| Request::Task { task: task.clone(), reply }).await?;
     match answer {
         Some(value) => Ok(json_value(StatusCode::OK, &value)),
@@ -423,10 +479,10 @@ struct RunsQuery {
 
 async fn runs(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let task = task_id(&id)?;
+    let task = task_id(&path_of(id)?)?;
     let Query(query) = query.map_err(|err| ApiError::bad(err.body_text()))?;
     let _ = query.access_token;
     let limit = match query.limit.as_deref() {
@@ -458,10 +514,10 @@ struct LogsQuery {
 /// `output` events (`{"run","stream","node","text"}`) that goes on until the client leaves.
 async fn logs(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let task = task_id(&id)?;
+    let task = task_id(&path_of(id)?)?;
     let Query(query) = query.map_err(|err| ApiError::bad(err.body_text()))?;
     let _ = query.access_token;
     if let Some(run) = &query.run
@@ -486,14 +542,25 @@ async fn logs(
     }
     let filter = LogFilter { task: task.to_string(), run: query.run.clone(), from_ms };
     let follow = query.follow.unwrap_or(false);
+    // Each reader is a thread and a consumer of the logs topic: a few at a time.
+    let permit = state.log_readers.clone().try_acquire_owned().map_err(|_| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "this node serves {MAX_LOG_READERS} log reads at a time; try again, or read from another node"
+            ),
+        )
+    })?;
     let (lines, mut received) = mpsc::channel::<Result<shiva_bus::logs::LoggedChunk, String>>(256);
     let bus = state.bus.clone();
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let scanned = shiva_bus::logs::scan(&bus, ANSWER_WITHIN, &filter, follow, |seen| match seen {
             Scanned::Chunk(chunk) if lines.blocking_send(Ok(chunk.clone())).is_err() => {
                 ControlFlow::Break(())
             }
-            Scanned::Idle if lines.is_closed() => ControlFlow::Break(()),
+            // The client left: noticed at the next record or poll, whatever the topic holds.
+            Scanned::Idle | Scanned::Passed if lines.is_closed() => ControlFlow::Break(()),
             _ => ControlFlow::Continue(()),
         });
         if let Err(err) = scanned {
@@ -501,14 +568,24 @@ async fn logs(
         }
     });
     if !follow {
-        let mut body = Vec::new();
-        while let Some(line) = received.recv().await {
-            match line {
-                Ok(chunk) => body.extend_from_slice(&chunk.bytes),
-                Err(message) => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, message)),
-            }
+        // Streamed as read (a task's output may be larger than the node's memory). A failure
+        // before the first chunk is an error answer; a later one cuts the body short.
+        let first = received.recv().await;
+        if let Some(Err(message)) = &first {
+            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, message.clone()));
         }
-        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
+        let first = first.map(|chunk| chunk.map(|chunk| Bytes::from(chunk.bytes)));
+        let rest = futures_util::stream::unfold(received, |mut received| async move {
+            let line = received.recv().await?;
+            Some((line.map(|chunk| Bytes::from(chunk.bytes)), received))
+        });
+        let body =
+            futures_util::stream::iter(first).chain(rest).map(|chunk| chunk.map_err(std::io::Error::other));
+        return Ok((
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            axum::body::Body::from_stream(body),
+        )
+            .into_response());
     }
     let stream = futures_util::stream::unfold(received, |mut received| async move {
         let line = received.recv().await?;
@@ -567,16 +644,25 @@ async fn command(
     by: String,
     command: Command,
 ) -> Result<(bool, Vec<(String, i64)>), ApiError> {
-    if let Some(cluster) = &state.snapshot.borrow().cluster
-        && cluster.commands == "signed"
-    {
+    // Judged on a view read to its end, like the CLI's: no command is planned on a partial one.
+    if !state.snapshot.borrow().cluster.as_ref().is_some_and(|cluster| cluster.ready && !cluster.stopping) {
         return Err(ApiError(
-            StatusCode::FORBIDDEN,
-            "this cluster accepts signed commands only (--authorized-keys): the API cannot sign; use shiva-ctl --sign-key"
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node has not read the log to its end yet: it takes commands once ready (see /readyz)"
                 .into(),
         ));
     }
-    let planned = ask(state, |reply| Request::Command { command, by, reply }).await??;
+    let planned = match ask(state, |reply| Request::Command { command, by, reply }).await? {
+        Ok(planned) => planned,
+        Err(Refusal::Command(err)) => return Err(err.into()),
+        Err(Refusal::Signed) => {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "this cluster accepts signed commands only (--authorized-keys): the API cannot sign; use shiva-ctl --sign-key"
+                    .into(),
+            ));
+        }
+    };
     let mut written = Vec::with_capacity(planned.writes.len());
     for (key, delivery) in planned.writes {
         let offset = tokio::time::timeout(ANSWER_WITHIN, delivery)
@@ -631,10 +717,10 @@ fn spec_of(body: &Bytes) -> Result<TaskSpec, ApiError> {
 /// `DELETE /v1/tasks/{id}`.
 async fn delete(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     request: HttpRequest,
 ) -> Result<Response, ApiError> {
-    let task = task_id(&id)?;
+    let task = task_id(&path_of(id)?)?;
     let (_, written) = command(&state, caller(request.extensions()), Command::Delete(task.clone())).await?;
     Ok(json_value(
         StatusCode::OK,
@@ -645,9 +731,10 @@ async fn delete(
 /// `POST /v1/tasks/{id}/{kill|start|run|suspend|resume}`.
 async fn act(
     State(state): State<AppState>,
-    Path((id, action)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     request: HttpRequest,
 ) -> Result<Response, ApiError> {
+    let (id, action) = path_of(path)?;
     let task = task_id(&id)?;
     let command = match action.as_str() {
         "kill" => Command::Kill(task.clone()),
@@ -680,6 +767,24 @@ mod tests {
         assert_eq!(query_token(&uri("/v1/events?a=1&access_token=ab%2Bc%3D")), Some("ab+c=".into()));
         assert_eq!(query_token(&uri("/v1/events?other=1")), None);
         assert_eq!(query_token(&uri("/v1/events")), None);
+    }
+
+    #[test]
+    fn loopback_answers_ip_addresses_and_localhost_only() {
+        for host in [
+            "127.0.0.1:7878",
+            "127.0.0.1",
+            "localhost:7878",
+            "LOCALHOST",
+            "[::1]:7878",
+            "[::1]",
+            "10.0.0.5:80",
+        ] {
+            assert!(local_host(host), "{host}");
+        }
+        for host in ["evil.example:7878", "evil.example", "127.0.0.1.nip.io:7878", "[evil]:1", ""] {
+            assert!(!local_host(host), "{host}");
+        }
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct ClusterInfo {
     pub leading: bool,
     /// It is cut off from the bus (its exclusive runs are stopped).
     pub fenced: bool,
+    /// It is shutting down (resigning, stopping its tasks, leaving).
+    pub stopping: bool,
     /// The newest epoch.
     pub epoch: u64,
     /// The node leading it, if any.

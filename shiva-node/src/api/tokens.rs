@@ -3,7 +3,8 @@
 //! One token per line, `SCOPE NAME TOKEN`: SCOPE is `read` (every GET) or `write` (reads and
 //! commands); NAME names its holder in the node's log and in the `sender` of the commands it
 //! writes (`api:NAME@NODE`); TOKEN is at least 16 and at most 512 printable ASCII characters.
-//! Blank lines and lines starting with `#` are skipped. Tokens are compared in constant time.
+//! Blank lines and lines starting with `#` are skipped. Tokens are kept and compared as SHA-256
+//! digests, in constant time.
 
 use subtle::ConstantTimeEq;
 
@@ -30,7 +31,14 @@ pub struct Token {
     pub name: String,
     /// What it may do.
     pub scope: Scope,
-    secret: String,
+    /// The token's SHA-256: compared instead of the token, so that the time a comparison takes
+    /// does not depend on the presented token's length either.
+    digest: [u8; 32],
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
 }
 
 /// The tokens of a file.
@@ -76,11 +84,11 @@ impl Tokens {
             if tokens.iter().any(|token: &Token| token.name == name) {
                 return Err(format!("line {number}: name '{name}' is given twice"));
             }
-            if tokens.iter().any(|token: &Token| bool::from(token.secret.as_bytes().ct_eq(secret.as_bytes())))
-            {
+            let hashed = digest(secret);
+            if tokens.iter().any(|token: &Token| token.digest == hashed) {
                 return Err(format!("line {number}: the token of '{name}' is given twice"));
             }
-            tokens.push(Token { name: name.to_owned(), scope, secret: secret.to_owned() });
+            tokens.push(Token { name: name.to_owned(), scope, digest: hashed });
         }
         if tokens.is_empty() {
             return Err("no token in the file".into());
@@ -91,9 +99,10 @@ impl Tokens {
     /// The token `presented`, if it is one of these. Every token is compared, each in constant
     /// time, so the answer's timing tells nothing of which one matched or how closely.
     pub fn find(&self, presented: &str) -> Option<&Token> {
+        let presented = digest(presented);
         let mut found = None;
         for token in &self.0 {
-            if bool::from(token.secret.as_bytes().ct_eq(presented.as_bytes())) {
+            if bool::from(token.digest.ct_eq(&presented)) {
                 found = Some(token);
             }
         }

@@ -13,7 +13,7 @@ use tracing::info;
 
 use super::driver::Node;
 use crate::api::snapshot::{ClusterInfo, PUBLISH_EVERY, Rebuild, Snapshot};
-use crate::api::{Metrics, Planned, Request};
+use crate::api::{Metrics, Planned, Refusal, Request};
 
 /// A snapshot whose only change is heartbeats is published at most this often.
 const HEARTBEATS_EVERY: Duration = Duration::from_secs(1);
@@ -28,6 +28,13 @@ pub(crate) struct Api {
     pub(crate) wake: Option<Duration>,
     /// Per task, the spec revision whose first start was measured (`submit → start`).
     started: BTreeMap<TaskId, i64>,
+    /// When this node became ready (wall clock, ms): specs submitted before are not measured.
+    pub(crate) ready_at_ms: Option<i64>,
+    /// The label values of the per-task series, to drop once their task is gone.
+    run_labels: std::collections::BTreeSet<(TaskId, &'static str)>,
+    restart_labels: std::collections::BTreeSet<TaskId>,
+    /// The `state` labels of `shiva_tasks` set last.
+    state_labels: std::collections::BTreeSet<&'static str>,
 }
 
 /// What a snapshot is taken of: when none of it moved, the view did not change.
@@ -44,7 +51,17 @@ struct Marks {
 
 impl Api {
     pub(crate) fn new(metrics: Arc<Metrics>, snapshots: watch::Sender<Arc<Snapshot>>) -> Api {
-        Api { metrics, snapshots, published: None, wake: None, started: BTreeMap::new() }
+        Api {
+            metrics,
+            snapshots,
+            published: None,
+            wake: None,
+            started: BTreeMap::new(),
+            ready_at_ms: None,
+            run_labels: Default::default(),
+            restart_labels: Default::default(),
+            state_labels: Default::default(),
+        }
     }
 }
 
@@ -99,28 +116,34 @@ impl Node {
             ready: self.ready,
             leading: self.leadership.leading.is_some(),
             fenced: marks.fenced,
+            stopping: false,
             epoch: self.view.epochs.newest,
             leader: self.view.leader().map(|(_, winner)| winner.node.clone()),
-            commands: if self.config.authorized_keys.is_some() { "signed" } else { "open" },
+            commands: if self.signed_cluster() { "signed" } else { "open" },
         };
         tracing::trace!(tasks = rebuild.tasks, nodes = rebuild.nodes, "snapshot");
         let previous = self.api.snapshots.borrow().clone();
         let snapshot = Snapshot::build(&previous, cluster, &self.view, rebuild);
         let metrics = &self.api.metrics;
-        if !Arc::ptr_eq(&snapshot.tasks, &previous.tasks) {
-            let mut states: BTreeMap<&str, i64> = BTreeMap::new();
+        let tasks_changed = !Arc::ptr_eq(&snapshot.tasks, &previous.tasks);
+        if tasks_changed {
+            // Set in place (a scrape never sees the series missing), the states gone removed.
+            let mut states: BTreeMap<&'static str, i64> = BTreeMap::new();
             for row in snapshot.tasks.rows.values() {
                 *states.entry(row.state).or_default() += 1;
             }
-            metrics.tasks.reset();
-            for (state, count) in states {
-                metrics.tasks.with_label_values(&[state]).set(count);
+            for gone in self.api.state_labels.iter().filter(|state| !states.contains_key(*state)) {
+                let _ = metrics.tasks.remove_label_values(&[gone]);
             }
+            for (state, count) in &states {
+                metrics.tasks.with_label_values(&[state]).set(*count);
+            }
+            self.api.state_labels = states.into_keys().collect();
         }
-        metrics.nodes.reset();
-        for row in snapshot.nodes.rows.values() {
-            metrics.nodes.with_label_values(&[if row.alive { "true" } else { "false" }]).inc();
-        }
+        let alive = snapshot.nodes.rows.values().filter(|row| row.alive).count();
+        metrics.nodes.with_label_values(&["true"]).set(i64::try_from(alive).unwrap_or(i64::MAX));
+        let gone = snapshot.nodes.rows.len() - alive;
+        metrics.nodes.with_label_values(&["false"]).set(i64::try_from(gone).unwrap_or(i64::MAX));
         metrics.ready.set(1);
         metrics.leader.set(i64::from(self.leadership.leading.is_some()));
         metrics.epoch.set(i64::try_from(self.view.epochs.newest).unwrap_or(i64::MAX));
@@ -130,6 +153,25 @@ impl Node {
         metrics.shims.set(i64::try_from(shims).unwrap_or(i64::MAX));
         self.api.snapshots.send_replace(Arc::new(snapshot));
         self.api.published = Some((now, marks));
+        if tasks_changed {
+            self.forget_gone_tasks();
+        }
+    }
+
+    /// The node is leaving: `/readyz` says so from now on (a load balancer stops sending), the
+    /// rest is served as last published.
+    pub(crate) fn publish_stopping(&mut self) {
+        let previous = self.api.snapshots.borrow().clone();
+        let Some(mut cluster) = previous.cluster.clone() else { return };
+        cluster.stopping = true;
+        self.api.metrics.ready.set(0);
+        self.api.snapshots.send_replace(Arc::new(Snapshot {
+            seq: previous.seq + 1,
+            cluster: Some(cluster),
+            tasks: previous.tasks.clone(),
+            nodes: previous.nodes.clone(),
+            commands_read: previous.commands_read,
+        }));
     }
 
     /// Answers a request of the HTTP server from the view.
@@ -144,27 +186,50 @@ impl Node {
                 let _ = reply.send(rows);
             }
             Request::Command { command, by, reply } => {
+                // The caller gave up (it was answered 503): a command it was told failed is
+                // not written later.
+                if reply.is_closed() {
+                    return;
+                }
+                // This node's keys, or the leader's (a node started without them in a signed
+                // cluster): records the nodes would refuse are not written.
+                if self.signed_cluster() {
+                    let _ = reply.send(Err(Refusal::Signed));
+                    return;
+                }
                 let existed = self.view.specs.contains_key(command.task());
-                let planned = shiva_proto::commands::plan(&self.view, &command).map(|writes| {
-                    let sender = format!("api:{by}@{}", self.config.node_id);
-                    let writes = writes
-                        .into_iter()
-                        .map(|write| {
-                            let value =
-                                write.body.map(|body| Envelope::now(sender.clone(), None, body).encode());
-                            let delivery =
-                                self.outbox.writes.enqueue(TopicKind::Commands, &write.key, value.as_deref());
-                            (write.key, delivery)
-                        })
-                        .collect();
-                    Planned { existed, writes }
-                });
+                let planned = shiva_proto::commands::plan(&self.view, &command)
+                    .map_err(Refusal::Command)
+                    .map(|writes| {
+                        let sender = format!("api:{by}@{}", self.config.node_id);
+                        let writes = writes
+                            .into_iter()
+                            .map(|write| {
+                                let value =
+                                    write.body.map(|body| Envelope::now(sender.clone(), None, body).encode());
+                                let delivery = self.outbox.writes.enqueue(
+                                    TopicKind::Commands,
+                                    &write.key,
+                                    value.as_deref(),
+                                );
+                                (write.key, delivery)
+                            })
+                            .collect();
+                        Planned { existed, writes }
+                    });
                 if planned.is_ok() {
                     info!(command = command.verb(), task = %command.task(), %by, "command from the HTTP API");
                 }
                 let _ = reply.send(planned);
             }
         }
+    }
+
+    /// Whether the cluster takes signed commands only: this node's `--authorized-keys`, or the
+    /// keys the leader publishes.
+    fn signed_cluster(&self) -> bool {
+        self.config.authorized_keys.is_some()
+            || self.view.members.as_ref().is_some_and(|members| members.authorized_keys.is_some())
     }
 
     /// A task's row with its spec and, in a signed cluster, the refusal of a command on it.
@@ -185,11 +250,15 @@ impl Node {
         Some(value)
     }
 
-    /// A task of this node started (a service's job or a run): the first start of its spec
-    /// revision is measured from the spec's submission.
+    /// A task of this node started (a service's job or a run): the first start here of its
+    /// spec revision is measured from the spec's submission, for a spec submitted while this node
+    /// was up (a node started later would measure its own start-up) and still the task's newest.
     pub(crate) fn observe_start(&mut self, task: &TaskId) {
         let Some(entry) = self.view.specs.get(task) else { return };
-        if entry.submitted_ms <= 0 || self.api.started.get(task) == Some(&entry.revision) {
+        let current =
+            self.view.assignments.get(task).is_some_and(|a| a.assignment.spec_revision == entry.revision);
+        let submitted_while_up = self.api.ready_at_ms.is_some_and(|ready| entry.submitted_ms >= ready);
+        if !current || !submitted_while_up || self.api.started.get(task) == Some(&entry.revision) {
             return;
         }
         self.api.started.insert(task.clone(), entry.revision);
@@ -197,23 +266,50 @@ impl Node {
         Metrics::observe_ms(&self.api.metrics.submit_to_start, waited);
     }
 
-    /// A run of this node reported.
+    /// A run of this node started: a slot's first attempt measures the slot's lateness, a
+    /// one-shot's start its submission's wait.
     pub(crate) fn observe_run(&mut self, report: &RunReport) {
-        let metrics = self.api.metrics.clone();
-        match report.state {
-            RunPhase::Running => {
-                if let (Trigger::Slot { slot_ms }, Some(started)) = (report.trigger, report.started_ms) {
-                    Metrics::observe_ms(&metrics.cron_lateness, started.saturating_sub(slot_ms));
-                }
-                if matches!(report.trigger, Trigger::Once { .. }) {
-                    self.observe_start(&report.task);
-                }
-            }
-            state if state.is_final() => {
-                metrics.runs.with_label_values(&[report.task.as_str(), state.as_str()]).inc();
-            }
-            _ => {}
+        if report.state != RunPhase::Running {
+            return;
         }
+        if let (Trigger::Slot { slot_ms }, Some(started), 1) =
+            (report.trigger, report.started_ms, report.attempt)
+        {
+            Metrics::observe_ms(&self.api.metrics.cron_lateness, started.saturating_sub(slot_ms));
+        }
+        if matches!(report.trigger, Trigger::Once { .. }) {
+            self.observe_start(&report.task);
+        }
+    }
+
+    /// A run of this node ended, or was written ended without a launch (lost, stopped,
+    /// missed, skipped).
+    pub(crate) fn count_run(&mut self, report: &RunReport) {
+        let outcome = report.state.as_str();
+        self.api.metrics.runs.with_label_values(&[report.task.as_str(), outcome]).inc();
+        self.api.run_labels.insert((report.task.clone(), outcome));
+    }
+
+    /// Drops the per-task series (and memory) of tasks no longer defined: a cluster whose
+    /// task ids come and go does not grow them for ever.
+    fn forget_gone_tasks(&mut self) {
+        let view = &self.view;
+        let metrics = &self.api.metrics;
+        self.api.run_labels.retain(|(task, outcome)| {
+            let keep = view.is_defined(task);
+            if !keep {
+                let _ = metrics.runs.remove_label_values(&[task.as_str(), outcome]);
+            }
+            keep
+        });
+        self.api.restart_labels.retain(|task| {
+            let keep = view.is_defined(task);
+            if !keep {
+                let _ = metrics.restarts.remove_label_values(&[task.as_str()]);
+            }
+            keep
+        });
+        self.api.started.retain(|task, _| view.is_defined(task));
     }
 
     /// A status of this node's service: counts its restarts and its first start.
@@ -225,6 +321,7 @@ impl Node {
         {
             let more = u64::from(status.restarts - previous.restarts);
             self.api.metrics.restarts.with_label_values(&[status.task.as_str()]).inc_by(more);
+            self.api.restart_labels.insert(status.task.clone());
         }
         if status.state == shiva_proto::records::RunState::Running {
             self.observe_start(&status.task);

@@ -327,7 +327,8 @@ impl Node {
                     if self.view.epochs.winners.get(&newest).is_some_and(|winner| winner.offset == offset) {
                         let winner = &self.view.epochs.winners[&newest];
                         info!(epoch = newest, leader = %winner.node, "new epoch");
-                        if self.ready {
+                        // A new leader replacing one (the first epoch replaces none).
+                        if self.ready && newest > 1 {
                             self.api.metrics.failovers.inc();
                         }
                         self.election.on_winner(newest, Boot::now());

@@ -215,6 +215,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         }
     }
     node.ready = true;
+    node.api.ready_at_ms = Some(shiva_proto::wall::now_ms());
 
     let mut ticker = tokio::time::interval(node.config.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -255,6 +256,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         }
         node.publish();
     }
+    node.publish_stopping();
     leave(&mut node, &mut reports_rx, &mut run_reports_rx).await;
     Ok(())
 }

@@ -32,6 +32,11 @@ impl Node {
         for action in actions {
             match action {
                 Action::Write(report) => {
+                    // Every final record of a run of this node passes here once (a failed write
+                    // is written again by `write_run_report`, not here).
+                    if report.state.is_final() {
+                        self.count_run(&report);
+                    }
                     if matches!(report.state, RunPhase::Lost | RunPhase::Stopped)
                         && report.started_ms.is_none()
                     {
