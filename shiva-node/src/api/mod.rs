@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::PathRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request as HttpRequest, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -433,6 +433,11 @@ fn ready_snapshot(state: &AppState) -> Result<Arc<Snapshot>, ApiError> {
     Ok(snapshot)
 }
 
+/// A query's parameters, or a JSON `400` naming what is wrong (an unknown parameter, a bad value).
+fn query_of<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query.map(|Query(value)| value).map_err(|err| ApiError::bad(err.body_text()))
+}
+
 /// A path's parameters, or a JSON `400` naming what is wrong (a bad percent-escape, not UTF-8).
 fn path_of<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
     path.map(|Path(value)| value).map_err(|err| ApiError::bad(format!("the path: {}", err.body_text())))
@@ -474,17 +479,18 @@ async fn task(
 #[serde(deny_unknown_fields)]
 struct RunsQuery {
     limit: Option<String>,
+    /// Read by `authenticate`; allowed here so that `deny_unknown_fields` takes it.
+    #[allow(dead_code)]
     access_token: Option<String>,
 }
 
 async fn runs(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
-    query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<RunsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let task = task_id(&path_of(id)?)?;
-    let Query(query) = query.map_err(|err| ApiError::bad(err.body_text()))?;
-    let _ = query.access_token;
+    let query = query_of(query)?;
     let limit = match query.limit.as_deref() {
         None => 20,
         Some(text) => match text.parse::<usize>() {
@@ -507,6 +513,8 @@ struct LogsQuery {
     follow: Option<bool>,
     run: Option<String>,
     since: Option<String>,
+    /// Read by `authenticate`; allowed here so that `deny_unknown_fields` takes it.
+    #[allow(dead_code)]
     access_token: Option<String>,
 }
 
@@ -515,11 +523,10 @@ struct LogsQuery {
 async fn logs(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
-    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<LogsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let task = task_id(&path_of(id)?)?;
-    let Query(query) = query.map_err(|err| ApiError::bad(err.body_text()))?;
-    let _ = query.access_token;
+    let query = query_of(query)?;
     if let Some(run) = &query.run
         && (run.is_empty() || run.len() > 36 || !run.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
     {
