@@ -116,58 +116,42 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Status { id, json } => {
             let task = TaskId::new(id).map_err(invalid)?;
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
+            if json.json {
+                print_json(&show::task_detail(&view, &task).ok_or_else(|| no_such_task(&task))?);
+                return Ok(());
+            }
             let refused = view.refusal(&task);
             let Some(row) = task_row(&view, &task) else {
                 // Never accepted: only its refusal to show.
                 let refusal = refused.ok_or_else(|| no_such_task(&task))?;
-                if json.json {
-                    print_json(&serde_json::json!({"id": task, "state": "refused", "refused": refusal}));
-                } else {
-                    println!("id:          {task}");
-                    println!("state:       refused");
-                    println!("refused:     {}", refusal.reason);
-                }
+                println!("id:          {task}");
+                println!("state:       refused");
+                println!("refused:     {}", refusal.reason);
                 return Ok(());
             };
-            if let Some(refusal) = refused.filter(|_| !json.json) {
+            if let Some(refusal) = refused {
                 println!("refused:     {}", refusal.reason);
             }
             let Some(spec) = view.specs.get(&task).map(|entry| &entry.spec) else {
                 // An invalid definition: its row says why.
-                if json.json {
-                    print_json(&row);
-                } else {
-                    println!("id:          {}", row.id);
-                    println!("state:       {}", row.state);
-                    println!("reason:      {}", row.reason.as_deref().unwrap_or(""));
-                }
+                println!("id:          {}", row.id);
+                println!("state:       {}", row.state);
+                println!("reason:      {}", row.reason.as_deref().unwrap_or(""));
                 return Ok(());
             };
-            if json.json {
-                let mut value = serde_json::to_value(&row).expect("rows serialise");
-                value["spec"] = serde_json::to_value(spec).expect("specs serialise");
-                if let Some(refusal) = refused {
-                    value["refused"] = serde_json::to_value(refusal).expect("refusals serialise");
-                }
-                print_json(&value);
-            } else {
-                println!("id:          {}", row.id);
-                println!("kind:        {}", row.kind);
-                println!("command:     {} {}", spec.command, spec.args.join(" "));
-                println!(
-                    "tags:        {}",
-                    if spec.tags.is_empty() { "-".into() } else { spec.tags.join(",") }
-                );
-                println!("desired:     {}", row.desired);
-                println!("state:       {}", row.state);
-                println!("node:        {}", row.node.as_ref().map_or("-", |n| n.as_str()));
-                println!("pid:         {}", row.pid.map_or("-".into(), |p| p.to_string()));
-                println!("generation:  {}", row.generation.map_or("-".into(), |g| g.to_string()));
-                println!("restarts:    {}", row.restarts.map_or("-".into(), |r| r.to_string()));
-                println!("last exit:   {}", exit_text(row.last_exit));
-                if let Some(reason) = &row.reason {
-                    println!("reason:      {reason}");
-                }
+            println!("id:          {}", row.id);
+            println!("kind:        {}", row.kind);
+            println!("command:     {} {}", spec.command, spec.args.join(" "));
+            println!("tags:        {}", if spec.tags.is_empty() { "-".into() } else { spec.tags.join(",") });
+            println!("desired:     {}", row.desired);
+            println!("state:       {}", row.state);
+            println!("node:        {}", row.node.as_ref().map_or("-", |n| n.as_str()));
+            println!("pid:         {}", row.pid.map_or("-".into(), |p| p.to_string()));
+            println!("generation:  {}", row.generation.map_or("-".into(), |g| g.to_string()));
+            println!("restarts:    {}", row.restarts.map_or("-".into(), |r| r.to_string()));
+            println!("last exit:   {}", exit_text(row.last_exit));
+            if let Some(reason) = &row.reason {
+                println!("reason:      {reason}");
             }
         }
         Command::Audit { id, json } => {

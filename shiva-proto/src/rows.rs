@@ -116,6 +116,25 @@ pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
     Some(row)
 }
 
+/// A task as `shiva-ctl status --json` and `GET /v1/tasks/{id}` show it: its row, its spec (when
+/// its definition is valid) and, in a signed cluster, the refusal of a command on it; a task
+/// never accepted shows as `refused` (`None`: no such task, and no refusal).
+pub fn task_detail(view: &LogView, task: &TaskId) -> Option<serde_json::Value> {
+    let refusal = view.refusal(task);
+    let Some(row) = task_row(view, task) else {
+        return refusal
+            .map(|refusal| serde_json::json!({ "id": task, "state": "refused", "refused": refusal }));
+    };
+    let mut value = serde_json::to_value(&row).expect("rows serialise");
+    if let Some(entry) = view.specs.get(task) {
+        value["spec"] = serde_json::to_value(&entry.spec).expect("specs serialise");
+    }
+    if let Some(refusal) = refusal {
+        value["refused"] = serde_json::to_value(refusal).expect("refusals serialise");
+    }
+    Some(value)
+}
+
 /// The state of a periodic or one-shot task: its current run's, else its own.
 fn scheduled_state(view: &LogView, task: &TaskId, row: &mut TaskRow) {
     let current = view

@@ -232,20 +232,11 @@ impl Node {
             || self.view.members.as_ref().is_some_and(|members| members.authorized_keys.is_some())
     }
 
-    /// A task's row with its spec and, in a signed cluster, the refusal of a command on it.
+    /// A task as `status --json` shows it, with its spec's revision.
     fn task_detail(&self, task: &TaskId) -> Option<serde_json::Value> {
-        let refusal = self.view.refusal(task);
-        let Some(row) = shiva_proto::rows::task_row(&self.view, task) else {
-            return refusal
-                .map(|refusal| serde_json::json!({ "id": task, "state": "refused", "refused": refusal }));
-        };
-        let mut value = serde_json::to_value(&row).expect("rows serialise");
+        let mut value = shiva_proto::rows::task_detail(&self.view, task)?;
         if let Some(entry) = self.view.specs.get(task) {
-            value["spec"] = serde_json::to_value(&entry.spec).expect("specs serialise");
             value["revision"] = entry.revision.into();
-        }
-        if let Some(refusal) = refusal {
-            value["refused"] = serde_json::to_value(refusal).expect("refusals serialise");
         }
         Some(value)
     }
