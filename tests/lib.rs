@@ -48,13 +48,49 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A fresh scratch directory.
+/// A fresh scratch directory, `shiva-e2e-<pid>-<label>-<n>` in the temporary directory.
+///
+/// Brokers and nodes remove theirs when they are dropped by a test that passed. The first call
+/// in a test binary also removes what test binaries that are gone left behind (those that
+/// failed, or were killed): a run of the suite leaves at most its last binary's failures, not
+/// gigabytes of broker files. `SHIVA_E2E_KEEP=1` keeps everything, for a look after a run.
 pub fn scratch(label: &str) -> PathBuf {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_scratch);
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     let dir = std::env::temp_dir().join(format!("shiva-e2e-{}-{label}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
+}
+
+fn keep_scratch() -> bool {
+    std::env::var_os("SHIVA_E2E_KEEP").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Removes the scratch directories of test processes that no longer run.
+fn sweep_scratch() {
+    if keep_scratch() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("shiva-e2e-")) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let gone = pid > 0 && kill(Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Removes a scratch directory when its owner is dropped, unless the test failed (the files
+/// tell why) or `SHIVA_E2E_KEEP` is set.
+fn drop_scratch(dir: &Path) {
+    if !std::thread::panicking() && !keep_scratch() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// A free TCP port on loopback.
@@ -215,10 +251,11 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        if self.file {
-            return;
+        if !self.file {
+            let _ =
+                Command::new(repo().join("scripts/broker")).args(["stop", "--dir"]).arg(&self.dir).output();
         }
-        let _ = Command::new(repo().join("scripts/broker")).args(["stop", "--dir"]).arg(&self.dir).output();
+        drop_scratch(&self.dir);
     }
 }
 
@@ -420,6 +457,7 @@ impl Drop for Node {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
         }
         self.kill9();
+        drop_scratch(&self.workspace);
     }
 }
 
