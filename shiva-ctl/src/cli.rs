@@ -191,7 +191,8 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub workdir: Option<String>,
     /// Cron expression (5 fields, 6 with seconds, Quartz, or @hourly…), repeatable: the task
-    /// becomes periodic.
+    /// becomes periodic. With 7 fields or a `?` it is read the Quartz way (weekdays 1 = Sunday
+    /// to 7 = Saturday), else the POSIX way (0 or 7 = Sunday, 1 = Monday).
     #[arg(long)]
     pub schedule: Vec<String>,
     /// IANA time zone of the schedule (default UTC).
@@ -206,6 +207,12 @@ pub struct SubmitArgs {
     /// Run to completion once, retried per policy.
     #[arg(long, conflicts_with = "schedule")]
     pub once: bool,
+    /// Check the spec and show it (a schedule in words, with its next slots in the task's
+    /// zone) without writing anything; needs no cluster.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub json: JsonArg,
     /// Command and arguments, after `--`.
     #[arg(last = true)]
     pub command: Vec<String>,

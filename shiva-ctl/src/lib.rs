@@ -82,12 +82,35 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
     let timeout = cli.timeout;
     match cli.command {
         Command::Submit(args) => {
+            let (dry_run, json) = (args.dry_run, args.json.json);
             let spec = spec_from(args)?;
+            if dry_run {
+                let schedule = show::schedule_detail(&spec, chrono::Utc::now(), show::NEXT_SLOTS);
+                if json {
+                    print_json(&serde_json::json!({"dry_run": true, "spec": spec, "schedule": schedule}));
+                } else {
+                    println!("dry run: {} is valid; nothing was written", spec.id);
+                    println!("kind:        {}", spec.kind().as_str());
+                    println!("command:     {} {}", spec.command, spec.args.join(" "));
+                    println!(
+                        "tags:        {}",
+                        if spec.tags.is_empty() { "-".into() } else { spec.tags.join(",") }
+                    );
+                    if let Some(schedule) = &schedule {
+                        print_schedule(schedule);
+                    }
+                }
+                return Ok(());
+            }
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
             let verb = if view.specs.contains_key(&spec.id) { "updated" } else { "submitted" };
             let id = spec.id.clone();
             let offsets = execute(&config, &view, &Commanded::Submit(Box::new(spec))).await?;
-            println!("{verb} {id} (revision {})", offsets[0].1);
+            if json {
+                print_json(&serde_json::json!({"id": id, "result": verb, "revision": offsets[0].1}));
+            } else {
+                println!("{verb} {id} (revision {})", offsets[0].1);
+            }
         }
         Command::List(json) => {
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
@@ -117,7 +140,10 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             let task = TaskId::new(id).map_err(invalid)?;
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
             if json.json {
-                print_json(&show::task_detail(&view, &task).ok_or_else(|| no_such_task(&task))?);
+                print_json(
+                    &show::task_detail(&view, &task, chrono::Utc::now())
+                        .ok_or_else(|| no_such_task(&task))?,
+                );
                 return Ok(());
             }
             let refused = view.refusal(&task);
@@ -143,6 +169,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             println!("kind:        {}", row.kind);
             println!("command:     {} {}", spec.command, spec.args.join(" "));
             println!("tags:        {}", if spec.tags.is_empty() { "-".into() } else { spec.tags.join(",") });
+            if let Some(schedule) = show::schedule_detail(spec, chrono::Utc::now(), show::NEXT_SLOTS) {
+                print_schedule(&schedule);
+            }
             println!("desired:     {}", row.desired);
             println!("state:       {}", row.state);
             println!("node:        {}", row.node.as_ref().map_or("-", |n| n.as_str()));
@@ -306,6 +335,19 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Delete { id } => command(&config, timeout, Commanded::Delete(task_id(&id)?)).await?,
     }
     Ok(())
+}
+
+/// A schedule's lines of `status` and `submit --dry-run`.
+fn print_schedule(schedule: &show::ScheduleDetail) {
+    for (index, words) in schedule.words.iter().enumerate() {
+        println!("{:<13}{words}", if index == 0 { "schedule:" } else { "" });
+    }
+    println!("timezone:    {}", schedule.timezone);
+    for (index, slot) in schedule.next.iter().enumerate() {
+        let shown = chrono::DateTime::parse_from_rfc3339(slot)
+            .map_or_else(|_| slot.clone(), |at| at.format("%a %Y-%m-%d %H:%M:%S %:z").to_string());
+        println!("{:<13}{shown}", if index == 0 { "next:" } else { "" });
+    }
 }
 
 pub(crate) fn no_such_task(task: &TaskId) -> CtlError {

@@ -3,13 +3,14 @@
 //!
 //! Pure functions of the view: any reader of the log derives the same rows from the same records.
 
-use chrono::DateTime;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::records::{DesiredState, ExitInfo, Placement, RunState};
 use crate::runs::Trigger;
-use crate::spec::TaskKind;
+use crate::schedule::Schedule;
+use crate::spec::{TaskKind, TaskSpec};
 use crate::{LogView, NodeId, TaskId};
 
 /// One task as `list` and `status` show it.
@@ -119,7 +120,10 @@ pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
 /// A task as `shiva-ctl status --json` and `GET /v1/tasks/{id}` show it: its row, its spec (when
 /// its definition is valid) and, in a signed cluster, the refusal of a command on it; a task
 /// never accepted shows as `refused` (`None`: no such task, and no refusal).
-pub fn task_detail(view: &LogView, task: &TaskId) -> Option<serde_json::Value> {
+///
+/// A periodic task's detail also has its `schedule` in words and its next five slots after `now`
+/// ([`schedule_detail`]).
+pub fn task_detail(view: &LogView, task: &TaskId, now: DateTime<Utc>) -> Option<serde_json::Value> {
     let refusal = view.refusal(task);
     let Some(row) = task_row(view, task) else {
         return refusal
@@ -128,11 +132,39 @@ pub fn task_detail(view: &LogView, task: &TaskId) -> Option<serde_json::Value> {
     let mut value = serde_json::to_value(&row).expect("rows serialise");
     if let Some(entry) = view.specs.get(task) {
         value["spec"] = serde_json::to_value(&entry.spec).expect("specs serialise");
+        if let Some(schedule) = schedule_detail(&entry.spec, now, NEXT_SLOTS) {
+            value["schedule"] = serde_json::to_value(schedule).expect("schedules serialise");
+        }
     }
     if let Some(refusal) = refusal {
         value["refused"] = serde_json::to_value(refusal).expect("refusals serialise");
     }
     Some(value)
+}
+
+/// How many upcoming slots `status` and `submit --dry-run` show.
+pub const NEXT_SLOTS: usize = 5;
+
+/// A periodic task's schedule as people read it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScheduleDetail {
+    /// The zone the expressions are read in (IANA name).
+    pub timezone: String,
+    /// Each expression in words, marked when it is read the Quartz way.
+    pub words: Vec<String>,
+    /// The next slots, in the zone (RFC 3339, with the zone's offset then).
+    pub next: Vec<String>,
+}
+
+/// `spec`'s schedule in words and its next `count` slots after `now`; `None` for a task without
+/// a schedule (or, never for an accepted spec, one that does not parse).
+pub fn schedule_detail(spec: &TaskSpec, now: DateTime<Utc>, count: usize) -> Option<ScheduleDetail> {
+    let schedule = Schedule::from_spec(spec).ok().flatten()?;
+    Some(ScheduleDetail {
+        timezone: schedule.timezone().name().to_owned(),
+        words: schedule.describe(),
+        next: schedule.upcoming(now, count).iter().map(|slot| slot.to_rfc3339()).collect(),
+    })
 }
 
 /// The state of a periodic or one-shot task: its current run's, else its own.

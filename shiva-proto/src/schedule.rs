@@ -11,6 +11,7 @@
 
 use chrono::{DateTime, Offset, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
+use croner::parser::CronParser;
 use croner::{Cron, Direction};
 
 use crate::spec::{SpecError, TaskSpec};
@@ -52,6 +53,12 @@ fn never_fires(cron: &Cron, expression: &str, timezone: Tz) -> bool {
     never
 }
 
+/// Whether `expression` is read the Quartz way (weekdays 1 = Sunday to 7 = Saturday): it has
+/// 7 fields (a year) or a `?`. Others are read the POSIX way (0 or 7 = Sunday, 1 = Monday).
+pub fn is_quartz(expression: &str) -> bool {
+    expression.split_whitespace().count() == 7 || expression.contains('?')
+}
+
 /// How far from a UTC-offset change the careful walk is used.
 const TRANSITION_WINDOW: TimeDelta = TimeDelta::hours(3);
 
@@ -59,6 +66,8 @@ const TRANSITION_WINDOW: TimeDelta = TimeDelta::hours(3);
 #[derive(Debug, Clone)]
 pub struct Schedule {
     crons: Vec<Cron>,
+    /// The spec's expressions, as written (one per cron).
+    expressions: Vec<String>,
     timezone: Tz,
 }
 
@@ -87,9 +96,17 @@ impl Schedule {
                         "field 'schedule[{index}]': '{expression}' has {fields} fields; cron takes 5, 6 (seconds first) or 7 (with a year)"
                     )));
                 }
-                let cron = expression
-                    .parse::<Cron>()
-                    .map_err(|err| SpecError(format!("field 'schedule[{index}]': '{expression}' is not a cron expression: {err}")))?;
+                let quartz = is_quartz(expression);
+                let cron = CronParser::builder().alternative_weekdays(quartz).build().parse(expression).map_err(|err| {
+                    let weekdays = if quartz {
+                        " (a Quartz expression: 7 fields or a '?'; its weekdays run from 1 = Sunday to 7 = Saturday, or SUN-SAT)"
+                    } else {
+                        ""
+                    };
+                    SpecError(format!(
+                        "field 'schedule[{index}]': '{expression}' is not a cron expression: {err}{weekdays}"
+                    ))
+                })?;
                 // One that never fires (`0 0 30 2 *`) would make every search for its next slot
                 // walk the calendar to its end: refused.
                 if never_fires(&cron, expression, timezone) {
@@ -100,7 +117,33 @@ impl Schedule {
                 Ok(cron)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(Schedule { crons, timezone }))
+        Ok(Some(Schedule { crons, expressions: spec.schedule.clone(), timezone }))
+    }
+
+    /// Each expression in words (croner's English), marked `(Quartz)` when it is read the Quartz
+    /// way, for `status` and `submit --dry-run`.
+    pub fn describe(&self) -> Vec<String> {
+        self.crons
+            .iter()
+            .zip(&self.expressions)
+            .map(|(cron, expression)| {
+                let quartz = if is_quartz(expression) { " (Quartz: 1 = Sunday)" } else { "" };
+                format!("{expression}: {}{quartz}", cron.describe())
+            })
+            .collect()
+    }
+
+    /// The next `count` slots strictly after `after`, in the schedule's zone.
+    pub fn upcoming(&self, after: DateTime<Utc>, count: usize) -> Vec<DateTime<Tz>> {
+        self.slots(after, DateTime::<Utc>::MAX_UTC, count)
+            .into_iter()
+            .map(|slot| slot.with_timezone(&self.timezone))
+            .collect()
+    }
+
+    /// The schedule's zone.
+    pub fn timezone(&self) -> Tz {
+        self.timezone
     }
 
     /// The first slot strictly after `after`.

@@ -401,3 +401,92 @@ fn skewed_clocks_show_in_nodes_and_move_no_slot() {
     }
     n3.terminate();
 }
+
+/// Quartz numbers weekdays from 1 = Sunday: `chrono`'s Sunday-based number plus one.
+fn quartz_weekday(day: chrono::Weekday) -> u32 {
+    day.num_days_from_sunday() + 1
+}
+
+#[test]
+fn quartz_weekdays_run_on_the_days_quartz_means_and_status_shows_the_next_slots() {
+    use chrono::{Datelike, Timelike, Utc};
+    // Not across midnight (UTC): "today" must stay today for the test's few seconds.
+    let now = Utc::now();
+    if now.hour() == 23 && now.minute() == 59 {
+        std::thread::sleep(Duration::from_secs(61 - u64::from(now.second())));
+    }
+    let today = Utc::now().weekday();
+    let cluster = Cluster::start("quartz", 1, &[]);
+    let dir = scratch("quartz");
+    // Every second on today's Quartz weekday, and every second on tomorrow's: only the first
+    // runs today (read the POSIX way, as before, today's number meant tomorrow).
+    let mut files = Vec::new();
+    for (id, day) in [("quartz/today", today), ("quartz/tomorrow", today.succ())] {
+        let file = dir.join(id.replace('/', "-"));
+        let expression = format!("* * * ? * {}", quartz_weekday(day));
+        let submitted = cluster.ctl.ok(&[
+            "submit",
+            "--id",
+            id,
+            "--schedule",
+            &expression,
+            "--",
+            "sh",
+            "-c",
+            &format!("echo $SHIVA_SLOT >> {}", file.display()),
+        ]);
+        assert!(submitted.contains("submitted"), "{submitted}");
+        files.push(file);
+    }
+    wait_until(SETTLE, "today's Quartz weekday runs", || files[0].exists());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!files[1].exists(), "tomorrow's Quartz weekday ran today");
+
+    // status: the schedule in words and its next five slots in the task's zone, the same as
+    // `submit --dry-run` shows before anything is written. Tokyo keeps +09:00 all year.
+    let expression = "0 15 10 ? * 2-6";
+    let spec = ["--id", "quartz/weekdays", "--schedule", expression, "--timezone", "Asia/Tokyo"];
+    let tail = ["--", "true"];
+    let dry = cluster.ctl.ok(&[&["submit", "--dry-run"][..], &spec, &tail].concat());
+    assert!(dry.contains("nothing was written"), "{dry}");
+    assert!(dry.contains("Monday, Tuesday, Wednesday, Thursday, and Friday"), "{dry}");
+    let dry_json: serde_json::Value = serde_json::from_str(
+        &cluster.ctl.ok(&[&["submit", "--dry-run", "--json"][..], &spec, &tail].concat()),
+    )
+    .unwrap();
+    assert!(cluster.ctl.try_json(&["status", "quartz/weekdays"]).is_none(), "a dry run wrote");
+    cluster.ctl.ok(&[&["submit"][..], &spec, &tail].concat());
+    let status = cluster.ctl.json(&["status", "quartz/weekdays"]);
+    let next: Vec<String> = status["schedule"]["next"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|slot| slot.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(status["schedule"]["timezone"], "Asia/Tokyo");
+    // Expected, computed here: the next five weekdays at 10:15 in Tokyo.
+    let tokyo = chrono::FixedOffset::east_opt(9 * 3600).unwrap();
+    let mut expected = Vec::new();
+    let mut day = Utc::now().with_timezone(&tokyo);
+    while expected.len() < 5 {
+        let slot = day.date_naive().and_hms_opt(10, 15, 0).unwrap().and_local_timezone(tokyo).unwrap();
+        let weekday = slot.weekday().num_days_from_monday() < 5;
+        if weekday && slot > Utc::now() {
+            expected.push(slot.to_rfc3339());
+        }
+        day += chrono::TimeDelta::days(1);
+    }
+    assert_eq!(next, expected);
+    assert_eq!(dry_json["schedule"]["next"], status["schedule"]["next"]);
+    let human = cluster.ctl.ok(&["status", "quartz/weekdays"]);
+    assert!(human.contains("(Quartz: 1 = Sunday)") && human.contains("timezone:    Asia/Tokyo"), "{human}");
+    for slot in &expected {
+        let shown = chrono::DateTime::parse_from_rfc3339(slot).unwrap().format("%a %Y-%m-%d %H:%M:%S %:z");
+        assert!(human.contains(&shown.to_string()), "{shown} not in\n{human}");
+    }
+    // Weekdays out of Quartz's range are refused, naming the range (exit 2).
+    let refused =
+        cluster.ctl.run(&["submit", "--id", "quartz/zero", "--schedule", "0 0 9 ? * 0", "--", "true"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("1 = Sunday to 7 = Saturday"));
+}

@@ -234,7 +234,7 @@ impl Node {
 
     /// A task as `status --json` shows it, with its spec's revision.
     fn task_detail(&self, task: &TaskId) -> Option<serde_json::Value> {
-        let mut value = shiva_proto::rows::task_detail(&self.view, task)?;
+        let mut value = shiva_proto::rows::task_detail(&self.view, task, chrono::Utc::now())?;
         if let Some(entry) = self.view.specs.get(task) {
             value["revision"] = entry.revision.into();
         }

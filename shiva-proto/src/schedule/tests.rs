@@ -160,3 +160,126 @@ fn an_expression_whose_dates_are_past_answers_quickly() {
     let each = started.elapsed() / 10;
     assert!(each < std::time::Duration::from_millis(50), "{each:?} per plan");
 }
+
+/// Weekdays of the slots of `expression` over the first two weeks of 2026 (UTC), in order,
+/// as chrono names them.
+fn weekdays(expression: &str) -> Vec<chrono::Weekday> {
+    use chrono::Datelike;
+    let slots = schedule(&[expression], None).slots(utc(2026, 1, 4, 0, 0), utc(2026, 1, 11, 0, 0), 100);
+    slots.iter().map(|slot| slot.weekday()).collect()
+}
+
+#[test]
+fn quartz_expressions_number_weekdays_the_quartz_way() {
+    use chrono::Weekday::*;
+    // Quartz: 1 = SUN … 7 = SAT. "0 15 10 ? * MON-FRI" is Quartz's own example; "2-6" is the
+    // same days by number, as Punch users write it. 2026-01-04 is a Sunday.
+    assert_eq!(weekdays("0 15 10 ? * MON-FRI"), [Mon, Tue, Wed, Thu, Fri]);
+    assert_eq!(weekdays("0 15 10 ? * 2-6"), [Mon, Tue, Wed, Thu, Fri]);
+    assert_eq!(weekdays("0 15 10 ? * 2-6 *"), [Mon, Tue, Wed, Thu, Fri]);
+    assert_eq!(weekdays("0 15 10 ? * 1"), [Sun]);
+    assert_eq!(weekdays("0 15 10 ? * 7"), [Sat]);
+    assert_eq!(weekdays("0 15 10 ? * 1,7"), [Sun, Sat]);
+    assert_eq!(weekdays("0 15 10 ? * SUN"), [Sun]);
+    // Seven fields without `?` are Quartz too (a year).
+    assert_eq!(weekdays("0 15 10 * * 2 2026"), [Mon]);
+    // POSIX expressions (5 fields, or 6 with seconds, no `?`) keep 0/7 = Sunday, 1 = Monday.
+    assert_eq!(weekdays("15 10 * * 1-5"), [Mon, Tue, Wed, Thu, Fri]);
+    assert_eq!(weekdays("0 15 10 * * 1-5"), [Mon, Tue, Wed, Thu, Fri]);
+    assert_eq!(weekdays("15 10 * * 0"), [Sun]);
+    assert_eq!(weekdays("15 10 * * 7"), [Sun]);
+}
+
+#[test]
+fn quartz_documented_examples() {
+    // The examples of Quartz's CronTrigger tutorial, with what the tutorial says they mean.
+    let slots = |expression: &str, from: DateTime<Utc>, count: usize| {
+        schedule(&[expression], None).slots(from, utc(2100, 1, 1, 0, 0), count)
+    };
+    let at = |y, mo, d, h, mi, s| Utc.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap();
+    // "0 0 12 * * ?": 12pm (noon) every day.
+    assert_eq!(
+        slots("0 0 12 * * ?", utc(2026, 1, 1, 0, 0), 2),
+        [utc(2026, 1, 1, 12, 0), utc(2026, 1, 2, 12, 0)]
+    );
+    // "0 15 10 ? * *" and "0 15 10 * * ? *": 10:15am every day.
+    assert_eq!(
+        slots("0 15 10 ? * *", utc(2026, 1, 1, 0, 0), 2),
+        [utc(2026, 1, 1, 10, 15), utc(2026, 1, 2, 10, 15)]
+    );
+    assert_eq!(slots("0 15 10 * * ? *", utc(2026, 1, 1, 0, 0), 1), [utc(2026, 1, 1, 10, 15)]);
+    // "0 15 10 * * ? 2005"-style: every day during one year only.
+    assert_eq!(slots("0 15 10 * * ? 2027", utc(2026, 6, 1, 0, 0), 1), [utc(2027, 1, 1, 10, 15)]);
+    // "0 0/5 14 * * ?": every 5 minutes from 2pm to 2:55pm.
+    let every5 = slots("0 0/5 14 * * ?", utc(2026, 1, 1, 0, 0), 13);
+    assert_eq!(every5.first(), Some(&utc(2026, 1, 1, 14, 0)));
+    assert_eq!(every5[11], utc(2026, 1, 1, 14, 55));
+    assert_eq!(every5[12], utc(2026, 1, 2, 14, 0));
+    // "0 0-5 14 * * ?": every minute from 2pm to 2:05pm.
+    assert_eq!(slots("0 0-5 14 * * ?", utc(2026, 1, 1, 0, 0), 7)[6], utc(2026, 1, 2, 14, 0));
+    // "0 10,44 14 ? 3 WED": 2:10pm and 2:44pm every Wednesday in March (2026-03-04 is one).
+    assert_eq!(
+        slots("0 10,44 14 ? 3 WED", utc(2026, 1, 1, 0, 0), 3),
+        [utc(2026, 3, 4, 14, 10), utc(2026, 3, 4, 14, 44), utc(2026, 3, 11, 14, 10)]
+    );
+    // "0 15 10 15 * ?": the 15th of every month.
+    assert_eq!(
+        slots("0 15 10 15 * ?", utc(2026, 1, 1, 0, 0), 2),
+        [utc(2026, 1, 15, 10, 15), utc(2026, 2, 15, 10, 15)]
+    );
+    // "0 15 10 L * ?": the last day of every month.
+    assert_eq!(
+        slots("0 15 10 L * ?", utc(2026, 2, 1, 0, 0), 2),
+        [utc(2026, 2, 28, 10, 15), utc(2026, 3, 31, 10, 15)]
+    );
+    // "0 15 10 ? * 6L": the last Friday of every month (2026-01-30, 2026-02-27).
+    assert_eq!(
+        slots("0 15 10 ? * 6L", utc(2026, 1, 1, 0, 0), 2),
+        [utc(2026, 1, 30, 10, 15), utc(2026, 2, 27, 10, 15)]
+    );
+    // "0 15 10 ? * 6#3": the third Friday of every month (2026-01-16, 2026-02-20).
+    assert_eq!(
+        slots("0 15 10 ? * 6#3", utc(2026, 1, 1, 0, 0), 2),
+        [utc(2026, 1, 16, 10, 15), utc(2026, 2, 20, 10, 15)]
+    );
+    // "0 0 12 1/5 * ?": every 5 days starting on the first of the month.
+    assert_eq!(
+        slots("0 0 12 1/5 * ?", utc(2026, 1, 1, 0, 0), 3),
+        [utc(2026, 1, 1, 12, 0), utc(2026, 1, 6, 12, 0), utc(2026, 1, 11, 12, 0)]
+    );
+    // "0 11 11 11 11 ?": every November 11th at 11:11am.
+    assert_eq!(slots("0 11 11 11 11 ?", utc(2026, 1, 1, 0, 0), 1), [at(2026, 11, 11, 11, 11, 0)]);
+}
+
+#[test]
+fn a_quartz_weekday_zero_or_eight_is_refused_with_the_range() {
+    for expression in ["0 15 10 ? * 0", "0 15 10 ? * 8", "0 15 10 ? * 0-4"] {
+        let mut spec = TaskSpec::new(TaskId::new("t").unwrap(), "true", vec![]);
+        spec.schedule = vec![expression.into()];
+        let err = Schedule::from_spec(&spec).unwrap_err().to_string();
+        assert!(err.contains("1 = Sunday to 7 = Saturday"), "{expression}: {err}");
+    }
+}
+
+#[test]
+fn schedules_are_described_in_words_with_their_next_slots_in_the_zone() {
+    let weekdays = schedule(&["0 15 10 ? * 2-6"], Some("Europe/Paris"));
+    let words = weekdays.describe();
+    assert_eq!(words.len(), 1);
+    assert!(words[0].contains("Quartz"), "{words:?}");
+    assert!(words[0].contains("Monday") && words[0].contains("Friday"), "{words:?}");
+    let next = weekdays.upcoming(utc(2026, 1, 2, 12, 0), 5);
+    let shown: Vec<String> = next.iter().map(|slot| slot.to_rfc3339()).collect();
+    assert_eq!(
+        shown,
+        [
+            "2026-01-05T10:15:00+01:00",
+            "2026-01-06T10:15:00+01:00",
+            "2026-01-07T10:15:00+01:00",
+            "2026-01-08T10:15:00+01:00",
+            "2026-01-09T10:15:00+01:00"
+        ]
+    );
+    let posix = schedule(&["*/15 * * * *"], None);
+    assert!(!posix.describe()[0].contains("Quartz"), "{:?}", posix.describe());
+}
