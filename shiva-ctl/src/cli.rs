@@ -64,6 +64,39 @@ pub enum Command {
     },
     /// List nodes, as the leader sees them.
     Nodes(JsonArg),
+    /// Place no new task on a node; what runs there stays.
+    Cordon {
+        /// Node id.
+        node: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Place tasks on a cordoned or drained node again (moves nothing back: see `rebalance`).
+    Uncordon {
+        /// Node id.
+        node: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Move a node's services away, one copy at a time (the new copy starts once the old one
+    /// is gone), and place nothing new there; runs in flight finish there. Waits until nothing
+    /// runs there.
+    Drain {
+        /// Node id.
+        node: String,
+        /// Stop at this deadline (e.g. 10m; 0s to 30d) the tasks no other node can take;
+        /// without it they stay until another node can.
+        #[arg(long, value_parser = drain_deadline)]
+        deadline: Option<Duration>,
+        /// Return once the drain is recorded, without waiting.
+        #[arg(long)]
+        detach: bool,
+        /// How long to wait for the node to be drained (1s to 24h).
+        #[arg(long, default_value = "10m", value_parser = drain_wait)]
+        wait: Duration,
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Stop a task everywhere, keeping its definition.
     Kill {
         /// Task id.
@@ -136,6 +169,14 @@ fn bounded(text: &str, min: Duration, max: Duration) -> Result<Duration, String>
 
 fn timeout(text: &str) -> Result<Duration, String> {
     bounded(text, Duration::from_millis(100), Duration::from_secs(3600))
+}
+
+fn drain_deadline(text: &str) -> Result<Duration, String> {
+    bounded(text, Duration::ZERO, Duration::from_secs(30 * 86_400))
+}
+
+fn drain_wait(text: &str) -> Result<Duration, String> {
+    bounded(text, Duration::from_secs(1), Duration::from_secs(86_400))
 }
 
 fn since(text: &str) -> Result<Duration, String> {

@@ -19,9 +19,10 @@ use anyhow::Context;
 use shiva_bus::{BusConfig, BusError, Publisher, Reader, ReaderEvent, admin};
 use shiva_proto::commands::{self, Command as Commanded};
 use shiva_proto::records::Body;
+use shiva_proto::records::Mode;
 use shiva_proto::spec::DEFAULT_STOP_GRACE;
 use shiva_proto::topics::key;
-use shiva_proto::{LogView, TaskId, TaskSpec, TopicKind};
+use shiva_proto::{LogView, NodeId, TaskId, TaskSpec, TopicKind};
 use tokio::sync::mpsc;
 
 use cli::{Cli, Command, SubmitArgs};
@@ -244,20 +245,29 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 print_json(&rows);
             } else {
                 println!(
-                    "{:<24} {:<6} {:<7} {:>5}  {:<14} {:>9}  TAGS",
-                    "ID", "ALIVE", "LEADER", "TASKS", "VERSION", "CLOCK"
+                    "{:<24} {:<6} {:<7} {:<9} {:>5} {:>6} {:>13}  {:<14} {:>9}  TAGS",
+                    "ID", "ALIVE", "LEADER", "MODE", "TASKS", "LOAD", "MEM FREE", "VERSION", "CLOCK"
                 );
                 let mine = shiva_proto::protocol();
                 for row in &rows {
                     let leader = if row.leader { "*" } else { "" };
                     let version = format!("{}/p{}", row.version.as_deref().unwrap_or("?"), row.protocol);
                     let clock = row.clock_offset_ms.map_or("?".to_owned(), show::offset_text);
+                    let memory = if row.memory_total_bytes == 0 {
+                        "?".to_owned()
+                    } else {
+                        let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
+                        format!("{:.1}/{:.1}G", gib(row.memory_available_bytes), gib(row.memory_total_bytes))
+                    };
                     println!(
-                        "{:<24} {:<6} {:<7} {:>5}  {:<14} {:>9}  {}",
+                        "{:<24} {:<6} {:<7} {:<9} {:>5} {:>6.2} {:>13}  {:<14} {:>9}  {}",
                         row.id.as_str(),
                         row.alive,
                         leader,
+                        row.mode,
                         row.tasks,
+                        row.load1,
+                        memory,
                         version,
                         clock,
                         row.tags.join(",")
@@ -320,6 +330,22 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 }
             }
         }
+        Command::Cordon { node, json } => {
+            node_mode(&config, timeout, &node, Mode::Cordoned, None, json.json).await?;
+        }
+        Command::Uncordon { node, json } => {
+            node_mode(&config, timeout, &node, Mode::Open, None, json.json).await?;
+        }
+        Command::Drain { node, deadline, detach, wait, json } => {
+            let deadline_ms = deadline.map(|deadline| {
+                shiva_proto::wall::now_ms()
+                    .saturating_add(i64::try_from(deadline.as_millis()).unwrap_or(i64::MAX))
+            });
+            node_mode(&config, timeout, &node, Mode::Draining, deadline_ms, json.json && detach).await?;
+            if !detach {
+                drain_wait(&config, timeout, &node, wait, json.json).await?;
+            }
+        }
         Command::Run { id } => command(&config, timeout, Commanded::Run(task_id(&id)?)).await?,
         Command::Suspend { id } => command(&config, timeout, Commanded::Suspend(task_id(&id)?)).await?,
         Command::Resume { id } => command(&config, timeout, Commanded::Resume(task_id(&id)?)).await?,
@@ -335,6 +361,101 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Delete { id } => command(&config, timeout, Commanded::Delete(task_id(&id)?)).await?,
     }
     Ok(())
+}
+
+/// `cordon`, `uncordon`, `drain`: writes the node's mode.
+async fn node_mode(
+    config: &BusConfig,
+    timeout: Duration,
+    node: &str,
+    mode: Mode,
+    deadline_ms: Option<i64>,
+    json: bool,
+) -> Result<(), CtlError> {
+    let node = NodeId::new(node).map_err(|err| invalid(format!("node id '{node}': {err}")))?;
+    let view = snapshot(config, timeout, &TopicKind::ALL).await?;
+    let write = commands::node_mode(&view, &node, mode, deadline_ms)?;
+    let offsets = send_writes(&Publisher::new(config, "ctl")?, vec![write]).await?;
+    let leader_knows =
+        view.leader().and_then(|(_, winner)| view.heartbeats.get(&winner.node)).is_none_or(|entry| {
+            entry.heartbeat.features.iter().any(|f| f == shiva_proto::records::feature::NODE_MODES)
+        });
+    if json {
+        print_json(
+            &serde_json::json!({"node": node, "mode": mode.as_str(), "deadline_ms": deadline_ms, "revision": offsets[0].1}),
+        );
+    } else {
+        match mode {
+            Mode::Open => println!("{node}: open (new tasks may be placed there)"),
+            Mode::Cordoned => println!("{node}: cordoned (no new task is placed there; its tasks stay)"),
+            Mode::Draining => println!("{node}: draining (its services move away one copy at a time)"),
+        }
+    }
+    if !leader_knows {
+        eprintln!(
+            "warning: the leader runs a version without node modes: it ignores this until a node of this version leads"
+        );
+    }
+    Ok(())
+}
+
+/// Waits until `node` is drained, saying what still runs there now and then.
+async fn drain_wait(
+    config: &BusConfig,
+    timeout: Duration,
+    node: &str,
+    wait: Duration,
+    json: bool,
+) -> Result<(), CtlError> {
+    let node = NodeId::new(node).map_err(invalid)?;
+    let started = std::time::Instant::now();
+    let mut said = String::new();
+    loop {
+        let view = snapshot(config, timeout, &TopicKind::ALL).await?;
+        let row = node_rows(&view)
+            .into_iter()
+            .find(|row| row.id == node)
+            .ok_or_else(|| CtlError::Failed(anyhow::anyhow!("node '{node}' is no longer in this cluster")))?;
+        if row.mode == "drained" {
+            if json {
+                print_json(&row);
+            } else {
+                println!("{node}: drained in {:.1} s", started.elapsed().as_secs_f64());
+            }
+            return Ok(());
+        }
+        if row.mode != "draining" {
+            return Err(CtlError::Failed(anyhow::anyhow!(
+                "{node} is {} now: its drain was replaced by another command",
+                row.mode
+            )));
+        }
+        let remaining: Vec<String> = view
+            .assignments
+            .keys()
+            .filter(|task| view.assigned_node(task) == Some(&node))
+            .map(|task| match task_row(&view, task) {
+                Some(row) if row.reason.is_some() => format!("{task} ({})", row.reason.unwrap_or_default()),
+                _ => task.to_string(),
+            })
+            .collect();
+        let now = if remaining.is_empty() {
+            "copies and runs still ending there".to_owned()
+        } else {
+            format!("{} task(s) still there: {}", remaining.len(), remaining.join(", "))
+        };
+        if now != said && !json {
+            println!("{node}: {now}");
+            said = now;
+        }
+        if started.elapsed() >= wait {
+            return Err(CtlError::Failed(anyhow::anyhow!(
+                "{node} is not drained after {}: {said}; the drain goes on (`shiva-ctl nodes` shows it)",
+                humantime::format_duration(wait)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// A schedule's lines of `status` and `submit --dry-run`.

@@ -20,7 +20,7 @@ use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 use uuid::Uuid;
 
 use crate::fault::contain;
-use crate::placement::{Candidate, Demand, plan};
+use crate::placement::{Candidate, Demand, no_node_reason, plan};
 
 pub mod handoff;
 
@@ -188,7 +188,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         }
     }
 
-    let candidates = Candidate::runners(live);
+    let candidates = Candidate::runners(live, &view.node_modes, now_ms);
     let is_live = |node: &NodeId| live.iter().any(|member| member.id == *node);
     let may_start_after =
         |node: &NodeId| live.iter().any(|member| member.id == *node && member.has(feature::START_AFTER));
@@ -310,9 +310,12 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                     }
                     None if view.desired_state(task) == DesiredState::Stopped => Placement::Stopped,
                     // Periodic and one-shot tasks: the scheduler launches each run.
-                    None => match candidates.iter().any(|node| node.can_run(&spec.spec.tags)) {
+                    None => match candidates
+                        .iter()
+                        .any(|node| node.takes_new() && node.can_run(&spec.spec.tags))
+                    {
                         true => Placement::Scheduled,
-                        false => Placement::Pending { reason: no_runner(&spec.spec.tags) },
+                        false => Placement::Pending { reason: no_node_reason(&candidates, &spec.spec.tags) },
                     },
                 }
             }),
@@ -676,14 +679,6 @@ pub fn fail_write(view: &LogView, epoch: u64, task: &TaskId, reason: String) -> 
         incarnation: None,
     };
     Some(assignment_write(epoch, task, generation, spec, record))
-}
-
-fn no_runner(tags: &[String]) -> String {
-    if tags.is_empty() {
-        "no live runner node".to_owned()
-    } else {
-        format!("no live runner node has all of the tags {}", tags.join(", "))
-    }
 }
 
 #[cfg(test)]

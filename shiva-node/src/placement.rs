@@ -8,12 +8,31 @@
 //!   broken by node id;
 //! * a task held on a node that is gone but may still run it (not yet fenced) stays there;
 //! * a task avoids the nodes it failed on while another eligible node exists;
+//! * a cordoned node keeps its tasks and gets no new one; a draining node gets no new task and
+//!   keeps a task only while no other eligible node takes new work, and not past the drain's
+//!   deadline (`shiva-ctl cordon`, `drain`);
 //! * a task with no eligible node is pending, with the reason.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use shiva_proto::records::Member;
+use shiva_proto::records::{Member, Mode, NodeMode};
 use shiva_proto::{NodeId, TaskId};
+
+/// Whether a runner takes new work and keeps what it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Availability {
+    /// Takes new tasks.
+    #[default]
+    Open,
+    /// Keeps its tasks, takes no new one.
+    Cordoned,
+    /// Takes no new task; its tasks go to other eligible nodes, and stay while none takes new
+    /// work, until `expired` (the drain's deadline passed).
+    Draining {
+        /// The deadline passed.
+        expired: bool,
+    },
+}
 
 /// A live runner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,16 +41,28 @@ pub struct Candidate {
     pub id: NodeId,
     /// Its tags, host name included.
     pub tags: BTreeSet<String>,
+    /// Cordoned or draining.
+    pub availability: Availability,
 }
 
 impl Candidate {
-    /// The runners among `live` members.
-    pub fn runners(live: &[Member]) -> Vec<Candidate> {
+    /// The runners among `live` members, with their modes (`mode/<node>` records) at `now_ms`.
+    pub fn runners(live: &[Member], modes: &BTreeMap<NodeId, NodeMode>, now_ms: i64) -> Vec<Candidate> {
         live.iter()
             .filter(|member| member.runner)
             .map(|member| Candidate {
                 id: member.id.clone(),
                 tags: member.tags.iter().cloned().chain([member.hostname.clone()]).collect(),
+                availability: match modes.get(&member.id) {
+                    None => Availability::Open,
+                    Some(mode) => match mode.mode {
+                        Mode::Open => Availability::Open,
+                        Mode::Cordoned => Availability::Cordoned,
+                        Mode::Draining => Availability::Draining {
+                            expired: mode.deadline_ms.is_some_and(|deadline| now_ms >= deadline),
+                        },
+                    },
+                },
             })
             .collect()
     }
@@ -39,6 +70,27 @@ impl Candidate {
     /// Whether it carries every one of `tags`.
     pub fn can_run(&self, tags: &[String]) -> bool {
         tags.iter().all(|tag| self.tags.contains(tag))
+    }
+
+    /// Whether new work may be placed there.
+    pub fn takes_new(&self) -> bool {
+        self.availability == Availability::Open
+    }
+}
+
+/// Why no node takes a task needing `tags` among `nodes`.
+pub fn no_node_reason(nodes: &[Candidate], tags: &[String]) -> String {
+    let closed: Vec<&str> = nodes
+        .iter()
+        .filter(|node| node.can_run(tags) && !node.takes_new())
+        .map(|node| node.id.as_str())
+        .collect();
+    if !closed.is_empty() {
+        format!("every live runner node that could run it is cordoned or draining ({})", closed.join(", "))
+    } else if nodes.is_empty() {
+        "no live runner node".to_owned()
+    } else {
+        format!("no live runner node carries the tags [{}]", tags.join(", "))
     }
 }
 
@@ -73,7 +125,13 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
             .current
             .as_ref()
             .and_then(|current| nodes.iter().find(|node| node.id == *current))
-            .filter(|node| eligible(node, task));
+            .filter(|node| eligible(node, task))
+            .filter(|node| match node.availability {
+                Availability::Open | Availability::Cordoned => true,
+                Availability::Draining { expired } => {
+                    !expired && !nodes.iter().any(|other| other.takes_new() && eligible(other, task))
+                }
+            });
         match keep {
             Some(node) => {
                 *load.get_mut(&node.id).expect("every candidate has a load") += 1;
@@ -85,18 +143,18 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
     to_place.sort_by(|a, b| a.task.cmp(&b.task));
     for task in to_place {
         let fresh = |node: &&Candidate| !task.avoid.contains(&node.id);
-        let any_fresh = nodes.iter().filter(fresh).any(|node| eligible(node, task));
+        let open = |node: &&Candidate| node.takes_new() && eligible(node, task);
+        let any_fresh = nodes.iter().filter(fresh).any(|node| open(&node));
         let best = nodes
             .iter()
-            .filter(|node| eligible(node, task) && (!any_fresh || fresh(node)))
+            .filter(|node| open(node) && (!any_fresh || fresh(node)))
             .min_by(|a, b| load[&a.id].cmp(&load[&b.id]).then_with(|| a.id.cmp(&b.id)));
         let decision = match best {
             Some(node) => {
                 *load.get_mut(&node.id).expect("every candidate has a load") += 1;
                 Ok(node.id.clone())
             }
-            None if nodes.is_empty() => Err("no live runner node".to_owned()),
-            None => Err(format!("no live runner node carries the tags [{}]", task.tags.join(", "))),
+            None => Err(no_node_reason(nodes, &task.tags)),
         };
         placed.insert(task.task.clone(), decision);
     }
@@ -122,6 +180,7 @@ mod tests {
                 .map(|(id, tags)| Candidate {
                     id: NodeId::new(format!("n{id}")).unwrap(),
                     tags: tags.into_iter().map(str::to_owned).collect(),
+                    availability: Availability::Open,
                 })
                 .collect()
         })
@@ -179,7 +238,11 @@ mod tests {
         fn running_tasks_do_not_move_when_a_node_joins(nodes in nodes_strategy(), tasks in tasks_strategy()) {
             let once = plan(&nodes, &tasks);
             let mut more = nodes.clone();
-            more.push(Candidate { id: NodeId::new("joiner").unwrap(), tags: TAGS.iter().map(|t| t.to_string()).collect() });
+            more.push(Candidate {
+                id: NodeId::new("joiner").unwrap(),
+                tags: TAGS.iter().map(|t| t.to_string()).collect(),
+                availability: Availability::Open,
+            });
             let after = plan(&more, &with_result(&tasks, &once));
             for (task, decision) in &once {
                 if let Ok(node) = decision {
@@ -191,7 +254,11 @@ mod tests {
         #[test]
         fn fresh_untagged_work_spreads_within_one(node_count in 1usize..7, task_count in 0usize..40) {
             let nodes: Vec<Candidate> = (0..node_count)
-                .map(|i| Candidate { id: NodeId::new(format!("n{i}")).unwrap(), tags: BTreeSet::new() })
+                .map(|i| Candidate {
+                    id: NodeId::new(format!("n{i}")).unwrap(),
+                    tags: BTreeSet::new(),
+                    availability: Availability::Open,
+                })
                 .collect();
             let tasks: Vec<Demand> = (0..task_count)
                 .map(|i| Demand {
@@ -217,6 +284,7 @@ mod tests {
         let node = |id: &str, tags: &[&str]| Candidate {
             id: NodeId::new(id).unwrap(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            availability: Availability::Open,
         };
         let task = |id: &str, tags: &[&str], current: Option<&str>| Demand {
             task: TaskId::new(id).unwrap(),
@@ -247,5 +315,57 @@ mod tests {
         let x = TaskId::new("x").unwrap();
         assert_eq!(plan(&nodes, &[failed(&["a"])])[&x], Ok(NodeId::new("b").unwrap()));
         assert_eq!(plan(&nodes, &[failed(&["b", "a"])])[&x], Ok(NodeId::new("a").unwrap()));
+    }
+
+    #[test]
+    fn cordoned_nodes_keep_their_tasks_and_draining_ones_hand_them_over_while_another_can_take_them() {
+        let node = |id: &str, tags: &[&str], availability| Candidate {
+            id: NodeId::new(id).unwrap(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            availability,
+        };
+        let task = |id: &str, tags: &[&str], current: Option<&str>| Demand {
+            task: TaskId::new(id).unwrap(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            current: current.map(|c| NodeId::new(c).unwrap()),
+            hold: false,
+            avoid: vec![],
+        };
+        let id = |id: &str| NodeId::new(id).unwrap();
+        let on = |result: &BTreeMap<TaskId, Result<NodeId, String>>, t: &str| {
+            result[&TaskId::new(t).unwrap()].clone()
+        };
+        let tasks = [task("kept", &[], Some("a")), task("new1", &[], None), task("new2", &[], None)];
+
+        // Cordoned: keeps "kept", takes neither new task although it is the least loaded.
+        let nodes = [node("a", &[], Availability::Cordoned), node("b", &[], Availability::Open)];
+        let result = plan(&nodes, &tasks);
+        assert_eq!(on(&result, "kept"), Ok(id("a")));
+        assert_eq!(on(&result, "new1"), Ok(id("b")));
+        assert_eq!(on(&result, "new2"), Ok(id("b")));
+
+        // Draining: "kept" moves to b; nothing new lands on a.
+        let draining = Availability::Draining { expired: false };
+        let nodes = [node("a", &[], draining), node("b", &[], Availability::Open)];
+        let result = plan(&nodes, &tasks);
+        assert!(result.values().all(|placed| placed == &Ok(id("b"))), "{result:?}");
+
+        // A task only the draining node can run stays there until the deadline, then waits.
+        let gpu = [task("gpu", &["gpu"], Some("a"))];
+        let nodes = [node("a", &["gpu"], draining), node("b", &[], Availability::Open)];
+        assert_eq!(on(&plan(&nodes, &gpu), "gpu"), Ok(id("a")));
+        let nodes = [
+            node("a", &["gpu"], Availability::Draining { expired: true }),
+            node("b", &[], Availability::Open),
+        ];
+        let reason = on(&plan(&nodes, &gpu), "gpu").unwrap_err();
+        assert!(reason.contains("cordoned or draining (a)"), "{reason}");
+        // Another gpu node cordoned does not take it either.
+        let nodes = [node("a", &["gpu"], draining), node("c", &["gpu"], Availability::Cordoned)];
+        assert_eq!(on(&plan(&nodes, &gpu), "gpu"), Ok(id("a")));
+        // A new task no open node can run is pending, naming the closed ones.
+        let nodes = [node("a", &[], Availability::Cordoned)];
+        let reason = on(&plan(&nodes, &[task("new", &[], None)]), "new").unwrap_err();
+        assert!(reason.contains("cordoned or draining (a)"), "{reason}");
     }
 }

@@ -200,7 +200,7 @@ struct Load {
 
 impl Load {
     fn new(ctx: &Context<'_>) -> Load {
-        let runners = Candidate::runners(ctx.live);
+        let runners = Candidate::runners(ctx.live, &ctx.view.node_modes, ctx.now.timestamp_millis());
         let mut counts: BTreeMap<NodeId, usize> = runners.iter().map(|node| (node.id.clone(), 0)).collect();
         let services = ctx.view.assignments.values().filter_map(|entry| match &entry.assignment.placement {
             Placement::Assigned { node } => Some(node),
@@ -220,9 +220,10 @@ impl Load {
         self.counts.contains_key(node)
     }
 
-    /// Whether a live runner carries all of `tags`.
+    /// Whether a live runner that takes new work (not cordoned or draining) carries all of
+    /// `tags`.
     fn any_can_run(&self, tags: &[String]) -> bool {
-        self.runners.iter().any(|node| node.can_run(tags))
+        self.runners.iter().any(|node| node.takes_new() && node.can_run(tags))
     }
 
     /// The eligible runner with the fewest runs (ties by id), counted as one more.
@@ -230,7 +231,7 @@ impl Load {
         let node = self
             .runners
             .iter()
-            .filter(|node| node.can_run(tags))
+            .filter(|node| node.takes_new() && node.can_run(tags))
             .min_by_key(|node| (self.counts.get(&node.id).copied().unwrap_or(0), node.id.clone()))
             .map(|node| node.id.clone())?;
         *self.counts.entry(node.clone()).or_default() += 1;

@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-use crate::records::{Body, Desired, DesiredState};
+use crate::records::{Body, Desired, DesiredState, Mode, NodeMode};
 use crate::runs::RunRequest;
 use crate::spec::TaskKind;
 use crate::topics::key;
-use crate::{LogView, TaskId, TaskSpec};
+use crate::{LogView, NodeId, TaskId, TaskSpec};
 
 /// An operator's command on a task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +74,9 @@ pub enum CommandError {
     /// The task's state does not allow it (CLI exit 1, HTTP 409).
     #[error("{0}")]
     Conflict(String),
+    /// No such node (CLI exit 1, HTTP 404).
+    #[error("no node '{0}' in this cluster (`shiva-ctl nodes` lists them)")]
+    NoSuchNode(NodeId),
 }
 
 /// One record to write on `commands`: `None` is a tombstone.
@@ -83,6 +86,24 @@ pub struct Write {
     pub key: String,
     /// Its body.
     pub body: Option<Body>,
+}
+
+/// The record of `cordon` (`Mode::Cordoned`), `drain` (`Mode::Draining`, with an optional
+/// deadline) or `uncordon` (`Mode::Open`) of `node`, a node the log knows (a heartbeat of it).
+pub fn node_mode(
+    view: &LogView,
+    node: &NodeId,
+    mode: Mode,
+    deadline_ms: Option<i64>,
+) -> Result<Write, CommandError> {
+    if !view.heartbeats.contains_key(node) {
+        return Err(CommandError::NoSuchNode(node.clone()));
+    }
+    if deadline_ms.is_some() && mode != Mode::Draining {
+        return Err(CommandError::Invalid("only a drain has a deadline".into()));
+    }
+    let body = NodeMode { node: node.clone(), mode, deadline_ms };
+    Ok(Write { key: key::mode(node), body: Some(Body::NodeMode(body)) })
 }
 
 /// The records `command` writes, in order, or why it is refused, judged on `view`.

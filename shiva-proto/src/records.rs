@@ -87,6 +87,8 @@ pub enum Body {
     /// `assignments`, `refusal/<command key>`: the leader's record of a refused command, which
     /// outlasts the command's compaction.
     Refusal(Refusal),
+    /// `commands`, `mode/<node>`: cordon, drain or open a node.
+    NodeMode(NodeMode),
 }
 
 impl Body {
@@ -109,6 +111,7 @@ impl Body {
             Body::Deleted(_) => "deleted",
             Body::Secret(_) => "secret",
             Body::Refusal(_) => "refusal",
+            Body::NodeMode(_) => "node_mode",
         }
     }
 }
@@ -158,6 +161,43 @@ pub struct Desired {
     pub task: TaskId,
     /// What the operator wants.
     pub state: DesiredState,
+}
+
+/// `mode/<node>` body: whether the leader places work on a node (`shiva-ctl cordon`, `drain`,
+/// `uncordon`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMode {
+    /// The node.
+    pub node: NodeId,
+    /// What the operator wants of it.
+    pub mode: Mode,
+    /// `draining` only: when (wall clock, ms) the tasks that found no other node stop there
+    /// anyway. Without it they stay until another node can take them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
+}
+
+/// A node's mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// New work may be placed there (the default; `uncordon`).
+    Open,
+    /// No new work is placed there; what runs there stays (`cordon`).
+    Cordoned,
+    /// No new work, and its services move away through the hand-off (`drain`).
+    Draining,
+}
+
+impl Mode {
+    /// The name `nodes` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Open => "open",
+            Mode::Cordoned => "cordoned",
+            Mode::Draining => "draining",
+        }
+    }
 }
 
 /// Host resources reported in heartbeats (sysinfo), for display and future placement.
@@ -361,8 +401,11 @@ pub mod feature {
     /// first claim as a jump, see no leader, and claim epoch 1 for itself.
     pub const TRIMMED_CLAIMS: &str = "trimmed_claims";
 
+    /// The node, as leader, honours `mode/<node>` records (cordon, drain).
+    pub const NODE_MODES: &str = "node_modes";
+
     /// Every feature this build has, for its heartbeat.
-    pub const ALL: &[&str] = &[START_AFTER, TRIMMED_CLAIMS];
+    pub const ALL: &[&str] = &[START_AFTER, TRIMMED_CLAIMS, NODE_MODES];
 
     /// The features of `listed` this build knows, each once, in [`ALL`]'s order.
     pub fn known(listed: &[String]) -> Vec<String> {
@@ -711,6 +754,7 @@ impl Envelope {
             Body::RunIntent(body) => out(self, body),
             Body::RunReport(body) => out(self, body),
             Body::Deleted(body) => out(self, body),
+            Body::NodeMode(body) => out(self, body),
         }
     }
 
@@ -749,6 +793,7 @@ impl Envelope {
             "run_intent" => Body::RunIntent(body(kind, wire.body)?),
             "run_report" => Body::RunReport(body(kind, wire.body)?),
             "deleted" => Body::Deleted(body(kind, wire.body)?),
+            "node_mode" => Body::NodeMode(body(kind, wire.body)?),
             _ => return Err(DecodeError::UnknownKind(wire.kind)),
         };
         Ok(Envelope {

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::records::{DesiredState, ExitInfo, Placement, RunState};
+use crate::records::{DesiredState, ExitInfo, Mode, Placement, RunState};
 use crate::runs::Trigger;
 use crate::schedule::Schedule;
 use crate::spec::{TaskKind, TaskSpec};
@@ -246,6 +246,13 @@ pub struct NodeRow {
     pub memory_total_bytes: u64,
     /// Its available memory (bytes).
     pub memory_available_bytes: u64,
+    /// `open`, `cordoned` (no new task placed there), `draining` (its tasks move away) or
+    /// `drained` (draining, and nothing runs there any more: no task assigned, no copy
+    /// reported, no run in flight).
+    pub mode: &'static str,
+    /// A drain's deadline (wall clock, ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_deadline_ms: Option<i64>,
 }
 
 /// Above this clock offset from the leader, `nodes` warns.
@@ -262,6 +269,22 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
     for task in view.assignments.keys() {
         if let Some(node) = view.assigned_node(task) {
             *assigned.entry(node).or_default() += 1;
+        }
+    }
+    // Nodes where something still runs: a copy reported live (a moved task's old copy is still
+    // stopping) or a run in flight.
+    let mut busy: std::collections::BTreeSet<&NodeId> = std::collections::BTreeSet::new();
+    for entry in view.statuses.values() {
+        if matches!(
+            entry.status.state,
+            RunState::Starting | RunState::Running | RunState::Backoff | RunState::Stopping
+        ) {
+            busy.insert(&entry.node);
+        }
+    }
+    for (task, run) in &view.open_runs {
+        if let Some(node) = view.run(task, run).and_then(|run| run.in_flight_on()) {
+            busy.insert(node);
         }
     }
     view.heartbeats
@@ -284,7 +307,16 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
                     winner.node == *id && listed.unwrap_or(entry.incarnation) == winner.incarnation
                 });
             let tasks = assigned.get(id).copied().unwrap_or(0);
+            let node_mode = view.node_modes.get(id);
+            let mode = match node_mode.map_or(Mode::Open, |mode| mode.mode) {
+                Mode::Open => "open",
+                Mode::Cordoned => "cordoned",
+                Mode::Draining if tasks == 0 && !busy.contains(id) => "drained",
+                Mode::Draining => "draining",
+            };
             NodeRow {
+                mode,
+                drain_deadline_ms: node_mode.and_then(|mode| mode.deadline_ms),
                 id: id.clone(),
                 tags: entry.heartbeat.tags.clone(),
                 hostname: entry.heartbeat.hostname.clone(),

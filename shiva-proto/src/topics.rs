@@ -130,6 +130,10 @@ pub mod key {
     pub fn refusal(command_key: &str) -> String {
         format!("refusal/{command_key}")
     }
+    /// `mode/<node>`: a node's mode (cordoned, draining, open).
+    pub fn mode(node: &NodeId) -> String {
+        format!("mode/{node}")
+    }
     /// `secret/<name>`.
     pub fn secret(name: &TaskId) -> String {
         format!("secret/{name}")

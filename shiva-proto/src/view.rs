@@ -17,7 +17,8 @@ use uuid::Uuid;
 
 use crate::ids::{NodeId, TaskId};
 use crate::records::{
-    Assignment, Body, DecodeError, DesiredState, Envelope, Heartbeat, Members, Placement, TaskStatus,
+    Assignment, Body, DecodeError, DesiredState, Envelope, Heartbeat, Members, Mode, NodeMode, Placement,
+    TaskStatus,
 };
 use crate::runs::{RunIntent, RunPhase, RunReport, Sched};
 use crate::spec::TaskSpec;
@@ -230,6 +231,8 @@ pub struct LogView {
     pub invalid: BTreeMap<TaskId, InvalidSpec>,
     /// Desired states (absent: running).
     pub desired: BTreeMap<TaskId, DesiredState>,
+    /// Nodes' modes (`cordon`, `drain`; absent: open).
+    pub node_modes: BTreeMap<NodeId, NodeMode>,
     /// Newest heartbeat per node.
     pub heartbeats: BTreeMap<NodeId, HeartbeatEntry>,
     /// Incarnations that announced their departure.
@@ -543,8 +546,11 @@ impl LogView {
         key: &str,
         value: Option<&[u8]>,
     ) -> Result<Authorized, String> {
+        // A node's mode (`mode/<node>`) is a command too, on no task: only a key without a
+        // task restriction may give it.
+        let target = command_task(key).map(Some).or_else(|| mode_node(key).map(|_| None));
         let (Some(policy), TopicKind::Commands, Some(value), Some(task)) =
-            (self.auth.0.clone(), topic, value, command_task(key))
+            (self.auth.0.clone(), topic, value, target)
         else {
             return Ok(Authorized::Unchecked);
         };
@@ -559,7 +565,7 @@ impl LogView {
             if let Some(reason) = restricted_field(&policy, &parts) {
                 return Err(reason);
             }
-            policy.check(key, task.as_str(), &parts, standing)
+            policy.check(key, task.as_ref().map_or("", TaskId::as_str), &parts, standing)
         });
         if let Ok(signer) = &checked
             && standing == Some((signer.at_ms, Some(signer.sshsig.as_str())))
@@ -574,10 +580,12 @@ impl LogView {
             }
             let reason = format!("command '{key}' at offset {offset} refused: {reason}");
             let standing_at_ms = standing.map(|(at_ms, _)| at_ms);
-            self.note_refusal(
-                task,
-                Refusal { offset, key: key.to_owned(), reason: reason.clone(), standing_at_ms },
-            );
+            if let Some(task) = task {
+                self.note_refusal(
+                    task,
+                    Refusal { offset, key: key.to_owned(), reason: reason.clone(), standing_at_ms },
+                );
+            }
             if self.audit.is_some() {
                 self.note_audit(offset, key, Some(value), None, &Outcome::Skipped(reason.clone()));
             }
@@ -758,6 +766,14 @@ impl LogView {
             }
             (TopicKind::Commands, None, Some(task)) => {
                 self.desired.remove(&task);
+            }
+            (TopicKind::Commands, None, None) if let Some(node) = mode_node(key) => {
+                if self.auth.0.is_some() {
+                    return Outcome::Skipped(format!(
+                        "tombstone for '{key}' ignored: in a signed cluster a node's mode changes only by a signed command"
+                    ));
+                }
+                self.node_modes.remove(&node);
             }
             _ => return Outcome::Skipped(format!("tombstone for '{key}' on {topic} ignored")),
         }
@@ -957,6 +973,13 @@ impl LogView {
                 expect_key(key, &key::desired(&desired.task))?;
                 self.desired.insert(desired.task, desired.state);
             }
+            (TopicKind::Commands, Body::NodeMode(mode)) => {
+                expect_key(key, &key::mode(&mode.node))?;
+                if mode.deadline_ms.is_some() && mode.mode != Mode::Draining {
+                    return Err("only a drain has a deadline".into());
+                }
+                self.node_modes.insert(mode.node.clone(), mode);
+            }
             (TopicKind::Control, Body::Heartbeat(heartbeat)) => {
                 let (node, incarnation) = node_sender().ok_or("sender is not a node with an incarnation")?;
                 expect_key(key, &key::node(&node))?;
@@ -1141,6 +1164,12 @@ fn restricted_field(policy: &crate::auth::Policy, parts: &crate::auth::SignedPar
 
 /// The task a command key names: `task/<id>`, `desired/<id>`, `request/<id>/<request-id>`;
 /// for `secret/<name>`, the name (an authorized key's prefixes apply to it as to a task id).
+/// The node a `mode/<node>` key names.
+pub fn mode_node(key: &str) -> Option<NodeId> {
+    NodeId::new(key.strip_prefix("mode/")?).ok()
+}
+
+/// The task a command key names (`task/`, `desired/`, `secret/`, `request/`).
 pub fn command_task(key: &str) -> Option<TaskId> {
     let id = key::task_of(key, "task")
         .or_else(|| key::task_of(key, "desired"))

@@ -14,6 +14,11 @@ use shiva_e2e::{Cluster, SETTLE, scratch, wait_until};
 /// Stamps `start`, `tick` (every 50 ms) and `stop` lines; on SIGTERM it ticks on for 3 s more
 /// before it exits, as a pipeline flushing its output would.
 fn slow_to_stop(cluster: &Cluster, tags: &[&str], log: &Path) -> serde_json::Value {
+    slow_service("app/slow", cluster, tags, log)
+}
+
+/// [`slow_to_stop`] as task `id`.
+fn slow_service(id: &str, cluster: &Cluster, tags: &[&str], log: &Path) -> serde_json::Value {
     let script = format!(
         "stamp() {{ echo \"$1 $SHIVA_RUN_ID $SHIVA_NODE_ID $(date +%s%N)\" >> {log}; }}; \
          trap 'for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do stamp tick; sleep 0.2; done; stamp stop; exit 0' TERM; \
@@ -21,7 +26,7 @@ fn slow_to_stop(cluster: &Cluster, tags: &[&str], log: &Path) -> serde_json::Val
         log = log.display()
     );
     json!({
-        "id": "app/slow",
+        "id": id,
         "command": "sh",
         "args": ["-c", script],
         "env": {"E2E": cluster.name},
@@ -149,4 +154,182 @@ fn a_failed_status_written_while_the_broker_is_down_lands_and_the_task_moves() {
     });
     let log = cluster.node(&first).log_text();
     assert!(log.contains("status not written; writing it again"), "the failed write was retried: {log}");
+}
+
+/// Drain and cordon (issue 19, point 3): a cordoned node keeps its tasks and gets no new one; a
+/// drained node's services move away one copy at a time (no two copies of any of them overlap,
+/// by their stamps), through a kill -9 of another node mid-drain, while an every-second periodic
+/// task runs each slot once and starts none there; a task only the drained node can run stays
+/// until the drain's deadline, then waits, naming why; `uncordon` takes it back.
+#[test]
+fn drain_moves_every_service_away_one_copy_at_a_time_and_cordon_places_nothing_new() {
+    let mut cluster = Cluster::start("drain", 3, &[&["--tags", "a,gpu"], &["--tags", "a"], &["--tags", "a"]]);
+    let dir = scratch("drain");
+    let services: Vec<String> = (0..6).map(|i| format!("app/s{i}")).collect();
+    let log_of = |task: &str| dir.join(task.replace('/', "-"));
+    for task in &services {
+        submit(&cluster, slow_service(task, &cluster, &["a"], &log_of(task)));
+    }
+    // The chaos test's periodic task: every second, stamping its runs.
+    let ticks = dir.join("ticks");
+    let script = format!(
+        "stamp() {{ echo \"$1 $SHIVA_RUN_ID $SHIVA_SLOT $SHIVA_NODE_ID $(date +%s%N)\" >> {log}; }}; \
+         trap 'stamp stop; exit 0' TERM; stamp start; \
+         for i in 1 2 3 4 5 6 7 8; do sleep 0.05; stamp tick; done; stamp stop",
+        log = ticks.display()
+    );
+    let tick = json!({"id": "cron/tick", "command": "sh", "args": ["-c", script], "env": {"E2E": cluster.name},
+        "schedule": "* * * * * *", "stop_grace": "1s"});
+    submit(&cluster, tick);
+    let on = |cluster: &Cluster, task: &str| -> Option<String> {
+        cluster.ctl.tasks().get(task).and_then(|row| row["node"].as_str().map(str::to_owned))
+    };
+    wait_until(SETTLE, "every service runs", || {
+        let tasks = cluster.ctl.tasks();
+        services.iter().all(|task| tasks.get(task).is_some_and(|row| row["state"] == "running"))
+    });
+    let mode = |cluster: &Cluster, node: &str| -> String {
+        let rows = cluster.ctl.json(&["nodes"]);
+        let row = rows.as_array().unwrap().iter().find(|row| row["id"] == node).cloned().unwrap();
+        row["mode"].as_str().unwrap().to_owned()
+    };
+
+    // Cordon n2: its services stay (same copies), a new service goes elsewhere.
+    let before: BTreeMap<String, Option<String>> =
+        services.iter().map(|t| (t.clone(), on(&cluster, t))).collect();
+    let kept: Vec<&String> = services.iter().filter(|t| before[*t].as_deref() == Some("n2")).collect();
+    assert!(!kept.is_empty(), "n2 runs some of the services: {before:?}");
+    cluster.ctl.ok(&["cordon", "n2"]);
+    assert_eq!(mode(&cluster, "n2"), "cordoned");
+    for i in 0..3 {
+        let task = format!("app/new{i}");
+        submit(&cluster, slow_service(&task, &cluster, &["a"], &log_of(&task)));
+        wait_until(SETTLE, "the new service runs", || {
+            cluster.ctl.tasks().get(&task).is_some_and(|row| row["state"] == "running")
+        });
+        assert_ne!(on(&cluster, &task).as_deref(), Some("n2"), "{task} was placed on cordoned n2");
+    }
+    for task in &kept {
+        assert_eq!(copies(&log_of(task)).len(), 1, "{task} stayed on cordoned n2, in its first copy");
+    }
+    cluster.ctl.ok(&["uncordon", "n2"]);
+    assert_eq!(mode(&cluster, "n2"), "open");
+
+    // A gpu task only n1 can run.
+    let gpu_log = log_of("app/gpu");
+    submit(&cluster, slow_service("app/gpu", &cluster, &["gpu"], &gpu_log));
+    wait_copy_on(&gpu_log, "n1", 1);
+
+    // Drain n1 with a deadline of 12 s; kill -9 another node mid-drain and bring it back.
+    let on_n1: Vec<String> =
+        cluster.ctl.tasks().into_iter().filter(|(_, row)| row["node"] == "n1").map(|(t, _)| t).collect();
+    assert!(on_n1.len() >= 2, "n1 runs services to drain: {on_n1:?}");
+    let drained_at = std::time::Instant::now();
+    let drain = std::process::Command::new(shiva_e2e::bin("shiva-ctl"))
+        .args([
+            "--bus",
+            &cluster.broker.url(),
+            "--cluster",
+            &cluster.name,
+            "drain",
+            "n1",
+            "--deadline",
+            "12s",
+            "--wait",
+            "60s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let leader = cluster.wait_nodes(3);
+    let victim = if leader == "n1" { "n3".to_owned() } else { leader };
+    eprintln!("kill -9 {victim} mid-drain");
+    cluster.node(&victim).kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.node(&victim).restart();
+    // The gpu task stays on n1 until the deadline.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        on(&cluster, "app/gpu").as_deref(),
+        Some("n1"),
+        "the gpu task stays on n1 before the deadline"
+    );
+    let output = drain.wait_with_output().unwrap();
+    let printed =
+        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "drain: {printed}");
+    assert!(printed.contains("n1: drained"), "{printed}");
+    assert!(
+        drained_at.elapsed() >= Duration::from_secs(12),
+        "drained only after the deadline (the gpu task)"
+    );
+    let now_mode = mode(&cluster, "n1");
+    assert_eq!(
+        now_mode,
+        "drained",
+        "{}\n{}\n{}",
+        cluster.ctl.ok(&["nodes"]),
+        cluster.ctl.ok(&["list"]),
+        std::fs::read_to_string(&ticks)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let tasks = cluster.ctl.tasks();
+    for (task, row) in &tasks {
+        assert_ne!(row["node"], "n1", "{task} is still on drained n1: {row}");
+    }
+    let gpu = &tasks["app/gpu"];
+    assert!(
+        gpu["state"] == "pending"
+            && gpu["reason"].as_str().unwrap_or("").contains("cordoned or draining (n1)"),
+        "the gpu task waits, naming the drained node: {gpu}"
+    );
+    wait_until(SETTLE, "the drained services run elsewhere", || {
+        let tasks = cluster.ctl.tasks();
+        on_n1.iter().filter(|t| *t != "app/gpu").all(|task| tasks[task]["state"] == "running")
+    });
+    // No two copies of any service overlapped, and every copy on n1 ended by its own stop.
+    for task in services.iter().chain(on_n1.iter()) {
+        assert_one_at_a_time(&log_of(task));
+    }
+    // The periodic task: no slot twice, no two runs at once, and none started on n1 after the
+    // drain ended.
+    let drained_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    std::thread::sleep(Duration::from_secs(4));
+    let mut per_slot: BTreeMap<String, usize> = BTreeMap::new();
+    let mut spans: BTreeMap<String, (String, u128, u128)> = BTreeMap::new();
+    for line in std::fs::read_to_string(&ticks).unwrap().lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [what, run, slot, node, at] = fields[..] else { continue };
+        let at: u128 = at.parse().unwrap();
+        if what == "start" {
+            *per_slot.entry(slot.to_owned()).or_default() += 1;
+            assert!(!(node == "n1" && at > drained_ns), "run {run} started on drained n1");
+        }
+        let span = spans.entry(run.to_owned()).or_insert((node.to_owned(), at, at));
+        span.1 = span.1.min(at);
+        span.2 = span.2.max(at);
+    }
+    assert!(per_slot.len() >= 15, "the periodic task ran throughout: {} slots", per_slot.len());
+    let twice: Vec<_> = per_slot.iter().filter(|(_, count)| **count > 1).collect();
+    assert!(twice.is_empty(), "slots run twice: {twice:?}");
+    shiva_e2e::assert_one_at_a_time(
+        spans.into_iter().map(|(run, (node, from, to))| (from, to, format!("{run} on {node}"))).collect(),
+    );
+
+    // Uncordon: the gpu task comes back to n1.
+    cluster.ctl.ok(&["uncordon", "n1"]);
+    wait_copy_on(&gpu_log, "n1", 2);
+    assert_eq!(mode(&cluster, "n1"), "open");
+    // An unknown node is refused (exit 1), a bad deadline too (exit 2).
+    let unknown = cluster.ctl.run(&["drain", "nope"]);
+    assert_eq!(unknown.status.code(), Some(1), "{}", String::from_utf8_lossy(&unknown.stderr));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no node 'nope'"));
+    assert_eq!(cluster.ctl.run(&["drain", "n2", "--deadline", "100d"]).status.code(), Some(2));
 }

@@ -200,7 +200,7 @@ impl IntoResponse for ApiError {
 impl From<CommandError> for ApiError {
     fn from(err: CommandError) -> Self {
         let status = match err {
-            CommandError::NotFound(_) => StatusCode::NOT_FOUND,
+            CommandError::NotFound(_) | CommandError::NoSuchNode(_) => StatusCode::NOT_FOUND,
             CommandError::Invalid(_) => StatusCode::BAD_REQUEST,
             CommandError::Conflict(_) => StatusCode::CONFLICT,
         };

@@ -223,3 +223,65 @@ fn a_tenants_key_may_not_choose_the_user_or_the_working_directory() {
         "{outcome:?}"
     );
 }
+
+#[test]
+fn in_a_signed_view_a_nodes_mode_changes_only_by_a_signed_command_of_an_unrestricted_key() {
+    use crate::records::{Body, Mode, NodeMode};
+    use crate::view::{LogView, Outcome};
+    use crate::{NodeId, TopicKind};
+    let ops = key(1, "ops");
+    let tenant = key(3, "tenant");
+    let text = format!("{}\n{}\n", line(&ops, ""), line(&tenant, "shiva-tasks=\"tenant-a/\""));
+    let mut view = LogView::with_policy(Some(std::sync::Arc::new(Policy::parse("c", &text).unwrap())));
+    let n1 = NodeId::new("n1").unwrap();
+    let drain = |mode| Body::NodeMode(NodeMode { node: n1.clone(), mode, deadline_ms: None });
+    let mut apply =
+        |offset: i64, value: Option<&[u8]>| view.apply(TopicKind::Commands, offset, Some(b"mode/n1"), value);
+    // Unsigned: refused.
+    let unsigned = crate::Envelope {
+        sender: "ctl:x".into(),
+        incarnation: None,
+        sent_at_ms: 1,
+        body: drain(Mode::Draining),
+    }
+    .encode();
+    assert!(matches!(apply(0, Some(&unsigned)), Outcome::Skipped(reason) if reason.contains("unsigned")));
+    // A tenant's key, restricted to its tasks: refused.
+    let by_tenant = record(&tenant, "c", "mode/n1", drain(Mode::Draining), 10);
+    assert!(
+        matches!(apply(1, Some(&by_tenant)), Outcome::Skipped(reason) if reason.contains("may command only tasks"))
+    );
+    // An operator's key: accepted. An unsigned tombstone does not undo it.
+    let by_ops = record(&ops, "c", "mode/n1", drain(Mode::Cordoned), 11);
+    assert_eq!(apply(2, Some(&by_ops)), Outcome::Applied("node_mode"));
+    assert!(matches!(apply(3, None), Outcome::Skipped(_)));
+    assert_eq!(view.node_modes[&n1].mode, Mode::Cordoned);
+    // A record whose key names another node, or a deadline on a cordon: refused.
+    let mut open = LogView::default();
+    let other = crate::Envelope {
+        sender: "ctl:x".into(),
+        incarnation: None,
+        sent_at_ms: 1,
+        body: drain(Mode::Draining),
+    }
+    .encode();
+    assert!(matches!(
+        open.apply(TopicKind::Commands, 0, Some(b"mode/n2"), Some(&other)),
+        Outcome::Skipped(_)
+    ));
+    let deadline = Body::NodeMode(NodeMode { node: n1.clone(), mode: Mode::Cordoned, deadline_ms: Some(5) });
+    let deadline =
+        crate::Envelope { sender: "ctl:x".into(), incarnation: None, sent_at_ms: 1, body: deadline }.encode();
+    assert!(matches!(
+        open.apply(TopicKind::Commands, 1, Some(b"mode/n1"), Some(&deadline)),
+        Outcome::Skipped(_)
+    ));
+    assert!(open.node_modes.is_empty());
+    // In an open cluster a tombstone opens the node again.
+    assert_eq!(
+        open.apply(TopicKind::Commands, 2, Some(b"mode/n1"), Some(&unsigned)),
+        Outcome::Applied("node_mode")
+    );
+    assert_eq!(open.apply(TopicKind::Commands, 3, Some(b"mode/n1"), None), Outcome::Applied("tombstone"));
+    assert!(open.node_modes.is_empty());
+}
