@@ -220,7 +220,8 @@ pub fn main(legacy: Option<&str>) -> u8 {
         Ok(spawned) => spawned,
         Err(err) => {
             back_out(&homes);
-            emit(&ShimEvent::Failed { error: format!("failed to start '{}': {err}", config.run.program) });
+            // The cause only: the node says which task and program failed to start.
+            emit(&ShimEvent::Failed { error: err.to_string() });
             clear_cgroups(&config);
             return 0;
         }

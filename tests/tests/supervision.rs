@@ -408,3 +408,28 @@ fn a_node_cut_from_the_broker_both_ways_or_only_for_reads_never_doubles_its_task
     let cut_off = cluster.node("n3").log_text();
     assert!(cut_off.contains("cut off from the bus"), "{cut_off}");
 }
+
+/// A task whose program does not exist says so once, naming the program and the cause: not
+/// "failed to start 'x': failed to start 'x': …" (issue 19, point 7).
+#[test]
+fn a_missing_program_is_reported_once_with_its_cause() {
+    let cluster = Cluster::start("missing", 1, &[]);
+    submit(
+        &cluster,
+        json!({"id": "job/missing", "command": "/no/such/program", "once": true, "max_attempts": 1}),
+    );
+    submit(&cluster, json!({"id": "app/missing", "command": "/no/such/program"}));
+    let mut reasons = Vec::new();
+    wait_until(SETTLE, "both report why they did not start", || {
+        let history = cluster.ctl.try_json(&["history", "job/missing"]).unwrap_or_default();
+        let run = history.as_array().and_then(|runs| runs.first()).cloned().unwrap_or_default();
+        let task = cluster.ctl.tasks().get("app/missing").cloned().unwrap_or_default();
+        reasons =
+            [run["message"].as_str(), task["reason"].as_str()].map(|r| r.unwrap_or("").to_owned()).to_vec();
+        reasons.iter().all(|reason| reason.contains("No such file"))
+    });
+    for reason in &reasons {
+        assert_eq!(reason.matches("failed to start").count(), 1, "{reason}");
+        assert!(reason.contains("'/no/such/program'"), "{reason}");
+    }
+}
