@@ -101,31 +101,43 @@ pub enum Command {
     Kill {
         /// Task id.
         id: String,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Start a stopped task again.
     Start {
         /// Task id.
         id: String,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Stop a task and delete its definition.
     Delete {
         /// Task id.
         id: String,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Run a periodic task now (a run of its own, under the task's overlap policy).
     Run {
         /// Task id.
         id: String,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Launch no new runs of a periodic or one-shot task; a current run continues.
     Suspend {
         /// Task id.
         id: String,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Launch runs of a suspended task again (slots missed meanwhile are not caught up).
     Resume {
         /// Task id.
         id: String,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Print a task's output (stdout and stderr, in the order the node read them), from the
     /// logs topic: works from any machine and after the node that ran it is gone.
@@ -141,6 +153,22 @@ pub enum Command {
         /// Only output from the last D (e.g. 10m; at most 3650d).
         #[arg(long, value_parser = since)]
         since: Option<Duration>,
+        /// One JSON object per line (offset, at_ms, run, stream, node, line; invalid UTF-8
+        /// replaced) instead of the bytes as written.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell), e.g.
+    /// `shiva-ctl completions bash > /etc/bash_completion.d/shiva-ctl`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (shiva-ctl.1 and one per subcommand) into DIR, or print shiva-ctl.1.
+    Man {
+        /// Where to write them (created if missing).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Show the runs of a periodic or one-shot task, newest first.
     History {
@@ -192,6 +220,8 @@ pub enum SecretCommand {
     Set {
         /// Its name (like a task id; `a/b/name` serves only the tasks under `a/b/`).
         name: String,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// List secrets: names, revisions and how many nodes can open them (never values).
     List(JsonArg),
@@ -199,6 +229,8 @@ pub enum SecretCommand {
     Delete {
         /// Its name.
         name: String,
+        #[command(flatten)]
+        json: JsonArg,
     },
 }
 

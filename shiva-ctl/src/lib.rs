@@ -78,6 +78,16 @@ pub(crate) fn invalid(err: impl std::fmt::Display) -> CtlError {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<(), CtlError> {
+    // Generated from the flags' definition: no bus needed.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "shiva-ctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man { dir } => return man(dir.as_deref()),
+        _ => {}
+    }
     let config = BusConfig::new(&cli.bus, &cli.cluster, &cli.kafka)?;
     sign::CommandSigner::install(&cli.cluster, cli.sign_key.as_deref())?;
     let timeout = cli.timeout;
@@ -346,20 +356,53 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 drain_wait(&config, timeout, &node, wait, json.json).await?;
             }
         }
-        Command::Run { id } => command(&config, timeout, Commanded::Run(task_id(&id)?)).await?,
-        Command::Suspend { id } => command(&config, timeout, Commanded::Suspend(task_id(&id)?)).await?,
-        Command::Resume { id } => command(&config, timeout, Commanded::Resume(task_id(&id)?)).await?,
+        Command::Run { id, json } => {
+            command(&config, timeout, Commanded::Run(task_id(&id)?), json.json).await?
+        }
+        Command::Suspend { id, json } => {
+            command(&config, timeout, Commanded::Suspend(task_id(&id)?), json.json).await?
+        }
+        Command::Resume { id, json } => {
+            command(&config, timeout, Commanded::Resume(task_id(&id)?), json.json).await?
+        }
         Command::History { id, limit, json } => {
             history::history(&config, timeout, &id, usize::from(limit), json.json).await?
         }
-        Command::Logs { id, follow, run, since } => {
-            logs::print(&config, timeout, &id, follow, run.as_deref(), since).await?
+        Command::Logs { id, follow, run, since, json } => {
+            logs::print(&config, timeout, &id, follow, run.as_deref(), since, json).await?
         }
-        Command::Kill { id } => command(&config, timeout, Commanded::Kill(task_id(&id)?)).await?,
-        Command::Start { id } => command(&config, timeout, Commanded::Start(task_id(&id)?)).await?,
+        Command::Kill { id, json } => {
+            command(&config, timeout, Commanded::Kill(task_id(&id)?), json.json).await?
+        }
+        Command::Start { id, json } => {
+            command(&config, timeout, Commanded::Start(task_id(&id)?), json.json).await?
+        }
         Command::Secret(command) => secret(&config, timeout, command).await?,
-        Command::Delete { id } => command(&config, timeout, Commanded::Delete(task_id(&id)?)).await?,
+        Command::Delete { id, json } => {
+            command(&config, timeout, Commanded::Delete(task_id(&id)?), json.json).await?
+        }
+        // Answered above, before the bus.
+        Command::Completions { .. } | Command::Man { .. } => {}
     }
+    Ok(())
+}
+
+/// `man`: the pages of `shiva-ctl` and each subcommand into `dir`, or `shiva-ctl.1` on stdout.
+fn man(dir: Option<&std::path::Path>) -> Result<(), CtlError> {
+    let command = <Cli as clap::CommandFactory>::command();
+    let Some(dir) = dir else {
+        return match clap_mangen::Man::new(command).render(&mut std::io::stdout()) {
+            // `man | head`: a closed pipe ends it quietly.
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            result => {
+                result.map_err(|err| CtlError::Failed(anyhow::anyhow!("cannot write the man page: {err}")))
+            }
+        };
+    };
+    std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(command, dir)).map_err(|err| {
+        CtlError::Failed(anyhow::anyhow!("cannot write man pages into {}: {err}", dir.display()))
+    })?;
+    println!("man pages written into {}", dir.display());
     Ok(())
 }
 
@@ -481,7 +524,7 @@ async fn secret(config: &BusConfig, timeout: Duration, command: cli::SecretComma
     let name_of =
         |name: &str| TaskId::new(name).map_err(|err| invalid(format!("secret name '{name}': {err}")));
     match command {
-        cli::SecretCommand::Set { name } => {
+        cli::SecretCommand::Set { name, json } => {
             let name = name_of(&name)?;
             let mut value = Vec::new();
             std::io::stdin().take(MAX_VALUE_BYTES as u64 + 2).read_to_end(&mut value).map_err(|err| {
@@ -522,7 +565,11 @@ async fn secret(config: &BusConfig, timeout: Duration, command: cli::SecretComma
             let revision =
                 Publisher::new(config, "ctl")?.send(TopicKind::Commands, &record_key, Some(&record)).await?;
             let nodes: Vec<&str> = live.iter().map(|(node, _)| node.as_str()).collect();
-            println!("secret {name} set (revision {revision}), encrypted to {}", nodes.join(", "));
+            if json.json {
+                print_json(&serde_json::json!({"name": name, "revision": revision, "nodes": nodes}));
+            } else {
+                println!("secret {name} set (revision {revision}), encrypted to {}", nodes.join(", "));
+            }
         }
         cli::SecretCommand::List(json) => {
             let view = snapshot(config, timeout, &TopicKind::ALL).await?;
@@ -549,14 +596,18 @@ async fn secret(config: &BusConfig, timeout: Duration, command: cli::SecretComma
                 }
             }
         }
-        cli::SecretCommand::Delete { name } => {
+        cli::SecretCommand::Delete { name, json } => {
             let name = name_of(&name)?;
             let view = snapshot(config, timeout, &TASK_TOPICS).await?;
             if !view.secrets.contains_key(&name) {
                 return Err(CtlError::Failed(anyhow::anyhow!("no secret '{name}'")));
             }
             Publisher::new(config, "ctl")?.send(TopicKind::Commands, &key::secret(&name), None).await?;
-            println!("deleted secret {name}");
+            if json.json {
+                print_json(&serde_json::json!({"name": name, "deleted": true}));
+            } else {
+                println!("deleted secret {name}");
+            }
         }
     }
     Ok(())
@@ -635,10 +686,21 @@ fn task_id(id: &str) -> Result<TaskId, CtlError> {
 }
 
 /// A command on one task: read the log, plan the records, write them, say what was done.
-async fn command(config: &BusConfig, timeout: Duration, command: Commanded) -> Result<(), CtlError> {
+async fn command(
+    config: &BusConfig,
+    timeout: Duration,
+    command: Commanded,
+    json: bool,
+) -> Result<(), CtlError> {
     let view = snapshot(config, timeout, &TASK_TOPICS).await?;
     let offsets = execute(config, &view, &command).await?;
     let task = command.task();
+    if json {
+        let records: Vec<_> =
+            offsets.iter().map(|(key, offset)| serde_json::json!({"key": key, "offset": offset})).collect();
+        print_json(&serde_json::json!({"task": task, "command": command.verb(), "records": records}));
+        return Ok(());
+    }
     match &command {
         Commanded::Delete(_) => println!("deleted {task}"),
         Commanded::Run(_) => {

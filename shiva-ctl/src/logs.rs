@@ -22,6 +22,7 @@ pub async fn print(
     follow: bool,
     run: Option<&str>,
     since: Option<Duration>,
+    json: bool,
 ) -> Result<(), CtlError> {
     let task = TaskId::new(id).map_err(invalid)?;
     if let Some(run) = run
@@ -34,7 +35,7 @@ pub async fn print(
     let run = run.map(str::to_owned);
     let task_name = task.to_string();
     let printed = tokio::task::spawn_blocking(move || {
-        read(&read_config, timeout, &task_name, follow, run.as_deref(), since)
+        read(&read_config, timeout, &task_name, follow, run.as_deref(), since, json)
     })
     .await
     .map_err(|err| CtlError::Failed(anyhow::anyhow!("the log reader failed: {err}")))??;
@@ -55,6 +56,7 @@ fn read(
     follow: bool,
     run: Option<&str>,
     since: Option<Duration>,
+    json: bool,
 ) -> Result<u64, CtlError> {
     let from_ms = since.map(|since| {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -68,8 +70,11 @@ fn read(
         let written = match seen {
             Scanned::Idle => out.flush(),
             Scanned::Passed => Ok(()),
-            Scanned::Chunk(chunk) if follow => out.write_all(&chunk.bytes).and_then(|()| out.flush()),
-            Scanned::Chunk(chunk) => out.write_all(&chunk.bytes),
+            Scanned::Chunk(chunk) => {
+                let written =
+                    if json { write_json_lines(&mut out, &chunk) } else { out.write_all(&chunk.bytes) };
+                if follow { written.and_then(|()| out.flush()) } else { written }
+            }
         };
         match written {
             Ok(()) => ControlFlow::Continue(()),
@@ -87,4 +92,22 @@ fn read(
     }
     out.flush().map_err(|err| CtlError::Failed(err.into()))?;
     Ok(printed)
+}
+
+/// A chunk as JSON Lines: one object per line of output.
+fn write_json_lines(out: &mut impl Write, chunk: &shiva_bus::logs::LoggedChunk) -> std::io::Result<()> {
+    for line in chunk.bytes.split_inclusive(|byte| *byte == b'\n') {
+        let text = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(line));
+        let object = serde_json::json!({
+            "offset": chunk.offset,
+            "at_ms": chunk.timestamp_ms,
+            "run": chunk.run,
+            "stream": chunk.stream,
+            "node": chunk.node,
+            "line": text,
+            "newline": line.ends_with(b"\n"),
+        });
+        writeln!(out, "{object}")?;
+    }
+    Ok(())
 }

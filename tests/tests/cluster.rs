@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use shiva_e2e::{Broker, Cluster, Node, SETTLE, pid_alive, task_processes, wait_until};
+use shiva_e2e::{Broker, Cluster, Node, SETTLE, pid_alive, scratch, task_processes, wait_until};
 
 fn per_node(placement: &BTreeMap<String, String>) -> BTreeMap<String, usize> {
     let mut load = BTreeMap::new();
@@ -497,4 +497,73 @@ mod shiva_e2e_reader {
             (records, end)
         })
     }
+}
+
+/// The CLI a person expects (issue 19, point 7): `--json` on every command that acts or shows,
+/// `logs --json` as JSON Lines, shell completions that a shell loads, man pages for every
+/// subcommand.
+#[test]
+fn every_command_answers_json_and_completions_and_man_pages_are_generated() {
+    let cluster = Cluster::start("json", 1, &[]);
+    cluster.wait_nodes(1);
+    let ctl = &cluster.ctl;
+    let submitted: serde_json::Value = serde_json::from_str(&ctl.ok(&[
+        "submit",
+        "--json",
+        "--id",
+        "app/echo",
+        "--",
+        "sh",
+        "-c",
+        "echo one; echo two; sleep 600",
+    ]))
+    .unwrap();
+    assert_eq!(submitted["result"], "submitted", "{submitted}");
+    wait_until(SETTLE, "app/echo runs", || {
+        ctl.tasks().get("app/echo").is_some_and(|row| row["state"] == "running")
+    });
+    for verb in ["kill", "start"] {
+        let answer = ctl.json(&[verb, "app/echo"]);
+        assert_eq!(answer["command"], verb, "{answer}");
+        assert_eq!(answer["records"][0]["key"], "desired/app/echo", "{answer}");
+    }
+    let mut lines = Vec::new();
+    wait_until(SETTLE, "its output is shipped", || {
+        lines = ctl.ok(&["logs", "app/echo", "--json"]).lines().map(str::to_owned).collect();
+        lines.len() >= 2
+    });
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(
+        (first["line"].as_str(), first["stream"].as_str(), first["newline"].as_bool()),
+        (Some("one"), Some("stdout"), Some(true))
+    );
+    assert_eq!(first["node"], "n1");
+    ctl.ok(&["submit", "--id", "cron/x", "--schedule", "0 0 1 1 *", "--", "true"]);
+    for verb in ["run", "suspend", "resume"] {
+        assert_eq!(ctl.json(&[verb, "cron/x"])["command"], verb);
+    }
+    assert_eq!(ctl.json(&["delete", "app/echo"])["records"].as_array().unwrap().len(), 2);
+    assert_eq!(ctl.json(&["cordon", "n1"])["mode"], "cordoned");
+    assert_eq!(ctl.json(&["uncordon", "n1"])["mode"], "open");
+    let nodes = ctl.json(&["nodes"]);
+    assert_eq!(nodes[0]["mode"], "open", "{nodes}");
+    assert!(nodes[0]["cpus"].as_u64().unwrap() >= 1, "{nodes}");
+
+    // Completions load into bash and know the subcommands; man pages exist for each.
+    let script = scratch("completions").join("shiva-ctl.bash");
+    std::fs::write(&script, ctl.ok(&["completions", "bash"])).unwrap();
+    let loaded = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p shiva-ctl", script.display()))
+        .output()
+        .unwrap();
+    assert!(loaded.status.success(), "{}", String::from_utf8_lossy(&loaded.stderr));
+    assert!(std::fs::read_to_string(&script).unwrap().contains("drain"));
+    let pages = scratch("man");
+    ctl.ok(&["man", "--dir", pages.to_str().unwrap()]);
+    for page in ["shiva-ctl.1", "shiva-ctl-drain.1", "shiva-ctl-submit.1", "shiva-ctl-logs.1"] {
+        let text = std::fs::read_to_string(pages.join(page)).unwrap_or_else(|err| panic!("{page}: {err}"));
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page} is a man page");
+    }
+    assert_eq!(ctl.run(&["completions", "tcsh"]).status.code(), Some(2), "an unknown shell is a usage error");
 }
