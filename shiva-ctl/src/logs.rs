@@ -72,7 +72,7 @@ fn read(
             Scanned::Passed => Ok(()),
             Scanned::Chunk(chunk) => {
                 let written =
-                    if json { write_json_lines(&mut out, &chunk) } else { out.write_all(&chunk.bytes) };
+                    if json { write_json_lines(&mut out, chunk) } else { out.write_all(&chunk.bytes) };
                 if follow { written.and_then(|()| out.flush()) } else { written }
             }
         };
