@@ -42,6 +42,34 @@ pub struct Cli {
 pub enum Command {
     /// Define a task (from a JSON spec file, or from flags and a command line) and start it.
     Submit(Box<SubmitArgs>),
+    /// Make the cluster's tasks match spec files (YAML, TOML or JSON; several tasks per file):
+    /// new tasks are submitted, changed ones get their new spec (their desired state stays),
+    /// equal ones are left alone; with --prune, tasks under PREFIX no file names are deleted.
+    Apply {
+        #[command(flatten)]
+        files: FilesArgs,
+        /// Show the changes without writing them.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Show what `apply` would change, field by field.
+    Diff {
+        #[command(flatten)]
+        files: FilesArgs,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Print the specs of the tasks under PREFIX (all without it) as files `apply` takes back
+    /// with no change.
+    Export {
+        /// Task id prefix (`a/b` covers `a/b` and `a/b/...`).
+        prefix: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "yaml")]
+        format: crate::apply::Format,
+    },
     /// List tasks.
     List(JsonArg),
     /// Who did what and when: every command the log still holds (a compacted log keeps the
@@ -232,6 +260,18 @@ pub enum SecretCommand {
         #[command(flatten)]
         json: JsonArg,
     },
+}
+
+/// The spec files of `apply` and `diff`.
+#[derive(Debug, Args)]
+pub struct FilesArgs {
+    /// A spec file, or a directory of them (.yaml, .yml, .toml, .json; read recursively);
+    /// repeatable.
+    #[arg(short = 'f', long = "file", required = true, value_name = "FILE|DIR")]
+    pub paths: Vec<PathBuf>,
+    /// Also delete the defined tasks under this id prefix that no file names.
+    #[arg(long, value_name = "PREFIX")]
+    pub prune: Option<String>,
 }
 
 /// `--json`.

@@ -5,6 +5,7 @@
 //! * [`history`]: run history rows and the run-related commands;
 //! * this module: the commands and the error → exit code mapping.
 
+pub mod apply;
 pub mod cli;
 pub mod history;
 pub mod logs;
@@ -122,6 +123,37 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             } else {
                 println!("{verb} {id} (revision {})", offsets[0].1);
             }
+        }
+        Command::Apply { files, dry_run, json } => {
+            let (specs, view, changes) = declared(&config, timeout, &files).await?;
+            if !dry_run && !changes.is_empty() {
+                let writes = apply::writes(&view, &specs, &changes)?;
+                send_writes(&Publisher::new(&config, "ctl")?, writes).await?;
+            }
+            if json.json {
+                print_json(&serde_json::json!({"dry_run": dry_run, "changes": changes}));
+            } else {
+                apply::print_changes(&changes);
+                if dry_run && !changes.is_empty() {
+                    println!("dry run: nothing was written");
+                }
+            }
+        }
+        Command::Diff { files, json } => {
+            let (_, _, changes) = declared(&config, timeout, &files).await?;
+            if json.json {
+                print_json(&changes);
+            } else {
+                apply::print_changes(&changes);
+            }
+        }
+        Command::Export { prefix, format } => {
+            if let Some(prefix) = &prefix {
+                TaskId::new(prefix.trim_end_matches('/'))
+                    .map_err(|err| invalid(format!("prefix '{prefix}': {err}")))?;
+            }
+            let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
+            print!("{}", apply::export(&view, prefix.as_deref(), format)?);
         }
         Command::List(json) => {
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
@@ -385,6 +417,22 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Completions { .. } | Command::Man { .. } => {}
     }
     Ok(())
+}
+
+/// The files' specs, the cluster's view and what `apply` would change.
+async fn declared(
+    config: &BusConfig,
+    timeout: Duration,
+    files: &cli::FilesArgs,
+) -> Result<(Vec<apply::FileSpec>, LogView, Vec<apply::Change>), CtlError> {
+    if let Some(prefix) = &files.prune {
+        TaskId::new(prefix.trim_end_matches('/'))
+            .map_err(|err| invalid(format!("--prune '{prefix}': {err}")))?;
+    }
+    let specs = apply::read_specs(&files.paths)?;
+    let view = snapshot(config, timeout, &TASK_TOPICS).await?;
+    let changes = apply::plan(&view, &specs, files.prune.as_deref());
+    Ok((specs, view, changes))
 }
 
 /// `man`: the pages of `shiva-ctl` and each subcommand into `dir`, or `shiva-ctl.1` on stdout.

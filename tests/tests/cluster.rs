@@ -567,3 +567,87 @@ fn every_command_answers_json_and_completions_and_man_pages_are_generated() {
     }
     assert_eq!(ctl.run(&["completions", "tcsh"]).status.code(), Some(2), "an unknown shell is a usage error");
 }
+
+/// Declarative specs (issue 19, point 6): `apply -f DIR` of YAML and TOML files starts their
+/// tasks; applying again changes nothing (no record, no restart); `diff` names the one changed
+/// field and `apply` restarts only that task; `--prune` deletes what the files no longer name,
+/// under its prefix only; `export` writes files that `apply` takes back with no change.
+#[test]
+fn apply_diff_prune_and_export_round_trip_on_a_real_cluster() {
+    let cluster = Cluster::start("apply", 1, &[]);
+    cluster.wait_nodes(1);
+    let ctl = &cluster.ctl;
+    let dir = scratch("apply");
+    std::fs::write(
+        dir.join("web.yaml"),
+        "id: site/web\ncommand: sleep\nargs: ['600']\nenv: {COLOUR: blue}\n---\nid: site/api\ncommand: sleep\nargs: ['600']\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("jobs.toml"),
+        "[[tasks]]\nid = \"site/cron\"\ncommand = \"true\"\nschedule = \"0 3 * * *\"\n",
+    )
+    .unwrap();
+    ctl.ok(&["submit", "--id", "other/keep", "--", "sleep", "600"]);
+    let d = dir.to_str().unwrap();
+    let applied = ctl.ok(&["apply", "-f", d]);
+    assert_eq!(applied.matches("+ site/").count(), 3, "{applied}");
+    let running = |ids: &[&str]| {
+        let tasks = ctl.tasks();
+        ids.iter()
+            .all(|id| tasks.get(*id).is_some_and(|row| row["state"] == "running" && row["pid"].is_number()))
+    };
+    wait_until(SETTLE, "the applied services run", || running(&["site/web", "site/api"]));
+    let pids = |cluster: &Cluster| -> BTreeMap<String, Value> {
+        cluster.ctl.tasks().into_iter().map(|(id, row)| (id, row["pid"].clone())).collect()
+    };
+    let before = pids(&cluster);
+    let offsets = ctl.json(&["audit"]).as_array().unwrap().len();
+    assert_eq!(ctl.ok(&["apply", "-f", d]).trim(), "no change");
+    assert_eq!(
+        ctl.json(&["audit"]).as_array().unwrap().len(),
+        offsets,
+        "an apply without change writes nothing"
+    );
+
+    // One field changes: diff names it, apply restarts that task only.
+    std::fs::write(
+        dir.join("web.yaml"),
+        "id: site/web\ncommand: sleep\nargs: ['600']\nenv: {COLOUR: green}\n---\nid: site/api\ncommand: sleep\nargs: ['600']\n",
+    )
+    .unwrap();
+    let diff = ctl.json(&["diff", "-f", d]);
+    assert_eq!(diff.as_array().unwrap().len(), 1, "{diff}");
+    assert_eq!(diff[0]["id"], "site/web");
+    assert_eq!(diff[0]["fields"][0]["field"], "env");
+    assert_eq!(diff[0]["fields"][0]["to"]["COLOUR"], "green");
+    ctl.ok(&["apply", "-f", d]);
+    wait_until(SETTLE, "site/web restarts with its new spec", || {
+        let now = pids(&cluster);
+        now["site/web"].is_number() && now["site/web"] != before["site/web"]
+    });
+    assert_eq!(pids(&cluster)["site/api"], before["site/api"], "site/api was not restarted");
+
+    // Prune under site/: the removed file's task goes, other/keep stays.
+    std::fs::remove_file(dir.join("jobs.toml")).unwrap();
+    let pruned = ctl.ok(&["apply", "-f", d, "--prune", "site"]);
+    assert!(pruned.contains("- site/cron"), "{pruned}");
+    let tasks = ctl.tasks();
+    assert!(!tasks.contains_key("site/cron") && tasks.contains_key("other/keep"), "{tasks:?}");
+
+    // Export, then apply the export: no change.
+    let exported = scratch("export").join("all.yaml");
+    std::fs::write(&exported, ctl.ok(&["export"])).unwrap();
+    assert_eq!(ctl.ok(&["apply", "-f", exported.to_str().unwrap()]).trim(), "no change");
+    let toml = scratch("export").join("site.toml");
+    std::fs::write(&toml, ctl.ok(&["export", "site", "--format", "toml"])).unwrap();
+    assert_eq!(ctl.ok(&["diff", "-f", toml.to_str().unwrap(), "--prune", "site"]).trim(), "no change");
+
+    // A bad file: exit 2, naming the file, the task and the field; nothing written.
+    std::fs::write(dir.join("bad.yaml"), "id: site/bad\ncommand: 'true'\nrestart: sometimes\n").unwrap();
+    let refused = ctl.run(&["apply", "-f", d]);
+    assert_eq!(refused.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("bad.yaml") && message.contains("restart"), "{message}");
+    assert!(!ctl.tasks().contains_key("site/bad"));
+}
