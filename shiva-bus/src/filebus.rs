@@ -607,6 +607,13 @@ impl FileLogReader {
         topic_end(&self.dir, self.cursor.next_offset()).map_err(file_error)
     }
 
+    /// Reads from `offset` on.
+    pub(crate) fn seek(&mut self, offset: i64) -> Result<(), BusError> {
+        self.cursor = Cursor::at(&self.dir, offset).map_err(file_error)?;
+        self.pending.clear();
+        Ok(())
+    }
+
     /// Where the next record comes from.
     pub(crate) fn position(&self) -> i64 {
         self.pending.front().map_or(self.cursor.next_offset(), |frame| frame.offset)

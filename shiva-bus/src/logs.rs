@@ -222,6 +222,14 @@ impl LogReader {
         }
     }
 
+    /// Reads from `offset` on (the topic's first record if that is gone).
+    pub fn seek(&mut self, offset: i64) -> Result<(), BusError> {
+        match &mut self.0 {
+            ReaderInner::Kafka(reader) => reader.seek(offset),
+            ReaderInner::File(reader) => reader.seek(offset),
+        }
+    }
+
     /// The next chunk, waiting at most `timeout` (`Ok(None)`: none yet).
     pub fn next(&mut self, timeout: Duration) -> Result<Option<LoggedChunk>, BusError> {
         match &mut self.0 {
@@ -262,6 +270,19 @@ impl KafkaLogReader {
             .assign(&assignment)
             .map_err(|err| BusError::Kafka(format!("failed to assign {topic}: {err}")))?;
         Ok(KafkaLogReader { consumer, topic, position: 0 })
+    }
+
+    fn seek(&mut self, offset: i64) -> Result<(), BusError> {
+        let offset = offset.max(0);
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(&self.topic, 0, Offset::Offset(offset))
+            .map_err(|err| BusError::Kafka(err.to_string()))?;
+        self.consumer
+            .assign(&assignment)
+            .map_err(|err| BusError::Kafka(format!("failed to assign {}: {err}", self.topic)))?;
+        self.position = offset;
+        Ok(())
     }
 
     fn end(&self, timeout: Duration) -> Result<i64, BusError> {
@@ -307,6 +328,93 @@ impl KafkaLogReader {
     }
 }
 
+/// The last `lines` lines of the chunks `filter` wants, read backwards from the topic's end in
+/// growing windows (4,096 records, then twice as many each time), so that a task that wrote
+/// recently costs a read of the topic's end, not of all of it. Returns the chunks (the first
+/// one cut to the lines asked for), the offset a follower goes on from and how many records it
+/// read.
+pub fn tail(
+    config: &BusConfig,
+    timeout: Duration,
+    filter: &LogFilter,
+    lines: usize,
+) -> Result<Tail, BusError> {
+    const POLL: Duration = Duration::from_millis(200);
+    let mut reader = LogReader::new(config)?;
+    let end = reader.end(timeout)?;
+    let mut found: Vec<LoggedChunk> = Vec::new();
+    let mut counted = 0usize;
+    let (mut to, mut window, mut records_read) = (end, 4096i64, 0u64);
+    while counted < lines && to > 0 {
+        let from = to.saturating_sub(window).max(0);
+        reader.seek(from)?;
+        let mut batch = Vec::new();
+        let mut idle_since = std::time::Instant::now();
+        while reader.position() < to {
+            let Some(chunk) = reader.next(POLL)? else {
+                if idle_since.elapsed() > timeout {
+                    return Err(BusError::Unreachable {
+                        brokers: config.brokers.clone(),
+                        message: format!(
+                            "the logs topic stopped answering at offset {} of {end}",
+                            reader.position()
+                        ),
+                    });
+                }
+                continue;
+            };
+            idle_since = std::time::Instant::now();
+            if chunk.offset >= to {
+                break;
+            }
+            records_read += 1;
+            if filter.wants(&chunk) {
+                batch.push(chunk);
+            }
+        }
+        counted += batch.iter().map(|chunk| line_count(&chunk.bytes)).sum::<usize>();
+        batch.append(&mut found);
+        found = batch;
+        // A record below `from` the reader skipped to (compaction, retention) ends the walk
+        // when nothing is older.
+        to = from;
+        window = window.saturating_mul(2);
+    }
+    // Keep the last `lines` lines: drop whole chunks, then the first one's extra lines.
+    let mut extra = counted.saturating_sub(lines);
+    while extra > 0 && !found.is_empty() {
+        let first = line_count(&found[0].bytes);
+        if first <= extra {
+            extra -= first;
+            found.remove(0);
+        } else {
+            let cut = found[0].bytes.iter().enumerate().filter(|(_, byte)| **byte == b'\n').nth(extra - 1);
+            if let Some((at, _)) = cut {
+                found[0].bytes.drain(..=at);
+            }
+            extra = 0;
+        }
+    }
+    Ok(Tail { chunks: found, end, records_read })
+}
+
+/// What [`tail`] found.
+#[derive(Debug)]
+pub struct Tail {
+    /// The chunks of the last lines, oldest first.
+    pub chunks: Vec<LoggedChunk>,
+    /// The topic's end when the tail began: a follower reads on from there.
+    pub end: i64,
+    /// Records read to find them.
+    pub records_read: u64,
+}
+
+/// Lines in `bytes`: newlines, plus a last line without one.
+fn line_count(bytes: &[u8]) -> usize {
+    let newlines = bytes.iter().filter(|byte| **byte == b'\n').count();
+    newlines + usize::from(!bytes.is_empty() && !bytes.ends_with(b"\n"))
+}
+
 /// Which chunks [`scan`] passes on: one task's, of runs whose id starts with `run`, written
 /// since `from_ms`.
 #[derive(Debug, Clone, Default)]
@@ -317,6 +425,8 @@ pub struct LogFilter {
     pub run: Option<String>,
     /// Only chunks the broker timestamped at or after this (ms since the Unix epoch).
     pub from_ms: Option<i64>,
+    /// Start reading at this offset (a follower after [`tail`]), not at the topic's start.
+    pub from_offset: Option<i64>,
 }
 
 impl LogFilter {
@@ -352,6 +462,9 @@ pub fn scan(
 ) -> Result<u64, BusError> {
     const POLL: Duration = Duration::from_millis(200);
     let mut reader = LogReader::new(config)?;
+    if let Some(offset) = filter.from_offset {
+        reader.seek(offset)?;
+    }
     let end = reader.end(timeout)?;
     let mut handed = 0u64;
     let mut idle_since = std::time::Instant::now();
@@ -384,5 +497,61 @@ pub fn scan(
         if on(seen).is_break() {
             return Ok(handed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file bus with 20,000 chunks of another task after ten of ours, and a last line of ours
+    /// without a newline: `tail` finds our last lines reading a fraction of the topic.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tail_reads_backwards_from_the_end_and_cuts_to_the_lines_asked_for() {
+        let dir = std::env::temp_dir().join(format!("shiva-tail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = BusConfig::new(&format!("file://{}", dir.display()), "t", &[]).unwrap();
+        crate::admin::ensure_topics(&config, Duration::from_secs(5)).await.unwrap();
+        let sink = LogSink::new(&config, "n1").unwrap();
+        let send = |task: &str, bytes: &[u8]| {
+            while let Err(true) = sink.send(LogChunk { task, run: "r1", stream: "stdout", bytes }) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        send("mine", b"early\n");
+        for i in 0..20_000 {
+            send("other", format!("noise {i}\n").as_bytes());
+        }
+        for i in 0..9 {
+            send("mine", format!("line {i}a\nline {i}b\n").as_bytes());
+        }
+        send("mine", b"last");
+        sink.flush(Duration::from_secs(10));
+        let filter = LogFilter { task: "mine".into(), ..LogFilter::default() };
+        let found = tail(&config, Duration::from_secs(5), &filter, 3).unwrap();
+        let text: Vec<u8> = found.chunks.iter().flat_map(|chunk| chunk.bytes.clone()).collect();
+        assert_eq!(String::from_utf8(text).unwrap(), "line 8a\nline 8b\nlast");
+        assert!(found.records_read <= 4096, "read {} records of 20,011", found.records_read);
+        assert_eq!(found.end, 20_011);
+        // More lines than the end holds: the walk goes back to the start and finds them all.
+        let all = tail(&config, Duration::from_secs(5), &filter, 1000).unwrap();
+        let lines: usize = all.chunks.iter().map(|chunk| line_count(&chunk.bytes)).sum();
+        assert_eq!(lines, 1 + 18 + 1);
+        assert_eq!(all.chunks[0].bytes, b"early\n");
+        // A follower from `end` sees only what comes next.
+        send("mine", b"\nafter\n");
+        sink.flush(Duration::from_secs(10));
+        let mut seen = Vec::new();
+        let follow = LogFilter { from_offset: Some(found.end), ..filter };
+        scan(&config, Duration::from_secs(5), &follow, false, |scanned| {
+            if let Scanned::Chunk(chunk) = scanned {
+                seen.extend_from_slice(&chunk.bytes);
+            }
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(seen, b"\nafter\n");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -181,6 +181,9 @@ pub enum Command {
         /// Only output from the last D (e.g. 10m; at most 3650d).
         #[arg(long, value_parser = since)]
         since: Option<Duration>,
+        /// Only the last N lines (1 to 100000), read from the topic's end, not all of it.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        tail: Option<u32>,
         /// One JSON object per line (offset, at_ms, run, stream, node, line; invalid UTF-8
         /// replaced) instead of the bytes as written.
         #[arg(long)]

@@ -400,8 +400,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         Command::History { id, limit, json } => {
             history::history(&config, timeout, &id, usize::from(limit), json.json).await?
         }
-        Command::Logs { id, follow, run, since, json } => {
-            logs::print(&config, timeout, &id, follow, run.as_deref(), since, json).await?
+        Command::Logs { id, follow, run, since, json, tail } => {
+            let tail = tail.map(|lines| lines as usize);
+            logs::print(&config, timeout, logs::Request { id, follow, run, since, json, tail }).await?
         }
         Command::Kill { id, json } => {
             command(&config, timeout, Commanded::Kill(task_id(&id)?), json.json).await?

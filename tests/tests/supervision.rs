@@ -330,6 +330,18 @@ fn logs_return_every_line_in_order_follow_a_live_task_and_outlive_the_node() {
     cluster.nodes[0].kill9();
     let output = cluster.ctl.run(&["logs", "app/print"]);
     assert!(output.stdout == expected, "logs after the node died");
+    // The last lines only, read from the topic's end (behind the flood's records): byte for
+    // byte the end of the whole output.
+    let tail = cluster.ctl.run(&["logs", "app/print", "--tail", "3"]);
+    let last3 = b"line 9999\nline 10000 \xff\xfe\nlast line without newline";
+    assert!(
+        tail.stdout == last3,
+        "{:?} {}",
+        String::from_utf8_lossy(&tail.stdout),
+        String::from_utf8_lossy(&tail.stderr)
+    );
+    let live = cluster.ctl.ok(&["logs", "app/live", "--tail", "2"]);
+    assert_eq!(live.lines().count(), 2, "{live}");
     let flood = cluster.ctl.run(&["logs", "app/flood", "--since", "1h"]);
     assert!(
         flood.stdout.starts_with(b"flood-flood-flood-flood\n"),

@@ -547,7 +547,7 @@ async fn logs(
     if !snapshot.tasks.rows.contains_key(&task) {
         return Err(CommandError::NotFound(task).into());
     }
-    let filter = LogFilter { task: task.to_string(), run: query.run.clone(), from_ms };
+    let filter = LogFilter { task: task.to_string(), run: query.run.clone(), from_ms, from_offset: None };
     let follow = query.follow.unwrap_or(false);
     // Each reader is a thread and a consumer of the logs topic: a few at a time.
     let permit = state.log_readers.clone().try_acquire_owned().map_err(|_| {
