@@ -136,9 +136,30 @@ impl Outbox {
 pub(crate) struct OwnStatus {
     pub(crate) latest: BTreeMap<TaskId, TaskStatus>,
     pub(crate) offsets: BTreeMap<TaskId, i64>,
+    /// The newest report written of each run of this node, until a final one landed.
+    pub(crate) reports: BTreeMap<uuid::Uuid, shiva_proto::runs::RunReport>,
 }
 
 impl OwnStatus {
+    /// `report` is being written: it is now its run's newest.
+    pub(crate) fn report_written(&mut self, report: &shiva_proto::runs::RunReport) {
+        self.reports.insert(report.run_id, report.clone());
+    }
+
+    /// A write of `report` failed: whether to write it again. Only while it is still its run's
+    /// newest report: an older one written again could land after a newer one (a `running`
+    /// after the run's `succeeded`) and reopen the run for every reader.
+    pub(crate) fn retry_report(&self, report: &shiva_proto::runs::RunReport) -> bool {
+        self.reports.get(&report.run_id) == Some(report)
+    }
+
+    /// `report` landed: a final one that is still its run's newest ends the run's entry.
+    pub(crate) fn report_landed(&mut self, report: &shiva_proto::runs::RunReport) {
+        if report.state.is_final() && self.reports.get(&report.run_id) == Some(report) {
+            self.reports.remove(&report.run_id);
+        }
+    }
+
     /// A write of `task`'s status failed: the status to write again, the newest one, unless a
     /// newer write of it is still in flight (its outcome decides). A status must land: the
     /// leader moves and hands off tasks on it.
@@ -394,6 +415,8 @@ impl Node {
                     *known = (*known).max(offset);
                 } else if let Purpose::RunStart(run) = purpose {
                     self.on_start_written(run, true);
+                } else if let Purpose::RunReport(report) = purpose {
+                    self.own.report_landed(&report);
                 }
             }
             (Err(message), Purpose::Heartbeat(seq)) => {
@@ -405,8 +428,12 @@ impl Node {
                 self.on_start_written(run, false);
             }
             (Err(message), Purpose::RunReport(report)) => {
-                warn!(run = %report.run_id, %message, "run record not written; writing it again");
-                self.write_run_report(*report);
+                if self.own.retry_report(&report) {
+                    warn!(run = %report.run_id, %message, "run record not written; writing it again");
+                    self.write_run_report(*report);
+                } else {
+                    warn!(run = %report.run_id, %message, "run record not written; a newer one of the run was written since");
+                }
             }
             (Err(message), Purpose::Claim(epoch)) => {
                 warn!(epoch, %message, "claim not delivered; reading the log to learn the outcome");
@@ -927,6 +954,37 @@ fn stale_refusals(view: &LogView) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_run_report_is_written_again_only_while_it_is_its_runs_newest() {
+        use shiva_proto::runs::{RunPhase, RunReport, Trigger};
+        let report = |state| RunReport {
+            task: TaskId::new("cron/t").unwrap(),
+            run_id: uuid::Uuid::from_u128(7),
+            attempt: 1,
+            trigger: Trigger::Slot { slot_ms: 1_000 },
+            state,
+            pid: Some(42),
+            started_ms: Some(1_000),
+            late_ms: None,
+            ended_ms: None,
+            exit: None,
+            message: None,
+        };
+        let mut own = OwnStatus::default();
+        let (running, succeeded) = (report(RunPhase::Running), report(RunPhase::Succeeded));
+        own.report_written(&running);
+        assert!(own.retry_report(&running), "the newest report is written again");
+        own.report_written(&succeeded);
+        // `running` failed after `succeeded` was written: written again it could land last and
+        // reopen the run.
+        assert!(!own.retry_report(&running));
+        assert!(own.retry_report(&succeeded));
+        own.report_landed(&running);
+        assert!(own.reports.contains_key(&running.run_id), "a non-final landing keeps the entry");
+        own.report_landed(&succeeded);
+        assert!(own.reports.is_empty(), "a final report landed: the run is forgotten");
+    }
 
     #[test]
     fn a_failed_status_write_is_retried_with_the_newest_status_unless_a_newer_one_is_in_flight() {

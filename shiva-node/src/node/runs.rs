@@ -20,6 +20,7 @@ impl Node {
     /// Writes a run record; a start record's acknowledgement moves its run on.
     pub(crate) fn write_run_report(&mut self, report: RunReport) {
         let key = key::run(&report.task, report.run_id);
+        self.own.report_written(&report);
         let purpose = if report.state == RunPhase::Starting {
             Purpose::RunStart(report.run_id)
         } else {
