@@ -125,6 +125,21 @@ pub enum Command {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// Even out services over the live, open runner nodes (after nodes joined), by moving them
+    /// through the hand-off (each new copy starts once the old one is gone), at most N at once.
+    Rebalance {
+        /// Show the moves without making them.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many services moving at once (1 to 1000).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        max_moves: u16,
+        /// How long a batch of moves may take before the rebalance gives up (1s to 1h).
+        #[arg(long, default_value = "2m", value_parser = timeout)]
+        wait: Duration,
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Stop a task everywhere, keeping its definition.
     Kill {
         /// Task id.

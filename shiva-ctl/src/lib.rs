@@ -373,20 +373,31 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Command::Cordon { node, json } => {
-            node_mode(&config, timeout, &node, Mode::Cordoned, None, json.json).await?;
+            node_mode(&config, timeout, &node, Mode::Cordoned, None, Output::of(json.json)).await?;
         }
         Command::Uncordon { node, json } => {
-            node_mode(&config, timeout, &node, Mode::Open, None, json.json).await?;
+            node_mode(&config, timeout, &node, Mode::Open, None, Output::of(json.json)).await?;
         }
         Command::Drain { node, deadline, detach, wait, json } => {
             let deadline_ms = deadline.map(|deadline| {
                 shiva_proto::wall::now_ms()
                     .saturating_add(i64::try_from(deadline.as_millis()).unwrap_or(i64::MAX))
             });
-            node_mode(&config, timeout, &node, Mode::Draining, deadline_ms, json.json && detach).await?;
+            // Waiting, it prints the node's row at the end (one JSON document in all).
+            let output = if !json.json {
+                Output::Text
+            } else if detach {
+                Output::Json
+            } else {
+                Output::Quiet
+            };
+            node_mode(&config, timeout, &node, Mode::Draining, deadline_ms, output).await?;
             if !detach {
                 drain_wait(&config, timeout, &node, wait, json.json).await?;
             }
+        }
+        Command::Rebalance { dry_run, max_moves, wait, json } => {
+            rebalance(&config, timeout, dry_run, usize::from(max_moves), wait, json.json).await?
         }
         Command::Run { id, json } => {
             command(&config, timeout, Commanded::Run(task_id(&id)?), json.json).await?
@@ -455,14 +466,30 @@ fn man(dir: Option<&std::path::Path>) -> Result<(), CtlError> {
     Ok(())
 }
 
-/// `cordon`, `uncordon`, `drain`: writes the node's mode.
+/// How a command prints what it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+    /// Nothing: a later step prints.
+    Quiet,
+}
+
+impl Output {
+    fn of(json: bool) -> Output {
+        if json { Output::Json } else { Output::Text }
+    }
+}
+
+/// `cordon`, `uncordon`, `drain`: writes the node's mode; in a signed cluster, reads it back to
+/// tell whether the nodes accept it.
 async fn node_mode(
     config: &BusConfig,
     timeout: Duration,
     node: &str,
     mode: Mode,
     deadline_ms: Option<i64>,
-    json: bool,
+    output: Output,
 ) -> Result<(), CtlError> {
     let node = NodeId::new(node).map_err(|err| invalid(format!("node id '{node}': {err}")))?;
     let view = snapshot(config, timeout, &TopicKind::ALL).await?;
@@ -472,11 +499,23 @@ async fn node_mode(
         view.leader().and_then(|(_, winner)| view.heartbeats.get(&winner.node)).is_none_or(|entry| {
             entry.heartbeat.features.iter().any(|f| f == shiva_proto::records::feature::NODE_MODES)
         });
-    if json {
+    if view.auth.0.is_some() {
+        let now = snapshot(config, timeout, &TopicKind::ALL).await?;
+        let accepted = now
+            .node_modes
+            .get(&node)
+            .is_some_and(|known| known.mode == mode && known.deadline_ms == deadline_ms);
+        if !accepted {
+            return Err(CtlError::Failed(anyhow::anyhow!(
+                "the nodes refused this command (a signed cluster: sign with a key without a task restriction; `shiva-ctl audit` says why)"
+            )));
+        }
+    }
+    if output == Output::Json {
         print_json(
             &serde_json::json!({"node": node, "mode": mode.as_str(), "deadline_ms": deadline_ms, "revision": offsets[0].1}),
         );
-    } else {
+    } else if output == Output::Text {
         match mode {
             Mode::Open => println!("{node}: open (new tasks may be placed there)"),
             Mode::Cordoned => println!("{node}: cordoned (no new task is placed there; its tasks stay)"),
@@ -489,6 +528,84 @@ async fn node_mode(
         );
     }
     Ok(())
+}
+
+/// `rebalance`: plans moves on the cluster's view, asks the leader for a batch of at most
+/// `max_moves`, waits until each moved service runs on its new node, and plans again, until no
+/// move evens the loads out further.
+async fn rebalance(
+    config: &BusConfig,
+    timeout: Duration,
+    dry_run: bool,
+    max_moves: usize,
+    wait: Duration,
+    json: bool,
+) -> Result<(), CtlError> {
+    use shiva_proto::rebalance;
+    let mut done: Vec<rebalance::Move> = Vec::new();
+    loop {
+        let view = snapshot(config, timeout, &TopicKind::ALL).await?;
+        if dry_run {
+            let moves = rebalance::plan(&view, usize::MAX);
+            if json {
+                print_json(&moves);
+            } else if moves.is_empty() {
+                println!("balanced: no move would even the loads out");
+            } else {
+                for step in &moves {
+                    println!("{}: {} -> {}", step.task, step.from, step.to);
+                }
+                println!("dry run: {} move(s), {max_moves} at a time; nothing was written", moves.len());
+            }
+            return Ok(());
+        }
+        let batch = rebalance::plan(&view, max_moves);
+        if batch.is_empty() {
+            if json {
+                print_json(&done);
+            } else {
+                println!("balanced ({} move(s))", done.len());
+            }
+            return Ok(());
+        }
+        // A request outlives the batch's wait a little: the leader honours it only meanwhile.
+        let until_ms = shiva_proto::wall::now_ms()
+            .saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX))
+            .saturating_add(5_000);
+        let mut writes = Vec::new();
+        for step in &batch {
+            writes.push(commands::move_task(&view, &step.task, &step.to, until_ms)?);
+            if !json {
+                println!("moving {} from {} to {}", step.task, step.from, step.to);
+            }
+        }
+        send_writes(&Publisher::new(config, "ctl")?, writes).await?;
+        let started = std::time::Instant::now();
+        loop {
+            let now = snapshot(config, timeout, &TASK_TOPICS).await?;
+            let pending: Vec<&rebalance::Move> = batch
+                .iter()
+                .filter(|step| {
+                    task_row(&now, &step.task)
+                        .is_none_or(|row| !(row.state == "running" && row.node.as_ref() == Some(&step.to)))
+                })
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            if started.elapsed() >= wait {
+                let names: Vec<String> =
+                    pending.iter().map(|step| format!("{} (to {})", step.task, step.to)).collect();
+                return Err(CtlError::Failed(anyhow::anyhow!(
+                    "not moved within {}: {}; `shiva-ctl status` says why",
+                    humantime::format_duration(wait),
+                    names.join(", ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        done.extend(batch);
+    }
 }
 
 /// Waits until `node` is drained, saying what still runs there now and then.
@@ -518,7 +635,7 @@ async fn drain_wait(
         }
         if row.mode != "draining" {
             return Err(CtlError::Failed(anyhow::anyhow!(
-                "{node} is {} now: its drain was replaced by another command",
+                "{node} is {} now: its drain is not in force (replaced by another command, or refused: `shiva-ctl audit`)",
                 row.mode
             )));
         }
@@ -714,7 +831,7 @@ fn spec_from(args: Box<SubmitArgs>) -> Result<TaskSpec, CtlError> {
     if let Some(text) = args.overlap {
         spec.overlap = choice(&text, "--overlap", "allow, forbid, replace or queue")?;
     }
-    spec.validate_all().map_err(invalid)?;
+    spec.validate_new().map_err(invalid)?;
     Ok(spec)
 }
 

@@ -240,7 +240,13 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                 !is_live(node) && blocking(task).iter().any(|holder| holder.node == *node)
             });
             let avoid = moves.failed_on.clone();
-            Demand { task: (*task).clone(), tags: spec.tags.clone(), current, hold, avoid }
+            // An operator's move (rebalance), while it stands.
+            let prefer = view
+                .moves
+                .get(*task)
+                .filter(|request| now_ms < request.until_ms)
+                .map(|request| request.to.clone());
+            Demand { task: (*task).clone(), tags: spec.tags.clone(), current, hold, avoid, prefer }
         });
         match demand {
             Ok(demand) => demands.push(demand),

@@ -3,7 +3,8 @@
 //! Rules:
 //! * a node is eligible for a task when it is a live runner carrying every tag of the task
 //!   (its host name counts as a tag);
-//! * a task already on an eligible node stays there (nodes joining never move work);
+//! * a task already on an eligible node stays there (nodes joining never move work), unless an
+//!   operator asked it to move to another eligible node that takes new work (`rebalance`);
 //! * every other task goes, in task-id order, to the eligible node with the fewest tasks, ties
 //!   broken by node id;
 //! * a task held on a node that is gone but may still run it (not yet fenced) stays there;
@@ -108,6 +109,9 @@ pub struct Demand {
     pub hold: bool,
     /// Nodes it failed on: avoided while another eligible node exists.
     pub avoid: Vec<NodeId>,
+    /// A node an operator asked it to move to (`rebalance`): taken when it is a candidate that
+    /// takes new work and can run the task.
+    pub prefer: Option<NodeId>,
 }
 
 /// Places every task: `Ok(node)` or `Err(reason)`.
@@ -119,6 +123,17 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
     for task in tasks {
         if let (true, Some(current)) = (task.hold, &task.current) {
             placed.insert(task.task.clone(), Ok(current.clone()));
+            continue;
+        }
+        let preferred = task
+            .prefer
+            .as_ref()
+            .filter(|prefer| task.current.as_ref() != Some(*prefer))
+            .and_then(|prefer| nodes.iter().find(|node| node.id == *prefer))
+            .filter(|node| node.takes_new() && eligible(node, task) && !task.avoid.contains(&node.id));
+        if let Some(node) = preferred {
+            *load.get_mut(&node.id).expect("every candidate has a load") += 1;
+            placed.insert(task.task.clone(), Ok(node.id.clone()));
             continue;
         }
         let keep = task
@@ -201,6 +216,7 @@ mod tests {
                     current: current.map(|n| NodeId::new(format!("n{n}")).unwrap()),
                     hold: false,
                     avoid: vec![],
+                    prefer: None,
                 })
                 .collect()
         })
@@ -267,6 +283,7 @@ mod tests {
                     current: None,
                     hold: false,
                     avoid: vec![],
+                    prefer: None,
                 })
                 .collect();
             let result = plan(&nodes, &tasks);
@@ -292,6 +309,7 @@ mod tests {
             current: current.map(|c| NodeId::new(c).unwrap()),
             hold: false,
             avoid: vec![],
+            prefer: None,
         };
         let nodes = [node("b", &[]), node("a", &["gpu"])];
         let result = plan(
@@ -330,6 +348,7 @@ mod tests {
             current: current.map(|c| NodeId::new(c).unwrap()),
             hold: false,
             avoid: vec![],
+            prefer: None,
         };
         let id = |id: &str| NodeId::new(id).unwrap();
         let on = |result: &BTreeMap<TaskId, Result<NodeId, String>>, t: &str| {
@@ -367,5 +386,33 @@ mod tests {
         let nodes = [node("a", &[], Availability::Cordoned)];
         let reason = on(&plan(&nodes, &[task("new", &[], None)]), "new").unwrap_err();
         assert!(reason.contains("cordoned or draining (a)"), "{reason}");
+    }
+
+    #[test]
+    fn a_move_request_takes_the_task_to_an_open_eligible_node_and_nowhere_else() {
+        let node = |id: &str, tags: &[&str], availability| Candidate {
+            id: NodeId::new(id).unwrap(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            availability,
+        };
+        let moved = |prefer: &str, tags: &[&str]| Demand {
+            task: TaskId::new("t").unwrap(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            current: Some(NodeId::new("a").unwrap()),
+            hold: false,
+            avoid: vec![],
+            prefer: Some(NodeId::new(prefer).unwrap()),
+        };
+        let on =
+            |nodes: &[Candidate], demand: Demand| plan(nodes, &[demand])[&TaskId::new("t").unwrap()].clone();
+        let id = |id: &str| Ok(NodeId::new(id).unwrap());
+        let nodes = [node("a", &[], Availability::Open), node("b", &["gpu"], Availability::Open)];
+        assert_eq!(on(&nodes, moved("b", &[])), id("b"), "moved although a could keep it");
+        assert_eq!(on(&nodes, moved("a", &[])), id("a"), "already there");
+        assert_eq!(on(&nodes, moved("gone", &[])), id("a"), "an unknown node: it stays");
+        let nodes = [node("a", &[], Availability::Open), node("b", &[], Availability::Cordoned)];
+        assert_eq!(on(&nodes, moved("b", &[])), id("a"), "a cordoned node takes no move");
+        let nodes = [node("a", &["x"], Availability::Open), node("b", &[], Availability::Open)];
+        assert_eq!(on(&nodes, moved("b", &["x"])), id("a"), "b cannot run it");
     }
 }

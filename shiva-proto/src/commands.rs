@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-use crate::records::{Body, Desired, DesiredState, Mode, NodeMode};
+use crate::records::{Body, Desired, DesiredState, Mode, MoveRequest, NodeMode};
 use crate::runs::RunRequest;
 use crate::spec::TaskKind;
 use crate::topics::key;
@@ -106,6 +106,20 @@ pub fn node_mode(
     Ok(Write { key: key::mode(node), body: Some(Body::NodeMode(body)) })
 }
 
+/// The record asking the leader to move service `task` to `to` (`rebalance`), honoured until
+/// `until_ms`: the task must be a defined service and `to` a node the log knows.
+pub fn move_task(view: &LogView, task: &TaskId, to: &NodeId, until_ms: i64) -> Result<Write, CommandError> {
+    let spec = view.specs.get(task).ok_or_else(|| CommandError::NotFound(task.clone()))?;
+    if spec.spec.kind() != TaskKind::Service {
+        return Err(CommandError::Invalid(format!("'{task}' is not a service: only services move")));
+    }
+    if !view.heartbeats.contains_key(to) {
+        return Err(CommandError::NoSuchNode(to.clone()));
+    }
+    let body = MoveRequest { task: task.clone(), to: to.clone(), until_ms };
+    Ok(Write { key: key::move_request(task), body: Some(Body::MoveRequest(body)) })
+}
+
 /// The records `command` writes, in order, or why it is refused, judged on `view`.
 pub fn plan(view: &LogView, command: &Command) -> Result<Vec<Write>, CommandError> {
     let task = command.task();
@@ -115,7 +129,7 @@ pub fn plan(view: &LogView, command: &Command) -> Result<Vec<Write>, CommandErro
     };
     match command {
         Command::Submit(spec) => {
-            spec.validate_all().map_err(|err| CommandError::Invalid(err.to_string()))?;
+            spec.validate_new().map_err(|err| CommandError::Invalid(err.to_string()))?;
             check_after(spec, view)?;
             Ok(vec![
                 Write { key: key::task(task), body: Some(Body::Task(spec.as_ref().clone())) },

@@ -17,6 +17,7 @@ pub mod commands;
 pub mod dag;
 pub mod duration;
 pub mod ids;
+pub mod rebalance;
 pub mod records;
 pub mod rows;
 pub mod runs;

@@ -89,6 +89,8 @@ pub enum Body {
     Refusal(Refusal),
     /// `commands`, `mode/<node>`: cordon, drain or open a node.
     NodeMode(NodeMode),
+    /// `commands`, `move/<task>`: move a service to a node (rebalance).
+    MoveRequest(MoveRequest),
 }
 
 impl Body {
@@ -112,6 +114,7 @@ impl Body {
             Body::Secret(_) => "secret",
             Body::Refusal(_) => "refusal",
             Body::NodeMode(_) => "node_mode",
+            Body::MoveRequest(_) => "move_request",
         }
     }
 }
@@ -175,6 +178,19 @@ pub struct NodeMode {
     /// anyway. Without it they stay until another node can take them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<i64>,
+}
+
+/// `move/<task>` body: move a service to a node (`shiva-ctl rebalance`). The leader honours it
+/// until `until_ms` (its clock), through the hand-off, when the node is live, open and eligible;
+/// after that the record is inert: a move is a nudge, never a pin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRequest {
+    /// The task.
+    pub task: TaskId,
+    /// Where to.
+    pub to: NodeId,
+    /// Honoured until then (wall clock, ms).
+    pub until_ms: i64,
 }
 
 /// A node's mode.
@@ -401,7 +417,8 @@ pub mod feature {
     /// first claim as a jump, see no leader, and claim epoch 1 for itself.
     pub const TRIMMED_CLAIMS: &str = "trimmed_claims";
 
-    /// The node, as leader, honours `mode/<node>` records (cordon, drain).
+    /// The node, as leader, honours `mode/<node>` records (cordon, drain) and `move/<task>`
+    /// requests (rebalance).
     pub const NODE_MODES: &str = "node_modes";
 
     /// Every feature this build has, for its heartbeat.
@@ -755,6 +772,7 @@ impl Envelope {
             Body::RunReport(body) => out(self, body),
             Body::Deleted(body) => out(self, body),
             Body::NodeMode(body) => out(self, body),
+            Body::MoveRequest(body) => out(self, body),
         }
     }
 
@@ -794,6 +812,7 @@ impl Envelope {
             "run_report" => Body::RunReport(body(kind, wire.body)?),
             "deleted" => Body::Deleted(body(kind, wire.body)?),
             "node_mode" => Body::NodeMode(body(kind, wire.body)?),
+            "move_request" => Body::MoveRequest(body(kind, wire.body)?),
             _ => return Err(DecodeError::UnknownKind(wire.kind)),
         };
         Ok(Envelope {

@@ -248,7 +248,7 @@ pub struct NodeRow {
     pub memory_available_bytes: u64,
     /// `open`, `cordoned` (no new task placed there), `draining` (its tasks move away) or
     /// `drained` (draining, and nothing runs there any more: no task assigned, no copy
-    /// reported, no run in flight).
+    /// reported or held for it by the leader, no run in flight).
     pub mode: &'static str,
     /// A drain's deadline (wall clock, ms).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -281,6 +281,12 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
         ) {
             busy.insert(&entry.node);
         }
+    }
+    // A copy the leader still counts (an assignment's holders and `after`: the hand-off waits
+    // for its word), whatever the task's newest status says.
+    for entry in view.assignments.values() {
+        busy.extend(entry.assignment.holders.iter().map(|holder| &holder.node));
+        busy.extend(entry.assignment.after.iter());
     }
     for (task, run) in &view.open_runs {
         if let Some(node) = view.run(task, run).and_then(|run| run.in_flight_on()) {

@@ -59,6 +59,90 @@ pub fn is_quartz(expression: &str) -> bool {
     expression.split_whitespace().count() == 7 || expression.contains('?')
 }
 
+const QUARTZ_WEEKDAYS: &str =
+    "a Quartz expression (7 fields or a '?') numbers weekdays from 1 = Sunday to 7 = Saturday (or SUN-SAT)";
+
+/// How an expression is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Style {
+    /// 0 or 7 = Sunday, 1 = Monday.
+    Posix,
+    /// 1 = Sunday … 7 = Saturday.
+    Quartz,
+    /// Quartz's form with a weekday Quartz has not (0, 8): read the POSIX way, as every
+    /// expression was before; a new spec is refused ([`Schedule::check_new`]).
+    LegacyPosix,
+}
+
+/// Parses `expression`: a Quartz one with its weekdays turned into POSIX numbers first (croner's
+/// own Quartz mode refuses `*/2` and `SAT-SUN`, which Quartz and earlier builds take).
+fn parse(expression: &str) -> Result<(Cron, Style), String> {
+    let posix = |text: &str| CronParser::builder().build().parse(text).map_err(|err| err.to_string());
+    if !is_quartz(expression) {
+        return Ok((posix(expression)?, Style::Posix));
+    }
+    match quartz_to_posix(expression) {
+        Ok(translated) => Ok((posix(&translated)?, Style::Quartz)),
+        Err(quartz) => match posix(expression) {
+            Ok(cron) => Ok((cron, Style::LegacyPosix)),
+            Err(_) => Err(format!("{quartz}: {QUARTZ_WEEKDAYS}")),
+        },
+    }
+}
+
+/// `expression` with the numbers of its day-of-week field (1 = Sunday … 7 = Saturday) turned into
+/// POSIX ones (0 = Sunday … 6 = Saturday); names, `*`, `?`, steps, `L` and `#` keep their meaning.
+/// `Err` names a weekday Quartz does not have.
+fn quartz_to_posix(expression: &str) -> Result<String, String> {
+    let mut fields: Vec<String> = expression.split_whitespace().map(str::to_owned).collect();
+    let index = if fields.len() == 5 { 4 } else { 5 };
+    let Some(field) = fields.get(index) else { return Ok(expression.to_owned()) };
+    let day = |text: &str| -> Result<String, String> {
+        if !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()) {
+            match text.parse::<u32>() {
+                Ok(number @ 1..=7) => Ok((number - 1).to_string()),
+                _ => Err(format!("weekday {text} is not a Quartz weekday")),
+            }
+        } else {
+            // A name (MON), or what croner will refuse with its own message.
+            Ok(text.to_owned())
+        }
+    };
+    let mut items = Vec::new();
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((range, step)) => (range, Some(step)),
+            None => (item, None),
+        };
+        let range = if range == "?" || (range == "*" && step.is_none()) {
+            range.to_owned()
+        } else if range == "*" {
+            // Stepped from Sunday, within the week (POSIX's 7 is Sunday again).
+            "0-6".to_owned()
+        } else if range.eq_ignore_ascii_case("L") {
+            // Quartz: `L` alone in day-of-week is its last day, Saturday.
+            "6".to_owned()
+        } else if let Some(number) = range.strip_suffix(['L', 'l']) {
+            format!("{}L", day(number)?)
+        } else if let Some((number, nth)) = range.split_once('#') {
+            format!("{}#{nth}", day(number)?)
+        } else if let Some((from, to)) = range.split_once('-') {
+            format!("{}-{}", day(from)?, day(to)?)
+        } else if step.is_some() {
+            // `a/n`: from a to Saturday (in POSIX, `a/n` would run on to 7, Sunday again).
+            format!("{}-6", day(range)?)
+        } else {
+            day(range)?
+        };
+        items.push(match step {
+            Some(step) => format!("{range}/{step}"),
+            None => range,
+        });
+    }
+    fields[index] = items.join(",");
+    Ok(fields.join(" "))
+}
+
 /// How far from a UTC-offset change the careful walk is used.
 const TRANSITION_WINDOW: TimeDelta = TimeDelta::hours(3);
 
@@ -96,16 +180,8 @@ impl Schedule {
                         "field 'schedule[{index}]': '{expression}' has {fields} fields; cron takes 5, 6 (seconds first) or 7 (with a year)"
                     )));
                 }
-                let quartz = is_quartz(expression);
-                let cron = CronParser::builder().alternative_weekdays(quartz).build().parse(expression).map_err(|err| {
-                    let weekdays = if quartz {
-                        " (a Quartz expression: 7 fields or a '?'; its weekdays run from 1 = Sunday to 7 = Saturday, or SUN-SAT)"
-                    } else {
-                        ""
-                    };
-                    SpecError(format!(
-                        "field 'schedule[{index}]': '{expression}' is not a cron expression: {err}{weekdays}"
-                    ))
+                let (cron, _) = parse(expression).map_err(|err| {
+                    SpecError(format!("field 'schedule[{index}]': '{expression}' is not a cron expression: {err}"))
                 })?;
                 // One that never fires (`0 0 30 2 *`) would make every search for its next slot
                 // walk the calendar to its end: refused.
@@ -120,6 +196,22 @@ impl Schedule {
         Ok(Some(Schedule { crons, expressions: spec.schedule.clone(), timezone }))
     }
 
+    /// What a new spec (`submit`, `apply`, the API) must meet beyond [`Schedule::from_spec`]:
+    /// a Quartz expression's weekdays are Quartz's (1 to 7). A spec already in the log with a 0
+    /// there is still read, the POSIX way, as before Quartz expressions were read the Quartz way.
+    pub fn check_new(spec: &TaskSpec) -> Result<(), SpecError> {
+        for (index, expression) in spec.schedule.iter().enumerate() {
+            if is_quartz(expression)
+                && let Err(err) = quartz_to_posix(expression)
+            {
+                return Err(SpecError(format!(
+                    "field 'schedule[{index}]': '{expression}': {err}: {QUARTZ_WEEKDAYS}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Each expression in words (croner's English), marked `(Quartz)` when it is read the Quartz
     /// way, for `status` and `submit --dry-run`.
     pub fn describe(&self) -> Vec<String> {
@@ -127,8 +219,14 @@ impl Schedule {
             .iter()
             .zip(&self.expressions)
             .map(|(cron, expression)| {
-                let quartz = if is_quartz(expression) { " (Quartz: 1 = Sunday)" } else { "" };
-                format!("{expression}: {}{quartz}", cron.describe())
+                let style = match parse(expression).map(|(_, style)| style) {
+                    Ok(Style::Quartz) => " (Quartz: 1 = Sunday)",
+                    Ok(Style::LegacyPosix) => {
+                        " (a Quartz form with a weekday Quartz has not: read the POSIX way, 0 = Sunday; write SUN-SAT)"
+                    }
+                    _ => "",
+                };
+                format!("{expression}: {}{style}", cron.describe())
             })
             .collect()
     }

@@ -406,8 +406,15 @@ impl TaskSpec {
         if let Some(field) = unknown.first() {
             return Err(SpecError::field(field, "unknown field"));
         }
-        spec.validate_all()?;
+        spec.validate_new()?;
         Ok(spec)
+    }
+
+    /// [`TaskSpec::validate_all`] and what only a new spec must meet (`submit`, `apply`, the
+    /// API): readers of the log take what earlier builds accepted.
+    pub fn validate_new(&self) -> Result<(), SpecError> {
+        self.validate_all()?;
+        crate::schedule::Schedule::check_new(self)
     }
 
     /// Checks the rules serde cannot express.

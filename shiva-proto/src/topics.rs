@@ -134,6 +134,10 @@ pub mod key {
     pub fn mode(node: &NodeId) -> String {
         format!("mode/{node}")
     }
+    /// `move/<task>`: a request to move a service (rebalance).
+    pub fn move_request(id: &TaskId) -> String {
+        format!("move/{id}")
+    }
     /// `secret/<name>`.
     pub fn secret(name: &TaskId) -> String {
         format!("secret/{name}")

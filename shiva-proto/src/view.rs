@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use crate::ids::{NodeId, TaskId};
 use crate::records::{
-    Assignment, Body, DecodeError, DesiredState, Envelope, Heartbeat, Members, Mode, NodeMode, Placement,
-    TaskStatus,
+    Assignment, Body, DecodeError, DesiredState, Envelope, Heartbeat, Members, Mode, MoveRequest, NodeMode,
+    Placement, TaskStatus,
 };
 use crate::runs::{RunIntent, RunPhase, RunReport, Sched};
 use crate::spec::TaskSpec;
@@ -233,6 +233,8 @@ pub struct LogView {
     pub desired: BTreeMap<TaskId, DesiredState>,
     /// Nodes' modes (`cordon`, `drain`; absent: open).
     pub node_modes: BTreeMap<NodeId, NodeMode>,
+    /// Requests to move services (`rebalance`), by task.
+    pub moves: BTreeMap<TaskId, MoveRequest>,
     /// Newest heartbeat per node.
     pub heartbeats: BTreeMap<NodeId, HeartbeatEntry>,
     /// Incarnations that announced their departure.
@@ -760,6 +762,7 @@ impl LogView {
                 self.invalid.remove(&task);
             }
             (TopicKind::Commands, None, Some(_)) if self.auth.0.is_some() => {
+                self.repair_after_tombstone(key);
                 return Outcome::Skipped(format!(
                     "tombstone for '{key}' ignored: in a signed cluster a desired state changes only by a signed command"
                 ));
@@ -769,6 +772,7 @@ impl LogView {
             }
             (TopicKind::Commands, None, None) if let Some(node) = mode_node(key) => {
                 if self.auth.0.is_some() {
+                    self.repair_after_tombstone(key);
                     return Outcome::Skipped(format!(
                         "tombstone for '{key}' ignored: in a signed cluster a node's mode changes only by a signed command"
                     ));
@@ -778,6 +782,15 @@ impl LogView {
             _ => return Outcome::Skipped(format!("tombstone for '{key}' on {topic} ignored")),
         }
         Outcome::Applied("tombstone")
+    }
+
+    /// Signed clusters: an unsigned tombstone on a command key changes nothing here, but
+    /// compaction would keep it (and then drop it) in place of the accepted command, and a reader
+    /// started later would not know the command: the leader writes the accepted one again.
+    fn repair_after_tombstone(&mut self, key: &str) {
+        if self.accepted_commands.contains_key(key) {
+            self.command_repairs.insert(key.to_owned());
+        }
     }
 
     /// Whether the view holds an entry for a leader-owned key.
@@ -972,6 +985,10 @@ impl LogView {
             (TopicKind::Commands, Body::Desired(desired)) => {
                 expect_key(key, &key::desired(&desired.task))?;
                 self.desired.insert(desired.task, desired.state);
+            }
+            (TopicKind::Commands, Body::MoveRequest(request)) => {
+                expect_key(key, &key::move_request(&request.task))?;
+                self.moves.insert(request.task.clone(), request);
             }
             (TopicKind::Commands, Body::NodeMode(mode)) => {
                 expect_key(key, &key::mode(&mode.node))?;
@@ -1169,11 +1186,12 @@ pub fn mode_node(key: &str) -> Option<NodeId> {
     NodeId::new(key.strip_prefix("mode/")?).ok()
 }
 
-/// The task a command key names (`task/`, `desired/`, `secret/`, `request/`).
+/// The task a command key names (`task/`, `desired/`, `secret/`, `move/`, `request/`).
 pub fn command_task(key: &str) -> Option<TaskId> {
     let id = key::task_of(key, "task")
         .or_else(|| key::task_of(key, "desired"))
         .or_else(|| key::task_of(key, "secret"))
+        .or_else(|| key::task_of(key, "move"))
         .or_else(|| key::task_of(key, "request").and_then(|rest| rest.rsplit_once('/')).map(|(id, _)| id))?;
     TaskId::new(id).ok()
 }

@@ -333,3 +333,65 @@ fn drain_moves_every_service_away_one_copy_at_a_time_and_cordon_places_nothing_n
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no node 'nope'"));
     assert_eq!(cluster.ctl.run(&["drain", "n2", "--deadline", "100d"]).status.code(), Some(2));
 }
+
+/// Rebalance (issue 19, point 4): services stay on n1 when n2 and n3 join; `rebalance
+/// --dry-run` lists the moves and writes nothing; `rebalance --max-moves 1` evens the loads out
+/// (2, 2, 2) one service at a time (no two hand-offs overlap), and no two copies of any service
+/// overlap.
+#[test]
+fn rebalance_evens_out_services_after_nodes_join_one_move_at_a_time() {
+    let mut cluster = Cluster::start("rebalance", 1, &[]);
+    let dir = scratch("rebalance");
+    let services: Vec<String> = (0..6).map(|i| format!("app/r{i}")).collect();
+    let log_of = |task: &str| dir.join(task.replace('/', "-"));
+    for task in &services {
+        submit(&cluster, slow_service(task, &cluster, &[], &log_of(task)));
+    }
+    for task in &services {
+        wait_copy_on(&log_of(task), "n1", 1);
+    }
+    for id in ["n2", "n3"] {
+        let node = shiva_e2e::Node::start(&cluster.broker, &cluster.name, id, &[]);
+        cluster.nodes.push(node);
+    }
+    cluster.wait_nodes(3);
+    std::thread::sleep(Duration::from_secs(2));
+    let per_node = |cluster: &Cluster| -> BTreeMap<String, usize> {
+        let mut load = BTreeMap::new();
+        for (_, row) in cluster.ctl.tasks() {
+            *load.entry(row["node"].as_str().unwrap_or("-").to_owned()).or_default() += 1;
+        }
+        load
+    };
+    assert_eq!(per_node(&cluster), BTreeMap::from([("n1".to_owned(), 6)]), "joining nodes move nothing");
+
+    let planned = cluster.ctl.json(&["rebalance", "--dry-run"]);
+    assert_eq!(planned.as_array().unwrap().len(), 4, "{planned}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(per_node(&cluster)["n1"], 6, "a dry run moves nothing");
+
+    let output = cluster.ctl.ok(&["rebalance", "--max-moves", "1"]);
+    assert!(output.contains("balanced (4 move(s))"), "{output}");
+    assert_eq!(
+        per_node(&cluster),
+        BTreeMap::from([("n1".to_owned(), 2), ("n2".to_owned(), 2), ("n3".to_owned(), 2)])
+    );
+    // No two copies of one service at once; hand-offs one at a time: a moved service's window
+    // (its old copy's last stamp → its new copy's first) overlaps no other's.
+    let mut windows = Vec::new();
+    for task in &services {
+        assert_one_at_a_time(&log_of(task));
+        let copies = copies(&log_of(task));
+        if copies.len() == 2 {
+            let mut spans: Vec<(u128, u128)> = copies.values().map(|(_, from, to, _)| (*from, *to)).collect();
+            spans.sort();
+            windows.push((spans[0].1, spans[1].0, task.clone()));
+        }
+    }
+    assert_eq!(windows.len(), 4, "four services moved once each: {windows:?}");
+    windows.sort();
+    for pair in windows.windows(2) {
+        assert!(pair[0].1 < pair[1].0, "two hand-offs at once with --max-moves 1: {pair:?}");
+    }
+    assert!(cluster.ctl.ok(&["rebalance"]).contains("balanced (0 move(s))"));
+}

@@ -256,6 +256,13 @@ fn in_a_signed_view_a_nodes_mode_changes_only_by_a_signed_command_of_an_unrestri
     assert_eq!(apply(2, Some(&by_ops)), Outcome::Applied("node_mode"));
     assert!(matches!(apply(3, None), Outcome::Skipped(_)));
     assert_eq!(view.node_modes[&n1].mode, Mode::Cordoned);
+    // Compaction would keep that tombstone in place of the command: the leader writes it again.
+    assert!(view.command_repairs.contains("mode/n1"));
+    assert_eq!(
+        view.apply(TopicKind::Commands, 4, Some(b"mode/n1"), Some(&by_ops)),
+        Outcome::Applied("same command")
+    );
+    assert!(view.command_repairs.is_empty());
     // A record whose key names another node, or a deadline on a cordon: refused.
     let mut open = LogView::default();
     let other = crate::Envelope {

@@ -252,12 +252,39 @@ fn quartz_documented_examples() {
 }
 
 #[test]
-fn a_quartz_weekday_zero_or_eight_is_refused_with_the_range() {
+fn a_quartz_weekday_zero_or_eight_is_refused_for_a_new_spec_and_read_as_before_from_the_log() {
+    use chrono::Weekday::*;
     for expression in ["0 15 10 ? * 0", "0 15 10 ? * 8", "0 15 10 ? * 0-4"] {
         let mut spec = TaskSpec::new(TaskId::new("t").unwrap(), "true", vec![]);
         spec.schedule = vec![expression.into()];
-        let err = Schedule::from_spec(&spec).unwrap_err().to_string();
+        let err = spec.validate_new().unwrap_err().to_string();
         assert!(err.contains("1 = Sunday to 7 = Saturday"), "{expression}: {err}");
+    }
+    // Accepted by earlier builds, so possibly in the log: read the POSIX way, as they did,
+    // never made invalid by an upgrade.
+    assert_eq!(weekdays("0 15 10 ? * 0"), [Sun]);
+    assert_eq!(weekdays("0 15 10 ? * 0-4"), [Sun, Mon, Tue, Wed, Thu]);
+    assert!(schedule(&["0 15 10 ? * 0"], None).describe()[0].contains("read the POSIX way"));
+}
+
+#[test]
+fn quartz_steps_name_ranges_last_and_nth_keep_their_meaning() {
+    use chrono::Weekday::*;
+    // `*/2` from Sunday: Sunday, Tuesday, Thursday, Saturday (croner's own Quartz mode refuses it).
+    assert_eq!(weekdays("0 0 12 ? * */2"), [Sun, Tue, Thu, Sat]);
+    assert_eq!(weekdays("0 0 12 ? * 2/2"), [Mon, Wed, Fri]);
+    // Ranges of names ending on Sunday.
+    assert_eq!(weekdays("0 0 10 ? * SAT-SUN"), [Sun, Sat]);
+    assert_eq!(weekdays("0 0 10 ? * FRI-SUN"), [Sun, Fri, Sat]);
+    assert_eq!(weekdays("0 0 10 ? * MON-SUN").len(), 7);
+    assert_eq!(weekdays("0 0 10 ? * mon,wed"), [Mon, Wed]);
+    // `L` alone is Saturday; a 5-field expression with `?` is Quartz too.
+    assert_eq!(weekdays("0 0 10 ? * L"), [Sat]);
+    assert_eq!(weekdays("0 10 ? * 2-6"), [Mon, Tue, Wed, Thu, Fri]);
+    for expression in ["0 0 12 ? * */2", "0 0 10 ? * SAT-SUN", "0 0 10 ? * 6#3", "0 0 10 ? * 6L"] {
+        let mut spec = TaskSpec::new(TaskId::new("t").unwrap(), "true", vec![]);
+        spec.schedule = vec![expression.into()];
+        spec.validate_new().unwrap_or_else(|err| panic!("{expression}: {err}"));
     }
 }
 
