@@ -221,6 +221,8 @@ fn field_changes(before: &TaskSpec, after: &TaskSpec) -> Vec<FieldChange> {
     names.dedup();
     names
         .into_iter()
+        // The own revision is the writer's count, not part of what a file declares.
+        .filter(|name| name.as_str() != "revision")
         .filter_map(|name| {
             let from = before.get(name).cloned().unwrap_or(serde_json::Value::Null);
             let to = after.get(name).cloned().unwrap_or(serde_json::Value::Null);
@@ -281,7 +283,11 @@ pub fn export(view: &LogView, prefix: Option<&str>, format: Format) -> Result<St
         .specs
         .iter()
         .filter(|(id, _)| prefix.is_none_or(|prefix| under(id, prefix)))
-        .map(|(_, entry)| serde_json::to_value(&entry.spec).expect("specs serialise"))
+        .map(|(_, entry)| {
+            let mut spec = entry.spec.clone();
+            spec.revision = 0;
+            serde_json::to_value(&spec).expect("specs serialise")
+        })
         .collect();
     let failed =
         |err: &dyn std::fmt::Display| CtlError::Failed(anyhow::anyhow!("cannot write the specs: {err}"));

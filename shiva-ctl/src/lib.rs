@@ -117,11 +117,14 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
             let verb = if view.specs.contains_key(&spec.id) { "updated" } else { "submitted" };
             let id = spec.id.clone();
+            let revision = commands::next_revision(&view, &id);
             let offsets = execute(&config, &view, &Commanded::Submit(Box::new(spec))).await?;
             if json {
-                print_json(&serde_json::json!({"id": id, "result": verb, "revision": offsets[0].1}));
+                print_json(
+                    &serde_json::json!({"id": id, "result": verb, "revision": revision, "offset": offsets[0].1}),
+                );
             } else {
-                println!("{verb} {id} (revision {})", offsets[0].1);
+                println!("{verb} {id} (revision {revision})");
             }
         }
         Command::Apply { files, dry_run, json } => {
@@ -209,6 +212,9 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 return Ok(());
             };
             println!("id:          {}", row.id);
+            if let Some(entry) = view.specs.get(&task) {
+                println!("revision:    {} (record at offset {})", entry.spec.revision, entry.revision);
+            }
             println!("kind:        {}", row.kind);
             println!("command:     {} {}", spec.command, spec.args.join(" "));
             println!("tags:        {}", if spec.tags.is_empty() { "-".into() } else { spec.tags.join(",") });

@@ -120,6 +120,12 @@ pub fn move_task(view: &LogView, task: &TaskId, to: &NodeId, until_ms: i64) -> R
     Ok(Write { key: key::move_request(task), body: Some(Body::MoveRequest(body)) })
 }
 
+/// The own revision a new definition of `task` gets: one more than the one it replaces (1 for
+/// a new task).
+pub fn next_revision(view: &LogView, task: &TaskId) -> u64 {
+    view.specs.get(task).map_or(0, |entry| entry.spec.revision).saturating_add(1)
+}
+
 /// The records `command` writes, in order, or why it is refused, judged on `view`.
 pub fn plan(view: &LogView, command: &Command) -> Result<Vec<Write>, CommandError> {
     let task = command.task();
@@ -131,8 +137,11 @@ pub fn plan(view: &LogView, command: &Command) -> Result<Vec<Write>, CommandErro
         Command::Submit(spec) => {
             spec.validate_new().map_err(|err| CommandError::Invalid(err.to_string()))?;
             check_after(spec, view)?;
+            // Its own revision: one more than the definition it replaces.
+            let mut spec = spec.as_ref().clone();
+            spec.revision = next_revision(view, task);
             Ok(vec![
-                Write { key: key::task(task), body: Some(Body::Task(spec.as_ref().clone())) },
+                Write { key: key::task(task), body: Some(Body::Task(spec)) },
                 desired(DesiredState::Running),
             ])
         }

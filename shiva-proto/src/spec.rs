@@ -42,6 +42,11 @@ pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 pub struct TaskSpec {
     /// The task id.
     pub id: TaskId,
+    /// The task's own revision: 1 for its first definition, one more at each `submit` or
+    /// `apply` that changes it (set by the command's writer from the definition it replaces;
+    /// absent, 0, from earlier builds). For people: the record's offset orders definitions.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub revision: u64,
     /// Program to run.
     pub command: String,
     /// Its arguments.
@@ -340,6 +345,7 @@ impl TaskSpec {
     pub fn new(id: TaskId, command: impl Into<String>, args: Vec<String>) -> Self {
         TaskSpec {
             id,
+            revision: 0,
             command: command.into(),
             args,
             env: BTreeMap::new(),

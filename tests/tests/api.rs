@@ -124,6 +124,8 @@ fn every_endpoint_answers_on_every_node_writes_as_the_cli_does_and_refuses_bad_i
     let detail = http("GET", &format!("{}/v1/tasks/{}", urls[1], enc("api/svc")), Some(READER), None).json();
     assert_eq!(detail["spec"]["command"], "sh");
     assert_eq!(detail["revision"], created["revision"]);
+    assert_eq!(created["revision"], 1, "a new task's own revision: {created}");
+    assert_eq!(detail["offset"], created["offset"]);
     let nodes = http("GET", &format!("{}/v1/nodes", urls[1]), Some(READER), None).json();
     let nodes = nodes.as_array().unwrap();
     assert_eq!(nodes.len(), 3);

@@ -519,6 +519,7 @@ fn every_command_answers_json_and_completions_and_man_pages_are_generated() {
     ]))
     .unwrap();
     assert_eq!(submitted["result"], "submitted", "{submitted}");
+    assert_eq!(submitted["revision"], 1, "a new task's own revision is 1, not an offset: {submitted}");
     wait_until(SETTLE, "app/echo runs", || {
         ctl.tasks().get("app/echo").is_some_and(|row| row["state"] == "running")
     });
@@ -539,6 +540,9 @@ fn every_command_answers_json_and_completions_and_man_pages_are_generated() {
     );
     assert_eq!(first["node"], "n1");
     ctl.ok(&["submit", "--id", "cron/x", "--schedule", "0 0 1 1 *", "--", "true"]);
+    let second = ctl.ok(&["submit", "--id", "cron/x", "--schedule", "0 0 2 1 *", "--", "true"]);
+    assert_eq!(second.trim(), "updated cron/x (revision 2)");
+    assert!(ctl.ok(&["status", "cron/x"]).contains("revision:    2 (record at offset"));
     for verb in ["run", "suspend", "resume"] {
         assert_eq!(ctl.json(&[verb, "cron/x"])["command"], verb);
     }

@@ -75,6 +75,8 @@ pub type Delivery =
 pub struct Planned {
     /// The task was defined before.
     pub existed: bool,
+    /// A submit: the task's own revision it writes.
+    pub revision: Option<u64>,
     /// Its records' keys and deliveries, in order.
     pub writes: Vec<(String, Delivery)>,
 }
@@ -650,7 +652,7 @@ async fn command(
     state: &AppState,
     by: String,
     command: Command,
-) -> Result<(bool, Vec<(String, i64)>), ApiError> {
+) -> Result<(Planned, Vec<(String, i64)>), ApiError> {
     // Judged on a view read to its end, like the CLI's: no command is planned on a partial one.
     if !state.snapshot.borrow().cluster.as_ref().is_some_and(|cluster| cluster.ready && !cluster.stopping) {
         return Err(ApiError(
@@ -659,7 +661,7 @@ async fn command(
                 .into(),
         ));
     }
-    let planned = match ask(state, |reply| Request::Command { command, by, reply }).await? {
+    let mut planned = match ask(state, |reply| Request::Command { command, by, reply }).await? {
         Ok(planned) => planned,
         Err(Refusal::Command(err)) => return Err(err.into()),
         Err(Refusal::Signed) => {
@@ -671,7 +673,8 @@ async fn command(
         }
     };
     let mut written = Vec::with_capacity(planned.writes.len());
-    for (key, delivery) in planned.writes {
+    let deliveries = std::mem::take(&mut planned.writes);
+    for (key, delivery) in deliveries {
         let offset = tokio::time::timeout(ANSWER_WITHIN, delivery)
             .await
             .map_err(|_| {
@@ -692,7 +695,7 @@ async fn command(
     if tokio::time::timeout(ANSWER_WITHIN, read).await.is_err() {
         warn!(offset = last, "a command was written but not read back in time");
     }
-    Ok((planned.existed, written))
+    Ok((planned, written))
 }
 
 fn records(written: &[(String, i64)]) -> serde_json::Value {
@@ -707,12 +710,12 @@ async fn submit(State(state): State<AppState>, request: HttpRequest) -> Result<R
         .map_err(|err| ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the body cannot be read: {err}")))?;
     let spec = spec_of(&body)?;
     let id = spec.id.clone();
-    let (existed, written) = command(&state, by, Command::Submit(Box::new(spec))).await?;
-    let status = if existed { StatusCode::OK } else { StatusCode::CREATED };
-    let revision = written.first().map(|(_, offset)| *offset);
+    let (planned, written) = command(&state, by, Command::Submit(Box::new(spec))).await?;
+    let status = if planned.existed { StatusCode::OK } else { StatusCode::CREATED };
+    let offset = written.first().map(|(_, offset)| *offset);
     Ok(json_value(
         status,
-        &serde_json::json!({ "id": id, "revision": revision, "updated": existed, "records": records(&written) }),
+        &serde_json::json!({ "id": id, "revision": planned.revision, "offset": offset, "updated": planned.existed, "records": records(&written) }),
     ))
 }
 

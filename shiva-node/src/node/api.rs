@@ -201,6 +201,10 @@ impl Node {
                 let planned = shiva_proto::commands::plan(&self.view, &command)
                     .map_err(Refusal::Command)
                     .map(|writes| {
+                        let revision = writes.iter().find_map(|write| match &write.body {
+                            Some(shiva_proto::Body::Task(spec)) => Some(spec.revision),
+                            _ => None,
+                        });
                         let sender = format!("api:{by}@{}", self.config.node_id);
                         let writes = writes
                             .into_iter()
@@ -215,7 +219,7 @@ impl Node {
                                 (write.key, delivery)
                             })
                             .collect();
-                        Planned { existed, writes }
+                        Planned { existed, revision, writes }
                     });
                 if planned.is_ok() {
                     info!(command = command.verb(), task = %command.task(), %by, "command from the HTTP API");
@@ -236,7 +240,8 @@ impl Node {
     fn task_detail(&self, task: &TaskId) -> Option<serde_json::Value> {
         let mut value = shiva_proto::rows::task_detail(&self.view, task, chrono::Utc::now())?;
         if let Some(entry) = self.view.specs.get(task) {
-            value["revision"] = entry.revision.into();
+            value["revision"] = entry.spec.revision.into();
+            value["offset"] = entry.revision.into();
         }
         Some(value)
     }
