@@ -143,8 +143,12 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
             .filter(|node| eligible(node, task))
             .filter(|node| match node.availability {
                 Availability::Open | Availability::Cordoned => true,
+                // Another node that takes new work, can run it and did not fail it.
                 Availability::Draining { expired } => {
-                    !expired && !nodes.iter().any(|other| other.takes_new() && eligible(other, task))
+                    !expired
+                        && !nodes.iter().any(|other| {
+                            other.takes_new() && eligible(other, task) && !task.avoid.contains(&other.id)
+                        })
                 }
             });
         match keep {
@@ -379,6 +383,10 @@ mod tests {
         ];
         let reason = on(&plan(&nodes, &gpu), "gpu").unwrap_err();
         assert!(reason.contains("cordoned or draining (a)"), "{reason}");
+        // The only open node failed it: it stays on the draining node until the deadline.
+        let failed_on_b = [Demand { avoid: vec![id("b")], ..gpu[0].clone() }];
+        let nodes = [node("a", &["gpu"], draining), node("b", &["gpu"], Availability::Open)];
+        assert_eq!(on(&plan(&nodes, &failed_on_b), "gpu"), Ok(id("a")));
         // Another gpu node cordoned does not take it either.
         let nodes = [node("a", &["gpu"], draining), node("c", &["gpu"], Availability::Cordoned)];
         assert_eq!(on(&plan(&nodes, &gpu), "gpu"), Ok(id("a")));
