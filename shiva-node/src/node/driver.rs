@@ -525,6 +525,13 @@ impl Node {
         self.leadership.leader_sync = None;
     }
 
+    /// Looks at the lease now, as a step does first (see the driver loop).
+    pub(crate) fn look_at_fence(&mut self) {
+        if self.ready {
+            self.update_fence(Boot::now(), std::time::SystemTime::now());
+        }
+    }
+
     /// Runs the decisions on the current state.
     pub(crate) fn step(&mut self) {
         let open = self.gate.is_open();

@@ -220,22 +220,54 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     let mut ticker = tokio::time::interval(node.config.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        // A wake for a due snapshot alone steps nothing: the decisions' inputs did not change.
-        let step = tokio::select! {
+        let woke = tokio::select! {
             _ = shutdown.cancelled() => break,
             event = events.recv() => {
                 let Some(event) = event else { bail!("the bus reader stopped") };
+                Wake::Read(event)
+            }
+            Some(result) = results_rx.recv() => Wake::Written(result),
+            Some(status) = reports_rx.recv() => Wake::JobStatus(status),
+            Some(report) = run_reports_rx.recv() => Wake::RunReport(report),
+            Some(request) = api_rx.recv() => Wake::Api(request),
+            _ = ticker.tick() => Wake::Heartbeat,
+            _ = tokio::time::sleep(node.runs.run_wake.unwrap_or(Duration::from_secs(3600))) => Wake::Runs,
+            _ = tokio::time::sleep(node.api.wake.unwrap_or(Duration::from_secs(3600))) => Wake::Snapshot,
+        };
+        // The lease first, before anything read or sent on this wake: a node frozen past its
+        // lease would otherwise send a heartbeat on the thaw, read it back at once (the file bus
+        // answers in a millisecond) and renew the lease without ever seeing it had ended, nor
+        // reading the log to its end before it acts again.
+        node.look_at_fence();
+        // A wake for a due snapshot or an API request alone steps nothing: the decisions' inputs
+        // did not change.
+        let step = match woke {
+            Wake::Read(event) => {
                 node.on_reader_event(event)?;
                 true
             }
-            Some(result) = results_rx.recv() => { node.on_write_result(result); true }
-            Some(status) = reports_rx.recv() => { node.on_job_status(status); true }
-            Some(report) = run_reports_rx.recv() => { node.on_run_report(report); true }
-            // The API's questions and commands change no decision's input.
-            Some(request) = api_rx.recv() => { node.on_api_request(request); false }
-            _ = ticker.tick() => { node.heartbeat(); true }
-            _ = tokio::time::sleep(node.runs.run_wake.unwrap_or(Duration::from_secs(3600))) => true,
-            _ = tokio::time::sleep(node.api.wake.unwrap_or(Duration::from_secs(3600))) => false,
+            Wake::Written(result) => {
+                node.on_write_result(result);
+                true
+            }
+            Wake::JobStatus(status) => {
+                node.on_job_status(status);
+                true
+            }
+            Wake::RunReport(report) => {
+                node.on_run_report(report);
+                true
+            }
+            Wake::Api(request) => {
+                node.on_api_request(request);
+                false
+            }
+            Wake::Heartbeat => {
+                node.heartbeat();
+                true
+            }
+            Wake::Runs => true,
+            Wake::Snapshot => false,
         };
         if step {
             // Take in everything already waiting, then decide once: a step walks every task.
@@ -448,4 +480,16 @@ async fn leave(
     if let Some(shipper) = node.shipper.take() {
         tokio::task::spawn_blocking(move || shipper.flush(Duration::from_secs(2))).await.ok();
     }
+}
+
+/// What woke the driver.
+enum Wake {
+    Read(ReaderEvent),
+    Written(driver::WriteResult),
+    JobStatus(TaskStatus),
+    RunReport(RunReport),
+    Api(crate::api::Request),
+    Heartbeat,
+    Runs,
+    Snapshot,
 }
