@@ -222,6 +222,15 @@ impl LogReader {
         }
     }
 
+    /// The topic's first offset still held (retention moves it).
+    pub fn start(&self, timeout: Duration) -> Result<i64, BusError> {
+        match &self.0 {
+            ReaderInner::Kafka(reader) => reader.start(timeout),
+            // The file bus keeps task output from offset 0 (its segments are never trimmed).
+            ReaderInner::File(_) => Ok(0),
+        }
+    }
+
     /// Reads from `offset` on (the topic's first record if that is gone).
     pub fn seek(&mut self, offset: i64) -> Result<(), BusError> {
         match &mut self.0 {
@@ -285,6 +294,14 @@ impl KafkaLogReader {
         Ok(())
     }
 
+    fn start(&self, timeout: Duration) -> Result<i64, BusError> {
+        let (low, _) = self
+            .consumer
+            .fetch_watermarks(&self.topic, 0, timeout)
+            .map_err(|err| BusError::Kafka(format!("cannot read the start of {}: {err}", self.topic)))?;
+        Ok(low)
+    }
+
     fn end(&self, timeout: Duration) -> Result<i64, BusError> {
         let (_, high) = self
             .consumer
@@ -328,6 +345,14 @@ impl KafkaLogReader {
     }
 }
 
+/// A read of the logs topic that got nothing for a whole timeout before `end`.
+fn stopped_answering(config: &BusConfig, reader: &LogReader, end: i64) -> BusError {
+    BusError::Unreachable {
+        brokers: config.brokers.clone(),
+        message: format!("the logs topic stopped answering at offset {} of {end}", reader.position()),
+    }
+}
+
 /// The last `lines` lines of the chunks `filter` wants, read backwards from the topic's end in
 /// growing windows (4,096 records, then twice as many each time), so that a task that wrote
 /// recently costs a read of the topic's end, not of all of it. Returns the chunks (the first
@@ -344,22 +369,17 @@ pub fn tail(
     let end = reader.end(timeout)?;
     let mut found: Vec<LoggedChunk> = Vec::new();
     let mut counted = 0usize;
+    let start = reader.start(timeout)?;
     let (mut to, mut window, mut records_read) = (end, 4096i64, 0u64);
-    while counted < lines && to > 0 {
-        let from = to.saturating_sub(window).max(0);
+    while counted < lines && to > start {
+        let from = to.saturating_sub(window).max(start);
         reader.seek(from)?;
         let mut batch = Vec::new();
         let mut idle_since = std::time::Instant::now();
         while reader.position() < to {
             let Some(chunk) = reader.next(POLL)? else {
                 if idle_since.elapsed() > timeout {
-                    return Err(BusError::Unreachable {
-                        brokers: config.brokers.clone(),
-                        message: format!(
-                            "the logs topic stopped answering at offset {} of {end}",
-                            reader.position()
-                        ),
-                    });
+                    return Err(stopped_answering(config, &reader, end));
                 }
                 continue;
             };
@@ -375,25 +395,23 @@ pub fn tail(
         counted += batch.iter().map(|chunk| line_count(&chunk.bytes)).sum::<usize>();
         batch.append(&mut found);
         found = batch;
-        // A record below `from` the reader skipped to (compaction, retention) ends the walk
-        // when nothing is older.
         to = from;
         window = window.saturating_mul(2);
     }
-    // Keep the last `lines` lines: drop whole chunks, then the first one's extra lines.
+    // Keep the last `lines` lines: drop whole chunks (in one go), then the first one's extra lines.
     let mut extra = counted.saturating_sub(lines);
-    while extra > 0 && !found.is_empty() {
-        let first = line_count(&found[0].bytes);
-        if first <= extra {
-            extra -= first;
-            found.remove(0);
-        } else {
-            let cut = found[0].bytes.iter().enumerate().filter(|(_, byte)| **byte == b'\n').nth(extra - 1);
-            if let Some((at, _)) = cut {
-                found[0].bytes.drain(..=at);
-            }
-            extra = 0;
-        }
+    let mut whole = 0;
+    while whole < found.len() && line_count(&found[whole].bytes) <= extra {
+        extra -= line_count(&found[whole].bytes);
+        whole += 1;
+    }
+    found.drain(..whole);
+    if extra > 0
+        && let Some(first) = found.first_mut()
+        && let Some((at, _)) =
+            first.bytes.iter().enumerate().filter(|(_, byte)| **byte == b'\n').nth(extra - 1)
+    {
+        first.bytes.drain(..=at);
     }
     Ok(Tail { chunks: found, end, records_read })
 }
@@ -477,13 +495,7 @@ pub fn scan(
                 return Ok(handed);
             }
             if !follow && idle_since.elapsed() > timeout {
-                return Err(BusError::Unreachable {
-                    brokers: config.brokers.clone(),
-                    message: format!(
-                        "the logs topic stopped answering at offset {} of {end}",
-                        reader.position()
-                    ),
-                });
+                return Err(stopped_answering(config, &reader, end));
             }
             continue;
         };

@@ -43,7 +43,7 @@ pub enum Format {
 impl Format {
     /// The format of `path`, by its extension.
     fn of(path: &Path) -> Option<Format> {
-        match path.extension()?.to_str()? {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
             "yaml" | "yml" => Some(Format::Yaml),
             "toml" => Some(Format::Toml),
             "json" => Some(Format::Json),
@@ -91,10 +91,16 @@ fn collect(path: &Path, files: &mut Vec<(PathBuf, Format)>, named: bool) -> Resu
     let metadata =
         std::fs::metadata(path).map_err(|err| invalid(format!("cannot read {}: {err}", path.display())))?;
     if metadata.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|err| invalid(format!("cannot read {}: {err}", path.display())))?
-            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-            .collect();
+        let cannot = |err: std::io::Error| invalid(format!("cannot read {}: {err}", path.display()));
+        let mut entries = Vec::new();
+        for entry in std::fs::read_dir(path).map_err(cannot)? {
+            let entry = entry.map_err(cannot)?;
+            // A link to a directory is not followed (a loop would never end); one to a file is.
+            if entry.file_type().map_err(cannot)?.is_symlink() && entry.path().is_dir() {
+                continue;
+            }
+            entries.push(entry.path());
+        }
         entries.sort();
         for entry in entries {
             collect(&entry, files, false)?;
@@ -181,6 +187,16 @@ pub fn plan(view: &LogView, specs: &[FileSpec], prune: Option<&str>) -> Vec<Chan
         let id = &file.spec.id;
         let origin = Some(file.origin.clone());
         match view.specs.get(id) {
+            // Defined, but its newest definition is unreadable here: an update (its desired state
+            // stays), not a creation.
+            None if let Some(invalid) = view.invalid.get(id) => {
+                let fields = vec![FieldChange {
+                    field: "(definition)".into(),
+                    from: serde_json::Value::String(format!("invalid: {}", invalid.reason)),
+                    to: serde_json::Value::String("the file's".into()),
+                }];
+                changes.push(Change { id: id.clone(), action: "update", fields, origin });
+            }
             None => changes.push(Change { id: id.clone(), action: "create", fields: Vec::new(), origin }),
             Some(entry) => {
                 let fields = field_changes(&entry.spec, &file.spec);
@@ -194,7 +210,10 @@ pub fn plan(view: &LogView, specs: &[FileSpec], prune: Option<&str>) -> Vec<Chan
         let named: std::collections::BTreeSet<&TaskId> = specs.iter().map(|file| &file.spec.id).collect();
         for id in view.defined_tasks() {
             if under(id, prefix) && !named.contains(id) {
-                changes.push(Change { id: id.clone(), action: "delete", fields: Vec::new(), origin: None });
+                // A definition this build cannot read (a newer build's) is never pruned: nothing
+                // here knows what it is.
+                let action = if view.specs.contains_key(id) { "delete" } else { "keep" };
+                changes.push(Change { id: id.clone(), action, fields: Vec::new(), origin: None });
             }
         }
     }
@@ -242,6 +261,7 @@ pub fn writes(
     let mut writes = Vec::new();
     for change in changes {
         match change.action {
+            "keep" => {}
             "delete" => writes.extend(commands::plan(view, &Commanded::Delete(change.id.clone()))?),
             action => {
                 let spec = by_id[&change.id].clone();
@@ -257,9 +277,36 @@ pub fn writes(
     Ok(writes)
 }
 
+/// Checks the files as one batch: their `after` edges, with the cluster's other tasks (the
+/// pruned ones left out), form no cycle. Each spec alone was checked when it was read.
+pub fn check_batch(view: &LogView, specs: &[FileSpec], changes: &[Change]) -> Result<(), CtlError> {
+    let pruned: std::collections::BTreeSet<&TaskId> =
+        changes.iter().filter(|change| change.action == "delete").map(|change| &change.id).collect();
+    let mut edges: BTreeMap<TaskId, Vec<TaskId>> = view
+        .specs
+        .iter()
+        .filter(|(id, _)| !pruned.contains(id))
+        .map(|(id, entry)| (id.clone(), entry.spec.after.clone()))
+        .collect();
+    for file in specs {
+        edges.insert(file.spec.id.clone(), file.spec.after.clone());
+    }
+    if let Some(cycle) = shiva_proto::dag::find_cycle(&edges) {
+        let path: Vec<&str> = cycle.iter().map(TaskId::as_str).collect();
+        return Err(invalid(format!("field 'after': the files would form a cycle {}", path.join(" → "))));
+    }
+    Ok(())
+}
+
 /// Prints `changes` as `diff` and `apply` show them.
 pub fn print_changes(changes: &[Change]) {
-    if changes.is_empty() {
+    if changes.iter().all(|change| change.action == "keep") {
+        for change in changes {
+            println!(
+                "= {} (kept: its definition is unreadable to this shiva-ctl; prune leaves it)",
+                change.id
+            );
+        }
         println!("no change");
         return;
     }
@@ -267,6 +314,10 @@ pub fn print_changes(changes: &[Change]) {
         match change.action {
             "create" => println!("+ {} (new, from {})", change.id, change.origin.as_deref().unwrap_or("?")),
             "delete" => println!("- {} (no file names it)", change.id),
+            "keep" => println!(
+                "= {} (kept: its definition is unreadable to this shiva-ctl; prune leaves it)",
+                change.id
+            ),
             _ => {
                 println!("~ {} (from {})", change.id, change.origin.as_deref().unwrap_or("?"));
                 for field in &change.fields {
@@ -275,6 +326,12 @@ pub fn print_changes(changes: &[Change]) {
             }
         }
     }
+}
+
+/// The defined tasks under `prefix` that `export` cannot write: their newest definition is
+/// unreadable to this build.
+pub fn unexported(view: &LogView, prefix: Option<&str>) -> Vec<TaskId> {
+    view.invalid.keys().filter(|id| prefix.is_none_or(|prefix| under(id, prefix))).cloned().collect()
 }
 
 /// The defined specs under `prefix`, in id order, as `format` text that `apply` reads back.
@@ -313,6 +370,24 @@ mod tests {
 
     fn spec(id: &str, command: &str) -> TaskSpec {
         TaskSpec::new(TaskId::new(id).unwrap(), command, vec![])
+    }
+
+    /// A view defining `specs`, as the CLI reads them from the log.
+    fn view_of(specs: Vec<TaskSpec>) -> LogView {
+        use shiva_proto::records::{Body, Envelope};
+        let mut view = LogView::default();
+        for (offset, spec) in specs.into_iter().enumerate() {
+            let key = shiva_proto::topics::key::task(&spec.id);
+            let record =
+                Envelope { sender: "ctl:t".into(), incarnation: None, sent_at_ms: 1, body: Body::Task(spec) };
+            view.apply(
+                shiva_proto::TopicKind::Commands,
+                offset as i64,
+                Some(key.as_bytes()),
+                Some(&record.encode()),
+            );
+        }
+        view
     }
 
     #[test]
@@ -357,24 +432,7 @@ mod tests {
 
     #[test]
     fn only_real_changes_are_planned_and_prune_stays_under_its_prefix() {
-        use shiva_proto::records::{Body, Envelope};
-        let mut view = LogView::default();
-        for (offset, spec) in
-            [spec("a/x", "true"), spec("a/old", "true"), spec("ab/keep", "true")].into_iter().enumerate()
-        {
-            let record = Envelope {
-                sender: "ctl:t".into(),
-                incarnation: None,
-                sent_at_ms: 1,
-                body: Body::Task(spec.clone()),
-            };
-            view.apply(
-                shiva_proto::TopicKind::Commands,
-                offset as i64,
-                Some(shiva_proto::topics::key::task(&spec.id).as_bytes()),
-                Some(&record.encode()),
-            );
-        }
+        let view = view_of(vec![spec("a/x", "true"), spec("a/old", "true"), spec("ab/keep", "true")]);
         let files = |specs: Vec<TaskSpec>| -> Vec<FileSpec> {
             specs.into_iter().map(|spec| FileSpec { origin: "f.yaml".into(), spec }).collect()
         };
@@ -406,28 +464,60 @@ mod tests {
     }
 
     #[test]
-    fn an_export_reads_back_as_the_same_specs_in_every_format() {
-        use shiva_proto::records::{Body, Envelope};
+    fn an_unreadable_definition_is_never_pruned_and_a_file_naming_it_updates_it() {
         let mut view = LogView::default();
+        // A definition this build cannot read (a field out of range, as a newer build's may be).
+        let bad = br#"{"v":1,"kind":"task","sender":"ctl:t","sent_at_ms":1,"body":{"id":"a/new-kind","command":"true","stop_grace":"forever"}}"#;
+        view.apply(shiva_proto::TopicKind::Commands, 0, Some(b"task/a/new-kind"), Some(bad));
+        assert!(view.invalid.contains_key(&TaskId::new("a/new-kind").unwrap()));
+        let changes = plan(&view, &[], Some("a"));
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].action, "keep");
+        assert!(writes(&view, &[], &changes).unwrap().is_empty(), "nothing deleted");
+        let file = vec![FileSpec { origin: "f.yaml".into(), spec: spec("a/new-kind", "true") }];
+        let changes = plan(&view, &file, Some("a"));
+        assert_eq!(changes[0].action, "update", "{changes:?}");
+        let written = writes(&view, &file, &changes).unwrap();
+        let keys: Vec<&str> = written.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(keys, ["task/a/new-kind"], "its desired state stays");
+    }
+
+    #[test]
+    fn after_cycles_across_the_files_are_refused_before_anything_is_written() {
+        let mut a = spec("j/a", "true");
+        a.once = true;
+        a.after = vec![TaskId::new("j/b").unwrap()];
+        let mut b = spec("j/b", "true");
+        b.once = true;
+        b.after = vec![TaskId::new("j/a").unwrap()];
+        let files: Vec<FileSpec> =
+            [a, b].into_iter().map(|spec| FileSpec { origin: "f.yaml".into(), spec }).collect();
+        let view = LogView::default();
+        let changes = plan(&view, &files, None);
+        let err = check_batch(&view, &files, &changes).unwrap_err().to_string();
+        assert!(err.contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn extensions_are_read_in_any_case_and_linked_directories_are_not_followed() {
+        let dir = std::env::temp_dir().join(format!("shiva-apply-case-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/A.YAML"), "id: x/a\ncommand: 'true'\n").unwrap();
+        std::os::unix::fs::symlink(&dir, dir.join("sub/loop")).unwrap();
+        let specs = read_specs(std::slice::from_ref(&dir)).unwrap();
+        assert_eq!(specs.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_export_reads_back_as_the_same_specs_in_every_format() {
         let mut periodic = spec("a/cron", "sh");
         periodic.args = vec!["-c".into(), "echo 'quoted: yes'".into()];
         periodic.schedule = vec!["0 15 10 ? * 2-6".into()];
         periodic.timezone = Some("Europe/Paris".into());
         periodic.env.insert("A".into(), "1".into());
-        for (offset, spec) in [spec("a/x", "true"), periodic].into_iter().enumerate() {
-            let record = Envelope {
-                sender: "ctl:t".into(),
-                incarnation: None,
-                sent_at_ms: 1,
-                body: Body::Task(spec.clone()),
-            };
-            view.apply(
-                shiva_proto::TopicKind::Commands,
-                offset as i64,
-                Some(shiva_proto::topics::key::task(&spec.id).as_bytes()),
-                Some(&record.encode()),
-            );
-        }
+        let view = view_of(vec![spec("a/x", "true"), periodic]);
         let dir = std::env::temp_dir().join(format!("shiva-export-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         for (format, name) in [(Format::Yaml, "x.yaml"), (Format::Toml, "x.toml"), (Format::Json, "x.json")] {

@@ -129,7 +129,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         }
         Command::Apply { files, dry_run, json } => {
             let (specs, view, changes) = declared(&config, timeout, &files).await?;
-            if !dry_run && !changes.is_empty() {
+            if !dry_run && changes.iter().any(|change| change.action != "keep") {
                 let writes = apply::writes(&view, &specs, &changes)?;
                 send_writes(&Publisher::new(&config, "ctl")?, writes).await?;
             }
@@ -157,6 +157,11 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             }
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
             print!("{}", apply::export(&view, prefix.as_deref(), format)?);
+            for task in apply::unexported(&view, prefix.as_deref()) {
+                eprintln!(
+                    "warning: {task} is not exported: its definition is unreadable to this shiva-ctl (`status {task}`)"
+                );
+            }
         }
         Command::List(json) => {
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
@@ -450,6 +455,7 @@ async fn declared(
     let specs = apply::read_specs(&files.paths)?;
     let view = snapshot(config, timeout, &TASK_TOPICS).await?;
     let changes = apply::plan(&view, &specs, files.prune.as_deref());
+    apply::check_batch(&view, &specs, &changes)?;
     Ok((specs, view, changes))
 }
 
@@ -577,10 +583,11 @@ async fn rebalance(
         // A request outlives the batch's wait a little: the leader honours it only meanwhile.
         let until_ms = shiva_proto::wall::now_ms()
             .saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX))
-            .saturating_add(5_000);
+            .saturating_add(5_000)
+            .min(shiva_proto::wall::now_ms().saturating_add(commands::MOVE_WINDOW_MS));
         let mut writes = Vec::new();
         for step in &batch {
-            writes.push(commands::move_task(&view, &step.task, &step.to, until_ms)?);
+            writes.push(commands::move_task(&view, &step.task, &step.from, &step.to, until_ms)?);
             if !json {
                 println!("moving {} from {} to {}", step.task, step.from, step.to);
             }

@@ -244,7 +244,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             let prefer = view
                 .moves
                 .get(*task)
-                .filter(|request| now_ms < request.until_ms)
+                .filter(|request| now_ms < request.until_ms && current.as_ref() == Some(&request.from))
                 .map(|request| request.to.clone());
             Demand { task: (*task).clone(), tags: spec.tags.clone(), current, hold, avoid, prefer }
         });

@@ -106,9 +106,18 @@ pub fn node_mode(
     Ok(Write { key: key::mode(node), body: Some(Body::NodeMode(body)) })
 }
 
-/// The record asking the leader to move service `task` to `to` (`rebalance`), honoured until
+/// How long after it is sent a move request may hold (`until_ms`), at most: an hour.
+pub const MOVE_WINDOW_MS: i64 = 3_600_000;
+
+/// The record asking the leader to move service `task` from `from` to `to` (`rebalance`), honoured until
 /// `until_ms`: the task must be a defined service and `to` a node the log knows.
-pub fn move_task(view: &LogView, task: &TaskId, to: &NodeId, until_ms: i64) -> Result<Write, CommandError> {
+pub fn move_task(
+    view: &LogView,
+    task: &TaskId,
+    from: &NodeId,
+    to: &NodeId,
+    until_ms: i64,
+) -> Result<Write, CommandError> {
     let spec = view.specs.get(task).ok_or_else(|| CommandError::NotFound(task.clone()))?;
     if spec.spec.kind() != TaskKind::Service {
         return Err(CommandError::Invalid(format!("'{task}' is not a service: only services move")));
@@ -116,7 +125,7 @@ pub fn move_task(view: &LogView, task: &TaskId, to: &NodeId, until_ms: i64) -> R
     if !view.heartbeats.contains_key(to) {
         return Err(CommandError::NoSuchNode(to.clone()));
     }
-    let body = MoveRequest { task: task.clone(), to: to.clone(), until_ms };
+    let body = MoveRequest { task: task.clone(), from: from.clone(), to: to.clone(), until_ms };
     Ok(Write { key: key::move_request(task), body: Some(Body::MoveRequest(body)) })
 }
 

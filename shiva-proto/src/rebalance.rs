@@ -4,7 +4,8 @@
 //!
 //! Rules: the nodes are the runners the leader lists as live whose mode is open (not cordoned or
 //! draining); a node's load is the services assigned to it; only a service that runs (its
-//! newest status: running, on its node) moves, to a node that carries its tags; each move goes
+//! newest status: running, on its node) moves, to a node that carries its tags and that it did
+//! not fail on; each move goes
 //! from the most loaded node to the least loaded one that can take the task, and only when that
 //! leaves them closer (`to + 1 < from`). Ties go by id, so two readers of one view agree.
 
@@ -63,11 +64,14 @@ pub fn plan(view: &LogView, max_moves: usize) -> Vec<Move> {
         let chosen = by_load.iter().find_map(|(from, from_load)| {
             movable.get(from)?.iter().enumerate().find_map(|(index, task)| {
                 let tags = &view.specs.get(*task)?.spec.tags;
+                // The leader keeps a task off the nodes it failed on.
+                let failed_on = &view.assignments.get(*task)?.assignment.failed_on;
                 let to = by_load
                     .iter()
                     .rev()
                     .filter(|(to, to_load)| {
                         to != from
+                            && !failed_on.contains(to)
                             && to_load + 1 < *from_load
                             && tags.iter().all(|tag| nodes[to].contains(tag.as_str()))
                     })
@@ -195,5 +199,9 @@ mod tests {
         assert_eq!(summary(&plan(&v, 100)), [("a".to_owned(), "n1".to_owned(), "n3".to_owned())]);
         v.statuses.get_mut(&TaskId::new("a").unwrap()).unwrap().status.state = RunState::Starting;
         assert_eq!(summary(&plan(&v, 100)), [("b".to_owned(), "n1".to_owned(), "n3".to_owned())]);
+        // A node the task failed on is no target.
+        let b = TaskId::new("b").unwrap();
+        v.assignments.get_mut(&b).unwrap().assignment.failed_on = vec![node("n3")];
+        assert_eq!(summary(&plan(&v, 100)), [("c".to_owned(), "n1".to_owned(), "n3".to_owned())]);
     }
 }

@@ -180,13 +180,17 @@ pub struct NodeMode {
     pub deadline_ms: Option<i64>,
 }
 
-/// `move/<task>` body: move a service to a node (`shiva-ctl rebalance`). The leader honours it
-/// until `until_ms` (its clock), through the hand-off, when the node is live, open and eligible;
-/// after that the record is inert: a move is a nudge, never a pin.
+/// `move/<task>` body: move a service from a node to another (`shiva-ctl rebalance`). The leader
+/// honours it while the task is on `from` and until `until_ms` (its clock; at most an hour after
+/// the record's send time), through the hand-off, when `to` is live, open and eligible; after that
+/// the record is inert: a move is a nudge, never a pin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveRequest {
     /// The task.
     pub task: TaskId,
+    /// Where it ran when the move was asked for: the request holds only while the task is still
+    /// there (once moved, or moved elsewhere by a failure or a drain, it never pulls it back).
+    pub from: NodeId,
     /// Where to.
     pub to: NodeId,
     /// Honoured until then (wall clock, ms).

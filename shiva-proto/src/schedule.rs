@@ -127,7 +127,9 @@ fn quartz_to_posix(expression: &str) -> Result<String, String> {
         } else if let Some((number, nth)) = range.split_once('#') {
             format!("{}#{nth}", day(number)?)
         } else if let Some((from, to)) = range.split_once('-') {
-            format!("{}-{}", day(from)?, day(to)?)
+            // A range ending on Sunday (`6-1`, Friday to Sunday) ends on POSIX's 7.
+            let to = if to == "1" && from != "1" { "7".to_owned() } else { day(to)? };
+            format!("{}-{to}", day(from)?)
         } else if step.is_some() {
             // `a/n`: from a to Saturday (in POSIX, `a/n` would run on to 7, Sunday again).
             format!("{}-6", day(range)?)

@@ -988,6 +988,13 @@ impl LogView {
             }
             (TopicKind::Commands, Body::MoveRequest(request)) => {
                 expect_key(key, &key::move_request(&request.task))?;
+                let sent_ms = i64::try_from(env.sent_at_ms).unwrap_or(i64::MAX);
+                if request.until_ms.saturating_sub(sent_ms) > crate::commands::MOVE_WINDOW_MS {
+                    return Err(format!(
+                        "a move holds at most {} s after it is sent",
+                        crate::commands::MOVE_WINDOW_MS / 1000
+                    ));
+                }
                 self.moves.insert(request.task.clone(), request);
             }
             (TopicKind::Commands, Body::NodeMode(mode)) => {

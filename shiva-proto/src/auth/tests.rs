@@ -292,3 +292,29 @@ fn in_a_signed_view_a_nodes_mode_changes_only_by_a_signed_command_of_an_unrestri
     assert_eq!(open.apply(TopicKind::Commands, 3, Some(b"mode/n1"), None), Outcome::Applied("tombstone"));
     assert!(open.node_modes.is_empty());
 }
+
+#[test]
+fn a_move_request_holds_at_most_an_hour_after_it_is_sent() {
+    use crate::records::{Body, MoveRequest};
+    use crate::view::{LogView, Outcome};
+    use crate::{NodeId, TaskId, TopicKind};
+    let request = |until_ms| {
+        let body = Body::MoveRequest(MoveRequest {
+            task: TaskId::new("a/x").unwrap(),
+            from: NodeId::new("n1").unwrap(),
+            to: NodeId::new("n2").unwrap(),
+            until_ms,
+        });
+        crate::Envelope { sender: "ctl:x".into(), incarnation: None, sent_at_ms: 1_000, body }.encode()
+    };
+    let mut view = LogView::default();
+    assert!(matches!(
+        view.apply(TopicKind::Commands, 0, Some(b"move/a/x"), Some(&request(i64::MAX))),
+        Outcome::Skipped(reason) if reason.contains("at most 3600 s")
+    ));
+    assert!(view.moves.is_empty());
+    assert_eq!(
+        view.apply(TopicKind::Commands, 1, Some(b"move/a/x"), Some(&request(61_000))),
+        Outcome::Applied("move_request")
+    );
+}

@@ -277,6 +277,8 @@ fn quartz_steps_name_ranges_last_and_nth_keep_their_meaning() {
     assert_eq!(weekdays("0 0 10 ? * SAT-SUN"), [Sun, Sat]);
     assert_eq!(weekdays("0 0 10 ? * FRI-SUN"), [Sun, Fri, Sat]);
     assert_eq!(weekdays("0 0 10 ? * MON-SUN").len(), 7);
+    assert_eq!(weekdays("0 0 10 ? * 6-1"), [Sun, Fri, Sat]);
+    assert_eq!(weekdays("0 0 10 ? * 7-1"), [Sun, Sat]);
     assert_eq!(weekdays("0 0 10 ? * mon,wed"), [Mon, Wed]);
     // `L` alone is Saturday; a 5-field expression with `?` is Quartz too.
     assert_eq!(weekdays("0 0 10 ? * L"), [Sat]);
