@@ -300,21 +300,31 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tasks_of_a_gone_node_move_and_ties_go_by_id() {
-        let node = |id: &str, tags: &[&str]| Candidate {
+    /// A runner with `tags`.
+    fn candidate(id: &str, tags: &[&str], availability: Availability) -> Candidate {
+        Candidate {
             id: NodeId::new(id).unwrap(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
-            availability: Availability::Open,
-        };
-        let task = |id: &str, tags: &[&str], current: Option<&str>| Demand {
+            availability,
+        }
+    }
+
+    /// A task needing `tags`, on `current`.
+    fn demand(id: &str, tags: &[&str], current: Option<&str>) -> Demand {
+        Demand {
             task: TaskId::new(id).unwrap(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
             current: current.map(|c| NodeId::new(c).unwrap()),
             hold: false,
             avoid: vec![],
             prefer: None,
-        };
+        }
+    }
+
+    #[test]
+    fn tasks_of_a_gone_node_move_and_ties_go_by_id() {
+        let node = |id: &str, tags: &[&str]| candidate(id, tags, Availability::Open);
+        let task = demand;
         let nodes = [node("b", &[]), node("a", &["gpu"])];
         let result = plan(
             &nodes,
@@ -341,19 +351,7 @@ mod tests {
 
     #[test]
     fn cordoned_nodes_keep_their_tasks_and_draining_ones_hand_them_over_while_another_can_take_them() {
-        let node = |id: &str, tags: &[&str], availability| Candidate {
-            id: NodeId::new(id).unwrap(),
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            availability,
-        };
-        let task = |id: &str, tags: &[&str], current: Option<&str>| Demand {
-            task: TaskId::new(id).unwrap(),
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            current: current.map(|c| NodeId::new(c).unwrap()),
-            hold: false,
-            avoid: vec![],
-            prefer: None,
-        };
+        let (node, task) = (candidate, demand);
         let id = |id: &str| NodeId::new(id).unwrap();
         let on = |result: &BTreeMap<TaskId, Result<NodeId, String>>, t: &str| {
             result[&TaskId::new(t).unwrap()].clone()
@@ -398,18 +396,10 @@ mod tests {
 
     #[test]
     fn a_move_request_takes_the_task_to_an_open_eligible_node_and_nowhere_else() {
-        let node = |id: &str, tags: &[&str], availability| Candidate {
-            id: NodeId::new(id).unwrap(),
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            availability,
-        };
+        let node = candidate;
         let moved = |prefer: &str, tags: &[&str]| Demand {
-            task: TaskId::new("t").unwrap(),
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            current: Some(NodeId::new("a").unwrap()),
-            hold: false,
-            avoid: vec![],
             prefer: Some(NodeId::new(prefer).unwrap()),
+            ..demand("t", tags, Some("a"))
         };
         let on =
             |nodes: &[Candidate], demand: Demand| plan(nodes, &[demand])[&TaskId::new("t").unwrap()].clone();

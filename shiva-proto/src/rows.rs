@@ -315,10 +315,8 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
             let tasks = assigned.get(id).copied().unwrap_or(0);
             let node_mode = view.node_modes.get(id);
             let mode = match node_mode.map_or(Mode::Open, |mode| mode.mode) {
-                Mode::Open => "open",
-                Mode::Cordoned => "cordoned",
                 Mode::Draining if tasks == 0 && !busy.contains(id) => "drained",
-                Mode::Draining => "draining",
+                mode => mode.as_str(),
             };
             NodeRow {
                 mode,
