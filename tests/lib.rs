@@ -93,6 +93,33 @@ fn drop_scratch(dir: &Path) {
     }
 }
 
+/// The shell script of a periodic test task: each run stamps `start`, a `tick` every 50 ms for
+/// 0.4 s and `stop` (also on SIGTERM) into `log`, with its run id, slot and node.
+pub fn stamping_run(log: &Path) -> String {
+    format!(
+        "stamp() {{ echo \"$1 $SHIVA_RUN_ID $SHIVA_SLOT $SHIVA_NODE_ID $(date +%s%N)\" >> {log}; }}; \
+         trap 'stamp stop; exit 0' TERM; stamp start; \
+         for i in 1 2 3 4 5 6 7 8; do sleep 0.05; stamp tick; done; stamp stop",
+        log = log.display()
+    )
+}
+
+/// Every run in a [`stamping_run`] log, by run id: its slot, node, first and last stamp (ns) and
+/// whether it stamped `start`.
+pub fn stamped_runs(file: &Path) -> BTreeMap<String, (String, String, u128, u128, bool)> {
+    let mut runs: BTreeMap<String, (String, String, u128, u128, bool)> = BTreeMap::new();
+    for line in std::fs::read_to_string(file).unwrap_or_default().lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [what, run, slot, node, at] = fields[..] else { continue };
+        let Ok(at) = at.parse::<u128>() else { continue };
+        let entry = runs.entry(run.to_owned()).or_insert((slot.to_owned(), node.to_owned(), at, at, false));
+        entry.2 = entry.2.min(at);
+        entry.3 = entry.3.max(at);
+        entry.4 |= what == "start";
+    }
+    runs
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()

@@ -172,12 +172,7 @@ fn drain_moves_every_service_away_one_copy_at_a_time_and_cordon_places_nothing_n
     }
     // The chaos test's periodic task: every second, stamping its runs.
     let ticks = dir.join("ticks");
-    let script = format!(
-        "stamp() {{ echo \"$1 $SHIVA_RUN_ID $SHIVA_SLOT $SHIVA_NODE_ID $(date +%s%N)\" >> {log}; }}; \
-         trap 'stamp stop; exit 0' TERM; stamp start; \
-         for i in 1 2 3 4 5 6 7 8; do sleep 0.05; stamp tick; done; stamp stop",
-        log = ticks.display()
-    );
+    let script = shiva_e2e::stamping_run(&ticks);
     let tick = json!({"id": "cron/tick", "command": "sh", "args": ["-c", script], "env": {"E2E": cluster.name},
         "schedule": "* * * * * *", "stop_grace": "1s"});
     submit(&cluster, tick);
@@ -302,25 +297,19 @@ fn drain_moves_every_service_away_one_copy_at_a_time_and_cordon_places_nothing_n
     // drain ended.
     let drained_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     std::thread::sleep(Duration::from_secs(4));
-    let mut per_slot: BTreeMap<String, usize> = BTreeMap::new();
-    let mut spans: BTreeMap<String, (String, u128, u128)> = BTreeMap::new();
-    for line in std::fs::read_to_string(&ticks).unwrap().lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [what, run, slot, node, at] = fields[..] else { continue };
-        let at: u128 = at.parse().unwrap();
-        if what == "start" {
-            *per_slot.entry(slot.to_owned()).or_default() += 1;
-            assert!(!(node == "n1" && at > drained_ns), "run {run} started on drained n1");
+    let runs = shiva_e2e::stamped_runs(&ticks);
+    let mut per_slot: BTreeMap<&str, usize> = BTreeMap::new();
+    for (run, (slot, node, from, _, started)) in &runs {
+        if *started {
+            *per_slot.entry(slot.as_str()).or_default() += 1;
+            assert!(!(node == "n1" && *from > drained_ns), "run {run} started on drained n1");
         }
-        let span = spans.entry(run.to_owned()).or_insert((node.to_owned(), at, at));
-        span.1 = span.1.min(at);
-        span.2 = span.2.max(at);
     }
     assert!(per_slot.len() >= 15, "the periodic task ran throughout: {} slots", per_slot.len());
     let twice: Vec<_> = per_slot.iter().filter(|(_, count)| **count > 1).collect();
     assert!(twice.is_empty(), "slots run twice: {twice:?}");
     shiva_e2e::assert_one_at_a_time(
-        spans.into_iter().map(|(run, (node, from, to))| (from, to, format!("{run} on {node}"))).collect(),
+        runs.iter().map(|(run, (_, node, from, to, _))| (*from, *to, format!("{run} on {node}"))).collect(),
     );
 
     // Uncordon: the gpu task comes back to n1.

@@ -207,34 +207,13 @@ impl Chaos {
     }
 }
 
-/// Every run of the task, by run id: its slot, node, first and last stamp (ns) and whether it
-/// stamped `start`.
-fn runs(file: &std::path::Path) -> BTreeMap<String, (String, String, u128, u128, bool)> {
-    let mut runs: BTreeMap<String, (String, String, u128, u128, bool)> = BTreeMap::new();
-    for line in std::fs::read_to_string(file).unwrap_or_default().lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [what, run, slot, node, at] = fields[..] else { continue };
-        let Ok(at) = at.parse::<u128>() else { continue };
-        let entry = runs.entry(run.to_owned()).or_insert((slot.to_owned(), node.to_owned(), at, at, false));
-        entry.2 = entry.2.min(at);
-        entry.3 = entry.3.max(at);
-        entry.4 |= what == "start";
-    }
-    runs
-}
-
 #[test]
 fn random_retags_kill_start_delete_submit_kills_and_freezes_never_overlap_two_runs_nor_run_a_slot_twice() {
     let mut cluster = Cluster::start("chaos", 3, &[&["--tags", "a"], &["--tags", "b"], &["--tags", "a,b"]]);
     let dir = scratch("chaos");
     let log = dir.join("stamps");
     // Each run stamps its start, a tick every 50 ms for 0.4 s and its stop (also on SIGTERM).
-    let script = format!(
-        "stamp() {{ echo \"$1 $SHIVA_RUN_ID $SHIVA_SLOT $SHIVA_NODE_ID $(date +%s%N)\" >> {log}; }}; \
-         trap 'stamp stop; exit 0' TERM; stamp start; \
-         for i in 1 2 3 4 5 6 7 8; do sleep 0.05; stamp tick; done; stamp stop",
-        log = log.display()
-    );
+    let script = shiva_e2e::stamping_run(&log);
     let path = dir.join("tick.json");
     let submit = |cluster: &Cluster, tags: &[&str]| {
         let spec = serde_json::json!({
@@ -301,7 +280,7 @@ fn random_retags_kill_start_delete_submit_kills_and_freezes_never_overlap_two_ru
     cluster.wait_nodes(3);
     std::thread::sleep(Duration::from_secs(5));
 
-    let runs = runs(&log);
+    let runs = shiva_e2e::stamped_runs(&log);
     assert!(runs.len() >= 15, "the task ran throughout: {} runs", runs.len());
     let spans = runs
         .iter()
