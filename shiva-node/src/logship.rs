@@ -54,6 +54,10 @@ pub struct LogShipper {
     rate: f64,
     buckets: Mutex<HashMap<String, Bucket>>,
     metrics: Option<Arc<crate::api::Metrics>>,
+    /// Cancelled when the node detaches from its runs (see [`LogShipper::detach`]).
+    detaching: tokio_util::sync::CancellationToken,
+    /// Followers alive.
+    following: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for LogShipper {
@@ -65,7 +69,14 @@ impl std::fmt::Debug for LogShipper {
 impl LogShipper {
     /// Ships through `sink`, `rate` bytes per second per task.
     pub fn new(sink: LogSink, rate: u64) -> LogShipper {
-        LogShipper { sink, rate: rate.max(1) as f64, buckets: Mutex::new(HashMap::new()), metrics: None }
+        LogShipper {
+            sink,
+            rate: rate.max(1) as f64,
+            buckets: Mutex::new(HashMap::new()),
+            metrics: None,
+            detaching: Default::default(),
+            following: Default::default(),
+        }
     }
 
     /// Counts its delays and drops in `metrics`.
@@ -105,15 +116,31 @@ impl LogShipper {
         warn!(task = line.task, run = line.run, "the logs producer stayed full for 10s; output was dropped");
     }
 
-    /// Follows run `log` of `task` until `ended` fires and everything written is shipped.
-    pub fn follow(self: &Arc<Self>, task: String, log: RunLog, mut ended: oneshot::Receiver<()>) {
+    /// Follows run `log` of `task`, from where an earlier process of the node left it (see
+    /// [`shipped_path`]), until the returned sender fires (the run is over) and everything
+    /// written is shipped, or until the node detaches (see [`LogShipper::detach`]).
+    pub fn follow(self: &Arc<Self>, task: String, log: RunLog) -> oneshot::Sender<()> {
+        let (ended_tx, mut ended) = oneshot::channel();
         let this = self.clone();
+        let following = Following::start(&self.following);
         tokio::spawn(async move {
+            let _following = following;
             let run = log.run.clone();
-            let mut reader = SegmentReader::new(log);
+            let shipped = shipped_path(&log);
+            let from = std::fs::read_to_string(&shipped).ok().and_then(|text| {
+                let mut words = text.split_whitespace().map(|word| word.parse::<u64>().ok());
+                Some((words.next()??, words.next()??))
+            });
+            let mut reader = match from {
+                Some(position) => SegmentReader::at(log, position),
+                None => SegmentReader::new(log),
+            };
             let mut over = false;
             let mut poll = POLL_MIN;
             loop {
+                if this.detaching.is_cancelled() {
+                    return;
+                }
                 let batch = reader.read(256 * 1024);
                 if batch.skipped_segments > 0 {
                     let note = format!(
@@ -129,6 +156,11 @@ impl LogShipper {
                     this.send(LogChunk { task: &task, run: &run, stream: stream.as_str(), bytes: &bytes })
                         .await;
                 }
+                if !idle || batch.skipped_segments > 0 {
+                    // Queued up to here: a later process of the node ships on from here.
+                    let (segment, offset) = reader.position();
+                    let _ = std::fs::write(&shipped, format!("{segment} {offset}\n"));
+                }
                 if idle {
                     if over {
                         return;
@@ -136,6 +168,7 @@ impl LogShipper {
                     tokio::select! {
                         _ = &mut ended => over = true,
                         _ = tokio::time::sleep(poll) => {}
+                        _ = this.detaching.cancelled() => return,
                     }
                     poll = (poll * 2).min(POLL_MAX);
                 } else {
@@ -143,11 +176,47 @@ impl LogShipper {
                 }
             }
         });
+        ended_tx
     }
 
     /// Waits up to `timeout` for queued lines to be delivered.
     pub fn flush(&self, timeout: Duration) {
         self.sink.flush(timeout);
+    }
+
+    /// Stops every follower between two batches (each has noted how far it queued), then waits
+    /// up to `timeout` for what is queued to be delivered: the node's next process ships on from
+    /// there, nothing twice and nothing left out.
+    pub async fn detach(self: &Arc<Self>, timeout: Duration) {
+        self.detaching.cancel();
+        let deadline = Instant::now() + timeout;
+        while self.following.load(std::sync::atomic::Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let this = self.clone();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = tokio::task::spawn_blocking(move || this.flush(left.max(Duration::from_millis(100)))).await;
+    }
+}
+
+/// Where a run's follower notes how far it shipped: `<segment> <offset>`, beside its segments.
+pub fn shipped_path(log: &RunLog) -> std::path::PathBuf {
+    log.dir.join(format!("{}.shipped", log.run))
+}
+
+/// Counts a live follower while it lives.
+struct Following(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Following {
+    fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> Following {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Following(count.clone())
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

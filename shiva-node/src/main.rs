@@ -16,6 +16,15 @@ fn main() -> ExitCode {
         let legacy = argv.get(2).and_then(|arg| arg.to_str());
         return ExitCode::from(shiva_node::shim::main(legacy));
     }
+    // The binary by the path it was started from, read before anything could replace it (a
+    // reload re-executes what is installed there then).
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(err) => {
+            eprintln!("shiva-node: cannot find its own executable: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let args = NodeArgs::parse();
     let json_logs = args.log_format == shiva_node::config::LogFormat::Json;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHIVA_LOG")
@@ -69,9 +78,17 @@ fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    runtime.spawn(watch_signals(shutdown.clone()));
-    match runtime.block_on(shiva_node::run(config, shutdown)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let reload = shiva_node::node::Reload { requested: Default::default(), exe };
+    runtime.spawn(watch_signals(shutdown.clone(), reload.requested.clone()));
+    match runtime.block_on(shiva_node::run(config, shutdown, reload.clone())) {
+        Ok(shiva_node::node::Ending::Left) => ExitCode::SUCCESS,
+        Ok(shiva_node::node::Ending::Reexec) => {
+            // The runtime is left as it is: `execv` replaces the whole process (every thread),
+            // and the runs' shims, children of this pid, stay children of the next binary.
+            let err = reexec(&reload.exe, &argv);
+            tracing::error!(exe = %reload.exe.display(), error = %err, "cannot re-execute the node; its runs stop when their leases run out unless it is started again");
+            ExitCode::FAILURE
+        }
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "node stopped");
             if !json_logs {
@@ -86,14 +103,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// Replaces this process with `exe`, given the same arguments (and environment); returns only
+/// on failure.
+fn reexec(exe: &std::path::Path, argv: &[std::ffi::OsString]) -> nix::errno::Errno {
+    use std::os::unix::ffi::OsStrExt;
+    let cstring = |bytes: &[u8]| std::ffi::CString::new(bytes.to_vec());
+    let Ok(path) = cstring(exe.as_os_str().as_bytes()) else { return nix::errno::Errno::EINVAL };
+    let Ok(args) = argv.iter().map(|arg| cstring(arg.as_bytes())).collect::<Result<Vec<_>, _>>() else {
+        return nix::errno::Errno::EINVAL;
+    };
+    match nix::unistd::execv(&path, &args) {
+        Ok(never) => match never {},
+        Err(err) => err,
+    }
+}
+
 /// First SIGTERM or SIGINT: orderly shutdown. Second: exit at once (children die with the node).
-async fn watch_signals(shutdown: CancellationToken) {
+/// SIGHUP: reload (re-execute the binary, leaving the runs to their shims).
+async fn watch_signals(shutdown: CancellationToken, reload: std::sync::Arc<tokio::sync::Notify>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
     else {
         return;
     };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading (re-executing the node's binary; its runs go on)");
+                reload.notify_one();
+            }
+        }
+    }
     tracing::info!("signal received; shutting down (send it again to exit at once)");
     shutdown.cancel();
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }

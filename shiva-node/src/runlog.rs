@@ -248,6 +248,8 @@ pub struct SegmentReader {
     current: u64,
     file: Option<File>,
     pending: Vec<u8>,
+    /// Bytes of the current segment read so far.
+    offset: u64,
 }
 
 /// What a read found.
@@ -262,7 +264,25 @@ pub struct Batch {
 impl SegmentReader {
     /// Starts at segment 0.
     pub fn new(log: RunLog) -> SegmentReader {
-        SegmentReader { log, current: 0, file: None, pending: Vec::new() }
+        SegmentReader { log, current: 0, file: None, pending: Vec::new(), offset: 0 }
+    }
+
+    /// Starts at `position` (from [`SegmentReader::position`]): the record that begins there.
+    pub fn at(log: RunLog, (segment, offset): (u64, u64)) -> SegmentReader {
+        use std::io::Seek;
+        let mut reader = SegmentReader { current: segment, ..SegmentReader::new(log) };
+        if let Ok(mut file) = File::open(reader.log.segment(segment))
+            && file.seek(std::io::SeekFrom::Start(offset)).is_ok()
+        {
+            reader.file = Some(file);
+            reader.offset = offset;
+        }
+        reader
+    }
+
+    /// Where the next whole record begins: its segment and its offset in it.
+    pub fn position(&self) -> (u64, u64) {
+        (self.current, self.offset.saturating_sub(self.pending.len() as u64))
     }
 
     /// Reads what is new, at most about `budget` bytes.
@@ -279,6 +299,7 @@ impl SegmentReader {
                         let Some(next) = self.next_existing() else { return batch };
                         batch.skipped_segments += next - self.current;
                         self.current = next;
+                        self.offset = 0;
                         self.pending.clear();
                         continue;
                     }
@@ -286,6 +307,7 @@ impl SegmentReader {
             }
             let file = self.file.as_mut().expect("opened above");
             let n = file.read(&mut buf).unwrap_or(0);
+            self.offset += n as u64;
             if n > 0 {
                 read += n;
                 self.take_in(&buf[..n], &mut batch.lines);
@@ -308,6 +330,7 @@ impl SegmentReader {
             let Some(next) = next else { return batch };
             let file = self.file.as_mut().expect("opened above");
             let n = file.read(&mut buf).unwrap_or(0);
+            self.offset += n as u64;
             if n > 0 {
                 self.take_in(&buf[..n], &mut batch.lines);
                 continue;
@@ -315,6 +338,7 @@ impl SegmentReader {
             batch.skipped_segments += next - self.current - 1;
             self.current = next;
             self.file = None;
+            self.offset = 0;
             self.pending.clear();
         }
     }

@@ -19,6 +19,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -74,12 +75,76 @@ pub struct ShimConfig {
     /// the lease running out first end the shim with nothing started.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hold: bool,
+    /// Where the shim waits for a node that comes back after its own is gone (see [`Attach`]).
+    /// Absent (older nodes): the shim stops its task as soon as its node's pipe closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach: Option<Attach>,
+}
+
+/// A shim's life beyond its node: when the node's pipe closes (the node was re-executed for
+/// an upgrade, or died), the task goes on while its lease lasts, and the shim listens on
+/// `<dir>/<shim pid>.sock` (mode 0600, connections from the shim's own user or root only) for
+/// the node that comes back. The node that connects gets a [`ShimEvent::Hello`] and holds the
+/// shim from then on exactly as the first one did (the same lines, the same events). No node
+/// within the lease (or, for a run without a lease, within `window_ms` of the loss): the shim
+/// stops the task as it always did. A task that ends while no node is there leaves its end in
+/// `<dir>/<shim pid>.exit` (the `exited` event) for the node that comes back later.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attach {
+    /// The node's directory of shim records.
+    pub dir: PathBuf,
+    /// How long a run without a lease waits for a node to come back, and how long a shim whose
+    /// task ended waits to say so (ms).
+    pub window_ms: u64,
+}
+
+/// The version of the protocol between node and shim (the configuration line, the node's
+/// lines, the shim's events), said in [`ShimEvent::Hello`] to a node that attaches. A node
+/// adopts shims of its own protocol version and of the one before it; additions are optional
+/// fields, read with defaults, and events or lines a side does not know are ignored.
+pub const PROTOCOL: u32 = 1;
+
+/// The socket of the shim `pid` in `dir`.
+pub fn socket_name(pid: u32) -> String {
+    format!("{pid}.sock")
+}
+
+/// The end a shim `pid` left in `dir`, if its task ended while no node was attached.
+pub fn exit_name(pid: u32) -> String {
+    format!("{pid}.exit")
+}
+
+/// Calls `f` with a path naming `name` in `dir` that fits in a socket address (108 bytes): the
+/// path itself, or `/proc/self/fd/<fd>/<name>` through an open descriptor of `dir` when the
+/// workspace is deep.
+pub fn in_dir<T>(
+    dir: &std::path::Path,
+    name: &str,
+    f: impl FnOnce(&std::path::Path) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let full = dir.join(name);
+    if full.as_os_str().len() < 100 {
+        return f(&full);
+    }
+    let handle = std::fs::File::open(dir)?;
+    let short = PathBuf::from(format!("/proc/self/fd/{}/{name}", std::os::fd::AsRawFd::as_raw_fd(&handle)));
+    let result = f(&short);
+    drop(handle);
+    result
 }
 
 /// What the shim tells the node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ShimEvent {
+    /// To a node that attached on the shim's socket: the shim's protocol version and its task
+    /// (`None`: nothing was started). An `exited` event follows if the task is over.
+    Hello {
+        /// [`PROTOCOL`].
+        protocol: u32,
+        /// Task pid.
+        pid: Option<u32>,
+    },
     /// A staged start is ready: the task starts at `go`.
     Ready,
     /// The task runs as `pid` (also its process group).
@@ -103,10 +168,17 @@ pub enum ShimEvent {
     },
 }
 
+/// An event as the line it travels as.
+fn event_line(event: &ShimEvent) -> Vec<u8> {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// To the node's pipe (before the supervision's link exists).
 fn emit(event: &ShimEvent) {
     let mut out = std::io::stdout().lock();
-    let _ = serde_json::to_writer(&mut out, event);
-    let _ = out.write_all(b"\n");
+    let _ = out.write_all(&event_line(event));
     let _ = out.flush();
 }
 
@@ -195,12 +267,12 @@ pub fn main(legacy: Option<&str>) -> u8 {
             let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
         }
     };
-    let mut input = input;
+    let mut link = Link::new(config.attach.as_ref(), input);
     // One lease from the configuration on: held through a staged start into the supervision.
     let mut lease = Lease::new(&config, boottime_ms(), wall_ms());
     if config.hold {
         emit(&ShimEvent::Ready);
-        if let Err(reason) = hold(&mut lease, &mut input) {
+        if let Err(reason) = hold(&mut lease, &mut link) {
             back_out(&homes);
             clear_cgroups(&config);
             emit(&ShimEvent::Exited { code: None, signal: None, stopped: Some(reason) });
@@ -231,7 +303,8 @@ pub fn main(legacy: Option<&str>) -> u8 {
     // (see `tree::favours_dynmods`), the task runs already.
     emit(&ShimEvent::Started { pid });
     back_out(&homes);
-    let (status, stopped) = supervise(&config, pid, &mut capture, input, lease);
+    link.pid = Some(pid);
+    let (status, stopped) = supervise(&config, pid, &mut capture, &mut link, lease);
     // The task is over: nothing it started may outlive it.
     kill_rest(&config, pid);
     // Every writer of its output is gone: read the pipes to their end, so the captured output
@@ -244,8 +317,197 @@ pub fn main(legacy: Option<&str>) -> u8 {
         Some(WaitStatus::Signaled(_, signal, _)) => (None, Some(signal as i32)),
         _ => (None, None),
     };
-    emit(&ShimEvent::Exited { code, signal, stopped });
+    link.tell_the_end(&ShimEvent::Exited { code, signal, stopped });
     0
+}
+
+/// Which end of the link the node holds.
+enum End {
+    /// The pipes the shim was started with (stdin, stdout).
+    Pipe,
+    /// A connection on the shim's socket, from a node that came back.
+    Socket(UnixStream),
+}
+
+/// The shim's link to its node: the pipes it was started with, then, once the node is gone,
+/// a connection from the node that comes back (see [`Attach`]).
+struct Link {
+    node: Option<End>,
+    listener: Option<(UnixListener, PathBuf)>,
+    /// What the node wrote, not yet taken in as whole lines.
+    input: Vec<u8>,
+    /// Since when (boot-time ms) no node is attached.
+    gone_at: Option<i64>,
+    window_ms: u64,
+    /// The task, once started (said to a node that attaches).
+    pid: Option<u32>,
+    stdin: std::io::Stdin,
+}
+
+impl Link {
+    /// The pipe to the node, and the socket when `attach` asks for one (a socket that cannot be
+    /// made leaves the shim without one: it stops its task when the node is gone, as before).
+    fn new(attach: Option<&Attach>, input: Vec<u8>) -> Link {
+        let listener = attach.and_then(|attach| {
+            let name = socket_name(std::process::id());
+            let bound = in_dir(&attach.dir, &name, |path| {
+                let _ = std::fs::remove_file(path);
+                let listener = UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+                Ok(listener)
+            });
+            bound.ok().map(|listener| (listener, attach.dir.join(name)))
+        });
+        let window_ms = attach.map_or(0, |attach| attach.window_ms);
+        let stdin = std::io::stdin();
+        Link { node: Some(End::Pipe), listener, input, gone_at: None, window_ms, pid: None, stdin }
+    }
+
+    /// The descriptors to wait on: the node's end, then the socket.
+    fn fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        let mut fds = Vec::with_capacity(2);
+        match &self.node {
+            Some(End::Pipe) => fds.push(self.stdin.as_fd()),
+            Some(End::Socket(stream)) => fds.push(stream.as_fd()),
+            None => {}
+        }
+        if let Some((listener, _)) = &self.listener {
+            fds.push(listener.as_fd());
+        }
+        fds
+    }
+
+    /// Takes in what [`Link::fds`] found ready.
+    fn take_in(&mut self, ready: &[bool]) {
+        let mut ready = ready.iter().copied();
+        if self.node.is_some() && ready.next() == Some(true) {
+            let mut buf = [0u8; 4096];
+            let read = match &mut self.node {
+                Some(End::Pipe) => self.stdin.lock().read(&mut buf),
+                Some(End::Socket(stream)) => stream.read(&mut buf),
+                None => Ok(0),
+            };
+            match read {
+                Ok(0) => self.lose(),
+                Ok(n) => self.input.extend_from_slice(&buf[..n]),
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => self.lose(),
+            }
+        }
+        if self.listener.is_some() && ready.next() == Some(true) {
+            self.accept();
+        }
+    }
+
+    fn lose(&mut self) {
+        self.node = None;
+        self.input.clear();
+        self.gone_at.get_or_insert_with(boottime_ms);
+    }
+
+    /// A node connects: if it is this shim's own user (or root), it holds the shim from now on
+    /// (a node still attached is replaced: the one that connects last is the live one).
+    fn accept(&mut self) {
+        let Some((listener, _)) = &self.listener else { return };
+        let Ok((stream, _)) = listener.accept() else { return };
+        let me = nix::unistd::geteuid().as_raw();
+        let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+        if !peer.is_ok_and(|peer| peer.uid() == me || peer.uid() == 0) {
+            return;
+        }
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        self.node = Some(End::Socket(stream));
+        self.input.clear();
+        self.gone_at = None;
+        self.send(&ShimEvent::Hello { protocol: PROTOCOL, pid: self.pid });
+    }
+
+    /// Sends `event` to the node attached, if any.
+    fn send(&mut self, event: &ShimEvent) {
+        let line = event_line(event);
+        let sent = match &mut self.node {
+            Some(End::Pipe) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&line).and_then(|()| out.flush())
+            }
+            Some(End::Socket(stream)) => stream.write_all(&line),
+            None => return,
+        };
+        if sent.is_err() {
+            self.lose();
+        }
+    }
+
+    /// The whole lines the node wrote.
+    fn lines(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Some(end) = self.input.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.input.drain(..=end).collect();
+            lines.push(String::from_utf8_lossy(&line).into_owned());
+        }
+        lines
+    }
+
+    /// Whether a node that is gone may still come back.
+    fn may_come_back(&self) -> bool {
+        self.listener.is_some()
+    }
+
+    /// When a run without a lease stops for want of a node (boot-time ms), if its node is gone.
+    fn window_end(&self) -> Option<i64> {
+        self.gone_at.map(|gone| after_ms(gone, self.window_ms))
+    }
+
+    /// Says how the task ended. With no node attached, the end is left on disk and told to a
+    /// node that attaches within the window; a node that is told closes the connection.
+    fn tell_the_end(&mut self, end: &ShimEvent) {
+        if self.node.is_some() {
+            self.send(end);
+        }
+        if self.node.is_some() || !self.may_come_back() {
+            return;
+        }
+        if let Some(dir) = self.listener.as_ref().and_then(|(_, path)| path.parent()) {
+            let _ = std::fs::write(dir.join(exit_name(std::process::id())), event_line(end));
+        }
+        let deadline = after_ms(boottime_ms(), self.window_ms);
+        while self.node.is_none() {
+            let now = boottime_ms();
+            if now >= deadline {
+                return;
+            }
+            let ready = poll_fds(&self.fds(), deadline - now);
+            self.take_in(&ready);
+        }
+        self.send(end);
+        // Until the node has read it (it closes), a few seconds at most.
+        let deadline = after_ms(boottime_ms(), 5_000);
+        while matches!(self.node, Some(End::Socket(_))) {
+            let now = boottime_ms();
+            if now >= deadline {
+                return;
+            }
+            let ready = poll_fds(&self.fds(), deadline - now);
+            // Only the node's end: a second node is not told twice.
+            self.take_in(&ready[..1.min(ready.len())]);
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Some((_, path)) = &self.listener {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Polls `fds` for input for at most `wait_ms`; which are ready.
+fn poll_fds(fds: &[std::os::fd::BorrowedFd<'_>], wait_ms: i64) -> Vec<bool> {
+    let mut polled: Vec<PollFd<'_>> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
+    let wait = wait_ms.clamp(0, 60_000) as i32;
+    let _ = poll(&mut polled, PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX));
+    polled.iter().map(|fd| fd.revents().is_some_and(|events| !events.is_empty())).collect()
 }
 
 /// Moves the shim into `cgroup` (created); returns the cgroup it came from.
@@ -449,32 +711,30 @@ impl Lease {
 
 /// A staged start waits for the node's `go` (`Ok`), keeping its lease; `Err` says why it ends
 /// without starting anything: `stop`, the node gone, or the lease run out. Lines after `go`
-/// stay in `input` for the supervision that follows.
-fn hold(lease: &mut Lease, input: &mut Vec<u8>) -> Result<(), String> {
-    let stdin = std::io::stdin();
+/// stay in the link's input for the supervision that follows.
+fn hold(lease: &mut Lease, link: &mut Link) -> Result<(), String> {
     loop {
-        while let Some(end) = input.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = input.drain(..=end).collect();
+        while let Some(end) = link.input.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = link.input.drain(..=end).collect();
             match lease.on_line(&String::from_utf8_lossy(&line), boottime_ms()) {
                 Line::Go => return Ok(()),
                 Line::Stop(reason) => return Err(reason),
                 Line::Other => {}
             }
         }
+        // Nothing started: a node that is gone is not waited for.
+        if link.gone_at.is_some() {
+            return Err("the node is gone".into());
+        }
         let now = boottime_ms();
         if let Some(why) = lease.expired(now, wall_ms()) {
             return Err(why.into());
         }
-        let wait = lease.wait_ms(now).clamp(1, 60_000) as i32;
-        let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
-        let _ = poll(&mut fds, PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX));
-        if fds[0].revents().is_some_and(|events| !events.is_empty()) {
-            let mut buf = [0u8; 512];
-            match stdin.lock().read(&mut buf) {
-                Ok(0) | Err(_) => return Err("the node is gone".into()),
-                Ok(n) => input.extend_from_slice(&buf[..n]),
-            }
-        }
+        // The node's pipe only: a staged shim is not adopted.
+        let fds = link.fds();
+        let ready = poll_fds(&fds[..1.min(fds.len())], lease.wait_ms(now).clamp(1, 60_000));
+        drop(fds);
+        link.take_in(&ready);
     }
 }
 
@@ -494,10 +754,9 @@ fn supervise(
     config: &ShimConfig,
     pid: u32,
     out: &mut Option<Capture>,
-    mut input: Vec<u8>,
+    link: &mut Link,
     mut lease: Lease,
 ) -> (Option<WaitStatus>, Option<String>) {
-    let stdin = std::io::stdin();
     let children = child_events();
     loop {
         if let Some(status) = reap(pid) {
@@ -507,18 +766,25 @@ fn supervise(
         if let Some(why) = lease.expired(now, wall_ms()) {
             return stop(config, pid, why, out, children.as_ref());
         }
-        let node = wait_for_events(children.as_ref(), out, Some(&stdin), lease.wait_ms(now));
-        if node {
-            let mut buf = [0u8; 512];
-            match stdin.lock().read(&mut buf) {
-                Ok(0) | Err(_) => return stop(config, pid, "the node is gone", out, children.as_ref()),
-                Ok(n) => input.extend_from_slice(&buf[..n]),
+        let mut wait = lease.wait_ms(now);
+        if let Some(gone) = link.gone_at {
+            if !link.may_come_back() {
+                return stop(config, pid, "the node is gone", out, children.as_ref());
+            }
+            // A run without a lease waits for its node a while; one with a lease, its lease.
+            if config.lease_ms.is_none() {
+                let end = link.window_end().unwrap_or(gone);
+                if now >= end {
+                    let why = "the node is gone and none came back in time";
+                    return stop(config, pid, why, out, children.as_ref());
+                }
+                wait = wait.min(end - now);
             }
         }
-        // Lines read with the configuration are taken in too.
-        while let Some(end) = input.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = input.drain(..=end).collect();
-            match lease.on_line(&String::from_utf8_lossy(&line), boottime_ms()) {
+        let ready = wait_for_events(children.as_ref(), out, &link.fds(), wait);
+        link.take_in(&ready);
+        for line in link.lines() {
+            match lease.on_line(&line, boottime_ms()) {
                 Line::Stop(reason) => return stop(config, pid, &reason, out, children.as_ref()),
                 // A `go` after the start means nothing.
                 Line::Go | Line::Other => {}
@@ -527,32 +793,30 @@ fn supervise(
     }
 }
 
-/// Sleeps until a child exits, the task writes output (read into the run's log), the node
-/// writes (`node`: returns whether it did) or `wait_ms` passes. Without a signalfd, exits are
-/// looked for every 10 ms.
+/// Sleeps until a child exits, the task writes output (read into the run's log), one of
+/// `control` is readable (returned, in order) or `wait_ms` passes. Without a signalfd, exits
+/// are looked for every 10 ms.
 fn wait_for_events(
     children: Option<&SignalFd>,
     out: &mut Option<Capture>,
-    node: Option<&std::io::Stdin>,
+    control: &[std::os::fd::BorrowedFd<'_>],
     wait_ms: i64,
-) -> bool {
+) -> Vec<bool> {
     let most = if children.is_some() { 60_000 } else { 10 };
     let wait = wait_ms.clamp(1, most) as i32;
-    let (from_node, exits) = {
+    let (ready, exits) = {
         let pipes = out.as_ref().map(|capture| capture.fds()).unwrap_or_default();
-        let mut fds = Vec::with_capacity(pipes.len() + 2);
-        if let Some(node) = node {
-            fds.push(PollFd::new(node.as_fd(), PollFlags::POLLIN));
-        }
+        let mut fds = Vec::with_capacity(pipes.len() + control.len() + 1);
+        fds.extend(control.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
         if let Some(children) = children {
             fds.push(PollFd::new(children.as_fd(), PollFlags::POLLIN));
         }
         fds.extend(pipes.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
         let _ = poll(&mut fds, PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX));
-        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|events| !events.is_empty());
-        let from_node = node.is_some() && ready(&fds[0]);
-        let exits = children.is_some() && ready(&fds[usize::from(node.is_some())]);
-        (from_node, exits)
+        let is_ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|events| !events.is_empty());
+        let ready: Vec<bool> = fds[..control.len()].iter().map(is_ready).collect();
+        let exits = children.is_some() && is_ready(&fds[control.len()]);
+        (ready, exits)
     };
     if exits && let Some(children) = children {
         while let Ok(Some(_)) = children.read_signal() {}
@@ -560,7 +824,7 @@ fn wait_for_events(
     if let Some(capture) = out.as_mut() {
         capture.pump();
     }
-    from_node
+    ready
 }
 
 /// Reaps every exited descendant (the shim adopts orphans); returns the task's status once it
@@ -615,7 +879,7 @@ fn reap_until(
         if now >= deadline {
             return None;
         }
-        wait_for_events(children, out, None, deadline - now);
+        wait_for_events(children, out, &[], deadline - now);
     }
 }
 
@@ -658,6 +922,7 @@ mod tests {
             log: None,
             limit_cgroups: Vec::new(),
             hold: false,
+            attach: None,
         }
     }
 

@@ -71,6 +71,7 @@ fn options(run: &str, grace_ms: u64) -> LaunchOptions {
         memory_max: None,
         cpu_max: None,
         files: Default::default(),
+        meta: None,
     }
 }
 

@@ -197,11 +197,20 @@ pub(crate) struct Runs {
     pub(crate) run_reports: mpsc::UnboundedSender<RunReport>,
     /// When the next start record is due.
     pub(crate) run_wake: Option<Duration>,
+    /// Periodic and one-shot runs taken back from this node's earlier process, until the book
+    /// takes each on (its intent still names this node) or it is stopped.
+    pub(crate) adopted: BTreeMap<Uuid, crate::supervisor::shim::Adopted>,
 }
 
 impl Runs {
     pub(crate) fn new(run_reports: mpsc::UnboundedSender<RunReport>) -> Runs {
-        Runs { book: Default::default(), controls: BTreeMap::new(), run_reports, run_wake: None }
+        Runs {
+            book: Default::default(),
+            controls: BTreeMap::new(),
+            run_reports,
+            run_wake: None,
+            adopted: BTreeMap::new(),
+        }
     }
 }
 

@@ -63,6 +63,14 @@ impl Fence {
         Fence { timeout, state: FenceState::Fenced, opens: 0, last_look: None, void_before: None }
     }
 
+    /// This incarnation was already back from its fence `returns` times in an earlier process
+    /// of the node (one that re-executed itself or died, on the same workspace): this process's
+    /// first opening is one more return, so exclusive work starts only once the leader has seen
+    /// it live again and listed it (see [`returned_confirmed`]).
+    pub fn resume_after(&mut self, returns: u64) {
+        self.opens = returns.saturating_add(1);
+    }
+
     /// The state.
     #[cfg(test)]
     pub fn state(&self) -> FenceState {

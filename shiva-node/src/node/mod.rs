@@ -36,9 +36,35 @@ use fence::Fence;
 pub use fence::returned_confirmed;
 use heartbeat::{Gate, Identity, ResourceProbe};
 
-/// Runs the node until `shutdown` is cancelled (then leaves the cluster in order) or a fatal
-/// error occurs.
-pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// How the node's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// It left the cluster (its runs stopped).
+    Left,
+    /// It detached from its runs, which go on under their shims, to re-execute its binary: the
+    /// caller does it at once (see [`Reload`]).
+    Reexec,
+}
+
+/// The node's reload (`kill -HUP`, a unit's `reload`): re-execute the binary at `exe` in place,
+/// leaving every run to its shim; the next process takes them back.
+#[derive(Debug, Clone)]
+pub struct Reload {
+    /// Notified for each request.
+    pub requested: Arc<tokio::sync::Notify>,
+    /// The binary, by the path it was started from (a new binary installed there is the one
+    /// that runs next).
+    pub exe: std::path::PathBuf,
+}
+
+/// Runs the node until `shutdown` is cancelled (then leaves the cluster in order), a reload is
+/// asked for and the new binary answers (then detaches: [`Ending::Reexec`]) or a fatal error
+/// occurs.
+pub async fn run(
+    mut config: NodeConfig,
+    shutdown: CancellationToken,
+    reload: Reload,
+) -> anyhow::Result<Ending> {
     if config.runner && config.task_user.is_none() && nix::unistd::geteuid().is_root() {
         warn!("this node runs as root without --task-user: tasks that name no user run as root");
     }
@@ -47,19 +73,32 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             "no --authorized-keys: the cluster is open, anyone who can write to its commands topic commands it"
         );
     }
+    std::fs::create_dir_all(&config.workspace)
+        .with_context(|| format!("failed to create the workspace {}", config.workspace.display()))?;
+    // Before anything touches a process: a second node on this workspace refuses here.
+    let (mut workspace_lock, previous) = lock_workspace(&config.workspace, config.incarnation)?;
+    // A previous process that did not leave (it re-executed itself, or died) may have left runs
+    // to their shims: this one is the same incarnation, back, and takes them back. One that
+    // left is replaced by a new incarnation.
+    let (replaces, resumes) = match previous {
+        Some(Previous { incarnation, left: false }) => {
+            config.incarnation = incarnation;
+            (None, true)
+        }
+        Some(Previous { incarnation, left: true }) => (Some(incarnation), false),
+        None => (None, false),
+    };
+    write_lock(&mut workspace_lock, config.incarnation, false)?;
     info!(
         node = %config.node_id,
         incarnation = %config.incarnation,
+        resumes,
         cluster = config.bus.topics.cluster(),
         bus = %config.bus.brokers,
         leader_capable = config.leader_capable,
         runner = config.runner,
         "starting"
     );
-    std::fs::create_dir_all(&config.workspace)
-        .with_context(|| format!("failed to create the workspace {}", config.workspace.display()))?;
-    // Before anything touches a process: a second node on this workspace refuses here.
-    let (_workspace_lock, replaces) = lock_workspace(&config.workspace, config.incarnation)?;
     let secrets = std::sync::Arc::new(crate::secrets::SecretStore::open(&config.workspace)?);
     if let Some(previous) = replaces {
         info!(%previous, "this workspace's previous node has exited: its incarnation is replaced by this one");
@@ -91,7 +130,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         tokio::spawn(server.serve(server_stop));
     }
     if !ensure_topics(&config, &shutdown).await? {
-        return Ok(());
+        return Ok(Ending::Left);
     }
     // The file bus is cleaned by its nodes (Kafka's broker cleans its own topics).
     let _cleaner = Cleaner::start(&config.bus, config.log_retention)?;
@@ -126,7 +165,9 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         let controllers = Controllers::detect(config.node_id.as_str(), v2.as_deref());
         info!(limits = %controllers.describe(), "memory and CPU limits are enforced by");
         let shims = ShimLauncher {
-            exe: std::env::current_exe().context("cannot find the node's own executable for the run shim")?,
+            exe: crate::supervisor::shim::shim_program(
+                &std::env::current_exe().context("cannot find the node's own executable for the run shim")?,
+            ),
             isolation,
             fence_timeout: config.fence_timeout,
             lease: lease_rx,
@@ -194,7 +235,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     };
 
     if !read_to_end(&mut node, &mut events, &shutdown).await? {
-        return Ok(());
+        return Ok(Ending::Left);
     }
     info!(
         tasks = node.view.specs.len(),
@@ -203,15 +244,36 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         "read the log to its end"
     );
     if !check_node_id(&mut node, &mut events, &shutdown).await? {
-        return Ok(());
+        return Ok(Ending::Left);
+    }
+    if resumes {
+        // The same incarnation back after a silence: one more return from its fence (so no
+        // exclusive work starts before the leader has seen it again).
+        let me = &node.config.node_id;
+        let own = node.view.heartbeats.get(me).filter(|entry| entry.incarnation == node.config.incarnation);
+        node.fence.resume_after(own.map_or(0, |entry| entry.heartbeat.returns));
     }
     // Only now, with the workspace locked and no live node using this id, may what an earlier
-    // incarnation left be stopped.
-    if let Some(supervisor) = &node.supervisor {
-        let shims = &supervisor.context().shims;
-        let left = tokio::task::block_in_place(|| shims.stop_leftovers());
-        if left > 0 {
-            warn!(runs = left, "stopped runs left by an earlier incarnation of this node");
+    // process left be taken back or stopped.
+    if let Some(supervisor) = &mut node.supervisor {
+        let context = supervisor.context();
+        if resumes {
+            let (services, runs): (Vec<_>, Vec<_>) =
+                context.shims.adopt().await.into_iter().partition(|run| run.meta.service.is_some());
+            if !services.is_empty() || !runs.is_empty() {
+                info!(
+                    services = services.len(),
+                    runs = runs.len(),
+                    "took back the runs of this node's earlier process"
+                );
+            }
+            supervisor.adopt(services);
+            node.runs.adopted = runs.into_iter().map(|run| (run.meta.run, run)).collect();
+        } else {
+            let left = tokio::task::block_in_place(|| context.shims.stop_leftovers());
+            if left > 0 {
+                warn!(runs = left, "stopped runs left by an earlier incarnation of this node");
+            }
         }
     }
     node.ready = true;
@@ -219,9 +281,17 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
 
     let mut ticker = tokio::time::interval(node.config.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reexec = false;
     loop {
         let woke = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = reload.requested.notified() => {
+                if answers(&reload.exe).await {
+                    reexec = true;
+                    break;
+                }
+                continue;
+            }
             event = events.recv() => {
                 let Some(event) = event else { bail!("the bus reader stopped") };
                 Wake::Read(event)
@@ -289,21 +359,95 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         node.publish();
     }
     node.publish_stopping();
+    if reexec {
+        detach(&mut node, &mut reports_rx, &mut run_reports_rx).await;
+        return Ok(Ending::Reexec);
+    }
     leave(&mut node, &mut reports_rx, &mut run_reports_rx).await;
-    Ok(())
+    // The next process on this workspace is a new incarnation: this one has left.
+    write_lock(&mut workspace_lock, node.config.incarnation, true)?;
+    Ok(Ending::Left)
+}
+
+/// Whether the binary at `exe` runs (`--version` within 10 s): a reload to a binary that does
+/// not is refused, and this process goes on.
+async fn answers(exe: &std::path::Path) -> bool {
+    let check = tokio::process::Command::new(exe)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(10), check).await {
+        Ok(Ok(output)) if output.status.success() => {
+            let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            info!(exe = %exe.display(), %version, "reloading: the node re-executes itself; its runs stay with their shims");
+            true
+        }
+        Ok(Ok(output)) => {
+            error!(exe = %exe.display(), status = %output.status, stderr = %String::from_utf8_lossy(&output.stderr).trim(), "reload refused: the binary does not run; this process goes on");
+            false
+        }
+        Ok(Err(err)) => {
+            error!(exe = %exe.display(), error = %err, "reload refused: the binary cannot be started; this process goes on");
+            false
+        }
+        Err(_) => {
+            error!(exe = %exe.display(), "reload refused: the binary did not answer --version within 10 s; this process goes on");
+            false
+        }
+    }
+}
+
+/// Before a re-execution: what the node learnt is written (reports of runs that ended), each
+/// run left to its shim (nothing stops it from here on), the output queued so far delivered and
+/// its position noted, the leadership kept (the next process is the same incarnation).
+async fn detach(
+    node: &mut Node,
+    reports: &mut mpsc::UnboundedReceiver<TaskStatus>,
+    run_reports: &mut mpsc::UnboundedReceiver<RunReport>,
+) {
+    crate::supervisor::shim::detach_all();
+    while let Ok(status) = reports.try_recv() {
+        node.on_status(status);
+    }
+    while let Ok(report) = run_reports.try_recv() {
+        node.on_run_report(report);
+    }
+    if let Some(shipper) = node.shipper.take() {
+        shipper.detach(Duration::from_secs(3)).await;
+    }
+    let writes = node.outbox.writes.clone();
+    let heartbeats = node.outbox.heartbeats.clone();
+    tokio::task::spawn_blocking(move || {
+        writes.flush(Duration::from_secs(3));
+        heartbeats.flush(Duration::from_secs(1));
+    })
+    .await
+    .ok();
+}
+
+/// The previous holder of a workspace's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Previous {
+    incarnation: Uuid,
+    /// It left the cluster in order (its runs stopped).
+    left: bool,
 }
 
 /// Takes the workspace's lock (`<workspace>/node.lock`, held until the node exits, released by
-/// the kernel even on `kill -9`; not inherited by the run shims): two nodes on one workspace
-/// would stop each other's runs as leftovers. The lock file holds the holder's pid and
-/// incarnation; returns the previous holder's incarnation, if it wrote one: that process has
-/// exited (the kernel released its lock), so this incarnation replaces it (its heartbeats say
-/// so, and the leader need not wait for it to fence itself: see `membership`).
+/// the kernel even on `kill -9` or a re-execution; not inherited by the run shims): two nodes on
+/// one workspace would take each other's runs. The lock file holds the holder's pid and
+/// incarnation, and `running` or `left` (once it left the cluster); returns the previous holder, if it wrote
+/// one: that process has exited (the kernel released its lock). One that left is replaced by a
+/// new incarnation (its heartbeats say so, and the leader need not wait for it to fence itself:
+/// see `membership`); one that did not comes back as the same incarnation.
 fn lock_workspace(
     workspace: &std::path::Path,
     incarnation: Uuid,
-) -> anyhow::Result<(nix::fcntl::Flock<std::fs::File>, Option<Uuid>)> {
-    use std::io::{Read, Seek, Write};
+) -> anyhow::Result<(nix::fcntl::Flock<std::fs::File>, Option<Previous>)> {
+    use std::io::Read;
     let path = workspace.join("node.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -327,11 +471,29 @@ fn lock_workspace(
     };
     let mut previous = String::new();
     let _ = lock.read_to_string(&mut previous);
-    let replaces = previous.split_whitespace().nth(1).and_then(|word| word.parse::<Uuid>().ok());
+    let mut words = previous.split_whitespace().skip(1);
+    let previous = words
+        .next()
+        .and_then(|word| word.parse::<Uuid>().ok())
+        .filter(|previous| *previous != incarnation)
+        // Written by an older build (no state): it came back as a new incarnation.
+        .map(|previous| Previous { incarnation: previous, left: words.next() != Some("running") });
+    Ok((lock, previous))
+}
+
+/// Writes the lock file: this process, its incarnation, and whether it left the cluster.
+fn write_lock(
+    lock: &mut nix::fcntl::Flock<std::fs::File>,
+    incarnation: Uuid,
+    left: bool,
+) -> anyhow::Result<()> {
+    use std::io::{Seek, Write};
     lock.set_len(0).context("failed to write the workspace lock")?;
     lock.rewind().context("failed to write the workspace lock")?;
-    write!(lock, "{} {incarnation}", std::process::id()).context("failed to write the workspace lock")?;
-    Ok((lock, replaces.filter(|previous| *previous != incarnation)))
+    let state = if left { "left" } else { "running" };
+    write!(lock, "{} {incarnation} {state}", std::process::id())
+        .context("failed to write the workspace lock")?;
+    lock.sync_data().context("failed to write the workspace lock")
 }
 
 /// Creates or checks the topics, retrying while the bus is unreachable. False: shut down.

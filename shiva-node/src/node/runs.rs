@@ -51,7 +51,15 @@ impl Node {
                     debug!(task = %intent.task, run = %intent.run_id, "run confirmed");
                     let run = intent.run_id;
                     let (control, _handle) =
-                        oneshot::start(supervisor.context(), *intent, self.runs.run_reports.clone());
+                        oneshot::start(supervisor.context(), *intent, None, self.runs.run_reports.clone());
+                    self.runs.controls.insert(run, control);
+                }
+                Action::Adopt(intent) => {
+                    let Some(supervisor) = self.supervisor.as_ref() else { continue };
+                    let run = intent.run_id;
+                    let adopted = self.runs.adopted.remove(&run);
+                    let (control, _handle) =
+                        oneshot::start(supervisor.context(), *intent, adopted, self.runs.run_reports.clone());
                     self.runs.controls.insert(run, control);
                 }
                 Action::Stop { run, reason } => {
@@ -105,6 +113,7 @@ impl Node {
         let token = self.next_token + 1;
         let may_start_exclusive = self.may_start_exclusive();
         let beside = |task: &shiva_proto::TaskId| supervisor.holds(task);
+        let adopted = |run: &Uuid| self.runs.adopted.contains_key(run);
         let event = Event::Step {
             view: &self.view,
             me: &self.config.node_id,
@@ -112,13 +121,24 @@ impl Node {
             listed: self.listed_here(),
             may_start_exclusive,
             beside: &beside,
+            adopted: &adopted,
             token,
         };
+        let decided = supervisor.context().shims.lease_left().is_some();
         let actions = self.runs.book.on_event(event, now);
         if actions.iter().any(|action| matches!(action, Action::Sync(_))) {
             self.next_token = token;
         }
         self.perform(actions);
+        // Runs taken back that no intent of this node holds any more stop, once the node holds
+        // its lease (until then their own lease decides).
+        if decided && !self.runs.adopted.is_empty() {
+            for (run, adopted) in std::mem::take(&mut self.runs.adopted) {
+                info!(task = %adopted.meta.task, %run, pid = adopted.handle.pid, "stopping a run taken back that this node no longer holds");
+                // Dropping the handle stops the run.
+                drop(adopted);
+            }
+        }
         self.runs.book.next_due(&self.view, &self.config.node_id, now)
     }
 

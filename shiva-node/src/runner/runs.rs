@@ -78,6 +78,8 @@ pub enum Event<'a> {
         may_start_exclusive: bool,
         /// Whether this node holds a service copy of the task.
         beside: &'a dyn Fn(&TaskId) -> bool,
+        /// Whether this node's earlier process left this run running (taken back, not lost).
+        adopted: &'a dyn Fn(&Uuid) -> bool,
         /// A fresh read-to-end token.
         token: u64,
     },
@@ -124,6 +126,9 @@ pub enum Action {
     Sync(u64),
     /// Launch this run (its reports come back as `Reported`).
     Launch(Box<RunIntent>),
+    /// Go on with this run, taken back from the node's earlier process (its reports come back
+    /// as `Reported`).
+    Adopt(Box<RunIntent>),
     /// Ask this launched run to stop.
     Stop {
         /// The run.
@@ -153,6 +158,13 @@ struct Held {
     phase: Phase,
 }
 
+/// What a step may do besides following the log.
+struct Gates<'a> {
+    may_start_exclusive: bool,
+    beside: &'a dyn Fn(&TaskId) -> bool,
+    adopted: &'a dyn Fn(&Uuid) -> bool,
+}
+
 /// The runs this node holds.
 #[derive(Debug, Default)]
 pub struct RunBook {
@@ -168,8 +180,9 @@ impl RunBook {
     /// Takes in `event` at `now_ms` (the driver's clock, read once).
     pub fn on_event(&mut self, event: Event<'_>, now_ms: i64) -> Vec<Action> {
         match event {
-            Event::Step { view, me, incarnation, listed, may_start_exclusive, beside, token } => {
-                self.step(view, (me, incarnation, listed), may_start_exclusive, beside, token, now_ms)
+            Event::Step { view, me, incarnation, listed, may_start_exclusive, beside, adopted, token } => {
+                let gates = Gates { may_start_exclusive, beside, adopted };
+                self.step(view, (me, incarnation, listed), gates, token, now_ms)
             }
             Event::StartWritten { run, ok } => {
                 if let Some(held) = self.held.get_mut(&run)
@@ -240,8 +253,7 @@ impl RunBook {
         &mut self,
         view: &LogView,
         (me, incarnation, listed): (&NodeId, Uuid, bool),
-        may_start_exclusive: bool,
-        beside: &dyn Fn(&TaskId) -> bool,
+        Gates { may_start_exclusive, beside, adopted }: Gates<'_>,
         token: u64,
         now: i64,
     ) -> Vec<Action> {
@@ -286,8 +298,12 @@ impl RunBook {
                 let done = Held { task: task.clone(), phase: Phase::Done };
                 ((*id, done), Action::Write(oneshot::report(intent, state, Some(message))))
             };
-            if entry.report.is_some() {
-                // Started by an earlier incarnation of this node, whose children died with it.
+            if entry.report.is_some() && adopted(id) {
+                // Left running by this node's earlier process: it goes on, held again.
+                changes.push((*id, Held { task: task.clone(), phase: Phase::Launched { stop_sent: false } }));
+                actions.push(Action::Adopt(Box::new(intent.clone())));
+            } else if entry.report.is_some() {
+                // Started by an earlier process of this node, whose run did not outlive it.
                 let (change, action) = finished(RunPhase::Lost, "the node restarted during the run".into());
                 changes.push(change);
                 actions.push(action);
@@ -473,6 +489,7 @@ mod tests {
             listed: true,
             may_start_exclusive: may_start,
             beside: &|_| beside,
+            adopted: &|_| false,
             token: 7,
         };
         book.on_event(event, now)

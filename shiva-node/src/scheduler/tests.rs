@@ -214,6 +214,7 @@ impl Sim {
                     listed: true,
                     may_start_exclusive: true,
                     beside: &|_| false,
+                    adopted: &|_| false,
                     token: 1,
                 };
                 queue.extend(self.books[node].on_event(event, now));
@@ -236,6 +237,8 @@ impl Sim {
                         Action::Launch(intent) => {
                             self.children.insert(intent.run_id, (node, *intent, None));
                         }
+                        // No run is taken back in the simulation (its nodes do not re-execute).
+                        Action::Adopt(_) => {}
                         Action::Stop { run, .. } => {
                             if let Some((_, intent, started)) = self.children.remove(&run) {
                                 let mut report = oneshot::report(&intent, RunPhase::Stopped, None);
@@ -320,7 +323,7 @@ impl Sim {
                         }
                     }
                 }
-                Action::Sync(_) | Action::Launch(_) => {}
+                Action::Sync(_) | Action::Launch(_) | Action::Adopt(_) => {}
             }
         }
         self.kill(node);

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::restart::{Decision, Restarts};
-use super::shim::{LaunchOptions, RunHandle, ShimLauncher};
+use super::shim::{Adopted, LaunchOptions, RunHandle, RunMeta, ServiceRun, ShimLauncher};
 use super::spawn::SpawnRequest;
 use shiva_proto::spec::OnDisconnect;
 
@@ -92,21 +92,33 @@ impl Run {
     }
 }
 
-/// Starts a job for `spec` at `generation` (kept current by the supervisor).
-pub fn start(
-    context: Arc<JobContext>,
-    spec: TaskSpec,
-    generation: Arc<std::sync::atomic::AtomicU64>,
-    after: Vec<NodeId>,
-    staged: bool,
-) -> (mpsc::UnboundedSender<JobControl>, JoinHandle<()>) {
+/// What a job starts with.
+pub struct Start {
+    /// The task.
+    pub spec: TaskSpec,
+    /// Its revision (kept with each run, for the node's next process).
+    pub spec_revision: i64,
+    /// The assignment's generation, kept current by the supervisor.
+    pub generation: Arc<std::sync::atomic::AtomicU64>,
+    /// The nodes whose word its copy starts after.
+    pub after: Vec<NodeId>,
+    /// Made ready, started at the supervisor's go.
+    pub staged: bool,
+    /// A run of the task taken back from the node's earlier process: the job goes on with it.
+    pub adopted: Option<Adopted>,
+}
+
+/// Starts a job.
+pub fn start(context: Arc<JobContext>, start: Start) -> (mpsc::UnboundedSender<JobControl>, JoinHandle<()>) {
+    let Start { spec, spec_revision, generation, after, staged, adopted } = start;
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let task = spec.id.clone();
     let current = generation.clone();
     let generation = generation.load(std::sync::atomic::Ordering::Relaxed);
     let reports = context.reports.clone();
     let started = Arc::new(std::sync::Mutex::new((!staged).then(|| after.clone())));
-    let job = tokio::spawn(run(context, spec, generation, started.clone(), staged, control_rx));
+    let first = First { staged, adopted, spec_revision };
+    let job = tokio::spawn(run(context, spec, generation, started.clone(), first, control_rx));
     // A panic in the job fails this task on this node for good ("internal error: …",
     // permanent, so the leader leaves it there), never the node.
     let handle = tokio::spawn(async move {
@@ -185,6 +197,7 @@ pub(crate) fn launch_options(context: &JobContext, spec: &TaskSpec, run: &str) -
         memory_max: spec.memory_max_bytes(),
         cpu_max: spec.cpu_max.map(|cores| cores.0),
         files: spec.files.clone(),
+        meta: None,
     }
 }
 
@@ -201,14 +214,22 @@ async fn wait_lease_or_stop(
     until_or_stop(control, run, context.shims.wait_for_lease()).await
 }
 
+/// How a job's first run comes.
+struct First {
+    staged: bool,
+    adopted: Option<Adopted>,
+    spec_revision: i64,
+}
+
 async fn run(
     context: Arc<JobContext>,
     spec: TaskSpec,
     generation: u64,
     started: Arc<std::sync::Mutex<Option<Vec<NodeId>>>>,
-    mut staged: bool,
+    first: First,
     mut control: mpsc::UnboundedReceiver<JobControl>,
 ) {
+    let First { mut staged, mut adopted, spec_revision } = first;
     crate::fault::hook(crate::fault::Stage::Run, &spec.id);
     let mut run = Run {
         task: spec.id.clone(),
@@ -225,34 +246,50 @@ async fn run(
     };
     let mut restarts = Restarts::new(&spec);
     loop {
-        if spec.on_disconnect == OnDisconnect::Stop
-            && wait_lease_or_stop(&context, &mut control, &mut run).await
-        {
-            // A staged job says nothing: its status would overwrite the words it waits for.
-            if !staged {
-                run.report(&context, RunState::Stopped, None);
-            }
-            return;
-        }
-        run.attempt += 1;
-        run.run_id = Some(Uuid::new_v4());
-        if !staged {
-            run.report(&context, RunState::Starting, None);
-        }
-        let spawn = request(&context, &spec, run.run_id, run.attempt, &[]);
-        let name = run.run_id.map(|id| id.to_string()).unwrap_or_default();
-        let options = launch_options(&context, &spec, &name);
         let mut started = Instant::now();
-        let launched = if std::mem::take(&mut staged) {
-            match staged_launch(&context, spawn, &options, &mut control, &mut run).await {
-                Some((launched, went)) => {
-                    started = went;
-                    launched
-                }
-                None => return,
+        let launched = if let Some(adopted) = adopted.take() {
+            // Taken back from the node's earlier process: the same run goes on.
+            if let Some(service) = adopted.meta.service {
+                run.attempt = service.attempt;
+                run.restarts = service.restarts;
             }
+            run.run_id = Some(adopted.meta.run);
+            info!(task = %spec.id, pid = adopted.handle.pid, attempt = run.attempt, "task taken back from the node's earlier process");
+            Ok(adopted.handle)
         } else {
-            context.shims.launch(spawn, &options, None).await
+            if spec.on_disconnect == OnDisconnect::Stop
+                && wait_lease_or_stop(&context, &mut control, &mut run).await
+            {
+                // A staged job says nothing: its status would overwrite the words it waits for.
+                if !staged {
+                    run.report(&context, RunState::Stopped, None);
+                }
+                return;
+            }
+            run.attempt += 1;
+            run.run_id = Some(Uuid::new_v4());
+            if !staged {
+                run.report(&context, RunState::Starting, None);
+            }
+            let spawn = request(&context, &spec, run.run_id, run.attempt, &[]);
+            let name = run.run_id.map(|id| id.to_string()).unwrap_or_default();
+            let mut options = launch_options(&context, &spec, &name);
+            options.meta = run.run_id.map(|id| RunMeta {
+                task: spec.id.to_string(),
+                run: id,
+                service: Some(ServiceRun { attempt: run.attempt, restarts: run.restarts, spec_revision }),
+            });
+            if std::mem::take(&mut staged) {
+                match staged_launch(&context, spawn, &options, &mut control, &mut run).await {
+                    Some((launched, went)) => {
+                        started = went;
+                        launched
+                    }
+                    None => return,
+                }
+            } else {
+                context.shims.launch(spawn, &options, None).await
+            }
         };
         let (ended, note) = match launched {
             Ok(mut handle) => {

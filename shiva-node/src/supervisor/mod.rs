@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use job::{JobContext, JobControl};
+use shim::Adopted;
 
 /// A run this node should hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,12 +53,32 @@ pub struct Supervisor {
     context: Arc<JobContext>,
     jobs: BTreeMap<TaskId, Job>,
     stopping: BTreeMap<TaskId, JoinHandle<()>>,
+    /// Service runs taken back from this node's earlier process, each until a job takes it on
+    /// (the task is still wanted here, at the same spec revision) or it is stopped.
+    adopted: BTreeMap<TaskId, Adopted>,
 }
 
 impl Supervisor {
     /// A supervisor with no jobs.
     pub fn new(context: JobContext) -> Self {
-        Supervisor { context: Arc::new(context), jobs: BTreeMap::new(), stopping: BTreeMap::new() }
+        Supervisor {
+            context: Arc::new(context),
+            jobs: BTreeMap::new(),
+            stopping: BTreeMap::new(),
+            adopted: BTreeMap::new(),
+        }
+    }
+
+    /// Takes on the service runs this node's earlier process left (see
+    /// [`shim::ShimLauncher::adopt`]): the task counts as running here, and its job, when the
+    /// task is wanted, goes on with the run instead of starting one.
+    pub fn adopt(&mut self, runs: impl IntoIterator<Item = Adopted>) {
+        for run in runs {
+            if let Ok(task) = TaskId::new(&run.meta.task) {
+                // Two runs of one task (never written so): the later one is held, the other stops.
+                self.adopted.insert(task, run);
+            }
+        }
     }
 
     /// What every job shares (runs of periodic and one-shot tasks use it too).
@@ -73,7 +94,7 @@ impl Supervisor {
     /// Whether `task` has a job (running, backing off or starting), not one stopping nor one
     /// only staged.
     pub fn runs(&self, task: &TaskId) -> bool {
-        self.jobs.get(task).is_some_and(|job| !job.staged)
+        self.jobs.get(task).is_some_and(|job| !job.staged) || self.adopted.contains_key(task)
     }
 
     /// A job of `task` reported its final state (`stopped`, `failed`): the job is over (its run's
@@ -93,6 +114,26 @@ impl Supervisor {
     /// Starts, stops and updates jobs so that exactly `wanted` run.
     pub fn reconcile(&mut self, wanted: &BTreeMap<TaskId, Wanted>) {
         self.stopping.retain(|_, handle| !handle.is_finished());
+        // Adopted runs not wanted here (or at another revision) stop, once the node holds its
+        // lease and so knows what it runs; until then their own lease decides.
+        let decided = self.context.shims.lease_left().is_some();
+        let unwanted: Vec<TaskId> = self
+            .adopted
+            .iter()
+            .filter(|(task, run)| {
+                let revision = run.meta.service.map(|service| service.spec_revision);
+                decided && wanted.get(*task).is_none_or(|want| Some(want.spec_revision) != revision)
+            })
+            .map(|(task, _)| task.clone())
+            .collect();
+        for task in unwanted {
+            let mut run = self.adopted.remove(&task).expect("listed above");
+            info!(%task, pid = run.handle.pid, "stopping a run taken back that is not wanted here");
+            let handle = tokio::spawn(async move {
+                job::stop_run(&mut run.handle, "it is not wanted on this node any more").await;
+            });
+            self.stopping.insert(task, handle);
+        }
         // A staged job that ended before its go (it panicked) started nothing: staged again.
         self.jobs.retain(|_, job| !(job.staged && job.handle.is_finished()));
         let obsolete: Vec<TaskId> = self
@@ -125,16 +166,23 @@ impl Supervisor {
                 None if self.stopping.contains_key(task) => {}
                 None => {
                     let shared_generation = Arc::new(std::sync::atomic::AtomicU64::new(want.generation));
+                    // A run taken back goes on (it runs already: no staging, no start).
+                    let adopted = self.adopted.remove(task);
+                    let start = want.start || adopted.is_some();
                     let (control, handle) = job::start(
                         self.context.clone(),
-                        want.spec.clone(),
-                        shared_generation.clone(),
-                        // A staged job learns the words it starts after at its go.
-                        if want.start { want.after.clone() } else { Vec::new() },
-                        !want.start,
+                        job::Start {
+                            spec: want.spec.clone(),
+                            spec_revision: want.spec_revision,
+                            generation: shared_generation.clone(),
+                            // A staged job learns the words it starts after at its go.
+                            after: if start { want.after.clone() } else { Vec::new() },
+                            staged: !start,
+                            adopted,
+                        },
                     );
                     let job = Job {
-                        staged: !want.start,
+                        staged: !start,
                         generation: want.generation,
                         shared_generation,
                         spec_revision: want.spec_revision,
@@ -149,6 +197,12 @@ impl Supervisor {
 
     /// Stops every job and waits for all of them.
     pub async fn stop_all(&mut self) {
+        for (task, mut run) in std::mem::take(&mut self.adopted) {
+            let handle = tokio::spawn(async move {
+                job::stop_run(&mut run.handle, "the node is shutting down").await;
+            });
+            self.stopping.insert(task, handle);
+        }
         self.reconcile(&BTreeMap::new());
         for (_, handle) in std::mem::take(&mut self.stopping) {
             let _ = handle.await;

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::job::{JobContext, launch_options, request, stop_run};
+use super::shim::{Adopted, RunHandle, RunMeta};
 
 /// Requests to a run.
 #[derive(Debug)]
@@ -25,15 +26,17 @@ pub fn now_ms() -> i64 {
     shiva_proto::wall::now_ms()
 }
 
-/// Starts the run of `intent`; reports go to `reports`.
+/// Starts the run of `intent` (or goes on with it, `adopted` from the node's earlier
+/// process); reports go to `reports`.
 pub fn start(
     context: Arc<JobContext>,
     intent: RunIntent,
+    adopted: Option<Adopted>,
     reports: mpsc::UnboundedSender<RunReport>,
 ) -> (mpsc::UnboundedSender<RunControl>, JoinHandle<()>) {
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let failed = report(&intent, RunPhase::Failed, None);
-    let run = tokio::spawn(execute(context, intent, control_rx, reports.clone()));
+    let run = tokio::spawn(execute(context, intent, adopted, control_rx, reports.clone()));
     // A panic in the run fails this run ("internal error: …"), never the node.
     let handle = tokio::spawn(async move {
         if let Err(err) = run.await
@@ -67,12 +70,25 @@ pub fn report(intent: &RunIntent, state: RunPhase, message: Option<String>) -> R
 async fn execute(
     context: Arc<JobContext>,
     intent: RunIntent,
+    adopted: Option<Adopted>,
     mut control: mpsc::UnboundedReceiver<RunControl>,
     reports: mpsc::UnboundedSender<RunReport>,
 ) {
     let send = |report: RunReport| {
         let _ = reports.send(report);
     };
+    if let Some(adopted) = adopted {
+        // Taken back from the node's earlier process: its `running` record is in the log.
+        let started_ms = adopted.started_ms.unwrap_or_else(now_ms);
+        info!(task = %intent.task, run = %intent.run_id, pid = adopted.handle.pid, "run taken back from the node's earlier process");
+        let running = RunReport {
+            pid: Some(adopted.handle.pid),
+            started_ms: Some(started_ms),
+            ..report(&intent, RunPhase::Running, None)
+        };
+        supervise(&intent, adopted.handle, running, control, send).await;
+        return;
+    }
     let wait = Duration::from_millis(intent.launch_at_ms.saturating_sub(now_ms()).max(0) as u64);
     tokio::select! {
         _ = tokio::time::sleep(wait) => {}
@@ -89,8 +105,9 @@ async fn execute(
         .into_iter()
         .collect();
     let spawn = request(&context, spec, Some(intent.run_id), intent.attempt, &extra);
-    let options = launch_options(&context, spec, &intent.run_id.to_string());
-    let mut handle = match context.shims.launch(spawn, &options, None).await {
+    let mut options = launch_options(&context, spec, &intent.run_id.to_string());
+    options.meta = Some(RunMeta { task: intent.task.to_string(), run: intent.run_id, service: None });
+    let handle = match context.shims.launch(spawn, &options, None).await {
         Ok(handle) => handle,
         Err(err) => {
             warn!(task = %spec.id, run = %intent.run_id, error = %err, "run failed to start");
@@ -112,8 +129,22 @@ async fn execute(
         ..report(&intent, RunPhase::Running, None)
     };
     send(running.clone());
+    supervise(&intent, handle, running, control, send).await;
+}
+
+/// Holds a started run until it ends, is stopped or exceeds `max_runtime` (counted from its
+/// start); reports its end.
+async fn supervise(
+    intent: &RunIntent,
+    mut handle: RunHandle,
+    running: RunReport,
+    mut control: mpsc::UnboundedReceiver<RunControl>,
+    send: impl Fn(RunReport),
+) {
+    let spec = &intent.spec;
     let limit = spec.max_runtime.unwrap_or(Duration::from_secs(100 * 365 * 24 * 3600));
-    let deadline = tokio::time::sleep(limit);
+    let ran = u64::try_from(now_ms().saturating_sub(running.started_ms.unwrap_or_else(now_ms))).unwrap_or(0);
+    let deadline = tokio::time::sleep(limit.saturating_sub(Duration::from_millis(ran)));
     tokio::pin!(deadline);
     let (state, exit, message) = tokio::select! {
         ended = handle.wait() => {

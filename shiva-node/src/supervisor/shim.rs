@@ -26,7 +26,7 @@ use super::spawn::{RunUser, SpawnRequest};
 use crate::limits::Controllers;
 use crate::logship::LogShipper;
 use crate::runlog::{self, RunLog};
-use crate::shim::{SHIM_ARG, ShimConfig, ShimEvent};
+use crate::shim::{Attach, SHIM_ARG, ShimConfig, ShimEvent};
 use crate::tree::{self, Isolation};
 
 /// Runs whose output is kept on disk, per task.
@@ -43,7 +43,8 @@ const HANDSHAKE: Duration = Duration::from_secs(60);
 /// Starts shims; shared by every run of the node.
 #[derive(Debug)]
 pub struct ShimLauncher {
-    /// The node binary (run as `<exe> __shim`, its configuration on stdin).
+    /// The shim's program (run as `<exe> __shim`, its configuration on stdin: see
+    /// [`shim_program`]).
     pub exe: PathBuf,
     /// How runs are kept together.
     pub isolation: Isolation,
@@ -63,6 +64,14 @@ pub struct ShimLauncher {
     pub shipper: Option<Arc<LogShipper>>,
     /// This node's identity and known secrets (`None`: a launcher that runs no secrets).
     pub secrets: Option<Arc<crate::secrets::SecretStore>>,
+}
+
+/// The run shim's program: `shiva-shim` beside the node's binary (a small program: each run
+/// costs little memory, and it is not the file an upgrade replaces), or the node's binary
+/// itself, whose `__shim` mode is the same shim.
+pub fn shim_program(node: &Path) -> PathBuf {
+    let beside = node.with_file_name("shiva-shim");
+    if beside.is_file() { beside } else { node.to_path_buf() }
 }
 
 /// How a run ended.
@@ -87,7 +96,17 @@ pub struct RunHandle {
 impl RunHandle {
     /// Asks the shim to stop the run (SIGTERM to the tree, SIGKILL after the grace).
     pub fn stop(&self, reason: &str) {
-        let _ = self.control.send(reason.replace('\n', " "));
+        if !detached() {
+            let _ = self.control.send(reason.replace('\n', " "));
+        }
+    }
+
+    /// A run whose end is already known.
+    fn over(pid: u32, ended: RunExit) -> RunHandle {
+        let (control, _) = mpsc::unbounded_channel();
+        let (tx, exit) = oneshot::channel();
+        let _ = tx.send(ended.clone());
+        RunHandle { pid, control, exit, ended: Some(ended) }
     }
 
     /// Whether the run's end is known.
@@ -114,7 +133,7 @@ impl Drop for RunHandle {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
     shim: u32,
     shim_start: u64,
@@ -123,6 +142,68 @@ struct Record {
     cgroup: Option<PathBuf>,
     #[serde(default)]
     limits: Vec<PathBuf>,
+    /// What the run is, for a later process of this node that adopts it (absent: written by
+    /// an older node, or a shim that cannot be adopted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    run: Option<RunMeta>,
+    /// When the task started (wall ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    started_ms: Option<i64>,
+    /// Where the run's output is kept (its shipping goes on from where it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    log: Option<RunLog>,
+    /// Whether the task holds the node's lease.
+    #[serde(default)]
+    exclusive: bool,
+}
+
+/// What a run is, kept in its shim's record so that the node's next process (re-executed for
+/// an upgrade, or restarted after a crash) takes it back as it was: same run, same attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunMeta {
+    /// The task.
+    pub task: String,
+    /// The run's id.
+    pub run: uuid::Uuid,
+    /// A service's job run (its attempt, restarts and spec revision), or a periodic or
+    /// one-shot run (none: the run's intent says the rest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRun>,
+}
+
+/// A service's run, as its job counted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRun {
+    /// The attempt (1 for the first start).
+    pub attempt: u32,
+    /// Restarts before this attempt.
+    pub restarts: u32,
+    /// The spec revision the run was started from.
+    pub spec_revision: i64,
+}
+
+/// A run taken back from an earlier process of this node.
+#[derive(Debug)]
+pub struct Adopted {
+    /// What it is.
+    pub meta: RunMeta,
+    /// When its task started (wall ms), if known.
+    pub started_ms: Option<i64>,
+    /// The run, held as if this process had launched it (its end may be known already).
+    pub handle: RunHandle,
+}
+
+/// Set when the node detaches from its shims to re-execute itself: from then on nothing stops
+/// a run or writes to a shim, whatever is dropped, so the tasks go on under their shims.
+static DETACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Leaves every run to its shim (see [`DETACHED`]): called once, before the node re-executes.
+pub fn detach_all() {
+    DETACHED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn detached() -> bool {
+    DETACHED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// What a launch needs besides the command.
@@ -151,6 +232,9 @@ pub struct LaunchOptions {
     pub cpu_max: Option<f64>,
     /// Files written into the working directory before the start (relative path → content).
     pub files: BTreeMap<String, String>,
+    /// What the run is, for a later process of this node that adopts it (`None`: not
+    /// adoptable: the shim stops its task when the node is gone).
+    pub meta: Option<RunMeta>,
 }
 
 impl ShimLauncher {
@@ -254,6 +338,10 @@ impl ShimLauncher {
             limit_cgroups: limits.cgroups.clone(),
             log: Some(self.run_log(&options.task, &options.run)),
             hold: go.is_some(),
+            attach: options.meta.as_ref().map(|_| Attach {
+                dir: self.records.clone(),
+                window_ms: u64::try_from(self.fence_timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
         };
         let json = serde_json::to_string(&config).map_err(io::Error::other)?;
         let run_log = config.log.clone();
@@ -270,7 +358,18 @@ impl ShimLauncher {
         let shim_start = tree::start_time(shim).unwrap_or(0);
         // Recorded at once, so a cleanup meanwhile counts this shim as live.
         let record_path = self.records.join(format!("{shim}.json"));
-        let record = Record { shim, shim_start, task: 0, task_start: None, cgroup, limits: limits.cgroups };
+        let record = Record {
+            shim,
+            shim_start,
+            task: 0,
+            task_start: None,
+            cgroup,
+            limits: limits.cgroups,
+            run: options.meta.clone(),
+            started_ms: None,
+            log: run_log.clone(),
+            exclusive: options.exclusive,
+        };
         std::fs::write(&record_path, serde_json::to_vec(&record).map_err(io::Error::other)?)?;
         let mut stdin = child.stdin.take().expect("piped");
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
@@ -306,14 +405,7 @@ impl ShimLauncher {
                 while !matches!(read_event(&mut lines).await, Some(ShimEvent::Exited { .. }) | None) {}
             };
             let _ = tokio::time::timeout(options.grace + Duration::from_secs(5), ended).await;
-            let started = Record {
-                shim: record.shim,
-                shim_start: record.shim_start,
-                task: pid,
-                task_start,
-                cgroup: record.cgroup.clone(),
-                limits: record.limits.clone(),
-            };
+            let started = Record { task: pid, task_start, ..record.clone() };
             clean_after(&started);
             let _ = child.kill().await;
             let _ = std::fs::remove_file(&record_path);
@@ -343,35 +435,57 @@ impl ShimLauncher {
                 )));
             }
         };
-        let record = Record { task: pid, task_start: tree::start_time(pid), ..record };
-        let (ended_tx, ended_rx) = oneshot::channel::<()>();
-        if let (Some(shipper), Some(log)) = (&self.shipper, run_log) {
-            shipper.follow(options.task.clone(), log, ended_rx);
-        }
+        let record = Record {
+            task: pid,
+            task_start: tree::start_time(pid),
+            started_ms: Some(shiva_proto::wall::now_ms()),
+            ..record
+        };
         std::fs::write(&record_path, serde_json::to_vec(&record).map_err(io::Error::other)?)?;
+        let ended = self.follow(&options.task, run_log);
+        let shim = Held { record, path: record_path, child: Some(child), ended };
+        Ok(self.hold_run(shim, stdin, lines))
+    }
+
+    /// Holds a started run through its shim's lines (`writer`) and events (`lines`): renews its
+    /// lease while the run is exclusive, passes the handle's stop on, learns how it ended, then
+    /// cleans after it. The node's own shims (pipes) and adopted ones (their socket) alike.
+    fn hold_run<W, R>(
+        &self,
+        shim: Held,
+        mut writer: W,
+        mut lines: tokio::io::Lines<BufReader<R>>,
+    ) -> RunHandle
+    where
+        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+        R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    {
+        let pid = shim.record.task;
         let (control, mut control_rx) = mpsc::unbounded_channel::<String>();
         let (exit_tx, exit) = oneshot::channel();
         let lease = self.lease.clone();
         let every = (self.fence_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let exclusive = options.exclusive;
+        let exclusive = shim.record.exclusive;
+        let Held { record, path: record_path, child, ended: ended_tx } = shim;
         tokio::spawn(async move {
             let mut renew = tokio::time::interval(every);
             // Listening for a stop until one came or the handle is gone (a closed channel
             // would answer at once, forever).
             let mut listening = true;
             let mut stopping = false;
+            let shim = record.shim;
             let ended = loop {
                 tokio::select! {
                     _ = renew.tick(), if exclusive && !stopping => {
                         if let Some((_, deadline)) = lease_now(&lease) {
-                            let _ = stdin.write_all(renewal(deadline).as_bytes()).await;
+                            let _ = writer.write_all(renewal(deadline).as_bytes()).await;
                         }
                     }
                     reason = control_rx.recv(), if listening => {
                         listening = false;
-                        if let Some(reason) = reason {
+                        if let Some(reason) = reason.filter(|_| !detached()) {
                             stopping = true;
-                            let _ = stdin.write_all(format!("stop {reason}\n").as_bytes()).await;
+                            let _ = writer.write_all(format!("stop {reason}\n").as_bytes()).await;
                         }
                     }
                     event = read_event(&mut lines) => match event {
@@ -387,13 +501,22 @@ impl ShimLauncher {
                     },
                 }
             };
-            let _ = child.wait().await;
-            let _ = std::fs::remove_file(&record_path);
+            drop(writer);
+            match child {
+                Some(mut child) => {
+                    let _ = child.wait().await;
+                }
+                // An adopted shim: this process's child only after a re-execution.
+                None => reap_adopted(record.shim).await,
+            }
+            remove_record(&record_path, record.shim);
             // The shim reports the end only once the output is complete on disk.
-            let _ = ended_tx.send(());
+            if let Some(ended) = ended_tx {
+                let _ = ended.send(());
+            }
             let _ = exit_tx.send(ended);
         });
-        Ok(RunHandle { pid, control, exit, ended: None })
+        RunHandle { pid, control, exit, ended: None }
     }
 
     /// Where run `run` of `task` keeps its output; older runs of the task are pruned.
@@ -454,6 +577,104 @@ impl ShimLauncher {
         Ok(())
     }
 
+    /// Ships the output of a run of `task` kept in `log` (from where an earlier process of the
+    /// node left it); the sender says the run is over.
+    fn follow(&self, task: &str, log: Option<RunLog>) -> Option<oneshot::Sender<()>> {
+        Some(self.shipper.as_ref()?.follow(task.to_owned(), log?))
+    }
+
+    /// Takes back the runs an earlier process of this node left to their shims (it re-executed
+    /// itself for an upgrade, or died and was started again on this workspace): each live shim
+    /// answers on its socket with its protocol version and task, and is held from now on as if
+    /// this process had started it, its output shipped on from where it was; a run whose task
+    /// ended while no node was there is returned over, with the end its shim left. What cannot
+    /// be taken back (written by an older node, a protocol more than one version away, a task
+    /// without its shim) is stopped as a leftover.
+    pub async fn adopt(&self) -> Vec<Adopted> {
+        let Ok(entries) = std::fs::read_dir(&self.records) else { return Vec::new() };
+        let paths: Vec<PathBuf> = entries
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+            .collect();
+        let mut adopted = Vec::new();
+        for path in paths {
+            let record: Option<Record> =
+                std::fs::read(&path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            let Some(record) = record else {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            match self.take_back(&record, &path).await {
+                Ok(run) => {
+                    info!(task = %run.meta.task, run = %run.meta.run, shim = record.shim, pid = run.handle.pid, "took back a run left by this node's earlier process");
+                    adopted.push(run);
+                }
+                Err(why) => {
+                    info!(shim = record.shim, task = record.task, %why, "stopping a run left by an earlier process of this node");
+                    kill_record(&record);
+                    remove_record(&path, record.shim);
+                }
+            }
+        }
+        adopted
+    }
+
+    async fn take_back(&self, record: &Record, path: &Path) -> Result<Adopted, String> {
+        let meta =
+            record.run.clone().ok_or("its record is of a node that did not leave runs to their shims")?;
+        if record.task_start.is_none() {
+            return Err("its task had not started".into());
+        }
+        if tree::start_time(record.shim) != Some(record.shim_start) {
+            // The shim is gone: its task ended while no node was there, if it left the end.
+            let end: Option<ShimEvent> =
+                std::fs::read(self.records.join(crate::shim::exit_name(record.shim)))
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice(bytes.trim_ascii()).ok());
+            let Some(ShimEvent::Exited { code, signal, stopped }) = end else {
+                return Err("its shim is gone and left no end".into());
+            };
+            kill_record(record);
+            remove_record(path, record.shim);
+            if let Some(ended) = self.follow(&meta.task, record.log.clone()) {
+                let _ = ended.send(());
+            }
+            let exit = RunExit { exit: Some(ExitInfo { code, signal }), stopped };
+            return Ok(Adopted {
+                meta,
+                started_ms: record.started_ms,
+                handle: RunHandle::over(record.task, exit),
+            });
+        }
+        let name = crate::shim::socket_name(record.shim);
+        let stream = crate::shim::in_dir(&self.records, &name, |path| {
+            let stream = std::os::unix::net::UnixStream::connect(path)?;
+            stream.set_nonblocking(true)?;
+            Ok(stream)
+        })
+        .and_then(tokio::net::UnixStream::from_std)
+        .map_err(|err| format!("its shim cannot be reached: {err}"))?;
+        let (read, write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let hello = tokio::time::timeout(Duration::from_secs(2), read_event(&mut lines)).await.ok().flatten();
+        match hello {
+            Some(ShimEvent::Hello { protocol, pid })
+                if protocol.abs_diff(crate::shim::PROTOCOL) <= 1
+                    && pid.is_none_or(|pid| pid == record.task) => {}
+            other => {
+                return Err(format!(
+                    "its shim did not answer as a shim of protocol {} (±1) of this task: {other:?}",
+                    crate::shim::PROTOCOL
+                ));
+            }
+        }
+        let ended = self.follow(&meta.task, record.log.clone());
+        let held = Held { record: record.clone(), path: path.to_path_buf(), child: None, ended };
+        let handle = self.hold_run(held, write, lines);
+        Ok(Adopted { meta, started_ms: record.started_ms, handle })
+    }
+
     /// Stops what an earlier incarnation of this node left: every recorded shim still alive
     /// (same pid and start time) with its task tree and cgroup. Returns how many runs it stopped.
     pub fn stop_leftovers(&self) -> usize {
@@ -481,6 +702,37 @@ impl ShimLauncher {
             let _ = std::fs::remove_file(&path);
         }
         stopped
+    }
+}
+
+/// A shim being held.
+struct Held {
+    record: Record,
+    path: PathBuf,
+    /// The shim process, when this process started it.
+    child: Option<tokio::process::Child>,
+    /// Tells the run's log follower the run is over.
+    ended: Option<oneshot::Sender<()>>,
+}
+
+/// Removes the record of `shim` and what the shim may have left beside it.
+fn remove_record(path: &Path, shim: u32) {
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_file(dir.join(crate::shim::socket_name(shim)));
+        let _ = std::fs::remove_file(dir.join(crate::shim::exit_name(shim)));
+    }
+}
+
+/// Reaps an adopted shim if it is this process's child (after a re-execution it is: same pid);
+/// otherwise its parent reaps it.
+async fn reap_adopted(shim: u32) {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    for _ in 0..50 {
+        match waitpid(nix::unistd::Pid::from_raw(shim as i32), Some(WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ => return,
+        }
     }
 }
 
@@ -564,8 +816,8 @@ fn orphans() -> BTreeSet<u32> {
         .collect()
 }
 
-async fn read_event(
-    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+async fn read_event<R: tokio::io::AsyncRead + Unpin>(
+    lines: &mut tokio::io::Lines<BufReader<R>>,
 ) -> Option<ShimEvent> {
     loop {
         let line = lines.next_line().await.ok()??;
