@@ -39,6 +39,7 @@ fn supervisor_with(
         task_path: "/usr/local/bin:/usr/bin:/bin".into(),
         task_user: None,
         allow_root_tasks: true,
+        launches: shiva_node::supervisor::launches::Launches::new(dir),
         shims: ShimLauncher {
             exe: PathBuf::from(env!("CARGO_BIN_EXE_shiva-node")),
             isolation: Isolation::ProcessGroup,

@@ -200,6 +200,11 @@ pub(crate) struct Runs {
     /// Periodic and one-shot runs taken back from this node's earlier process, until the book
     /// takes each on (its intent still names this node) or it is stopped.
     pub(crate) adopted: BTreeMap<Uuid, crate::supervisor::shim::Adopted>,
+    /// The runs this node's previous process launched, by its journal (`None`: unknown, so
+    /// any of its start records may have been launched).
+    pub(crate) launched_before: Option<std::collections::BTreeSet<Uuid>>,
+    /// When the journal was last pruned.
+    pub(crate) journal_pruned: Option<std::time::Instant>,
 }
 
 impl Runs {
@@ -210,6 +215,8 @@ impl Runs {
             run_reports,
             run_wake: None,
             adopted: BTreeMap::new(),
+            launched_before: None,
+            journal_pruned: None,
         }
     }
 }

@@ -185,6 +185,7 @@ pub async fn run(
             reports,
             task_user: config.task_user.clone(),
             allow_root_tasks: config.allow_root_tasks,
+            launches: crate::supervisor::launches::Launches::new(&config.workspace),
         }))
     } else {
         None
@@ -257,6 +258,15 @@ pub async fn run(
     // process left be taken back or stopped.
     if let Some(supervisor) = &mut node.supervisor {
         let context = supervisor.context();
+        // What the previous process launched (the rest of its start records it never acted
+        // on); the journal then keeps only runs still open.
+        node.runs.launched_before = if resumes { context.launches.read() } else { None };
+        let open: std::collections::BTreeSet<Uuid> =
+            node.view.open_runs.iter().map(|(_, run)| *run).collect();
+        if let Err(err) = context.launches.retain(|run| open.contains(run)) {
+            warn!(error = %err, "cannot write the journal of launched runs");
+        }
+        node.runs.journal_pruned = Some(std::time::Instant::now());
         if resumes {
             let (services, runs): (Vec<_>, Vec<_>) =
                 context.shims.adopt().await.into_iter().partition(|run| run.meta.service.is_some());

@@ -109,11 +109,14 @@ impl Node {
     /// Walks the intents naming this node; returns how long until the next start record is due.
     pub(crate) fn step_runs(&mut self) -> Option<Duration> {
         let supervisor = self.supervisor.as_ref()?;
+        let context = supervisor.context();
         let now = now_ms();
         let token = self.next_token + 1;
         let may_start_exclusive = self.may_start_exclusive();
         let beside = |task: &shiva_proto::TaskId| supervisor.holds(task);
         let adopted = |run: &Uuid| self.runs.adopted.contains_key(run);
+        let before = &self.runs.launched_before;
+        let launched_before = |run: &Uuid| before.as_ref().is_none_or(|launched| launched.contains(run));
         let event = Event::Step {
             view: &self.view,
             me: &self.config.node_id,
@@ -122,14 +125,25 @@ impl Node {
             may_start_exclusive,
             beside: &beside,
             adopted: &adopted,
+            launched_before: &launched_before,
             token,
         };
-        let decided = supervisor.context().shims.lease_left().is_some();
+        let decided = context.shims.lease_left().is_some();
         let actions = self.runs.book.on_event(event, now);
         if actions.iter().any(|action| matches!(action, Action::Sync(_))) {
             self.next_token = token;
         }
         self.perform(actions);
+        // The journal keeps the runs still open (pruned every ten minutes).
+        let prune = self.runs.journal_pruned.is_none_or(|at| at.elapsed() >= Duration::from_secs(600));
+        if prune {
+            self.runs.journal_pruned = Some(std::time::Instant::now());
+            let open: std::collections::BTreeSet<Uuid> =
+                self.view.open_runs.iter().map(|(_, run)| *run).collect();
+            if let Err(err) = context.launches.retain(|run| open.contains(run)) {
+                tracing::warn!(error = %err, "cannot prune the journal of launched runs");
+            }
+        }
         // Runs taken back that no intent of this node holds any more stop, once the node holds
         // its lease (until then their own lease decides).
         if decided && !self.runs.adopted.is_empty() {

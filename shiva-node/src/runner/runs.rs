@@ -80,6 +80,8 @@ pub enum Event<'a> {
         beside: &'a dyn Fn(&TaskId) -> bool,
         /// Whether this node's earlier process left this run running (taken back, not lost).
         adopted: &'a dyn Fn(&Uuid) -> bool,
+        /// Whether this node's earlier process may have launched this run (by its journal).
+        launched_before: &'a dyn Fn(&Uuid) -> bool,
         /// A fresh read-to-end token.
         token: u64,
     },
@@ -163,6 +165,7 @@ struct Gates<'a> {
     may_start_exclusive: bool,
     beside: &'a dyn Fn(&TaskId) -> bool,
     adopted: &'a dyn Fn(&Uuid) -> bool,
+    launched_before: &'a dyn Fn(&Uuid) -> bool,
 }
 
 /// The runs this node holds.
@@ -180,8 +183,18 @@ impl RunBook {
     /// Takes in `event` at `now_ms` (the driver's clock, read once).
     pub fn on_event(&mut self, event: Event<'_>, now_ms: i64) -> Vec<Action> {
         match event {
-            Event::Step { view, me, incarnation, listed, may_start_exclusive, beside, adopted, token } => {
-                let gates = Gates { may_start_exclusive, beside, adopted };
+            Event::Step {
+                view,
+                me,
+                incarnation,
+                listed,
+                may_start_exclusive,
+                beside,
+                adopted,
+                launched_before,
+                token,
+            } => {
+                let gates = Gates { may_start_exclusive, beside, adopted, launched_before };
                 self.step(view, (me, incarnation, listed), gates, token, now_ms)
             }
             Event::StartWritten { run, ok } => {
@@ -253,7 +266,7 @@ impl RunBook {
         &mut self,
         view: &LogView,
         (me, incarnation, listed): (&NodeId, Uuid, bool),
-        Gates { may_start_exclusive, beside, adopted }: Gates<'_>,
+        Gates { may_start_exclusive, beside, adopted, launched_before }: Gates<'_>,
         token: u64,
         now: i64,
     ) -> Vec<Action> {
@@ -298,11 +311,18 @@ impl RunBook {
                 let done = Held { task: task.clone(), phase: Phase::Done };
                 ((*id, done), Action::Write(oneshot::report(intent, state, Some(message))))
             };
+            // Only the start record of this incarnation, of a run its earlier process never
+            // launched (it died or re-executed before): the run is launched as if it were new.
+            let never_launched = entry.report.as_ref().is_some_and(|report| {
+                report.incarnation == incarnation
+                    && report.report.state == RunPhase::Starting
+                    && !launched_before(id)
+            });
             if entry.report.is_some() && adopted(id) {
                 // Left running by this node's earlier process: it goes on, held again.
                 changes.push((*id, Held { task: task.clone(), phase: Phase::Launched { stop_sent: false } }));
                 actions.push(Action::Adopt(Box::new(intent.clone())));
-            } else if entry.report.is_some() {
+            } else if entry.report.is_some() && !never_launched {
                 // Started by an earlier process of this node, whose run did not outlive it.
                 let (change, action) = finished(RunPhase::Lost, "the node restarted during the run".into());
                 changes.push(change);
@@ -480,6 +500,83 @@ mod tests {
         }
     }
 
+    /// A step of node `me` (incarnation `incarnation`) after a restart: which runs its previous
+    /// process left to their shims, and which its journal says it launched.
+    fn restarted_step(
+        book: &mut RunBook,
+        log: &Log,
+        incarnation: Uuid,
+        adopted: &dyn Fn(&Uuid) -> bool,
+        launched_before: &dyn Fn(&Uuid) -> bool,
+        now: i64,
+    ) -> Vec<Action> {
+        let me = NodeId::new("me").unwrap();
+        let event = Event::Step {
+            view: &log.view,
+            me: &me,
+            incarnation,
+            listed: true,
+            may_start_exclusive: true,
+            beside: &|_| false,
+            adopted,
+            launched_before,
+            token: 7,
+        };
+        book.on_event(event, now)
+    }
+
+    #[test]
+    fn after_a_restart_a_run_is_taken_back_launched_anew_or_lost_as_the_shims_and_the_journal_say() {
+        let incarnation = Uuid::new_v4();
+        let with_report = |state: RunPhase, by: Uuid| {
+            let mut log = Log::new();
+            let intent = log.intent(false, |_| {});
+            let report = oneshot::report(&intent, state, None);
+            let value = Envelope {
+                sender: "me".into(),
+                incarnation: Some(by),
+                sent_at_ms: 0,
+                body: Body::RunReport(report),
+            }
+            .encode();
+            log.offset += 1;
+            let key = key::run(&intent.task, intent.run_id);
+            log.view.apply(TopicKind::Status, log.offset, Some(key.as_bytes()), Some(&value));
+            (log, intent)
+        };
+        let kind = |actions: &[Action]| match actions {
+            [Action::Adopt(_)] => "adopt",
+            [Action::Write(report)] if report.state == RunPhase::Starting => "start",
+            [Action::Write(report)] if report.state == RunPhase::Lost => "lost",
+            other => panic!("{other:?}"),
+        };
+        // Running under a shim the new process found: taken back.
+        let (log, intent) = with_report(RunPhase::Running, incarnation);
+        let run = intent.run_id;
+        let actions =
+            restarted_step(&mut RunBook::default(), &log, incarnation, &|id| *id == run, &|_| true, 9_900);
+        assert_eq!(kind(&actions), "adopt");
+        // Only its start record written, never launched by the journal: launched now.
+        let (log, _) = with_report(RunPhase::Starting, incarnation);
+        let actions =
+            restarted_step(&mut RunBook::default(), &log, incarnation, &|_| false, &|_| false, 9_900);
+        assert_eq!(kind(&actions), "start");
+        // The journal says it may have been launched, or another incarnation wrote the record,
+        // or the run was reported running: lost, never run twice.
+        let (log, _) = with_report(RunPhase::Starting, incarnation);
+        let actions =
+            restarted_step(&mut RunBook::default(), &log, incarnation, &|_| false, &|_| true, 9_900);
+        assert_eq!(kind(&actions), "lost");
+        let (log, _) = with_report(RunPhase::Starting, Uuid::new_v4());
+        let actions =
+            restarted_step(&mut RunBook::default(), &log, incarnation, &|_| false, &|_| false, 9_900);
+        assert_eq!(kind(&actions), "lost");
+        let (log, _) = with_report(RunPhase::Running, incarnation);
+        let actions =
+            restarted_step(&mut RunBook::default(), &log, incarnation, &|_| false, &|_| false, 9_900);
+        assert_eq!(kind(&actions), "lost");
+    }
+
     fn step(book: &mut RunBook, log: &Log, may_start: bool, beside: bool, now: i64) -> Vec<Action> {
         let me = NodeId::new("me").unwrap();
         let event = Event::Step {
@@ -490,6 +587,7 @@ mod tests {
             may_start_exclusive: may_start,
             beside: &|_| beside,
             adopted: &|_| false,
+            launched_before: &|_| true,
             token: 7,
         };
         book.on_event(event, now)

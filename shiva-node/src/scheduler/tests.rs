@@ -215,6 +215,7 @@ impl Sim {
                     may_start_exclusive: true,
                     beside: &|_| false,
                     adopted: &|_| false,
+                    launched_before: &|_| true,
                     token: 1,
                 };
                 queue.extend(self.books[node].on_event(event, now));

@@ -35,6 +35,8 @@ pub struct JobContext {
     pub task_user: Option<String>,
     /// `--allow-root-tasks`.
     pub allow_root_tasks: bool,
+    /// The journal of launched periodic and one-shot runs.
+    pub launches: super::launches::Launches,
 }
 
 /// Requests to a running job.

@@ -3,6 +3,7 @@
 //! and stops; a task is never started while its previous job is still stopping.
 
 pub mod job;
+pub mod launches;
 pub mod oneshot;
 pub mod restart;
 pub mod shim;

@@ -107,7 +107,15 @@ async fn execute(
     let spawn = request(&context, spec, Some(intent.run_id), intent.attempt, &extra);
     let mut options = launch_options(&context, spec, &intent.run_id.to_string());
     options.meta = Some(RunMeta { task: intent.task.to_string(), run: intent.run_id, service: None });
-    let handle = match context.shims.launch(spawn, &options, None).await {
+    // Durable before anything starts: the node's next process knows it may have run.
+    let noted = context.launches.note(intent.run_id);
+    let launched = match noted {
+        Ok(()) => context.shims.launch(spawn, &options, None).await,
+        Err(err) => {
+            Err(std::io::Error::other(format!("cannot note the launch in the node's journal: {err}")))
+        }
+    };
+    let handle = match launched {
         Ok(handle) => handle,
         Err(err) => {
             warn!(task = %spec.id, run = %intent.run_id, error = %err, "run failed to start");

@@ -320,11 +320,15 @@ impl ShimLauncher {
         let output = OpenOptions::new().create(true).append(true).open(&request.output)?;
         let secret_files = self.add_secrets(&mut request, options)?;
         self.prepare_workdir(&request, &options.files, &secret_files)?;
-        let cgroup = self.isolation.run_cgroup(&options.run);
+        // The run's cgroups are this launch's alone: a run id can come again (a periodic or
+        // one-shot run's id is derived from its task and trigger), and an earlier shim of the
+        // same run, stopping at the end of its lease, clears its own cgroups only.
+        let launch = format!("{}.{:08x}", options.run, fastrand::u32(..));
+        let cgroup = self.isolation.run_cgroup(&launch);
         let tracking = cgroup.as_deref().filter(|_| matches!(self.isolation, Isolation::CgroupV2(_)));
         let limits = self
             .controllers
-            .prepare(&options.run, tracking, options.memory_max, options.cpu_max)
+            .prepare(&launch, tracking, options.memory_max, options.cpu_max)
             .map_err(io::Error::other)?;
         let config = ShimConfig {
             run: request,

@@ -1,0 +1,88 @@
+//! The node's journal of the periodic and one-shot runs it launched (`<workspace>/launched`): a
+//! run's id is written, and synced, before its shim is spawned. The next process of the node (a
+//! re-execution, a restart after a crash) reads it to tell a run its predecessor wrote the start
+//! record of but never launched (it did not reach the launch: the run is launched now, its slot
+//! not lost) from one it may have launched (taken back from its shim, or else `lost`).
+//!
+//! Invariant: a run absent from a journal that exists was never launched on this workspace
+//! (the id is durable before anything starts). No journal (a fresh workspace, or one of an
+//! older build): nothing is known, every such run may have been launched.
+
+use std::collections::BTreeSet;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use uuid::Uuid;
+
+/// The journal.
+#[derive(Debug)]
+pub struct Launches {
+    path: PathBuf,
+    /// One writer at a time: runs note, the driver prunes.
+    lock: Mutex<()>,
+}
+
+impl Launches {
+    /// The journal of the node with this workspace.
+    pub fn new(workspace: &Path) -> Launches {
+        Launches { path: workspace.join("launched"), lock: Mutex::new(()) }
+    }
+
+    /// Notes, durably, that `run` is about to be launched.
+    pub fn note(&self, run: Uuid) -> io::Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        writeln!(file, "{run}")?;
+        file.sync_data()
+    }
+
+    /// The runs noted (`None`: there is no journal, so nothing is known).
+    pub fn read(&self) -> Option<BTreeSet<Uuid>> {
+        let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        Some(text.lines().filter_map(|line| line.trim().parse().ok()).collect())
+    }
+
+    /// Keeps the runs `keep` says to (those still open); creates the journal if there is none,
+    /// so that the next process knows.
+    pub fn retain(&self, keep: impl Fn(&Uuid) -> bool) -> io::Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let kept: BTreeSet<Uuid> =
+            text.lines().filter_map(|line| line.trim().parse().ok()).filter(|run| keep(run)).collect();
+        let next = self.path.with_extension("new");
+        let mut file = std::fs::File::create(&next)?;
+        for run in &kept {
+            writeln!(file, "{run}")?;
+        }
+        file.sync_data()?;
+        std::fs::rename(&next, &self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_knows_what_was_noted_and_keeps_what_it_is_told_to() {
+        let dir = std::env::temp_dir().join(format!("shiva-launches-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let journal = Launches::new(&dir);
+        assert_eq!(journal.read(), None, "no journal: nothing known");
+        journal.retain(|_| true).unwrap();
+        assert_eq!(journal.read(), Some(BTreeSet::new()), "an empty journal: nothing launched");
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        journal.note(a).unwrap();
+        journal.note(b).unwrap();
+        assert_eq!(journal.read(), Some([a, b].into_iter().collect()));
+        journal.retain(|run| *run == b).unwrap();
+        assert_eq!(journal.read(), Some([b].into_iter().collect()));
+        // A torn last line (a crash mid-write) is not a run.
+        std::fs::write(dir.join("launched"), format!("{b}\n{}", &a.to_string()[..10])).unwrap();
+        assert_eq!(journal.read(), Some([b].into_iter().collect()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
