@@ -120,6 +120,46 @@ pub fn stamped_runs(file: &Path) -> BTreeMap<String, (String, String, u128, u128
     runs
 }
 
+/// The node's binaries (`shiva-node`, `shiva-shim`) built from `commit` of this repository, for
+/// the upgrade tests: built once per machine into the cache outside the clone
+/// (`$SHIVA_CACHE_DIR`, else `$XDG_CACHE_HOME/shiva` or `~/.cache/shiva`, as `scripts/test`),
+/// from `git archive` of the commit. Its intermediate files go to this build's target directory,
+/// whose dependencies it shares (only the workspace's own crates are compiled again); its
+/// binaries to a directory of their own, so this build's are never replaced. Fails loudly when
+/// the commit or the build is missing.
+pub fn build_of(commit: &str) -> PathBuf {
+    let cache = std::env::var_os("SHIVA_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+        base.join("shiva")
+    });
+    let out = cache.join("builds").join(commit);
+    let binaries = out.join("debug");
+    if binaries.join("shiva-node").is_file() && binaries.join("shiva-shim").is_file() {
+        return binaries;
+    }
+    let source = scratch(&format!("source-{commit}"));
+    let archive = Command::new("sh")
+        .arg("-c")
+        .arg(format!("git -C '{}' archive {commit} | tar -x -C '{}'", repo().display(), source.display()))
+        .status()
+        .expect("git archive");
+    assert!(archive.success(), "cannot extract commit {commit} of this repository (a shallow clone?)");
+    let target = bin("shiva-node").parent().and_then(Path::parent).expect("target directory").to_path_buf();
+    let built = Command::new("cargo")
+        .args(["build", "-p", "shiva-node", "--bins", "--locked"])
+        .current_dir(&source)
+        .env("CARGO_INCREMENTAL", "0")
+        .env("CARGO_BUILD_BUILD_DIR", &target)
+        .env("CARGO_TARGET_DIR", &out)
+        .status()
+        .expect("cargo build");
+    assert!(built.success(), "cannot build shiva-node at commit {commit}");
+    drop_scratch(&source);
+    binaries
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
@@ -299,6 +339,8 @@ pub struct Node {
     wrapper: Vec<String>,
     /// Extra environment.
     env: Vec<(String, String)>,
+    /// The binary it runs (`shiva-node` of this build, or a copy a test replaces to upgrade it).
+    program: PathBuf,
     child: Option<Child>,
 }
 
@@ -323,6 +365,18 @@ impl Node {
         let args = [&timings[..], extra].concat();
         let env = env.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect();
         Node::launch_full(broker, cluster, id, &args, Vec::new(), env)
+    }
+
+    /// Starts a node with test timings from the binary `program`: a copy in a directory of its
+    /// own (with `shiva-shim` beside it), which a test replaces to upgrade the node in place.
+    pub fn start_program(broker: &Broker, cluster: &str, id: &str, extra: &[&str], program: &Path) -> Node {
+        let timings =
+            ["--heartbeat-interval", "100ms", "--leader-timeout", "600ms", "--node-timeout", "1500ms"];
+        let mut node =
+            Node::prepare(broker, cluster, id, &[&timings[..], extra].concat(), Vec::new(), Vec::new());
+        node.program = program.to_path_buf();
+        node.spawn();
+        node
     }
 
     /// Starts a node with test timings in `partition`'s network namespace.
@@ -355,6 +409,19 @@ impl Node {
         wrapper: Vec<String>,
         env: Vec<(String, String)>,
     ) -> Node {
+        let mut node = Node::prepare(broker, cluster, id, extra, wrapper, env);
+        node.spawn();
+        node
+    }
+
+    fn prepare(
+        broker: &Broker,
+        cluster: &str,
+        id: &str,
+        extra: &[&str],
+        wrapper: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Node {
         let workspace = scratch(&format!("ws-{id}"));
         let mut args: Vec<String> = vec![
             "--bus".into(),
@@ -375,9 +442,8 @@ impl Node {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = workspace.join("node.log");
-        let mut node = Node { id: id.into(), log, workspace, args, wrapper, env, child: None };
-        node.spawn();
-        node
+        let program = bin("shiva-node");
+        Node { id: id.into(), log, workspace, args, wrapper, env, program, child: None }
     }
 
     fn spawn(&mut self) {
@@ -387,10 +453,10 @@ impl Node {
         let mut command = match self.wrapper.split_first() {
             Some((program, rest)) => {
                 let mut command = Command::new(program);
-                command.args(rest).arg(bin("shiva-node"));
+                command.args(rest).arg(&self.program);
                 command
             }
-            None => Command::new(bin("shiva-node")),
+            None => Command::new(&self.program),
         };
         // A process group of its own, as under a service manager or a shell's job control:
         // `signal_group` reaches the node and whatever stays in its group.
