@@ -83,13 +83,15 @@ fn no_process_of_a_task_survives_kill_a_killed_node_a_killed_shim_or_a_restart()
     kill(Pid::from_raw(shims[0]), Signal::SIGKILL).unwrap();
     all_gone(&pids, "after kill -9 of its shim");
 
-    // The service comes back (a new run); then its node dies.
+    // The service comes back (a new run); then its node dies and is not started again: its
+    // shim stops the run when the node's lease runs out.
     let pids = three_processes(&cluster, "app/escape");
     cluster.nodes[0].kill9();
-    all_gone(&pids, "after kill -9 of its node");
+    all_gone(&pids, "after kill -9 of its node, at the end of its lease");
 
     // Back again; this time the shim cannot act (stopped) when its node dies, so the run is a
-    // leftover that the restarted node must find and stop.
+    // leftover that the restarted node must find and stop: a shim that does not answer on its
+    // socket is not taken back.
     cluster.nodes[0].restart();
     let pids = three_processes(&cluster, "app/escape");
     let shims = shims_of(cluster.nodes[0].pid());
@@ -104,7 +106,7 @@ fn no_process_of_a_task_survives_kill_a_killed_node_a_killed_shim_or_a_restart()
     // exit, on a busy machine longer than its run's processes (which were running).
     wait_until(Duration::from_secs(5), "the leftover shim is gone too", || !pid_alive(shims[0]));
     let log = cluster.nodes[0].log_text();
-    assert!(log.contains("stopped runs left by an earlier incarnation"), "{log}");
+    assert!(log.contains("stopping a run left by an earlier process of this node"), "{log}");
     three_processes(&cluster, "app/escape");
 }
 
