@@ -431,3 +431,63 @@ async fn a_shim_lives_in_a_session_of_its_own_so_freezing_the_nodes_group_stops_
     assert_eq!(ended.stopped.as_deref(), Some("the node's lease ran out"));
     all_gone(&pids).await;
 }
+
+/// A node takes back the shims of its own protocol version and of the versions one above and
+/// below (an upgrade or a rollback of one step), and stops a shim further away as a leftover: a
+/// stand-in shim (a `sleep`, its socket answered by this test) says each version in its `hello`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shim_one_protocol_version_away_is_taken_back_and_one_further_is_stopped() {
+    use std::io::{BufRead, Write};
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = workspace("protocol");
+    let (lease, _healthy) = renewed_lease(Duration::from_secs(5));
+    let shims = launcher(&dir, Duration::from_secs(5), lease);
+    std::fs::create_dir_all(records(&dir)).unwrap();
+    let protocol = shiva_node::shim::PROTOCOL;
+    for (version, taken) in
+        [(protocol - 1, true), (protocol, true), (protocol + 1, true), (protocol + 2, false)]
+    {
+        let mut shim = std::process::Command::new("sleep").arg("100").spawn().unwrap();
+        let mut task = std::process::Command::new("sleep").arg("100").spawn().unwrap();
+        let (shim_pid, task_pid) = (shim.id(), task.id());
+        let run = uuid::Uuid::new_v4();
+        let record = serde_json::json!({
+            "shim": shim_pid, "shim_start": shiva_node::tree::start_time(shim_pid),
+            "task": task_pid, "task_start": shiva_node::tree::start_time(task_pid),
+            "cgroup": null, "limits": [], "run": {"task": "t", "run": run}, "started_ms": 1,
+        });
+        std::fs::write(records(&dir).join(format!("{shim_pid}.json")), record.to_string()).unwrap();
+        let listener =
+            std::os::unix::net::UnixListener::bind(records(&dir).join(format!("{shim_pid}.sock"))).unwrap();
+        let answering = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut out = stream.try_clone().unwrap();
+            writeln!(out, r#"{{"event":"hello","protocol":{version},"pid":{task_pid}}}"#).unwrap();
+            for line in std::io::BufReader::new(stream).lines() {
+                if line.is_ok_and(|line| line.starts_with("stop")) {
+                    let _ =
+                        writeln!(out, r#"{{"event":"exited","code":null,"signal":15,"stopped":"asked"}}"#);
+                    return true;
+                }
+            }
+            false
+        });
+        let adopted = shims.adopt().await;
+        if taken {
+            assert_eq!(adopted.len(), 1, "protocol {version} is taken back");
+            assert_eq!((adopted[0].meta.run, adopted[0].handle.pid), (run, task_pid));
+            let mut handle = adopted.into_iter().next().unwrap().handle;
+            handle.stop("asked");
+            assert_eq!(handle.wait().await.stopped.as_deref(), Some("asked"), "stop reaches the shim");
+            assert!(answering.join().unwrap(), "the stand-in was told to stop");
+            assert!(alive(task_pid as i32), "the shim, not the node, stops its task");
+        } else {
+            assert!(adopted.is_empty(), "protocol {version} is not taken back");
+            all_gone(&[shim_pid as i32, task_pid as i32]).await;
+        }
+        let _ = shim.kill();
+        let _ = task.kill();
+        let _ = (shim.wait(), task.wait());
+        let _ = std::fs::remove_file(records(&dir).join(format!("{shim_pid}.sock")));
+    }
+}
