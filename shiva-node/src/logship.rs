@@ -158,8 +158,12 @@ impl LogShipper {
                 }
                 if !idle || batch.skipped_segments > 0 {
                     // Queued up to here: a later process of the node ships on from here.
+                    // Replaced whole (a node killed mid-write leaves the previous position).
                     let (segment, offset) = reader.position();
-                    let _ = std::fs::write(&shipped, format!("{segment} {offset}\n"));
+                    let next = shipped.with_extension("shipped.new");
+                    if std::fs::write(&next, format!("{segment} {offset}\n")).is_ok() {
+                        let _ = std::fs::rename(&next, &shipped);
+                    }
                 }
                 if idle {
                     if over {

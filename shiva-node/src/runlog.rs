@@ -420,6 +420,32 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_started_at_another_readers_position_reads_on_from_there_exactly() {
+        let dir = std::env::temp_dir().join(format!("shiva-runlog-at-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mut writer = SegmentWriter::create(log(&dir, 40)).unwrap();
+        let line =
+            |i: usize| Line { stream: Stream::Stdout, eol: true, bytes: format!("line {i}").into_bytes() };
+        for i in 0..5 {
+            writer.append(&line(i)).unwrap();
+        }
+        let mut first = SegmentReader::new(log(&dir, 40));
+        assert_eq!(first.read(usize::MAX).lines, (0..5).map(line).collect::<Vec<_>>());
+        let position = first.position();
+        // More is written (across a rotation) before the next process reads on.
+        for i in 5..9 {
+            writer.append(&line(i)).unwrap();
+        }
+        let mut next = SegmentReader::at(log(&dir, 40), position);
+        assert_eq!(
+            next.read(usize::MAX).lines,
+            (5..9).map(line).collect::<Vec<_>>(),
+            "nothing twice, nothing lost"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_reader_follows_rotations_in_order_and_reports_segments_it_lost() {
         let dir = std::env::temp_dir().join(format!("shiva-runlog-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);

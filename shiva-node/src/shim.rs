@@ -75,6 +75,12 @@ pub struct ShimConfig {
     /// the lease running out first end the shim with nothing started.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hold: bool,
+    /// The node's lease file: one line `until <boot-time ms>`, the node's lease deadline,
+    /// rewritten (atomically) as it moves on. The shim reads it when its deadline comes, so
+    /// renewals cost it a read per lease instead of a line per quarter lease. Absent (older
+    /// nodes): renewals come as lines only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_file: Option<PathBuf>,
     /// Where the shim waits for a node that comes back after its own is gone (see [`Attach`]).
     /// Absent (older nodes): the shim stops its task as soon as its node's pipe closes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -102,7 +108,11 @@ pub struct Attach {
 /// lines, the shim's events), said in [`ShimEvent::Hello`] to a node that attaches. A node
 /// adopts shims of its own protocol version and of the one before it; additions are optional
 /// fields, read with defaults, and events or lines a side does not know are ignored.
-pub const PROTOCOL: u32 = 1;
+///
+/// Version 2: the shim reads its lease's renewals from the node's lease file
+/// ([`ShimConfig::lease_file`]) when its deadline comes, instead of a line from the node every
+/// quarter lease (50 idle shims woke 100 times a second for it); `started` says the version.
+pub const PROTOCOL: u32 = 2;
 
 /// The socket of the shim `pid` in `dir`.
 pub fn socket_name(pid: u32) -> String {
@@ -151,6 +161,10 @@ pub enum ShimEvent {
     Started {
         /// Task pid.
         pid: u32,
+        /// [`PROTOCOL`] (absent from shims of version 1): from version 2 on, the shim reads
+        /// its lease's renewals from the node's lease file.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        protocol: Option<u32>,
     },
     /// The task could not start.
     Failed {
@@ -272,7 +286,7 @@ pub fn main(legacy: Option<&str>) -> u8 {
     let mut lease = Lease::new(&config, boottime_ms(), wall_ms());
     if config.hold {
         emit(&ShimEvent::Ready);
-        if let Err(reason) = hold(&mut lease, &mut link) {
+        if let Err(reason) = hold(&mut lease, &mut link, config.lease_file.as_deref()) {
             back_out(&homes);
             clear_cgroups(&config);
             emit(&ShimEvent::Exited { code: None, signal: None, stopped: Some(reason) });
@@ -281,6 +295,7 @@ pub fn main(legacy: Option<&str>) -> u8 {
     }
     // The lease may have run out meanwhile (the shim frozen before its `setsid`, a long wait
     // for its go): then nothing starts.
+    lease.refresh(config.lease_file.as_deref(), boottime_ms());
     if let Some(why) = lease.expired(boottime_ms(), wall_ms()) {
         back_out(&homes);
         clear_cgroups(&config);
@@ -301,7 +316,7 @@ pub fn main(legacy: Option<&str>) -> u8 {
     let (pid, mut capture) = (spawned.pid, spawned.capture);
     // Said before the shim backs out of the run's cgroups: a move can wait for the kernel
     // (see `tree::favours_dynmods`), the task runs already.
-    emit(&ShimEvent::Started { pid });
+    emit(&ShimEvent::Started { pid, protocol: Some(PROTOCOL) });
     back_out(&homes);
     link.pid = Some(pid);
     let (status, stopped) = supervise(&config, pid, &mut capture, &mut link, lease);
@@ -682,6 +697,20 @@ impl Lease {
         }
     }
 
+    /// Takes in the node's lease file when the deadline has come (`boot`): a renewal the node
+    /// wrote there moves it on. Nothing else is read from the file.
+    pub fn refresh(&mut self, file: Option<&std::path::Path>, boot: i64) {
+        if let Some(file) = file
+            && self.length_ms.is_some()
+            && self.out.is_none()
+            && boot >= self.deadline
+            && let Ok(text) = std::fs::read_to_string(file)
+            && text.starts_with("until ")
+        {
+            self.on_line(text.lines().next().unwrap_or_default(), boot);
+        }
+    }
+
     /// Whether the lease ran out by `boot` / `wall`, and why (for good once it did).
     pub fn expired(&mut self, boot: i64, wall: i64) -> Option<&'static str> {
         let length = self.length_ms?;
@@ -712,7 +741,7 @@ impl Lease {
 /// A staged start waits for the node's `go` (`Ok`), keeping its lease; `Err` says why it ends
 /// without starting anything: `stop`, the node gone, or the lease run out. Lines after `go`
 /// stay in the link's input for the supervision that follows.
-fn hold(lease: &mut Lease, link: &mut Link) -> Result<(), String> {
+fn hold(lease: &mut Lease, link: &mut Link, lease_file: Option<&std::path::Path>) -> Result<(), String> {
     loop {
         while let Some(end) = link.input.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = link.input.drain(..=end).collect();
@@ -727,6 +756,7 @@ fn hold(lease: &mut Lease, link: &mut Link) -> Result<(), String> {
             return Err("the node is gone".into());
         }
         let now = boottime_ms();
+        lease.refresh(lease_file, now);
         if let Some(why) = lease.expired(now, wall_ms()) {
             return Err(why.into());
         }
@@ -763,6 +793,7 @@ fn supervise(
             return (Some(status), None);
         }
         let now = boottime_ms();
+        lease.refresh(config.lease_file.as_deref(), now);
         if let Some(why) = lease.expired(now, wall_ms()) {
             return stop(config, pid, why, out, children.as_ref());
         }
@@ -922,6 +953,7 @@ mod tests {
             log: None,
             limit_cgroups: Vec::new(),
             hold: false,
+            lease_file: None,
             attach: None,
         }
     }
@@ -981,6 +1013,26 @@ mod tests {
         lease.on_line("until 13000", 10_001);
         assert_eq!(lease.expired(10_002, 102), None);
         assert_eq!(lease.wait_ms(10_002), 2998);
+    }
+
+    #[test]
+    fn the_lease_file_is_read_when_the_deadline_comes_and_only_moves_it_on() {
+        let file = std::env::temp_dir().join(format!("shiva-lease-{}", std::process::id()));
+        std::fs::write(&file, "until 20000\n").unwrap();
+        let mut lease = Lease::new(&config(Some(3000), Some(13_000)), 10_000, 0);
+        lease.refresh(Some(&file), 12_000);
+        assert_eq!(lease.wait_ms(12_000), 1000, "not read before the deadline");
+        lease.refresh(Some(&file), 13_000);
+        assert_eq!(lease.expired(13_000, 3000), None, "renewed by the file");
+        assert_eq!(lease.wait_ms(13_000), 3000, "looks again within a lease");
+        std::fs::write(&file, "until 1000\n").unwrap();
+        lease.refresh(Some(&file), 20_000);
+        assert!(lease.expired(20_000, 10_000).is_some(), "an older deadline does not renew");
+        std::fs::write(&file, "garbage").unwrap();
+        let mut lease = Lease::new(&config(Some(3000), Some(13_000)), 10_000, 0);
+        lease.refresh(Some(&file), 13_000);
+        assert!(lease.expired(13_000, 3000).is_some());
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]

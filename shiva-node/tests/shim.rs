@@ -27,9 +27,18 @@ fn workspace(label: &str) -> PathBuf {
     dir
 }
 
+/// A launcher that keeps its lease file, as a node's does.
 fn launcher(dir: &Path, fence_timeout: Duration, lease: watch::Receiver<Option<Boot>>) -> ShimLauncher {
+    let launcher = bare_launcher(dir, fence_timeout, lease);
+    // The records directory is this process's for every test: no lease of an earlier test.
+    let _ = std::fs::remove_file(launcher.lease_file());
+    tokio::spawn(launcher.keep_lease_file());
+    launcher
+}
+
+fn bare_launcher(dir: &Path, fence_timeout: Duration, lease: watch::Receiver<Option<Boot>>) -> ShimLauncher {
     ShimLauncher {
-        exe: PathBuf::from(env!("CARGO_BIN_EXE_shiva-node")),
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_shiva-shim")),
         isolation: Isolation::ProcessGroup,
         fence_timeout,
         lease,

@@ -177,7 +177,7 @@ pub async fn run(
             shipper: Some(shipper.clone()),
             secrets: Some(secrets.clone()),
         };
-        Some(Supervisor::new(JobContext {
+        let supervisor = Supervisor::new(JobContext {
             node_id: config.node_id.to_string(),
             workspace: config.workspace.clone(),
             task_path: config.task_path.clone(),
@@ -186,7 +186,9 @@ pub async fn run(
             task_user: config.task_user.clone(),
             allow_root_tasks: config.allow_root_tasks,
             launches: crate::supervisor::launches::Launches::new(&config.workspace),
-        }))
+        });
+        tokio::spawn(supervisor.context().shims.keep_lease_file());
+        Some(supervisor)
     } else {
         None
     };

@@ -342,6 +342,7 @@ impl ShimLauncher {
             limit_cgroups: limits.cgroups.clone(),
             log: Some(self.run_log(&options.task, &options.run)),
             hold: go.is_some(),
+            lease_file: lease_ms.map(|_| self.lease_file()),
             attach: options.meta.as_ref().map(|_| Attach {
                 dir: self.records.clone(),
                 window_ms: u64::try_from(self.fence_timeout.as_millis()).unwrap_or(u64::MAX),
@@ -400,7 +401,7 @@ impl ShimLauncher {
                     return Err(err);
                 }
             };
-        } else if staged && let Some(ShimEvent::Started { pid }) = first {
+        } else if staged && let Some(ShimEvent::Started { pid, .. }) = first {
             // A shim of an older build on disk ignores `hold` and starts at once: stopped at
             // once (the whole tree, as any stop), and the staged start fails.
             let task_start = tree::start_time(pid);
@@ -417,8 +418,8 @@ impl ShimLauncher {
                 "the run shim started the task before its go: it does not know staged starts (an older node binary on disk?)",
             ));
         }
-        let pid = match first {
-            Some(ShimEvent::Started { pid }) => pid,
+        let (pid, reads_lease_file) = match first {
+            Some(ShimEvent::Started { pid, protocol }) => (pid, protocol.is_some_and(|version| version >= 2)),
             Some(ShimEvent::Failed { error }) => {
                 let _ = child.wait().await;
                 let _ = std::fs::remove_file(&record_path);
@@ -447,7 +448,7 @@ impl ShimLauncher {
         };
         std::fs::write(&record_path, serde_json::to_vec(&record).map_err(io::Error::other)?)?;
         let ended = self.follow(&options.task, run_log);
-        let shim = Held { record, path: record_path, child: Some(child), ended };
+        let shim = Held { record, path: record_path, child: Some(child), ended, reads_lease_file };
         Ok(self.hold_run(shim, stdin, lines))
     }
 
@@ -469,8 +470,9 @@ impl ShimLauncher {
         let (exit_tx, exit) = oneshot::channel();
         let lease = self.lease.clone();
         let every = (self.fence_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let exclusive = shim.record.exclusive;
-        let Held { record, path: record_path, child, ended: ended_tx } = shim;
+        // A shim that reads the lease file needs no renewal lines.
+        let exclusive = shim.record.exclusive && !shim.reads_lease_file;
+        let Held { record, path: record_path, child, ended: ended_tx, .. } = shim;
         tokio::spawn(async move {
             let mut renew = tokio::time::interval(every);
             // Listening for a stop until one came or the handle is gone (a closed channel
@@ -581,6 +583,45 @@ impl ShimLauncher {
         Ok(())
     }
 
+    /// The node's lease file (see [`ShimConfig::lease_file`]), beside the records directory
+    /// (`<workspace>/shims.lease`).
+    pub fn lease_file(&self) -> PathBuf {
+        self.records.with_extension("lease")
+    }
+
+    /// Keeps the lease file at the node's lease deadline while the node holds its lease: written
+    /// (atomically) when the deadline moved a quarter lease past what the file says, so that a
+    /// shim that reads it at its deadline always finds the renewal there. Never written while the
+    /// node is cut off: the shims' leases then run out.
+    pub fn keep_lease_file(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut lease = self.lease.clone();
+        let path = self.lease_file();
+        let records = self.records.clone();
+        let step = self.fence_timeout / 4;
+        async move {
+            let mut written: Option<Boot> = None;
+            loop {
+                if let Some((_, deadline)) = lease_now(&lease)
+                    && written.is_none_or(|at| deadline.saturating_since(at) >= step)
+                {
+                    let next = path.with_extension("new");
+                    let wrote = std::fs::create_dir_all(records.parent().unwrap_or(&records))
+                        .and_then(|()| std::fs::write(&next, renewal(deadline)))
+                        .and_then(|()| std::fs::rename(&next, &path));
+                    match wrote {
+                        Ok(()) => written = Some(deadline),
+                        Err(err) => {
+                            warn!(error = %err, file = %path.display(), "cannot write the lease file; the shims' leases run out without it")
+                        }
+                    }
+                }
+                if lease.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
     /// Ships the output of a run of `task` kept in `log` (from where an earlier process of the
     /// node left it); the sender says the run is over.
     fn follow(&self, task: &str, log: Option<RunLog>) -> Option<oneshot::Sender<()>> {
@@ -662,19 +703,23 @@ impl ShimLauncher {
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         let hello = tokio::time::timeout(Duration::from_secs(2), read_event(&mut lines)).await.ok().flatten();
-        match hello {
+        let reads_lease_file = match hello {
             Some(ShimEvent::Hello { protocol, pid })
                 if protocol.abs_diff(crate::shim::PROTOCOL) <= 1
-                    && pid.is_none_or(|pid| pid == record.task) => {}
+                    && pid.is_none_or(|pid| pid == record.task) =>
+            {
+                protocol >= 2
+            }
             other => {
                 return Err(format!(
                     "its shim did not answer as a shim of protocol {} (±1) of this task: {other:?}",
                     crate::shim::PROTOCOL
                 ));
             }
-        }
+        };
         let ended = self.follow(&meta.task, record.log.clone());
-        let held = Held { record: record.clone(), path: path.to_path_buf(), child: None, ended };
+        let held =
+            Held { record: record.clone(), path: path.to_path_buf(), child: None, ended, reads_lease_file };
         let handle = self.hold_run(held, write, lines);
         Ok(Adopted { meta, started_ms: record.started_ms, handle })
     }
@@ -717,6 +762,8 @@ struct Held {
     child: Option<tokio::process::Child>,
     /// Tells the run's log follower the run is over.
     ended: Option<oneshot::Sender<()>>,
+    /// The shim reads its renewals from the lease file (protocol 2 on).
+    reads_lease_file: bool,
 }
 
 /// Removes the record of `shim` and what the shim may have left beside it.
