@@ -702,8 +702,9 @@ fn main() {
         let window = Duration::from_secs(if quick { 10 } else { 30 });
         let restarts = if quick { 20 } else { 100 };
         let mut shiva = supervise::shiva(&broker, window, restarts);
+        let standalone = supervise::shiva(&Broker::file_bus(Vec::new()), window, 0);
         let mut supervisord = supervise::supervisord(window, restarts);
-        report.extend(supervise::rows(&mut shiva, &mut supervisord, window));
+        report.extend(supervise::rows(&mut shiva, &standalone, &mut supervisord, window));
     }
 
     if wants("cluster") {

@@ -22,6 +22,8 @@ pub struct Figures {
     pub cpu: f64,
     /// Of which the main process (the node).
     pub main_cpu: f64,
+    /// PSS of the helpers alone (Shiva's 50 run shims), kB.
+    pub helpers_pss_kb: u64,
     /// Exit → restarted, ms.
     pub restart_ms: Vec<f64>,
 }
@@ -58,16 +60,33 @@ fn pss_kb(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// What [`measure`] found.
+struct Measured {
+    rss_kb: u64,
+    pss_kb: u64,
+    /// PSS of all but the first pid (the shims, beside the node).
+    rest_pss_kb: u64,
+    cpu: f64,
+    /// CPU of the first pid alone.
+    first_cpu: f64,
+}
+
 /// RSS, PSS and CPU of `pids()` (re-listed at the end of the window) over `window`.
 /// The first pid's CPU is also reported alone (the node, beside its shims).
-fn measure(pids: impl Fn() -> Vec<i32>, window: Duration) -> (u64, u64, f64, f64) {
+fn measure(pids: impl Fn() -> Vec<i32>, window: Duration) -> Measured {
     let before: Vec<(i32, u64)> = pids().into_iter().map(|pid| (pid, cpu_ns(pid))).collect();
     std::thread::sleep(window);
     let used: Vec<u64> = before.iter().map(|(pid, at)| cpu_ns(*pid).saturating_sub(*at)).collect();
     let rss = pids().into_iter().map(rss_kb).sum();
-    let pss = pids().into_iter().map(pss_kb).sum();
+    let pss: Vec<u64> = pids().into_iter().map(pss_kb).collect();
     let percent = |ns: u64| ns as f64 / window.as_nanos() as f64 * 100.0;
-    (rss, pss, percent(used.iter().sum()), percent(used.first().copied().unwrap_or(0)))
+    Measured {
+        rss_kb: rss,
+        pss_kb: pss.iter().sum(),
+        rest_pss_kb: pss.iter().skip(1).sum(),
+        cpu: percent(used.iter().sum()),
+        first_cpu: percent(used.first().copied().unwrap_or(0)),
+    }
 }
 
 /// A script that stamps its start and its exit into `file`, then exits 1 after 200 ms.
@@ -102,7 +121,8 @@ fn count_lines(file: &Path, prefix: &str) -> usize {
     std::fs::read_to_string(file).unwrap_or_default().lines().filter(|l| l.starts_with(prefix)).count()
 }
 
-/// Shiva: one node, 50 sleeping tasks, then a flapping task with no back-off.
+/// Shiva: one node, 50 sleeping tasks, then (unless `restarts` is 0) a flapping task with no
+/// back-off.
 pub fn shiva(broker: &Broker, window: Duration, restarts: usize) -> Figures {
     let name = cluster("sup");
     let node = Node::launch(broker, &name, "s1", &[]);
@@ -121,12 +141,23 @@ pub fn shiva(broker: &Broker, window: Duration, restarts: usize) -> Figures {
     let pid = node.pid();
     wait_until(Duration::from_secs(60), "50 shims running", || shims(pid).len() == TASKS);
     std::thread::sleep(Duration::from_secs(5));
-    let (rss, pss, cpu, node_cpu) = measure(|| std::iter::once(pid).chain(shims(pid)).collect(), window);
+    let idle = measure(|| std::iter::once(pid).chain(shims(pid)).collect(), window);
+    let mut figures = Figures {
+        rss_kb: idle.rss_kb,
+        pss_kb: idle.pss_kb,
+        cpu: idle.cpu,
+        main_cpu: idle.first_cpu,
+        helpers_pss_kb: idle.rest_pss_kb,
+        restart_ms: Vec::new(),
+    };
+    if restarts == 0 {
+        return figures;
+    }
 
     let stamps = dir.join("flap");
     let spec = json!({
         "id": "flap", "command": "sh", "args": ["-c", flapping(&stamps)], "stop_grace": "1s",
-        "backoff": {"initial": "0s"}, "max_restarts": 100000, "restart_window": "1s",
+        "backoff": {"initial": "0s"}, "max_restarts": 10000, "restart_window": "1s",
     });
     let path = dir.join("flap.json");
     std::fs::write(&path, spec.to_string()).unwrap();
@@ -135,7 +166,8 @@ pub fn shiva(broker: &Broker, window: Duration, restarts: usize) -> Figures {
         count_lines(&stamps, "s") > restarts
     });
     drop(node);
-    Figures { rss_kb: rss, pss_kb: pss, cpu, main_cpu: node_cpu, restart_ms: restart_gaps(&stamps) }
+    figures.restart_ms = restart_gaps(&stamps);
+    figures
 }
 
 /// supervisord with the same 50 tasks and the same flapping task.
@@ -170,7 +202,7 @@ pub fn supervisord(window: Duration, restarts: usize) -> Figures {
     let pid = child.id() as i32;
     wait_until(Duration::from_secs(60), "50 programs running", || children(pid).len() == TASKS);
     std::thread::sleep(Duration::from_secs(5));
-    let (rss, pss, cpu, _) = measure(|| vec![pid], window);
+    let idle = measure(|| vec![pid], window);
     stop(&mut child);
     // The flapping program on its own: restarts at once (autorestart, startsecs=0).
     let flap = format!(
@@ -185,7 +217,14 @@ pub fn supervisord(window: Duration, restarts: usize) -> Figures {
         count_lines(&stamps, "s") > restarts
     });
     stop(&mut child);
-    Figures { rss_kb: rss, pss_kb: pss, cpu, main_cpu: cpu, restart_ms: restart_gaps(&stamps) }
+    Figures {
+        rss_kb: idle.rss_kb,
+        pss_kb: idle.pss_kb,
+        cpu: idle.cpu,
+        main_cpu: idle.cpu,
+        helpers_pss_kb: 0,
+        restart_ms: restart_gaps(&stamps),
+    }
 }
 
 /// SIGTERM (supervisord stops its programs), then waits.
@@ -195,9 +234,34 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// The report rows.
-pub fn rows(shiva: &mut Figures, supervisord: &mut Figures, window: Duration) -> Vec<String> {
+/// The report rows. `standalone`: the same 50 idle tasks on the file bus (no broker polling).
+pub fn rows(
+    shiva: &mut Figures,
+    standalone: &Figures,
+    supervisord: &mut Figures,
+    window: Duration,
+) -> Vec<String> {
+    let per_task = |figures: &Figures| figures.helpers_pss_kb as f64 / 1024.0 / TASKS as f64;
     vec![
+        format!(
+            "| per supervised task (its run shim), PSS: goal ≤ 0.3 MB | Kafka {:.3} MB, file bus {:.3} MB (supervisord: {:.3} MB per program, its whole PSS / 50) |",
+            per_task(shiva),
+            per_task(standalone),
+            supervisord.pss_kb as f64 / 1024.0 / TASKS as f64
+        ),
+        format!(
+            "| the 50 idle shims together, CPU: goal ≤ 0.05 % of a core | Kafka {:.3} %, file bus {:.3} % |",
+            shiva.cpu - shiva.main_cpu,
+            standalone.cpu - standalone.main_cpu
+        ),
+        format!(
+            "| node + 50 idle tasks on the file bus, CPU: goal ≤ 0.5 % of a core | {:.2} % (node {:.2} %, shims {:.3} %); RSS {:.1} MB, PSS {:.1} MB |",
+            standalone.cpu,
+            standalone.main_cpu,
+            standalone.cpu - standalone.main_cpu,
+            standalone.rss_kb as f64 / 1024.0,
+            standalone.pss_kb as f64 / 1024.0
+        ),
         format!(
             "| 50 sleeping tasks, idle ({}s): Shiva node + 50 run shims | RSS {:.1} MB, PSS {:.1} MB, CPU {:.2} % of a core (node {:.2} %, shims {:.2} %) |",
             window.as_secs(),

@@ -18,7 +18,9 @@ fn main() -> ExitCode {
     }
     // The binary by the path it was started from, read before anything could replace it (a
     // reload re-executes what is installed there then).
-    let exe = match std::env::current_exe() {
+    // `argv[0]` when it is a path (a link an upgrade flips stays a link), else the resolved one.
+    let named = argv.first().map(std::path::PathBuf::from).filter(|path| path.components().count() > 1);
+    let exe = match named.map_or_else(std::env::current_exe, std::path::absolute) {
         Ok(exe) => exe,
         Err(err) => {
             eprintln!("shiva-node: cannot find its own executable: {err}");

@@ -297,7 +297,7 @@ impl SegmentReader {
                     Err(_) => {
                         // Rotated away unread? Go on with the oldest later segment still there.
                         let Some(next) = self.next_existing() else { return batch };
-                        batch.skipped_segments += next - self.current;
+                        batch.skipped_segments += next.saturating_sub(self.current);
                         self.current = next;
                         self.offset = 0;
                         self.pending.clear();
@@ -320,8 +320,8 @@ impl SegmentReader {
             // has finished this one: it writes whole records before it rotates); segments in
             // between were rotated away unread. While this segment is still linked and the
             // next one does not exist, the writer is still on this one: nothing to look for.
-            let next = if self.log.segment(self.current + 1).exists() {
-                Some(self.current + 1)
+            let next = if self.log.segment(self.current.saturating_add(1)).exists() {
+                Some(self.current.saturating_add(1))
             } else if file.metadata().is_ok_and(|meta| std::os::unix::fs::MetadataExt::nlink(&meta) == 0) {
                 self.next_existing()
             } else {
@@ -335,7 +335,7 @@ impl SegmentReader {
                 self.take_in(&buf[..n], &mut batch.lines);
                 continue;
             }
-            batch.skipped_segments += next - self.current - 1;
+            batch.skipped_segments += next.saturating_sub(self.current).saturating_sub(1);
             self.current = next;
             self.file = None;
             self.offset = 0;
@@ -355,7 +355,8 @@ impl SegmentReader {
 
     /// The first segment after the current one that still exists.
     fn next_existing(&self) -> Option<u64> {
-        (self.current + 1..=self.current + 1 + self.log.keep as u64 + 64)
+        let first = self.current.saturating_add(1);
+        (first..=first.saturating_add(u64::from(self.log.keep)).saturating_add(64))
             .find(|n| self.log.segment(*n).exists())
     }
 }

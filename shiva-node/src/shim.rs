@@ -476,14 +476,21 @@ impl Link {
     /// Says how the task ended. With no node attached, the end is left on disk and told to a
     /// node that attaches within the window; a node that is told closes the connection.
     fn tell_the_end(&mut self, end: &ShimEvent) {
+        // On disk first, whenever a node may come back: a node that reads the event while it
+        // detaches to re-execute itself does not act on it, and its next process finds it
+        // here (the node removes the file once it has reported the end).
+        if let Some(dir) = self.listener.as_ref().and_then(|(_, path)| path.parent()) {
+            let path = dir.join(exit_name(std::process::id()));
+            let next = path.with_extension("exit.new");
+            if std::fs::write(&next, event_line(end)).is_ok() {
+                let _ = std::fs::rename(&next, &path);
+            }
+        }
         if self.node.is_some() {
             self.send(end);
         }
         if self.node.is_some() || !self.may_come_back() {
             return;
-        }
-        if let Some(dir) = self.listener.as_ref().and_then(|(_, path)| path.parent()) {
-            let _ = std::fs::write(dir.join(exit_name(std::process::id())), event_line(end));
         }
         let deadline = after_ms(boottime_ms(), self.window_ms);
         while self.node.is_none() {
@@ -626,6 +633,13 @@ fn wall_ms() -> i64 {
         .map_or(0, |t| t.tv_sec().saturating_mul(1000).saturating_add(t.tv_nsec() / 1_000_000))
 }
 
+/// The first 64 bytes of a small file (an open and one read: no size probe).
+fn read_small(file: &std::path::Path) -> Option<String> {
+    let mut buf = [0u8; 64];
+    let n = std::fs::File::open(file).ok()?.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 /// A control line from the node, as far as the lease is not concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Line {
@@ -683,7 +697,10 @@ impl Lease {
             }
             Some("until") if self.length_ms.is_some() => {
                 if let Some(until) = number.and_then(|ms| ms.parse::<i64>().ok()) {
-                    self.deadline = self.deadline.max(until);
+                    // Never more than a lease from now: a garbage or stale deadline (a lease
+                    // file of an earlier boot) grants no more than one lease.
+                    let most = after_ms(boot, self.length_ms.unwrap_or(0));
+                    self.deadline = self.deadline.max(until.min(most));
                 }
                 Line::Other
             }
@@ -704,7 +721,7 @@ impl Lease {
             && self.length_ms.is_some()
             && self.out.is_none()
             && boot >= self.deadline
-            && let Ok(text) = std::fs::read_to_string(file)
+            && let Some(text) = read_small(file)
             && text.starts_with("until ")
         {
             self.on_line(text.lines().next().unwrap_or_default(), boot);
@@ -788,12 +805,21 @@ fn supervise(
     mut lease: Lease,
 ) -> (Option<WaitStatus>, Option<String>) {
     let children = child_events();
+    // Reaped first (an exit before SIGCHLD was blocked went unsignalled), then at each SIGCHLD
+    // (every wake without a signalfd): an idle shim's wakes cost as few calls as can be.
+    let mut exits = true;
     loop {
-        if let Some(status) = reap(pid) {
+        if (exits || children.is_none())
+            && let Some(status) = reap(pid)
+        {
             return (Some(status), None);
         }
         let now = boottime_ms();
-        lease.refresh(config.lease_file.as_deref(), now);
+        // Renewals from the lease file only while a node holds the shim: one that lost track of
+        // it (its record gone) never keeps it alive.
+        if link.node.is_some() {
+            lease.refresh(config.lease_file.as_deref(), now);
+        }
         if let Some(why) = lease.expired(now, wall_ms()) {
             return stop(config, pid, why, out, children.as_ref());
         }
@@ -812,7 +838,8 @@ fn supervise(
                 wait = wait.min(end - now);
             }
         }
-        let ready = wait_for_events(children.as_ref(), out, &link.fds(), wait);
+        let (ready, exited) = wait_for_events(children.as_ref(), out, &link.fds(), wait);
+        exits = exited;
         link.take_in(&ready);
         for line in link.lines() {
             match lease.on_line(&line, boottime_ms()) {
@@ -825,17 +852,17 @@ fn supervise(
 }
 
 /// Sleeps until a child exits, the task writes output (read into the run's log), one of
-/// `control` is readable (returned, in order) or `wait_ms` passes. Without a signalfd, exits
-/// are looked for every 10 ms.
+/// `control` is readable (returned, in order) or `wait_ms` passes; also returns whether a child
+/// exited. Without a signalfd, exits are looked for every 10 ms.
 fn wait_for_events(
     children: Option<&SignalFd>,
     out: &mut Option<Capture>,
     control: &[std::os::fd::BorrowedFd<'_>],
     wait_ms: i64,
-) -> Vec<bool> {
+) -> (Vec<bool>, bool) {
     let most = if children.is_some() { 60_000 } else { 10 };
     let wait = wait_ms.clamp(1, most) as i32;
-    let (ready, exits) = {
+    let (ready, exits, output) = {
         let pipes = out.as_ref().map(|capture| capture.fds()).unwrap_or_default();
         let mut fds = Vec::with_capacity(pipes.len() + control.len() + 1);
         fds.extend(control.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
@@ -847,15 +874,21 @@ fn wait_for_events(
         let is_ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|events| !events.is_empty());
         let ready: Vec<bool> = fds[..control.len()].iter().map(is_ready).collect();
         let exits = children.is_some() && is_ready(&fds[control.len()]);
-        (ready, exits)
+        let first_pipe = control.len() + usize::from(children.is_some());
+        let output = fds[first_pipe..].iter().any(is_ready);
+        (ready, exits, output)
     };
     if exits && let Some(children) = children {
         while let Ok(Some(_)) = children.read_signal() {}
     }
-    if let Some(capture) = out.as_mut() {
+    // The pipes only when they have something (or closed): a task that exited leaves what it
+    // wrote, read at its exit.
+    if (output || exits || children.is_none())
+        && let Some(capture) = out.as_mut()
+    {
         capture.pump();
     }
-    ready
+    (ready, exits || children.is_none())
 }
 
 /// Reaps every exited descendant (the shim adopts orphans); returns the task's status once it

@@ -294,11 +294,19 @@ pub async fn run(
     let mut ticker = tokio::time::interval(node.config.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reexec = false;
+    // The new binary's check runs beside the loop: the node heartbeats meanwhile.
+    let mut checking: Option<tokio::task::JoinHandle<bool>> = None;
     loop {
         let woke = tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = reload.requested.notified() => {
-                if answers(&reload.exe).await {
+            _ = reload.requested.notified(), if checking.is_none() => {
+                let exe = reload.exe.clone();
+                checking = Some(tokio::spawn(async move { answers(&exe).await }));
+                continue;
+            }
+            answered = async { checking.as_mut().expect("checked").await }, if checking.is_some() => {
+                checking = None;
+                if answered.unwrap_or(false) {
                     reexec = true;
                     break;
                 }
@@ -375,9 +383,10 @@ pub async fn run(
         detach(&mut node, &mut reports_rx, &mut run_reports_rx).await;
         return Ok(Ending::Reexec);
     }
-    leave(&mut node, &mut reports_rx, &mut run_reports_rx).await;
-    // The next process on this workspace is a new incarnation: this one has left.
+    // The next process on this workspace is a new incarnation, whenever this one is stopped
+    // from here on: it is leaving (its runs stop; an incarnation that left never comes back).
     write_lock(&mut workspace_lock, node.config.incarnation, true)?;
+    leave(&mut node, &mut reports_rx, &mut run_reports_rx).await;
     Ok(Ending::Left)
 }
 
@@ -427,14 +436,15 @@ async fn detach(
     while let Ok(report) = run_reports.try_recv() {
         node.on_run_report(report);
     }
+    // Bounded well within a lease: the runs' leases keep going meanwhile.
     if let Some(shipper) = node.shipper.take() {
-        shipper.detach(Duration::from_secs(3)).await;
+        shipper.detach(Duration::from_millis(500)).await;
     }
     let writes = node.outbox.writes.clone();
     let heartbeats = node.outbox.heartbeats.clone();
     tokio::task::spawn_blocking(move || {
-        writes.flush(Duration::from_secs(3));
-        heartbeats.flush(Duration::from_secs(1));
+        writes.flush(Duration::from_millis(500));
+        heartbeats.flush(Duration::from_millis(200));
     })
     .await
     .ok();
@@ -622,6 +632,12 @@ async fn leave(
         }
     }
     node.stop_runs();
+    // Runs taken back from the previous process that the book had not taken on yet.
+    let adopted = std::mem::take(&mut node.runs.adopted);
+    let stops = adopted.into_values().map(|mut run| async move {
+        crate::supervisor::job::stop_run(&mut run.handle, "the node is shutting down").await;
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(60), futures_util::future::join_all(stops)).await;
     while node.launched_runs() > 0 {
         match tokio::time::timeout(Duration::from_secs(60), run_reports.recv()).await {
             Ok(Some(report)) => node.on_run_report(report),

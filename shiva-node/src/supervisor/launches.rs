@@ -40,15 +40,20 @@ impl Launches {
     /// The runs noted (`None`: there is no journal, so nothing is known).
     pub fn read(&self) -> Option<BTreeSet<Uuid>> {
         let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let text = std::fs::read_to_string(&self.path).ok()?;
-        Some(text.lines().filter_map(|line| line.trim().parse().ok()).collect())
+        let bytes = std::fs::read(&self.path).ok()?;
+        Some(String::from_utf8_lossy(&bytes).lines().filter_map(|line| line.trim().parse().ok()).collect())
     }
 
     /// Keeps the runs `keep` says to (those still open); creates the journal if there is none,
     /// so that the next process knows.
     pub fn retain(&self, keep: impl Fn(&Uuid) -> bool) -> io::Result<()> {
         let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        // Unreadable (not missing): kept as it is, never rewritten with less than it says.
+        let text = match std::fs::read(&self.path) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(err) => return Err(err),
+        };
         let kept: BTreeSet<Uuid> =
             text.lines().filter_map(|line| line.trim().parse().ok()).filter(|run| keep(run)).collect();
         let next = self.path.with_extension("new");

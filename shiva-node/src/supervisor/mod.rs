@@ -167,8 +167,20 @@ impl Supervisor {
                 None if self.stopping.contains_key(task) => {}
                 None => {
                     let shared_generation = Arc::new(std::sync::atomic::AtomicU64::new(want.generation));
-                    // A run taken back goes on (it runs already: no staging, no start).
-                    let adopted = self.adopted.remove(task);
+                    // A run taken back goes on (it runs already: no staging, no start), if it
+                    // runs the wanted revision; one of another revision stops first.
+                    let mut adopted = self.adopted.remove(task);
+                    let revision =
+                        adopted.as_ref().and_then(|run| run.meta.service).map(|run| run.spec_revision);
+                    if adopted.is_some() && revision != Some(want.spec_revision) {
+                        let mut stale = adopted.take().expect("checked");
+                        info!(%task, pid = stale.handle.pid, "stopping a run taken back: its spec changed");
+                        let handle = tokio::spawn(async move {
+                            job::stop_run(&mut stale.handle, "its spec changed").await;
+                        });
+                        self.stopping.insert(task.clone(), handle);
+                        continue;
+                    }
                     let start = want.start || adopted.is_some();
                     let (control, handle) = job::start(
                         self.context.clone(),

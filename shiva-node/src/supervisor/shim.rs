@@ -294,6 +294,9 @@ impl ShimLauncher {
         options: &LaunchOptions,
         go: Option<oneshot::Receiver<()>>,
     ) -> io::Result<RunHandle> {
+        if detached() {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "the node is re-executing itself"));
+        }
         if let Some(user) = &options.user {
             let user = RunUser::resolve(user).map_err(io::Error::other)?;
             if user.uid == 0 && !options.allow_root {
@@ -375,7 +378,11 @@ impl ShimLauncher {
             log: run_log.clone(),
             exclusive: options.exclusive,
         };
-        std::fs::write(&record_path, serde_json::to_vec(&record).map_err(io::Error::other)?)?;
+        if let Err(err) = write_record(&record_path, &record) {
+            // No record, no shim: a shim nobody can find again is not left running.
+            let _ = child.kill().await;
+            return Err(err);
+        }
         let mut stdin = child.stdin.take().expect("piped");
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
         let mut line = json.into_bytes();
@@ -446,7 +453,15 @@ impl ShimLauncher {
             started_ms: Some(shiva_proto::wall::now_ms()),
             ..record
         };
-        std::fs::write(&record_path, serde_json::to_vec(&record).map_err(io::Error::other)?)?;
+        if let Err(err) = write_record(&record_path, &record) {
+            // The first record names the shim: stopped with its task.
+            let _ = stdin.write_all(b"stop the node cannot record the run\n").await;
+            let _ = tokio::time::timeout(options.grace + Duration::from_secs(5), child.wait()).await;
+            clean_after(&record);
+            let _ = child.kill().await;
+            remove_record(&record_path, record.shim);
+            return Err(err);
+        }
         let ended = self.follow(&options.task, run_log);
         let shim = Held { record, path: record_path, child: Some(child), ended, reads_lease_file };
         Ok(self.hold_run(shim, stdin, lines))
@@ -482,7 +497,7 @@ impl ShimLauncher {
             let shim = record.shim;
             let ended = loop {
                 tokio::select! {
-                    _ = renew.tick(), if exclusive && !stopping => {
+                    _ = renew.tick(), if exclusive && !stopping && !detached() => {
                         if let Some((_, deadline)) = lease_now(&lease) {
                             let _ = writer.write_all(renewal(deadline).as_bytes()).await;
                         }
@@ -495,6 +510,9 @@ impl ShimLauncher {
                         }
                     }
                     event = read_event(&mut lines) => match event {
+                        // Detached to re-execute: the next process learns the end from the
+                        // shim's exit file; nothing is reported or cleaned here.
+                        Some(ShimEvent::Exited { .. }) | None if detached() => std::future::pending().await,
                         Some(ShimEvent::Exited { code, signal, stopped }) => {
                             break RunExit { exit: Some(ExitInfo { code, signal }), stopped };
                         }
@@ -659,6 +677,8 @@ impl ShimLauncher {
                     info!(shim = record.shim, task = record.task, %why, "stopping a run left by an earlier process of this node");
                     kill_record(&record);
                     remove_record(&path, record.shim);
+                    // This process's child after a re-execution: not left a zombie.
+                    reap_adopted(record.shim).await;
                 }
             }
         }
@@ -670,6 +690,10 @@ impl ShimLauncher {
             record.run.clone().ok_or("its record is of a node that did not leave runs to their shims")?;
         if record.task_start.is_none() {
             return Err("its task had not started".into());
+        }
+        // A shim that exited after a re-execution is this process's zombie: reaped, it is gone.
+        if is_zombie(record.shim) {
+            reap_adopted(record.shim).await;
         }
         if tree::start_time(record.shim) != Some(record.shim_start) {
             // The shim is gone: its task ended while no node was there, if it left the end.
@@ -764,6 +788,22 @@ struct Held {
     ended: Option<oneshot::Sender<()>>,
     /// The shim reads its renewals from the lease file (protocol 2 on).
     reads_lease_file: bool,
+}
+
+/// Writes a shim record whole (beside, then renamed over): a node killed mid-write leaves the
+/// previous one, never a torn one.
+fn write_record(path: &Path, record: &Record) -> io::Result<()> {
+    let next = path.with_extension("json.new");
+    std::fs::write(&next, serde_json::to_vec(record).map_err(io::Error::other)?)?;
+    std::fs::rename(&next, path)
+}
+
+/// Whether `pid` is a zombie.
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
 }
 
 /// Removes the record of `shim` and what the shim may have left beside it.
