@@ -281,7 +281,11 @@ fn failovers_leave_one_claim_and_a_cluster_restarts_on_the_trimmed_log() {
         if round % 2 == 0 {
             assert!(node.terminate().success());
         } else {
+            // A node killed and started again at once comes back as the same incarnation and may
+            // go on leading its epoch (a pause, not a failover): it stays down past the leader
+            // timeout, so that another node claims.
             node.kill9();
+            std::thread::sleep(Duration::from_millis(1500));
         }
         node.restart();
         wait_until(SETTLE, "a new leader", || {
