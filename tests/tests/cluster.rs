@@ -73,6 +73,11 @@ fn killing_the_leader_moves_its_tasks_to_the_survivors_exactly_once() {
         let Some(nodes) = cluster.ctl.try_json(&["nodes"]) else { return false };
         nodes.as_array().unwrap().iter().any(|n| n["leader"] == true && n["id"] != leader.as_str())
     });
+    // Its tasks go on under their shims until its lease ends, then move.
+    wait_until(SETTLE, "the dead node's tasks run elsewhere", || {
+        let rows = cluster.ctl.tasks();
+        tasks.iter().all(|task| rows.get(task).is_some_and(|row| row["node"] != leader.as_str()))
+    });
     let placement = cluster.wait_running_once(&tasks);
     assert!(placement.values().all(|node| *node != leader), "nothing runs on the dead node: {placement:?}");
     for pid in orphans {

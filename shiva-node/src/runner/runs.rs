@@ -29,6 +29,10 @@ use crate::supervisor::oneshot;
 pub const START_LEAD: Duration = Duration::from_millis(150);
 /// At most (intents arrive about a second ahead).
 pub const MAX_START_LEAD: Duration = Duration::from_millis(800);
+/// How late (ms past its instant, on this runner's clock) a run whose start record the node's
+/// previous process wrote but never launched may still be launched by the next one: the
+/// scheduler's tolerance for a late start (`TIMING.tolerance`).
+pub const RELAUNCH_WITHIN_MS: i64 = 2_000;
 /// How often held runs that the log no longer holds are forgotten.
 const PRUNE_EVERY_MS: i64 = 5_000;
 /// How many recent confirmations the lead follows.
@@ -313,10 +317,13 @@ impl RunBook {
             };
             // Only the start record of this incarnation, of a run its earlier process never
             // launched (it died or re-executed before): the run is launched as if it were new.
+            // Only while it is still on time (the scheduler's tolerance): later, it is `lost` as
+            // before, never started long after its slot beside the runs that followed.
             let never_launched = entry.report.as_ref().is_some_and(|report| {
                 report.incarnation == incarnation
                     && report.report.state == RunPhase::Starting
                     && !launched_before(id)
+                    && now.saturating_sub(intent.launch_at_ms) <= RELAUNCH_WITHIN_MS
             });
             if entry.report.is_some() && adopted(id) {
                 // Left running by this node's earlier process: it goes on, held again.
@@ -556,11 +563,16 @@ mod tests {
         let actions =
             restarted_step(&mut RunBook::default(), &log, incarnation, &|id| *id == run, &|_| true, 9_900);
         assert_eq!(kind(&actions), "adopt");
-        // Only its start record written, never launched by the journal: launched now.
+        // Only its start record written, never launched by the journal: launched now, while on
+        // time; past the tolerance, lost.
         let (log, _) = with_report(RunPhase::Starting, incarnation);
         let actions =
             restarted_step(&mut RunBook::default(), &log, incarnation, &|_| false, &|_| false, 9_900);
         assert_eq!(kind(&actions), "start");
+        let (log, _) = with_report(RunPhase::Starting, incarnation);
+        let late = 10_000 + RELAUNCH_WITHIN_MS + 1;
+        let actions = restarted_step(&mut RunBook::default(), &log, incarnation, &|_| false, &|_| false, late);
+        assert_eq!(kind(&actions), "lost");
         // The journal says it may have been launched, or another incarnation wrote the record,
         // or the run was reported running: lost, never run twice.
         let (log, _) = with_report(RunPhase::Starting, incarnation);
