@@ -571,7 +571,8 @@ mod tests {
         assert_eq!(kind(&actions), "start");
         let (log, _) = with_report(RunPhase::Starting, incarnation);
         let late = 10_000 + RELAUNCH_WITHIN_MS + 1;
-        let actions = restarted_step(&mut RunBook::default(), &log, incarnation, &|_| false, &|_| false, late);
+        let actions =
+            restarted_step(&mut RunBook::default(), &log, incarnation, &|_| false, &|_| false, late);
         assert_eq!(kind(&actions), "lost");
         // The journal says it may have been launched, or another incarnation wrote the record,
         // or the run was reported running: lost, never run twice.
