@@ -326,6 +326,10 @@ impl Drop for Broker {
     }
 }
 
+/// The test timings every `Node::start*` gives a node (heartbeat 100ms, leader 600ms, node 1.5s).
+const TEST_TIMINGS: [&str; 6] =
+    ["--heartbeat-interval", "100ms", "--leader-timeout", "600ms", "--node-timeout", "1500ms"];
+
 /// A running `shiva-node`.
 pub struct Node {
     /// Its id.
@@ -347,9 +351,7 @@ pub struct Node {
 impl Node {
     /// Starts a node with test timings (heartbeat 100ms, leader 600ms, node 1.5s).
     pub fn start(broker: &Broker, cluster: &str, id: &str, extra: &[&str]) -> Node {
-        let timings =
-            ["--heartbeat-interval", "100ms", "--leader-timeout", "600ms", "--node-timeout", "1500ms"];
-        Node::launch(broker, cluster, id, &[&timings[..], extra].concat())
+        Node::launch(broker, cluster, id, &[&TEST_TIMINGS[..], extra].concat())
     }
 
     /// Starts a node with test timings and extra environment (e.g. a test-only switch).
@@ -360,9 +362,7 @@ impl Node {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Node {
-        let timings =
-            ["--heartbeat-interval", "100ms", "--leader-timeout", "600ms", "--node-timeout", "1500ms"];
-        let args = [&timings[..], extra].concat();
+        let args = [&TEST_TIMINGS[..], extra].concat();
         let env = env.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect();
         Node::launch_full(broker, cluster, id, &args, Vec::new(), env)
     }
@@ -370,10 +370,8 @@ impl Node {
     /// Starts a node with test timings from the binary `program`: a copy in a directory of its
     /// own (with `shiva-shim` beside it), which a test replaces to upgrade the node in place.
     pub fn start_program(broker: &Broker, cluster: &str, id: &str, extra: &[&str], program: &Path) -> Node {
-        let timings =
-            ["--heartbeat-interval", "100ms", "--leader-timeout", "600ms", "--node-timeout", "1500ms"];
         let mut node =
-            Node::prepare(broker, cluster, id, &[&timings[..], extra].concat(), Vec::new(), Vec::new());
+            Node::prepare(broker, cluster, id, &[&TEST_TIMINGS[..], extra].concat(), Vec::new(), Vec::new());
         node.program = program.to_path_buf();
         node.spawn();
         node
@@ -381,9 +379,7 @@ impl Node {
 
     /// Starts a node with test timings in `partition`'s network namespace.
     pub fn start_in(partition: &Partition, broker: &Broker, cluster: &str, id: &str, extra: &[&str]) -> Node {
-        let timings =
-            ["--heartbeat-interval", "100ms", "--leader-timeout", "600ms", "--node-timeout", "1500ms"];
-        Node::launch_wrapped(broker, cluster, id, &[&timings[..], extra].concat(), partition.exec())
+        Node::launch_wrapped(broker, cluster, id, &[&TEST_TIMINGS[..], extra].concat(), partition.exec())
     }
 
     /// Starts a node with the default timings and `extra` flags.

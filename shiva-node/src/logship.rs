@@ -160,10 +160,7 @@ impl LogShipper {
                     // Queued up to here: a later process of the node ships on from here.
                     // Replaced whole (a node killed mid-write leaves the previous position).
                     let (segment, offset) = reader.position();
-                    let next = shipped.with_extension("shipped.new");
-                    if std::fs::write(&next, format!("{segment} {offset}\n")).is_ok() {
-                        let _ = std::fs::rename(&next, &shipped);
-                    }
+                    let _ = crate::shim::replace_file(&shipped, format!("{segment} {offset}\n").as_bytes());
                 }
                 if idle {
                     if over {

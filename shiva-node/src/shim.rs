@@ -114,6 +114,15 @@ pub struct Attach {
 /// quarter lease (50 idle shims woke 100 times a second for it); `started` says the version.
 pub const PROTOCOL: u32 = 2;
 
+/// Replaces `path` whole with `bytes`: written beside, then renamed over it, so a reader (or a
+/// process killed mid-write) sees the old content or the new one, never a torn one.
+pub fn replace_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut next = path.as_os_str().to_owned();
+    next.push(".new");
+    std::fs::write(&next, bytes)?;
+    std::fs::rename(&next, path)
+}
+
 /// The socket of the shim `pid` in `dir`.
 pub fn socket_name(pid: u32) -> String {
     format!("{pid}.sock")
@@ -480,11 +489,7 @@ impl Link {
         // detaches to re-execute itself does not act on it, and its next process finds it
         // here (the node removes the file once it has reported the end).
         if let Some(dir) = self.listener.as_ref().and_then(|(_, path)| path.parent()) {
-            let path = dir.join(exit_name(std::process::id()));
-            let next = path.with_extension("exit.new");
-            if std::fs::write(&next, event_line(end)).is_ok() {
-                let _ = std::fs::rename(&next, &path);
-            }
+            let _ = replace_file(&dir.join(exit_name(std::process::id())), &event_line(end));
         }
         if self.node.is_some() {
             self.send(end);

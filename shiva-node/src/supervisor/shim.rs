@@ -622,10 +622,8 @@ impl ShimLauncher {
                 if let Some((_, deadline)) = lease_now(&lease)
                     && written.is_none_or(|at| deadline.saturating_since(at) >= step)
                 {
-                    let next = path.with_extension("new");
                     let wrote = std::fs::create_dir_all(records.parent().unwrap_or(&records))
-                        .and_then(|()| std::fs::write(&next, renewal(deadline)))
-                        .and_then(|()| std::fs::rename(&next, &path));
+                        .and_then(|()| crate::shim::replace_file(&path, renewal(deadline).as_bytes()));
                     match wrote {
                         Ok(()) => written = Some(deadline),
                         Err(err) => {
@@ -793,9 +791,7 @@ struct Held {
 /// Writes a shim record whole (beside, then renamed over): a node killed mid-write leaves the
 /// previous one, never a torn one.
 fn write_record(path: &Path, record: &Record) -> io::Result<()> {
-    let next = path.with_extension("json.new");
-    std::fs::write(&next, serde_json::to_vec(record).map_err(io::Error::other)?)?;
-    std::fs::rename(&next, path)
+    crate::shim::replace_file(path, &serde_json::to_vec(record).map_err(io::Error::other)?)
 }
 
 /// Whether `pid` is a zombie.
