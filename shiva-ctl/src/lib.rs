@@ -165,7 +165,8 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
         }
         Command::List(json) => {
             let view = snapshot(&config, timeout, &TASK_TOPICS).await?;
-            let rows: Vec<_> = view.defined_tasks().filter_map(|task| task_row(&view, task)).collect();
+            let rows: Vec<_> =
+                show::listed_tasks(&view).iter().filter_map(|task| task_row(&view, task)).collect();
             if json.json {
                 print_json(&rows);
             } else {

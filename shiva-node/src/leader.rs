@@ -6,6 +6,7 @@
 //! record landed on it after the accepted one (a stale or forged write): compaction keeps the
 //! last record of a key, so the last record must always be the leader's.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -13,14 +14,14 @@ use shiva_proto::TaskSpec;
 use shiva_proto::records::{
     Assignment, Body, Deleted, DesiredState, Holder, Member, Members, Placement, RunState, feature,
 };
-use shiva_proto::spec::{OnDisconnect, TaskKind};
+use shiva_proto::spec::{Instances, OnDisconnect, TaskKind};
 use shiva_proto::topics::key;
 use shiva_proto::view::SpecEntry;
 use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 use uuid::Uuid;
 
 use crate::fault::contain;
-use crate::placement::{Candidate, Demand, no_node_reason, plan};
+use crate::placement::{Availability, Candidate, Demand, no_node_reason, plan};
 
 pub mod handoff;
 
@@ -189,6 +190,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     }
 
     let candidates = Candidate::runners(live, &view.node_modes, now_ms);
+    let defined = defined(view, &candidates);
     let is_live = |node: &NodeId| live.iter().any(|member| member.id == *node);
     let may_start_after =
         |node: &NodeId| live.iter().any(|member| member.id == *node && member.has(feature::START_AFTER));
@@ -201,14 +203,13 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         .filter(|(_, copies)| !copies.is_empty())
         .collect();
     let blocking = |task: &TaskId| -> Vec<&Holder> {
-        let next_keep =
-            view.specs.get(task).is_some_and(|spec| spec.spec.on_disconnect == OnDisconnect::Keep);
+        let next_keep = defined.get(task).is_some_and(|spec| spec.spec.on_disconnect == OnDisconnect::Keep);
         let copies = carried.get(task).map(Vec::as_slice).unwrap_or_default();
         copies.iter().filter(|holder| handoff::blocks(holder, live, may_still_run, next_keep)).collect()
     };
-    let services: BTreeMap<&TaskId, Result<Moves, String>> = view
-        .specs
+    let services: BTreeMap<&TaskId, Result<Moves, String>> = defined
         .iter()
+        .map(|(task, entry)| (task.as_ref(), entry))
         .filter(|(task, entry)| {
             view.desired_state(task) == DesiredState::Running
                 && entry.spec.kind() == TaskKind::Service
@@ -229,7 +230,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     for (task, moves) in services.iter().filter(|(_, moves)| moves.wait.is_none()) {
         let demand = contain(|| {
             crate::fault::hook(crate::fault::Stage::Plan, task);
-            let spec = &view.specs[*task].spec;
+            let spec = &defined[*task].spec;
             let current = view
                 .assigned_node(task)
                 .cloned()
@@ -246,7 +247,25 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                 .get(*task)
                 .filter(|request| now_ms < request.until_ms && current.as_ref() == Some(&request.from))
                 .map(|request| request.to.clone());
-            Demand { task: (*task).clone(), tags: spec.tags.clone(), current, hold, avoid, prefer }
+            // An instance: apart from its siblings; on its own node with `every_node`.
+            let (apart, only) = match task.instance() {
+                None => (None, None),
+                Some(instance) => {
+                    let base = task.base();
+                    let every_node = view.specs.get(&base).is_some_and(|entry| entry.spec.every_node);
+                    (Some(base), every_node.then(|| NodeId::new(instance).ok()).flatten())
+                }
+            };
+            Demand {
+                task: (*task).clone(),
+                tags: spec.tags.clone(),
+                current,
+                hold,
+                avoid,
+                prefer,
+                apart,
+                only,
+            }
         });
         match demand {
             Ok(demand) => demands.push(demand),
@@ -285,10 +304,13 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         );
     }
 
-    // Statuses outlive nothing: a status of an undefined task without an assignment goes.
+    // Statuses outlive nothing: a status of a task not placed (undefined, or run as instances)
+    // without an assignment goes. An invalid definition's stays (its task shows as failed).
+    let keeps_status = |task: &TaskId| defined.contains_key(task) || view.invalid.contains_key(task);
     let orphans =
-        view.statuses.keys().filter(|task| !view.is_defined(task) && !view.assignments.contains_key(*task));
-    let tasks: BTreeSet<&TaskId> = view.specs.keys().chain(view.assignments.keys()).chain(orphans).collect();
+        view.statuses.keys().filter(|task| !keeps_status(task) && !view.assignments.contains_key(*task));
+    let tasks: BTreeSet<&TaskId> =
+        defined.keys().map(|task| task.as_ref()).chain(view.assignments.keys()).chain(orphans).collect();
     for task in tasks {
         let record_key = key::task(task);
         if busy(TopicKind::Assignments, &record_key) {
@@ -296,8 +318,9 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         }
         let current = view.assignments.get(task);
         let copies = carried.get(task).map(Vec::as_slice).unwrap_or_default();
-        let Some(spec) = view.specs.get(task) else {
-            writes.extend(undefined(view, epoch, task, current.map(|entry| &entry.assignment), copies, busy));
+        let Some(spec) = defined.get(task) else {
+            let current = current.map(|entry| &entry.assignment);
+            writes.extend(undefined(view, epoch, task, current, copies, keeps_status(task), busy));
             continue;
         };
         let moves = services.get(task);
@@ -412,6 +435,36 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         writes.push(assignment_write(epoch, task, generation, spec, record));
     }
     writes
+}
+
+/// The tasks the leader places, with the spec each runs: every defined task, but that a task
+/// with instances is replaced by its instances (see [`Instances`]): `count` numbers them from 0;
+/// `every_node` names one after each live runner that carries the task's tags and is not
+/// draining (a node that leaves, or drains, loses its instance; one that joins gets one).
+fn defined<'v>(view: &'v LogView, candidates: &[Candidate]) -> BTreeMap<Cow<'v, TaskId>, Cow<'v, SpecEntry>> {
+    let mut defined = BTreeMap::new();
+    for (task, entry) in &view.specs {
+        let instance = |id: TaskId| {
+            let spec = entry.spec.instance_spec(id.clone());
+            (Cow::Owned(id), Cow::Owned(SpecEntry { spec, ..entry.clone() }))
+        };
+        match entry.spec.instances() {
+            Instances::Single => {
+                defined.insert(Cow::Borrowed(task), Cow::Borrowed(entry));
+            }
+            Instances::Count(count) => {
+                defined.extend((0..count).filter_map(|n| task.with_instance(&n.to_string())).map(instance));
+            }
+            Instances::EveryNode => {
+                let nodes = candidates.iter().filter(|node| {
+                    node.can_run(&entry.spec.tags)
+                        && !matches!(node.availability, Availability::Draining { .. })
+                });
+                defined.extend(nodes.filter_map(|node| task.with_instance(node.id.as_str())).map(instance));
+            }
+        }
+    }
+    defined
 }
 
 /// The oldest epoch of an accepted leader record in the view (`members`, `task/`, `sched/`,
@@ -566,14 +619,17 @@ fn holders_after(
         .collect()
 }
 
-/// The writes for a task with no valid spec (deleted, or invalid): its copies are waited for
-/// (the assignment says `stopped` and names them), then its assignment and status are deleted.
+/// The writes for a task not placed (deleted, invalid, an instance no longer wanted, a task
+/// now run as instances): its copies are waited for (the assignment says `stopped` and names
+/// them), then its assignment is deleted, and its status unless `keep_status` (an invalid
+/// definition's: the task shows as failed).
 fn undefined(
     view: &LogView,
     epoch: u64,
     task: &TaskId,
     current: Option<&Assignment>,
     copies: &[Holder],
+    keep_status: bool,
     busy: &dyn Fn(TopicKind, &str) -> bool,
 ) -> Vec<Write> {
     let record_key = key::task(task);
@@ -612,7 +668,7 @@ fn undefined(
     if current.is_some() {
         writes.extend(Write::delete(TopicKind::Assignments, record_key.clone(), epoch));
     }
-    if !view.is_defined(task) && view.statuses.contains_key(task) && !busy(TopicKind::Status, &record_key) {
+    if !keep_status && view.statuses.contains_key(task) && !busy(TopicKind::Status, &record_key) {
         writes.extend(Write::delete(TopicKind::Status, record_key, epoch));
     }
     writes

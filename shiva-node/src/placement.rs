@@ -12,11 +12,17 @@
 //! * a cordoned node keeps its tasks and gets no new one; a draining node gets no new task and
 //!   keeps a task only while no other eligible node takes new work, and not past the drain's
 //!   deadline (`shiva-ctl cordon`, `drain`);
+//! * instances of one task (`count`) go to distinct nodes: an instance keeps its node unless
+//!   a sibling placed before it (in id order) holds that node, and a new one goes to the least
+//!   loaded eligible node no sibling holds; with fewer such nodes than instances, the rest are
+//!   pending;
+//! * an instance of an `every_node` task goes to its own node only;
+//! * instances go only to nodes whose build runs them (the `instances` feature);
 //! * a task with no eligible node is pending, with the reason.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use shiva_proto::records::{Member, Mode, NodeMode};
+use shiva_proto::records::{Member, Mode, NodeMode, feature};
 use shiva_proto::{NodeId, TaskId};
 
 /// Whether a runner takes new work and keeps what it has.
@@ -44,6 +50,8 @@ pub struct Candidate {
     pub tags: BTreeSet<String>,
     /// Cordoned or draining.
     pub availability: Availability,
+    /// Its build runs instances (`<task>@<instance>` ids).
+    pub instances: bool,
 }
 
 impl Candidate {
@@ -64,6 +72,7 @@ impl Candidate {
                         },
                     },
                 },
+                instances: member.has(feature::INSTANCES),
             })
             .collect()
     }
@@ -112,27 +121,85 @@ pub struct Demand {
     /// A node an operator asked it to move to (`rebalance`): taken when it is a candidate that
     /// takes new work and can run the task.
     pub prefer: Option<NodeId>,
+    /// An instance: the task it belongs to. Instances of one task go to distinct nodes, and
+    /// only to nodes that run instances.
+    pub apart: Option<TaskId>,
+    /// The only node it may run on (an instance of an `every_node` task).
+    pub only: Option<NodeId>,
+}
+
+impl Demand {
+    /// A task needing `tags`, now on `current` (nothing else asked).
+    pub fn new(task: TaskId, tags: Vec<String>, current: Option<NodeId>) -> Demand {
+        Demand { task, tags, current, hold: false, avoid: Vec::new(), prefer: None, apart: None, only: None }
+    }
+}
+
+/// Why no node takes an instance of `task` needing `tags`: every node that could run it holds
+/// a sibling, or none runs instances, or the usual reasons.
+fn no_node_for_instance(nodes: &[Candidate], task: &Demand) -> String {
+    if let Some(only) = &task.only {
+        return match nodes.iter().find(|node| node.id == *only) {
+            None => format!("its node {only} is not a live runner"),
+            Some(node) if !node.instances => format!("its node {only} runs an older build without instances"),
+            Some(node) if !node.can_run(&task.tags) => {
+                format!("its node {only} does not carry the tags [{}]", task.tags.join(", "))
+            }
+            Some(_) => format!("its node {only} is cordoned or draining"),
+        };
+    }
+    let open: Vec<&Candidate> =
+        nodes.iter().filter(|node| node.takes_new() && node.can_run(&task.tags)).collect();
+    if !open.is_empty() && open.iter().all(|node| !node.instances) {
+        return "no live runner node that could run it runs instances (older builds)".to_owned();
+    }
+    if !open.is_empty() {
+        let group = task.apart.as_ref().map_or("", TaskId::as_str);
+        return format!(
+            "every node that could run it already runs an instance of {group} ({} open eligible node(s)): instances run on distinct nodes",
+            open.len()
+        );
+    }
+    no_node_reason(nodes, &task.tags)
 }
 
 /// Places every task: `Ok(node)` or `Err(reason)`.
 pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<NodeId, String>> {
-    let eligible = |node: &Candidate, task: &Demand| node.can_run(&task.tags);
+    let eligible = |node: &Candidate, task: &Demand| {
+        node.can_run(&task.tags)
+            && (task.apart.is_none() || node.instances)
+            && task.only.as_ref().is_none_or(|only| *only == node.id)
+    };
     let mut load: BTreeMap<&NodeId, usize> = nodes.iter().map(|node| (&node.id, 0)).collect();
+    // Nodes holding an instance of each task with instances.
+    let mut siblings: BTreeMap<&TaskId, BTreeSet<NodeId>> = BTreeMap::new();
     let mut placed = BTreeMap::new();
     let mut to_place = Vec::new();
     for task in tasks {
         if let (true, Some(current)) = (task.hold, &task.current) {
+            if let Some(group) = &task.apart {
+                siblings.entry(group).or_default().insert(current.clone());
+            }
             placed.insert(task.task.clone(), Ok(current.clone()));
             continue;
         }
+        let free = |node: &Candidate, siblings: &BTreeMap<&TaskId, BTreeSet<NodeId>>| {
+            task.apart
+                .as_ref()
+                .is_none_or(|group| siblings.get(group).is_none_or(|held| !held.contains(&node.id)))
+        };
         let preferred = task
             .prefer
             .as_ref()
             .filter(|prefer| task.current.as_ref() != Some(*prefer))
             .and_then(|prefer| nodes.iter().find(|node| node.id == *prefer))
-            .filter(|node| node.takes_new() && eligible(node, task) && !task.avoid.contains(&node.id));
+            .filter(|node| node.takes_new() && eligible(node, task) && !task.avoid.contains(&node.id))
+            .filter(|node| free(node, &siblings));
         if let Some(node) = preferred {
             *load.get_mut(&node.id).expect("every candidate has a load") += 1;
+            if let Some(group) = &task.apart {
+                siblings.entry(group).or_default().insert(node.id.clone());
+            }
             placed.insert(task.task.clone(), Ok(node.id.clone()));
             continue;
         }
@@ -140,7 +207,7 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
             .current
             .as_ref()
             .and_then(|current| nodes.iter().find(|node| node.id == *current))
-            .filter(|node| eligible(node, task))
+            .filter(|node| eligible(node, task) && free(node, &siblings))
             .filter(|node| match node.availability {
                 Availability::Open | Availability::Cordoned => true,
                 // Another node that takes new work, can run it and did not fail it.
@@ -154,6 +221,9 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
         match keep {
             Some(node) => {
                 *load.get_mut(&node.id).expect("every candidate has a load") += 1;
+                if let Some(group) = &task.apart {
+                    siblings.entry(group).or_default().insert(node.id.clone());
+                }
                 placed.insert(task.task.clone(), Ok(node.id.clone()));
             }
             None => to_place.push(task),
@@ -162,7 +232,12 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
     to_place.sort_by(|a, b| a.task.cmp(&b.task));
     for task in to_place {
         let fresh = |node: &&Candidate| !task.avoid.contains(&node.id);
-        let open = |node: &&Candidate| node.takes_new() && eligible(node, task);
+        let held = siblings.get(task.apart.as_ref().unwrap_or(&task.task));
+        let open = |node: &&Candidate| {
+            node.takes_new()
+                && eligible(node, task)
+                && (task.apart.is_none() || held.is_none_or(|held| !held.contains(&node.id)))
+        };
         let any_fresh = nodes.iter().filter(fresh).any(|node| open(&node));
         let best = nodes
             .iter()
@@ -171,8 +246,12 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
         let decision = match best {
             Some(node) => {
                 *load.get_mut(&node.id).expect("every candidate has a load") += 1;
+                if let Some(group) = &task.apart {
+                    siblings.entry(group).or_default().insert(node.id.clone());
+                }
                 Ok(node.id.clone())
             }
+            None if task.apart.is_some() => Err(no_node_for_instance(nodes, task)),
             None => Err(no_node_reason(nodes, &task.tags)),
         };
         placed.insert(task.task.clone(), decision);
@@ -200,6 +279,7 @@ mod tests {
                     id: NodeId::new(format!("n{id}")).unwrap(),
                     tags: tags.into_iter().map(str::to_owned).collect(),
                     availability: Availability::Open,
+                    instances: true,
                 })
                 .collect()
         })
@@ -214,13 +294,12 @@ mod tests {
         .prop_map(|tasks| {
             tasks
                 .into_iter()
-                .map(|(id, (tags, current))| Demand {
-                    task: TaskId::new(format!("t{id}")).unwrap(),
-                    tags: tags.into_iter().map(str::to_owned).collect(),
-                    current: current.map(|n| NodeId::new(format!("n{n}")).unwrap()),
-                    hold: false,
-                    avoid: vec![],
-                    prefer: None,
+                .map(|(id, (tags, current))| {
+                    Demand::new(
+                        TaskId::new(format!("t{id}")).unwrap(),
+                        tags.into_iter().map(str::to_owned).collect(),
+                        current.map(|n| NodeId::new(format!("n{n}")).unwrap()),
+                    )
                 })
                 .collect()
         })
@@ -262,6 +341,7 @@ mod tests {
                 id: NodeId::new("joiner").unwrap(),
                 tags: TAGS.iter().map(|t| t.to_string()).collect(),
                 availability: Availability::Open,
+                instances: true,
             });
             let after = plan(&more, &with_result(&tasks, &once));
             for (task, decision) in &once {
@@ -278,18 +358,11 @@ mod tests {
                     id: NodeId::new(format!("n{i}")).unwrap(),
                     tags: BTreeSet::new(),
                     availability: Availability::Open,
+                    instances: true,
                 })
                 .collect();
-            let tasks: Vec<Demand> = (0..task_count)
-                .map(|i| Demand {
-                    task: TaskId::new(format!("t{i}")).unwrap(),
-                    tags: vec![],
-                    current: None,
-                    hold: false,
-                    avoid: vec![],
-                    prefer: None,
-                })
-                .collect();
+            let tasks: Vec<Demand> =
+                (0..task_count).map(|i| Demand::new(TaskId::new(format!("t{i}")).unwrap(), vec![], None)).collect();
             let result = plan(&nodes, &tasks);
             let mut load: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (n.id.clone(), 0)).collect();
             for node in result.values() {
@@ -306,19 +379,17 @@ mod tests {
             id: NodeId::new(id).unwrap(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
             availability,
+            instances: true,
         }
     }
 
     /// A task needing `tags`, on `current`.
     fn demand(id: &str, tags: &[&str], current: Option<&str>) -> Demand {
-        Demand {
-            task: TaskId::new(id).unwrap(),
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            current: current.map(|c| NodeId::new(c).unwrap()),
-            hold: false,
-            avoid: vec![],
-            prefer: None,
-        }
+        Demand::new(
+            TaskId::new(id).unwrap(),
+            tags.iter().map(|t| t.to_string()).collect(),
+            current.map(|c| NodeId::new(c).unwrap()),
+        )
     }
 
     #[test]

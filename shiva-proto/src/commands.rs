@@ -138,6 +138,12 @@ pub fn next_revision(view: &LogView, task: &TaskId) -> u64 {
 /// The records `command` writes, in order, or why it is refused, judged on `view`.
 pub fn plan(view: &LogView, command: &Command) -> Result<Vec<Write>, CommandError> {
     let task = command.task();
+    if task.instance().is_some() && !matches!(command, Command::Submit(_)) {
+        return Err(CommandError::Invalid(format!(
+            "'{task}' is an instance of '{}': commands name the task, and act on all its instances",
+            task.base()
+        )));
+    }
     let desired = |state| Write {
         key: key::desired(task),
         body: Some(Body::Desired(Desired { task: task.clone(), state })),

@@ -72,6 +72,9 @@ fn check(what: &'static str, id: &str, max_segments: usize, max_len: usize) -> R
 
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $what:literal, $segments:expr, $max_len:expr) => {
+        id_type!($(#[$doc])* $name, $what, $segments, $max_len, check);
+    };
+    ($(#[$doc:meta])* $name:ident, $what:literal, $segments:expr, $max_len:expr, $check:ident) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
@@ -81,7 +84,7 @@ macro_rules! id_type {
             /// Validates and wraps an identifier.
             pub fn new(id: impl Into<String>) -> Result<Self, IdError> {
                 let id = id.into();
-                check($what, &id, $segments, $max_len)?;
+                $check($what, &id, $segments, $max_len)?;
                 Ok(Self(id))
             }
 
@@ -121,19 +124,75 @@ macro_rules! id_type {
 
 id_type!(
     /// A task id: 1 to 4 segments separated by `/` (e.g. `tenant/channel/app`), each made of
-    /// letters, digits, `_`, `.`, `-`, never `.` or `..`.
+    /// letters, digits, `_`, `.`, `-`, never `.` or `..` (at most 255 bytes); or the id of one
+    /// instance of such a task: `<task>@<instance>`, the instance being a number or a node id
+    /// (see [`TaskId::instance`]).
     TaskId,
     "task id",
     4,
-    255
+    MAX_TASK_ID_BYTES,
+    check_task
 );
+
+/// Longest task id (an instance's adds `@` and at most a node id's length).
+pub const MAX_TASK_ID_BYTES: usize = 255;
+
+/// Longest node id.
+pub const MAX_NODE_ID_BYTES: usize = 128;
+
+/// Checks a task id: a definition's, or an instance's (`<task>@<instance>`).
+fn check_task(what: &'static str, id: &str, max_segments: usize, max_len: usize) -> Result<(), IdError> {
+    match id.split_once('@') {
+        None => check(what, id, max_segments, max_len),
+        Some((base, instance)) => {
+            check(what, base, max_segments, max_len)?;
+            check("instance", instance, 1, MAX_NODE_ID_BYTES).map_err(|_| IdError::Segment {
+                what,
+                id: id.to_owned(),
+                segment: instance.to_owned(),
+            })
+        }
+    }
+}
+
+impl TaskId {
+    /// The instance this id names (`web@2` → `2`, `web@node-a` → `node-a`), if it names one:
+    /// a task with `count` or `every_node` runs as instances, each a task of its own on the
+    /// bus (assignment, status, runs, logs), defined by its task's spec.
+    pub fn instance(&self) -> Option<&str> {
+        self.0.split_once('@').map(|(_, instance)| instance)
+    }
+
+    /// The task an instance belongs to (itself when it is no instance).
+    pub fn base(&self) -> TaskId {
+        match self.0.split_once('@') {
+            Some((base, _)) => TaskId(base.to_owned()),
+            None => self.clone(),
+        }
+    }
+
+    /// The id of `instance` (a number or a node id) of this task; `None` when this id names an
+    /// instance already, or `instance` is no valid one.
+    pub fn with_instance(&self, instance: &str) -> Option<TaskId> {
+        if self.instance().is_some() {
+            return None;
+        }
+        TaskId::new(format!("{}@{instance}", self.0)).ok()
+    }
+}
+
+impl std::borrow::Borrow<str> for TaskId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
 
 id_type!(
     /// A node id: one segment of letters, digits, `_`, `.`, `-` (a host name fits).
     NodeId,
     "node id",
     1,
-    128
+    MAX_NODE_ID_BYTES
 );
 
 #[cfg(test)]
@@ -149,6 +208,23 @@ mod tests {
             assert!(TaskId::new(bad).is_err(), "{bad}");
         }
         assert!(TaskId::new("x".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn instance_ids() {
+        let web = TaskId::new("a/web").unwrap();
+        let two = web.with_instance("2").unwrap();
+        assert_eq!(two.as_str(), "a/web@2");
+        assert_eq!(two.instance(), Some("2"));
+        assert_eq!(two.base(), web);
+        assert_eq!(web.instance(), None);
+        assert_eq!(web.base(), web);
+        assert!(two.with_instance("3").is_none(), "an instance has no instances");
+        assert!(web.with_instance(&"n".repeat(MAX_NODE_ID_BYTES)).is_some());
+        for bad in ["@1", "web@", "web@1@2", "web@a/b", "web@..", "a/b/c/d/e@1", "web@é"] {
+            assert!(TaskId::new(bad).is_err(), "{bad}");
+        }
+        assert!(web.with_instance(&"n".repeat(MAX_NODE_ID_BYTES + 1)).is_none());
     }
 
     #[test]

@@ -425,8 +425,13 @@ pub mod feature {
     /// requests (rebalance).
     pub const NODE_MODES: &str = "node_modes";
 
+    /// The node runs instances (`<task>@<instance>` task ids, `SHIVA_INSTANCE`): the leader
+    /// places instances of `count` and `every_node` tasks only on such nodes. An older build
+    /// refuses those ids.
+    pub const INSTANCES: &str = "instances";
+
     /// Every feature this build has, for its heartbeat.
-    pub const ALL: &[&str] = &[START_AFTER, TRIMMED_CLAIMS, NODE_MODES];
+    pub const ALL: &[&str] = &[START_AFTER, TRIMMED_CLAIMS, NODE_MODES, INSTANCES];
 
     /// The features of `listed` this build knows, each once, in [`ALL`]'s order.
     pub fn known(listed: &[String]) -> Vec<String> {

@@ -10,7 +10,8 @@ use uuid::Uuid;
 use crate::records::{DesiredState, ExitInfo, Mode, Placement, RunState};
 use crate::runs::Trigger;
 use crate::schedule::Schedule;
-use crate::spec::{TaskKind, TaskSpec};
+use crate::spec::{Instances, TaskKind, TaskSpec};
+use crate::view::SpecEntry;
 use crate::{LogView, NodeId, TaskId};
 
 /// One task as `list` and `status` show it.
@@ -60,7 +61,16 @@ pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
             reason: Some(format!("revision {}: {}", invalid.revision, invalid.reason)),
         });
     }
-    let spec = view.specs.get(task)?;
+    if let Some(entry) = view.specs.get(task)
+        && entry.spec.instances() != Instances::Single
+    {
+        return Some(instances_row(view, task, entry));
+    }
+    // An instance: its task's definition, also while one no longer wanted stops.
+    let spec = view.spec_of(task).or_else(|| {
+        let leaving = task.instance().is_some() && view.assignments.contains_key(task);
+        leaving.then(|| view.specs.get(&task.base())).flatten()
+    })?;
     let assignment = view.assignments.get(task).map(|entry| &entry.assignment);
     let status = view.current_status(task).map(|entry| &entry.status);
     let mut row = TaskRow {
@@ -117,6 +127,76 @@ pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
     Some(row)
 }
 
+/// The row of a task run as instances: `running` when every instance it should have runs,
+/// `pending` when none does, `degraded` in between; the reason counts them.
+fn instances_row(view: &LogView, task: &TaskId, entry: &SpecEntry) -> TaskRow {
+    let instances = instances_of(view, task);
+    let wanted: Vec<&TaskId> = instances.iter().filter(|id| view.spec_of(id).is_some()).collect();
+    let running = wanted
+        .iter()
+        .filter(|id| task_row(view, id).is_some_and(|row| row.state == RunState::Running.as_str()))
+        .count();
+    let state = match running {
+        0 => "pending",
+        n if n == wanted.len() => "running",
+        _ => "degraded",
+    };
+    let how = match entry.spec.instances() {
+        Instances::Count(count) => format!("count {count}"),
+        _ => "one on every eligible node".to_owned(),
+    };
+    TaskRow {
+        id: task.clone(),
+        kind: entry.spec.kind().as_str(),
+        desired: view.desired_state(task).as_str(),
+        state,
+        node: None,
+        pid: None,
+        generation: None,
+        attempt: None,
+        restarts: None,
+        last_exit: None,
+        reason: Some(format!("{running} of {} instances running ({how})", wanted.len())),
+    }
+}
+
+/// The instances of `task` to show: those its spec asks (`count`) and those with an
+/// assignment (an `every_node` task's, one no longer wanted that is stopping), numbers in
+/// numeric order.
+pub fn instances_of(view: &LogView, task: &TaskId) -> Vec<TaskId> {
+    let mut ids: Vec<TaskId> = match view.specs.get(task).map(|entry| entry.spec.instances()) {
+        Some(Instances::Count(count)) => {
+            (0..count).filter_map(|n| task.with_instance(&n.to_string())).collect()
+        }
+        _ => Vec::new(),
+    };
+    for id in view.assigned_instances(task) {
+        if !ids.contains(id) {
+            ids.push(id.clone());
+        }
+    }
+    let number = |id: &TaskId| id.instance().and_then(crate::spec::instance_number);
+    ids.sort_by(|a, b| match (number(a), number(b)) {
+        (Some(x), Some(y)) => x.cmp(&y),
+        _ => a.cmp(b),
+    });
+    ids
+}
+
+/// Every task `list` shows, in id order: each defined task, followed by its instances.
+pub fn listed_tasks(view: &LogView) -> Vec<TaskId> {
+    let mut listed = Vec::new();
+    for task in view.defined_tasks() {
+        listed.push(task.clone());
+        if view.specs.get(task).is_some_and(|entry| entry.spec.instances() != Instances::Single)
+            || view.assigned_instances(task).next().is_some()
+        {
+            listed.extend(instances_of(view, task));
+        }
+    }
+    listed
+}
+
 /// A task as `shiva-ctl status --json` and `GET /v1/tasks/{id}` show it: its row, its spec (when
 /// its definition is valid) and, in a signed cluster, the refusal of a command on it; a task
 /// never accepted shows as `refused` (`None`: no such task, and no refusal).
@@ -130,7 +210,7 @@ pub fn task_detail(view: &LogView, task: &TaskId, now: DateTime<Utc>) -> Option<
             .map(|refusal| serde_json::json!({ "id": task, "state": "refused", "refused": refusal }));
     };
     let mut value = serde_json::to_value(&row).expect("rows serialise");
-    if let Some(entry) = view.specs.get(task) {
+    if let Some(entry) = view.spec_of(task) {
         value["spec"] = serde_json::to_value(&entry.spec).expect("specs serialise");
         if let Some(schedule) = schedule_detail(&entry.spec, now, NEXT_SLOTS) {
             value["schedule"] = serde_json::to_value(schedule).expect("schedules serialise");

@@ -11,6 +11,8 @@
 //! | `stop_grace` | duration (humantime) | `"10s"` | time between `stop_signal` and SIGKILL when stopping |
 //! | `backoff` | `{initial, max, multiplier}` | `1s`, `1m`, `2` | delay between restarts (services, with ±10 % jitter) or attempts (once) |
 //! | `permanent_exit_codes` | array of 1–255 | `[]` | exit codes that end the task `failed` at once: no restart, no retry |
+//! | `count` | 1–1,000 | none | services: run this many instances `<id>@0`…, on distinct nodes |
+//! | `every_node` | bool | `false` | services: run one instance `<id>@<node>` on every eligible node |
 //!
 //! The periodic and one-shot fields are documented in [`crate::schedule`] and the README; the
 //! supervision fields (stop signal, fencing, restart policy, user, limits, files) in
@@ -148,6 +150,24 @@ pub struct TaskSpec {
     /// file: only their names are in the spec.
     #[serde(default, skip_serializing_if = "SecretRefs::is_empty")]
     pub secrets: SecretRefs,
+    /// Services: run this many instances, `<id>@0` to `<id>@<count-1>`, each on a node of its
+    /// own (see [`Instances`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// Services: run one instance, `<id>@<node>`, on every eligible node.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub every_node: bool,
+}
+
+/// How many copies of a service run, and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instances {
+    /// One, under the task's own id (no `count`, no `every_node`).
+    Single,
+    /// `count` instances, numbered from 0, on distinct nodes.
+    Count(u32),
+    /// One on every live runner that can run it (its tags) and is not draining.
+    EveryNode,
 }
 
 /// Where a task gets its secrets: names of secrets, never values.
@@ -376,6 +396,39 @@ impl TaskSpec {
             cpu_max: None,
             files: BTreeMap::new(),
             secrets: SecretRefs::default(),
+            count: None,
+            every_node: false,
+        }
+    }
+
+    /// How many copies of it run (see [`Instances`]).
+    pub fn instances(&self) -> Instances {
+        match (self.count, self.every_node) {
+            (Some(count), false) => Instances::Count(count),
+            (None, true) => Instances::EveryNode,
+            // A spec with both is refused; a lenient reader treats it as neither.
+            _ => Instances::Single,
+        }
+    }
+
+    /// The spec instance `id` runs (an id [`TaskId::with_instance`] made of this spec's): this
+    /// one under that id, with neither `count` nor `every_node`. The runner gives the child the
+    /// instance in `SHIVA_INSTANCE`.
+    pub fn instance_spec(&self, id: TaskId) -> TaskSpec {
+        TaskSpec { id, count: None, every_node: false, ..self.clone() }
+    }
+
+    /// Whether `task` names one of this spec's instances: a number below `count`, or any node
+    /// id with `every_node` (which nodes get one is the leader's decision).
+    pub fn has_instance(&self, task: &TaskId) -> bool {
+        let Some(instance) = task.instance() else { return false };
+        if task.base() != self.id {
+            return false;
+        }
+        match self.instances() {
+            Instances::Single => false,
+            Instances::Count(count) => instance_number(instance).is_some_and(|number| number < count),
+            Instances::EveryNode => crate::NodeId::new(instance).is_ok(),
         }
     }
 
@@ -425,6 +478,7 @@ impl TaskSpec {
 
     /// Checks the rules serde cannot express.
     pub fn validate(&self) -> Result<(), SpecError> {
+        self.validate_instances()?;
         if self.command.trim().is_empty() {
             return Err(SpecError::field("command", "must not be empty"));
         }
@@ -487,8 +541,36 @@ impl TaskSpec {
     /// ([`TaskSpec::check_record_size`]): what `submit` checks, and what a reader checks of a
     /// spec in the log.
     pub fn validate_all(&self) -> Result<(), SpecError> {
+        if self.id.instance().is_some() {
+            return Err(SpecError::field(
+                "id",
+                format!(
+                    "'{}' names an instance ('@'): define the task '{}' with count or every_node",
+                    self.id,
+                    self.id.base()
+                ),
+            ));
+        }
         self.validate()?;
         self.check_record_size()
+    }
+
+    /// Rules of `count` and `every_node`.
+    fn validate_instances(&self) -> Result<(), SpecError> {
+        if let Some(count) = self.count {
+            bounds::check_count("count", count, bounds::COUNT)?;
+            if self.every_node {
+                return Err(SpecError::field(
+                    "every_node",
+                    "a task runs either count instances or one on every node, not both",
+                ));
+            }
+        }
+        let field = if self.count.is_some() { "count" } else { "every_node" };
+        if (self.count.is_some() || self.every_node) && self.kind() != TaskKind::Service {
+            return Err(SpecError::field(field, "only applies to services (no schedule, no once)"));
+        }
+        Ok(())
     }
 
     /// Rules of the periodic and one-shot fields.
@@ -544,6 +626,13 @@ impl TaskSpec {
 
 #[cfg(test)]
 mod tests;
+
+/// The number of a counted instance (`0`, `12`: decimal, no sign, no leading zero).
+pub fn instance_number(instance: &str) -> Option<u32> {
+    let canonical =
+        instance == "0" || (!instance.starts_with('0') && instance.bytes().all(|b| b.is_ascii_digit()));
+    canonical.then(|| instance.parse().ok()).flatten()
+}
 
 /// A user name or uid as a spec's `user` (and a node's `--task-user`) takes: 1 to 64 bytes of
 /// `[A-Za-z0-9._-]`.

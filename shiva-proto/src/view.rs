@@ -349,15 +349,38 @@ impl LogView {
         LogView { auth: AuthPolicy(policy), ..LogView::default() }
     }
 
-    /// Desired state of a task (running unless stopped).
+    /// Desired state of a task (running unless stopped); an instance's is its task's.
     pub fn desired_state(&self, task: &TaskId) -> DesiredState {
-        self.desired.get(task).copied().unwrap_or(DesiredState::Running)
+        let desired = match task.instance() {
+            Some(_) => self.desired.get(&task.base()),
+            None => self.desired.get(task),
+        };
+        desired.copied().unwrap_or(DesiredState::Running)
+    }
+
+    /// The definition of `task`: its own, or, for an instance, its task's when the spec has
+    /// that instance (a number below `count`, any node with `every_node`).
+    pub fn spec_of(&self, task: &TaskId) -> Option<&SpecEntry> {
+        match task.instance() {
+            None => self.specs.get(task),
+            Some(_) => self.specs.get(&task.base()).filter(|entry| entry.spec.has_instance(task)),
+        }
+    }
+
+    /// The instances of `task` that have an assignment, in id order.
+    pub fn assigned_instances<'v>(&'v self, task: &TaskId) -> impl Iterator<Item = &'v TaskId> + 'v {
+        let prefix = format!("{task}@");
+        self.assignments
+            .range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded))
+            .map(|(id, _)| id)
+            .take_while(move |id| id.as_str().starts_with(&prefix))
     }
 
     /// Whether `task` is defined: by a valid spec, or by an invalid one (a failed task that can
-    /// still be killed, started, deleted).
+    /// still be killed, started, deleted); an instance, by its task's spec (see
+    /// [`LogView::spec_of`]).
     pub fn is_defined(&self, task: &TaskId) -> bool {
-        self.specs.contains_key(task) || self.invalid.contains_key(task)
+        self.spec_of(task).is_some() || self.invalid.contains_key(task)
     }
 
     /// Every defined task, valid or not, in id order.

@@ -33,6 +33,7 @@ fn the_range_column_matches_the_enforced_bounds() {
         ("max_catch_up", bounds::MAX_CATCH_UP),
         ("max_attempts", bounds::MAX_ATTEMPTS),
         ("max_restarts", bounds::MAX_RESTARTS),
+        ("count", bounds::COUNT),
     ];
     for (field, (min, max)) in counts {
         assert!(row(&doc, field).contains(&format!("{min} to {max}")), "{field}");

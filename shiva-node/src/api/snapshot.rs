@@ -107,7 +107,8 @@ impl Snapshot {
     pub fn build(previous: &Snapshot, cluster: ClusterInfo, view: &LogView, rebuild: Rebuild) -> Snapshot {
         let tasks = if rebuild.tasks || previous.cluster.is_none() {
             Arc::new(Table::new(
-                view.defined_tasks()
+                shiva_proto::rows::listed_tasks(view)
+                    .iter()
                     .filter_map(|task| task_row(view, task))
                     .map(|row| (row.id.clone(), row))
                     .collect(),

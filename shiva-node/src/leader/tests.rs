@@ -31,7 +31,7 @@ enum Op {
     /// A claim for a huge epoch from a non-node.
     Forged,
     /// A new revision of task `t`: bits 0–1 pick its tags (none, `a`, `b`), bit 2 a long stop
-    /// grace, bit 3 `on_disconnect: keep`.
+    /// grace, bit 3 `on_disconnect: keep`, bit 4 `count: 2`, else bit 5 `every_node`.
     Resubmit(u8, u8),
     /// The nodes whose bits are set (0–2) act as runners on the log: stop, start, answer
     /// hand-offs.
@@ -330,6 +330,11 @@ impl Sim {
                 if variant & 8 != 0 {
                     spec.on_disconnect = shiva_proto::spec::OnDisconnect::Keep;
                 }
+                if variant & 16 != 0 {
+                    spec.count = Some(2);
+                } else if variant & 32 != 0 {
+                    spec.every_node = true;
+                }
                 let value = Envelope {
                     sender: "ctl".into(),
                     incarnation: None,
@@ -511,8 +516,31 @@ proptest! {
                 prop_assert_eq!(strip(&partial), strip(live));
                 prop_assert_eq!(&partial.members, &live.members);
             }
-            // Every task with a spec has an assignment, and no assignment outlives its spec.
-            prop_assert_eq!(live.assignments.keys().collect::<Vec<_>>(), live.specs.keys().collect::<Vec<_>>());
+            // Every task with a spec has an assignment (each instance of one run as instances,
+            // all nodes being live), and no assignment outlives its spec.
+            let mut placed: Vec<TaskId> = Vec::new();
+            for (task, entry) in &live.specs {
+                match entry.spec.instances() {
+                    shiva_proto::spec::Instances::Single => placed.push(task.clone()),
+                    shiva_proto::spec::Instances::Count(count) => {
+                        placed.extend((0..count).map(|n| task.with_instance(&n.to_string()).unwrap()));
+                    }
+                    shiva_proto::spec::Instances::EveryNode => placed.extend(
+                        (0..3)
+                            .filter(|i| entry.spec.tags.iter().all(|tag| node_tags(*i).contains(tag)))
+                            .map(|i| task.with_instance(&format!("n{i}")).unwrap()),
+                    ),
+                }
+            }
+            placed.sort();
+            prop_assert_eq!(live.assignments.keys().cloned().collect::<Vec<_>>(), placed);
+            // Instances of a task run on distinct nodes.
+            let mut seen = std::collections::BTreeSet::new();
+            for (task, entry) in &live.assignments {
+                if let (Some(_), Placement::Assigned { node }) = (task.instance(), &entry.assignment.placement) {
+                    prop_assert!(seen.insert((task.base(), node.clone())), "two instances of {} on {}", task.base(), node);
+                }
+            }
         }
     }
 }
@@ -1095,4 +1123,116 @@ fn a_deletion_marker_left_without_its_tombstone_gets_one() {
     sim.settle(1);
     let tombstones = sim.log.iter().filter(|(_, _, k, value)| *k == key && value.is_none()).count();
     assert_eq!(tombstones, 1, "once");
+}
+
+// Instances (issue 19, point 5).
+
+impl Sim {
+    /// Where each instance of task `t` is placed, by instance.
+    fn instances(&self, t: u8) -> BTreeMap<String, Placement> {
+        let base = Self::task(t);
+        self.view
+            .assigned_instances(&base)
+            .map(|id| {
+                (id.instance().unwrap().to_owned(), self.view.assignments[id].assignment.placement.clone())
+            })
+            .collect()
+    }
+}
+
+fn on(node: &str) -> Placement {
+    Placement::Assigned { node: NodeId::new(node).unwrap() }
+}
+
+#[test]
+fn counted_instances_spread_over_distinct_nodes_and_the_extra_ones_wait() {
+    let mut sim = Sim::new();
+    sim.run(&Op::Claim(2));
+    let mut spec = spec_of(1, &[], 1, false);
+    spec.count = Some(4);
+    sim.submit(spec.clone());
+    sim.settle(3);
+    let placed = sim.instances(1);
+    assert_eq!(placed.keys().collect::<Vec<_>>(), ["0", "1", "2", "3"]);
+    let nodes: std::collections::BTreeSet<_> = placed
+        .values()
+        .filter_map(|p| if let Placement::Assigned { node } = p { Some(node) } else { None })
+        .collect();
+    assert_eq!(nodes.len(), 3, "{placed:?}");
+    let pending = placed.values().find(|p| matches!(p, Placement::Pending { .. })).expect("one waits");
+    assert!(format!("{pending:?}").contains("distinct nodes"), "{pending:?}");
+    // Each runner runs one copy of one instance, under the instance's id.
+    assert_eq!(sim.copies.len(), 3);
+    assert!(sim.copies.keys().all(|(_, task)| task.base() == Sim::task(1)));
+    assert!(!sim.view.assignments.contains_key(&Sim::task(1)), "the task itself is not placed");
+
+    // Down to two: the others stop, then their records go; the two left do not move.
+    let before = sim.instances(1);
+    spec.count = Some(2);
+    sim.submit(spec.clone());
+    sim.settle(4);
+    let after = sim.instances(1);
+    assert_eq!(after.keys().collect::<Vec<_>>(), ["0", "1"]);
+    assert_eq!(after["0"], before["0"]);
+    assert_eq!(after["1"], before["1"]);
+    assert_eq!(sim.copies.len(), 2);
+    assert!(!sim.view.statuses.keys().any(|task| task.instance() == Some("2")), "its status went too");
+
+    // A node goes: its instance moves to the one node without a sibling, never beside one.
+    let Placement::Assigned { node } = &after["0"] else { panic!("{after:?}") };
+    let gone = sim.nodes.iter().position(|(id, _)| id == node).unwrap();
+    if gone != 2 {
+        let live = 0b111 & !(1 << gone);
+        for _ in 0..4 {
+            sim.lead(live);
+            sim.runners(live);
+        }
+        assert!(sim.doubled.is_empty(), "{:?}", sim.doubled);
+        let moved = sim.instances(1);
+        assert_ne!(moved["0"], after["0"]);
+        assert_ne!(moved["0"], moved["1"]);
+    }
+
+    // Stopping the task stops every instance.
+    sim.desired(1, DesiredState::Stopped);
+    sim.settle(3);
+    assert!(sim.instances(1).values().all(|p| *p == Placement::Stopped), "{:?}", sim.instances(1));
+    assert!(sim.copies.is_empty());
+}
+
+#[test]
+fn an_every_node_task_follows_the_eligible_nodes_and_older_builds_wait() {
+    let mut sim = Sim::new();
+    sim.run(&Op::Claim(2));
+    let mut spec = spec_of(1, &["a"], 1, false);
+    spec.every_node = true;
+    sim.submit(spec);
+    sim.settle(3);
+    // n0 and n2 carry `a`; n1 does not.
+    assert_eq!(sim.instances(1), BTreeMap::from([("n0".to_owned(), on("n0")), ("n2".to_owned(), on("n2"))]));
+    let mut held: Vec<_> = sim.copies.keys().map(|(node, task)| (*node, task.to_string())).collect();
+    held.sort();
+    assert_eq!(held, [(0, "t1@n0".to_owned()), (2, "t1@n2".to_owned())]);
+
+    // n0 leaves: its instance stops there and is not run anywhere else.
+    for _ in 0..4 {
+        sim.lead(0b110);
+        sim.runners(0b110);
+    }
+    assert!(sim.doubled.is_empty(), "{:?}", sim.doubled);
+    assert_eq!(sim.instances(1), BTreeMap::from([("n2".to_owned(), on("n2"))]));
+    // It comes back: it gets one again.
+    sim.settle(3);
+    assert_eq!(sim.instances(1).len(), 2);
+
+    // A node whose build has no instances gets none: pending, saying why.
+    sim.start_after = false;
+    sim.submit({
+        let mut spec = spec_of(3, &[], 1, false);
+        spec.count = Some(1);
+        spec
+    });
+    sim.settle(2);
+    let reason = format!("{:?}", sim.instances(3)["0"]);
+    assert!(reason.contains("older builds"), "{reason}");
 }

@@ -809,7 +809,7 @@ impl Node {
             error!(%key, %message, "the bus refused a leader record for its size");
             return;
         };
-        let Some(revision) = self.view.specs.get(&task).map(|entry| entry.revision) else { return };
+        let Some(revision) = self.view.spec_of(&task).map(|entry| entry.revision) else { return };
         let reason = format!("a record about this task is too large for the bus: {message}");
         error!(%task, %key, %reason, "failing the task");
         // Entries of earlier revisions no longer count (`leader::failure` compares revisions):
@@ -817,7 +817,7 @@ impl Node {
         let view = &self.view;
         self.leadership
             .unwritable
-            .retain(|task, (at, _)| view.specs.get(task).is_some_and(|spec| spec.revision == *at));
+            .retain(|task, (at, _)| view.spec_of(task).is_some_and(|spec| spec.revision == *at));
         self.leadership.unwritable.insert(task, (revision, reason));
     }
 

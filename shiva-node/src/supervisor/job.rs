@@ -164,6 +164,9 @@ pub(crate) fn request(
         env.push(("PATH".into(), context.task_path.clone()));
     }
     env.push(("SHIVA_TASK_ID".into(), spec.id.to_string()));
+    if let Some(instance) = spec.id.instance() {
+        env.push(("SHIVA_INSTANCE".into(), instance.to_owned()));
+    }
     env.push(("SHIVA_RUN_ID".into(), run_id.map(|id| id.to_string()).unwrap_or_default()));
     env.push(("SHIVA_NODE_ID".into(), context.node_id.clone()));
     env.push(("SHIVA_ATTEMPT".into(), attempt.to_string()));

@@ -78,6 +78,8 @@ pub const MAX_RESTARTS: (u32, u32) = (0, 10_000);
 pub const MAX_CATCH_UP: (u32, u32) = (1, 1_000);
 /// `max_attempts`: 1 to 1,000.
 pub const MAX_ATTEMPTS: (u32, u32) = (1, 1_000);
+/// `count` (instances of a service): 1 to 1,000.
+pub const COUNT: (u32, u32) = (1, 1_000);
 /// `memory_max`: 1 MiB to 1 PiB.
 pub const MEMORY_MAX: (u64, u64) = (1 << 20, 1 << 50);
 
@@ -105,7 +107,7 @@ pub const MAX_FILES: usize = 1024;
 /// what they carry besides it (`failed_on` node ids, a note).
 const RECORD_RESERVE: usize = 64 * 1024;
 
-fn count(field: &str, value: u32, (min, max): (u32, u32)) -> Result<(), SpecError> {
+pub(super) fn check_count(field: &str, value: u32, (min, max): (u32, u32)) -> Result<(), SpecError> {
     if !(min..=max).contains(&value) {
         return Err(SpecError::field(field, format!("{value} is out of range: from {min} to {max}")));
     }
@@ -141,9 +143,9 @@ impl TaskSpec {
         }
         RESTART_WINDOW.check("restart_window", self.restart_window)?;
         STABLE_AFTER.check("stable_after", self.stable_after)?;
-        count("max_restarts", self.max_restarts, MAX_RESTARTS)?;
-        count("max_catch_up", self.max_catch_up, MAX_CATCH_UP)?;
-        count("max_attempts", self.max_attempts, MAX_ATTEMPTS)?;
+        check_count("max_restarts", self.max_restarts, MAX_RESTARTS)?;
+        check_count("max_catch_up", self.max_catch_up, MAX_CATCH_UP)?;
+        check_count("max_attempts", self.max_attempts, MAX_ATTEMPTS)?;
         Ok(())
     }
 

@@ -275,3 +275,34 @@ fn secrets_are_named_never_given_and_a_tenants_secrets_serve_only_its_tasks() {
         assert!(found.contains(words), "{text}: {found}");
     }
 }
+
+#[test]
+fn instances_are_asked_of_services_within_range_and_never_defined_by_id() {
+    let spec = TaskSpec::from_user_json(r#"{"id":"web","command":"x","count":3}"#).unwrap();
+    assert_eq!(spec.instances(), super::Instances::Count(3));
+    let web = |n: &str| crate::TaskId::new(format!("web@{n}")).unwrap();
+    assert!(spec.has_instance(&web("0")) && spec.has_instance(&web("2")));
+    assert!(
+        !spec.has_instance(&web("3")) && !spec.has_instance(&web("02")) && !spec.has_instance(&web("n1"))
+    );
+    let every = TaskSpec::from_user_json(r#"{"id":"agent","command":"x","every_node":true}"#).unwrap();
+    assert_eq!(every.instances(), super::Instances::EveryNode);
+    assert!(every.has_instance(&crate::TaskId::new("agent@host-1").unwrap()));
+    assert!(!every.has_instance(&web("1")), "another task's");
+    let instance = spec.instance_spec(web("1"));
+    assert_eq!((instance.id.as_str(), instance.count, instance.every_node), ("web@1", None, false));
+    instance.validate().unwrap();
+    for (text, words) in [
+        (r#"{"id":"web","command":"x","count":0}"#, "field 'count': 0 is out of range: from 1 to 1000"),
+        (r#"{"id":"web","command":"x","count":1001}"#, "field 'count': 1001 is out of range"),
+        (r#"{"id":"web","command":"x","count":-1}"#, "count"),
+        (r#"{"id":"web","command":"x","count":2,"every_node":true}"#, "not both"),
+        (r#"{"id":"web","command":"x","count":2,"once":true}"#, "field 'count': only applies to services"),
+        (r#"{"id":"web","command":"x","every_node":true,"schedule":"* * * * *"}"#, "field 'every_node'"),
+        (r#"{"id":"web@1","command":"x"}"#, "names an instance"),
+        (r#"{"id":"web@a/b","command":"x"}"#, "invalid segment"),
+    ] {
+        let found = err(text);
+        assert!(found.contains(words), "{text}: {found}");
+    }
+}
