@@ -440,13 +440,27 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
 /// The tasks the leader places, with the spec each runs: every defined task, but that a task
 /// with instances is replaced by its instances (see [`Instances`]): `count` numbers them from 0;
 /// `every_node` names one after each live runner that carries the task's tags and is not
-/// draining (a node that leaves, or drains, loses its instance; one that joins gets one).
+/// draining (a node that leaves, or drains, loses its instance; one that joins gets one). An
+/// instance whose spec a new revision leaves as it was keeps its revision (no restart).
 fn defined<'v>(view: &'v LogView, candidates: &[Candidate]) -> BTreeMap<Cow<'v, TaskId>, Cow<'v, SpecEntry>> {
     let mut defined = BTreeMap::new();
     for (task, entry) in &view.specs {
         let instance = |id: TaskId| {
             let spec = entry.spec.instance_spec(id.clone());
-            (Cow::Owned(id), Cow::Owned(SpecEntry { spec, ..entry.clone() }))
+            // A new revision that changes nothing an instance runs (its count, its own revision
+            // number) keeps the instance's: scaling does not restart the instances that stay.
+            let same = view.assignments.get(&id).map(|current| &current.assignment).filter(|current| {
+                current.spec_revision <= entry.revision
+                    && !matches!(current.placement, Placement::Failed { .. })
+                    && TaskSpec { revision: spec.revision, ..current.spec.clone() } == spec
+            });
+            let entry = match same {
+                Some(current) => {
+                    SpecEntry { spec: current.spec.clone(), revision: current.spec_revision, ..entry.clone() }
+                }
+                None => SpecEntry { spec, ..entry.clone() },
+            };
+            (Cow::Owned(id), Cow::Owned(entry))
         };
         match entry.spec.instances() {
             Instances::Single => {

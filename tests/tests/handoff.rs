@@ -384,3 +384,141 @@ fn rebalance_evens_out_services_after_nodes_join_one_move_at_a_time() {
     }
     assert!(cluster.ctl.ok(&["rebalance"]).contains("balanced (0 move(s))"));
 }
+
+/// The value of `name` in the environment of process `pid`.
+fn env_of(pid: i32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{name}=");
+    environ
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .find_map(|v| v.strip_prefix(&prefix).map(str::to_owned))
+}
+
+/// The node of each instance of `task` running exactly once (per the kernel's process table),
+/// with its pid; panics on an instance running twice.
+fn instance_processes(cluster: &Cluster, instances: &[String]) -> BTreeMap<String, (String, i32)> {
+    let mut found = BTreeMap::new();
+    for instance in instances {
+        let processes = shiva_e2e::task_processes(&cluster.name, instance);
+        assert!(processes.len() <= 1, "{instance} runs {} times: {processes:?}", processes.len());
+        if let Some((pid, node)) = processes.first() {
+            found.insert(instance.clone(), (node.clone(), *pid));
+        }
+    }
+    found
+}
+
+/// Instances (issue 19, point 5), with real processes: `count: 2` runs `web@0` and `web@1` on two
+/// distinct nodes with `SHIVA_INSTANCE`; `count: 3` adds one on the third node and restarts
+/// neither of the two; a fourth waits, saying why; the node of an instance is killed (-9) and
+/// only that instance moves, never running twice, never beside a sibling; `every_node` runs one
+/// instance on each node carrying its tag, one more on a node that joins, and none left behind
+/// by a node that leaves; `delete` stops every instance.
+#[test]
+fn instances_spread_over_distinct_nodes_and_every_node_follows_joins_and_leaves() {
+    let mut cluster = Cluster::start("instances", 3, &[&["--tags", "edge"], &["--tags", "edge"], &[]]);
+    let dir = scratch("instances");
+    let spec = |count: u32| {
+        json!({"id": "web", "command": "sleep", "args": ["1000"], "env": {"E2E": cluster.name},
+            "stop_grace": "2s", "count": count})
+    };
+    let write = |name: &str, spec: serde_json::Value| {
+        let path = dir.join(name);
+        std::fs::write(&path, spec.to_string()).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let ids = |count: usize| (0..count).map(|n| format!("web@{n}")).collect::<Vec<_>>();
+    cluster.ctl.ok(&["submit", &write("web2.json", spec(2))]);
+    let two = cluster.wait_running_once(&ids(2));
+    assert_ne!(two["web@0"], two["web@1"], "two instances on one node: {two:?}");
+    let running = instance_processes(&cluster, &ids(2));
+    for (instance, (_, pid)) in &running {
+        let number = instance.strip_prefix("web@").unwrap();
+        assert_eq!(env_of(*pid, "SHIVA_INSTANCE").as_deref(), Some(number), "{instance}");
+    }
+    let row = cluster.ctl.tasks()["web"].clone();
+    assert_eq!(row["state"], "running", "{row}");
+    assert!(row["reason"].as_str().unwrap().contains("2 of 2 instances running"), "{row}");
+
+    // Three: the third node gets the new one; the first two keep their processes.
+    cluster.ctl.ok(&["submit", &write("web3.json", spec(3))]);
+    let three = cluster.wait_running_once(&ids(3));
+    let nodes: std::collections::BTreeSet<&String> = three.values().collect();
+    assert_eq!(nodes.len(), 3, "{three:?}");
+    let after = instance_processes(&cluster, &ids(3));
+    for instance in ids(2) {
+        assert_eq!(after[&instance].1, running[&instance].1, "{instance} restarted when the count grew");
+    }
+    // Four on three nodes: one waits, naming the rule.
+    cluster.ctl.ok(&["submit", &write("web4.json", spec(4))]);
+    wait_until(SETTLE, "web@3 waits for a node of its own", || {
+        let row = cluster.ctl.tasks().get("web@3").cloned().unwrap_or_default();
+        row["state"] == "pending" && row["reason"].as_str().unwrap_or("").contains("distinct nodes")
+    });
+    let row = cluster.ctl.tasks()["web"].clone();
+    assert_eq!(row["state"], "degraded", "{row}");
+    // Back to two, then kill -9 the node of web@0: it moves to the free node, and only it.
+    cluster.ctl.ok(&["submit", &write("web2.json", spec(2))]);
+    wait_until(SETTLE, "web@2 and web@3 are gone", || {
+        instance_processes(&cluster, &["web@2".into()]).is_empty()
+            && !cluster.ctl.tasks().contains_key("web@3")
+    });
+    let placed = cluster.wait_running_once(&ids(2));
+    let victim = placed["web@0"].clone();
+    let sibling_pid = instance_processes(&cluster, &ids(2))["web@1"].1;
+    cluster.node(&victim).kill9();
+    let deadline = std::time::Instant::now() + SETTLE * 2;
+    loop {
+        let now = instance_processes(&cluster, &ids(2));
+        if let (Some((a, _)), Some((b, _))) = (now.get("web@0"), now.get("web@1")) {
+            assert_ne!(a, b, "two instances on one node: {now:?}");
+            if *a != victim {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "web@0 never moved off {victim}: {now:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(instance_processes(&cluster, &ids(2))["web@1"].1, sibling_pid, "web@1 was restarted");
+    cluster.node(&victim).restart();
+    cluster.wait_nodes(3);
+
+    // One agent on each `edge` node: n1 and n2.
+    let agent = json!({"id": "agent", "command": "sleep", "args": ["1000"], "env": {"E2E": cluster.name},
+        "stop_grace": "1s", "tags": ["edge"], "every_node": true});
+    cluster.ctl.ok(&["submit", &write("agent.json", agent)]);
+    let agents = cluster.wait_running_once(&["agent@n1".to_owned(), "agent@n2".to_owned()]);
+    assert_eq!(agents["agent@n1"], "n1");
+    assert_eq!(agents["agent@n2"], "n2");
+    let pid = instance_processes(&cluster, &["agent@n1".into()])["agent@n1"].1;
+    assert_eq!(env_of(pid, "SHIVA_INSTANCE").as_deref(), Some("n1"));
+    assert!(shiva_e2e::task_processes(&cluster.name, "agent@n3").is_empty(), "n3 has no edge tag");
+    // A node that joins with the tag gets one; one that leaves takes its own away, and no
+    // other node runs it.
+    let joiner = shiva_e2e::Node::start(&cluster.broker, &cluster.name, "n4", &["--tags", "edge"]);
+    cluster.nodes.push(joiner);
+    let agents = cluster.wait_running_once(&["agent@n4".to_owned()]);
+    assert_eq!(agents["agent@n4"], "n4");
+    let status = cluster.node("n2").terminate();
+    assert!(status.success(), "n2 stopped cleanly: {status:?}");
+    wait_until(SETTLE, "agent@n2 is gone", || {
+        shiva_e2e::task_processes(&cluster.name, "agent@n2").is_empty()
+            && !cluster.ctl.tasks().contains_key("agent@n2")
+    });
+    let row = cluster.ctl.tasks()["agent"].clone();
+    assert_eq!(row["state"], "running", "{row}");
+    assert!(row["reason"].as_str().unwrap().contains("2 of 2"), "{row}");
+
+    // A command names the task, not an instance (exit 2); delete stops every instance.
+    let refused = cluster.ctl.run(&["kill", "web@1"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", String::from_utf8_lossy(&refused.stderr));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("instance of 'web'"));
+    cluster.ctl.ok(&["delete", "web"]);
+    cluster.ctl.ok(&["delete", "agent"]);
+    wait_until(SETTLE, "every instance stopped", || {
+        ["web@0", "web@1", "agent@n1", "agent@n4"]
+            .iter()
+            .all(|task| shiva_e2e::task_processes(&cluster.name, task).is_empty())
+    });
+}

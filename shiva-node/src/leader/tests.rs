@@ -1166,8 +1166,19 @@ fn counted_instances_spread_over_distinct_nodes_and_the_extra_ones_wait() {
     assert!(sim.copies.keys().all(|(_, task)| task.base() == Sim::task(1)));
     assert!(!sim.view.assignments.contains_key(&Sim::task(1)), "the task itself is not placed");
 
-    // Down to two: the others stop, then their records go; the two left do not move.
+    // Down to two: the others stop, then their records go; the two left neither move nor
+    // restart (their spec did not change: same revision, same generation).
     let before = sim.instances(1);
+    let generations = |sim: &Sim| -> Vec<(u64, i64)> {
+        ["0", "1"]
+            .iter()
+            .map(|n| {
+                let entry = &sim.view.assignments[&Sim::task(1).with_instance(n).unwrap()].assignment;
+                (entry.generation, entry.spec_revision)
+            })
+            .collect()
+    };
+    let kept = generations(&sim);
     spec.count = Some(2);
     sim.submit(spec.clone());
     sim.settle(4);
@@ -1175,6 +1186,7 @@ fn counted_instances_spread_over_distinct_nodes_and_the_extra_ones_wait() {
     assert_eq!(after.keys().collect::<Vec<_>>(), ["0", "1"]);
     assert_eq!(after["0"], before["0"]);
     assert_eq!(after["1"], before["1"]);
+    assert_eq!(generations(&sim), kept);
     assert_eq!(sim.copies.len(), 2);
     assert!(!sim.view.statuses.keys().any(|task| task.instance() == Some("2")), "its status went too");
 
