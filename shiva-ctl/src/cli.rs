@@ -304,7 +304,7 @@ pub struct JsonArg {
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
     /// JSON task spec (see docs/protocol.md); `-` reads stdin.
-    #[arg(conflicts_with_all = ["id", "tags", "env", "stop_grace", "workdir", "command", "schedule", "once"])]
+    #[arg(conflicts_with_all = ["id", "tags", "env", "stop_grace", "workdir", "command", "schedule", "once", "count", "every_node"])]
     pub file: Option<PathBuf>,
     /// Task id (1 to 4 segments separated by '/').
     #[arg(long)]
@@ -338,6 +338,13 @@ pub struct SubmitArgs {
     /// Run to completion once, retried per policy.
     #[arg(long, conflicts_with = "schedule")]
     pub once: bool,
+    /// Services: run N instances (ID@0 … ID@N-1, 1 to 1000), each on a node of its own, with
+    /// SHIVA_INSTANCE set.
+    #[arg(long, value_name = "N", conflicts_with_all = ["schedule", "once"])]
+    pub count: Option<u32>,
+    /// Services: run one instance (ID@NODE) on every node that carries the tags.
+    #[arg(long, conflicts_with_all = ["schedule", "once", "count"])]
+    pub every_node: bool,
     /// Check the spec and show it (a schedule in words, with its next slots in the task's
     /// zone) without writing anything; needs no cluster.
     #[arg(long)]

@@ -839,6 +839,8 @@ fn spec_from(args: Box<SubmitArgs>) -> Result<TaskSpec, CtlError> {
     spec.schedule = args.schedule;
     spec.timezone = args.timezone;
     spec.once = args.once;
+    spec.count = args.count;
+    spec.every_node = args.every_node;
     if let Some(text) = args.catch_up {
         spec.catch_up = choice(&text, "--catch-up", "none, latest or all")?;
     }
