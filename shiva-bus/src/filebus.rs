@@ -647,8 +647,11 @@ impl FileLogReader {
 
 /// The node's sink of task output on the file bus: a bounded queue and a writer thread that
 /// appends what is queued in batches (one sync per batch).
+/// A queued chunk: its key, its value, and who to tell once it is written.
+type QueuedChunk = (String, Vec<u8>, Option<crate::logs::Ack>);
+
 pub(crate) struct FileLogSink {
-    queue: std_mpsc::SyncSender<Option<(String, Vec<u8>)>>,
+    queue: std_mpsc::SyncSender<Option<QueuedChunk>>,
     flushed: Arc<(std::sync::Mutex<u64>, std::sync::Condvar)>,
     sent: std::sync::atomic::AtomicU64,
 }
@@ -658,7 +661,7 @@ impl FileLogSink {
         let topic = config.topics.logs();
         let segment_bytes = config.file.segment_bytes;
         let mut log = TopicLog::open_with(dir, &topic, segment_bytes).map_err(file_error)?;
-        let (queue, chunks) = std_mpsc::sync_channel::<Option<(String, Vec<u8>)>>(20_000);
+        let (queue, chunks) = std_mpsc::sync_channel::<Option<QueuedChunk>>(20_000);
         let flushed = Arc::new((std::sync::Mutex::new(0u64), std::sync::Condvar::new()));
         let done = flushed.clone();
         let dir = dir.to_owned();
@@ -678,13 +681,21 @@ impl FileLogSink {
                             Err(_) => break,
                         }
                     }
-                    let records: Vec<(&[u8], Option<&[u8]>)> =
-                        batch.iter().map(|(key, value)| (key.as_bytes(), Some(value.as_slice()))).collect();
+                    let records: Vec<(&[u8], Option<&[u8]>)> = batch
+                        .iter()
+                        .map(|(key, value, _)| (key.as_bytes(), Some(value.as_slice())))
+                        .collect();
                     if let Err(err) = log.append(&records, now_ms()) {
                         tracing::warn!(error = %err, lines = batch.len(), "task output not shipped");
                         match TopicLog::open_with(&dir, &topic, segment_bytes) {
                             Ok(fresh) => log = fresh,
                             Err(err) => tracing::warn!(error = %err, "cannot open the logs topic again"),
+                        }
+                    }
+                    // Written, or failed for good (logged above): done either way.
+                    for (_, _, ack) in batch.iter_mut() {
+                        if let Some(ack) = ack.take() {
+                            ack.done();
                         }
                     }
                     let (count, changed) = &*done;
@@ -700,8 +711,8 @@ impl FileLogSink {
     }
 
     /// Queues a chunk; `Err(true)`: the queue is full.
-    pub(crate) fn send(&self, task: &str, value: Vec<u8>) -> Result<(), bool> {
-        match self.queue.try_send(Some((task.to_owned(), value))) {
+    pub(crate) fn send(&self, task: &str, value: Vec<u8>, ack: Option<crate::logs::Ack>) -> Result<(), bool> {
+        match self.queue.try_send(Some((task.to_owned(), value, ack))) {
             Ok(()) => {
                 self.sent.fetch_add(1, Ordering::Relaxed);
                 Ok(())

@@ -8,19 +8,23 @@
 //!   creates it).
 //!
 //! [`LogSink`] is the node's producer for it: a client of its own (its own connection and
-//! queue), batching, so a flood of output never queues in front of a heartbeat. [`LogReader`]
-//! reads it back for `shiva-ctl logs`.
+//! queue), batching, so a flood of output never queues in front of a heartbeat. A sender learns
+//! through [`Acks`] which of its records are done (acknowledged by the broker, or failed for
+//! good), so it notes how far it shipped only once that is true. [`LogReader`] reads it back for
+//! `shiva-ctl logs`.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::filebus::{self, FileLogReader, FileLogSink};
 use crate::publisher::spawn_poller;
@@ -74,6 +78,87 @@ pub struct LogChunk<'a> {
     pub bytes: &'a [u8],
 }
 
+/// Which of one sender's records are done: delivered (acknowledged by the broker, or appended
+/// to the file bus's topic), or failed for good (logged where it failed). The sender numbers its
+/// records 0, 1, 2… in the order it queues them; deliveries may come in any order.
+#[derive(Debug, Default)]
+pub struct Acks(Mutex<AckState>);
+
+#[derive(Debug, Default)]
+struct AckState {
+    /// Every record numbered below is done.
+    below: u64,
+    /// Records done above `below`.
+    above: BTreeSet<u64>,
+}
+
+impl Acks {
+    /// Record `seq` is done.
+    pub fn done(&self, seq: u64) {
+        let mut state = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if seq == state.below {
+            state.below += 1;
+            loop {
+                let next = state.below;
+                if !state.above.remove(&next) {
+                    break;
+                }
+                state.below += 1;
+            }
+        } else if seq > state.below {
+            state.above.insert(seq);
+        }
+    }
+
+    /// Every record numbered below this is done.
+    pub fn done_below(&self) -> u64 {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).below
+    }
+}
+
+/// Record `seq` of the sender that owns `acks`.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    /// The sender's acknowledgements.
+    pub acks: Arc<Acks>,
+    /// The record's number.
+    pub seq: u64,
+}
+
+impl Ack {
+    /// Tells its sender the record is done.
+    pub fn done(self) {
+        self.acks.done(self.seq);
+    }
+}
+
+/// The logs producer's context: [`Context`]'s logging, and each record's [`Ack`].
+#[derive(Clone, Default)]
+struct LogContext(Context);
+
+impl ClientContext for LogContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        self.0.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.error(error, reason);
+    }
+}
+
+impl ProducerContext for LogContext {
+    type DeliveryOpaque = Box<Option<Ack>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, ack: Box<Option<Ack>>) {
+        if let Err((error, message)) = result {
+            tracing::warn!(%error, topic = message.topic(), "task output not delivered");
+        }
+        if let Some(ack) = *ack {
+            ack.done();
+        }
+    }
+}
+
 /// The node's producer for task output.
 pub struct LogSink {
     inner: SinkInner,
@@ -82,7 +167,7 @@ pub struct LogSink {
 }
 
 enum SinkInner {
-    Kafka { producer: Arc<BaseProducer<Context>>, stop: Arc<AtomicBool> },
+    Kafka { producer: Arc<BaseProducer<LogContext>>, stop: Arc<AtomicBool> },
     File(FileLogSink),
 }
 
@@ -99,7 +184,7 @@ impl LogSink {
             let inner = SinkInner::File(FileLogSink::new(config, dir)?);
             return Ok(LogSink { inner, topic: config.topics.logs(), node: node.to_owned() });
         }
-        let producer: BaseProducer<Context> = config
+        let producer: BaseProducer<LogContext> = config
             .client_config(&[
                 ("client.id", "shiva-logs".into()),
                 ("enable.idempotence", "false".into()),
@@ -111,7 +196,7 @@ impl LogSink {
                 ("message.timeout.ms", "60000".into()),
                 ("message.max.bytes", "2000000".into()),
             ])
-            .create_with_context(Context::default())
+            .create_with_context(LogContext::default())
             .map_err(|err| BusError::Kafka(format!("failed to create the logs producer: {err}")))?;
         let producer = Arc::new(producer);
         let stop = spawn_poller("shiva-logs", producer.clone())?;
@@ -122,21 +207,22 @@ impl LogSink {
         })
     }
 
-    /// Queues one chunk. `Err(true)`: the local queue is full, try again shortly; `Err(false)`:
-    /// the chunk cannot be sent (too large…).
-    pub fn send(&self, line: LogChunk<'_>) -> Result<(), bool> {
+    /// Queues one chunk; `ack` is told once it is done (delivered, or failed for good).
+    /// `Err(true)`: the local queue is full, try again shortly (`ack` is not told); `Err(false)`:
+    /// the chunk cannot be sent (too large…): the caller counts it done.
+    pub fn send(&self, line: LogChunk<'_>, ack: Option<Ack>) -> Result<(), bool> {
         let producer = match &self.inner {
             SinkInner::Kafka { producer, .. } => producer,
             SinkInner::File(sink) => {
                 let value = filebus::encode_log_value(line.run, line.stream, &self.node, line.bytes);
-                return sink.send(line.task, value);
+                return sink.send(line.task, value, ack);
             }
         };
         let headers = OwnedHeaders::new()
             .insert(Header { key: "run", value: Some(line.run) })
             .insert(Header { key: "stream", value: Some(line.stream) })
             .insert(Header { key: "node", value: Some(self.node.as_str()) });
-        let record = BaseRecord::<str, [u8]>::to(&self.topic)
+        let record = BaseRecord::<str, [u8], Box<Option<Ack>>>::with_opaque_to(&self.topic, Box::new(ack))
             .key(line.task)
             .payload(line.bytes)
             .headers(headers)
@@ -513,6 +599,27 @@ pub fn scan(
 }
 
 #[cfg(test)]
+mod ack_tests {
+    use super::*;
+
+    #[test]
+    fn done_below_moves_only_over_an_unbroken_run_of_done_records() {
+        let acks = Acks::default();
+        assert_eq!(acks.done_below(), 0);
+        acks.done(1);
+        acks.done(2);
+        assert_eq!(acks.done_below(), 0, "record 0 is still in flight");
+        acks.done(0);
+        assert_eq!(acks.done_below(), 3);
+        acks.done(0);
+        acks.done(4);
+        assert_eq!(acks.done_below(), 3);
+        acks.done(3);
+        assert_eq!(acks.done_below(), 5);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -526,10 +633,15 @@ mod tests {
         let config = BusConfig::new(&format!("file://{}", dir.display()), "t", &[]).unwrap();
         crate::admin::ensure_topics(&config, Duration::from_secs(5)).await.unwrap();
         let sink = LogSink::new(&config, "n1").unwrap();
+        // Every record is numbered for `acks`: each is told once written.
+        let acks = Arc::new(Acks::default());
+        let queued = std::cell::Cell::new(0u64);
         let send = |task: &str, bytes: &[u8]| {
-            while let Err(true) = sink.send(LogChunk { task, run: "r1", stream: "stdout", bytes }) {
+            let ack = || Some(Ack { acks: acks.clone(), seq: queued.get() });
+            while let Err(true) = sink.send(LogChunk { task, run: "r1", stream: "stdout", bytes }, ack()) {
                 std::thread::sleep(Duration::from_millis(5));
             }
+            queued.set(queued.get() + 1);
         };
         send("mine", b"early\n");
         for i in 0..20_000 {
@@ -540,6 +652,7 @@ mod tests {
         }
         send("mine", b"last");
         sink.flush(Duration::from_secs(10));
+        assert_eq!(acks.done_below(), 20_011, "every record written is done");
         let filter = LogFilter { task: "mine".into(), ..LogFilter::default() };
         let found = tail(&config, Duration::from_secs(5), &filter, 3).unwrap();
         let text: Vec<u8> = found.chunks.iter().flat_map(|chunk| chunk.bytes.clone()).collect();

@@ -3,12 +3,17 @@
 //! its own. Each task has a byte budget per second (`--log-rate`, with a burst of two seconds'
 //! worth): a flooding task's lines wait on disk, never in front of a heartbeat. Lines that
 //! rotate away before they could be shipped are replaced by one line saying so.
+//!
+//! Invariant: a follower notes how far it shipped (`<run>.shipped`) only up to the end of a batch
+//! whose every record is done (acknowledged by the bus, or failed for good and logged), so a node
+//! killed at any moment ships on, in its next process, from a point before which nothing is
+//! lost; what was delivered after the noted point is shipped again (at most a poll's worth).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shiva_bus::logs::{LogChunk, LogSink};
+use shiva_bus::logs::{Ack, Acks, LogChunk, LogSink};
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -18,6 +23,8 @@ use crate::runlog::{Line, RunLog, SegmentReader, Stream};
 /// the run is quiet.
 const POLL_MIN: Duration = Duration::from_millis(100);
 const POLL_MAX: Duration = Duration::from_secs(1);
+/// How long a detaching follower waits for its records in flight to be done.
+const DETACH_WAIT: Duration = Duration::from_millis(400);
 /// Each record costs its bytes plus this.
 const RECORD_COST: u64 = 64;
 /// Lines of one stream are shipped together up to about this many bytes per record.
@@ -93,15 +100,24 @@ impl LogShipper {
         bucket.take(cost as f64, self.rate, burst, now)
     }
 
-    async fn send(&self, line: LogChunk<'_>) {
+    /// Queues `line`, numbered `ack.seq` for its follower (told once it is done, whatever
+    /// happens to it).
+    async fn send(&self, line: LogChunk<'_>, ack: Ack) {
         let began = Instant::now();
         let wait = self.wait_for(line.task, line.bytes.len() as u64 + RECORD_COST);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
         for _ in 0..500 {
-            match self.sink.send(line) {
-                Ok(()) | Err(false) => {
+            match self.sink.send(line, Some(ack.clone())) {
+                Ok(()) => {
+                    if let Some(metrics) = &self.metrics {
+                        crate::api::Metrics::observe(&metrics.log_shipping_delay, began.elapsed());
+                    }
+                    return;
+                }
+                Err(false) => {
+                    ack.done();
                     if let Some(metrics) = &self.metrics {
                         crate::api::Metrics::observe(&metrics.log_shipping_delay, began.elapsed());
                     }
@@ -113,6 +129,7 @@ impl LogShipper {
         if let Some(metrics) = &self.metrics {
             metrics.log_dropped.inc();
         }
+        ack.done();
         warn!(task = line.task, run = line.run, "the logs producer stayed full for 10s; output was dropped");
     }
 
@@ -137,39 +154,67 @@ impl LogShipper {
             };
             let mut over = false;
             let mut poll = POLL_MIN;
+            // Records are numbered in the order they are queued; each batch's end position waits
+            // here until every record up to it is done.
+            let acks = Arc::new(Acks::default());
+            let mut queued = 0u64;
+            let mut unconfirmed: std::collections::VecDeque<(u64, (u64, u64))> = Default::default();
+            let note = |unconfirmed: &mut std::collections::VecDeque<(u64, (u64, u64))>| {
+                let done = acks.done_below();
+                let mut newest = None;
+                while unconfirmed.front().is_some_and(|(end, _)| *end <= done) {
+                    newest = unconfirmed.pop_front().map(|(_, position)| position);
+                }
+                if let Some((segment, offset)) = newest {
+                    // Replaced whole (a node killed mid-write leaves the previous position).
+                    let _ = crate::shim::replace_file(&shipped, format!("{segment} {offset}\n").as_bytes());
+                }
+            };
             loop {
+                note(&mut unconfirmed);
                 if this.detaching.is_cancelled() {
+                    // The next process ships on from the last batch known delivered: wait (a
+                    // bounded time) for the ones in flight, so it sends nothing twice.
+                    let deadline = Instant::now() + DETACH_WAIT;
+                    while acks.done_below() < queued && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    note(&mut unconfirmed);
                     return;
                 }
                 let batch = reader.read(256 * 1024);
+                let mut next = || {
+                    queued += 1;
+                    Ack { acks: acks.clone(), seq: queued - 1 }
+                };
                 if batch.skipped_segments > 0 {
                     let note = format!(
                         "[shiva: {} segment(s) of this run's output rotated away on the node before they could be shipped]",
                         batch.skipped_segments
                     );
                     let note = format!("{note}\n");
-                    this.send(LogChunk { task: &task, run: &run, stream: "stderr", bytes: note.as_bytes() })
-                        .await;
+                    let line = LogChunk { task: &task, run: &run, stream: "stderr", bytes: note.as_bytes() };
+                    this.send(line, next()).await;
                 }
                 let idle = batch.lines.is_empty();
                 for (stream, bytes) in chunks(&batch.lines) {
-                    this.send(LogChunk { task: &task, run: &run, stream: stream.as_str(), bytes: &bytes })
-                        .await;
+                    let line = LogChunk { task: &task, run: &run, stream: stream.as_str(), bytes: &bytes };
+                    this.send(line, next()).await;
                 }
                 if !idle || batch.skipped_segments > 0 {
-                    // Queued up to here: a later process of the node ships on from here.
-                    // Replaced whole (a node killed mid-write leaves the previous position).
-                    let (segment, offset) = reader.position();
-                    let _ = crate::shim::replace_file(&shipped, format!("{segment} {offset}\n").as_bytes());
+                    unconfirmed.push_back((queued, reader.position()));
                 }
                 if idle {
-                    if over {
+                    if over && unconfirmed.is_empty() {
                         return;
                     }
+                    // A run that is over waits only for its last records to be done; but not for
+                    // ever (a bus that takes nothing: the producer gives up within its timeout).
+                    let pause = if unconfirmed.is_empty() { poll } else { POLL_MIN };
                     tokio::select! {
-                        _ = &mut ended => over = true,
-                        _ = tokio::time::sleep(poll) => {}
-                        _ = this.detaching.cancelled() => return,
+                        _ = &mut ended, if !over => over = true,
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = this.detaching.cancelled() => {}
                     }
                     poll = (poll * 2).min(POLL_MAX);
                 } else {
