@@ -210,7 +210,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
             if let Some(refusal) = refused {
                 println!("refused:     {}", refusal.reason);
             }
-            let Some(spec) = view.specs.get(&task).map(|entry| &entry.spec) else {
+            let Some(spec) = view.spec_of(&task).map(|entry| &entry.spec) else {
                 // An invalid definition: its row says why.
                 println!("id:          {}", row.id);
                 println!("state:       {}", row.state);
@@ -218,7 +218,7 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                 return Ok(());
             };
             println!("id:          {}", row.id);
-            if let Some(entry) = view.specs.get(&task) {
+            if let Some(entry) = view.spec_of(&task) {
                 println!("revision:    {} (record at offset {})", entry.spec.revision, entry.revision);
             }
             println!("kind:        {}", row.kind);

@@ -51,6 +51,13 @@ pub async fn print(config: &BusConfig, timeout: Duration, request: Request) -> R
         if !view.is_defined(&task) {
             return Err(no_such_task(&task));
         }
+        let instances = shiva_proto::rows::instances_of(&view, &task);
+        if let Some(first) = instances.first() {
+            return Err(CtlError::Failed(anyhow::anyhow!(
+                "'{task}' runs as {} instance(s), each with its own output: shiva-ctl logs {first}",
+                instances.len()
+            )));
+        }
     }
     Ok(())
 }

@@ -16,7 +16,6 @@ use shiva_proto::records::{
 };
 use shiva_proto::spec::{Instances, OnDisconnect, TaskKind};
 use shiva_proto::topics::key;
-use shiva_proto::view::SpecEntry;
 use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 use uuid::Uuid;
 
@@ -81,8 +80,10 @@ pub fn failure(
     task: &TaskId,
     revision: i64,
 ) -> Option<String> {
+    // At a later revision than the one planned: an instance that kept its revision when its
+    // task was scaled (the failure is noted at the task's).
     if let Some((at, reason)) = failed.get(task)
-        && *at == revision
+        && *at >= revision
     {
         return Some(reason.clone());
     }
@@ -202,6 +203,15 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         .map(|(task, entry)| (task, handoff::left(view, task, &entry.assignment, live, may_still_run)))
         .filter(|(_, copies)| !copies.is_empty())
         .collect();
+    // The same task under another name: its own copy for an instance, its instances for it.
+    let relatives = |task: &TaskId| -> Vec<&TaskId> {
+        match task.instance() {
+            Some(_) => {
+                view.assignments.get_key_value(&task.base()).map(|(base, _)| base).into_iter().collect()
+            }
+            None => view.assigned_instances(task).collect(),
+        }
+    };
     let blocking = |task: &TaskId| -> Vec<&Holder> {
         let next_keep = defined.get(task).is_some_and(|spec| spec.spec.on_disconnect == OnDisconnect::Keep);
         let copies = carried.get(task).map(Vec::as_slice).unwrap_or_default();
@@ -368,12 +378,25 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                 Placement::Stopped | Placement::Failed { .. } => {}
             }
         }
-        // A service whose periodic or one-shot runs (of an earlier revision) still run waits.
+        // A service whose periodic or one-shot runs (of an earlier revision) still run waits;
+        // an instance waits for those of its task.
         if let Placement::Assigned { .. } = placement
-            && let Some(run) =
-                view.runs.get(task).and_then(|runs| runs.values().find_map(|run| run.in_flight_on()))
+            && let Some(run) = [task.clone(), task.base()]
+                .iter()
+                .find_map(|task| view.runs.get(task)?.values().find_map(|run| run.in_flight_on()))
         {
             placement = Placement::Pending { reason: format!("waiting for its run on {run} to end") };
+            after.clear();
+        }
+        // A switch between one copy and instances: the task waits until no copy under the other
+        // name may still run (an instance for its task's own copy, the task for its instances).
+        if let Placement::Assigned { .. } = placement
+            && let Some((other, holder)) = relatives(task).into_iter().find_map(|other| {
+                carried.get(other).and_then(|copies| copies.first()).map(|copy| (other, copy))
+            })
+        {
+            placement =
+                Placement::Pending { reason: format!("waiting for {other} to stop on {}", holder.node) };
             after.clear();
         }
         // A failed task is not moved again: no nodes to avoid, no retry time.
@@ -397,7 +420,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             }
         };
         let current_record = current.map(|entry| &entry.assignment);
-        let given = (&spec.spec, spec.revision);
+        let given = (spec.spec.as_ref(), spec.revision);
         let holders = holders_after(view, task, current_record, copies, &placement, given, generation);
         // The incarnation that runs it: the one `members` lists (another of its id runs nothing).
         // Passing from one incarnation of the id to another is a move: an exclusive task stays
@@ -432,39 +455,56 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             continue;
         }
         let record = AssignmentRecord { placement, failed_on, retry_at_ms, holders, after, incarnation };
-        writes.push(assignment_write(epoch, task, generation, spec, record));
+        writes.push(assignment_write(epoch, task, generation, (&spec.spec, spec.revision), record));
     }
     writes
+}
+
+/// A task the leader places: the spec it runs, and that spec's revision.
+struct Defined<'v> {
+    spec: Cow<'v, TaskSpec>,
+    revision: i64,
 }
 
 /// The tasks the leader places, with the spec each runs: every defined task, but that a task
 /// with instances is replaced by its instances (see [`Instances`]): `count` numbers them from 0;
 /// `every_node` names one after each live runner that carries the task's tags and is not
-/// draining (a node that leaves, or drains, loses its instance; one that joins gets one). An
-/// instance whose spec a new revision leaves as it was keeps its revision (no restart).
-fn defined<'v>(view: &'v LogView, candidates: &[Candidate]) -> BTreeMap<Cow<'v, TaskId>, Cow<'v, SpecEntry>> {
+/// draining (a node that leaves, or drains, loses its instance; one that joins gets one).
+///
+/// An instance already assigned the spec its task has now, but for `count` (the task was scaled),
+/// keeps the revision it has: scaling restarts no instance. Any other change (a resubmission
+/// too, as for a task of one copy) gives it the task's revision. In the steady state nothing is
+/// copied: an instance runs its assignment's spec.
+fn defined<'v>(view: &'v LogView, candidates: &[Candidate]) -> BTreeMap<Cow<'v, TaskId>, Defined<'v>> {
     let mut defined = BTreeMap::new();
     for (task, entry) in &view.specs {
         let instance = |id: TaskId| {
-            let spec = entry.spec.instance_spec(id.clone());
-            // A new revision that changes nothing an instance runs (its count, its own revision
-            // number) keeps the instance's: scaling does not restart the instances that stay.
-            let same = view.assignments.get(&id).map(|current| &current.assignment).filter(|current| {
+            let current = view.assignments.get(&id).map(|current| &current.assignment).filter(|current| {
                 current.spec_revision <= entry.revision
                     && !matches!(current.placement, Placement::Failed { .. })
-                    && TaskSpec { revision: spec.revision, ..current.spec.clone() } == spec
+                    && current.spec.runs_like(&entry.spec)
+                    && current.spec.every_node == entry.spec.every_node
             });
-            let entry = match same {
-                Some(current) => {
-                    SpecEntry { spec: current.spec.clone(), revision: current.spec_revision, ..entry.clone() }
+            let runs = match current {
+                Some(current) if current.spec.count != entry.spec.count => {
+                    Defined { spec: Cow::Borrowed(&current.spec), revision: current.spec_revision }
                 }
-                None => SpecEntry { spec, ..entry.clone() },
+                Some(current) if current.spec_revision == entry.revision => {
+                    Defined { spec: Cow::Borrowed(&current.spec), revision: entry.revision }
+                }
+                _ => Defined {
+                    spec: Cow::Owned(entry.spec.instance_spec(id.clone())),
+                    revision: entry.revision,
+                },
             };
-            (Cow::Owned(id), Cow::Owned(entry))
+            (Cow::Owned(id), runs)
         };
         match entry.spec.instances() {
             Instances::Single => {
-                defined.insert(Cow::Borrowed(task), Cow::Borrowed(entry));
+                defined.insert(
+                    Cow::Borrowed(task),
+                    Defined { spec: Cow::Borrowed(&entry.spec), revision: entry.revision },
+                );
             }
             Instances::Count(count) => {
                 defined.extend((0..count).filter_map(|n| task.with_instance(&n.to_string())).map(instance));
@@ -704,19 +744,19 @@ fn assignment_write(
     epoch: u64,
     task: &TaskId,
     generation: u64,
-    spec: &SpecEntry,
+    (spec, revision): (&TaskSpec, i64),
     record: AssignmentRecord,
 ) -> Write {
     let AssignmentRecord { placement, failed_on, retry_at_ms, holders, after, incarnation } = record;
     let carried = match placement {
-        Placement::Failed { .. } => TaskSpec::new(task.clone(), spec.spec.command.clone(), Vec::new()),
-        _ => spec.spec.clone(),
+        Placement::Failed { .. } => TaskSpec::new(task.clone(), spec.command.clone(), Vec::new()),
+        _ => spec.clone(),
     };
     let assignment = Assignment {
         epoch,
         task: task.clone(),
         generation,
-        spec_revision: spec.revision,
+        spec_revision: revision,
         placement,
         spec: carried,
         failed_on,
@@ -754,7 +794,7 @@ pub fn fail_write(view: &LogView, epoch: u64, task: &TaskId, reason: String) -> 
         after: Vec::new(),
         incarnation: None,
     };
-    Some(assignment_write(epoch, task, generation, spec, record))
+    Some(assignment_write(epoch, task, generation, (&spec.spec, spec.revision), record))
 }
 
 #[cfg(test)]

@@ -173,6 +173,19 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
     let mut load: BTreeMap<&NodeId, usize> = nodes.iter().map(|node| (&node.id, 0)).collect();
     // Nodes holding an instance of each task with instances.
     let mut siblings: BTreeMap<&TaskId, BTreeSet<NodeId>> = BTreeMap::new();
+    // Where each instance runs now, by task: a node another instance runs on takes none.
+    let mut currents: BTreeMap<&TaskId, Vec<(&TaskId, &NodeId)>> = BTreeMap::new();
+    for task in tasks {
+        if let (Some(group), Some(current)) = (&task.apart, &task.current) {
+            currents.entry(group).or_default().push((&task.task, current));
+        }
+    }
+    let sibling_runs_on = |task: &Demand, node: &NodeId| {
+        task.apart
+            .as_ref()
+            .and_then(|group| currents.get(group))
+            .is_some_and(|runs| runs.iter().any(|(other, on)| *other != &task.task && *on == node))
+    };
     let mut placed = BTreeMap::new();
     let mut to_place = Vec::new();
     for task in tasks {
@@ -214,7 +227,10 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
                 Availability::Draining { expired } => {
                     !expired
                         && !nodes.iter().any(|other| {
-                            other.takes_new() && eligible(other, task) && !task.avoid.contains(&other.id)
+                            other.takes_new()
+                                && eligible(other, task)
+                                && !task.avoid.contains(&other.id)
+                                && !sibling_runs_on(task, &other.id)
                         })
                 }
             });
@@ -463,6 +479,42 @@ mod tests {
         let nodes = [node("a", &[], Availability::Cordoned)];
         let reason = on(&plan(&nodes, &[task("new", &[], None)]), "new").unwrap_err();
         assert!(reason.contains("cordoned or draining (a)"), "{reason}");
+    }
+
+    #[test]
+    fn instances_keep_apart_and_one_with_nowhere_else_to_go_stays_on_a_draining_node() {
+        let id = |id: &str| NodeId::new(id).unwrap();
+        let instance = |n: &str, current: Option<&str>| Demand {
+            apart: Some(TaskId::new("web").unwrap()),
+            ..demand(&format!("web@{n}"), &[], current)
+        };
+        let on = |result: &BTreeMap<TaskId, Result<NodeId, String>>, t: &str| {
+            result[&TaskId::new(t).unwrap()].clone()
+        };
+        let open = |name: &str| candidate(name, &[], Availability::Open);
+        // Two on one node (a forged or stale state): the second moves to the free node.
+        let nodes = [open("a"), open("b")];
+        let result = plan(&nodes, &[instance("0", Some("a")), instance("1", Some("a"))]);
+        assert_eq!((on(&result, "web@0"), on(&result, "web@1")), (Ok(id("a")), Ok(id("b"))));
+        // A draining node keeps its instance while every other node runs a sibling, until the
+        // deadline.
+        let draining = |expired| candidate("a", &[], Availability::Draining { expired });
+        let all = [instance("0", Some("a")), instance("1", Some("b")), instance("2", Some("c"))];
+        let result = plan(&[draining(false), open("b"), open("c")], &all);
+        assert_eq!(on(&result, "web@0"), Ok(id("a")));
+        let result = plan(&[draining(true), open("b"), open("c")], &all);
+        assert!(on(&result, "web@0").unwrap_err().contains("distinct nodes"), "{result:?}");
+        // A free node: it moves there.
+        let result = plan(&[draining(false), open("b"), open("c"), open("d")], &all);
+        assert_eq!(on(&result, "web@0"), Ok(id("d")));
+        // Nodes of an older build take no instance; an `every_node` one goes to its node only.
+        let old = Candidate { instances: false, ..open("a") };
+        let result = plan(&[old], &[instance("0", None)]);
+        assert!(on(&result, "web@0").unwrap_err().contains("older builds"), "{result:?}");
+        let pinned = Demand { only: Some(id("b")), ..instance("b", None) };
+        assert_eq!(on(&plan(&[open("a"), open("b")], std::slice::from_ref(&pinned)), "web@b"), Ok(id("b")));
+        let reason = on(&plan(&[open("a")], &[pinned]), "web@b").unwrap_err();
+        assert!(reason.contains("not a live runner"), "{reason}");
     }
 
     #[test]

@@ -366,13 +366,16 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     /// starting: read off the task's assignment as the leader's reconciliation reads it (the
     /// copy of an `assigned` service placement counts, so a switch to a periodic or one-shot
     /// revision waits in the very step that hands the service off).
+    /// The instances of an earlier revision run as instances (`<task>@<n>`) count the same.
     fn service_copy_blocks(&self, spec: &SpecEntry) -> bool {
         use crate::leader::handoff;
-        let Some(entry) = self.ctx.view.assignments.get(self.task) else { return false };
         let next_keep = spec.spec.on_disconnect == OnDisconnect::Keep;
         let (view, live, may_still_run) = (self.ctx.view, self.ctx.live, self.ctx.may_still_run);
-        let left = handoff::left(view, self.task, &entry.assignment, live, may_still_run);
-        left.iter().any(|holder| handoff::blocks(holder, live, may_still_run, next_keep))
+        std::iter::once(self.task).chain(view.assigned_instances(self.task)).any(|task| {
+            let Some(entry) = view.assignments.get(task) else { return false };
+            let left = handoff::left(view, task, &entry.assignment, live, may_still_run);
+            left.iter().any(|holder| handoff::blocks(holder, live, may_still_run, next_keep))
+        })
     }
 
     fn write_intent(&mut self, intent: RunIntent) {

@@ -152,6 +152,7 @@ pub fn plan(view: &LogView, command: &Command) -> Result<Vec<Write>, CommandErro
         Command::Submit(spec) => {
             spec.validate_new().map_err(|err| CommandError::Invalid(err.to_string()))?;
             check_after(spec, view)?;
+            check_instances(spec, view)?;
             // Its own revision: one more than the definition it replaces.
             let mut spec = spec.as_ref().clone();
             spec.revision = next_revision(view, task);
@@ -230,7 +231,33 @@ fn scheduled_task(view: &LogView, task: &TaskId, verb: &str) -> Result<TaskKind,
 }
 
 /// Refuses a one-shot whose `after` list would close a cycle with the cluster's tasks.
+/// A task run as instances needs every node that may lead to run a build that places them:
+/// a leader of an older build would run the task once, under its own id, beside its instances.
+fn check_instances(spec: &TaskSpec, view: &LogView) -> Result<(), CommandError> {
+    if spec.instances() == crate::spec::Instances::Single {
+        return Ok(());
+    }
+    let members = view.members.iter().flat_map(|members| members.nodes.iter());
+    let older: Vec<&str> = members
+        .filter(|member| member.leader_capable && !member.has(crate::records::feature::INSTANCES))
+        .map(|member| member.id.as_str())
+        .collect();
+    if older.is_empty() {
+        return Ok(());
+    }
+    Err(CommandError::Conflict(format!(
+        "'{}' asks for instances (count, every_node), but these nodes may lead and run an older build that would run it once instead: {}; upgrade them first",
+        spec.id,
+        older.join(", ")
+    )))
+}
+
 fn check_after(spec: &TaskSpec, view: &LogView) -> Result<(), CommandError> {
+    if let Some(instance) = spec.after.iter().find(|task| task.instance().is_some()) {
+        return Err(CommandError::Invalid(format!(
+            "invalid task spec: field 'after': '{instance}' is an instance; a one-shot waits for tasks"
+        )));
+    }
     if spec.after.is_empty() {
         return Ok(());
     }
@@ -284,6 +311,40 @@ mod tests {
         let writes = plan(&view, &Command::Submit(Box::new(service))).unwrap();
         assert_eq!(writes.len(), 2);
         assert!(matches!(writes[1].body, Some(Body::Desired(Desired { state: DesiredState::Running, .. }))));
+    }
+
+    #[test]
+    fn instances_are_refused_while_a_node_that_may_lead_runs_an_older_build_and_never_named() {
+        let mut web = TaskSpec::new(id("web"), "sleep", vec!["9".into()]);
+        web.count = Some(2);
+        let member = |name: &str, features: &[&str]| crate::records::Member {
+            id: crate::NodeId::new(name).unwrap(),
+            incarnation: uuid::Uuid::nil(),
+            hostname: name.into(),
+            tags: vec![],
+            runner: true,
+            leader_capable: true,
+            returns: 0,
+            features: features.iter().map(|f| (*f).to_owned()).collect(),
+        };
+        let mut view = view_with(&[]);
+        view.members = Some(crate::records::Members {
+            epoch: 1,
+            nodes: vec![member("new", crate::records::feature::ALL), member("old", &[])],
+            conflicts: vec![],
+            authorized_keys: None,
+        });
+        let refused = plan(&view, &Command::Submit(Box::new(web.clone()))).unwrap_err();
+        assert!(matches!(&refused, CommandError::Conflict(why) if why.contains("old")), "{refused:?}");
+        view.members.as_mut().unwrap().nodes[1].leader_capable = false;
+        plan(&view, &Command::Submit(Box::new(web.clone()))).unwrap();
+        // A command names the task; a one-shot waits for tasks, not instances.
+        let refused = plan(&view, &Command::Kill(id("web@1"))).unwrap_err();
+        assert!(matches!(&refused, CommandError::Invalid(why) if why.contains("instance of 'web'")));
+        let mut once = TaskSpec::new(id("job"), "true", vec![]);
+        once.once = true;
+        once.after = vec![id("web@0")];
+        assert!(matches!(plan(&view, &Command::Submit(Box::new(once))), Err(CommandError::Invalid(_))));
     }
 
     #[test]

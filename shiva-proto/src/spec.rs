@@ -412,10 +412,81 @@ impl TaskSpec {
     }
 
     /// The spec instance `id` runs (an id [`TaskId::with_instance`] made of this spec's): this
-    /// one under that id, with neither `count` nor `every_node`. The runner gives the child the
-    /// instance in `SHIVA_INSTANCE`.
+    /// one under that id. The runner gives the child the instance in `SHIVA_INSTANCE`.
     pub fn instance_spec(&self, id: TaskId) -> TaskSpec {
-        TaskSpec { id, count: None, every_node: false, ..self.clone() }
+        TaskSpec { id, ..self.clone() }
+    }
+
+    /// Whether `other` runs the same as this spec, all but its id, its own revision number and
+    /// how many instances run (`count`, `every_node`): what an instance of either runs.
+    pub fn runs_like(&self, other: &TaskSpec) -> bool {
+        // Every field named: a field added later must be placed on one side or the other.
+        let TaskSpec {
+            id: _,
+            revision: _,
+            count: _,
+            every_node: _,
+            command,
+            args,
+            env,
+            tags,
+            workdir,
+            stop_grace,
+            schedule,
+            timezone,
+            overlap,
+            catch_up,
+            starting_deadline,
+            max_catch_up,
+            jitter,
+            max_runtime,
+            once,
+            max_attempts,
+            backoff,
+            permanent_exit_codes,
+            after,
+            stop_signal,
+            on_disconnect,
+            max_restarts,
+            restart_window,
+            stable_after,
+            user,
+            rlimits,
+            memory_max,
+            cpu_max,
+            files,
+            secrets,
+        } = self;
+        *command == other.command
+            && *args == other.args
+            && *env == other.env
+            && *tags == other.tags
+            && *workdir == other.workdir
+            && *stop_grace == other.stop_grace
+            && *schedule == other.schedule
+            && *timezone == other.timezone
+            && *overlap == other.overlap
+            && *catch_up == other.catch_up
+            && *starting_deadline == other.starting_deadline
+            && *max_catch_up == other.max_catch_up
+            && *jitter == other.jitter
+            && *max_runtime == other.max_runtime
+            && *once == other.once
+            && *max_attempts == other.max_attempts
+            && *backoff == other.backoff
+            && *permanent_exit_codes == other.permanent_exit_codes
+            && *after == other.after
+            && *stop_signal == other.stop_signal
+            && *on_disconnect == other.on_disconnect
+            && *max_restarts == other.max_restarts
+            && *restart_window == other.restart_window
+            && *stable_after == other.stable_after
+            && *user == other.user
+            && *rlimits == other.rlimits
+            && *memory_max == other.memory_max
+            && *cpu_max == other.cpu_max
+            && *files == other.files
+            && *secrets == other.secrets
     }
 
     /// Whether `task` names one of this spec's instances: a number below `count`, or any node
@@ -557,6 +628,35 @@ impl TaskSpec {
 
     /// Rules of `count` and `every_node`.
     fn validate_instances(&self) -> Result<(), SpecError> {
+        let longest_instance = match (self.count, self.every_node) {
+            (Some(count), _) => count.saturating_sub(1).to_string().len(),
+            (None, true) => crate::ids::MAX_NODE_ID_BYTES,
+            (None, false) => return Ok(()),
+        };
+        let field = if self.count.is_some() { "count" } else { "every_node" };
+        // An instance's id names its directories (`tasks/<id>`, its output): one file name.
+        let base = self.id.base();
+        let last = base.as_str().rsplit('/').next().unwrap_or_default();
+        let name = last.len() + 1 + longest_instance;
+        if name > MAX_FILE_NAME_BYTES {
+            return Err(SpecError::field(
+                field,
+                format!(
+                    "the id's last segment '{last}' is too long for instances: with '@' and the longest instance id ({longest_instance} bytes) it takes {name} bytes, above {MAX_FILE_NAME_BYTES}"
+                ),
+            ));
+        }
+        // Every instance's assignment carries the spec, and every node keeps each one.
+        let bytes = serde_json::to_vec(self).map_or(usize::MAX, |json| json.len());
+        if bytes > bounds::MAX_INSTANCES_SPEC_BYTES {
+            return Err(SpecError::field(
+                field,
+                format!(
+                    "a spec run as instances takes at most {} bytes as JSON; this one takes {bytes}",
+                    bounds::MAX_INSTANCES_SPEC_BYTES
+                ),
+            ));
+        }
         if let Some(count) = self.count {
             bounds::check_count("count", count, bounds::COUNT)?;
             if self.every_node {
@@ -566,8 +666,7 @@ impl TaskSpec {
                 ));
             }
         }
-        let field = if self.count.is_some() { "count" } else { "every_node" };
-        if (self.count.is_some() || self.every_node) && self.kind() != TaskKind::Service {
+        if self.kind() != TaskKind::Service {
             return Err(SpecError::field(field, "only applies to services (no schedule, no once)"));
         }
         Ok(())
@@ -626,6 +725,9 @@ impl TaskSpec {
 
 #[cfg(test)]
 mod tests;
+
+/// Longest file name (Linux's `NAME_MAX`).
+const MAX_FILE_NAME_BYTES: usize = 255;
 
 /// The number of a counted instance (`0`, `12`: decimal, no sign, no leading zero).
 pub fn instance_number(instance: &str) -> Option<u32> {

@@ -452,8 +452,12 @@ impl LogView {
 
     /// A definition record on `key` that could not be used: its task is invalid (failed, for
     /// every reader) until a valid revision or a tombstone.
+    /// A key naming an instance defines nothing (only a task's spec defines its instances): its
+    /// record is skipped, never an invalid definition no command could delete.
     fn mark_invalid(&mut self, topic: TopicKind, offset: i64, key: &str, has_value: bool, reason: &str) {
-        let task = key::task_of(key, "task").and_then(|id| TaskId::new(id).ok());
+        let task = key::task_of(key, "task")
+            .and_then(|id| TaskId::new(id).ok())
+            .filter(|task| task.instance().is_none());
         if let (TopicKind::Commands, true, Some(task)) = (topic, has_value, task) {
             self.specs.remove(&task);
             self.invalid.insert(task, InvalidSpec { revision: offset, reason: reason.to_owned() });

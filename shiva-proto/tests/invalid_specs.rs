@@ -67,3 +67,26 @@ fn assignments_and_intents_carrying_invalid_specs_are_skipped() {
     }
     assert!(view.assignments.is_empty());
 }
+
+/// A definition record keyed by an instance id (`task/web@1`: no writer of ours makes one)
+/// defines nothing: it is skipped, and never hides the instance its task defines as an invalid
+/// task that no command could delete.
+#[test]
+fn a_definition_keyed_by_an_instance_is_skipped_not_an_invalid_task() {
+    let mut view = LogView::default();
+    let mut web = TaskSpec::new(TaskId::new("web").unwrap(), "sleep", vec![]);
+    web.count = Some(2);
+    let good = Envelope::now("ctl:x", None, Body::Task(web)).encode();
+    view.apply(TopicKind::Commands, 0, Some(b"task/web"), Some(&good));
+    let instance = TaskId::new("web@1").unwrap();
+    assert!(view.is_defined(&instance));
+    for (offset, value) in
+        [spec_record(r#"{"id":"web@1","command":"evil"}"#), b"\x00 not json".to_vec()].iter().enumerate()
+    {
+        let outcome = view.apply(TopicKind::Commands, 1 + offset as i64, Some(b"task/web@1"), Some(value));
+        assert!(matches!(outcome, Outcome::Skipped(_)), "{outcome:?}");
+    }
+    assert!(view.invalid.is_empty(), "{:?}", view.invalid);
+    assert!(!view.specs.contains_key(&instance));
+    assert_eq!(view.spec_of(&instance).map(|entry| entry.spec.command.as_str()), Some("sleep"));
+}

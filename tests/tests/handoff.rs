@@ -429,6 +429,19 @@ fn instances_spread_over_distinct_nodes_and_every_node_follows_joins_and_leaves(
         path.to_str().unwrap().to_owned()
     };
     let ids = |count: usize| (0..count).map(|n| format!("web@{n}")).collect::<Vec<_>>();
+    // A task of one copy that takes 3 s to stop becomes two instances: no instance starts
+    // before the single copy is gone.
+    let (single, instanced) = (dir.join("single"), dir.join("instanced"));
+    submit(&cluster, slow_service("web", &cluster, &[], &single));
+    wait_until(SETTLE, "web runs once", || copies(&single).len() == 1);
+    let mut two = slow_service("web", &cluster, &[], &instanced);
+    two["count"] = json!(2);
+    submit(&cluster, two);
+    wait_until(SETTLE, "both instances run", || copies(&instanced).len() == 2);
+    let last_single = copies(&single).values().map(|(_, _, to, _)| *to).max().unwrap();
+    let first_instance = copies(&instanced).values().map(|(_, from, _, _)| *from).min().unwrap();
+    assert!(copies(&single).values().all(|(_, _, _, stopped)| *stopped), "web stopped on SIGTERM");
+    assert!(last_single < first_instance, "an instance started while the single copy ran");
     cluster.ctl.ok(&["submit", &write("web2.json", spec(2))]);
     let two = cluster.wait_running_once(&ids(2));
     assert_ne!(two["web@0"], two["web@1"], "two instances on one node: {two:?}");

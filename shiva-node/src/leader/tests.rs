@@ -261,7 +261,14 @@ impl Sim {
                     continue;
                 }
                 let keep = want.spec.on_disconnect == shiva_proto::spec::OnDisconnect::Keep;
-                for ((other, _), copy) in self.copies.iter().filter(|((n, t), _)| *n != i && t == task) {
+                // Another copy of the task, or of the task under another name (its own copy
+                // beside one of its instances: a switch to or from instances).
+                let relative = |t: &TaskId| {
+                    t.base() == task.base() && t.instance().is_some() != task.instance().is_some()
+                };
+                for ((other, _), copy) in
+                    self.copies.iter().filter(|((n, t), _)| (*n != i && t == task) || relative(t))
+                {
                     if !(keep && copy.keep) {
                         self.doubled
                             .push(format!("{task} started on n{i} while n{other} holds a copy {copy:?}"));

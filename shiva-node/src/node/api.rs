@@ -239,7 +239,7 @@ impl Node {
     /// A task as `status --json` shows it, with its spec's revision.
     fn task_detail(&self, task: &TaskId) -> Option<serde_json::Value> {
         let mut value = shiva_proto::rows::task_detail(&self.view, task, chrono::Utc::now())?;
-        if let Some(entry) = self.view.specs.get(task) {
+        if let Some(entry) = self.view.spec_of(task) {
             value["revision"] = entry.spec.revision.into();
             value["offset"] = entry.revision.into();
         }
@@ -250,7 +250,7 @@ impl Node {
     /// spec revision is measured from the spec's submission, for a spec submitted while this node
     /// was up (a node started later would measure its own start-up) and still the task's newest.
     pub(crate) fn observe_start(&mut self, task: &TaskId) {
-        let Some(entry) = self.view.specs.get(task) else { return };
+        let Some(entry) = self.view.spec_of(task) else { return };
         let current =
             self.view.assignments.get(task).is_some_and(|a| a.assignment.spec_revision == entry.revision);
         let submitted_while_up = self.api.ready_at_ms.is_some_and(|ready| entry.submitted_ms >= ready);

@@ -80,6 +80,9 @@ pub const MAX_CATCH_UP: (u32, u32) = (1, 1_000);
 pub const MAX_ATTEMPTS: (u32, u32) = (1, 1_000);
 /// `count` (instances of a service): 1 to 1,000.
 pub const COUNT: (u32, u32) = (1, 1_000);
+/// Largest spec (as JSON) run as instances (`count`, `every_node`): each instance's assignment
+/// carries it, so 1,000 instances take at most 64 MiB in every node's view.
+pub const MAX_INSTANCES_SPEC_BYTES: usize = 64 * 1024;
 /// `memory_max`: 1 MiB to 1 PiB.
 pub const MEMORY_MAX: (u64, u64) = (1 << 20, 1 << 50);
 

@@ -290,8 +290,17 @@ fn instances_are_asked_of_services_within_range_and_never_defined_by_id() {
     assert!(every.has_instance(&crate::TaskId::new("agent@host-1").unwrap()));
     assert!(!every.has_instance(&web("1")), "another task's");
     let instance = spec.instance_spec(web("1"));
-    assert_eq!((instance.id.as_str(), instance.count, instance.every_node), ("web@1", None, false));
+    assert_eq!(instance.id.as_str(), "web@1");
+    assert!(instance.runs_like(&spec) && instance != spec);
     instance.validate().unwrap();
+    let other = TaskSpec { args: vec!["-v".into()], ..spec.clone() };
+    assert!(!other.runs_like(&spec));
+    let big = format!(r#"{{"id":"web","command":"x","count":2,"args":["{}"]}}"#, "a".repeat(70_000));
+    assert!(err(&big).contains("at most 65536 bytes as JSON"), "{}", err(&big));
+    let long = format!(r#"{{"id":"a/{}","command":"x","every_node":true}}"#, "w".repeat(127));
+    assert!(err(&long).contains("too long for instances"), "{}", err(&long));
+    let fits = format!(r#"{{"id":"a/{}","command":"x","every_node":true}}"#, "w".repeat(126));
+    TaskSpec::from_user_json(&fits).unwrap();
     for (text, words) in [
         (r#"{"id":"web","command":"x","count":0}"#, "field 'count': 0 is out of range: from 1 to 1000"),
         (r#"{"id":"web","command":"x","count":1001}"#, "field 'count': 1001 is out of range"),
