@@ -19,10 +19,14 @@ use tracing::warn;
 
 use crate::runlog::{Line, RunLog, SegmentReader, Stream};
 
+pub mod watch;
+
 /// How often a follower looks for new output: soon after output, then less and less often while
 /// the run is quiet.
 const POLL_MIN: Duration = Duration::from_millis(100);
 const POLL_MAX: Duration = Duration::from_secs(1);
+/// How often a follower woken by the watch (see [`watch`]) looks anyway.
+const WATCHED_POLL: Duration = Duration::from_secs(30);
 /// How long a detaching follower waits for its records in flight to be done.
 const DETACH_WAIT: Duration = Duration::from_millis(400);
 /// Each record costs its bytes plus this.
@@ -65,6 +69,8 @@ pub struct LogShipper {
     detaching: tokio_util::sync::CancellationToken,
     /// Followers alive.
     following: Arc<std::sync::atomic::AtomicUsize>,
+    /// Wakes followers when their output grows (`None`: they poll).
+    watch: Option<Arc<watch::DirWatch>>,
 }
 
 impl std::fmt::Debug for LogShipper {
@@ -83,7 +89,14 @@ impl LogShipper {
             metrics: None,
             detaching: Default::default(),
             following: Default::default(),
+            watch: None,
         }
+    }
+
+    /// Wakes followers through inotify instead of polling, when the machine has it.
+    pub fn with_watch(mut self) -> LogShipper {
+        self.watch = watch::DirWatch::start();
+        self
     }
 
     /// Counts its delays and drops in `metrics`.
@@ -148,6 +161,8 @@ impl LogShipper {
                 let mut words = text.split_whitespace().map(|word| word.parse::<u64>().ok());
                 Some((words.next()??, words.next()??))
             });
+            // Registered before the first read: no write after it goes unnoticed.
+            let woken = this.watch.as_ref().and_then(|watch| watch.follow(&log.dir));
             let mut reader = match from {
                 Some(position) => SegmentReader::at(log, position),
                 None => SegmentReader::new(log),
@@ -210,10 +225,21 @@ impl LogShipper {
                     }
                     // A run that is over waits only for its last records to be done; but not for
                     // ever (a bus that takes nothing: the producer gives up within its timeout).
-                    let pause = if unconfirmed.is_empty() { poll } else { POLL_MIN };
+                    let pause = match (&woken, unconfirmed.is_empty()) {
+                        (_, false) => POLL_MIN,
+                        (Some(_), true) => WATCHED_POLL,
+                        (None, true) => poll,
+                    };
+                    let grown = async {
+                        match &woken {
+                            Some(woken) => woken.notify.notified().await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = &mut ended, if !over => over = true,
                         _ = tokio::time::sleep(pause) => {}
+                        _ = grown => {}
                         _ = this.detaching.cancelled() => {}
                     }
                     poll = (poll * 2).min(POLL_MAX);

@@ -141,7 +141,7 @@ pub async fn run(
     let (run_reports, mut run_reports_rx) = mpsc::unbounded_channel::<RunReport>();
     let (lease, lease_rx) = tokio::sync::watch::channel(None);
     let sink = LogSink::new(&config.bus, config.node_id.as_str())?;
-    let shipper = Arc::new(LogShipper::new(sink, config.log_rate).with_metrics(metrics.clone()));
+    let shipper = Arc::new(LogShipper::new(sink, config.log_rate).with_metrics(metrics.clone()).with_watch());
     let supervisor = if config.runner {
         // Orphans of a run whose shim died come to the node, which kills them.
         nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER failed")?;
