@@ -29,6 +29,9 @@ const POLL_MAX: Duration = Duration::from_secs(1);
 const WATCHED_POLL: Duration = Duration::from_secs(30);
 /// How long a detaching follower waits for its records in flight to be done.
 const DETACH_WAIT: Duration = Duration::from_millis(400);
+/// How long the follower of a run that is over waits for its last records to be done (the
+/// producer gives up on a record after 60 s).
+const OVER_WAIT: Duration = Duration::from_secs(90);
 /// Each record costs its bytes plus this.
 const RECORD_COST: u64 = 64;
 /// Lines of one stream are shipped together up to about this many bytes per record.
@@ -113,13 +116,13 @@ impl LogShipper {
         bucket.take(cost as f64, self.rate, burst, now)
     }
 
-    /// Queues `line`, numbered `ack.seq` for its follower (told once it is done, whatever
-    /// happens to it).
-    async fn send(&self, line: LogChunk<'_>, ack: Ack) {
+    /// Queues `line`, numbered `ack.seq` for its follower (told once it is done: delivered, or
+    /// given up). `false`: not queued, the node detaches (`ack` is never told).
+    async fn send(&self, line: LogChunk<'_>, ack: Ack) -> bool {
         let began = Instant::now();
         let wait = self.wait_for(line.task, line.bytes.len() as u64 + RECORD_COST);
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        if !wait.is_zero() && !self.pause(wait).await {
+            return false;
         }
         for _ in 0..500 {
             match self.sink.send(line, Some(ack.clone())) {
@@ -127,16 +130,20 @@ impl LogShipper {
                     if let Some(metrics) = &self.metrics {
                         crate::api::Metrics::observe(&metrics.log_shipping_delay, began.elapsed());
                     }
-                    return;
+                    return true;
                 }
                 Err(false) => {
                     ack.done();
                     if let Some(metrics) = &self.metrics {
                         crate::api::Metrics::observe(&metrics.log_shipping_delay, began.elapsed());
                     }
-                    return;
+                    return true;
                 }
-                Err(true) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(true) => {
+                    if !self.pause(Duration::from_millis(20)).await {
+                        return false;
+                    }
+                }
             }
         }
         if let Some(metrics) = &self.metrics {
@@ -144,6 +151,15 @@ impl LogShipper {
         }
         ack.done();
         warn!(task = line.task, run = line.run, "the logs producer stayed full for 10s; output was dropped");
+        true
+    }
+
+    /// Sleeps `how_long`; `false` when the node detaches meanwhile.
+    async fn pause(&self, how_long: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(how_long) => true,
+            _ = self.detaching.cancelled() => false,
+        }
     }
 
     /// Follows run `log` of `task`, from where an earlier process of the node left it (see
@@ -167,7 +183,9 @@ impl LogShipper {
                 Some(position) => SegmentReader::at(log, position),
                 None => SegmentReader::new(log),
             };
-            let mut over = false;
+            let mut over: Option<Instant> = None;
+            // A record not queued because the node detaches: its batch is never confirmed.
+            let mut abandoned = false;
             let mut poll = POLL_MIN;
             // Records are numbered in the order they are queued; each batch's end position waits
             // here until every record up to it is done.
@@ -191,7 +209,7 @@ impl LogShipper {
                     // The next process ships on from the last batch known delivered: wait (a
                     // bounded time) for the ones in flight, so it sends nothing twice.
                     let deadline = Instant::now() + DETACH_WAIT;
-                    while acks.done_below() < queued && Instant::now() < deadline {
+                    while !abandoned && acks.done_below() < queued && Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     note(&mut unconfirmed);
@@ -209,26 +227,31 @@ impl LogShipper {
                     );
                     let note = format!("{note}\n");
                     let line = LogChunk { task: &task, run: &run, stream: "stderr", bytes: note.as_bytes() };
-                    this.send(line, next()).await;
+                    abandoned |= !this.send(line, next()).await;
                 }
                 let idle = batch.lines.is_empty();
                 for (stream, bytes) in chunks(&batch.lines) {
                     let line = LogChunk { task: &task, run: &run, stream: stream.as_str(), bytes: &bytes };
-                    this.send(line, next()).await;
+                    abandoned |= !this.send(line, next()).await;
                 }
                 if !idle || batch.skipped_segments > 0 {
                     unconfirmed.push_back((queued, reader.position()));
                 }
                 if idle {
-                    if over && unconfirmed.is_empty() {
+                    // A run that is over waits for its last records to be done (the producer
+                    // gives up on one within its timeout), but not for ever.
+                    if let Some(since) = over
+                        && (unconfirmed.is_empty() || since.elapsed() > OVER_WAIT)
+                    {
+                        if !unconfirmed.is_empty() {
+                            warn!(%task, %run, "the run's last output was not acknowledged in time");
+                        }
                         return;
                     }
-                    // A run that is over waits only for its last records to be done; but not for
-                    // ever (a bus that takes nothing: the producer gives up within its timeout).
                     let pause = match (&woken, unconfirmed.is_empty()) {
                         (_, false) => POLL_MIN,
-                        (Some(_), true) => WATCHED_POLL,
-                        (None, true) => poll,
+                        (Some(woken), true) if woken.alive() => WATCHED_POLL,
+                        _ => poll,
                     };
                     let grown = async {
                         match &woken {
@@ -237,9 +260,13 @@ impl LogShipper {
                         }
                     };
                     tokio::select! {
-                        _ = &mut ended, if !over => over = true,
+                        _ = &mut ended, if over.is_none() => over = Some(Instant::now()),
                         _ = tokio::time::sleep(pause) => {}
-                        _ = grown => {}
+                        // Output grew: a moment for more of it, so lines travel together (the
+                        // shim writes line by line).
+                        _ = grown => {
+                            this.pause(POLL_MIN).await;
+                        }
                         _ = this.detaching.cancelled() => {}
                     }
                     poll = (poll * 2).min(POLL_MAX);
@@ -256,9 +283,10 @@ impl LogShipper {
         self.sink.flush(timeout);
     }
 
-    /// Stops every follower between two batches (each has noted how far it queued), then waits
-    /// up to `timeout` for what is queued to be delivered: the node's next process ships on from
-    /// there, nothing twice and nothing left out.
+    /// Stops every follower between two records; each waits (up to 400 ms) for its records in
+    /// flight to be acknowledged and notes how far they go; then waits up to `timeout` for what
+    /// is still queued to be delivered. The node's next process ships on from the positions
+    /// noted: nothing left out, and nothing twice unless an acknowledgement came later than that.
     pub async fn detach(self: &Arc<Self>, timeout: Duration) {
         self.detaching.cancel();
         let deadline = Instant::now() + timeout;

@@ -8,7 +8,9 @@
 //! followers poll as before.
 
 use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
@@ -27,6 +29,8 @@ struct Watched {
 pub struct DirWatch {
     inotify: Arc<Inotify>,
     watched: Arc<Mutex<Watched>>,
+    /// Its thread reads events (once it stopped, followers poll again).
+    alive: Arc<AtomicBool>,
 }
 
 /// A follower's registration: told through `notify`; removed when dropped.
@@ -49,7 +53,8 @@ impl DirWatch {
             }
         };
         let watched: Arc<Mutex<Watched>> = Default::default();
-        let (reader, told) = (inotify.clone(), watched.clone());
+        let alive = Arc::new(AtomicBool::new(true));
+        let (reader, told, running) = (inotify.clone(), watched.clone(), alive.clone());
         let spawned = std::thread::Builder::new().name("shiva-logwatch".into()).spawn(move || {
             loop {
                 let events = match reader.read_events() {
@@ -57,19 +62,36 @@ impl DirWatch {
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(err) => {
                         warn!(error = %err, "the task output watch stopped: followers poll");
+                        running.store(false, Ordering::SeqCst);
+                        let watched = told.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                        watched.followers.values().flatten().for_each(|(_, notify)| notify.notify_one());
                         return;
                     }
                 };
-                let watched = told.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut watched = told.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 let overflow = events.iter().any(|event| event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW));
-                let mut woken: Vec<&Arc<Notify>> = Vec::new();
+                // The follower's own notes (`<run>.shipped`, written beside and renamed) are no
+                // output.
+                let output = |event: &nix::sys::inotify::InotifyEvent| {
+                    event.name.as_ref().is_none_or(|name| {
+                        let name = name.as_bytes();
+                        !(name.ends_with(b".shipped") || name.ends_with(b".shipped.new"))
+                    })
+                };
+                let mut woken: Vec<Arc<Notify>> = Vec::new();
                 if overflow {
-                    woken.extend(watched.followers.values().flatten().map(|(_, notify)| notify));
+                    woken.extend(watched.followers.values().flatten().map(|(_, notify)| notify.clone()));
                 } else {
-                    for event in &events {
-                        woken.extend(watched.followers.get(&event.wd).into_iter().flatten().map(|(_, n)| n));
+                    for event in events.iter().filter(|event| output(event)) {
+                        let followers = watched.followers.get(&event.wd).into_iter().flatten();
+                        woken.extend(followers.map(|(_, notify)| notify.clone()));
                     }
                 }
+                // A directory removed: its watch is gone; a follower made later watches it anew.
+                for event in events.iter().filter(|event| event.mask.contains(AddWatchFlags::IN_IGNORED)) {
+                    watched.dirs.retain(|_, wd| *wd != event.wd);
+                }
+                drop(watched);
                 for notify in woken {
                     notify.notify_one();
                 }
@@ -79,7 +101,7 @@ impl DirWatch {
             warn!(error = %err, "cannot start the task output watch: followers poll");
             return None;
         }
-        Some(Arc::new(DirWatch { inotify, watched }))
+        Some(Arc::new(DirWatch { inotify, watched, alive }))
     }
 
     /// Registers a follower of `dir`; `None` (it polls) when the directory cannot be watched.
@@ -106,6 +128,13 @@ impl DirWatch {
         let notify = Arc::new(Notify::new());
         watched.followers.entry(wd).or_default().push((id, notify.clone()));
         Some(Following { notify, id, wd, watch: self.clone() })
+    }
+}
+
+impl Following {
+    /// Whether the watch still tells it (else it polls).
+    pub fn alive(&self) -> bool {
+        self.watch.alive.load(Ordering::SeqCst)
     }
 }
 
@@ -144,6 +173,8 @@ mod tests {
         };
         std::fs::write(other.join("x"), b"x").unwrap();
         assert!(!told(&following).await, "a write elsewhere does not wake it");
+        crate::shim::replace_file(&mine.join("r1.shipped"), b"0 0\n").unwrap();
+        assert!(!told(&following).await, "nor does the follower's own note");
         let mut file = std::fs::File::create(mine.join("r1.0")).unwrap();
         file.write_all(b"line\n").unwrap();
         assert!(told(&following).await && told(&second).await, "both followers of the directory");
