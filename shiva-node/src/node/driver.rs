@@ -556,11 +556,12 @@ impl Node {
         }
     }
 
-    /// Whether `event` is a record on this node's own heartbeat key (its read-back): a node
-    /// steps on it with the newest log time, and so need not step again on the next tick (a node
-    /// alone stepped three times per heartbeat: on the tick, the delivery and the read-back,
-    /// walking every task each time).
-    pub(crate) fn is_own_heartbeat(&self, event: &ReaderEvent) -> bool {
+    /// Whether `event` is the read-back of this node's own heartbeat: the lease takes it in at
+    /// once ([`Node::look_at_fence`], on every wake); the decisions see it at the next step (the
+    /// heartbeat ticker's, within one interval), so it steps nothing by itself. A single node
+    /// otherwise stepped three times per heartbeat (send, delivery, read-back), walking every
+    /// task each time.
+    pub(crate) fn is_quiet(&self, event: &ReaderEvent) -> bool {
         match event {
             ReaderEvent::Record(record) => {
                 record.topic == TopicKind::Control

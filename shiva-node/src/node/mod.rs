@@ -296,8 +296,6 @@ pub async fn run(
     let mut reexec = false;
     // The new binary's check runs beside the loop: the node heartbeats meanwhile.
     let mut checking: Option<tokio::task::JoinHandle<bool>> = None;
-    // An own heartbeat was read back (and stepped on) since the last tick.
-    let mut read_own = false;
     loop {
         let woke = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -335,9 +333,13 @@ pub async fn run(
         // did not change.
         let step = match woke {
             Wake::Read(event) => {
-                read_own |= node.is_own_heartbeat(&event);
+                let quiet = node.is_quiet(&event);
                 node.on_reader_event(event)?;
-                true
+                if quiet {
+                    // The lease, renewed by it, as a step would first.
+                    node.look_at_fence();
+                }
+                !quiet
             }
             Wake::Written(result) => {
                 let quiet = result.is_quiet();
@@ -358,11 +360,7 @@ pub async fn run(
             }
             Wake::Heartbeat => {
                 node.heartbeat();
-                // The read-back of the previous heartbeat stepped already, with the newest log
-                // time; this one's read-back, in a moment, steps next. Without one since the
-                // last tick (the bus down, a slow read), the tick steps: the clock of the
-                // time-based decisions.
-                !std::mem::take(&mut read_own)
+                true
             }
             Wake::Runs => true,
             Wake::Snapshot => false,
@@ -371,7 +369,6 @@ pub async fn run(
             // Take in everything already waiting, then decide once: a step walks every task.
             loop {
                 if let Ok(event) = events.try_recv() {
-                    read_own |= node.is_own_heartbeat(&event);
                     node.on_reader_event(event)?;
                 } else if let Ok(result) = results_rx.try_recv() {
                     node.on_write_result(result);
