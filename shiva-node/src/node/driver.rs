@@ -51,14 +51,6 @@ pub(crate) struct WriteResult {
     queued: Instant,
 }
 
-impl WriteResult {
-    /// A heartbeat delivered: it changes no decision's input (the leader writes no heartbeat key,
-    /// and the read-back is what renews the lease).
-    pub(crate) fn is_quiet(&self) -> bool {
-        matches!(self.purpose, Purpose::Heartbeat(_)) && self.result.is_ok()
-    }
-}
-
 /// A node: the parts below, each with one job, driven by one task (no lock needed).
 pub(crate) struct Node {
     pub(crate) config: NodeConfig,
@@ -553,21 +545,6 @@ impl Node {
     pub(crate) fn look_at_fence(&mut self) {
         if self.ready {
             self.update_fence(Boot::now(), std::time::SystemTime::now());
-        }
-    }
-
-    /// Whether `event` is the read-back of this node's own heartbeat: the lease takes it in at
-    /// once ([`Node::look_at_fence`], on every wake); the decisions see it at the next step (the
-    /// heartbeat ticker's, within one interval), so it steps nothing by itself. A single node
-    /// otherwise stepped three times per heartbeat (send, delivery, read-back), walking every
-    /// task each time.
-    pub(crate) fn is_quiet(&self, event: &ReaderEvent) -> bool {
-        match event {
-            ReaderEvent::Record(record) => {
-                record.topic == TopicKind::Control
-                    && record.key.as_deref() == Some(key::node(&self.config.node_id).as_bytes())
-            }
-            _ => false,
         }
     }
 

@@ -333,18 +333,12 @@ pub async fn run(
         // did not change.
         let step = match woke {
             Wake::Read(event) => {
-                let quiet = node.is_quiet(&event);
                 node.on_reader_event(event)?;
-                if quiet {
-                    // The lease, renewed by it, as a step would first.
-                    node.look_at_fence();
-                }
-                !quiet
+                true
             }
             Wake::Written(result) => {
-                let quiet = result.is_quiet();
                 node.on_write_result(result);
-                !quiet
+                true
             }
             Wake::JobStatus(status) => {
                 node.on_job_status(status);
