@@ -257,13 +257,12 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                 .get(*task)
                 .filter(|request| now_ms < request.until_ms && current.as_ref() == Some(&request.from))
                 .map(|request| request.to.clone());
-            // An instance: apart from its siblings; on its own node with `every_node`.
+            // An instance: apart from its siblings; on its own node with `every_node` (its spec
+            // is its task's, that field included).
             let (apart, only) = match task.instance() {
                 None => (None, None),
                 Some(instance) => {
-                    let base = task.base();
-                    let every_node = view.specs.get(&base).is_some_and(|entry| entry.spec.every_node);
-                    (Some(base), every_node.then(|| NodeId::new(instance).ok()).flatten())
+                    (Some(task.base()), spec.every_node.then(|| NodeId::new(instance).ok()).flatten())
                 }
             };
             Demand {

@@ -126,14 +126,11 @@ impl LogShipper {
         }
         for _ in 0..500 {
             match self.sink.send(line, Some(ack.clone())) {
-                Ok(()) => {
-                    if let Some(metrics) = &self.metrics {
-                        crate::api::Metrics::observe(&metrics.log_shipping_delay, began.elapsed());
+                sent @ (Ok(()) | Err(false)) => {
+                    // Refused (too large…): it will never be delivered, so it is done now.
+                    if sent.is_err() {
+                        ack.done();
                     }
-                    return true;
-                }
-                Err(false) => {
-                    ack.done();
                     if let Some(metrics) = &self.metrics {
                         crate::api::Metrics::observe(&metrics.log_shipping_delay, began.elapsed());
                     }

@@ -43,22 +43,33 @@ pub struct TaskRow {
     pub reason: Option<String>,
 }
 
-/// Derives a task's row.
-pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
-    if let Some(invalid) = view.invalid.get(task) {
-        // Its newest definition is unusable: failed, whatever ran before.
-        return Some(TaskRow {
-            id: task.clone(),
-            kind: "invalid",
-            desired: view.desired_state(task).as_str(),
-            state: "failed",
+impl TaskRow {
+    /// A row that says only what a task is and how it stands: no node, run or exit.
+    pub fn summary(id: TaskId, kind: &'static str, desired: &'static str, state: &'static str) -> TaskRow {
+        TaskRow {
+            id,
+            kind,
+            desired,
+            state,
             node: None,
             pid: None,
             generation: None,
             attempt: None,
             restarts: None,
             last_exit: None,
+            reason: None,
+        }
+    }
+}
+
+/// Derives a task's row.
+pub fn task_row(view: &LogView, task: &TaskId) -> Option<TaskRow> {
+    if let Some(invalid) = view.invalid.get(task) {
+        // Its newest definition is unusable: failed, whatever ran before.
+        let desired = view.desired_state(task).as_str();
+        return Some(TaskRow {
             reason: Some(format!("revision {}: {}", invalid.revision, invalid.reason)),
+            ..TaskRow::summary(task.clone(), "invalid", desired, "failed")
         });
     }
     if let Some(entry) = view.specs.get(task)
@@ -145,18 +156,10 @@ fn instances_row(view: &LogView, task: &TaskId, entry: &SpecEntry) -> TaskRow {
         Instances::Count(count) => format!("count {count}"),
         _ => "one on every eligible node".to_owned(),
     };
+    let desired = view.desired_state(task).as_str();
     TaskRow {
-        id: task.clone(),
-        kind: entry.spec.kind().as_str(),
-        desired: view.desired_state(task).as_str(),
-        state,
-        node: None,
-        pid: None,
-        generation: None,
-        attempt: None,
-        restarts: None,
-        last_exit: None,
         reason: Some(format!("{running} of {} instances running ({how})", wanted.len())),
+        ..TaskRow::summary(task.clone(), entry.spec.kind().as_str(), desired, state)
     }
 }
 

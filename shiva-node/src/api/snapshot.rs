@@ -184,19 +184,7 @@ mod tests {
     use super::*;
 
     fn task(id: &str, state: &'static str) -> TaskRow {
-        TaskRow {
-            id: TaskId::new(id).unwrap(),
-            kind: "service",
-            desired: "running",
-            state,
-            node: None,
-            pid: None,
-            generation: None,
-            attempt: None,
-            restarts: None,
-            last_exit: None,
-            reason: None,
-        }
+        TaskRow::summary(TaskId::new(id).unwrap(), "service", "running", state)
     }
 
     fn snapshot(tasks: &[TaskRow]) -> Snapshot {
