@@ -51,6 +51,14 @@ pub(crate) struct WriteResult {
     queued: Instant,
 }
 
+impl WriteResult {
+    /// A heartbeat delivered: it changes no decision's input (the leader writes no heartbeat key,
+    /// and the read-back is what renews the lease).
+    pub(crate) fn is_quiet(&self) -> bool {
+        matches!(self.purpose, Purpose::Heartbeat(_)) && self.result.is_ok()
+    }
+}
+
 /// A node: the parts below, each with one job, driven by one task (no lock needed).
 pub(crate) struct Node {
     pub(crate) config: NodeConfig,
@@ -545,6 +553,20 @@ impl Node {
     pub(crate) fn look_at_fence(&mut self) {
         if self.ready {
             self.update_fence(Boot::now(), std::time::SystemTime::now());
+        }
+    }
+
+    /// Whether `event` is a record on this node's own heartbeat key (its read-back): a node
+    /// steps on it with the newest log time, and so need not step again on the next tick (a node
+    /// alone stepped three times per heartbeat: on the tick, the delivery and the read-back,
+    /// walking every task each time).
+    pub(crate) fn is_own_heartbeat(&self, event: &ReaderEvent) -> bool {
+        match event {
+            ReaderEvent::Record(record) => {
+                record.topic == TopicKind::Control
+                    && record.key.as_deref() == Some(key::node(&self.config.node_id).as_bytes())
+            }
+            _ => false,
         }
     }
 

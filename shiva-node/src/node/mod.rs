@@ -296,6 +296,8 @@ pub async fn run(
     let mut reexec = false;
     // The new binary's check runs beside the loop: the node heartbeats meanwhile.
     let mut checking: Option<tokio::task::JoinHandle<bool>> = None;
+    // An own heartbeat was read back (and stepped on) since the last tick.
+    let mut read_own = false;
     loop {
         let woke = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -333,12 +335,14 @@ pub async fn run(
         // did not change.
         let step = match woke {
             Wake::Read(event) => {
+                read_own |= node.is_own_heartbeat(&event);
                 node.on_reader_event(event)?;
                 true
             }
             Wake::Written(result) => {
+                let quiet = result.is_quiet();
                 node.on_write_result(result);
-                true
+                !quiet
             }
             Wake::JobStatus(status) => {
                 node.on_job_status(status);
@@ -354,7 +358,11 @@ pub async fn run(
             }
             Wake::Heartbeat => {
                 node.heartbeat();
-                true
+                // The read-back of the previous heartbeat stepped already, with the newest log
+                // time; this one's read-back, in a moment, steps next. Without one since the
+                // last tick (the bus down, a slow read), the tick steps: the clock of the
+                // time-based decisions.
+                !std::mem::take(&mut read_own)
             }
             Wake::Runs => true,
             Wake::Snapshot => false,
@@ -363,6 +371,7 @@ pub async fn run(
             // Take in everything already waiting, then decide once: a step walks every task.
             loop {
                 if let Ok(event) = events.try_recv() {
+                    read_own |= node.is_own_heartbeat(&event);
                     node.on_reader_event(event)?;
                 } else if let Ok(result) = results_rx.try_recv() {
                     node.on_write_result(result);
