@@ -18,7 +18,7 @@
 //! Events go to the node as JSON lines on stdout (see [`ShimEvent`]).
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -31,6 +31,14 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage,
+    SendFlags, recvmsg, sendmsg,
+};
+use rustix::time::{
+    Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, timerfd_create, timerfd_gettime,
+    timerfd_settime,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::runlog::{Capture, RunLog, SegmentWriter, Stream};
@@ -106,13 +114,137 @@ pub struct Attach {
 
 /// The version of the protocol between node and shim (the configuration line, the node's
 /// lines, the shim's events), said in [`ShimEvent::Hello`] to a node that attaches. A node
-/// adopts shims of its own protocol version and of the one before it; additions are optional
+/// adopts shims of every version up to its own and of the one after it; additions are optional
 /// fields, read with defaults, and events or lines a side does not know are ignored.
 ///
 /// Version 2: the shim reads its lease's renewals from the node's lease file
 /// ([`ShimConfig::lease_file`]) when its deadline comes, instead of a line from the node every
 /// quarter lease (50 idle shims woke 100 times a second for it); `started` says the version.
-pub const PROTOCOL: u32 = 2;
+///
+/// Version 3: the node passes its [`LeaseTimer`] with a `timer` line; a shim that holds one
+/// sleeps until it goes off instead of waking at each deadline to read the lease file (50 idle
+/// shims woke 28 times a second for it). Its stdin is a socket, so that the line can carry the
+/// timer; a shim that gets none (an older node, a pipe) reads the lease file as before.
+pub const PROTOCOL: u32 = 3;
+
+/// The node's lease timer (protocol 3): a `CLOCK_BOOTTIME` timer (a timerfd) that the node sets
+/// to its lease deadline at each renewal and passes to every shim it holds, with a `timer` line
+/// that carries it (`SCM_RIGHTS` on the node's end of the link: the stdin socket of a shim it
+/// starts, the socket of a shim it takes back). It goes off only when the node stops renewing:
+/// a shim sleeps until then instead of waking at each deadline to look for a renewal in the
+/// lease file. Shims never read it (its count of expirations is every shim's): they ask its
+/// setting (`timerfd_gettime`), and take in only a deadline within a lease, as from the file.
+#[derive(Debug)]
+pub struct LeaseTimer(OwnedFd);
+
+impl LeaseTimer {
+    /// A new timer, not set (the node's).
+    pub fn new() -> std::io::Result<LeaseTimer> {
+        let flags = TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK;
+        Ok(LeaseTimer(timerfd_create(TimerfdClockId::Boottime, flags)?))
+    }
+
+    /// Sets it to go off at `deadline_ms` (boot-time ms).
+    pub fn set(&self, deadline_ms: i64) -> std::io::Result<()> {
+        // 0 would unset it.
+        let deadline = deadline_ms.max(1);
+        let at = Timespec { tv_sec: deadline / 1000, tv_nsec: (deadline % 1000) * 1_000_000 };
+        let spec = Itimerspec { it_interval: Timespec { tv_sec: 0, tv_nsec: 0 }, it_value: at };
+        timerfd_settime(&self.0, TimerfdTimerFlags::ABSTIME, &spec)?;
+        Ok(())
+    }
+
+    /// `fd` as a lease timer, if it is a one-shot timer (anything else passed is dropped:
+    /// closed; a periodic timer would stay readable for ever).
+    fn take(fd: OwnedFd) -> Option<LeaseTimer> {
+        timerfd_gettime(&fd).is_ok_and(|spec| is_zero(&spec.it_interval)).then_some(LeaseTimer(fd))
+    }
+
+    /// The deadline it is set to (boot-time ms, never later than the real one) as of `boot`,
+    /// or `None` once it went off (or if it was never set).
+    fn deadline(&self, boot: i64) -> Option<i64> {
+        let spec = timerfd_gettime(&self.0).ok()?;
+        let left = spec.it_value;
+        let ms = left.tv_sec.saturating_mul(1000).saturating_add(left.tv_nsec / 1_000_000);
+        (!is_zero(&left) && is_zero(&spec.it_interval)).then(|| boot.saturating_add(ms.max(0)))
+    }
+}
+
+fn is_zero(time: &Timespec) -> bool {
+    time.tv_sec == 0 && time.tv_nsec == 0
+}
+
+impl AsFd for LeaseTimer {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// Sends `timer` to the shim at the other end of `socket` as a `timer` line (see
+/// [`LeaseTimer`]). A shim of protocol 2 reads the line with no room for the descriptor, which
+/// the kernel then closes: it never reaches that shim's task.
+pub fn send_timer(socket: BorrowedFd<'_>, timer: &LeaseTimer) -> std::io::Result<()> {
+    let fds = [timer.as_fd()];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    let line = [std::io::IoSlice::new(b"timer\n")];
+    let sent = sendmsg(socket, &line, &mut control, SendFlags::NOSIGNAL | SendFlags::DONTWAIT)?;
+    if sent < line[0].len() {
+        return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "the timer line was cut"));
+    }
+    Ok(())
+}
+
+/// Reads what the node sent on `fd` (a socket; a pipe from an older node), with any timer
+/// passed along (close-on-exec: the task never inherits it).
+fn receive(fd: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<(usize, Option<LeaseTimer>)> {
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let received = match recvmsg(fd, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+        Ok(received) => received,
+        Err(rustix::io::Errno::NOTSOCK) => return Ok((rustix::io::read(fd, iov[0].as_mut())?, None)),
+        Err(err) => return Err(err.into()),
+    };
+    let mut timer = None;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = message {
+            for fd in fds {
+                timer = LeaseTimer::take(fd).or(timer);
+            }
+        }
+    }
+    Ok((received.bytes, timer))
+}
+
+/// Watches the wall clock for a step (a `CLOCK_REALTIME` timer set far ahead with
+/// `TFD_TIMER_CANCEL_ON_SET`, which goes off when the clock is set): a shim that sleeps on its
+/// node's [`LeaseTimer`] no longer looks every lease, and sees a jump when it happens.
+struct ClockWatch(OwnedFd);
+
+impl ClockWatch {
+    fn new() -> Option<ClockWatch> {
+        let flags = TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK;
+        let watch = ClockWatch(timerfd_create(TimerfdClockId::Realtime, flags).ok()?);
+        watch.arm().then_some(watch)
+    }
+
+    /// (Re-)arms it, ten years ahead.
+    fn arm(&self) -> bool {
+        let far = wall_ms().saturating_div(1000).saturating_add(10 * 365 * 86_400);
+        let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+        let spec = Itimerspec { it_interval: zero, it_value: Timespec { tv_sec: far, tv_nsec: 0 } };
+        let flags = TimerfdTimerFlags::ABSTIME | TimerfdTimerFlags::CANCEL_ON_SET;
+        timerfd_settime(&self.0, flags, &spec).is_ok()
+    }
+
+    /// After it went off: takes the step in (`ECANCELED`) and arms it again.
+    fn rearm(&self) {
+        let _ = rustix::io::read(&self.0, &mut [0u8; 8]);
+        self.arm();
+    }
+}
 
 /// Replaces `path` whole with `bytes`: written beside, then renamed over it, so a reader (or a
 /// process killed mid-write) sees the old content or the new one, never a torn one.
@@ -221,11 +353,12 @@ fn after_ms(now: i64, ms: u64) -> i64 {
 const MAX_CONFIG_BYTES: usize = 64 << 20;
 
 /// Reads the configuration line from stdin; returns it and whatever followed it (the node's
-/// first control lines, if already written).
-fn read_config() -> Result<(ShimConfig, Vec<u8>), String> {
+/// first control lines, if already written, and the node's lease timer if one came along).
+fn read_config() -> Result<(ShimConfig, Vec<u8>, Option<LeaseTimer>), String> {
     let mut input = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut stdin = std::io::stdin().lock();
+    let stdin = std::io::stdin();
+    let mut timer = None;
     let end = loop {
         if let Some(end) = input.iter().position(|b| *b == b'\n') {
             break end;
@@ -233,16 +366,19 @@ fn read_config() -> Result<(ShimConfig, Vec<u8>), String> {
         if input.len() > MAX_CONFIG_BYTES {
             return Err(format!("configuration longer than {MAX_CONFIG_BYTES} bytes"));
         }
-        match stdin.read(&mut buf) {
-            Ok(0) => return Err("stdin closed before the configuration line".to_owned()),
-            Ok(n) => input.extend_from_slice(&buf[..n]),
+        match receive(stdin.as_fd(), &mut buf) {
+            Ok((0, _)) => return Err("stdin closed before the configuration line".to_owned()),
+            Ok((n, passed)) => {
+                input.extend_from_slice(&buf[..n]);
+                timer = passed.or(timer);
+            }
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
             Err(err) => return Err(format!("cannot read stdin: {err}")),
         }
     };
     let rest = input.split_off(end + 1);
     let config = serde_json::from_slice(&input).map_err(|err| err.to_string())?;
-    Ok((config, rest))
+    Ok((config, rest, timer))
 }
 
 /// Runs the shim; returns its exit code. `legacy`: the configuration as the previous version's
@@ -255,11 +391,11 @@ pub fn main(legacy: Option<&str>) -> u8 {
     let _ = nix::unistd::setsid();
     let read = match legacy {
         Some(text) => {
-            serde_json::from_str(text).map(|config| (config, Vec::new())).map_err(|err| err.to_string())
+            serde_json::from_str(text).map(|config| (config, Vec::new(), None)).map_err(|err| err.to_string())
         }
         None => read_config(),
     };
-    let (config, input) = match read {
+    let (config, input, timer) = match read {
         Ok(read) => read,
         Err(err) => {
             emit(&ShimEvent::Failed { error: format!("bad shim configuration: {err}") });
@@ -290,7 +426,7 @@ pub fn main(legacy: Option<&str>) -> u8 {
             let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
         }
     };
-    let mut link = Link::new(config.attach.as_ref(), input);
+    let mut link = Link::new(&config, input, timer);
     // One lease from the configuration on: held through a staged start into the supervision.
     let mut lease = Lease::new(&config, boottime_ms(), wall_ms());
     if config.hold {
@@ -304,7 +440,7 @@ pub fn main(legacy: Option<&str>) -> u8 {
     }
     // The lease may have run out meanwhile (the shim frozen before its `setsid`, a long wait
     // for its go): then nothing starts.
-    lease.refresh(config.lease_file.as_deref(), boottime_ms());
+    link.renew(&mut lease, config.lease_file.as_deref(), boottime_ms());
     if let Some(why) = lease.expired(boottime_ms(), wall_ms()) {
         back_out(&homes);
         clear_cgroups(&config);
@@ -366,12 +502,20 @@ struct Link {
     /// The task, once started (said to a node that attaches).
     pid: Option<u32>,
     stdin: std::io::Stdin,
+    /// The lease timer of the node attached (protocol 3), if it passed one.
+    timer: Option<LeaseTimer>,
+    /// What the node that held the shim had granted when it went (boot-time ms), not yet taken
+    /// in: it holds, nothing that node renews after does.
+    granted: Option<i64>,
+    /// The node's lease file (protocol 2 on).
+    lease_file: Option<PathBuf>,
 }
 
 impl Link {
     /// The pipe to the node, and the socket when `attach` asks for one (a socket that cannot be
     /// made leaves the shim without one: it stops its task when the node is gone, as before).
-    fn new(attach: Option<&Attach>, input: Vec<u8>) -> Link {
+    fn new(config: &ShimConfig, input: Vec<u8>, timer: Option<LeaseTimer>) -> Link {
+        let attach = config.attach.as_ref();
         let listener = attach.and_then(|attach| {
             let name = socket_name(std::process::id());
             let bound = in_dir(&attach.dir, &name, |path| {
@@ -384,7 +528,42 @@ impl Link {
         });
         let window_ms = attach.map_or(0, |attach| attach.window_ms);
         let stdin = std::io::stdin();
-        Link { node: Some(End::Pipe), listener, input, gone_at: None, window_ms, pid: None, stdin }
+        let (node, lease_file) = (Some(End::Pipe), config.lease_file.clone());
+        Link {
+            node,
+            listener,
+            input,
+            gone_at: None,
+            window_ms,
+            pid: None,
+            stdin,
+            timer,
+            granted: None,
+            lease_file,
+        }
+    }
+
+    /// Takes the renewals of the node that holds the shim into `lease` (none without one: a
+    /// node that lost track of the shim never keeps it alive): its timer's deadline, then its
+    /// lease file once the deadline has come. Returns whether the timer goes off by the lease's
+    /// deadline, so that the shim may sleep until it does.
+    fn renew(&mut self, lease: &mut Lease, file: Option<&std::path::Path>, boot: i64) -> bool {
+        if let Some(until) = self.granted.take() {
+            lease.renew_until(until, boot);
+        }
+        if self.node.is_none() {
+            return false;
+        }
+        let Some(timer) = &self.timer else {
+            lease.refresh(file, boot);
+            return false;
+        };
+        // A shim given the timer never reads the file, which the node keeps only for the shims
+        // that read it (and may be stale).
+        timer.deadline(boot).is_some_and(|until| {
+            lease.renew_until(until, boot);
+            lease.length_ms.is_some() && until <= lease.deadline
+        })
     }
 
     /// The descriptors to wait on: the node's end, then the socket.
@@ -406,14 +585,20 @@ impl Link {
         let mut ready = ready.iter().copied();
         if self.node.is_some() && ready.next() == Some(true) {
             let mut buf = [0u8; 4096];
-            let read = match &mut self.node {
-                Some(End::Pipe) => self.stdin.lock().read(&mut buf),
-                Some(End::Socket(stream)) => stream.read(&mut buf),
-                None => Ok(0),
+            let read = match &self.node {
+                Some(End::Pipe) => receive(self.stdin.as_fd(), &mut buf),
+                Some(End::Socket(stream)) => receive(stream.as_fd(), &mut buf),
+                None => Ok((0, None)),
             };
             match read {
-                Ok(0) => self.lose(),
-                Ok(n) => self.input.extend_from_slice(&buf[..n]),
+                Ok((0, _)) => self.lose(),
+                Ok((n, timer)) => {
+                    self.input.extend_from_slice(&buf[..n]);
+                    if timer.is_some() {
+                        self.let_go();
+                        self.timer = timer;
+                    }
+                }
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => self.lose(),
             }
@@ -423,7 +608,24 @@ impl Link {
         }
     }
 
+    /// Lets the node's renewals go (it went, another node attached, or it passed a new timer),
+    /// keeping what they had granted: the timer's deadline, or, for a shim without one, what the
+    /// lease file says (a shim that sleeps on the timer, or reads the file only at its
+    /// deadline, may not have taken in the last renewal: a shim of protocol 2 stopped its task
+    /// across a reload when its deadline came while no node held it, the node's lease still
+    /// running).
+    fn let_go(&mut self) {
+        let now = boottime_ms();
+        let granted = match self.timer.take() {
+            Some(timer) => timer.deadline(now),
+            None if self.node.is_some() => self.lease_file.as_deref().and_then(lease_file_deadline),
+            None => None,
+        };
+        self.granted = self.granted.max(granted);
+    }
+
     fn lose(&mut self) {
+        self.let_go();
         self.node = None;
         self.input.clear();
         self.gone_at.get_or_insert_with(boottime_ms);
@@ -440,6 +642,8 @@ impl Link {
             return;
         }
         let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        // A timer is the node's that passed it: this one passes its own, or none.
+        self.let_go();
         self.node = Some(End::Socket(stream));
         self.input.clear();
         self.gone_at = None;
@@ -645,6 +849,11 @@ fn read_small(file: &std::path::Path) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// The deadline the node's lease file says (`until <boot-time ms>`), if it says one.
+fn lease_file_deadline(file: &std::path::Path) -> Option<i64> {
+    read_small(file)?.lines().next()?.strip_prefix("until ")?.trim().parse().ok()
+}
+
 /// A control line from the node, as far as the lease is not concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Line {
@@ -700,12 +909,9 @@ impl Lease {
                 let reason = line.strip_prefix("stop").unwrap_or("").trim();
                 Line::Stop(if reason.is_empty() { "stopped by the node".into() } else { reason.into() })
             }
-            Some("until") if self.length_ms.is_some() => {
+            Some("until") => {
                 if let Some(until) = number.and_then(|ms| ms.parse::<i64>().ok()) {
-                    // Never more than a lease from now: a garbage or stale deadline (a lease
-                    // file of an earlier boot) grants no more than one lease.
-                    let most = after_ms(boot, self.length_ms.unwrap_or(0));
-                    self.deadline = self.deadline.max(until.min(most));
+                    self.renew_until(until, boot);
                 }
                 Line::Other
             }
@@ -719,6 +925,16 @@ impl Lease {
         }
     }
 
+    /// Moves the deadline on to `until` (boot-time ms), never back, and never more than a lease
+    /// from `boot`: a garbage or stale deadline (a lease file of an earlier boot) grants no more
+    /// than one lease. Without a lease, nothing.
+    pub fn renew_until(&mut self, until: i64, boot: i64) {
+        if let Some(length) = self.length_ms {
+            let most = after_ms(boot, length);
+            self.deadline = self.deadline.max(until.min(most));
+        }
+    }
+
     /// Takes in the node's lease file when the deadline has come (`boot`): a renewal the node
     /// wrote there moves it on. Nothing else is read from the file.
     pub fn refresh(&mut self, file: Option<&std::path::Path>, boot: i64) {
@@ -726,10 +942,9 @@ impl Lease {
             && self.length_ms.is_some()
             && self.out.is_none()
             && boot >= self.deadline
-            && let Some(text) = read_small(file)
-            && text.starts_with("until ")
+            && let Some(until) = lease_file_deadline(file)
         {
-            self.on_line(text.lines().next().unwrap_or_default(), boot);
+            self.renew_until(until, boot);
         }
     }
 
@@ -778,7 +993,7 @@ fn hold(lease: &mut Lease, link: &mut Link, lease_file: Option<&std::path::Path>
             return Err("the node is gone".into());
         }
         let now = boottime_ms();
-        lease.refresh(lease_file, now);
+        link.renew(lease, lease_file, now);
         if let Some(why) = lease.expired(now, wall_ms()) {
             return Err(why.into());
         }
@@ -810,6 +1025,7 @@ fn supervise(
     mut lease: Lease,
 ) -> (Option<WaitStatus>, Option<String>) {
     let children = child_events();
+    let clock = ClockWatch::new();
     // Reaped first (an exit before SIGCHLD was blocked went unsignalled), then at each SIGCHLD
     // (every wake without a signalfd): an idle shim's wakes cost as few calls as can be.
     let mut exits = true;
@@ -820,15 +1036,13 @@ fn supervise(
             return (Some(status), None);
         }
         let now = boottime_ms();
-        // Renewals from the lease file only while a node holds the shim: one that lost track of
-        // it (its record gone) never keeps it alive.
-        if link.node.is_some() {
-            lease.refresh(config.lease_file.as_deref(), now);
-        }
+        // With the node's timer (and a watch on the wall clock), the shim sleeps until the
+        // timer goes off; otherwise it wakes at its deadline.
+        let timed = link.renew(&mut lease, config.lease_file.as_deref(), now) && clock.is_some();
         if let Some(why) = lease.expired(now, wall_ms()) {
             return stop(config, pid, why, out, children.as_ref());
         }
-        let mut wait = lease.wait_ms(now);
+        let mut wait = if timed { i64::MAX } else { lease.wait_ms(now) };
         if let Some(gone) = link.gone_at {
             if !link.may_come_back() {
                 return stop(config, pid, "the node is gone", out, children.as_ref());
@@ -843,9 +1057,22 @@ fn supervise(
                 wait = wait.min(end - now);
             }
         }
-        let (ready, exited) = wait_for_events(children.as_ref(), out, &link.fds(), wait);
+        let (ready, exited, linked) = {
+            let mut fds = link.fds();
+            let linked = fds.len();
+            if timed && let (Some(timer), Some(clock)) = (&link.timer, &clock) {
+                fds.extend([timer.as_fd(), clock.0.as_fd()]);
+            }
+            let (ready, exited) = wait_for_events(children.as_ref(), out, &fds, wait);
+            (ready, exited, linked)
+        };
         exits = exited;
-        link.take_in(&ready);
+        if ready.get(linked + 1) == Some(&true)
+            && let Some(clock) = &clock
+        {
+            clock.rearm();
+        }
+        link.take_in(&ready[..linked]);
         for line in link.lines() {
             match lease.on_line(&line, boottime_ms()) {
                 Line::Stop(reason) => return stop(config, pid, &reason, out, children.as_ref()),
@@ -1071,6 +1298,38 @@ mod tests {
         lease.refresh(Some(&file), 13_000);
         assert!(lease.expired(13_000, 3000).is_some());
         let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn the_lease_timer_says_its_deadline_until_it_goes_off_and_travels_on_a_socket_only() {
+        let timer = LeaseTimer::new().unwrap();
+        let now = boottime_ms();
+        assert_eq!(timer.deadline(now), None, "not set yet");
+        timer.set(now + 5_000).unwrap();
+        let until = timer.deadline(boottime_ms()).expect("set");
+        assert!((now + 4_900..=now + 5_000).contains(&until), "{until}: never later than {}", now + 5_000);
+        // Passed on a socket, it is the node's own timer: its renewals are seen.
+        let (node, shim) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_timer(node.as_fd(), &timer).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, passed) = receive(shim.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"timer\n");
+        let passed = passed.expect("the timer came with its line");
+        timer.set(now + 7_000).unwrap();
+        assert!(passed.deadline(boottime_ms()).unwrap() > now + 6_000, "the renewal is seen");
+        // Gone off: no deadline any more.
+        timer.set(boottime_ms()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(passed.deadline(boottime_ms()), None);
+        // On a pipe (an older node's stdin), lines only.
+        let (read, write) = nix::unistd::pipe().unwrap();
+        nix::unistd::write(&write, b"until 5\n").unwrap();
+        let (n, passed) = receive(read.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"until 5\n");
+        assert!(passed.is_none());
+        // Anything else passed as a timer is none.
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(LeaseTimer::take(file.into()).is_none());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use shiva_node::clock::Boot;
 
+use shiva_node::shim::LeaseTimer;
 use shiva_node::supervisor::shim::{LaunchOptions, ShimLauncher};
 use shiva_node::supervisor::spawn::SpawnRequest;
 use shiva_node::tree::Isolation;
@@ -27,12 +28,24 @@ fn workspace(label: &str) -> PathBuf {
     dir
 }
 
-/// A launcher that keeps its lease file, as a node's does.
+/// A launcher that keeps its lease timer and lease file, as a node's does.
 fn launcher(dir: &Path, fence_timeout: Duration, lease: watch::Receiver<Option<Boot>>) -> ShimLauncher {
     let launcher = bare_launcher(dir, fence_timeout, lease);
     // The records directory is this process's for every test: no lease of an earlier test.
     let _ = std::fs::remove_file(launcher.lease_file());
-    tokio::spawn(launcher.keep_lease_file());
+    tokio::spawn(launcher.keep_lease());
+    launcher
+}
+
+/// The same without a lease timer: its shims read the lease file, as from a node of protocol 2.
+fn launcher_without_timer(
+    dir: &Path,
+    fence_timeout: Duration,
+    lease: watch::Receiver<Option<Boot>>,
+) -> ShimLauncher {
+    let launcher = ShimLauncher { timer: None, ..bare_launcher(dir, fence_timeout, lease) };
+    let _ = std::fs::remove_file(launcher.lease_file());
+    tokio::spawn(launcher.keep_lease());
     launcher
 }
 
@@ -47,6 +60,8 @@ fn bare_launcher(dir: &Path, fence_timeout: Duration, lease: watch::Receiver<Opt
         logs_dir: dir.join("logs"),
         shipper: None,
         secrets: None,
+        timer: Some(Arc::new(LeaseTimer::new().unwrap())),
+        file_readers: Arc::new(watch::Sender::new(0)),
     }
 }
 
@@ -211,11 +226,32 @@ async fn a_lease_not_renewed_stops_the_run() {
     let dir = workspace("lease");
     let (lease, healthy) = renewed_lease(Duration::from_millis(600));
     let shims = launcher(&dir, Duration::from_millis(600), lease);
+    // No shim reads the lease file: it is not written.
+    lease_not_renewed_stops_the_run(&dir, &shims, &healthy, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_not_renewed_stops_the_run_also_without_the_timer() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let dir = workspace("lease-file");
+    let (lease, healthy) = renewed_lease(Duration::from_millis(600));
+    let shims = launcher_without_timer(&dir, Duration::from_millis(600), lease);
+    // The lease file is kept for the shim that reads it, and gone with it.
+    lease_not_renewed_stops_the_run(&dir, &shims, &healthy, true).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!shims.lease_file().exists(), "the lease file outlived its last reader");
+}
+
+/// A run renewed while `healthy`, and stopped by its shim one lease after it is not; `file`:
+/// whether the lease file is kept meanwhile.
+async fn lease_not_renewed_stops_the_run(dir: &Path, shims: &ShimLauncher, healthy: &AtomicBool, file: bool) {
+    let dir = dir.to_path_buf();
     let mut run = shims.launch(escaping_task(&dir), &options("r2", 200), None).await.unwrap();
     let pids = three_pids(&dir).await;
     // Renewed while healthy: still running well past one lease.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(pids.iter().all(|pid| alive(*pid)), "renewals keep the run");
+    assert_eq!(shims.lease_file().exists(), file, "the lease file is kept only for a shim that reads it");
     healthy.store(false, Ordering::SeqCst);
     let ended = tokio::time::timeout(Duration::from_secs(5), run.wait()).await.expect("stopped by the shim");
     assert_eq!(ended.stopped.as_deref(), Some("the node's lease ran out"));

@@ -50,6 +50,8 @@ fn supervisor_with(
             secrets: None,
             logs_dir: dir.join("logs"),
             shipper: None,
+            timer: None,
+            file_readers: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
         },
         reports,
     };

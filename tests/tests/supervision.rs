@@ -67,6 +67,63 @@ fn shims_of(node: i32) -> Vec<i32> {
         .collect()
 }
 
+/// How many times `pid` was switched in so far (each one a wake).
+fn wakes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .filter(|line| line.contains("ctxt_switches:"))
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The parent of `pid`.
+fn parent(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    after.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn an_idle_shim_sleeps_through_its_leases_renewals_and_still_stops_its_task_when_the_node_freezes() {
+    // Leases of 4 s: a shim that looked for each renewal woke about every 3.8 s.
+    let mut cluster = Cluster::start("sleepy-shim", 1, &[&["--fence-timeout", "4s"]]);
+    submit(
+        &cluster,
+        json!({"id": "app/idle", "command": "sleep", "args": ["1000"], "env": {"E2E": cluster.name}}),
+    );
+    let mut task = 0;
+    wait_until(SETTLE, "the task runs", || {
+        task = task_processes(&cluster.name, "app/idle").first().map_or(0, |(pid, _)| *pid);
+        task != 0
+    });
+    let shim = parent(task);
+    let sleeps = |what: &str| {
+        std::thread::sleep(Duration::from_secs(1));
+        let before = wakes(shim);
+        std::thread::sleep(Duration::from_secs(12));
+        let woke = wakes(shim) - before;
+        assert!(woke <= 1, "the shim woke {woke} times in 12 s {what}, with leases of 4 s");
+    };
+    sleeps("held by the node that started it");
+    // Taken back by the node's next process, the shim sleeps on that process's timer.
+    cluster.node("n1").kill9();
+    cluster.node("n1").restart();
+    wait_until(SETTLE, "the node takes the run back", || {
+        cluster.node("n1").log_text().contains("took back a run")
+    });
+    let now: Vec<i32> = task_processes(&cluster.name, "app/idle").into_iter().map(|(pid, _)| pid).collect();
+    assert_eq!(now, vec![task], "the same task, taken back");
+    sleeps("after it was taken back");
+    // The node frozen, its timer goes off: the task stops at the lease's end.
+    let frozen = std::time::Instant::now();
+    cluster.node("n1").signal(Signal::SIGSTOP);
+    all_gone(&[task, shim], "once the frozen node's lease ran out");
+    let took = frozen.elapsed();
+    cluster.node("n1").signal(Signal::SIGCONT);
+    assert!(took >= Duration::from_secs(3), "stopped after {took:?}, before the lease's end");
+}
+
 #[test]
 fn no_process_of_a_task_survives_kill_a_killed_node_a_killed_shim_or_a_restart() {
     let mut cluster = Cluster::start("orphans", 1, &[FENCE]);

@@ -19,8 +19,10 @@ use shiva_e2e::{
 };
 
 /// The binary the upgrade starts from: the first commit whose node leaves its runs to their
-/// shims and journals its launches (protocol version 1 between node and shim, like this
-/// build's).
+/// shims and journals its launches (protocol version 1 between node and shim: renewals by lines;
+/// this build speaks version 3, its shims sleeping on the node's lease timer, and takes back
+/// shims of every version up to its own). Version 2's shims stopped their task when their
+/// deadline came during a reload (see docs/protocol.md): not a version to upgrade from.
 const FROM: &str = "960fc6ea63cb815e893a60432a22d19e357f85c8";
 
 /// Installs `shiva-node` and `shiva-shim` from `from` into `dir` as a package manager does: each

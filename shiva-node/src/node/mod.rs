@@ -176,6 +176,14 @@ pub async fn run(
             logs_dir: config.workspace.join("logs"),
             shipper: Some(shipper.clone()),
             secrets: Some(secrets.clone()),
+            timer: match crate::shim::LeaseTimer::new() {
+                Ok(timer) => Some(Arc::new(timer)),
+                Err(err) => {
+                    warn!(error = %err, "no lease timer for the run shims: they read the lease file");
+                    None
+                }
+            },
+            file_readers: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         let supervisor = Supervisor::new(JobContext {
             node_id: config.node_id.to_string(),
@@ -187,7 +195,7 @@ pub async fn run(
             allow_root_tasks: config.allow_root_tasks,
             launches: crate::supervisor::launches::Launches::new(&config.workspace),
         });
-        tokio::spawn(supervisor.context().shims.keep_lease_file());
+        tokio::spawn(supervisor.context().shims.keep_lease());
         Some(supervisor)
     } else {
         None

@@ -26,7 +26,7 @@ use super::spawn::{RunUser, SpawnRequest};
 use crate::limits::Controllers;
 use crate::logship::LogShipper;
 use crate::runlog::{self, RunLog};
-use crate::shim::{Attach, SHIM_ARG, ShimConfig, ShimEvent};
+use crate::shim::{Attach, LeaseTimer, SHIM_ARG, ShimConfig, ShimEvent};
 use crate::tree::{self, Isolation};
 
 /// Runs whose output is kept on disk, per task.
@@ -64,6 +64,12 @@ pub struct ShimLauncher {
     pub shipper: Option<Arc<LogShipper>>,
     /// This node's identity and known secrets (`None`: a launcher that runs no secrets).
     pub secrets: Option<Arc<crate::secrets::SecretStore>>,
+    /// The node's lease timer, passed to every shim that holds the lease (protocol 3; `None`:
+    /// the kernel gave none, and the shims read the lease file).
+    pub timer: Option<Arc<LeaseTimer>>,
+    /// How many shims held read their renewals from the lease file (protocol 2, or no timer):
+    /// the file is kept only while there is one.
+    pub file_readers: Arc<watch::Sender<usize>>,
 }
 
 /// The run shim's program: `shiva-shim` beside the node's binary (a small program: each run
@@ -257,7 +263,7 @@ impl ShimLauncher {
     async fn hold(
         &self,
         mut go: oneshot::Receiver<()>,
-        stdin: &mut tokio::process::ChildStdin,
+        stdin: &mut tokio::net::UnixStream,
         lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
         exclusive: bool,
     ) -> io::Result<()> {
@@ -353,12 +359,16 @@ impl ShimLauncher {
         };
         let json = serde_json::to_string(&config).map_err(io::Error::other)?;
         let run_log = config.log.clone();
-        // The configuration goes on the shim's stdin, never on its command line.
+        // The configuration goes on the shim's stdin, never on its command line: a socket, on
+        // which the lease timer can follow it (see `LeaseTimer`).
         // The shim puts itself in a session of its own first thing (see `shim::main`).
+        let (node_end, shim_end) = std::os::unix::net::UnixStream::pair()?;
+        node_end.set_nonblocking(true)?;
+        let mut stdin = tokio::net::UnixStream::from_std(node_end)?;
         let mut child = tokio::process::Command::new(&self.exe)
             .arg(SHIM_ARG)
             .env_clear()
-            .stdin(Stdio::piped())
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(shim_end)))
             .stdout(Stdio::piped())
             .stderr(output)
             .spawn()?;
@@ -383,14 +393,19 @@ impl ShimLauncher {
             let _ = child.kill().await;
             return Err(err);
         }
-        let mut stdin = child.stdin.take().expect("piped");
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
         let mut line = json.into_bytes();
         line.push(b'\n');
+        let timer = self.timer.as_deref().filter(|_| lease_ms.is_some());
         // Bounded: a shim that never reads or never answers fails the launch instead of holding
         // the job (which cannot be stopped meanwhile) for ever.
+        let mut timed = false;
         let handshake = async {
-            let written = stdin.write_all(&line).await;
+            let mut written = stdin.write_all(&line).await;
+            if let (Ok(()), Some(timer)) = (&written, timer) {
+                written = pass_timer(&stdin, timer).await;
+                timed = written.is_ok();
+            }
             (written, read_event(&mut lines).await)
         };
         let (written, mut first) = tokio::time::timeout(HANDSHAKE, handshake)
@@ -425,8 +440,8 @@ impl ShimLauncher {
                 "the run shim started the task before its go: it does not know staged starts (an older node binary on disk?)",
             ));
         }
-        let (pid, reads_lease_file) = match first {
-            Some(ShimEvent::Started { pid, protocol }) => (pid, protocol.is_some_and(|version| version >= 2)),
+        let (pid, protocol) = match first {
+            Some(ShimEvent::Started { pid, protocol }) => (pid, protocol.unwrap_or(1)),
             Some(ShimEvent::Failed { error }) => {
                 let _ = child.wait().await;
                 let _ = std::fs::remove_file(&record_path);
@@ -463,7 +478,8 @@ impl ShimLauncher {
             return Err(err);
         }
         let ended = self.follow(&options.task, run_log);
-        let shim = Held { record, path: record_path, child: Some(child), ended, reads_lease_file };
+        let renewals = Renewals::of(protocol, timed);
+        let shim = Held { record, path: record_path, child: Some(child), ended, renewals };
         Ok(self.hold_run(shim, stdin, lines))
     }
 
@@ -485,10 +501,13 @@ impl ShimLauncher {
         let (exit_tx, exit) = oneshot::channel();
         let lease = self.lease.clone();
         let every = (self.fence_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        // A shim that reads the lease file needs no renewal lines.
-        let exclusive = shim.record.exclusive && !shim.reads_lease_file;
+        // A shim that reads the lease file or holds the timer needs no renewal lines.
+        let exclusive = shim.record.exclusive && shim.renewals == Renewals::Lines;
+        let reading = (shim.record.exclusive && shim.renewals == Renewals::File)
+            .then(|| FileReader::new(self.file_readers.clone()));
         let Held { record, path: record_path, child, ended: ended_tx, .. } = shim;
         tokio::spawn(async move {
+            let _reading = reading;
             let mut renew = tokio::time::interval(every);
             // Listening for a stop until one came or the handle is gone (a closed channel
             // would answer at once, forever).
@@ -607,19 +626,40 @@ impl ShimLauncher {
         self.records.with_extension("lease")
     }
 
-    /// Keeps the lease file at the node's lease deadline while the node holds its lease: written
-    /// (atomically) when the deadline moved a quarter lease past what the file says, so that a
-    /// shim that reads it at its deadline always finds the renewal there. Never written while the
-    /// node is cut off: the shims' leases then run out.
-    pub fn keep_lease_file(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+    /// Keeps the shims' renewals at the node's lease deadline while the node holds its lease:
+    /// the lease timer set to it at each renewal, and, while a shim held reads the lease file,
+    /// the file written (atomically) when the deadline moved a quarter lease past what it says,
+    /// so that a shim that reads it at its deadline always finds the renewal there. Neither
+    /// moves while the node is cut off: the shims' leases then run out.
+    pub fn keep_lease(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut lease = self.lease.clone();
+        let mut readers = self.file_readers.subscribe();
+        let timer = self.timer.clone();
         let path = self.lease_file();
         let records = self.records.clone();
         let step = self.fence_timeout / 4;
         async move {
             let mut written: Option<Boot> = None;
+            let mut timer_failed = false;
+            // A file of an earlier boot says a deadline of that boot's clock: gone.
+            if std::fs::metadata(&path).and_then(|meta| meta.modified()).is_ok_and(before_this_boot) {
+                let _ = std::fs::remove_file(&path);
+            }
             loop {
-                if let Some((_, deadline)) = lease_now(&lease)
+                let deadline = lease_now(&lease).map(|(_, deadline)| deadline);
+                if let (Some(deadline), Some(timer)) = (deadline, &timer)
+                    && let Err(err) = timer.set(deadline.as_millis())
+                    && !std::mem::replace(&mut timer_failed, true)
+                {
+                    warn!(error = %err, "cannot set the lease timer; the shims' leases run out without it");
+                }
+                if *readers.borrow_and_update() == 0 {
+                    // No reader left: gone (a stale deadline is no one's), written again at
+                    // once when a reader comes.
+                    if written.take().is_some() {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                } else if let Some(deadline) = deadline
                     && written.is_none_or(|at| deadline.saturating_since(at) >= step)
                 {
                     let wrote = std::fs::create_dir_all(records.parent().unwrap_or(&records))
@@ -631,8 +671,9 @@ impl ShimLauncher {
                         }
                     }
                 }
-                if lease.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    changed = lease.changed() => if changed.is_err() { return },
+                    changed = readers.changed() => if changed.is_err() { return },
                 }
             }
         }
@@ -649,7 +690,7 @@ impl ShimLauncher {
     /// answers on its socket with its protocol version and task, and is held from now on as if
     /// this process had started it, its output shipped on from where it was; a run whose task
     /// ended while no node was there is returned over, with the end its shim left. What cannot
-    /// be taken back (written by an older node, a protocol more than one version away, a task
+    /// be taken back (written by an older node, a protocol the node does not speak (above its own by more than one), a task
     /// without its shim) is stopped as a leftover.
     pub async fn adopt(&self) -> Vec<Adopted> {
         let Ok(entries) = std::fs::read_dir(&self.records) else { return Vec::new() };
@@ -725,23 +766,34 @@ impl ShimLauncher {
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         let hello = tokio::time::timeout(Duration::from_secs(2), read_event(&mut lines)).await.ok().flatten();
-        let reads_lease_file = match hello {
+        let protocol = match hello {
             Some(ShimEvent::Hello { protocol, pid })
-                if protocol.abs_diff(crate::shim::PROTOCOL) <= 1
+                if (1..=crate::shim::PROTOCOL + 1).contains(&protocol)
                     && pid.is_none_or(|pid| pid == record.task) =>
             {
-                protocol >= 2
+                protocol
             }
             other => {
                 return Err(format!(
-                    "its shim did not answer as a shim of protocol {} (±1) of this task: {other:?}",
-                    crate::shim::PROTOCOL
+                    "its shim did not answer as a shim of protocol 1 to {} of this task: {other:?}",
+                    crate::shim::PROTOCOL + 1
                 ));
             }
         };
+        // A shim of protocol 3 gets this process's timer (the earlier one's went with it); one
+        // that cannot be given it reads the lease file.
+        let mut timed = false;
+        if let Some(timer) = self.timer.as_deref().filter(|_| record.exclusive && protocol >= 3) {
+            match pass_timer(write.as_ref(), timer).await {
+                Ok(()) => timed = true,
+                Err(err) => {
+                    warn!(shim = record.shim, error = %err, "cannot pass the lease timer to a shim taken back; it reads the lease file")
+                }
+            }
+        }
         let ended = self.follow(&meta.task, record.log.clone());
-        let held =
-            Held { record: record.clone(), path: path.to_path_buf(), child: None, ended, reads_lease_file };
+        let renewals = Renewals::of(protocol, timed);
+        let held = Held { record: record.clone(), path: path.to_path_buf(), child: None, ended, renewals };
         let handle = self.hold_run(held, write, lines);
         Ok(Adopted { meta, started_ms: record.started_ms, handle })
     }
@@ -784,8 +836,59 @@ struct Held {
     child: Option<tokio::process::Child>,
     /// Tells the run's log follower the run is over.
     ended: Option<oneshot::Sender<()>>,
-    /// The shim reads its renewals from the lease file (protocol 2 on).
-    reads_lease_file: bool,
+    /// How the shim learns of the lease's renewals.
+    renewals: Renewals,
+}
+
+/// How a shim learns of the node's lease renewals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Renewals {
+    /// `renew` lines from the node (protocol 1).
+    Lines,
+    /// The lease file, read at its deadline (protocol 2, or a later one given no timer).
+    File,
+    /// The node's lease timer (protocol 3).
+    Timer,
+}
+
+impl Renewals {
+    /// A shim of `protocol`, given the node's timer or not.
+    fn of(protocol: u32, timed: bool) -> Renewals {
+        match protocol {
+            0 | 1 => Renewals::Lines,
+            _ if timed && protocol >= 3 => Renewals::Timer,
+            _ => Renewals::File,
+        }
+    }
+}
+
+/// Counts a held shim that reads the lease file, while it is held (see
+/// [`ShimLauncher::keep_lease`]).
+struct FileReader(Arc<watch::Sender<usize>>);
+
+impl FileReader {
+    fn new(readers: Arc<watch::Sender<usize>>) -> FileReader {
+        readers.send_modify(|count| *count = count.saturating_add(1));
+        FileReader(readers)
+    }
+}
+
+impl Drop for FileReader {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count = count.saturating_sub(1));
+    }
+}
+
+/// Whether the wall-clock time `at` is before this boot of the machine.
+fn before_this_boot(at: std::time::SystemTime) -> bool {
+    let since_boot = Duration::from_millis(u64::try_from(crate::shim::boottime_ms()).unwrap_or(0));
+    std::time::SystemTime::now().checked_sub(since_boot).is_some_and(|boot| at < boot)
+}
+
+/// Passes `timer` to the shim at the other end of `socket` (waiting for room to write).
+async fn pass_timer(socket: &tokio::net::UnixStream, timer: &LeaseTimer) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    socket.async_io(tokio::io::Interest::WRITABLE, || crate::shim::send_timer(socket.as_fd(), timer)).await
 }
 
 /// Writes a shim record whole (beside, then renamed over): a node killed mid-write leaves the
