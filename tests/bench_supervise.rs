@@ -26,6 +26,9 @@ pub struct Figures {
     pub helpers_pss_kb: u64,
     /// Exit → restarted, ms.
     pub restart_ms: Vec<f64>,
+    /// The main process alone before its tasks, CPU in % of a core over the same window (the
+    /// floor: what the node costs with nothing to supervise).
+    pub bare_cpu: f64,
 }
 
 const TASKS: usize = 50;
@@ -131,6 +134,8 @@ pub fn shiva(broker: &Broker, window: Duration, restarts: usize) -> Figures {
     wait_until(Duration::from_secs(30), "the node is up", || {
         ctl.try_json(&["nodes"]).is_some_and(|nodes| nodes.as_array().is_some_and(|n| !n.is_empty()))
     });
+    std::thread::sleep(Duration::from_secs(5));
+    let bare = measure(|| vec![node.pid()], window);
     for i in 0..TASKS {
         let spec =
             json!({"id": format!("sleep/t{i}"), "command": "sleep", "args": ["100000"], "stop_grace": "1s"});
@@ -149,6 +154,7 @@ pub fn shiva(broker: &Broker, window: Duration, restarts: usize) -> Figures {
         main_cpu: idle.first_cpu,
         helpers_pss_kb: idle.rest_pss_kb,
         restart_ms: Vec::new(),
+        bare_cpu: bare.cpu,
     };
     if restarts == 0 {
         return figures;
@@ -224,6 +230,7 @@ pub fn supervisord(window: Duration, restarts: usize) -> Figures {
         main_cpu: idle.cpu,
         helpers_pss_kb: 0,
         restart_ms: restart_gaps(&stamps),
+        bare_cpu: idle.cpu,
     }
 }
 
@@ -255,10 +262,12 @@ pub fn rows(
             standalone.cpu - standalone.main_cpu
         ),
         format!(
-            "| node + 50 idle tasks on the file bus, CPU: goal ≤ 0.5 % of a core | {:.2} % (node {:.2} %, shims {:.3} %); RSS {:.1} MB, PSS {:.1} MB |",
+            "| node + 50 idle tasks on the file bus, CPU: goal ≤ 0.5 % of a core | {:.2} % (node {:.2} %, shims {:.3} %; the same node before its tasks {:.2} %, so {:.4} % per task); RSS {:.1} MB, PSS {:.1} MB |",
             standalone.cpu,
             standalone.main_cpu,
             standalone.cpu - standalone.main_cpu,
+            standalone.bare_cpu,
+            (standalone.cpu - standalone.bare_cpu) / TASKS as f64,
             standalone.rss_kb as f64 / 1024.0,
             standalone.pss_kb as f64 / 1024.0
         ),
