@@ -1,10 +1,11 @@
-//! Node flags (with `SHIVA_*` environment equivalents) and their validation.
+//! Node flags (with `SHIVA_*` environment equivalents), the configuration file that gives
+//! them values (a flag or a variable given overrides it), and their validation.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use shiva_bus::BusConfig;
 use shiva_proto::NodeId;
 use uuid::Uuid;
@@ -13,6 +14,11 @@ use uuid::Uuid;
 #[derive(Debug, Parser)]
 #[command(name = "shiva-node", version, about)]
 pub struct NodeArgs {
+    /// A TOML file of flags, one key per flag without its dashes (`heartbeat-interval = "200ms"`,
+    /// `tags = ["a", "b"]`, `kafka = ["security.protocol=SSL"]` for -X); a flag or a `SHIVA_*`
+    /// variable given overrides it. Default: /etc/shiva/node.toml when it exists.
+    #[arg(long, env = "SHIVA_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The bus: kafka://HOST:PORT[,HOST:PORT], or file:///DIR (one host, no Kafka).
     #[arg(long, env = "SHIVA_BUS", default_value = "kafka://127.0.0.1:9092")]
     pub bus: String,
@@ -90,6 +96,135 @@ pub struct NodeArgs {
     /// prove that an internal error fails that task and not the node.
     #[arg(long, env = "SHIVA_FAULT_PANIC", hide = true)]
     pub fault_panic: Option<String>,
+}
+
+/// Where the node reads its configuration file when neither `--config` nor `SHIVA_CONFIG`
+/// names one (only if it exists).
+pub const DEFAULT_CONFIG: &str = "/etc/shiva/node.toml";
+
+/// The node's flags from `argv`, the environment and the configuration file (`--config`,
+/// `SHIVA_CONFIG`, or `default_file` if it exists), in that order of precedence. An error names
+/// the file and the key, or the flag.
+pub fn args_from(argv: &[std::ffi::OsString], default_file: &std::path::Path) -> Result<NodeArgs, ArgsError> {
+    let named = config_named(argv).or_else(|| std::env::var_os("SHIVA_CONFIG").map(PathBuf::from));
+    let file = named.clone().or_else(|| default_file.is_file().then(|| default_file.to_path_buf()));
+    let mut command = NodeArgs::command();
+    if let Some(file) = &file {
+        let text = std::fs::read_to_string(file).map_err(|err| {
+            ArgsError::Config(format!("cannot read the configuration file {}: {err}", file.display()))
+        })?;
+        command = with_file_defaults(command, &text)
+            .map_err(|why| ArgsError::Config(format!("configuration file {}: {why}", file.display())))?;
+    }
+    let matches = command.try_get_matches_from(argv).map_err(ArgsError::Flags)?;
+    NodeArgs::from_arg_matches(&matches).map_err(ArgsError::Flags)
+}
+
+/// Why the node's flags were refused.
+#[derive(Debug)]
+pub enum ArgsError {
+    /// A flag (clap's own error: printed as clap prints it, `--help` and `--version` too).
+    Flags(clap::Error),
+    /// The configuration file.
+    Config(String),
+}
+
+/// The file named by `--config FILE` or `--config=FILE` in `argv`, if any.
+fn config_named(argv: &[std::ffi::OsString]) -> Option<PathBuf> {
+    let mut words = argv.iter().skip(1).map(|arg| arg.to_string_lossy());
+    while let Some(word) = words.next() {
+        if word == "--" {
+            return None;
+        }
+        if word == "--config" {
+            return words.next().map(|file| PathBuf::from(file.as_ref()));
+        }
+        if let Some(file) = word.strip_prefix("--config=") {
+            return Some(PathBuf::from(file));
+        }
+    }
+    None
+}
+
+/// `command` with the values of the TOML `text` as its flags' defaults, each checked as the
+/// flag would be. Keys are flags without their dashes (`_` may stand for `-`; `kafka` for
+/// -X).
+fn with_file_defaults(mut command: clap::Command, text: &str) -> Result<clap::Command, String> {
+    let table: toml::Table =
+        text.parse().map_err(|err: toml::de::Error| err.to_string().trim().to_owned())?;
+    for (key, value) in table {
+        let name = key.replace('_', "-");
+        let usable = |arg: &&clap::Arg| {
+            !matches!(arg.get_id().as_str(), "config" | "help" | "version") && !arg.is_hide_set()
+        };
+        let found = command
+            .get_arguments()
+            .filter(usable)
+            .find(|arg| arg.get_long() == Some(name.as_str()) || arg.get_id().as_str() == name)
+            .cloned();
+        let Some(arg) = found else {
+            let keys: Vec<&str> = command
+                .get_arguments()
+                .filter(usable)
+                .map(|arg| arg.get_long().unwrap_or(arg.get_id().as_str()))
+                .collect();
+            return Err(format!("unknown key '{key}' (the keys are the node's flags: {})", keys.join(", ")));
+        };
+        let many = arg.get_num_args().is_some_and(|range| range.max_values() > 1)
+            || matches!(arg.get_action(), clap::ArgAction::Append);
+        let mut values: Vec<String> = match value {
+            toml::Value::Array(items) if many => items.into_iter().map(scalar).collect::<Result<_, _>>(),
+            toml::Value::Array(_) => Err("one value expected, not a list".to_owned()),
+            other => scalar(other).map(|value| vec![value]),
+        }
+        .map_err(|why| format!("key '{key}': {why}"))?;
+        if let Some(delimiter) = arg.get_value_delimiter() {
+            values = values.iter().flat_map(|value| value.split(delimiter)).map(str::to_owned).collect();
+        }
+        // Checked as the flag would be, alone (no variable, no other flag): an error names the
+        // key and the flag.
+        let flag = match (arg.get_long(), arg.get_short()) {
+            (Some(long), _) => format!("--{long}"),
+            (None, Some(short)) => format!("-{short}"),
+            (None, None) => format!("--{name}"),
+        };
+        let trial = clap::Command::new("shiva-node")
+            .no_binary_name(true)
+            .arg(arg.clone().env(None).required(false).default_values(Vec::<String>::new()));
+        for value in &values {
+            let words: Vec<&str> = match (arg.get_action().takes_values(), value.as_str()) {
+                (true, _) => vec![&flag, value],
+                (false, "true") => vec![&flag],
+                (false, "false") => Vec::new(),
+                (false, other) => return Err(format!("key '{key}': true or false expected, not '{other}'")),
+            };
+            trial
+                .clone()
+                .try_get_matches_from(words)
+                .map_err(|err| format!("key '{key}': {}", clap_message(&err)))?;
+        }
+        let id = arg.get_id().clone();
+        command = command.mut_arg(id, |arg| arg.default_values(values));
+    }
+    Ok(command)
+}
+
+/// A TOML scalar as the text a flag takes.
+fn scalar(value: toml::Value) -> Result<String, String> {
+    match value {
+        toml::Value::String(text) => Ok(text),
+        toml::Value::Integer(number) => Ok(number.to_string()),
+        toml::Value::Float(number) => Ok(number.to_string()),
+        toml::Value::Boolean(flag) => Ok(flag.to_string()),
+        other => Err(format!("a string, number or boolean expected, not {}", other.type_str())),
+    }
+}
+
+/// The first line of clap's error, without its `error: ` prefix.
+fn clap_message(err: &clap::Error) -> String {
+    let text = err.to_string();
+    let line = text.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
 }
 
 /// The node's own log format.
@@ -316,6 +451,96 @@ mod tests {
         NodeConfig::from_args(NodeArgs::try_parse_from(
             std::iter::once("shiva-node").chain(args.iter().copied()),
         )?)
+    }
+
+    /// The flags given by a configuration file holding `toml`, then `args`.
+    fn from_file(toml: &str, args: &[&str]) -> Result<NodeArgs, String> {
+        let file = std::env::temp_dir().join(format!(
+            "shiva-config-{}-{}.toml",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::write(&file, toml).unwrap();
+        let argv: Vec<std::ffi::OsString> = ["shiva-node", "--config", file.to_str().unwrap()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .map(Into::into)
+            .collect();
+        let parsed = args_from(&argv, std::path::Path::new("/nonexistent/node.toml"));
+        let _ = std::fs::remove_file(&file);
+        parsed.map_err(|err| match err {
+            ArgsError::Flags(err) => err.to_string(),
+            ArgsError::Config(why) => why,
+        })
+    }
+
+    #[test]
+    fn the_configuration_file_gives_the_flags_values_that_flags_given_override() {
+        let toml = r#"
+            bus = "file:///var/lib/shiva/bus"
+            node_id = "a"
+            heartbeat-interval = "300ms"
+            tags = ["x", "y"]
+            kafka = ["segment.bytes=1000000"]
+            no-leader = true
+            log-rate = 2048
+        "#;
+        let args = from_file(toml, &[]).unwrap();
+        assert_eq!(args.bus, "file:///var/lib/shiva/bus");
+        assert_eq!(args.node_id.as_deref(), Some("a"));
+        assert_eq!(args.heartbeat_interval, Duration::from_millis(300));
+        assert_eq!(args.tags, ["x", "y"]);
+        assert_eq!(args.kafka, ["segment.bytes=1000000"]);
+        assert!(args.no_leader && !args.no_runner);
+        assert_eq!(args.log_rate, "2048");
+        let config = NodeConfig::from_args(args).unwrap();
+        assert!(!config.leader_capable);
+        // A flag given wins; a comma-separated string is a list too.
+        let args =
+            from_file("heartbeat-interval = \"300ms\"\ntags = \"x,y\"", &["--heartbeat-interval", "1s"])
+                .unwrap();
+        assert_eq!(args.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(args.tags, ["x", "y"]);
+        let args = from_file("tags = [\"x\"]", &["--tags", "z"]).unwrap();
+        assert_eq!(args.tags, ["z"]);
+        // No file at the default place: the defaults.
+        let argv: Vec<std::ffi::OsString> = vec!["shiva-node".into()];
+        let args = args_from(&argv, std::path::Path::new("/nonexistent/node.toml")).ok().unwrap();
+        assert_eq!(args.heartbeat_interval, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_bad_configuration_file_is_refused_naming_the_file_and_the_key() {
+        let err = |toml: &str| from_file(toml, &[]).unwrap_err();
+        let unknown = err("heartbeat = \"1s\"");
+        assert!(
+            unknown.contains("configuration file") && unknown.contains("unknown key 'heartbeat'"),
+            "{unknown}"
+        );
+        assert!(unknown.contains("heartbeat-interval"), "the keys are listed: {unknown}");
+        let value = err("heartbeat-interval = \"soon\"");
+        assert!(value.contains("key 'heartbeat-interval'") && value.contains("soon"), "{value}");
+        assert!(err("cluster = [\"a\", \"b\"]").contains("key 'cluster': one value expected"));
+        assert!(err("bus = { host = \"a\" }").contains("key 'bus': a string, number or boolean expected"));
+        assert!(err("no-runner = \"maybe\"").contains("key 'no-runner': true or false expected"));
+        assert!(err("log-format = \"xml\"").contains("key 'log-format'"));
+        assert!(
+            err("fault-panic = \"run:x\"").contains("unknown key 'fault-panic'"),
+            "hidden flags are not keys"
+        );
+        assert!(err("config = \"/etc/other.toml\"").contains("unknown key 'config'"));
+        assert!(err("bus = ").contains("configuration file"), "a TOML error names the file");
+        let missing = args_from(
+            &["shiva-node".into(), "--config=/nonexistent/shiva.toml".into()],
+            std::path::Path::new("/nonexistent/node.toml"),
+        );
+        assert!(
+            matches!(missing, Err(ArgsError::Config(why)) if why.contains("cannot read the configuration file /nonexistent/shiva.toml"))
+        );
+        // A value in range for the flag but not for the node: the flag's own check names it.
+        let args = from_file("node-id = \"a\"\nheartbeat-interval = \"1h\"", &[]).unwrap();
+        let range = format!("{:#}", NodeConfig::from_args(args).unwrap_err());
+        assert!(range.contains("--heartbeat-interval"), "{range}");
     }
 
     #[test]

@@ -3,8 +3,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
-use shiva_node::{NodeArgs, NodeConfig};
+use shiva_node::NodeConfig;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -27,7 +26,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let args = NodeArgs::parse();
+    let default_config = std::path::Path::new(shiva_node::config::DEFAULT_CONFIG);
+    let args = match shiva_node::config::args_from(&argv, default_config) {
+        Ok(args) => args,
+        Err(shiva_node::config::ArgsError::Flags(err)) => err.exit(),
+        Err(shiva_node::config::ArgsError::Config(why)) => {
+            eprintln!("shiva-node: {why}");
+            return ExitCode::from(2);
+        }
+    };
     let json_logs = args.log_format == shiva_node::config::LogFormat::Json;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHIVA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
