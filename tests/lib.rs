@@ -460,6 +460,8 @@ impl Node {
             .process_group(0)
             .args(&self.args)
             .env("SHIVA_LOG", "info,shiva_node=debug")
+            // Never a configuration file of the host (/etc/shiva/node.toml): the flags only.
+            .env("SHIVA_CONFIG", "/dev/null")
             .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)

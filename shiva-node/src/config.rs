@@ -19,6 +19,10 @@ pub struct NodeArgs {
     /// variable given overrides it. Default: /etc/shiva/node.toml when it exists.
     #[arg(long, env = "SHIVA_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Checks the flags, the variables and the configuration file as a start would, then exits:
+    /// 0 when the node would accept them, 2 and what it would refuse otherwise.
+    #[arg(long)]
+    pub check_config: bool,
     /// The bus: kafka://HOST:PORT[,HOST:PORT], or file:///DIR (one host, no Kafka).
     #[arg(long, env = "SHIVA_BUS", default_value = "kafka://127.0.0.1:9092")]
     pub bus: String,
@@ -109,6 +113,13 @@ pub fn args_from(argv: &[std::ffi::OsString], default_file: &std::path::Path) ->
     let named = config_named(argv).or_else(|| std::env::var_os("SHIVA_CONFIG").map(PathBuf::from));
     let file = named.clone().or_else(|| default_file.is_file().then(|| default_file.to_path_buf()));
     let mut command = NodeArgs::command();
+    // `--help` and `--version` answer whatever the file says.
+    let asks =
+        |word: &std::ffi::OsString| ["--help", "-h", "--version", "-V"].iter().any(|flag| word == *flag);
+    if argv.iter().skip(1).take_while(|word| *word != "--").any(asks) {
+        let matches = command.try_get_matches_from(argv).map_err(ArgsError::Flags)?;
+        return NodeArgs::from_arg_matches(&matches).map_err(ArgsError::Flags);
+    }
     if let Some(file) = &file {
         let text = std::fs::read_to_string(file).map_err(|err| {
             ArgsError::Config(format!("cannot read the configuration file {}: {err}", file.display()))
@@ -118,6 +129,16 @@ pub fn args_from(argv: &[std::ffi::OsString], default_file: &std::path::Path) ->
     }
     let matches = command.try_get_matches_from(argv).map_err(ArgsError::Flags)?;
     NodeArgs::from_arg_matches(&matches).map_err(ArgsError::Flags)
+}
+
+/// Checks `argv` as a node started with it would (flags, variables, the configuration file, the
+/// ranges): `Err` says what it would refuse.
+pub fn check(argv: &[std::ffi::OsString]) -> Result<(), String> {
+    match args_from(argv, std::path::Path::new(DEFAULT_CONFIG)) {
+        Ok(args) => NodeConfig::from_args(args).map(drop).map_err(|err| format!("{err:#}")),
+        Err(ArgsError::Config(why)) => Err(why),
+        Err(ArgsError::Flags(err)) => Err(clap_message(&err)),
+    }
 }
 
 /// Why the node's flags were refused.
@@ -131,16 +152,18 @@ pub enum ArgsError {
 
 /// The file named by `--config FILE` or `--config=FILE` in `argv`, if any.
 fn config_named(argv: &[std::ffi::OsString]) -> Option<PathBuf> {
-    let mut words = argv.iter().skip(1).map(|arg| arg.to_string_lossy());
+    use std::os::unix::ffi::OsStrExt;
+    let mut words = argv.iter().skip(1);
     while let Some(word) = words.next() {
-        if word == "--" {
+        let bytes = word.as_bytes();
+        if bytes == b"--" {
             return None;
         }
-        if word == "--config" {
-            return words.next().map(|file| PathBuf::from(file.as_ref()));
+        if bytes == b"--config" {
+            return words.next().map(PathBuf::from);
         }
-        if let Some(file) = word.strip_prefix("--config=") {
-            return Some(PathBuf::from(file));
+        if let Some(file) = bytes.strip_prefix(b"--config=") {
+            return Some(PathBuf::from(std::ffi::OsStr::from_bytes(file)));
         }
     }
     None
@@ -152,10 +175,15 @@ fn config_named(argv: &[std::ffi::OsString]) -> Option<PathBuf> {
 fn with_file_defaults(mut command: clap::Command, text: &str) -> Result<clap::Command, String> {
     let table: toml::Table =
         text.parse().map_err(|err: toml::de::Error| err.to_string().trim().to_owned())?;
+    let mut seen = std::collections::BTreeMap::new();
     for (key, value) in table {
         let name = key.replace('_', "-");
+        if let Some(first) = seen.insert(name.clone(), key.clone()) {
+            return Err(format!("keys '{first}' and '{key}' are the same flag"));
+        }
         let usable = |arg: &&clap::Arg| {
-            !matches!(arg.get_id().as_str(), "config" | "help" | "version") && !arg.is_hide_set()
+            !matches!(arg.get_id().as_str(), "config" | "check_config" | "help" | "version")
+                && !arg.is_hide_set()
         };
         let found = command
             .get_arguments()
@@ -184,17 +212,19 @@ fn with_file_defaults(mut command: clap::Command, text: &str) -> Result<clap::Co
         // Checked as the flag would be, alone (no variable, no other flag): an error names the
         // key and the flag.
         let flag = match (arg.get_long(), arg.get_short()) {
-            (Some(long), _) => format!("--{long}"),
+            (Some(long), _) => format!("--{long}="),
             (None, Some(short)) => format!("-{short}"),
-            (None, None) => format!("--{name}"),
+            (None, None) => format!("--{name}="),
         };
         let trial = clap::Command::new("shiva-node")
             .no_binary_name(true)
             .arg(arg.clone().env(None).required(false).default_values(Vec::<String>::new()));
         for value in &values {
+            // Joined to its flag (`--flag=value`, `-Xvalue`): a value may start with `-`.
+            let joined = format!("{flag}{value}");
             let words: Vec<&str> = match (arg.get_action().takes_values(), value.as_str()) {
-                (true, _) => vec![&flag, value],
-                (false, "true") => vec![&flag],
+                (true, _) => vec![&joined],
+                (false, "true") => vec![flag.trim_end_matches('=')],
                 (false, "false") => Vec::new(),
                 (false, other) => return Err(format!("key '{key}': true or false expected, not '{other}'")),
             };
@@ -220,11 +250,13 @@ fn scalar(value: toml::Value) -> Result<String, String> {
     }
 }
 
-/// The first line of clap's error, without its `error: ` prefix.
+/// Clap's error up to its usage lines, without its `error: ` prefix.
 fn clap_message(err: &clap::Error) -> String {
     let text = err.to_string();
-    let line = text.lines().next().unwrap_or_default();
-    line.strip_prefix("error: ").unwrap_or(line).to_owned()
+    let message: Vec<&str> = text.lines().take_while(|line| !line.starts_with("Usage:")).collect();
+    let message = message.join(" ");
+    let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    message.strip_prefix("error: ").unwrap_or(&message).to_owned()
 }
 
 /// The node's own log format.
@@ -503,6 +535,9 @@ mod tests {
         assert_eq!(args.tags, ["x", "y"]);
         let args = from_file("tags = [\"x\"]", &["--tags", "z"]).unwrap();
         assert_eq!(args.tags, ["z"]);
+        // A value may start with a dash.
+        let args = from_file("task-user = \"-odd\"", &[]).unwrap();
+        assert_eq!(args.task_user.as_deref(), Some("-odd"));
         // No file at the default place: the defaults.
         let argv: Vec<std::ffi::OsString> = vec!["shiva-node".into()];
         let args = args_from(&argv, std::path::Path::new("/nonexistent/node.toml")).ok().unwrap();
@@ -529,6 +564,8 @@ mod tests {
             "hidden flags are not keys"
         );
         assert!(err("config = \"/etc/other.toml\"").contains("unknown key 'config'"));
+        assert!(err("check-config = true").contains("unknown key 'check-config'"));
+        assert!(err("node_id = \"a\"\nnode-id = \"b\"").contains("are the same flag"));
         assert!(err("bus = ").contains("configuration file"), "a TOML error names the file");
         let missing = args_from(
             &["shiva-node".into(), "--config=/nonexistent/shiva.toml".into()],
@@ -541,6 +578,22 @@ mod tests {
         let args = from_file("node-id = \"a\"\nheartbeat-interval = \"1h\"", &[]).unwrap();
         let range = format!("{:#}", NodeConfig::from_args(args).unwrap_err());
         assert!(range.contains("--heartbeat-interval"), "{range}");
+    }
+
+    #[test]
+    fn a_reload_checks_the_configuration_its_next_process_would_read() {
+        let file = std::env::temp_dir().join(format!("shiva-check-{}.toml", std::process::id()));
+        let argv: Vec<std::ffi::OsString> =
+            vec!["shiva-node".into(), "--config".into(), file.clone().into(), "--node-id".into(), "a".into()];
+        std::fs::write(&file, "heartbeat-interval = \"300ms\"\n").unwrap();
+        assert_eq!(check(&argv), Ok(()));
+        // Edited into a value out of range, or a key the node does not know: the reload is
+        // refused, saying why.
+        std::fs::write(&file, "heartbeat-interval = \"1h\"\n").unwrap();
+        assert!(check(&argv).unwrap_err().contains("--heartbeat-interval 1h"));
+        std::fs::write(&file, "heartbeat = \"1s\"\n").unwrap();
+        assert!(check(&argv).unwrap_err().contains("unknown key 'heartbeat'"));
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]

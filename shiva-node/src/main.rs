@@ -67,7 +67,12 @@ fn main() -> ExitCode {
         shiva_proto::wall::shift_for_tests(offset);
         tracing::warn!(offset_ms = offset, "SHIVA_TEST_CLOCK_OFFSET_MS: this node's wall clock is shifted");
     }
+    let check_only = args.check_config;
     let config = match NodeConfig::from_args(args) {
+        Ok(config) if check_only => {
+            println!("shiva-node: the flags and the configuration are valid (node {})", config.node_id);
+            return ExitCode::SUCCESS;
+        }
         Ok(config) => config,
         Err(err) => {
             // In JSON mode every line on stderr is an event.

@@ -43,5 +43,30 @@ fn a_variable_overrides_the_file_and_a_bad_file_exits_2_naming_its_key() {
         stderr.contains(&file.display().to_string()) && stderr.contains("unknown key 'heartbit'"),
         "{stderr}"
     );
+    // --check-config says so without starting; --help answers whatever the file says.
+    std::fs::write(&file, "node-id = \"a\"\nheartbeat-interval = \"1h\"\n").unwrap();
+    let out = node(&file, &[]);
+    assert!(!out.status.success());
+    let mut check = Command::new(env!("CARGO_BIN_EXE_shiva-node"));
+    let out = check.arg("--config").arg(&file).arg("--check-config").env_clear().output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--heartbeat-interval 1h"));
+    std::fs::write(&file, "node-id = \"a\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shiva-node"))
+        .arg("--config")
+        .arg(&file)
+        .arg("--check-config")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&file, "garbage =").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shiva-node"))
+        .arg("--config")
+        .arg(&file)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("--config"));
     let _ = std::fs::remove_dir_all(&dir);
 }

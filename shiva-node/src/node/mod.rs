@@ -407,9 +407,16 @@ pub async fn run(
     Ok(Ending::Left)
 }
 
-/// Whether the binary at `exe` runs (`--version` within 10 s): a reload to a binary that does
-/// not is refused, and this process goes on.
+/// Whether the binary at `exe` runs (`--version` within 10 s) and the flags and configuration
+/// file it will read are valid: a reload otherwise is refused, and this process goes on.
 async fn answers(exe: &std::path::Path) -> bool {
+    // The next process reads the flags and the configuration file again: a file edited into
+    // one it refuses would stop it (exit 2, not restarted by the unit), its runs orphaned.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(why) = crate::config::check(&argv) {
+        error!(error = %why, "reload refused: the next process would refuse its configuration; this process goes on");
+        return false;
+    }
     let check = tokio::process::Command::new(exe)
         .arg("--version")
         .stdin(std::process::Stdio::null())
