@@ -132,12 +132,74 @@ pub fn args_from(argv: &[std::ffi::OsString], default_file: &std::path::Path) ->
 }
 
 /// Checks `argv` as a node started with it would (flags, variables, the configuration file, the
-/// ranges): `Err` says what it would refuse.
-pub fn check(argv: &[std::ffi::OsString]) -> Result<(), String> {
+/// ranges): the identity it would have, or what it would refuse.
+pub fn check(argv: &[std::ffi::OsString]) -> Result<Identity, String> {
     match args_from(argv, std::path::Path::new(DEFAULT_CONFIG)) {
-        Ok(args) => NodeConfig::from_args(args).map(drop).map_err(|err| format!("{err:#}")),
+        Ok(args) => {
+            NodeConfig::from_args(args).map(|config| Identity::of(&config)).map_err(|err| format!("{err:#}"))
+        }
         Err(ArgsError::Config(why)) => Err(why),
         Err(ArgsError::Flags(err)) => Err(clap_message(&err)),
+    }
+}
+
+/// What makes a node process the same node as another: a reload that changes it is refused
+/// (the next process would not take the runs back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The node's id.
+    pub node_id: String,
+    /// Its cluster.
+    pub cluster: String,
+    /// Its workspace.
+    pub workspace: PathBuf,
+}
+
+impl Identity {
+    /// `config`'s.
+    pub fn of(config: &NodeConfig) -> Identity {
+        Identity {
+            node_id: config.node_id.to_string(),
+            cluster: config.bus.topics.cluster().to_owned(),
+            workspace: config.workspace.clone(),
+        }
+    }
+
+    /// As `--check-config` prints it, one `key: value` line each.
+    pub fn lines(&self) -> String {
+        format!(
+            "node-id: {}\ncluster: {}\nworkspace: {}\n",
+            self.node_id,
+            self.cluster,
+            self.workspace.display()
+        )
+    }
+
+    /// Read back from [`Identity::lines`] in `text`.
+    pub fn parse(text: &str) -> Option<Identity> {
+        let value = |key: &str| text.lines().find_map(|line| line.strip_prefix(key)).map(str::to_owned);
+        Some(Identity {
+            node_id: value("node-id: ")?,
+            cluster: value("cluster: ")?,
+            workspace: PathBuf::from(value("workspace: ")?),
+        })
+    }
+
+    /// Why a process of `next` is not the same node as this one, if it is not.
+    pub fn differs(&self, next: &Identity) -> Option<String> {
+        let changed =
+            |what: &str, from: &str, to: &str| format!("its {what} would change from {from} to {to}");
+        if self.node_id != next.node_id {
+            return Some(changed("node id", &self.node_id, &next.node_id));
+        }
+        if self.cluster != next.cluster {
+            return Some(changed("cluster", &self.cluster, &next.cluster));
+        }
+        if self.workspace != next.workspace {
+            let (from, to) = (self.workspace.display().to_string(), next.workspace.display().to_string());
+            return Some(changed("workspace", &from, &to));
+        }
+        None
     }
 }
 
@@ -586,7 +648,12 @@ mod tests {
         let argv: Vec<std::ffi::OsString> =
             vec!["shiva-node".into(), "--config".into(), file.clone().into(), "--node-id".into(), "a".into()];
         std::fs::write(&file, "heartbeat-interval = \"300ms\"\n").unwrap();
-        assert_eq!(check(&argv), Ok(()));
+        let identity = check(&argv).unwrap();
+        assert_eq!(Identity::parse(&identity.lines()), Some(identity.clone()));
+        // Another cluster in the file: the same node no more.
+        std::fs::write(&file, "cluster = \"other\"\n").unwrap();
+        let why = identity.differs(&check(&argv).unwrap()).unwrap();
+        assert!(why.contains("cluster would change from default to other"), "{why}");
         // Edited into a value out of range, or a key the node does not know: the reload is
         // refused, saying why.
         std::fs::write(&file, "heartbeat-interval = \"1h\"\n").unwrap();

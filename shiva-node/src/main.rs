@@ -70,7 +70,8 @@ fn main() -> ExitCode {
     let check_only = args.check_config;
     let config = match NodeConfig::from_args(args) {
         Ok(config) if check_only => {
-            println!("shiva-node: the flags and the configuration are valid (node {})", config.node_id);
+            println!("shiva-node: the flags and the configuration are valid");
+            print!("{}", shiva_node::config::Identity::of(&config).lines());
             return ExitCode::SUCCESS;
         }
         Ok(config) => config,

@@ -57,7 +57,10 @@ fn the_package_holds_the_binaries_the_unit_and_a_configuration_the_node_reads() 
         run(repo().join("scripts/package").to_str().unwrap(), &["--debug", "--out", out.to_str().unwrap()]);
     let deb = built.lines().last().expect("the package's path").to_owned();
     let info = run("dpkg-deb", &["--info", &deb]);
-    for field in ["Package: shiva", "Version: ", "Architecture: ", "Depends: libc6"] {
+    // The libraries the binaries link, with their minimum versions (dpkg-shlibdeps).
+    for field in
+        ["Package: shiva", "Version: ", "Architecture: ", "libc6 (>= ", "libssl3", "libsasl2-2", "libzstd1"]
+    {
         assert!(info.contains(field), "{field} in {info}");
     }
     let contents = run("dpkg-deb", &["--contents", &deb]);

@@ -298,3 +298,40 @@ fn slot_second(slot: &str) -> i64 {
         .map(|at| at.timestamp())
         .unwrap_or_else(|_| panic!("slot {slot}"))
 }
+
+#[test]
+fn a_reload_the_configuration_would_stop_is_refused_and_the_node_goes_on() {
+    let broker = Broker::start();
+    let name = cluster("reload-check");
+    let ctl = Ctl::new(&broker, &name);
+    let file = scratch("reload-check").join("node.toml");
+    std::fs::write(&file, "tags = [\"a\"]\n").unwrap();
+    let node = Node::start(&broker, &name, "n1", &["--config", file.to_str().unwrap()]);
+    let mut cluster = Cluster { broker, name, ctl, nodes: vec![node] };
+    cluster.wait_nodes(1);
+    let pid = cluster.node("n1").pid();
+    let reloads = |node: &Node| node.log_text().matches("reloading: the node re-executes itself").count();
+    // Edited into a value the next process would refuse (exit 2, which the unit does not
+    // restart): refused, and the node goes on as it is.
+    // (A key the harness sets no flag for: a flag given would override the file.)
+    std::fs::write(&file, "tags = [\"a\"]\nlog-retention = \"100000d\"\n").unwrap();
+    cluster.node("n1").signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until(SETTLE, "the reload is refused", || {
+        cluster
+            .node("n1")
+            .log_text()
+            .contains("reload refused: the next process would refuse its flags or configuration")
+    });
+    assert!(cluster.node("n1").log_text().contains("--log-retention 273years"));
+    assert_eq!(reloads(cluster.node("n1")), 0);
+    assert!(shiva_e2e::pid_alive(pid));
+    cluster.wait_nodes(1);
+    // Mended: the reload goes on, same process.
+    std::fs::write(&file, "tags = [\"b\"]\n").unwrap();
+    cluster.node("n1").signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until(SETTLE, "the reload goes on", || reloads(cluster.node("n1")) == 1);
+    assert_eq!(cluster.node("n1").pid(), pid);
+    wait_until(SETTLE, "the node carries its new tag", || {
+        cluster.ctl.json(&["nodes"]).to_string().contains("\"b\"")
+    });
+}

@@ -311,7 +311,8 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = reload.requested.notified(), if checking.is_none() => {
                 let exe = reload.exe.clone();
-                checking = Some(tokio::spawn(async move { answers(&exe).await }));
+                let identity = crate::config::Identity::of(&node.config);
+                checking = Some(tokio::spawn(async move { answers(&exe, &identity).await }));
                 continue;
             }
             answered = async { checking.as_mut().expect("checked").await }, if checking.is_some() => {
@@ -407,16 +408,59 @@ pub async fn run(
     Ok(Ending::Left)
 }
 
-/// Whether the binary at `exe` runs (`--version` within 10 s) and the flags and configuration
-/// file it will read are valid: a reload otherwise is refused, and this process goes on.
-async fn answers(exe: &std::path::Path) -> bool {
-    // The next process reads the flags and the configuration file again: a file edited into
-    // one it refuses would stop it (exit 2, not restarted by the unit), its runs orphaned.
+/// Whether the reload may go on: the binary at `exe` runs (`--version` within 10 s) and, with
+/// this process's flags and environment (what the next process gets), accepts them and the
+/// configuration file (`--check-config`: its own parser, as an upgrade changes it) as the same
+/// node (`identity`: another id, cluster or workspace would not take the runs back). A binary
+/// too old for `--check-config` is checked with this one's parser. Otherwise the reload is
+/// refused, and this process goes on: a file edited into one the next process refuses would
+/// stop it (exit 2, which the unit does not restart), its runs orphaned.
+async fn answers(exe: &std::path::Path, identity: &crate::config::Identity) -> bool {
+    let Some(version) = runs(exe).await else { return false };
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if let Err(why) = crate::config::check(&argv) {
-        error!(error = %why, "reload refused: the next process would refuse its configuration; this process goes on");
-        return false;
+    let check = tokio::process::Command::new(exe)
+        .args(argv.iter().skip(1))
+        .arg("--check-config")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let next = match tokio::time::timeout(Duration::from_secs(10), check).await {
+        Ok(Ok(output)) if output.status.success() => {
+            crate::config::Identity::parse(&String::from_utf8_lossy(&output.stdout))
+                .ok_or_else(|| "the new binary's --check-config did not say the node's identity".to_owned())
+        }
+        Ok(Ok(output)) => {
+            let said = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+            if said.contains("--check-config") {
+                // Older than --check-config: this binary's parser.
+                crate::config::check(&argv)
+            } else {
+                Err(said)
+            }
+        }
+        Ok(Err(err)) => Err(format!("the new binary cannot be started: {err}")),
+        Err(_) => Err("the new binary's --check-config did not answer within 10 s".to_owned()),
+    };
+    match next.map(|next| identity.differs(&next)) {
+        Ok(None) => {
+            info!(exe = %exe.display(), %version, "reloading: the node re-executes itself; its runs stay with their shims");
+            true
+        }
+        Ok(Some(why)) => {
+            error!(reason = %why, "reload refused: the next process would be another node (restart it instead); this process goes on");
+            false
+        }
+        Err(why) => {
+            error!(error = %why, "reload refused: the next process would refuse its flags or configuration; this process goes on");
+            false
+        }
     }
+}
+
+/// What the binary at `exe` answers to `--version` (within 10 s), if it does.
+async fn runs(exe: &std::path::Path) -> Option<String> {
     let check = tokio::process::Command::new(exe)
         .arg("--version")
         .stdin(std::process::Stdio::null())
@@ -426,21 +470,19 @@ async fn answers(exe: &std::path::Path) -> bool {
         .output();
     match tokio::time::timeout(Duration::from_secs(10), check).await {
         Ok(Ok(output)) if output.status.success() => {
-            let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-            info!(exe = %exe.display(), %version, "reloading: the node re-executes itself; its runs stay with their shims");
-            true
+            Some(String::from_utf8_lossy(&output.stdout).trim().to_owned())
         }
         Ok(Ok(output)) => {
             error!(exe = %exe.display(), status = %output.status, stderr = %String::from_utf8_lossy(&output.stderr).trim(), "reload refused: the binary does not run; this process goes on");
-            false
+            None
         }
         Ok(Err(err)) => {
             error!(exe = %exe.display(), error = %err, "reload refused: the binary cannot be started; this process goes on");
-            false
+            None
         }
         Err(_) => {
             error!(exe = %exe.display(), "reload refused: the binary did not answer --version within 10 s; this process goes on");
-            false
+            None
         }
     }
 }
