@@ -110,8 +110,6 @@ pub const DEFAULT_CONFIG: &str = "/etc/shiva/node.toml";
 /// `SHIVA_CONFIG`, or `default_file` if it exists), in that order of precedence. An error names
 /// the file and the key, or the flag.
 pub fn args_from(argv: &[std::ffi::OsString], default_file: &std::path::Path) -> Result<NodeArgs, ArgsError> {
-    let named = config_named(argv).or_else(|| std::env::var_os("SHIVA_CONFIG").map(PathBuf::from));
-    let file = named.clone().or_else(|| default_file.is_file().then(|| default_file.to_path_buf()));
     let mut command = NodeArgs::command();
     // `--help` and `--version` answer whatever the file says.
     let asks =
@@ -120,6 +118,9 @@ pub fn args_from(argv: &[std::ffi::OsString], default_file: &std::path::Path) ->
         let matches = command.try_get_matches_from(argv).map_err(ArgsError::Flags)?;
         return NodeArgs::from_arg_matches(&matches).map_err(ArgsError::Flags);
     }
+    let file = config_named(argv)
+        .or_else(|| std::env::var_os("SHIVA_CONFIG").map(PathBuf::from))
+        .or_else(|| default_file.is_file().then(|| default_file.to_path_buf()));
     if let Some(file) = &file {
         let text = std::fs::read_to_string(file).map_err(|err| {
             ArgsError::Config(format!("cannot read the configuration file {}: {err}", file.display()))

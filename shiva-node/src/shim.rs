@@ -133,7 +133,8 @@ pub const PROTOCOL: u32 = 3;
 /// starts, the socket of a shim it takes back). It goes off only when the node stops renewing:
 /// a shim sleeps until then instead of waking at each deadline to look for a renewal in the
 /// lease file. Shims never read it (its count of expirations is every shim's): they ask its
-/// setting (`timerfd_gettime`), and take in only a deadline within a lease, as from the file.
+/// setting (`timerfd_gettime`), and take in its deadline capped at one lease from now, as from
+/// the file.
 #[derive(Debug)]
 pub struct LeaseTimer(OwnedFd);
 
@@ -431,7 +432,7 @@ pub fn main(legacy: Option<&str>) -> u8 {
     let mut lease = Lease::new(&config, boottime_ms(), wall_ms());
     if config.hold {
         emit(&ShimEvent::Ready);
-        if let Err(reason) = hold(&mut lease, &mut link, config.lease_file.as_deref()) {
+        if let Err(reason) = hold(&mut lease, &mut link) {
             back_out(&homes);
             clear_cgroups(&config);
             emit(&ShimEvent::Exited { code: None, signal: None, stopped: Some(reason) });
@@ -440,7 +441,7 @@ pub fn main(legacy: Option<&str>) -> u8 {
     }
     // The lease may have run out meanwhile (the shim frozen before its `setsid`, a long wait
     // for its go): then nothing starts.
-    link.renew(&mut lease, config.lease_file.as_deref(), boottime_ms());
+    link.renew(&mut lease, boottime_ms());
     if let Some(why) = lease.expired(boottime_ms(), wall_ms()) {
         back_out(&homes);
         clear_cgroups(&config);
@@ -547,7 +548,7 @@ impl Link {
     /// node that lost track of the shim never keeps it alive): its timer's deadline, then its
     /// lease file once the deadline has come. Returns whether the timer goes off by the lease's
     /// deadline, so that the shim may sleep until it does.
-    fn renew(&mut self, lease: &mut Lease, file: Option<&std::path::Path>, boot: i64) -> bool {
+    fn renew(&mut self, lease: &mut Lease, boot: i64) -> bool {
         if let Some(until) = self.granted.take() {
             lease.renew_until(until, boot);
         }
@@ -555,7 +556,7 @@ impl Link {
             return false;
         }
         let Some(timer) = &self.timer else {
-            lease.refresh(file, boot);
+            lease.refresh(self.lease_file.as_deref(), boot);
             return false;
         };
         // A shim given the timer never reads the file, which the node keeps only for the shims
@@ -978,7 +979,7 @@ impl Lease {
 /// A staged start waits for the node's `go` (`Ok`), keeping its lease; `Err` says why it ends
 /// without starting anything: `stop`, the node gone, or the lease run out. Lines after `go`
 /// stay in the link's input for the supervision that follows.
-fn hold(lease: &mut Lease, link: &mut Link, lease_file: Option<&std::path::Path>) -> Result<(), String> {
+fn hold(lease: &mut Lease, link: &mut Link) -> Result<(), String> {
     loop {
         while let Some(end) = link.input.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = link.input.drain(..=end).collect();
@@ -993,7 +994,7 @@ fn hold(lease: &mut Lease, link: &mut Link, lease_file: Option<&std::path::Path>
             return Err("the node is gone".into());
         }
         let now = boottime_ms();
-        link.renew(lease, lease_file, now);
+        link.renew(lease, now);
         if let Some(why) = lease.expired(now, wall_ms()) {
             return Err(why.into());
         }
@@ -1038,7 +1039,7 @@ fn supervise(
         let now = boottime_ms();
         // With the node's timer (and a watch on the wall clock), the shim sleeps until the
         // timer goes off; otherwise it wakes at its deadline.
-        let timed = link.renew(&mut lease, config.lease_file.as_deref(), now) && clock.is_some();
+        let timed = link.renew(&mut lease, now) && clock.is_some();
         if let Some(why) = lease.expired(now, wall_ms()) {
             return stop(config, pid, why, out, children.as_ref());
         }

@@ -3,13 +3,19 @@
 
 use std::process::Command;
 
-fn node(file: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
+/// `shiva-node --config FILE ARGS…` with only `env` (and `PATH`) in its environment.
+fn node_with(file: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_shiva-node"));
-    command.arg("--config").arg(file).env_clear().env("PATH", "/usr/bin:/bin");
+    command.arg("--config").arg(file).args(args).env_clear().env("PATH", "/usr/bin:/bin");
     for (name, value) in env {
         command.env(name, value);
     }
     command.output().expect("run shiva-node")
+}
+
+/// The node started with `--config FILE` and `env`.
+fn node(file: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
+    node_with(file, &[], env)
 }
 
 #[test]
@@ -47,26 +53,14 @@ fn a_variable_overrides_the_file_and_a_bad_file_exits_2_naming_its_key() {
     std::fs::write(&file, "node-id = \"a\"\nheartbeat-interval = \"1h\"\n").unwrap();
     let out = node(&file, &[]);
     assert!(!out.status.success());
-    let mut check = Command::new(env!("CARGO_BIN_EXE_shiva-node"));
-    let out = check.arg("--config").arg(&file).arg("--check-config").env_clear().output().unwrap();
+    let out = node_with(&file, &["--check-config"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--heartbeat-interval 1h"));
     std::fs::write(&file, "node-id = \"a\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_shiva-node"))
-        .arg("--config")
-        .arg(&file)
-        .arg("--check-config")
-        .env_clear()
-        .output()
-        .unwrap();
+    let out = node_with(&file, &["--check-config"], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::write(&file, "garbage =").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_shiva-node"))
-        .arg("--config")
-        .arg(&file)
-        .arg("--help")
-        .output()
-        .unwrap();
+    let out = node_with(&file, &["--help"], &[]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("--config"));
     let _ = std::fs::remove_dir_all(&dir);
 }

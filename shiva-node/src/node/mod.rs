@@ -416,22 +416,29 @@ pub async fn run(
 /// refused, and this process goes on: a file edited into one the next process refuses would
 /// stop it (exit 2, which the unit does not restart), its runs orphaned.
 async fn answers(exe: &std::path::Path, identity: &crate::config::Identity) -> bool {
-    let Some(version) = runs(exe).await else { return false };
+    let version = match probe(exe, ["--version"]).await {
+        Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+        Ok(output) => {
+            error!(exe = %exe.display(), status = %output.status, stderr = %String::from_utf8_lossy(&output.stderr).trim(), "reload refused: the binary does not run; this process goes on");
+            return false;
+        }
+        Err(why) => {
+            error!(exe = %exe.display(), error = %why, "reload refused: the binary does not answer --version; this process goes on");
+            return false;
+        }
+    };
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let check = tokio::process::Command::new(exe)
-        .args(argv.iter().skip(1))
-        .arg("--check-config")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let next = match tokio::time::timeout(Duration::from_secs(10), check).await {
-        Ok(Ok(output)) if output.status.success() => {
+    let checked = argv
+        .iter()
+        .skip(1)
+        .map(std::ffi::OsString::as_os_str)
+        .chain([std::ffi::OsStr::new("--check-config")]);
+    let next = match probe(exe, checked).await {
+        Ok(output) if output.status.success() => {
             crate::config::Identity::parse(&String::from_utf8_lossy(&output.stdout))
                 .ok_or_else(|| "the new binary's --check-config did not say the node's identity".to_owned())
         }
-        Ok(Ok(output)) => {
+        Ok(output) => {
             let said = String::from_utf8_lossy(&output.stderr).trim().to_owned();
             if said.contains("--check-config") {
                 // Older than --check-config: this binary's parser.
@@ -440,8 +447,7 @@ async fn answers(exe: &std::path::Path, identity: &crate::config::Identity) -> b
                 Err(said)
             }
         }
-        Ok(Err(err)) => Err(format!("the new binary cannot be started: {err}")),
-        Err(_) => Err("the new binary's --check-config did not answer within 10 s".to_owned()),
+        Err(why) => Err(format!("the new binary's --check-config: {why}")),
     };
     match next.map(|next| identity.differs(&next)) {
         Ok(None) => {
@@ -459,31 +465,23 @@ async fn answers(exe: &std::path::Path, identity: &crate::config::Identity) -> b
     }
 }
 
-/// What the binary at `exe` answers to `--version` (within 10 s), if it does.
-async fn runs(exe: &std::path::Path) -> Option<String> {
-    let check = tokio::process::Command::new(exe)
-        .arg("--version")
+/// Runs the binary at `exe` with `args` (this process's environment, no input) for at most
+/// 10 s: what it printed and how it ended, or why it did not.
+async fn probe<A: AsRef<std::ffi::OsStr>>(
+    exe: &std::path::Path,
+    args: impl IntoIterator<Item = A>,
+) -> Result<std::process::Output, String> {
+    let run = tokio::process::Command::new(exe)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .output();
-    match tokio::time::timeout(Duration::from_secs(10), check).await {
-        Ok(Ok(output)) if output.status.success() => {
-            Some(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-        }
-        Ok(Ok(output)) => {
-            error!(exe = %exe.display(), status = %output.status, stderr = %String::from_utf8_lossy(&output.stderr).trim(), "reload refused: the binary does not run; this process goes on");
-            None
-        }
-        Ok(Err(err)) => {
-            error!(exe = %exe.display(), error = %err, "reload refused: the binary cannot be started; this process goes on");
-            None
-        }
-        Err(_) => {
-            error!(exe = %exe.display(), "reload refused: the binary did not answer --version within 10 s; this process goes on");
-            None
-        }
+    match tokio::time::timeout(Duration::from_secs(10), run).await {
+        Ok(Ok(output)) => Ok(output),
+        Ok(Err(err)) => Err(format!("it cannot be started: {err}")),
+        Err(_) => Err("it did not answer within 10 s".to_owned()),
     }
 }
 

@@ -690,8 +690,8 @@ impl ShimLauncher {
     /// answers on its socket with its protocol version and task, and is held from now on as if
     /// this process had started it, its output shipped on from where it was; a run whose task
     /// ended while no node was there is returned over, with the end its shim left. What cannot
-    /// be taken back (written by an older node, a protocol the node does not speak (above its own by more than one), a task
-    /// without its shim) is stopped as a leftover.
+    /// be taken back (written by an older node, a protocol more than one above the node's, a
+    /// task without its shim) is stopped as a leftover.
     pub async fn adopt(&self) -> Vec<Adopted> {
         let Ok(entries) = std::fs::read_dir(&self.records) else { return Vec::new() };
         let paths: Vec<PathBuf> = entries
