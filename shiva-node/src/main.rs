@@ -95,7 +95,15 @@ fn main() -> ExitCode {
     let shutdown = CancellationToken::new();
     let reload = shiva_node::node::Reload { requested: Default::default(), exe };
     runtime.spawn(watch_signals(shutdown.clone(), reload.requested.clone()));
-    match runtime.block_on(shiva_node::run(config, shutdown, reload.clone())) {
+    // The node's loop runs on the runtime's workers, not on this thread: a timer or a channel
+    // wakes the worker that polls it, not a worker and then this thread (half the thread
+    // switches of an idle node's heartbeat, docs/benchmarks.md).
+    let node = runtime.spawn(shiva_node::run(config, shutdown, reload.clone()));
+    let ended = runtime.block_on(node).unwrap_or_else(|err| match err.try_into_panic() {
+        Ok(panic) => std::panic::resume_unwind(panic),
+        Err(err) => Err(anyhow::anyhow!("the node's loop was cancelled: {err}")),
+    });
+    match ended {
         Ok(shiva_node::node::Ending::Left) => ExitCode::SUCCESS,
         Ok(shiva_node::node::Ending::Reexec) => {
             // The runtime is left as it is: `execv` replaces the whole process (every thread),

@@ -83,7 +83,7 @@ pub struct Schedules {
 }
 
 /// A task's parsed schedule (None: not periodic, or invalid).
-type Parsed = Option<std::rc::Rc<Schedule>>;
+type Parsed = Option<std::sync::Arc<Schedule>>;
 
 impl Schedules {
     /// The schedule of `spec` (None: not periodic, or invalid).
@@ -94,7 +94,7 @@ impl Schedules {
         {
             return schedule.clone();
         }
-        let schedule = Schedule::from_spec(&spec.spec).ok().flatten().map(std::rc::Rc::new);
+        let schedule = Schedule::from_spec(&spec.spec).ok().flatten().map(std::sync::Arc::new);
         parsed.insert(spec.spec.id.clone(), (spec.revision, schedule.clone()));
         schedule
     }

@@ -176,6 +176,7 @@ impl Node {
 
     /// Answers a request of the HTTP server from the view.
     pub(crate) fn on_api_request(&mut self, request: Request) {
+        self.pace.touch();
         match request {
             Request::Task { task, reply } => {
                 let _ = reply.send(self.task_detail(&task));

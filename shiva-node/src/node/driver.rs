@@ -101,6 +101,8 @@ pub(crate) struct Node {
     pub(crate) stuck_secrets: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The HTTP API's snapshots, requests and metrics.
     pub(crate) api: super::api::Api,
+    /// When a step walks every task (see `pace`).
+    pub(crate) pace: super::pace::Pace,
 }
 
 /// What this node writes: two ordered producers (heartbeats apart, so a burst of other writes
@@ -278,6 +280,9 @@ impl Node {
     /// Handles a reader event; returns the token of a completed read-to-end. An error is fatal:
     /// the log went backwards.
     pub(crate) fn on_reader_event(&mut self, event: ReaderEvent) -> anyhow::Result<Option<u64>> {
+        if !matches!(event, ReaderEvent::Record(_)) {
+            self.pace.touch();
+        }
         match event {
             ReaderEvent::Record(record) => self.on_record(record),
             ReaderEvent::Synced(token) => {
@@ -346,8 +351,26 @@ impl Node {
             let delay = shiva_proto::wall::now_ms().saturating_sub(created);
             crate::api::Metrics::observe_ms(&self.api.metrics.fetch_latency, delay);
         }
+        // A heartbeat that changes nothing but its counters leaves the walks as they were
+        // (see `pace`); any other record may change what they decide.
+        let heartbeat_node = (topic == TopicKind::Control)
+            .then(|| key.as_deref().and_then(|key| std::str::from_utf8(key).ok()?.strip_prefix("node/")))
+            .flatten()
+            .and_then(|node| NodeId::new(node).ok());
+        let before = heartbeat_node
+            .as_ref()
+            .and_then(|node| self.view.heartbeats.get(node))
+            .map(|entry| (entry.incarnation, entry.heartbeat.clone()));
         // No record may take the node down: a panic while folding one skips it.
         let outcome = self.view.apply_guarded(topic, offset, key.as_deref(), value.as_deref());
+        let after = heartbeat_node
+            .as_ref()
+            .and_then(|node| self.view.heartbeats.get(node))
+            .map(|entry| (entry.incarnation, &entry.heartbeat));
+        let before = before.as_ref().map(|(incarnation, heartbeat)| (*incarnation, heartbeat));
+        if !super::pace::routine(before, after) {
+            self.pace.touch();
+        }
         if let Outcome::Skipped(reason) = &outcome
             && reason.starts_with("internal error")
         {
@@ -420,6 +443,9 @@ impl Node {
     }
 
     pub(crate) fn on_write_result(&mut self, result: WriteResult) {
+        if !result.is_quiet() {
+            self.pace.touch();
+        }
         let WriteResult { topic, key, purpose, result, queued } = result;
         crate::api::Metrics::observe(&self.api.metrics.produce_latency, queued.elapsed());
         let entry = (topic, key.clone());
@@ -484,6 +510,7 @@ impl Node {
     /// answer (written in this very step, see `release_handed_off`) says more, and writing both
     /// would queue the answer behind it.
     pub(crate) fn on_job_status(&mut self, status: TaskStatus) {
+        self.pace.touch();
         let final_state = matches!(status.state, RunState::Stopped | RunState::Failed);
         if final_state && let Some(supervisor) = self.supervisor.as_mut() {
             supervisor.on_final(&status.task);
@@ -576,7 +603,8 @@ impl Node {
         if !self.ready {
             return;
         }
-        self.update_fence(Boot::now(), std::time::SystemTime::now());
+        let now = Boot::now();
+        self.update_fence(now, std::time::SystemTime::now());
         let healthy = open && self.membership.log_now().is_some();
         let timeouts = Timeouts { leader: self.config.leader_timeout, first_write: self.config.node_timeout };
         match self.election.decide(&self.view, &self.membership, healthy, timeouts) {
@@ -618,12 +646,30 @@ impl Node {
                 }
             }
         }
+        // Whether this step walks every task (the leader's reconciliation, the runner's step)
+        // or, nothing but the clock having changed since the last walk, leaves them out.
+        let standing = super::pace::Standing {
+            live: self
+                .membership
+                .live_members(self.config.node_timeout, &|_| Vec::new())
+                .into_iter()
+                .map(|member| (member.id, member.incarnation))
+                .collect(),
+            leading: self.leadership.leading,
+            open: self.fence.is_open(),
+            may_start_exclusive: self.may_start_exclusive(),
+        };
+        let steady = super::pace::steady(&self.view, &standing.live);
+        let walks = self.pace.walks(now, standing, steady);
         if let Some(epoch) = self.leadership.leading {
             // Task by task, decisions contain their own panics; this is the last resort for a
             // bug outside any one task: the step is skipped, the node and its role stay.
-            let planned = crate::fault::contain(|| self.leader_writes(epoch));
+            let planned = crate::fault::contain(|| self.leader_writes(epoch, walks));
             match planned {
                 Ok(writes) => {
+                    if !writes.is_empty() {
+                        self.pace.touch();
+                    }
                     for write in writes {
                         self.send(write.topic, write.key, write.body, Purpose::Leader);
                     }
@@ -685,7 +731,7 @@ impl Node {
                 self.leadership.report_sync = Some((token, position));
             }
         }
-        if let Err(reason) = crate::fault::contain(|| self.step_runner()) {
+        if walks && let Err(reason) = crate::fault::contain(|| self.step_runner()) {
             error!(%reason, "the runner's step failed; skipped");
         }
         match crate::fault::contain(|| self.step_runs()) {
@@ -738,8 +784,9 @@ impl Node {
         members.nodes.iter().find(|member| member.id == *id).map(|member| member.incarnation)
     }
 
-    /// The leader's writes for this step: reconciliation, then the scheduler's.
-    fn leader_writes(&self, epoch: u64) -> Vec<crate::leader::Write> {
+    /// The leader's writes for this step: reconciliation (when the step `walks`, see `pace`),
+    /// then the scheduler's.
+    fn leader_writes(&self, epoch: u64, walks: bool) -> Vec<crate::leader::Write> {
         // The step's one reading of the wall clock, for reconciliation and the scheduler alike.
         let now_ms = crate::supervisor::oneshot::now_ms();
         let live = self.live_members();
@@ -768,7 +815,7 @@ impl Node {
             incarnation_may_still_run: &incarnation_may_still_run,
             failed: &self.leadership.unwritable,
         };
-        let mut writes = reconcile(&self.view, &inputs);
+        let mut writes = if walks { reconcile(&self.view, &inputs) } else { Vec::new() };
         let context = scheduler::Context {
             view: &self.view,
             live: &live,

@@ -5,6 +5,7 @@ mod api;
 mod driver;
 mod fence;
 mod heartbeat;
+mod pace;
 mod runs;
 
 use std::sync::Arc;
@@ -242,6 +243,7 @@ pub async fn run(
         secrets: secrets.clone(),
         stuck_secrets: Default::default(),
         api: api::Api::new(metrics, snapshots),
+        pace: pace::Pace::default(),
         config,
     };
 

@@ -73,6 +73,7 @@ impl Node {
 
     /// Reports from launched runs.
     pub(crate) fn on_run_report(&mut self, report: RunReport) {
+        self.pace.touch();
         self.observe_run(&report);
         if report.state.is_final() {
             self.runs.controls.remove(&report.run_id);

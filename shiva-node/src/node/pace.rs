@@ -1,0 +1,189 @@
+//! When a step walks every task, and when it may leave that walk out.
+//!
+//! A node steps on every heartbeat it reads back (five times a second by default), and the
+//! leader's reconciliation and the runner's step walk every task each time: with fifty idle
+//! services that walk was most of an idle node's CPU (docs/benchmarks.md). Both are pure
+//! functions of the log view, the live members, the node's standing (fence, leadership) and
+//! the clock.
+//!
+//! Invariants:
+//! - A step leaves the walk out only when none of its inputs but the clock changed since the
+//!   last walk (no record but a routine heartbeat was read, no write, job or run reported, the
+//!   same members live, the same standing), and no decision waits on the clock ([`steady`]:
+//!   every task placed on a live node or at rest, no silent node, no drain deadline, no move
+//!   request, no run in flight);
+//! - and never for longer than [`REFRESH`] in a row.
+//!
+//! Leaving a walk out only delays a decision, never makes one: whatever a walk would decide
+//! is decided by the next one. The scheduler (a run's slot comes by the clock) and the
+//! election are not paced: they run on every step.
+
+use std::time::Duration;
+
+use shiva_proto::ids::NodeId;
+use shiva_proto::records::{Heartbeat, Placement};
+use shiva_proto::view::LogView;
+use uuid::Uuid;
+
+use crate::clock::Boot;
+
+/// The longest a node goes without walking every task.
+pub(crate) const REFRESH: Duration = Duration::from_secs(1);
+
+/// What a walk depends on besides the view and the clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Standing {
+    /// The live members, by id and incarnation.
+    pub live: Vec<(NodeId, Uuid)>,
+    /// The epoch this node leads.
+    pub leading: Option<u64>,
+    /// The fence is open.
+    pub open: bool,
+    /// The runner may start exclusive tasks.
+    pub may_start_exclusive: bool,
+}
+
+/// The pace of the walks.
+#[derive(Debug)]
+pub(crate) struct Pace {
+    /// Something but the clock changed since the last walk.
+    dirty: bool,
+    /// The last walk: when, and on what standing.
+    last: Option<(Boot, Standing)>,
+}
+
+impl Default for Pace {
+    fn default() -> Pace {
+        Pace { dirty: true, last: None }
+    }
+}
+
+impl Pace {
+    /// Something the walks read changed: the next step walks.
+    pub(crate) fn touch(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Whether the step at `now` walks every task; `steady`: see [`steady`].
+    pub(crate) fn walks(&mut self, now: Boot, standing: Standing, steady: bool) -> bool {
+        let same = self.last.as_ref().is_some_and(|(at, before)| {
+            *before == standing && now >= *at && now.saturating_since(*at) < REFRESH
+        });
+        if !self.dirty && steady && same {
+            return false;
+        }
+        self.dirty = false;
+        self.last = Some((now, standing));
+        true
+    }
+}
+
+/// Whether a heartbeat read changes nothing a walk reads: the same node's next heartbeat
+/// differs only by its sequence number, its resources (display) and its clock samples
+/// (display). Any other field, today's or one added later, counts.
+pub(crate) fn routine(before: Option<(Uuid, &Heartbeat)>, after: Option<(Uuid, &Heartbeat)>) -> bool {
+    let (Some((was, before)), Some((is, after))) = (before, after) else { return false };
+    if was != is {
+        return false;
+    }
+    let mut after = after.clone();
+    after.seq = before.seq;
+    after.resources = before.resources.clone();
+    after.clock_ms = before.clock_ms.clone();
+    after == *before
+}
+
+/// Whether no decision of a walk waits on the clock: every task placed on a live node (and
+/// waiting for no other copy), desired stopped, scheduled run by run, or failed; no run in
+/// flight; no silent node (its retirement and its copies' grace go by the clock); no drain
+/// deadline; no move request.
+pub(crate) fn steady(view: &LogView, live: &[(NodeId, Uuid)]) -> bool {
+    let is_live = |node: &NodeId| live.iter().any(|(id, _)| id == node);
+    let placed = view.assignments.values().all(|entry| match &entry.assignment.placement {
+        Placement::Assigned { node } => is_live(node) && entry.assignment.after.is_empty(),
+        Placement::Stopped | Placement::Scheduled | Placement::Failed { .. } => true,
+        Placement::Pending { .. } => false,
+    });
+    placed
+        && view.heartbeats.keys().all(is_live)
+        && view.node_modes.values().all(|mode| mode.deadline_ms.is_none())
+        && view.moves.is_empty()
+        && view.runs.values().all(|runs| runs.values().all(|run| run.in_flight_on().is_none()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn standing(live: &[&str]) -> Standing {
+        Standing {
+            live: live.iter().map(|id| (NodeId::new(*id).unwrap(), Uuid::nil())).collect(),
+            leading: Some(1),
+            open: true,
+            may_start_exclusive: true,
+        }
+    }
+
+    fn at(ms: u64) -> Boot {
+        Boot::default().saturating_add(Duration::from_millis(ms))
+    }
+
+    #[test]
+    fn a_quiet_steady_node_walks_once_per_refresh() {
+        let mut pace = Pace::default();
+        assert!(pace.walks(at(0), standing(&["a"]), true), "the first step walks");
+        assert!(!pace.walks(at(200), standing(&["a"]), true));
+        assert!(!pace.walks(at(999), standing(&["a"]), true));
+        assert!(pace.walks(at(1000), standing(&["a"]), true), "never longer than REFRESH");
+        assert!(!pace.walks(at(1200), standing(&["a"]), true));
+    }
+
+    #[test]
+    fn any_change_or_a_decision_on_the_clock_walks_at_once() {
+        let mut pace = Pace::default();
+        assert!(pace.walks(at(0), standing(&["a", "b"]), true));
+        pace.touch();
+        assert!(pace.walks(at(200), standing(&["a", "b"]), true), "a record, a write, a report");
+        assert!(pace.walks(at(400), standing(&["a"]), true), "a member gone");
+        let mut fenced = standing(&["a"]);
+        fenced.open = false;
+        assert!(pace.walks(at(600), fenced.clone(), true), "the fence");
+        assert!(!pace.walks(at(800), fenced.clone(), true));
+        let mut follower = fenced.clone();
+        follower.leading = None;
+        assert!(pace.walks(at(900), follower.clone(), true), "the leadership");
+        assert!(pace.walks(at(1000), follower.clone(), false), "a decision waits on the clock");
+        assert!(pace.walks(at(1100), follower, false));
+    }
+
+    #[test]
+    fn a_clock_gone_backwards_walks() {
+        let mut pace = Pace::default();
+        assert!(pace.walks(at(5000), standing(&["a"]), true));
+        assert!(pace.walks(at(100), standing(&["a"]), true));
+    }
+
+    fn heartbeat(seq: u64) -> Heartbeat {
+        serde_json::from_value(serde_json::json!({
+            "protocol": 1, "seq": seq, "hostname": "h", "leader_capable": true, "runner": true,
+            "interval_ms": 200, "runs": [{"task": "t", "generation": 1, "pid": 7}],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_heartbeat_is_routine_when_only_its_counters_and_display_fields_change() {
+        let one = Uuid::from_u128(1);
+        let (a, mut b) = (heartbeat(1), heartbeat(2));
+        b.resources.load1 = 3.5;
+        b.clock_ms.insert(NodeId::new("x").unwrap(), 12);
+        assert!(routine(Some((one, &a)), Some((one, &b))));
+        assert!(!routine(Some((Uuid::from_u128(2), &a)), Some((one, &b))), "another incarnation");
+        assert!(!routine(None, Some((one, &b))), "a first heartbeat");
+        b.runs.clear();
+        assert!(!routine(Some((one, &a)), Some((one, &b))), "its runs changed");
+        let mut c = heartbeat(3);
+        c.tags.push("gpu".into());
+        assert!(!routine(Some((one, &a)), Some((one, &c))), "its tags changed");
+    }
+}
