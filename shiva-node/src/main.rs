@@ -96,8 +96,8 @@ fn main() -> ExitCode {
     let reload = shiva_node::node::Reload { requested: Default::default(), exe };
     runtime.spawn(watch_signals(shutdown.clone(), reload.requested.clone()));
     // The node's loop runs on the runtime's workers, not on this thread: a timer or a channel
-    // wakes the worker that polls it, not a worker and then this thread (half the thread
-    // switches of an idle node's heartbeat, docs/benchmarks.md).
+    // wakes the worker that polls it, not a worker and then this thread (fewer thread switches
+    // per heartbeat: docs/benchmarks.md).
     let node = runtime.spawn(shiva_node::run(config, shutdown, reload.clone()));
     let ended = runtime.block_on(node).unwrap_or_else(|err| match err.try_into_panic() {
         Ok(panic) => std::panic::resume_unwind(panic),

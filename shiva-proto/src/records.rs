@@ -702,11 +702,8 @@ struct WireOut<'a, B: Serialize> {
     body: &'a B,
 }
 
-/// A record as read: the body is kept as its text and parsed once, by its kind's type (not
-/// through a `serde_json::Value` first: a heartbeat listing 50 runs is read five times a
-/// second by every node).
 #[derive(Deserialize)]
-struct WireIn<'a> {
+struct WireIn {
     v: u16,
     kind: String,
     sender: String,
@@ -714,8 +711,7 @@ struct WireIn<'a> {
     incarnation: Option<Uuid>,
     #[serde(default)]
     sent_at_ms: u64,
-    #[serde(borrow)]
-    body: &'a serde_json::value::RawValue,
+    body: serde_json::Value,
 }
 
 /// The envelope's header, read whatever its version: the fields that every protocol version
@@ -794,16 +790,16 @@ impl Envelope {
         if bytes.len() > MAX_RECORD_BYTES {
             return Err(DecodeError::TooLarge(bytes.len()));
         }
-        let wire: WireIn<'_> =
+        let wire: WireIn =
             serde_json::from_slice(bytes).map_err(|err| DecodeError::Malformed(err.to_string()))?;
         if wire.v == 0 || wire.v > protocol() {
             return Err(DecodeError::UnsupportedVersion { found: wire.v });
         }
         fn body<T: for<'de> Deserialize<'de>>(
             kind: &str,
-            value: &serde_json::value::RawValue,
+            value: serde_json::Value,
         ) -> Result<T, DecodeError> {
-            serde_json::from_str(value.get())
+            serde_json::from_value(value)
                 .map_err(|err| DecodeError::Body { kind: kind.to_owned(), message: err.to_string() })
         }
         let kind = wire.kind.as_str();

@@ -176,7 +176,6 @@ impl Node {
 
     /// Answers a request of the HTTP server from the view.
     pub(crate) fn on_api_request(&mut self, request: Request) {
-        self.pace.touch();
         match request {
             Request::Task { task, reply } => {
                 let _ = reply.send(self.task_detail(&task));
@@ -187,6 +186,7 @@ impl Node {
                 let _ = reply.send(rows);
             }
             Request::Command { command, by, reply } => {
+                self.pace.touch();
                 // The caller gave up (it was answered 503): a command it was told failed is
                 // not written later.
                 if reply.is_closed() {

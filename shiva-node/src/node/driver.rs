@@ -659,12 +659,16 @@ impl Node {
             open: self.fence.is_open(),
             may_start_exclusive: self.may_start_exclusive(),
         };
-        let steady = super::pace::steady(&self.view, &standing.live);
+        // The step's one reading of the wall clock, for the pace, reconciliation and the
+        // scheduler alike.
+        let now_ms = crate::supervisor::oneshot::now_ms();
+        let steady = super::pace::steady(&self.view, &standing.live, now_ms)
+            && !self.supervisor.as_ref().is_some_and(|supervisor| supervisor.stopping_any());
         let walks = self.pace.walks(now, standing, steady);
         if let Some(epoch) = self.leadership.leading {
             // Task by task, decisions contain their own panics; this is the last resort for a
             // bug outside any one task: the step is skipped, the node and its role stay.
-            let planned = crate::fault::contain(|| self.leader_writes(epoch, walks));
+            let planned = crate::fault::contain(|| self.leader_writes(epoch, walks, now_ms));
             match planned {
                 Ok(writes) => {
                     if !writes.is_empty() {
@@ -786,9 +790,7 @@ impl Node {
 
     /// The leader's writes for this step: reconciliation (when the step `walks`, see `pace`),
     /// then the scheduler's.
-    fn leader_writes(&self, epoch: u64, walks: bool) -> Vec<crate::leader::Write> {
-        // The step's one reading of the wall clock, for reconciliation and the scheduler alike.
-        let now_ms = crate::supervisor::oneshot::now_ms();
+    fn leader_writes(&self, epoch: u64, walks: bool, now_ms: i64) -> Vec<crate::leader::Write> {
         let live = self.live_members();
         let may_still_run = |node: &NodeId, grace: Duration| {
             self.membership.may_still_run(node, grace, FENCE_MARGIN, self.config.node_timeout)

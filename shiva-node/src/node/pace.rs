@@ -2,17 +2,19 @@
 //!
 //! A node steps on every heartbeat it reads back (five times a second by default), and the
 //! leader's reconciliation and the runner's step walk every task each time: with fifty idle
-//! services that walk was most of an idle node's CPU (docs/benchmarks.md). Both are pure
-//! functions of the log view, the live members, the node's standing (fence, leadership) and
-//! the clock.
+//! services that walk was most of an idle node's CPU (docs/benchmarks.md). Both decide from
+//! the log view, the live members, the node's standing (fence, leadership), the clock and the
+//! runner's jobs (whose changes are reported, but for a run taken back and stopped: while one
+//! stops, every step walks).
 //!
 //! Invariants:
 //! - A step leaves the walk out only when none of its inputs but the clock changed since the
 //!   last walk (no record but a routine heartbeat was read, no write, job or run reported, the
 //!   same members live, the same standing), and no decision waits on the clock ([`steady`]:
-//!   every task placed on a live node or at rest, no silent node, no drain deadline, no move
-//!   request, no run in flight);
-//! - and never for longer than [`REFRESH`] in a row.
+//!   every task placed on a live incarnation or at rest, no silent node, no drain deadline
+//!   ahead, no move request standing, no run in flight, no job stopping);
+//! - and never for longer than [`REFRESH`] in a row: a decision waits at most that plus the
+//!   gap to the next step (a heartbeat interval).
 //!
 //! Leaving a walk out only delays a decision, never makes one: whatever a walk would decide
 //! is decided by the next one. The scheduler (a run's slot comes by the clock) and the
@@ -93,21 +95,28 @@ pub(crate) fn routine(before: Option<(Uuid, &Heartbeat)>, after: Option<(Uuid, &
     after == *before
 }
 
-/// Whether no decision of a walk waits on the clock: every task placed on a live node (and
-/// waiting for no other copy), desired stopped, scheduled run by run, or failed; no run in
-/// flight; no silent node (its retirement and its copies' grace go by the clock); no drain
-/// deadline; no move request.
-pub(crate) fn steady(view: &LogView, live: &[(NodeId, Uuid)]) -> bool {
+/// Whether no decision of a walk waits on the clock at `now_ms` (the leader's wall clock, as
+/// reconciliation reads it): every task placed on a live incarnation (and waiting for no other
+/// copy), desired stopped, scheduled run by run, or failed; no run in flight; no silent node (its
+/// retirement and its copies' grace go by the clock); no drain deadline ahead; no move request
+/// still standing. Each keeps every step walking while it lasts (a task that stays pending, a
+/// node silent until it is retired): the cost of a walk, never a decision left out.
+pub(crate) fn steady(view: &LogView, live: &[(NodeId, Uuid)], now_ms: i64) -> bool {
     let is_live = |node: &NodeId| live.iter().any(|(id, _)| id == node);
     let placed = view.assignments.values().all(|entry| match &entry.assignment.placement {
-        Placement::Assigned { node } => is_live(node) && entry.assignment.after.is_empty(),
+        Placement::Assigned { node } => {
+            let held_for = entry.assignment.incarnation;
+            live.iter()
+                .any(|(id, incarnation)| id == node && held_for.is_none_or(|held| held == *incarnation))
+                && entry.assignment.after.is_empty()
+        }
         Placement::Stopped | Placement::Scheduled | Placement::Failed { .. } => true,
         Placement::Pending { .. } => false,
     });
     placed
         && view.heartbeats.keys().all(is_live)
-        && view.node_modes.values().all(|mode| mode.deadline_ms.is_none())
-        && view.moves.is_empty()
+        && view.node_modes.values().all(|mode| mode.deadline_ms.is_none_or(|deadline| now_ms >= deadline))
+        && view.moves.values().all(|request| now_ms >= request.until_ms)
         && view.runs.values().all(|runs| runs.values().all(|run| run.in_flight_on().is_none()))
 }
 

@@ -107,6 +107,12 @@ impl Supervisor {
         self.stopping.remove(task);
     }
 
+    /// Whether a job is still stopping (one taken back and stopped here reports nothing when it
+    /// is gone: only a reconciliation sees it go).
+    pub fn stopping_any(&self) -> bool {
+        !self.stopping.is_empty()
+    }
+
     /// Whether `task` has a job (not only staged) or one still stopping.
     pub fn holds(&self, task: &TaskId) -> bool {
         self.runs(task) || self.stopping.contains_key(task)
