@@ -203,9 +203,16 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
         bus = broker.url(),
     );
     std::fs::write(&inventory, text).unwrap();
-    let playbook = |file: &str, package: &Path| {
+    // Lists and mappings in YAML, as an operator writes them (an INI value is a string).
+    std::fs::create_dir_all(dir.join("group_vars")).unwrap();
+    std::fs::write(
+        dir.join("group_vars/shiva.yml"),
+        "shiva_tags: [deploy, ssd]\nshiva_settings:\n  heartbeat-interval: 200ms\n  fence-timeout: 2s\n",
+    )
+    .unwrap();
+    let playbook = |file: &str, package: &Path| -> String {
         let started = Instant::now();
-        run(
+        let output = run(
             Command::new(&ansible)
                 .arg("-i")
                 .arg(&inventory)
@@ -220,6 +227,13 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
             &format!("ansible-playbook {file}"),
         );
         println!("{file}: {:.1}s", started.elapsed().as_secs_f64());
+        output
+    };
+    // The PLAY RECAP's line of every host says `changed=0`.
+    let unchanged = |output: &str| {
+        hosts.iter().all(|host| {
+            output.lines().any(|line| line.starts_with(&host.name) && line.contains(" changed=0 "))
+        })
     };
 
     // The role installs, configures and starts every node, and waits until each is live.
@@ -234,11 +248,15 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
         .filter_map(|node| node["id"].as_str())
         .collect();
     assert_eq!(alive.len(), 3, "three nodes live: {nodes}");
+    for node in nodes.as_array().unwrap() {
+        assert_eq!(node["tags"], serde_json::json!(["deploy", "ssd"]), "the role's tags: {node}");
+    }
     for host in &hosts {
         assert_eq!(host.ssh_ok(&key, "systemctl is-enabled shiva-node"), "enabled");
     }
     // Applied again, the role changes nothing.
-    playbook("site.yml", &first);
+    let again = playbook("site.yml", &first);
+    assert!(unchanged(&again), "a second run changed something:\n{again}");
 
     // A task runs once.
     let task = "deploy/svc";
@@ -281,6 +299,8 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
             "{} runs the new binary",
             host.name
         );
+        // Nor did the node itself restart, at the first run or since.
+        assert_eq!(host.ssh_ok(&key, "systemctl show --property NRestarts --value shiva-node"), "0");
     }
 
     // A graceful stop: the node stops its task within its grace, then itself; the task moves.
