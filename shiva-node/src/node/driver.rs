@@ -367,7 +367,6 @@ impl Node {
             .as_ref()
             .and_then(|node| self.view.heartbeats.get(node))
             .map(|entry| (entry.incarnation, &entry.heartbeat));
-        let before = before.as_ref().map(|(incarnation, heartbeat)| (*incarnation, heartbeat));
         if !super::pace::routine(before, after) {
             self.pace.touch();
         }

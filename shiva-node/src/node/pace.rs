@@ -83,16 +83,17 @@ impl Pace {
 /// Whether a heartbeat read changes nothing a walk reads: the same node's next heartbeat
 /// differs only by its sequence number, its resources (display) and its clock samples
 /// (display). Any other field, today's or one added later, counts.
-pub(crate) fn routine(before: Option<(Uuid, &Heartbeat)>, after: Option<(Uuid, &Heartbeat)>) -> bool {
-    let (Some((was, before)), Some((is, after))) = (before, after) else { return false };
+/// `before` is the caller's own copy of the earlier heartbeat: its counters are overwritten
+/// with `after`'s before the two are compared.
+pub(crate) fn routine(before: Option<(Uuid, Heartbeat)>, after: Option<(Uuid, &Heartbeat)>) -> bool {
+    let (Some((was, mut before)), Some((is, after))) = (before, after) else { return false };
     if was != is {
         return false;
     }
-    let mut after = after.clone();
-    after.seq = before.seq;
-    after.resources = before.resources.clone();
-    after.clock_ms = before.clock_ms.clone();
-    after == *before
+    before.seq = after.seq;
+    before.resources = after.resources.clone();
+    before.clock_ms = after.clock_ms.clone();
+    before == *after
 }
 
 /// Whether no decision of a walk waits on the clock at `now_ms` (the leader's wall clock, as
@@ -186,13 +187,13 @@ mod tests {
         let (a, mut b) = (heartbeat(1), heartbeat(2));
         b.resources.load1 = 3.5;
         b.clock_ms.insert(NodeId::new("x").unwrap(), 12);
-        assert!(routine(Some((one, &a)), Some((one, &b))));
-        assert!(!routine(Some((Uuid::from_u128(2), &a)), Some((one, &b))), "another incarnation");
+        assert!(routine(Some((one, a.clone())), Some((one, &b))));
+        assert!(!routine(Some((Uuid::from_u128(2), a.clone())), Some((one, &b))), "another incarnation");
         assert!(!routine(None, Some((one, &b))), "a first heartbeat");
         b.runs.clear();
-        assert!(!routine(Some((one, &a)), Some((one, &b))), "its runs changed");
+        assert!(!routine(Some((one, a.clone())), Some((one, &b))), "its runs changed");
         let mut c = heartbeat(3);
         c.tags.push("gpu".into());
-        assert!(!routine(Some((one, &a)), Some((one, &c))), "its tags changed");
+        assert!(!routine(Some((one, a)), Some((one, &c))), "its tags changed");
     }
 }
