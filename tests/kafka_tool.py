@@ -103,6 +103,25 @@ elif command == "produce":
     left = producer.flush(60)
     if left or failures:
         sys.exit(f"produce: {left} undelivered, failures: {failures[:3]}")
+elif command == "produce-dated":
+    # Text records "record <i> token<i>" (one word each of its own), stamped <age_ms> ago.
+    import time
+    topic, partitions, start, end, age_ms = args[0], int(args[1]), int(args[2]), int(args[3]), int(args[4])
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": False})
+    failures = []
+
+    def report(err, msg):
+        if err is not None:
+            failures.append(str(err))
+
+    stamp = int(time.time() * 1000) - age_ms
+    for i in range(start, end):
+        producer.produce(topic, key=f"k{i}".encode(), value=f"record {i} token{i}".encode(),
+                         partition=i % partitions, timestamp=stamp, on_delivery=report)
+        producer.poll(0)
+    left = producer.flush(60)
+    if left or failures:
+        sys.exit(f"produce-dated: {left} undelivered, failures: {failures[:3]}")
 elif command == "delete":
     topic, partition, before = args[0], int(args[1]), int(args[2])
     admin = AdminClient({"bootstrap.servers": bootstrap})

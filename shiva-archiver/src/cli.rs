@@ -202,6 +202,19 @@ pub enum Format {
     Jsonl,
 }
 
+/// `-X KEY=VALUE` flags as librdkafka settings; the error names the flag that has no `=`.
+pub fn kafka_settings(flags: &[String]) -> Result<Vec<(String, String)>, String> {
+    flags
+        .iter()
+        .map(|setting| {
+            setting
+                .split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| format!("-X '{setting}': expected KEY=VALUE"))
+        })
+        .collect()
+}
+
 /// A duration within `[min, max]`; the error names the value and the range (clap adds the flag).
 fn bounded(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let value = humantime::parse_duration(text.trim()).map_err(|err| format!("{err} (expected e.g. 10m)"))?;

@@ -188,15 +188,7 @@ fn time(flag: &str, text: &Option<String>) -> anyhow::Result<Option<i64>> {
 
 /// `-X KEY=VALUE` settings.
 fn settings(flags: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    flags
-        .iter()
-        .map(|setting| {
-            setting
-                .split_once('=')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or_else(|| usage(format!("-X '{setting}': expected KEY=VALUE")))
-        })
-        .collect()
+    shiva_archiver::cli::kafka_settings(flags).map_err(usage)
 }
 
 fn extract_command(args: ExtractArgs) -> anyhow::Result<ExitCode> {

@@ -97,7 +97,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
             Some(footer) => footer.next_offset,
             None => low,
         };
-        check_position(&config.topic, *partition, start, low, high)?;
+        check_position(ARCHIVE, &config.topic, *partition, start, low, high)?;
         info!(topic = %config.topic, partition, from = start, end = high, "resuming");
         let part = Partition {
             start,
@@ -127,7 +127,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
             Polled::OutOfRange(_) => {
                 for (partition, part) in &parts {
                     let (low, high) = source.watermarks(*partition, Duration::from_secs(10))?;
-                    check_position(&config.topic, *partition, part.position, low, high)?;
+                    check_position(ARCHIVE, &config.topic, *partition, part.position, low, high)?;
                 }
             }
             Polled::Nothing => {}
@@ -156,27 +156,49 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     }
 }
 
+/// What a reader of a topic keeps, named in its messages: the archive or the index.
+#[derive(Debug, Clone, Copy)]
+pub struct Kept {
+    /// "archive".
+    pub noun: &'static str,
+    /// "archived".
+    pub done: &'static str,
+}
+
+/// The archiver's.
+pub const ARCHIVE: Kept = Kept { noun: "archive", done: "archived" };
+
 /// A position the broker can serve: not below what it still holds (deleted records) and not
 /// beyond its end (a truncated or recreated log).
-fn check_position(topic: &str, partition: i32, position: i64, low: i64, high: i64) -> Result<(), DataGone> {
+pub fn check_position(
+    kept: Kept,
+    topic: &str,
+    partition: i32,
+    position: i64,
+    low: i64,
+    high: i64,
+) -> Result<(), DataGone> {
     if position < low {
-        return Err(gone(topic, partition, position, low));
+        return Err(gone(kept, topic, partition, position, low));
     }
     if position > high {
         return Err(DataGone(format!(
-            "{topic}/{partition}: the archive ends at offset {position} but the broker's log ends at {high} \
+            "{topic}/{partition}: the {} ends at offset {position} but the broker's log ends at {high} \
              (it holds {low}..{high}): records from {position} on were lost (deleted, truncated or the topic \
-             recreated) before they were archived; stopping instead of skipping them"
+             recreated) before they were {}; stopping instead of skipping them",
+            kept.noun, kept.done
         )));
     }
     Ok(())
 }
 
-fn gone(topic: &str, partition: i32, position: i64, low: i64) -> DataGone {
+/// Records from `position` were deleted before they were read.
+pub fn gone(kept: Kept, topic: &str, partition: i32, position: i64, low: i64) -> DataGone {
     DataGone(format!(
-        "{topic}/{partition}: records {position}..{} were deleted from Kafka before they were archived \
+        "{topic}/{partition}: records {position}..{} were deleted from Kafka before they were {} \
          (the broker holds offsets from {low} on); stopping instead of skipping them",
-        low - 1
+        low.saturating_sub(1),
+        kept.done
     ))
 }
 
@@ -196,7 +218,7 @@ fn take(
         // markers); records deleted before they were read are not.
         let (low, _) = source.watermarks(partition, Duration::from_secs(10))?;
         if part.position < low && record.offset >= low {
-            return Err(gone(&config.topic, partition, part.position, low).into());
+            return Err(gone(ARCHIVE, &config.topic, partition, part.position, low).into());
         }
     }
     if !part.batch.fits(&record, &config.limits) {
@@ -268,7 +290,7 @@ fn publish(
 }
 
 /// SIGTERM and SIGINT as a file descriptor (blocked, read without waiting).
-fn stop_signals() -> anyhow::Result<SignalFd> {
+pub fn stop_signals() -> anyhow::Result<SignalFd> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGTERM);
     mask.add(Signal::SIGINT);

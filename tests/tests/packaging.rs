@@ -69,6 +69,10 @@ fn the_package_holds_the_binaries_the_unit_and_a_configuration_the_node_reads() 
         "./usr/bin/shiva-shim",
         "./usr/bin/shiva-ctl",
         "./usr/bin/shiva-archiver",
+        "./usr/bin/shiva-indexer",
+        "./usr/share/shiva/pipelines/archive/events.yaml",
+        "./usr/share/shiva/pipelines/index/events.yaml",
+        "./usr/share/shiva/pipelines/README.md",
         "./lib/systemd/system/shiva-node.service",
         "./etc/shiva/node.toml",
     ] {

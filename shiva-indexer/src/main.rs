@@ -1,0 +1,186 @@
+//! `shiva-indexer`: see the library crate.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use shiva_archiver::kafka::Refused;
+use shiva_archiver::run::{DataGone, EXIT_DATA_GONE};
+use shiva_indexer::index::{Index, IndexError};
+use shiva_indexer::run::{RunConfig, run};
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  ok (run: stopped by SIGTERM/SIGINT after committing what it read)
+  1  failure (unreachable broker, unwritable index…)
+  2  invalid input or usage (a flag, a query, another topic's index file)
+  3  run: records the index needs are no longer in Kafka, or the bus refuses the indexer (permanent: do not restart)";
+
+/// Indexes a Kafka topic into a full-text index (SQLite FTS5), exactly once.
+#[derive(Debug, Parser)]
+#[command(name = "shiva-indexer", version, about, after_help = EXIT_CODES_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Index a topic's partitions until stopped.
+    Run {
+        /// Kafka bootstrap servers (HOST:PORT[,HOST:PORT]).
+        #[arg(long)]
+        bootstrap: String,
+        /// Topic.
+        #[arg(long)]
+        topic: String,
+        /// Partitions, comma separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        partitions: Vec<i32>,
+        /// The index file (created if missing; one per topic).
+        #[arg(long)]
+        index: PathBuf,
+        /// Commit after this many records (1 to 1000000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        batch_records: u32,
+        /// Commit a batch at most this long after its first record (1ms to 1h).
+        #[arg(long, default_value = "1s", value_parser = batch_wait)]
+        batch_wait: Duration,
+        /// Consumer group offsets are committed to, as a hint (resuming reads the index).
+        #[arg(long)]
+        group: Option<String>,
+        /// librdkafka setting, repeatable: -X security.protocol=SSL.
+        #[arg(short = 'X', value_name = "KEY=VALUE")]
+        kafka: Vec<String>,
+    },
+    /// Search the index: FTS5 syntax (words, "a phrase", AND, OR, NOT, prefix*, key:word).
+    Search {
+        /// The index file.
+        #[arg(long)]
+        index: PathBuf,
+        /// Hits shown, best first (1 to 10000).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+        /// One JSON object: {"total", "hits": [{partition, offset, timestamp_ms, key, snippet, rank}]}.
+        #[arg(long)]
+        json: bool,
+        /// The query.
+        query: String,
+    },
+    /// What the index holds: its topic, record count and each partition's next offset.
+    Stats {
+        /// The index file.
+        #[arg(long)]
+        index: PathBuf,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn batch_wait(text: &str) -> Result<Duration, String> {
+    let value = humantime::parse_duration(text.trim()).map_err(|err| format!("{err} (expected e.g. 1s)"))?;
+    if value < Duration::from_millis(1) || value > Duration::from_secs(3600) {
+        return Err(format!("{text} is out of range: from 1ms to 1h"));
+    }
+    Ok(value)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHIVA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(if err.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("shiva-indexer: {err:#}");
+            if err.downcast_ref::<DataGone>().is_some() || err.downcast_ref::<Refused>().is_some() {
+                tracing::error!("{err:#}");
+                ExitCode::from(EXIT_DATA_GONE)
+            } else if matches!(
+                err.downcast_ref::<IndexError>(),
+                Some(
+                    IndexError::Query { .. } | IndexError::OtherTopic { .. } | IndexError::NotAnIndex { .. }
+                )
+            ) || err.downcast_ref::<Usage>().is_some()
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// Invalid input (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+fn execute(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { bootstrap, topic, partitions, index, batch_records, batch_wait, group, kafka } => {
+            let settings = shiva_archiver::cli::kafka_settings(&kafka).map_err(Usage)?;
+            let group = group.unwrap_or_else(|| format!("shiva-indexer.{topic}"));
+            run(RunConfig {
+                bootstrap,
+                topic,
+                partitions,
+                index,
+                batch_records: batch_records as usize,
+                batch_wait,
+                group,
+                settings,
+            })
+        }
+        Command::Search { index, limit, json, query } => {
+            if !index.exists() {
+                return Err(Usage(format!("{}: no such index file", index.display())).into());
+            }
+            let (total, hits) = Index::open_read(&index)?.search(&query, limit)?;
+            if json {
+                println!("{}", serde_json::json!({"total": total, "hits": hits}));
+            } else {
+                for hit in &hits {
+                    println!(
+                        "{}/{}\t{}\t{}",
+                        hit.partition,
+                        hit.offset,
+                        hit.key.as_deref().unwrap_or("-"),
+                        hit.snippet
+                    );
+                }
+                eprintln!("{} of {total} matching record(s)", hits.len());
+            }
+            Ok(())
+        }
+        Command::Stats { index, json } => {
+            if !index.exists() {
+                return Err(Usage(format!("{}: no such index file", index.display())).into());
+            }
+            let stats = Index::open_read(&index)?.stats()?;
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!("topic {}: {} record(s)", stats.topic, stats.records);
+                for (partition, next) in &stats.positions {
+                    println!("  partition {partition}: next offset {next}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
