@@ -171,7 +171,11 @@ impl Source {
                 };
                 Ok(Polled::Record(message.partition(), record))
             }
-            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange))) => {
+            // With `auto.offset.reset=error`, librdkafka reports a position out of range as
+            // `AutoOffsetReset` (and stops fetching the partition), not as the broker's code.
+            Some(Err(KafkaError::MessageConsumption(
+                RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset,
+            ))) => {
                 // librdkafka does not say which partition; the caller checks them all.
                 Ok(Polled::OutOfRange(-1))
             }

@@ -138,6 +138,9 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
             }
         }
         if report.elapsed() >= Duration::from_secs(10) {
+            for (partition, part) in &parts {
+                still_held(ARCHIVE, &source, &config.topic, *partition, part.position)?;
+            }
             let seconds = report.elapsed().as_secs_f64();
             for (partition, part) in parts.iter_mut() {
                 info!(
@@ -190,6 +193,26 @@ pub fn check_position(
         )));
     }
     Ok(())
+}
+
+/// Checks, while reading, that a partition's position is still one the broker serves. A broker
+/// may answer a fetch below what it still holds with no record and no error (the test broker
+/// does): without this look the partition would stop moving in silence. A failed look (the
+/// broker unreachable) proves nothing and is not an error.
+pub fn still_held(
+    kept: Kept,
+    source: &Source,
+    topic: &str,
+    partition: i32,
+    position: i64,
+) -> Result<(), DataGone> {
+    match source.watermarks(partition, Duration::from_secs(5)) {
+        Ok((low, high)) => check_position(kept, topic, partition, position, low, high),
+        Err(err) => {
+            tracing::debug!(error = format!("{err:#}"), partition, "cannot read the partition's offsets now");
+            Ok(())
+        }
+    }
 }
 
 /// Records from `position` were deleted before they were read.

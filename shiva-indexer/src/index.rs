@@ -8,9 +8,10 @@
 //! nothing is indexed twice, whatever moment the indexer was killed at.
 //!
 //! Tables (readable with the stock `sqlite3` command, see pipelines/index/README.md):
-//! * `records(partition, offset, timestamp_ms, key, value)`: key and value as text (bytes that
+//! * `records(id, partition, offset, timestamp_ms, key, value)`: key and value as text (bytes that
 //!   are not UTF-8 replaced by U+FFFD), the value NULL for a tombstone;
-//! * `search`: FTS5 over `records` (columns `key`, `value`; its rowid is the record's rowid);
+//! * `search`: FTS5 over `records` (columns `key`, `value`; its rowid is the record's `id`, an
+//!   `INTEGER PRIMARY KEY`, which `VACUUM` never renumbers);
 //! * `positions(partition, next_offset)`;
 //! * `meta(key, value)`: the topic (`topic`). `PRAGMA user_version` is the format (1).
 
@@ -92,13 +93,18 @@ pub enum IndexError {
     )]
     Format { path: String, found: i64 },
     /// The file is not an index.
-    #[error("{path} is not a Shiva index (no 'meta' table with a topic)")]
+    #[error("{path} is not a Shiva index (not an SQLite file, or one holding other tables)")]
     NotAnIndex { path: String },
     /// A query FTS5 refuses.
     #[error(
         "invalid query {query:?}: {message} (FTS5 syntax: words, \"a phrase\", AND, OR, NOT, prefix*, column:word)"
     )]
     Query { query: String, message: String },
+    /// The file system does not take SQLite's write-ahead log (a network file system?).
+    #[error(
+        "{path}: SQLite cannot keep a write-ahead log there (journal mode stays {mode}): put the index on a local file system"
+    )]
+    NoWal { path: String, mode: String },
     /// The file's directory.
     #[error("cannot create {path}: {source}")]
     Directory {
@@ -136,20 +142,33 @@ impl Index {
                 .map_err(|source| IndexError::Directory { path: parent.display().to_string(), source })?;
         }
         let conn = Connection::open(path).map_err(sql(format!("cannot open {shown}")))?;
-        let index = Index { conn, path: shown };
+        let mut index = Index { conn, path: shown };
         index.setup()?;
-        let tx = index.conn.unchecked_transaction().map_err(sql("cannot begin"))?;
-        let version: i64 =
-            tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(sql("user_version"))?;
+        let path = index.path.clone();
+        let not_index = |_| IndexError::NotAnIndex { path: path.clone() };
+        // Immediate: two copies creating the file at once take turns (within the busy timeout)
+        // instead of one failing on the upgrade from a read to a write.
+        let tx = index
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql(format!("cannot begin on {}", index.path)))?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(not_index)?;
         if version == 0 {
+            // A new file, or an SQLite file of something else: that one is left untouched.
+            let tables: i64 = tx
+                .query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))
+                .map_err(not_index)?;
+            if tables > 0 {
+                return Err(IndexError::NotAnIndex { path: index.path.clone() });
+            }
             tx.execute_batch(
                 "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS positions(partition INTEGER PRIMARY KEY, next_offset INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS records(
-                     partition INTEGER NOT NULL, offset INTEGER NOT NULL, timestamp_ms INTEGER,
-                     key TEXT, value TEXT, UNIQUE(partition, offset));
+                     id INTEGER PRIMARY KEY, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
+                     timestamp_ms INTEGER, key TEXT, value TEXT, UNIQUE(partition, offset));
                  CREATE VIRTUAL TABLE IF NOT EXISTS search
-                     USING fts5(key, value, content='records', content_rowid='rowid');
+                     USING fts5(key, value, content='records', content_rowid='id');
                  PRAGMA user_version = 1;",
             )
             .map_err(sql(format!("cannot create the index in {}", index.path)))?;
@@ -173,8 +192,11 @@ impl Index {
             .map_err(sql(format!("cannot open {shown}")))?;
         let index = Index { conn, path: shown };
         index.conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sql("busy_timeout"))?;
-        let version: i64 =
-            index.conn.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(sql("user_version"))?;
+        let path = index.path.clone();
+        let version: i64 = index
+            .conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(|_| IndexError::NotAnIndex { path: path.clone() })?;
         if version != FORMAT {
             return Err(if version == 0 {
                 IndexError::NotAnIndex { path: index.path.clone() }
@@ -190,8 +212,15 @@ impl Index {
         self.conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sql("busy_timeout"))?;
         // WAL: searches read while the indexer writes. FULL: a commit is on disk before the
         // next batch is read (a power cut loses nothing Kafka would not give again).
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(|_| IndexError::NotAnIndex { path: self.path.clone() })?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(IndexError::NoWal { path: self.path.clone(), mode });
+        }
         self.conn
-            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+            .execute_batch("PRAGMA synchronous = FULL;")
             .map_err(sql(format!("cannot set up {}", self.path)))
     }
 
@@ -265,16 +294,16 @@ impl Index {
             }
             _ => IndexError::Sqlite { context: format!("cannot search {}", self.path), source: err },
         };
-        let total: u64 = self
-            .conn
+        // One read transaction: the total and the hits see the same commit.
+        let tx = self.conn.unchecked_transaction().map_err(sql("cannot begin a read"))?;
+        let total: u64 = tx
             .query_row("SELECT count(*) FROM search WHERE search MATCH ?1", [query], |row| row.get(0))
             .map_err(refused)?;
-        let mut statement = self
-            .conn
+        let mut statement = tx
             .prepare(
                 "SELECT r.partition, r.offset, r.timestamp_ms, r.key,
                         snippet(search, 1, '[', ']', '…', 16), bm25(search)
-                 FROM search JOIN records r ON r.rowid = search.rowid
+                 FROM search JOIN records r ON r.id = search.rowid
                  WHERE search MATCH ?1 ORDER BY bm25(search), r.partition, r.offset LIMIT ?2",
             )
             .map_err(refused)?;
@@ -389,6 +418,17 @@ mod tests {
         let other = dir.join("plain.db");
         Connection::open(&other).unwrap().execute_batch("CREATE TABLE x(y)").unwrap();
         assert!(Index::open_read(&other).unwrap_err().to_string().contains("not a Shiva index"));
+        assert!(Index::open(&other, "x").unwrap_err().to_string().contains("not a Shiva index"));
+        let untouched: i64 =
+            Connection::open(&other).unwrap().query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
+        let tables: i64 = Connection::open(&other)
+            .unwrap()
+            .query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!((untouched, tables), (0, 1), "another program's SQLite file is left as it was");
+        let text = dir.join("text.db");
+        std::fs::write(&text, "not a database at all, just some text that is long enough").unwrap();
+        assert!(Index::open(&text, "x").unwrap_err().to_string().contains("not a Shiva index"));
     }
 
     #[test]

@@ -47,6 +47,10 @@ enum Command {
         /// Commit a batch at most this long after its first record (1ms to 1h).
         #[arg(long, default_value = "1s", value_parser = batch_wait)]
         batch_wait: Duration,
+        /// Commit once a batch holds this many bytes of keys and values (1KiB to 4GiB): what a
+        /// batch holds in memory, whatever its records' sizes.
+        #[arg(long, default_value = "64MiB", value_parser = batch_bytes)]
+        batch_bytes: u64,
         /// Consumer group offsets are committed to, as a hint (resuming reads the index).
         #[arg(long)]
         group: Option<String>,
@@ -87,6 +91,15 @@ fn batch_wait(text: &str) -> Result<Duration, String> {
     Ok(value)
 }
 
+fn batch_bytes(text: &str) -> Result<u64, String> {
+    let value: bytesize::ByteSize =
+        text.trim().parse().map_err(|err| format!("{err} (expected e.g. 64MiB)"))?;
+    if value.as_u64() < 1024 || value.as_u64() > 4 << 30 {
+        return Err(format!("{text} is out of range: from 1KiB to 4GiB"));
+    }
+    Ok(value.as_u64())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -113,7 +126,11 @@ fn main() -> ExitCode {
             } else if matches!(
                 err.downcast_ref::<IndexError>(),
                 Some(
-                    IndexError::Query { .. } | IndexError::OtherTopic { .. } | IndexError::NotAnIndex { .. }
+                    IndexError::Query { .. }
+                        | IndexError::OtherTopic { .. }
+                        | IndexError::NotAnIndex { .. }
+                        | IndexError::Format { .. }
+                        | IndexError::NoWal { .. }
                 )
             ) || err.downcast_ref::<Usage>().is_some()
             {
@@ -125,6 +142,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Record text on one line of a terminal: control characters (tabs, newlines, escape
+/// sequences of a forged record) are shown escaped, never sent as they are.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
+}
+
 /// Invalid input (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -132,7 +157,17 @@ struct Usage(String);
 
 fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { bootstrap, topic, partitions, index, batch_records, batch_wait, group, kafka } => {
+        Command::Run {
+            bootstrap,
+            topic,
+            partitions,
+            index,
+            batch_records,
+            batch_wait,
+            batch_bytes,
+            group,
+            kafka,
+        } => {
             let settings = shiva_archiver::cli::kafka_settings(&kafka).map_err(Usage)?;
             let group = group.unwrap_or_else(|| format!("shiva-indexer.{topic}"));
             run(RunConfig {
@@ -142,6 +177,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 index,
                 batch_records: batch_records as usize,
                 batch_wait,
+                batch_bytes,
                 group,
                 settings,
             })
@@ -155,13 +191,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::json!({"total": total, "hits": hits}));
             } else {
                 for hit in &hits {
-                    println!(
-                        "{}/{}\t{}\t{}",
-                        hit.partition,
-                        hit.offset,
-                        hit.key.as_deref().unwrap_or("-"),
-                        hit.snippet
-                    );
+                    let key = hit.key.as_deref().map_or_else(|| "-".to_owned(), printable);
+                    println!("{}/{}\t{key}\t{}", hit.partition, hit.offset, printable(&hit.snippet));
                 }
                 eprintln!("{} of {total} matching record(s)", hits.len());
             }

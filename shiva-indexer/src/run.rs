@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use shiva_archiver::kafka::{Polled, Source};
-use shiva_archiver::run::{Kept, check_position, gone, stop_signals};
+use shiva_archiver::run::{Kept, check_position, gone, still_held, stop_signals};
 use tracing::info;
 
 use crate::index::{Doc, Index};
@@ -33,6 +33,8 @@ pub struct RunConfig {
     pub batch_records: usize,
     /// Commit a batch this long after its first record at most (1ms to 1h).
     pub batch_wait: Duration,
+    /// Commit once a batch holds this many bytes of keys and values (1KiB to 4GiB).
+    pub batch_bytes: u64,
     /// Consumer group offsets are committed to (a hint for tools).
     pub group: String,
     /// Extra librdkafka settings.
@@ -52,14 +54,13 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     let stored = index.positions()?;
     let mut positions = BTreeMap::new();
     for partition in &partitions {
-        let (low, high) = source.watermarks(*partition, Duration::from_secs(30))?;
-        let start = stored.get(partition).copied().unwrap_or(low);
-        check_position(INDEX, &config.topic, *partition, start, low, high)?;
-        info!(topic = %config.topic, partition, from = start, end = high, "resuming");
+        let start = start_of(&source, &config.topic, *partition, &stored)?;
         positions.insert(*partition, start);
     }
     source.assign(&positions)?;
+    let mut looked_for_partitions = Instant::now();
     let mut batch: Vec<Doc> = Vec::new();
+    let mut batch_bytes = 0u64;
     let mut first_at = Instant::now();
     let mut report = Instant::now();
     let mut indexed = 0u64;
@@ -87,6 +88,9 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
                 if batch.is_empty() {
                     first_at = Instant::now();
                 }
+                let size =
+                    record.key.as_ref().map_or(0, Vec::len) + record.value.as_ref().map_or(0, Vec::len);
+                batch_bytes = batch_bytes.saturating_add(size as u64);
                 batch.push(Doc::new(
                     partition,
                     record.offset,
@@ -104,15 +108,60 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
             Polled::Nothing => {}
         }
         if batch.len() >= config.batch_records
+            || batch_bytes >= config.batch_bytes
             || (!batch.is_empty() && first_at.elapsed() >= config.batch_wait)
         {
             indexed += commit(&mut index, &source, &mut batch, &positions)?;
+            batch_bytes = 0;
+        }
+        if config.partitions.is_empty() && looked_for_partitions.elapsed() >= PARTITIONS_EVERY {
+            // Partitions added to the topic since: indexed from their first record.
+            looked_for_partitions = Instant::now();
+            let found = source.partitions(Duration::from_secs(10))?;
+            let added: Vec<i32> = found.into_iter().filter(|p| !positions.contains_key(p)).collect();
+            if !added.is_empty() {
+                indexed += commit(&mut index, &source, &mut batch, &positions)?;
+                batch_bytes = 0;
+                let stored = index.positions()?;
+                for partition in added {
+                    let start = start_of(&source, &config.topic, partition, &stored)?;
+                    positions.insert(partition, start);
+                }
+                source.assign(&positions)?;
+            }
         }
         if report.elapsed() >= Duration::from_secs(10) {
+            for (partition, position) in &positions {
+                still_held(INDEX, &source, &config.topic, *partition, *position)?;
+            }
             info!(topic = %config.topic, indexed, positions = ?positions, "progress");
             report = Instant::now();
         }
     }
+}
+
+/// How often `run` looks for partitions added to the topic (without `--partitions`).
+const PARTITIONS_EVERY: Duration = Duration::from_secs(60);
+
+/// Where a partition's reading starts: its stored position; for a partition the index has never
+/// seen, its first record still held when the index holds none yet (a new index starts from what
+/// the broker holds), else offset 0 (a partition added since: records deleted from it before it
+/// was first read are missing, and said so, not skipped).
+fn start_of(
+    source: &Source,
+    topic: &str,
+    partition: i32,
+    stored: &BTreeMap<i32, i64>,
+) -> anyhow::Result<i64> {
+    let (low, high) = source.watermarks(partition, Duration::from_secs(30))?;
+    let start = match stored.get(&partition) {
+        Some(next) => *next,
+        None if stored.is_empty() => low,
+        None => 0,
+    };
+    check_position(INDEX, topic, partition, start, low, high)?;
+    info!(topic, partition, from = start, end = high, "resuming");
+    Ok(start)
 }
 
 /// Commits the batch with the positions; returns how many records were new.
