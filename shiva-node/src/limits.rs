@@ -17,6 +17,8 @@ enum Controller {
     V1(PathBuf),
     /// cgroup v2: the run's tracking cgroup itself.
     V2,
+    /// systemd sets it on the run's scope (a property of `systemd-run`); `true`: cgroup v2.
+    Systemd(bool),
 }
 
 /// The controllers this node may use.
@@ -33,6 +35,8 @@ pub struct Controllers {
 pub struct Prepared {
     /// Cgroups (besides the tracking one) the shim enters before forking the task.
     pub cgroups: Vec<PathBuf>,
+    /// Properties of the run's systemd scope (`MemoryMax=…`), under systemd.
+    pub properties: Vec<String>,
 }
 
 impl Controllers {
@@ -68,11 +72,34 @@ impl Controllers {
         found
     }
 
+    /// Under systemd: the limits become properties of each run's scope, where the hierarchy
+    /// systemd uses offers the controller (cgroup v2 when `unified`, else v1's hierarchies).
+    pub fn systemd(unified: bool) -> Controllers {
+        let offered = |name: &str, v1_probe: &str| {
+            if unified {
+                fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .any(|c| c == name)
+            } else {
+                Path::new("/sys/fs/cgroup").join(name).join(v1_probe).exists()
+            }
+        };
+        let controller = |available: bool| available.then_some(Controller::Systemd(unified));
+        Controllers {
+            memory: controller(offered("memory", "memory.limit_in_bytes")),
+            cpu: controller(offered("cpu", "cpu.cfs_quota_us")),
+            v2: None,
+        }
+    }
+
     /// For logs.
     pub fn describe(&self) -> String {
         let name = |controller: &Option<Controller>| match controller {
             Some(Controller::V1(_)) => "cgroup v1",
             Some(Controller::V2) => "cgroup v2",
+            Some(Controller::Systemd(true)) => "the run's systemd scope, cgroup v2",
+            Some(Controller::Systemd(false)) => "the run's systemd scope, cgroup v1",
             None => "unavailable",
         };
         format!("memory: {}, cpu: {}", name(&self.memory), name(&self.cpu))
@@ -88,7 +115,17 @@ impl Controllers {
         cpu_max: Option<f64>,
     ) -> Result<Prepared, String> {
         let mut prepared = Prepared::default();
-        if let Some(bytes) = memory_max {
+        if let Some(bytes) = memory_max
+            && let Some(Controller::Systemd(unified)) = self.memory
+        {
+            if unified {
+                prepared.properties.push(format!("MemoryMax={bytes}"));
+                // No swapping around the limit.
+                prepared.properties.push("MemorySwapMax=0".to_owned());
+            } else {
+                prepared.properties.push(format!("MemoryLimit={bytes}"));
+            }
+        } else if let Some(bytes) = memory_max {
             let dir = self.run_dir(&self.memory, run, tracking, "memory_max")?;
             let (file, value) = match &self.memory {
                 Some(Controller::V2) => ("memory.max", bytes.to_string()),
@@ -102,7 +139,13 @@ impl Controllers {
                 prepared.cgroups.push(dir);
             }
         }
-        if let Some(cores) = cpu_max {
+        if let Some(cores) = cpu_max
+            && matches!(self.cpu, Some(Controller::Systemd(_)))
+        {
+            // systemd's percent of one core (whole percents: 0.01 cores is 1 %).
+            let percent = ((cores * 100.0).round() as u64).max(1);
+            prepared.properties.push(format!("CPUQuota={percent}%"));
+        } else if let Some(cores) = cpu_max {
             let dir = self.run_dir(&self.cpu, run, tracking, "cpu_max")?;
             let period = 100_000u64;
             let quota = ((cores * period as f64).round() as u64).max(1000);
@@ -149,6 +192,58 @@ fn write(dir: &Path, file: &str, value: &str, field: &str) -> Result<(), String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn under_systemd_the_limits_are_the_run_scopes_properties() {
+        let v2 = Controllers {
+            memory: Some(Controller::Systemd(true)),
+            cpu: Some(Controller::Systemd(true)),
+            v2: None,
+        };
+        let prepared = v2.prepare("r", None, Some(64 << 20), Some(0.5)).unwrap();
+        assert_eq!(prepared.properties, ["MemoryMax=67108864", "MemorySwapMax=0", "CPUQuota=50%"]);
+        assert!(prepared.cgroups.is_empty(), "nothing for the shim to enter: systemd set the scope up");
+        let v1 = Controllers {
+            memory: Some(Controller::Systemd(false)),
+            cpu: Some(Controller::Systemd(false)),
+            v2: None,
+        };
+        let prepared = v1.prepare("r", None, Some(1 << 20), Some(0.001)).unwrap();
+        assert_eq!(prepared.properties, ["MemoryLimit=1048576", "CPUQuota=1%"], "at least 1 %");
+        let no_cpu = Controllers { memory: Some(Controller::Systemd(true)), cpu: None, v2: None };
+        assert!(
+            no_cpu
+                .prepare("r", None, None, Some(1.0))
+                .unwrap_err()
+                .starts_with("cpu_max needs a cgroup controller")
+        );
+        let scopes = crate::tree::SystemdScopes {
+            systemd_run: "/usr/bin/systemd-run".into(),
+            slice: "/sys/fs/cgroup/shiva.slice".into(),
+            unified: true,
+        };
+        let command = scopes.command("ab.01", &["CPUQuota=50%".to_owned()]);
+        assert_eq!(
+            command,
+            [
+                "/usr/bin/systemd-run",
+                "--scope",
+                "--quiet",
+                "--collect",
+                "--unit=shiva-run-ab.01.scope",
+                "--slice=shiva.slice",
+                "--property=Delegate=yes",
+                "--property=CPUQuota=50%",
+                "--"
+            ]
+            .map(std::ffi::OsString::from)
+        );
+        let isolation = crate::tree::Isolation::Systemd(scopes);
+        assert_eq!(
+            isolation.run_cgroup("ab.01").unwrap(),
+            std::path::Path::new("/sys/fs/cgroup/shiva.slice/shiva-run-ab.01.scope/task")
+        );
+    }
 
     #[test]
     fn a_limit_without_a_controller_is_refused_naming_the_field() {

@@ -140,12 +140,90 @@ pub enum Isolation {
     CgroupV1(PathBuf),
     /// Only a process group per run, and the shim as subreaper.
     ProcessGroup,
+    /// Under systemd: each run is a transient scope unit of its own, `shiva-run-<launch>.scope`
+    /// in `shiva.slice`, started by `systemd-run --scope` around its shim, with the spec's limits
+    /// as the scope's properties and delegation on, so that the shim may keep its task in the
+    /// scope's `task/` sub-cgroup. A scope is a unit apart from the node's: it outlives a node
+    /// that crashed or re-executes, and it goes (collected) when its run's processes are gone.
+    Systemd(SystemdScopes),
+}
+
+/// How runs become systemd scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemdScopes {
+    /// `systemd-run`.
+    pub systemd_run: PathBuf,
+    /// The `shiva.slice` cgroup in the hierarchy systemd tracks processes with.
+    pub slice: PathBuf,
+    /// Whether that hierarchy is cgroup v2 with the memory and cpu controllers (else v1's).
+    pub unified: bool,
+}
+
+impl SystemdScopes {
+    /// The scope unit of a launch.
+    pub fn unit(launch: &str) -> String {
+        format!("shiva-run-{launch}.scope")
+    }
+
+    /// `systemd-run` and its arguments, up to the program it then executes in place.
+    pub fn command(&self, launch: &str, properties: &[String]) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            self.systemd_run.clone().into(),
+            "--scope".into(),
+            "--quiet".into(),
+            "--collect".into(),
+            format!("--unit={}", SystemdScopes::unit(launch)).into(),
+            "--slice=shiva.slice".into(),
+            "--property=Delegate=yes".into(),
+        ];
+        args.extend(properties.iter().map(|property| format!("--property={property}").into()));
+        args.push("--".into());
+        args
+    }
+
+    /// Finds systemd as this machine's service manager, able to start scopes for this process
+    /// (root, `systemd-run` found, a probe scope started and gone); `None` otherwise.
+    fn detect() -> Option<SystemdScopes> {
+        if !Path::new("/run/systemd/system").is_dir() || !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        if std::env::var("SHIVA_CGROUPS").is_ok_and(|value| value == "direct") {
+            return None;
+        }
+        let systemd_run = ["/usr/bin/systemd-run", "/bin/systemd-run"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())?;
+        let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let root = if unified {
+            "/sys/fs/cgroup"
+        } else if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+            "/sys/fs/cgroup/unified"
+        } else {
+            "/sys/fs/cgroup/systemd"
+        };
+        let scopes = SystemdScopes { systemd_run, slice: Path::new(root).join("shiva.slice"), unified };
+        let probe = format!("probe-{}-{:08x}", std::process::id(), fastrand::u32(..));
+        let mut command = scopes.command(&probe, &[]);
+        command.push("/bin/true".into());
+        let probed = std::process::Command::new(&command[0])
+            .args(&command[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        probed.then_some(scopes)
+    }
 }
 
 impl Isolation {
     /// What this machine offers to `node`: a writable cgroup v2 hierarchy, else a v1 `pids` (or
     /// `freezer`) hierarchy, else process groups. Creates the node's cgroup directory.
     pub fn detect(node: &str) -> Isolation {
+        if let Some(scopes) = SystemdScopes::detect() {
+            return Isolation::Systemd(scopes);
+        }
         let name = format!("shiva-{node}");
         let v2 = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
             .into_iter()
@@ -175,6 +253,7 @@ impl Isolation {
             Isolation::CgroupV2(dir) => format!("cgroup v2 ({})", dir.display()),
             Isolation::CgroupV1(dir) => format!("cgroup v1 ({})", dir.display()),
             Isolation::ProcessGroup => "process group + subreaper (no writable cgroup)".to_owned(),
+            Isolation::Systemd(scopes) => format!("a systemd scope per run ({})", scopes.slice.display()),
         }
     }
 
@@ -183,6 +262,8 @@ impl Isolation {
         match self {
             Isolation::CgroupV2(dir) | Isolation::CgroupV1(dir) => Some(dir.join(run)),
             Isolation::ProcessGroup => None,
+            // The shim keeps its task in `task/` and itself in the scope's own cgroup.
+            Isolation::Systemd(scopes) => Some(scopes.slice.join(SystemdScopes::unit(run)).join("task")),
         }
     }
 }

@@ -268,6 +268,47 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
         running.len() == 1
     });
     let (pid, node) = running[0].clone();
+    let host_of =
+        |node: &str| hosts.iter().find(|host| host.name == node).expect("the task's node is a host");
+
+    // Each run is a systemd scope of its own in shiva.slice (outside the node's unit, delegated),
+    // with the spec's limits as the scope's properties.
+    let limited = "deploy/limited";
+    let spec = serde_json::json!({
+        "id": limited, "command": "sleep", "args": ["100000"], "env": {"E2E": name},
+        "memory_max": "64MiB", "cpu_max": 0.5, "stop_grace": "3s",
+    });
+    let spec_file = dir.join("limited.json");
+    std::fs::write(&spec_file, spec.to_string()).unwrap();
+    ctl.ok(&["submit", spec_file.to_str().unwrap()]);
+    let mut limited_run: Vec<(i32, String)> = Vec::new();
+    wait_until(Duration::from_secs(60), "the limited task runs", || {
+        limited_run = task_processes(&name, limited);
+        limited_run.len() == 1
+    });
+    let limited_host = host_of(&limited_run[0].1);
+    let scopes = limited_host.ssh_ok(
+        &key,
+        "systemctl list-units --type=scope --state=running --no-legend --plain 'shiva-run-*' | cut -d' ' -f1",
+    );
+    let scope = scopes.lines().find_map(|unit| {
+        let shown = limited_host.ssh_ok(
+            &key,
+            &format!(
+                "systemctl show --property=Slice,Delegate,CPUQuotaPerSecUSec,MemoryMax,MemoryLimit {unit}"
+            ),
+        );
+        shown.contains("CPUQuotaPerSecUSec=500ms").then(|| (unit.to_owned(), shown))
+    });
+    let (scope, shown) =
+        scope.unwrap_or_else(|| panic!("no scope with the task's CPU limit among {scopes:?}"));
+    assert!(shown.contains("Slice=shiva.slice") && shown.contains("Delegate=yes"), "{scope}: {shown}");
+    assert!(
+        shown.contains("MemoryMax=67108864") || shown.contains("MemoryLimit=67108864"),
+        "{scope}: the memory limit is the scope's: {shown}"
+    );
+    let procs = limited_host.ssh_ok(&key, &format!("systemctl show --property=ControlGroup --value {scope}"));
+    assert!(procs.starts_with("/shiva.slice/shiva-run-"), "{scope}'s cgroup: {procs}");
 
     // The rolling upgrade, watched: the task's one process stays the same throughout.
     let stop = Arc::new(AtomicBool::new(false));
@@ -303,8 +344,19 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
         assert_eq!(host.ssh_ok(&key, "systemctl show --property NRestarts --value shiva-node"), "0");
     }
 
+    // A crash of the node (SIGKILL to the node alone, as a crash kills it): systemd starts it
+    // again and it takes its runs back; their scopes were never the node unit's.
+    let host = host_of(&node);
+    host.ssh_ok(&key, "systemctl kill --kill-whom=main --signal=SIGKILL shiva-node");
+    wait_until(Duration::from_secs(30), "the node restarted once", || {
+        host.ssh_ok(&key, "systemctl show --property NRestarts --value shiva-node") == "1"
+            && host.ssh_ok(&key, "systemctl is-active shiva-node") == "active"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(task_processes(&name, task), vec![(pid, node.clone())], "the task kept its process");
+    assert_eq!(task_processes(&name, limited), limited_run, "the limited task kept its process");
+
     // A graceful stop: the node stops its task within its grace, then itself; the task moves.
-    let host = hosts.iter().find(|host| host.name == node).expect("the task's node is a host");
     let started = Instant::now();
     host.ssh_ok(&key, "systemctl stop shiva-node");
     assert!(!shiva_e2e::pid_alive(pid), "the task stopped with its node");

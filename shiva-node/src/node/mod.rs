@@ -163,7 +163,10 @@ pub async fn run(
             Isolation::CgroupV2(dir) => Some(dir.clone()),
             _ => None,
         };
-        let controllers = Controllers::detect(config.node_id.as_str(), v2.as_deref());
+        let controllers = match &isolation {
+            Isolation::Systemd(scopes) => Controllers::systemd(scopes.unified),
+            _ => Controllers::detect(config.node_id.as_str(), v2.as_deref()),
+        };
         info!(limits = %controllers.describe(), "memory and CPU limits are enforced by");
         let shims = ShimLauncher {
             exe: crate::supervisor::shim::shim_program(

@@ -365,7 +365,21 @@ impl ShimLauncher {
         let (node_end, shim_end) = std::os::unix::net::UnixStream::pair()?;
         node_end.set_nonblocking(true)?;
         let mut stdin = tokio::net::UnixStream::from_std(node_end)?;
-        let mut child = tokio::process::Command::new(&self.exe)
+        // Under systemd the shim starts inside a scope of its own: `systemd-run --scope` makes
+        // the scope (with the limits), then executes the shim in place (same pid).
+        let program: Vec<std::ffi::OsString> = match &self.isolation {
+            Isolation::Systemd(scopes) => scopes.command(&launch, &limits.properties),
+            _ => Vec::new(),
+        };
+        let mut command = match program.split_first() {
+            Some((first, rest)) => {
+                let mut command = tokio::process::Command::new(first);
+                command.args(rest).arg(&self.exe);
+                command
+            }
+            None => tokio::process::Command::new(&self.exe),
+        };
+        let mut child = command
             .arg(SHIM_ARG)
             .env_clear()
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(shim_end)))
@@ -991,8 +1005,8 @@ fn clean_after(record: &Record) {
 }
 
 /// Children of this process that are not run shims.
-/// A child being started as a shim has, until it execs, this process's own command line: it is
-/// not an orphan either.
+/// A child being started as a shim has, until it execs, this process's own command line (or,
+/// under systemd, `systemd-run`'s, naming the shim): it is not an orphan either.
 fn orphans() -> BTreeSet<u32> {
     let me = std::process::id();
     let own = std::fs::read("/proc/self/cmdline").unwrap_or_default();
@@ -1000,8 +1014,13 @@ fn orphans() -> BTreeSet<u32> {
         .into_iter()
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let shim = cmdline.split(|b| *b == 0).nth(1) == Some(SHIM_ARG.as_bytes());
-            !shim && cmdline != own
+            let mut args = cmdline.split(|b| *b == 0);
+            let shim = args.nth(1) == Some(SHIM_ARG.as_bytes());
+            // `systemd-run --scope … -- <shim> <SHIM_ARG>` until it executes the shim.
+            let scoped =
+                cmdline.split(|b| *b == 0).next().is_some_and(|first| first.ends_with(b"systemd-run"))
+                    && cmdline.split(|b| *b == 0).any(|arg| arg == SHIM_ARG.as_bytes());
+            !shim && !scoped && cmdline != own
         })
         .collect()
 }
