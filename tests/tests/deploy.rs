@@ -203,11 +203,25 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
         bus = broker.url(),
     );
     std::fs::write(&inventory, text).unwrap();
+    // The operator's signing key: the role gives its public half to every node, which then
+    // accepts only commands it signed.
+    let operator = dir.join("operator_ed25519");
+    run(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "deploy-operator", "-f"])
+            .arg(&operator),
+        "ssh-keygen (Debian's openssh-client)",
+    );
+    let operator_pub = std::fs::read_to_string(operator.with_extension("pub")).unwrap();
     // Lists and mappings in YAML, as an operator writes them (an INI value is a string).
     std::fs::create_dir_all(dir.join("group_vars")).unwrap();
     std::fs::write(
         dir.join("group_vars/shiva.yml"),
-        "shiva_tags: [deploy, ssd]\nshiva_settings:\n  heartbeat-interval: 200ms\n  fence-timeout: 2s\n",
+        format!(
+            "shiva_tags: [deploy, ssd]\nshiva_settings:\n  heartbeat-interval: 200ms\n  fence-timeout: 2s\n\
+             shiva_authorized_keys: {}\n",
+            serde_json::to_string(operator_pub.trim()).unwrap()
+        ),
     )
     .unwrap();
     let playbook = |file: &str, package: &Path| -> String {
@@ -238,7 +252,7 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
 
     // The role installs, configures and starts every node, and waits until each is live.
     playbook("site.yml", &first);
-    let ctl = Ctl::new(&broker, &name);
+    let ctl = Ctl::with_flags(&broker, &name, &["--sign-key", operator.to_str().unwrap()]);
     let nodes = ctl.json(&["nodes"]);
     let alive: Vec<&str> = nodes
         .as_array()
@@ -257,6 +271,17 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
     // Applied again, the role changes nothing.
     let again = playbook("site.yml", &first);
     assert!(unchanged(&again), "a second run changed something:\n{again}");
+
+    // The nodes took the role's authorized keys: an unsigned command is refused, and says so.
+    let unsigned = Ctl::new(&broker, &name);
+    unsigned.ok(&["submit", "--id", "deploy/unsigned", "--", "sleep", "100000"]);
+    wait_until(Duration::from_secs(30), "the unsigned command is refused", || {
+        let output = ctl.run(&["status", "deploy/unsigned"]);
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("unsigned")
+    });
+    for host in &hosts {
+        assert_eq!(host.ssh_ok(&key, "stat -c %a /etc/shiva/authorized_keys"), "644", "{}", host.name);
+    }
 
     // A task runs once.
     let task = "deploy/svc";
