@@ -75,14 +75,19 @@ impl Controllers {
     /// Under systemd: the limits become properties of each run's scope, where the hierarchy
     /// systemd uses offers the controller (cgroup v2 when `unified`, else v1's hierarchies).
     pub fn systemd(unified: bool) -> Controllers {
+        // Offered and writable by systemd (a container may see a hierarchy read-only: systemd
+        // then takes the property and enforces nothing).
+        let writable = |path: &Path| nix::unistd::access(path, nix::unistd::AccessFlags::W_OK).is_ok();
         let offered = |name: &str, v1_probe: &str| {
             if unified {
                 fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
                     .unwrap_or_default()
                     .split_whitespace()
                     .any(|c| c == name)
+                    && writable(Path::new("/sys/fs/cgroup/cgroup.subtree_control"))
             } else {
-                Path::new("/sys/fs/cgroup").join(name).join(v1_probe).exists()
+                let hierarchy = Path::new("/sys/fs/cgroup").join(name);
+                hierarchy.join(v1_probe).exists() && writable(&hierarchy)
             }
         };
         let controller = |available: bool| available.then_some(Controller::Systemd(unified));
@@ -142,9 +147,8 @@ impl Controllers {
         if let Some(cores) = cpu_max
             && matches!(self.cpu, Some(Controller::Systemd(_)))
         {
-            // systemd's percent of one core (whole percents: 0.01 cores is 1 %).
-            let percent = ((cores * 100.0).round() as u64).max(1);
-            prepared.properties.push(format!("CPUQuota={percent}%"));
+            // systemd's percent of one core, to a hundredth (the spec's 0.0001 core).
+            prepared.properties.push(format!("CPUQuota={:.2}%", (cores * 100.0).max(0.01)));
         } else if let Some(cores) = cpu_max {
             let dir = self.run_dir(&self.cpu, run, tracking, "cpu_max")?;
             let period = 100_000u64;
@@ -201,15 +205,15 @@ mod tests {
             v2: None,
         };
         let prepared = v2.prepare("r", None, Some(64 << 20), Some(0.5)).unwrap();
-        assert_eq!(prepared.properties, ["MemoryMax=67108864", "MemorySwapMax=0", "CPUQuota=50%"]);
+        assert_eq!(prepared.properties, ["MemoryMax=67108864", "MemorySwapMax=0", "CPUQuota=50.00%"]);
         assert!(prepared.cgroups.is_empty(), "nothing for the shim to enter: systemd set the scope up");
         let v1 = Controllers {
             memory: Some(Controller::Systemd(false)),
             cpu: Some(Controller::Systemd(false)),
             v2: None,
         };
-        let prepared = v1.prepare("r", None, Some(1 << 20), Some(0.001)).unwrap();
-        assert_eq!(prepared.properties, ["MemoryLimit=1048576", "CPUQuota=1%"], "at least 1 %");
+        let prepared = v1.prepare("r", None, Some(1 << 20), Some(0.015)).unwrap();
+        assert_eq!(prepared.properties, ["MemoryLimit=1048576", "CPUQuota=1.50%"]);
         let no_cpu = Controllers { memory: Some(Controller::Systemd(true)), cpu: None, v2: None };
         assert!(
             no_cpu
@@ -221,6 +225,7 @@ mod tests {
             systemd_run: "/usr/bin/systemd-run".into(),
             slice: "/sys/fs/cgroup/shiva.slice".into(),
             unified: true,
+            node_unit: Some("shiva-node.service".to_owned()),
         };
         let command = scopes.command("ab.01", &["CPUQuota=50%".to_owned()]);
         assert_eq!(
@@ -233,6 +238,8 @@ mod tests {
                 "--unit=shiva-run-ab.01.scope",
                 "--slice=shiva.slice",
                 "--property=Delegate=yes",
+                "--property=TasksMax=infinity",
+                "--property=Before=shiva-node.service",
                 "--property=CPUQuota=50%",
                 "--"
             ]

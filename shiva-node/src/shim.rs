@@ -464,6 +464,9 @@ pub fn main(legacy: Option<&str>) -> u8 {
     // (see `tree::favours_dynmods`), the task runs already.
     emit(&ShimEvent::Started { pid, protocol: Some(PROTOCOL) });
     back_out(&homes);
+    // The OOM killer never picks the shim (under systemd it shares its run's memory limit): it
+    // would take the run's supervision with it. The task, forked before, keeps its own score.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     link.pid = Some(pid);
     let (status, stopped) = supervise(&config, pid, &mut capture, &mut link, lease);
     // The task is over: nothing it started may outlive it.

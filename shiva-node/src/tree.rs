@@ -157,6 +157,8 @@ pub struct SystemdScopes {
     pub slice: PathBuf,
     /// Whether that hierarchy is cgroup v2 with the memory and cpu controllers (else v1's).
     pub unified: bool,
+    /// The node's own unit, which the runs' scopes stop after.
+    pub node_unit: Option<String>,
 }
 
 impl SystemdScopes {
@@ -175,45 +177,95 @@ impl SystemdScopes {
             format!("--unit={}", SystemdScopes::unit(launch)).into(),
             "--slice=shiva.slice".into(),
             "--property=Delegate=yes".into(),
+            // Limits are the spec's alone: not systemd's default cap on a unit's tasks.
+            "--property=TasksMax=infinity".into(),
         ];
+        if let Some(unit) = &self.node_unit {
+            // At shutdown the node stops first, stopping each run with its signal and grace.
+            args.push(format!("--property=Before={unit}").into());
+        }
         args.extend(properties.iter().map(|property| format!("--property={property}").into()));
         args.push("--".into());
         args
     }
 
-    /// Finds systemd as this machine's service manager, able to start scopes for this process
-    /// (root, `systemd-run` found, a probe scope started and gone); `None` otherwise.
-    fn detect() -> Option<SystemdScopes> {
+    /// Finds systemd as this machine's service manager, able to start scopes for this process:
+    /// root, `/run/systemd/system`, `systemd-run`, and a probe scope that lands where this node
+    /// will look for its runs' scopes (systemd's cgroup root is the mount's: not so in a
+    /// container that reaches the host's systemd). `Ok(None)`: no systemd here; `Err`: systemd
+    /// here but unusable, and why. Blocks up to about 10 s (the probe): call it off the runtime.
+    pub fn detect() -> Result<Option<SystemdScopes>, String> {
         if !Path::new("/run/systemd/system").is_dir() || !nix::unistd::geteuid().is_root() {
-            return None;
+            return Ok(None);
         }
-        if std::env::var("SHIVA_CGROUPS").is_ok_and(|value| value == "direct") {
-            return None;
+        match std::env::var("SHIVA_CGROUPS").as_deref() {
+            Ok("direct") => return Ok(None),
+            Ok("systemd") | Ok("") | Err(_) => {}
+            Ok(other) => return Err(format!("SHIVA_CGROUPS={other}: expected systemd or direct")),
         }
         let systemd_run = ["/usr/bin/systemd-run", "/bin/systemd-run"]
             .into_iter()
             .map(PathBuf::from)
-            .find(|p| p.exists())?;
+            .find(|p| p.exists())
+            .ok_or("systemd-run was not found")?;
         let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-        let root = if unified {
-            "/sys/fs/cgroup"
+        let (root, line) = if unified {
+            ("/sys/fs/cgroup", "0::")
         } else if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
-            "/sys/fs/cgroup/unified"
+            ("/sys/fs/cgroup/unified", "0::")
         } else {
-            "/sys/fs/cgroup/systemd"
+            ("/sys/fs/cgroup/systemd", ":name=systemd:")
         };
-        let scopes = SystemdScopes { systemd_run, slice: Path::new(root).join("shiva.slice"), unified };
+        // The node's own unit: runs' scopes stop after it at shutdown (it stops them first,
+        // each with its stop signal and grace).
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let node_unit = own
+            .lines()
+            .find(|l| l.contains(line))
+            .and_then(|l| l.rsplit('/').next())
+            .filter(|unit| unit.ends_with(".service"))
+            .map(str::to_owned);
+        let scopes =
+            SystemdScopes { systemd_run, slice: Path::new(root).join("shiva.slice"), unified, node_unit };
         let probe = format!("probe-{}-{:08x}", std::process::id(), fastrand::u32(..));
         let mut command = scopes.command(&probe, &[]);
-        command.push("/bin/true".into());
-        let probed = std::process::Command::new(&command[0])
+        command.extend(["/bin/cat".into(), "/proc/self/cgroup".into()]);
+        let mut child = std::process::Command::new(&command[0])
             .args(&command[1..])
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-        probed.then_some(scopes)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|err| format!("cannot run systemd-run: {err}"))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while child.try_wait().map_err(|err| err.to_string())?.is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("systemd-run did not answer within 10 s".to_owned());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let output = child.wait_with_output().map_err(|err| err.to_string())?;
+        if !output.status.success() {
+            return Err(format!(
+                "systemd-run --scope failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        let expected = format!("/shiva.slice/{}", SystemdScopes::unit(&probe));
+        let found = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find(|l| l.contains(line))
+            .and_then(|l| l.split_once(line).map(|(_, path)| path.to_owned()))
+            .unwrap_or_default();
+        if found != expected {
+            return Err(format!(
+                "a probe scope landed in the cgroup '{found}', not '{expected}' under {root} (systemd's cgroup root is not this mount's)"
+            ));
+        }
+        Ok(Some(scopes))
     }
 }
 
@@ -221,8 +273,13 @@ impl Isolation {
     /// What this machine offers to `node`: a writable cgroup v2 hierarchy, else a v1 `pids` (or
     /// `freezer`) hierarchy, else process groups. Creates the node's cgroup directory.
     pub fn detect(node: &str) -> Isolation {
-        if let Some(scopes) = SystemdScopes::detect() {
-            return Isolation::Systemd(scopes);
+        match SystemdScopes::detect() {
+            Ok(Some(scopes)) => return Isolation::Systemd(scopes),
+            Ok(None) => {}
+            Err(why) => tracing::warn!(
+                reason = %why,
+                "systemd runs this machine, but runs cannot be scopes of their own: they get cgroups the node makes"
+            ),
         }
         let name = format!("shiva-{node}");
         let v2 = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]

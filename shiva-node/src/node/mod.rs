@@ -146,7 +146,11 @@ pub async fn run(
     let supervisor = if config.runner {
         // Orphans of a run whose shim died come to the node, which kills them.
         nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER failed")?;
-        let isolation = Isolation::detect(config.node_id.as_str());
+        let node_id = config.node_id.as_str().to_owned();
+        // Off the runtime's workers: the systemd probe waits for systemd.
+        let isolation = tokio::task::spawn_blocking(move || Isolation::detect(&node_id))
+            .await
+            .context("detecting how runs are isolated")?;
         info!(isolation = %isolation.describe(), "runs are isolated by");
         if let Isolation::CgroupV2(dir) = &isolation {
             let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

@@ -327,6 +327,7 @@ impl ShimLauncher {
         }
         std::fs::create_dir_all(&self.records)?;
         let output = OpenOptions::new().create(true).append(true).open(&request.output)?;
+        let output_path = request.output.clone();
         let secret_files = self.add_secrets(&mut request, options)?;
         self.prepare_workdir(&request, &options.files, &secret_files)?;
         // The run's cgroups are this launch's alone: a run id can come again (a periodic or
@@ -470,6 +471,15 @@ impl ShimLauncher {
                 let _ = std::fs::remove_file(&record_path);
                 let configuration =
                     written.err().map(|err| format!("; writing its configuration failed: {err}"));
+                let configuration = match &self.isolation {
+                    // systemd-run's own refusal (a scope systemd would not make) is on stderr.
+                    Isolation::Systemd(_) => Some(format!(
+                        "{}; the shim starts through systemd-run --scope, whose error, if any, ends {}",
+                        configuration.unwrap_or_default(),
+                        output_path.display()
+                    )),
+                    _ => configuration,
+                };
                 return Err(io::Error::other(format!(
                     "the run shim did not start the task ({other:?}){}",
                     configuration.unwrap_or_default()
