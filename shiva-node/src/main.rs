@@ -135,7 +135,23 @@ fn reexec(exe: &std::path::Path, argv: &[std::ffi::OsString]) -> nix::errno::Err
     let Ok(args) = argv.iter().map(|arg| cstring(arg.as_bytes())).collect::<Result<Vec<_>, _>>() else {
         return nix::errno::Errno::EINVAL;
     };
-    match nix::unistd::execv(&path, &args) {
+    // The environment as it is, and whether this process found systemd scopes usable (the next
+    // one then does not probe again).
+    let mut env: Vec<std::ffi::CString> = std::env::vars_os()
+        .filter(|(key, _)| key != shiva_node::tree::PROBED_ENV)
+        .filter_map(|(key, value)| {
+            let mut pair = key.as_bytes().to_vec();
+            pair.push(b'=');
+            pair.extend_from_slice(value.as_bytes());
+            cstring(&pair).ok()
+        })
+        .collect();
+    if shiva_node::tree::SCOPES_PROBED.load(std::sync::atomic::Ordering::SeqCst)
+        && let Ok(marker) = cstring(format!("{}=1", shiva_node::tree::PROBED_ENV).as_bytes())
+    {
+        env.push(marker);
+    }
+    match nix::unistd::execve(&path, &args, &env) {
         Ok(never) => match never {},
         Err(err) => err,
     }

@@ -193,7 +193,7 @@ impl SystemdScopes {
     /// root, `/run/systemd/system`, `systemd-run`, and a probe scope that lands where this node
     /// will look for its runs' scopes (systemd's cgroup root is the mount's: not so in a
     /// container that reaches the host's systemd). `Ok(None)`: no systemd here; `Err`: systemd
-    /// here but unusable, and why. Blocks up to about 10 s (the probe): call it off the runtime.
+    /// here but unusable, and why. Blocks up to about 3 s (the probe): call it off the runtime.
     pub fn detect() -> Result<Option<SystemdScopes>, String> {
         if !Path::new("/run/systemd/system").is_dir() || !nix::unistd::geteuid().is_root() {
             return Ok(None);
@@ -227,6 +227,11 @@ impl SystemdScopes {
             .map(str::to_owned);
         let scopes =
             SystemdScopes { systemd_run, slice: Path::new(root).join("shiva.slice"), unified, node_unit };
+        // A node re-executing itself (a reload) probed already: its runs' leases wait on this.
+        if std::env::var_os(PROBED_ENV).is_some_and(|value| value == "1") {
+            SCOPES_PROBED.store(true, std::sync::atomic::Ordering::SeqCst);
+            return Ok(Some(scopes));
+        }
         let probe = format!("probe-{}-{:08x}", std::process::id(), fastrand::u32(..));
         let mut command = scopes.command(&probe, &[]);
         command.extend(["/bin/cat".into(), "/proc/self/cgroup".into()]);
@@ -237,12 +242,12 @@ impl SystemdScopes {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .map_err(|err| format!("cannot run systemd-run: {err}"))?;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
         while child.try_wait().map_err(|err| err.to_string())?.is_none() {
             if std::time::Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err("systemd-run did not answer within 10 s".to_owned());
+                return Err("systemd-run did not answer within 3 s".to_owned());
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
@@ -265,9 +270,17 @@ impl SystemdScopes {
                 "a probe scope landed in the cgroup '{found}', not '{expected}' under {root} (systemd's cgroup root is not this mount's)"
             ));
         }
+        SCOPES_PROBED.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(Some(scopes))
     }
 }
+
+/// Set in the environment of a node re-executing itself whose probe succeeded: the next
+/// process does not probe again (a reload's start stays quick: the runs' leases wait on it).
+pub const PROBED_ENV: &str = "SHIVA_SCOPES_PROBED";
+
+/// Whether this process found systemd scopes usable.
+pub static SCOPES_PROBED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl Isolation {
     /// What this machine offers to `node`: a writable cgroup v2 hierarchy, else a v1 `pids` (or

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use shiva_e2e::{Broker, Ctl, cluster, free_port, repo, scratch, task_processes, wait_until};
+use shiva_e2e::{
+    Broker, Ctl, Terminator, TestCa, cluster, free_port, repo, scratch, task_processes, wait_until,
+};
 
 /// A container booted as a host.
 struct Host {
@@ -163,7 +165,14 @@ fn another_build(deb: &Path, dir: &Path) -> (PathBuf, String) {
 
 #[test]
 fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_no_task() {
-    let broker = Broker::start();
+    // The hosts reach the broker only through mutual TLS (stunnel in front of it, the broker's
+    // metadata naming the TLS port): the role copies the CA and the client certificate and key
+    // (shiva_files) and names them in the Kafka settings (shiva_kafka).
+    let ca = TestCa::make();
+    let tls_port = free_port();
+    let broker = Broker::start_behind(Some(tls_port), false);
+    let _terminator = Terminator::start(&ca, tls_port, broker.port, true);
+    let mtls = ca.client_flags("ca.pem", true);
     let name = cluster("deploy");
     let dir = scratch("deploy");
     let ansible = ansible_playbook();
@@ -219,8 +228,20 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
         dir.join("group_vars/shiva.yml"),
         format!(
             "shiva_tags: [deploy, ssd]\nshiva_settings:\n  heartbeat-interval: 200ms\n  fence-timeout: 2s\n\
-             shiva_authorized_keys: {}\n",
-            serde_json::to_string(operator_pub.trim()).unwrap()
+             shiva_authorized_keys: {}\n\
+             shiva_files:\n\
+             - {{src: {ca}, dest: ca.pem, mode: '0644'}}\n\
+             - {{src: {cert}, dest: client.pem, mode: '0644'}}\n\
+             - {{src: {key}, dest: client.key}}\n\
+             shiva_kafka:\n\
+             - security.protocol=ssl\n\
+             - ssl.ca.location=/etc/shiva/ca.pem\n\
+             - ssl.certificate.location=/etc/shiva/client.pem\n\
+             - ssl.key.location=/etc/shiva/client.key\n",
+            serde_json::to_string(operator_pub.trim()).unwrap(),
+            ca = ca.file("ca.pem"),
+            cert = ca.file("client.pem"),
+            key = ca.file("client.key"),
         ),
     )
     .unwrap();
@@ -252,7 +273,9 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
 
     // The role installs, configures and starts every node, and waits until each is live.
     playbook("site.yml", &first);
-    let ctl = Ctl::with_flags(&broker, &name, &["--sign-key", operator.to_str().unwrap()]);
+    let mut signed: Vec<&str> = mtls.iter().map(String::as_str).collect();
+    signed.extend(["--sign-key", operator.to_str().unwrap()]);
+    let ctl = Ctl::with_flags(&broker, &name, &signed);
     let nodes = ctl.json(&["nodes"]);
     let alive: Vec<&str> = nodes
         .as_array()
@@ -273,7 +296,16 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
     assert!(unchanged(&again), "a second run changed something:\n{again}");
 
     // The nodes took the role's authorized keys: an unsigned command is refused, and says so.
-    let unsigned = Ctl::new(&broker, &name);
+    let plain: Vec<&str> = mtls.iter().map(String::as_str).collect();
+    let unsigned = Ctl::with_flags(&broker, &name, &plain);
+    for host in &hosts {
+        assert_eq!(
+            host.ssh_ok(&key, "stat -c %a /etc/shiva/client.key"),
+            "600",
+            "{}: the key is root's",
+            host.name
+        );
+    }
     unsigned.ok(&["submit", "--id", "deploy/unsigned", "--", "sleep", "100000"]);
     wait_until(Duration::from_secs(30), "the unsigned command is refused", || {
         let output = ctl.run(&["status", "deploy/unsigned"]);
@@ -422,7 +454,7 @@ fn the_role_deploys_a_cluster_on_systemd_hosts_and_the_rolling_upgrade_restarts_
     }
     wait_until(Duration::from_secs(60), &format!("{} took {task} back", task_host.name), || {
         task_host
-            .ssh_ok(&key, "journalctl -u shiva-node -o cat | grep 'task taken back' || true")
+            .ssh_ok(&key, "journalctl _SYSTEMD_INVOCATION_ID=$(systemctl show --property=InvocationID --value shiva-node) -o cat | grep 'task taken back' || true")
             .contains(task)
     });
     assert_eq!(task_processes(&name, task), vec![(pid, node.clone())], "the task kept its process");

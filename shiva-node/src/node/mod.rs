@@ -691,6 +691,7 @@ async fn leave(
     run_reports: &mut mpsc::UnboundedReceiver<RunReport>,
 ) {
     info!("shutting down: resigning, stopping tasks, leaving");
+    crate::supervisor::shim::leave_all();
     let timeout = Duration::from_secs(3);
     if let Some(epoch) = node.leadership.leading.take() {
         let value = node.envelope(Body::Resign(Resign { epoch }));

@@ -212,6 +212,23 @@ fn detached() -> bool {
     DETACHED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// Set once the node is leaving: a launch still waiting for its shim gives up at once. Under
+/// systemd a run's scope is ordered before the node's unit, so systemd holds a scope's start
+/// while the node's unit is stopping: the launch would wait out its handshake for nothing.
+static LEAVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The node is leaving (see [`LEAVING`]).
+pub fn leave_all() {
+    LEAVING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Resolves once the node is leaving.
+async fn leaving() {
+    while !LEAVING.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// What a launch needs besides the command.
 #[derive(Debug, Clone)]
 pub struct LaunchOptions {
@@ -423,9 +440,11 @@ impl ShimLauncher {
             }
             (written, read_event(&mut lines).await)
         };
-        let (written, mut first) = tokio::time::timeout(HANDSHAKE, handshake)
-            .await
-            .unwrap_or_else(|_| (Err(io::Error::other(format!("no answer within {HANDSHAKE:?}"))), None));
+        let (written, mut first) = tokio::select! {
+            answered = tokio::time::timeout(HANDSHAKE, handshake) => answered
+                .unwrap_or_else(|_| (Err(io::Error::other(format!("no answer within {HANDSHAKE:?}"))), None)),
+            () = leaving() => (Err(io::Error::other("the node is leaving")), None),
+        };
         let staged = go.is_some();
         if let (Some(go), Some(ShimEvent::Ready)) = (go, &first) {
             first = match self.hold(go, &mut stdin, &mut lines, options.exclusive).await {
