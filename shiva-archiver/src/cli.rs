@@ -215,8 +215,21 @@ pub fn kafka_settings(flags: &[String]) -> Result<Vec<(String, String)>, String>
         .collect()
 }
 
+/// Logs (`SHIVA_LOG`, default `info`) to stderr, in colour on a terminal: the pipelines'
+/// binaries (archiver, indexer) log alike.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHIVA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 /// A duration within `[min, max]`; the error names the value and the range (clap adds the flag).
-fn bounded(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+pub fn bounded(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let value = humantime::parse_duration(text.trim()).map_err(|err| format!("{err} (expected e.g. 10m)"))?;
     if value < min || value > max {
         return Err(format!(

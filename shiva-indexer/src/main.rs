@@ -84,11 +84,7 @@ enum Command {
 }
 
 fn batch_wait(text: &str) -> Result<Duration, String> {
-    let value = humantime::parse_duration(text.trim()).map_err(|err| format!("{err} (expected e.g. 1s)"))?;
-    if value < Duration::from_millis(1) || value > Duration::from_secs(3600) {
-        return Err(format!("{text} is out of range: from 1ms to 1h"));
-    }
-    Ok(value)
+    shiva_archiver::cli::bounded(text, Duration::from_millis(1), Duration::from_secs(3600))
 }
 
 fn batch_bytes(text: &str) -> Result<u64, String> {
@@ -101,14 +97,7 @@ fn batch_bytes(text: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHIVA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    shiva_archiver::cli::init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
