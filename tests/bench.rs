@@ -5,6 +5,7 @@
 //! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only handoff,floor,cron,resume] [--kills 1000]
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -253,7 +254,7 @@ async fn cron_lateness(
     dir: &Path,
     count: usize,
     window: Duration,
-) -> (Vec<f64>, usize, usize) {
+) -> (Vec<f64>, usize, usize, BTreeMap<String, usize>) {
     let config = BusConfig::new(&broker.url(), cluster, &[]).unwrap();
     let publisher = Publisher::new(&config, "bench").unwrap();
     let file = dir.join("cron");
@@ -293,7 +294,46 @@ async fn cron_lateness(
         }
     }
     let expected = count * window.as_secs() as usize;
-    (lateness, expected - seen.len(), twice)
+    let records = records_written(&config, from * 1000, to * 1000).await;
+    (lateness, expected - seen.len(), twice, records)
+}
+
+/// Records written on `assignments` and `status` between two instants: per topic, the span of
+/// offsets between the first and the last record sent in that time (compaction may have removed
+/// records since, not their offsets), and the kinds of the records still there.
+async fn records_written(config: &BusConfig, from_ms: i64, to_ms: i64) -> BTreeMap<String, usize> {
+    let (tx, mut rx) = mpsc::channel(1 << 16);
+    let reader = Reader::spawn(config, &[TopicKind::Assignments, TopicKind::Status], tx).unwrap();
+    reader.sync(0);
+    let mut counts = BTreeMap::new();
+    let mut spans: BTreeMap<TopicKind, (i64, i64)> = BTreeMap::new();
+    loop {
+        match rx.recv().await.unwrap() {
+            ReaderEvent::Record(record) => {
+                // When it was written: its envelope's send instant (the broker's timestamps are
+                // per batch), or the record's own timestamp for a tombstone.
+                let sent = record.value.as_deref().and_then(|value| {
+                    let envelope = shiva_proto::records::Envelope::decode(value).ok()?;
+                    i64::try_from(envelope.sent_at_ms).ok()
+                });
+                if !sent.or(record.timestamp_ms).is_some_and(|at| (from_ms..to_ms).contains(&at)) {
+                    continue;
+                }
+                let span = spans.entry(record.topic).or_insert((record.offset, record.offset));
+                *span = (span.0.min(record.offset), span.1.max(record.offset));
+                let key = String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned();
+                let prefix = key.split('/').next().unwrap_or("").to_owned();
+                let what = if record.value.is_none() { "tombstone" } else { "record" };
+                *counts.entry(format!("left: {:?} {prefix}/ {what}", record.topic)).or_default() += 1;
+            }
+            ReaderEvent::Synced(0) => break,
+            _ => {}
+        }
+    }
+    for (topic, (first, last)) in spans {
+        counts.insert(format!("written: {topic:?}"), usize::try_from(last - first + 1).unwrap_or(0));
+    }
+    counts
 }
 
 /// The floor under launch lateness on this machine, without Shiva or a broker: three threads
@@ -630,12 +670,18 @@ fn main() {
         let ctl = Ctl::new(&broker, &name);
         wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
         let window = Duration::from_secs(if quick { 20 } else { 60 });
-        let (mut late, missing, twice) =
+        let (mut late, missing, twice, records) =
             runtime.block_on(cron_lateness(&broker, &name, &scratch("cron"), count, window));
+        let runs = late.len().max(1);
+        let written: usize =
+            records.iter().filter(|(kind, _)| kind.starts_with("written")).map(|(_, n)| n).sum();
+        let kinds: Vec<String> = records.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
         report.push(format!(
-            "| cron launch lateness (slot → command started), {count} tasks every second, {}s | {}; {missing} slots skipped, {twice} run twice |",
+            "| cron launch lateness (slot → command started), {count} tasks every second, {}s | {}; {missing} slots skipped, {twice} run twice; {:.2} records per run on `assignments` and `status` ({}) |",
             window.as_secs(),
-            summary(&mut late)
+            summary(&mut late),
+            written as f64 / runs as f64,
+            kinds.join(", ")
         ));
         drop(nodes);
     }

@@ -6,8 +6,9 @@
 //! * a run id is derived from task, trigger and attempt, and an intent is written only when
 //!   no record of that run exists: no slot and attempt is launched twice, whichever leader
 //!   plans it;
-//! * `sched/<task>` is written after the task's intents (same topic, same producer), and a
-//!   task is not planned again until its `sched/` write is read back;
+//! * `sched/<task>` is written after the task's intents (same topic, same producer) when a
+//!   step changes more than its launches imply, and a task is not planned again until its
+//!   `sched/` and intent writes are read back;
 //! * a run whose node is gone gets a verdict: `lost` when its runner wrote a start record
 //!   (it may have run), `missed` when not (it never ran, so it may be launched again).
 
@@ -32,6 +33,11 @@ use overlay::Runs;
 /// Finished runs kept per task; older ones are tombstoned.
 pub const HISTORY: usize = 100;
 
+/// Slots launched past a periodic task's stored position before the position is written again
+/// (see `TaskPlan::write_position`): half the history, so that a reader that does not imply the
+/// position from the launch intents still finds an intent for every slot after it.
+pub const CHECKPOINT_LAUNCHES: usize = HISTORY / 2;
+
 /// A run starting this much after its slot is late (backlog).
 const LATE_MS: i64 = 500;
 
@@ -49,6 +55,8 @@ pub struct Context<'a> {
     pub timing: Timing,
     /// Keys with a write in flight: left alone until read back.
     pub busy: &'a dyn Fn(TopicKind, &str) -> bool,
+    /// Whether some key starting with this prefix has a write in flight.
+    pub busy_under: &'a dyn Fn(TopicKind, &str) -> bool,
     /// Parsed schedules, kept between plans.
     pub schedules: &'a Schedules,
     /// Whether a node that is not live may still run an exclusive run of a task (it has not
@@ -139,7 +147,11 @@ pub fn plan(ctx: &Context<'_>) -> Vec<Write> {
         .chain(view.requests.keys())
         .collect();
     for task in tasks {
-        if (ctx.busy)(TopicKind::Assignments, &key::sched(task)) {
+        // Planned again only once its last writes are read back: its position, and its intents,
+        // which imply the position without it being written (see `TaskPlan::position`).
+        if (ctx.busy)(TopicKind::Assignments, &key::sched(task))
+            || (ctx.busy_under)(TopicKind::Assignments, &key::runs_of(task))
+        {
             continue;
         }
         let revision = view.specs.get(task).map(|spec| spec.revision);
@@ -354,12 +366,13 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     /// A periodic position is held as suspended while the task cannot run, so the slots of that
     /// time are not caught up once a valid revision comes (as after `resume`).
     fn suspend_position(&mut self) {
-        let Some(before) = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched) else { return };
-        if before.suspended_at_ms.is_some() || before.decided_through_ms.is_none() {
+        let Some(stored) = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched) else { return };
+        if stored.suspended_at_ms.is_some() || stored.decided_through_ms.is_none() {
             return;
         }
-        let sched = Sched { suspended_at_ms: Some(ms(self.ctx.now)), queued: None, ..before.clone() };
-        self.write_sched(sched, Some(before));
+        let before = self.position(stored);
+        let sched = Sched { suspended_at_ms: Some(ms(self.ctx.now)), queued: None, ..before };
+        self.write_sched(sched, Some(stored));
     }
 
     /// Whether a copy of a service revision of this task may still run and keeps new runs from
@@ -655,10 +668,51 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         self.writes.push(Write::assignments(key, Some(Body::Sched(sched))));
     }
 
+    /// The newest slot this task has a launch intent of (in the view or written by this step).
+    fn newest_slot(&self) -> Option<i64> {
+        self.runs.values().filter_map(|entry| entry.intent.as_ref()?.0.trigger.slot_ms()).max()
+    }
+
+    /// A periodic task's position: its `sched/` record, whose `decided_through_ms` moves on to
+    /// the newest slot launched since (issue 21: a launch does not rewrite the position, the
+    /// launch intent implies it; a slot is launched only once decided).
+    fn position(&self, stored: &Sched) -> Sched {
+        let newest = self.newest_slot();
+        let decided_through_ms = match (stored.decided_through_ms, newest) {
+            (Some(stored), Some(newest)) => Some(stored.max(newest)),
+            (stored, newest) => stored.or(newest),
+        };
+        Sched { decided_through_ms, ..stored.clone() }
+    }
+
+    /// Writes a periodic task's position unless this step's launch intents imply it (see
+    /// [`TaskPlan::position`]); it is written anyway once [`CHECKPOINT_LAUNCHES`] slots were
+    /// launched past the stored one, so a reader that does not imply positions (a leader of an
+    /// older version) finds every slot since still held by an intent (the history keeps
+    /// [`HISTORY`]).
+    fn write_position(&mut self, sched: Sched, stored: Option<&Sched>) {
+        if let Some(stored) = stored {
+            let settled = self.ctx.view.is_settled(TopicKind::Assignments, &key::sched(self.task));
+            let through = stored.decided_through_ms.unwrap_or(i64::MIN);
+            let launched_past = self
+                .runs
+                .values()
+                .filter_map(|entry| entry.intent.as_ref()?.0.trigger.slot_ms())
+                .filter(|slot| *slot > through)
+                .count();
+            if settled && sched == self.position(stored) && launched_past < CHECKPOINT_LAUNCHES {
+                return;
+            }
+        }
+        self.write_sched(sched, stored);
+    }
+
     fn periodic(&mut self, spec: &'a SpecEntry, desired: DesiredState) {
         let Some(schedule) = self.ctx.schedules.get(spec) else { return };
         let now = self.ctx.now;
-        let before = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched);
+        let stored = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched);
+        let implied = stored.map(|stored| self.position(stored));
+        let before = implied.as_ref();
         let mut sched = before.cloned().unwrap_or_else(|| Sched {
             // The origin of its slots, recorded in this first sched record (see `origin`).
             origin_ms: Some(origin(spec.submitted_ms, ms(now))),
@@ -672,7 +726,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                 sched.suspended_at_ms = Some(ms(now));
                 sched.queued = None;
             }
-            self.write_sched(sched, before);
+            self.write_position(sched, stored);
             return;
         }
         let decided = sched.decided_through_ms.map_or(now, at);
@@ -688,7 +742,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         }
         self.requests(spec, &mut sched);
         self.slots(spec, &schedule, &mut sched);
-        self.write_sched(sched, before);
+        self.write_position(sched, stored);
     }
 
     /// A periodic run that never started (its node died or shut down first, and nobody asked
@@ -770,10 +824,14 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                     // When it began, on this leader's clock: its launch instant plus how late the
                     // runner says it started (a duration on the runner's clock alone). An older
                     // runner gives only `started_ms`, its own clock, read as before.
+                    // A periodic run's start record alone (no `running` record is written for
+                    // it, issue 21) counts as started at its launch instant: its runner launches
+                    // it then, having confirmed it ahead.
                     let began = match report {
                         Some(shiva_proto::runs::RunReport { late_ms: Some(late), .. }) => {
                             intent.launch_at_ms.saturating_add((*late).max(0))
                         }
+                        Some(report) if report.state == RunPhase::Starting => intent.launch_at_ms,
                         Some(report) => report.started_ms.unwrap_or(ms(now)),
                         None => ms(now),
                     }

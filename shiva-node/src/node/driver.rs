@@ -133,10 +133,36 @@ impl Outbox {
         self.unacked.contains_key(&entry) || self.unread.contains_key(&entry)
     }
 
+    /// Whether a write of some key starting with `prefix` is in flight or not read back yet.
+    pub(crate) fn busy_under(&self, topic: TopicKind, prefix: &str) -> bool {
+        any_under(&self.unacked, topic, prefix) || any_under(&self.unread, topic, prefix)
+    }
+
     /// Whether a write of `key` is in flight (not acknowledged yet).
     pub(crate) fn in_flight(&self, topic: TopicKind, key: &str) -> bool {
         self.unacked.contains_key(&(topic, key.to_owned()))
     }
+}
+
+/// Whether `map` has a key of `topic` starting with `prefix`.
+fn any_under<V>(map: &BTreeMap<(TopicKind, String), V>, topic: TopicKind, prefix: &str) -> bool {
+    let first = map.range((topic, prefix.to_owned())..).next();
+    first.is_some_and(|((at, key), _)| *at == topic && key.starts_with(prefix))
+}
+
+#[cfg(test)]
+#[test]
+fn a_prefix_is_busy_only_with_a_key_of_its_topic_under_it() {
+    let map: BTreeMap<(TopicKind, String), ()> = [
+        ((TopicKind::Assignments, "run/a/1".to_owned()), ()),
+        ((TopicKind::Status, "run/b/1".to_owned()), ()),
+    ]
+    .into();
+    assert!(any_under(&map, TopicKind::Assignments, "run/a/"));
+    assert!(!any_under(&map, TopicKind::Assignments, "run/b/"), "another topic's key");
+    assert!(!any_under(&map, TopicKind::Assignments, "run/a/2"));
+    assert!(!any_under(&map, TopicKind::Status, "run/c/"));
+    assert!(!any_under(&map, TopicKind::Commands, ""));
 }
 
 /// This node's own status of each task: the newest one written (what a failed write is
@@ -824,6 +850,7 @@ impl Node {
             now: chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default(),
             timing: TIMING,
             busy: &|topic, key| self.busy(topic, key),
+            busy_under: &|topic, prefix| self.outbox.busy_under(topic, prefix),
             schedules: &self.leadership.schedules,
             may_still_run: &may_still_run,
             failed: &self.leadership.unwritable,

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use shiva_proto::runs::{RunIntent, RunPhase, RunReport};
+use shiva_proto::runs::{RunIntent, RunPhase, RunReport, Trigger};
 use shiva_proto::spec::OnDisconnect;
 use shiva_proto::{LogView, NodeId, TaskId};
 use uuid::Uuid;
@@ -63,6 +63,14 @@ pub fn launch_at(intent: &RunIntent, seen_ms: i64) -> i64 {
 pub fn start_lead(recent_ms: &VecDeque<u64>) -> Duration {
     let slowest = recent_ms.iter().copied().max().unwrap_or(0);
     Duration::from_millis(slowest.saturating_mul(2)).clamp(START_LEAD, MAX_START_LEAD)
+}
+
+/// Whether a run's `running` record is written. A periodic run's is not (issue 21: three
+/// records per run, its intent, start record and end): its end record carries its pid, start and
+/// lateness, and its start record already tells a new leader it may have run. A one-shot's is
+/// (a batch job may run for hours; its pid is worth seeing meanwhile).
+pub fn writes_running(report: &RunReport) -> bool {
+    report.state != RunPhase::Running || matches!(report.trigger, Trigger::Once { .. })
 }
 
 /// What happened.
@@ -232,6 +240,9 @@ impl RunBook {
                     && let Some(held) = self.held.get_mut(&report.run_id)
                 {
                     held.phase = Phase::Done;
+                }
+                if !writes_running(&report) {
+                    return Vec::new();
                 }
                 vec![Action::Write(report)]
             }
@@ -693,6 +704,30 @@ mod tests {
         end.ended_ms = Some(10_700);
         assert_eq!(book.on_event(Event::Reported(end.clone()), 10_700), vec![Action::Write(end)]);
         assert_eq!(book.launched(), 0);
+    }
+
+    #[test]
+    fn a_periodic_run_writes_no_running_record_and_a_one_shot_does() {
+        let mut log = Log::new();
+        let slot = log.intent(false, |_| {});
+        let mut book = RunBook::default();
+        let running = |intent: &RunIntent| RunReport {
+            pid: Some(42),
+            started_ms: Some(10_001),
+            late_ms: Some(1),
+            ..oneshot::report(intent, RunPhase::Running, None)
+        };
+        assert!(book.on_event(Event::Reported(running(&slot)), 10_001).is_empty());
+        let request = RunIntent { trigger: Trigger::Request { request: Uuid::from_u128(1) }, ..slot.clone() };
+        assert!(book.on_event(Event::Reported(running(&request)), 10_001).is_empty());
+        let once = RunIntent { trigger: Trigger::Once { revision: 3 }, ..slot.clone() };
+        assert_eq!(
+            book.on_event(Event::Reported(running(&once)), 10_001),
+            vec![Action::Write(running(&once))]
+        );
+        // Its end carries what the `running` record would have said.
+        let end = RunReport { state: RunPhase::Succeeded, ended_ms: Some(10_050), ..running(&slot) };
+        assert_eq!(book.on_event(Event::Reported(end.clone()), 10_050), vec![Action::Write(end)]);
     }
 
     #[test]

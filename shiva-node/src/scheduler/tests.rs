@@ -47,6 +47,11 @@ struct Sim {
     /// Reports below this `status` offset were read before a read to the end (the driver's
     /// `reports_synced_below`); every record is read at once here, so by default all.
     reports_synced_below: i64,
+    /// Steps before the leader's writes are read back (0: at once). Until then the keys are
+    /// busy, as in the node's outbox, and the view does not hold them.
+    read_back_lag: u32,
+    /// The leader's writes not read back yet, with the steps left.
+    pending: Vec<(u32, TopicKind, String, Option<Vec<u8>>)>,
 }
 
 fn start() -> i64 {
@@ -75,6 +80,8 @@ impl Sim {
             skew: vec![0; 3],
             reconcile: false,
             reports_synced_below: i64::MAX,
+            read_back_lag: 0,
+            pending: Vec::new(),
         };
         sim.elect(0);
         sim
@@ -93,6 +100,7 @@ impl Sim {
     }
 
     fn elect(&mut self, node: usize) {
+        self.read_back(true);
         let epoch = self.view.epochs.newest + 1;
         let key = key::claim(epoch, &self.nodes[node].0, Uuid::new_v4());
         let value = self.env(node, Body::Claim(Claim { epoch }));
@@ -148,7 +156,21 @@ impl Sim {
             .collect()
     }
 
+    /// The leader's writes whose read-back lag has passed land in the view (all of them when a
+    /// leadership changes hands: a new leader reads the log to its end before it plans).
+    fn read_back(&mut self, all: bool) {
+        let pending = std::mem::take(&mut self.pending);
+        for (left, topic, key, value) in pending {
+            if all || left == 0 {
+                self.append(topic, key, value);
+            } else {
+                self.pending.push((left - 1, topic, key, value));
+            }
+        }
+    }
+
     fn lead(&mut self) {
+        self.read_back(false);
         let Some(leader) = self.leader.filter(|l| self.live.contains(l)) else { return };
         let live = self.members();
         if self.reconcile && self.view.leader().is_some_and(|(_, winner)| winner.node == self.nodes[leader].0)
@@ -168,24 +190,35 @@ impl Sim {
                 self.append(write.topic, write.key, value);
             }
         }
+        let pending = &self.pending;
+        let busy = |topic: TopicKind, key: &str| pending.iter().any(|(_, t, k, _)| *t == topic && k == key);
+        let busy_under = |topic: TopicKind, prefix: &str| {
+            pending.iter().any(|(_, t, k, _)| *t == topic && k.starts_with(prefix))
+        };
         let context = Context {
             view: &self.view,
             live: &live,
             epoch: self.view.epochs.newest,
             now: at(self.now + self.skew[leader]),
             timing: TIMING,
-            busy: &|_, _| false,
+            busy: &busy,
+            busy_under: &busy_under,
             schedules: &self.schedules,
             may_still_run: &|_, _| false,
             failed: &Default::default(),
             reports_synced_below: self.reports_synced_below,
         };
-        for write in plan(&context) {
+        let writes = plan(&context);
+        for write in writes {
             if self.drop_intents && write.key.starts_with("run/") {
                 continue;
             }
             let value = write.body.map(|body| self.env(leader, body));
-            self.append(write.topic, write.key, value);
+            if self.read_back_lag > 0 {
+                self.pending.push((self.read_back_lag, write.topic, write.key, value));
+            } else {
+                self.append(write.topic, write.key, value);
+            }
         }
     }
 
@@ -282,10 +315,15 @@ impl Sim {
                 }
             }
         }
-        for runs in self.view.runs.values() {
-            let running = runs.values().filter(|entry| entry.phase() == RunPhase::Running).count();
-            self.max_concurrent = self.max_concurrent.max(running);
+        // Children started and not over, per task (a periodic run writes no `running` record:
+        // the children themselves are counted).
+        let mut running: BTreeMap<&TaskId, usize> = BTreeMap::new();
+        for (_, intent, started) in self.children.values() {
+            if started.is_some() {
+                *running.entry(&intent.task).or_default() += 1;
+            }
         }
+        self.max_concurrent = self.max_concurrent.max(running.values().copied().max().unwrap_or(0));
     }
 
     fn advance(&mut self, ms: i64) {
@@ -749,7 +787,9 @@ fn a_started_run_whose_node_died_is_lost_and_not_rerun() {
     spec.schedule = vec!["*/10 * * * * *".into()];
     sim.submit(spec);
     sim.advance(10_500);
-    let running = sim.view.runs[&task].values().find(|e| e.phase() == RunPhase::Running).unwrap();
+    // A periodic run's start record is its last before its end (no `running` record).
+    let running = sim.view.runs[&task].values().find(|e| e.phase() == RunPhase::Starting).unwrap();
+    assert!(sim.children.contains_key(&running.intent.as_ref().unwrap().0.run_id), "it runs");
     let (intent, _) = running.intent.clone().unwrap();
     let node = sim.nodes.iter().position(|(id, _)| Some(id) == intent.node.as_ref()).unwrap();
     sim.kill(node);
@@ -794,7 +834,8 @@ fn manual_runs_obey_overlap_and_suspend_stops_new_runs() {
     }
     sim.advance(500);
     let phases: Vec<RunPhase> = sim.view.runs[&task].values().map(RunEntry::phase).collect();
-    assert!(phases.contains(&RunPhase::Running) && phases.contains(&RunPhase::Skipped), "{phases:?}");
+    assert!(phases.contains(&RunPhase::Starting) && phases.contains(&RunPhase::Skipped), "{phases:?}");
+    assert_eq!(sim.children.values().filter(|(_, _, started)| started.is_some()).count(), 1);
     assert!(!sim.view.requests.contains_key(&task), "handled requests are tombstoned");
 
     sim.desire(&task, DesiredState::Suspended);
@@ -885,6 +926,55 @@ fn history_is_bounded() {
     assert_eq!(sim.compacted().runs, sim.view.runs);
 }
 
+/// Records written per periodic run, in steady state with a full history (issue 21: at most
+/// three, the launch intent, the start record and the end), by topic and key kind.
+fn records_per_run(sim: &mut Sim, from_ms: i64, window_ms: i64) -> (f64, BTreeMap<String, usize>) {
+    sim.advance(from_ms);
+    let (first, launched) = (sim.log.len(), sim.launches.len());
+    sim.advance(window_ms);
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for (topic, _, _, value) in &sim.log[first..] {
+        let kind = match value.as_deref().map(Envelope::decode) {
+            None => "tombstone".to_owned(),
+            Some(Ok(envelope)) => match envelope.body {
+                Body::RunReport(report) => report.state.as_str().to_owned(),
+                body => body.kind().to_owned(),
+            },
+            Some(Err(_)) => "garbage".to_owned(),
+        };
+        *kinds.entry(format!("{topic:?} {kind}")).or_default() += 1;
+    }
+    let runs = sim.launches.len() - launched;
+    assert!(runs > 0);
+    ((sim.log.len() - first) as f64 / runs as f64, kinds)
+}
+
+#[test]
+fn a_periodic_run_costs_three_records_and_four_more_to_trim_it() {
+    let mut sim = Sim::new();
+    sim.run_ms = 10;
+    sim.submit(every_second(CatchUp::All));
+    let window = 200_000;
+    let (per_run, kinds) = records_per_run(&mut sim, 2 * HISTORY as i64 * 1000, window);
+    let runs = usize::try_from(window / 1000).unwrap();
+    let count = |kind: &str| kinds.get(kind).copied().unwrap_or(0);
+    // The run itself: its intent, its start record and its end; no `running` record, and its
+    // position written only at checkpoints (the intents imply it).
+    assert_eq!(count("Assignments run_intent"), runs, "{kinds:?}");
+    assert_eq!(count("Status starting"), runs, "{kinds:?}");
+    assert_eq!(count("Status succeeded"), runs, "{kinds:?}");
+    assert_eq!(count("Status running"), 0, "{kinds:?}");
+    assert!(count("Assignments sched") <= runs / CHECKPOINT_LAUNCHES, "{kinds:?}");
+    // Trimming the run out of the history: a `deleted` marker and a tombstone on each topic
+    // (issue 21 asks for three in all: not met, see docs/benchmarks.md).
+    for kind in ["Assignments deleted", "Assignments tombstone", "Status deleted", "Status tombstone"] {
+        assert_eq!(count(kind), runs, "{kind}: {kinds:?}");
+    }
+    assert!(per_run <= 7.0 + 1.0 / CHECKPOINT_LAUNCHES as f64, "{per_run:.2} records per run: {kinds:?}");
+    assert_eq!(sim.compacted().runs, sim.view.runs);
+    assert_eq!(sim.compacted().scheds.len(), 1);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
@@ -896,8 +986,13 @@ proptest! {
     fn exactly_once_under_random_failures(
         events in proptest::collection::vec((0u8..7, 1u8..40), 1..12),
         forbid in any::<bool>(),
+        lag in 0u32..2,
     ) {
         let mut sim = Sim::new();
+        // The leader reads its own writes back up to 200 ms later: a task is planned again only
+        // once they are (its position is implied by its intents, not written at each launch).
+        // (Catching up an outage one run at a time is slower then: the end waits longer.)
+        sim.read_back_lag = lag;
         let begin = sim.now;
         let mut spec = every_second(CatchUp::All);
         spec.overlap = if forbid { Overlap::Forbid } else { Overlap::Allow };
@@ -916,7 +1011,8 @@ proptest! {
         sim.live = (0..3).collect();
         let next = (sim.leader.unwrap() + 1) % 3;
         sim.elect(next);
-        sim.advance(10_000);
+        sim.advance(if lag == 0 { 10_000 } else { 25_000 });
+        sim.read_back(true);
         let counts = sim.slot_launches();
         prop_assert!(counts.values().all(|count| *count == 1), "a slot launched twice");
         // Slots count from the origin the first leader to plan the task recorded (within the
@@ -952,6 +1048,31 @@ proptest! {
                 prop_assert_eq!(unsettled.contains(key.as_str()), !view.is_settled(*topic, key), "key {}", key);
             }
         }
+    }
+}
+
+#[test]
+fn a_task_is_planned_again_only_once_its_intents_are_read_back() {
+    // Catching up an outage one run at a time (`forbid`): the position moves with each launch
+    // intent, unwritten, so a plan made before the last intent is read back would see no run in
+    // flight and launch the next slot beside it.
+    for lag in [0, 2, 5] {
+        let mut sim = Sim::new();
+        sim.read_back_lag = lag;
+        sim.run_ms = 300;
+        let mut spec = every_second(CatchUp::All);
+        spec.overlap = Overlap::Forbid;
+        sim.submit(spec);
+        sim.advance(3_000);
+        let leader = sim.leader.unwrap();
+        sim.kill(leader);
+        sim.advance(8_000);
+        sim.live = (0..3).collect();
+        sim.elect((leader + 1) % 3);
+        sim.advance(20_000);
+        sim.read_back(true);
+        assert!(sim.max_concurrent <= 1, "lag {lag}: two runs at once under forbid");
+        assert!(sim.slot_launches().values().all(|count| *count == 1), "lag {lag}: a slot twice");
     }
 }
 

@@ -147,6 +147,7 @@ impl Sim {
             now: at(self.now),
             timing: TIMING,
             busy: &|_, _| false,
+            busy_under: &|_, _| false,
             schedules: &self.schedules,
             may_still_run: &|_, _| false,
             failed: &Default::default(),
