@@ -640,16 +640,28 @@ pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
 /// Live (non-zombie) processes whose environment has `SHIVA_TASK_ID=<task>` and
 /// `E2E=<marker>`, with their `SHIVA_NODE_ID`.
 pub fn task_processes(marker: &str, task: &str) -> Vec<(i32, String)> {
-    let needle = format!("SHIVA_TASK_ID={task}");
+    tasks_processes(marker).remove(task).unwrap_or_default()
+}
+
+/// Every live (non-zombie) process whose environment has `E2E=<marker>` and a `SHIVA_TASK_ID`,
+/// by task, with its pid and `SHIVA_NODE_ID`: one walk of the process table.
+pub fn tasks_processes(marker: &str) -> BTreeMap<String, Vec<(i32, String)>> {
     let marker = format!("E2E={marker}");
-    let mut found = Vec::new();
+    let read = |path: &Path| -> Vec<String> {
+        let environ = std::fs::read(path).unwrap_or_default();
+        environ.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect()
+    };
+    let task_of =
+        |vars: &[String]| vars.iter().find_map(|v| v.strip_prefix("SHIVA_TASK_ID=")).map(str::to_owned);
+    let node_of =
+        |vars: &[String]| vars.iter().find_map(|v| v.strip_prefix("SHIVA_NODE_ID=")).map(str::to_owned);
+    let mut found: BTreeMap<String, Vec<(i32, String)>> = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir("/proc") else { return found };
     for entry in entries.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
-        let vars: Vec<String> =
-            environ.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
-        if !vars.contains(&needle) || !vars.contains(&marker) {
+        let vars = read(&entry.path().join("environ"));
+        let Some(task) = task_of(&vars) else { continue };
+        if !vars.contains(&marker) {
             continue;
         }
         let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
@@ -657,24 +669,20 @@ pub fn task_processes(marker: &str, task: &str) -> Vec<(i32, String)> {
         if state == 'Z' || state == 'X' {
             continue;
         }
-        let node_of =
-            |vars: &[String]| vars.iter().find_map(|v| v.strip_prefix("SHIVA_NODE_ID=")).map(str::to_owned);
         let node = match node_of(&vars) {
             Some(node) => node,
             // Every task process carries SHIVA_NODE_ID. A process torn down while its environment
             // is read (a `sleep` of the task exiting) yields a cut-off read: read it again, and
             // count it only if it is still there and still lacks it.
             None => {
-                let again = std::fs::read(entry.path().join("environ")).unwrap_or_default();
-                let again: Vec<String> =
-                    again.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
-                if !again.contains(&needle) {
+                let again = read(&entry.path().join("environ"));
+                if task_of(&again).as_ref() != Some(&task) {
                     continue;
                 }
                 node_of(&again).unwrap_or_default()
             }
         };
-        found.push((pid, node));
+        found.entry(task).or_default().push((pid, node));
     }
     found
 }
