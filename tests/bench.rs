@@ -18,6 +18,8 @@ use tokio::sync::mpsc;
 mod archive;
 #[path = "bench_supervise.rs"]
 mod supervise;
+#[path = "bench_swarm.rs"]
+mod swarm;
 
 fn now_ns() -> i128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128
@@ -596,7 +598,7 @@ fn main() {
     let broker = Broker::start_with_interval(&compaction);
     let mut report = Vec::new();
 
-    // `--only a,b` runs some sections: rtt, handoff, idle, floor, cron, resume, pipeline,
+    // `--only a,b` runs some sections: rtt, handoff, idle, floor, cron, resume, swarm, pipeline,
     // archive-e2e, crash, supervise, cluster, filebus, api.
     let only = args.iter().position(|arg| arg == "--only").map(|i| args[i + 1].clone());
     let wants = |section: &str| only.as_ref().is_none_or(|list| list.split(',').any(|s| s == section));
@@ -751,6 +753,14 @@ fn main() {
         let standalone = supervise::shiva(&Broker::file_bus(Vec::new()), window, 0);
         let mut supervisord = supervise::supervisord(window, restarts);
         report.extend(supervise::rows(&mut shiva, &standalone, &mut supervisord, window));
+    }
+
+    if wants("swarm") {
+        let (nodes, tasks) = if quick { (200, 2_000) } else { (1_000, 10_000) };
+        let on_kafka = swarm::run(&runtime, &broker, "test broker (tansu)", nodes, tasks);
+        eprintln!("{}", swarm::rows(std::slice::from_ref(&on_kafka))[0]);
+        let on_files = swarm::run(&runtime, &Broker::file_bus(Vec::new()), "file bus", nodes, tasks);
+        report.extend(swarm::rows(&[on_kafka, on_files]));
     }
 
     if wants("cluster") {

@@ -55,8 +55,12 @@ pub struct Context<'a> {
     pub timing: Timing,
     /// Keys with a write in flight: left alone until read back.
     pub busy: &'a dyn Fn(TopicKind, &str) -> bool,
-    /// Whether some key starting with this prefix has a write in flight.
-    pub busy_under: &'a dyn Fn(TopicKind, &str) -> bool,
+    /// Whether a launch intent of this task (a `run/<task>/<uuid>` key of `assignments`, not
+    /// one of a longer task id that shares the prefix) has a write in flight or not read back.
+    pub runs_busy: &'a dyn Fn(&TaskId) -> bool,
+    /// Every live leader-capable node has `lean_runs` (see `shiva_proto::records::feature`): a
+    /// launch leaves the task's position unwritten (implied by its intents).
+    pub lean: bool,
     /// Parsed schedules, kept between plans.
     pub schedules: &'a Schedules,
     /// Whether a node that is not live may still run an exclusive run of a task (it has not
@@ -149,9 +153,7 @@ pub fn plan(ctx: &Context<'_>) -> Vec<Write> {
     for task in tasks {
         // Planned again only once its last writes are read back: its position, and its intents,
         // which imply the position without it being written (see `TaskPlan::position`).
-        if (ctx.busy)(TopicKind::Assignments, &key::sched(task))
-            || (ctx.busy_under)(TopicKind::Assignments, &key::runs_of(task))
-        {
+        if (ctx.busy)(TopicKind::Assignments, &key::sched(task)) || (ctx.runs_busy)(task) {
             continue;
         }
         let revision = view.specs.get(task).map(|spec| spec.revision);
@@ -549,10 +551,18 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         }
         let defined = self.spec.is_some() || self.ctx.view.invalid.contains_key(self.task);
         let keep = if defined { HISTORY } else { 0 };
+        // The intents of slots past the stored position imply the position (see `position`):
+        // they stay until it is written past them (at most `CHECKPOINT_LAUNCHES` of them), so
+        // neither this leader nor an older one reads the position back to before a slot that ran.
+        let stored = self.ctx.view.scheds.get(self.task).and_then(|entry| entry.sched.decided_through_ms);
+        let implying = |entry: &RunEntry| {
+            let slot = entry.intent.as_ref().and_then(|(intent, _)| intent.trigger.slot_ms());
+            defined && slot.is_some_and(|slot| stored.is_none_or(|stored| slot > stored))
+        };
         let mut finished: Vec<(i64, Uuid)> = self
             .runs
             .iter()
-            .filter(|(_, entry)| entry.is_final() && entry.intent.is_some())
+            .filter(|(_, entry)| entry.is_final() && entry.intent.is_some() && !implying(entry))
             .map(|(id, entry)| (entry.intent.as_ref().map_or(i64::MIN, |(_, offset)| *offset), *id))
             .collect();
         if finished.len() <= keep {
@@ -691,7 +701,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     /// older version) finds every slot since still held by an intent (the history keeps
     /// [`HISTORY`]).
     fn write_position(&mut self, sched: Sched, stored: Option<&Sched>) {
-        if let Some(stored) = stored {
+        if let Some(stored) = stored.filter(|_| self.ctx.lean) {
             let settled = self.ctx.view.is_settled(TopicKind::Assignments, &key::sched(self.task));
             let through = stored.decided_through_ms.unwrap_or(i64::MIN);
             let launched_past = self

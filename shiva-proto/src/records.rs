@@ -430,8 +430,21 @@ pub mod feature {
     /// refuses those ids.
     pub const INSTANCES: &str = "instances";
 
+    /// Lean periodic runs (issue 21): as leader, the node reads a periodic task's position as
+    /// implied by its launch intents (a launch does not rewrite `sched/`) and takes a run with
+    /// a start record alone as started at its launch instant. Only while every live
+    /// leader-capable node has it does a leader leave positions unwritten at launches and a
+    /// runner leave out a periodic run's `running` record: an older leader would read a stale
+    /// position, and every run without a `running` record as late.
+    pub const LEAN_RUNS: &str = "lean_runs";
+
     /// Every feature this build has, for its heartbeat.
-    pub const ALL: &[&str] = &[START_AFTER, TRIMMED_CLAIMS, NODE_MODES, INSTANCES];
+    pub const ALL: &[&str] = &[START_AFTER, TRIMMED_CLAIMS, NODE_MODES, INSTANCES, LEAN_RUNS];
+
+    /// Whether every leader-capable node of `live` has [`LEAN_RUNS`].
+    pub fn lean_runs(live: &[super::Member]) -> bool {
+        live.iter().all(|member| !member.leader_capable || member.has(LEAN_RUNS))
+    }
 
     /// The features of `listed` this build knows, each once, in [`ALL`]'s order.
     pub fn known(listed: &[String]) -> Vec<String> {

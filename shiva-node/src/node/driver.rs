@@ -133,9 +133,9 @@ impl Outbox {
         self.unacked.contains_key(&entry) || self.unread.contains_key(&entry)
     }
 
-    /// Whether a write of some key starting with `prefix` is in flight or not read back yet.
-    pub(crate) fn busy_under(&self, topic: TopicKind, prefix: &str) -> bool {
-        any_under(&self.unacked, topic, prefix) || any_under(&self.unread, topic, prefix)
+    /// Whether a write of a launch intent of `task` is in flight or not read back yet.
+    pub(crate) fn runs_busy(&self, task: &TaskId) -> bool {
+        any_run_of(&self.unacked, task) || any_run_of(&self.unread, task)
     }
 
     /// Whether a write of `key` is in flight (not acknowledged yet).
@@ -144,25 +144,32 @@ impl Outbox {
     }
 }
 
-/// Whether `map` has a key of `topic` starting with `prefix`.
-fn any_under<V>(map: &BTreeMap<(TopicKind, String), V>, topic: TopicKind, prefix: &str) -> bool {
-    let first = map.range((topic, prefix.to_owned())..).next();
-    first.is_some_and(|((at, key), _)| *at == topic && key.starts_with(prefix))
+/// Whether `map` has a launch intent key of `task` (`run/<task>/<uuid>` on `assignments`; a
+/// longer task id `<task>/…` shares the prefix and does not count).
+fn any_run_of<V>(map: &BTreeMap<(TopicKind, String), V>, task: &TaskId) -> bool {
+    let prefix = key::runs_of(task);
+    map.range((TopicKind::Assignments, prefix.clone())..)
+        .take_while(|((topic, key), _)| *topic == TopicKind::Assignments && key.starts_with(&prefix))
+        .any(|((_, key), _)| key::task_and_uuid(key, "run").is_some_and(|(of, _)| of == *task))
 }
 
 #[cfg(test)]
 #[test]
-fn a_prefix_is_busy_only_with_a_key_of_its_topic_under_it() {
+fn a_task_has_a_run_busy_only_with_an_intent_key_of_its_own() {
+    let run = |task: &str| key::run(&TaskId::new(task).unwrap(), uuid::Uuid::from_u128(1));
     let map: BTreeMap<(TopicKind, String), ()> = [
-        ((TopicKind::Assignments, "run/a/1".to_owned()), ()),
-        ((TopicKind::Status, "run/b/1".to_owned()), ()),
+        ((TopicKind::Assignments, run("a")), ()),
+        ((TopicKind::Status, run("b")), ()),
+        ((TopicKind::Assignments, run("etl/x")), ()),
+        ((TopicKind::Assignments, key::sched(&TaskId::new("c").unwrap())), ()),
     ]
     .into();
-    assert!(any_under(&map, TopicKind::Assignments, "run/a/"));
-    assert!(!any_under(&map, TopicKind::Assignments, "run/b/"), "another topic's key");
-    assert!(!any_under(&map, TopicKind::Assignments, "run/a/2"));
-    assert!(!any_under(&map, TopicKind::Status, "run/c/"));
-    assert!(!any_under(&map, TopicKind::Commands, ""));
+    let busy = |task: &str| any_run_of(&map, &TaskId::new(task).unwrap());
+    assert!(busy("a"));
+    assert!(!busy("b"), "a run record of another topic");
+    assert!(!busy("etl"), "a longer task id's intent");
+    assert!(busy("etl/x"));
+    assert!(!busy("c"), "its position is not one of its intents");
 }
 
 /// This node's own status of each task: the newest one written (what a failed write is
@@ -850,7 +857,8 @@ impl Node {
             now: chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default(),
             timing: TIMING,
             busy: &|topic, key| self.busy(topic, key),
-            busy_under: &|topic, prefix| self.outbox.busy_under(topic, prefix),
+            runs_busy: &|task| self.outbox.runs_busy(task),
+            lean: shiva_proto::records::feature::lean_runs(&live),
             schedules: &self.leadership.schedules,
             may_still_run: &may_still_run,
             failed: &self.leadership.unwritable,

@@ -65,12 +65,14 @@ pub fn start_lead(recent_ms: &VecDeque<u64>) -> Duration {
     Duration::from_millis(slowest.saturating_mul(2)).clamp(START_LEAD, MAX_START_LEAD)
 }
 
-/// Whether a run's `running` record is written. A periodic run's is not (issue 21: three
-/// records per run, its intent, start record and end): its end record carries its pid, start and
-/// lateness, and its start record already tells a new leader it may have run. A one-shot's is
-/// (a batch job may run for hours; its pid is worth seeing meanwhile).
-pub fn writes_running(report: &RunReport) -> bool {
-    report.state != RunPhase::Running || matches!(report.trigger, Trigger::Once { .. })
+/// Whether a run's `running` record is written, `lean` when every live leader-capable node has
+/// the `lean_runs` feature. A periodic run's is not then (issue 21: three records per run, its
+/// intent, start record and end): its end record carries its pid, start and lateness, and its
+/// start record already tells a new leader it may have run. A one-shot's always is (a batch job
+/// may run for hours; its pid is worth seeing meanwhile), and every run's is while an older
+/// leader may lead (it takes a run without one for late).
+pub fn writes_running(report: &RunReport, lean: bool) -> bool {
+    report.state != RunPhase::Running || !lean || matches!(report.trigger, Trigger::Once { .. })
 }
 
 /// What happened.
@@ -189,6 +191,9 @@ pub struct RunBook {
     /// How long recent runs took from start record to confirmation (ms), newest last.
     confirm_ms: VecDeque<u64>,
     pruned_at: i64,
+    /// Every live leader-capable node has the `lean_runs` feature (set by the driver at each
+    /// step; see [`writes_running`]).
+    pub lean: bool,
 }
 
 impl RunBook {
@@ -241,7 +246,7 @@ impl RunBook {
                 {
                     held.phase = Phase::Done;
                 }
-                if !writes_running(&report) {
+                if !writes_running(&report, self.lean) {
                     return Vec::new();
                 }
                 vec![Action::Write(report)]
@@ -710,7 +715,7 @@ mod tests {
     fn a_periodic_run_writes_no_running_record_and_a_one_shot_does() {
         let mut log = Log::new();
         let slot = log.intent(false, |_| {});
-        let mut book = RunBook::default();
+        let mut book = RunBook { lean: true, ..RunBook::default() };
         let running = |intent: &RunIntent| RunReport {
             pid: Some(42),
             started_ms: Some(10_001),
@@ -725,9 +730,14 @@ mod tests {
             book.on_event(Event::Reported(running(&once)), 10_001),
             vec![Action::Write(running(&once))]
         );
-        // Its end carries what the `running` record would have said.
         let end = RunReport { state: RunPhase::Succeeded, ended_ms: Some(10_050), ..running(&slot) };
         assert_eq!(book.on_event(Event::Reported(end.clone()), 10_050), vec![Action::Write(end)]);
+        // While an older leader may lead (a leader-capable node without `lean_runs`): written.
+        book.lean = false;
+        assert_eq!(
+            book.on_event(Event::Reported(running(&slot)), 10_001),
+            vec![Action::Write(running(&slot))]
+        );
     }
 
     #[test]

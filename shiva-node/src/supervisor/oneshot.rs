@@ -78,7 +78,9 @@ async fn execute(
         let _ = reports.send(report);
     };
     if let Some(adopted) = adopted {
-        // Taken back from the node's earlier process: its `running` record is in the log.
+        // Taken back from the node's earlier process, which wrote its start record (and, for a
+        // one-shot or in a cluster with an older leader, its `running` record). Its lateness is
+        // not known here: the end record leaves `late_ms` out.
         let started_ms = adopted.started_ms.unwrap_or_else(now_ms);
         info!(task = %intent.task, run = %intent.run_id, pid = adopted.handle.pid, "run taken back from the node's earlier process");
         let running = RunReport {
