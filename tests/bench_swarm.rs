@@ -247,7 +247,9 @@ pub fn run(
     let placed = last.duration_since(started);
     let leader_cpu_placing_ms = (super::cpu_ns(pid(&leader)) - cpu_before) as f64 / 1e6;
 
-    // Idle: the swarm's heartbeats go on, nothing else changes.
+    // Idle: the swarm's heartbeats go on, nothing else changes (after 10 s for the leader to
+    // fold the last statuses).
+    std::thread::sleep(Duration::from_secs(10));
     let idle = Duration::from_secs(10);
     let cpu_before = super::cpu_ns(pid(&leader));
     let records_per_s_idle = runtime.block_on(records_per_s(&config, idle));

@@ -298,7 +298,7 @@ impl Membership {
         if let [(only, _)] = live[..] {
             // No choice to make: the preference (a walk of every assignment) is not asked for.
             // Asked for every node at every step, it cost a leader of 1,000 nodes and 10,000
-            // tasks most of a core (issue 21).
+            // tasks half its CPU (issue 21).
             return Some(only);
         }
         let preferred = prefer(id).into_iter().find(|inc| live.iter().any(|(live, _)| live == inc));

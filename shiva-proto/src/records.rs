@@ -441,9 +441,11 @@ pub mod feature {
     /// Every feature this build has, for its heartbeat.
     pub const ALL: &[&str] = &[START_AFTER, TRIMMED_CLAIMS, NODE_MODES, INSTANCES, LEAN_RUNS];
 
-    /// Whether every leader-capable node of `live` has [`LEAN_RUNS`].
+    /// Whether `live` has a leader-capable node and every one has [`LEAN_RUNS`] (a node that has
+    /// read no heartbeat yet knows of none: not lean).
     pub fn lean_runs(live: &[super::Member]) -> bool {
-        live.iter().all(|member| !member.leader_capable || member.has(LEAN_RUNS))
+        let mut capable = live.iter().filter(|member| member.leader_capable).peekable();
+        capable.peek().is_some() && capable.all(|member| member.has(LEAN_RUNS))
     }
 
     /// The features of `listed` this build knows, each once, in [`ALL`]'s order.
@@ -462,6 +464,24 @@ pub mod feature {
                 ["x".repeat(10_000), super::START_AFTER.into(), "later".into(), super::START_AFTER.into()];
             assert_eq!(super::known(&listed), vec![super::START_AFTER.to_owned()]);
             assert!(super::known(&[]).is_empty());
+        }
+
+        #[test]
+        fn runs_are_lean_only_when_every_known_leader_capable_node_reads_them() {
+            let member = |leader_capable: bool, lean: bool| crate::records::Member {
+                id: crate::NodeId::new("n").unwrap(),
+                incarnation: uuid::Uuid::nil(),
+                hostname: "h".into(),
+                tags: Vec::new(),
+                runner: true,
+                leader_capable,
+                returns: 0,
+                features: if lean { vec![super::LEAN_RUNS.to_owned()] } else { Vec::new() },
+            };
+            assert!(!super::lean_runs(&[]), "none known yet");
+            assert!(!super::lean_runs(&[member(false, true)]), "no leader-capable node known");
+            assert!(super::lean_runs(&[member(true, true), member(false, false)]));
+            assert!(!super::lean_runs(&[member(true, true), member(true, false)]));
         }
     }
 }

@@ -33,13 +33,32 @@ const NODE_FLAGS: &[&str] = &[
     "off",
 ];
 
-/// Task → the nodes its live processes run on (a task's shim is not a task process: only the
-/// command, which carries the task's environment, counts).
+/// Task → the nodes its live `sleep` runs on (the shell and `flock` above it carry the task's
+/// environment too).
 fn placement(marker: &str) -> BTreeMap<String, Vec<String>> {
+    let sleeps = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "sleep")
+    };
     tasks_processes(marker)
         .into_iter()
-        .map(|(task, processes)| (task, processes.into_iter().map(|(_, node)| node).collect()))
+        .map(|(task, processes)| {
+            (
+                task,
+                processes
+                    .into_iter()
+                    .filter(|(pid, _)| sleeps(*pid))
+                    .map(|(_, node)| node)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .filter(|(_, nodes)| !nodes.is_empty())
         .collect()
+}
+
+/// Copies that found their task's lock held: a second copy started while the first still ran,
+/// however briefly (the samples of the process table could miss it).
+fn overlaps(mark: &std::path::Path) -> String {
+    std::fs::read_to_string(mark).unwrap_or_default()
 }
 
 fn leader(ctl: &Ctl) -> Option<String> {
@@ -74,11 +93,19 @@ fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twi
     });
 
     // A thousand small services in one file, applied at once.
+    // Each copy holds its task's lock while it runs; a copy that finds it held says so.
     let dir = scratch("scale-specs");
+    let mark = dir.join("overlaps");
+    std::fs::create_dir_all(dir.join("locks")).unwrap();
     let mut yaml = String::from("tasks:\n");
     for i in 0..TASKS {
+        let script = format!(
+            "flock -n {locks}/t{i:04} sleep 100000 || echo $SHIVA_TASK_ID on $SHIVA_NODE_ID >> {mark}",
+            locks = dir.join("locks").display(),
+            mark = mark.display()
+        );
         yaml.push_str(&format!(
-            "  - id: scale/t{i:04}\n    command: sleep\n    args: [\"100000\"]\n    stop_grace: 1s\n    env: {{E2E: {name}}}\n"
+            "  - id: scale/t{i:04}\n    command: sh\n    args: [\"-c\", \"{script}\"]\n    stop_grace: 1s\n    env: {{E2E: {name}}}\n"
         ));
     }
     let file = dir.join("tasks.yaml");
@@ -154,6 +181,7 @@ fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twi
         killed.elapsed().as_secs_f64()
     );
     assert!(new.is_some_and(|new| new != old), "a new leader");
+    assert_eq!(overlaps(&mark), "", "copies that started while another held the task's lock");
     // And it stays so a while.
     let settled = Instant::now();
     while settled.elapsed() < Duration::from_secs(10) {
@@ -162,4 +190,5 @@ fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twi
         assert_eq!(now.len(), TASKS, "a task stopped after the move");
         std::thread::sleep(Duration::from_millis(250));
     }
+    assert_eq!(overlaps(&mark), "", "copies that started while another held the task's lock");
 }

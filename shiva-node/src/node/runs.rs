@@ -130,8 +130,9 @@ impl Node {
             token,
         };
         let decided = context.shims.lease_left().is_some();
-        self.runs.book.lean = shiva_proto::records::feature::lean_runs(&self.live_members());
-        let actions = self.runs.book.on_event(event, now);
+        let lean = shiva_proto::records::feature::lean_runs(&self.live_members());
+        let mut actions = self.runs.book.set_lean(lean);
+        actions.extend(self.runs.book.on_event(event, now));
         if actions.iter().any(|action| matches!(action, Action::Sync(_))) {
             self.next_token = token;
         }

@@ -191,9 +191,10 @@ pub struct RunBook {
     /// How long recent runs took from start record to confirmation (ms), newest last.
     confirm_ms: VecDeque<u64>,
     pruned_at: i64,
-    /// Every live leader-capable node has the `lean_runs` feature (set by the driver at each
-    /// step; see [`writes_running`]).
-    pub lean: bool,
+    /// Every live leader-capable node has the `lean_runs` feature (see [`RunBook::set_lean`]).
+    lean: bool,
+    /// The `running` records left out while lean, of runs not over.
+    unwritten: BTreeMap<Uuid, RunReport>,
 }
 
 impl RunBook {
@@ -246,7 +247,11 @@ impl RunBook {
                 {
                     held.phase = Phase::Done;
                 }
+                if report.state.is_final() {
+                    self.unwritten.remove(&report.run_id);
+                }
                 if !writes_running(&report, self.lean) {
+                    self.unwritten.insert(report.run_id, report);
                     return Vec::new();
                 }
                 vec![Action::Write(report)]
@@ -270,6 +275,18 @@ impl RunBook {
             .filter(|at| *at > now_ms)
             .min()
             .map(|at| Duration::from_millis(u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0)))
+    }
+
+    /// Sets whether every live leader-capable node has the `lean_runs` feature (the driver, at
+    /// each step). Going from lean to not: the `running` records left out of the runs still
+    /// going are written now, since a leader of an older version may lead next and takes a run
+    /// without one for late.
+    pub fn set_lean(&mut self, lean: bool) -> Vec<Action> {
+        let was = std::mem::replace(&mut self.lean, lean);
+        if !was || lean {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.unwritten).into_values().map(Action::Write).collect()
     }
 
     /// Runs launched and not reported over.
@@ -715,7 +732,8 @@ mod tests {
     fn a_periodic_run_writes_no_running_record_and_a_one_shot_does() {
         let mut log = Log::new();
         let slot = log.intent(false, |_| {});
-        let mut book = RunBook { lean: true, ..RunBook::default() };
+        let mut book = RunBook::default();
+        assert!(book.set_lean(true).is_empty());
         let running = |intent: &RunIntent| RunReport {
             pid: Some(42),
             started_ms: Some(10_001),
@@ -732,8 +750,13 @@ mod tests {
         );
         let end = RunReport { state: RunPhase::Succeeded, ended_ms: Some(10_050), ..running(&slot) };
         assert_eq!(book.on_event(Event::Reported(end.clone()), 10_050), vec![Action::Write(end)]);
+        // A run still going when an older leader-capable node comes live: its `running` record
+        // is written then; one over is not.
+        let going = RunIntent { run_id: Uuid::from_u128(9), ..slot.clone() };
+        assert!(book.on_event(Event::Reported(running(&going)), 10_100).is_empty());
+        assert_eq!(book.set_lean(false), vec![Action::Write(running(&going))]);
+        assert!(book.set_lean(false).is_empty(), "once");
         // While an older leader may lead (a leader-capable node without `lean_runs`): written.
-        book.lean = false;
         assert_eq!(
             book.on_event(Event::Reported(running(&slot)), 10_001),
             vec![Action::Write(running(&slot))]

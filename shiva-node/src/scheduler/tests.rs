@@ -80,7 +80,7 @@ impl Sim {
             books: (0..3)
                 .map(|_| {
                     let mut book = crate::runner::runs::RunBook::default();
-                    book.lean = true;
+                    book.set_lean(true);
                     book
                 })
                 .collect(),
@@ -996,7 +996,7 @@ fn with_an_older_leader_capable_node_a_run_writes_its_running_record_and_its_pos
     let mut sim = Sim::new();
     sim.lean = false;
     for book in &mut sim.books {
-        book.lean = false;
+        book.set_lean(false);
     }
     sim.run_ms = 10;
     sim.submit(every_second(CatchUp::All));
