@@ -8,7 +8,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::records::{DesiredState, ExitInfo, Mode, Placement, RunState};
-use crate::runs::Trigger;
+use crate::runs::{RunPhase, Trigger};
 use crate::schedule::Schedule;
 use crate::spec::{Instances, TaskKind, TaskSpec};
 use crate::view::SpecEntry;
@@ -261,7 +261,21 @@ fn scheduled_state(view: &LogView, task: &TaskId, row: &mut TaskRow) {
     let sched = view.scheds.get(task).map(|entry| &entry.sched);
     if let Some(entry) = current {
         let (intent, _) = entry.intent.as_ref().expect("filtered above");
-        row.state = entry.phase().as_str();
+        row.state = match entry.phase() {
+            // A lean periodic run writes no `running` record: from its start record on (written
+            // at most 800 ms before its launch, after which its runner launches it or ends it
+            // `stopped`), it shows as running.
+            RunPhase::Starting
+                if !matches!(intent.trigger, Trigger::Once { .. })
+                    && entry
+                        .report
+                        .as_ref()
+                        .is_some_and(|report| report.report.state == RunPhase::Starting) =>
+            {
+                RunPhase::Running.as_str()
+            }
+            phase => phase.as_str(),
+        };
         row.node = intent.node.clone();
         row.attempt = Some(intent.attempt);
         row.pid = entry.report.as_ref().and_then(|report| report.report.pid);

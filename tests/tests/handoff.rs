@@ -285,9 +285,18 @@ fn drain_moves_every_service_away_one_copy_at_a_time_and_cordon_places_nothing_n
             && gpu["reason"].as_str().unwrap_or("").contains("cordoned or draining (n1)"),
         "the gpu task waits, naming the drained node: {gpu}"
     );
+    let mut waiting = Vec::new();
     wait_until(SETTLE, "the drained services run elsewhere", || {
         let tasks = cluster.ctl.tasks();
-        on_n1.iter().filter(|t| *t != "app/gpu").all(|task| tasks[task]["state"] == "running")
+        waiting = on_n1
+            .iter()
+            .filter(|t| *t != "app/gpu" && tasks[*t]["state"] != "running")
+            .map(|t| tasks[t].clone())
+            .collect();
+        if !waiting.is_empty() {
+            eprintln!("not running yet: {waiting:?}");
+        }
+        waiting.is_empty()
     });
     // No two copies of any service overlapped, and every copy on n1 ended by its own stop.
     for task in services.iter().chain(on_n1.iter()) {

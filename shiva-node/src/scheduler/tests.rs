@@ -992,6 +992,23 @@ fn a_periodic_run_costs_three_records_and_four_more_to_trim_it() {
 }
 
 #[test]
+fn a_lean_periodic_run_shows_as_running_from_its_start_record() {
+    let mut sim = Sim::new();
+    sim.reconcile = true;
+    sim.run_ms = 5_000;
+    let task = TaskId::new("cron/slow").unwrap();
+    let mut spec = every_second(CatchUp::None);
+    spec.id = task.clone();
+    spec.schedule = vec!["*/10 * * * * *".into()];
+    sim.submit(spec);
+    sim.advance(11_000);
+    assert!(sim.children.values().any(|(_, _, started)| started.is_some()), "a run is going");
+    let row = shiva_proto::rows::task_row(&sim.view, &task).unwrap();
+    assert_eq!(row.state, "running", "{row:?}");
+    assert!(row.node.is_some());
+}
+
+#[test]
 fn with_an_older_leader_capable_node_a_run_writes_its_running_record_and_its_position() {
     let mut sim = Sim::new();
     sim.lean = false;
