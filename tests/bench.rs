@@ -117,21 +117,33 @@ fn leader(ctl: &Ctl) -> Option<String> {
     nodes.as_array()?.iter().find(|n| n["leader"] == true).map(|n| n["id"].as_str().unwrap().to_owned())
 }
 
-/// A reader of `assignments`, positioned at its end, and the view of what it read.
-async fn read_assignments(config: &BusConfig) -> (Reader, mpsc::Receiver<ReaderEvent>, LogView) {
+/// A reader of `topics` from their start, having passed every record up to their ends to
+/// `each`; it goes on reading into the receiver.
+async fn read_to_end(
+    config: &BusConfig,
+    topics: &[TopicKind],
+    mut each: impl FnMut(shiva_bus::Record),
+) -> (Reader, mpsc::Receiver<ReaderEvent>) {
     let (tx, mut rx) = mpsc::channel(1 << 16);
-    let reader = Reader::spawn(config, &[TopicKind::Assignments], tx).unwrap();
+    let reader = Reader::spawn(config, topics, tx).unwrap();
     reader.sync(0);
-    let mut view = LogView::default();
     loop {
         match rx.recv().await.unwrap() {
-            ReaderEvent::Record(r) => {
-                view.apply(r.topic, r.offset, r.key.as_deref(), r.value.as_deref());
-            }
+            ReaderEvent::Record(record) => each(record),
             ReaderEvent::Synced(0) => break,
             _ => {}
         }
     }
+    (reader, rx)
+}
+
+/// A reader of `assignments`, positioned at its end, and the view of what it read.
+async fn read_assignments(config: &BusConfig) -> (Reader, mpsc::Receiver<ReaderEvent>, LogView) {
+    let mut view = LogView::default();
+    let (reader, rx) = read_to_end(config, &[TopicKind::Assignments], |r| {
+        view.apply(r.topic, r.offset, r.key.as_deref(), r.value.as_deref());
+    })
+    .await;
     (reader, rx, view)
 }
 
@@ -304,34 +316,26 @@ async fn cron_lateness(
 /// offsets between the first and the last record sent in that time (compaction may have removed
 /// records since, not their offsets), and the kinds of the records still there.
 async fn records_written(config: &BusConfig, from_ms: i64, to_ms: i64) -> BTreeMap<String, usize> {
-    let (tx, mut rx) = mpsc::channel(1 << 16);
-    let reader = Reader::spawn(config, &[TopicKind::Assignments, TopicKind::Status], tx).unwrap();
-    reader.sync(0);
     let mut counts = BTreeMap::new();
     let mut spans: BTreeMap<TopicKind, (i64, i64)> = BTreeMap::new();
-    loop {
-        match rx.recv().await.unwrap() {
-            ReaderEvent::Record(record) => {
-                // When it was written: its envelope's send instant (the broker's timestamps are
-                // per batch), or the record's own timestamp for a tombstone.
-                let sent = record.value.as_deref().and_then(|value| {
-                    let envelope = shiva_proto::records::Envelope::decode(value).ok()?;
-                    i64::try_from(envelope.sent_at_ms).ok()
-                });
-                if !sent.or(record.timestamp_ms).is_some_and(|at| (from_ms..to_ms).contains(&at)) {
-                    continue;
-                }
-                let span = spans.entry(record.topic).or_insert((record.offset, record.offset));
-                *span = (span.0.min(record.offset), span.1.max(record.offset));
-                let key = String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned();
-                let prefix = key.split('/').next().unwrap_or("").to_owned();
-                let what = if record.value.is_none() { "tombstone" } else { "record" };
-                *counts.entry(format!("left: {:?} {prefix}/ {what}", record.topic)).or_default() += 1;
-            }
-            ReaderEvent::Synced(0) => break,
-            _ => {}
+    read_to_end(config, &[TopicKind::Assignments, TopicKind::Status], |record| {
+        // When it was written: its envelope's send instant (the broker's timestamps are per
+        // batch), or the record's own timestamp for a tombstone.
+        let sent = record.value.as_deref().and_then(|value| {
+            let envelope = shiva_proto::records::Envelope::decode(value).ok()?;
+            i64::try_from(envelope.sent_at_ms).ok()
+        });
+        if !sent.or(record.timestamp_ms).is_some_and(|at| (from_ms..to_ms).contains(&at)) {
+            return;
         }
-    }
+        let span = spans.entry(record.topic).or_insert((record.offset, record.offset));
+        *span = (span.0.min(record.offset), span.1.max(record.offset));
+        let key = String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned();
+        let prefix = key.split('/').next().unwrap_or("").to_owned();
+        let what = if record.value.is_none() { "tombstone" } else { "record" };
+        *counts.entry(format!("left: {:?} {prefix}/ {what}", record.topic)).or_default() += 1;
+    })
+    .await;
     for (topic, (first, last)) in spans {
         counts.insert(format!("written: {topic:?}"), usize::try_from(last - first + 1).unwrap_or(0));
     }

@@ -148,21 +148,13 @@ fn alive_and_leader(ctl: &Ctl) -> (usize, Option<String>) {
 /// twice, divided by the time between the two reads' ends).
 async fn records_per_s(config: &BusConfig, window: Duration) -> f64 {
     let ends = |config: BusConfig| async move {
-        let (tx, mut rx) = mpsc::channel(1 << 16);
         let topics = [TopicKind::Commands, TopicKind::Control, TopicKind::Assignments, TopicKind::Status];
-        let reader = Reader::spawn(&config, &topics, tx).unwrap();
-        reader.sync(0);
         let mut highest: BTreeMap<TopicKind, i64> = BTreeMap::new();
-        loop {
-            match rx.recv().await.unwrap() {
-                ReaderEvent::Record(record) => {
-                    let top = highest.entry(record.topic).or_insert(record.offset);
-                    *top = (*top).max(record.offset);
-                }
-                ReaderEvent::Synced(0) => break,
-                _ => {}
-            }
-        }
+        super::read_to_end(&config, &topics, |record| {
+            let top = highest.entry(record.topic).or_insert(record.offset);
+            *top = (*top).max(record.offset);
+        })
+        .await;
         (highest.values().map(|offset| u64::try_from(offset + 1).unwrap_or(0)).sum::<u64>(), Instant::now())
     };
     let (before, from) = ends(config.clone()).await;

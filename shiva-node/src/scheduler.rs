@@ -678,9 +678,14 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         self.writes.push(Write::assignments(key, Some(Body::Sched(sched))));
     }
 
-    /// The newest slot this task has a launch intent of (in the view or written by this step).
+    /// The slots this task has a launch intent of (in the view or written by this step).
+    fn intent_slots(&self) -> impl Iterator<Item = i64> + '_ {
+        self.runs.values().filter_map(|entry| entry.intent.as_ref()?.0.trigger.slot_ms())
+    }
+
+    /// The newest of [`TaskPlan::intent_slots`].
     fn newest_slot(&self) -> Option<i64> {
-        self.runs.values().filter_map(|entry| entry.intent.as_ref()?.0.trigger.slot_ms()).max()
+        self.intent_slots().max()
     }
 
     /// A periodic task's position: its `sched/` record, whose `decided_through_ms` moves on to
@@ -704,13 +709,9 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         if let Some(stored) = stored.filter(|_| self.ctx.lean) {
             let settled = self.ctx.view.is_settled(TopicKind::Assignments, &key::sched(self.task));
             let through = stored.decided_through_ms.unwrap_or(i64::MIN);
-            let launched_past = self
-                .runs
-                .values()
-                .filter_map(|entry| entry.intent.as_ref()?.0.trigger.slot_ms())
-                .filter(|slot| *slot > through)
-                .count();
-            if settled && sched == self.position(stored) && launched_past < CHECKPOINT_LAUNCHES {
+            // Counted only when nothing else asks for the write (a walk of the task's runs).
+            let launched_past = || self.intent_slots().filter(|slot| *slot > through).count();
+            if settled && sched == self.position(stored) && launched_past() < CHECKPOINT_LAUNCHES {
                 return;
             }
         }

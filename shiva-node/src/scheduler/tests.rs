@@ -143,6 +143,13 @@ impl Sim {
         self.append(TopicKind::Commands, key::task(&spec.id), Some(value));
     }
 
+    /// An operator's `run` of `task` (what `shiva-ctl run` writes).
+    fn request(&mut self, task: &TaskId, request: Uuid) {
+        let body = Body::RunRequest(shiva_proto::runs::RunRequest { task: task.clone(), request });
+        let value = Envelope::now("ctl", None, body).encode();
+        self.append(TopicKind::Commands, key::request(task, request), Some(value));
+    }
+
     fn desire(&mut self, task: &TaskId, state: DesiredState) {
         let body = Body::Desired(Desired { task: task.clone(), state });
         let value = Envelope::now("ctl", None, body).encode();
@@ -841,9 +848,7 @@ fn manual_runs_obey_overlap_and_suspend_stops_new_runs() {
     spec.schedule = vec!["0 0 * * *".into()];
     sim.submit(spec);
     for request in [Uuid::from_u128(1), Uuid::from_u128(2)] {
-        let body = Body::RunRequest(shiva_proto::runs::RunRequest { task: task.clone(), request });
-        let value = Envelope::now("ctl", None, body).encode();
-        sim.append(TopicKind::Commands, key::request(&task, request), Some(value));
+        sim.request(&task, request);
     }
     sim.advance(500);
     let phases: Vec<RunPhase> = sim.view.runs[&task].values().map(RunEntry::phase).collect();
@@ -852,10 +857,7 @@ fn manual_runs_obey_overlap_and_suspend_stops_new_runs() {
     assert!(!sim.view.requests.contains_key(&task), "handled requests are tombstoned");
 
     sim.desire(&task, DesiredState::Suspended);
-    let body =
-        Body::RunRequest(shiva_proto::runs::RunRequest { task: task.clone(), request: Uuid::from_u128(3) });
-    let value = Envelope::now("ctl", None, body).encode();
-    sim.append(TopicKind::Commands, key::request(&task, Uuid::from_u128(3)), Some(value));
+    sim.request(&task, Uuid::from_u128(3));
     sim.advance(4_000);
     assert_eq!(sim.launches.len(), 1, "suspended: no new run");
     assert!(
@@ -1053,10 +1055,7 @@ fn request_runs_never_trim_the_slots_that_imply_the_position() {
     assert!(slots_before >= 4, "{slots_before}");
     // Between two slots, more requests than the history holds, all at once.
     for request in 0..(HISTORY as u128 + 20) {
-        let request = Uuid::from_u128(request + 1);
-        let body = Body::RunRequest(shiva_proto::runs::RunRequest { task: task.clone(), request });
-        let value = Envelope::now("ctl", None, body).encode();
-        sim.append(TopicKind::Commands, key::request(&task, request), Some(value));
+        sim.request(&task, Uuid::from_u128(request + 1));
     }
     sim.advance(300);
     assert_position_implied(&sim, &task);
@@ -1211,12 +1210,7 @@ fn a_run_request_stays_until_its_launch_intent_has_landed() {
     sim.submit(spec);
     sim.advance(300);
     let request = Uuid::from_u128(7);
-    let body = Body::RunRequest(shiva_proto::runs::RunRequest { task: task.clone(), request });
-    sim.append(
-        TopicKind::Commands,
-        key::request(&task, request),
-        Some(Envelope::now("ctl", None, body).encode()),
-    );
+    sim.request(&task, request);
     // The intent's write fails: the request must not be dropped with it.
     sim.drop_intents = true;
     sim.advance(1_000);
