@@ -735,8 +735,10 @@ struct WireOut<'a, B: Serialize> {
     body: &'a B,
 }
 
+/// The envelope as read: the body stays raw JSON (checked for syntax, not parsed into a tree)
+/// until its kind says what to parse it into, once.
 #[derive(Deserialize)]
-struct WireIn {
+struct WireIn<'a> {
     v: u16,
     kind: String,
     sender: String,
@@ -744,7 +746,8 @@ struct WireIn {
     incarnation: Option<Uuid>,
     #[serde(default)]
     sent_at_ms: u64,
-    body: serde_json::Value,
+    #[serde(borrow)]
+    body: &'a serde_json::value::RawValue,
 }
 
 /// The envelope's header, read whatever its version: the fields that every protocol version
@@ -823,16 +826,16 @@ impl Envelope {
         if bytes.len() > MAX_RECORD_BYTES {
             return Err(DecodeError::TooLarge(bytes.len()));
         }
-        let wire: WireIn =
+        let wire: WireIn<'_> =
             serde_json::from_slice(bytes).map_err(|err| DecodeError::Malformed(err.to_string()))?;
         if wire.v == 0 || wire.v > protocol() {
             return Err(DecodeError::UnsupportedVersion { found: wire.v });
         }
         fn body<T: for<'de> Deserialize<'de>>(
             kind: &str,
-            value: serde_json::Value,
+            value: &serde_json::value::RawValue,
         ) -> Result<T, DecodeError> {
-            serde_json::from_value(value)
+            serde_json::from_str(value.get())
                 .map_err(|err| DecodeError::Body { kind: kind.to_owned(), message: err.to_string() })
         }
         let kind = wire.kind.as_str();

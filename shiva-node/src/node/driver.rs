@@ -594,7 +594,8 @@ impl Node {
             .collect();
         // Only the live ids matter here: no incarnation preference (which walks the assignments).
         let live = self.membership.live_members(self.config.node_timeout, &|_| Vec::new());
-        let clock_ms = self.clock_samples.best(live.iter().map(|member| &member.id));
+        let clock_ms =
+            self.clock_samples.best(super::heartbeat::sampled(self.identity.leader_capable, &live));
         let heartbeat =
             build(&self.identity, seq, self.fence.returns(), self.resources.resources(), runs, clock_ms);
         let key = key::node(&self.config.node_id);

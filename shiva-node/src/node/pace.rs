@@ -103,12 +103,13 @@ pub(crate) fn routine(before: Option<(Uuid, Heartbeat)>, after: Option<(Uuid, &H
 /// still standing. Each keeps every step walking while it lasts (a task that stays pending, a
 /// node silent until it is retired): the cost of a walk, never a decision left out.
 pub(crate) fn steady(view: &LogView, live: &[(NodeId, Uuid)], now_ms: i64) -> bool {
-    let is_live = |node: &NodeId| live.iter().any(|(id, _)| id == node);
+    // By id: one look-up per task, not a walk of the members per task.
+    let live: std::collections::BTreeMap<&NodeId, &Uuid> = live.iter().map(|(id, inc)| (id, inc)).collect();
+    let is_live = |node: &NodeId| live.contains_key(node);
     let placed = view.assignments.values().all(|entry| match &entry.assignment.placement {
         Placement::Assigned { node } => {
             let held_for = entry.assignment.incarnation;
-            live.iter()
-                .any(|(id, incarnation)| id == node && held_for.is_none_or(|held| held == *incarnation))
+            live.get(node).is_some_and(|incarnation| held_for.is_none_or(|held| held == **incarnation))
                 && entry.assignment.after.is_empty()
         }
         Placement::Stopped | Placement::Scheduled | Placement::Failed { .. } => true,
