@@ -2,7 +2,7 @@
 //! the node's default settings, and prints a Markdown report for `docs/benchmarks.md`.
 //!
 //! ```sh
-//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only handoff,floor,cron,resume] [--kills 1000]
+//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only handoff,floor,cron,peers,resume] [--kills 1000]
 //! ```
 
 use std::collections::BTreeMap;
@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 
 #[path = "bench_archive.rs"]
 mod archive;
+#[path = "bench_peers.rs"]
+mod peers;
 #[path = "bench_supervise.rs"]
 mod supervise;
 #[path = "bench_swarm.rs"]
@@ -312,6 +314,91 @@ async fn cron_lateness(
     (lateness, expected - seen.len(), twice, records)
 }
 
+/// [`cron_lateness`] on a fresh 3-node cluster of `broker`.
+fn shiva_cron(
+    runtime: &tokio::runtime::Runtime,
+    broker: &Broker,
+    node_args: &[&str],
+    count: usize,
+    window: Duration,
+) -> (Vec<f64>, usize, usize, BTreeMap<String, usize>) {
+    let name = cluster("cron");
+    let nodes: Vec<Node> =
+        (1..=3).map(|i| Node::launch(broker, &name, &format!("c{i}"), node_args)).collect();
+    let ctl = Ctl::new(broker, &name);
+    wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
+    let measured = runtime.block_on(cron_lateness(broker, &name, &scratch("cron"), count, window));
+    drop(nodes);
+    measured
+}
+
+/// Issue 21, point 4: at 50 runs a second, Shiva's launch lateness (on the test broker and on
+/// the file bus) beside the floor (the same children started with no scheduler) and beside
+/// systemd timers and Debian's cron, each at the same number of jobs per slot; ratios of each.
+fn peers_section(
+    runtime: &tokio::runtime::Runtime,
+    broker: &Broker,
+    node_args: &[&str],
+    quick: bool,
+    report: &mut Vec<String>,
+) {
+    const COUNT: usize = 50;
+    let window = Duration::from_secs(if quick { 20 } else { 60 });
+    let minutes = if quick { 2 } else { 5 };
+    let rootfs = peers::rootfs();
+    let mut floor = spawn_floor(&scratch("floor"), COUNT, window);
+    let floor_p99 = percentile(&mut floor, 0.99);
+    report.push(format!(
+        "| floor: {COUNT} children at the same instant every second, 3 threads, no scheduler, {}s | {} |",
+        window.as_secs(),
+        summary(&mut floor)
+    ));
+    let files = Broker::file_bus(Vec::new());
+    let mut shiva = Vec::new();
+    for (label, bus, args) in [("test broker (tansu)", broker, node_args), ("file bus", &files, &[][..])] {
+        let (mut late, missing, twice, _) = shiva_cron(runtime, bus, args, COUNT, window);
+        let p99 = percentile(&mut late, 0.99);
+        let verdict =
+            if p99 <= floor_p99 + 20.0 && missing == 0 && twice == 0 { "met" } else { "**not met**" };
+        report.push(format!(
+            "| Shiva, {COUNT} tasks every second, 3 nodes, {label}, {}s | {}; {missing} slots skipped, {twice} run twice; p99 {:+.1} ms from the floor's (goal ≤ +20 ms: {verdict}) |",
+            window.as_secs(),
+            summary(&mut late),
+            p99 - floor_p99
+        ));
+        shiva.push((label, late));
+    }
+    let mut systemd = peers::systemd_timers(&rootfs, &scratch("peers-systemd"), COUNT, window);
+    let mut cron = peers::debian_cron(&rootfs, &scratch("peers-cron"), COUNT, minutes);
+    for (label, peer, span) in [
+        ("systemd timers (`AccuracySec=1us`), every second", &mut systemd, format!("{}s", window.as_secs())),
+        ("Debian cron, every minute", &mut cron, format!("{minutes} min")),
+    ] {
+        report.push(format!(
+            "| {label}, {COUNT} jobs, in a Debian 12 host under systemd-nspawn, {span} | {}; {} of {} slots skipped, {} run twice |",
+            summary(&mut peer.lateness),
+            peer.missing,
+            peer.expected,
+            peer.twice
+        ));
+    }
+    for (label, late) in &mut shiva {
+        let (p50, p99) = (percentile(late, 0.5), percentile(late, 0.99));
+        let ratio = |peer: &mut peers::Peer| {
+            format!(
+                "p50 {:.2} ×, p99 {:.2} ×",
+                p50 / percentile(&mut peer.lateness, 0.5),
+                p99 / percentile(&mut peer.lateness, 0.99)
+            )
+        };
+        report.push(format!(
+            "| Shiva's lateness ({label}) as a ratio to systemd timers' / to cron's | {} / {} |",
+            ratio(&mut systemd),
+            ratio(&mut cron)
+        ));
+    }
+}
+
 /// Records written on `assignments` and `status` between two instants: per topic, the span of
 /// offsets between the first and the last record sent in that time (compaction may have removed
 /// records since, not their offsets), and the kinds of the records still there.
@@ -602,7 +689,7 @@ fn main() {
     let broker = Broker::start_with_interval(&compaction);
     let mut report = Vec::new();
 
-    // `--only a,b` runs some sections: rtt, handoff, idle, floor, cron, resume, swarm, pipeline,
+    // `--only a,b` runs some sections: rtt, handoff, idle, floor, cron, peers, resume, swarm, pipeline,
     // archive-e2e, crash, supervise, cluster, filebus, api.
     let only = args.iter().position(|arg| arg == "--only").map(|i| args[i + 1].clone());
     let wants = |section: &str| only.as_ref().is_none_or(|list| list.split(',').any(|s| s == section));
@@ -670,14 +757,8 @@ fn main() {
 
     // Launch lateness at growing load: each count on a fresh 3-node cluster.
     for count in [10, 25, 50, 100].into_iter().filter(|_| wants("cron")) {
-        let name = cluster("cron");
-        let nodes: Vec<Node> =
-            (1..=3).map(|i| Node::launch(&broker, &name, &format!("c{i}"), &node_args)).collect();
-        let ctl = Ctl::new(&broker, &name);
-        wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
         let window = Duration::from_secs(if quick { 20 } else { 60 });
-        let (mut late, missing, twice, records) =
-            runtime.block_on(cron_lateness(&broker, &name, &scratch("cron"), count, window));
+        let (mut late, missing, twice, records) = shiva_cron(&runtime, &broker, &node_args, count, window);
         let runs = late.len().max(1);
         let written: usize =
             records.iter().filter(|(kind, _)| kind.starts_with("written")).map(|(_, n)| n).sum();
@@ -689,7 +770,11 @@ fn main() {
             written as f64 / runs as f64,
             kinds.join(", ")
         ));
-        drop(nodes);
+    }
+
+    // Lateness at 50 runs a second beside the floor and the peers a user would pick, in one run.
+    if wants("peers") {
+        peers_section(&runtime, &broker, &node_args, quick, &mut report);
     }
 
     if wants("resume") {
