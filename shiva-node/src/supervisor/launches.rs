@@ -4,6 +4,11 @@
 //! record of but never launched (it did not reach the launch: the run is launched now, its slot
 //! not lost) from one it may have launched (taken back from its shim, or else `lost`).
 //!
+//! A periodic or one-shot run's shim is staged at its confirmation (see `supervisor::oneshot`),
+//! up to the run's lead (0.15-0.8 s) before its instant, and told `go` at the instant: the run is
+//! noted before the shim is spawned, so a node that dies between the two leaves a run noted that
+//! never started, and its next process reports it `lost` rather than launching it late.
+//!
 //! Invariant: a run absent from a journal that exists was never launched on this workspace
 //! (the id is durable before anything starts). No journal (a fresh workspace, or one of an
 //! older build): nothing is known, every such run may have been launched.

@@ -91,14 +91,11 @@ async fn execute(
         supervise(&intent, adopted.handle, running, control, send).await;
         return;
     }
-    let wait = Duration::from_millis(intent.launch_at_ms.saturating_sub(now_ms()).max(0) as u64);
-    tokio::select! {
-        _ = tokio::time::sleep(wait) => {}
-        Some(RunControl::Stop(reason)) = control.recv() => {
-            send(report(&intent, RunPhase::Stopped, Some(format!("stopped before it started: {reason}"))));
-            return;
-        }
-    }
+    // Staged (issue 21, point 4): the shim is started now, at the run's confirmation, and
+    // makes everything ready (its own exec, cgroups, working directory, output); at the instant
+    // it is told `go` and forks the task. The instant's cost is a line on a socket and a fork,
+    // not a process start through the node: at 50 runs a second, started at their instant, the
+    // median run started 121 ms late (the floor: 25 ms).
     crate::fault::hook(crate::fault::Stage::Run, &intent.task);
     let spec = &intent.spec;
     let slot = intent.trigger.slot_ms().and_then(chrono::DateTime::from_timestamp_millis);
@@ -109,12 +106,38 @@ async fn execute(
     let spawn = request(&context, spec, Some(intent.run_id), intent.attempt, &extra);
     let mut options = launch_options(&context, spec, &intent.run_id.to_string());
     options.meta = Some(RunMeta { task: intent.task.to_string(), run: intent.run_id, service: None });
-    // Durable before anything starts: the node's next process knows it may have run.
-    let noted = context.launches.note(intent.run_id);
-    let launched = match noted {
-        Ok(()) => context.shims.launch(spawn, &options, None).await,
-        Err(err) => {
-            Err(std::io::Error::other(format!("cannot note the launch in the node's journal: {err}")))
+    // Durable before the shim is spawned: the node's next process knows it may have run.
+    if let Err(err) = context.launches.note(intent.run_id) {
+        let message = format!(
+            "failed to start '{}': cannot note the launch in the node's journal: {err}",
+            spec.command
+        );
+        warn!(task = %spec.id, run = %intent.run_id, %message, "run failed to start");
+        send(report(&intent, RunPhase::Failed, Some(message)));
+        return;
+    }
+    let (go, staged) = tokio::sync::oneshot::channel();
+    let mut go = Some(go);
+    let launch = context.shims.launch(spawn, &options, Some(staged));
+    tokio::pin!(launch);
+    let wait = Duration::from_millis(intent.launch_at_ms.saturating_sub(now_ms()).max(0) as u64);
+    let instant = tokio::time::sleep(wait);
+    tokio::pin!(instant);
+    let launched = loop {
+        tokio::select! {
+            launched = &mut launch => break launched,
+            _ = &mut instant, if go.is_some() => {
+                if let Some(go) = go.take() {
+                    let _ = go.send(());
+                }
+            }
+            Some(RunControl::Stop(reason)) = control.recv(), if go.is_some() => {
+                // Nothing started: the staged shim backs out (the launch ends `Interrupted`).
+                drop(go.take());
+                let _ = launch.await;
+                send(report(&intent, RunPhase::Stopped, Some(format!("stopped before it started: {reason}"))));
+                return;
+            }
         }
     };
     let handle = match launched {
