@@ -4,10 +4,10 @@
 //! record of but never launched (it did not reach the launch: the run is launched now, its slot
 //! not lost) from one it may have launched (taken back from its shim, or else `lost`).
 //!
-//! A periodic or one-shot run's shim is staged at its confirmation (see `supervisor::oneshot`),
-//! up to the run's lead (0.15-0.8 s) before its instant, and told `go` at the instant: the run is
-//! noted before the shim is spawned, so a node that dies between the two leaves a run noted that
-//! never started, and its next process reports it `lost` rather than launching it late.
+//! A periodic or one-shot run's shim is staged at its confirmation (see `supervisor::oneshot`)
+//! and starts nothing until it is told `go` at the run's instant: the run is noted just before
+//! the `go`, so a node that dies while the shim is staged (the shim then backs out) leaves the
+//! run unnoted, and its next process launches it.
 //!
 //! Invariant: a run absent from a journal that exists was never launched on this workspace
 //! (the id is durable before anything starts). No journal (a fresh workspace, or one of an
@@ -34,11 +34,17 @@ impl Launches {
         Launches { path: workspace.join("launched"), lock: Mutex::new(()) }
     }
 
-    /// Notes, durably, that `run` is about to be launched.
+    /// Notes, durably, that `run` is about to be launched. Blocking (a sync of the file).
     pub fn note(&self, run: Uuid) -> io::Result<()> {
-        let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
-        writeln!(file, "{run}")?;
+        let file = {
+            let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+            writeln!(file, "{run}")?;
+            file
+        };
+        // Synced outside the lock: runs due at one instant write their lines in turn and share
+        // the file system's commits instead of queuing one sync each. A `retain` meanwhile reads
+        // the line (written under the lock) and syncs its own file before it takes the place.
         file.sync_data()
     }
 

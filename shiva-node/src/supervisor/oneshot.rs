@@ -106,16 +106,6 @@ async fn execute(
     let spawn = request(&context, spec, Some(intent.run_id), intent.attempt, &extra);
     let mut options = launch_options(&context, spec, &intent.run_id.to_string());
     options.meta = Some(RunMeta { task: intent.task.to_string(), run: intent.run_id, service: None });
-    // Durable before the shim is spawned: the node's next process knows it may have run.
-    if let Err(err) = context.launches.note(intent.run_id) {
-        let message = format!(
-            "failed to start '{}': cannot note the launch in the node's journal: {err}",
-            spec.command
-        );
-        warn!(task = %spec.id, run = %intent.run_id, %message, "run failed to start");
-        send(report(&intent, RunPhase::Failed, Some(message)));
-        return;
-    }
     let (go, staged) = tokio::sync::oneshot::channel();
     let mut go = Some(go);
     let launch = context.shims.launch(spawn, &options, Some(staged));
@@ -125,12 +115,8 @@ async fn execute(
     tokio::pin!(instant);
     let launched = loop {
         tokio::select! {
-            launched = &mut launch => break launched,
-            _ = &mut instant, if go.is_some() => {
-                if let Some(go) = go.take() {
-                    let _ = go.send(());
-                }
-            }
+            // A stop already asked for wins over the instant.
+            biased;
             Some(RunControl::Stop(reason)) = control.recv(), if go.is_some() => {
                 // Nothing started: the staged shim backs out (the launch ends `Interrupted`).
                 drop(go.take());
@@ -138,6 +124,31 @@ async fn execute(
                 send(report(&intent, RunPhase::Stopped, Some(format!("stopped before it started: {reason}"))));
                 return;
             }
+            _ = &mut instant, if go.is_some() => {
+                // Durable before the task can start (the staged shim starts nothing without its
+                // `go`): the node's next process knows the run may have started. A node that dies
+                // before this line leaves the run unnoted, and its shim backs out.
+                let journal = Arc::clone(&context);
+                let run = intent.run_id;
+                let noted = tokio::task::spawn_blocking(move || journal.launches.note(run))
+                    .await
+                    .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())));
+                if let Err(err) = noted {
+                    drop(go.take());
+                    let _ = launch.await;
+                    let message = format!(
+                        "failed to start '{}': cannot note the launch in the node's journal: {err}",
+                        spec.command
+                    );
+                    warn!(task = %spec.id, run = %intent.run_id, %message, "run failed to start");
+                    send(report(&intent, RunPhase::Failed, Some(message)));
+                    return;
+                }
+                if let Some(go) = go.take() {
+                    let _ = go.send(());
+                }
+            }
+            launched = &mut launch => break launched,
         }
     };
     let handle = match launched {
