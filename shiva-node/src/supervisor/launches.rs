@@ -1,5 +1,5 @@
 //! The node's journal of the periodic and one-shot runs it launched (`<workspace>/launched`): a
-//! run's id is written, and synced, before its shim is spawned. The next process of the node (a
+//! run's id is written, and synced, before its task can start (before its staged shim's `go`). The next process of the node (a
 //! re-execution, a restart after a crash) reads it to tell a run its predecessor wrote the start
 //! record of but never launched (it did not reach the launch: the run is launched now, its slot
 //! not lost) from one it may have launched (taken back from its shim, or else `lost`).

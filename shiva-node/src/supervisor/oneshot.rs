@@ -125,6 +125,14 @@ async fn execute(
                 return;
             }
             _ = &mut instant, if go.is_some() => {
+                // The node re-executes itself: the run is left unnoted, and its staged shim backs
+                // out when the node's end of its pipe closes (the launch dropped here, or the
+                // process replaced), so the next process launches it. Nothing to report: the
+                // node writes no more records.
+                if super::shim::detached() {
+                    info!(task = %intent.task, run = %intent.run_id, "left to the node's next process: it re-executes itself");
+                    return;
+                }
                 // Durable before the task can start (the staged shim starts nothing without its
                 // `go`): the node's next process knows the run may have started. A node that dies
                 // before this line leaves the run unnoted, and its shim backs out.

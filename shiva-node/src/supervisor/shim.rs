@@ -208,7 +208,8 @@ pub fn detach_all() {
     DETACHED.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
-fn detached() -> bool {
+/// Whether the node is re-executing itself (see [`detach_all`]).
+pub fn detached() -> bool {
     DETACHED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
