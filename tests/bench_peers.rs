@@ -67,17 +67,7 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        // nspawn takes SIGTERM as a power-off of the container.
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        for _ in 0..300 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        shiva_e2e::power_off(&mut self.0);
     }
 }
 

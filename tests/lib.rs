@@ -48,6 +48,21 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Powers off a container booted by `systemd-nspawn --boot` (nspawn takes SIGTERM as a power-off:
+/// systemd stops its units) and waits for it, 30 s at most, then kills it.
+pub fn power_off(nspawn: &mut Child) {
+    let _ = kill(Pid::from_raw(nspawn.id() as i32), Signal::SIGTERM);
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        if let Ok(Some(_)) = nspawn.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = nspawn.kill();
+    let _ = nspawn.wait();
+}
+
 /// A fresh scratch directory, `shiva-e2e-<pid>-<label>-<n>` in the temporary directory.
 ///
 /// Brokers and nodes remove theirs when they are dropped by a test that passed. The first call

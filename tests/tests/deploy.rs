@@ -83,18 +83,7 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        // nspawn takes SIGTERM as a power-off of the container (systemd stops its units).
-        let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let until = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < until {
-            if let Ok(Some(_)) = self.nspawn.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.nspawn.kill();
-        let _ = self.nspawn.wait();
+        shiva_e2e::power_off(&mut self.nspawn);
     }
 }
 

@@ -470,6 +470,16 @@ fn every_second(catch_up: CatchUp) -> TaskSpec {
     spec
 }
 
+/// Submits `cron/slow`, firing every ten seconds; returns its id.
+fn submit_every_ten_seconds(sim: &mut Sim, catch_up: CatchUp) -> TaskId {
+    let mut spec = every_second(catch_up);
+    spec.id = TaskId::new("cron/slow").unwrap();
+    spec.schedule = vec!["*/10 * * * * *".into()];
+    let task = spec.id.clone();
+    sim.submit(spec);
+    task
+}
+
 fn assert_each_slot_once(sim: &Sim, from: i64, until: i64) {
     let counts = sim.slot_launches();
     assert!(counts.values().all(|count| *count == 1), "a slot launched twice: {counts:?}");
@@ -801,11 +811,7 @@ fn a_run_cancelled_by_its_node_shutting_down_runs_again_and_a_killed_one_does_no
 fn a_started_run_whose_node_died_is_lost_and_not_rerun() {
     let mut sim = Sim::new();
     sim.run_ms = 5_000;
-    let task = TaskId::new("cron/slow").unwrap();
-    let mut spec = every_second(CatchUp::All);
-    spec.id = task.clone();
-    spec.schedule = vec!["*/10 * * * * *".into()];
-    sim.submit(spec);
+    let task = submit_every_ten_seconds(&mut sim, CatchUp::All);
     sim.advance(10_500);
     // A periodic run's start record is its last before its end (no `running` record).
     let running = sim.view.runs[&task].values().find(|e| e.phase() == RunPhase::Starting).unwrap();
@@ -998,11 +1004,7 @@ fn a_lean_periodic_run_shows_as_running_from_its_start_record() {
     let mut sim = Sim::new();
     sim.reconcile = true;
     sim.run_ms = 5_000;
-    let task = TaskId::new("cron/slow").unwrap();
-    let mut spec = every_second(CatchUp::None);
-    spec.id = task.clone();
-    spec.schedule = vec!["*/10 * * * * *".into()];
-    sim.submit(spec);
+    let task = submit_every_ten_seconds(&mut sim, CatchUp::None);
     sim.advance(11_000);
     assert!(sim.children.values().any(|(_, _, started)| started.is_some()), "a run is going");
     let row = shiva_proto::rows::task_row(&sim.view, &task).unwrap();

@@ -142,15 +142,12 @@ async fn execute(
                     .await
                     .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())));
                 if let Err(err) = noted {
+                    // Nothing started: the staged shim backs out; the run fails as a launch does.
                     drop(go.take());
-                    let _ = launch.await;
-                    let message = format!(
-                        "failed to start '{}': cannot note the launch in the node's journal: {err}",
-                        spec.command
-                    );
-                    warn!(task = %spec.id, run = %intent.run_id, %message, "run failed to start");
-                    send(report(&intent, RunPhase::Failed, Some(message)));
-                    return;
+                    let _ = launch.as_mut().await;
+                    break Err(std::io::Error::other(format!(
+                        "cannot note the launch in the node's journal: {err}"
+                    )));
                 }
                 if let Some(go) = go.take() {
                     let _ = go.send(());
