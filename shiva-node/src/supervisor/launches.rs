@@ -1,17 +1,30 @@
-//! The node's journal of the periodic and one-shot runs it launched (`<workspace>/launched`): a
-//! run's id is written, and synced, before its task can start (before its staged shim's `go`). The next process of the node (a
-//! re-execution, a restart after a crash) reads it to tell a run its predecessor wrote the start
-//! record of but never launched (it did not reach the launch: the run is launched now, its slot
-//! not lost) from one it may have launched (taken back from its shim, or else `lost`).
+//! The node's journal of the periodic and one-shot runs it launched (`<workspace>/launched`): it
+//! tells the next process of the node (a re-execution, a restart after a crash or a reboot) a run
+//! its predecessor wrote the start record of but never launched (the run is launched now, its
+//! slot not lost) from one it may have launched (taken back from its shim, or else `lost`).
 //!
 //! A periodic or one-shot run's shim is staged at its confirmation (see `supervisor::oneshot`)
-//! and starts nothing until it is told `go` at the run's instant: the run is noted just before
-//! the `go`, so a node that dies while the shim is staged (the shim then backs out) leaves the
-//! run unnoted, and its next process launches it.
+//! and starts nothing until it is told `go` at the run's instant. The journal holds three kinds
+//! of line:
+//! - `staged <run>`, written and synced before the run's shim is started (at confirmation, ahead
+//!   of the instant);
+//! - `<run>`, written just before the `go`, and not synced: the instant costs a write to the page
+//!   cache, not a sync of the disk (issue 21, point 4). The page cache outlives the process (a
+//!   kill, a crash, a re-execution), not the machine;
+//! - `boot <id>`: the kernel's boot id (`/proc/sys/kernel/random/boot_id`) when the journal was
+//!   written, so a reader knows whether unsynced lines could have been lost.
 //!
-//! Invariant: a run absent from a journal that exists was never launched on this workspace
-//! (the id is durable before anything starts). No journal (a fresh workspace, or one of an
-//! older build): nothing is known, every such run may have been launched.
+//! Reading it: in the boot that wrote it, the runs launched are the `<run>` lines (a run only
+//! staged was never told `go`: its shim backs out when the node's pipe closes). In another boot
+//! (the machine went down) or with no boot line, a staged run counts as launched too: its `go`
+//! line may have been lost with the page cache.
+//!
+//! Invariant: a run neither noted nor (after a reboot) staged in a journal that exists was never
+//! launched on this workspace. No journal (a fresh workspace, or one of an older build): nothing
+//! is known, every such run may have been launched. A node of an older build reads the `<run>`
+//! lines only: it launches a run only staged, which is right in the same boot, and also after a
+//! reboot that lost the run's `<run>` line (a downgrade across a machine's crash can run such a
+//! slot again).
 
 use std::collections::BTreeSet;
 use std::io::{self, Write};
@@ -24,39 +37,106 @@ use uuid::Uuid;
 #[derive(Debug)]
 pub struct Launches {
     path: PathBuf,
-    /// One writer at a time: runs note, the driver prunes.
+    /// This boot's id (`None`: unknown, so every staged run counts as launched).
+    boot: Option<String>,
+    /// One writer at a time: runs stage and note, the driver prunes.
     lock: Mutex<()>,
+}
+
+/// A journal's lines, as read.
+#[derive(Debug, Default)]
+struct Lines {
+    boot: Option<String>,
+    launched: BTreeSet<Uuid>,
+    staged: BTreeSet<Uuid>,
+}
+
+impl Lines {
+    fn parse(text: &str) -> Lines {
+        let mut lines = Lines::default();
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(boot) = line.strip_prefix("boot ") {
+                lines.boot = Some(boot.trim().to_owned());
+            } else if let Some(run) = line.strip_prefix("staged ") {
+                lines.staged.extend(run.trim().parse::<Uuid>().ok());
+            } else {
+                // A torn last line (a crash mid-write) is not a run.
+                lines.launched.extend(line.parse::<Uuid>().ok());
+            }
+        }
+        lines
+    }
+
+    /// The runs that may have been launched, read in `boot`.
+    fn launched(mut self, boot: Option<&str>) -> (BTreeSet<Uuid>, BTreeSet<Uuid>) {
+        let same_boot = boot.is_some() && self.boot.as_deref() == boot;
+        if !same_boot {
+            self.launched.extend(std::mem::take(&mut self.staged));
+        }
+        self.staged.retain(|run| !self.launched.contains(run));
+        (self.launched, self.staged)
+    }
+}
+
+/// This boot's id, or `None` where the kernel does not say.
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty() && !id.contains(char::is_whitespace)).then(|| id.to_owned())
 }
 
 impl Launches {
     /// The journal of the node with this workspace.
     pub fn new(workspace: &Path) -> Launches {
-        Launches { path: workspace.join("launched"), lock: Mutex::new(()) }
+        Launches::in_boot(workspace, boot_id())
     }
 
-    /// Notes, durably, that `run` is about to be launched. Blocking (a sync of the file).
+    /// The journal, read and written as in boot `boot`.
+    fn in_boot(workspace: &Path, boot: Option<String>) -> Launches {
+        Launches { path: workspace.join("launched"), boot, lock: Mutex::new(()) }
+    }
+
+    /// Appends `line` under the lock (a new journal starts with this boot's line); the file, to
+    /// sync or not.
+    fn append(&self, line: &str) -> io::Result<std::fs::File> {
+        let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let mut text = String::new();
+        if file.metadata()?.len() == 0
+            && let Some(boot) = &self.boot
+        {
+            text.push_str(&format!("boot {boot}\n"));
+        }
+        text.push_str(line);
+        text.push('\n');
+        file.write_all(text.as_bytes())?;
+        Ok(file)
+    }
+
+    /// Notes, durably, that `run`'s shim is about to be staged. Blocking (a sync of the file).
+    pub fn stage(&self, run: Uuid) -> io::Result<()> {
+        // Synced outside the lock: runs staged at once write their lines in turn and share the
+        // file system's commits instead of queuing one sync each. A `retain` meanwhile reads the
+        // line (written under the lock) and syncs its own file before it takes the place.
+        self.append(&format!("staged {run}"))?.sync_data()
+    }
+
+    /// Notes that `run` is about to be told `go`: a write, not synced (see the module's header).
     pub fn note(&self, run: Uuid) -> io::Result<()> {
-        let file = {
-            let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
-            writeln!(file, "{run}")?;
-            file
-        };
-        // Synced outside the lock: runs due at one instant write their lines in turn and share
-        // the file system's commits instead of queuing one sync each. A `retain` meanwhile reads
-        // the line (written under the lock) and syncs its own file before it takes the place.
-        file.sync_data()
+        self.append(&run.to_string()).map(drop)
     }
 
-    /// The runs noted (`None`: there is no journal, so nothing is known).
+    /// The runs that may have been launched (`None`: there is no journal, so nothing is known).
     pub fn read(&self) -> Option<BTreeSet<Uuid>> {
         let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let bytes = std::fs::read(&self.path).ok()?;
-        Some(String::from_utf8_lossy(&bytes).lines().filter_map(|line| line.trim().parse().ok()).collect())
+        Some(Lines::parse(&String::from_utf8_lossy(&bytes)).launched(self.boot.as_deref()).0)
     }
 
     /// Keeps the runs `keep` says to (those still open); creates the journal if there is none,
-    /// so that the next process knows.
+    /// so that the next process knows. The journal written says this boot: what an earlier boot
+    /// only staged is written as launched.
     pub fn retain(&self, keep: impl Fn(&Uuid) -> bool) -> io::Result<()> {
         let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         // Unreadable (not missing): kept as it is, never rewritten with less than it says.
@@ -65,13 +145,20 @@ impl Launches {
             Err(err) if err.kind() == io::ErrorKind::NotFound => String::new(),
             Err(err) => return Err(err),
         };
-        let kept: BTreeSet<Uuid> =
-            text.lines().filter_map(|line| line.trim().parse().ok()).filter(|run| keep(run)).collect();
+        let (launched, staged) = Lines::parse(&text).launched(self.boot.as_deref());
+        let mut out = String::new();
+        if let Some(boot) = &self.boot {
+            out.push_str(&format!("boot {boot}\n"));
+        }
+        for run in launched.iter().filter(|run| keep(run)) {
+            out.push_str(&format!("{run}\n"));
+        }
+        for run in staged.iter().filter(|run| keep(run)) {
+            out.push_str(&format!("staged {run}\n"));
+        }
         let next = self.path.with_extension("new");
         let mut file = std::fs::File::create(&next)?;
-        for run in &kept {
-            writeln!(file, "{run}")?;
-        }
+        file.write_all(out.as_bytes())?;
         file.sync_data()?;
         std::fs::rename(&next, &self.path)
     }
@@ -81,24 +168,81 @@ impl Launches {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_journal_knows_what_was_noted_and_keeps_what_it_is_told_to() {
-        let dir = std::env::temp_dir().join(format!("shiva-launches-{}", std::process::id()));
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("shiva-launches-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let journal = Launches::new(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_journal_knows_what_was_noted_and_keeps_what_it_is_told_to() {
+        let dir = dir("keeps");
+        let journal = Launches::in_boot(&dir, Some("b1".into()));
         assert_eq!(journal.read(), None, "no journal: nothing known");
         journal.retain(|_| true).unwrap();
         assert_eq!(journal.read(), Some(BTreeSet::new()), "an empty journal: nothing launched");
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        journal.stage(a).unwrap();
         journal.note(a).unwrap();
+        journal.stage(b).unwrap();
         journal.note(b).unwrap();
         assert_eq!(journal.read(), Some([a, b].into_iter().collect()));
         journal.retain(|run| *run == b).unwrap();
         assert_eq!(journal.read(), Some([b].into_iter().collect()));
         // A torn last line (a crash mid-write) is not a run.
-        std::fs::write(dir.join("launched"), format!("{b}\n{}", &a.to_string()[..10])).unwrap();
+        std::fs::write(dir.join("launched"), format!("boot b1\n{b}\n{}", &a.to_string()[..10])).unwrap();
         assert_eq!(journal.read(), Some([b].into_iter().collect()));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_run_only_staged_was_launched_only_if_the_machine_went_down_since() {
+        let dir = dir("boots");
+        let journal = Launches::in_boot(&dir, Some("b1".into()));
+        let (staged, told) = (Uuid::new_v4(), Uuid::new_v4());
+        journal.stage(staged).unwrap();
+        journal.stage(told).unwrap();
+        journal.note(told).unwrap();
+        // The same boot: the page cache holds every line, and a staged shim starts nothing
+        // without its `go`.
+        assert_eq!(journal.read(), Some([told].into_iter().collect()));
+        // Kept as it is through a prune in the same boot.
+        journal.retain(|_| true).unwrap();
+        assert_eq!(journal.read(), Some([told].into_iter().collect()));
+        // Another boot: a `go` line may have been lost with the page cache (here it was), so a
+        // staged run may have been launched.
+        std::fs::write(dir.join("launched"), format!("boot b1\nstaged {staged}\nstaged {told}\n")).unwrap();
+        let next = Launches::in_boot(&dir, Some("b2".into()));
+        assert_eq!(next.read(), Some([staged, told].into_iter().collect()));
+        // Its prune writes them as launched, under its own boot.
+        next.retain(|_| true).unwrap();
+        assert_eq!(next.read(), Some([staged, told].into_iter().collect()));
+        let text = std::fs::read_to_string(dir.join("launched")).unwrap();
+        assert!(text.starts_with("boot b2\n") && !text.contains("staged"), "{text}");
+        // An unknown boot: the same caution.
+        let unknown = Launches::in_boot(&dir, None);
+        std::fs::write(dir.join("launched"), format!("boot b1\nstaged {staged}\n")).unwrap();
+        assert_eq!(unknown.read(), Some([staged].into_iter().collect()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_journal_of_an_older_build_reads_as_it_did() {
+        let dir = dir("older");
+        let run = Uuid::new_v4();
+        std::fs::write(dir.join("launched"), format!("{run}\n")).unwrap();
+        let journal = Launches::in_boot(&dir, Some("b1".into()));
+        assert_eq!(journal.read(), Some([run].into_iter().collect()));
+        // A new journal starts with its boot, so a staged run is not taken for launched.
+        std::fs::remove_file(dir.join("launched")).unwrap();
+        journal.stage(run).unwrap();
+        assert_eq!(journal.read(), Some(BTreeSet::new()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn this_machine_has_a_boot_id() {
+        assert!(boot_id().is_some_and(|id| id.len() >= 32), "{:?}", boot_id());
     }
 }

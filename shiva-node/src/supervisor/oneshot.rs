@@ -2,6 +2,7 @@
 //! it on request or when it exceeds `max_runtime`. Never restarted: what follows a run's end
 //! is the leader's decision.
 
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,8 +11,10 @@ use shiva_proto::runs::{RunIntent, RunPhase, RunReport};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
+use uuid::Uuid;
 
 use super::job::{JobContext, launch_options, request, stop_run};
+use super::launches::Launches;
 use super::shim::{Adopted, RunHandle, RunMeta};
 
 /// Requests to a run.
@@ -103,57 +106,58 @@ async fn execute(
         .map(|slot| ("SHIVA_SLOT", slot.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
         .into_iter()
         .collect();
-    let spawn = request(&context, spec, Some(intent.run_id), intent.attempt, &extra);
-    let mut options = launch_options(&context, spec, &intent.run_id.to_string());
-    options.meta = Some(RunMeta { task: intent.task.to_string(), run: intent.run_id, service: None });
-    let (go, staged) = tokio::sync::oneshot::channel();
-    let mut go = Some(go);
-    let launch = context.shims.launch(spawn, &options, Some(staged));
-    tokio::pin!(launch);
-    let wait = Duration::from_millis(intent.launch_at_ms.saturating_sub(now_ms()).max(0) as u64);
-    let instant = tokio::time::sleep(wait);
-    tokio::pin!(instant);
-    let launched = loop {
-        tokio::select! {
-            // A stop already asked for wins over the instant.
-            biased;
-            Some(RunControl::Stop(reason)) = control.recv(), if go.is_some() => {
-                // Nothing started: the staged shim backs out (the launch ends `Interrupted`).
-                drop(go.take());
-                let _ = launch.await;
-                send(report(&intent, RunPhase::Stopped, Some(format!("stopped before it started: {reason}"))));
-                return;
-            }
-            _ = &mut instant, if go.is_some() => {
-                // The node re-executes itself: the run is left unnoted, and its staged shim backs
-                // out when the node's end of its pipe closes (the launch dropped here, or the
-                // process replaced), so the next process launches it. Nothing to report: the
-                // node writes no more records.
-                if super::shim::detached() {
-                    info!(task = %intent.task, run = %intent.run_id, "left to the node's next process: it re-executes itself");
+    // Durable before the shim exists: a node whose machine goes down from here on leaves a
+    // journal that counts the run as maybe launched (its `go` line is not synced).
+    let launched = 'launch: {
+        if let Err(err) = journal(&context, Launches::stage, intent.run_id).await {
+            break 'launch Err(err);
+        }
+        let spawn = request(&context, spec, Some(intent.run_id), intent.attempt, &extra);
+        let mut options = launch_options(&context, spec, &intent.run_id.to_string());
+        options.meta = Some(RunMeta { task: intent.task.to_string(), run: intent.run_id, service: None });
+        let (go, staged) = tokio::sync::oneshot::channel();
+        let mut go = Some(go);
+        let launch = context.shims.launch(spawn, &options, Some(staged));
+        tokio::pin!(launch);
+        let wait = Duration::from_millis(intent.launch_at_ms.saturating_sub(now_ms()).max(0) as u64);
+        let instant = tokio::time::sleep(wait);
+        tokio::pin!(instant);
+        loop {
+            tokio::select! {
+                // A stop already asked for wins over the instant.
+                biased;
+                Some(RunControl::Stop(reason)) = control.recv(), if go.is_some() => {
+                    // Nothing started: the staged shim backs out (the launch ends `Interrupted`).
+                    drop(go.take());
+                    let _ = launch.await;
+                    send(report(&intent, RunPhase::Stopped, Some(format!("stopped before it started: {reason}"))));
                     return;
                 }
-                // Durable before the task can start (the staged shim starts nothing without its
-                // `go`): the node's next process knows the run may have started. A node that dies
-                // before this line leaves the run unnoted, and its shim backs out.
-                let journal = Arc::clone(&context);
-                let run = intent.run_id;
-                let noted = tokio::task::spawn_blocking(move || journal.launches.note(run))
-                    .await
-                    .unwrap_or_else(|err| Err(std::io::Error::other(err.to_string())));
-                if let Err(err) = noted {
-                    // Nothing started: the staged shim backs out; the run fails as a launch does.
-                    drop(go.take());
-                    let _ = launch.as_mut().await;
-                    break Err(std::io::Error::other(format!(
-                        "cannot note the launch in the node's journal: {err}"
-                    )));
+                _ = &mut instant, if go.is_some() => {
+                    // The node re-executes itself: the run is left unnoted, and its staged shim backs
+                    // out when the node's end of its pipe closes (the launch dropped here, or the
+                    // process replaced), so the next process launches it. Nothing to report: the
+                    // node writes no more records.
+                    if super::shim::detached() {
+                        info!(task = %intent.task, run = %intent.run_id, "left to the node's next process: it re-executes itself");
+                        return;
+                    }
+                    // Written before the task can start (the staged shim starts nothing without its
+                    // `go`), in the page cache, not synced: the node's next process in this boot knows
+                    // the run may have started, and one after a reboot counts every staged run so. A
+                    // node that dies before this line leaves the run unnoted, and its shim backs out.
+                    if let Err(err) = journal(&context, Launches::note, intent.run_id).await {
+                        // Nothing started: the staged shim backs out; the run fails as a launch does.
+                        drop(go.take());
+                        let _ = launch.as_mut().await;
+                        break Err(err);
+                    }
+                    if let Some(go) = go.take() {
+                        let _ = go.send(());
+                    }
                 }
-                if let Some(go) = go.take() {
-                    let _ = go.send(());
-                }
+                launched = &mut launch => break launched,
             }
-            launched = &mut launch => break launched,
         }
     };
     let handle = match launched {
@@ -179,6 +183,19 @@ async fn execute(
     };
     send(running.clone());
     supervise(&intent, handle, running, control, send).await;
+}
+
+/// Writes `run` to the node's launch journal with `write`, off the async workers.
+async fn journal(
+    context: &Arc<JobContext>,
+    write: fn(&Launches, Uuid) -> io::Result<()>,
+    run: Uuid,
+) -> io::Result<()> {
+    let context = Arc::clone(context);
+    tokio::task::spawn_blocking(move || write(&context.launches, run))
+        .await
+        .unwrap_or_else(|err| Err(io::Error::other(err.to_string())))
+        .map_err(|err| io::Error::other(format!("cannot note the run in the node's journal: {err}")))
 }
 
 /// Holds a started run until it ends, is stopped or exceeds `max_runtime` (counted from its
