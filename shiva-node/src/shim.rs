@@ -250,10 +250,17 @@ impl ClockWatch {
 /// Replaces `path` whole with `bytes`: written beside, then renamed over it, so a reader (or a
 /// process killed mid-write) sees the old content or the new one, never a torn one.
 pub fn replace_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut next = path.as_os_str().to_owned();
-    next.push(".new");
+    let next = next_name(path);
     std::fs::write(&next, bytes)?;
     std::fs::rename(&next, path)
+}
+
+/// The file [`replace_file`] writes `path`'s next content to (`<path>.new`); made ahead of time,
+/// the write reuses its inode.
+pub fn next_name(path: &std::path::Path) -> PathBuf {
+    let mut next = path.as_os_str().to_owned();
+    next.push(".new");
+    PathBuf::from(next)
 }
 
 /// The socket of the shim `pid` in `dir`.
@@ -498,6 +505,10 @@ enum End {
 struct Link {
     node: Option<End>,
     listener: Option<(UnixListener, PathBuf)>,
+    /// The file the end is written to, made beside the socket when the shim starts and renamed
+    /// `<pid>.exit` once written: at the task's end, usually when many runs of one instant end
+    /// together, the shim allocates no inode (issue 21, point 4).
+    exit_next: Option<(std::fs::File, PathBuf)>,
     /// What the node wrote, not yet taken in as whole lines.
     input: Vec<u8>,
     /// Since when (boot-time ms) no node is attached.
@@ -530,12 +541,17 @@ impl Link {
             });
             bound.ok().map(|listener| (listener, attach.dir.join(name)))
         });
+        let exit_next = listener.as_ref().and_then(|(_, socket)| {
+            let path = next_name(&socket.with_file_name(exit_name(std::process::id())));
+            std::fs::File::create(&path).ok().map(|file| (file, path))
+        });
         let window_ms = attach.map_or(0, |attach| attach.window_ms);
         let stdin = std::io::stdin();
         let (node, lease_file) = (Some(End::Pipe), config.lease_file.clone());
         Link {
             node,
             listener,
+            exit_next,
             input,
             gone_at: None,
             window_ms,
@@ -697,7 +713,15 @@ impl Link {
         // detaches to re-execute itself does not act on it, and its next process finds it
         // here (the node removes the file once it has reported the end).
         if let Some(dir) = self.listener.as_ref().and_then(|(_, path)| path.parent()) {
-            let _ = replace_file(&dir.join(exit_name(std::process::id())), &event_line(end));
+            let path = dir.join(exit_name(std::process::id()));
+            let line = event_line(end);
+            let prepared = self.exit_next.take().and_then(|(mut file, next)| {
+                use std::io::Write;
+                file.write_all(&line).and_then(|()| std::fs::rename(&next, &path)).ok()
+            });
+            if prepared.is_none() {
+                let _ = replace_file(&path, &line);
+            }
         }
         if self.node.is_some() {
             self.send(end);
@@ -733,6 +757,9 @@ impl Drop for Link {
     fn drop(&mut self) {
         if let Some((_, path)) = &self.listener {
             let _ = std::fs::remove_file(path);
+        }
+        if let Some((_, next)) = &self.exit_next {
+            let _ = std::fs::remove_file(next);
         }
     }
 }

@@ -105,6 +105,15 @@ fn records(dir: &Path) -> PathBuf {
     dir.parent().unwrap().join(format!("shiva-shim-{}-records", std::process::id()))
 }
 
+/// The shims' records (`<shim pid>.json`) in the node's directory of shims.
+fn shim_records(dir: &Path) -> Vec<PathBuf> {
+    let entries = std::fs::read_dir(records(dir)).unwrap();
+    entries
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+        .collect()
+}
+
 /// A task that starts a `setsid` daemon and a grandchild, writing their pids to `pids`.
 fn escaping_task(dir: &Path) -> SpawnRequest {
     let pids = dir.join("pids");
@@ -180,12 +189,25 @@ async fn a_staged_start_starts_nothing_before_its_go() {
     let launching = {
         let shims = shims.clone();
         let request = escaping_task(&dir);
-        tokio::spawn(async move { shims.launch(request, &options("s1", 500), Some(went)).await })
+        // A run (with its meta): its shim listens for a node that comes back, and leaves its end.
+        let meta = shiva_node::supervisor::shim::RunMeta {
+            task: "s1".into(),
+            run: uuid::Uuid::new_v4(),
+            service: None,
+        };
+        let options = LaunchOptions { meta: Some(meta), ..options("s1", 500) };
+        tokio::spawn(async move { shims.launch(request, &options, Some(went)).await })
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!dir.join("pids").exists(), "nothing started before the go");
     assert!(!launching.is_finished(), "the launch waits for its go");
-    assert_eq!(std::fs::read_dir(records(&dir)).unwrap().count(), 1, "the staged shim is recorded");
+    assert_eq!(shim_records(&dir).len(), 1, "the staged shim is recorded");
+    // The files its start and its end are written to are made while it is staged (no inode
+    // allocated at the instant, when many runs start and end together).
+    let shim = shim_records(&dir)[0].file_stem().unwrap().to_str().unwrap().to_owned();
+    for prepared in [format!("{shim}.json.new"), format!("{shim}.exit.new")] {
+        assert!(records(&dir).join(&prepared).exists(), "{prepared} made ahead");
+    }
     let went_at = Instant::now();
     go.send(()).unwrap();
     let mut run = launching.await.unwrap().expect("started at the go");
@@ -267,18 +289,7 @@ async fn a_killed_shim_leaves_nothing_behind() {
     let shims = launcher(&dir, Duration::from_secs(3), lease);
     let mut run = shims.launch(escaping_task(&dir), &options("r3", 500), None).await.unwrap();
     let pids = three_pids(&dir).await;
-    let shim: i32 = std::fs::read_dir(records(&dir))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .file_stem()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let shim: i32 = shim_records(&dir)[0].file_stem().unwrap().to_str().unwrap().parse().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::Signal::SIGKILL).unwrap();
     let ended = tokio::time::timeout(Duration::from_secs(5), run.wait()).await.expect("the node notices");
     assert_eq!(ended.exit, None);
@@ -460,7 +471,7 @@ async fn a_shim_lives_in_a_session_of_its_own_so_freezing_the_nodes_group_stops_
     let shims = launcher(&dir, Duration::from_millis(600), lease);
     let mut run = shims.launch(escaping_task(&dir), &options("f1", 200), None).await.unwrap();
     let pids = three_pids(&dir).await;
-    let record = std::fs::read_dir(records(&dir)).unwrap().next().unwrap().unwrap().path();
+    let record = shim_records(&dir).remove(0);
     let shim: i32 = record.file_stem().unwrap().to_str().unwrap().parse().unwrap();
     let sid = |pid: i32| nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).unwrap().as_raw();
     assert_eq!(sid(shim), shim, "the shim leads a session of its own");

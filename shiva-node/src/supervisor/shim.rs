@@ -426,6 +426,9 @@ impl ShimLauncher {
             let _ = child.kill().await;
             return Err(err);
         }
+        // The file of the record's next version, made now: the record written at the task's
+        // start (for a periodic run, when many runs of one instant start) allocates no inode.
+        let _ = std::fs::File::create(crate::shim::next_name(&record_path));
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
         let mut line = json.into_bytes();
         line.push(b'\n');
@@ -454,7 +457,7 @@ impl ShimLauncher {
                     // Nothing was started: the shim backs out and ends; so does its record.
                     let _ = tokio::time::timeout(HANDSHAKE, child.wait()).await;
                     clean_after(&record);
-                    let _ = std::fs::remove_file(&record_path);
+                    remove_record(&record_path, record.shim);
                     return Err(err);
                 }
             };
@@ -470,7 +473,7 @@ impl ShimLauncher {
             let started = Record { task: pid, task_start, ..record.clone() };
             clean_after(&started);
             let _ = child.kill().await;
-            let _ = std::fs::remove_file(&record_path);
+            remove_record(&record_path, record.shim);
             return Err(io::Error::other(
                 "the run shim started the task before its go: it does not know staged starts (an older node binary on disk?)",
             ));
@@ -479,7 +482,7 @@ impl ShimLauncher {
             Some(ShimEvent::Started { pid, protocol }) => (pid, protocol.unwrap_or(1)),
             Some(ShimEvent::Failed { error }) => {
                 let _ = child.wait().await;
-                let _ = std::fs::remove_file(&record_path);
+                remove_record(&record_path, record.shim);
                 return Err(io::Error::other(error));
             }
             other => {
@@ -488,7 +491,7 @@ impl ShimLauncher {
                 clean_after(&record);
                 let _ = child.kill().await;
                 clean_after(&record);
-                let _ = std::fs::remove_file(&record_path);
+                remove_record(&record_path, record.shim);
                 let configuration =
                     written.err().map(|err| format!("; writing its configuration failed: {err}"));
                 let configuration = match &self.isolation {
@@ -738,11 +741,20 @@ impl ShimLauncher {
     /// task without its shim) is stopped as a leftover.
     pub async fn adopt(&self) -> Vec<Adopted> {
         let Ok(entries) = std::fs::read_dir(&self.records) else { return Vec::new() };
-        let paths: Vec<PathBuf> = entries
-            .flatten()
-            .map(|entry| entry.path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
-            .collect();
+        let all: Vec<PathBuf> = entries.flatten().map(|entry| entry.path()).collect();
+        let paths: Vec<PathBuf> =
+            all.iter().filter(|path| path.extension().is_some_and(|ext| ext == "json")).cloned().collect();
+        // Files made ahead for a record's or an end's next version, whose shim has no record
+        // (a process killed between the two, or a shim of this build under an older node).
+        for path in &all {
+            let Some(name) = path.file_name().and_then(|name| name.to_str()) else { continue };
+            let shim = name.strip_suffix(".json.new").or_else(|| name.strip_suffix(".exit.new"));
+            if let Some(shim) = shim
+                && !paths.iter().any(|record| record.file_stem().and_then(|stem| stem.to_str()) == Some(shim))
+            {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         let mut adopted = Vec::new();
         for path in paths {
             let record: Option<Record> =
@@ -952,9 +964,12 @@ fn is_zombie(pid: u32) -> bool {
 /// Removes the record of `shim` and what the shim may have left beside it.
 fn remove_record(path: &Path, shim: u32) {
     let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(crate::shim::next_name(path));
     if let Some(dir) = path.parent() {
         let _ = std::fs::remove_file(dir.join(crate::shim::socket_name(shim)));
-        let _ = std::fs::remove_file(dir.join(crate::shim::exit_name(shim)));
+        let exit = dir.join(crate::shim::exit_name(shim));
+        let _ = std::fs::remove_file(crate::shim::next_name(&exit));
+        let _ = std::fs::remove_file(exit);
     }
 }
 
