@@ -39,8 +39,9 @@ pub struct Launches {
     path: PathBuf,
     /// This boot's id (`None`: unknown, so every staged run counts as launched).
     boot: Option<String>,
-    /// One writer at a time: runs stage and note, the driver prunes.
-    lock: Mutex<()>,
+    /// The journal open for appending (opened at the first line), and one writer at a time:
+    /// runs stage and note, the driver prunes (which replaces the file, so closes this one).
+    file: Mutex<Option<std::fs::File>>,
 }
 
 /// A journal's lines, as read.
@@ -94,14 +95,16 @@ impl Launches {
 
     /// The journal, read and written as in boot `boot`.
     fn in_boot(workspace: &Path, boot: Option<String>) -> Launches {
-        Launches { path: workspace.join("launched"), boot, lock: Mutex::new(()) }
+        Launches { path: workspace.join("launched"), boot, file: Mutex::new(None) }
     }
 
-    /// Appends `line` under the lock (a new journal starts with this boot's line); the file, to
-    /// sync or not.
-    fn append(&self, line: &str) -> io::Result<std::fs::File> {
-        let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+    /// Appends `line` to the journal held by `held` (a new journal starts with this boot's line);
+    /// the file, to sync or not.
+    fn append(&self, held: &mut Option<std::fs::File>, line: &str) -> io::Result<std::fs::File> {
+        let file = match held {
+            Some(file) => file,
+            None => held.insert(std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?),
+        };
         let mut text = String::new();
         if file.metadata()?.len() == 0
             && let Some(boot) = &self.boot
@@ -111,7 +114,11 @@ impl Launches {
         text.push_str(line);
         text.push('\n');
         file.write_all(text.as_bytes())?;
-        Ok(file)
+        file.try_clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<std::fs::File>> {
+        self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Notes, durably, that `run`'s shim is about to be staged. Blocking (a sync of the file).
@@ -119,17 +126,31 @@ impl Launches {
         // Synced outside the lock: runs staged at once write their lines in turn and share the
         // file system's commits instead of queuing one sync each. A `retain` meanwhile reads the
         // line (written under the lock) and syncs its own file before it takes the place.
-        self.append(&format!("staged {run}"))?.sync_data()
+        let file = self.append(&mut self.lock(), &format!("staged {run}"))?;
+        file.sync_data()
     }
 
     /// Notes that `run` is about to be told `go`: a write, not synced (see the module's header).
+    /// Blocking while a prune holds the journal (it syncs).
     pub fn note(&self, run: Uuid) -> io::Result<()> {
-        self.append(&run.to_string()).map(drop)
+        self.append(&mut self.lock(), &run.to_string()).map(drop)
+    }
+
+    /// [`Launches::note`], unless that could block: the journal held (by a prune, or a stage
+    /// writing its line) or not open yet. `None`, then, and nothing written. Otherwise a write
+    /// to the page cache through a file already open, which an async worker may make.
+    pub fn try_note(&self, run: Uuid) -> Option<io::Result<()>> {
+        let mut held = match self.file.try_lock() {
+            Ok(held) => held,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        held.is_some().then(|| self.append(&mut held, &run.to_string()).map(drop))
     }
 
     /// The runs that may have been launched (`None`: there is no journal, so nothing is known).
     pub fn read(&self) -> Option<BTreeSet<Uuid>> {
-        let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _held = self.lock();
         let bytes = std::fs::read(&self.path).ok()?;
         Some(Lines::parse(&String::from_utf8_lossy(&bytes)).launched(self.boot.as_deref()).0)
     }
@@ -138,7 +159,7 @@ impl Launches {
     /// so that the next process knows. The journal written says this boot: what an earlier boot
     /// only staged is written as launched.
     pub fn retain(&self, keep: impl Fn(&Uuid) -> bool) -> io::Result<()> {
-        let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut held = self.lock();
         // Unreadable (not missing): kept as it is, never rewritten with less than it says.
         let text = match std::fs::read(&self.path) {
             Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
@@ -160,7 +181,10 @@ impl Launches {
         let mut file = std::fs::File::create(&next)?;
         file.write_all(out.as_bytes())?;
         file.sync_data()?;
-        std::fs::rename(&next, &self.path)
+        std::fs::rename(&next, &self.path)?;
+        // The next line goes to the new file, opened then.
+        *held = None;
+        Ok(())
     }
 }
 
@@ -238,6 +262,26 @@ mod tests {
         std::fs::remove_file(dir.join("launched")).unwrap();
         journal.stage(run).unwrap();
         assert_eq!(journal.read(), Some(BTreeSet::new()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_note_on_an_async_worker_never_waits() {
+        let dir = dir("try");
+        let journal = Launches::in_boot(&dir, Some("b1".into()));
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        assert!(journal.try_note(a).is_none(), "not open yet: opening may wait for the disk");
+        journal.stage(a).unwrap();
+        assert!(journal.try_note(a).is_some_and(|noted| noted.is_ok()), "open, not held");
+        {
+            let _prune = journal.lock();
+            assert!(journal.try_note(b).is_none(), "held by a prune (which syncs)");
+        }
+        assert_eq!(journal.read(), Some([a].into_iter().collect()), "nothing written for b");
+        journal.retain(|_| true).unwrap();
+        assert!(journal.try_note(b).is_none(), "the prune replaced the file: not open");
+        journal.note(b).unwrap();
+        assert_eq!(journal.read(), Some([a, b].into_iter().collect()), "the note went to the new file");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -146,7 +146,13 @@ async fn execute(
                     // `go`), in the page cache, not synced: the node's next process in this boot knows
                     // the run may have started, and one after a reboot counts every staged run so. A
                     // node that dies before this line leaves the run unnoted, and its shim backs out.
-                    if let Err(err) = journal(&context, Launches::note, intent.run_id).await {
+                    // On this worker when that cannot block (almost always): a hop to the
+                    // blocking pool at the instant costs more than the write.
+                    let noted = match context.launches.try_note(intent.run_id) {
+                        Some(noted) => noted.map_err(journal_error),
+                        None => journal(&context, Launches::note, intent.run_id).await,
+                    };
+                    if let Err(err) = noted {
                         // Nothing started: the staged shim backs out; the run fails as a launch does.
                         drop(go.take());
                         let _ = launch.as_mut().await;
@@ -195,7 +201,11 @@ async fn journal(
     tokio::task::spawn_blocking(move || write(&context.launches, run))
         .await
         .unwrap_or_else(|err| Err(io::Error::other(err.to_string())))
-        .map_err(|err| io::Error::other(format!("cannot note the run in the node's journal: {err}")))
+        .map_err(journal_error)
+}
+
+fn journal_error(err: io::Error) -> io::Error {
+    io::Error::other(format!("cannot note the run in the node's journal: {err}"))
 }
 
 /// Holds a started run until it ends, is stopped or exceeds `max_runtime` (counted from its
