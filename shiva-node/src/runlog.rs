@@ -83,6 +83,15 @@ impl SegmentWriter {
         Ok(SegmentWriter { log, current: 0, file, size: 0 })
     }
 
+    /// Removes the segment made for a run that never started (a staged start called off), if
+    /// nothing was written to it.
+    pub fn remove_if_empty(self) {
+        let segment = self.log.segment(self.current);
+        if self.file.metadata().is_ok_and(|meta| meta.len() == 0) {
+            let _ = fs::remove_file(segment);
+        }
+    }
+
     /// Appends one line (one `write`, so a reader never sees half of it... nearly: it checks).
     pub fn append(&mut self, line: &Line) -> io::Result<()> {
         let mut record = Vec::with_capacity(line.bytes.len() + 3);

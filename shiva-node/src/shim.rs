@@ -437,9 +437,26 @@ pub fn main(legacy: Option<&str>) -> u8 {
     let mut link = Link::new(&config, input, timer);
     // One lease from the configuration on: held through a staged start into the supervision.
     let mut lease = Lease::new(&config, boottime_ms(), wall_ms());
+    // A staged start makes its output's first segment now: at the instant, when the runs of one
+    // instant start together, nothing allocates an inode.
+    let mut writer = None;
+    if let (true, Some(log)) = (config.hold, &config.log) {
+        match SegmentWriter::create(log.clone()) {
+            Ok(made) => writer = Some(made),
+            Err(err) => {
+                back_out(&homes);
+                emit(&ShimEvent::Failed { error: err.to_string() });
+                clear_cgroups(&config);
+                return 0;
+            }
+        }
+    }
     if config.hold {
         emit(&ShimEvent::Ready);
         if let Err(reason) = hold(&mut lease, &mut link) {
+            if let Some(writer) = writer.take() {
+                writer.remove_if_empty();
+            }
             back_out(&homes);
             clear_cgroups(&config);
             emit(&ShimEvent::Exited { code: None, signal: None, stopped: Some(reason) });
@@ -450,12 +467,15 @@ pub fn main(legacy: Option<&str>) -> u8 {
     // for its go): then nothing starts.
     link.renew(&mut lease, boottime_ms());
     if let Some(why) = lease.expired(boottime_ms(), wall_ms()) {
+        if let Some(writer) = writer.take() {
+            writer.remove_if_empty();
+        }
         back_out(&homes);
         clear_cgroups(&config);
         emit(&ShimEvent::Exited { code: None, signal: None, stopped: Some(why.into()) });
         return 0;
     }
-    let child = apply_limits(&config.run).and_then(|()| spawn(&config));
+    let child = apply_limits(&config.run).and_then(|()| spawn(&config, writer));
     let spawned = match child {
         Ok(spawned) => spawned,
         Err(err) => {
@@ -821,12 +841,13 @@ struct Spawned {
     capture: Option<Capture>,
 }
 
-fn spawn(config: &ShimConfig) -> std::io::Result<Spawned> {
+fn spawn(config: &ShimConfig, made: Option<SegmentWriter>) -> std::io::Result<Spawned> {
     let run = &config.run;
     std::fs::create_dir_all(&run.cwd)?;
-    let writer = match &config.log {
-        Some(log) => Some(SegmentWriter::create(log.clone())?),
-        None => None,
+    let writer = match (made, &config.log) {
+        (Some(made), _) => Some(made),
+        (None, Some(log)) => Some(SegmentWriter::create(log.clone())?),
+        (None, None) => None,
     };
     let (stdout, stderr) = if writer.is_some() {
         (Stdio::piped(), Stdio::piped())

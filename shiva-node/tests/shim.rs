@@ -208,6 +208,7 @@ async fn a_staged_start_starts_nothing_before_its_go() {
     for prepared in [format!("{shim}.json.new"), format!("{shim}.exit.new")] {
         assert!(records(&dir).join(&prepared).exists(), "{prepared} made ahead");
     }
+    assert_eq!(segments(&dir, "t").len(), 1, "the output's first segment made ahead");
     let went_at = Instant::now();
     go.send(()).unwrap();
     let mut run = launching.await.unwrap().expect("started at the go");
@@ -240,6 +241,16 @@ async fn a_staged_start_called_off_leaves_nothing() {
     assert!(!dir.join("pids").exists(), "nothing started");
     assert_eq!(std::fs::read_dir(records(&dir)).unwrap().count(), 0, "record removed");
     all_gone(&shim_pids.iter().map(|pid| *pid as i32).collect::<Vec<_>>()).await;
+    assert_eq!(segments(&dir, "t"), Vec::<PathBuf>::new(), "the empty segment made ahead removed");
+}
+
+/// The output segments of `task`'s runs.
+fn segments(dir: &Path, task: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir.join("logs").join(task)) else { return Vec::new() };
+    entries
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
