@@ -1,4 +1,4 @@
-//! The node's journal of the periodic and one-shot runs it launched (`<workspace>/launched`): it
+//! The node's journal of the periodic and one-shot runs it launched (`<workspace>/launches`): it
 //! tells the next process of the node (a re-execution, a restart after a crash or a reboot) a run
 //! its predecessor wrote the start record of but never launched (the run is launched now, its
 //! slot not lost) from one it may have launched (taken back from its shim, or else `lost`).
@@ -20,11 +20,14 @@
 //! line may have been lost with the page cache.
 //!
 //! Invariant: a run neither noted nor (after a reboot) staged in a journal that exists was never
-//! launched on this workspace. No journal (a fresh workspace, or one of an older build): nothing
-//! is known, every such run may have been launched. A node of an older build reads the `<run>`
-//! lines only: it launches a run only staged, which is right in the same boot, and also after a
-//! reboot that lost the run's `<run>` line (a downgrade across a machine's crash can run such a
-//! slot again).
+//! launched on this workspace. No journal (a fresh workspace): nothing is known, every such run
+//! may have been launched. The journal of older builds (`<workspace>/launched`, every line
+//! synced) is read with this one and removed when this one is first rewritten (at the node's
+//! start): a node of an older build that comes back then finds no journal and counts every open
+//! run as maybe launched, where this journal's unsynced lines, read its way after a reboot, could
+//! have it run a slot twice. After a reboot a run only staged, whose shim is gone with the
+//! machine, is reported `lost`: a run started in its lead (0.15-0.8 s before its instant) on a
+//! machine that then went down is never run again.
 
 use std::collections::BTreeSet;
 use std::io::{self, Write};
@@ -36,7 +39,13 @@ use uuid::Uuid;
 /// The journal.
 #[derive(Debug)]
 pub struct Launches {
+    /// `<workspace>/launches`.
     path: PathBuf,
+    /// `<workspace>/launched`, the journal of older builds (one `<run>` per line, each synced):
+    /// read with this one, and removed when this one is rewritten. Under its old name a journal
+    /// with unsynced lines would mislead an older build after a reboot; gone, that build finds
+    /// no journal, and counts every open run as maybe launched.
+    older: PathBuf,
     /// This boot's id (`None`: unknown, so every staged run counts as launched).
     boot: Option<String>,
     /// The journal open for appending (opened at the first line), and one writer at a time:
@@ -80,6 +89,13 @@ impl Lines {
     }
 }
 
+/// Makes the entries of `path`'s directory durable (a file's sync does not always cover its
+/// name: a rename, a new file).
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// This boot's id, or `None` where the kernel does not say.
 fn boot_id() -> Option<String> {
     let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
@@ -95,26 +111,67 @@ impl Launches {
 
     /// The journal, read and written as in boot `boot`.
     fn in_boot(workspace: &Path, boot: Option<String>) -> Launches {
-        Launches { path: workspace.join("launched"), boot, file: Mutex::new(None) }
+        Launches {
+            path: workspace.join("launches"),
+            older: workspace.join("launched"),
+            boot,
+            file: Mutex::new(None),
+        }
     }
 
     /// Appends `line` to the journal held by `held` (a new journal starts with this boot's line);
     /// the file, to sync or not.
     fn append(&self, held: &mut Option<std::fs::File>, line: &str) -> io::Result<std::fs::File> {
+        let mut text = String::new();
         let file = match held {
             Some(file) => file,
-            None => held.insert(std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?),
+            None => {
+                let file =
+                    std::fs::OpenOptions::new().create(true).read(true).append(true).open(&self.path)?;
+                let len = file.metadata()?.len();
+                if len == 0 {
+                    // A new journal: its name made durable, and its boot said first.
+                    sync_dir(&self.path)?;
+                    if let Some(boot) = &self.boot {
+                        text.push_str(&format!("boot {boot}\n"));
+                    }
+                } else {
+                    // A line torn by a crash or a failed write is ended first, so that this one
+                    // is not glued to it.
+                    let mut last = [0u8];
+                    std::os::unix::fs::FileExt::read_exact_at(&file, &mut last, len - 1)?;
+                    if last[0] != b'\n' {
+                        text.push('\n');
+                    }
+                }
+                held.insert(file)
+            }
         };
-        let mut text = String::new();
-        if file.metadata()?.len() == 0
-            && let Some(boot) = &self.boot
-        {
-            text.push_str(&format!("boot {boot}\n"));
-        }
         text.push_str(line);
         text.push('\n');
-        file.write_all(text.as_bytes())?;
+        if let Err(err) = file.write_all(text.as_bytes()) {
+            // Opened again for the next line, which then looks at how this one ended.
+            *held = None;
+            return Err(err);
+        }
         file.try_clone()
+    }
+
+    /// Both journals' text, the older build's first (`None`: neither exists).
+    fn text(&self) -> io::Result<Option<String>> {
+        let mut text = None;
+        for path in [&self.older, &self.path] {
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    let text = text.get_or_insert_with(String::new);
+                    text.push_str(&String::from_utf8_lossy(&bytes));
+                    text.push('\n');
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(text)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<std::fs::File>> {
@@ -151,8 +208,8 @@ impl Launches {
     /// The runs that may have been launched (`None`: there is no journal, so nothing is known).
     pub fn read(&self) -> Option<BTreeSet<Uuid>> {
         let _held = self.lock();
-        let bytes = std::fs::read(&self.path).ok()?;
-        Some(Lines::parse(&String::from_utf8_lossy(&bytes)).launched(self.boot.as_deref()).0)
+        let text = self.text().ok()??;
+        Some(Lines::parse(&text).launched(self.boot.as_deref()).0)
     }
 
     /// Keeps the runs `keep` says to (those still open); creates the journal if there is none,
@@ -161,11 +218,7 @@ impl Launches {
     pub fn retain(&self, keep: impl Fn(&Uuid) -> bool) -> io::Result<()> {
         let mut held = self.lock();
         // Unreadable (not missing): kept as it is, never rewritten with less than it says.
-        let text = match std::fs::read(&self.path) {
-            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => String::new(),
-            Err(err) => return Err(err),
-        };
+        let text = self.text()?.unwrap_or_default();
         let (launched, staged) = Lines::parse(&text).launched(self.boot.as_deref());
         let mut out = String::new();
         if let Some(boot) = &self.boot {
@@ -181,7 +234,15 @@ impl Launches {
         let mut file = std::fs::File::create(&next)?;
         file.write_all(out.as_bytes())?;
         file.sync_data()?;
+        // The older build's journal first: a crash in between leaves no journal (nothing known,
+        // every open run counts as maybe launched), never one that says less.
+        match std::fs::remove_file(&self.older) {
+            Ok(()) => sync_dir(&self.older)?,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
+        }
         std::fs::rename(&next, &self.path)?;
+        sync_dir(&self.path)?;
         // The next line goes to the new file, opened then.
         *held = None;
         Ok(())
@@ -215,8 +276,12 @@ mod tests {
         journal.retain(|run| *run == b).unwrap();
         assert_eq!(journal.read(), Some([b].into_iter().collect()));
         // A torn last line (a crash mid-write) is not a run.
-        std::fs::write(dir.join("launched"), format!("boot b1\n{b}\n{}", &a.to_string()[..10])).unwrap();
+        std::fs::write(dir.join("launches"), format!("boot b1\n{b}\n{}", &a.to_string()[..10])).unwrap();
         assert_eq!(journal.read(), Some([b].into_iter().collect()));
+        // The next line is not glued to it.
+        let c = Uuid::new_v4();
+        Launches::in_boot(&dir, Some("b1".into())).note(c).unwrap();
+        assert_eq!(journal.read(), Some([b, c].into_iter().collect()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -236,17 +301,17 @@ mod tests {
         assert_eq!(journal.read(), Some([told].into_iter().collect()));
         // Another boot: a `go` line may have been lost with the page cache (here it was), so a
         // staged run may have been launched.
-        std::fs::write(dir.join("launched"), format!("boot b1\nstaged {staged}\nstaged {told}\n")).unwrap();
+        std::fs::write(dir.join("launches"), format!("boot b1\nstaged {staged}\nstaged {told}\n")).unwrap();
         let next = Launches::in_boot(&dir, Some("b2".into()));
         assert_eq!(next.read(), Some([staged, told].into_iter().collect()));
         // Its prune writes them as launched, under its own boot.
         next.retain(|_| true).unwrap();
         assert_eq!(next.read(), Some([staged, told].into_iter().collect()));
-        let text = std::fs::read_to_string(dir.join("launched")).unwrap();
+        let text = std::fs::read_to_string(dir.join("launches")).unwrap();
         assert!(text.starts_with("boot b2\n") && !text.contains("staged"), "{text}");
         // An unknown boot: the same caution.
         let unknown = Launches::in_boot(&dir, None);
-        std::fs::write(dir.join("launched"), format!("boot b1\nstaged {staged}\n")).unwrap();
+        std::fs::write(dir.join("launches"), format!("boot b1\nstaged {staged}\n")).unwrap();
         assert_eq!(unknown.read(), Some([staged].into_iter().collect()));
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -258,10 +323,25 @@ mod tests {
         std::fs::write(dir.join("launched"), format!("{run}\n")).unwrap();
         let journal = Launches::in_boot(&dir, Some("b1".into()));
         assert_eq!(journal.read(), Some([run].into_iter().collect()));
+        // Read beside this build's journal.
+        let staged = Uuid::new_v4();
+        journal.stage(staged).unwrap();
+        assert_eq!(journal.read(), Some([run].into_iter().collect()));
+        // Rewritten into this build's journal and removed: an older build that comes back finds
+        // no journal (its reading of one with unsynced lines could run a slot twice after a
+        // reboot), and counts every open run as maybe launched.
+        journal.retain(|_| true).unwrap();
+        assert!(!dir.join("launched").exists());
+        assert_eq!(journal.read(), Some([run].into_iter().collect()));
+        assert_eq!(
+            Launches::in_boot(&dir, Some("b2".into())).read(),
+            Some([run, staged].into_iter().collect())
+        );
         // A new journal starts with its boot, so a staged run is not taken for launched.
-        std::fs::remove_file(dir.join("launched")).unwrap();
-        journal.stage(run).unwrap();
-        assert_eq!(journal.read(), Some(BTreeSet::new()));
+        std::fs::remove_file(dir.join("launches")).unwrap();
+        let fresh = Launches::in_boot(&dir, Some("b1".into()));
+        fresh.stage(run).unwrap();
+        assert_eq!(fresh.read(), Some(BTreeSet::new()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
