@@ -234,10 +234,17 @@ impl Launches {
         let mut file = std::fs::File::create(&next)?;
         file.write_all(out.as_bytes())?;
         file.sync_data()?;
-        // The older build's journal first: a crash in between leaves no journal (nothing known,
-        // every open run counts as maybe launched), never one that says less.
+        // The older build's journal first, and with it this one (a build that came back after a
+        // rollback left both): a crash in between leaves no journal (nothing known, every open
+        // run counts as maybe launched), never one that says less than both did.
         match std::fs::remove_file(&self.older) {
-            Ok(()) => sync_dir(&self.older)?,
+            Ok(()) => {
+                match std::fs::remove_file(&self.path) {
+                    Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+                    _ => {}
+                }
+                sync_dir(&self.older)?;
+            }
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
             Err(err) => return Err(err),
         }
@@ -337,6 +344,12 @@ mod tests {
             Launches::in_boot(&dir, Some("b2".into())).read(),
             Some([run, staged].into_iter().collect())
         );
+        // Back after a rollback: the older build wrote its own journal beside this one's.
+        let older_run = Uuid::new_v4();
+        std::fs::write(dir.join("launched"), format!("{older_run}\n")).unwrap();
+        journal.retain(|_| true).unwrap();
+        assert!(!dir.join("launched").exists());
+        assert_eq!(journal.read(), Some([run, older_run].into_iter().collect()), "both, in one journal");
         // A new journal starts with its boot, so a staged run is not taken for launched.
         std::fs::remove_file(dir.join("launches")).unwrap();
         let fresh = Launches::in_boot(&dir, Some("b1".into()));
