@@ -1030,8 +1030,12 @@ fn kill_record(record: &Record) {
 /// node's, so it is never mistaken for one.
 fn clean_after(record: &Record) {
     kill_record(record);
+    // A child with no command line is in the middle of an `execve` (a shim being started, whose
+    // new image has no arguments yet): not judged until a second look finds it without one.
+    let mut blank = BTreeSet::new();
     for _ in 0..3 {
-        let strays = orphans();
+        let (mut strays, undecided) = orphans();
+        strays.extend(undecided.intersection(&blank).copied());
         for pid in &strays {
             tree::signal_tree(*pid, None, None, Signal::SIGKILL);
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGKILL);
@@ -1042,32 +1046,38 @@ fn clean_after(record: &Record) {
                 Some(nix::sys::wait::WaitPidFlag::WNOHANG),
             );
         }
-        if strays.is_empty() {
+        if strays.is_empty() && undecided.is_empty() {
             break;
         }
+        blank = undecided;
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// Children of this process that are not run shims.
+/// Children of this process that are not run shims, and those with no command line (in the
+/// middle of an `execve`, or gone), which cannot be told yet.
 /// A child being started as a shim has, until it execs, this process's own command line (or,
 /// under systemd, `systemd-run`'s, naming the shim): it is not an orphan either.
-fn orphans() -> BTreeSet<u32> {
+fn orphans() -> (BTreeSet<u32>, BTreeSet<u32>) {
     let me = std::process::id();
     let own = std::fs::read("/proc/self/cmdline").unwrap_or_default();
-    tree::children(me)
-        .into_iter()
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let mut args = cmdline.split(|b| *b == 0);
-            let shim = args.nth(1) == Some(SHIM_ARG.as_bytes());
-            // `systemd-run --scope … -- <shim> <SHIM_ARG>` until it executes the shim.
-            let scoped =
-                cmdline.split(|b| *b == 0).next().is_some_and(|first| first.ends_with(b"systemd-run"))
-                    && cmdline.split(|b| *b == 0).any(|arg| arg == SHIM_ARG.as_bytes());
-            !shim && !scoped && cmdline != own
-        })
-        .collect()
+    let (mut strays, mut undecided) = (BTreeSet::new(), BTreeSet::new());
+    for pid in tree::children(me) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.is_empty() {
+            undecided.insert(pid);
+            continue;
+        }
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let shim = args.get(1) == Some(&SHIM_ARG.as_bytes());
+        // `systemd-run --scope … -- <shim> <SHIM_ARG>` until it executes the shim.
+        let scoped = args.first().is_some_and(|first| first.ends_with(b"systemd-run"))
+            && args.contains(&SHIM_ARG.as_bytes());
+        if !shim && !scoped && cmdline != own {
+            strays.insert(pid);
+        }
+    }
+    (strays, undecided)
 }
 
 async fn read_event<R: tokio::io::AsyncRead + Unpin>(
