@@ -451,29 +451,27 @@ pub fn main(legacy: Option<&str>) -> u8 {
             }
         }
     }
+    // A start called off before the task was forked: nothing of it is kept.
+    let call_off = |writer: Option<SegmentWriter>, reason: String| {
+        if let Some(writer) = writer {
+            writer.remove_if_empty();
+        }
+        back_out(&homes);
+        clear_cgroups(&config);
+        emit(&ShimEvent::Exited { code: None, signal: None, stopped: Some(reason) });
+        0
+    };
     if config.hold {
         emit(&ShimEvent::Ready);
         if let Err(reason) = hold(&mut lease, &mut link) {
-            if let Some(writer) = writer.take() {
-                writer.remove_if_empty();
-            }
-            back_out(&homes);
-            clear_cgroups(&config);
-            emit(&ShimEvent::Exited { code: None, signal: None, stopped: Some(reason) });
-            return 0;
+            return call_off(writer.take(), reason);
         }
     }
     // The lease may have run out meanwhile (the shim frozen before its `setsid`, a long wait
     // for its go): then nothing starts.
     link.renew(&mut lease, boottime_ms());
     if let Some(why) = lease.expired(boottime_ms(), wall_ms()) {
-        if let Some(writer) = writer.take() {
-            writer.remove_if_empty();
-        }
-        back_out(&homes);
-        clear_cgroups(&config);
-        emit(&ShimEvent::Exited { code: None, signal: None, stopped: Some(why.into()) });
-        return 0;
+        return call_off(writer.take(), why.into());
     }
     let child = apply_limits(&config.run).and_then(|()| spawn(&config, writer));
     let spawned = match child {

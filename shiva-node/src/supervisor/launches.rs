@@ -120,10 +120,10 @@ impl Launches {
     }
 
     /// Appends `line` to the journal held by `held` (a new journal starts with this boot's line);
-    /// the file, to sync or not.
-    fn append(&self, held: &mut Option<std::fs::File>, line: &str) -> io::Result<std::fs::File> {
+    /// the file written to.
+    fn append<'a>(&self, held: &'a mut Option<std::fs::File>, line: &str) -> io::Result<&'a std::fs::File> {
         let mut text = String::new();
-        let file = match held {
+        let mut file = match held.take() {
             Some(file) => file,
             None => {
                 let file =
@@ -144,17 +144,15 @@ impl Launches {
                         text.push('\n');
                     }
                 }
-                held.insert(file)
+                file
             }
         };
         text.push_str(line);
         text.push('\n');
-        if let Err(err) = file.write_all(text.as_bytes()) {
-            // Opened again for the next line, which then looks at how this one ended.
-            *held = None;
-            return Err(err);
-        }
-        file.try_clone()
+        // Not held after a failed write: opened again for the next line, which then looks at
+        // how this one ended.
+        file.write_all(text.as_bytes())?;
+        Ok(held.insert(file))
     }
 
     /// Both journals' text, the older build's first (`None`: neither exists).
@@ -183,7 +181,7 @@ impl Launches {
         // Synced outside the lock: runs staged at once write their lines in turn and share the
         // file system's commits instead of queuing one sync each. A `retain` meanwhile reads the
         // line (written under the lock) and syncs its own file before it takes the place.
-        let file = self.append(&mut self.lock(), &format!("staged {run}"))?;
+        let file = self.append(&mut self.lock(), &format!("staged {run}"))?.try_clone()?;
         file.sync_data()
     }
 

@@ -746,12 +746,12 @@ impl ShimLauncher {
             all.iter().filter(|path| path.extension().is_some_and(|ext| ext == "json")).cloned().collect();
         // Files made ahead for a record's or an end's next version, whose shim has no record
         // (a process killed between the two, or a shim of this build under an older node).
+        let recorded: BTreeSet<&str> =
+            paths.iter().filter_map(|record| record.file_stem().and_then(|stem| stem.to_str())).collect();
         for path in &all {
             let Some(name) = path.file_name().and_then(|name| name.to_str()) else { continue };
             let shim = name.strip_suffix(".json.new").or_else(|| name.strip_suffix(".exit.new"));
-            if let Some(shim) = shim
-                && !paths.iter().any(|record| record.file_stem().and_then(|stem| stem.to_str()) == Some(shim))
-            {
+            if shim.is_some_and(|shim| !recorded.contains(shim)) {
                 let _ = std::fs::remove_file(path);
             }
         }
