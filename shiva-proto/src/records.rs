@@ -237,7 +237,8 @@ pub struct Resources {
     pub load1: f64,
 }
 
-/// A run a node holds, as listed in its heartbeat.
+/// A run a node holds, as older builds listed it in their heartbeats (read, never written: see
+/// [`Heartbeat::runs`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunSummary {
     /// The task.
@@ -294,8 +295,11 @@ pub struct Heartbeat {
     /// Resources, for display.
     #[serde(default)]
     pub resources: Resources,
-    /// Runs the node holds.
-    #[serde(default)]
+    /// Runs the node holds, as older builds listed them (empty, and absent on the wire, from
+    /// newer ones). No decision or display reads it: which node runs what is in
+    /// the assignments and the status topic. Repeating the list in every heartbeat cost every
+    /// node a decode of every peer's runs five times a second (docs/architecture.md, deviation 32).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runs: Vec<RunSummary>,
     /// Clock samples, for display (absent from older nodes): for each live peer, the largest
     /// `peer's sent_at_ms - this node's wall clock when it read that heartbeat` over the peer's

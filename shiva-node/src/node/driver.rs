@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shiva_bus::{BusError, Publisher, Reader, ReaderEvent, Record};
-use shiva_proto::records::{Body, Claim, Envelope, Placement, RunState, RunSummary, TaskStatus};
+use shiva_proto::records::{Body, Claim, Envelope, Placement, RunState, TaskStatus};
 use shiva_proto::runs::RunReport;
 use shiva_proto::topics::key;
 use shiva_proto::view::Outcome;
@@ -579,25 +579,12 @@ impl Node {
             }
             GateDecision::Paused => return,
         };
-        let runs = self
-            .own
-            .latest
-            .values()
-            .filter(|status| {
-                status.pid.is_some() && self.supervisor.as_ref().is_some_and(|s| s.holds(&status.task))
-            })
-            .map(|status| RunSummary {
-                task: status.task.clone(),
-                generation: status.generation,
-                pid: status.pid,
-            })
-            .collect();
         // Only the live ids matter here: no incarnation preference (which walks the assignments).
         let live = self.membership.live_members(self.config.node_timeout, &|_| Vec::new());
         let clock_ms =
             self.clock_samples.best(super::heartbeat::sampled(self.identity.leader_capable, &live));
         let heartbeat =
-            build(&self.identity, seq, self.fence.returns(), self.resources.resources(), runs, clock_ms);
+            build(&self.identity, seq, self.fence.returns(), self.resources.resources(), clock_ms);
         let key = key::node(&self.config.node_id);
         self.send(TopicKind::Control, key, Some(Body::Heartbeat(heartbeat)), Purpose::Heartbeat(seq));
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::clock::Boot;
 
 use shiva_proto::NodeId;
-use shiva_proto::records::{Heartbeat, Resources, RunSummary};
+use shiva_proto::records::{Heartbeat, Resources};
 use sysinfo::System;
 use uuid::Uuid;
 
@@ -180,13 +180,13 @@ pub struct Identity {
     pub recipient: Option<String>,
 }
 
-/// Builds heartbeat `seq`.
+/// Builds heartbeat `seq`. It lists none of the node's runs (see `Heartbeat::runs`): its size
+/// and cost do not grow with them.
 pub fn build(
     identity: &Identity,
     seq: u64,
     returns: u64,
     resources: Resources,
-    runs: Vec<RunSummary>,
     clock_ms: BTreeMap<NodeId, i64>,
 ) -> Heartbeat {
     Heartbeat {
@@ -203,7 +203,7 @@ pub fn build(
         authorized_keys: identity.authorized_keys.clone(),
         recipient: identity.recipient.clone(),
         resources,
-        runs,
+        runs: Vec::new(),
         features: shiva_proto::records::feature::ALL.iter().map(|name| (*name).to_owned()).collect(),
         clock_ms,
         replaces: identity.replaces,
