@@ -1,6 +1,7 @@
 //! Identifiers: validated newtypes for node and task ids.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -76,16 +77,19 @@ macro_rules! id_type {
     };
     ($(#[$doc:meta])* $name:ident, $what:literal, $segments:expr, $max_len:expr, $check:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        ///
+        /// Shared text: a clone costs no allocation, so the log view keeps one copy of an id
+        /// however many records name it.
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[serde(try_from = "String")]
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Validates and wraps an identifier.
             pub fn new(id: impl Into<String>) -> Result<Self, IdError> {
                 let id = id.into();
                 $check($what, &id, $segments, $max_len)?;
-                Ok(Self(id))
+                Ok(Self(id.into()))
             }
 
             /// The identifier as text.
@@ -103,7 +107,13 @@ macro_rules! id_type {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.to_string()
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
             }
         }
 
@@ -166,7 +176,7 @@ impl TaskId {
     /// The task an instance belongs to (itself when it is no instance).
     pub fn base(&self) -> TaskId {
         match self.0.split_once('@') {
-            Some((base, _)) => TaskId(base.to_owned()),
+            Some((base, _)) => TaskId(base.into()),
             None => self.clone(),
         }
     }

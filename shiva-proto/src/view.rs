@@ -178,6 +178,22 @@ pub struct ReportEntry {
     pub report: RunReport,
 }
 
+/// The offsets the view keeps of one key of `assignments` or `status` (see `LogView::offsets`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct KeyOffsets {
+    /// The newest record's.
+    last: i64,
+    /// The newest accepted record's.
+    accepted: Option<i64>,
+}
+
+impl KeyOffsets {
+    /// The newest record is the newest accepted one.
+    fn settled(&self) -> bool {
+        self.accepted == Some(self.last)
+    }
+}
+
 /// What the log holds about one run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunEntry {
@@ -250,15 +266,16 @@ pub struct LogView {
     /// Firing positions of periodic and one-shot tasks.
     pub scheds: BTreeMap<TaskId, SchedEntry>,
     /// Runs of periodic and one-shot tasks, per task and run id.
-    pub runs: BTreeMap<TaskId, BTreeMap<Uuid, RunEntry>>,
+    pub runs: BTreeMap<TaskId, BTreeMap<Uuid, Box<RunEntry>>>,
     /// Pending `run` requests per task: request id → offset.
     pub requests: BTreeMap<TaskId, BTreeMap<Uuid, i64>>,
-    /// Offset of the newest record (of any sender) per key of `assignments` and `status`,
-    /// so a writer can tell that something landed after its own write.
-    pub last_offsets: BTreeMap<(TopicKind, String), i64>,
-    /// Offset of the newest accepted record (tombstones included) per key of `assignments`
-    /// and `status`.
-    pub accepted_offsets: BTreeMap<(TopicKind, String), i64>,
+    /// Per key of `assignments` and `status`: the offset of its newest record (of any sender),
+    /// so a writer can tell that something landed after its own write, and of its newest
+    /// accepted record (tombstones included). A key is settled when the two are the same (see
+    /// [`LogView::is_settled`]). A settled run key (`run/…`) is not kept: its offsets are in its
+    /// [`RunEntry`], and a retained run's two keys would otherwise cost a node more memory than
+    /// the run itself (issue 21). Read with [`LogView::last_offset`].
+    offsets: BTreeMap<(TopicKind, String), KeyOffsets>,
     /// Offset of the next record to read, per topic.
     pub positions: BTreeMap<TopicKind, i64>,
     /// Keys of `assignments` and `status` whose newest record is not an accepted one: what
@@ -412,8 +429,19 @@ impl LogView {
     /// Whether the newest record on `key` is an accepted one (nothing stale or forged landed
     /// after it), so a compacted log replays to the same value.
     pub fn is_settled(&self, topic: TopicKind, key: &str) -> bool {
-        let key = (topic, key.to_owned());
-        self.last_offsets.get(&key) == self.accepted_offsets.get(&key)
+        self.offsets.get(&(topic, key.to_owned())).is_none_or(KeyOffsets::settled)
+    }
+
+    /// The offset of the newest record on `key` of `assignments` or `status`, of any sender;
+    /// `None` for a key never written, deleted, or a settled run key (see `offsets`).
+    pub fn last_offset(&self, topic: TopicKind, key: &str) -> Option<i64> {
+        self.offsets.get(&(topic, key.to_owned())).map(|offsets| offsets.last)
+    }
+
+    /// The keys of `topic` whose offsets the view keeps (see `offsets`), for tests of its
+    /// indexes.
+    pub fn offset_keys(&self, topic: TopicKind) -> impl Iterator<Item = &str> + '_ {
+        self.offsets.keys().filter(move |(t, _)| *t == topic).map(|(_, key)| key.as_str())
     }
 
     /// Unsettled keys of `topic` that start with `prefix`.
@@ -426,7 +454,7 @@ impl LogView {
 
     /// The run entry of `task` and `run`.
     pub fn run(&self, task: &TaskId, run: &Uuid) -> Option<&RunEntry> {
-        self.runs.get(task)?.get(run)
+        self.runs.get(task)?.get(run).map(|entry| &**entry)
     }
 
     /// [`LogView::apply`], and a panic while folding the record (a bug) skips it instead of
@@ -478,7 +506,7 @@ impl LogView {
             return Outcome::Skipped("record without a UTF-8 key".into());
         };
         if matches!(topic, TopicKind::Assignments | TopicKind::Status) {
-            self.last_offsets.insert((topic, key.to_owned()), offset);
+            self.offsets.entry((topic, key.to_owned())).or_default().last = offset;
         }
         if topic == TopicKind::Assignments && key.starts_with("claim/") && value.is_some() {
             // The first record of the key: a copy landing later (a retry) is not the claim.
@@ -533,8 +561,10 @@ impl LogView {
             self.mark_invalid(topic, offset, key, value.is_some(), reason);
         }
         if matches!(topic, TopicKind::Assignments | TopicKind::Status) {
-            if matches!(outcome, Outcome::Applied(_)) {
-                self.accepted_offsets.insert((topic, key.to_owned()), offset);
+            if matches!(outcome, Outcome::Applied(_))
+                && let Some(offsets) = self.offsets.get_mut(&(topic, key.to_owned()))
+            {
+                offsets.accepted = Some(offset);
             }
             self.note_settlement(topic, key, value.is_none());
         }
@@ -671,19 +701,30 @@ impl LogView {
 
     /// Keeps `unsettled` in step with the offsets of `key`. A key whose accepted tombstone is
     /// its newest record is forgotten: the log no longer holds it (after compaction) and it is
-    /// settled either way, so history trimmed away costs no memory.
+    /// settled either way, so history trimmed away costs no memory. A settled run key is
+    /// forgotten too (see `offsets`): absent, a key is settled, as it was.
     fn note_settlement(&mut self, topic: TopicKind, key: &str, tombstone: bool) {
         let id = (topic, key.to_owned());
-        let last = self.last_offsets.get(&id);
-        if last == self.accepted_offsets.get(&id) {
-            if tombstone {
-                self.last_offsets.remove(&id);
-                self.accepted_offsets.remove(&id);
+        if self.offsets.get(&id).is_none_or(KeyOffsets::settled) {
+            if tombstone || key.starts_with("run/") {
+                self.offsets.remove(&id);
             }
             self.unsettled.remove(&id);
         } else {
             self.unsettled.insert(id);
         }
+    }
+
+    /// `task`, sharing the text of the view's copy when it holds one: a retained run does not
+    /// keep its own copy of its task's id (issue 21, memory per run).
+    fn shared_task(&self, task: TaskId) -> TaskId {
+        self.runs.get_key_value(&task).map_or(task, |(shared, _)| shared.clone())
+    }
+
+    /// `node`, sharing the text of the id of its newest heartbeat when one was read (the ids
+    /// of nodes never heard from are not kept apart: forged records could name any number).
+    fn shared_node(&self, node: NodeId) -> NodeId {
+        self.heartbeats.get_key_value(&node).map_or(node, |(shared, _)| shared.clone())
     }
 
     /// Keeps `open_runs` in step with one run's entry.
@@ -1102,14 +1143,18 @@ impl LogView {
                     }
                 }
                 self.epochs.active.insert(intent.epoch);
+                intent.task = self.shared_task(intent.task);
+                intent.node = intent.node.map(|node| self.shared_node(node));
                 let (task, run) = (intent.task.clone(), intent.run_id);
                 self.runs.entry(task.clone()).or_default().entry(run).or_default().intent =
                     Some((intent, offset));
                 self.note_run(&task, run);
             }
-            (TopicKind::Status, Body::RunReport(report)) => {
+            (TopicKind::Status, Body::RunReport(mut report)) => {
                 let (node, incarnation) = node_sender().ok_or("sender is not a node with an incarnation")?;
                 expect_key(key, &key::run(&report.task, report.run_id))?;
+                report.task = self.shared_task(report.task);
+                let node = self.shared_node(node);
                 let (task, run) = (report.task.clone(), report.run_id);
                 let entry = ReportEntry { node, incarnation, offset, report };
                 self.runs.entry(task.clone()).or_default().entry(run).or_default().report = Some(entry);

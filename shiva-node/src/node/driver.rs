@@ -989,9 +989,9 @@ impl Node {
                 if current != Some(status.generation) {
                     return None;
                 }
-                let last = self.view.last_offsets.get(&(TopicKind::Status, key::task(task)))?;
+                let last = self.view.last_offset(TopicKind::Status, &key::task(task))?;
                 let mine = self.own.offsets.get(task)?;
-                (last > mine && !self.busy(TopicKind::Status, &key::task(task))).then(|| status.clone())
+                (last > *mine && !self.busy(TopicKind::Status, &key::task(task))).then(|| status.clone())
             })
             .collect();
         for status in stale {

@@ -798,8 +798,11 @@ fn a_run_cancelled_by_its_node_shutting_down_runs_again_and_a_killed_one_does_no
     sim.advance(3_000);
     let counts = sim.slot_launches();
     assert!(counts.values().all(|count| *count == 1), "{counts:?}");
-    let stopped: Vec<&RunEntry> =
-        sim.view.runs[&task].values().filter(|e| e.phase() == RunPhase::Stopped).collect();
+    let stopped: Vec<&RunEntry> = sim.view.runs[&task]
+        .values()
+        .map(|entry| &**entry)
+        .filter(|e| e.phase() == RunPhase::Stopped)
+        .collect();
     assert!(!stopped.is_empty());
     for entry in stopped {
         let (intent, _) = entry.intent.as_ref().unwrap();
@@ -857,7 +860,7 @@ fn manual_runs_obey_overlap_and_suspend_stops_new_runs() {
         sim.request(&task, request);
     }
     sim.advance(500);
-    let phases: Vec<RunPhase> = sim.view.runs[&task].values().map(RunEntry::phase).collect();
+    let phases: Vec<RunPhase> = sim.view.runs[&task].values().map(|entry| entry.phase()).collect();
     assert!(phases.contains(&RunPhase::Starting) && phases.contains(&RunPhase::Skipped), "{phases:?}");
     assert_eq!(sim.children.values().filter(|(_, _, started)| started.is_some()).count(), 1);
     assert!(!sim.view.requests.contains_key(&task), "handled requests are tombstoned");
@@ -1139,8 +1142,8 @@ proptest! {
                 .collect();
             prop_assert_eq!(&view.open_runs, &open);
             let unsettled: BTreeSet<&str> = view.unsettled(TopicKind::Assignments, "").collect();
-            for (topic, key) in view.last_offsets.keys().filter(|(topic, _)| *topic == TopicKind::Assignments) {
-                prop_assert_eq!(unsettled.contains(key.as_str()), !view.is_settled(*topic, key), "key {}", key);
+            for key in view.offset_keys(TopicKind::Assignments) {
+                prop_assert_eq!(unsettled.contains(key), !view.is_settled(TopicKind::Assignments, key), "key {}", key);
             }
         }
     }
