@@ -274,7 +274,10 @@ pub struct LogView {
     /// accepted record (tombstones included). A key is settled when the two are the same (see
     /// [`LogView::is_settled`]). A settled run key (`run/…`) is not kept: its offsets are in its
     /// [`RunEntry`], and a retained run's two keys would otherwise cost a node more memory than
-    /// the run itself (issue 21). Read with [`LogView::last_offset`].
+    /// the run itself (issue 21). Read with [`LogView::last_offset`]. Forgetting a settled key
+    /// is the same as keeping it only because offsets on a key never repeat: the Kafka reader
+    /// drops records it has read, and the file log only moves forward; a record read twice at
+    /// an old offset would otherwise unsettle a forgotten key.
     offsets: BTreeMap<(TopicKind, String), KeyOffsets>,
     /// Offset of the next record to read, per topic.
     pub positions: BTreeMap<TopicKind, i64>,

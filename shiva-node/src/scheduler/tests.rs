@@ -1145,6 +1145,11 @@ proptest! {
             for key in view.offset_keys(TopicKind::Assignments) {
                 prop_assert_eq!(unsettled.contains(key), !view.is_settled(TopicKind::Assignments, key), "key {}", key);
             }
+            // And the other way: no key is listed unsettled that the view takes for settled
+            // (a forgotten run key included).
+            for key in &unsettled {
+                prop_assert!(!view.is_settled(TopicKind::Assignments, key), "key {} listed unsettled but settled", key);
+            }
         }
     }
 }
