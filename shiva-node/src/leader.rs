@@ -7,7 +7,7 @@
 //! last record of a key, so the last record must always be the leader's.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use shiva_proto::TaskSpec;
@@ -46,6 +46,34 @@ impl Write {
     pub fn delete(topic: TopicKind, key: String, epoch: u64) -> [Write; 2] {
         let marker = Write { topic, key: key.clone(), body: Some(Body::Deleted(Deleted { epoch })) };
         [marker, Write { topic, key, body: None }]
+    }
+}
+
+/// The live members, indexed by id (an id's first member, as a walk of them finds it).
+/// Reconciliation asks after a node for every task and every copy: a walk of a thousand
+/// members for each of ten thousand tasks was most of a leader's step (issue 21, point 3).
+pub struct Live<'a> {
+    by_id: HashMap<&'a NodeId, &'a Member>,
+}
+
+impl<'a> Live<'a> {
+    /// Indexes `members`.
+    pub fn new(members: &'a [Member]) -> Live<'a> {
+        let mut by_id = HashMap::with_capacity(members.len());
+        for member in members {
+            by_id.entry(&member.id).or_insert(member);
+        }
+        Live { by_id }
+    }
+
+    /// The live member `node`, if it is one.
+    pub fn get(&self, node: &NodeId) -> Option<&'a Member> {
+        self.by_id.get(node).copied()
+    }
+
+    /// Whether `node` is live.
+    pub fn contains(&self, node: &NodeId) -> bool {
+        self.by_id.contains_key(node)
     }
 }
 
@@ -156,6 +184,7 @@ fn moves(view: &LogView, task: &TaskId, revision: i64, now_ms: i64) -> Moves {
 pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     let Inputs { live, conflicts, epoch, now_ms, busy, may_still_run, incarnation_may_still_run, failed } =
         *inputs;
+    let live_index = Live::new(live);
     let mut writes = Vec::new();
     let authorized_keys = view.auth.0.as_ref().map(|policy| policy.text().to_owned());
     let members = Members { epoch, nodes: live.to_vec(), conflicts: conflicts.to_vec(), authorized_keys };
@@ -171,7 +200,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             writes.push(Write { topic: *topic, key: key.clone(), body: None });
         }
     }
-    writes.extend(retire_nodes(view, live, now_ms, busy));
+    writes.extend(retire_nodes(view, &live_index, now_ms, busy));
     // Departures of incarnations their id's newest heartbeat no longer names (the node came
     // back, or was retired) are settled too: one per graceful stop otherwise.
     for (node, incarnation) in &view.left {
@@ -192,15 +221,15 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
 
     let candidates = Candidate::runners(live, &view.node_modes, now_ms);
     let defined = defined(view, &candidates);
-    let is_live = |node: &NodeId| live.iter().any(|member| member.id == *node);
+    let is_live = |node: &NodeId| live_index.contains(node);
     let may_start_after =
-        |node: &NodeId| live.iter().any(|member| member.id == *node && member.has(feature::START_AFTER));
+        |node: &NodeId| live_index.get(node).is_some_and(|member| member.has(feature::START_AFTER));
     // Copies that may still run, by task (what the records carry), and those of them that keep
     // the task from starting on another node.
     let carried: BTreeMap<&TaskId, Vec<Holder>> = view
         .assignments
         .iter()
-        .map(|(task, entry)| (task, handoff::left(view, task, &entry.assignment, live, may_still_run)))
+        .map(|(task, entry)| (task, handoff::left(view, task, &entry.assignment, &live_index, may_still_run)))
         .filter(|(_, copies)| !copies.is_empty())
         .collect();
     // The same task under another name: its own copy for an instance, its instances for it.
@@ -215,7 +244,10 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     let blocking = |task: &TaskId| -> Vec<&Holder> {
         let next_keep = defined.get(task).is_some_and(|spec| spec.spec.on_disconnect == OnDisconnect::Keep);
         let copies = carried.get(task).map(Vec::as_slice).unwrap_or_default();
-        copies.iter().filter(|holder| handoff::blocks(holder, live, may_still_run, next_keep)).collect()
+        copies
+            .iter()
+            .filter(|holder| handoff::blocks(holder, &live_index, may_still_run, next_keep))
+            .collect()
     };
     let services: BTreeMap<&TaskId, Result<Moves, String>> = defined
         .iter()
@@ -372,7 +404,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                     after = waits.iter().map(|holder| holder.node.clone()).collect();
                 }
                 Placement::Assigned { .. } | Placement::Scheduled | Placement::Pending { .. } => {
-                    placement = Placement::Pending { reason: handoff::waiting_reason(holder, live) };
+                    placement = Placement::Pending { reason: handoff::waiting_reason(holder, &live_index) };
                 }
                 Placement::Stopped | Placement::Failed { .. } => {}
             }
@@ -427,7 +459,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         // workspace: a restart), like a task leaving a silent node.
         let incarnation = match &placement {
             Placement::Assigned { node } => {
-                let chosen = live.iter().find(|member| member.id == *node).map(|member| member.incarnation);
+                let chosen = live_index.get(node).map(|member| member.incarnation);
                 let held = current.map(|entry| &entry.assignment).and_then(|current| {
                     let before = current.incarnation?;
                     let same_node =
@@ -594,7 +626,7 @@ pub const RETIRE_SILENT_MS: i64 = 24 * 3600 * 1000;
 /// departures go at the next step (a departure of a node with no heartbeat is settled).
 fn retire_nodes(
     view: &LogView,
-    live: &[Member],
+    live: &Live<'_>,
     now_ms: i64,
     busy: &dyn Fn(TopicKind, &str) -> bool,
 ) -> Vec<Write> {
@@ -611,7 +643,7 @@ fn retire_nodes(
     };
     let mut writes = Vec::new();
     for (node, entry) in &view.heartbeats {
-        if live.iter().any(|member| member.id == *node) {
+        if live.contains(node) {
             continue;
         }
         let departed = view.left.contains(&(node.clone(), entry.incarnation));

@@ -20,7 +20,7 @@
 //! * instances go only to nodes whose build runs them (the `instances` feature);
 //! * a task with no eligible node is pending, with the reason.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use shiva_proto::records::{Member, Mode, NodeMode, feature};
 use shiva_proto::{NodeId, TaskId};
@@ -163,6 +163,56 @@ fn no_node_for_instance(nodes: &[Candidate], task: &Demand) -> String {
     no_node_reason(nodes, &task.tags)
 }
 
+/// The candidates with their loads (tasks placed on them so far), found by id and walked
+/// fewest-loaded first: with a thousand nodes and ten thousand tasks, a walk of the nodes for
+/// each task's node, and a scan of them all with an ordered look-up of each one's load for each
+/// new task, were most of a leader's step (issue 21, point 3).
+///
+/// An id's load is its first candidate's (ids are unique among live members; were one not, its
+/// candidates would share the load, and a look-up by id finds the first, as a walk would).
+struct Loads<'n> {
+    nodes: &'n [Candidate],
+    /// Each id's candidates, by position (the first holds the load).
+    ids: HashMap<&'n NodeId, Vec<usize>>,
+    load: Vec<usize>,
+    /// (load, id, position): the order in which a new task takes nodes.
+    order: BTreeSet<(usize, &'n NodeId, usize)>,
+}
+
+impl<'n> Loads<'n> {
+    fn new(nodes: &'n [Candidate]) -> Loads<'n> {
+        let mut ids: HashMap<&NodeId, Vec<usize>> = HashMap::with_capacity(nodes.len());
+        for (position, node) in nodes.iter().enumerate() {
+            ids.entry(&node.id).or_default().push(position);
+        }
+        let order = nodes.iter().enumerate().map(|(position, node)| (0, &node.id, position)).collect();
+        Loads { nodes, ids, load: vec![0; nodes.len()], order }
+    }
+
+    /// The candidate `id` (its first).
+    fn find(&self, id: &NodeId) -> Option<&'n Candidate> {
+        self.ids.get(id).map(|positions| &self.nodes[positions[0]])
+    }
+
+    /// One more task on `id`.
+    fn bump(&mut self, id: &NodeId) {
+        let Some(positions) = self.ids.get(id) else { return };
+        let load = &mut self.load[positions[0]];
+        for position in positions {
+            self.order.remove(&(*load, &self.nodes[*position].id, *position));
+        }
+        *load += 1;
+        for position in positions {
+            self.order.insert((*load, &self.nodes[*position].id, *position));
+        }
+    }
+
+    /// The candidates, fewest tasks first, ties by id (then position).
+    fn by_load(&self) -> impl Iterator<Item = &'n Candidate> + '_ {
+        self.order.iter().map(|(_, _, position)| &self.nodes[*position])
+    }
+}
+
 /// Places every task: `Ok(node)` or `Err(reason)`.
 pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<NodeId, String>> {
     let eligible = |node: &Candidate, task: &Demand| {
@@ -170,7 +220,7 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
             && (task.apart.is_none() || node.instances)
             && task.only.as_ref().is_none_or(|only| *only == node.id)
     };
-    let mut load: BTreeMap<&NodeId, usize> = nodes.iter().map(|node| (&node.id, 0)).collect();
+    let mut loads = Loads::new(nodes);
     // Nodes holding an instance of each task with instances.
     let mut siblings: BTreeMap<&TaskId, BTreeSet<NodeId>> = BTreeMap::new();
     // Where each instance runs now, by task: a node another instance runs on takes none.
@@ -205,11 +255,11 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
             .prefer
             .as_ref()
             .filter(|prefer| task.current.as_ref() != Some(*prefer))
-            .and_then(|prefer| nodes.iter().find(|node| node.id == *prefer))
+            .and_then(|prefer| loads.find(prefer))
             .filter(|node| node.takes_new() && eligible(node, task) && !task.avoid.contains(&node.id))
             .filter(|node| free(node, &siblings));
         if let Some(node) = preferred {
-            *load.get_mut(&node.id).expect("every candidate has a load") += 1;
+            loads.bump(&node.id);
             if let Some(group) = &task.apart {
                 siblings.entry(group).or_default().insert(node.id.clone());
             }
@@ -219,7 +269,7 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
         let keep = task
             .current
             .as_ref()
-            .and_then(|current| nodes.iter().find(|node| node.id == *current))
+            .and_then(|current| loads.find(current))
             .filter(|node| eligible(node, task) && free(node, &siblings))
             .filter(|node| match node.availability {
                 Availability::Open | Availability::Cordoned => true,
@@ -236,7 +286,7 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
             });
         match keep {
             Some(node) => {
-                *load.get_mut(&node.id).expect("every candidate has a load") += 1;
+                loads.bump(&node.id);
                 if let Some(group) = &task.apart {
                     siblings.entry(group).or_default().insert(node.id.clone());
                 }
@@ -254,14 +304,13 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
                 && eligible(node, task)
                 && (task.apart.is_none() || held.is_none_or(|held| !held.contains(&node.id)))
         };
-        let any_fresh = nodes.iter().filter(fresh).any(|node| open(&node));
-        let best = nodes
-            .iter()
-            .filter(|node| open(node) && (!any_fresh || fresh(node)))
-            .min_by(|a, b| load[&a.id].cmp(&load[&b.id]).then_with(|| a.id.cmp(&b.id)));
+        // Nodes it failed on only when no other open node is left (with none, every node is
+        // fresh: no walk).
+        let any_fresh = task.avoid.is_empty() || nodes.iter().filter(fresh).any(|node| open(&node));
+        let best = loads.by_load().find(|node| open(node) && (!any_fresh || fresh(node)));
         let decision = match best {
             Some(node) => {
-                *load.get_mut(&node.id).expect("every candidate has a load") += 1;
+                loads.bump(&node.id);
                 if let Some(group) = &task.apart {
                     siblings.entry(group).or_default().insert(node.id.clone());
                 }
@@ -321,6 +370,181 @@ mod tests {
         })
     }
 
+    /// Runners with every availability, some without instances, ids possibly repeated.
+    fn mixed_nodes_strategy() -> impl Strategy<Value = Vec<Candidate>> {
+        let availability = prop_oneof![
+            Just(Availability::Open),
+            Just(Availability::Cordoned),
+            any::<bool>().prop_map(|expired| Availability::Draining { expired }),
+        ];
+        prop::collection::vec(
+            (
+                0u8..8,
+                prop::collection::btree_set(prop::sample::select(&TAGS[..]), 0..3),
+                availability,
+                any::<bool>(),
+            ),
+            0..8,
+        )
+        .prop_map(|nodes| {
+            nodes
+                .into_iter()
+                .map(|(id, tags, availability, instances)| Candidate {
+                    id: NodeId::new(format!("n{id}")).unwrap(),
+                    tags: tags.into_iter().map(str::to_owned).collect(),
+                    availability,
+                    instances,
+                })
+                .collect()
+        })
+    }
+
+    /// Tasks with every kind of ask: held, avoiding, preferring, instances apart or pinned.
+    fn mixed_tasks_strategy() -> impl Strategy<Value = Vec<Demand>> {
+        let node = || prop::option::of((0u8..9).prop_map(|n| NodeId::new(format!("n{n}")).unwrap()));
+        prop::collection::btree_map(
+            0u16..40,
+            (
+                prop::collection::vec(prop::sample::select(&TAGS[..]), 0..2),
+                node(),
+                any::<bool>(),
+                prop::collection::vec((0u8..9).prop_map(|n| NodeId::new(format!("n{n}")).unwrap()), 0..3),
+                node(),
+                prop::option::of(0u8..3),
+                node(),
+            ),
+            0..30,
+        )
+        .prop_map(|tasks| {
+            tasks
+                .into_iter()
+                .map(|(id, (tags, current, hold, avoid, prefer, group, only))| Demand {
+                    task: TaskId::new(format!("t{id}")).unwrap(),
+                    tags: tags.into_iter().map(str::to_owned).collect(),
+                    current,
+                    hold,
+                    avoid,
+                    prefer,
+                    apart: group.map(|g| TaskId::new(format!("g{g}")).unwrap()),
+                    only: only.filter(|_| group.is_some()),
+                })
+                .collect()
+        })
+    }
+
+    /// `plan` as it was before its nodes were indexed (a walk of the nodes per question): the
+    /// oracle the indexed one must agree with.
+    fn plan_by_walking(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<NodeId, String>> {
+        let eligible = |node: &Candidate, task: &Demand| {
+            node.can_run(&task.tags)
+                && (task.apart.is_none() || node.instances)
+                && task.only.as_ref().is_none_or(|only| *only == node.id)
+        };
+        let mut load: BTreeMap<&NodeId, usize> = nodes.iter().map(|node| (&node.id, 0)).collect();
+        // Nodes holding an instance of each task with instances.
+        let mut siblings: BTreeMap<&TaskId, BTreeSet<NodeId>> = BTreeMap::new();
+        // Where each instance runs now, by task: a node another instance runs on takes none.
+        let mut currents: BTreeMap<&TaskId, Vec<(&TaskId, &NodeId)>> = BTreeMap::new();
+        for task in tasks {
+            if let (Some(group), Some(current)) = (&task.apart, &task.current) {
+                currents.entry(group).or_default().push((&task.task, current));
+            }
+        }
+        let sibling_runs_on = |task: &Demand, node: &NodeId| {
+            task.apart
+                .as_ref()
+                .and_then(|group| currents.get(group))
+                .is_some_and(|runs| runs.iter().any(|(other, on)| *other != &task.task && *on == node))
+        };
+        let mut placed = BTreeMap::new();
+        let mut to_place = Vec::new();
+        for task in tasks {
+            if let (true, Some(current)) = (task.hold, &task.current) {
+                if let Some(group) = &task.apart {
+                    siblings.entry(group).or_default().insert(current.clone());
+                }
+                placed.insert(task.task.clone(), Ok(current.clone()));
+                continue;
+            }
+            let free = |node: &Candidate, siblings: &BTreeMap<&TaskId, BTreeSet<NodeId>>| {
+                task.apart
+                    .as_ref()
+                    .is_none_or(|group| siblings.get(group).is_none_or(|held| !held.contains(&node.id)))
+            };
+            let preferred = task
+                .prefer
+                .as_ref()
+                .filter(|prefer| task.current.as_ref() != Some(*prefer))
+                .and_then(|prefer| nodes.iter().find(|node| node.id == *prefer))
+                .filter(|node| node.takes_new() && eligible(node, task) && !task.avoid.contains(&node.id))
+                .filter(|node| free(node, &siblings));
+            if let Some(node) = preferred {
+                *load.get_mut(&node.id).expect("every candidate has a load") += 1;
+                if let Some(group) = &task.apart {
+                    siblings.entry(group).or_default().insert(node.id.clone());
+                }
+                placed.insert(task.task.clone(), Ok(node.id.clone()));
+                continue;
+            }
+            let keep = task
+                .current
+                .as_ref()
+                .and_then(|current| nodes.iter().find(|node| node.id == *current))
+                .filter(|node| eligible(node, task) && free(node, &siblings))
+                .filter(|node| match node.availability {
+                    Availability::Open | Availability::Cordoned => true,
+                    // Another node that takes new work, can run it and did not fail it.
+                    Availability::Draining { expired } => {
+                        !expired
+                            && !nodes.iter().any(|other| {
+                                other.takes_new()
+                                    && eligible(other, task)
+                                    && !task.avoid.contains(&other.id)
+                                    && !sibling_runs_on(task, &other.id)
+                            })
+                    }
+                });
+            match keep {
+                Some(node) => {
+                    *load.get_mut(&node.id).expect("every candidate has a load") += 1;
+                    if let Some(group) = &task.apart {
+                        siblings.entry(group).or_default().insert(node.id.clone());
+                    }
+                    placed.insert(task.task.clone(), Ok(node.id.clone()));
+                }
+                None => to_place.push(task),
+            }
+        }
+        to_place.sort_by(|a, b| a.task.cmp(&b.task));
+        for task in to_place {
+            let fresh = |node: &&Candidate| !task.avoid.contains(&node.id);
+            let held = siblings.get(task.apart.as_ref().unwrap_or(&task.task));
+            let open = |node: &&Candidate| {
+                node.takes_new()
+                    && eligible(node, task)
+                    && (task.apart.is_none() || held.is_none_or(|held| !held.contains(&node.id)))
+            };
+            let any_fresh = nodes.iter().filter(fresh).any(|node| open(&node));
+            let best = nodes
+                .iter()
+                .filter(|node| open(node) && (!any_fresh || fresh(node)))
+                .min_by(|a, b| load[&a.id].cmp(&load[&b.id]).then_with(|| a.id.cmp(&b.id)));
+            let decision = match best {
+                Some(node) => {
+                    *load.get_mut(&node.id).expect("every candidate has a load") += 1;
+                    if let Some(group) = &task.apart {
+                        siblings.entry(group).or_default().insert(node.id.clone());
+                    }
+                    Ok(node.id.clone())
+                }
+                None if task.apart.is_some() => Err(no_node_for_instance(nodes, task)),
+                None => Err(no_node_reason(nodes, &task.tags)),
+            };
+            placed.insert(task.task.clone(), decision);
+        }
+        placed
+    }
+
     fn with_result(tasks: &[Demand], result: &BTreeMap<TaskId, Result<NodeId, String>>) -> Vec<Demand> {
         tasks.iter().map(|task| Demand { current: result[&task.task].clone().ok(), ..task.clone() }).collect()
     }
@@ -340,6 +564,14 @@ mod tests {
                     Err(_) => prop_assert!(!any_eligible),
                 }
             }
+        }
+
+        #[test]
+        fn indexed_plan_agrees_with_walking_the_nodes(
+            nodes in mixed_nodes_strategy(),
+            tasks in mixed_tasks_strategy(),
+        ) {
+            prop_assert_eq!(plan(&nodes, &tasks), plan_by_walking(&nodes, &tasks));
         }
 
         #[test]

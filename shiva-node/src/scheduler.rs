@@ -206,14 +206,16 @@ pub const RESTAMPS_PER_PLAN: usize = 64;
 
 /// What one plan shares across tasks: runs (and services) per runner, to spread new runs, and
 /// the restamps left.
-struct Load {
+struct Load<'a> {
+    /// The live members, by id.
+    live: crate::leader::Live<'a>,
     runners: Vec<Candidate>,
     counts: BTreeMap<NodeId, usize>,
     restamps_left: usize,
 }
 
-impl Load {
-    fn new(ctx: &Context<'_>) -> Load {
+impl<'a> Load<'a> {
+    fn new(ctx: &Context<'a>) -> Load<'a> {
         let runners = Candidate::runners(ctx.live, &ctx.view.node_modes, ctx.now.timestamp_millis());
         let mut counts: BTreeMap<NodeId, usize> = runners.iter().map(|node| (node.id.clone(), 0)).collect();
         let services = ctx.view.assignments.values().filter_map(|entry| match &entry.assignment.placement {
@@ -227,7 +229,7 @@ impl Load {
                 *count += 1;
             }
         }
-        Load { runners, counts, restamps_left: RESTAMPS_PER_PLAN }
+        Load { live: crate::leader::Live::new(ctx.live), runners, counts, restamps_left: RESTAMPS_PER_PLAN }
     }
 
     fn is_live(&self, node: &NodeId) -> bool {
@@ -259,7 +261,7 @@ struct TaskPlan<'a, 'c> {
     task: &'a TaskId,
     spec: Option<&'a SpecEntry>,
     runs: Runs<'a>,
-    load: &'c mut Load,
+    load: &'c mut Load<'a>,
     writes: &'c mut Vec<Write>,
     /// Where this task's writes start in `writes`.
     first_write: usize,
@@ -292,7 +294,12 @@ fn at(ms: i64) -> DateTime<Utc> {
 }
 
 impl<'a, 'c> TaskPlan<'a, 'c> {
-    fn new(ctx: &'c Context<'a>, task: &'a TaskId, load: &'c mut Load, writes: &'c mut Vec<Write>) -> Self {
+    fn new(
+        ctx: &'c Context<'a>,
+        task: &'a TaskId,
+        load: &'c mut Load<'a>,
+        writes: &'c mut Vec<Write>,
+    ) -> Self {
         let spec = ctx.view.specs.get(task).filter(|entry| entry.spec.kind() != TaskKind::Service);
         let runs = Runs::new(ctx.view.runs.get(task));
         let first_write = writes.len();
@@ -385,7 +392,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     fn service_copy_blocks(&self, spec: &SpecEntry) -> bool {
         use crate::leader::handoff;
         let next_keep = spec.spec.on_disconnect == OnDisconnect::Keep;
-        let (view, live, may_still_run) = (self.ctx.view, self.ctx.live, self.ctx.may_still_run);
+        let (view, live, may_still_run) = (self.ctx.view, &self.load.live, self.ctx.may_still_run);
         std::iter::once(self.task).chain(view.assigned_instances(self.task)).any(|task| {
             let Some(entry) = view.assignments.get(task) else { return false };
             let left = handoff::left(view, task, &entry.assignment, live, may_still_run);
@@ -614,7 +621,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             trigger: due.trigger,
             incarnation: node
                 .as_ref()
-                .and_then(|node| self.ctx.live.iter().find(|member| member.id == *node))
+                .and_then(|node| self.load.live.get(node))
                 .map(|member| member.incarnation),
             node,
             launch_at_ms: launch_at,

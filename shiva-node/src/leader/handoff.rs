@@ -17,9 +17,11 @@
 
 use std::time::Duration;
 
-use shiva_proto::records::{Assignment, Holder, Member, Placement, RunState};
+use shiva_proto::records::{Assignment, Holder, Placement, RunState};
 use shiva_proto::spec::{OnDisconnect, TaskKind};
 use shiva_proto::{LogView, NodeId, TaskSpec};
+
+use super::Live;
 
 /// The copies `assignment` says may run: its `holders`, and the copy of the node an `assigned`
 /// placement names (of the revision that node was given) unless a holder already covers it.
@@ -39,7 +41,7 @@ pub fn left(
     view: &LogView,
     task: &shiva_proto::TaskId,
     assignment: &Assignment,
-    live: &[Member],
+    live: &Live<'_>,
     may_still_run: &dyn Fn(&NodeId, Duration) -> bool,
 ) -> Vec<Holder> {
     let copies = copies_of(assignment).into_iter();
@@ -120,13 +122,13 @@ pub fn gone(
     view: &LogView,
     task: &shiva_proto::TaskId,
     holder: &Holder,
-    live: &[Member],
+    live: &Live<'_>,
     may_still_run: &dyn Fn(&NodeId, Duration) -> bool,
 ) -> bool {
     if said_gone(word_for(view, task, holder)) {
         return true;
     }
-    if live.iter().any(|member| member.id == holder.node) {
+    if live.contains(&holder.node) {
         return false;
     }
     let exclusive_gone = !holder.exclusive || !may_still_run(&holder.node, grace(holder));
@@ -144,19 +146,19 @@ fn grace(holder: &Holder) -> Duration {
 /// what `keep` accepts).
 pub fn blocks(
     holder: &Holder,
-    live: &[Member],
+    live: &Live<'_>,
     may_still_run: &dyn Fn(&NodeId, Duration) -> bool,
     next_keep: bool,
 ) -> bool {
-    live.iter().any(|member| member.id == holder.node)
+    live.contains(&holder.node)
         || (holder.exclusive && may_still_run(&holder.node, grace(holder)))
         || (holder.keep && !next_keep)
 }
 
 /// The pending reason of a task handed off from `holder`'s node.
-pub fn waiting_reason(holder: &Holder, live: &[Member]) -> String {
+pub fn waiting_reason(holder: &Holder, live: &Live<'_>) -> String {
     let node = &holder.node;
-    if live.iter().any(|member| member.id == *node) {
+    if live.contains(node) {
         format!("handing off: waiting for {node} to stop its copy")
     } else if holder.keep {
         format!(
@@ -258,7 +260,7 @@ mod tests {
         // n2 started after n0's word; its status overwrote that word.
         status(&mut view, &task, "n2", 5, RunState::Running, &["n0"]);
         assert_eq!(word_for(&view, &task, n0), Some(RunState::Stopped));
-        assert!(gone(&view, &task, n0, &[], &|_, _| true));
+        assert!(gone(&view, &task, n0, &Live::new(&[]), &|_, _| true));
         assert_eq!(waiting_for(&view, &task, &assignment, &node("n2")), None, "a restarted n2 starts again");
         // Carried for an earlier hand-off (before n0's copy of `since`): not this word.
         status(&mut view, &task, "n2", 3, RunState::Running, &["n0"]);
@@ -266,6 +268,6 @@ mod tests {
         // Carried by a node the task is not assigned to (a late status of an earlier life).
         status(&mut view, &task, "n5", 9, RunState::Running, &["n0"]);
         assert_eq!(word_for(&view, &task, n0), None);
-        assert!(!gone(&view, &task, n0, &[], &|_, _| true));
+        assert!(!gone(&view, &task, n0, &Live::new(&[]), &|_, _| true));
     }
 }
