@@ -669,12 +669,7 @@ impl Node {
         // Whether this step walks every task (the leader's reconciliation, the runner's step)
         // or, nothing but the clock having changed since the last walk, leaves them out.
         let standing = super::pace::Standing {
-            live: self
-                .membership
-                .live_members(self.config.node_timeout, &|_| Vec::new())
-                .into_iter()
-                .map(|member| (member.id, member.incarnation))
-                .collect(),
+            live: self.membership.live_ids(self.config.node_timeout),
             leading: self.leadership.leading,
             open: self.fence.is_open(),
             may_start_exclusive: self.may_start_exclusive(),
@@ -682,8 +677,11 @@ impl Node {
         // The step's one reading of the wall clock, for the pace, reconciliation and the
         // scheduler alike.
         let now_ms = crate::supervisor::oneshot::now_ms();
-        let steady = super::pace::steady(&self.view, &standing.live, now_ms)
-            && !self.supervisor.as_ref().is_some_and(|supervisor| supervisor.stopping_any());
+        let (view, supervisor) = (&self.view, &self.supervisor);
+        let steady = |standing: &super::pace::Standing| {
+            super::pace::steady(view, &standing.live, now_ms)
+                && !supervisor.as_ref().is_some_and(|supervisor| supervisor.stopping_any())
+        };
         let walks = self.pace.walks(now, standing, steady);
         if let Some(epoch) = self.leadership.leading {
             // Task by task, decisions contain their own panics; this is the last resort for a
