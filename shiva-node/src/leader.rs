@@ -7,6 +7,7 @@
 //! last record of a key, so the last record must always be the leader's.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -49,7 +50,8 @@ impl Write {
     }
 }
 
-/// The live members, indexed by id (an id's first member, as a walk of them finds it).
+/// The live members, indexed by id. Their ids are unique (membership lists one incarnation per
+/// id, the others are `conflicts`); were one not, its first member would stand for it.
 /// Reconciliation asks after a node for every task and every copy: a walk of a thousand
 /// members for each of ten thousand tasks was most of a leader's step (issue 21, point 3).
 pub struct Live<'a> {
@@ -350,6 +352,21 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     let keeps_status = |task: &TaskId| defined.contains_key(task) || view.invalid.contains_key(task);
     let orphans =
         view.statuses.keys().filter(|task| !keeps_status(task) && !view.assignments.contains_key(*task));
+    // Whether some node that takes new work carries these tags, else why none: asked once per
+    // tag set and step (thousands of periodic tasks whose tags no node carries would each walk
+    // every node at every step, and a pending task keeps every step walking).
+    let by_tags: RefCell<HashMap<Vec<String>, Result<(), String>>> = RefCell::default();
+    let schedulable = |tags: &[String]| -> Result<(), String> {
+        if let Some(known) = by_tags.borrow().get(tags) {
+            return known.clone();
+        }
+        let answer = match candidates.iter().any(|node| node.takes_new() && node.can_run(tags)) {
+            true => Ok(()),
+            false => Err(no_node_reason(&candidates, tags)),
+        };
+        by_tags.borrow_mut().insert(tags.to_vec(), answer.clone());
+        answer
+    };
     let tasks: BTreeSet<&TaskId> =
         defined.keys().map(|task| task.as_ref()).chain(view.assignments.keys()).chain(orphans).collect();
     for task in tasks {
@@ -380,12 +397,9 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                     }
                     None if view.desired_state(task) == DesiredState::Stopped => Placement::Stopped,
                     // Periodic and one-shot tasks: the scheduler launches each run.
-                    None => match candidates
-                        .iter()
-                        .any(|node| node.takes_new() && node.can_run(&spec.spec.tags))
-                    {
-                        true => Placement::Scheduled,
-                        false => Placement::Pending { reason: no_node_reason(&candidates, &spec.spec.tags) },
+                    None => match schedulable(&spec.spec.tags) {
+                        Ok(()) => Placement::Scheduled,
+                        Err(reason) => Placement::Pending { reason },
                     },
                 }
             }),

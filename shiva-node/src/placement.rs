@@ -296,7 +296,16 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
         }
     }
     to_place.sort_by(|a, b| a.task.cmp(&b.task));
+    // Why no node takes a plain task (no instance, nothing avoided), by its tags: whether a node
+    // is open to such a task does not change within a plan (its load does), so a later one with
+    // the same tags finds none either, and does not walk every node again to learn it.
+    let mut none_for: HashMap<&[String], String> = HashMap::new();
     for task in to_place {
+        let plain = task.apart.is_none() && task.only.is_none() && task.avoid.is_empty();
+        if plain && let Some(reason) = none_for.get(task.tags.as_slice()) {
+            placed.insert(task.task.clone(), Err(reason.clone()));
+            continue;
+        }
         let fresh = |node: &&Candidate| !task.avoid.contains(&node.id);
         let held = siblings.get(task.apart.as_ref().unwrap_or(&task.task));
         let open = |node: &&Candidate| {
@@ -317,7 +326,13 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
                 Ok(node.id.clone())
             }
             None if task.apart.is_some() => Err(no_node_for_instance(nodes, task)),
-            None => Err(no_node_reason(nodes, &task.tags)),
+            None => {
+                let reason = no_node_reason(nodes, &task.tags);
+                if plain {
+                    none_for.insert(&task.tags, reason.clone());
+                }
+                Err(reason)
+            }
         };
         placed.insert(task.task.clone(), decision);
     }
