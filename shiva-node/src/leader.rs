@@ -7,7 +7,6 @@
 //! last record of a key, so the last record must always be the leader's.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 use uuid::Uuid;
 
 use crate::fault::contain;
-use crate::placement::{Availability, Candidate, Demand, no_node_reason, plan};
+use crate::placement::{Availability, Candidate, Demand, Takers, plan};
 
 pub mod handoff;
 
@@ -352,21 +351,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     let keeps_status = |task: &TaskId| defined.contains_key(task) || view.invalid.contains_key(task);
     let orphans =
         view.statuses.keys().filter(|task| !keeps_status(task) && !view.assignments.contains_key(*task));
-    // Whether some node that takes new work carries these tags, else why none: asked once per
-    // tag set and step (thousands of periodic tasks whose tags no node carries would each walk
-    // every node at every step, and a pending task keeps every step walking).
-    let by_tags: RefCell<HashMap<Vec<String>, Result<(), String>>> = RefCell::default();
-    let schedulable = |tags: &[String]| -> Result<(), String> {
-        if let Some(known) = by_tags.borrow().get(tags) {
-            return known.clone();
-        }
-        let answer = match candidates.iter().any(|node| node.takes_new() && node.can_run(tags)) {
-            true => Ok(()),
-            false => Err(no_node_reason(&candidates, tags)),
-        };
-        by_tags.borrow_mut().insert(tags.to_vec(), answer.clone());
-        answer
-    };
+    let mut takers = Takers::new(&candidates);
     let tasks: BTreeSet<&TaskId> =
         defined.keys().map(|task| task.as_ref()).chain(view.assignments.keys()).chain(orphans).collect();
     for task in tasks {
@@ -397,7 +382,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
                     }
                     None if view.desired_state(task) == DesiredState::Stopped => Placement::Stopped,
                     // Periodic and one-shot tasks: the scheduler launches each run.
-                    None => match schedulable(&spec.spec.tags) {
+                    None => match takers.check(&spec.spec.tags) {
                         Ok(()) => Placement::Scheduled,
                         Err(reason) => Placement::Pending { reason },
                     },

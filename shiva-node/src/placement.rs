@@ -163,6 +163,36 @@ fn no_node_for_instance(nodes: &[Candidate], task: &Demand) -> String {
     no_node_reason(nodes, &task.tags)
 }
 
+/// Whether some candidate that takes new work carries a tag set, else why none, answered once
+/// per tag set. A task that is no instance and avoids no node is open to exactly those nodes,
+/// whatever their loads, so the answer holds for a whole step: thousands of tasks whose tags no
+/// node carries would otherwise each walk every node at every step (and a pending task keeps
+/// every step walking).
+pub struct Takers<'n> {
+    nodes: &'n [Candidate],
+    known: HashMap<Vec<String>, Result<(), String>>,
+}
+
+impl<'n> Takers<'n> {
+    /// For `nodes`.
+    pub fn new(nodes: &'n [Candidate]) -> Takers<'n> {
+        Takers { nodes, known: HashMap::new() }
+    }
+
+    /// `Ok` when a node that takes new work carries every one of `tags`, else why none does.
+    pub fn check(&mut self, tags: &[String]) -> Result<(), String> {
+        if let Some(known) = self.known.get(tags) {
+            return known.clone();
+        }
+        let answer = match self.nodes.iter().any(|node| node.takes_new() && node.can_run(tags)) {
+            true => Ok(()),
+            false => Err(no_node_reason(self.nodes, tags)),
+        };
+        self.known.insert(tags.to_vec(), answer.clone());
+        answer
+    }
+}
+
 /// The candidates with their loads (tasks placed on them so far), found by id and walked
 /// fewest-loaded first: with a thousand nodes and ten thousand tasks, a walk of the nodes for
 /// each task's node, and a scan of them all with an ordered look-up of each one's load for each
@@ -296,14 +326,13 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
         }
     }
     to_place.sort_by(|a, b| a.task.cmp(&b.task));
-    // Why no node takes a plain task (no instance, nothing avoided), by its tags: whether a node
-    // is open to such a task does not change within a plan (its load does), so a later one with
-    // the same tags finds none either, and does not walk every node again to learn it.
-    let mut none_for: HashMap<&[String], String> = HashMap::new();
+    let mut takers = Takers::new(nodes);
     for task in to_place {
+        // A plain task (no instance, nothing avoided) no node is open to: its reason, known
+        // once per tag set.
         let plain = task.apart.is_none() && task.only.is_none() && task.avoid.is_empty();
-        if plain && let Some(reason) = none_for.get(task.tags.as_slice()) {
-            placed.insert(task.task.clone(), Err(reason.clone()));
+        if plain && let Err(reason) = takers.check(&task.tags) {
+            placed.insert(task.task.clone(), Err(reason));
             continue;
         }
         let fresh = |node: &&Candidate| !task.avoid.contains(&node.id);
@@ -326,13 +355,7 @@ pub fn plan(nodes: &[Candidate], tasks: &[Demand]) -> BTreeMap<TaskId, Result<No
                 Ok(node.id.clone())
             }
             None if task.apart.is_some() => Err(no_node_for_instance(nodes, task)),
-            None => {
-                let reason = no_node_reason(nodes, &task.tags);
-                if plain {
-                    none_for.insert(&task.tags, reason.clone());
-                }
-                Err(reason)
-            }
+            None => Err(no_node_reason(nodes, &task.tags)),
         };
         placed.insert(task.task.clone(), decision);
     }
