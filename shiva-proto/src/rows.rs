@@ -333,6 +333,11 @@ pub struct NodeRow {
     /// Its clock's offset from the leader's (ms, positive: ahead), estimated from their
     /// heartbeats' samples of each other (absent until both sampled the other; 0 for the leader).
     pub clock_offset_ms: Option<i64>,
+    /// How many times its newest incarnation came back after being cut off from the bus (it
+    /// could not read its own heartbeats back within its fence timeout: its exclusive runs
+    /// stopped and, unless they were already placed elsewhere, started again on its return),
+    /// as its newest heartbeat says. A node that is cut off now has not come back yet.
+    pub returns: u64,
     /// `signed` (the node accepts only commands signed by its authorized keys) or `open`.
     pub commands: &'static str,
     /// Its one-minute load average, as its newest heartbeat says.
@@ -444,6 +449,7 @@ pub fn node_rows(view: &LogView) -> Vec<NodeRow> {
                     .filter(|member| member.id == *id)
                     .map(|member| member.incarnation.to_string())
                     .collect(),
+                returns: entry.heartbeat.returns,
                 protocol: entry.heartbeat.protocol,
                 version: entry.heartbeat.version.clone(),
                 features: entry
@@ -553,4 +559,29 @@ pub fn history_rows(view: &LogView, task: &TaskId, limit: usize) -> Vec<HistoryR
         .collect();
     rows.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.attempt.cmp(&a.1.attempt)));
     rows.into_iter().take(limit).map(|(_, row)| row).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::records::{Body, Envelope, Heartbeat};
+    use crate::topics::{TopicKind, key};
+
+    #[test]
+    fn a_node_row_says_how_many_times_the_node_came_back_from_a_cut_off() {
+        let mut view = LogView::default();
+        for (offset, (node, returns)) in [("n1", 0), ("n2", 3)].into_iter().enumerate() {
+            let id = NodeId::new(node).unwrap();
+            let heartbeat = Heartbeat { returns, ..Heartbeat::of_newer_protocol(1) };
+            let value =
+                Envelope::now(node, Some(Uuid::from_u128(offset as u128 + 1)), Body::Heartbeat(heartbeat))
+                    .encode();
+            view.apply(TopicKind::Control, offset as i64, Some(key::node(&id).as_bytes()), Some(&value));
+        }
+        let rows = node_rows(&view);
+        let returns: Vec<(&str, u64)> = rows.iter().map(|row| (row.id.as_str(), row.returns)).collect();
+        assert_eq!(returns, [("n1", 0), ("n2", 3)]);
+    }
 }

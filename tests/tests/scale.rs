@@ -149,9 +149,38 @@ fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twi
         per_node.values().min().unwrap(),
         per_node.values().max().unwrap()
     );
-    // The spread, not a promise: a node cut off by an overloaded machine (it stops its tasks,
-    // which run elsewhere) may end with none, as services are not moved back to it.
-    assert!(per_node.len() >= NODES - NODES / 10, "the tasks spread over the nodes: {per_node:?}");
+    // The spread. A node the overloaded machine cut off from the bus (it could not read its own
+    // heartbeats back within its fence timeout) stopped its tasks, which the leader then placed
+    // elsewhere; services are not moved back, so it may end with none. Every other live node
+    // runs tasks: `nodes` says which nodes came back from a cut-off (`returns`). A node cut
+    // off right now is not back yet: its tasks are not running elsewhere yet either, or the
+    // leader no longer counts it live, so the check waits that out.
+    let mut cut_off = Vec::new();
+    let mut shown_idle = Vec::new();
+    wait_until(Duration::from_secs(60), "every live node never cut off runs tasks", || {
+        let Some(rows) = ctl.try_json(&["nodes"]) else { return false };
+        cut_off = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|row| row["returns"].as_u64() != Some(0) || row["alive"] != true)
+            .map(|row| row["id"].as_str().unwrap_or("?").to_owned())
+            .collect();
+        let idle: Vec<String> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|row| row["id"].as_str())
+            .filter(|id| !cut_off.iter().any(|cut| cut == id) && !per_node.contains_key(*id))
+            .map(str::to_owned)
+            .collect();
+        if !idle.is_empty() && idle != shown_idle {
+            eprintln!("live nodes never cut off that run no task: {idle:?}; cut off: {cut_off:?}");
+            shown_idle = idle.clone();
+        }
+        idle.is_empty()
+    });
+    eprintln!("nodes cut off from the bus and back, or not live: {} {cut_off:?}", cut_off.len());
     assert!(
         per_node.values().all(|&n| n <= 2 * TASKS / NODES),
         "no node runs more than twice its share: {per_node:?}"
