@@ -367,15 +367,6 @@ pub async fn run(cli: Cli) -> Result<(), CtlError> {
                         );
                     }
                 }
-                for row in rows.iter().filter(|row| row.alive && row.returns > 0) {
-                    println!(
-                        "warning: {} was cut off from the bus {} time(s) since it started (it could not read its own \
-                         heartbeats back within its fence timeout, and its exclusive tasks stopped): look for an \
-                         overloaded machine or broker (docs/operations.md, \"Reading `nodes`\")",
-                        row.id.as_str(),
-                        row.returns
-                    );
-                }
                 for row in rows.iter().filter(|row| row.protocol > mine) {
                     println!(
                         "note: {} speaks protocol {}, newer than this shiva-ctl's ({mine}): it leads while it is live, \

@@ -333,10 +333,11 @@ pub struct NodeRow {
     /// Its clock's offset from the leader's (ms, positive: ahead), estimated from their
     /// heartbeats' samples of each other (absent until both sampled the other; 0 for the leader).
     pub clock_offset_ms: Option<i64>,
-    /// How many times its newest incarnation came back after being cut off from the bus (it
-    /// could not read its own heartbeats back within its fence timeout: its exclusive runs
-    /// stopped and, unless they were already placed elsewhere, started again on its return),
-    /// as its newest heartbeat says. A node that is cut off now has not come back yet.
+    /// How many times its incarnation came back from its fence, as its newest heartbeat says:
+    /// after being cut off from the bus (it could not read its own heartbeats back within its
+    /// fence timeout, and its exclusive runs stopped), and after each restart of its process
+    /// that kept the incarnation (a reload, an upgrade, a crash). After a return, its exclusive
+    /// work waits for the leader to list it again. A node cut off now has not come back yet.
     pub returns: u64,
     /// `signed` (the node accepts only commands signed by its authorized keys) or `open`.
     pub commands: &'static str,

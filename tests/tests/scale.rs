@@ -72,6 +72,19 @@ fn leader(ctl: &Ctl) -> Option<String> {
     }
 }
 
+/// Node → how many times it came back from its fence, per `nodes --json`.
+fn returns(ctl: &Ctl) -> BTreeMap<String, u64> {
+    ctl.json(&["nodes"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let id = row["id"].as_str().unwrap().to_owned();
+            (id, row["returns"].as_u64().expect("nodes --json shows returns"))
+        })
+        .collect()
+}
+
 #[test]
 fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twice() {
     let broker = Broker::start();
@@ -110,6 +123,9 @@ fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twi
     }
     let file = dir.join("tasks.yaml");
     std::fs::write(&file, yaml).unwrap();
+    // How many times each node came back from its fence before the tasks are placed: a node
+    // cut off while fifty debug-built nodes start was open again when the leader placed them.
+    let returns_before = returns(&ctl);
     let applied = Instant::now();
     ctl.ok(&["apply", "-f", file.to_str().unwrap()]);
     let mut placed = BTreeMap::new();
@@ -151,36 +167,46 @@ fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twi
     );
     // The spread. A node the overloaded machine cut off from the bus (it could not read its own
     // heartbeats back within its fence timeout) stopped its tasks, which the leader then placed
-    // elsewhere; services are not moved back, so it may end with none. Every other live node
-    // runs tasks: `nodes` says which nodes came back from a cut-off (`returns`). A node cut
-    // off right now is not back yet: its tasks are not running elsewhere yet either, or the
-    // leader no longer counts it live, so the check waits that out.
+    // elsewhere; services are not moved back, so it may end with none. Every other node runs
+    // tasks: `nodes` says how many times each came back from its fence (`returns`), and a node
+    // cut off after `apply` came back more often than before it, or is not live. A node cut off
+    // right now is not back yet; once the leader stops counting it live, it is told apart,
+    // which the check waits for. `placed` is fixed: the wait only learns who was cut off.
     let mut cut_off = Vec::new();
     let mut shown_idle = Vec::new();
-    wait_until(Duration::from_secs(60), "every live node never cut off runs tasks", || {
+    wait_until(Duration::from_secs(60), "every node not cut off since `apply` runs tasks", || {
         let Some(rows) = ctl.try_json(&["nodes"]) else { return false };
+        let rows = rows.as_array().unwrap();
+        assert_eq!(rows.len(), NODES, "every node listed: {rows:?}");
         cut_off = rows
-            .as_array()
-            .unwrap()
             .iter()
-            .filter(|row| row["returns"].as_u64() != Some(0) || row["alive"] != true)
-            .map(|row| row["id"].as_str().unwrap_or("?").to_owned())
+            .filter(|row| {
+                let id = row["id"].as_str().unwrap();
+                let now = row["returns"].as_u64().expect("nodes --json shows returns");
+                row["alive"] != true || now > returns_before.get(id).copied().unwrap_or(0)
+            })
+            .map(|row| row["id"].as_str().unwrap().to_owned())
             .collect();
         let idle: Vec<String> = rows
-            .as_array()
-            .unwrap()
             .iter()
             .filter_map(|row| row["id"].as_str())
             .filter(|id| !cut_off.iter().any(|cut| cut == id) && !per_node.contains_key(*id))
             .map(str::to_owned)
             .collect();
         if !idle.is_empty() && idle != shown_idle {
-            eprintln!("live nodes never cut off that run no task: {idle:?}; cut off: {cut_off:?}");
+            let mut states: BTreeMap<String, usize> = BTreeMap::new();
+            for row in ctl.tasks().values() {
+                *states.entry(format!("{} {}", row["state"], row["reason"])).or_default() += 1;
+            }
+            eprintln!(
+                "nodes not cut off since `apply` that run no task: {idle:?}; cut off: {cut_off:?}; \
+                 tasks: {states:?}"
+            );
             shown_idle = idle.clone();
         }
         idle.is_empty()
     });
-    eprintln!("nodes cut off from the bus and back, or not live: {} {cut_off:?}", cut_off.len());
+    eprintln!("{} nodes cut off from the bus since `apply` (or not live): {cut_off:?}", cut_off.len());
     assert!(
         per_node.values().all(|&n| n <= 2 * TASKS / NODES),
         "no node runs more than twice its share: {per_node:?}"
