@@ -72,17 +72,25 @@ fn leader(ctl: &Ctl) -> Option<String> {
     }
 }
 
-/// Node → how many times it came back from its fence, per `nodes --json`.
-fn returns(ctl: &Ctl) -> BTreeMap<String, u64> {
-    ctl.json(&["nodes"])
-        .as_array()
+/// Node → (alive, how many times it came back from its fence), from `nodes --json` rows.
+fn returns(rows: &serde_json::Value) -> BTreeMap<String, (bool, u64)> {
+    rows.as_array()
         .unwrap()
         .iter()
         .map(|row| {
             let id = row["id"].as_str().unwrap().to_owned();
-            (id, row["returns"].as_u64().expect("nodes --json shows returns"))
+            (id, (row["alive"] == true, row["returns"].as_u64().expect("nodes --json shows returns")))
         })
         .collect()
+}
+
+/// How many tasks `list` shows in each state and reason.
+fn task_states(ctl: &Ctl) -> BTreeMap<String, usize> {
+    let mut states: BTreeMap<String, usize> = BTreeMap::new();
+    for row in ctl.tasks().values() {
+        *states.entry(format!("{} {}", row["state"], row["reason"])).or_default() += 1;
+    }
+    states
 }
 
 #[test]
@@ -125,7 +133,7 @@ fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twi
     std::fs::write(&file, yaml).unwrap();
     // How many times each node came back from its fence before the tasks are placed: a node
     // cut off while fifty debug-built nodes start was open again when the leader placed them.
-    let returns_before = returns(&ctl);
+    let returns_before = returns(&ctl.json(&["nodes"]));
     let applied = Instant::now();
     ctl.ok(&["apply", "-f", file.to_str().unwrap()]);
     let mut placed = BTreeMap::new();
@@ -134,14 +142,11 @@ fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twi
         placed = placement(&name);
         if shown.elapsed() > Duration::from_secs(15) {
             shown = Instant::now();
-            let mut states: BTreeMap<String, usize> = BTreeMap::new();
-            for row in ctl.tasks().values() {
-                *states.entry(format!("{} {}", row["state"], row["reason"])).or_default() += 1;
-            }
             eprintln!(
-                "{:.0} s: {} tasks run; list: {states:?}",
+                "{:.0} s: {} tasks run; list: {:?}",
                 applied.elapsed().as_secs_f64(),
-                placed.len()
+                placed.len(),
+                task_states(&ctl)
             );
         }
         assert!(
@@ -176,31 +181,21 @@ fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twi
     let mut shown_idle = Vec::new();
     wait_until(Duration::from_secs(60), "every node not cut off since `apply` runs tasks", || {
         let Some(rows) = ctl.try_json(&["nodes"]) else { return false };
-        let rows = rows.as_array().unwrap();
-        assert_eq!(rows.len(), NODES, "every node listed: {rows:?}");
-        cut_off = rows
+        let now = returns(&rows);
+        assert_eq!(now.len(), NODES, "every node listed: {rows:?}");
+        let before = |id: &str| returns_before.get(id).map_or(0, |(_, returns)| *returns);
+        cut_off = now
             .iter()
-            .filter(|row| {
-                let id = row["id"].as_str().unwrap();
-                let now = row["returns"].as_u64().expect("nodes --json shows returns");
-                row["alive"] != true || now > returns_before.get(id).copied().unwrap_or(0)
-            })
-            .map(|row| row["id"].as_str().unwrap().to_owned())
+            .filter(|(id, (alive, returns))| !alive || *returns > before(id))
+            .map(|(id, _)| id.clone())
             .collect();
-        let idle: Vec<String> = rows
-            .iter()
-            .filter_map(|row| row["id"].as_str())
-            .filter(|id| !cut_off.iter().any(|cut| cut == id) && !per_node.contains_key(*id))
-            .map(str::to_owned)
-            .collect();
+        let idle: Vec<String> =
+            now.keys().filter(|id| !cut_off.contains(id) && !per_node.contains_key(*id)).cloned().collect();
         if !idle.is_empty() && idle != shown_idle {
-            let mut states: BTreeMap<String, usize> = BTreeMap::new();
-            for row in ctl.tasks().values() {
-                *states.entry(format!("{} {}", row["state"], row["reason"])).or_default() += 1;
-            }
             eprintln!(
                 "nodes not cut off since `apply` that run no task: {idle:?}; cut off: {cut_off:?}; \
-                 tasks: {states:?}"
+                 tasks: {:?}",
+                task_states(&ctl)
             );
             shown_idle = idle.clone();
         }
