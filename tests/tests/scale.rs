@@ -95,7 +95,14 @@ fn task_states(ctl: &Ctl) -> BTreeMap<String, usize> {
 
 #[test]
 fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twice() {
-    let broker = Broker::start();
+    // The broker compacts at tansu's own default (every 10 minutes), not every second as the
+    // other tests' broker does: while tansu 0.6.0 compacts the status topic under a burst of
+    // writes, a node's consumer was measured going back below what it had read on that topic and
+    // re-reading it one record per fetch, for seconds to minutes, while the same consumer read
+    // nothing from the other topics, its own heartbeats included: most nodes were cut off, again
+    // and again (docs/benchmarks.md, "Fifty real nodes"). Kafka never serves below a read
+    // position; the other tests cover compaction.
+    let broker = Broker::start_with_interval("10min");
     let name = cluster("scale");
     let ctl = Ctl::new(&broker, &name);
     let mut nodes: Vec<Node> = (1..=NODES)
@@ -230,14 +237,19 @@ fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twi
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(moved, "the dead leader's {} tasks did not all move within 180 s", orphans.len());
-    let new = leader(&ctl);
+    let moved_after = killed.elapsed();
+    // The tasks moved, so a new leader placed them; `nodes` shows it once a read of it lands.
+    let mut new = None;
+    wait_until(Duration::from_secs(60), "a new leader listed", || {
+        new = leader(&ctl).filter(|new| *new != old);
+        new.is_some()
+    });
     eprintln!(
         "the leader {old} killed: its {} tasks run elsewhere {:.1} s later, new leader {new:?}; \
          {samples} samples of the process table, no task twice",
         orphans.len(),
-        killed.elapsed().as_secs_f64()
+        moved_after.as_secs_f64()
     );
-    assert!(new.is_some_and(|new| new != old), "a new leader");
     assert_eq!(overlaps(&mark), "", "copies that started while another held the task's lock");
     // And it stays so a while.
     let settled = Instant::now();
