@@ -1,5 +1,9 @@
 //! Reading the control topics: one consumer, assigned (not subscribed: no group, no rebalance)
 //! to partition 0 of each topic from the beginning, polled by a dedicated thread.
+//!
+//! Invariant: each topic's records reach the node once, in log order. A record below the read
+//! position is dropped, and the client is sent back up to the position (a broker that serves
+//! records again, see [`seek_up`], would otherwise keep it re-reading them).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -169,6 +173,25 @@ const REGRESSION_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// The shortest time between two checks forced by records read below the position.
 const SOON: Duration = Duration::from_millis(250);
 
+/// The shortest time between two seeks of one topic back up to the read position.
+const SEEK_EVERY: Duration = Duration::from_millis(250);
+
+/// Whether a record at `offset` read below the `position` should send the consumer back up to
+/// the position: the client's own fetch position went back below what was already delivered
+/// (tansu 0.6.0 answers a fetch of a partition that compaction left gaps in with overlapping
+/// batches, and librdkafka moves its fetch position to the last record of the answer; it then
+/// re-reads a few records per fetch, for minutes, while the same consumer was seen reading
+/// nothing of the other topics). Every record below the position was delivered already, in
+/// order, so the seek skips nothing; at most one per [`SEEK_EVERY`] per topic.
+fn seek_up(
+    offset: i64,
+    position: i64,
+    last_seek: Option<std::time::Instant>,
+    now: std::time::Instant,
+) -> bool {
+    offset < position && last_seek.is_none_or(|at| now.saturating_duration_since(at) >= SEEK_EVERY)
+}
+
 /// The first topic whose end lies below the read position: `(topic, position, end)`.
 fn regressed(
     names: &BTreeMap<String, TopicKind>,
@@ -230,6 +253,7 @@ fn poll_loop(
     let mut pending: Vec<(u64, BTreeMap<TopicKind, i64>)> = Vec::new();
     let send = |event| events.blocking_send(event).is_ok();
     let mut checked = std::time::Instant::now();
+    let mut seeks: BTreeMap<TopicKind, std::time::Instant> = BTreeMap::new();
     while !stop.load(Ordering::Relaxed) {
         // Every read-to-end asked since the last turn shares one end query: one ListOffsets
         // request for all topics (per-topic watermark queries cost two requests each, and
@@ -276,6 +300,24 @@ fn poll_loop(
                     // a record below the read position was already delivered, in order. (A
                     // topic whose end fell below the position is caught by `regressed`.)
                     tracing::trace!(topic = %kind, offset = message.offset(), "record read again; dropped");
+                    let now = std::time::Instant::now();
+                    if seek_up(message.offset(), *position, seeks.get(&kind).copied(), now) {
+                        seeks.insert(kind, now);
+                        // Asynchronous (no wait): the next fetch of the topic starts at the
+                        // position. A position past the topic's end (recreated, or its tail
+                        // lost) is for `regressed` to judge, as before: checked soon, below.
+                        match consumer.seek(message.topic(), 0, Offset::Offset(*position), Duration::ZERO) {
+                            Ok(()) => tracing::debug!(
+                                topic = %kind,
+                                offset = message.offset(),
+                                position = *position,
+                                "the client read below the position: sent back up to it"
+                            ),
+                            Err(err) => {
+                                tracing::debug!(topic = %kind, error = %err, "cannot seek up to the position")
+                            }
+                        }
+                    }
                     // It may also be the first record of a topic recreated below the position:
                     // check the ends soon rather than at the next regular check.
                     if checked.elapsed() >= SOON {
@@ -331,6 +373,16 @@ fn poll_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_below_the_position_sends_the_client_back_up_at_most_once_a_quarter_second() {
+        let now = std::time::Instant::now();
+        assert!(seek_up(1353, 1361, None, now), "below the position, never sought");
+        assert!(!seek_up(1361, 1361, None, now), "at the position: a new record");
+        assert!(!seek_up(1400, 1361, None, now), "above the position");
+        assert!(!seek_up(1353, 1361, Some(now), now + Duration::from_millis(100)), "sought just now");
+        assert!(seek_up(1354, 1361, Some(now), now + SEEK_EVERY), "sought a while ago");
+    }
 
     #[test]
     fn a_topic_regressed_when_its_end_is_above_zero_and_below_the_position() {
