@@ -176,20 +176,44 @@ const SOON: Duration = Duration::from_millis(250);
 /// The shortest time between two seeks of one topic back up to the read position.
 const SEEK_EVERY: Duration = Duration::from_millis(250);
 
-/// Whether a record at `offset` read below the `position` should send the consumer back up to
-/// the position: the client's own fetch position went back below what was already delivered
-/// (tansu 0.6.0 answers a fetch of a partition that compaction left gaps in with overlapping
-/// batches, and librdkafka moves its fetch position to the last record of the answer; it then
-/// re-reads a few records per fetch, for minutes, while the same consumer was seen reading
-/// nothing of the other topics). Every record below the position was delivered already, in
-/// order, so the seek skips nothing; at most one per [`SEEK_EVERY`] per topic.
-fn seek_up(
-    offset: i64,
+/// The longest: a client sent back up to the same position again and again, with no new record
+/// in between, waits twice as long each time, up to this.
+const SEEK_AT_MOST_EVERY: Duration = Duration::from_secs(8);
+
+/// The last seek of one topic back up to the read position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SeekUp {
+    /// When.
+    at: std::time::Instant,
+    /// To where.
     position: i64,
-    last_seek: Option<std::time::Instant>,
-    now: std::time::Instant,
-) -> bool {
-    offset < position && last_seek.is_none_or(|at| now.saturating_duration_since(at) >= SEEK_EVERY)
+    /// How long before the next one.
+    wait: Duration,
+}
+
+/// Whether a record at `offset` read below the `position` sends the consumer back up to the
+/// position, and the seek to remember if so. The client's own fetch position went back below
+/// what was already delivered: tansu 0.6.0 answers a fetch of a partition that compaction left
+/// gaps in with overlapping batches, and librdkafka takes its next fetch offset from the last
+/// record of the answer; it then re-read a few records per fetch, for minutes, while the same
+/// consumer was seen reading nothing of the other topics. Every record below the position was
+/// delivered already, in order, so the seek skips nothing.
+///
+/// At most one seek per [`SEEK_EVERY`] per topic. Seeking again to the same position means no
+/// record came in between; on Kafka that is a client reset below a position past the topic's end
+/// (a truncated or recreated topic, which `regressed` reports): each seek then costs a read from
+/// the start, so the wait doubles, up to [`SEEK_AT_MOST_EVERY`].
+fn seek_up(offset: i64, position: i64, last: Option<SeekUp>, now: std::time::Instant) -> Option<SeekUp> {
+    if offset >= position {
+        return None;
+    }
+    let wait = match last {
+        None => SEEK_EVERY,
+        Some(last) if now.saturating_duration_since(last.at) < last.wait => return None,
+        Some(last) if last.position == position => last.wait.saturating_mul(2).min(SEEK_AT_MOST_EVERY),
+        Some(_) => SEEK_EVERY,
+    };
+    Some(SeekUp { at: now, position, wait })
 }
 
 /// The first topic whose end lies below the read position: `(topic, position, end)`.
@@ -253,7 +277,7 @@ fn poll_loop(
     let mut pending: Vec<(u64, BTreeMap<TopicKind, i64>)> = Vec::new();
     let send = |event| events.blocking_send(event).is_ok();
     let mut checked = std::time::Instant::now();
-    let mut seeks: BTreeMap<TopicKind, std::time::Instant> = BTreeMap::new();
+    let mut seeks: BTreeMap<TopicKind, SeekUp> = BTreeMap::new();
     while !stop.load(Ordering::Relaxed) {
         // Every read-to-end asked since the last turn shares one end query: one ListOffsets
         // request for all topics (per-topic watermark queries cost two requests each, and
@@ -296,22 +320,24 @@ fn poll_loop(
                 let Some(kind) = names.get(message.topic()).copied() else { continue };
                 let position = positions.entry(kind).or_insert(0);
                 if message.offset() < *position {
-                    // tansu 0.6.0 serves records again after the end of a compacted partition:
-                    // a record below the read position was already delivered, in order. (A
-                    // topic whose end fell below the position is caught by `regressed`.)
+                    // Delivered already, in order: tansu 0.6.0 serves records again from a
+                    // partition that compaction left gaps in (see `seek_up`). (A topic whose end
+                    // fell below the position is caught by `regressed`.)
                     tracing::trace!(topic = %kind, offset = message.offset(), "record read again; dropped");
                     let now = std::time::Instant::now();
-                    if seek_up(message.offset(), *position, seeks.get(&kind).copied(), now) {
-                        seeks.insert(kind, now);
-                        // Asynchronous (no wait): the next fetch of the topic starts at the
-                        // position. A position past the topic's end (recreated, or its tail
-                        // lost) is for `regressed` to judge, as before: checked soon, below.
+                    if let Some(seek) = seek_up(message.offset(), *position, seeks.get(&kind).copied(), now) {
+                        seeks.insert(kind, seek);
+                        // Asynchronous: the client drops what it had fetched of the topic and
+                        // fetches again from the position. A position past the topic's end
+                        // (recreated, or its tail lost) is for `regressed` to judge, as before:
+                        // checked soon, below. With no wait, librdkafka reports no error.
                         match consumer.seek(message.topic(), 0, Offset::Offset(*position), Duration::ZERO) {
                             Ok(()) => tracing::debug!(
                                 topic = %kind,
                                 offset = message.offset(),
                                 position = *position,
-                                "the client read below the position: sent back up to it"
+                                next_in = ?seek.wait,
+                                "the client read below the position: asked it to seek up to it"
                             ),
                             Err(err) => {
                                 tracing::debug!(topic = %kind, error = %err, "cannot seek up to the position")
@@ -377,11 +403,31 @@ mod tests {
     #[test]
     fn a_record_below_the_position_sends_the_client_back_up_at_most_once_a_quarter_second() {
         let now = std::time::Instant::now();
-        assert!(seek_up(1353, 1361, None, now), "below the position, never sought");
-        assert!(!seek_up(1361, 1361, None, now), "at the position: a new record");
-        assert!(!seek_up(1400, 1361, None, now), "above the position");
-        assert!(!seek_up(1353, 1361, Some(now), now + Duration::from_millis(100)), "sought just now");
-        assert!(seek_up(1354, 1361, Some(now), now + SEEK_EVERY), "sought a while ago");
+        let first = seek_up(1353, 1361, None, now).expect("below the position, never sought");
+        assert_eq!(first, SeekUp { at: now, position: 1361, wait: SEEK_EVERY });
+        assert_eq!(seek_up(1361, 1361, None, now), None, "at the position: a new record");
+        assert_eq!(seek_up(1400, 1361, None, now), None, "above the position");
+        let soon = now + Duration::from_millis(100);
+        assert_eq!(seek_up(1353, 1361, Some(first), soon), None, "sought just now");
+        // New records came in since: a new position, the shortest wait again.
+        let later = now + SEEK_EVERY;
+        let moved = seek_up(1370, 1400, Some(first), later).expect("sought a while ago");
+        assert_eq!(moved.wait, SEEK_EVERY);
+    }
+
+    #[test]
+    fn seeking_again_to_the_same_position_waits_twice_as_long_each_time_up_to_eight_seconds() {
+        let mut now = std::time::Instant::now();
+        let mut last = seek_up(5, 100, None, now).unwrap();
+        let mut waits = vec![last.wait];
+        for _ in 0..8 {
+            assert_eq!(seek_up(6, 100, Some(last), now + last.wait - Duration::from_millis(1)), None);
+            now += last.wait;
+            last = seek_up(6, 100, Some(last), now).expect("waited long enough");
+            waits.push(last.wait);
+        }
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [250, 500, 1000, 2000, 4000, 8000, 8000, 8000, 8000]);
     }
 
     #[test]
