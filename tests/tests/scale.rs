@@ -178,13 +178,13 @@ fn fifty_nodes_place_a_thousand_tasks_and_survive_a_leader_kill_with_no_task_twi
         per_node.values().min().unwrap(),
         per_node.values().max().unwrap()
     );
-    // The spread. A node cut off from the bus (it could not read its own
-    // heartbeats back within its fence timeout) stopped its tasks, which the leader then placed
-    // elsewhere; services are not moved back, so it may end with none. Every other node runs
-    // tasks: `nodes` says how many times each came back from its fence (`returns`), and a node
-    // cut off after `apply` came back more often than before it, or is not live. A node cut off
-    // right now is not back yet; once the leader stops counting it live, it is told apart,
-    // which the check waits for. `placed` is fixed: the wait only learns who was cut off.
+    // The spread. A node cut off from the bus (it could not read its own heartbeats back within
+    // its fence timeout) stopped its tasks, which the leader then placed elsewhere; services are
+    // not moved back, so it may end with none. Every other node runs tasks: `nodes` says how
+    // many times each came back from its fence (`returns`), and a node cut off after `apply`
+    // came back more often than before it, or is not live. A node cut off right now is not back
+    // yet; once the leader stops counting it live, it is told apart, which the check waits for.
+    // `placed` is fixed: the wait only learns who was cut off.
     let mut cut_off = Vec::new();
     let mut shown_idle = Vec::new();
     wait_until(Duration::from_secs(60), "every node not cut off since `apply` runs tasks", || {
