@@ -202,6 +202,10 @@ impl Sim {
                 && !assignment.after.contains(from)
                 // Copies that both ride out disconnections may run side by side.
                 && !(keep(&assignment.spec) && keep(&self.view.assignments[&assignment.task].assignment.spec))
+                // Nor is it early once that node said its copy of this generation stopped.
+                && !self.view.current_status(&assignment.task).is_some_and(|status| {
+                    status.node == *from && status.status.state == shiva_proto::records::RunState::Stopped
+                })
             {
                 self.doubled.push(format!("{} moved off {from} before it fenced", assignment.task));
             }
