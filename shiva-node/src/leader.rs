@@ -413,7 +413,7 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         if let Placement::Assigned { .. } = placement
             && let Some(run) = [task.clone(), task.base()]
                 .iter()
-                .find_map(|task| view.runs.get(task)?.values().find_map(|run| run.in_flight_on()))
+                .find_map(|task| view.runs_of(task).find_map(|run| run.in_flight_on()))
         {
             placement = Placement::Pending { reason: format!("waiting for its run on {run} to end") };
             after.clear();
@@ -557,10 +557,7 @@ fn oldest_record_epoch(view: &LogView, epoch: u64) -> u64 {
     let members = view.members.iter().map(|members| members.epoch);
     let assignments = view.assignments.values().map(|entry| entry.assignment.epoch);
     let scheds = view.scheds.values().map(|entry| entry.sched.epoch);
-    let intents = view.runs.values().flat_map(|runs| runs.values()).filter_map(|entry| {
-        let (intent, _) = entry.intent.as_ref()?;
-        Some(intent.epoch)
-    });
+    let intents = view.all_runs().filter_map(|run| run.epoch());
     members.chain(assignments).chain(scheds).chain(intents).fold(epoch, u64::min)
 }
 

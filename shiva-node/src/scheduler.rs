@@ -21,7 +21,7 @@ use shiva_proto::runs::{Due, Outcome, RunIntent, RunPhase, Sched, Trigger, jitte
 use shiva_proto::schedule::Schedule;
 use shiva_proto::spec::{CatchUp, OnDisconnect, Overlap, TaskKind};
 use shiva_proto::topics::key;
-use shiva_proto::view::{RunEntry, SpecEntry};
+use shiva_proto::view::{RunRef, SpecEntry};
 use shiva_proto::{LogView, NodeId, TaskId, TopicKind};
 use uuid::Uuid;
 
@@ -79,9 +79,8 @@ pub struct Context<'a> {
 /// Whether a run report whose intent the view does not hold was read after the last read to
 /// the end (`synced_below`): the driver then asks for one, so it can be deleted.
 pub fn unconfirmed_orphans(view: &LogView, synced_below: i64) -> bool {
-    view.runs.values().flat_map(|runs| runs.values()).any(|entry| {
-        entry.intent.is_none() && entry.report.as_ref().is_some_and(|report| report.offset >= synced_below)
-    })
+    view.all_runs()
+        .any(|run| !run.has_intent() && run.report_offset().is_some_and(|offset| offset >= synced_below))
 }
 
 /// Parsed schedules by task and spec revision: parsing cron expressions at every plan cost
@@ -301,7 +300,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         writes: &'c mut Vec<Write>,
     ) -> Self {
         let spec = ctx.view.specs.get(task).filter(|entry| entry.spec.kind() != TaskKind::Service);
-        let runs = Runs::new(ctx.view.runs.get(task));
+        let runs = Runs::new(task, ctx.view.runs.get(task));
         let first_write = writes.len();
         TaskPlan { ctx, task, spec, runs, load, writes, first_write }
     }
@@ -410,7 +409,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
 
     /// Runs not over, with an intent naming a node.
     fn in_flight(&self) -> Vec<Uuid> {
-        self.runs.iter().filter(|(_, entry)| entry.in_flight_on().is_some()).map(|(id, _)| *id).collect()
+        self.runs.iter().filter(|run| run.in_flight_on().is_some()).map(|run| run.id()).collect()
     }
 
     /// The revision a run runs (its intent's spec) governs how long its silent node may still
@@ -418,15 +417,15 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     fn judge_runs_of_gone_nodes(&mut self) {
         let gone: Vec<(RunIntent, bool)> = self
             .runs
-            .values()
-            .filter(|entry| !entry.is_final())
-            .filter_map(|entry| {
-                let (intent, _) = entry.intent.as_ref()?;
+            .iter()
+            .filter(|run| !run.is_final())
+            .filter_map(|run| {
+                let intent = run.intent()?;
                 let node = intent.node.as_ref()?;
                 let exclusive = intent.spec.on_disconnect == OnDisconnect::Stop;
                 let held = exclusive && (self.ctx.may_still_run)(node, intent.spec.stop_grace);
                 let gone = !self.load.is_live(node) && !held;
-                gone.then(|| (intent.clone(), entry.report.is_some()))
+                gone.then(|| (intent.into_owned(), run.has_report()))
             })
             .collect();
         for (mut intent, started) in gone {
@@ -460,16 +459,17 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let mut intents: Vec<RunIntent> = self
             .runs
             .iter()
-            .filter_map(|(_, entry)| Some((entry.intent.as_ref()?, entry.report.as_ref())))
-            .filter(|((intent, offset), _)| intent.epoch < epoch && *offset >= 0)
-            .filter(|((intent, _), _)| {
-                let key = key::run(self.task, intent.run_id);
+            .filter(|run| run.epoch().is_some_and(|older| older < epoch))
+            .filter(|run| run.intent_offset().is_some_and(|offset| offset >= 0))
+            .filter(|run| {
+                let key = key::run(self.task, run.id());
                 !written.contains(key.as_str()) && !(self.ctx.busy)(TopicKind::Assignments, &key)
             })
             .take(self.load.restamps_left)
-            .map(|((intent, _), report)| {
-                let ended = report.map(|report| report.report.state).filter(|state| state.is_final());
-                RunIntent { epoch, verdict: intent.verdict.or(ended), ..intent.clone() }
+            .filter_map(|run| {
+                let intent = run.intent()?;
+                let ended = run.reported().map(|(state, _)| state).filter(|state| state.is_final());
+                Some(RunIntent { epoch, verdict: intent.verdict.or(ended), ..intent.into_owned() })
             })
             .collect();
         let sched_key = key::sched(self.task);
@@ -503,9 +503,10 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             .unsettled(TopicKind::Assignments, &prefix)
             .filter(|key| !self.busy(TopicKind::Assignments, key))
             .filter_map(|key| key::task_and_uuid(key, "run").filter(|(task, _)| task == self.task))
-            .filter_map(|(_, id)| self.runs.get(&id)?.intent.as_ref())
-            .filter(|(_, offset)| *offset >= 0)
-            .map(|(intent, _)| RunIntent { epoch: self.ctx.epoch, ..intent.clone() })
+            .filter_map(|(_, id)| self.runs.get(&id))
+            .filter(|run| run.intent_offset().is_some_and(|offset| offset >= 0))
+            .filter_map(|run| run.intent())
+            .map(|intent| RunIntent { epoch: self.ctx.epoch, ..intent.into_owned() })
             .collect();
         for intent in unsettled {
             self.write_intent(intent);
@@ -516,7 +517,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let targets: Vec<RunIntent> = self
             .in_flight()
             .into_iter()
-            .filter_map(|id| self.runs[&id].intent.as_ref().map(|(intent, _)| intent.clone()))
+            .filter_map(|id| self.runs.get(&id)?.intent().map(|intent| intent.into_owned()))
             .filter(|intent| intent.stop.is_none() && pick(intent))
             .filter(|intent| !self.busy(TopicKind::Assignments, &key::run(self.task, intent.run_id)))
             .collect();
@@ -544,11 +545,10 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let orphans: Vec<Uuid> = self
             .runs
             .iter()
-            .filter(|(_, entry)| {
-                entry.intent.is_none()
-                    && entry.report.as_ref().is_some_and(|report| report.offset < synced_below)
+            .filter(|run| {
+                !run.has_intent() && run.report_offset().is_some_and(|offset| offset < synced_below)
             })
-            .map(|(id, _)| *id)
+            .map(|run| run.id())
             .collect();
         for id in orphans {
             let key = key::run(self.task, id);
@@ -562,15 +562,14 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // they stay until it is written past them (at most `CHECKPOINT_LAUNCHES` of them), so
         // neither this leader nor an older one reads the position back to before a slot that ran.
         let stored = self.ctx.view.scheds.get(self.task).and_then(|entry| entry.sched.decided_through_ms);
-        let implying = |entry: &RunEntry| {
-            let slot = entry.intent.as_ref().and_then(|(intent, _)| intent.trigger.slot_ms());
-            defined && slot.is_some_and(|slot| stored.is_none_or(|stored| slot > stored))
+        let implying = |run: &RunRef<'_>| {
+            defined && run.slot_ms().is_some_and(|slot| stored.is_none_or(|stored| slot > stored))
         };
         let mut finished: Vec<(i64, Uuid)> = self
             .runs
             .iter()
-            .filter(|(_, entry)| entry.is_final() && entry.intent.is_some() && !implying(entry))
-            .map(|(id, entry)| (entry.intent.as_ref().map_or(i64::MIN, |(_, offset)| *offset), *id))
+            .filter(|run| run.is_final() && !implying(run))
+            .filter_map(|run| Some((run.intent_offset()?, run.id())))
             .collect();
         if finished.len() <= keep {
             return;
@@ -579,8 +578,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let excess = finished.len() - keep;
         for (_, id) in finished.into_iter().take(excess) {
             let key = key::run(self.task, id);
-            let entry = &self.runs[&id];
-            if entry.intent.as_ref().is_some_and(|(_, offset)| *offset >= 0)
+            if self.runs.get(&id).and_then(|run| run.intent_offset()).is_some_and(|offset| offset >= 0)
                 && !self.busy(TopicKind::Assignments, &key)
             {
                 self.writes.extend(Write::delete(TopicKind::Assignments, key.clone(), self.ctx.epoch));
@@ -687,7 +685,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
 
     /// The slots this task has a launch intent of (in the view or written by this step).
     fn intent_slots(&self) -> impl Iterator<Item = i64> + '_ {
-        self.runs.values().filter_map(|entry| entry.intent.as_ref()?.0.trigger.slot_ms())
+        self.runs.iter().filter_map(|run| run.slot_ms())
     }
 
     /// The newest of [`TaskPlan::intent_slots`].
@@ -773,15 +771,15 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let deadline = spec.spec.starting_deadline.map(|deadline| before(self.ctx.now, deadline));
         let missed: Vec<Due> = self
             .runs
-            .values()
-            .filter(|entry| never_ran(entry))
-            .filter_map(|entry| entry.intent.as_ref().map(|(intent, _)| intent))
-            .filter(|intent| match intent.trigger {
+            .iter()
+            .filter(never_ran)
+            .filter_map(|run| Some((run.trigger()?, run.attempt()?)))
+            .filter(|(trigger, _)| match *trigger {
                 Trigger::Slot { slot_ms } => deadline.is_none_or(|oldest| at(slot_ms) >= oldest),
                 Trigger::Request { .. } => true,
                 Trigger::Once { .. } => false,
             })
-            .map(|intent| Due { trigger: intent.trigger, attempt: intent.attempt.saturating_add(1) })
+            .map(|(trigger, attempt)| Due { trigger, attempt: attempt.saturating_add(1) })
             .collect();
         let serial = spec.spec.overlap != Overlap::Allow;
         for due in missed {
@@ -808,7 +806,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                 // intent, or the position that queues it), read back: a write that fails must
                 // not leave the request dropped and its run never launched.
                 let id = run_id(self.task, due.trigger, due.attempt);
-                let landed = self.ctx.view.run(self.task, &id).is_some_and(|entry| entry.intent.is_some())
+                let landed = self.ctx.view.run(self.task, &id).is_some_and(|run| run.has_intent())
                     || self
                         .ctx
                         .view
@@ -835,7 +833,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // decided late, a runner that came back. With a serial policy the slots after it wait
         // until it ends, and then run one at a time.
         let backlog = in_flight.iter().any(|id| {
-            let entry = &self.runs[id];
+            let Some(entry) = self.runs.get(id).map(|run| run.entry()) else { return false };
             let report = entry.report.as_ref().map(|report| &report.report);
             entry.intent.as_ref().is_some_and(|(intent, _)| {
                 intent.trigger.slot_ms().is_some_and(|slot| {
@@ -926,7 +924,8 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             if !entry.is_final() {
                 return;
             }
-            let report = entry.report.as_ref().map(|entry| &entry.report);
+            let report = entry.report();
+            let report = report.as_ref().map(|entry| &entry.report);
             let end = match entry.phase() {
                 RunPhase::TimedOut => RunEnd::TimedOut,
                 RunPhase::Lost | RunPhase::Missed | RunPhase::Stopped | RunPhase::Skipped => RunEnd::Lost,
@@ -978,12 +977,11 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
 /// Whether a run certainly never ran, and not because the leader stopped it: `missed` (its node
 /// was gone before the start record), or `stopped` by its runner before starting (the node was
 /// shutting down, or found the leader's `missed` verdict when confirming).
-fn never_ran(entry: &RunEntry) -> bool {
-    let stop_requested = entry.intent.as_ref().is_some_and(|(intent, _)| intent.stop.is_some());
-    match entry.phase() {
+fn never_ran(run: &RunRef<'_>) -> bool {
+    match run.phase() {
         RunPhase::Missed => true,
         RunPhase::Stopped => {
-            !stop_requested && entry.report.as_ref().is_some_and(|report| report.report.started_ms.is_none())
+            !run.stop_requested() && run.reported().is_some_and(|(_, started_ms)| started_ms.is_none())
         }
         _ => false,
     }

@@ -252,12 +252,7 @@ pub fn schedule_detail(spec: &TaskSpec, now: DateTime<Utc>, count: usize) -> Opt
 
 /// The state of a periodic or one-shot task: its current run's, else its own.
 fn scheduled_state(view: &LogView, task: &TaskId, row: &mut TaskRow) {
-    let current = view
-        .runs
-        .get(task)
-        .into_iter()
-        .flat_map(|runs| runs.values())
-        .find(|entry| entry.in_flight_on().is_some());
+    let current = view.runs_of(task).find(|entry| entry.in_flight_on().is_some()).map(|run| run.entry());
     let sched = view.scheds.get(task).map(|entry| &entry.sched);
     if let Some(entry) = current {
         let (intent, _) = entry.intent.as_ref().expect("filtered above");
@@ -524,10 +519,10 @@ fn time(ms: i64) -> String {
 
 /// The task's runs, newest first.
 pub fn history_rows(view: &LogView, task: &TaskId, limit: usize) -> Vec<HistoryRow> {
-    let Some(runs) = view.runs.get(task) else { return Vec::new() };
-    let mut rows: Vec<(i64, HistoryRow)> = runs
-        .iter()
-        .map(|(id, entry)| {
+    let mut rows: Vec<(i64, HistoryRow)> = view
+        .runs_of(task)
+        .map(|run| {
+            let (id, entry) = (&run.id(), run.entry());
             let intent = entry.intent.as_ref().map(|(intent, _)| intent);
             let report = entry.report.as_ref().map(|entry| &entry.report);
             let trigger = intent.map(|i| i.trigger).or(report.map(|r| r.trigger));

@@ -17,10 +17,10 @@ use uuid::Uuid;
 
 use crate::ids::{NodeId, TaskId};
 use crate::records::{
-    Assignment, Body, DecodeError, DesiredState, Envelope, Heartbeat, Members, Mode, MoveRequest, NodeMode,
-    Placement, TaskStatus,
+    Assignment, Body, DecodeError, DesiredState, Envelope, ExitInfo, Heartbeat, Members, Mode, MoveRequest,
+    NodeMode, Placement, TaskStatus,
 };
-use crate::runs::{RunIntent, RunPhase, RunReport, Sched};
+use crate::runs::{RunIntent, RunPhase, RunReport, Sched, Trigger};
 use crate::spec::TaskSpec;
 use crate::topics::{TopicKind, key};
 
@@ -207,14 +207,10 @@ impl RunEntry {
     /// The run's state: the runner's final word, else the leader's verdict, else the runner's
     /// progress, else scheduled.
     pub fn phase(&self) -> RunPhase {
-        let reported = self.report.as_ref().map(|entry| entry.report.state);
-        let verdict = self.intent.as_ref().and_then(|(intent, _)| intent.verdict);
-        match (reported, verdict) {
-            (Some(state), _) if state.is_final() => state,
-            (_, Some(verdict)) => verdict,
-            (Some(state), None) => state,
-            (None, None) => RunPhase::Scheduled,
-        }
+        phase_of(
+            self.report.as_ref().map(|entry| entry.report.state),
+            self.intent.as_ref().and_then(|(intent, _)| intent.verdict),
+        )
     }
 
     /// Whether the run is over.
@@ -226,6 +222,326 @@ impl RunEntry {
     pub fn in_flight_on(&self) -> Option<&NodeId> {
         let (intent, _) = self.intent.as_ref()?;
         intent.node.as_ref().filter(|_| !self.is_final())
+    }
+}
+
+/// A run's state from its runner's newest word and the leader's verdict (see [`RunEntry::phase`]).
+fn phase_of(reported: Option<RunPhase>, verdict: Option<RunPhase>) -> RunPhase {
+    match (reported, verdict) {
+        (Some(state), _) if state.is_final() => state,
+        (_, Some(verdict)) => verdict,
+        (Some(state), None) => state,
+        (None, None) => RunPhase::Scheduled,
+    }
+}
+
+/// A run that is over, with an intent, as the view keeps it (issue 21, memory per retained
+/// run): the facts `history` shows, the scheduler's checks read and a restamp of its intent
+/// writes again, without the two records' copies of the task, run id, attempt and trigger, nor
+/// what only a run still to launch needs. [`DoneRun::entry`] gives the run back in full, as
+/// the records said, except:
+/// * the intent's `written_at_ms` (read only before a launch) is absent;
+/// * the report names the intent's node and incarnation as its sender's (a run over, the
+///   runners' checks cancel it whoever reported it), and its `pid` and `late_ms` (read only of
+///   runs in flight) are absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoneRun {
+    intent_offset: i64,
+    /// The report's offset; -1: no report.
+    report_offset: i64,
+    epoch: u64,
+    launch_at_ms: i64,
+    spec_revision: i64,
+    spec: std::sync::Arc<TaskSpec>,
+    trigger: Trigger,
+    node: Option<NodeId>,
+    incarnation: Option<Uuid>,
+    attempt: u32,
+    verdict: Option<RunPhase>,
+    /// The report's state; `None`: no report.
+    reported: Option<RunPhase>,
+    stop: Option<Box<str>>,
+    note: Option<Box<str>>,
+    started_ms: Option<i64>,
+    ended_ms: Option<i64>,
+    exit: Option<ExitInfo>,
+    message: Option<Box<str>>,
+}
+
+impl DoneRun {
+    /// The compact form of a run over, with its intent.
+    fn compact(intent: RunIntent, intent_offset: i64, report: Option<ReportEntry>) -> DoneRun {
+        let (report_offset, report) = match report {
+            Some(entry) => (entry.offset, Some(entry.report)),
+            None => (-1, None),
+        };
+        DoneRun {
+            intent_offset,
+            report_offset,
+            epoch: intent.epoch,
+            launch_at_ms: intent.launch_at_ms,
+            spec_revision: intent.spec_revision,
+            spec: intent.spec,
+            trigger: intent.trigger,
+            node: intent.node,
+            incarnation: intent.incarnation,
+            attempt: intent.attempt,
+            verdict: intent.verdict,
+            reported: report.as_ref().map(|report| report.state),
+            stop: intent.stop.map(String::into_boxed_str),
+            note: intent.note.map(String::into_boxed_str),
+            started_ms: report.as_ref().and_then(|report| report.started_ms),
+            ended_ms: report.as_ref().and_then(|report| report.ended_ms),
+            exit: report.as_ref().and_then(|report| report.exit),
+            message: report.and_then(|report| report.message).map(String::into_boxed_str),
+        }
+    }
+
+    fn phase(&self) -> RunPhase {
+        phase_of(self.reported, self.verdict)
+    }
+
+    /// The intent, as its record said (`written_at_ms` aside).
+    fn intent(&self, task: &TaskId, run_id: Uuid) -> RunIntent {
+        RunIntent {
+            epoch: self.epoch,
+            task: task.clone(),
+            run_id,
+            attempt: self.attempt,
+            trigger: self.trigger,
+            node: self.node.clone(),
+            incarnation: self.incarnation,
+            launch_at_ms: self.launch_at_ms,
+            written_at_ms: None,
+            spec_revision: self.spec_revision,
+            spec: self.spec.clone(),
+            stop: self.stop.as_deref().map(str::to_owned),
+            verdict: self.verdict,
+            note: self.note.as_deref().map(str::to_owned),
+        }
+    }
+
+    /// The report, if any (see the type's notes for what differs from the record).
+    fn report(&self, task: &TaskId, run_id: Uuid) -> Option<ReportEntry> {
+        let state = self.reported?;
+        Some(ReportEntry {
+            node: self.node.clone().unwrap_or_else(|| NodeId::new("unknown").expect("a valid id")),
+            incarnation: self.incarnation.unwrap_or_default(),
+            offset: self.report_offset,
+            report: RunReport {
+                task: task.clone(),
+                run_id,
+                attempt: self.attempt,
+                trigger: self.trigger,
+                state,
+                pid: None,
+                started_ms: self.started_ms,
+                late_ms: None,
+                ended_ms: self.ended_ms,
+                exit: self.exit,
+                message: self.message.as_deref().map(str::to_owned),
+            },
+        })
+    }
+
+    /// The run in full (see the type's notes).
+    pub fn entry(&self, task: &TaskId, run_id: Uuid) -> RunEntry {
+        RunEntry {
+            intent: Some((self.intent(task, run_id), self.intent_offset)),
+            report: self.report(task, run_id),
+        }
+    }
+}
+
+/// A run as the view keeps it: in full until it is over, then compact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Run {
+    /// Not over yet, or without an intent.
+    Full(Box<RunEntry>),
+    /// Over, with an intent.
+    Done(Box<DoneRun>),
+}
+
+impl Run {
+    /// How `entry` is kept.
+    pub fn keep(entry: RunEntry) -> Run {
+        let over = entry.is_final();
+        match entry {
+            RunEntry { intent: Some((intent, offset)), report } if over => {
+                Run::Done(Box::new(DoneRun::compact(intent, offset, report)))
+            }
+            entry => Run::Full(Box::new(entry)),
+        }
+    }
+
+    /// The run in full.
+    pub fn into_entry(self, task: &TaskId, run_id: Uuid) -> RunEntry {
+        match self {
+            Run::Full(entry) => *entry,
+            Run::Done(done) => done.entry(task, run_id),
+        }
+    }
+
+    /// A reader's handle on it.
+    pub fn at<'a>(&'a self, task: &'a TaskId, id: Uuid) -> RunRef<'a> {
+        match self {
+            Run::Full(entry) => RunRef::full(task, id, entry),
+            Run::Done(done) => RunRef { task, id, kind: RunKind::Done(done) },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RunKind<'a> {
+    Full(&'a RunEntry),
+    Done(&'a DoneRun),
+}
+
+/// A reader's handle on one run of the view (or of a plan's copy): cheap questions answered
+/// in place, the records in full on demand ([`RunRef::entry`], [`RunRef::intent`],
+/// [`RunRef::report`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RunRef<'a> {
+    task: &'a TaskId,
+    id: Uuid,
+    kind: RunKind<'a>,
+}
+
+impl<'a> RunRef<'a> {
+    /// A handle on a run held in full.
+    pub fn full(task: &'a TaskId, id: Uuid, entry: &'a RunEntry) -> RunRef<'a> {
+        RunRef { task, id, kind: RunKind::Full(entry) }
+    }
+
+    /// The run id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// The run's state (see [`RunEntry::phase`]).
+    pub fn phase(&self) -> RunPhase {
+        match self.kind {
+            RunKind::Full(entry) => entry.phase(),
+            RunKind::Done(done) => done.phase(),
+        }
+    }
+
+    /// Whether the run is over.
+    pub fn is_final(&self) -> bool {
+        self.phase().is_final()
+    }
+
+    /// The node of a run not over whose intent names one.
+    pub fn in_flight_on(&self) -> Option<&'a NodeId> {
+        match self.kind {
+            RunKind::Full(entry) => entry.in_flight_on(),
+            RunKind::Done(_) => None,
+        }
+    }
+
+    /// Whether the view holds the leader's intent.
+    pub fn has_intent(&self) -> bool {
+        match self.kind {
+            RunKind::Full(entry) => entry.intent.is_some(),
+            RunKind::Done(_) => true,
+        }
+    }
+
+    /// Whether the view holds the runner's report.
+    pub fn has_report(&self) -> bool {
+        match self.kind {
+            RunKind::Full(entry) => entry.report.is_some(),
+            RunKind::Done(done) => done.reported.is_some(),
+        }
+    }
+
+    /// The report's offset.
+    pub fn report_offset(&self) -> Option<i64> {
+        match self.kind {
+            RunKind::Full(entry) => entry.report.as_ref().map(|entry| entry.offset),
+            RunKind::Done(done) => done.reported.map(|_| done.report_offset),
+        }
+    }
+
+    /// The intent's offset (-1: written by a plan, not read back yet).
+    pub fn intent_offset(&self) -> Option<i64> {
+        match self.kind {
+            RunKind::Full(entry) => entry.intent.as_ref().map(|(_, offset)| *offset),
+            RunKind::Done(done) => Some(done.intent_offset),
+        }
+    }
+
+    /// The intent's epoch.
+    pub fn epoch(&self) -> Option<u64> {
+        match self.kind {
+            RunKind::Full(entry) => entry.intent.as_ref().map(|(intent, _)| intent.epoch),
+            RunKind::Done(done) => Some(done.epoch),
+        }
+    }
+
+    /// The intent's trigger.
+    pub fn trigger(&self) -> Option<Trigger> {
+        match self.kind {
+            RunKind::Full(entry) => entry.intent.as_ref().map(|(intent, _)| intent.trigger),
+            RunKind::Done(done) => Some(done.trigger),
+        }
+    }
+
+    /// The intent's attempt.
+    pub fn attempt(&self) -> Option<u32> {
+        match self.kind {
+            RunKind::Full(entry) => entry.intent.as_ref().map(|(intent, _)| intent.attempt),
+            RunKind::Done(done) => Some(done.attempt),
+        }
+    }
+
+    /// The intent's slot, for a periodic run.
+    pub fn slot_ms(&self) -> Option<i64> {
+        self.trigger().and_then(|trigger| trigger.slot_ms())
+    }
+
+    /// Whether the intent asks the runner to stop the run.
+    pub fn stop_requested(&self) -> bool {
+        match self.kind {
+            RunKind::Full(entry) => entry.intent.as_ref().is_some_and(|(intent, _)| intent.stop.is_some()),
+            RunKind::Done(done) => done.stop.is_some(),
+        }
+    }
+
+    /// The report's state and start (`None`: no report).
+    pub fn reported(&self) -> Option<(RunPhase, Option<i64>)> {
+        match self.kind {
+            RunKind::Full(entry) => {
+                entry.report.as_ref().map(|entry| (entry.report.state, entry.report.started_ms))
+            }
+            RunKind::Done(done) => done.reported.map(|state| (state, done.started_ms)),
+        }
+    }
+
+    /// The intent in full.
+    pub fn intent(&self) -> Option<std::borrow::Cow<'a, RunIntent>> {
+        match self.kind {
+            RunKind::Full(entry) => {
+                entry.intent.as_ref().map(|(intent, _)| std::borrow::Cow::Borrowed(intent))
+            }
+            RunKind::Done(done) => Some(std::borrow::Cow::Owned(done.intent(self.task, self.id))),
+        }
+    }
+
+    /// The report in full.
+    pub fn report(&self) -> Option<std::borrow::Cow<'a, ReportEntry>> {
+        match self.kind {
+            RunKind::Full(entry) => entry.report.as_ref().map(std::borrow::Cow::Borrowed),
+            RunKind::Done(done) => done.report(self.task, self.id).map(std::borrow::Cow::Owned),
+        }
+    }
+
+    /// The run in full.
+    pub fn entry(&self) -> std::borrow::Cow<'a, RunEntry> {
+        match self.kind {
+            RunKind::Full(entry) => std::borrow::Cow::Borrowed(entry),
+            RunKind::Done(done) => std::borrow::Cow::Owned(done.entry(self.task, self.id)),
+        }
     }
 }
 
@@ -266,7 +582,7 @@ pub struct LogView {
     /// Firing positions of periodic and one-shot tasks.
     pub scheds: BTreeMap<TaskId, SchedEntry>,
     /// Runs of periodic and one-shot tasks, per task and run id.
-    pub runs: BTreeMap<TaskId, BTreeMap<Uuid, Box<RunEntry>>>,
+    pub runs: BTreeMap<TaskId, BTreeMap<Uuid, Run>>,
     /// Pending `run` requests per task: request id → offset.
     pub requests: BTreeMap<TaskId, BTreeMap<Uuid, i64>>,
     /// Per key of `assignments` and `status`: the offset of its newest record (of any sender),
@@ -455,9 +771,50 @@ impl LogView {
             .map(|(_, key)| key.as_str())
     }
 
-    /// The run entry of `task` and `run`.
-    pub fn run(&self, task: &TaskId, run: &Uuid) -> Option<&RunEntry> {
-        self.runs.get(task)?.get(run).map(|entry| &**entry)
+    /// The run `run` of `task`.
+    pub fn run<'v>(&'v self, task: &TaskId, run: &Uuid) -> Option<RunRef<'v>> {
+        let (task, runs) = self.runs.get_key_value(task)?;
+        Some(runs.get(run)?.at(task, *run))
+    }
+
+    /// The runs of `task`, by run id.
+    pub fn runs_of<'v>(&'v self, task: &TaskId) -> impl Iterator<Item = RunRef<'v>> + 'v {
+        self.runs
+            .get_key_value(task)
+            .into_iter()
+            .flat_map(|(task, runs)| runs.iter().map(move |(id, run)| run.at(task, *id)))
+    }
+
+    /// The runs of `task` in full, by run id (for tests and tools: a run over is copied out
+    /// of its compact form).
+    pub fn run_entries(&self, task: &TaskId) -> BTreeMap<Uuid, RunEntry> {
+        self.runs_of(task).map(|run| (run.id(), run.entry().into_owned())).collect()
+    }
+
+    /// Every run in full (see [`LogView::run_entries`]).
+    pub fn all_run_entries(&self) -> Vec<RunEntry> {
+        self.all_runs().map(|run| run.entry().into_owned()).collect()
+    }
+
+    /// Every run, by task and run id.
+    pub fn all_runs(&self) -> impl Iterator<Item = RunRef<'_>> + '_ {
+        self.runs.iter().flat_map(|(task, runs)| runs.iter().map(move |(id, run)| run.at(task, *id)))
+    }
+
+    /// Changes the run `run` of `task` (a new one if absent) in full, then keeps it as
+    /// [`Run::keep`] does, or drops it once it holds neither record.
+    fn change_run(&mut self, task: &TaskId, run: Uuid, change: impl FnOnce(&mut RunEntry)) {
+        let runs = self.runs.entry(task.clone()).or_default();
+        let mut entry = runs.remove(&run).map(|kept| kept.into_entry(task, run)).unwrap_or_default();
+        change(&mut entry);
+        if entry.intent.is_some() || entry.report.is_some() {
+            runs.insert(run, Run::keep(entry));
+        }
+        if runs.is_empty() {
+            self.runs.remove(task);
+            self.intent_specs.0.remove(task);
+        }
+        self.note_run(task, run);
     }
 
     /// [`LogView::apply`], and a panic while folding the record (a bug) skips it instead of
@@ -870,8 +1227,8 @@ impl LogView {
         if let Some((task, run)) = key::task_and_uuid(key, "run") {
             let entry = self.run(&task, &run);
             return match topic {
-                TopicKind::Assignments => entry.is_some_and(|entry| entry.intent.is_some()),
-                _ => entry.is_some_and(|entry| entry.report.is_some()),
+                TopicKind::Assignments => entry.is_some_and(|entry| entry.has_intent()),
+                _ => entry.is_some_and(|entry| entry.has_report()),
             };
         }
         if let Some((task, request)) = key::task_and_uuid(key, "request") {
@@ -889,21 +1246,13 @@ impl LogView {
     fn delete_entry(&mut self, topic: TopicKind, key: &str) {
         let task = |kind| key::task_of(key, kind).and_then(|id| TaskId::new(id).ok());
         if let Some((task, run)) = key::task_and_uuid(key, "run") {
-            let Some(runs) = self.runs.get_mut(&task) else { return };
-            if let Some(entry) = runs.get_mut(&run) {
-                match topic {
-                    TopicKind::Assignments => entry.intent = None,
-                    _ => entry.report = None,
-                }
-                if entry.intent.is_none() && entry.report.is_none() {
-                    runs.remove(&run);
-                }
+            if self.run(&task, &run).is_none() {
+                return;
             }
-            if runs.is_empty() {
-                self.runs.remove(&task);
-                self.intent_specs.0.remove(&task);
-            }
-            self.note_run(&task, run);
+            self.change_run(&task, run, |entry| match topic {
+                TopicKind::Assignments => entry.intent = None,
+                _ => entry.report = None,
+            });
             return;
         }
         if let Some((task, request)) = key::task_and_uuid(key, "request") {
@@ -1149,9 +1498,7 @@ impl LogView {
                 intent.task = self.shared_task(intent.task);
                 intent.node = intent.node.map(|node| self.shared_node(node));
                 let (task, run) = (intent.task.clone(), intent.run_id);
-                self.runs.entry(task.clone()).or_default().entry(run).or_default().intent =
-                    Some((intent, offset));
-                self.note_run(&task, run);
+                self.change_run(&task, run, |entry| entry.intent = Some((intent, offset)));
             }
             (TopicKind::Status, Body::RunReport(mut report)) => {
                 let (node, incarnation) = node_sender().ok_or("sender is not a node with an incarnation")?;
@@ -1160,8 +1507,7 @@ impl LogView {
                 let node = self.shared_node(node);
                 let (task, run) = (report.task.clone(), report.run_id);
                 let entry = ReportEntry { node, incarnation, offset, report };
-                self.runs.entry(task.clone()).or_default().entry(run).or_default().report = Some(entry);
-                self.note_run(&task, run);
+                self.change_run(&task, run, |run| run.report = Some(entry));
             }
             (topic, Body::Deleted(deleted)) if is_leader_owned(topic, key) => {
                 match topic {

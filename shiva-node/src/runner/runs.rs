@@ -266,11 +266,11 @@ impl RunBook {
         view.open_runs
             .iter()
             .filter(|(_, id)| !self.held.contains_key(id))
-            .filter_map(|(task, id)| view.run(task, id)?.intent.as_ref())
-            .filter(|(intent, _)| intent.node.as_ref() == Some(me) && intent.stop.is_none())
-            .map(|(intent, _)| {
+            .filter_map(|(task, id)| view.run(task, id)?.intent())
+            .filter(|intent| intent.node.as_ref() == Some(me) && intent.stop.is_none())
+            .map(|intent| {
                 let seen = self.seen.get(&intent.run_id).copied().unwrap_or(now_ms);
-                launch_at(intent, seen).saturating_sub(lead)
+                launch_at(&intent, seen).saturating_sub(lead)
             })
             .filter(|at| *at > now_ms)
             .min()
@@ -322,7 +322,7 @@ impl RunBook {
         let mut changes: Vec<(Uuid, Held)> = Vec::new();
         let mut first_seen: Vec<Uuid> = Vec::new();
         for (task, id) in &candidates {
-            let Some(entry) = view.run(task, id) else { continue };
+            let Some(entry) = view.run(task, id).map(|run| run.entry()) else { continue };
             let Some((intent, _)) = entry.intent.as_ref() else { continue };
             if !crate::runner::names_me(intent, me, incarnation, listed) {
                 continue;
@@ -420,7 +420,8 @@ impl RunBook {
         let mut actions = Vec::new();
         for (id, since) in waiting {
             let task = self.held[&id].task.clone();
-            let entry = view.run(&task, &id);
+            let entry = view.run(&task, &id).map(|run| run.entry());
+            let entry = entry.as_deref();
             match confirm(entry, me, incarnation, listed) {
                 Confirm::Launch(mut intent) => {
                     // Launched at this runner's instant for it (see `launch_at`).
@@ -459,8 +460,8 @@ impl RunBook {
             }
         }
         for (id, task) in cancel {
-            match view.run(&task, &id).and_then(|entry| entry.intent.clone()) {
-                Some((intent, _)) => {
+            match view.run(&task, &id).and_then(|entry| entry.intent()) {
+                Some(intent) => {
                     let message = "stopped before it started: the node is shutting down".to_owned();
                     actions.push(self.finish(&intent, RunPhase::Stopped, message));
                 }

@@ -487,7 +487,7 @@ fn assert_each_slot_once(sim: &Sim, from: i64, until: i64) {
     let missing: Vec<i64> =
         (first / 1000..until / 1000).map(|s| s * 1000).filter(|s| !counts.contains_key(s)).collect();
     if !missing.is_empty() {
-        for entry in sim.view.runs.values().flat_map(|runs| runs.values()) {
+        for entry in sim.view.all_run_entries() {
             let (intent, _) = entry.intent.as_ref().unwrap();
             eprintln!(
                 "slot {:?} attempt {} node {:?} launch {} phase {:?} note {:?}",
@@ -568,7 +568,7 @@ fn runner_clocks_an_hour_off_neither_skip_nor_double_nor_delay_a_slot_and_retrie
     sim.advance(10_000);
     assert_each_slot_once(&sim, begin, sim.now - 3_000);
     // Every run started within its slot's second (on the leader's clock), whichever node ran it.
-    for entry in sim.view.runs.values().flat_map(|runs| runs.values()) {
+    for entry in sim.view.all_run_entries() {
         let (Some((intent, _)), Some(report)) = (entry.intent.as_ref(), entry.report.as_ref()) else {
             continue;
         };
@@ -677,16 +677,16 @@ fn a_report_whose_intent_is_gone_is_trimmed_whatever_it_says() {
     sim.submit(every_second(CatchUp::None));
     sim.advance(2_500);
     let task = TaskId::new("cron/tick").unwrap();
-    let (intent, _) = sim.view.runs[&task].values().find_map(|entry| entry.intent.clone()).unwrap();
+    let (intent, _) = sim.view.run_entries(&task).values().find_map(|entry| entry.intent.clone()).unwrap();
     let orphan = RunIntent { run_id: Uuid::new_v4(), ..intent };
     let mut report = oneshot::report(&orphan, RunPhase::Running, None);
     report.pid = Some(1);
     sim.report(1, report);
-    assert!(sim.view.run(&task, &orphan.run_id).is_some_and(|entry| entry.intent.is_none()));
+    assert!(sim.view.run(&task, &orphan.run_id).is_some_and(|entry| !entry.has_intent()));
     // Not before a read to the end, asked for after the report was read, finds no intent: the
     // leader may not have read it yet (topics are read apart; a write reported failed may have
     // landed).
-    let report_offset = sim.view.run(&task, &orphan.run_id).unwrap().report.as_ref().unwrap().offset;
+    let report_offset = sim.view.run(&task, &orphan.run_id).unwrap().report_offset().unwrap();
     sim.reports_synced_below = report_offset;
     assert!(unconfirmed_orphans(&sim.view, sim.reports_synced_below));
     sim.advance(300);
@@ -754,17 +754,18 @@ fn a_run_whose_node_died_before_starting_runs_again_as_attempt_2() {
     sim.submit(every_second(CatchUp::All));
     // Let intents be written, then kill the runner of the next one before its instant.
     sim.advance(600);
-    let next = sim.view.runs[&task].values().find(|e| !e.is_final()).unwrap().intent.clone().unwrap().0;
+    let next =
+        sim.view.run_entries(&task).values().find(|e| !e.is_final()).unwrap().intent.clone().unwrap().0;
     let victim = sim.nodes.iter().position(|(id, _)| Some(id) == next.node.as_ref()).unwrap();
     sim.kill(victim);
     if victim == 0 {
         sim.elect(1);
     }
     sim.advance(3_000);
-    let entry = &sim.view.runs[&task][&next.run_id];
+    let entry = &sim.view.run_entries(&task)[&next.run_id];
     assert_eq!(entry.phase(), RunPhase::Missed);
     let retry = run_id(&task, next.trigger, 2);
-    assert_eq!(sim.view.runs[&task][&retry].phase(), RunPhase::Succeeded);
+    assert_eq!(sim.view.run_entries(&task)[&retry].phase(), RunPhase::Succeeded);
     assert_eq!(sim.slot_launches()[&next.trigger.slot_ms().unwrap()], 1);
 }
 
@@ -774,7 +775,8 @@ fn a_run_cancelled_by_its_node_shutting_down_runs_again_and_a_killed_one_does_no
     let task = TaskId::new("cron/tick").unwrap();
     sim.submit(every_second(CatchUp::All));
     sim.advance(600);
-    let next = sim.view.runs[&task].values().find(|e| !e.is_final()).unwrap().intent.clone().unwrap().0;
+    let next =
+        sim.view.run_entries(&task).values().find(|e| !e.is_final()).unwrap().intent.clone().unwrap().0;
     let node = sim.nodes.iter().position(|(id, _)| Some(id) == next.node.as_ref()).unwrap();
     sim.shut_down(node);
     if node == 0 {
@@ -783,9 +785,9 @@ fn a_run_cancelled_by_its_node_shutting_down_runs_again_and_a_killed_one_does_no
     sim.advance(3_000);
     // Not started yet: `stopped` when its node held it (start record written), else judged
     // `missed` by the leader (the node's driver cancels only the runs it holds); never `lost`.
-    let phase = sim.view.runs[&task][&next.run_id].phase();
+    let phase = sim.view.run_entries(&task)[&next.run_id].phase();
     assert!(matches!(phase, RunPhase::Stopped | RunPhase::Missed), "{phase:?}");
-    assert_eq!(sim.view.runs[&task][&run_id(&task, next.trigger, 2)].phase(), RunPhase::Succeeded);
+    assert_eq!(sim.view.run_entries(&task)[&run_id(&task, next.trigger, 2)].phase(), RunPhase::Succeeded);
 
     // A run the leader asked to stop (kill) is not run again.
     let mut sim = Sim::new();
@@ -798,15 +800,16 @@ fn a_run_cancelled_by_its_node_shutting_down_runs_again_and_a_killed_one_does_no
     sim.advance(3_000);
     let counts = sim.slot_launches();
     assert!(counts.values().all(|count| *count == 1), "{counts:?}");
-    let stopped: Vec<&RunEntry> = sim.view.runs[&task]
-        .values()
-        .map(|entry| &**entry)
-        .filter(|e| e.phase() == RunPhase::Stopped)
-        .collect();
+    let runs = sim.view.run_entries(&task);
+    let stopped: Vec<_> = runs.values().filter(|e| e.phase() == RunPhase::Stopped).collect();
     assert!(!stopped.is_empty());
     for entry in stopped {
         let (intent, _) = entry.intent.as_ref().unwrap();
-        assert!(!sim.view.runs[&task].contains_key(&run_id(&task, intent.trigger, intent.attempt + 1)));
+        assert!(!sim.view.run_entries(&task).contains_key(&run_id(
+            &task,
+            intent.trigger,
+            intent.attempt + 1
+        )));
     }
 }
 
@@ -817,7 +820,8 @@ fn a_started_run_whose_node_died_is_lost_and_not_rerun() {
     let task = submit_every_ten_seconds(&mut sim, CatchUp::All);
     sim.advance(10_500);
     // A periodic run's start record is its last before its end (no `running` record).
-    let running = sim.view.runs[&task].values().find(|e| e.phase() == RunPhase::Starting).unwrap();
+    let runs = sim.view.run_entries(&task);
+    let running = runs.values().find(|e| e.phase() == RunPhase::Starting).unwrap();
     assert!(sim.children.contains_key(&running.intent.as_ref().unwrap().0.run_id), "it runs");
     let (intent, _) = running.intent.clone().unwrap();
     let node = sim.nodes.iter().position(|(id, _)| Some(id) == intent.node.as_ref()).unwrap();
@@ -826,8 +830,8 @@ fn a_started_run_whose_node_died_is_lost_and_not_rerun() {
         sim.elect(1);
     }
     sim.advance(1_000);
-    assert_eq!(sim.view.runs[&task][&intent.run_id].phase(), RunPhase::Lost);
-    assert!(!sim.view.runs[&task].contains_key(&run_id(&task, intent.trigger, 2)));
+    assert_eq!(sim.view.run_entries(&task)[&intent.run_id].phase(), RunPhase::Lost);
+    assert!(!sim.view.run_entries(&task).contains_key(&run_id(&task, intent.trigger, 2)));
 }
 
 #[test]
@@ -840,7 +844,7 @@ fn forbid_skips_a_slot_due_while_a_run_runs_and_replace_stops_it_first() {
         sim.submit(spec);
         sim.advance(12_000);
         assert!(sim.max_concurrent <= 1, "{overlap:?}: two runs at once");
-        let runs = &sim.view.runs[&TaskId::new("cron/tick").unwrap()];
+        let runs = &sim.view.run_entries(&TaskId::new("cron/tick").unwrap());
         let skipped = runs.values().filter(|e| e.phase() == RunPhase::Skipped).count();
         let stopped = runs.values().filter(|e| e.phase() == RunPhase::Stopped).count();
         assert_eq!(skipped > 0, expect_skips, "{overlap:?}");
@@ -860,7 +864,7 @@ fn manual_runs_obey_overlap_and_suspend_stops_new_runs() {
         sim.request(&task, request);
     }
     sim.advance(500);
-    let phases: Vec<RunPhase> = sim.view.runs[&task].values().map(|entry| entry.phase()).collect();
+    let phases: Vec<RunPhase> = sim.view.run_entries(&task).values().map(|entry| entry.phase()).collect();
     assert!(phases.contains(&RunPhase::Starting) && phases.contains(&RunPhase::Skipped), "{phases:?}");
     assert_eq!(sim.children.values().filter(|(_, _, started)| started.is_some()).count(), 1);
     assert!(!sim.view.requests.contains_key(&task), "handled requests are tombstoned");
@@ -870,7 +874,7 @@ fn manual_runs_obey_overlap_and_suspend_stops_new_runs() {
     sim.advance(4_000);
     assert_eq!(sim.launches.len(), 1, "suspended: no new run");
     assert!(
-        sim.view.runs[&task].values().any(|e| e.phase() == RunPhase::Succeeded),
+        sim.view.run_entries(&task).values().any(|e| e.phase() == RunPhase::Succeeded),
         "the current run continued"
     );
 }
@@ -934,7 +938,7 @@ fn history_is_bounded() {
     sim.run_ms = 10;
     sim.submit(every_second(CatchUp::None));
     sim.advance(130_000);
-    let runs = &sim.view.runs[&TaskId::new("cron/tick").unwrap()];
+    let runs = &sim.view.run_entries(&TaskId::new("cron/tick").unwrap());
     let finished = runs.values().filter(|entry| entry.is_final()).count();
     // (Plus a report whose intent was just deleted: it goes at the next step; and the slots past
     // the stored position, which imply it: at most `CHECKPOINT_LAUNCHES`.)
@@ -1034,8 +1038,12 @@ fn with_an_older_leader_capable_node_a_run_writes_its_running_record_and_its_pos
 /// launched past the stored position still has its intent in the log.
 fn assert_position_implied(sim: &Sim, task: &TaskId) {
     let stored = sim.view.scheds[task].sched.decided_through_ms.unwrap_or(i64::MIN);
-    let held: BTreeSet<i64> =
-        sim.view.runs[task].values().filter_map(|entry| entry.intent.as_ref()?.0.trigger.slot_ms()).collect();
+    let held: BTreeSet<i64> = sim
+        .view
+        .run_entries(task)
+        .values()
+        .filter_map(|entry| entry.intent.as_ref()?.0.trigger.slot_ms())
+        .collect();
     let lost: Vec<i64> =
         sim.slot_launches().into_keys().filter(|slot| *slot > stored && !held.contains(slot)).collect();
     assert!(lost.is_empty(), "slots past the stored position {stored} without their intent: {lost:?}");
@@ -1123,7 +1131,7 @@ proptest! {
             prop_assert!(sim.max_concurrent <= 1, "two runs at once under forbid");
         }
         // Slots lost with a started run (and skipped by `forbid`) are the only gaps allowed.
-        let lost: BTreeSet<i64> = sim.view.runs.values().flat_map(|r| r.values())
+        let lost: BTreeSet<i64> = sim.view.all_run_entries().into_iter()
             .filter(|e| e.phase() == RunPhase::Lost || e.phase() == RunPhase::Skipped)
             .filter_map(|e| e.intent.as_ref().and_then(|(i, _)| i.trigger.slot_ms()))
             .collect();
@@ -1136,9 +1144,9 @@ proptest! {
         // The view's indexes agree with what they index, live and replayed.
         for view in [&sim.view, &replayed] {
             let open: BTreeSet<(TaskId, Uuid)> = view.runs.iter()
-                .flat_map(|(task, runs)| runs.iter().map(move |(id, entry)| (task, id, entry)))
-                .filter(|(_, _, entry)| !entry.is_final())
-                .map(|(task, id, _)| (task.clone(), *id))
+                .flat_map(|(task, runs)| runs.iter().map(move |(id, run)| (task, *id, run.at(task, *id))))
+                .filter(|(_, _, run)| !run.is_final())
+                .map(|(task, id, _)| (task.clone(), id))
                 .collect();
             prop_assert_eq!(&view.open_runs, &open);
             let unsettled: BTreeSet<&str> = view.unsettled(TopicKind::Assignments, "").collect();
@@ -1186,17 +1194,18 @@ fn a_slot_whose_relaunch_was_cancelled_too_runs_once_as_attempt_3() {
     sim.elect(1);
     sim.submit(every_second(CatchUp::All));
     sim.advance(600);
-    let first = sim.view.runs[&task].values().find(|e| !e.is_final()).unwrap().intent.clone().unwrap().0;
+    let first =
+        sim.view.run_entries(&task).values().find(|e| !e.is_final()).unwrap().intent.clone().unwrap().0;
     let a = sim.nodes.iter().position(|(id, _)| Some(id) == first.node.as_ref()).unwrap();
     sim.kill(a);
     // The leader judges it missed and relaunches it as attempt 2; that runner shuts down
     // before starting it, while the next slot's intent is already in flight.
     let second = run_id(&task, first.trigger, 2);
-    while !sim.view.runs[&task].contains_key(&second) {
+    while !sim.view.run_entries(&task).contains_key(&second) {
         sim.lead();
         sim.now += TICK;
     }
-    let (intent, _) = sim.view.runs[&task][&second].intent.clone().unwrap();
+    let (intent, _) = sim.view.run_entries(&task)[&second].intent.clone().unwrap();
     let b = sim.nodes.iter().position(|(id, _)| Some(id) == intent.node.as_ref()).unwrap();
     sim.shut_down(b);
     if !sim.live.contains(&sim.leader.unwrap()) {
@@ -1247,13 +1256,14 @@ fn restamped_finished_runs_carry_their_end_so_a_late_copy_is_over_on_its_own() {
     sim.advance(5_000);
     let task = TaskId::new("cron/tick").unwrap();
     let inherited: Vec<Uuid> =
-        sim.view.runs[&task].iter().filter(|(_, entry)| entry.is_final()).map(|(id, _)| *id).collect();
+        sim.view.run_entries(&task).iter().filter(|(_, entry)| entry.is_final()).map(|(id, _)| *id).collect();
     sim.elect(1);
     sim.advance(1_000);
     let epoch = sim.view.epochs.newest;
     let mut finished = 0;
     for id in &inherited {
-        let entry = &sim.view.runs[&task][id];
+        let runs = sim.view.run_entries(&task);
+        let entry = &runs[id];
         let (Some((intent, _)), Some(report)) = (&entry.intent, &entry.report) else { continue };
         if !report.report.state.is_final() {
             continue;
@@ -1261,7 +1271,7 @@ fn restamped_finished_runs_carry_their_end_so_a_late_copy_is_over_on_its_own() {
         finished += 1;
         assert_eq!(intent.epoch, epoch, "restamped");
         assert_eq!(intent.verdict, Some(report.report.state));
-        let alone = RunEntry { intent: entry.intent.clone(), report: None };
+        let alone = shiva_proto::view::RunEntry { intent: entry.intent.clone(), report: None };
         assert!(alone.is_final(), "a late copy of the restamp is over on its own");
     }
     assert!(finished >= 4, "{finished}");

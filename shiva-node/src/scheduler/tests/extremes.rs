@@ -165,14 +165,8 @@ impl Sim {
     /// of the task's runs (the leader's decisions read their numbers), and one for a new run.
     fn forge_reports(&mut self, node: usize, numbers: [i64; 3], attempt: u32) {
         let task = TaskId::new("edge/task").unwrap();
-        let mut targets: Vec<(Trigger, u32)> = self
-            .view
-            .runs
-            .get(&task)
-            .into_iter()
-            .flat_map(|runs| runs.values())
-            .filter_map(|entry| entry.intent.as_ref().map(|(intent, _)| (intent.trigger, intent.attempt)))
-            .collect();
+        let mut targets: Vec<(Trigger, u32)> =
+            self.view.runs_of(&task).filter_map(|run| Some((run.trigger()?, run.attempt()?))).collect();
         targets.push((Trigger::Slot { slot_ms: numbers[0] }, attempt));
         for (trigger, attempt) in targets {
             let report = RunReport {
