@@ -236,18 +236,17 @@ fn phase_of(reported: Option<RunPhase>, verdict: Option<RunPhase>) -> RunPhase {
 }
 
 /// A run that is over, with an intent, as the view keeps it (issue 21, memory per retained
-/// run): the facts `history` shows, the scheduler's checks read and a restamp of its intent
-/// writes again, without the two records' copies of the task, run id, attempt and trigger, nor
-/// what only a run still to launch needs. [`DoneRun::entry`] gives the run back in full, as
-/// the records said, except:
-/// * the intent's `written_at_ms` (read only before a launch) is absent;
-/// * the report names the intent's node and incarnation as its sender's (a run over, the
-///   runners' checks cancel it whoever reported it), and its `pid` and `late_ms` (read only of
-///   runs in flight) are absent.
+/// run): both records, without the report's second copy of the task, run id, attempt and
+/// trigger, and with optional numbers packed (a presence bit each) and rare parts boxed (the
+/// texts; a report's sender other than the intent's node and incarnation). Lossless:
+/// [`DoneRun::entry`] gives back the two records exactly as read, so a view replayed from a
+/// compacted log equals the live one, and a record landing later (a restamp, a `deleted`
+/// marker that leaves the report an orphan) folds into the run as it did in full. A run whose
+/// report disagrees with its intent on the attempt or the trigger (forged) is kept in full.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DoneRun {
     intent_offset: i64,
-    /// The report's offset; -1: no report.
+    /// Meaningful when a report is held (`reported`).
     report_offset: i64,
     epoch: u64,
     launch_at_ms: i64,
@@ -255,53 +254,132 @@ pub struct DoneRun {
     spec: std::sync::Arc<TaskSpec>,
     trigger: Trigger,
     node: Option<NodeId>,
-    incarnation: Option<Uuid>,
+    /// Meaningful with [`Present::INCARNATION`].
+    incarnation: Uuid,
     attempt: u32,
+    /// The report's pid, with [`Present::PID`].
+    pid: u32,
+    /// The report's exit code and signal, with [`Present::EXIT`], [`Present::CODE`] and
+    /// [`Present::SIGNAL`].
+    exit: [i32; 2],
+    /// The intent's `written_at_ms`, the report's `started_ms`, `late_ms` and `ended_ms`, each
+    /// with its presence bit ([`Present::TIMES`]).
+    times: [i64; 4],
+    present: Present,
     verdict: Option<RunPhase>,
     /// The report's state; `None`: no report.
     reported: Option<RunPhase>,
-    stop: Option<Box<str>>,
-    note: Option<Box<str>>,
-    started_ms: Option<i64>,
-    ended_ms: Option<i64>,
-    exit: Option<ExitInfo>,
-    message: Option<Box<str>>,
+    /// The report's sender, when it is not the intent's node and incarnation.
+    reporter: Option<Box<(NodeId, Uuid)>>,
+    /// The intent's `stop` and `note` and the report's `message`, when any is given.
+    texts: Option<Box<[Option<String>; 3]>>,
+}
+
+/// Which of a [`DoneRun`]'s packed optional fields are present.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Present(u16);
+
+impl Present {
+    const INCARNATION: u16 = 1;
+    const PID: u16 = 1 << 1;
+    const EXIT: u16 = 1 << 2;
+    const CODE: u16 = 1 << 3;
+    const SIGNAL: u16 = 1 << 4;
+    /// `written_at_ms`, `started_ms`, `late_ms`, `ended_ms`.
+    const TIMES: [u16; 4] = [1 << 5, 1 << 6, 1 << 7, 1 << 8];
+
+    fn has(self, bit: u16) -> bool {
+        self.0 & bit != 0
+    }
+}
+
+/// Packs an optional number: its value (or zero) and whether it is present.
+fn pack<T: Default>(value: Option<T>, bit: u16, present: &mut u16) -> T {
+    match value {
+        Some(value) => {
+            *present |= bit;
+            value
+        }
+        None => T::default(),
+    }
 }
 
 impl DoneRun {
-    /// The compact form of a run over, with its intent.
-    fn compact(intent: RunIntent, intent_offset: i64, report: Option<ReportEntry>) -> DoneRun {
-        let (report_offset, report) = match report {
-            Some(entry) => (entry.offset, Some(entry.report)),
-            None => (-1, None),
-        };
-        DoneRun {
+    /// The compact form of a run over, with its intent; `None` when its report disagrees with
+    /// the intent on the attempt or the trigger (then kept in full).
+    fn compact(intent: &RunIntent, intent_offset: i64, report: Option<&ReportEntry>) -> Option<DoneRun> {
+        if report.is_some_and(|entry| {
+            entry.report.attempt != intent.attempt || entry.report.trigger != intent.trigger
+        }) {
+            return None;
+        }
+        let mut present = 0u16;
+        let incarnation = pack(intent.incarnation, Present::INCARNATION, &mut present);
+        let facts = report.map(|entry| &entry.report);
+        let pid = pack(facts.and_then(|report| report.pid), Present::PID, &mut present);
+        let exit = facts.and_then(|report| report.exit);
+        if exit.is_some() {
+            present |= Present::EXIT;
+        }
+        let exit = [
+            pack(exit.and_then(|exit| exit.code), Present::CODE, &mut present),
+            pack(exit.and_then(|exit| exit.signal), Present::SIGNAL, &mut present),
+        ];
+        let times = [
+            intent.written_at_ms,
+            facts.and_then(|report| report.started_ms),
+            facts.and_then(|report| report.late_ms),
+            facts.and_then(|report| report.ended_ms),
+        ];
+        let times = std::array::from_fn(|i| pack(times[i], Present::TIMES[i], &mut present));
+        let reporter = report
+            .filter(|entry| {
+                intent.node.as_ref() != Some(&entry.node) || intent.incarnation != Some(entry.incarnation)
+            })
+            .map(|entry| Box::new((entry.node.clone(), entry.incarnation)));
+        let texts =
+            [intent.stop.clone(), intent.note.clone(), facts.and_then(|report| report.message.clone())];
+        Some(DoneRun {
             intent_offset,
-            report_offset,
+            report_offset: report.map_or(-1, |entry| entry.offset),
             epoch: intent.epoch,
             launch_at_ms: intent.launch_at_ms,
             spec_revision: intent.spec_revision,
-            spec: intent.spec,
+            spec: intent.spec.clone(),
             trigger: intent.trigger,
-            node: intent.node,
-            incarnation: intent.incarnation,
+            node: intent.node.clone(),
+            incarnation,
             attempt: intent.attempt,
+            pid,
+            exit,
+            times,
+            present: Present(present),
             verdict: intent.verdict,
-            reported: report.as_ref().map(|report| report.state),
-            stop: intent.stop.map(String::into_boxed_str),
-            note: intent.note.map(String::into_boxed_str),
-            started_ms: report.as_ref().and_then(|report| report.started_ms),
-            ended_ms: report.as_ref().and_then(|report| report.ended_ms),
-            exit: report.as_ref().and_then(|report| report.exit),
-            message: report.and_then(|report| report.message).map(String::into_boxed_str),
-        }
+            reported: facts.map(|report| report.state),
+            reporter,
+            texts: texts.iter().any(Option::is_some).then(|| Box::new(texts)),
+        })
     }
 
     fn phase(&self) -> RunPhase {
         phase_of(self.reported, self.verdict)
     }
 
-    /// The intent, as its record said (`written_at_ms` aside).
+    /// An optional number packed with `bit`.
+    fn get<T: Copy>(&self, value: T, bit: u16) -> Option<T> {
+        self.present.has(bit).then_some(value)
+    }
+
+    /// A packed time: 0 `written_at_ms`, 1 `started_ms`, 2 `late_ms`, 3 `ended_ms`.
+    fn time(&self, i: usize) -> Option<i64> {
+        self.get(self.times[i], Present::TIMES[i])
+    }
+
+    fn text(&self, i: usize) -> Option<String> {
+        self.texts.as_ref().and_then(|texts| texts[i].clone())
+    }
+
+    /// The intent, as its record said.
     fn intent(&self, task: &TaskId, run_id: Uuid) -> RunIntent {
         RunIntent {
             epoch: self.epoch,
@@ -310,23 +388,32 @@ impl DoneRun {
             attempt: self.attempt,
             trigger: self.trigger,
             node: self.node.clone(),
-            incarnation: self.incarnation,
+            incarnation: self.get(self.incarnation, Present::INCARNATION),
             launch_at_ms: self.launch_at_ms,
-            written_at_ms: None,
+            written_at_ms: self.time(0),
             spec_revision: self.spec_revision,
             spec: self.spec.clone(),
-            stop: self.stop.as_deref().map(str::to_owned),
+            stop: self.text(0),
             verdict: self.verdict,
-            note: self.note.as_deref().map(str::to_owned),
+            note: self.text(1),
         }
     }
 
-    /// The report, if any (see the type's notes for what differs from the record).
+    /// The report, if any, as its record said.
     fn report(&self, task: &TaskId, run_id: Uuid) -> Option<ReportEntry> {
         let state = self.reported?;
+        let (node, incarnation) = match (&self.reporter, &self.node) {
+            (Some(reporter), _) => (reporter.0.clone(), reporter.1),
+            // Not boxed: the intent names both.
+            (None, node) => (node.clone()?, self.incarnation),
+        };
+        let exit = self.present.has(Present::EXIT).then(|| ExitInfo {
+            code: self.get(self.exit[0], Present::CODE),
+            signal: self.get(self.exit[1], Present::SIGNAL),
+        });
         Some(ReportEntry {
-            node: self.node.clone().unwrap_or_else(|| NodeId::new("unknown").expect("a valid id")),
-            incarnation: self.incarnation.unwrap_or_default(),
+            node,
+            incarnation,
             offset: self.report_offset,
             report: RunReport {
                 task: task.clone(),
@@ -334,17 +421,17 @@ impl DoneRun {
                 attempt: self.attempt,
                 trigger: self.trigger,
                 state,
-                pid: None,
-                started_ms: self.started_ms,
-                late_ms: None,
-                ended_ms: self.ended_ms,
-                exit: self.exit,
-                message: self.message.as_deref().map(str::to_owned),
+                pid: self.get(self.pid, Present::PID),
+                started_ms: self.time(1),
+                late_ms: self.time(2),
+                ended_ms: self.time(3),
+                exit,
+                message: self.text(2),
             },
         })
     }
 
-    /// The run in full (see the type's notes).
+    /// The run in full, as its records said.
     pub fn entry(&self, task: &TaskId, run_id: Uuid) -> RunEntry {
         RunEntry {
             intent: Some((self.intent(task, run_id), self.intent_offset)),
@@ -365,12 +452,15 @@ pub enum Run {
 impl Run {
     /// How `entry` is kept.
     pub fn keep(entry: RunEntry) -> Run {
-        let over = entry.is_final();
-        match entry {
-            RunEntry { intent: Some((intent, offset)), report } if over => {
-                Run::Done(Box::new(DoneRun::compact(intent, offset, report)))
+        let done = match &entry {
+            RunEntry { intent: Some((intent, offset)), report } if entry.is_final() => {
+                DoneRun::compact(intent, *offset, report.as_ref())
             }
-            entry => Run::Full(Box::new(entry)),
+            _ => None,
+        };
+        match done {
+            Some(done) => Run::Done(Box::new(done)),
+            None => Run::Full(Box::new(entry)),
         }
     }
 
@@ -504,7 +594,7 @@ impl<'a> RunRef<'a> {
     pub fn stop_requested(&self) -> bool {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().is_some_and(|(intent, _)| intent.stop.is_some()),
-            RunKind::Done(done) => done.stop.is_some(),
+            RunKind::Done(done) => done.texts.as_ref().is_some_and(|texts| texts[0].is_some()),
         }
     }
 
@@ -514,7 +604,7 @@ impl<'a> RunRef<'a> {
             RunKind::Full(entry) => {
                 entry.report.as_ref().map(|entry| (entry.report.state, entry.report.started_ms))
             }
-            RunKind::Done(done) => done.reported.map(|state| (state, done.started_ms)),
+            RunKind::Done(done) => done.reported.map(|state| (state, done.time(1))),
         }
     }
 

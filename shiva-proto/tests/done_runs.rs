@@ -10,10 +10,9 @@ use shiva_proto::topics::{TopicKind, key};
 use shiva_proto::view::LogView;
 use uuid::Uuid;
 
-/// A run kept compact once over reads back as its two records said, but for what the compact
-/// form documents it leaves out (`written_at_ms`, the report's `pid`, `late_ms` and sender);
-/// records landing on it later fold in as on a run kept in full, and a `deleted` marker of its
-/// intent leaves the report, in full.
+/// A run kept compact once over reads back exactly as its two records said; records landing on
+/// it later fold in as on a run kept in full, and a `deleted` marker of its intent leaves the
+/// report, exactly as it was read.
 #[test]
 fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
     use shiva_proto::records::Deleted;
@@ -86,12 +85,12 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
     assert!(matches!(view.runs[&task][&run], Run::Done(_)), "over, compact");
     assert!(view.open_runs.is_empty());
     let expected = RunEntry {
-        intent: Some((RunIntent { written_at_ms: None, ..intent.clone() }, 2)),
+        intent: Some((intent.clone(), 2)),
         report: Some(shiva_proto::view::ReportEntry {
             node: runner_id.clone(),
             incarnation: runner,
             offset: report_offset,
-            report: RunReport { pid: None, late_ms: None, ..report.clone() },
+            report: report.clone(),
         }),
     };
     let read = view.run(&task, &run).unwrap();
@@ -112,7 +111,7 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
         &mut view,
         TopicKind::Status,
         &key,
-        Some(Envelope::now("runner-007", Some(runner), Body::RunReport(start))),
+        Some(Envelope::now("runner-007", Some(runner), Body::RunReport(start.clone()))),
     );
     let read = view.run(&task, &run).unwrap();
     assert!(matches!(view.runs[&task][&run], Run::Done(_)));
@@ -124,4 +123,79 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
     let read = view.run(&task, &run).unwrap();
     assert!(!read.has_intent() && read.has_report());
     assert!(matches!(view.runs[&task][&run], Run::Full(_)));
+    let orphan =
+        shiva_proto::view::ReportEntry { node: runner_id, incarnation: runner, offset: 5, report: start };
+    assert_eq!(*read.entry(), RunEntry { intent: None, report: Some(orphan) });
+}
+
+/// What the compact form cannot rebuild from the intent is kept: a report sent by another
+/// node or incarnation than the intent names, by an older leader's intent naming none, or a
+/// report that disagrees with its intent's attempt (kept in full).
+#[test]
+fn a_report_from_another_sender_or_of_another_attempt_reads_back_as_it_was() {
+    use shiva_proto::view::{Run, RunEntry};
+    let leader = Uuid::from_u128(1);
+    let leader_id = shiva_proto::NodeId::new("leader-001").unwrap();
+    let spec: TaskSpec = serde_json::from_value(
+        serde_json::json!({"id": "hist/u", "command": "true", "schedule": "* * * * *"}),
+    )
+    .unwrap();
+    let task = spec.id.clone();
+    let spec = Arc::new(spec);
+    let cases: [(Option<Uuid>, &str, Uuid, u32, bool); 4] = [
+        (Some(Uuid::from_u128(7)), "runner-007", Uuid::from_u128(7), 1, true),
+        (Some(Uuid::from_u128(7)), "runner-008", Uuid::from_u128(8), 1, true),
+        (None, "runner-007", Uuid::from_u128(7), 1, true),
+        (Some(Uuid::from_u128(7)), "runner-007", Uuid::from_u128(7), 2, false),
+    ];
+    for (i, (named, sender, incarnation, attempt, compact)) in cases.into_iter().enumerate() {
+        let mut view = LogView::default();
+        let claim =
+            Envelope::now("leader-001", Some(leader), Body::Claim(shiva_proto::records::Claim { epoch: 1 }));
+        let claim_key = key::claim(1, &leader_id, Uuid::from_u128(3));
+        view.apply(TopicKind::Assignments, 0, Some(claim_key.as_bytes()), Some(&claim.encode()));
+        let trigger = Trigger::Slot { slot_ms: 60_000 * i as i64 };
+        let run = run_id(&task, trigger, 1);
+        let intent = RunIntent {
+            epoch: 1,
+            task: task.clone(),
+            run_id: run,
+            attempt: 1,
+            trigger,
+            node: Some(shiva_proto::NodeId::new("runner-007").unwrap()),
+            launch_at_ms: 60_000,
+            written_at_ms: None,
+            spec_revision: 0,
+            spec: spec.clone(),
+            stop: None,
+            verdict: None,
+            note: None,
+            incarnation: named,
+        };
+        let report = RunReport {
+            task: task.clone(),
+            run_id: run,
+            attempt,
+            trigger,
+            state: RunPhase::Failed,
+            pid: None,
+            started_ms: None,
+            late_ms: None,
+            ended_ms: Some(-5),
+            exit: Some(ExitInfo { code: Some(-1), signal: None }),
+            message: None,
+        };
+        let key = key::run(&task, run);
+        let value = Envelope::now("leader-001", Some(leader), Body::RunIntent(intent.clone())).encode();
+        view.apply(TopicKind::Assignments, 1, Some(key.as_bytes()), Some(&value));
+        let value = Envelope::now(sender, Some(incarnation), Body::RunReport(report.clone())).encode();
+        view.apply(TopicKind::Status, 1, Some(key.as_bytes()), Some(&value));
+        assert_eq!(matches!(view.runs[&task][&run], Run::Done(_)), compact, "case {i}");
+        let node = shiva_proto::NodeId::new(sender).unwrap();
+        let expected = RunEntry {
+            intent: Some((intent, 1)),
+            report: Some(shiva_proto::view::ReportEntry { node, incarnation, offset: 1, report }),
+        };
+        assert_eq!(*view.run(&task, &run).unwrap().entry(), expected, "case {i}");
+    }
 }
