@@ -420,12 +420,11 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             .iter()
             .filter(|run| !run.is_final())
             .filter_map(|run| {
-                let intent = run.intent()?;
-                let node = intent.node.as_ref()?;
-                let exclusive = intent.spec.on_disconnect == OnDisconnect::Stop;
-                let held = exclusive && (self.ctx.may_still_run)(node, intent.spec.stop_grace);
+                let (node, spec) = (run.node()?, run.spec()?);
+                let exclusive = spec.on_disconnect == OnDisconnect::Stop;
+                let held = exclusive && (self.ctx.may_still_run)(node, spec.stop_grace);
                 let gone = !self.load.is_live(node) && !held;
-                gone.then(|| (intent.into_owned(), run.has_report()))
+                gone.then(|| Some((run.intent()?.into_owned(), run.has_report())))?
             })
             .collect();
         for (mut intent, started) in gone {

@@ -235,16 +235,16 @@ fn phase_of(reported: Option<RunPhase>, verdict: Option<RunPhase>) -> RunPhase {
     }
 }
 
-/// A run that is over, with an intent, as the view keeps it (issue 21, memory per retained
-/// run): both records, without the report's second copy of the task, run id, attempt and
+/// A run with its intent, as the view keeps it (issue 21, memory per retained run, 176 bytes
+/// against 400 for the two records): both records, without the report's second copy of the task, run id, attempt and
 /// trigger, and with optional numbers packed (a presence bit each) and rare parts boxed (the
 /// texts; a report's sender other than the intent's node and incarnation). Lossless:
-/// [`DoneRun::entry`] gives back the two records exactly as read, so a view replayed from a
+/// [`CompactRun::entry`] gives back the two records exactly as read, so a view replayed from a
 /// compacted log equals the live one, and a record landing later (a restamp, a `deleted`
 /// marker that leaves the report an orphan) folds into the run as it did in full. A run whose
 /// report disagrees with its intent on the attempt or the trigger (forged) is kept in full.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DoneRun {
+pub struct CompactRun {
     intent_offset: i64,
     /// Meaningful when a report is held (`reported`).
     report_offset: i64,
@@ -275,7 +275,7 @@ pub struct DoneRun {
     texts: Option<Box<[Option<String>; 3]>>,
 }
 
-/// Which of a [`DoneRun`]'s packed optional fields are present.
+/// Which of a [`CompactRun`]'s packed optional fields are present.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Present(u16);
 
@@ -304,10 +304,10 @@ fn pack<T: Default>(value: Option<T>, bit: u16, present: &mut u16) -> T {
     }
 }
 
-impl DoneRun {
-    /// The compact form of a run over, with its intent; `None` when its report disagrees with
-    /// the intent on the attempt or the trigger (then kept in full).
-    fn compact(intent: &RunIntent, intent_offset: i64, report: Option<&ReportEntry>) -> Option<DoneRun> {
+impl CompactRun {
+    /// The compact form of a run with its intent; `None` when its report disagrees with the
+    /// intent on the attempt or the trigger (then kept in full).
+    fn compact(intent: &RunIntent, intent_offset: i64, report: Option<&ReportEntry>) -> Option<CompactRun> {
         if report.is_some_and(|entry| {
             entry.report.attempt != intent.attempt || entry.report.trigger != intent.trigger
         }) {
@@ -339,7 +339,7 @@ impl DoneRun {
             .map(|entry| Box::new((entry.node.clone(), entry.incarnation)));
         let texts =
             [intent.stop.clone(), intent.note.clone(), facts.and_then(|report| report.message.clone())];
-        Some(DoneRun {
+        Some(CompactRun {
             intent_offset,
             report_offset: report.map_or(-1, |entry| entry.offset),
             epoch: intent.epoch,
@@ -440,26 +440,28 @@ impl DoneRun {
     }
 }
 
-/// A run as the view keeps it: in full until it is over, then compact.
+/// A run as the view keeps it: compact from its intent on (one allocation of one size for
+/// its whole life, so reading a long history leaves no holes behind), in full while the view
+/// holds only its report, or one that disagrees with its intent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Run {
-    /// Not over yet, or without an intent.
+    /// Without an intent, or with a report of another attempt or trigger.
     Full(Box<RunEntry>),
-    /// Over, with an intent.
-    Done(Box<DoneRun>),
+    /// With its intent.
+    Compact(Box<CompactRun>),
 }
 
 impl Run {
     /// How `entry` is kept.
     pub fn keep(entry: RunEntry) -> Run {
         let done = match &entry {
-            RunEntry { intent: Some((intent, offset)), report } if entry.is_final() => {
-                DoneRun::compact(intent, *offset, report.as_ref())
+            RunEntry { intent: Some((intent, offset)), report } => {
+                CompactRun::compact(intent, *offset, report.as_ref())
             }
             _ => None,
         };
         match done {
-            Some(done) => Run::Done(Box::new(done)),
+            Some(done) => Run::Compact(Box::new(done)),
             None => Run::Full(Box::new(entry)),
         }
     }
@@ -468,7 +470,7 @@ impl Run {
     pub fn into_entry(self, task: &TaskId, run_id: Uuid) -> RunEntry {
         match self {
             Run::Full(entry) => *entry,
-            Run::Done(done) => done.entry(task, run_id),
+            Run::Compact(done) => done.entry(task, run_id),
         }
     }
 
@@ -476,7 +478,7 @@ impl Run {
     pub fn at<'a>(&'a self, task: &'a TaskId, id: Uuid) -> RunRef<'a> {
         match self {
             Run::Full(entry) => RunRef::full(task, id, entry),
-            Run::Done(done) => RunRef { task, id, kind: RunKind::Done(done) },
+            Run::Compact(done) => RunRef { task, id, kind: RunKind::Compact(done) },
         }
     }
 }
@@ -484,7 +486,7 @@ impl Run {
 #[derive(Debug, Clone, Copy)]
 enum RunKind<'a> {
     Full(&'a RunEntry),
-    Done(&'a DoneRun),
+    Compact(&'a CompactRun),
 }
 
 /// A reader's handle on one run of the view (or of a plan's copy): cheap questions answered
@@ -512,7 +514,7 @@ impl<'a> RunRef<'a> {
     pub fn phase(&self) -> RunPhase {
         match self.kind {
             RunKind::Full(entry) => entry.phase(),
-            RunKind::Done(done) => done.phase(),
+            RunKind::Compact(done) => done.phase(),
         }
     }
 
@@ -525,7 +527,7 @@ impl<'a> RunRef<'a> {
     pub fn in_flight_on(&self) -> Option<&'a NodeId> {
         match self.kind {
             RunKind::Full(entry) => entry.in_flight_on(),
-            RunKind::Done(_) => None,
+            RunKind::Compact(done) => done.node.as_ref().filter(|_| !done.phase().is_final()),
         }
     }
 
@@ -533,7 +535,7 @@ impl<'a> RunRef<'a> {
     pub fn has_intent(&self) -> bool {
         match self.kind {
             RunKind::Full(entry) => entry.intent.is_some(),
-            RunKind::Done(_) => true,
+            RunKind::Compact(_) => true,
         }
     }
 
@@ -541,7 +543,7 @@ impl<'a> RunRef<'a> {
     pub fn has_report(&self) -> bool {
         match self.kind {
             RunKind::Full(entry) => entry.report.is_some(),
-            RunKind::Done(done) => done.reported.is_some(),
+            RunKind::Compact(done) => done.reported.is_some(),
         }
     }
 
@@ -549,7 +551,7 @@ impl<'a> RunRef<'a> {
     pub fn report_offset(&self) -> Option<i64> {
         match self.kind {
             RunKind::Full(entry) => entry.report.as_ref().map(|entry| entry.offset),
-            RunKind::Done(done) => done.reported.map(|_| done.report_offset),
+            RunKind::Compact(done) => done.reported.map(|_| done.report_offset),
         }
     }
 
@@ -557,7 +559,7 @@ impl<'a> RunRef<'a> {
     pub fn intent_offset(&self) -> Option<i64> {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().map(|(_, offset)| *offset),
-            RunKind::Done(done) => Some(done.intent_offset),
+            RunKind::Compact(done) => Some(done.intent_offset),
         }
     }
 
@@ -565,7 +567,7 @@ impl<'a> RunRef<'a> {
     pub fn epoch(&self) -> Option<u64> {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().map(|(intent, _)| intent.epoch),
-            RunKind::Done(done) => Some(done.epoch),
+            RunKind::Compact(done) => Some(done.epoch),
         }
     }
 
@@ -573,7 +575,23 @@ impl<'a> RunRef<'a> {
     pub fn trigger(&self) -> Option<Trigger> {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().map(|(intent, _)| intent.trigger),
-            RunKind::Done(done) => Some(done.trigger),
+            RunKind::Compact(done) => Some(done.trigger),
+        }
+    }
+
+    /// The node the intent names.
+    pub fn node(&self) -> Option<&'a NodeId> {
+        match self.kind {
+            RunKind::Full(entry) => entry.intent.as_ref().and_then(|(intent, _)| intent.node.as_ref()),
+            RunKind::Compact(done) => done.node.as_ref(),
+        }
+    }
+
+    /// The spec the intent runs.
+    pub fn spec(&self) -> Option<&'a TaskSpec> {
+        match self.kind {
+            RunKind::Full(entry) => entry.intent.as_ref().map(|(intent, _)| &*intent.spec),
+            RunKind::Compact(done) => Some(&done.spec),
         }
     }
 
@@ -581,7 +599,7 @@ impl<'a> RunRef<'a> {
     pub fn attempt(&self) -> Option<u32> {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().map(|(intent, _)| intent.attempt),
-            RunKind::Done(done) => Some(done.attempt),
+            RunKind::Compact(done) => Some(done.attempt),
         }
     }
 
@@ -594,7 +612,7 @@ impl<'a> RunRef<'a> {
     pub fn stop_requested(&self) -> bool {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().is_some_and(|(intent, _)| intent.stop.is_some()),
-            RunKind::Done(done) => done.texts.as_ref().is_some_and(|texts| texts[0].is_some()),
+            RunKind::Compact(done) => done.texts.as_ref().is_some_and(|texts| texts[0].is_some()),
         }
     }
 
@@ -604,7 +622,7 @@ impl<'a> RunRef<'a> {
             RunKind::Full(entry) => {
                 entry.report.as_ref().map(|entry| (entry.report.state, entry.report.started_ms))
             }
-            RunKind::Done(done) => done.reported.map(|state| (state, done.time(1))),
+            RunKind::Compact(done) => done.reported.map(|state| (state, done.time(1))),
         }
     }
 
@@ -614,7 +632,7 @@ impl<'a> RunRef<'a> {
             RunKind::Full(entry) => {
                 entry.intent.as_ref().map(|(intent, _)| std::borrow::Cow::Borrowed(intent))
             }
-            RunKind::Done(done) => Some(std::borrow::Cow::Owned(done.intent(self.task, self.id))),
+            RunKind::Compact(done) => Some(std::borrow::Cow::Owned(done.intent(self.task, self.id))),
         }
     }
 
@@ -622,7 +640,7 @@ impl<'a> RunRef<'a> {
     pub fn report(&self) -> Option<std::borrow::Cow<'a, ReportEntry>> {
         match self.kind {
             RunKind::Full(entry) => entry.report.as_ref().map(std::borrow::Cow::Borrowed),
-            RunKind::Done(done) => done.report(self.task, self.id).map(std::borrow::Cow::Owned),
+            RunKind::Compact(done) => done.report(self.task, self.id).map(std::borrow::Cow::Owned),
         }
     }
 
@@ -630,7 +648,7 @@ impl<'a> RunRef<'a> {
     pub fn entry(&self) -> std::borrow::Cow<'a, RunEntry> {
         match self.kind {
             RunKind::Full(entry) => std::borrow::Cow::Borrowed(entry),
-            RunKind::Done(done) => std::borrow::Cow::Owned(done.entry(self.task, self.id)),
+            RunKind::Compact(done) => std::borrow::Cow::Owned(done.entry(self.task, self.id)),
         }
     }
 }

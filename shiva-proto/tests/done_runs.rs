@@ -1,4 +1,4 @@
-//! Runs kept compact once over (issue 21, memory per retained run): what a reader reads back
+//! Runs kept compact (issue 21, memory per retained run): what a reader reads back
 //! of them. Apart from `run_memory`, whose allocation count would see this test's.
 
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use shiva_proto::topics::{TopicKind, key};
 use shiva_proto::view::LogView;
 use uuid::Uuid;
 
-/// A run kept compact once over reads back exactly as its two records said; records landing on
+/// A run kept compact reads back exactly as its two records said; records landing on
 /// it later fold in as on a run kept in full, and a `deleted` marker of its intent leaves the
 /// report, exactly as it was read.
 #[test]
@@ -74,7 +74,11 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
     };
     let leader_says = |body| Some(Envelope::now("leader-001", Some(leader), body));
     apply(&mut view, TopicKind::Assignments, &key, leader_says(Body::RunIntent(intent.clone())));
-    assert!(matches!(view.runs[&task][&run], Run::Full(_)), "in flight, in full");
+    assert!(matches!(view.runs[&task][&run], Run::Compact(_)), "compact from its intent on");
+    let read = view.run(&task, &run).unwrap();
+    assert_eq!(read.in_flight_on(), Some(&runner_id));
+    assert_eq!(*read.entry(), RunEntry { intent: Some((intent.clone(), 2)), report: None });
+    assert!(!view.open_runs.is_empty());
     let report_offset = 3;
     apply(
         &mut view,
@@ -82,7 +86,7 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
         &key,
         Some(Envelope::now("runner-007", Some(runner), Body::RunReport(report.clone()))),
     );
-    assert!(matches!(view.runs[&task][&run], Run::Done(_)), "over, compact");
+    assert!(matches!(view.runs[&task][&run], Run::Compact(_)), "over, compact still");
     assert!(view.open_runs.is_empty());
     let expected = RunEntry {
         intent: Some((intent.clone(), 2)),
@@ -114,11 +118,11 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
         Some(Envelope::now("runner-007", Some(runner), Body::RunReport(start.clone()))),
     );
     let read = view.run(&task, &run).unwrap();
-    assert!(matches!(view.runs[&task][&run], Run::Done(_)));
+    assert!(matches!(view.runs[&task][&run], Run::Compact(_)));
     assert_eq!(read.phase(), RunPhase::Stopped);
     assert_eq!(read.reported(), Some((RunPhase::Starting, report.started_ms)));
     assert_eq!(read.intent().unwrap().verdict, Some(RunPhase::Stopped));
-    // The intent deleted: the report is an orphan, kept in full, not open.
+    // The intent deleted: the report is an orphan, kept in full.
     apply(&mut view, TopicKind::Assignments, &key, leader_says(Body::Deleted(Deleted { epoch: 1 })));
     let read = view.run(&task, &run).unwrap();
     assert!(!read.has_intent() && read.has_report());
@@ -190,7 +194,7 @@ fn a_report_from_another_sender_or_of_another_attempt_reads_back_as_it_was() {
         view.apply(TopicKind::Assignments, 1, Some(key.as_bytes()), Some(&value));
         let value = Envelope::now(sender, Some(incarnation), Body::RunReport(report.clone())).encode();
         view.apply(TopicKind::Status, 1, Some(key.as_bytes()), Some(&value));
-        assert_eq!(matches!(view.runs[&task][&run], Run::Done(_)), compact, "case {i}");
+        assert_eq!(matches!(view.runs[&task][&run], Run::Compact(_)), compact, "case {i}");
         let node = shiva_proto::NodeId::new(sender).unwrap();
         let expected = RunEntry {
             intent: Some((intent, 1)),

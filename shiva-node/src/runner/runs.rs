@@ -266,8 +266,9 @@ impl RunBook {
         view.open_runs
             .iter()
             .filter(|(_, id)| !self.held.contains_key(id))
-            .filter_map(|(task, id)| view.run(task, id)?.intent())
-            .filter(|intent| intent.node.as_ref() == Some(me) && intent.stop.is_none())
+            .filter_map(|(task, id)| view.run(task, id))
+            .filter(|run| run.node() == Some(me) && !run.stop_requested())
+            .filter_map(|run| run.intent())
             .map(|intent| {
                 let seen = self.seen.get(&intent.run_id).copied().unwrap_or(now_ms);
                 launch_at(&intent, seen).saturating_sub(lead)
@@ -322,7 +323,12 @@ impl RunBook {
         let mut changes: Vec<(Uuid, Held)> = Vec::new();
         let mut first_seen: Vec<Uuid> = Vec::new();
         for (task, id) in &candidates {
-            let Some(entry) = view.run(task, id).map(|run| run.entry()) else { continue };
+            let Some(run) = view.run(task, id) else { continue };
+            // Only the runs whose intent names this node (see `names_me`) are read in full.
+            if run.node() != Some(me) {
+                continue;
+            }
+            let entry = run.entry();
             let Some((intent, _)) = entry.intent.as_ref() else { continue };
             if !crate::runner::names_me(intent, me, incarnation, listed) {
                 continue;
