@@ -235,8 +235,8 @@ fn phase_of(reported: Option<RunPhase>, verdict: Option<RunPhase>) -> RunPhase {
     }
 }
 
-/// A run with its intent, as the view keeps it (issue 21, memory per retained run, 176 bytes
-/// against 400 for the two records): both records, without the report's second copy of the task, run id, attempt and
+/// A run as the view keeps it (issue 21, memory per retained run, 176 bytes against 400 for
+/// the two records): its intent and report, or its report alone, without the report's second copy of the task, run id, attempt and
 /// trigger, and with optional numbers packed (a presence bit each) and rare parts boxed (the
 /// texts; a report's sender other than the intent's node and incarnation). Lossless:
 /// [`CompactRun::entry`] gives back the two records exactly as read, so a view replayed from a
@@ -251,7 +251,8 @@ pub struct CompactRun {
     epoch: u64,
     launch_at_ms: i64,
     spec_revision: i64,
-    spec: std::sync::Arc<TaskSpec>,
+    /// `None` without an intent.
+    spec: Option<std::sync::Arc<TaskSpec>>,
     trigger: Trigger,
     node: Option<NodeId>,
     /// Meaningful with [`Present::INCARNATION`].
@@ -287,6 +288,9 @@ impl Present {
     const SIGNAL: u16 = 1 << 4;
     /// `written_at_ms`, `started_ms`, `late_ms`, `ended_ms`.
     const TIMES: [u16; 4] = [1 << 5, 1 << 6, 1 << 7, 1 << 8];
+    /// The intent is held (else only the report: the intent's fields are zero, the node and
+    /// incarnation are the report's sender's, the trigger and attempt the report's).
+    const INTENT: u16 = 1 << 9;
 
     fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
@@ -313,7 +317,7 @@ impl CompactRun {
         }) {
             return None;
         }
-        let mut present = 0u16;
+        let mut present = Present::INTENT;
         let incarnation = pack(intent.incarnation, Present::INCARNATION, &mut present);
         let facts = report.map(|entry| &entry.report);
         let pid = pack(facts.and_then(|report| report.pid), Present::PID, &mut present);
@@ -345,7 +349,7 @@ impl CompactRun {
             epoch: intent.epoch,
             launch_at_ms: intent.launch_at_ms,
             spec_revision: intent.spec_revision,
-            spec: intent.spec.clone(),
+            spec: Some(intent.spec.clone()),
             trigger: intent.trigger,
             node: intent.node.clone(),
             incarnation,
@@ -359,6 +363,47 @@ impl CompactRun {
             reporter,
             texts: texts.iter().any(Option::is_some).then(|| Box::new(texts)),
         })
+    }
+
+    /// The compact form of a run the view holds only the report of.
+    fn of_report(entry: &ReportEntry) -> CompactRun {
+        let report = &entry.report;
+        let mut present = Present::INCARNATION;
+        let pid = pack(report.pid, Present::PID, &mut present);
+        if report.exit.is_some() {
+            present |= Present::EXIT;
+        }
+        let exit = [
+            pack(report.exit.and_then(|exit| exit.code), Present::CODE, &mut present),
+            pack(report.exit.and_then(|exit| exit.signal), Present::SIGNAL, &mut present),
+        ];
+        let times = [None, report.started_ms, report.late_ms, report.ended_ms];
+        let times = std::array::from_fn(|i| pack(times[i], Present::TIMES[i], &mut present));
+        let texts = [None, None, report.message.clone()];
+        CompactRun {
+            intent_offset: -1,
+            report_offset: entry.offset,
+            epoch: 0,
+            launch_at_ms: 0,
+            spec_revision: 0,
+            spec: None,
+            trigger: report.trigger,
+            node: Some(entry.node.clone()),
+            incarnation: entry.incarnation,
+            attempt: report.attempt,
+            pid,
+            exit,
+            times,
+            present: Present(present),
+            verdict: None,
+            reported: Some(report.state),
+            reporter: None,
+            texts: texts.iter().any(Option::is_some).then(|| Box::new(texts)),
+        }
+    }
+
+    fn has_intent(&self) -> bool {
+        self.present.has(Present::INTENT)
     }
 
     fn phase(&self) -> RunPhase {
@@ -380,8 +425,9 @@ impl CompactRun {
     }
 
     /// The intent, as its record said.
-    fn intent(&self, task: &TaskId, run_id: Uuid) -> RunIntent {
-        RunIntent {
+    fn intent(&self, task: &TaskId, run_id: Uuid) -> Option<RunIntent> {
+        let spec = self.spec.clone().filter(|_| self.has_intent())?;
+        Some(RunIntent {
             epoch: self.epoch,
             task: task.clone(),
             run_id,
@@ -392,11 +438,11 @@ impl CompactRun {
             launch_at_ms: self.launch_at_ms,
             written_at_ms: self.time(0),
             spec_revision: self.spec_revision,
-            spec: self.spec.clone(),
+            spec,
             stop: self.text(0),
             verdict: self.verdict,
             note: self.text(1),
-        }
+        })
     }
 
     /// The report, if any, as its record said.
@@ -434,20 +480,20 @@ impl CompactRun {
     /// The run in full, as its records said.
     pub fn entry(&self, task: &TaskId, run_id: Uuid) -> RunEntry {
         RunEntry {
-            intent: Some((self.intent(task, run_id), self.intent_offset)),
+            intent: self.intent(task, run_id).map(|intent| (intent, self.intent_offset)),
             report: self.report(task, run_id),
         }
     }
 }
 
-/// A run as the view keeps it: compact from its intent on (one allocation of one size for
-/// its whole life, so reading a long history leaves no holes behind), in full while the view
-/// holds only its report, or one that disagrees with its intent.
+/// A run as the view keeps it: compact from its first record on (one allocation of one size
+/// for its whole life, so reading a long history leaves no holes behind), in full only when its
+/// report disagrees with its intent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Run {
-    /// Without an intent, or with a report of another attempt or trigger.
+    /// With a report of another attempt or trigger than its intent's.
     Full(Box<RunEntry>),
-    /// With its intent.
+    /// Any other.
     Compact(Box<CompactRun>),
 }
 
@@ -458,6 +504,7 @@ impl Run {
             RunEntry { intent: Some((intent, offset)), report } => {
                 CompactRun::compact(intent, *offset, report.as_ref())
             }
+            RunEntry { intent: None, report: Some(report) } => Some(CompactRun::of_report(report)),
             _ => None,
         };
         match done {
@@ -527,7 +574,9 @@ impl<'a> RunRef<'a> {
     pub fn in_flight_on(&self) -> Option<&'a NodeId> {
         match self.kind {
             RunKind::Full(entry) => entry.in_flight_on(),
-            RunKind::Compact(done) => done.node.as_ref().filter(|_| !done.phase().is_final()),
+            RunKind::Compact(done) => {
+                done.node.as_ref().filter(|_| done.has_intent() && !done.phase().is_final())
+            }
         }
     }
 
@@ -535,7 +584,7 @@ impl<'a> RunRef<'a> {
     pub fn has_intent(&self) -> bool {
         match self.kind {
             RunKind::Full(entry) => entry.intent.is_some(),
-            RunKind::Compact(_) => true,
+            RunKind::Compact(done) => done.has_intent(),
         }
     }
 
@@ -559,7 +608,7 @@ impl<'a> RunRef<'a> {
     pub fn intent_offset(&self) -> Option<i64> {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().map(|(_, offset)| *offset),
-            RunKind::Compact(done) => Some(done.intent_offset),
+            RunKind::Compact(done) => done.has_intent().then_some(done.intent_offset),
         }
     }
 
@@ -567,7 +616,7 @@ impl<'a> RunRef<'a> {
     pub fn epoch(&self) -> Option<u64> {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().map(|(intent, _)| intent.epoch),
-            RunKind::Compact(done) => Some(done.epoch),
+            RunKind::Compact(done) => done.has_intent().then_some(done.epoch),
         }
     }
 
@@ -575,7 +624,7 @@ impl<'a> RunRef<'a> {
     pub fn trigger(&self) -> Option<Trigger> {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().map(|(intent, _)| intent.trigger),
-            RunKind::Compact(done) => Some(done.trigger),
+            RunKind::Compact(done) => done.has_intent().then_some(done.trigger),
         }
     }
 
@@ -583,7 +632,7 @@ impl<'a> RunRef<'a> {
     pub fn node(&self) -> Option<&'a NodeId> {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().and_then(|(intent, _)| intent.node.as_ref()),
-            RunKind::Compact(done) => done.node.as_ref(),
+            RunKind::Compact(done) => done.node.as_ref().filter(|_| done.has_intent()),
         }
     }
 
@@ -591,7 +640,7 @@ impl<'a> RunRef<'a> {
     pub fn spec(&self) -> Option<&'a TaskSpec> {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().map(|(intent, _)| &*intent.spec),
-            RunKind::Compact(done) => Some(&done.spec),
+            RunKind::Compact(done) => done.spec.as_deref().filter(|_| done.has_intent()),
         }
     }
 
@@ -599,7 +648,7 @@ impl<'a> RunRef<'a> {
     pub fn attempt(&self) -> Option<u32> {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().map(|(intent, _)| intent.attempt),
-            RunKind::Compact(done) => Some(done.attempt),
+            RunKind::Compact(done) => done.has_intent().then_some(done.attempt),
         }
     }
 
@@ -632,7 +681,7 @@ impl<'a> RunRef<'a> {
             RunKind::Full(entry) => {
                 entry.intent.as_ref().map(|(intent, _)| std::borrow::Cow::Borrowed(intent))
             }
-            RunKind::Compact(done) => Some(std::borrow::Cow::Owned(done.intent(self.task, self.id))),
+            RunKind::Compact(done) => done.intent(self.task, self.id).map(std::borrow::Cow::Owned),
         }
     }
 

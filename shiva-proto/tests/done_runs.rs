@@ -122,11 +122,11 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
     assert_eq!(read.phase(), RunPhase::Stopped);
     assert_eq!(read.reported(), Some((RunPhase::Starting, report.started_ms)));
     assert_eq!(read.intent().unwrap().verdict, Some(RunPhase::Stopped));
-    // The intent deleted: the report is an orphan, kept in full.
+    // The intent deleted: the report is an orphan, compact too.
     apply(&mut view, TopicKind::Assignments, &key, leader_says(Body::Deleted(Deleted { epoch: 1 })));
     let read = view.run(&task, &run).unwrap();
     assert!(!read.has_intent() && read.has_report());
-    assert!(matches!(view.runs[&task][&run], Run::Full(_)));
+    assert!(matches!(view.runs[&task][&run], Run::Compact(_)));
     let orphan =
         shiva_proto::view::ReportEntry { node: runner_id, incarnation: runner, offset: 5, report: start };
     assert_eq!(*read.entry(), RunEntry { intent: None, report: Some(orphan) });
@@ -190,12 +190,21 @@ fn a_report_from_another_sender_or_of_another_attempt_reads_back_as_it_was() {
             message: None,
         };
         let key = key::run(&task, run);
-        let value = Envelope::now("leader-001", Some(leader), Body::RunIntent(intent.clone())).encode();
-        view.apply(TopicKind::Assignments, 1, Some(key.as_bytes()), Some(&value));
+        let node = shiva_proto::NodeId::new(sender).unwrap();
+        // The report first (`status` read ahead of `assignments`): compact, as read.
         let value = Envelope::now(sender, Some(incarnation), Body::RunReport(report.clone())).encode();
         view.apply(TopicKind::Status, 1, Some(key.as_bytes()), Some(&value));
+        assert!(matches!(view.runs[&task][&run], Run::Compact(_)), "case {i}");
+        let alone = shiva_proto::view::ReportEntry {
+            node: node.clone(),
+            incarnation,
+            offset: 1,
+            report: report.clone(),
+        };
+        assert_eq!(*view.run(&task, &run).unwrap().entry(), RunEntry { intent: None, report: Some(alone) });
+        let value = Envelope::now("leader-001", Some(leader), Body::RunIntent(intent.clone())).encode();
+        view.apply(TopicKind::Assignments, 1, Some(key.as_bytes()), Some(&value));
         assert_eq!(matches!(view.runs[&task][&run], Run::Compact(_)), compact, "case {i}");
-        let node = shiva_proto::NodeId::new(sender).unwrap();
         let expected = RunEntry {
             intent: Some((intent, 1)),
             report: Some(shiva_proto::view::ReportEntry { node, incarnation, offset: 1, report }),
