@@ -423,8 +423,10 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                 let (node, spec) = (run.node()?, run.spec()?);
                 let exclusive = spec.on_disconnect == OnDisconnect::Stop;
                 let held = exclusive && (self.ctx.may_still_run)(node, spec.stop_grace);
-                let gone = !self.load.is_live(node) && !held;
-                gone.then(|| Some((run.intent()?.into_owned(), run.has_report())))?
+                if self.load.is_live(node) || held {
+                    return None;
+                }
+                Some((run.intent()?.into_owned(), run.has_report()))
             })
             .collect();
         for (mut intent, started) in gone {

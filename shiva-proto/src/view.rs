@@ -236,9 +236,10 @@ fn phase_of(reported: Option<RunPhase>, verdict: Option<RunPhase>) -> RunPhase {
 }
 
 /// A run as the view keeps it (issue 21, memory per retained run, 176 bytes against 400 for
-/// the two records): its intent and report, or its report alone, without the report's second copy of the task, run id, attempt and
-/// trigger, and with optional numbers packed (a presence bit each) and rare parts boxed (the
-/// texts; a report's sender other than the intent's node and incarnation). Lossless:
+/// the two records): its intent and report, or its report alone, without the report's second
+/// copy of the task, run id, attempt and trigger, and with optional numbers packed (a presence
+/// bit each) and rare parts boxed (the texts; a report's sender other than the intent's node
+/// and incarnation). Lossless:
 /// [`CompactRun::entry`] gives back the two records exactly as read, so a view replayed from a
 /// compacted log equals the live one, and a record landing later (a restamp, a `deleted`
 /// marker that leaves the report an orphan) folds into the run as it did in full. A run whose
@@ -288,9 +289,6 @@ impl Present {
     const SIGNAL: u16 = 1 << 4;
     /// `written_at_ms`, `started_ms`, `late_ms`, `ended_ms`.
     const TIMES: [u16; 4] = [1 << 5, 1 << 6, 1 << 7, 1 << 8];
-    /// The intent is held (else only the report: the intent's fields are zero, the node and
-    /// incarnation are the report's sender's, the trigger and attempt the report's).
-    const INTENT: u16 = 1 << 9;
 
     fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
@@ -309,17 +307,35 @@ fn pack<T: Default>(value: Option<T>, bit: u16, present: &mut u16) -> T {
 }
 
 impl CompactRun {
-    /// The compact form of a run with its intent; `None` when its report disagrees with the
-    /// intent on the attempt or the trigger (then kept in full).
-    fn compact(intent: &RunIntent, intent_offset: i64, report: Option<&ReportEntry>) -> Option<CompactRun> {
-        if report.is_some_and(|entry| {
-            entry.report.attempt != intent.attempt || entry.report.trigger != intent.trigger
-        }) {
-            return None;
-        }
-        let mut present = Present::INTENT;
-        let incarnation = pack(intent.incarnation, Present::INCARNATION, &mut present);
+    /// The compact form of `entry`; `None` when it holds neither record, or when its report
+    /// disagrees with its intent on the attempt or the trigger (then kept in full).
+    fn new(entry: &RunEntry) -> Option<CompactRun> {
+        let intent = entry.intent.as_ref().map(|(intent, _)| intent);
+        let report = entry.report.as_ref();
         let facts = report.map(|entry| &entry.report);
+        // What the run is and who runs it: the intent's word, else the report's and its sender.
+        let (trigger, attempt, node, incarnation) = match (intent, report) {
+            (Some(intent), _) => {
+                if facts.is_some_and(|report| {
+                    report.attempt != intent.attempt || report.trigger != intent.trigger
+                }) {
+                    return None;
+                }
+                (intent.trigger, intent.attempt, intent.node.clone(), intent.incarnation)
+            }
+            (None, Some(entry)) => (
+                entry.report.trigger,
+                entry.report.attempt,
+                Some(entry.node.clone()),
+                Some(entry.incarnation),
+            ),
+            (None, None) => return None,
+        };
+        let reporter = report
+            .filter(|entry| node.as_ref() != Some(&entry.node) || incarnation != Some(entry.incarnation))
+            .map(|entry| Box::new((entry.node.clone(), entry.incarnation)));
+        let mut present = 0u16;
+        let incarnation = pack(incarnation, Present::INCARNATION, &mut present);
         let pid = pack(facts.and_then(|report| report.pid), Present::PID, &mut present);
         let exit = facts.and_then(|report| report.exit);
         if exit.is_some() {
@@ -330,80 +346,43 @@ impl CompactRun {
             pack(exit.and_then(|exit| exit.signal), Present::SIGNAL, &mut present),
         ];
         let times = [
-            intent.written_at_ms,
+            intent.and_then(|intent| intent.written_at_ms),
             facts.and_then(|report| report.started_ms),
             facts.and_then(|report| report.late_ms),
             facts.and_then(|report| report.ended_ms),
         ];
         let times = std::array::from_fn(|i| pack(times[i], Present::TIMES[i], &mut present));
-        let reporter = report
-            .filter(|entry| {
-                intent.node.as_ref() != Some(&entry.node) || intent.incarnation != Some(entry.incarnation)
-            })
-            .map(|entry| Box::new((entry.node.clone(), entry.incarnation)));
-        let texts =
-            [intent.stop.clone(), intent.note.clone(), facts.and_then(|report| report.message.clone())];
+        let texts = [
+            intent.and_then(|intent| intent.stop.clone()),
+            intent.and_then(|intent| intent.note.clone()),
+            facts.and_then(|report| report.message.clone()),
+        ];
         Some(CompactRun {
-            intent_offset,
+            intent_offset: entry.intent.as_ref().map_or(-1, |(_, offset)| *offset),
             report_offset: report.map_or(-1, |entry| entry.offset),
-            epoch: intent.epoch,
-            launch_at_ms: intent.launch_at_ms,
-            spec_revision: intent.spec_revision,
-            spec: Some(intent.spec.clone()),
-            trigger: intent.trigger,
-            node: intent.node.clone(),
+            epoch: intent.map_or(0, |intent| intent.epoch),
+            launch_at_ms: intent.map_or(0, |intent| intent.launch_at_ms),
+            spec_revision: intent.map_or(0, |intent| intent.spec_revision),
+            spec: intent.map(|intent| intent.spec.clone()),
+            trigger,
+            node,
             incarnation,
-            attempt: intent.attempt,
+            attempt,
             pid,
             exit,
             times,
             present: Present(present),
-            verdict: intent.verdict,
+            verdict: intent.and_then(|intent| intent.verdict),
             reported: facts.map(|report| report.state),
             reporter,
             texts: texts.iter().any(Option::is_some).then(|| Box::new(texts)),
         })
     }
 
-    /// The compact form of a run the view holds only the report of.
-    fn of_report(entry: &ReportEntry) -> CompactRun {
-        let report = &entry.report;
-        let mut present = Present::INCARNATION;
-        let pid = pack(report.pid, Present::PID, &mut present);
-        if report.exit.is_some() {
-            present |= Present::EXIT;
-        }
-        let exit = [
-            pack(report.exit.and_then(|exit| exit.code), Present::CODE, &mut present),
-            pack(report.exit.and_then(|exit| exit.signal), Present::SIGNAL, &mut present),
-        ];
-        let times = [None, report.started_ms, report.late_ms, report.ended_ms];
-        let times = std::array::from_fn(|i| pack(times[i], Present::TIMES[i], &mut present));
-        let texts = [None, None, report.message.clone()];
-        CompactRun {
-            intent_offset: -1,
-            report_offset: entry.offset,
-            epoch: 0,
-            launch_at_ms: 0,
-            spec_revision: 0,
-            spec: None,
-            trigger: report.trigger,
-            node: Some(entry.node.clone()),
-            incarnation: entry.incarnation,
-            attempt: report.attempt,
-            pid,
-            exit,
-            times,
-            present: Present(present),
-            verdict: None,
-            reported: Some(report.state),
-            reporter: None,
-            texts: texts.iter().any(Option::is_some).then(|| Box::new(texts)),
-        }
-    }
-
+    /// Whether the intent is held (its spec is; without one, the intent's other fields are
+    /// zero, and the node, incarnation, trigger and attempt are the report's).
     fn has_intent(&self) -> bool {
-        self.present.has(Present::INTENT)
+        self.spec.is_some()
     }
 
     fn phase(&self) -> RunPhase {
@@ -426,7 +405,7 @@ impl CompactRun {
 
     /// The intent, as its record said.
     fn intent(&self, task: &TaskId, run_id: Uuid) -> Option<RunIntent> {
-        let spec = self.spec.clone().filter(|_| self.has_intent())?;
+        let spec = self.spec.clone()?;
         Some(RunIntent {
             epoch: self.epoch,
             task: task.clone(),
@@ -500,15 +479,8 @@ pub enum Run {
 impl Run {
     /// How `entry` is kept.
     pub fn keep(entry: RunEntry) -> Run {
-        let done = match &entry {
-            RunEntry { intent: Some((intent, offset)), report } => {
-                CompactRun::compact(intent, *offset, report.as_ref())
-            }
-            RunEntry { intent: None, report: Some(report) } => Some(CompactRun::of_report(report)),
-            _ => None,
-        };
-        match done {
-            Some(done) => Run::Compact(Box::new(done)),
+        match CompactRun::new(&entry) {
+            Some(compact) => Run::Compact(Box::new(compact)),
             None => Run::Full(Box::new(entry)),
         }
     }
@@ -640,7 +612,7 @@ impl<'a> RunRef<'a> {
     pub fn spec(&self) -> Option<&'a TaskSpec> {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().map(|(intent, _)| &*intent.spec),
-            RunKind::Compact(done) => done.spec.as_deref().filter(|_| done.has_intent()),
+            RunKind::Compact(done) => done.spec.as_deref(),
         }
     }
 

@@ -10,6 +10,60 @@ use shiva_proto::topics::{TopicKind, key};
 use shiva_proto::view::LogView;
 use uuid::Uuid;
 
+/// The leader's incarnation, and its claim of epoch 1.
+const LEADER: Uuid = Uuid::from_u128(1);
+
+fn claim() -> (String, Envelope) {
+    let leader = shiva_proto::NodeId::new("leader-001").unwrap();
+    let claim = Body::Claim(shiva_proto::records::Claim { epoch: 1 });
+    (key::claim(1, &leader, Uuid::from_u128(3)), Envelope::now("leader-001", Some(LEADER), claim))
+}
+
+/// A periodic task's spec.
+fn spec(id: &str) -> Arc<TaskSpec> {
+    let spec = serde_json::json!({"id": id, "command": "true", "schedule": "* * * * *"});
+    Arc::new(serde_json::from_value(spec).unwrap())
+}
+
+/// The first attempt of `spec`'s slot `slot_ms` on `runner-007`, launched at its slot; the
+/// optional fields left out.
+fn slot_intent(spec: &Arc<TaskSpec>, slot_ms: i64) -> RunIntent {
+    let trigger = Trigger::Slot { slot_ms };
+    RunIntent {
+        epoch: 1,
+        task: spec.id.clone(),
+        run_id: run_id(&spec.id, trigger, 1),
+        attempt: 1,
+        trigger,
+        node: Some(shiva_proto::NodeId::new("runner-007").unwrap()),
+        launch_at_ms: slot_ms,
+        written_at_ms: None,
+        spec_revision: 0,
+        spec: spec.clone(),
+        stop: None,
+        verdict: None,
+        note: None,
+        incarnation: None,
+    }
+}
+
+/// The runner's record of `intent`'s run in `state`; the optional fields left out.
+fn report(intent: &RunIntent, state: RunPhase) -> RunReport {
+    RunReport {
+        task: intent.task.clone(),
+        run_id: intent.run_id,
+        attempt: intent.attempt,
+        trigger: intent.trigger,
+        state,
+        pid: None,
+        started_ms: None,
+        late_ms: None,
+        ended_ms: None,
+        exit: None,
+        message: None,
+    }
+}
+
 /// A run kept compact reads back exactly as its two records said; records landing on
 /// it later fold in as on a run kept in full, and a `deleted` marker of its intent leaves the
 /// report, exactly as it was read.
@@ -17,8 +71,7 @@ use uuid::Uuid;
 fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
     use shiva_proto::records::Deleted;
     use shiva_proto::view::{Run, RunEntry};
-    let (leader, runner) = (Uuid::from_u128(1), Uuid::from_u128(2));
-    let leader_id = shiva_proto::NodeId::new("leader-001").unwrap();
+    let runner = Uuid::from_u128(2);
     let runner_id = shiva_proto::NodeId::new("runner-007").unwrap();
     let mut view = LogView::default();
     let mut offset = 0;
@@ -27,52 +80,31 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
         let value = envelope.map(|envelope| envelope.encode());
         view.apply(topic, offset, Some(key.as_bytes()), value.as_deref())
     };
-    let claim = Body::Claim(shiva_proto::records::Claim { epoch: 1 });
-    let claim_key = key::claim(1, &leader_id, Uuid::from_u128(3));
-    apply(
-        &mut view,
-        TopicKind::Assignments,
-        &claim_key,
-        Some(Envelope::now("leader-001", Some(leader), claim)),
-    );
-    let spec: TaskSpec = serde_json::from_value(serde_json::json!({
-        "id": "hist/t", "command": "true", "schedule": "* * * * *",
-    }))
-    .unwrap();
+    let (claim_key, claim) = claim();
+    apply(&mut view, TopicKind::Assignments, &claim_key, Some(claim));
+    let spec = spec("hist/t");
     let task = spec.id.clone();
-    let trigger = Trigger::Slot { slot_ms: 1_795_315_680_000 };
-    let run = run_id(&task, trigger, 1);
-    let key = key::run(&task, run);
     let intent = RunIntent {
-        epoch: 1,
-        task: task.clone(),
-        run_id: run,
-        attempt: 1,
-        trigger,
-        node: Some(runner_id.clone()),
         launch_at_ms: 1_795_315_680_040,
         written_at_ms: Some(1_795_315_679_000),
         spec_revision: 7,
-        spec: Arc::new(spec),
         stop: Some("asked to".into()),
-        verdict: None,
         note: Some("a note".into()),
         incarnation: Some(runner),
+        ..slot_intent(&spec, 1_795_315_680_000)
     };
+    let (trigger, run) = (intent.trigger, intent.run_id);
+    let key = key::run(&task, run);
     let report = RunReport {
-        task: task.clone(),
-        run_id: run,
-        attempt: 1,
-        trigger,
-        state: RunPhase::Stopped,
         pid: Some(4242),
         started_ms: Some(1_795_315_680_043),
         late_ms: Some(3),
         ended_ms: Some(1_795_315_680_900),
         exit: Some(ExitInfo { code: None, signal: Some(15) }),
         message: Some("stopped: asked to".into()),
+        ..report(&intent, RunPhase::Stopped)
     };
-    let leader_says = |body| Some(Envelope::now("leader-001", Some(leader), body));
+    let leader_says = |body| Some(Envelope::now("leader-001", Some(LEADER), body));
     apply(&mut view, TopicKind::Assignments, &key, leader_says(Body::RunIntent(intent.clone())));
     assert!(matches!(view.runs[&task][&run], Run::Compact(_)), "compact from its intent on");
     let read = view.run(&task, &run).unwrap();
@@ -138,14 +170,8 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
 #[test]
 fn a_report_from_another_sender_or_of_another_attempt_reads_back_as_it_was() {
     use shiva_proto::view::{Run, RunEntry};
-    let leader = Uuid::from_u128(1);
-    let leader_id = shiva_proto::NodeId::new("leader-001").unwrap();
-    let spec: TaskSpec = serde_json::from_value(
-        serde_json::json!({"id": "hist/u", "command": "true", "schedule": "* * * * *"}),
-    )
-    .unwrap();
+    let spec = spec("hist/u");
     let task = spec.id.clone();
-    let spec = Arc::new(spec);
     let cases: [(Option<Uuid>, &str, Uuid, u32, bool); 4] = [
         (Some(Uuid::from_u128(7)), "runner-007", Uuid::from_u128(7), 1, true),
         (Some(Uuid::from_u128(7)), "runner-008", Uuid::from_u128(8), 1, true),
@@ -154,40 +180,16 @@ fn a_report_from_another_sender_or_of_another_attempt_reads_back_as_it_was() {
     ];
     for (i, (named, sender, incarnation, attempt, compact)) in cases.into_iter().enumerate() {
         let mut view = LogView::default();
-        let claim =
-            Envelope::now("leader-001", Some(leader), Body::Claim(shiva_proto::records::Claim { epoch: 1 }));
-        let claim_key = key::claim(1, &leader_id, Uuid::from_u128(3));
+        let (claim_key, claim) = claim();
         view.apply(TopicKind::Assignments, 0, Some(claim_key.as_bytes()), Some(&claim.encode()));
-        let trigger = Trigger::Slot { slot_ms: 60_000 * i as i64 };
-        let run = run_id(&task, trigger, 1);
-        let intent = RunIntent {
-            epoch: 1,
-            task: task.clone(),
-            run_id: run,
-            attempt: 1,
-            trigger,
-            node: Some(shiva_proto::NodeId::new("runner-007").unwrap()),
-            launch_at_ms: 60_000,
-            written_at_ms: None,
-            spec_revision: 0,
-            spec: spec.clone(),
-            stop: None,
-            verdict: None,
-            note: None,
-            incarnation: named,
-        };
+        let intent =
+            RunIntent { launch_at_ms: 60_000, incarnation: named, ..slot_intent(&spec, 60_000 * i as i64) };
+        let run = intent.run_id;
         let report = RunReport {
-            task: task.clone(),
-            run_id: run,
             attempt,
-            trigger,
-            state: RunPhase::Failed,
-            pid: None,
-            started_ms: None,
-            late_ms: None,
             ended_ms: Some(-5),
             exit: Some(ExitInfo { code: Some(-1), signal: None }),
-            message: None,
+            ..report(&intent, RunPhase::Failed)
         };
         let key = key::run(&task, run);
         let node = shiva_proto::NodeId::new(sender).unwrap();
@@ -202,7 +204,7 @@ fn a_report_from_another_sender_or_of_another_attempt_reads_back_as_it_was() {
             report: report.clone(),
         };
         assert_eq!(*view.run(&task, &run).unwrap().entry(), RunEntry { intent: None, report: Some(alone) });
-        let value = Envelope::now("leader-001", Some(leader), Body::RunIntent(intent.clone())).encode();
+        let value = Envelope::now("leader-001", Some(LEADER), Body::RunIntent(intent.clone())).encode();
         view.apply(TopicKind::Assignments, 1, Some(key.as_bytes()), Some(&value));
         assert_eq!(matches!(view.runs[&task][&run], Run::Compact(_)), compact, "case {i}");
         let expected = RunEntry {
