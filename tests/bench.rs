@@ -2,7 +2,7 @@
 //! the node's default settings, and prints a Markdown report for `docs/benchmarks.md`.
 //!
 //! ```sh
-//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only handoff,floor,cron,peers,resume] [--kills 1000]
+//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only handoff,floor,cron,peers,resume] [--parts tansu,file,systemd,cron] [--window 60] [--kills 1000]
 //! ```
 
 use std::collections::BTreeMap;
@@ -339,13 +339,14 @@ fn peers_section(
     runtime: &tokio::runtime::Runtime,
     broker: &Broker,
     node_args: &[&str],
-    quick: bool,
+    (quick, parts, window): (bool, Option<&str>, Option<u64>),
     report: &mut Vec<String>,
 ) {
     const COUNT: usize = 50;
-    let window = Duration::from_secs(if quick { 20 } else { 60 });
+    // `--parts tansu,file,systemd,cron`: some of the measures beside the floor (all by default).
+    let part = |name: &str| parts.is_none_or(|list| list.split(',').any(|p| p == name));
+    let window = Duration::from_secs(window.unwrap_or(if quick { 20 } else { 60 }));
     let minutes = if quick { 2 } else { 5 };
-    let rootfs = peers::rootfs();
     let mut floor = spawn_floor(&scratch("floor"), COUNT, window);
     let floor_p99 = percentile(&mut floor, 0.99);
     report.push(format!(
@@ -355,7 +356,8 @@ fn peers_section(
     ));
     let files = Broker::file_bus(Vec::new());
     let mut shiva = Vec::new();
-    for (label, bus, args) in [("test broker (tansu)", broker, node_args), ("file bus", &files, &[][..])] {
+    let buses = [("tansu", "test broker (tansu)", broker, node_args), ("file", "file bus", &files, &[][..])];
+    for (_, label, bus, args) in buses.into_iter().filter(|(name, ..)| part(name)) {
         let (mut late, missing, twice, _) = shiva_cron(runtime, bus, args, COUNT, window);
         let p99 = percentile(&mut late, 0.99);
         let verdict =
@@ -368,6 +370,10 @@ fn peers_section(
         ));
         shiva.push((label, late));
     }
+    if !part("systemd") || !part("cron") {
+        return;
+    }
+    let rootfs = peers::rootfs();
     let mut systemd = peers::systemd_timers(&rootfs, &scratch("peers-systemd"), COUNT, window);
     let mut cron = peers::debian_cron(&rootfs, &scratch("peers-cron"), COUNT, minutes);
     for (label, peer, span) in [
@@ -774,7 +780,10 @@ fn main() {
 
     // Lateness at 50 runs a second beside the floor and the peers a user would pick, in one run.
     if wants("peers") {
-        peers_section(&runtime, &broker, &node_args, quick, &mut report);
+        let parts = args.iter().position(|arg| arg == "--parts").map(|i| args[i + 1].as_str());
+        // `--window 180`: seconds measured (default 60, 20 with `--quick`).
+        let window = args.iter().position(|arg| arg == "--window").map(|i| args[i + 1].parse().unwrap());
+        peers_section(&runtime, &broker, &node_args, (quick, parts, window), &mut report);
     }
 
     if wants("resume") {

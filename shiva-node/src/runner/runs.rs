@@ -35,8 +35,12 @@ pub const MAX_START_LEAD: Duration = Duration::from_millis(800);
 pub const RELAUNCH_WITHIN_MS: i64 = 2_000;
 /// How often held runs that the log no longer holds are forgotten.
 const PRUNE_EVERY_MS: i64 = 5_000;
-/// How many recent confirmations the lead follows.
-pub const RECENT_CONFIRMS: usize = 32;
+/// How far back the lead remembers the slowest confirmation: a broker that stalls now and then
+/// (a compaction, a checkpoint, a pause) does so again within minutes, and a lead that forgot
+/// the last stall 32 confirmations later (0.6 s at 50 runs a second) met the next one late.
+pub const LEAD_MEMORY_MS: i64 = 300_000;
+/// The lead's memory is kept as the slowest confirmation of each span this long.
+const LEAD_BUCKET_MS: i64 = 10_000;
 
 /// When this runner launches `intent`, on its own clock, having first seen it at `seen_ms`: the
 /// leader's `launch_at_ms` read on this runner's clock, held between the moment it saw the intent
@@ -56,13 +60,54 @@ pub fn launch_at(intent: &RunIntent, seen_ms: i64) -> i64 {
     }
 }
 
-/// The lead for the next start records: twice the slowest of the recent confirmations (write,
-/// then read to the end), within bounds. A loaded broker makes confirmations slow; starting
-/// earlier keeps launches on time, at the price of a longer window in which a node's death
-/// leaves a run `lost` rather than `missed`.
-pub fn start_lead(recent_ms: &VecDeque<u64>) -> Duration {
-    let slowest = recent_ms.iter().copied().max().unwrap_or(0);
-    Duration::from_millis(slowest.saturating_mul(2)).clamp(START_LEAD, MAX_START_LEAD)
+/// The lead for the next start records: twice the slowest confirmation (write, then read to the
+/// end) of the last [`LEAD_MEMORY_MS`], within bounds. A loaded or stalling broker makes
+/// confirmations slow; starting earlier keeps launches on time, at the price of a longer window
+/// in which a node's death leaves a run `lost` rather than `missed`.
+///
+/// Invariants: at most `LEAD_MEMORY_MS / LEAD_BUCKET_MS + 1` spans are kept while the clock
+/// moves forward (a clock set back merges into the newest span until it passes it again); total
+/// on any clock and any duration.
+#[derive(Debug, Default)]
+pub struct Confirms {
+    /// (start of the span, slowest confirmation in it, ms), oldest first.
+    spans: VecDeque<(i64, u64)>,
+}
+
+impl Confirms {
+    /// A confirmation that took `took_ms`, at `now_ms`.
+    pub fn record(&mut self, now_ms: i64, took_ms: u64) {
+        match self.spans.back_mut() {
+            Some((start, slowest)) if now_ms.saturating_sub(*start) < LEAD_BUCKET_MS => {
+                *slowest = (*slowest).max(took_ms);
+            }
+            _ => self.spans.push_back((now_ms, took_ms)),
+        }
+        self.forget(now_ms);
+    }
+
+    /// The lead at `now_ms`.
+    pub fn lead(&self, now_ms: i64) -> Duration {
+        let slowest = self
+            .spans
+            .iter()
+            .filter(|(start, _)| now_ms.saturating_sub(*start) < LEAD_MEMORY_MS)
+            .map(|(_, slowest)| *slowest)
+            .max()
+            .unwrap_or(0);
+        Duration::from_millis(slowest.saturating_mul(2)).clamp(START_LEAD, MAX_START_LEAD)
+    }
+
+    fn forget(&mut self, now_ms: i64) {
+        while self.spans.front().is_some_and(|(start, _)| now_ms.saturating_sub(*start) >= LEAD_MEMORY_MS) {
+            self.spans.pop_front();
+        }
+    }
+
+    #[cfg(test)]
+    pub fn spans(&self) -> usize {
+        self.spans.len()
+    }
 }
 
 /// Whether a run's `running` record is written, `lean` when every live leader-capable node has
@@ -188,8 +233,8 @@ pub struct RunBook {
     held: BTreeMap<Uuid, Held>,
     /// When this node first saw each intent of its own not held yet (its clock, ms).
     seen: BTreeMap<Uuid, i64>,
-    /// How long recent runs took from start record to confirmation (ms), newest last.
-    confirm_ms: VecDeque<u64>,
+    /// How long recent runs took from start record to confirmation.
+    confirms: Confirms,
     pruned_at: i64,
     /// Every live leader-capable node has the `lean_runs` feature (see [`RunBook::set_lean`]).
     lean: bool,
@@ -262,7 +307,7 @@ impl RunBook {
 
     /// When the next start record is due, after a step at `now_ms` (`None`: none waits).
     pub fn next_due(&self, view: &LogView, me: &NodeId, now_ms: i64) -> Option<Duration> {
-        let lead = i64::try_from(start_lead(&self.confirm_ms).as_millis()).unwrap_or(i64::MAX);
+        let lead = i64::try_from(self.confirms.lead(now_ms).as_millis()).unwrap_or(i64::MAX);
         view.open_runs
             .iter()
             .filter(|(_, id)| !self.held.contains_key(id))
@@ -309,7 +354,7 @@ impl RunBook {
         now: i64,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
-        let lead = i64::try_from(start_lead(&self.confirm_ms).as_millis()).unwrap_or(i64::MAX);
+        let lead = i64::try_from(self.confirms.lead(now).as_millis()).unwrap_or(i64::MAX);
         // The runs not over, and the launched ones (whose leader may have given up on them).
         let launched = self.held.iter().filter(|(_, held)| matches!(held.phase, Phase::Launched { .. }));
         let candidates: BTreeSet<(TaskId, Uuid)> = view
@@ -433,10 +478,7 @@ impl RunBook {
                     // Launched at this runner's instant for it (see `launch_at`).
                     let seen = self.seen.remove(&id).unwrap_or(now);
                     intent.launch_at_ms = launch_at(&intent, seen);
-                    if self.confirm_ms.len() == RECENT_CONFIRMS {
-                        self.confirm_ms.pop_front();
-                    }
-                    self.confirm_ms.push_back(u64::try_from(now.saturating_sub(since)).unwrap_or(0));
+                    self.confirms.record(now, u64::try_from(now.saturating_sub(since)).unwrap_or(0));
                     self.held.insert(id, Held { task, phase: Phase::Launched { stop_sent: false } });
                     actions.push(Action::Launch(intent));
                 }
