@@ -344,9 +344,16 @@ fn peers_section(
 ) {
     const COUNT: usize = 50;
     // `--parts tansu,file,systemd,cron`: some of the measures beside the floor (all by default).
+    const PARTS: [&str; 4] = ["tansu", "file", "systemd", "cron"];
+    if let Some(unknown) = parts.into_iter().flat_map(|list| list.split(',')).find(|p| !PARTS.contains(p)) {
+        panic!("--parts: unknown part {unknown:?} (known: {})", PARTS.join(", "));
+    }
     let part = |name: &str| parts.is_none_or(|list| list.split(',').any(|p| p == name));
     let window = Duration::from_secs(window.unwrap_or(if quick { 20 } else { 60 }));
+    assert!(window >= Duration::from_secs(1), "--window: at least 1 (seconds)");
     let minutes = if quick { 2 } else { 5 };
+    // Built (or found) before anything is measured, so that a failure does not come after it.
+    let rootfs = (part("systemd") || part("cron")).then(peers::rootfs);
     let mut floor = spawn_floor(&scratch("floor"), COUNT, window);
     let floor_p99 = percentile(&mut floor, 0.99);
     report.push(format!(
@@ -370,16 +377,18 @@ fn peers_section(
         ));
         shiva.push((label, late));
     }
-    if !part("systemd") || !part("cron") {
-        return;
-    }
-    let rootfs = peers::rootfs();
-    let mut systemd = peers::systemd_timers(&rootfs, &scratch("peers-systemd"), COUNT, window);
-    let mut cron = peers::debian_cron(&rootfs, &scratch("peers-cron"), COUNT, minutes);
+    let rootfs = rootfs.as_deref();
+    let mut systemd = rootfs
+        .filter(|_| part("systemd"))
+        .map(|rootfs| peers::systemd_timers(rootfs, &scratch("peers-systemd"), COUNT, window));
+    let mut cron = rootfs
+        .filter(|_| part("cron"))
+        .map(|rootfs| peers::debian_cron(rootfs, &scratch("peers-cron"), COUNT, minutes));
     for (label, peer, span) in [
         ("systemd timers (`AccuracySec=1us`), every second", &mut systemd, format!("{}s", window.as_secs())),
         ("Debian cron, every minute", &mut cron, format!("{minutes} min")),
     ] {
+        let Some(peer) = peer else { continue };
         report.push(format!(
             "| {label}, {COUNT} jobs, in a Debian 12 host under systemd-nspawn, {span} | {}; {} of {} slots skipped, {} run twice |",
             summary(&mut peer.lateness),
@@ -388,6 +397,7 @@ fn peers_section(
             peer.twice
         ));
     }
+    let (Some(systemd), Some(cron)) = (&mut systemd, &mut cron) else { return };
     for (label, late) in &mut shiva {
         let (p50, p99) = (percentile(late, 0.5), percentile(late, 0.99));
         let ratio = |peer: &mut peers::Peer| {
@@ -399,8 +409,8 @@ fn peers_section(
         };
         report.push(format!(
             "| Shiva's lateness ({label}) as a ratio to systemd timers' / to cron's | {} / {} |",
-            ratio(&mut systemd),
-            ratio(&mut cron)
+            ratio(systemd),
+            ratio(cron)
         ));
     }
 }
@@ -780,9 +790,14 @@ fn main() {
 
     // Lateness at 50 runs a second beside the floor and the peers a user would pick, in one run.
     if wants("peers") {
-        let parts = args.iter().position(|arg| arg == "--parts").map(|i| args[i + 1].as_str());
+        let value = |flag: &str| {
+            let at = args.iter().position(|arg| arg == flag)?;
+            Some(args.get(at + 1).unwrap_or_else(|| panic!("{flag} needs a value")).as_str())
+        };
+        let parts = value("--parts");
         // `--window 180`: seconds measured (default 60, 20 with `--quick`).
-        let window = args.iter().position(|arg| arg == "--window").map(|i| args[i + 1].parse().unwrap());
+        let window =
+            value("--window").map(|s| s.parse().unwrap_or_else(|_| panic!("--window: seconds, not {s:?}")));
         peers_section(&runtime, &broker, &node_args, (quick, parts, window), &mut report);
     }
 

@@ -35,12 +35,13 @@ pub const MAX_START_LEAD: Duration = Duration::from_millis(800);
 pub const RELAUNCH_WITHIN_MS: i64 = 2_000;
 /// How often held runs that the log no longer holds are forgotten.
 const PRUNE_EVERY_MS: i64 = 5_000;
-/// How far back the lead remembers the slowest confirmation: a broker that stalls now and then
-/// (a compaction, a checkpoint, a pause) does so again within minutes, and a lead that forgot
-/// the last stall 32 confirmations later (0.6 s at 50 runs a second) met the next one late.
+/// How far back the lead remembers the slowest confirmation (about: it is kept by spans of
+/// [`LEAD_BUCKET_MS`]): a broker that stalls now and then (a compaction, a checkpoint, a pause)
+/// does so again within minutes. The lead once followed the last 32 confirmations instead: about
+/// 2 s for a node running 17 runs a second, half an hour at one run a minute.
 pub const LEAD_MEMORY_MS: i64 = 300_000;
 /// The lead's memory is kept as the slowest confirmation of each span this long.
-const LEAD_BUCKET_MS: i64 = 10_000;
+pub const LEAD_BUCKET_MS: i64 = 10_000;
 
 /// When this runner launches `intent`, on its own clock, having first seen it at `seen_ms`: the
 /// leader's `launch_at_ms` read on this runner's clock, held between the moment it saw the intent
@@ -65,9 +66,10 @@ pub fn launch_at(intent: &RunIntent, seen_ms: i64) -> i64 {
 /// confirmations slow; starting earlier keeps launches on time, at the price of a longer window
 /// in which a node's death leaves a run `lost` rather than `missed`.
 ///
-/// Invariants: at most `LEAD_MEMORY_MS / LEAD_BUCKET_MS + 1` spans are kept while the clock
-/// moves forward (a clock set back merges into the newest span until it passes it again); total
-/// on any clock and any duration.
+/// Invariants: span starts increase by at least [`LEAD_BUCKET_MS`] and lie within the last
+/// [`LEAD_MEMORY_MS`] of the newest clock reading, so at most `LEAD_MEMORY_MS / LEAD_BUCKET_MS`
+/// spans are kept; a clock set back drops the spans it now places in the future (the lead may
+/// then forget a stall early, never keep one for longer); total on any clock and any duration.
 #[derive(Debug, Default)]
 pub struct Confirms {
     /// (start of the span, slowest confirmation in it, ms), oldest first.
@@ -77,31 +79,30 @@ pub struct Confirms {
 impl Confirms {
     /// A confirmation that took `took_ms`, at `now_ms`.
     pub fn record(&mut self, now_ms: i64, took_ms: u64) {
+        while self.spans.back().is_some_and(|(start, _)| *start > now_ms) {
+            self.spans.pop_back();
+        }
         match self.spans.back_mut() {
             Some((start, slowest)) if now_ms.saturating_sub(*start) < LEAD_BUCKET_MS => {
                 *slowest = (*slowest).max(took_ms);
             }
             _ => self.spans.push_back((now_ms, took_ms)),
         }
-        self.forget(now_ms);
+        while self.spans.front().is_some_and(|(start, _)| now_ms.saturating_sub(*start) >= LEAD_MEMORY_MS) {
+            self.spans.pop_front();
+        }
     }
 
-    /// The lead at `now_ms`.
+    /// The lead at `now_ms`: spans in its last [`LEAD_MEMORY_MS`] count, none in its future.
     pub fn lead(&self, now_ms: i64) -> Duration {
         let slowest = self
             .spans
             .iter()
-            .filter(|(start, _)| now_ms.saturating_sub(*start) < LEAD_MEMORY_MS)
+            .filter(|(start, _)| (0..LEAD_MEMORY_MS).contains(&now_ms.saturating_sub(*start)))
             .map(|(_, slowest)| *slowest)
             .max()
             .unwrap_or(0);
         Duration::from_millis(slowest.saturating_mul(2)).clamp(START_LEAD, MAX_START_LEAD)
-    }
-
-    fn forget(&mut self, now_ms: i64) {
-        while self.spans.front().is_some_and(|(start, _)| now_ms.saturating_sub(*start) >= LEAD_MEMORY_MS) {
-            self.spans.pop_front();
-        }
     }
 
     #[cfg(test)]
