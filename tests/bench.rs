@@ -694,21 +694,24 @@ fn rss_kb(pid: i32) -> u64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|arg| arg == "--quick");
-    let fetch_wait =
-        args.iter().position(|arg| arg == "--fetch-wait").map_or("12ms".to_owned(), |i| args[i + 1].clone());
-    let node_args = ["--fetch-wait", fetch_wait.as_str()];
+    // The value after `flag`, if the flag is given.
+    let value = |flag: &str| {
+        let at = args.iter().position(|arg| arg == flag)?;
+        Some(args.get(at + 1).unwrap_or_else(|| panic!("{flag} needs a value")).as_str())
+    };
+    let fetch_wait = value("--fetch-wait").unwrap_or("12ms");
+    let node_args = ["--fetch-wait", fetch_wait];
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     // tansu compacts by a query over every record that blocks writes while it runs; a Kafka
     // broker's log cleaner does not block producers. `--compaction 10m` is tansu's default.
-    let compaction =
-        args.iter().position(|arg| arg == "--compaction").map_or("10s".to_owned(), |i| args[i + 1].clone());
-    let broker = Broker::start_with_interval(&compaction);
+    let compaction = value("--compaction").unwrap_or("10s");
+    let broker = Broker::start_with_interval(compaction);
     let mut report = Vec::new();
 
     // `--only a,b` runs some sections: rtt, handoff, idle, floor, cron, peers, resume, swarm,
     // swarm-files, pipeline, archive-e2e, crash, supervise, cluster, filebus, api.
-    let only = args.iter().position(|arg| arg == "--only").map(|i| args[i + 1].clone());
-    let wants = |section: &str| only.as_ref().is_none_or(|list| list.split(',').any(|s| s == section));
+    let only = value("--only");
+    let wants = |section: &str| only.is_none_or(|list| list.split(',').any(|s| s == section));
     for wait in [10, 12, 20].into_iter().filter(|_| wants("rtt")) {
         let samples = if quick { 50 } else { 200 };
         let mut rtt =
@@ -790,10 +793,6 @@ fn main() {
 
     // Lateness at 50 runs a second beside the floor and the peers a user would pick, in one run.
     if wants("peers") {
-        let value = |flag: &str| {
-            let at = args.iter().position(|arg| arg == flag)?;
-            Some(args.get(at + 1).unwrap_or_else(|| panic!("{flag} needs a value")).as_str())
-        };
         let parts = value("--parts");
         // `--window 180`: seconds measured (default 60, 20 with `--quick`).
         let window =
@@ -848,10 +847,8 @@ fn main() {
     }
 
     if wants("crash") {
-        let kills = args
-            .iter()
-            .position(|arg| arg == "--kills")
-            .map_or(if quick { 100 } else { 1000 }, |i| args[i + 1].parse().expect("--kills N"));
+        let kills =
+            value("--kills").map_or(if quick { 100 } else { 1000 }, |n| n.parse().expect("--kills N"));
         let crashes = archive::crash_matrix(&broker, kills);
         report.push(format!(
             "| archiver crash matrix: SIGKILL at random moments (50–1500 ms after start, --max-records 50) while producing | {} kills, {} records produced, {} lost, {} archived twice ({} files, {:.0} s) |",
@@ -883,7 +880,7 @@ fn main() {
     }
 
     if wants("cluster") {
-        cluster_figures(&runtime, &broker, &mut report, quick, &node_args, &fetch_wait);
+        cluster_figures(&runtime, &broker, &mut report, quick, &node_args, fetch_wait);
     }
 
     if wants("filebus") {

@@ -201,19 +201,7 @@ mod tests {
             node: NodeId::new("a").unwrap(),
             incarnation,
             offset: 3,
-            report: RunReport {
-                task: task.clone(),
-                run_id: intent.run_id,
-                attempt: 1,
-                trigger,
-                state,
-                pid: None,
-                started_ms: None,
-                late_ms: None,
-                ended_ms: None,
-                exit: None,
-                message: None,
-            },
+            report: RunReport::of(&intent, state),
         });
         RunEntry { intent: Some((intent, 2)), report }
     }

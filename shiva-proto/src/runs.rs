@@ -261,6 +261,25 @@ pub struct RunReport {
     pub message: Option<String>,
 }
 
+impl RunReport {
+    /// A record of `intent`'s run in `state`: its task, run, attempt and trigger, nothing else.
+    pub fn of(intent: &RunIntent, state: RunPhase) -> RunReport {
+        RunReport {
+            task: intent.task.clone(),
+            run_id: intent.run_id,
+            attempt: intent.attempt,
+            trigger: intent.trigger,
+            state,
+            pid: None,
+            started_ms: None,
+            late_ms: None,
+            ended_ms: None,
+            exit: None,
+            message: None,
+        }
+    }
+}
+
 /// The uuid namespace of run ids.
 const RUN_NAMESPACE: Uuid = Uuid::from_u128(0x5b1f_4a2e_8c3d_4e6f_9a7b_1c2d_3e4f_5a6b);
 

@@ -47,23 +47,6 @@ fn slot_intent(spec: &Arc<TaskSpec>, slot_ms: i64) -> RunIntent {
     }
 }
 
-/// The runner's record of `intent`'s run in `state`; the optional fields left out.
-fn report(intent: &RunIntent, state: RunPhase) -> RunReport {
-    RunReport {
-        task: intent.task.clone(),
-        run_id: intent.run_id,
-        attempt: intent.attempt,
-        trigger: intent.trigger,
-        state,
-        pid: None,
-        started_ms: None,
-        late_ms: None,
-        ended_ms: None,
-        exit: None,
-        message: None,
-    }
-}
-
 /// A run kept compact reads back exactly as its two records said; records landing on
 /// it later fold in as on a run kept in full, and a `deleted` marker of its intent leaves the
 /// report, exactly as it was read.
@@ -102,7 +85,7 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
         ended_ms: Some(1_795_315_680_900),
         exit: Some(ExitInfo { code: None, signal: Some(15) }),
         message: Some("stopped: asked to".into()),
-        ..report(&intent, RunPhase::Stopped)
+        ..RunReport::of(&intent, RunPhase::Stopped)
     };
     let leader_says = |body| Some(Envelope::now("leader-001", Some(LEADER), body));
     apply(&mut view, TopicKind::Assignments, &key, leader_says(Body::RunIntent(intent.clone())));
@@ -189,7 +172,7 @@ fn a_report_from_another_sender_or_of_another_attempt_reads_back_as_it_was() {
             attempt,
             ended_ms: Some(-5),
             exit: Some(ExitInfo { code: Some(-1), signal: None }),
-            ..report(&intent, RunPhase::Failed)
+            ..RunReport::of(&intent, RunPhase::Failed)
         };
         let key = key::run(&task, run);
         let node = shiva_proto::NodeId::new(sender).unwrap();

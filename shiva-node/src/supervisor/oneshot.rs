@@ -55,19 +55,7 @@ pub fn start(
 
 /// A report of `intent`'s run in `state`.
 pub fn report(intent: &RunIntent, state: RunPhase, message: Option<String>) -> RunReport {
-    RunReport {
-        task: intent.task.clone(),
-        run_id: intent.run_id,
-        attempt: intent.attempt,
-        trigger: intent.trigger,
-        state,
-        pid: None,
-        started_ms: None,
-        late_ms: None,
-        ended_ms: state.is_final().then(now_ms),
-        exit: None,
-        message,
-    }
+    RunReport { ended_ms: state.is_final().then(now_ms), message, ..RunReport::of(intent, state) }
 }
 
 async fn execute(
