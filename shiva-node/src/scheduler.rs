@@ -562,16 +562,34 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // The intents of slots past the stored position imply the position (see `position`):
         // they stay until it is written past them (at most `CHECKPOINT_LAUNCHES` of them), so
         // neither this leader nor an older one reads the position back to before a slot that ran.
+        // Up to `CHECKPOINT_LAUNCHES` of them count toward the history kept all the same (in
+        // steady state they are its newest runs): each launch past a full history trims one
+        // run, not fifty at each position written (200 records a task in one step, and 150 runs
+        // kept in between). No more than that: the slot runs of an earlier periodic revision
+        // imply for ever under a one-shot's fresh position, and must not crowd out the
+        // one-shot's own attempts.
         let stored = self.ctx.view.scheds.get(self.task).and_then(|entry| entry.sched.decided_through_ms);
         let implying = |run: &RunRef<'_>| {
             defined && run.slot_ms().is_some_and(|slot| stored.is_none_or(|stored| slot > stored))
         };
-        let mut finished: Vec<(i64, Uuid)> = self
-            .runs
-            .iter()
-            .filter(|run| run.is_final() && !implying(run))
-            .filter_map(|run| Some((run.intent_offset()?, run.id())))
-            .collect();
+        // A one-shot's current attempt whose end is not recorded in its position yet (the task
+        // was killed meanwhile, say) stays too, whatever its offset: gone, it would be launched
+        // again (see `once_step`). Offsets are no measure of age once a new leader restamped.
+        let current = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched).and_then(|sched| {
+            let waiting =
+                defined && sched.attempt > 0 && sched.outcome.is_none() && sched.next_at_ms.is_none();
+            let trigger = Trigger::Once { revision: sched.spec_revision };
+            waiting.then(|| run_id(self.task, trigger, sched.attempt))
+        });
+        let (mut finished, mut implied) = (Vec::new(), 0);
+        for run in self.runs.iter().filter(|run| run.is_final() && Some(run.id()) != current) {
+            match (implying(&run), run.intent_offset()) {
+                (true, _) => implied += 1,
+                (false, Some(offset)) => finished.push((offset, run.id())),
+                (false, None) => {}
+            }
+        }
+        let keep = keep.saturating_sub(implied.min(CHECKPOINT_LAUNCHES));
         if finished.len() <= keep {
             return;
         }

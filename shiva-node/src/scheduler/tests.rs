@@ -955,6 +955,47 @@ fn history_is_bounded() {
     assert_eq!(sim.compacted().runs, sim.view.runs);
 }
 
+/// Past a full history, each launch trims one run, not fifty at each stored position: the
+/// runs past the stored position (which imply it) count toward the history kept, and are never
+/// the ones trimmed. Trimming in bursts wrote 200 records per task at once every 50 launches
+/// (10,000 in one step for 50 tasks started together) and kept up to 150 runs.
+#[test]
+fn a_full_history_is_trimmed_one_run_per_launch_not_in_bursts() {
+    let mut sim = Sim::new();
+    sim.run_ms = 10;
+    sim.submit(every_second(CatchUp::None));
+    let task = TaskId::new("cron/tick").unwrap();
+    sim.advance(2 * HISTORY as i64 * 1000);
+    let (mut most, mut kept) = (0, 0);
+    for tick in 0..2_000 {
+        if tick == 1_000 {
+            // A new leader restamps what it inherits: offsets no longer follow the runs' age.
+            sim.elect(1);
+        }
+        let before = sim.log.len();
+        sim.lead();
+        let trimmed = sim.log[before..]
+            .iter()
+            .filter(|(topic, _, key, value)| {
+                *topic == TopicKind::Assignments
+                    && key.starts_with("run/")
+                    && value
+                        .as_deref()
+                        .and_then(|v| Envelope::decode(v).ok())
+                        .is_some_and(|e| matches!(e.body, Body::Deleted(_)))
+            })
+            .count();
+        most = most.max(trimmed);
+        kept = kept.max(sim.view.run_entries(&task).values().filter(|entry| entry.is_final()).count());
+        sim.run();
+        sim.now += TICK;
+    }
+    assert!(most <= 1, "{most} runs trimmed in one step");
+    assert!(kept <= HISTORY + 1, "{kept} finished runs kept");
+    assert_position_implied(&sim, &task);
+    assert_eq!(sim.compacted().runs, sim.view.runs);
+}
+
 /// Records written per periodic run, in steady state with a full history (issue 21: at most
 /// three, the launch intent, the start record and the end), by topic and key kind.
 fn records_per_run(sim: &mut Sim, from_ms: i64, window_ms: i64) -> (f64, BTreeMap<String, usize>) {
