@@ -2,7 +2,7 @@
 //! the node's default settings, and prints a Markdown report for `docs/benchmarks.md`.
 //!
 //! ```sh
-//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only handoff,floor,cron,peers,resume] [--parts tansu,file,systemd,cron] [--window 60] [--kills 1000]
+//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only handoff,floor,cron,records,peers,resume] [--parts tansu,file,systemd,cron] [--window 60] [--kills 1000]
 //! ```
 
 use std::collections::BTreeMap;
@@ -260,16 +260,16 @@ fn node_death(nodes: &mut [Node], ctl: &Ctl, files: &[(String, PathBuf)]) -> f64
     (latest - killed) as f64 / 1e6
 }
 
-/// Launch lateness: `count` tasks firing every second for `window`; each run stamps the instant
-/// its command started (bash's `EPOCHREALTIME`, no fork) next to its `SHIVA_SLOT`. Returns the
-/// lateness of every run whose slot lies in the window, the slots that never ran and those
-/// that ran twice.
+/// Launch lateness: `count` tasks firing every second for `window`, from `settle` after they
+/// were submitted; each run stamps the instant its command started (bash's `EPOCHREALTIME`, no
+/// fork) next to its `SHIVA_SLOT`. Returns the lateness of every run whose slot lies in the
+/// window, the slots that never ran, those that ran twice, and the records written meanwhile.
 async fn cron_lateness(
     broker: &Broker,
     cluster: &str,
     dir: &Path,
     count: usize,
-    window: Duration,
+    (settle, window): (Duration, Duration),
 ) -> (Vec<f64>, usize, usize, BTreeMap<String, usize>) {
     let config = BusConfig::new(&broker.url(), cluster, &[]).unwrap();
     let publisher = Publisher::new(&config, "bench").unwrap();
@@ -286,8 +286,7 @@ async fn cron_lateness(
         .unwrap();
         shiva_ctl::write_spec(&publisher, &spec).await.unwrap();
     }
-    // Let every task fire a few times before measuring.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(settle).await;
     let from = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64 + 1;
     let to = from + window.as_secs() as i64;
     tokio::time::sleep(window + Duration::from_secs(3)).await;
@@ -314,20 +313,23 @@ async fn cron_lateness(
     (lateness, expected - seen.len(), twice, records)
 }
 
+/// Before measuring, every task fires a few times.
+const SETTLE: Duration = Duration::from_secs(5);
+
 /// [`cron_lateness`] on a fresh 3-node cluster of `broker`.
 fn shiva_cron(
     runtime: &tokio::runtime::Runtime,
     broker: &Broker,
     node_args: &[&str],
     count: usize,
-    window: Duration,
+    times: (Duration, Duration),
 ) -> (Vec<f64>, usize, usize, BTreeMap<String, usize>) {
     let name = cluster("cron");
     let nodes: Vec<Node> =
         (1..=3).map(|i| Node::launch(broker, &name, &format!("c{i}"), node_args)).collect();
     let ctl = Ctl::new(broker, &name);
     wait_until(Duration::from_secs(30), "a leader", || leader(&ctl).is_some());
-    let measured = runtime.block_on(cron_lateness(broker, &name, &scratch("cron"), count, window));
+    let measured = runtime.block_on(cron_lateness(broker, &name, &scratch("cron"), count, times));
     drop(nodes);
     measured
 }
@@ -365,7 +367,7 @@ fn peers_section(
     let mut shiva = Vec::new();
     let buses = [("tansu", "test broker (tansu)", broker, node_args), ("file", "file bus", &files, &[][..])];
     for (_, label, bus, args) in buses.into_iter().filter(|(name, ..)| part(name)) {
-        let (mut late, missing, twice, _) = shiva_cron(runtime, bus, args, COUNT, window);
+        let (mut late, missing, twice, _) = shiva_cron(runtime, bus, args, COUNT, (SETTLE, window));
         let p99 = percentile(&mut late, 0.99);
         let verdict =
             if p99 <= floor_p99 + 20.0 && missing == 0 && twice == 0 { "met" } else { "**not met**" };
@@ -708,7 +710,7 @@ fn main() {
     let broker = Broker::start_with_interval(compaction);
     let mut report = Vec::new();
 
-    // `--only a,b` runs some sections: rtt, handoff, idle, floor, cron, peers, resume, swarm,
+    // `--only a,b` runs some sections: rtt, handoff, idle, floor, cron, records, peers, resume, swarm,
     // swarm-files, pipeline, archive-e2e, crash, supervise, cluster, filebus, api.
     let only = value("--only");
     let wants = |section: &str| only.is_none_or(|list| list.split(',').any(|s| s == section));
@@ -777,7 +779,8 @@ fn main() {
     // Launch lateness at growing load: each count on a fresh 3-node cluster.
     for count in [10, 25, 50, 100].into_iter().filter(|_| wants("cron")) {
         let window = Duration::from_secs(if quick { 20 } else { 60 });
-        let (mut late, missing, twice, records) = shiva_cron(&runtime, &broker, &node_args, count, window);
+        let (mut late, missing, twice, records) =
+            shiva_cron(&runtime, &broker, &node_args, count, (SETTLE, window));
         let runs = late.len().max(1);
         let written: usize =
             records.iter().filter(|(kind, _)| kind.starts_with("written")).map(|(_, n)| n).sum();
@@ -788,6 +791,28 @@ fn main() {
             summary(&mut late),
             written as f64 / runs as f64,
             kinds.join(", ")
+        ));
+    }
+
+    // Issue 21, point 1: records per periodic run once histories are full. A task's history
+    // is full at its 100th finished run, and trimming starts once 100 runs lie before its stored
+    // position (written every 50 launches): from about its 150th run, 50 runs at each position
+    // written. The window (two positions' worth) starts well past that.
+    if wants("records") {
+        let count = 10;
+        let (settle, window) = (Duration::from_secs(170), Duration::from_secs(100));
+        let (late, missing, twice, records) =
+            shiva_cron(&runtime, &broker, &node_args, count, (settle, window));
+        let written: usize =
+            records.iter().filter(|(kind, _)| kind.starts_with("written")).map(|(_, n)| n).sum();
+        let kinds: Vec<String> = records.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
+        report.push(format!(
+            "| records per periodic run with full histories ({count} tasks every second, runs {} to {} of each), compaction every {compaction} | {:.2} per run on `assignments` and `status` ({}); {} runs, {missing} slots skipped, {twice} run twice |",
+            settle.as_secs(),
+            (settle + window).as_secs(),
+            written as f64 / late.len().max(1) as f64,
+            kinds.join(", "),
+            late.len(),
         ));
     }
 
