@@ -996,6 +996,55 @@ fn a_full_history_is_trimmed_one_run_per_launch_not_in_bursts() {
     assert_eq!(sim.compacted().runs, sim.view.runs);
 }
 
+/// A one-shot's current attempt whose end the leader has not recorded (the task was killed as it
+/// ended) is never trimmed, whatever offset a new leader's restamps gave it: trimmed, it would
+/// run again once the task is started. (Reachable for a one-shot past 100 attempts.)
+#[test]
+fn a_one_shots_unrecorded_last_attempt_is_never_trimmed_so_it_never_runs_again() {
+    const ATTEMPTS: u32 = HISTORY as u32 + 11;
+    let trigger = Trigger::Once { revision: 0 };
+    // An id whose last attempt's run id sorts first: a new leader restamps in run id order, so
+    // that attempt gets the lowest offset of all, the first a trim takes.
+    let task = (0..100_000)
+        .map(|n| TaskId::new(format!("job/x{n}")).unwrap())
+        .find(|task| {
+            let last = run_id(task, trigger, ATTEMPTS);
+            (1..ATTEMPTS).all(|attempt| run_id(task, trigger, attempt) > last)
+        })
+        .unwrap();
+    let mut sim = Sim::new();
+    sim.run_ms = 10;
+    sim.exit_code = 1;
+    let mut spec = once(task.as_str());
+    spec.max_attempts = ATTEMPTS;
+    (spec.backoff.initial, spec.backoff.max) = (Duration::ZERO, Duration::ZERO);
+    sim.submit(spec);
+    assert_eq!(sim.view.specs[&task].revision, 0);
+    let attempt = |sim: &Sim| sim.view.scheds.get(&task).map_or(0, |entry| entry.sched.attempt);
+    while attempt(&sim) < ATTEMPTS {
+        sim.advance(TICK);
+        assert!(sim.now < start() + 600_000, "attempt {} after ten minutes", attempt(&sim));
+    }
+    // The last attempt succeeds, slowly: a new leader takes over meanwhile and restamps it.
+    (sim.exit_code, sim.run_ms) = (0, 3_000);
+    sim.advance(500);
+    sim.elect(1);
+    let last = run_id(&task, trigger, ATTEMPTS);
+    // It ends, and the task is killed before the leader reads that end.
+    while !sim.view.run(&task, &last).is_some_and(|run| run.is_final()) {
+        sim.advance(TICK);
+    }
+    sim.desire(&task, DesiredState::Stopped);
+    sim.advance(5_000);
+    assert!(sim.view.run(&task, &last).is_some(), "the last attempt was trimmed before its end was recorded");
+    sim.desire(&task, DesiredState::Running);
+    sim.advance(5_000);
+    let again = sim.launches.iter().filter(|(of, _, attempt, _)| *of == task && *attempt > ATTEMPTS).count();
+    assert_eq!(again, 0, "a one-shot that succeeded ran again");
+    let outcome = sim.view.scheds[&task].sched.outcome.as_ref().map(|outcome| outcome.state);
+    assert_eq!(outcome, Some(RunPhase::Succeeded));
+}
+
 /// Records written per periodic run, in steady state with a full history (issue 21: at most
 /// three, the launch intent, the start record and the end), by topic and key kind.
 fn records_per_run(sim: &mut Sim, from_ms: i64, window_ms: i64) -> (f64, BTreeMap<String, usize>) {
