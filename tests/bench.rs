@@ -447,6 +447,14 @@ async fn records_written(config: &BusConfig, from_ms: i64, to_ms: i64) -> BTreeM
     counts
 }
 
+/// Records written per run, from [`records_written`]'s counts and the runs, and those counts
+/// as a list.
+fn per_run(records: &BTreeMap<String, usize>, runs: usize) -> (f64, String) {
+    let written: usize = records.iter().filter(|(kind, _)| kind.starts_with("written")).map(|(_, n)| n).sum();
+    let kinds: Vec<String> = records.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
+    (written as f64 / runs.max(1) as f64, kinds.join(", "))
+}
+
 /// The floor under launch lateness on this machine, without Shiva or a broker: three threads
 /// (like three nodes) each start their share of `count` children at the same instant every
 /// second, running the command `cron_lateness` gives its tasks. Returns each child's lateness.
@@ -781,37 +789,28 @@ fn main() {
         let window = Duration::from_secs(if quick { 20 } else { 60 });
         let (mut late, missing, twice, records) =
             shiva_cron(&runtime, &broker, &node_args, count, (SETTLE, window));
-        let runs = late.len().max(1);
-        let written: usize =
-            records.iter().filter(|(kind, _)| kind.starts_with("written")).map(|(_, n)| n).sum();
-        let kinds: Vec<String> = records.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
+        let (per_run, kinds) = per_run(&records, late.len());
         report.push(format!(
-            "| cron launch lateness (slot → command started), {count} tasks every second, {}s | {}; {missing} slots skipped, {twice} run twice; {:.2} records per run on `assignments` and `status` ({}) |",
+            "| cron launch lateness (slot → command started), {count} tasks every second, {}s | {}; {missing} slots skipped, {twice} run twice; {per_run:.2} records per run on `assignments` and `status` ({kinds}) |",
             window.as_secs(),
             summary(&mut late),
-            written as f64 / runs as f64,
-            kinds.join(", ")
         ));
     }
 
     // Issue 21, point 1: records per periodic run once histories are full. A task's history
-    // is full at its 100th finished run, and trimming starts once 100 runs lie before its stored
-    // position (written every 50 launches): from about its 150th run, 50 runs at each position
-    // written. The window (two positions' worth) starts well past that.
+    // is full at its 100th finished run; from then on, each run that finishes has one trimmed
+    // (before 60da256, trimming started about the 150th run, 50 runs at each position written).
+    // The window (two positions' worth) starts past both.
     if wants("records") {
         let count = 10;
         let (settle, window) = (Duration::from_secs(170), Duration::from_secs(100));
         let (late, missing, twice, records) =
             shiva_cron(&runtime, &broker, &node_args, count, (settle, window));
-        let written: usize =
-            records.iter().filter(|(kind, _)| kind.starts_with("written")).map(|(_, n)| n).sum();
-        let kinds: Vec<String> = records.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
+        let (per_run, kinds) = per_run(&records, late.len());
         report.push(format!(
-            "| records per periodic run with full histories ({count} tasks every second, runs {} to {} of each), compaction every {compaction} | {:.2} per run on `assignments` and `status` ({}); {} runs, {missing} slots skipped, {twice} run twice |",
+            "| records per periodic run with full histories ({count} tasks every second, runs {} to {} of each), compaction every {compaction} | {per_run:.2} per run on `assignments` and `status` ({kinds}); {} runs, {missing} slots skipped, {twice} run twice |",
             settle.as_secs(),
             (settle + window).as_secs(),
-            written as f64 / late.len().max(1) as f64,
-            kinds.join(", "),
             late.len(),
         ));
     }
