@@ -568,14 +568,15 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // kept in between). No more than that: the slot runs of an earlier periodic revision
         // imply for ever under a one-shot's fresh position, and must not crowd out the
         // one-shot's own attempts.
-        let stored = self.ctx.view.scheds.get(self.task).and_then(|entry| entry.sched.decided_through_ms);
+        let sched = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched);
+        let stored = sched.and_then(|sched| sched.decided_through_ms);
         let implying = |run: &RunRef<'_>| {
             defined && run.slot_ms().is_some_and(|slot| stored.is_none_or(|stored| slot > stored))
         };
         // A one-shot's current attempt whose end is not recorded in its position yet (the task
         // was killed meanwhile, say) stays too, whatever its offset: gone, it would be launched
         // again (see `once_step`). Offsets are no measure of age once a new leader restamped.
-        let current = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched).and_then(|sched| {
+        let current = sched.and_then(|sched| {
             let waiting =
                 defined && sched.attempt > 0 && sched.outcome.is_none() && sched.next_at_ms.is_none();
             let trigger = Trigger::Once { revision: sched.spec_revision };

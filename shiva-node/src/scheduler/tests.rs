@@ -955,9 +955,9 @@ fn history_is_bounded() {
     assert_eq!(sim.compacted().runs, sim.view.runs);
 }
 
-/// Past a full history, each launch trims one run, not fifty at each stored position: the
-/// runs past the stored position (which imply it) count toward the history kept, and are never
-/// the ones trimmed. Trimming in bursts wrote 200 records per task at once every 50 launches
+/// Past a full history, each launch trims one run, not fifty at each stored position: up to
+/// fifty runs past the stored position (which imply it) count toward the history kept, and are
+/// never the ones trimmed. Trimming in bursts wrote 200 records per task at once every 50 launches
 /// (10,000 in one step for 50 tasks started together) and kept up to 150 runs.
 #[test]
 fn a_full_history_is_trimmed_one_run_per_launch_not_in_bursts() {
