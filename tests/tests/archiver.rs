@@ -164,7 +164,10 @@ fn crash_matrix(broker: &Broker, label: &str, dest: &Target, total: usize, kills
     wait_until(Duration::from_secs(180), "the archive catches up", || {
         archived_count(dest, "events") >= total as u64
     });
-    assert!(terminate(child).success());
+    let status = terminate(child);
+    // What the archiver said, the last run's end included, if its clean stop was not clean.
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "the last run ended {status} on SIGTERM (seed {seed}); its log:\n{}", said());
     eprintln!("{kills} kills (seed {seed}), caught up in {:?}", started.elapsed());
     let published = std::fs::read_to_string(&log).unwrap().matches("published").count();
     assert!(published > 0, "no file was ever published");
