@@ -84,6 +84,10 @@ pub struct Planned {
 /// Largest request body: the largest record (4 MiB; a spec's own limits are checked when it is
 /// read, see docs/protocol.md).
 const BODY_LIMIT: usize = 4 << 20;
+/// Past `BODY_LIMIT`, how much more of a body is read and dropped before the 413, and for how
+/// long at most (see `read_body`).
+const DRAIN_LIMIT: usize = 64 << 20;
+const DRAIN_WITHIN: Duration = Duration::from_secs(5);
 /// How long a request waits for the driver, and for the bus to acknowledge a command.
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 /// The newest runs a task's runs endpoint serves at most.
@@ -705,9 +709,7 @@ fn records(written: &[(String, i64)]) -> serde_json::Value {
 /// `POST /v1/tasks`: a task spec (JSON, as `shiva-ctl submit FILE` takes it).
 async fn submit(State(state): State<AppState>, request: HttpRequest) -> Result<Response, ApiError> {
     let by = caller(request.extensions());
-    let body = axum::body::to_bytes(request.into_body(), BODY_LIMIT)
-        .await
-        .map_err(|err| ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the body cannot be read: {err}")))?;
+    let body = read_body(request.into_body()).await?;
     let spec = spec_of(&body)?;
     let id = spec.id.clone();
     let (planned, written) = command(&state, by, Command::Submit(Box::new(spec))).await?;
@@ -717,6 +719,39 @@ async fn submit(State(state): State<AppState>, request: HttpRequest) -> Result<R
         status,
         &serde_json::json!({ "id": id, "revision": planned.revision, "offset": offset, "updated": planned.existed, "records": records(&written) }),
     ))
+}
+
+/// A request body of at most `BODY_LIMIT` bytes.
+///
+/// A larger one is refused with 413, but only once the rest of it has been read and dropped (up
+/// to `DRAIN_LIMIT` more bytes, for `DRAIN_WITHIN` at most): most clients write their whole body
+/// before they read, and a server that closes on unread bytes resets the connection, so such a
+/// client would see a broken pipe instead of the answer (nginx's "lingering close" does the same).
+async fn read_body(body: axum::body::Body) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut read = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|err| ApiError::bad(format!("the body cannot be read: {err}")))?;
+        if read.len() + chunk.len() > BODY_LIMIT {
+            let mut seen = read.len() + chunk.len();
+            drop(read);
+            let drain = async {
+                while seen < BODY_LIMIT + DRAIN_LIMIT {
+                    match stream.next().await {
+                        Some(Ok(chunk)) => seen += chunk.len(),
+                        _ => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_WITHIN, drain).await;
+            return Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is larger than {} MiB (the largest record)", BODY_LIMIT >> 20),
+            ));
+        }
+        read.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(read))
 }
 
 fn spec_of(body: &Bytes) -> Result<TaskSpec, ApiError> {
@@ -794,6 +829,44 @@ mod tests {
         }
         for host in ["evil.example:7878", "evil.example", "127.0.0.1.nip.io:7878", "[evil]:1", ""] {
             assert!(!local_host(host), "{host}");
+        }
+    }
+
+    /// A client that writes its whole body before reading the answer, as most HTTP libraries
+    /// do, is told 413 when the body is too large: it neither sees its write fail (a broken pipe)
+    /// nor its connection reset before the answer.
+    #[tokio::test]
+    async fn an_oversized_body_is_answered_413_to_a_client_that_writes_it_all_first() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route(
+            "/",
+            post(|request: HttpRequest| async move {
+                match read_body(request.into_body()).await {
+                    Ok(_) => (StatusCode::OK, String::new()).into_response(),
+                    Err(err) => err.into_response(),
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        for size in [BODY_LIMIT + 1, 3 * BODY_LIMIT] {
+            let answer = tokio::task::spawn_blocking(move || {
+                use std::io::{Read, Write};
+                let mut stream = std::net::TcpStream::connect(addr).unwrap();
+                let head = format!(
+                    "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+                );
+                stream.write_all(head.as_bytes()).unwrap();
+                stream.write_all(&vec![b'x'; size]).map_err(|err| format!("writing {size} bytes: {err}"))?;
+                let mut answer = Vec::new();
+                stream.read_to_end(&mut answer).map_err(|err| format!("reading the answer: {err}"))?;
+                Ok::<_, String>(String::from_utf8_lossy(&answer).into_owned())
+            })
+            .await
+            .unwrap();
+            let answer = answer.unwrap_or_else(|err| panic!("a {size}-byte body: {err}"));
+            assert!(answer.starts_with("HTTP/1.1 413"), "a {size}-byte body: {answer}");
+            assert!(answer.contains("body"), "{answer}");
         }
     }
 
