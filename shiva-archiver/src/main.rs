@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use nix::sys::signalfd::SignalFd;
 use shiva_archiver::cli::{Cli, Command, Compression, ExtractArgs, Format, RunArgs};
 use shiva_archiver::crypt;
 use shiva_archiver::cut::Limits;
@@ -12,9 +13,18 @@ use shiva_archiver::format::Codec;
 use shiva_archiver::fsck::fsck;
 use shiva_archiver::housekeep::housekeep;
 use shiva_archiver::kafka::{Refused, Sink};
-use shiva_archiver::run::{DataGone, EXIT_DATA_GONE, RunConfig, run};
+use shiva_archiver::run::{DataGone, EXIT_DATA_GONE, RunConfig, default_stop_signals, run, stop_signals};
 
 fn main() -> ExitCode {
+    // First, before anything starts a thread: a stop signal during start-up must stop `run`
+    // cleanly, not kill it (see `stop_signals`).
+    let stop = match stop_signals() {
+        Ok(stop) => stop,
+        Err(err) => {
+            eprintln!("shiva-archiver: cannot block SIGTERM and SIGINT: {err:#}");
+            return ExitCode::from(1);
+        }
+    };
     shiva_archiver::cli::init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -23,7 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if err.use_stderr() { 2 } else { 0 });
         }
     };
-    match execute(cli) {
+    match execute(cli, stop) {
         Ok(code) => code,
         Err(err) if err.downcast_ref::<DataGone>().is_some() || err.downcast_ref::<Refused>().is_some() => {
             tracing::error!("{err:#}");
@@ -61,13 +71,15 @@ fn usage(err: impl std::fmt::Display) -> anyhow::Error {
     Usage(format!("{err:#}")).into()
 }
 
-fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+/// `stop`: only `run` watches for stop signals; the other commands die of them as any program.
+fn execute(cli: Cli, stop: SignalFd) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
-            run(run_config(*args)?)?;
+            run(run_config(*args)?, stop)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Fsck { archive, deep, identity } => {
+            default_stop_signals(stop)?;
             let dest = archive.dest.open().map_err(usage)?;
             let identities = crypt::identities(&identity).map_err(usage)?;
             let (summaries, problems) = fsck(&dest, &archive.topic, deep, &identities)?;
@@ -89,8 +101,12 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("{} problem(s) found", problems.len())
             }
         }
-        Command::Extract(args) => extract_command(*args),
+        Command::Extract(args) => {
+            default_stop_signals(stop)?;
+            extract_command(*args)
+        }
         Command::Housekeep { archive, older_than, dry_run } => {
+            default_stop_signals(stop)?;
             let dest = archive.dest.open().map_err(usage)?;
             let swept = housekeep(&dest, &archive.topic, older_than, std::time::SystemTime::now(), dry_run)?;
             for path in &swept.paths {

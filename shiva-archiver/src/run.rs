@@ -69,9 +69,9 @@ struct Partition {
     bytes: u64,
 }
 
-/// Runs until SIGTERM/SIGINT (then publishes partial files) or a failure.
-pub fn run(config: RunConfig) -> anyhow::Result<()> {
-    let stop = stop_signals()?;
+/// Runs until SIGTERM/SIGINT, read from `stop` (see [`stop_signals`]), then publishes partial
+/// files; or until a failure.
+pub fn run(config: RunConfig, stop: SignalFd) -> anyhow::Result<()> {
     let source = Source::new(&config.bootstrap, &config.topic, &config.group, &config.settings)?;
     let partitions = if config.partitions.is_empty() {
         source.partitions(Duration::from_secs(30))?
@@ -313,10 +313,27 @@ fn publish(
 }
 
 /// SIGTERM and SIGINT as a file descriptor (blocked, read without waiting).
+///
+/// Call it first in `main`, before any thread exists: a thread takes its mask from the thread
+/// that starts it, and a stop signal that finds a thread (or the process, before this call) not
+/// blocking it takes its default action, which kills the process instead of stopping it cleanly.
+/// A signal that arrives before the descriptor is read stays pending and is read then.
 pub fn stop_signals() -> anyhow::Result<SignalFd> {
+    stop_mask().thread_block()?;
+    Ok(SignalFd::with_flags(&stop_mask(), SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?)
+}
+
+/// Undoes [`stop_signals`] for a command that does not watch for them: a stop signal, one
+/// pending meanwhile included, kills it as it would any program.
+pub fn default_stop_signals(fd: SignalFd) -> anyhow::Result<()> {
+    drop(fd);
+    stop_mask().thread_unblock()?;
+    Ok(())
+}
+
+fn stop_mask() -> SigSet {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGTERM);
     mask.add(Signal::SIGINT);
-    mask.thread_block()?;
-    Ok(SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?)
+    mask
 }
