@@ -56,9 +56,45 @@ fn archiver(broker: &Broker, dest: &Target, topic: &str, extra: &[&str], log: &P
         .expect("start shiva-archiver")
 }
 
+/// Waits until `child` blocks SIGTERM (the first thing its `main` does), as the kernel shows it in
+/// `/proc/PID/status`. Before that, from the `exec` to its `main`, a signal takes its default
+/// action and kills it: no program can close that gap itself.
+fn wait_blocks_sigterm(child: &mut Child) {
+    let status = format!("/proc/{}/status", child.id());
+    let blocked = || {
+        let text = std::fs::read_to_string(&status).unwrap_or_default();
+        let mask = text.lines().find_map(|line| line.strip_prefix("SigBlk:")).unwrap_or("0");
+        u64::from_str_radix(mask.trim(), 16).unwrap_or(0) & (1 << (Signal::SIGTERM as u64 - 1)) != 0
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !blocked() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("exited on its own, {status}, before it blocked SIGTERM");
+        }
+        assert!(Instant::now() < deadline, "it did not block SIGTERM within 30 s of its start");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// SIGTERM once `child` blocks it, then its exit status; panics if it had already exited on its
+/// own (a stop that was no stop) or does not exit within a minute.
 fn terminate(mut child: Child) -> std::process::ExitStatus {
+    wait_blocks_sigterm(&mut child);
+    if let Some(status) = child.try_wait().unwrap() {
+        panic!("it had already exited on its own, {status}, before its SIGTERM");
+    }
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    child.wait().unwrap()
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("it did not exit within 60 s of its SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn archived_count(dest: &Target, topic: &str) -> u64 {
@@ -171,6 +207,47 @@ fn crash_matrix(broker: &Broker, label: &str, dest: &Target, total: usize, kills
     eprintln!("{kills} kills (seed {seed}), caught up in {:?}", started.elapsed());
     let published = std::fs::read_to_string(&log).unwrap().matches("published").count();
     assert!(published > 0, "no file was ever published");
+}
+
+/// A stop signal at any moment of start-up, from the first line of `main` on (connecting,
+/// reading the partitions and their positions), stops the archiver and the indexer cleanly:
+/// exit 0, once their start-up is done.
+#[test]
+fn sigterm_at_any_moment_of_start_up_stops_the_archiver_and_the_indexer_with_exit_0() {
+    let broker = Broker::start_with_interval("10m");
+    tool(&broker, &["create", "events", &PARTITIONS.to_string()]);
+    tool(&broker, &["produce", "events", &PARTITIONS.to_string(), "0", "100"]);
+    let dir = scratch("early-stop");
+    let dest = Target::dir(&dir.join("out"));
+    let log = dir.join("archiver.log");
+    let bootstrap = format!("127.0.0.1:{}", broker.port);
+    let index = dir.join("events.db");
+    let delays_us = [0, 0, 0, 100, 300, 1_000, 2_000, 5_000, 10_000, 30_000, 100_000];
+    for delay_us in delays_us {
+        let mut child = archiver(&broker, &dest, "events", &[], &log);
+        wait_blocks_sigterm(&mut child);
+        std::thread::sleep(Duration::from_micros(delay_us));
+        let status = terminate(child);
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            status.success(),
+            "the archiver, SIGTERM {delay_us} µs after its start: {status}; its log:\n{said}"
+        );
+    }
+    for delay_us in delays_us {
+        let mut child = Command::new(bin("shiva-indexer"))
+            .args(["run", "--bootstrap", &bootstrap, "--topic", "events"])
+            .arg("--index")
+            .arg(&index)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start shiva-indexer");
+        wait_blocks_sigterm(&mut child);
+        std::thread::sleep(Duration::from_micros(delay_us));
+        let status = terminate(child);
+        assert!(status.success(), "the indexer, SIGTERM {delay_us} µs after its start: {status}");
+    }
 }
 
 #[test]
