@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use nix::sys::signalfd::SignalFd;
 use shiva_archiver::cli::{Cli, Command, Compression, ExtractArgs, Format, RunArgs};
 use shiva_archiver::crypt;
 use shiva_archiver::cut::Limits;
@@ -13,18 +12,17 @@ use shiva_archiver::format::Codec;
 use shiva_archiver::fsck::fsck;
 use shiva_archiver::housekeep::housekeep;
 use shiva_archiver::kafka::{Refused, Sink};
-use shiva_archiver::run::{DataGone, EXIT_DATA_GONE, RunConfig, default_stop_signals, run, stop_signals};
+use shiva_archiver::run::{
+    DataGone, EXIT_DATA_GONE, RunConfig, block_stop_signals, default_stop_signals, run,
+};
 
 fn main() -> ExitCode {
     // First, before anything starts a thread: a stop signal during start-up must stop `run`
-    // cleanly, not kill it (see `stop_signals`).
-    let stop = match stop_signals() {
-        Ok(stop) => stop,
-        Err(err) => {
-            eprintln!("shiva-archiver: cannot block SIGTERM and SIGINT: {err:#}");
-            return ExitCode::from(1);
-        }
-    };
+    // cleanly, not kill it (see `block_stop_signals`).
+    if let Err(err) = block_stop_signals() {
+        eprintln!("shiva-archiver: cannot block SIGTERM and SIGINT: {err:#}");
+        return ExitCode::from(1);
+    }
     shiva_archiver::cli::init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -33,7 +31,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if err.use_stderr() { 2 } else { 0 });
         }
     };
-    match execute(cli, stop) {
+    match execute(cli) {
         Ok(code) => code,
         Err(err) if err.downcast_ref::<DataGone>().is_some() || err.downcast_ref::<Refused>().is_some() => {
             tracing::error!("{err:#}");
@@ -71,15 +69,17 @@ fn usage(err: impl std::fmt::Display) -> anyhow::Error {
     Usage(format!("{err:#}")).into()
 }
 
-/// `stop`: only `run` watches for stop signals; the other commands die of them as any program.
-fn execute(cli: Cli, stop: SignalFd) -> anyhow::Result<ExitCode> {
+fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Only `run` watches for stop signals; the other commands die of them as any program.
+    if !matches!(cli.command, Command::Run(_)) {
+        default_stop_signals()?;
+    }
     match cli.command {
         Command::Run(args) => {
-            run(run_config(*args)?, stop)?;
+            run(run_config(*args)?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Fsck { archive, deep, identity } => {
-            default_stop_signals(stop)?;
             let dest = archive.dest.open().map_err(usage)?;
             let identities = crypt::identities(&identity).map_err(usage)?;
             let (summaries, problems) = fsck(&dest, &archive.topic, deep, &identities)?;
@@ -101,12 +101,8 @@ fn execute(cli: Cli, stop: SignalFd) -> anyhow::Result<ExitCode> {
                 bail!("{} problem(s) found", problems.len())
             }
         }
-        Command::Extract(args) => {
-            default_stop_signals(stop)?;
-            extract_command(*args)
-        }
+        Command::Extract(args) => extract_command(*args),
         Command::Housekeep { archive, older_than, dry_run } => {
-            default_stop_signals(stop)?;
             let dest = archive.dest.open().map_err(usage)?;
             let swept = housekeep(&dest, &archive.topic, older_than, std::time::SystemTime::now(), dry_run)?;
             for path in &swept.paths {

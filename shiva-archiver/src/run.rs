@@ -69,9 +69,10 @@ struct Partition {
     bytes: u64,
 }
 
-/// Runs until SIGTERM/SIGINT, read from `stop` (see [`stop_signals`]), then publishes partial
-/// files; or until a failure.
-pub fn run(config: RunConfig, stop: SignalFd) -> anyhow::Result<()> {
+/// Runs until SIGTERM/SIGINT (then publishes partial files) or a failure. The process should
+/// have blocked them first thing (see [`block_stop_signals`]).
+pub fn run(config: RunConfig) -> anyhow::Result<()> {
+    let stop = stop_signals()?;
     let source = Source::new(&config.bootstrap, &config.topic, &config.group, &config.settings)?;
     let partitions = if config.partitions.is_empty() {
         source.partitions(Duration::from_secs(30))?
@@ -312,23 +313,28 @@ fn publish(
     Ok(())
 }
 
-/// SIGTERM and SIGINT as a file descriptor (blocked, read without waiting).
-///
-/// Call it first in `main`, before any thread exists: a thread takes its mask from the thread
-/// that starts it, and a stop signal that finds a thread (or the process, before this call) not
-/// blocking it takes its default action, which kills the process instead of stopping it cleanly.
-/// A signal that arrives before the descriptor is read stays pending and is read then.
+/// Blocks SIGTERM and SIGINT: the first line of `main`, before any thread exists. A thread
+/// takes its mask from the thread that starts it, and a stop signal that finds a thread (or the
+/// process, before this call) not blocking it takes its default action, which kills the process
+/// instead of stopping it cleanly. A signal that arrives meanwhile stays pending, for
+/// [`stop_signals`] to read, or for [`default_stop_signals`] to deliver.
+pub fn block_stop_signals() -> anyhow::Result<()> {
+    stop_mask().thread_block()?;
+    Ok(())
+}
+
+/// For a command that does not watch for stop signals: undoes [`block_stop_signals`], so that a
+/// stop signal, one pending meanwhile included, kills it as it would any program.
+pub fn default_stop_signals() -> anyhow::Result<()> {
+    stop_mask().thread_unblock()?;
+    Ok(())
+}
+
+/// SIGTERM and SIGINT as a file descriptor (blocked, read without waiting), pending ones
+/// included.
 pub fn stop_signals() -> anyhow::Result<SignalFd> {
     stop_mask().thread_block()?;
     Ok(SignalFd::with_flags(&stop_mask(), SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?)
-}
-
-/// Undoes [`stop_signals`] for a command that does not watch for them: a stop signal, one
-/// pending meanwhile included, kills it as it would any program.
-pub fn default_stop_signals(fd: SignalFd) -> anyhow::Result<()> {
-    drop(fd);
-    stop_mask().thread_unblock()?;
-    Ok(())
 }
 
 fn stop_mask() -> SigSet {

@@ -5,9 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use nix::sys::signalfd::SignalFd;
 use shiva_archiver::kafka::Refused;
-use shiva_archiver::run::{DataGone, EXIT_DATA_GONE, default_stop_signals, stop_signals};
+use shiva_archiver::run::{DataGone, EXIT_DATA_GONE, block_stop_signals, default_stop_signals};
 use shiva_indexer::index::{Index, IndexError};
 use shiva_indexer::run::{RunConfig, run};
 
@@ -99,14 +98,11 @@ fn batch_bytes(text: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     // First, before anything starts a thread: a stop signal during start-up must stop `run`
-    // cleanly, not kill it (see `stop_signals`).
-    let stop = match stop_signals() {
-        Ok(stop) => stop,
-        Err(err) => {
-            eprintln!("shiva-indexer: cannot block SIGTERM and SIGINT: {err:#}");
-            return ExitCode::from(1);
-        }
-    };
+    // cleanly, not kill it (see `block_stop_signals`).
+    if let Err(err) = block_stop_signals() {
+        eprintln!("shiva-indexer: cannot block SIGTERM and SIGINT: {err:#}");
+        return ExitCode::from(1);
+    }
     shiva_archiver::cli::init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -115,7 +111,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if err.use_stderr() { 2 } else { 0 });
         }
     };
-    match execute(cli, stop) {
+    match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("shiva-indexer: {err:#}");
@@ -154,8 +150,11 @@ fn printable(text: &str) -> String {
 #[error("{0}")]
 struct Usage(String);
 
-/// `stop`: only `run` watches for stop signals; the other commands die of them as any program.
-fn execute(cli: Cli, stop: SignalFd) -> anyhow::Result<()> {
+fn execute(cli: Cli) -> anyhow::Result<()> {
+    // Only `run` watches for stop signals; the other commands die of them as any program.
+    if !matches!(cli.command, Command::Run { .. }) {
+        default_stop_signals()?;
+    }
     match cli.command {
         Command::Run {
             bootstrap,
@@ -170,23 +169,19 @@ fn execute(cli: Cli, stop: SignalFd) -> anyhow::Result<()> {
         } => {
             let settings = shiva_archiver::cli::kafka_settings(&kafka).map_err(Usage)?;
             let group = group.unwrap_or_else(|| format!("shiva-indexer.{topic}"));
-            run(
-                RunConfig {
-                    bootstrap,
-                    topic,
-                    partitions,
-                    index,
-                    batch_records: batch_records as usize,
-                    batch_wait,
-                    batch_bytes,
-                    group,
-                    settings,
-                },
-                stop,
-            )
+            run(RunConfig {
+                bootstrap,
+                topic,
+                partitions,
+                index,
+                batch_records: batch_records as usize,
+                batch_wait,
+                batch_bytes,
+                group,
+                settings,
+            })
         }
         Command::Search { index, limit, json, query } => {
-            default_stop_signals(stop)?;
             if !index.exists() {
                 return Err(Usage(format!("{}: no such index file", index.display())).into());
             }
@@ -203,7 +198,6 @@ fn execute(cli: Cli, stop: SignalFd) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stats { index, json } => {
-            default_stop_signals(stop)?;
             if !index.exists() {
                 return Err(Usage(format!("{}: no such index file", index.display())).into());
             }

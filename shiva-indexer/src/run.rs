@@ -9,9 +9,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nix::sys::signalfd::SignalFd;
 use shiva_archiver::kafka::{Polled, Source};
-use shiva_archiver::run::{Kept, check_position, gone, still_held};
+use shiva_archiver::run::{Kept, check_position, gone, still_held, stop_signals};
 use tracing::info;
 
 use crate::index::{Doc, Index};
@@ -42,9 +41,10 @@ pub struct RunConfig {
     pub settings: Vec<(String, String)>,
 }
 
-/// Indexes until SIGTERM or SIGINT, read from `stop` (see `shiva_archiver::run::stop_signals`),
-/// then commits what it read and returns.
-pub fn run(config: RunConfig, stop: SignalFd) -> anyhow::Result<()> {
+/// Indexes until SIGTERM or SIGINT (then commits what it read and returns). The process should
+/// have blocked them first thing (see `shiva_archiver::run::block_stop_signals`).
+pub fn run(config: RunConfig) -> anyhow::Result<()> {
+    let stop = stop_signals()?;
     let mut index = Index::open(&config.index, &config.topic)?;
     let source = Source::new(&config.bootstrap, &config.topic, &config.group, &config.settings)?;
     let partitions = if config.partitions.is_empty() {
