@@ -532,18 +532,8 @@ impl Node {
     /// Waits for the process to exit by itself; returns its status.
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("node {} still runs after {timeout:?}:\n{}", self.id, self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        exit_within(&mut child, timeout)
+            .unwrap_or_else(|| panic!("node {} still runs after {timeout:?}:\n{}", self.id, self.log_text()))
     }
 
     /// Whether the process runs.
@@ -1107,6 +1097,23 @@ fn agent() -> ureq::Agent {
         .timeout_global(Some(Duration::from_secs(30)))
         .build()
         .into()
+}
+
+/// `child`'s exit status once it exits within `timeout`; `None` if it did not, and then it is
+/// killed and reaped (a failing test leaves no process behind).
+pub fn exit_within(child: &mut std::process::Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// One HTTP request (`body`: sent as is), with a bearer `token`.

@@ -11,7 +11,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 use shiva_e2e::{
-    Broker, Moto, bin, kafka_tool as tool, produced_value as value, python, repo, scratch, wait_until,
+    Broker, Moto, bin, exit_within, kafka_tool as tool, produced_value as value, python, repo, scratch,
+    wait_until,
 };
 
 const PARTITIONS: usize = 4;
@@ -88,18 +89,7 @@ fn terminate(mut child: Child) -> std::process::ExitStatus {
         panic!("it had already exited on its own, {status}, before its SIGTERM");
     }
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("it did not exit within 60 s of its SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    exit_within(&mut child, Duration::from_secs(60)).expect("it did not exit within 60 s of its SIGTERM")
 }
 
 fn archived_count(dest: &Target, topic: &str) -> u64 {
