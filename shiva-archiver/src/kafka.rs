@@ -83,58 +83,19 @@ impl Source {
 
     /// The topic's partitions.
     pub fn partitions(&self, timeout: Duration) -> anyhow::Result<Vec<i32>> {
-        self.partitions_unless(timeout, &|| false)?.context("stopped")
-    }
-
-    /// The topic's partitions, or `None` once `stopped` says so (asked every 2 s at most).
-    pub fn partitions_unless(
-        &self,
-        timeout: Duration,
-        stopped: &dyn Fn() -> bool,
-    ) -> anyhow::Result<Option<Vec<i32>>> {
-        self.in_attempts(timeout, stopped, "reading the topic's partitions", |attempt| {
-            partitions(self.consumer.client(), &self.topic, attempt)
-        })
-    }
-
-    /// A partition's earliest offset still held and its end, or `None` once `stopped` says so
-    /// (asked every 2 s at most): for start-up, where a failed look is retried until `timeout`.
-    pub fn watermarks_unless(
-        &self,
-        partition: i32,
-        timeout: Duration,
-        stopped: &dyn Fn() -> bool,
-    ) -> anyhow::Result<Option<(i64, i64)>> {
-        self.in_attempts(timeout, stopped, "reading a partition's offsets", |attempt| {
-            self.consumer
-                .fetch_watermarks(&self.topic, partition, attempt)
-                .with_context(|| format!("cannot read the offsets of {}/{partition}", self.topic))
-        })
-    }
-
-    /// `request` in attempts of 2 s until `timeout`: a refusal (TLS, a login) ends it at once, and
-    /// so does `stopped` (then `None`), asked before each attempt.
-    fn in_attempts<T>(
-        &self,
-        timeout: Duration,
-        stopped: &dyn Fn() -> bool,
-        what: &str,
-        request: impl Fn(Duration) -> anyhow::Result<T>,
-    ) -> anyhow::Result<Option<T>> {
+        // In attempts of 2 s, so that a refusal (TLS, a login) ends it at once.
         let deadline = std::time::Instant::now() + timeout;
         loop {
-            if stopped() {
-                return Ok(None);
-            }
             let attempt =
                 deadline.saturating_duration_since(std::time::Instant::now()).min(Duration::from_secs(2));
-            match request(attempt).map_err(|err| self.refused_or(err)) {
+            match partitions(self.consumer.client(), &self.topic, attempt).map_err(|err| self.refused_or(err))
+            {
                 Err(err)
                     if err.downcast_ref::<Refused>().is_none() && std::time::Instant::now() < deadline =>
                 {
-                    tracing::debug!(error = format!("{err:#}"), "{what}; retrying");
+                    tracing::debug!(error = format!("{err:#}"), "reading the topic's partitions; retrying");
                 }
-                result => return result.map(Some),
+                result => return result,
             }
         }
     }

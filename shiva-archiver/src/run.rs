@@ -73,11 +73,9 @@ struct Partition {
 /// have blocked them first thing (see [`block_stop_signals`]).
 pub fn run(config: RunConfig) -> anyhow::Result<()> {
     let stop = stop_signals()?;
-    let stopped = || stopped_starting(&stop);
     let source = Source::new(&config.bootstrap, &config.topic, &config.group, &config.settings)?;
     let partitions = if config.partitions.is_empty() {
-        let Some(found) = source.partitions_unless(Duration::from_secs(30), &stopped)? else { return Ok(()) };
-        found
+        source.partitions(Duration::from_secs(30))?
     } else {
         config.partitions.clone()
     };
@@ -95,10 +93,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     let mut parts = BTreeMap::new();
     for partition in &partitions {
-        let Some((low, high)) = source.watermarks_unless(*partition, Duration::from_secs(30), &stopped)?
-        else {
-            return Ok(());
-        };
+        let (low, high) = source.watermarks(*partition, Duration::from_secs(30))?;
         let start = match config.dest.newest(&config.topic, *partition)? {
             Some(footer) => footer.next_offset,
             None => low,
@@ -316,16 +311,6 @@ fn publish(
     }
     source.commit(partition, part.start);
     Ok(())
-}
-
-/// Whether a stop signal came while the process was still starting (logged): it then stops
-/// at once, before it read or published anything.
-pub fn stopped_starting(stop: &SignalFd) -> bool {
-    let stopped = stop.read_signal().ok().flatten().is_some();
-    if stopped {
-        info!("stopping before start-up was over: nothing read, nothing to publish");
-    }
-    stopped
 }
 
 /// Blocks SIGTERM and SIGINT: the first line of `main`, before any thread exists. A thread

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use shiva_archiver::kafka::{Polled, Source};
-use shiva_archiver::run::{Kept, check_position, gone, still_held, stop_signals, stopped_starting};
+use shiva_archiver::run::{Kept, check_position, gone, still_held, stop_signals};
 use tracing::info;
 
 use crate::index::{Doc, Index};
@@ -45,21 +45,17 @@ pub struct RunConfig {
 /// have blocked them first thing (see `shiva_archiver::run::block_stop_signals`).
 pub fn run(config: RunConfig) -> anyhow::Result<()> {
     let stop = stop_signals()?;
-    let stopped = || stopped_starting(&stop);
     let mut index = Index::open(&config.index, &config.topic)?;
     let source = Source::new(&config.bootstrap, &config.topic, &config.group, &config.settings)?;
     let partitions = if config.partitions.is_empty() {
-        let Some(found) = source.partitions_unless(Duration::from_secs(30), &stopped)? else { return Ok(()) };
-        found
+        source.partitions(Duration::from_secs(30))?
     } else {
         config.partitions.clone()
     };
     let stored = index.positions()?;
     let mut positions = BTreeMap::new();
     for partition in &partitions {
-        let Some(start) = start_of(&source, &config.topic, *partition, &stored, &stopped)? else {
-            return Ok(());
-        };
+        let start = start_of(&source, &config.topic, *partition, &stored)?;
         positions.insert(*partition, start);
     }
     source.assign(&positions)?;
@@ -129,10 +125,8 @@ pub fn run(config: RunConfig) -> anyhow::Result<()> {
                 batch_bytes = 0;
                 let stored = index.positions()?;
                 for partition in added {
-                    // Never `None`: a stop signal is left for the loop, which commits first.
-                    if let Some(start) = start_of(&source, &config.topic, partition, &stored, &|| false)? {
-                        positions.insert(partition, start);
-                    }
+                    let start = start_of(&source, &config.topic, partition, &stored)?;
+                    positions.insert(partition, start);
                 }
                 source.assign(&positions)?;
             }
@@ -159,11 +153,8 @@ fn start_of(
     topic: &str,
     partition: i32,
     stored: &BTreeMap<i32, i64>,
-    stopped: &dyn Fn() -> bool,
-) -> anyhow::Result<Option<i64>> {
-    let Some((low, high)) = source.watermarks_unless(partition, Duration::from_secs(30), stopped)? else {
-        return Ok(None);
-    };
+) -> anyhow::Result<i64> {
+    let (low, high) = source.watermarks(partition, Duration::from_secs(30))?;
     let start = match stored.get(&partition) {
         Some(next) => *next,
         None if stored.is_empty() => low,
@@ -171,7 +162,7 @@ fn start_of(
     };
     check_position(INDEX, topic, partition, start, low, high)?;
     info!(topic, partition, from = start, end = high, "resuming");
-    Ok(Some(start))
+    Ok(start)
 }
 
 /// Commits the batch with the positions; returns how many records were new.

@@ -243,33 +243,6 @@ fn sigterm_at_any_moment_of_start_up_stops_the_archiver_and_the_indexer_with_exi
         let status = terminate(child);
         assert!(status.success(), "the indexer, SIGTERM {delay_us} µs after its start: {status}");
     }
-    // Still starting, its broker unreachable (a closed port): stopped within seconds, exit 0,
-    // whether it waits for the topic's partitions or for their offsets (`--partitions`).
-    let nowhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let index = index.to_str().unwrap();
-    let commands: [&[&str]; 4] = [
-        &["shiva-archiver", "run", "--topic", "events", "--dest", &dest.url],
-        &["shiva-archiver", "run", "--topic", "events", "--dest", &dest.url, "--partitions", "0,1"],
-        &["shiva-indexer", "run", "--topic", "events", "--index", index],
-        &["shiva-indexer", "run", "--topic", "events", "--index", index, "--partitions", "0,1"],
-    ];
-    for command in commands {
-        let mut child = Command::new(bin(command[0]))
-            .args(&command[1..])
-            .args(["--bootstrap", &nowhere])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_blocks_sigterm(&mut child);
-        std::thread::sleep(Duration::from_millis(500));
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-        let status = exit_within(&mut child, Duration::from_secs(5));
-        assert!(
-            status.is_some_and(|status| status.success()),
-            "{command:?}, its broker unreachable, SIGTERM: {status:?} within 5 s"
-        );
-    }
     // The other commands die of it as any program: `fsck` of a bucket whose server never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut fsck = Command::new(bin("shiva-archiver"))
