@@ -11,8 +11,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 use shiva_e2e::{
-    Broker, Moto, bin, exit_within, kafka_tool as tool, produced_value as value, python, repo, scratch,
-    wait_until,
+    Broker, Moto, bin, exit_within, kafka_tool as tool, produced_value as value, python, repo, s3_env,
+    scratch, wait_until,
 };
 
 const PARTITIONS: usize = 4;
@@ -226,7 +226,7 @@ fn sigterm_at_any_moment_of_start_up_stops_the_archiver_and_the_indexer_with_exi
         let said = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(
             status.success(),
-            "the archiver, SIGTERM {delay_us} µs after its start: {status}; its log:\n{said}"
+            "the archiver, SIGTERM {delay_us} µs after it blocked it: {status}; its log:\n{said}"
         );
     }
     for delay_us in delays_us {
@@ -241,18 +241,13 @@ fn sigterm_at_any_moment_of_start_up_stops_the_archiver_and_the_indexer_with_exi
         wait_blocks_sigterm(&mut child);
         std::thread::sleep(Duration::from_micros(delay_us));
         let status = terminate(child);
-        assert!(status.success(), "the indexer, SIGTERM {delay_us} µs after its start: {status}");
+        assert!(status.success(), "the indexer, SIGTERM {delay_us} µs after it blocked it: {status}");
     }
     // The other commands die of it as any program: `fsck` of a bucket whose server never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut fsck = Command::new(bin("shiva-archiver"))
         .args(["fsck", "--topic", "events", "--dest", "s3://silent/archive"])
-        .envs([
-            ("AWS_ENDPOINT_URL", format!("http://{}", silent.local_addr().unwrap())),
-            ("AWS_REGION", "us-east-1".to_owned()),
-            ("AWS_ACCESS_KEY_ID", "test".to_owned()),
-            ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
-        ])
+        .envs(s3_env(&format!("http://{}", silent.local_addr().unwrap())))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
