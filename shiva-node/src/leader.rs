@@ -47,6 +47,45 @@ impl Write {
         let marker = Write { topic, key: key.clone(), body: Some(Body::Deleted(Deleted { epoch })) };
         [marker, Write { topic, key, body: None }]
     }
+
+    /// Whether this is a `deleted` record of a run key (what [`batch_trims`] gathers).
+    fn deletes_run(&self) -> bool {
+        matches!(self.body, Some(Body::Deleted(_))) && key::task_and_uuid(&self.key, "run").is_some()
+    }
+}
+
+/// The fewest run deletions of one topic in a step that [`batch_trims`] turns into a `trim`
+/// record: below three, a `deleted` record each costs no more than a `trim` record and its own
+/// tombstone.
+pub const MIN_TRIM_BATCH: usize = 3;
+
+/// Batched trimming (issue 21, while every live node has [`feature::BATCHED_TRIM`]): the
+/// `deleted` records of `run/` keys among a step's writes become one `trim` record per topic
+/// (per [`shiva_proto::records::MAX_TRIM_KEYS`] keys), written before the tombstones that
+/// follow them, when a topic has at least [`MIN_TRIM_BATCH`]. Every other write is kept, in
+/// order. The `trim` key's id is derived from the epoch and the keys it lists.
+pub fn batch_trims(writes: Vec<Write>, epoch: u64) -> Vec<Write> {
+    let mut batches: BTreeMap<TopicKind, Vec<String>> = BTreeMap::new();
+    for write in writes.iter().filter(|write| write.deletes_run()) {
+        batches.entry(write.topic).or_default().push(write.key.clone());
+    }
+    batches.retain(|_, keys| keys.len() >= MIN_TRIM_BATCH);
+    if batches.is_empty() {
+        return writes;
+    }
+    let mut batched = Vec::with_capacity(writes.len());
+    for (topic, keys) in &batches {
+        for chunk in keys.chunks(shiva_proto::records::MAX_TRIM_KEYS) {
+            let name = format!("{epoch}\n{}", chunk.join("\n"));
+            let id = Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes());
+            let body = Body::Trim(shiva_proto::records::Trim { epoch, keys: chunk.to_vec() });
+            batched.push(Write { topic: *topic, key: key::trim(epoch, id), body: Some(body) });
+        }
+    }
+    batched.extend(
+        writes.into_iter().filter(|write| !(write.deletes_run() && batches.contains_key(&write.topic))),
+    );
+    batched
 }
 
 /// The live members, indexed by id. Their ids are unique (membership lists one incarnation per
@@ -195,10 +234,17 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
         writes.push(Write::assignments(key::MEMBERS.to_owned(), Some(Body::Members(members))));
     }
     writes.extend(trim_claims(view, epoch, live, busy));
-    // A `deleted` marker whose tombstone was not read back (its write failed) gets it again.
+    // A `deleted` marker whose tombstone was not read back (its write failed) gets it again,
+    // and so does a key a `trim` record deleted; a `trim` record whose tombstones were all read
+    // back is spent: tombstoned.
     for (topic, keys) in &view.deleted_markers {
         for key in keys.iter().filter(|key| !busy(*topic, key)) {
             writes.push(Write { topic: *topic, key: key.clone(), body: None });
+        }
+    }
+    for (topic, key) in view.trimmed_keys().chain(view.spent_trims()) {
+        if !busy(topic, key) {
+            writes.push(Write { topic, key: key.to_owned(), body: None });
         }
     }
     writes.extend(retire_nodes(view, &live_index, now_ms, busy));
@@ -558,7 +604,8 @@ fn oldest_record_epoch(view: &LogView, epoch: u64) -> u64 {
     let assignments = view.assignments.values().map(|entry| entry.assignment.epoch);
     let scheds = view.scheds.values().map(|entry| entry.sched.epoch);
     let intents = view.all_runs().filter_map(|run| run.epoch());
-    members.chain(assignments).chain(scheds).chain(intents).fold(epoch, u64::min)
+    let trims = view.trim_epochs();
+    members.chain(assignments).chain(scheds).chain(intents).chain(trims).fold(epoch, u64::min)
 }
 
 /// Tombstones for the claims no replay needs (issue 15, a bounded log). A compacted log starts

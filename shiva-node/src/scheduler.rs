@@ -61,6 +61,9 @@ pub struct Context<'a> {
     /// Every live leader-capable node has `lean_runs` (see `shiva_proto::records::feature`): a
     /// launch leaves the task's position unwritten (implied by its intents).
     pub lean: bool,
+    /// Every live node has `batched_trim` (see `shiva_proto::records::feature`): the runs a
+    /// step trims share a `trim` record per topic (see [`crate::leader::batch_trims`]).
+    pub batched_trim: bool,
     /// Parsed schedules, kept between plans.
     pub schedules: &'a Schedules,
     /// Whether a node that is not live may still run an exclusive run of a task (it has not
@@ -195,7 +198,10 @@ pub fn plan(ctx: &Context<'_>) -> Vec<Write> {
             }
         }
     }
-    writes
+    match ctx.batched_trim {
+        true => crate::leader::batch_trims(writes, ctx.epoch),
+        false => writes,
+    }
 }
 
 /// Restamps of an earlier epoch's records per plan, across tasks (see
@@ -582,11 +588,29 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             let trigger = Trigger::Once { revision: sched.spec_revision };
             waiting.then(|| run_id(self.task, trigger, sched.attempt))
         });
+        // The attempts of one trigger leave lowest first, and none above an attempt still open:
+        // a run that never started is launched again as its next attempt when that attempt is
+        // not in the view (see `relaunch_missed`), so a later attempt trimmed before it (a new
+        // leader's restamps give it the lower offset) would run its slot twice.
+        let mut open_from: BTreeMap<Trigger, u32> = BTreeMap::new();
+        for run in self.runs.iter().filter(|run| !run.is_final()) {
+            if let (Some(trigger), Some(attempt)) = (run.trigger(), run.attempt()) {
+                let lowest = open_from.entry(trigger).or_insert(attempt);
+                *lowest = (*lowest).min(attempt);
+            }
+        }
         let (mut finished, mut implied) = (Vec::new(), 0);
         for run in self.runs.iter().filter(|run| run.is_final() && Some(run.id()) != current) {
             match (implying(&run), run.intent_offset()) {
                 (true, _) => implied += 1,
-                (false, Some(offset)) => finished.push((offset, run.id())),
+                (false, Some(offset)) => {
+                    let (trigger, attempt) = (run.trigger(), run.attempt().unwrap_or(0));
+                    if trigger.and_then(|trigger| open_from.get(&trigger)).is_some_and(|open| *open < attempt)
+                    {
+                        continue;
+                    }
+                    finished.push((trigger, attempt, offset, run.id()));
+                }
                 (false, None) => {}
             }
         }
@@ -594,9 +618,23 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         if finished.len() <= keep {
             return;
         }
+        // Oldest first by offset, each trigger's attempts together from the lowest, taking the
+        // trigger's lowest offset as its place.
+        let mut first_offset: BTreeMap<Option<Trigger>, i64> = BTreeMap::new();
+        for (trigger, _, offset, _) in &finished {
+            let first = first_offset.entry(*trigger).or_insert(*offset);
+            *first = (*first).min(*offset);
+        }
+        let mut finished: Vec<(i64, Option<Trigger>, u32, Uuid)> = finished
+            .into_iter()
+            .map(|(trigger, attempt, offset, id)| match trigger {
+                Some(_) => (first_offset[&trigger], trigger, attempt, id),
+                None => (offset, None, attempt, id),
+            })
+            .collect();
         finished.sort();
         let excess = finished.len() - keep;
-        for (_, id) in finished.into_iter().take(excess) {
+        for (_, _, _, id) in finished.into_iter().take(excess) {
             let key = key::run(self.task, id);
             if self.runs.get(&id).and_then(|run| run.intent_offset()).is_some_and(|offset| offset >= 0)
                 && !self.busy(TopicKind::Assignments, &key)

@@ -81,6 +81,12 @@ pub enum Body {
     /// `commands` `request/`): its entry is deleted. A tombstone follows for compaction; a
     /// tombstone alone changes nothing.
     Deleted(Deleted),
+    /// `assignments` and `status`, `trim/<epoch>/<id>`: the leader of `epoch` deletes the
+    /// entries of the `run/` keys listed (of the record's own topic), as a `deleted` record on
+    /// each would; a bare tombstone on each follows for compaction, then one on the `trim/` key
+    /// itself once they are read back (issue 21: one record for the runs a step trims, not one
+    /// each).
+    Trim(Trim),
     /// `commands` (from `shiva-ctl`) and `assignments` (the leader's re-encrypted copy),
     /// `secret/<name>`: a secret, encrypted to nodes.
     Secret(crate::secret::Secret),
@@ -111,6 +117,7 @@ impl Body {
             Body::RunIntent(_) => "run_intent",
             Body::RunReport(_) => "run_report",
             Body::Deleted(_) => "deleted",
+            Body::Trim(_) => "trim",
             Body::Secret(_) => "secret",
             Body::Refusal(_) => "refusal",
             Body::NodeMode(_) => "node_mode",
@@ -374,6 +381,19 @@ pub struct Deleted {
     pub epoch: u64,
 }
 
+/// The most `run/` keys one `trim` record lists.
+pub const MAX_TRIM_KEYS: usize = 256;
+
+/// `trim` body: the leader of `epoch` deletes the entries of `keys` (`run/` keys of the record's
+/// own topic, at most [`MAX_TRIM_KEYS`], each once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trim {
+    /// The writing leader's epoch.
+    pub epoch: u64,
+    /// The keys whose entries it deletes.
+    pub keys: Vec<String>,
+}
+
 /// `claim/<epoch>/<node>/<claim-id>` body: the sender asks to lead `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
@@ -442,8 +462,20 @@ pub mod feature {
     /// position, and every run without a `running` record as late.
     pub const LEAN_RUNS: &str = "lean_runs";
 
+    /// Batched trimming (issue 21): the node's log view reads `trim` records, and takes the bare
+    /// tombstones that follow one on the keys it lists. Only while every live node has it does
+    /// the leader trim the runs of a step with one `trim` record per topic instead of a
+    /// `deleted` record on each run key: an older build would skip both the record and the
+    /// tombstones, and keep every trimmed run in its view until it restarts.
+    pub const BATCHED_TRIM: &str = "batched_trim";
+
     /// Every feature this build has, for its heartbeat.
-    pub const ALL: &[&str] = &[START_AFTER, TRIMMED_CLAIMS, NODE_MODES, INSTANCES, LEAN_RUNS];
+    pub const ALL: &[&str] = &[START_AFTER, TRIMMED_CLAIMS, NODE_MODES, INSTANCES, LEAN_RUNS, BATCHED_TRIM];
+
+    /// Whether `live` has a node and every one has [`BATCHED_TRIM`].
+    pub fn batched_trim(live: &[super::Member]) -> bool {
+        !live.is_empty() && live.iter().all(|member| member.has(BATCHED_TRIM))
+    }
 
     /// Whether `live` has a leader-capable node and every one has [`LEAN_RUNS`] (a node that has
     /// read no heartbeat yet knows of none: not lean).
@@ -820,6 +852,7 @@ impl Envelope {
             Body::RunIntent(body) => out(self, body),
             Body::RunReport(body) => out(self, body),
             Body::Deleted(body) => out(self, body),
+            Body::Trim(body) => out(self, body),
             Body::NodeMode(body) => out(self, body),
             Body::MoveRequest(body) => out(self, body),
         }
@@ -860,6 +893,7 @@ impl Envelope {
             "run_intent" => Body::RunIntent(body(kind, wire.body)?),
             "run_report" => Body::RunReport(body(kind, wire.body)?),
             "deleted" => Body::Deleted(body(kind, wire.body)?),
+            "trim" => Body::Trim(body(kind, wire.body)?),
             "node_mode" => Body::NodeMode(body(kind, wire.body)?),
             "move_request" => Body::MoveRequest(body(kind, wire.body)?),
             _ => return Err(DecodeError::UnknownKind(wire.kind)),

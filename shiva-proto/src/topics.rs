@@ -4,8 +4,8 @@
 //! |---|---|
 //! | `shiva.<cluster>.commands` | `task/<id>`, `desired/<id>`, `request/<id>/<request-id>` |
 //! | `shiva.<cluster>.control` | `node/<id>`, `leave/<id>/<incarnation>` |
-//! | `shiva.<cluster>.assignments` | `claim/<epoch>/<node>/<claim-id>`, `resign/<epoch>`, `members`, `task/<id>`, `sched/<id>`, `run/<id>/<run-id>` |
-//! | `shiva.<cluster>.status` | `task/<id>`, `run/<id>/<run-id>` |
+//! | `shiva.<cluster>.assignments` | `claim/<epoch>/<node>/<claim-id>`, `resign/<epoch>`, `members`, `task/<id>`, `sched/<id>`, `run/<id>/<run-id>`, `trim/<epoch>/<id>` |
+//! | `shiva.<cluster>.status` | `task/<id>`, `run/<id>/<run-id>`, `trim/<epoch>/<id>` |
 
 use std::fmt;
 
@@ -149,6 +149,18 @@ pub mod key {
     /// `run/<id>/<run-id>`.
     pub fn run(id: &TaskId, run: Uuid) -> String {
         format!("{}{run}", runs_of(id))
+    }
+
+    /// `trim/<epoch>/<id>`: a leader's `trim` record (see [`crate::records::Trim`]).
+    pub fn trim(epoch: u64, id: Uuid) -> String {
+        format!("trim/{epoch}/{id}")
+    }
+
+    /// The epoch of a well-formed `trim/<epoch>/<id>` key.
+    pub fn trim_epoch(key: &str) -> Option<u64> {
+        let (epoch, id) = key.strip_prefix("trim/")?.split_once('/')?;
+        id.parse::<Uuid>().ok()?;
+        epoch.parse().ok()
     }
 
     /// `run/<id>/`: the start of every run key of a task (a longer task id may share it).

@@ -194,6 +194,15 @@ impl KeyOffsets {
     }
 }
 
+/// A `trim` record read (see [`crate::records::Trim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TrimEntry {
+    /// Its leader's epoch.
+    epoch: u64,
+    /// The keys it deleted whose tombstone has not been read.
+    pending: BTreeSet<String>,
+}
+
 /// What the log holds about one run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunEntry {
@@ -738,6 +747,11 @@ pub struct LogView {
     /// follows each marker has not been read (yet, or ever: its write failed), and the leader
     /// writes it again, so the key does not stay in the log for good.
     pub deleted_markers: BTreeMap<TopicKind, BTreeSet<String>>,
+    /// `trim` records read, per topic and key, until their own tombstone.
+    trims: BTreeMap<(TopicKind, String), TrimEntry>,
+    /// Keys an accepted `trim` record deleted whose tombstone has not been read (nor any other
+    /// record on them since): key → the `trim` key.
+    trimmed: BTreeMap<(TopicKind, String), String>,
     /// Who may command the cluster (`--authorized-keys`): none, an open cluster.
     pub auth: AuthPolicy,
     /// Signing time of the newest accepted command per `commands` key, kept after the key is
@@ -1042,6 +1056,7 @@ impl LogView {
         if let Some(keys) = self.deleted_markers.get_mut(&topic) {
             keys.remove(key);
         }
+        self.settle_trimmed(topic, key);
         if outcome == Outcome::Applied("deleted") {
             self.deleted_markers.entry(topic).or_default().insert(key.to_owned());
         }
@@ -1232,6 +1247,13 @@ impl LogView {
     /// only lets compaction drop the key. A stray one (a deposed leader's, any client's) is
     /// skipped, so the key is unsettled and the leader writes its record again.
     fn tombstone(&mut self, topic: TopicKind, key: &str) -> Outcome {
+        // A `trim` record's tombstone (the leader's, once the tombstones it was written for are
+        // read back) forgets it; a stray one only stops its count of those (the leader writes
+        // each still missing again all the same, see `trimmed`).
+        if matches!(topic, TopicKind::Assignments | TopicKind::Status) && key.starts_with("trim/") {
+            self.forget_trim(topic, key);
+            return Outcome::Applied("tombstone");
+        }
         if is_leader_owned(topic, key) {
             return match self.holds_entry(topic, key) {
                 true => Outcome::Skipped(format!(
@@ -1405,6 +1427,73 @@ impl LogView {
             }
             _ => {}
         }
+    }
+
+    /// Whether a `deleted` or `trim` record of `epoch` from the sender of `env` deletes on
+    /// `topic`: on `assignments`, from the leader of the newest epoch. Other topics are read apart
+    /// from `assignments`, behind or ahead of its claims: there, from the winner of its epoch,
+    /// whether that epoch is still the newest, or (claim not read yet) ahead of it. An epoch
+    /// before the floor was trimmed: its leader's writes had all settled, so its record is
+    /// history.
+    fn accepts_deletion(
+        &self,
+        topic: TopicKind,
+        epoch: u64,
+        sender: &str,
+        incarnation: Option<Uuid>,
+    ) -> Result<(), String> {
+        match topic {
+            TopicKind::Assignments => self.epochs.accepts(epoch, sender, incarnation),
+            _ => self.epochs.winners.get(&epoch).map_or_else(
+                || match epoch > self.epochs.newest || (1..self.epochs.floor).contains(&epoch) {
+                    true => Ok(()),
+                    false => Err(format!("epoch {epoch} has no winner")),
+                },
+                |winner| match winner.node.as_str() == sender && Some(winner.incarnation) == incarnation {
+                    true => Ok(()),
+                    false => Err(format!("{sender} did not win epoch {epoch}")),
+                },
+            ),
+        }
+    }
+
+    /// Forgets the `trim` record on `key` of `topic` (a tombstone, or a new record on its key):
+    /// the keys it listed that still wait for their tombstone keep waiting (see `trimmed`).
+    fn forget_trim(&mut self, topic: TopicKind, key: &str) {
+        self.trims.remove(&(topic, key.to_owned()));
+    }
+
+    /// A record (of any sender, tombstones included) landed on `key` of `topic`: a key a `trim`
+    /// listed no longer waits for its tombstone.
+    fn settle_trimmed(&mut self, topic: TopicKind, key: &str) {
+        let Some(trim) = self.trimmed.remove(&(topic, key.to_owned())) else { return };
+        if let Some(entry) = self.trims.get_mut(&(topic, trim)) {
+            entry.pending.remove(key);
+        }
+    }
+
+    /// Keys a `trim` record deleted whose tombstone has not been read (yet, or ever: its write
+    /// failed): the leader writes it again, so the key does not stay in the log for good.
+    pub fn trimmed_keys(&self) -> impl Iterator<Item = (TopicKind, &str)> + '_ {
+        self.trimmed.keys().map(|(topic, key)| (*topic, key.as_str()))
+    }
+
+    /// `trim` records all of whose keys' tombstones were read: the leader tombstones them.
+    pub fn spent_trims(&self) -> impl Iterator<Item = (TopicKind, &str)> + '_ {
+        self.trims
+            .iter()
+            .filter(|(_, entry)| entry.pending.is_empty())
+            .map(|((topic, key), _)| (*topic, key.as_str()))
+    }
+
+    /// The epochs of the `trim` records in the log (the leader keeps their claims).
+    pub fn trim_epochs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.trims.values().map(|entry| entry.epoch)
+    }
+
+    /// How many `trim` records the view holds (spent or not).
+    pub fn trims_pending(&self) -> usize {
+        self.trims.len()
     }
 
     /// The first claim for `newest + 1` wins it; on a log with no claim won yet, the first claim
@@ -1639,32 +1728,41 @@ impl LogView {
                 self.change_run(&task, run, |run| run.report = Some(entry));
             }
             (topic, Body::Deleted(deleted)) if is_leader_owned(topic, key) => {
-                match topic {
-                    TopicKind::Assignments => {
-                        self.epochs.accepts(deleted.epoch, &env.sender, env.incarnation)?
-                    }
-                    // Other topics are read apart from `assignments`, behind or ahead of its
-                    // claims: a marker there is accepted from the winner of its epoch, whether
-                    // that epoch is still the newest, or (claim not read yet) ahead of it.
-                    // An epoch before the floor was trimmed: its leader's writes had all
-                    // settled, so its marker is history.
-                    _ => self.epochs.winners.get(&deleted.epoch).map_or_else(
-                        || match deleted.epoch > self.epochs.newest
-                            || (1..self.epochs.floor).contains(&deleted.epoch)
-                        {
-                            true => Ok(()),
-                            false => Err(format!("epoch {} has no winner", deleted.epoch)),
-                        },
-                        |winner| match winner.node.as_str() == env.sender
-                            && Some(winner.incarnation) == env.incarnation
-                        {
-                            true => Ok(()),
-                            false => Err(format!("{} did not win epoch {}", env.sender, deleted.epoch)),
-                        },
-                    )?,
-                }
+                self.accepts_deletion(topic, deleted.epoch, &env.sender, env.incarnation)?;
                 self.epochs.active.insert(deleted.epoch);
                 self.delete_entry(topic, key);
+            }
+            (topic @ (TopicKind::Assignments | TopicKind::Status), Body::Trim(trim)) => {
+                if key::trim_epoch(key) != Some(trim.epoch) {
+                    return Err(format!("key does not match 'trim/{}/<id>'", trim.epoch));
+                }
+                if trim.keys.len() > crate::records::MAX_TRIM_KEYS {
+                    return Err(format!(
+                        "it lists {} keys (at most {})",
+                        trim.keys.len(),
+                        crate::records::MAX_TRIM_KEYS
+                    ));
+                }
+                let listed: BTreeSet<&str> = trim.keys.iter().map(String::as_str).collect();
+                if listed.len() != trim.keys.len() {
+                    return Err("it lists a key twice".into());
+                }
+                if let Some(other) = listed.iter().find(|listed| key::task_and_uuid(listed, "run").is_none())
+                {
+                    return Err(format!("'{other}' is not a run key"));
+                }
+                self.accepts_deletion(topic, trim.epoch, &env.sender, env.incarnation)?;
+                self.epochs.active.insert(trim.epoch);
+                self.forget_trim(topic, key);
+                let mut pending = BTreeSet::new();
+                for listed in trim.keys {
+                    if self.holds_entry(topic, &listed) {
+                        self.delete_entry(topic, &listed);
+                        self.trimmed.insert((topic, listed.clone()), key.to_owned());
+                        pending.insert(listed);
+                    }
+                }
+                self.trims.insert((topic, key.to_owned()), TrimEntry { epoch: trim.epoch, pending });
             }
             (topic, body) => return Err(format!("a {} record does not belong on {topic}", body.kind())),
         }

@@ -294,6 +294,21 @@ fn expected() -> Vec<(&'static str, Envelope)> {
         ),
         ("deleted", from("n2", Some(N2), 1795315799500, Body::Deleted(Deleted { epoch: 4 }))),
         (
+            "trim",
+            from(
+                "n2",
+                Some(N2),
+                1795315799600,
+                Body::Trim(Trim {
+                    epoch: 4,
+                    keys: vec![
+                        "run/nightly/report/6f1b2a52-1d4e-5c6b-9a3f-0e2d7c4b8a11".into(),
+                        "run/nightly/report/9c0d3e14-7a2b-5f4e-8d1c-2b3a4c5d6e7f".into(),
+                    ],
+                }),
+            ),
+        ),
+        (
             "status",
             from(
                 "n1",

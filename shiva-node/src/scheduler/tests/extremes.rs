@@ -149,6 +149,7 @@ impl Sim {
             busy: &|_, _| false,
             runs_busy: &|_| false,
             lean: true,
+            batched_trim: true,
             schedules: &self.schedules,
             may_still_run: &|_, _| false,
             failed: &Default::default(),
