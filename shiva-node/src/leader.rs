@@ -65,26 +65,45 @@ pub const MIN_TRIM_BATCH: usize = 3;
 /// follow them, when a topic has at least [`MIN_TRIM_BATCH`]. Every other write is kept, in
 /// order. The `trim` key's id is derived from the epoch and the keys it lists.
 pub fn batch_trims(writes: Vec<Write>, epoch: u64) -> Vec<Write> {
+    // A key the step also writes otherwise (an intent restamped, then trimmed) keeps its own
+    // `deleted` record, in its place: a `trim` record ahead of that write would delete the
+    // entry the write then brings back, and the tombstone would be refused.
+    let other: BTreeSet<(TopicKind, &str)> = writes
+        .iter()
+        .filter(|write| write.body.is_some() && !write.deletes_run())
+        .map(|write| (write.topic, write.key.as_str()))
+        .collect();
+    let batchable =
+        |write: &Write| write.deletes_run() && !other.contains(&(write.topic, write.key.as_str()));
     let mut batches: BTreeMap<TopicKind, Vec<String>> = BTreeMap::new();
-    for write in writes.iter().filter(|write| write.deletes_run()) {
+    for write in writes.iter().filter(|write| batchable(write)) {
         batches.entry(write.topic).or_default().push(write.key.clone());
     }
     batches.retain(|_, keys| keys.len() >= MIN_TRIM_BATCH);
     if batches.is_empty() {
         return writes;
     }
-    let mut batched = Vec::with_capacity(writes.len());
+    // Each topic's `trim` records go where its first batched `deleted` record was: before every
+    // tombstone they are written for.
+    let mut records: BTreeMap<TopicKind, Vec<Write>> = BTreeMap::new();
     for (topic, keys) in &batches {
         for chunk in keys.chunks(shiva_proto::records::MAX_TRIM_KEYS) {
             let name = format!("{epoch}\n{}", chunk.join("\n"));
             let id = Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes());
             let body = Body::Trim(shiva_proto::records::Trim { epoch, keys: chunk.to_vec() });
-            batched.push(Write { topic: *topic, key: key::trim(epoch, id), body: Some(body) });
+            let record = Write { topic: *topic, key: key::trim(epoch, id), body: Some(body) };
+            records.entry(*topic).or_default().push(record);
         }
     }
-    batched.extend(
-        writes.into_iter().filter(|write| !(write.deletes_run() && batches.contains_key(&write.topic))),
-    );
+    let batched_here: Vec<bool> =
+        writes.iter().map(|write| batchable(write) && batches.contains_key(&write.topic)).collect();
+    let mut batched = Vec::with_capacity(writes.len());
+    for (write, here) in writes.into_iter().zip(batched_here) {
+        match here {
+            true => batched.extend(records.remove(&write.topic).unwrap_or_default()),
+            false => batched.push(write),
+        }
+    }
     batched
 }
 
@@ -245,6 +264,15 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
     for (topic, key) in view.trimmed_keys().chain(view.spent_trims()) {
         if !busy(topic, key) {
             writes.push(Write { topic, key: key.to_owned(), body: None });
+        }
+    }
+    // A `trim/` key whose newest record is not a `trim` record the view holds (a deposed
+    // leader's, refused; garbage) is tombstoned, so it does not stay in the log for good.
+    for topic in [TopicKind::Assignments, TopicKind::Status] {
+        for key in view.unsettled(topic, "trim/").filter(|key| !view.holds_trim(topic, key)) {
+            if !busy(topic, key) {
+                writes.push(Write { topic, key: key.to_owned(), body: None });
+            }
         }
     }
     writes.extend(retire_nodes(view, &live_index, now_ms, busy));

@@ -556,6 +556,11 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                 !run.has_intent() && run.report_offset().is_some_and(|offset| offset < synced_below)
             })
             .map(|run| run.id())
+            // An intent a `trim` record deleted is gone from the log only once its tombstone is
+            // in: were the `trim` record itself lost before (a stray tombstone on its key), a
+            // reader of the compacted log would find the intent again, and without its report,
+            // a run that never started.
+            .filter(|id| !self.ctx.view.is_trimmed(TopicKind::Assignments, &key::run(self.task, *id)))
             .collect();
         for id in orphans {
             let key = key::run(self.task, id);
@@ -634,7 +639,13 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             .collect();
         finished.sort();
         let excess = finished.len() - keep;
-        for (_, _, _, id) in finished.into_iter().take(excess) {
+        // One attempt of a trigger per step: two deletions are two writes, and were the lower
+        // one's to fail while the higher one's landed, the higher attempt would be launched
+        // again (the same reason as above). The next step trims the next.
+        let mut triggers = BTreeSet::new();
+        let finished =
+            finished.into_iter().filter(|(_, trigger, _, _)| trigger.is_none_or(|t| triggers.insert(t)));
+        for (_, _, _, id) in finished.take(excess) {
             let key = key::run(self.task, id);
             if self.runs.get(&id).and_then(|run| run.intent_offset()).is_some_and(|offset| offset >= 0)
                 && !self.busy(TopicKind::Assignments, &key)

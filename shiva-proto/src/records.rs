@@ -472,9 +472,17 @@ pub mod feature {
     /// Every feature this build has, for its heartbeat.
     pub const ALL: &[&str] = &[START_AFTER, TRIMMED_CLAIMS, NODE_MODES, INSTANCES, LEAN_RUNS, BATCHED_TRIM];
 
-    /// Whether `live` has a node and every one has [`BATCHED_TRIM`].
-    pub fn batched_trim(live: &[super::Member]) -> bool {
-        !live.is_empty() && live.iter().all(|member| member.has(BATCHED_TRIM))
+    /// Whether `live` has a node and every one has [`BATCHED_TRIM`], and so does the newest
+    /// heartbeat of every node known (`known`: those not retired, live or not): a node down
+    /// during an upgrade may come back on its older build, and would keep every run trimmed
+    /// meanwhile in its view, as open keys its own leadership would write again.
+    pub fn batched_trim<'h>(
+        live: &[super::Member],
+        mut known: impl Iterator<Item = &'h super::Heartbeat>,
+    ) -> bool {
+        !live.is_empty()
+            && live.iter().all(|member| member.has(BATCHED_TRIM))
+            && known.all(|heartbeat| heartbeat.features.iter().any(|feature| feature == BATCHED_TRIM))
     }
 
     /// Whether `live` has a leader-capable node and every one has [`LEAN_RUNS`] (a node that has
@@ -518,6 +526,36 @@ pub mod feature {
             assert!(!super::lean_runs(&[member(false, true)]), "no leader-capable node known");
             assert!(super::lean_runs(&[member(true, true), member(false, false)]));
             assert!(!super::lean_runs(&[member(true, true), member(true, false)]));
+        }
+
+        #[test]
+        fn trims_are_batched_only_when_every_live_and_every_known_node_reads_them() {
+            let member = |batched: bool| crate::records::Member {
+                id: crate::NodeId::new("n").unwrap(),
+                incarnation: uuid::Uuid::nil(),
+                hostname: "h".into(),
+                tags: Vec::new(),
+                runner: true,
+                leader_capable: false,
+                returns: 0,
+                features: if batched { vec![super::BATCHED_TRIM.to_owned()] } else { Vec::new() },
+            };
+            let heartbeat = |batched: bool| {
+                let value = serde_json::json!({"protocol": 1, "seq": 1, "hostname": "h", "leader_capable": true,
+                    "runner": true, "interval_ms": 200, "features": if batched { vec![super::BATCHED_TRIM] } else { vec![] }});
+                serde_json::from_value::<crate::records::Heartbeat>(value).unwrap()
+            };
+            let (new, old) = (heartbeat(true), heartbeat(false));
+            assert!(!super::batched_trim(&[], [&new].into_iter()), "none live yet");
+            assert!(super::batched_trim(&[member(true), member(true)], [&new, &new].into_iter()));
+            assert!(
+                !super::batched_trim(&[member(true), member(false)], [&new].into_iter()),
+                "a live older node"
+            );
+            assert!(
+                !super::batched_trim(&[member(true)], [&new, &old].into_iter()),
+                "an older node down, not retired"
+            );
         }
     }
 }

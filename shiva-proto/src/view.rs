@@ -1478,6 +1478,19 @@ impl LogView {
         self.trimmed.keys().map(|(topic, key)| (*topic, key.as_str()))
     }
 
+    /// Whether `key` of `topic` was deleted by a `trim` record and waits for its tombstone: until
+    /// then the key's last record in the log is still the entry (a reader of the compacted log
+    /// would hold it, should the `trim` record itself be gone), so what depends on its being
+    /// gone waits (a run's report, see the scheduler's orphans).
+    pub fn is_trimmed(&self, topic: TopicKind, key: &str) -> bool {
+        self.trimmed.contains_key(&(topic, key.to_owned()))
+    }
+
+    /// Whether the view holds a `trim` record on `key` of `topic`.
+    pub fn holds_trim(&self, topic: TopicKind, key: &str) -> bool {
+        self.trims.contains_key(&(topic, key.to_owned()))
+    }
+
     /// `trim` records all of whose keys' tombstones were read: the leader tombstones them.
     pub fn spent_trims(&self) -> impl Iterator<Item = (TopicKind, &str)> + '_ {
         self.trims

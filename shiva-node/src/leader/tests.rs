@@ -1259,3 +1259,38 @@ fn an_every_node_task_follows_the_eligible_nodes_and_older_builds_wait() {
     let reason = format!("{:?}", sim.instances(3)["0"]);
     assert!(reason.contains("older builds"), "{reason}");
 }
+
+/// `batch_trims`: the run deletions of a topic become one `trim` record where the first of them
+/// was, before their tombstones; a key the step also writes otherwise keeps its own `deleted`
+/// record in place; fewer than three deletions of a topic, and every other write, are kept.
+#[test]
+fn run_deletions_of_a_step_become_one_trim_record_where_the_first_was() {
+    let task = TaskId::new("cron/t").unwrap();
+    let run = |n: u128| key::run(&task, Uuid::from_u128(n));
+    let delete = |topic, n| Write::delete(topic, run(n), 3).to_vec();
+    let restamp = Write::assignments(run(1), Some(Body::Claim(Claim { epoch: 3 })));
+    let mut writes = vec![Write::assignments(key::sched(&task), None), restamp.clone()];
+    for n in 1..=4 {
+        writes.extend(delete(TopicKind::Assignments, n));
+    }
+    writes.extend(delete(TopicKind::Status, 7));
+    writes.extend(delete(TopicKind::Status, 8));
+    let batched = batch_trims(writes.clone(), 3);
+    let tombstone = |topic, n| Write { topic, key: run(n), body: None };
+    let trim = match &batched[4].body {
+        Some(Body::Trim(trim)) => trim.clone(),
+        other => panic!("not a trim record at 4: {other:?}"),
+    };
+    assert_eq!(trim.keys, vec![run(2), run(3), run(4)]);
+    assert_eq!(trim.epoch, 3);
+    assert!(batched[4].key.starts_with("trim/3/"));
+    // The `sched/` tombstone, the restamp of run 1 and its own deletion, in place.
+    let mut expected = writes[..4].to_vec();
+    expected.push(batched[4].clone());
+    expected.extend([tombstone(TopicKind::Assignments, 2), tombstone(TopicKind::Assignments, 3)]);
+    expected.push(tombstone(TopicKind::Assignments, 4));
+    expected.extend(writes[writes.len() - 4..].iter().cloned());
+    assert_eq!(batched, expected);
+    // The same step planned again: the same record, under the same key.
+    assert_eq!(batch_trims(writes, 3), batched);
+}

@@ -845,7 +845,10 @@ impl Node {
             busy: &|topic, key| self.busy(topic, key),
             runs_busy: &|task| self.outbox.runs_busy(task),
             lean: shiva_proto::records::feature::lean_runs(&live),
-            batched_trim: shiva_proto::records::feature::batched_trim(&live),
+            batched_trim: shiva_proto::records::feature::batched_trim(
+                &live,
+                self.view.heartbeats.values().map(|entry| &entry.heartbeat),
+            ),
             schedules: &self.leadership.schedules,
             may_still_run: &may_still_run,
             failed: &self.leadership.unwritable,
