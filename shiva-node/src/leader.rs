@@ -76,8 +76,12 @@ pub fn batch_trims(writes: Vec<Write>, epoch: u64) -> Vec<Write> {
     let batchable =
         |write: &Write| write.deletes_run() && !other.contains(&(write.topic, write.key.as_str()));
     let mut batches: BTreeMap<TopicKind, Vec<String>> = BTreeMap::new();
+    // A key listed twice would have the record refused (none is deleted twice today).
+    let mut listed = BTreeSet::new();
     for write in writes.iter().filter(|write| batchable(write)) {
-        batches.entry(write.topic).or_default().push(write.key.clone());
+        if listed.insert((write.topic, write.key.as_str())) {
+            batches.entry(write.topic).or_default().push(write.key.clone());
+        }
     }
     batches.retain(|_, keys| keys.len() >= MIN_TRIM_BATCH);
     if batches.is_empty() {

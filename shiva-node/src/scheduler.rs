@@ -568,6 +568,14 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                 self.writes.extend(Write::delete(TopicKind::Status, key, self.ctx.epoch));
             }
         }
+        // While an intent a `trim` record deleted waits for its tombstone (its write failed),
+        // nothing more of the task is trimmed: the intent is out of the view but not out of the
+        // log, and were the `trim` record lost, a reader of the compacted log would find it,
+        // without a later attempt of its trigger trimmed meanwhile (see the attempts, below).
+        // The leader writes the tombstone again at each step.
+        if self.ctx.view.trimmed_runs_of(self.task) {
+            return;
+        }
         let defined = self.spec.is_some() || self.ctx.view.invalid.contains_key(self.task);
         let keep = if defined { HISTORY } else { 0 };
         // The intents of slots past the stored position imply the position (see `position`):

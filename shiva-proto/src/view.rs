@@ -1486,6 +1486,17 @@ impl LogView {
         self.trimmed.contains_key(&(topic, key.to_owned()))
     }
 
+    /// Whether an intent of `task` (a `run/<task>/<uuid>` key of `assignments`, not one of a
+    /// longer task id that shares the prefix) was deleted by a `trim` record and waits for its
+    /// tombstone (see [`LogView::is_trimmed`]).
+    pub fn trimmed_runs_of(&self, task: &TaskId) -> bool {
+        let prefix = key::runs_of(task);
+        self.trimmed
+            .range((TopicKind::Assignments, prefix.clone())..)
+            .take_while(|((topic, key), _)| *topic == TopicKind::Assignments && key.starts_with(&prefix))
+            .any(|((_, key), _)| key::task_and_uuid(key, "run").is_some_and(|(of, _)| of == *task))
+    }
+
     /// Whether the view holds a `trim` record on `key` of `topic`.
     pub fn holds_trim(&self, topic: TopicKind, key: &str) -> bool {
         self.trims.contains_key(&(topic, key.to_owned()))
@@ -1767,11 +1778,16 @@ impl LogView {
                 self.accepts_deletion(topic, trim.epoch, &env.sender, env.incarnation)?;
                 self.epochs.active.insert(trim.epoch);
                 self.forget_trim(topic, key);
+                // A copy of a record read before (the same deletions planned again, under the
+                // same key) still waits for the tombstones the first one did.
                 let mut pending = BTreeSet::new();
                 for listed in trim.keys {
+                    let waiting = self.trimmed.get(&(topic, listed.clone())).is_some_and(|of| of == key);
                     if self.holds_entry(topic, &listed) {
                         self.delete_entry(topic, &listed);
                         self.trimmed.insert((topic, listed.clone()), key.to_owned());
+                        pending.insert(listed);
+                    } else if waiting {
                         pending.insert(listed);
                     }
                 }

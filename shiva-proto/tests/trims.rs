@@ -203,3 +203,21 @@ fn a_record_landing_on_a_trimmed_key_before_its_tombstone_ends_its_wait() {
     assert_eq!(log.view.spent_trims().count(), 1);
     assert_eq!(log.compacted().runs, log.view.runs);
 }
+
+/// The same deletions planned again before the first record was read back (a tombstone's write
+/// failed): the copy, under the same key, still waits for every tombstone the first one did, so
+/// the leader does not take it for spent and tombstone it early.
+#[test]
+fn a_copy_of_a_trim_record_still_waits_for_the_tombstones_of_the_first() {
+    let (mut log, keys) = with_runs(3);
+    let (key, body) = trim(1, &keys);
+    log.leader(TopicKind::Assignments, &key, body.clone());
+    log.write(TopicKind::Assignments, &keys[0], ("anyone", RUNNER), None);
+    assert_eq!(log.leader(TopicKind::Assignments, &key, body), Outcome::Applied("trim"));
+    assert_eq!(log.view.spent_trims().count(), 0, "spent before its tombstones");
+    assert_eq!(log.view.trimmed_keys().count(), 2);
+    for listed in &keys[1..] {
+        log.write(TopicKind::Assignments, listed, ("anyone", RUNNER), None);
+    }
+    assert_eq!(log.view.spent_trims().count(), 1);
+}

@@ -1357,7 +1357,7 @@ proptest! {
     /// its tombstone and every `trim` record is spent and tombstoned.
     #[test]
     fn batched_trimming_keeps_exactly_once_under_random_failures(
-        events in proptest::collection::vec((0u8..8, 1u8..40), 1..10),
+        events in proptest::collection::vec((0u8..10, 1u8..40), 1..10),
         lag in 0u32..3,
         batched in proptest::bool::weighted(0.8),
     ) {
@@ -1401,6 +1401,20 @@ fn trimming_under_failures(events: &[(u8, u8)], lag: u32, batched: bool) -> Resu
             }
             // The leader's tombstones not read back yet fail to land.
             4 => sim.pending.retain(|(_, _, _, value)| value.is_some()),
+            // A stray tombstone on every `trim/` key in the log.
+            6 => {
+                let keys: BTreeSet<(TopicKind, String)> = sim
+                    .log
+                    .iter()
+                    .filter(|(_, _, key, _)| key.starts_with("trim/"))
+                    .map(|(topic, _, key, _)| (*topic, key.clone()))
+                    .collect();
+                for (topic, key) in keys {
+                    sim.append(topic, key, None);
+                }
+            }
+            // Every reader reads the log again, compacted (a new leader among them).
+            7 => sim.view = sim.compacted(),
             5 => {
                 let n = usize::from(ticks) % 3;
                 sim.shut_down(n);
@@ -1580,4 +1594,75 @@ fn restamped_finished_runs_carry_their_end_so_a_late_copy_is_over_on_its_own() {
         assert!(alone.is_final(), "a late copy of the restamp is over on its own");
     }
     assert!(finished >= 4, "{finished}");
+}
+
+/// A slot's missed first attempt, trimmed by a `trim` record whose tombstone for it never lands,
+/// keeps its second attempt in the history: were that trimmed meanwhile and the `trim` record
+/// then lost, every reader of the compacted log would find the first attempt missed with no
+/// next one, and launch the slot again (a review found it; the task now trims nothing more
+/// while one of its intents waits for its tombstone).
+#[test]
+fn a_missed_attempt_waiting_for_its_tombstone_keeps_the_next_attempt_in_the_history() {
+    const TASKS: usize = 4;
+    let mut sim = Sim::new();
+    sim.run_ms = 10;
+    for i in 0..TASKS {
+        let mut spec = every_second(CatchUp::All);
+        spec.id = TaskId::new(format!("cron/t{i}")).unwrap();
+        sim.submit(spec);
+    }
+    sim.advance(HISTORY as i64 * 1000 + 5_000);
+    // Shut-downs and deaths that leave a slot with a missed first attempt and a second one that
+    // ran (see `a_slots_later_attempt_is_never_trimmed_before_an_earlier_one`).
+    for (what, ticks) in [(5, 1u8), (3, 1), (5, 2), (3, 4), (1, 18), (1, 1)] {
+        match what {
+            1 => {
+                let leader = sim.leader.unwrap();
+                sim.kill(leader);
+            }
+            3 => sim.kill(usize::from(ticks) % 3),
+            _ => sim.shut_down(usize::from(ticks) % 3),
+        }
+        sim.advance(i64::from(ticks) * TICK);
+    }
+    sim.live = (0..3).collect();
+    sim.elect(1);
+    let (task, trigger) = sim
+        .launches
+        .iter()
+        .find(|(_, _, attempt, _)| *attempt == 2)
+        .map(|(task, trigger, _, _)| (task.clone(), *trigger))
+        .expect("a slot's second attempt");
+    let first = key::run(&task, run_id(&task, trigger, 1));
+    // The step that trims the first attempt: its tombstone on `assignments` never lands.
+    sim.read_back_lag = 1;
+    let mut trim_key = None;
+    for _ in 0..2_000 {
+        sim.advance(TICK);
+        let trim = sim.pending.iter().find(|(_, topic, key, value)| {
+            *topic == TopicKind::Assignments
+                && key.starts_with("trim/")
+                && value.as_deref().is_some_and(|value| {
+                    matches!(Envelope::decode(value).unwrap().body, Body::Trim(trim) if trim.keys.contains(&first))
+                })
+        });
+        if let Some((_, _, key, _)) = trim {
+            trim_key = Some(key.clone());
+            sim.pending.retain(|(_, topic, key, value)| {
+                !(*topic == TopicKind::Assignments && *key == first && value.is_none())
+            });
+            break;
+        }
+    }
+    let trim_key = trim_key.expect("a trim record deleting the first attempt");
+    sim.read_back(true);
+    sim.read_back_lag = 0;
+    sim.advance(20_000);
+    // The `trim` record is lost, and every reader reads the compacted log again.
+    sim.append(TopicKind::Assignments, trim_key, None);
+    sim.view = sim.compacted();
+    sim.advance(10_000);
+    let slot = trigger.slot_ms().unwrap();
+    let runs = sim.launches.iter().filter(|(of, t, _, _)| *of == task && t.slot_ms() == Some(slot)).count();
+    assert_eq!(runs, 1, "{task}'s slot {slot} ran {runs} times");
 }
