@@ -265,8 +265,18 @@ pub fn reconcile(view: &LogView, inputs: &Inputs<'_>) -> Vec<Write> {
             writes.push(Write { topic: *topic, key: key.clone(), body: None });
         }
     }
+    // A `trim` record something landed on after it (a stray tombstone), with keys still
+    // waiting for their tombstone: each is deleted again by a `deleted` record of this epoch,
+    // on the key itself, so a compacted log without the `trim` record deletes it too.
+    let mut repaired = BTreeSet::new();
+    for (topic, pending) in view.unsettled_trims() {
+        for key in pending.iter().filter(|key| !busy(topic, key)) {
+            repaired.insert((topic, key.as_str()));
+            writes.extend(Write::delete(topic, key.clone(), epoch));
+        }
+    }
     for (topic, key) in view.trimmed_keys().chain(view.spent_trims()) {
-        if !busy(topic, key) {
+        if !busy(topic, key) && !repaired.contains(&(topic, key)) {
             writes.push(Write { topic, key: key.to_owned(), body: None });
         }
     }

@@ -1248,9 +1248,19 @@ impl LogView {
     /// skipped, so the key is unsettled and the leader writes its record again.
     fn tombstone(&mut self, topic: TopicKind, key: &str) -> Outcome {
         // A `trim` record's tombstone (the leader's, once the tombstones it was written for are
-        // read back) forgets it; a stray one only stops its count of those (the leader writes
-        // each still missing again all the same, see `trimmed`).
+        // read back, or on a key whose newest record it does not hold) forgets it. One landing
+        // while a key it deleted still waits for its tombstone is skipped: the `trim/` key is
+        // unsettled, and the leader writes the deletion again under a key of its own (a
+        // compacted log without it would hold the deleted entry again).
         if matches!(topic, TopicKind::Assignments | TopicKind::Status) && key.starts_with("trim/") {
+            if let Some(entry) = self.trims.get(&(topic, key.to_owned()))
+                && !entry.pending.is_empty()
+            {
+                return Outcome::Skipped(format!(
+                    "tombstone for '{key}' on {topic} ignored: {} key(s) it deleted still wait for their tombstone",
+                    entry.pending.len()
+                ));
+            }
             self.forget_trim(topic, key);
             return Outcome::Applied("tombstone");
         }
@@ -1500,6 +1510,16 @@ impl LogView {
     /// Whether the view holds a `trim` record on `key` of `topic`.
     pub fn holds_trim(&self, topic: TopicKind, key: &str) -> bool {
         self.trims.contains_key(&(topic, key.to_owned()))
+    }
+
+    /// `trim` records on whose key something landed after them (a stray tombstone, garbage),
+    /// with the keys they deleted that still wait for their tombstone: the leader writes the
+    /// deletion of those again, so a compacted log keeps it.
+    pub fn unsettled_trims(&self) -> impl Iterator<Item = (TopicKind, &BTreeSet<String>)> + '_ {
+        self.trims
+            .iter()
+            .filter(|((topic, key), entry)| !entry.pending.is_empty() && !self.is_settled(*topic, key))
+            .map(|((topic, _), entry)| (*topic, &entry.pending))
     }
 
     /// `trim` records all of whose keys' tombstones were read: the leader tombstones them.
@@ -1778,18 +1798,23 @@ impl LogView {
                 self.accepts_deletion(topic, trim.epoch, &env.sender, env.incarnation)?;
                 self.epochs.active.insert(trim.epoch);
                 self.forget_trim(topic, key);
-                // A copy of a record read before (the same deletions planned again, under the
-                // same key) still waits for the tombstones the first one did.
+                // A key an earlier `trim` record deleted and that still waits for its tombstone
+                // (a copy of that record planned again, or the leader's repair of one whose key
+                // something else landed on) now waits under this one.
                 let mut pending = BTreeSet::new();
                 for listed in trim.keys {
-                    let waiting = self.trimmed.get(&(topic, listed.clone())).is_some_and(|of| of == key);
+                    let waiting = self.trimmed.get(&(topic, listed.clone())).cloned();
                     if self.holds_entry(topic, &listed) {
                         self.delete_entry(topic, &listed);
-                        self.trimmed.insert((topic, listed.clone()), key.to_owned());
-                        pending.insert(listed);
-                    } else if waiting {
-                        pending.insert(listed);
+                    } else if let Some(earlier) = waiting {
+                        if let Some(entry) = self.trims.get_mut(&(topic, earlier)) {
+                            entry.pending.remove(&listed);
+                        }
+                    } else {
+                        continue;
                     }
+                    self.trimmed.insert((topic, listed.clone()), key.to_owned());
+                    pending.insert(listed);
                 }
                 self.trims.insert((topic, key.to_owned()), TrimEntry { epoch: trim.epoch, pending });
             }

@@ -221,3 +221,43 @@ fn a_copy_of_a_trim_record_still_waits_for_the_tombstones_of_the_first() {
     }
     assert_eq!(log.view.spent_trims().count(), 1);
 }
+
+/// A stray tombstone on a `trim` record while a key it deleted still waits for its tombstone:
+/// refused live (the key is unsettled), while compaction drops the record all the same. A reader
+/// that replays the compacted log then holds the deleted entry again; the leader's repair, a
+/// `deleted` record on the key itself and a tombstone, deletes it for that reader too, and both
+/// views end the same (a review found the reader otherwise kept the run, its tombstone refused,
+/// and lost its report to the leader's orphan rule: an open run).
+#[test]
+fn a_stray_tombstone_on_a_waiting_trim_record_is_refused_and_the_repair_reaches_a_replaying_reader() {
+    use shiva_proto::records::Deleted;
+    let (mut log, keys) = with_runs(3);
+    let (key, body) = trim(1, &keys);
+    log.leader(TopicKind::Assignments, &key, body);
+    for listed in &keys[1..] {
+        log.write(TopicKind::Assignments, listed, ("leader-001", LEADER), None);
+    }
+    // The tombstone of the first key failed; a stray one lands on the `trim/` key.
+    let outcome = log.write(TopicKind::Assignments, &key, ("anyone", RUNNER), None);
+    assert!(matches!(&outcome, Outcome::Skipped(reason) if reason.contains("still wait")), "{outcome:?}");
+    assert!(!log.view.is_settled(TopicKind::Assignments, &key));
+    assert_eq!(log.view.unsettled_trims().map(|(_, pending)| pending.len()).collect::<Vec<_>>(), vec![1]);
+    // A reader restarts on the compacted log: no `trim` record, and the first intent is back.
+    let mut replaying = log.compacted();
+    let (task, run) = key::task_and_uuid(&keys[0], "run").unwrap();
+    assert!(replaying.run(&task, &run).is_some_and(|run| run.has_intent()));
+    // The leader's repair, then every reader reads it.
+    let deleted = Some(Body::Deleted(Deleted { epoch: 1 }));
+    let before = log.records.len();
+    log.leader(TopicKind::Assignments, &keys[0], deleted);
+    log.leader(TopicKind::Assignments, &keys[0], None);
+    for (topic, offset, key, value) in log.records[before..].to_vec() {
+        replaying.apply(topic, offset, Some(key.as_bytes()), value.as_deref());
+    }
+    assert_eq!(replaying.runs, log.view.runs);
+    assert_eq!(log.compacted().runs, log.view.runs);
+    assert!(log.view.run(&task, &run).is_none_or(|run| !run.has_intent()));
+    // The `trim` record is spent now: the leader's tombstone is taken.
+    assert_eq!(log.view.unsettled_trims().count(), 0);
+    assert_eq!(log.leader(TopicKind::Assignments, &key, None), Outcome::Applied("tombstone"));
+}

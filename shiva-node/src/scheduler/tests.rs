@@ -1195,6 +1195,61 @@ fn a_trim_record_lost_before_a_tombstone_it_was_written_for_never_reopens_a_run(
     assert!(replayed.is_final(), "a trimmed run reads as {:?} from the compacted log", replayed.phase());
 }
 
+/// The leader's side of a stray tombstone on a `trim` record whose deletion of a key still waits
+/// for its tombstone: the key is deleted again, on the key itself (a `deleted` record and a
+/// tombstone), so that a reader of the compacted log, which no longer has the `trim` record,
+/// deletes it too.
+#[test]
+fn the_leader_deletes_again_on_its_own_key_what_a_trim_record_hit_by_a_stray_tombstone_waits_for() {
+    const TASKS: usize = 5;
+    let mut sim = Sim::new();
+    sim.run_ms = 10;
+    sim.reconcile = true;
+    for i in 0..TASKS {
+        let mut spec = every_second(CatchUp::All);
+        spec.id = TaskId::new(format!("cron/tick{i}")).unwrap();
+        sim.submit(spec);
+    }
+    sim.advance(HISTORY as i64 * 1000 + 5_000);
+    sim.read_back_lag = 1;
+    let mut hit = None;
+    for _ in 0..50 {
+        sim.advance(TICK);
+        let trim = sim
+            .pending
+            .iter()
+            .find(|(_, topic, key, _)| *topic == TopicKind::Assignments && key.starts_with("trim/"));
+        if let Some((_, _, key, Some(value))) = trim {
+            let Body::Trim(trim) = Envelope::decode(value).unwrap().body else { panic!("not a trim") };
+            let victim = trim.keys[0].clone();
+            let key = key.clone();
+            sim.pending.retain(|(_, topic, k, v)| {
+                !(*topic == TopicKind::Assignments && *k == victim && v.is_none())
+            });
+            hit = Some((key, victim));
+            break;
+        }
+    }
+    let (trim_key, victim) = hit.expect("a trim record on assignments");
+    sim.read_back(true);
+    sim.read_back_lag = 0;
+    sim.append(TopicKind::Assignments, trim_key.clone(), None);
+    let first = sim.log.len();
+    sim.advance(2 * TICK);
+    let repaired = sim.log[first..].iter().any(|(topic, _, key, value)| {
+        *topic == TopicKind::Assignments
+            && *key == victim
+            && value
+                .as_deref()
+                .is_some_and(|value| matches!(Envelope::decode(value).unwrap().body, Body::Deleted(_)))
+    });
+    assert!(repaired, "no `deleted` record on {victim}");
+    sim.advance(5_000);
+    assert!(sim.log.iter().rev().any(|(_, _, key, value)| *key == trim_key && value.is_none()));
+    assert!(sim.view.trims_pending() <= 2);
+    assert_eq!(sim.compacted().runs, sim.view.runs);
+}
+
 #[test]
 fn a_lean_periodic_run_shows_as_running_from_its_start_record() {
     let mut sim = Sim::new();
