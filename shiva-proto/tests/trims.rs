@@ -251,8 +251,8 @@ fn a_stray_tombstone_on_a_waiting_trim_record_is_refused_and_the_repair_reaches_
     let before = log.records.len();
     log.leader(TopicKind::Assignments, &keys[0], deleted);
     log.leader(TopicKind::Assignments, &keys[0], None);
-    for (topic, offset, key, value) in log.records[before..].to_vec() {
-        replaying.apply(topic, offset, Some(key.as_bytes()), value.as_deref());
+    for (topic, offset, key, value) in &log.records[before..] {
+        replaying.apply(*topic, *offset, Some(key.as_bytes()), value.as_deref());
     }
     assert_eq!(replaying.runs, log.view.runs);
     assert_eq!(log.compacted().runs, log.view.runs);
