@@ -50,6 +50,27 @@ fn spec() -> Arc<TaskSpec> {
     Arc::new(serde_json::from_value(spec).unwrap())
 }
 
+/// The first attempt of `spec`'s slot `slot_ms` on `runner-007`.
+fn slot_intent(spec: &Arc<TaskSpec>, slot_ms: i64) -> RunIntent {
+    let trigger = Trigger::Slot { slot_ms };
+    RunIntent {
+        epoch: 1,
+        task: spec.id.clone(),
+        run_id: run_id(&spec.id, trigger, 1),
+        attempt: 1,
+        trigger,
+        node: Some(shiva_proto::NodeId::new("runner-007").unwrap()),
+        launch_at_ms: slot_ms,
+        written_at_ms: None,
+        spec_revision: 0,
+        spec: spec.clone(),
+        stop: None,
+        verdict: None,
+        note: None,
+        incarnation: None,
+    }
+}
+
 /// A log with the leader's claim and `n` runs over (intent and end).
 fn with_runs(n: i64) -> (Log, Vec<String>) {
     let mut log = Log::default();
@@ -62,23 +83,7 @@ fn with_runs(n: i64) -> (Log, Vec<String>) {
     let spec = spec();
     let mut keys = Vec::new();
     for slot in 0..n {
-        let trigger = Trigger::Slot { slot_ms: slot * 60_000 };
-        let intent = RunIntent {
-            epoch: 1,
-            task: spec.id.clone(),
-            run_id: run_id(&spec.id, trigger, 1),
-            attempt: 1,
-            trigger,
-            node: Some(shiva_proto::NodeId::new("runner-007").unwrap()),
-            launch_at_ms: slot * 60_000,
-            written_at_ms: None,
-            spec_revision: 0,
-            spec: spec.clone(),
-            stop: None,
-            verdict: None,
-            note: None,
-            incarnation: None,
-        };
+        let intent = slot_intent(&spec, slot * 60_000);
         let run = key::run(&spec.id, intent.run_id);
         let report = RunReport::of(&intent, RunPhase::Succeeded);
         log.leader(TopicKind::Assignments, &run, Some(Body::RunIntent(intent)));
@@ -172,31 +177,9 @@ fn a_record_landing_on_a_trimmed_key_before_its_tombstone_ends_its_wait() {
             "the trimmed report is gone, live and compacted"
         );
     }
-    let report = {
-        let spec = spec();
-        let trigger = Trigger::Slot { slot_ms: 0 };
-        let mut report = RunReport::of(
-            &RunIntent {
-                epoch: 1,
-                task: spec.id.clone(),
-                run_id: run,
-                attempt: 1,
-                trigger,
-                node: None,
-                launch_at_ms: 0,
-                written_at_ms: None,
-                spec_revision: 0,
-                spec: spec.clone(),
-                stop: None,
-                verdict: None,
-                note: None,
-                incarnation: None,
-            },
-            RunPhase::Succeeded,
-        );
-        report.message = Some("late".into());
-        report
-    };
+    let mut report = RunReport::of(&slot_intent(&spec(), 0), RunPhase::Succeeded);
+    assert_eq!(report.run_id, run);
+    report.message = Some("late".into());
     log.write(TopicKind::Status, &keys[0], ("runner-007", RUNNER), Some(Body::RunReport(report)));
     assert_eq!(log.view.trimmed_keys().collect::<Vec<_>>(), vec![(TopicKind::Status, keys[1].as_str())]);
     log.write(TopicKind::Status, &keys[1], ("anyone", RUNNER), None);

@@ -1151,23 +1151,18 @@ fn runs_trimmed_at_one_instant_share_one_trim_record_per_topic() {
     );
 }
 
-/// A `trim` record lost (a stray tombstone on its key) before the tombstone of a key it
-/// deleted landed (its write failed, and nobody wrote it again): the intent is back for a
-/// reader of the compacted log, and with its report, so the run is over there too, not a run
-/// that never started (its runner would launch it, a leader judge it missed).
-#[test]
-fn a_trim_record_lost_before_a_tombstone_it_was_written_for_never_reopens_a_run() {
-    const TASKS: usize = 5;
-    let mut sim = Sim::new();
+/// Five tasks every second past a full history; then the leader's first `trim` record on
+/// `assignments` lands without the tombstone of the first key it lists (its write failed).
+/// Returns the `trim/` key and that key; the leader's writes are read back at once again.
+fn a_trim_missing_a_tombstone(sim: &mut Sim) -> (String, String) {
     sim.run_ms = 10;
-    for i in 0..TASKS {
+    for i in 0..5 {
         let mut spec = every_second(CatchUp::All);
         spec.id = TaskId::new(format!("cron/tick{i}")).unwrap();
         sim.submit(spec);
     }
     sim.advance(HISTORY as i64 * 1000 + 5_000);
     sim.read_back_lag = 1;
-    let mut lost = None;
     for _ in 0..50 {
         sim.advance(TICK);
         let trim = sim
@@ -1176,18 +1171,27 @@ fn a_trim_record_lost_before_a_tombstone_it_was_written_for_never_reopens_a_run(
             .find(|(_, topic, key, _)| *topic == TopicKind::Assignments && key.starts_with("trim/"));
         if let Some((_, _, key, Some(value))) = trim {
             let Body::Trim(trim) = Envelope::decode(value).unwrap().body else { panic!("not a trim") };
-            let victim = trim.keys[0].clone();
-            let (key, tombstone) =
-                (key.clone(), |k: &String, v: &Option<Vec<u8>>| *k == victim && v.is_none());
-            sim.pending.retain(|(_, topic, k, v)| !(*topic == TopicKind::Assignments && tombstone(k, v)));
-            lost = Some((key, victim));
-            break;
+            let (key, victim) = (key.clone(), trim.keys[0].clone());
+            sim.pending.retain(|(_, topic, k, v)| {
+                !(*topic == TopicKind::Assignments && *k == victim && v.is_none())
+            });
+            sim.read_back(true);
+            sim.read_back_lag = 0;
+            return (key, victim);
         }
     }
-    let (trim_key, victim) = lost.expect("a trim record on assignments");
-    sim.read_back(true);
+    panic!("no trim record on assignments");
+}
+
+/// A `trim` record lost (a stray tombstone on its key) before the tombstone of a key it
+/// deleted landed (its write failed, and nobody wrote it again): the intent is back for a
+/// reader of the compacted log, and with its report, so the run is over there too, not a run
+/// that never started (its runner would launch it, a leader judge it missed).
+#[test]
+fn a_trim_record_lost_before_a_tombstone_it_was_written_for_never_reopens_a_run() {
+    let mut sim = Sim::new();
+    let (trim_key, victim) = a_trim_missing_a_tombstone(&mut sim);
     sim.append(TopicKind::Assignments, trim_key, None);
-    sim.read_back_lag = 0;
     sim.advance(10_000);
     let (task, run) = key::task_and_uuid(&victim, "run").unwrap();
     let compacted = sim.compacted();
@@ -1201,38 +1205,9 @@ fn a_trim_record_lost_before_a_tombstone_it_was_written_for_never_reopens_a_run(
 /// deletes it too.
 #[test]
 fn the_leader_deletes_again_on_its_own_key_what_a_trim_record_hit_by_a_stray_tombstone_waits_for() {
-    const TASKS: usize = 5;
     let mut sim = Sim::new();
-    sim.run_ms = 10;
     sim.reconcile = true;
-    for i in 0..TASKS {
-        let mut spec = every_second(CatchUp::All);
-        spec.id = TaskId::new(format!("cron/tick{i}")).unwrap();
-        sim.submit(spec);
-    }
-    sim.advance(HISTORY as i64 * 1000 + 5_000);
-    sim.read_back_lag = 1;
-    let mut hit = None;
-    for _ in 0..50 {
-        sim.advance(TICK);
-        let trim = sim
-            .pending
-            .iter()
-            .find(|(_, topic, key, _)| *topic == TopicKind::Assignments && key.starts_with("trim/"));
-        if let Some((_, _, key, Some(value))) = trim {
-            let Body::Trim(trim) = Envelope::decode(value).unwrap().body else { panic!("not a trim") };
-            let victim = trim.keys[0].clone();
-            let key = key.clone();
-            sim.pending.retain(|(_, topic, k, v)| {
-                !(*topic == TopicKind::Assignments && *k == victim && v.is_none())
-            });
-            hit = Some((key, victim));
-            break;
-        }
-    }
-    let (trim_key, victim) = hit.expect("a trim record on assignments");
-    sim.read_back(true);
-    sim.read_back_lag = 0;
+    let (trim_key, victim) = a_trim_missing_a_tombstone(&mut sim);
     sim.append(TopicKind::Assignments, trim_key.clone(), None);
     let first = sim.log.len();
     sim.advance(2 * TICK);
