@@ -4,11 +4,14 @@
 use std::sync::Arc;
 
 use shiva_proto::records::{Body, Envelope, ExitInfo};
-use shiva_proto::runs::{RunIntent, RunPhase, RunReport, Trigger, run_id};
+use shiva_proto::runs::{RunIntent, RunPhase, RunReport};
 use shiva_proto::spec::TaskSpec;
 use shiva_proto::topics::{TopicKind, key};
 use shiva_proto::view::LogView;
 use uuid::Uuid;
+
+mod common;
+use common::slot_intent;
 
 /// The leader's incarnation, and its claim of epoch 1.
 const LEADER: Uuid = Uuid::from_u128(1);
@@ -23,28 +26,6 @@ fn claim() -> (String, Envelope) {
 fn spec(id: &str) -> Arc<TaskSpec> {
     let spec = serde_json::json!({"id": id, "command": "true", "schedule": "* * * * *"});
     Arc::new(serde_json::from_value(spec).unwrap())
-}
-
-/// The first attempt of `spec`'s slot `slot_ms` on `runner-007`, launched at its slot; the
-/// optional fields left out.
-fn slot_intent(spec: &Arc<TaskSpec>, slot_ms: i64) -> RunIntent {
-    let trigger = Trigger::Slot { slot_ms };
-    RunIntent {
-        epoch: 1,
-        task: spec.id.clone(),
-        run_id: run_id(&spec.id, trigger, 1),
-        attempt: 1,
-        trigger,
-        node: Some(shiva_proto::NodeId::new("runner-007").unwrap()),
-        launch_at_ms: slot_ms,
-        written_at_ms: None,
-        spec_revision: 0,
-        spec: spec.clone(),
-        stop: None,
-        verdict: None,
-        note: None,
-        incarnation: None,
-    }
 }
 
 /// A run kept compact reads back exactly as its two records said; records landing on

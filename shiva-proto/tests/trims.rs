@@ -5,11 +5,14 @@
 use std::sync::Arc;
 
 use shiva_proto::records::{Body, Claim, Envelope, Trim};
-use shiva_proto::runs::{RunIntent, RunPhase, RunReport, Trigger, run_id};
+use shiva_proto::runs::{RunPhase, RunReport};
 use shiva_proto::spec::TaskSpec;
 use shiva_proto::topics::{TopicKind, key};
 use shiva_proto::view::{LogView, Outcome};
 use uuid::Uuid;
+
+mod common;
+use common::slot_intent;
 
 const LEADER: Uuid = Uuid::from_u128(1);
 const RUNNER: Uuid = Uuid::from_u128(2);
@@ -48,27 +51,6 @@ impl Log {
 fn spec() -> Arc<TaskSpec> {
     let spec = serde_json::json!({"id": "cron/t", "command": "true", "schedule": "* * * * *"});
     Arc::new(serde_json::from_value(spec).unwrap())
-}
-
-/// The first attempt of `spec`'s slot `slot_ms` on `runner-007`.
-fn slot_intent(spec: &Arc<TaskSpec>, slot_ms: i64) -> RunIntent {
-    let trigger = Trigger::Slot { slot_ms };
-    RunIntent {
-        epoch: 1,
-        task: spec.id.clone(),
-        run_id: run_id(&spec.id, trigger, 1),
-        attempt: 1,
-        trigger,
-        node: Some(shiva_proto::NodeId::new("runner-007").unwrap()),
-        launch_at_ms: slot_ms,
-        written_at_ms: None,
-        spec_revision: 0,
-        spec: spec.clone(),
-        stop: None,
-        verdict: None,
-        note: None,
-        incarnation: None,
-    }
 }
 
 /// A log with the leader's claim and `n` runs over (intent and end).
