@@ -65,20 +65,31 @@ pub const MIN_TRIM_BATCH: usize = 3;
 /// follow them, when a topic has at least [`MIN_TRIM_BATCH`]. Every other write is kept, in
 /// order. The `trim` key's id is derived from the epoch and the keys it lists.
 pub fn batch_trims(writes: Vec<Write>, epoch: u64) -> Vec<Write> {
+    // Every plan passes here, most with no deletion at all: each write is looked at once.
+    let deletes: Vec<bool> = writes.iter().map(Write::deletes_run).collect();
+    if deletes.iter().filter(|deletes| **deletes).count() < MIN_TRIM_BATCH {
+        return writes;
+    }
     // A key the step also writes otherwise (an intent restamped, then trimmed) keeps its own
     // `deleted` record, in its place: a `trim` record ahead of that write would delete the
     // entry the write then brings back, and the tombstone would be refused.
-    let other: BTreeSet<(TopicKind, &str)> = writes
-        .iter()
-        .filter(|write| write.body.is_some() && !write.deletes_run())
-        .map(|write| (write.topic, write.key.as_str()))
-        .collect();
-    let batchable =
-        |write: &Write| write.deletes_run() && !other.contains(&(write.topic, write.key.as_str()));
+    let batchable: Vec<bool> = {
+        let other: BTreeSet<(TopicKind, &str)> = writes
+            .iter()
+            .zip(&deletes)
+            .filter(|(write, deletes)| write.body.is_some() && !**deletes)
+            .map(|(write, _)| (write.topic, write.key.as_str()))
+            .collect();
+        let mut batchable = Vec::with_capacity(writes.len());
+        for (write, deletes) in writes.iter().zip(&deletes) {
+            batchable.push(*deletes && !other.contains(&(write.topic, write.key.as_str())));
+        }
+        batchable
+    };
     let mut batches: BTreeMap<TopicKind, Vec<String>> = BTreeMap::new();
     // A key listed twice would have the record refused (none is deleted twice today).
     let mut listed = BTreeSet::new();
-    for write in writes.iter().filter(|write| batchable(write)) {
+    for (write, _) in writes.iter().zip(&batchable).filter(|(_, batchable)| **batchable) {
         if listed.insert((write.topic, write.key.as_str())) {
             batches.entry(write.topic).or_default().push(write.key.clone());
         }
@@ -99,11 +110,9 @@ pub fn batch_trims(writes: Vec<Write>, epoch: u64) -> Vec<Write> {
             records.entry(*topic).or_default().push(record);
         }
     }
-    let batched_here: Vec<bool> =
-        writes.iter().map(|write| batchable(write) && batches.contains_key(&write.topic)).collect();
     let mut batched = Vec::with_capacity(writes.len());
-    for (write, here) in writes.into_iter().zip(batched_here) {
-        match here {
+    for (write, batchable) in writes.into_iter().zip(batchable) {
+        match batchable && batches.contains_key(&write.topic) {
             true => batched.extend(records.remove(&write.topic).unwrap_or_default()),
             false => batched.push(write),
         }

@@ -633,16 +633,17 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         }
         // Oldest first by offset, each trigger's attempts together from the lowest, taking the
         // trigger's lowest offset as its place.
-        let mut first_offset: BTreeMap<Option<Trigger>, i64> = BTreeMap::new();
+        let mut first_offset: BTreeMap<Trigger, i64> = BTreeMap::new();
         for (trigger, _, offset, _) in &finished {
-            let first = first_offset.entry(*trigger).or_insert(*offset);
-            *first = (*first).min(*offset);
+            if let Some(trigger) = trigger {
+                let first = first_offset.entry(*trigger).or_insert(*offset);
+                *first = (*first).min(*offset);
+            }
         }
         let mut finished: Vec<(i64, Option<Trigger>, u32, Uuid)> = finished
             .into_iter()
-            .map(|(trigger, attempt, offset, id)| match trigger {
-                Some(_) => (first_offset[&trigger], trigger, attempt, id),
-                None => (offset, None, attempt, id),
+            .map(|(trigger, attempt, offset, id)| {
+                (trigger.map_or(offset, |trigger| first_offset[&trigger]), trigger, attempt, id)
             })
             .collect();
         finished.sort();

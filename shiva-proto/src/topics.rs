@@ -163,6 +163,19 @@ pub mod key {
         epoch.parse().ok()
     }
 
+    /// Whether `map` has a run key of `task` on `topic` (`run/<task>/<uuid>`, not one of a
+    /// longer task id that shares the prefix).
+    pub fn has_run_of<V>(
+        map: &std::collections::BTreeMap<(super::TopicKind, String), V>,
+        topic: super::TopicKind,
+        task: &TaskId,
+    ) -> bool {
+        let prefix = runs_of(task);
+        map.range((topic, prefix.clone())..)
+            .take_while(|((of, key), _)| *of == topic && key.starts_with(&prefix))
+            .any(|((_, key), _)| task_and_uuid(key, "run").is_some_and(|(of, _)| of == *task))
+    }
+
     /// `run/<id>/`: the start of every run key of a task (a longer task id may share it).
     pub fn runs_of(id: &TaskId) -> String {
         format!("run/{id}/")

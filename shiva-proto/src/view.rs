@@ -1250,8 +1250,8 @@ impl LogView {
         // A `trim` record's tombstone (the leader's, once the tombstones it was written for are
         // read back, or on a key whose newest record it does not hold) forgets it. One landing
         // while a key it deleted still waits for its tombstone is skipped: the `trim/` key is
-        // unsettled, and the leader writes the deletion again under a key of its own (a
-        // compacted log without it would hold the deleted entry again).
+        // unsettled, and the leader deletes each waiting key again with a `deleted` record on
+        // the key itself (a compacted log without the `trim` record would hold the entry again).
         if matches!(topic, TopicKind::Assignments | TopicKind::Status) && key.starts_with("trim/") {
             if let Some(entry) = self.trims.get(&(topic, key.to_owned()))
                 && !entry.pending.is_empty()
@@ -1476,6 +1476,11 @@ impl LogView {
     /// A record (of any sender, tombstones included) landed on `key` of `topic`: a key a `trim`
     /// listed no longer waits for its tombstone.
     fn settle_trimmed(&mut self, topic: TopicKind, key: &str) {
+        // Every record read passes here; almost always nothing waits (and the lookup would
+        // copy the key).
+        if self.trimmed.is_empty() {
+            return;
+        }
         let Some(trim) = self.trimmed.remove(&(topic, key.to_owned())) else { return };
         if let Some(entry) = self.trims.get_mut(&(topic, trim)) {
             entry.pending.remove(key);
@@ -1500,11 +1505,7 @@ impl LogView {
     /// longer task id that shares the prefix) was deleted by a `trim` record and waits for its
     /// tombstone (see [`LogView::is_trimmed`]).
     pub fn trimmed_runs_of(&self, task: &TaskId) -> bool {
-        let prefix = key::runs_of(task);
-        self.trimmed
-            .range((TopicKind::Assignments, prefix.clone())..)
-            .take_while(|((topic, key), _)| *topic == TopicKind::Assignments && key.starts_with(&prefix))
-            .any(|((_, key), _)| key::task_and_uuid(key, "run").is_some_and(|(of, _)| of == *task))
+        key::has_run_of(&self.trimmed, TopicKind::Assignments, task)
     }
 
     /// Whether the view holds a `trim` record on `key` of `topic`.
@@ -1536,7 +1537,7 @@ impl LogView {
     }
 
     /// How many `trim` records the view holds (spent or not).
-    pub fn trims_pending(&self) -> usize {
+    pub fn trims_held(&self) -> usize {
         self.trims.len()
     }
 

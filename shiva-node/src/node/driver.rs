@@ -147,10 +147,7 @@ impl Outbox {
 /// Whether `map` has a launch intent key of `task` (`run/<task>/<uuid>` on `assignments`; a
 /// longer task id `<task>/…` shares the prefix and does not count).
 fn any_run_of<V>(map: &BTreeMap<(TopicKind, String), V>, task: &TaskId) -> bool {
-    let prefix = key::runs_of(task);
-    map.range((TopicKind::Assignments, prefix.clone())..)
-        .take_while(|((topic, key), _)| *topic == TopicKind::Assignments && key.starts_with(&prefix))
-        .any(|((_, key), _)| key::task_and_uuid(key, "run").is_some_and(|(of, _)| of == *task))
+    key::has_run_of(map, TopicKind::Assignments, task)
 }
 
 #[cfg(test)]
