@@ -474,6 +474,20 @@ fn every_second(catch_up: CatchUp) -> TaskSpec {
     spec
 }
 
+/// Submits `count` tasks `<prefix>0`, `<prefix>1`… firing every second, catching up all; returns
+/// their ids.
+fn submit_every_second(sim: &mut Sim, prefix: &str, count: usize) -> Vec<TaskId> {
+    (0..count)
+        .map(|i| {
+            let mut spec = every_second(CatchUp::All);
+            spec.id = TaskId::new(format!("{prefix}{i}")).unwrap();
+            let task = spec.id.clone();
+            sim.submit(spec);
+            task
+        })
+        .collect()
+}
+
 /// Submits `cron/slow`, firing every ten seconds; returns its id.
 fn submit_every_ten_seconds(sim: &mut Sim, catch_up: CatchUp) -> TaskId {
     let mut spec = every_second(catch_up);
@@ -1109,11 +1123,7 @@ fn runs_trimmed_at_one_instant_share_one_trim_record_per_topic() {
     let mut sim = Sim::new();
     sim.run_ms = 10;
     sim.reconcile = true;
-    for i in 0..TASKS {
-        let mut spec = every_second(CatchUp::All);
-        spec.id = TaskId::new(format!("cron/tick{i}")).unwrap();
-        sim.submit(spec);
-    }
+    submit_every_second(&mut sim, "cron/tick", TASKS);
     let window = 100_000;
     let (per_run, kinds) = records_per_run(&mut sim, HISTORY as i64 * 1000 + 20_000, window);
     let runs = TASKS * usize::try_from(window / 1000).unwrap();
@@ -1136,7 +1146,7 @@ fn runs_trimmed_at_one_instant_share_one_trim_record_per_topic() {
         assert!((HISTORY..=HISTORY + 3).contains(&held), "{task}: {held} runs held");
     }
     // Spent `trim` records are tombstoned: at most the last step's, one per topic, are left.
-    assert!(sim.view.trims_pending() <= 2, "{} trim records held", sim.view.trims_pending());
+    assert!(sim.view.trims_held() <= 2, "{} trim records held", sim.view.trims_held());
     assert_eq!(sim.compacted().runs, sim.view.runs);
     let mut launches: BTreeMap<(&TaskId, i64), usize> = BTreeMap::new();
     for (task, trigger, _, _) in &sim.launches {
@@ -1156,11 +1166,7 @@ fn runs_trimmed_at_one_instant_share_one_trim_record_per_topic() {
 /// Returns the `trim/` key and that key; the leader's writes are read back at once again.
 fn a_trim_missing_a_tombstone(sim: &mut Sim) -> (String, String) {
     sim.run_ms = 10;
-    for i in 0..5 {
-        let mut spec = every_second(CatchUp::All);
-        spec.id = TaskId::new(format!("cron/tick{i}")).unwrap();
-        sim.submit(spec);
-    }
+    submit_every_second(sim, "cron/tick", 5);
     sim.advance(HISTORY as i64 * 1000 + 5_000);
     sim.read_back_lag = 1;
     for _ in 0..50 {
@@ -1221,7 +1227,7 @@ fn the_leader_deletes_again_on_its_own_key_what_a_trim_record_hit_by_a_stray_tom
     assert!(repaired, "no `deleted` record on {victim}");
     sim.advance(5_000);
     assert!(sim.log.iter().rev().any(|(_, _, key, value)| *key == trim_key && value.is_none()));
-    assert!(sim.view.trims_pending() <= 2);
+    assert!(sim.view.trims_held() <= 2);
     assert_eq!(sim.compacted().runs, sim.view.runs);
 }
 
@@ -1403,12 +1409,7 @@ fn trimming_under_failures(events: &[(u8, u8)], lag: u32, batched: bool) -> Resu
     sim.reconcile = true;
     sim.batched_trim = batched;
     sim.run_ms = 10;
-    let tasks: Vec<TaskId> = (0..TASKS).map(|i| TaskId::new(format!("cron/t{i}")).unwrap()).collect();
-    for task in &tasks {
-        let mut spec = every_second(CatchUp::All);
-        spec.id = task.clone();
-        sim.submit(spec);
-    }
+    let tasks = submit_every_second(&mut sim, "cron/t", TASKS);
     sim.advance(HISTORY as i64 * 1000 + 5_000);
     sim.read_back_lag = lag;
     let trims_before = sim.log.iter().filter(|(_, _, key, _)| key.starts_with("trim/")).count();
@@ -1491,9 +1492,9 @@ fn trimming_under_failures(events: &[(u8, u8)], lag: u32, batched: bool) -> Resu
     for view in [&sim.view, &replayed] {
         prop_assert_eq!(view.trimmed_keys().count(), 0, "a trimmed key without its tombstone");
         prop_assert!(
-            view.spent_trims().count() == view.trims_pending() && view.trims_pending() <= 2,
+            view.spent_trims().count() == view.trims_held() && view.trims_held() <= 2,
             "{} trim records held",
-            view.trims_pending()
+            view.trims_held()
         );
     }
     Ok(())
@@ -1636,11 +1637,7 @@ fn a_missed_attempt_waiting_for_its_tombstone_keeps_the_next_attempt_in_the_hist
     const TASKS: usize = 4;
     let mut sim = Sim::new();
     sim.run_ms = 10;
-    for i in 0..TASKS {
-        let mut spec = every_second(CatchUp::All);
-        spec.id = TaskId::new(format!("cron/t{i}")).unwrap();
-        sim.submit(spec);
-    }
+    submit_every_second(&mut sim, "cron/t", TASKS);
     sim.advance(HISTORY as i64 * 1000 + 5_000);
     // Shut-downs and deaths that leave a slot with a missed first attempt and a second one that
     // ran (see `a_slots_later_attempt_is_never_trimmed_before_an_earlier_one`).
