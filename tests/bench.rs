@@ -2,7 +2,7 @@
 //! the node's default settings, and prints a Markdown report for `docs/benchmarks.md`.
 //!
 //! ```sh
-//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only handoff,floor,cron,records,peers,resume] [--parts tansu,file,systemd,cron] [--window 60] [--kills 1000]
+//! cargo build --release --workspace && target/release/bench [--quick] [--fetch-wait 12ms] [--compaction 10s] [--only handoff,floor,cron,records,peers,resume] [--parts tansu,file,systemd,cron] [--window S (peers: 60, records: 100)] [--tasks 10] [--kills 1000]
 //! ```
 
 use std::collections::BTreeMap;
@@ -798,12 +798,17 @@ fn main() {
     }
 
     // Issue 21, point 1: records per periodic run once histories are full. A task's history
-    // is full at its 100th finished run; from then on, each run that finishes has one trimmed
-    // (before 60da256, trimming started about the 150th run, 50 runs at each position written).
-    // The window (two positions' worth) starts past both.
+    // is full at its 100th finished run; from then on, runs leave it as later ones finish (one
+    // a run, or with `batched_trim` 8 to 15 at a time; before 60da256, trimming started about
+    // the 150th run, 50 runs at each position written). The window (two positions' worth by
+    // default) starts past all of these. `--tasks N` (default 10) tasks every second,
+    // `--window S` seconds counted (default 100).
     if wants("records") {
-        let count = 10;
-        let (settle, window) = (Duration::from_secs(170), Duration::from_secs(100));
+        let count: usize = value("--tasks")
+            .map_or(10, |s| s.parse().unwrap_or_else(|_| panic!("--tasks: a count, not {s:?}")));
+        let window = value("--window")
+            .map_or(100, |s| s.parse().unwrap_or_else(|_| panic!("--window: seconds, not {s:?}")));
+        let (settle, window) = (Duration::from_secs(170), Duration::from_secs(window));
         let (late, missing, twice, records) =
             shiva_cron(&runtime, &broker, &node_args, count, (settle, window));
         let (per_run, kinds) = per_run(&records, late.len());

@@ -33,6 +33,28 @@ use overlay::Runs;
 /// Finished runs kept per task; older ones are tombstoned.
 pub const HISTORY: usize = 100;
 
+/// While every node reads `trim` records (see `Context::batched_trim`), a task's finished runs
+/// beyond [`HISTORY`] leave a handful at a time: once [`trim_every`] of them wait, between
+/// `TRIM_EVERY` and twice that (`Context::trim_every`), in one step. One at a time, a lone
+/// task's run would leave alone in its step, with a `deleted` marker and a tombstone on each
+/// topic (seven records a run, against five and `4 / n` for `n` runs leaving together). The
+/// attempts of one trigger still leave one a step (see `TaskPlan::trim_history`).
+pub const TRIM_EVERY: usize = 8;
+
+/// Runs trimmed in one plan, across tasks (at most; see `Load`): tasks that reach their
+/// handful at the same launch, a task deleted with its history, or a cluster whose trimming
+/// stops being batched, trim no more than one full `trim` record's worth a step.
+pub const TRIMS_PER_PLAN: usize = shiva_proto::records::MAX_TRIM_KEYS;
+
+/// How many of `task`'s runs past its history wait before they leave it together: from
+/// `least` to `2 * least - 1`, by the task's id, so that tasks submitted together do not all
+/// trim at the same launch (`least`: [`TRIM_EVERY`], or 1 in tests for trimming at every run).
+pub fn trim_every(task: &TaskId, least: usize) -> usize {
+    let least = least.max(1);
+    let spread = Uuid::new_v5(&Uuid::NAMESPACE_OID, task.as_str().as_bytes()).as_bytes()[0];
+    least + usize::from(spread) % least
+}
+
 /// Slots launched past a periodic task's stored position before the position is written again
 /// (see `TaskPlan::write_position`): half the history, so that a reader that does not imply the
 /// position from the launch intents still finds an intent for every slot after it.
@@ -64,6 +86,9 @@ pub struct Context<'a> {
     /// Every live node has `batched_trim` (see `shiva_proto::records::feature`): the runs a
     /// step trims share a `trim` record per topic (see [`crate::leader::batch_trims`]).
     pub batched_trim: bool,
+    /// The fewest runs past its history a task trims together while batched (see
+    /// [`trim_every`]): [`TRIM_EVERY`]; 1 trims one at every run, as unbatched (tests).
+    pub trim_every: usize,
     /// Parsed schedules, kept between plans.
     pub schedules: &'a Schedules,
     /// Whether a node that is not live may still run an exclusive run of a task (it has not
@@ -217,6 +242,8 @@ struct Load<'a> {
     runners: Vec<Candidate>,
     counts: BTreeMap<NodeId, usize>,
     restamps_left: usize,
+    /// Runs this plan may still trim (see [`TRIMS_PER_PLAN`]).
+    trims_left: usize,
 }
 
 impl<'a> Load<'a> {
@@ -234,7 +261,13 @@ impl<'a> Load<'a> {
                 *count += 1;
             }
         }
-        Load { live: crate::leader::Live::new(ctx.live), runners, counts, restamps_left: RESTAMPS_PER_PLAN }
+        Load {
+            live: crate::leader::Live::new(ctx.live),
+            runners,
+            counts,
+            restamps_left: RESTAMPS_PER_PLAN,
+            trims_left: TRIMS_PER_PLAN,
+        }
     }
 
     fn is_live(&self, node: &NodeId) -> bool {
@@ -631,6 +664,13 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         if finished.len() <= keep {
             return;
         }
+        // A handful at a time, in one `trim` record (see `TRIM_EVERY`); without waiting once
+        // the task is gone. And no more than the plan has left (see `TRIMS_PER_PLAN`).
+        let excess = finished.len() - keep;
+        if self.ctx.batched_trim && defined && excess < trim_every(self.task, self.ctx.trim_every) {
+            return;
+        }
+        let excess = excess.min(self.load.trims_left);
         // Oldest first by offset, each trigger's attempts together from the lowest, taking the
         // trigger's lowest offset as its place.
         let mut first_offset: BTreeMap<Trigger, i64> = BTreeMap::new();
@@ -647,7 +687,6 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             })
             .collect();
         finished.sort();
-        let excess = finished.len() - keep;
         // One attempt of a trigger per step: two deletions are two writes, and were the lower
         // one's to fail while the higher one's landed, the higher attempt would be launched
         // again (the same reason as above). The next step trims the next.
@@ -655,6 +694,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let finished =
             finished.into_iter().filter(|(_, trigger, _, _)| trigger.is_none_or(|t| triggers.insert(t)));
         for (_, _, _, id) in finished.take(excess) {
+            self.load.trims_left -= 1;
             let key = key::run(self.task, id);
             if self.runs.get(&id).and_then(|run| run.intent_offset()).is_some_and(|offset| offset >= 0)
                 && !self.busy(TopicKind::Assignments, &key)

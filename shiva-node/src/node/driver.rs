@@ -226,6 +226,9 @@ pub(crate) struct Leadership {
     pub(crate) reports_synced_below: i64,
     /// A read to the end asked for that: its token and the `status` position when asked.
     pub(crate) report_sync: Option<(u64, i64)>,
+    /// Whether the last plan batched trimming (said in the log when it changes; a cell: plans
+    /// read the node).
+    pub(crate) batched_trim: std::cell::Cell<Option<bool>>,
 }
 
 /// The runner's runs of periodic and one-shot tasks (see `runs.rs`): the pure book, and the
@@ -271,6 +274,39 @@ pub(crate) const TIMING: Timing =
     Timing { lookahead: Duration::from_secs(1), tolerance: Duration::from_secs(2) };
 
 impl Node {
+    /// Whether the leader may batch trimming (see `feature::batched_trim`); says in the log when
+    /// that changes as it leads, with the nodes that keep it off: live, or with a heartbeat in
+    /// the log (not retired yet), without the feature (a node left on an older build).
+    fn batched_trim(&self, live: &[shiva_proto::records::Member]) -> bool {
+        use shiva_proto::records::feature;
+        let heartbeats = || self.view.heartbeats.values().map(|entry| &entry.heartbeat);
+        let batched = feature::batched_trim(live, heartbeats());
+        if self.leadership.batched_trim.replace(Some(batched)) != Some(batched) {
+            if batched {
+                info!("trimming batched: every node reads `trim` records");
+            } else {
+                let lacking: BTreeSet<&str> = (self.view.heartbeats.iter())
+                    .filter(|(_, entry)| {
+                        !entry.heartbeat.features.iter().any(|name| name == feature::BATCHED_TRIM)
+                    })
+                    .map(|(node, _)| node.as_str())
+                    .chain(
+                        live.iter()
+                            .filter(|member| !member.has(feature::BATCHED_TRIM))
+                            .map(|member| member.id.as_str()),
+                    )
+                    .collect();
+                let nodes = if lacking.is_empty() {
+                    "none live".to_owned()
+                } else {
+                    Vec::from_iter(lacking).join(",")
+                };
+                info!(%nodes, "trimming not batched: these nodes do not list the batched_trim feature");
+            }
+        }
+        batched
+    }
+
     pub(crate) fn token(&mut self) -> u64 {
         self.next_token += 1;
         self.next_token
@@ -591,6 +627,7 @@ impl Node {
             warn!(epoch, reason, "stepped down");
         }
         self.leadership.leader_sync = None;
+        self.leadership.batched_trim.set(None);
     }
 
     /// Looks at the lease now, as a step does first (see the driver loop).
@@ -833,6 +870,7 @@ impl Node {
             failed: &self.leadership.unwritable,
         };
         let mut writes = if walks { reconcile(&self.view, &inputs) } else { Vec::new() };
+        let batched_trim = self.batched_trim(&live);
         let context = scheduler::Context {
             view: &self.view,
             live: &live,
@@ -842,10 +880,8 @@ impl Node {
             busy: &|topic, key| self.busy(topic, key),
             runs_busy: &|task| self.outbox.runs_busy(task),
             lean: shiva_proto::records::feature::lean_runs(&live),
-            batched_trim: shiva_proto::records::feature::batched_trim(
-                &live,
-                self.view.heartbeats.values().map(|entry| &entry.heartbeat),
-            ),
+            batched_trim,
+            trim_every: scheduler::TRIM_EVERY,
             schedules: &self.leadership.schedules,
             may_still_run: &may_still_run,
             failed: &self.leadership.unwritable,

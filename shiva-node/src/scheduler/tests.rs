@@ -56,6 +56,8 @@ struct Sim {
     lean: bool,
     /// Every node has the `batched_trim` feature (else: as in a cluster with an older node).
     batched_trim: bool,
+    /// See `Context::trim_every`.
+    trim_every: usize,
 }
 
 fn start() -> i64 {
@@ -94,6 +96,7 @@ impl Sim {
             pending: Vec::new(),
             lean: true,
             batched_trim: true,
+            trim_every: TRIM_EVERY,
         };
         sim.elect(0);
         sim
@@ -227,6 +230,7 @@ impl Sim {
             runs_busy: &runs_busy,
             lean: self.lean,
             batched_trim: self.batched_trim,
+            trim_every: self.trim_every,
             schedules: &self.schedules,
             may_still_run: &|_, _| false,
             failed: &Default::default(),
@@ -668,7 +672,8 @@ fn two_hundred_failovers_and_restarts_leave_a_compacted_log_within_its_bound() {
     assert!(count("resign/") <= 1, "resignations: {}", count("resign/"));
     assert!(count("node/") <= nodes, "heartbeat keys: {}", count("node/"));
     assert!(count("leave/") <= nodes, "departures: {}", count("leave/"));
-    let bound = 2 + 3 * nodes + tasks * (5 + 2 * (HISTORY + 2));
+    // (With `batched_trim`, a history holds up to `2 * TRIM_EVERY - 1` runs more.)
+    let bound = 2 + 3 * nodes + tasks * (5 + 2 * (HISTORY + 2 * TRIM_EVERY - 1 + 2));
     assert!(live.len() <= bound, "{} live keys, bound {bound}", live.len());
     // The compacted log replays to the state read live, and its leader still leads.
     let replayed = sim.compacted();
@@ -976,42 +981,80 @@ fn history_is_bounded() {
 /// Past a full history, each launch trims one run, not fifty at each stored position: up to
 /// fifty runs past the stored position (which imply it) count toward the history kept, and are
 /// never the ones trimmed. Trimming in bursts wrote 200 records per task at once every 50 launches
-/// (10,000 in one step for 50 tasks started together) and kept up to 150 runs.
+/// (10,000 in one step for 50 tasks started together) and kept up to 150 runs. While every node
+/// reads `trim` records, a handful leave together instead (at most `trim_every`).
 #[test]
 fn a_full_history_is_trimmed_one_run_per_launch_not_in_bursts() {
+    for batched in [false, true] {
+        let mut sim = Sim::new();
+        sim.batched_trim = batched;
+        sim.run_ms = 10;
+        sim.submit(every_second(CatchUp::None));
+        let task = TaskId::new("cron/tick").unwrap();
+        let every = if batched { trim_every(&task, TRIM_EVERY) } else { 1 };
+        sim.advance(2 * HISTORY as i64 * 1000);
+        let (mut most, mut kept) = (0, 0);
+        for tick in 0..2_000 {
+            if tick == 1_000 {
+                // A new leader restamps what it inherits: offsets no longer follow the runs' age.
+                sim.elect(1);
+            }
+            let before = sim.log.len();
+            sim.lead();
+            most = most.max(intents_trimmed(&sim.log[before..]));
+            kept = kept.max(sim.view.run_entries(&task).values().filter(|entry| entry.is_final()).count());
+            sim.run();
+            sim.now += TICK;
+        }
+        assert!(most <= every, "{most} runs trimmed in one step");
+        assert!(kept <= HISTORY + every, "{kept} finished runs kept");
+        assert_position_implied(&sim, &task);
+        assert_eq!(sim.compacted().runs, sim.view.runs);
+    }
+}
+
+/// Tasks deleted with full histories: their runs leave no more than one `trim` record's worth
+/// a step in all (`TRIMS_PER_PLAN`), not every run of every task in the first step.
+#[test]
+fn deleted_histories_leave_at_most_a_trim_records_worth_a_step() {
+    const TASKS: usize = 4;
     let mut sim = Sim::new();
     sim.run_ms = 10;
-    sim.submit(every_second(CatchUp::None));
-    let task = TaskId::new("cron/tick").unwrap();
-    sim.advance(2 * HISTORY as i64 * 1000);
-    let (mut most, mut kept) = (0, 0);
-    for tick in 0..2_000 {
-        if tick == 1_000 {
-            // A new leader restamps what it inherits: offsets no longer follow the runs' age.
-            sim.elect(1);
-        }
-        let before = sim.log.len();
-        sim.lead();
-        let trimmed = sim.log[before..]
-            .iter()
-            .filter(|(topic, _, key, value)| {
-                *topic == TopicKind::Assignments
-                    && key.starts_with("run/")
-                    && value
-                        .as_deref()
-                        .and_then(|v| Envelope::decode(v).ok())
-                        .is_some_and(|e| matches!(e.body, Body::Deleted(_)))
-            })
-            .count();
-        most = most.max(trimmed);
-        kept = kept.max(sim.view.run_entries(&task).values().filter(|entry| entry.is_final()).count());
-        sim.run();
-        sim.now += TICK;
+    let tasks = submit_every_second(&mut sim, "cron/gone", TASKS);
+    sim.advance((HISTORY + 2 * TRIM_EVERY) as i64 * 1000);
+    let held: usize = tasks.iter().map(|task| sim.view.runs_of(task).count()).sum();
+    assert!(held > shiva_proto::records::MAX_TRIM_KEYS, "{held} runs held");
+    for task in &tasks {
+        sim.append(TopicKind::Commands, key::task(task), None);
     }
-    assert!(most <= 1, "{most} runs trimmed in one step");
-    assert!(kept <= HISTORY + 1, "{kept} finished runs kept");
-    assert_position_implied(&sim, &task);
+    let mut most = 0;
+    for _ in 0..100 {
+        let before = sim.log.len();
+        sim.advance(TICK);
+        most = most.max(intents_trimmed(&sim.log[before..]));
+    }
+    assert!(most <= shiva_proto::records::MAX_TRIM_KEYS, "{most} runs trimmed in one step");
+    for task in &tasks {
+        assert_eq!(sim.view.runs_of(task).count(), 0, "{task}: runs left");
+    }
     assert_eq!(sim.compacted().runs, sim.view.runs);
+}
+
+/// The launch intents that `writes` delete: by a `deleted` marker each, or listed in a `trim`
+/// record.
+fn intents_trimmed(writes: &[(TopicKind, i64, String, Option<Vec<u8>>)]) -> usize {
+    let mut trimmed = 0;
+    for (topic, _, key, value) in writes {
+        let body = value.as_deref().and_then(|v| Envelope::decode(v).ok()).map(|e| e.body);
+        if *topic == TopicKind::Assignments {
+            match body {
+                Some(Body::Deleted(_)) if key.starts_with("run/") => trimmed += 1,
+                Some(Body::Trim(trim)) => trimmed += trim.keys.len(),
+                _ => {}
+            }
+        }
+    }
+    trimmed
 }
 
 /// A one-shot's current attempt whose end the leader has not recorded (the task was killed as it
@@ -1086,9 +1129,12 @@ fn records_per_run(sim: &mut Sim, from_ms: i64, window_ms: i64) -> (f64, BTreeMa
     ((sim.log.len() - first) as f64 / runs as f64, kinds)
 }
 
+/// In a cluster with a node that does not read `trim` records (see
+/// `a_lone_task_trims_a_handful_of_runs_at_a_time_in_one_trim_record` for the others).
 #[test]
 fn a_periodic_run_costs_three_records_and_four_more_to_trim_it() {
     let mut sim = Sim::new();
+    sim.batched_trim = false;
     sim.run_ms = 10;
     sim.submit(every_second(CatchUp::All));
     let window = 200_000;
@@ -1114,9 +1160,60 @@ fn a_periodic_run_costs_three_records_and_four_more_to_trim_it() {
     assert_eq!(sim.compacted().scheds.len(), 1);
 }
 
+/// A lone task past a full history, in a cluster where every node reads `trim` records: its
+/// runs leave the history a handful at a time, in one `trim` record per topic and a tombstone
+/// each, not one run a launch with a `deleted` marker and a tombstone on each topic (a step
+/// trimming fewer than three runs of a topic writes markers: seven records a run).
+#[test]
+fn a_lone_task_trims_a_handful_of_runs_at_a_time_in_one_trim_record() {
+    let mut sim = Sim::new();
+    sim.run_ms = 10;
+    sim.reconcile = true;
+    sim.submit(every_second(CatchUp::All));
+    let task = TaskId::new("cron/tick").unwrap();
+    let every = trim_every(&task, TRIM_EVERY);
+    assert!((TRIM_EVERY..2 * TRIM_EVERY).contains(&every), "{every}");
+    let window = 200_000;
+    let (mut most, mut kept) = (0, 0);
+    sim.advance(2 * HISTORY as i64 * 1000);
+    let (first, launched) = (sim.log.len(), sim.launches.len());
+    let until = sim.now + window;
+    while sim.now < until {
+        let before = sim.log.len();
+        sim.advance(TICK);
+        most = most.max(intents_trimmed(&sim.log[before..]));
+        kept = kept.max(sim.view.run_entries(&task).values().filter(|entry| entry.is_final()).count());
+    }
+    let runs = sim.launches.len() - launched;
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for (topic, _, _, value) in &sim.log[first..] {
+        let kind = match value.as_deref().map(Envelope::decode) {
+            None => "tombstone".to_owned(),
+            Some(Ok(envelope)) => envelope.body.kind().to_owned(),
+            Some(Err(_)) => "garbage".to_owned(),
+        };
+        *kinds.entry(format!("{topic:?} {kind}")).or_default() += 1;
+    }
+    let count = |kind: &str| kinds.get(kind).copied().unwrap_or(0);
+    assert_eq!(count("Assignments deleted") + count("Status deleted"), 0, "{kinds:?}");
+    let per_run = (sim.log.len() - first) as f64 / runs as f64;
+    // The run's three records, a tombstone on each of its keys, and two `trim` records and
+    // their two tombstones for every `every` runs (plus a position every 50 launches, and one
+    // batch more or less at the window's edges).
+    let edges = (2 * every + 4) as f64 / runs as f64;
+    let bound = 5.0 + 4.0 / every as f64 + 1.0 / CHECKPOINT_LAUNCHES as f64 + edges;
+    assert!(per_run <= bound, "{per_run:.2} records per run (at most {bound:.2}): {kinds:?}");
+    assert!(most <= every, "{most} runs trimmed in one step");
+    assert!(kept <= HISTORY + every, "{kept} finished runs kept");
+    assert_position_implied(&sim, &task);
+    assert_eq!(sim.compacted().runs, sim.view.runs);
+    assert_each_slot_once(&sim, start() + 3_000, sim.now - 3_000);
+}
+
 /// Ten tasks firing at the same instant, past a full history: the runs a step trims share one
 /// `trim` record per topic, then a bare tombstone each (issue 21, point 1: five records a run
-/// and a share of the two `trim` records and their tombstones, against seven).
+/// and a share of the two `trim` records and their tombstones, against seven). Each task's
+/// runs leave a handful at a time (`trim_every`), the tasks at different launches.
 #[test]
 fn runs_trimmed_at_one_instant_share_one_trim_record_per_topic() {
     const TASKS: usize = 10;
@@ -1125,25 +1222,52 @@ fn runs_trimmed_at_one_instant_share_one_trim_record_per_topic() {
     sim.reconcile = true;
     submit_every_second(&mut sim, "cron/tick", TASKS);
     let window = 100_000;
-    let (per_run, kinds) = records_per_run(&mut sim, HISTORY as i64 * 1000 + 20_000, window);
-    let runs = TASKS * usize::try_from(window / 1000).unwrap();
+    sim.advance(HISTORY as i64 * 1000 + 20_000);
+    let first = sim.log.len();
+    let (per_run, kinds) = records_per_run(&mut sim, 0, window);
+    let per_task = usize::try_from(window / 1000).unwrap();
+    let runs = TASKS * per_task;
     let count = |kind: &str| kinds.get(kind).copied().unwrap_or(0);
     assert_eq!(count("Assignments run_intent"), runs, "{kinds:?}");
     assert_eq!(count("Assignments deleted") + count("Status deleted"), 0, "{kinds:?}");
-    // One tombstone per trimmed run on each topic, and one per `trim` record once it is spent.
-    for topic in ["Assignments", "Status"] {
-        let (trims, tombstones) = (count(&format!("{topic} trim")), count(&format!("{topic} tombstone")));
-        assert!((1..=runs / TASKS + 2).contains(&trims), "{topic}: {trims} trim records: {kinds:?}");
-        assert!(
-            tombstones.abs_diff(runs + trims) <= TASKS + 2,
-            "{topic}: {tombstones} tombstones: {kinds:?}"
-        );
+    for topic in [TopicKind::Assignments, TopicKind::Status] {
+        // Every run key a `trim` record lists gets its tombstone, in the same step (the
+        // simulated bus takes every write), and every tombstone on a run key is one of those.
+        let (mut listed, mut tombstoned, mut trims, mut spent) =
+            (BTreeSet::new(), BTreeSet::new(), 0usize, 0usize);
+        for (of, _, key, value) in &sim.log[first..] {
+            match (value.as_deref().map(Envelope::decode), *of == topic) {
+                (Some(Ok(Envelope { body: Body::Trim(trim), .. })), true) => {
+                    trims += 1;
+                    listed.extend(trim.keys);
+                }
+                (None, true) if key.starts_with("trim/") => spent += 1,
+                (None, true) => assert!(tombstoned.insert(key.clone()), "{key} tombstoned twice"),
+                _ => {}
+            }
+        }
+        assert_eq!(listed, tombstoned, "{topic:?}: the keys listed and the keys tombstoned");
+        assert!(spent.abs_diff(trims) <= 1, "{topic:?}: {trims} trim records, {spent} spent");
+        // Each task's runs leave at the pace they come, a handful at a time: within a batch at
+        // each edge of the window.
+        for i in 0..TASKS {
+            let task = TaskId::new(format!("cron/tick{i}")).unwrap();
+            let every = trim_every(&task, TRIM_EVERY);
+            let prefix = format!("run/{task}/");
+            let left = listed.iter().filter(|key| key.starts_with(&prefix)).count();
+            assert!(left.abs_diff(per_task) <= every, "{topic:?}: {left} runs of {task} trimmed");
+        }
+        // Fewer `trim` records than steps that trim: tasks share them.
+        let batches: usize = (0..TASKS)
+            .map(|i| per_task / trim_every(&TaskId::new(format!("cron/tick{i}")).unwrap(), TRIM_EVERY) + 1)
+            .sum();
+        assert!((1..=batches).contains(&trims), "{topic:?}: {trims} trim records: {kinds:?}");
     }
     assert!(per_run <= 5.0 + 4.0 / TASKS as f64 + 0.1, "{per_run:.2} records per run: {kinds:?}");
     for i in 0..TASKS {
         let task = TaskId::new(format!("cron/tick{i}")).unwrap();
         let held = sim.view.runs_of(&task).count();
-        assert!((HISTORY..=HISTORY + 3).contains(&held), "{task}: {held} runs held");
+        assert!((HISTORY..=HISTORY + 2 * TRIM_EVERY).contains(&held), "{task}: {held} runs held");
     }
     // Spent `trim` records are tombstoned: at most the last step's, one per topic, are left.
     assert!(sim.view.trims_held() <= 2, "{} trim records held", sim.view.trims_held());
@@ -1396,21 +1520,31 @@ proptest! {
         events in proptest::collection::vec((0u8..10, 1u8..40), 1..10),
         lag in 0u32..3,
         batched in proptest::bool::weighted(0.8),
+        // At every run (a trim in progress at most steps), or a handful at a time.
+        least in proptest::sample::select(vec![1, 2, TRIM_EVERY]),
     ) {
-        trimming_under_failures(&events, lag, batched)?;
+        trimming_under_failures(&events, lag, batched, least)?;
     }
 }
 
 /// See `batched_trimming_keeps_exactly_once_under_random_failures`; `batched`: every node has
-/// the `batched_trim` feature.
-fn trimming_under_failures(events: &[(u8, u8)], lag: u32, batched: bool) -> Result<(), TestCaseError> {
+/// the `batched_trim` feature; `least`: see `Context::trim_every`.
+fn trimming_under_failures(
+    events: &[(u8, u8)],
+    lag: u32,
+    batched: bool,
+    least: usize,
+) -> Result<(), TestCaseError> {
     const TASKS: usize = 4;
     let mut sim = Sim::new();
     sim.reconcile = true;
     sim.batched_trim = batched;
+    sim.trim_every = least;
     sim.run_ms = 10;
     let tasks = submit_every_second(&mut sim, "cron/t", TASKS);
-    sim.advance(HISTORY as i64 * 1000 + 5_000);
+    // Past a full history; batched, past the runs that wait to leave it together too.
+    let waiting = if batched { 2 * (least - 1) } else { 0 };
+    sim.advance((HISTORY + waiting) as i64 * 1000 + 5_000);
     sim.read_back_lag = lag;
     let trims_before = sim.log.iter().filter(|(_, _, key, _)| key.starts_with("trim/")).count();
     prop_assert!(trims_before > 0 || !batched, "no trim record before the failures");
@@ -1508,7 +1642,7 @@ fn trimming_under_failures(events: &[(u8, u8)], lag: u32, batched: bool) -> Resu
 fn a_slots_later_attempt_is_never_trimmed_before_an_earlier_one() {
     let events = [(5, 1), (3, 1), (5, 2), (3, 4), (1, 18), (1, 1)];
     for batched in [false, true] {
-        trimming_under_failures(&events, 0, batched).unwrap();
+        trimming_under_failures(&events, 0, batched, 1).unwrap();
     }
 }
 

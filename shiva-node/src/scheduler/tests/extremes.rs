@@ -150,6 +150,7 @@ impl Sim {
             runs_busy: &|_| false,
             lean: true,
             batched_trim: true,
+            trim_every: crate::scheduler::TRIM_EVERY,
             schedules: &self.schedules,
             may_still_run: &|_, _| false,
             failed: &Default::default(),
