@@ -34,16 +34,17 @@ use overlay::Runs;
 pub const HISTORY: usize = 100;
 
 /// While every node reads `trim` records (see `Context::batched_trim`), a task's finished runs
-/// beyond [`HISTORY`] leave a handful at a time: once [`trim_every`] of them wait, between
-/// `TRIM_EVERY` and twice that (`Context::trim_every`), in one step. One at a time, a lone
+/// beyond [`HISTORY`] leave a handful at a time: once [`trim_every`] of them wait, from
+/// `TRIM_EVERY` to `2 * TRIM_EVERY - 1` (`Context::trim_every`), in one step. One at a time, a lone
 /// task's run would leave alone in its step, with a `deleted` marker and a tombstone on each
 /// topic (seven records a run, against five and `4 / n` for `n` runs leaving together). The
 /// attempts of one trigger still leave one a step (see `TaskPlan::trim_history`).
 pub const TRIM_EVERY: usize = 8;
 
-/// Runs trimmed in one plan, across tasks (at most; see `Load`): tasks that reach their
-/// handful at the same launch, a task deleted with its history, or a cluster whose trimming
-/// stops being batched, trim no more than one full `trim` record's worth a step.
+/// Launch intents trimmed in one plan across tasks beyond the tasks' handfuls (see
+/// `TaskPlan::trim_history`): a task deleted with its history, or a cluster whose trimming
+/// stops being batched (its tasks' waiting runs then leave with markers), trims no more than
+/// a full `trim` record's worth of such runs a step; the rest leave at the next steps.
 pub const TRIMS_PER_PLAN: usize = shiva_proto::records::MAX_TRIM_KEYS;
 
 /// How many of `task`'s runs past its history wait before they leave it together: from
@@ -89,6 +90,8 @@ pub struct Context<'a> {
     /// The fewest runs past its history a task trims together while batched (see
     /// [`trim_every`]): [`TRIM_EVERY`]; 1 trims one at every run, as unbatched (tests).
     pub trim_every: usize,
+    /// See [`TRIMS_PER_PLAN`] (smaller in tests).
+    pub trims_per_plan: usize,
     /// Parsed schedules, kept between plans.
     pub schedules: &'a Schedules,
     /// Whether a node that is not live may still run an exclusive run of a task (it has not
@@ -266,7 +269,7 @@ impl<'a> Load<'a> {
             runners,
             counts,
             restamps_left: RESTAMPS_PER_PLAN,
-            trims_left: TRIMS_PER_PLAN,
+            trims_left: ctx.trims_per_plan,
         }
     }
 
@@ -665,12 +668,19 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             return;
         }
         // A handful at a time, in one `trim` record (see `TRIM_EVERY`); without waiting once
-        // the task is gone. And no more than the plan has left (see `TRIMS_PER_PLAN`).
+        // the task is gone. A defined task's handful (one run when not batched) always leaves:
+        // that is its steady state, and it keeps the history bounded however many tasks there
+        // are. Beyond it (a deleted task's history; runs that waited while trimming was batched,
+        // once it is not; many runs finished at once), only what the plan has left does (see
+        // `TRIMS_PER_PLAN`), and the rest at the next steps.
         let excess = finished.len() - keep;
-        if self.ctx.batched_trim && defined && excess < trim_every(self.task, self.ctx.trim_every) {
+        let handful = if self.ctx.batched_trim { trim_every(self.task, self.ctx.trim_every) } else { 1 };
+        if defined && excess < handful {
             return;
         }
-        let excess = excess.min(self.load.trims_left);
+        let own = if defined { handful } else { 0 };
+        let excess = own + (excess - own).min(self.load.trims_left);
+        self.load.trims_left -= excess - own;
         // Oldest first by offset, each trigger's attempts together from the lowest, taking the
         // trigger's lowest offset as its place.
         let mut first_offset: BTreeMap<Trigger, i64> = BTreeMap::new();
@@ -694,7 +704,6 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let finished =
             finished.into_iter().filter(|(_, trigger, _, _)| trigger.is_none_or(|t| triggers.insert(t)));
         for (_, _, _, id) in finished.take(excess) {
-            self.load.trims_left -= 1;
             let key = key::run(self.task, id);
             if self.runs.get(&id).and_then(|run| run.intent_offset()).is_some_and(|offset| offset >= 0)
                 && !self.busy(TopicKind::Assignments, &key)

@@ -296,12 +296,12 @@ impl Node {
                             .map(|member| member.id.as_str()),
                     )
                     .collect();
-                let nodes = if lacking.is_empty() {
-                    "none live".to_owned()
+                if lacking.is_empty() {
+                    info!("trimming not batched: no live node");
                 } else {
-                    Vec::from_iter(lacking).join(",")
-                };
-                info!(%nodes, "trimming not batched: these nodes do not list the batched_trim feature");
+                    let nodes = Vec::from_iter(lacking).join(",");
+                    info!(%nodes, "trimming not batched: these nodes do not list the batched_trim feature");
+                }
             }
         }
         batched
@@ -360,6 +360,7 @@ impl Node {
                     info!(epoch, "read the log to its end; leading");
                     self.leadership.schedules.forget_panics();
                     self.leadership.leading = Some(epoch);
+                    self.leadership.batched_trim.set(None);
                     self.leadership.leader_sync = None;
                 }
                 if let Some((epoch, _)) = self.leadership.claim_check.filter(|(_, t)| *t == token) {
@@ -882,6 +883,7 @@ impl Node {
             lean: shiva_proto::records::feature::lean_runs(&live),
             batched_trim,
             trim_every: scheduler::TRIM_EVERY,
+            trims_per_plan: scheduler::TRIMS_PER_PLAN,
             schedules: &self.leadership.schedules,
             may_still_run: &may_still_run,
             failed: &self.leadership.unwritable,

@@ -151,6 +151,7 @@ impl Sim {
             lean: true,
             batched_trim: true,
             trim_every: crate::scheduler::TRIM_EVERY,
+            trims_per_plan: crate::scheduler::TRIMS_PER_PLAN,
             schedules: &self.schedules,
             may_still_run: &|_, _| false,
             failed: &Default::default(),
