@@ -41,10 +41,10 @@ pub const HISTORY: usize = 100;
 /// attempts of one trigger still leave one a step (see `TaskPlan::trim_history`).
 pub const TRIM_EVERY: usize = 8;
 
-/// Launch intents trimmed in one plan across tasks beyond the tasks' handfuls (see
-/// `TaskPlan::trim_history`): a task deleted with its history, or a cluster whose trimming
-/// stops being batched (its tasks' waiting runs then leave with markers), trims no more than
-/// a full `trim` record's worth of such runs a step; the rest leave at the next steps.
+/// Launch intents of deleted tasks trimmed in one plan (see `TaskPlan::trim_history`): tasks
+/// deleted with their histories (up to 115 runs each) trim no more than a full `trim`
+/// record's worth a step in all; the rest leave at the next steps. A defined task's runs are
+/// never held back by it.
 pub const TRIMS_PER_PLAN: usize = shiva_proto::records::MAX_TRIM_KEYS;
 
 /// How many of `task`'s runs past its history wait before they leave it together: from
@@ -103,15 +103,28 @@ pub struct Context<'a> {
     /// its end that completed since: the intent of such a report (written before the report)
     /// has been read too, so if the view has none it is gone. A report above it may be one whose
     /// intent is not read yet (topics are read apart, and a write reported failed may have
-    /// landed), so it is not deleted as an orphan yet (see [`unconfirmed_orphans`]).
+    /// landed), so it is not deleted as an orphan yet (see [`wants_read_to_end`]).
     pub reports_synced_below: i64,
+    /// Launch intents at `assignments` offsets below this were read before a read of every
+    /// topic to its end that completed since: a start record its runner wrote before the
+    /// intent landed has been read too. A `missed` verdict below it is confirmed: no start
+    /// record crossed it (see [`wants_read_to_end`]).
+    pub intents_synced_below: i64,
 }
 
-/// Whether a run report whose intent the view does not hold was read after the last read to
-/// the end (`synced_below`): the driver then asks for one, so it can be deleted.
-pub fn unconfirmed_orphans(view: &LogView, synced_below: i64) -> bool {
-    view.all_runs()
-        .any(|run| !run.has_intent() && run.report_offset().is_some_and(|offset| offset >= synced_below))
+/// Whether the leader wants a read of every topic to its end, in one pass over the runs (see
+/// [`Context::reports_synced_below`] and [`Context::intents_synced_below`]): a run report whose
+/// intent the view does not hold was read after the last one (it can be deleted once one
+/// confirms the intent gone), or a run judged `missed` was (its next attempt waits for one,
+/// which would show a start record its runner wrote as the verdict was under way).
+pub fn wants_read_to_end(view: &LogView, reports_synced_below: i64, intents_synced_below: i64) -> bool {
+    view.all_runs().any(|run| {
+        let orphan =
+            !run.has_intent() && run.report_offset().is_some_and(|offset| offset >= reports_synced_below);
+        let missed = run.phase() == RunPhase::Missed
+            && run.intent_offset().is_none_or(|offset| offset >= intents_synced_below);
+        orphan || missed
+    })
 }
 
 /// Parsed schedules by task and spec revision: parsing cron expressions at every plan cost
@@ -245,7 +258,7 @@ struct Load<'a> {
     runners: Vec<Candidate>,
     counts: BTreeMap<NodeId, usize>,
     restamps_left: usize,
-    /// Runs this plan may still trim (see [`TRIMS_PER_PLAN`]).
+    /// Intents of deleted tasks this plan may still trim (see [`TRIMS_PER_PLAN`]).
     trims_left: usize,
 }
 
@@ -349,6 +362,21 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
 
     fn busy(&self, topic: TopicKind, key: &str) -> bool {
         (self.ctx.busy)(topic, key)
+    }
+
+    /// Whether `run`, `missed`, is known never to have started: the leader's verdict is read
+    /// back (not only written in this plan), and a read of every topic to its end completed
+    /// after it, so a start record its runner wrote while the verdict was under way would be in
+    /// the view (and the run would not read `missed`: see `LogView`'s phase of a run). Its next
+    /// attempt waits until then: launched at once, it ran the slot a second time beside a run
+    /// whose node came back and confirmed it just before the verdict landed.
+    fn missed_confirmed(&self, run: &RunRef<'_>) -> bool {
+        let key = key::run(self.task, run.id());
+        !self.busy(TopicKind::Assignments, &key)
+            && self.ctx.view.run(self.task, &run.id()).is_some_and(|seen| {
+                seen.phase() == RunPhase::Missed
+                    && seen.intent_offset().is_some_and(|offset| offset < self.ctx.intents_synced_below)
+            })
     }
 
     fn run(&mut self) {
@@ -668,19 +696,14 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             return;
         }
         // A handful at a time, in one `trim` record (see `TRIM_EVERY`); without waiting once
-        // the task is gone. A defined task's handful (one run when not batched) always leaves:
-        // that is its steady state, and it keeps the history bounded however many tasks there
-        // are. Beyond it (a deleted task's history; runs that waited while trimming was batched,
-        // once it is not; many runs finished at once), only what the plan has left does (see
-        // `TRIMS_PER_PLAN`), and the rest at the next steps.
+        // the task is gone. A defined task's runs are never held back by the plan's budget:
+        // however many tasks and however seldom the leader plans, no history grows. A deleted
+        // task's whole history leaves within what the plan has left (see `TRIMS_PER_PLAN`).
         let excess = finished.len() - keep;
-        let handful = if self.ctx.batched_trim { trim_every(self.task, self.ctx.trim_every) } else { 1 };
-        if defined && excess < handful {
+        if self.ctx.batched_trim && defined && excess < trim_every(self.task, self.ctx.trim_every) {
             return;
         }
-        let own = if defined { handful } else { 0 };
-        let excess = own + (excess - own).min(self.load.trims_left);
-        self.load.trims_left -= excess - own;
+        let excess = if defined { excess } else { excess.min(self.load.trims_left) };
         // Oldest first by offset, each trigger's attempts together from the lowest, taking the
         // trigger's lowest offset as its place.
         let mut first_offset: BTreeMap<Trigger, i64> = BTreeMap::new();
@@ -704,6 +727,9 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let finished =
             finished.into_iter().filter(|(_, trigger, _, _)| trigger.is_none_or(|t| triggers.insert(t)));
         for (_, _, _, id) in finished.take(excess) {
+            if !defined {
+                self.load.trims_left -= 1;
+            }
             let key = key::run(self.task, id);
             if self.runs.get(&id).and_then(|run| run.intent_offset()).is_some_and(|offset| offset >= 0)
                 && !self.busy(TopicKind::Assignments, &key)
@@ -900,6 +926,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             .runs
             .iter()
             .filter(never_ran)
+            .filter(|run| run.phase() != RunPhase::Missed || self.missed_confirmed(run))
             .filter_map(|run| Some((run.trigger()?, run.attempt()?)))
             .filter(|(trigger, _)| match *trigger {
                 Trigger::Slot { slot_ms } => deadline.is_none_or(|oldest| at(slot_ms) >= oldest),
@@ -1048,7 +1075,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                 sched.next_at_ms = Some(ms(now));
                 return;
             };
-            if !entry.is_final() {
+            if !entry.is_final() || (entry.phase() == RunPhase::Missed && !self.missed_confirmed(&entry)) {
                 return;
             }
             let report = entry.report();

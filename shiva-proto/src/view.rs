@@ -235,9 +235,18 @@ impl RunEntry {
 }
 
 /// A run's state from its runner's newest word and the leader's verdict (see [`RunEntry::phase`]).
+///
+/// A `missed` verdict says the run never started: its node was gone and no start record of
+/// the run had been read. A start record of its runner with it crossed the verdict (the
+/// leader's write was under way, or failed and was written again, while the node came back and
+/// confirmed its run by a read to the end that did not hold the verdict yet): the run may have
+/// started, so the runner's word stands until it ends the run (a runner stops a launched run
+/// whose intent has a verdict, and cancels one it has not launched, saying so), or until the
+/// leader judges it `lost`. Read as `missed`, its next attempt would run the slot a second time.
 fn phase_of(reported: Option<RunPhase>, verdict: Option<RunPhase>) -> RunPhase {
     match (reported, verdict) {
         (Some(state), _) if state.is_final() => state,
+        (Some(state), Some(RunPhase::Missed)) => state,
         (_, Some(verdict)) => verdict,
         (Some(state), None) => state,
         (None, None) => RunPhase::Scheduled,

@@ -224,8 +224,13 @@ pub(crate) struct Leadership {
     /// Run reports at `status` offsets below this were read before a read of every topic to its
     /// end that has completed since (see `scheduler::Context::reports_synced_below`).
     pub(crate) reports_synced_below: i64,
-    /// A read to the end asked for that: its token and the `status` position when asked.
-    pub(crate) report_sync: Option<(u64, i64)>,
+    /// Launch intents at `assignments` offsets below this were read before a read of every
+    /// topic to its end that has completed since (see
+    /// `scheduler::Context::intents_synced_below`).
+    pub(crate) intents_synced_below: i64,
+    /// A read to the end asked for either: its token and the `status` and `assignments`
+    /// positions when asked.
+    pub(crate) report_sync: Option<(u64, i64, i64)>,
     /// Whether the last plan batched trimming (said in the log when it changes; a cell: plans
     /// read the node).
     pub(crate) batched_trim: std::cell::Cell<Option<bool>>,
@@ -352,8 +357,12 @@ impl Node {
         match event {
             ReaderEvent::Record(record) => self.on_record(record),
             ReaderEvent::Synced(token) => {
-                if let Some((_, position)) = self.leadership.report_sync.filter(|(t, _)| *t == token) {
-                    self.leadership.reports_synced_below = self.leadership.reports_synced_below.max(position);
+                if let Some((_, status, assignments)) =
+                    self.leadership.report_sync.filter(|(t, _, _)| *t == token)
+                {
+                    self.leadership.reports_synced_below = self.leadership.reports_synced_below.max(status);
+                    self.leadership.intents_synced_below =
+                        self.leadership.intents_synced_below.max(assignments);
                     self.leadership.report_sync = None;
                 }
                 if let Some((epoch, _)) = self.leadership.leader_sync.filter(|(_, t)| *t == token) {
@@ -387,7 +396,7 @@ impl Node {
                 if self.leadership.leader_sync.is_some_and(|(_, t)| t == token) {
                     self.leadership.leader_sync = None;
                 }
-                if self.leadership.report_sync.is_some_and(|(t, _)| t == token) {
+                if self.leadership.report_sync.is_some_and(|(t, _, _)| t == token) {
                     self.leadership.report_sync = None;
                 }
                 if let Some((epoch, _)) = self.leadership.claim_check.filter(|(_, t)| *t == token) {
@@ -779,13 +788,19 @@ impl Node {
                 self.send(TopicKind::Assignments, record, None, Purpose::Leader);
             }
             // A run report whose intent is not in the view is deleted only once a read to the
-            // end, asked for after the report was read, still finds no intent.
-            let synced = self.leadership.reports_synced_below;
-            if self.leadership.report_sync.is_none() && scheduler::unconfirmed_orphans(&self.view, synced) {
+            // end, asked for after the report was read, still finds no intent; and a run judged
+            // `missed` is launched again only once one, asked for after the verdict was read,
+            // finds no start record.
+            let (reports, intents) =
+                (self.leadership.reports_synced_below, self.leadership.intents_synced_below);
+            if self.leadership.report_sync.is_none()
+                && scheduler::wants_read_to_end(&self.view, reports, intents)
+            {
                 let token = self.token();
-                let position = self.view.positions.get(&TopicKind::Status).copied().unwrap_or(0);
+                let position = |topic| self.view.positions.get(&topic).copied().unwrap_or(0);
+                let (status, assignments) = (position(TopicKind::Status), position(TopicKind::Assignments));
                 self.reader.sync(token);
-                self.leadership.report_sync = Some((token, position));
+                self.leadership.report_sync = Some((token, status, assignments));
             }
         }
         if walks && let Err(reason) = crate::fault::contain(|| self.step_runner()) {
@@ -888,6 +903,7 @@ impl Node {
             may_still_run: &may_still_run,
             failed: &self.leadership.unwritable,
             reports_synced_below: self.leadership.reports_synced_below,
+            intents_synced_below: self.leadership.intents_synced_below,
         };
         writes.extend(scheduler::plan(&context));
         self.leadership.schedules.retain(&self.view);

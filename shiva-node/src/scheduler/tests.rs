@@ -47,6 +47,8 @@ struct Sim {
     /// Reports below this `status` offset were read before a read to the end (the driver's
     /// `reports_synced_below`); every record is read at once here, so by default all.
     reports_synced_below: i64,
+    /// See `Context::intents_synced_below` (all by default).
+    intents_synced_below: i64,
     /// Steps before the leader's writes are read back (0: at once). Until then the keys are
     /// busy, as in the node's outbox, and the view does not hold them.
     read_back_lag: u32,
@@ -94,6 +96,7 @@ impl Sim {
             skew: vec![0; 3],
             reconcile: false,
             reports_synced_below: i64::MAX,
+            intents_synced_below: i64::MAX,
             read_back_lag: 0,
             pending: Vec::new(),
             lean: true,
@@ -239,6 +242,7 @@ impl Sim {
             may_still_run: &|_, _| false,
             failed: &Default::default(),
             reports_synced_below: self.reports_synced_below,
+            intents_synced_below: self.intents_synced_below,
         };
         let writes = plan(&context);
         for write in writes {
@@ -715,11 +719,11 @@ fn a_report_whose_intent_is_gone_is_trimmed_whatever_it_says() {
     // landed).
     let report_offset = sim.view.run(&task, &orphan.run_id).unwrap().report_offset().unwrap();
     sim.reports_synced_below = report_offset;
-    assert!(unconfirmed_orphans(&sim.view, sim.reports_synced_below));
+    assert!(wants_read_to_end(&sim.view, sim.reports_synced_below, i64::MAX));
     sim.advance(300);
     assert!(sim.view.run(&task, &orphan.run_id).is_some(), "kept until a read to the end confirms it");
     sim.reports_synced_below = report_offset + 1;
-    assert!(!unconfirmed_orphans(&sim.view, sim.reports_synced_below));
+    assert!(!wants_read_to_end(&sim.view, sim.reports_synced_below, i64::MAX));
     sim.advance(300);
     assert!(sim.view.run(&task, &orphan.run_id).is_none(), "the orphan report is deleted");
     let key = key::run(&task, orphan.run_id);
@@ -1020,7 +1024,7 @@ fn a_full_history_is_trimmed_one_run_per_launch_not_in_bursts() {
 /// Tasks deleted with full histories: their runs leave no more than the plan's budget a step
 /// in all (`TRIMS_PER_PLAN`, 100 here), not every run of every task in the first step.
 #[test]
-fn deleted_histories_leave_at_most_a_trim_records_worth_a_step() {
+fn deleted_histories_leave_within_the_plans_budget_a_step() {
     const TASKS: usize = 4;
     let mut sim = Sim::new();
     sim.run_ms = 10;
@@ -1045,12 +1049,12 @@ fn deleted_histories_leave_at_most_a_trim_records_worth_a_step() {
     assert_eq!(sim.compacted().runs, sim.view.runs);
 }
 
-/// More runs to trim than a plan's budget for backlogs (`TRIMS_PER_PLAN`, none at all here:
-/// the simulated leader plans ten times a launch, a real one with 10,000 tasks far fewer):
-/// each task's own steady share still leaves, batched or not, so no task's history grows (the
-/// budget once held the tasks last in id order back for ever).
+/// A plan's budget for deleted tasks' histories (`TRIMS_PER_PLAN`) spent (none at all here:
+/// the simulated leader plans ten times a launch, a real one with 10,000 tasks far fewer): a
+/// defined task's runs still leave, batched or not, so no task's history grows (a budget
+/// shared by every run trimmed held the tasks last in id order back for ever).
 #[test]
-fn every_task_keeps_its_history_bounded_when_more_trim_at_once_than_the_budget() {
+fn every_task_keeps_its_history_bounded_when_the_plans_budget_is_spent() {
     for batched in [false, true] {
         let mut sim = Sim::new();
         sim.batched_trim = batched;
@@ -1664,6 +1668,49 @@ fn trimming_under_failures(
 /// node shut down before it started), then its second, which ran; a new leader restamped the
 /// second before the first, so the second had the lower offset and was trimmed first, and the
 /// first, missed with no next attempt in the view, had its slot launched again.
+/// Found by the test above, with or without batching: the leader (node 0) shut down as a run
+/// of its own was due; the new leader judged the run `missed` (its node gone, no start record),
+/// and its verdict landed a step late. Meanwhile node 0 came back, wrote its start record and,
+/// reading the log to its end without the verdict, launched the run. The new leader had planned
+/// the slot's next attempt in the same step as the verdict: the slot ran twice. Now a start
+/// record that crossed a `missed` verdict stands (the run may have started), and a missed run's
+/// next attempt waits for its verdict to be read back, and for a read to the end after it.
+#[test]
+fn a_missed_verdict_crossed_by_the_runs_start_record_never_runs_the_slot_twice() {
+    for batched in [false, true] {
+        trimming_under_failures(&[(5, 6), (0, 1), (2, 1)], 1, batched, 1).unwrap();
+    }
+}
+
+/// A run judged `missed` is launched again (its next attempt) only once a read of every topic to
+/// its end, asked for after the verdict was read, has completed (`intents_synced_below`): that
+/// read would show a start record its runner wrote as the verdict was under way.
+#[test]
+fn a_missed_run_is_launched_again_only_after_a_read_to_the_end_past_its_verdict() {
+    let mut sim = Sim::new();
+    sim.run_ms = 10;
+    sim.intents_synced_below = 0;
+    submit_every_second(&mut sim, "cron/m", 3);
+    sim.advance(5_000);
+    // Node 2 dies: its runs not started yet are judged missed.
+    sim.kill(2);
+    sim.advance(3_000);
+    let missed = sim.view.all_runs().filter(|run| run.phase() == RunPhase::Missed).count();
+    assert!(missed > 0, "no run judged missed");
+    assert!(wants_read_to_end(&sim.view, i64::MAX, sim.intents_synced_below));
+    let again = |sim: &Sim| sim.launches.iter().filter(|(_, _, attempt, _)| *attempt > 1).count();
+    assert_eq!(again(&sim), 0, "launched again before a read to the end past the verdict");
+    sim.intents_synced_below = i64::MAX;
+    assert!(!wants_read_to_end(&sim.view, i64::MAX, sim.intents_synced_below));
+    sim.advance(3_000);
+    assert_eq!(again(&sim), missed, "each missed run launched again once");
+    let mut launches: BTreeMap<(&TaskId, i64), usize> = BTreeMap::new();
+    for (task, trigger, _, _) in &sim.launches {
+        *launches.entry((task, trigger.slot_ms().unwrap())).or_default() += 1;
+    }
+    assert!(launches.values().all(|count| *count == 1), "a slot launched twice");
+}
+
 #[test]
 fn a_slots_later_attempt_is_never_trimmed_before_an_earlier_one() {
     let events = [(5, 1), (3, 1), (5, 2), (3, 4), (1, 18), (1, 1)];

@@ -156,6 +156,7 @@ impl Sim {
             may_still_run: &|_, _| false,
             failed: &Default::default(),
             reports_synced_below: i64::MAX,
+            intents_synced_below: i64::MAX,
         };
         writes.extend(plan(&context));
         for write in writes {
