@@ -482,6 +482,19 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         self.runs.iter().filter(|run| run.in_flight_on().is_some()).map(|run| run.id()).collect()
     }
 
+    /// The runs the overlap policy counts as running: those in flight, and those judged
+    /// `missed` until that is confirmed (see [`TaskPlan::missed_confirmed`]): a run whose start
+    /// record crossed the verdict may be running, and a serial task must not start beside it.
+    fn running(&self) -> Vec<Uuid> {
+        (self.runs.iter())
+            .filter(|run| {
+                run.in_flight_on().is_some()
+                    || (run.phase() == RunPhase::Missed && !self.missed_confirmed(run))
+            })
+            .map(|run| run.id())
+            .collect()
+    }
+
     /// The revision a run runs (its intent's spec) governs how long its silent node may still
     /// run it, not the task's newest spec.
     fn judge_runs_of_gone_nodes(&mut self) {
@@ -800,7 +813,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
 
     /// Applies the overlap policy to a due run. Returns whether it was launched.
     fn on_due(&mut self, spec: &SpecEntry, sched: &mut Sched, due: Due, launch_at: i64) -> bool {
-        let in_flight = self.in_flight();
+        let in_flight = self.running();
         match on_due(spec.spec.overlap, &in_flight, sched.queued.is_some()) {
             OverlapAction::Launch => self.launch(spec, due, launch_at),
             OverlapAction::Skip => {
@@ -904,7 +917,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         }
         self.relaunch_missed(spec);
         if let Some(due) = sched.queued
-            && self.in_flight().is_empty()
+            && self.running().is_empty()
             && self.launch(spec, due, ms(now))
         {
             sched.queued = None;
@@ -942,7 +955,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             }
             // Like missed slots caught up: with a serial policy, one at a time, after the
             // current run (the overlap policy would drop it, and it must run once).
-            if serial && !self.in_flight().is_empty() {
+            if serial && !self.running().is_empty() {
                 return;
             }
             self.launch(spec, due, ms(self.ctx.now));
@@ -980,7 +993,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let now = self.ctx.now;
         let jitter_max = u64::try_from(spec.spec.jitter.as_millis()).unwrap_or(u64::MAX);
         let jitter = i64::try_from(jitter_ms(self.task, jitter_max)).unwrap_or(i64::MAX);
-        let in_flight = self.in_flight();
+        let in_flight = self.running();
         let busy = !in_flight.is_empty() || sched.queued.is_some();
         let serial = spec.spec.overlap != Overlap::Allow;
         // A run launched (or started) well after its instant is backlog: a catch-up, a slot

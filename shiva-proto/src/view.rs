@@ -216,9 +216,13 @@ impl RunEntry {
     /// The run's state: the runner's final word, else the leader's verdict, else the runner's
     /// progress, else scheduled.
     pub fn phase(&self) -> RunPhase {
+        let intent = self.intent.as_ref().map(|(intent, _)| intent);
+        let by_runner =
+            |entry: &&ReportEntry| intent.is_some_and(|intent| intent.node.as_ref() == Some(&entry.node));
         phase_of(
             self.report.as_ref().map(|entry| entry.report.state),
-            self.intent.as_ref().and_then(|(intent, _)| intent.verdict),
+            intent.and_then(|intent| intent.verdict),
+            self.report.as_ref().is_some_and(|entry| by_runner(&entry)),
         )
     }
 
@@ -243,10 +247,11 @@ impl RunEntry {
 /// started, so the runner's word stands until it ends the run (a runner stops a launched run
 /// whose intent has a verdict, and cancels one it has not launched, saying so), or until the
 /// leader judges it `lost`. Read as `missed`, its next attempt would run the slot a second time.
-fn phase_of(reported: Option<RunPhase>, verdict: Option<RunPhase>) -> RunPhase {
+/// Only the word of the node the intent names (`by_runner`) reopens it so.
+fn phase_of(reported: Option<RunPhase>, verdict: Option<RunPhase>, by_runner: bool) -> RunPhase {
     match (reported, verdict) {
         (Some(state), _) if state.is_final() => state,
-        (Some(state), Some(RunPhase::Missed)) => state,
+        (Some(state), Some(RunPhase::Missed)) if by_runner => state,
         (_, Some(verdict)) => verdict,
         (Some(state), None) => state,
         (None, None) => RunPhase::Scheduled,
@@ -404,7 +409,8 @@ impl CompactRun {
     }
 
     fn phase(&self) -> RunPhase {
-        phase_of(self.reported, self.verdict)
+        let by_runner = self.reporter.as_ref().is_none_or(|reporter| self.node.as_ref() == Some(&reporter.0));
+        phase_of(self.reported, self.verdict, by_runner)
     }
 
     /// An optional number packed with `bit`.

@@ -178,3 +178,41 @@ fn a_report_from_another_sender_or_of_another_attempt_reads_back_as_it_was() {
         assert_eq!(*view.run(&task, &run).unwrap().entry(), expected, "case {i}");
     }
 }
+
+/// A `missed` verdict crossed by a start record of the node its intent names: the run may have
+/// started, and reads as that node says (until it ends the run or the leader judges it `lost`);
+/// a start record from any other node leaves it `missed`. The same live and replayed.
+#[test]
+fn a_missed_verdict_gives_way_only_to_the_start_record_of_the_runs_own_node() {
+    let runner = shiva_proto::NodeId::new("runner-007").unwrap();
+    for (sender, phase) in [("runner-007", RunPhase::Starting), ("runner-008", RunPhase::Missed)] {
+        let mut view = LogView::default();
+        let mut offset = 0;
+        let mut apply = |view: &mut LogView, topic: TopicKind, key: &str, envelope: Envelope| {
+            offset += 1;
+            view.apply(topic, offset, Some(key.as_bytes()), Some(&envelope.encode()))
+        };
+        let (claim_key, claim) = claim();
+        apply(&mut view, TopicKind::Assignments, &claim_key, claim);
+        let spec = spec("hist/m");
+        let intent = RunIntent { node: Some(runner.clone()), ..slot_intent(&spec, 1_795_315_680_000) };
+        let key = key::run(&intent.task, intent.run_id);
+        let start = RunReport::of(&intent, RunPhase::Starting);
+        apply(
+            &mut view,
+            TopicKind::Status,
+            &key,
+            Envelope::now(sender, Some(Uuid::from_u128(2)), Body::RunReport(start)),
+        );
+        let judged = RunIntent { verdict: Some(RunPhase::Missed), ..intent.clone() };
+        apply(
+            &mut view,
+            TopicKind::Assignments,
+            &key,
+            Envelope::now("leader-001", Some(LEADER), Body::RunIntent(judged)),
+        );
+        let run = view.run(&intent.task, &intent.run_id).unwrap();
+        assert_eq!(run.phase(), phase, "a start record from {sender}");
+        assert_eq!(run.entry().phase(), phase, "{sender}: the run in full");
+    }
+}

@@ -1664,10 +1664,6 @@ fn trimming_under_failures(
     Ok(())
 }
 
-/// Found by the test above, with or without batching: a slot's first attempt, missed (its
-/// node shut down before it started), then its second, which ran; a new leader restamped the
-/// second before the first, so the second had the lower offset and was trimmed first, and the
-/// first, missed with no next attempt in the view, had its slot launched again.
 /// Found by the test above, with or without batching: the leader (node 0) shut down as a run
 /// of its own was due; the new leader judged the run `missed` (its node gone, no start record),
 /// and its verdict landed a step late. Meanwhile node 0 came back, wrote its start record and,
@@ -1695,8 +1691,19 @@ fn a_missed_run_is_launched_again_only_after_a_read_to_the_end_past_its_verdict(
     // Node 2 dies: its runs not started yet are judged missed.
     sim.kill(2);
     sim.advance(3_000);
-    let missed = sim.view.all_runs().filter(|run| run.phase() == RunPhase::Missed).count();
+    let judged: Vec<(TaskId, i64)> = (sim.view.all_runs())
+        .filter(|run| run.phase() == RunPhase::Missed)
+        .filter_map(|run| Some((run.intent()?.task.clone(), run.slot_ms()?)))
+        .collect();
+    let missed = judged.len();
     assert!(missed > 0, "no run judged missed");
+    // Meanwhile a serial task (overlap `forbid`, the default) started no later slot: its missed
+    // run may be running (a start record may be crossing the verdict).
+    for (task, slot) in &judged {
+        let later =
+            sim.launches.iter().filter(|(of, trigger, _, _)| of == task && trigger.slot_ms() > Some(*slot));
+        assert_eq!(later.count(), 0, "{task}: a later slot started beside an unconfirmed missed run");
+    }
     assert!(wants_read_to_end(&sim.view, i64::MAX, sim.intents_synced_below));
     let again = |sim: &Sim| sim.launches.iter().filter(|(_, _, attempt, _)| *attempt > 1).count();
     assert_eq!(again(&sim), 0, "launched again before a read to the end past the verdict");
@@ -1711,6 +1718,10 @@ fn a_missed_run_is_launched_again_only_after_a_read_to_the_end_past_its_verdict(
     assert!(launches.values().all(|count| *count == 1), "a slot launched twice");
 }
 
+/// Found by the test above, with or without batching: a slot's first attempt, missed (its
+/// node shut down before it started), then its second, which ran; a new leader restamped the
+/// second before the first, so the second had the lower offset and was trimmed first, and the
+/// first, missed with no next attempt in the view, had its slot launched again.
 #[test]
 fn a_slots_later_attempt_is_never_trimmed_before_an_earlier_one() {
     let events = [(5, 1), (3, 1), (5, 2), (3, 4), (1, 18), (1, 1)];
