@@ -483,14 +483,17 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     }
 
     /// The runs the overlap policy counts as running: those in flight, and those judged
-    /// `missed` until that is confirmed (see [`TaskPlan::missed_confirmed`]): a run whose start
-    /// record crossed the verdict may be running, and a serial task must not start beside it.
+    /// `missed` whose verdict is not read back yet (written in this plan, or under way): a run
+    /// whose start record crossed the verdict may be running, and a serial task must not start
+    /// beside it. (Not until a read to the end confirms the verdict, as for its next attempt:
+    /// a new leader restamps old verdicts, and each would hold its task's slots back again.)
     fn running(&self) -> Vec<Uuid> {
+        let unread = |run: &RunRef<'_>| {
+            self.busy(TopicKind::Assignments, &key::run(self.task, run.id()))
+                || self.ctx.view.run(self.task, &run.id()).is_none_or(|seen| seen.phase() != RunPhase::Missed)
+        };
         (self.runs.iter())
-            .filter(|run| {
-                run.in_flight_on().is_some()
-                    || (run.phase() == RunPhase::Missed && !self.missed_confirmed(run))
-            })
+            .filter(|run| run.in_flight_on().is_some() || (run.phase() == RunPhase::Missed && unread(run)))
             .map(|run| run.id())
             .collect()
     }
