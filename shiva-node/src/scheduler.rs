@@ -122,7 +122,7 @@ pub fn wants_read_to_end(view: &LogView, reports_synced_below: i64, intents_sync
         let orphan =
             !run.has_intent() && run.report_offset().is_some_and(|offset| offset >= reports_synced_below);
         let missed = run.phase() == RunPhase::Missed
-            && run.intent_offset().is_none_or(|offset| offset >= intents_synced_below);
+            && run.intent_offset().is_some_and(|offset| offset >= intents_synced_below);
         orphan || missed
     })
 }
