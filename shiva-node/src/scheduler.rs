@@ -364,19 +364,22 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         (self.ctx.busy)(topic, key)
     }
 
+    /// The offset of `run`'s intent as read back, if the view reads the run `missed` (not only
+    /// this plan's writes: a verdict written in it, or under way, is not read back; a task whose
+    /// run keys have writes in flight is not planned at all).
+    fn missed_read_back(&self, run: &RunRef<'_>) -> Option<i64> {
+        let seen = self.ctx.view.run(self.task, &run.id())?;
+        (seen.phase() == RunPhase::Missed).then(|| seen.intent_offset()).flatten()
+    }
+
     /// Whether `run`, `missed`, is known never to have started: the leader's verdict is read
-    /// back (not only written in this plan), and a read of every topic to its end completed
-    /// after it, so a start record its runner wrote while the verdict was under way would be in
-    /// the view (and the run would not read `missed`: see `LogView`'s phase of a run). Its next
-    /// attempt waits until then: launched at once, it ran the slot a second time beside a run
-    /// whose node came back and confirmed it just before the verdict landed.
+    /// back, and a read of every topic to its end completed after it, so a start record its
+    /// runner wrote while the verdict was under way would be in the view (and the run would not
+    /// read `missed`: see `LogView`'s phase of a run). Its next attempt waits until then:
+    /// launched at once, it ran the slot a second time beside a run whose node came back and
+    /// confirmed it just before the verdict landed.
     fn missed_confirmed(&self, run: &RunRef<'_>) -> bool {
-        let key = key::run(self.task, run.id());
-        !self.busy(TopicKind::Assignments, &key)
-            && self.ctx.view.run(self.task, &run.id()).is_some_and(|seen| {
-                seen.phase() == RunPhase::Missed
-                    && seen.intent_offset().is_some_and(|offset| offset < self.ctx.intents_synced_below)
-            })
+        self.missed_read_back(run).is_some_and(|offset| offset < self.ctx.intents_synced_below)
     }
 
     fn run(&mut self) {
@@ -488,12 +491,11 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     /// beside it. (Not until a read to the end confirms the verdict, as for its next attempt:
     /// a new leader restamps old verdicts, and each would hold its task's slots back again.)
     fn running(&self) -> Vec<Uuid> {
-        let unread = |run: &RunRef<'_>| {
-            self.busy(TopicKind::Assignments, &key::run(self.task, run.id()))
-                || self.ctx.view.run(self.task, &run.id()).is_none_or(|seen| seen.phase() != RunPhase::Missed)
-        };
         (self.runs.iter())
-            .filter(|run| run.in_flight_on().is_some() || (run.phase() == RunPhase::Missed && unread(run)))
+            .filter(|run| {
+                run.in_flight_on().is_some()
+                    || (run.phase() == RunPhase::Missed && self.missed_read_back(run).is_none())
+            })
             .map(|run| run.id())
             .collect()
     }

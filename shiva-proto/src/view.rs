@@ -217,13 +217,10 @@ impl RunEntry {
     /// progress, else scheduled.
     pub fn phase(&self) -> RunPhase {
         let intent = self.intent.as_ref().map(|(intent, _)| intent);
-        let by_runner =
-            |entry: &&ReportEntry| intent.is_some_and(|intent| intent.node.as_ref() == Some(&entry.node));
-        phase_of(
-            self.report.as_ref().map(|entry| entry.report.state),
-            intent.and_then(|intent| intent.verdict),
-            self.report.as_ref().is_some_and(|entry| by_runner(&entry)),
-        )
+        let report = self.report.as_ref();
+        let by_runner = report
+            .is_some_and(|entry| intent.is_some_and(|intent| intent.node.as_ref() == Some(&entry.node)));
+        phase_of(report.map(|entry| entry.report.state), intent.and_then(|intent| intent.verdict), by_runner)
     }
 
     /// Whether the run is over.

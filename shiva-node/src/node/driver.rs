@@ -637,7 +637,6 @@ impl Node {
             warn!(epoch, reason, "stepped down");
         }
         self.leadership.leader_sync = None;
-        self.leadership.batched_trim.set(None);
     }
 
     /// Looks at the lease now, as a step does first (see the driver loop).
