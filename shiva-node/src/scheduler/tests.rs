@@ -1142,8 +1142,15 @@ fn records_per_run(sim: &mut Sim, from_ms: i64, window_ms: i64) -> (f64, BTreeMa
     sim.advance(from_ms);
     let (first, launched) = (sim.log.len(), sim.launches.len());
     sim.advance(window_ms);
+    let runs = sim.launches.len() - launched;
+    assert!(runs > 0);
+    ((sim.log.len() - first) as f64 / runs as f64, record_kinds(&sim.log[first..]))
+}
+
+/// `writes` counted by topic and kind (a run record by its state).
+fn record_kinds(writes: &[(TopicKind, i64, String, Option<Vec<u8>>)]) -> BTreeMap<String, usize> {
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
-    for (topic, _, _, value) in &sim.log[first..] {
+    for (topic, _, _, value) in writes {
         let kind = match value.as_deref().map(Envelope::decode) {
             None => "tombstone".to_owned(),
             Some(Ok(envelope)) => match envelope.body {
@@ -1154,9 +1161,7 @@ fn records_per_run(sim: &mut Sim, from_ms: i64, window_ms: i64) -> (f64, BTreeMa
         };
         *kinds.entry(format!("{topic:?} {kind}")).or_default() += 1;
     }
-    let runs = sim.launches.len() - launched;
-    assert!(runs > 0);
-    ((sim.log.len() - first) as f64 / runs as f64, kinds)
+    kinds
 }
 
 /// In a cluster with a node that does not read `trim` records (see
@@ -1215,15 +1220,7 @@ fn a_lone_task_trims_a_handful_of_runs_at_a_time_in_one_trim_record() {
         kept = kept.max(sim.view.run_entries(&task).values().filter(|entry| entry.is_final()).count());
     }
     let runs = sim.launches.len() - launched;
-    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
-    for (topic, _, _, value) in &sim.log[first..] {
-        let kind = match value.as_deref().map(Envelope::decode) {
-            None => "tombstone".to_owned(),
-            Some(Ok(envelope)) => envelope.body.kind().to_owned(),
-            Some(Err(_)) => "garbage".to_owned(),
-        };
-        *kinds.entry(format!("{topic:?} {kind}")).or_default() += 1;
-    }
+    let kinds = record_kinds(&sim.log[first..]);
     let count = |kind: &str| kinds.get(kind).copied().unwrap_or(0);
     assert_eq!(count("Assignments deleted") + count("Status deleted"), 0, "{kinds:?}");
     let per_run = (sim.log.len() - first) as f64 / runs as f64;
