@@ -574,6 +574,7 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
                 verdict: None,
                 note: None,
                 incarnation: None,
+                seat: None,
             };
             let report = RunReport {
                 task: spec.id.clone(),

@@ -50,7 +50,7 @@ impl Write {
 
     /// Whether this is a `deleted` record of a run key (what [`batch_trims`] gathers).
     fn deletes_run(&self) -> bool {
-        matches!(self.body, Some(Body::Deleted(_))) && key::task_and_uuid(&self.key, "run").is_some()
+        matches!(self.body, Some(Body::Deleted(_))) && key::run_key(&self.key).is_some()
     }
 }
 

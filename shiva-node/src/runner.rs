@@ -196,6 +196,7 @@ mod tests {
             verdict: None,
             note: None,
             incarnation: None,
+            seat: None,
         };
         let report = report.map(|(incarnation, state)| ReportEntry {
             node: NodeId::new("a").unwrap(),

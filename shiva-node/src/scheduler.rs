@@ -92,6 +92,11 @@ pub struct Context<'a> {
     pub trim_every: usize,
     /// See [`TRIMS_PER_PLAN`] (smaller in tests).
     pub trims_per_plan: usize,
+    /// Every live node, and the newest heartbeat of every node not retired, has `run_seats`
+    /// and `batched_trim` (see `shiva_proto::records::feature::run_seats`): a new run's intent
+    /// takes the seat of a run leaving its task's history (`run/<task>/@<seat>`), which leaves
+    /// by being overwritten (see [`TaskPlan::take_seat`]).
+    pub run_seats: bool,
     /// Parsed schedules, kept between plans.
     pub schedules: &'a Schedules,
     /// Whether a node that is not live may still run an exclusive run of a task (it has not
@@ -319,6 +324,9 @@ struct TaskPlan<'a, 'c> {
     writes: &'c mut Vec<Write>,
     /// Where this task's writes start in `writes`.
     first_write: usize,
+    /// Runs on seats that leave the history (see [`TaskPlan::trim_history`]), oldest first,
+    /// with their seats: the next new intents of this step take those seats, and overwrite them.
+    leaving: std::collections::VecDeque<(Uuid, u16)>,
 }
 
 fn ms(at: DateTime<Utc>) -> i64 {
@@ -357,7 +365,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let spec = ctx.view.specs.get(task).filter(|entry| entry.spec.kind() != TaskKind::Service);
         let runs = Runs::new(task, ctx.view.runs.get(task));
         let first_write = writes.len();
-        TaskPlan { ctx, task, spec, runs, load, writes, first_write }
+        TaskPlan { ctx, task, spec, runs, load, writes, first_write, leaving: Default::default() }
     }
 
     fn busy(&self, topic: TopicKind, key: &str) -> bool {
@@ -472,8 +480,38 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         })
     }
 
-    fn write_intent(&mut self, intent: RunIntent) {
-        let key = key::run(self.task, intent.run_id);
+    /// The `assignments` key of run `id`'s intent (its seat's, else its run id's).
+    fn intent_key(&self, id: Uuid) -> String {
+        self.runs.get(&id).and_then(|run| run.intent_key()).unwrap_or_else(|| key::run(self.task, id))
+    }
+
+    /// A seat for a new run's intent while seats are used (see [`Context::run_seats`]): the
+    /// seat of the oldest run leaving the history in this step (that run's intent is overwritten:
+    /// it leaves the plan's view as it will leave the log's), else the lowest seat no run of
+    /// the task holds and whose key is settled and has no write in flight; `None` when every
+    /// seat is taken (keyed by its run id, as without seats).
+    fn take_seat(&mut self) -> Option<u16> {
+        if !self.ctx.run_seats {
+            return None;
+        }
+        if let Some((leaving, seat)) = self.leaving.pop_front() {
+            self.runs.entry(leaving).intent = None;
+            return Some(seat);
+        }
+        let held: BTreeSet<u16> = self.runs.iter().filter_map(|run| run.seat()).collect();
+        (0..shiva_proto::runs::MAX_SEATS).filter_map(|seat| u16::try_from(seat).ok()).find(|seat| {
+            let key = key::run_seat(self.task, *seat);
+            !held.contains(seat)
+                && !self.busy(TopicKind::Assignments, &key)
+                && self.ctx.view.is_settled(TopicKind::Assignments, &key)
+        })
+    }
+
+    fn write_intent(&mut self, mut intent: RunIntent) {
+        if intent.seat.is_none() && !self.runs.contains_key(&intent.run_id) {
+            intent.seat = self.take_seat();
+        }
+        let key = key::intent(&intent);
         let entry = self.runs.entry(intent.run_id);
         let offset = entry.intent.as_ref().map_or(-1, |(_, offset)| *offset);
         entry.intent = Some((intent.clone(), offset));
@@ -518,7 +556,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             })
             .collect();
         for (mut intent, started) in gone {
-            if self.busy(TopicKind::Assignments, &key::run(self.task, intent.run_id)) {
+            if self.busy(TopicKind::Assignments, &key::intent(&intent)) {
                 continue;
             }
             let node = intent.node.clone().map(|node| node.to_string()).unwrap_or_default();
@@ -551,7 +589,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             .filter(|run| run.epoch().is_some_and(|older| older < epoch))
             .filter(|run| run.intent_offset().is_some_and(|offset| offset >= 0))
             .filter(|run| {
-                let key = key::run(self.task, run.id());
+                let key = key::intent_key(self.task, run.id(), run.seat());
                 !written.contains(key.as_str()) && !(self.ctx.busy)(TopicKind::Assignments, &key)
             })
             .take(self.load.restamps_left)
@@ -591,8 +629,11 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             .view
             .unsettled(TopicKind::Assignments, &prefix)
             .filter(|key| !self.busy(TopicKind::Assignments, key))
-            .filter_map(|key| key::task_and_uuid(key, "run").filter(|(task, _)| task == self.task))
-            .filter_map(|(_, id)| self.runs.get(&id))
+            .filter_map(|key| key::run_key(key).filter(|(task, _)| task == self.task))
+            .filter_map(|(_, named)| match named {
+                key::RunKey::Id(id) => self.runs.get(&id).filter(|run| run.seat().is_none()),
+                key::RunKey::Seat(seat) => self.runs.iter().find(|run| run.seat() == Some(seat)),
+            })
             .filter(|run| run.intent_offset().is_some_and(|offset| offset >= 0))
             .filter_map(|run| run.intent())
             .map(|intent| RunIntent { epoch: self.ctx.epoch, ..intent.into_owned() })
@@ -608,7 +649,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             .into_iter()
             .filter_map(|id| self.runs.get(&id)?.intent().map(|intent| intent.into_owned()))
             .filter(|intent| intent.stop.is_none() && pick(intent))
-            .filter(|intent| !self.busy(TopicKind::Assignments, &key::run(self.task, intent.run_id)))
+            .filter(|intent| !self.busy(TopicKind::Assignments, &key::intent(intent)))
             .collect();
         for mut intent in targets {
             intent.epoch = self.ctx.epoch;
@@ -644,7 +685,16 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             // a run that never started.
             .filter(|id| !self.ctx.view.is_trimmed(TopicKind::Assignments, &key::run(self.task, *id)))
             .collect();
-        for id in orphans {
+        let defined = self.spec.is_some() || self.ctx.view.invalid.contains_key(self.task);
+        // With seats, a run leaves with its intent overwritten, one at a launch, and its report
+        // is left an orphan: those go a handful at a time too, in one `trim` record (a lone
+        // task would otherwise pay a `deleted` record and a tombstone for each).
+        let handful =
+            self.ctx.run_seats && defined && orphans.len() < trim_every(self.task, self.ctx.trim_every);
+        // An intent on a seat that a `trim` record deleted waits for its tombstone under its
+        // seat's key, not its run's: no orphan of the task goes meanwhile.
+        let waiting = self.ctx.run_seats && self.ctx.view.trimmed_runs_of(self.task);
+        for id in orphans.into_iter().filter(|_| !handful && !waiting) {
             let key = key::run(self.task, id);
             if !self.busy(TopicKind::Assignments, &key) && !self.busy(TopicKind::Status, &key) {
                 self.writes.extend(Write::delete(TopicKind::Status, key, self.ctx.epoch));
@@ -658,7 +708,6 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         if self.ctx.view.trimmed_runs_of(self.task) {
             return;
         }
-        let defined = self.spec.is_some() || self.ctx.view.invalid.contains_key(self.task);
         let keep = if defined { HISTORY } else { 0 };
         // The intents of slots past the stored position imply the position (see `position`):
         // they stay until it is written past them (at most `CHECKPOINT_LAUNCHES` of them), so
@@ -718,7 +767,10 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // however many tasks and however seldom the leader plans, no history grows. A deleted
         // task's whole history leaves within what the plan has left (see `TRIMS_PER_PLAN`).
         let excess = finished.len() - keep;
-        if self.ctx.batched_trim && defined && excess < trim_every(self.task, self.ctx.trim_every) {
+        // (With seats, a defined task's runs leave one at a launch, by being overwritten: no
+        // record of their own to share.)
+        let seats = self.ctx.run_seats && defined;
+        if self.ctx.batched_trim && defined && !seats && excess < trim_every(self.task, self.ctx.trim_every) {
             return;
         }
         let excess = if defined { excess } else { excess.min(self.load.trims_left) };
@@ -748,7 +800,13 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             if !defined {
                 self.load.trims_left -= 1;
             }
-            let key = key::run(self.task, id);
+            // A run on a seat leaves when the step's next new run takes its seat (see
+            // `take_seat`); until then it stays, and is picked again at the next step.
+            if let Some(seat) = self.runs.get(&id).and_then(|run| run.seat()).filter(|_| seats) {
+                self.leaving.push_back((id, seat));
+                continue;
+            }
+            let key = self.intent_key(id);
             if self.runs.get(&id).and_then(|run| run.intent_offset()).is_some_and(|offset| offset >= 0)
                 && !self.busy(TopicKind::Assignments, &key)
             {
@@ -800,6 +858,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             stop: None,
             verdict: None,
             note: None,
+            seat: None,
         }
     }
 

@@ -469,8 +469,16 @@ pub mod feature {
     /// tombstones, and keep every trimmed run in its view until it restarts.
     pub const BATCHED_TRIM: &str = "batched_trim";
 
+    /// Run seats (issue 21): the node's log view reads launch intents keyed by a seat of their
+    /// task's history (`run/<task>/@<seat>`, [`crate::runs::RunIntent::seat`]), where a later
+    /// intent overwrites the run that left. Only while every live node, and the newest heartbeat
+    /// of every node not retired, has it (and [`BATCHED_TRIM`]) does the leader write intents on
+    /// seats: an older build would skip them, and not launch them.
+    pub const RUN_SEATS: &str = "run_seats";
+
     /// Every feature this build has, for its heartbeat.
-    pub const ALL: &[&str] = &[START_AFTER, TRIMMED_CLAIMS, NODE_MODES, INSTANCES, LEAN_RUNS, BATCHED_TRIM];
+    pub const ALL: &[&str] =
+        &[START_AFTER, TRIMMED_CLAIMS, NODE_MODES, INSTANCES, LEAN_RUNS, BATCHED_TRIM, RUN_SEATS];
 
     /// Whether `live` has a node and every one has [`BATCHED_TRIM`], and so does the newest
     /// heartbeat of every node known (`known`: those not retired, live or not): a node down
@@ -478,11 +486,29 @@ pub mod feature {
     /// meanwhile in its view, as open keys its own leadership would write again.
     pub fn batched_trim<'h>(
         live: &[super::Member],
+        known: impl Iterator<Item = &'h super::Heartbeat>,
+    ) -> bool {
+        everyone_has(&[BATCHED_TRIM], live, known)
+    }
+
+    /// Whether `live` has a node and every one has [`RUN_SEATS`] and [`BATCHED_TRIM`], and so
+    /// does the newest heartbeat of every node known (as for [`batched_trim`]).
+    pub fn run_seats<'h>(live: &[super::Member], known: impl Iterator<Item = &'h super::Heartbeat>) -> bool {
+        everyone_has(&[BATCHED_TRIM, RUN_SEATS], live, known)
+    }
+
+    /// Whether `live` has a node, and every one and the newest heartbeat of every node `known`
+    /// has each of `features`.
+    fn everyone_has<'h>(
+        features: &[&str],
+        live: &[super::Member],
         mut known: impl Iterator<Item = &'h super::Heartbeat>,
     ) -> bool {
         !live.is_empty()
-            && live.iter().all(|member| member.has(BATCHED_TRIM))
-            && known.all(|heartbeat| heartbeat.features.iter().any(|feature| feature == BATCHED_TRIM))
+            && live.iter().all(|member| features.iter().all(|feature| member.has(feature)))
+            && known.all(|heartbeat| {
+                features.iter().all(|feature| heartbeat.features.iter().any(|f| f == feature))
+            })
     }
 
     /// Whether `live` has a leader-capable node and every one has [`LEAN_RUNS`] (a node that has
@@ -556,6 +582,32 @@ pub mod feature {
                 !super::batched_trim(&[member(true)], [&new, &old].into_iter()),
                 "an older node down, not retired"
             );
+        }
+
+        #[test]
+        fn run_seats_are_used_only_when_every_node_reads_them_and_batched_trims() {
+            let member = |features: &[&str]| crate::records::Member {
+                id: crate::NodeId::new("n").unwrap(),
+                incarnation: uuid::Uuid::nil(),
+                hostname: "h".into(),
+                tags: Vec::new(),
+                runner: true,
+                leader_capable: true,
+                returns: 0,
+                features: features.iter().map(|f| (*f).to_owned()).collect(),
+            };
+            let heartbeat = |features: &[&str]| {
+                let value = serde_json::json!({"protocol": 1, "seq": 1, "hostname": "h", "leader_capable": true,
+                    "runner": true, "interval_ms": 200, "features": features});
+                serde_json::from_value::<crate::records::Heartbeat>(value).unwrap()
+            };
+            let both = [super::BATCHED_TRIM, super::RUN_SEATS];
+            let (new, old) = (heartbeat(&both), heartbeat(&[super::BATCHED_TRIM]));
+            assert!(super::run_seats(&[member(&both), member(&both)], [&new, &new].into_iter()));
+            assert!(!super::run_seats(&[], [&new].into_iter()), "none live yet");
+            assert!(!super::run_seats(&[member(&both), member(&[super::BATCHED_TRIM])], [&new].into_iter()));
+            assert!(!super::run_seats(&[member(&both), member(&[super::RUN_SEATS])], [&new].into_iter()));
+            assert!(!super::run_seats(&[member(&both)], [&new, &old].into_iter()), "an older node down");
         }
     }
 }

@@ -180,7 +180,11 @@ impl Sched {
     }
 }
 
-/// `assignments` `run/<task>/<run-id>` body: a leader write.
+/// Seats a task's launch intents may take in its history (`run/<task>/@<seat>`, see
+/// [`RunIntent::seat`]): at most this many, 0 to 4095.
+pub const MAX_SEATS: usize = 4096;
+
+/// `assignments` `run/<task>/<run-id>` (or `run/<task>/@<seat>`) body: a leader write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunIntent {
     /// The writing leader's epoch.
@@ -224,6 +228,12 @@ pub struct RunIntent {
     /// Detail for the verdict.
     #[serde(default)]
     pub note: Option<String>,
+    /// The seat of the task's history the intent is written on (`run/<task>/@<seat>`, 0 to
+    /// [`MAX_SEATS`] - 1), taken by a later run once this one leaves the history: the later
+    /// intent overwrites this one, and compaction drops this one for free (issue 21). Absent:
+    /// keyed by its run id, and deleted with a `deleted` or `trim` record and a tombstone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seat: Option<u16>,
 }
 
 /// `status` `run/<task>/<run-id>` body, written by the runner (the envelope's sender).

@@ -151,6 +151,60 @@ pub mod key {
         format!("{}{run}", runs_of(id))
     }
 
+    /// `run/<id>/@<seat>`: a launch intent on one of the seats of its task's history (see
+    /// [`crate::runs::RunIntent::seat`]).
+    pub fn run_seat(id: &TaskId, seat: u16) -> String {
+        format!("{}@{seat}", runs_of(id))
+    }
+
+    /// The `assignments` key of `intent`: its seat's, else its run id's.
+    pub fn intent(intent: &crate::runs::RunIntent) -> String {
+        intent_key(&intent.task, intent.run_id, intent.seat)
+    }
+
+    /// The `assignments` key of the intent of `run` of `id` on `seat` (`None`: keyed by its
+    /// run id).
+    pub fn intent_key(id: &TaskId, run: Uuid, seat: Option<u16>) -> String {
+        match seat {
+            Some(seat) => run_seat(id, seat),
+            None => self::run(id, run),
+        }
+    }
+
+    /// What a run key names: a run by its id, or a seat of its task's history.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum RunKey {
+        /// `run/<task>/<run-id>`.
+        Id(Uuid),
+        /// `run/<task>/@<seat>` (below [`crate::runs::MAX_SEATS`]).
+        Seat(u16),
+    }
+
+    /// The task and what a well-formed run key (`run/<task>/<run-id>` or `run/<task>/@<seat>`)
+    /// names.
+    pub fn run_key(key: &str) -> Option<(TaskId, RunKey)> {
+        let rest = key.strip_prefix("run/")?;
+        let (task, last) = rest.rsplit_once('/')?;
+        let named = match last.strip_prefix('@') {
+            Some(digits) => {
+                // Digits only, no sign or leading zero: one key per seat.
+                if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) {
+                    return None;
+                }
+                if !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                let seat: u16 = digits.parse().ok()?;
+                if usize::from(seat) >= crate::runs::MAX_SEATS {
+                    return None;
+                }
+                RunKey::Seat(seat)
+            }
+            None => RunKey::Id(last.parse().ok()?),
+        };
+        Some((TaskId::new(task).ok()?, named))
+    }
+
     /// `trim/<epoch>/<id>`: a leader's `trim` record (see [`crate::records::Trim`]).
     pub fn trim(epoch: u64, id: Uuid) -> String {
         format!("trim/{epoch}/{id}")
@@ -163,8 +217,8 @@ pub mod key {
         epoch.parse().ok()
     }
 
-    /// Whether `map` has a run key of `task` on `topic` (`run/<task>/<uuid>`, not one of a
-    /// longer task id that shares the prefix).
+    /// Whether `map` has a run key of `task` on `topic` (`run/<task>/<uuid>` or
+    /// `run/<task>/@<seat>`, not one of a longer task id that shares the prefix).
     pub fn has_run_of<V>(
         map: &std::collections::BTreeMap<(super::TopicKind, String), V>,
         topic: super::TopicKind,
@@ -173,7 +227,7 @@ pub mod key {
         let prefix = runs_of(task);
         map.range((topic, prefix.clone())..)
             .take_while(|((of, key), _)| *of == topic && key.starts_with(&prefix))
-            .any(|((_, key), _)| task_and_uuid(key, "run").is_some_and(|(of, _)| of == *task))
+            .any(|((_, key), _)| run_key(key).is_some_and(|(of, _)| of == *task))
     }
 
     /// `run/<id>/`: the start of every run key of a task (a longer task id may share it).
@@ -218,5 +272,31 @@ mod tests {
         assert_eq!(key::task_and_uuid(&key::run(&task, run), "run"), Some((task.clone(), run)));
         assert_eq!(key::task_and_uuid(&key::request(&task, run), "request"), Some((task, run)));
         assert_eq!(key::task_and_uuid("run/a/not-a-uuid", "run"), None);
+    }
+
+    #[test]
+    fn run_keys_name_a_run_or_a_seat() {
+        use key::RunKey;
+        let task = TaskId::new("a/b").unwrap();
+        let run = Uuid::from_u128(7);
+        assert_eq!(key::run_key(&key::run(&task, run)), Some((task.clone(), RunKey::Id(run))));
+        assert_eq!(key::run_seat(&task, 12), "run/a/b/@12");
+        assert_eq!(key::run_key("run/a/b/@12"), Some((task.clone(), RunKey::Seat(12))));
+        assert_eq!(key::run_key("run/a/b/@0"), Some((task, RunKey::Seat(0))));
+        let max = crate::runs::MAX_SEATS;
+        for bad in [
+            "run/a/b/@",
+            "run/a/b/@012",
+            "run/a/b/@-1",
+            "run/a/b/@+1",
+            "run/a/b/@1x",
+            "run/@1",
+            "run/a/b/@99999999",
+        ] {
+            assert_eq!(key::run_key(bad), None, "{bad}");
+        }
+        assert_eq!(key::run_key(&format!("run/a/@{max}")), None);
+        assert!(key::run_key(&format!("run/a/@{}", max - 1)).is_some());
+        assert_eq!(key::run_key("run/a/not-a-uuid"), None);
     }
 }

@@ -279,6 +279,8 @@ pub struct CompactRun {
     /// Meaningful with [`Present::INCARNATION`].
     incarnation: Uuid,
     attempt: u32,
+    /// The intent's seat, with [`Present::SEAT`].
+    seat: u16,
     /// The report's pid, with [`Present::PID`].
     pid: u32,
     /// The report's exit code and signal, with [`Present::EXIT`], [`Present::CODE`] and
@@ -309,6 +311,8 @@ impl Present {
     const SIGNAL: u16 = 1 << 4;
     /// `written_at_ms`, `started_ms`, `late_ms`, `ended_ms`.
     const TIMES: [u16; 4] = [1 << 5, 1 << 6, 1 << 7, 1 << 8];
+    /// The intent's seat.
+    const SEAT: u16 = 1 << 9;
 
     fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
@@ -356,6 +360,7 @@ impl CompactRun {
             .map(|entry| Box::new((entry.node.clone(), entry.incarnation)));
         let mut present = 0u16;
         let incarnation = pack(incarnation, Present::INCARNATION, &mut present);
+        let seat = pack(intent.and_then(|intent| intent.seat), Present::SEAT, &mut present);
         let pid = pack(facts.and_then(|report| report.pid), Present::PID, &mut present);
         let exit = facts.and_then(|report| report.exit);
         if exit.is_some() {
@@ -388,6 +393,7 @@ impl CompactRun {
             node,
             incarnation,
             attempt,
+            seat,
             pid,
             exit,
             times,
@@ -442,6 +448,7 @@ impl CompactRun {
             stop: self.text(0),
             verdict: self.verdict,
             note: self.text(1),
+            seat: self.get(self.seat, Present::SEAT),
         })
     }
 
@@ -595,6 +602,19 @@ impl<'a> RunRef<'a> {
             RunKind::Full(entry) => entry.report.as_ref().map(|entry| entry.offset),
             RunKind::Compact(done) => done.reported.map(|_| done.report_offset),
         }
+    }
+
+    /// The intent's seat (see [`RunIntent::seat`]).
+    pub fn seat(&self) -> Option<u16> {
+        match self.kind {
+            RunKind::Full(entry) => entry.intent.as_ref().and_then(|(intent, _)| intent.seat),
+            RunKind::Compact(done) => done.has_intent().then(|| done.get(done.seat, Present::SEAT)).flatten(),
+        }
+    }
+
+    /// The `assignments` key of its intent (its seat's, else its run id's), when it has one.
+    pub fn intent_key(&self) -> Option<String> {
+        self.has_intent().then(|| key::intent_key(self.task, self.id, self.seat()))
     }
 
     /// The intent's offset (-1: written by a plan, not read back yet).
@@ -1394,15 +1414,30 @@ impl LogView {
         }
     }
 
+    /// The run of `task` whose intent is on `seat`.
+    pub fn run_on_seat(&self, task: &TaskId, seat: u16) -> Option<Uuid> {
+        self.runs_of(task).find(|run| run.seat() == Some(seat)).map(|run| run.id())
+    }
+
+    /// The run whose record is the entry of run key `named` of `task` on `topic`: on
+    /// `assignments`, the run whose intent is on that key (by its run id with no seat, or on
+    /// that seat); on `status`, the run whose report it is (reports are keyed by run id).
+    pub fn run_on_key(&self, topic: TopicKind, task: &TaskId, named: key::RunKey) -> Option<Uuid> {
+        match (topic, named) {
+            (TopicKind::Assignments, key::RunKey::Id(id)) => {
+                self.run(task, &id).filter(|run| run.has_intent() && run.seat().is_none()).map(|_| id)
+            }
+            (TopicKind::Assignments, key::RunKey::Seat(seat)) => self.run_on_seat(task, seat),
+            (_, key::RunKey::Id(id)) => self.run(task, &id).filter(|run| run.has_report()).map(|_| id),
+            (_, key::RunKey::Seat(_)) => None,
+        }
+    }
+
     /// Whether the view holds an entry for a leader-owned key.
     fn holds_entry(&self, topic: TopicKind, key: &str) -> bool {
         let task = |kind| key::task_of(key, kind).and_then(|id| TaskId::new(id).ok());
-        if let Some((task, run)) = key::task_and_uuid(key, "run") {
-            let entry = self.run(&task, &run);
-            return match topic {
-                TopicKind::Assignments => entry.is_some_and(|entry| entry.has_intent()),
-                _ => entry.is_some_and(|entry| entry.has_report()),
-            };
+        if let Some((task, run)) = key::run_key(key) {
+            return self.run_on_key(topic, &task, run).is_some();
         }
         if let Some((task, request)) = key::task_and_uuid(key, "request") {
             return self.requests.get(&task).is_some_and(|requests| requests.contains_key(&request));
@@ -1418,10 +1453,8 @@ impl LogView {
     /// Deletes the entry of a leader-owned key (a `deleted` record of the leader's epoch).
     fn delete_entry(&mut self, topic: TopicKind, key: &str) {
         let task = |kind| key::task_of(key, kind).and_then(|id| TaskId::new(id).ok());
-        if let Some((task, run)) = key::task_and_uuid(key, "run") {
-            if self.run(&task, &run).is_none() {
-                return;
-            }
+        if let Some((task, run)) = key::run_key(key) {
+            let Some(run) = self.run_on_key(topic, &task, run) else { return };
             self.change_run(&task, run, |entry| match topic {
                 TopicKind::Assignments => entry.intent = None,
                 _ => entry.report = None,
@@ -1757,7 +1790,10 @@ impl LogView {
                 self.scheds.insert(sched.task.clone(), SchedEntry { sched, offset });
             }
             (TopicKind::Assignments, Body::RunIntent(mut intent)) => {
-                expect_key(key, &key::run(&intent.task, intent.run_id))?;
+                if intent.seat.is_some_and(|seat| usize::from(seat) >= crate::runs::MAX_SEATS) {
+                    return Err(format!("its seat is past the last ({})", crate::runs::MAX_SEATS - 1));
+                }
+                expect_key(key, &key::intent(&intent))?;
                 self.epochs.accepts(intent.epoch, &env.sender, env.incarnation)?;
                 if intent.spec.id != intent.task {
                     return Err("its spec is for another task".into());
@@ -1773,6 +1809,13 @@ impl LogView {
                 intent.task = self.shared_task(intent.task);
                 intent.node = intent.node.map(|node| self.shared_node(node));
                 let (task, run) = (intent.task.clone(), intent.run_id);
+                // The run on its seat before leaves the view: its intent is overwritten (as a
+                // `deleted` record would delete it), and its report, if any, is an orphan.
+                if let Some(seat) = intent.seat
+                    && let Some(before) = self.run_on_seat(&task, seat).filter(|before| *before != run)
+                {
+                    self.change_run(&task, before, |entry| entry.intent = None);
+                }
                 self.change_run(&task, run, |entry| entry.intent = Some((intent, offset)));
             }
             (TopicKind::Status, Body::RunReport(mut report)) => {
@@ -1804,9 +1847,13 @@ impl LogView {
                 if listed.len() != trim.keys.len() {
                     return Err("it lists a key twice".into());
                 }
-                if let Some(other) = listed.iter().find(|listed| key::task_and_uuid(listed, "run").is_none())
-                {
-                    return Err(format!("'{other}' is not a run key"));
+                let is_run_key = |listed: &str| match key::run_key(listed) {
+                    Some((_, key::RunKey::Seat(_))) => topic == TopicKind::Assignments,
+                    Some((_, key::RunKey::Id(_))) => true,
+                    None => false,
+                };
+                if let Some(other) = listed.iter().find(|listed| !is_run_key(listed)) {
+                    return Err(format!("'{other}' is not a run key of {topic}"));
                 }
                 self.accepts_deletion(topic, trim.epoch, &env.sender, env.incarnation)?;
                 self.epochs.active.insert(trim.epoch);

@@ -383,6 +383,7 @@ fn expected() -> Vec<(&'static str, Envelope)> {
                     verdict: None,
                     note: None,
                     incarnation: None,
+                    seat: None,
                 }),
             ),
         ),

@@ -96,6 +96,7 @@ fn bytes_per_run(tasks: usize, runs: usize) -> f64 {
                 verdict: None,
                 note: None,
                 incarnation: Some(runner),
+                seat: None,
             };
             let report = RunReport {
                 task: task.clone(),

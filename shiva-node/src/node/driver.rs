@@ -234,6 +234,8 @@ pub(crate) struct Leadership {
     /// Whether the last plan batched trimming (said in the log when it changes; a cell: plans
     /// read the node).
     pub(crate) batched_trim: std::cell::Cell<Option<bool>>,
+    /// Whether the last plan wrote intents on seats (as `batched_trim`).
+    pub(crate) run_seats: std::cell::Cell<Option<bool>>,
 }
 
 /// The runner's runs of periodic and one-shot tasks (see `runs.rs`): the pure book, and the
@@ -279,37 +281,58 @@ pub(crate) const TIMING: Timing =
     Timing { lookahead: Duration::from_secs(1), tolerance: Duration::from_secs(2) };
 
 impl Node {
-    /// Whether the leader may batch trimming (see `feature::batched_trim`); says in the log when
-    /// that changes as it leads, with the nodes that keep it off: live, or with a heartbeat in
-    /// the log (not retired yet), without the feature (a node left on an older build).
-    fn batched_trim(&self, live: &[shiva_proto::records::Member]) -> bool {
+    /// Whether the leader may batch trimming (see `feature::batched_trim`), and write intents on
+    /// seats (see `feature::run_seats`); says in the log when either changes as it leads (see
+    /// [`Node::gate`]).
+    fn trim_features(&self, live: &[shiva_proto::records::Member]) -> (bool, bool) {
         use shiva_proto::records::feature;
         let heartbeats = || self.view.heartbeats.values().map(|entry| &entry.heartbeat);
         let batched = feature::batched_trim(live, heartbeats());
-        if self.leadership.batched_trim.replace(Some(batched)) != Some(batched) {
-            if batched {
-                info!("trimming batched: every node reads `trim` records");
-            } else {
-                let lacking: BTreeSet<&str> = (self.view.heartbeats.iter())
-                    .filter(|(_, entry)| {
-                        !entry.heartbeat.features.iter().any(|name| name == feature::BATCHED_TRIM)
-                    })
-                    .map(|(node, _)| node.as_str())
-                    .chain(
-                        live.iter()
-                            .filter(|member| !member.has(feature::BATCHED_TRIM))
-                            .map(|member| member.id.as_str()),
-                    )
-                    .collect();
-                if lacking.is_empty() {
-                    info!("trimming not batched: no live node");
-                } else {
-                    let nodes = Vec::from_iter(lacking).join(",");
-                    info!(%nodes, "trimming not batched: these nodes do not list the batched_trim feature");
-                }
-            }
+        let seats = feature::run_seats(live, heartbeats());
+        let batched = self.gate(&self.leadership.batched_trim, feature::BATCHED_TRIM, batched, live);
+        let seats = self.gate(&self.leadership.run_seats, feature::RUN_SEATS, seats, live);
+        (batched, seats)
+    }
+
+    /// `on`, for a feature every node must have (`feature`, and `batched_trim`, which the others
+    /// build on); says in the log when it changes as the node leads (`cell`), with the nodes
+    /// that keep it off: live, or with a heartbeat in the log (not retired yet), without it (a
+    /// node left on an older build).
+    fn gate(
+        &self,
+        cell: &std::cell::Cell<Option<bool>>,
+        feature: &str,
+        on: bool,
+        live: &[shiva_proto::records::Member],
+    ) -> bool {
+        use shiva_proto::records::feature::BATCHED_TRIM;
+        if cell.replace(Some(on)) == Some(on) {
+            return on;
         }
-        batched
+        if on {
+            info!(feature, "feature on: every node has it");
+            return on;
+        }
+        let lacks = |features: &mut dyn Iterator<Item = &str>| {
+            let listed: Vec<&str> = features.collect();
+            !listed.contains(&feature) || !listed.contains(&BATCHED_TRIM)
+        };
+        let lacking: BTreeSet<&str> = (self.view.heartbeats.iter())
+            .filter(|(_, entry)| lacks(&mut entry.heartbeat.features.iter().map(String::as_str)))
+            .map(|(node, _)| node.as_str())
+            .chain(
+                live.iter()
+                    .filter(|member| lacks(&mut member.features.iter().map(String::as_str)))
+                    .map(|member| member.id.as_str()),
+            )
+            .collect();
+        if lacking.is_empty() {
+            info!(feature, "feature off: no live node");
+        } else {
+            let nodes = Vec::from_iter(lacking).join(",");
+            info!(feature, %nodes, "feature off: these nodes do not list it");
+        }
+        on
     }
 
     pub(crate) fn token(&mut self) -> u64 {
@@ -370,6 +393,7 @@ impl Node {
                     self.leadership.schedules.forget_panics();
                     self.leadership.leading = Some(epoch);
                     self.leadership.batched_trim.set(None);
+                    self.leadership.run_seats.set(None);
                     self.leadership.leader_sync = None;
                 }
                 if let Some((epoch, _)) = self.leadership.claim_check.filter(|(_, t)| *t == token) {
@@ -885,7 +909,7 @@ impl Node {
             failed: &self.leadership.unwritable,
         };
         let mut writes = if walks { reconcile(&self.view, &inputs) } else { Vec::new() };
-        let batched_trim = self.batched_trim(&live);
+        let (batched_trim, run_seats) = self.trim_features(&live);
         let context = scheduler::Context {
             view: &self.view,
             live: &live,
@@ -896,6 +920,7 @@ impl Node {
             runs_busy: &|task| self.outbox.runs_busy(task),
             lean: shiva_proto::records::feature::lean_runs(&live),
             batched_trim,
+            run_seats,
             trim_every: scheduler::TRIM_EVERY,
             trims_per_plan: scheduler::TRIMS_PER_PLAN,
             schedules: &self.leadership.schedules,
@@ -949,7 +974,7 @@ impl Node {
         let task = ["task", "sched"]
             .iter()
             .find_map(|kind| key::task_of(key, kind).and_then(|id| TaskId::new(id).ok()))
-            .or_else(|| key::task_and_uuid(key, "run").map(|(task, _)| task));
+            .or_else(|| key::run_key(key).map(|(task, _)| task));
         let Some(task) = task else {
             error!(%key, %message, "the bus refused a leader record for its size");
             return;

@@ -579,6 +579,7 @@ mod tests {
                 verdict: None,
                 note: None,
                 incarnation: None,
+                seat: None,
             };
             change(&mut intent);
             self.write(

@@ -58,6 +58,8 @@ struct Sim {
     lean: bool,
     /// Every node has the `batched_trim` feature (else: as in a cluster with an older node).
     batched_trim: bool,
+    /// Every node has the `run_seats` feature (see `Context::run_seats`).
+    run_seats: bool,
     /// See `Context::trim_every`.
     trim_every: usize,
     /// See `Context::trims_per_plan`.
@@ -101,6 +103,7 @@ impl Sim {
             pending: Vec::new(),
             lean: true,
             batched_trim: true,
+            run_seats: true,
             trim_every: TRIM_EVERY,
             trims_per_plan: TRIMS_PER_PLAN,
         };
@@ -222,8 +225,7 @@ impl Sim {
         let busy = |topic: TopicKind, key: &str| pending.iter().any(|(_, t, k, _)| *t == topic && k == key);
         let runs_busy = |task: &TaskId| {
             pending.iter().any(|(_, t, k, _)| {
-                *t == TopicKind::Assignments
-                    && key::task_and_uuid(k, "run").is_some_and(|(of, _)| of == *task)
+                *t == TopicKind::Assignments && key::run_key(k).is_some_and(|(of, _)| of == *task)
             })
         };
         let context = Context {
@@ -236,6 +238,7 @@ impl Sim {
             runs_busy: &runs_busy,
             lean: self.lean,
             batched_trim: self.batched_trim,
+            run_seats: self.run_seats && self.batched_trim,
             trim_every: self.trim_every,
             trims_per_plan: self.trims_per_plan,
             schedules: &self.schedules,
@@ -705,6 +708,8 @@ fn two_hundred_failovers_and_restarts_leave_a_compacted_log_within_its_bound() {
 #[test]
 fn a_report_whose_intent_is_gone_is_trimmed_whatever_it_says() {
     let mut sim = Sim::new();
+    // Intents keyed by run id, as in a cluster with a node without `run_seats`.
+    sim.run_seats = false;
     sim.submit(every_second(CatchUp::None));
     sim.advance(2_500);
     let task = TaskId::new("cron/tick").unwrap();
@@ -966,6 +971,8 @@ fn a_one_shot_whose_node_dies_is_retried_elsewhere_as_attempt_2() {
 #[test]
 fn history_is_bounded() {
     let mut sim = Sim::new();
+    // Intents keyed by run id, as in a cluster with a node without `run_seats`.
+    sim.run_seats = false;
     sim.run_ms = 10;
     sim.submit(every_second(CatchUp::None));
     sim.advance(130_000);
@@ -1237,6 +1244,96 @@ fn a_lone_task_trims_a_handful_of_runs_at_a_time_in_one_trim_record() {
     assert_each_slot_once(&sim, start() + 3_000, sim.now - 3_000);
 }
 
+/// Seats (issue 21, point 1): past a full history, each new run's intent takes the seat of the
+/// run leaving, so that run's intent leaves with no record of its own; its report leaves with
+/// the reports of a handful of others, in one `trim` record and a tombstone each. A lone task
+/// then costs the run's three records, one tombstone, and a share of two `trim` records and
+/// their tombstones: four and a bit, against five and a half with intents keyed by run id
+/// (`a_lone_task_trims_a_handful_of_runs_at_a_time_in_one_trim_record`, which this build runs
+/// with seats too) and seven before batching.
+#[test]
+fn a_run_on_a_seat_leaves_the_history_without_a_record_for_its_intent() {
+    let mut sim = Sim::new();
+    sim.run_ms = 10;
+    sim.reconcile = true;
+    sim.submit(every_second(CatchUp::All));
+    let task = TaskId::new("cron/tick").unwrap();
+    let every = trim_every(&task, TRIM_EVERY);
+    let window = 200_000;
+    sim.advance(2 * HISTORY as i64 * 1000);
+    let (first, launched) = (sim.log.len(), sim.launches.len());
+    let (until, mut kept, mut orphans) = (sim.now + window, 0, 0);
+    while sim.now < until {
+        sim.advance(TICK);
+        let runs = sim.view.run_entries(&task);
+        kept = kept.max(runs.values().filter(|entry| entry.intent.is_some()).count());
+        orphans = orphans.max(runs.values().filter(|entry| entry.intent.is_none()).count());
+    }
+    let runs = sim.launches.len() - launched;
+    let kinds = record_kinds(&sim.log[first..]);
+    let count = |kind: &str| kinds.get(kind).copied().unwrap_or(0);
+    assert_eq!(count("Assignments run_intent"), runs, "{kinds:?}");
+    for kind in ["Assignments deleted", "Assignments tombstone", "Assignments trim", "Status deleted"] {
+        assert_eq!(count(kind), 0, "{kind}: {kinds:?}");
+    }
+    let keys: BTreeSet<&str> = (sim.log[first..].iter())
+        .filter(|(topic, _, key, _)| *topic == TopicKind::Assignments && key.starts_with("run/"))
+        .map(|(_, _, key, _)| key.as_str())
+        .collect();
+    assert!(keys.iter().all(|key| key.contains("/@")), "an intent keyed by its run id: {keys:?}");
+    assert!(keys.len() <= HISTORY + 2, "{} seats used", keys.len());
+    let per_run = (sim.log.len() - first) as f64 / runs as f64;
+    let edges = (2 * every + 4) as f64 / runs as f64;
+    let bound = 4.0 + 2.0 / every as f64 + 1.0 / CHECKPOINT_LAUNCHES as f64 + edges;
+    assert!(per_run <= bound, "{per_run:.2} records per run (at most {bound:.2}): {kinds:?}");
+    assert!(kept <= HISTORY + 2, "{kept} runs held");
+    assert!(orphans < every + 2, "{orphans} reports of runs gone held");
+    assert_position_implied(&sim, &task);
+    assert_eq!(sim.compacted().runs, sim.view.runs);
+    assert_each_slot_once(&sim, start() + 3_000, sim.now - 3_000);
+}
+
+/// Seats turned on over a history keyed by run ids (every node upgraded), then off (a node of
+/// an older build joins) and on again: the runs of either kind leave the history in their own
+/// way, the history stays bounded, every slot runs once, and once the task is deleted every
+/// key of either kind is deleted.
+#[test]
+fn seats_turned_on_and_off_keep_each_slot_once_and_the_history_bounded() {
+    let mut sim = Sim::new();
+    sim.run_ms = 10;
+    sim.reconcile = true;
+    sim.run_seats = false;
+    let tasks = submit_every_second(&mut sim, "cron/tick", 3);
+    sim.advance(HISTORY as i64 * 1000 + 20_000);
+    for seats in [true, false, true] {
+        sim.run_seats = seats;
+        sim.advance(HISTORY as i64 * 1000 / 2);
+        for task in &tasks {
+            let held = sim.view.runs_of(task).filter(|run| run.has_intent()).count();
+            assert!(held <= HISTORY + 2 * TRIM_EVERY + 1, "{task}: {held} runs held, seats {seats}");
+        }
+    }
+    assert_eq!(sim.compacted().runs, sim.view.runs);
+    let mut launches: BTreeMap<(&TaskId, i64), usize> = BTreeMap::new();
+    for (task, trigger, _, _) in &sim.launches {
+        *launches.entry((task, trigger.slot_ms().unwrap())).or_default() += 1;
+    }
+    assert!(launches.values().all(|count| *count == 1), "a slot launched twice");
+    let slots = usize::try_from((sim.now - 3_000 - start()) / 1000).unwrap();
+    assert!(launches.len() >= tasks.len() * slots, "{} launches for {slots} slots", launches.len());
+    for task in &tasks {
+        sim.append(TopicKind::Commands, key::task(task), None);
+    }
+    sim.advance(20_000);
+    sim.read_back(true);
+    sim.advance(5_000);
+    assert_eq!(sim.view.all_runs().count(), 0, "runs left of deleted tasks");
+    assert_eq!(sim.compacted().all_runs().count(), 0, "runs left in the compacted log");
+    let seats_kept =
+        sim.compacted().offset_keys(TopicKind::Assignments).filter(|key| key.contains("/@")).count();
+    assert_eq!(seats_kept, 0);
+}
+
 /// Ten tasks firing at the same instant, past a full history: the runs a step trims share one
 /// `trim` record per topic, then a bare tombstone each (issue 21, point 1: five records a run
 /// and a share of the two `trim` records and their tombstones, against seven). Each task's
@@ -1245,6 +1342,8 @@ fn a_lone_task_trims_a_handful_of_runs_at_a_time_in_one_trim_record() {
 fn runs_trimmed_at_one_instant_share_one_trim_record_per_topic() {
     const TASKS: usize = 10;
     let mut sim = Sim::new();
+    // Intents keyed by run id, as in a cluster with a node without `run_seats`.
+    sim.run_seats = false;
     sim.run_ms = 10;
     sim.reconcile = true;
     submit_every_second(&mut sim, "cron/tick", TASKS);
@@ -1347,6 +1446,8 @@ fn a_trim_missing_a_tombstone(sim: &mut Sim) -> (String, String) {
 #[test]
 fn a_trim_record_lost_before_a_tombstone_it_was_written_for_never_reopens_a_run() {
     let mut sim = Sim::new();
+    // Intents keyed by run id, as in a cluster with a node without `run_seats`.
+    sim.run_seats = false;
     let (trim_key, victim) = a_trim_missing_a_tombstone(&mut sim);
     sim.append(TopicKind::Assignments, trim_key, None);
     sim.advance(10_000);
@@ -1363,6 +1464,8 @@ fn a_trim_record_lost_before_a_tombstone_it_was_written_for_never_reopens_a_run(
 #[test]
 fn the_leader_deletes_again_on_its_own_key_what_a_trim_record_hit_by_a_stray_tombstone_waits_for() {
     let mut sim = Sim::new();
+    // Intents keyed by run id, as in a cluster with a node without `run_seats`.
+    sim.run_seats = false;
     sim.reconcile = true;
     let (trim_key, victim) = a_trim_missing_a_tombstone(&mut sim);
     sim.append(TopicKind::Assignments, trim_key.clone(), None);
@@ -1880,6 +1983,8 @@ fn restamped_finished_runs_carry_their_end_so_a_late_copy_is_over_on_its_own() {
 fn a_missed_attempt_waiting_for_its_tombstone_keeps_the_next_attempt_in_the_history() {
     const TASKS: usize = 4;
     let mut sim = Sim::new();
+    // Intents keyed by run id, as in a cluster with a node without `run_seats`.
+    sim.run_seats = false;
     sim.run_ms = 10;
     submit_every_second(&mut sim, "cron/t", TASKS);
     sim.advance(HISTORY as i64 * 1000 + 5_000);

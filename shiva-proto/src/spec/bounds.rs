@@ -229,6 +229,7 @@ impl TaskSpec {
             verdict: None,
             note: None,
             incarnation: None,
+            seat: None,
         });
         let largest = [assignment, intent]
             .into_iter()

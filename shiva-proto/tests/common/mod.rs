@@ -24,5 +24,6 @@ pub fn slot_intent(spec: &Arc<TaskSpec>, slot_ms: i64) -> RunIntent {
         verdict: None,
         note: None,
         incarnation: None,
+        seat: None,
     }
 }

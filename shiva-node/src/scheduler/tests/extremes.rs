@@ -150,6 +150,7 @@ impl Sim {
             runs_busy: &|_| false,
             lean: true,
             batched_trim: true,
+            run_seats: true,
             trim_every: crate::scheduler::TRIM_EVERY,
             trims_per_plan: crate::scheduler::TRIMS_PER_PLAN,
             schedules: &self.schedules,
