@@ -575,6 +575,7 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
                 note: None,
                 incarnation: None,
                 seat: None,
+                status_seen: None,
             };
             let report = RunReport {
                 task: spec.id.clone(),
@@ -588,6 +589,7 @@ async fn forge_history(broker: &Broker, cluster: &str, tasks: usize, runs: usize
                 ended_ms: Some(slot_ms + 50),
                 exit: Some(ExitInfo { code: Some(0), signal: None }),
                 message: None,
+                seat: None,
             };
             let run_key = key::run(&spec.id, run);
             pending.push(publisher.enqueue(

@@ -197,6 +197,7 @@ mod tests {
             note: None,
             incarnation: None,
             seat: None,
+            status_seen: None,
         };
         let report = report.map(|(incarnation, state)| ReportEntry {
             node: NodeId::new("a").unwrap(),
@@ -204,7 +205,7 @@ mod tests {
             offset: 3,
             report: RunReport::of(&intent, state),
         });
-        RunEntry { intent: Some((intent, 2)), report }
+        RunEntry { intent: Some((intent, 2)), report, overwritten: false }
     }
 
     #[test]

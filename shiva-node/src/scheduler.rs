@@ -326,7 +326,8 @@ struct TaskPlan<'a, 'c> {
     first_write: usize,
     /// Runs on seats that leave the history (see [`TaskPlan::trim_history`]), oldest first,
     /// with their seats: the next new intents of this step take those seats, and overwrite them.
-    leaving: std::collections::VecDeque<(Uuid, u16)>,
+    /// (Whether it implies the task's position: then only a later slot's intent takes it.)
+    leaving: std::collections::VecDeque<(Uuid, u16, bool)>,
 }
 
 fn ms(at: DateTime<Utc>) -> i64 {
@@ -490,26 +491,46 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     /// it leaves the plan's view as it will leave the log's), else the lowest seat no run of
     /// the task holds and whose key is settled and has no write in flight; `None` when every
     /// seat is taken (keyed by its run id, as without seats).
-    fn take_seat(&mut self) -> Option<u16> {
+    fn take_seat(&mut self, slot: Option<i64>) -> Option<u16> {
         if !self.ctx.run_seats {
             return None;
         }
-        if let Some((leaving, seat)) = self.leaving.pop_front() {
+        // A run whose slot implies the position leaves only for a slot at least as new as the
+        // newest held: the newest slot of the intents never goes back.
+        let newest = self.newest_slot();
+        let later = slot.is_some_and(|slot| newest.is_none_or(|newest| slot >= newest));
+        if let Some(at) = self.leaving.iter().position(|(_, _, implies)| !implies || later)
+            && let Some((leaving, seat, _)) = self.leaving.remove(at)
+        {
             self.runs.entry(leaving).intent = None;
             return Some(seat);
         }
-        let held: BTreeSet<u16> = self.runs.iter().filter_map(|run| run.seat()).collect();
+        // A seat is free when no run holds it on either topic, and nothing is under way on it.
+        let held: BTreeSet<u16> =
+            self.runs.iter().flat_map(|run| [run.seat(), run.report_seat()]).flatten().collect();
         (0..shiva_proto::runs::MAX_SEATS).filter_map(|seat| u16::try_from(seat).ok()).find(|seat| {
             let key = key::run_seat(self.task, *seat);
             !held.contains(seat)
-                && !self.busy(TopicKind::Assignments, &key)
-                && self.ctx.view.is_settled(TopicKind::Assignments, &key)
+                && [TopicKind::Assignments, TopicKind::Status]
+                    .into_iter()
+                    .all(|topic| !self.busy(topic, &key) && self.ctx.view.is_settled(topic, &key))
         })
+    }
+
+    /// Whether the report on `status` at `seat` (the newest there) is a final one, or there is
+    /// none.
+    fn seat_report_final(&self, seat: u16) -> bool {
+        let holder = self.runs.iter().find(|run| run.report_seat() == Some(seat));
+        holder.is_none_or(|run| run.reported().is_some_and(|(state, _)| state.is_final()))
     }
 
     fn write_intent(&mut self, mut intent: RunIntent) {
         if intent.seat.is_none() && !self.runs.contains_key(&intent.run_id) {
-            intent.seat = self.take_seat();
+            intent.seat = self.take_seat(intent.trigger.slot_ms());
+            // Every record on the seat's `status` key up to here was read: one past it that is
+            // not the run's own overwrote it (see `RunIntent::status_seen`).
+            let read = self.ctx.view.positions.get(&TopicKind::Status).copied().unwrap_or(0);
+            intent.status_seen = intent.seat.map(|_| read.saturating_sub(1));
         }
         let key = key::intent(&intent);
         let entry = self.runs.entry(intent.run_id);
@@ -552,7 +573,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                 if self.load.is_live(node) || held {
                     return None;
                 }
-                Some((run.intent()?.into_owned(), run.has_report()))
+                Some((run.intent()?.into_owned(), run.has_report() || run.overwritten()))
             })
             .collect();
         for (mut intent, started) in gone {
@@ -672,12 +693,16 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // `Context::reports_synced_below`). (An intent this leader wrote and has not read back
         // is busy, not gone.)
         let synced_below = self.ctx.reports_synced_below;
+        // A report on a seat whose intent is gone is no orphan while another run's intent holds
+        // the seat: that run's records overwrite it.
+        let seated: BTreeSet<u16> = self.runs.iter().filter_map(|run| run.seat()).collect();
         let orphans: Vec<Uuid> = self
             .runs
             .iter()
             .filter(|run| {
                 !run.has_intent() && run.report_offset().is_some_and(|offset| offset < synced_below)
             })
+            .filter(|run| run.report_seat().is_none_or(|seat| !seated.contains(&seat)))
             .map(|run| run.id())
             // An intent a `trim` record deleted is gone from the log only once its tombstone is
             // in: were the `trim` record itself lost before (a stray tombstone on its key), a
@@ -695,7 +720,8 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // seat's key, not its run's: no orphan of the task goes meanwhile.
         let waiting = self.ctx.run_seats && self.ctx.view.trimmed_runs_of(self.task);
         for id in orphans.into_iter().filter(|_| !handful && !waiting) {
-            let key = key::run(self.task, id);
+            let seat = self.runs.get(&id).and_then(|run| run.report_seat());
+            let key = key::intent_key(self.task, id, seat);
             if !self.busy(TopicKind::Assignments, &key) && !self.busy(TopicKind::Status, &key) {
                 self.writes.extend(Write::delete(TopicKind::Status, key, self.ctx.epoch));
             }
@@ -743,9 +769,17 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                 *lowest = (*lowest).min(attempt);
             }
         }
+        // With seats, a run past the stored position leaves too, but only with its seat taken
+        // by a later slot's intent (see `take_seat`): the position the intents imply never
+        // goes back, and it is not written every `CHECKPOINT_LAUNCHES` launches.
+        let seats = self.ctx.run_seats && defined;
+        let mut implies_position = BTreeSet::new();
         let (mut finished, mut implied) = (Vec::new(), 0);
         for run in self.runs.iter().filter(|run| run.is_final() && Some(run.id()) != current) {
-            match (implying(&run), run.intent_offset()) {
+            if seats && implying(&run) {
+                implies_position.insert(run.id());
+            }
+            match (implying(&run) && !seats, run.intent_offset()) {
                 (true, _) => implied += 1,
                 (false, Some(offset)) => {
                     let (trigger, attempt) = (run.trigger(), run.attempt().unwrap_or(0));
@@ -769,7 +803,6 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         let excess = finished.len() - keep;
         // (With seats, a defined task's runs leave one at a launch, by being overwritten: no
         // record of their own to share.)
-        let seats = self.ctx.run_seats && defined;
         if self.ctx.batched_trim && defined && !seats && excess < trim_every(self.task, self.ctx.trim_every) {
             return;
         }
@@ -802,8 +835,16 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             }
             // A run on a seat leaves when the step's next new run takes its seat (see
             // `take_seat`); until then it stays, and is picked again at the next step.
-            if let Some(seat) = self.runs.get(&id).and_then(|run| run.seat()).filter(|_| seats) {
-                self.leaving.push_back((id, seat));
+            // (Only over a final report, or none: a run's report that is not final may be
+            // followed by its runner's end, which would overwrite the next run's records.)
+            let implies = implies_position.contains(&id);
+            if let Some(seat) = self.runs.get(&id).and_then(|run| run.seat()).filter(|_| seats)
+                && self.seat_report_final(seat)
+            {
+                self.leaving.push_back((id, seat, implies));
+                continue;
+            }
+            if implies {
                 continue;
             }
             let key = self.intent_key(id);
@@ -859,6 +900,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             verdict: None,
             note: None,
             seat: None,
+            status_seen: None,
         }
     }
 
@@ -946,7 +988,12 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             let through = stored.decided_through_ms.unwrap_or(i64::MIN);
             // Counted only when nothing else asks for the write (a walk of the task's runs).
             let launched_past = || self.intent_slots().filter(|slot| *slot > through).count();
-            if settled && sched == self.position(stored) && launched_past() < CHECKPOINT_LAUNCHES {
+            // (With seats no checkpoint: every reader implies the position, and the runs past
+            // it leave only for later slots, see `trim_history`.)
+            if settled
+                && sched == self.position(stored)
+                && (self.ctx.run_seats || launched_past() < CHECKPOINT_LAUNCHES)
+            {
                 return;
             }
         }

@@ -234,6 +234,13 @@ pub struct RunIntent {
     /// keyed by its run id, and deleted with a `deleted` or `trim` record and a tombstone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seat: Option<u16>,
+    /// With a seat: the newest `status` offset the leader had read when it first wrote the
+    /// intent. The run's reports go on the seat's key of `status` too, over those of the run
+    /// before; a record on that key past this offset that is not the run's own (a late copy of
+    /// an earlier run's report, anything else) leaves the run's own unreadable in a compacted
+    /// log, so a reader takes the run as maybe started: never `missed`, never launched again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_seen: Option<i64>,
 }
 
 /// `status` `run/<task>/<run-id>` body, written by the runner (the envelope's sender).
@@ -269,6 +276,10 @@ pub struct RunReport {
     /// Detail (spawn error, stop reason…).
     #[serde(default)]
     pub message: Option<String>,
+    /// The seat its intent is on (`run/<task>/@<seat>` on `status` too); absent: keyed by run
+    /// id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seat: Option<u16>,
 }
 
 impl RunReport {
@@ -286,6 +297,7 @@ impl RunReport {
             ended_ms: None,
             exit: None,
             message: None,
+            seat: intent.seat,
         }
     }
 }

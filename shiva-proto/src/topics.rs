@@ -171,6 +171,11 @@ pub mod key {
         }
     }
 
+    /// The `status` key of `report`: its seat's, else its run id's.
+    pub fn report(report: &crate::runs::RunReport) -> String {
+        intent_key(&report.task, report.run_id, report.seat)
+    }
+
     /// What a run key names: a run by its id, or a seat of its task's history.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
     pub enum RunKey {

@@ -210,17 +210,26 @@ pub struct RunEntry {
     pub intent: Option<(RunIntent, i64)>,
     /// The runner's record.
     pub report: Option<ReportEntry>,
+    /// On a seat: the newest record of the seat's `status` key is not the run's own, and lies
+    /// past the intent's `status_seen` (a late record of an earlier run, anything else): the
+    /// run's own records are gone from a compacted log, so it may have started (see
+    /// [`RunIntent::status_seen`]). Never with a report.
+    pub overwritten: bool,
 }
 
 impl RunEntry {
     /// The run's state: the runner's final word, else the leader's verdict, else the runner's
-    /// progress, else scheduled.
+    /// progress, else scheduled. A run whose records were overwritten on its seat reads as
+    /// started by its runner (`starting`): never `missed`.
     pub fn phase(&self) -> RunPhase {
         let intent = self.intent.as_ref().map(|(intent, _)| intent);
         let report = self.report.as_ref();
-        let by_runner = report
-            .is_some_and(|entry| intent.is_some_and(|intent| intent.node.as_ref() == Some(&entry.node)));
-        phase_of(report.map(|entry| entry.report.state), intent.and_then(|intent| intent.verdict), by_runner)
+        let by_runner = self.overwritten
+            || report
+                .is_some_and(|entry| intent.is_some_and(|intent| intent.node.as_ref() == Some(&entry.node)));
+        let reported =
+            report.map(|entry| entry.report.state).or(self.overwritten.then_some(RunPhase::Starting));
+        phase_of(reported, intent.and_then(|intent| intent.verdict), by_runner)
     }
 
     /// Whether the run is over.
@@ -279,8 +288,10 @@ pub struct CompactRun {
     /// Meaningful with [`Present::INCARNATION`].
     incarnation: Uuid,
     attempt: u32,
-    /// The intent's seat, with [`Present::SEAT`].
+    /// The seat, with [`Present::SEAT`].
     seat: u16,
+    /// The intent's `status_seen`, with [`Present::STATUS_SEEN`].
+    status_seen: i64,
     /// The report's pid, with [`Present::PID`].
     pid: u32,
     /// The report's exit code and signal, with [`Present::EXIT`], [`Present::CODE`] and
@@ -311,8 +322,12 @@ impl Present {
     const SIGNAL: u16 = 1 << 4;
     /// `written_at_ms`, `started_ms`, `late_ms`, `ended_ms`.
     const TIMES: [u16; 4] = [1 << 5, 1 << 6, 1 << 7, 1 << 8];
-    /// The intent's seat.
+    /// The seat (the intent's, or the report's without an intent: the same when both are held).
     const SEAT: u16 = 1 << 9;
+    /// The intent's `status_seen`.
+    const STATUS_SEEN: u16 = 1 << 10;
+    /// [`RunEntry::overwritten`].
+    const OVERWRITTEN: u16 = 1 << 11;
 
     fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
@@ -341,7 +356,9 @@ impl CompactRun {
         let (trigger, attempt, node, incarnation) = match (intent, report) {
             (Some(intent), _) => {
                 if facts.is_some_and(|report| {
-                    report.attempt != intent.attempt || report.trigger != intent.trigger
+                    report.attempt != intent.attempt
+                        || report.trigger != intent.trigger
+                        || report.seat != intent.seat
                 }) {
                     return None;
                 }
@@ -360,7 +377,13 @@ impl CompactRun {
             .map(|entry| Box::new((entry.node.clone(), entry.incarnation)));
         let mut present = 0u16;
         let incarnation = pack(incarnation, Present::INCARNATION, &mut present);
-        let seat = pack(intent.and_then(|intent| intent.seat), Present::SEAT, &mut present);
+        let seat = intent.map_or(facts.and_then(|report| report.seat), |intent| intent.seat);
+        let seat = pack(seat, Present::SEAT, &mut present);
+        let status_seen =
+            pack(intent.and_then(|intent| intent.status_seen), Present::STATUS_SEEN, &mut present);
+        if entry.overwritten {
+            present |= Present::OVERWRITTEN;
+        }
         let pid = pack(facts.and_then(|report| report.pid), Present::PID, &mut present);
         let exit = facts.and_then(|report| report.exit);
         if exit.is_some() {
@@ -394,6 +417,7 @@ impl CompactRun {
             incarnation,
             attempt,
             seat,
+            status_seen,
             pid,
             exit,
             times,
@@ -412,8 +436,11 @@ impl CompactRun {
     }
 
     fn phase(&self) -> RunPhase {
-        let by_runner = self.reporter.as_ref().is_none_or(|reporter| self.node.as_ref() == Some(&reporter.0));
-        phase_of(self.reported, self.verdict, by_runner)
+        let overwritten = self.present.has(Present::OVERWRITTEN);
+        let by_runner = overwritten
+            || self.reporter.as_ref().is_none_or(|reporter| self.node.as_ref() == Some(&reporter.0));
+        let reported = self.reported.or(overwritten.then_some(RunPhase::Starting));
+        phase_of(reported, self.verdict, by_runner)
     }
 
     /// An optional number packed with `bit`.
@@ -449,6 +476,7 @@ impl CompactRun {
             verdict: self.verdict,
             note: self.text(1),
             seat: self.get(self.seat, Present::SEAT),
+            status_seen: self.get(self.status_seen, Present::STATUS_SEEN),
         })
     }
 
@@ -480,6 +508,7 @@ impl CompactRun {
                 ended_ms: self.time(3),
                 exit,
                 message: self.text(2),
+                seat: self.get(self.seat, Present::SEAT),
             },
         })
     }
@@ -489,6 +518,7 @@ impl CompactRun {
         RunEntry {
             intent: self.intent(task, run_id).map(|intent| (intent, self.intent_offset)),
             report: self.report(task, run_id),
+            overwritten: self.present.has(Present::OVERWRITTEN),
         }
     }
 }
@@ -609,6 +639,32 @@ impl<'a> RunRef<'a> {
         match self.kind {
             RunKind::Full(entry) => entry.intent.as_ref().and_then(|(intent, _)| intent.seat),
             RunKind::Compact(done) => done.has_intent().then(|| done.get(done.seat, Present::SEAT)).flatten(),
+        }
+    }
+
+    /// The seat its report is on (see [`RunReport::seat`]), when it has one there.
+    pub fn report_seat(&self) -> Option<u16> {
+        match self.kind {
+            RunKind::Full(entry) => entry.report.as_ref().and_then(|entry| entry.report.seat),
+            RunKind::Compact(done) => done.reported.and(done.get(done.seat, Present::SEAT)),
+        }
+    }
+
+    /// The intent's `status_seen` (see [`RunIntent::status_seen`]).
+    pub fn status_seen(&self) -> Option<i64> {
+        match self.kind {
+            RunKind::Full(entry) => entry.intent.as_ref().and_then(|(intent, _)| intent.status_seen),
+            RunKind::Compact(done) => {
+                done.has_intent().then(|| done.get(done.status_seen, Present::STATUS_SEEN)).flatten()
+            }
+        }
+    }
+
+    /// See [`RunEntry::overwritten`].
+    pub fn overwritten(&self) -> bool {
+        match self.kind {
+            RunKind::Full(entry) => entry.overwritten,
+            RunKind::Compact(done) => done.present.has(Present::OVERWRITTEN),
         }
     }
 
@@ -1419,6 +1475,28 @@ impl LogView {
         self.runs_of(task).find(|run| run.seat() == Some(seat)).map(|run| run.id())
     }
 
+    /// The run whose report is on `status` at `task`'s seat `seat` (the newest report read there).
+    pub fn report_on_seat(&self, task: &TaskId, seat: u16) -> Option<Uuid> {
+        self.runs_of(task).find(|run| run.report_seat() == Some(seat)).map(|run| run.id())
+    }
+
+    /// A report of run `by` landed on the `status` key of `task`'s seat `seat` at `offset`. Only
+    /// the newest report of the key counts, as compaction keeps only it: the one it replaces
+    /// leaves the view, and the run whose intent holds the seat, unless it is `by`, is
+    /// overwritten when the report lies past the offset its leader had read (its own records
+    /// may be among those compacted away, see [`RunEntry::overwritten`]).
+    fn land_on_status_seat(&mut self, task: &TaskId, seat: u16, offset: i64, by: Uuid) {
+        if let Some(holder) = self.report_on_seat(task, seat).filter(|holder| *holder != by) {
+            self.change_run(task, holder, |entry| entry.report = None);
+        }
+        let Some(seated) = self.run_on_seat(task, seat).filter(|seated| *seated != by) else { return };
+        let seen = self.run(task, &seated).and_then(|run| run.status_seen());
+        if offset > seen.unwrap_or(i64::MAX) && self.run(task, &seated).is_some_and(|run| !run.overwritten())
+        {
+            self.change_run(task, seated, |entry| entry.overwritten = true);
+        }
+    }
+
     /// The run whose record is the entry of run key `named` of `task` on `topic`: on
     /// `assignments`, the run whose intent is on that key (by its run id with no seat, or on
     /// that seat); on `status`, the run whose report it is (reports are keyed by run id).
@@ -1428,8 +1506,10 @@ impl LogView {
                 self.run(task, &id).filter(|run| run.has_intent() && run.seat().is_none()).map(|_| id)
             }
             (TopicKind::Assignments, key::RunKey::Seat(seat)) => self.run_on_seat(task, seat),
-            (_, key::RunKey::Id(id)) => self.run(task, &id).filter(|run| run.has_report()).map(|_| id),
-            (_, key::RunKey::Seat(_)) => None,
+            (_, key::RunKey::Id(id)) => {
+                self.run(task, &id).filter(|run| run.has_report() && run.report_seat().is_none()).map(|_| id)
+            }
+            (_, key::RunKey::Seat(seat)) => self.report_on_seat(task, seat),
         }
     }
 
@@ -1793,6 +1873,12 @@ impl LogView {
                 if intent.seat.is_some_and(|seat| usize::from(seat) >= crate::runs::MAX_SEATS) {
                     return Err(format!("its seat is past the last ({})", crate::runs::MAX_SEATS - 1));
                 }
+                if intent.seat.is_some() && intent.status_seen.is_none() {
+                    return Err(
+                        "an intent on a seat names the status offset its leader had read (status_seen)"
+                            .into(),
+                    );
+                }
                 expect_key(key, &key::intent(&intent))?;
                 self.epochs.accepts(intent.epoch, &env.sender, env.incarnation)?;
                 if intent.spec.id != intent.task {
@@ -1816,16 +1902,35 @@ impl LogView {
                 {
                     self.change_run(&task, before, |entry| entry.intent = None);
                 }
-                self.change_run(&task, run, |entry| entry.intent = Some((intent, offset)));
+                // The report on the seat's `status` key, if it is another run's and past what the
+                // leader had read, overwrote this run's own (see `RunEntry::overwritten`).
+                let overwritten =
+                    intent.seat.and_then(|seat| self.report_on_seat(&task, seat)).is_some_and(|holder| {
+                        let offset = self.run(&task, &holder).and_then(|held| held.report_offset());
+                        holder != run && offset > intent.status_seen
+                    });
+                self.change_run(&task, run, |entry| {
+                    entry.intent = Some((intent, offset));
+                    entry.overwritten = overwritten;
+                });
             }
             (TopicKind::Status, Body::RunReport(mut report)) => {
                 let (node, incarnation) = node_sender().ok_or("sender is not a node with an incarnation")?;
-                expect_key(key, &key::run(&report.task, report.run_id))?;
+                if report.seat.is_some_and(|seat| usize::from(seat) >= crate::runs::MAX_SEATS) {
+                    return Err(format!("its seat is past the last ({})", crate::runs::MAX_SEATS - 1));
+                }
+                expect_key(key, &key::report(&report))?;
                 report.task = self.shared_task(report.task);
                 let node = self.shared_node(node);
-                let (task, run) = (report.task.clone(), report.run_id);
+                let (task, run, seat) = (report.task.clone(), report.run_id, report.seat);
                 let entry = ReportEntry { node, incarnation, offset, report };
-                self.change_run(&task, run, |run| run.report = Some(entry));
+                if let Some(seat) = seat {
+                    self.land_on_status_seat(&task, seat, offset, run);
+                }
+                self.change_run(&task, run, |run| {
+                    run.report = Some(entry);
+                    run.overwritten = false;
+                });
             }
             (topic, Body::Deleted(deleted)) if is_leader_owned(topic, key) => {
                 self.accepts_deletion(topic, deleted.epoch, &env.sender, env.incarnation)?;
@@ -1847,13 +1952,9 @@ impl LogView {
                 if listed.len() != trim.keys.len() {
                     return Err("it lists a key twice".into());
                 }
-                let is_run_key = |listed: &str| match key::run_key(listed) {
-                    Some((_, key::RunKey::Seat(_))) => topic == TopicKind::Assignments,
-                    Some((_, key::RunKey::Id(_))) => true,
-                    None => false,
-                };
+                let is_run_key = |listed: &str| key::run_key(listed).is_some();
                 if let Some(other) = listed.iter().find(|listed| !is_run_key(listed)) {
-                    return Err(format!("'{other}' is not a run key of {topic}"));
+                    return Err(format!("'{other}' is not a run key"));
                 }
                 self.accepts_deletion(topic, trim.epoch, &env.sender, env.incarnation)?;
                 self.epochs.active.insert(trim.epoch);

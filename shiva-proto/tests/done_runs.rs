@@ -73,7 +73,10 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
     assert!(matches!(view.runs[&task][&run], Run::Compact(_)), "compact from its intent on");
     let read = view.run(&task, &run).unwrap();
     assert_eq!(read.in_flight_on(), Some(&runner_id));
-    assert_eq!(*read.entry(), RunEntry { intent: Some((intent.clone(), 2)), report: None });
+    assert_eq!(
+        *read.entry(),
+        RunEntry { intent: Some((intent.clone(), 2)), report: None, overwritten: false }
+    );
     assert!(!view.open_runs.is_empty());
     let report_offset = 3;
     apply(
@@ -92,6 +95,7 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
             offset: report_offset,
             report: report.clone(),
         }),
+        overwritten: false,
     };
     let read = view.run(&task, &run).unwrap();
     assert_eq!(*read.entry(), expected);
@@ -125,7 +129,7 @@ fn a_run_over_reads_back_as_its_records_said_and_takes_later_records() {
     assert!(matches!(view.runs[&task][&run], Run::Compact(_)));
     let orphan =
         shiva_proto::view::ReportEntry { node: runner_id, incarnation: runner, offset: 5, report: start };
-    assert_eq!(*read.entry(), RunEntry { intent: None, report: Some(orphan) });
+    assert_eq!(*read.entry(), RunEntry { intent: None, report: Some(orphan), overwritten: false });
 }
 
 /// What the compact form cannot rebuild from the intent is kept: a report sent by another
@@ -167,13 +171,17 @@ fn a_report_from_another_sender_or_of_another_attempt_reads_back_as_it_was() {
             offset: 1,
             report: report.clone(),
         };
-        assert_eq!(*view.run(&task, &run).unwrap().entry(), RunEntry { intent: None, report: Some(alone) });
+        assert_eq!(
+            *view.run(&task, &run).unwrap().entry(),
+            RunEntry { intent: None, report: Some(alone), overwritten: false }
+        );
         let value = Envelope::now("leader-001", Some(LEADER), Body::RunIntent(intent.clone())).encode();
         view.apply(TopicKind::Assignments, 1, Some(key.as_bytes()), Some(&value));
         assert_eq!(matches!(view.runs[&task][&run], Run::Compact(_)), compact, "case {i}");
         let expected = RunEntry {
             intent: Some((intent, 1)),
             report: Some(shiva_proto::view::ReportEntry { node, incarnation, offset: 1, report }),
+            overwritten: false,
         };
         assert_eq!(*view.run(&task, &run).unwrap().entry(), expected, "case {i}");
     }

@@ -97,6 +97,7 @@ fn bytes_per_run(tasks: usize, runs: usize) -> f64 {
                 note: None,
                 incarnation: Some(runner),
                 seat: None,
+                status_seen: None,
             };
             let report = RunReport {
                 task: task.clone(),
@@ -110,6 +111,7 @@ fn bytes_per_run(tasks: usize, runs: usize) -> f64 {
                 ended_ms: Some(slot_ms + 50),
                 exit: Some(ExitInfo { code: Some(0), signal: None }),
                 message: None,
+                seat: None,
             };
             let key = key::run(task, run);
             apply(

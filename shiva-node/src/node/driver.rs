@@ -577,7 +577,16 @@ impl Node {
                 self.on_start_written(run, false);
             }
             (Err(message), Purpose::RunReport(report)) => {
-                if self.own.retry_report(&report) {
+                // On a seat: written again only while the run still holds it. A copy landing
+                // after a later run's records there would overwrite them (the later run would
+                // read as maybe started).
+                let seat_left = report.seat.is_some_and(|seat| {
+                    self.view.run_on_seat(&report.task, seat).is_some_and(|seated| seated != report.run_id)
+                        || self.view.run(&report.task, &report.run_id).is_none()
+                });
+                if seat_left {
+                    warn!(run = %report.run_id, %message, "run record not written; its run left the history, so not written again");
+                } else if self.own.retry_report(&report) {
                     warn!(run = %report.run_id, %message, "run record not written; writing it again");
                     self.write_run_report(*report);
                 } else {
@@ -1163,6 +1172,7 @@ mod tests {
             ended_ms: None,
             exit: None,
             message: None,
+            seat: None,
         };
         let mut own = OwnStatus::default();
         let (running, succeeded) = (report(RunPhase::Running), report(RunPhase::Succeeded));

@@ -19,7 +19,7 @@ use crate::supervisor::oneshot::{self, RunControl, now_ms};
 impl Node {
     /// Writes a run record; a start record's acknowledgement moves its run on.
     pub(crate) fn write_run_report(&mut self, report: RunReport) {
-        let key = key::run(&report.task, report.run_id);
+        let key = key::report(&report);
         self.own.report_written(&report);
         let purpose = if report.state == RunPhase::Starting {
             Purpose::RunStart(report.run_id)

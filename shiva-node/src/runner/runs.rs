@@ -241,6 +241,10 @@ pub struct RunBook {
     lean: bool,
     /// The `running` records left out while lean, of runs not over.
     unwritten: BTreeMap<Uuid, RunReport>,
+    /// Runs over here whose records on their seat were overwritten (see
+    /// `shiva_proto::view::RunEntry::overwritten`) and which this node wrote `lost` for: once,
+    /// until the view holds a record of its own again.
+    repaired: BTreeSet<Uuid>,
 }
 
 impl RunBook {
@@ -368,6 +372,7 @@ impl RunBook {
         // driver) leaves the book unchanged rather than changed without its actions.
         let mut changes: Vec<(Uuid, Held)> = Vec::new();
         let mut first_seen: Vec<Uuid> = Vec::new();
+        let mut repairs: Vec<Uuid> = Vec::new();
         for (task, id) in &candidates {
             let Some(run) = view.run(task, id) else { continue };
             // Only the runs whose intent names this node (see `names_me`) are read in full.
@@ -388,6 +393,19 @@ impl RunBook {
                         .push((*id, Held { task: task.clone(), phase: Phase::Launched { stop_sent: true } }));
                     actions.push(Action::Stop { run: *id, reason });
                 }
+                // Over here, but its records on its seat were overwritten by a late record of
+                // another run: it reads as maybe started (open) for every reader, and would hold
+                // a serial task's later slots back for good. Its end is not kept here: `lost`
+                // (it ran; how it ended is gone), once.
+                if matches!(held.phase, Phase::Done) && entry.overwritten && !self.repaired.contains(id) {
+                    repairs.push(*id);
+                    let message = "its records were overwritten by a late record of another run on its seat; it is over on this node";
+                    actions.push(Action::Write(oneshot::report(
+                        intent,
+                        RunPhase::Lost,
+                        Some(message.into()),
+                    )));
+                }
                 continue;
             }
             if entry.is_final() {
@@ -404,17 +422,20 @@ impl RunBook {
             // launched (it died or re-executed before): the run is launched as if it were new.
             // Only while it is still on time (the scheduler's tolerance): later, it is `lost` as
             // before, never started long after its slot beside the runs that followed.
+            // (A run whose records on its seat were overwritten may have started: as with a
+            // record of its start.)
+            let reported = entry.report.is_some() || entry.overwritten;
             let never_launched = entry.report.as_ref().is_some_and(|report| {
                 report.incarnation == incarnation
                     && report.report.state == RunPhase::Starting
                     && !launched_before(id)
                     && now.saturating_sub(intent.launch_at_ms) <= RELAUNCH_WITHIN_MS
             });
-            if entry.report.is_some() && adopted(id) {
+            if reported && adopted(id) {
                 // Left running by this node's earlier process: it goes on, held again.
                 changes.push((*id, Held { task: task.clone(), phase: Phase::Launched { stop_sent: false } }));
                 actions.push(Action::Adopt(Box::new(intent.clone())));
-            } else if entry.report.is_some() && !never_launched {
+            } else if reported && !never_launched {
                 // Started by an earlier process of this node, whose run did not outlive it.
                 let (change, action) = finished(RunPhase::Lost, "the node restarted during the run".into());
                 changes.push(change);
@@ -435,6 +456,12 @@ impl RunBook {
         }
         self.seen.extend(first_seen.into_iter().map(|id| (id, now)));
         self.held.extend(changes);
+        self.repaired.extend(repairs);
+        self.repaired.retain(|id| {
+            candidates
+                .iter()
+                .any(|(task, run)| run == id && view.run(task, run).is_some_and(|run| run.overwritten()))
+        });
         if self.held.values().any(|held| matches!(held.phase, Phase::Acked(_))) {
             actions.push(Action::Sync(token));
             for held in self.held.values_mut() {
@@ -580,6 +607,7 @@ mod tests {
                 note: None,
                 incarnation: None,
                 seat: None,
+                status_seen: None,
             };
             change(&mut intent);
             self.write(

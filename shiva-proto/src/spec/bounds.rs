@@ -230,6 +230,7 @@ impl TaskSpec {
             note: None,
             incarnation: None,
             seat: None,
+            status_seen: None,
         });
         let largest = [assignment, intent]
             .into_iter()

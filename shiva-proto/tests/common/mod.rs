@@ -25,5 +25,6 @@ pub fn slot_intent(spec: &Arc<TaskSpec>, slot_ms: i64) -> RunIntent {
         note: None,
         incarnation: None,
         seat: None,
+        status_seen: None,
     }
 }

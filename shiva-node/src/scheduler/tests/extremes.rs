@@ -186,6 +186,7 @@ impl Sim {
                 ended_ms: Some(numbers[2]),
                 exit: Some(ExitInfo { code: Some(i32::MIN), signal: Some(i32::MAX) }),
                 message: None,
+                seat: None,
             };
             self.report(node, report);
         }
