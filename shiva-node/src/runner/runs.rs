@@ -610,11 +610,7 @@ mod tests {
                 status_seen: None,
             };
             change(&mut intent);
-            self.write(
-                TopicKind::Assignments,
-                key::run(&task, intent.run_id),
-                Body::RunIntent(intent.clone()),
-            );
+            self.write(TopicKind::Assignments, key::intent(&intent), Body::RunIntent(intent.clone()));
             intent
         }
     }
@@ -700,6 +696,52 @@ mod tests {
         let actions =
             restarted_step(&mut RunBook::default(), &log, incarnation, &|_| false, &|_| false, 9_900);
         assert_eq!(kind(&actions), "lost");
+    }
+
+    /// A run on a seat whose records there were overwritten by a late record of another run
+    /// may have started: a restarted node takes it as its earlier process's (taken back if its
+    /// shim lives, else `lost`), never launches it anew.
+    #[test]
+    fn an_overwritten_run_on_a_seat_is_never_launched_anew_by_a_restarted_node() {
+        let incarnation = Uuid::new_v4();
+        for adopted in [false, true] {
+            let mut log = Log::new();
+            let intent = log.intent(false, |intent| {
+                intent.seat = Some(4);
+                intent.status_seen = Some(1);
+            });
+            let other = RunIntent { run_id: Uuid::from_u128(77), ..intent.clone() };
+            let report = RunReport::of(&other, RunPhase::Succeeded);
+            let value = Envelope {
+                sender: "x".into(),
+                incarnation: Some(Uuid::new_v4()),
+                sent_at_ms: 0,
+                body: Body::RunReport(report.clone()),
+            }
+            .encode();
+            log.offset += 1;
+            log.view.apply(
+                TopicKind::Status,
+                log.offset,
+                Some(key::report(&report).as_bytes()),
+                Some(&value),
+            );
+            assert!(log.view.run(&intent.task, &intent.run_id).unwrap().overwritten());
+            let run = intent.run_id;
+            let actions = restarted_step(
+                &mut RunBook::default(),
+                &log,
+                incarnation,
+                &|id| adopted && *id == run,
+                &|_| false,
+                9_900,
+            );
+            match actions.as_slice() {
+                [Action::Adopt(_)] => assert!(adopted),
+                [Action::Write(report)] => assert_eq!((report.state, adopted), (RunPhase::Lost, false)),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     fn step(book: &mut RunBook, log: &Log, may_start: bool, beside: bool, now: i64) -> Vec<Action> {

@@ -1290,6 +1290,64 @@ fn a_periodic_run_on_seats_costs_its_three_records_and_nothing_more() {
     assert_each_slot_once(&sim, start() + 3_000, sim.now - 3_000);
 }
 
+/// A late copy of an earlier run's report lands on a seat over the records of the run now on
+/// it (its runner wrote it again after its write was reported failed). That run reads as maybe
+/// started for every reader: its runner, alive, writes it `lost` (how it ended is gone); with
+/// its runner gone, the leader judges it `lost`. Neither launches its slot again, and the
+/// task's later slots are not held back (overlap `forbid`).
+#[test]
+fn a_late_report_over_a_seat_leaves_its_run_lost_never_run_again_nor_holding_the_task_back() {
+    for runner_dies in [false, true] {
+        let mut sim = Sim::new();
+        sim.run_ms = 10;
+        sim.submit(every_second(CatchUp::All));
+        let task = TaskId::new("cron/tick").unwrap();
+        sim.advance(HISTORY as i64 * 1000 + 20_000);
+        // A seat's status key written by two runs: the newest holder is over; the older
+        // record of the other run lands again.
+        let (key, late) = (sim.log.iter().rev())
+            .filter(|(topic, _, key, value)| {
+                *topic == TopicKind::Status && key.contains("/@") && value.is_some()
+            })
+            .find_map(|(_, _, key, value)| {
+                let newest = Envelope::decode(value.as_deref()?).ok()?;
+                let Body::RunReport(newest) = newest.body else { return None };
+                let older = sim.log.iter().find_map(|(topic, _, k, v)| {
+                    let Body::RunReport(report) = Envelope::decode(v.as_deref()?).ok()?.body else {
+                        return None;
+                    };
+                    (*topic == TopicKind::Status && k == key && report.run_id != newest.run_id)
+                        .then(|| v.clone())
+                })?;
+                Some((key.clone(), older))
+            })
+            .expect("a seat's status key written by two runs");
+        let (_, seat) = key::run_key(&key).unwrap();
+        let key::RunKey::Seat(seat) = seat else { panic!("{key}") };
+        let over = sim.view.run_on_seat(&task, seat).unwrap();
+        assert!(sim.view.run(&task, &over).unwrap().is_final());
+        let node = sim.view.run(&task, &over).unwrap().node().cloned().unwrap();
+        let index = sim.nodes.iter().position(|(id, _)| *id == node).unwrap();
+        if runner_dies {
+            sim.kill(index);
+            if sim.leader == Some(index) {
+                sim.elect((index + 1) % 3);
+            }
+        }
+        sim.append(TopicKind::Status, key.clone(), late);
+        let run = sim.view.run(&task, &over).unwrap();
+        assert!(run.overwritten() && !run.is_final(), "maybe started, open");
+        sim.advance(if runner_dies { 30_000 } else { 5_000 });
+        let run = sim.view.run(&task, &over).unwrap();
+        assert_eq!(run.phase(), RunPhase::Lost, "runner dies: {runner_dies}");
+        let launched_after =
+            sim.launches.iter().filter(|(_, trigger, _, _)| trigger.slot_ms() > run.slot_ms()).count();
+        assert!(launched_after >= 4, "later slots held back: {launched_after}");
+        assert_eq!(sim.compacted().runs, sim.view.runs);
+        assert!(sim.slot_launches().values().all(|count| *count == 1), "a slot launched twice");
+    }
+}
+
 /// Seats turned on over a history keyed by run ids (every node upgraded), then off (a node of
 /// an older build joins) and on again: the runs of either kind leave the history in their own
 /// way, the history stays bounded, every slot runs once, and once the task is deleted every
@@ -1719,6 +1777,23 @@ fn trimming_under_failures(
             }
             // Every reader reads the log again, compacted (a new leader among them).
             7 => sim.view = sim.compacted(),
+            // A runner's record lands again, late (a copy written again after its write was
+            // reported failed): on a seat, over the records of a later run.
+            8 => {
+                let reports: Vec<(String, Option<Vec<u8>>)> = sim
+                    .log
+                    .iter()
+                    .filter(|(topic, _, key, value)| {
+                        *topic == TopicKind::Status && key.starts_with("run/") && value.is_some()
+                    })
+                    .map(|(_, _, key, value)| (key.clone(), value.clone()))
+                    .collect();
+                if let Some((key, value)) =
+                    reports.get(usize::from(ticks) * 7 % reports.len().max(1)).cloned()
+                {
+                    sim.append(TopicKind::Status, key, value);
+                }
+            }
             5 => {
                 let n = usize::from(ticks) % 3;
                 sim.shut_down(n);
