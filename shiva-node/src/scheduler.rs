@@ -505,23 +505,22 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             self.runs.entry(leaving).intent = None;
             return Some(seat);
         }
-        // A seat is free when no run holds it on either topic, and nothing is under way on it.
-        let held: BTreeSet<u16> =
-            self.runs.iter().flat_map(|run| [run.seat(), run.report_seat()]).flatten().collect();
+        // A seat is free when no run's intent holds it (a report left there, its run gone, is
+        // overwritten like any earlier run's) and nothing is under way on it: no write in
+        // flight, no record past the leader's accepted one, no deletion waiting for its
+        // tombstone (which would land over the new run's records).
+        let held: BTreeSet<u16> = self.runs.iter().filter_map(|run| run.seat()).collect();
+        let view = self.ctx.view;
         (0..shiva_proto::runs::MAX_SEATS).filter_map(|seat| u16::try_from(seat).ok()).find(|seat| {
             let key = key::run_seat(self.task, *seat);
             !held.contains(seat)
-                && [TopicKind::Assignments, TopicKind::Status]
-                    .into_iter()
-                    .all(|topic| !self.busy(topic, &key) && self.ctx.view.is_settled(topic, &key))
+                && [TopicKind::Assignments, TopicKind::Status].into_iter().all(|topic| {
+                    !self.busy(topic, &key)
+                        && view.is_settled(topic, &key)
+                        && !view.is_trimmed(topic, &key)
+                        && !view.deleted_markers.get(&topic).is_some_and(|keys| keys.contains(&key))
+                })
         })
-    }
-
-    /// Whether the report on `status` at `seat` (the newest there) is a final one, or there is
-    /// none.
-    fn seat_report_final(&self, seat: u16) -> bool {
-        let holder = self.runs.iter().find(|run| run.report_seat() == Some(seat));
-        holder.is_none_or(|run| run.reported().is_some_and(|(state, _)| state.is_final()))
     }
 
     fn write_intent(&mut self, mut intent: RunIntent) {
@@ -693,16 +692,18 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // `Context::reports_synced_below`). (An intent this leader wrote and has not read back
         // is busy, not gone.)
         let synced_below = self.ctx.reports_synced_below;
-        // A report on a seat whose intent is gone is no orphan while another run's intent holds
-        // the seat: that run's records overwrite it.
-        let seated: BTreeSet<u16> = self.runs.iter().filter_map(|run| run.seat()).collect();
+        // A report on a seat is deleted only once the task is gone: while it is defined, the
+        // next run on the seat overwrites it. (A deletion of a seat's `status` key would land
+        // over a later run's records there, its tombstone written again at any step, a deposed
+        // leader's late: that run would lose its start record.)
+        let defined = self.spec.is_some() || self.ctx.view.invalid.contains_key(self.task);
         let orphans: Vec<Uuid> = self
             .runs
             .iter()
             .filter(|run| {
                 !run.has_intent() && run.report_offset().is_some_and(|offset| offset < synced_below)
             })
-            .filter(|run| run.report_seat().is_none_or(|seat| !seated.contains(&seat)))
+            .filter(|run| !defined || run.report_seat().is_none())
             .map(|run| run.id())
             // An intent a `trim` record deleted is gone from the log only once its tombstone is
             // in: were the `trim` record itself lost before (a stray tombstone on its key), a
@@ -710,15 +711,15 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             // a run that never started.
             .filter(|id| !self.ctx.view.is_trimmed(TopicKind::Assignments, &key::run(self.task, *id)))
             .collect();
-        let defined = self.spec.is_some() || self.ctx.view.invalid.contains_key(self.task);
         // With seats, a run leaves with its intent overwritten, one at a launch, and its report
         // is left an orphan: those go a handful at a time too, in one `trim` record (a lone
         // task would otherwise pay a `deleted` record and a tombstone for each).
         let handful =
             self.ctx.run_seats && defined && orphans.len() < trim_every(self.task, self.ctx.trim_every);
         // An intent on a seat that a `trim` record deleted waits for its tombstone under its
-        // seat's key, not its run's: no orphan of the task goes meanwhile.
-        let waiting = self.ctx.run_seats && self.ctx.view.trimmed_runs_of(self.task);
+        // seat's key, not its run's: no orphan of the task goes meanwhile (seats on or not:
+        // they may have been turned off since).
+        let waiting = self.ctx.view.trimmed_runs_of(self.task);
         for id in orphans.into_iter().filter(|_| !handful && !waiting) {
             let seat = self.runs.get(&id).and_then(|run| run.report_seat());
             let key = key::intent_key(self.task, id, seat);
@@ -834,16 +835,16 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                 self.load.trims_left -= 1;
             }
             // A run on a seat leaves when the step's next new run takes its seat (see
-            // `take_seat`); until then it stays, and is picked again at the next step.
-            // (Only over a final report, or none: a run's report that is not final may be
-            // followed by its runner's end, which would overwrite the next run's records.)
+            // `take_seat`); until then it stays, and is picked again at the next step. (Its
+            // runner's word may still come, a late end: it would overwrite the next run's
+            // records, and that run's runner writes its own again, see `RunIntent::status_seen`.)
             let implies = implies_position.contains(&id);
-            if let Some(seat) = self.runs.get(&id).and_then(|run| run.seat()).filter(|_| seats)
-                && self.seat_report_final(seat)
-            {
+            if let Some(seat) = self.runs.get(&id).and_then(|run| run.seat()).filter(|_| seats) {
                 self.leaving.push_back((id, seat, implies));
                 continue;
             }
+            // (One keyed by its run id that implies the position stays until the position is
+            // written past it, see `write_position`.)
             if implies {
                 continue;
             }
@@ -864,6 +865,16 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
     /// The task was deleted: stop its runs, then forget its history, position and requests.
     fn forget(&mut self) {
         self.stop_all("the task was deleted");
+        // The position its intents imply is written before they go: should the task be
+        // submitted again before its position is deleted, its slots count on from there, not
+        // from a stored position as old as the task (with seats, never checkpointed).
+        if let Some(stored) = self.ctx.view.scheds.get(self.task).map(|entry| &entry.sched) {
+            let implied = self.position(stored);
+            if implied.decided_through_ms != stored.decided_through_ms {
+                self.write_sched(implied, Some(stored));
+                return;
+            }
+        }
         self.trim_history();
         if !self.in_flight().is_empty() {
             return;
@@ -988,11 +999,17 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             let through = stored.decided_through_ms.unwrap_or(i64::MIN);
             // Counted only when nothing else asks for the write (a walk of the task's runs).
             let launched_past = || self.intent_slots().filter(|slot| *slot > through).count();
-            // (With seats no checkpoint: every reader implies the position, and the runs past
-            // it leave only for later slots, see `trim_history`.)
+            // (With seats no checkpoint: every reader implies the position, and the runs on
+            // seats past it leave only for later slots, see `trim_history`; one keyed by its
+            // run id past it, from before seats, leaves only once the position is written.)
+            let unseated_past = || {
+                self.runs
+                    .iter()
+                    .any(|run| run.seat().is_none() && run.slot_ms().is_some_and(|slot| slot > through))
+            };
             if settled
                 && sched == self.position(stored)
-                && (self.ctx.run_seats || launched_past() < CHECKPOINT_LAUNCHES)
+                && ((self.ctx.run_seats && !unseated_past()) || launched_past() < CHECKPOINT_LAUNCHES)
             {
                 return;
             }

@@ -236,6 +236,10 @@ pub(crate) struct Leadership {
     pub(crate) batched_trim: std::cell::Cell<Option<bool>>,
     /// Whether the last plan wrote intents on seats (as `batched_trim`).
     pub(crate) run_seats: std::cell::Cell<Option<bool>>,
+    /// Tasks a write of whose launch intents was reported failed, with the read to the end
+    /// asked for after it: not planned until it completes. The write may have landed, on a
+    /// seat a plan made without it would give another run (see `scheduler::Context::runs_busy`).
+    pub(crate) unsure_runs: BTreeMap<TaskId, u64>,
 }
 
 /// The runner's runs of periodic and one-shot tasks (see `runs.rs`): the pure book, and the
@@ -388,6 +392,7 @@ impl Node {
                         self.leadership.intents_synced_below.max(assignments);
                     self.leadership.report_sync = None;
                 }
+                self.leadership.unsure_runs.retain(|_, t| *t != token);
                 if let Some((epoch, _)) = self.leadership.leader_sync.filter(|(_, t)| *t == token) {
                     info!(epoch, "read the log to its end; leading");
                     self.leadership.schedules.forget_panics();
@@ -422,6 +427,15 @@ impl Node {
                 }
                 if self.leadership.report_sync.is_some_and(|(t, _, _)| t == token) {
                     self.leadership.report_sync = None;
+                }
+                if self.leadership.unsure_runs.values().any(|t| *t == token) {
+                    let retry = self.token();
+                    self.leadership
+                        .unsure_runs
+                        .values_mut()
+                        .filter(|t| **t == token)
+                        .for_each(|t| *t = retry);
+                    self.reader.sync(retry);
                 }
                 if let Some((epoch, _)) = self.leadership.claim_check.filter(|(_, t)| *t == token) {
                     let retry = self.token();
@@ -607,6 +621,19 @@ impl Node {
                 let newer_in_flight = self.outbox.in_flight(topic, &key);
                 if let Some(status) = self.own.retry_after_failure(&task, newer_in_flight) {
                     self.on_status(status);
+                }
+            }
+            (Err(message), Purpose::Leader)
+                if topic == TopicKind::Assignments && key::run_key(&key).is_some() =>
+            {
+                // It may have landed: its task is planned again only once a read to the end shows
+                // what the log holds (with seats, a plan without it could give its seat to another
+                // run, or this run another seat).
+                warn!(%key, %message, "launch intent not written; its task waits for a read of the log to its end");
+                if let Some((task, _)) = key::run_key(&key) {
+                    let token = self.token();
+                    self.leadership.unsure_runs.insert(task, token);
+                    self.reader.sync(token);
                 }
             }
             (Err(message), _) => warn!(%key, %message, "write failed; will retry"),
@@ -926,7 +953,7 @@ impl Node {
             now: chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default(),
             timing: TIMING,
             busy: &|topic, key| self.busy(topic, key),
-            runs_busy: &|task| self.outbox.runs_busy(task),
+            runs_busy: &|task| self.outbox.runs_busy(task) || self.leadership.unsure_runs.contains_key(task),
             lean: shiva_proto::records::feature::lean_runs(&live),
             batched_trim,
             run_seats,

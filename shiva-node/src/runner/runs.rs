@@ -245,11 +245,27 @@ pub struct RunBook {
     /// `shiva_proto::view::RunEntry::overwritten`) and which this node wrote `lost` for: once,
     /// until the view holds a record of its own again.
     repaired: BTreeSet<Uuid>,
+    /// The final record this node wrote of each run on a seat still in the view: written again
+    /// should a late record of another run overwrite it there (see `repaired`).
+    ends: BTreeMap<Uuid, RunReport>,
 }
 
 impl RunBook {
     /// Takes in `event` at `now_ms` (the driver's clock, read once).
     pub fn on_event(&mut self, event: Event<'_>, now_ms: i64) -> Vec<Action> {
+        let actions = self.on_event_inner(event, now_ms);
+        for action in &actions {
+            if let Action::Write(report) = action
+                && report.state.is_final()
+                && report.seat.is_some()
+            {
+                self.ends.insert(report.run_id, report.clone());
+            }
+        }
+        actions
+    }
+
+    fn on_event_inner(&mut self, event: Event<'_>, now_ms: i64) -> Vec<Action> {
         match event {
             Event::Step {
                 view,
@@ -395,16 +411,15 @@ impl RunBook {
                 }
                 // Over here, but its records on its seat were overwritten by a late record of
                 // another run: it reads as maybe started (open) for every reader, and would hold
-                // a serial task's later slots back for good. Its end is not kept here: `lost`
-                // (it ran; how it ended is gone), once.
+                // a serial task's later slots back for good. Its end is written again, once (or,
+                // not kept, `lost`: it ran, how it ended is gone).
                 if matches!(held.phase, Phase::Done) && entry.overwritten && !self.repaired.contains(id) {
                     repairs.push(*id);
-                    let message = "its records were overwritten by a late record of another run on its seat; it is over on this node";
-                    actions.push(Action::Write(oneshot::report(
-                        intent,
-                        RunPhase::Lost,
-                        Some(message.into()),
-                    )));
+                    let end = self.ends.get(id).cloned().unwrap_or_else(|| {
+                        let message = "its records were overwritten by a late record of another run on its seat; it is over on this node";
+                        oneshot::report(intent, RunPhase::Lost, Some(message.into()))
+                    });
+                    actions.push(Action::Write(end));
                 }
                 continue;
             }
@@ -423,8 +438,11 @@ impl RunBook {
             // Only while it is still on time (the scheduler's tolerance): later, it is `lost` as
             // before, never started long after its slot beside the runs that followed.
             // (A run whose records on its seat were overwritten may have started: as with a
-            // record of its start.)
-            let reported = entry.report.is_some() || entry.overwritten;
+            // record of its start. Unless its intent names this very process, which does not
+            // hold it: this process never started it, and no earlier one could, the intent
+            // naming an incarnation that did not exist then.)
+            let mine = intent.incarnation == Some(incarnation);
+            let reported = entry.report.is_some() || (entry.overwritten && !mine);
             let never_launched = entry.report.as_ref().is_some_and(|report| {
                 report.incarnation == incarnation
                     && report.report.state == RunPhase::Starting
@@ -475,6 +493,7 @@ impl RunBook {
             self.pruned_at = now;
             self.held
                 .retain(|id, held| !matches!(held.phase, Phase::Done) || view.run(&held.task, id).is_some());
+            self.ends.retain(|id, end| view.run(&end.task, id).is_some());
             let open: BTreeSet<&Uuid> = view.open_runs.iter().map(|(_, id)| id).collect();
             self.seen.retain(|id, _| open.contains(id));
         }
