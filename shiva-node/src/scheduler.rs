@@ -692,18 +692,20 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // `Context::reports_synced_below`). (An intent this leader wrote and has not read back
         // is busy, not gone.)
         let synced_below = self.ctx.reports_synced_below;
-        // A report on a seat is deleted only once the task is gone: while it is defined, the
-        // next run on the seat overwrites it. (A deletion of a seat's `status` key would land
-        // over a later run's records there, its tombstone written again at any step, a deposed
-        // leader's late: that run would lose its start record.)
+        // A report on a seat is deleted only once the task is gone, and no run's intent holds
+        // the seat: while it is defined, the next run on the seat overwrites it. (A deletion of
+        // a seat's `status` key would land over a later run's records there, its tombstone
+        // written again at any step, a deposed leader's late: that run would lose its start
+        // record.)
         let defined = self.spec.is_some() || self.ctx.view.invalid.contains_key(self.task);
+        let seated: BTreeSet<u16> = self.runs.iter().filter_map(|run| run.seat()).collect();
         let orphans: Vec<Uuid> = self
             .runs
             .iter()
             .filter(|run| {
                 !run.has_intent() && run.report_offset().is_some_and(|offset| offset < synced_below)
             })
-            .filter(|run| !defined || run.report_seat().is_none())
+            .filter(|run| run.report_seat().is_none_or(|seat| !defined && !seated.contains(&seat)))
             .map(|run| run.id())
             // An intent a `trim` record deleted is gone from the log only once its tombstone is
             // in: were the `trim` record itself lost before (a stray tombstone on its key), a
@@ -711,16 +713,11 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             // a run that never started.
             .filter(|id| !self.ctx.view.is_trimmed(TopicKind::Assignments, &key::run(self.task, *id)))
             .collect();
-        // With seats, a run leaves with its intent overwritten, one at a launch, and its report
-        // is left an orphan: those go a handful at a time too, in one `trim` record (a lone
-        // task would otherwise pay a `deleted` record and a tombstone for each).
-        let handful =
-            self.ctx.run_seats && defined && orphans.len() < trim_every(self.task, self.ctx.trim_every);
         // An intent on a seat that a `trim` record deleted waits for its tombstone under its
         // seat's key, not its run's: no orphan of the task goes meanwhile (seats on or not:
         // they may have been turned off since).
         let waiting = self.ctx.view.trimmed_runs_of(self.task);
-        for id in orphans.into_iter().filter(|_| !handful && !waiting) {
+        for id in orphans.into_iter().filter(|_| !waiting) {
             let seat = self.runs.get(&id).and_then(|run| run.report_seat());
             let key = key::intent_key(self.task, id, seat);
             if !self.busy(TopicKind::Assignments, &key) && !self.busy(TopicKind::Status, &key) {
@@ -775,9 +772,12 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // goes back, and it is not written every `CHECKPOINT_LAUNCHES` launches.
         let seats = self.ctx.run_seats && defined;
         let mut implies_position = BTreeSet::new();
+        // (Only the newest slot's run keeps a position the stored one is behind: the runs of
+        // older slots may leave for any run, its intent taking their seat.)
+        let newest = self.newest_slot();
         let (mut finished, mut implied) = (Vec::new(), 0);
         for run in self.runs.iter().filter(|run| run.is_final() && Some(run.id()) != current) {
-            if seats && implying(&run) {
+            if seats && implying(&run) && run.slot_ms() == newest {
                 implies_position.insert(run.id());
             }
             match (implying(&run) && !seats, run.intent_offset()) {

@@ -239,7 +239,8 @@ pub(crate) struct Leadership {
     /// Tasks a write of whose launch intents was reported failed, with the read to the end
     /// asked for after it: not planned until it completes. The write may have landed, on a
     /// seat a plan made without it would give another run (see `scheduler::Context::runs_busy`).
-    pub(crate) unsure_runs: BTreeMap<TaskId, u64>,
+    /// (`None`: every task, after a `trim` record.)
+    pub(crate) unsure_runs: BTreeMap<Option<TaskId>, u64>,
 }
 
 /// The runner's runs of periodic and one-shot tasks (see `runs.rs`): the pure book, and the
@@ -624,17 +625,18 @@ impl Node {
                 }
             }
             (Err(message), Purpose::Leader)
-                if topic == TopicKind::Assignments && key::run_key(&key).is_some() =>
+                if topic != TopicKind::Commands
+                    && (key::run_key(&key).is_some() || key.starts_with("trim/")) =>
             {
-                // It may have landed: its task is planned again only once a read to the end shows
-                // what the log holds (with seats, a plan without it could give its seat to another
-                // run, or this run another seat).
-                warn!(%key, %message, "launch intent not written; its task waits for a read of the log to its end");
-                if let Some((task, _)) = key::run_key(&key) {
-                    let token = self.token();
-                    self.leadership.unsure_runs.insert(task, token);
-                    self.reader.sync(token);
-                }
+                // It may have landed: its task (every task, for a `trim` record) is planned again
+                // only once a read to the end shows what the log holds (with seats, a plan
+                // without it could give its seat to another run, or this run another seat, and
+                // a deletion landing late could take a later run's records).
+                warn!(%key, %message, "run record of the leader not written; its task waits for a read of the log to its end");
+                let token = self.token();
+                let task = key::run_key(&key).map(|(task, _)| task);
+                self.leadership.unsure_runs.insert(task, token);
+                self.reader.sync(token);
             }
             (Err(message), _) => warn!(%key, %message, "write failed; will retry"),
         }
@@ -953,7 +955,12 @@ impl Node {
             now: chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default(),
             timing: TIMING,
             busy: &|topic, key| self.busy(topic, key),
-            runs_busy: &|task| self.outbox.runs_busy(task) || self.leadership.unsure_runs.contains_key(task),
+            runs_busy: &|task| {
+                let unsure = &self.leadership.unsure_runs;
+                self.outbox.runs_busy(task)
+                    || unsure.contains_key(&None)
+                    || unsure.contains_key(&Some(task.clone()))
+            },
             lean: shiva_proto::records::feature::lean_runs(&live),
             batched_trim,
             run_seats,

@@ -117,6 +117,16 @@ impl Confirms {
 /// start record already tells a new leader it may have run. A one-shot's always is (a batch job
 /// may run for hours; its pid is worth seeing meanwhile), and every run's is while an older
 /// leader may lead (it takes a run without one for late).
+/// The offset of the record of another run that overwrote `run` on its seat (the newest report
+/// on the seat's `status` key), when `run` reads overwritten.
+fn overwritten_by(view: &LogView, task: &TaskId, run: &shiva_proto::view::RunRef<'_>) -> Option<i64> {
+    if !run.overwritten() {
+        return None;
+    }
+    let holder = view.report_on_seat(task, run.seat()?)?;
+    view.run(task, &holder)?.report_offset()
+}
+
 pub fn writes_running(report: &RunReport, lean: bool) -> bool {
     report.state != RunPhase::Running || !lean || matches!(report.trigger, Trigger::Once { .. })
 }
@@ -244,7 +254,13 @@ pub struct RunBook {
     /// Runs over here whose records on their seat were overwritten (see
     /// `shiva_proto::view::RunEntry::overwritten`) and which this node wrote `lost` for: once,
     /// until the view holds a record of its own again.
-    repaired: BTreeSet<Uuid>,
+    repaired: BTreeMap<Uuid, i64>,
+    /// Runs this node sees overwritten on their seat, by the record at an offset: confirmed by a
+    /// read to the end asked for after it was seen (`None`), or waiting for that read (its
+    /// token). A view read one topic ahead of the other sees a run leaving its seat as
+    /// overwritten by the next run's records, whose intent it has not read yet: it acts only on
+    /// what a read to the end confirms (see `overwrite_confirmed`).
+    overwrites: BTreeMap<Uuid, (i64, Option<u64>)>,
     /// The final record this node wrote of each run on a seat still in the view: written again
     /// should a late record of another run overwrite it there (see `repaired`).
     ends: BTreeMap<Uuid, RunReport>,
@@ -298,6 +314,7 @@ impl RunBook {
                 self.synced(token, view, (me, incarnation, listed), now_ms)
             }
             Event::SyncFailed { token } => {
+                self.overwrites.retain(|_, (_, waiting)| *waiting != Some(token));
                 for held in self.held.values_mut() {
                     if let Phase::Confirming { token: t, since } = held.phase
                         && t == token
@@ -361,6 +378,21 @@ impl RunBook {
         self.held.values().filter(|held| matches!(held.phase, Phase::Launched { .. })).count()
     }
 
+    /// Whether this node may act on `run` being overwritten by the record at offset `by`: a read
+    /// to the end asked for after it saw so has confirmed it. Otherwise asks for one (`token`,
+    /// `sync`), once per overwriting record.
+    fn overwrite_confirmed(&mut self, run: Uuid, by: i64, token: u64, sync: &mut bool) -> bool {
+        match self.overwrites.get(&run) {
+            Some((seen, None)) if *seen == by => true,
+            Some((seen, Some(_))) if *seen == by => false,
+            _ => {
+                self.overwrites.insert(run, (by, Some(token)));
+                *sync = true;
+                false
+            }
+        }
+    }
+
     fn finish(&mut self, intent: &RunIntent, state: RunPhase, message: String) -> Action {
         self.held.insert(intent.run_id, Held { task: intent.task.clone(), phase: Phase::Done });
         Action::Write(oneshot::report(intent, state, Some(message)))
@@ -388,7 +420,8 @@ impl RunBook {
         // driver) leaves the book unchanged rather than changed without its actions.
         let mut changes: Vec<(Uuid, Held)> = Vec::new();
         let mut first_seen: Vec<Uuid> = Vec::new();
-        let mut repairs: Vec<Uuid> = Vec::new();
+        let mut repairs: Vec<(Uuid, i64)> = Vec::new();
+        let mut sync = false;
         for (task, id) in &candidates {
             let Some(run) = view.run(task, id) else { continue };
             // Only the runs whose intent names this node (see `names_me`) are read in full.
@@ -413,8 +446,12 @@ impl RunBook {
                 // another run: it reads as maybe started (open) for every reader, and would hold
                 // a serial task's later slots back for good. Its end is written again, once (or,
                 // not kept, `lost`: it ran, how it ended is gone).
-                if matches!(held.phase, Phase::Done) && entry.overwritten && !self.repaired.contains(id) {
-                    repairs.push(*id);
+                if matches!(held.phase, Phase::Done)
+                    && let Some(by) = overwritten_by(view, task, &run)
+                    && self.repaired.get(id) != Some(&by)
+                    && self.overwrite_confirmed(*id, by, token, &mut sync)
+                {
+                    repairs.push((*id, by));
                     let end = self.ends.get(id).cloned().unwrap_or_else(|| {
                         let message = "its records were overwritten by a late record of another run on its seat; it is over on this node";
                         oneshot::report(intent, RunPhase::Lost, Some(message.into()))
@@ -438,11 +475,15 @@ impl RunBook {
             // Only while it is still on time (the scheduler's tolerance): later, it is `lost` as
             // before, never started long after its slot beside the runs that followed.
             // (A run whose records on its seat were overwritten may have started: as with a
-            // record of its start. Unless its intent names this very process, which does not
-            // hold it: this process never started it, and no earlier one could, the intent
-            // naming an incarnation that did not exist then.)
-            let mine = intent.incarnation == Some(incarnation);
-            let reported = entry.report.is_some() || (entry.overwritten && !mine);
+            // record of its start. Unless its intent names this incarnation and its journal says
+            // no earlier process of it launched the run: an incarnation outlives a process that
+            // re-executes, and a fresh book does not know what the process before launched.)
+            let mine = intent.incarnation == Some(incarnation) && !launched_before(id);
+            let overwritten = match overwritten_by(view, task, &run).filter(|_| !mine) {
+                Some(by) if !self.overwrite_confirmed(*id, by, token, &mut sync) => continue,
+                by => by.is_some(),
+            };
+            let reported = entry.report.is_some() || overwritten;
             let never_launched = entry.report.as_ref().is_some_and(|report| {
                 report.incarnation == incarnation
                     && report.report.state == RunPhase::Starting
@@ -475,12 +516,18 @@ impl RunBook {
         self.seen.extend(first_seen.into_iter().map(|id| (id, now)));
         self.held.extend(changes);
         self.repaired.extend(repairs);
-        self.repaired.retain(|id| {
+        let still = |id: &Uuid| {
             candidates
                 .iter()
                 .any(|(task, run)| run == id && view.run(task, run).is_some_and(|run| run.overwritten()))
-        });
-        if self.held.values().any(|held| matches!(held.phase, Phase::Acked(_))) {
+        };
+        self.repaired.retain(|id, _| still(id));
+        self.overwrites.retain(|id, _| still(id));
+        let acked = self.held.values().any(|held| matches!(held.phase, Phase::Acked(_)));
+        if sync && !acked {
+            actions.push(Action::Sync(token));
+        }
+        if acked {
             actions.push(Action::Sync(token));
             for held in self.held.values_mut() {
                 if let Phase::Acked(since) = held.phase {
@@ -507,6 +554,13 @@ impl RunBook {
         (me, incarnation, listed): (&NodeId, Uuid, bool),
         now: i64,
     ) -> Vec<Action> {
+        // Overwrites seen before this read to the end are confirmed; the next step acts on
+        // those still overwritten by the same record (a later one asks for a read of its own).
+        for (_, waiting) in self.overwrites.values_mut() {
+            if *waiting == Some(token) {
+                *waiting = None;
+            }
+        }
         let waiting: Vec<(Uuid, i64)> = self
             .held
             .iter()
@@ -747,14 +801,16 @@ mod tests {
             );
             assert!(log.view.run(&intent.task, &intent.run_id).unwrap().overwritten());
             let run = intent.run_id;
-            let actions = restarted_step(
-                &mut RunBook::default(),
-                &log,
-                incarnation,
-                &|id| adopted && *id == run,
-                &|_| false,
-                9_900,
-            );
+            let mut book = RunBook::default();
+            let adopted_here = |id: &Uuid| adopted && *id == run;
+            // First a read to the end, to tell a late record from the next run's on a view read
+            // one topic ahead; then it acts.
+            let actions = restarted_step(&mut book, &log, incarnation, &adopted_here, &|_| false, 9_900);
+            assert!(matches!(actions.as_slice(), [Action::Sync(7)]), "{actions:?}");
+            let me = NodeId::new("me").unwrap();
+            let synced = Event::Synced { token: 7, view: &log.view, me: &me, incarnation, listed: true };
+            assert!(book.on_event(synced, 9_950).is_empty());
+            let actions = restarted_step(&mut book, &log, incarnation, &adopted_here, &|_| false, 9_960);
             match actions.as_slice() {
                 [Action::Adopt(_)] => assert!(adopted),
                 [Action::Write(report)] => assert_eq!((report.state, adopted), (RunPhase::Lost, false)),
@@ -866,6 +922,71 @@ mod tests {
         end.ended_ms = Some(10_700);
         assert_eq!(book.on_event(Event::Reported(end.clone()), 10_700), vec![Action::Write(end)]);
         assert_eq!(book.launched(), 0);
+    }
+
+    /// A runner that ran B on a seat reads the next run's start record there before that run's
+    /// intent (its view reads `status` ahead of `assignments`): B reads overwritten for a while.
+    /// It writes B's end again only once a read to the end confirms it, and here it does not:
+    /// the next run's intent took the seat (a late copy of another run's end, confirmed so,
+    /// gets B's own end written again: `a_late_report_over_a_seat_never_runs_its_run_again…`).
+    #[test]
+    fn a_runner_writes_its_end_again_only_over_a_late_record_a_read_to_the_end_confirms() {
+        let mut log = Log::new();
+        let on_seat = |intent: &mut RunIntent| {
+            intent.seat = Some(4);
+            intent.status_seen = Some(1);
+        };
+        let intent = log.intent(false, on_seat);
+        let (mut book, me, incarnation) = (RunBook::default(), NodeId::new("me").unwrap(), Uuid::nil());
+        step(&mut book, &log, true, false, 9_900);
+        book.on_event(Event::StartWritten { run: intent.run_id, ok: true }, 9_920);
+        step(&mut book, &log, true, false, 9_925);
+        book.on_event(Event::Synced { token: 7, view: &log.view, me: &me, incarnation, listed: true }, 9_960);
+        let mut end = oneshot::report(&intent, RunPhase::Succeeded, None);
+        end.ended_ms = Some(10_100);
+        assert_eq!(book.on_event(Event::Reported(end.clone()), 10_100), vec![Action::Write(end.clone())]);
+        let report = |log: &mut Log, report: &RunReport| {
+            let body = Body::RunReport(report.clone());
+            let value = Envelope { sender: "me".into(), incarnation: Some(incarnation), sent_at_ms: 0, body }
+                .encode();
+            log.offset += 1;
+            log.view.apply(TopicKind::Status, log.offset, Some(key::report(report).as_bytes()), Some(&value));
+        };
+        report(&mut log, &end);
+        assert!(step(&mut book, &log, true, false, 10_200).is_empty());
+        // The next run's start record on the seat, its intent not read yet.
+        let next = RunIntent {
+            run_id: Uuid::from_u128(99),
+            trigger: Trigger::Slot { slot_ms: 11_000 },
+            ..intent.clone()
+        };
+        report(&mut log, &RunReport::of(&next, RunPhase::Starting));
+        assert!(log.view.run(&intent.task, &intent.run_id).unwrap().overwritten());
+        assert_eq!(
+            step(&mut book, &log, true, false, 10_300),
+            vec![Action::Sync(7)],
+            "a read to the end first"
+        );
+        // Read to the end: the next run's intent is there, on the seat; B is gone.
+        log.offset += 1;
+        let status_seen = Some(log.offset);
+        log.write(
+            TopicKind::Assignments,
+            key::intent(&next),
+            Body::RunIntent(RunIntent { status_seen, ..next.clone() }),
+        );
+        book.on_event(
+            Event::Synced { token: 7, view: &log.view, me: &me, incarnation, listed: true },
+            10_350,
+        );
+        assert!(log.view.run(&intent.task, &intent.run_id).is_none());
+        let actions = step(&mut book, &log, true, false, 10_400);
+        let of_b = |actions: &[Action]| {
+            actions
+                .iter()
+                .any(|action| matches!(action, Action::Write(report) if report.run_id == intent.run_id))
+        };
+        assert!(!of_b(&actions), "{actions:?}");
     }
 
     #[test]

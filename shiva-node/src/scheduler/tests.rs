@@ -1825,6 +1825,32 @@ fn trimming_under_failures(
     for (task, trigger, _, _) in &sim.launches {
         *launches.entry((task, trigger.slot_ms().unwrap())).or_default() += 1;
     }
+    if std::env::var("DBG_TWICE").is_ok() {
+        for ((task, slot), count) in &launches {
+            if *count > 1 {
+                eprintln!("TWICE {task} {slot}");
+                for (t, trigger, attempt, node) in &sim.launches {
+                    if t == *task && trigger.slot_ms() == Some(*slot) {
+                        eprintln!("  launch attempt {attempt} on {node}");
+                    }
+                }
+                let id1 = run_id(task, Trigger::Slot { slot_ms: *slot }, 1);
+                for (topic, offset, key, value) in &sim.log {
+                    let Some(v) = value else { continue };
+                    let Ok(env) = Envelope::decode(v) else { continue };
+                    let hit = match &env.body {
+                        Body::RunIntent(i) => i.task == **task && i.trigger.slot_ms() == Some(*slot),
+                        Body::RunReport(r) => r.task == **task && r.trigger.slot_ms() == Some(*slot),
+                        _ => false,
+                    };
+                    if hit {
+                        eprintln!("  {topic:?} {offset} {key} {} {:?}", env.sender, env.body);
+                    }
+                }
+                let _ = id1;
+            }
+        }
+    }
     prop_assert!(launches.values().all(|count| *count == 1), "a slot launched twice");
     let lost: BTreeSet<(TaskId, i64)> = sim
         .view
@@ -1943,6 +1969,16 @@ fn a_missed_run_is_launched_again_only_after_a_read_to_the_end_past_its_verdict(
         *launches.entry((task, trigger.slot_ms().unwrap())).or_default() += 1;
     }
     assert!(launches.values().all(|count| *count == 1), "a slot launched twice");
+}
+
+/// Found by the test above with seats: the leader, also the runner of a run on a seat, died
+/// and came back with a fresh book under the same incarnation (a process that re-executes keeps
+/// it); a late copy of another run's end then overwrote its finished run there. Its runner took
+/// the run for one it had never started (its intent named its incarnation) and launched it
+/// again. It now does so only when its journal says no earlier process launched it.
+#[test]
+fn an_overwritten_run_is_not_launched_again_by_its_runner_back_with_a_fresh_book() {
+    trimming_under_failures(&[(1, 1), (8, 3)], 0, (true, true), 2).unwrap();
 }
 
 /// Found by the test above, with or without batching: a slot's first attempt, missed (its
