@@ -61,6 +61,16 @@ pub fn trim_every(task: &TaskId, least: usize) -> usize {
 /// position from the launch intents still finds an intent for every slot after it.
 pub const CHECKPOINT_LAUNCHES: usize = HISTORY / 2;
 
+/// Seats a task's intents take at most (see [`Context::run_seats`]): its history and a margin
+/// for runs in flight; more runs at once (a burst of requests, a catch-up beside long runs) are
+/// keyed by run id, and leave as without seats.
+pub const SEATS_PER_TASK: usize = HISTORY + 4 * TRIM_EVERY;
+
+/// Runs on seats a step lets wait for the step's new intents to take their seats; a task
+/// further past its history (after a burst) has the others leave as without seats, so its
+/// history comes back to [`HISTORY`].
+const LEAVING_PER_STEP: usize = 4;
+
 /// A run starting this much after its slot is late (backlog).
 const LATE_MS: i64 = 500;
 
@@ -511,20 +521,25 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // tombstone (which would land over the new run's records).
         let held: BTreeSet<u16> = self.runs.iter().filter_map(|run| run.seat()).collect();
         let view = self.ctx.view;
-        (0..shiva_proto::runs::MAX_SEATS).filter_map(|seat| u16::try_from(seat).ok()).find(|seat| {
-            let key = key::run_seat(self.task, *seat);
-            !held.contains(seat)
-                && [TopicKind::Assignments, TopicKind::Status].into_iter().all(|topic| {
-                    !self.busy(topic, &key)
-                        && view.is_settled(topic, &key)
-                        && !view.is_trimmed(topic, &key)
-                        && !view.deleted_markers.get(&topic).is_some_and(|keys| keys.contains(&key))
-                })
-        })
+        (0..SEATS_PER_TASK.min(shiva_proto::runs::MAX_SEATS))
+            .filter_map(|seat| u16::try_from(seat).ok())
+            .find(|seat| {
+                let key = key::run_seat(self.task, *seat);
+                !held.contains(seat)
+                    && [TopicKind::Assignments, TopicKind::Status].into_iter().all(|topic| {
+                        !self.busy(topic, &key)
+                            && view.is_settled(topic, &key)
+                            && !view.is_trimmed(topic, &key)
+                            && !view.deleted_markers.get(&topic).is_some_and(|keys| keys.contains(&key))
+                    })
+            })
     }
 
     fn write_intent(&mut self, mut intent: RunIntent) {
-        if intent.seat.is_none() && !self.runs.contains_key(&intent.run_id) {
+        // (A one-shot's attempts stay keyed by run id: a late record over an attempt that
+        // succeeded would read it `lost` once its node is gone, and a one-shot tries again.)
+        let once = matches!(intent.trigger, Trigger::Once { .. });
+        if intent.seat.is_none() && !once && !self.runs.contains_key(&intent.run_id) {
             intent.seat = self.take_seat(intent.trigger.slot_ms());
             // Every record on the seat's `status` key up to here was read: one past it that is
             // not the run's own overwrote it (see `RunIntent::status_seen`).
@@ -839,7 +854,9 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             // runner's word may still come, a late end: it would overwrite the next run's
             // records, and that run's runner writes its own again, see `RunIntent::status_seen`.)
             let implies = implies_position.contains(&id);
-            if let Some(seat) = self.runs.get(&id).and_then(|run| run.seat()).filter(|_| seats) {
+            if let Some(seat) = self.runs.get(&id).and_then(|run| run.seat()).filter(|_| seats)
+                && (implies || self.leaving.len() < LEAVING_PER_STEP)
+            {
                 self.leaving.push_back((id, seat, implies));
                 continue;
             }

@@ -381,13 +381,20 @@ impl RunBook {
     /// Whether this node may act on `run` being overwritten by the record at offset `by`: a read
     /// to the end asked for after it saw so has confirmed it. Otherwise asks for one (`token`,
     /// `sync`), once per overwriting record.
-    fn overwrite_confirmed(&mut self, run: Uuid, by: i64, token: u64, sync: &mut bool) -> bool {
+    /// (The check asked for goes into `checks`, applied after the walk: a panic in the walk
+    /// leaves the book unchanged.)
+    fn overwrite_confirmed(
+        &self,
+        run: Uuid,
+        by: i64,
+        token: u64,
+        checks: &mut Vec<(Uuid, i64, u64)>,
+    ) -> bool {
         match self.overwrites.get(&run) {
             Some((seen, None)) if *seen == by => true,
             Some((seen, Some(_))) if *seen == by => false,
             _ => {
-                self.overwrites.insert(run, (by, Some(token)));
-                *sync = true;
+                checks.push((run, by, token));
                 false
             }
         }
@@ -421,7 +428,7 @@ impl RunBook {
         let mut changes: Vec<(Uuid, Held)> = Vec::new();
         let mut first_seen: Vec<Uuid> = Vec::new();
         let mut repairs: Vec<(Uuid, i64)> = Vec::new();
-        let mut sync = false;
+        let mut checks: Vec<(Uuid, i64, u64)> = Vec::new();
         for (task, id) in &candidates {
             let Some(run) = view.run(task, id) else { continue };
             // Only the runs whose intent names this node (see `names_me`) are read in full.
@@ -449,7 +456,7 @@ impl RunBook {
                 if matches!(held.phase, Phase::Done)
                     && let Some(by) = overwritten_by(view, task, &run)
                     && self.repaired.get(id) != Some(&by)
-                    && self.overwrite_confirmed(*id, by, token, &mut sync)
+                    && self.overwrite_confirmed(*id, by, token, &mut checks)
                 {
                     repairs.push((*id, by));
                     let end = self.ends.get(id).cloned().unwrap_or_else(|| {
@@ -475,12 +482,13 @@ impl RunBook {
             // Only while it is still on time (the scheduler's tolerance): later, it is `lost` as
             // before, never started long after its slot beside the runs that followed.
             // (A run whose records on its seat were overwritten may have started: as with a
-            // record of its start. Unless its intent names this incarnation and its journal says
-            // no earlier process of it launched the run: an incarnation outlives a process that
-            // re-executes, and a fresh book does not know what the process before launched.)
-            let mine = intent.incarnation == Some(incarnation) && !launched_before(id);
-            let overwritten = match overwritten_by(view, task, &run).filter(|_| !mine) {
-                Some(by) if !self.overwrite_confirmed(*id, by, token, &mut sync) => continue,
+            // record of its start, whatever this book knows. It holds no run its own process
+            // launched (its book would), but an incarnation outlives a process that
+            // re-executes, and the journal of launches keeps only runs still open: a run over,
+            // then overwritten, is not in it. So it is never started: at worst a run overwritten
+            // before it started here is dropped, `lost`.)
+            let overwritten = match overwritten_by(view, task, &run) {
+                Some(by) if !self.overwrite_confirmed(*id, by, token, &mut checks) => continue,
                 by => by.is_some(),
             };
             let reported = entry.report.is_some() || overwritten;
@@ -496,7 +504,13 @@ impl RunBook {
                 actions.push(Action::Adopt(Box::new(intent.clone())));
             } else if reported && !never_launched {
                 // Started by an earlier process of this node, whose run did not outlive it.
-                let (change, action) = finished(RunPhase::Lost, "the node restarted during the run".into());
+                let message = match overwritten {
+                    true => {
+                        "its records on its seat were overwritten by a late record of another run; it may have started"
+                    }
+                    false => "the node restarted during the run",
+                };
+                let (change, action) = finished(RunPhase::Lost, message.into());
                 changes.push(change);
                 actions.push(action);
             } else if let Some(reason) = &intent.stop {
@@ -523,6 +537,10 @@ impl RunBook {
         };
         self.repaired.retain(|id, _| still(id));
         self.overwrites.retain(|id, _| still(id));
+        let sync = !checks.is_empty();
+        for (run, by, token) in checks {
+            self.overwrites.insert(run, (by, Some(token)));
+        }
         let acked = self.held.values().any(|held| matches!(held.phase, Phase::Acked(_)));
         if sync && !acked {
             actions.push(Action::Sync(token));

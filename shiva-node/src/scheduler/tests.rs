@@ -1358,6 +1358,32 @@ fn a_late_report_over_a_seat_never_runs_its_run_again_nor_holds_the_task_back() 
     }
 }
 
+/// A burst of runs at once (here 300 `run` requests, with overlap `allow`) takes more seats than
+/// a history holds: past [`crate::scheduler::SEATS_PER_TASK`] runs are keyed by run id, and the
+/// runs past the history leave as without seats, so the history comes back to its 100 and
+/// the task's seats stay bounded (a review found a burst kept them for good).
+#[test]
+fn a_burst_of_runs_leaves_the_history_and_the_seats_bounded() {
+    let mut sim = Sim::new();
+    sim.run_ms = 10;
+    let mut spec = every_second(CatchUp::All);
+    spec.overlap = Overlap::Allow;
+    let task = spec.id.clone();
+    sim.submit(spec);
+    sim.advance(HISTORY as i64 * 1000 + 10_000);
+    for n in 0..300u128 {
+        sim.request(&task, Uuid::from_u128(1_000 + n));
+    }
+    sim.advance(60_000);
+    let held = sim.view.runs_of(&task).filter(|run| run.has_intent()).count();
+    assert!(held <= HISTORY + 2 * TRIM_EVERY, "{held} runs held after the burst");
+    let seats: BTreeSet<u16> = sim.view.runs_of(&task).filter_map(|run| run.seat()).collect();
+    assert!(seats.len() <= crate::scheduler::SEATS_PER_TASK, "{} seats", seats.len());
+    assert!(seats.iter().all(|seat| usize::from(*seat) < crate::scheduler::SEATS_PER_TASK));
+    assert_eq!(sim.compacted().runs, sim.view.runs);
+    assert!(sim.slot_launches().values().all(|count| *count == 1), "a slot launched twice");
+}
+
 /// Seats turned on over a history keyed by run ids (every node upgraded), then off (a node of
 /// an older build joins) and on again: the runs of either kind leave the history in their own
 /// way, the history stays bounded, every slot runs once, and once the task is deleted every
