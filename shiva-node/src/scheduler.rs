@@ -539,6 +539,13 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // (A one-shot's attempts stay keyed by run id: a late record over an attempt that
         // succeeded would read it `lost` once its node is gone, and a one-shot tries again.)
         let once = matches!(intent.trigger, Trigger::Once { .. });
+        // A run written again keeps its seat (its records are there, not on its run id's keys).
+        if intent.seat.is_none()
+            && let Some(run) = self.runs.get(&intent.run_id)
+            && let Some(seat) = run.seat()
+        {
+            (intent.seat, intent.status_seen) = (Some(seat), run.status_seen());
+        }
         if intent.seat.is_none() && !once && !self.runs.contains_key(&intent.run_id) {
             intent.seat = self.take_seat(intent.trigger.slot_ms());
             // Every record on the seat's `status` key up to here was read: one past it that is
@@ -1061,6 +1068,11 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
             sched.decided_through_ms = Some(ms(decided.max(now)));
         }
         self.relaunch_missed(spec);
+        // (A queued run launched already, its position not written after it, a leader dying
+        // in between: not launched again.)
+        if sched.queued.is_some_and(|due| self.exists(due)) {
+            sched.queued = None;
+        }
         if let Some(due) = sched.queued
             && self.running().is_empty()
             && self.launch(spec, due, ms(now))

@@ -592,12 +592,11 @@ impl Node {
                 self.on_start_written(run, false);
             }
             (Err(message), Purpose::RunReport(report)) => {
-                // On a seat: written again only while the run still holds it. A copy landing
-                // after a later run's records there would overwrite them (the later run would
-                // read as maybe started).
+                // On a seat: written again only while the run's intent still holds it (see
+                // `write_run_report`). A copy landing after a later run's records there would
+                // overwrite them (the later run would read as maybe started).
                 let seat_left = report.seat.is_some_and(|seat| {
-                    self.view.run_on_seat(&report.task, seat).is_some_and(|seated| seated != report.run_id)
-                        || self.view.run(&report.task, &report.run_id).is_none()
+                    self.view.run(&report.task, &report.run_id).and_then(|run| run.seat()) != Some(seat)
                 });
                 if seat_left {
                     warn!(run = %report.run_id, %message, "run record not written; its run left the history, so not written again");

@@ -19,6 +19,15 @@ use crate::supervisor::oneshot::{self, RunControl, now_ms};
 impl Node {
     /// Writes a run record; a start record's acknowledgement moves its run on.
     pub(crate) fn write_run_report(&mut self, report: RunReport) {
+        // On a seat only while the run's intent holds it: a run that outlived its intent (judged
+        // `lost` while it rode out a disconnection, then trimmed) would land over the records
+        // of the run now on the seat.
+        if let Some(seat) = report.seat
+            && self.view.run(&report.task, &report.run_id).and_then(|run| run.seat()) != Some(seat)
+        {
+            info!(task = %report.task, run = %report.run_id, seat, state = report.state.as_str(), "run record not written: the run left the history, and its seat is another run's");
+            return;
+        }
         let key = key::report(&report);
         self.own.report_written(&report);
         let purpose = if report.state == RunPhase::Starting {
