@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use shiva_proto::records::{Body, Claim, Deleted, Envelope, Trim};
+use shiva_proto::records::{Body, Claim, Deleted, Trim};
 use shiva_proto::runs::{MAX_SEATS, RunIntent, RunPhase, RunReport};
 use shiva_proto::spec::TaskSpec;
 use shiva_proto::topics::{TopicKind, key};
@@ -13,29 +13,9 @@ use shiva_proto::view::{LogView, Outcome};
 use uuid::Uuid;
 
 mod common;
-use common::slot_intent;
-
-const LEADER: Uuid = Uuid::from_u128(1);
-const RUNNER: Uuid = Uuid::from_u128(2);
-
-#[derive(Default)]
-struct Log {
-    records: Vec<(TopicKind, i64, String, Option<Vec<u8>>)>,
-    view: LogView,
-}
+use common::{Log, RUNNER, slot_intent};
 
 impl Log {
-    fn write(&mut self, topic: TopicKind, key: &str, sender: (&str, Uuid), body: Option<Body>) -> Outcome {
-        let offset = self.records.iter().filter(|(of, ..)| *of == topic).count() as i64;
-        let value = body.map(|body| Envelope::now(sender.0, Some(sender.1), body).encode());
-        self.records.push((topic, offset, key.to_owned(), value.clone()));
-        self.view.apply(topic, offset, Some(key.as_bytes()), value.as_deref())
-    }
-
-    fn leader(&mut self, topic: TopicKind, key: &str, body: Option<Body>) -> Outcome {
-        self.write(topic, key, ("leader-001", LEADER), body)
-    }
-
     /// The leader's intent on its key, then the runner's end on the run's report key.
     fn run(&mut self, intent: RunIntent) -> Outcome {
         let outcome =
@@ -69,16 +49,6 @@ impl Log {
                 if (*topic == first) == pass && newest {
                     view.apply(*topic, *offset, Some(key.as_bytes()), value.as_deref());
                 }
-            }
-        }
-        view
-    }
-
-    fn compacted(&self) -> LogView {
-        let mut view = LogView::default();
-        for (i, (topic, offset, key, value)) in self.records.iter().enumerate() {
-            if !self.records[i + 1..].iter().any(|(t, _, k, _)| t == topic && k == key) {
-                view.apply(*topic, *offset, Some(key.as_bytes()), value.as_deref());
             }
         }
         view

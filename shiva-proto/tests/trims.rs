@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use shiva_proto::records::{Body, Claim, Envelope, Trim};
+use shiva_proto::records::{Body, Claim, Trim};
 use shiva_proto::runs::{RunPhase, RunReport};
 use shiva_proto::spec::TaskSpec;
 use shiva_proto::topics::{TopicKind, key};
@@ -12,41 +12,7 @@ use shiva_proto::view::{LogView, Outcome};
 use uuid::Uuid;
 
 mod common;
-use common::slot_intent;
-
-const LEADER: Uuid = Uuid::from_u128(1);
-const RUNNER: Uuid = Uuid::from_u128(2);
-
-/// The log as written, and a view that read it all.
-#[derive(Default)]
-struct Log {
-    records: Vec<(TopicKind, i64, String, Option<Vec<u8>>)>,
-    view: LogView,
-}
-
-impl Log {
-    fn write(&mut self, topic: TopicKind, key: &str, sender: (&str, Uuid), body: Option<Body>) -> Outcome {
-        let offset = self.records.iter().filter(|(of, ..)| *of == topic).count() as i64;
-        let value = body.map(|body| Envelope::now(sender.0, Some(sender.1), body).encode());
-        self.records.push((topic, offset, key.to_owned(), value.clone()));
-        self.view.apply(topic, offset, Some(key.as_bytes()), value.as_deref())
-    }
-
-    fn leader(&mut self, topic: TopicKind, key: &str, body: Option<Body>) -> Outcome {
-        self.write(topic, key, ("leader-001", LEADER), body)
-    }
-
-    /// What a reader of the compacted log (the newest record of each key) holds.
-    fn compacted(&self) -> LogView {
-        let mut view = LogView::default();
-        for (i, (topic, offset, key, value)) in self.records.iter().enumerate() {
-            if !self.records[i + 1..].iter().any(|(t, _, k, _)| t == topic && k == key) {
-                view.apply(*topic, *offset, Some(key.as_bytes()), value.as_deref());
-            }
-        }
-        view
-    }
-}
+use common::{LEADER, Log, RUNNER, slot_intent};
 
 fn spec() -> Arc<TaskSpec> {
     let spec = serde_json::json!({"id": "cron/t", "command": "true", "schedule": "* * * * *"});
