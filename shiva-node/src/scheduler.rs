@@ -519,7 +519,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // overwritten like any earlier run's) and nothing is under way on it: no write in
         // flight, no record past the leader's accepted one, no deletion waiting for its
         // tombstone (which would land over the new run's records).
-        let held: BTreeSet<u16> = self.runs.iter().filter_map(|run| run.seat()).collect();
+        let held = self.seats_held();
         let view = self.ctx.view;
         (0..SEATS_PER_TASK.min(shiva_proto::runs::MAX_SEATS))
             .filter_map(|seat| u16::try_from(seat).ok())
@@ -533,6 +533,11 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
                             && !view.deleted_markers.get(&topic).is_some_and(|keys| keys.contains(&key))
                     })
             })
+    }
+
+    /// The seats the task's runs' intents hold (in the view or written by this step).
+    fn seats_held(&self) -> BTreeSet<u16> {
+        self.runs.iter().filter_map(|run| run.seat()).collect()
     }
 
     fn write_intent(&mut self, mut intent: RunIntent) {
@@ -720,7 +725,7 @@ impl<'a, 'c> TaskPlan<'a, 'c> {
         // written again at any step, a deposed leader's late: that run would lose its start
         // record.)
         let defined = self.spec.is_some() || self.ctx.view.invalid.contains_key(self.task);
-        let seated: BTreeSet<u16> = self.runs.iter().filter_map(|run| run.seat()).collect();
+        let seated = self.seats_held();
         let orphans: Vec<Uuid> = self
             .runs
             .iter()

@@ -224,12 +224,10 @@ impl RunEntry {
     pub fn phase(&self) -> RunPhase {
         let intent = self.intent.as_ref().map(|(intent, _)| intent);
         let report = self.report.as_ref();
-        let by_runner = self.overwritten
-            || report
-                .is_some_and(|entry| intent.is_some_and(|intent| intent.node.as_ref() == Some(&entry.node)));
-        let reported =
-            report.map(|entry| entry.report.state).or(self.overwritten.then_some(RunPhase::Starting));
-        phase_of(reported, intent.and_then(|intent| intent.verdict), by_runner)
+        let by_runner = report
+            .is_some_and(|entry| intent.is_some_and(|intent| intent.node.as_ref() == Some(&entry.node)));
+        let reported = report.map(|entry| entry.report.state);
+        phase_of(reported, intent.and_then(|intent| intent.verdict), by_runner, self.overwritten)
     }
 
     /// Whether the run is over.
@@ -254,7 +252,19 @@ impl RunEntry {
 /// whose intent has a verdict, and cancels one it has not launched, saying so), or until the
 /// leader judges it `lost`. Read as `missed`, its next attempt would run the slot a second time.
 /// Only the word of the node the intent names (`by_runner`) reopens it so.
-fn phase_of(reported: Option<RunPhase>, verdict: Option<RunPhase>, by_runner: bool) -> RunPhase {
+///
+/// A run `overwritten` on its seat (no report of its own) reads as started by its runner: its
+/// start record may be among the records compacted away (see [`RunEntry::overwritten`]).
+fn phase_of(
+    reported: Option<RunPhase>,
+    verdict: Option<RunPhase>,
+    by_runner: bool,
+    overwritten: bool,
+) -> RunPhase {
+    let (reported, by_runner) = match reported {
+        None if overwritten => (Some(RunPhase::Starting), true),
+        reported => (reported, by_runner),
+    };
     match (reported, verdict) {
         (Some(state), _) if state.is_final() => state,
         (Some(state), Some(RunPhase::Missed)) if by_runner => state,
@@ -436,11 +446,8 @@ impl CompactRun {
     }
 
     fn phase(&self) -> RunPhase {
-        let overwritten = self.present.has(Present::OVERWRITTEN);
-        let by_runner = overwritten
-            || self.reporter.as_ref().is_none_or(|reporter| self.node.as_ref() == Some(&reporter.0));
-        let reported = self.reported.or(overwritten.then_some(RunPhase::Starting));
-        phase_of(reported, self.verdict, by_runner)
+        let by_runner = self.reporter.as_ref().is_none_or(|reporter| self.node.as_ref() == Some(&reporter.0));
+        phase_of(self.reported, self.verdict, by_runner, self.present.has(Present::OVERWRITTEN))
     }
 
     /// An optional number packed with `bit`.
@@ -1490,16 +1497,17 @@ impl LogView {
             self.change_run(task, holder, |entry| entry.report = None);
         }
         let Some(seated) = self.run_on_seat(task, seat).filter(|seated| *seated != by) else { return };
-        let seen = self.run(task, &seated).and_then(|run| run.status_seen());
-        if offset > seen.unwrap_or(i64::MAX) && self.run(task, &seated).is_some_and(|run| !run.overwritten())
-        {
+        let newly = self
+            .run(task, &seated)
+            .is_some_and(|run| !run.overwritten() && offset > run.status_seen().unwrap_or(i64::MAX));
+        if newly {
             self.change_run(task, seated, |entry| entry.overwritten = true);
         }
     }
 
-    /// The run whose record is the entry of run key `named` of `task` on `topic`: on
-    /// `assignments`, the run whose intent is on that key (by its run id with no seat, or on
-    /// that seat); on `status`, the run whose report it is (reports are keyed by run id).
+    /// The run whose record is the entry of run key `named` of `task` on `topic`: the run whose
+    /// intent (on `assignments`) or report (on `status`) is on that key, by its run id with no
+    /// seat, or on that seat.
     pub fn run_on_key(&self, topic: TopicKind, task: &TaskId, named: key::RunKey) -> Option<Uuid> {
         match (topic, named) {
             (TopicKind::Assignments, key::RunKey::Id(id)) => {
@@ -1870,9 +1878,7 @@ impl LogView {
                 self.scheds.insert(sched.task.clone(), SchedEntry { sched, offset });
             }
             (TopicKind::Assignments, Body::RunIntent(mut intent)) => {
-                if intent.seat.is_some_and(|seat| usize::from(seat) >= crate::runs::MAX_SEATS) {
-                    return Err(format!("its seat is past the last ({})", crate::runs::MAX_SEATS - 1));
-                }
+                check_seat(intent.seat)?;
                 if intent.seat.is_some() && intent.status_seen.is_none() {
                     return Err(
                         "an intent on a seat names the status offset its leader had read (status_seen)"
@@ -1896,7 +1902,8 @@ impl LogView {
                 intent.node = intent.node.map(|node| self.shared_node(node));
                 let (task, run) = (intent.task.clone(), intent.run_id);
                 // The run on its seat before leaves the view: its intent is overwritten (as a
-                // `deleted` record would delete it), and its report, if any, is an orphan.
+                // `deleted` record would delete it); its report, if any, stays until this run's
+                // own replaces it on the seat's `status` key (keyed by its run id: an orphan).
                 if let Some(seat) = intent.seat
                     && let Some(before) = self.run_on_seat(&task, seat).filter(|before| *before != run)
                 {
@@ -1916,9 +1923,7 @@ impl LogView {
             }
             (TopicKind::Status, Body::RunReport(mut report)) => {
                 let (node, incarnation) = node_sender().ok_or("sender is not a node with an incarnation")?;
-                if report.seat.is_some_and(|seat| usize::from(seat) >= crate::runs::MAX_SEATS) {
-                    return Err(format!("its seat is past the last ({})", crate::runs::MAX_SEATS - 1));
-                }
+                check_seat(report.seat)?;
                 expect_key(key, &key::report(&report))?;
                 report.task = self.shared_task(report.task);
                 let node = self.shared_node(node);
@@ -1952,8 +1957,7 @@ impl LogView {
                 if listed.len() != trim.keys.len() {
                     return Err("it lists a key twice".into());
                 }
-                let is_run_key = |listed: &str| key::run_key(listed).is_some();
-                if let Some(other) = listed.iter().find(|listed| !is_run_key(listed)) {
+                if let Some(other) = listed.iter().find(|listed| key::run_key(listed).is_none()) {
                     return Err(format!("'{other}' is not a run key"));
                 }
                 self.accepts_deletion(topic, trim.epoch, &env.sender, env.incarnation)?;
@@ -2064,6 +2068,14 @@ pub fn command_task(key: &str) -> Option<TaskId> {
         .or_else(|| key::task_of(key, "move"))
         .or_else(|| key::task_of(key, "request").and_then(|rest| rest.rsplit_once('/')).map(|(id, _)| id))?;
     TaskId::new(id).ok()
+}
+
+/// A seat within the range (see [`crate::runs::MAX_SEATS`]).
+fn check_seat(seat: Option<u16>) -> Result<(), String> {
+    match seat.is_some_and(|seat| usize::from(seat) >= crate::runs::MAX_SEATS) {
+        true => Err(format!("its seat is past the last ({})", crate::runs::MAX_SEATS - 1)),
+        false => Ok(()),
+    }
 }
 
 fn expect_key(found: &str, expected: &str) -> Result<(), String> {

@@ -593,12 +593,8 @@ impl Node {
             }
             (Err(message), Purpose::RunReport(report)) => {
                 // On a seat: written again only while the run's intent still holds it (see
-                // `write_run_report`). A copy landing after a later run's records there would
-                // overwrite them (the later run would read as maybe started).
-                let seat_left = report.seat.is_some_and(|seat| {
-                    self.view.run(&report.task, &report.run_id).and_then(|run| run.seat()) != Some(seat)
-                });
-                if seat_left {
+                // `left_its_seat`).
+                if self.left_its_seat(&report) {
                     warn!(run = %report.run_id, %message, "run record not written; its run left the history, so not written again");
                 } else if self.own.retry_report(&report) {
                     warn!(run = %report.run_id, %message, "run record not written; writing it again");

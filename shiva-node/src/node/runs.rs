@@ -17,15 +17,21 @@ use crate::runner::runs::{Action, Event};
 use crate::supervisor::oneshot::{self, RunControl, now_ms};
 
 impl Node {
+    /// Whether `report` is of a run on a seat whose intent no longer holds it (the run left the
+    /// history): written there, it would land over the records of the run now on the seat.
+    pub(crate) fn left_its_seat(&self, report: &RunReport) -> bool {
+        report.seat.is_some_and(|seat| {
+            self.view.run(&report.task, &report.run_id).and_then(|run| run.seat()) != Some(seat)
+        })
+    }
+
     /// Writes a run record; a start record's acknowledgement moves its run on.
     pub(crate) fn write_run_report(&mut self, report: RunReport) {
         // On a seat only while the run's intent holds it: a run that outlived its intent (judged
         // `lost` while it rode out a disconnection, then trimmed) would land over the records
         // of the run now on the seat.
-        if let Some(seat) = report.seat
-            && self.view.run(&report.task, &report.run_id).and_then(|run| run.seat()) != Some(seat)
-        {
-            info!(task = %report.task, run = %report.run_id, seat, state = report.state.as_str(), "run record not written: the run left the history, and its seat is another run's");
+        if self.left_its_seat(&report) {
+            info!(task = %report.task, run = %report.run_id, state = report.state.as_str(), "run record not written: the run left the history, and its seat is another run's");
             return;
         }
         let key = key::report(&report);

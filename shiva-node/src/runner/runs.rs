@@ -111,12 +111,6 @@ impl Confirms {
     }
 }
 
-/// Whether a run's `running` record is written, `lean` when every live leader-capable node has
-/// the `lean_runs` feature. A periodic run's is not then (issue 21: three records per run, its
-/// intent, start record and end): its end record carries its pid, start and lateness, and its
-/// start record already tells a new leader it may have run. A one-shot's always is (a batch job
-/// may run for hours; its pid is worth seeing meanwhile), and every run's is while an older
-/// leader may lead (it takes a run without one for late).
 /// The offset of the record of another run that overwrote `run` on its seat (the newest report
 /// on the seat's `status` key), when `run` reads overwritten.
 fn overwritten_by(view: &LogView, task: &TaskId, run: &shiva_proto::view::RunRef<'_>) -> Option<i64> {
@@ -127,6 +121,12 @@ fn overwritten_by(view: &LogView, task: &TaskId, run: &shiva_proto::view::RunRef
     view.run(task, &holder)?.report_offset()
 }
 
+/// Whether a run's `running` record is written, `lean` when every live leader-capable node has
+/// the `lean_runs` feature. A periodic run's is not then (issue 21: three records per run, its
+/// intent, start record and end): its end record carries its pid, start and lateness, and its
+/// start record already tells a new leader it may have run. A one-shot's always is (a batch job
+/// may run for hours; its pid is worth seeing meanwhile), and every run's is while an older
+/// leader may lead (it takes a run without one for late).
 pub fn writes_running(report: &RunReport, lean: bool) -> bool {
     report.state != RunPhase::Running || !lean || matches!(report.trigger, Trigger::Once { .. })
 }
@@ -252,8 +252,8 @@ pub struct RunBook {
     /// The `running` records left out while lean, of runs not over.
     unwritten: BTreeMap<Uuid, RunReport>,
     /// Runs over here whose records on their seat were overwritten (see
-    /// `shiva_proto::view::RunEntry::overwritten`) and which this node wrote `lost` for: once,
-    /// until the view holds a record of its own again.
+    /// `shiva_proto::view::RunEntry::overwritten`), with the offset of the overwriting record,
+    /// whose end (or `lost`) this node wrote again: once per overwriting record.
     repaired: BTreeMap<Uuid, i64>,
     /// Runs this node sees overwritten on their seat, by the record at an offset: confirmed by a
     /// read to the end asked for after it was seen (`None`), or waiting for that read (its
@@ -537,20 +537,17 @@ impl RunBook {
         };
         self.repaired.retain(|id, _| still(id));
         self.overwrites.retain(|id, _| still(id));
-        let sync = !checks.is_empty();
+        let checking = !checks.is_empty();
         for (run, by, token) in checks {
             self.overwrites.insert(run, (by, Some(token)));
         }
         let acked = self.held.values().any(|held| matches!(held.phase, Phase::Acked(_)));
-        if sync && !acked {
+        if checking || acked {
             actions.push(Action::Sync(token));
         }
-        if acked {
-            actions.push(Action::Sync(token));
-            for held in self.held.values_mut() {
-                if let Phase::Acked(since) = held.phase {
-                    held.phase = Phase::Confirming { token, since };
-                }
+        for held in self.held.values_mut() {
+            if let Phase::Acked(since) = held.phase {
+                held.phase = Phase::Confirming { token, since };
             }
         }
         // Forget runs the log no longer holds (trimmed history), now and then: memory only.

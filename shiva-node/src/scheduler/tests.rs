@@ -454,6 +454,17 @@ impl Sim {
         self.heartbeat(node);
     }
 
+    /// Slots launched per task and slot instant.
+    fn launches_per_slot(&self) -> BTreeMap<(&TaskId, i64), usize> {
+        let mut launches = BTreeMap::new();
+        for (task, trigger, _, _) in &self.launches {
+            if let Some(slot) = trigger.slot_ms() {
+                *launches.entry((task, slot)).or_default() += 1;
+            }
+        }
+        launches
+    }
+
     /// Slots launched per slot instant.
     fn slot_launches(&self) -> BTreeMap<i64, usize> {
         let mut counts = BTreeMap::new();
@@ -1405,10 +1416,7 @@ fn seats_turned_on_and_off_keep_each_slot_once_and_the_history_bounded() {
         }
     }
     assert_eq!(sim.compacted().runs, sim.view.runs);
-    let mut launches: BTreeMap<(&TaskId, i64), usize> = BTreeMap::new();
-    for (task, trigger, _, _) in &sim.launches {
-        *launches.entry((task, trigger.slot_ms().unwrap())).or_default() += 1;
-    }
+    let launches = sim.launches_per_slot();
     assert!(launches.values().all(|count| *count == 1), "a slot launched twice");
     let slots = usize::try_from((sim.now - 3_000 - start()) / 1000).unwrap();
     assert!(launches.len() >= tasks.len() * slots, "{} launches for {slots} slots", launches.len());
@@ -1489,10 +1497,7 @@ fn runs_trimmed_at_one_instant_share_one_trim_record_per_topic() {
     // Spent `trim` records are tombstoned: at most the last step's, one per topic, are left.
     assert!(sim.view.trims_held() <= 2, "{} trim records held", sim.view.trims_held());
     assert_eq!(sim.compacted().runs, sim.view.runs);
-    let mut launches: BTreeMap<(&TaskId, i64), usize> = BTreeMap::new();
-    for (task, trigger, _, _) in &sim.launches {
-        *launches.entry((task, trigger.slot_ms().unwrap())).or_default() += 1;
-    }
+    let launches = sim.launches_per_slot();
     assert!(launches.values().all(|count| *count == 1), "a slot launched twice");
     let slots = usize::try_from((sim.now - 3_000 - start()) / 1000).unwrap();
     assert!(
@@ -1847,36 +1852,7 @@ fn trimming_under_failures(
     sim.read_back(true);
     sim.advance(2_000);
     sim.read_back(true);
-    let mut launches: BTreeMap<(&TaskId, i64), usize> = BTreeMap::new();
-    for (task, trigger, _, _) in &sim.launches {
-        *launches.entry((task, trigger.slot_ms().unwrap())).or_default() += 1;
-    }
-    if std::env::var("DBG_TWICE").is_ok() {
-        for ((task, slot), count) in &launches {
-            if *count > 1 {
-                eprintln!("TWICE {task} {slot}");
-                for (t, trigger, attempt, node) in &sim.launches {
-                    if t == *task && trigger.slot_ms() == Some(*slot) {
-                        eprintln!("  launch attempt {attempt} on {node}");
-                    }
-                }
-                let id1 = run_id(task, Trigger::Slot { slot_ms: *slot }, 1);
-                for (topic, offset, key, value) in &sim.log {
-                    let Some(v) = value else { continue };
-                    let Ok(env) = Envelope::decode(v) else { continue };
-                    let hit = match &env.body {
-                        Body::RunIntent(i) => i.task == **task && i.trigger.slot_ms() == Some(*slot),
-                        Body::RunReport(r) => r.task == **task && r.trigger.slot_ms() == Some(*slot),
-                        _ => false,
-                    };
-                    if hit {
-                        eprintln!("  {topic:?} {offset} {key} {} {:?}", env.sender, env.body);
-                    }
-                }
-                let _ = id1;
-            }
-        }
-    }
+    let launches = sim.launches_per_slot();
     prop_assert!(launches.values().all(|count| *count == 1), "a slot launched twice");
     let lost: BTreeSet<(TaskId, i64)> = sim
         .view
@@ -1990,10 +1966,7 @@ fn a_missed_run_is_launched_again_only_after_a_read_to_the_end_past_its_verdict(
     assert!(!wants_read_to_end(&sim.view, i64::MAX, sim.intents_synced_below));
     sim.advance(3_000);
     assert_eq!(again(&sim), missed, "each missed run launched again once");
-    let mut launches: BTreeMap<(&TaskId, i64), usize> = BTreeMap::new();
-    for (task, trigger, _, _) in &sim.launches {
-        *launches.entry((task, trigger.slot_ms().unwrap())).or_default() += 1;
-    }
+    let launches = sim.launches_per_slot();
     assert!(launches.values().all(|count| *count == 1), "a slot launched twice");
 }
 
